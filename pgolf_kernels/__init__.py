@@ -1,0 +1,42 @@
+"""pgolf_kernels: fused Triton kernels for parameter-golf-style tiny language models.
+
+* int6 (and int5/7/8) dequant-matmul straight from the artifact's codes: ``int6_linear``,
+  ``Int6Linear`` (``pgolf_kernels.int6_linear``), with the codec in ``pgolf_kernels.quant``.
+* batched multi-LoRA projection, one adapter per document: ``pgolf_kernels.lora``.
+* Newton-Schulz orthogonalization and the Muon optimizer: ``pgolf_kernels.newton_schulz``,
+  ``pgolf_kernels.muon``.
+
+Importing the package never touches the GPU and never loads the compiled extension;
+submodules are imported lazily on first attribute access.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+# public name -> submodule that defines it
+_LAZY = {
+    "int6_linear": "int6_linear",
+    "Int6Linear": "int6_linear",
+    "convert_linears_to_int6": "int6_linear",
+    "quantize_rows": "quant",
+    "dequantize_rows": "quant",
+    "multi_lora_linear": "lora",
+    "BatchedLoRALinear": "lora",
+    "newton_schulz": "newton_schulz",
+    "Muon": "muon",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'pgolf_kernels' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{mod}", __name__), name)
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

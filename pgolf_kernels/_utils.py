@@ -1,0 +1,66 @@
+"""Shared argument checks and dispatch rules for every op in the package.
+
+Dispatch rule (the same for every op):
+  * CUDA tensors            -> the Triton kernel;
+  * CPU tensors             -> the pure-torch reference (correct results for CPU users);
+  * CPU tensors with TRITON_INTERPRET=1 -> the Triton kernel under Triton's interpreter
+    (this is how the CPU test lane exercises the kernels themselves).
+Nothing here touches the GPU at import time.
+"""
+from __future__ import annotations
+
+import os
+from typing import Iterable, Optional, Sequence
+
+import torch
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether an op on tensor ``t`` should run its Triton kernel (see module docstring)."""
+    return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
+
+
+def check(cond: bool, msg: str, exc: type = ValueError) -> None:
+    if not cond:
+        raise exc(msg)
+
+
+def _fmt_dtypes(dtypes) -> str:
+    return " or ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    t,
+    name: str,
+    *,
+    dtype: Optional[Iterable[torch.dtype] | torch.dtype] = None,
+    ndim: Optional[Sequence[int] | int] = None,
+    device: Optional[torch.device] = None,
+    contiguous: bool = False,
+    op: str = "",
+) -> None:
+    """Validate one tensor argument; raise TypeError/ValueError naming the argument."""
+    where = f"{op}: " if op else ""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{where}{name} must be a torch.Tensor, got {type(t).__name__}")
+    if dtype is not None:
+        dts = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in dts:
+            raise TypeError(f"{where}{name} must have dtype {_fmt_dtypes(dts)}, got {str(t.dtype).replace('torch.', '')}")
+    if ndim is not None:
+        nds = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in nds:
+            raise ValueError(f"{where}{name} must have {' or '.join(map(str, nds))} dimensions, got shape {tuple(t.shape)}")
+    if device is not None and t.device != torch.device(device):
+        raise ValueError(f"{where}{name} is on {t.device} but must be on {device} (same device as the other inputs)")
+    if contiguous and not t.is_contiguous():
+        raise ValueError(f"{where}{name} must be contiguous (got strides {t.stride()}); call .contiguous() first")
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# GPU lane: on the GPU machine (offline), install, run the GPU tests and all benchmarks.
+#   bash scripts/gpu_lane.sh OUTDIR [bench names...]
+# Writes OUTDIR/install.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/results/*.json|md
+# and ends with a short summary table (kernel, case, ours_ms, baseline, speedup).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:?usage: scripts/gpu_lane.sh OUTDIR [bench names...]}
+shift || true
+mkdir -p "$OUTDIR/results"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
+bash scripts/install.sh --offline > "$OUTDIR/install.log" 2>&1 || { tail -30 "$OUTDIR/install.log"; echo "INSTALL FAILED"; exit 1; }
+echo "install: $(( $(date +%s) - t0 )) s"
+python3 -m pytest -q -m "gpu or not gpu" ${PGOLF_PYTEST_ARGS:-} > "$OUTDIR/pytest.log" 2>&1
+test_rc=$?
+tail -3 "$OUTDIR/pytest.log"
+echo "tests: rc=$test_rc, $(( $(date +%s) - t0 )) s"
+ONLY=""
+if [[ $# -gt 0 ]]; then ONLY="--only $*"; fi
+python3 -m bench --results-dir "$OUTDIR/results" $ONLY > "$OUTDIR/bench.log" 2>&1
+bench_rc=$?
+echo "bench: rc=$bench_rc, $(( $(date +%s) - t0 )) s"
+python3 - "$OUTDIR/results" <<'PY'
+import glob, json, sys
+print(f"{'kernel':8s} {'case':44s} {'ours_ms':>9s} {'baseline':>18s} {'base_ms':>9s} {'speedup':>7s}")
+for p in sorted(glob.glob(sys.argv[1] + "/*.json")):
+    d = json.load(open(p))
+    for r in d["rows"]:
+        print(f"{r['kernel'][:8]:8s} {str(r['case'])[:44]:44s} {r['ours_ms']:9.4f} {str(r['baseline'])[:18]:>18s} {r['baseline_ms']:9.4f} {r['speedup']:7.2f}")
+PY
+[[ $test_rc -eq 0 && $bench_rc -eq 0 ]]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# One-command set-up for pgolf_kernels.
+#   bash scripts/install.sh            # online machine (CPU or GPU): torch if missing, deps, build
+#   bash scripts/install.sh --offline  # GPU machine without internet: torch/triton preinstalled;
+#                                      # installs wheels found in .whl/ (e.g. zstandard) and builds
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [[ "${1:-}" == "--offline" ]]; then
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps .whl/*.whl
+  fi
+  "$PY" -m pip install --no-build-isolation --no-deps -e .
+  exit 0
+fi
+if ! "$PY" -c "import torch" 2>/dev/null; then
+  # On the project's CPU machines this resolves to a CPU build stored on local disk.
+  "$PY" -m pip install torch==2.13.0
+fi
+"$PY" -m pip install -r requirements.txt
+"$PY" -m pip install --no-build-isolation -e .
+"$PY" -c "import pgolf_kernels, torch; from pgolf_kernels._ext import load_C; load_C(); print('pgolf_kernels', pgolf_kernels.__version__, 'installed; torch', torch.__version__)"

@@ -1,0 +1,63 @@
+"""Two test lanes.
+
+* CPU lane (CI, no GPU): Triton kernels run under the interpreter. TRITON_INTERPRET must be
+  set *before* any @triton.jit function is decorated, so it is set here, before test modules
+  import pgolf_kernels' kernel modules. bf16 is broken in triton 3.6's interpreter
+  (tl.dot on bf16 and int8->bf16 casts return garbage), so CPU-lane kernel tests use fp16/fp32;
+  bf16 paths are covered on the GPU lane.
+* GPU lane (``pytest -m gpu``): real shapes on a CUDA device; skipped with a stated reason
+  when CUDA is absent.
+
+Fixtures: ``device`` ("cuda" when present, else "cpu" = interpreter) and ``act_dtype``
+(the activation dtypes a kernel test may use on that device).
+"""
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+# dtypes that the interpreter computes correctly; bf16 only on a real GPU
+ACT_DTYPES = [torch.float16, torch.bfloat16] if HAS_CUDA else [torch.float16]
+
+SHARED_DATA = os.environ.get(
+    "PGOLF_SHARED_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data")
+)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (GPU lane: pytest -m gpu)")
+    config.addinivalue_line("markers", "slow: long-running CPU test")
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="GPU lane: no CUDA device on this machine (run `pytest -m gpu` on an H100/H200)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture(params=ACT_DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+def act_dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def shared_data():
+    """Path to ../shared/data (or $PGOLF_SHARED_DATA); skips with a reason when absent."""
+    path = os.path.abspath(SHARED_DATA)
+    if not os.path.isdir(path):
+        pytest.skip(f"shared data not found at {path} (set PGOLF_SHARED_DATA to the shared/data folder)")
+    return path

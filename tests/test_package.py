@@ -1,0 +1,63 @@
+"""Package-level checks: import is GPU-free and lazy, the extension loads, helpers work."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pgolf_kernels import testing
+from pgolf_kernels._utils import check_tensor
+
+
+def test_import_does_not_touch_gpu_or_extension():
+    # A fresh interpreter: importing the package must not initialize CUDA nor load _C.
+    code = (
+        "import sys, torch, pgolf_kernels;"
+        "assert not torch.cuda.is_initialized(), 'CUDA initialized at import';"
+        "assert 'pgolf_kernels._C' not in sys.modules, '_C loaded at import';"
+        "print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+def test_extension_loads_and_matches_torch():
+    from pgolf_kernels._ext import load_C
+
+    C = load_C()
+    assert C.built_with_torch() == torch.__version__.split("+")[0]
+
+
+def test_unknown_attribute():
+    import pgolf_kernels
+
+    with pytest.raises(AttributeError):
+        pgolf_kernels.does_not_exist
+
+
+def test_check_tensor_messages():
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="q must have dtype int8"):
+        check_tensor(x, "q", dtype=torch.int8)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        check_tensor(x, "x", ndim=3)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        check_tensor(x.t(), "w", contiguous=True)
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        check_tensor([1, 2], "x")
+
+
+def test_rel_err_and_bound():
+    a = torch.randn(64, 64, dtype=torch.float64)
+    assert testing.rel_err(a, a) == 0.0
+    noisy = a + 1e-3 * torch.randn_like(a)
+    base = a + 1e-3 * torch.randn_like(a)
+    testing.assert_close_rel(noisy, a, base, factor=2.0)
+    with pytest.raises(AssertionError, match="exceeds bound"):
+        testing.assert_close_rel(a + 1e-1 * torch.randn_like(a), a, base)
+    bad = a.clone()
+    bad[0, 0] = float("nan")
+    assert testing.rel_err(bad, a) == float("inf")
+    assert torch.isnan(testing.nan_empty((3, 3))).all()

@@ -1,0 +1,46 @@
+"""The bench harness's schema and the no-GPU message (benchmarks themselves run on the GPU lane)."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench import harness
+
+
+def test_make_row_schema_and_speedup():
+    r = harness.make_row("int6", "N512 K512 M16", 0.5, "cublas_bf16", 1.0, tflops=1.23456)
+    for k in ("kernel", "case", "ours_ms", "baseline", "baseline_ms", "speedup"):
+        assert k in r
+    assert r["speedup"] == 2.0
+    assert r["tflops"] == 1.2346
+
+
+def test_save_results_writes_json_and_md(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "gpu_slug", lambda: "testgpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(harness, "env_info", lambda: {"device": "Test GPU", "torch": "x", "triton": "y", "date": "d"})
+    rows = [harness.make_row("k", "c", 1.0, "b", 3.0)]
+    path = harness.save_results("k", rows, results_dir=str(tmp_path))
+    d = json.load(open(path))
+    assert path.endswith("k-testgpu.json")
+    assert {"device", "torch", "triton", "date", "rows"} <= set(d)
+    assert d["rows"][0]["speedup"] == 3.0
+    md = (tmp_path / "k-testgpu.md").read_text()
+    assert "| k | c |" in md
+
+
+def test_bench_without_gpu_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU; the no-GPU message is checked on the CPU lane")
+    out = subprocess.run([sys.executable, "-m", "bench"], capture_output=True, text=True)
+    assert out.returncode == 0
+    assert "no CUDA GPU" in out.stdout
+
+
+def test_report_renders():
+    from bench import report
+
+    md = report.render()
+    assert isinstance(md, str) and md

@@ -1,0 +1,289 @@
+"""The record-class GPT of the parameter-golf challenge (PR #549 class), written to be forked.
+
+Architecture (defaults = ``GPTConfig()``): vocab 1024, 11 layers, d 512, 8 query heads / 4 KV heads
+(GQA, head_dim 64), MLP 3x with LeakyReLU(0.5)^2, tied embedding, RoPE, RMSNorm (no weight),
+QK-RMSNorm with a learned per-head query gain, logit soft-cap 30, and encoder/decoder ("U-Net")
+skip connections with learned per-channel skip weights.
+
+Per block i, with x0 the embedding output and n(.) = RMSNorm:
+
+    x   = mix[0] * x + mix[1] * x0                      (learned residual mix, per channel)
+    h   = n(x)
+    q, k, v = c_q(h), c_k(h), c_v(h)                     (or adapter.qkv(i, h, attn), see below)
+    q, k = n(q) * q_gain, n(k);  q, k = RoPE(q), RoPE(k)
+    x   = x + attn_scale * proj(SDPA_causal(q, k, v))    (GQA: 8 query heads share 4 K/V heads)
+    x   = x + mlp_scale * mlp_proj(leaky_relu(mlp_fc(n(x)), 0.5) ** 2)
+
+The first L//2 blocks are the encoder; their outputs are pushed on a stack and the decoder
+blocks pop them: before decoder block j, x += skip_weight[j] * skip. The head is
+logits = cap * tanh((n(x) @ E^T) / cap) with E the (tied) embedding and cap = 30.
+
+Adapter hook (used by the eval driver's test-time training, ``train/ttt*.py``):
+    ``forward(input_ids, target_ids=None, adapter=None)``. With ``adapter`` given,
+    * in every attention block i: ``q, k, v = adapter.qkv(i, h, attn)`` where ``h`` is the
+      normed block input (B, T, d) and ``attn`` the block's ``CausalSelfAttention``; the adapter
+      computes the base projections (``attn.c_q / c_k / c_v``, which are ``nn.Linear`` or
+      ``pgolf_kernels.int6_linear.Int6Linear`` after ``convert_linears_to_int6``) plus its LoRA
+      deltas and returns q (B, T, num_heads*head_dim), k and v (B, T, num_kv_heads*head_dim).
+      The model then applies QK-norm, q gain, RoPE and attention exactly as without adapter.
+    * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
+      hidden state (B, T, d); the soft-cap is applied by the model afterwards.
+    Returns per-token NLL (B, T) float32 (``reduction='none'``) when ``target_ids`` is given,
+    else the soft-capped logits (B, T, V) float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 1024
+    num_layers: int = 11
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: int = 3
+    seq_len: int = 2048
+    logit_softcap: float = 30.0
+    rope_base: float = 10000.0
+    tie_embeddings: bool = True
+    leaky_slope: float = 0.5          # MLP activation: leaky_relu(x, 0.5) ** 2
+    qk_gain_init: float = 1.5         # learned per-head query gain after QK-RMSNorm (records' value)
+    tied_embed_init_std: float = 0.005
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"GPTConfig.from_dict: unknown keys {sorted(unknown)}")
+        return cls(**d)
+
+    def __post_init__(self):
+        if self.model_dim % self.num_heads:
+            raise ValueError(f"model_dim={self.model_dim} must be divisible by num_heads={self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+        if (self.model_dim // self.num_heads) % 2:
+            raise ValueError("head_dim must be even for RoPE")
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    """RoPE tables, cached per (T, device, dtype); not part of the state dict (recomputable)."""
+
+    def __init__(self, head_dim: int, base: float):
+        super().__init__()
+        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
+        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self._cache = None
+
+    def forward(self, T: int, device, dtype):
+        c = self._cache
+        if c is None or c[0] != T or c[1] != device or c[2] != dtype:
+            t = torch.arange(T, device=device, dtype=torch.float32)
+            freqs = torch.outer(t, self.inv_freq.to(device))
+            c = (T, device, dtype, freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None])
+            self._cache = c
+        return c[3], c[4]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, H, T, D): rotate pairs (x1, x2) = (first half, second half) of the head dim
+    h = x.size(-1) // 2
+    x1, x2 = x[..., :h], x[..., h:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+
+
+_FA3 = None
+
+
+def _flash_attn3():
+    """FlashAttention-3's ``flash_attn_func`` if importable (Hopper builds), else None."""
+    global _FA3
+    if _FA3 is None:
+        try:
+            from flash_attn_interface import flash_attn_func  # type: ignore
+
+            _FA3 = flash_attn_func
+        except Exception:
+            _FA3 = False
+    return _FA3 or None
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.model_dim // cfg.num_heads
+        kv_dim = self.num_kv_heads * self.head_dim
+        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, cfg.rope_base)
+
+    def forward(self, h: torch.Tensor, q=None, k=None, v=None) -> torch.Tensor:
+        B, T, _ = h.shape
+        if q is None:
+            q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)
+        q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = rms_norm(q) * self.q_gain.to(q.dtype)[None, :, None, None]
+        k = rms_norm(k)
+        cos, sin = self.rotary(T, h.device, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        fa3 = _flash_attn3() if h.is_cuda else None
+        if fa3 is not None and q.dtype in (torch.bfloat16, torch.float16):
+            y = fa3(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+            y = y[0] if isinstance(y, tuple) else y
+            y = y.reshape(B, T, -1)
+        else:
+            # SDPA picks the flash backend on CUDA for bf16; enable_gqa avoids materializing repeated K/V
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+            y = y.transpose(1, 2).reshape(B, T, -1)
+        return self.proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        hidden = cfg.mlp_mult * cfg.model_dim
+        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
+        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.slope = cfg.leaky_slope
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        d = cfg.model_dim
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp = MLP(cfg)
+        self.attn_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+
+    def forward(self, x, x0, layer_idx: int = 0, adapter=None):
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        h = rms_norm(x)
+        if adapter is not None:
+            q, k, v = adapter.qkv(layer_idx, h, self.attn)
+            a = self.attn(h, q, k, v)
+        else:
+            a = self.attn(h)
+        x = x + self.attn_scale.to(x.dtype) * a
+        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        return x
+
+
+class GPT(nn.Module):
+    """See the module docstring for the math and the adapter hook."""
+
+    def __init__(self, cfg: GPTConfig):
+        super().__init__()
+        self.config = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.num_encoder_layers = cfg.num_layers // 2
+        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
+        n_skip = min(self.num_encoder_layers, self.num_decoder_layers)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, cfg.model_dim))
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.model_dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        cfg = self.config
+        std = cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0 / math.sqrt(cfg.model_dim)
+        nn.init.normal_(self.tok_emb.weight, std=std)
+        for b in self.blocks:
+            for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                nn.init.uniform_(lin.weight, -1 / math.sqrt(lin.in_features), 1 / math.sqrt(lin.in_features))
+            # zero-init output projections: every block starts as the identity (records' choice)
+            nn.init.zeros_(b.attn.proj.weight)
+            nn.init.zeros_(b.mlp.proj.weight)
+        if self.lm_head is not None:
+            nn.init.zeros_(self.lm_head.weight)
+
+    def head_weight(self) -> torch.Tensor:
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+
+    def hidden(self, input_ids: torch.Tensor, adapter=None) -> torch.Tensor:
+        """Final-normed hidden state (B, T, d)."""
+        x = self.tok_emb(input_ids)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        x = rms_norm(x)
+        x0 = x
+        skips = []
+        for i in range(self.num_encoder_layers):
+            x = self.blocks[i](x, x0, i, adapter)
+            skips.append(x)
+        for j in range(self.num_decoder_layers):
+            i = self.num_encoder_layers + j
+            if skips:
+                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
+            x = self.blocks[i](x, x0, i, adapter)
+        return rms_norm(x)
+
+    def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"GPT.forward: input_ids must be (B, T) int64, got {tuple(input_ids.shape)} {input_ids.dtype}")
+        h = self.hidden(input_ids, adapter)
+        if adapter is not None:
+            raw = adapter.head(h, self)
+        else:
+            w = self.head_weight()
+            raw = F.linear(h, w.to(h.dtype))
+        cap = self.config.logit_softcap
+        logits = raw.float()
+        if cap > 0:
+            logits = cap * torch.tanh(logits / cap)
+        if target_ids is None:
+            return logits
+        if target_ids.shape != input_ids.shape:
+            raise ValueError(f"GPT.forward: target_ids shape {tuple(target_ids.shape)} != input_ids {tuple(input_ids.shape)}")
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1).long(), reduction="none")
+        return nll.view_as(target_ids).float()
+
+    # ---- parameter groups for the optimizers -------------------------------------------------
+    def matrix_params(self):
+        """2-D weights inside the blocks (Muon). Names and tensors, in a fixed order."""
+        return [(n, p) for n, p in self.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
+
+    def embedding_params(self):
+        out = [("tok_emb.weight", self.tok_emb.weight)]
+        if self.lm_head is not None:
+            out.append(("lm_head.weight", self.lm_head.weight))
+        return out
+
+    def scalar_params(self):
+        """Vectors and control tensors (gains, scales, mixes, skip weights) -> Adam."""
+        mats = {id(p) for _, p in self.matrix_params()} | {id(p) for _, p in self.embedding_params()}
+        return [(n, p) for n, p in self.named_parameters() if id(p) not in mats]
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

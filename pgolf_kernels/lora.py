@@ -1,0 +1,330 @@
+"""Batched multi-LoRA projection: one rank-r adapter per document, fused with the frozen base GEMM.
+
+Math (per slice i of a list of slices that share the input x; b = batch row, a = adapter of row b)::
+
+    x   : (B, T, d)            activations (bf16 on GPU; fp16/fp32 allowed)
+    W_i : (N_i, d)             frozen base weight, dense, or int6/int8 codes q_i (N_i, d) with row scales s_i (N_i,):
+                               W_i[n, k] = s_i[n] * q_i[n, k]
+    A_i : (n_adapters, r, d)   B_i : (n_adapters, N_i, r)     (usually fp32 params)
+    m   : (B, T)               m[b, t] = 1 if t < lengths[b] else 0 (all ones when lengths is None)
+
+    u_i[b]  = m[b] * (x[b] · A_i[a]ᵀ)                     (T, r)      the "shrink"
+    y_i[b]  = x[b] · W_iᵀ + α · u_i[b] · B_i[a]ᵀ          (T, N_i)    base + "expand"
+
+Backward (dy_i = ∂L/∂y_i; the base is frozen, so it gets no gradient)::
+
+    g_i[b]  = m[b] * (dy_i[b] · B_i[a])                   (T, r)      shrink gradient
+    dx[b]   = Σ_i dy_i[b] · W_i + α · g_i[b] · A_i[a]     (T, d)
+    dB_i[a] += α · dy_i[b]ᵀ · u_i[b]                      (N_i, r)    accumulated in fp32
+    dA_i[a] += α · g_i[b]ᵀ · x[b]                         (r, d)      accumulated in fp32
+
+``lengths`` semantics (documented contract, tested): rows t >= lengths[b] are padding. For them the LoRA delta is
+zero (y = base output only; the base GEMM *is* still computed for every row, so y is finite and equals x·Wᵀ there),
+their dx is the base part dy·W only, and they contribute nothing to dA or dB. A row with lengths[b] = 0 is a finished
+document: pure base output and zero adapter gradients. ``adapter_index[b]`` selects the adapter of batch row b
+(default b; n_adapters >= B); several rows may share an adapter, whose gradients then add up.
+
+Design (counted for the issue's shape B64 T1024 d512, Q 512 + V 256, r8, bf16 x, fp32 adapters):
+
+* Forward, one launch for all slices. A program owns a (b, T-tile, N-tile) output tile. In its K loop over d it
+  streams the x tile once and feeds it to two MMAs: the base tile x·Wᵀ (BT×BN) and the shrink x·A_aᵀ (BT×r_pad),
+  r padded to a power of two >= 16 for tl.dot and masked. The expand u·B_aᵀ (r_pad deep) is one more MMA in the
+  epilogue, added to the base accumulator before the single store of y (int6: the row scale s[n] is applied to the
+  base accumulator in the same epilogue). Bytes: x read once (67.1 MB) and y written once (100.7 MB) = 168 MB,
+  exactly the base-only F.linear traffic. The eager form (F.linear, x·Aᵀ bmm, ·Bᵀ bmm, add, per slice) moves
+  x 2× per slice + u + delta (100.7 MB written and read again) + y read/written by the add: ≈ 0.57 GB in 8 launches
+  (+ the fp32->bf16 casts of A and B) vs 168 MB in 1 launch. The price is recomputing the shrink in every N-tile
+  (r_pad/BN = 16/128 = 12.5 % extra MMA work at r <= 16), chosen over a separate shrink launch that would read x
+  from HBM a second time (+67 MB, +1 launch).
+* Backward, one launch for dx, dA, dB of all slices (plus the zero-fill of the fp32 grad buffers). A program owns
+  (b, d-tile) and walks the T tiles of its document. Per T-tile and slice it streams dy_i tiles once and uses each
+  for three MMAs: dx += dy·W (BT×BD), g += dy·B_a (shrink gradient), and (in the d-tile-0 program) dB += dyᵀ·u with
+  u recomputed from x (cheaper than storing u in the forward: 4.2 MB per slice written + read, and it keeps the
+  forward at base-only traffic). Then dx += α g·A_a and dA += α gᵀ·x_tile. dy is read from HBM once (other d-tile
+  programs of the same b run concurrently and hit L2), x once, dx written once: 100.7 + 67.1 + 67.1 = 235 MB in
+  1 launch + 2 memsets. Eager autograd: dy read by 2 GEMMs per slice (base dx, delta path), g and delta-grads
+  materialized, dx summed across paths and slices, fp32 casts of dA/dB: ≈ 1.0 GB in ~20 launches.
+* dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
+  program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so
+  results are bitwise reproducible. The default may split T across programs when B·(d/BD) is below ~2 waves of SMs.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._utils import cdiv, check, check_tensor, use_triton
+
+_OP = "multi_lora_linear"
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32)
+_ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Test hook: how the op allocates the buffers its kernels must fully overwrite (tests swap in a NaN-filling one).
+_alloc = torch.empty
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input handling
+# ----------------------------------------------------------------------------------------------------------------
+def _is_quant(base) -> bool:
+    """Duck-typed pgolf_kernels.quant.QTensor: an object with .q, .scale, .bits."""
+    return (not isinstance(base, torch.Tensor)) and all(hasattr(base, a) for a in ("q", "scale", "bits"))
+
+
+def _dense_weight(base, dtype: torch.dtype) -> Tensor:
+    """The base weight as a dense (N, d) tensor of ``dtype`` (int6: s[n] * q[n, k], computed in fp32 first)."""
+    if _is_quant(base):
+        return (base.q.to(torch.float32) * base.scale.to(torch.float32)[:, None]).to(dtype)
+    return base.to(dtype)
+
+
+def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: bool):
+    check_tensor(x, "x", dtype=_FLOAT, ndim=3, op=_OP)
+    Bsz, T, d = x.shape
+    for name, lst in (("bases", bases), ("As", As), ("Bs", Bs)):
+        if not isinstance(lst, (list, tuple)):
+            raise TypeError(f"{_OP}: {name} must be a list (one entry per slice), got {type(lst).__name__}")
+    check(len(bases) >= 1, f"{_OP}: bases is empty; pass at least one slice")
+    check(len(bases) == len(As) == len(Bs),
+          f"{_OP}: bases, As and Bs must have one entry per slice, got {len(bases)}, {len(As)}, {len(Bs)}")
+    check(isinstance(alpha, (int, float)) and math.isfinite(float(alpha)),
+          f"{_OP}: alpha must be a finite float, got {alpha!r}", TypeError)
+    check(1 <= Bsz <= 65535, f"{_OP}: x batch size must be in [1, 65535], got {Bsz}")
+    adt = None
+    for i, (base, A, Bm) in enumerate(zip(bases, As, Bs)):
+        if _is_quant(base):
+            check_tensor(base.q, f"bases[{i}].q", dtype=torch.int8, ndim=2, device=x.device, op=_OP)
+            check_tensor(base.scale, f"bases[{i}].scale", dtype=_FLOAT, ndim=1, device=x.device, op=_OP)
+            N, dw = base.q.shape
+            check(base.scale.shape[0] == N,
+                  f"{_OP}: bases[{i}].scale must have shape ({N},) (one scale per output row), got {tuple(base.scale.shape)}")
+        else:
+            check_tensor(base, f"bases[{i}]", dtype=x.dtype, ndim=2, device=x.device, op=_OP)
+            N, dw = base.shape
+        check(dw == d, f"{_OP}: bases[{i}] has in_features {dw} but x has d = {d} (expected shape (out_{i}, {d}))")
+        check(N >= 1, f"{_OP}: bases[{i}] has no output rows")
+        check_tensor(A, f"As[{i}]", dtype=_ADAPTER_DTYPES, ndim=3, device=x.device, op=_OP)
+        check_tensor(Bm, f"Bs[{i}]", dtype=_ADAPTER_DTYPES, ndim=3, device=x.device, op=_OP)
+        if adt is None:
+            adt = A.dtype
+        check(A.dtype == adt and Bm.dtype == adt,
+              f"{_OP}: all adapters must share one dtype; As[0] is {adt} but As[{i}]/Bs[{i}] are {A.dtype}/{Bm.dtype}",
+              TypeError)
+        n, r, da = A.shape
+        check(da == d, f"{_OP}: As[{i}] has shape {tuple(A.shape)}; expected (n_adapters, r, {d}) to match x's d = {d}")
+        check(1 <= r <= 128, f"{_OP}: As[{i}] rank r = {r} is outside the supported 1..128")
+        check(tuple(Bm.shape) == (n, N, r),
+              f"{_OP}: Bs[{i}] has shape {tuple(Bm.shape)}; expected (n_adapters, out_{i}, r) = {(n, N, r)} "
+              f"from As[{i}] {tuple(A.shape)} and bases[{i}] ({N}, {d})")
+        if adapter_index is None:
+            check(n >= Bsz, f"{_OP}: As[{i}] has {n} adapters but x has B = {Bsz} rows; pass adapter_index "
+                            f"or give at least B adapters (row b uses adapter b)")
+    n0 = As[0].shape[0]
+    for i, A in enumerate(As):
+        check(A.shape[0] == n0, f"{_OP}: all As must have the same n_adapters; As[0] has {n0}, As[{i}] has {A.shape[0]}")
+    if lengths is not None:
+        check_tensor(lengths, "lengths", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
+        check(lengths.shape[0] == Bsz, f"{_OP}: lengths must have shape ({Bsz},) = (B,), got {tuple(lengths.shape)}")
+    if adapter_index is not None:
+        check_tensor(adapter_index, "adapter_index", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
+        check(adapter_index.shape[0] == Bsz,
+              f"{_OP}: adapter_index must have shape ({Bsz},) = (B,), got {tuple(adapter_index.shape)}")
+    if check_values and not _capturing_or_compiling():
+        # Value checks need a device->host sync (~10 us); they are skipped under torch.compile and CUDA-graph
+        # capture, where the kernels clamp instead (lengths to [0, T], adapter_index to [0, n-1]) to stay in bounds.
+        if lengths is not None and lengths.numel():
+            lo, hi = int(lengths.min()), int(lengths.max())
+            check(lo >= 0 and hi <= T, f"{_OP}: lengths values must be in [0, T] = [0, {T}], got min {lo}, max {hi}")
+        if adapter_index is not None and adapter_index.numel():
+            lo, hi = int(adapter_index.min()), int(adapter_index.max())
+            check(lo >= 0 and hi < n0,
+                  f"{_OP}: adapter_index values must be in [0, n_adapters) = [0, {n0}), got min {lo}, max {hi}")
+
+
+def _capturing_or_compiling() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:
+        return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    except Exception:  # pragma: no cover - no CUDA runtime
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# pure-torch reference (the semantics oracle)
+# ----------------------------------------------------------------------------------------------------------------
+def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
+                          deterministic: bool = False, check_values: bool = True,
+                          compute_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+    """Pure torch: F.linear + two bmm per slice, differentiable by autograd. See the module docstring for the math.
+
+    ``compute_dtype`` (default x.dtype): the dtype every operand is cast to before the matmuls; the default is
+    "torch's own low-precision path" (adapters cast to the activation dtype, as an eager model does), and
+    ``compute_dtype=torch.float64`` gives the high-precision oracle. Output dtype is always x.dtype unless
+    compute_dtype is wider, in which case outputs stay in compute_dtype. ``deterministic`` is accepted for
+    signature parity (torch's path here is deterministic on its own).
+    """
+    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values)
+    cd = x.dtype if compute_dtype is None else compute_dtype
+    out_dtype = cd if compute_dtype is not None else x.dtype
+    Bsz, T, d = x.shape
+    xc = x.to(cd)
+    mask = None
+    if lengths is not None:
+        mask = (torch.arange(T, device=x.device)[None, :] < lengths.to(torch.int64)[:, None]).to(cd)[..., None]
+    outs = []
+    for base, A, Bm in zip(bases, As, Bs):
+        W = _dense_weight(base, cd)
+        if adapter_index is not None:
+            A = A[adapter_index.to(torch.int64)]
+            Bm = Bm[adapter_index.to(torch.int64)]
+        else:
+            A, Bm = A[:Bsz], Bm[:Bsz]
+        y = F.linear(xc, W)
+        u = torch.bmm(xc, A.to(cd).transpose(1, 2))
+        if mask is not None:
+            u = u * mask
+        y = y + alpha * torch.bmm(u, Bm.to(cd).transpose(1, 2))
+        outs.append(y.to(out_dtype))
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# public entry point
+# ----------------------------------------------------------------------------------------------------------------
+def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
+                      deterministic: bool = False, check_values: bool = True) -> List[Tensor]:
+    """y_i = x·W_iᵀ + α·m·(x·A_i[a]ᵀ)·B_i[a]ᵀ for every slice i, as a list of (B, T, out_i) tensors in x.dtype.
+
+    Args:
+        x: (B, T, d) activations. bases: list of (out_i, d) tensors of x.dtype, or QTensor-like objects with
+        ``.q`` int8 (out_i, d), ``.scale`` (out_i,), ``.bits``. As: list of (n_adapters, r, d); Bs: list of
+        (n_adapters, out_i, r) (one dtype for all, fp32 usually). alpha: LoRA scale. lengths: optional int (B,),
+        rows t >= lengths[b] are padding (see the module docstring for exactly what that means).
+        adapter_index: optional int (B,), batch row b uses adapter adapter_index[b] (default b).
+        deterministic: bitwise-reproducible adapter gradients (no T-split of the fp32 reductions).
+        check_values: verify lengths/adapter_index ranges eagerly (one host sync; skipped under compile/capture).
+
+    CUDA tensors run the fused Triton kernels (custom op ``pgolf::multi_lora_fwd``/``_bwd`` with fake and
+    autograd registrations, so torch.compile(fullgraph=True) and CUDA graphs work); CPU tensors run the reference
+    unless TRITON_INTERPRET=1.
+    """
+    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values)
+    if not use_triton(x):
+        return multi_lora_linear_ref(x, bases, As, Bs, alpha=alpha, lengths=lengths, adapter_index=adapter_index,
+                                     check_values=False)
+    return _fused(x, bases, As, Bs, float(alpha), lengths, adapter_index, bool(deterministic))
+
+
+def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic) -> List[Tensor]:
+    # Placeholder until the Triton path lands: the reference (keeps the API usable for the eval driver).
+    return multi_lora_linear_ref(x, bases, As, Bs, alpha=alpha, lengths=lengths, adapter_index=adapter_index,
+                                 check_values=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# module + optimizer helper
+# ----------------------------------------------------------------------------------------------------------------
+class BatchedLoRALinear(nn.Module):
+    """A bank of per-document rank-r adapters for slices that share one input (e.g. Q and V of one layer).
+
+    Parameters ``A[i]`` (n_adapters, r, d) and ``B[i]`` (n_adapters, out_i, r), fp32 by default. ``reset(rows)``
+    re-initializes in place (A Kaiming-uniform with fan_in = d, i.e. U(-1/sqrt(d), 1/sqrt(d)); B zero) so a TTT loop
+    allocates nothing per batch; pair it with ``zero_adam_state_``. ``forward(x, bases, lengths=None,
+    adapter_index=None)`` returns the list of y_i (see ``multi_lora_linear``).
+    """
+
+    def __init__(self, n_adapters: int, d: int, outs: Sequence[int], rank: int, *, alpha: float = 1.0,
+                 deterministic: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        check(n_adapters >= 1 and d >= 1 and rank >= 1 and len(outs) >= 1 and all(o >= 1 for o in outs),
+              f"BatchedLoRALinear: need n_adapters, d, rank >= 1 and a non-empty outs list, got "
+              f"n_adapters={n_adapters}, d={d}, outs={list(outs)}, rank={rank}")
+        self.n_adapters, self.d, self.outs, self.rank = n_adapters, d, list(outs), rank
+        self.alpha, self.deterministic = float(alpha), deterministic
+        self.A = nn.ParameterList([nn.Parameter(torch.empty(n_adapters, rank, d, dtype=dtype, device=device))
+                                   for _ in outs])
+        self.B = nn.ParameterList([nn.Parameter(torch.empty(n_adapters, o, rank, dtype=dtype, device=device))
+                                   for o in outs])
+        self._scratch: Optional[Tensor] = None
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self, rows=None) -> None:
+        """Re-initialize adapters in place: all rows (rows=None), or the rows given as an int index tensor / list
+        or a bool mask of length n_adapters. A ~ U(-1/sqrt(d), 1/sqrt(d)) (Kaiming-uniform, a=sqrt(5)), B = 0."""
+        bound = 1.0 / math.sqrt(self.d)
+        if rows is None:
+            for A in self.A:
+                A.uniform_(-bound, bound)
+            for Bm in self.B:
+                Bm.zero_()
+            return
+        rows = torch.as_tensor(rows, device=self.A[0].device)
+        if rows.dtype == torch.bool:
+            check(rows.shape == (self.n_adapters,),
+                  f"BatchedLoRALinear.reset: a bool rows mask must have shape ({self.n_adapters},), got {tuple(rows.shape)}")
+            sel = rows.view(-1, 1, 1)
+            for A, Bm in zip(self.A, self.B):
+                scratch = self._scratch_like(A)
+                scratch.uniform_(-bound, bound)
+                torch.where(sel, scratch, A, out=A)
+                Bm.masked_fill_(sel, 0.0)
+            return
+        check(rows.dtype in _INDEX_DTYPES and rows.dim() == 1,
+              f"BatchedLoRALinear.reset: rows must be None, a 1-D int index tensor or a bool mask, got "
+              f"{rows.dtype} with shape {tuple(rows.shape)}", TypeError)
+        for A, Bm in zip(self.A, self.B):
+            k = rows.shape[0]
+            scratch = self._scratch_like(A)[:k]
+            scratch.uniform_(-bound, bound)
+            A.index_copy_(0, rows, scratch)
+            Bm.index_fill_(0, rows, 0.0)
+
+    def _scratch_like(self, A: Tensor) -> Tensor:
+        # One persistent buffer (allocated on the first partial reset), so later resets allocate nothing.
+        if self._scratch is None or self._scratch.shape != A.shape or self._scratch.device != A.device \
+                or self._scratch.dtype != A.dtype:
+            self._scratch = torch.empty_like(A)
+        return self._scratch
+
+    def forward(self, x, bases, lengths=None, adapter_index=None) -> List[Tensor]:
+        check(len(bases) == len(self.outs),
+              f"BatchedLoRALinear: got {len(bases)} bases for {len(self.outs)} slices")
+        return multi_lora_linear(x, list(bases), list(self.A), list(self.B), alpha=self.alpha, lengths=lengths,
+                                 adapter_index=adapter_index, deterministic=self.deterministic)
+
+
+@torch.no_grad()
+def zero_adam_state_(optimizer: torch.optim.Optimizer, params, rows=None) -> None:
+    """Zero Adam/AdamW moments of ``params`` in place: exp_avg, exp_avg_sq (and max_exp_avg_sq) for the given rows
+    (dim 0; int index tensor/list or bool mask), or entirely when rows is None, in which case the per-parameter
+    ``step`` is zeroed too (a shared step cannot be reset per row: with rows given it is left alone). Parameters
+    without state yet (no step taken) are skipped. Allocation-free for rows=None and for tensor rows on the
+    parameter's device."""
+    for p in params:
+        st = optimizer.state.get(p)
+        if not st:
+            continue
+        for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            buf = st.get(key)
+            if not isinstance(buf, torch.Tensor):
+                continue
+            if rows is None:
+                buf.zero_()
+            else:
+                r = torch.as_tensor(rows, device=buf.device)
+                if r.dtype == torch.bool:
+                    buf.masked_fill_(r.view(-1, *([1] * (buf.dim() - 1))), 0.0)
+                else:
+                    buf.index_fill_(0, r, 0.0)
+        if rows is None and isinstance(st.get("step"), torch.Tensor):
+            st["step"].zero_()
+        elif rows is None and "step" in st:
+            st["step"] = 0

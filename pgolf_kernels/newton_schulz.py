@@ -1,0 +1,551 @@
+"""Newton-Schulz orthogonalization (Muon's inner loop): grouped, symmetric Triton kernels + torch reference.
+
+Math (one matrix G of shape (r, c); m = min(r, c), n = max(r, c)):
+
+    X_0 = G / (||G||_F + eps)              (Frobenius norm per matrix, computed in fp32)
+    X_0 <- X_0^T  if r > c                 (so X is "wide", m <= n, and the Gram below is m x m)
+    for (a, b, c) in schedule:             (one tuple per step)
+        A = X X^T                          (m x m, symmetric)
+        B = b A + c A A                    (m x m, symmetric: A and A A commute)
+        X = a X + B X                      (m x n)
+    return X^T if r > c else X             (shape (r, c), compute dtype = bf16 by default)
+
+FLOPs per step on a wide X (m x n): 4 m^2 n + 2 m^3 on the full count (2 m^2 n Gram, 2 m^3 A A,
+2 m^2 n for B X); the kernels compute only one triangle of A and of A A, i.e. 3 m^2 n + m^3.
+
+Kernels (three launches per step, each *grouped* over every matrix of every shape in the call):
+  * ``_ns_gram_kernel``:   tiles (i <= j) of A = X X^T; the off-diagonal tile is stored twice (mirror).
+  * ``_ns_square_kernel``: tiles (i <= j) of A A; epilogue B = b A + c A A (fp32), mirrored store.
+  * ``_ns_update_kernel``: all tiles of X' = a X + B X (fp32 epilogue); the last step writes the output
+    in the caller's orientation (transposed tiles for r > c), so there is no unpack pass.
+A work list of (matrix, tile) items is built once per shape signature and cached; one program per item,
+so edge tiles are masked and no program works on padding. Operands are the compute dtype (bf16 on GPU),
+accumulation is fp32; A, B, X are rounded once per step (torch's own path rounds 5 times per step:
+A, A A, c A A, b A + c A A, B X, a X + B X).
+
+Edge cases (documented behaviour, tested):
+  * a zero matrix stays exactly zero (X_0 = 0 / eps = 0, and every step maps 0 to 0);
+  * a tiny norm gives no NaN (eps keeps the division finite);
+  * NaN or Inf anywhere in a matrix -> that matrix's output is NaN (other matrices of the call are not
+    affected); pass ``validate=True`` to get a ValueError instead (costs one device sync);
+  * ||G||_F must be finite in fp32 (< ~1.8e19), otherwise the norm overflows and the output is NaN.
+
+Dispatch (see ``_utils``): CUDA -> kernels; CPU -> reference; CPU + TRITON_INTERPRET=1 -> kernels in the
+interpreter, except for a bf16 compute dtype, which triton 3.6's interpreter computes wrongly, so CPU bf16
+always uses the reference. fp64 compute is reference-only (it is the oracle).
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ._utils import cdiv, interpret_mode, use_triton
+
+try:  # triton is a hard dependency on GPU; keep the reference importable without it
+    import triton
+    import triton.language as tl
+
+    _HAS_TRITON = True
+except Exception:  # pragma: no cover
+    _HAS_TRITON = False
+
+__all__ = [
+    "QUINTIC",
+    "POLAR_EXPRESS",
+    "newton_schulz",
+    "newton_schulz_ref",
+    "newton_schulz_many",
+    "resolve_coefficients",
+    "ns_flops",
+]
+
+QUINTIC: Tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+# Per-step "Polar Express" tuples (modded-nanogpt; used by the newest parameter-golf records).
+POLAR_EXPRESS: List[Tuple[float, float, float]] = [
+    (8.1566, -22.4833, 15.8788),
+    (4.0429, -2.8089, 0.5000),
+    (3.8917, -2.7725, 0.5061),
+    (3.2858, -2.3681, 0.4645),
+    (2.3465, -1.7098, 0.4232),
+]
+
+_OP = "newton_schulz"
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+Coefficients = Union[str, Sequence[Sequence[float]]]
+
+
+# ----------------------------------------------------------------------------------------------------
+# argument handling
+# ----------------------------------------------------------------------------------------------------
+def resolve_coefficients(coefficients: Coefficients, steps: int) -> List[Tuple[float, float, float]]:
+    """The per-step (a, b, c) schedule.
+
+    ``"quintic"``: QUINTIC every step. ``"polar_express"`` or a list of (a, b, c): step k uses tuple k;
+    a schedule shorter than ``steps`` repeats its last tuple (modded-nanogpt's rule), a longer one is cut.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int):
+        raise TypeError(f"{_OP}: steps must be an int, got {type(steps).__name__}")
+    if steps < 0:
+        raise ValueError(f"{_OP}: steps must be >= 0, got {steps}")
+    if isinstance(coefficients, str):
+        key = coefficients.lower().replace("-", "_")
+        if key == "quintic":
+            sched = [QUINTIC]
+        elif key == "polar_express":
+            sched = list(POLAR_EXPRESS)
+        else:
+            raise ValueError(f"{_OP}: coefficients must be 'quintic', 'polar_express' or a list of (a, b, c); got {coefficients!r}")
+    else:
+        try:
+            sched = [tuple(float(v) for v in t) for t in coefficients]
+        except TypeError:
+            raise TypeError(f"{_OP}: coefficients must be 'quintic', 'polar_express' or a list of (a, b, c) tuples, "
+                            f"got {type(coefficients).__name__}") from None
+        if not sched or any(len(t) != 3 for t in sched):
+            raise ValueError(f"{_OP}: coefficients must be a non-empty list of 3-tuples (a, b, c), got {coefficients!r}")
+        if not all(math.isfinite(v) for t in sched for v in t):
+            raise ValueError(f"{_OP}: coefficients must be finite, got {coefficients!r}")
+    out = [tuple(sched[min(k, len(sched) - 1)]) for k in range(steps)]
+    return [(float(a), float(b), float(c)) for a, b, c in out]
+
+
+def _check_matrix(G, name: str) -> None:
+    if not isinstance(G, torch.Tensor):
+        raise TypeError(f"{_OP}: {name} must be a torch.Tensor, got {type(G).__name__}")
+    if G.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: {name} must have a floating dtype (float16, bfloat16, float32 or float64), "
+                        f"got {str(G.dtype).replace('torch.', '')}")
+    if G.dim() < 2:
+        raise ValueError(f"{_OP}: {name} must have at least 2 dimensions (..., m, n), got shape {tuple(G.shape)}")
+    if G.shape[-2] == 0 or G.shape[-1] == 0:
+        raise ValueError(f"{_OP}: {name} must have non-empty matrix dims, got shape {tuple(G.shape)}")
+
+
+def _check_common(eps, compute_dtype) -> None:
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool) or not (eps >= 0.0) or not math.isfinite(eps):
+        raise ValueError(f"{_OP}: eps must be a finite float >= 0, got {eps!r}")
+    if compute_dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{_OP}: compute_dtype must be float16, bfloat16, float32 or float64, got {compute_dtype!r}")
+
+
+def _validate_finite(mats: Sequence[torch.Tensor]) -> None:
+    for i, G in enumerate(mats):
+        if not bool(torch.isfinite(G).all()):
+            raise ValueError(f"{_OP}: input {i} (shape {tuple(G.shape)}) contains NaN or Inf "
+                             "(validate=True; with validate=False that matrix's output would be NaN)")
+
+
+def ns_flops(m: int, n: int, steps: int = 5, symmetric: bool = False) -> int:
+    """FLOPs of ``steps`` iterations on one matrix: full count 4 m^2 n + 2 m^3 per step (m <= n after the
+    transpose), or 3 m^2 n + m^3 when one triangle of the Gram and of A A is computed."""
+    m, n = min(m, n), max(m, n)
+    per = 3 * m * m * n + m ** 3 if symmetric else 4 * m * m * n + 2 * m ** 3
+    return per * steps
+
+
+# ----------------------------------------------------------------------------------------------------
+# pure-torch reference (the records' code path; semantics oracle)
+# ----------------------------------------------------------------------------------------------------
+def newton_schulz_ref(G: torch.Tensor, steps: int = 5, coefficients: Coefficients = "quintic", eps: float = 1e-7,
+                      *, compute_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """The records' torch Newton-Schulz (every op in ``compute_dtype``, default bf16), batched over leading dims.
+
+    X = G.to(dt); X /= ||X||_F + eps (per matrix); transpose to wide; per step A = X X^T,
+    B = b A + c A @ A, X = a X + B @ X; transpose back. ``compute_dtype=torch.float64`` gives the oracle.
+    """
+    _check_matrix(G, "G")
+    _check_common(eps, compute_dtype)
+    sched = resolve_coefficients(coefficients, steps)
+    X = G.to(compute_dtype)
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.shape[-2] > G.shape[-1]
+    if transposed:
+        X = X.mT
+    for a, b, c in sched:
+        A = X @ X.mT
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    if transposed:
+        X = X.mT
+    return X.contiguous()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------------
+# Work-list row layout (int64, 8 columns): x_off, a_off, m, n, ti, tj, out_off, transposed
+_ROW = 8
+
+if _HAS_TRITON:
+
+    @triton.jit
+    def _ns_gram_kernel(X, A, items, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+                        IEEE: tl.constexpr):
+        """Tile (ti <= tj) of A = X X^T for one matrix (X: m x n row-major at X + x_off; A: m x m)."""
+        row = items + tl.program_id(0) * 8
+        x_off = tl.load(row + 0)
+        a_off = tl.load(row + 1)
+        m = tl.load(row + 2).to(tl.int32)
+        n = tl.load(row + 3).to(tl.int32)
+        ti = tl.load(row + 4).to(tl.int32)
+        tj = tl.load(row + 5).to(tl.int32)
+        if EVEN:  # every m, n of the launch is a multiple of BLOCK/BK and offsets are 64-aligned
+            x_off = tl.multiple_of(x_off, 64)
+            a_off = tl.multiple_of(a_off, 64)
+            n = tl.multiple_of(n, 64)
+            m = tl.multiple_of(m, 64)
+        rm = ti * BLOCK + tl.arange(0, BLOCK)
+        rn = tj * BLOCK + tl.arange(0, BLOCK)
+        rk = tl.arange(0, BK)
+        # wrap rows instead of masking them (edge rows are computed but never stored)
+        rm_l = rm % m
+        rn_l = rn % m
+        pa = X + x_off + rm_l[:, None].to(tl.int64) * n + rk[None, :]
+        pb = X + x_off + rn_l[None, :].to(tl.int64) * n + rk[:, None]
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(0, n, BK):
+            if EVEN:
+                xa = tl.load(pa)
+                xb = tl.load(pb)
+            else:
+                xa = tl.load(pa, mask=rk[None, :] < n - k, other=0.0)
+                xb = tl.load(pb, mask=rk[:, None] < n - k, other=0.0)
+            if IEEE:
+                acc = tl.dot(xa, xb, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, xb, acc)
+            pa += BK
+            pb += BK
+        val = acc.to(A.dtype.element_ty)
+        msk = (rm[:, None] < m) & (rn[None, :] < m)
+        tl.store(A + a_off + rm[:, None].to(tl.int64) * m + rn[None, :], val, mask=msk)
+        if ti != tj:  # mirror: A[rn, rm] = tile^T
+            mskt = (rn[:, None] < m) & (rm[None, :] < m)
+            tl.store(A + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+
+    @triton.jit
+    def _ns_square_kernel(A, Bm, items, b, c, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
+                          IEEE: tl.constexpr):
+        """Tile (ti <= tj) of B = b A + c A A (A symmetric m x m, both triangles stored)."""
+        row = items + tl.program_id(0) * 8
+        a_off = tl.load(row + 1)
+        m = tl.load(row + 2).to(tl.int32)
+        ti = tl.load(row + 4).to(tl.int32)
+        tj = tl.load(row + 5).to(tl.int32)
+        if EVEN:
+            a_off = tl.multiple_of(a_off, 64)
+            m = tl.multiple_of(m, 64)
+        rm = ti * BLOCK + tl.arange(0, BLOCK)
+        rn = tj * BLOCK + tl.arange(0, BLOCK)
+        rk = tl.arange(0, BK)
+        rm_l = rm % m
+        rn_l = rn % m
+        pa = A + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]          # A[rm, k]
+        pb = A + a_off + rk[:, None].to(tl.int64) * m + rn_l[None, :]          # A[k, rn]
+        acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+        for k in range(0, m, BK):
+            if EVEN:
+                xa = tl.load(pa)
+                xb = tl.load(pb)
+            else:
+                xa = tl.load(pa, mask=rk[None, :] < m - k, other=0.0)
+                xb = tl.load(pb, mask=rk[:, None] < m - k, other=0.0)
+            if IEEE:
+                acc = tl.dot(xa, xb, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, xb, acc)
+            pa += BK
+            pb += BK * m
+        msk = (rm[:, None] < m) & (rn[None, :] < m)
+        p_ij = rm[:, None].to(tl.int64) * m + rn[None, :]
+        aij = tl.load(A + a_off + p_ij, mask=msk, other=0.0).to(tl.float32)
+        val = (b * aij + c * acc).to(Bm.dtype.element_ty)
+        tl.store(Bm + a_off + p_ij, val, mask=msk)
+        if ti != tj:
+            mskt = (rn[:, None] < m) & (rm[None, :] < m)
+            tl.store(Bm + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+
+    @triton.jit
+    def _ns_update_kernel(X, Bm, Y, items, a, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                          EVEN: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr):
+        """Tile (ti, tj) of Y = a X + B X (X: m x n, B: m x m). FINAL: Y is the output buffer, written in the
+        caller's orientation (transposed when the row's flag says the input was tall)."""
+        row = items + tl.program_id(0) * 8
+        x_off = tl.load(row + 0)
+        a_off = tl.load(row + 1)
+        m = tl.load(row + 2).to(tl.int32)
+        n = tl.load(row + 3).to(tl.int32)
+        ti = tl.load(row + 4).to(tl.int32)
+        tj = tl.load(row + 5).to(tl.int32)
+        if EVEN:
+            x_off = tl.multiple_of(x_off, 64)
+            a_off = tl.multiple_of(a_off, 64)
+            n = tl.multiple_of(n, 64)
+            m = tl.multiple_of(m, 64)
+        rm = ti * BM + tl.arange(0, BM)
+        rn = tj * BN + tl.arange(0, BN)
+        rk = tl.arange(0, BK)
+        rm_l = rm % m
+        rn_l = rn % n
+        pa = Bm + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]         # B[rm, k]
+        pb = X + x_off + rk[:, None].to(tl.int64) * n + rn_l[None, :]          # X[k, rn]
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(0, m, BK):
+            if EVEN:
+                xa = tl.load(pa)
+                xb = tl.load(pb)
+            else:
+                xa = tl.load(pa, mask=rk[None, :] < m - k, other=0.0)
+                xb = tl.load(pb, mask=rk[:, None] < m - k, other=0.0)
+            if IEEE:
+                acc = tl.dot(xa, xb, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xa, xb, acc)
+            pa += BK
+            pb += BK * n
+        msk = (rm[:, None] < m) & (rn[None, :] < n)
+        xij = tl.load(X + x_off + rm[:, None].to(tl.int64) * n + rn[None, :], mask=msk, other=0.0).to(tl.float32)
+        val = (a * xij + acc).to(Y.dtype.element_ty)
+        if FINAL:
+            out_off = tl.load(row + 6)
+            trans = tl.load(row + 7)
+            if EVEN:
+                out_off = tl.multiple_of(out_off, 64)
+            if trans != 0:  # caller's matrix is n x m: element (rm, rn) of wide X goes to [rn, rm]
+                mskt = (rn[:, None] < n) & (rm[None, :] < m)
+                tl.store(Y + out_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+            else:
+                tl.store(Y + out_off + rm[:, None].to(tl.int64) * n + rn[None, :], val, mask=msk)
+        else:
+            tl.store(Y + x_off + rm[:, None].to(tl.int64) * n + rn[None, :], val, mask=msk)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launch planning
+# ----------------------------------------------------------------------------------------------------
+# Tile configs. GPU: 128x128 output tiles, BK=64 (H100/H200 wgmma-friendly; K is 256..2048 here, so
+# 4..32 k-iterations). Interpreter: 16x16 tiles so tiny test shapes still have several tiles per matrix
+# (odd shapes hit the masked edges and the mirrored off-diagonal path).
+GPU_CONFIG: Dict[str, int] = dict(g_block=128, g_bk=64, g_warps=8, g_stages=3,
+                                  s_block=128, s_bk=64, s_warps=8, s_stages=3,
+                                  u_bm=128, u_bn=128, u_bk=64, u_warps=8, u_stages=3)
+INTERP_CONFIG: Dict[str, int] = dict(g_block=16, g_bk=16, g_warps=4, g_stages=1,
+                                     s_block=16, s_bk=16, s_warps=4, s_stages=1,
+                                     u_bm=16, u_bn=16, u_bk=16, u_warps=4, u_stages=1)
+
+_ALIGN = 64  # elements; keeps every matrix 128-byte aligned in the packed workspaces
+_PLAN_CACHE: Dict[tuple, "_Plan"] = {}
+
+
+def _align(x: int) -> int:
+    return (x + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+class _Plan:
+    """Packed layout + work lists for one shape signature (built once, cached)."""
+
+    def __init__(self, shapes: Tuple[Tuple[int, ...], ...], device: torch.device, cfg: Dict[str, int]):
+        self.entries = []  # (count, r, c, m, n, trans, x_off, a_off, out_off)
+        x_tot = a_tot = o_tot = 0
+        for shp in shapes:
+            r, c = shp[-2], shp[-1]
+            count = 1
+            for d in shp[:-2]:
+                count *= d
+            m, n = min(r, c), max(r, c)
+            x_tot, a_tot, o_tot = _align(x_tot), _align(a_tot), _align(o_tot)
+            self.entries.append((count, r, c, m, n, r > c, x_tot, a_tot, o_tot))
+            x_tot += count * m * n
+            a_tot += count * m * m
+            o_tot += count * r * c
+        self.x_total, self.a_total, self.out_total = x_tot, a_tot, o_tot
+        # per-matrix items; ordered by descending K (work per tile) so the long tiles start first, matrices
+        # kept contiguous for L2 reuse of their operands
+        g_items, s_items, u_items = [], [], []
+        gb, sb, bm, bn = cfg["g_block"], cfg["s_block"], cfg["u_bm"], cfg["u_bn"]
+        for (count, r, c, m, n, trans, xo, ao, oo) in self.entries:
+            for j in range(count):
+                x_off, a_off, out_off = xo + j * m * n, ao + j * m * m, oo + j * r * c
+                tg = cdiv(m, gb)
+                for ti in range(tg):
+                    for tj in range(ti, tg):
+                        g_items.append((n, (x_off, a_off, m, n, ti, tj, out_off, int(trans))))
+                ts = cdiv(m, sb)
+                for ti in range(ts):
+                    for tj in range(ti, ts):
+                        s_items.append((m, (x_off, a_off, m, n, ti, tj, out_off, int(trans))))
+                for ti in range(cdiv(m, bm)):
+                    for tj in range(cdiv(n, bn)):
+                        u_items.append((m, (x_off, a_off, m, n, ti, tj, out_off, int(trans))))
+
+        def table(items):
+            items.sort(key=lambda t: -t[0])  # stable: matrices stay contiguous within one K
+            t = torch.tensor([it[1] for it in items], dtype=torch.int64).reshape(-1, _ROW)
+            return t.to(device)
+
+        self.g_items, self.s_items, self.u_items = table(g_items), table(s_items), table(u_items)
+        ms = [e[3] for e in self.entries]
+        ns = [e[4] for e in self.entries]
+        # EVEN: no K masks and 64-aligned hints are valid (benchmark shapes: m, n multiples of 128)
+        blocks = (gb, sb, bm, bn, cfg["g_bk"], cfg["s_bk"], cfg["u_bk"], 64)
+        self.even = all(v % blk == 0 for v in ms + ns for blk in blocks)
+
+
+def _get_plan(shapes, device, cfg) -> _Plan:
+    key = (shapes, str(device), tuple(sorted(cfg.items())))
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        plan = _Plan(shapes, device, cfg)
+        _PLAN_CACHE[key] = plan
+    return plan
+
+
+def _default_config(device: torch.device) -> Dict[str, int]:
+    return dict(INTERP_CONFIG) if device.type == "cpu" else dict(GPU_CONFIG)
+
+
+def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
+    tot = 0
+    for shp in shapes:
+        tot = _align(tot)
+        cnt = 1
+        for d in shp:
+            cnt *= d
+        tot += cnt
+    return tot
+
+
+def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
+                    config: Optional[Dict[str, int]] = None) -> torch.Tensor:
+    """Kernel path: returns one flat buffer holding every output (caller's shapes, aligned offsets)."""
+    device = mats[0].device
+    cfg = _default_config(device)
+    if config:
+        cfg.update(config)
+    shapes = tuple(tuple(int(s) for s in G.shape) for G in mats)
+    plan = _get_plan(shapes, device, cfg)
+    dt = compute_dtype
+    out = torch.empty(plan.out_total, dtype=dt, device=device)
+    if plan.out_total == 0:
+        return out
+    sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
+    X = torch.empty(plan.x_total, dtype=dt, device=device)
+    # prologue: per input, fp32 Frobenius norm, then one fused scale + cast + transpose copy into the
+    # packed wide workspace (2-3 small launches per input tensor; a 3-D bank counts as one input)
+    for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
+        if count == 0:
+            continue
+        g3 = G.reshape(count, r, c)
+        nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
+        dst = X[xo:xo + count * m * n].view(count, m, n)
+        torch.div(g3.mT if trans else g3, nrm, out=dst)
+    if not sched:
+        for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
+            if count:
+                src = X[xo:xo + count * m * n].view(count, m, n)
+                out[oo:oo + count * r * c].view(count, r, c).copy_(src.mT if trans else src)
+        return out
+    A = torch.empty(plan.a_total, dtype=dt, device=device)
+    Bm = torch.empty(plan.a_total, dtype=dt, device=device)
+    X2 = torch.empty_like(X)
+    ieee = dt == torch.float32
+    ng, ns_, nu = plan.g_items.shape[0], plan.s_items.shape[0], plan.u_items.shape[0]
+    for step, (a, b, c) in enumerate(sched):
+        final = step == len(sched) - 1
+        _ns_gram_kernel[(ng,)](X, A, plan.g_items, BLOCK=cfg["g_block"], BK=cfg["g_bk"], EVEN=plan.even,
+                               IEEE=ieee, num_warps=cfg["g_warps"], num_stages=cfg["g_stages"])
+        _ns_square_kernel[(ns_,)](A, Bm, plan.s_items, b, c, BLOCK=cfg["s_block"], BK=cfg["s_bk"],
+                                  EVEN=plan.even, IEEE=ieee, num_warps=cfg["s_warps"], num_stages=cfg["s_stages"])
+        Y = out if final else X2
+        _ns_update_kernel[(nu,)](X, Bm, Y, plan.u_items, a, BM=cfg["u_bm"], BN=cfg["u_bn"], BK=cfg["u_bk"],
+                                 EVEN=plan.even, FINAL=final, IEEE=ieee, num_warps=cfg["u_warps"],
+                                 num_stages=cfg["u_stages"])
+        X, X2 = X2, X
+    return out
+
+
+def _ns_packed_ref(mats, coeffs, eps, compute_dtype) -> torch.Tensor:
+    shapes = [tuple(G.shape) for G in mats]
+    out = torch.empty(_packed_size(shapes), dtype=compute_dtype, device=mats[0].device)
+    sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
+    off = 0
+    for G in mats:
+        off = _align(off)
+        k = G.numel()
+        if k:
+            out[off:off + k].view(G.shape).copy_(
+                newton_schulz_ref(G, len(sched), sched or "quintic", eps, compute_dtype=compute_dtype))
+        off += k
+    return out
+
+
+def _kernel_ok(t: torch.Tensor, compute_dtype: torch.dtype) -> bool:
+    if not _HAS_TRITON or not use_triton(t) or compute_dtype not in _KERNEL_DTYPES:
+        return False
+    if t.device.type == "cpu" and compute_dtype == torch.bfloat16:
+        return False  # triton 3.6's interpreter computes bf16 dots wrongly (FIELD_NOTES); use the reference
+    return True
+
+
+@torch.library.custom_op("pgolf::newton_schulz_packed", mutates_args=())
+def _ns_packed_op(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
+                  use_kernel: bool) -> torch.Tensor:
+    """All inputs orthogonalized; outputs packed in one flat buffer (see ``_packed_size``)."""
+    if use_kernel and _kernel_ok(mats[0], compute_dtype):
+        return _ns_packed_impl(mats, coeffs, eps, compute_dtype)
+    return _ns_packed_ref(mats, coeffs, eps, compute_dtype)
+
+
+@_ns_packed_op.register_fake
+def _(mats, coeffs, eps, compute_dtype, use_kernel):
+    return mats[0].new_empty(_packed_size([G.shape for G in mats]), dtype=compute_dtype)
+
+
+def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dtype, validate):
+    if not isinstance(mats, (list, tuple)) or len(mats) == 0:
+        raise TypeError(f"{_OP}: mats must be a non-empty list of tensors, got {type(mats).__name__}")
+    for i, G in enumerate(mats):
+        _check_matrix(G, f"mats[{i}]" if len(mats) > 1 else "G")
+        if G.device != mats[0].device:
+            raise ValueError(f"{_OP}: mats[{i}] is on {G.device} but mats[0] is on {mats[0].device}; "
+                             "all matrices must be on one device")
+    _check_common(eps, compute_dtype)
+    sched = resolve_coefficients(coefficients, steps)
+    if validate:
+        _validate_finite(mats)
+    return [v for t in sched for v in t]
+
+
+def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Coefficients = "quintic", eps: float = 1e-7, *,
+                  compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
+                  use_kernel: bool = True) -> torch.Tensor:
+    """Orthogonalize G (..., m, n) (2-D or batched) with ``steps`` Newton-Schulz iterations.
+
+    Returns a contiguous tensor of G's shape in ``compute_dtype`` (bf16). See the module docstring for
+    the math, the schedule rules (``resolve_coefficients``) and the NaN/Inf behaviour (``validate``).
+    ``use_kernel=False`` forces the torch reference.
+    """
+    coeffs = _prepare([G], steps, coefficients, eps, compute_dtype, validate)
+    flat = _ns_packed_op([G], coeffs, float(eps), compute_dtype, bool(use_kernel))
+    return flat.view(G.shape)
+
+
+def newton_schulz_many(mats: List[torch.Tensor], steps: int = 5, coefficients: Coefficients = "quintic",
+                       eps: float = 1e-7, *, compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
+                       use_kernel: bool = True) -> List[torch.Tensor]:
+    """``[newton_schulz(G) for G in mats]`` in 3 grouped launches per step for the whole list (plus 2-3
+    small prologue launches per input tensor). Matrices of any shapes and batch dims may be mixed.
+    Returned tensors are views into one packed buffer (contiguous, each with its input's shape)."""
+    coeffs = _prepare(list(mats), steps, coefficients, eps, compute_dtype, validate)
+    flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel))
+    outs, off = [], 0
+    for G in mats:
+        off = _align(off)
+        k = G.numel()
+        outs.append(flat[off:off + k].view(G.shape))
+        off += k
+    return outs

@@ -167,7 +167,7 @@ def newton_schulz_ref(G: torch.Tensor, steps: int = 5, coefficients: Coefficient
         X = X.mT
     for a, b, c in sched:
         A = X @ X.mT
-        B = b * A + c * (A @ A)
+        B = b * A + c * A @ A  # the records' expression: (c * A) @ A
         X = a * X + B @ X
     if transposed:
         X = X.mT
@@ -341,6 +341,12 @@ _ALIGN = 64  # elements; keeps every matrix 128-byte aligned in the packed works
 _PLAN_CACHE: Dict[tuple, "_Plan"] = {}
 
 
+def _alloc(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every kernel-path buffer (output and workspaces) comes from here, so tests can poison them with NaN
+    (monkeypatch to ``testing.nan_empty``): an element a kernel forgot to write then fails the comparison."""
+    return torch.empty(numel, dtype=dtype, device=device)
+
+
 def _align(x: int) -> int:
     return (x + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -429,11 +435,11 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
     shapes = tuple(tuple(int(s) for s in G.shape) for G in mats)
     plan = _get_plan(shapes, device, cfg)
     dt = compute_dtype
-    out = torch.empty(plan.out_total, dtype=dt, device=device)
+    out = _alloc(plan.out_total, dt, device)
     if plan.out_total == 0:
         return out
     sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
-    X = torch.empty(plan.x_total, dtype=dt, device=device)
+    X = _alloc(plan.x_total, dt, device)
     # prologue: per input, fp32 Frobenius norm, then one fused scale + cast + transpose copy into the
     # packed wide workspace (2-3 small launches per input tensor; a 3-D bank counts as one input)
     for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
@@ -449,11 +455,13 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
                 src = X[xo:xo + count * m * n].view(count, m, n)
                 out[oo:oo + count * r * c].view(count, r, c).copy_(src.mT if trans else src)
         return out
-    A = torch.empty(plan.a_total, dtype=dt, device=device)
-    Bm = torch.empty(plan.a_total, dtype=dt, device=device)
-    X2 = torch.empty_like(X)
+    A = _alloc(plan.a_total, dt, device)
+    Bm = _alloc(plan.a_total, dt, device)
+    X2 = _alloc(plan.x_total, dt, device)
     ieee = dt == torch.float32
     ng, ns_, nu = plan.g_items.shape[0], plan.s_items.shape[0], plan.u_items.shape[0]
+    if ng == 0:  # only zero-sized batches
+        return out
     for step, (a, b, c) in enumerate(sched):
         final = step == len(sched) - 1
         _ns_gram_kernel[(ng,)](X, A, plan.g_items, BLOCK=cfg["g_block"], BK=cfg["g_bk"], EVEN=plan.even,

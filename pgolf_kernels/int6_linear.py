@@ -1,0 +1,494 @@
+"""Fused int-k dequant-matmul straight from the artifact's codes (issue 3).
+
+Math (W = q * s[:, None], q int8 codes (N, K), s fp16 (N,), x (..., K), y (..., N)):
+
+    forward   y[m, n]  = s[n] * sum_k x[m, k] * q[n, k]  (+ bias[n])
+    backward  dx[m, k] = sum_n dy[m, n] * bf16(q[n, k] * s[n])      (dtype of dy)
+              dbias[n] = sum_m dy[m, n];   no gradient for q (integer codes) or scale (frozen).
+
+Forward kernel: the scale is per output column of y, so it factors out of the K reduction. The
+code tile is converted int8 -> activation dtype in registers (exact: |q| <= 128 fits the 8-bit
+mantissa of bf16), multiplied against x with fp32 accumulation, and scaled once in the epilogue.
+It is therefore *more* exact than the reference ``F.linear(x, bf16(q*s))``, whose weight carries a
+bf16 rounding (relative 2^-9) that the kernel never makes; the difference between the two is
+that rounding, measured in tests/test_int6_linear.py.
+
+dx kernel: the scale is per row of the reduction, so it cannot be factored out; the code tile is
+scaled in registers, ``bf16(float(q) * float(s))`` -- bitwise the reference's dequantized weight --
+so dx equals ``dy @ bf16(q*s)`` up to fp32 accumulation order.
+
+Both kernels have a "swap-AB" variant (SWAP=1) that computes the transposed tile, with the
+converted weight tile as the first MMA operand: for small M the token dimension then sits on the
+narrow side of the MMA (Hopper's wgmma needs 64 rows on the first operand, but only 8 columns),
+and the first operand may come from registers, so the converted weights need no shared-memory
+round trip. Autotuning (keyed on an M bucket, N, K and dtypes) picks SWAP and the tile per shape
+from a short list pruned per M bucket.
+
+Dispatch (``pgolf_kernels._utils.use_triton``): CUDA -> Triton; CPU -> ``int6_linear_ref``;
+CPU + TRITON_INTERPRET=1 -> the Triton kernels in the interpreter with a fixed small config.
+Same kernels for bits 5/6/7/8: the bit width only matters to ``validate=True``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, check_tensor, interpret_mode, use_triton
+from .quant import SUPPORTED_BITS, QTensor, quantize_rows, validate_codes
+
+__all__ = [
+    "int6_linear",
+    "int6_linear_dx",
+    "int6_linear_ref",
+    "int6_linear_dx_ref",
+    "Int6Linear",
+    "convert_linears_to_int6",
+]
+
+_ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+# Output allocator; tests swap in ``pgolf_kernels.testing.nan_empty`` so that an element a kernel
+# forgets to write shows up as NaN.
+_ALLOC: Callable = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+# ---------------------------------------------------------------------------------------------
+def int6_linear_ref(x, q, scale, bias=None) -> torch.Tensor:
+    """``F.linear(x, (q.float() * scale.float()[:, None]).to(x.dtype), bias)``."""
+    w = (q.float() * scale.float()[:, None]).to(x.dtype)
+    return F.linear(x, w, bias)
+
+
+def int6_linear_dx_ref(dy, q, scale) -> torch.Tensor:
+    """``dy @ (q.float() * scale.float()[:, None]).to(dy.dtype)``: dx of ``int6_linear_ref``."""
+    w = (q.float() * scale.float()[:, None]).to(dy.dtype)
+    return dy @ w
+
+
+# ---------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_kernel(
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr,
+    M, N, K, stride_xm, stride_qn, stride_ym,
+    M_BUCKET,  # autotune key only
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_n = tl.cdiv(N, BN)
+    # n fastest: consecutive programs share one x tile (read from HBM once, then L2), and the
+    # whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident.
+    pid_n = pid % num_pid_n
+    pid_m = pid // num_pid_n
+    rm = pid_m * BM + tl.arange(0, BM)
+    rn = pid_n * BN + tl.arange(0, BN)
+    # wrap out-of-range rows onto valid ones instead of masking the loads; stores are masked
+    rm_l = rm % M
+    rn_l = rn % N
+    rk = tl.arange(0, BK)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :]
+    q_ptrs = q_ptr + rn_l[:, None] * stride_qn + rk[None, :]
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        if EVEN_K:
+            xt = tl.load(x_ptrs)
+            qt = tl.load(q_ptrs)
+        else:
+            km = (rk[None, :] + k0) < K
+            xt = tl.load(x_ptrs, mask=km, other=0.0)
+            qt = tl.load(q_ptrs, mask=km, other=0)
+        w = qt.to(xt.dtype)  # exact for |q| <= 256 in bf16/fp16/fp32
+        if SWAP:
+            acc = tl.dot(w, tl.trans(xt), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(xt, tl.trans(w), acc, input_precision=PREC)
+        x_ptrs += BK
+        q_ptrs += BK
+    s = tl.load(s_ptr + rn_l).to(tl.float32)
+    if SWAP:
+        acc = acc * s[:, None]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_l).to(tl.float32)[:, None]
+        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+    else:
+        acc = acc * s[None, :]
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+@triton.jit
+def _dx_kernel(
+    dy_ptr, q_ptr, s_ptr, dx_ptr,
+    M, N, K, stride_dym, stride_qn, stride_dxm,
+    M_BUCKET,  # autotune key only
+    PREC: tl.constexpr, SWAP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
+):
+    # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
+    pid = tl.program_id(0)
+    num_pid_k = tl.cdiv(K, BK)
+    pid_k = pid % num_pid_k
+    pid_m = pid // num_pid_k
+    rm = pid_m * BM + tl.arange(0, BM)
+    rk = pid_k * BK + tl.arange(0, BK)
+    rm_l = rm % M
+    rk_l = rk % K
+    rn = tl.arange(0, BN)
+    dy_ptrs = dy_ptr + rm_l[:, None] * stride_dym + rn[None, :]
+    q_ptrs = q_ptr + rn[:, None] * stride_qn + rk_l[None, :]
+    s_ptrs = s_ptr + rn
+    if SWAP:
+        acc = tl.zeros((BK, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BK), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        if EVEN_N:
+            dyt = tl.load(dy_ptrs)
+            qt = tl.load(q_ptrs)
+            s = tl.load(s_ptrs).to(tl.float32)
+        else:
+            nm = (rn + n0) < N
+            dyt = tl.load(dy_ptrs, mask=nm[None, :], other=0.0)
+            qt = tl.load(q_ptrs, mask=nm[:, None], other=0)
+            s = tl.load(s_ptrs, mask=nm, other=0.0).to(tl.float32)
+        # bf16(q * s) exactly as the reference dequantizes (q*s is exact in fp32: 8 + 11 bits)
+        w = (qt.to(tl.float32) * s[:, None]).to(dyt.dtype)
+        if SWAP:
+            acc = tl.dot(tl.trans(w), tl.trans(dyt), acc, input_precision=PREC)
+        else:
+            acc = tl.dot(dyt, w, acc, input_precision=PREC)
+        dy_ptrs += BN
+        q_ptrs += BN * stride_qn
+        s_ptrs += BN
+    if SWAP:
+        dx_ptrs = dx_ptr + rm[None, :] * stride_dxm + rk[:, None]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rk[:, None] < K))
+    else:
+        dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
+        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+
+
+_fwd_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_fwd_kernel)
+_dx_heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BN"] == 0})(_dx_kernel)
+
+# (SWAP, BM, BN, BK, num_warps, num_stages). For the forward BN tiles N (output) and BK the
+# reduction; for dx, BK tiles K (output) and BN the reduction, so the tuples read the same way:
+# (swap, tokens, weight rows, weight cols). Kept short: every config is a compile (~1 s each on
+# the GPU machine) and each autotune key benchmarks only its bucket's 2-4 candidates.
+_CONFIGS = [
+    (1, 16, 64, 128, 4, 4),    # 0  M <= 16: 8-128 programs, one MMA column block
+    (1, 32, 64, 128, 4, 4),    # 1
+    (1, 64, 64, 128, 4, 4),    # 2
+    (1, 64, 128, 128, 4, 3),   # 3
+    (0, 128, 128, 64, 4, 4),   # 4  classic tile, 2 CTAs/SM (96 KB smem)
+    (1, 128, 128, 64, 4, 4),   # 5
+    (0, 128, 256, 64, 8, 3),   # 6  big tiles for large M
+    (1, 256, 128, 64, 8, 3),   # 7
+]
+_BUCKETS = {16: [0, 2], 64: [1, 2, 3], 256: [2, 3, 5], 1024: [3, 4, 5], 4096: [4, 5, 6, 7], 1 << 30: [4, 5, 6, 7]}
+
+
+def _m_bucket(M: int) -> int:
+    for b in _BUCKETS:
+        if M <= b:
+            return b
+    return 1 << 30
+
+
+def _fwd_cfg_dict(c) -> Dict[str, int]:
+    return {"SWAP": c[0], "BM": c[1], "BN": c[2], "BK": c[3]}
+
+
+def _dx_cfg_dict(c) -> Dict[str, int]:
+    return {"SWAP": c[0], "BM": c[1], "BK": c[2], "BN": c[3]}
+
+
+def _prune(configs, named_args, **kwargs):
+    allowed = _BUCKETS[named_args["M_BUCKET"]]
+    return [c for i, c in enumerate(configs) if i in allowed]
+
+
+def _tuner_bench(fn, quantiles):
+    # default do_bench is 25 ms warm-up + 100 ms per config; 5 + 20 keeps tuning of all
+    # bench keys (8 shapes x 6 buckets x 2 kernels x <=4 configs) well under a minute
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+def _mk_configs(to_dict):
+    return [triton.Config(to_dict(c), num_warps=c[4], num_stages=c[5]) for c in _CONFIGS]
+
+
+_fwd_tuned = triton.autotune(
+    configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+)(_fwd_heur)
+_dx_tuned = triton.autotune(
+    configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+)(_dx_heur)
+
+# Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly.
+_INTERP_CFG = (1, 16, 32, 32, 4, 1)
+
+
+def _prec(dtype) -> str:
+    # fp32 activations: true fp32 products (tl.dot would otherwise use TF32, 10-bit mantissa)
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch_fwd(x2, q, scale, bias, out, config=None):
+    """y (M, N) = x2 (M, K) @ (q*s)^T (+ bias) into ``out``. ``config``: a _CONFIGS tuple or None."""
+    M, K = x2.shape
+    N = q.shape[0]
+    if config is None and interpret_mode() and not x2.is_cuda:
+        config = _INTERP_CFG
+    args = (x2, q, scale, bias if bias is not None else scale, out, M, N, K,
+            x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
+    kw = dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
+    if config is None:
+        grid = lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)  # noqa: E731
+        _fwd_tuned[grid](*args, **kw)
+    else:
+        d = _fwd_cfg_dict(config)
+        _fwd_heur[(cdiv(M, d["BM"]) * cdiv(N, d["BN"]),)](*args, **kw, **d, num_warps=config[4], num_stages=config[5])
+    return out
+
+
+def _launch_dx(dy2, q, scale, out, config=None):
+    """dx (M, K) = dy2 (M, N) @ bf16(q*s) into ``out``."""
+    M, N = dy2.shape
+    K = q.shape[1]
+    if config is None and interpret_mode() and not dy2.is_cuda:
+        config = _INTERP_CFG
+    args = (dy2, q, scale, out, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
+    kw = dict(PREC=_prec(dy2.dtype))
+    if config is None:
+        grid = lambda meta: (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]),)  # noqa: E731
+        _dx_tuned[grid](*args, **kw)
+    else:
+        d = _dx_cfg_dict(config)
+        _dx_heur[(cdiv(M, d["BM"]) * cdiv(K, d["BK"]),)](*args, **kw, **d, num_warps=config[4], num_stages=config[5])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# argument checks
+# ---------------------------------------------------------------------------------------------
+def _check_weight(q, scale, op, device):
+    check_tensor(q, "q", dtype=torch.int8, ndim=2, device=device, op=op)
+    if not q.is_contiguous():
+        raise ValueError(f"{op}: q must be contiguous (row-major int8 codes), got strides {q.stride()}; call .contiguous()")
+    check_tensor(scale, "scale", dtype=torch.float16, ndim=1, device=device, op=op)
+    if scale.shape[0] != q.shape[0]:
+        raise ValueError(f"{op}: scale must have shape ({q.shape[0]},) = (q.shape[0],), got {tuple(scale.shape)}")
+    if scale.stride(0) != 1:
+        raise ValueError(f"{op}: scale must be contiguous, got stride {scale.stride()}")
+
+
+def _check_fwd(x, q, scale, bias, op="int6_linear"):
+    check_tensor(x, "x", dtype=_ACT_DTYPES, op=op)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-dim tensor")
+    _check_weight(q, scale, op, x.device)
+    if x.shape[-1] != q.shape[1]:
+        raise ValueError(f"{op}: x's last dim must equal K = q.shape[1] = {q.shape[1]}, got x of shape {tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", dtype=x.dtype, ndim=1, device=x.device, op=op)
+        if bias.shape[0] != q.shape[0]:
+            raise ValueError(f"{op}: bias must have shape ({q.shape[0]},) = (N,), got {tuple(bias.shape)}")
+
+
+def _check_dx(dy, q, scale, op="int6_linear_dx"):
+    check_tensor(dy, "dy", dtype=_ACT_DTYPES, op=op)
+    if dy.dim() < 1:
+        raise ValueError(f"{op}: dy must have at least 1 dimension (..., N)")
+    _check_weight(q, scale, op, dy.device)
+    if dy.shape[-1] != q.shape[0]:
+        raise ValueError(f"{op}: dy's last dim must equal N = q.shape[0] = {q.shape[0]}, got dy of shape {tuple(dy.shape)}")
+
+
+def _rows(t, last):
+    t2 = t.reshape(-1, last)
+    if t2.shape[0] > 0 and (t2.stride(1) != 1 or t2.stride(0) < last):
+        t2 = t2.contiguous()
+    return t2
+
+
+# ---------------------------------------------------------------------------------------------
+# custom ops
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("pgolf::int6_linear", mutates_args=())
+def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    _check_fwd(x, q, scale, bias)
+    N, K = q.shape
+    x2 = _rows(x, K)
+    out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
+    if x2.shape[0] > 0:
+        if use_triton(x2):
+            _launch_fwd(x2, q, scale, bias, out)
+        else:
+            out.copy_(int6_linear_ref(x2, q, scale, bias))
+    return out.reshape(*x.shape[:-1], N)
+
+
+@_int6_linear_op.register_fake
+def _(x, q, scale, bias):
+    return x.new_empty((*x.shape[:-1], q.shape[0]))
+
+
+@torch.library.custom_op("pgolf::int6_linear_dx", mutates_args=())
+def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    _check_dx(dy, q, scale)
+    N, K = q.shape
+    dy2 = _rows(dy, N)
+    out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
+    if dy2.shape[0] > 0:
+        if use_triton(dy2):
+            _launch_dx(dy2, q, scale, out)
+        else:
+            out.copy_(int6_linear_dx_ref(dy2, q, scale))
+    return out.reshape(*dy.shape[:-1], K)
+
+
+@_int6_linear_dx_op.register_fake
+def _(dy, q, scale):
+    return dy.new_empty((*dy.shape[:-1], q.shape[1]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, q, scale, bias = inputs
+    ctx.save_for_backward(q, scale)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, dy):
+    q, scale = ctx.saved_tensors
+    dx = _int6_linear_dx_op(dy, q, scale) if ctx.needs_input_grad[0] else None
+    dbias = None
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
+    return dx, None, None, dbias
+
+
+_int6_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# public functions
+# ---------------------------------------------------------------------------------------------
+def _check_bits(bits, op):
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{op}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+
+
+def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -> torch.Tensor:
+    """``y = x @ (q * scale[:, None])^T (+ bias)`` from int8 codes, without a bf16 copy of W.
+
+    x: (..., K) bf16/fp16/fp32; q: int8 (N, K) contiguous codes; scale: fp16 (N,); bias: (N,) in
+    x's dtype or None. Returns (..., N) in x's dtype. Differentiable in x (dx = dy @ bf16(q*s), its
+    own kernel) and bias (sum of dy); q and scale are frozen (a scale that requires grad is an
+    error; int8 q cannot require grad). ``validate=True`` also checks that the codes lie in
+    ``quant.code_range(bits)`` (one reduction over q: a debug call, off by default).
+    """
+    op = "int6_linear"
+    _check_bits(bits, op)
+    _check_fwd(x, q, scale, bias, op)
+    if q.requires_grad:  # unreachable for int8 today; kept so a future float-code path stays frozen
+        raise ValueError(f"{op}: q (integer codes) cannot receive a gradient; pass q.detach()")
+    if scale.requires_grad:
+        raise ValueError(f"{op}: scale is a frozen quantization parameter and gets no gradient; pass scale.detach()")
+    if validate:
+        validate_codes(q, bits, name="q", op=op)
+    return _int6_linear_op(x, q, scale, bias)
+
+
+def int6_linear_dx(dy, q, scale) -> torch.Tensor:
+    """``dx = dy @ bf16(q * scale[:, None])``: dy (..., N) -> dx (..., K) in dy's dtype."""
+    _check_dx(dy, q, scale)
+    return _int6_linear_dx_op(dy, q, scale)
+
+
+# ---------------------------------------------------------------------------------------------
+# module
+# ---------------------------------------------------------------------------------------------
+class Int6Linear(nn.Module):
+    """Linear layer with frozen int-k codes: ``y = int6_linear(x, q, scale, bias)``.
+
+    Buffers ``q`` (int8, (out, in)) and ``scale`` (fp16, (out,)) are saved in the state_dict;
+    ``bias`` (optional) is an ordinary parameter, cast to x's dtype in forward.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 6, device=None):
+        super().__init__()
+        _check_bits(bits, "Int6Linear")
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.bits = bits
+        self.register_buffer("q", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float16, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, device=device))
+        else:
+            self.register_parameter("bias", None)
+
+    @classmethod
+    def from_codes(cls, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor] = None, bits: int = 6) -> "Int6Linear":
+        _check_weight(q, scale, "Int6Linear.from_codes", q.device)
+        validate_codes(q, bits, name="q", op="Int6Linear.from_codes")
+        m = cls(q.shape[1], q.shape[0], bias=bias is not None, bits=bits, device=q.device)
+        m.q.copy_(q)
+        m.scale.copy_(scale)
+        if bias is not None:
+            m.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+        return m
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, bits: int = 6, clip: str = "search") -> "Int6Linear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Int6Linear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        qt = quantize_rows(linear.weight.detach(), bits=bits, clip=clip)
+        return cls.from_codes(qt.q, qt.scale, linear.bias, bits=bits)
+
+    @classmethod
+    def from_qtensor(cls, qt: QTensor, bias: Optional[torch.Tensor] = None) -> "Int6Linear":
+        return cls.from_codes(qt.q, qt.scale, bias, bits=qt.bits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.bias
+        if b is not None and b.dtype != x.dtype:
+            b = b.to(x.dtype)
+        return int6_linear(x, self.q, self.scale, b, self.bits)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, bits={self.bits}"
+
+
+def convert_linears_to_int6(model: nn.Module, filter=None, bits: int = 6, clip: str = "search") -> nn.Module:
+    """Replace (in place) every ``nn.Linear`` (subclasses included) for which ``filter(name, module)``
+    is true (default: all) with ``Int6Linear.from_linear``; other modules are left untouched.
+    Returns ``model``."""
+    _check_bits(bits, "convert_linears_to_int6")
+    targets = []
+    for name, mod in model.named_modules():
+        for cname, child in mod.named_children():
+            full = f"{name}.{cname}" if name else cname
+            if isinstance(child, nn.Linear) and (filter is None or filter(full, child)):
+                targets.append((mod, cname, child))
+    for parent, cname, child in targets:
+        setattr(parent, cname, Int6Linear.from_linear(child, bits=bits, clip=clip))
+    return model

@@ -62,7 +62,6 @@ from ._utils import cdiv, check, check_tensor, use_triton
 
 _OP = "multi_lora_linear"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
-_ADAPTER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 # Test hook: how the op allocates the buffers its kernels must fully overwrite (tests swap in a NaN-filling one).
@@ -84,8 +83,9 @@ def _dense_weight(base, dtype: torch.dtype) -> Tensor:
     return base.to(dtype)
 
 
-def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: bool):
-    check_tensor(x, "x", dtype=_FLOAT, ndim=3, op=_OP)
+def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: bool, allow_fp64: bool = False):
+    fl = _FLOAT + (torch.float64,) if allow_fp64 else _FLOAT
+    check_tensor(x, "x", dtype=fl, ndim=3, op=_OP)
     Bsz, T, d = x.shape
     for name, lst in (("bases", bases), ("As", As), ("Bs", Bs)):
         if not isinstance(lst, (list, tuple)):
@@ -100,7 +100,7 @@ def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: boo
     for i, (base, A, Bm) in enumerate(zip(bases, As, Bs)):
         if _is_quant(base):
             check_tensor(base.q, f"bases[{i}].q", dtype=torch.int8, ndim=2, device=x.device, op=_OP)
-            check_tensor(base.scale, f"bases[{i}].scale", dtype=_FLOAT, ndim=1, device=x.device, op=_OP)
+            check_tensor(base.scale, f"bases[{i}].scale", dtype=fl, ndim=1, device=x.device, op=_OP)
             N, dw = base.q.shape
             check(base.scale.shape[0] == N,
                   f"{_OP}: bases[{i}].scale must have shape ({N},) (one scale per output row), got {tuple(base.scale.shape)}")
@@ -109,8 +109,8 @@ def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: boo
             N, dw = base.shape
         check(dw == d, f"{_OP}: bases[{i}] has in_features {dw} but x has d = {d} (expected shape (out_{i}, {d}))")
         check(N >= 1, f"{_OP}: bases[{i}] has no output rows")
-        check_tensor(A, f"As[{i}]", dtype=_ADAPTER_DTYPES, ndim=3, device=x.device, op=_OP)
-        check_tensor(Bm, f"Bs[{i}]", dtype=_ADAPTER_DTYPES, ndim=3, device=x.device, op=_OP)
+        check_tensor(A, f"As[{i}]", dtype=fl, ndim=3, device=x.device, op=_OP)
+        check_tensor(Bm, f"Bs[{i}]", dtype=fl, ndim=3, device=x.device, op=_OP)
         if adt is None:
             adt = A.dtype
         check(A.dtype == adt and Bm.dtype == adt,
@@ -168,9 +168,10 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
     "torch's own low-precision path" (adapters cast to the activation dtype, as an eager model does), and
     ``compute_dtype=torch.float64`` gives the high-precision oracle. Output dtype is always x.dtype unless
     compute_dtype is wider, in which case outputs stay in compute_dtype. ``deterministic`` is accepted for
-    signature parity (torch's path here is deterministic on its own).
+    signature parity (torch's path here is deterministic on its own). Unlike the fused op, float64 inputs are
+    accepted (that is the oracle).
     """
-    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values)
+    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values, allow_fp64=True)
     cd = x.dtype if compute_dtype is None else compute_dtype
     out_dtype = cd if compute_dtype is not None else x.dtype
     Bsz, T, d = x.shape
@@ -223,9 +224,135 @@ def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, ada
 
 
 def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic) -> List[Tensor]:
-    # Placeholder until the Triton path lands: the reference (keeps the API usable for the eval driver).
-    return multi_lora_linear_ref(x, bases, As, Bs, alpha=alpha, lengths=lengths, adapter_index=adapter_index,
-                                 check_values=False)
+    # One custom-op call per base kind (dense or quantized: the kernel's W pointer has one element type).
+    kinds = [_is_quant(b) for b in bases]
+    outs: List[Optional[Tensor]] = [None] * len(bases)
+    for quant in (False, True):
+        idx = [i for i, k in enumerate(kinds) if k == quant]
+        if not idx:
+            continue
+        ws = [bases[i].q if quant else bases[i] for i in idx]
+        scales = [bases[i].scale for i in idx] if quant else []
+        ys = _fwd_op(x, ws, scales, [As[i] for i in idx], [Bs[i] for i in idx], alpha, lengths, adapter_index,
+                     deterministic)
+        for i, y in zip(idx, ys):
+            outs[i] = y
+    return outs  # type: ignore[return-value]
+
+
+def _groups(n: int):
+    from .lora_triton import MAX_SLICES
+
+    return [list(range(i, min(n, i + MAX_SLICES))) for i in range(0, n, MAX_SLICES)]
+
+
+def _grad_rows(x, As, adapter_index, deterministic) -> Tuple[int, bool]:
+    """(rows of the fp32 grad buffers, whether the kernel adds straight into adapter rows)."""
+    if adapter_index is not None and deterministic:
+        return x.shape[0], False   # per-batch-row grads, reduced in a fixed order afterwards
+    return As[0].shape[0], True
+
+
+def _flat_sizes(x, ws, As, rows):
+    d = x.shape[2]
+    sizes = []
+    for w, A in zip(ws, As):
+        r = A.shape[1]
+        sizes += [rows * r * d, rows * w.shape[0] * r]
+    return sizes
+
+
+@torch.library.custom_op("pgolf::multi_lora_fwd", mutates_args=())
+def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
+            lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool) -> List[Tensor]:
+    from . import lora_triton as K
+
+    x = x.contiguous()
+    Bsz, T, _ = x.shape
+    outs = [_alloc((Bsz, T, w.shape[0]), dtype=x.dtype, device=x.device) for w in ws]
+    for g in _groups(len(ws)):
+        K.lora_fwd(x, [ws[i].contiguous() for i in g], [scales[i].contiguous() for i in g] if scales else [],
+                   [As[i].contiguous() for i in g], [Bs[i].contiguous() for i in g], alpha, lengths, adapter_index,
+                   [outs[i] for i in g])
+    return outs
+
+
+@_fwd_op.register_fake
+def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic):
+    return [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
+
+
+@torch.library.custom_op("pgolf::multi_lora_bwd", mutates_args=())
+def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
+            Bs: List[Tensor], alpha: float, lengths: Optional[Tensor], adapter_index: Optional[Tensor],
+            deterministic: bool, need_dx: bool) -> Tuple[Tensor, Tensor]:
+    """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ...] of grad rows)."""
+    from . import lora_triton as K
+
+    x = x.contiguous()
+    rows, by_index = _grad_rows(x, As, adapter_index, deterministic)
+    sizes = _flat_sizes(x, ws, As, rows)
+    flat = torch.zeros(sum(sizes), dtype=torch.float32, device=x.device)   # one memset for every grad buffer
+    parts = flat.split(sizes)
+    d = x.shape[2]
+    dAs = [parts[2 * i].view(rows, A.shape[1], d) for i, A in enumerate(As)]
+    dBs = [parts[2 * i + 1].view(rows, w.shape[0], A.shape[1]) for i, (w, A) in enumerate(zip(ws, As))]
+    dx = _alloc(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    for gi, g in enumerate(_groups(len(ws))):
+        dxg = None
+        if need_dx:
+            dxg = dx if gi == 0 else torch.empty_like(dx)
+        K.lora_bwd(x, [dys[i].to(x.dtype).contiguous() for i in g], [ws[i].contiguous() for i in g],
+                   [scales[i].contiguous() for i in g] if scales else [], [As[i].contiguous() for i in g],
+                   [Bs[i].contiguous() for i in g], alpha, lengths, adapter_index, [dAs[i] for i in g],
+                   [dBs[i] for i in g], dxg, deterministic, by_index)
+        if need_dx and gi > 0:
+            dx.add_(dxg)
+    return dx, flat
+
+
+@_bwd_op.register_fake
+def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx):
+    rows, _ = _grad_rows(x, As, adapter_index, deterministic)
+    dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
+    return dx, x.new_empty((sum(_flat_sizes(x, ws, As, rows)),), dtype=torch.float32)
+
+
+def _fwd_setup(ctx, inputs, output):
+    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic = inputs
+    ctx.ns, ctx.nscale = len(ws), len(scales)
+    ctx.alpha, ctx.deterministic = alpha, deterministic
+    ctx.need_dx = bool(ctx.needs_input_grad[0])
+    ctx.save_for_backward(x, lengths, adapter_index, *ws, *scales, *As, *Bs)
+
+
+def _fwd_backward(ctx, dys):
+    x, lengths, adapter_index, *rest = ctx.saved_tensors
+    ns, nsc = ctx.ns, ctx.nscale
+    ws, scales = rest[:ns], rest[ns:ns + nsc]
+    As, Bs = rest[ns + nsc:2 * ns + nsc], rest[2 * ns + nsc:]
+    dys = [x.new_zeros((x.shape[0], x.shape[1], w.shape[0])) if g is None else g for g, w in zip(dys, ws)]
+    dx, flat = _bwd_op(x, dys, list(ws), list(scales), list(As), list(Bs), ctx.alpha, lengths, adapter_index,
+                       ctx.deterministic, ctx.need_dx)
+    rows, by_index = _grad_rows(x, As, adapter_index, ctx.deterministic)
+    parts = flat.split(_flat_sizes(x, ws, As, rows))
+    d = x.shape[2]
+    dAs, dBs = [], []
+    for i, (w, A, Bm) in enumerate(zip(ws, As, Bs)):
+        gA = parts[2 * i].view(rows, A.shape[1], d)
+        gB = parts[2 * i + 1].view(rows, w.shape[0], A.shape[1])
+        if not by_index:
+            # deterministic reduction of per-row grads onto adapters: a one-hot matmul in fp64 (cuBLAS fp64 is
+            # deterministic, and fp64 sums of <= B fp32 terms do not depend on order at fp32 output precision)
+            onehot = F.one_hot(adapter_index.to(torch.int64), A.shape[0]).to(torch.float64).t()   # (n, B)
+            gA = (onehot @ gA.reshape(rows, -1).double()).view(A.shape)
+            gB = (onehot @ gB.reshape(rows, -1).double()).view(Bm.shape)
+        dAs.append(gA.to(A.dtype))
+        dBs.append(gB.to(Bm.dtype))
+    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None
+
+
+_fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 
 
 # ----------------------------------------------------------------------------------------------------------------

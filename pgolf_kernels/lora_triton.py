@@ -1,0 +1,304 @@
+"""Triton kernels behind ``pgolf_kernels.lora.multi_lora_linear`` (math and design: see that module's docstring).
+
+Up to ``MAX_SLICES`` slices go into one launch: the slice's pointers/sizes are separate kernel arguments and each
+slice's tile body is inlined behind a branch on the program's tile index (forward) or a compile-time unrolled loop
+(backward), so Q and V of one layer are one forward launch and one backward launch.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import cdiv, interpret_mode
+
+MAX_SLICES = 4
+
+
+def _rpad(r: int) -> int:
+    # tl.dot needs every tile dim a power of two and >= 16; ranks 1..128 pad to 16..128, masked.
+    return max(16, triton.next_power_of_2(r))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# forward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _fwd_tile(X, Y, W, S, A, Bm, b, a, L, t0, nt, T, D, N, R, alpha,
+              HAS_SCALE: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+              IP: tl.constexpr):
+    offs_t = t0 + tl.arange(0, BT)
+    offs_n = nt * BN + tl.arange(0, BN)
+    offs_r = tl.arange(0, RP)
+    offs_k = tl.arange(0, BK)
+    tmask = offs_t < T
+    nmask = offs_n < N
+    rmask = offs_r < R
+    rows = b.to(tl.int64) * T + offs_t                       # int64: B*T*N_i can pass 2^31 for an LM-head slice
+    arow = a.to(tl.int64) * R + offs_r
+    dt = X.dtype.element_ty
+    acc = tl.zeros((BT, BN), dtype=tl.float32)
+    u = tl.zeros((BT, RP), dtype=tl.float32)
+    for k0 in range(0, D, BK):
+        kk = k0 + offs_k
+        kmask = kk < D
+        xb = tl.load(X + rows[:, None] * D + kk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+        wb = tl.load(W + offs_n[:, None].to(tl.int64) * D + kk[None, :], mask=nmask[:, None] & kmask[None, :],
+                     other=0).to(dt)                         # int8 codes are exact in fp16/bf16 (|q| <= 128)
+        ab = tl.load(A + arow[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0).to(dt)
+        acc = tl.dot(xb, tl.trans(wb), acc, input_precision=IP)
+        u = tl.dot(xb, tl.trans(ab), u, input_precision=IP)   # the shrink rides on the same x tile
+    if HAS_SCALE:
+        s = tl.load(S + offs_n, mask=nmask, other=0.0).to(tl.float32)
+        acc = acc * s[None, :]
+    u = tl.where((offs_t < L)[:, None], u * alpha, 0.0)      # padded rows: no LoRA delta
+    bb = tl.load(Bm + (a.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :],
+                 mask=nmask[:, None] & rmask[None, :], other=0.0).to(dt)
+    acc = tl.dot(u.to(dt), tl.trans(bb), acc, input_precision=IP)   # the expand, in the epilogue
+    tl.store(Y + rows[:, None] * N + offs_n[None, :], acc.to(Y.dtype.element_ty),
+             mask=tmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _fwd_kernel(X, LEN, IDX,
+                Y0, W0, S0, A0, B0, N0, R0,
+                Y1, W1, S1, A1, B1, N1, R1,
+                Y2, W2, S2, A2, B2, N2, R2,
+                Y3, W3, S3, A3, B3, N3, R3,
+                C1, C2, C3, T, D, n_adapters, NT, TT, alpha,
+                NS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_IDX: tl.constexpr,
+                BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IP: tl.constexpr):
+    # program -> (b, T-tile, N-tile); N-tiles fastest so the programs sharing an x tile run together (L2 reuse)
+    pid = tl.program_id(0)
+    nt = pid % NT
+    rest = pid // NT
+    t0 = (rest % TT) * BT
+    b = rest // TT
+    if HAS_IDX:
+        a = tl.minimum(tl.maximum(tl.load(IDX + b).to(tl.int32), 0), n_adapters - 1)  # clamp: stay in bounds
+    else:
+        a = b
+    if HAS_LEN:
+        L = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32), 0), T)
+    else:
+        L = T
+    if nt < C1:
+        _fwd_tile(X, Y0, W0, S0, A0, B0, b, a, L, t0, nt, T, D, N0, R0, alpha, HAS_SCALE, BT, BN, BK, RP, IP)
+    if NS > 1:
+        if (nt >= C1) & (nt < C2):
+            _fwd_tile(X, Y1, W1, S1, A1, B1, b, a, L, t0, nt - C1, T, D, N1, R1, alpha, HAS_SCALE, BT, BN, BK, RP, IP)
+    if NS > 2:
+        if (nt >= C2) & (nt < C3):
+            _fwd_tile(X, Y2, W2, S2, A2, B2, b, a, L, t0, nt - C2, T, D, N2, R2, alpha, HAS_SCALE, BT, BN, BK, RP, IP)
+    if NS > 3:
+        if nt >= C3:
+            _fwd_tile(X, Y3, W3, S3, A3, B3, b, a, L, t0, nt - C3, T, D, N3, R3, alpha, HAS_SCALE, BT, BN, BK, RP, IP)
+
+
+def _fwd_config(T: int, RP: int):
+    if interpret_mode():
+        # small tiles so the CPU tests cross tile and mask boundaries at tiny shapes
+        return dict(BT=16, BN=32, BK=32), dict()
+    BT = 128 if T > 64 else 64
+    # 3 stages of (x 16 KB + W 16 KB + A RP*64*4 B) fit in 227 KB smem up to RP=32; RP=64/128 drop to 2
+    return dict(BT=BT, BN=128, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
+
+
+def _ip(x: torch.Tensor) -> str:
+    # fp32 activations get IEEE fp32 dots (users asking for fp32 expect fp32 accuracy); 16-bit inputs ignore this
+    return "ieee" if x.dtype == torch.float32 else "tf32"
+
+
+def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: List[torch.Tensor]) -> None:
+    """Write y_i into ``outs[i]`` (contiguous (B, T, N_i)) for a group of <= MAX_SLICES slices of one base kind."""
+    ns = len(ws)
+    assert 1 <= ns <= MAX_SLICES
+    Bsz, T, D = x.shape
+    if Bsz == 0 or T == 0:
+        return
+    RP = _rpad(max(A.shape[1] for A in As))
+    meta, launch = _fwd_config(T, RP)
+    BT, BN = meta["BT"], meta["BN"]
+    TT = cdiv(T, BT)
+    tiles = [cdiv(w.shape[0], BN) for w in ws]
+    cum = [sum(tiles[:i + 1]) for i in range(ns)]
+    NT = cum[-1]
+    C = (cum + [NT] * MAX_SLICES)[:MAX_SLICES]
+    has_scale = len(scales) > 0
+    args = []
+    for i in range(MAX_SLICES):
+        j = min(i, ns - 1)   # unused slots repeat the last slice (never executed: NS is constexpr)
+        args += [outs[j], ws[j], scales[j] if has_scale else x, As[j], Bs[j], ws[j].shape[0], As[j].shape[1]]
+    grid = (Bsz * TT * NT,)
+    _fwd_kernel[grid](x, lengths if lengths is not None else x, adapter_index if adapter_index is not None else x,
+                      *args, C[0], C[1], C[2], T, D, As[0].shape[0], NT, TT, float(alpha),
+                      NS=ns, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
+                      RP=RP, IP=_ip(x), **meta, **launch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backward
+# ----------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _bwd_slice(acc, X, DY, W, S, A, Bm, DA, DB, b, a, ga, t0, L, pid_d, T, D, N, R, alpha,
+               HAS_SCALE: tl.constexpr, COMPUTE_DX: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+               BD: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IP: tl.constexpr):
+    offs_t = t0 + tl.arange(0, BT)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    offs_r = tl.arange(0, RP)
+    offs_k = tl.arange(0, BK)
+    tmask = offs_t < T
+    valid = offs_t < L                      # L <= T, so valid rows are in range
+    dmask = offs_d < D
+    rmask = offs_r < R
+    rows = b.to(tl.int64) * T + offs_t
+    arow = a.to(tl.int64) * R + offs_r
+    dt = X.dtype.element_ty
+    has_lora = t0 < L                       # whole tile padded -> no adapter work at all
+    do_db = (pid_d == 0) & has_lora         # dB is the d-tile-0 program's job (each dB element: one owner)
+    u = tl.zeros((BT, RP), dtype=tl.float32)
+    if do_db:
+        # u = m * alpha * x A_a^T, recomputed (x rows are in L2: the other d-tile programs read them for dA)
+        for k0 in range(0, D, BK):
+            kk = k0 + offs_k
+            kmask = kk < D
+            xb = tl.load(X + rows[:, None] * D + kk[None, :], mask=tmask[:, None] & kmask[None, :], other=0.0)
+            ab = tl.load(A + arow[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :],
+                         other=0.0).to(dt)
+            u = tl.dot(xb, tl.trans(ab), u, input_precision=IP)
+        u = tl.where(valid[:, None], u * alpha, 0.0)
+    u_lp = u.to(dt)
+    g = tl.zeros((BT, RP), dtype=tl.float32)
+    for n0 in range(0, N, BN):
+        offs_n = n0 + tl.arange(0, BN)
+        nmask = offs_n < N
+        dyb = tl.load(DY + rows[:, None] * N + offs_n[None, :], mask=tmask[:, None] & nmask[None, :], other=0.0)
+        if COMPUTE_DX:
+            wb = tl.load(W + offs_n[:, None].to(tl.int64) * D + offs_d[None, :], mask=nmask[:, None] & dmask[None, :],
+                         other=0)
+            if HAS_SCALE:
+                # int6: the row scale is per *reduction* row here; dequantize the (BN x BD) tile (fp32 -> dt once)
+                s = tl.load(S + offs_n, mask=nmask, other=0.0).to(tl.float32)
+                wb = wb.to(tl.float32) * s[:, None]
+            acc = tl.dot(dyb, wb.to(dt), acc, input_precision=IP)
+        bb = tl.load(Bm + (a.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :],
+                     mask=nmask[:, None] & rmask[None, :], other=0.0).to(dt)
+        g = tl.dot(dyb, bb, g, input_precision=IP)               # shrink gradient from the same dy tile
+        if do_db:
+            dbp = tl.dot(tl.trans(dyb), u_lp, input_precision=IP)  # (BN, RP) = alpha dy^T u
+            tl.atomic_add(DB + (ga.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :], dbp,
+                          mask=nmask[:, None] & rmask[None, :], sem="relaxed")
+    if has_lora:
+        g = tl.where(valid[:, None], g * alpha, 0.0)
+        g_lp = g.to(dt)
+        if COMPUTE_DX:
+            ab = tl.load(A + arow[:, None] * D + offs_d[None, :], mask=rmask[:, None] & dmask[None, :],
+                         other=0.0).to(dt)
+            acc = tl.dot(g_lp, ab, acc, input_precision=IP)
+        xb = tl.load(X + rows[:, None] * D + offs_d[None, :], mask=tmask[:, None] & dmask[None, :], other=0.0)
+        dap = tl.dot(tl.trans(g_lp), xb, input_precision=IP)    # (RP, BD) = alpha g^T x
+        tl.atomic_add(DA + (ga.to(tl.int64) * R + offs_r)[:, None] * D + offs_d[None, :], dap,
+                      mask=rmask[:, None] & dmask[None, :], sem="relaxed")
+    return acc
+
+
+@triton.jit
+def _bwd_kernel(X, DX, LEN, IDX,
+                DY0, W0, S0, A0, B0, DA0, DB0, N0, R0,
+                DY1, W1, S1, A1, B1, DA1, DB1, N1, R1,
+                DY2, W2, S2, A2, B2, DA2, DB2, N2, R2,
+                DY3, W3, S3, A3, B3, DA3, DB3, N3, R3,
+                T, D, n_adapters, TT, TSPLIT, DT, alpha,
+                NS: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_LEN: tl.constexpr, HAS_IDX: tl.constexpr,
+                GRAD_IDX: tl.constexpr, COMPUTE_DX: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
+                BD: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IP: tl.constexpr):
+    # program -> (b, T-split, d-tile); d-tiles fastest: the DT programs of one document stream the same dy tiles
+    pid = tl.program_id(0)
+    pid_d = pid % DT
+    rest = pid // DT
+    ts = rest % TSPLIT
+    b = rest // TSPLIT
+    if HAS_IDX:
+        a = tl.minimum(tl.maximum(tl.load(IDX + b).to(tl.int32), 0), n_adapters - 1)
+    else:
+        a = b
+    if GRAD_IDX:
+        ga = a        # grads go straight to the adapter's rows (atomics from every row that uses it)
+    else:
+        ga = b        # per-batch-row grad rows (deterministic mode with adapter_index; reduced afterwards)
+    if HAS_LEN:
+        L = tl.minimum(tl.maximum(tl.load(LEN + b).to(tl.int32), 0), T)
+    else:
+        L = T
+    per = tl.cdiv(TT, TSPLIT)
+    tt_end = tl.minimum(ts * per + per, TT)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    for tt in range(ts * per, tt_end):
+        t0 = tt * BT
+        acc = tl.zeros((BT, BD), dtype=tl.float32)
+        acc = _bwd_slice(acc, X, DY0, W0, S0, A0, B0, DA0, DB0, b, a, ga, t0, L, pid_d, T, D, N0, R0, alpha,
+                         HAS_SCALE, COMPUTE_DX, BT, BN, BD, BK, RP, IP)
+        if NS > 1:
+            acc = _bwd_slice(acc, X, DY1, W1, S1, A1, B1, DA1, DB1, b, a, ga, t0, L, pid_d, T, D, N1, R1, alpha,
+                             HAS_SCALE, COMPUTE_DX, BT, BN, BD, BK, RP, IP)
+        if NS > 2:
+            acc = _bwd_slice(acc, X, DY2, W2, S2, A2, B2, DA2, DB2, b, a, ga, t0, L, pid_d, T, D, N2, R2, alpha,
+                             HAS_SCALE, COMPUTE_DX, BT, BN, BD, BK, RP, IP)
+        if NS > 3:
+            acc = _bwd_slice(acc, X, DY3, W3, S3, A3, B3, DA3, DB3, b, a, ga, t0, L, pid_d, T, D, N3, R3, alpha,
+                             HAS_SCALE, COMPUTE_DX, BT, BN, BD, BK, RP, IP)
+        if COMPUTE_DX:
+            offs_t = t0 + tl.arange(0, BT)
+            rows = b.to(tl.int64) * T + offs_t
+            tl.store(DX + rows[:, None] * D + offs_d[None, :], acc.to(DX.dtype.element_ty),
+                     mask=(offs_t < T)[:, None] & (offs_d < D)[None, :])
+
+
+def _bwd_config(T: int, RP: int):
+    if interpret_mode():
+        return dict(BT=16, BN=32, BD=32, BK=32), dict()
+    BT = 64 if T > 32 else 32
+    # acc (BT x 128) + g + u (BT x RP) + the dB tile (BN x RP) in fp32 registers: at RP >= 64 halve BN to stay
+    # under the 255-register cap with 4 warps
+    BN = 128 if RP <= 32 else 64
+    return dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=4, num_stages=2)
+
+
+def _num_sms(dev: torch.device) -> int:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_properties(dev).multi_processor_count
+    return 4   # interpreter: a small "machine" so CPU tests exercise the T-split path
+
+
+def lora_bwd(x, dys, ws, scales, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs, dx: Optional[torch.Tensor],
+             deterministic: bool, grad_by_index: bool) -> None:
+    """Accumulate alpha-scaled adapter grads into the zeroed fp32 ``dAs``/``dBs`` and write ``dx`` (if not None)."""
+    ns = len(ws)
+    assert 1 <= ns <= MAX_SLICES
+    Bsz, T, D = x.shape
+    if Bsz == 0 or T == 0:
+        return
+    RP = _rpad(max(A.shape[1] for A in As))
+    meta, launch = _bwd_config(T, RP)
+    BT, BD = meta["BT"], meta["BD"]
+    TT = cdiv(T, BT)
+    DT = cdiv(D, BD)
+    if deterministic:
+        tsplit = 1   # each dA/dB element has exactly one writer program, adding in its fixed T order
+    else:
+        # aim at >= 2 programs per SM; B64 d512 already gives 256 programs -> no split on a 132-SM H100
+        tsplit = max(1, min(TT, cdiv(2 * _num_sms(x.device), Bsz * DT)))
+    has_scale = len(scales) > 0
+    args = []
+    for i in range(MAX_SLICES):
+        j = min(i, ns - 1)
+        args += [dys[j], ws[j], scales[j] if has_scale else x, As[j], Bs[j], dAs[j], dBs[j], ws[j].shape[0],
+                 As[j].shape[1]]
+    grid = (Bsz * tsplit * DT,)
+    _bwd_kernel[grid](x, dx if dx is not None else x, lengths if lengths is not None else x,
+                      adapter_index if adapter_index is not None else x,
+                      *args, T, D, As[0].shape[0], TT, tsplit, DT, float(alpha),
+                      NS=ns, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
+                      GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, RP=RP, IP=_ip(x), **meta, **launch)

@@ -1,0 +1,373 @@
+"""multi_lora_linear / BatchedLoRALinear: fused Triton kernels vs an fp64 autograd oracle.
+
+CPU lane: the kernels run under TRITON_INTERPRET=1 in fp16/fp32 at tiny awkward shapes (T = 1, 7, 63; r = 1, 3, 8;
+d and out not multiples of the interpreter's 32-wide tiles; padded rows and rows of length 0). Tolerance: the kernel's
+error vs the fp64 oracle must be <= 2x the error of torch's own low-precision path (the reference run in the
+activation dtype, adapters cast to it) vs the same oracle. Outputs are NaN-poisoned before the kernels write them.
+GPU lane: bf16 at the benchmark shapes, int6 base, compile(fullgraph) vs eager, CUDA-graph replay of
+forward + backward + Adam step.
+"""
+import math
+from collections import namedtuple
+
+import pytest
+import torch
+
+from pgolf_kernels import lora
+from pgolf_kernels.lora import BatchedLoRALinear, multi_lora_linear, multi_lora_linear_ref, zero_adam_state_
+from pgolf_kernels.testing import assert_close_rel, nan_empty
+
+QT = namedtuple("QT", "q scale bits")   # duck-typed stand-in for pgolf_kernels.quant.QTensor
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    # every buffer the kernels must fully overwrite (y_i, dx) starts as NaN
+    monkeypatch.setattr(lora, "_alloc", nan_empty)
+
+
+def _make(B, T, d, outs, r, dtype, device, *, n_adapters=None, quant=(), adapter_dtype=torch.float32, seed=None):
+    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % (2 ** 31))
+    n = n_adapters or B
+
+    def rnd(*s, scale=1.0):
+        return (torch.randn(*s, generator=g) * scale)
+
+    x = rnd(B, T, d).to(dtype).to(device)
+    bases = []
+    for i, o in enumerate(outs):
+        if i in quant:
+            q = torch.randint(-31, 32, (o, d), generator=g, dtype=torch.int8)
+            s = (torch.rand(o, generator=g) * 0.5 + 0.5) / (31 * math.sqrt(d))
+            bases.append(QT(q.to(device), s.to(torch.float16).to(device), 6))
+        else:
+            bases.append(rnd(o, d, scale=d ** -0.5).to(dtype).to(device))
+    # B is random (not the zero init) so the LoRA path carries signal of the same order as the base
+    As = [rnd(n, r, d, scale=d ** -0.5).to(adapter_dtype).to(device) for _ in outs]
+    Bs = [rnd(n, o, r, scale=r ** -0.5).to(adapter_dtype).to(device) for o in outs]
+    return x, bases, As, Bs
+
+
+def _to64(bases):
+    out = []
+    for b in bases:
+        if isinstance(b, QT):
+            out.append(QT(b.q, b.scale.double(), b.bits))
+        else:
+            out.append(b.double())
+    return out
+
+
+def _run(fn, x, bases, As, Bs, dys=None, **kw):
+    x = x.detach().requires_grad_()
+    As = [a.detach().requires_grad_() for a in As]
+    Bs = [b.detach().requires_grad_() for b in Bs]
+    ys = fn(x, bases, As, Bs, **kw)
+    if dys is None:
+        dys = [torch.randn_like(y) for y in ys]
+    grads = torch.autograd.grad(ys, [x, *As, *Bs], [d.to(y.dtype) for d, y in zip(dys, ys)])
+    return ys, list(grads), dys
+
+
+def _check_all(x, bases, As, Bs, **kw):
+    """Kernel vs fp64 oracle, bounded by 2x the error of torch's low-precision path; returns kernel results."""
+    ys, gk, dys = _run(multi_lora_linear, x, bases, As, Bs, **kw)
+    kw_ref = {k: v for k, v in kw.items() if k != "deterministic"}
+    yb, gb, _ = _run(multi_lora_linear_ref, x, bases, As, Bs, dys=dys, **kw_ref)
+    yo, go, _ = _run(multi_lora_linear_ref, x.double(), _to64(bases), [a.double() for a in As],
+                     [b.double() for b in Bs], dys=[d.double() for d in dys], **kw_ref)
+    ns = len(bases)
+    names = [f"y{i}" for i in range(ns)] + ["dx"] + [f"dA{i}" for i in range(ns)] + [f"dB{i}" for i in range(ns)]
+    for name, k, b, o in zip(names, list(ys) + gk, list(yb) + gb, list(yo) + go):
+        assert k.dtype == b.dtype, f"{name}: dtype {k.dtype} != {b.dtype}"
+        assert_close_rel(k, o, b, name=name)
+    return ys, gk
+
+
+# ------------------------------------------------------------------------------------------------ CPU lane + GPU lane
+@pytest.mark.parametrize("T,r,lens", [(1, 1, None), (7, 3, [7, 0, 3]), (63, 8, [63, 17, 0]), (63, 3, None)],
+                         ids=["T1-r1", "T7-r3-len", "T63-r8-len", "T63-r3"])
+def test_forward_backward_matches_oracle(device, act_dtype, T, r, lens):
+    B, d, outs = 3, 40, [40, 24]   # d and out cross the 32-wide interpreter tiles with a ragged edge
+    x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device)
+    lengths = torch.tensor(lens, device=device) if lens is not None else None
+    _check_all(x, bases, As, Bs, alpha=0.7, lengths=lengths)
+
+
+def test_padding_semantics(device, act_dtype):
+    """Padded rows: y is exactly the base output, no adapter grads; a length-0 row's adapters get exactly zero."""
+    B, T, d, outs, r = 3, 20, 40, [40, 24], 3
+    x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device)
+    lengths = torch.tensor([20, 0, 5], device=device)
+    ys, g = _check_all(x, bases, As, Bs, lengths=lengths)
+    y0 = multi_lora_linear(x, bases, As, [torch.zeros_like(b) for b in Bs])   # LoRA off: base only
+    for y, yb in zip(ys, y0):
+        assert torch.equal(y[1], yb[1]), "length-0 row must be pure base output"
+        assert torch.equal(y[2, 5:], yb[2, 5:]), "padded tail must be pure base output"
+        assert not torch.equal(y[2, :5], yb[2, :5]), "valid rows must carry the LoRA delta"
+    dA, dB = g[1:1 + len(outs)], g[1 + len(outs):]
+    for t in dA + dB:
+        assert torch.count_nonzero(t[1]) == 0, "adapter of a length-0 row must get zero grads"
+        assert torch.count_nonzero(t[0]) > 0
+
+
+def test_padded_rows_do_not_leak_into_grads(device):
+    """Changing x and dy in padded positions changes nothing but the base part of dx there."""
+    B, T, d, outs, r = 2, 18, 40, [40], 3
+    x, bases, As, Bs = _make(B, T, d, outs, r, torch.float16, device)
+    lengths = torch.tensor([9, 18], device=device)
+    dys = [torch.randn(B, T, outs[0], device=device)]
+    _, g1, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, lengths=lengths)
+    x2, dys2 = x.clone(), [dys[0].clone()]
+    x2[0, 9:] = torch.randn_like(x2[0, 9:])
+    dys2[0][0, 9:] = torch.randn_like(dys2[0][0, 9:])
+    _, g2, _ = _run(multi_lora_linear, x2, bases, As, Bs, dys=dys2, lengths=lengths)
+    for a, b in zip(g1[1:], g2[1:]):
+        assert torch.equal(a, b)
+    assert torch.equal(g1[0][:, :9], g2[0][:, :9]) and torch.equal(g1[0][1], g2[0][1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_adapter_index(device, deterministic):
+    """Rows share adapters (duplicates in adapter_index); n_adapters > B; grads add up per adapter."""
+    B, T, d, outs, r = 4, 9, 40, [40, 24], 3
+    x, bases, As, Bs = _make(B, T, d, outs, r, torch.float16, device, n_adapters=5)
+    idx = torch.tensor([3, 0, 3, 1], device=device)
+    lengths = torch.tensor([9, 4, 0, 9], device=device)
+    _, g = _check_all(x, bases, As, Bs, adapter_index=idx, lengths=lengths, deterministic=deterministic)
+    for t in g[1:]:
+        assert torch.count_nonzero(t[2]) == 0 and torch.count_nonzero(t[4]) == 0   # unused adapters
+
+
+def test_deterministic_bitwise(device, act_dtype):
+    B, T, d, outs, r = 2, 63, 40, [40, 24], 8
+    x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device, seed=1)
+    dys = [torch.randn(B, T, o, device=device) for o in outs]
+    _, g1, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
+    _, g2, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+def test_int6_base_and_mixed_slices(device, act_dtype):
+    """Quantized (codes + row scale) and dense bases in one call; 5 slices = two kernel groups."""
+    B, T, d, r = 2, 7, 40, 3
+    outs = [40, 24, 32, 8, 16]
+    x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device, quant=(0, 3))
+    _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
+
+
+def test_fp32_activations_and_no_dx(device):
+    B, T, d, outs, r = 2, 7, 40, [24], 8
+    x, bases, As, Bs = _make(B, T, d, outs, r, torch.float32, device)
+    _check_all(x, bases, As, Bs)
+    # x without grad: the kernel skips dx; adapter grads unchanged
+    As_ = [a.clone().requires_grad_() for a in As]
+    Bs_ = [b.clone().requires_grad_() for b in Bs]
+    dy = torch.randn(B, T, outs[0], device=device)
+    ys = multi_lora_linear(x, bases, As_, Bs_)
+    gA, gB = torch.autograd.grad(ys, [As_[0], Bs_[0]], [dy])
+    _, g, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=[dy])
+    torch.testing.assert_close(gA, g[1], rtol=0, atol=0)
+    torch.testing.assert_close(gB, g[2], rtol=0, atol=0)
+
+
+def test_module_reset_and_adam_state(device):
+    torch.manual_seed(0)
+    n, d, outs, r = 4, 40, [40, 24], 3
+    m = BatchedLoRALinear(n, d, outs, r, alpha=0.5, device=device)
+    bound = 1 / math.sqrt(d)
+    for A, Bm in zip(m.A, m.B):
+        assert A.dtype == torch.float32 and A.abs().max() <= bound and A.std() > bound / 3
+        assert torch.count_nonzero(Bm) == 0
+    with torch.no_grad():
+        for Bm in m.B:
+            Bm.normal_()
+    x, bases, _, _ = _make(n, 7, d, outs, r, torch.float16, device)
+    ys = m(x, bases, lengths=torch.tensor([7, 7, 3, 0], device=device))
+    ref = multi_lora_linear_ref(x, bases, list(m.A), list(m.B), alpha=0.5,
+                                lengths=torch.tensor([7, 7, 3, 0], device=device))
+    for y, yr in zip(ys, ref):
+        assert_close_rel(y, yr.double(), yr, factor=1.0, floor=1e-2)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.9, 0.95))
+    sum(y.float().square().sum() for y in m(x, bases)).backward()
+    opt.step()
+    before_A = [A.detach().clone() for A in m.A]
+    before_B = [Bm.detach().clone() for Bm in m.B]
+    ptrs = [p.data_ptr() for p in m.parameters()]
+    m.reset(torch.tensor([1, 3], device=device))
+    m.reset(torch.tensor([False, False, False, True], device=device))
+    assert [p.data_ptr() for p in m.parameters()] == ptrs, "reset must be in place"
+    for A, Bm, A0, B0 in zip(m.A, m.B, before_A, before_B):
+        assert torch.equal(A[[0, 2]], A0[[0, 2]]) and torch.equal(Bm[[0, 2]], B0[[0, 2]])
+        assert torch.count_nonzero(Bm[[1, 3]]) == 0
+        assert not torch.equal(A[1], A0[1]) and A[[1, 3]].abs().max() <= bound
+    zero_adam_state_(opt, m.parameters(), rows=torch.tensor([1, 3], device=device))
+    for p in m.parameters():
+        st = opt.state[p]
+        assert torch.count_nonzero(st["exp_avg"][[1, 3]]) == 0 and torch.count_nonzero(st["exp_avg_sq"][[1, 3]]) == 0
+        assert torch.count_nonzero(st["exp_avg"][0]) > 0 and float(st["step"]) == 1
+    zero_adam_state_(opt, m.parameters(), rows=torch.tensor([True, False, False, False], device=device))
+    assert torch.count_nonzero(opt.state[m.A[0]]["exp_avg"][0]) == 0
+    zero_adam_state_(opt, m.parameters())
+    for p in m.parameters():
+        assert torch.count_nonzero(opt.state[p]["exp_avg_sq"]) == 0 and float(opt.state[p]["step"]) == 0
+    m.reset()
+    assert all(torch.count_nonzero(Bm) == 0 for Bm in m.B)
+
+
+def test_bad_inputs(device):
+    B, T, d, outs, r = 2, 5, 16, [16, 8], 2
+    x, bases, As, Bs = _make(B, T, d, outs, r, torch.float16, device)
+    f = multi_lora_linear
+    with pytest.raises(TypeError, match="x must have dtype"):
+        f(x.to(torch.int32), bases, As, Bs)
+    with pytest.raises(ValueError, match="x must have 3 dimensions"):
+        f(x[0], bases, As, Bs)
+    with pytest.raises(TypeError, match=r"bases\[1\] must have dtype float16"):
+        f(x, [bases[0], bases[1].float()], As, Bs)
+    with pytest.raises(ValueError, match=r"bases\[0\] has in_features 8 but x has d = 16"):
+        f(x, [bases[0][:, :8], bases[1]], As, Bs)
+    with pytest.raises(ValueError, match=r"As\[0\] has shape \(2, 2, 8\)"):
+        f(x, bases, [As[0][..., :8], As[1]], Bs)
+    with pytest.raises(ValueError, match=r"Bs\[1\] has shape .* expected \(n_adapters, out_1, r\)"):
+        f(x, bases, As, [Bs[0], Bs[1][..., :1]])
+    with pytest.raises(ValueError, match="As\\[0\\] has 1 adapters but x has B = 2"):
+        f(x, bases, [As[0][:1], As[1][:1]], [Bs[0][:1], Bs[1][:1]])
+    with pytest.raises(ValueError, match="rank r = 129"):
+        f(x, bases[:1], [torch.zeros(B, 129, d, device=device)], [torch.zeros(B, 16, 129, device=device)])
+    with pytest.raises(TypeError, match="share one dtype"):
+        f(x, bases, [As[0], As[1].half()], Bs)
+    with pytest.raises(ValueError, match="one entry per slice"):
+        f(x, bases, As[:1], Bs)
+    with pytest.raises(ValueError, match="As\\[0\\] is on meta"):
+        f(x, bases, [As[0].to("meta"), As[1]], Bs)
+    with pytest.raises(TypeError, match="lengths must have dtype int32 or int64"):
+        f(x, bases, As, Bs, lengths=torch.ones(B, device=device))
+    with pytest.raises(ValueError, match=r"lengths must have shape \(2,\)"):
+        f(x, bases, As, Bs, lengths=torch.ones(3, dtype=torch.int64, device=device))
+    with pytest.raises(ValueError, match=r"lengths values must be in \[0, T\] = \[0, 5\]"):
+        f(x, bases, As, Bs, lengths=torch.tensor([6, 1], device=device))
+    with pytest.raises(ValueError, match=r"lengths values must be in"):
+        f(x, bases, As, Bs, lengths=torch.tensor([-1, 1], device=device))
+    with pytest.raises(ValueError, match=r"adapter_index values must be in \[0, n_adapters\) = \[0, 2\)"):
+        f(x, bases, As, Bs, adapter_index=torch.tensor([0, 2], device=device))
+    with pytest.raises(TypeError, match=r"bases\[0\].q must have dtype int8"):
+        f(x, [QT(bases[0].to(torch.int16), torch.ones(16, device=device), 6), bases[1]], As, Bs)
+    with pytest.raises(ValueError, match=r"bases\[0\].scale must have shape \(16,\)"):
+        f(x, [QT(bases[0].to(torch.int8), torch.ones(8, device=device), 6), bases[1]], As, Bs)
+    with pytest.raises(TypeError, match="alpha must be a finite float"):
+        f(x, bases, As, Bs, alpha=float("nan"))
+
+
+def test_reference_compiles_fullgraph_cpu():
+    """The pure-torch path (CPU dispatch without the interpreter is the reference) traces with fullgraph."""
+    torch._dynamo.reset()
+    x, bases, As, Bs = _make(2, 5, 16, [16], 2, torch.float32, "cpu", seed=0)
+    fn = torch.compile(lambda x, As, Bs: multi_lora_linear_ref(x, bases, As, Bs, alpha=0.5, check_values=False),
+                       fullgraph=True, backend="eager")
+    torch.testing.assert_close(fn(x, As, Bs)[0], multi_lora_linear_ref(x, bases, As, Bs, alpha=0.5)[0])
+
+
+# ------------------------------------------------------------------------------------------------ GPU lane
+SHAPES = [(64, 256, 8), (16, 1024, 8), (8, 512, 96), (4, 300, 128), (8, 257, 1)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,r", SHAPES, ids=[f"B{b}-T{t}-r{r}" for b, t, r in SHAPES])
+def test_gpu_bf16_shapes(B, T, r):
+    x, bases, As, Bs = _make(B, T, 512, [512, 256], r, torch.bfloat16, "cuda")
+    lengths = torch.randint(0, T + 1, (B,), device="cuda")
+    lengths[0] = 0
+    lengths[-1] = T
+    _check_all(x, bases, As, Bs, lengths=lengths)
+    _check_all(x, bases, As, Bs, lengths=lengths, deterministic=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [640, 768])
+def test_gpu_int6_base_other_d(d):
+    x, bases, As, Bs = _make(8, 200, d, [d, 128, 256], 16, torch.bfloat16, "cuda", quant=(0, 1))
+    _check_all(x, bases, As, Bs, alpha=0.5, lengths=torch.randint(0, 201, (8,), device="cuda"))
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_bitwise_bench_shape():
+    x, bases, As, Bs = _make(64, 256, 512, [512, 256], 8, torch.bfloat16, "cuda", seed=3)
+    dys = [torch.randn(64, 256, o, device="cuda", dtype=torch.bfloat16) for o in (512, 256)]
+    _, g1, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
+    _, g2, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def _ttt_setup(seed=0):
+    torch.manual_seed(seed)
+    B, T, d, outs, r = 8, 128, 512, [512, 256], 8
+    m = BatchedLoRALinear(B, d, outs, r, device="cuda")
+    with torch.no_grad():
+        for Bm in m.B:
+            Bm.normal_(0, 0.1)
+    bases = [torch.randn(o, d, device="cuda", dtype=torch.bfloat16) * d ** -0.5 for o in outs]
+    x = torch.randn(B, T, d, device="cuda", dtype=torch.bfloat16)
+    tgt = torch.randn(B, T, sum(outs), device="cuda")
+    lengths = torch.tensor([128, 100, 0, 5, 128, 64, 1, 127], device="cuda")
+    return m, bases, x, tgt, lengths
+
+
+def _loss(m, bases, x, tgt, lengths):
+    ys = m(x, bases, lengths=lengths)
+    return (torch.cat([y.float() for y in ys], -1) - tgt).square().mean()
+
+
+@pytest.mark.gpu
+def test_gpu_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    m, bases, x, tgt, lengths = _ttt_setup()
+    xr = x.clone().requires_grad_()
+    le = _loss(m, bases, xr, tgt, lengths)
+    ge = torch.autograd.grad(le, [xr, *m.parameters()])
+    xc = x.clone().requires_grad_()
+    lc = torch.compile(lambda xx: _loss(m, bases, xx, tgt, lengths), fullgraph=True)(xc)
+    gc = torch.autograd.grad(lc, [xc, *m.parameters()])
+    torch.testing.assert_close(lc, le, rtol=1e-5, atol=0)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_fwd_bwd_adam_step():
+    m, bases, x, tgt, lengths = _ttt_setup()
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.9, 0.95), capturable=True)
+    m2, _, _, _, _ = _ttt_setup()
+    opt2 = torch.optim.Adam(m2.parameters(), lr=1e-2, betas=(0.9, 0.95), capturable=True)
+
+    def step(mod, o):
+        o.zero_grad(set_to_none=False)
+        loss = _loss(mod, bases, x, tgt, lengths)
+        loss.backward()
+        o.step()
+        return loss
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):   # warm-up: allocates grads and Adam state
+            step(m, opt)
+            step(m2, opt2)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        static_loss = step(m, opt)
+    for _ in range(3):
+        g.replay()
+        eager_loss = step(m2, opt2)
+        torch.cuda.synchronize()
+        torch.testing.assert_close(static_loss, eager_loss, rtol=1e-5, atol=0)
+    for p, q in zip(m.parameters(), m2.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    # reset + zero_adam_state_ between documents inside the captured world: no allocation, still replayable
+    m.reset(torch.tensor([2, 5], device="cuda"))
+    zero_adam_state_(opt, m.parameters(), rows=torch.tensor([2, 5], device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.isfinite(static_loss)

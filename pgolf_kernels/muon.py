@@ -114,9 +114,9 @@ class Muon(torch.optim.Optimizer):
             gathered = torch.empty((world * per, r, c), dtype=self.compute_dtype, device=dev)
             if backend == "nccl":
                 work = dist.all_gather_into_tensor(gathered, local_out, group=self.process_group, async_op=True)
-            else:  # gloo has no all_gather_into_tensor; move the bits as int16 (a pure copy)
-                chunks = list(gathered.view(torch.int16).chunk(world))
-                work = dist.all_gather(chunks, local_out.view(torch.int16), group=self.process_group, async_op=True)
+            else:  # gloo: no all_gather_into_tensor and no bf16/int16; move the raw bytes (a pure copy)
+                chunks = list(gathered.view(torch.uint8).chunk(world))
+                work = dist.all_gather(chunks, local_out.view(torch.uint8), group=self.process_group, async_op=True)
             pending.append((work, gathered, members))  # next group's NS overlaps this all-gather
         for work, gathered, members in pending:
             work.wait()

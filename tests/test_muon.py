@@ -1,0 +1,119 @@
+"""Muon: the optimizer step vs a plain per-matrix loop of the records' Muon step (``muon_reference_step``)."""
+import pytest
+import torch
+
+from pgolf_kernels.muon import Muon, muon_reference_step
+from pgolf_kernels.newton_schulz import newton_schulz_ref
+from pgolf_kernels.testing import assert_close_rel, seeded_generator
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # triton interpreter's numpy warnings
+
+HAS_CUDA = torch.cuda.is_available()
+DEV = "cuda" if HAS_CUDA else "cpu"
+KDT = torch.bfloat16 if HAS_CUDA else torch.float16  # interpreter: no bf16 (FIELD_NOTES)
+
+
+def _params(shapes, device="cpu", seed=None):
+    g = seeded_generator(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=g).to(device)) for s in shapes]
+
+
+def _clone(ps):
+    return [torch.nn.Parameter(p.detach().clone()) for p in ps]
+
+
+def _set_grads(groups, seed=None):
+    g = seeded_generator(seed)
+    for ps in zip(*groups):
+        grad = torch.randn(ps[0].shape, generator=g).to(ps[0].device)
+        for p in ps:
+            p.grad = grad.clone()
+
+
+SHAPES = [(3, 16, 24), (40, 24), (24, 16), (2, 16, 24)]
+
+
+@pytest.mark.parametrize("opts", [
+    dict(),
+    dict(nesterov=False, weight_decay=0.1),
+    dict(row_normalize=True, coefficients="polar_express", momentum=0.9),
+    dict(ns_steps=3, lr=0.1, weight_decay=0.05),
+], ids=["default", "no_nesterov_wd", "rownorm_polar", "steps3"])
+def test_reference_path_equals_records_loop(opts):
+    """use_kernel=False: bitwise equal to the per-matrix records loop over 3 steps (state carried)."""
+    ps = _params(SHAPES)
+    qs = _clone(ps)
+    opt = Muon(ps, use_kernel=False, **opts)
+    states = {}
+    for _ in range(3):
+        _set_grads([ps, qs])
+        opt.step()
+        muon_reference_step(qs, states, **opts)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
+def test_kernel_path_step_close_to_fp64_step():
+    """use_kernel=True (interpreter fp16 on CPU, bf16 on GPU): the parameter change after one step is within
+    1.1x of torch's own low-precision NS step's error, both against an fp64-NS step."""
+    shapes = [(2, 16, 24), (40, 24), (1, 9)]
+    ps = _params(shapes, DEV)
+    q_ref, q_64 = _clone(ps), _clone(ps)
+    p0 = [p.detach().clone() for p in ps]
+    _set_grads([ps, q_ref, q_64])
+    Muon(ps, lr=0.05, weight_decay=0.1, compute_dtype=KDT).step()
+    muon_reference_step(q_ref, {}, lr=0.05, weight_decay=0.1, compute_dtype=KDT)
+    muon_reference_step(q_64, {}, lr=0.05, weight_decay=0.1, compute_dtype=torch.float64)
+    for p, qr, q6, p_0 in zip(ps, q_ref, q_64, p0):
+        factor = 1.1 if p.numel() >= 256 else 2.0  # 1x9: a few roundings, the ratio is noise
+        assert_close_rel(p - p_0, q6.double() - p_0.double(), qr - p_0, factor=factor, name=str(tuple(p.shape)))
+
+
+def test_zero_grad_only_decays_and_scale_rule():
+    p = _params([(48, 16)])[0]
+    before = p.detach().clone()
+    p.grad = torch.zeros_like(p)
+    Muon([p], lr=0.1, weight_decay=0.5, use_kernel=False).step()
+    torch.testing.assert_close(p.detach(), before * (1 - 0.1 * 0.5), rtol=0, atol=0)
+    # tall matrix: update = NS(u) * sqrt(rows / cols); wide: no scale
+    for shape, scale in [((48, 16), 3.0 ** 0.5), ((16, 48), 1.0)]:
+        p = _params([shape])[0]
+        before = p.detach().clone()
+        p.grad = torch.randn(shape)
+        Muon([p], lr=1.0, momentum=0.0, nesterov=False, use_kernel=False).step()
+        expect = -scale * newton_schulz_ref(p.grad).float()
+        torch.testing.assert_close(p.detach() - before, expect, rtol=0, atol=1e-6)
+
+
+def test_params_without_grad_are_skipped_and_groups():
+    a, b = _params([(16, 24), (24, 16)])
+    b0 = b.detach().clone()
+    opt = Muon([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.0}], use_kernel=False)
+    a.grad = torch.randn_like(a)
+    opt.step()
+    assert torch.equal(b, b0) and "momentum_buffer" in opt.state[a] and b not in opt.state
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match=r"params'\]\[0\] must be a 2-D matrix or a 3-D bank"):
+        Muon([torch.nn.Parameter(torch.randn(8))])
+    with pytest.raises(ValueError, match="momentum"):
+        Muon(_params([(4, 4)]), momentum=1.0)
+    with pytest.raises(ValueError, match="lr"):
+        Muon(_params([(4, 4)]), lr=-1.0)
+    with pytest.raises(ValueError, match="coefficients"):
+        Muon(_params([(4, 4)]), coefficients="nope")
+
+
+@pytest.mark.gpu
+def test_gpu_muon_record_banks_kernel_vs_reference():
+    shapes = [(22, 512, 512), (22, 256, 512), (11, 1536, 512), (11, 512, 1536)]
+    ps = _params(shapes, "cuda")
+    q_ref, q_64 = _clone(ps), _clone(ps)
+    p0 = [p.detach().clone() for p in ps]
+    _set_grads([ps, q_ref, q_64])
+    Muon(ps, lr=0.02, weight_decay=0.04).step()
+    muon_reference_step(q_ref, {}, lr=0.02, weight_decay=0.04)
+    muon_reference_step(q_64, {}, lr=0.02, weight_decay=0.04, compute_dtype=torch.float64)
+    for p, qr, q6, p_0 in zip(ps, q_ref, q_64, p0):
+        assert_close_rel(p - p_0, q6.double() - p_0.double(), qr - p_0, factor=1.1, name=str(tuple(p.shape)))

@@ -18,9 +18,11 @@ Artifact container (``pack_artifact`` / ``unpack_artifact``)
 ----------------------------------------------------------
 ::
 
-    outer frame (40 bytes, little-endian), then the zstd frame:
-      0  magic  b"PGOLFZ\\x00\\x01"      8  u64 compressed length
-      16 u64 payload (raw) length       24 u64 checksum64(payload)   32 u64 checksum64(bytes 0..31)
+    outer frame (48 bytes, little-endian), then the zstd frame:
+      0  magic  b"PGOLFZ\\x00\\x01"      8  u64 compressed length      16 u64 payload (raw) length
+      24 u64 checksum64(payload)        32 u64 checksum64(zstd frame) 40 u64 checksum64(bytes 0..39)
+    (the zstd frame has its own checksum too: the frame's window-size byte, for one, can change
+    without changing the decompressed bytes, so only a checksum of the compressed bytes sees it)
     payload (csrc/codec.cpp: pack_payload/split_payload):
       magic "PGOLFQC\\0", u32 version, u32 header length, u64 data length, JSON header,
       16-byte aligned raw blobs (tensor bytes; a QTensor is two blobs, codes then scale).
@@ -159,7 +161,7 @@ dequantize_rows = dequantize  # name used by pgolf_kernels.__init__'s lazy table
 
 # ---- artifact container ---------------------------------------------------------------------
 _OUTER_MAGIC = b"PGOLFZ\x00\x01"
-_OUTER = struct.Struct("<8sQQQQ")  # magic, compressed len, raw len, checksum(raw), checksum(frame)
+_OUTER = struct.Struct("<8sQQQQQ")  # magic, comp len, raw len, csum(raw), csum(comp), csum(header)
 _FORMAT = "pgolf-artifact"
 _FORMAT_VERSION = 1
 _DTYPES: Dict[str, torch.dtype] = {
@@ -242,8 +244,8 @@ def pack_artifact(
     C = load_C()
     payload = C.pack_payload(header, blobs)
     comp = zstandard.ZstdCompressor(level=level, write_checksum=False, write_content_size=True).compress(payload)
-    head = _OUTER.pack(_OUTER_MAGIC, len(comp), len(payload), C.checksum64(payload), 0)
-    head = head[:32] + struct.pack("<Q", C.checksum64(head[:32]))
+    head = _OUTER.pack(_OUTER_MAGIC, len(comp), len(payload), C.checksum64(payload), C.checksum64(comp), 0)
+    head = head[:40] + struct.pack("<Q", C.checksum64(head[:40]))
     return head + comp
 
 
@@ -255,21 +257,24 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
         blob = bytes(blob)
     if not isinstance(blob, bytes):
         raise TypeError(f"unpack_artifact: blob must be bytes, got {type(blob).__name__}")
+    if blob[: len(_OUTER_MAGIC)] != _OUTER_MAGIC[: len(blob)]:
+        raise ArtifactError(f"not a pgolf artifact: magic {blob[:8]!r} != {_OUTER_MAGIC!r}")
     if len(blob) < _OUTER.size:
         raise ArtifactError(f"artifact truncated: {len(blob)} bytes, shorter than the {_OUTER.size}-byte frame header")
-    magic, clen, rlen, csum, hsum = _OUTER.unpack_from(blob)
-    if magic != _OUTER_MAGIC:
-        raise ArtifactError(f"not a pgolf artifact: magic {magic!r} != {_OUTER_MAGIC!r}")
+    _, clen, rlen, csum, ccsum, hsum = _OUTER.unpack_from(blob)
     C = load_C()
-    if C.checksum64(blob[:32]) != hsum:
+    if C.checksum64(blob[:40]) != hsum:
         raise ArtifactError("artifact frame header is corrupt (header checksum mismatch)")
     have = len(blob) - _OUTER.size
     if have < clen:
         raise ArtifactError(f"artifact truncated: frame says {clen} compressed bytes, only {have} present")
     if have > clen:
         raise ArtifactError(f"artifact has {have - clen} unexpected trailing bytes after the compressed data")
+    comp = blob[_OUTER.size :]
+    if C.checksum64(comp) != ccsum:
+        raise ArtifactError("artifact compressed data checksum mismatch (data corrupted)")
     try:
-        payload = zstandard.ZstdDecompressor().decompress(blob[_OUTER.size :], max_output_size=rlen)
+        payload = zstandard.ZstdDecompressor().decompress(comp, max_output_size=rlen)
     except zstandard.ZstdError as e:
         raise ArtifactError(f"artifact compressed data is corrupt (zstd: {e})") from e
     if len(payload) != rlen:

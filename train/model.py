@@ -84,22 +84,19 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE tables, cached per (T, device, dtype); not part of the state dict (recomputable)."""
+    """RoPE cos/sin tables (1, 1, T, head_dim/2), recomputed per call: at T 2048, d_h 64 that is a
+    131k-element outer product, negligible next to one attention, and keeps torch.compile free of
+    Python-side cache state."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
         # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
         self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self._cache = None
 
     def forward(self, T: int, device, dtype):
-        c = self._cache
-        if c is None or c[0] != T or c[1] != device or c[2] != dtype:
-            t = torch.arange(T, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            c = (T, device, dtype, freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None])
-            self._cache = c
-        return c[3], c[4]
+        t = torch.arange(T, device=device, dtype=torch.float32)
+        freqs = torch.outer(t, self.inv_freq.to(device))
+        return freqs.cos().to(dtype)[None, None], freqs.sin().to(dtype)[None, None]
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -271,8 +268,10 @@ class GPT(nn.Module):
 
     # ---- parameter groups for the optimizers -------------------------------------------------
     def matrix_params(self):
-        """2-D weights inside the blocks (Muon). Names and tensors, in a fixed order."""
-        return [(n, p) for n, p in self.named_parameters() if p.ndim == 2 and n.startswith("blocks.")]
+        """Weights of the nn.Linear layers inside the blocks (Muon; int6 in the artifact), in a fixed order.
+        (Not "every 2-D parameter": ``resid_mix`` is a (2, d) control tensor.)"""
+        return [(f"{mn}.weight", m.weight) for mn, m in self.named_modules()
+                if mn.startswith("blocks.") and isinstance(m, nn.Linear)]
 
     def embedding_params(self):
         out = [("tok_emb.weight", self.tok_emb.weight)]

@@ -1,0 +1,156 @@
+"""Every setting of the training driver: environment variable ``NAME`` or CLI flag ``--name``.
+
+Precedence: CLI flag > environment variable (upper-case field name, e.g. ``MAX_WALLCLOCK_SECONDS``)
+> preset > field default. ``PRESET=auto`` (default) means ``full`` on a CUDA machine and ``tiny``
+on CPU; a preset only fills fields that were not set explicitly. Every value actually used is
+written to the log at start-up (``TrainConfig.describe``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+HELP: Dict[str, str] = {}
+
+
+def _f(default, help_: str):
+    return field(default=default, metadata={"help": help_})
+
+
+@dataclass
+class TrainConfig:
+    # --- run
+    preset: str = _f("auto", "auto | full | tiny: full = record model (GPU), tiny = CPU smoke size")
+    run_id: str = _f("", "name of the run folder under runs_dir (default: timestamp)")
+    runs_dir: str = _f("runs", "where logs, fixture cache and artifacts go")
+    seed: int = _f(1337, "torch / loader seed")
+    reference: bool = _f(False, "plain torch ops instead of pgolf_kernels (reference Newton-Schulz in Muon)")
+    muon_impl: str = _f("auto", "auto: pgolf_kernels.muon.Muon (Triton NS; torch NS with --reference) | "
+                        "torch-banked: plain-torch NS batched per same-shape bank (a strong eager baseline)")
+    compile: str = _f("auto", "torch.compile the model: auto (on for CUDA) | 1 | 0")
+    # --- data
+    data_path: str = _f("", "glob of train shards; empty -> build the stdlib fixture (no downloads)")
+    val_path: str = _f("", "glob of val shards (required with data_path)")
+    tokenizer_path: str = _f("", "sentencepiece .model for BPB (byte LUT); empty -> val loss only")
+    fixture_sources: bool = _f(False, "fixture: add stdlib module sources to the docstrings (~10x text)")
+    fixture_text: str = _f("", "fixture: comma-separated text/.jsonl files instead of the stdlib")
+    val_max_tokens: int = _f(0, "evaluate on the first N val tokens only (0 = all)")
+    # --- model (GPTConfig)
+    vocab_size: int = _f(1024, "vocabulary size")
+    num_layers: int = _f(11, "transformer blocks")
+    model_dim: int = _f(512, "model width d")
+    num_heads: int = _f(8, "query heads")
+    num_kv_heads: int = _f(4, "key/value heads (GQA)")
+    mlp_mult: int = _f(3, "MLP hidden = mlp_mult * d")
+    seq_len: int = _f(2048, "training sequence length")
+    logit_softcap: float = _f(30.0, "logits = c * tanh(logits / c)")
+    rope_base: float = _f(10000.0, "RoPE base")
+    # --- batch / budget
+    train_batch_tokens: int = _f(786_432, "tokens per optimizer step, all ranks together")
+    max_micro_tokens: int = _f(98_304, "max tokens per rank per forward/backward (48 x 2048); more -> grad accumulation")
+    iterations: int = _f(20_000, "max optimizer steps")
+    max_wallclock_seconds: float = _f(600.0, "training budget (s), warm-up excluded; 0 = none")
+    warmup_steps: int = _f(20, "compile/warm-up steps run first, then model/optimizer/loader are reset; excluded but reported")
+    log_every: int = _f(50, "log line every N steps")
+    val_every: int = _f(0, "validate every N steps (0 = only at the end)")
+    val_batch_tokens: int = _f(262_144, "tokens per rank per validation forward")
+    # --- optimizers
+    matrix_lr: float = _f(0.025, "Muon learning rate (block matrices)")
+    muon_momentum: float = _f(0.95, "Muon momentum after warm-up")
+    muon_momentum_warmup_start: float = _f(0.85, "Muon momentum at step 0")
+    muon_momentum_warmup_steps: int = _f(500, "steps of linear momentum warm-up")
+    muon_ns_steps: int = _f(5, "Newton-Schulz iterations")
+    muon_weight_decay: float = _f(0.0, "decoupled weight decay on Muon params")
+    embed_lr: float = _f(0.035, "Adam lr for the (tied) embedding")
+    scalar_lr: float = _f(0.025, "Adam lr for gains / scales / mixes / skip weights")
+    adam_beta1: float = _f(0.9, "Adam beta1")
+    adam_beta2: float = _f(0.95, "Adam beta2")
+    adam_eps: float = _f(1e-8, "Adam eps")
+    warmdown_frac: float = _f(0.5, "LR decays linearly to 0 over the last fraction of the budget (wall clock if set, else steps)")
+    grad_clip_norm: float = _f(0.0, "clip global grad norm (0 = off)")
+    ema_decay: float = _f(0.997, "EMA of weights (0 = off); eval + artifact use the EMA")
+    # --- artifact / eval
+    artifact: bool = _f(True, "write the int6 artifact and evaluate before/after quantization")
+    int6_eval: bool = _f(True, "also evaluate the artifact through Int6Linear (kernel path)")
+
+    # fields the tiny preset overrides when not set explicitly
+    # (2 CPU cores: ~0.5-1 s per 2,048-token step for this 0.72 M-param model -> ~100-180 steps in 90 s)
+    TINY = dict(num_layers=4, model_dim=128, num_heads=4, num_kv_heads=2, seq_len=256, train_batch_tokens=2048,
+                max_micro_tokens=2048, iterations=400, max_wallclock_seconds=90.0, warmup_steps=2, log_every=20,
+                val_batch_tokens=8192, matrix_lr=0.03, embed_lr=0.05, scalar_lr=0.03,
+                muon_momentum_warmup_steps=50, ema_decay=0.95)
+
+    def gpt_config(self):
+        from .model import GPTConfig
+
+        return GPTConfig(vocab_size=self.vocab_size, num_layers=self.num_layers, model_dim=self.model_dim,
+                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_mult=self.mlp_mult,
+                         seq_len=self.seq_len, logit_softcap=self.logit_softcap, rope_base=self.rope_base)
+
+    def describe(self) -> List[str]:
+        return [f"  {f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
+
+
+def _parse_bool(s: str) -> bool:
+    v = str(s).strip().lower()
+    if v in ("1", "true", "yes", "on"):
+        return True
+    if v in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"not a boolean: {s!r}")
+
+
+def _convert(f: dataclasses.Field, raw: str):
+    t = f.type if isinstance(f.type, type) else {"int": int, "float": float, "bool": bool, "str": str}[f.type]
+    if t is bool:
+        return _parse_bool(raw)
+    return t(raw)
+
+
+def parse_config(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]] = None,
+                 cuda: Optional[bool] = None) -> TrainConfig:
+    env = dict(os.environ) if env is None else env
+    fields = [f for f in dataclasses.fields(TrainConfig)]
+    ap = argparse.ArgumentParser(prog="python3 -m train", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields:
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in (bool, "bool"):
+            ap.add_argument(flag, nargs="?", const="1", default=None, help=f.metadata["help"] + " (env " + f.name.upper() + ")")
+        else:
+            ap.add_argument(flag, default=None, help=f.metadata["help"] + f" (env {f.name.upper()}, default {f.default!r})")
+    args = ap.parse_args(argv)
+    values, explicit = {}, set()
+    for f in fields:
+        raw = getattr(args, f.name)
+        if raw is None and f.name.upper() in env:
+            raw = env[f.name.upper()]
+        if raw is not None:
+            try:
+                values[f.name] = _convert(f, raw)
+            except ValueError as e:
+                ap.error(f"{f.name}: {e}")
+            explicit.add(f.name)
+    cfg = TrainConfig(**values)
+    if cfg.preset not in ("auto", "full", "tiny"):
+        ap.error(f"preset must be auto, full or tiny, got {cfg.preset!r}")
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    preset = cfg.preset if cfg.preset != "auto" else ("full" if cuda else "tiny")
+    cfg.preset = preset
+    if preset == "tiny":
+        for k, v in TrainConfig.TINY.items():
+            if k not in explicit:
+                setattr(cfg, k, v)
+    if cfg.muon_impl not in ("auto", "torch-banked"):
+        ap.error(f"muon_impl must be auto or torch-banked, got {cfg.muon_impl!r}")
+    if cfg.compile not in ("auto", "0", "1"):
+        ap.error(f"compile must be auto, 0 or 1, got {cfg.compile!r}")
+    if cfg.data_path and not cfg.val_path:
+        ap.error("val_path is required when data_path is given")
+    return cfg

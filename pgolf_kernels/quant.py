@@ -21,8 +21,8 @@ Artifact container (``pack_artifact`` / ``unpack_artifact``)
     outer frame (48 bytes, little-endian), then the zstd frame:
       0  magic  b"PGOLFZ\\x00\\x01"      8  u64 compressed length      16 u64 payload (raw) length
       24 u64 checksum64(payload)        32 u64 checksum64(zstd frame) 40 u64 checksum64(bytes 0..39)
-    (the zstd frame has its own checksum too: the frame's window-size byte, for one, can change
-    without changing the decompressed bytes, so only a checksum of the compressed bytes sees it)
+    (the compressed bytes get their own checksum because some zstd header bits, e.g. the
+    window size, can flip without changing the decompressed bytes)
     payload (csrc/codec.cpp: pack_payload/split_payload):
       magic "PGOLFQC\\0", u32 version, u32 header length, u64 data length, JSON header,
       16-byte aligned raw blobs (tensor bytes; a QTensor is two blobs, codes then scale).

@@ -344,7 +344,8 @@ def _fwd_backward(ctx, dys):
         if not by_index:
             # deterministic reduction of per-row grads onto adapters: a one-hot matmul in fp64 (cuBLAS fp64 is
             # deterministic, and fp64 sums of <= B fp32 terms do not depend on order at fp32 output precision)
-            onehot = F.one_hot(adapter_index.to(torch.int64), A.shape[0]).to(torch.float64).t()   # (n, B)
+            # (n, B) one-hot built by comparison: F.one_hot would sync to validate indices (breaks graph capture)
+            onehot = (torch.arange(A.shape[0], device=x.device)[:, None] == adapter_index[None, :]).to(torch.float64)
             gA = (onehot @ gA.reshape(rows, -1).double()).view(A.shape)
             gB = (onehot @ gB.reshape(rows, -1).double()).view(Bm.shape)
         dAs.append(gA.to(A.dtype))

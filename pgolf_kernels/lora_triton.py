@@ -16,6 +16,11 @@ from ._utils import cdiv, interpret_mode
 
 MAX_SLICES = 4
 
+# Tuning hooks (bench/bench_lora.py sweeps them): keys BT/BN/BK (forward), BT/BN/BD/BK (backward), num_warps,
+# num_stages, and for the backward PPS = target programs per SM when splitting T (non-deterministic mode).
+FWD_OVERRIDE: dict = {}
+BWD_OVERRIDE: dict = {}
+
 
 def _rpad(r: int) -> int:
     # tl.dot needs every tile dim a power of two and >= 16; ranks 1..128 pad to 16..128, masked.
@@ -103,7 +108,14 @@ def _fwd_config(T: int, RP: int):
         return dict(BT=16, BN=32, BK=32), dict()
     BT = 128 if T > 64 else 64
     # 3 stages of (x 16 KB + W 16 KB + A RP*64*4 B) fit in 227 KB smem up to RP=32; RP=64/128 drop to 2
-    return dict(BT=BT, BN=128, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
+    meta, launch = dict(BT=BT, BN=128, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
+    return _override(meta, launch, FWD_OVERRIDE)
+
+
+def _override(meta, launch, ov):
+    meta = dict(meta, **{k: v for k, v in ov.items() if k in meta})
+    launch = dict(launch, **{k: v for k, v in ov.items() if k in ("num_warps", "num_stages")})
+    return meta, launch
 
 
 def _ip(x: torch.Tensor) -> str:
@@ -263,7 +275,7 @@ def _bwd_config(T: int, RP: int):
     # acc (BT x 128) + g + u (BT x RP) + the dB tile (BN x RP) in fp32 registers: at RP >= 64 halve BN to stay
     # under the 255-register cap with 4 warps
     BN = 128 if RP <= 32 else 64
-    return dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=4, num_stages=2)
+    return _override(dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=4, num_stages=2), BWD_OVERRIDE)
 
 
 def _num_sms(dev: torch.device) -> int:
@@ -288,8 +300,9 @@ def lora_bwd(x, dys, ws, scales, As, Bs, alpha: float, lengths, adapter_index, d
     if deterministic:
         tsplit = 1   # each dA/dB element has exactly one writer program, adding in its fixed T order
     else:
-        # aim at >= 2 programs per SM; B64 d512 already gives 256 programs -> no split on a 132-SM H100
-        tsplit = max(1, min(TT, cdiv(2 * _num_sms(x.device), Bsz * DT)))
+        # aim at >= PPS programs per SM (B64 d512 gives 256 programs before splitting: 1.9 per SM on a 132-SM H100)
+        pps = BWD_OVERRIDE.get("PPS", 2)
+        tsplit = max(1, min(TT, cdiv(pps * _num_sms(x.device), Bsz * DT)))
     has_scale = len(scales) > 0
     args = []
     for i in range(MAX_SLICES):

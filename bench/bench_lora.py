@@ -1,0 +1,215 @@
+"""Batched multi-LoRA (Q 512 + V 256, B64, d512, bf16 x, fp32 adapters): fused kernels vs the eager bmm form,
+its torch.compile, and base-only F.linear (the forward's speed of light).
+
+Timing: ``graph_bench_ms`` (CUDA-graph replay, 20 calls per graph) for every row, ours and baselines alike: at T256
+the bmm form is launch-bound and a TTT loop would run captured anyway. Where one input set fits in L2 (T <= 512)
+three input sets are rotated. Forward rows run under no_grad; forward+backward rows run torch.autograd.grad for
+x and every adapter. Rows are also appended to ``lora-partial.jsonl`` in the results dir as they are measured.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from bench.harness import graph_bench_ms, make_row, rotate
+
+KERNEL = "lora"
+B, D, OUTS = 64, 512, (512, 256)
+SHAPES = [(256, 8), (1024, 8), (2048, 8), (1024, 1), (2048, 16), (2048, 96)]
+QUICK = [(256, 8), (1024, 8), (2048, 96)]
+# compiled baselines cost ~10-30 s of compile each; do them for the target shapes first, others if time remains
+COMPILE_FIRST = [(1024, 8), (256, 8), (2048, 96)]
+COMPILE_BUDGET_S = 110
+
+
+def _inputs(T, r, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(B, T, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    Ws = [torch.randn(o, D, device="cuda", generator=g).mul_(D ** -0.5).to(torch.bfloat16) for o in OUTS]
+    As = [torch.randn(B, r, D, device="cuda", generator=g).mul_(D ** -0.5).requires_grad_() for _ in OUTS]
+    Bs = [torch.randn(B, o, r, device="cuda", generator=g).mul_(0.01).requires_grad_() for o in OUTS]
+    dys = [torch.randn(B, T, o, device="cuda", dtype=torch.bfloat16, generator=g) for o in OUTS]
+    return x, Ws, As, Bs, dys
+
+
+def bmm_form(x, Ws, As, Bs):
+    # what the records run today: F.linear + (x A^T) B^T with batched matmuls, adapters cast to the activation dtype
+    return [F.linear(x, W) + torch.bmm(torch.bmm(x, A.to(x.dtype).transpose(1, 2)), Bm.to(x.dtype).transpose(1, 2))
+            for W, A, Bm in zip(Ws, As, Bs)]
+
+
+def base_only(x, Ws, As, Bs):
+    return [F.linear(x, W) for W in Ws]
+
+
+def ours(x, Ws, As, Bs):
+    from pgolf_kernels.lora import multi_lora_linear
+
+    return multi_lora_linear(x, Ws, As, Bs, check_values=False)
+
+
+def _fwd(fn, inp):
+    x, Ws, As, Bs, _ = inp
+
+    def f():
+        with torch.no_grad():
+            return fn(x, Ws, As, Bs)
+    return f
+
+
+def _fwd_bwd(fn, inp):
+    x, Ws, As, Bs, dys = inp
+    xg = x.detach().requires_grad_()
+
+    def f():
+        ys = fn(xg, Ws, As, Bs)
+        return torch.autograd.grad(ys, [xg, *As, *Bs], dys)
+    return f
+
+
+def _time(make, fn, sets):
+    return graph_bench_ms(rotate([make(fn, s) for s in sets]))
+
+
+def _log(row):
+    d = os.environ.get("PGOLF_BENCH_RESULTS")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "lora-partial.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+    print(row, flush=True)
+
+
+def _deadline() -> float:
+    # absolute unix time after which no new measurement starts (the GPU lane has a hard wall-clock limit)
+    return float(os.environ.get("PGOLF_LORA_DEADLINE", "1e18"))
+
+
+def _left() -> float:
+    return _deadline() - time.time()
+
+
+FWD_VARIANTS = [dict(), dict(BK=128, num_stages=2), dict(BN=256, num_stages=2), dict(BT=64, num_warps=4, num_stages=4),
+                dict(BN=64, num_warps=4)]
+BWD_VARIANTS = [dict(), dict(PPS=8), dict(PPS=64), dict(num_warps=8, PPS=8), dict(BT=128, num_warps=8, PPS=8),
+                dict(BD=64, PPS=4)]
+
+
+def _sweep(rows):
+    """Tile/launch variants of our kernels (PGOLF_LORA_SWEEP=1); variant {} is the shipped default."""
+    from pgolf_kernels import lora_triton as K
+
+    for T, r in [(1024, 8), (2048, 96), (256, 8)]:
+        if _left() < 20:
+            return
+        sets = [_inputs(T, r, s) for s in range(3 if T <= 512 else 1)]
+        case = f"B{B} T{T} r{r}"
+        base = _time(_fwd, base_only, sets)
+        bmm_fb = _time(_fwd_bwd, bmm_form, sets)
+        for v in FWD_VARIANTS if T != 256 else FWD_VARIANTS[:1]:
+            if _left() < 15:
+                break
+            K.FWD_OVERRIDE.clear(), K.FWD_OVERRIDE.update(v)
+            try:
+                row = make_row(KERNEL, f"sweep {case} fwd {v}", _time(_fwd, ours, sets), "base-only F.linear", base,
+                               timing="graph")
+            except Exception as e:
+                row = dict(kernel=KERNEL, case=f"sweep {case} fwd {v}", error=repr(e)[:300])
+            rows.append(row), _log(row)
+        K.FWD_OVERRIDE.clear()
+        for v in BWD_VARIANTS:
+            if _left() < 15:
+                break
+            K.BWD_OVERRIDE.clear(), K.BWD_OVERRIDE.update(v)
+            try:
+                row = make_row(KERNEL, f"sweep {case} fwd+bwd {v}", _time(_fwd_bwd, ours, sets), "bmm eager", bmm_fb,
+                               timing="graph")
+            except Exception as e:
+                row = dict(kernel=KERNEL, case=f"sweep {case} fwd+bwd {v}", error=repr(e)[:300])
+            rows.append(row), _log(row)
+        K.BWD_OVERRIDE.clear()
+        del sets
+
+
+def _extras(rows, T=1024, r=8):
+    """Deterministic mode and the int6 base (int8 codes + fp16 row scales) at the headline shape."""
+    from pgolf_kernels.lora import multi_lora_linear
+
+    QT = collections.namedtuple("QT", "q scale bits")
+    sets = [_inputs(T, r, 0)]
+    case = f"B{B} T{T} d{D} Q{OUTS[0]}+V{OUTS[1]} r{r}"
+    base = _time(_fwd, base_only, sets)
+    bmm_fb = _time(_fwd_bwd, bmm_form, sets)
+
+    def det(x, Ws, As, Bs):
+        return multi_lora_linear(x, Ws, As, Bs, check_values=False, deterministic=True)
+
+    q = [QT(torch.randint(-31, 32, W.shape, device="cuda", dtype=torch.int8),
+            torch.full((W.shape[0],), 1e-3, device="cuda", dtype=torch.float16), 6) for W in sets[0][1]]
+
+    def int6(x, Ws, As, Bs):
+        return multi_lora_linear(x, q, As, Bs, check_values=False)
+
+    for name, mk, fn, bl, bms in (("fwd+bwd deterministic", _fwd_bwd, det, "bmm eager", bmm_fb),
+                                  ("fwd int6 base", _fwd, int6, "base-only F.linear (bf16 W)", base),
+                                  ("fwd+bwd int6 base", _fwd_bwd, int6, "bmm eager (bf16 W)", bmm_fb)):
+        if _left() < 10:
+            return
+        row = make_row(KERNEL, f"{case} {name}", _time(mk, fn, sets), bl, bms, timing="graph")
+        rows.append(row), _log(row)
+
+
+def run(quick: bool = False):
+    rows = []
+    if os.environ.get("PGOLF_LORA_SWEEP"):
+        _sweep(rows)
+    shapes = QUICK if quick else SHAPES
+    res = {}
+    for T, r in shapes:
+        if _left() < 15:
+            print(f"deadline: skipping T{T} r{r}", flush=True)
+            continue
+        sets = [_inputs(T, r, s) for s in range(3 if T <= 512 else 1)]
+        case = f"B{B} T{T} d{D} Q{OUTS[0]}+V{OUTS[1]} r{r}"
+        t = {k: _time(_fwd, fn, sets) for k, fn in (("ours", ours), ("bmm", bmm_form), ("base", base_only))}
+        tb = {k: _time(_fwd_bwd, fn, sets) for k, fn in (("ours", ours), ("bmm", bmm_form))}
+        res[(T, r)] = (case, t, tb)
+        flops = 2 * B * T * D * sum(OUTS)
+        for row in (make_row(KERNEL, case + " fwd", t["ours"], "base-only F.linear", t["base"], timing="graph",
+                             tflops_base_equiv=round(flops / (t["ours"] * 1e-3) / 1e12, 1)),
+                    make_row(KERNEL, case + " fwd", t["ours"], "bmm eager", t["bmm"], timing="graph"),
+                    make_row(KERNEL, case + " fwd+bwd", tb["ours"], "bmm eager", tb["bmm"], timing="graph")):
+            rows.append(row)
+            _log(row)
+        del sets
+    if _left() > 30:
+        _extras(rows)
+    # compiled baselines, target shapes first, within a time budget
+    t0 = time.time()
+    budget = float(os.environ.get("PGOLF_LORA_COMPILE_BUDGET_S", COMPILE_BUDGET_S))
+    order = [s for s in COMPILE_FIRST if s in res] + [s for s in res if s not in COMPILE_FIRST]
+    for T, r in order:
+        if time.time() - t0 > budget or _left() < 40:
+            print(f"compile budget spent; no compiled baseline for T{T} r{r}", flush=True)
+            continue
+        case, t, tb = res[(T, r)]
+        sets = [_inputs(T, r, s) for s in range(3 if T <= 512 else 1)]
+        torch._dynamo.reset()
+        comp = torch.compile(bmm_form)
+        try:
+            ms_fb = _time(_fwd_bwd, comp, sets)
+            ms_f = _time(_fwd, comp, sets)
+        except Exception as e:  # report, keep the eager rows
+            print(f"compiled baseline failed for {case}: {e!r}", flush=True)
+            continue
+        for row in (make_row(KERNEL, case + " fwd", t["ours"], "bmm torch.compile", ms_f, timing="graph"),
+                    make_row(KERNEL, case + " fwd+bwd", tb["ours"], "bmm torch.compile", ms_fb, timing="graph")):
+            rows.append(row)
+            _log(row)
+        del sets
+    return rows

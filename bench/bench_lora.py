@@ -94,9 +94,9 @@ def _left() -> float:
     return _deadline() - time.time()
 
 
-FWD_VARIANTS = [dict(), dict(BK=128, num_stages=2), dict(BN=256, num_stages=2), dict(BT=64, num_warps=4, num_stages=4),
-                dict(BN=64, num_warps=4)]
-BWD_VARIANTS = [dict(), dict(PPS=8), dict(PPS=64), dict(num_warps=8, PPS=8), dict(BT=128, num_warps=8, PPS=8),
+FWD_VARIANTS = [dict(), dict(BN=256), dict(BN=256, num_stages=2), dict(BK=128, num_stages=2),
+                dict(BT=64, num_warps=4, num_stages=4)]
+BWD_VARIANTS = [dict(), dict(PPS=8), dict(PPS=64), dict(BT=128, num_warps=8, PPS=8), dict(BD=256, num_warps=8, PPS=4),
                 dict(BD=64, PPS=4)]
 
 

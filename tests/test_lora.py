@@ -17,7 +17,10 @@ from pgolf_kernels import lora
 from pgolf_kernels.lora import BatchedLoRALinear, multi_lora_linear, multi_lora_linear_ref, zero_adam_state_
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
-QT = namedtuple("QT", "q scale bits")   # duck-typed stand-in for pgolf_kernels.quant.QTensor
+try:   # the int6 engineer's QTensor (NamedTuple q/scale/bits); the op duck-types it, so a stand-in also works
+    from pgolf_kernels.quant import QTensor as QT
+except ImportError:  # pragma: no cover
+    QT = namedtuple("QT", "q scale bits")
 
 
 @pytest.fixture(autouse=True)

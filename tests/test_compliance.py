@@ -1,0 +1,337 @@
+"""Compliance suite for the eval driver (CPU lane, tiny model).
+
+The challenge's rules for test-time training, each checked here:
+  (1) coverage: every target scored exactly once; counts add up, per mode and across 2 simulated ranks;
+  (2) causality: perturbing tokens after position t (and other documents) leaves the scores of targets
+      <= t unchanged, TTT steps included;
+  (3) score before update: every optimizer step's loss contains only targets already scored;
+  (4) full softmax: the scored distributions are normalized over the whole vocabulary;
+  (5) single pass: no score is ever overwritten or re-taken.
+Two deliberately illegal scorers (train on the chunk, then score it; a second epoch that re-scores and
+overwrites) are run through the same checks, which must catch them.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from train.bpb import ByteLUT
+from train.eval import evaluate
+from train.eval_fixtures import doc_stream, tiny_model
+from train.ttt import (BatchedAdam, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows, head_nll, make_state,
+                       plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
+
+LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140]  # awkward: 1-token doc, partial chunks, > window
+CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4, lr=0.01)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # 2 shared cores: torch's intra-op threads spin against other processes (measured 30x slower)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def lut():
+    # byte tables need only ids; a synthetic LUT avoids the shared data for these tests:
+    # ids 0-3 control (0 bytes, boundary), 4-259 one byte, others 1-4 bytes, every 3rd with a leading space
+    V = 1024
+    base = torch.zeros(V, dtype=torch.int16)
+    base[4:260] = 1
+    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
+    lead = torch.zeros(V, dtype=torch.bool)
+    lead[260::3] = True
+    bound = torch.zeros(V, dtype=torch.bool)
+    bound[:4] = True
+    return ByteLUT(base, lead, bound)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model(seed=3)
+
+
+@pytest.fixture(scope="module")
+def stream():
+    return doc_stream(LENGTHS, seed=5)
+
+
+def expected_targets(stream, per_doc=True):
+    exp = torch.ones(stream.numel(), dtype=torch.bool)
+    exp[0] = False
+    if per_doc:
+        exp[stream == 1] = False
+    return exp
+
+
+def run_ttt(model, stream, lut, scorer=ttt_batch, cfg=CFG, strict=False, hook=None):
+    """Run a TTT scorer over every batch; return the state (ledger with per-position NLL)."""
+    starts, ns = split_docs(stream)
+    st = make_state(stream, lut, strict=strict, keep_nll=True)
+    ad = DocLoRA(model, cfg, cfg.batch_size, stream.device, "bmm")
+    opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+    for i, docs in enumerate(plan_doc_batches(ns, cfg.batch_size)):
+        kw = {"train_hook": hook} if hook is not None else {}
+        scorer(model, stream, starts, ns, docs, cfg, ad, opt, st, i, **kw)
+    return st
+
+
+# ------------------------------------------------------------------ illegal test doubles
+def ttt_train_then_score(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_seed, train_hook=None):
+    """ILLEGAL: for each chunk, first take the Adam step on the chunk's loss, then score it."""
+    adapter.reset(batch_seed)
+    opt.reset()
+    s, n = starts[docs], ns[docs]
+    n_chunks = -(-n // cfg.chunk)
+    for c in range(int(n_chunks.max())):
+        live = np.flatnonzero(n_chunks > c)
+        a = np.full(live.size, c * cfg.chunk)
+        b = np.minimum(a + cfg.chunk, n[live])
+        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window)
+        adapter.set_rows(torch.from_numpy(live))
+        nll = rows_nll(model, rb, adapter)
+        st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the double ignores its verdict
+        loss = (nll * rb.mask).sum() / rb.mask.sum()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            nll = rows_nll(model, rb, adapter)
+        _score(st, rb, nll)
+    adapter.set_rows(None)
+
+
+def ttt_two_epochs_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_seed, train_hook=None):
+    """ILLEGAL: a legal pass, then a second epoch that re-scores every chunk (keeping the last score)."""
+    ttt_batch(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_seed)
+    s, n = starts[docs], ns[docs]
+    n_chunks = -(-n // cfg.chunk)
+    for c in range(int(n_chunks.max())):  # epoch 2 with the adapters of epoch 1
+        live = np.flatnonzero(n_chunks > c)
+        a = np.full(live.size, c * cfg.chunk)
+        b = np.minimum(a + cfg.chunk, n[live])
+        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window)
+        adapter.set_rows(torch.from_numpy(live))
+        with torch.no_grad():
+            nll = rows_nll(model, rb, adapter)
+        _score(st, rb, nll)
+    adapter.set_rows(None)
+
+
+ILLEGAL = [ttt_train_then_score, ttt_two_epochs_overwrite]
+
+
+# ------------------------------------------------------------------ the checks (reusable on any scorer)
+def check_coverage(st, exp):
+    c = st.ledger.count[:-1]
+    assert int(c[exp].min()) == 1 and int(c[exp].max()) == 1, "a target was scored 0 or >1 times"
+    assert int(c[~exp].sum()) == 0, "a non-target (BOS or position 0) was scored"
+    assert st.acc.n_targets == int(exp.sum())
+    st.ledger.check(exp)
+
+
+def check_causality(model, stream, lut, scorer, t_cut):
+    """Scores of targets at stream positions <= t_cut must not change when tokens after t_cut change."""
+    st0 = run_ttt(model, stream, lut, scorer)
+    pert = stream.clone()
+    g = torch.Generator().manual_seed(11)
+    tail = pert[t_cut + 1:]
+    repl = torch.randint(4, 1024, tail.shape, generator=g)
+    pert[t_cut + 1:] = torch.where(tail == 1, tail, repl)  # keep BOS (document boundaries) in place
+    st1 = run_ttt(model, pert, lut, scorer)
+    a = st0.ledger.nll[: t_cut + 1]
+    b = st1.ledger.nll[: t_cut + 1]
+    scored = ~torch.isnan(a)
+    assert bool(scored.any())
+    assert torch.equal(torch.isnan(a), torch.isnan(b))
+    diff = (a[scored] - b[scored]).abs().max().item()
+    assert diff == 0.0, f"scores of targets <= {t_cut} changed by {diff} when later tokens changed"
+    # and the perturbation did change later scores (the test can fail)
+    later = ~torch.isnan(st0.ledger.nll[t_cut + 1:-1])
+    assert (st0.ledger.nll[t_cut + 1:-1][later] != st1.ledger.nll[t_cut + 1:-1][later]).any()
+
+
+# ------------------------------------------------------------------ (1) coverage
+@pytest.mark.parametrize("mode", ["ttt", "base", "flat", "sliding"])
+def test_coverage_every_mode(model, stream, lut, mode):
+    rep, st = evaluate(model, stream, lut, mode=mode, cfg=CFG, stride=23, strict=True, keep_nll=True,
+                       return_state=True, backend="bmm")
+    exp = expected_targets(stream, per_doc=mode in ("ttt", "base"))
+    check_coverage(st, exp)
+    assert rep["targets"] == int(exp.sum())
+    want_bytes = int(lut.target_bytes(stream[:-1], stream[1:])[exp[1:]].sum())
+    assert rep["bytes"] == want_bytes
+    assert math.isclose(rep["val_bpb"], st.acc.loss_sum / math.log(2) / want_bytes, rel_tol=1e-12)
+    assert rep["legality"]["missing"] == 0 and rep["legality"]["double_scored"] == 0
+
+
+def test_coverage_two_simulated_ranks(model, stream, lut):
+    """Two disjoint shares cover every target exactly once; summed they give the one-rank BPB."""
+    full, st_full = evaluate(model, stream, lut, mode="ttt", cfg=CFG, keep_nll=True, return_state=True, backend="bmm")
+    parts = [evaluate(model, stream, lut, mode="ttt", cfg=CFG, share=(k, 2), keep_nll=True, return_state=True,
+                      backend="bmm")
+             for k in range(2)]
+    count = parts[0][1].ledger.count + parts[1][1].ledger.count
+    exp = expected_targets(stream)
+    assert torch.equal(count[:-1], exp.to(torch.int32))
+    sums = parts[0][1].acc.sums + parts[1][1].acc.sums
+    assert int(sums[2]) == full["targets"] and int(sums[1]) == full["bytes"]
+    bpb2 = float(sums[0] / math.log(2) / sums[1])
+    assert abs(bpb2 - full["val_bpb"]) <= 1e-9 * full["val_bpb"]
+    # each document's scores are the same whichever share ran it
+    nll2 = torch.where(parts[0][1].ledger.count > 0, parts[0][1].ledger.nll, parts[1][1].ledger.nll)
+    m = exp
+    torch.testing.assert_close(nll2[:-1][m], st_full.ledger.nll[:-1][m], rtol=1e-6, atol=1e-6)
+
+
+def test_ledger_unit():
+    led = ScoreLedger(10, strict=True)
+    pos = torch.tensor([[1, 2, 3]])
+    led.record(pos, torch.tensor([[True, True, False]]))
+    with pytest.raises(LegalityError, match="more than once"):
+        led.record(torch.tensor([[2]]), torch.tensor([[True]]))
+    with pytest.raises(LegalityError, match="not scored"):
+        led.require_scored(torch.tensor([[3]]), torch.tensor([[True]]))
+    led.require_scored(pos[:, :2], torch.tensor([[True, True]]))
+    lazy = ScoreLedger(10)
+    lazy.record(torch.tensor([[4, 4]]), torch.tensor([[True, True]]))  # duplicate inside one call
+    with pytest.raises(LegalityError, match="double_scored"):
+        lazy.check()
+    lazy2 = ScoreLedger(5)
+    lazy2.record(torch.tensor([[1, 2]]), torch.tensor([[True, True]]))
+    with pytest.raises(LegalityError, match="missing"):
+        lazy2.check(torch.tensor([False, True, True, True, False]))
+
+
+# ------------------------------------------------------------------ (2) causality
+def mid_chunk_cut(stream, doc_rank, chunk_idx):
+    """A stream position in the middle of chunk ``chunk_idx`` of the ``doc_rank``-th longest document
+    (a cut on a chunk boundary would not exercise 'trained on, then scored' within a chunk)."""
+    starts, ns = split_docs(stream)
+    k = int(np.argsort(-ns, kind="stable")[doc_rank])
+    t = min(int(ns[k]) - 2, chunk_idx * CFG.chunk + CFG.chunk // 2)
+    return int(starts[k]) + 1 + t
+
+
+@pytest.mark.parametrize("doc_rank,chunk_idx", [(0, 0), (0, 4), (2, 1), (4, 2)])
+def test_causality_ttt(model, stream, lut, doc_rank, chunk_idx):
+    check_causality(model, stream, lut, ttt_batch, mid_chunk_cut(stream, doc_rank, chunk_idx))
+
+
+def test_causality_other_documents(model, stream, lut):
+    """A document's scores do not depend on any other document (batch mates included)."""
+    starts, ns = split_docs(stream)
+    k = int(np.argmax(ns))  # the longest doc: its batch mates are other long docs
+    s, e = int(starts[k]), int(starts[k] + ns[k] + 1)
+    st0 = run_ttt(model, stream, lut)
+    pert = stream.clone()
+    g = torch.Generator().manual_seed(2)
+    other = torch.ones_like(pert, dtype=torch.bool)
+    other[s:e] = False
+    other &= pert != 1
+    pert[other] = torch.randint(4, 1024, (int(other.sum()),), generator=g)
+    st1 = run_ttt(model, pert, lut)
+    assert torch.equal(st0.ledger.nll[s + 1:e], st1.ledger.nll[s + 1:e])
+    out = torch.ones(stream.numel(), dtype=torch.bool)
+    out[s:e] = False
+    a, b = st0.ledger.nll[:-1][out], st1.ledger.nll[:-1][out]
+    assert not torch.equal(a[~a.isnan()], b[~b.isnan()])  # the other documents' scores did change
+
+
+def test_causality_catches_train_then_score(model, stream, lut):
+    with pytest.raises(AssertionError, match="changed"):
+        check_causality(model, stream, lut, ttt_train_then_score, mid_chunk_cut(stream, 2, 1))
+
+
+# ------------------------------------------------------------------ (3) score before update
+def test_score_before_update_instrumented(model, stream, lut):
+    """Every training loss uses only targets already in the ledger, and each optimizer step's targets
+    were scored by an earlier (or the same) forward; the last chunk of a document is never trained on."""
+    starts, ns = split_docs(stream)
+    steps = []
+
+    def hook(rb, tmask, loss):
+        st = hook.st
+        c = st.ledger.count[rb.pos[tmask]]
+        steps.append((int(tmask.sum()), int(c.min()) if c.numel() else 1))
+        # last chunk of each document excluded
+        last = torch.from_numpy(starts + ns)  # stream position of each document's last target
+        assert not torch.isin(rb.pos[tmask], last).any()
+
+    st = make_state(stream, lut, strict=True, keep_nll=True)
+    hook.st = st
+    ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    opt = BatchedAdam(ad.params, CFG.lr, (CFG.beta1, CFG.beta2))
+    for i, docs in enumerate(plan_doc_batches(ns, CFG.batch_size)):
+        ttt_batch(model, stream, starts, ns, docs, CFG, ad, opt, st, i, train_hook=hook)
+    assert steps and all(mn == 1 for _, mn in steps)
+    assert sum(n for n, _ in steps) > 0
+    assert st.ledger.n_train_checks == len(steps)
+
+
+def test_score_before_update_catches_train_then_score(model, stream, lut):
+    with pytest.raises(LegalityError, match="not scored"):
+        run_ttt(model, stream, lut, ttt_train_then_score, strict=True)
+    st = run_ttt(model, stream, lut, ttt_train_then_score, strict=False)
+    assert int(st.ledger.trained_unscored) > 0
+    with pytest.raises(LegalityError, match="trained_unscored"):
+        st.ledger.check(expected_targets(stream))
+
+
+# ------------------------------------------------------------------ (4) full softmax
+def test_full_softmax_and_scorer_matches_model_forward(model, stream, lut):
+    """The scorer's NLL is -log of a distribution normalized over the full vocabulary, and equals
+    GPT.forward's own cross-entropy (with the same adapter) at the scored positions."""
+    starts, ns = split_docs(stream)
+    ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in ad.params:  # non-zero adapters: the LoRA path is exercised
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    docs = plan_doc_batches(ns, CFG.batch_size)[0]
+    rows = np.stack([starts[docs], np.full(len(docs), 32), np.minimum(64, ns[docs])], 1)
+    rows = rows[rows[:, 1] < rows[:, 2]]
+    rb = build_rows(stream, rows, CFG.window)
+    ad.set_rows(None)
+    with torch.no_grad():
+        nll = rows_nll(model, rb, ad)
+        logits = model(rb.x, None, ad)  # (R, L, V) soft-capped logits from the model's own head
+    logp = torch.log_softmax(logits.double(), -1)
+    tot = logp.exp().sum(-1)
+    assert torch.allclose(tot, torch.ones_like(tot), atol=1e-12)
+    ref = -torch.gather(logp, 1, rb.sel[..., None].expand(-1, -1, logp.size(-1))).gather(2, rb.y[..., None]).squeeze(-1)
+    m = rb.mask
+    torch.testing.assert_close(nll[m].double(), ref[m], rtol=1e-5, atol=1e-5)
+    # and equals GPT.forward's NLL with targets
+    tgt = torch.zeros_like(rb.x)
+    tgt.scatter_(1, rb.sel, rb.y)
+    with torch.no_grad():
+        fwd = model(rb.x, tgt, ad)
+    torch.testing.assert_close(nll[m], fwd.gather(1, rb.sel)[m], rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------ (5) single pass
+def test_single_pass_catches_second_epoch(model, stream, lut):
+    with pytest.raises(LegalityError, match="more than once"):
+        run_ttt(model, stream, lut, ttt_two_epochs_overwrite, strict=True)
+    st = run_ttt(model, stream, lut, ttt_two_epochs_overwrite, strict=False)
+    with pytest.raises(AssertionError, match="0 or >1"):
+        check_coverage(st, expected_targets(stream))
+    with pytest.raises(LegalityError, match="double_scored"):
+        st.ledger.check(expected_targets(stream))
+
+
+def test_legal_scorer_passes_every_check(model, stream, lut):
+    st = run_ttt(model, stream, lut, ttt_batch, strict=True)
+    check_coverage(st, expected_targets(stream))
+    assert int(st.ledger.trained_unscored) == 0
+
+
+@pytest.mark.parametrize("illegal", ILLEGAL, ids=lambda f: f.__name__)
+def test_every_illegal_double_is_caught_by_ledger_check(model, stream, lut, illegal):
+    st = run_ttt(model, stream, lut, illegal, strict=False)
+    with pytest.raises(LegalityError):
+        st.ledger.check(expected_targets(stream))

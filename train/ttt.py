@@ -1,0 +1,513 @@
+"""Legal score-first evaluation: flat / sliding windows and per-document batched LoRA TTT.
+
+Vocabulary. The validation stream ``tok`` (N tokens) is a concatenation of documents ``[BOS] + text``.
+A *sequence* is a span of the stream starting at stream index ``s`` with ``n`` targets: target
+``t in [0, n)`` is the token at stream index ``s + 1 + t``, predicted from ``tok[s : s + 1 + t]``.
+
+* per-document modes: one sequence per document (``s`` = its BOS), so BOS tokens are never targets
+  and no context crosses a document boundary; N - n_docs targets.
+* flat / sliding modes: the whole stream is one sequence (``s = 0``), as in the baseline's eval;
+  N - 1 targets (BOS targets add loss and 0 bytes).
+
+Every mode is a list of *rows*. A row scores the targets ``[a, b)`` of one sequence from the window
+of inputs ``tok[s + w : s + b]`` with ``w = max(0, b - window)``; the scored targets sit at window
+positions ``a - w ... b - w - 1`` (the window's tail). Rows are independent unless TTT links them.
+
+* flat:    chunks of ``window`` targets (every target sees the context since its window start).
+* sliding: the first chunk has ``window`` targets, then chunks of ``stride``: every target after the
+           first window has at least ``window - stride`` tokens of context.
+* ttt:     chunks of ``chunk`` targets per document, ``window`` of context; documents sorted by length
+           (longest first) in batches of ``batch_size``; for chunk c of every document of a batch:
+           forward the windows, **score** the chunk's targets (recorded in the ``ScoreLedger`` and
+           summed into the BPB), then one Adam step on
+               L = sum_docs mean_{t in chunk} NLL_t        (docs whose last chunk this is excluded)
+           on per-document LoRA adapters (A: Kaiming-uniform, B: 0; reset in place per batch, Adam
+           state too). Summing per-document means keeps documents independent: the gradient of
+           document i's adapters depends on document i only, and Adam is elementwise, so a
+           document's scores do not depend on which batch or rank processed it.
+
+Legality is structural: the score of a chunk is taken from the forward pass that precedes the
+update computed from it (the update only ever uses losses already recorded), each target is
+recorded exactly once (``ScoreLedger`` raises or counts a violation on a second record), and the
+training step asserts that every target in its loss was recorded before. The scoring forward and
+the training forward are the same pass (the NLL is detached for scoring before ``backward``), which
+is the same math as a separate no-grad forward followed by a training forward, at half the cost.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .bpb import BPBAccumulator, ByteLUT
+
+BOS_ID = 1
+
+
+class LegalityError(RuntimeError):
+    """A target was scored twice, never scored, or trained on before it was scored."""
+
+
+# ------------------------------------------------------------------------------------------- ledger
+class ScoreLedger:
+    """Counts how often every stream position was scored, on the device, without host syncs.
+
+    ``record(pos, mask)`` adds 1 to ``count[pos]`` for the masked positions and counts a violation
+    for any position whose count is now != 1 (scored before, or twice in this call).
+    ``require_scored(pos, mask)`` counts a violation for any masked position never recorded
+    (used by the training step on the targets of its loss). ``strict=True`` raises at once (tests);
+    otherwise ``check()`` raises at the end of the eval (one sync). ``keep_nll=True`` also keeps the
+    recorded NLL per position (tests compare scores across runs).
+    """
+
+    def __init__(self, n_positions: int, device="cpu", *, strict: bool = False, keep_nll: bool = False):
+        self.n = int(n_positions)
+        self.device = torch.device(device)
+        # slot n is a sink for masked-out entries (no data-dependent shapes, hence no syncs)
+        self.count = torch.zeros(self.n + 1, dtype=torch.int32, device=self.device)
+        self.double_scored = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.trained_unscored = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.strict = strict
+        self.nll = torch.full((self.n + 1,), float("nan"), dtype=torch.float64, device=self.device) if keep_nll else None
+        self.n_records = 0
+        self.n_train_checks = 0
+
+    def _idx(self, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.where(mask, pos, torch.full_like(pos, self.n)).reshape(-1)
+
+    def record(self, pos: torch.Tensor, mask: torch.Tensor, nll: Optional[torch.Tensor] = None) -> None:
+        idx = self._idx(pos, mask)
+        m = mask.reshape(-1)
+        self.count.index_add_(0, idx, m.to(torch.int32))
+        bad = ((self.count[idx] != 1) & m).sum()
+        self.double_scored += bad
+        if self.nll is not None and nll is not None:
+            self.nll[idx[m]] = nll.detach().reshape(-1)[m].to(torch.float64)
+        self.n_records += 1
+        if self.strict and int(bad):
+            raise LegalityError(f"{int(bad)} target(s) scored more than once (record #{self.n_records})")
+
+    def require_scored(self, pos: torch.Tensor, mask: torch.Tensor) -> None:
+        idx = self._idx(pos, mask)
+        m = mask.reshape(-1)
+        bad = ((self.count[idx] == 0) & m).sum()
+        self.trained_unscored += bad
+        self.n_train_checks += 1
+        if self.strict and int(bad):
+            raise LegalityError(f"training step #{self.n_train_checks} uses {int(bad)} target(s) not scored yet")
+
+    def all_reduce(self) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            for t in (self.count, self.double_scored, self.trained_unscored):
+                dist.all_reduce(t)
+
+    def check(self, expected: Optional[torch.Tensor] = None) -> Dict[str, int]:
+        """Raise LegalityError on any violation; ``expected`` (bool, n) = positions that must be
+        scored exactly once (coverage). Returns counts for the report."""
+        c = self.count[: self.n]
+        info = {"double_scored": int(self.double_scored), "trained_unscored": int(self.trained_unscored),
+                "scored": int((c > 0).sum())}
+        if expected is not None:
+            exp = expected.to(c.device)
+            info["missing"] = int(((c == 0) & exp).sum())
+            info["unexpected"] = int(((c > 0) & ~exp).sum())
+            info["multi"] = int((c > 1).sum())
+        bad = {k: v for k, v in info.items() if k != "scored" and v}
+        if bad:
+            raise LegalityError(f"score ledger violations: {bad}")
+        return info
+
+
+# ------------------------------------------------------------------------------------ planning
+def split_docs(tokens: torch.Tensor, bos_id: int = BOS_ID) -> Tuple[np.ndarray, np.ndarray]:
+    """Document starts (BOS stream indices) and target counts. A stream not starting with BOS gets a
+    first document starting at 0. Documents with no targets are dropped."""
+    t = tokens.detach().cpu().numpy() if isinstance(tokens, torch.Tensor) else np.asarray(tokens)
+    starts = np.flatnonzero(t == bos_id)
+    if t.size and (starts.size == 0 or starts[0] != 0):
+        starts = np.concatenate([[0], starts])
+    ends = np.concatenate([starts[1:], [t.size]])
+    n = ends - starts - 1
+    keep = n > 0
+    return starts[keep].astype(np.int64), n[keep].astype(np.int64)
+
+
+def chunk_bounds(n: int, chunk: int, first: Optional[int] = None) -> List[Tuple[int, int]]:
+    """[a, b) chunks covering [0, n): the first of ``first`` (default ``chunk``) targets, then ``chunk``."""
+    out, a = [], 0
+    step = first or chunk
+    while a < n:
+        b = min(n, a + step)
+        out.append((a, b))
+        a, step = b, chunk
+    return out
+
+
+def plan_rows(starts: Sequence[int], ns: Sequence[int], chunk: int, window: int,
+              first: Optional[int] = None) -> np.ndarray:
+    """All rows (s, a, b) of independent chunked scoring (flat, sliding, per-doc no-TTT)."""
+    if chunk > window or (first or chunk) > window:
+        raise ValueError(f"chunk ({first or chunk}) must not exceed window ({window})")
+    rows = [(s, a, b) for s, n in zip(starts, ns) for a, b in chunk_bounds(int(n), chunk, first)]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+
+
+def plan_doc_batches(ns: np.ndarray, batch_size: int) -> List[np.ndarray]:
+    """Document indices sorted by target count, longest first (balances ranks: the longest work is
+    claimed first and the short tail evens out the finish), cut into batches of ``batch_size``."""
+    order = np.argsort(-ns, kind="stable")
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+# ---------------------------------------------------------------------------- row forward
+@dataclass
+class RowBatch:
+    """Device tensors for one forward over R rows (see module docstring)."""
+
+    x: torch.Tensor      # (R, L) int64 window inputs (0-padded past each row's length)
+    sel: torch.Tensor    # (R, C) window positions of the scored targets (clamped)
+    y: torch.Tensor      # (R, C) int64 scored targets
+    pos: torch.Tensor    # (R, C) stream positions of the scored targets
+    mask: torch.Tensor   # (R, C) bool: slot holds a real target
+
+
+def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int = 1) -> RowBatch:
+    """rows (R, 3) = (s, a, b) on the host -> device RowBatch (one small host->device copy)."""
+    s, a, b = rows[:, 0], rows[:, 1], rows[:, 2]
+    w = np.maximum(0, b - window)
+    L = int((b - w).max())
+    L = -(-L // pad_to) * pad_to
+    C = int((b - a).max())
+    meta = torch.from_numpy(np.stack([s + w, b - w, a - w, b - a, s + 1 + a], 1))
+    dev = stream.device
+    if dev.type == "cuda":
+        meta = meta.pin_memory().to(dev, non_blocking=True)
+    else:
+        meta = meta.to(dev)
+    base, ln, off, cnt, p0 = meta.unbind(1)
+    ar_L = torch.arange(L, device=dev)
+    ar_C = torch.arange(C, device=dev)
+    valid = ar_L[None] < ln[:, None]
+    gi = torch.where(valid, base[:, None] + ar_L[None], 0)
+    x = torch.where(valid, stream[gi], 0)
+    mask = ar_C[None] < cnt[:, None]
+    sel = torch.where(mask, off[:, None] + ar_C[None], 0)
+    pos = torch.where(mask, p0[:, None] + ar_C[None], 0)
+    y = torch.where(mask, stream[pos], 0)
+    return RowBatch(x, sel, y, pos, mask)
+
+
+def head_nll(model, h: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, adapter=None) -> torch.Tensor:
+    """NLL (R, C) fp32 of targets y at window positions sel, from the full soft-capped softmax.
+
+    Same math as ``GPT.forward(..., target_ids)`` restricted to the scored positions (the head and
+    the cross-entropy are computed only where a score is taken: 1/4 of the window at chunk 256).
+    """
+    d = h.size(-1)
+    hs = torch.gather(h, 1, sel[..., None].expand(-1, -1, d))
+    if adapter is not None:
+        raw = adapter.head(hs, model)
+    else:
+        raw = F.linear(hs, model.head_weight().to(hs.dtype))
+    logits = raw.float()
+    cap = model.config.logit_softcap
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return nll.view(y.shape)
+
+
+def rows_nll(model, rb: RowBatch, adapter=None) -> torch.Tensor:
+    h = model.hidden(rb.x, adapter)
+    return head_nll(model, h, rb.sel, rb.y, adapter)
+
+
+# ---------------------------------------------------------------------------------- adapters
+@dataclass
+class TTTConfig:
+    rank: int = 8
+    targets: Tuple[str, ...] = ("q", "v", "head")
+    chunk: int = 256
+    window: int = 1024
+    batch_size: int = 64
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    seed: int = 1234
+
+    def __post_init__(self):
+        bad = set(self.targets) - {"q", "k", "v", "head"}
+        if bad:
+            raise ValueError(f"TTT targets must be among q, k, v, head; got {sorted(bad)}")
+        if not 0 < self.chunk <= self.window:
+            raise ValueError(f"need 0 < chunk ({self.chunk}) <= window ({self.window})")
+        if self.rank < 1 or self.batch_size < 1:
+            raise ValueError(f"rank ({self.rank}) and batch_size ({self.batch_size}) must be >= 1")
+
+
+def _lora_backend(name: str):
+    """'kernel' -> pgolf_kernels.lora.multi_lora_linear if importable, else None (reference bmm)."""
+    if name != "kernel":
+        return None
+    try:
+        from pgolf_kernels.lora import multi_lora_linear  # noqa: F401
+
+        return multi_lora_linear
+    except Exception:
+        return None
+
+
+class DocLoRA:
+    """Per-document LoRA on Q/K/V (every layer) and the LM head, one adapter row per document.
+
+    delta(x) = (x @ A[doc]^T) @ B[doc]^T, A (n_docs, r, in) Kaiming-uniform (bound 1/sqrt(in)),
+    B (n_docs, out, r) zero, so a reset adapter is exactly the base model. Parameters are fp32; the
+    products run in the activation dtype. ``rows`` (R,) maps the forward's rows to adapter rows.
+
+    backend 'bmm' (the ``--reference`` path): torch.bmm on gathered adapters. backend 'kernel':
+    ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16),
+    falling back to 'bmm' when the kernel module is absent (``self.backend`` says which ran).
+    """
+
+    def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm"):
+        mc = model.config
+        d = mc.model_dim
+        hd = d // mc.num_heads
+        outs = {"q": mc.num_heads * hd, "k": mc.num_kv_heads * hd, "v": mc.num_kv_heads * hd}
+        self.cfg = cfg
+        self.n_docs = n_docs
+        self.layer_targets = [t for t in ("q", "k", "v") if t in cfg.targets]
+        self.A: Dict[str, List[torch.Tensor]] = {}
+        self.B: Dict[str, List[torch.Tensor]] = {}
+        for t in self.layer_targets:
+            self.A[t] = [torch.empty(n_docs, cfg.rank, d, device=device) for _ in range(mc.num_layers)]
+            self.B[t] = [torch.empty(n_docs, outs[t], cfg.rank, device=device) for _ in range(mc.num_layers)]
+        if "head" in cfg.targets:
+            self.A["head"] = [torch.empty(n_docs, cfg.rank, d, device=device)]
+            self.B["head"] = [torch.empty(n_docs, mc.vocab_size, cfg.rank, device=device)]
+        self.params = [p for k in self.A for p in self.A[k] + self.B[k]]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.rows: Optional[torch.Tensor] = None
+        self._kernel = _lora_backend(backend)
+        self.backend = "kernel" if self._kernel is not None else "bmm"
+        self._gen = torch.Generator(device=device)
+        self.reset(0)
+
+    @torch.no_grad()
+    def reset(self, seed: int) -> None:
+        """In place: A ~ U(-1/sqrt(in), 1/sqrt(in)) from a generator seeded by ``seed`` (so a batch's
+        initial adapters do not depend on the rank that runs it), B = 0."""
+        self._gen.manual_seed(int(self.cfg.seed) * 1_000_003 + int(seed))
+        for k in self.A:
+            for a in self.A[k]:
+                bound = 1.0 / math.sqrt(a.size(-1))
+                a.uniform_(-bound, bound, generator=self._gen)
+            for b in self.B[k]:
+                b.zero_()
+        for p in self.params:
+            p.grad = None
+
+    def set_rows(self, rows: Optional[torch.Tensor]) -> None:
+        self.rows = rows
+
+    def _sel(self, p: torch.Tensor, dtype) -> torch.Tensor:
+        p = p if self.rows is None else p.index_select(0, self.rows)
+        return p.to(dtype)
+
+    def _delta(self, x, A, B):
+        return torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+
+    def qkv(self, i: int, h: torch.Tensor, attn):
+        if self._kernel is not None:
+            return self._qkv_kernel(i, h, attn)
+        q, k, v = attn.c_q(h), attn.c_k(h), attn.c_v(h)
+        if "q" in self.A:
+            q = q + self._delta(h, self.A["q"][i], self.B["q"][i])
+        if "k" in self.A:
+            k = k + self._delta(h, self.A["k"][i], self.B["k"][i])
+        if "v" in self.A:
+            v = v + self._delta(h, self.A["v"][i], self.B["v"][i])
+        return q, k, v
+
+    def _qkv_kernel(self, i, h, attn):
+        mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
+        ts = self.layer_targets
+        bases = [_base_weight(mods[t]) for t in ts]
+        As = [self.A[t][i] for t in ts]
+        Bs = [self.B[t][i] for t in ts]
+        outs = self._kernel(h, bases, As, Bs, adapter_index=self.rows)
+        res = dict(zip(ts, outs))
+        return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
+
+    def head(self, h: torch.Tensor, model) -> torch.Tensor:
+        W = model.head_weight()
+        if "head" not in self.A:
+            return F.linear(h, W.to(h.dtype))
+        if self._kernel is not None:
+            return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], adapter_index=self.rows)[0]
+        return F.linear(h, W.to(h.dtype)) + self._delta(h, self.A["head"][0], self.B["head"][0])
+
+
+def _base_weight(mod):
+    """The base weight of a projection for multi_lora_linear: the int6 QTensor of an Int6Linear
+    (kept as codes), else the dense weight."""
+    for attr in ("qtensor", "qweight", "as_qtensor"):
+        q = getattr(mod, attr, None)
+        if q is not None:
+            return q() if callable(q) else q
+    return mod.weight
+
+
+class BatchedAdam:
+    """Adam (PyTorch's formula, no weight decay) over a fixed list of tensors, reset in place.
+
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).
+    Elementwise, so stacking every document's adapter rows in one tensor is per-document Adam.
+    """
+
+    def __init__(self, params: List[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8):
+        self.params = params
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        torch._foreach_zero_(self.m)
+        torch._foreach_zero_(self.v)
+        self.t = 0
+
+    @torch.no_grad()
+    def step(self) -> None:
+        ps = [p for p in self.params if p.grad is not None]
+        if not ps:
+            return
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        m = [self.m[i] for i in idx]
+        v = [self.v[i] for i in idx]
+        g = [p.grad for p in ps]
+        self.t += 1
+        torch._foreach_lerp_(m, g, 1 - self.b1)
+        torch._foreach_mul_(v, self.b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
+        bc1 = 1 - self.b1 ** self.t
+        bc2 = 1 - self.b2 ** self.t
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(ps, m, denom, value=-self.lr / bc1)
+        for p in ps:
+            p.grad = None
+
+
+# ------------------------------------------------------------------------------------ scorer
+@dataclass
+class EvalState:
+    """What a scoring pass accumulates (one per rank; all-reduced at the end)."""
+
+    acc: BPBAccumulator
+    ledger: ScoreLedger
+    bytes_at: torch.Tensor  # (N,) bytes of the target at each stream position
+    docs_ttt: int = 0
+    docs_base: int = 0
+    steps: int = 0
+    positions: int = 0      # window positions run through the model (work measure)
+
+
+def stream_bytes_table(stream: torch.Tensor, lut: ByteLUT) -> torch.Tensor:
+    """bytes_at[p] = bytes of target tok[p] after tok[p-1] (p >= 1; bytes_at[0] = 0), int16."""
+    lut = lut.to(stream.device)
+    out = torch.zeros_like(stream, dtype=torch.int16)
+    if stream.numel() > 1:
+        out[1:] = lut.target_bytes(stream[:-1], stream[1:]).to(torch.int16)
+    return out
+
+
+def make_state(stream: torch.Tensor, lut: ByteLUT, *, strict=False, keep_nll=False) -> EvalState:
+    return EvalState(BPBAccumulator(stream.device), ScoreLedger(stream.numel(), stream.device, strict=strict,
+                                                                   keep_nll=keep_nll),
+                     stream_bytes_table(stream, lut))
+
+
+def _score(st: EvalState, rb: RowBatch, nll: torch.Tensor) -> None:
+    """The only place a score is taken: ledger first, then the BPB sums."""
+    st.ledger.record(rb.pos, rb.mask, nll)
+    st.acc.add(nll, st.bytes_at[rb.pos], rb.mask)
+
+
+@torch.no_grad()
+def score_rows(model, stream: torch.Tensor, rows: np.ndarray, window: int, st: EvalState,
+               max_positions: int = 1 << 16, pad_to: int = 64) -> None:
+    """Score independent rows (flat, sliding, per-doc no-TTT) in batches of <= max_positions
+    window positions (65,536 = the seeds' 64 docs x 1024: fits with room on an 80 GB GPU)."""
+    if len(rows) == 0:
+        return
+    spans = rows[:, 2] - np.maximum(0, rows[:, 2] - window)  # window length of each row
+    order = np.argsort(-spans, kind="stable")  # similar lengths together: little padding
+    i = 0
+    while i < len(order):
+        L = int(spans[order[i]])
+        n = max(1, max_positions // max(L, 1))
+        idx = order[i:i + n]
+        rb = build_rows(stream, rows[idx], window, pad_to)
+        nll = rows_nll(model, rb)
+        _score(st, rb, nll)
+        st.steps += 1
+        st.positions += int(rb.x.numel())
+        i += n
+
+
+def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, docs: np.ndarray,
+              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_seed: int,
+              pad_to: int = 64, train_hook: Optional[Callable] = None) -> None:
+    """Score-first TTT over one batch of documents (indices ``docs`` into starts/ns)."""
+    adapter.reset(batch_seed)
+    opt.reset()
+    s = starts[docs]
+    n = ns[docs]
+    n_chunks = -(-n // cfg.chunk)
+    dev = stream.device
+    for c in range(int(n_chunks.max())):
+        live = np.flatnonzero(n_chunks > c)  # documents with targets left (sorted: a prefix shrinking)
+        a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
+        b = np.minimum(a + cfg.chunk, n[live])
+        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window, pad_to)
+        train_rows = n_chunks[live] > c + 1  # the last chunk of a document is never trained on
+        do_train = bool(train_rows.any())
+        rows_t = torch.from_numpy(live).to(dev, non_blocking=True)
+        adapter.set_rows(None if live.size == adapter.n_docs else rows_t)
+        with torch.set_grad_enabled(do_train):
+            nll = rows_nll(model, rb, adapter)
+        _score(st, rb, nll)  # scored from this forward, before any update that uses it
+        st.steps += 1
+        st.positions += int(rb.x.numel())
+        if do_train:
+            tmask = rb.mask & torch.from_numpy(train_rows).to(dev, non_blocking=True)[:, None]
+            st.ledger.require_scored(rb.pos, tmask)
+            w = tmask.float() / tmask.sum(1, keepdim=True).clamp_min(1)
+            loss = (nll * w).sum()
+            if train_hook is not None:
+                train_hook(rb, tmask, loss)
+            loss.backward()
+            opt.step()
+    adapter.set_rows(None)
+    st.docs_ttt += len(docs)
+
+
+def ttt_positions(ns: np.ndarray, chunk: int, window: int, first: Optional[int] = None) -> int:
+    """Window positions the chunked scoring of sequences with ``ns`` targets runs (work estimate)."""
+    total = 0
+    for n in np.asarray(ns).reshape(-1):
+        for a, b in chunk_bounds(int(n), chunk, first):
+            total += b - max(0, b - window)
+    return total

@@ -76,14 +76,39 @@ def int6_linear_dx_ref(dy, q, scale) -> torch.Tensor:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _split_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_s, SPLIT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    """Split-K across programs: every split stores its fp32 partial tile to the workspace and
+    bumps the tile's counter; the program that arrives last sums the SPLIT partials (in split
+    order, so the result does not depend on arrival order) and returns (True, sum). The counter
+    is reset by that program, so the zero-initialised counter buffer is reusable without a memset.
+    """
+    rr = tl.arange(0, R)
+    cc = tl.arange(0, C)
+    offs = rr[:, None] * C + cc[None, :]
+    base = ws_ptr + tile_id.to(tl.int64) * (SPLIT * R * C)
+    tl.store(base + pid_s * (R * C) + offs, acc)
+    tl.debug_barrier()  # all threads' partial stores precede the release below
+    old = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
+    last = old == SPLIT - 1
+    total = tl.zeros((R, C), dtype=tl.float32)
+    if last:
+        for i in range(SPLIT):
+            # .cg: read from L2, where the other SMs' partials are, not from this SM's L1
+            total += tl.load(base + i * (R * C) + offs, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile_id, 0)
+    return last, total
+
+
+@triton.jit
 def _fwd_kernel(
-    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr,
+    x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_qn, stride_ym,
     M_BUCKET,  # autotune key only
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # split index over the K reduction
     num_pid_n = tl.cdiv(N, BN)
     # n fastest: consecutive programs share one x tile (read from HBM once, then L2), and the
     # whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident.
@@ -95,13 +120,16 @@ def _fwd_kernel(
     rm_l = rm % M
     rn_l = rn % N
     rk = tl.arange(0, BK)
-    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + rk[None, :]
-    q_ptrs = q_ptr + rn_l[:, None] * stride_qn + rk[None, :]
+    per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
+    k_lo = pid_s * per
+    k_hi = tl.minimum(K, k_lo + per)
+    x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_lo + rk)[None, :]
+    q_ptrs = q_ptr + rn_l[:, None] * stride_qn + (k_lo + rk)[None, :]
     if SWAP:
         acc = tl.zeros((BN, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):
+    for k0 in range(k_lo, k_hi, BK):
         if EVEN_K:
             xt = tl.load(x_ptrs)
             qt = tl.load(q_ptrs)
@@ -116,31 +144,39 @@ def _fwd_kernel(
             acc = tl.dot(xt, tl.trans(w), acc, input_precision=PREC)
         x_ptrs += BK
         q_ptrs += BK
-    s = tl.load(s_ptr + rn_l).to(tl.float32)
-    if SWAP:
-        acc = acc * s[:, None]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn_l).to(tl.float32)[:, None]
-        y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
-    else:
-        acc = acc * s[None, :]
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
-        y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+    do_store = True
+    if SPLIT > 1:
+        if SWAP:
+            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BN, BM)
+        else:
+            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BM, BN)
+    if do_store:
+        s = tl.load(s_ptr + rn_l).to(tl.float32)
+        if SWAP:
+            acc = acc * s[:, None]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_l).to(tl.float32)[:, None]
+            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
+        else:
+            acc = acc * s[None, :]
+            if HAS_BIAS:
+                acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
+            y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
+            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
 @triton.jit
 def _dx_kernel(
-    dy_ptr, q_ptr, s_ptr, dx_ptr,
+    dy_ptr, q_ptr, s_ptr, dx_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_dym, stride_qn, stride_dxm,
     M_BUCKET,  # autotune key only
-    PREC: tl.constexpr, SWAP: tl.constexpr,
+    PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
 ):
     # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
     pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # split index over the N reduction
     num_pid_k = tl.cdiv(K, BK)
     pid_k = pid % num_pid_k
     pid_m = pid // num_pid_k
@@ -149,14 +185,17 @@ def _dx_kernel(
     rm_l = rm % M
     rk_l = rk % K
     rn = tl.arange(0, BN)
-    dy_ptrs = dy_ptr + rm_l[:, None] * stride_dym + rn[None, :]
-    q_ptrs = q_ptr + rn[:, None] * stride_qn + rk_l[None, :]
-    s_ptrs = s_ptr + rn
+    per = tl.cdiv(tl.cdiv(N, BN), SPLIT) * BN
+    n_lo = pid_s * per
+    n_hi = tl.minimum(N, n_lo + per)
+    dy_ptrs = dy_ptr + rm_l[:, None] * stride_dym + (n_lo + rn)[None, :]
+    q_ptrs = q_ptr + (n_lo + rn)[:, None].to(tl.int64) * stride_qn + rk_l[None, :]
+    s_ptrs = s_ptr + n_lo + rn
     if SWAP:
         acc = tl.zeros((BK, BM), dtype=tl.float32)
     else:
         acc = tl.zeros((BM, BK), dtype=tl.float32)
-    for n0 in range(0, N, BN):
+    for n0 in range(n_lo, n_hi, BN):
         if EVEN_N:
             dyt = tl.load(dy_ptrs)
             qt = tl.load(q_ptrs)
@@ -175,32 +214,44 @@ def _dx_kernel(
         dy_ptrs += BN
         q_ptrs += BN * stride_qn
         s_ptrs += BN
-    if SWAP:
-        dx_ptrs = dx_ptr + rm[None, :] * stride_dxm + rk[:, None]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rk[:, None] < K))
-    else:
-        dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
-        tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+    do_store = True
+    if SPLIT > 1:
+        if SWAP:
+            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BK, BM)
+        else:
+            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BM, BK)
+    if do_store:
+        if SWAP:
+            dx_ptrs = dx_ptr + rm[None, :] * stride_dxm + rk[:, None]
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rk[:, None] < K))
+        else:
+            dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
+            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
 
 
 _fwd_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_fwd_kernel)
 _dx_heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BN"] == 0})(_dx_kernel)
 
-# (SWAP, BM, BN, BK, num_warps, num_stages). For the forward BN tiles N (output) and BK the
-# reduction; for dx, BK tiles K (output) and BN the reduction, so the tuples read the same way:
-# (swap, tokens, weight rows, weight cols). Kept short: every config is a compile (~1 s each on
-# the GPU machine) and each autotune key benchmarks only its bucket's 2-4 candidates.
+# (SWAP, BM, BN, BK, SPLIT, num_warps, num_stages). For the forward BN tiles N (output) and BK
+# the reduction; for dx BK tiles K (output) and BN the reduction, so the tuples read the same
+# way: (swap, tokens, weight rows, weight cols, split of the reduction). Kept short: every config
+# is a compile (~1 s each on the GPU machine) and each autotune key benchmarks only its bucket's
+# 2-4 candidates. Split-K exists for small M: fwd with N=512, K=2048 has only 8 output tiles of
+# 64 rows, and dx of the 8192x512 head reduces over 8192 rows into 8 tiles, so one program per
+# tile would stream 128-512 KB alone; SPLIT=8 spreads that over 8x more SMs.
 _CONFIGS = [
-    (1, 16, 64, 128, 4, 4),    # 0  M <= 16: 8-128 programs, one MMA column block
-    (1, 32, 64, 128, 4, 4),    # 1
-    (1, 64, 64, 128, 4, 4),    # 2
-    (1, 64, 128, 128, 4, 3),   # 3
-    (0, 128, 128, 64, 4, 4),   # 4  classic tile, 2 CTAs/SM (96 KB smem)
-    (1, 128, 128, 64, 4, 4),   # 5
-    (0, 128, 256, 64, 8, 3),   # 6  big tiles for large M
-    (1, 256, 128, 64, 8, 3),   # 7
+    (1, 16, 64, 128, 1, 4, 4),    # 0  M <= 16
+    (1, 16, 64, 128, 8, 4, 3),    # 1  M <= 16, split-K 8
+    (1, 32, 64, 128, 1, 4, 4),    # 2
+    (1, 64, 64, 128, 1, 4, 4),    # 3
+    (1, 64, 64, 128, 4, 4, 3),    # 4  split-K 4
+    (1, 64, 128, 128, 1, 4, 3),   # 5
+    (0, 128, 128, 64, 1, 4, 4),   # 6  classic tile, 2 CTAs/SM (96 KB smem)
+    (1, 128, 128, 64, 1, 4, 4),   # 7
+    (0, 128, 256, 64, 1, 8, 3),   # 8  big tiles for large M
+    (1, 256, 128, 64, 1, 8, 3),   # 9
 ]
-_BUCKETS = {16: [0, 2], 64: [1, 2, 3], 256: [2, 3, 5], 1024: [3, 4, 5], 4096: [4, 5, 6, 7], 1 << 30: [4, 5, 6, 7]}
+_BUCKETS = {16: [0, 1, 3], 64: [2, 3, 4], 256: [3, 4, 5, 7], 1024: [5, 6, 7], 4096: [6, 7, 8, 9], 1 << 30: [6, 7, 8, 9]}
 
 
 def _m_bucket(M: int) -> int:
@@ -211,11 +262,11 @@ def _m_bucket(M: int) -> int:
 
 
 def _fwd_cfg_dict(c) -> Dict[str, int]:
-    return {"SWAP": c[0], "BM": c[1], "BN": c[2], "BK": c[3]}
+    return {"SWAP": c[0], "BM": c[1], "BN": c[2], "BK": c[3], "SPLIT": c[4]}
 
 
 def _dx_cfg_dict(c) -> Dict[str, int]:
-    return {"SWAP": c[0], "BM": c[1], "BK": c[2], "BN": c[3]}
+    return {"SWAP": c[0], "BM": c[1], "BK": c[2], "BN": c[3], "SPLIT": c[4]}
 
 
 def _prune(configs, named_args, **kwargs):
@@ -230,20 +281,58 @@ def _tuner_bench(fn, quantiles):
 
 
 def _mk_configs(to_dict):
-    return [triton.Config(to_dict(c), num_warps=c[4], num_stages=c[5]) for c in _CONFIGS]
+    return [triton.Config(to_dict(c), num_warps=c[5], num_stages=c[6]) for c in _CONFIGS]
+
+
+def _grid_fwd(M, N):
+    return lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]), meta["SPLIT"])
+
+
+def _grid_dx(M, K):
+    return lambda meta: (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]), meta["SPLIT"])
 
 
 _fwd_tuned = triton.autotune(
     configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
 )(_fwd_heur)
 _dx_tuned = triton.autotune(
     configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
 )(_dx_heur)
 
 # Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly.
-_INTERP_CFG = (1, 16, 32, 32, 4, 1)
+_INTERP_CFG = (1, 16, 32, 32, 1, 4, 1)
+
+# Split-K counters: one int32 per output tile, zero between launches (the last split of a tile
+# resets it). Kept per (device, kernel) so the buffer is allocated once, before any CUDA-graph
+# capture that replays it. 8192 >= tiles of any split config (M <= 256 -> 16 x 512 tiles of 16).
+_COUNTERS: Dict[tuple, torch.Tensor] = {}
+_MAX_SPLIT_TILES = 1 << 13
+
+
+def _counters(device, which: str, tiles: int) -> torch.Tensor:
+    key = (str(device), which)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < tiles:
+        buf = torch.zeros(max(tiles, _MAX_SPLIT_TILES), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
+def _split_workspace(M, n_out, device, which, config, d_tile):
+    """fp32 workspace + counters big enough for the split configs that may run (the forced
+    ``config``, else every split config of M's bucket). Non-split launches get 1-element dummies."""
+    cands = [config] if config is not None else [_CONFIGS[i] for i in _BUCKETS[_m_bucket(M)]]
+    ws_elems, tiles = 1, 1
+    for c in cands:
+        if c[4] > 1:
+            d = d_tile(c)
+            t = cdiv(M, c[1]) * cdiv(n_out, d)
+            ws_elems = max(ws_elems, t * c[4] * c[1] * d)
+            tiles = max(tiles, t)
+    ws = torch.empty(ws_elems, dtype=torch.float32, device=device)
+    return ws, _counters(device, which, tiles)
 
 
 def _prec(dtype) -> str:
@@ -257,15 +346,15 @@ def _launch_fwd(x2, q, scale, bias, out, config=None):
     N = q.shape[0]
     if config is None and interpret_mode() and not x2.is_cuda:
         config = _INTERP_CFG
-    args = (x2, q, scale, bias if bias is not None else scale, out, M, N, K,
+    ws, cnt = _split_workspace(M, N, x2.device, "fwd", config, lambda c: c[2])
+    args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
             x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
     kw = dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
     if config is None:
-        grid = lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]),)  # noqa: E731
-        _fwd_tuned[grid](*args, **kw)
+        _fwd_tuned[_grid_fwd(M, N)](*args, **kw)
     else:
         d = _fwd_cfg_dict(config)
-        _fwd_heur[(cdiv(M, d["BM"]) * cdiv(N, d["BN"]),)](*args, **kw, **d, num_warps=config[4], num_stages=config[5])
+        _fwd_heur[_grid_fwd(M, N)(d)](*args, **kw, **d, num_warps=config[5], num_stages=config[6])
     return out
 
 
@@ -275,14 +364,14 @@ def _launch_dx(dy2, q, scale, out, config=None):
     K = q.shape[1]
     if config is None and interpret_mode() and not dy2.is_cuda:
         config = _INTERP_CFG
-    args = (dy2, q, scale, out, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
+    ws, cnt = _split_workspace(M, K, dy2.device, "dx", config, lambda c: c[2])
+    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
     kw = dict(PREC=_prec(dy2.dtype))
     if config is None:
-        grid = lambda meta: (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]),)  # noqa: E731
-        _dx_tuned[grid](*args, **kw)
+        _dx_tuned[_grid_dx(M, K)](*args, **kw)
     else:
         d = _dx_cfg_dict(config)
-        _dx_heur[(cdiv(M, d["BM"]) * cdiv(K, d["BK"]),)](*args, **kw, **d, num_warps=config[4], num_stages=config[5])
+        _dx_heur[_grid_dx(M, K)(d)](*args, **kw, **d, num_warps=config[5], num_stages=config[6])
     return out
 
 

@@ -30,9 +30,11 @@ from pgolf_kernels.quant import quantize_rows
 from pgolf_kernels.testing import assert_close_rel, nan_empty, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
-# explicit interpreter configs: (SWAP, BM, BN, BK, warps, stages). The third has BK=64 > K for
-# some shapes and BN=16, so tails in every dimension are exercised.
-INTERP_CFGS = [(1, 16, 32, 32, 4, 1), (0, 16, 32, 32, 4, 1), (1, 16, 16, 64, 4, 1)]
+# explicit interpreter configs: (SWAP, BM, BN, BK, SPLIT, warps, stages). The third has BK=64 > K
+# for some shapes and BN=16, so tails in every dimension are exercised; the last two split the
+# reduction (3 splits of a 4-5 step loop leave one split short or empty).
+INTERP_CFGS = [(1, 16, 32, 32, 1, 4, 1), (0, 16, 32, 32, 1, 4, 1), (1, 16, 16, 64, 1, 4, 1),
+               (1, 16, 32, 16, 3, 4, 1), (0, 16, 16, 16, 2, 4, 1)]
 SMALL_SHAPES = [(1, 40, 72), (3, 33, 64), (17, 70, 50)]  # (M, N, K): none a multiple of the block
 
 
@@ -58,7 +60,7 @@ def _w64(q, s):
 
 
 # ---- CPU lane: kernels in the interpreter (or on the GPU when present) -------------------------
-@pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}")
+@pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}_split{c[4]}")
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "M%d_N%d_K%d" % s)
 def test_fwd_kernel_configs(device, cfg, shape):
     M, N, K = shape
@@ -75,7 +77,7 @@ def test_fwd_kernel_configs(device, cfg, shape):
     print(f"rel err {err:.2e} (torch fp16 path {rel_err(base, ref):.2e})")
 
 
-@pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}")
+@pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}_split{c[4]}")
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "M%d_N%d_K%d" % s)
 def test_dx_kernel_configs(device, cfg, shape):
     M, N, K = shape

@@ -191,23 +191,24 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
              stride: int = 64, backend: str = "kernel", t_start: Optional[float] = None,
              budget_s: float = DEFAULT_BUDGET_S - DEFAULT_MARGIN_S, rates: Optional[dict] = None,
              share=None, strict: bool = False, keep_nll: bool = False, progress_s: float = 15.0,
-             log=print, return_state: bool = False):
+             log=print, return_state: bool = False, clock=time.perf_counter):
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
 
-    ``t_start``: the deadline origin (time.perf_counter() at artifact load); default now.
+    ``t_start``: the deadline origin (``clock()`` at artifact load); default now. ``clock``: the
+    time source (tests pass a fake one to exercise the deadline path).
     ``rates``: positions/s from ``warmup`` for the deadline estimates (default: no fallback until
     the first batch has been timed). ``share=(k, n)``: single process, every n-th TTT batch from k.
     """
     import torch.distributed as dist
 
     dev = tokens.device
-    t_start = time.perf_counter() if t_start is None else t_start
+    t_start = clock() if t_start is None else t_start
     deadline = t_start + budget_s
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     st = make_state(tokens, lut, strict=strict, keep_nll=keep_nll)
-    t0 = time.perf_counter()
+    t0 = clock()
     expected = torch.ones(tokens.numel(), dtype=torch.bool, device=dev)
     expected[0] = False
     report: Dict[str, object] = {"mode": mode, "world_size": world}
@@ -247,7 +248,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
             report["lora_backend"] = adapter.backend
         fallback = mode == "base"
-        last_log = time.perf_counter()
+        last_log = clock()
         done_docs = done_work = 0
         my_total = work[share[0]::share[1]].sum() if share else work.sum() / world
 
@@ -261,14 +262,14 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 break
             docs = batches[i]
             if not fallback and mode == "ttt":
-                now = time.perf_counter()
+                now = clock()
                 if ttt_rate and base_rate:
                     need = work[i] / ttt_rate + 1.25 * work_left() / base_rate
                     if now + need > deadline:
                         fallback = True
                         log(f"[eval] deadline: {deadline - now:.1f} s left < {need:.1f} s needed for TTT batch {i} "
                             f"+ base scoring of the rest; remaining documents are scored without TTT")
-            tb = time.perf_counter()
+            tb = clock()
             if fallback:
                 score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
                 st.docs_base += len(docs)
@@ -276,10 +277,10 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_seed=i)
             done_docs += len(docs)
             done_work += work[i]
-            now = time.perf_counter()
+            now = clock()
             if not fallback and mode == "ttt" and dev.type == "cuda" and (now - last_log > 2.0 or ttt_rate is None):
                 _sync(dev)  # one sync per timed batch keeps the rate honest (the host runs ahead)
-                now = time.perf_counter()
+                now = clock()
                 r = work[i] / max(now - tb, 1e-9)
                 ttt_rate = r if ttt_rate is None else 0.7 * ttt_rate + 0.3 * r
             elif mode == "ttt" and not fallback and dev.type != "cuda":
@@ -306,7 +307,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     if distributed:
         dist.all_reduce(counts)
     legality = st.ledger.check(expected)  # raises LegalityError on any violation
-    t_end = time.perf_counter()
+    t_end = clock()
     report.update(
         val_loss=st.acc.val_loss, val_bpb=st.acc.bpb, targets=st.acc.n_targets, bytes=int(st.acc.byte_sum),
         docs_ttt=int(counts[0]), docs_no_ttt_deadline=int(counts[1]) if mode == "ttt" else 0,

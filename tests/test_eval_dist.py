@@ -1,0 +1,85 @@
+"""Two ranks (gloo, CPU processes) vs one: same BPB, every target scored once across ranks,
+batches claimed dynamically through the torch.distributed store."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+CHUNK, WINDOW, BS = 32, 96, 2
+LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140, 33, 410]
+
+
+def _lut():
+    from train.bpb import ByteLUT
+
+    V = 1024
+    base = torch.zeros(V, dtype=torch.int16)
+    base[4:260] = 1
+    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
+    lead = torch.zeros(V, dtype=torch.bool)
+    lead[260::3] = True
+    bound = torch.zeros(V, dtype=torch.bool)
+    bound[:4] = True
+    return ByteLUT(base, lead, bound)
+
+
+def _worker(rank, world, init_file, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from train.eval import evaluate
+    from train.eval_fixtures import doc_stream, tiny_model
+    from train.ttt import TTTConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        m = tiny_model(seed=3)
+        stream = doc_stream(LENGTHS, seed=5)
+        cfg = TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS)
+        claimed = []
+        import train.eval as ev
+
+        real = ev.ttt_batch
+
+        def spy(*a, **k):
+            claimed.append(int(k["batch_seed"]))
+            return real(*a, **k)
+
+        ev.ttt_batch = spy
+        rep = evaluate(m, stream, _lut(), mode="ttt", cfg=cfg, backend="bmm", strict=True)
+        rep["claimed"] = claimed
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(rep, f)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_same_bpb_as_one(tmp_path):
+    from train.eval import evaluate
+    from train.eval_fixtures import doc_stream, tiny_model
+    from train.ttt import TTTConfig
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        m = tiny_model(seed=3)
+        stream = doc_stream(LENGTHS, seed=5)
+        one = evaluate(m, stream, _lut(), mode="ttt", cfg=TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS),
+                       backend="bmm")
+    finally:
+        torch.set_num_threads(old)
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    reps = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    for r in reps:  # all-reduced: every rank reports the global numbers
+        assert r["world_size"] == 2
+        assert r["targets"] == one["targets"] and r["bytes"] == one["bytes"]
+        assert abs(r["val_bpb"] - one["val_bpb"]) <= 1e-9 * one["val_bpb"], (r["val_bpb"], one["val_bpb"])
+        assert r["legality"]["missing"] == 0 and r["legality"]["multi"] == 0
+    claimed = sorted(reps[0]["claimed"] + reps[1]["claimed"])
+    n_batches = -(-sum(1 for L in LENGTHS if L > 0) // BS)
+    assert claimed == list(range(n_batches))  # each batch claimed by exactly one rank
+    assert reps[0]["docs_ttt"] == len(LENGTHS)

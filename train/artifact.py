@@ -116,8 +116,24 @@ def embedding_names(model: GPT) -> List[str]:
     return [n for n, _ in model.embedding_params()]
 
 
-def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None):
-    """State dict (default: the model's) -> entries dict per the storage policy."""
+def _coarsen(qt, w: torch.Tensor, mult: float):
+    """Re-quantize ``w`` on a grid ``mult`` times coarser than ``qt``'s (same code range, no extra
+    clipping: the clip range grows with the step). Fewer distinct codes -> fewer bytes after zstd."""
+    QTensor = type(qt)
+    qmax = 2 ** (int(qt.bits) - 1) - 1
+    s = (qt.scale.float() * mult).clamp(max=60000.0).half()
+    sf = s.float()
+    safe = torch.where(sf == 0, torch.ones_like(sf), sf)
+    q = torch.round(w.float() / safe[:, None]).clamp(-qmax, qmax)
+    q = torch.where(sf[:, None] == 0, torch.zeros_like(q), q)
+    return QTensor(q.to(torch.int8).contiguous(), s, qt.bits)
+
+
+def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None, step_mult: float = 1.0):
+    """State dict (default: the model's) -> entries dict per the storage policy.
+
+    ``step_mult`` > 1 coarsens the int6 grid of the block matrices by that factor (used by
+    ``save_artifact`` to fit the byte budget; 1.0 = the codec's MSE-optimal clip search)."""
     _, quantize_rows, _, _, _, _, _ = _codec()
     state = state if state is not None else model.state_dict()
     mats, embs = set(matrix_names(model)), set(embedding_names(model))
@@ -125,7 +141,9 @@ def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None):
     for name, t in state.items():
         t = t.detach().to("cpu")
         if name in mats:
-            entries[name] = quantize_rows(t.float().contiguous(), bits=MATRIX_BITS, clip="search")
+            w = t.float().contiguous()
+            qt = quantize_rows(w, bits=MATRIX_BITS, clip="search")
+            entries[name] = _coarsen(qt, w, step_mult) if step_mult != 1.0 else qt
         elif name in embs:
             entries[name] = quantize_rows(t.float().contiguous(), bits=EMBED_BITS, clip="search")
         else:
@@ -152,29 +170,59 @@ def code_bytes(paths: Iterable[str]) -> int:
 
 def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = None,
                   state: Optional[Dict[str, torch.Tensor]] = None, extra_meta: Optional[dict] = None,
-                  level: int = 22, warn: bool = True) -> dict:
+                  level: int = 22, warn: bool = True, fit: bool = True, limit: Optional[int] = None) -> dict:
     """Quantize + compress ``model`` (or ``state``, e.g. EMA weights) to ``path``.
 
-    Returns ``dict(bytes_model, bytes_code, bytes_total, codec, code_files)``; prints a loud
-    warning when ``bytes_total`` exceeds 16,000,000.
+    With ``fit`` (default), when the MSE-optimal int6 codes would make model + code exceed ``limit``
+    (default 16,000,000), the int6 grid of the block matrices is coarsened by the smallest factor
+    ``step_mult`` in [1, 4] that fits (bisection on zstd-3 sizes, then the real zstd-``level`` pack;
+    Gaussian-like weights cost ~5.4 bits/param at the MSE-optimal step, 26.5 M of them ~18 MB, so the
+    default model needs this unless training made its rows heavy-tailed). ``step_mult`` is logged in
+    meta and the result; the quantization gap it costs shows in the after-quantization eval.
+    Returns ``dict(bytes_model, bytes_code, bytes_total, codec, code_files, step_mult)``; prints a
+    loud warning when ``bytes_total`` still exceeds the limit.
     """
     _, _, _, pack, _, _, codec_name = _codec()
-    entries = quantize_model(model, state)
+    limit = SIZE_LIMIT if limit is None else int(limit)
+    cpaths = list(code_paths) if code_paths is not None else default_code_paths()
+    nb_code = code_bytes(cpaths)
+    state = {k: v.detach().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
     meta = {"format": ARTIFACT_FORMAT, "config": model.config.to_dict(), "codec": codec_name,
             "matrix_bits": MATRIX_BITS, "embed_bits": EMBED_BITS}
     if extra_meta:
         meta.update(extra_meta)
-    blob = pack(entries, meta, level=level)
+
+    def build(mult, lvl):
+        ents = quantize_model(model, state, step_mult=mult)
+        return pack(ents, dict(meta, step_mult=mult), level=lvl)
+
+    mult = 1.0
+    blob = build(1.0, level)
+    if fit and len(blob) + nb_code > limit:
+        target = limit - nb_code
+        lo, hi = 1.0, 4.0
+        if len(build(hi, 3)) > target * 0.995:
+            mult = hi  # cannot fit even at 4x: keep the coarsest and warn below
+        else:
+            for _ in range(7):  # 3/2^7 = 0.023 resolution on the factor
+                mid = 0.5 * (lo + hi)
+                if len(build(mid, 3)) <= target * 0.995:  # zstd-22 is within ~0.5 % of zstd-3 on int8 codes
+                    hi = mid
+                else:
+                    lo = mid
+            mult = hi
+        blob = build(mult, level)
+        while len(blob) > target and mult < 4.0:
+            mult = min(4.0, mult * 1.02)
+            blob = build(mult, level)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(blob)
-    cpaths = list(code_paths) if code_paths is not None else default_code_paths()
-    nb_code = code_bytes(cpaths)
     info = dict(bytes_model=len(blob), bytes_code=nb_code, bytes_total=len(blob) + nb_code, codec=codec_name,
-                code_files=len(cpaths))
-    if warn and info["bytes_total"] > SIZE_LIMIT:
+                code_files=len(cpaths), step_mult=round(mult, 4))
+    if warn and info["bytes_total"] > limit:
         bar = "!" * 78
-        print(f"{bar}\n!! ARTIFACT TOO LARGE: {info['bytes_total']:,} bytes > {SIZE_LIMIT:,} "
+        print(f"{bar}\n!! ARTIFACT TOO LARGE: {info['bytes_total']:,} bytes > {limit:,} "
               f"(model {len(blob):,} + code {nb_code:,}); this would not be a valid submission\n{bar}", flush=True)
     return info
 
@@ -215,7 +263,7 @@ def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Option
     ``int6=True``: block matrices become ``pgolf_kernels.int6_linear.Int6Linear`` holding the stored
     codes (the kernel path). ``int6=False``: every matrix is dequantized to ``dtype`` values in plain
     ``nn.Linear`` (the reference path). Non-matrix tensors are dequantized / upcast either way.
-    ``dtype`` defaults to bf16 on CUDA, fp32 on CPU (values are bf16-exact in both cases).
+    ``dtype`` defaults to bf16 on CUDA, fp32 on CPU (where the dequantized weights are exact).
     """
     cfg, entries, meta = load_artifact(path)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -225,8 +273,8 @@ def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Option
     state = {}
     for name, v in entries.items():
         if _is_q(v):
-            # round through bf16 so both paths see the same weights the int6 kernel reconstructs
-            state[name] = _dequant(v, torch.bfloat16).to(dtype)
+            # q * scale is exact in fp32 (|q| <= 127, fp16 scale); bf16 rounds it (8-bit mantissa)
+            state[name] = _dequant(v, torch.float32).to(dtype)
         else:
             state[name] = v.to(dtype)
     model.load_state_dict(state, strict=True)

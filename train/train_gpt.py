@@ -122,7 +122,8 @@ def make_muon(params, cfg: TrainConfig, process_group, log):
     cdt = torch.bfloat16 if torch.cuda.is_available() else torch.float32
     opt = Muon(groups, coefficients="quintic", row_normalize=False, use_kernel=not cfg.reference,
                process_group=process_group, compute_dtype=cdt, **kw)
-    return opt, ("pgolf_kernels.muon[torch-ns]" if cfg.reference else "pgolf_kernels.muon[triton-ns]")
+    kernel = not cfg.reference and torch.cuda.is_available()  # CPU tensors dispatch to the torch reference
+    return opt, ("pgolf_kernels.muon[triton-ns]" if kernel else "pgolf_kernels.muon[torch-ns]")
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -434,9 +435,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
         apath = os.path.join(run_dir, "model.int6.ptz")
         if master:
+            t_q = time.time()
             info = save_artifact(base, apath, extra_meta=dict(run_id=run_id, steps=step, weights=best_name))
             log(f"artifact: {apath}: model {info['bytes_model']:,} + code {info['bytes_code']:,} "
-                f"({info['code_files']} files) = {info['bytes_total']:,} bytes (limit 16,000,000; codec {info['codec']})")
+                f"({info['code_files']} files) = {info['bytes_total']:,} bytes (limit 16,000,000; codec {info['codec']}; "
+                f"int6 step x{info['step_mult']}; {time.time() - t_q:.1f} s)")
         else:
             info = None
         if distributed:

@@ -247,3 +247,31 @@ def test_gpu_kernel_vs_reference_bpb_parity(tmp_path):
     rr = ev.evaluate(mr, stream, lut, cfg=cfg, backend="bmm")
     assert rk["lora_backend"] == "kernel"
     assert abs(rk["val_bpb"] - rr["val_bpb"]) < 1e-4, (rk["val_bpb"], rr["val_bpb"])
+
+
+def test_bench_helpers_smoke_on_cpu(tmp_path, shared_data, monkeypatch):
+    """bench/bench_eval.py's artifact builder, timed eval and row builder on a tiny model (CPU), so
+    the single GPU run does not fail on plumbing."""
+    import bench.bench_eval as be
+    from train.eval_fixtures import tiny_config
+
+    monkeypatch.setenv("PGOLF_BENCH_RESULTS", str(tmp_path))
+    path = str(tmp_path / "b.ptz")
+    info = be.build_artifact(path, shared_data, train_steps=2, cfg=tiny_config(num_layers=1, model_dim=32,
+                                                                                num_heads=2, num_kv_heads=1),
+                             device="cpu")
+    assert info["train_steps"] == 2 and info["bytes_model"] > 0
+    toks, starts = be._fineweb(shared_data)
+    held = toks[starts[197]:]
+    lut = ByteLUT.from_sentencepiece(os.path.join(shared_data, SP1024))
+    cfg = TTTConfig(rank=2, chunk=64, window=128, batch_size=2)
+    k = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", share=(0, 2))
+    r = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", share=(0, 2), warm=False)
+    b = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", mode="base", warm=False)
+    row = be._row("smoke", k, r, no_ttt_val_bpb=b["val_bpb"])
+    assert row["kernel"] == "eval" and row["baseline"] == "reference" and row["docs"] == 2
+    assert row["val_bpb"] == pytest.approx(row["ref_val_bpb"], rel=1e-9)
+    assert {"tokens", "load_s", "warmup_s", "score_s", "speedup"} <= set(row)
+    row2 = be._row("smoke-noref", k, None)
+    assert math.isnan(row2["baseline_ms"])
+    assert os.path.isfile(tmp_path / "eval-partial.jsonl")

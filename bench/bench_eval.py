@@ -1,0 +1,228 @@
+"""Eval driver benchmark: legal score-first LoRA TTT on an int6 artifact of the default 11-layer model.
+
+Set-up (all on the GPU, inside this one process):
+  * model: ``GPTConfig()`` (11 layers, d 512, vocab 1024), projections randomized (the records' zero
+    init would make the blocks the identity), then briefly trained with Adam on FineWeb sample
+    documents 0-149 when the sample is present; saved as an int6 artifact (``train/artifact.py``).
+  * val set: ``train.synthetic.synthetic_tokens()`` -- official size, 50,000 documents, 62,021,846 tokens.
+
+Rows (kernel ``eval``, baseline ``reference`` = dequantized bf16 weights + bmm LoRA, same loop):
+  (a) one rank's 1/8 share (every 8th longest-first batch of 64 docs), seeds' TTT config (rank 8 on
+      Q/V + head, chunk 256, window 1024, Adam lr 0.01), kernels and reference;
+  (b) all 50,000 documents on one GPU, kernels (reference only if the time left allows);
+  (c) 1/8 share with the records' config (rank 96, chunk 48, window 2048), kernels (reference if time allows);
+  (f) fixture parity: FineWeb sample documents 150-199 (held out from the brief training), kernels vs
+      reference TTT BPB, and TTT vs no-TTT (base) BPB.
+``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
+``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to
+``eval-partial.jsonl`` as soon as it is measured.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from bench.harness import make_row
+
+KERNEL = "eval"
+RUN_BUDGET_S = float(os.environ.get("PGOLF_EVAL_BENCH_BUDGET_S", "380"))  # of the device call's 480 s
+_T0 = time.perf_counter()
+
+
+def _left() -> float:
+    return RUN_BUDGET_S - (time.perf_counter() - _T0)
+
+
+def _data_dir():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for p in (os.environ.get("PGOLF_SHARED_DATA"), os.path.join(here, "runs", "evaldata"),
+              os.path.join(here, "..", "shared", "data")):
+        if p and os.path.isfile(os.path.join(p, "fineweb_1024_bpe.model")):
+            return p
+    return None
+
+
+def _out_dir():
+    return os.environ.get("PGOLF_BENCH_RESULTS", os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+
+
+def _log_row(row):
+    os.makedirs(_out_dir(), exist_ok=True)
+    with open(os.path.join(_out_dir(), "eval-partial.jsonl"), "a") as f:
+        f.write(json.dumps(row, default=str) + "\n")
+    print(json.dumps(row, default=str), flush=True)
+
+
+def _fineweb(ddir):
+    from train.data import read_shard
+
+    toks = read_shard(os.path.join(ddir, "fineweb_sample", "fineweb_sample200_sp1024_000000.bin")).to(torch.int64)
+    starts = (toks == 1).nonzero().flatten().tolist() + [toks.numel()]
+    return toks, starts
+
+
+def build_artifact(path, ddir, train_steps=150, cfg=None, device="cuda"):
+    """Default 11-layer model, randomized projections, briefly trained on FineWeb docs 0-149."""
+    from train.artifact import save_artifact
+    from train.eval_fixtures import randomize_
+    from train.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    m = GPT(cfg or GPTConfig())
+    randomize_(m, seed=0, proj_std=0.02, emb_std=0.05)
+    m.to(device)
+    info = {"train_steps": 0}
+    if ddir is not None and train_steps:
+        toks, starts = _fineweb(ddir)
+        train = toks[: starts[150]].to(device)
+        opt = torch.optim.Adam(m.parameters(), lr=2e-3, betas=(0.9, 0.95))
+        B, T = 32, 1024
+        g = torch.Generator(device=device).manual_seed(0)
+        t = time.perf_counter()
+        for step in range(train_steps):
+            off = torch.randint(0, train.numel() - T - 1, (B,), device=device, generator=g)
+            idx = off[:, None] + torch.arange(T + 1, device=device)[None]
+            seq = train[idx]
+            with torch.autocast(torch.device(device).type, torch.bfloat16):
+                loss = m(seq[:, :-1], seq[:, 1:]).mean()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        _sync(device)
+        info = {"train_steps": train_steps, "train_loss": float(loss.detach()), "train_s": time.perf_counter() - t}
+    info.update(save_artifact(m.float().cpu(), path, code_paths=[], warn=False))
+    del m
+    return info
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", budget_s=570.0, warm=True,
+              device="cuda"):
+    """Load + warm-up + score, timed like the driver (deadline origin = start of the artifact load)."""
+    from train import eval as ev
+
+    _sync(device)
+    t_start = time.perf_counter()
+    model, _ = ev.load_model(path, reference=reference, device=device)
+    _sync(device)
+    load_s = time.perf_counter() - t_start
+    t = time.perf_counter()
+    rates = None
+    if warm:
+        rates = ev.warmup(model, lut, cfg, "bmm" if reference else "kernel", device, n_docs=cfg.batch_size,
+                          doc_len=min(2 * cfg.window, 4096))
+    warmup_s = time.perf_counter() - t
+    tokens = tokens_cpu.to(device)
+    rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend="bmm" if reference else "kernel",
+                      t_start=t_start, budget_s=budget_s, rates=rates, share=share, progress_s=30.0)
+    _sync(device)
+    rep.update(load_s=load_s, warmup_s=warmup_s, wall_s=time.perf_counter() - t_start, rates=rates)
+    del model, tokens
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return rep
+
+
+def _row(case, k, r, **extra):
+    ours = k["wall_s"] * 1e3
+    base = r["wall_s"] * 1e3 if r else float("nan")
+    row = make_row(KERNEL, case, ours, "reference", base, docs=k["docs"], tokens=k["targets"] + k["docs"],
+                   targets=k["targets"], bytes=k["bytes"], load_s=k["load_s"],
+                   warmup_s=k["warmup_s"], score_s=k["score_s"], docs_no_ttt_deadline=k["docs_no_ttt_deadline"],
+                   lora_backend=k.get("lora_backend"), steps=k["steps"], window_positions=k["window_positions"])
+    row["val_bpb"] = k["val_bpb"]  # full precision (make_row rounds extras to 4 decimals)
+    if r:
+        row.update(ref_val_bpb=r["val_bpb"], bpb_diff=k["val_bpb"] - r["val_bpb"], ref_load_s=r["load_s"],
+                   ref_warmup_s=r["warmup_s"], ref_score_s=r["score_s"],
+                   ref_docs_no_ttt_deadline=r["docs_no_ttt_deadline"],
+                   score_speedup=r["score_s"] / k["score_s"])
+    else:
+        row["reference"] = "not measured (time)"
+    row.update(extra)
+    _log_row(row)
+    return row
+
+
+def run(quick: bool = False):
+    from bench.harness import save_results
+    from train.bpb import ByteLUT
+    from train.synthetic import synthetic_tokens
+    from train.ttt import TTTConfig
+
+    gpu = torch.cuda.get_device_name()
+    rows = []
+    ddir = _data_dir()
+    path = "/tmp/pgolf_eval_bench.ptz"
+    art = build_artifact(path, ddir, train_steps=0 if quick else 150)
+    print(f"[bench_eval] {gpu}: artifact {art}", flush=True)
+    V = 1024
+    if ddir is not None:
+        lut = ByteLUT.from_sentencepiece(os.path.join(ddir, "fineweb_1024_bpe.model"), vocab_size=V)
+    else:  # no tokenizer here: 1 byte per token (BPB values are then per token / ln2, timings unaffected)
+        lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool),
+                      torch.zeros(V, dtype=torch.bool))
+    seeds = TTTConfig()
+    record = TTTConfig(rank=96, chunk=48, window=2048)
+
+    def save():
+        save_results(KERNEL, rows, notes=f"GPU: {gpu}. Artifact: default 11L d512 model, {art.get('train_steps')} "
+                     f"brief training steps on FineWeb sample docs 0-149, int6 ({art.get('bytes_model')} bytes). "
+                     "Synthetic official-size val set (train/synthetic.py). ours_ms/baseline_ms = wall from artifact "
+                     "load (load + warm-up on synthetic tokens + scoring); NaN baseline = not measured.")
+
+    # (f) fixture parity + TTT delta on held-out FineWeb docs (cheap, first)
+    if ddir is not None:
+        toks, starts = _fineweb(ddir)
+        held = toks[starts[150]:]
+        k = eval_once(path, held, lut, seeds, reference=False)
+        r = eval_once(path, held, lut, seeds, reference=True)
+        b = eval_once(path, held, lut, seeds, reference=False, mode="base", warm=False)
+        rows.append(_row("fixture: FineWeb sample docs 150-199 (held out), seeds TTT", k, r,
+                         no_ttt_val_bpb=b["val_bpb"], ttt_delta_bpb=k["val_bpb"] - b["val_bpb"]))
+        save()
+
+    t = time.perf_counter()
+    syn = torch.from_numpy(synthetic_tokens().astype(np.int64))
+    print(f"[bench_eval] synthetic val {syn.numel():,} tokens in {time.perf_counter() - t:.1f} s", flush=True)
+
+    # (a) 1/8 share, seeds config: kernels and reference
+    k = eval_once(path, syn, lut, seeds, reference=False, share=(0, 8))
+    r = eval_once(path, syn, lut, seeds, reference=True, share=(0, 8)) if _left() > 3 * k["wall_s"] + 60 else None
+    rows.append(_row("(a) 1/8 share (6,250 docs), r8 Q/V+head, chunk 256, window 1024", k, r))
+    save()
+    if quick:
+        return rows
+
+    # (c) 1/8 share, records' config, kernels (reference at the end if time is left)
+    kc = None
+    if _left() > 60:
+        kc = eval_once(path, syn, lut, record, reference=False, share=(0, 8),
+                       budget_s=max(20.0, min(570.0, _left() - 20.0)))
+        rows.append(_row("(c) 1/8 share (6,250 docs), r96 Q/V+head, chunk 48, window 2048", kc, None))
+        save()
+
+    # (b) all 50,000 docs on one GPU. Deadline = min(570 s, what this run has left): documents not reached
+    # in time are scored without TTT and counted in docs_no_ttt_deadline.
+    if _left() > 60:
+        est_b = k["load_s"] + k["warmup_s"] + 8 * k["score_s"]
+        kb = eval_once(path, syn, lut, seeds, reference=False, budget_s=max(30.0, min(570.0, _left() - 20.0)))
+        rows.append(_row("(b) all 50,000 docs, r8 Q/V+head, chunk 256, window 1024", kb, None, est_from_a_s=est_b))
+        save()
+
+    if kc is not None and _left() > 1.4 * kc["wall_s"] + 20:
+        rc = eval_once(path, syn, lut, record, reference=True, share=(0, 8), budget_s=max(20.0, _left() - 10.0))
+        rows = [rw for rw in rows if not rw["case"].startswith("(c)")]
+        rows.append(_row("(c) 1/8 share (6,250 docs), r96 Q/V+head, chunk 48, window 2048", kc, rc))
+        save()
+    return rows

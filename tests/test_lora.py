@@ -23,6 +23,16 @@ except ImportError:  # pragma: no cover
     QT = namedtuple("QT", "q scale bits")
 
 
+@pytest.fixture(params=["fused", "split"])
+def bwd_strategy(request, monkeypatch):
+    """Both backward strategies: dx's base part in the kernel ("fused") or by cuBLAS with the kernel adding the
+    LoRA part ("split")."""
+    from pgolf_kernels import lora_triton
+
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "SPLIT", request.param == "split")
+    return request.param
+
+
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
     # every buffer the kernels must fully overwrite (y_i, dx) starts as NaN
@@ -90,7 +100,7 @@ def _check_all(x, bases, As, Bs, **kw):
 # ------------------------------------------------------------------------------------------------ CPU lane + GPU lane
 @pytest.mark.parametrize("T,r,lens", [(1, 1, None), (7, 3, [7, 0, 3]), (63, 8, [63, 17, 0]), (63, 3, None)],
                          ids=["T1-r1", "T7-r3-len", "T63-r8-len", "T63-r3"])
-def test_forward_backward_matches_oracle(device, act_dtype, T, r, lens):
+def test_forward_backward_matches_oracle(device, act_dtype, T, r, lens, bwd_strategy):
     B, d, outs = 3, 40, [40, 24]   # d and out cross the 32-wide interpreter tiles with a ragged edge
     x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device)
     lengths = torch.tensor(lens, device=device) if lens is not None else None
@@ -131,7 +141,7 @@ def test_padded_rows_do_not_leak_into_grads(device):
 
 
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
-def test_adapter_index(device, deterministic):
+def test_adapter_index(device, deterministic, bwd_strategy):
     """Rows share adapters (duplicates in adapter_index); n_adapters > B; grads add up per adapter."""
     B, T, d, outs, r = 4, 9, 40, [40, 24], 3
     x, bases, As, Bs = _make(B, T, d, outs, r, torch.float16, device, n_adapters=5)
@@ -152,7 +162,7 @@ def test_deterministic_bitwise(device, act_dtype):
         assert torch.equal(a, b)
 
 
-def test_int6_base_and_mixed_slices(device, act_dtype):
+def test_int6_base_and_mixed_slices(device, act_dtype, bwd_strategy):
     """Quantized (codes + row scale) and dense bases in one call; 5 slices = two kernel groups."""
     B, T, d, r = 2, 7, 40, 3
     outs = [40, 24, 32, 8, 16]
@@ -160,7 +170,7 @@ def test_int6_base_and_mixed_slices(device, act_dtype):
     _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
 
 
-def test_fp32_activations_and_no_dx(device):
+def test_fp32_activations_and_no_dx(device, bwd_strategy):
     B, T, d, outs, r = 2, 7, 40, [24], 8
     x, bases, As, Bs = _make(B, T, d, outs, r, torch.float32, device)
     _check_all(x, bases, As, Bs)
@@ -273,12 +283,12 @@ def test_reference_compiles_fullgraph_cpu():
 
 
 # ------------------------------------------------------------------------------------------------ GPU lane
-SHAPES = [(64, 256, 8), (16, 1024, 8), (8, 512, 96), (4, 300, 128), (8, 257, 1)]
+SHAPES = [(64, 256, 8), (8, 512, 96), (4, 300, 128), (8, 257, 1)]
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,r", SHAPES, ids=[f"B{b}-T{t}-r{r}" for b, t, r in SHAPES])
-def test_gpu_bf16_shapes(B, T, r):
+def test_gpu_bf16_shapes(B, T, r, bwd_strategy):
     x, bases, As, Bs = _make(B, T, 512, [512, 256], r, torch.bfloat16, "cuda")
     lengths = torch.randint(0, T + 1, (B,), device="cuda")
     lengths[0] = 0
@@ -289,7 +299,7 @@ def test_gpu_bf16_shapes(B, T, r):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [640, 768])
-def test_gpu_int6_base_other_d(d):
+def test_gpu_int6_base_other_d(d, bwd_strategy):
     x, bases, As, Bs = _make(8, 200, d, [d, 128, 256], 16, torch.bfloat16, "cuda", quant=(0, 1))
     _check_all(x, bases, As, Bs, alpha=0.5, lengths=torch.randint(0, 201, (8,), device="cuda"))
 

@@ -318,3 +318,20 @@ def test_doclora_reset_is_in_place_and_seeded():
         assert all(float(b.abs().sum()) == 0 for b in ad.B[k])
     ad.reset(6)
     assert not torch.equal(first[0], ad.params[0])
+
+
+def test_vectorized_plans_match_the_definition():
+    from train.ttt import chunk_bounds, plan_rows, ttt_positions
+
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        ns = rng.integers(0, 3000, rng.integers(1, 20))
+        st = rng.integers(0, 10 ** 6, ns.size)
+        C = int(rng.integers(1, 300))
+        W = int(rng.integers(C, 2500))
+        want = np.asarray([(s, a, b) for s, n in zip(st, ns) for a, b in chunk_bounds(int(n), C)],
+                          dtype=np.int64).reshape(-1, 3)
+        assert np.array_equal(plan_rows(st, ns, C, W), want)
+        assert ttt_positions(ns, C, W) == sum(b - max(0, b - W) for n in ns for a, b in chunk_bounds(int(n), C))
+    with pytest.raises(ValueError, match="window"):
+        plan_rows([0], [10], 64, 32)

@@ -155,8 +155,18 @@ def plan_rows(starts: Sequence[int], ns: Sequence[int], chunk: int, window: int,
     """All rows (s, a, b) of independent chunked scoring (flat, sliding, per-doc no-TTT)."""
     if chunk > window or (first or chunk) > window:
         raise ValueError(f"chunk ({first or chunk}) must not exceed window ({window})")
-    rows = [(s, a, b) for s, n in zip(starts, ns) for a, b in chunk_bounds(int(n), chunk, first)]
-    return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    ns = np.asarray(ns, dtype=np.int64).reshape(-1)
+    if first is not None and first != chunk:
+        rows = [(s, a, b) for s, n in zip(starts, ns) for a, b in chunk_bounds(int(n), chunk, first)]
+        return np.asarray(rows, dtype=np.int64).reshape(-1, 3)
+    # vectorized (1.3 M rows for the official set at chunk 48): chunk c of a sequence = [cC, min((c+1)C, n))
+    k = -(-ns // chunk)
+    seq = np.repeat(np.arange(ns.size), k)
+    c = np.arange(int(k.sum()), dtype=np.int64) - np.repeat(np.cumsum(k) - k, k)
+    a = c * chunk
+    b = np.minimum(a + chunk, ns[seq])
+    return np.stack([starts[seq], a, b], 1)
 
 
 def plan_doc_batches(ns: np.ndarray, batch_size: int) -> List[np.ndarray]:
@@ -508,9 +518,12 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
 
 
 def ttt_positions(ns: np.ndarray, chunk: int, window: int, first: Optional[int] = None) -> int:
-    """Window positions the chunked scoring of sequences with ``ns`` targets runs (work estimate)."""
-    total = 0
-    for n in np.asarray(ns).reshape(-1):
-        for a, b in chunk_bounds(int(n), chunk, first):
-            total += b - max(0, b - window)
-    return total
+    """Window positions the chunked scoring of sequences with ``ns`` targets runs (work estimate):
+    sum over chunks of min(chunk end, window)."""
+    ns = np.asarray(ns, dtype=np.int64).reshape(-1)
+    if first is not None and first != chunk:
+        return int(sum(b - max(0, b - window) for n in ns for a, b in chunk_bounds(int(n), chunk, first)))
+    k = -(-ns // chunk)                      # chunks per sequence
+    m = np.minimum(k - 1, window // chunk)   # full chunks j = 1..k-1 whose end j*C is still <= window
+    full = chunk * m * (m + 1) // 2 + (k - 1 - m) * window
+    return int((full + np.minimum(ns, window)).sum())

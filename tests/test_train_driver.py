@@ -41,7 +41,8 @@ def _args(tiny_data, tmp_path, **kw):
                 tokenizer_path=tiny_data["tokenizer"], vocab_size=320, num_layers=2, model_dim=32, num_heads=2,
                 num_kv_heads=1, seq_len=32, train_batch_tokens=512, max_micro_tokens=256, warmup_steps=1,
                 log_every=10, val_batch_tokens=2048, runs_dir=str(tmp_path), run_id="t", reference=1,
-                max_wallclock_seconds=0, matrix_lr=0.05, embed_lr=0.1, scalar_lr=0.05, ema_decay=0.9)
+                max_wallclock_seconds=0, matrix_lr=0.05, embed_lr=0.1, scalar_lr=0.05, ema_decay=0.9,
+                compile=0)  # eager everywhere: on a GPU a compile per test would cost ~30 s each
     base.update(kw)
     out = []
     for k, v in base.items():
@@ -98,8 +99,10 @@ def test_torch_banked_muon_matches_package_reference(tiny_data, tmp_path):
     b = main(_args(tiny_data, tmp_path, iterations=6, artifact=0, run_id="b", ema_decay=0,
                    muon_impl="torch-banked", val_max_tokens=2048))
     assert b["muon"] == "torch-banked-ns"
-    # same math (fp32 NS on CPU), different batching: losses agree to fp32 noise
-    assert abs(a["val_raw"]["val_loss"] - b["val_raw"]["val_loss"]) < 1e-3
+    # same math, different batching: on CPU fp32 NS -> losses agree to fp32 noise; on a GPU both run bf16 NS
+    # (Triton kernel vs torch bmm), whose rounding differences grow over 6 steps to ~1e-2 nats at most
+    tol = 5e-2 if a["device"] != "cpu" else 1e-3
+    assert abs(a["val_raw"]["val_loss"] - b["val_raw"]["val_loss"]) < tol
 
 
 def _free_port():

@@ -135,6 +135,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_base)
+        # resolved once here (an import attempt, no GPU query), not inside the compiled forward
+        self._fa3 = _flash_attn3()
 
     def forward(self, h: torch.Tensor, q=None, k=None, v=None) -> torch.Tensor:
         B, T, _ = h.shape
@@ -147,7 +149,7 @@ class CausalSelfAttention(nn.Module):
         k = rms_norm(k)
         cos, sin = self.rotary(T, h.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        fa3 = _flash_attn3() if h.is_cuda else None
+        fa3 = self._fa3 if h.is_cuda else None
         if fa3 is not None and q.dtype in (torch.bfloat16, torch.float16):
             y = fa3(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
             y = y[0] if isinstance(y, tuple) else y

@@ -120,7 +120,7 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
     rates = None
     if warm:
         rates = ev.warmup(model, lut, cfg, "bmm" if reference else "kernel", device, n_docs=cfg.batch_size,
-                          doc_len=min(2 * cfg.window, 4096))
+                          doc_len=cfg.window + cfg.chunk)
     warmup_s = time.perf_counter() - t
     tokens = tokens_cpu.to(device)
     rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend="bmm" if reference else "kernel",

@@ -378,7 +378,7 @@ def main(argv=None) -> dict:
     if not args.no_warmup and args.mode in ("ttt", "base"):
         # synthetic tokens only; the validation shards are not even read until warm-up is over
         rates = warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device,
-                       n_docs=cfg.batch_size, doc_len=min(2 * cfg.window, 4096))
+                       n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
     warmup_s = time.perf_counter() - t_w
     t_v = time.perf_counter()
     tokens = load_val_tokens(args.val)

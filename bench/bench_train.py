@@ -102,15 +102,15 @@ def run(quick: bool = False):
         warmup_s_kernels=k["warmup_seconds"], warmup_s_reference=r["warmup_seconds"],
         compile_failed=bool(k.get("compile_failed") or r.get("compile_failed"))))
     save_partial()
-    one_speed_run = (time.time() - t0) / 2
+    # a later run = warm-cache compile (~ the reference run's warm-up) + steps + ~15 s of set-up and eval
+    est_parity = r["warmup_seconds"] + parity * r["ms_per_step"] / 1000 * ptok / 98304 + 15
 
     # 2) 500-step parity on the fixture (smaller batch so the whole bench fits one device call)
-    if left() > 2.2 * one_speed_run:
+    if left() > 2 * est_parity + 30:  # + ~30 s for the artifact (quantize, fit, zstd-22) and its two evals
         pk = _run(_args(parity, ptok) + ["--reference", "0", "--artifact", "1"], "parity-kernels", runs_dir, logs_dir)
         pr = _run(_args(parity, ptok) + ["--reference", "1", "--artifact", "0"], "parity-reference", runs_dir, logs_dir)
         noise = None
-        t_par = (time.time() - t0 - 2 * one_speed_run) / 2
-        if left() > 1.1 * t_par:
+        if left() > (pr["total_seconds"] if "total_seconds" in pr else est_parity) + 5:
             p2 = _run(_args(parity, ptok, seed=2024) + ["--reference", "1", "--artifact", "0"], "parity-reference-seed2",
                       runs_dir, logs_dir)
             noise = abs(_val(p2)[0] - _val(pr)[0])
@@ -135,7 +135,7 @@ def run(quick: bool = False):
         save_partial()
 
     # 3) a stronger eager baseline: plain torch NS batched per same-shape bank
-    if left() > 1.2 * one_speed_run:
+    if left() > r["warmup_seconds"] + timed * r["ms_per_step"] / 1000 + 20:
         b = _run(_args(timed, 98304) + ["--reference", "1", "--artifact", "0", "--muon-impl", "torch-banked"],
                  "speed-torch-banked", runs_dir, logs_dir)
         rows.append(make_row(

@@ -205,8 +205,14 @@ def _dx_kernel(
             dyt = tl.load(dy_ptrs, mask=nm[None, :], other=0.0)
             qt = tl.load(q_ptrs, mask=nm[:, None], other=0)
             s = tl.load(s_ptrs, mask=nm, other=0.0).to(tl.float32)
-        # bf16(q * s) exactly as the reference dequantizes (q*s is exact in fp32: 8 + 11 bits)
-        w = (qt.to(tl.float32) * s[:, None]).to(dyt.dtype)
+        # bf16(q * s) exactly as the reference dequantizes (q*s is exact in fp32: 8 + 11 bits).
+        # int8 -> fp32 without conversion instructions: u = q + 128 in [0, 255] (flip the sign
+        # bit of the byte), then the fp32 whose bits are 0x4B000000 | u is 2^23 + u exactly, so
+        # subtracting 2^23 + 128 gives q. The plain cast cost two CVTs per code (s8->s16->f32);
+        # on H200 dx ran at 0.5x cuBLAS with the 16/clk/SM conversion pipe as the limiter.
+        u = (qt.to(tl.uint8, bitcast=True).to(tl.uint32) ^ 0x80) | 0x4B000000
+        qf = u.to(tl.float32, bitcast=True) - 8388736.0
+        w = (qf * s[:, None]).to(dyt.dtype)
         if SWAP:
             acc = tl.dot(tl.trans(w), tl.trans(dyt), acc, input_precision=PREC)
         else:
@@ -246,12 +252,17 @@ _CONFIGS = [
     (1, 64, 64, 128, 1, 4, 4),    # 3
     (1, 64, 64, 128, 4, 4, 3),    # 4  split-K 4
     (1, 64, 128, 128, 1, 4, 3),   # 5
-    (0, 128, 128, 64, 1, 4, 4),   # 6  classic tile, 2 CTAs/SM (96 KB smem)
+    (0, 128, 128, 64, 1, 4, 4),   # 6  classic tile, 2 CTAs/SM (96-106 KB smem)
     (1, 128, 128, 64, 1, 4, 4),   # 7
     (0, 128, 256, 64, 1, 8, 3),   # 8  big tiles for large M
-    (1, 256, 128, 64, 1, 8, 3),   # 9
+    (0, 256, 128, 64, 1, 8, 3),   # 9  (was a SWAP 256x128 8-warp tile: on H200 it returned ~2x the
+                                  #     rounding error on some M >= 16384 cases, so it is gone)
+    (1, 16, 64, 256, 1, 4, 2),    # 10 M <= 64, half the loop trips (latency-bound regime)
+    (0, 128, 128, 64, 4, 4, 3),   # 11 M ~ 1024 with a long reduction (dx of the 8192-row head)
 ]
-_BUCKETS = {16: [0, 1, 3], 64: [2, 3, 4], 256: [3, 4, 5, 7], 1024: [5, 6, 7], 4096: [6, 7, 8, 9], 1 << 30: [6, 7, 8, 9]}
+_BUCKETS = {16: [0, 1, 3, 10], 64: [2, 3, 4, 10], 256: [3, 4, 5, 7], 1024: [5, 6, 7, 11],
+            4096: [6, 7, 8, 9, 11], 1 << 30: [6, 7, 8, 9]}
+_SMS = 132  # H100/H200 SXM; split-K only pays when the un-split grid leaves SMs idle
 
 
 def _m_bucket(M: int) -> int:
@@ -269,9 +280,26 @@ def _dx_cfg_dict(c) -> Dict[str, int]:
     return {"SWAP": c[0], "BM": c[1], "BK": c[2], "BN": c[3], "SPLIT": c[4]}
 
 
-def _prune(configs, named_args, **kwargs):
-    allowed = _BUCKETS[named_args["M_BUCKET"]]
-    return [c for i, c in enumerate(configs) if i in allowed]
+def _allowed(M: int, n_out: int, red: int):
+    """Indices of the configs tried for this shape: the M bucket's list, minus split-K configs
+    when the un-split grid already has >= 132 tiles or the reduction is < 2 loop trips/split."""
+    out = []
+    for i in _BUCKETS[_m_bucket(M)]:
+        c = _CONFIGS[i]
+        if c[4] > 1 and (cdiv(M, c[1]) * cdiv(n_out, c[2]) >= _SMS or cdiv(red, c[3]) < 2 * c[4]):
+            continue
+        out.append(i)
+    return out
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    ok = _allowed(named_args["M"], named_args["N"], named_args["K"])
+    return [c for i, c in enumerate(configs) if i in ok]
+
+
+def _prune_dx(configs, named_args, **kwargs):
+    ok = _allowed(named_args["M"], named_args["K"], named_args["N"])
+    return [c for i, c in enumerate(configs) if i in ok]
 
 
 def _tuner_bench(fn, quantiles):
@@ -294,11 +322,11 @@ def _grid_dx(M, K):
 
 _fwd_tuned = triton.autotune(
     configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
+    prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_tuner_bench, cache_results=True,
 )(_fwd_heur)
 _dx_tuned = triton.autotune(
     configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
+    prune_configs_by={"early_config_prune": _prune_dx}, do_bench=_tuner_bench, cache_results=True,
 )(_dx_heur)
 
 # Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly.
@@ -306,7 +334,7 @@ _INTERP_CFG = (1, 16, 32, 32, 1, 4, 1)
 
 # Split-K counters: one int32 per output tile, zero between launches (the last split of a tile
 # resets it). Kept per (device, kernel) so the buffer is allocated once, before any CUDA-graph
-# capture that replays it. 8192 >= tiles of any split config (M <= 256 -> 16 x 512 tiles of 16).
+# capture that replays it. Split configs run only while the un-split grid has < 132 tiles.
 _COUNTERS: Dict[tuple, torch.Tensor] = {}
 _MAX_SPLIT_TILES = 1 << 13
 
@@ -320,10 +348,10 @@ def _counters(device, which: str, tiles: int) -> torch.Tensor:
     return buf
 
 
-def _split_workspace(M, n_out, device, which, config, d_tile):
+def _split_workspace(M, n_out, red, device, which, config, d_tile):
     """fp32 workspace + counters big enough for the split configs that may run (the forced
-    ``config``, else every split config of M's bucket). Non-split launches get 1-element dummies."""
-    cands = [config] if config is not None else [_CONFIGS[i] for i in _BUCKETS[_m_bucket(M)]]
+    ``config``, else every split config the pruner allows). Non-split launches get 1-element dummies."""
+    cands = [config] if config is not None else [_CONFIGS[i] for i in _allowed(M, n_out, red)]
     ws_elems, tiles = 1, 1
     for c in cands:
         if c[4] > 1:
@@ -346,7 +374,7 @@ def _launch_fwd(x2, q, scale, bias, out, config=None):
     N = q.shape[0]
     if config is None and interpret_mode() and not x2.is_cuda:
         config = _INTERP_CFG
-    ws, cnt = _split_workspace(M, N, x2.device, "fwd", config, lambda c: c[2])
+    ws, cnt = _split_workspace(M, N, K, x2.device, "fwd", config, lambda c: c[2])
     args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
             x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
     kw = dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
@@ -364,7 +392,7 @@ def _launch_dx(dy2, q, scale, out, config=None):
     K = q.shape[1]
     if config is None and interpret_mode() and not dy2.is_cuda:
         config = _INTERP_CFG
-    ws, cnt = _split_workspace(M, K, dy2.device, "dx", config, lambda c: c[2])
+    ws, cnt = _split_workspace(M, K, N, dy2.device, "dx", config, lambda c: c[2])
     args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
     kw = dict(PREC=_prec(dy2.dtype))
     if config is None:

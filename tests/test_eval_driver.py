@@ -138,8 +138,10 @@ def test_deadline_falls_back_to_base_model(lut):
     assert none["val_bpb"] == pytest.approx(base["val_bpb"], rel=1e-12)
     assert any("deadline" in s for s in logs)
     # some time: each clock() call advances 1 s; the first batch fits, later ones do not
-    work = [1000.0]
-    part = ev.evaluate(m, stream, lut, mode="ttt", cfg=CFG, backend="bmm", budget_s=9.0,
+    # some time: each clock() call advances 1 s (about 3 calls per batch); batches of 2 documents, the
+    # first few fit in the 12 s budget, the later ones do not
+    cfg2 = TTTConfig(rank=4, chunk=32, window=96, batch_size=2)
+    part = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg2, backend="bmm", budget_s=12.0,
                        rates={"ttt_pos_per_s": 1e3, "base_pos_per_s": 1e9}, clock=FakeClock(1.0), log=logs.append)
     assert 0 < part["docs_ttt"] < 10 and part["docs_ttt"] + part["docs_no_ttt_deadline"] == 10
     assert part["targets"] == full["targets"] == base["targets"]

@@ -248,8 +248,8 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
             report["lora_backend"] = adapter.backend
         fallback = mode == "base"
-        last_log = clock()
-        done_docs = done_work = 0
+        last_log = rate_t = clock()
+        done_docs = done_work = ttt_work = rate_work = 0
         my_total = work[share[0]::share[1]].sum() if share else work.sum() / world
 
         def work_left():
@@ -269,7 +269,6 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                         fallback = True
                         log(f"[eval] deadline: {deadline - now:.1f} s left < {need:.1f} s needed for TTT batch {i} "
                             f"+ base scoring of the rest; remaining documents are scored without TTT")
-            tb = clock()
             if fallback:
                 score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
                 st.docs_base += len(docs)
@@ -277,15 +276,17 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_seed=i)
             done_docs += len(docs)
             done_work += work[i]
+            if not fallback:
+                ttt_work += work[i]
             now = clock()
-            if not fallback and mode == "ttt" and dev.type == "cuda" and (now - last_log > 2.0 or ttt_rate is None):
-                _sync(dev)  # one sync per timed batch keeps the rate honest (the host runs ahead)
+            if mode == "ttt" and not fallback and (now - rate_t > 2.0 or ttt_rate is None):
+                # measured TTT rate over the batches since the last measurement; the sync (one per ~2 s)
+                # keeps it honest, since the host otherwise runs ahead of the GPU queue
+                _sync(dev)
                 now = clock()
-                r = work[i] / max(now - tb, 1e-9)
-                ttt_rate = r if ttt_rate is None else 0.7 * ttt_rate + 0.3 * r
-            elif mode == "ttt" and not fallback and dev.type != "cuda":
-                r = work[i] / max(now - tb, 1e-9)
-                ttt_rate = r if ttt_rate is None else 0.7 * ttt_rate + 0.3 * r
+                r = (ttt_work - rate_work) / max(now - rate_t, 1e-9)
+                ttt_rate = r if ttt_rate is None else 0.5 * ttt_rate + 0.5 * r
+                rate_t, rate_work = now, ttt_work
             if now - last_log > progress_s:
                 el = now - t0
                 rate = done_work / max(el, 1e-9)

@@ -16,7 +16,11 @@ import torch
 
 from bench.harness import bench_ms, graph_bench_ms, make_row, tflops
 
-KERNEL = "ns"
+import os as _os
+
+# NS_TUNE=1: per-kernel time breakdown + per-kernel tile-config sweep (results file ns-tune-<gpu>)
+TUNE = _os.environ.get("NS_TUNE", "0") not in ("", "0")
+KERNEL = "ns-tune" if TUNE else "ns"
 
 SET_MLP3 = [(22, 512, 512), (22, 256, 512), (11, 1536, 512), (11, 512, 1536)]
 SET_MLP4 = [(22, 512, 512), (22, 256, 512), (11, 2048, 512), (11, 512, 2048)]
@@ -160,6 +164,121 @@ def _parity(rows):
                      note="final loss = mean of the last 20 steps; seed changes init and data"))
 
 
+# ------------------------------------------------------------------------------------------- tuning
+G_CANDS = {  # (BLOCK, BK, warps, stages) for the symmetric Gram / square kernels
+    "128/64/w8/s3": (128, 64, 8, 3), "128/64/w4/s3": (128, 64, 4, 3), "128/64/w8/s2": (128, 64, 8, 2),
+    "128/128/w8/s2": (128, 128, 8, 2), "128/32/w4/s4": (128, 32, 4, 4), "64/64/w4/s3": (64, 64, 4, 3),
+}
+U_CANDS = {  # (BM, BN, BK, warps, stages) for the update kernel
+    "128x128/64/w8/s3": (128, 128, 64, 8, 3), "128x128/64/w4/s3": (128, 128, 64, 4, 3),
+    "128x256/64/w8/s3": (128, 256, 64, 8, 3), "256x128/64/w8/s3": (256, 128, 64, 8, 3),
+    "128x128/128/w8/s2": (128, 128, 128, 8, 2), "128x64/64/w4/s3": (128, 64, 64, 4, 3),
+    "64x128/64/w4/s4": (64, 128, 64, 4, 4),
+}
+SMALL_CFG = dict(g_block=64, g_bk=64, g_warps=4, g_stages=3, s_block=64, s_bk=64, s_warps=4, s_stages=3,
+                 u_bm=64, u_bn=64, u_bk=64, u_warps=4, u_stages=3)
+
+
+def _kernel_ms(shapes, kind, cfg):
+    """Graph-replay ms of ONE launch of one NS kernel over the whole packed set, with tile config cfg."""
+    from pgolf_kernels import newton_schulz as nsm
+
+    full = dict(nsm.GPU_CONFIG)
+    full.update(cfg)
+    dev = torch.device("cuda")
+    plan = nsm._get_plan(tuple(shapes), dev, full)
+    X = torch.randn(plan.x_total, device=dev).mul_(0.02).bfloat16()
+    A = torch.randn(plan.a_total, device=dev).mul_(0.02).bfloat16()
+    Bm = torch.randn(plan.a_total, device=dev).mul_(0.02).bfloat16()
+    Y = torch.empty_like(X)
+    if kind == "gram":
+        fn = lambda: nsm._ns_gram_kernel[(plan.g_items.shape[0],)](  # noqa: E731
+            X, A, plan.g_items, BLOCK=full["g_block"], BK=full["g_bk"], EVEN=plan.even, IEEE=False,
+            num_warps=full["g_warps"], num_stages=full["g_stages"])
+    elif kind == "square":
+        fn = lambda: nsm._ns_square_kernel[(plan.s_items.shape[0],)](  # noqa: E731
+            A, Bm, plan.s_items, -4.775, 2.0315, BLOCK=full["s_block"], BK=full["s_bk"], EVEN=plan.even,
+            IEEE=False, num_warps=full["s_warps"], num_stages=full["s_stages"])
+    else:
+        fn = lambda: nsm._ns_update_kernel[(plan.u_items.shape[0],)](  # noqa: E731
+            X, Bm, Y, plan.u_items, 3.4445, BM=full["u_bm"], BN=full["u_bn"], BK=full["u_bk"], EVEN=plan.even,
+            FINAL=False, IEEE=False, num_warps=full["u_warps"], num_stages=full["u_stages"])
+    fn()
+    torch.cuda.synchronize()
+    return graph_bench_ms(fn)
+
+
+def _tune(rows, deadline):
+    from pgolf_kernels import newton_schulz as nsm
+    from pgolf_kernels.testing import rel_err
+
+    shapes = SET_MLP3
+    f_sym = {"gram": 0, "square": 0, "update": 0}
+    for s in shapes:
+        cnt, (m, n) = s[0], sorted(s[1:])
+        f_sym["gram"] += cnt * m * m * n            # one triangle of 2 m^2 n
+        f_sym["square"] += cnt * m ** 3             # one triangle of 2 m^3
+        f_sym["update"] += cnt * 2 * m * m * n
+    # prologue alone (norm + scaled/transposed cast copy for the 4 banks)
+    mats = _mk(shapes)
+    plan = nsm._get_plan(tuple(tuple(g.shape) for g in mats), torch.device("cuda"), dict(nsm.GPU_CONFIG))
+    Xw = torch.empty(plan.x_total, device="cuda", dtype=torch.bfloat16)
+    pro = graph_bench_ms(lambda: nsm._pack_inputs(mats, plan, Xw, 1e-7))
+    rows.append(make_row(KERNEL, "breakdown: prologue (norm + pack), MLP3x set", pro, "-", pro))
+    print(f"  prologue {pro:.4f} ms", flush=True)
+    best = {}
+    for kind, cands in (("gram", G_CANDS), ("square", G_CANDS), ("update", U_CANDS)):
+        for name, t in cands.items():
+            if time.time() > deadline - 25:
+                print("  tune stopped: time guard", flush=True)
+                break
+            if kind == "update":
+                cfg = dict(u_bm=t[0], u_bn=t[1], u_bk=t[2], u_warps=t[3], u_stages=t[4])
+            else:
+                p = "g" if kind == "gram" else "s"
+                cfg = {f"{p}_block": t[0], f"{p}_bk": t[1], f"{p}_warps": t[2], f"{p}_stages": t[3]}
+            try:
+                ms = _kernel_ms(shapes, kind, cfg)
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory: reported, not fatal
+                print(f"  {kind} {name} failed: {type(e).__name__}: {str(e)[:160]}", flush=True)
+                continue
+            tf = tflops(f_sym[kind], ms)
+            rows.append(make_row(KERNEL, f"kernel {kind} {name}, MLP3x set, 1 launch", ms, "-", ms,
+                                 tflops_sym=tf, config=str(cfg)))
+            print(f"  {kind:6s} {name:20s} {ms:.4f} ms  {tf:.0f} TFLOP/s (computed flops)", flush=True)
+            if kind not in best or ms < best[kind][0]:
+                best[kind] = (ms, cfg)
+    combo = {}
+    for kind in best:
+        combo.update(best[kind][1])
+    # whole set with the best per-kernel combination vs the default, outputs compared
+    mats = _mk(shapes)
+    coeffs = [v for t in nsm.resolve_coefficients("quintic", 5) for v in t]
+    out_def = nsm._ns_packed_impl(mats, coeffs, 1e-7, torch.bfloat16, None)
+    for cname, cfg in (("default", {}), ("best per-kernel combo", combo)):
+        fn = lambda cfg=cfg: nsm._ns_packed_impl(mats, coeffs, 1e-7, torch.bfloat16, cfg)  # noqa: E731
+        out = fn()
+        torch.cuda.synchronize()
+        ms = graph_bench_ms(fn)
+        rows.append(make_row(KERNEL, f"whole MLP3x set, {cname}", ms, "-", ms, tflops_full=tflops(_flops(shapes), ms),
+                             tflops_sym=tflops(_flops(shapes, symmetric=True), ms), config=str(cfg),
+                             rel_diff_vs_default=rel_err(out, out_def), bitwise_equal_default=bool(torch.equal(out, out_def))))
+        print(f"  whole set {cname}: {ms:.4f} ms  cfg={cfg} equal_default={torch.equal(out, out_def)}", flush=True)
+    # small tiles for launches with few tiles (singles, one rank's share)
+    for cname, shp in (("single 512x512", [(512, 512)]), ("single 1536x512", [(1536, 512)]),
+                       ("1/8 share of MLP3x set", SHARE8)):
+        m2 = _mk(shp)
+        for tname, cfg in (("default", {}), ("64-tiles", SMALL_CFG), ("best combo", combo)):
+            fn = lambda cfg=cfg, m2=m2: nsm._ns_packed_impl(m2, coeffs, 1e-7, torch.bfloat16, cfg)  # noqa: E731
+            fn()
+            torch.cuda.synchronize()
+            ms = graph_bench_ms(fn)
+            rows.append(make_row(KERNEL, f"{cname}, {tname}", ms, "-", ms, tflops_full=tflops(_flops(shp), ms),
+                                 config=str(cfg)))
+            print(f"  {cname} {tname}: {ms:.4f} ms", flush=True)
+    return rows
+
+
 def run(quick: bool = False):
     import os
 
@@ -172,6 +291,8 @@ def run(quick: bool = False):
     for knob in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, 64)
+    if TUNE:
+        return _tune(rows, deadline)
     eager_loop = ("per-matrix eager loop (records)", lambda ms: [_records_ns(g[i]) for g in ms for i in range(g.shape[0])])
     ns_c = torch.compile(_records_ns, dynamic=False)
     compiled_loop = ("per-matrix torch.compile", lambda ms: [ns_c(g[i]) for g in ms for i in range(g.shape[0])])

@@ -201,9 +201,12 @@ if _HAS_TRITON:
         rm = ti * BLOCK + tl.arange(0, BLOCK)
         rn = tj * BLOCK + tl.arange(0, BLOCK)
         rk = tl.arange(0, BK)
-        # wrap rows instead of masking them (edge rows are computed but never stored)
-        rm_l = rm % m
-        rn_l = rn % m
+        if EVEN:
+            rm_l = rm
+            rn_l = rn
+        else:  # wrap rows instead of masking them (edge rows are computed but never stored)
+            rm_l = rm % m
+            rn_l = rn % m
         pa = X + x_off + rm_l[:, None].to(tl.int64) * n + rk[None, :]
         pb = X + x_off + rn_l[None, :].to(tl.int64) * n + rk[:, None]
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -242,8 +245,12 @@ if _HAS_TRITON:
         rm = ti * BLOCK + tl.arange(0, BLOCK)
         rn = tj * BLOCK + tl.arange(0, BLOCK)
         rk = tl.arange(0, BK)
-        rm_l = rm % m
-        rn_l = rn % m
+        if EVEN:
+            rm_l = rm
+            rn_l = rn
+        else:
+            rm_l = rm % m
+            rn_l = rn % m
         pa = A + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]          # A[rm, k]
         pb = A + a_off + rk[:, None].to(tl.int64) * m + rn_l[None, :]          # A[k, rn]
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -289,8 +296,12 @@ if _HAS_TRITON:
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        rm_l = rm % m
-        rn_l = rn % n
+        if EVEN:
+            rm_l = rm
+            rn_l = rn
+        else:
+            rm_l = rm % m
+            rn_l = rn % n
         pa = Bm + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]         # B[rm, k]
         pb = X + x_off + rk[:, None].to(tl.int64) * n + rn_l[None, :]          # X[k, rn]
         acc = tl.zeros((BM, BN), dtype=tl.float32)
@@ -425,6 +436,20 @@ def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
     return tot
 
 
+def _pack_inputs(mats: List[torch.Tensor], plan: "_Plan", X: torch.Tensor, eps: float) -> None:
+    """Prologue: per input, the fp32 Frobenius norm of each matrix, then one fused scale + cast + transpose
+    copy into the packed wide workspace X (3 small launches per input tensor; a 3-D bank is one input).
+    torch's norm is deterministic (an atomics-based Triton reduction would not be, and Muon's sharded
+    update must equal the single-process one bitwise)."""
+    for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
+        if count == 0:
+            continue
+        g3 = G.reshape(count, r, c)
+        nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
+        dst = X[xo:xo + count * m * n].view(count, m, n)
+        torch.div(g3.mT if trans else g3, nrm, out=dst)
+
+
 def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
                     config: Optional[Dict[str, int]] = None) -> torch.Tensor:
     """Kernel path: returns one flat buffer holding every output (caller's shapes, aligned offsets)."""
@@ -440,15 +465,7 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
         return out
     sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
     X = _alloc(plan.x_total, dt, device)
-    # prologue: per input, fp32 Frobenius norm, then one fused scale + cast + transpose copy into the
-    # packed wide workspace (2-3 small launches per input tensor; a 3-D bank counts as one input)
-    for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
-        if count == 0:
-            continue
-        g3 = G.reshape(count, r, c)
-        nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
-        dst = X[xo:xo + count * m * n].view(count, m, n)
-        torch.div(g3.mT if trans else g3, nrm, out=dst)
+    _pack_inputs(mats, plan, X, eps)
     if not sched:
         for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
             if count:

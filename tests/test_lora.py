@@ -101,9 +101,12 @@ def _check_all(x, bases, As, Bs, **kw):
 @pytest.mark.parametrize("T,r,lens", [(1, 1, None), (7, 3, [7, 0, 3]), (63, 8, [63, 17, 0]), (63, 3, None)],
                          ids=["T1-r1", "T7-r3-len", "T63-r8-len", "T63-r3"])
 def test_forward_backward_matches_oracle(device, act_dtype, T, r, lens, bwd_strategy):
-    B, d, outs = 3, 40, [40, 24]   # d and out cross the 32-wide interpreter tiles with a ragged edge
+    # dA/dB errors come from the rounding of the few values of g/u per adapter row: at T=1 a 3-row batch gives
+    # only 3 independent roundings and the error ratio vs torch's path spreads 0.1..1.7 over seeds; 32 rows keep
+    # that statistic stable. d and out cross the 32-wide interpreter tiles with a ragged edge.
+    B, d, outs = (32 if T == 1 else 8 if T < 63 else 3), 40, [40, 24]
     x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device)
-    lengths = torch.tensor(lens, device=device) if lens is not None else None
+    lengths = torch.tensor((lens * B)[:B], device=device) if lens is not None else None
     _check_all(x, bases, As, Bs, alpha=0.7, lengths=lengths)
 
 

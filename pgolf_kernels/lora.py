@@ -33,17 +33,23 @@ Design (counted for the issue's shape B64 T1024 d512, Q 512 + V 256, r8, bf16 x,
   base accumulator in the same epilogue). Bytes: x read once (67.1 MB) and y written once (100.7 MB) = 168 MB,
   exactly the base-only F.linear traffic. The eager form (F.linear, x·Aᵀ bmm, ·Bᵀ bmm, add, per slice) moves
   x 2× per slice + u + delta (100.7 MB written and read again) + y read/written by the add: ≈ 0.57 GB in 8 launches
-  (+ the fp32->bf16 casts of A and B) vs 168 MB in 1 launch. The price is recomputing the shrink in every N-tile
+  (+ the fp32->bf16 casts of A and B) vs 168 MB in 1 launch (+ the tiny casts of A_i/B_i to x.dtype, 2 per
+  slice, so the kernel's K loop feeds them to the MMA straight from shared memory). The price is recomputing the shrink in every N-tile
   (r_pad/BN = 16/128 = 12.5 % extra MMA work at r <= 16), chosen over a separate shrink launch that would read x
   from HBM a second time (+67 MB, +1 launch).
-* Backward, one launch for dx, dA, dB of all slices (plus the zero-fill of the fp32 grad buffers). A program owns
-  (b, d-tile) and walks the T tiles of its document. Per T-tile and slice it streams dy_i tiles once and uses each
-  for three MMAs: dx += dy·W (BT×BD), g += dy·B_a (shrink gradient), and (in the d-tile-0 program) dB += dyᵀ·u with
-  u recomputed from x (cheaper than storing u in the forward: 4.2 MB per slice written + read, and it keeps the
-  forward at base-only traffic). Then dx += α g·A_a and dA += α gᵀ·x_tile. dy is read from HBM once (other d-tile
-  programs of the same b run concurrently and hit L2), x once, dx written once: 100.7 + 67.1 + 67.1 = 235 MB in
-  1 launch + 2 memsets. Eager autograd: dy read by 2 GEMMs per slice (base dx, delta path), g and delta-grads
-  materialized, dx summed across paths and slices, fp32 casts of dA/dB: ≈ 1.0 GB in ~20 launches.
+* Backward, one launch for dx, dA, dB of all slices (plus one memset of a flat fp32 grad buffer). Programs own
+  (b, T-range, role): roles 0..DT-1 own a d-tile of dx, role DT owns dB; the DT+1 programs of one document run
+  side by side and stream the same dy tiles, so dy comes from HBM once and from L2 after. A dx program's main loop
+  over the N_i columns of each slice is dots only: dx += dy·W and g += dy·B_a (the shrink gradient, from the same
+  dy tile); then dx += α g·A_a and dA += α gᵀ·x_tile. The dB program recomputes u = x·A_aᵀ for its T-tile (cheaper
+  than saving u in the forward: 4.2 MB per slice written + read, and it keeps the forward at base-only traffic)
+  and adds dyᵀ·u. Bytes: dy 100.7 + x 67.1 + dx 67.1 = 235 MB in 1 launch + 1 memset. Eager autograd: dy read by
+  2 GEMMs per slice (base dx, delta path), g and the delta grads materialized, dx summed across paths and slices,
+  fp32 casts of dA/dB: ≈ 1.0 GB in ~20 launches. An int6 base is dequantized to x.dtype for the backward (one
+  N_i×d op, 0.5 MB for Q) instead of in every dx tile; the forward keeps the codes in-kernel.
+  A second strategy, "split", leaves dx's base part dy·W to cuBLAS and has the same kernel add α g·A into it
+  (dy read twice, dx read+written twice); which one is the default is decided by measurement (see
+  pgolf_kernels/lora_triton.py, DEFAULT_BWD_SPLIT, and bench/results/lora-*.md).
 * dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
   program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so
   results are bitwise reproducible. The default may split T across programs when B·(d/BD) is below ~2 waves of SMs.

@@ -201,12 +201,9 @@ if _HAS_TRITON:
         rm = ti * BLOCK + tl.arange(0, BLOCK)
         rn = tj * BLOCK + tl.arange(0, BLOCK)
         rk = tl.arange(0, BK)
-        if EVEN:
-            rm_l = rm
-            rn_l = rn
-        else:  # wrap rows instead of masking them (edge rows are computed but never stored)
-            rm_l = rm % m
-            rn_l = rn % m
+        # wrap rows instead of masking them (edge rows are computed but never stored)
+        rm_l = rm % m
+        rn_l = rn % m
         pa = X + x_off + rm_l[:, None].to(tl.int64) * n + rk[None, :]
         pb = X + x_off + rn_l[None, :].to(tl.int64) * n + rk[:, None]
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -245,12 +242,8 @@ if _HAS_TRITON:
         rm = ti * BLOCK + tl.arange(0, BLOCK)
         rn = tj * BLOCK + tl.arange(0, BLOCK)
         rk = tl.arange(0, BK)
-        if EVEN:
-            rm_l = rm
-            rn_l = rn
-        else:
-            rm_l = rm % m
-            rn_l = rn % m
+        rm_l = rm % m
+        rn_l = rn % m
         pa = A + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]          # A[rm, k]
         pb = A + a_off + rk[:, None].to(tl.int64) * m + rn_l[None, :]          # A[k, rn]
         acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
@@ -296,12 +289,8 @@ if _HAS_TRITON:
         rm = ti * BM + tl.arange(0, BM)
         rn = tj * BN + tl.arange(0, BN)
         rk = tl.arange(0, BK)
-        if EVEN:
-            rm_l = rm
-            rn_l = rn
-        else:
-            rm_l = rm % m
-            rn_l = rn % n
+        rm_l = rm % m
+        rn_l = rn % n
         pa = Bm + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]         # B[rm, k]
         pb = X + x_off + rk[:, None].to(tl.int64) * n + rn_l[None, :]          # X[k, rn]
         acc = tl.zeros((BM, BN), dtype=tl.float32)

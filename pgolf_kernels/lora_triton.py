@@ -104,8 +104,9 @@ def _fwd_kernel(X, LEN, IDX,
 
 def _fwd_config(T: int, RP: int):
     if interpret_mode():
-        # small tiles so the CPU tests cross tile and mask boundaries at tiny shapes
-        return dict(BT=16, BN=32, BK=32), dict()
+        # small tiles so the CPU tests cross tile and mask boundaries at tiny shapes (overridable: a test runs the
+        # GPU tile sizes through the interpreter too)
+        return _override(dict(BT=16, BN=32, BK=32), dict(), FWD_OVERRIDE)
     BT = 128 if T > 64 else 64
     # BN=256 measured 1.27x faster than 128 at B64 T1024 r8 and 1.11x at T2048 r96 on H200 (run 1): half the
     # shrink recomputation and more MMA work per byte of x. 3 stages of (x 16 KB + W 32 KB + A RP*64*2 B) fit in
@@ -303,9 +304,10 @@ def bwd_split() -> bool:
 
 def _bwd_config(T: int, RP: int):
     if interpret_mode():
-        return dict(BT=16, BN=32, BD=32, BK=32), dict()
+        return _override(dict(BT=16, BN=32, BD=32, BK=32), dict(), BWD_OVERRIDE)
     BT = 128 if T > 64 else 64
-    # BT=128 with 8 warps measured 1.8x faster than BT=64 with 4 warps on H200 (run 1, B64 T1024 r8).
+    # BT=128 with 8 warps measured 1.8x faster than BT=64 with 4 warps on H200 (run 1, B64 T1024 r8, with the
+    # previous structure of this kernel: dB inside the dx programs' main loop).
     # acc (BT x BD) + g (BT x RP) fp32 in registers: at RP >= 64 halve BN to keep the dy/B tiles small.
     BN = 128 if RP <= 32 else 64
     return _override(dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=8, num_stages=2), BWD_OVERRIDE)
@@ -336,7 +338,8 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
     if deterministic:
         tsplit = 1   # each dA/dB element has exactly one writer program, adding in its fixed T order
     else:
-        # aim at >= PPS programs per SM: PPS=8 measured 8 % faster than 2 on H200 (run 1, B64 T1024 r8)
+        # aim at >= PPS programs per SM: PPS=8 measured 8 % faster than 2 on H200 (run 1, B64 T1024 r8, previous
+        # kernel structure)
         pps = BWD_OVERRIDE.get("PPS", 8)
         tsplit = max(1, min(TT, cdiv(pps * _num_sms(x.device), Bsz * (DT + 1))))
     args = []

@@ -412,3 +412,17 @@ def test_fused_op_traces_fullgraph(device):
     yc, gc, _ = _run(lambda x, b, A, B: fc(x, A, B), x, bases, As, Bs, dys=dys)
     for a, b in zip(list(yc) + gc, list(ye) + ge):
         assert torch.equal(a, b)
+
+
+def test_gpu_tile_sizes_in_interpreter(device, monkeypatch, bwd_strategy):
+    """The tile sizes the GPU uses (forward 128x256x64, backward 128x128x128), run through the interpreter on CPU
+    (on a GPU: the real kernels) at a shape with ragged T, d and out edges and padded rows."""
+    from pgolf_kernels import lora_triton
+
+    monkeypatch.setattr(lora_triton, "FWD_OVERRIDE", dict(BT=128, BN=256, BK=64))
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "BT", 128)
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "BN", 128)
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "BD", 128)
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "BK", 64)
+    x, bases, As, Bs = _make(2, 130, 136, [264, 72], 8, torch.float16, device, quant=(1,))
+    _check_all(x, bases, As, Bs, alpha=0.5, lengths=torch.tensor([130, 70], device=device))

@@ -150,6 +150,7 @@ def test_schedules():
     c = TrainConfig(max_wallclock_seconds=100.0, warmdown_frac=0.5, iterations=1000)
     assert lr_multiplier(c, 0, 0.0) == 1.0 and lr_multiplier(c, 10, 50.0) == 1.0
     assert lr_multiplier(c, 10, 75.0) == pytest.approx(0.5) and lr_multiplier(c, 10, 100.0) == 0.0
+    assert lr_multiplier(c, 900, 10.0) == pytest.approx(0.2)  # iterations end first: they drive the decay
     c2 = TrainConfig(max_wallclock_seconds=0, warmdown_frac=0.2, iterations=1000)
     assert lr_multiplier(c2, 900, 1e9) == pytest.approx(0.5)
     c3 = TrainConfig(muon_momentum_warmup_start=0.85, muon_momentum=0.95, muon_momentum_warmup_steps=100)

@@ -142,14 +142,14 @@ class Logger:
 
 
 def lr_multiplier(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """1 until the warm-down window, then linear to 0 at the end of the budget (wall clock when a
-    budget is set, else the iteration count)."""
+    """1 until the warm-down window, then linear to 0 at the end of the run: the fraction of the run
+    left is the smaller of the wall-clock fraction (when a budget is set) and the iteration fraction,
+    so the LR reaches 0 at whichever limit comes first."""
     if cfg.warmdown_frac <= 0:
         return 1.0
+    frac_left = max(0.0, 1.0 - step / max(1, cfg.iterations))
     if cfg.max_wallclock_seconds > 0:
-        frac_left = max(0.0, 1.0 - elapsed_s / cfg.max_wallclock_seconds)
-    else:
-        frac_left = max(0.0, 1.0 - step / max(1, cfg.iterations))
+        frac_left = min(frac_left, max(0.0, 1.0 - elapsed_s / cfg.max_wallclock_seconds))
     return min(1.0, frac_left / cfg.warmdown_frac)
 
 

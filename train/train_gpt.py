@@ -58,7 +58,8 @@ def newton_schulz_torch(G: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> t
 
 
 class FallbackMuon(torch.optim.Optimizer):
-    """Muon with plain-torch NS, used only while ``pgolf_kernels.muon`` is not importable.
+    """Muon with plain-torch NS batched per same-shape bank: the ``MUON_IMPL=torch-banked`` baseline
+    (a strong eager competitor to the kernel), and the stand-in when ``pgolf_kernels.muon`` is missing.
 
     Per parameter: buf = momentum*buf + g; u = g + momentum*buf (Nesterov) or buf; same-shape
     parameters are stacked into one bank and orthogonalized together; with a process group, bank

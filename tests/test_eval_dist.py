@@ -46,7 +46,7 @@ def _worker(rank, world, init_file, out_dir):
         real = ev.ttt_batch
 
         def spy(*a, **k):
-            claimed.append(int(k["batch_seed"]))
+            claimed.append(int(k["batch_index"]))
             return real(*a, **k)
 
         ev.ttt_batch = spy

@@ -303,23 +303,36 @@ def test_batched_adam_matches_torch_adam_and_resets_in_place():
     assert ptrs == [t.data_ptr() for t in ours.m + ours.v + p1]
 
 
-def test_doclora_reset_is_in_place_and_seeded():
+def test_doclora_reset_is_in_place_and_keyed_by_document():
     m = tiny_model(seed=2, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
     ad = DocLoRA(m, CFG, 4, "cpu", "bmm")
     ptrs = [p.data_ptr() for p in ad.params]
-    ad.reset(5)
+    ad.reset([10, 20, 30])
     first = [p.detach().clone() for p in ad.params]
     with torch.no_grad():
         for p in ad.params:
             p.add_(1.0)
-    ad.reset(5)
-    assert ptrs == [p.data_ptr() for p in ad.params]
+    ad.reset([10, 20, 30])
+    assert ptrs == [p.data_ptr() for p in ad.params]  # in place
     for a, b in zip(first, ad.params):
         assert torch.equal(a, b)
     for k in ad.B:  # B = 0: a reset adapter is exactly the base model
         assert all(float(b.abs().sum()) == 0 for b in ad.B[k])
-    ad.reset(6)
-    assert not torch.equal(first[0], ad.params[0])
+    ad.reset([30, 99])  # document 30 moves to row 0: same init there
+    for k in ad.A:
+        for a in ad.A[k]:
+            i = [p.data_ptr() for p in ad.params].index(a.data_ptr())
+            assert torch.equal(a[0], first[i][2])
+            assert not torch.equal(a[1], first[i][1])
+    # Kaiming-uniform bound 1/sqrt(d) and roughly uniform
+    a = ad.A["q"][0]
+    bound = 1 / math.sqrt(32)
+    assert float(a.abs().max()) <= bound
+    u = torch.cat([a.flatten() for lst in ad.A.values() for a in lst]) / bound
+    assert abs(float(u.mean())) < 0.05 and abs(float(u.var()) - 1 / 3) < 0.03
+    # layers, targets and rows all differ
+    assert not torch.equal(ad.A["q"][0][0], ad.A["v"][0][0])
+    assert not torch.equal(ad.A["q"][0][0], ad.A["q"][0][1])
 
 
 def test_vectorized_plans_match_the_definition():

@@ -170,7 +170,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     for rep in range(2):  # first pass compiles / autotunes, second is timed
         _sync(device)
         t = time.perf_counter()
-        ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_seed=rep)
+        ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_index=rep)
         _sync(device)
         dt = time.perf_counter() - t
         rates["ttt_pos_per_s"] = ttt_positions(ns[batch], cfg.chunk, cfg.window) / max(dt, 1e-9)
@@ -273,7 +273,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
                 st.docs_base += len(docs)
             else:
-                ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_seed=i)
+                ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_index=i)
             done_docs += len(docs)
             done_work += work[i]
             if not fallback:

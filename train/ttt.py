@@ -275,6 +275,28 @@ def _lora_backend(name: str):
         return None
 
 
+_M32 = 0xFFFFFFFF
+
+
+def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1) (float32, 24-bit resolution): shape (n_A, len(ids), E).
+
+    x = (id * 0x9E3779B1 + elem * 0x85EBCA6B + seed) mod 2^32, then two rounds of the
+    xorshift-multiply mixer x = ((x >> 16) ^ x) * 0x45D9F3B mod 2^32 and a final x ^= x >> 16.
+    All products stay below 2^63 (ids < 2^31, elem < 2^31, multipliers < 2^32), so int64 torch
+    arithmetic is exact on every device.
+    """
+    x = ids.view(1, -1, 1) % (1 << 31) * 0x9E3779B1
+    x = x + (elem * 0x85EBCA6B + (seed * 0x27D4EB2F) % (1 << 31))
+    x.bitwise_and_(_M32)
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16)
+        x.mul_(0x45D9F3B)
+        x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
 class DocLoRA:
     """Per-document LoRA on Q/K/V (every layer) and the LM head, one adapter row per document.
 
@@ -309,20 +331,37 @@ class DocLoRA:
         self.rows: Optional[torch.Tensor] = None
         self._kernel = _lora_backend(backend)
         self.backend = "kernel" if self._kernel is not None else "bmm"
-        self._gen = torch.Generator(device=device)
-        self.reset(0)
+        self._A_list = [a for k in self.A for a in self.A[k]]
+        self._B_list = [b for k in self.B for b in self.B[k]]
+        self._device = torch.device(device)
+        # element index of every A entry, (n_A, 1, r*d): all A tensors share the shape (n_docs, r, d)
+        n_a, rd = len(self._A_list), cfg.rank * d
+        self._elem = (torch.arange(n_a, device=device)[:, None, None] * (rd + 1)
+                      + torch.arange(rd, device=device)[None, None, :])
+        self._bound = 1.0 / math.sqrt(d)
+        self.reset(np.arange(n_docs))
 
     @torch.no_grad()
-    def reset(self, seed: int) -> None:
-        """In place: A ~ U(-1/sqrt(in), 1/sqrt(in)) from a generator seeded by ``seed`` (so a batch's
-        initial adapters do not depend on the rank that runs it), B = 0."""
-        self._gen.manual_seed(int(self.cfg.seed) * 1_000_003 + int(seed))
-        for k in self.A:
-            for a in self.A[k]:
-                bound = 1.0 / math.sqrt(a.size(-1))
-                a.uniform_(-bound, bound, generator=self._gen)
-            for b in self.B[k]:
-                b.zero_()
+    def reset(self, doc_ids) -> None:
+        """In place, for adapter rows 0..len(doc_ids)-1 holding documents ``doc_ids`` (any unique
+        int ids < 2^31, e.g. the documents' BOS stream positions): A = bound * (2u - 1) with
+        u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(d) (Kaiming-uniform, a = sqrt(5));
+        B = 0 (a reset adapter is exactly the base model); gradients cleared.
+
+        The initial adapter of a document depends only on the document and the seed -- not on the
+        batch, its size, the row, or the rank -- so a document's scores are the same however the
+        documents are batched or distributed (tested). About 15 launches per reset, no allocation
+        of parameters (the hash temporaries come from the caching allocator).
+        """
+        ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
+        di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
+        ids[: di.numel()] = di
+        ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
+        ids = ids.to(self._device, non_blocking=True)
+        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, n_docs, r*d) in [0, 1)
+        u.mul_(2 * self._bound).sub_(self._bound)
+        torch._foreach_copy_(self._A_list, [t.view_as(self._A_list[0]) for t in u.unbind(0)])
+        torch._foreach_zero_(self._B_list)
         for p in self.params:
             p.grad = None
 
@@ -481,12 +520,14 @@ def score_rows(model, stream: torch.Tensor, rows: np.ndarray, window: int, st: E
 
 
 def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, docs: np.ndarray,
-              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_seed: int,
+              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_index: int = 0,
               pad_to: int = 64, train_hook: Optional[Callable] = None) -> None:
-    """Score-first TTT over one batch of documents (indices ``docs`` into starts/ns)."""
-    adapter.reset(batch_seed)
-    opt.reset()
+    """Score-first TTT over one batch of documents (indices ``docs`` into starts/ns; documents sorted
+    longest first). ``batch_index`` only labels the batch (logs, tests): a document's adapter init is
+    keyed by its own BOS position, so results do not depend on batching."""
     s = starts[docs]
+    adapter.reset(s)
+    opt.reset()
     n = ns[docs]
     n_chunks = -(-n // cfg.chunk)
     dev = stream.device

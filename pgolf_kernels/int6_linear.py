@@ -112,11 +112,11 @@ def _split_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_s, SPLIT: tl.constexpr, R: 
     return last, total
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "CFG_MASK"])
 def _fwd_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_xm, stride_qn, stride_ym,
-    M_BUCKET,  # autotune key only
+    M_BUCKET, CFG_MASK,  # autotune key only (see _allowed)
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
@@ -179,11 +179,11 @@ def _fwd_kernel(
             tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M_BUCKET", "CFG_MASK"])
 def _dx_kernel(
     dy_ptr, q_ptr, s_ptr, dx_ptr, ws_ptr, cnt_ptr,
     M, N, K, stride_dym, stride_qn, stride_dxm,
-    M_BUCKET,  # autotune key only
+    M_BUCKET, CFG_MASK,  # autotune key only (see _allowed)
     PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
 ):
@@ -309,14 +309,15 @@ def _allowed(M: int, n_out: int, red: int):
     return out
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    ok = _allowed(named_args["M"], named_args["N"], named_args["K"])
-    return [c for i, c in enumerate(configs) if i in ok]
+def _cfg_mask(ok) -> int:
+    return sum(1 << i for i in ok)
 
 
-def _prune_dx(configs, named_args, **kwargs):
-    ok = _allowed(named_args["M"], named_args["K"], named_args["N"])
-    return [c for i, c in enumerate(configs) if i in ok]
+def _prune(configs, named_args, **kwargs):
+    # The candidate set travels in the autotune key (CFG_MASK), so a config tuned for one M is
+    # only reused for an M with the same candidate set, whose split workspace was sized for it.
+    mask = named_args["CFG_MASK"]
+    return [c for i, c in enumerate(configs) if (mask >> i) & 1]
 
 
 def _tuner_bench(fn, quantiles):
@@ -338,16 +339,18 @@ def _grid_dx(M, K):
 
 
 _fwd_tuned = triton.autotune(
-    configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune_fwd}, do_bench=_tuner_bench, cache_results=True,
+    configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
 )(_fwd_heur)
 _dx_tuned = triton.autotune(
-    configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune_dx}, do_bench=_tuner_bench, cache_results=True,
+    configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
+    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
 )(_dx_heur)
 
-# Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly.
+# Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly, or set
+# _INTERP_AUTOTUNE to drive the real autotuner (with a stub timer) through the interpreter.
 _INTERP_CFG = (1, 16, 32, 32, 1, 4, 1)
+_INTERP_AUTOTUNE = False
 
 # Split-K counters: one int32 per output tile, zero between launches (the last split of a tile
 # resets it). Kept per (device, kernel) so the buffer is allocated once, before any CUDA-graph
@@ -365,16 +368,14 @@ def _counters(device, which: str, tiles: int) -> torch.Tensor:
     return buf
 
 
-def _split_workspace(M, n_out, red, device, which, config, d_tile):
-    """fp32 workspace + counters big enough for the split configs that may run (the forced
-    ``config``, else every split config the pruner allows). Non-split launches get 1-element dummies."""
-    cands = [config] if config is not None else [_CONFIGS[i] for i in _allowed(M, n_out, red)]
+def _split_workspace(M, n_out, device, which, cands):
+    """fp32 workspace + counters big enough for every split config in ``cands`` (the forced
+    config, or the autotuner's candidate set). Non-split launches get 1-element dummies."""
     ws_elems, tiles = 1, 1
     for c in cands:
         if c[4] > 1:
-            d = d_tile(c)
-            t = cdiv(M, c[1]) * cdiv(n_out, d)
-            ws_elems = max(ws_elems, t * c[4] * c[1] * d)
+            t = cdiv(M, c[1]) * cdiv(n_out, c[2])  # c[2] tiles the output: N (fwd) or K (dx)
+            ws_elems = max(ws_elems, t * c[4] * c[1] * c[2])
             tiles = max(tiles, t)
     ws = torch.empty(ws_elems, dtype=torch.float32, device=device)
     return ws, _counters(device, which, tiles)
@@ -389,11 +390,13 @@ def _launch_fwd(x2, q, scale, bias, out, config=None):
     """y (M, N) = x2 (M, K) @ (q*s)^T (+ bias) into ``out``. ``config``: a _CONFIGS tuple or None."""
     M, K = x2.shape
     N = q.shape[0]
-    if config is None and interpret_mode() and not x2.is_cuda:
+    if config is None and interpret_mode() and not x2.is_cuda and not _INTERP_AUTOTUNE:
         config = _INTERP_CFG
-    ws, cnt = _split_workspace(M, N, K, x2.device, "fwd", config, lambda c: c[2])
+    ok = _allowed(M, N, K)
+    cands = [_CONFIGS[i] for i in ok] if config is None else [config]
+    ws, cnt = _split_workspace(M, N, x2.device, "fwd", cands)
     args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
-            x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
+            x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
     kw = dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
     if config is None:
         _fwd_tuned[_grid_fwd(M, N)](*args, **kw)
@@ -407,10 +410,12 @@ def _launch_dx(dy2, q, scale, out, config=None):
     """dx (M, K) = dy2 (M, N) @ bf16(q*s) into ``out``."""
     M, N = dy2.shape
     K = q.shape[1]
-    if config is None and interpret_mode() and not dy2.is_cuda:
+    if config is None and interpret_mode() and not dy2.is_cuda and not _INTERP_AUTOTUNE:
         config = _INTERP_CFG
-    ws, cnt = _split_workspace(M, K, N, dy2.device, "dx", config, lambda c: c[2])
-    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M))
+    ok = _allowed(M, K, N)
+    cands = [_CONFIGS[i] for i in ok] if config is None else [config]
+    ws, cnt = _split_workspace(M, K, dy2.device, "dx", cands)
+    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
     kw = dict(PREC=_prec(dy2.dtype))
     if config is None:
         _dx_tuned[_grid_dx(M, K)](*args, **kw)

@@ -223,9 +223,12 @@ def _tune(rows, deadline):
     mats = _mk(shapes)
     plan = nsm._get_plan(tuple(tuple(g.shape) for g in mats), torch.device("cuda"), dict(nsm.GPU_CONFIG))
     Xw = torch.empty(plan.x_total, device="cuda", dtype=torch.bfloat16)
-    pro = graph_bench_ms(lambda: nsm._pack_inputs(mats, plan, Xw, 1e-7))
+    pro = graph_bench_ms(lambda: nsm._pack_inputs(mats, plan, Xw, 1e-7, fast=False))
     rows.append(make_row(KERNEL, "breakdown: prologue (norm + pack), MLP3x set", pro, "-", pro))
     print(f"  prologue {pro:.4f} ms", flush=True)
+    pro_f = graph_bench_ms(lambda: nsm._pack_inputs(mats, plan, Xw, 1e-7, fast=True))
+    rows.append(make_row(KERNEL, "breakdown: prologue with Triton pack (FAST_PACK), MLP3x set", pro_f, "torch prologue", pro))
+    print(f"  prologue FAST_PACK {pro_f:.4f} ms", flush=True)
     best = {}
     for kind, cands in (("gram", G_CANDS), ("square", G_CANDS), ("update", U_CANDS)):
         for name, t in cands.items():
@@ -300,6 +303,15 @@ def run(quick: bool = False):
 
     # 1. whole MLP3x set: every baseline
     _case("11L MLP3x set (66 mats, 5 steps)", SET_MLP3, [compiled_banks, eager_loop, compiled_loop], rows)
+    # 1b. the same with the opt-in Triton pack prologue (FAST_PACK; not yet measured when it was written)
+    from pgolf_kernels import newton_schulz as nsm
+
+    nsm.FAST_PACK = True
+    try:
+        _case("11L MLP3x set, FAST_PACK prologue", SET_MLP3, [compiled_banks], rows)
+        _case("1/8 share of MLP3x set, FAST_PACK prologue", SHARE8, [compiled_banks], rows)
+    finally:
+        nsm.FAST_PACK = False
     # 2. one rank's 1/8 share
     _case("1/8 share of MLP3x set (10 mats)", SHARE8, [compiled_banks], rows)
     # 3. MLP4x set

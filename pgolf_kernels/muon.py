@@ -20,13 +20,12 @@ bitwise the single-process update on the kernel path.
 """
 from __future__ import annotations
 
-import math
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .newton_schulz import newton_schulz, newton_schulz_many, resolve_coefficients
+from .newton_schulz import newton_schulz_many, resolve_coefficients
 
 __all__ = ["Muon", "muon_reference_step"]
 
@@ -86,8 +85,9 @@ class Muon(torch.optim.Optimizer):
         return dist.get_world_size(self.process_group), dist.get_rank(self.process_group)
 
     def _ns_local(self, mats: List[torch.Tensor], group) -> List[torch.Tensor]:
+        # tiles="large": the same tile config for a rank's share and for the whole set (bitwise equal updates)
         return newton_schulz_many(mats, group["ns_steps"], group["coefficients"], self.eps,
-                                  compute_dtype=self.compute_dtype, use_kernel=self.use_kernel)
+                                  compute_dtype=self.compute_dtype, use_kernel=self.use_kernel, tiles="large")
 
     def _orthogonalize(self, updates: List[torch.Tensor], group) -> List[torch.Tensor]:
         world, rank = self._world()

@@ -19,7 +19,12 @@ Kernels (three launches per step, each *grouped* over every matrix of every shap
   * ``_ns_update_kernel``: all tiles of X' = a X + B X (fp32 epilogue); the last step writes the output
     in the caller's orientation (transposed tiles for r > c), so there is no unpack pass.
 A work list of (matrix, tile) items is built once per shape signature and cached; one program per item,
-so edge tiles are masked and no program works on padding. Operands are the compute dtype (bf16 on GPU),
+so edge tiles are masked and no program works on padding. Tiles: 128x128 (BK 64, 8 warps, 3 stages), or
+64x64 when a call has fewer 128x128 update tiles than the GPU has SMs (``tiles="auto"``, the default).
+Prologue: torch fp32 norm + one scale/cast/transpose copy per input (``FAST_PACK=True`` swaps the copy for
+a Triton tile-transposing pack kernel, bitwise equal; opt-in until a GPU run has timed it).
+Measured on one H200 (bench/results/ns-h200.md): whole 11-layer MLP3x set 0.853 ms (368 TFLOP/s on the
+full count) vs torch.compile over banks 1.202 ms; of that, 0.203 ms is the prologue. Operands are the compute dtype (bf16 on GPU),
 accumulation is fp32; A, B, X are rounded once per step (torch's own path rounds 5 times per step:
 A, A A, c A A, b A + c A A, B X, a X + B X).
 
@@ -324,6 +329,30 @@ if _HAS_TRITON:
             tl.store(Y + x_off + rm[:, None].to(tl.int64) * n + rn[None, :], val, mask=msk)
 
 
+    @triton.jit
+    def _ns_pack_kernel(G, X, den, r, c, s_b, s_r, s_c, x_base, TRANS: tl.constexpr, BR: tl.constexpr,
+                        BC: tl.constexpr):
+        """X[b] = G[b] / den[b] cast to X's dtype, stored wide: (r x c), or its transpose (c x r) if TRANS.
+        IEEE division (div_rn) + round-to-nearest cast: bitwise what torch.div(G, den, out=X) writes."""
+        b = tl.program_id(1)
+        n_tc = tl.cdiv(c, BC)
+        tr = tl.program_id(0) // n_tc
+        tc = tl.program_id(0) % n_tc
+        rr = tr * BR + tl.arange(0, BR)
+        cc = tc * BC + tl.arange(0, BC)
+        msk = (rr[:, None] < r) & (cc[None, :] < c)
+        src = G + b.to(tl.int64) * s_b + rr[:, None].to(tl.int64) * s_r + cc[None, :].to(tl.int64) * s_c
+        g = tl.load(src, mask=msk, other=0.0).to(tl.float32)
+        d = tl.load(den + b)
+        val = tl.math.div_rn(g, tl.zeros_like(g) + d).to(X.dtype.element_ty)
+        base = X + x_base + b.to(tl.int64) * r * c
+        if TRANS:  # wide X[b] is c x r: element (rr, cc) goes to [cc, rr]
+            mskt = (cc[:, None] < c) & (rr[None, :] < r)
+            tl.store(base + cc[:, None].to(tl.int64) * r + rr[None, :], tl.trans(val), mask=mskt)
+        else:
+            tl.store(base + rr[:, None].to(tl.int64) * c + cc[None, :], val, mask=msk)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launch planning
 # ----------------------------------------------------------------------------------------------------
@@ -333,6 +362,12 @@ if _HAS_TRITON:
 GPU_CONFIG: Dict[str, int] = dict(g_block=128, g_bk=64, g_warps=8, g_stages=3,
                                   s_block=128, s_bk=64, s_warps=8, s_stages=3,
                                   u_bm=128, u_bn=128, u_bk=64, u_warps=8, u_stages=3)
+# 64x64 tiles for launches with few 128x128 update tiles (fewer than the GPU has SMs): measured on H200
+# (bench/results/ns-tune-h200.md) single 512x512 0.0733 ms vs 0.1129 ms with 128-tiles, single 1536x512
+# 0.0993 vs 0.1394 ms; the 1/8 share (264 such tiles) is better with 128-tiles (0.2329 vs 0.2487 ms).
+SMALL_GPU_CONFIG: Dict[str, int] = dict(g_block=64, g_bk=64, g_warps=4, g_stages=3,
+                                        s_block=64, s_bk=64, s_warps=4, s_stages=3,
+                                        u_bm=64, u_bn=64, u_bk=64, u_warps=4, u_stages=3)
 INTERP_CONFIG: Dict[str, int] = dict(g_block=16, g_bk=16, g_warps=4, g_stages=1,
                                      s_block=16, s_bk=16, s_warps=4, s_stages=1,
                                      u_bm=16, u_bn=16, u_bk=16, u_warps=4, u_stages=1)
@@ -410,8 +445,29 @@ def _get_plan(shapes, device, cfg) -> _Plan:
     return plan
 
 
-def _default_config(device: torch.device) -> Dict[str, int]:
-    return dict(INTERP_CONFIG) if device.type == "cpu" else dict(GPU_CONFIG)
+_SM_COUNT: Dict[int, int] = {}
+
+
+def _default_config(device: torch.device, shapes=(), tiles: str = "auto") -> Dict[str, int]:
+    """Interpreter: INTERP_CONFIG. GPU: GPU_CONFIG, or SMALL_GPU_CONFIG when ``tiles="auto"`` and the call has
+    fewer 128x128 update tiles than the GPU has SMs (``tiles="large"`` pins GPU_CONFIG: Muon does, so that a
+    rank's share and the whole set run the same tiles and the sharded update stays bitwise the single one)."""
+    if device.type == "cpu":
+        return dict(INTERP_CONFIG)
+    if tiles == "auto":
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        if idx not in _SM_COUNT:
+            _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+        n_tiles = 0
+        for shp in shapes:
+            cnt = 1
+            for d in shp[:-2]:
+                cnt *= d
+            m, n = sorted(shp[-2:])
+            n_tiles += cnt * cdiv(m, GPU_CONFIG["u_bm"]) * cdiv(n, GPU_CONFIG["u_bn"])
+        if n_tiles < _SM_COUNT[idx]:
+            return dict(SMALL_GPU_CONFIG)
+    return dict(GPU_CONFIG)
 
 
 def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
@@ -425,28 +481,45 @@ def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
     return tot
 
 
-def _pack_inputs(mats: List[torch.Tensor], plan: "_Plan", X: torch.Tensor, eps: float) -> None:
+# Opt-in Triton pack kernel for the prologue (off by default until a GPU run has measured it). Why: on H200
+# the torch prologue took 0.203 ms of the 0.857 ms whole-set call (bench/results/ns-tune-h200.md); the
+# suspected cost is torch.div's element-wise copy from the transposed (tall) bank, which reads with a
+# 2 KB stride, where the kernel transposes 64x64 tiles in registers. Output is bitwise the torch path's.
+FAST_PACK = False
+
+
+def _pack_inputs(mats: List[torch.Tensor], plan: "_Plan", X: torch.Tensor, eps: float,
+                 fast: Optional[bool] = None) -> None:
     """Prologue: per input, the fp32 Frobenius norm of each matrix, then one fused scale + cast + transpose
     copy into the packed wide workspace X (3 small launches per input tensor; a 3-D bank is one input).
     torch's norm is deterministic (an atomics-based Triton reduction would not be, and Muon's sharded
     update must equal the single-process one bitwise)."""
+    fast = FAST_PACK if fast is None else fast
     for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
         if count == 0:
             continue
         g3 = G.reshape(count, r, c)
         nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
+        if fast:
+            br = bc = 16 if interpret_mode() and G.device.type == "cpu" else 64
+            grid = (cdiv(r, br) * cdiv(c, bc), count)
+            _ns_pack_kernel[grid](g3, X, nrm, r, c, g3.stride(0), g3.stride(1), g3.stride(2), xo, TRANS=trans,
+                                  BR=br, BC=bc, num_warps=4)
+            continue
         dst = X[xo:xo + count * m * n].view(count, m, n)
         torch.div(g3.mT if trans else g3, nrm, out=dst)
 
 
 def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
-                    config: Optional[Dict[str, int]] = None) -> torch.Tensor:
+                    config: Optional[Dict[str, int]] = None, tiles: str = "auto") -> torch.Tensor:
     """Kernel path: returns one flat buffer holding every output (caller's shapes, aligned offsets)."""
     device = mats[0].device
-    cfg = _default_config(device)
-    if config:
-        cfg.update(config)
     shapes = tuple(tuple(int(s) for s in G.shape) for G in mats)
+    if config:
+        cfg = dict(GPU_CONFIG) if device.type != "cpu" else dict(INTERP_CONFIG)
+        cfg.update(config)
+    else:
+        cfg = _default_config(device, shapes, tiles)
     plan = _get_plan(shapes, device, cfg)
     dt = compute_dtype
     out = _alloc(plan.out_total, dt, device)
@@ -507,19 +580,19 @@ def _kernel_ok(t: torch.Tensor, compute_dtype: torch.dtype) -> bool:
 
 @torch.library.custom_op("pgolf::newton_schulz_packed", mutates_args=())
 def _ns_packed_op(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
-                  use_kernel: bool) -> torch.Tensor:
+                  use_kernel: bool, tiles: str) -> torch.Tensor:
     """All inputs orthogonalized; outputs packed in one flat buffer (see ``_packed_size``)."""
     if use_kernel and _kernel_ok(mats[0], compute_dtype):
-        return _ns_packed_impl(mats, coeffs, eps, compute_dtype)
+        return _ns_packed_impl(mats, coeffs, eps, compute_dtype, tiles=tiles)
     return _ns_packed_ref(mats, coeffs, eps, compute_dtype)
 
 
 @_ns_packed_op.register_fake
-def _(mats, coeffs, eps, compute_dtype, use_kernel):
+def _(mats, coeffs, eps, compute_dtype, use_kernel, tiles):
     return mats[0].new_empty(_packed_size([G.shape for G in mats]), dtype=compute_dtype)
 
 
-def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dtype, validate):
+def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dtype, validate, tiles="auto"):
     if not isinstance(mats, (list, tuple)) or len(mats) == 0:
         raise TypeError(f"{_OP}: mats must be a non-empty list of tensors, got {type(mats).__name__}")
     for i, G in enumerate(mats):
@@ -528,6 +601,8 @@ def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dty
             raise ValueError(f"{_OP}: mats[{i}] is on {G.device} but mats[0] is on {mats[0].device}; "
                              "all matrices must be on one device")
     _check_common(eps, compute_dtype)
+    if tiles not in ("auto", "large"):
+        raise ValueError(f"{_OP}: tiles must be 'auto' or 'large', got {tiles!r}")
     sched = resolve_coefficients(coefficients, steps)
     if validate:
         _validate_finite(mats)
@@ -536,26 +611,26 @@ def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dty
 
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Coefficients = "quintic", eps: float = 1e-7, *,
                   compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
-                  use_kernel: bool = True) -> torch.Tensor:
+                  use_kernel: bool = True, tiles: str = "auto") -> torch.Tensor:
     """Orthogonalize G (..., m, n) (2-D or batched) with ``steps`` Newton-Schulz iterations.
 
     Returns a contiguous tensor of G's shape in ``compute_dtype`` (bf16). See the module docstring for
     the math, the schedule rules (``resolve_coefficients``) and the NaN/Inf behaviour (``validate``).
-    ``use_kernel=False`` forces the torch reference.
+    ``use_kernel=False`` forces the torch reference; ``tiles`` see ``_default_config``.
     """
-    coeffs = _prepare([G], steps, coefficients, eps, compute_dtype, validate)
-    flat = _ns_packed_op([G], coeffs, float(eps), compute_dtype, bool(use_kernel))
+    coeffs = _prepare([G], steps, coefficients, eps, compute_dtype, validate, tiles)
+    flat = _ns_packed_op([G], coeffs, float(eps), compute_dtype, bool(use_kernel), tiles)
     return flat.view(G.shape)
 
 
 def newton_schulz_many(mats: List[torch.Tensor], steps: int = 5, coefficients: Coefficients = "quintic",
                        eps: float = 1e-7, *, compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
-                       use_kernel: bool = True) -> List[torch.Tensor]:
+                       use_kernel: bool = True, tiles: str = "auto") -> List[torch.Tensor]:
     """``[newton_schulz(G) for G in mats]`` in 3 grouped launches per step for the whole list (plus 2-3
     small prologue launches per input tensor). Matrices of any shapes and batch dims may be mixed.
     Returned tensors are views into one packed buffer (contiguous, each with its input's shape)."""
-    coeffs = _prepare(list(mats), steps, coefficients, eps, compute_dtype, validate)
-    flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel))
+    coeffs = _prepare(list(mats), steps, coefficients, eps, compute_dtype, validate, tiles)
+    flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel), tiles)
     outs, off = [], 0
     for G in mats:
         off = _align(off)

@@ -110,6 +110,25 @@ def test_nan_inf_propagate_per_matrix_or_raise_with_validate():
         newton_schulz(G, compute_dtype=KDT, validate=True)
 
 
+@pytest.mark.parametrize("fast", [False, True], ids=["torch_prologue", "triton_pack"])
+def test_pack_prologue_paths(fast, monkeypatch):
+    """The opt-in Triton pack kernel writes bitwise what the torch prologue writes (incl. a transposed bank and a
+    non-contiguous input); the whole NS then matches too."""
+    mats = [_rand((2, 20, 36)), _rand((2, 36, 20)), _rand((4, 30, 22)).mT, _rand((1, 9))]
+    shapes = tuple(tuple(m.shape) for m in mats)
+    plan = nsmod._Plan(shapes, mats[0].device, nsmod._default_config(mats[0].device, shapes))
+    ref = nan_empty((plan.x_total,), KDT, DEV)
+    got = nan_empty((plan.x_total,), KDT, DEV)
+    nsmod._pack_inputs(mats, plan, ref, 1e-7, fast=False)
+    nsmod._pack_inputs(mats, plan, got, 1e-7, fast=fast)
+    assert torch.equal(ref.nan_to_num(7.0), got.nan_to_num(7.0))  # NaN only in the alignment gaps, in both
+    monkeypatch.setattr(nsmod, "FAST_PACK", fast)
+    outs = newton_schulz_many(mats, compute_dtype=KDT)
+    monkeypatch.setattr(nsmod, "FAST_PACK", False)
+    for G, o in zip(mats, outs):
+        assert torch.equal(o, newton_schulz(G, compute_dtype=KDT))
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="G must have at least 2 dimensions"):
         newton_schulz(torch.randn(8))
@@ -129,6 +148,8 @@ def test_bad_inputs():
         newton_schulz(torch.randn(4, 4), eps=float("nan"))
     with pytest.raises(TypeError, match="compute_dtype"):
         newton_schulz(torch.randn(4, 4), compute_dtype=torch.int8)
+    with pytest.raises(ValueError, match="tiles must be"):
+        newton_schulz(torch.randn(4, 4), tiles="huge")
     with pytest.raises(TypeError, match="non-empty list"):
         newton_schulz_many([])
     with pytest.raises(TypeError, match=r"mats\[1\] must have a floating dtype"):
@@ -196,6 +217,20 @@ def test_gpu_odd_shapes_and_polar_express():
         G = _rand(shape, device="cuda")
         _check_vs_oracle(G, newton_schulz(G), 5, "quintic")
         _check_vs_oracle(G, newton_schulz(G, coefficients="polar_express"), 5, "polar_express")
+
+
+@pytest.mark.gpu
+def test_gpu_fast_pack_bitwise_and_tiles_large_vs_auto(monkeypatch):
+    mats = [_rand(s, device="cuda") for s in [(22, 512, 512), (22, 256, 512), (11, 1536, 512), (11, 512, 1536)]]
+    slow = newton_schulz_many(mats)
+    monkeypatch.setattr(nsmod, "FAST_PACK", True)
+    fast = newton_schulz_many(mats)
+    for a, b in zip(slow, fast):
+        assert torch.equal(a, b)
+    # single matrices take 64-tiles under tiles="auto"; both configs must meet the oracle bound
+    G = _rand((1536, 512), device="cuda")
+    for tiles in ("auto", "large"):
+        _check_vs_oracle(G, newton_schulz(G, tiles=tiles))
 
 
 @pytest.mark.gpu

@@ -19,7 +19,7 @@ import torch
 from train.bpb import ByteLUT
 from train.eval import evaluate
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import (BatchedAdam, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows, head_nll, make_state,
+from train.ttt import (BatchedAdam, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows, make_state,
                        plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
 
 LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140]  # awkward: 1-token doc, partial chunks, > window

@@ -4,7 +4,6 @@ import json
 import os
 import sys
 
-import pytest
 import torch
 import torch.multiprocessing as mp
 

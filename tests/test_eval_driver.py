@@ -11,7 +11,7 @@ import torch
 from train import eval as ev
 from train.bpb import ByteLUT
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import DocLoRA, TTTConfig, build_rows, plan_doc_batches, rows_nll, split_docs
+from train.ttt import DocLoRA, TTTConfig, build_rows, rows_nll, split_docs
 
 SP1024 = "fineweb_1024_bpe.model"
 SHARD = os.path.join("fineweb_sample", "fineweb_sample200_sp1024_000000.bin")

@@ -30,18 +30,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch
 
 from .bpb import ByteLUT
-from .ttt import (BOS_ID, BatchedAdam, DocLoRA, EvalState, LegalityError, TTTConfig, make_state, plan_doc_batches,
+from .ttt import (BOS_ID, BatchedAdam, DocLoRA, LegalityError, TTTConfig, make_state, plan_doc_batches,
                   plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
 
 DEFAULT_BUDGET_S = 600.0

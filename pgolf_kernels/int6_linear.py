@@ -251,9 +251,9 @@ def _dx_kernel(
 _fwd_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_fwd_kernel)
 _dx_heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BN"] == 0})(_dx_kernel)
 
-# (SWAP, BM, BN, BK, SPLIT, num_warps, num_stages). For the forward BN tiles N (output) and BK
-# the reduction; for dx BK tiles K (output) and BN the reduction, so the tuples read the same
-# way: (swap, tokens, weight rows, weight cols, split of the reduction). Kept short: every config
+# Tuples (SWAP, BM, T_out, T_red, SPLIT, num_warps, num_stages): BM tiles the tokens, T_out the
+# output dim (fwd: BN over N; dx: BK over K), T_red the reduction (fwd: BK over K; dx: BN over N),
+# SPLIT splits the reduction across programs (see _fwd_cfg_dict/_dx_cfg_dict). Kept short: every config
 # is a compile (~1 s each on the GPU machine) and each autotune key benchmarks only its bucket's
 # 2-4 candidates. Split-K exists for small M: fwd with N=512, K=2048 has only 8 output tiles of
 # 64 rows, and dx of the 8192x512 head reduces over 8192 rows into 8 tiles, so one program per
@@ -299,7 +299,8 @@ def _allowed(M: int, n_out: int, red: int):
 
     No minimum reduction length per split: on H200 dx of N=1536 (12 trips of 128 rows) at M=1
     took 6.3 us with SPLIT=8 and 15.8 us once splits with < 2 trips each were pruned, and even
-    N=512 (4 trips, half the splits empty) was faster split: 5.0 vs 6.5 us."""
+    N=512 (4 trips, half the splits empty) was faster split: 5.0 vs 6.5 us. (``red``, the
+    reduction length, is therefore unused; it stays in the signature for the call sites.)"""
     out = []
     for i in _BUCKETS[_m_bucket(M)]:
         c = _CONFIGS[i]

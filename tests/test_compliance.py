@@ -351,3 +351,15 @@ def test_document_scores_do_not_depend_on_batching(model, stream, lut):
     m = expected_targets(stream)
     for bs in (3, 4):
         torch.testing.assert_close(nll[bs][m], nll[1][m], rtol=1e-5, atol=1e-5)
+
+
+def test_single_forward_scoring_equals_separate_no_grad_pass(model, stream, lut):
+    """The default scores a chunk from the (detached) NLL of the forward that also trains; the literal
+    recipe runs a no-grad forward to score, then a second forward for the update. Same scores."""
+    import dataclasses
+
+    st1 = run_ttt(model, stream, lut, cfg=CFG, strict=True)
+    st2 = run_ttt(model, stream, lut, cfg=dataclasses.replace(CFG, separate_score_pass=True), strict=True)
+    m = expected_targets(stream)
+    torch.testing.assert_close(st1.ledger.nll[:-1][m], st2.ledger.nll[:-1][m], rtol=1e-6, atol=1e-6)
+    assert st1.acc.n_targets == st2.acc.n_targets

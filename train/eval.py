@@ -338,6 +338,8 @@ def _parse(argv):
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--separate-score-pass", action="store_true",
+                    help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
     ap.add_argument("--margin", type=float, default=DEFAULT_MARGIN_S)
     ap.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
@@ -368,7 +370,7 @@ def main(argv=None) -> dict:
     log = print if rank == 0 else (lambda *a, **k: None)
     cfg = TTTConfig(rank=args.lora_rank, targets=tuple(t for t in args.targets.split(",") if t),
                     chunk=args.chunk, window=args.window, batch_size=args.batch_size, lr=args.lr,
-                    beta1=args.beta1, beta2=args.beta2)
+                    beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass)
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     _sync(device)

@@ -253,6 +253,11 @@ class TTTConfig:
     beta2: float = 0.95
     eps: float = 1e-8
     seed: int = 1234
+    # True: score each chunk from its own no-grad forward, then run a second forward with grad for
+    # the update (the literal two-pass recipe). False (default): score from the detached NLL of the
+    # training forward itself -- the same values before any update, one forward instead of two
+    # (tested equal in tests/test_compliance.py).
+    separate_score_pass: bool = False
 
     def __post_init__(self):
         bad = set(self.targets) - {"q", "k", "v", "head"}
@@ -541,9 +546,15 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
         do_train = bool(train_rows.any())
         rows_t = torch.from_numpy(live).to(dev, non_blocking=True)
         adapter.set_rows(None if live.size == adapter.n_docs else rows_t)
-        with torch.set_grad_enabled(do_train):
-            nll = rows_nll(model, rb, adapter)
-        _score(st, rb, nll)  # scored from this forward, before any update that uses it
+        if cfg.separate_score_pass:
+            with torch.no_grad():
+                _score(st, rb, rows_nll(model, rb, adapter))
+            if do_train:
+                nll = rows_nll(model, rb, adapter)
+        else:
+            with torch.set_grad_enabled(do_train):
+                nll = rows_nll(model, rb, adapter)
+            _score(st, rb, nll)  # scored from this forward, before any update that uses it
         st.steps += 1
         st.positions += int(rb.x.numel())
         if do_train:

@@ -15,16 +15,23 @@ import importlib
 
 __version__ = "0.1.0"
 
-# public name -> submodule that defines it
+# public name -> submodule that defines it. The functions `int6_linear` and `newton_schulz`
+# share their submodule's name, so they are NOT re-exported here (once the submodule is
+# imported, Python binds the package attribute to the module and a lazy alias would flip
+# between function and module). Import them from their modules:
+#     from pgolf_kernels.int6_linear import int6_linear
+#     from pgolf_kernels.newton_schulz import newton_schulz
 _LAZY = {
-    "int6_linear": "int6_linear",
     "Int6Linear": "int6_linear",
     "convert_linears_to_int6": "int6_linear",
     "quantize_rows": "quant",
-    "dequantize_rows": "quant",
+    "dequantize": "quant",
+    "QTensor": "quant",
+    "pack_artifact": "quant",
+    "unpack_artifact": "quant",
     "multi_lora_linear": "lora",
     "BatchedLoRALinear": "lora",
-    "newton_schulz": "newton_schulz",
+    "newton_schulz_many": "newton_schulz",
     "Muon": "muon",
 }
 

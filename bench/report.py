@@ -9,31 +9,32 @@ import argparse
 import glob
 import json
 import os
+import re
 
 from .harness import RESULTS_DIR, markdown_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 START, END = "<!-- results:start -->", "<!-- results:end -->"
-COLUMNS = ["case", "ours_ms", "baseline", "baseline_ms", "speedup"]
-# extra columns worth showing in the summary when a kernel's rows carry them
-EXTRA = ["tflops", "gbps", "tokens_per_s_per_gpu", "val_bpb"]
 
 
 def render(results_dir: str = RESULTS_DIR) -> str:
     parts = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+        if re.search(r"-run\d+\.json$", path):
+            continue  # superseded earlier runs stay in bench/results for the record, not in README
         with open(path) as f:
             d = json.load(f)
         rows = d.get("rows", [])
-        cols = list(COLUMNS)
-        for e in EXTRA:
-            if any(e in r for r in rows):
-                cols.append(e)
+        sp = sorted(float(r["speedup"]) for r in rows if isinstance(r.get("speedup"), (int, float)))
         name = os.path.basename(path)
+        span = (f"{len(rows)} rows; speedup min {sp[0]:.2f} / median {sp[len(sp) // 2]:.2f} / max {sp[-1]:.2f}"
+                if sp else f"{len(rows)} rows")
         parts.append(
             f"### `{name}` — {d.get('device')} · torch {d.get('torch')} · triton {d.get('triton')} · {d.get('date')}\n\n"
+            + f"<details><summary>{span}</summary>\n\n"
             + (d.get("notes", "").strip() + "\n\n" if d.get("notes") else "")
-            + markdown_table(rows, cols)
+            + markdown_table(rows)
+            + "\n</details>\n"
         )
     if not parts:
         return "(no GPU results yet)\n"

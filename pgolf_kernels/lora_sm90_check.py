@@ -1,0 +1,107 @@
+"""Compile the LoRA kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
+
+``python -m pgolf_kernels.lora_sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
+bytes, shared memory, and whether the K/N loops were software-pipelined (cp.async copies in the TTGIR). It uses
+Triton's own compiler and bundled ptxas with the argument attributes a real launch at the benchmark shapes would get
+(16-byte aligned pointers; T, d, out_i multiples of 16). Without those attributes Triton does not pipeline at all,
+so a check that leaves them out reports the wrong kernel.
+
+Why it exists: GPU time is scarce; compile errors, register spills and an unpipelined loop are visible here, on
+the CPU machine, before a GPU run is spent. It predicts no timings.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N1", "N2", "N3")):
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: ("constexpr" if n in consts else types[n]) for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and (sig[n].startswith("*") or n in div16)}
+    t = time.time()
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    ttg = k.asm["ttgir"]
+    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
+                smem=k.metadata.shared, async_copies=ttg.count("async_copy_global_to_local"),
+                wgmma=ttg.count("warp_group_dot "), serialized_wgmma="C7515" in out.stderr,
+                compile_s=round(time.time() - t, 1))
+
+
+def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=False, ns=2, dtype="bf16"):
+    from . import lora_triton as K
+
+    types = {"X": f"*{dtype}", "LEN": "*i64", "IDX": "*i64", "alpha": "fp32"}
+    for i in range(4):
+        types.update({f"Y{i}": f"*{dtype}", f"W{i}": "*i8" if quant else f"*{dtype}",
+                      f"S{i}": "*fp16" if quant else f"*{dtype}", f"A{i}": f"*{dtype}", f"B{i}": f"*{dtype}",
+                      f"N{i}": "i32", f"R{i}": "i32"})
+    types.update({n: "i32" for n in ("C1", "C2", "C3", "T", "D", "n_adapters", "NT", "TT")})
+    consts = dict(NS=ns, HAS_SCALE=quant, HAS_LEN=True, HAS_IDX=False, BT=BT, BN=BN, BK=BK, RP=RP,
+                  IP="ieee" if dtype == "fp32" else "tf32")
+    return _compile(K._fwd_kernel, types, consts, num_warps, num_stages)
+
+
+def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, split=False, ns=2, dtype="bf16"):
+    from . import lora_triton as K
+
+    types = {"X": f"*{dtype}", "DX": f"*{dtype}", "LEN": "*i64", "IDX": "*i64", "alpha": "fp32"}
+    for i in range(4):
+        types.update({f"DY{i}": f"*{dtype}", f"W{i}": f"*{dtype}", f"A{i}": f"*{dtype}", f"B{i}": f"*{dtype}",
+                      f"DA{i}": "*fp32", f"DB{i}": "*fp32", f"N{i}": "i32", f"R{i}": "i32"})
+    types.update({n: "i32" for n in ("T", "D", "n_adapters", "TT", "TSPLIT", "DT")})
+    consts = dict(NS=ns, HAS_LEN=True, HAS_IDX=False, GRAD_IDX=True, COMPUTE_DX=True, BASE=not split,
+                  LOAD_DX=split, BT=BT, BN=BN, BD=BD, BK=BK, RP=RP, IP="ieee" if dtype == "fp32" else "tf32")
+    return _compile(K._bwd_kernel, types, consts, num_warps, num_stages)
+
+
+CASES = {
+    "fwd r<=16 (default)": lambda: fwd_stats(RP=16),
+    "fwd r=96 (default)": lambda: fwd_stats(RP=128, num_stages=2),
+    "fwd r<=16 BN=128": lambda: fwd_stats(RP=16, BN=128),
+    "fwd r=96 BN=128": lambda: fwd_stats(RP=128, BN=128, num_stages=2),
+    "fwd int6 r<=16": lambda: fwd_stats(RP=16, quant=True),
+    "bwd fused r<=16 (default)": lambda: bwd_stats(RP=16),
+    "bwd fused r=96 (default)": lambda: bwd_stats(RP=128, BN=64),
+    "bwd split r<=16": lambda: bwd_stats(RP=16, split=True),
+    "bwd split r=96": lambda: bwd_stats(RP=128, BN=64, split=True),
+}
+
+
+def main(argv=None) -> int:
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+        return 2
+    filt = (argv if argv is not None else sys.argv[1:])
+    rc = 0
+    for name, f in CASES.items():
+        if filt and not any(s in name for s in filt):
+            continue
+        try:
+            print(f"{name:28s} {f()}", flush=True)
+        except Exception as e:  # report every case
+            rc = 1
+            print(f"{name:28s} FAILED {type(e).__name__}: {str(e)[:500]}", flush=True)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

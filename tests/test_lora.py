@@ -444,3 +444,19 @@ def test_kernels_compile_for_sm90():
     if "ptxas" in out.stderr and "No such file" in out.stderr:
         pytest.skip("triton's bundled ptxas is missing on this machine")
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_opcheck_custom_ops(device):
+    """torch.library.opcheck: schema, autograd registration, fake (meta) impl and AOT dispatch of both ops."""
+    x, bases, As, Bs = _make(2, 7, 40, [40, 24], 3, torch.float16, device, seed=0, quant=(1,))
+    lengths = torch.tensor([7, 3], device=device)
+    ws = [bases[0], bases[1].q]
+    scales_q = [bases[1].scale]
+    # one op call per base kind: the dense slice alone, then the quantized one alone
+    torch.library.opcheck(lora._fwd_op, (x.requires_grad_(), ws[:1], [], [As[0].requires_grad_()],
+                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False))
+    torch.library.opcheck(lora._fwd_op, (x, ws[1:], scales_q, [As[1]], [Bs[1]], 0.5, lengths,
+                                         torch.tensor([1, 1], device=device), False))
+    dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
+    torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
+                                         lengths, torch.tensor([1, 1], device=device), True, True))

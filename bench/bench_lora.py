@@ -160,7 +160,8 @@ def _sweep(rows):
                     if err <= 1.0 and (kind not in best or ms < best[kind][1]):
                         best[kind] = (dict(v), ms)
                 except Exception as e:
-                    row = dict(kernel=KERNEL, case=f"sweep {case} {kind} {v}", error=repr(e)[:300])
+                    # a full row (NaN time) so every consumer of rows (gpu_lane.sh summary, report) can read it
+                    row = make_row(KERNEL, f"sweep {case} {kind} {v}", float("nan"), bl, bms, error=repr(e)[:300])
                 rows.append(row), _log(row)
             ov.clear()
         CHOSEN[_rank_class(r)] = (best.get("fwd", ({}, 0))[0], best.get("fwd+bwd", ({}, 0))[0])

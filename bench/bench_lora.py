@@ -4,7 +4,13 @@ its torch.compile, and base-only F.linear (the forward's speed of light).
 Timing: ``graph_bench_ms`` (CUDA-graph replay, 20 calls per graph) for every row, ours and baselines alike: at T256
 the bmm form is launch-bound and a TTT loop would run captured anyway. Where one input set fits in L2 (T <= 512)
 three input sets are rotated. Forward rows run under no_grad; forward+backward rows run torch.autograd.grad for
-x and every adapter. Rows are also appended to ``lora-partial.jsonl`` in the results dir as they are measured.
+x and every adapter. Each shape also gets one fwd+bwd row timed with ``bench_ms`` (do_bench, no graph: launch gaps
+included), the way the issue's baseline figures were taken. Rows are also appended to ``lora-partial.jsonl`` in the
+results dir as they are measured.
+
+Env: PGOLF_LORA_SWEEP=1 first times tile/strategy variants (each checked against an fp32 oracle) and uses the
+fastest passing one per rank class for the main rows (``cfg`` column); PGOLF_LORA_DEADLINE (unix time) stops
+starting new measurements; PGOLF_LORA_COMPILE_BUDGET_S bounds the torch.compile baselines.
 """
 from __future__ import annotations
 

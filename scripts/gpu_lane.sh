@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU lane: on the GPU machine (offline), install, run the GPU tests and all benchmarks.
-#   bash scripts/gpu_lane.sh OUTDIR [bench names...]
+#   bash scripts/gpu_lane.sh OUTDIR [bench names...]     (names: int6 lora ns train eval; default all)
+# Env: PGOLF_TEST_TIMEOUT (s, default 1800), PGOLF_BENCH_QUICK=1 (fewer shapes), PGOLF_PYTEST_ARGS.
 # Writes OUTDIR/install.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/results/*.json|md
 # and ends with a short summary table (kernel, case, ours_ms, baseline, speedup).
 set -uo pipefail
@@ -13,13 +14,16 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 bash scripts/install.sh --offline > "$OUTDIR/install.log" 2>&1 || { tail -30 "$OUTDIR/install.log"; echo "INSTALL FAILED"; exit 1; }
 echo "install: $(( $(date +%s) - t0 )) s"
-python3 -m pytest -q -m "gpu or not gpu" ${PGOLF_PYTEST_ARGS:-} > "$OUTDIR/pytest.log" 2>&1
+# GPU lane = tests marked gpu (the CPU lane runs in CI). PGOLF_TEST_TIMEOUT caps this stage.
+timeout "${PGOLF_TEST_TIMEOUT:-1800}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PGOLF_PYTEST_ARGS:-} > "$OUTDIR/pytest.log" 2>&1
 test_rc=$?
 tail -3 "$OUTDIR/pytest.log"
 echo "tests: rc=$test_rc, $(( $(date +%s) - t0 )) s"
 ONLY=""
 if [[ $# -gt 0 ]]; then ONLY="--only $*"; fi
-python3 -m bench --results-dir "$OUTDIR/results" $ONLY > "$OUTDIR/bench.log" 2>&1
+QUICK=""
+if [[ -n "${PGOLF_BENCH_QUICK:-}" ]]; then QUICK="--quick"; fi
+python3 -m bench --results-dir "$OUTDIR/results" $ONLY $QUICK > "$OUTDIR/bench.log" 2>&1
 bench_rc=$?
 echo "bench: rc=$bench_rc, $(( $(date +%s) - t0 )) s"
 python3 - "$OUTDIR/results" <<'PY'

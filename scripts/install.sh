@@ -11,6 +11,7 @@ if [[ "${1:-}" == "--offline" ]]; then
     "$PY" -m pip install -q --no-index --no-deps .whl/*.whl
   fi
   "$PY" -m pip install --no-build-isolation --no-deps -e .
+  "$PY" -m pgolf_kernels.build_info
   exit 0
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
@@ -19,4 +20,5 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 "$PY" -m pip install -r requirements.txt
 "$PY" -m pip install --no-build-isolation -e .
-"$PY" -c "import pgolf_kernels, torch; from pgolf_kernels._ext import load_C; load_C(); print('pgolf_kernels', pgolf_kernels.__version__, 'installed; torch', torch.__version__)"
+# pip hides setup.py's output; say here what was built and what was skipped, and why
+"$PY" -m pgolf_kernels.build_info

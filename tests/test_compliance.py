@@ -16,9 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.bpb import ByteLUT
 from train.eval import evaluate
-from train.eval_fixtures import doc_stream, tiny_model
+from train.eval_fixtures import synthetic_lut, doc_stream, tiny_model
 from train.ttt import (BatchedAdam, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows, make_state,
                        plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
 
@@ -39,15 +38,7 @@ def _one_thread():
 def lut():
     # byte tables need only ids; a synthetic LUT avoids the shared data for these tests:
     # ids 0-3 control (0 bytes, boundary), 4-259 one byte, others 1-4 bytes, every 3rd with a leading space
-    V = 1024
-    base = torch.zeros(V, dtype=torch.int16)
-    base[4:260] = 1
-    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
-    lead = torch.zeros(V, dtype=torch.bool)
-    lead[260::3] = True
-    bound = torch.zeros(V, dtype=torch.bool)
-    bound[:4] = True
-    return ByteLUT(base, lead, bound)
+    return synthetic_lut()
 
 
 @pytest.fixture(scope="module")

@@ -7,22 +7,10 @@ import sys
 import torch
 import torch.multiprocessing as mp
 
+from train.eval_fixtures import synthetic_lut
+
 CHUNK, WINDOW, BS = 32, 96, 2
 LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140, 33, 410]
-
-
-def _lut():
-    from train.bpb import ByteLUT
-
-    V = 1024
-    base = torch.zeros(V, dtype=torch.int16)
-    base[4:260] = 1
-    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
-    lead = torch.zeros(V, dtype=torch.bool)
-    lead[260::3] = True
-    bound = torch.zeros(V, dtype=torch.bool)
-    bound[:4] = True
-    return ByteLUT(base, lead, bound)
 
 
 def _worker(rank, world, init_file, out_dir):
@@ -49,7 +37,7 @@ def _worker(rank, world, init_file, out_dir):
             return real(*a, **k)
 
         ev.ttt_batch = spy
-        rep = evaluate(m, stream, _lut(), mode="ttt", cfg=cfg, backend="bmm", strict=True)
+        rep = evaluate(m, stream, synthetic_lut(), mode="ttt", cfg=cfg, backend="bmm", strict=True)
         rep["claimed"] = claimed
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(rep, f)
@@ -67,7 +55,7 @@ def test_two_ranks_same_bpb_as_one(tmp_path):
     try:
         m = tiny_model(seed=3)
         stream = doc_stream(LENGTHS, seed=5)
-        one = evaluate(m, stream, _lut(), mode="ttt", cfg=TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS),
+        one = evaluate(m, stream, synthetic_lut(), mode="ttt", cfg=TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS),
                        backend="bmm")
     finally:
         torch.set_num_threads(old)

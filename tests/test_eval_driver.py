@@ -10,7 +10,7 @@ import torch
 
 from train import eval as ev
 from train.bpb import ByteLUT
-from train.eval_fixtures import doc_stream, tiny_model
+from train.eval_fixtures import synthetic_lut, doc_stream, tiny_model
 from train.ttt import DocLoRA, TTTConfig, build_rows, rows_nll, split_docs
 
 SP1024 = "fineweb_1024_bpe.model"
@@ -28,15 +28,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def lut():
-    V = 1024
-    base = torch.zeros(V, dtype=torch.int16)
-    base[4:260] = 1
-    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
-    lead = torch.zeros(V, dtype=torch.bool)
-    lead[260::3] = True
-    bound = torch.zeros(V, dtype=torch.bool)
-    bound[:4] = True
-    return ByteLUT(base, lead, bound)
+    return synthetic_lut()
 
 
 @pytest.fixture(scope="module")

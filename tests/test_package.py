@@ -61,3 +61,28 @@ def test_rel_err_and_bound():
     bad[0, 0] = float("nan")
     assert testing.rel_err(bad, a) == float("inf")
     assert torch.isnan(testing.nan_empty((3, 3))).all()
+
+
+def test_stale_extension_gives_clear_message(monkeypatch):
+    # Simulate a .so that fails to import (as an undefined-symbol error from another torch would)
+    # while the build info records a different torch: the error must name both versions and the fix.
+    from pgolf_kernels import _build_info, _ext
+
+    import pgolf_kernels
+
+    monkeypatch.setitem(sys.modules, "pgolf_kernels._C", None)  # makes `from . import _C` raise ImportError
+    monkeypatch.delattr(pgolf_kernels, "_C", raising=False)     # ... also once an earlier test loaded it
+    monkeypatch.setattr(_build_info, "TORCH_VERSION", "0.0.1")
+    _ext.load_C.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match=r"built against torch 0\.0\.1 but torch .* is imported; rebuild"):
+            _ext.load_C()
+    finally:
+        _ext.load_C.cache_clear()
+
+
+def test_build_info_reports_cuda_decision():
+    out = subprocess.run([sys.executable, "-m", "pgolf_kernels.build_info"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert "pgolf_kernels._C built against torch" in out.stdout
+    assert "CUDA sources" in out.stdout

@@ -55,3 +55,19 @@ def doc_stream(lengths: Sequence[int], vocab_size: int = 1024, seed: int = 0) ->
         toks = perm[torch.multinomial(p / p.sum(), int(L), replacement=True, generator=g)]
         parts.append(torch.cat([torch.tensor([BOS_ID]), toks]))
     return torch.cat(parts).to(torch.int64)
+
+
+def synthetic_lut(vocab_size: int = 1024):
+    """A byte LUT that needs no tokenizer file: ids 0-3 control (0 bytes, boundary), 4-259 one byte
+    (byte-fallback pieces), the rest 1-4 bytes with every 3rd id carrying a leading space."""
+    from .bpb import ByteLUT
+
+    V = vocab_size
+    base = torch.zeros(V, dtype=torch.int16)
+    base[4:260] = 1
+    base[260:] = (torch.arange(260, V) % 4 + 1).to(torch.int16)
+    lead = torch.zeros(V, dtype=torch.bool)
+    lead[260::3] = True
+    bound = torch.zeros(V, dtype=torch.bool)
+    bound[:4] = True
+    return ByteLUT(base, lead, bound)

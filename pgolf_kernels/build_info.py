@@ -1,0 +1,33 @@
+"""``python3 -m pgolf_kernels.build_info``: what the installed build contains (one line each).
+
+pip hides setup.py's own output, so scripts/install.sh calls this to say what was built, what was
+skipped and why, and to load the extension once (a stale .so fails here, with the rebuild command).
+"""
+from __future__ import annotations
+
+import sys
+
+
+def main() -> int:
+    import torch
+
+    import pgolf_kernels
+    from pgolf_kernels._ext import load_C
+
+    try:
+        from pgolf_kernels import _build_info as bi
+    except ImportError:
+        print("pgolf_kernels: no build info (the package was not installed through setup.py)")
+        return 1
+    load_C()
+    print(f"pgolf_kernels {pgolf_kernels.__version__}: C++ extension pgolf_kernels._C built against torch "
+          f"{bi.TORCH_VERSION} and loads with torch {torch.__version__}")
+    if bi.WITH_CUDA:
+        print(f"pgolf_kernels: CUDA sources built ({getattr(bi, 'CUDA_REASON', '')})")
+    else:
+        print(f"pgolf_kernels: CUDA sources skipped: {getattr(bi, 'CUDA_REASON', 'unknown reason')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,8 +7,20 @@ The challenge's rules for test-time training, each checked here:
   (3) score before update: every optimizer step's loss contains only targets already scored;
   (4) full softmax: the scored distributions are normalized over the whole vocabulary;
   (5) single pass: no score is ever overwritten or re-taken.
-Two deliberately illegal scorers (train on the chunk, then score it; a second epoch that re-scores and
-overwrites) are run through the same checks, which must catch them.
+Every check runs on the per-document TTT mode and, where it applies, on the chunked mode (one shared
+adapter, several epochs on each already-scored chunk).
+
+Illegal test doubles run through the same checks, which must catch them (a test fails if a double
+passes):
+  * train on a chunk, then score it;
+  * a second epoch that re-scores and overwrites;
+  * PR #713's pattern: per-document multi-epoch TTT that scores in the final epoch only (each target
+    scored exactly once, so coverage counts pass; the ledger's train-before-score check and the
+    causality perturbation catch it);
+  * PR #605's pattern: score in every epoch and keep (overwrite with) the last score (caught by the
+    ledger's double-score check, the coverage counts and the causality perturbation).
+The causality check needs only each target's final stored score, so it is black-box: it also catches a
+scorer that never told the ledger anything.
 """
 import math
 
@@ -18,11 +30,15 @@ import torch
 
 from train.eval import evaluate
 from train.eval_fixtures import synthetic_lut, doc_stream, tiny_model
-from train.ttt import (BatchedAdam, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows, make_state,
-                       plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
+from train.ttt import (BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows,
+                       make_state, plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
 
 LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140]  # awkward: 1-token doc, partial chunks, > window
 CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4, lr=0.01)
+# chunked mode: the smallest legal chunk; stride 40 does not divide the window (96) or the chunk (2048),
+# so sliding rows are cut at chunk boundaries; training windows (128) longer than the scoring window
+CHUNKED = ChunkedConfig(chunk_tokens=2048, rank=4, epochs=2, lr=0.01, window=96, stride=40, train_len=128,
+                        batch_seqs=4)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -51,6 +67,12 @@ def stream():
     return doc_stream(LENGTHS, seed=5)
 
 
+@pytest.fixture(scope="module")
+def long_stream():
+    # 4,932 tokens: 3 chunks of the chunked mode (2048, 2048, 835 targets; the last one never trained on)
+    return doc_stream(LENGTHS * 4, seed=5)
+
+
 def expected_targets(stream, per_doc=True):
     exp = torch.ones(stream.numel(), dtype=torch.bool)
     exp[0] = False
@@ -68,6 +90,13 @@ def run_ttt(model, stream, lut, scorer=ttt_batch, cfg=CFG, strict=False, hook=No
     for i, docs in enumerate(plan_doc_batches(ns, cfg.batch_size)):
         kw = {"train_hook": hook} if hook is not None else {}
         scorer(model, stream, starts, ns, docs, cfg, ad, opt, st, i, **kw)
+    return st
+
+
+def run_chunked(model, stream, lut, strict=False, hook=None, cfg=CHUNKED):
+    """The chunked mode through the driver; returns the state (ledger with per-position NLL)."""
+    _, st = evaluate(model, stream, lut, mode="chunked", chunked=cfg, strict=strict, keep_nll=True,
+                     return_state=True, backend="bmm", train_hook=hook)
     return st
 
 
@@ -112,7 +141,55 @@ def ttt_two_epochs_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt,
     adapter.set_rows(None)
 
 
-ILLEGAL = [ttt_train_then_score, ttt_two_epochs_overwrite]
+def _chunk_rows(stream, s, n, c, cfg):
+    live = np.flatnonzero(-(-n // cfg.chunk) > c)
+    a = np.full(live.size, c * cfg.chunk)
+    b = np.minimum(a + cfg.chunk, n[live])
+    return live, build_rows(stream, np.stack([s[live], a, b], 1), cfg.window)
+
+
+def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_index=0, train_hook=None,
+                            epochs=3):
+    """ILLEGAL (PR #713's pattern): per-document TTT for ``epochs`` epochs over each document's chunks,
+    an Adam step on every chunk in every epoch; the scores are taken in the final epoch only. Each target
+    is scored exactly once, but after the adapter was trained on the whole document, itself included."""
+    s, n = starts[docs], ns[docs]
+    adapter.reset(s)
+    opt.reset()
+    for ep in range(epochs):
+        for c in range(int((-(-n // cfg.chunk)).max())):
+            live, rb = _chunk_rows(stream, s, n, c, cfg)
+            adapter.set_rows(torch.from_numpy(live))
+            nll = rows_nll(model, rb, adapter)
+            if ep == epochs - 1:
+                _score(st, rb, nll.detach())
+            st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the double ignores its verdict
+            ((nll * rb.mask).sum() / rb.mask.sum()).backward()
+            opt.step()
+    adapter.set_rows(None)
+
+
+def pr605_score_every_epoch_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_index=0,
+                                      train_hook=None, epochs=3):
+    """ILLEGAL (PR #605's pattern): per-document multi-epoch TTT that scores every chunk in every epoch
+    (score, then step: each epoch on its own is score-first) and overwrites the stored score, so the
+    reported score of a target is the last epoch's, taken after training on it and on later tokens."""
+    s, n = starts[docs], ns[docs]
+    adapter.reset(s)
+    opt.reset()
+    for ep in range(epochs):
+        for c in range(int((-(-n // cfg.chunk)).max())):
+            live, rb = _chunk_rows(stream, s, n, c, cfg)
+            adapter.set_rows(torch.from_numpy(live))
+            nll = rows_nll(model, rb, adapter)
+            _score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
+            st.ledger.require_scored(rb.pos, rb.mask)
+            ((nll * rb.mask).sum() / rb.mask.sum()).backward()
+            opt.step()
+    adapter.set_rows(None)
+
+
+ILLEGAL = [ttt_train_then_score, ttt_two_epochs_overwrite, pr713_score_final_epoch, pr605_score_every_epoch_overwrite]
 
 
 # ------------------------------------------------------------------ the checks (reusable on any scorer)
@@ -124,15 +201,17 @@ def check_coverage(st, exp):
     st.ledger.check(exp)
 
 
-def check_causality(model, stream, lut, scorer, t_cut):
-    """Scores of targets at stream positions <= t_cut must not change when tokens after t_cut change."""
-    st0 = run_ttt(model, stream, lut, scorer)
+def check_causality(model, stream, lut, scorer, t_cut, runner=None):
+    """Scores of targets at stream positions <= t_cut must not change when tokens after t_cut change.
+    ``runner(model, stream, lut) -> state`` (default: ``run_ttt`` with ``scorer``)."""
+    runner = runner or (lambda m, s, l: run_ttt(m, s, l, scorer))
+    st0 = runner(model, stream, lut)
     pert = stream.clone()
     g = torch.Generator().manual_seed(11)
     tail = pert[t_cut + 1:]
     repl = torch.randint(4, 1024, tail.shape, generator=g)
     pert[t_cut + 1:] = torch.where(tail == 1, tail, repl)  # keep BOS (document boundaries) in place
-    st1 = run_ttt(model, pert, lut, scorer)
+    st1 = runner(model, pert, lut)
     a = st0.ledger.nll[: t_cut + 1]
     b = st1.ledger.nll[: t_cut + 1]
     scored = ~torch.isnan(a)
@@ -146,10 +225,14 @@ def check_causality(model, stream, lut, scorer, t_cut):
 
 
 # ------------------------------------------------------------------ (1) coverage
-@pytest.mark.parametrize("mode", ["ttt", "base", "flat", "sliding"])
-def test_coverage_every_mode(model, stream, lut, mode):
+@pytest.mark.parametrize("mode", ["ttt", "base", "flat", "sliding", "chunked"])
+def test_coverage_every_mode(model, stream, long_stream, lut, mode):
+    if mode == "chunked":
+        stream = long_stream
     rep, st = evaluate(model, stream, lut, mode=mode, cfg=CFG, stride=23, strict=True, keep_nll=True,
-                       return_state=True, backend="bmm")
+                       return_state=True, backend="bmm", chunked=CHUNKED)
+    if mode == "chunked":
+        assert rep["chunks"] == 3 and rep["chunks_trained"] == 2 and rep["train_steps"] > 0
     exp = expected_targets(stream, per_doc=mode in ("ttt", "base"))
     check_coverage(st, exp)
     assert rep["targets"] == int(exp.sum())
@@ -232,9 +315,18 @@ def test_causality_other_documents(model, stream, lut):
     assert not torch.equal(a[~a.isnan()], b[~b.isnan()])  # the other documents' scores did change
 
 
-def test_causality_catches_train_then_score(model, stream, lut):
+@pytest.mark.parametrize("t_cut", [1000, 2049, 3100, 4097, 4600])
+def test_causality_chunked(model, long_stream, lut, t_cut):
+    """Cuts inside chunk 0, on the first target of chunk 1, inside chunk 1 (after the adapter was trained
+    on chunk 0), right at chunk 2's start and inside the last chunk: earlier scores never move."""
+    check_causality(model, long_stream, lut, None, t_cut, runner=run_chunked)
+
+
+@pytest.mark.parametrize("illegal", [ttt_train_then_score, pr713_score_final_epoch, pr605_score_every_epoch_overwrite],
+                         ids=lambda f: f.__name__)
+def test_causality_catches_illegal_doubles(model, stream, lut, illegal):
     with pytest.raises(AssertionError, match="changed"):
-        check_causality(model, stream, lut, ttt_train_then_score, mid_chunk_cut(stream, 2, 1))
+        check_causality(model, stream, lut, illegal, mid_chunk_cut(stream, 2, 1))
 
 
 # ------------------------------------------------------------------ (3) score before update
@@ -263,6 +355,40 @@ def test_score_before_update_instrumented(model, stream, lut):
     assert st.ledger.n_train_checks == len(steps)
 
 
+def test_score_before_update_chunked(model, long_stream, lut):
+    """Chunked mode: every training step's targets were scored (exactly once) before the step, they all
+    lie in the chunk scored last (no later chunk scored yet), every target of a trained chunk is trained
+    on exactly ``epochs`` times, and the last chunk never."""
+    from train.ttt import chunked_ttt
+
+    N = long_stream.numel()
+    C = CHUNKED.chunk_tokens
+    st = make_state(long_stream, lut, strict=True)
+    used = torch.zeros(N, dtype=torch.int64)
+    steps = []
+
+    def hook(rb, mask, loss):
+        cnt = st.ledger.count
+        p = rb.pos[mask]
+        assert int(cnt[p].min()) == 1 and int(cnt[p].max()) == 1
+        # chunk c holds the targets at stream positions c*C+1 .. (c+1)*C
+        c = (int(p.max()) - 1) // C
+        assert int(p.min()) > c * C, "a training step mixes chunks"
+        assert int(cnt[(c + 1) * C + 1:N].sum()) == 0, "a later chunk was scored before this training step"
+        used.index_add_(0, p, torch.ones_like(p))
+        steps.append(c)
+
+    chunked_ttt(model, long_stream, CHUNKED, st, backend="bmm", train_hook=hook)
+    st.ledger.check()
+    n_chunks = -(-(N - 1) // C)
+    assert sorted(set(steps)) == list(range(n_chunks - 1))  # every chunk but the last is trained on
+    trained = torch.zeros(N, dtype=torch.bool)
+    trained[1:(n_chunks - 1) * C + 1] = True
+    assert bool((used[trained] == CHUNKED.epochs).all())  # each trained target in exactly `epochs` steps
+    assert int(used[~trained].sum()) == 0  # the last chunk (and position 0) never
+    assert st.ledger.n_train_checks == len(steps)
+
+
 def test_score_before_update_catches_train_then_score(model, stream, lut):
     with pytest.raises(LegalityError, match="not scored"):
         run_ttt(model, stream, lut, ttt_train_then_score, strict=True)
@@ -273,11 +399,17 @@ def test_score_before_update_catches_train_then_score(model, stream, lut):
 
 
 # ------------------------------------------------------------------ (4) full softmax
-def test_full_softmax_and_scorer_matches_model_forward(model, stream, lut):
+@pytest.mark.parametrize("kind", ["per_document", "chunked_shared"])
+def test_full_softmax_and_scorer_matches_model_forward(model, stream, lut, kind):
     """The scorer's NLL is -log of a distribution normalized over the full vocabulary, and equals
-    GPT.forward's own cross-entropy (with the same adapter) at the scored positions."""
+    GPT.forward's own cross-entropy (with the same adapter) at the scored positions. ``chunked_shared``:
+    the chunked mode's adapter (one Q/V LoRA for every row)."""
     starts, ns = split_docs(stream)
-    ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    if kind == "per_document":
+        ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    else:
+        ad = DocLoRA(model, TTTConfig(rank=CHUNKED.rank, targets=("q", "v"), chunk=1, window=CFG.window, batch_size=1),
+                     1, "cpu", "bmm")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in ad.params:  # non-zero adapters: the LoRA path is exercised
@@ -313,6 +445,77 @@ def test_single_pass_catches_second_epoch(model, stream, lut):
         check_coverage(st, expected_targets(stream))
     with pytest.raises(LegalityError, match="double_scored"):
         st.ledger.check(expected_targets(stream))
+
+
+def test_pr713_double_is_flagged(model, stream, lut):
+    """PR #713's pattern scores each target exactly once, so the coverage counts alone pass; the
+    train-before-score check flags it (strict: at the first step of epoch 1; lenient: at the end), and
+    test_causality_catches_illegal_doubles shows its scores depend on later tokens."""
+    with pytest.raises(LegalityError, match="not scored"):
+        run_ttt(model, stream, lut, pr713_score_final_epoch, strict=True)
+    st = run_ttt(model, stream, lut, pr713_score_final_epoch, strict=False)
+    exp = expected_targets(stream)
+    c = st.ledger.count[:-1]
+    assert bool((c[exp] == 1).all()) and int(c[~exp].sum()) == 0  # counts look perfect...
+    assert int(st.ledger.trained_unscored) > 0                   # ...but training came before scoring
+    with pytest.raises(LegalityError, match="trained_unscored"):
+        st.ledger.check(exp)
+
+
+def test_pr605_double_is_flagged(model, stream, lut):
+    """PR #605's pattern: every epoch re-scores and overwrites. The ledger's double-score check, the
+    coverage counts and the final BPB's target count all show it; the stored score is the last epoch's."""
+    with pytest.raises(LegalityError, match="more than once"):
+        run_ttt(model, stream, lut, pr605_score_every_epoch_overwrite, strict=True)
+    st = run_ttt(model, stream, lut, pr605_score_every_epoch_overwrite, strict=False)
+    exp = expected_targets(stream)
+    with pytest.raises(AssertionError, match="0 or >1"):
+        check_coverage(st, exp)
+    assert int(st.ledger.count[:-1][exp].min()) == 3  # 3 epochs: every target scored 3 times
+    assert st.acc.n_targets == 3 * int(exp.sum())
+    with pytest.raises(LegalityError, match="double_scored"):
+        st.ledger.check(exp)
+    legal = run_ttt(model, stream, lut, ttt_batch, strict=True)
+    # the overwrite kept later-epoch scores (lower: the adapter had trained on these very tokens)
+    assert st.ledger.nll[:-1][exp].mean() < legal.ledger.nll[:-1][exp].mean()
+
+
+def test_scores_enter_only_through_the_ledger():
+    """Structural guarantee (train/ttt.py, train/eval.py): the BPB sums are added to only inside
+    ``_score``, which records in the ledger first; ``_score`` is called only by ``score_rows`` and
+    ``ttt_batch``; the chunked mode scores only via ``score_rows`` and that call precedes its
+    training loop; no scorer assigns/overwrites the BPB sums. A new scoring path must update this list."""
+    import ast
+    import inspect
+
+    import train.eval as ev_mod
+    import train.ttt as ttt_mod
+
+    callers = {"_score": set(), "add": set(), "record": set(), "score_rows": set()}
+    for mod in (ttt_mod, ev_mod):
+        tree = ast.parse(inspect.getsource(mod))
+        for fn in ast.walk(tree):
+            if not isinstance(fn, ast.FunctionDef):
+                continue
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Call):
+                    name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                    if name == "add" and "acc" not in ast.unparse(node.func):
+                        continue  # set.add, store.add, ...
+                    if name in callers:
+                        callers[name].add(fn.name)
+                if isinstance(node, (ast.Assign, ast.AugAssign)):
+                    tgts = node.targets if isinstance(node, ast.Assign) else [node.target]
+                    for t in tgts:
+                        assert "acc.sums" not in ast.unparse(t) or fn.name == "__init__", f"{fn.name} writes BPB sums"
+    assert callers["add"] == {"_score"} and callers["record"] == {"_score"}
+    assert callers["_score"] == {"score_rows", "ttt_batch"}
+    assert callers["score_rows"] == {"chunked_ttt", "evaluate", "warmup"}
+    src = inspect.getsource(ttt_mod.chunked_ttt)
+    assert src.index("score_rows(") < src.index(".backward(")
+    assert src.count("score_rows(") == 1
+    src = inspect.getsource(ttt_mod.ttt_batch)
+    assert src.index("_score(") < src.index(".backward(")
 
 
 def test_legal_scorer_passes_every_check(model, stream, lut):

@@ -9,6 +9,20 @@ Modes (see ``train/ttt.py`` for the exact row semantics):
   base     the same per-document chunk/window scoring without adapters (the no-TTT baseline).
   flat     the stream in non-overlapping windows of ``--window``.
   sliding  windows of ``--window`` advanced by ``--stride``; each target scored once.
+  chunked  PR #550-style chunked score-first TTT over the stream: chunks of ``--chunk-tokens``
+           (default 32,768) are scored (sliding windows, ``--window`` default = the model's seq_len,
+           ``--stride``) with ONE shared rank-``--rank`` LoRA on Q/V, then the adapter trains on the
+           scored chunk for ``--epochs`` (3) with Adam (``--lr`` 0.01, cosine over all steps); the last
+           chunk is never trained on (``train/ttt.py: chunked_ttt``).
+
+No illegal variant has a code path. Scores enter the BPB only through ``ttt._score`` (ledger record
+first, then the additive float64 sums: a score can be added, never replaced, and there is no
+best-of / last-of selection anywhere), called from exactly ``score_rows`` and ``ttt_batch``; every
+training step calls ``ledger.require_scored`` on its loss's targets before the backward, and the
+chunked mode's training loop never scores. ``evaluate`` ends with ``ledger.check(expected)``, which
+raises ``LegalityError`` on any target scored twice, never scored, or trained on before its score.
+``tests/test_compliance.py`` pins these call sites and runs the seeds' illegal patterns (PR #713,
+PR #605) as test doubles through the checks.
 
 Kernel path (default): block matrices stay int6 codes (``Int6Linear``), adapters run through
 ``pgolf_kernels.lora.multi_lora_linear``. ``--reference``: every matrix dequantized to bf16
@@ -21,7 +35,10 @@ the driver checks that the batch plus base-model scoring of everything not yet c
 if not, every remaining document is scored by the base model (same chunks and windows, no
 adapter) and the report says how many.
 
-Multi-rank: document batches (longest first) are claimed one at a time through a counter in the
+Multi-rank (chunked): chunks stay sequential; each rank scores every W-th row of a chunk and every
+W-th training window of a step, gradients are all-reduced (see ``chunked_ttt``).
+
+Multi-rank (ttt/base): document batches (longest first) are claimed one at a time through a counter in the
 torch.distributed store (``store.add``), so a rank that drew long documents claims fewer; the
 float64 sums and the score ledger are all-reduced at the end. A batch's adapter initialization is
 seeded by its index, so 1 and N ranks compute the same scores.
@@ -40,8 +57,10 @@ import numpy as np
 import torch
 
 from .bpb import ByteLUT
-from .ttt import (BOS_ID, BatchedAdam, DocLoRA, LegalityError, TTTConfig, make_state, plan_doc_batches,
-                  plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
+from .ttt import (BOS_ID, BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, TTTConfig, chunked_ttt, make_state,
+                  plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
+
+MODES = ("ttt", "base", "flat", "sliding", "chunked")
 
 DEFAULT_BUDGET_S = 600.0
 DEFAULT_MARGIN_S = 30.0
@@ -185,13 +204,35 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     return rates
 
 
+def warmup_chunked(model, lut: ByteLUT, cc: ChunkedConfig, backend: str, device, *, rank: int = 0, world: int = 1,
+                   seed: int = 0) -> Dict[str, float]:
+    """Chunked mode's warm-up on synthetic random tokens (never validation tokens): two chunks of
+    ``chunk_tokens`` (score + train the first, score the second), so every kernel and shape class the
+    eval runs is compiled / autotuned. Returns the wall time."""
+    g = torch.Generator().manual_seed(seed)
+    n = 2 * cc.chunk_tokens + 1
+    stream = torch.randint(4, model.config.vocab_size, (n,), generator=g)
+    stream[0] = BOS_ID
+    stream = stream.to(device)
+    st = make_state(stream, lut)
+    t = time.perf_counter()
+    chunked_ttt(model, stream, cc, st, backend=backend, rank=rank, world=world, log=lambda *a, **k: None)
+    _sync(device)
+    return {"warmup_chunked_s": time.perf_counter() - t}
+
+
 # ------------------------------------------------------------------------------------ driver
 def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cfg: TTTConfig = TTTConfig(),
              stride: int = 64, backend: str = "kernel", t_start: Optional[float] = None,
              budget_s: float = DEFAULT_BUDGET_S - DEFAULT_MARGIN_S, rates: Optional[dict] = None,
              share=None, strict: bool = False, keep_nll: bool = False, progress_s: float = 15.0,
-             log=print, return_state: bool = False, clock=time.perf_counter):
+             log=print, return_state: bool = False, clock=time.perf_counter,
+             chunked: Optional[ChunkedConfig] = None, train_hook=None):
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
+
+    ``chunked``: the chunked mode's config (default ``ChunkedConfig()``; ``cfg`` and ``stride`` are not
+    used by that mode). ``train_hook(rows, mask, loss)``: called before every chunked training step
+    (tests instrument score-before-update with it).
 
     ``t_start``: the deadline origin (``clock()`` at artifact load); default now. ``clock``: the
     time source (tests pass a fake one to exercise the deadline path).
@@ -297,8 +338,15 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
         report.update(docs=len(ns) if share is None else int(sum(len(batches[j]) for j in
                                                                   range(share[0], len(batches), share[1]))),
                       chunk=cfg.chunk, window=cfg.window)
+    elif mode == "chunked":
+        if share is not None:
+            raise ValueError("share= is for the per-document modes; the chunked mode's chunks are sequential")
+        cc = chunked if chunked is not None else ChunkedConfig()
+        report.update(chunked_ttt(model, tokens, cc, st, backend=backend, rank=rank, world=world, deadline=deadline,
+                                  clock=clock, log=log, train_hook=train_hook))
+        report.update(docs=int((tokens == BOS_ID).sum()))
     else:
-        raise ValueError(f"mode must be ttt, base, flat or sliding; got {mode!r}")
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
     _sync(dev)
     st.acc.all_reduce()
@@ -327,13 +375,18 @@ def _parse(argv):
     ap.add_argument("--val", default=os.environ.get("PGOLF_VAL", "data/datasets/fineweb10B_sp1024/fineweb_val_*.bin"),
                     help="glob of validation shards")
     ap.add_argument("--tokenizer", default=os.environ.get("PGOLF_TOKENIZER", "data/tokenizers/fineweb_1024_bpe.model"))
-    ap.add_argument("--mode", default="ttt", choices=["ttt", "base", "flat", "sliding"])
+    ap.add_argument("--mode", default="ttt", choices=list(MODES))
     ap.add_argument("--reference", action="store_true", help="dequantized bf16 weights + bmm LoRA")
     ap.add_argument("--rank", type=int, default=8, dest="lora_rank")
-    ap.add_argument("--targets", default="q,v,head")
+    ap.add_argument("--targets", default=None, help="LoRA targets (default q,v,head; chunked: q,v)")
     ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--window", type=int, default=1024)
+    ap.add_argument("--window", type=int, default=None,
+                    help="context window (default 1024; chunked: the model's seq_len)")
     ap.add_argument("--stride", type=int, default=64)
+    ap.add_argument("--chunk-tokens", type=int, default=32768, help="chunked: tokens per chunk (2048-65536)")
+    ap.add_argument("--epochs", type=int, default=3, help="chunked: training epochs per scored chunk")
+    ap.add_argument("--train-len", type=int, default=None, help="chunked: training window (default: seq_len)")
+    ap.add_argument("--batch-seqs", type=int, default=32, help="chunked: training windows per Adam step")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--beta1", type=float, default=0.9)
@@ -368,9 +421,16 @@ def main(argv=None) -> dict:
     else:
         device = torch.device("cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
-    cfg = TTTConfig(rank=args.lora_rank, targets=tuple(t for t in args.targets.split(",") if t),
-                    chunk=args.chunk, window=args.window, batch_size=args.batch_size, lr=args.lr,
+    targets = args.targets or ("q,v" if args.mode == "chunked" else "q,v,head")
+    targets = tuple(t for t in targets.split(",") if t)
+    cfg = TTTConfig(rank=args.lora_rank, targets=targets if args.mode != "chunked" else ("q", "v", "head"),
+                    chunk=args.chunk, window=args.window or 1024, batch_size=args.batch_size, lr=args.lr,
                     beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass)
+    cc = None
+    if args.mode == "chunked":  # validated before the artifact is even read
+        cc = ChunkedConfig(chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,
+                           beta1=args.beta1, beta2=args.beta2, window=args.window, stride=args.stride,
+                           train_len=args.train_len, batch_seqs=args.batch_seqs, targets=targets)
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     _sync(device)
@@ -381,6 +441,9 @@ def main(argv=None) -> dict:
         # synthetic tokens only; the validation shards are not even read until warm-up is over
         rates = warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device,
                        n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
+    elif not args.no_warmup and args.mode == "chunked":
+        rates = warmup_chunked(model, lut, cc, "bmm" if args.reference else "kernel", device, rank=rank,
+                               world=dist.get_world_size() if dist.is_initialized() else 1)
     warmup_s = time.perf_counter() - t_w
     t_v = time.perf_counter()
     tokens = load_val_tokens(args.val)
@@ -391,10 +454,10 @@ def main(argv=None) -> dict:
     share = tuple(int(v) for v in args.share.split("/")) if args.share else None
     rep = evaluate(model, tokens, lut, mode=args.mode, cfg=cfg, stride=args.stride,
                    backend="bmm" if args.reference else "kernel", t_start=t_start,
-                   budget_s=args.budget - args.margin, rates=rates, share=share, log=log)
+                   budget_s=args.budget - args.margin, rates=rates, share=share, log=log, chunked=cc)
     wall = time.perf_counter() - t_start
     rep.update(info, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s, timed_eval_s=rep["score_s"], wall_s=wall,
-               reference=args.reference, ttt=asdict(cfg), device=str(device),
+               reference=args.reference, ttt=asdict(cc if cc is not None else cfg), device=str(device),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
         rep["warmup_rates"] = rates
@@ -402,6 +465,10 @@ def main(argv=None) -> dict:
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
         f"(timed eval) | wall {wall:.1f} s | docs TTT {rep['docs_ttt']:,}, no-TTT (deadline) "
         f"{rep['docs_no_ttt_deadline']:,}")
+    if args.mode == "chunked":
+        log(f"[eval] chunked: {rep['chunks']} chunks of {rep['chunk_tokens']:,} tokens, {rep['chunks_trained']} trained "
+            f"({rep['train_steps']} Adam steps, {rep['epochs']} epochs), LoRA rank {rep['lora_rank']} "
+            f"({rep['lora_backend']}), window {rep['window']} stride {rep['stride']}")
     if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=1, default=str)

@@ -44,13 +44,17 @@ def tiny_model(seed: int = 0, **kw) -> GPT:
     return m
 
 
-def doc_stream(lengths: Sequence[int], vocab_size: int = 1024, seed: int = 0) -> torch.Tensor:
-    """int64 stream of documents ``[BOS] + L tokens`` for each L in ``lengths``."""
+def doc_stream(lengths: Sequence[int], vocab_size: int = 1024, seed: int = 0, shared_law: bool = False) -> torch.Tensor:
+    """int64 stream of documents ``[BOS] + L tokens`` for each L in ``lengths``.
+
+    ``shared_law=True``: every document draws from the same permutation (one "language" across the
+    stream), so what an adapter learns on earlier documents helps on later ones (chunked TTT)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.arange(4, vocab_size, dtype=torch.float64)
     parts = []
+    shared = torch.randperm(vocab_size - 4, generator=g) + 4 if shared_law else None
     for L in lengths:
-        perm = torch.randperm(vocab_size - 4, generator=g) + 4
+        perm = shared if shared_law else torch.randperm(vocab_size - 4, generator=g) + 4
         p = 1.0 / (ids - 3.0) ** 1.2
         toks = perm[torch.multinomial(p / p.sum(), int(L), replacement=True, generator=g)]
         parts.append(torch.cat([torch.tensor([BOS_ID]), toks]))

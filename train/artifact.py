@@ -159,7 +159,7 @@ def default_code_paths() -> List[str]:
     paths = [os.path.join(here, n) for n in names]
     pk = os.path.join(_ROOT, "pgolf_kernels")
     paths += [os.path.join(pk, n) for n in
-              ("__init__.py", "_utils.py", "_ext.py", "newton_schulz.py", "muon.py", "quant.py", "int6_linear.py")]
+              ("__init__.py", "_utils.py", "_ext.py", "newton_schulz.py", "muon.py", "quant.py", "int6_linear.py", "qat.py")]
     paths += sorted(glob.glob(os.path.join(_ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(_ROOT, "csrc", "*.h")))
     return [p for p in paths if os.path.isfile(p)]
 

@@ -48,6 +48,7 @@ class TrainConfig:
     seq_len: int = _f(2048, "training sequence length")
     logit_softcap: float = _f(30.0, "logits = c * tanh(logits / c)")
     rope_base: float = _f(10000.0, "RoPE base")
+    bigram_buckets: int = _f(0, "BigramHash embedding rows (hash of input ids t-1, t; 2048-4096 typical); 0 = off")
     # --- batch / budget
     train_batch_tokens: int = _f(786_432, "tokens per optimizer step, all ranks together")
     max_micro_tokens: int = _f(98_304, "max tokens per rank per forward/backward (48 x 2048); more -> grad accumulation")
@@ -72,6 +73,10 @@ class TrainConfig:
     warmdown_frac: float = _f(0.5, "LR decays linearly to 0 over the last fraction of the run (wall clock or iterations, whichever ends first)")
     grad_clip_norm: float = _f(0.0, "clip global grad norm (0 = off)")
     ema_decay: float = _f(0.997, "EMA of weights (0 = off); eval + artifact use the EMA")
+    qat_frac: float = _f(0.15, "int6 quantization-aware training over the last fraction of the run (same clock as the "
+                         "warm-down: wall clock or iterations, whichever ends first): block matrices run through "
+                         "pgolf_kernels.qat.int6_qat_linear (--reference: the plain-torch STE); 0 = off")
+    qat_clip: str = _f("search", "QAT per-row clip: search (the artifact codec's rule) | absmax | a std multiple, e.g. 3.5")
     # --- artifact / eval
     artifact: bool = _f(True, "write the int6 artifact and evaluate before/after quantization")
     int6_eval: bool = _f(True, "also evaluate the artifact through Int6Linear (kernel path)")
@@ -89,7 +94,12 @@ class TrainConfig:
 
         return GPTConfig(vocab_size=self.vocab_size, num_layers=self.num_layers, model_dim=self.model_dim,
                          num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_mult=self.mlp_mult,
-                         seq_len=self.seq_len, logit_softcap=self.logit_softcap, rope_base=self.rope_base)
+                         seq_len=self.seq_len, logit_softcap=self.logit_softcap, rope_base=self.rope_base,
+                         bigram_buckets=self.bigram_buckets)
+
+    def qat_clip_value(self):
+        """``qat_clip`` as ``pgolf_kernels.qat`` takes it: 'search' | 'absmax' | float."""
+        return self.qat_clip if self.qat_clip in ("search", "absmax") else float(self.qat_clip)
 
     def describe(self) -> List[str]:
         return [f"  {f.name} = {getattr(self, f.name)!r}" for f in dataclasses.fields(self)]
@@ -152,6 +162,17 @@ def parse_config(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]]
         ap.error(f"muon_impl must be auto or torch-banked, got {cfg.muon_impl!r}")
     if cfg.compile not in ("auto", "0", "1"):
         ap.error(f"compile must be auto, 0 or 1, got {cfg.compile!r}")
+    if not 0.0 <= cfg.qat_frac <= 1.0:
+        ap.error(f"qat_frac must be in [0, 1] (0 = off), got {cfg.qat_frac!r}")
+    if cfg.qat_clip not in ("search", "absmax"):
+        try:
+            ok = float(cfg.qat_clip) > 0
+        except ValueError:
+            ok = False
+        if not ok:
+            ap.error(f"qat_clip must be search, absmax or a positive std multiple, got {cfg.qat_clip!r}")
+    if cfg.bigram_buckets < 0:
+        ap.error(f"bigram_buckets must be >= 0 (0 = off), got {cfg.bigram_buckets}")
     if cfg.data_path and not cfg.val_path:
         ap.error("val_path is required when data_path is given")
     return cfg

@@ -3,7 +3,8 @@
 Architecture (defaults = ``GPTConfig()``): vocab 1024, 11 layers, d 512, 8 query heads / 4 KV heads
 (GQA, head_dim 64), MLP 3x with LeakyReLU(0.5)^2, tied embedding, RoPE, RMSNorm (no weight),
 QK-RMSNorm with a learned per-head query gain, logit soft-cap 30, and encoder/decoder ("U-Net")
-skip connections with learned per-channel skip weights.
+skip connections with learned per-channel skip weights. Optional (``bigram_buckets`` > 0): a
+BigramHash embedding added to the token embedding (see ``BigramHash``).
 
 Per block i, with x0 the embedding output and n(.) = RMSNorm:
 
@@ -14,7 +15,8 @@ Per block i, with x0 the embedding output and n(.) = RMSNorm:
     x   = x + attn_scale * proj(SDPA_causal(q, k, v))    (GQA: 8 query heads share 4 K/V heads)
     x   = x + mlp_scale * mlp_proj(leaky_relu(mlp_fc(n(x)), 0.5) ** 2)
 
-The first L//2 blocks are the encoder; their outputs are pushed on a stack and the decoder
+The embedding is x0 = n(E[input_t] + bigram_scale * B[hash(input_{t-1}, input_t)]) (second term only
+with ``bigram_buckets`` > 0). The first L//2 blocks are the encoder; their outputs are pushed on a stack and the decoder
 blocks pop them: before decoder block j, x += skip_weight[j] * skip. The head is
 logits = cap * tanh((n(x) @ E^T) / cap) with E the (tied) embedding and cap = 30.
 
@@ -58,6 +60,7 @@ class GPTConfig:
     leaky_slope: float = 0.5          # MLP activation: leaky_relu(x, 0.5) ** 2
     qk_gain_init: float = 1.5         # learned per-head query gain after QK-RMSNorm (records' value)
     tied_embed_init_std: float = 0.005
+    bigram_buckets: int = 0           # BigramHash table rows (0 = off); the training driver picks the default
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -77,6 +80,8 @@ class GPTConfig:
             raise ValueError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
         if (self.model_dim // self.num_heads) % 2:
             raise ValueError("head_dim must be even for RoPE")
+        if isinstance(self.bigram_buckets, bool) or not isinstance(self.bigram_buckets, int) or self.bigram_buckets < 0:
+            raise ValueError(f"bigram_buckets must be an int >= 0 (0 = off), got {self.bigram_buckets!r}")
 
 
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +127,78 @@ def _flash_attn3():
     return _FA3 or None
 
 
+class QATLinear(nn.Linear):
+    """``nn.Linear`` (no bias) with a switchable int-k quantization-aware forward.
+
+    ``qat = None`` (default): plain ``F.linear``. ``qat = "kernel"``: ``pgolf_kernels.qat.int6_qat_linear``
+    (fake-quantized weights formed inside our Triton matmul, straight-through gradient); ``qat =
+    "reference"``: the pure-torch STE ``int6_qat_linear_ref`` (same math). ``qat_bits`` / ``qat_clip``
+    select the grid (default int6 with the artifact codec's clip search). A subclass, so
+    ``matrix_params``, the artifact and ``convert_linears_to_int6`` treat it as ``nn.Linear``; the
+    switch is not state (``GPT.set_qat``)."""
+
+    qat: Optional[str] = None
+    qat_bits: int = 6
+    qat_clip = "search"
+
+    def forward(self, x):
+        if self.qat is None:
+            return super().forward(x)
+        from pgolf_kernels.qat import int6_qat_linear, int6_qat_linear_ref
+
+        if self.qat == "kernel":
+            return int6_qat_linear(x, self.weight, self.bias, bits=self.qat_bits, clip=self.qat_clip)
+        if torch.is_autocast_enabled(x.device.type):
+            x = x.to(torch.get_autocast_dtype(x.device.type))
+        return int6_qat_linear_ref(x, self.weight, self.bias, bits=self.qat_bits, clip=self.qat_clip)
+
+
+def bigram_keys(input_ids: torch.Tensor, buckets: int, no_prev: int) -> torch.Tensor:
+    """Row of the BigramHash table for every position: key[t] = h(input[t-1], input[t]) mod buckets,
+    with input[-1] := ``no_prev`` (a fixed id outside the vocabulary) at the first position.
+
+    Only INPUT ids t-1 and t enter: position t predicts input[t+1] (its target), which never
+    appears in key[t] (tests/test_bigram.py perturbs targets and checks keys and logits).
+    h: a multiply-xorshift mix of the pair in 31 bits (int64 arithmetic, no overflow for ids < 2^24):
+    h = ((p * 0x9E3779B1) ^ (c * 0x85EBCA77 + 0x165667B1)) mod 2^31; h ^= h >> 15; h *= 0x2C1B3C6D
+    mod 2^31; h ^= h >> 12. Constants are odd 32-bit multipliers (golden-ratio / murmur-style); the
+    mix spreads the 1024 x 1025 pairs of sp1024 over every bucket (tested)."""
+    ids = input_ids.long()
+    prev = torch.cat((torch.full_like(ids[..., :1], no_prev), ids[..., :-1]), dim=-1)
+    m31 = (1 << 31) - 1
+    h = ((prev * 0x9E3779B1) ^ (ids * 0x85EBCA77 + 0x165667B1)) & m31
+    h = h ^ (h >> 15)
+    h = (h * 0x2C1B3C6D) & m31
+    h = h ^ (h >> 12)
+    return h % buckets
+
+
+class BigramHash(nn.Module):
+    """E_bigram[key[t]] * scale, key = ``bigram_keys(input_ids, buckets, no_prev=vocab_size)``.
+
+    Table (buckets, d) initialised like the tied embedding (N(0, 0.005)); the scalar ``scale``
+    starts at 0.05 so the model starts as the plain token embedding plus a ~5 % perturbation and
+    both the table and the scale receive gradients from step 0 (a zero table would leave the scale
+    without gradient and vice versa)."""
+
+    def __init__(self, buckets: int, dim: int, vocab_size: int, init_std: float):
+        super().__init__()
+        self.buckets = int(buckets)
+        self.no_prev = int(vocab_size)
+        self.weight = nn.Parameter(torch.empty(self.buckets, dim))
+        self.scale = nn.Parameter(torch.tensor(0.05))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, std=self.init_std)
+        self.scale.fill_(0.05)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(bigram_keys(input_ids, self.buckets, self.no_prev), self.weight) * self.scale
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
@@ -129,10 +206,10 @@ class CausalSelfAttention(nn.Module):
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.model_dim // cfg.num_heads
         kv_dim = self.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
-        self.c_k = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(cfg.model_dim, kv_dim, bias=False)
-        self.proj = nn.Linear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_q = QATLinear(cfg.model_dim, cfg.model_dim, bias=False)
+        self.c_k = QATLinear(cfg.model_dim, kv_dim, bias=False)
+        self.c_v = QATLinear(cfg.model_dim, kv_dim, bias=False)
+        self.proj = QATLinear(cfg.model_dim, cfg.model_dim, bias=False)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init))
         self.rotary = Rotary(self.head_dim, cfg.rope_base)
         # resolved once here (an import attempt, no GPU query), not inside the compiled forward
@@ -166,8 +243,8 @@ class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         hidden = cfg.mlp_mult * cfg.model_dim
-        self.fc = nn.Linear(cfg.model_dim, hidden, bias=False)
-        self.proj = nn.Linear(hidden, cfg.model_dim, bias=False)
+        self.fc = QATLinear(cfg.model_dim, hidden, bias=False)
+        self.proj = QATLinear(hidden, cfg.model_dim, bias=False)
         self.slope = cfg.leaky_slope
 
     def forward(self, x):
@@ -205,6 +282,8 @@ class GPT(nn.Module):
         super().__init__()
         self.config = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
+        self.bigram = (BigramHash(cfg.bigram_buckets, cfg.model_dim, cfg.vocab_size, cfg.tied_embed_init_std)
+                       if cfg.bigram_buckets > 0 else None)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
         self.num_encoder_layers = cfg.num_layers // 2
         self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
@@ -218,6 +297,8 @@ class GPT(nn.Module):
         cfg = self.config
         std = cfg.tied_embed_init_std if cfg.tie_embeddings else 1.0 / math.sqrt(cfg.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=std)
+        if self.bigram is not None:
+            self.bigram.reset_parameters()
         for b in self.blocks:
             for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
                 nn.init.uniform_(lin.weight, -1 / math.sqrt(lin.in_features), 1 / math.sqrt(lin.in_features))
@@ -233,6 +314,8 @@ class GPT(nn.Module):
     def hidden(self, input_ids: torch.Tensor, adapter=None) -> torch.Tensor:
         """Final-normed hidden state (B, T, d)."""
         x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
         if torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = rms_norm(x)
@@ -276,10 +359,26 @@ class GPT(nn.Module):
                 if mn.startswith("blocks.") and isinstance(m, nn.Linear)]
 
     def embedding_params(self):
+        """Embedding tables (Adam at the embedding lr; int8 rows in the artifact): the token embedding,
+        the untied head, and the BigramHash table."""
         out = [("tok_emb.weight", self.tok_emb.weight)]
         if self.lm_head is not None:
             out.append(("lm_head.weight", self.lm_head.weight))
+        if self.bigram is not None:
+            out.append(("bigram.weight", self.bigram.weight))
         return out
+
+    def set_qat(self, mode: Optional[str], bits: int = 6, clip="search") -> int:
+        """Switch every block matrix (``QATLinear``) to QAT: ``mode`` "kernel" | "reference" | None (off).
+        Returns the number of layers switched."""
+        if mode not in (None, "kernel", "reference"):
+            raise ValueError(f"set_qat: mode must be None, 'kernel' or 'reference', got {mode!r}")
+        n = 0
+        for mn, m in self.named_modules():
+            if mn.startswith("blocks.") and isinstance(m, QATLinear):
+                m.qat, m.qat_bits, m.qat_clip = mode, bits, clip
+                n += 1
+        return n
 
     def scalar_params(self):
         """Vectors and control tensors (gains, scales, mixes, skip weights) -> Adam."""

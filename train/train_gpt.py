@@ -142,16 +142,27 @@ class Logger:
             self.f.flush()
 
 
-def lr_multiplier(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
-    """1 until the warm-down window, then linear to 0 at the end of the run: the fraction of the run
-    left is the smaller of the wall-clock fraction (when a budget is set) and the iteration fraction,
-    so the LR reaches 0 at whichever limit comes first."""
-    if cfg.warmdown_frac <= 0:
-        return 1.0
+def run_fraction_left(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """Fraction of the run left: the smaller of the wall-clock fraction (when a budget is set) and
+    the iteration fraction, i.e. measured against whichever limit comes first."""
     frac_left = max(0.0, 1.0 - step / max(1, cfg.iterations))
     if cfg.max_wallclock_seconds > 0:
         frac_left = min(frac_left, max(0.0, 1.0 - elapsed_s / cfg.max_wallclock_seconds))
-    return min(1.0, frac_left / cfg.warmdown_frac)
+    return frac_left
+
+
+def lr_multiplier(cfg: TrainConfig, step: int, elapsed_s: float) -> float:
+    """1 until the warm-down window, then linear to 0 at the end of the run (``run_fraction_left``),
+    so the LR reaches 0 at whichever limit comes first."""
+    if cfg.warmdown_frac <= 0:
+        return 1.0
+    return min(1.0, run_fraction_left(cfg, step, elapsed_s) / cfg.warmdown_frac)
+
+
+def qat_active(cfg: TrainConfig, step: int, elapsed_s: float) -> bool:
+    """QAT covers the last ``qat_frac`` of the run, on the same clock as the warm-down."""
+    # 1e-9: 1 - 85/100 is 0.15000000000000002 in floats; step 85 of 100 starts the last 15 %
+    return cfg.qat_frac > 0 and run_fraction_left(cfg, step, elapsed_s) <= cfg.qat_frac + 1e-9
 
 
 def muon_momentum(cfg: TrainConfig, step: int) -> float:
@@ -330,6 +341,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
 
+    qat_mode = "reference" if cfg.reference else "kernel"
+    qat_clip = cfg.qat_clip_value()
+
     # ---- warm-up (compile), then restore the initial state
     warm_s = 0.0
     if cfg.warmup_steps > 0:
@@ -338,7 +352,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         sync()
         t0 = time.perf_counter()
         for s in range(cfg.warmup_steps):
+            # with QAT on, the second half of the warm-up runs the QAT graph, so its compile and
+            # autotuning also happen before the clock starts
+            if cfg.qat_frac > 0 and cfg.warmup_steps >= 2 and s == cfg.warmup_steps // 2:
+                base.set_qat(qat_mode, 6, qat_clip)
             train_step(s, 0.0)
+        base.set_qat(None)
         sync()
         warm_s = time.perf_counter() - t0
         base.load_state_dict(init_model)
@@ -362,8 +381,15 @@ def main(argv: Optional[List[str]] = None) -> dict:
     t_train0 = time.perf_counter()
     t_log, step_log = t_train0, 0
     losses_logged = []
+    qat_start = None
     while True:
         elapsed = time.perf_counter() - t_train0
+        if qat_start is None and qat_active(cfg, step, elapsed):
+            n_qat = base.set_qat(qat_mode, 6, qat_clip)
+            qat_start = step
+            log(f"qat: step {step}: {n_qat} block matrices now train through int6 fake quantization "
+                f"({'pgolf_kernels.qat.int6_qat_linear' if qat_mode == 'kernel' else 'plain-torch STE'}, clip {qat_clip!r}; "
+                f"{run_fraction_left(cfg, step, elapsed):.3f} of the run left)")
         last_loss = train_step(step, elapsed)
         step += 1
         if ema is not None:
@@ -396,6 +422,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
             break
     sync()
     train_s = time.perf_counter() - t_train0
+    base.set_qat(None)  # evaluations below see the float weights (pre-quant) or the artifact
     ms_step = 1000 * train_s / step
     tps = global_tokens * step / train_s
     log(f"train: {step} steps in {train_s:.1f} s ({ms_step:.1f} ms/step, {tps:,.0f} tok/s, {tps / world:,.0f} tok/s/gpu); "
@@ -405,7 +432,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                    device=torch.cuda.get_device_name(device) if cuda else "cpu", steps=step, train_seconds=train_s,
                    warmup_seconds=warm_s, ms_per_step=ms_step, tokens_per_step=global_tokens, tokens_per_s=tps,
                    tokens_per_s_per_gpu=tps / world, first_loss=losses_logged[0][1], final_train_loss=losses_logged[-1][1],
-                   losses=losses_logged, params=base.num_params(), config=dataclass_dict(cfg))
+                   losses=losses_logged, params=base.num_params(), config=dataclass_dict(cfg),
+                   qat=dict(frac=cfg.qat_frac, mode=qat_mode if cfg.qat_frac > 0 else None, clip=qat_clip,
+                            start_step=qat_start, steps=(step - qat_start) if qat_start is not None else 0))
 
     # ---- evaluation: raw and EMA weights; the better one goes into the artifact
     r_raw = evaluate(base, val_tokens, cfg.seq_len, cfg.val_batch_tokens, device, rank, world, lut)
@@ -453,6 +482,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         log("eval artifact (dequantized, nn.Linear): " + _fmt_eval(r_q)
             + f"  [quant gap {r_q['val_loss'] - best['val_loss']:+.4f} nats]")
         summary["val_quant"] = r_q
+        summary["quant_gap_loss"] = r_q["val_loss"] - best["val_loss"]
+        if r_q.get("val_bpb") is not None and best.get("val_bpb") is not None:
+            summary["quant_gap_bpb"] = r_q["val_bpb"] - best["val_bpb"]
+            log(f"int6 round-trip gap: {summary['quant_gap_bpb']:+.4f} bpb")
         del q_ref
         if cfg.int6_eval and not cfg.reference:
             try:

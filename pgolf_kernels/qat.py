@@ -431,7 +431,9 @@ def _launch_dx(dy2, w, s, out, bits, config=None):
 # ---------------------------------------------------------------------------------------------
 def _check_w(w, op, device=None):
     check_tensor(w, "w", dtype=_W_DTYPES, ndim=2, device=device, op=op)
-    if w.shape[1] > 0 and w.stride(1) != 1:
+    if w.shape[1] == 0:
+        raise ValueError(f"{op}: w must have at least one column (K >= 1), got shape {tuple(w.shape)}")
+    if w.stride(1) != 1:
         raise ValueError(f"{op}: w must be row-major (stride 1 along K), got strides {w.stride()}; call .contiguous()")
 
 
@@ -469,7 +471,7 @@ def _row_scale_op(w: torch.Tensor, bits: int, mode: int, k: float) -> torch.Tens
     out = _ALLOC((w.shape[0],), torch.float32, w.device)
     if w.shape[0] == 0:
         return out
-    if use_triton(w) and w.shape[1] > 0:
+    if use_triton(w):
         _launch_row_scale(w, out, bits, mode, k)
     else:
         clip = "search" if mode == _MODE_SEARCH else ("absmax" if mode == _MODE_ABSMAX else k)
@@ -493,7 +495,7 @@ def _qat_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: Optional[to
     x2 = _rows(x, K)
     out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0 and N > 0:
-        if use_triton(x2) and K > 0:
+        if use_triton(x2):
             _launch_fwd(x2, w, s, bias, out, bits)
         else:
             out.copy_(F.linear(x2, fake_quant_ref(w, s, bits).to(x.dtype), bias))

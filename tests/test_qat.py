@@ -243,6 +243,8 @@ def test_bad_input():
         int6_qat_linear(x, w, mask_clipped=1)
     with pytest.raises(ValueError, match="bits"):
         qat_row_scale(w, bits=9)
+    with pytest.raises(ValueError, match="at least one column"):
+        qat_row_scale(torch.zeros(4, 0))
 
 
 # ---------------------------------------------------------------------------------------------- model switch
@@ -326,6 +328,17 @@ def test_gpu_bf16_training_shapes(M, N, K):
     dx64 = dy.double() @ fq.double()
     assert_close_rel(x.grad, dx64, dy @ fq.bfloat16(), name="gpu dx")
     assert_close_rel(w.grad, dy.double().t() @ x.double(), (dy.t() @ x).float(), name="gpu dW")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,K", [(1536, 512), (333, 1000)])
+def test_gpu_codes_bitwise(N, K):
+    # the in-register rounding ((v + 1.5*2^23) - 1.5*2^23) must survive GPU codegen: x = I, fp32
+    w = _weights(_gen(), N, K).cuda()
+    s = qat_row_scale(w)
+    y = int6_qat_linear(torch.eye(K, device="cuda"), w)
+    assert torch.equal(y, fake_quant_ref(w, s, 6).t())
+    assert _near_tie_ok(w.cpu(), s.cpu(), quantize_rows(w.cpu(), 6, "search").scale.float()) <= N // 100
 
 
 @pytest.mark.gpu

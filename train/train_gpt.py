@@ -11,7 +11,10 @@ Flow (all settings in ``train/config.py``, every value logged):
   5. warm-up steps (compile, autotune) first, then model/optimizer/loader are restored to their initial
      state: warm-up time is reported, not counted;
   6. the loop: stop at ``ITERATIONS`` or when the budget is spent; the stop decision is all-reduced (MAX)
-     so every rank stops at the same step; a log line every ``LOG_EVERY`` steps;
+     so every rank stops at the same step; a log line every ``LOG_EVERY`` steps; over the last
+     ``QAT_FRAC`` of the run (same clock as the warm-down) the block matrices train through int6
+     fake quantization with a straight-through gradient (``pgolf_kernels.qat.int6_qat_linear``, the
+     artifact codec's clip rule; ``--reference``: the plain-torch STE);
   7. validation (loss, and BPB when a tokenizer is known) of the raw and EMA weights; the better one is
      quantized into the artifact (int6 matrices, int8 embedding, fp16 rest, zstd-22), reloaded and
      evaluated again (dequantized bf16 ``nn.Linear``, and ``Int6Linear`` codes unless ``--reference``).
@@ -376,15 +379,16 @@ def main(argv: Optional[List[str]] = None) -> dict:
     # ---- training loop
     global_tokens = cfg.train_batch_tokens
     step, train_s = 0, 0.0
-    stop_flag = torch.zeros((), device=device)
+    stop_flag = torch.zeros(2, device=device)
     sync()
     t_train0 = time.perf_counter()
     t_log, step_log = t_train0, 0
     losses_logged = []
     qat_start = None
+    qat_next = qat_active(cfg, 0, 0.0)
     while True:
         elapsed = time.perf_counter() - t_train0
-        if qat_start is None and qat_active(cfg, step, elapsed):
+        if qat_start is None and qat_next:
             n_qat = base.set_qat(qat_mode, 6, qat_clip)
             qat_start = step
             log(f"qat: step {step}: {n_qat} block matrices now train through int6 fake quantization "
@@ -398,10 +402,13 @@ def main(argv: Optional[List[str]] = None) -> dict:
         sync()
         elapsed = time.perf_counter() - t_train0
         stop = step >= cfg.iterations or (cfg.max_wallclock_seconds > 0 and elapsed >= cfg.max_wallclock_seconds)
+        qat_next = qat_active(cfg, step, elapsed)
         if distributed:
-            stop_flag.fill_(1.0 if stop else 0.0)
-            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)  # every rank stops at the same step
-            stop = bool(stop_flag.item())
+            # every rank stops, and switches QAT on, at the same step (one all-reduce for both)
+            stop_flag.copy_(torch.tensor([1.0 if stop else 0.0, 1.0 if qat_next else 0.0]))
+            dist.all_reduce(stop_flag, op=dist.ReduceOp.MAX)
+            stop_v, qat_v = stop_flag.tolist()
+            stop, qat_next = bool(stop_v), bool(qat_v)
         if step % cfg.log_every == 0 or stop or step == 1:
             now = time.perf_counter()
             ms = 1000 * (now - t_log) / max(1, step - step_log)

@@ -463,8 +463,8 @@ def main(argv=None) -> dict:
         rep["warmup_rates"] = rates
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
-        f"(timed eval) | wall {wall:.1f} s | docs TTT {rep['docs_ttt']:,}, no-TTT (deadline) "
-        f"{rep['docs_no_ttt_deadline']:,}")
+        f"(timed eval) | wall {wall:.1f} s" + (f" | docs TTT {rep['docs_ttt']:,}, no-TTT (deadline) "
+                                                f"{rep['docs_no_ttt_deadline']:,}" if args.mode == "ttt" else ""))
     if args.mode == "chunked":
         log(f"[eval] chunked: {rep['chunks']} chunks of {rep['chunk_tokens']:,} tokens, {rep['chunks_trained']} trained "
             f"({rep['train_steps']} Adam steps, {rep['epochs']} epochs), LoRA rank {rep['lora_rank']} "

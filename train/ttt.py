@@ -27,6 +27,9 @@ positions ``a - w ... b - w - 1`` (the window's tail). Rows are independent unle
            elementwise and its step count is the chunk index, and the initial adapter depends only
            on the document, so a document's scores do not depend on the batch size, its batch mates
            or the rank that processed it (tested: batch sizes 1/3/4, 1 vs 2 ranks).
+* chunked: the stream (as in flat / sliding) cut into chunks of 2K-64K targets; per chunk, its sliding
+           rows are scored with ONE shared Q/V LoRA, then that adapter trains on the scored chunk for
+           several epochs (never on the last chunk); see ``chunked_ttt``.
 
 Legality is structural: the score of a chunk is taken from the forward pass that precedes the
 update computed from it (the update only ever uses losses already recorded), each target is

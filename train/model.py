@@ -140,17 +140,14 @@ class QATLinear(nn.Linear):
     qat: Optional[str] = None
     qat_bits: int = 6
     qat_clip = "search"
+    _qat_fn = None  # set by GPT.set_qat (resolved there, not imported inside the compiled forward)
 
     def forward(self, x):
         if self.qat is None:
             return super().forward(x)
-        from pgolf_kernels.qat import int6_qat_linear, int6_qat_linear_ref
-
-        if self.qat == "kernel":
-            return int6_qat_linear(x, self.weight, self.bias, bits=self.qat_bits, clip=self.qat_clip)
-        if torch.is_autocast_enabled(x.device.type):
+        if self.qat == "reference" and torch.is_autocast_enabled(x.device.type):
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return int6_qat_linear_ref(x, self.weight, self.bias, bits=self.qat_bits, clip=self.qat_clip)
+        return self._qat_fn(x, self.weight, self.bias, bits=self.qat_bits, clip=self.qat_clip)
 
 
 def bigram_keys(input_ids: torch.Tensor, buckets: int, no_prev: int) -> torch.Tensor:
@@ -373,10 +370,15 @@ class GPT(nn.Module):
         Returns the number of layers switched."""
         if mode not in (None, "kernel", "reference"):
             raise ValueError(f"set_qat: mode must be None, 'kernel' or 'reference', got {mode!r}")
+        fn = None
+        if mode is not None:
+            from pgolf_kernels.qat import int6_qat_linear, int6_qat_linear_ref
+
+            fn = int6_qat_linear if mode == "kernel" else int6_qat_linear_ref
         n = 0
         for mn, m in self.named_modules():
             if mn.startswith("blocks.") and isinstance(m, QATLinear):
-                m.qat, m.qat_bits, m.qat_clip = mode, bits, clip
+                m.qat, m.qat_bits, m.qat_clip, m._qat_fn = mode, bits, clip, fn
                 n += 1
         return n
 

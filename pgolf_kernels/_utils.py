@@ -64,3 +64,27 @@ def check_tensor(
 
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
+
+
+def rows_2d(t: torch.Tensor, last: int) -> torch.Tensor:
+    """View ``t`` (..., last) as (rows, last) for a kernel that needs unit stride along ``last``
+    and non-overlapping rows; copies only when the view does not have that layout."""
+    t2 = t.reshape(-1, last)
+    if t2.shape[0] > 0 and (t2.stride(1) != 1 or t2.stride(0) < last):
+        t2 = t2.contiguous()
+    return t2
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``input_precision`` for tl.dot: fp32 activations get true fp32 products ("ieee");
+    Triton's default for an fp32 dot would be TF32 (10-bit mantissa, ~3e-4 relative error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tuner_bench(fn, quantiles):
+    """Autotuner timing: triton's default do_bench is 25 ms warm-up + 100 ms per config; 5 + 20 ms
+    keeps tuning every benchmark key (8 shapes x 6 M buckets x 2 kernels x <= 4 configs) well
+    under a minute of device time."""
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)

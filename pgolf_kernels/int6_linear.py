@@ -51,8 +51,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, check_tensor, interpret_mode, use_triton
-from .quant import SUPPORTED_BITS, QTensor, quantize_rows, validate_codes
+from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, rows_2d, tuner_bench, use_triton
+from .quant import QTensor, check_bits, quantize_rows, validate_codes
 
 __all__ = [
     "int6_linear",
@@ -321,11 +321,6 @@ def _prune(configs, named_args, **kwargs):
     return [c for i, c in enumerate(configs) if (mask >> i) & 1]
 
 
-def _tuner_bench(fn, quantiles):
-    # default do_bench is 25 ms warm-up + 100 ms per config; 5 + 20 keeps tuning of all
-    # bench keys (8 shapes x 6 buckets x 2 kernels x <=4 configs) well under a minute
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
 
 def _mk_configs(to_dict):
     return [triton.Config(to_dict(c), num_warps=c[5], num_stages=c[6]) for c in _CONFIGS]
@@ -341,11 +336,11 @@ def _grid_dx(M, K):
 
 _fwd_tuned = triton.autotune(
     configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
+    prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench, cache_results=True,
 )(_fwd_heur)
 _dx_tuned = triton.autotune(
     configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
-    prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench, cache_results=True,
+    prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench, cache_results=True,
 )(_dx_heur)
 
 # Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly, or set
@@ -382,10 +377,6 @@ def _split_workspace(M, n_out, device, which, cands):
     return ws, _counters(device, which, tiles)
 
 
-def _prec(dtype) -> str:
-    # fp32 activations: true fp32 products (tl.dot would otherwise use TF32, 10-bit mantissa)
-    return "ieee" if dtype == torch.float32 else "tf32"
-
 
 def _launch_fwd(x2, q, scale, bias, out, config=None):
     """y (M, N) = x2 (M, K) @ (q*s)^T (+ bias) into ``out``. ``config``: a _CONFIGS tuple or None."""
@@ -398,7 +389,7 @@ def _launch_fwd(x2, q, scale, bias, out, config=None):
     ws, cnt = _split_workspace(M, N, x2.device, "fwd", cands)
     args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
             x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
-    kw = dict(HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
+    kw = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
     if config is None:
         _fwd_tuned[_grid_fwd(M, N)](*args, **kw)
     else:
@@ -417,7 +408,7 @@ def _launch_dx(dy2, q, scale, out, config=None):
     cands = [_CONFIGS[i] for i in ok] if config is None else [config]
     ws, cnt = _split_workspace(M, K, dy2.device, "dx", cands)
     args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
-    kw = dict(PREC=_prec(dy2.dtype))
+    kw = dict(PREC=dot_precision(dy2.dtype))
     if config is None:
         _dx_tuned[_grid_dx(M, K)](*args, **kw)
     else:
@@ -462,12 +453,6 @@ def _check_dx(dy, q, scale, op="int6_linear_dx"):
         raise ValueError(f"{op}: dy's last dim must equal N = q.shape[0] = {q.shape[0]}, got dy of shape {tuple(dy.shape)}")
 
 
-def _rows(t, last):
-    t2 = t.reshape(-1, last)
-    if t2.shape[0] > 0 and (t2.stride(1) != 1 or t2.stride(0) < last):
-        t2 = t2.contiguous()
-    return t2
-
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -476,7 +461,7 @@ def _rows(t, last):
 def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     _check_fwd(x, q, scale, bias)
     N, K = q.shape
-    x2 = _rows(x, K)
+    x2 = rows_2d(x, K)
     out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0:
         if use_triton(x2):
@@ -495,7 +480,7 @@ def _(x, q, scale, bias):
 def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     _check_dx(dy, q, scale)
     N, K = q.shape
-    dy2 = _rows(dy, N)
+    dy2 = rows_2d(dy, N)
     out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0:
         if use_triton(dy2):
@@ -531,10 +516,6 @@ _int6_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------
 # public functions
 # ---------------------------------------------------------------------------------------------
-def _check_bits(bits, op):
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"{op}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-
 
 def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -> torch.Tensor:
     """``y = x @ (q * scale[:, None])^T (+ bias)`` from int8 codes, without a bf16 copy of W.
@@ -546,7 +527,7 @@ def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -
     ``quant.code_range(bits)`` (one reduction over q: a debug call, off by default).
     """
     op = "int6_linear"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     _check_fwd(x, q, scale, bias, op)
     if q.requires_grad:  # unreachable for int8 today; kept so a future float-code path stays frozen
         raise ValueError(f"{op}: q (integer codes) cannot receive a gradient; pass q.detach()")
@@ -575,7 +556,7 @@ class Int6Linear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, bits: int = 6, device=None):
         super().__init__()
-        _check_bits(bits, "Int6Linear")
+        check_bits(bits, "Int6Linear")
         self.in_features = int(in_features)
         self.out_features = int(out_features)
         self.bits = bits
@@ -622,7 +603,7 @@ def convert_linears_to_int6(model: nn.Module, filter=None, bits: int = 6, clip: 
     """Replace (in place) every ``nn.Linear`` (subclasses included) for which ``filter(name, module)``
     is true (default: all) with ``Int6Linear.from_linear``; other modules are left untouched.
     Returns ``model``."""
-    _check_bits(bits, "convert_linears_to_int6")
+    check_bits(bits, "convert_linears_to_int6")
     targets = []
     for name, mod in model.named_modules():
         for cname, child in mod.named_children():

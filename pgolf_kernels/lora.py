@@ -64,7 +64,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._utils import cdiv, check, check_tensor, use_triton
+from ._utils import check, check_tensor, use_triton
 
 _OP = "multi_lora_linear"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)

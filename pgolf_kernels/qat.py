@@ -53,8 +53,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, check_tensor, interpret_mode, use_triton
-from .quant import SUPPORTED_BITS
+from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, rows_2d, tuner_bench, use_triton
+from .quant import check_bits
 
 __all__ = [
     "int6_qat_linear",
@@ -99,11 +99,6 @@ def _parse_clip(clip, op: str):
     return _MODE_STD, float(clip)
 
 
-def _check_bits(bits, op: str) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"{op}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-    return bits
-
 
 # ---------------------------------------------------------------------------------------------
 # references
@@ -112,7 +107,7 @@ def qat_row_scale_ref(w: torch.Tensor, bits: int = 6, clip: Union[str, float] = 
     """Per-row scale (N,) fp32 holding fp16 values, by the rule in the module docstring (pure torch,
     sequential over the candidates exactly as csrc/codec.cpp). No gradient."""
     op = "qat_row_scale_ref"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     mode, k = _parse_clip(clip, op)
     qmax = float(_qmax(bits))
     w = w.detach().float()
@@ -166,7 +161,7 @@ def int6_qat_linear_ref(x, w, bias=None, bits: int = 6, clip: Union[str, float] 
     in-range elements): its value is exactly fq (w' - w'.detach() is 0 for finite W), its
     derivative is 1 (or the mask), and torch.compile fuses it into one elementwise kernel."""
     op = "int6_qat_linear_ref"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     qmax = float(_qmax(bits))
     s = qat_row_scale_ref(w, bits, clip)
     fq = fake_quant_ref(w, s, bits)
@@ -352,19 +347,16 @@ def _prune(configs, named_args, **kwargs):
     return small if M <= 64 else [c for c in configs if c.kwargs["BM"] >= 64]
 
 
-def _tuner_bench(fn, quantiles):
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
 
 _fwd_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_qat_fwd_kernel)
 _dx_heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BN"] == 0})(_qat_dx_kernel)
 _fwd_tuned = triton.autotune(
     configs=[triton.Config({"BM": c[0], "BN": c[1], "BK": c[2]}, num_warps=c[3], num_stages=c[4]) for c in _CONFIGS],
-    key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+    key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench,
     cache_results=True)(_fwd_heur)
 _dx_tuned = triton.autotune(
     configs=[triton.Config({"BM": c[0], "BK": c[1], "BN": c[2]}, num_warps=c[3], num_stages=c[4]) for c in _CONFIGS],
-    key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, do_bench=_tuner_bench,
+    key=["M_BUCKET", "N", "K"], prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench,
     cache_results=True)(_dx_heur)
 
 _CANDS = {}
@@ -378,9 +370,6 @@ def _cands(device) -> torch.Tensor:
         _CANDS[key] = t
     return t
 
-
-def _prec(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _launch_row_scale(w, out, bits, mode, k):
@@ -402,7 +391,7 @@ def _launch_fwd(x2, w, s, bias, out, bits, config=None):
     if config is None and interpret_mode() and not x2.is_cuda:
         config = _INTERP_CFG
     args = (x2, w, s, bias if bias is not None else s, out, M, N, K, x2.stride(0), w.stride(0), out.stride(0), _m_bucket(M))
-    kw = dict(QMAX=_qmax(bits), HAS_BIAS=bias is not None, PREC=_prec(x2.dtype))
+    kw = dict(QMAX=_qmax(bits), HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
     if config is None:
         _fwd_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(N, m["BN"]),)](*args, **kw)
     else:
@@ -417,7 +406,7 @@ def _launch_dx(dy2, w, s, out, bits, config=None):
     if config is None and interpret_mode() and not dy2.is_cuda:
         config = _INTERP_CFG
     args = (dy2, w, s, out, M, N, K, dy2.stride(0), w.stride(0), out.stride(0), _m_bucket(M))
-    kw = dict(QMAX=_qmax(bits), PREC=_prec(dy2.dtype))
+    kw = dict(QMAX=_qmax(bits), PREC=dot_precision(dy2.dtype))
     if config is None:
         _dx_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(K, m["BK"]),)](*args, **kw)
     else:
@@ -455,12 +444,6 @@ def _check_x(x, w, bias, op, name="x"):
             raise ValueError(f"{op}: bias must have shape ({w.shape[0]},) = (N,), got {tuple(bias.shape)}")
 
 
-def _rows(t, last):
-    t2 = t.reshape(-1, last)
-    if t2.shape[0] > 0 and (t2.stride(1) != 1 or t2.stride(0) < last):
-        t2 = t2.contiguous()
-    return t2
-
 
 # ---------------------------------------------------------------------------------------------
 # custom ops
@@ -492,7 +475,7 @@ def _qat_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: Optional[to
     _check_x(x, w, bias, op)
     _check_s(s, w, op)
     N, K = w.shape
-    x2 = _rows(x, K)
+    x2 = rows_2d(x, K)
     out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0 and N > 0:
         if use_triton(x2):
@@ -516,7 +499,7 @@ def _qat_dx_op(dy: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bits: int) ->
         raise ValueError(f"{op}: dy's last dim must equal N = w.shape[0] = {w.shape[0]}, got dy of shape {tuple(dy.shape)}")
     _check_s(s, w, op)
     N, K = w.shape
-    dy2 = _rows(dy, N)
+    dy2 = rows_2d(dy, N)
     out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0 and K > 0:
         if use_triton(dy2) and N > 0:
@@ -568,7 +551,7 @@ def qat_row_scale(w: torch.Tensor, bits: int = 6, clip: Union[str, float] = "sea
     """Per-row QAT scale (N,) fp32 (fp16-representable values) of the current ``w`` (N, K); see the
     module docstring for the rule. No gradient (a stop-gradient constant of the STE)."""
     op = "qat_row_scale"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     mode, k = _parse_clip(clip, op)
     _check_w(w, op)
     return _row_scale_op(w.detach(), bits, mode, k)
@@ -583,7 +566,7 @@ def int6_qat_linear(x: torch.Tensor, w: torch.Tensor, bias: Optional[torch.Tenso
     dx = dy @ fq(W), dW = dy^T x (zeroed where |W| exceeds the clip if ``mask_clipped``), dbias.
     """
     op = "int6_qat_linear"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     mode, k = _parse_clip(clip, op)
     if not isinstance(mask_clipped, bool):
         raise TypeError(f"{op}: mask_clipped must be a bool, got {type(mask_clipped).__name__}")

@@ -82,7 +82,8 @@ class ArtifactError(ValueError):
     """A blob is not a valid pgolf artifact (corrupt, truncated, foreign, bad checksum)."""
 
 
-def _check_bits(bits, op: str) -> int:
+def check_bits(bits, op: str) -> int:
+    """Validate a code bit width (5, 6, 7 or 8); raise ValueError naming ``op`` otherwise."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{op}: bits must be one of {SUPPORTED_BITS}, got {bits!r}")
     return bits
@@ -94,13 +95,13 @@ def code_range(bits: int) -> Tuple[int, int]:
     The quantizer writes the symmetric range [-(2^(b-1)-1), 2^(b-1)-1]; the extra negative code
     (-32 for int6) is accepted because older QAT exports in the records use [-32, 31].
     """
-    _check_bits(bits, "code_range")
+    check_bits(bits, "code_range")
     return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
 
 
 def validate_codes(q: torch.Tensor, bits: int, name: str = "q", op: str = "validate_codes") -> None:
     """Debug check (one min/max reduction): int8 codes inside ``code_range(bits)``."""
-    _check_bits(bits, op)
+    check_bits(bits, op)
     if not isinstance(q, torch.Tensor) or q.dtype != torch.int8:
         got = q.dtype if isinstance(q, torch.Tensor) else type(q).__name__
         raise TypeError(f"{op}: {name} must be an int8 tensor of codes, got {got}")
@@ -123,7 +124,7 @@ def quantize_rows(w: torch.Tensor, bits: int = 6, clip: str = "search") -> QTens
     Raises ValueError for NaN/Inf rows or a scale that overflows fp16.
     """
     op = "quantize_rows"
-    _check_bits(bits, op)
+    check_bits(bits, op)
     if not isinstance(w, torch.Tensor):
         raise TypeError(f"{op}: w must be a torch.Tensor, got {type(w).__name__}")
     if not w.dtype.is_floating_point:
@@ -213,7 +214,7 @@ def pack_artifact(
         if not isinstance(name, str):
             raise TypeError(f"{op}: entry names must be str, got {type(name).__name__}")
         if isinstance(v, QTensor):
-            _check_bits(v.bits, op)
+            check_bits(v.bits, op)
             if v.q.dtype != torch.int8 or v.q.dim() != 2:
                 raise TypeError(f"{op}: entry {name!r}: QTensor.q must be 2-D int8, got {v.q.dtype} {tuple(v.q.shape)}")
             if v.scale.dtype != torch.float16 or tuple(v.scale.shape) != (v.q.shape[0],):
@@ -315,7 +316,7 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
         for e in ents:
             name = e["name"]
             if e["kind"] == "q":
-                bits = _check_bits(e["bits"], "unpack_artifact")
+                bits = check_bits(e["bits"], "unpack_artifact")
                 n, k = e["shape"]
                 q = take(e["nbytes"][0], torch.int8, [n, k], repr(name))
                 s = take(e["nbytes"][1], torch.float16, [n], repr(name) + " scale")

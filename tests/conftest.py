@@ -61,3 +61,22 @@ def shared_data():
     if not os.path.isdir(path):
         pytest.skip(f"shared data not found at {path} (set PGOLF_SHARED_DATA to the shared/data folder)")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Single intra-op thread for modules of many tiny-model steps: on 2 shared cores torch's
+    threads spun against other processes and made those tests ~30x slower (measured here)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def lut():
+    """Byte LUT needing no tokenizer file (train.eval_fixtures.synthetic_lut): ids 0-3 control,
+    4-259 one byte, the rest 1-4 bytes with every 3rd id carrying a leading space."""
+    from train.eval_fixtures import synthetic_lut
+
+    return synthetic_lut()

@@ -29,9 +29,11 @@ import pytest
 import torch
 
 from train.eval import evaluate
-from train.eval_fixtures import synthetic_lut, doc_stream, tiny_model
+from train.eval_fixtures import doc_stream, tiny_model
 from train.ttt import (BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows,
                        make_state, plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140]  # awkward: 1-token doc, partial chunks, > window
 CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4, lr=0.01)
@@ -39,22 +41,6 @@ CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4, lr=0.01)
 # so sliding rows are cut at chunk boundaries; training windows (128) longer than the scoring window
 CHUNKED = ChunkedConfig(chunk_tokens=2048, rank=4, epochs=2, lr=0.01, window=96, stride=40, train_len=128,
                         batch_seqs=4)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: torch's intra-op threads spin against other processes (measured 30x slower)
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def lut():
-    # byte tables need only ids; a synthetic LUT avoids the shared data for these tests:
-    # ids 0-3 control (0 bytes, boundary), 4-259 one byte, others 1-4 bytes, every 3rd with a leading space
-    return synthetic_lut()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from train import eval as ev
-from train.eval_fixtures import doc_stream, synthetic_lut, tiny_model
+from train.eval_fixtures import doc_stream, tiny_model
 from train.ttt import (ChunkedConfig, DocLoRA, TTTConfig, build_rows, chunk_train_batches, chunked_plan, cosine_lr,
                        rows_nll)
 
@@ -23,18 +23,7 @@ ALIGNED = ChunkedConfig(chunk_tokens=2048, rank=4, epochs=2, lr=0.01, window=128
 DIST_LENGTHS = [700, 420, 1, 380, 610, 90, 530, 300, 640, 450]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: intra-op threads spin against other processes
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def lut():
-    return synthetic_lut()
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def model():

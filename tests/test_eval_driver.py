@@ -10,7 +10,7 @@ import torch
 
 from train import eval as ev
 from train.bpb import ByteLUT
-from train.eval_fixtures import synthetic_lut, doc_stream, tiny_model
+from train.eval_fixtures import doc_stream, tiny_model
 from train.ttt import DocLoRA, TTTConfig, build_rows, rows_nll, split_docs
 
 SP1024 = "fineweb_1024_bpe.model"
@@ -18,18 +18,7 @@ SHARD = os.path.join("fineweb_sample", "fineweb_sample200_sp1024_000000.bin")
 CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2 shared cores: intra-op threads spin against other processes
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture(scope="module")
-def lut():
-    return synthetic_lut()
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):

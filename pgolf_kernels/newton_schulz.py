@@ -629,6 +629,9 @@ def newton_schulz_many(mats: List[torch.Tensor], steps: int = 5, coefficients: C
     """``[newton_schulz(G) for G in mats]`` in 3 grouped launches per step for the whole list (plus 2-3
     small prologue launches per input tensor). Matrices of any shapes and batch dims may be mixed.
     Returned tensors are views into one packed buffer (contiguous, each with its input's shape)."""
+    if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
+        raise TypeError(f"newton_schulz_many: mats must be a list or tuple of tensors, got {type(mats).__name__} "
+                        "(for one tensor call newton_schulz)")
     coeffs = _prepare(list(mats), steps, coefficients, eps, compute_dtype, validate, tiles)
     flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel), tiles)
     outs, off = [], 0

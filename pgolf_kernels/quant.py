@@ -155,6 +155,17 @@ def quantize_rows_ref(w: torch.Tensor, bits: int = 6) -> QTensor:
 
 def dequantize(qt: QTensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """``(q.float() * scale.float()[:, None]).to(dtype)``: one rounding, from the exact fp32 product."""
+    op = "dequantize"
+    if not isinstance(qt, QTensor):
+        raise TypeError(f"{op}: qt must be a QTensor (q, scale, bits), got {type(qt).__name__}")
+    if not isinstance(qt.q, torch.Tensor) or qt.q.dtype != torch.int8 or qt.q.dim() != 2:
+        got = f"{qt.q.dtype}, shape {tuple(qt.q.shape)}" if isinstance(qt.q, torch.Tensor) else type(qt.q).__name__
+        raise TypeError(f"{op}: qt.q must be a 2-D int8 tensor of codes, got {got}")
+    if not isinstance(qt.scale, torch.Tensor) or qt.scale.shape != (qt.q.shape[0],):
+        got = tuple(qt.scale.shape) if isinstance(qt.scale, torch.Tensor) else type(qt.scale).__name__
+        raise ValueError(f"{op}: qt.scale must have shape ({qt.q.shape[0]},) = (q.shape[0],), got {got}")
+    if qt.scale.device != qt.q.device:
+        raise ValueError(f"{op}: qt.scale is on {qt.scale.device} but qt.q is on {qt.q.device}")
     return (qt.q.float() * qt.scale.float()[:, None]).to(dtype)
 
 

@@ -258,3 +258,10 @@ def test_gpu_compile_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, newton_schulz(G2))
+
+
+def test_many_refuses_a_bare_tensor():
+    from pgolf_kernels.newton_schulz import newton_schulz_many
+
+    with pytest.raises(TypeError, match="mats must be a list or tuple of tensors"):
+        newton_schulz_many(torch.randn(2, 4, 4))

@@ -335,3 +335,18 @@ def test_header_is_json_with_entries():
     h, _, _ = load_C().split_payload(payload)
     hdr = json.loads(h)
     assert hdr["format"] == "pgolf-artifact" and [e["name"] for e in hdr["entries"]] == ["a", "b"]
+
+
+def test_dequantize_refuses_bad_input():
+    from pgolf_kernels.quant import QTensor, dequantize
+
+    q = torch.randint(-31, 32, (4, 8), dtype=torch.int8)
+    s = torch.rand(4).half()
+    with pytest.raises(TypeError, match="qt must be a QTensor"):
+        dequantize((q, s, 6))
+    with pytest.raises(TypeError, match="qt.q must be a 2-D int8 tensor"):
+        dequantize(QTensor(q.float(), s, 6))
+    with pytest.raises(ValueError, match=r"qt.scale must have shape \(4,\)"):
+        dequantize(QTensor(q, s[:3], 6))
+    # the good path still equals the definition
+    assert torch.equal(dequantize(QTensor(q, s, 6), torch.float32), q.float() * s.float()[:, None])

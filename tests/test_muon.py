@@ -56,7 +56,11 @@ def test_reference_path_equals_records_loop(opts):
 def test_kernel_path_step_close_to_fp64_step():
     """use_kernel=True (interpreter fp16 on CPU, bf16 on GPU): the parameter change after one step is within
     1.1x of torch's own low-precision NS step's error, both against an fp64-NS step."""
-    shapes = [(2, 16, 24), (40, 24), (1, 9)]
+    # The 1x9 case is a bank of 32 one-row matrices: the error of ONE 1x9 matrix is a handful of fp16
+    # roundings, and its ratio to torch's error was noise (150 fresh draws: median 0.83, p99 3.46, max 4.81,
+    # so a factor-2 bound failed ~5 % of CI runs). Pooled over a bank the ratio is stable (20 draws of a
+    # 64-bank: 0.68-0.87), while the m = 1 path is still what runs.
+    shapes = [(2, 16, 24), (40, 24), (32, 1, 9)]
     ps = _params(shapes, DEV)
     q_ref, q_64 = _clone(ps), _clone(ps)
     p0 = [p.detach().clone() for p in ps]
@@ -65,7 +69,7 @@ def test_kernel_path_step_close_to_fp64_step():
     muon_reference_step(q_ref, {}, lr=0.05, weight_decay=0.1, compute_dtype=KDT)
     muon_reference_step(q_64, {}, lr=0.05, weight_decay=0.1, compute_dtype=torch.float64)
     for p, qr, q6, p_0 in zip(ps, q_ref, q_64, p0):
-        factor = 1.1 if p.numel() >= 256 else 2.0  # 1x9: a few roundings, the ratio is noise
+        factor = 2.0 if p.shape[-2] == 1 else 1.1  # one-row matrices: rounding-dominated, looser ratio
         assert_close_rel(p - p_0, q6.double() - p_0.double(), qr - p_0, factor=factor, name=str(tuple(p.shape)))
 
 

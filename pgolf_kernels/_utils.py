@@ -25,9 +25,11 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
 
 
-def check(cond: bool, msg: str, exc: type = ValueError) -> None:
+def check(cond: bool, msg, exc: type = ValueError) -> None:
+    """Raise ``exc(msg)`` unless ``cond``. ``msg`` may be a zero-argument callable: the message is then
+    built only on failure, which keeps f-strings over (symbolic) shapes out of torch.compile's trace."""
     if not cond:
-        raise exc(msg)
+        raise exc(msg() if callable(msg) else msg)
 
 
 def _fmt_dtypes(dtypes) -> str:

@@ -96,12 +96,13 @@ def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: boo
     for name, lst in (("bases", bases), ("As", As), ("Bs", Bs)):
         if not isinstance(lst, (list, tuple)):
             raise TypeError(f"{_OP}: {name} must be a list (one entry per slice), got {type(lst).__name__}")
-    check(len(bases) >= 1, f"{_OP}: bases is empty; pass at least one slice")
+    check(len(bases) >= 1, lambda: f"{_OP}: bases is empty; pass at least one slice")
     check(len(bases) == len(As) == len(Bs),
-          f"{_OP}: bases, As and Bs must have one entry per slice, got {len(bases)}, {len(As)}, {len(Bs)}")
-    check(isinstance(alpha, (int, float)) and math.isfinite(float(alpha)),
-          f"{_OP}: alpha must be a finite float, got {alpha!r}", TypeError)
-    check(1 <= Bsz <= 65535, f"{_OP}: x batch size must be in [1, 65535], got {Bsz}")
+          lambda: f"{_OP}: bases, As and Bs must have one entry per slice, got {len(bases)}, {len(As)}, {len(Bs)}")
+    # not math.isfinite: dynamo cannot trace it (a graph break inside every compiled call)
+    check(isinstance(alpha, (int, float)) and -math.inf < alpha < math.inf,
+          lambda: f"{_OP}: alpha must be a finite float, got {alpha!r}", TypeError)
+    check(1 <= Bsz <= 65535, lambda: f"{_OP}: x batch size must be in [1, 65535], got {Bsz}")
     adt = None
     for i, (base, A, Bm) in enumerate(zip(bases, As, Bs)):
         if _is_quant(base):
@@ -109,48 +110,48 @@ def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: boo
             check_tensor(base.scale, f"bases[{i}].scale", dtype=fl, ndim=1, device=x.device, op=_OP)
             N, dw = base.q.shape
             check(base.scale.shape[0] == N,
-                  f"{_OP}: bases[{i}].scale must have shape ({N},) (one scale per output row), got {tuple(base.scale.shape)}")
+                  lambda: f"{_OP}: bases[{i}].scale must have shape ({N},) (one scale per output row), got {tuple(base.scale.shape)}")
         else:
             check_tensor(base, f"bases[{i}]", dtype=x.dtype, ndim=2, device=x.device, op=_OP)
             N, dw = base.shape
-        check(dw == d, f"{_OP}: bases[{i}] has in_features {dw} but x has d = {d} (expected shape (out_{i}, {d}))")
-        check(N >= 1, f"{_OP}: bases[{i}] has no output rows")
+        check(dw == d, lambda: f"{_OP}: bases[{i}] has in_features {dw} but x has d = {d} (expected shape (out_{i}, {d}))")
+        check(N >= 1, lambda: f"{_OP}: bases[{i}] has no output rows")
         check_tensor(A, f"As[{i}]", dtype=fl, ndim=3, device=x.device, op=_OP)
         check_tensor(Bm, f"Bs[{i}]", dtype=fl, ndim=3, device=x.device, op=_OP)
         if adt is None:
             adt = A.dtype
         check(A.dtype == adt and Bm.dtype == adt,
-              f"{_OP}: all adapters must share one dtype; As[0] is {adt} but As[{i}]/Bs[{i}] are {A.dtype}/{Bm.dtype}",
+              lambda: f"{_OP}: all adapters must share one dtype; As[0] is {adt} but As[{i}]/Bs[{i}] are {A.dtype}/{Bm.dtype}",
               TypeError)
         n, r, da = A.shape
-        check(da == d, f"{_OP}: As[{i}] has shape {tuple(A.shape)}; expected (n_adapters, r, {d}) to match x's d = {d}")
-        check(1 <= r <= 128, f"{_OP}: As[{i}] rank r = {r} is outside the supported 1..128")
+        check(da == d, lambda: f"{_OP}: As[{i}] has shape {tuple(A.shape)}; expected (n_adapters, r, {d}) to match x's d = {d}")
+        check(1 <= r <= 128, lambda: f"{_OP}: As[{i}] rank r = {r} is outside the supported 1..128")
         check(tuple(Bm.shape) == (n, N, r),
-              f"{_OP}: Bs[{i}] has shape {tuple(Bm.shape)}; expected (n_adapters, out_{i}, r) = {(n, N, r)} "
+              lambda: f"{_OP}: Bs[{i}] has shape {tuple(Bm.shape)}; expected (n_adapters, out_{i}, r) = {(n, N, r)} "
               f"from As[{i}] {tuple(A.shape)} and bases[{i}] ({N}, {d})")
         if adapter_index is None:
-            check(n >= Bsz, f"{_OP}: As[{i}] has {n} adapters but x has B = {Bsz} rows; pass adapter_index "
+            check(n >= Bsz, lambda: f"{_OP}: As[{i}] has {n} adapters but x has B = {Bsz} rows; pass adapter_index "
                             f"or give at least B adapters (row b uses adapter b)")
     n0 = As[0].shape[0]
     for i, A in enumerate(As):
-        check(A.shape[0] == n0, f"{_OP}: all As must have the same n_adapters; As[0] has {n0}, As[{i}] has {A.shape[0]}")
+        check(A.shape[0] == n0, lambda: f"{_OP}: all As must have the same n_adapters; As[0] has {n0}, As[{i}] has {A.shape[0]}")
     if lengths is not None:
         check_tensor(lengths, "lengths", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
-        check(lengths.shape[0] == Bsz, f"{_OP}: lengths must have shape ({Bsz},) = (B,), got {tuple(lengths.shape)}")
+        check(lengths.shape[0] == Bsz, lambda: f"{_OP}: lengths must have shape ({Bsz},) = (B,), got {tuple(lengths.shape)}")
     if adapter_index is not None:
         check_tensor(adapter_index, "adapter_index", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
         check(adapter_index.shape[0] == Bsz,
-              f"{_OP}: adapter_index must have shape ({Bsz},) = (B,), got {tuple(adapter_index.shape)}")
+              lambda: f"{_OP}: adapter_index must have shape ({Bsz},) = (B,), got {tuple(adapter_index.shape)}")
     if check_values and not _capturing_or_compiling():
         # Value checks need a device->host sync (~10 us); they are skipped under torch.compile and CUDA-graph
         # capture, where the kernels clamp instead (lengths to [0, T], adapter_index to [0, n-1]) to stay in bounds.
         if lengths is not None and lengths.numel():
             lo, hi = int(lengths.min()), int(lengths.max())
-            check(lo >= 0 and hi <= T, f"{_OP}: lengths values must be in [0, T] = [0, {T}], got min {lo}, max {hi}")
+            check(lo >= 0 and hi <= T, lambda: f"{_OP}: lengths values must be in [0, T] = [0, {T}], got min {lo}, max {hi}")
         if adapter_index is not None and adapter_index.numel():
             lo, hi = int(adapter_index.min()), int(adapter_index.max())
             check(lo >= 0 and hi < n0,
-                  f"{_OP}: adapter_index values must be in [0, n_adapters) = [0, {n0}), got min {lo}, max {hi}")
+                  lambda: f"{_OP}: adapter_index values must be in [0, n_adapters) = [0, {n0}), got min {lo}, max {hi}")
 
 
 def _capturing_or_compiling() -> bool:

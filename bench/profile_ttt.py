@@ -1,0 +1,158 @@
+"""Where one per-document TTT step spends its time (a profiling tool, not a benchmark row).
+
+One step = the eval driver's inner loop body (``train.ttt.ttt_batch``): forward over 64 windows of
+1024 positions with grad, score the last 256 targets of each row, backward to the adapters, Adam.
+Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
+each eager and under ``torch.compile``. Prints ms/step (median of CUDA-synchronized steps) and a
+torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
+elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
+
+    python3 -m bench.profile_ttt [--batch 64] [--window 1024] [--chunk 256] [--steps 10] [--out DIR]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _setup(reference: bool, path: str, cfg, device):
+    from train import eval as ev
+    from train.ttt import BatchedAdam, DocLoRA
+
+    model, _ = ev.load_model(path, reference=reference, device=device)
+    ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel")
+    opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+    return model, ad, opt
+
+
+def _rows(stream_len_doc: int, n_docs: int, cfg, device, seed=0):
+    from train.ttt import build_rows
+
+    g = torch.Generator().manual_seed(seed)
+    docs = torch.randint(4, 1024, (n_docs, stream_len_doc), generator=g)
+    docs[:, 0] = 1
+    stream = docs.reshape(-1).to(device)
+    s = np.arange(n_docs, dtype=np.int64) * stream_len_doc
+    a = np.full(n_docs, cfg.window - cfg.chunk, dtype=np.int64)  # chunk ending at the window: L = window
+    b = a + cfg.chunk
+    return build_rows(stream, np.stack([s, a, b], 1), cfg.window, 64)
+
+
+def _step_fn(model, ad, opt, compiled: bool):
+    from train.ttt import head_nll
+
+    def fwd(x, sel, y):
+        return head_nll(model, model.hidden(x, ad), sel, y, ad)
+
+    f = torch.compile(fwd, dynamic=True) if compiled else fwd
+
+    def step(rb):
+        nll = f(rb.x, rb.sel, rb.y)
+        w = rb.mask.float() / rb.mask.sum(1, keepdim=True).clamp_min(1)
+        (nll * w).sum().backward()
+        opt.step()
+        return nll
+
+    return step
+
+
+def _time(step, rb, n: int):
+    for _ in range(3):
+        step(rb)
+    _sync()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        step(rb)
+        _sync()
+        ts.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(ts)
+
+
+def _profile(step, rb, top: int):
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for _ in range(3):
+            step(rb)
+        _sync()
+        wall = (time.perf_counter() - t) / 3 * 1e3
+    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in ev) / 3 / 1e3
+    ev.sort(key=lambda e: -e.self_device_time_total)
+    rows = [(e.key[:90], e.self_device_time_total / 3 / 1e3, e.count // 3) for e in ev[:top]]
+    return wall, busy, rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=256)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=18)
+    p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--out", default=None, help="directory for profile_ttt.json")
+    a = p.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
+    from bench.bench_eval import build_artifact
+    from train.ttt import TTTConfig
+
+    dev = a.device
+    cfg = TTTConfig(rank=a.rank, chunk=a.chunk, window=a.window, batch_size=a.batch)
+    tmp = tempfile.mkdtemp()
+    path = os.path.join(tmp, "model.ptz")
+    build_artifact(path, None, train_steps=0, device=dev)
+    rb = _rows(a.window + 1, a.batch, cfg, dev)
+    out = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "batch": a.batch, "window": a.window,
+           "chunk": a.chunk, "rank": a.rank, "variants": {}}
+    for v in a.variants.split(","):
+        path_kind, mode = v.split("-")
+        model, ad, opt = _setup(path_kind == "reference", path, cfg, dev)
+        step = _step_fn(model, ad, opt, mode == "compile")
+        t = time.perf_counter()
+        try:
+            step(rb)
+            _sync()
+        except Exception as e:  # report and go on: one variant failing must not hide the others
+            print(f"[{v}] FAILED: {type(e).__name__}: {str(e)[:800]}", flush=True)
+            out["variants"][v] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+            continue
+        first = time.perf_counter() - t
+        ms = _time(step, rb, a.steps)
+        wall, busy, rows = _profile(step, rb, a.top)
+        print(f"\n[{v}] first call {first:.1f} s; step {ms:.2f} ms (median of {a.steps}); profiled wall {wall:.2f} ms, "
+              f"GPU busy {busy:.2f} ms", flush=True)
+        for k, t_ms, c in rows:
+            print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
+        out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
+                              "top": rows}
+        del model, ad, opt, step
+        if dev == "cuda":
+            torch.cuda.empty_cache()
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        with open(os.path.join(a.out, "profile_ttt.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -37,6 +37,15 @@ Eager calls pay ~20 us of Python (custom-op dispatch, checks) plus Triton's laun
 configs use a cached counter buffer per device: do not run two split launches of the same kernel
 concurrently on different streams.
 
+Large-M dispatch: for M >= ``LARGE_M`` rows (default 4096) both ops dequantize W once per call with
+a one-pass Triton kernel into a temporary (N, K) tile of the activation dtype, bf16(q*s) -- the same
+values the dx kernel forms and the reference uses -- and call cuBLAS (torch.mm) on it; the codes stay
+the only stored copy. Why: on the H200 the fused kernels run at 0.45-0.71x cuBLAS for M >= 4096
+(K = 512 gives only 8 reduction trips; a persistent/TMA kernel would be needed), e.g. N = K = 512,
+M = 65,536: fwd 94 us, dx 129 us against cuBLAS 60 / 58 us (bench/results/int6-h200.md), while the
+dequantization is a 0.25-0.8 MB pass. The eval driver's TTT windows are M ~ 65k: there the fused
+path cost 18.7 ms of a 60.6 ms TTT step (bench/results/profile-ttt-h200.md).
+
 Dispatch (``pgolf_kernels._utils.use_triton``): CUDA -> Triton; CPU -> ``int6_linear_ref``;
 CPU + TRITON_INTERPRET=1 -> the Triton kernels in the interpreter with a fixed small config.
 Same kernels for bits 5/6/7/8: the bit width only matters to ``validate=True``.
@@ -59,6 +68,7 @@ __all__ = [
     "int6_linear_dx",
     "int6_linear_ref",
     "int6_linear_dx_ref",
+    "dequantize_weight",
     "Int6Linear",
     "convert_linears_to_int6",
 ]
@@ -418,6 +428,40 @@ def _launch_dx(dy2, q, scale, out, config=None):
 
 
 # ---------------------------------------------------------------------------------------------
+# large-M path: one-pass dequantization + cuBLAS
+# ---------------------------------------------------------------------------------------------
+LARGE_M = 4096  # rows from which the ops take the dequantize + cuBLAS path (see module docstring)
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_q, stride_o, BN: tl.constexpr, BK: tl.constexpr):
+    """out[n, k] = dtype(float(q[n, k]) * float(s[n])): bitwise the reference's dequantized weight."""
+    rn = tl.program_id(0) * BN + tl.arange(0, BN)
+    rk = tl.program_id(1) * BK + tl.arange(0, BK)
+    m = (rn[:, None] < N) & (rk[None, :] < K)
+    q = tl.load(q_ptr + rn[:, None] * stride_q + rk[None, :], mask=m, other=0)
+    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
+    w = q.to(tl.float32) * s.to(tl.float32)[:, None]
+    tl.store(out_ptr + rn[:, None] * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
+
+
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, K) ``dtype`` tensor ``dtype(float(q) * float(scale)[:, None])`` (one Triton pass on CUDA /
+    under TRITON_INTERPRET=1; torch ops otherwise). A temporary: callers use it for one GEMM."""
+    N, K = q.shape
+    if not use_triton(q):
+        return (q.float() * scale.float()[:, None]).to(dtype)
+    out = _ALLOC((N, K), dtype, q.device)
+    BN, BK = 32, 128
+    _dequant_kernel[(cdiv(N, BN), cdiv(K, BK))](q, scale, out, N, K, q.stride(0), out.stride(0), BN=BN, BK=BK)
+    return out
+
+
+def _use_large_m(M: int, t: torch.Tensor) -> bool:
+    return M >= LARGE_M and use_triton(t)
+
+
+# ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
 def _check_weight(q, scale, op, device):
@@ -464,7 +508,13 @@ def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     x2 = rows_2d(x, K)
     out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0:
-        if use_triton(x2):
+        if _use_large_m(x2.shape[0], x2):
+            w = dequantize_weight(q, scale, x.dtype)
+            if bias is None:
+                torch.mm(x2, w.t(), out=out)
+            else:
+                torch.addmm(bias, x2, w.t(), out=out)
+        elif use_triton(x2):
             _launch_fwd(x2, q, scale, bias, out)
         else:
             out.copy_(int6_linear_ref(x2, q, scale, bias))
@@ -483,7 +533,9 @@ def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
     dy2 = rows_2d(dy, N)
     out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0:
-        if use_triton(dy2):
+        if _use_large_m(dy2.shape[0], dy2):
+            torch.mm(dy2, dequantize_weight(q, scale, dy.dtype), out=out)
+        elif use_triton(dy2):
             _launch_dx(dy2, q, scale, out)
         else:
             out.copy_(int6_linear_dx_ref(dy2, q, scale))

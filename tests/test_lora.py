@@ -16,6 +16,7 @@ import torch
 from pgolf_kernels import lora
 from pgolf_kernels.lora import BatchedLoRALinear, multi_lora_linear, multi_lora_linear_ref, zero_adam_state_
 from pgolf_kernels.testing import assert_close_rel, nan_empty
+from pgolf_kernels._utils import use_triton
 
 try:   # the int6 engineer's QTensor (NamedTuple q/scale/bits); the op duck-types it, so a stand-in also works
     from pgolf_kernels.quant import QTensor as QT
@@ -172,6 +173,21 @@ def test_int6_base_and_mixed_slices(device, act_dtype, bwd_strategy):
     outs = [40, 24, 32, 8, 16]
     x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device, quant=(0, 3))
     _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
+
+
+def test_int6_base_large_m_path(device, monkeypatch):
+    """B*T >= int6_linear.LARGE_M: int6 bases are dequantized once per call and run as dense bases."""
+    import pgolf_kernels.int6_linear as i6
+
+    B, T, d, r = 2, 7, 40, 3
+    x, bases, As, Bs = _make(B, T, d, [40, 24], r, torch.float16, device, quant=(0,))
+    calls = []
+    orig = i6.dequantize_weight
+    monkeypatch.setattr(i6, "dequantize_weight", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    monkeypatch.setattr(i6, "LARGE_M", B * T)
+    _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
+    if use_triton(x):
+        assert calls, "the fused forward must take the dequantized path at B*T >= LARGE_M"
 
 
 def test_fp32_activations_and_no_dx(device, bwd_strategy):

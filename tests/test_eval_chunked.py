@@ -259,8 +259,10 @@ def test_cli_chunked_on_fineweb_sample(shared_data, tmp_path):
 @pytest.mark.gpu
 def test_gpu_chunked_kernel_vs_reference(tmp_path):
     """bf16 on the GPU: int6 codes + multi_lora_linear (one adapter, adapter_index 0) vs dequantized bf16 +
-    torch GEMMs, chunked mode with the default chunk (32,768) and 3 epochs: same coverage, BPB within
-    1e-5 x BPB (the per-document mode's bound, same reason: reference rounds dequantized W to bf16)."""
+    torch GEMMs, chunked mode with the default chunk (32,768) and 3 epochs: same coverage; BPB judged
+    against an fp32 run of the same eval (the oracle): the kernel path's distance to it must be at most
+    2x torch's own bf16 path's. (An absolute 1e-5 x BPB bound, the per-document mode's, failed on the
+    H200: 14.52295 vs 14.52332 -- 3 epochs x 4 chunks of Adam steps amplify bf16 rounding.)"""
     from train.artifact import save_artifact
     from train.bpb import ByteLUT
 
@@ -279,4 +281,8 @@ def test_gpu_chunked_kernel_vs_reference(tmp_path):
     assert rk["lora_backend"] == "kernel" and rr["lora_backend"] == "bmm"
     assert rk["targets"] == rr["targets"] == stream.numel() - 1 and rk["legality"]["multi"] == 0
     assert rk["chunks_trained"] == rk["chunks"] - 1 >= 2
-    assert abs(rk["val_bpb"] - rr["val_bpb"]) < 1e-5 * rr["val_bpb"], (rk["val_bpb"], rr["val_bpb"])
+    mo, _ = ev.load_model(path, device="cuda", reference=True, dtype=torch.float32)
+    ro = ev.evaluate(mo, stream, lut, mode="chunked", chunked=cc, backend="bmm")
+    e_k, e_r = abs(rk["val_bpb"] - ro["val_bpb"]), abs(rr["val_bpb"] - ro["val_bpb"])
+    print(f"chunked BPB: kernel {rk['val_bpb']:.6f} bf16 reference {rr['val_bpb']:.6f} fp32 {ro['val_bpb']:.6f}")
+    assert e_k <= 2 * e_r + 1e-6 * ro["val_bpb"], (rk["val_bpb"], rr["val_bpb"], ro["val_bpb"])

@@ -73,6 +73,28 @@ def test_kernel_path_keeps_int6_codes_and_matches_reference(artifact, lut):
     assert abs(rk["val_bpb"] - rr["val_bpb"]) < 1e-5 * rr["val_bpb"]
 
 
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+def test_compiled_forward_matches_eager(artifact, lut, reference):
+    """compile_rows_nll (what the driver's --compile attaches): same ledger, same BPB as eager, with
+    batches whose live rows and window lengths change step to step (dynamic shapes, 1-row steps)."""
+    from train.ttt import compile_rows_nll
+
+    stream = doc_stream([70, 23, 9, 41, 5], seed=3)
+    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=3)
+    be = "bmm" if reference else "kernel"
+    m, _ = ev.load_model(artifact, device="cpu", reference=reference)
+    eager = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=be)
+    compile_rows_nll(m)
+    try:
+        comp = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=be)
+        assert "_pgolf_rows_nll" in m.__dict__
+    finally:
+        compile_rows_nll(m, enable=False)
+    assert comp["targets"] == eager["targets"] == stream.numel() - 5 and comp["legality"]["multi"] == 0
+    # fp32 on CPU: fusion changes only rounding order
+    assert abs(comp["val_bpb"] - eager["val_bpb"]) < 1e-5 * eager["val_bpb"], (comp["val_bpb"], eager["val_bpb"])
+
+
 def test_lora_kernel_backend_matches_bmm():
     m = tiny_model(seed=2, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
     stream = doc_stream([50, 30, 20], seed=4)

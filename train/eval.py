@@ -57,8 +57,8 @@ import numpy as np
 import torch
 
 from .bpb import ByteLUT
-from .ttt import (BOS_ID, BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, TTTConfig, chunked_ttt, make_state,
-                  plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
+from .ttt import (BOS_ID, BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, TTTConfig, chunked_ttt, compile_rows_nll,
+                  make_state, plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
 
 MODES = ("ttt", "base", "flat", "sliding", "chunked")
 
@@ -398,6 +398,8 @@ def _parse(argv):
     ap.add_argument("--max-docs", type=int, default=None, help="only the first N documents")
     ap.add_argument("--share", default=None, help="k/n: one rank's static share (every n-th batch from k)")
     ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                    help="torch.compile the model forward (auto: on for CUDA); compile time falls in the warm-up")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
     return ap.parse_args(argv)
@@ -432,6 +434,9 @@ def main(argv=None) -> dict:
                            beta1=args.beta1, beta2=args.beta2, window=args.window, stride=args.stride,
                            train_len=args.train_len, batch_seqs=args.batch_seqs, targets=targets)
     model, info = load_model(args.artifact, reference=args.reference, device=device)
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if compiled:
+        compile_rows_nll(model)
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     _sync(device)
     load_s = time.perf_counter() - t_start
@@ -457,7 +462,7 @@ def main(argv=None) -> dict:
                    budget_s=args.budget - args.margin, rates=rates, share=share, log=log, chunked=cc)
     wall = time.perf_counter() - t_start
     rep.update(info, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s, timed_eval_s=rep["score_s"], wall_s=wall,
-               reference=args.reference, ttt=asdict(cc if cc is not None else cfg), device=str(device),
+               reference=args.reference, compiled=compiled, ttt=asdict(cc if cc is not None else cfg), device=str(device),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
         rep["warmup_rates"] = rates

@@ -6,13 +6,18 @@ Set-up (all on the GPU, inside this one process):
     documents 0-149 when the sample is present; saved as an int6 artifact (``train/artifact.py``).
   * val set: ``train.synthetic.synthetic_tokens()`` -- official size, 50,000 documents, 62,021,846 tokens.
 
-Rows (kernel ``eval``, baseline ``reference`` = dequantized bf16 weights + bmm LoRA, same loop):
+Rows (kernel ``eval``, baseline ``reference`` = dequantized bf16 weights + bmm LoRA, same loop; both
+paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forward):
   (a) one rank's 1/8 share (every 8th longest-first batch of 64 docs), seeds' TTT config (rank 8 on
-      Q/V + head, chunk 256, window 1024, Adam lr 0.01), kernels and reference;
-  (b) all 50,000 documents on one GPU, kernels (reference only if the time left allows);
-  (c) 1/8 share with the records' config (rank 96, chunk 48, window 2048), kernels (reference if time allows);
+      Q/V + head, chunk 256, window 1024, Adam lr 0.01);
+  (b) all 50,000 documents on one GPU (the driver's own 570 s deadline);
+  (c) 1/8 share with the records' config (rank 96, chunk 48, window 2048);
   (f) fixture parity: FineWeb sample documents 150-199 (held out from the brief training), kernels vs
-      reference TTT BPB, and TTT vs no-TTT (base) BPB.
+      reference TTT BPB, and TTT vs no-TTT (base) BPB;
+  chunked (issue 8): the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
+      stride 64) on the held-out FineWeb docs (BPB vs sliding no-TTT) and on the first 800 synthetic docs (time).
+Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_NO_REF lists cases whose
+reference run is skipped (so one device call can hold one long case).
 ``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
 ``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to
 ``eval-partial.jsonl`` as soon as it is measured.
@@ -108,26 +113,32 @@ def _sync(device):
 
 
 def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", budget_s=570.0, warm=True,
-              device="cuda"):
-    """Load + warm-up + score, timed like the driver (deadline origin = start of the artifact load)."""
+              device="cuda", compile=True, chunked=None):
+    """Load + warm-up + score, timed like the driver (deadline origin = start of the artifact load).
+    ``compile``: the driver's --compile (default on for CUDA), for both paths alike."""
     from train import eval as ev
+    from train.ttt import compile_rows_nll
 
     _sync(device)
     t_start = time.perf_counter()
     model, _ = ev.load_model(path, reference=reference, device=device)
+    if compile:
+        compile_rows_nll(model)
     _sync(device)
     load_s = time.perf_counter() - t_start
     t = time.perf_counter()
     rates = None
-    if warm:
-        rates = ev.warmup(model, lut, cfg, "bmm" if reference else "kernel", device, n_docs=cfg.batch_size,
-                          doc_len=cfg.window + cfg.chunk)
+    backend = "bmm" if reference else "kernel"
+    if warm and mode == "chunked":
+        rates = ev.warmup_chunked(model, lut, chunked, backend, device)
+    elif warm:
+        rates = ev.warmup(model, lut, cfg, backend, device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
     warmup_s = time.perf_counter() - t
     tokens = tokens_cpu.to(device)
-    rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend="bmm" if reference else "kernel",
-                      t_start=t_start, budget_s=budget_s, rates=rates, share=share, progress_s=30.0)
+    rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend=backend, t_start=t_start, budget_s=budget_s,
+                      rates=rates if mode != "chunked" else None, share=share, progress_s=30.0, chunked=chunked)
     _sync(device)
-    rep.update(load_s=load_s, warmup_s=warmup_s, wall_s=time.perf_counter() - t_start, rates=rates)
+    rep.update(load_s=load_s, warmup_s=warmup_s, wall_s=time.perf_counter() - t_start, rates=rates, compiled=compile)
     del model, tokens
     gc.collect()
     if torch.device(device).type == "cuda":
@@ -138,10 +149,11 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
 def _row(case, k, r, **extra):
     ours = k["wall_s"] * 1e3
     base = r["wall_s"] * 1e3 if r else float("nan")
-    row = make_row(KERNEL, case, ours, "reference", base, docs=k["docs"], tokens=k["targets"] + k["docs"],
+    row = make_row(KERNEL, case, ours, "reference", base, docs=k.get("docs"), tokens=k["targets"] + k.get("docs", 0),
                    targets=k["targets"], bytes=k["bytes"], load_s=k["load_s"],
-                   warmup_s=k["warmup_s"], score_s=k["score_s"], docs_no_ttt_deadline=k["docs_no_ttt_deadline"],
-                   lora_backend=k.get("lora_backend"), steps=k["steps"], window_positions=k["window_positions"])
+                   warmup_s=k["warmup_s"], score_s=k["score_s"], docs_no_ttt_deadline=k.get("docs_no_ttt_deadline"),
+                   lora_backend=k.get("lora_backend"), steps=k.get("steps"),
+                   window_positions=k.get("window_positions"), compiled=k.get("compiled"))
     row["val_bpb"] = k["val_bpb"]  # full precision (make_row rounds extras to 4 decimals)
     if r:
         row.update(ref_val_bpb=r["val_bpb"], bpb_diff=k["val_bpb"] - r["val_bpb"], ref_load_s=r["load_s"],
@@ -193,12 +205,26 @@ def run(quick: bool = False):
             _log_row({"kernel": KERNEL, "case": what, "error": f"{type(e).__name__}: {e}"})
             return None
 
-    # (f) fixture parity + TTT delta on held-out FineWeb docs (cheap, first)
+    cases = os.environ.get("PGOLF_EVAL_CASES", "fixture,a,b,c,chunked").split(",")
+    no_ref = set(os.environ.get("PGOLF_EVAL_NO_REF", "").split(","))  # cases whose --reference run is skipped
+    print(f"[bench_eval] cases {cases}, no reference for {sorted(no_ref - {''})}", flush=True)
+
+    def pair(case, fn_k, fn_r, est=None):
+        """kernels, then reference unless skipped or this run's time is short (est: reference's expected s)."""
+        k = guarded(f"{case} kernels", fn_k)
+        r = None
+        if case not in no_ref and (k is None or _left() > (est or 1.3 * k["wall_s"]) + 30):
+            r = guarded(f"{case} reference", fn_r)
+        return k, r
+
+    toks = starts = None
     if ddir is not None:
         toks, starts = _fineweb(ddir)
+    # (f) fixture parity + TTT delta on held-out FineWeb docs (cheap, first)
+    if "fixture" in cases and toks is not None:
         held = toks[starts[150]:]
-        k = guarded("fixture kernels", lambda: eval_once(path, held, lut, seeds, reference=False))
-        r = guarded("fixture reference", lambda: eval_once(path, held, lut, seeds, reference=True))
+        k, r = pair("fixture", lambda: eval_once(path, held, lut, seeds, reference=False),
+                    lambda: eval_once(path, held, lut, seeds, reference=True))
         b = guarded("fixture base", lambda: eval_once(path, held, lut, seeds, reference=True, mode="base", warm=False))
         if k is not None:
             extra = {}
@@ -207,45 +233,65 @@ def run(quick: bool = False):
             rows.append(_row("fixture: FineWeb sample docs 150-199 (held out), seeds TTT", k, r, **extra))
             save()
 
+    # issue 8: chunked score-first TTT (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048 stride 64)
+    if "chunked" in cases:
+        from train.ttt import ChunkedConfig
+
+        cc = ChunkedConfig()
+        if toks is not None:
+            held = toks[starts[150]:]
+            k, r = pair("chunked fixture", lambda: eval_once(path, held, lut, seeds, reference=False, mode="chunked",
+                                                            chunked=cc),
+                        lambda: eval_once(path, held, lut, seeds, reference=True, mode="chunked", chunked=cc))
+            sl = guarded("chunked fixture sliding", lambda: eval_once(
+                path, held, lut, TTTConfig(window=2048), reference=True, mode="sliding", warm=False))
+            if k is not None:
+                extra = {"chunks": k.get("chunks"), "train_steps": k.get("train_steps")}
+                if sl is not None:
+                    extra.update(no_ttt_val_bpb=sl["val_bpb"], ttt_delta_bpb=k["val_bpb"] - sl["val_bpb"])
+                rows.append(_row("chunked: FineWeb docs 150-199, 32k chunks, 3 epochs, r8 Q/V, window 2048 stride 64",
+                                 k, r, **extra))
+                save()
+
+    if not {"a", "b", "c", "chunked"} & set(cases):
+        return rows
     t = time.perf_counter()
     syn = torch.from_numpy(synthetic_tokens().astype(np.int64))
     print(f"[bench_eval] synthetic val {syn.numel():,} tokens in {time.perf_counter() - t:.1f} s", flush=True)
 
-    # (a) 1/8 share, seeds config: kernels and reference
-    k = guarded("(a) kernels", lambda: eval_once(path, syn, lut, seeds, reference=False, share=(0, 8)))
-    r = None
-    if k is None or _left() > 3 * k["wall_s"] + 60:
-        r = guarded("(a) reference", lambda: eval_once(path, syn, lut, seeds, reference=True, share=(0, 8)))
-    if k is not None:
-        rows.append(_row("(a) 1/8 share (6,250 docs), r8 Q/V+head, chunk 256, window 1024", k, r))
-        save()
-    elif r is not None:
-        rows.append(_row("(a) 1/8 share, REFERENCE ONLY (kernel path failed)", r, None))
-        save()
+    if "chunked" in cases:
+        from train.eval import docs_prefix
+
+        pre = docs_prefix(syn, 800)  # ~1 M tokens: timing of the chunked loop at the records' settings
+        k, r = pair("chunked synthetic", lambda: eval_once(path, pre, lut, seeds, reference=False, mode="chunked",
+                                                          chunked=cc),
+                    lambda: eval_once(path, pre, lut, seeds, reference=True, mode="chunked", chunked=cc))
+        if k is not None:
+            rows.append(_row(f"chunked: first 800 synthetic docs ({pre.numel():,} tokens), same config", k, r,
+                             chunks=k.get("chunks"), train_steps=k.get("train_steps")))
+            save()
+
+    k = None
+    if "a" in cases:  # (a) 1/8 share, seeds config
+        k, r = pair("(a)", lambda: eval_once(path, syn, lut, seeds, reference=False, share=(0, 8)),
+                    lambda: eval_once(path, syn, lut, seeds, reference=True, share=(0, 8)))
+        if k is not None:
+            rows.append(_row("(a) 1/8 share (6,250 docs), r8 Q/V+head, chunk 256, window 1024", k, r))
+            save()
     if quick:
         return rows
 
-    # (b) all 50,000 docs on one GPU. Deadline = min(570 s, what this run has left): documents not reached
-    # in time are scored without TTT and counted in docs_no_ttt_deadline.
-    kb = None
-    if _left() > 60:
-        est_b = (k["load_s"] + k["warmup_s"] + 8 * k["score_s"]) if k else float("nan")
-        kb = guarded("(b) kernels", lambda: eval_once(path, syn, lut, seeds, reference=k is None,
-                                                      budget_s=max(30.0, min(570.0, _left() - 45.0))))
-        if kb is not None:
-            rows.append(_row("(b) all 50,000 docs, r8 Q/V+head, chunk 256, window 1024", kb, None,
-                             est_from_a_s=est_b))
+    if "b" in cases:  # (b) all 50,000 docs on one GPU, the driver's own 570 s deadline
+        k, r = pair("(b)", lambda: eval_once(path, syn, lut, seeds, reference=False),
+                    lambda: eval_once(path, syn, lut, seeds, reference=True))
+        if k is not None:
+            rows.append(_row("(b) all 50,000 docs, r8 Q/V+head, chunk 256, window 1024", k, r))
             save()
 
-    # (c) 1/8 share, records' config (reference too if time is left)
-    if _left() > 40:
-        kc = guarded("(c) kernels", lambda: eval_once(path, syn, lut, record, reference=k is None, share=(0, 8),
-                                                      budget_s=max(20.0, min(570.0, _left() - 10.0))))
-        if kc is not None:
-            rc = None
-            if _left() > 1.4 * kc["wall_s"] + 20:
-                rc = guarded("(c) reference", lambda: eval_once(path, syn, lut, record, reference=True, share=(0, 8),
-                                                                budget_s=max(20.0, _left() - 10.0)))
-            rows.append(_row("(c) 1/8 share (6,250 docs), r96 Q/V+head, chunk 48, window 2048", kc, rc))
+    if "c" in cases:  # (c) 1/8 share, records' config
+        k, r = pair("(c)", lambda: eval_once(path, syn, lut, record, reference=False, share=(0, 8)),
+                    lambda: eval_once(path, syn, lut, record, reference=True, share=(0, 8)))
+        if k is not None:
+            rows.append(_row("(c) 1/8 share (6,250 docs), r96 Q/V+head, chunk 48, window 2048", k, r))
             save()
     return rows

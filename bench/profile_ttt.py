@@ -3,7 +3,7 @@
 One step = the eval driver's inner loop body (``train.ttt.ttt_batch``): forward over 64 windows of
 1024 positions with grad, score the last 256 targets of each row, backward to the adapters, Adam.
 Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
-each eager and under ``torch.compile``. Prints ms/step (median of CUDA-synchronized steps) and a
+each eager and with the eval driver's ``--compile`` (``train.ttt.compile_rows_nll``). Prints ms/step (median of CUDA-synchronized steps) and a
 torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
@@ -51,15 +51,13 @@ def _rows(stream_len_doc: int, n_docs: int, cfg, device, seed=0):
 
 
 def _step_fn(model, ad, opt, compiled: bool):
-    from train.ttt import head_nll
+    from train.ttt import compile_rows_nll, rows_nll
 
-    def fwd(x, sel, y):
-        return head_nll(model, model.hidden(x, ad), sel, y, ad)
-
-    f = torch.compile(fwd, dynamic=True) if compiled else fwd
+    compile_rows_nll(model, compiled)  # the eval driver's --compile (regional: blocks + head)
+    ad.set_rows(torch.arange(ad.n_docs, device=ad.params[0].device))
 
     def step(rb):
-        nll = f(rb.x, rb.sel, rb.y)
+        nll = rows_nll(model, rb, ad)
         w = rb.mask.float() / rb.mask.sum(1, keepdim=True).clamp_min(1)
         (nll * w).sum().backward()
         opt.step()

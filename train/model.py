@@ -22,7 +22,9 @@ logits = cap * tanh((n(x) @ E^T) / cap) with E the (tied) embedding and cap = 30
 
 Adapter hook (used by the eval driver's test-time training, ``train/ttt*.py``):
     ``forward(input_ids, target_ids=None, adapter=None)``. With ``adapter`` given,
-    * in every attention block i: ``q, k, v = adapter.qkv(i, h, attn)`` where ``h`` is the
+    * in every attention block i: ``q, k, v = adapter.qkv(i, h, attn)`` (or, if the adapter has a
+      ``layer(i)`` method, ``adapter.layer(i).qkv(h, attn)``: a per-block view without the index, so
+      one compiled ``Block`` serves all layers) where ``h`` is the
       normed block input (B, T, d) and ``attn`` the block's ``CausalSelfAttention``; the adapter
       computes the base projections (``attn.c_q / c_k / c_v``, which are ``nn.Linear`` or
       ``pgolf_kernels.int6_linear.Int6Linear`` after ``convert_linears_to_int6``) plus its LoRA
@@ -258,18 +260,36 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x, x0, layer_idx: int = 0, adapter=None):
+    def forward(self, x, x0, adapter=None):
+        """``adapter``: this block's adapter view (``qkv(h, attn)``), see ``GPT.hidden``."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x)
         if adapter is not None:
-            q, k, v = adapter.qkv(layer_idx, h, self.attn)
+            q, k, v = adapter.qkv(h, self.attn)
             a = self.attn(h, q, k, v)
         else:
             a = self.attn(h)
         x = x + self.attn_scale.to(x.dtype) * a
         x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
         return x
+
+
+class _BoundAdapter:
+    """``adapter.qkv(i, h, attn)`` bound to block i, for adapters without a ``layer(i)`` view."""
+
+    def __init__(self, adapter, i: int):
+        self.adapter, self.i = adapter, i
+
+    def qkv(self, h, attn):
+        return self.adapter.qkv(self.i, h, attn)
+
+
+def _layer_adapter(adapter, i: int):
+    if adapter is None:
+        return None
+    layer = getattr(adapter, "layer", None)
+    return layer(i) if layer is not None else _BoundAdapter(adapter, i)
 
 
 class GPT(nn.Module):
@@ -319,13 +339,13 @@ class GPT(nn.Module):
         x0 = x
         skips = []
         for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0, i, adapter)
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i))
             skips.append(x)
         for j in range(self.num_decoder_layers):
             i = self.num_encoder_layers + j
             if skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, i, adapter)
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i))
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):

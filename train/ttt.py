@@ -266,25 +266,73 @@ def rows_nll(model, rb: RowBatch, adapter=None) -> torch.Tensor:
 
 
 def compile_rows_nll(model, enable: bool = True) -> None:
-    """Attach (or detach) a ``torch.compile``'d row forward to ``model``: every later ``rows_nll``
-    (scoring and TTT steps, both backends) runs it. Dynamic shapes: the rows and window length
-    change from step to step (live documents shrink, windows grow to ``window``), so one graph per
-    grad mode / adapter kind serves them all (plus a recompile for 1-row batches, which torch
-    specializes). The first calls compile (the eval driver does them in its warm-up, on synthetic
-    tokens). Why: eager, a B64 x 1024 TTT step on the H200 spent ~50 of its 86 GPU-ms in ~900
-    unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); compiled, the whole
-    step took 41.7 ms instead of 85.4 (reference path; bench/results/profile-ttt-h200.md).
+    """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
+    backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the
+    final norm stay eager (a handful of ops). ``enable=False`` undoes it.
+
+    Why regional: the 11 blocks share one compiled code (adapters reach a block as a per-layer view,
+    ``DocLoRA.layer(i)``, not as an index), so compile time is one block's, not the model's; a
+    whole-model compile took 52 s (reference) / 116 s (kernels) per graph variant on the H200, and
+    the eval needs several (grad / no-grad, adapter / none). Dynamic shapes without duck sizing: rows
+    and window length change every step, and a window of 512 or 1024 positions must not be
+    specialized just because it equals d_model or the vocabulary size.
+    Why compile at all: eager, a B64 x 1024 TTT step on the H200 spent ~50 of its 86 GPU-ms in ~900
+    unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); the compiled reference
+    step took 41.7 ms instead of 85.4 (bench/results/profile-ttt-h200.md).
     """
+    blocks = list(getattr(model, "blocks", []))
     if not enable:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
         model.__dict__.pop("_pgolf_rows_nll", None)
         return
-    import torch._dynamo
+    import types
 
-    # variants: grad / no-grad x adapter / none x 1-row batches; the default limit (8) is close
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
-    model.__dict__["_pgolf_rows_nll"] = torch.compile(_row_forward, dynamic=True)
+    # Separate compiled functions with and without an adapter: one cache entry's guards never see the
+    # other kind (torch 2.13 crashed building a recompile reason for an adapter-less call against an
+    # adapter graph's aliasing guard). Graph variants left: grad / no-grad, and block 0's input not
+    # requiring grad.
+    plain = torch.compile(_block_plain, dynamic=True)
+    adapted = torch.compile(_block_adapted, dynamic=True)
+    head_plain = torch.compile(_head_plain, dynamic=True)
+    head_adapted = torch.compile(_head_adapted, dynamic=True)
+
+    def block_forward(self, x, x0, adapter=None):
+        if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
+            x0 = x0.clone()
+        return plain(self, x, x0) if adapter is None else adapted(self, x, x0, adapter)
+
+    for b in blocks:
+        b.forward = types.MethodType(block_forward, b)
+
+    def fwd(model, x, sel, y, adapter):
+        h = model.hidden(x, adapter)
+        return head_plain(model, h, sel, y) if adapter is None else head_adapted(model, h, sel, y, adapter)
+
+    model.__dict__["_pgolf_rows_nll"] = fwd
+
+
+def _block_plain(block, x, x0):
+    return type(block).forward(block, x, x0, None)
+
+
+def _block_adapted(block, x, x0, adapter):
+    return type(block).forward(block, x, x0, adapter)
+
+
+def _head_plain(model, h, sel, y):
+    return head_nll(model, h, sel, y, None)
+
+
+def _head_adapted(model, h, sel, y, adapter):
+    return head_nll(model, h, sel, y, adapter)
 
 
 # ---------------------------------------------------------------------------------- adapters
@@ -392,6 +440,8 @@ class DocLoRA:
         self._elem = (torch.arange(n_a, device=device)[:, None, None] * (rd + 1)
                       + torch.arange(rd, device=device)[None, None, :])
         self._bound = 1.0 / math.sqrt(d)
+        self._layers = [_DocLoRALayer(self, {t: self.A[t][i] for t in self.layer_targets},
+                                      {t: self.B[t][i] for t in self.layer_targets}) for i in range(mc.num_layers)]
         self.reset(np.arange(n_docs))
 
     @torch.no_grad()
@@ -440,29 +490,13 @@ class DocLoRA:
             return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
         return self.rows
 
-    def qkv(self, i: int, h: torch.Tensor, attn):
-        if self._kernel is not None:
-            return self._qkv_kernel(i, h, attn)
-        q, k, v = attn.c_q(h), attn.c_k(h), attn.c_v(h)
-        if "q" in self.A:
-            q = q + self._delta(h, self.A["q"][i], self.B["q"][i])
-        if "k" in self.A:
-            k = k + self._delta(h, self.A["k"][i], self.B["k"][i])
-        if "v" in self.A:
-            v = v + self._delta(h, self.A["v"][i], self.B["v"][i])
-        return q, k, v
+    def layer(self, i: int) -> "_DocLoRALayer":
+        """Block i's view (the model's per-layer adapter hook): holds that layer's tensors, no index,
+        so one compiled block serves every layer (``compile_rows_nll``)."""
+        return self._layers[i]
 
-    def _qkv_kernel(self, i, h, attn):
-        mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
-        ts = self.layer_targets
-        bases = [_base_weight(mods[t], h.dtype) for t in ts]
-        As = [self.A[t][i] for t in ts]
-        Bs = [self.B[t][i] for t in ts]
-        # check_values=False: the range check of adapter_index is a host sync per call (rows are
-        # built by the driver from the batch's own document indices, in range by construction)
-        outs = self._kernel(h, bases, As, Bs, adapter_index=self._index(h), check_values=False)
-        res = dict(zip(ts, outs))
-        return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
+    def qkv(self, i: int, h: torch.Tensor, attn):
+        return self._layers[i].qkv(h, attn)
 
     def head(self, h: torch.Tensor, model) -> torch.Tensor:
         W = model.head_weight()
@@ -472,6 +506,33 @@ class DocLoRA:
             return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], adapter_index=self._index(h),
                                 check_values=False)[0]
         return F.linear(h, W.to(h.dtype)) + self._delta(h, self.A["head"][0], self.B["head"][0])
+
+
+class _DocLoRALayer:
+    """One block's Q/K/V adapters of a ``DocLoRA`` (``parent`` holds the row map and the backend)."""
+
+    def __init__(self, parent: DocLoRA, A: Dict[str, torch.Tensor], B: Dict[str, torch.Tensor]):
+        self.parent, self.A, self.B = parent, A, B
+
+    def qkv(self, h: torch.Tensor, attn):
+        ad = self.parent
+        mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
+        ts = ad.layer_targets
+        if ad._kernel is not None:
+            bases = [_base_weight(mods[t], h.dtype) for t in ts]
+            # check_values=False: the range check of adapter_index is a host sync per call (rows are
+            # built by the driver from the batch's own document indices, in range by construction)
+            outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts],
+                              adapter_index=ad._index(h), check_values=False)
+            res = dict(zip(ts, outs))
+            return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
+        out = []
+        for t in ("q", "k", "v"):
+            y = mods[t](h)
+            if t in self.A:
+                y = y + ad._delta(h, self.A[t], self.B[t])
+            out.append(y)
+        return tuple(out)
 
 
 def _base_weight(mod, dtype):

@@ -169,9 +169,9 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
 
     real = ttt_mod.build_rows
 
-    def spy(stream, rows, window, pad_to=1):
+    def spy(stream, rows, window, pad_to=1, **kw):
         seen.append(stream.data_ptr())
-        return real(stream, rows, window, pad_to)
+        return real(stream, rows, window, pad_to, **kw)
 
     monkeypatch.setattr(ev, "ttt_batch", ev.ttt_batch)  # unchanged; the spy is on build_rows
     monkeypatch.setattr(ttt_mod, "build_rows", spy)
@@ -397,3 +397,16 @@ def test_gpu_kernel_path_coverage_and_document_isolation(tmp_path):
     assert (a - b).abs().max().item() < 1e-3
     oth = other & ~torch.isnan(st0.ledger.nll[:-1])
     assert (st0.ledger.nll[:-1][oth] - st1.ledger.nll[:-1][oth]).abs().max().item() > 0.1
+
+
+def test_build_rows_min_size_pads_with_masked_rows_and_slots():
+    """min_size=2 (the eval's setting): a 1-row, 1-target batch becomes 2 x 2 with only (0, 0) real."""
+    stream = doc_stream([40, 9], seed=2)
+    starts, ns = split_docs(stream)
+    one = np.array([[starts[0], 10, 11]])
+    rb1, rb2 = build_rows(stream, one, 32), build_rows(stream, one, 32, min_size=2)
+    assert rb1.x.shape[0] == 1 and rb1.mask.shape == (1, 1)
+    assert rb2.x.shape[0] == 2 and rb2.mask.shape == (2, 2)
+    assert rb2.mask.tolist() == [[True, False], [False, False]]
+    assert torch.equal(rb2.x[0, :rb1.x.shape[1]], rb1.x[0]) and rb2.pos[0, 0] == rb1.pos[0, 0]
+    assert rb2.y[0, 0] == rb1.y[0, 0]

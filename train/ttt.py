@@ -209,13 +209,20 @@ class RowBatch:
     mask: torch.Tensor   # (R, C) bool: slot holds a real target
 
 
-def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int = 1) -> RowBatch:
-    """rows (R, 3) = (s, a, b) on the host -> device RowBatch (one small host->device copy)."""
+def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int = 1, min_size: int = 1) -> RowBatch:
+    """rows (R, 3) = (s, a, b) on the host -> device RowBatch (one small host->device copy).
+
+    ``min_size``: at least that many rows and score slots (padding rows / slots are masked out). The
+    eval uses 2: a compiled forward specializes sizes 0 and 1, so a 1-row or 1-target step would
+    otherwise recompile every block mid-eval (measured on the H200: ~15-25 s per variant)."""
+    n_real = len(rows)
+    if n_real < min_size:
+        rows = np.concatenate([rows, np.repeat(rows[:1], min_size - n_real, 0)])
     s, a, b = rows[:, 0], rows[:, 1], rows[:, 2]
     w = np.maximum(0, b - window)
     L = int((b - w).max())
     L = -(-L // pad_to) * pad_to
-    C = int((b - a).max())
+    C = max(int((b - a).max()), min_size)
     meta = torch.from_numpy(np.stack([s + w, b - w, a - w, b - a, s + 1 + a], 1))
     dev = stream.device
     if dev.type == "cuda":
@@ -229,6 +236,8 @@ def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int 
     gi = torch.where(valid, base[:, None] + ar_L[None], 0)
     x = torch.where(valid, stream[gi], 0)
     mask = ar_C[None] < cnt[:, None]
+    if n_real < len(rows):
+        mask[n_real:] = False
     sel = torch.where(mask, off[:, None] + ar_C[None], 0)
     pos = torch.where(mask, p0[:, None] + ar_C[None], 0)
     y = torch.where(mask, stream[pos], 0)
@@ -638,7 +647,7 @@ def score_rows(model, stream: torch.Tensor, rows: np.ndarray, window: int, st: E
         L = int(spans[order[i]])
         n = max(1, max_positions // max(L, 1))
         idx = order[i:i + n]
-        rb = build_rows(stream, rows[idx], window, pad_to)
+        rb = build_rows(stream, rows[idx], window, pad_to, min_size=2)
         nll = rows_nll(model, rb, adapter)
         _score(st, rb, nll)
         st.steps += 1
@@ -662,11 +671,16 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
         live = np.flatnonzero(n_chunks > c)  # documents with targets left (sorted: a prefix shrinking)
         a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
         b = np.minimum(a + cfg.chunk, n[live])
-        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window, pad_to)
-        train_rows = n_chunks[live] > c + 1  # the last chunk of a document is never trained on
+        # >= 2 rows and slots (see build_rows): a lone live document gets a masked padding row that
+        # borrows another adapter row (finished or unused: its loss weight and so its gradient are 0)
+        min_size = 2 if adapter.n_docs >= 2 else 1
+        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window, pad_to, min_size=min_size)
+        row_map = live if live.size >= min_size else np.concatenate([live, [1 if live[0] != 1 else 0]])
+        train_rows = np.zeros(len(row_map), dtype=bool)
+        train_rows[:live.size] = n_chunks[live] > c + 1  # the last chunk of a document is never trained on
         do_train = bool(train_rows.any())
         # always a row map (also when every document is live): one compiled graph for every step
-        adapter.set_rows(torch.from_numpy(live).to(dev, non_blocking=True))
+        adapter.set_rows(torch.from_numpy(row_map).to(dev, non_blocking=True))
         if cfg.separate_score_pass:
             with torch.no_grad():
                 _score(st, rb, rows_nll(model, rb, adapter))

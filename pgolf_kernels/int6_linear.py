@@ -37,10 +37,10 @@ Eager calls pay ~20 us of Python (custom-op dispatch, checks) plus Triton's laun
 configs use a cached counter buffer per device: do not run two split launches of the same kernel
 concurrently on different streams.
 
-Large-M dispatch: for M >= ``LARGE_M`` rows (default 4096) both ops dequantize W once per call with
+Large-M dispatch: for M >= ``LARGE_M`` rows (default 1024) both ops dequantize W once per call with
 a one-pass Triton kernel into a temporary (N, K) tile of the activation dtype, bf16(q*s) -- the same
 values the dx kernel forms and the reference uses -- and call cuBLAS (torch.mm) on it; the codes stay
-the only stored copy. Why: on the H200 the fused kernels run at 0.45-0.71x cuBLAS for M >= 4096
+the only stored copy. Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
 (K = 512 gives only 8 reduction trips; a persistent/TMA kernel would be needed), e.g. N = K = 512,
 M = 65,536: fwd 94 us, dx 129 us against cuBLAS 60 / 58 us (bench/results/int6-h200.md), while the
 dequantization is a 0.25-0.8 MB pass. The eval driver's TTT windows are M ~ 65k: there the fused
@@ -430,7 +430,11 @@ def _launch_dx(dy2, q, scale, out, config=None):
 # ---------------------------------------------------------------------------------------------
 # large-M path: one-pass dequantization + cuBLAS
 # ---------------------------------------------------------------------------------------------
-LARGE_M = 4096  # rows from which the ops take the dequantize + cuBLAS path (see module docstring)
+# Rows from which the ops take the dequantize + cuBLAS path (see module docstring). 1024: there the fused
+# kernels take 9.0 (fwd) / 12.1 (dx) us at N = K = 512 against cuBLAS 3.7 / 3.7 us (H200, int6-h200.md),
+# a margin the 0.25-0.8 MB dequantization pass (launch-bound, not separately timed) stays inside.
+# It also keeps the fused kernels' autotuning to M < 1024, which the eval's warm-up covers.
+LARGE_M = 1024
 
 
 @triton.jit

@@ -170,14 +170,20 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
     real = ttt_mod.build_rows
 
     def spy(stream, rows, window, pad_to=1, **kw):
-        seen.append(stream.data_ptr())
+        seen.append(stream.detach().cpu().clone())
         return real(stream, rows, window, pad_to, **kw)
 
     monkeypatch.setattr(ev, "ttt_batch", ev.ttt_batch)  # unchanged; the spy is on build_rows
     monkeypatch.setattr(ttt_mod, "build_rows", spy)
     rates = ev.warmup(m, lut, CFG, "bmm", "cpu", n_docs=4, doc_len=100)
     assert rates["ttt_pos_per_s"] > 0 and rates["base_pos_per_s"] > 0
-    assert len(set(seen)) == 1 and seen  # one stream: the synthetic one warmup built itself
+    # the main synthetic batch plus the small-batch shape sweep (7 streams), all built by warmup itself:
+    # documents of doc_len (or 40) uniform random tokens in [4, V) after a BOS
+    assert len(seen) > 8
+    for s in seen:
+        bos = (s == 1).nonzero().flatten()
+        lens = torch.diff(torch.cat([bos, torch.tensor([s.numel()])])) - 1
+        assert bos[0] == 0 and set(lens.tolist()) <= {100, 40} and bool((s[s != 1] >= 4).all())
     import inspect
 
     assert "tokens" not in inspect.signature(ev.warmup).parameters

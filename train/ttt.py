@@ -286,8 +286,9 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     and window length change every step, and a window of 512 or 1024 positions must not be
     specialized just because it equals d_model or the vocabulary size.
     Why compile at all: eager, a B64 x 1024 TTT step on the H200 spent ~50 of its 86 GPU-ms in ~900
-    unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); the compiled reference
-    step took 41.7 ms instead of 85.4 (bench/results/profile-ttt-h200.md).
+    unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); the reference step took
+    85.4 ms eager, 41.7 ms with a whole-model compile, 45.7 ms with this regional one (kernel path
+    49.4 ms), whose first call compiled in 3-48 s instead of 52-116 s (bench/results/profile-ttt-h200.md).
     """
     blocks = list(getattr(model, "blocks", []))
     if not enable:

@@ -20,10 +20,12 @@ START, END = "<!-- results:start -->", "<!-- results:end -->"
 def render(results_dir: str = RESULTS_DIR) -> str:
     parts = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
-        if re.search(r"-run\d+\.json$", path):
+        if re.search(r"-(run|session)\d+\.json$", path):
             continue  # superseded earlier runs stay in bench/results for the record, not in README
         with open(path) as f:
             d = json.load(f)
+        if "rows" not in d:
+            continue  # not a harness results file (e.g. profile-ttt-*.json: see its .md)
         rows = d.get("rows", [])
         sp = sorted(float(r["speedup"]) for r in rows if isinstance(r.get("speedup"), (int, float)))
         name = os.path.basename(path)

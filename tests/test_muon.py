@@ -39,18 +39,34 @@ SHAPES = [(3, 16, 24), (40, 24), (24, 16), (2, 16, 24)]
     dict(row_normalize=True, coefficients="polar_express", momentum=0.9),
     dict(ns_steps=3, lr=0.1, weight_decay=0.05),
 ], ids=["default", "no_nesterov_wd", "rownorm_polar", "steps3"])
-def test_reference_path_equals_records_loop(opts):
-    """use_kernel=False: bitwise equal to the per-matrix records loop over 3 steps (state carried)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["fp64", "bf16"])
+def test_reference_path_equals_records_loop(opts, dtype):
+    """use_kernel=False vs the per-matrix records loop over 3 steps (state carried).
+
+    fp64 NS: equal up to the fp32 rounding of the parameters (8 ulp of max |p|; the momentum and update
+    arithmetic is fp32 and its op order differs), which pins the semantics (momentum, Nesterov, decay, shape
+    scale, row normalization): any of those wrong moves p by a sizeable fraction of the update (lr ~ 0.02-0.1). bf16 NS: within bf16 noise of each other. Not bitwise in bf16: the
+    optimizer batches same-shape matrices, and torch's batched bf16 matmul differs from the per-matrix one on
+    ~1 in 6,000 random 12x20 draws on this CPU (measured), which NS iterations then spread; a bitwise
+    assertion failed one CI run of 4 x 3 steps that way."""
     ps = _params(SHAPES)
     qs = _clone(ps)
-    opt = Muon(ps, use_kernel=False, **opts)
+    p0 = _clone(ps)
+    opt = Muon(ps, use_kernel=False, compute_dtype=dtype, **opts)
     states = {}
     for _ in range(3):
         _set_grads([ps, qs])
         opt.step()
-        muon_reference_step(qs, states, **opts)
-    for p, q in zip(ps, qs):
-        assert torch.equal(p, q)
+        muon_reference_step(qs, states, compute_dtype=dtype, **opts)
+    for p, q, w in zip(ps, qs, p0):
+        if dtype == torch.float64:
+            diff = float((p - q).abs().max())
+            assert diff <= 8 * torch.finfo(torch.float32).eps * float(q.abs().max()), (tuple(p.shape), diff)
+            continue
+        du_p, du_q = (p - w).detach().double(), (q - w).detach().double()
+        err = float((du_p - du_q).norm() / du_q.norm())
+        # bf16: two bf16 NS evaluations of the same matrix differ by up to ~3e-2 relative (NS numerics tests)
+        assert err <= 6e-2, (tuple(p.shape), err)
 
 
 def test_kernel_path_step_close_to_fp64_step():

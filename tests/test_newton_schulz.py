@@ -174,16 +174,27 @@ def test_schedule_rules_and_flops():
 
 
 def test_reference_matches_records_loop():
-    """newton_schulz_ref (batched) == the records' per-matrix bf16 loop, written out here."""
+    """newton_schulz_ref (batched) vs the records' per-matrix loop, written out here: equal to fp64 rounding in
+    fp64; in bf16 no further from the fp64 result than the loop itself (x2). Not bitwise in bf16: batched bf16
+    matmul differs from per-matrix mm on ~1 in 6,000 random 12x20 draws on this CPU (measured) and NS spreads
+    one differing element; the bitwise form of this test failed a CI run once."""
     G = _rand((2, 12, 20), device="cpu")
-    for i in range(2):
-        X = G[i].bfloat16()
+
+    def loop(X, dt):
+        X = X.to(dt)
         X = X / (X.norm() + 1e-7)
         for _ in range(5):
             A = X @ X.T
             B = -4.7750 * A + 2.0315 * A @ A
             X = 3.4445 * X + B @ X
-        torch.testing.assert_close(newton_schulz_ref(G)[i], X, rtol=0, atol=0)
+        return X
+
+    ref64, refbf = newton_schulz_ref(G, compute_dtype=torch.float64), newton_schulz_ref(G)
+    for i in range(2):
+        l64 = loop(G[i], torch.float64)
+        assert float((ref64[i] - l64).abs().max()) <= 1e-12 * float(l64.abs().max())
+        lbf = loop(G[i], torch.bfloat16)
+        assert rel_err(refbf[i], l64) <= 2 * rel_err(lbf, l64), (rel_err(refbf[i], l64), rel_err(lbf, l64))
 
 
 def test_compile_fullgraph_reference_path_cpu():

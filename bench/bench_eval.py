@@ -17,7 +17,8 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
   chunked (issue 8): the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
       stride 64) on the held-out FineWeb docs (BPB vs sliding no-TTT) and on the first 800 synthetic docs (time).
 Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_NO_REF lists cases whose
-reference run is skipped (so one device call can hold one long case).
+reference run is skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
+the per-document cases with ``--schedule rolling`` (rows labelled so).
 ``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
 ``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to
 ``eval-partial.jsonl`` as soon as it is measured.
@@ -147,6 +148,8 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
 
 
 def _row(case, k, r, **extra):
+    if k.get("schedule") == "rolling":
+        case = f"{case} [rolling schedule]"
     ours = k["wall_s"] * 1e3
     base = r["wall_s"] * 1e3 if r else float("nan")
     row = make_row(KERNEL, case, ours, "reference", base, docs=k.get("docs"), tokens=k["targets"] + k.get("docs", 0),
@@ -185,8 +188,9 @@ def run(quick: bool = False):
     else:  # no tokenizer here: 1 byte per token (BPB values are then per token / ln2, timings unaffected)
         lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool),
                       torch.zeros(V, dtype=torch.bool))
-    seeds = TTTConfig()
-    record = TTTConfig(rank=96, chunk=48, window=2048)
+    sched = os.environ.get("PGOLF_EVAL_SCHEDULE", "batch")  # "rolling": rows refilled as documents finish
+    seeds = TTTConfig(schedule=sched)
+    record = TTTConfig(rank=96, chunk=48, window=2048, schedule=sched)
 
     def save():
         save_results(KERNEL, rows, notes=f"GPU: {gpu}. Artifact: default 11L d512 model, {art.get('train_steps')} "

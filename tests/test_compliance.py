@@ -469,7 +469,7 @@ def test_pr605_double_is_flagged(model, stream, lut):
 def test_scores_enter_only_through_the_ledger():
     """Structural guarantee (train/ttt.py, train/eval.py): the BPB sums are added to only inside
     ``_score``, which records in the ledger first; ``_score`` is called only by ``score_rows`` and
-    ``ttt_batch``; the chunked mode scores only via ``score_rows`` and that call precedes its
+    ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows`` and that call precedes its
     training loop; no scorer assigns/overwrites the BPB sums. A new scoring path must update this list."""
     import ast
     import inspect
@@ -495,13 +495,17 @@ def test_scores_enter_only_through_the_ledger():
                     for t in tgts:
                         assert "acc.sums" not in ast.unparse(t) or fn.name == "__init__", f"{fn.name} writes BPB sums"
     assert callers["add"] == {"_score"} and callers["record"] == {"_score"}
-    assert callers["_score"] == {"score_rows", "ttt_batch"}
-    assert callers["score_rows"] == {"chunked_ttt", "evaluate", "warmup", "_warm_shapes"}  # the last two: synthetic tokens
+    assert callers["_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
+    # next_batch: evaluate's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
+    assert callers["score_rows"] == {"chunked_ttt", "evaluate", "next_batch", "warmup", "_warm_shapes"}
     src = inspect.getsource(ttt_mod.chunked_ttt)
     assert src.index("score_rows(") < src.index(".backward(")
     assert src.count("score_rows(") == 1
-    src = inspect.getsource(ttt_mod.ttt_batch)
+    src = inspect.getsource(ttt_mod._ttt_step)
     assert src.index("_score(") < src.index(".backward(")
+    for sched in (ttt_mod.ttt_batch, ttt_mod.ttt_rolling):  # both schedules step only through _ttt_step
+        src = inspect.getsource(sched)
+        assert "_ttt_step(" in src and "_score(" not in src and ".backward(" not in src
 
 
 def test_legal_scorer_passes_every_check(model, stream, lut):
@@ -543,3 +547,49 @@ def test_single_forward_scoring_equals_separate_no_grad_pass(model, stream, lut)
     m = expected_targets(stream)
     torch.testing.assert_close(st1.ledger.nll[:-1][m], st2.ledger.nll[:-1][m], rtol=1e-6, atol=1e-6)
     assert st1.acc.n_targets == st2.acc.n_targets
+
+
+# ------------------------------------------------------------------ rolling schedule
+@pytest.mark.parametrize("bs", [2, 3], ids=lambda b: f"rows{b}")
+def test_rolling_schedule_same_scores_as_batches(model, stream, lut, bs):
+    """--schedule rolling (rows refilled as documents finish; per-row Adam step counts): every target
+    scored once, the strict ledger passes, and each document's scores equal the batch schedule's --
+    the per-document computation is the same, only the company in each forward changes."""
+    import dataclasses
+
+    nll = {}
+    for sched in ("batch", "rolling"):
+        cfg = dataclasses.replace(CFG, batch_size=bs, schedule=sched)
+        rep, st = evaluate(model, stream, lut, mode="ttt", cfg=cfg, keep_nll=True, return_state=True, backend="bmm",
+                           strict=True)
+        check_coverage(st, expected_targets(stream))
+        assert int(st.ledger.trained_unscored) == 0 and rep["docs_ttt"] == len(LENGTHS)
+        assert rep["schedule"] == sched
+        nll[sched] = st.ledger.nll[:-1]
+    m = expected_targets(stream)
+    torch.testing.assert_close(nll["rolling"][m], nll["batch"][m], rtol=1e-5, atol=1e-5)
+
+
+def test_rolling_schedule_is_causal(model, stream, lut):
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, batch_size=2, schedule="rolling")
+
+    def runner(m, s, l):
+        _, st = evaluate(m, s, l, mode="ttt", cfg=cfg, keep_nll=True, return_state=True, backend="bmm")
+        return st
+
+    starts, _ = split_docs(stream)
+    check_causality(model, stream, lut, None, int(starts[2]) + 40, runner=runner)
+
+
+def test_rolling_needs_per_row_adam(model, stream, lut):
+    from train.ttt import ttt_rolling
+
+    starts, ns = split_docs(stream)
+    ad = DocLoRA(model, CFG, 2, stream.device, "bmm")
+    with pytest.raises(ValueError, match="per_row"):
+        ttt_rolling(model, stream, starts, ns, lambda: None, CFG, ad, BatchedAdam(ad.params, 0.01),
+                    make_state(stream, lut))
+    with pytest.raises(ValueError, match="schedule"):
+        TTTConfig(schedule="greedy")

@@ -152,6 +152,20 @@ def test_deadline_falls_back_to_base_model(lut):
     assert part["legality"]["missing"] == 0
 
 
+def test_deadline_with_rolling_schedule(lut):
+    """Rolling schedule: batches claimed after the deadline are base-scored, the rest get TTT; every
+    target is still scored exactly once."""
+    m = tiny_model(seed=1)
+    stream = doc_stream([200, 150, 120, 90, 60, 40, 30, 20, 10, 5], seed=2)
+    full = ev.evaluate(m, stream, lut, mode="ttt", cfg=CFG, backend="bmm")
+    cfg2 = TTTConfig(rank=4, chunk=32, window=96, batch_size=2, schedule="rolling")
+    # the fake clock advances 1 s per call and the rolling schedule reads it about once per claimed batch
+    part = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg2, backend="bmm", budget_s=5.0,
+                       rates={"ttt_pos_per_s": 1e3, "base_pos_per_s": 1e9}, clock=FakeClock(1.0), log=lambda *a: None)
+    assert 0 < part["docs_ttt"] < 10 and part["docs_ttt"] + part["docs_no_ttt_deadline"] == 10
+    assert part["targets"] == full["targets"] and part["legality"]["missing"] == 0
+
+
 def test_ttt_lowers_bpb_vs_base(lut):
     """Documents that repeat their own frequent tokens: per-document adaptation must pay off."""
     m = tiny_model(seed=4)
@@ -416,3 +430,17 @@ def test_build_rows_min_size_pads_with_masked_rows_and_slots():
     assert rb2.mask.tolist() == [[True, False], [False, False]]
     assert torch.equal(rb2.x[0, :rb1.x.shape[1]], rb1.x[0]) and rb2.pos[0, 0] == rb1.pos[0, 0]
     assert rb2.y[0, 0] == rb1.y[0, 0]
+
+
+def test_rolling_schedule_kernel_backend_matches_batch(artifact, lut):
+    """--schedule rolling on the int6 + fused multi-LoRA path (interpreter on CPU): same BPB as batches."""
+    import dataclasses
+
+    mk, _ = ev.load_model(artifact, device="cpu")
+    stream = doc_stream([70, 23, 9, 41, 5, 33], seed=6)
+    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2)
+    rb = ev.evaluate(mk, stream, lut, mode="ttt", cfg=cfg, backend="kernel")
+    rr = ev.evaluate(mk, stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, schedule="rolling"), backend="kernel")
+    assert rr["schedule"] == "rolling" and rr["lora_backend"] == "kernel"
+    assert rr["targets"] == rb["targets"] and rr["docs_ttt"] == rb["docs_ttt"] == 6
+    assert abs(rr["val_bpb"] - rb["val_bpb"]) < 1e-5 * rb["val_bpb"], (rr["val_bpb"], rb["val_bpb"])

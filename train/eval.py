@@ -58,7 +58,8 @@ import torch
 
 from .bpb import ByteLUT
 from .ttt import (BOS_ID, BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, TTTConfig, chunked_ttt, compile_rows_nll,
-                  make_state, plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions)
+                  make_state, plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions,
+                  ttt_rolling)
 
 MODES = ("ttt", "base", "flat", "sliding", "chunked")
 
@@ -304,8 +305,10 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
         adapter = opt = None
         if mode == "ttt":
             adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
-            opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+            opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps,
+                              per_row=cfg.schedule == "rolling")
             report["lora_backend"] = adapter.backend
+            report["schedule"] = cfg.schedule
         fallback = mode == "base"
         last_log = rate_t = clock()
         done_docs = done_work = ttt_work = rate_work = 0
@@ -315,10 +318,23 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             nxt = claimer.peek()
             return work[nxt::share[1]].sum() if share else work[nxt:].sum() / world
 
-        while True:
+        rolling = mode == "ttt" and cfg.schedule == "rolling"
+
+        def claim_rolling():
+            """Next batch for the rolling TTT schedule; batches past the deadline are base-scored here."""
+            while True:
+                nxt = next_batch()
+                if nxt is None:
+                    return None
+                if nxt is not True:
+                    return nxt
+
+        def next_batch():
+            """One claimed batch: None (no more), True (handled: base-scored), or its docs (TTT them)."""
+            nonlocal fallback, done_docs, done_work, ttt_work, ttt_rate, rate_t, rate_work, last_log
             i = claimer.next()
             if i is None:
-                break
+                return None
             docs = batches[i]
             if not fallback and mode == "ttt":
                 now = clock()
@@ -331,6 +347,11 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             if fallback:
                 score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
                 st.docs_base += len(docs)
+            elif rolling:
+                done_docs += len(docs)  # claimed (the rolling schedule finishes them later)
+                done_work += work[i]
+                ttt_work += work[i]
+                return docs
             else:
                 ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_index=i)
             done_docs += len(docs)
@@ -353,6 +374,13 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 log(f"[eval] rank {rank}: {done_docs:,} docs done ({st.docs_base:,} without TTT), "
                     f"{rate:,.0f} window tok/s, elapsed {el:.1f} s, ETA {eta:.1f} s")
                 last_log = now
+            return True
+
+        if rolling:
+            ttt_rolling(model, tokens, starts, ns, claim_rolling, cfg, adapter, opt, st)
+        else:
+            while next_batch() is not None:
+                pass
         del adapter, opt
         report.update(docs=len(ns) if share is None else int(sum(len(batches[j]) for j in
                                                                   range(share[0], len(batches), share[1]))),
@@ -410,6 +438,8 @@ def _parse(argv):
     ap.add_argument("--lr", type=float, default=0.01)
     ap.add_argument("--beta1", type=float, default=0.9)
     ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--schedule", default="batch", choices=["batch", "rolling"],
+                    help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
     ap.add_argument("--separate-score-pass", action="store_true",
                     help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
@@ -446,7 +476,8 @@ def main(argv=None) -> dict:
     targets = tuple(t for t in targets.split(",") if t)
     cfg = TTTConfig(rank=args.lora_rank, targets=targets if args.mode != "chunked" else ("q", "v", "head"),
                     chunk=args.chunk, window=args.window or 1024, batch_size=args.batch_size, lr=args.lr,
-                    beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass)
+                    beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass,
+                    schedule=args.schedule)
     cc = None
     if args.mode == "chunked":  # validated before the artifact is even read
         cc = ChunkedConfig(chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,

@@ -363,6 +363,9 @@ class TTTConfig:
     # training forward itself -- the same values before any update, one forward instead of two
     # (tested equal in tests/test_compliance.py).
     separate_score_pass: bool = False
+    # "batch": whole batches of batch_size documents, reset together (the seeds' loop); "rolling": rows
+    # refilled with new documents as documents finish (ttt_rolling), same per-document computation
+    schedule: str = "batch"
 
     def __post_init__(self):
         bad = set(self.targets) - {"q", "k", "v", "head"}
@@ -370,6 +373,8 @@ class TTTConfig:
             raise ValueError(f"TTT targets must be among q, k, v, head; got {sorted(bad)}")
         if not 0 < self.chunk <= self.window:
             raise ValueError(f"need 0 < chunk ({self.chunk}) <= window ({self.window})")
+        if self.schedule not in ("batch", "rolling"):
+            raise ValueError(f"TTT schedule must be 'batch' or 'rolling', got {self.schedule!r}")
         if self.rank < 1 or self.batch_size < 1:
             raise ValueError(f"rank ({self.rank}) and batch_size ({self.batch_size}) must be >= 1")
 
@@ -478,6 +483,19 @@ class DocLoRA:
         for p in self.params:
             p.grad = None
 
+    @torch.no_grad()
+    def reset_rows(self, rows, doc_ids) -> None:
+        """``reset`` for some adapter rows only (the rolling schedule refills rows one by one): row
+        rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it."""
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(self._device)
+        ids = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64)).to(self._device)
+        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, len(rows), r*d)
+        u.mul_(2 * self._bound).sub_(self._bound)
+        for a, t in zip(self._A_list, u.unbind(0)):
+            a.index_copy_(0, rows, t.view(-1, *a.shape[1:]))
+        for b in self._B_list:
+            b.index_fill_(0, rows, 0.0)
+
     def set_rows(self, rows: Optional[torch.Tensor]) -> None:
         self.rows = rows
 
@@ -562,18 +580,33 @@ class BatchedAdam:
     Elementwise, so stacking every document's adapter rows in one tensor is per-document Adam.
     """
 
-    def __init__(self, params: List[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8):
+    def __init__(self, params: List[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 per_row: bool = False):
+        """``per_row``: every parameter's dim 0 is the adapter row, and each row keeps its own step
+        count t (bias corrections per row), so rows can be reset independently (``reset_rows``)."""
         self.params = params
         self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = 0
+        self.row_t = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device) if per_row else None
 
     @torch.no_grad()
     def reset(self) -> None:
         torch._foreach_zero_(self.m)
         torch._foreach_zero_(self.v)
         self.t = 0
+        if self.row_t is not None:
+            self.row_t.zero_()
+
+    @torch.no_grad()
+    def reset_rows(self, rows) -> None:
+        if self.row_t is None:
+            raise ValueError("BatchedAdam.reset_rows needs per_row=True")
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(self.row_t.device)
+        for buf in self.m + self.v:
+            buf.index_fill_(0, rows, 0.0)
+        self.row_t.index_fill_(0, rows, 0.0)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -585,6 +618,9 @@ class BatchedAdam:
         v = [self.v[i] for i in idx]
         g = [p.grad for p in ps]
         self.t += 1
+        if self.row_t is not None:
+            self._step_per_row(ps, m, v, g)
+            return
         torch._foreach_lerp_(m, g, 1 - self.b1)
         torch._foreach_mul_(v, self.b2)
         torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
@@ -594,6 +630,21 @@ class BatchedAdam:
         torch._foreach_div_(denom, math.sqrt(bc2))
         torch._foreach_add_(denom, self.eps)
         torch._foreach_addcdiv_(ps, m, denom, value=-self.lr / bc1)
+        for p in ps:
+            p.grad = None
+
+    def _step_per_row(self, ps, m, v, g) -> None:
+        """The same formula with t, 1-b1^t and 1-b2^t per row (broadcast over each row's elements)."""
+        self.row_t += 1
+        torch._foreach_lerp_(m, g, 1 - self.b1)
+        torch._foreach_mul_(v, self.b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
+        step = (-self.lr / (1 - self.b1 ** self.row_t)).float()   # (rows,)
+        rbc2 = (1 - self.b2 ** self.row_t).sqrt().float()          # (rows,)
+        for p, mi, vi in zip(ps, m, v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            denom = vi.sqrt().div_(rbc2.view(shape)).add_(self.eps)
+            p.addcdiv_(mi * step.view(shape), denom)
         for p in ps:
             p.grad = None
 
@@ -656,6 +707,44 @@ def score_rows(model, stream: torch.Tensor, rows: np.ndarray, window: int, st: E
         i += n
 
 
+def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray, train_rows: np.ndarray,
+              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int,
+              train_hook: Optional[Callable]) -> None:
+    """One score-first step: forward the rows (s, a, b), score them, then one Adam step on the rows
+    marked in ``train_rows`` (documents whose last chunk this is are never trained on).
+    ``row_map[j]``: adapter row of rows[j]. Rows and slots are padded to >= 2 (see build_rows): a lone
+    row gets a masked padding row on another adapter row (its loss weight and gradient are 0)."""
+    dev = stream.device
+    min_size = 2 if adapter.n_docs >= 2 else 1
+    rb = build_rows(stream, rows, cfg.window, pad_to, min_size=min_size)
+    if len(row_map) < rb.x.shape[0]:
+        row_map = np.concatenate([row_map, [1 if row_map[0] != 1 else 0]])
+        train_rows = np.concatenate([train_rows, [False]])
+    do_train = bool(train_rows.any())
+    # always a row map (also when it is the identity): one compiled graph for every step
+    adapter.set_rows(torch.from_numpy(np.ascontiguousarray(row_map)).to(dev, non_blocking=True))
+    if cfg.separate_score_pass:
+        with torch.no_grad():
+            _score(st, rb, rows_nll(model, rb, adapter))
+        if do_train:
+            nll = rows_nll(model, rb, adapter)
+    else:
+        with torch.set_grad_enabled(do_train):
+            nll = rows_nll(model, rb, adapter)
+        _score(st, rb, nll)  # scored from this forward, before any update that uses it
+    st.steps += 1
+    st.positions += int(rb.x.numel())
+    if do_train:
+        tmask = rb.mask & torch.from_numpy(train_rows).to(dev, non_blocking=True)[:, None]
+        st.ledger.require_scored(rb.pos, tmask)
+        w = tmask.float() / tmask.sum(1, keepdim=True).clamp_min(1)
+        loss = (nll * w).sum()
+        if train_hook is not None:
+            train_hook(rb, tmask, loss)
+        loss.backward()
+        opt.step()
+
+
 def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, docs: np.ndarray,
               cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_index: int = 0,
               pad_to: int = 64, train_hook: Optional[Callable] = None) -> None:
@@ -667,43 +756,70 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
     opt.reset()
     n = ns[docs]
     n_chunks = -(-n // cfg.chunk)
-    dev = stream.device
     for c in range(int(n_chunks.max())):
         live = np.flatnonzero(n_chunks > c)  # documents with targets left (sorted: a prefix shrinking)
         a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
         b = np.minimum(a + cfg.chunk, n[live])
-        # >= 2 rows and slots (see build_rows): a lone live document gets a masked padding row that
-        # borrows another adapter row (finished or unused: its loss weight and so its gradient are 0)
-        min_size = 2 if adapter.n_docs >= 2 else 1
-        rb = build_rows(stream, np.stack([s[live], a, b], 1), cfg.window, pad_to, min_size=min_size)
-        row_map = live if live.size >= min_size else np.concatenate([live, [1 if live[0] != 1 else 0]])
-        train_rows = np.zeros(len(row_map), dtype=bool)
-        train_rows[:live.size] = n_chunks[live] > c + 1  # the last chunk of a document is never trained on
-        do_train = bool(train_rows.any())
-        # always a row map (also when every document is live): one compiled graph for every step
-        adapter.set_rows(torch.from_numpy(row_map).to(dev, non_blocking=True))
-        if cfg.separate_score_pass:
-            with torch.no_grad():
-                _score(st, rb, rows_nll(model, rb, adapter))
-            if do_train:
-                nll = rows_nll(model, rb, adapter)
-        else:
-            with torch.set_grad_enabled(do_train):
-                nll = rows_nll(model, rb, adapter)
-            _score(st, rb, nll)  # scored from this forward, before any update that uses it
-        st.steps += 1
-        st.positions += int(rb.x.numel())
-        if do_train:
-            tmask = rb.mask & torch.from_numpy(train_rows).to(dev, non_blocking=True)[:, None]
-            st.ledger.require_scored(rb.pos, tmask)
-            w = tmask.float() / tmask.sum(1, keepdim=True).clamp_min(1)
-            loss = (nll * w).sum()
-            if train_hook is not None:
-                train_hook(rb, tmask, loss)
-            loss.backward()
-            opt.step()
+        _ttt_step(model, stream, np.stack([s[live], a, b], 1), live, n_chunks[live] > c + 1, cfg, adapter, opt,
+                  st, pad_to, train_hook)
     adapter.set_rows(None)
     st.docs_ttt += len(docs)
+
+
+def ttt_rolling(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, claim: Callable[[], Optional[np.ndarray]],
+                cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int = 64,
+                refill_below: float = 0.5, train_hook: Optional[Callable] = None) -> None:
+    """Score-first TTT with rows refilled as documents finish (``--schedule rolling``).
+
+    Same per-document computation as ``ttt_batch`` -- each document's adapter row is reset to its own
+    initial adapter and its own Adam state (``opt`` must be ``per_row``: step count per row), its
+    chunk k is scored then trained at Adam step k+1, its gradient depends on its own loss only -- but
+    a row is given the next document (from ``claim()``, which returns a batch of document indices or
+    None when there are no more) once fewer than ``refill_below`` x rows are live. Why: with whole
+    batches, the 64 longest documents of a share left 333 sequential steps with few live rows, 37 of
+    68 s of a 1/8 share on the H200 (bench/results/eval-h200.md); here those steps carry other
+    documents too. Windows of fresh documents are padded to the longest row of the step.
+    """
+    if opt.row_t is None:
+        raise ValueError("ttt_rolling needs BatchedAdam(..., per_row=True)")
+    R = adapter.n_docs
+    slot_doc = np.full(R, -1, dtype=np.int64)
+    slot_c = np.zeros(R, dtype=np.int64)
+    n_chunks = -(-ns // cfg.chunk)
+    queue: List[int] = []
+    exhausted = False
+    adapter.reset(np.zeros(0, dtype=np.int64))
+    opt.reset()
+    while True:
+        live = np.flatnonzero(slot_doc >= 0)
+        if not exhausted and live.size < max(1.0, refill_below * R):
+            free = np.flatnonzero(slot_doc < 0)
+            while len(queue) < free.size and not exhausted:
+                docs = claim()
+                if docs is None:
+                    exhausted = True
+                else:
+                    queue.extend(int(d) for d in docs)
+            take = min(free.size, len(queue))
+            if take:
+                rows, new = free[:take], np.asarray(queue[:take], dtype=np.int64)
+                del queue[:take]
+                slot_doc[rows], slot_c[rows] = new, 0
+                adapter.reset_rows(rows, starts[new])
+                opt.reset_rows(rows)
+                live = np.flatnonzero(slot_doc >= 0)
+        if live.size == 0:
+            break
+        d, c = slot_doc[live], slot_c[live]
+        a = c * cfg.chunk
+        b = np.minimum(a + cfg.chunk, ns[d])
+        _ttt_step(model, stream, np.stack([starts[d], a, b], 1), live, n_chunks[d] > c + 1, cfg, adapter, opt,
+                  st, pad_to, train_hook)
+        slot_c[live] += 1
+        done = live[slot_c[live] >= n_chunks[d]]
+        slot_doc[done] = -1
+        st.docs_ttt += int(done.size)
+    adapter.set_rows(None)
 
 
 def ttt_positions(ns: np.ndarray, chunk: int, window: int, first: Optional[int] = None) -> int:

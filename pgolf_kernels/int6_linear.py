@@ -449,9 +449,20 @@ def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_q, stride_o, BN: tl.cons
     tl.store(out_ptr + rn[:, None] * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(N, K) ``dtype`` tensor ``dtype(float(q) * float(scale)[:, None])`` (one Triton pass on CUDA /
-    under TRITON_INTERPRET=1; torch ops otherwise). A temporary: callers use it for one GEMM."""
+    under TRITON_INTERPRET=1; torch ops otherwise): bitwise the reference's dequantized weight.
+
+    q: int8 (N, K) contiguous codes; scale: fp16 (N,); dtype: bf16 / fp16 / fp32."""
+    op = "dequantize_weight"
+    _check_weight(q, scale, op, q.device)
+    if dtype not in _ACT_DTYPES:
+        raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
+    return _dequant(q, scale, dtype)
+
+
+def _dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize_weight`` without the argument checks (callers validated q and scale already)."""
     N, K = q.shape
     if not use_triton(q):
         return (q.float() * scale.float()[:, None]).to(dtype)
@@ -513,7 +524,7 @@ def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0:
         if _use_large_m(x2.shape[0], x2):
-            w = dequantize_weight(q, scale, x.dtype)
+            w = _dequant(q, scale, x.dtype)
             if bias is None:
                 torch.mm(x2, w.t(), out=out)
             else:
@@ -538,7 +549,7 @@ def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
     out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0:
         if _use_large_m(dy2.shape[0], dy2):
-            torch.mm(dy2, dequantize_weight(q, scale, dy.dtype), out=out)
+            torch.mm(dy2, _dequant(q, scale, dy.dtype), out=out)
         elif use_triton(dy2):
             _launch_dx(dy2, q, scale, out)
         else:

@@ -273,7 +273,7 @@ def _flat_sizes(x, ws, As, rows):
 def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
             lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool) -> List[Tensor]:
     from . import lora_triton as K
-    from .int6_linear import LARGE_M, dequantize_weight
+    from .int6_linear import LARGE_M, _dequant
 
     x = x.contiguous()
     Bsz, T, _ = x.shape
@@ -285,7 +285,7 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
         # Large M: one dequantization pass per call beats converting the int6 tile in every K step of every
         # tile (H200, B64 T1024 r8 Q+V: fwd 0.195 ms with the int6 base vs 0.156 ms with a bf16 base,
         # bench/results/lora-h200.md). The dense tile is bf16(q*s), the values the backward already uses.
-        ws = [dequantize_weight(w, sc, x.dtype) for w, sc in zip(ws, scales)]
+        ws = [_dequant(w, sc, x.dtype) for w, sc in zip(ws, scales)]
         scales = []
     for g in _groups(len(ws)):
         K.lora_fwd(x, [ws[i].contiguous() for i in g], [scales[i].contiguous() for i in g] if scales else [],
@@ -320,8 +320,9 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     dx = _alloc(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
     # The backward takes the base as a dense x.dtype weight: an int6 base is dequantized here, s[n] * q[n, k]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
-    Wd = [(w.to(torch.float32) * scales[i].to(torch.float32)[:, None]).to(x.dtype) if scales else w.contiguous()
-          for i, w in enumerate(ws)]
+    from .int6_linear import _dequant
+
+    Wd = [_dequant(w, scales[i], x.dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
     split = K.bwd_split()

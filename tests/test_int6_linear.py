@@ -239,6 +239,23 @@ def test_dequantize_weight_bitwise(device, dtype, shape):
     assert torch.equal(w, (q.float() * s.float()[:, None]).to(dtype))
 
 
+def test_dequantize_weight_bad_input(device):
+    g = _gen()
+    q, s = _weights(g, 8, 16, device=device)
+    with pytest.raises(TypeError, match="q must have dtype int8"):
+        mod.dequantize_weight(q.float(), s)
+    with pytest.raises(ValueError, match="q must have 2 dimensions"):
+        mod.dequantize_weight(q[None], s)
+    with pytest.raises(ValueError, match="scale must have shape"):
+        mod.dequantize_weight(q, s[:4])
+    with pytest.raises(TypeError, match="scale must have dtype float16"):
+        mod.dequantize_weight(q, s.float())
+    with pytest.raises(ValueError, match="q must be contiguous"):
+        mod.dequantize_weight(q.t(), s)
+    with pytest.raises(TypeError, match="dtype must be"):
+        mod.dequantize_weight(q, s, torch.int32)
+
+
 @pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
 def test_large_m_path(device, monkeypatch, bias):
     """M >= LARGE_M: one dequantization + torch.mm instead of the fused kernels, fwd and dx."""

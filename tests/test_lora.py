@@ -182,8 +182,8 @@ def test_int6_base_large_m_path(device, monkeypatch):
     B, T, d, r = 2, 7, 40, 3
     x, bases, As, Bs = _make(B, T, d, [40, 24], r, torch.float16, device, quant=(0,))
     calls = []
-    orig = i6.dequantize_weight
-    monkeypatch.setattr(i6, "dequantize_weight", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    orig = i6._dequant
+    monkeypatch.setattr(i6, "_dequant", lambda *a, **k: calls.append(1) or orig(*a, **k))
     monkeypatch.setattr(i6, "LARGE_M", B * T)
     _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
     if use_triton(x):

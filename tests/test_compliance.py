@@ -593,3 +593,15 @@ def test_rolling_needs_per_row_adam(model, stream, lut):
                     make_state(stream, lut))
     with pytest.raises(ValueError, match="schedule"):
         TTTConfig(schedule="greedy")
+    with pytest.raises(ValueError, match="same dim 0"):
+        BatchedAdam([torch.zeros(2, 3), torch.zeros(3, 3)], 0.01, per_row=True)
+    with pytest.raises(ValueError, match="same length"):
+        ad.reset_rows([0, 1], [5])
+    with pytest.raises(ValueError, match="distinct adapter rows"):
+        ad.reset_rows([0, 2], [5, 6])
+    with pytest.raises(ValueError, match="per_row=True"):
+        BatchedAdam(ad.params, 0.01).reset_rows([0])
+    from train.ttt import compile_rows_nll
+
+    with pytest.raises(TypeError, match="train.model.GPT"):
+        compile_rows_nll(torch.nn.Linear(2, 2))

@@ -290,7 +290,10 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     85.4 ms eager, 41.7 ms with a whole-model compile, 45.7 ms with this regional one (kernel path
     49.4 ms), whose first call compiled in 3-48 s instead of 52-116 s (bench/results/profile-ttt-h200.md).
     """
-    blocks = list(getattr(model, "blocks", []))
+    if not (hasattr(model, "hidden") and hasattr(model, "blocks") and len(model.blocks) > 0):
+        raise TypeError(f"compile_rows_nll: model must be a train.model.GPT (with .hidden and .blocks), "
+                        f"got {type(model).__name__}")
+    blocks = list(model.blocks)
     if not enable:
         for b in blocks:
             b.__dict__.pop("forward", None)
@@ -487,8 +490,13 @@ class DocLoRA:
     def reset_rows(self, rows, doc_ids) -> None:
         """``reset`` for some adapter rows only (the rolling schedule refills rows one by one): row
         rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it."""
-        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(self._device)
-        ids = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64)).to(self._device)
+        rows_np, ids_np = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        if rows_np.size != ids_np.size:
+            raise ValueError(f"reset_rows: rows ({rows_np.size}) and doc_ids ({ids_np.size}) must have the same length")
+        if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_docs or np.unique(rows_np).size != rows_np.size):
+            raise ValueError(f"reset_rows: rows must be distinct adapter rows in [0, {self.n_docs}), got {rows_np.tolist()}")
+        rows = torch.from_numpy(rows_np).to(self._device)
+        ids = torch.from_numpy(ids_np).to(self._device)
         u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, len(rows), r*d)
         u.mul_(2 * self._bound).sub_(self._bound)
         for a, t in zip(self._A_list, u.unbind(0)):
@@ -589,7 +597,13 @@ class BatchedAdam:
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = 0
-        self.row_t = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device) if per_row else None
+        self.row_t = None
+        if per_row:
+            rows = {p.shape[0] if p.dim() else None for p in params}
+            if len(rows) != 1 or None in rows:
+                raise ValueError(f"BatchedAdam(per_row=True): every parameter needs the same dim 0 (the adapter "
+                                 f"row), got {[tuple(p.shape) for p in params]}")
+            self.row_t = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device)
 
     @torch.no_grad()
     def reset(self) -> None:

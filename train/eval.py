@@ -348,7 +348,9 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
                 score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
                 st.docs_base += len(docs)
             elif rolling:
-                done_docs += len(docs)  # claimed (the rolling schedule finishes them later)
+                # counted when claimed (ttt_rolling finishes them later); the TTT rate for the deadline
+                # estimate stays the warm-up's measurement in this schedule
+                done_docs += len(docs)
                 done_work += work[i]
                 ttt_work += work[i]
                 return docs

@@ -16,8 +16,8 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
       reference TTT BPB, and TTT vs no-TTT (base) BPB;
   chunked (issue 8): the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
       stride 64) on the held-out FineWeb docs (BPB vs sliding no-TTT) and on the first 800 synthetic docs (time).
-Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_NO_REF lists cases whose
-reference run is skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
+Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_PATHS (default
+"kernels,reference") picks the paths run; PGOLF_EVAL_NO_REF lists cases whose reference run is skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
 the per-document cases with ``--schedule rolling`` (rows labelled so).
 ``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
 ``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to
@@ -213,12 +213,21 @@ def run(quick: bool = False):
     no_ref = set(os.environ.get("PGOLF_EVAL_NO_REF", "").split(","))  # cases whose --reference run is skipped
     print(f"[bench_eval] cases {cases}, no reference for {sorted(no_ref - {''})}", flush=True)
 
+    # PGOLF_EVAL_PATHS: "kernels,reference" (default) or one of them (a reference-only run logs its
+    # report to eval-partial.jsonl; table rows need the kernel run)
+    paths = set(os.environ.get("PGOLF_EVAL_PATHS", "kernels,reference").split(","))
+
     def pair(case, fn_k, fn_r, est=None):
         """kernels, then reference unless skipped or this run's time is short (est: reference's expected s)."""
-        k = guarded(f"{case} kernels", fn_k)
+        k = guarded(f"{case} kernels", fn_k) if "kernels" in paths else None
         r = None
-        if case not in no_ref and (k is None or _left() > (est or 1.3 * k["wall_s"]) + 30):
+        if "reference" in paths and case not in no_ref and (k is None or _left() > (est or 1.3 * k["wall_s"]) + 30):
             r = guarded(f"{case} reference", fn_r)
+            if k is None and r is not None:
+                _log_row({"kernel": KERNEL, "case": f"{case} (reference only)", "path": "reference",
+                          **{key: r.get(key) for key in ("wall_s", "load_s", "warmup_s", "score_s", "val_bpb", "docs",
+                                                         "targets", "steps", "window_positions", "chunks",
+                                                         "train_steps", "docs_no_ttt_deadline", "schedule")}})
         return k, r
 
     toks = starts = None

@@ -129,7 +129,9 @@ def _layer_rows(dev, Ms, timer):
     return rows
 
 
-def _step_rows(dev, quick):
+def _step_rows(dev, compiled: bool, modes):
+    """One train step (fwd + bwd) of the whole model per QAT mode in ``modes`` ("off", "kernel",
+    "reference" = plain-torch STE); modes not run are NaN in the row."""
     from bench.harness import make_row
     from train.model import GPT, GPTConfig
 
@@ -139,7 +141,7 @@ def _step_rows(dev, quick):
         cfg, B, T = GPTConfig(num_layers=2, model_dim=64, num_heads=2, num_kv_heads=1, seq_len=64), 2, 64
     torch.manual_seed(0)
     model = GPT(cfg).to(dev)
-    cmodel = torch.compile(model, dynamic=False) if dev == "cuda" else model
+    cmodel = torch.compile(model, dynamic=False) if compiled else model
     x = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     y = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
     n_warm, n_time = (3, 10) if dev == "cuda" else (1, 2)
@@ -153,19 +155,21 @@ def _step_rows(dev, quick):
         if dev == "cuda":
             torch.cuda.synchronize()
 
-    ms, first_s = {}, {}
-    for mode in (None, "kernel", "reference"):
-        model.set_qat(mode)
+    nan = float("nan")
+    ms = {"off": nan, "kernel": nan, "reference": nan}
+    first_s = dict(ms)
+    for mode in modes:
+        model.set_qat(None if mode == "off" else mode)
         t0 = time.perf_counter()
         run_steps(n_warm)  # compile (one graph per mode) + autotune
-        first_s[mode or "off"] = time.perf_counter() - t0
+        first_s[mode] = time.perf_counter() - t0
         t0 = time.perf_counter()
         run_steps(n_time)
-        ms[mode or "off"] = 1000 * (time.perf_counter() - t0) / n_time
-        print(f"bench_qat: train step qat={mode}: {ms[mode or 'off']:.2f} ms/step "
-              f"(warm-up incl. compile {first_s[mode or 'off']:.1f} s)", flush=True)
+        ms[mode] = 1000 * (time.perf_counter() - t0) / n_time
+        print(f"bench_qat: train step ({'compiled' if compiled else 'eager'}) qat={mode}: {ms[mode]:.2f} ms/step "
+              f"(first {n_warm} steps incl. compile/autotune {first_s[mode]:.1f} s)", flush=True)
     model.set_qat(None)
-    case = f"{cfg.num_layers}L d{cfg.model_dim} B{B} T{T} fwd+bwd" + (" compiled" if dev == "cuda" else "")
+    case = f"{cfg.num_layers}L d{cfg.model_dim} B{B} T{T} fwd+bwd " + ("compiled" if compiled else "eager")
     return [_emit(make_row(f"{KERNEL}_train_step", case, ms["kernel"], "torch_ste", ms["reference"],
                            no_qat_ms=ms["off"], qat_cost_ours_ms=ms["kernel"] - ms["off"],
                            qat_cost_torch_ste_ms=ms["reference"] - ms["off"],
@@ -177,8 +181,15 @@ def run(quick: bool = False):
     dev = os.environ.get("PGOLF_BENCH_DEVICE", "cuda")
     timer = _timer(dev)
     Ms = (M_QUICK if quick else M_ALL) if dev == "cuda" else [64]
-    rows = _step_rows(dev, quick)
-    rows += _layer_rows(dev, Ms, timer)
+    # PGOLF_QAT_STEP: "eager", "compiled" or both (comma list, default "compiled"); PGOLF_QAT_STEP_MODES:
+    # which of off,kernel,reference to time (the first H100 run: the compiled plain-torch STE graph was
+    # still compiling after 195 s, so it can be given a call of its own)
+    modes = os.environ.get("PGOLF_QAT_STEP_MODES", "off,kernel,reference").split(",")
+    rows = []
+    for kind in os.environ.get("PGOLF_QAT_STEP", "compiled").split(","):
+        rows += _step_rows(dev, kind == "compiled" and dev == "cuda", modes)
+    if os.environ.get("PGOLF_QAT_LAYER_ROWS", "1") == "1":
+        rows += _layer_rows(dev, Ms, timer)
     return rows
 
 

@@ -40,7 +40,9 @@ concurrently on different streams.
 Large-M dispatch: for M >= ``LARGE_M`` rows (default 1024) both ops dequantize W once per call with
 a one-pass Triton kernel into a temporary (N, K) tile of the activation dtype, bf16(q*s) -- the same
 values the dx kernel forms and the reference uses -- and call cuBLAS (torch.mm) on it; the codes stay
-the only stored copy. Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
+the only stored copy. The public ``int6_linear`` (and ``Int6Linear``) takes that path as plain aten ops
+(``_large_m_linear``: same values), so torch.compile inlines it instead of dispatching a Python custom
+op per call; the custom ops keep the same branch for direct ``torch.ops.pgolf`` callers. Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
 (K = 512 gives only 8 reduction trips; a persistent/TMA kernel would be needed), e.g. N = K = 512,
 M = 65,536: fwd 94 us, dx 129 us against cuBLAS 60 / 58 us (bench/results/int6-h200.md), while the
 dequantization is a 0.25-0.8 MB pass. The eval driver's TTT windows are M ~ 65k: there the fused
@@ -476,6 +478,26 @@ def _use_large_m(M: int, t: torch.Tensor) -> bool:
     return M >= LARGE_M and use_triton(t)
 
 
+def _large_m_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The large-M path of ``int6_linear`` as plain aten ops: ``x2 @ bf16(q*s)^T (+ bias)``.
+
+    Same values as the custom op's large-M branch (the weight is ``dtype(float(q) * float(s))``, the
+    GEMM is torch.mm / addmm on the same operands), but traceable: under torch.compile inductor fuses
+    the dequantization into one elementwise kernel and calls the GEMM from its generated code, and
+    autograd forms dx = dy @ W with the same W. Why: on the H100 the eval's TTT step through the
+    custom ops kept the GPU as busy as the bf16 reference (51.6 vs 52.3 ms) but took 62.8 vs 57.9 ms,
+    with 26.8 vs 8.1 ms of host time not hidden behind the GPU (bench/results/profile-ttt-h100.md);
+    one int6_linear fwd+bwd costs ~205 us more Python than F.linear's on the CPU machine (custom-op
+    dispatch), and a step makes 44 of them. Autocast is off inside, as in the custom op: the GEMM
+    runs in x's dtype whatever the caller's autocast state."""
+    N, K = q.shape
+    with torch.autocast(x.device.type, enabled=False):
+        w = (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(x.dtype)
+        x2 = x.reshape(-1, K)
+        y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
+    return y.reshape(*x.shape[:-1], N)
+
+
 # ---------------------------------------------------------------------------------------------
 # argument checks
 # ---------------------------------------------------------------------------------------------
@@ -602,6 +624,8 @@ def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -
         raise ValueError(f"{op}: scale is a frozen quantization parameter and gets no gradient; pass scale.detach()")
     if validate:
         validate_codes(q, bits, name="q", op=op)
+    if _use_large_m(x.numel() // max(q.shape[1], 1), x):
+        return _large_m_linear(x, q, scale, bias)
     return _int6_linear_op(x, q, scale, bias)
 
 

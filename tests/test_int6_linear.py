@@ -285,6 +285,47 @@ def test_large_m_path(device, monkeypatch, bias):
     assert_close_rel(y2, ref, int6_linear_ref(x.detach(), q, s, b), name="y fused")
 
 
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_large_m_public_path_is_inlined(device, monkeypatch, bias):
+    """At M >= LARGE_M the public int6_linear is plain aten ops (no custom-op dispatch per call) with
+    bitwise the values of the custom op's own large-M branch, fwd and dx; compiled, no pgolf op is
+    left in the graph."""
+    g = _gen()
+    M, N, K = 37, 41, 70
+    q, s = _weights(g, N, K, device=device)
+    x = torch.randn(M, K, generator=g).to(device, torch.float16).requires_grad_(True)
+    b = (torch.randn(N, generator=g) * 0.1).to(device, torch.float16) if bias else None
+    dy = torch.randn(M, N, generator=g).to(device, torch.float16)
+    monkeypatch.setattr(mod, "LARGE_M", M)
+    ops = []
+    orig = mod._int6_linear_op
+    monkeypatch.setattr(mod, "_int6_linear_op", lambda *a: ops.append(1) or orig(*a))
+    y = int6_linear(x, q, s, b)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    y_op = torch.ops.pgolf.int6_linear(x, q, s, b)  # the custom op, its large-M branch
+    (dx_op,) = torch.autograd.grad(y_op, x, dy)
+    if not mod.use_triton(x):
+        assert ops == [1], "without Triton the public function must go through the op (reference path)"
+        return
+    assert ops == [], "M >= LARGE_M must not dispatch the custom op"
+    assert torch.equal(y, y_op) and torch.equal(dx, dx_op)
+    w64 = _w64(q, s)
+    assert_close_rel(y, x.detach().double() @ w64.T + (b.double() if bias else 0), int6_linear_ref(x.detach(), q, s, b),
+                     name="y")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        return gm.forward
+
+    torch._dynamo.reset()
+    cf = torch.compile(lambda t: int6_linear(t, q, s, b), fullgraph=True, backend=backend)
+    yc = cf(x)
+    assert torch.equal(yc, y)
+    assert graphs and not any("pgolf" in gr for gr in graphs), "compiled large-M graph still calls a pgolf op"
+    torch._dynamo.reset()
+
+
 def test_opcheck_registration(device):
     g = _gen()
     q, s = _weights(g, 16, 32, device=device)

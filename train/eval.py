@@ -204,13 +204,19 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
     batch = np.arange(min(len(ns), cfg.batch_size))
     rates = {}
+    # phase times (s) go into the report: on the H100 the kernel path's warm-up took 125.7 s against
+    # 50.0 s for --reference (bench/results/eval-h100.md), and these say which phase holds the difference
+    t = time.perf_counter()
     _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len)
+    _sync(device)
+    rates["warm_shapes_s"] = time.perf_counter() - t
     for rep in range(2):  # first pass compiles / autotunes, second is timed
         _sync(device)
         t = time.perf_counter()
         ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_index=rep)
         _sync(device)
         dt = time.perf_counter() - t
+        rates[f"ttt_pass{rep}_s"] = dt
         rates["ttt_pos_per_s"] = ttt_positions(ns[batch], cfg.chunk, cfg.window) / max(dt, 1e-9)
         rows = plan_rows(starts, ns, cfg.chunk, cfg.window)
         _sync(device)
@@ -218,6 +224,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
         score_rows(model, stream, rows, cfg.window, st)
         _sync(device)
         dt = time.perf_counter() - t
+        rates[f"score_pass{rep}_s"] = dt
         rates["base_pos_per_s"] = ttt_positions(ns, cfg.chunk, cfg.window) / max(dt, 1e-9)
     rates["backend"] = ad.backend
     del ad, opt, st

@@ -124,6 +124,18 @@ def test_artifact_saves_and_loads_the_table(tmp_path):
     assert info["bytes_model"] > 0
 
 
+def test_default_per_preset():
+    """On for the tiny preset (measured gain on the fixture), off for the full record model (the table
+    does not fit the 16 MB artifact there: train/config.py has the numbers); an explicit value wins."""
+    from train.config import parse_config
+
+    assert parse_config([], env={}, cuda=False).gpt_config().bigram_buckets == 4096
+    assert parse_config(["--preset", "full"], env={}, cuda=False).gpt_config().bigram_buckets == 0
+    assert parse_config([], env={}, cuda=True).gpt_config().bigram_buckets == 0
+    assert parse_config(["--bigram-buckets", "2048"], env={}, cuda=True).gpt_config().bigram_buckets == 2048
+    assert parse_config(["--bigram-buckets", "0"], env={}, cuda=False).gpt_config().bigram_buckets == 0
+
+
 def test_driver_flag():
     from train.config import parse_config
 

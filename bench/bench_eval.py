@@ -17,7 +17,8 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
   chunked (issue 8): the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
       stride 64) on the held-out FineWeb docs (BPB vs sliding no-TTT) and on the first 800 synthetic docs (time).
 Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_PATHS (default
-"kernels,reference") picks the paths run; PGOLF_EVAL_NO_REF lists cases whose reference run is skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
+"kernels,reference") picks the paths run; PGOLF_EVAL_NO_REF lists cases whose reference run is
+skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
 the per-document cases with ``--schedule rolling`` (rows labelled so).
 ``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
 ``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to

@@ -42,7 +42,8 @@ a one-pass Triton kernel into a temporary (N, K) tile of the activation dtype, b
 values the dx kernel forms and the reference uses -- and call cuBLAS (torch.mm) on it; the codes stay
 the only stored copy. The public ``int6_linear`` (and ``Int6Linear``) takes that path as plain aten ops
 (``_large_m_linear``: same values), so torch.compile inlines it instead of dispatching a Python custom
-op per call; the custom ops keep the same branch for direct ``torch.ops.pgolf`` callers. Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
+op per call; the custom ops keep the same branch for direct ``torch.ops.pgolf`` callers.
+Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
 (K = 512 gives only 8 reduction trips; a persistent/TMA kernel would be needed), e.g. N = K = 512,
 M = 65,536: fwd 94 us, dx 129 us against cuBLAS 60 / 58 us (bench/results/int6-h200.md), while the
 dequantization is a 0.25-0.8 MB pass. The eval driver's TTT windows are M ~ 65k: there the fused
@@ -463,11 +464,16 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     return _dequant(q, scale, dtype)
 
 
+def _dequant_aten(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dtype(float(q) * float(scale)[:, None])`` as aten ops (traceable; the values of ``_dequant_kernel``)."""
+    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
+
+
 def _dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``dequantize_weight`` without the argument checks (callers validated q and scale already)."""
     N, K = q.shape
     if not use_triton(q):
-        return (q.float() * scale.float()[:, None]).to(dtype)
+        return _dequant_aten(q, scale, dtype)
     out = _ALLOC((N, K), dtype, q.device)
     BN, BK = 32, 128
     _dequant_kernel[(cdiv(N, BN), cdiv(K, BK))](q, scale, out, N, K, q.stride(0), out.stride(0), BN=BN, BK=BK)
@@ -492,7 +498,7 @@ def _large_m_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     runs in x's dtype whatever the caller's autocast state."""
     N, K = q.shape
     with torch.autocast(x.device.type, enabled=False):
-        w = (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(x.dtype)
+        w = _dequant_aten(q, scale, x.dtype)
         x2 = x.reshape(-1, K)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     return y.reshape(*x.shape[:-1], N)

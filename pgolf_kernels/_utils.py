@@ -68,6 +68,26 @@ def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
 
+def empty(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """Every buffer an op's kernels must fully overwrite (outputs, workspaces) is allocated here, and only here:
+    tests replace this function with ``pgolf_kernels.testing.nan_empty`` so that an element a kernel forgot
+    to write shows up as NaN. Ops therefore call it as ``_utils.empty(...)`` (looked up at call time)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+# Upper bounds of the row-count (M) buckets that autotuned GEMM kernels key on: one tuned config per bucket,
+# so a new M within a bucket costs no new tuning run; the last bucket takes every larger M.
+M_BUCKETS = (16, 64, 256, 1024, 4096, 1 << 30)
+
+
+def m_bucket(M: int) -> int:
+    """The smallest bound in ``M_BUCKETS`` that is >= M (the autotune key of a GEMM with M rows)."""
+    for b in M_BUCKETS:
+        if M <= b:
+            return b
+    return M_BUCKETS[-1]
+
+
 def rows_2d(t: torch.Tensor, last: int) -> torch.Tensor:
     """View ``t`` (..., last) as (rows, last) for a kernel that needs unit stride along ``last``
     and non-overlapping rows; copies only when the view does not have that layout."""

@@ -1,4 +1,4 @@
-"""Fused int-k dequant-matmul straight from the artifact's codes (issue 3).
+"""Fused int-k dequant-matmul straight from the artifact's codes.
 
 Math (W = q * s[:, None], q int8 codes (N, K), s fp16 (N,), x (..., K), y (..., N)):
 
@@ -24,30 +24,15 @@ and the first operand may come from registers, so the converted weights need no 
 round trip. Autotuning (keyed on an M bucket, N, K and dtypes) picks SWAP and the tile per shape
 from a short list pruned per M bucket.
 
-Measured (NVIDIA H200, bench/results/int6-h200.md, CUDA-graph timing, bf16): relative error vs an
-fp32 GEMM on the exact weights 1.6-1.8e-3 on every benchmark shape and M, i.e. the bf16 rounding
-floor of the output (tests assert <= 1.1x the floor); vs ``int6_linear_ref`` (which rounds W to bf16)
-2.6-3.0e-3. Speed, fwd at M <= 256 and K = 512: 3.9-5.5 us (11.9 us for the 8192-row head at
-M = 256) where cuBLAS on a cached bf16 W takes 3.1-6.1 us and dequantize+F.linear 10.4-36.8 us; M >= 65536 fwd 342-498 TFLOP/s (0.53-0.66x cuBLAS), dx 226-329
-TFLOP/s (0.38-0.49x). For large-M training steps with frozen weights a cached bf16 copy is faster;
-the kernels' value is at small M and in never materializing W.
+Large-M dispatch: from ``large_m`` rows on (default ``LARGE_M`` = 1024, see pgolf_kernels/_dequant.py)
+both ops dequantize W once per call, bf16(q*s) -- the values the dx kernel forms and the reference
+uses -- and call cuBLAS on it; the codes stay the only stored copy. The public ``int6_linear`` takes
+that path as plain aten ops (``_large_m_linear``), which torch.compile inlines; the custom ops keep the
+same branch for direct ``torch.ops.pgolf`` callers. Measurements and the reasoning behind these choices:
+docs/int6_linear.md.
 
-Eager calls pay ~20 us of Python (custom-op dispatch, checks) plus Triton's launcher per call
-(measured on the CPU machine); use torch.compile / CUDA graphs where that matters. Split-K
-configs use a cached counter buffer per device: do not run two split launches of the same kernel
-concurrently on different streams.
-
-Large-M dispatch: for M >= ``LARGE_M`` rows (default 1024) both ops dequantize W once per call with
-a one-pass Triton kernel into a temporary (N, K) tile of the activation dtype, bf16(q*s) -- the same
-values the dx kernel forms and the reference uses -- and call cuBLAS (torch.mm) on it; the codes stay
-the only stored copy. The public ``int6_linear`` (and ``Int6Linear``) takes that path as plain aten ops
-(``_large_m_linear``: same values), so torch.compile inlines it instead of dispatching a Python custom
-op per call; the custom ops keep the same branch for direct ``torch.ops.pgolf`` callers.
-Why: on the H200 the fused kernels run at 0.31-0.71x cuBLAS for M >= 1024
-(K = 512 gives only 8 reduction trips; a persistent/TMA kernel would be needed), e.g. N = K = 512,
-M = 65,536: fwd 94 us, dx 129 us against cuBLAS 60 / 58 us (bench/results/int6-h200.md), while the
-dequantization is a 0.25-0.8 MB pass. The eval driver's TTT windows are M ~ 65k: there the fused
-path cost 18.7 ms of a 60.6 ms TTT step (bench/results/profile-ttt-h200.md).
+Split-K configs use a cached counter buffer per device: do not run two split launches of the same
+kernel concurrently on different streams.
 
 Dispatch (``pgolf_kernels._utils.use_triton``): CUDA -> Triton; CPU -> ``int6_linear_ref``;
 CPU + TRITON_INTERPRET=1 -> the Triton kernels in the interpreter with a fixed small config.
@@ -55,7 +40,7 @@ Same kernels for bits 5/6/7/8: the bit width only matters to ``validate=True``.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -63,7 +48,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, rows_2d, tuner_bench, use_triton
+from . import _utils
+from ._dequant import DEFAULT_LARGE_M, dequant, dequant_aten
+from ._utils import M_BUCKETS, cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, rows_2d, tuner_bench, use_triton
 from .quant import QTensor, check_bits, quantize_rows, validate_codes
 
 __all__ = [
@@ -78,9 +65,9 @@ __all__ = [
 
 _ACT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-# Output allocator; tests swap in ``pgolf_kernels.testing.nan_empty`` so that an element a kernel
-# forgets to write shows up as NaN.
-_ALLOC: Callable = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
+# Default of ``large_m=`` for ``int6_linear`` / ``Int6Linear`` (read at call time): rows from which the
+# ops dequantize once and call cuBLAS; the reason for 1024 is in pgolf_kernels/_dequant.py.
+LARGE_M = DEFAULT_LARGE_M
 
 
 # ---------------------------------------------------------------------------------------------
@@ -286,16 +273,9 @@ _CONFIGS = [
     (1, 16, 64, 256, 1, 4, 2),    # 10 M <= 64, half the loop trips (latency-bound regime)
     (0, 128, 128, 64, 4, 4, 3),   # 11 M ~ 1024 with a long reduction (dx of the 8192-row head)
 ]
-_BUCKETS = {16: [0, 1, 3, 10], 64: [2, 3, 4, 10], 256: [3, 4, 5, 7], 1024: [5, 6, 7, 11],
-            4096: [6, 7, 8, 9, 11], 1 << 30: [6, 7, 8, 9]}
+# candidate configs per M bucket (keys: _utils.M_BUCKETS)
+_BUCKETS = dict(zip(M_BUCKETS, ([0, 1, 3, 10], [2, 3, 4, 10], [3, 4, 5, 7], [5, 6, 7, 11], [6, 7, 8, 9, 11], [6, 7, 8, 9])))
 _SMS = 132  # H100/H200 SXM; split-K only pays when the un-split grid leaves SMs idle
-
-
-def _m_bucket(M: int) -> int:
-    for b in _BUCKETS:
-        if M <= b:
-            return b
-    return 1 << 30
 
 
 def _fwd_cfg_dict(c) -> Dict[str, int]:
@@ -315,7 +295,7 @@ def _allowed(M: int, n_out: int, red: int):
     N=512 (4 trips, half the splits empty) was faster split: 5.0 vs 6.5 us. (``red``, the
     reduction length, is therefore unused; it stays in the signature for the call sites.)"""
     out = []
-    for i in _BUCKETS[_m_bucket(M)]:
+    for i in _BUCKETS[m_bucket(M)]:
         c = _CONFIGS[i]
         if c[4] > 1 and cdiv(M, c[1]) * cdiv(n_out, c[2]) >= _SMS:
             continue
@@ -401,7 +381,7 @@ def _launch_fwd(x2, q, scale, bias, out, config=None):
     cands = [_CONFIGS[i] for i in ok] if config is None else [config]
     ws, cnt = _split_workspace(M, N, x2.device, "fwd", cands)
     args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
-            x2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
+            x2.stride(0), q.stride(0), out.stride(0), m_bucket(M), _cfg_mask(ok))
     kw = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
     if config is None:
         _fwd_tuned[_grid_fwd(M, N)](*args, **kw)
@@ -420,7 +400,7 @@ def _launch_dx(dy2, q, scale, out, config=None):
     ok = _allowed(M, K, N)
     cands = [_CONFIGS[i] for i in ok] if config is None else [config]
     ws, cnt = _split_workspace(M, K, dy2.device, "dx", cands)
-    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), _m_bucket(M), _cfg_mask(ok))
+    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), m_bucket(M), _cfg_mask(ok))
     kw = dict(PREC=dot_precision(dy2.dtype))
     if config is None:
         _dx_tuned[_grid_dx(M, K)](*args, **kw)
@@ -433,25 +413,6 @@ def _launch_dx(dy2, q, scale, out, config=None):
 # ---------------------------------------------------------------------------------------------
 # large-M path: one-pass dequantization + cuBLAS
 # ---------------------------------------------------------------------------------------------
-# Rows from which the ops take the dequantize + cuBLAS path (see module docstring). 1024: there the fused
-# kernels take 9.0 (fwd) / 12.1 (dx) us at N = K = 512 against cuBLAS 3.7 / 3.7 us (H200, int6-h200.md),
-# a margin the 0.25-0.8 MB dequantization pass (launch-bound, not separately timed) stays inside.
-# It also keeps the fused kernels' autotuning to M < 1024, which the eval's warm-up covers.
-LARGE_M = 1024
-
-
-@triton.jit
-def _dequant_kernel(q_ptr, s_ptr, out_ptr, N, K, stride_q, stride_o, BN: tl.constexpr, BK: tl.constexpr):
-    """out[n, k] = dtype(float(q[n, k]) * float(s[n])): bitwise the reference's dequantized weight."""
-    rn = tl.program_id(0) * BN + tl.arange(0, BN)
-    rk = tl.program_id(1) * BK + tl.arange(0, BK)
-    m = (rn[:, None] < N) & (rk[None, :] < K)
-    q = tl.load(q_ptr + rn[:, None] * stride_q + rk[None, :], mask=m, other=0)
-    s = tl.load(s_ptr + rn, mask=rn < N, other=0.0)
-    w = q.to(tl.float32) * s.to(tl.float32)[:, None]
-    tl.store(out_ptr + rn[:, None] * stride_o + rk[None, :], w.to(out_ptr.dtype.element_ty), mask=m)
-
-
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(N, K) ``dtype`` tensor ``dtype(float(q) * float(scale)[:, None])`` (one Triton pass on CUDA /
     under TRITON_INTERPRET=1; torch ops otherwise): bitwise the reference's dequantized weight.
@@ -461,27 +422,11 @@ def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype =
     _check_weight(q, scale, op, q.device)
     if dtype not in _ACT_DTYPES:
         raise TypeError(f"{op}: dtype must be bfloat16, float16 or float32, got {dtype}")
-    return _dequant(q, scale, dtype)
+    return dequant(q, scale, dtype)
 
 
-def _dequant_aten(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dtype(float(q) * float(scale)[:, None])`` as aten ops (traceable; the values of ``_dequant_kernel``)."""
-    return (q.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype)
-
-
-def _dequant(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize_weight`` without the argument checks (callers validated q and scale already)."""
-    N, K = q.shape
-    if not use_triton(q):
-        return _dequant_aten(q, scale, dtype)
-    out = _ALLOC((N, K), dtype, q.device)
-    BN, BK = 32, 128
-    _dequant_kernel[(cdiv(N, BN), cdiv(K, BK))](q, scale, out, N, K, q.stride(0), out.stride(0), BN=BN, BK=BK)
-    return out
-
-
-def _use_large_m(M: int, t: torch.Tensor) -> bool:
-    return M >= LARGE_M and use_triton(t)
+def _use_large_m(M: int, t: torch.Tensor, large_m: int) -> bool:
+    return M >= large_m and use_triton(t)
 
 
 def _large_m_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -498,7 +443,7 @@ def _large_m_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     runs in x's dtype whatever the caller's autocast state."""
     N, K = q.shape
     with torch.autocast(x.device.type, enabled=False):
-        w = _dequant_aten(q, scale, x.dtype)
+        w = dequant_aten(q, scale, x.dtype)
         x2 = x.reshape(-1, K)
         y = torch.mm(x2, w.t()) if bias is None else torch.addmm(bias, x2, w.t())
     return y.reshape(*x.shape[:-1], N)
@@ -545,14 +490,15 @@ def _check_dx(dy, q, scale, op="int6_linear_dx"):
 # custom ops
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("pgolf::int6_linear", mutates_args=())
-def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                    large_m: int = DEFAULT_LARGE_M) -> torch.Tensor:
     _check_fwd(x, q, scale, bias)
     N, K = q.shape
     x2 = rows_2d(x, K)
-    out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
+    out = _utils.empty((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0:
-        if _use_large_m(x2.shape[0], x2):
-            w = _dequant(q, scale, x.dtype)
+        if _use_large_m(x2.shape[0], x2, large_m):
+            w = dequant(q, scale, x.dtype)
             if bias is None:
                 torch.mm(x2, w.t(), out=out)
             else:
@@ -565,19 +511,20 @@ def _int6_linear_op(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
 
 
 @_int6_linear_op.register_fake
-def _(x, q, scale, bias):
+def _(x, q, scale, bias, large_m=DEFAULT_LARGE_M):
     return x.new_empty((*x.shape[:-1], q.shape[0]))
 
 
 @torch.library.custom_op("pgolf::int6_linear_dx", mutates_args=())
-def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                       large_m: int = DEFAULT_LARGE_M) -> torch.Tensor:
     _check_dx(dy, q, scale)
     N, K = q.shape
     dy2 = rows_2d(dy, N)
-    out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
+    out = _utils.empty((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0:
-        if _use_large_m(dy2.shape[0], dy2):
-            torch.mm(dy2, _dequant(q, scale, dy.dtype), out=out)
+        if _use_large_m(dy2.shape[0], dy2, large_m):
+            torch.mm(dy2, dequant(q, scale, dy.dtype), out=out)
         elif use_triton(dy2):
             _launch_dx(dy2, q, scale, out)
         else:
@@ -586,23 +533,24 @@ def _int6_linear_dx_op(dy: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
 
 
 @_int6_linear_dx_op.register_fake
-def _(dy, q, scale):
+def _(dy, q, scale, large_m=DEFAULT_LARGE_M):
     return dy.new_empty((*dy.shape[:-1], q.shape[1]))
 
 
 def _setup_context(ctx, inputs, output):
-    x, q, scale, bias = inputs
+    x, q, scale, bias, large_m = inputs
     ctx.save_for_backward(q, scale)
     ctx.has_bias = bias is not None
+    ctx.large_m = large_m
 
 
 def _backward(ctx, dy):
     q, scale = ctx.saved_tensors
-    dx = _int6_linear_dx_op(dy, q, scale) if ctx.needs_input_grad[0] else None
+    dx = _int6_linear_dx_op(dy, q, scale, ctx.large_m) if ctx.needs_input_grad[0] else None
     dbias = None
     if ctx.has_bias and ctx.needs_input_grad[3]:
         dbias = dy.reshape(-1, dy.shape[-1]).sum(0)
-    return dx, None, None, dbias
+    return dx, None, None, dbias, None
 
 
 _int6_linear_op.register_autograd(_backward, setup_context=_setup_context)
@@ -612,7 +560,17 @@ _int6_linear_op.register_autograd(_backward, setup_context=_setup_context)
 # public functions
 # ---------------------------------------------------------------------------------------------
 
-def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -> torch.Tensor:
+def _resolve_large_m(large_m: Optional[int], op: str) -> int:
+    if large_m is None:
+        return LARGE_M
+    if not isinstance(large_m, int) or isinstance(large_m, bool) or large_m < 1:
+        raise ValueError(f"{op}: large_m must be a positive int (rows from which W is dequantized once and "
+                         f"cuBLAS runs), got {large_m!r}")
+    return large_m
+
+
+def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False,
+                large_m: Optional[int] = None) -> torch.Tensor:
     """``y = x @ (q * scale[:, None])^T (+ bias)`` from int8 codes, without a bf16 copy of W.
 
     x: (..., K) bf16/fp16/fp32; q: int8 (N, K) contiguous codes; scale: fp16 (N,); bias: (N,) in
@@ -620,6 +578,8 @@ def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -
     own kernel) and bias (sum of dy); q and scale are frozen (a scale that requires grad is an
     error; int8 q cannot require grad). ``validate=True`` also checks that the codes lie in
     ``quant.code_range(bits)`` (one reduction over q: a debug call, off by default).
+    ``large_m``: from this many rows of x on (fwd) / of dy (dx), W is dequantized once and cuBLAS
+    runs the GEMM; default ``LARGE_M`` = 1024 (see pgolf_kernels/_dequant.py for why).
     """
     op = "int6_linear"
     check_bits(bits, op)
@@ -630,15 +590,16 @@ def int6_linear(x, q, scale, bias=None, bits: int = 6, validate: bool = False) -
         raise ValueError(f"{op}: scale is a frozen quantization parameter and gets no gradient; pass scale.detach()")
     if validate:
         validate_codes(q, bits, name="q", op=op)
-    if _use_large_m(x.numel() // max(q.shape[1], 1), x):
+    large_m = _resolve_large_m(large_m, op)
+    if _use_large_m(x.numel() // max(q.shape[1], 1), x, large_m):
         return _large_m_linear(x, q, scale, bias)
-    return _int6_linear_op(x, q, scale, bias)
+    return _int6_linear_op(x, q, scale, bias, large_m)
 
 
-def int6_linear_dx(dy, q, scale) -> torch.Tensor:
+def int6_linear_dx(dy, q, scale, large_m: Optional[int] = None) -> torch.Tensor:
     """``dx = dy @ bf16(q * scale[:, None])``: dy (..., N) -> dx (..., K) in dy's dtype."""
     _check_dx(dy, q, scale)
-    return _int6_linear_dx_op(dy, q, scale)
+    return _int6_linear_dx_op(dy, q, scale, _resolve_large_m(large_m, "int6_linear_dx"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ their dx is the base part dy·W only, and they contribute nothing to dA or dB. A
 document: pure base output and zero adapter gradients. ``adapter_index[b]`` selects the adapter of batch row b
 (default b; n_adapters >= B); several rows may share an adapter, whose gradients then add up.
 
-Design (counted for the issue's shape B64 T1024 d512, Q 512 + V 256, r8, bf16 x, fp32 adapters):
+Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 x, fp32 adapters):
 
 * Forward, one launch for all slices. A program owns a (b, T-tile, N-tile) output tile. In its K loop over d it
   streams the x tile once and feeds it to two MMAs: the base tile x·Wᵀ (BT×BN) and the shrink x·A_aᵀ (BT×r_pad),
@@ -57,6 +57,7 @@ Design (counted for the issue's shape B64 T1024 d512, Q 512 + V 256, r8, bf16 x,
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -64,14 +65,13 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _utils
+from ._dequant import DEFAULT_LARGE_M, dequant, dequant_aten
 from ._utils import check, check_tensor, use_triton
 
 _OP = "multi_lora_linear"
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-# Test hook: how the op allocates the buffers its kernels must fully overwrite (tests swap in a NaN-filling one).
-_alloc = torch.empty
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -85,11 +85,11 @@ def _is_quant(base) -> bool:
 def _dense_weight(base, dtype: torch.dtype) -> Tensor:
     """The base weight as a dense (N, d) tensor of ``dtype`` (int6: s[n] * q[n, k], computed in fp32 first)."""
     if _is_quant(base):
-        return (base.q.to(torch.float32) * base.scale.to(torch.float32)[:, None]).to(dtype)
+        return dequant_aten(base.q, base.scale, dtype)
     return base.to(dtype)
 
 
-def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: bool, allow_fp64: bool = False):
+def _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate: bool, allow_fp64: bool = False):
     fl = _FLOAT + (torch.float64,) if allow_fp64 else _FLOAT
     check_tensor(x, "x", dtype=fl, ndim=3, op=_OP)
     Bsz, T, d = x.shape
@@ -142,7 +142,7 @@ def _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values: boo
         check_tensor(adapter_index, "adapter_index", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
         check(adapter_index.shape[0] == Bsz,
               lambda: f"{_OP}: adapter_index must have shape ({Bsz},) = (B,), got {tuple(adapter_index.shape)}")
-    if check_values and not _capturing_or_compiling():
+    if validate and not _capturing_or_compiling():
         # Value checks need a device->host sync (~10 us); they are skipped under torch.compile and CUDA-graph
         # capture, where the kernels clamp instead (lengths to [0, T], adapter_index to [0, n-1]) to stay in bounds.
         if lengths is not None and lengths.numel():
@@ -167,18 +167,20 @@ def _capturing_or_compiling() -> bool:
 # pure-torch reference (the semantics oracle)
 # ----------------------------------------------------------------------------------------------------------------
 def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
-                          deterministic: bool = False, check_values: bool = True,
-                          compute_dtype: Optional[torch.dtype] = None) -> List[Tensor]:
+                          deterministic: bool = False, validate: bool = True,
+                          compute_dtype: Optional[torch.dtype] = None, check_values: Optional[bool] = None,
+                          large_m: Optional[int] = None) -> List[Tensor]:
     """Pure torch: F.linear + two bmm per slice, differentiable by autograd. See the module docstring for the math.
 
     ``compute_dtype`` (default x.dtype): the dtype every operand is cast to before the matmuls; the default is
     "torch's own low-precision path" (adapters cast to the activation dtype, as an eager model does), and
     ``compute_dtype=torch.float64`` gives the high-precision oracle. Output dtype is always x.dtype unless
     compute_dtype is wider, in which case outputs stay in compute_dtype. ``deterministic`` is accepted for
-    signature parity (torch's path here is deterministic on its own). Unlike the fused op, float64 inputs are
-    accepted (that is the oracle).
+    signature parity (torch's path here is deterministic on its own), and so is ``large_m`` (no dispatch here).
+    Unlike the fused op, float64 inputs are accepted (that is the oracle).
     """
-    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values, allow_fp64=True)
+    validate = _validate_alias(validate, check_values)
+    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate, allow_fp64=True)
     cd = x.dtype if compute_dtype is None else compute_dtype
     out_dtype = cd if compute_dtype is not None else x.dtype
     Bsz, T, d = x.shape
@@ -207,7 +209,8 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
 # public entry point
 # ----------------------------------------------------------------------------------------------------------------
 def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
-                      deterministic: bool = False, check_values: bool = True) -> List[Tensor]:
+                      deterministic: bool = False, validate: bool = True, check_values: Optional[bool] = None,
+                      large_m: int = DEFAULT_LARGE_M) -> List[Tensor]:
     """y_i = x·W_iᵀ + α·m·(x·A_i[a]ᵀ)·B_i[a]ᵀ for every slice i, as a list of (B, T, out_i) tensors in x.dtype.
 
     Args:
@@ -217,20 +220,36 @@ def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, ada
         rows t >= lengths[b] are padding (see the module docstring for exactly what that means).
         adapter_index: optional int (B,), batch row b uses adapter adapter_index[b] (default b).
         deterministic: bitwise-reproducible adapter gradients (no T-split of the fp32 reductions).
-        check_values: verify lengths/adapter_index ranges eagerly (one host sync; skipped under compile/capture).
+        validate: verify lengths/adapter_index ranges eagerly (one host sync; skipped under compile/capture).
+        check_values: deprecated spelling of ``validate``.
+        large_m: from B*T >= large_m rows on, int6 bases are dequantized once per call and the kernel runs on the
+        dense tile (default 1024, see pgolf_kernels/_dequant.py).
 
     CUDA tensors run the fused Triton kernels (custom op ``pgolf::multi_lora_fwd``/``_bwd`` with fake and
     autograd registrations, so torch.compile(fullgraph=True) and CUDA graphs work); CPU tensors run the reference
     unless TRITON_INTERPRET=1.
     """
-    _validate(x, bases, As, Bs, alpha, lengths, adapter_index, check_values)
+    validate = _validate_alias(validate, check_values)
+    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate)
+    check(isinstance(large_m, int) and not isinstance(large_m, bool) and large_m >= 1,
+          lambda: f"{_OP}: large_m must be a positive int, got {large_m!r}")
     if not use_triton(x):
         return multi_lora_linear_ref(x, bases, As, Bs, alpha=alpha, lengths=lengths, adapter_index=adapter_index,
-                                     check_values=False)
-    return _fused(x, bases, As, Bs, float(alpha), lengths, adapter_index, bool(deterministic))
+                                     validate=False)
+    return _fused(x, bases, As, Bs, float(alpha), lengths, adapter_index, bool(deterministic), large_m)
 
 
-def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic) -> List[Tensor]:
+def _validate_alias(validate: bool, check_values: Optional[bool]) -> bool:
+    """``check_values=`` is the deprecated spelling of ``validate=`` (every op spells the eager value check
+    ``validate``); it still works, with a DeprecationWarning outside torch.compile."""
+    if check_values is None:
+        return validate
+    if not torch.compiler.is_compiling():
+        warnings.warn(f"{_OP}: check_values= is deprecated; use validate=", DeprecationWarning, stacklevel=3)
+    return bool(check_values)
+
+
+def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large_m) -> List[Tensor]:
     # One custom-op call per base kind (dense or quantized: the kernel's W pointer has one element type).
     kinds = [_is_quant(b) for b in bases]
     outs: List[Optional[Tensor]] = [None] * len(bases)
@@ -241,7 +260,7 @@ def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic) -> Li
         ws = [bases[i].q if quant else bases[i] for i in idx]
         scales = [bases[i].scale for i in idx] if quant else []
         ys = _fwd_op(x, ws, scales, [As[i] for i in idx], [Bs[i] for i in idx], alpha, lengths, adapter_index,
-                     deterministic)
+                     deterministic, large_m)
         for i, y in zip(idx, ys):
             outs[i] = y
     return outs  # type: ignore[return-value]
@@ -271,21 +290,21 @@ def _flat_sizes(x, ws, As, rows):
 
 @torch.library.custom_op("pgolf::multi_lora_fwd", mutates_args=())
 def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
-            lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool) -> List[Tensor]:
+            lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool,
+            large_m: int = DEFAULT_LARGE_M) -> List[Tensor]:
     from . import lora_triton as K
-    from .int6_linear import LARGE_M, _dequant
 
     x = x.contiguous()
     Bsz, T, _ = x.shape
-    outs = [_alloc((Bsz, T, w.shape[0]), dtype=x.dtype, device=x.device) for w in ws]
+    outs = [_utils.empty((Bsz, T, w.shape[0]), x.dtype, x.device) for w in ws]
     # adapters cast to the activation dtype once here (0.26 M elements per slice at B64 r8 d512) rather than in
     # every K step of every tile: the in-loop cast forced a register->smem round trip per step in the kernel
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
-    if scales and Bsz * T >= LARGE_M:
+    if scales and Bsz * T >= large_m:
         # Large M: one dequantization pass per call beats converting the int6 tile in every K step of every
         # tile (H200, B64 T1024 r8 Q+V: fwd 0.195 ms with the int6 base vs 0.156 ms with a bf16 base,
         # bench/results/lora-h200.md). The dense tile is bf16(q*s), the values the backward already uses.
-        ws = [_dequant(w, sc, x.dtype) for w, sc in zip(ws, scales)]
+        ws = [dequant(w, sc, x.dtype) for w, sc in zip(ws, scales)]
         scales = []
     for g in _groups(len(ws)):
         K.lora_fwd(x, [ws[i].contiguous() for i in g], [scales[i].contiguous() for i in g] if scales else [],
@@ -298,7 +317,7 @@ def _lp(ts, dtype):
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic):
+def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m=DEFAULT_LARGE_M):
     return [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
 
 
@@ -317,12 +336,10 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     d = x.shape[2]
     dAs = [parts[2 * i].view(rows, A.shape[1], d) for i, A in enumerate(As)]
     dBs = [parts[2 * i + 1].view(rows, w.shape[0], A.shape[1]) for i, (w, A) in enumerate(zip(ws, As))]
-    dx = _alloc(x.shape, dtype=x.dtype, device=x.device) if need_dx else x.new_empty(0)
+    dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
     # The backward takes the base as a dense x.dtype weight: an int6 base is dequantized here, s[n] * q[n, k]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
-    from .int6_linear import _dequant
-
-    Wd = [_dequant(w, scales[i], x.dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
+    Wd = [dequant(w, scales[i], x.dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
     split = K.bwd_split()
@@ -352,7 +369,7 @@ def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, determi
 
 
 def _fwd_setup(ctx, inputs, output):
-    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic = inputs
+    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, _large_m = inputs
     ctx.ns, ctx.nscale = len(ws), len(scales)
     ctx.alpha, ctx.deterministic = alpha, deterministic
     ctx.need_dx = bool(ctx.needs_input_grad[0])
@@ -383,7 +400,7 @@ def _fwd_backward(ctx, dys):
             gB = (onehot @ gB.reshape(rows, -1).double()).view(Bm.shape)
         dAs.append(gA.to(A.dtype))
         dBs.append(gB.to(Bm.dtype))
-    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None
+    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)

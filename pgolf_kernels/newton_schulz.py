@@ -46,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from . import _utils
 from ._utils import cdiv, interpret_mode, use_triton
 
 try:  # triton is a hard dependency on GPU; keep the reference importable without it
@@ -376,12 +377,6 @@ _ALIGN = 64  # elements; keeps every matrix 128-byte aligned in the packed works
 _PLAN_CACHE: Dict[tuple, "_Plan"] = {}
 
 
-def _alloc(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Every kernel-path buffer (output and workspaces) comes from here, so tests can poison them with NaN
-    (monkeypatch to ``testing.nan_empty``): an element a kernel forgot to write then fails the comparison."""
-    return torch.empty(numel, dtype=dtype, device=device)
-
-
 def _align(x: int) -> int:
     return (x + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -522,11 +517,11 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
         cfg = _default_config(device, shapes, tiles)
     plan = _get_plan(shapes, device, cfg)
     dt = compute_dtype
-    out = _alloc(plan.out_total, dt, device)
+    out = _utils.empty((plan.out_total,), dt, device)
     if plan.out_total == 0:
         return out
     sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
-    X = _alloc(plan.x_total, dt, device)
+    X = _utils.empty((plan.x_total,), dt, device)
     _pack_inputs(mats, plan, X, eps)
     if not sched:
         for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
@@ -534,9 +529,9 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
                 src = X[xo:xo + count * m * n].view(count, m, n)
                 out[oo:oo + count * r * c].view(count, r, c).copy_(src.mT if trans else src)
         return out
-    A = _alloc(plan.a_total, dt, device)
-    Bm = _alloc(plan.a_total, dt, device)
-    X2 = _alloc(plan.x_total, dt, device)
+    A = _utils.empty((plan.a_total,), dt, device)
+    Bm = _utils.empty((plan.a_total,), dt, device)
+    X2 = _utils.empty((plan.x_total,), dt, device)
     ieee = dt == torch.float32
     ng, ns_, nu = plan.g_items.shape[0], plan.s_items.shape[0], plan.u_items.shape[0]
     if ng == 0:  # only zero-sized batches

@@ -52,14 +52,15 @@ pure-torch STE reference (also what the training driver runs with ``--reference`
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, rows_2d, tuner_bench, use_triton
+from . import _utils
+from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, rows_2d, tuner_bench, use_triton
 from .quant import check_bits
 
 __all__ = [
@@ -83,9 +84,6 @@ _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _W_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _MODE_ABSMAX, _MODE_STD, _MODE_SEARCH = 0, 1, 2
 _MAGIC = 12582912.0  # 1.5 * 2^23: (v + M) - M rounds |v| < 2^22 to the nearest integer, ties to even
-
-# Output allocator; tests swap in pgolf_kernels.testing.nan_empty (unwritten elements show as NaN).
-_ALLOC: Callable = lambda shape, dtype, device: torch.empty(shape, dtype=dtype, device=device)  # noqa: E731
 
 
 def _qmax(bits: int) -> int:
@@ -343,10 +341,6 @@ _CONFIGS = [
 _INTERP_CFG = (16, 32, 32, 4, 1)  # small tiles, so the CPU-lane shapes have tails in M, N and K
 
 
-def _m_bucket(M: int) -> int:
-    return 1 << max(4, min(17, (max(M, 1) - 1).bit_length()))
-
-
 def _prune(configs, named_args, **kwargs):
     M = named_args["M_BUCKET"]
     small = [c for c in configs if c.kwargs["BM"] <= 64]
@@ -396,7 +390,7 @@ def _launch_fwd(x2, w, s, bias, out, bits, config=None):
     N = w.shape[0]
     if config is None and interpret_mode() and not x2.is_cuda:
         config = _INTERP_CFG
-    args = (x2, w, s, bias if bias is not None else s, out, M, N, K, x2.stride(0), w.stride(0), out.stride(0), _m_bucket(M))
+    args = (x2, w, s, bias if bias is not None else s, out, M, N, K, x2.stride(0), w.stride(0), out.stride(0), m_bucket(M))
     kw = dict(QMAX=_qmax(bits), HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
     if config is None:
         _fwd_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(N, m["BN"]),)](*args, **kw)
@@ -411,7 +405,7 @@ def _launch_dx(dy2, w, s, out, bits, config=None):
     K = w.shape[1]
     if config is None and interpret_mode() and not dy2.is_cuda:
         config = _INTERP_CFG
-    args = (dy2, w, s, out, M, N, K, dy2.stride(0), w.stride(0), out.stride(0), _m_bucket(M))
+    args = (dy2, w, s, out, M, N, K, dy2.stride(0), w.stride(0), out.stride(0), m_bucket(M))
     kw = dict(QMAX=_qmax(bits), PREC=dot_precision(dy2.dtype))
     if config is None:
         _dx_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(K, m["BK"]),)](*args, **kw)
@@ -457,7 +451,7 @@ def _check_x(x, w, bias, op, name="x"):
 @torch.library.custom_op("pgolf::qat_row_scale", mutates_args=())
 def _row_scale_op(w: torch.Tensor, bits: int, mode: int, k: float) -> torch.Tensor:
     _check_w(w, "qat_row_scale")
-    out = _ALLOC((w.shape[0],), torch.float32, w.device)
+    out = _utils.empty((w.shape[0],), torch.float32, w.device)
     if w.shape[0] == 0:
         return out
     if use_triton(w):
@@ -482,7 +476,7 @@ def _qat_op(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bias: Optional[to
     _check_s(s, w, op)
     N, K = w.shape
     x2 = rows_2d(x, K)
-    out = _ALLOC((x2.shape[0], N), x.dtype, x.device)
+    out = _utils.empty((x2.shape[0], N), x.dtype, x.device)
     if x2.shape[0] > 0 and N > 0:
         if use_triton(x2):
             _launch_fwd(x2, w, s, bias, out, bits)
@@ -506,7 +500,7 @@ def _qat_dx_op(dy: torch.Tensor, w: torch.Tensor, s: torch.Tensor, bits: int) ->
     _check_s(s, w, op)
     N, K = w.shape
     dy2 = rows_2d(dy, N)
-    out = _ALLOC((dy2.shape[0], K), dy.dtype, dy.device)
+    out = _utils.empty((dy2.shape[0], K), dy.dtype, dy.device)
     if dy2.shape[0] > 0 and K > 0:
         if use_triton(dy2) and N > 0:
             _launch_dx(dy2, w, s, out, bits)

@@ -27,6 +27,7 @@ from pgolf_kernels.int6_linear import (
     int6_linear_ref,
 )
 from pgolf_kernels.quant import quantize_rows
+from pgolf_kernels import _utils
 from pgolf_kernels.testing import assert_close_rel, nan_empty, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
@@ -41,7 +42,7 @@ SMALL_SHAPES = [(1, 40, 72), (3, 33, 64), (17, 70, 50)]  # (M, N, K): none a mul
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
     # every output buffer the ops allocate starts as NaN: an unwritten element fails the test
-    monkeypatch.setattr(mod, "_ALLOC", lambda shape, dtype, device: nan_empty(shape, dtype, device))
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _gen():
@@ -104,7 +105,7 @@ def test_autotuner_every_candidate_in_interpreter(M, monkeypatch):
     x = torch.randn(M, K, generator=g).half()
     dy = torch.randn(M, N, generator=g).half()
     outs = []
-    monkeypatch.setattr(mod, "_ALLOC", lambda shape, dtype, device: outs.append(nan_empty(shape, dtype, device)) or outs[-1])
+    monkeypatch.setattr(_utils, "empty", lambda shape, dtype, device: outs.append(nan_empty(shape, dtype, device)) or outs[-1])
     monkeypatch.setattr(mod, "_INTERP_AUTOTUNE", True)
     checked = []
 
@@ -139,7 +140,7 @@ def test_split_workspace_covers_every_candidate():
     for M in [1, 16, 17, 64, 100, 256, 300, 1024, 4096, 5000]:
         for n_out, red in [(512, 512), (70, 200), (8192, 512), (512, 8192), (4096, 1024)]:
             ok = mod._allowed(M, n_out, red)
-            assert ok and set(ok) <= set(mod._BUCKETS[mod._m_bucket(M)])
+            assert ok and set(ok) <= set(mod._BUCKETS[_utils.m_bucket(M)])
             ws, cnt = mod._split_workspace(M, n_out, "cpu", "test", [mod._CONFIGS[i] for i in ok])
             for i in ok:
                 c = mod._CONFIGS[i]
@@ -296,13 +297,12 @@ def test_large_m_public_path_is_inlined(device, monkeypatch, bias):
     x = torch.randn(M, K, generator=g).to(device, torch.float16).requires_grad_(True)
     b = (torch.randn(N, generator=g) * 0.1).to(device, torch.float16) if bias else None
     dy = torch.randn(M, N, generator=g).to(device, torch.float16)
-    monkeypatch.setattr(mod, "LARGE_M", M)
     ops = []
     orig = mod._int6_linear_op
     monkeypatch.setattr(mod, "_int6_linear_op", lambda *a: ops.append(1) or orig(*a))
-    y = int6_linear(x, q, s, b)
+    y = int6_linear(x, q, s, b, large_m=M)  # the argument, not the module default, decides
     (dx,) = torch.autograd.grad(y, x, dy)
-    y_op = torch.ops.pgolf.int6_linear(x, q, s, b)  # the custom op, its large-M branch
+    y_op = torch.ops.pgolf.int6_linear(x, q, s, b, M)  # the custom op, its large-M branch
     (dx_op,) = torch.autograd.grad(y_op, x, dy)
     if not mod.use_triton(x):
         assert ops == [1], "without Triton the public function must go through the op (reference path)"
@@ -319,11 +319,18 @@ def test_large_m_public_path_is_inlined(device, monkeypatch, bias):
         return gm.forward
 
     torch._dynamo.reset()
-    cf = torch.compile(lambda t: int6_linear(t, q, s, b), fullgraph=True, backend=backend)
+    cf = torch.compile(lambda t: int6_linear(t, q, s, b, large_m=M), fullgraph=True, backend=backend)
     yc = cf(x)
     assert torch.equal(yc, y)
     assert graphs and not any("pgolf" in gr for gr in graphs), "compiled large-M graph still calls a pgolf op"
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, True, "1024"])
+def test_large_m_must_be_a_positive_int(bad):
+    q, s = _weights(_gen(), 8, 16)
+    with pytest.raises(ValueError, match="large_m must be a positive int"):
+        int6_linear(torch.randn(2, 16), q, s, large_m=bad)
 
 
 def test_opcheck_registration(device):

@@ -13,7 +13,7 @@ from collections import namedtuple
 import pytest
 import torch
 
-from pgolf_kernels import lora
+from pgolf_kernels import _utils, lora
 from pgolf_kernels.lora import BatchedLoRALinear, multi_lora_linear, multi_lora_linear_ref, zero_adam_state_
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 from pgolf_kernels._utils import use_triton
@@ -37,7 +37,7 @@ def bwd_strategy(request, monkeypatch):
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
     # every buffer the kernels must fully overwrite (y_i, dx) starts as NaN
-    monkeypatch.setattr(lora, "_alloc", nan_empty)
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _make(B, T, d, outs, r, dtype, device, *, n_adapters=None, quant=(), adapter_dtype=torch.float32, seed=None):
@@ -176,18 +176,35 @@ def test_int6_base_and_mixed_slices(device, act_dtype, bwd_strategy):
 
 
 def test_int6_base_large_m_path(device, monkeypatch):
-    """B*T >= int6_linear.LARGE_M: int6 bases are dequantized once per call and run as dense bases."""
-    import pgolf_kernels.int6_linear as i6
-
+    """B*T >= large_m: int6 bases are dequantized once per call and run as dense bases; below it the forward
+    keeps the codes (only the backward dequantizes)."""
     B, T, d, r = 2, 7, 40, 3
     x, bases, As, Bs = _make(B, T, d, [40, 24], r, torch.float16, device, quant=(0,))
     calls = []
-    orig = i6._dequant
-    monkeypatch.setattr(i6, "_dequant", lambda *a, **k: calls.append(1) or orig(*a, **k))
-    monkeypatch.setattr(i6, "LARGE_M", B * T)
-    _check_all(x, bases, As, Bs, alpha=2.0, lengths=torch.tensor([7, 2], device=device))
+    orig = lora.dequant
+    monkeypatch.setattr(lora, "dequant", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    lengths = torch.tensor([7, 2], device=device)
+    with torch.no_grad():
+        multi_lora_linear(x, bases, As, Bs, alpha=2.0, lengths=lengths, large_m=B * T + 1)
+    assert calls == [], "below large_m the forward must keep the int6 codes"
+    _check_all(x, bases, As, Bs, alpha=2.0, lengths=lengths, large_m=B * T)
     if use_triton(x):
-        assert calls, "the fused forward must take the dequantized path at B*T >= LARGE_M"
+        assert calls, "the fused forward must take the dequantized path at B*T >= large_m"
+    with pytest.raises(ValueError, match="large_m must be a positive int"):
+        multi_lora_linear(x, bases, As, Bs, large_m=0)
+
+
+def test_check_values_is_a_deprecated_alias_of_validate(device):
+    x, bases, As, Bs = _make(2, 3, 8, [8], 2, torch.float32, device, seed=1)
+    bad = torch.tensor([3, 9], device=device)  # > T = 3
+    with pytest.raises(ValueError, match="lengths values must be in"):
+        multi_lora_linear(x, bases, As, Bs, lengths=bad)
+    with pytest.warns(DeprecationWarning, match="use validate="):
+        with pytest.raises(ValueError, match="lengths values must be in"):
+            multi_lora_linear(x, bases, As, Bs, lengths=bad, check_values=True)
+    with pytest.warns(DeprecationWarning):
+        ys = multi_lora_linear(x, bases, As, Bs, validate=False)
+    assert torch.equal(ys[0], multi_lora_linear(x, bases, As, Bs, validate=False)[0])
 
 
 def test_fp32_activations_and_no_dx(device, bwd_strategy):
@@ -297,7 +314,7 @@ def test_reference_compiles_fullgraph_cpu():
     """The pure-torch path (CPU dispatch without the interpreter is the reference) traces with fullgraph."""
     torch._dynamo.reset()
     x, bases, As, Bs = _make(2, 5, 16, [16], 2, torch.float32, "cpu", seed=0)
-    fn = torch.compile(lambda x, As, Bs: multi_lora_linear_ref(x, bases, As, Bs, alpha=0.5, check_values=False),
+    fn = torch.compile(lambda x, As, Bs: multi_lora_linear_ref(x, bases, As, Bs, alpha=0.5, validate=False),
                        fullgraph=True, backend="eager")
     torch.testing.assert_close(fn(x, As, Bs)[0], multi_lora_linear_ref(x, bases, As, Bs, alpha=0.5)[0])
 

@@ -11,6 +11,7 @@ import torch
 import pgolf_kernels.newton_schulz as nsmod
 from pgolf_kernels.newton_schulz import (POLAR_EXPRESS, QUINTIC, newton_schulz, newton_schulz_many,
                                          newton_schulz_ref, ns_flops, resolve_coefficients)
+from pgolf_kernels import _utils
 from pgolf_kernels.testing import assert_close_rel, nan_empty, rel_err, seeded_generator
 
 # triton 3.6's interpreter warns (numpy deprecation) on every scalar it indexes with; not ours to fix
@@ -29,7 +30,7 @@ _MIN_ELEMS_STRICT = 256
 @pytest.fixture(autouse=True)
 def _poison_buffers(monkeypatch):
     """Every kernel output/workspace starts as NaN, so an element the kernels never wrote fails the test."""
-    monkeypatch.setattr(nsmod, "_alloc", lambda numel, dtype, device: nan_empty((numel,), dtype, device))
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _rand(shape, seed=None, device=DEV, dtype=torch.float32):

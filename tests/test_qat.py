@@ -23,6 +23,7 @@ from pgolf_kernels.qat import (
     qat_row_scale_ref,
 )
 from pgolf_kernels.quant import quantize_rows
+from pgolf_kernels import _utils
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 HAS_CUDA = torch.cuda.is_available()
@@ -31,7 +32,7 @@ SHAPES = [(1, 40, 72), (17, 33, 50), (5, 70, 64)]  # (M, N, K): tails in every d
 
 @pytest.fixture(autouse=True)
 def _nan_outputs(monkeypatch):
-    monkeypatch.setattr(mod, "_ALLOC", lambda shape, dtype, device: nan_empty(shape, dtype, device))
+    monkeypatch.setattr(_utils, "empty", nan_empty)
 
 
 def _gen():

@@ -4,6 +4,7 @@ import os
 import pytest
 import torch
 
+from pgolf_kernels.quant import dequantize
 from train import artifact as art
 from train.model import GPT, GPTConfig
 
@@ -98,8 +99,65 @@ def test_code_bytes_and_loud_warning(tmp_path, capsys, monkeypatch):
     art.save_artifact(m, str(tmp_path / "m2.ptz"), code_paths=[str(code)])
     assert "ARTIFACT TOO LARGE" in capsys.readouterr().out
     paths = art.default_code_paths()
-    assert any(p.endswith(os.path.join("train", "train_gpt.py")) for p in paths)
     assert all(os.path.isfile(p) for p in paths)
+    rel = {os.path.relpath(p, art._ROOT) for p in paths}
+    # what a TTT submission ships: both drivers, the eval's TTT code and LoRA kernels, the codec's C++ sources
+    for f in ("train/train_gpt.py", "train/eval.py", "train/ttt.py", "pgolf_kernels/lora.py",
+              "pgolf_kernels/lora_triton.py", "pgolf_kernels/muon.py", "pgolf_kernels/quant.py", "csrc/codec.cpp"):
+        assert f in rel, f
+    assert not any(r.startswith(("tests/", "bench/")) for r in rel), rel  # never imported by the drivers
+    assert "pgolf_kernels/lora.py" not in {os.path.relpath(p, art._ROOT) for p in art.code_paths_for_entry("train")}
+
+
+def _write(root, rel, text):
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_code_bytes_follow_the_entry_import_graph(tmp_path):
+    """The count is the entry's import closure inside the repo: a module joins the count when (and only when)
+    an imported file imports it, however it is spelled (relative, absolute, function-local, package attribute)."""
+    _write(tmp_path, "app/__init__.py", "")
+    _write(tmp_path, "app/__main__.py", "from .run import main\nimport os\n")
+    _write(tmp_path, "app/run.py", "import torch\n\ndef main():\n    from lib import helper  # lazy\n")
+    _write(tmp_path, "lib/__init__.py", "X = 1\n")
+    _write(tmp_path, "lib/helper.py", "from . import _private\n")
+    _write(tmp_path, "lib/_private.py", "Y = 2\n")
+    extra = _write(tmp_path, "lib/extra.py", "Z = 3 # not imported yet\n")
+    _write(tmp_path, "lib/_C.py", "")  # stands in for nothing: only EXTENSION_SOURCES names count for "_C"
+    rel = lambda ps: sorted(os.path.relpath(p, tmp_path) for p in ps)  # noqa: E731
+    before = art.code_paths_for_entry("app", root=str(tmp_path))
+    assert rel(before) == ["app/__init__.py", "app/__main__.py", "app/run.py", "lib/__init__.py", "lib/_private.py",
+                           "lib/helper.py"]
+    n0 = art.code_bytes_for_entry("app", root=str(tmp_path))
+    assert n0 == sum(os.path.getsize(p) for p in before)
+    _write(tmp_path, "app/run.py", "import torch\nimport lib.extra\n\ndef main():\n    from lib import helper  # lazy\n")
+    n1 = art.code_bytes_for_entry("app", root=str(tmp_path))
+    assert n1 == n0 + len("import lib.extra\n") + extra.stat().st_size
+    with pytest.raises(ValueError, match="not a module or package"):
+        art.code_paths_for_entry("nope", root=str(tmp_path))
+
+
+def test_eval_entry_counts_what_it_imports(tmp_path, monkeypatch):
+    """Adding a module to the eval driver's imports changes the eval entry's count by that module's bytes."""
+    import shutil
+
+    root = tmp_path / "repo"
+    for d in ("train", "pgolf_kernels", "csrc"):
+        shutil.copytree(os.path.join(art._ROOT, d), root / d, ignore=shutil.ignore_patterns("__pycache__", "*.so"))
+    before = set(art.code_paths_for_entry("train.eval", root=str(root)))
+    n0 = art.code_bytes_for_entry("train.eval", root=str(root))
+    assert n0 == art.code_bytes_for_entry("train.eval")  # the copy counts like the repo
+    line = "\nimport pgolf_kernels.muon  # added\n"
+    with open(root / "train" / "eval.py", "a") as f:
+        f.write(line)
+    added = set(art.code_paths_for_entry("train.eval", root=str(root))) - before
+    # muon.py and what it imports that the eval did not import already (newton_schulz.py)
+    assert {os.path.relpath(p, root) for p in added} == {"pgolf_kernels/muon.py", "pgolf_kernels/newton_schulz.py"}
+    n1 = art.code_bytes_for_entry("train.eval", root=str(root))
+    assert n1 == n0 + len(line) + sum(os.path.getsize(p) for p in added)
 
 
 def test_fit_to_budget_coarsens_int6_grid(tmp_path):
@@ -117,8 +175,8 @@ def test_fit_to_budget_coarsens_int6_grid(tmp_path):
         assert int(entries[name].q.abs().max()) <= 31
     # coarser grid -> larger but bounded reconstruction error on every matrix
     w = m.blocks[0].mlp.fc.weight.detach()
-    e0 = (art._dequant(art.quantize_model(m)["blocks.0.mlp.fc.weight"], torch.float32) - w).square().mean()
-    e1 = (art._dequant(entries["blocks.0.mlp.fc.weight"], torch.float32) - w).square().mean()
+    e0 = (dequantize(art.quantize_model(m)["blocks.0.mlp.fc.weight"], torch.float32) - w).square().mean()
+    e1 = (dequantize(entries["blocks.0.mlp.fc.weight"], torch.float32) - w).square().mean()
     assert e0 < e1 < 0.05 * w.square().mean()
 
 

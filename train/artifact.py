@@ -8,19 +8,17 @@ Storage policy (per tensor of the model's state dict):
   * everything else (gains, scales, residual mixes, skip weights: a few thousand values): fp16.
 The entries and a ``meta`` dict (model config, format tag) go through ``pack_artifact`` (zstd-22).
 
-Artifact bytes as the challenge counts them = compressed model file + the bytes of the code needed
-to train and load it (``default_code_paths()``: the driver files and the package modules it calls).
-
-Until ``pgolf_kernels.quant`` is importable a pure-torch stand-in codec is used (same storage
-policy, ``torch.save`` + zstd-22 container, tagged ``codec: fallback`` in meta); files are read back
-by whichever codec wrote them.
+Artifact bytes as the challenge counts them = compressed model file + the bytes of the code a
+submission ships: every file of this repository that the training entry (``python3 -m train``) and the
+eval entry (``python3 -m train.eval``) import, found by walking their import statements
+(``code_paths_for_entry``), plus the C++ sources of the compiled codec when it is imported.
 """
 from __future__ import annotations
 
+import ast
 import glob
-import io
 import os
-from typing import Dict, Iterable, List, NamedTuple, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -31,80 +29,20 @@ ARTIFACT_FORMAT = "pgolf-train-artifact/1"
 SIZE_LIMIT = 16_000_000
 MATRIX_BITS = 6
 EMBED_BITS = 8
-_FALLBACK_MAGIC = b"PGTRAIN-FALLBACK1\n"
+CODEC_NAME = "pgolf_kernels.quant"
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-# ---------------------------------------------------------------- codec selection
+# ---------------------------------------------------------------- codec
 def _codec():
-    """(QTensor, quantize_rows, dequantize, pack, unpack, ArtifactError, name)."""
-    try:
-        from pgolf_kernels import quant as q
+    """The artifact codec, ``pgolf_kernels.quant`` (C++ clip search + zstd container), with its compiled
+    extension loaded: a missing or stale build raises one RuntimeError naming the rebuild command here,
+    before any quantization work. Callers use it by name (``codec.quantize_rows``, ``codec.pack_artifact``...)."""
+    from pgolf_kernels import quant
+    from pgolf_kernels._ext import load_C
 
-        return q.QTensor, q.quantize_rows, q.dequantize, q.pack_artifact, q.unpack_artifact, q.ArtifactError, "pgolf_kernels.quant"
-    except (ImportError, AttributeError):
-        return _FbQTensor, _fb_quantize_rows, _fb_dequantize, _fb_pack, _fb_unpack, _FbArtifactError, "fallback"
-
-
-class _FbQTensor(NamedTuple):
-    q: torch.Tensor      # int8 (N, K)
-    scale: torch.Tensor  # fp16 (N,)
-    bits: int
-
-
-class _FbArtifactError(ValueError):
-    pass
-
-
-def _fb_quantize_rows(w: torch.Tensor, bits: int = 6, clip: str = "search") -> _FbQTensor:
-    """Per-row symmetric quantization; clip = best of a few fractions of max|row| by MSE."""
-    w = w.detach().float().cpu()
-    qmax = 2 ** (bits - 1) - 1
-    amax = w.abs().amax(dim=1).clamp_min(1e-12)
-    best_err, best_s = None, None
-    fracs = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7) if clip == "search" else (1.0,)
-    for f in fracs:
-        s = (amax * f / qmax).half().float()
-        s = torch.where(s > 0, s, torch.full_like(s, 2.0 ** -24))
-        q = torch.clamp(torch.round(w / s[:, None]), -qmax, qmax)
-        err = (q * s[:, None] - w).square().sum(dim=1)
-        if best_err is None:
-            best_err, best_s = err, s
-        else:
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_s = torch.where(better, s, best_s)
-    q = torch.clamp(torch.round(w / best_s[:, None]), -qmax, qmax).to(torch.int8)
-    return _FbQTensor(q.contiguous(), best_s.half(), bits)
-
-
-def _fb_dequantize(qt, dtype=torch.bfloat16) -> torch.Tensor:
-    return (qt.q.float() * qt.scale.float()[:, None]).to(dtype)
-
-
-def _fb_pack(entries, meta=None, level=22) -> bytes:
-    import zstandard
-
-    plain = {k: (("q", v.q, v.scale, v.bits) if isinstance(v, tuple) else ("t", v)) for k, v in entries.items()}
-    buf = io.BytesIO()
-    torch.save({"entries": plain, "meta": meta or {}}, buf)
-    return _FALLBACK_MAGIC + zstandard.ZstdCompressor(level=level).compress(buf.getvalue())
-
-
-def _fb_unpack(blob: bytes):
-    import zstandard
-
-    if not blob.startswith(_FALLBACK_MAGIC):
-        raise _FbArtifactError("not a fallback-codec artifact")
-    try:
-        raw = zstandard.ZstdDecompressor().decompress(blob[len(_FALLBACK_MAGIC):])
-        obj = torch.load(io.BytesIO(raw), weights_only=True)
-    except Exception as e:
-        raise _FbArtifactError(f"corrupt fallback artifact: {e}") from e
-    entries = {}
-    for k, v in obj["entries"].items():
-        entries[k] = _FbQTensor(v[1], v[2], int(v[3])) if v[0] == "q" else v[1]
-    return entries, obj["meta"]
+    load_C()
+    return quant
 
 
 # ---------------------------------------------------------------- policy
@@ -134,7 +72,7 @@ def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None, 
 
     ``step_mult`` > 1 coarsens the int6 grid of the block matrices by that factor (used by
     ``save_artifact`` to fit the byte budget; 1.0 = the codec's MSE-optimal clip search)."""
-    _, quantize_rows, _, _, _, _, _ = _codec()
+    quantize_rows = _codec().quantize_rows
     state = state if state is not None else model.state_dict()
     mats, embs = set(matrix_names(model)), set(embedding_names(model))
     entries = {}
@@ -151,17 +89,87 @@ def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None, 
     return entries
 
 
+# ---------------------------------------------------------------- code bytes
+# The entry points a submission runs: training (``python3 -m train``) and evaluation (``python3 -m train.eval``).
+DRIVER_ENTRIES = ("train", "train.eval")
+# Compiled extensions have no .py file to walk; importing one ships its sources.
+EXTENSION_SOURCES = {"pgolf_kernels._C": ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "csrc/*.cuh")}
+
+
+def _module_file(name: str, root: str) -> Optional[str]:
+    """The file under ``root`` that ``import name`` executes (package __init__ or module), or None."""
+    base = os.path.join(root, *name.split("."))
+    for cand in (os.path.join(base, "__init__.py"), base + ".py"):
+        if os.path.isfile(cand):
+            return cand
+    return None
+
+
+def _imported_names(path: str, name: str) -> List[str]:
+    """Absolute names of every module ``path`` (module ``name``) may import: each import statement in the file,
+    function-local and conditional ones included (over-counting a lazy import is the safe side of a size
+    limit); ``from X import y`` also names ``X.y`` in case y is a submodule."""
+    is_pkg = os.path.basename(path) == "__init__.py"
+    package = name if is_pkg else name.rpartition(".")[0]
+    with open(path, encoding="utf-8") as f:
+        tree = ast.parse(f.read(), filename=path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                if node.level > 1:
+                    parts = parts[: len(parts) - (node.level - 1)]
+                mod = ".".join(parts + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            out.append(mod)
+            out += [f"{mod}.{a.name}" for a in node.names if a.name != "*"]
+    return out
+
+
+def code_paths_for_entry(module: str, root: Optional[str] = None) -> List[str]:
+    """Files of the repository at ``root`` (default: this repo) that ``python3 -m <module>`` imports: the
+    entry module (its ``__main__.py`` for a package), every parent package's ``__init__.py``, and the
+    transitive closure of their import statements restricted to modules that resolve to a file under
+    ``root`` (third-party imports resolve nowhere there and are not counted). An imported compiled
+    extension counts its sources (``EXTENSION_SOURCES``). Sorted absolute paths."""
+    root = os.path.abspath(root or _ROOT)
+    start = _module_file(module, root)
+    if start is None:
+        raise ValueError(f"code_paths_for_entry: module {module!r} is not a module or package under {root}")
+    todo = [module]
+    if start.endswith("__init__.py") and os.path.isfile(os.path.join(os.path.dirname(start), "__main__.py")):
+        todo.append(module + ".__main__")
+    seen, files = set(), set()
+    while todo:
+        name = todo.pop()
+        if not name or name in seen:
+            continue
+        seen.add(name)
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(1, len(parts))]  # importing a.b.c runs a and a.b first
+        for pattern in EXTENSION_SOURCES.get(name, ()):
+            files.update(glob.glob(os.path.join(root, pattern)))
+        path = _module_file(name, root)
+        if path is None or path in files:
+            continue
+        files.add(path)
+        todo += _imported_names(path, name)
+    return sorted(os.path.abspath(p) for p in files)
+
+
+def code_bytes_for_entry(module: str, root: Optional[str] = None) -> int:
+    """Bytes of ``code_paths_for_entry(module, root)``: what shipping that entry point's code costs."""
+    return code_bytes(code_paths_for_entry(module, root))
+
+
 def default_code_paths() -> List[str]:
-    """Code a competitor ships with the weights: the train driver + the package modules it calls
-    (optimizer, Newton-Schulz, codec, int6 linear, C++ codec sources)."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    names = ["__init__.py", "__main__.py", "config.py", "model.py", "data.py", "artifact.py", "train_gpt.py", "bpb.py"]
-    paths = [os.path.join(here, n) for n in names]
-    pk = os.path.join(_ROOT, "pgolf_kernels")
-    paths += [os.path.join(pk, n) for n in
-              ("__init__.py", "_utils.py", "_ext.py", "newton_schulz.py", "muon.py", "quant.py", "int6_linear.py", "qat.py")]
-    paths += sorted(glob.glob(os.path.join(_ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(_ROOT, "csrc", "*.h")))
-    return [p for p in paths if os.path.isfile(p)]
+    """The code a submission ships with the weights: the union of the import graphs of the training and
+    the eval entry points (``DRIVER_ENTRIES``)."""
+    return sorted(set().union(*(code_paths_for_entry(m) for m in DRIVER_ENTRIES)))
 
 
 def code_bytes(paths: Iterable[str]) -> int:
@@ -182,19 +190,19 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     Returns ``dict(bytes_model, bytes_code, bytes_total, codec, code_files, step_mult)``; prints a
     loud warning when ``bytes_total`` still exceeds the limit.
     """
-    _, _, _, pack, _, _, codec_name = _codec()
+    codec = _codec()
     limit = SIZE_LIMIT if limit is None else int(limit)
     cpaths = list(code_paths) if code_paths is not None else default_code_paths()
     nb_code = code_bytes(cpaths)
     state = {k: v.detach().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
-    meta = {"format": ARTIFACT_FORMAT, "config": model.config.to_dict(), "codec": codec_name,
+    meta = {"format": ARTIFACT_FORMAT, "config": model.config.to_dict(), "codec": CODEC_NAME,
             "matrix_bits": MATRIX_BITS, "embed_bits": EMBED_BITS}
     if extra_meta:
         meta.update(extra_meta)
 
     def build(mult, lvl):
         ents = quantize_model(model, state, step_mult=mult)
-        return pack(ents, dict(meta, step_mult=mult), level=lvl)
+        return codec.pack_artifact(ents, dict(meta, step_mult=mult), level=lvl)
 
     mult = 1.0
     target = limit - nb_code
@@ -218,7 +226,7 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(blob)
-    info = dict(bytes_model=len(blob), bytes_code=nb_code, bytes_total=len(blob) + nb_code, codec=codec_name,
+    info = dict(bytes_model=len(blob), bytes_code=nb_code, bytes_total=len(blob) + nb_code, codec=CODEC_NAME,
                 code_files=len(cpaths), step_mult=round(mult, 4))
     if warn and info["bytes_total"] > limit:
         bar = "!" * 78
@@ -233,13 +241,7 @@ def load_artifact(path: str) -> Tuple[GPTConfig, dict, dict]:
         raise FileNotFoundError(f"artifact not found: {path}")
     with open(path, "rb") as f:
         blob = f.read()
-    if blob.startswith(_FALLBACK_MAGIC):
-        entries, meta = _fb_unpack(blob)
-    else:
-        _, _, _, _, unpack, _, name = _codec()
-        if name == "fallback":
-            raise ValueError(f"{path}: written by pgolf_kernels.quant, which is not importable here")
-        entries, meta = unpack(blob)
+    entries, meta = _codec().unpack_artifact(blob)
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path}: not a train artifact (meta format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
                          f"expected {ARTIFACT_FORMAT!r})")
@@ -248,13 +250,6 @@ def load_artifact(path: str) -> Tuple[GPTConfig, dict, dict]:
 
 def _is_q(v) -> bool:
     return hasattr(v, "q") and hasattr(v, "scale") and hasattr(v, "bits")
-
-
-def _dequant(v, dtype):
-    if v.__class__ is _FbQTensor:
-        return _fb_dequantize(v, dtype)
-    _, _, dequantize, _, _, _, _ = _codec()
-    return dequantize(v, dtype=dtype)
 
 
 def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Optional[torch.dtype] = None) -> GPT:
@@ -274,7 +269,7 @@ def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Option
     for name, v in entries.items():
         if _is_q(v):
             # q * scale is exact in fp32 (|q| <= 127, fp16 scale); bf16 rounds it (8-bit mantissa)
-            state[name] = _dequant(v, torch.float32).to(dtype)
+            state[name] = _codec().dequantize(v, dtype=torch.float32).to(dtype)
         else:
             state[name] = v.to(dtype)
     model.load_state_dict(state, strict=True)

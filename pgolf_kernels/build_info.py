@@ -1,7 +1,7 @@
-"""``python3 -m pgolf_kernels.build_info``: what the installed build contains (one line each).
+"""``python3 -m pgolf_kernels.build_info``: what the installed build contains.
 
-pip hides setup.py's own output, so scripts/install.sh calls this to say what was built, what was
-skipped and why, and to load the extension once (a stale .so fails here, with the rebuild command).
+pip hides setup.py's own output, so scripts/install.sh calls this to say what was built and to load the
+extension once (a stale .so fails here, with the rebuild command).
 """
 from __future__ import annotations
 
@@ -22,10 +22,7 @@ def main() -> int:
     load_C()
     print(f"pgolf_kernels {pgolf_kernels.__version__}: C++ extension pgolf_kernels._C built against torch "
           f"{bi.TORCH_VERSION} and loads with torch {torch.__version__}")
-    if bi.WITH_CUDA:
-        print(f"pgolf_kernels: CUDA sources built ({getattr(bi, 'CUDA_REASON', '')})")
-    else:
-        print(f"pgolf_kernels: CUDA sources skipped: {getattr(bi, 'CUDA_REASON', 'unknown reason')}")
+    print("pgolf_kernels: GPU kernels are Triton, compiled on first use per device (no CUDA build step)")
     return 0
 
 

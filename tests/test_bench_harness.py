@@ -39,8 +39,33 @@ def test_bench_without_gpu_says_so():
     assert "no CUDA GPU" in out.stdout
 
 
-def test_report_renders():
+def test_report_renders(tmp_path):
+    import json
+
     from bench import report
 
-    md = report.render()
-    assert isinstance(md, str) and md
+    rows = [{"kernel": "k", "case": "c1", "ours_ms": 1.0, "baseline": "b", "baseline_ms": 2.0, "speedup": 2.0},
+            {"kernel": "k", "case": "c2", "ours_ms": 4.0, "baseline": "b", "baseline_ms": 2.0, "speedup": 0.5}]
+    (tmp_path / "k-h200.json").write_text(json.dumps({"device": "GPU X", "torch": "t", "triton": "tr", "date": "d",
+                                                      "notes": "note text", "rows": rows}))
+    (tmp_path / "profile-h200.json").write_text(json.dumps({"device": "GPU X"}))
+    md = report.render(str(tmp_path))
+    assert "## k-h200" in md and "note text" in md and "| c1 |" in md and "| c2 |" in md
+    assert "speedup min 0.50 / median 2.00 / max 2.00" in md
+    assert "bench/results/profile-h200.md" in md  # files without rows are linked, not tabulated
+    assert "(no GPU results yet)" in report.render(str(tmp_path / "empty"))
+
+
+def test_results_files_are_named_by_kernel_and_gpu():
+    """bench/results holds <kernel>-<gpu>.json|md only (a newer measurement replaces the file)."""
+    import glob
+    import os
+    import re
+
+    from bench.harness import RESULTS_DIR
+
+    names = [os.path.basename(p) for p in glob.glob(os.path.join(RESULTS_DIR, "*")) if os.path.isfile(p)]
+    assert names
+    bad = [n for n in names if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*-(h100|h200|cpu)\.(json|md)", n)
+           or re.search(r"-(run|session|design)\d", n)]
+    assert not bad, bad

@@ -465,7 +465,7 @@ def test_gpu_bench_shapes_bf16(NK):
         ref = x.float() @ w32.T  # fp32 GEMM (TF32 off by default) on the exact weights
         base = F.linear(x, wbf)  # torch's bf16 path = int6_linear_ref
         assert_close_rel(y, ref, base, name=f"y M={M}")
-        # Measured on H200 over all 8 shapes x 9 M (bench/results/int6-h200-pytest.txt): y vs exact
+        # Measured on H200 over all 8 shapes x 9 M (bench/results/logs/int6-gpu-tests-h200.txt): y vs exact
         # 1.67-1.74e-3 (= the floor), y vs F.linear(x, bf16(q*s)) 2.59-2.95e-3, dx 1.67-1.72e-3.
         # Tight check: y is fp32-accumulated and rounded once to bf16, so its error must sit at
         # the floor set by rounding the exact result to bf16 (x1.1 for accumulation-order ties).

@@ -81,8 +81,24 @@ def test_stale_extension_gives_clear_message(monkeypatch):
         _ext.load_C.cache_clear()
 
 
-def test_build_info_reports_cuda_decision():
+def test_build_info_reports_the_build():
     out = subprocess.run([sys.executable, "-m", "pgolf_kernels.build_info"], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "pgolf_kernels._C built against torch" in out.stdout
-    assert "CUDA sources" in out.stdout
+    assert "GPU kernels are Triton" in out.stdout
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_one_version_source_and_one_installed_package():
+    """setup.py takes the version from pgolf_kernels/__init__.py and installs pgolf_kernels only (the drivers
+    and benches run from a checkout; `train` and `bench` are not site-packages names)."""
+    import pgolf_kernels
+
+    out = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == pgolf_kernels.__version__
+    src = open(os.path.join(ROOT, "setup.py")).read()
+    assert 'packages=["pgolf_kernels"]' in src
+    assert pgolf_kernels.__version__ not in src  # no second copy of the version

@@ -95,6 +95,9 @@ def test_code_bytes_and_loud_warning(tmp_path, capsys, monkeypatch):
     info = art.save_artifact(m, str(tmp_path / "m.ptz"), code_paths=[str(code)])
     assert info["bytes_code"] == 1234 and info["bytes_total"] == info["bytes_model"] + 1234
     assert "TOO LARGE" not in capsys.readouterr().out
+    sub = art.submission_bytes(str(tmp_path / "m.ptz"), code_paths=[str(code)])
+    assert sub["bytes_total"] == info["bytes_total"] and sub["ok"]
+    assert art.submission_bytes(str(tmp_path / "m.ptz"))["bytes_code"] == art.code_bytes(art.default_code_paths())
     monkeypatch.setattr(art, "SIZE_LIMIT", 1000)
     art.save_artifact(m, str(tmp_path / "m2.ptz"), code_paths=[str(code)])
     assert "ARTIFACT TOO LARGE" in capsys.readouterr().out

@@ -176,6 +176,16 @@ def code_bytes(paths: Iterable[str]) -> int:
     return sum(os.path.getsize(p) for p in paths)
 
 
+def submission_bytes(model_path: str, code_paths: Optional[Iterable[str]] = None) -> dict:
+    """What a submission of the artifact at ``model_path`` pays: ``dict(bytes_model, bytes_code, bytes_total,
+    limit, ok)``, code = ``default_code_paths()`` unless given. The drivers' size checks call this, so both
+    count code + model against ``SIZE_LIMIT``."""
+    nb_model = os.path.getsize(model_path)
+    nb_code = code_bytes(code_paths if code_paths is not None else default_code_paths())
+    total = nb_model + nb_code
+    return dict(bytes_model=nb_model, bytes_code=nb_code, bytes_total=total, limit=SIZE_LIMIT, ok=total <= SIZE_LIMIT)
+
+
 def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = None,
                   state: Optional[Dict[str, torch.Tensor]] = None, extra_meta: Optional[dict] = None,
                   level: int = 22, warn: bool = True, fit: bool = True, limit: Optional[int] = None) -> dict:

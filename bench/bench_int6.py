@@ -1,4 +1,4 @@
-"""int6 dequant-matmul benchmark (issue 3): forward y = x (q s)^T and input gradient dx = dy (q s).
+"""int6 dequant-matmul benchmark: forward y = x (q s)^T and input gradient dx = dy (q s).
 
 For every weight shape N x K and token count M, in one run, bf16 activations:
   ours          int6_linear / int6_linear_dx (Triton, codes dequantized in registers)
@@ -60,7 +60,7 @@ def _partial_dump(rows):
 
 
 def run(quick: bool = False):
-    from bench.harness import graph_bench_ms, make_row, tflops, gbps
+    from bench.harness import gbps, graph_bench_ms, make_row, tflops, time_all
     from pgolf_kernels import int6_linear as mod
     from pgolf_kernels.quant import quantize_rows
     from pgolf_kernels.testing import rel_err
@@ -121,13 +121,7 @@ def run(quick: bool = False):
                     b_ours = 2 * M * N + N * K + 2 * N + 2 * M * K
                     b_cub = 2 * M * N + 2 * N * K + 2 * M * K
                     err, cfg = err_d, cfg_d
-                t = {}
-                for name, f in fns.items():
-                    try:
-                        t[name] = timer(f)
-                    except Exception as e:  # a failing baseline must not hide the others
-                        print(f"{direction} N={N} K={K} M={M} {name}: {type(e).__name__}: {e}", flush=True)
-                        t[name] = float("nan")
+                t = time_all(fns, timer, f"{direction} N={N} K={K} M={M}")
                 flops = 2.0 * M * N * K
                 rows.append(
                     make_row(
@@ -188,7 +182,7 @@ if __name__ == "__main__":
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "int6-codec-cpu.md")
         os.makedirs(os.path.dirname(out), exist_ok=True)
         with open(out, "w") as f:
-            f.write(f"# int6 codec on the CPU machine ({os.cpu_count()} cores, torch {torch.__version__})\n\n")
+            f.write(f"# int6 codec on a CPU host ({os.cpu_count()} cores, torch {torch.__version__})\n\n")
             f.write("Gaussian rows (std 0.02) stand in for weights; ms columns are wall time.\n\n")
             f.write(markdown_table(rows))
         print(markdown_table(rows))

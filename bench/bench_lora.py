@@ -5,7 +5,7 @@ Timing: ``graph_bench_ms`` (CUDA-graph replay, 20 calls per graph) for every row
 the bmm form is launch-bound and a TTT loop would run captured anyway. Where one input set fits in L2 (T <= 512)
 three input sets are rotated. Forward rows run under no_grad; forward+backward rows run torch.autograd.grad for
 x and every adapter. Each shape also gets one fwd+bwd row timed with ``bench_ms`` (do_bench, no graph: launch gaps
-included), the way the issue's baseline figures were taken. Rows are also appended to ``lora-partial.jsonl`` in the
+included), the way the published baseline figures were taken. Rows are also appended to ``lora-partial.jsonl`` in the
 results dir as they are measured.
 
 Env: PGOLF_LORA_SWEEP=1 first times tile/strategy variants (each checked against an fp32 oracle) and uses the
@@ -228,7 +228,7 @@ def run(quick: bool = False):
         cfg = _use(r)
         t = {k: _time(_fwd, fn, sets) for k, fn in (("ours", ours), ("bmm", bmm_form), ("base", base_only))}
         tb = {k: _time(_fwd_bwd, fn, sets) for k, fn in (("ours", ours), ("bmm", bmm_form))}
-        # the issue's own baseline figures were taken without CUDA graphs: also time both that way
+        # the published baseline figures were taken without CUDA graphs: also time both that way
         te = {k: bench_ms(rotate([_fwd_bwd(fn, s_) for s_ in sets])) for k, fn in (("ours", ours), ("bmm", bmm_form))}
         res[(T, r)] = (case, t, tb)
         flops = 2 * B * T * D * sum(OUTS)

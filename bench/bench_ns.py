@@ -1,4 +1,4 @@
-"""Newton-Schulz benchmark (issue 5): the 11-layer record banks, single matrices, one rank's 1/8 share,
+"""Newton-Schulz benchmark: the 11-layer record banks, single matrices, one rank's 1/8 share,
 a tile-config sweep, and a 300-step training-parity run (kernel NS vs reference NS).
 
 Timing: ours = CUDA-graph replay (``graph_bench_ms``; the kernel path is ~3 launches per NS step + 2-3 prologue

@@ -1,7 +1,7 @@
-"""int6 QAT benchmark (issue 8 part 2): the step-time cost of quantization-aware training with our
+"""int6 QAT benchmark: the step-time cost of quantization-aware training with our
 fused kernel (pgolf_kernels.qat.int6_qat_linear) vs a plain-torch straight-through estimator.
 
-Order: the train-step rows first (the figure issue 8 asks for), then the per-layer rows while the
+Order: the train-step rows first (the headline figure), then the per-layer rows while the
 budget ``PGOLF_QAT_BENCH_BUDGET_S`` (default 420 s, from the start of ``run``) lasts -- the first
 H100 run spent its whole 406 s in the per-shape autotune + compile of the layer rows and printed
 nothing. Each row is printed as soon as it is measured.
@@ -18,7 +18,7 @@ Rows (bf16 autocast activations, fp32 master weights, as the training driver run
      compiled torch reference.
   3. ``train step``: the whole 11L d512 GPT (torch.compile'd), forward + backward of one
      micro-batch of 16 x 2048 tokens, QAT off / kernel / torch STE (optimizer step excluded:
-     it is the same in all three). This is the number the issue asks for: ms/step of QAT with
+     it is the same in all three). This is the headline number: ms/step of QAT with
      our kernel vs the plain-torch STE, and both against no QAT.
 Timing: triton.testing.do_bench medians (CUDA events); the train-step rows use 10 timed steps after
 3 warm-up steps (compile and autotune excluded).
@@ -74,7 +74,7 @@ def _autocast(dev):
 
 
 def _layer_rows(dev, Ms, timer):
-    from bench.harness import make_row
+    from bench.harness import make_row, time_all
     from pgolf_kernels.qat import int6_qat_linear, int6_qat_linear_ref, qat_row_scale, qat_row_scale_ref
     from pgolf_kernels.testing import rel_err
 
@@ -112,13 +112,7 @@ def _layer_rows(dev, Ms, timer):
             # codes exact in the forward, so small differences are bf16 rounding)
             go, gr = fns["ours"](), fns["torch_ste"]()
             err_dx, err_dw = rel_err(go[0], gr[0]), rel_err(go[1], gr[1])
-            t = {}
-            for name, f in fns.items():
-                try:
-                    t[name] = timer(f)
-                except Exception as e:  # a failing contestant must not hide the others
-                    print(f"N={N} K={K} M={M} {name}: {type(e).__name__}: {e}", flush=True)
-                    t[name] = float("nan")
+            t = time_all(fns, timer, f"N={N} K={K} M={M}")
             rows.append(_emit(make_row(
                 f"{KERNEL}_layer", f"N{N}_K{K}_M{M} fwd+bwd", t["ours"], "torch_ste", t["torch_ste"],
                 compiled_ms=t["compiled"], no_qat_ms=t["no_qat"],

@@ -94,6 +94,20 @@ def graph_bench_ms(fn: Callable[[], object], *, n_inner: int = 20, reps: int = 3
     return times[len(times) // 2]
 
 
+def time_all(fns: Dict[str, Callable[[], object]], timer: Callable[[Callable[[], object]], float],
+             label: str = "") -> Dict[str, float]:
+    """``{name: timer(fn)}`` for every contestant; one that raises is printed and timed NaN, so a failing
+    baseline never hides the others."""
+    t = {}
+    for name, f in fns.items():
+        try:
+            t[name] = timer(f)
+        except Exception as e:
+            print(f"{label} {name}: {type(e).__name__}: {e}", flush=True)
+            t[name] = float("nan")
+    return t
+
+
 def make_row(
     kernel: str,
     case: str,

@@ -1,4 +1,4 @@
-// int-k weight codec for parameter-golf artifacts (issue 3).
+// int-k weight codec for parameter-golf artifacts.
 //
 //  * quantize_rows: per-row symmetric quantization of a float32 (N, K) matrix to b-bit codes
 //    (b in 5..8), q in [-(2^(b-1)-1), 2^(b-1)-1] stored one per int8 byte, and a per-row fp16

@@ -13,6 +13,8 @@ import os
 from typing import Iterable, Optional, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 
 def interpret_mode() -> bool:
@@ -110,3 +112,15 @@ def tuner_bench(fn, quantiles):
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+@triton.jit
+def output_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Program ``pid``'s (BM, BN) tile of an (M, N) output, N fastest (consecutive programs share one row
+    tile, which is read from HBM once and from L2 after). Returns (rm, rn, rm % M, rn % N): the wrapped
+    indices serve the loads (edge rows and columns are computed on valid data, never stored), the plain
+    ones the masked stores."""
+    num_pid_n = tl.cdiv(N, BN)
+    rm = (pid // num_pid_n) * BM + tl.arange(0, BM)
+    rn = (pid % num_pid_n) * BN + tl.arange(0, BN)
+    return rm, rn, rm % M, rn % N

@@ -50,7 +50,8 @@ import triton.language as tl
 
 from . import _utils
 from ._dequant import DEFAULT_LARGE_M, dequant, dequant_aten
-from ._utils import M_BUCKETS, cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, rows_2d, tuner_bench, use_triton
+from ._utils import (M_BUCKETS, cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, output_tile, rows_2d,
+                     tuner_bench, use_triton)
 from .quant import QTensor, check_bits, quantize_rows, validate_codes
 
 __all__ = [
@@ -122,16 +123,8 @@ def _fwd_kernel(
 ):
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)  # split index over the K reduction
-    num_pid_n = tl.cdiv(N, BN)
-    # n fastest: consecutive programs share one x tile (read from HBM once, then L2), and the
-    # whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident.
-    pid_n = pid % num_pid_n
-    pid_m = pid // num_pid_n
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    # wrap out-of-range rows onto valid ones instead of masking the loads; stores are masked
-    rm_l = rm % M
-    rn_l = rn % N
+    # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident
+    rm, rn, rm_l, rn_l = output_tile(pid, M, N, BM, BN)
     rk = tl.arange(0, BK)
     per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
     k_lo = pid_s * per
@@ -190,13 +183,7 @@ def _dx_kernel(
     # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)  # split index over the N reduction
-    num_pid_k = tl.cdiv(K, BK)
-    pid_k = pid % num_pid_k
-    pid_m = pid // num_pid_k
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
-    rm_l = rm % M
-    rk_l = rk % K
+    rm, rk, rm_l, rk_l = output_tile(pid, M, K, BM, BK)
     rn = tl.arange(0, BN)
     per = tl.cdiv(tl.cdiv(N, BN), SPLIT) * BN
     n_lo = pid_s * per
@@ -254,7 +241,7 @@ _dx_heur = triton.heuristics({"EVEN_N": lambda a: a["N"] % a["BN"] == 0})(_dx_ke
 # Tuples (SWAP, BM, T_out, T_red, SPLIT, num_warps, num_stages): BM tiles the tokens, T_out the
 # output dim (fwd: BN over N; dx: BK over K), T_red the reduction (fwd: BK over K; dx: BN over N),
 # SPLIT splits the reduction across programs (see _fwd_cfg_dict/_dx_cfg_dict). Kept short: every config
-# is a compile (~1 s each on the GPU machine) and each autotune key benchmarks only its bucket's
+# is a compile (~1 s each on an H200) and each autotune key benchmarks only its bucket's
 # 2-4 candidates. Split-K exists for small M: fwd with N=512, K=2048 has only 8 output tiles of
 # 64 rows, and dx of the 8192x512 head reduces over 8192 rows into 8 tiles, so one program per
 # tile would stream 128-512 KB alone; SPLIT=8 spreads that over 8x more SMs.
@@ -438,7 +425,7 @@ def _large_m_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias:
     autograd forms dx = dy @ W with the same W. Why: on the H100 the eval's TTT step through the
     custom ops kept the GPU as busy as the bf16 reference (51.6 vs 52.3 ms) but took 62.8 vs 57.9 ms,
     with 26.8 vs 8.1 ms of host time not hidden behind the GPU (bench/results/profile-ttt-h100.md);
-    one int6_linear fwd+bwd costs ~205 us more Python than F.linear's on the CPU machine (custom-op
+    one int6_linear fwd+bwd costs ~205 us more Python than F.linear's on a CPU host (custom-op
     dispatch), and a step makes 44 of them. Autocast is off inside, as in the custom op: the GEMM
     runs in x's dtype whatever the caller's autocast state."""
     N, K = q.shape

@@ -7,7 +7,7 @@ Triton's own compiler and bundled ptxas with the argument attributes a real laun
 so a check that leaves them out reports the wrong kernel.
 
 Why it exists: GPU time is scarce; compile errors, register spills and an unpipelined loop are visible here, on
-the CPU machine, before a GPU run is spent. It predicts no timings.
+a host without a GPU, before GPU time is spent. It predicts no timings.
 """
 from __future__ import annotations
 

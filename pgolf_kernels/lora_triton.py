@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import cdiv, interpret_mode
+from ._utils import cdiv, dot_precision, interpret_mode
 
 MAX_SLICES = 4
 
@@ -108,7 +108,7 @@ def _fwd_config(T: int, RP: int):
         # GPU tile sizes through the interpreter too)
         return _override(dict(BT=16, BN=32, BK=32), dict(), FWD_OVERRIDE)
     BT = 128 if T > 64 else 64
-    # BN=256 measured 1.27x faster than 128 at B64 T1024 r8 and 1.11x at T2048 r96 on H200 (run 1): half the
+    # BN=256 measured 1.27x faster than 128 at B64 T1024 r8 and 1.11x at T2048 r96 on H200: half the
     # shrink recomputation and more MMA work per byte of x. 3 stages of (x 16 KB + W 32 KB + A RP*64*2 B) fit in
     # 227 KB of smem up to RP=128, but the u accumulator at RP >= 64 costs registers: 2 stages there.
     meta, launch = dict(BT=BT, BN=256, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
@@ -121,22 +121,25 @@ def _override(meta, launch, ov):
     return meta, launch
 
 
-def _ip(x: torch.Tensor) -> str:
-    # fp32 activations get IEEE fp32 dots (users asking for fp32 expect fp32 accuracy); 16-bit inputs ignore this
-    return "ieee" if x.dtype == torch.float32 else "tf32"
+def _prologue(x, ws, As, config):
+    """What both launchers start with: (B, T, d, r padded, meta, launch options, T tiles), or None for empty x."""
+    assert 1 <= len(ws) <= MAX_SLICES
+    Bsz, T, D = x.shape
+    if Bsz == 0 or T == 0:
+        return None
+    RP = _rpad(max(A.shape[1] for A in As))
+    meta, launch = config(T, RP)
+    return Bsz, T, D, RP, meta, launch, cdiv(T, meta["BT"])
 
 
 def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: List[torch.Tensor]) -> None:
     """Write y_i into ``outs[i]`` (contiguous (B, T, N_i)) for a group of <= MAX_SLICES slices of one base kind."""
     ns = len(ws)
-    assert 1 <= ns <= MAX_SLICES
-    Bsz, T, D = x.shape
-    if Bsz == 0 or T == 0:
+    pro = _prologue(x, ws, As, _fwd_config)
+    if pro is None:
         return
-    RP = _rpad(max(A.shape[1] for A in As))
-    meta, launch = _fwd_config(T, RP)
-    BT, BN = meta["BT"], meta["BN"]
-    TT = cdiv(T, BT)
+    Bsz, T, D, RP, meta, launch, TT = pro
+    BN = meta["BN"]
     tiles = [cdiv(w.shape[0], BN) for w in ws]
     cum = [sum(tiles[:i + 1]) for i in range(ns)]
     NT = cum[-1]
@@ -150,7 +153,7 @@ def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: 
     _fwd_kernel[grid](x, lengths if lengths is not None else x, adapter_index if adapter_index is not None else x,
                       *args, C[0], C[1], C[2], T, D, As[0].shape[0], NT, TT, float(alpha),
                       NS=ns, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
-                      RP=RP, IP=_ip(x), **meta, **launch)
+                      RP=RP, IP=dot_precision(x.dtype), **meta, **launch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -306,8 +309,8 @@ def _bwd_config(T: int, RP: int):
     if interpret_mode():
         return _override(dict(BT=16, BN=32, BD=32, BK=32), dict(), BWD_OVERRIDE)
     BT = 128 if T > 64 else 64
-    # BT=128 with 8 warps measured 1.8x faster than BT=64 with 4 warps on H200 (run 1, B64 T1024 r8, with the
-    # previous structure of this kernel: dB inside the dx programs' main loop).
+    # BT=128 with 8 warps measured 1.8x faster than BT=64 with 4 warps on H200 (B64 T1024 r8, measured
+    # when dB was computed inside the dx programs' main loop).
     # acc (BT x BD) + g (BT x RP) fp32 in registers: at RP >= 64 halve BN to keep the dy/B tiles small.
     BN = 128 if RP <= 32 else 64
     return _override(dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=8, num_stages=2), BWD_OVERRIDE)
@@ -326,20 +329,17 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
     ``ws`` are dense (N_i, d) weights of x.dtype. With ``base_in_kernel=False`` the caller has already written
     dx = sum_i dy_i W_i into ``dx`` and the kernel adds the LoRA part to it."""
     ns = len(ws)
-    assert 1 <= ns <= MAX_SLICES
-    Bsz, T, D = x.shape
-    if Bsz == 0 or T == 0:
+    pro = _prologue(x, ws, As, _bwd_config)
+    if pro is None:
         return
-    RP = _rpad(max(A.shape[1] for A in As))
-    meta, launch = _bwd_config(T, RP)
-    BT, BD = meta["BT"], meta["BD"]
-    TT = cdiv(T, BT)
+    Bsz, T, D, RP, meta, launch, TT = pro
+    BD = meta["BD"]
     DT = cdiv(D, BD)
     if deterministic:
         tsplit = 1   # each dA/dB element has exactly one writer program, adding in its fixed T order
     else:
-        # aim at >= PPS programs per SM: PPS=8 measured 8 % faster than 2 on H200 (run 1, B64 T1024 r8, previous
-        # kernel structure)
+        # aim at >= PPS programs per SM: PPS=8 measured 8 % faster than 2 on H200 (B64 T1024 r8, measured when dB
+        # was computed inside the dx programs' main loop)
         pps = BWD_OVERRIDE.get("PPS", 8)
         tsplit = max(1, min(TT, cdiv(pps * _num_sms(x.device), Bsz * (DT + 1))))
     args = []
@@ -353,4 +353,4 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
                       NS=ns, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
                       GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, BASE=dx is not None and base_in_kernel,
                       LOAD_DX=dx is not None and not base_in_kernel, RP=RP,
-                      IP=_ip(x), **meta, **launch)
+                      IP=dot_precision(x.dtype), **meta, **launch)

@@ -1,4 +1,4 @@
-"""int-k quantization-aware training (QAT) fused into the int6 matmul path (issue 8, part 2).
+"""int-k quantization-aware training (QAT) fused into the int6 matmul path.
 
 Math (W (N, K) float master weights, x (..., K), b = bits, qmax = 2^(b-1) - 1, 31 for int6):
 
@@ -60,7 +60,8 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, rows_2d, tuner_bench, use_triton
+from ._utils import (cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, output_tile, rows_2d, tuner_bench,
+                     use_triton)
 from .quant import check_bits
 
 __all__ = [
@@ -251,15 +252,7 @@ def _row_scale_kernel(w_ptr, s_ptr, cand_ptr, N, K, stride_wn, CLIP_K,
 def _qat_fwd_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, stride_wn, stride_ym, M_BUCKET,
                     QMAX: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
                     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    pid = tl.program_id(0)
-    num_pid_n = tl.cdiv(N, BN)
-    # n fastest: consecutive programs share one x tile; the weight matrix stays L2-resident
-    pid_n = pid % num_pid_n
-    pid_m = pid // num_pid_n
-    rm = pid_m * BM + tl.arange(0, BM)
-    rn = pid_n * BN + tl.arange(0, BN)
-    rm_l = rm % M  # wrapped rows instead of masked loads; stores are masked
-    rn_l = rn % N
+    rm, rn, rm_l, rn_l = output_tile(tl.program_id(0), M, N, BM, BN)  # n fastest: W stays L2-resident
     rk = tl.arange(0, BK)
     s = tl.load(s_ptr + rn_l)
     inv = tl.where(s > 0, tl.math.div_rn(tl.full((BN,), 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
@@ -291,14 +284,7 @@ def _qat_dx_kernel(dy_ptr, w_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_wn,
                    QMAX: tl.constexpr, PREC: tl.constexpr,
                    BM: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, EVEN_N: tl.constexpr):
     # dx (M, K) = dy (M, N) @ fq(W) (N, K): BM tokens x BK output columns, reduction over N in BN
-    pid = tl.program_id(0)
-    num_pid_k = tl.cdiv(K, BK)
-    pid_k = pid % num_pid_k
-    pid_m = pid // num_pid_k
-    rm = pid_m * BM + tl.arange(0, BM)
-    rk = pid_k * BK + tl.arange(0, BK)
-    rm_l = rm % M
-    rk_l = rk % K
+    rm, rk, rm_l, rk_l = output_tile(tl.program_id(0), M, K, BM, BK)
     rn = tl.arange(0, BN)
     dy_ptrs = dy_ptr + rm_l[:, None].to(tl.int64) * stride_dym + rn[None, :]
     w_ptrs = w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk_l[None, :]

@@ -1,18 +1,18 @@
-"""int-k weight codec and the artifact container (issue 3).
+"""int-k weight codec and the artifact container.
 
 Format of a quantized matrix (``QTensor``)
 ------------------------------------------
 ``W (N, K) ~= q * scale[:, None]`` with ``q`` int8 codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``
 (b = 5, 6, 7, 8: [-15, 15], [-31, 31], [-63, 63], [-127, 127]), one code per byte, and
 ``scale`` fp16 per output row. One byte per code is deliberate: the int8 container compresses
-to ~3.4 bits/param with zstd-22, better than bit-packing before compression (FIELD_NOTES).
+to ~3.4 bits/param with zstd-22, better than bit-packing before compression.
 
 Quantization (C++, ``csrc/codec.cpp``): per row, ``s = fp16(clip / qmax)``,
 ``q = round_half_even(clamp(w / s, -qmax, qmax))``. ``clip="absmax"`` uses ``clip = max|w|``;
 ``clip="search"`` also tries a grid of smaller clips (fractions of absmax and k*std) and keeps the
 one with the lowest ``sum_k (w_k - q_k s)^2`` computed with the stored fp16 scale, so it is never
 worse than absmax. Rows run in parallel (``at::parallel_for``): a 36 M-parameter model
-(70,312 x 512) quantizes in 0.78 s with the search (0.08 s absmax) on the 2-core CPU machine.
+(70,312 x 512) quantizes in 0.78 s with the search (0.08 s absmax) on 2 CPU cores.
 
 Artifact container (``pack_artifact`` / ``unpack_artifact``)
 ----------------------------------------------------------

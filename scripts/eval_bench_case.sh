@@ -4,7 +4,7 @@
 #   CASES: comma list of fixture,a,b,c,chunked (bench/bench_eval.py); SECONDS: this call's budget (default 560)
 # Env passed through: PGOLF_EVAL_NO_REF (cases without a --reference run), PGOLF_EVAL_SCHEDULE (batch|rolling),
 # PGOLF_SHARED_DATA (tokenizer + FineWeb sample; default runs/evaldata, then ../shared/data).
-# On the offline GPU machine bring the zstandard wheel (.whl/, scripts/fetch_gpu_wheels.sh) and the data folder.
+# On an offline GPU host bring the zstandard wheel (.whl/, scripts/fetch_gpu_wheels.sh) and the data folder.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: scripts/eval_bench_case.sh OUTDIR CASES [SECONDS]}
@@ -13,7 +13,7 @@ BUDGET=${3:-560}
 mkdir -p "$OUTDIR/results"
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
-# the lent GPU machines have no internet: install offline there (PGOLF_INSTALL_ARGS overrides)
+# GPU hosts without internet: install offline there (PGOLF_INSTALL_ARGS overrides)
 INSTALL_ARGS=${PGOLF_INSTALL_ARGS-$(command -v nvidia-smi > /dev/null && echo --offline)}
 bash scripts/install.sh $INSTALL_ARGS > "$OUTDIR/install.log" 2>&1 || { tail -20 "$OUTDIR/install.log"; exit 1; }
 echo "install: $(( $(date +%s) - t0 )) s"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run on an online machine: downloads the wheels the offline GPU machine lacks (Python 3.12,
+# Run on an online host: downloads the wheels an offline GPU host lacks (Python 3.12,
 # x86-64) into .whl/, which scripts/install.sh --offline installs. Today only zstandard.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU lane: on the GPU machine (offline), install, run the GPU tests and all benchmarks.
+# GPU lane: on a GPU host (offline), install, run the GPU tests and all benchmarks.
 #   bash scripts/gpu_lane.sh OUTDIR [bench names...]     (names: int6 lora ns train eval; default all)
 # Env: PGOLF_TEST_TIMEOUT (s, default 1800), PGOLF_BENCH_QUICK=1 (fewer shapes), PGOLF_PYTEST_ARGS.
 # Writes OUTDIR/install.log, OUTDIR/pytest.log, OUTDIR/bench.log, OUTDIR/results/*.json|md

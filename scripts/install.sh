@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-command set-up for pgolf_kernels.
 #   bash scripts/install.sh            # online machine (CPU or GPU): torch if missing, deps, build
-#   bash scripts/install.sh --offline  # GPU machine without internet: torch/triton preinstalled;
+#   bash scripts/install.sh --offline  # GPU host without internet: torch/triton preinstalled;
 #                                      # installs wheels found in .whl/ (e.g. zstandard) and builds
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,7 +15,7 @@ if [[ "${1:-}" == "--offline" ]]; then
   exit 0
 fi
 if ! "$PY" -c "import torch" 2>/dev/null; then
-  # On the project's CPU machines this resolves to a CPU build stored on local disk.
+  # A CPU-only host resolves this to a CPU build (a local wheel index where one is configured).
   "$PY" -m pip install torch==2.13.0
 fi
 "$PY" -m pip install -r requirements.txt

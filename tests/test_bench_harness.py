@@ -69,3 +69,14 @@ def test_results_files_are_named_by_kernel_and_gpu():
     bad = [n for n in names if not re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*-(h100|h200|cpu)\.(json|md)", n)
            or re.search(r"-(run|session|design)\d", n)]
     assert not bad, bad
+
+
+def test_time_all_keeps_going_past_a_failing_contestant(capsys):
+    from bench.harness import time_all
+
+    def boom():
+        raise RuntimeError("no kernel")
+
+    t = time_all({"ours": lambda: None, "baseline": boom}, timer=lambda f: (f(), 1.5)[1], label="case")
+    assert t["ours"] == 1.5 and t["baseline"] != t["baseline"]  # NaN
+    assert "case baseline: RuntimeError: no kernel" in capsys.readouterr().out

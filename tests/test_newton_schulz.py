@@ -1,6 +1,6 @@
 """Newton-Schulz: kernels (interpreter on CPU in fp16/fp32, bf16 on GPU) vs an fp64 run of the same iteration.
 
-Tolerance rule (issue 5): rel. Frobenius error of the kernel vs the fp64 oracle must be <= 1.1x the error of
+Tolerance rule: rel. Frobenius error of the kernel vs the fp64 oracle must be <= 1.1x the error of
 torch's own low-precision implementation (``newton_schulz_ref`` in the same dtype) on the same input.
 """
 import math
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 HAS_CUDA = torch.cuda.is_available()
 DEV = "cuda" if HAS_CUDA else "cpu"
-# the interpreter computes bf16 wrongly (FIELD_NOTES) -> CPU lane runs the kernels in fp16
+# the interpreter computes bf16 wrongly -> CPU lane runs the kernels in fp16
 KDT = torch.bfloat16 if HAS_CUDA else torch.float16
 # matrices with at least this many elements get the 1.1x bound; on a handful of elements (1 x k) the error is
 # a few roundings and the ratio of two such errors is noise (measured 0.3x..1.13x on 1x5), so 2x (the
@@ -225,7 +225,7 @@ def test_gpu_bench_shapes_bf16(shape):
     ref64 = newton_schulz_ref(G, compute_dtype=torch.float64)
     base = newton_schulz_ref(G)
     err = assert_close_rel(out, ref64, base, factor=1.1, name=str(shape))
-    # singular values of the output within 0.03 of the fp64 run's (issue 5)
+    # singular values of the output within 0.03 of the fp64 run's (the target)
     sv_diff = (_svals(out) - _svals(ref64)).abs().max().item()
     print(f"{shape}: rel err {err:.3e} (torch bf16 {rel_err(base, ref64):.3e}); max |sv - sv64| {sv_diff:.4f}")
     assert sv_diff <= 0.03

@@ -291,7 +291,9 @@ def _flat_sizes(x, ws, As, rows):
 @torch.library.custom_op("pgolf::multi_lora_fwd", mutates_args=())
 def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
             lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool,
-            large_m: int = DEFAULT_LARGE_M) -> List[Tensor]:
+            large_m: int) -> List[Tensor]:
+    # large_m has no schema default on purpose: the dispatcher drops arguments equal to their default, and the
+    # tensor-list autograd wrapper then expects one gradient fewer than the backward below returns
     from . import lora_triton as K
 
     x = x.contiguous()
@@ -317,7 +319,7 @@ def _lp(ts, dtype):
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m=DEFAULT_LARGE_M):
+def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m):
     return [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
 
 

@@ -487,9 +487,9 @@ def test_opcheck_custom_ops(device):
     scales_q = [bases[1].scale]
     # one op call per base kind: the dense slice alone, then the quantized one alone
     torch.library.opcheck(lora._fwd_op, (x.requires_grad_(), ws[:1], [], [As[0].requires_grad_()],
-                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False))
+                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False, 1024))
     torch.library.opcheck(lora._fwd_op, (x, ws[1:], scales_q, [As[1]], [Bs[1]], 0.5, lengths,
-                                         torch.tensor([1, 1], device=device), False))
+                                         torch.tensor([1, 1], device=device), False, 14))  # 14 = B*T: large-M branch
     dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
     torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
                                          lengths, torch.tensor([1, 1], device=device), True, True))

@@ -203,6 +203,7 @@ def _dot_loop(pa, pb, step_b, red, BM: tl.constexpr, BN: tl.constexpr, BK: tl.co
         pb += step_b
     return acc
 
+
 @triton.jit
 def _ns_gram_kernel(X, A, items, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
                     IEEE: tl.constexpr):
@@ -235,6 +236,7 @@ def _ns_gram_kernel(X, A, items, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl
         mskt = (rn[:, None] < m) & (rm[None, :] < m)
         tl.store(A + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
 
+
 @triton.jit
 def _ns_square_kernel(A, Bm, items, b, c, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
                       IEEE: tl.constexpr):
@@ -263,6 +265,7 @@ def _ns_square_kernel(A, Bm, items, b, c, BLOCK: tl.constexpr, BK: tl.constexpr,
     if ti != tj:
         mskt = (rn[:, None] < m) & (rm[None, :] < m)
         tl.store(Bm + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+
 
 @triton.jit
 def _ns_update_kernel(X, Bm, Y, items, a, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,

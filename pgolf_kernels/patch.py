@@ -59,8 +59,8 @@ __all__ = ["apply", "PatchReport", "PatchError", "muon_schedule"]
 
 NS_FUNCTION = "zeropower_via_newtonschulz5"
 PE_TABLE = "_PE_COEFFS"
-# measured on one H200 (bench/results/lora-h200.md, the 2026-04-29 TTT shape): fused 1.87 ms vs the record's bmm
-# 1.25 ms at rank 96, so the TTT piece leaves LoRA of this rank or more alone
+# measured on one H200 at the 2026-04-29 TTT shape: fused multi-LoRA 1.87 ms vs the record's bmm 1.25 ms at rank 96,
+# so the TTT piece leaves LoRA of this rank or more alone
 FUSED_LORA_LOSES_FROM_RANK = 96
 
 

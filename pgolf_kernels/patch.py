@@ -160,7 +160,21 @@ def _make_muon(ns: dict, base: type, protocol: str, sched, eps: float) -> type:
         coeffs = sched(steps)
         if not coeffs:
             return [u.bfloat16() for u in updates]
-        return newton_schulz_many(updates, len(coeffs), coeffs, eps, compute_dtype=torch.bfloat16)
+        # same-shape inputs are stacked first: newton_schulz_many spends 2-3 small prologue launches per input
+        # tensor, i.e. ~160 for the 54 matrices of the 2026-03-17 model vs ~12 for its 4 shapes
+        by_shape: Dict[tuple, List[int]] = {}
+        for i, u in enumerate(updates):
+            by_shape.setdefault(tuple(u.shape), []).append(i)
+        if len(by_shape) == len(updates):
+            return newton_schulz_many(updates, len(coeffs), coeffs, eps, compute_dtype=torch.bfloat16)
+        stacked = [torch.stack([updates[i] for i in idx]) if len(idx) > 1 else updates[idx[0]]
+                   for idx in by_shape.values()]
+        outs = newton_schulz_many(stacked, len(coeffs), coeffs, eps, compute_dtype=torch.bfloat16)
+        res: List[Optional[torch.Tensor]] = [None] * len(updates)
+        for idx, o in zip(by_shape.values(), outs):
+            for j, i in enumerate(idx):
+                res[i] = o[j] if len(idx) > 1 else o
+        return res
 
     def _dist():
         return ns.get("dist", torch.distributed)  # the record's own module (tests may shim it)

@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
 KEYS = list(records_env.RECORDS)
 # tiny shapes: 2-D matrices (round-robin record) or banks of matrices (banked records): square, wide, tall,
 # and an odd bank count so a 2-rank shard is padded
-SHAPES_2D = [(16, 24), (40, 24), (24, 24), (8, 32)]
+SHAPES_2D = [(16, 24), (40, 24), (24, 24), (16, 24), (8, 32), (40, 24)]  # repeats: stacked per shape
 SHAPES_BANK = [(3, 16, 16), (4, 8, 16), (2, 32, 16), (1, 16, 32)]
 STEPS = 2
 

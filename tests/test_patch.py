@@ -214,3 +214,52 @@ def test_patched_update_matches_record_two_gloo_ranks():
                                   res[r][key]["oracle"])
         for a, b in zip(res[0][key]["patched"], res[1][key]["patched"]):
             assert torch.equal(a, b), f"{key}: ranks disagree after the patched distributed step"
+
+
+def test_round_robin_without_nesterov_matches_record(records):
+    """nesterov=False: the 2026-03-17 record orthogonalizes the raw gradient (not the momentum buffer)."""
+    from pgolf_kernels.patch import apply
+    from pgolf_kernels.testing import rel_err
+
+    ns = records["2026-03-17"]
+    orig = ns.Muon
+    rep = apply(ns, strict=True)
+    try:
+        outs = []
+        for cls in (ns.Muon, orig):
+            ps = _params("2026-03-17")
+            opt = cls(ps, lr=0.05, momentum=0.9, backend_steps=5, nesterov=False)
+            for s in range(STEPS):
+                for p, g in zip(ps, _grads(ps, s)):
+                    p.grad = g
+                opt.step()
+            outs.append([p.detach() for p in ps])
+    finally:
+        rep.undo()
+    for i, (a, b, z) in enumerate(zip(*outs, _params("2026-03-17"))):
+        # both are bf16 NS of the same inputs: equal up to bf16 rounding of the update (2^-8 relative)
+        assert rel_err(a - z, b - z.detach()) < 2e-2, f"param {i}"
+
+
+def test_varlen_standin_equals_per_document_attention():
+    """The FA3 varlen stand-in (CPU path) == causal SDPA run on each document separately."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 5, 6, 13, 20], dtype=torch.int32)
+    H, Hkv, D, total = 4, 2, 8, 20
+    q = torch.randn(total, H, D, generator=g)
+    k = torch.randn(total, Hkv, D, generator=g)
+    v = torch.randn(total, Hkv, D, generator=g)
+    y = records_env.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd = q[a:b].transpose(0, 1)
+        kd = k[a:b].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        vd = v[a:b].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(y[a:b], ref, rtol=1e-5, atol=1e-5)
+    # the dense (B, T, H, D) stand-in == causal SDPA with repeated kv heads
+    qb, kb, vb = q[None], k[None], v[None]
+    ref = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2).repeat_interleave(2, 1),
+                                         vb.transpose(1, 2).repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(records_env.flash_attn_func(qb, kb, vb, causal=True), ref, rtol=1e-5, atol=1e-5)

@@ -39,8 +39,11 @@ Pieces
   Q/V deltas outside the base projection (``c_q(x) + q_delta``) while the fused op computes base and adapter in
   one GEMM, so patching would mean replacing the attention forward. A script without a
   per-document LoRA (full-model TTT) has nothing to patch.
-* **quant** - not provided in this version: ``quant=True`` is refused under ``strict`` and reported as
-  skipped otherwise.
+* **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with
+  the reason per script. None of the three exports has a seam where the int6 codec is a like-for-like swap:
+  2026-03-23's ``quantize_int6_per_row`` picks one clip percentile per tensor and floors every row scale at
+  1/31, which the codec's per-row clip search does not (different codes, so different compressed bytes under
+  the 16 MB cap); 2026-04-29 exports with GPTQ (Hessian-compensated rounding) + LQER; 2026-03-17 exports int8.
 
 ``strict=True`` (default) raises ``PatchError`` naming what was looked for and not found (e.g. a renamed
 ``Muon`` class, an NS function whose schedule cannot be read); ``strict=False`` applies what fits and lists
@@ -366,8 +369,15 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
         pieces.append(("ttt", _ttt))
     if quant:
         def _quant():
-            raise PatchError("the quant piece (int6 export through pgolf_kernels.quant) is not provided in this "
-                             "version")
+            if callable(ns.get("quantize_int6_per_row")):
+                why = ("its quantize_int6_per_row picks one clip percentile per tensor and floors row scales at "
+                       "1/clip_range; the codec's per-row clip search has no floor, so codes and compressed bytes "
+                       "would differ from the record's")
+            elif callable(ns.get("gptq_quantize_weight")):
+                why = "its export is GPTQ (Hessian-compensated rounding), not a per-row int6 rounding"
+            else:
+                why = "no int6 per-row quantizer found in the script (looked for quantize_int6_per_row)"
+            raise PatchError(f"the quant piece (int6 export through pgolf_kernels.quant) is not provided: {why}")
         pieces.append(("quant", _quant))
     try:
         for name, fn in pieces:

@@ -180,8 +180,10 @@ _STEP_RE = re.compile(r"step:(\d+)/\d+ train_loss:([0-9.]+) .*?train_time:([0-9.
 def _spawn(args: List[str], timeout: float):
     cmd = [sys.executable, "-m", "bench.bench_records"] + args
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.time()
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                        cwd=records_env.REPO_ROOT)
+    print(f"child {' '.join(args)}: rc {p.returncode}, {time.time() - t0:.1f} s wall", flush=True)
     out = p.stdout
     res = None
     for line in out.splitlines():

@@ -373,6 +373,8 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                 why = ("its quantize_int6_per_row picks one clip percentile per tensor and floors row scales at "
                        "1/clip_range; the codec's per-row clip search has no floor, so codes and compressed bytes "
                        "would differ from the record's")
+            elif callable(ns.get("quantize_state_dict_int8")) and not callable(ns.get("gptq_quantize_weight")):
+                why = "its export is int8 (quantize_state_dict_int8), not int6"
             elif callable(ns.get("gptq_quantize_weight")):
                 why = "its export is GPTQ (Hessian-compensated rounding), not a per-row int6 rounding"
             else:

@@ -5,6 +5,8 @@
 * batched multi-LoRA projection, one adapter per document: ``pgolf_kernels.lora``.
 * Newton-Schulz orthogonalization and the Muon optimizer: ``pgolf_kernels.newton_schulz``,
   ``pgolf_kernels.muon``.
+* drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
+  ``pgolf_kernels.patch``.
 
 Importing the package never touches the GPU and never loads the compiled extension;
 submodules are imported lazily on first attribute access.

@@ -1,0 +1,258 @@
+"""The record scripts themselves, unmodified vs ``pgolf_kernels.patch.apply``: one process per variant.
+
+Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows always come back:
+
+1. ``Muon.step`` per record on one GPU: the record's own optimizer class (unmodified, or as patched) over the
+   record's matrix parameters at its default model config (2-D matrices of the record's GPT for 2026-03-17;
+   the four banks for the banked records), random grads, ``harness.bench_ms`` (median of CUDA-event timings,
+   L2 flushed) of ``launch_reduce_scatters(); step()`` after warm-up (which includes the record's
+   torch.compile of its NS: 2026-04-29 decorates it, 2026-03-17's main() wraps it, and so does this bench). Peak memory is torch.cuda.max_memory_allocated of the process.
+2. Training ms/step (2026-03-17, 2026-03-23): the script's own ``main()`` on synthetic token shards (Zipf ids,
+   the sp1024 tokenizer for its byte tables), brief-training env vars (``ITERATIONS=50``, ``WARMDOWN_ITERS=0``,
+   ``WARMUP_STEPS=3``, ``TRAIN_LOG_EVERY=1``, ``VAL_LOSS_EVERY=0``, ``TRAIN_BATCH_TOKENS`` below); ms/step is the
+   least-squares slope of the logged ``train_time`` over steps 10-50, noise its residual std per step. The run
+   stops right after training (at the export function) - no quantization, no TTT.
+
+The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
+flex_attention), and every row says so. The TTT piece leaves the records' LoRA as it is (see
+pgolf_kernels.patch), so no TTT rows: unmodified and patched run the same TTT code.
+
+Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
+--variant record|patched``; it prints one ``RESULT {json}`` line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List
+
+import torch
+
+from . import records_env
+
+KERNEL = "records"
+VARIANTS = ("record", "patched")
+TRAIN_KEYS = ("2026-03-17", "2026-03-23")
+# tokens/step for the brief training runs (the records' defaults are 524,288 and 786,432; halved to fit the
+# device budget; per-step costs other than Muon scale with it)
+TRAIN_TOKENS = {"2026-03-17": 262_144, "2026-03-23": 393_216}
+TRAIN_SEQ = {"2026-03-17": 1024, "2026-03-23": 2048}
+
+
+def sp1024_model() -> str:
+    env = os.environ.get("PGOLF_SP1024_MODEL")
+    if env:
+        return env
+    return os.path.join(os.path.dirname(records_env.records_dir()), "data", "fineweb_1024_bpe.model")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# children
+# ------------------------------------------------------------------------------------------------------------
+def _matrix_params(ns, key, device):
+    h = ns.Hyperparameters()
+    if key == "2026-03-17":
+        model = ns.GPT(vocab_size=h.vocab_size, num_layers=h.num_layers, model_dim=h.model_dim,
+                       num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, mlp_mult=h.mlp_mult,
+                       tie_embeddings=h.tie_embeddings, tied_embed_init_std=h.tied_embed_init_std,
+                       logit_softcap=h.logit_softcap, rope_base=h.rope_base, qk_gain_init=h.qk_gain_init).to(device)
+        pats = ns.CONTROL_TENSOR_NAME_PATTERNS
+        return [p for n, p in model.blocks.named_parameters() if p.ndim == 2 and not any(s in n for s in pats)]
+    L, d = h.num_layers, h.model_dim
+    kv = h.num_kv_heads * (d // h.num_heads)
+    hid = int(h.mlp_mult * d)
+    shapes = [(2 * L, d, d), (2 * L, kv, d), (L, hid, d), (L, d, hid)]
+    return [torch.nn.Parameter(torch.randn(s, device=device) * 0.02) for s in shapes]
+
+
+def _muon_kwargs(ns, key):
+    h = ns.Hyperparameters()
+    kw = dict(lr=h.matrix_lr, momentum=h.muon_momentum, backend_steps=h.muon_backend_steps)
+    if key != "2026-03-17":
+        kw["weight_decay"] = h.muon_wd
+    if key == "2026-04-29":
+        kw["row_normalize"] = h.muon_row_normalize
+    return kw
+
+
+def _flat(report) -> str:
+    """The report on one line (table cells)."""
+    return "; ".join(line.strip() for line in str(report).splitlines()[1:])
+
+
+def child_muon(key: str, variant: str) -> Dict[str, object]:
+    from . import harness
+    from pgolf_kernels.patch import apply
+
+    ns = records_env.load_record(key)
+    if key == "2026-03-17":  # its main() wraps the NS in torch.compile before building the optimizer
+        ns.zeropower_via_newtonschulz5 = torch.compile(ns.zeropower_via_newtonschulz5)
+    report = _flat(apply(ns, ttt=False)) if variant == "patched" else "unmodified"
+    dev = torch.device("cuda")
+    torch.manual_seed(0)
+    params = _matrix_params(ns, key, dev)
+    opt = ns.Muon(params, **_muon_kwargs(ns, key))
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+
+    def step():
+        if hasattr(opt, "launch_reduce_scatters"):
+            opt.launch_reduce_scatters()
+        opt.step()
+
+    for _ in range(10):  # includes the record's torch.compile of its NS (2026-04-29)
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    ms = harness.bench_ms(step, warmup=10, rep=100)
+    shapes = sorted({tuple(p.shape) for p in params})
+    return dict(ms=ms, peak_mb=torch.cuda.max_memory_allocated() / 2**20, n_params=len(params),
+                shapes=str(shapes), patch=report)
+
+
+class _StopAfterTraining(Exception):
+    pass
+
+
+STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict"}
+
+
+def _write_shards(d: str, vocab: int) -> None:
+    from train.data import write_shard
+    from train.synthetic import synthetic_tokens
+
+    os.makedirs(d, exist_ok=True)
+    write_shard(os.path.join(d, "fineweb_train_000000.bin"), synthetic_tokens(12_000, 24_000_000, vocab, seed=1))
+    write_shard(os.path.join(d, "fineweb_val_000000.bin"), synthetic_tokens(200, 262_145, vocab, seed=2))
+
+
+def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
+    from pgolf_kernels.patch import apply
+
+    os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=sp1024_model(), ITERATIONS="50", WARMDOWN_ITERS="0",
+                      WARMUP_STEPS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
+                      TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]),
+                      RUN_ID=f"bench_{variant}", SEED="1337")
+    ns = records_env.load_record(key)
+    report = _flat(apply(ns)) if variant == "patched" else "unmodified"
+
+    def stop(*a, **k):
+        raise _StopAfterTraining()
+
+    setattr(ns, STOP_AT[key], stop)
+    work = tempfile.mkdtemp(prefix="rec_")
+    os.chdir(work)
+    os.makedirs("logs", exist_ok=True)
+    t0 = time.time()
+    try:
+        ns.main()
+        stopped = False
+    except _StopAfterTraining:
+        stopped = True
+    return dict(stopped_after_training=stopped, wall_s=time.time() - t0,
+                peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report)
+
+
+def _child_main(argv) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--child", choices=["muon", "train"], required=True)
+    ap.add_argument("--key", required=True)
+    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--data", default="")
+    a = ap.parse_args(argv)
+    res = child_muon(a.key, a.variant) if a.child == "muon" else child_train(a.key, a.variant, a.data)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# parent
+# ------------------------------------------------------------------------------------------------------------
+_STEP_RE = re.compile(r"step:(\d+)/\d+ train_loss:([0-9.]+) .*?train_time:([0-9.]+)ms")
+
+
+def _spawn(args: List[str], timeout: float):
+    cmd = [sys.executable, "-m", "bench.bench_records"] + args
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    t0 = time.time()
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                       cwd=records_env.REPO_ROOT)
+    print(f"child {' '.join(args)}: rc {p.returncode}, {time.time() - t0:.1f} s wall", flush=True)
+    out = p.stdout
+    res = None
+    for line in out.splitlines():
+        if line.startswith("RESULT "):
+            res = json.loads(line[len("RESULT "):])
+    if res is None:
+        raise RuntimeError(f"child {' '.join(args)} failed (rc {p.returncode}):\n{out[-3000:]}\n{p.stderr[-3000:]}")
+    return res, out
+
+
+def slope_ms(log: str, lo: int = 10, hi: int = 50):
+    """Least-squares slope (ms/step) of train_time over steps lo..hi, and the residual std (ms)."""
+    pts = [(int(s), float(t)) for s, _, t in _STEP_RE.findall(log) if lo <= int(s) <= hi]
+    if len(pts) < 3:
+        raise RuntimeError(f"only {len(pts)} logged steps in [{lo}, {hi}]")
+    x = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    xm, ym = x.mean(), y.mean()
+    b = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
+    resid = y - (ym + b * (x - xm))
+    last_loss = [float(l) for s, l, _ in _STEP_RE.findall(log)][-1]
+    return float(b), float(resid.std()), len(pts), last_loss
+
+
+def _save(rows):
+    from . import harness
+
+    harness.save_results(KERNEL, rows, notes=records_env.STANDIN_NOTE)
+
+
+def run(quick: bool = False) -> List[Dict[str, object]]:
+    from . import harness
+
+    miss = records_env.missing_reason()
+    if miss:
+        raise RuntimeError(miss)
+    rows: List[Dict[str, object]] = []
+    for key in records_env.RECORDS:
+        r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
+        rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
+                                     "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
+                                     baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],
+                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE))
+        print(harness.markdown_table(rows[-1:]), flush=True)
+        _save(rows)
+    if quick:
+        return rows
+    with tempfile.TemporaryDirectory() as d:
+        _write_shards(os.path.join(d, "sp1024"), 1024)
+        for key in TRAIN_KEYS:
+            res = {}
+            for v in VARIANTS:
+                try:
+                    out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
+                                       os.path.join(d, "sp1024")], 420)
+                    res[v] = (out, slope_ms(log))
+                except Exception as e:  # keep the rows already measured
+                    print(f"train {key} {v}: {e}", flush=True)
+            if len(res) == 2:
+                (po, (pm, pn, pk, pl)), (ro, (rm, rn, rk, rl)) = res["patched"], res["record"]
+                rows.append(harness.make_row(
+                    KERNEL, f"{key} train ms/step (slope steps 10-50, {TRAIN_TOKENS[key]} tokens/step)", pm,
+                    "record train ms/step", rm, noise_ms=pn, baseline_noise_ms=rn, steps_fit=pk,
+                    train_loss_50=pl, baseline_train_loss_50=rl, peak_mb=po["peak_mb"],
+                    baseline_peak_mb=ro["peak_mb"], patch=po["patch"], attention=records_env.STANDIN_NOTE))
+                print(harness.markdown_table(rows[-1:]), flush=True)
+                _save(rows)
+    return rows
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1:]))

@@ -1,0 +1,150 @@
+"""Import the vendored parameter-golf record scripts without running them (shared by tests and benches).
+
+The record scripts (third party, MIT) live outside the repository, in ``$PGOLF_RECORDS_DIR`` (default
+``../shared/records`` next to the repository root); their code is never copied here. Each one runs its
+training only under ``if __name__ == "__main__"``, so loading it under another module name (``importlib``)
+defines its classes and functions and returns the module.
+
+Two records import FlashAttention-3 (``flash_attn_interface``) at the top level. ``install_standins()`` puts a
+stand-in module into ``sys.modules`` when the real one is absent:
+
+* ``flash_attn_func(q, k, v, causal=True)``: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D) through
+  ``torch.nn.functional.scaled_dot_product_attention`` (GQA by repeating k/v heads);
+* ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, ...)``:
+  packed (total, H, D) documents, causal inside each document, through
+  ``torch.nn.attention.flex_attention`` with a document mask on CUDA, and SDPA with the same dense mask on CPU.
+
+``STANDIN_NOTE`` says what was replaced; benches copy it into their results.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import types
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+RECORDS = {
+    "2026-03-17": "2026-03-17_LoRA_TTT",
+    "2026-03-23": "2026-03-23_LeakyReLU_LegalTTT_ParallelMuon",
+    "2026-04-29": "2026-04-29_SmearGateBOSFix_3Seed_1.06141",
+}
+
+STANDIN_NOTE = ("FlashAttention-3 replaced: flash_attn_func by torch SDPA (causal, GQA by repeated k/v heads), "
+                "flash_attn_varlen_func by flex_attention with a causal document mask")
+
+
+def records_dir() -> str:
+    """``$PGOLF_RECORDS_DIR``, else the first ``shared/records`` found beside the repository root or one level
+    higher (a git worktree sits one folder deeper than the main checkout)."""
+    env = os.environ.get("PGOLF_RECORDS_DIR")
+    if env:
+        return env
+    cands = [os.path.join(os.path.dirname(REPO_ROOT), "shared", "records"),
+             os.path.join(os.path.dirname(os.path.dirname(REPO_ROOT)), "shared", "records")]
+    return next((c for c in cands if os.path.isdir(c)), cands[0])
+
+
+def record_path(key: str) -> str:
+    if key not in RECORDS:
+        raise KeyError(f"records_env: unknown record {key!r}; expected one of {sorted(RECORDS)}")
+    return os.path.join(records_dir(), RECORDS[key], "train_gpt.py")
+
+
+def missing_reason() -> Optional[str]:
+    """None when every vendored script is present, else one line saying what is missing."""
+    d = records_dir()
+    missing = [k for k in RECORDS if not os.path.isfile(record_path(k))]
+    if missing:
+        return f"record scripts not found under {d} (set PGOLF_RECORDS_DIR): missing {missing}"
+    return None
+
+
+def _repeat_kv(k: torch.Tensor, heads: int) -> torch.Tensor:
+    # (B, Hkv, T, D) -> (B, H, T, D)
+    return k if k.shape[1] == heads else k.repeat_interleave(heads // k.shape[1], dim=1)
+
+
+def flash_attn_func(q, k, v, causal: bool = False, softmax_scale=None, **_ignored):
+    """FA3 ``flash_attn_func`` layout (B, T, H, D) on torch SDPA."""
+    H = q.shape[2]
+    qt, kt, vt = q.transpose(1, 2), _repeat_kv(k.transpose(1, 2), H), _repeat_kv(v.transpose(1, 2), H)
+    y = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=softmax_scale)
+    return y.transpose(1, 2).contiguous()
+
+
+def _doc_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
+    pos = torch.arange(total, device=cu.device)
+    return torch.searchsorted(cu[1:].to(torch.int64), pos, right=True)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
+                           causal: bool = False, softmax_scale=None, window_size=(-1, -1), **_ignored):
+    """FA3 varlen layout: q (total, H, D), k/v (total, Hkv, D); attention stays inside each document of
+    ``cu_seqlens`` (q and k share the packing here, as in the records). Tokens past cu_seqlens[-1] attend to
+    themselves only (their output is never read by the records)."""
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+        raise ValueError("flash_attn_varlen_func stand-in: cu_seqlens_q must equal cu_seqlens_k")
+    total, H, _ = q.shape
+    doc = _doc_ids(cu_seqlens_q, total)
+    qt = q.transpose(0, 1)[None]
+    kt = _repeat_kv(k.transpose(0, 1)[None], H)
+    vt = _repeat_kv(v.transpose(0, 1)[None], H)
+    if q.is_cuda:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        def mask_mod(b, h, qi, ki):
+            same = doc[qi] == doc[ki]
+            return (same & (ki <= qi)) if causal else same
+
+        bm = create_block_mask(mask_mod, None, None, total, total, device=q.device)
+        y = flex_attention(qt, kt, vt, block_mask=bm, scale=softmax_scale)
+    else:
+        pos = torch.arange(total, device=q.device)
+        m = doc[:, None] == doc[None, :]
+        if causal:
+            m = m & (pos[None, :] <= pos[:, None])
+        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=softmax_scale)
+    return y[0].transpose(0, 1).contiguous()
+
+
+def install_standins() -> Dict[str, str]:
+    """Put the FA3 stand-in into ``sys.modules`` unless a real ``flash_attn_interface`` imports.
+    Returns {module: what was installed} for the results."""
+    out = {}
+    try:
+        import flash_attn_interface  # noqa: F401
+
+        out["flash_attn_interface"] = "real FlashAttention-3"
+    except ImportError:
+        mod = types.ModuleType("flash_attn_interface")
+        mod.flash_attn_func = flash_attn_func
+        mod.flash_attn_varlen_func = flash_attn_varlen_func
+        mod.__doc__ = STANDIN_NOTE
+        sys.modules["flash_attn_interface"] = mod
+        out["flash_attn_interface"] = STANDIN_NOTE
+    return out
+
+
+def load_record(key: str, module_name: Optional[str] = None):
+    """Import record ``key`` (e.g. "2026-03-23") as a fresh module named ``module_name`` (never "__main__", so
+    its main() does not run). Each call returns a new module object: patches on one do not leak into another."""
+    path = record_path(key)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"records_env: {path} not found (set PGOLF_RECORDS_DIR to the records folder)")
+    install_standins()
+    name = module_name or ("pgolf_record_" + key.replace("-", "_"))
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses/pickle/torch.compile look the module up by name
+    try:
+        spec.loader.exec_module(mod)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    return mod

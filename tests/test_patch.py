@@ -1,0 +1,265 @@
+"""pgolf_kernels.patch on the vendored record scripts themselves (imported, never run as __main__).
+
+For each record: ``apply(strict=True)`` finds every target; the patched Muon's update equals the record's own
+within bf16 noise, judged against an fp64 oracle (the record's own step with its NS function swapped for an
+fp64 Newton-Schulz of the same schedule): rel_err(patched) <= 2 * rel_err(record) + 1e-6, in one process and in
+two gloo ranks running the record's own distributed protocol (round-robin all-reduce, or reduce-scatter ->
+sharded NS -> all-gather). A script whose ``Muon`` (or NS function) is renamed is refused by name.
+Skipped when the records folder is absent (``PGOLF_RECORDS_DIR``).
+"""
+import inspect
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bench import records_env
+
+pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+              pytest.mark.skipif(records_env.missing_reason() is not None,
+                                 reason=str(records_env.missing_reason()))]
+
+KEYS = list(records_env.RECORDS)
+# tiny shapes: 2-D matrices (round-robin record) or banks of matrices (banked records): square, wide, tall,
+# and an odd bank count so a 2-rank shard is padded
+SHAPES_2D = [(16, 24), (40, 24), (24, 24), (16, 24), (8, 32), (40, 24)]  # repeats: stacked per shape
+SHAPES_BANK = [(3, 16, 16), (4, 8, 16), (2, 32, 16), (1, 16, 32)]
+STEPS = 2
+
+
+def _load(key, name=None):
+    ns = records_env.load_record(key, name)
+    # the 2026-04-29 NS is @torch.compile'd; its eager code (the same function body) spares a CPU compile (~10 s)
+    ns.zeropower_via_newtonschulz5 = inspect.unwrap(ns.zeropower_via_newtonschulz5)
+    return ns
+
+
+@pytest.fixture(scope="module")
+def records():
+    return {k: _load(k) for k in KEYS}
+
+
+def _kwargs(key):
+    kw = dict(lr=0.05, momentum=0.9, backend_steps=5)
+    if key != "2026-03-17":
+        kw["weight_decay"] = 0.1
+    if key == "2026-04-29":
+        kw["row_normalize"] = True
+    return kw
+
+
+def _params(key, seed=7):
+    g = torch.Generator().manual_seed(seed)
+    shapes = SHAPES_2D if key == "2026-03-17" else SHAPES_BANK
+    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
+
+
+def _grads(params, step, rank=0):
+    g = torch.Generator().manual_seed(1000 + 17 * step + rank)
+    return [torch.randn(p.shape, generator=g) for p in params]
+
+
+def _oracle_ns(ns, out_dtype):
+    """The record's NS schedule in fp64 (the oracle), output cast to ``out_dtype``."""
+    from pgolf_kernels.newton_schulz import newton_schulz_ref
+    from pgolf_kernels.patch import muon_schedule
+
+    sched, eps, _ = muon_schedule(vars(ns))
+
+    def f(G, steps=5, eps_unused=None):
+        co = sched(steps)
+        return newton_schulz_ref(G, len(co), co, eps, compute_dtype=torch.float64).to(out_dtype)
+
+    return f
+
+
+def _run(cls, key, rank=0, world=1, ns=None, oracle_dtype=None):
+    """STEPS optimizer steps of ``cls`` on fresh params; returns the final params (the update from p0)."""
+    saved = None
+    if oracle_dtype is not None:  # swap the record's NS global for the fp64 oracle while it runs
+        saved = ns.zeropower_via_newtonschulz5
+        ns.zeropower_via_newtonschulz5 = _oracle_ns(ns, oracle_dtype)
+    try:
+        ps = _params(key)
+        opt = cls(ps, **_kwargs(key))
+        banked = hasattr(opt, "launch_reduce_scatters")
+        for s in range(STEPS):
+            # round-robin records expect every rank to hold the same (already all-reduced) grads
+            for p, g in zip(ps, _grads(ps, s, rank if banked else 0)):
+                p.grad = g
+            if banked:
+                opt.launch_reduce_scatters()
+            opt.step()
+        return [p.detach().clone() for p in ps], opt
+    finally:
+        if saved is not None:
+            ns.zeropower_via_newtonschulz5 = saved
+
+
+def _check_against_oracle(key, p0, record, patched, oracle):
+    from pgolf_kernels.testing import rel_err
+
+    for i, (a, r, o, z) in enumerate(zip(patched, record, oracle, p0)):
+        d_pat, d_rec, d_orc = a - z, r - z, o - z
+        e_pat, e_rec = rel_err(d_pat, d_orc), rel_err(d_rec, d_orc)
+        assert e_pat <= 2 * e_rec + 1e-6, (f"{key} param {i} {tuple(z.shape)}: patched update error {e_pat:.3e} vs "
+                                           f"fp64 oracle > 2 x record's {e_rec:.3e}")
+        assert d_orc.abs().max() > 0, f"{key} param {i}: the oracle update is zero (the test would prove nothing)"
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_apply_strict_finds_every_target_and_undoes(records, key):
+    from pgolf_kernels.patch import apply
+
+    ns = records[key]
+    orig = ns.Muon
+    rep = apply(ns, strict=True)
+    try:
+        assert ns.Muon is not orig and issubclass(ns.Muon, orig) and ns.Muon._pgolf_patched
+        assert "muon" in rep.patched
+        assert ("Polar Express" if key == "2026-04-29" else "quintic") in rep.patched["muon"]
+        assert ("banked" if key != "2026-03-17" else "round_robin") in rep.patched["muon"]
+        # TTT is reported, never silently dropped
+        want = {"2026-03-17": "rank 8", "2026-03-23": "nothing to patch", "2026-04-29": "rank 96"}[key]
+        assert want in rep.skipped["ttt"], rep.skipped
+        assert "muon" in str(rep) and "ttt" in str(rep)
+    finally:
+        rep.undo()
+    assert ns.Muon is orig
+
+
+def test_renamed_class_is_refused_by_name(records):
+    from pgolf_kernels.patch import PatchError, apply
+
+    g = dict(vars(records["2026-03-23"]))
+    g["MuonOptimizer"] = g.pop("Muon")
+    with pytest.raises(PatchError, match=r"'Muon'.*MuonOptimizer"):
+        apply(g, strict=True)
+    assert "Muon" not in g
+    rep = apply(g, strict=False)
+    assert "muon" in rep.skipped and "'Muon'" in rep.skipped["muon"] and not rep.patched
+
+    g = dict(vars(records["2026-04-29"]))
+    g["ns5"] = g.pop("zeropower_via_newtonschulz5")
+    orig = g["Muon"]
+    with pytest.raises(PatchError, match="zeropower_via_newtonschulz5"):
+        apply(g, strict=True)
+    assert g["Muon"] is orig  # nothing replaced on refusal
+
+    with pytest.raises(PatchError, match="quant"):
+        apply(dict(vars(records["2026-03-17"])), quant=True, strict=True)
+    with pytest.raises(TypeError, match="namespace"):
+        apply(42)
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_patched_update_matches_record_single_process(records, key):
+    from pgolf_kernels.patch import apply
+
+    ns = records[key]
+    orig = ns.Muon
+    rep = apply(ns, strict=True)
+    try:
+        patched, opt_pat = _run(ns.Muon, key)
+        record, opt_rec = _run(orig, key)
+        oracle, _ = _run(orig, key, ns=ns, oracle_dtype=torch.float64)
+    finally:
+        rep.undo()
+    p0 = [p.detach() for p in _params(key)]
+    _check_against_oracle(key, p0, record, patched, oracle)
+    # same optimizer state layout as the record (momentum buffers, bf16 in the banked records)
+    sp = [opt_pat.state[p]["momentum_buffer"] for p in opt_pat.param_groups[0]["params"]]
+    sr = [opt_rec.state[p]["momentum_buffer"] for p in opt_rec.param_groups[0]["params"]]
+    for a, b in zip(sp, sr):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+def _worker(rank, world, init_file, out_dir):
+    from pgolf_kernels.patch import apply
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    out = {}
+    try:
+        for key in KEYS:
+            ns = _load(key, f"pgolf_record_dist_{key.replace('-', '_')}")
+            orig = ns.Muon
+            rep = apply(ns, strict=True)
+            try:
+                patched, _ = _run(ns.Muon, key, rank, world)
+                record, _ = _run(orig, key, rank, world)
+                # the banked protocol all-gathers into bf16 buffers, so the oracle hands back bf16
+                oracle, _ = _run(orig, key, rank, world, ns=ns,
+                                 oracle_dtype=torch.float64 if key == "2026-03-17" else torch.bfloat16)
+            finally:
+                rep.undo()
+            out[key] = {"patched": patched, "record": record, "oracle": oracle}
+    finally:
+        dist.destroy_process_group()
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_patched_update_matches_record_two_gloo_ranks():
+    with tempfile.TemporaryDirectory() as d:
+        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
+    for key in KEYS:
+        p0 = [p.detach() for p in _params(key)]
+        for r in range(2):
+            _check_against_oracle(f"{key} rank {r}", p0, res[r][key]["record"], res[r][key]["patched"],
+                                  res[r][key]["oracle"])
+        for a, b in zip(res[0][key]["patched"], res[1][key]["patched"]):
+            assert torch.equal(a, b), f"{key}: ranks disagree after the patched distributed step"
+
+
+def test_round_robin_without_nesterov_matches_record(records):
+    """nesterov=False: the 2026-03-17 record orthogonalizes the raw gradient (not the momentum buffer)."""
+    from pgolf_kernels.patch import apply
+    from pgolf_kernels.testing import rel_err
+
+    ns = records["2026-03-17"]
+    orig = ns.Muon
+    rep = apply(ns, strict=True)
+    try:
+        outs = []
+        for cls in (ns.Muon, orig):
+            ps = _params("2026-03-17")
+            opt = cls(ps, lr=0.05, momentum=0.9, backend_steps=5, nesterov=False)
+            for s in range(STEPS):
+                for p, g in zip(ps, _grads(ps, s)):
+                    p.grad = g
+                opt.step()
+            outs.append([p.detach() for p in ps])
+    finally:
+        rep.undo()
+    for i, (a, b, z) in enumerate(zip(*outs, _params("2026-03-17"))):
+        # both are bf16 NS of the same inputs: equal up to bf16 rounding of the update (2^-8 relative)
+        assert rel_err(a - z, b - z.detach()) < 2e-2, f"param {i}"
+
+
+def test_varlen_standin_equals_per_document_attention():
+    """The FA3 varlen stand-in (CPU path) == causal SDPA run on each document separately."""
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(3)
+    cu = torch.tensor([0, 5, 6, 13, 20], dtype=torch.int32)
+    H, Hkv, D, total = 4, 2, 8, 20
+    q = torch.randn(total, H, D, generator=g)
+    k = torch.randn(total, Hkv, D, generator=g)
+    v = torch.randn(total, Hkv, D, generator=g)
+    y = records_env.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True)
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qd = q[a:b].transpose(0, 1)
+        kd = k[a:b].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        vd = v[a:b].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        ref = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True).transpose(0, 1)
+        torch.testing.assert_close(y[a:b], ref, rtol=1e-5, atol=1e-5)
+    # the dense (B, T, H, D) stand-in == causal SDPA with repeated kv heads
+    qb, kb, vb = q[None], k[None], v[None]
+    ref = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2).repeat_interleave(2, 1),
+                                         vb.transpose(1, 2).repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
+    torch.testing.assert_close(records_env.flash_attn_func(qb, kb, vb, causal=True), ref, rtol=1e-5, atol=1e-5)

@@ -1,18 +1,18 @@
-"""int-k weight codec and the artifact container (issue 3).
+"""int-k weight codec and the artifact container.
 
 Format of a quantized matrix (``QTensor``)
 ------------------------------------------
 ``W (N, K) ~= q * scale[:, None]`` with ``q`` int8 codes in ``[-(2^(b-1)-1), 2^(b-1)-1]``
 (b = 5, 6, 7, 8: [-15, 15], [-31, 31], [-63, 63], [-127, 127]), one code per byte, and
 ``scale`` fp16 per output row. One byte per code is deliberate: the int8 container compresses
-to ~3.4 bits/param with zstd-22, better than bit-packing before compression (FIELD_NOTES).
+to ~3.4 bits/param with zstd-22, better than bit-packing before compression.
 
 Quantization (C++, ``csrc/codec.cpp``): per row, ``s = fp16(clip / qmax)``,
 ``q = round_half_even(clamp(w / s, -qmax, qmax))``. ``clip="absmax"`` uses ``clip = max|w|``;
 ``clip="search"`` also tries a grid of smaller clips (fractions of absmax and k*std) and keeps the
 one with the lowest ``sum_k (w_k - q_k s)^2`` computed with the stored fp16 scale, so it is never
 worse than absmax. Rows run in parallel (``at::parallel_for``): a 36 M-parameter model
-(70,312 x 512) quantizes in 0.78 s with the search (0.08 s absmax) on the 2-core CPU machine.
+(70,312 x 512) quantizes in 0.78 s with the search (0.08 s absmax) on a 2-core CPU.
 
 Artifact container (``pack_artifact`` / ``unpack_artifact``)
 ----------------------------------------------------------
@@ -28,8 +28,9 @@ Artifact container (``pack_artifact`` / ``unpack_artifact``)
       16-byte aligned raw blobs (tensor bytes; a QTensor is two blobs, codes then scale).
 
 The JSON header lists every entry (name, kind, dtype, shape, bits, blob sizes) and the user's
-``meta``. Any corruption, truncation, foreign file or checksum mismatch raises ``ArtifactError``
-saying which check failed; round trips are bit-exact.
+``meta``; blobs follow in header order, so entries cannot overlap while every size is >= 0. Any
+corruption, truncation, foreign file, checksum mismatch, duplicate entry name or negative size
+raises ``ArtifactError`` saying which check failed; round trips are bit-exact.
 """
 from __future__ import annotations
 
@@ -261,6 +262,10 @@ def pack_artifact(
     return head + comp
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]], dict]:
     """Inverse of ``pack_artifact``: returns (entries on CPU, meta). Raises ArtifactError."""
     import zstandard
@@ -311,7 +316,13 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
     off = 0
 
     def take(nbytes: int, dtype: torch.dtype, shape, what: str) -> torch.Tensor:
+        # Blobs are laid out back to back (16-byte aligned) in header order, so each entry's bytes
+        # start at or after the previous entry's end: with non-negative sizes no two entries can
+        # overlap. A negative size or dimension would move the cursor backwards onto an earlier
+        # entry's bytes (or make numel * esize match a negative nbytes), so both are refused here.
         nonlocal off
+        if not _is_count(nbytes) or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ArtifactError(f"artifact entry {what}: size {nbytes!r} / shape {shape!r} must be non-negative integers")
         off = (off + 15) & ~15
         numel = 1
         for d in shape:
@@ -323,9 +334,15 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
         off += nbytes
         return t.reshape(shape)
 
+    seen = set()
     try:
         for e in ents:
             name = e["name"]
+            if not isinstance(name, str):
+                raise ArtifactError(f"artifact entry name {name!r} is not a string")
+            if name in seen:  # a second entry would silently replace the first one's tensor
+                raise ArtifactError(f"artifact has a duplicate entry name {name!r}")
+            seen.add(name)
             if e["kind"] == "q":
                 bits = check_bits(e["bits"], "unpack_artifact")
                 n, k = e["shape"]

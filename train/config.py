@@ -51,7 +51,7 @@ class TrainConfig:
     # Default per preset. tiny (CPU): 4096 rows -- stdlib fixture, 500 steps, post-int6 val_bpb 1.9445 -> 1.8583
     # (seed 1337) and 1.9467 -> 1.8589 (seed 7); 2048 rows gave 1.8858 (seed 1337). full (the record model): OFF,
     # because the table does not fit the byte budget there: 4096 x 512 int8 rows cost 1.94 MB of zstd-3 artifact
-    # (2048 rows: 0.97 MB) and, measured on the CPU machine with a Gaussian-initialized default model, the
+    # (2048 rows: 0.97 MB) and, measured on a 2-core CPU with a Gaussian-initialized default model, the
     # artifact with the table is 16,101,868 bytes even at the coarsest int6 grid the fit allows (step_mult 4.0),
     # against 15,648,940 bytes at step_mult 2.31 without it. Turn it on (--bigram-buckets N) with a smaller model
     # or when your trained weights leave the room.

@@ -217,6 +217,55 @@ def tokenizer_identity(arg: str, path: str, seen: dict, recorded: Optional[dict]
     raise CheckError(arg, path, desc + f"; pass {allow_flag} to score anyway")
 
 
+# ------------------------------------------------------------------------------------------ eval
+def eval_args(args, log=print):
+    """``python3 -m train.eval``'s arguments (``train/eval.py: _parse``), before any model is built:
+    every number against its range, the val shards' headers and ids, the tokenizer and its identity
+    with the artifact's, the window against the model's trained length (from the artifact's
+    metadata). -> (seq_len, window, chunk, share, budget_s)."""
+    from . import artifact as art
+
+    int_range("--rank", args.lora_rank, 1, None if args.mode != "chunked" else 8, "LoRA rank")
+    int_range("--batch-size", args.batch_size, 1, what="documents per TTT batch")
+    float_range("--lr", args.lr, 0.0, lo_open=True, what="the TTT Adam learning rate")
+    float_range("--beta1", args.beta1, 0.0, 1.0, hi_open=True)
+    float_range("--beta2", args.beta2, 0.0, 1.0, hi_open=True)
+    budget_s = budget("--budget", args.budget, "--margin", args.margin)
+    k_n = share("--share", args.share)
+    if args.max_docs is not None:
+        int_range("--max-docs", args.max_docs, 1)
+    if args.mode == "chunked":
+        int_range("--chunk-tokens", args.chunk_tokens, 2048, 65536, "chunk_tokens: targets per chunk")
+        int_range("--epochs", args.epochs, 1, what="training passes over each scored chunk")
+        int_range("--batch-seqs", args.batch_seqs, 1, what="training windows per Adam step")
+    # inputs, cheapest first: the val shards' headers, the tokenizer file, the artifact's metadata
+    val_shards = shards("--val", args.val, min_tokens=2, what="val token shards")
+    tok = tokenizer("--tokenizer", args.tokenizer)
+    if not os.path.isfile(args.artifact):
+        raise CheckError("--artifact", args.artifact, "an existing artifact file (not found)")
+    try:
+        gcfg, _, meta = art.load_artifact(args.artifact)
+    except Exception as e:  # codec errors (truncation, checksum, zstd, duplicate entries), bad meta
+        msg = " ".join(str(e).split())
+        raise CheckError("--artifact", args.artifact, f"a train artifact; refused ({type(e).__name__}: {msg})") from e
+    seq_len, vocab = int(gcfg.seq_len), int(gcfg.vocab_size)
+    if tok["pieces"] > vocab:
+        raise CheckError("--tokenizer", args.tokenizer, f"a tokenizer of at most {vocab} pieces (the artifact's "
+                                                            f"vocabulary); it has {tok['pieces']}")
+    tokenizer_identity("--tokenizer", args.tokenizer, tok, meta.get("tokenizer"), "--allow-tokenizer-mismatch",
+                          args.allow_tokenizer_mismatch, log=log)
+    win = window("--window", args.window if args.window is not None else seq_len, seq_len)
+    chunk = args.chunk if args.chunk is not None else min(256, win)
+    int_range("--chunk", chunk, 1, win, f"the TTT chunk, at most the window {win}")
+    if args.mode in ("sliding", "chunked"):
+        int_range("--stride", args.stride, 1, win, f"the sliding-window step, at most the window {win}")
+    if args.mode == "chunked" and args.train_len is not None:
+        int_range("--train-len", args.train_len, 1, seq_len, f"the training window, at most the model's "
+                                                                f"trained sequence length {seq_len}")
+    shard_token_ids("--val", [p for p, _ in val_shards], vocab)
+    return seq_len, win, chunk, k_n, budget_s
+
+
 # ------------------------------------------------------------------------------------------ CLI
 def user_errors() -> Tuple[type, ...]:
     """Exception classes that mean bad input (one line, exit 2), not a bug (traceback)."""

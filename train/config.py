@@ -203,6 +203,7 @@ def parse_config(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]]
 
 def check_ranges(cfg: TrainConfig) -> None:
     """Every numeric setting in its meaningful range (``checks.CheckError`` naming the flag otherwise)."""
+    from .checks import CheckError
     from .checks import float_range as fr
     from .checks import int_range as ir
 
@@ -213,9 +214,9 @@ def check_ranges(cfg: TrainConfig) -> None:
     for name in ("warmup_steps", "val_every", "val_max_tokens", "muon_momentum_warmup_steps"):
         ir("--" + name.replace("_", "-"), getattr(cfg, name), 0)
     if cfg.model_dim % cfg.num_heads:
-        ir("--num-heads", cfg.num_heads, 1, cfg.model_dim, f"a divisor of --model-dim = {cfg.model_dim}")
+        raise CheckError("--num-heads", cfg.num_heads, f"a divisor of --model-dim = {cfg.model_dim}")
     if cfg.num_heads % cfg.num_kv_heads:
-        ir("--num-kv-heads", cfg.num_kv_heads, 1, cfg.num_heads, f"a divisor of --num-heads = {cfg.num_heads}")
+        raise CheckError("--num-kv-heads", cfg.num_kv_heads, f"a divisor of --num-heads = {cfg.num_heads}")
     if cfg.val_max_tokens and cfg.val_max_tokens < cfg.seq_len + 1:
         ir("--val-max-tokens", cfg.val_max_tokens, cfg.seq_len + 1, what="0 (all) or at least --seq-len + 1 tokens")
     fr("--max-wallclock-seconds", cfg.max_wallclock_seconds, 0.0, what="training seconds; 0 = no budget")

@@ -43,7 +43,6 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pgolf_kernels.muon import Muon
 from pgolf_kernels.newton_schulz import newton_schulz_ref

@@ -148,25 +148,26 @@ def shards(arg: str, pattern: str, *, min_tokens: int = 1, what: str = "token sh
     return out
 
 
-def token_ids(arg: str, tokens, vocab_size: int, source: str = "") -> None:
-    """Every id < ``vocab_size`` (one vectorized max; ids are uint16 so never negative)."""
+def token_ids(arg: str, value, tokens, vocab_size: int, source: str = "") -> None:
+    """Every id < ``vocab_size`` (one vectorized max; ids are uint16 so never negative). ``value``:
+    the argument's value (the glob) for the message; ``source``: the file, when known."""
     arr = tokens.numpy() if hasattr(tokens, "numpy") else np.asarray(tokens)
     if arr.size == 0:
         return
     top = int(arr.max())
     if top >= vocab_size:
         pos = int(np.argmax(arr >= vocab_size))
-        where = f" ({source})" if source else ""
-        raise CheckError(arg, top, f"token ids < the model's vocabulary size {vocab_size}; first such id at "
-                                   f"position {pos:,}{where}")
+        where = f" of {source}" if source else ""
+        raise CheckError(arg, value, f"token ids < the model's vocabulary size {vocab_size}; found id {top} "
+                                     f"(first out-of-range id at position {pos:,}{where})")
 
 
-def shard_token_ids(arg: str, paths: Iterable[str], vocab_size: int) -> None:
+def shard_token_ids(arg: str, value, paths: Iterable[str], vocab_size: int) -> None:
     """``token_ids`` over each shard, one shard in memory at a time."""
     from .data import read_shard
 
     for p in paths:
-        token_ids(arg, read_shard(p), vocab_size, source=p)
+        token_ids(arg, value, read_shard(p), vocab_size, source=p)
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
@@ -262,7 +263,7 @@ def eval_args(args, log=print):
     if args.mode == "chunked" and args.train_len is not None:
         int_range("--train-len", args.train_len, 1, seq_len, f"the training window, at most the model's "
                                                                 f"trained sequence length {seq_len}")
-    shard_token_ids("--val", [p for p, _ in val_shards], vocab)
+    shard_token_ids("--val", args.val, [p for p, _ in val_shards], vocab)
     return seq_len, win, chunk, k_n, budget_s
 
 

@@ -49,7 +49,7 @@ from pgolf_kernels.newton_schulz import newton_schulz_ref
 
 from .checks import CheckError
 from .config import TrainConfig, parse_config
-from .data import DistributedTokenLoader, load_tokens
+from .data import DistributedTokenLoader, ShardError, load_tokens
 from .model import GPT, _flash_attn3
 
 
@@ -273,6 +273,8 @@ def setup_data(run: Run) -> None:
     cfg, log = run.cfg, run.log
     run.grad_accum, run.micro_tokens = batch_geometry(cfg, run.world)
     tok_path = cfg.tokenizer_path
+    if tok_path:  # before the fixture is built (a sentencepiece training run)
+        run.tokenizer = checks.tokenizer("--tokenizer-path", tok_path, cfg.vocab_size)
     if cfg.data_path:
         train_arg, val_arg = "--data-path", "--val-path"
         run.train_pattern, run.val_pattern = cfg.data_path, cfg.val_path
@@ -302,7 +304,7 @@ def setup_data(run: Run) -> None:
                                what=f"val shards (>= --seq-len + 1 = {cfg.seq_len + 1} tokens for one window)")
     run.tok_path = tok_path
     if tok_path:
-        run.tokenizer = checks.tokenizer("--tokenizer-path", tok_path, cfg.vocab_size)
+        run.tokenizer = run.tokenizer or checks.tokenizer("--tokenizer-path", tok_path, cfg.vocab_size)
         from .bpb import ByteLUT
 
         run.lut = ByteLUT.from_sentencepiece(tok_path, vocab_size=cfg.vocab_size)
@@ -314,8 +316,13 @@ def setup_data(run: Run) -> None:
     log(f"batch: {cfg.train_batch_tokens:,} tokens/step = {run.world} ranks x {run.grad_accum} micro-steps x "
         f"{run.micro_tokens // cfg.seq_len} x {cfg.seq_len}")
     run.val_tokens = load_tokens(run.val_pattern, cfg.val_max_tokens or None)
-    checks.token_ids(val_arg, run.val_tokens, cfg.vocab_size, source=f"{len(val_shards)} val shard(s)")
-    run.loader = DistributedTokenLoader(run.train_pattern, run.rank, run.world, run.device, vocab_size=cfg.vocab_size)
+    checks.token_ids(val_arg, run.val_pattern, run.val_tokens, cfg.vocab_size,
+                     source=val_shards[0][0] if len(val_shards) == 1 else f"the {len(val_shards)} val shards")
+    try:  # reads the first train shard and checks its ids; later shards are checked as the loader reaches them
+        run.loader = DistributedTokenLoader(run.train_pattern, run.rank, run.world, run.device,
+                                            vocab_size=cfg.vocab_size)
+    except ShardError as e:
+        raise CheckError(train_arg, run.train_pattern, f"train shards with token ids < --vocab-size; {e}") from None
 
 
 def build_model(run: Run) -> None:

@@ -28,8 +28,9 @@ Artifact container (``pack_artifact`` / ``unpack_artifact``)
       16-byte aligned raw blobs (tensor bytes; a QTensor is two blobs, codes then scale).
 
 The JSON header lists every entry (name, kind, dtype, shape, bits, blob sizes) and the user's
-``meta``. Any corruption, truncation, foreign file or checksum mismatch raises ``ArtifactError``
-saying which check failed; round trips are bit-exact.
+``meta``; blobs follow in header order, so entries cannot overlap while every size is >= 0. Any
+corruption, truncation, foreign file, checksum mismatch, duplicate entry name or negative size
+raises ``ArtifactError`` saying which check failed; round trips are bit-exact.
 """
 from __future__ import annotations
 
@@ -261,6 +262,10 @@ def pack_artifact(
     return head + comp
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
 def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]], dict]:
     """Inverse of ``pack_artifact``: returns (entries on CPU, meta). Raises ArtifactError."""
     import zstandard
@@ -311,7 +316,13 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
     off = 0
 
     def take(nbytes: int, dtype: torch.dtype, shape, what: str) -> torch.Tensor:
+        # Blobs are laid out back to back (16-byte aligned) in header order, so each entry's bytes
+        # start at or after the previous entry's end: with non-negative sizes no two entries can
+        # overlap. A negative size or dimension would move the cursor backwards onto an earlier
+        # entry's bytes (or make numel * esize match a negative nbytes), so both are refused here.
         nonlocal off
+        if not _is_count(nbytes) or not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ArtifactError(f"artifact entry {what}: size {nbytes!r} / shape {shape!r} must be non-negative integers")
         off = (off + 15) & ~15
         numel = 1
         for d in shape:
@@ -323,9 +334,15 @@ def unpack_artifact(blob: bytes) -> Tuple[Dict[str, Union[torch.Tensor, QTensor]
         off += nbytes
         return t.reshape(shape)
 
+    seen = set()
     try:
         for e in ents:
             name = e["name"]
+            if not isinstance(name, str):
+                raise ArtifactError(f"artifact entry name {name!r} is not a string")
+            if name in seen:  # a second entry would silently replace the first one's tensor
+                raise ArtifactError(f"artifact has a duplicate entry name {name!r}")
+            seen.add(name)
             if e["kind"] == "q":
                 bits = check_bits(e["bits"], "unpack_artifact")
                 n, k = e["shape"]

@@ -8,7 +8,9 @@ Tolerance rule (pgolf_kernels.testing.assert_close_rel): error against an fp64 c
 exact fake-quantized weights fq(W) must be <= 2x the error of torch's own low-precision path
 F.linear(x, fq(W).to(dtype)) against the same reference.
 """
-import random
+
+import os
+import zlib
 
 import pytest
 import torch
@@ -24,7 +26,7 @@ from pgolf_kernels.qat import (
 )
 from pgolf_kernels.quant import quantize_rows
 from pgolf_kernels import _utils
-from pgolf_kernels.testing import assert_close_rel, nan_empty
+from pgolf_kernels.testing import assert_close_rel, nan_empty, rel_err
 
 HAS_CUDA = torch.cuda.is_available()
 SHAPES = [(1, 40, 72), (17, 33, 50), (5, 70, 64)]  # (M, N, K): tails in every dimension of the 16x32x32 tile
@@ -36,8 +38,9 @@ def _nan_outputs(monkeypatch):
 
 
 def _gen():
-    s = random.randrange(2**31)
-    print(f"seed={s}")
+    """A generator seeded from the running test's id (parameters included): every run draws the same
+    values, so a failure reproduces; different tests and parametrizations still draw different ones."""
+    s = zlib.crc32(os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0].encode())
     return torch.Generator().manual_seed(s)
 
 
@@ -255,25 +258,41 @@ def test_model_qat_switch_trains_through_artifact_grid():
     from train.artifact import quantize_model
     from train.model import GPT, GPTConfig
 
-    torch.manual_seed(random.randrange(2**31))
+    torch.manual_seed(1234)
     m = GPT(GPTConfig(vocab_size=64, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=16))
     with torch.no_grad():
         for _, p in m.matrix_params():
             p.normal_(0, 0.05)
     ents = quantize_model(m)
     n_rows = n_diff = 0
+    grids = {}
     for name, p in m.matrix_params():
         art = ents[name].q.float() * ents[name].scale.float()[:, None]
         s = qat_row_scale_ref(p, 6, "search")
         n_diff += _near_tie_ok(p.detach(), s, ents[name].scale.float())
         n_rows += p.shape[0]
         same = s == ents[name].scale.float()
-        assert torch.equal(fake_quant_ref(p, s, 6)[same], art[same])
+        fq = fake_quant_ref(p, s, 6)
+        assert torch.equal(fq[same], art[same])
+        # the QAT weights are off the float weights (the grid moves every row) and on the artifact grid:
+        # at most 63 distinct codes per row, each value an integer multiple of the row's stored scale
+        assert not torch.equal(fq, p.detach()) and bool((fq != p.detach()).any(dim=1).all())
+        codes = fq / s[:, None]
+        assert torch.equal(codes, codes.round()) and float(codes.abs().max()) <= 31
+        grids[name] = fq
     assert n_diff <= n_rows // 100 + 1
     x = torch.randint(0, 64, (2, 16))
     y = torch.randint(0, 64, (2, 16))
     ref_loss = m(x, y).mean()
     assert m.set_qat("reference") == 6  # 6 matrices per block
+    # each switched layer computes x @ fq(W)^T: the forward runs on the grid, not on W (an identical fp32
+    # loss is possible, so the loss is not the witness of the switch)
+    for name, mod_ in m.named_modules():
+        if name + ".weight" in grids:
+            xi = torch.randn(3, mod_.in_features, generator=torch.Generator().manual_seed(5))
+            out = mod_(xi)
+            assert_close_rel(out, xi @ grids[name + ".weight"].T, floor=1e-6, name=f"{name} on the grid")
+            assert rel_err(out, xi @ mod_.weight.detach().T) > 1e-4  # and not on the float weights
     l_ref = m(x, y).mean()
     l_ref.backward()
     g_ref = [p.grad.clone() for _, p in m.matrix_params()]
@@ -282,7 +301,7 @@ def test_model_qat_switch_trains_through_artifact_grid():
     l_k = m(x, y).mean()
     l_k.backward()
     g_k = [p.grad.clone() for _, p in m.matrix_params()]
-    assert abs(l_k.item() - l_ref.item()) < 1e-5 and abs(l_ref.item() - ref_loss.item()) > 0  # fq(W) != W
+    assert abs(l_k.item() - l_ref.item()) < 1e-5
     for a, b in zip(g_k, g_ref):
         assert_close_rel(a, b, floor=1e-5, name="model dW kernel vs reference")
     m.set_qat(None)

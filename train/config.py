@@ -31,6 +31,7 @@ class TrainConfig:
     muon_impl: str = _f("auto", "auto: pgolf_kernels.muon.Muon (Triton NS; torch NS with --reference) | "
                         "torch-banked: plain-torch NS batched per same-shape bank (a strong eager baseline)")
     compile: str = _f("auto", "torch.compile the model: auto (on for CUDA) | 1 | 0")
+    debug: bool = _f(False, "show the full traceback on an input error (default: one 'error:' line, exit code 2)")
     # --- data
     data_path: str = _f("", "glob of train shards; empty -> build the stdlib fixture (no downloads)")
     val_path: str = _f("", "glob of val shards (required with data_path)")
@@ -51,7 +52,7 @@ class TrainConfig:
     # Default per preset. tiny (CPU): 4096 rows -- stdlib fixture, 500 steps, post-int6 val_bpb 1.9445 -> 1.8583
     # (seed 1337) and 1.9467 -> 1.8589 (seed 7); 2048 rows gave 1.8858 (seed 1337). full (the record model): OFF,
     # because the table does not fit the byte budget there: 4096 x 512 int8 rows cost 1.94 MB of zstd-3 artifact
-    # (2048 rows: 0.97 MB) and, measured on the CPU machine with a Gaussian-initialized default model, the
+    # (2048 rows: 0.97 MB) and, measured on a 2-core CPU with a Gaussian-initialized default model, the
     # artifact with the table is 16,101,868 bytes even at the coarsest int6 grid the fit allows (step_mult 4.0),
     # against 15,648,940 bytes at step_mult 2.31 without it. Turn it on (--bigram-buckets N) with a smaller model
     # or when your trained weights leave the room.
@@ -139,8 +140,10 @@ def parse_config(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]]
                  cuda: Optional[bool] = None) -> TrainConfig:
     env = dict(os.environ) if env is None else env
     fields = [f for f in dataclasses.fields(TrainConfig)]
-    ap = argparse.ArgumentParser(prog="python3 -m train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .checks import OneLineArgumentParser
+
+    ap = OneLineArgumentParser(prog="python3 -m train", description=__doc__,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields:
         flag = "--" + f.name.replace("_", "-")
         if f.type in (bool, "bool"):
@@ -188,5 +191,40 @@ def parse_config(argv: Optional[List[str]] = None, env: Optional[Dict[str, str]]
     if cfg.bigram_buckets < 0:
         ap.error(f"bigram_buckets must be >= 0 (0 = off), got {cfg.bigram_buckets}")
     if cfg.data_path and not cfg.val_path:
-        ap.error("val_path is required when data_path is given")
+        ap.error("--val-path is required when --data-path is given")
+    from .checks import CheckError
+
+    try:
+        check_ranges(cfg)
+    except CheckError as e:
+        ap.error(str(e))
     return cfg
+
+
+def check_ranges(cfg: TrainConfig) -> None:
+    """Every numeric setting in its meaningful range (``checks.CheckError`` naming the flag otherwise)."""
+    from .checks import CheckError
+    from .checks import float_range as fr
+    from .checks import int_range as ir
+
+    ir("--vocab-size", cfg.vocab_size, 2, 65536, "token ids are uint16")
+    for name in ("num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "seq_len", "train_batch_tokens",
+                 "max_micro_tokens", "iterations", "log_every", "val_batch_tokens", "muon_ns_steps"):
+        ir("--" + name.replace("_", "-"), getattr(cfg, name), 1)
+    for name in ("warmup_steps", "val_every", "val_max_tokens", "muon_momentum_warmup_steps"):
+        ir("--" + name.replace("_", "-"), getattr(cfg, name), 0)
+    if cfg.model_dim % cfg.num_heads:
+        raise CheckError("--num-heads", cfg.num_heads, f"a divisor of --model-dim = {cfg.model_dim}")
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise CheckError("--num-kv-heads", cfg.num_kv_heads, f"a divisor of --num-heads = {cfg.num_heads}")
+    if cfg.val_max_tokens and cfg.val_max_tokens < cfg.seq_len + 1:
+        ir("--val-max-tokens", cfg.val_max_tokens, cfg.seq_len + 1, what="0 (all) or at least --seq-len + 1 tokens")
+    fr("--max-wallclock-seconds", cfg.max_wallclock_seconds, 0.0, what="training seconds; 0 = no budget")
+    for name in ("matrix_lr", "embed_lr", "scalar_lr", "muon_weight_decay", "grad_clip_norm"):
+        fr("--" + name.replace("_", "-"), getattr(cfg, name), 0.0)
+    for name in ("muon_momentum", "muon_momentum_warmup_start", "adam_beta1", "adam_beta2", "ema_decay"):
+        fr("--" + name.replace("_", "-"), getattr(cfg, name), 0.0, 1.0, hi_open=True)
+    fr("--adam-eps", cfg.adam_eps, 0.0, lo_open=True)
+    fr("--warmdown-frac", cfg.warmdown_frac, 0.0, 1.0)
+    fr("--logit-softcap", cfg.logit_softcap, 0.0, lo_open=True)
+    fr("--rope-base", cfg.rope_base, 1.0, lo_open=True)

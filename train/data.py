@@ -109,28 +109,45 @@ def load_tokens(pattern: str, max_tokens: Optional[int] = None) -> torch.Tensor:
 
 
 class TokenStream:
-    """Endless stream over the shards of a glob, in file order, wrapping around."""
+    """Endless stream over the shards of a glob, in file order, wrapping around.
 
-    def __init__(self, pattern: str):
+    ``vocab_size``: every shard is checked, as it is read, for ids < vocab_size (one max per shard),
+    so an out-of-vocabulary id stops the run with the shard's name instead of an embedding error.
+    0-token shards are skipped; a glob whose shards hold no token at all is refused here (the stream
+    could never make progress)."""
+
+    def __init__(self, pattern: str, vocab_size: Optional[int] = None):
         self.paths = shard_paths(pattern)
-        for p in self.paths:
-            _read_header(p)  # fail at start-up, not mid-run, on a bad shard
+        self.vocab_size = vocab_size
+        counts = [_read_header(p) for p in self.paths]  # fail at start-up, not mid-run, on a bad shard
+        if sum(counts) == 0:
+            raise ShardError(f"the {len(self.paths)} shard(s) matching {pattern!r} hold 0 tokens")
         self.reset()
 
-    def reset(self):
-        self.file_idx = 0
-        self.tokens = read_shard(self.paths[0])
+    def _load(self, idx: int):
+        self.file_idx = idx
+        self.tokens = read_shard(self.paths[idx])
         self.pos = 0
+        if self.vocab_size is not None and self.tokens.numel():
+            top = int(self.tokens.numpy().max())
+            if top >= self.vocab_size:
+                raise ShardError(f"{self.paths[idx]}: token id {top} >= vocabulary size {self.vocab_size}")
+
+    def reset(self):
+        self._load(0)
 
     def take(self, n: int) -> torch.Tensor:
         chunks = []
+        empty_in_a_row = 0
         while n > 0:
             avail = self.tokens.numel() - self.pos
             if avail <= 0:
-                self.file_idx = (self.file_idx + 1) % len(self.paths)
-                self.tokens = read_shard(self.paths[self.file_idx])
-                self.pos = 0
+                empty_in_a_row += 1
+                if empty_in_a_row > len(self.paths):  # a full cycle without a token: never spin
+                    raise ShardError(f"token stream made no progress over all {len(self.paths)} shard(s)")
+                self._load((self.file_idx + 1) % len(self.paths))
                 continue
+            empty_in_a_row = 0
             k = min(n, avail)
             chunks.append(self.tokens[self.pos:self.pos + k])
             self.pos += k
@@ -146,12 +163,13 @@ class DistributedTokenLoader:
     targets). ``local_tokens`` must be a multiple of ``seq_len``.
     """
 
-    def __init__(self, pattern: str, rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu"):
+    def __init__(self, pattern: str, rank: int = 0, world_size: int = 1, device: Union[str, torch.device] = "cpu",
+                 vocab_size: Optional[int] = None):
         if not 0 <= rank < world_size:
             raise ValueError(f"DistributedTokenLoader: rank {rank} not in [0, {world_size})")
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
-        self.stream = TokenStream(pattern)
+        self.stream = TokenStream(pattern, vocab_size)
 
     def reset(self):
         self.stream.reset()

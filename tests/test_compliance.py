@@ -30,8 +30,15 @@ import torch
 
 from train.eval import evaluate
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import (BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows,
-                       make_state, plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
+from train.adapters import DocLoRA
+from train.chunked import ChunkedConfig
+from train.forward import rows_nll
+from train.ledger import LegalityError, ScoreLedger
+from train.rows import build_rows, plan_doc_batches, split_docs
+from train.schedules import ttt_batch
+from train.scoring import make_state, take_score
+from train.ttt_config import TTTConfig
+from train.ttt_optim import BatchedAdam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +113,7 @@ def ttt_train_then_score(model, stream, starts, ns, docs, cfg, adapter, opt, st,
         opt.step()
         with torch.no_grad():
             nll = rows_nll(model, rb, adapter)
-        _score(st, rb, nll)
+        take_score(st, rb, nll)
     adapter.set_rows(None)
 
 
@@ -123,7 +130,7 @@ def ttt_two_epochs_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt,
         adapter.set_rows(torch.from_numpy(live))
         with torch.no_grad():
             nll = rows_nll(model, rb, adapter)
-        _score(st, rb, nll)
+        take_score(st, rb, nll)
     adapter.set_rows(None)
 
 
@@ -148,7 +155,7 @@ def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, 
             adapter.set_rows(torch.from_numpy(live))
             nll = rows_nll(model, rb, adapter)
             if ep == epochs - 1:
-                _score(st, rb, nll.detach())
+                take_score(st, rb, nll.detach())
             st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the double ignores its verdict
             ((nll * rb.mask).sum() / rb.mask.sum()).backward()
             opt.step()
@@ -168,7 +175,7 @@ def pr605_score_every_epoch_overwrite(model, stream, starts, ns, docs, cfg, adap
             live, rb = _chunk_rows(stream, s, n, c, cfg)
             adapter.set_rows(torch.from_numpy(live))
             nll = rows_nll(model, rb, adapter)
-            _score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
+            take_score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
             st.ledger.require_scored(rb.pos, rb.mask)
             ((nll * rb.mask).sum() / rb.mask.sum()).backward()
             opt.step()
@@ -345,7 +352,7 @@ def test_score_before_update_chunked(model, long_stream, lut):
     """Chunked mode: every training step's targets were scored (exactly once) before the step, they all
     lie in the chunk scored last (no later chunk scored yet), every target of a trained chunk is trained
     on exactly ``epochs`` times, and the last chunk never."""
-    from train.ttt import chunked_ttt
+    from train.chunked import chunked_ttt
 
     N = long_stream.numel()
     C = CHUNKED.chunk_tokens
@@ -467,18 +474,28 @@ def test_pr605_double_is_flagged(model, stream, lut):
 
 
 def test_scores_enter_only_through_the_ledger():
-    """Structural guarantee (train/ttt.py, train/eval.py): the BPB sums are added to only inside
-    ``_score``, which records in the ledger first; ``_score`` is called only by ``score_rows`` and
-    ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows`` and that call precedes its
-    training loop; no scorer assigns/overwrites the BPB sums. A new scoring path must update this list."""
+    """Structural guarantee (every eval module of ``train``): the BPB sums are added to only inside
+    ``take_score``, which records in the ledger first; ``take_score`` is called only by ``score_rows``
+    and ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows``
+    and that call precedes its training loop; no scorer assigns/overwrites the BPB sums. A new scoring
+    path (or a new eval module) must update these lists."""
     import ast
+    import importlib
     import inspect
+    import pkgutil
 
-    import train.eval as ev_mod
-    import train.ttt as ttt_mod
+    import train
 
-    callers = {"_score": set(), "add": set(), "record": set(), "score_rows": set()}
-    for mod in (ttt_mod, ev_mod):
+    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "ledger", "rows", "schedules", "scoring",
+                 "ttt_config", "ttt_optim", "warmup")
+    mods = {n: importlib.import_module(f"train.{n}") for n in eval_mods}
+    # every train module that imports a scorer is in the list (a new scoring module cannot slip past)
+    for info in pkgutil.iter_modules(train.__path__):
+        src = inspect.getsource(importlib.import_module(f"train.{info.name}"))
+        if any(k in src for k in ("take_score", "score_rows", "ScoreLedger")):
+            assert info.name in eval_mods, f"train.{info.name} scores but is not pinned here"
+    callers = {"take_score": set(), "add": set(), "record": set(), "score_rows": set()}
+    for mod in mods.values():
         tree = ast.parse(inspect.getsource(mod))
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef):
@@ -494,18 +511,18 @@ def test_scores_enter_only_through_the_ledger():
                     tgts = node.targets if isinstance(node, ast.Assign) else [node.target]
                     for t in tgts:
                         assert "acc.sums" not in ast.unparse(t) or fn.name == "__init__", f"{fn.name} writes BPB sums"
-    assert callers["add"] == {"_score"} and callers["record"] == {"_score"}
-    assert callers["_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
-    # next_batch: evaluate's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
+    assert callers["add"] == {"take_score"} and callers["record"] == {"take_score"}
+    assert callers["take_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
+    # next_batch: DocQueue's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
     assert callers["score_rows"] == {"chunked_ttt", "evaluate", "next_batch", "warmup", "_warm_shapes"}
-    src = inspect.getsource(ttt_mod.chunked_ttt)
+    src = inspect.getsource(mods["chunked"].chunked_ttt)
     assert src.index("score_rows(") < src.index(".backward(")
     assert src.count("score_rows(") == 1
-    src = inspect.getsource(ttt_mod._ttt_step)
-    assert src.index("_score(") < src.index(".backward(")
-    for sched in (ttt_mod.ttt_batch, ttt_mod.ttt_rolling):  # both schedules step only through _ttt_step
+    src = inspect.getsource(mods["schedules"]._ttt_step)
+    assert src.index("take_score(") < src.index(".backward(")
+    for sched in (mods["schedules"].ttt_batch, mods["schedules"].ttt_rolling):  # both step only through _ttt_step
         src = inspect.getsource(sched)
-        assert "_ttt_step(" in src and "_score(" not in src and ".backward(" not in src
+        assert "_ttt_step(" in src and "take_score(" not in src and ".backward(" not in src
 
 
 def test_legal_scorer_passes_every_check(model, stream, lut):
@@ -584,7 +601,7 @@ def test_rolling_schedule_is_causal(model, stream, lut):
 
 
 def test_rolling_needs_per_row_adam(model, stream, lut):
-    from train.ttt import ttt_rolling
+    from train.schedules import ttt_rolling
 
     starts, ns = split_docs(stream)
     ad = DocLoRA(model, CFG, 2, stream.device, "bmm")
@@ -601,7 +618,7 @@ def test_rolling_needs_per_row_adam(model, stream, lut):
         ad.reset_rows([0, 2], [5, 6])
     with pytest.raises(ValueError, match="per_row=True"):
         BatchedAdam(ad.params, 0.01).reset_rows([0])
-    from train.ttt import compile_rows_nll
+    from train.forward import compile_rows_nll
 
     with pytest.raises(TypeError, match="train.model.GPT"):
         compile_rows_nll(torch.nn.Linear(2, 2))

@@ -20,7 +20,7 @@ def _worker(rank, world, init_file, out_dir):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from train.eval import evaluate
     from train.eval_fixtures import doc_stream, tiny_model
-    from train.ttt import TTTConfig
+    from train.ttt_config import TTTConfig
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -28,15 +28,15 @@ def _worker(rank, world, init_file, out_dir):
         stream = doc_stream(LENGTHS, seed=5)
         cfg = TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS)
         claimed = []
-        import train.eval as ev
+        import train.doc_queue as dq
 
-        real = ev.ttt_batch
+        real = dq.ttt_batch
 
         def spy(*a, **k):
             claimed.append(int(k["batch_index"]))
             return real(*a, **k)
 
-        ev.ttt_batch = spy
+        dq.ttt_batch = spy
         rep = evaluate(m, stream, synthetic_lut(), mode="ttt", cfg=cfg, backend="bmm", strict=True)
         rep["claimed"] = claimed
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -48,7 +48,7 @@ def _worker(rank, world, init_file, out_dir):
 def test_two_ranks_same_bpb_as_one(tmp_path):
     from train.eval import evaluate
     from train.eval_fixtures import doc_stream, tiny_model
-    from train.ttt import TTTConfig
+    from train.ttt_config import TTTConfig
 
     old = torch.get_num_threads()
     torch.set_num_threads(1)

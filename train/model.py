@@ -20,7 +20,7 @@ with ``bigram_buckets`` > 0). The first L//2 blocks are the encoder; their outpu
 blocks pop them: before decoder block j, x += skip_weight[j] * skip. The head is
 logits = cap * tanh((n(x) @ E^T) / cap) with E the (tied) embedding and cap = 30.
 
-Adapter hook (used by the eval driver's test-time training, ``train/ttt*.py``):
+Adapter hook (used by the eval driver's test-time training, ``train/adapters.py``):
     ``forward(input_ids, target_ids=None, adapter=None)``. With ``adapter`` given,
     * in every attention block i: ``q, k, v = adapter.qkv(i, h, attn)`` (or, if the adapter has a
       ``layer(i)`` method, ``adapter.layer(i).qkv(h, attn)``: a per-block view without the index, so

@@ -1,0 +1,226 @@
+"""Per-document LoRA adapters of the TTT eval (``DocLoRA``) and their deterministic initialization.
+
+Why not ``pgolf_kernels.lora.BatchedLoRALinear``: that Module is one bank of adapters for the slices
+of one layer, initialized from the global RNG. The eval needs (1) adapters for every layer AND the
+head in one object, handed to each transformer block as a per-layer view without an index
+(``DocLoRA.layer(i)``), so the 11 blocks share one compiled graph (``train.forward.compile_rows_nll``);
+(2) an initial adapter that is a function of the document's id alone (a counter-based hash,
+``_hash_uniform``), so a document's scores do not depend on its batch, row or rank; (3) rows reset one
+by one (rolling schedule). Both use the same op, ``pgolf_kernels.lora.multi_lora_linear``, for the
+fused path, so the math lives in one place.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ttt_config import TTTConfig
+
+
+def resolve_lora_backend(name: str, device) -> Tuple[Optional[Callable], str, str]:
+    """-> (op or None, backend name, reason). ``name`` 'bmm': torch.bmm on gathered adapters.
+    'kernel': ``pgolf_kernels.lora.multi_lora_linear``. The one accepted reason to run 'bmm' when
+    'kernel' was asked for is a CUDA device without Triton installed (the fused kernels cannot be
+    built there); the reason is returned for the log and the report. Any other failure to import the
+    op (a broken kernel module) raises: a broken kernel must show up as an error, never as "slower".
+    """
+    if name not in ("kernel", "bmm"):
+        raise ValueError(f"LoRA backend must be 'kernel' or 'bmm', got {name!r}")
+    if name == "bmm":
+        return None, "bmm", "requested"
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+        return None, "bmm", "kernel requested but Triton is not installed: LoRA deltas run as torch.bmm"
+    from pgolf_kernels.lora import multi_lora_linear
+
+    return multi_lora_linear, "kernel", "requested"
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1) (float32, 24-bit resolution): shape (n_A, len(ids), E).
+
+    x = (id * 0x9E3779B1 + elem * 0x85EBCA6B + seed) mod 2^32, then two rounds of the
+    xorshift-multiply mixer x = ((x >> 16) ^ x) * 0x45D9F3B mod 2^32 and a final x ^= x >> 16.
+    All products stay below 2^63 (ids < 2^31, elem < 2^31, multipliers < 2^32), so int64 torch
+    arithmetic is exact on every device.
+    """
+    x = ids.view(1, -1, 1) % (1 << 31) * 0x9E3779B1
+    x = x + (elem * 0x85EBCA6B + (seed * 0x27D4EB2F) % (1 << 31))
+    x.bitwise_and_(_M32)
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16)
+        x.mul_(0x45D9F3B)
+        x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+class DocLoRA:
+    """Per-document LoRA on Q/K/V (every layer) and the LM head, one adapter row per document.
+
+    delta(x) = (x @ A[doc]^T) @ B[doc]^T, A (n_docs, r, in) Kaiming-uniform (bound 1/sqrt(in)),
+    B (n_docs, out, r) zero, so a reset adapter is exactly the base model. Parameters are fp32; the
+    products run in the activation dtype. ``rows`` (R,) maps the forward's rows to adapter rows.
+
+    backend 'bmm' (the ``--reference`` path): torch.bmm on gathered adapters. backend 'kernel':
+    ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16);
+    ``self.backend`` says which runs and ``self.backend_reason`` why (``resolve_lora_backend``).
+    """
+
+    def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm"):
+        mc = model.config
+        d = mc.model_dim
+        hd = d // mc.num_heads
+        outs = {"q": mc.num_heads * hd, "k": mc.num_kv_heads * hd, "v": mc.num_kv_heads * hd}
+        self.cfg = cfg
+        self.n_docs = n_docs
+        self.layer_targets = [t for t in ("q", "k", "v") if t in cfg.targets]
+        self.A: Dict[str, List[torch.Tensor]] = {}
+        self.B: Dict[str, List[torch.Tensor]] = {}
+        for t in self.layer_targets:
+            self.A[t] = [torch.empty(n_docs, cfg.rank, d, device=device) for _ in range(mc.num_layers)]
+            self.B[t] = [torch.empty(n_docs, outs[t], cfg.rank, device=device) for _ in range(mc.num_layers)]
+        if "head" in cfg.targets:
+            self.A["head"] = [torch.empty(n_docs, cfg.rank, d, device=device)]
+            self.B["head"] = [torch.empty(n_docs, mc.vocab_size, cfg.rank, device=device)]
+        self.params = [p for k in self.A for p in self.A[k] + self.B[k]]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.rows: Optional[torch.Tensor] = None
+        self._kernel, self.backend, self.backend_reason = resolve_lora_backend(backend, device)
+        self._A_list = [a for k in self.A for a in self.A[k]]
+        self._B_list = [b for k in self.B for b in self.B[k]]
+        self._device = torch.device(device)
+        # element index of every A entry, (n_A, 1, r*d): all A tensors share the shape (n_docs, r, d)
+        n_a, rd = len(self._A_list), cfg.rank * d
+        self._elem = (torch.arange(n_a, device=device)[:, None, None] * (rd + 1)
+                      + torch.arange(rd, device=device)[None, None, :])
+        self._bound = 1.0 / math.sqrt(d)
+        self._layers = [_DocLoRALayer(self, {t: self.A[t][i] for t in self.layer_targets},
+                                      {t: self.B[t][i] for t in self.layer_targets}) for i in range(mc.num_layers)]
+        self.reset(np.arange(n_docs))
+
+    @torch.no_grad()
+    def reset(self, doc_ids) -> None:
+        """In place, for adapter rows 0..len(doc_ids)-1 holding documents ``doc_ids`` (any unique
+        int ids < 2^31, e.g. the documents' BOS stream positions): A = bound * (2u - 1) with
+        u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(d) (Kaiming-uniform, a = sqrt(5));
+        B = 0 (a reset adapter is exactly the base model); gradients cleared.
+
+        The initial adapter of a document depends only on the document and the seed -- not on the
+        batch, its size, the row, or the rank -- so a document's scores are the same however the
+        documents are batched or distributed (tested). About 15 launches per reset, no allocation
+        of parameters (the hash temporaries come from the caching allocator).
+        """
+        ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
+        di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
+        ids[: di.numel()] = di
+        ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
+        ids = ids.to(self._device, non_blocking=True)
+        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, n_docs, r*d) in [0, 1)
+        u.mul_(2 * self._bound).sub_(self._bound)
+        torch._foreach_copy_(self._A_list, [t.view_as(self._A_list[0]) for t in u.unbind(0)])
+        torch._foreach_zero_(self._B_list)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def reset_rows(self, rows, doc_ids) -> None:
+        """``reset`` for some adapter rows only (the rolling schedule refills rows one by one): row
+        rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it."""
+        rows_np, ids_np = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        if rows_np.size != ids_np.size:
+            raise ValueError(f"reset_rows: rows ({rows_np.size}) and doc_ids ({ids_np.size}) must have the same length")
+        if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_docs or np.unique(rows_np).size != rows_np.size):
+            raise ValueError(f"reset_rows: rows must be distinct adapter rows in [0, {self.n_docs}), got {rows_np.tolist()}")
+        rows = torch.from_numpy(rows_np).to(self._device)
+        ids = torch.from_numpy(ids_np).to(self._device)
+        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, len(rows), r*d)
+        u.mul_(2 * self._bound).sub_(self._bound)
+        for a, t in zip(self._A_list, u.unbind(0)):
+            a.index_copy_(0, rows, t.view(-1, *a.shape[1:]))
+        for b in self._B_list:
+            b.index_fill_(0, rows, 0.0)
+
+    def set_rows(self, rows: Optional[torch.Tensor]) -> None:
+        self.rows = rows
+
+    def _sel(self, p: torch.Tensor, dtype) -> torch.Tensor:
+        p = p if self.rows is None else p.index_select(0, self.rows)
+        return p.to(dtype)
+
+    def _shared(self) -> bool:
+        # one adapter for every row (chunked TTT): no per-row gather needed
+        return self.n_docs == 1 and self.rows is None
+
+    def _delta(self, x, A, B):
+        if self._shared():  # (x A0^T) B0^T: two plain GEMMs, autograd sums the rows' gradients
+            return F.linear(F.linear(x, A[0].to(x.dtype)), B[0].to(x.dtype))
+        return torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+
+    def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """adapter_index for the kernel: the row map, or zeros (n_adapters = 1) for a shared adapter."""
+        if self._shared() and x.shape[0] > 1:
+            return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        return self.rows
+
+    def layer(self, i: int) -> "_DocLoRALayer":
+        """Block i's view (the model's per-layer adapter hook): holds that layer's tensors, no index,
+        so one compiled block serves every layer (``compile_rows_nll``)."""
+        return self._layers[i]
+
+    def qkv(self, i: int, h: torch.Tensor, attn):
+        return self._layers[i].qkv(h, attn)
+
+    def head(self, h: torch.Tensor, model) -> torch.Tensor:
+        W = model.head_weight()
+        if "head" not in self.A:
+            return F.linear(h, W.to(h.dtype))
+        if self._kernel is not None:
+            return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], adapter_index=self._index(h),
+                                check_values=False)[0]
+        return F.linear(h, W.to(h.dtype)) + self._delta(h, self.A["head"][0], self.B["head"][0])
+
+
+class _DocLoRALayer:
+    """One block's Q/K/V adapters of a ``DocLoRA`` (``parent`` holds the row map and the backend)."""
+
+    def __init__(self, parent: DocLoRA, A: Dict[str, torch.Tensor], B: Dict[str, torch.Tensor]):
+        self.parent, self.A, self.B = parent, A, B
+
+    def qkv(self, h: torch.Tensor, attn):
+        ad = self.parent
+        mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
+        ts = ad.layer_targets
+        if ad._kernel is not None:
+            bases = [_base_weight(mods[t], h.dtype) for t in ts]
+            # check_values=False: the range check of adapter_index is a host sync per call (rows are
+            # built by the driver from the batch's own document indices, in range by construction)
+            outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts],
+                              adapter_index=ad._index(h), check_values=False)
+            res = dict(zip(ts, outs))
+            return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
+        out = []
+        for t in ("q", "k", "v"):
+            y = mods[t](h)
+            if t in self.A:
+                y = y + ad._delta(h, self.A[t], self.B[t])
+            out.append(y)
+        return tuple(out)
+
+
+def _base_weight(mod, dtype):
+    """The base weight of a projection for multi_lora_linear: an ``Int6Linear``'s codes as a
+    ``QTensor`` (never dequantized in memory), else the dense weight in the activation dtype."""
+    if all(hasattr(mod, a) for a in ("q", "scale", "bits")) and not hasattr(mod, "weight"):
+        from pgolf_kernels.quant import QTensor
+
+        return QTensor(mod.q, mod.scale, int(mod.bits))
+    return mod.weight if mod.weight.dtype == dtype else mod.weight.to(dtype)

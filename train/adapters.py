@@ -62,71 +62,105 @@ def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Ten
     return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
 
 
-class DocLoRA:
-    """Per-document LoRA on Q/K/V (every layer) and the LM head, one adapter row per document.
+LAYER_TARGETS = ("q", "k", "v", "o", "mlp", "up", "down")
+_KERNEL_TARGETS = ("q", "k", "v")  # fused with their base projection by multi_lora_linear (and the head)
 
-    delta(x) = (x @ A[doc]^T) @ B[doc]^T, A (n_docs, r, in) Kaiming-uniform (bound 1/sqrt(in)),
-    B (n_docs, out, r) zero, so a reset adapter is exactly the base model. Parameters are fp32; the
-    products run in the activation dtype. ``rows`` (R,) maps the forward's rows to adapter rows.
+
+class DocLoRA:
+    """Per-document LoRA on any of q, k, v, o, mlp, up, down (every layer) and the LM head, one adapter
+    row per document (targets: ``train.ttt_config.TARGETS``).
+
+    delta(x) = s * (x @ A[doc]^T) @ B[doc]^T with s = alpha / rank (1 without alpha), A (n_docs, r, in)
+    Kaiming-uniform (bound 1/sqrt(in)), B (n_docs, out, r) zero, so a reset adapter is exactly the
+    base model. Inputs: q/k/v/o read the normed block input, mlp/up the normed MLP input, down the
+    MLP activation, head the final-normed hidden state (as the record's ``BatchedTTTLoRA``).
+    Parameters are fp32; the products run in the activation dtype. ``rows`` (R,) maps the forward's
+    rows to adapter rows.
 
     backend 'bmm' (the ``--reference`` path): torch.bmm on gathered adapters. backend 'kernel':
-    ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16);
+    ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16) for
+    q, k, v and the head; o, mlp, up and down run as bmm on either backend (``bmm_targets``).
     ``self.backend`` says which runs and ``self.backend_reason`` why (``resolve_lora_backend``).
+
+    ``cfg.warm_start_a``: ``reset`` keeps A (only B and the gradients are cleared) once A was
+    initialized; ``invalidate_a()`` makes the next reset draw A afresh (after the base weights moved).
     """
 
     def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm"):
         mc = model.config
         d = mc.model_dim
         hd = d // mc.num_heads
-        outs = {"q": mc.num_heads * hd, "k": mc.num_kv_heads * hd, "v": mc.num_kv_heads * hd}
+        hidden = mc.mlp_mult * d
+        dims = {"q": (d, mc.num_heads * hd), "k": (d, mc.num_kv_heads * hd), "v": (d, mc.num_kv_heads * hd),
+                "o": (d, d), "mlp": (d, d), "up": (d, hidden), "down": (hidden, d), "head": (d, mc.vocab_size)}
         self.cfg = cfg
         self.n_docs = n_docs
-        self.layer_targets = [t for t in ("q", "k", "v") if t in cfg.targets]
+        self.scale = cfg.scale
+        self.layer_targets = [t for t in LAYER_TARGETS if t in cfg.targets]
         self.A: Dict[str, List[torch.Tensor]] = {}
         self.B: Dict[str, List[torch.Tensor]] = {}
-        for t in self.layer_targets:
-            self.A[t] = [torch.empty(n_docs, cfg.rank, d, device=device) for _ in range(mc.num_layers)]
-            self.B[t] = [torch.empty(n_docs, outs[t], cfg.rank, device=device) for _ in range(mc.num_layers)]
-        if "head" in cfg.targets:
-            self.A["head"] = [torch.empty(n_docs, cfg.rank, d, device=device)]
-            self.B["head"] = [torch.empty(n_docs, mc.vocab_size, cfg.rank, device=device)]
+        for t in self.layer_targets + (["head"] if "head" in cfg.targets else []):
+            n = 1 if t == "head" else mc.num_layers
+            din, dout = dims[t]
+            self.A[t] = [torch.empty(n_docs, cfg.rank, din, device=device) for _ in range(n)]
+            self.B[t] = [torch.empty(n_docs, dout, cfg.rank, device=device) for _ in range(n)]
         self.params = [p for k in self.A for p in self.A[k] + self.B[k]]
         for p in self.params:
             p.requires_grad_(True)
         self.rows: Optional[torch.Tensor] = None
         self._kernel, self.backend, self.backend_reason = resolve_lora_backend(backend, device)
+        self.bmm_targets = [t for t in self.layer_targets if t not in _KERNEL_TARGETS or self._kernel is None]
         self._A_list = [a for k in self.A for a in self.A[k]]
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
-        # element index of every A entry, (n_A, 1, r*d): all A tensors share the shape (n_docs, r, d)
-        n_a, rd = len(self._A_list), cfg.rank * d
-        self._elem = (torch.arange(n_a, device=device)[:, None, None] * (rd + 1)
-                      + torch.arange(rd, device=device)[None, None, :])
-        self._bound = 1.0 / math.sqrt(d)
+        # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);
+        # tensors of one input size form a group initialized by one hash call
+        sizes = [a[0].numel() for a in self._A_list]
+        offs = np.concatenate([[0], np.cumsum(np.asarray(sizes) + 1)[:-1]]).astype(np.int64)
+        self._groups = []  # (indices into _A_list, elem (n_g, 1, r*in), bound)
+        for size in sorted(set(sizes)):
+            idx = [i for i, z in enumerate(sizes) if z == size]
+            elem = (torch.as_tensor(offs[idx], device=device)[:, None, None]
+                    + torch.arange(size, device=device)[None, None, :])
+            self._groups.append((idx, elem, 1.0 / math.sqrt(self._A_list[idx[0]].shape[-1])))
+        self._a_ready = False
         self._layers = [_DocLoRALayer(self, {t: self.A[t][i] for t in self.layer_targets},
                                       {t: self.B[t][i] for t in self.layer_targets}) for i in range(mc.num_layers)]
         self.reset(np.arange(n_docs))
+
+    def _draw_a(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """A = bound * (2u - 1), u = hash(seed, doc id, element): all rows (``rows`` None, ids of every
+        row) or the given rows."""
+        for idx, elem, bound in self._groups:
+            u = _hash_uniform(ids, elem, int(self.cfg.seed))  # (n_g, len(ids), r*in) in [0, 1)
+            u.mul_(2 * bound).sub_(bound)
+            tgt = [self._A_list[i] for i in idx]
+            if rows is None:
+                torch._foreach_copy_(tgt, [t.view_as(tgt[0]) for t in u.unbind(0)])
+            else:
+                for a, t in zip(tgt, u.unbind(0)):
+                    a.index_copy_(0, rows, t.view(-1, *a.shape[1:]))
 
     @torch.no_grad()
     def reset(self, doc_ids) -> None:
         """In place, for adapter rows 0..len(doc_ids)-1 holding documents ``doc_ids`` (any unique
         int ids < 2^31, e.g. the documents' BOS stream positions): A = bound * (2u - 1) with
-        u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(d) (Kaiming-uniform, a = sqrt(5));
-        B = 0 (a reset adapter is exactly the base model); gradients cleared.
+        u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(in) (Kaiming-uniform, a = sqrt(5));
+        B = 0 (a reset adapter is exactly the base model); gradients cleared. With warm-start A, A is
+        drawn only on the first reset (and after ``invalidate_a``).
 
-        The initial adapter of a document depends only on the document and the seed -- not on the
-        batch, its size, the row, or the rank -- so a document's scores are the same however the
-        documents are batched or distributed (tested). About 15 launches per reset, no allocation
-        of parameters (the hash temporaries come from the caching allocator).
+        Without warm-start, the initial adapter of a document depends only on the document and the
+        seed -- not on the batch, its size, the row, or the rank -- so a document's scores are the same
+        however the documents are batched or distributed (tested). About 15 launches per reset, no
+        allocation of parameters (the hash temporaries come from the caching allocator).
         """
-        ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
-        di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
-        ids[: di.numel()] = di
-        ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
-        ids = ids.to(self._device, non_blocking=True)
-        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, n_docs, r*d) in [0, 1)
-        u.mul_(2 * self._bound).sub_(self._bound)
-        torch._foreach_copy_(self._A_list, [t.view_as(self._A_list[0]) for t in u.unbind(0)])
+        if not (self.cfg.warm_start_a and self._a_ready):
+            ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
+            di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
+            ids[: di.numel()] = di
+            ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
+            self._draw_a(ids.to(self._device, non_blocking=True))
+            self._a_ready = True
         torch._foreach_zero_(self._B_list)
         for p in self.params:
             p.grad = None
@@ -141,13 +175,15 @@ class DocLoRA:
         if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_docs or np.unique(rows_np).size != rows_np.size):
             raise ValueError(f"reset_rows: rows must be distinct adapter rows in [0, {self.n_docs}), got {rows_np.tolist()}")
         rows = torch.from_numpy(rows_np).to(self._device)
-        ids = torch.from_numpy(ids_np).to(self._device)
-        u = _hash_uniform(ids, self._elem, int(self.cfg.seed))  # (n_A, len(rows), r*d)
-        u.mul_(2 * self._bound).sub_(self._bound)
-        for a, t in zip(self._A_list, u.unbind(0)):
-            a.index_copy_(0, rows, t.view(-1, *a.shape[1:]))
+        if not (self.cfg.warm_start_a and self._a_ready):
+            self._draw_a(torch.from_numpy(ids_np).to(self._device), rows)
         for b in self._B_list:
             b.index_fill_(0, rows, 0.0)
+
+    def invalidate_a(self) -> None:
+        """The next reset draws A afresh even with warm-start A (the record rebuilds its adapters after
+        every global pass on the base weights)."""
+        self._a_ready = False
 
     def set_rows(self, rows: Optional[torch.Tensor]) -> None:
         self.rows = rows
@@ -161,9 +197,12 @@ class DocLoRA:
         return self.n_docs == 1 and self.rows is None
 
     def _delta(self, x, A, B):
+        """s * (x A^T) B^T per row (the LoRA delta of one target)."""
         if self._shared():  # (x A0^T) B0^T: two plain GEMMs, autograd sums the rows' gradients
-            return F.linear(F.linear(x, A[0].to(x.dtype)), B[0].to(x.dtype))
-        return torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+            y = F.linear(F.linear(x, A[0].to(x.dtype)), B[0].to(x.dtype))
+        else:
+            y = torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+        return y if self.scale == 1.0 else y * self.scale
 
     def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """adapter_index for the kernel: the row map, or zeros (n_adapters = 1) for a shared adapter."""
@@ -184,13 +223,13 @@ class DocLoRA:
         if "head" not in self.A:
             return F.linear(h, W.to(h.dtype))
         if self._kernel is not None:
-            return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], adapter_index=self._index(h),
-                                check_values=False)[0]
+            return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], alpha=self.scale,
+                                adapter_index=self._index(h), check_values=False)[0]
         return F.linear(h, W.to(h.dtype)) + self._delta(h, self.A["head"][0], self.B["head"][0])
 
 
 class _DocLoRALayer:
-    """One block's Q/K/V adapters of a ``DocLoRA`` (``parent`` holds the row map and the backend)."""
+    """One block's adapters of a ``DocLoRA`` (``parent`` holds the row map and the backend)."""
 
     def __init__(self, parent: DocLoRA, A: Dict[str, torch.Tensor], B: Dict[str, torch.Tensor]):
         self.parent, self.A, self.B = parent, A, B
@@ -198,22 +237,35 @@ class _DocLoRALayer:
     def qkv(self, h: torch.Tensor, attn):
         ad = self.parent
         mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
-        ts = ad.layer_targets
-        if ad._kernel is not None:
+        ts = [t for t in ad.layer_targets if t in mods]
+        if ad._kernel is not None and ts:
             bases = [_base_weight(mods[t], h.dtype) for t in ts]
             # check_values=False: the range check of adapter_index is a host sync per call (rows are
             # built by the driver from the batch's own document indices, in range by construction)
-            outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts],
+            outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts], alpha=ad.scale,
                               adapter_index=ad._index(h), check_values=False)
             res = dict(zip(ts, outs))
             return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
-        out = []
-        for t in ("q", "k", "v"):
-            y = mods[t](h)
-            if t in self.A:
-                y = y + ad._delta(h, self.A[t], self.B[t])
-            out.append(y)
-        return tuple(out)
+        return tuple(self._lin(t, h, mods[t]) for t in ("q", "k", "v"))
+
+    def _lin(self, t: str, x: torch.Tensor, mod) -> torch.Tensor:
+        y = mod(x)
+        return y + self.parent._delta(x, self.A[t], self.B[t]) if t in self.A else y
+
+    def _add(self, t: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.parent._delta(x, self.A[t], self.B[t]) if t in self.A else y
+
+    def attn_out(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._add("o", h, a)
+
+    def up(self, m: torch.Tensor, fc) -> torch.Tensor:
+        return self._lin("up", m, fc)
+
+    def down(self, a: torch.Tensor, proj) -> torch.Tensor:
+        return self._lin("down", a, proj)
+
+    def mlp_out(self, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._add("mlp", m, y)
 
 
 def _base_weight(mod, dtype):

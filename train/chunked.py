@@ -114,7 +114,7 @@ def cosine_lr(lr: float, step: int, total: int) -> float:
     return lr * 0.5 * (1.0 + math.cos(math.pi * step / max(total, 1)))
 
 
-def _all_reduce_grads(params: List[torch.Tensor]) -> None:
+def all_reduce_grads(params: List[torch.Tensor]) -> None:
     """Sum the gradients over ranks (one flat all-reduce); a rank without windows contributes zeros."""
     import torch.distributed as dist
 
@@ -217,7 +217,7 @@ def chunked_ttt(model, stream: torch.Tensor, cc: ChunkedConfig, st: EvalState, *
                     loss.backward()
                     tpos += int(rb.x.numel())
                 if dist_on:
-                    _all_reduce_grads(adapter.params)
+                    all_reduce_grads(adapter.params)
                 opt.step()
                 step += 1
                 st.steps += 1

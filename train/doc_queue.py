@@ -13,7 +13,7 @@ document is scored by the base model (same chunks and windows, no adapter).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -82,23 +82,29 @@ class DocQueue:
 
     def __init__(self, model, tokens, starts: np.ndarray, ns: np.ndarray, cfg, st: EvalState, *, mode: str,
                  adapter, opt, deadline: float, rates: Optional[dict], share, rank: int, world: int,
-                 distributed: bool, clock: Callable[[], float], log, progress_s: float):
+                 distributed: bool, clock: Callable[[], float], log, progress_s: float,
+                 batches: Optional[List[np.ndarray]] = None, claim_key: str = "pgolf_eval_claim",
+                 work_after: float = 0.0, fallback: bool = False):
+        """``batches``: the document batches in claim order (default: all documents, longest first);
+        ``claim_key``: the store counter (one per queue); ``work_after``: this rank's work of the queues
+        that follow (phased TTT), for the deadline estimate; ``fallback``: start without TTT."""
         self.model, self.tokens, self.starts, self.ns, self.cfg, self.st = model, tokens, starts, ns, cfg, st
         self.mode, self.adapter, self.opt = mode, adapter, opt
         self.deadline, self.share, self.rank, self.world = deadline, share, rank, world
         self.clock, self.log, self.progress_s = clock, log, progress_s
-        self.batches = plan_doc_batches(ns, cfg.batch_size)
-        self.claimer = BatchClaimer(len(self.batches), dist_store(), share=share)
+        self.batches = plan_doc_batches(ns, cfg.batch_size) if batches is None else batches
+        self.claimer = BatchClaimer(len(self.batches), dist_store(), key=claim_key, share=share)
         if distributed and self.claimer.store is None:  # static round robin over the longest-first batches
             self.claimer = BatchClaimer(len(self.batches), None, share=(rank, world))
         self.work = np.array([ttt_positions(ns[b], cfg.chunk, cfg.window) for b in self.batches], dtype=np.float64)
+        self.work_after = work_after
         self.base_rate = (rates or {}).get("base_pos_per_s")
         self.ttt_rate = (rates or {}).get("ttt_pos_per_s")
         self.rolling = mode == "ttt" and cfg.schedule == "rolling"
-        self.fallback = mode == "base"   # True: every batch from now on is scored by the base model
+        self.fallback = mode == "base" or fallback  # True: every batch from now on is scored by the base model
         self.t0 = self.last_log = self.rate_t = clock()
         self.done_docs = self.done_work = self.ttt_work = self.rate_work = 0
-        self.my_total = self.work[share[0]::share[1]].sum() if share else self.work.sum() / world
+        self.my_total = self.my_work()
 
     # ------------------------------------------------------------------------------- the loop
     def run(self) -> None:
@@ -151,7 +157,8 @@ class DocQueue:
     # ---------------------------------------------------------------------------- bookkeeping
     def _work_left(self) -> float:
         nxt = self.claimer.peek()
-        return self.work[nxt::self.share[1]].sum() if self.share else self.work[nxt:].sum() / self.world
+        left = self.work[nxt::self.share[1]].sum() if self.share else self.work[nxt:].sum() / self.world
+        return left + self.work_after
 
     def _check_deadline(self, i: int) -> None:
         now = self.clock()
@@ -187,10 +194,23 @@ class DocQueue:
                  f"{rate:,.0f} window tok/s, elapsed {el:.1f} s, ETA {eta:.1f} s")
         self.last_log = now
 
+    @staticmethod
+    def work_of(batches: List[np.ndarray], ns: np.ndarray, cfg) -> float:
+        """Window positions the per-document scoring of ``batches`` runs (all ranks together)."""
+        return float(sum(ttt_positions(ns[b], cfg.chunk, cfg.window) for b in batches))
+
+    def my_work(self) -> float:
+        """This rank's expected work in window positions (its share, or 1/world of the queue)."""
+        return float(self.work[self.share[0]::self.share[1]].sum()) if self.share else float(self.work.sum()) / self.world
+
+    def rates(self) -> dict:
+        """The measured rates, handed to the next queue (phased TTT)."""
+        return {"ttt_pos_per_s": self.ttt_rate, "base_pos_per_s": self.base_rate}
+
     def n_docs(self) -> int:
         """Documents of this run (all of them, or this process's share)."""
         if self.share is None:
-            return len(self.ns)
+            return int(sum(len(b) for b in self.batches))
         return int(sum(len(self.batches[j]) for j in range(self.share[0], len(self.batches), self.share[1])))
 
     def share_docs(self) -> np.ndarray:

@@ -53,6 +53,7 @@ import time
 from dataclasses import asdict
 from typing import Dict, Optional
 
+import numpy as np
 import torch
 
 from .adapters import DocLoRA
@@ -61,11 +62,12 @@ from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
 from .doc_queue import DocQueue
 from .forward import compile_rows_nll
+from .phased import global_pass, global_rows, phase_plan, unfreeze_int6
 from .ledger import LegalityError
 from .rows import plan_rows, split_docs
 from .scoring import make_state, score_rows, sync_device
-from .ttt_config import TTTConfig
-from .ttt_optim import BatchedAdam
+from .ttt_config import MAX_RANK, OPTIMIZERS, RECIPES, TARGETS, TTTConfig, recipe
+from .ttt_optim import optimizer_for
 from .warmup import warmup, warmup_chunked
 
 MODES = ("ttt", "base", "flat", "sliding", "chunked")
@@ -130,7 +132,10 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
 
     ``chunked``: the chunked mode's config (default ``ChunkedConfig()``; ``cfg`` and ``stride`` are not
     used by that mode). ``train_hook(rows, mask, loss)``: called before every chunked training step
-    (tests instrument score-before-update with it).
+    and every global step of phased TTT (tests instrument score-before-update with it).
+
+    Phased TTT (``cfg.phases`` > 0) trains the model's base weights in place (and replaces its
+    ``Int6Linear`` modules by dense ones): evaluate a fresh copy to reuse the model afterwards.
 
     ``t_start``: the deadline origin (``clock()`` at artifact load); default now. ``clock``: the
     time source (tests pass a fake one to exercise the deadline path).
@@ -162,26 +167,10 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             raise ValueError("share= is for a single process; with torchrun the ranks share the work")
         starts, ns = split_docs(tokens.cpu())
         expected[torch.from_numpy(starts).to(dev)] = False
-        adapter = opt = None
-        if mode == "ttt":
-            adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
-            opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                              per_row=cfg.schedule == "rolling")
-            report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason,
-                          schedule=cfg.schedule)
-            if adapter.backend != backend:
-                log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
-        queue = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt,
-                         deadline=t_start + budget_s, rates=rates, share=share, rank=rank, world=world,
-                         distributed=distributed, clock=clock, log=log, progress_s=progress_s)
-        if share is not None:  # only this share's documents are expected to be scored
-            keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev)
-            for i in queue.share_docs():
-                keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
-            expected &= keep
-        queue.run()
-        queue.adapter = queue.opt = adapter = opt = None  # free the adapters before the final all-reduce
-        report.update(docs=queue.n_docs(), chunk=cfg.chunk, window=cfg.window)
+        report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
+                                       deadline=t_start + budget_s, rates=rates, share=share, rank=rank, world=world,
+                                       distributed=distributed, clock=clock, log=log, progress_s=progress_s,
+                                       train_hook=train_hook))
     elif mode == "chunked":
         if share is not None:
             raise ValueError("share= is for the per-document modes; the chunked mode's chunks are sequential")
@@ -197,6 +186,65 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
         log(f"[eval] {report['docs_no_ttt_deadline']} documents were scored by the base model (deadline)")
     if return_state:
         return report, st
+    return report
+
+
+def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *, mode, backend, deadline, rates,
+                     share, rank, world, distributed, clock, log, progress_s, train_hook=None) -> Dict[str, object]:
+    """The per-document modes: one ``DocQueue`` over all documents, or (phased TTT) one per phase with a
+    global pass on the base weights after each phase and a last queue for the rest. Narrows
+    ``expected`` to this process's share; returns the report's fields."""
+    dev = tokens.device
+    report: Dict[str, object] = {}
+    adapter = opt = None
+    if mode == "ttt":
+        adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
+        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling")
+        report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
+        if adapter.backend != backend:
+            log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
+        if adapter.backend == "kernel" and adapter.bmm_targets:
+            log(f"[eval] LoRA targets {','.join(adapter.bmm_targets)} run as torch.bmm (the fused kernel covers "
+                f"q, k, v and the head)")
+            report["lora_bmm_targets"] = list(adapter.bmm_targets)
+    phased = mode == "ttt" and cfg.phases > 0
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
+    bs = cfg.batch_size
+    group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
+    queues = []
+    keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev)
+    passes = []
+    for p, batches in enumerate(group_batches):
+        later = group_batches[p + 1:]
+        q = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt, deadline=deadline,
+                     rates=queues[-1].rates() if queues else rates, share=share, rank=rank, world=world,
+                     distributed=distributed, clock=clock, log=log, progress_s=progress_s, batches=batches,
+                     claim_key=f"pgolf_eval_claim_{p}", fallback=bool(queues) and queues[-1].fallback)
+        q.work_after = sum(DocQueue.work_of(b, ns, cfg) for b in later) / (share[1] if share else world)
+        if share is not None:  # only this share's documents are expected to be scored
+            for i in q.share_docs():
+                keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
+        q.run()
+        queues.append(q)
+        if phased and p < cfg.phases:
+            if not passes:
+                report["base_weights"] = unfreeze_int6(model)
+                log(f"[eval] phased TTT: base weights move; {report['base_weights']}")
+            scored = np.concatenate(groups[:p + 1] if cfg.phase_cumulative else [groups[p]])
+            if share is not None:  # a single process's share: only the documents it scored
+                mine = np.concatenate([q.share_docs() for q in queues]) if cfg.phase_cumulative else q.share_docs()
+                scored = scored[np.isin(scored, mine)]
+            rows = global_rows(starts, ns, scored, cfg.global_seq_len)
+            info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook, clock=clock)
+            passes.append(dict(info, phase=p, docs=int(len(scored))))
+            log(f"[eval] phase {p + 1}/{cfg.phases}: global pass over {len(scored):,} scored documents, "
+                f"{info['steps']} SGD steps, {info['seconds']:.1f} s")
+            adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
+    if share is not None:
+        expected &= keep
+    if phased:
+        report["phases"] = passes
+    report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
     return report
 
 
@@ -226,9 +274,14 @@ def _parse(argv):
     ap.add_argument("--tokenizer", default=os.environ.get("PGOLF_TOKENIZER", "data/tokenizers/fineweb_1024_bpe.model"))
     ap.add_argument("--mode", default="ttt", choices=list(MODES))
     ap.add_argument("--reference", action="store_true", help="dequantized bf16 weights + bmm LoRA")
-    ap.add_argument("--rank", type=int, default=8, dest="lora_rank")
-    ap.add_argument("--targets", default=None, help="LoRA targets (default q,v,head; chunked: q,v)")
-    ap.add_argument("--chunk", type=int, default=256)
+    ap.add_argument("--recipe", default="seeds", choices=sorted(RECIPES),
+                    help="per-document TTT preset: seeds (rank 8 on q,v,head; the default) or records (the "
+                         "2026-04-29 record's phased recipe); options given explicitly override the preset")
+    ap.add_argument("--rank", type=int, default=None, dest="lora_rank", help=f"LoRA rank, 1..{MAX_RANK} (default 8)")
+    ap.add_argument("--targets", "--lora-targets", default=None, dest="targets",
+                    help=f"LoRA targets, a subset of {','.join(TARGETS)} (default q,v,head; chunked: q,v)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA scale alpha / rank (default: scale 1)")
+    ap.add_argument("--chunk", type=int, default=None, help="targets per TTT chunk (default 256)")
     ap.add_argument("--window", type=int, default=None,
                     help="context window (default 1024; chunked: the model's seq_len)")
     ap.add_argument("--stride", type=int, default=64)
@@ -236,10 +289,27 @@ def _parse(argv):
     ap.add_argument("--epochs", type=int, default=3, help="chunked: training epochs per scored chunk")
     ap.add_argument("--train-len", type=int, default=None, help="chunked: training window (default: seq_len)")
     ap.add_argument("--batch-seqs", type=int, default=32, help="chunked: training windows per Adam step")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--beta1", type=float, default=0.9)
-    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--batch-size", type=int, default=None, help="documents per TTT batch (default 64)")
+    ap.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS), help="per-document optimizer (default adam)")
+    ap.add_argument("--lr", type=float, default=None, help="default 0.01")
+    ap.add_argument("--beta1", type=float, default=None, help="default 0.9 (0 allowed)")
+    ap.add_argument("--beta2", type=float, default=None, help="default 0.95")
+    ap.add_argument("--eps", type=float, default=None, help="default 1e-8")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's decoupled weight decay (default 0)")
+    ap.add_argument("--warm-start-a", action="store_true", default=None,
+                    help="keep LoRA A across document resets (only B is zeroed)")
+    ap.add_argument("--phases", type=int, default=None, help="phased TTT: number of phases (default 0: off)")
+    ap.add_argument("--phase-docs", type=int, default=None, help="phased TTT: documents in the phases")
+    ap.add_argument("--phase-scope", default=None, choices=["cumulative", "phase"],
+                    help="phased TTT: a global pass trains on every document scored so far (cumulative, the "
+                         "record) or on its phase's only")
+    ap.add_argument("--global-lr", type=float, default=None, help="phased TTT: SGD lr (default 1e-3)")
+    ap.add_argument("--global-momentum", type=float, default=None, help="phased TTT: SGD momentum (default 0.9)")
+    ap.add_argument("--global-clip", type=float, default=None, help="phased TTT: grad-norm clip (default 1.0)")
+    ap.add_argument("--global-seq-len", type=int, default=None, help="phased TTT: training sequence (default 2048)")
+    ap.add_argument("--global-batch-seqs", type=int, default=None, help="phased TTT: sequences per step (default 32)")
+    ap.add_argument("--global-chunk-tokens", type=int, default=None,
+                    help="phased TTT: targets per lr-schedule chunk (default 32768)")
     ap.add_argument("--schedule", default="batch", choices=["batch", "rolling"],
                     help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
     ap.add_argument("--separate-score-pass", action="store_true",
@@ -253,7 +323,39 @@ def _parse(argv):
                     help="torch.compile the model forward (auto: on for CUDA); compile time falls in the warm-up")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:  # validated before the artifact is even read: a bad value is refused by name in one line
+        args.ttt_cfg, args.chunked_cfg = _configs(args)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+# CLI option -> TTTConfig field (options left unset keep the recipe's value)
+_TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "chunk": "chunk", "window": "window", "batch_size": "batch_size",
+                "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
+                "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "phases": "phases",
+                "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
+                "global_clip": "global_clip", "global_seq_len": "global_seq_len",
+                "global_batch_seqs": "global_batch_seqs", "global_chunk_tokens": "global_chunk_tokens"}
+
+
+def _configs(args):
+    """(TTTConfig, ChunkedConfig or None) from the parsed CLI: the recipe, then the options given."""
+    over = {f: getattr(args, a) for a, f in _TTT_OPTIONS.items() if getattr(args, a) is not None}
+    if args.targets is not None:
+        over["targets"] = tuple(t for t in args.targets.split(",") if t)
+    if args.phase_scope is not None:
+        over["phase_cumulative"] = args.phase_scope == "cumulative"
+    if args.mode == "chunked":
+        if args.recipe != "seeds":
+            raise ValueError(f"--recipe {args.recipe} is a per-document recipe; --mode chunked takes its own options")
+        cc = ChunkedConfig(**{k: v for k, v in dict(
+            chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr, beta1=args.beta1,
+            beta2=args.beta2, window=args.window, stride=args.stride, train_len=args.train_len,
+            batch_seqs=args.batch_seqs, targets=over.get("targets", ("q", "v"))).items() if v is not None})
+        return TTTConfig(), cc  # the per-document config is unused by the chunked mode
+    return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule, **over), None
 
 
 def main(argv=None) -> dict:
@@ -274,17 +376,7 @@ def main(argv=None) -> dict:
     else:
         device = torch.device("cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
-    targets = args.targets or ("q,v" if args.mode == "chunked" else "q,v,head")
-    targets = tuple(t for t in targets.split(",") if t)
-    cfg = TTTConfig(rank=args.lora_rank, targets=targets if args.mode != "chunked" else ("q", "v", "head"),
-                    chunk=args.chunk, window=args.window or 1024, batch_size=args.batch_size, lr=args.lr,
-                    beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass,
-                    schedule=args.schedule)
-    cc = None
-    if args.mode == "chunked":  # validated before the artifact is even read
-        cc = ChunkedConfig(chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,
-                           beta1=args.beta1, beta2=args.beta2, window=args.window, stride=args.stride,
-                           train_len=args.train_len, batch_seqs=args.batch_seqs, targets=targets)
+    cfg, cc = args.ttt_cfg, args.chunked_cfg
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if compiled:

@@ -3,7 +3,9 @@
 Legality is structural: the score of a chunk is taken from the forward pass that precedes the update
 computed from it (the update only ever uses losses already recorded), each target is recorded exactly
 once (``ScoreLedger.record`` raises or counts a violation on a second record), and every training step
-asserts that every target in its loss was recorded before (``require_scored``).
+asserts that every target in its loss was recorded before (``require_scored``). A global step on the
+base weights (phased TTT) asserts the same, on every rank's scores, for every target of its batch
+(``share_counts`` then ``require_scored_global``).
 """
 from __future__ import annotations
 
@@ -34,13 +36,17 @@ class ScoreLedger:
         self.count = torch.zeros(self.n + 1, dtype=torch.int32, device=self.device)
         self.double_scored = torch.zeros((), dtype=torch.int64, device=self.device)
         self.trained_unscored = torch.zeros((), dtype=torch.int64, device=self.device)
+        self.global_unscored = torch.zeros((), dtype=torch.int64, device=self.device)
         self.strict = strict
         self.nll = torch.full((self.n + 1,), float("nan"), dtype=torch.float64, device=self.device) if keep_nll else None
         self.n_records = 0
         self.n_train_checks = 0
+        self.n_global_checks = 0
         # multi-rank chunked TTT: counts of the chunks already scored on *every* rank (all-reduced per
         # chunk by ``publish``) so that ``require_scored`` sees scores taken by other ranks; None = local counts
         self.published: Optional[torch.Tensor] = None
+        # phased TTT: every rank's counts at the positions a global pass trains on (``share_counts``)
+        self.shared: Optional[torch.Tensor] = None
 
     def _idx(self, pos: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.where(mask, pos, torch.full_like(pos, self.n)).reshape(-1)
@@ -80,11 +86,37 @@ class ScoreLedger:
         if self.strict and int(bad):
             raise LegalityError(f"training step #{self.n_train_checks} uses {int(bad)} target(s) not scored yet")
 
+    def share_counts(self, pos: torch.Tensor) -> None:
+        """All-reduce the counts at the stream positions ``pos`` (1-D int64) into ``shared``, so that
+        ``require_scored_global`` sees the scores every rank took there. No-op on one rank."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return
+        if self.shared is None:
+            self.shared = torch.zeros_like(self.count)
+        buf = self.count[pos]
+        dist.all_reduce(buf)
+        self.shared[pos] = buf
+
+    def require_scored_global(self, pos: torch.Tensor, mask: torch.Tensor) -> None:
+        """The check of a global step on the base weights (phased TTT): counts a violation for every
+        masked target not scored yet on any rank (``share_counts`` first when several ranks score)."""
+        idx = self._idx(pos, mask)
+        m = mask.reshape(-1)
+        seen = self.count if self.shared is None else self.shared
+        bad = ((seen[idx] == 0) & m).sum()
+        self.global_unscored += bad
+        self.n_global_checks += 1
+        if self.strict and int(bad):
+            raise LegalityError(f"global step #{self.n_global_checks} on the base weights uses {int(bad)} target(s) "
+                                f"not scored yet")
+
     def all_reduce(self) -> None:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            for t in (self.count, self.double_scored, self.trained_unscored):
+            for t in (self.count, self.double_scored, self.trained_unscored, self.global_unscored):
                 dist.all_reduce(t)
 
     def check(self, expected: Optional[torch.Tensor] = None) -> Dict[str, int]:
@@ -92,7 +124,7 @@ class ScoreLedger:
         scored exactly once (coverage). Returns counts for the report."""
         c = self.count[: self.n]
         info = {"double_scored": int(self.double_scored), "trained_unscored": int(self.trained_unscored),
-                "scored": int((c > 0).sum())}
+                "global_unscored": int(self.global_unscored), "scored": int((c > 0).sum())}
         if expected is not None:
             exp = expected.to(c.device)
             info["missing"] = int(((c == 0) & exp).sum())

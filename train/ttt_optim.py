@@ -1,4 +1,4 @@
-"""The per-document TTT optimizer: Adam over stacked adapter rows, reset in place."""
+"""The per-document TTT optimizer: Adam / AdamW over stacked adapter rows, reset in place."""
 from __future__ import annotations
 
 import math
@@ -9,18 +9,22 @@ import torch
 
 
 class BatchedAdam:
-    """Adam (PyTorch's formula, no weight decay) over a fixed list of tensors, reset in place.
+    """Adam, or AdamW with ``weight_decay`` > 0 (PyTorch's formulas), over a fixed list of tensors,
+    reset in place.
 
+    p *= 1 - lr*wd (decoupled decay, AdamW; skipped for wd = 0);
     m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).
-    Elementwise, so stacking every document's adapter rows in one tensor is per-document Adam.
+    b1 = 0 is allowed (m = g, no bias correction needed: 1 - 0^t = 1). Elementwise, so stacking every
+    document's adapter rows in one tensor is per-document Adam.
     """
 
     def __init__(self, params: List[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
-                 per_row: bool = False):
+                 per_row: bool = False, weight_decay: float = 0.0):
         """``per_row``: every parameter's dim 0 is the adapter row, and each row keeps its own step
         count t (bias corrections per row), so rows can be reset independently (``reset_rows``)."""
         self.params = params
         self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.weight_decay = float(weight_decay)
         self.m = [torch.zeros_like(p) for p in params]
         self.v = [torch.zeros_like(p) for p in params]
         self.t = 0
@@ -59,6 +63,8 @@ class BatchedAdam:
         v = [self.v[i] for i in idx]
         g = [p.grad for p in ps]
         self.t += 1
+        if self.weight_decay:
+            torch._foreach_mul_(ps, 1.0 - self.lr * self.weight_decay)
         if self.row_t is not None:
             self._step_per_row(ps, m, v, g)
             return
@@ -88,3 +94,9 @@ class BatchedAdam:
             p.addcdiv_(mi * step.view(shape), denom)
         for p in ps:
             p.grad = None
+
+
+def optimizer_for(params: List[torch.Tensor], cfg, per_row: bool = False) -> BatchedAdam:
+    """The per-document optimizer a ``TTTConfig`` names (Adam, or AdamW with its weight decay)."""
+    wd = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
+    return BatchedAdam(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, per_row=per_row, weight_decay=wd)

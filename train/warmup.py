@@ -17,7 +17,7 @@ from .rows import plan_rows, split_docs, ttt_positions
 from .schedules import ttt_batch
 from .scoring import make_state, score_rows, sync_device
 from .ttt_config import TTTConfig
-from .ttt_optim import BatchedAdam
+from .ttt_optim import optimizer_for
 
 
 def _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len):
@@ -52,7 +52,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     starts, ns = split_docs(stream.cpu())
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
-    opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+    opt = optimizer_for(ad.params, cfg)
     batch = np.arange(min(len(ns), cfg.batch_size))
     rates = {}
     # phase times (s) go into the report: on the H100 the kernel path's warm-up took 125.7 s against

@@ -8,8 +8,9 @@ p+1 is scored on the updated base. The documents after the prefix are scored wit
 the base as the last pass left it.
 
 Global pass (``global_pass``), over the rows of ``global_rows``: every document's targets in pieces of
-``global_seq_len`` (a piece's window starts at the piece's own start, so no context crosses a piece or
-a document). The rows are cut, in order, into chunks of ``global_chunk_tokens`` targets; the last
+``global_seq_len``, each seen through a window of ``global_seq_len`` inputs ending at the piece's end
+(a full piece sees its own tokens; a document's shorter last piece also sees the end of the piece
+before it; no window crosses the document's BOS). The rows are cut, in order, into chunks of ``global_chunk_tokens`` targets; the last
 chunk is not trained on (as the record's global pass). Chunk c is ONE step of SGD with momentum on
 every floating-point base parameter, lr_c = global_lr * (1 + cos(pi * c / (n_chunks - 1))) / 2, on
     L = sum_{targets t of the chunk} NLL_t / (number of targets of the chunk),
@@ -52,8 +53,7 @@ def phase_plan(ns: np.ndarray, phase_docs: int, phases: int) -> List[np.ndarray]
 
 def global_rows(starts: np.ndarray, ns: np.ndarray, docs: np.ndarray, seq_len: int) -> np.ndarray:
     """Rows (s, a, b) of the global pass: each document of ``docs`` (in order) in pieces of ``seq_len``
-    targets [a, b); trained with window ``seq_len``, a piece sees only its own tokens (and its BOS for
-    the first piece)."""
+    targets [a, b) (trained with window ``seq_len``, see the module docstring)."""
     out = []
     for d in docs:
         a = np.arange(0, int(ns[d]), seq_len, dtype=np.int64)

@@ -22,6 +22,8 @@ passes):
 The causality check needs only each target's final stored score, so it is black-box: it also catches a
 scorer that never told the ledger anything.
 """
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -37,7 +39,7 @@ from train.ledger import LegalityError, ScoreLedger
 from train.rows import build_rows, plan_doc_batches, split_docs
 from train.schedules import ttt_batch
 from train.scoring import make_state, take_score
-from train.ttt_config import TTTConfig
+from train.ttt_config import TTTConfig, recipe
 from train.ttt_optim import BatchedAdam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -486,8 +488,8 @@ def test_scores_enter_only_through_the_ledger():
 
     import train
 
-    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "ledger", "rows", "schedules", "scoring",
-                 "ttt_config", "ttt_optim", "warmup")
+    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "ledger", "phased", "rows", "schedules",
+                 "scoring", "ttt_config", "ttt_optim", "warmup")
     mods = {n: importlib.import_module(f"train.{n}") for n in eval_mods}
     # every train module that imports a scorer is in the list (a new scoring module cannot slip past)
     for info in pkgutil.iter_modules(train.__path__):
@@ -622,3 +624,151 @@ def test_rolling_needs_per_row_adam(model, stream, lut):
 
     with pytest.raises(TypeError, match="train.model.GPT"):
         compile_rows_nll(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ the records' recipe options
+# tiny shapes of the records' preset (rank 96 -> 4, chunk 48 -> 32, window 2048 -> 96, 2000 phase docs -> 7):
+# q/k/v/o/mlp/head adapters with alpha, AdamW beta1 = 0 with weight decay, warm-start A, 3 phases with
+# global SGD passes (chunks of 128 targets, so every pass takes steps)
+RECIPE = recipe("records", rank=4, alpha=6.0, chunk=32, window=96, batch_size=3, phase_docs=7, global_seq_len=64,
+                global_chunk_tokens=128, global_batch_seqs=4)
+RECIPE_VARIANTS = {
+    "records": RECIPE,
+    "targets-all-alpha": TTTConfig(rank=4, targets=("q", "k", "v", "o", "mlp", "up", "down", "head"), alpha=8.0,
+                                   chunk=32, window=96, batch_size=4),
+    "adamw-beta1-0": TTTConfig(rank=4, chunk=32, window=96, batch_size=4, optimizer="adamw", beta1=0.0, beta2=0.999,
+                               eps=1e-10, weight_decay=1.0, lr=1e-3),
+    "warm-start-a": TTTConfig(rank=4, chunk=32, window=96, batch_size=4, warm_start_a=True),
+    "phases-per-phase": dataclasses.replace(RECIPE, phase_cumulative=False, warm_start_a=False),
+    "records-rolling": dataclasses.replace(RECIPE, schedule="rolling"),
+}
+
+
+def run_recipe(model, stream, lut, cfg=RECIPE, strict=True, hook=None):
+    """A recipe run through the driver on a copy of the model (phased TTT moves the base weights)."""
+    rep, st = evaluate(copy.deepcopy(model), stream, lut, mode="ttt", cfg=cfg, strict=strict, keep_nll=True,
+                       return_state=True, backend="bmm", train_hook=hook)
+    return rep, st
+
+
+@pytest.mark.parametrize("name", list(RECIPE_VARIANTS))
+def test_coverage_recipe_options(model, stream, lut, name):
+    """Every new option: every target scored exactly once, nothing trained (per document or globally)
+    before its score, the BPB sums match the ledger."""
+    cfg = RECIPE_VARIANTS[name]
+    rep, st = run_recipe(model, stream, lut, cfg)
+    exp = expected_targets(stream)
+    check_coverage(st, exp)
+    assert rep["targets"] == int(exp.sum()) and rep["docs_ttt"] == len(LENGTHS) and rep["docs"] == len(LENGTHS)
+    assert rep["legality"]["trained_unscored"] == 0 and rep["legality"]["global_unscored"] == 0
+    if cfg.phases:
+        assert len(rep["phases"]) == cfg.phases and all(p["steps"] > 0 for p in rep["phases"])
+        assert st.ledger.n_global_checks > 0
+
+
+@pytest.mark.parametrize("cumulative", [True, False], ids=["cumulative", "per-phase"])
+def test_global_pass_uses_only_scored_phases(model, stream, lut, cumulative):
+    """At every global step: the documents scored so far are exactly phases 0..p (no later phase and none
+    of the rest has a single score yet), every target of the step was scored exactly once, and the step's
+    documents are those of phases 0..p (cumulative) or of phase p alone."""
+    from train.phased import phase_plan
+
+    cfg = dataclasses.replace(RECIPE, phase_cumulative=cumulative)
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases)
+    span = {}
+    for d in range(len(ns)):
+        span[d] = (int(starts[d]) + 1, int(starts[d]) + 1 + int(ns[d]))
+    seen_phases = []
+    box = {}
+
+    def hook(rb, mask, loss):
+        cnt = box["st"].ledger.count
+        scored = {d for d, (a, b) in span.items() if int(cnt[a:b].sum()) > 0}
+        p = next(i for i in range(cfg.phases) if scored == set(np.concatenate(groups[:i + 1]).tolist()))
+        pos = rb.pos[mask]
+        assert int(cnt[pos].min()) == 1 and int(cnt[pos].max()) == 1
+        step_docs = {d for d, (a, b) in span.items() if bool(((pos >= a) & (pos < b)).any())}
+        allowed = set(np.concatenate(groups[:p + 1] if cumulative else [groups[p]]).tolist())
+        assert step_docs <= allowed
+        seen_phases.append(p)
+
+    import train.eval as ev_mod
+
+    real = ev_mod.make_state
+
+    def grab(*a, **k):
+        box["st"] = real(*a, **k)
+        return box["st"]
+
+    ev_mod.make_state = grab
+    try:
+        run_recipe(model, stream, lut, cfg, hook=hook)
+    finally:
+        ev_mod.make_state = real
+    assert sorted(set(seen_phases)) == list(range(cfg.phases))
+
+
+def test_planted_global_pass_on_unscored_phase_is_caught(model, stream, lut, monkeypatch):
+    """ILLEGAL double: after phase p the global pass trains on phase p+1's documents (not scored yet).
+    The ledger's global check raises at once (strict) or fails the final check; the legal run passes."""
+    import train.eval as ev_mod
+    from train.phased import phase_plan
+
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, RECIPE.phase_docs, RECIPE.phases)
+    real = ev_mod.global_rows
+
+    def next_phase_rows(starts_, ns_, docs, seq_len):
+        p = next(i for i in range(RECIPE.phases) if set(groups[i].tolist()) <= set(docs.tolist())
+                 and not (set(groups[i + 1].tolist()) & set(docs.tolist())))
+        return real(starts_, ns_, groups[p + 1], seq_len)  # the phase that has not been scored yet
+
+    monkeypatch.setattr(ev_mod, "global_rows", next_phase_rows)
+    with pytest.raises(LegalityError, match="global step .* not scored"):
+        run_recipe(model, stream, lut, RECIPE, strict=True)
+    with pytest.raises(LegalityError, match="global_unscored"):
+        run_recipe(model, stream, lut, RECIPE, strict=False)
+    monkeypatch.setattr(ev_mod, "global_rows", real)
+    run_recipe(model, stream, lut, RECIPE, strict=True)
+
+
+def test_phased_causality_in_scoring_order(model, stream, lut):
+    """Phased TTT: perturbing the tail of a phase-1 document leaves every phase-0 score and that
+    document's own scores up to the cut unchanged; it does move later phases' scores (the global pass
+    after phase 1 trained on it), so the check can fail."""
+    from train.phased import phase_plan
+
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, RECIPE.phase_docs, RECIPE.phases)
+    d = int(groups[1][0])
+    cut = int(starts[d]) + 1 + int(ns[d]) // 2
+    _, st0 = run_recipe(model, stream, lut)
+    pert = stream.clone()
+    g = torch.Generator().manual_seed(3)
+    e = int(starts[d]) + 1 + int(ns[d])
+    pert[cut + 1:e] = torch.randint(4, 1024, (e - cut - 1,), generator=g)
+    _, st1 = run_recipe(model, pert, lut)
+
+    def pos_of(docs):
+        return torch.cat([torch.arange(int(starts[k]) + 1, int(starts[k]) + 1 + int(ns[k])) for k in docs])
+
+    keep = torch.cat([pos_of(groups[0]), torch.arange(int(starts[d]) + 1, cut + 1)])
+    assert torch.equal(st0.ledger.nll[keep], st1.ledger.nll[keep])
+    later = pos_of(np.concatenate([groups[2], groups[3]]))
+    assert not torch.equal(st0.ledger.nll[later], st1.ledger.nll[later])
+
+
+def test_phased_pins():
+    """Structural: the global pass checks every micro-batch with the ledger before its backward and never
+    scores; the driver runs a phase's global pass only after that phase's queue has run."""
+    import inspect
+
+    import train.eval as ev_mod
+    import train.phased as ph
+
+    src = inspect.getsource(ph.global_pass)
+    assert src.index("share_counts(") < src.index("require_scored_global(") < src.index(".backward(")
+    assert "take_score(" not in src and "score_rows(" not in src and ".record(" not in src
+    src = inspect.getsource(ev_mod._score_documents)
+    assert src.index("q.run()") < src.index("global_pass(")

@@ -15,11 +15,21 @@ Modes (see ``train/rows.py`` for the exact row semantics):
            scored chunk for ``--epochs`` (3) with Adam (``--lr`` 0.01, cosine over all steps); the last
            chunk is never trained on (``train/chunked.py``).
 
+Per-document TTT options (``train/ttt_config.py``; ``--recipe records`` sets the 2026-04-29 record's
+values, options given explicitly override them): ``--lora-targets`` any of q,k,v,o,mlp,up,down,head;
+``--rank`` up to 128; ``--alpha`` (scale alpha/rank); ``--optimizer adam|adamw`` with ``--beta1`` (0
+allowed), ``--beta2``, ``--eps``, ``--weight-decay``; ``--warm-start-a``; phased TTT ``--phases P
+--phase-docs N`` with ``--global-lr/-momentum/-clip/-seq-len/-batch-seqs/-chunk-tokens`` and
+``--phase-scope`` (``train/phased.py``). On the kernel path the fused LoRA covers q, k, v and the head;
+o, mlp, up and down run as torch.bmm (logged). Once a global pass moves the base weights, int6 codes
+are replaced by their dequantized weights (logged and reported as ``base_weights``).
+
 No illegal variant has a code path. Scores enter the BPB only through ``scoring.take_score`` (ledger
 record first, then the additive float64 sums: a score can be added, never replaced, and there is no
 best-of / last-of selection anywhere), called from exactly ``score_rows`` and the TTT step; every
 training step calls ``ledger.require_scored`` on its loss's targets before the backward, and the
-chunked mode's training loop never scores. ``evaluate`` ends with ``ledger.check(expected)``, which
+chunked mode's training loop never scores; every global step of phased TTT calls
+``ledger.require_scored_global`` on its targets (after sharing every rank's counts). ``evaluate`` ends with ``ledger.check(expected)``, which
 raises ``LegalityError`` on any target scored twice, never scored, or trained on before its score.
 ``tests/test_compliance.py`` pins these call sites and runs the seeds' illegal patterns (PR #713,
 PR #605) as test doubles through the checks.

@@ -87,9 +87,13 @@ def test_config_refuses_bad_values(kw, match):
         ChunkedConfig(**kw)
 
 
-def test_cli_validates_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="chunk_tokens"):
+def test_cli_validates_before_loading(tmp_path, capsys):
+    """A bad value is refused in one line naming it, before the (missing) artifact is opened."""
+    with pytest.raises(SystemExit) as e:
         ev.main(["--artifact", str(tmp_path / "none.ptz"), "--mode", "chunked", "--chunk-tokens", "1000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "chunk_tokens" in err and "1000" in err and "not found" not in err
 
 
 def test_cosine_schedule():

@@ -298,3 +298,20 @@ def test_phases_more_than_documents_refused(lut):
     cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2, phases=3, phase_docs=3)
     with pytest.raises(ValueError, match="phases: 3"):
         evaluate(tiny_model(seed=1), stream, lut, mode="ttt", cfg=cfg, backend="bmm")
+
+
+def test_phased_deadline_fallback_skips_global_passes(lut):
+    """Past the deadline every remaining document is scored by the base model and no global pass runs
+    (training of any kind stops); every target is still scored once."""
+    from train.eval import evaluate
+
+    stream = doc_stream([60, 50, 45, 40, 30], seed=1)
+    cfg = recipe("records", rank=2, alpha=3.0, chunk=16, window=32, batch_size=2, phase_docs=4, phases=2,
+                 global_seq_len=32, global_chunk_tokens=32)
+    m = tiny_model(seed=1)
+    w0 = [p.clone() for p in m.parameters()]
+    rep = evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend="bmm", strict=True, budget_s=0.0,
+                   rates={"ttt_pos_per_s": 1.0, "base_pos_per_s": 1e9}, log=lambda *a: None)
+    assert rep["docs_no_ttt_deadline"] == 5 and rep["docs_ttt"] == 0 and rep["phases"] == []
+    assert all(torch.equal(a, b) for a, b in zip(w0, m.parameters()))
+    assert rep["legality"]["missing"] == 0 and rep["legality"]["multi"] == 0

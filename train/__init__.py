@@ -8,6 +8,6 @@ Modules: ``model`` (GPT + GPTConfig), ``data`` (challenge shard format, distribu
 Eval (``python3 -m train.eval``): ``eval`` (CLI and ``evaluate``), ``ledger`` (score ledger), ``rows``
 (row planning), ``forward`` (scoring forward, regional compile), ``scoring`` (taking scores),
 ``ttt_config``, ``adapters`` (per-document LoRA), ``ttt_optim`` (batched Adam), ``schedules``
-(per-document TTT step and schedules), ``doc_queue`` (batches across ranks, deadline), ``chunked``
-(chunked TTT), ``warmup``.
+(per-document TTT step and schedules), ``doc_queue`` (batches across ranks, deadline), ``phased``
+(global passes on the base between phases), ``chunked`` (chunked TTT), ``warmup``.
 """

@@ -222,27 +222,30 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     bs = cfg.batch_size
     group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
     queues = []
-    keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev)
+    keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None
     passes = []
     for p, batches in enumerate(group_batches):
-        later = group_batches[p + 1:]
+        work_after = sum(DocQueue.work_of(b, ns, cfg) for b in group_batches[p + 1:]) / (share[1] if share else world)
         q = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt, deadline=deadline,
                      rates=queues[-1].rates() if queues else rates, share=share, rank=rank, world=world,
                      distributed=distributed, clock=clock, log=log, progress_s=progress_s, batches=batches,
-                     claim_key=f"pgolf_eval_claim_{p}", fallback=bool(queues) and queues[-1].fallback)
-        q.work_after = sum(DocQueue.work_of(b, ns, cfg) for b in later) / (share[1] if share else world)
+                     claim_key=f"pgolf_eval_claim_{p}", work_after=work_after,
+                     fallback=bool(queues) and queues[-1].fallback)
         if share is not None:  # only this share's documents are expected to be scored
             for i in q.share_docs():
                 keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
         q.run()
         queues.append(q)
         if phased and p < cfg.phases:
+            if _any_rank(q.fallback, distributed, dev):  # past the deadline: no more training of any kind
+                log(f"[eval] phase {p + 1}/{cfg.phases}: deadline fallback, no global pass")
+                continue
             if not passes:
                 report["base_weights"] = unfreeze_int6(model)
                 log(f"[eval] phased TTT: base weights move; {report['base_weights']}")
             scored = np.concatenate(groups[:p + 1] if cfg.phase_cumulative else [groups[p]])
             if share is not None:  # a single process's share: only the documents it scored
-                mine = np.concatenate([q.share_docs() for q in queues]) if cfg.phase_cumulative else q.share_docs()
+                mine = np.concatenate([qq.share_docs() for qq in (queues if cfg.phase_cumulative else [q])])
                 scored = scored[np.isin(scored, mine)]
             rows = global_rows(starts, ns, scored, cfg.global_seq_len)
             info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook, clock=clock)
@@ -256,6 +259,17 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         report["phases"] = passes
     report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
     return report
+
+
+def _any_rank(flag: bool, distributed: bool, dev) -> bool:
+    """``flag`` OR-ed over ranks (every rank takes the same branch around a collective)."""
+    if not distributed:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
 
 
 def _finalize(st, mode: str, expected: torch.Tensor, distributed: bool, dev) -> Dict[str, object]:

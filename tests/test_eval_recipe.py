@@ -315,3 +315,31 @@ def test_phased_deadline_fallback_skips_global_passes(lut):
     assert rep["docs_no_ttt_deadline"] == 5 and rep["docs_ttt"] == 0 and rep["phases"] == []
     assert all(torch.equal(a, b) for a, b in zip(w0, m.parameters()))
     assert rep["legality"]["missing"] == 0 and rep["legality"]["multi"] == 0
+
+
+def test_global_pass_bf16_weights_step_through_fp32_masters(lut):
+    """A bf16 base (the CUDA default) steps through fp32 masters: the per-gain weights (near 1, where a
+    bf16 ulp is 2^-7) end at the fp32 run's values rounded to bf16, although most single steps are below
+    half an ulp and would round away if applied to the bf16 weights in place."""
+    stream = doc_stream([70, 40, 90, 20], seed=3)
+    starts, ns = split_docs(stream)
+    cfg = TTTConfig(global_lr=1.0, global_momentum=0.0, global_clip=0.0, global_seq_len=32, global_chunk_tokens=16)
+    rows = global_rows(starts, ns, np.array([2, 0, 1]), cfg.global_seq_len)
+    out = {}
+    for dt in (torch.float32, torch.bfloat16):
+        m = tiny_model(seed=3).to(dt)
+        st = make_state(stream, lut)
+        st.ledger.count[:] = 1
+        global_pass(m, stream, rows, cfg, st)
+        out[dt] = {n: p.detach().float() for n, p in m.named_parameters() if n.endswith(("_scale", "q_gain"))}
+    init = {n: p.detach().float() for n, p in tiny_model(seed=3).to(torch.bfloat16).named_parameters() if n in out[dt]}
+    should = moved = agree = 0
+    for n in init:
+        want = out[torch.float32][n].to(torch.bfloat16).float()
+        got = out[torch.bfloat16][n]
+        should += int((want != init[n]).sum())
+        moved += int(((got != init[n]) & (want != init[n])).sum())
+        agree += int((got == want).sum())
+    total = sum(v.numel() for v in init.values())
+    assert should > 20 and moved >= 0.8 * should, (moved, should)
+    assert agree >= 0.95 * total, (agree, total)

@@ -14,7 +14,8 @@ before it; no window crosses the document's BOS). The rows are cut, in order, in
 chunk is not trained on (as the record's global pass). Chunk c is ONE step of SGD with momentum on
 every floating-point base parameter, lr_c = global_lr * (1 + cos(pi * c / (n_chunks - 1))) / 2, on
     L = sum_{targets t of the chunk} NLL_t / (number of targets of the chunk),
-with the global gradient norm clipped to ``global_clip`` (the record: one step per 32,768-token chunk,
+with the global gradient norm clipped to ``global_clip``; weights below fp32 are stepped through fp32
+master copies, rounded back after every step (the record: one step per 32,768-token chunk,
 its 16 sequences of 2048 split over the ranks). The chunk's rows run in micro-batches of
 ``global_batch_seqs`` rows (gradients accumulated). Several ranks split a chunk's rows (rank r takes
 rows r, r+W, ...) and sum their gradients (one all-reduce), so every rank applies the same step to the
@@ -103,7 +104,10 @@ def global_pass(model, stream: torch.Tensor, rows: np.ndarray, cfg, st: EvalStat
                            else np.zeros(0, np.int64)).to(stream.device)
     st.ledger.share_counts(pos)
     params = [p for p in model.parameters() if p.is_floating_point()]
-    opt = torch.optim.SGD(params, lr=cfg.global_lr, momentum=cfg.global_momentum)
+    # fp32 master copies of low-precision weights: a bf16 weight has 8 significant bits, so a step of
+    # lr 1e-3 x a clipped gradient (relative size ~1e-4 and below) would round away in place
+    masters = [p if p.dtype == torch.float32 else p.detach().float() for p in params]
+    opt = torch.optim.SGD(masters, lr=cfg.global_lr, momentum=cfg.global_momentum)
     steps = trained = 0
     for p in params:
         p.requires_grad_(True)
@@ -125,12 +129,20 @@ def global_pass(model, stream: torch.Tensor, rows: np.ndarray, cfg, st: EvalStat
                     train_hook(rb, rb.mask, loss)
                 loss.backward()
                 trained += int((mb[:, 2] - mb[:, 1]).sum())
+            for p, m in zip(params, masters):
+                if m is not p:
+                    m.grad = None if p.grad is None else p.grad.float()
+                    p.grad = None
             if dist_on:
-                all_reduce_grads(params)
+                all_reduce_grads(masters)
             if cfg.global_clip > 0:
-                torch.nn.utils.clip_grad_norm_(params, cfg.global_clip)
+                torch.nn.utils.clip_grad_norm_(masters, cfg.global_clip)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p, m in zip(params, masters):
+                    if m is not p:
+                        p.copy_(m)
             steps += 1
     finally:
         for p in params:

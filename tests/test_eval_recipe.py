@@ -343,3 +343,32 @@ def test_global_pass_bf16_weights_step_through_fp32_masters(lut):
     total = sum(v.numel() for v in init.values())
     assert should > 20 and moved >= 0.8 * should, (moved, should)
     assert agree >= 0.95 * total, (agree, total)
+
+
+def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
+    """``--recipe records`` through the CLI on the FineWeb sample (``--reference``: the int6 kernel path
+    under the Triton interpreter takes minutes here; it is tested at unit size above), shrunk by explicit
+    options: phased passes run, the report carries every option, every target is scored once."""
+    import json
+    import os
+
+    from train import eval as ev
+    from train.artifact import save_artifact
+
+    m = tiny_model(seed=7, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
+    art = str(tmp_path / "tiny.ptz")
+    save_artifact(m, art, code_paths=[], warn=False)
+    out = tmp_path / "rep.json"
+    rep = ev.main(["--artifact", art, "--val", os.path.join(shared_data, "fineweb_sample",
+                                                            "fineweb_sample200_sp1024_000000.bin"),
+                   "--tokenizer", os.path.join(shared_data, "fineweb_1024_bpe.model"), "--max-docs", "4",
+                   "--reference", "--recipe", "records", "--rank", "2", "--alpha", "3", "--chunk", "32", "--window", "64",
+                   "--batch-size", "2", "--phases", "2", "--phase-docs", "4", "--global-seq-len", "64",
+                   "--global-chunk-tokens", "64", "--device", "cpu", "--no-warmup", "--json", str(out)])
+    saved = json.load(open(out))
+    assert saved["ttt"]["targets"] == ["q", "k", "v", "o", "mlp", "head"] and saved["ttt"]["optimizer"] == "adamw"
+    assert saved["ttt"]["warm_start_a"] is True and saved["ttt"]["phases"] == 2 and saved["ttt"]["alpha"] == 3.0
+    assert len(rep["phases"]) == 2 and rep["base_weights"] == "dense base weights trained in place"
+    assert rep["lora_backend"] == "bmm" and all(p["steps"] > 0 for p in rep["phases"])
+    assert rep["docs"] == 4 and rep["docs_ttt"] == 4 and rep["legality"]["missing"] == 0
+    assert math.isfinite(rep["val_bpb"])

@@ -10,13 +10,14 @@ the base as the last pass left it.
 Global pass (``global_pass``), over the rows of ``global_rows``: every document's targets in pieces of
 ``global_seq_len``, each seen through a window of ``global_seq_len`` inputs ending at the piece's end
 (a full piece sees its own tokens; a document's shorter last piece also sees the end of the piece
-before it; no window crosses the document's BOS). The rows are cut, in order, into chunks of ``global_chunk_tokens`` targets; the last
-chunk is not trained on (as the record's global pass). Chunk c is ONE step of SGD with momentum on
-every floating-point base parameter, lr_c = global_lr * (1 + cos(pi * c / (n_chunks - 1))) / 2, on
+before it; no window crosses the document's BOS). The rows are cut, in order, into chunks of
+``global_chunk_tokens`` targets; the last chunk is not trained on (as the record's global pass).
+Chunk c is ONE step of SGD with momentum on every floating-point base parameter,
+lr_c = global_lr * (1 + cos(pi * c / (n_chunks - 1))) / 2, on
     L = sum_{targets t of the chunk} NLL_t / (number of targets of the chunk),
-with the global gradient norm clipped to ``global_clip``; weights below fp32 are stepped through fp32
-master copies, rounded back after every step (the record: one step per 32,768-token chunk,
-its 16 sequences of 2048 split over the ranks). The chunk's rows run in micro-batches of
+with the global gradient norm clipped to ``global_clip`` (the record: one step per 32,768-token
+chunk, its 16 sequences of 2048 split over the ranks). Weights below fp32 are stepped through fp32
+master copies, rounded back after every step. The chunk's rows run in micro-batches of
 ``global_batch_seqs`` rows (gradients accumulated). Several ranks split a chunk's rows (rank r takes
 rows r, r+W, ...) and sum their gradients (one all-reduce), so every rank applies the same step to the
 same base. Every micro-batch's targets pass ``ScoreLedger.require_scored_global`` first.

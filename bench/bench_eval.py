@@ -14,7 +14,7 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
   (c) 1/8 share with the records' config (rank 96, chunk 48, window 2048);
   (f) fixture parity: FineWeb sample documents 150-199 (held out from the brief training), kernels vs
       reference TTT BPB, and TTT vs no-TTT (base) BPB;
-  chunked (issue 8): the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
+  chunked: the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
       stride 64) on the held-out FineWeb docs (BPB vs sliding no-TTT) and on the first 800 synthetic docs (time).
 Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_PATHS (default
 "kernels,reference") picks the paths run; PGOLF_EVAL_NO_REF lists cases whose reference run is
@@ -251,7 +251,7 @@ def run(quick: bool = False):
             rows.append(_row("fixture: FineWeb sample docs 150-199 (held out), seeds TTT", k, r, **extra))
             save()
 
-    # issue 8: chunked score-first TTT (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048 stride 64)
+    # chunked score-first TTT (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048 stride 64)
     if "chunked" in cases:
         from train.chunked import ChunkedConfig
 

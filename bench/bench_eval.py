@@ -119,7 +119,8 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
     """Load + warm-up + score, timed like the driver (deadline origin = start of the artifact load).
     ``compile``: the driver's --compile (default on for CUDA), for both paths alike."""
     from train import eval as ev
-    from train.ttt import compile_rows_nll
+    from train import warmup as wu
+    from train.forward import compile_rows_nll
 
     _sync(device)
     t_start = time.perf_counter()
@@ -132,9 +133,9 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
     rates = None
     backend = "bmm" if reference else "kernel"
     if warm and mode == "chunked":
-        rates = ev.warmup_chunked(model, lut, chunked, backend, device)
+        rates = wu.warmup_chunked(model, lut, chunked, backend, device)
     elif warm:
-        rates = ev.warmup(model, lut, cfg, backend, device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
+        rates = wu.warmup(model, lut, cfg, backend, device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
     warmup_s = time.perf_counter() - t
     tokens = tokens_cpu.to(device)
     rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend=backend, t_start=t_start, budget_s=budget_s,
@@ -178,7 +179,7 @@ def run(quick: bool = False):
     from bench.harness import save_results
     from train.bpb import ByteLUT
     from train.synthetic import synthetic_tokens
-    from train.ttt import TTTConfig
+    from train.ttt_config import TTTConfig
 
     gpu = torch.cuda.get_device_name()
     rows = []
@@ -252,7 +253,7 @@ def run(quick: bool = False):
 
     # chunked score-first TTT (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048 stride 64)
     if "chunked" in cases:
-        from train.ttt import ChunkedConfig
+        from train.chunked import ChunkedConfig
 
         cc = ChunkedConfig()
         if toks is not None:
@@ -313,7 +314,7 @@ def run(quick: bool = False):
         # instead -- a smaller but complete, representative sample -- rather than a deadline-truncated share.
         nshare = 8
         if k is not None:
-            from train.ttt import plan_doc_batches, split_docs, ttt_positions
+            from train.rows import plan_doc_batches, split_docs, ttt_positions
 
             _, ns = split_docs(syn)
             bat = plan_doc_batches(ns, record.batch_size)

@@ -56,7 +56,7 @@ def base_only(x, Ws, As, Bs):
 def ours(x, Ws, As, Bs):
     from pgolf_kernels.lora import multi_lora_linear
 
-    return multi_lora_linear(x, Ws, As, Bs, check_values=False)
+    return multi_lora_linear(x, Ws, As, Bs, validate=False)
 
 
 def _fwd(fn, inp):
@@ -131,7 +131,7 @@ def _reference(inp):
         A_ = [a.detach().requires_grad_() for a in As]
         B_ = [b.detach().requires_grad_() for b in Bs]
         W_ = [w.float() if cd else w for w in Ws]
-        ys = multi_lora_linear_ref(xg, W_, A_, B_, check_values=False, compute_dtype=cd)
+        ys = multi_lora_linear_ref(xg, W_, A_, B_, validate=False, compute_dtype=cd)
         gs = torch.autograd.grad(ys, [xg, *A_, *B_], [d.to(ys[0].dtype) for d in dys])
         out.append([t.detach() for t in list(ys) + list(gs)])
     return out
@@ -196,13 +196,13 @@ def _extras(rows, T=1024, r=8):
     bmm_fb = _time(_fwd_bwd, bmm_form, sets)
 
     def det(x, Ws, As, Bs):
-        return multi_lora_linear(x, Ws, As, Bs, check_values=False, deterministic=True)
+        return multi_lora_linear(x, Ws, As, Bs, validate=False, deterministic=True)
 
     q = [QT(torch.randint(-31, 32, W.shape, device="cuda", dtype=torch.int8),
             torch.full((W.shape[0],), 1e-3, device="cuda", dtype=torch.float16), 6) for W in sets[0][1]]
 
     def int6(x, Ws, As, Bs):
-        return multi_lora_linear(x, q, As, Bs, check_values=False)
+        return multi_lora_linear(x, q, As, Bs, validate=False)
 
     for name, mk, fn, bl, bms in (("fwd+bwd deterministic", _fwd_bwd, det, "bmm eager", bmm_fb),
                                   ("fwd int6 base", _fwd, int6, "base-only F.linear (bf16 W)", base),

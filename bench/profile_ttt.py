@@ -1,9 +1,9 @@
 """Where one per-document TTT step spends its time (a profiling tool, not a benchmark row).
 
-One step = the eval driver's inner loop body (``train.ttt.ttt_batch``): forward over 64 windows of
+One step = the eval driver's inner loop body (``train.schedules.ttt_batch``): forward over 64 windows of
 1024 positions with grad, score the last 256 targets of each row, backward to the adapters, Adam.
 Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
-each eager and with the eval driver's ``--compile`` (``train.ttt.compile_rows_nll``). Prints ms/step (median of CUDA-synchronized steps) and a
+each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``). Prints ms/step (median of CUDA-synchronized steps) and a
 torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
@@ -29,7 +29,8 @@ def _sync():
 
 def _setup(reference: bool, path: str, cfg, device):
     from train import eval as ev
-    from train.ttt import BatchedAdam, DocLoRA
+    from train.adapters import DocLoRA
+    from train.ttt_optim import BatchedAdam
 
     model, _ = ev.load_model(path, reference=reference, device=device)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel")
@@ -38,7 +39,7 @@ def _setup(reference: bool, path: str, cfg, device):
 
 
 def _rows(stream_len_doc: int, n_docs: int, cfg, device, seed=0):
-    from train.ttt import build_rows
+    from train.rows import build_rows
 
     g = torch.Generator().manual_seed(seed)
     docs = torch.randint(4, 1024, (n_docs, stream_len_doc), generator=g)
@@ -51,7 +52,7 @@ def _rows(stream_len_doc: int, n_docs: int, cfg, device, seed=0):
 
 
 def _step_fn(model, ad, opt, compiled: bool):
-    from train.ttt import compile_rows_nll, rows_nll
+    from train.forward import compile_rows_nll, rows_nll
 
     compile_rows_nll(model, compiled)  # the eval driver's --compile (regional: blocks + head)
     ad.set_rows(torch.arange(ad.n_docs, device=ad.params[0].device))
@@ -111,7 +112,7 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
-    from train.ttt import TTTConfig
+    from train.ttt_config import TTTConfig
 
     dev = a.device
     cfg = TTTConfig(rank=a.rank, chunk=a.chunk, window=a.window, batch_size=a.batch)

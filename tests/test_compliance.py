@@ -22,6 +22,8 @@ passes):
 The causality check needs only each target's final stored score, so it is black-box: it also catches a
 scorer that never told the ledger anything.
 """
+import copy
+import dataclasses
 import math
 
 import numpy as np
@@ -30,8 +32,15 @@ import torch
 
 from train.eval import evaluate
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import (BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, ScoreLedger, TTTConfig, build_rows,
-                       make_state, plan_doc_batches, rows_nll, split_docs, ttt_batch, _score)
+from train.adapters import DocLoRA
+from train.chunked import ChunkedConfig
+from train.forward import rows_nll
+from train.ledger import LegalityError, ScoreLedger
+from train.rows import build_rows, plan_doc_batches, split_docs
+from train.schedules import ttt_batch
+from train.scoring import make_state, take_score
+from train.ttt_config import TTTConfig, recipe
+from train.ttt_optim import BatchedAdam
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -106,7 +115,7 @@ def ttt_train_then_score(model, stream, starts, ns, docs, cfg, adapter, opt, st,
         opt.step()
         with torch.no_grad():
             nll = rows_nll(model, rb, adapter)
-        _score(st, rb, nll)
+        take_score(st, rb, nll)
     adapter.set_rows(None)
 
 
@@ -123,7 +132,7 @@ def ttt_two_epochs_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt,
         adapter.set_rows(torch.from_numpy(live))
         with torch.no_grad():
             nll = rows_nll(model, rb, adapter)
-        _score(st, rb, nll)
+        take_score(st, rb, nll)
     adapter.set_rows(None)
 
 
@@ -148,7 +157,7 @@ def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, 
             adapter.set_rows(torch.from_numpy(live))
             nll = rows_nll(model, rb, adapter)
             if ep == epochs - 1:
-                _score(st, rb, nll.detach())
+                take_score(st, rb, nll.detach())
             st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the double ignores its verdict
             ((nll * rb.mask).sum() / rb.mask.sum()).backward()
             opt.step()
@@ -168,7 +177,7 @@ def pr605_score_every_epoch_overwrite(model, stream, starts, ns, docs, cfg, adap
             live, rb = _chunk_rows(stream, s, n, c, cfg)
             adapter.set_rows(torch.from_numpy(live))
             nll = rows_nll(model, rb, adapter)
-            _score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
+            take_score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
             st.ledger.require_scored(rb.pos, rb.mask)
             ((nll * rb.mask).sum() / rb.mask.sum()).backward()
             opt.step()
@@ -345,7 +354,7 @@ def test_score_before_update_chunked(model, long_stream, lut):
     """Chunked mode: every training step's targets were scored (exactly once) before the step, they all
     lie in the chunk scored last (no later chunk scored yet), every target of a trained chunk is trained
     on exactly ``epochs`` times, and the last chunk never."""
-    from train.ttt import chunked_ttt
+    from train.chunked import chunked_ttt
 
     N = long_stream.numel()
     C = CHUNKED.chunk_tokens
@@ -467,18 +476,28 @@ def test_pr605_double_is_flagged(model, stream, lut):
 
 
 def test_scores_enter_only_through_the_ledger():
-    """Structural guarantee (train/ttt.py, train/eval.py): the BPB sums are added to only inside
-    ``_score``, which records in the ledger first; ``_score`` is called only by ``score_rows`` and
-    ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows`` and that call precedes its
-    training loop; no scorer assigns/overwrites the BPB sums. A new scoring path must update this list."""
+    """Structural guarantee (every eval module of ``train``): the BPB sums are added to only inside
+    ``take_score``, which records in the ledger first; ``take_score`` is called only by ``score_rows``
+    and ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows``
+    and that call precedes its training loop; no scorer assigns/overwrites the BPB sums. A new scoring
+    path (or a new eval module) must update these lists."""
     import ast
+    import importlib
     import inspect
+    import pkgutil
 
-    import train.eval as ev_mod
-    import train.ttt as ttt_mod
+    import train
 
-    callers = {"_score": set(), "add": set(), "record": set(), "score_rows": set()}
-    for mod in (ttt_mod, ev_mod):
+    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "ledger", "phased", "rows", "schedules",
+                 "scoring", "ttt_config", "ttt_optim", "warmup")
+    mods = {n: importlib.import_module(f"train.{n}") for n in eval_mods}
+    # every train module that imports a scorer is in the list (a new scoring module cannot slip past)
+    for info in pkgutil.iter_modules(train.__path__):
+        src = inspect.getsource(importlib.import_module(f"train.{info.name}"))
+        if any(k in src for k in ("take_score", "score_rows", "ScoreLedger")):
+            assert info.name in eval_mods, f"train.{info.name} scores but is not pinned here"
+    callers = {"take_score": set(), "add": set(), "record": set(), "score_rows": set()}
+    for mod in mods.values():
         tree = ast.parse(inspect.getsource(mod))
         for fn in ast.walk(tree):
             if not isinstance(fn, ast.FunctionDef):
@@ -494,18 +513,18 @@ def test_scores_enter_only_through_the_ledger():
                     tgts = node.targets if isinstance(node, ast.Assign) else [node.target]
                     for t in tgts:
                         assert "acc.sums" not in ast.unparse(t) or fn.name == "__init__", f"{fn.name} writes BPB sums"
-    assert callers["add"] == {"_score"} and callers["record"] == {"_score"}
-    assert callers["_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
-    # next_batch: evaluate's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
+    assert callers["add"] == {"take_score"} and callers["record"] == {"take_score"}
+    assert callers["take_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
+    # next_batch: DocQueue's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
     assert callers["score_rows"] == {"chunked_ttt", "evaluate", "next_batch", "warmup", "_warm_shapes"}
-    src = inspect.getsource(ttt_mod.chunked_ttt)
+    src = inspect.getsource(mods["chunked"].chunked_ttt)
     assert src.index("score_rows(") < src.index(".backward(")
     assert src.count("score_rows(") == 1
-    src = inspect.getsource(ttt_mod._ttt_step)
-    assert src.index("_score(") < src.index(".backward(")
-    for sched in (ttt_mod.ttt_batch, ttt_mod.ttt_rolling):  # both schedules step only through _ttt_step
+    src = inspect.getsource(mods["schedules"]._ttt_step)
+    assert src.index("take_score(") < src.index(".backward(")
+    for sched in (mods["schedules"].ttt_batch, mods["schedules"].ttt_rolling):  # both step only through _ttt_step
         src = inspect.getsource(sched)
-        assert "_ttt_step(" in src and "_score(" not in src and ".backward(" not in src
+        assert "_ttt_step(" in src and "take_score(" not in src and ".backward(" not in src
 
 
 def test_legal_scorer_passes_every_check(model, stream, lut):
@@ -584,7 +603,7 @@ def test_rolling_schedule_is_causal(model, stream, lut):
 
 
 def test_rolling_needs_per_row_adam(model, stream, lut):
-    from train.ttt import ttt_rolling
+    from train.schedules import ttt_rolling
 
     starts, ns = split_docs(stream)
     ad = DocLoRA(model, CFG, 2, stream.device, "bmm")
@@ -601,7 +620,155 @@ def test_rolling_needs_per_row_adam(model, stream, lut):
         ad.reset_rows([0, 2], [5, 6])
     with pytest.raises(ValueError, match="per_row=True"):
         BatchedAdam(ad.params, 0.01).reset_rows([0])
-    from train.ttt import compile_rows_nll
+    from train.forward import compile_rows_nll
 
     with pytest.raises(TypeError, match="train.model.GPT"):
         compile_rows_nll(torch.nn.Linear(2, 2))
+
+
+# ------------------------------------------------------------------ the records' recipe options
+# tiny shapes of the records' preset (rank 96 -> 4, chunk 48 -> 32, window 2048 -> 96, 2000 phase docs -> 7):
+# q/k/v/o/mlp/head adapters with alpha, AdamW beta1 = 0 with weight decay, warm-start A, 3 phases with
+# global SGD passes (chunks of 128 targets, so every pass takes steps)
+RECIPE = recipe("records", rank=4, alpha=6.0, chunk=32, window=96, batch_size=3, phase_docs=7, global_seq_len=64,
+                global_chunk_tokens=128, global_batch_seqs=4)
+RECIPE_VARIANTS = {
+    "records": RECIPE,
+    "targets-all-alpha": TTTConfig(rank=4, targets=("q", "k", "v", "o", "mlp", "up", "down", "head"), alpha=8.0,
+                                   chunk=32, window=96, batch_size=4),
+    "adamw-beta1-0": TTTConfig(rank=4, chunk=32, window=96, batch_size=4, optimizer="adamw", beta1=0.0, beta2=0.999,
+                               eps=1e-10, weight_decay=1.0, lr=1e-3),
+    "warm-start-a": TTTConfig(rank=4, chunk=32, window=96, batch_size=4, warm_start_a=True),
+    "phases-per-phase": dataclasses.replace(RECIPE, phase_cumulative=False, warm_start_a=False),
+    "records-rolling": dataclasses.replace(RECIPE, schedule="rolling"),
+}
+
+
+def run_recipe(model, stream, lut, cfg=RECIPE, strict=True, hook=None):
+    """A recipe run through the driver on a copy of the model (phased TTT moves the base weights)."""
+    rep, st = evaluate(copy.deepcopy(model), stream, lut, mode="ttt", cfg=cfg, strict=strict, keep_nll=True,
+                       return_state=True, backend="bmm", train_hook=hook)
+    return rep, st
+
+
+@pytest.mark.parametrize("name", list(RECIPE_VARIANTS))
+def test_coverage_recipe_options(model, stream, lut, name):
+    """Every new option: every target scored exactly once, nothing trained (per document or globally)
+    before its score, the BPB sums match the ledger."""
+    cfg = RECIPE_VARIANTS[name]
+    rep, st = run_recipe(model, stream, lut, cfg)
+    exp = expected_targets(stream)
+    check_coverage(st, exp)
+    assert rep["targets"] == int(exp.sum()) and rep["docs_ttt"] == len(LENGTHS) and rep["docs"] == len(LENGTHS)
+    assert rep["legality"]["trained_unscored"] == 0 and rep["legality"]["global_unscored"] == 0
+    if cfg.phases:
+        assert len(rep["phases"]) == cfg.phases and all(p["steps"] > 0 for p in rep["phases"])
+        assert st.ledger.n_global_checks > 0
+
+
+@pytest.mark.parametrize("cumulative", [True, False], ids=["cumulative", "per-phase"])
+def test_global_pass_uses_only_scored_phases(model, stream, lut, cumulative):
+    """At every global step: the documents scored so far are exactly phases 0..p (no later phase and none
+    of the rest has a single score yet), every target of the step was scored exactly once, and the step's
+    documents are those of phases 0..p (cumulative) or of phase p alone."""
+    from train.phased import phase_plan
+
+    cfg = dataclasses.replace(RECIPE, phase_cumulative=cumulative)
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases)
+    span = {}
+    for d in range(len(ns)):
+        span[d] = (int(starts[d]) + 1, int(starts[d]) + 1 + int(ns[d]))
+    seen_phases = []
+    box = {}
+
+    def hook(rb, mask, loss):
+        cnt = box["st"].ledger.count
+        scored = {d for d, (a, b) in span.items() if int(cnt[a:b].sum()) > 0}
+        p = next(i for i in range(cfg.phases) if scored == set(np.concatenate(groups[:i + 1]).tolist()))
+        pos = rb.pos[mask]
+        assert int(cnt[pos].min()) == 1 and int(cnt[pos].max()) == 1
+        step_docs = {d for d, (a, b) in span.items() if bool(((pos >= a) & (pos < b)).any())}
+        allowed = set(np.concatenate(groups[:p + 1] if cumulative else [groups[p]]).tolist())
+        assert step_docs <= allowed
+        seen_phases.append(p)
+
+    import train.eval as ev_mod
+
+    real = ev_mod.make_state
+
+    def grab(*a, **k):
+        box["st"] = real(*a, **k)
+        return box["st"]
+
+    ev_mod.make_state = grab
+    try:
+        run_recipe(model, stream, lut, cfg, hook=hook)
+    finally:
+        ev_mod.make_state = real
+    assert sorted(set(seen_phases)) == list(range(cfg.phases))
+
+
+def test_planted_global_pass_on_unscored_phase_is_caught(model, stream, lut, monkeypatch):
+    """ILLEGAL double: after phase p the global pass trains on phase p+1's documents (not scored yet).
+    The ledger's global check raises at once (strict) or fails the final check; the legal run passes."""
+    import train.eval as ev_mod
+    from train.phased import phase_plan
+
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, RECIPE.phase_docs, RECIPE.phases)
+    real = ev_mod.global_rows
+
+    def next_phase_rows(starts_, ns_, docs, seq_len):
+        p = next(i for i in range(RECIPE.phases) if set(groups[i].tolist()) <= set(docs.tolist())
+                 and not (set(groups[i + 1].tolist()) & set(docs.tolist())))
+        return real(starts_, ns_, groups[p + 1], seq_len)  # the phase that has not been scored yet
+
+    monkeypatch.setattr(ev_mod, "global_rows", next_phase_rows)
+    with pytest.raises(LegalityError, match="global step .* not scored"):
+        run_recipe(model, stream, lut, RECIPE, strict=True)
+    with pytest.raises(LegalityError, match="global_unscored"):
+        run_recipe(model, stream, lut, RECIPE, strict=False)
+    monkeypatch.setattr(ev_mod, "global_rows", real)
+    run_recipe(model, stream, lut, RECIPE, strict=True)
+
+
+def test_phased_causality_in_scoring_order(model, stream, lut):
+    """Phased TTT: perturbing the tail of a phase-1 document leaves every phase-0 score and that
+    document's own scores up to the cut unchanged; it does move later phases' scores (the global pass
+    after phase 1 trained on it), so the check can fail."""
+    from train.phased import phase_plan
+
+    starts, ns = split_docs(stream)
+    groups = phase_plan(ns, RECIPE.phase_docs, RECIPE.phases)
+    d = int(groups[1][0])
+    cut = int(starts[d]) + 1 + int(ns[d]) // 2
+    _, st0 = run_recipe(model, stream, lut)
+    pert = stream.clone()
+    g = torch.Generator().manual_seed(3)
+    e = int(starts[d]) + 1 + int(ns[d])
+    pert[cut + 1:e] = torch.randint(4, 1024, (e - cut - 1,), generator=g)
+    _, st1 = run_recipe(model, pert, lut)
+
+    def pos_of(docs):
+        return torch.cat([torch.arange(int(starts[k]) + 1, int(starts[k]) + 1 + int(ns[k])) for k in docs])
+
+    keep = torch.cat([pos_of(groups[0]), torch.arange(int(starts[d]) + 1, cut + 1)])
+    assert torch.equal(st0.ledger.nll[keep], st1.ledger.nll[keep])
+    later = pos_of(np.concatenate([groups[2], groups[3]]))
+    assert not torch.equal(st0.ledger.nll[later], st1.ledger.nll[later])
+
+
+def test_phased_pins():
+    """Structural: the global pass checks every micro-batch with the ledger before its backward and never
+    scores; the driver runs a phase's global pass only after that phase's queue has run."""
+    import inspect
+
+    import train.eval as ev_mod
+    import train.phased as ph
+
+    src = inspect.getsource(ph.global_pass)
+    assert src.index("share_counts(") < src.index("require_scored_global(") < src.index(".backward(")
+    assert "take_score(" not in src and "score_rows(" not in src and ".record(" not in src
+    src = inspect.getsource(ev_mod._score_documents)
+    assert src.index("q.run()") < src.index("global_pass(")

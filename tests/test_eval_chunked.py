@@ -14,8 +14,11 @@ import torch.multiprocessing as mp
 
 from train import eval as ev
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import (ChunkedConfig, DocLoRA, TTTConfig, build_rows, chunk_train_batches, chunked_plan, cosine_lr,
-                       rows_nll)
+from train.adapters import DocLoRA
+from train.chunked import ChunkedConfig, chunk_train_batches, chunked_plan, cosine_lr
+from train.forward import rows_nll
+from train.rows import build_rows
+from train.ttt_config import TTTConfig
 
 # chunk, window and stride multiples of 32: no sliding row is cut by a chunk boundary (exactness tests)
 ALIGNED = ChunkedConfig(chunk_tokens=2048, rank=4, epochs=2, lr=0.01, window=128, stride=64, train_len=128,
@@ -58,7 +61,7 @@ def test_plan_covers_each_target_once_within_chunks(n, chunk, window, stride):
 
 
 def test_aligned_plan_equals_sliding_rows():
-    from train.ttt import plan_rows
+    from train.rows import plan_rows
 
     n = 9_000
     rows = np.concatenate([r for _, _, r in chunked_plan(n, 2048, 128, 64)])
@@ -84,9 +87,13 @@ def test_config_refuses_bad_values(kw, match):
         ChunkedConfig(**kw)
 
 
-def test_cli_validates_before_loading(tmp_path):
-    with pytest.raises(ValueError, match="chunk_tokens"):
+def test_cli_validates_before_loading(tmp_path, capsys):
+    """A bad value is refused in one line naming it, before the (missing) artifact is opened."""
+    with pytest.raises(SystemExit) as e:
         ev.main(["--artifact", str(tmp_path / "none.ptz"), "--mode", "chunked", "--chunk-tokens", "1000"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "chunk_tokens" in err and "1000" in err and "not found" not in err
 
 
 def test_cosine_schedule():
@@ -130,7 +137,7 @@ def test_chunked_ttt_lowers_bpb_vs_sliding(model, shared_stream, lut):
 
 
 def test_optimizer_follows_cosine_over_all_steps(model, shared_stream, lut, monkeypatch):
-    from train.ttt import BatchedAdam
+    from train.ttt_optim import BatchedAdam
 
     seen = []
     real = BatchedAdam.step

@@ -10,8 +10,13 @@ import torch
 
 from train import eval as ev
 from train.bpb import ByteLUT
+from train.doc_queue import BatchClaimer
 from train.eval_fixtures import doc_stream, tiny_model
-from train.ttt import DocLoRA, TTTConfig, build_rows, rows_nll, split_docs
+from train.adapters import DocLoRA
+from train.forward import rows_nll
+from train.rows import build_rows, split_docs
+from train.ttt_config import TTTConfig
+from train.warmup import warmup
 
 SP1024 = "fineweb_1024_bpe.model"
 SHARD = os.path.join("fineweb_sample", "fineweb_sample200_sp1024_000000.bin")
@@ -81,7 +86,7 @@ def test_compiled_forward_matches_eager(artifact, lut, reference, large_m, monke
     ``kernel-large-m``: int6_linear.LARGE_M lowered so that the steps cross it both ways (2 rows x 64
     padded positions = 128 below, 3 rows = 192 above): the public int6_linear's aten large-M branch and
     the fused kernels both run, under one dynamic-shape compile."""
-    from train.ttt import compile_rows_nll
+    from train.forward import compile_rows_nll
 
     calls = {"large": 0, "op": 0}
     if large_m is not None:
@@ -210,17 +215,18 @@ def test_ttt_lowers_bpb_vs_base(lut):
 def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
     m = tiny_model(seed=1)
     seen = []
-    import train.ttt as ttt_mod
+    import train.schedules as sched_mod
+    import train.scoring as scoring_mod
 
-    real = ttt_mod.build_rows
+    real = scoring_mod.build_rows
 
     def spy(stream, rows, window, pad_to=1, **kw):
         seen.append(stream.detach().cpu().clone())
         return real(stream, rows, window, pad_to, **kw)
 
-    monkeypatch.setattr(ev, "ttt_batch", ev.ttt_batch)  # unchanged; the spy is on build_rows
-    monkeypatch.setattr(ttt_mod, "build_rows", spy)
-    rates = ev.warmup(m, lut, CFG, "bmm", "cpu", n_docs=4, doc_len=100)
+    for mod in (sched_mod, scoring_mod):  # every caller of build_rows on the warm-up's paths
+        monkeypatch.setattr(mod, "build_rows", spy)
+    rates = warmup(m, lut, CFG, "bmm", "cpu", n_docs=4, doc_len=100)
     assert rates["ttt_pos_per_s"] > 0 and rates["base_pos_per_s"] > 0
     # the main synthetic batch plus the small-batch shape sweep (7 streams), all built by warmup itself:
     # documents of doc_len (or 40) uniform random tokens in [4, V) after a BOS
@@ -231,11 +237,11 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
         assert bos[0] == 0 and set(lens.tolist()) <= {100, 40} and bool((s[s != 1] >= 4).all())
     import inspect
 
-    assert "tokens" not in inspect.signature(ev.warmup).parameters
+    assert "tokens" not in inspect.signature(warmup).parameters
 
 
 def test_batch_claimer_static_share_and_counter():
-    c = ev.BatchClaimer(7, share=(1, 3))
+    c = BatchClaimer(7, share=(1, 3))
     assert [c.next() for _ in range(4)] == [1, 4, None, None]
 
     class Store:  # the torch.distributed store contract: add returns the new value
@@ -246,7 +252,7 @@ def test_batch_claimer_static_share_and_counter():
             return self.v
 
     s = Store()
-    a, b = ev.BatchClaimer(3, store=s), ev.BatchClaimer(3, store=s)
+    a, b = BatchClaimer(3, store=s), BatchClaimer(3, store=s)
     got = [a.next(), b.next(), b.next(), a.next(), b.next()]
     assert got == [0, 1, 2, None, None]
 
@@ -339,7 +345,7 @@ def test_bench_helpers_smoke_on_cpu(tmp_path, shared_data, monkeypatch):
 
 
 def test_batched_adam_matches_torch_adam_and_resets_in_place():
-    from train.ttt import BatchedAdam
+    from train.ttt_optim import BatchedAdam
 
     g = torch.Generator().manual_seed(0)
     p1 = [torch.randn(3, 4, 5, generator=g).requires_grad_() for _ in range(2)]
@@ -395,7 +401,7 @@ def test_doclora_reset_is_in_place_and_keyed_by_document():
 
 
 def test_vectorized_plans_match_the_definition():
-    from train.ttt import chunk_bounds, plan_rows, ttt_positions
+    from train.rows import chunk_bounds, plan_rows, ttt_positions
 
     rng = np.random.default_rng(0)
     for _ in range(100):
@@ -417,7 +423,7 @@ def test_gpu_kernel_path_coverage_and_document_isolation(tmp_path):
     once, and a document's TTT scores do not move when every other document (its batch mates
     included) is replaced -- a cross-row leak in a kernel's adapter_index / row handling would."""
     from train.artifact import save_artifact
-    from train.ttt import split_docs
+    from train.rows import split_docs
 
     m = tiny_model(seed=8, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1)
     path = str(tmp_path / "iso.ptz")

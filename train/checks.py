@@ -219,18 +219,26 @@ def tokenizer_identity(arg: str, path: str, seen: dict, recorded: Optional[dict]
 
 
 # ------------------------------------------------------------------------------------------ eval
-def eval_args(args, log=print):
+def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_chunk: int = 256):
     """``python3 -m train.eval``'s arguments (``train/eval.py: _parse``), before any model is built:
     every number against its range, the val shards' headers and ids, the tokenizer and its identity
     with the artifact's, the window against the model's trained length (from the artifact's
-    metadata). -> (seq_len, window, chunk, share, budget_s)."""
+    metadata). Window: ``--window``, else the recipe's (``recipe_window``), else the model's trained
+    length; chunk: ``--chunk``, else ``min(recipe_chunk, window)``. The per-document TTT values
+    (rank, lr, betas, ...) are checked where the recipe is resolved (``TTTConfig``); the ones given
+    here are checked again by name. -> (seq_len, window, chunk, share, budget_s)."""
     from . import artifact as art
 
-    int_range("--rank", args.lora_rank, 1, None if args.mode != "chunked" else 8, "LoRA rank")
-    int_range("--batch-size", args.batch_size, 1, what="documents per TTT batch")
-    float_range("--lr", args.lr, 0.0, lo_open=True, what="the TTT Adam learning rate")
-    float_range("--beta1", args.beta1, 0.0, 1.0, hi_open=True)
-    float_range("--beta2", args.beta2, 0.0, 1.0, hi_open=True)
+    if args.lora_rank is not None:
+        int_range("--rank", args.lora_rank, 1, 128 if args.mode != "chunked" else 8, "LoRA rank")
+    if args.batch_size is not None:
+        int_range("--batch-size", args.batch_size, 1, what="documents per TTT batch")
+    if args.lr is not None:
+        float_range("--lr", args.lr, 0.0, lo_open=True, what="the TTT learning rate")
+    if args.beta1 is not None:
+        float_range("--beta1", args.beta1, 0.0, 1.0, hi_open=True)
+    if args.beta2 is not None:
+        float_range("--beta2", args.beta2, 0.0, 1.0, hi_open=True)
     budget_s = budget("--budget", args.budget, "--margin", args.margin)
     k_n = share("--share", args.share)
     if args.max_docs is not None:
@@ -255,8 +263,13 @@ def eval_args(args, log=print):
                                                             f"vocabulary); it has {tok['pieces']}")
     tokenizer_identity("--tokenizer", args.tokenizer, tok, meta.get("tokenizer"), "--allow-tokenizer-mismatch",
                           args.allow_tokenizer_mismatch, log=log)
-    win = window("--window", args.window if args.window is not None else seq_len, seq_len)
-    chunk = args.chunk if args.chunk is not None else min(256, win)
+    if args.window is not None:
+        win = window("--window", args.window, seq_len)
+    elif recipe_window is not None:
+        win = window("--window (the recipe's)", recipe_window, seq_len)
+    else:
+        win = seq_len
+    chunk = args.chunk if args.chunk is not None else min(recipe_chunk, win)
     int_range("--chunk", chunk, 1, win, f"the TTT chunk, at most the window {win}")
     if args.mode in ("sliding", "chunked"):
         int_range("--stride", args.stride, 1, win, f"the sliding-window step, at most the window {win}")

@@ -4,7 +4,7 @@
         --tokenizer data/fineweb_1024_bpe.model [--mode ttt|flat|sliding|base] [--reference]
     torchrun --nproc_per_node 8 -m train.eval --artifact ...        (documents shared across ranks)
 
-Modes (see ``train/ttt.py`` for the exact row semantics):
+Modes (see ``train/rows.py`` for the exact row semantics):
   ttt      (default) per-document batched LoRA test-time training, score-first per chunk.
   base     the same per-document chunk/window scoring without adapters (the no-TTT baseline).
   flat     the stream in non-overlapping windows of ``--window``.
@@ -13,13 +13,23 @@ Modes (see ``train/ttt.py`` for the exact row semantics):
            (default 32,768) are scored (sliding windows, ``--window`` default = the model's seq_len,
            ``--stride``) with ONE shared rank-``--rank`` LoRA on Q/V, then the adapter trains on the
            scored chunk for ``--epochs`` (3) with Adam (``--lr`` 0.01, cosine over all steps); the last
-           chunk is never trained on (``train/ttt.py: chunked_ttt``).
+           chunk is never trained on (``train/chunked.py``).
 
-No illegal variant has a code path. Scores enter the BPB only through ``ttt._score`` (ledger record
-first, then the additive float64 sums: a score can be added, never replaced, and there is no
-best-of / last-of selection anywhere), called from exactly ``score_rows`` and ``ttt_batch``; every
+Per-document TTT options (``train/ttt_config.py``; ``--recipe records`` sets the 2026-04-29 record's
+values, options given explicitly override them): ``--lora-targets`` any of q,k,v,o,mlp,up,down,head;
+``--rank`` up to 128; ``--alpha`` (scale alpha/rank); ``--optimizer adam|adamw`` with ``--beta1`` (0
+allowed), ``--beta2``, ``--eps``, ``--weight-decay``; ``--warm-start-a``; phased TTT ``--phases P
+--phase-docs N`` with ``--global-lr/-momentum/-clip/-seq-len/-batch-seqs/-chunk-tokens`` and
+``--phase-scope`` (``train/phased.py``). On the kernel path the fused LoRA covers q, k, v and the head;
+o, mlp, up and down run as torch.bmm (logged). Once a global pass moves the base weights, int6 codes
+are replaced by their dequantized weights (logged and reported as ``base_weights``).
+
+No illegal variant has a code path. Scores enter the BPB only through ``scoring.take_score`` (ledger
+record first, then the additive float64 sums: a score can be added, never replaced, and there is no
+best-of / last-of selection anywhere), called from exactly ``score_rows`` and the TTT step; every
 training step calls ``ledger.require_scored`` on its loss's targets before the backward, and the
-chunked mode's training loop never scores. ``evaluate`` ends with ``ledger.check(expected)``, which
+chunked mode's training loop never scores; every global step of phased TTT calls
+``ledger.require_scored_global`` on its targets (after sharing every rank's counts). ``evaluate`` ends with ``ledger.check(expected)``, which
 raises ``LegalityError`` on any target scored twice, never scored, or trained on before its score.
 ``tests/test_compliance.py`` pins these call sites and runs the seeds' illegal patterns (PR #713,
 PR #605) as test doubles through the checks.
@@ -38,8 +48,8 @@ adapter) and the report says how many.
 Multi-rank (chunked): chunks stay sequential; each rank scores every W-th row of a chunk and every
 W-th training window of a step, gradients are all-reduced (see ``chunked_ttt``).
 
-Multi-rank (ttt/base): document batches (longest first) are claimed one at a time through a counter in the
-torch.distributed store (``store.add``), so a rank that drew long documents claims fewer; the
+Multi-rank (ttt/base): document batches (longest first) are claimed one at a time (``train/doc_queue.py``)
+through a counter in the torch.distributed store (``store.add``), so a rank that drew long documents claims fewer; the
 float64 sums and the score ledger are all-reduced at the end. A batch's adapter initialization is
 seeded by its index, so 1 and N ranks compute the same scores.
 """
@@ -55,10 +65,19 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from .adapters import DocLoRA
 from .bpb import ByteLUT
-from .ttt import (BOS_ID, BatchedAdam, ChunkedConfig, DocLoRA, LegalityError, TTTConfig, chunked_ttt, compile_rows_nll,
-                  make_state, plan_doc_batches, plan_rows, score_rows, split_docs, ttt_batch, ttt_positions,
-                  ttt_rolling)
+from .chunked import ChunkedConfig, chunked_ttt
+from .data import BOS_ID
+from .doc_queue import DocQueue
+from .forward import compile_rows_nll
+from .phased import global_pass, global_rows, phase_plan, unfreeze_int6
+from .ledger import LegalityError
+from .rows import plan_rows, split_docs
+from .scoring import make_state, score_rows, sync_device
+from .ttt_config import MAX_RANK, OPTIMIZERS, RECIPES, TARGETS, TTTConfig, recipe
+from .ttt_optim import optimizer_for
+from .warmup import warmup, warmup_chunked
 
 MODES = ("ttt", "base", "flat", "sliding", "chunked")
 
@@ -93,7 +112,9 @@ def load_model(path: str, *, reference: bool = False, device="cuda", dtype: Opti
         raise ArtifactLoadError(f"{path}: refused ({type(e).__name__}: {e})") from e
     for p in model.parameters():
         p.requires_grad_(False)
-    info = {"artifact_bytes": size, "artifact_limit_ok": size <= art.SIZE_LIMIT}
+    sub = art.submission_bytes(path)  # what a submission pays: this model + the drivers' code (import graph)
+    info = {"artifact_bytes": size, "artifact_code_bytes": sub["bytes_code"], "submission_bytes": sub["bytes_total"],
+            "artifact_limit_ok": sub["ok"]}
     return model, info
 
 
@@ -111,142 +132,6 @@ def docs_prefix(tokens: torch.Tensor, max_docs: int) -> torch.Tensor:
     return tokens[: int(starts[max_docs])]
 
 
-# ----------------------------------------------------------------------------------- claiming
-class BatchClaimer:
-    """Hands out batch indices 0, 1, ... exactly once across ranks.
-
-    With a ``torch.distributed`` store: ``store.add(key, 1)`` is atomic, so the next free batch goes
-    to whichever rank asks first (dynamic balancing). Without one (single rank) a local counter.
-    ``share=(k, n)`` restricts a single process to every n-th batch starting at k (one rank's
-    static share, used by the benchmark to time 1/8 of the set on one GPU).
-    """
-
-    def __init__(self, n_batches: int, store=None, key: str = "pgolf_eval_claim", share=None):
-        self.n = n_batches
-        self.store = store
-        self.key = key
-        self.share = share
-        self._local = 0
-
-    def next(self) -> Optional[int]:
-        if self.store is not None:
-            i = int(self.store.add(self.key, 1)) - 1
-        else:
-            i = self._local
-            self._local += 1
-            if self.share is not None:
-                k, n = self.share
-                i = k + i * n
-        return i if i < self.n else None
-
-    def peek(self) -> int:
-        """Batches claimed so far (an upper bound of the next index)."""
-        if self.store is not None:
-            return min(self.n, int(self.store.add(self.key, 0)))
-        if self.share is not None:
-            k, n = self.share
-            return min(self.n, k + self._local * n)
-        return min(self.n, self._local)
-
-
-def _dist_store():
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return None
-    try:
-        from torch.distributed.distributed_c10d import _get_default_store
-
-        return _get_default_store()
-    except Exception:
-        return None
-
-
-# ------------------------------------------------------------------------------------ warm-up
-def _sync(dev):
-    if torch.device(dev).type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len):
-    """Small batches of synthetic documents (1, 2, 3, 6, 12, 24 of ``doc_len``, and 2 of 40 tokens):
-    the eval's steps shrink to a few live rows (the long-document tails), so rows x window spans
-    128 ... 65k positions; every compiled-graph variant, Triton JIT specialization and int6 autotune
-    bucket those sizes reach is built here rather than inside the timed scoring. (Measured on the
-    H200 before this sweep: the first batch of a 1/8 share, the 64 longest documents, took 37 s of a
-    68 s scoring, much of it tuning and compiling for small sizes first met there.)"""
-    for k, n in ((1, doc_len), (2, doc_len), (3, doc_len), (6, doc_len), (12, doc_len), (24, doc_len), (2, 40)):
-        k = min(k, cfg.batch_size)
-        docs = torch.randint(4, V, (k, n + 1), generator=g)
-        docs[:, 0] = BOS_ID
-        stream = docs.reshape(-1).to(device)
-        starts, ns = split_docs(stream.cpu())
-        st = make_state(stream, lut)
-        ttt_batch(model, stream, starts, ns, np.arange(len(ns)), cfg, ad, opt, st)
-        score_rows(model, stream, plan_rows(starts, ns, cfg.chunk, cfg.window), cfg.window, st)
-
-
-def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs: int, doc_len: int,
-           seed: int = 0) -> Dict[str, float]:
-    """Run the TTT step and the no-grad scorer on synthetic random tokens (never validation tokens).
-
-    Returns measured rates in window positions per second (TTT fwd+bwd, no-grad scoring).
-    """
-    g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
-    docs = torch.randint(4, V, (n_docs, doc_len + 1), generator=g)
-    docs[:, 0] = BOS_ID
-    stream = docs.reshape(-1).to(device)
-    starts, ns = split_docs(stream.cpu())
-    st = make_state(stream, lut)
-    ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
-    opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
-    batch = np.arange(min(len(ns), cfg.batch_size))
-    rates = {}
-    # phase times (s) go into the report: on the H100 the kernel path's warm-up took 125.7 s against
-    # 50.0 s for --reference (bench/results/eval-h100.md), and these say which phase holds the difference
-    t = time.perf_counter()
-    _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len)
-    _sync(device)
-    rates["warm_shapes_s"] = time.perf_counter() - t
-    for rep in range(2):  # first pass compiles / autotunes, second is timed
-        _sync(device)
-        t = time.perf_counter()
-        ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_index=rep)
-        _sync(device)
-        dt = time.perf_counter() - t
-        rates[f"ttt_pass{rep}_s"] = dt
-        rates["ttt_pos_per_s"] = ttt_positions(ns[batch], cfg.chunk, cfg.window) / max(dt, 1e-9)
-        rows = plan_rows(starts, ns, cfg.chunk, cfg.window)
-        _sync(device)
-        t = time.perf_counter()
-        score_rows(model, stream, rows, cfg.window, st)
-        _sync(device)
-        dt = time.perf_counter() - t
-        rates[f"score_pass{rep}_s"] = dt
-        rates["base_pos_per_s"] = ttt_positions(ns, cfg.chunk, cfg.window) / max(dt, 1e-9)
-    rates["backend"] = ad.backend
-    del ad, opt, st
-    return rates
-
-
-def warmup_chunked(model, lut: ByteLUT, cc: ChunkedConfig, backend: str, device, *, rank: int = 0, world: int = 1,
-                   seed: int = 0) -> Dict[str, float]:
-    """Chunked mode's warm-up on synthetic random tokens (never validation tokens): two chunks of
-    ``chunk_tokens`` (score + train the first, score the second), so every kernel and shape class the
-    eval runs is compiled / autotuned. Returns the wall time."""
-    g = torch.Generator().manual_seed(seed)
-    n = 2 * cc.chunk_tokens + 1
-    stream = torch.randint(4, model.config.vocab_size, (n,), generator=g)
-    stream[0] = BOS_ID
-    stream = stream.to(device)
-    st = make_state(stream, lut)
-    t = time.perf_counter()
-    chunked_ttt(model, stream, cc, st, backend=backend, rank=rank, world=world, log=lambda *a, **k: None)
-    _sync(device)
-    return {"warmup_chunked_s": time.perf_counter() - t}
-
-
 # ------------------------------------------------------------------------------------ driver
 def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cfg: TTTConfig = TTTConfig(),
              stride: int = 64, backend: str = "kernel", t_start: Optional[float] = None,
@@ -258,7 +143,10 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
 
     ``chunked``: the chunked mode's config (default ``ChunkedConfig()``; ``cfg`` and ``stride`` are not
     used by that mode). ``train_hook(rows, mask, loss)``: called before every chunked training step
-    (tests instrument score-before-update with it).
+    and every global step of phased TTT (tests instrument score-before-update with it).
+
+    Phased TTT (``cfg.phases`` > 0) trains the model's base weights in place (and replaces its
+    ``Int6Linear`` modules by dense ones): evaluate a fresh copy to reuse the model afterwards.
 
     ``t_start``: the deadline origin (``clock()`` at artifact load); default now. ``clock``: the
     time source (tests pass a fake one to exercise the deadline path).
@@ -269,158 +157,137 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
 
     dev = tokens.device
     t_start = clock() if t_start is None else t_start
-    deadline = t_start + budget_s
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
     rank = dist.get_rank() if distributed else 0
     world = dist.get_world_size() if distributed else 1
     st = make_state(tokens, lut, strict=strict, keep_nll=keep_nll)
     t0 = clock()
-    expected = torch.ones(tokens.numel(), dtype=torch.bool, device=dev)
+    expected = torch.ones(tokens.numel(), dtype=torch.bool, device=dev)  # targets that must be scored once
     expected[0] = False
     report: Dict[str, object] = {"mode": mode, "world_size": world}
 
     if mode in ("flat", "sliding"):
         n = tokens.numel() - 1
-        first = cfg.window
         chunk = cfg.window if mode == "flat" else stride
-        rows = plan_rows([0], [n], chunk, cfg.window, first=first)
-        mine = rows[rank::world]  # static split: rows are all about the same cost
-        score_rows(model, tokens, mine, cfg.window, st)
+        rows = plan_rows([0], [n], chunk, cfg.window, first=cfg.window)
+        score_rows(model, tokens, rows[rank::world], cfg.window, st)  # static split: rows cost about the same
         report.update(docs=int((tokens == BOS_ID).sum()), window=cfg.window,
                       stride=(stride if mode == "sliding" else cfg.window))
     elif mode in ("ttt", "base"):
-        starts, ns = split_docs(tokens.cpu())
-        expected[torch.from_numpy(starts).to(dev)] = False
-        batches = plan_doc_batches(ns, cfg.batch_size)
         if share is not None and distributed:
             raise ValueError("share= is for a single process; with torchrun the ranks share the work")
-        claimer = BatchClaimer(len(batches), _dist_store(), share=share)
-        if distributed and claimer.store is None:  # static round robin over the longest-first batches
-            claimer = BatchClaimer(len(batches), None, share=(rank, world))
-        if share is not None:
-            k, nshare = share
-            mine_ids = set(range(k, len(batches), nshare))
-            sel = np.concatenate([batches[i] for i in sorted(mine_ids)]) if mine_ids else np.zeros(0, np.int64)
-            keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev)
-            for i in sel:  # only this share's documents are expected to be scored
-                keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
-            expected &= keep
-        work = np.array([ttt_positions(ns[b], cfg.chunk, cfg.window) for b in batches], dtype=np.float64)
-        base_rate = (rates or {}).get("base_pos_per_s")
-        ttt_rate = (rates or {}).get("ttt_pos_per_s")
-        adapter = opt = None
-        if mode == "ttt":
-            adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
-            opt = BatchedAdam(adapter.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps,
-                              per_row=cfg.schedule == "rolling")
-            report["lora_backend"] = adapter.backend
-            report["schedule"] = cfg.schedule
-        fallback = mode == "base"
-        last_log = rate_t = clock()
-        done_docs = done_work = ttt_work = rate_work = 0
-        my_total = work[share[0]::share[1]].sum() if share else work.sum() / world
-
-        def work_left():
-            nxt = claimer.peek()
-            return work[nxt::share[1]].sum() if share else work[nxt:].sum() / world
-
-        rolling = mode == "ttt" and cfg.schedule == "rolling"
-
-        def claim_rolling():
-            """Next batch for the rolling TTT schedule; batches past the deadline are base-scored here."""
-            while True:
-                nxt = next_batch()
-                if nxt is None:
-                    return None
-                if nxt is not True:
-                    return nxt
-
-        def next_batch():
-            """One claimed batch: None (no more), True (handled: base-scored), or its docs (TTT them)."""
-            nonlocal fallback, done_docs, done_work, ttt_work, ttt_rate, rate_t, rate_work, last_log
-            i = claimer.next()
-            if i is None:
-                return None
-            docs = batches[i]
-            if not fallback and mode == "ttt":
-                now = clock()
-                if ttt_rate and base_rate:
-                    need = work[i] / ttt_rate + 1.25 * work_left() / base_rate
-                    if now + need > deadline:
-                        fallback = True
-                        log(f"[eval] deadline: {deadline - now:.1f} s left < {need:.1f} s needed for TTT batch {i} "
-                            f"+ base scoring of the rest; remaining documents are scored without TTT")
-            if fallback:
-                score_rows(model, tokens, plan_rows(starts[docs], ns[docs], cfg.chunk, cfg.window), cfg.window, st)
-                st.docs_base += len(docs)
-            elif rolling:
-                # counted when claimed (ttt_rolling finishes them later); the TTT rate for the deadline
-                # estimate stays the warm-up's measurement in this schedule
-                done_docs += len(docs)
-                done_work += work[i]
-                ttt_work += work[i]
-                return docs
-            else:
-                ttt_batch(model, tokens, starts, ns, docs, cfg, adapter, opt, st, batch_index=i)
-            done_docs += len(docs)
-            done_work += work[i]
-            if not fallback:
-                ttt_work += work[i]
-            now = clock()
-            if mode == "ttt" and not fallback and (now - rate_t > 2.0 or ttt_rate is None):
-                # measured TTT rate over the batches since the last measurement; the sync (one per ~2 s)
-                # keeps it honest, since the host otherwise runs ahead of the GPU queue
-                _sync(dev)
-                now = clock()
-                r = (ttt_work - rate_work) / max(now - rate_t, 1e-9)
-                ttt_rate = r if ttt_rate is None else 0.5 * ttt_rate + 0.5 * r
-                rate_t, rate_work = now, ttt_work
-            if now - last_log > progress_s:
-                el = now - t0
-                rate = done_work / max(el, 1e-9)
-                eta = max(0.0, (my_total - done_work) / max(rate, 1e-9))
-                log(f"[eval] rank {rank}: {done_docs:,} docs done ({st.docs_base:,} without TTT), "
-                    f"{rate:,.0f} window tok/s, elapsed {el:.1f} s, ETA {eta:.1f} s")
-                last_log = now
-            return True
-
-        if rolling:
-            ttt_rolling(model, tokens, starts, ns, claim_rolling, cfg, adapter, opt, st)
-        else:
-            while next_batch() is not None:
-                pass
-        del adapter, opt
-        report.update(docs=len(ns) if share is None else int(sum(len(batches[j]) for j in
-                                                                  range(share[0], len(batches), share[1]))),
-                      chunk=cfg.chunk, window=cfg.window)
+        starts, ns = split_docs(tokens.cpu())
+        expected[torch.from_numpy(starts).to(dev)] = False
+        report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
+                                       deadline=t_start + budget_s, rates=rates, share=share, rank=rank, world=world,
+                                       distributed=distributed, clock=clock, log=log, progress_s=progress_s,
+                                       train_hook=train_hook))
     elif mode == "chunked":
         if share is not None:
             raise ValueError("share= is for the per-document modes; the chunked mode's chunks are sequential")
         cc = chunked if chunked is not None else ChunkedConfig()
-        report.update(chunked_ttt(model, tokens, cc, st, backend=backend, rank=rank, world=world, deadline=deadline,
-                                  clock=clock, log=log, train_hook=train_hook))
+        report.update(chunked_ttt(model, tokens, cc, st, backend=backend, rank=rank, world=world,
+                                  deadline=t_start + budget_s, clock=clock, log=log, train_hook=train_hook))
         report.update(docs=int((tokens == BOS_ID).sum()))
     else:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
 
-    _sync(dev)
-    st.acc.all_reduce()
-    st.ledger.all_reduce()
-    counts = torch.tensor([st.docs_ttt, st.docs_base, st.steps, st.positions], dtype=torch.float64, device=dev)
-    if distributed:
-        dist.all_reduce(counts)
-    legality = st.ledger.check(expected)  # raises LegalityError on any violation
-    t_end = clock()
-    report.update(
-        val_loss=st.acc.val_loss, val_bpb=st.acc.bpb, targets=st.acc.n_targets, bytes=int(st.acc.byte_sum),
-        docs_ttt=int(counts[0]), docs_no_ttt_deadline=int(counts[1]) if mode == "ttt" else 0,
-        steps=int(counts[2]), window_positions=int(counts[3]), score_s=t_end - t0, legality=legality,
-    )
+    report.update(_finalize(st, mode, expected, distributed, dev), score_s=clock() - t0)
     if mode == "ttt" and report["docs_no_ttt_deadline"]:
         log(f"[eval] {report['docs_no_ttt_deadline']} documents were scored by the base model (deadline)")
     if return_state:
         return report, st
     return report
+
+
+def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *, mode, backend, deadline, rates,
+                     share, rank, world, distributed, clock, log, progress_s, train_hook=None) -> Dict[str, object]:
+    """The per-document modes: one ``DocQueue`` over all documents, or (phased TTT) one per phase with a
+    global pass on the base weights after each phase and a last queue for the rest. Narrows
+    ``expected`` to this process's share; returns the report's fields."""
+    dev = tokens.device
+    report: Dict[str, object] = {}
+    adapter = opt = None
+    if mode == "ttt":
+        adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
+        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling")
+        report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
+        if adapter.backend != backend:
+            log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
+        if adapter.backend == "kernel" and adapter.bmm_targets:
+            log(f"[eval] LoRA targets {','.join(adapter.bmm_targets)} run as torch.bmm (the fused kernel covers "
+                f"q, k, v and the head)")
+            report["lora_bmm_targets"] = list(adapter.bmm_targets)
+    phased = mode == "ttt" and cfg.phases > 0
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
+    bs = cfg.batch_size
+    group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
+    queues = []
+    keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None
+    passes = []
+    for p, batches in enumerate(group_batches):
+        work_after = sum(DocQueue.work_of(b, ns, cfg) for b in group_batches[p + 1:]) / (share[1] if share else world)
+        q = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt, deadline=deadline,
+                     rates=queues[-1].rates() if queues else rates, share=share, rank=rank, world=world,
+                     distributed=distributed, clock=clock, log=log, progress_s=progress_s, batches=batches,
+                     claim_key=f"pgolf_eval_claim_{p}", work_after=work_after,
+                     fallback=bool(queues) and queues[-1].fallback)
+        if share is not None:  # only this share's documents are expected to be scored
+            for i in q.share_docs():
+                keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
+        q.run()
+        queues.append(q)
+        if phased and p < cfg.phases:
+            if _any_rank(q.fallback, distributed, dev):  # past the deadline: no more training of any kind
+                log(f"[eval] phase {p + 1}/{cfg.phases}: deadline fallback, no global pass")
+                continue
+            if not passes:
+                report["base_weights"] = unfreeze_int6(model)
+                log(f"[eval] phased TTT: base weights move; {report['base_weights']}")
+            scored = np.concatenate(groups[:p + 1] if cfg.phase_cumulative else [groups[p]])
+            if share is not None:  # a single process's share: only the documents it scored
+                mine = np.concatenate([qq.share_docs() for qq in (queues if cfg.phase_cumulative else [q])])
+                scored = scored[np.isin(scored, mine)]
+            rows = global_rows(starts, ns, scored, cfg.global_seq_len)
+            info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook, clock=clock)
+            passes.append(dict(info, phase=p, docs=int(len(scored))))
+            log(f"[eval] phase {p + 1}/{cfg.phases}: global pass over {len(scored):,} scored documents, "
+                f"{info['steps']} SGD steps, {info['seconds']:.1f} s")
+            adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
+    if share is not None:
+        expected &= keep
+    if phased:
+        report["phases"] = passes
+    report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
+    return report
+
+
+def _any_rank(flag: bool, distributed: bool, dev) -> bool:
+    """``flag`` OR-ed over ranks (every rank takes the same branch around a collective)."""
+    if not distributed:
+        return bool(flag)
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=dev)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item() > 0)
+
+
+def _finalize(st, mode: str, expected: torch.Tensor, distributed: bool, dev) -> Dict[str, object]:
+    """All-reduce the sums, the ledger and the counters over ranks, then check the ledger against
+    ``expected`` (raises ``LegalityError`` on any violation) -> the report's score fields."""
+    import torch.distributed as dist
+
+    sync_device(dev)
+    st.acc.all_reduce()
+    st.ledger.all_reduce()
+    counts = torch.tensor([st.docs_ttt, st.docs_base, st.steps, st.positions], dtype=torch.float64, device=dev)
+    if distributed:
+        dist.all_reduce(counts)
+    legality = st.ledger.check(expected)
+    return dict(val_loss=st.acc.val_loss, val_bpb=st.acc.bpb, targets=st.acc.n_targets, bytes=int(st.acc.byte_sum),
+                docs_ttt=int(counts[0]), docs_no_ttt_deadline=int(counts[1]) if mode == "ttt" else 0,
+                steps=int(counts[2]), window_positions=int(counts[3]), legality=legality)
 
 
 # ---------------------------------------------------------------------------------------- CLI
@@ -434,9 +301,14 @@ def _parse(argv):
     ap.add_argument("--tokenizer", default=os.environ.get("PGOLF_TOKENIZER", "data/tokenizers/fineweb_1024_bpe.model"))
     ap.add_argument("--mode", default="ttt", choices=list(MODES))
     ap.add_argument("--reference", action="store_true", help="dequantized bf16 weights + bmm LoRA")
-    ap.add_argument("--rank", type=int, default=8, dest="lora_rank")
-    ap.add_argument("--targets", default=None, help="LoRA targets (default q,v,head; chunked: q,v)")
-    ap.add_argument("--chunk", type=int, default=None, help="TTT chunk (default min(256, window))")
+    ap.add_argument("--recipe", default="seeds", choices=sorted(RECIPES),
+                    help="per-document TTT preset: seeds (rank 8 on q,v,head; the default) or records (the "
+                         "2026-04-29 record's phased recipe); options given explicitly override the preset")
+    ap.add_argument("--rank", type=int, default=None, dest="lora_rank", help=f"LoRA rank, 1..{MAX_RANK} (default 8)")
+    ap.add_argument("--targets", "--lora-targets", default=None, dest="targets",
+                    help=f"LoRA targets, a subset of {','.join(TARGETS)} (default q,v,head; chunked: q,v)")
+    ap.add_argument("--alpha", type=float, default=None, help="LoRA scale alpha / rank (default: scale 1)")
+    ap.add_argument("--chunk", type=int, default=None, help="targets per TTT chunk (default: the recipe's, at most the window; seeds 256)")
     ap.add_argument("--window", type=int, default=None,
                     help="context window, 1 .. the model's trained seq_len (default: the model's seq_len)")
     ap.add_argument("--stride", type=int, default=64)
@@ -444,10 +316,27 @@ def _parse(argv):
     ap.add_argument("--epochs", type=int, default=3, help="chunked: training epochs per scored chunk")
     ap.add_argument("--train-len", type=int, default=None, help="chunked: training window (default: seq_len)")
     ap.add_argument("--batch-seqs", type=int, default=32, help="chunked: training windows per Adam step")
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=0.01)
-    ap.add_argument("--beta1", type=float, default=0.9)
-    ap.add_argument("--beta2", type=float, default=0.95)
+    ap.add_argument("--batch-size", type=int, default=None, help="documents per TTT batch (default 64)")
+    ap.add_argument("--optimizer", default=None, choices=list(OPTIMIZERS), help="per-document optimizer (default adam)")
+    ap.add_argument("--lr", type=float, default=None, help="default 0.01")
+    ap.add_argument("--beta1", type=float, default=None, help="default 0.9 (0 allowed)")
+    ap.add_argument("--beta2", type=float, default=None, help="default 0.95")
+    ap.add_argument("--eps", type=float, default=None, help="default 1e-8")
+    ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's decoupled weight decay (default 0)")
+    ap.add_argument("--warm-start-a", action="store_true", default=None,
+                    help="keep LoRA A across document resets (only B is zeroed)")
+    ap.add_argument("--phases", type=int, default=None, help="phased TTT: number of phases (default 0: off)")
+    ap.add_argument("--phase-docs", type=int, default=None, help="phased TTT: documents in the phases")
+    ap.add_argument("--phase-scope", default=None, choices=["cumulative", "phase"],
+                    help="phased TTT: a global pass trains on every document scored so far (cumulative, the "
+                         "record) or on its phase's only")
+    ap.add_argument("--global-lr", type=float, default=None, help="phased TTT: SGD lr (default 1e-3)")
+    ap.add_argument("--global-momentum", type=float, default=None, help="phased TTT: SGD momentum (default 0.9)")
+    ap.add_argument("--global-clip", type=float, default=None, help="phased TTT: grad-norm clip (default 1.0)")
+    ap.add_argument("--global-seq-len", type=int, default=None, help="phased TTT: training sequence (default 2048)")
+    ap.add_argument("--global-batch-seqs", type=int, default=None, help="phased TTT: sequences per step (default 32)")
+    ap.add_argument("--global-chunk-tokens", type=int, default=None,
+                    help="phased TTT: targets per lr-schedule chunk (default 32768)")
     ap.add_argument("--schedule", default="batch", choices=["batch", "rolling"],
                     help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
     ap.add_argument("--separate-score-pass", action="store_true",
@@ -467,7 +356,39 @@ def _parse(argv):
                     help="torch.compile the model forward (auto: on for CUDA); compile time falls in the warm-up")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:  # validated before the artifact is even read: a bad value is refused by name in one line
+        args.ttt_cfg, args.chunked_cfg = _configs(args)
+    except ValueError as e:
+        ap.error(str(e))
+    return args
+
+
+# CLI option -> TTTConfig field (options left unset keep the recipe's value)
+_TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "chunk": "chunk", "window": "window", "batch_size": "batch_size",
+                "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
+                "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "phases": "phases",
+                "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
+                "global_clip": "global_clip", "global_seq_len": "global_seq_len",
+                "global_batch_seqs": "global_batch_seqs", "global_chunk_tokens": "global_chunk_tokens"}
+
+
+def _configs(args):
+    """(TTTConfig, ChunkedConfig or None) from the parsed CLI: the recipe, then the options given."""
+    over = {f: getattr(args, a) for a, f in _TTT_OPTIONS.items() if getattr(args, a) is not None}
+    if args.targets is not None:
+        over["targets"] = tuple(t for t in args.targets.split(",") if t)
+    if args.phase_scope is not None:
+        over["phase_cumulative"] = args.phase_scope == "cumulative"
+    if args.mode == "chunked":
+        if args.recipe != "seeds":
+            raise ValueError(f"--recipe {args.recipe} is a per-document recipe; --mode chunked takes its own options")
+        cc = ChunkedConfig(**{k: v for k, v in dict(
+            chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr, beta1=args.beta1,
+            beta2=args.beta2, window=args.window, stride=args.stride, train_len=args.train_len,
+            batch_seqs=args.batch_seqs, targets=over.get("targets", ("q", "v"))).items() if v is not None})
+        return TTTConfig(), cc  # the per-document config is unused by the chunked mode
+    return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule, **over), None
 
 
 def main(argv=None) -> dict:
@@ -488,27 +409,22 @@ def main(argv=None) -> dict:
     else:
         device = torch.device("cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
-    targets = args.targets or ("q,v" if args.mode == "chunked" else "q,v,head")
-    targets = tuple(t for t in targets.split(",") if t)
-    # every input is checked here, before the artifact is decoded and long before the warm-up
+    cfg, cc = args.ttt_cfg, args.chunked_cfg
+    # every input is checked here, before the artifact is decoded and long before the warm-up; the
+    # window defaults to the recipe's (records: 2048) or else the model's trained seq_len
     from .checks import eval_args
 
-    seq_len, window, chunk, share, budget_s = eval_args(args, log)
-    cfg = TTTConfig(rank=args.lora_rank, targets=targets if args.mode != "chunked" else ("q", "v", "head"),
-                    chunk=chunk, window=window, batch_size=args.batch_size, lr=args.lr,
-                    beta1=args.beta1, beta2=args.beta2, separate_score_pass=args.separate_score_pass,
-                    schedule=args.schedule)
-    cc = None
-    if args.mode == "chunked":
-        cc = ChunkedConfig(chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr,
-                           beta1=args.beta1, beta2=args.beta2, window=window, stride=args.stride,
-                           train_len=args.train_len or seq_len, batch_seqs=args.batch_seqs, targets=targets)
+    seq_len, window, chunk, share, budget_s = eval_args(args, log, recipe_window=RECIPES[args.recipe].get("window"),
+                                                        recipe_chunk=RECIPES[args.recipe].get("chunk", cfg.chunk))
+    cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
+    if cc is not None:
+        cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if compiled:
         compile_rows_nll(model)
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
-    _sync(device)
+    sync_device(device)
     load_s = time.perf_counter() - t_start
     rates = None
     t_w = time.perf_counter()

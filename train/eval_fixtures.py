@@ -12,9 +12,8 @@ from typing import Sequence
 
 import torch
 
+from .data import BOS_ID
 from .model import GPT, GPTConfig
-
-BOS_ID = 1
 
 
 def tiny_config(**kw) -> GPTConfig:

@@ -20,7 +20,7 @@ with ``bigram_buckets`` > 0). The first L//2 blocks are the encoder; their outpu
 blocks pop them: before decoder block j, x += skip_weight[j] * skip. The head is
 logits = cap * tanh((n(x) @ E^T) / cap) with E the (tied) embedding and cap = 30.
 
-Adapter hook (used by the eval driver's test-time training, ``train/ttt*.py``):
+Adapter hook (used by the eval driver's test-time training, ``train/adapters.py``):
     ``forward(input_ids, target_ids=None, adapter=None)``. With ``adapter`` given,
     * in every attention block i: ``q, k, v = adapter.qkv(i, h, attn)`` (or, if the adapter has a
       ``layer(i)`` method, ``adapter.layer(i).qkv(h, attn)``: a per-block view without the index, so
@@ -30,6 +30,10 @@ Adapter hook (used by the eval driver's test-time training, ``train/ttt*.py``):
       ``pgolf_kernels.int6_linear.Int6Linear`` after ``convert_linears_to_int6``) plus its LoRA
       deltas and returns q (B, T, num_heads*head_dim), k and v (B, T, num_kv_heads*head_dim).
       The model then applies QK-norm, q gain, RoPE and attention exactly as without adapter.
+      A ``layer(i)`` view also provides ``attn_out(h, a)`` (the attention output a, (B, T, d), before
+      attn_scale; may add a LoRA of h), ``up(m, fc)`` and ``down(a, proj)`` (the MLP's projections of
+      the normed MLP input m and of the activation a) and ``mlp_out(m, y)`` (the MLP output y; may
+      add a LoRA of m).
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
       hidden state (B, T, d); the soft-cap is applied by the model afterwards.
     Returns per-token NLL (B, T) float32 (``reduction='none'``) when ``target_ids`` is given,
@@ -246,8 +250,12 @@ class MLP(nn.Module):
         self.proj = QATLinear(hidden, cfg.model_dim, bias=False)
         self.slope = cfg.leaky_slope
 
-    def forward(self, x):
-        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+    def forward(self, x, adapter=None):
+        """``adapter`` (a block's adapter view): ``up(x, fc)`` / ``down(a, proj)`` replace the two
+        projections (base + LoRA delta), see ``GPT.hidden``."""
+        if adapter is None:
+            return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        return adapter.down(F.leaky_relu(adapter.up(x, self.fc), self.slope).square(), self.proj)
 
 
 class Block(nn.Module):
@@ -261,28 +269,43 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
     def forward(self, x, x0, adapter=None):
-        """``adapter``: this block's adapter view (``qkv(h, attn)``), see ``GPT.hidden``."""
+        """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x)
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
-            a = self.attn(h, q, k, v)
+            a = adapter.attn_out(h, self.attn(h, q, k, v))
         else:
             a = self.attn(h)
         x = x + self.attn_scale.to(x.dtype) * a
-        x = x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        m = rms_norm(x)
+        y = self.mlp(m) if adapter is None else adapter.mlp_out(m, self.mlp(m, adapter))
+        x = x + self.mlp_scale.to(x.dtype) * y
         return x
 
 
 class _BoundAdapter:
-    """``adapter.qkv(i, h, attn)`` bound to block i, for adapters without a ``layer(i)`` view."""
+    """``adapter.qkv(i, h, attn)`` bound to block i, for adapters without a ``layer(i)`` view; such an
+    adapter touches Q/K/V only (the other hooks are the identity)."""
 
     def __init__(self, adapter, i: int):
         self.adapter, self.i = adapter, i
 
     def qkv(self, h, attn):
         return self.adapter.qkv(self.i, h, attn)
+
+    def attn_out(self, h, a):
+        return a
+
+    def mlp_out(self, m, y):
+        return y
+
+    def up(self, m, fc):
+        return fc(m)
+
+    def down(self, a, proj):
+        return proj(a)
 
 
 def _layer_adapter(adapter, i: int):

@@ -1,0 +1,278 @@
+"""Per-document LoRA adapters of the TTT eval (``DocLoRA``) and their deterministic initialization.
+
+Why not ``pgolf_kernels.lora.BatchedLoRALinear``: that Module is one bank of adapters for the slices
+of one layer, initialized from the global RNG. The eval needs (1) adapters for every layer AND the
+head in one object, handed to each transformer block as a per-layer view without an index
+(``DocLoRA.layer(i)``), so the 11 blocks share one compiled graph (``train.forward.compile_rows_nll``);
+(2) an initial adapter that is a function of the document's id alone (a counter-based hash,
+``_hash_uniform``), so a document's scores do not depend on its batch, row or rank; (3) rows reset one
+by one (rolling schedule). Both use the same op, ``pgolf_kernels.lora.multi_lora_linear``, for the
+fused path, so the math lives in one place.
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .ttt_config import TTTConfig
+
+
+def resolve_lora_backend(name: str, device) -> Tuple[Optional[Callable], str, str]:
+    """-> (op or None, backend name, reason). ``name`` 'bmm': torch.bmm on gathered adapters.
+    'kernel': ``pgolf_kernels.lora.multi_lora_linear``. The one accepted reason to run 'bmm' when
+    'kernel' was asked for is a CUDA device without Triton installed (the fused kernels cannot be
+    built there); the reason is returned for the log and the report. Any other failure to import the
+    op (a broken kernel module) raises: a broken kernel must show up as an error, never as "slower".
+    """
+    if name not in ("kernel", "bmm"):
+        raise ValueError(f"LoRA backend must be 'kernel' or 'bmm', got {name!r}")
+    if name == "bmm":
+        return None, "bmm", "requested"
+    if torch.device(device).type == "cuda" and importlib.util.find_spec("triton") is None:
+        return None, "bmm", "kernel requested but Triton is not installed: LoRA deltas run as torch.bmm"
+    from pgolf_kernels.lora import multi_lora_linear
+
+    return multi_lora_linear, "kernel", "requested"
+
+
+_M32 = 0xFFFFFFFF
+
+
+def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Tensor:
+    """Counter-based uniforms in [0, 1) (float32, 24-bit resolution): shape (n_A, len(ids), E).
+
+    x = (id * 0x9E3779B1 + elem * 0x85EBCA6B + seed) mod 2^32, then two rounds of the
+    xorshift-multiply mixer x = ((x >> 16) ^ x) * 0x45D9F3B mod 2^32 and a final x ^= x >> 16.
+    All products stay below 2^63 (ids < 2^31, elem < 2^31, multipliers < 2^32), so int64 torch
+    arithmetic is exact on every device.
+    """
+    x = ids.view(1, -1, 1) % (1 << 31) * 0x9E3779B1
+    x = x + (elem * 0x85EBCA6B + (seed * 0x27D4EB2F) % (1 << 31))
+    x.bitwise_and_(_M32)
+    for _ in range(2):
+        x.bitwise_xor_(x >> 16)
+        x.mul_(0x45D9F3B)
+        x.bitwise_and_(_M32)
+    x.bitwise_xor_(x >> 16)
+    return (x >> 8).to(torch.float32).mul_(1.0 / (1 << 24))
+
+
+LAYER_TARGETS = ("q", "k", "v", "o", "mlp", "up", "down")
+_KERNEL_TARGETS = ("q", "k", "v")  # fused with their base projection by multi_lora_linear (and the head)
+
+
+class DocLoRA:
+    """Per-document LoRA on any of q, k, v, o, mlp, up, down (every layer) and the LM head, one adapter
+    row per document (targets: ``train.ttt_config.TARGETS``).
+
+    delta(x) = s * (x @ A[doc]^T) @ B[doc]^T with s = alpha / rank (1 without alpha), A (n_docs, r, in)
+    Kaiming-uniform (bound 1/sqrt(in)), B (n_docs, out, r) zero, so a reset adapter is exactly the
+    base model. Inputs: q/k/v/o read the normed block input, mlp/up the normed MLP input, down the
+    MLP activation, head the final-normed hidden state (as the record's ``BatchedTTTLoRA``).
+    Parameters are fp32; the products run in the activation dtype. ``rows`` (R,) maps the forward's
+    rows to adapter rows.
+
+    backend 'bmm' (the ``--reference`` path): torch.bmm on gathered adapters. backend 'kernel':
+    ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16) for
+    q, k, v and the head; o, mlp, up and down run as bmm on either backend (``bmm_targets``).
+    ``self.backend`` says which runs and ``self.backend_reason`` why (``resolve_lora_backend``).
+
+    ``cfg.warm_start_a``: ``reset`` keeps A (only B and the gradients are cleared) once A was
+    initialized; ``invalidate_a()`` makes the next reset draw A afresh (after the base weights moved).
+    """
+
+    def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm"):
+        mc = model.config
+        d = mc.model_dim
+        hd = d // mc.num_heads
+        hidden = mc.mlp_mult * d
+        dims = {"q": (d, mc.num_heads * hd), "k": (d, mc.num_kv_heads * hd), "v": (d, mc.num_kv_heads * hd),
+                "o": (d, d), "mlp": (d, d), "up": (d, hidden), "down": (hidden, d), "head": (d, mc.vocab_size)}
+        self.cfg = cfg
+        self.n_docs = n_docs
+        self.scale = cfg.scale
+        self.layer_targets = [t for t in LAYER_TARGETS if t in cfg.targets]
+        self.A: Dict[str, List[torch.Tensor]] = {}
+        self.B: Dict[str, List[torch.Tensor]] = {}
+        for t in self.layer_targets + (["head"] if "head" in cfg.targets else []):
+            n = 1 if t == "head" else mc.num_layers
+            din, dout = dims[t]
+            self.A[t] = [torch.empty(n_docs, cfg.rank, din, device=device) for _ in range(n)]
+            self.B[t] = [torch.empty(n_docs, dout, cfg.rank, device=device) for _ in range(n)]
+        self.params = [p for k in self.A for p in self.A[k] + self.B[k]]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.rows: Optional[torch.Tensor] = None
+        self._kernel, self.backend, self.backend_reason = resolve_lora_backend(backend, device)
+        self.bmm_targets = [t for t in self.layer_targets if t not in _KERNEL_TARGETS or self._kernel is None]
+        self._A_list = [a for k in self.A for a in self.A[k]]
+        self._B_list = [b for k in self.B for b in self.B[k]]
+        self._device = torch.device(device)
+        # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);
+        # tensors of one input size form a group initialized by one hash call
+        sizes = [a[0].numel() for a in self._A_list]
+        offs = np.concatenate([[0], np.cumsum(np.asarray(sizes) + 1)[:-1]]).astype(np.int64)
+        self._groups = []  # (indices into _A_list, elem (n_g, 1, r*in), bound)
+        for size in sorted(set(sizes)):
+            idx = [i for i, z in enumerate(sizes) if z == size]
+            elem = (torch.as_tensor(offs[idx], device=device)[:, None, None]
+                    + torch.arange(size, device=device)[None, None, :])
+            self._groups.append((idx, elem, 1.0 / math.sqrt(self._A_list[idx[0]].shape[-1])))
+        self._a_ready = False
+        self._layers = [_DocLoRALayer(self, {t: self.A[t][i] for t in self.layer_targets},
+                                      {t: self.B[t][i] for t in self.layer_targets}) for i in range(mc.num_layers)]
+        self.reset(np.arange(n_docs))
+
+    def _draw_a(self, ids: torch.Tensor, rows: Optional[torch.Tensor] = None) -> None:
+        """A = bound * (2u - 1), u = hash(seed, doc id, element): all rows (``rows`` None, ids of every
+        row) or the given rows."""
+        for idx, elem, bound in self._groups:
+            u = _hash_uniform(ids, elem, int(self.cfg.seed))  # (n_g, len(ids), r*in) in [0, 1)
+            u.mul_(2 * bound).sub_(bound)
+            tgt = [self._A_list[i] for i in idx]
+            if rows is None:
+                torch._foreach_copy_(tgt, [t.view_as(tgt[0]) for t in u.unbind(0)])
+            else:
+                for a, t in zip(tgt, u.unbind(0)):
+                    a.index_copy_(0, rows, t.view(-1, *a.shape[1:]))
+
+    @torch.no_grad()
+    def reset(self, doc_ids) -> None:
+        """In place, for adapter rows 0..len(doc_ids)-1 holding documents ``doc_ids`` (any unique
+        int ids < 2^31, e.g. the documents' BOS stream positions): A = bound * (2u - 1) with
+        u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(in) (Kaiming-uniform, a = sqrt(5));
+        B = 0 (a reset adapter is exactly the base model); gradients cleared. With warm-start A, A is
+        drawn only on the first reset (and after ``invalidate_a``).
+
+        Without warm-start, the initial adapter of a document depends only on the document and the
+        seed -- not on the batch, its size, the row, or the rank -- so a document's scores are the same
+        however the documents are batched or distributed (tested). About 15 launches per reset, no
+        allocation of parameters (the hash temporaries come from the caching allocator).
+        """
+        if not (self.cfg.warm_start_a and self._a_ready):
+            ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
+            di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
+            ids[: di.numel()] = di
+            ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
+            self._draw_a(ids.to(self._device, non_blocking=True))
+            self._a_ready = True
+        torch._foreach_zero_(self._B_list)
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def reset_rows(self, rows, doc_ids) -> None:
+        """``reset`` for some adapter rows only (the rolling schedule refills rows one by one): row
+        rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it."""
+        rows_np, ids_np = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+        if rows_np.size != ids_np.size:
+            raise ValueError(f"reset_rows: rows ({rows_np.size}) and doc_ids ({ids_np.size}) must have the same length")
+        if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_docs or np.unique(rows_np).size != rows_np.size):
+            raise ValueError(f"reset_rows: rows must be distinct adapter rows in [0, {self.n_docs}), got {rows_np.tolist()}")
+        rows = torch.from_numpy(rows_np).to(self._device)
+        if not (self.cfg.warm_start_a and self._a_ready):
+            self._draw_a(torch.from_numpy(ids_np).to(self._device), rows)
+        for b in self._B_list:
+            b.index_fill_(0, rows, 0.0)
+
+    def invalidate_a(self) -> None:
+        """The next reset draws A afresh even with warm-start A (the record rebuilds its adapters after
+        every global pass on the base weights)."""
+        self._a_ready = False
+
+    def set_rows(self, rows: Optional[torch.Tensor]) -> None:
+        self.rows = rows
+
+    def _sel(self, p: torch.Tensor, dtype) -> torch.Tensor:
+        p = p if self.rows is None else p.index_select(0, self.rows)
+        return p.to(dtype)
+
+    def _shared(self) -> bool:
+        # one adapter for every row (chunked TTT): no per-row gather needed
+        return self.n_docs == 1 and self.rows is None
+
+    def _delta(self, x, A, B):
+        """s * (x A^T) B^T per row (the LoRA delta of one target)."""
+        if self._shared():  # (x A0^T) B0^T: two plain GEMMs, autograd sums the rows' gradients
+            y = F.linear(F.linear(x, A[0].to(x.dtype)), B[0].to(x.dtype))
+        else:
+            y = torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+        return y if self.scale == 1.0 else y * self.scale
+
+    def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """adapter_index for the kernel: the row map, or zeros (n_adapters = 1) for a shared adapter."""
+        if self._shared() and x.shape[0] > 1:
+            return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        return self.rows
+
+    def layer(self, i: int) -> "_DocLoRALayer":
+        """Block i's view (the model's per-layer adapter hook): holds that layer's tensors, no index,
+        so one compiled block serves every layer (``compile_rows_nll``)."""
+        return self._layers[i]
+
+    def qkv(self, i: int, h: torch.Tensor, attn):
+        return self._layers[i].qkv(h, attn)
+
+    def head(self, h: torch.Tensor, model) -> torch.Tensor:
+        W = model.head_weight()
+        if "head" not in self.A:
+            return F.linear(h, W.to(h.dtype))
+        if self._kernel is not None:
+            return self._kernel(h, [W.to(h.dtype)], self.A["head"], self.B["head"], alpha=self.scale,
+                                adapter_index=self._index(h), validate=False)[0]
+        return F.linear(h, W.to(h.dtype)) + self._delta(h, self.A["head"][0], self.B["head"][0])
+
+
+class _DocLoRALayer:
+    """One block's adapters of a ``DocLoRA`` (``parent`` holds the row map and the backend)."""
+
+    def __init__(self, parent: DocLoRA, A: Dict[str, torch.Tensor], B: Dict[str, torch.Tensor]):
+        self.parent, self.A, self.B = parent, A, B
+
+    def qkv(self, h: torch.Tensor, attn):
+        ad = self.parent
+        mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
+        ts = [t for t in ad.layer_targets if t in mods]
+        if ad._kernel is not None and ts:
+            bases = [_base_weight(mods[t], h.dtype) for t in ts]
+            # validate=False: the range check of adapter_index is a host sync per call (rows are
+            # built by the driver from the batch's own document indices, in range by construction)
+            outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts], alpha=ad.scale,
+                              adapter_index=ad._index(h), validate=False)
+            res = dict(zip(ts, outs))
+            return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
+        return tuple(self._lin(t, h, mods[t]) for t in ("q", "k", "v"))
+
+    def _lin(self, t: str, x: torch.Tensor, mod) -> torch.Tensor:
+        y = mod(x)
+        return y + self.parent._delta(x, self.A[t], self.B[t]) if t in self.A else y
+
+    def _add(self, t: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return y + self.parent._delta(x, self.A[t], self.B[t]) if t in self.A else y
+
+    def attn_out(self, h: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        return self._add("o", h, a)
+
+    def up(self, m: torch.Tensor, fc) -> torch.Tensor:
+        return self._lin("up", m, fc)
+
+    def down(self, a: torch.Tensor, proj) -> torch.Tensor:
+        return self._lin("down", a, proj)
+
+    def mlp_out(self, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self._add("mlp", m, y)
+
+
+def _base_weight(mod, dtype):
+    """The base weight of a projection for multi_lora_linear: an ``Int6Linear``'s codes as a
+    ``QTensor`` (never dequantized in memory), else the dense weight in the activation dtype."""
+    if all(hasattr(mod, a) for a in ("q", "scale", "bits")) and not hasattr(mod, "weight"):
+        from pgolf_kernels.quant import QTensor
+
+        return QTensor(mod.q, mod.scale, int(mod.bits))
+    return mod.weight if mod.weight.dtype == dtype else mod.weight.to(dtype)

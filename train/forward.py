@@ -1,0 +1,116 @@
+"""The scoring forward: NLL of a ``RowBatch``'s scored targets, eager or regionally compiled.
+
+``rows_nll(model, rows, adapter)`` runs ``model.hidden`` over the rows' windows and the head and
+soft-capped full-softmax cross-entropy at the scored positions only (``head_nll``);
+``compile_rows_nll(model)`` swaps in compiled blocks and a compiled head for every later call.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .rows import RowBatch
+
+
+def head_nll(model, h: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, adapter=None) -> torch.Tensor:
+    """NLL (R, C) fp32 of targets y at window positions sel, from the full soft-capped softmax.
+
+    Same math as ``GPT.forward(..., target_ids)`` restricted to the scored positions (the head and
+    the cross-entropy are computed only where a score is taken: 1/4 of the window at chunk 256).
+    """
+    d = h.size(-1)
+    hs = torch.gather(h, 1, sel[..., None].expand(-1, -1, d))
+    if adapter is not None:
+        raw = adapter.head(hs, model)
+    else:
+        raw = F.linear(hs, model.head_weight().to(hs.dtype))
+    logits = raw.float()
+    cap = model.config.logit_softcap
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    return nll.view(y.shape)
+
+
+def _row_forward(model, x, sel, y, adapter):
+    return head_nll(model, model.hidden(x, adapter), sel, y, adapter)
+
+
+def rows_nll(model, rb: RowBatch, adapter=None) -> torch.Tensor:
+    """NLL (R, C) of a RowBatch: eager, or the compiled forward that ``compile_rows_nll`` attached."""
+    fwd = getattr(model, "_pgolf_rows_nll", None) or _row_forward
+    return fwd(model, rb.x, rb.sel, rb.y, adapter)
+
+
+def compile_rows_nll(model, enable: bool = True) -> None:
+    """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
+    backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the
+    final norm stay eager (a handful of ops). ``enable=False`` undoes it.
+
+    Why regional: the 11 blocks share one compiled code (adapters reach a block as a per-layer view,
+    ``DocLoRA.layer(i)``, not as an index), so compile time is one block's, not the model's; a
+    whole-model compile took 52 s (reference) / 116 s (kernels) per graph variant on the H200, and
+    the eval needs several (grad / no-grad, adapter / none). Dynamic shapes without duck sizing: rows
+    and window length change every step, and a window of 512 or 1024 positions must not be
+    specialized just because it equals d_model or the vocabulary size.
+    Why compile at all: eager, a B64 x 1024 TTT step on the H200 spent ~50 of its 86 GPU-ms in ~900
+    unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); the reference step took
+    85.4 ms eager, 41.7 ms with a whole-model compile, 45.7 ms with this regional one (kernel path
+    49.4 ms), whose first call compiled in 3-48 s instead of 52-116 s (bench/results/profile-ttt-h200.md).
+    """
+    if not (hasattr(model, "hidden") and hasattr(model, "blocks") and len(model.blocks) > 0):
+        raise TypeError(f"compile_rows_nll: model must be a train.model.GPT (with .hidden and .blocks), "
+                        f"got {type(model).__name__}")
+    blocks = list(model.blocks)
+    if not enable:
+        for b in blocks:
+            b.__dict__.pop("forward", None)
+        model.__dict__.pop("_pgolf_rows_nll", None)
+        return
+    import types
+
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
+    # Separate compiled functions with and without an adapter: one cache entry's guards never see the
+    # other kind (torch 2.13 crashed building a recompile reason for an adapter-less call against an
+    # adapter graph's aliasing guard). Graph variants left: grad / no-grad, and block 0's input not
+    # requiring grad.
+    plain = torch.compile(_block_plain, dynamic=True)
+    adapted = torch.compile(_block_adapted, dynamic=True)
+    head_plain = torch.compile(_head_plain, dynamic=True)
+    head_adapted = torch.compile(_head_adapted, dynamic=True)
+
+    def block_forward(self, x, x0, adapter=None):
+        if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
+            x0 = x0.clone()
+        return plain(self, x, x0) if adapter is None else adapted(self, x, x0, adapter)
+
+    for b in blocks:
+        b.forward = types.MethodType(block_forward, b)
+
+    def fwd(model, x, sel, y, adapter):
+        h = model.hidden(x, adapter)
+        return head_plain(model, h, sel, y) if adapter is None else head_adapted(model, h, sel, y, adapter)
+
+    model.__dict__["_pgolf_rows_nll"] = fwd
+
+
+def _block_plain(block, x, x0):
+    return type(block).forward(block, x, x0, None)
+
+
+def _block_adapted(block, x, x0, adapter):
+    return type(block).forward(block, x, x0, adapter)
+
+
+def _head_plain(model, h, sel, y):
+    return head_nll(model, h, sel, y, None)
+
+
+def _head_adapted(model, h, sel, y, adapter):
+    return head_nll(model, h, sel, y, adapter)

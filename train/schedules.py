@@ -1,0 +1,145 @@
+"""Per-document score-first LoRA TTT (``--mode ttt``): the step and the two document schedules.
+
+Documents are sorted by length (longest first) in batches of ``batch_size``; for chunk c of every
+document of a batch: forward the windows, **score** the chunk's targets (recorded in the
+``ScoreLedger`` and summed into the BPB), then one optimizer step on
+    L = sum_docs mean_{t in chunk} NLL_t        (docs whose last chunk this is excluded)
+on per-document LoRA adapters (``train.adapters.DocLoRA``: A from a hash of the document's id, B = 0;
+reset in place per batch, optimizer state too). Summing per-document means keeps documents
+independent: the gradient of document i's adapters depends on document i only, Adam is elementwise
+and its step count is the chunk index, and the initial adapter depends only on the document, so a
+document's scores do not depend on the batch size, its batch mates or the rank that processed it
+(tested: batch sizes 1/3/4, 1 vs 2 ranks).
+
+The scoring forward and the training forward are the same pass (the NLL is detached for scoring
+before ``backward``), which is the same math as a separate no-grad forward followed by a training
+forward, at half the cost (``TTTConfig.separate_score_pass`` runs the literal two passes).
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from .adapters import DocLoRA
+from .forward import rows_nll
+from .rows import build_rows
+from .scoring import EvalState, take_score
+from .ttt_config import TTTConfig
+from .ttt_optim import BatchedAdam
+
+
+def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray, train_rows: np.ndarray,
+              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int,
+              train_hook: Optional[Callable]) -> None:
+    """One score-first step: forward the rows (s, a, b), score them, then one Adam step on the rows
+    marked in ``train_rows`` (documents whose last chunk this is are never trained on).
+    ``row_map[j]``: adapter row of rows[j]. Rows and slots are padded to >= 2 (see build_rows): a lone
+    row gets a masked padding row on another adapter row (its loss weight and gradient are 0)."""
+    dev = stream.device
+    min_size = 2 if adapter.n_docs >= 2 else 1
+    rb = build_rows(stream, rows, cfg.window, pad_to, min_size=min_size)
+    if len(row_map) < rb.x.shape[0]:
+        row_map = np.concatenate([row_map, [1 if row_map[0] != 1 else 0]])
+        train_rows = np.concatenate([train_rows, [False]])
+    do_train = bool(train_rows.any())
+    # always a row map (also when it is the identity): one compiled graph for every step
+    adapter.set_rows(torch.from_numpy(np.ascontiguousarray(row_map)).to(dev, non_blocking=True))
+    if cfg.separate_score_pass:
+        with torch.no_grad():
+            take_score(st, rb, rows_nll(model, rb, adapter))
+        if do_train:
+            nll = rows_nll(model, rb, adapter)
+    else:
+        with torch.set_grad_enabled(do_train):
+            nll = rows_nll(model, rb, adapter)
+        take_score(st, rb, nll)  # scored from this forward, before any update that uses it
+    st.steps += 1
+    st.positions += int(rb.x.numel())
+    if do_train:
+        tmask = rb.mask & torch.from_numpy(train_rows).to(dev, non_blocking=True)[:, None]
+        st.ledger.require_scored(rb.pos, tmask)
+        w = tmask.float() / tmask.sum(1, keepdim=True).clamp_min(1)
+        loss = (nll * w).sum()
+        if train_hook is not None:
+            train_hook(rb, tmask, loss)
+        loss.backward()
+        opt.step()
+
+
+def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, docs: np.ndarray,
+              cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_index: int = 0,
+              pad_to: int = 64, train_hook: Optional[Callable] = None) -> None:
+    """Score-first TTT over one batch of documents (indices ``docs`` into starts/ns; documents sorted
+    longest first). ``batch_index`` only labels the batch (logs, tests): a document's adapter init is
+    keyed by its own BOS position, so results do not depend on batching."""
+    s = starts[docs]
+    adapter.reset(s)
+    opt.reset()
+    n = ns[docs]
+    n_chunks = -(-n // cfg.chunk)
+    for c in range(int(n_chunks.max())):
+        live = np.flatnonzero(n_chunks > c)  # documents with targets left (sorted: a prefix shrinking)
+        a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
+        b = np.minimum(a + cfg.chunk, n[live])
+        _ttt_step(model, stream, np.stack([s[live], a, b], 1), live, n_chunks[live] > c + 1, cfg, adapter, opt,
+                  st, pad_to, train_hook)
+    adapter.set_rows(None)
+    st.docs_ttt += len(docs)
+
+
+def ttt_rolling(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, claim: Callable[[], Optional[np.ndarray]],
+                cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int = 64,
+                refill_below: float = 0.5, train_hook: Optional[Callable] = None) -> None:
+    """Score-first TTT with rows refilled as documents finish (``--schedule rolling``).
+
+    Same per-document computation as ``ttt_batch`` -- each document's adapter row is reset to its own
+    initial adapter and its own Adam state (``opt`` must be ``per_row``: step count per row), its
+    chunk k is scored then trained at Adam step k+1, its gradient depends on its own loss only -- but
+    a row is given the next document (from ``claim()``, which returns a batch of document indices or
+    None when there are no more) once fewer than ``refill_below`` x rows are live. Why: with whole
+    batches, the 64 longest documents of a share left 333 sequential steps with few live rows, 37 of
+    68 s of a 1/8 share on the H200 (bench/results/eval-h200.md); here those steps carry other
+    documents too. Windows of fresh documents are padded to the longest row of the step.
+    """
+    if opt.row_t is None:
+        raise ValueError("ttt_rolling needs BatchedAdam(..., per_row=True)")
+    R = adapter.n_docs
+    slot_doc = np.full(R, -1, dtype=np.int64)
+    slot_c = np.zeros(R, dtype=np.int64)
+    n_chunks = -(-ns // cfg.chunk)
+    queue: List[int] = []
+    exhausted = False
+    adapter.reset(np.zeros(0, dtype=np.int64))
+    opt.reset()
+    while True:
+        live = np.flatnonzero(slot_doc >= 0)
+        if not exhausted and live.size < max(1.0, refill_below * R):
+            free = np.flatnonzero(slot_doc < 0)
+            while len(queue) < free.size and not exhausted:
+                docs = claim()
+                if docs is None:
+                    exhausted = True
+                else:
+                    queue.extend(int(d) for d in docs)
+            take = min(free.size, len(queue))
+            if take:
+                rows, new = free[:take], np.asarray(queue[:take], dtype=np.int64)
+                del queue[:take]
+                slot_doc[rows], slot_c[rows] = new, 0
+                adapter.reset_rows(rows, starts[new])
+                opt.reset_rows(rows)
+                live = np.flatnonzero(slot_doc >= 0)
+        if live.size == 0:
+            break
+        d, c = slot_doc[live], slot_c[live]
+        a = c * cfg.chunk
+        b = np.minimum(a + cfg.chunk, ns[d])
+        _ttt_step(model, stream, np.stack([starts[d], a, b], 1), live, n_chunks[d] > c + 1, cfg, adapter, opt,
+                  st, pad_to, train_hook)
+        slot_c[live] += 1
+        done = live[slot_c[live] >= n_chunks[d]]
+        slot_doc[done] = -1
+        st.docs_ttt += int(done.size)
+    adapter.set_rows(None)

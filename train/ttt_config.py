@@ -1,0 +1,135 @@
+"""Configuration of per-document LoRA test-time training (``--mode ttt``), validated on construction.
+
+The default is the seeds' recipe (rank 8 on Q/V and the head, chunk 256, window 1024, Adam). ``RECIPES``
+names complete settings: ``records`` is the 2026-04-29 record's recipe (its ``train_gpt.py``
+hyperparameters and ``BatchedTTTLoRA``): rank 96, LoRA scale alpha/rank = 144/96, adapters on
+q, k, v, o, mlp and the head, chunk 48, window 2048, 64 documents per batch, AdamW lr 1e-4 with
+betas (0, 0.999), eps 1e-10, weight decay 1.0, A kept across document resets, and phased TTT (the
+2000 longest documents in 3 phases, each followed by a global SGD pass on the base weights over
+every document scored so far: one step per chunk of 32,768 targets in sequences of 2048, lr 1e-3
+cosine over the chunks, momentum 0.9, gradient clip 1.0).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+# Adapter targets. q, k, v: the attention input projections (input: the normed block input n).
+# o: a LoRA from n added to the attention block's output (before attn_scale), as the record's
+# ``o_loras`` (it reads n, not the attention output). mlp: a LoRA from the normed MLP input added to the
+# MLP output (the record's ``mlp_loras``). up / down: LoRAs on the MLP's own projections (up: input the
+# normed MLP input, added to fc's output before the activation; down: input the activation, added to
+# proj's output). head: the LM head.
+TARGETS = ("q", "k", "v", "o", "mlp", "up", "down", "head")
+MAX_RANK = 128
+OPTIMIZERS = ("adam", "adamw")
+
+
+@dataclass
+class TTTConfig:
+    rank: int = 8
+    targets: Tuple[str, ...] = ("q", "v", "head")
+    chunk: int = 256
+    window: int = 1024
+    batch_size: int = 64
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    seed: int = 1234
+    # True: score each chunk from its own no-grad forward, then run a second forward with grad for
+    # the update (the literal two-pass recipe). False (default): score from the detached NLL of the
+    # training forward itself -- the same values before any update, one forward instead of two
+    # (tested equal in tests/test_compliance.py).
+    separate_score_pass: bool = False
+    # "batch": whole batches of batch_size documents, reset together (the seeds' loop); "rolling": rows
+    # refilled with new documents as documents finish (ttt_rolling), same per-document computation
+    schedule: str = "batch"
+    # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
+    alpha: Optional[float] = None
+    # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    # keep A across document resets (only B is zeroed): an adapter row's A carries over from the
+    # documents that row held before (so a document's scores then depend on its batch mates' history)
+    warm_start_a: bool = False
+    # phased TTT (train.phased): the phase_docs longest documents in `phases` phases, a global SGD pass
+    # on the base weights after each; 0 phases = off
+    phases: int = 0
+    phase_docs: int = 0
+    global_lr: float = 1e-3
+    global_momentum: float = 0.9
+    global_clip: float = 1.0          # max global grad norm; 0 = no clipping
+    global_seq_len: int = 2048        # training sequence: a piece of one document (never crosses a BOS)
+    global_batch_seqs: int = 32       # sequences per micro-batch of a step (memory only: one step per chunk)
+    global_chunk_tokens: int = 32768  # one SGD step per chunk of this many targets (cosine lr over the chunks)
+    # True (the record): phase p's global pass trains on every document scored in phases 0..p;
+    # False: on phase p's documents only
+    phase_cumulative: bool = True
+
+    def __post_init__(self):
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ValueError(f"targets: unknown or empty {bad or list(self.targets)}; expected a non-empty subset "
+                             f"of {','.join(TARGETS)}")
+        if len(set(self.targets)) != len(self.targets):
+            raise ValueError(f"targets: {list(self.targets)} names a target twice")
+        if not 1 <= self.rank <= MAX_RANK:
+            raise ValueError(f"rank: {self.rank}; expected an integer in [1, {MAX_RANK}]")
+        if self.alpha is not None and not (self.alpha > 0 and math.isfinite(self.alpha)):
+            raise ValueError(f"alpha: {self.alpha}; expected a finite number > 0 (scale = alpha / rank)")
+        if not 0 < self.chunk <= self.window:
+            raise ValueError(f"need 0 < chunk ({self.chunk}) <= window ({self.window})")
+        if self.schedule not in ("batch", "rolling"):
+            raise ValueError(f"TTT schedule must be 'batch' or 'rolling', got {self.schedule!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size: {self.batch_size}; expected >= 1")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name in ("lr", "weight_decay", "global_lr", "global_momentum", "global_clip"):
+            v = getattr(self, name)
+            if not (v >= 0 and math.isfinite(v)):
+                raise ValueError(f"{name}: {v}; expected a finite number >= 0")
+        if self.weight_decay > 0 and self.optimizer != "adamw":
+            raise ValueError(f"weight_decay: {self.weight_decay} needs optimizer 'adamw' (decoupled decay), "
+                             f"got {self.optimizer!r}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1, beta2: ({self.beta1}, {self.beta2}); expected each in [0, 1)")
+        if not self.eps > 0:
+            raise ValueError(f"eps: {self.eps}; expected > 0")
+        if self.phases < 0 or self.phase_docs < 0:
+            raise ValueError(f"phases ({self.phases}) and phase_docs ({self.phase_docs}) must be >= 0")
+        if self.phases > 0 and self.phase_docs < self.phases:
+            raise ValueError(f"phase_docs: {self.phase_docs}; expected >= phases ({self.phases}), every phase needs "
+                             f"a document")
+        for name in ("global_seq_len", "global_batch_seqs", "global_chunk_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: {getattr(self, name)}; expected >= 1")
+
+    @property
+    def scale(self) -> float:
+        """The LoRA output scale: alpha / rank, or 1 without alpha."""
+        return 1.0 if self.alpha is None else float(self.alpha) / self.rank
+
+
+RECIPES = {
+    "seeds": {},
+    "records": dict(rank=96, alpha=144.0, targets=("q", "k", "v", "o", "mlp", "head"), chunk=48, window=2048,
+                    batch_size=64, optimizer="adamw", lr=1e-4, beta1=0.0, beta2=0.999, eps=1e-10, weight_decay=1.0,
+                    warm_start_a=True, phases=3, phase_docs=2000, global_lr=1e-3, global_momentum=0.9,
+                    global_clip=1.0, global_seq_len=2048, global_batch_seqs=32, global_chunk_tokens=32768,
+                    phase_cumulative=True),
+}
+
+
+def recipe(name: str, **overrides) -> TTTConfig:
+    """The named recipe's TTTConfig, with ``overrides`` (fields set explicitly) applied on top."""
+    if name not in RECIPES:
+        raise ValueError(f"recipe: {name!r}; expected one of {', '.join(RECIPES)}")
+    fields = {f.name for f in dataclasses.fields(TTTConfig)}
+    unknown = set(overrides) - fields
+    if unknown:
+        raise ValueError(f"recipe overrides: unknown fields {sorted(unknown)}")
+    return TTTConfig(**{**RECIPES[name], **overrides})

@@ -1,0 +1,102 @@
+"""The per-document TTT optimizer: Adam / AdamW over stacked adapter rows, reset in place."""
+from __future__ import annotations
+
+import math
+from typing import List
+
+import numpy as np
+import torch
+
+
+class BatchedAdam:
+    """Adam, or AdamW with ``weight_decay`` > 0 (PyTorch's formulas), over a fixed list of tensors,
+    reset in place.
+
+    p *= 1 - lr*wd (decoupled decay, AdamW; skipped for wd = 0);
+    m = b1 m + (1-b1) g;  v = b2 v + (1-b2) g^2;  p -= lr/(1-b1^t) * m / (sqrt(v/(1-b2^t)) + eps).
+    b1 = 0 is allowed (m = g, no bias correction needed: 1 - 0^t = 1). Elementwise, so stacking every
+    document's adapter rows in one tensor is per-document Adam.
+    """
+
+    def __init__(self, params: List[torch.Tensor], lr: float, betas=(0.9, 0.95), eps: float = 1e-8,
+                 per_row: bool = False, weight_decay: float = 0.0):
+        """``per_row``: every parameter's dim 0 is the adapter row, and each row keeps its own step
+        count t (bias corrections per row), so rows can be reset independently (``reset_rows``)."""
+        self.params = params
+        self.lr, self.b1, self.b2, self.eps = lr, betas[0], betas[1], eps
+        self.weight_decay = float(weight_decay)
+        self.m = [torch.zeros_like(p) for p in params]
+        self.v = [torch.zeros_like(p) for p in params]
+        self.t = 0
+        self.row_t = None
+        if per_row:
+            rows = {p.shape[0] if p.dim() else None for p in params}
+            if len(rows) != 1 or None in rows:
+                raise ValueError(f"BatchedAdam(per_row=True): every parameter needs the same dim 0 (the adapter "
+                                 f"row), got {[tuple(p.shape) for p in params]}")
+            self.row_t = torch.zeros(params[0].shape[0], dtype=torch.float64, device=params[0].device)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        torch._foreach_zero_(self.m)
+        torch._foreach_zero_(self.v)
+        self.t = 0
+        if self.row_t is not None:
+            self.row_t.zero_()
+
+    @torch.no_grad()
+    def reset_rows(self, rows) -> None:
+        if self.row_t is None:
+            raise ValueError("BatchedAdam.reset_rows needs per_row=True")
+        rows = torch.as_tensor(np.asarray(rows, dtype=np.int64)).to(self.row_t.device)
+        for buf in self.m + self.v:
+            buf.index_fill_(0, rows, 0.0)
+        self.row_t.index_fill_(0, rows, 0.0)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        ps = [p for p in self.params if p.grad is not None]
+        if not ps:
+            return
+        idx = [i for i, p in enumerate(self.params) if p.grad is not None]
+        m = [self.m[i] for i in idx]
+        v = [self.v[i] for i in idx]
+        g = [p.grad for p in ps]
+        self.t += 1
+        if self.weight_decay:
+            torch._foreach_mul_(ps, 1.0 - self.lr * self.weight_decay)
+        if self.row_t is not None:
+            self._step_per_row(ps, m, v, g)
+            return
+        torch._foreach_lerp_(m, g, 1 - self.b1)
+        torch._foreach_mul_(v, self.b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
+        bc1 = 1 - self.b1 ** self.t
+        bc2 = 1 - self.b2 ** self.t
+        denom = torch._foreach_sqrt(v)
+        torch._foreach_div_(denom, math.sqrt(bc2))
+        torch._foreach_add_(denom, self.eps)
+        torch._foreach_addcdiv_(ps, m, denom, value=-self.lr / bc1)
+        for p in ps:
+            p.grad = None
+
+    def _step_per_row(self, ps, m, v, g) -> None:
+        """The same formula with t, 1-b1^t and 1-b2^t per row (broadcast over each row's elements)."""
+        self.row_t += 1
+        torch._foreach_lerp_(m, g, 1 - self.b1)
+        torch._foreach_mul_(v, self.b2)
+        torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
+        step = (-self.lr / (1 - self.b1 ** self.row_t)).float()   # (rows,)
+        rbc2 = (1 - self.b2 ** self.row_t).sqrt().float()          # (rows,)
+        for p, mi, vi in zip(ps, m, v):
+            shape = (-1,) + (1,) * (p.dim() - 1)
+            denom = vi.sqrt().div_(rbc2.view(shape)).add_(self.eps)
+            p.addcdiv_(mi * step.view(shape), denom)
+        for p in ps:
+            p.grad = None
+
+
+def optimizer_for(params: List[torch.Tensor], cfg, per_row: bool = False) -> BatchedAdam:
+    """The per-document optimizer a ``TTTConfig`` names (Adam, or AdamW with its weight decay)."""
+    wd = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
+    return BatchedAdam(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, per_row=per_row, weight_decay=wd)

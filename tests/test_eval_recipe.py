@@ -280,7 +280,11 @@ def test_bad_arguments_refused_by_name(kw, name):
 def test_cli_refuses_bad_arguments_in_one_line(capsys):
     from train.eval import _parse
 
-    for argv, name in ((["--rank", "0"], "rank: 0"), (["--lora-targets", "q,wq"], "targets"),
+    from train.checks import CheckError
+
+    with pytest.raises(CheckError, match="--rank = 0: expected"):  # explicit numbers: by flag name
+        _parse(["--artifact", "x.ptz", "--rank", "0"])
+    for argv, name in ((["--lora-targets", "q,wq"], "targets"),
                        (["--alpha", "0"], "alpha: 0.0"), (["--global-lr", "-1"], "global_lr: -1.0")):
         with pytest.raises(SystemExit):
             _parse(["--artifact", "x.ptz"] + argv)

@@ -219,16 +219,9 @@ def tokenizer_identity(arg: str, path: str, seen: dict, recorded: Optional[dict]
 
 
 # ------------------------------------------------------------------------------------------ eval
-def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_chunk: int = 256):
-    """``python3 -m train.eval``'s arguments (``train/eval.py: _parse``), before any model is built:
-    every number against its range, the val shards' headers and ids, the tokenizer and its identity
-    with the artifact's, the window against the model's trained length (from the artifact's
-    metadata). Window: ``--window``, else the recipe's (``recipe_window``), else the model's trained
-    length; chunk: ``--chunk``, else ``min(recipe_chunk, window)``. The per-document TTT values
-    (rank, lr, betas, ...) are checked where the recipe is resolved (``TTTConfig``); the ones given
-    here are checked again by name. -> (seq_len, window, chunk, share, budget_s)."""
-    from . import artifact as art
-
+def eval_numbers(args) -> Tuple[Optional[Tuple[int, int]], float]:
+    """The numbers of ``python3 -m train.eval`` that need no file (called while parsing): each value
+    given explicitly against its range, by name. -> (share, budget_s)."""
     if args.lora_rank is not None:
         int_range("--rank", args.lora_rank, 1, 128 if args.mode != "chunked" else 8, "LoRA rank")
     if args.batch_size is not None:
@@ -247,6 +240,20 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
         int_range("--chunk-tokens", args.chunk_tokens, 2048, 65536, "chunk_tokens: targets per chunk")
         int_range("--epochs", args.epochs, 1, what="training passes over each scored chunk")
         int_range("--batch-seqs", args.batch_seqs, 1, what="training windows per Adam step")
+    return k_n, budget_s
+
+
+def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_chunk: int = 256):
+    """``python3 -m train.eval``'s arguments (``train/eval.py: _parse``), before any model is built:
+    every number against its range, the val shards' headers and ids, the tokenizer and its identity
+    with the artifact's, the window against the model's trained length (from the artifact's
+    metadata). Window: ``--window``, else the recipe's (``recipe_window``), else the model's trained
+    length; chunk: ``--chunk``, else ``min(recipe_chunk, window)``. The per-document TTT values
+    (rank, lr, betas, ...) are checked where the recipe is resolved (``TTTConfig``); the ones given
+    here are checked again by name. -> (seq_len, window, chunk, share, budget_s)."""
+    from . import artifact as art
+
+    k_n, budget_s = eval_numbers(args)
     # inputs, cheapest first: the val shards' headers, the tokenizer file, the artifact's metadata
     val_shards = shards("--val", args.val, min_tokens=2, what="val token shards")
     tok = tokenizer("--tokenizer", args.tokenizer)

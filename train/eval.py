@@ -357,6 +357,9 @@ def _parse(argv):
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
+    from .checks import eval_numbers
+
+    eval_numbers(args)  # explicit numbers by name (CheckError: one line, exit 2 from the CLI)
     try:  # validated before the artifact is even read: a bad value is refused by name in one line
         args.ttt_cfg, args.chunked_cfg = _configs(args)
     except ValueError as e:
@@ -365,7 +368,8 @@ def _parse(argv):
 
 
 # CLI option -> TTTConfig field (options left unset keep the recipe's value)
-_TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "chunk": "chunk", "window": "window", "batch_size": "batch_size",
+# (window and chunk are resolved against the model's trained length in main(), by checks.eval_args)
+_TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "batch_size": "batch_size",
                 "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
                 "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "phases": "phases",
                 "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
@@ -385,7 +389,7 @@ def _configs(args):
             raise ValueError(f"--recipe {args.recipe} is a per-document recipe; --mode chunked takes its own options")
         cc = ChunkedConfig(**{k: v for k, v in dict(
             chunk_tokens=args.chunk_tokens, rank=args.lora_rank, epochs=args.epochs, lr=args.lr, beta1=args.beta1,
-            beta2=args.beta2, window=args.window, stride=args.stride, train_len=args.train_len,
+            beta2=args.beta2, stride=args.stride,
             batch_seqs=args.batch_seqs, targets=over.get("targets", ("q", "v"))).items() if v is not None})
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule, **over), None

@@ -11,7 +11,8 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
   (a) one rank's 1/8 share (every 8th longest-first batch of 64 docs), seeds' TTT config (rank 8 on
       Q/V + head, chunk 256, window 1024, Adam lr 0.01);
   (b) all 50,000 documents on one GPU (the driver's own 570 s deadline);
-  (c) 1/8 share with the records' config (rank 96, chunk 48, window 2048);
+  (c) 1/8 share with the records' recipe (``--recipe records``: rank 96 on q,k,v,o,mlp,head, chunk 48,
+      window 2048, AdamW, warm-start A, phased TTT); PGOLF_EVAL_C_SHARE=64 runs every 64th batch;
   (f) fixture parity: FineWeb sample documents 150-199 (held out from the brief training), kernels vs
       reference TTT BPB, and TTT vs no-TTT (base) BPB;
   chunked: the chunked mode (one shared Q/V LoRA, 32,768-token chunks, 3 epochs, window 2048
@@ -195,7 +196,9 @@ def run(quick: bool = False):
                       torch.zeros(V, dtype=torch.bool))
     sched = os.environ.get("PGOLF_EVAL_SCHEDULE", "batch")  # "rolling": rows refilled as documents finish
     seeds = TTTConfig(schedule=sched)
-    record = TTTConfig(rank=96, chunk=48, window=2048, schedule=sched)
+    from train.ttt_config import recipe
+
+    record = recipe("records", schedule=sched)  # rank 96 on q,k,v,o,mlp,head, chunk 48, window 2048, 3 phases
 
     def save():
         save_results(KERNEL, rows, notes=f"GPU: {gpu}. Artifact: default 11L d512 model, {art.get('train_steps')} "
@@ -312,8 +315,8 @@ def run(quick: bool = False):
     if "c" in cases:  # (c) 1/8 share, records' config
         # If this run cannot hold the whole share (estimated from the measured (a) rate), run every 64th batch
         # instead -- a smaller but complete, representative sample -- rather than a deadline-truncated share.
-        nshare = 8
-        if k is not None:
+        nshare = int(os.environ.get("PGOLF_EVAL_C_SHARE", "8"))  # 64: a smaller complete sample
+        if k is not None and nshare == 8:
             from train.rows import plan_doc_batches, split_docs, ttt_positions
 
             _, ns = split_docs(syn)
@@ -327,6 +330,8 @@ def run(quick: bool = False):
         k, r = pair("(c)", lambda: eval_once(path, syn, lut, record, reference=False, share=(0, nshare)),
                     lambda: eval_once(path, syn, lut, record, reference=True, share=(0, nshare)))
         if k is not None:
-            rows.append(_row(f"(c) 1/{nshare} share, r96 Q/V+head, chunk 48, window 2048", k, r, share=f"1/{nshare}"))
+            rows.append(_row(f"(c) 1/{nshare} share, records recipe (r96 q,k,v,o,mlp,head, chunk 48, window 2048, "
+                             f"AdamW, warm-start A, {record.phases} phases over {record.phase_docs} docs)", k, r,
+                             share=f"1/{nshare}"))
             save()
     return rows

@@ -89,11 +89,17 @@ def test_config_refuses_bad_values(kw, match):
 
 def test_cli_validates_before_loading(tmp_path, capsys):
     """A bad value is refused in one line naming it, before the (missing) artifact is opened."""
-    with pytest.raises(SystemExit) as e:
-        ev.main(["--artifact", str(tmp_path / "none.ptz"), "--mode", "chunked", "--chunk-tokens", "1000"])
+    from train.checks import CheckError, run_cli
+
+    argv = ["--artifact", str(tmp_path / "none.ptz"), "--mode", "chunked", "--chunk-tokens", "1000"]
+    with pytest.raises(CheckError, match="--chunk-tokens = 1000: expected") as e:
+        ev.main(argv)
+    assert "not found" not in str(e.value)
+    with pytest.raises(SystemExit) as e:  # the CLI: one line, exit code 2
+        run_cli(ev.main, argv)
     assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert "chunk_tokens" in err and "1000" in err and "not found" not in err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--chunk-tokens = 1000" in err[0]
 
 
 def test_cosine_schedule():

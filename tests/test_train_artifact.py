@@ -105,7 +105,7 @@ def test_code_bytes_and_loud_warning(tmp_path, capsys, monkeypatch):
     assert all(os.path.isfile(p) for p in paths)
     rel = {os.path.relpath(p, art._ROOT) for p in paths}
     # what a TTT submission ships: both drivers, the eval's TTT code and LoRA kernels, the codec's C++ sources
-    for f in ("train/train_gpt.py", "train/eval.py", "train/ttt.py", "pgolf_kernels/lora.py",
+    for f in ("train/train_gpt.py", "train/eval.py", "train/adapters.py", "train/phased.py", "pgolf_kernels/lora.py",
               "pgolf_kernels/lora_triton.py", "pgolf_kernels/muon.py", "pgolf_kernels/quant.py", "csrc/codec.cpp"):
         assert f in rel, f
     assert not any(r.startswith(("tests/", "bench/")) for r in rel), rel  # never imported by the drivers

@@ -105,7 +105,9 @@ def test_compiled_forward_matches_eager(artifact, lut, reference, large_m, monke
 
         monkeypatch.setattr(i6, "_large_m_linear", large)
         monkeypatch.setattr(i6, "_int6_linear_op", op)
-    stream = doc_stream([70, 23, 9, 41, 5], seed=3)
+    # 3 rows -> 2 -> 1 in the first batch (9 ends after one chunk, 23 after two), a 2-row second batch;
+    # short documents keep the interpreted kernel path at ~1/2 of the old 117 s on 2 cores
+    stream = doc_stream([40, 23, 9, 31, 5], seed=3)
     cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=3)
     be = "bmm" if reference else "kernel"
     m, _ = ev.load_model(artifact, device="cpu", reference=reference)
@@ -474,7 +476,7 @@ def test_rolling_schedule_kernel_backend_matches_batch(artifact, lut):
     import dataclasses
 
     mk, _ = ev.load_model(artifact, device="cpu")
-    stream = doc_stream([70, 23, 9, 41, 5, 33], seed=6)
+    stream = doc_stream([40, 23, 9, 31, 5, 17], seed=6)
     cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2)
     rb = ev.evaluate(mk, stream, lut, mode="ttt", cfg=cfg, backend="kernel")
     rr = ev.evaluate(mk, stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, schedule="rolling"), backend="kernel")

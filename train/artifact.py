@@ -16,6 +16,7 @@ eval entry (``python3 -m train.eval``) import, found by walking their import sta
 from __future__ import annotations
 
 import ast
+import functools
 import glob
 import os
 from typing import Dict, Iterable, List, Optional, Tuple
@@ -168,8 +169,15 @@ def code_bytes_for_entry(module: str, root: Optional[str] = None) -> int:
 
 def default_code_paths() -> List[str]:
     """The code a submission ships with the weights: the union of the import graphs of the training and
-    the eval entry points (``DRIVER_ENTRIES``)."""
-    return sorted(set().union(*(code_paths_for_entry(m) for m in DRIVER_ENTRIES)))
+    the eval entry points (``DRIVER_ENTRIES``). The walk parses ~40 files (0.3-0.7 s on 2 cores) and the
+    repo's sources do not change under a running process, so it is done once per process; the byte
+    count (``code_bytes``) is read fresh each time."""
+    return list(_driver_code_paths())
+
+
+@functools.lru_cache(maxsize=1)
+def _driver_code_paths() -> Tuple[str, ...]:
+    return tuple(sorted(set().union(*(code_paths_for_entry(m) for m in DRIVER_ENTRIES))))
 
 
 def code_bytes(paths: Iterable[str]) -> int:

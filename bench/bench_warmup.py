@@ -1,0 +1,122 @@
+"""Time from process start to the first scored token, cold and warm, for the eval driver as users run it.
+
+Each measurement is one ``python3 -m train.eval`` child process (the CLI of the README), on the default
+11-layer model's int6 artifact (randomized projections) and a synthetic val shard of 2,000 documents with
+the official length distribution, scoring a 1/8 share (every 8th batch), so the scoring part stays short.
+
+* cold: empty ``TORCHINDUCTOR_CACHE_DIR`` and ``TRITON_CACHE_DIR`` (fresh folders: no FX-graph, AOTAutograd,
+  Triton-binary or autotune cache; the machine's own page cache may still hold torch's files);
+* warm: a second process on the same folders (what a user's second eval on one machine meets).
+
+``ours_ms`` = warm time to the first scored token, ``baseline_ms`` = cold (so ``speedup`` is what the caches
+save). Extra columns split both into start-up (interpreter + imports), artifact load, warm-up (compile,
+autotune, the synthetic-token shape sweep) and val load, with the warm-up's phases
+(``train.warmup``: shape sweep, first and second TTT / scoring passes) and the val_bpb of both processes
+(equal: the caches must not change a score).
+
+Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
+``records-kernel``): recipe and path. ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
+once the next would not fit.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Dict, List, Optional
+
+from bench.harness import make_row
+
+KERNEL = "warmup"
+_T0 = time.perf_counter()
+BUDGET_S = float(os.environ.get("PGOLF_WARMUP_BUDGET_S", "540"))
+CASES = {"seeds-ref": ("seeds", True), "seeds-kernel": ("seeds", False),
+         "records-ref": ("records", True), "records-kernel": ("records", False)}
+N_DOCS = 2000
+TOKENS = 2000 * 1240  # the official mean document length (62,021,846 / 50,000)
+
+
+def _tokenizer() -> str:
+    from bench.bench_eval import _data_dir
+
+    d = _data_dir()
+    if d is None:
+        raise FileNotFoundError("bench warmup: the sp1024 tokenizer (fineweb_1024_bpe.model) was not found; "
+                                "set PGOLF_SHARED_DATA to the shared data folder")
+    return os.path.join(d, "fineweb_1024_bpe.model")
+
+
+def _child(args: List[str], caches: str, timeout: float) -> Dict[str, object]:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
+               TRITON_CACHE_DIR=os.path.join(caches, "triton"))
+    out = os.path.join(caches, f"rep-{time.time_ns()}.json")
+    t = time.perf_counter()
+    p = subprocess.run([sys.executable, "-m", "train.eval", *args, "--json", out], env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    wall = time.perf_counter() - t
+    if p.returncode != 0:
+        raise RuntimeError(f"train.eval exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+    with open(out) as f:
+        rep = json.load(f)
+    rep["child_wall_s"] = wall
+    print("\n".join(line for line in p.stdout.splitlines() if line.startswith("[eval]"))[-1200:], flush=True)
+    return rep
+
+
+_KEYS = ("startup_s", "load_s", "warmup_s", "val_load_s", "to_scoring_s", "score_s", "child_wall_s", "val_bpb")
+_RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "score_pass1_s")
+
+
+def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
+    out = {f"{tag}_{k}": rep.get(k) for k in _KEYS}
+    rates = rep.get("warmup_rates") or {}
+    out.update({f"{tag}_{k}": rates.get(k) for k in _RATE_KEYS if k in rates})
+    return out
+
+
+def run(quick: bool = False) -> List[Dict[str, object]]:
+    import torch
+
+    from bench.bench_eval import build_artifact
+    from train.synthetic import write_synthetic_val
+
+    work = tempfile.mkdtemp(prefix="pgolf-warmup-")
+    art = os.path.join(work, "model.pgolf")
+    # on the CPU: the parent process must not hold GPU memory or a CUDA context while the children run
+    build_artifact(art, None, train_steps=0, device="cpu")
+    val = write_synthetic_val(work, n_docs=N_DOCS, total_tokens=TOKENS)
+    tok = _tokenizer()
+    names = os.environ.get("PGOLF_WARMUP_CASES", "seeds-ref,seeds-kernel").split(",")
+    rows: List[Dict[str, object]] = []
+    for name in names:
+        recipe, reference = CASES[name]
+        args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, "--share", "0/8",
+                "--allow-tokenizer-mismatch"] + (["--reference"] if reference else [])
+        caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
+        reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
+        for tag in ("cold", "warm"):
+            left = BUDGET_S - (time.perf_counter() - _T0)
+            if left < 60:
+                print(f"bench warmup: {name} {tag} skipped, {left:.0f} s of the budget left", flush=True)
+                break
+            try:
+                reps[tag] = _child(args, caches, timeout=left)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
+                print(f"bench warmup: {name} {tag}: {type(e).__name__}: {e}", flush=True)
+                break
+        cold, warm = reps["cold"], reps["warm"]
+        if cold is None:
+            continue
+        extra = _split(cold, "cold")
+        if warm is not None:
+            extra.update(_split(warm, "warm"))
+            extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
+        label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
+                 f", compiled; 1/8 share of {N_DOCS:,} synthetic docs")
+        rows.append(make_row(KERNEL, label, 1e3 * float(warm["to_scoring_s"]) if warm else float("nan"),
+                             "cold caches", 1e3 * float(cold["to_scoring_s"]), docs=cold.get("docs"),
+                             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **extra))
+    return rows

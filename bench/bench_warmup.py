@@ -97,26 +97,33 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                 "--allow-tokenizer-mismatch"] + (["--reference"] if reference else [])
         caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
+        note = ""
         for tag in ("cold", "warm"):
             left = BUDGET_S - (time.perf_counter() - _T0)
             if left < 60:
-                print(f"bench warmup: {name} {tag} skipped, {left:.0f} s of the budget left", flush=True)
+                note = f"{tag} not run: {left:.0f} s of the bench budget left"
                 break
+            t = time.perf_counter()
             try:
                 reps[tag] = _child(args, caches, timeout=left)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:
-                print(f"bench warmup: {name} {tag}: {type(e).__name__}: {e}", flush=True)
+            except subprocess.TimeoutExpired:
+                note = f"{tag} did not reach its report within {time.perf_counter() - t:.0f} s (budget)"
                 break
+            except RuntimeError as e:
+                note = f"{tag} failed: {' '.join(str(e).split())[-300:]}"
+                break
+        if note:
+            print(f"bench warmup: {name}: {note}", flush=True)
         cold, warm = reps["cold"], reps["warm"]
-        if cold is None:
-            continue
-        extra = _split(cold, "cold")
+        extra = _split(cold, "cold") if cold is not None else {}
         if warm is not None:
             extra.update(_split(warm, "warm"))
             extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
         label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
                  f", compiled; 1/8 share of {N_DOCS:,} synthetic docs")
-        rows.append(make_row(KERNEL, label, 1e3 * float(warm["to_scoring_s"]) if warm else float("nan"),
-                             "cold caches", 1e3 * float(cold["to_scoring_s"]), docs=cold.get("docs"),
-                             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", **extra))
+        nan = float("nan")
+        rows.append(make_row(KERNEL, label, 1e3 * float(warm["to_scoring_s"]) if warm else nan, "cold caches",
+                             1e3 * float(cold["to_scoring_s"]) if cold else nan, docs=(cold or {}).get("docs"),
+                             gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu", note=note,
+                             **extra))
     return rows

@@ -74,6 +74,7 @@ def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
     out = {f"{tag}_{k}": rep.get(k) for k in _KEYS}
     rates = rep.get("warmup_rates") or {}
     out.update({f"{tag}_{k}": rates.get(k) for k in _RATE_KEYS if k in rates})
+    out[f"{tag}_compile_cache"] = {k: v for k, v in rates.items() if k == "dynamo_frames" or "." in k}
     return out
 
 

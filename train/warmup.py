@@ -78,8 +78,22 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
         rates[f"score_pass{rep}_s"] = dt
         rates["base_pos_per_s"] = ttt_positions(ns, cfg.chunk, cfg.window) / max(dt, 1e-9)
     rates["backend"] = ad.backend
+    rates.update(compile_cache_counts())
     del ad, opt, st
     return rates
+
+
+def compile_cache_counts() -> Dict[str, int]:
+    """torch.compile's cache outcomes in this process so far (Dynamo frames compiled, AOTAutograd and
+    Inductor FX-graph cache hits / misses / bypasses): what a warm cache saved, and what it did not."""
+    from torch._dynamo.utils import counters
+
+    out = {"dynamo_frames": int(counters["frames"].get("ok", 0))}
+    for group in ("aot_autograd", "inductor"):
+        for k, v in counters[group].items():
+            if "cache" in k:
+                out[f"{group}.{k}"] = int(v)
+    return out
 
 
 def warmup_chunked(model, lut: ByteLUT, cc: ChunkedConfig, backend: str, device, *, rank: int = 0, world: int = 1,

@@ -10,7 +10,9 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
 2. Training ms/step (2026-03-17, 2026-03-23): the script's own ``main()`` on synthetic token shards (Zipf ids,
    the sp1024 tokenizer for its byte tables), brief-training env vars (``ITERATIONS=50``, ``WARMDOWN_ITERS=0``,
    ``WARMUP_STEPS=3``, ``TRAIN_LOG_EVERY=1``, ``VAL_LOSS_EVERY=0``, ``TRAIN_BATCH_TOKENS`` below); ms/step is the
-   least-squares slope of the logged ``train_time`` over steps 10-50, noise its residual std per step. The run
+   least-squares slope of the logged ``train_time`` over steps 10-50, noise its residual std per step; each variant
+   runs ``PGOLF_RECORDS_REPEATS`` times (default 2, alternating), the row holds the median slope and the
+   run-to-run spread. The run
    stops right after training (at the export function) - no quantization, no TTT.
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,6 +46,10 @@ TRAIN_KEYS = ("2026-03-17", "2026-03-23")
 # device budget; per-step costs other than Muon scale with it)
 TRAIN_TOKENS = {"2026-03-17": 262_144, "2026-03-23": 393_216}
 TRAIN_SEQ = {"2026-03-17": 1024, "2026-03-23": 2048}
+# brief training: ITERATIONS steps, ms/step = slope of train_time over steps TRAIN_FIT[0]..ITERATIONS (the first
+# steps hold the records' own compile warm-up)
+TRAIN_ITERS = int(os.environ.get("PGOLF_RECORDS_ITERS", "50"))
+TRAIN_FIT = (10, TRAIN_ITERS)
 
 
 def sp1024_model() -> str:
@@ -135,7 +142,7 @@ def _write_shards(d: str, vocab: int) -> None:
 def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     from pgolf_kernels.patch import apply
 
-    os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=sp1024_model(), ITERATIONS="50", WARMDOWN_ITERS="0",
+    os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=sp1024_model(), ITERATIONS=str(TRAIN_ITERS), WARMDOWN_ITERS="0",
                       WARMUP_STEPS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
                       TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]),
                       RUN_ID=f"bench_{variant}", SEED="1337")
@@ -214,14 +221,45 @@ def _save(rows):
     harness.save_results(KERNEL, rows, notes=records_env.STANDIN_NOTE)
 
 
+def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
+    """One training row from ``runs[variant] = [(child result, (slope, resid std, points, last loss)), ...]``:
+    medians over runs of the per-run slopes; ``run_spread_ms`` = max - min of one variant's slopes (the
+    run-to-run noise a difference must beat)."""
+    from . import harness
+
+    def med(v, i):
+        return float(statistics.median(r[1][i] for r in runs[v]))
+
+    def spread(v):
+        xs = [r[1][0] for r in runs[v]]
+        return max(xs) - min(xs) if len(xs) > 1 else float("nan")
+
+    po, ro = runs["patched"][0][0], runs["record"][0][0]
+    return harness.make_row(
+        KERNEL, f"{key} train ms/step (slope steps {TRAIN_FIT[0]}-{TRAIN_ITERS}, {TRAIN_TOKENS[key]} tokens/step)",
+        med("patched", 0), "record train ms/step", med("record", 0), runs=len(runs["patched"]),
+        slopes_ms=[round(r[1][0], 2) for r in runs["patched"]], baseline_slopes_ms=[round(r[1][0], 2) for r in runs["record"]],
+        run_spread_ms=spread("patched"), baseline_run_spread_ms=spread("record"), noise_ms=med("patched", 1),
+        baseline_noise_ms=med("record", 1), steps_fit=runs["patched"][0][1][2], train_loss_last=med("patched", 3),
+        baseline_train_loss_last=med("record", 3), peak_mb=po["peak_mb"], baseline_peak_mb=ro["peak_mb"],
+        patch=po["patch"], attention=records_env.STANDIN_NOTE)
+
+
 def run(quick: bool = False) -> List[Dict[str, object]]:
+    """Env: ``PGOLF_RECORDS_PARTS`` (default "muon,train"), ``PGOLF_RECORDS_TRAIN_KEYS`` (default both training
+    records), ``PGOLF_RECORDS_REPEATS`` (training runs per variant, default 2, alternating record / patched so a
+    drift of the machine hits both), ``PGOLF_RECORDS_BUDGET_S`` (default 540: no child is started that would not
+    fit)."""
     from . import harness
 
     miss = records_env.missing_reason()
     if miss:
         raise RuntimeError(miss)
+    parts = os.environ.get("PGOLF_RECORDS_PARTS", "muon,train").split(",")
+    budget = float(os.environ.get("PGOLF_RECORDS_BUDGET_S", "540"))
+    t0 = time.time()
     rows: List[Dict[str, object]] = []
-    for key in records_env.RECORDS:
+    for key in (records_env.RECORDS if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
@@ -229,26 +267,28 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                                      patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE))
         print(harness.markdown_table(rows[-1:]), flush=True)
         _save(rows)
-    if quick:
+    if quick or "train" not in parts:
         return rows
+    keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
+    repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
     with tempfile.TemporaryDirectory() as d:
         _write_shards(os.path.join(d, "sp1024"), 1024)
-        for key in TRAIN_KEYS:
-            res = {}
-            for v in VARIANTS:
-                try:
-                    out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
-                                       os.path.join(d, "sp1024")], 420)
-                    res[v] = (out, slope_ms(log))
-                except Exception as e:  # keep the rows already measured
-                    print(f"train {key} {v}: {e}", flush=True)
-            if len(res) == 2:
-                (po, (pm, pn, pk, pl)), (ro, (rm, rn, rk, rl)) = res["patched"], res["record"]
-                rows.append(harness.make_row(
-                    KERNEL, f"{key} train ms/step (slope steps 10-50, {TRAIN_TOKENS[key]} tokens/step)", pm,
-                    "record train ms/step", rm, noise_ms=pn, baseline_noise_ms=rn, steps_fit=pk,
-                    train_loss_50=pl, baseline_train_loss_50=rl, peak_mb=po["peak_mb"],
-                    baseline_peak_mb=ro["peak_mb"], patch=po["patch"], attention=records_env.STANDIN_NOTE))
+        for key in keys:
+            runs: Dict[str, List[tuple]] = {v: [] for v in VARIANTS}
+            for rep in range(repeats):
+                for v in VARIANTS:
+                    left = budget - (time.time() - t0)
+                    if left < 90:
+                        print(f"train {key} {v} run {rep + 1}: skipped, {left:.0f} s of the budget left", flush=True)
+                        continue
+                    try:
+                        out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
+                                           os.path.join(d, "sp1024")], min(420, left))
+                        runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS)))
+                    except Exception as e:  # keep the rows already measured
+                        print(f"train {key} {v}: {e}", flush=True)
+            if all(runs[v] for v in VARIANTS):
+                rows.append(_train_row(key, runs))
                 print(harness.markdown_table(rows[-1:]), flush=True)
                 _save(rows)
     return rows

@@ -1,7 +1,8 @@
-// pybind11 module pgolf_kernels._C: the compiled (CPU) part of the package.
-// Every C++ source in csrc/ declares its functions in pgolf.h; this file binds them.
+// pybind11 module pgolf_kernels._C: the compiled part of the package (C++; CUDA when built with it).
+// The C++ sources declare their functions in pgolf.h and codec.h; this file binds them.
 #include <torch/extension.h>
 
+#include "codec.h"
 #include "pgolf.h"
 
 namespace {
@@ -22,4 +23,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "pgolf_kernels compiled helpers (int-k codec, checksums)";
   m.def("built_with_torch", &built_with_torch, "torch version this extension was compiled against");
   pgolf::bind_codec(m);
+#ifdef PGOLF_WITH_CUDA
+  // setup.py defines PGOLF_WITH_CUDA when it compiles csrc/cuda/*.cu into this module
+  m.attr("has_cuda") = true;
+  m.def("quantize_rows_cuda", &pgolf::quantize_rows_cuda, pybind11::arg("w"), pybind11::arg("bits"),
+        pybind11::arg("search"),
+        "quantize_rows for a contiguous float32 (N, K) CUDA matrix, on its device: the same codes and "
+        "fp16 scales as the CPU codec, bit for bit.");
+#else
+  m.attr("has_cuda") = false;
+#endif
 }

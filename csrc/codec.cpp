@@ -6,6 +6,9 @@
 //    (fractions of the row's absmax and k*std) and keeps the one with the lowest reconstruction
 //    MSE, measured with the *fp16-rounded* scale that will actually be stored. The absmax clip is
 //    always a candidate and ties keep it, so the search is never worse than plain absmax.
+//    csrc/cuda/quantize.cu is its GPU twin, bit-exact with it: any change to the arithmetic, the
+//    candidate grid or the summation order here must be made in csrc/cuda/row_math.cuh too
+//    (tests/test_quant_cuda.py checks the two agree, on the CPU lane as well).
 //  * pack_payload / split_payload: the uncompressed artifact container (magic, version, header
 //    length, data length, JSON header, 16-byte aligned raw blobs). zstd and the JSON live in
 //    Python (pgolf_kernels/quant.py); all bounds checks of the binary layout live here.
@@ -21,9 +24,27 @@
 #include <string>
 #include <vector>
 
+#include "codec.h"
 #include "pgolf.h"
 
 namespace pgolf {
+
+void check_quantize_args(const at::Tensor& w, int64_t bits, at::DeviceType device) {
+  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
+  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ",
+                   w.scalar_type());
+  TORCH_CHECK_VALUE(w.dim() == 2, "quantize_rows: w must be 2-D (N, K), got ", w.dim(), " dims");
+  TORCH_CHECK_VALUE(w.device().type() == device, "quantize_rows: w must be on the ",
+                    device == at::kCPU ? "CPU" : "CUDA device", ", got ", w.device());
+  TORCH_CHECK_VALUE(w.is_contiguous(), "quantize_rows: w must be contiguous");
+}
+
+void check_rows_finite(int64_t bad_row, int64_t N, float qmax) {
+  TORCH_CHECK_VALUE(bad_row >= N, "quantize_rows: row ", bad_row,
+                    " of w has a NaN/Inf or an absmax whose scale (absmax/", qmax,
+                    ") overflows fp16");
+}
+
 namespace {
 
 // Round-half-to-even for |v| < 2^22 without a libm call, so the inner loops vectorize:
@@ -111,12 +132,7 @@ void quantize_one_row(const float* w, int64_t K, float qmax, bool search, int8_t
 }
 
 std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool search) {
-  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ",
-                   w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "quantize_rows: w must be 2-D (N, K), got ", w.dim(), " dims");
-  TORCH_CHECK_VALUE(w.device().is_cpu(), "quantize_rows: w must be on the CPU");
-  TORCH_CHECK_VALUE(w.is_contiguous(), "quantize_rows: w must be contiguous");
+  check_quantize_args(w, bits, at::kCPU);
   const int64_t N = w.size(0), K = w.size(1);
   const float qmax = float((1 << (bits - 1)) - 1);
   auto q = at::empty({N, K}, w.options().dtype(at::kChar));
@@ -128,8 +144,9 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool se
     if (N > 0) s.zero_();
     return {q, s};
   }
-  // Non-finite values would silently poison a row's scale; refuse them with the row index.
-  std::atomic<int64_t> bad{-1};
+  // Non-finite values would silently poison a row's scale; refuse them, naming the lowest such row
+  // (the same row whatever the thread split, and the row the CUDA kernel names).
+  std::atomic<int64_t> bad{N};
   // ~64K elements per task: enough work to amortize scheduling, many tasks for 2-16 cores.
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t r0, int64_t r1) {
@@ -142,8 +159,9 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool se
         amax = std::max(amax, std::fabs(row[j]));
       }
       if (!finite || amax / qmax > 65504.0f) {
-        int64_t expected = -1;
-        bad.compare_exchange_strong(expected, r);
+        int64_t cur = bad.load();
+        while (r < cur && !bad.compare_exchange_weak(cur, r)) {
+        }
         std::memset(qp + r * K, 0, size_t(K));
         sp[r] = c10::Half(0.0f);
         continue;
@@ -151,9 +169,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool se
       quantize_one_row(row, K, qmax, search, qp + r * K, sp + r);
     }
   });
-  TORCH_CHECK_VALUE(bad.load() < 0, "quantize_rows: row ", bad.load(),
-                    " of w has a NaN/Inf or an absmax whose scale (absmax/", qmax,
-                    ") overflows fp16");
+  check_rows_finite(bad.load(), N, qmax);
   return {q, s};
 }
 

@@ -39,3 +39,24 @@ def load_C():
             f"imported; {_REBUILD}."
         )
     return _C
+
+
+def cuda_quantizer_status():
+    """``(available, reason)`` for the CUDA quantizer (csrc/cuda) in the loaded ``pgolf_kernels._C``.
+
+    ``reason`` is one line: what was built, or why the CUDA sources are not in this build (recorded by
+    setup.py in ``_build_info.CUDA_REASON``) and how to get them.
+    """
+    C = load_C()
+    if getattr(C, "has_cuda", False):
+        return True, "pgolf_kernels._C has the CUDA quantizer (csrc/cuda)"
+    try:
+        from . import _build_info
+
+        why = getattr(_build_info, "CUDA_REASON", None)
+    except ImportError:
+        why = None
+    why = why or "the installed extension predates the CUDA build option"
+    return False, (f"pgolf_kernels._C was built without the CUDA quantizer ({why}); to get it, build on a "
+                   f"machine with a CUDA build of torch and nvcc ({_REBUILD})")
+

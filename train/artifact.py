@@ -7,6 +7,8 @@ Storage policy (per tensor of the model's state dict):
   * embeddings (``tok_emb.weight``, ``lm_head.weight`` if untied): int8 codes, per-row fp16 scale.
   * everything else (gains, scales, residual mixes, skip weights: a few thousand values): fp16.
 The entries and a ``meta`` dict (model config, format tag) go through ``pack_artifact`` (zstd-22).
+The codes are computed on the weights' GPU when ``pgolf_kernels._C`` has the CUDA quantizer (bit-exact with
+the C++ one), else on the CPU; ``save_artifact`` reports which, and where its time went.
 
 Artifact bytes as the challenge counts them = compressed model file + the bytes of the code a
 submission ships: every file of this repository that the training entry (``python3 -m train``) and the
@@ -19,6 +21,7 @@ import ast
 import functools
 import glob
 import os
+import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -68,33 +71,65 @@ def _coarsen(qt, w: torch.Tensor, mult: float):
     return QTensor(q.to(torch.int8).contiguous(), s, qt.bits)
 
 
+def quantize_device(state: Dict[str, torch.Tensor]) -> Tuple[torch.device, str]:
+    """Where the artifact's matrices are quantized, and a one-line why for the log: on the weights' GPU when
+    they sit on one and ``pgolf_kernels._C`` has the CUDA quantizer (bit-exact with the C++ one, so the
+    artifact's bytes do not depend on the choice), else on the CPU (C++ codec)."""
+    from pgolf_kernels._ext import cuda_quantizer_status
+
+    gpu = next((t.device for t in state.values() if t.device.type == "cuda"), None)
+    if gpu is None:
+        return torch.device("cpu"), "cpu (C++ codec): the weights are on the CPU"
+    ok, why = cuda_quantizer_status()
+    if ok:
+        return gpu, f"{gpu} (CUDA quantizer, csrc/cuda)"
+    return torch.device("cpu"), f"cpu (C++ codec), the weights are on {gpu} but {why}"
+
+
+def _quantize_entries(model: GPT, state: Dict[str, torch.Tensor], device: torch.device):
+    """State dict -> (entries per the storage policy at the codec's MSE-optimal step, fp32 block matrices on
+    ``device`` for ``_at_step``). Codes stay on ``device``; the fp16 tensors go to the CPU."""
+    codec = _codec()
+    backend = "cuda" if device.type == "cuda" else "cpu"
+    mats, embs = set(matrix_names(model)), set(embedding_names(model))
+    entries, weights = {}, {}
+    for name, t in state.items():
+        t = t.detach()
+        if name in mats or name in embs:
+            w = t.to(device=device, dtype=torch.float32).contiguous()
+            bits = MATRIX_BITS if name in mats else EMBED_BITS
+            entries[name] = codec.quantize_rows(w, bits=bits, clip="search", backend=backend)
+            if name in mats:
+                weights[name] = w
+        else:
+            entries[name] = t.to("cpu").to(torch.float16).contiguous()
+    return entries, weights
+
+
+def _at_step(entries: dict, weights: Dict[str, torch.Tensor], step_mult: float) -> dict:
+    """``entries`` with the block matrices (``weights``) coarsened by ``step_mult`` (1.0: unchanged)."""
+    if step_mult == 1.0:
+        return entries
+    return {n: _coarsen(v, weights[n], step_mult) if n in weights else v for n, v in entries.items()}
+
+
 def quantize_model(model: GPT, state: Optional[Dict[str, torch.Tensor]] = None, step_mult: float = 1.0):
-    """State dict (default: the model's) -> entries dict per the storage policy.
+    """State dict (default: the model's) -> entries dict per the storage policy, on the CPU.
 
     ``step_mult`` > 1 coarsens the int6 grid of the block matrices by that factor (used by
-    ``save_artifact`` to fit the byte budget; 1.0 = the codec's MSE-optimal clip search)."""
-    quantize_rows = _codec().quantize_rows
+    ``save_artifact`` to fit the byte budget; 1.0 = the codec's MSE-optimal clip search). Quantized where
+    ``quantize_device`` says (the same codes either way)."""
     state = state if state is not None else model.state_dict()
-    mats, embs = set(matrix_names(model)), set(embedding_names(model))
-    entries = {}
-    for name, t in state.items():
-        t = t.detach().to("cpu")
-        if name in mats:
-            w = t.float().contiguous()
-            qt = quantize_rows(w, bits=MATRIX_BITS, clip="search")
-            entries[name] = _coarsen(qt, w, step_mult) if step_mult != 1.0 else qt
-        elif name in embs:
-            entries[name] = quantize_rows(t.float().contiguous(), bits=EMBED_BITS, clip="search")
-        else:
-            entries[name] = t.to(torch.float16).contiguous()
-    return entries
+    entries, weights = _quantize_entries(model, state, quantize_device(state)[0])
+    out = _at_step(entries, weights, step_mult)
+    return {n: (v.to("cpu") if hasattr(v, "bits") else v) for n, v in out.items()}
 
 
 # ---------------------------------------------------------------- code bytes
 # The entry points a submission runs: training (``python3 -m train``) and evaluation (``python3 -m train.eval``).
 DRIVER_ENTRIES = ("train", "train.eval")
 # Compiled extensions have no .py file to walk; importing one ships its sources.
-EXTENSION_SOURCES = {"pgolf_kernels._C": ("csrc/*.cpp", "csrc/*.h", "csrc/*.cu", "csrc/*.cuh")}
+EXTENSION_SOURCES = {"pgolf_kernels._C": ("csrc/*.cpp", "csrc/*.h", "csrc/cuda/*.cu", "csrc/cuda/*.cuh")}
 
 
 def _module_file(name: str, root: str) -> Optional[str]:
@@ -205,22 +240,43 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     Gaussian-like weights cost ~5.4 bits/param at the MSE-optimal step, 26.5 M of them ~18 MB, so the
     default model needs this unless training made its rows heavy-tailed). ``step_mult`` is logged in
     meta and the result; the quantization gap it costs shows in the after-quantization eval.
-    Returns ``dict(bytes_model, bytes_code, bytes_total, codec, code_files, step_mult)``; prints a
-    loud warning when ``bytes_total`` still exceeds the limit.
+    Quantization runs once, where ``quantize_device`` says (the weights' GPU with the CUDA quantizer).
+    Returns ``dict(bytes_model, bytes_code, bytes_total, codec, code_files, step_mult, quantize, seconds,
+    packs)``: ``quantize`` says where the codes were computed and why, ``seconds`` splits the wall time
+    (quantize, coarsen, pack_fit = the zstd-3 fit packs, pack = the zstd-``level`` packs) and ``packs``
+    counts both kinds of pack; prints a loud warning when ``bytes_total`` still exceeds the limit.
     """
     codec = _codec()
     limit = SIZE_LIMIT if limit is None else int(limit)
     cpaths = list(code_paths) if code_paths is not None else default_code_paths()
     nb_code = code_bytes(cpaths)
-    state = {k: v.detach().cpu() for k, v in (state if state is not None else model.state_dict()).items()}
+    state = {k: v.detach() for k, v in (state if state is not None else model.state_dict()).items()}
+    device, where = quantize_device(state)
     meta = {"format": ARTIFACT_FORMAT, "config": model.config.to_dict(), "codec": CODEC_NAME,
             "matrix_bits": MATRIX_BITS, "embed_bits": EMBED_BITS}
     if extra_meta:
         meta.update(extra_meta)
+    secs = dict(quantize=0.0, coarsen=0.0, pack_fit=0.0, pack=0.0)
 
-    def build(mult, lvl):
-        ents = quantize_model(model, state, step_mult=mult)
-        return codec.pack_artifact(ents, dict(meta, step_mult=mult), level=lvl)
+    def timed(key, fn, *args):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        out = fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        secs[key] += time.perf_counter() - t0
+        return out
+
+    # The clip search runs once: every step_mult tried below re-grids these codes' weights (_coarsen),
+    # it does not re-search (measured on 2 shared CPU cores: 10 searches were 14-31 s of a 115-268 s write).
+    entries, weights = timed("quantize", _quantize_entries, model, state, device)
+    packs = dict(fit=0, final=0)
+
+    def build(mult, lvl, final=False):
+        ents = timed("coarsen", _at_step, entries, weights, mult)
+        packs["final" if final else "fit"] += 1
+        return timed("pack" if final else "pack_fit", codec.pack_artifact, ents, dict(meta, step_mult=mult), lvl)
 
     mult = 1.0
     target = limit - nb_code
@@ -237,15 +293,16 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
                 else:
                     lo = mid
             mult = hi
-    blob = build(mult, level)
+    blob = build(mult, level, final=True)
     while fit and len(blob) > target and mult < 4.0:
         mult = min(4.0, mult * 1.02)
-        blob = build(mult, level)
+        blob = build(mult, level, final=True)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "wb") as f:
         f.write(blob)
     info = dict(bytes_model=len(blob), bytes_code=nb_code, bytes_total=len(blob) + nb_code, codec=CODEC_NAME,
-                code_files=len(cpaths), step_mult=round(mult, 4))
+                code_files=len(cpaths), step_mult=round(mult, 4), quantize=where,
+                seconds={k: round(v, 3) for k, v in secs.items()}, packs=packs)
     if warn and info["bytes_total"] > limit:
         bar = "!" * 78
         print(f"{bar}\n!! ARTIFACT TOO LARGE: {info['bytes_total']:,} bytes > {limit:,} "

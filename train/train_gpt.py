@@ -572,7 +572,8 @@ def _artifact(run: Run, summary: dict, best: dict, best_name: str, step: int) ->
                                                                tokenizer=run.tokenizer))
         log(f"artifact: {apath}: model {info['bytes_model']:,} + code {info['bytes_code']:,} "
             f"({info['code_files']} files) = {info['bytes_total']:,} bytes (limit 16,000,000; codec {info['codec']}; "
-            f"int6 step x{info['step_mult']}; {time.time() - t_q:.1f} s)")
+            f"int6 step x{info['step_mult']}; {time.time() - t_q:.1f} s)\n  artifact quantized on {info['quantize']}; "
+            f"seconds {info['seconds']} over {info['packs']} zstd packs")
     else:
         info = None
     if run.distributed:

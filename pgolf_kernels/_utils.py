@@ -1,4 +1,4 @@
-"""Shared argument checks and dispatch rules for every op in the package.
+"""Shared argument checks, dispatch rules and Triton tile helpers for every op in the package.
 
 Dispatch rule (the same for every op):
   * CUDA tensors            -> the Triton kernel;
@@ -66,6 +66,20 @@ def check_tensor(
         raise ValueError(f"{where}{name} must be contiguous (got strides {t.stride()}); call .contiguous() first")
 
 
+def check_linear_input(x, bias, weight: str, N: int, K: int, op: str, name: str = "x") -> None:
+    """The input of a linear layer whose weight (named ``weight``) is (N, K): ``x`` (a tensor) has at least one
+    dimension and last dim K; ``bias`` is None or an (N,) tensor of x's dtype on x's device."""
+    if x.dim() < 1:
+        raise ValueError(f"{op}: {name} must have at least 1 dimension (..., K), got a 0-dim tensor")
+    if x.shape[-1] != K:
+        raise ValueError(f"{op}: {name}'s last dim must equal K = {weight}.shape[1] = {K}, got {name} of shape "
+                         f"{tuple(x.shape)}")
+    if bias is not None:
+        check_tensor(bias, "bias", dtype=x.dtype, ndim=1, device=x.device, op=op)
+        if bias.shape[0] != N:
+            raise ValueError(f"{op}: bias must have shape ({N},) = (N,), got {tuple(bias.shape)}")
+
+
 def cdiv(a: int, b: int) -> int:
     return (a + b - 1) // b
 
@@ -124,3 +138,14 @@ def output_tile(pid, M, N, BM: tl.constexpr, BN: tl.constexpr):
     rm = (pid // num_pid_n) * BM + tl.arange(0, BM)
     rn = (pid % num_pid_n) * BN + tl.arange(0, BN)
     return rm, rn, rm % M, rn % N
+
+
+@triton.jit
+def load_tile(ptrs, mask, EVEN: tl.constexpr):
+    """One operand tile of a reduction loop: a plain load when EVEN (every step of the launch is a full block,
+    so the kernel carries no masks), else masked to ``mask`` with 0 elsewhere (0 adds nothing to a dot)."""
+    if EVEN:
+        t = tl.load(ptrs)
+    else:
+        t = tl.load(ptrs, mask=mask, other=0)
+    return t

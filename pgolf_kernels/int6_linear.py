@@ -50,8 +50,8 @@ import triton.language as tl
 
 from . import _utils
 from ._dequant import DEFAULT_LARGE_M, dequant, dequant_aten
-from ._utils import (M_BUCKETS, cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, output_tile, rows_2d,
-                     tuner_bench, use_triton)
+from ._utils import (M_BUCKETS, cdiv, check_linear_input, check_tensor, dot_precision, interpret_mode, m_bucket,
+                     output_tile, rows_2d, tuner_bench, use_triton)
 from .quant import QTensor, check_bits, quantize_rows, validate_codes
 
 __all__ = [
@@ -90,17 +90,56 @@ def int6_linear_dx_ref(dy, q, scale) -> torch.Tensor:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _split_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_s, SPLIT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+def _split_tile(M, n_out, red, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's place in a split-reduction GEMM launch (grid: output tiles x SPLIT splits): its (BM, BO)
+    tile of the (M, n_out) output as ``output_tile`` gives it, the reduction offsets arange(0, BR), and the
+    [lo, hi) of the length-``red`` reduction its split owns (a whole number of BR blocks; the last splits may
+    get fewer or none)."""
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rm, ro, rm_l, ro_l = output_tile(pid, M, n_out, BM, BO)
+    rr = tl.arange(0, BR)
+    per = tl.cdiv(tl.cdiv(red, BR), SPLIT) * BR
+    lo = pid_s * per
+    return rm, ro, rm_l, ro_l, rr, lo, tl.minimum(red, lo + per)
+
+
+@triton.jit
+def _acc_tile(R: tl.constexpr, C: tl.constexpr, SWAP: tl.constexpr):
+    """fp32 zeros for an (R, C) output tile; the swap-AB variant accumulates it transposed, (C, R)."""
+    if SWAP:
+        acc = tl.zeros((C, R), dtype=tl.float32)
+    else:
+        acc = tl.zeros((R, C), dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _out_cols(v, SWAP: tl.constexpr):
+    """A vector over the output columns, broadcast along the accumulator's column axis (its rows under SWAP)."""
+    if SWAP:
+        v2 = v[:, None]
+    else:
+        v2 = v[None, :]
+    return v2
+
+
+@triton.jit
+def _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT: tl.constexpr):
     """Split-K across programs: every split stores its fp32 partial tile to the workspace and
     bumps the tile's counter; the program that arrives last sums the SPLIT partials (in split
     order, so the result does not depend on arrival order) and returns (True, sum). The counter
     is reset by that program, so the zero-initialised counter buffer is reusable without a memset.
+    Tile = program_id(0), split = program_id(1) (the grid of ``_split_tile``).
     """
+    R: tl.constexpr = acc.shape[0]
+    C: tl.constexpr = acc.shape[1]
+    tile_id = tl.program_id(0)
     rr = tl.arange(0, R)
     cc = tl.arange(0, C)
     offs = rr[:, None] * C + cc[None, :]
     base = ws_ptr + tile_id.to(tl.int64) * (SPLIT * R * C)
-    tl.store(base + pid_s * (R * C) + offs, acc)
+    tl.store(base + tl.program_id(1) * (R * C) + offs, acc)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     old = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     last = old == SPLIT - 1
@@ -113,6 +152,18 @@ def _split_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_s, SPLIT: tl.constexpr, R: 
     return last, total
 
 
+@triton.jit
+def _store_out(ptr, acc, rm, ro, M, n_out, stride, SWAP: tl.constexpr):
+    """The (BM, BO) tile [rm, ro] of an (M, n_out) output with row stride ``stride``, cast to its dtype;
+    under SWAP ``acc`` holds the tile transposed."""
+    if SWAP:
+        ptrs = ptr + rm[None, :] * stride + ro[:, None]
+        tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=(rm[None, :] < M) & (ro[:, None] < n_out))
+    else:
+        ptrs = ptr + rm[:, None] * stride + ro[None, :]
+        tl.store(ptrs, acc.to(ptr.dtype.element_ty), mask=(rm[:, None] < M) & (ro[None, :] < n_out))
+
+
 @triton.jit(do_not_specialize=["M_BUCKET", "CFG_MASK"])
 def _fwd_kernel(
     x_ptr, q_ptr, s_ptr, b_ptr, y_ptr, ws_ptr, cnt_ptr,
@@ -121,21 +172,14 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)  # split index over the K reduction
-    # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident
-    rm, rn, rm_l, rn_l = output_tile(pid, M, N, BM, BN)
-    rk = tl.arange(0, BK)
-    per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
-    k_lo = pid_s * per
-    k_hi = tl.minimum(K, k_lo + per)
+    # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident; split over K
+    rm, rn, rm_l, rn_l, rk, k_lo, k_hi = _split_tile(M, N, K, BM, BN, BK, SPLIT)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_lo + rk)[None, :]
     q_ptrs = q_ptr + rn_l[:, None] * stride_qn + (k_lo + rk)[None, :]
-    if SWAP:
-        acc = tl.zeros((BN, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = _acc_tile(BM, BN, SWAP)
     for k0 in range(k_lo, k_hi, BK):
+        # loads written out, not through _utils.load_tile: inlined in this loop, the call's debug-scope labels
+        # made ptxas schedule the SWAP=1 SPLIT=8 variant differently (sm_90 SASS, same instruction count)
         if EVEN_K:
             xt = tl.load(x_ptrs)
             qt = tl.load(q_ptrs)
@@ -152,24 +196,12 @@ def _fwd_kernel(
         q_ptrs += BK
     do_store = True
     if SPLIT > 1:
-        if SWAP:
-            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BN, BM)
-        else:
-            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BM, BN)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT)
     if do_store:
-        s = tl.load(s_ptr + rn_l).to(tl.float32)
-        if SWAP:
-            acc = acc * s[:, None]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn_l).to(tl.float32)[:, None]
-            y_ptrs = y_ptr + rm[None, :] * stride_ym + rn[:, None]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rn[:, None] < N))
-        else:
-            acc = acc * s[None, :]
-            if HAS_BIAS:
-                acc += tl.load(b_ptr + rn_l).to(tl.float32)[None, :]
-            y_ptrs = y_ptr + rm[:, None] * stride_ym + rn[None, :]
-            tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rn[None, :] < N))
+        acc = acc * _out_cols(tl.load(s_ptr + rn_l).to(tl.float32), SWAP)
+        if HAS_BIAS:
+            acc += _out_cols(tl.load(b_ptr + rn_l).to(tl.float32), SWAP)
+        _store_out(y_ptr, acc, rm, rn, M, N, stride_ym, SWAP)
 
 
 @triton.jit(do_not_specialize=["M_BUCKET", "CFG_MASK"])
@@ -180,7 +212,10 @@ def _dx_kernel(
     PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
+    # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N).
+    # _split_tile(M, K, N, BM, BK, BN, SPLIT) written out: as a call here (inlined, it adds debug-scope labels
+    # to the PTX) ptxas scheduled the kernel differently, in all 8 sampled configs (sm_90 SASS; identical
+    # with TRITON_DISABLE_LINE_INFO=1), where the fwd kernel's SASS stayed the same
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)  # split index over the N reduction
     rm, rk, rm_l, rk_l = output_tile(pid, M, K, BM, BK)
@@ -191,12 +226,9 @@ def _dx_kernel(
     dy_ptrs = dy_ptr + rm_l[:, None] * stride_dym + (n_lo + rn)[None, :]
     q_ptrs = q_ptr + (n_lo + rn)[:, None].to(tl.int64) * stride_qn + rk_l[None, :]
     s_ptrs = s_ptr + n_lo + rn
-    if SWAP:
-        acc = tl.zeros((BK, BM), dtype=tl.float32)
-    else:
-        acc = tl.zeros((BM, BK), dtype=tl.float32)
+    acc = _acc_tile(BM, BK, SWAP)
     for n0 in range(n_lo, n_hi, BN):
-        if EVEN_N:
+        if EVEN_N:  # written out for the reason given in _fwd_kernel
             dyt = tl.load(dy_ptrs)
             qt = tl.load(q_ptrs)
             s = tl.load(s_ptrs).to(tl.float32)
@@ -222,17 +254,9 @@ def _dx_kernel(
         s_ptrs += BN
     do_store = True
     if SPLIT > 1:
-        if SWAP:
-            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BK, BM)
-        else:
-            do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT, BM, BK)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT)
     if do_store:
-        if SWAP:
-            dx_ptrs = dx_ptr + rm[None, :] * stride_dxm + rk[:, None]
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[None, :] < M) & (rk[:, None] < K))
-        else:
-            dx_ptrs = dx_ptr + rm[:, None] * stride_dxm + rk[None, :]
-            tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=(rm[:, None] < M) & (rk[None, :] < K))
+        _store_out(dx_ptr, acc, rm, rk, M, K, stride_dxm, SWAP)
 
 
 _fwd_heur = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BK"] == 0})(_fwd_kernel)
@@ -306,14 +330,6 @@ def _mk_configs(to_dict):
     return [triton.Config(to_dict(c), num_warps=c[5], num_stages=c[6]) for c in _CONFIGS]
 
 
-def _grid_fwd(M, N):
-    return lambda meta: (cdiv(M, meta["BM"]) * cdiv(N, meta["BN"]), meta["SPLIT"])
-
-
-def _grid_dx(M, K):
-    return lambda meta: (cdiv(M, meta["BM"]) * cdiv(K, meta["BK"]), meta["SPLIT"])
-
-
 _fwd_tuned = triton.autotune(
     configs=_mk_configs(_fwd_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench, cache_results=True,
@@ -322,6 +338,8 @@ _dx_tuned = triton.autotune(
     configs=_mk_configs(_dx_cfg_dict), key=["M_BUCKET", "CFG_MASK", "N", "K"],
     prune_configs_by={"early_config_prune": _prune}, do_bench=tuner_bench, cache_results=True,
 )(_dx_heur)
+# per kernel: (autotuned, fixed-config launcher, config tuple -> meta, meta name of the output dim's tile)
+_KERNELS = {"fwd": (_fwd_tuned, _fwd_heur, _fwd_cfg_dict, "BN"), "dx": (_dx_tuned, _dx_heur, _dx_cfg_dict, "BK")}
 
 # Interpreter default: small tiles keep the CPU lane fast; tests pass others explicitly, or set
 # _INTERP_AUTOTUNE to drive the real autotuner (with a stub timer) through the interpreter.
@@ -358,23 +376,36 @@ def _split_workspace(M, n_out, device, which, cands):
 
 
 
+def _launch(which, a2, n_out, red, pointers, sizes, kw, config):
+    """One launch of the ``which`` ("fwd" / "dx") kernel for the (M, red) activations a2 and an (M, n_out)
+    output: the autotuned kernel over the M bucket's candidates, or ``config`` (a _CONFIGS tuple; on CPU under
+    the interpreter ``_INTERP_CFG`` unless given). The split-K workspace and counters are sized here."""
+    tuned, heur, cfg_dict, out_tile = _KERNELS[which]
+    M = a2.shape[0]
+    if config is None and interpret_mode() and not a2.is_cuda and not _INTERP_AUTOTUNE:
+        config = _INTERP_CFG
+    ok = _allowed(M, n_out, red)
+    cands = [_CONFIGS[i] for i in ok] if config is None else [config]
+    ws, cnt = _split_workspace(M, n_out, a2.device, which, cands)
+    args = (*pointers, ws, cnt, *sizes, m_bucket(M), _cfg_mask(ok))
+
+    def grid(meta):
+        return (cdiv(M, meta["BM"]) * cdiv(n_out, meta[out_tile]), meta["SPLIT"])
+
+    if config is None:
+        tuned[grid](*args, **kw)
+    else:
+        d = cfg_dict(config)
+        heur[grid(d)](*args, **kw, **d, num_warps=config[5], num_stages=config[6])
+
+
 def _launch_fwd(x2, q, scale, bias, out, config=None):
     """y (M, N) = x2 (M, K) @ (q*s)^T (+ bias) into ``out``. ``config``: a _CONFIGS tuple or None."""
     M, K = x2.shape
     N = q.shape[0]
-    if config is None and interpret_mode() and not x2.is_cuda and not _INTERP_AUTOTUNE:
-        config = _INTERP_CFG
-    ok = _allowed(M, N, K)
-    cands = [_CONFIGS[i] for i in ok] if config is None else [config]
-    ws, cnt = _split_workspace(M, N, x2.device, "fwd", cands)
-    args = (x2, q, scale, bias if bias is not None else scale, out, ws, cnt, M, N, K,
-            x2.stride(0), q.stride(0), out.stride(0), m_bucket(M), _cfg_mask(ok))
-    kw = dict(HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
-    if config is None:
-        _fwd_tuned[_grid_fwd(M, N)](*args, **kw)
-    else:
-        d = _fwd_cfg_dict(config)
-        _fwd_heur[_grid_fwd(M, N)(d)](*args, **kw, **d, num_warps=config[5], num_stages=config[6])
+    _launch("fwd", x2, N, K, (x2, q, scale, bias if bias is not None else scale, out),
+            (M, N, K, x2.stride(0), q.stride(0), out.stride(0)),
+            dict(HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype)), config)
     return out
 
 
@@ -382,18 +413,8 @@ def _launch_dx(dy2, q, scale, out, config=None):
     """dx (M, K) = dy2 (M, N) @ bf16(q*s) into ``out``."""
     M, N = dy2.shape
     K = q.shape[1]
-    if config is None and interpret_mode() and not dy2.is_cuda and not _INTERP_AUTOTUNE:
-        config = _INTERP_CFG
-    ok = _allowed(M, K, N)
-    cands = [_CONFIGS[i] for i in ok] if config is None else [config]
-    ws, cnt = _split_workspace(M, K, dy2.device, "dx", cands)
-    args = (dy2, q, scale, out, ws, cnt, M, N, K, dy2.stride(0), q.stride(0), out.stride(0), m_bucket(M), _cfg_mask(ok))
-    kw = dict(PREC=dot_precision(dy2.dtype))
-    if config is None:
-        _dx_tuned[_grid_dx(M, K)](*args, **kw)
-    else:
-        d = _dx_cfg_dict(config)
-        _dx_heur[_grid_dx(M, K)(d)](*args, **kw, **d, num_warps=config[5], num_stages=config[6])
+    _launch("dx", dy2, K, N, (dy2, q, scale, out), (M, N, K, dy2.stride(0), q.stride(0), out.stride(0)),
+            dict(PREC=dot_precision(dy2.dtype)), config)
     return out
 
 
@@ -452,15 +473,8 @@ def _check_weight(q, scale, op, device):
 
 def _check_fwd(x, q, scale, bias, op="int6_linear"):
     check_tensor(x, "x", dtype=_ACT_DTYPES, op=op)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: x must have at least 1 dimension (..., K), got a 0-dim tensor")
     _check_weight(q, scale, op, x.device)
-    if x.shape[-1] != q.shape[1]:
-        raise ValueError(f"{op}: x's last dim must equal K = q.shape[1] = {q.shape[1]}, got x of shape {tuple(x.shape)}")
-    if bias is not None:
-        check_tensor(bias, "bias", dtype=x.dtype, ndim=1, device=x.device, op=op)
-        if bias.shape[0] != q.shape[0]:
-            raise ValueError(f"{op}: bias must have shape ({q.shape[0]},) = (N,), got {tuple(bias.shape)}")
+    check_linear_input(x, bias, "q", q.shape[0], q.shape[1], op)
 
 
 def _check_dx(dy, q, scale, op="int6_linear_dx"):

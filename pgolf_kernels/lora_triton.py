@@ -6,7 +6,8 @@ slice's tile body is inlined behind a branch on the program's tile index (forwar
 """
 from __future__ import annotations
 
-from typing import List, Optional
+import itertools
+from typing import List, NamedTuple, Optional
 
 import torch
 import triton
@@ -121,39 +122,50 @@ def _override(meta, launch, ov):
     return meta, launch
 
 
-def _prologue(x, ws, As, config):
-    """What both launchers start with: (B, T, d, r padded, meta, launch options, T tiles), or None for empty x."""
-    assert 1 <= len(ws) <= MAX_SLICES
+class _Geometry(NamedTuple):
+    B: int          # documents
+    T: int          # tokens per document
+    D: int          # model dim d
+    RP: int         # rank padded for tl.dot (``_rpad`` of the largest slice rank)
+    meta: dict      # tile sizes (constexpr kernel arguments)
+    launch: dict    # num_warps / num_stages
+    TT: int         # T tiles
+
+
+def _geometry(x, As, config) -> Optional[_Geometry]:
+    """What both launchers start with, or None for an empty x (nothing to launch)."""
     Bsz, T, D = x.shape
     if Bsz == 0 or T == 0:
         return None
     RP = _rpad(max(A.shape[1] for A in As))
     meta, launch = config(T, RP)
-    return Bsz, T, D, RP, meta, launch, cdiv(T, meta["BT"])
+    return _Geometry(Bsz, T, D, RP, meta, launch, cdiv(T, meta["BT"]))
+
+
+def _slot_args(per_slice: List[list]) -> list:
+    """The kernel arguments of the MAX_SLICES slots: slice i's in slot i, the unused slots repeating the last
+    slice's (never executed: NS is constexpr)."""
+    assert 1 <= len(per_slice) <= MAX_SLICES
+    return [a for i in range(MAX_SLICES) for a in per_slice[min(i, len(per_slice) - 1)]]
 
 
 def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: List[torch.Tensor]) -> None:
     """Write y_i into ``outs[i]`` (contiguous (B, T, N_i)) for a group of <= MAX_SLICES slices of one base kind."""
-    ns = len(ws)
-    pro = _prologue(x, ws, As, _fwd_config)
-    if pro is None:
+    g = _geometry(x, As, _fwd_config)
+    if g is None:
         return
-    Bsz, T, D, RP, meta, launch, TT = pro
-    BN = meta["BN"]
-    tiles = [cdiv(w.shape[0], BN) for w in ws]
-    cum = [sum(tiles[:i + 1]) for i in range(ns)]
+    tiles = [cdiv(w.shape[0], g.meta["BN"]) for w in ws]
+    cum = list(itertools.accumulate(tiles))
     NT = cum[-1]
     C = (cum + [NT] * MAX_SLICES)[:MAX_SLICES]
     has_scale = len(scales) > 0
-    args = []
-    for i in range(MAX_SLICES):
-        j = min(i, ns - 1)   # unused slots repeat the last slice (never executed: NS is constexpr)
-        args += [outs[j], ws[j], scales[j] if has_scale else x, As[j], Bs[j], ws[j].shape[0], As[j].shape[1]]
-    grid = (Bsz * TT * NT,)
+    args = _slot_args([[outs[j], ws[j], scales[j] if has_scale else x, As[j], Bs[j], ws[j].shape[0], As[j].shape[1]]
+                       for j in range(len(ws))])
+    grid = (g.B * g.TT * NT,)
     _fwd_kernel[grid](x, lengths if lengths is not None else x, adapter_index if adapter_index is not None else x,
-                      *args, C[0], C[1], C[2], T, D, As[0].shape[0], NT, TT, float(alpha),
-                      NS=ns, HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
-                      RP=RP, IP=dot_precision(x.dtype), **meta, **launch)
+                      *args, C[0], C[1], C[2], g.T, g.D, As[0].shape[0], NT, g.TT, float(alpha),
+                      NS=len(ws), HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
+                      RP=g.RP, IP=dot_precision(x.dtype), **g.meta, **g.launch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -328,29 +340,24 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
 
     ``ws`` are dense (N_i, d) weights of x.dtype. With ``base_in_kernel=False`` the caller has already written
     dx = sum_i dy_i W_i into ``dx`` and the kernel adds the LoRA part to it."""
-    ns = len(ws)
-    pro = _prologue(x, ws, As, _bwd_config)
-    if pro is None:
+    g = _geometry(x, As, _bwd_config)
+    if g is None:
         return
-    Bsz, T, D, RP, meta, launch, TT = pro
-    BD = meta["BD"]
-    DT = cdiv(D, BD)
+    DT = cdiv(g.D, g.meta["BD"])
     if deterministic:
         tsplit = 1   # each dA/dB element has exactly one writer program, adding in its fixed T order
     else:
         # aim at >= PPS programs per SM: PPS=8 measured 8 % faster than 2 on H200 (B64 T1024 r8, measured when dB
         # was computed inside the dx programs' main loop)
         pps = BWD_OVERRIDE.get("PPS", 8)
-        tsplit = max(1, min(TT, cdiv(pps * _num_sms(x.device), Bsz * (DT + 1))))
-    args = []
-    for i in range(MAX_SLICES):
-        j = min(i, ns - 1)
-        args += [dys[j], ws[j], As[j], Bs[j], dAs[j], dBs[j], ws[j].shape[0], As[j].shape[1]]
-    grid = (Bsz * tsplit * (DT + 1),)
+        tsplit = max(1, min(g.TT, cdiv(pps * _num_sms(x.device), g.B * (DT + 1))))
+    args = _slot_args([[dys[j], ws[j], As[j], Bs[j], dAs[j], dBs[j], ws[j].shape[0], As[j].shape[1]]
+                       for j in range(len(ws))])
+    grid = (g.B * tsplit * (DT + 1),)
     _bwd_kernel[grid](x, dx if dx is not None else x, lengths if lengths is not None else x,
                       adapter_index if adapter_index is not None else x,
-                      *args, T, D, As[0].shape[0], TT, tsplit, DT, float(alpha),
-                      NS=ns, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
+                      *args, g.T, g.D, As[0].shape[0], g.TT, tsplit, DT, float(alpha),
+                      NS=len(ws), HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
                       GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, BASE=dx is not None and base_in_kernel,
-                      LOAD_DX=dx is not None and not base_in_kernel, RP=RP,
-                      IP=dot_precision(x.dtype), **meta, **launch)
+                      LOAD_DX=dx is not None and not base_in_kernel, RP=g.RP,
+                      IP=dot_precision(x.dtype), **g.meta, **g.launch)

@@ -25,6 +25,7 @@ from typing import Dict, List, Tuple
 import torch
 import torch.distributed as dist
 
+from ._optim import closure_loss, momentum_buffer
 from .newton_schulz import newton_schulz_many, resolve_coefficients
 
 __all__ = ["Muon", "muon_reference_step"]
@@ -127,22 +128,14 @@ class Muon(torch.optim.Optimizer):
     # -- step --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             lr, mom, wd = group["lr"], group["momentum"], group["weight_decay"]
             grads = [p.grad for p in params]
-            bufs = []
-            for p in params:
-                st = self.state[p]
-                if "momentum_buffer" not in st:
-                    st["momentum_buffer"] = torch.zeros_like(p)
-                bufs.append(st["momentum_buffer"])
+            bufs = [momentum_buffer(self.state[p], p) for p in params]
             torch._foreach_mul_(bufs, mom)
             torch._foreach_add_(bufs, grads)
             updates = torch._foreach_add(grads, bufs, alpha=mom) if group["nesterov"] else list(bufs)

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import cdiv, interpret_mode, use_triton
+from ._utils import cdiv, interpret_mode, load_tile, use_triton
 
 __all__ = [
     "QUINTIC",
@@ -189,12 +189,8 @@ def _dot_loop(pa, pb, step_b, red, BM: tl.constexpr, BN: tl.constexpr, BK: tl.co
     rk = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k in range(0, red, BK):
-        if EVEN:
-            xa = tl.load(pa)
-            xb = tl.load(pb)
-        else:
-            xa = tl.load(pa, mask=rk[None, :] < red - k, other=0.0)
-            xb = tl.load(pb, mask=rk[:, None] < red - k, other=0.0)
+        xa = load_tile(pa, rk[None, :] < red - k, EVEN)
+        xb = load_tile(pb, rk[:, None] < red - k, EVEN)
         if IEEE:
             acc = tl.dot(xa, xb, acc, input_precision="ieee")
         else:
@@ -205,66 +201,94 @@ def _dot_loop(pa, pb, step_b, red, BM: tl.constexpr, BN: tl.constexpr, BK: tl.co
 
 
 @triton.jit
+def _item_off(row, col: tl.constexpr, EVEN: tl.constexpr):
+    """Column ``col`` of a work-list row: an element offset (64-aligned when EVEN: the plan aligns every matrix)."""
+    v = tl.load(row + col)
+    if EVEN:
+        v = tl.multiple_of(v, 64)
+    return v
+
+
+@triton.jit
+def _item(items, EVEN: tl.constexpr):
+    """This program's work-list row and its matrix: (row, x_off, a_off, m, n); EVEN: every m, n of the launch is a
+    multiple of the blocks and of 64 (a kernel that does not use x_off or n leaves their loads dead)."""
+    row = items + tl.program_id(0) * 8
+    x_off = _item_off(row, 0, EVEN)
+    a_off = _item_off(row, 1, EVEN)
+    m = tl.load(row + 2).to(tl.int32)
+    n = tl.load(row + 3).to(tl.int32)
+    if EVEN:
+        n = tl.multiple_of(n, 64)
+        m = tl.multiple_of(m, 64)
+    return row, x_off, a_off, m, n
+
+
+@triton.jit
+def _item_tile(row, rows, cols, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """Tile (ti, tj) of the row: (ti, tj, rm, rn, rk, rm % rows, rn % cols). The wrapped indices serve the loads
+    (edge rows are computed on valid data but never stored), the plain ones the masked stores."""
+    ti = tl.load(row + 4).to(tl.int32)
+    tj = tl.load(row + 5).to(tl.int32)
+    rm = ti * BM + tl.arange(0, BM)
+    rn = tj * BN + tl.arange(0, BN)
+    return ti, tj, rm, rn, tl.arange(0, BK), rm % rows, rn % cols
+
+
+@triton.jit
+def _load(base, off, rm, rn, rows, cols):
+    """Tile [rm, rn] of the row-major (rows x cols) matrix at base + off (0 outside)."""
+    msk = (rm[:, None] < rows) & (rn[None, :] < cols)
+    return tl.load(base + off + rm[:, None].to(tl.int64) * cols + rn[None, :], mask=msk, other=0.0)
+
+
+@triton.jit
+def _store(base, off, val, rm, rn, rows, cols):
+    """val into tile [rm, rn] of the row-major (rows x cols) matrix at base + off."""
+    msk = (rm[:, None] < rows) & (rn[None, :] < cols)
+    tl.store(base + off + rm[:, None].to(tl.int64) * cols + rn[None, :], val, mask=msk)
+
+
+@triton.jit
+def _store_t(base, off, val, rm, rn, rows, cols):
+    """val^T into tile [rn, rm] of the row-major (cols x rows) matrix at base + off: the transpose of ``_store``."""
+    mskt = (rn[:, None] < cols) & (rm[None, :] < rows)
+    tl.store(base + off + rn[:, None].to(tl.int64) * rows + rm[None, :], tl.trans(val), mask=mskt)
+
+
+@triton.jit
 def _ns_gram_kernel(X, A, items, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
                     IEEE: tl.constexpr):
     """Tile (ti <= tj) of A = X X^T for one matrix (X: m x n row-major at X + x_off; A: m x m)."""
-    row = items + tl.program_id(0) * 8
-    x_off = tl.load(row + 0)
-    a_off = tl.load(row + 1)
-    m = tl.load(row + 2).to(tl.int32)
-    n = tl.load(row + 3).to(tl.int32)
-    ti = tl.load(row + 4).to(tl.int32)
-    tj = tl.load(row + 5).to(tl.int32)
-    if EVEN:  # every m, n of the launch is a multiple of BLOCK/BK and offsets are 64-aligned
-        x_off = tl.multiple_of(x_off, 64)
-        a_off = tl.multiple_of(a_off, 64)
-        n = tl.multiple_of(n, 64)
-        m = tl.multiple_of(m, 64)
-    rm = ti * BLOCK + tl.arange(0, BLOCK)
-    rn = tj * BLOCK + tl.arange(0, BLOCK)
-    rk = tl.arange(0, BK)
-    # wrap rows instead of masking them (edge rows are computed but never stored)
-    rm_l = rm % m
-    rn_l = rn % m
+    row, x_off, a_off, m, n = _item(items, EVEN)
+    ti, tj, rm, rn, rk, rm_l, rn_l = _item_tile(row, m, m, BLOCK, BLOCK, BK)
     pa = X + x_off + rm_l[:, None].to(tl.int64) * n + rk[None, :]
     pb = X + x_off + rn_l[None, :].to(tl.int64) * n + rk[:, None]
     acc = _dot_loop(pa, pb, BK, n, BLOCK, BLOCK, BK, EVEN, IEEE)
     val = acc.to(A.dtype.element_ty)
-    msk = (rm[:, None] < m) & (rn[None, :] < m)
-    tl.store(A + a_off + rm[:, None].to(tl.int64) * m + rn[None, :], val, mask=msk)
+    _store(A, a_off, val, rm, rn, m, m)
     if ti != tj:  # mirror: A[rn, rm] = tile^T
-        mskt = (rn[:, None] < m) & (rm[None, :] < m)
-        tl.store(A + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+        _store_t(A, a_off, val, rm, rn, m, m)
 
 
 @triton.jit
 def _ns_square_kernel(A, Bm, items, b, c, BLOCK: tl.constexpr, BK: tl.constexpr, EVEN: tl.constexpr,
                       IEEE: tl.constexpr):
     """Tile (ti <= tj) of B = b A + c A A (A symmetric m x m, both triangles stored)."""
-    row = items + tl.program_id(0) * 8
-    a_off = tl.load(row + 1)
-    m = tl.load(row + 2).to(tl.int32)
-    ti = tl.load(row + 4).to(tl.int32)
-    tj = tl.load(row + 5).to(tl.int32)
-    if EVEN:
-        a_off = tl.multiple_of(a_off, 64)
-        m = tl.multiple_of(m, 64)
-    rm = ti * BLOCK + tl.arange(0, BLOCK)
-    rn = tj * BLOCK + tl.arange(0, BLOCK)
-    rk = tl.arange(0, BK)
-    rm_l = rm % m
-    rn_l = rn % m
+    row, x_off, a_off, m, n = _item(items, EVEN)
+    ti, tj, rm, rn, rk, rm_l, rn_l = _item_tile(row, m, m, BLOCK, BLOCK, BK)
     pa = A + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]          # A[rm, k]
     pb = A + a_off + rk[:, None].to(tl.int64) * m + rn_l[None, :]          # A[k, rn]
     acc = _dot_loop(pa, pb, BK * m, m, BLOCK, BLOCK, BK, EVEN, IEEE)
+    # one offset tile for the load of A and the store of B (they share a_off), not _load + _store: with a base
+    # pointer each, the 64-bit address math doubled (sm_90 SASS at 128x128 tiles: 96 -> 224 IMAD.WIDE)
     msk = (rm[:, None] < m) & (rn[None, :] < m)
     p_ij = rm[:, None].to(tl.int64) * m + rn[None, :]
     aij = tl.load(A + a_off + p_ij, mask=msk, other=0.0).to(tl.float32)
     val = (b * aij + c * acc).to(Bm.dtype.element_ty)
     tl.store(Bm + a_off + p_ij, val, mask=msk)
     if ti != tj:
-        mskt = (rn[:, None] < m) & (rm[None, :] < m)
-        tl.store(Bm + a_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+        _store_t(Bm, a_off, val, rm, rn, m, m)
 
 
 @triton.jit
@@ -272,41 +296,21 @@ def _ns_update_kernel(X, Bm, Y, items, a, BM: tl.constexpr, BN: tl.constexpr, BK
                       EVEN: tl.constexpr, FINAL: tl.constexpr, IEEE: tl.constexpr):
     """Tile (ti, tj) of Y = a X + B X (X: m x n, B: m x m). FINAL: Y is the output buffer, written in the
     caller's orientation (transposed when the row's flag says the input was tall)."""
-    row = items + tl.program_id(0) * 8
-    x_off = tl.load(row + 0)
-    a_off = tl.load(row + 1)
-    m = tl.load(row + 2).to(tl.int32)
-    n = tl.load(row + 3).to(tl.int32)
-    ti = tl.load(row + 4).to(tl.int32)
-    tj = tl.load(row + 5).to(tl.int32)
-    if EVEN:
-        x_off = tl.multiple_of(x_off, 64)
-        a_off = tl.multiple_of(a_off, 64)
-        n = tl.multiple_of(n, 64)
-        m = tl.multiple_of(m, 64)
-    rm = ti * BM + tl.arange(0, BM)
-    rn = tj * BN + tl.arange(0, BN)
-    rk = tl.arange(0, BK)
-    rm_l = rm % m
-    rn_l = rn % n
+    row, x_off, a_off, m, n = _item(items, EVEN)
+    ti, tj, rm, rn, rk, rm_l, rn_l = _item_tile(row, m, n, BM, BN, BK)
     pa = Bm + a_off + rm_l[:, None].to(tl.int64) * m + rk[None, :]         # B[rm, k]
     pb = X + x_off + rk[:, None].to(tl.int64) * n + rn_l[None, :]          # X[k, rn]
     acc = _dot_loop(pa, pb, BK * n, m, BM, BN, BK, EVEN, IEEE)
-    msk = (rm[:, None] < m) & (rn[None, :] < n)
-    xij = tl.load(X + x_off + rm[:, None].to(tl.int64) * n + rn[None, :], mask=msk, other=0.0).to(tl.float32)
+    xij = _load(X, x_off, rm, rn, m, n).to(tl.float32)
     val = (a * xij + acc).to(Y.dtype.element_ty)
     if FINAL:
-        out_off = tl.load(row + 6)
-        trans = tl.load(row + 7)
-        if EVEN:
-            out_off = tl.multiple_of(out_off, 64)
-        if trans != 0:  # caller's matrix is n x m: element (rm, rn) of wide X goes to [rn, rm]
-            mskt = (rn[:, None] < n) & (rm[None, :] < m)
-            tl.store(Y + out_off + rn[:, None].to(tl.int64) * m + rm[None, :], tl.trans(val), mask=mskt)
+        out_off = _item_off(row, 6, EVEN)
+        if tl.load(row + 7) != 0:  # caller's matrix is n x m: element (rm, rn) of wide X goes to [rn, rm]
+            _store_t(Y, out_off, val, rm, rn, m, n)
         else:
-            tl.store(Y + out_off + rm[:, None].to(tl.int64) * n + rn[None, :], val, mask=msk)
+            _store(Y, out_off, val, rm, rn, m, n)
     else:
-        tl.store(Y + x_off + rm[:, None].to(tl.int64) * n + rn[None, :], val, mask=msk)
+        _store(Y, x_off, val, rm, rn, m, n)
 
 
 @triton.jit
@@ -327,10 +331,9 @@ def _ns_pack_kernel(G, X, den, r, c, s_b, s_r, s_c, x_base, TRANS: tl.constexpr,
     val = tl.math.div_rn(g, tl.zeros_like(g) + d).to(X.dtype.element_ty)
     base = X + x_base + b.to(tl.int64) * r * c
     if TRANS:  # wide X[b] is c x r: element (rr, cc) goes to [cc, rr]
-        mskt = (cc[:, None] < c) & (rr[None, :] < r)
-        tl.store(base + cc[:, None].to(tl.int64) * r + rr[None, :], tl.trans(val), mask=mskt)
+        _store_t(base, 0, val, rr, cc, r, c)
     else:
-        tl.store(base + rr[:, None].to(tl.int64) * c + cc[None, :], val, mask=msk)
+        _store(base, 0, val, rr, cc, r, c)
 
 
 # ----------------------------------------------------------------------------------------------------

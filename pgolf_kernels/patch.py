@@ -59,6 +59,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from ._optim import closure_loss, momentum_buffer
+
 __all__ = ["apply", "PatchReport", "PatchError", "muon_schedule"]
 
 NS_FUNCTION = "zeropower_via_newtonschulz5"
@@ -189,10 +191,7 @@ def _make_muon(ns: dict, base: type, protocol: str, sched, eps: float) -> type:
 
         @torch.no_grad()
         def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = closure_loss(closure)
             dist = _dist()
             distributed = dist.is_available() and dist.is_initialized()
             world_size = dist.get_world_size() if distributed else 1
@@ -211,12 +210,7 @@ def _make_muon(ns: dict, base: type, protocol: str, sched, eps: float) -> type:
                 mine = [i for i, p in enumerate(params) if i % world_size == rank and p.grad is not None]
                 if mine:
                     grads = [params[i].grad for i in mine]
-                    bufs = []
-                    for i in mine:
-                        state = self.state[params[i]]
-                        if "momentum_buffer" not in state:
-                            state["momentum_buffer"] = torch.zeros_like(params[i].grad)
-                        bufs.append(state["momentum_buffer"])
+                    bufs = [momentum_buffer(self.state[params[i]], params[i].grad) for i in mine]
                     torch._foreach_mul_(bufs, momentum)  # buf.mul_(momentum).add_(g)
                     torch._foreach_add_(bufs, grads)
                     # g.add(buf, alpha=momentum) with Nesterov, else the raw gradient (as the record)
@@ -245,10 +239,7 @@ def _make_muon(ns: dict, base: type, protocol: str, sched, eps: float) -> type:
 
         @torch.no_grad()
         def step(self, closure=None):
-            loss = None
-            if closure is not None:
-                with torch.enable_grad():
-                    loss = closure()
+            loss = closure_loss(closure)
             if not self._built:
                 self._build()
             dist = _dist()
@@ -268,10 +259,7 @@ def _make_muon(ns: dict, base: type, protocol: str, sched, eps: float) -> type:
                         g, buf = m["shard"], m["shard_mom"]
                     else:
                         g = p.grad.bfloat16()
-                        state = self.state[p]
-                        if "momentum_buffer" not in state:
-                            state["momentum_buffer"] = torch.zeros_like(g)
-                        buf = state["momentum_buffer"]
+                        buf = momentum_buffer(self.state[p], g)
                     buf.mul_(momentum).add_(g)
                     update = g.add(buf, alpha=momentum) if nesterov else buf
                     if row_normalize:  # the record's MuonEq-R: fp32 row norms, divide in bf16

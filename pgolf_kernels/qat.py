@@ -60,8 +60,8 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import (cdiv, check_tensor, dot_precision, interpret_mode, m_bucket, output_tile, rows_2d, tuner_bench,
-                     use_triton)
+from ._utils import (cdiv, check_linear_input, check_tensor, dot_precision, interpret_mode, load_tile, m_bucket,
+                     output_tile, rows_2d, tuner_bench, use_triton)
 from .quant import check_bits
 
 __all__ = [
@@ -188,13 +188,19 @@ def _round_even(v):
 
 
 @triton.jit
+def _row_block(w_ptr, rn, rmask, k0, K, stride_wn, BK: tl.constexpr):
+    """Columns [k0, k0 + BK) of the rows rn of W as fp32 (0 outside), and their mask."""
+    rk = k0 + tl.arange(0, BK)
+    m = rmask[:, None] & (rk[None, :] < K)
+    return tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + rk[None, :], mask=m, other=0.0).to(tl.float32), m
+
+
+@triton.jit
 def _sse_rows(w_ptr, rn, rmask, K, stride_wn, s, QMAX: tl.constexpr, BK: tl.constexpr):
     inv = tl.where(s > 0, tl.math.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
-    rk = tl.arange(0, BK)
     acc = tl.zeros(s.shape, dtype=tl.float32)
     for k0 in range(0, K, BK):
-        m = rmask[:, None] & ((k0 + rk)[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :], mask=m, other=0.0).to(tl.float32)
+        w, m = _row_block(w_ptr, rn, rmask, k0, K, stride_wn, BK)
         v = tl.minimum(tl.maximum(w * inv[:, None], -QMAX), QMAX)
         e = w - _round_even(v) * s[:, None]
         acc += tl.sum(e * e, axis=1)
@@ -208,13 +214,11 @@ def _row_scale_kernel(w_ptr, s_ptr, cand_ptr, N, K, stride_wn, CLIP_K,
     pid = tl.program_id(0)
     rn = pid * BR + tl.arange(0, BR)
     rmask = rn < N
-    rk = tl.arange(0, BK)
     amax = tl.zeros((BR,), dtype=tl.float32)
     tot = tl.zeros((BR,), dtype=tl.float32)
     bad = tl.zeros((BR,), dtype=tl.int32)
     for k0 in range(0, K, BK):
-        m = rmask[:, None] & ((k0 + rk)[None, :] < K)
-        w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :], mask=m, other=0.0).to(tl.float32)
+        w, m = _row_block(w_ptr, rn, rmask, k0, K, stride_wn, BK)
         aw = tl.abs(w)
         amax = tl.maximum(amax, tl.max(tl.where(aw == aw, aw, 0.0), axis=1))
         tot += tl.sum(w, axis=1)
@@ -224,8 +228,7 @@ def _row_scale_kernel(w_ptr, s_ptr, cand_ptr, N, K, stride_wn, CLIP_K,
         mean = tot / K
         var = tl.zeros((BR,), dtype=tl.float32)
         for k0 in range(0, K, BK):
-            m = rmask[:, None] & ((k0 + rk)[None, :] < K)
-            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * stride_wn + (k0 + rk)[None, :], mask=m, other=0.0).to(tl.float32)
+            w, m = _row_block(w_ptr, rn, rmask, k0, K, stride_wn, BK)
             d = tl.where(m, w - mean[:, None], 0.0)
             var += tl.sum(d * d, axis=1)
         sd = tl.sqrt_rn(var / K)
@@ -260,13 +263,9 @@ def _qat_fwd_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, stride_xm, strid
     w_ptrs = w_ptr + rn_l[:, None].to(tl.int64) * stride_wn + rk[None, :]
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        if EVEN_K:
-            xt = tl.load(x_ptrs)
-            wt = tl.load(w_ptrs)
-        else:
-            km = (rk[None, :] + k0) < K
-            xt = tl.load(x_ptrs, mask=km, other=0.0)
-            wt = tl.load(w_ptrs, mask=km, other=0.0)
+        km = (rk[None, :] + k0) < K
+        xt = load_tile(x_ptrs, km, EVEN_K)
+        wt = load_tile(w_ptrs, km, EVEN_K)
         v = tl.minimum(tl.maximum(wt.to(tl.float32) * inv[:, None], -QMAX), QMAX)
         q = _round_even(v).to(xt.dtype)  # integer codes |q| <= 127: exact in bf16/fp16
         acc = tl.dot(xt, tl.trans(q), acc, input_precision=PREC)
@@ -291,15 +290,10 @@ def _qat_dx_kernel(dy_ptr, w_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_wn,
     s_ptrs = s_ptr + rn
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        if EVEN_N:
-            dyt = tl.load(dy_ptrs)
-            wt = tl.load(w_ptrs)
-            s = tl.load(s_ptrs)
-        else:
-            nm = (rn + n0) < N
-            dyt = tl.load(dy_ptrs, mask=nm[None, :], other=0.0)
-            wt = tl.load(w_ptrs, mask=nm[:, None], other=0.0)
-            s = tl.load(s_ptrs, mask=nm, other=0.0)
+        nm = (rn + n0) < N
+        dyt = load_tile(dy_ptrs, nm[None, :], EVEN_N)
+        wt = load_tile(w_ptrs, nm[:, None], EVEN_N)
+        s = load_tile(s_ptrs, nm, EVEN_N)
         inv = tl.where(s > 0, tl.math.div_rn(tl.full((BN,), 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
         v = tl.minimum(tl.maximum(wt.to(tl.float32) * inv[:, None], -QMAX), QMAX)
         # q * s is exact in fp32 (<= 7 + 11 significant bits); one rounding to dy's dtype, as the
@@ -371,33 +365,37 @@ def _launch_row_scale(w, out, bits, mode, k):
     return out
 
 
+def _launch(kernels, names, grid, args, kw, x2, config):
+    """One matmul launch: the autotuned kernel, or ``config`` (BM, B_out, B_red, warps, stages) -- on CPU under the
+    interpreter ``_INTERP_CFG`` unless given. ``names``: the kernel's meta names of BM, B_out, B_red; ``grid``:
+    meta dict -> grid."""
+    tuned, heur = kernels
+    if config is None and interpret_mode() and not x2.is_cuda:
+        config = _INTERP_CFG
+    if config is None:
+        tuned[grid](*args, **kw)
+    else:
+        meta = dict(zip(names, config[:3]))
+        heur[grid(meta)](*args, **kw, **meta, num_warps=config[3], num_stages=config[4])
+
+
 def _launch_fwd(x2, w, s, bias, out, bits, config=None):
     M, K = x2.shape
     N = w.shape[0]
-    if config is None and interpret_mode() and not x2.is_cuda:
-        config = _INTERP_CFG
     args = (x2, w, s, bias if bias is not None else s, out, M, N, K, x2.stride(0), w.stride(0), out.stride(0), m_bucket(M))
     kw = dict(QMAX=_qmax(bits), HAS_BIAS=bias is not None, PREC=dot_precision(x2.dtype))
-    if config is None:
-        _fwd_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(N, m["BN"]),)](*args, **kw)
-    else:
-        BM, BN, BK, nw, ns = config
-        _fwd_heur[(cdiv(M, BM) * cdiv(N, BN),)](*args, **kw, BM=BM, BN=BN, BK=BK, num_warps=nw, num_stages=ns)
+    _launch((_fwd_tuned, _fwd_heur), ("BM", "BN", "BK"), lambda m: (cdiv(M, m["BM"]) * cdiv(N, m["BN"]),),
+            args, kw, x2, config)
     return out
 
 
 def _launch_dx(dy2, w, s, out, bits, config=None):
     M, N = dy2.shape
     K = w.shape[1]
-    if config is None and interpret_mode() and not dy2.is_cuda:
-        config = _INTERP_CFG
     args = (dy2, w, s, out, M, N, K, dy2.stride(0), w.stride(0), out.stride(0), m_bucket(M))
     kw = dict(QMAX=_qmax(bits), PREC=dot_precision(dy2.dtype))
-    if config is None:
-        _dx_tuned[lambda m: (cdiv(M, m["BM"]) * cdiv(K, m["BK"]),)](*args, **kw)
-    else:
-        BM, BK, BN, nw, ns = config
-        _dx_heur[(cdiv(M, BM) * cdiv(K, BK),)](*args, **kw, BM=BM, BK=BK, BN=BN, num_warps=nw, num_stages=ns)
+    _launch((_dx_tuned, _dx_heur), ("BM", "BK", "BN"), lambda m: (cdiv(M, m["BM"]) * cdiv(K, m["BK"]),),
+            args, kw, dy2, config)
     return out
 
 
@@ -420,14 +418,7 @@ def _check_s(s, w, op):
 
 def _check_x(x, w, bias, op, name="x"):
     check_tensor(x, name, dtype=_X_DTYPES, device=w.device, op=op)
-    if x.dim() < 1:
-        raise ValueError(f"{op}: {name} must have at least 1 dimension (..., K), got a 0-dim tensor")
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"{op}: {name}'s last dim must equal K = w.shape[1] = {w.shape[1]}, got {name} of shape {tuple(x.shape)}")
-    if bias is not None:
-        check_tensor(bias, "bias", dtype=x.dtype, ndim=1, device=x.device, op=op)
-        if bias.shape[0] != w.shape[0]:
-            raise ValueError(f"{op}: bias must have shape ({w.shape[0]},) = (N,), got {tuple(bias.shape)}")
+    check_linear_input(x, bias, "w", w.shape[0], w.shape[1], op, name)
 
 
 

@@ -50,19 +50,24 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _out_of_range(arg: str, value, kind: str, lo, hi, lo_open: bool, hi_open: bool, spec: str, what: str):
+    """CheckError for ``value`` outside the interval, e.g. ``an integer in [1, 256] (what)`` or ``a finite
+    number > 0`` (bounds formatted with ``format(bound, spec)``; a None bound is left out)."""
+    if lo is not None and hi is not None:
+        rng = f"{kind} in {'(' if lo_open else '['}{lo:{spec}}, {hi:{spec}}{')' if hi_open else ']'}"
+    elif lo is not None:
+        rng = f"{kind} {'>' if lo_open else '>='} {lo:{spec}}"
+    elif hi is not None:
+        rng = f"{kind} {'<' if hi_open else '<='} {hi:{spec}}"
+    else:
+        rng = kind
+    return CheckError(arg, value, rng + (f" ({what})" if what else ""))
+
+
 def int_range(arg: str, value, lo: Optional[int] = None, hi: Optional[int] = None, what: str = "") -> int:
     """``value`` is an int in [lo, hi] (either bound may be None)."""
-    ok = _is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)
-    if not ok:
-        if lo is not None and hi is not None:
-            rng = f"an integer in [{lo}, {hi}]"
-        elif lo is not None:
-            rng = f"an integer >= {lo}"
-        elif hi is not None:
-            rng = f"an integer <= {hi}"
-        else:
-            rng = "an integer"
-        raise CheckError(arg, value, rng + (f" ({what})" if what else ""))
+    if not (_is_int(value) and (lo is None or value >= lo) and (hi is None or value <= hi)):
+        raise _out_of_range(arg, value, "an integer", lo, hi, False, False, "", what)
     return int(value)
 
 
@@ -79,15 +84,7 @@ def float_range(arg: str, value, lo: Optional[float] = None, hi: Optional[float]
     if ok and hi is not None:
         ok = v < hi if hi_open else v <= hi
     if not ok:
-        if lo is not None and hi is not None:
-            rng = f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        elif lo is not None:
-            rng = f"a finite number {'>' if lo_open else '>='} {lo:g}"
-        elif hi is not None:
-            rng = f"a finite number {'<' if hi_open else '<='} {hi:g}"
-        else:
-            rng = "a finite number"
-        raise CheckError(arg, value, rng + (f" ({what})" if what else ""))
+        raise _out_of_range(arg, value, "a finite number", lo, hi, lo_open, hi_open, "g", what)
     return v
 
 

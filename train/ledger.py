@@ -76,11 +76,12 @@ class ScoreLedger:
         dist.all_reduce(buf)
         self.published[lo:hi] = buf
 
+    def _unscored(self, pos: torch.Tensor, mask: torch.Tensor, seen: torch.Tensor) -> torch.Tensor:
+        """How many masked targets ``seen`` (counts per position) holds as never scored (on the device)."""
+        return ((seen[self._idx(pos, mask)] == 0) & mask.reshape(-1)).sum()
+
     def require_scored(self, pos: torch.Tensor, mask: torch.Tensor) -> None:
-        idx = self._idx(pos, mask)
-        m = mask.reshape(-1)
-        seen = self.count if self.published is None else self.published
-        bad = ((seen[idx] == 0) & m).sum()
+        bad = self._unscored(pos, mask, self.count if self.published is None else self.published)
         self.trained_unscored += bad
         self.n_train_checks += 1
         if self.strict and int(bad):
@@ -102,10 +103,7 @@ class ScoreLedger:
     def require_scored_global(self, pos: torch.Tensor, mask: torch.Tensor) -> None:
         """The check of a global step on the base weights (phased TTT): counts a violation for every
         masked target not scored yet on any rank (``share_counts`` first when several ranks score)."""
-        idx = self._idx(pos, mask)
-        m = mask.reshape(-1)
-        seen = self.count if self.shared is None else self.shared
-        bad = ((seen[idx] == 0) & m).sum()
+        bad = self._unscored(pos, mask, self.count if self.shared is None else self.shared)
         self.global_unscored += bad
         self.n_global_checks += 1
         if self.strict and int(bad):

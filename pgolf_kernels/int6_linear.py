@@ -90,21 +90,6 @@ def int6_linear_dx_ref(dy, q, scale) -> torch.Tensor:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
-def _split_tile(M, n_out, red, BM: tl.constexpr, BO: tl.constexpr, BR: tl.constexpr, SPLIT: tl.constexpr):
-    """This program's place in a split-reduction GEMM launch (grid: output tiles x SPLIT splits): its (BM, BO)
-    tile of the (M, n_out) output as ``output_tile`` gives it, the reduction offsets arange(0, BR), and the
-    [lo, hi) of the length-``red`` reduction its split owns (a whole number of BR blocks; the last splits may
-    get fewer or none)."""
-    pid = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    rm, ro, rm_l, ro_l = output_tile(pid, M, n_out, BM, BO)
-    rr = tl.arange(0, BR)
-    per = tl.cdiv(tl.cdiv(red, BR), SPLIT) * BR
-    lo = pid_s * per
-    return rm, ro, rm_l, ro_l, rr, lo, tl.minimum(red, lo + per)
-
-
-@triton.jit
 def _acc_tile(R: tl.constexpr, C: tl.constexpr, SWAP: tl.constexpr):
     """fp32 zeros for an (R, C) output tile; the swap-AB variant accumulates it transposed, (C, R)."""
     if SWAP:
@@ -125,21 +110,20 @@ def _out_cols(v, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT: tl.constexpr):
+def _split_reduce(acc, ws_ptr, cnt_ptr, tile_id, pid_s, SPLIT: tl.constexpr):
     """Split-K across programs: every split stores its fp32 partial tile to the workspace and
     bumps the tile's counter; the program that arrives last sums the SPLIT partials (in split
     order, so the result does not depend on arrival order) and returns (True, sum). The counter
     is reset by that program, so the zero-initialised counter buffer is reusable without a memset.
-    Tile = program_id(0), split = program_id(1) (the grid of ``_split_tile``).
+    The tile is acc's shape (transposed under SWAP).
     """
     R: tl.constexpr = acc.shape[0]
     C: tl.constexpr = acc.shape[1]
-    tile_id = tl.program_id(0)
     rr = tl.arange(0, R)
     cc = tl.arange(0, C)
     offs = rr[:, None] * C + cc[None, :]
     base = ws_ptr + tile_id.to(tl.int64) * (SPLIT * R * C)
-    tl.store(base + tl.program_id(1) * (R * C) + offs, acc)
+    tl.store(base + pid_s * (R * C) + offs, acc)
     tl.debug_barrier()  # all threads' partial stores precede the release below
     old = tl.atomic_add(cnt_ptr + tile_id, 1, sem="acq_rel", scope="gpu")
     last = old == SPLIT - 1
@@ -172,14 +156,21 @@ def _fwd_kernel(
     HAS_BIAS: tl.constexpr, PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
-    # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident; split over K
-    rm, rn, rm_l, rn_l, rk, k_lo, k_hi = _split_tile(M, N, K, BM, BN, BK, SPLIT)
+    pid = tl.program_id(0)
+    pid_s = tl.program_id(1)  # split index over the K reduction
+    # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident
+    rm, rn, rm_l, rn_l = output_tile(pid, M, N, BM, BN)
+    rk = tl.arange(0, BK)
+    per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
+    k_lo = pid_s * per
+    k_hi = tl.minimum(K, k_lo + per)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_lo + rk)[None, :]
     q_ptrs = q_ptr + rn_l[:, None] * stride_qn + (k_lo + rk)[None, :]
     acc = _acc_tile(BM, BN, SWAP)
     for k0 in range(k_lo, k_hi, BK):
         # loads written out, not through _utils.load_tile: inlined in this loop, the call's debug-scope labels
-        # made ptxas schedule the SWAP=1 SPLIT=8 variant differently (sm_90 SASS, same instruction count)
+        # made ptxas schedule some configs differently (sm_90 SASS of SWAP=1 SPLIT=8 BM=64: same 1656 instructions,
+        # other registers and order; scripts/kernel_sass.py compiles every config)
         if EVEN_K:
             xt = tl.load(x_ptrs)
             qt = tl.load(q_ptrs)
@@ -196,7 +187,7 @@ def _fwd_kernel(
         q_ptrs += BK
     do_store = True
     if SPLIT > 1:
-        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT)
     if do_store:
         acc = acc * _out_cols(tl.load(s_ptr + rn_l).to(tl.float32), SWAP)
         if HAS_BIAS:
@@ -212,10 +203,7 @@ def _dx_kernel(
     PREC: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_N: tl.constexpr,
 ):
-    # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N).
-    # _split_tile(M, K, N, BM, BK, BN, SPLIT) written out: as a call here (inlined, it adds debug-scope labels
-    # to the PTX) ptxas scheduled the kernel differently, in all 8 sampled configs (sm_90 SASS; identical
-    # with TRITON_DISABLE_LINE_INFO=1), where the fwd kernel's SASS stayed the same
+    # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)  # split index over the N reduction
     rm, rk, rm_l, rk_l = output_tile(pid, M, K, BM, BK)
@@ -254,7 +242,7 @@ def _dx_kernel(
         s_ptrs += BN
     do_store = True
     if SPLIT > 1:
-        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, SPLIT)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT)
     if do_store:
         _store_out(dx_ptr, acc, rm, rk, M, K, stride_dxm, SWAP)
 

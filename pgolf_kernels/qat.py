@@ -290,10 +290,18 @@ def _qat_dx_kernel(dy_ptr, w_ptr, s_ptr, dx_ptr, M, N, K, stride_dym, stride_wn,
     s_ptrs = s_ptr + rn
     acc = tl.zeros((BM, BK), dtype=tl.float32)
     for n0 in range(0, N, BN):
-        nm = (rn + n0) < N
-        dyt = load_tile(dy_ptrs, nm[None, :], EVEN_N)
-        wt = load_tile(w_ptrs, nm[:, None], EVEN_N)
-        s = load_tile(s_ptrs, nm, EVEN_N)
+        # loads written out, not through _utils.load_tile (as _qat_fwd_kernel does): inlined in this loop, the call's
+        # debug-scope labels made ptxas schedule the BM=16 and BM=32 configs differently (sm_90 SASS at BM=32: 1760
+        # instead of 1768 instructions, another order; scripts/kernel_sass.py compiles every config)
+        if EVEN_N:
+            dyt = tl.load(dy_ptrs)
+            wt = tl.load(w_ptrs)
+            s = tl.load(s_ptrs)
+        else:
+            nm = (rn + n0) < N
+            dyt = tl.load(dy_ptrs, mask=nm[None, :], other=0.0)
+            wt = tl.load(w_ptrs, mask=nm[:, None], other=0.0)
+            s = tl.load(s_ptrs, mask=nm, other=0.0)
         inv = tl.where(s > 0, tl.math.div_rn(tl.full((BN,), 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
         v = tl.minimum(tl.maximum(wt.to(tl.float32) * inv[:, None], -QMAX), QMAX)
         # q * s is exact in fp32 (<= 7 + 11 significant bits); one rounding to dy's dtype, as the

@@ -45,6 +45,25 @@ void check_rows_finite(int64_t bad_row, int64_t N, float qmax) {
                     ") overflows fp16");
 }
 
+#ifdef PGOLF_WITH_CUDA
+std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search) {
+  check_quantize_args(w, bits, at::kCUDA);
+  const int64_t N = w.size(0), K = w.size(1);
+  const float qmax = float((1 << (bits - 1)) - 1);
+  auto q = at::empty({N, K}, w.options().dtype(at::kChar));
+  auto s = at::zeros({N}, w.options().dtype(at::kHalf));
+  if (N == 0 || K == 0) return {q, s};
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
+                    " rows, more than one CUDA grid holds (2^31 - 1)");
+  auto scratch = at::empty({search ? N * cuda_candidates() * cuda_chunk_count(K) : 1}, w.options());
+  auto bad = at::full({1}, N, w.options().dtype(at::kLong));  // lowest refused row; N = none
+  const int err = quantize_rows_cuda_launch(w, qmax, search, q, s, scratch, bad);
+  TORCH_CHECK(err == 0, "quantize_rows: the CUDA kernel did not launch: ", cuda_error_text(err));
+  check_rows_finite(bad.item<int64_t>(), N, qmax);
+  return {q, s};
+}
+#endif
+
 namespace {
 
 // Round-half-to-even for |v| < 2^22 without a libm call, so the inner loops vectorize:

@@ -11,7 +11,16 @@ void check_quantize_args(const at::Tensor& w, int64_t bits, at::DeviceType devic
 // Raises the codec's ValueError for refused row `bad_row` (the lowest one; N = none refused).
 void check_rows_finite(int64_t bad_row, int64_t N, float qmax);
 #ifdef PGOLF_WITH_CUDA
-// The CUDA twin of quantize_rows (csrc/cuda/quantize.cu): same codes and fp16 scales, bit for bit.
+// The CUDA twin of quantize_rows: same codes and fp16 scales, bit for bit. The wrapper (codec.cpp, host
+// compiler) checks the arguments, allocates and raises every error; the launcher it calls
+// (cuda/quantize.cu) never throws and returns the launch's cudaError_t as an int (0 = success), because a
+// c10 exception thrown from the nvcc-compiled unit crashed the process (segmentation fault) on the H200
+// image instead of reaching Python, the first time a row was refused there.
 std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search);
+int quantize_rows_cuda_launch(const at::Tensor& w, float qmax, bool search, at::Tensor& q, at::Tensor& s,
+                              at::Tensor& scratch, at::Tensor& bad) noexcept;
+const char* cuda_error_text(int err) noexcept;
+int64_t cuda_chunk_count(int64_t K) noexcept;  // scratch floats per row = 24 candidates x this
+int64_t cuda_candidates() noexcept;
 #endif
 }  // namespace pgolf

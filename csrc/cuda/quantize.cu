@@ -8,11 +8,7 @@
 // (needed only by the 6 k*std candidates) is a sequential double sum that thread 0 computes while the
 // other threads measure the 18 absmax-fraction candidates.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>  // c10, not ATen/cuda/CUDAContext.h: that one needs the cuSPARSE/cuBLAS headers
-
-#include <limits>
 
 #include "../codec.h"
 #include "row_math.cuh"
@@ -106,26 +102,27 @@ quantize_rows_kernel(const float* __restrict__ w, int64_t K, float qmax, bool se
 
 }  // namespace
 
-std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search) {
-  check_quantize_args(w, bits, at::kCUDA);
-  const c10::cuda::CUDAGuard guard(w.device());
+int64_t cuda_chunk_count(int64_t K) noexcept { return (K + kChunk - 1) / kChunk; }
+int64_t cuda_candidates() noexcept { return kCands; }
+
+const char* cuda_error_text(int err) noexcept { return cudaGetErrorString(static_cast<cudaError_t>(err)); }
+
+// No TORCH_CHECK, no allocation, nothing that throws: see codec.h (the wrapper in codec.cpp does all that).
+int quantize_rows_cuda_launch(const at::Tensor& w, float qmax, bool search, at::Tensor& q, at::Tensor& s,
+                              at::Tensor& scratch, at::Tensor& bad) noexcept {
   const int64_t N = w.size(0), K = w.size(1);
-  const float qmax = float((1 << (bits - 1)) - 1);
-  auto q = at::empty({N, K}, w.options().dtype(at::kChar));
-  auto s = at::zeros({N}, w.options().dtype(at::kHalf));
-  if (N == 0 || K == 0) return {q, s};
-  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
-                    " rows, more than one CUDA grid holds (2^31 - 1)");
-  const int64_t nchunk = (K + kChunk - 1) / kChunk;
-  auto scratch = at::empty({search ? N * kCands * nchunk : 1}, w.options());
-  auto bad = at::full({1}, N, w.options().dtype(at::kLong));  // lowest refused row; N = none
-  quantize_rows_kernel<<<unsigned(N), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  const int device = w.get_device();
+  int prev = 0;
+  cudaGetDevice(&prev);
+  cudaSetDevice(device);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device).stream();
+  quantize_rows_kernel<<<unsigned(N), kThreads, 0, stream>>>(
       w.data_ptr<float>(), K, qmax, search, q.data_ptr<int8_t>(),
       reinterpret_cast<__half*>(s.data_ptr<at::Half>()), scratch.data_ptr<float>(),
       reinterpret_cast<unsigned long long*>(bad.data_ptr<int64_t>()));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  check_rows_finite(bad.item<int64_t>(), N, qmax);
-  return {q, s};
+  const int err = static_cast<int>(cudaGetLastError());
+  cudaSetDevice(prev);
+  return err;
 }
 
 }  // namespace pgolf

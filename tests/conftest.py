@@ -18,6 +18,11 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    # One intra-op thread for the whole CPU lane (and, through the environment, for the subprocesses that
+    # tests start): its tensors are tiny, and on the 2 shared CI cores torch's second thread spun against
+    # other processes -- the tiny training run took 91 s with 2 threads, 6 s with 1 (load ~4, measured).
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 

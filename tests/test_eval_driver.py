@@ -25,14 +25,76 @@ CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
+def _tiny_artifact(tmp_path_factory, vocab_size):
     from train.artifact import save_artifact
 
-    m = tiny_model(seed=7, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
-    path = str(tmp_path_factory.mktemp("art") / "tiny.ptz")
+    m = tiny_model(seed=7, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1, vocab_size=vocab_size)
+    path = str(tmp_path_factory.mktemp("art") / f"tiny{vocab_size}.ptz")
     save_artifact(m, path, code_paths=[], warn=False)
     return path
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    """The sp1024 vocabulary (the CLI tests read FineWeb tokens with it)."""
+    return _tiny_artifact(tmp_path_factory, 1024)
+
+
+# The interpreted kernel-path tests' vocabulary: the head LoRA's N-tiles (BN=32) and its backward's N loop
+# scale with it; 300 = 9 full tiles + a masked 12-column tail (1024 cost 21 s per TTT evaluate, 300 15 s).
+SMALL_V = 300
+
+
+@pytest.fixture(scope="module")
+def kernel_artifact(tmp_path_factory):
+    return _tiny_artifact(tmp_path_factory, SMALL_V)
+
+
+@pytest.fixture(scope="module")
+def small_lut():
+    from train.eval_fixtures import synthetic_lut
+
+    return synthetic_lut(SMALL_V)
+
+
+# One eager TTT evaluate on the kernel path, shared by the parity test and the compile test (each interpreted
+# evaluate is most of a test's time on 2 cores). 3 rows -> 2 -> 1 in the first batch (9 ends after one chunk,
+# 23 after two), a 2-row second batch. int6_linear.LARGE_M is lowered to 150 so that the steps cross it both
+# ways (2 rows x 64 padded positions = 128 below, 3 rows = 192 above): the public int6_linear's aten large-M
+# branch and the fused kernels both run.
+LARGE_M_DOCS = [40, 23, 9, 31, 5]
+LARGE_M_CFG = TTTConfig(rank=2, chunk=16, window=32, batch_size=3)
+
+
+def _patch_large_m(mp, calls=None):
+    import pgolf_kernels.int6_linear as i6
+
+    mp.setattr(i6, "LARGE_M", 150)
+    if calls is None:
+        return
+    orig_large, orig_op = i6._large_m_linear, i6._int6_linear_op
+
+    def large(*a):
+        calls["large"] += 1
+        return orig_large(*a)
+
+    def op(*a):
+        calls["op"] += 1
+        return orig_op(*a)
+
+    mp.setattr(i6, "_large_m_linear", large)
+    mp.setattr(i6, "_int6_linear_op", op)
+
+
+@pytest.fixture(scope="module")
+def large_m_run(kernel_artifact, small_lut):
+    calls = {"large": 0, "op": 0}
+    stream = doc_stream(LARGE_M_DOCS, vocab_size=SMALL_V, seed=3)
+    with pytest.MonkeyPatch.context() as mp:
+        _patch_large_m(mp, calls)
+        mk, info = ev.load_model(kernel_artifact, device="cpu")
+        eager = ev.evaluate(mk, stream, small_lut, mode="ttt", cfg=LARGE_M_CFG, backend="kernel")
+    return dict(model=mk, info=info, eager=eager, calls=calls, stream=stream)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -60,77 +122,64 @@ def test_load_refuses_bad_artifacts(artifact, tmp_path):
         ev.load_model(str(junk), device="cpu")
 
 
-def test_kernel_path_keeps_int6_codes_and_matches_reference(artifact, lut):
-    """int6 model (Int6Linear codes, Triton interpreter on CPU) vs dequantized reference: same BPB."""
+def test_kernel_path_keeps_int6_codes_and_matches_reference(large_m_run, kernel_artifact, small_lut):
+    """int6 model (Int6Linear codes, Triton interpreter on CPU) vs dequantized reference: same BPB, with steps
+    on both sides of LARGE_M (fused int6 kernel and the aten large-M branch)."""
     from pgolf_kernels.int6_linear import Int6Linear
-
-    mk, info = ev.load_model(artifact, device="cpu")
-    mr, _ = ev.load_model(artifact, device="cpu", reference=True)
-    assert isinstance(mk.blocks[0].attn.c_q, Int6Linear)
-    assert isinstance(mr.blocks[0].attn.c_q, torch.nn.Linear)
-    assert info["artifact_bytes"] == os.path.getsize(artifact)
-    stream = doc_stream([40, 23, 9], seed=1)
-    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2)
-    rk = ev.evaluate(mk, stream, lut, mode="ttt", cfg=cfg, backend="kernel")
-    rr = ev.evaluate(mr, stream, lut, mode="ttt", cfg=cfg, backend="bmm")
-    assert rk["targets"] == rr["targets"] == 72
-    # fp32 on CPU: only summation order differs between the paths
-    assert abs(rk["val_bpb"] - rr["val_bpb"]) < 1e-5 * rr["val_bpb"]
-
-
-@pytest.mark.parametrize("reference,large_m", [(False, None), (True, None), (False, 150)],
-                         ids=["kernel", "reference", "kernel-large-m"])
-def test_compiled_forward_matches_eager(artifact, lut, reference, large_m, monkeypatch):
-    """compile_rows_nll (what the driver's --compile attaches): same ledger, same BPB as eager, with
-    batches whose live rows and window lengths change step to step (dynamic shapes, 1-row steps).
-    ``kernel-large-m``: int6_linear.LARGE_M lowered so that the steps cross it both ways (2 rows x 64
-    padded positions = 128 below, 3 rows = 192 above): the public int6_linear's aten large-M branch and
-    the fused kernels both run, under one dynamic-shape compile."""
-    from train.forward import compile_rows_nll
-
-    calls = {"large": 0, "op": 0}
-    if large_m is not None:
-        import pgolf_kernels.int6_linear as i6
-
-        monkeypatch.setattr(i6, "LARGE_M", large_m)
-        orig_large, orig_op = i6._large_m_linear, i6._int6_linear_op
-
-        def large(*a):
-            calls["large"] += 1
-            return orig_large(*a)
-
-        def op(*a):
-            calls["op"] += 1
-            return orig_op(*a)
-
-        monkeypatch.setattr(i6, "_large_m_linear", large)
-        monkeypatch.setattr(i6, "_int6_linear_op", op)
-    # 3 rows -> 2 -> 1 in the first batch (9 ends after one chunk, 23 after two), a 2-row second batch;
-    # short documents keep the interpreted kernel path at ~1/2 of the old 117 s on 2 cores
-    stream = doc_stream([40, 23, 9, 31, 5], seed=3)
-    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=3)
-    be = "bmm" if reference else "kernel"
-    m, _ = ev.load_model(artifact, device="cpu", reference=reference)
-    eager = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=be)
     from pgolf_kernels._utils import interpret_mode
 
-    if large_m is not None and interpret_mode():  # the CPU lane: Triton (interpreter) paths are live
+    mk, info, eager, stream = large_m_run["model"], large_m_run["info"], large_m_run["eager"], large_m_run["stream"]
+    mr, _ = ev.load_model(kernel_artifact, device="cpu", reference=True)
+    assert isinstance(mk.blocks[0].attn.c_q, Int6Linear)
+    assert isinstance(mr.blocks[0].attn.c_q, torch.nn.Linear)
+    assert info["artifact_bytes"] == os.path.getsize(kernel_artifact)
+    if interpret_mode():  # the CPU lane: Triton (interpreter) paths are live
+        calls = large_m_run["calls"]
         assert calls["large"] > 0 and calls["op"] > 0, calls  # both sides of LARGE_M were exercised
-    if large_m is not None:
-        # the mixed dispatch gives the reference path's BPB: measured 9.3e-10 relative apart (fp32, summation
-        # order only), while a 1 % error in the large-M weights moves this BPB by 1.9e-6: bound 1e-7
-        mr, _ = ev.load_model(artifact, device="cpu", reference=True)
-        rr = ev.evaluate(mr, stream, lut, mode="ttt", cfg=cfg, backend="bmm")
-        assert abs(eager["val_bpb"] - rr["val_bpb"]) < 1e-7 * rr["val_bpb"], (eager["val_bpb"], rr["val_bpb"])
+    rr = ev.evaluate(mr, stream, small_lut, mode="ttt", cfg=LARGE_M_CFG, backend="bmm")
+    assert eager["targets"] == rr["targets"] == stream.numel() - len(LARGE_M_DOCS)
+    # fp32 on CPU, only summation order differs: measured 9.3e-10 relative apart, while a 1 % error in the
+    # large-M weights moves this BPB by 1.9e-6: bound 1e-7
+    assert abs(eager["val_bpb"] - rr["val_bpb"]) < 1e-7 * rr["val_bpb"], (eager["val_bpb"], rr["val_bpb"])
+
+
+def _compiled_matches(m, stream, lut, cfg, backend, eager, monkeypatch):
+    from train.forward import compile_rows_nll
+
+    if not torch.cuda.is_available():
+        # CPU lane: dynamo + AOT autograd (guards, dynamic shapes, the custom ops' fake impls and autograd)
+        # with aot_eager, as the other CPU-lane compile tests; inductor's C++ codegen is not what the GPU
+        # runs and cost 150 s + 105 s for these two tests on a cold cache (2 cores). Inductor on the GPU:
+        # test_gpu_compiled_forward_matches_eager.
+        import functools
+
+        monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
     compile_rows_nll(m)
     try:
-        comp = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=be)
+        comp = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=backend)
         assert "_pgolf_rows_nll" in m.__dict__
     finally:
         compile_rows_nll(m, enable=False)
     assert comp["targets"] == eager["targets"] == stream.numel() - 5 and comp["legality"]["multi"] == 0
     # fp32 on CPU: fusion changes only rounding order
     assert abs(comp["val_bpb"] - eager["val_bpb"]) < 1e-5 * eager["val_bpb"], (comp["val_bpb"], eager["val_bpb"])
+
+
+def test_compiled_forward_matches_eager_reference(kernel_artifact, small_lut, monkeypatch):
+    """compile_rows_nll (what the driver's --compile attaches): same ledger, same BPB as eager, with
+    batches whose live rows and window lengths change step to step (dynamic shapes, 1-row steps)."""
+    stream = doc_stream(LARGE_M_DOCS, vocab_size=SMALL_V, seed=3)
+    m, _ = ev.load_model(kernel_artifact, device="cpu", reference=True)
+    eager = ev.evaluate(m, stream, small_lut, mode="ttt", cfg=LARGE_M_CFG, backend="bmm")
+    _compiled_matches(m, stream, small_lut, LARGE_M_CFG, "bmm", eager, monkeypatch)
+
+
+def test_compiled_forward_matches_eager_kernel_large_m(large_m_run, small_lut, monkeypatch):
+    """As above on the kernel path, the steps crossing the lowered LARGE_M both ways under one dynamic-shape
+    compile (this also covers the all-fused-kernel steps: the 1- and 2-row ones)."""
+    _patch_large_m(monkeypatch)
+    _compiled_matches(large_m_run["model"], large_m_run["stream"], small_lut, LARGE_M_CFG, "kernel",
+                      large_m_run["eager"], monkeypatch)
 
 
 def test_lora_kernel_backend_matches_bmm():
@@ -326,17 +375,21 @@ def test_bench_helpers_smoke_on_cpu(tmp_path, shared_data, monkeypatch):
 
     monkeypatch.setenv("PGOLF_BENCH_RESULTS", str(tmp_path))
     path = str(tmp_path / "b.ptz")
-    info = be.build_artifact(path, shared_data, train_steps=2, cfg=tiny_config(num_layers=1, model_dim=32,
+    # one training step of B32 x T1024 (the plumbing; each step is ~3 s of one CPU core)
+    info = be.build_artifact(path, shared_data, train_steps=1, cfg=tiny_config(num_layers=1, model_dim=32,
                                                                                 num_heads=2, num_kv_heads=1),
                              device="cpu")
-    assert info["train_steps"] == 2 and info["bytes_model"] > 0
+    assert info["train_steps"] == 1 and info["bytes_model"] > 0
     toks, starts = be._fineweb(shared_data)
     held = toks[starts[197]:]
     lut = ByteLUT.from_sentencepiece(os.path.join(shared_data, SP1024))
     cfg = TTTConfig(rank=2, chunk=64, window=128, batch_size=2)
-    k = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", share=(0, 2))
-    r = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", share=(0, 2), warm=False)
-    b = be.eval_once(path, held, lut, cfg, reference=True, device="cpu", mode="base", warm=False)
+    # compile=False: eval_once's compile flag only calls compile_rows_nll, which the compile tests above cover;
+    # compiled here it cost ~10 s of dynamo tracing per call, and minutes of inductor C++ builds on a cold cache
+    kw = dict(reference=True, device="cpu", compile=False)
+    k = be.eval_once(path, held, lut, cfg, share=(0, 2), **kw)
+    r = be.eval_once(path, held, lut, cfg, share=(0, 2), warm=False, **kw)
+    b = be.eval_once(path, held, lut, cfg, mode="base", warm=False, **kw)
     row = be._row("smoke", k, r, no_ttt_val_bpb=b["val_bpb"])
     assert row["kernel"] == "eval" and row["baseline"] == "reference" and row["docs"] == 2
     assert row["val_bpb"] == pytest.approx(row["ref_val_bpb"], rel=1e-9)
@@ -458,6 +511,34 @@ def test_gpu_kernel_path_coverage_and_document_isolation(tmp_path):
     assert (st0.ledger.nll[:-1][oth] - st1.ledger.nll[:-1][oth]).abs().max().item() > 0.1
 
 
+@pytest.mark.gpu
+def test_gpu_compiled_forward_matches_eager(tmp_path):
+    """compile_rows_nll with inductor (what --compile runs on the GPU) on the int6 + fused multi-LoRA path, bf16:
+    same targets and BPB as eager, with live rows and window lengths changing step to step. The CPU lane runs
+    the same check through aot_eager."""
+    from train.artifact import save_artifact
+    from train.forward import compile_rows_nll
+
+    m = tiny_model(seed=7, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1)
+    path = str(tmp_path / "comp.ptz")
+    save_artifact(m, path, code_paths=[], warn=False)
+    mk, _ = ev.load_model(path, device="cuda")
+    V = 1024
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    stream = doc_stream([700, 650, 90, 33, 1, 300, 299], seed=3).cuda()
+    cfg = TTTConfig(rank=8, chunk=64, window=256, batch_size=3)
+    eager = ev.evaluate(mk, stream, lut, cfg=cfg, backend="kernel")
+    compile_rows_nll(mk)
+    try:
+        comp = ev.evaluate(mk, stream, lut, cfg=cfg, backend="kernel")
+    finally:
+        compile_rows_nll(mk, enable=False)
+    assert comp["lora_backend"] == "kernel" and comp["targets"] == eager["targets"] and comp["legality"]["multi"] == 0
+    # bf16: inductor keeps fused elementwise chains in fp32 where eager rounds each op to bf16; not yet measured
+    # on a GPU, bound set at 1e-3 relative (a lost adapter update or a wrong row moves this BPB by far more)
+    assert abs(comp["val_bpb"] - eager["val_bpb"]) < 1e-3 * eager["val_bpb"], (comp["val_bpb"], eager["val_bpb"])
+
+
 def test_build_rows_min_size_pads_with_masked_rows_and_slots():
     """min_size=2 (the eval's setting): a 1-row, 1-target batch becomes 2 x 2 with only (0, 0) real."""
     stream = doc_stream([40, 9], seed=2)
@@ -471,15 +552,19 @@ def test_build_rows_min_size_pads_with_masked_rows_and_slots():
     assert rb2.y[0, 0] == rb1.y[0, 0]
 
 
-def test_rolling_schedule_kernel_backend_matches_batch(artifact, lut):
-    """--schedule rolling on the int6 + fused multi-LoRA path (interpreter on CPU): same BPB as batches."""
+def test_rolling_schedule_kernel_backend_matches_batch(kernel_artifact, small_lut):
+    """--schedule rolling on the int6 + fused multi-LoRA path (interpreter on CPU): same BPB as batches. The
+    batch side runs on the dequantized reference (bmm), 1e-9 relative from the kernel path in fp32 (see the
+    parity test above), so one interpreted evaluate suffices."""
     import dataclasses
 
-    mk, _ = ev.load_model(artifact, device="cpu")
-    stream = doc_stream([40, 23, 9, 31, 5, 17], seed=6)
+    mk, _ = ev.load_model(kernel_artifact, device="cpu")
+    mr, _ = ev.load_model(kernel_artifact, device="cpu", reference=True)
+    stream = doc_stream([40, 23, 9, 31, 5, 17], vocab_size=SMALL_V, seed=6)
     cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2)
-    rb = ev.evaluate(mk, stream, lut, mode="ttt", cfg=cfg, backend="kernel")
-    rr = ev.evaluate(mk, stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, schedule="rolling"), backend="kernel")
+    rb = ev.evaluate(mr, stream, small_lut, mode="ttt", cfg=cfg, backend="bmm")
+    rr = ev.evaluate(mk, stream, small_lut, mode="ttt", cfg=dataclasses.replace(cfg, schedule="rolling"),
+                     backend="kernel")
     assert rr["schedule"] == "rolling" and rr["lora_backend"] == "kernel"
     assert rr["targets"] == rb["targets"] and rr["docs_ttt"] == rb["docs_ttt"] == 6
     assert abs(rr["val_bpb"] - rb["val_bpb"]) < 1e-5 * rb["val_bpb"], (rr["val_bpb"], rb["val_bpb"])

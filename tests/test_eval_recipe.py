@@ -366,9 +366,9 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
     rep = ev.main(["--artifact", art, "--val", os.path.join(shared_data, "fineweb_sample",
                                                             "fineweb_sample200_sp1024_000000.bin"),
                    "--tokenizer", os.path.join(shared_data, "fineweb_1024_bpe.model"), "--max-docs", "4",
-                   "--reference", "--recipe", "records", "--rank", "2", "--alpha", "3", "--chunk", "32", "--window", "64",
-                   "--batch-size", "2", "--phases", "2", "--phase-docs", "4", "--global-seq-len", "64",
-                   "--global-chunk-tokens", "64", "--device", "cpu", "--no-warmup", "--json", str(out)])
+                   "--reference", "--recipe", "records", "--rank", "2", "--alpha", "3", "--chunk", "128", "--window", "256",
+                   "--batch-size", "2", "--phases", "2", "--phase-docs", "4", "--global-seq-len", "256",
+                   "--global-chunk-tokens", "2048", "--device", "cpu", "--no-warmup", "--json", str(out)])
     saved = json.load(open(out))
     assert saved["ttt"]["targets"] == ["q", "k", "v", "o", "mlp", "head"] and saved["ttt"]["optimizer"] == "adamw"
     assert saved["ttt"]["warm_start_a"] is True and saved["ttt"]["phases"] == 2 and saved["ttt"]["alpha"] == 3.0

@@ -119,19 +119,19 @@ def test_nan_inf_propagate_per_matrix_or_raise_with_validate():
         newton_schulz(G, compute_dtype=KDT, validate=True)
 
 
-@pytest.mark.parametrize("fast", [False, True], ids=["torch_prologue", "triton_pack"])
-def test_pack_prologue_paths(fast, monkeypatch):
+def test_pack_prologue_paths(monkeypatch):
     """The opt-in Triton pack kernel writes bitwise what the torch prologue writes (incl. a transposed bank and a
-    non-contiguous input); the whole NS then matches too."""
+    non-contiguous input); the whole NS through it then matches single calls bitwise. (One NS run, through the
+    Triton pack: with the packed buffers bitwise equal, the torch-prologue run is the same computation.)"""
     mats = [_rand((2, 20, 36)), _rand((2, 36, 20)), _rand((4, 30, 22)).mT, _rand((1, 9))]
     shapes = tuple(tuple(m.shape) for m in mats)
     plan = nsmod._Plan(shapes, mats[0].device, nsmod._default_config(mats[0].device, shapes))
     ref = nan_empty((plan.x_total,), KDT, DEV)
     got = nan_empty((plan.x_total,), KDT, DEV)
     nsmod._pack_inputs(mats, plan, ref, 1e-7, fast=False)
-    nsmod._pack_inputs(mats, plan, got, 1e-7, fast=fast)
+    nsmod._pack_inputs(mats, plan, got, 1e-7, fast=True)
     assert torch.equal(ref.nan_to_num(7.0), got.nan_to_num(7.0))  # NaN only in the alignment gaps, in both
-    monkeypatch.setattr(nsmod, "FAST_PACK", fast)
+    monkeypatch.setattr(nsmod, "FAST_PACK", True)
     outs = newton_schulz_many(mats, compute_dtype=KDT)
     monkeypatch.setattr(nsmod, "FAST_PACK", False)
     for G, o in zip(mats, outs):

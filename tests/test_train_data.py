@@ -193,11 +193,16 @@ def test_fixture_plain_text_files_split_into_documents(tmp_path):
         file_documents([str(tmp_path / "nope.txt")])
 
 
-def test_stdlib_documents_present():
-    from train.fixture import stdlib_documents
+def test_stdlib_documents_present(monkeypatch):
+    import train.fixture as fx
 
-    docs = stdlib_documents()
-    assert len(docs) > 500 and sum(map(len, docs)) > 300_000
+    files = fx.stdlib_files()
+    assert len(files) > 500, len(files)
+    # Parsing all of them takes ~10 s of one core (657 files -> 4397 docstrings, 1.56 M chars here); every 8th
+    # file gave 505 docstrings, 197 k chars: well above 1/8 of what the fixture builder needs (500, 300 k).
+    monkeypatch.setattr(fx, "stdlib_files", lambda: files[::8])
+    docs = fx.stdlib_documents()
+    assert len(docs) > 250 and sum(map(len, docs)) > 100_000, (len(docs), sum(map(len, docs)))
     assert all(len(d) >= 80 for d in docs)
 
 

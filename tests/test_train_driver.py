@@ -84,8 +84,12 @@ def test_kernel_path_runs(tiny_data, tmp_path):
     """Without --reference: pgolf_kernels' Muon (under TRITON_INTERPRET=1 its Triton NS kernel, fp32)."""
     from train.train_gpt import main
 
-    # the interpreter is slow (~5 s per NS launch set here): 2 steps, no warm-up, a 640-token val set
-    s = main(_args(tiny_data, tmp_path, iterations=2, warmup_steps=0, reference=0, artifact=1, val_max_tokens=640))
+    # the interpreter is slow (~5 s per NS launch set of 5 iterations here): 2 steps, no warm-up, 2 NS
+    # iterations (a non-final and the final update: the kernels' two write paths; NS accuracy is
+    # test_newton_schulz's), and 2 val windows of 32 tokens (M = 64: 4 row tiles of the interpreted int6
+    # kernel; 640 tokens made the int6 eval ~10x longer)
+    s = main(_args(tiny_data, tmp_path, iterations=2, warmup_steps=0, reference=0, artifact=1, val_max_tokens=65,
+                   muon_ns_steps=2))
     assert s["steps"] == 2 and s["muon"].startswith("pgolf_kernels.muon")
     assert np.isfinite(s["final_train_loss"])
     assert "val_quant_int6" in s  # evaluated through Int6Linear codes too

@@ -143,11 +143,10 @@ def _chunk_rows(stream, s, n, c, cfg):
     return live, build_rows(stream, np.stack([s[live], a, b], 1), cfg.window)
 
 
-def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_index=0, train_hook=None,
-                            epochs=3):
-    """ILLEGAL (PR #713's pattern): per-document TTT for ``epochs`` epochs over each document's chunks,
-    an Adam step on every chunk in every epoch; the scores are taken in the final epoch only. Each target
-    is scored exactly once, but after the adapter was trained on the whole document, itself included."""
+def _multi_epoch_ttt(model, stream, starts, ns, docs, cfg, adapter, opt, st, epochs, score_in_epoch):
+    """Per-document TTT for ``epochs`` epochs over each document's chunks, an Adam step on every chunk in every
+    epoch; chunk scores are stored (the ledger keeps the latest NLL per position) in the epochs
+    ``score_in_epoch`` selects."""
     s, n = starts[docs], ns[docs]
     adapter.reset(s)
     opt.reset()
@@ -156,12 +155,20 @@ def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, 
             live, rb = _chunk_rows(stream, s, n, c, cfg)
             adapter.set_rows(torch.from_numpy(live))
             nll = rows_nll(model, rb, adapter)
-            if ep == epochs - 1:
+            if score_in_epoch(ep):
                 take_score(st, rb, nll.detach())
-            st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the double ignores its verdict
+            st.ledger.require_scored(rb.pos, rb.mask)  # the driver's guard; the doubles ignore its verdict
             ((nll * rb.mask).sum() / rb.mask.sum()).backward()
             opt.step()
     adapter.set_rows(None)
+
+
+def pr713_score_final_epoch(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_index=0, train_hook=None,
+                            epochs=3):
+    """ILLEGAL (PR #713's pattern): per-document TTT for ``epochs`` epochs over each document's chunks,
+    an Adam step on every chunk in every epoch; the scores are taken in the final epoch only. Each target
+    is scored exactly once, but after the adapter was trained on the whole document, itself included."""
+    _multi_epoch_ttt(model, stream, starts, ns, docs, cfg, adapter, opt, st, epochs, lambda ep: ep == epochs - 1)
 
 
 def pr605_score_every_epoch_overwrite(model, stream, starts, ns, docs, cfg, adapter, opt, st, batch_index=0,
@@ -169,19 +176,7 @@ def pr605_score_every_epoch_overwrite(model, stream, starts, ns, docs, cfg, adap
     """ILLEGAL (PR #605's pattern): per-document multi-epoch TTT that scores every chunk in every epoch
     (score, then step: each epoch on its own is score-first) and overwrites the stored score, so the
     reported score of a target is the last epoch's, taken after training on it and on later tokens."""
-    s, n = starts[docs], ns[docs]
-    adapter.reset(s)
-    opt.reset()
-    for ep in range(epochs):
-        for c in range(int((-(-n // cfg.chunk)).max())):
-            live, rb = _chunk_rows(stream, s, n, c, cfg)
-            adapter.set_rows(torch.from_numpy(live))
-            nll = rows_nll(model, rb, adapter)
-            take_score(st, rb, nll.detach())  # the ledger keeps the latest NLL per position: overwrite
-            st.ledger.require_scored(rb.pos, rb.mask)
-            ((nll * rb.mask).sum() / rb.mask.sum()).backward()
-            opt.step()
-    adapter.set_rows(None)
+    _multi_epoch_ttt(model, stream, starts, ns, docs, cfg, adapter, opt, st, epochs, lambda ep: True)
 
 
 ILLEGAL = [ttt_train_then_score, ttt_two_epochs_overwrite, pr713_score_final_epoch, pr605_score_every_epoch_overwrite]

@@ -227,7 +227,7 @@ def test_two_ranks_match_one(lut, tmp_path):
     stream = doc_stream(DIST_LENGTHS, seed=9, shared_law=True)
     one, st1 = ev.evaluate(tiny_model(seed=4), stream, lut, mode="chunked", chunked=ALIGNED, backend="bmm",
                            keep_nll=True, return_state=True)
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="forkserver")
     reps = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     n = stream.numel() - 1
     for r in reps:

@@ -1,5 +1,6 @@
 """Two ranks (gloo, CPU processes) vs one: same BPB, every target scored once across ranks,
 batches claimed dynamically through the torch.distributed store."""
+import contextlib
 import json
 import os
 import sys
@@ -13,17 +14,25 @@ CHUNK, WINDOW, BS = 32, 96, 2
 LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140, 33, 410]
 
 
-def _worker(rank, world, init_file, out_dir):
+@contextlib.contextmanager
+def _gloo_rank(rank, world, init_file):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def _worker(rank, world, init_file, out_dir):
     from train.eval import evaluate
     from train.eval_fixtures import doc_stream, tiny_model
     from train.ttt_config import TTTConfig
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with _gloo_rank(rank, world, init_file):
         m = tiny_model(seed=3)
         stream = doc_stream(LENGTHS, seed=5)
         cfg = TTTConfig(rank=4, chunk=CHUNK, window=WINDOW, batch_size=BS)
@@ -41,8 +50,6 @@ def _worker(rank, world, init_file, out_dir):
         rep["claimed"] = claimed
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
             json.dump(rep, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_ranks_same_bpb_as_one(tmp_path):
@@ -59,7 +66,7 @@ def test_two_ranks_same_bpb_as_one(tmp_path):
                        backend="bmm")
     finally:
         torch.set_num_threads(old)
-    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="forkserver")
     reps = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     for r in reps:  # all-reduced: every rank reports the global numbers
         assert r["world_size"] == 2
@@ -82,23 +89,16 @@ def _phased_cfg():
 
 
 def _phased_worker(rank, world, init_file, out_dir):
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from train.eval import evaluate
     from train.eval_fixtures import doc_stream, tiny_model
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+    with _gloo_rank(rank, world, init_file):
         m = tiny_model(seed=3)
         rep = evaluate(m, doc_stream(LENGTHS, seed=5), synthetic_lut(), mode="ttt", cfg=_phased_cfg(), backend="bmm",
                        strict=True)
         torch.save(torch.cat([p.detach().reshape(-1) for p in m.parameters()]), os.path.join(out_dir, f"w{rank}.pt"))
         with open(os.path.join(out_dir, f"phased{rank}.json"), "w") as f:
             json.dump(rep, f)
-    finally:
-        dist.destroy_process_group()
 
 
 def test_phased_two_ranks_same_base_and_bpb(tmp_path):
@@ -117,7 +117,8 @@ def test_phased_two_ranks_same_base_and_bpb(tmp_path):
         torch.set_num_threads(old)
     assert all(p["steps"] > 0 for p in one["phases"])
     assert not torch.equal(w1, torch.cat([p.detach().reshape(-1) for p in tiny_model(seed=3).parameters()]))
-    mp.start_processes(_phased_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    mp.start_processes(_phased_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="forkserver")
     w = [torch.load(tmp_path / f"w{r}.pt") for r in range(2)]
     assert torch.equal(w[0], w[1])
     torch.testing.assert_close(w[0], w1, rtol=1e-4, atol=1e-6)

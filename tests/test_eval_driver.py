@@ -472,20 +472,28 @@ def test_vectorized_plans_match_the_definition():
         plan_rows([0], [10], 64, 32)
 
 
+def _gpu_kernel_model(tmp_path, seed):
+    """A 2-layer d128 model through an artifact onto the GPU kernel path, and a 1-byte-per-token LUT."""
+    from train.artifact import save_artifact
+
+    m = tiny_model(seed=seed, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1)
+    path = str(tmp_path / f"gpu{seed}.ptz")
+    save_artifact(m, path, code_paths=[], warn=False)
+    mk, _ = ev.load_model(path, device="cuda")
+    V = m.config.vocab_size
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    return mk, lut
+
+
 @pytest.mark.gpu
 def test_gpu_kernel_path_coverage_and_document_isolation(tmp_path):
     """On the GPU kernel path (int6 codes + fused multi-LoRA, bf16): every mode covers every target
     once, and a document's TTT scores do not move when every other document (its batch mates
     included) is replaced -- a cross-row leak in a kernel's adapter_index / row handling would."""
-    from train.artifact import save_artifact
     from train.rows import split_docs
 
-    m = tiny_model(seed=8, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1)
-    path = str(tmp_path / "iso.ptz")
-    save_artifact(m, path, code_paths=[], warn=False)
-    mk, _ = ev.load_model(path, device="cuda")
-    V = 1024
-    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    mk, lut = _gpu_kernel_model(tmp_path, seed=8)
+    V = lut.vocab_size
     lengths = [700, 650, 640, 600, 90, 33, 1, 300, 299]
     stream = doc_stream(lengths, seed=6).cuda()
     cfg = TTTConfig(rank=8, chunk=64, window=256, batch_size=4)
@@ -516,15 +524,9 @@ def test_gpu_compiled_forward_matches_eager(tmp_path):
     """compile_rows_nll with inductor (what --compile runs on the GPU) on the int6 + fused multi-LoRA path, bf16:
     same targets and BPB as eager, with live rows and window lengths changing step to step. The CPU lane runs
     the same check through aot_eager."""
-    from train.artifact import save_artifact
     from train.forward import compile_rows_nll
 
-    m = tiny_model(seed=7, num_layers=2, model_dim=128, num_heads=2, num_kv_heads=1)
-    path = str(tmp_path / "comp.ptz")
-    save_artifact(m, path, code_paths=[], warn=False)
-    mk, _ = ev.load_model(path, device="cuda")
-    V = 1024
-    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    mk, lut = _gpu_kernel_model(tmp_path, seed=7)
     stream = doc_stream([700, 650, 90, 33, 1, 300, 299], seed=3).cuda()
     cfg = TTTConfig(rank=8, chunk=64, window=256, batch_size=3)
     eager = ev.evaluate(mk, stream, lut, cfg=cfg, backend="kernel")

@@ -63,34 +63,26 @@ def _w64(q, s):
 # ---- CPU lane: kernels in the interpreter (or on the GPU when present) -------------------------
 @pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}_split{c[4]}")
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "M%d_N%d_K%d" % s)
-def test_fwd_kernel_configs(device, cfg, shape):
+@pytest.mark.parametrize("kind", ["fwd", "dx"])
+def test_kernel_configs(device, kind, cfg, shape):
     M, N, K = shape
     g = _gen()
     dt = torch.float16
     q, s = _weights(g, N, K, device=device)
-    x = torch.randn(M, K, generator=g).to(device, dt)
-    b = torch.randn(N, generator=g).to(device, dt)
-    out = nan_empty((M, N), dt, device)
-    mod._launch_fwd(x, q, s, b, out, cfg)
-    ref = x.double() @ _w64(q, s).T + b.double()
-    base = int6_linear_ref(x, q, s, b)  # torch's fp16 path: weight rounded to fp16, fp16 GEMM
-    err = assert_close_rel(out, ref, base, name="y")
-    print(f"rel err {err:.2e} (torch fp16 path {rel_err(base, ref):.2e})")
-
-
-@pytest.mark.parametrize("cfg", INTERP_CFGS, ids=lambda c: f"swap{c[0]}_bm{c[1]}_bn{c[2]}_bk{c[3]}_split{c[4]}")
-@pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "M%d_N%d_K%d" % s)
-def test_dx_kernel_configs(device, cfg, shape):
-    M, N, K = shape
-    g = _gen()
-    dt = torch.float16
-    q, s = _weights(g, N, K, device=device)
-    dy = torch.randn(M, N, generator=g).to(device, dt)
-    out = nan_empty((M, K), dt, device)
-    mod._launch_dx(dy, q, s, out, cfg)
-    ref = dy.double() @ _w64(q, s).to(dt).double()  # the kernel's weight is bitwise fp16(q*s)
-    base = int6_linear_dx_ref(dy, q, s)
-    err = assert_close_rel(out, ref, base, name="dx")
+    if kind == "fwd":
+        x = torch.randn(M, K, generator=g).to(device, dt)
+        b = torch.randn(N, generator=g).to(device, dt)
+        out = nan_empty((M, N), dt, device)
+        mod._launch_fwd(x, q, s, b, out, cfg)
+        ref = x.double() @ _w64(q, s).T + b.double()
+        base = int6_linear_ref(x, q, s, b)  # torch's fp16 path: weight rounded to fp16, fp16 GEMM
+    else:
+        dy = torch.randn(M, N, generator=g).to(device, dt)
+        out = nan_empty((M, K), dt, device)
+        mod._launch_dx(dy, q, s, out, cfg)
+        ref = dy.double() @ _w64(q, s).to(dt).double()  # the kernel's weight is bitwise fp16(q*s)
+        base = int6_linear_dx_ref(dy, q, s)
+    err = assert_close_rel(out, ref, base, name="y" if kind == "fwd" else "dx")
     print(f"rel err {err:.2e} (torch fp16 path {rel_err(base, ref):.2e})")
 
 

@@ -53,7 +53,8 @@ def _worker(rank, world, init_file, backend, out_dir, use_kernel):
 def _spawn_and_check(backend, use_kernel):
     with tempfile.TemporaryDirectory() as d:
         init_file = os.path.join(d, "init")
-        mp.spawn(_worker, args=(2, init_file, backend, d, use_kernel), nprocs=2, join=True)
+        mp.start_processes(_worker, args=(2, init_file, backend, d, use_kernel), nprocs=2,
+                           start_method="forkserver")
         res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
     for r in range(2):
         for i, (s, t) in enumerate(zip(res[r]["single"], res[r]["dist"])):

@@ -7,6 +7,7 @@ two gloo ranks running the record's own distributed protocol (round-robin all-re
 sharded NS -> all-gather). A script whose ``Muon`` (or NS function) is renamed is refused by name.
 Skipped when the records folder is absent (``PGOLF_RECORDS_DIR``).
 """
+import contextlib
 import inspect
 import os
 import tempfile
@@ -110,14 +111,23 @@ def _check_against_oracle(key, p0, record, patched, oracle):
         assert d_orc.abs().max() > 0, f"{key} param {i}: the oracle update is zero (the test would prove nothing)"
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_apply_strict_finds_every_target_and_undoes(records, key):
+@contextlib.contextmanager
+def _patched(ns):
+    """apply(strict=True) on a record namespace for the block; yields (the record's own Muon, the report)."""
     from pgolf_kernels.patch import apply
 
-    ns = records[key]
     orig = ns.Muon
     rep = apply(ns, strict=True)
     try:
+        yield orig, rep
+    finally:
+        rep.undo()
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_apply_strict_finds_every_target_and_undoes(records, key):
+    ns = records[key]
+    with _patched(ns) as (orig, rep):
         assert ns.Muon is not orig and issubclass(ns.Muon, orig) and ns.Muon._pgolf_patched
         assert "muon" in rep.patched
         assert ("Polar Express" if key == "2026-04-29" else "quintic") in rep.patched["muon"]
@@ -126,8 +136,6 @@ def test_apply_strict_finds_every_target_and_undoes(records, key):
         want = {"2026-03-17": "rank 8", "2026-03-23": "nothing to patch", "2026-04-29": "rank 96"}[key]
         assert want in rep.skipped["ttt"], rep.skipped
         assert "muon" in str(rep) and "ttt" in str(rep)
-    finally:
-        rep.undo()
     assert ns.Muon is orig
 
 
@@ -157,17 +165,11 @@ def test_renamed_class_is_refused_by_name(records):
 
 @pytest.mark.parametrize("key", KEYS)
 def test_patched_update_matches_record_single_process(records, key):
-    from pgolf_kernels.patch import apply
-
     ns = records[key]
-    orig = ns.Muon
-    rep = apply(ns, strict=True)
-    try:
+    with _patched(ns) as (orig, _):
         patched, opt_pat = _run(ns.Muon, key)
         record, opt_rec = _run(orig, key)
         oracle, _ = _run(orig, key, ns=ns, oracle_dtype=torch.float64)
-    finally:
-        rep.undo()
     p0 = [p.detach() for p in _params(key)]
     _check_against_oracle(key, p0, record, patched, oracle)
     # same optimizer state layout as the record (momentum buffers, bf16 in the banked records)
@@ -179,24 +181,18 @@ def test_patched_update_matches_record_single_process(records, key):
 
 
 def _worker(rank, world, init_file, out_dir):
-    from pgolf_kernels.patch import apply
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     out = {}
     try:
         for key in KEYS:
             ns = _load(key, f"pgolf_record_dist_{key.replace('-', '_')}")
-            orig = ns.Muon
-            rep = apply(ns, strict=True)
-            try:
+            with _patched(ns) as (orig, _):
                 patched, _ = _run(ns.Muon, key, rank, world)
                 record, _ = _run(orig, key, rank, world)
                 # the banked protocol all-gathers into bf16 buffers, so the oracle hands back bf16
                 oracle, _ = _run(orig, key, rank, world, ns=ns,
                                  oracle_dtype=torch.float64 if key == "2026-03-17" else torch.bfloat16)
-            finally:
-                rep.undo()
             out[key] = {"patched": patched, "record": record, "oracle": oracle}
     finally:
         dist.destroy_process_group()
@@ -205,7 +201,7 @@ def _worker(rank, world, init_file, out_dir):
 
 def test_patched_update_matches_record_two_gloo_ranks():
     with tempfile.TemporaryDirectory() as d:
-        mp.spawn(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, join=True)
+        mp.start_processes(_worker, args=(2, os.path.join(d, "init"), d), nprocs=2, start_method="forkserver")
         res = [torch.load(os.path.join(d, f"rank{r}.pt")) for r in range(2)]
     for key in KEYS:
         p0 = [p.detach() for p in _params(key)]
@@ -218,13 +214,10 @@ def test_patched_update_matches_record_two_gloo_ranks():
 
 def test_round_robin_without_nesterov_matches_record(records):
     """nesterov=False: the 2026-03-17 record orthogonalizes the raw gradient (not the momentum buffer)."""
-    from pgolf_kernels.patch import apply
     from pgolf_kernels.testing import rel_err
 
     ns = records["2026-03-17"]
-    orig = ns.Muon
-    rep = apply(ns, strict=True)
-    try:
+    with _patched(ns) as (orig, _):
         outs = []
         for cls in (ns.Muon, orig):
             ps = _params("2026-03-17")
@@ -234,8 +227,6 @@ def test_round_robin_without_nesterov_matches_record(records):
                     p.grad = g
                 opt.step()
             outs.append([p.detach() for p in ps])
-    finally:
-        rep.undo()
     for i, (a, b, z) in enumerate(zip(*outs, _params("2026-03-17"))):
         # both are bf16 NS of the same inputs: equal up to bf16 rounding of the update (2^-8 relative)
         assert rel_err(a - z, b - z.detach()) < 2e-2, f"param {i}"

@@ -157,8 +157,9 @@ def test_eval_entry_counts_what_it_imports(tmp_path, monkeypatch):
     with open(root / "train" / "eval.py", "a") as f:
         f.write(line)
     added = set(art.code_paths_for_entry("train.eval", root=str(root))) - before
-    # muon.py and what it imports that the eval did not import already (newton_schulz.py)
-    assert {os.path.relpath(p, root) for p in added} == {"pgolf_kernels/muon.py", "pgolf_kernels/newton_schulz.py"}
+    # muon.py and what it imports that the eval did not import already (newton_schulz.py, _optim.py)
+    assert {os.path.relpath(p, root) for p in added} == {"pgolf_kernels/muon.py", "pgolf_kernels/newton_schulz.py",
+                                                          "pgolf_kernels/_optim.py"}
     n1 = art.code_bytes_for_entry("train.eval", root=str(root))
     assert n1 == n0 + len(line) + sum(os.path.getsize(p) for p in added)
 

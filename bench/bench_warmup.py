@@ -16,7 +16,10 @@ autotune, the synthetic-token shape sweep) and val load, with the warm-up's phas
 
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``): recipe and path. ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
-once the next would not fit.
+once the next would not fit. ``PGOLF_WARMUP_PROFILE=DIR`` runs each warm child under cProfile and writes
+``DIR/warmup-<case>.prof`` and the top functions by cumulative time to ``DIR/warmup-<case>-top.txt``
+(what a warm cache leaves of the warm-up; cProfile's overhead inflates Python-heavy phases such as
+Dynamo tracing, so read its shares, not its seconds).
 """
 from __future__ import annotations
 
@@ -49,13 +52,14 @@ def _tokenizer() -> str:
     return os.path.join(d, "fineweb_1024_bpe.model")
 
 
-def _child(args: List[str], caches: str, timeout: float) -> Dict[str, object]:
+def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] = None) -> Dict[str, object]:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     out = os.path.join(caches, f"rep-{time.time_ns()}.json")
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, "-m", "train.eval", *args, "--json", out], env=env, capture_output=True,
-                       text=True, timeout=timeout)
+    prof = ["-m", "cProfile", "-o", profile] if profile else []
+    p = subprocess.run([sys.executable, *prof, "-m", "train.eval", *args, "--json", out], env=env,
+                       capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t
     if p.returncode != 0:
         raise RuntimeError(f"train.eval exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
@@ -76,6 +80,16 @@ def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
     out.update({f"{tag}_{k}": rates.get(k) for k in _RATE_KEYS if k in rates})
     out[f"{tag}_compile_cache"] = {k: v for k, v in rates.items() if k == "dynamo_frames" or "." in k}
     return out
+
+
+def _profile_summary(prof: str, top: int = 60) -> str:
+    """The ``top`` functions of a cProfile dump by cumulative time, as pstats prints them."""
+    import io
+    import pstats
+
+    buf = io.StringIO()
+    pstats.Stats(prof, stream=buf).sort_stats("cumulative").print_stats(top)
+    return buf.getvalue()
 
 
 def run(quick: bool = False) -> List[Dict[str, object]]:
@@ -105,8 +119,13 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                 note = f"{tag} not run: {left:.0f} s of the bench budget left"
                 break
             t = time.perf_counter()
+            prof_dir = os.environ.get("PGOLF_WARMUP_PROFILE")
+            prof = os.path.join(prof_dir, f"warmup-{name}.prof") if prof_dir and tag == "warm" else None
             try:
-                reps[tag] = _child(args, caches, timeout=left)
+                reps[tag] = _child(args, caches, timeout=left, profile=prof)
+                if prof:
+                    with open(os.path.join(prof_dir, f"warmup-{name}-top.txt"), "w") as f:
+                        f.write(_profile_summary(prof))
             except subprocess.TimeoutExpired:
                 note = f"{tag} did not reach its report within {time.perf_counter() - t:.0f} s (budget)"
                 break

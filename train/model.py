@@ -97,12 +97,29 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
 class Rotary(nn.Module):
     """RoPE cos/sin tables (1, 1, T, head_dim/2), recomputed per call: at T 2048, d_h 64 that is a
     131k-element outer product, negligible next to one attention, and keeps torch.compile free of
-    Python-side cache state."""
+    Python-side cache state.
+
+    ``inv_freq`` (head_dim/2,) = base^(-2i/head_dim), computed once on the CPU in fp32, is a
+    non-persistent buffer: it follows ``model.to(device)`` (not in the state dict or the artifact) and
+    stays fp32 through ``model.to(bfloat16)``. It used to be a plain CPU attribute moved by
+    ``.to(device)`` inside the forward; that CPU input made Inductor emit host C++ kernels in the
+    compiled blocks, and building or loading them (g++, Inductor's vector-ISA probe, their file locks)
+    was the largest part of the eval's warm-up with warm caches on the H200
+    (bench/results/warmup-h200.md)."""
 
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        # a plain attribute, not a buffer: model.to(bfloat16) must not round the frequencies
-        self.inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.head_dim, self.base = head_dim, base
+        self.register_buffer("inv_freq", self._inv_freq(), persistent=False)
+
+    def _inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:  # a dtype cast: recompute, do not round the frequencies
+            self.inv_freq = self._inv_freq().to(self.inv_freq.device)
+        return self
 
     def forward(self, T: int, device, dtype):
         t = torch.arange(T, device=device, dtype=torch.float32)

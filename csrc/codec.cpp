@@ -45,13 +45,28 @@ void check_rows_finite(int64_t bad_row, int64_t N, float qmax) {
                     ") overflows fp16");
 }
 
+namespace {
+// The start of both quantize_rows wrappers: the argument checks, then w's (N, K), the largest code qmax and the
+// outputs on w's device: codes q (N, K) int8 left unset, scales s (N,) fp16 zero. The zero is what a K = 0
+// matrix returns (both wrappers stop there); otherwise both quantizers write every row's scale, refused rows
+// included (a 2N-byte memset, nothing next to the rows' quantization).
+struct QuantizeOutputs {
+  int64_t N, K;
+  float qmax;
+  at::Tensor q, s;
+};
+
+QuantizeOutputs quantize_outputs(const at::Tensor& w, int64_t bits, at::DeviceType device) {
+  check_quantize_args(w, bits, device);
+  const int64_t N = w.size(0), K = w.size(1);
+  return {N, K, float((1 << (bits - 1)) - 1), at::empty({N, K}, w.options().dtype(at::kChar)),
+          at::zeros({N}, w.options().dtype(at::kHalf))};
+}
+}  // namespace
+
 #ifdef PGOLF_WITH_CUDA
 std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search) {
-  check_quantize_args(w, bits, at::kCUDA);
-  const int64_t N = w.size(0), K = w.size(1);
-  const float qmax = float((1 << (bits - 1)) - 1);
-  auto q = at::empty({N, K}, w.options().dtype(at::kChar));
-  auto s = at::zeros({N}, w.options().dtype(at::kHalf));
+  auto [N, K, qmax, q, s] = quantize_outputs(w, bits, at::kCUDA);
   if (N == 0 || K == 0) return {q, s};
   TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
                     " rows, more than one CUDA grid holds (2^31 - 1)");
@@ -151,18 +166,14 @@ void quantize_one_row(const float* w, int64_t K, float qmax, bool search, int8_t
 }
 
 std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool search) {
-  check_quantize_args(w, bits, at::kCPU);
-  const int64_t N = w.size(0), K = w.size(1);
-  const float qmax = float((1 << (bits - 1)) - 1);
-  auto q = at::empty({N, K}, w.options().dtype(at::kChar));
-  auto s = at::empty({N}, w.options().dtype(at::kHalf));
+  const QuantizeOutputs out = quantize_outputs(w, bits, at::kCPU);
+  // plain locals, not a structured binding: the parallel_for lambda below captures them (C++20 only for bindings)
+  const int64_t N = out.N, K = out.K;
+  const float qmax = out.qmax;
+  if (N == 0 || K == 0) return {out.q, out.s};
   const float* wp = w.data_ptr<float>();
-  int8_t* qp = q.data_ptr<int8_t>();
-  c10::Half* sp = s.data_ptr<c10::Half>();
-  if (N == 0 || K == 0) {
-    if (N > 0) s.zero_();
-    return {q, s};
-  }
+  int8_t* qp = out.q.data_ptr<int8_t>();
+  c10::Half* sp = out.s.data_ptr<c10::Half>();
   // Non-finite values would silently poison a row's scale; refuse them, naming the lowest such row
   // (the same row whatever the thread split, and the row the CUDA kernel names).
   std::atomic<int64_t> bad{N};
@@ -189,7 +200,7 @@ std::vector<at::Tensor> quantize_rows(const at::Tensor& w, int64_t bits, bool se
     }
   });
   check_rows_finite(bad.load(), N, qmax);
-  return {q, s};
+  return {out.q, out.s};
 }
 
 // ---- checksum -------------------------------------------------------------------------------

@@ -8,8 +8,9 @@
 * GPU lane (``pytest -m gpu``): real shapes on a CUDA device; skipped with a stated reason
   when CUDA is absent.
 
-Fixtures: ``device`` ("cuda" when present, else "cpu" = interpreter) and ``act_dtype``
-(the activation dtypes a kernel test may use on that device).
+Fixtures: ``device`` ("cuda" when present, else "cpu" = interpreter), ``act_dtype``
+(the activation dtypes a kernel test may use on that device) and ``steps_match`` (an optimizer
+against its torch reference on the same gradients).
 """
 import os
 
@@ -118,3 +119,22 @@ def lut():
     from train.eval_fixtures import synthetic_lut
 
     return synthetic_lut()
+
+
+def _steps_match(ours, ref, params, ref_params, g, steps=4):
+    """``steps`` optimizer steps of ``ours`` on ``params`` and of ``ref`` on ``ref_params`` (equal at the start),
+    each on the same gradients drawn from generator ``g``; the parameters must agree after every step."""
+    for _ in range(steps):
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+        for a, b, gr in zip(params, ref_params, grads):
+            a.grad, b.grad = gr.clone(), gr.clone()
+        ours.step()
+        ref.step()
+        for a, b in zip(params, ref_params):
+            torch.testing.assert_close(a, b.detach(), rtol=1e-6, atol=1e-7)
+
+
+@pytest.fixture
+def steps_match():
+    """``steps_match(ours, ref, params, ref_params, g, steps=4)``: see ``_steps_match``."""
+    return _steps_match

@@ -399,7 +399,7 @@ def test_bench_helpers_smoke_on_cpu(tmp_path, shared_data, monkeypatch):
     assert os.path.isfile(tmp_path / "eval-partial.jsonl")
 
 
-def test_batched_adam_matches_torch_adam_and_resets_in_place():
+def test_batched_adam_matches_torch_adam_and_resets_in_place(steps_match):
     from train.ttt_optim import BatchedAdam
 
     g = torch.Generator().manual_seed(0)
@@ -409,14 +409,7 @@ def test_batched_adam_matches_torch_adam_and_resets_in_place():
     ref = torch.optim.Adam(p2, lr=0.01, betas=(0.9, 0.95), eps=1e-8)
     ptrs = [t.data_ptr() for t in ours.m + ours.v + p1]
     for rnd in range(2):
-        for _ in range(4):
-            grads = [torch.randn(p.shape, generator=g) for p in p1]
-            for a, b, gr in zip(p1, p2, grads):
-                a.grad, b.grad = gr.clone(), gr.clone()
-            ours.step()
-            ref.step()
-            for a, b in zip(p1, p2):
-                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        steps_match(ours, ref, p1, p2, g)
         ours.reset()  # new batch: moments and step count from zero, same buffers
         ref = torch.optim.Adam(p2, lr=0.01, betas=(0.9, 0.95), eps=1e-8)
         assert ours.t == 0 and all(float(t.abs().sum()) == 0 for t in ours.m + ours.v)

@@ -19,12 +19,12 @@ from .adapters import DocLoRA
 from .forward import rows_nll
 from .rows import build_rows
 from .scoring import EvalState, score_rows, sync_device
-from .ttt_config import TTTConfig
+from .ttt_config import AdamSettings, TTTConfig
 from .ttt_optim import BatchedAdam
 
 
 @dataclass
-class ChunkedConfig:
+class ChunkedConfig(AdamSettings):
     """Chunked score-first TTT (PR #550 style), see ``chunked_ttt``.
 
     chunk_tokens: targets per chunk (2,048-65,536; the records' 32,768). rank: the shared LoRA's rank
@@ -38,10 +38,6 @@ class ChunkedConfig:
     chunk_tokens: int = 32768
     rank: int = 8
     epochs: int = 3
-    lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
     window: Optional[int] = None
     stride: int = 64
     train_len: Optional[int] = None

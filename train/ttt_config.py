@@ -28,16 +28,23 @@ OPTIMIZERS = ("adam", "adamw")
 
 
 @dataclass
-class TTTConfig:
+class AdamSettings:
+    """The adapters' Adam hyperparameters, shared by ``TTTConfig`` and ``chunked.ChunkedConfig`` (each
+    validates them in its own ``__post_init__``): peak lr, betas (beta1, beta2) and eps."""
+
+    lr: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class TTTConfig(AdamSettings):
     rank: int = 8
     targets: Tuple[str, ...] = ("q", "v", "head")
     chunk: int = 256
     window: int = 1024
     batch_size: int = 64
-    lr: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
     seed: int = 1234
     # True: score each chunk from its own no-grad forward, then run a second forward with grad for
     # the update (the literal two-pass recipe). False (default): score from the detached NLL of the

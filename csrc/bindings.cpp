@@ -26,7 +26,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef PGOLF_WITH_CUDA
   // setup.py defines PGOLF_WITH_CUDA when it compiles csrc/cuda/*.cu into this module
   m.attr("has_cuda") = true;
-  m.def("quantize_rows_cuda", &pgolf::quantize_rows_cuda, pybind11::arg("w"), pybind11::arg("bits"),
+  m.def("quantize_rows_cuda", pgolf::guarded(&pgolf::quantize_rows_cuda), pybind11::arg("w"), pybind11::arg("bits"),
         pybind11::arg("search"),
         "quantize_rows for a contiguous float32 (N, K) CUDA matrix, on its device: the same codes and "
         "fp16 scales as the CPU codec, bit for bit.");

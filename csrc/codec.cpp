@@ -343,15 +343,15 @@ pybind11::tuple split_payload(const pybind11::bytes& payload) {
 }  // namespace
 
 void bind_codec(pybind11::module_& m) {
-  m.def("quantize_rows", &quantize_rows, pybind11::arg("w"), pybind11::arg("bits"),
+  m.def("quantize_rows", guarded(&quantize_rows), pybind11::arg("w"), pybind11::arg("bits"),
         pybind11::arg("search"),
         "Per-row symmetric b-bit quantization of a contiguous float32 (N, K) CPU matrix. "
         "Returns [q int8 (N, K), scale fp16 (N,)] with W ~= q * scale[:, None]; search=True "
         "keeps the clip with the lowest reconstruction MSE (absmax included, ties keep it).");
-  m.def("checksum64", &checksum64, pybind11::arg("data"), "64-bit integrity hash of a bytes object");
-  m.def("pack_payload", &pack_payload, pybind11::arg("header"), pybind11::arg("blobs"),
+  m.def("checksum64", guarded(&checksum64), pybind11::arg("data"), "64-bit integrity hash of a bytes object");
+  m.def("pack_payload", guarded(&pack_payload), pybind11::arg("header"), pybind11::arg("blobs"),
         "Serialize header bytes and uint8 blobs into the container payload (see codec.cpp).");
-  m.def("split_payload", &split_payload, pybind11::arg("payload"),
+  m.def("split_payload", guarded(&split_payload), pybind11::arg("payload"),
         "Validate a container payload; returns (header bytes, data start, data length).");
 }
 

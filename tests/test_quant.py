@@ -143,6 +143,22 @@ def test_quantize_bad_input():
         quantize_rows(w)
 
 
+def test_extension_errors_are_python_exceptions():
+    """Every binding of pgolf_kernels._C raises a plain Python exception with the one-line message (no C++
+    backtrace), never a c10::Error through pybind11: that crashed the process on the GPU image."""
+    C = load_C()
+    w = torch.randn(5, 8)
+    w[3, 1] = float("inf")
+    cases = [(lambda: C.quantize_rows(w, 6, True), ValueError, "row 3 of w has a NaN/Inf"),
+             (lambda: C.quantize_rows(torch.randn(4, 8), 99, True), ValueError, "bits"),
+             (lambda: C.split_payload(b"not a payload"), ValueError, "")]
+    for fn, kind, text in cases:
+        with pytest.raises(kind) as e:
+            fn()
+        msg = str(e.value)
+        assert text in msg and "\n" not in msg and "Exception raised from" not in msg, msg
+
+
 def test_quantize_empty():
     qt = quantize_rows(torch.randn(0, 7))
     assert qt.q.shape == (0, 7) and qt.scale.shape == (0,)

@@ -73,6 +73,12 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     import torch.fx.experimental._config as fx_config
 
     fx_config.use_duck_shape = False
+    # Python floats read in the forward (the MLP's leaky slope, the logit soft-cap, the LoRA scale) are
+    # constants of the run: specialize them. Unspecialized (torch's default), each became a 0-dim float64
+    # CPU input that inductor converted with a host C++ kernel, so every eval process ran g++ and
+    # inductor's vector-ISA probe under file locks: 12-20 s of a warm-cache warm-up on the H200, ~65 s of
+    # subprocess and lock waits in its profile (bench/results/warmup-h200.md)
+    torch._dynamo.config.specialize_float = True
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))

@@ -30,17 +30,17 @@
 namespace pgolf {
 
 void check_quantize_args(const at::Tensor& w, int64_t bits, at::DeviceType device) {
-  TORCH_CHECK_VALUE(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
-  TORCH_CHECK_TYPE(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ",
+  check_value(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
+  check_type(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ",
                    w.scalar_type());
-  TORCH_CHECK_VALUE(w.dim() == 2, "quantize_rows: w must be 2-D (N, K), got ", w.dim(), " dims");
-  TORCH_CHECK_VALUE(w.device().type() == device, "quantize_rows: w must be on the ",
+  check_value(w.dim() == 2, "quantize_rows: w must be 2-D (N, K), got ", w.dim(), " dims");
+  check_value(w.device().type() == device, "quantize_rows: w must be on the ",
                     device == at::kCPU ? "CPU" : "CUDA device", ", got ", w.device());
-  TORCH_CHECK_VALUE(w.is_contiguous(), "quantize_rows: w must be contiguous");
+  check_value(w.is_contiguous(), "quantize_rows: w must be contiguous");
 }
 
 void check_rows_finite(int64_t bad_row, int64_t N, float qmax) {
-  TORCH_CHECK_VALUE(bad_row >= N, "quantize_rows: row ", bad_row,
+  check_value(bad_row >= N, "quantize_rows: row ", bad_row,
                     " of w has a NaN/Inf or an absmax whose scale (absmax/", qmax,
                     ") overflows fp16");
 }
@@ -68,12 +68,12 @@ QuantizeOutputs quantize_outputs(const at::Tensor& w, int64_t bits, at::DeviceTy
 std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search) {
   auto [N, K, qmax, q, s] = quantize_outputs(w, bits, at::kCUDA);
   if (N == 0 || K == 0) return {q, s};
-  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
+  check_value(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
                     " rows, more than one CUDA grid holds (2^31 - 1)");
   auto scratch = at::empty({search ? N * cuda_candidates() * cuda_chunk_count(K) : 1}, w.options());
   auto bad = at::full({1}, N, w.options().dtype(at::kLong));  // lowest refused row; N = none
   const int err = quantize_rows_cuda_launch(w, qmax, search, q, s, scratch, bad);
-  TORCH_CHECK(err == 0, "quantize_rows: the CUDA kernel did not launch: ", cuda_error_text(err));
+  check_runtime(err == 0, "quantize_rows: the CUDA kernel did not launch: ", cuda_error_text(err));
   check_rows_finite(bad.item<int64_t>(), N, qmax);
   return {q, s};
 }
@@ -285,11 +285,11 @@ pybind11::bytes pack_payload(const pybind11::bytes& header, const std::vector<at
   char* hbuf = nullptr;
   Py_ssize_t hlen = 0;
   if (PyBytes_AsStringAndSize(header.ptr(), &hbuf, &hlen) != 0) throw pybind11::error_already_set();
-  TORCH_CHECK_VALUE(uint64_t(hlen) < (uint64_t(1) << 32), "pack_payload: header too large");
+  check_value(uint64_t(hlen) < (uint64_t(1) << 32), "pack_payload: header too large");
   size_t data_len = 0;
   for (size_t i = 0; i < blobs.size(); ++i) {
     const auto& b = blobs[i];
-    TORCH_CHECK_TYPE(b.scalar_type() == at::kByte && b.dim() == 1 && b.is_contiguous() &&
+    check_type(b.scalar_type() == at::kByte && b.dim() == 1 && b.is_contiguous() &&
                          b.device().is_cpu(),
                      "pack_payload: blob ", i, " must be a contiguous 1-D uint8 CPU tensor");
     data_len = align16(data_len) + size_t(b.numel());
@@ -320,21 +320,21 @@ pybind11::tuple split_payload(const pybind11::bytes& payload) {
   Py_ssize_t len = 0;
   if (PyBytes_AsStringAndSize(payload.ptr(), &buf, &len) != 0) throw pybind11::error_already_set();
   const size_t n = size_t(len);
-  TORCH_CHECK_VALUE(n >= kFixed, "payload truncated: ", n, " bytes, the fixed header alone is ",
+  check_value(n >= kFixed, "payload truncated: ", n, " bytes, the fixed header alone is ",
                     kFixed);
-  TORCH_CHECK_VALUE(std::memcmp(buf, kMagic, 8) == 0,
+  check_value(std::memcmp(buf, kMagic, 8) == 0,
                     "payload magic mismatch: not a pgolf container");
   uint32_t ver, hl;
   uint64_t dl;
   std::memcpy(&ver, buf + 8, 4);
   std::memcpy(&hl, buf + 12, 4);
   std::memcpy(&dl, buf + 16, 8);
-  TORCH_CHECK_VALUE(ver == kVersion, "payload version ", ver, " is not supported (expected ",
+  check_value(ver == kVersion, "payload version ", ver, " is not supported (expected ",
                     kVersion, ")");
   const size_t start = align16(kFixed + size_t(hl));
-  TORCH_CHECK_VALUE(start <= n, "payload truncated: header of ", hl, " bytes runs past the end (",
+  check_value(start <= n, "payload truncated: header of ", hl, " bytes runs past the end (",
                     n, " bytes)");
-  TORCH_CHECK_VALUE(dl <= uint64_t(n - start) && start + size_t(dl) == n,
+  check_value(dl <= uint64_t(n - start) && start + size_t(dl) == n,
                     "payload length mismatch: header says ", dl, " data bytes, found ", n - start);
   return pybind11::make_tuple(pybind11::bytes(buf + kFixed, hl), pybind11::int_(start),
                               pybind11::int_(dl));

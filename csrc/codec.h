@@ -12,10 +12,9 @@ void check_quantize_args(const at::Tensor& w, int64_t bits, at::DeviceType devic
 void check_rows_finite(int64_t bad_row, int64_t N, float qmax);
 #ifdef PGOLF_WITH_CUDA
 // The CUDA twin of quantize_rows: same codes and fp16 scales, bit for bit. The wrapper (codec.cpp, host
-// compiler) checks the arguments, allocates and raises every error; the launcher it calls
-// (cuda/quantize.cu) never throws and returns the launch's cudaError_t as an int (0 = success), because a
-// c10 exception thrown from the nvcc-compiled unit crashed the process (segmentation fault) on the H200
-// image instead of reaching Python, the first time a row was refused there.
+// compiler) checks the arguments, allocates and raises every error (with pgolf.h's checks: no c10::Error
+// may leave the extension); the launcher it calls (cuda/quantize.cu) never throws and returns the
+// launch's cudaError_t as an int (0 = success).
 std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bool search);
 int quantize_rows_cuda_launch(const at::Tensor& w, float qmax, bool search, at::Tensor& q, at::Tensor& s,
                               at::Tensor& scratch, at::Tensor& bad) noexcept;

@@ -11,8 +11,10 @@ the official length distribution, scoring a 1/8 share (every 8th batch), so the 
 ``ours_ms`` = warm time to the first scored token, ``baseline_ms`` = cold (so ``speedup`` is what the caches
 save). Extra columns split both into start-up (interpreter + imports), artifact load, warm-up (compile,
 autotune, the synthetic-token shape sweep) and val load, with the warm-up's phases
-(``train.warmup``: shape sweep, first and second TTT / scoring passes) and the val_bpb of both processes
-(equal: the caches must not change a score).
+(``train.warmup``: shape sweep, first and second TTT / scoring passes), the val_bpb of both processes
+(equal: the caches must not change a score), and the compile statistics of ``train.warmup.compile_cache_counts``
+(frames, cache hits and misses, seconds per compile phase: Dynamo tracing, backend, code generation, module
+loading, Triton compile waits, host C++ builds).
 
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``): recipe and path. ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children

@@ -578,3 +578,16 @@ def test_rolling_schedule_kernel_backend_matches_batch(kernel_artifact, small_lu
     assert rr["schedule"] == "rolling" and rr["lora_backend"] == "kernel"
     assert rr["targets"] == rb["targets"] and rr["docs_ttt"] == rb["docs_ttt"] == 6
     assert abs(rr["val_bpb"] - rb["val_bpb"]) < 1e-5 * rb["val_bpb"], (rr["val_bpb"], rb["val_bpb"])
+
+
+def test_compile_cache_counts_reports_frames_and_phase_times():
+    """The warm-up report's compile statistics: frames compiled and the seconds of each compile phase."""
+    from train.warmup import _COMPILE_PHASES, compile_cache_counts
+
+    before = compile_cache_counts()
+    f = torch.compile(lambda x: (x.sin() * 2).relu().sum(), dynamic=True, backend="aot_eager")
+    f(torch.randn(10))
+    after = compile_cache_counts()
+    assert after["dynamo_frames"] == before["dynamo_frames"] + 1
+    assert {f"compile_s.{n}" for n, _ in _COMPILE_PHASES} <= set(after)
+    assert after["compile_s.frame"] > before["compile_s.frame"] and after["compile_s.tracing"] > 0

@@ -83,17 +83,32 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     return rates
 
 
-def compile_cache_counts() -> Dict[str, int]:
+def compile_cache_counts() -> Dict[str, float]:
     """torch.compile's cache outcomes in this process so far (Dynamo frames compiled, AOTAutograd and
-    Inductor FX-graph cache hits / misses / bypasses): what a warm cache saved, and what it did not."""
-    from torch._dynamo.utils import counters
+    Inductor FX-graph cache hits / misses / bypasses): what a warm cache saved, and what it did not; and
+    where its compile time went (``compile_s.*``, seconds summed over every compile so far, from
+    ``torch._dynamo.utils.compilation_time_metrics``): Dynamo's whole frame compiles (``frame``), its
+    bytecode tracing (``tracing``), the backend (``backend``: AOTAutograd + Inductor), Inductor's code
+    generation (``codegen``), loading generated modules (``load_modules``), waiting for the parallel
+    Triton compiles (``async_wait``) and host C++ builds (``cpp_build``; none is expected on the GPU)."""
+    from torch._dynamo.utils import compilation_time_metrics, counters
 
-    out = {"dynamo_frames": int(counters["frames"].get("ok", 0))}
+    out: Dict[str, float] = {"dynamo_frames": int(counters["frames"].get("ok", 0))}
     for group in ("aot_autograd", "inductor"):
         for k, v in counters[group].items():
             if "cache" in k:
                 out[f"{group}.{k}"] = int(v)
+    for name, key in _COMPILE_PHASES:
+        out[f"compile_s.{name}"] = round(float(sum(compilation_time_metrics.get(key, ()))), 3)
     return out
+
+
+# (report name, torch._dynamo.utils.compilation_time_metrics key); keys that a torch version does not
+# record read as 0
+_COMPILE_PHASES = (("frame", "_compile.compile_inner"), ("tracing", "bytecode_tracing"),
+                   ("backend", "OutputGraph.call_user_compiler"), ("codegen", "GraphLowering.codegen"),
+                   ("load_modules", "PyCodeCache.load_by_key_path"), ("async_wait", "async_compile.wait"),
+                   ("cpp_build", "compile_file"))
 
 
 def warmup_chunked(model, lut: ByteLUT, cc: ChunkedConfig, backend: str, device, *, rank: int = 0, world: int = 1,

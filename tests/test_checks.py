@@ -331,6 +331,7 @@ def _ev_argv(e, *extra):
     (["--mode", "chunked", "--chunk-tokens", "1000"], "--chunk-tokens", ("[2048, 65536]",)),
     (["--mode", "chunked", "--train-len", "65"], "--train-len", ("64",)),
     (["--rank", "0"], "--rank", ()),
+    (["--cuda-graphs"], "--cuda-graphs", ("on a CUDA device", "on cpu")),
 ])
 def test_eval_refuses_bad_numbers_before_loading(eval_inputs, extra, arg, match):
     from train import eval as ev

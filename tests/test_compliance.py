@@ -473,7 +473,8 @@ def test_pr605_double_is_flagged(model, stream, lut):
 def test_scores_enter_only_through_the_ledger():
     """Structural guarantee (every eval module of ``train``): the BPB sums are added to only inside
     ``take_score``, which records in the ledger first; ``take_score`` is called only by ``score_rows``
-    and ``_ttt_step`` (the TTT step of both schedules); the chunked mode scores only via ``score_rows``
+    and ``_step_body`` (the device work of the TTT step of both schedules, run by ``_ttt_step`` eagerly
+    or replayed from a CUDA graph that ``train.graphs`` captured of it); the chunked mode scores only via ``score_rows``
     and that call precedes its training loop; no scorer assigns/overwrites the BPB sums. A new scoring
     path (or a new eval module) must update these lists."""
     import ast
@@ -483,8 +484,8 @@ def test_scores_enter_only_through_the_ledger():
 
     import train
 
-    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "ledger", "phased", "rows", "schedules",
-                 "scoring", "ttt_config", "ttt_optim", "warmup")
+    eval_mods = ("adapters", "chunked", "doc_queue", "eval", "forward", "graphs", "ledger", "phased", "rows",
+                 "schedules", "scoring", "ttt_config", "ttt_optim", "warmup")
     mods = {n: importlib.import_module(f"train.{n}") for n in eval_mods}
     # every train module that imports a scorer is in the list (a new scoring module cannot slip past)
     for info in pkgutil.iter_modules(train.__path__):
@@ -509,14 +510,19 @@ def test_scores_enter_only_through_the_ledger():
                     for t in tgts:
                         assert "acc.sums" not in ast.unparse(t) or fn.name == "__init__", f"{fn.name} writes BPB sums"
     assert callers["add"] == {"take_score"} and callers["record"] == {"take_score"}
-    assert callers["take_score"] == {"score_rows", "_ttt_step"}  # _ttt_step: the one TTT step (batch and rolling)
+    assert callers["take_score"] == {"score_rows", "_step_body"}  # _step_body: the one TTT step (batch and rolling)
     # next_batch: DocQueue's per-batch step (base scoring past the deadline); warmup, _warm_shapes: synthetic tokens
     assert callers["score_rows"] == {"chunked_ttt", "evaluate", "next_batch", "warmup", "_warm_shapes"}
     src = inspect.getsource(mods["chunked"].chunked_ttt)
     assert src.index("score_rows(") < src.index(".backward(")
     assert src.count("score_rows(") == 1
-    src = inspect.getsource(mods["schedules"]._ttt_step)
+    src = inspect.getsource(mods["schedules"]._step_body)
     assert src.index("take_score(") < src.index(".backward(")
+    src = inspect.getsource(mods["schedules"]._ttt_step)  # the body eagerly, or the captured body's replay
+    assert "_step_body(" in src and "graphs.replay(" in src and "take_score(" not in src and ".backward(" not in src
+    # the graphs run the same body (warm-up on a scratch ledger, capture, or the eager bucketed form)
+    src = inspect.getsource(mods["graphs"])
+    assert "_step_body(" in src and "take_score(" not in src and ".backward(" not in src
     for sched in (mods["schedules"].ttt_batch, mods["schedules"].ttt_rolling):  # both step only through _ttt_step
         src = inspect.getsource(sched)
         assert "_ttt_step(" in src and "take_score(" not in src and ".backward(" not in src

@@ -84,12 +84,13 @@ class DocQueue:
                  adapter, opt, deadline: float, rates: Optional[dict], share, rank: int, world: int,
                  distributed: bool, clock: Callable[[], float], log, progress_s: float,
                  batches: Optional[List[np.ndarray]] = None, claim_key: str = "pgolf_eval_claim",
-                 work_after: float = 0.0, fallback: bool = False):
-        """``batches``: the document batches in claim order (default: all documents, longest first);
+                 work_after: float = 0.0, fallback: bool = False, graphs=None):
+        """``graphs``: the eval's ``train.graphs.StepGraphs`` (every TTT step replayed from it), or None.
+        ``batches``: the document batches in claim order (default: all documents, longest first);
         ``claim_key``: the store counter (one per queue); ``work_after``: this rank's work of the queues
         that follow (phased TTT), for the deadline estimate; ``fallback``: start without TTT."""
         self.model, self.tokens, self.starts, self.ns, self.cfg, self.st = model, tokens, starts, ns, cfg, st
-        self.mode, self.adapter, self.opt = mode, adapter, opt
+        self.mode, self.adapter, self.opt, self.graphs = mode, adapter, opt, graphs
         self.deadline, self.share, self.rank, self.world = deadline, share, rank, world
         self.clock, self.log, self.progress_s = clock, log, progress_s
         self.batches = plan_doc_batches(ns, cfg.batch_size) if batches is None else batches
@@ -110,7 +111,7 @@ class DocQueue:
     def run(self) -> None:
         if self.rolling:
             ttt_rolling(self.model, self.tokens, self.starts, self.ns, self.claim_rolling, self.cfg, self.adapter,
-                        self.opt, self.st)
+                        self.opt, self.st, graphs=self.graphs)
         else:
             while self.next_batch() is not None:
                 pass
@@ -145,7 +146,7 @@ class DocQueue:
             return docs
         else:
             ttt_batch(self.model, self.tokens, self.starts, self.ns, docs, self.cfg, self.adapter, self.opt, self.st,
-                      batch_index=i)
+                      batch_index=i, graphs=self.graphs)
         self._count(docs, i, ttt=not self.fallback)
         now = self.clock()
         if not self.fallback and (now - self.rate_t > 2.0 or self.ttt_rate is None):

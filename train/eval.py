@@ -70,6 +70,7 @@ from .bpb import ByteLUT
 from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
 from .doc_queue import DocQueue
+from .graphs import StepGraphs
 from .forward import compile_rows_nll
 from .phased import global_pass, global_rows, phase_plan, unfreeze_int6
 from .ledger import LegalityError
@@ -221,11 +222,21 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     ``expected`` to this process's share; returns the report's fields."""
     dev = tokens.device
     report: Dict[str, object] = {}
-    adapter = opt = None
+    adapter = opt = graphs = None
     if mode == "ttt":
         adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
-        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling")
+        # per-row Adam with CUDA graphs (the step count lives on the device): same updates as batch-wide Adam
+        # when every row starts together, as in the batch schedule
+        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs)
         report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
+        if cfg.cuda_graphs:
+            if train_hook is not None:
+                raise ValueError("cuda_graphs: a train_hook cannot run inside a captured step")
+            graphs = StepGraphs(model, adapter, opt, cfg, st, capture=True)
+            report["cuda_graphs"] = graphs.prepare()
+            log(f"[eval] CUDA graphs: {report['cuda_graphs']['graphs']} captured ({len(graphs.r_buckets)} row x "
+                f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in "
+                f"{report['cuda_graphs']['graph_prepare_s']:.1f} s")
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
@@ -241,7 +252,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     passes = []
     for p, batches in enumerate(group_batches):
         work_after = sum(DocQueue.work_of(b, ns, cfg) for b in group_batches[p + 1:]) / (share[1] if share else world)
-        q = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt, deadline=deadline,
+        q = DocQueue(model, tokens, starts, ns, cfg, st, mode=mode, adapter=adapter, opt=opt, graphs=graphs,
+                     deadline=deadline,
                      rates=queues[-1].rates() if queues else rates, share=share, rank=rank, world=world,
                      distributed=distributed, clock=clock, log=log, progress_s=progress_s, batches=batches,
                      claim_key=f"pgolf_eval_claim_{p}", work_after=work_after,
@@ -353,6 +365,9 @@ def _parse(argv):
                     help="phased TTT: targets per lr-schedule chunk (default 32768)")
     ap.add_argument("--schedule", default="batch", choices=["batch", "rolling"],
                     help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
+                         "the first scored step, on synthetic tokens; CUDA only, no phases)")
     ap.add_argument("--separate-score-pass", action="store_true",
                     help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
@@ -406,7 +421,8 @@ def _configs(args):
             beta2=args.beta2, stride=args.stride,
             batch_seqs=args.batch_seqs, targets=over.get("targets", ("q", "v"))).items() if v is not None})
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
-    return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule, **over), None
+    return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
+                  cuda_graphs=args.cuda_graphs, **over), None
 
 
 def main(argv=None) -> dict:
@@ -429,6 +445,10 @@ def main(argv=None) -> dict:
         device = torch.device("cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
     cfg, cc = args.ttt_cfg, args.chunked_cfg
+    if cfg.cuda_graphs and (device.type != "cuda" or args.mode != "ttt"):
+        from .checks import CheckError
+
+        raise CheckError("--cuda-graphs", True, f"--mode ttt on a CUDA device (got --mode {args.mode} on {device})")
     # every input is checked here, before the artifact is decoded and long before the warm-up; the
     # window defaults to the recipe's (records: 2048) or else the model's trained seq_len
     from .checks import eval_args

@@ -58,7 +58,9 @@ class ScoreLedger:
         bad = ((self.count[idx] != 1) & m).sum()
         self.double_scored += bad
         if self.nll is not None and nll is not None:
-            self.nll[idx[m]] = nll.detach().reshape(-1)[m].to(torch.float64)
+            # masked entries all land in the sink slot n (no boolean indexing: no sync, CUDA-graph safe)
+            vals = nll.detach().reshape(-1).to(torch.float64)
+            self.nll.index_put_((idx,), torch.where(m, vals, torch.full_like(vals, float("nan"))))
         self.n_records += 1
         if self.strict and int(bad):
             raise LegalityError(f"{int(bad)} target(s) scored more than once (record #{self.n_records})")

@@ -103,20 +103,30 @@ class RowBatch:
     mask: torch.Tensor   # (R, C) bool: slot holds a real target
 
 
-def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int = 1, min_size: int = 1) -> RowBatch:
+def build_rows(stream: torch.Tensor, rows: np.ndarray, window: int, pad_to: int = 1, min_size: int = 1,
+               shape: Optional[Tuple[int, int, int]] = None) -> RowBatch:
     """rows (R, 3) = (s, a, b) on the host -> device RowBatch (one small host->device copy).
 
     ``min_size``: at least that many rows and score slots (padding rows / slots are masked out). The
     eval uses 2: a compiled forward specializes sizes 0 and 1, so a 1-row or 1-target step would
-    otherwise recompile every block mid-eval (measured on the H200: ~15-25 s per variant)."""
+    otherwise recompile every block mid-eval (measured on the H200: ~15-25 s per variant).
+    ``shape`` (R, L, C): exactly that many rows, window positions and score slots (a CUDA-graph bucket,
+    ``train.graphs``); it must hold the rows (R >= len(rows), L >= the longest window, C >= the most
+    targets of a row)."""
     n_real = len(rows)
-    if n_real < min_size:
-        rows = np.concatenate([rows, np.repeat(rows[:1], min_size - n_real, 0)])
+    n_rows = max(min_size, shape[0] if shape else 0)
+    if n_real < n_rows:
+        rows = np.concatenate([rows, np.repeat(rows[:1], n_rows - n_real, 0)])
     s, a, b = rows[:, 0], rows[:, 1], rows[:, 2]
     w = np.maximum(0, b - window)
     L = int((b - w).max())
     L = -(-L // pad_to) * pad_to
     C = max(int((b - a).max()), min_size)
+    if shape is not None:
+        if len(rows) > shape[0] or L > shape[1] or C > shape[2]:
+            raise ValueError(f"build_rows: shape = {tuple(shape)}: expected room for {n_real} rows, {L} window "
+                             f"positions and {C} score slots")
+        L, C = shape[1], shape[2]
     meta = torch.from_numpy(np.stack([s + w, b - w, a - w, b - a, s + 1 + a], 1))
     dev = stream.device
     if dev.type == "cuda":

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .adapters import DocLoRA
+from .graphs import StepGraphs
 from .forward import rows_nll
 from .rows import build_rows
 from .scoring import EvalState, take_score
@@ -32,20 +33,40 @@ from .ttt_optim import BatchedAdam
 
 def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray, train_rows: np.ndarray,
               cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int,
-              train_hook: Optional[Callable]) -> None:
+              train_hook: Optional[Callable], graphs: Optional[StepGraphs] = None) -> None:
     """One score-first step: forward the rows (s, a, b), score them, then one Adam step on the rows
     marked in ``train_rows`` (documents whose last chunk this is are never trained on).
     ``row_map[j]``: adapter row of rows[j]. Rows and slots are padded to >= 2 (see build_rows): a lone
-    row gets a masked padding row on another adapter row (its loss weight and gradient are 0)."""
+    row gets a masked padding row on another adapter row (its loss weight and gradient are 0).
+    ``graphs``: the step's body is replayed from the CUDA graph of the rows' shape bucket (``train.graphs``)
+    instead of run eagerly; same computation on the same inputs."""
     dev = stream.device
-    min_size = 2 if adapter.n_docs >= 2 else 1
-    rb = build_rows(stream, rows, cfg.window, pad_to, min_size=min_size)
-    if len(row_map) < rb.x.shape[0]:
-        row_map = np.concatenate([row_map, [1 if row_map[0] != 1 else 0]])
-        train_rows = np.concatenate([train_rows, [False]])
     do_train = bool(train_rows.any())
-    # always a row map (also when it is the identity): one compiled graph for every step
-    adapter.set_rows(torch.from_numpy(np.ascontiguousarray(row_map)).to(dev, non_blocking=True))
+    if graphs is not None:
+        rb = graphs.stage(stream, rows, row_map, train_rows)
+        graphs.replay(do_train)
+    else:
+        min_size = 2 if adapter.n_docs >= 2 else 1
+        rb = build_rows(stream, rows, cfg.window, pad_to, min_size=min_size)
+        if len(row_map) < rb.x.shape[0]:
+            row_map = np.concatenate([row_map, [1 if row_map[0] != 1 else 0]])
+            train_rows = np.concatenate([train_rows, [False]])
+        # always a row map (also when it is the identity): one compiled graph for every step
+        rows_t = torch.from_numpy(np.ascontiguousarray(row_map)).to(dev, non_blocking=True)
+        train_t = torch.from_numpy(np.ascontiguousarray(train_rows)).to(dev, non_blocking=True)
+        _step_body(model, rb, rows_t, train_t, do_train, cfg, adapter, opt, st, train_hook)
+    st.steps += 1
+    st.positions += int(rb.x.numel())
+
+
+def _step_body(model, rb, rows_t: torch.Tensor, train_t: torch.Tensor, do_train: bool, cfg: TTTConfig,
+               adapter: DocLoRA, opt: BatchedAdam, st: EvalState, train_hook: Optional[Callable] = None) -> None:
+    """The device work of a TTT step, without a host sync (so a CUDA graph can capture it): the forward of
+    ``rb`` with adapter rows ``rows_t``, the score of its targets (ledger, then the BPB sums), and -- when
+    ``do_train`` -- the loss L = sum over rows with ``train_t`` of the mean NLL of their targets, its
+    backward to the adapters and the optimizer step. The score comes from the forward that precedes the
+    update computed from it."""
+    adapter.set_rows(rows_t)
     if cfg.separate_score_pass:
         with torch.no_grad():
             take_score(st, rb, rows_nll(model, rb, adapter))
@@ -55,10 +76,8 @@ def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray
         with torch.set_grad_enabled(do_train):
             nll = rows_nll(model, rb, adapter)
         take_score(st, rb, nll)  # scored from this forward, before any update that uses it
-    st.steps += 1
-    st.positions += int(rb.x.numel())
     if do_train:
-        tmask = rb.mask & torch.from_numpy(train_rows).to(dev, non_blocking=True)[:, None]
+        tmask = rb.mask & train_t[:, None]
         st.ledger.require_scored(rb.pos, tmask)
         w = tmask.float() / tmask.sum(1, keepdim=True).clamp_min(1)
         loss = (nll * w).sum()
@@ -70,7 +89,7 @@ def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray
 
 def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, docs: np.ndarray,
               cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, batch_index: int = 0,
-              pad_to: int = 64, train_hook: Optional[Callable] = None) -> None:
+              pad_to: int = 64, train_hook: Optional[Callable] = None, graphs: Optional[StepGraphs] = None) -> None:
     """Score-first TTT over one batch of documents (indices ``docs`` into starts/ns; documents sorted
     longest first). ``batch_index`` only labels the batch (logs, tests): a document's adapter init is
     keyed by its own BOS position, so results do not depend on batching."""
@@ -84,14 +103,15 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
         a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
         b = np.minimum(a + cfg.chunk, n[live])
         _ttt_step(model, stream, np.stack([s[live], a, b], 1), live, n_chunks[live] > c + 1, cfg, adapter, opt,
-                  st, pad_to, train_hook)
+                  st, pad_to, train_hook, graphs)
     adapter.set_rows(None)
     st.docs_ttt += len(docs)
 
 
 def ttt_rolling(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, claim: Callable[[], Optional[np.ndarray]],
                 cfg: TTTConfig, adapter: DocLoRA, opt: BatchedAdam, st: EvalState, pad_to: int = 64,
-                refill_below: float = 0.5, train_hook: Optional[Callable] = None) -> None:
+                refill_below: float = 0.5, train_hook: Optional[Callable] = None,
+                graphs: Optional[StepGraphs] = None) -> None:
     """Score-first TTT with rows refilled as documents finish (``--schedule rolling``).
 
     Same per-document computation as ``ttt_batch`` -- each document's adapter row is reset to its own
@@ -137,7 +157,7 @@ def ttt_rolling(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray,
         a = c * cfg.chunk
         b = np.minimum(a + cfg.chunk, ns[d])
         _ttt_step(model, stream, np.stack([starts[d], a, b], 1), live, n_chunks[d] > c + 1, cfg, adapter, opt,
-                  st, pad_to, train_hook)
+                  st, pad_to, train_hook, graphs)
         slot_c[live] += 1
         done = live[slot_c[live] >= n_chunks[d]]
         slot_doc[done] = -1

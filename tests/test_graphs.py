@@ -1,0 +1,157 @@
+"""CUDA-graph TTT steps (train/graphs.py): bucketed static-shape steps equal the eager steps.
+
+CPU lane: ``StepGraphs(capture=False)`` runs the staged, bucketed body eagerly -- padding of rows, window
+positions and score slots, the spare adapter rows of padding rows, the per-row optimizer, the ledger -- and
+must score like the eager schedules. GPU lane: the captured graphs' replays against the eager steps.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from train.adapters import DocLoRA
+from train.eval_fixtures import doc_stream, tiny_model
+from train.graphs import StepGraphs
+from train.rows import build_rows, plan_doc_batches, split_docs
+from train.schedules import ttt_batch, ttt_rolling
+from train.scoring import make_state
+from train.bpb import ByteLUT
+from train.ttt_config import TTTConfig
+from train.ttt_optim import BatchedAdam, optimizer_for
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+LENGTHS = [300, 50, 197, 1, 129, 64, 260, 5, 77, 140, 33]  # a 1-token doc, partial chunks, > window
+CFG = TTTConfig(rank=4, chunk=32, window=96, batch_size=6, lr=0.01)
+
+
+def _lut(V):
+    return ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+
+
+def _run(model, stream, cfg, schedule, graphs_mode, device="cpu"):
+    """Score ``stream`` with per-document TTT; graphs_mode None (eager), False (bucketed eager), True (captured)."""
+    lut = _lut(model.config.vocab_size)
+    starts, ns = split_docs(stream.cpu())
+    st = make_state(stream, lut, keep_nll=True)
+    ad = DocLoRA(model, cfg, cfg.batch_size, stream.device, "bmm")
+    opt = optimizer_for(ad.params, cfg, per_row=True)
+    graphs = None
+    if graphs_mode is not None:
+        graphs = StepGraphs(model, ad, opt, cfg, st, capture=graphs_mode)
+        graphs.prepare()
+    batches = plan_doc_batches(ns, cfg.batch_size)
+    if schedule == "batch":
+        for i, docs in enumerate(batches):
+            ttt_batch(model, stream, starts, ns, docs, cfg, ad, opt, st, i, graphs=graphs)
+    else:
+        it = iter(batches)
+        ttt_rolling(model, stream, starts, ns, lambda: next(it, None), cfg, ad, opt, st, graphs=graphs)
+    return st, graphs
+
+
+@pytest.mark.parametrize("schedule", ["batch", "rolling"])
+def test_bucketed_steps_score_like_eager(schedule):
+    """Same targets scored once, same NLL per target (fp32: padding changes only GEMM shapes), same ledger
+    counters; the buckets met cover rows 2..6 and several window lengths."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    stream = doc_stream(LENGTHS, seed=5)
+    eager, _ = _run(model, stream, CFG, schedule, None)
+    bucketed, graphs = _run(model, stream, CFG, schedule, False)
+    assert torch.equal(eager.ledger.count, bucketed.ledger.count)
+    m = eager.ledger.count[:-1] > 0
+    assert int(m.sum()) == sum(n for n in LENGTHS)
+    torch.testing.assert_close(bucketed.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=2e-5, atol=2e-5)
+    assert eager.ledger.check()["double_scored"] == 0 and bucketed.ledger.check()["trained_unscored"] == 0
+    assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (bucketed.ledger.n_records,
+                                                                     bucketed.ledger.n_train_checks)
+    assert eager.steps == bucketed.steps
+    assert len(graphs.buffers) == len(graphs.keys()) and graphs.r_buckets == [2, 4, 6]
+    assert graphs.l_buckets == [32, 64, 96]
+
+
+def test_per_row_adam_equals_batch_adam_when_rows_start_together():
+    """The graphs need the per-row optimizer (device step count); in the batch schedule every row starts
+    together, so it must take the batch-wide optimizer's steps."""
+    torch.manual_seed(1)
+    ps = [torch.randn(4, 3, 5) for _ in range(2)]
+    qs = [p.clone() for p in ps]
+    a, b = BatchedAdam(ps, 0.01), BatchedAdam(qs, 0.01, per_row=True)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(5):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape, generator=g)
+            q.grad = p.grad.clone()
+        a.step()
+        b.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+def test_bucket_choice_and_padding_rows():
+    model = tiny_model(seed=3)
+    stream = doc_stream(LENGTHS, seed=5)
+    st = make_state(stream, _lut(model.config.vocab_size))
+    ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    g = StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=False)
+    assert g.bucket(1, 1) == (2, 32) and g.bucket(3, 33) == (4, 64) and g.bucket(6, 96) == (6, 96)
+    with pytest.raises(ValueError, match="exceeds the largest bucket"):
+        g.bucket(7, 10)
+    starts, ns = split_docs(stream)
+    rows = np.array([[starts[0], 0, 32], [starts[2], 32, 64], [starts[4], 0, 17]])
+    rb = g.stage(stream, rows, np.array([3, 0, 5]), np.array([True, False, True]))
+    buf = g.buffers[(4, 64)]
+    assert rb.x.shape == (4, 64) and buf.rb.mask.shape == (4, 32)
+    assert buf.rows.tolist()[:3] == [3, 0, 5] and buf.rows[3].item() not in (3, 0, 5)  # a spare adapter row
+    assert buf.train.tolist() == [True, False, True, False] and not buf.rb.mask[3].any()
+    assert torch.equal(buf.rb.y, rb.y) and torch.equal(buf.rb.pos, rb.pos)
+
+
+def test_refusals():
+    model = tiny_model(seed=3)
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(model.config.vocab_size)
+    ad = DocLoRA(model, CFG, CFG.batch_size, "cpu", "bmm")
+    st = make_state(stream, lut)
+    with pytest.raises(ValueError, match="per-row optimizer"):
+        StepGraphs(model, ad, BatchedAdam(ad.params, 0.01), CFG, st, capture=False)
+    with pytest.raises(ValueError, match="non-strict ledger"):
+        StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, make_state(stream, lut, strict=True),
+                   capture=False)
+    with pytest.raises(ValueError, match="CUDA device"):
+        StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=True)
+    with pytest.raises(ValueError, match="cuda_graphs: not with phases"):
+        TTTConfig(cuda_graphs=True, phases=1, phase_docs=4)
+    starts, _ = split_docs(stream)
+    with pytest.raises(ValueError, match="shape = "):
+        build_rows(stream, np.array([[starts[0], 0, 64]]), 96, shape=(2, 32, 32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule", ["batch", "rolling"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_graph_replay_equals_eager(schedule, compiled):
+    """Captured steps (every bucket, both kinds) against eager steps on the GPU, fp32 weights: same targets,
+    NLL within fp32 noise of the bucketed shapes, same ledger counters."""
+    from train.forward import compile_rows_nll
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).cuda()
+    if compiled:
+        compile_rows_nll(model)
+    try:
+        stream = doc_stream(LENGTHS, seed=5).cuda()
+        eager, _ = _run(model, stream, CFG, schedule, None)
+        graphed, graphs = _run(model, stream, CFG, schedule, True)
+    finally:
+        if compiled:
+            compile_rows_nll(model, enable=False)
+    assert graphs.stats["graphs"] == 2 * len(graphs.keys())
+    assert torch.equal(eager.ledger.count, graphed.ledger.count)
+    m = eager.ledger.count[:-1] > 0
+    torch.testing.assert_close(graphed.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=1e-4, atol=1e-4)
+    assert graphed.ledger.check()["trained_unscored"] == 0
+    assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (graphed.ledger.n_records,
+                                                                     graphed.ledger.n_train_checks)

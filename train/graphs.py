@@ -1,0 +1,203 @@
+"""CUDA-graph replay of the per-document TTT step over static shape buckets (``--cuda-graphs``).
+
+The device work of a TTT step (``train.schedules._step_body``: the forward of R rows x L window positions,
+the score of their targets into the ledger and the BPB sums, and, when a row trains, the loss, its
+backward to the adapters and the per-row Adam step) has no host sync, so it can be captured once and
+replayed: the host then issues one graph launch per step instead of the forward's, backward's and
+optimizer's ~2,000 kernel launches and their Python (on the H100 the compiled step left 8.1 ms
+(``--reference``) and 26.8 ms (kernel path) of host time per 64 x 1024 step not hidden behind the GPU,
+``bench/results/profile-ttt-h100.md``).
+
+Buckets. A graph has fixed shapes, so every step is padded to a bucket (R_b, L_b) x C: R_b the next row
+bucket (2, 4, 8, then multiples of 8 up to the adapter rows), L_b the next multiple of ``l_step`` (default
+the chunk) up to the window, C = the chunk. Padding rows and slots are masked (no score, no loss, zero
+gradient) and padding rows sit on adapter rows no real row of the step uses. Two graphs per bucket:
+score-and-train and score-only (a step where every row is at its document's last chunk).
+
+Inputs are copied into the bucket's static buffers before each replay (x, sel, y, pos, mask, adapter rows,
+train flags). The adapters, the optimizer state, the ledger and the BPB sums are the graphs' own
+persistent tensors: a ``StepGraphs`` serves one ``DocLoRA``, one per-row ``BatchedAdam`` and one
+``EvalState``.
+
+``prepare()`` runs before the first scored step: for every bucket and kind, two eager steps on synthetic
+random tokens with a scratch ledger (torch.compile, Triton JIT and autotuning happen there: a capture
+cannot compile), then the capture itself, which records kernels without running them: no validation
+token is read, no score or adapter is touched by the capture. ``capture=False`` runs the same staged,
+bucketed body eagerly (the CPU lane tests everything but the capture that way).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .bpb import BPBAccumulator
+from .ledger import ScoreLedger
+from .rows import RowBatch, build_rows
+from .scoring import EvalState
+
+
+@dataclass
+class _Buffers:
+    """The static inputs of one bucket."""
+
+    rb: RowBatch
+    rows: torch.Tensor   # (R,) adapter row of every row
+    train: torch.Tensor  # (R,) bool: the row's document trains on this step
+
+
+class StepGraphs:
+    """Captured TTT steps of one eval (see the module docstring)."""
+
+    def __init__(self, model, adapter, opt, cfg, st: EvalState, *, l_step: Optional[int] = None,
+                 capture: Optional[bool] = None):
+        dev = st.bytes_at.device
+        self.capture = dev.type == "cuda" if capture is None else bool(capture)
+        if self.capture and dev.type != "cuda":
+            raise ValueError(f"cuda_graphs: expected the eval on a CUDA device, got {dev}")
+        if opt.row_t is None:
+            raise ValueError("cuda_graphs: expected a per-row optimizer (BatchedAdam(per_row=True)): a graph cannot "
+                             "hold the host step count of the batch-wide bias correction")
+        if st.ledger.strict:
+            raise ValueError("cuda_graphs: expected a non-strict ledger (strict checks sync the host every step)")
+        if adapter.n_docs < 2:
+            raise ValueError(f"cuda_graphs: expected at least 2 adapter rows, got {adapter.n_docs}")
+        l_step = int(l_step or cfg.chunk)
+        if l_step < 1:
+            raise ValueError(f"cuda_graphs: l_step = {l_step}: expected a positive integer")
+        self.model, self.adapter, self.opt, self.cfg, self.st = model, adapter, opt, cfg, st
+        self.C = max(int(cfg.chunk), 2)
+        R = adapter.n_docs
+        self.r_buckets = sorted({r for r in (2, 4, 8) if r <= R} | set(range(8, R + 1, 8)) | {R})
+        self.l_buckets = sorted(set(range(l_step, cfg.window + 1, l_step)) | {cfg.window})
+        self.buffers: Dict[Tuple[int, int], _Buffers] = {}
+        self.graphs: Dict[Tuple[int, int, bool], "torch.cuda.CUDAGraph"] = {}
+        self._key: Optional[Tuple[int, int]] = None
+        self.stats: Dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------ buckets
+    def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
+        """(R_b, L_b) for a step of ``n_rows`` rows whose longest window holds ``length`` positions."""
+        R = next((r for r in self.r_buckets if r >= max(n_rows, 2)), None)
+        L = next((x for x in self.l_buckets if x >= length), None)
+        if R is None or L is None:
+            raise ValueError(f"cuda_graphs: a step of {n_rows} rows x {length} positions exceeds the largest bucket "
+                             f"({self.r_buckets[-1]} x {self.l_buckets[-1]})")
+        return R, L
+
+    def _buffers(self, key: Tuple[int, int]) -> _Buffers:
+        if key not in self.buffers:
+            R, L = key
+            dev = self.st.bytes_at.device
+            z = lambda *shape, dtype=torch.int64: torch.zeros(shape, dtype=dtype, device=dev)  # noqa: E731
+            rb = RowBatch(z(R, L), z(R, self.C), z(R, self.C), z(R, self.C), z(R, self.C, dtype=torch.bool))
+            self.buffers[key] = _Buffers(rb, z(R), z(R, dtype=torch.bool))
+        return self.buffers[key]
+
+    # ------------------------------------------------------------------------------ per step
+    def stage(self, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray, train_rows: np.ndarray) -> RowBatch:
+        """Copy a step's rows (s, a, b), adapter rows and train flags into its bucket's static buffers;
+        returns the padded RowBatch (same values as the buffers)."""
+        b = rows[:, 2]
+        key = self.bucket(len(rows), int((b - np.maximum(0, b - self.cfg.window)).max()))
+        R, L = key
+        rb = build_rows(stream, rows, self.cfg.window, shape=(R, L, self.C))
+        free = np.setdiff1d(np.arange(self.adapter.n_docs), row_map)[:R - len(row_map)]
+        full_map = np.concatenate([row_map, free]).astype(np.int64)
+        train = np.concatenate([train_rows, np.zeros(R - len(train_rows), dtype=bool)])
+        buf = self._buffers(key)
+        for dst, src in zip((buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask), (rb.x, rb.sel, rb.y, rb.pos, rb.mask)):
+            dst.copy_(src)
+        dev = buf.rows.device
+        buf.rows.copy_(torch.from_numpy(full_map).to(dev, non_blocking=True))
+        buf.train.copy_(torch.from_numpy(train).to(dev, non_blocking=True))
+        self._key = key
+        return rb
+
+    def replay(self, do_train: bool) -> None:
+        """Run the staged step: its graph's replay, or (``capture=False``) the same body eagerly."""
+        from .schedules import _step_body
+
+        if self._key is None:
+            raise RuntimeError("StepGraphs.replay: no step was staged")
+        key = self._key + (bool(do_train),)
+        if not self.capture:
+            buf = self.buffers[self._key]
+            _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
+            return
+        if key not in self.graphs:
+            raise RuntimeError(f"StepGraphs.replay: bucket {key} was not captured (prepare() first)")
+        self.graphs[key].replay()
+        # the ledger's host-side counters (the captured body incremented them once, at capture)
+        self.st.ledger.n_records += 1
+        if do_train:
+            self.st.ledger.n_train_checks += 1
+
+    # ------------------------------------------------------------------------------ capture
+    def keys(self) -> List[Tuple[int, int]]:
+        return [(R, L) for R in self.r_buckets for L in self.l_buckets]
+
+    def prepare(self, seed: int = 0, warm_steps: int = 2) -> Dict[str, float]:
+        """Warm every bucket and kind on synthetic tokens, then capture it (see the module docstring).
+        Returns the times and the number of graphs; a no-op apart from the buffers with ``capture=False``."""
+        from .schedules import _step_body
+
+        t0 = time.perf_counter()
+        keys = self.keys()
+        for key in keys:
+            self._buffers(key)
+        if not self.capture:
+            self.stats = {"graphs": 0, "graph_warm_s": 0.0, "graph_capture_s": 0.0}
+            return self.stats
+        dev = self.st.bytes_at.device
+        g = torch.Generator().manual_seed(seed)
+        V = self.model.config.vocab_size
+        n_pos = self.r_buckets[-1] * self.C
+        scratch = EvalState(BPBAccumulator(dev), ScoreLedger(n_pos, dev), torch.zeros(n_pos, dtype=torch.int16, device=dev))
+        pool = None
+        warm_s = cap_s = 0.0
+        side = torch.cuda.Stream(dev)
+        for key in keys:
+            buf = self.buffers[key]
+            R, L = key
+            self._fill_synthetic(buf, R, L, V, g)
+            for do_train in (True, False):
+                t = time.perf_counter()
+                side.wait_stream(torch.cuda.current_stream(dev))
+                with torch.cuda.stream(side):
+                    for _ in range(warm_steps):
+                        _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
+                                   scratch)
+                torch.cuda.current_stream(dev).wait_stream(side)
+                torch.cuda.synchronize(dev)
+                warm_s += time.perf_counter() - t
+                t = time.perf_counter()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
+                               self.st)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[key + (do_train,)] = graph
+                cap_s += time.perf_counter() - t
+        # the capture ran the ledger's host-side counters once per graph: take them back
+        self.st.ledger.n_records -= len(self.graphs)
+        self.st.ledger.n_train_checks -= sum(1 for k in self.graphs if k[2])
+        self.adapter.set_rows(None)
+        self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_capture_s": cap_s,
+                      "graph_prepare_s": time.perf_counter() - t0}
+        return self.stats
+
+    def _fill_synthetic(self, buf: _Buffers, R: int, L: int, V: int, g: torch.Generator) -> None:
+        """Random tokens and a full mask: every row trains, scores its last C window positions at
+        distinct scratch-ledger positions."""
+        C = self.C
+        buf.rb.x.copy_(torch.randint(4, V, (R, L), generator=g))
+        buf.rb.sel.copy_(torch.clamp(torch.arange(L - C, L), min=0).expand(R, C))
+        buf.rb.y.copy_(torch.randint(4, V, (R, C), generator=g))
+        buf.rb.pos.copy_(torch.arange(R * C).view(R, C))
+        buf.rb.mask.fill_(True)
+        buf.rows.copy_(torch.arange(R))
+        buf.train.fill_(True)

@@ -20,7 +20,8 @@ paths run with the driver's ``--compile`` default, i.e. a torch.compile'd forwar
 Cases: env PGOLF_EVAL_CASES (default "fixture,a,b,c,chunked"); PGOLF_EVAL_PATHS (default
 "kernels,reference") picks the paths run; PGOLF_EVAL_NO_REF lists cases whose reference run is
 skipped (so one device call can hold one long case); PGOLF_EVAL_SCHEDULE=rolling runs
-the per-document cases with ``--schedule rolling`` (rows labelled so).
+the per-document cases with ``--schedule rolling`` (rows labelled so); PGOLF_EVAL_GRAPHS=1 runs the seeds'
+per-document cases with ``--cuda-graphs`` (rows labelled with the graphs captured and their preparation time).
 ``ours_ms`` = wall time with kernels from artifact load to the report (load + warm-up + scoring);
 ``baseline_ms`` = the same with ``--reference`` (NaN where not measured). Each row is also appended to
 ``eval-partial.jsonl`` as soon as it is measured.
@@ -153,6 +154,8 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
 def _row(case, k, r, **extra):
     if k.get("schedule") == "rolling":
         case = f"{case} [rolling schedule]"
+    if k.get("cuda_graphs"):
+        case = f"{case} [CUDA graphs: {k['cuda_graphs'].get('graphs')} captured in {k['cuda_graphs'].get('graph_prepare_s', 0):.1f} s]"
     ours = k["wall_s"] * 1e3
     base = r["wall_s"] * 1e3 if r else float("nan")
     row = make_row(KERNEL, case, ours, "reference", base, docs=k.get("docs"), tokens=k["targets"] + k.get("docs", 0),
@@ -195,7 +198,8 @@ def run(quick: bool = False):
         lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool),
                       torch.zeros(V, dtype=torch.bool))
     sched = os.environ.get("PGOLF_EVAL_SCHEDULE", "batch")  # "rolling": rows refilled as documents finish
-    seeds = TTTConfig(schedule=sched)
+    graphs = os.environ.get("PGOLF_EVAL_GRAPHS", "0") == "1"  # "1": --cuda-graphs (seeds cases; records: phases)
+    seeds = TTTConfig(schedule=sched, cuda_graphs=graphs)
     from train.ttt_config import recipe
 
     record = recipe("records", schedule=sched)  # rank 96 on q,k,v,o,mlp,head, chunk 48, window 2048, 3 phases

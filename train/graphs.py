@@ -10,7 +10,7 @@ optimizer's ~2,000 kernel launches and their Python (on the H100 the compiled st
 
 Buckets. A graph has fixed shapes, so every step is padded to a bucket (R_b, L_b) x C: R_b the next row
 bucket (2, 4, 8, then multiples of 8 up to the adapter rows), L_b the next multiple of ``l_step`` (default
-the chunk) up to the window, C = the chunk. Padding rows and slots are masked (no score, no loss, zero
+max(chunk, window / 8)) up to the window, C = the chunk. Padding rows and slots are masked (no score, no loss, zero
 gradient) and padding rows sit on adapter rows no real row of the step uses. Two graphs per bucket:
 score-and-train and score-only (a step where every row is at its document's last chunk).
 
@@ -65,7 +65,9 @@ class StepGraphs:
             raise ValueError("cuda_graphs: expected a non-strict ledger (strict checks sync the host every step)")
         if adapter.n_docs < 2:
             raise ValueError(f"cuda_graphs: expected at least 2 adapter rows, got {adapter.n_docs}")
-        l_step = int(l_step or cfg.chunk)
+        # window buckets: multiples of max(chunk, window / 8): 4 for the seeds (chunk 256, window 1024), 8 for
+        # the records (chunk 48, window 2048) instead of 43 chunk multiples, each one more graph pair to warm
+        l_step = int(l_step or max(cfg.chunk, -(-cfg.window // 8)))
         if l_step < 1:
             raise ValueError(f"cuda_graphs: l_step = {l_step}: expected a positive integer")
         self.model, self.adapter, self.opt, self.cfg, self.st = model, adapter, opt, cfg, st
@@ -186,6 +188,7 @@ class StepGraphs:
         self.st.ledger.n_records -= len(self.graphs)
         self.st.ledger.n_train_checks -= sum(1 for k in self.graphs if k[2])
         self.adapter.set_rows(None)
+        self.adapter.invalidate_a()  # the synthetic warm steps trained A too: warm-start A must not keep it
         self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_capture_s": cap_s,
                       "graph_prepare_s": time.perf_counter() - t0}
         return self.stats

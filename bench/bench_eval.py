@@ -155,7 +155,8 @@ def _row(case, k, r, **extra):
     if k.get("schedule") == "rolling":
         case = f"{case} [rolling schedule]"
     if k.get("cuda_graphs"):
-        case = f"{case} [CUDA graphs: {k['cuda_graphs'].get('graphs')} captured in {k['cuda_graphs'].get('graph_prepare_s', 0):.1f} s]"
+        cg = k["cuda_graphs"]
+        case = f"{case} [CUDA graphs: {cg.get('graphs')} captured in {cg.get('graph_prepare_s', 0):.1f} s]"
     ours = k["wall_s"] * 1e3
     base = r["wall_s"] * 1e3 if r else float("nan")
     row = make_row(KERNEL, case, ours, "reference", base, docs=k.get("docs"), tokens=k["targets"] + k.get("docs", 0),

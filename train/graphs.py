@@ -178,7 +178,9 @@ class StepGraphs:
                 warm_s += time.perf_counter() - t
                 t = time.perf_counter()
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
+                # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
+                # by the warm steps rather than lazily inside the capture
+                with torch.cuda.graph(graph, pool=pool, stream=side):
                     _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
                                self.st)
                 pool = graph.pool() if pool is None else pool

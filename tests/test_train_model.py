@@ -195,3 +195,28 @@ def test_gpu_bf16_compiled_forward_backward():
     assert all(p.grad is not None for p in m.parameters() if p.requires_grad)
     # compiled vs eager in bf16: both round the same math; mean NLL agrees to bf16 precision (~1e-2 nats)
     assert abs(float(out.mean()) - float(ref.mean())) < 2e-2
+
+
+def test_rope_tables_made_once_per_forward(monkeypatch):
+    """GPT.hidden makes the RoPE tables once and hands them to every block: the same hidden state, bit for bit,
+    as blocks that make their own (rope=None), with one Rotary call per forward instead of one per block."""
+    from train.model import Rotary
+
+    m = _model(seed=4)
+    x = torch.randint(0, TINY["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(5))
+    calls = []
+    orig = Rotary.forward
+    monkeypatch.setattr(Rotary, "forward", lambda self, *a: calls.append(a) or orig(self, *a))
+    h = m.hidden(x)
+    assert len(calls) == 1
+    calls.clear()
+    y = z = rms_norm(m.tok_emb(x))
+    skips = []
+    for i, b in enumerate(m.blocks):
+        if i >= m.num_encoder_layers and skips:
+            y = y + m.skip_weights[i - m.num_encoder_layers] * skips.pop()
+        y = b(y, z)
+        if i < m.num_encoder_layers:
+            skips.append(y)
+    assert len(calls) == TINY["num_layers"]
+    assert torch.equal(h, rms_norm(y))

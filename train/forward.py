@@ -91,10 +91,10 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     head_plain = torch.compile(_head_plain, dynamic=True)
     head_adapted = torch.compile(_head_adapted, dynamic=True)
 
-    def block_forward(self, x, x0, adapter=None):
+    def block_forward(self, x, x0, adapter=None, rope=None):
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
             x0 = x0.clone()
-        return plain(self, x, x0) if adapter is None else adapted(self, x, x0, adapter)
+        return plain(self, x, x0, rope) if adapter is None else adapted(self, x, x0, adapter, rope)
 
     for b in blocks:
         b.forward = types.MethodType(block_forward, b)
@@ -106,12 +106,12 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     model.__dict__["_pgolf_rows_nll"] = fwd
 
 
-def _block_plain(block, x, x0):
-    return type(block).forward(block, x, x0, None)
+def _block_plain(block, x, x0, rope):
+    return type(block).forward(block, x, x0, None, rope)
 
 
-def _block_adapted(block, x, x0, adapter):
-    return type(block).forward(block, x, x0, adapter)
+def _block_adapted(block, x, x0, adapter, rope):
+    return type(block).forward(block, x, x0, adapter, rope)
 
 
 def _head_plain(model, h, sel, y):

@@ -235,7 +235,9 @@ class CausalSelfAttention(nn.Module):
         # resolved once here (an import attempt, no GPU query), not inside the compiled forward
         self._fa3 = _flash_attn3()
 
-    def forward(self, h: torch.Tensor, q=None, k=None, v=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None) -> torch.Tensor:
+        """``rope``: the (cos, sin) tables of ``Rotary`` for this T (``GPT.hidden`` makes them once per
+        forward for every block); None computes them here."""
         B, T, _ = h.shape
         if q is None:
             q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)
@@ -244,7 +246,7 @@ class CausalSelfAttention(nn.Module):
         v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = rms_norm(q) * self.q_gain.to(q.dtype)[None, :, None, None]
         k = rms_norm(k)
-        cos, sin = self.rotary(T, h.device, q.dtype)
+        cos, sin = self.rotary(T, h.device, q.dtype) if rope is None else (rope[0].to(q.dtype), rope[1].to(q.dtype))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         fa3 = self._fa3 if h.is_cuda else None
         if fa3 is not None and q.dtype in (torch.bfloat16, torch.float16):
@@ -285,16 +287,17 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x, x0, adapter=None):
-        """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``."""
+    def forward(self, x, x0, adapter=None, rope=None):
+        """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``; ``rope``: the
+        RoPE (cos, sin) tables (``CausalSelfAttention.forward``)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x)
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
-            a = adapter.attn_out(h, self.attn(h, q, k, v))
+            a = adapter.attn_out(h, self.attn(h, q, k, v, rope))
         else:
-            a = self.attn(h)
+            a = self.attn(h, rope=rope)
         x = x + self.attn_scale.to(x.dtype) * a
         m = rms_norm(x)
         y = self.mlp(m) if adapter is None else adapter.mlp_out(m, self.mlp(m, adapter))
@@ -377,15 +380,20 @@ class GPT(nn.Module):
             x = x.to(torch.get_autocast_dtype(x.device.type))
         x = rms_norm(x)
         x0 = x
+        # RoPE tables once per forward, not in every block: inside the compiled blocks they were fused into the
+        # QK-norm kernels and their backward, which evaluated cos and sin for every q/k element (the two
+        # largest elementwise kernels of a TTT step on the H100, 3.3 and 3.5 ms of 52 ms,
+        # bench/results/profile-ttt-h100.md)
+        rope = self.blocks[0].attn.rotary(x.size(1), x.device, x.dtype)
         skips = []
         for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0, _layer_adapter(adapter, i))
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
             skips.append(x)
         for j in range(self.num_decoder_layers):
             i = self.num_encoder_layers + j
             if skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, _layer_adapter(adapter, i))
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):

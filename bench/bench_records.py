@@ -7,8 +7,8 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    the four banks for the banked records), random grads, ``harness.bench_ms`` (median of CUDA-event timings,
    L2 flushed) of ``launch_reduce_scatters(); step()`` after warm-up (which includes the record's
    torch.compile of its NS: 2026-04-29 decorates it, 2026-03-17's main() wraps it, and so does this bench). Peak memory is torch.cuda.max_memory_allocated of the process.
-2. Training ms/step (2026-03-17, 2026-03-23): the script's own ``main()`` on synthetic token shards (Zipf ids,
-   the sp1024 tokenizer for its byte tables), brief-training env vars (``ITERATIONS=50``, ``WARMDOWN_ITERS=0``,
+2. Training ms/step (all three): the script's own ``main()`` on synthetic token shards (Zipf ids; the sp1024
+   tokenizer for the byte tables, the sp8192 CaseOps one with ``CASEOPS_ENABLED=0`` for 2026-04-29), brief-training env vars (``ITERATIONS=50``, ``WARMDOWN_ITERS=0`` / ``WARMDOWN_FRAC=0``,
    ``WARMUP_STEPS=3``, ``TRAIN_LOG_EVERY=1``, ``VAL_LOSS_EVERY=0``, ``TRAIN_BATCH_TOKENS`` below); ms/step is the
    least-squares slope of the logged ``train_time`` over steps 10-50, noise its residual std per step; each variant
    runs ``PGOLF_RECORDS_REPEATS`` times (default 2, alternating), the row holds the median slope and the
@@ -41,11 +41,15 @@ from . import records_env
 
 KERNEL = "records"
 VARIANTS = ("record", "patched")
-TRAIN_KEYS = ("2026-03-17", "2026-03-23")
+TRAIN_KEYS = ("2026-03-17", "2026-03-23", "2026-04-29")
 # tokens/step for the brief training runs (the records' defaults are 524,288 and 786,432; halved to fit the
 # device budget; per-step costs other than Muon scale with it)
-TRAIN_TOKENS = {"2026-03-17": 262_144, "2026-03-23": 393_216}
-TRAIN_SEQ = {"2026-03-17": 1024, "2026-03-23": 2048}
+TRAIN_TOKENS = {"2026-03-17": 262_144, "2026-03-23": 393_216, "2026-04-29": 393_216}
+TRAIN_SEQ = {"2026-03-17": 1024, "2026-03-23": 2048, "2026-04-29": 2048}
+# vocabulary of each record's tokenizer (2026-04-29: sp8192; run with CASEOPS_ENABLED=0 on synthetic sp8192 shards,
+# the CaseOps tokenizer supplying its byte tables)
+TRAIN_VOCAB = {"2026-03-17": 1024, "2026-03-23": 1024, "2026-04-29": 8192}
+CASEOPS_MODEL = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 # brief training: ITERATIONS steps, ms/step = slope of train_time over steps TRAIN_FIT[0]..ITERATIONS (the first
 # steps hold the records' own compile warm-up)
 TRAIN_ITERS = int(os.environ.get("PGOLF_RECORDS_ITERS", "50"))
@@ -57,6 +61,13 @@ def sp1024_model() -> str:
     if env:
         return env
     return os.path.join(os.path.dirname(records_env.records_dir()), "data", "fineweb_1024_bpe.model")
+
+
+def tokenizer_for(key: str) -> str:
+    """The sentencepiece model a record's brief training run loads (its byte tables; the shards are synthetic)."""
+    if TRAIN_VOCAB[key] == 1024:
+        return sp1024_model()
+    return os.path.join(os.path.dirname(sp1024_model()), "tokenizers", CASEOPS_MODEL)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -127,7 +138,7 @@ class _StopAfterTraining(Exception):
     pass
 
 
-STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict"}
+STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict", "2026-04-29": "serialize"}
 
 
 def _write_shards(d: str, vocab: int) -> None:
@@ -142,7 +153,9 @@ def _write_shards(d: str, vocab: int) -> None:
 def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     from pgolf_kernels.patch import apply
 
-    os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=sp1024_model(), ITERATIONS=str(TRAIN_ITERS), WARMDOWN_ITERS="0",
+    # no warm-down: WARMDOWN_ITERS (2026-03-17/23), WARMDOWN_FRAC (2026-04-29)
+    os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=tokenizer_for(key), ITERATIONS=str(TRAIN_ITERS),
+                      WARMDOWN_ITERS="0", WARMDOWN_FRAC="0", CASEOPS_ENABLED="0", VOCAB_SIZE=str(TRAIN_VOCAB[key]),
                       WARMUP_STEPS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
                       TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]),
                       RUN_ID=f"bench_{variant}", SEED="1337")
@@ -182,6 +195,18 @@ def _child_main(argv) -> int:
 # parent
 # ------------------------------------------------------------------------------------------------------------
 _STEP_RE = re.compile(r"step:(\d+)/\d+ train_loss:([0-9.]+) .*?train_time:([0-9.]+)ms")
+# 2026-04-29: "12/50 train_loss: 6.1234 train_time: 0.1m tok/s: 812345" -- the time in tenths of a minute, so the
+# step time is taken from tok/s = step * tokens_per_step / elapsed (a cumulative rate, printed to the token)
+_STEP_RE_RATE = re.compile(r"(?m)^(\d+)/\d+ train_loss: ([0-9.]+) train_time: [0-9.]+m tok/s: (\d+)")
+
+
+def train_points(log: str, tokens_per_step: int):
+    """[(step, train loss, elapsed ms)] from a record's training log (either format above)."""
+    pts = [(int(s), float(l), float(t)) for s, l, t in _STEP_RE.findall(log)]
+    if not pts:
+        pts = [(int(s), float(l), 1e3 * int(s) * tokens_per_step / int(r)) for s, l, r in _STEP_RE_RATE.findall(log)
+               if int(r) > 0]
+    return pts
 
 
 def _spawn(args: List[str], timeout: float):
@@ -201,9 +226,11 @@ def _spawn(args: List[str], timeout: float):
     return res, out
 
 
-def slope_ms(log: str, lo: int = 10, hi: int = 50):
-    """Least-squares slope (ms/step) of train_time over steps lo..hi, and the residual std (ms)."""
-    pts = [(int(s), float(t)) for s, _, t in _STEP_RE.findall(log) if lo <= int(s) <= hi]
+def slope_ms(log: str, lo: int = 10, hi: int = 50, tokens_per_step: int = 0):
+    """Least-squares slope (ms/step) of train_time over steps lo..hi, the residual std (ms), the number of points
+    and the last logged train loss."""
+    every = train_points(log, tokens_per_step)
+    pts = [(s, t) for s, _, t in every if lo <= s <= hi]
     if len(pts) < 3:
         raise RuntimeError(f"only {len(pts)} logged steps in [{lo}, {hi}]")
     x = torch.tensor([p[0] for p in pts], dtype=torch.float64)
@@ -211,7 +238,7 @@ def slope_ms(log: str, lo: int = 10, hi: int = 50):
     xm, ym = x.mean(), y.mean()
     b = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
     resid = y - (ym + b * (x - xm))
-    last_loss = [float(l) for s, l, _ in _STEP_RE.findall(log)][-1]
+    last_loss = every[-1][1]
     return float(b), float(resid.std()), len(pts), last_loss
 
 
@@ -272,7 +299,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
     repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
     with tempfile.TemporaryDirectory() as d:
-        _write_shards(os.path.join(d, "sp1024"), 1024)
+        for v in sorted({TRAIN_VOCAB[k] for k in keys}):
+            _write_shards(os.path.join(d, f"sp{v}"), v)
         for key in keys:
             runs: Dict[str, List[tuple]] = {v: [] for v in VARIANTS}
             for rep in range(repeats):
@@ -283,8 +311,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                         continue
                     try:
                         out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
-                                           os.path.join(d, "sp1024")], min(420, left))
-                        runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS)))
+                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(420, left))
+                        runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS, TRAIN_TOKENS[key])))
                     except Exception as e:  # keep the rows already measured
                         print(f"train {key} {v}: {e}", flush=True)
             if all(runs[v] for v in VARIANTS):

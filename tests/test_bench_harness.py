@@ -80,3 +80,19 @@ def test_time_all_keeps_going_past_a_failing_contestant(capsys):
     t = time_all({"ours": lambda: None, "baseline": boom}, timer=lambda f: (f(), 1.5)[1], label="case")
     assert t["ours"] == 1.5 and t["baseline"] != t["baseline"]  # NaN
     assert "case baseline: RuntimeError: no kernel" in capsys.readouterr().out
+
+
+def test_records_training_log_slopes():
+    """bench_records' ms/step from both training-log formats: train_time in ms (2026-03-17/23), and the
+    2026-04-29 lines whose time comes from the cumulative tok/s."""
+    from bench.bench_records import slope_ms
+
+    ms = "\n".join(f"step:{s}/50 train_loss:{5 - s / 100:.4f} train_time:{1000 + 80 * s}ms step_avg:1ms"
+                   for s in range(1, 51))
+    b, noise, n, last = slope_ms(ms, 10, 50)
+    assert abs(b - 80) < 1e-9 and noise < 1e-9 and n == 41 and last == 4.5
+    tokens = 393_216  # elapsed(s) = 0.5 s + 0.25 s per step
+    rate = "\n".join(f"{s}/50 train_loss: {5 - s / 100:.4f} train_time: 0.1m tok/s: {round(s * tokens / (0.25 * s + 0.5))}"
+                     for s in range(1, 51))
+    b, noise, n, last = slope_ms(rate, 10, 50, tokens)
+    assert abs(b - 250) < 0.01 and n == 41 and last == 4.5

@@ -70,6 +70,8 @@ def test_bucketed_steps_score_like_eager(schedule):
     assert eager.steps == bucketed.steps
     assert len(graphs.buffers) == len(graphs.keys()) and graphs.r_buckets == [2, 4, 6]
     assert graphs.l_buckets == [32, 64, 96]
+    use = graphs.usage()
+    assert use["graph_steps"] == bucketed.steps and 0.3 < use["graph_fill"] <= 1.0
 
 
 def test_per_row_adam_equals_batch_adam_when_rows_start_together():

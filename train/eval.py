@@ -282,6 +282,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
     if share is not None:
         expected &= keep
+    if graphs is not None:
+        report["cuda_graphs"].update(graphs.usage())
     if phased:
         report["phases"] = passes
     report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)

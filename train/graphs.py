@@ -79,6 +79,8 @@ class StepGraphs:
         self.graphs: Dict[Tuple[int, int, bool], "torch.cuda.CUDAGraph"] = {}
         self._key: Optional[Tuple[int, int]] = None
         self.stats: Dict[str, float] = {}
+        # what the padding costs: window positions of the staged steps' real rows vs their buckets
+        self.steps = self.real_positions = self.bucket_positions = 0
 
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
@@ -104,8 +106,12 @@ class StepGraphs:
         """Copy a step's rows (s, a, b), adapter rows and train flags into its bucket's static buffers;
         returns the padded RowBatch (same values as the buffers)."""
         b = rows[:, 2]
-        key = self.bucket(len(rows), int((b - np.maximum(0, b - self.cfg.window)).max()))
+        spans = b - np.maximum(0, b - self.cfg.window)
+        key = self.bucket(len(rows), int(spans.max()))
         R, L = key
+        self.steps += 1
+        self.real_positions += int(spans.sum())
+        self.bucket_positions += R * L
         rb = build_rows(stream, rows, self.cfg.window, shape=(R, L, self.C))
         free = np.setdiff1d(np.arange(self.adapter.n_docs), row_map)[:R - len(row_map)]
         full_map = np.concatenate([row_map, free]).astype(np.int64)
@@ -137,6 +143,11 @@ class StepGraphs:
         self.st.ledger.n_records += 1
         if do_train:
             self.st.ledger.n_train_checks += 1
+
+    def usage(self) -> Dict[str, float]:
+        """Steps staged so far and the share of their bucket positions that real rows filled."""
+        return {"graph_steps": self.steps,
+                "graph_fill": round(self.real_positions / self.bucket_positions, 4) if self.bucket_positions else 0.0}
 
     # ------------------------------------------------------------------------------ capture
     def keys(self) -> List[Tuple[int, int]]:

@@ -51,15 +51,21 @@ def _run(model, stream, cfg, schedule, graphs_mode, device="cpu"):
     return st, graphs
 
 
-@pytest.mark.parametrize("schedule", ["batch", "rolling"])
-def test_bucketed_steps_score_like_eager(schedule):
+# the records' options on every target: LoRA scale, AdamW with beta1 = 0 and decoupled decay, warm-start A
+RECORDS_LIKE = TTTConfig(rank=8, chunk=32, window=96, batch_size=6, lr=1e-3, alpha=12.0,
+                         targets=("q", "k", "v", "o", "mlp", "up", "down", "head"), optimizer="adamw", beta1=0.0,
+                         beta2=0.999, eps=1e-10, weight_decay=1.0, warm_start_a=True)
+
+
+@pytest.mark.parametrize("schedule,cfg", [("batch", CFG), ("rolling", CFG), ("rolling", RECORDS_LIKE)])
+def test_bucketed_steps_score_like_eager(schedule, cfg):
     """Same targets scored once, same NLL per target (fp32: padding changes only GEMM shapes), same ledger
     counters; the buckets met cover rows 2..6 and several window lengths."""
     torch.manual_seed(0)
     model = tiny_model(seed=3)
     stream = doc_stream(LENGTHS, seed=5)
-    eager, _ = _run(model, stream, CFG, schedule, None)
-    bucketed, graphs = _run(model, stream, CFG, schedule, False)
+    eager, _ = _run(model, stream, cfg, schedule, None)
+    bucketed, graphs = _run(model, stream, cfg, schedule, False)
     assert torch.equal(eager.ledger.count, bucketed.ledger.count)
     m = eager.ledger.count[:-1] > 0
     assert int(m.sum()) == sum(n for n in LENGTHS)
@@ -134,19 +140,26 @@ def test_refusals():
 @pytest.mark.gpu
 @pytest.mark.parametrize("schedule", ["batch", "rolling"])
 @pytest.mark.parametrize("compiled", [False, True])
-def test_gpu_graph_replay_equals_eager(schedule, compiled):
-    """Captured steps (every bucket, both kinds) against eager steps on the GPU, fp32 weights: same targets,
-    NLL within fp32 noise of the bucketed shapes, same ledger counters."""
-    from train.forward import compile_rows_nll
+@pytest.mark.parametrize("rank", [8, 96])
+def test_gpu_graph_replay_equals_eager(schedule, compiled, rank):
+    """Captured steps (every bucket, both kinds) against eager steps on the GPU, fp32 weights, the seeds' rank
+    and the records' (on every target): same targets, NLL within fp32 noise of the bucketed shapes, same
+    ledger counters."""
+    import dataclasses
 
+    from train.forward import compile_rows_nll
+    from train.ttt_config import TARGETS
+
+    cfg = CFG if rank == 8 else dataclasses.replace(CFG, rank=rank, targets=TARGETS, alpha=144.0)
+    cfg = dataclasses.replace(cfg, rank=rank)
     torch.manual_seed(0)
     model = tiny_model(seed=3).cuda()
     if compiled:
         compile_rows_nll(model)
     try:
         stream = doc_stream(LENGTHS, seed=5).cuda()
-        eager, _ = _run(model, stream, CFG, schedule, None)
-        graphed, graphs = _run(model, stream, CFG, schedule, True)
+        eager, _ = _run(model, stream, cfg, schedule, None)
+        graphed, graphs = _run(model, stream, cfg, schedule, True)
     finally:
         if compiled:
             compile_rows_nll(model, enable=False)

@@ -130,8 +130,6 @@ def test_refusals():
                    capture=False)
     with pytest.raises(ValueError, match="CUDA device"):
         StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=True)
-    with pytest.raises(ValueError, match="cuda_graphs: not with phases"):
-        TTTConfig(cuda_graphs=True, phases=1, phase_docs=4)
     starts, _ = split_docs(stream)
     with pytest.raises(ValueError, match="shape = "):
         build_rows(stream, np.array([[starts[0], 0, 64]]), 96, shape=(2, 32, 32))
@@ -170,3 +168,50 @@ def test_gpu_graph_replay_equals_eager(schedule, compiled, rank):
     assert graphed.ledger.check()["trained_unscored"] == 0
     assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (graphed.ledger.n_records,
                                                                      graphed.ledger.n_train_checks)
+
+
+def test_eval_with_graphs_on_cpu_runs_bucketed_steps_and_equals_eager():
+    """evaluate() with cuda_graphs on a CPU device: the bucketed steps, eagerly (reported as not captured), the
+    phased recipe included (steps staged again after every global pass): same targets and BPB as without."""
+    import dataclasses
+
+    from train.eval import evaluate
+
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    phased = dataclasses.replace(RECORDS_LIKE, phases=2, phase_docs=4, global_seq_len=64, global_batch_seqs=2,
+                                 global_chunk_tokens=128)
+    for cfg in (CFG, phased):
+        ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=cfg, backend="bmm")
+        rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
+                       backend="bmm")
+        # every TTT step went through the buckets (counted across the re-staging after each global pass)
+        assert rep["cuda_graphs"]["captured"] is False and rep["cuda_graphs"]["graph_steps"] == rep["steps"] > 0
+        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+        assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+        if cfg.phases:
+            assert len(rep["cuda_graphs"]["recaptures"]) == len(rep["phases"]) == cfg.phases
+
+
+@pytest.mark.gpu
+def test_gpu_phased_eval_with_graphs_equals_eager():
+    """The phased records-like recipe through evaluate() on the GPU: captured steps, captured again after every
+    global pass, against the eager eval (fp32 weights)."""
+    import dataclasses
+
+    from train.eval import evaluate
+
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    cfg = dataclasses.replace(RECORDS_LIKE, phases=2, phase_docs=4, global_seq_len=64, global_batch_seqs=2,
+                              global_chunk_tokens=128)
+    ref = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=cfg, backend="bmm")
+    rep = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
+                   backend="bmm")
+    cg = rep["cuda_graphs"]
+    assert cg["captured"] and cg["graphs"] > 0 and len(cg["recaptures"]) == cfg.phases
+    assert cg["graph_steps"] == rep["steps"] and rep["targets"] == ref["targets"]
+    assert rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])

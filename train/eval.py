@@ -232,11 +232,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         if cfg.cuda_graphs:
             if train_hook is not None:
                 raise ValueError("cuda_graphs: a train_hook cannot run inside a captured step")
-            graphs = StepGraphs(model, adapter, opt, cfg, st, capture=True)
-            report["cuda_graphs"] = graphs.prepare()
-            log(f"[eval] CUDA graphs: {report['cuda_graphs']['graphs']} captured ({len(graphs.r_buckets)} row x "
-                f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in "
-                f"{report['cuda_graphs']['graph_prepare_s']:.1f} s")
+            graphs = _step_graphs(model, adapter, opt, cfg, st, log)
+            report["cuda_graphs"] = dict(graphs.stats)
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
@@ -280,6 +277,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             log(f"[eval] phase {p + 1}/{cfg.phases}: global pass over {len(scored):,} scored documents, "
                 f"{info['steps']} SGD steps, {info['seconds']:.1f} s")
             adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
+            if graphs is not None:  # the captured steps read the base weights the pass replaced: capture again
+                q.graphs = None
+                graphs = _step_graphs(model, adapter, opt, cfg, st, log, prev=graphs)
+                report["cuda_graphs"].setdefault("recaptures", []).append(dict(graphs.stats, phase=p))
     if share is not None:
         expected &= keep
     if graphs is not None:
@@ -288,6 +289,23 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         report["phases"] = passes
     report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
     return report
+
+
+def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, prev: Optional[StepGraphs] = None) -> StepGraphs:
+    """The TTT steps' CUDA graphs, captured (on a CPU device: the same bucketed steps, run eagerly); ``prev``: the
+    graphs these replace (their step counts carry over)."""
+    capture = st.bytes_at.device.type == "cuda"
+    graphs = StepGraphs(model, adapter, opt, cfg, st, capture=capture)
+    if prev is not None:
+        graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
+                                                                       prev.bucket_positions)
+    stats = graphs.prepare()
+    if capture:
+        log(f"[eval] CUDA graphs: {stats['graphs']} captured ({len(graphs.r_buckets)} row x {len(graphs.l_buckets)} "
+            f"length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s")
+    else:
+        log(f"[eval] CUDA graphs: {st.bytes_at.device} device, nothing to capture: the bucketed steps run eagerly")
+    return graphs
 
 
 def _any_rank(flag: bool, distributed: bool, dev) -> bool:
@@ -369,7 +387,7 @@ def _parse(argv):
                     help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
-                         "the first scored step, on synthetic tokens; CUDA only, no phases)")
+                         "the first scored step and again after every global pass, on synthetic tokens; CUDA only)")
     ap.add_argument("--separate-score-pass", action="store_true",
                     help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)

@@ -163,7 +163,8 @@ class StepGraphs:
         for key in keys:
             self._buffers(key)
         if not self.capture:
-            self.stats = {"graphs": 0, "graph_warm_s": 0.0, "graph_capture_s": 0.0}
+            self.stats = {"graphs": 0, "graph_warm_s": 0.0, "graph_capture_s": 0.0, "graph_prepare_s": 0.0,
+                          "captured": False}
             return self.stats
         dev = self.st.bytes_at.device
         g = torch.Generator().manual_seed(seed)
@@ -203,7 +204,7 @@ class StepGraphs:
         self.adapter.set_rows(None)
         self.adapter.invalidate_a()  # the synthetic warm steps trained A too: warm-start A must not keep it
         self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_capture_s": cap_s,
-                      "graph_prepare_s": time.perf_counter() - t0}
+                      "graph_prepare_s": time.perf_counter() - t0, "captured": True}
         return self.stats
 
     def _fill_synthetic(self, buf: _Buffers, R: int, L: int, V: int, g: torch.Generator) -> None:

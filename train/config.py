@@ -13,11 +13,23 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+from .model import GPTConfig
+
 HELP: Dict[str, str] = {}
 
 
 def _f(default, help_: str):
     return field(default=default, metadata={"help": help_})
+
+
+def _model(name: str, help_: str):
+    """A field of ``train.model.GPTConfig``, with its default."""
+    return _f(GPTConfig.__dataclass_fields__[name].default, help_)
+
+
+# the GPTConfig fields the training driver sets (TrainConfig.gpt_config)
+MODEL_FIELDS = ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "mlp_mult", "seq_len",
+                "logit_softcap", "rope_base", "bigram_buckets")
 
 
 @dataclass
@@ -39,16 +51,16 @@ class TrainConfig:
     fixture_sources: bool = _f(False, "fixture: add stdlib module sources to the docstrings (~10x text)")
     fixture_text: str = _f("", "fixture: comma-separated text/.jsonl files instead of the stdlib")
     val_max_tokens: int = _f(0, "evaluate on the first N val tokens only (0 = all)")
-    # --- model (GPTConfig)
-    vocab_size: int = _f(1024, "vocabulary size")
-    num_layers: int = _f(11, "transformer blocks")
-    model_dim: int = _f(512, "model width d")
-    num_heads: int = _f(8, "query heads")
-    num_kv_heads: int = _f(4, "key/value heads (GQA)")
-    mlp_mult: int = _f(3, "MLP hidden = mlp_mult * d")
-    seq_len: int = _f(2048, "training sequence length")
-    logit_softcap: float = _f(30.0, "logits = c * tanh(logits / c)")
-    rope_base: float = _f(10000.0, "RoPE base")
+    # --- model: GPTConfig's fields, with its defaults (one place for the record model's shape)
+    vocab_size: int = _model("vocab_size", "vocabulary size")
+    num_layers: int = _model("num_layers", "transformer blocks")
+    model_dim: int = _model("model_dim", "model width d")
+    num_heads: int = _model("num_heads", "query heads")
+    num_kv_heads: int = _model("num_kv_heads", "key/value heads (GQA)")
+    mlp_mult: int = _model("mlp_mult", "MLP hidden = mlp_mult * d")
+    seq_len: int = _model("seq_len", "training sequence length")
+    logit_softcap: float = _model("logit_softcap", "logits = c * tanh(logits / c)")
+    rope_base: float = _model("rope_base", "RoPE base")
     # Default per preset. tiny (CPU): 4096 rows -- stdlib fixture, 500 steps, post-int6 val_bpb 1.9445 -> 1.8583
     # (seed 1337) and 1.9467 -> 1.8589 (seed 7); 2048 rows gave 1.8858 (seed 1337). full (the record model): OFF,
     # because the table does not fit the byte budget there: 4096 x 512 int8 rows cost 1.94 MB of zstd-3 artifact
@@ -105,12 +117,7 @@ class TrainConfig:
                 muon_momentum_warmup_steps=50, ema_decay=0.95)
 
     def gpt_config(self):
-        from .model import GPTConfig
-
-        return GPTConfig(vocab_size=self.vocab_size, num_layers=self.num_layers, model_dim=self.model_dim,
-                         num_heads=self.num_heads, num_kv_heads=self.num_kv_heads, mlp_mult=self.mlp_mult,
-                         seq_len=self.seq_len, logit_softcap=self.logit_softcap, rope_base=self.rope_base,
-                         bigram_buckets=self.bigram_buckets)
+        return GPTConfig(**{name: getattr(self, name) for name in MODEL_FIELDS})
 
     def qat_clip_value(self):
         """``qat_clip`` as ``pgolf_kernels.qat`` takes it: 'search' | 'absmax' | float."""

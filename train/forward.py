@@ -78,7 +78,7 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     # CPU input that inductor converted with a host C++ kernel, so every eval process ran g++ and
     # inductor's vector-ISA probe under file locks: 12-20 s of a warm-cache warm-up on the H200, ~65 s of
     # subprocess and lock waits in its profile (bench/results/warmup-h200.md)
-    if hasattr(torch._dynamo.config, "specialize_float"):  # older torch specializes floats without the switch
+    if hasattr(torch._dynamo.config, "specialize_float"):  # a torch without the switch is left as it is
         torch._dynamo.config.specialize_float = True
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, name):

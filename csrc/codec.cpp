@@ -32,17 +32,17 @@ namespace pgolf {
 void check_quantize_args(const at::Tensor& w, int64_t bits, at::DeviceType device) {
   check_value(bits >= 2 && bits <= 8, "quantize_rows: bits must be in 2..8, got ", bits);
   check_type(w.scalar_type() == at::kFloat, "quantize_rows: w must be float32, got ",
-                   w.scalar_type());
+             w.scalar_type());
   check_value(w.dim() == 2, "quantize_rows: w must be 2-D (N, K), got ", w.dim(), " dims");
   check_value(w.device().type() == device, "quantize_rows: w must be on the ",
-                    device == at::kCPU ? "CPU" : "CUDA device", ", got ", w.device());
+              device == at::kCPU ? "CPU" : "CUDA device", ", got ", w.device());
   check_value(w.is_contiguous(), "quantize_rows: w must be contiguous");
 }
 
 void check_rows_finite(int64_t bad_row, int64_t N, float qmax) {
   check_value(bad_row >= N, "quantize_rows: row ", bad_row,
-                    " of w has a NaN/Inf or an absmax whose scale (absmax/", qmax,
-                    ") overflows fp16");
+              " of w has a NaN/Inf or an absmax whose scale (absmax/", qmax,
+              ") overflows fp16");
 }
 
 namespace {
@@ -69,7 +69,7 @@ std::vector<at::Tensor> quantize_rows_cuda(const at::Tensor& w, int64_t bits, bo
   auto [N, K, qmax, q, s] = quantize_outputs(w, bits, at::kCUDA);
   if (N == 0 || K == 0) return {q, s};
   check_value(N <= std::numeric_limits<int32_t>::max(), "quantize_rows: w has ", N,
-                    " rows, more than one CUDA grid holds (2^31 - 1)");
+              " rows, more than one CUDA grid holds (2^31 - 1)");
   auto scratch = at::empty({search ? N * cuda_candidates() * cuda_chunk_count(K) : 1}, w.options());
   auto bad = at::full({1}, N, w.options().dtype(at::kLong));  // lowest refused row; N = none
   const int err = quantize_rows_cuda_launch(w, qmax, search, q, s, scratch, bad);
@@ -290,8 +290,8 @@ pybind11::bytes pack_payload(const pybind11::bytes& header, const std::vector<at
   for (size_t i = 0; i < blobs.size(); ++i) {
     const auto& b = blobs[i];
     check_type(b.scalar_type() == at::kByte && b.dim() == 1 && b.is_contiguous() &&
-                         b.device().is_cpu(),
-                     "pack_payload: blob ", i, " must be a contiguous 1-D uint8 CPU tensor");
+               b.device().is_cpu(),
+               "pack_payload: blob ", i, " must be a contiguous 1-D uint8 CPU tensor");
     data_len = align16(data_len) + size_t(b.numel());
   }
   const size_t start = align16(kFixed + size_t(hlen));
@@ -321,21 +321,21 @@ pybind11::tuple split_payload(const pybind11::bytes& payload) {
   if (PyBytes_AsStringAndSize(payload.ptr(), &buf, &len) != 0) throw pybind11::error_already_set();
   const size_t n = size_t(len);
   check_value(n >= kFixed, "payload truncated: ", n, " bytes, the fixed header alone is ",
-                    kFixed);
+              kFixed);
   check_value(std::memcmp(buf, kMagic, 8) == 0,
-                    "payload magic mismatch: not a pgolf container");
+              "payload magic mismatch: not a pgolf container");
   uint32_t ver, hl;
   uint64_t dl;
   std::memcpy(&ver, buf + 8, 4);
   std::memcpy(&hl, buf + 12, 4);
   std::memcpy(&dl, buf + 16, 8);
   check_value(ver == kVersion, "payload version ", ver, " is not supported (expected ",
-                    kVersion, ")");
+              kVersion, ")");
   const size_t start = align16(kFixed + size_t(hl));
   check_value(start <= n, "payload truncated: header of ", hl, " bytes runs past the end (",
-                    n, " bytes)");
+              n, " bytes)");
   check_value(dl <= uint64_t(n - start) && start + size_t(dl) == n,
-                    "payload length mismatch: header says ", dl, " data bytes, found ", n - start);
+              "payload length mismatch: header says ", dl, " data bytes, found ", n - start);
   return pybind11::make_tuple(pybind11::bytes(buf + kFixed, hl), pybind11::int_(start),
                               pybind11::int_(dl));
 }

@@ -130,6 +130,13 @@ def test_refusals():
                    capture=False)
     with pytest.raises(ValueError, match="CUDA device"):
         StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=True)
+    from train.eval import evaluate
+
+    graphed = TTTConfig(cuda_graphs=True, rank=4, chunk=32, window=96, batch_size=6)
+    with pytest.raises(ValueError, match="expected mode 'ttt'"):
+        evaluate(model, stream, lut, mode="base", cfg=graphed)
+    with pytest.raises(ValueError, match="expected strict=False and no train_hook"):
+        evaluate(model, stream, lut, mode="ttt", cfg=graphed, strict=True)
     starts, _ = split_docs(stream)
     with pytest.raises(ValueError, match="shape = "):
         build_rows(stream, np.array([[starts[0], 0, 64]]), 96, shape=(2, 32, 32))

@@ -170,6 +170,12 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     """
     import torch.distributed as dist
 
+    if cfg.cuda_graphs and mode != "ttt":
+        raise ValueError(f"evaluate: cfg.cuda_graphs = True: expected mode 'ttt' (the TTT steps are what the graphs "
+                         f"replay), got mode {mode!r}")
+    if cfg.cuda_graphs and (strict or train_hook is not None):
+        raise ValueError("evaluate: cfg.cuda_graphs = True: expected strict=False and no train_hook (a captured step "
+                         "cannot sync the host or call back into Python)")
     dev = tokens.device
     t_start = clock() if t_start is None else t_start
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
@@ -230,8 +236,6 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs)
         report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
         if cfg.cuda_graphs:
-            if train_hook is not None:
-                raise ValueError("cuda_graphs: a train_hook cannot run inside a captured step")
             graphs = _step_graphs(model, adapter, opt, cfg, st, log)
             report["cuda_graphs"] = dict(graphs.stats)
         if adapter.backend != backend:

@@ -76,8 +76,8 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     # Python floats read in the forward (the MLP's leaky slope, the logit soft-cap, the LoRA scale) are
     # constants of the run: specialize them. Unspecialized (torch's default), each became a 0-dim float64
     # CPU input that inductor converted with a host C++ kernel, so every eval process ran g++ and
-    # inductor's vector-ISA probe under file locks: 12-20 s of a warm-cache warm-up on the H200, ~65 s of
-    # subprocess and lock waits in its profile (bench/results/warmup-h200.md)
+    # inductor's vector-ISA probe under file locks: a cProfile of a warm-cache eval on the H200 spent 37.2 s
+    # of its 117.4 s waiting on subprocesses and 28.7 s in file locks (bench/results/logs/warmup-profile-h200.txt)
     if hasattr(torch._dynamo.config, "specialize_float"):  # a torch without the switch is left as it is
         torch._dynamo.config.specialize_float = True
     for name in ("recompile_limit", "cache_size_limit"):

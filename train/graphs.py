@@ -4,7 +4,7 @@ The device work of a TTT step (``train.schedules._step_body``: the forward of R 
 the score of their targets into the ledger and the BPB sums, and, when a row trains, the loss, its
 backward to the adapters and the per-row Adam step) has no host sync, so it can be captured once and
 replayed: the host then issues one graph launch per step instead of the forward's, backward's and
-optimizer's ~2,000 kernel launches and their Python (on the H100 the compiled step left 8.1 ms
+optimizer's kernel launches and their Python (on the H100 the compiled step left 8.1 ms
 (``--reference``) and 26.8 ms (kernel path) of host time per 64 x 1024 step not hidden behind the GPU,
 ``bench/results/profile-ttt-h100.md``).
 

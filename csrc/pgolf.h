@@ -6,14 +6,15 @@
 #include <utility>
 
 namespace pgolf {
-// Errors of the compiled part are pybind11 / std exceptions, never c10::Error. On the GPU image (torch
-// 2.11.0+cu130 built with GCC 13.3, this extension built with g++ 13.3) a c10::Error leaving a binding
-// crashed the process with SIGSEGV -- from our codec and from a minimal load_inline extension alike --
-// and so did catching it as c10::ValueError in the binding; there, a std::runtime_error passed through
-// as RuntimeError and a c10::Error caught as std::exception inside the extension was handled normally.
-// check_value / check_type / check_runtime raise Python ValueError / TypeError / RuntimeError with the
-// concatenated message (c10::str), and guarded() turns anything else (a c10::Error from ATen inside a
-// call) into RuntimeError with its first line, caught as std::exception.
+// Errors of the compiled part reach Python as ValueError / TypeError / RuntimeError without any C++ exception
+// type but pybind11::error_already_set crossing the binding. On the GPU image (torch 2.11.0+cu130 built with
+// GCC 13.3, this extension built with g++ 13.3) an exception leaving a binding through pybind11's exception
+// translators crashed the process with SIGSEGV: a c10::Error (our codec and a minimal load_inline extension
+// alike) and a pybind11::value_error too; a std::runtime_error passed, and an exception caught inside the
+// extension was handled normally. So guarded() catches everything inside the extension, sets the Python
+// error itself and throws error_already_set, which pybind11's dispatcher handles before any translator.
+// check_value / check_type / check_runtime throw with the concatenated message (c10::str); guarded() keeps
+// the first line of anything else (a c10::Error from ATen inside a call, with its C++ stack trace).
 template <typename... Args>
 inline void check_value(bool ok, const Args&... msg) {
   if (!ok) throw pybind11::value_error(c10::str(msg...));
@@ -27,18 +28,27 @@ inline void check_runtime(bool ok, const Args&... msg) {
   if (!ok) throw std::runtime_error(c10::str(msg...));
 }
 
+[[noreturn]] inline void raise_python(PyObject* type, const char* what) {
+  const std::string msg = what;
+  PyErr_SetString(type, msg.substr(0, msg.find('\n')).c_str());
+  throw pybind11::error_already_set();
+}
+
 template <typename R, typename... Args>
 auto guarded(R (*fn)(Args...)) {
   return [fn](Args... args) -> R {
     try {
       return fn(std::forward<Args>(args)...);
-    } catch (const pybind11::builtin_exception&) {
-      throw;
     } catch (const pybind11::error_already_set&) {
       throw;
+    } catch (const pybind11::value_error& e) {
+      raise_python(PyExc_ValueError, e.what());
+    } catch (const pybind11::type_error& e) {
+      raise_python(PyExc_TypeError, e.what());
     } catch (const std::exception& e) {
-      const std::string what = e.what();
-      throw std::runtime_error(what.substr(0, what.find('\n')));
+      raise_python(PyExc_RuntimeError, e.what());
+    } catch (...) {
+      raise_python(PyExc_RuntimeError, "pgolf_kernels._C: unknown C++ exception");
     }
   };
 }

@@ -121,6 +121,9 @@ def _cuda_plan():
     return False, reason, None
 
 
+_LINKER = []  # (link command, static-runtime flags dropped from it), once BuildExt has set the compiler up
+
+
 def _write_build_info(cuda: bool, reason: str):
     path = os.path.join(ROOT, "pgolf_kernels", "_build_info.py")
     with open(path, "w") as f:
@@ -128,6 +131,8 @@ def _write_build_info(cuda: bool, reason: str):
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"CUDA_BUILT = {cuda!r}  # csrc/cuda/*.cu compiled into pgolf_kernels._C\n")
         f.write(f"CUDA_REASON = {reason!r}\n")
+        if _LINKER:
+            f.write(f"LINKER = {_LINKER[0]!r}  # sysconfig's link command, less {_LINKER[1]}\n")
 
 
 def _cpu_extension():
@@ -150,10 +155,33 @@ def _extensions():
     return [ext]
 
 
+# Flags that would link a private copy of the C++ runtime into pgolf_kernels._C. Next to torch's shared
+# libstdc++ in one process, two runtimes crash any C++ exception: on the GPU image (Python 3.12 venv, torch
+# 2.11.0+cu130) the extension came out with __cxa_throw and __gxx_personality_v0 defined inside it, and every
+# error it raised (a NaN row, bits=99) was a SIGSEGV, while a load_inline module on the same machine raised
+# normally. The link command comes from Python's sysconfig (LDSHARED, LDFLAGS), which this build does not
+# control; these flags are dropped from it and the command is recorded in _build_info.LINKER.
+STATIC_RUNTIME_FLAGS = ("-static", "-static-libstdc++", "-static-libgcc")
+
+
 class BuildExt(cpp_extension.BuildExtension):
     """With PGOLF_BUILD_CUDA=auto, a CUDA build that fails (compiler, toolkit/torch mismatch) falls back to
     the C++-only extension, and the failure is recorded as the reason in _build_info.py: install.sh prints
-    it, and tests/test_quant_cuda.py fails on a GPU machine whose build tried CUDA and could not."""
+    it, and tests/test_quant_cuda.py fails on a GPU machine whose build tried CUDA and could not. The link
+    always uses the shared C++ runtime (STATIC_RUNTIME_FLAGS)."""
+
+    def build_extensions(self):
+        dropped = []
+        for attr in ("linker_so", "linker_so_cxx", "compiler_cxx"):
+            cmd = getattr(self.compiler, attr, None)
+            if isinstance(cmd, list):
+                dropped += [a for a in cmd if a in STATIC_RUNTIME_FLAGS]
+                setattr(self.compiler, attr, [a for a in cmd if a not in STATIC_RUNTIME_FLAGS])
+        linker = " ".join(getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so or [])
+        _LINKER[:] = [linker, sorted(set(dropped))]
+        with open(os.path.join(ROOT, "pgolf_kernels", "_build_info.py"), "a") as f:
+            f.write(f"LINKER = {linker!r}  # sysconfig's link command, less {_LINKER[1]}\n")
+        return super().build_extensions()
 
     def build_extension(self, ext):
         if not getattr(ext, "pgolf_cuda", False):

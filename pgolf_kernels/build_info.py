@@ -13,16 +13,19 @@ def main() -> int:
     import torch
 
     import pgolf_kernels
-    from pgolf_kernels._ext import cuda_quantizer_status, load_C
+    from pgolf_kernels._ext import cuda_quantizer_status, cxx_runtime, load_C
 
     try:
         from pgolf_kernels import _build_info as bi
     except ImportError:
         print("pgolf_kernels: no build info (the package was not installed through setup.py)")
         return 1
-    load_C()
+    C = load_C()
     print(f"pgolf_kernels {pgolf_kernels.__version__}: C++ extension pgolf_kernels._C built against torch "
           f"{bi.TORCH_VERSION} and loads with torch {torch.__version__}")
+    shared, where = cxx_runtime(C.__file__)
+    print(f"pgolf_kernels: C++ runtime: {'WARNING: ' if shared is False else ''}{where}")
+    print(f"pgolf_kernels: link command: {getattr(bi, 'LINKER', 'not recorded')}")
     print("pgolf_kernels: GPU kernels are Triton, compiled on first use per device")
     cuda, why = cuda_quantizer_status()
     if cuda:

@@ -143,10 +143,26 @@ def test_quantize_bad_input():
         quantize_rows(w)
 
 
+def test_extension_shares_the_process_cxx_runtime():
+    """pgolf_kernels._C throws through the process's shared libstdc++, not a private static copy: with one
+    linked in (the GPU image's sysconfig link command), every error the extension raised was a SIGSEGV."""
+    from pgolf_kernels._ext import cxx_runtime
+
+    C = load_C()
+    shared, where = cxx_runtime(C.__file__)
+    if shared is None:
+        pytest.skip(f"cannot locate the C++ runtime here: {where}")
+    assert shared, where
+
+
 def test_extension_errors_are_python_exceptions():
     """Every binding of pgolf_kernels._C raises a plain Python exception with the one-line message (no C++
     backtrace), never a c10::Error through pybind11: that crashed the process on the GPU image."""
+    from pgolf_kernels._ext import cxx_runtime
+
     C = load_C()
+    if cxx_runtime(C.__file__)[0] is False:  # raising from it would kill this test process, not fail the test
+        pytest.fail(f"not run: {cxx_runtime(C.__file__)[1]}")
     w = torch.randn(5, 8)
     w[3, 1] = float("inf")
     cases = [(lambda: C.quantize_rows(w, 6, True), ValueError, "row 3 of w has a NaN/Inf"),

@@ -90,6 +90,16 @@ def int6_linear_dx_ref(dy, q, scale) -> torch.Tensor:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------
 @triton.jit
+def _split_range(red, BR: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's split (grid axis 1) of a length-``red`` reduction cut in SPLIT: the offsets arange(0, BR) and
+    the [lo, hi) it owns, whole BR blocks (the last splits may get fewer or none)."""
+    rr = tl.arange(0, BR)
+    per = tl.cdiv(tl.cdiv(red, BR), SPLIT) * BR
+    lo = tl.program_id(1) * per
+    return rr, lo, tl.minimum(red, lo + per)
+
+
+@triton.jit
 def _acc_tile(R: tl.constexpr, C: tl.constexpr, SWAP: tl.constexpr):
     """fp32 zeros for an (R, C) output tile; the swap-AB variant accumulates it transposed, (C, R)."""
     if SWAP:
@@ -157,13 +167,9 @@ def _fwd_kernel(
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    pid_s = tl.program_id(1)  # split index over the K reduction
     # n fastest: the whole code matrix (<= 4 MB for the 8192x512 head) stays L2-resident
     rm, rn, rm_l, rn_l = output_tile(pid, M, N, BM, BN)
-    rk = tl.arange(0, BK)
-    per = tl.cdiv(tl.cdiv(K, BK), SPLIT) * BK
-    k_lo = pid_s * per
-    k_hi = tl.minimum(K, k_lo + per)
+    rk, k_lo, k_hi = _split_range(K, BK, SPLIT)  # split index: program_id(1)
     x_ptrs = x_ptr + rm_l[:, None] * stride_xm + (k_lo + rk)[None, :]
     q_ptrs = q_ptr + rn_l[:, None] * stride_qn + (k_lo + rk)[None, :]
     acc = _acc_tile(BM, BN, SWAP)
@@ -187,7 +193,7 @@ def _fwd_kernel(
         q_ptrs += BK
     do_store = True
     if SPLIT > 1:
-        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, tl.program_id(1), SPLIT)
     if do_store:
         acc = acc * _out_cols(tl.load(s_ptr + rn_l).to(tl.float32), SWAP)
         if HAS_BIAS:
@@ -205,12 +211,8 @@ def _dx_kernel(
 ):
     # dx (M, K) = dy (M, N) @ Wd (N, K); BM tokens, BK output columns (over K), BN reduction (over N)
     pid = tl.program_id(0)
-    pid_s = tl.program_id(1)  # split index over the N reduction
     rm, rk, rm_l, rk_l = output_tile(pid, M, K, BM, BK)
-    rn = tl.arange(0, BN)
-    per = tl.cdiv(tl.cdiv(N, BN), SPLIT) * BN
-    n_lo = pid_s * per
-    n_hi = tl.minimum(N, n_lo + per)
+    rn, n_lo, n_hi = _split_range(N, BN, SPLIT)  # split index: program_id(1)
     dy_ptrs = dy_ptr + rm_l[:, None] * stride_dym + (n_lo + rn)[None, :]
     q_ptrs = q_ptr + (n_lo + rn)[:, None].to(tl.int64) * stride_qn + rk_l[None, :]
     s_ptrs = s_ptr + n_lo + rn
@@ -242,7 +244,7 @@ def _dx_kernel(
         s_ptrs += BN
     do_store = True
     if SPLIT > 1:
-        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, pid_s, SPLIT)
+        do_store, acc = _split_reduce(acc, ws_ptr, cnt_ptr, pid, tl.program_id(1), SPLIT)
     if do_store:
         _store_out(dx_ptr, acc, rm, rk, M, K, stride_dxm, SWAP)
 

@@ -160,8 +160,27 @@ def _extensions():
 # 2.11.0+cu130) the extension came out with __cxa_throw and __gxx_personality_v0 defined inside it, and every
 # error it raised (a NaN row, bits=99) was a SIGSEGV, while a load_inline module on the same machine raised
 # normally. The link command comes from Python's sysconfig (LDSHARED, LDFLAGS), which this build does not
-# control; these flags are dropped from it and the command is recorded in _build_info.LINKER.
+# control; these flags are dropped from it and the command is recorded in _build_info.LINKER. A compiler that
+# finds no libstdc++.so (no development symlink) would take libstdc++.a as well: then the runtime's own
+# libstdc++.so.6 is named on the link line (_shared_libstdcxx).
 STATIC_RUNTIME_FLAGS = ("-static", "-static-libstdc++", "-static-libgcc")
+
+
+def _shared_libstdcxx(cxx):
+    """Extra link inputs that make ``cxx`` link the shared libstdc++: none where it finds libstdc++.so, else
+    the absolute path of libstdc++.so.6 (Linux only)."""
+    def where(name):
+        try:
+            out = subprocess.run([cxx, f"-print-file-name={name}"], capture_output=True, text=True, timeout=60).stdout
+        except (OSError, subprocess.SubprocessError):
+            return None
+        out = out.strip()
+        return out if os.path.isabs(out) and os.path.exists(out) else None
+
+    if not sys.platform.startswith("linux") or where("libstdc++.so"):
+        return []
+    so6 = where("libstdc++.so.6")
+    return [os.path.realpath(so6)] if so6 else []
 
 
 class BuildExt(cpp_extension.BuildExtension):
@@ -177,7 +196,11 @@ class BuildExt(cpp_extension.BuildExtension):
             if isinstance(cmd, list):
                 dropped += [a for a in cmd if a in STATIC_RUNTIME_FLAGS]
                 setattr(self.compiler, attr, [a for a in cmd if a not in STATIC_RUNTIME_FLAGS])
-        linker = " ".join(getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so or [])
+        cxx = (self.compiler.compiler_cxx or ["c++"])[0]
+        extra = _shared_libstdcxx(cxx)
+        for ext in self.extensions:
+            ext.extra_link_args = list(ext.extra_link_args or []) + extra
+        linker = " ".join((getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so or []) + extra)
         _LINKER[:] = [linker, sorted(set(dropped))]
         with open(os.path.join(ROOT, "pgolf_kernels", "_build_info.py"), "a") as f:
             f.write(f"LINKER = {linker!r}  # sysconfig's link command, less {_LINKER[1]}\n")

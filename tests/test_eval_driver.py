@@ -155,7 +155,7 @@ def _recording_aot_eager(gm, example_inputs):
 
 
 def _compiled_matches(m, stream, lut, cfg, backend, eager, monkeypatch):
-    from train.forward import compile_rows_nll
+    from train.forward import compile_rows_nll, is_compiled
 
     if not torch.cuda.is_available():
         # CPU lane: dynamo + AOT autograd (guards, dynamic shapes, the custom ops' fake impls and autograd)
@@ -170,9 +170,10 @@ def _compiled_matches(m, stream, lut, cfg, backend, eager, monkeypatch):
     compile_rows_nll(m)
     try:
         comp = ev.evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend=backend)
-        assert "_pgolf_rows_nll" in m.__dict__
+        assert is_compiled(m)
     finally:
         compile_rows_nll(m, enable=False)
+    assert not is_compiled(m)
     # no Python float of the forward became a 0-dim float64 graph input: on the GPU inductor turns one into a
     # host C++ kernel (g++ and a vector-ISA probe in every eval's warm-up)
     if not torch.cuda.is_available():

@@ -42,6 +42,11 @@ def rows_nll(model, rb: RowBatch, adapter=None) -> torch.Tensor:
     return fwd(model, rb.x, rb.sel, rb.y, adapter)
 
 
+def is_compiled(model) -> bool:
+    """Whether ``compile_rows_nll`` is in effect on ``model``."""
+    return "_pgolf_rows_nll" in model.__dict__
+
+
 def compile_rows_nll(model, enable: bool = True) -> None:
     """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
     backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the

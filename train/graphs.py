@@ -19,7 +19,7 @@ train flags). The adapters, the optimizer state, the ledger and the BPB sums are
 persistent tensors: a ``StepGraphs`` serves one ``DocLoRA``, one per-row ``BatchedAdam`` and one
 ``EvalState``.
 
-``prepare()`` runs before the first scored step: for every bucket and kind, two eager steps on synthetic
+``prepare()`` runs before the first scored step: for every bucket and kind, one or two eager steps on synthetic
 random tokens with a scratch ledger (torch.compile, Triton JIT and autotuning happen there: a capture
 cannot compile), then the capture itself, which records kernels without running them: no validation
 token is read, no score or adapter is touched by the capture. ``capture=False`` runs the same staged,
@@ -153,11 +153,18 @@ class StepGraphs:
     def keys(self) -> List[Tuple[int, int]]:
         return [(R, L) for R in self.r_buckets for L in self.l_buckets]
 
-    def prepare(self, seed: int = 0, warm_steps: int = 2) -> Dict[str, float]:
+    def prepare(self, seed: int = 0, warm_steps: Optional[int] = None) -> Dict[str, float]:
         """Warm every bucket and kind on synthetic tokens, then capture it (see the module docstring).
-        Returns the times and the number of graphs; a no-op apart from the buffers with ``capture=False``."""
+        Returns the times and the number of graphs; a no-op apart from the buffers with ``capture=False``.
+        ``warm_steps`` per bucket and kind: default 2 with ``compile_rows_nll`` in effect (a bucket's first
+        call may compile again for dynamic shapes), 1 without (cuBLAS, Triton JIT and autotune are settled
+        by one call; eager, two warm steps each took 22.8 of the 30.4 s that 160 graphs took to prepare on
+        the H200, bench/results/warmup-h200.md)."""
+        from .forward import is_compiled
         from .schedules import _step_body
 
+        if warm_steps is None:
+            warm_steps = 2 if is_compiled(self.model) else 1
         t0 = time.perf_counter()
         keys = self.keys()
         for key in keys:

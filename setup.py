@@ -124,6 +124,10 @@ def _cuda_plan():
 _LINKER = []  # (link command, static-runtime flags dropped from it), once BuildExt has set the compiler up
 
 
+def _linker_line():
+    return f"LINKER = {_LINKER[0]!r}  # sysconfig's link command, less {_LINKER[1]}\n"
+
+
 def _write_build_info(cuda: bool, reason: str):
     path = os.path.join(ROOT, "pgolf_kernels", "_build_info.py")
     with open(path, "w") as f:
@@ -132,7 +136,7 @@ def _write_build_info(cuda: bool, reason: str):
         f.write(f"CUDA_BUILT = {cuda!r}  # csrc/cuda/*.cu compiled into pgolf_kernels._C\n")
         f.write(f"CUDA_REASON = {reason!r}\n")
         if _LINKER:
-            f.write(f"LINKER = {_LINKER[0]!r}  # sysconfig's link command, less {_LINKER[1]}\n")
+            f.write(_linker_line())
 
 
 def _cpu_extension():
@@ -203,7 +207,7 @@ class BuildExt(cpp_extension.BuildExtension):
         linker = " ".join((getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so or []) + extra)
         _LINKER[:] = [linker, sorted(set(dropped))]
         with open(os.path.join(ROOT, "pgolf_kernels", "_build_info.py"), "a") as f:
-            f.write(f"LINKER = {linker!r}  # sysconfig's link command, less {_LINKER[1]}\n")
+            f.write(_linker_line())
         return super().build_extensions()
 
     def build_extension(self, ext):

@@ -6,15 +6,14 @@
 #include <utility>
 
 namespace pgolf {
-// Errors of the compiled part reach Python as ValueError / TypeError / RuntimeError without any C++ exception
-// type but pybind11::error_already_set crossing the binding. On the GPU image (torch 2.11.0+cu130 built with
-// GCC 13.3, this extension built with g++ 13.3) an exception leaving a binding through pybind11's exception
-// translators crashed the process with SIGSEGV: a c10::Error (our codec and a minimal load_inline extension
-// alike) and a pybind11::value_error too; a std::runtime_error passed, and an exception caught inside the
-// extension was handled normally. So guarded() catches everything inside the extension, sets the Python
-// error itself and throws error_already_set, which pybind11's dispatcher handles before any translator.
-// check_value / check_type / check_runtime throw with the concatenated message (c10::str); guarded() keeps
-// the first line of anything else (a c10::Error from ATen inside a call, with its C++ stack trace).
+// Errors of the compiled part reach Python as ValueError / TypeError / RuntimeError with a one-line message,
+// and no C++ exception type but pybind11::error_already_set crosses a binding: guarded() catches everything
+// inside the extension, sets the Python error itself and throws error_already_set, which pybind11's
+// dispatcher handles before any exception translator (a c10::Error through a binding crashed a load_inline
+// module on the GPU image; the crashes of this extension there came from a private static C++ runtime in it,
+// see setup.py STATIC_RUNTIME_FLAGS). check_value / check_type / check_runtime throw with the concatenated
+// message (c10::str); guarded() keeps the first line of anything else (a c10::Error from ATen inside a call,
+// with its C++ stack trace).
 template <typename... Args>
 inline void check_value(bool ok, const Args&... msg) {
   if (!ok) throw pybind11::value_error(c10::str(msg...));

@@ -18,7 +18,8 @@ loading, Triton compile waits, host C++ builds).
 
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``, and ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
-torch.compile; their time to the first score includes the graphs' warm steps and capture): recipe and path. ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
+torch.compile; their time to the first score includes the graphs' warm steps and capture): recipe and path.
+``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
 once the next would not fit. ``PGOLF_WARMUP_PROFILE=DIR`` runs each warm child under cProfile and writes
 ``DIR/warmup-<case>.prof`` and the top functions by cumulative time to ``DIR/warmup-<case>-top.txt``
 (what a warm cache leaves of the warm-up; cProfile's overhead inflates Python-heavy phases such as
@@ -114,13 +115,17 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     from bench.bench_eval import build_artifact
     from train.synthetic import write_synthetic_val
 
+    names = os.environ.get("PGOLF_WARMUP_CASES", "seeds-ref,seeds-kernel").split(",")
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"PGOLF_WARMUP_CASES = {','.join(names)!r}: unknown case(s) {unknown}; expected a comma list "
+                         f"of {', '.join(CASES)}")
     work = tempfile.mkdtemp(prefix="pgolf-warmup-")
     art = os.path.join(work, "model.pgolf")
     # on the CPU: the parent process must not hold GPU memory or a CUDA context while the children run
     build_artifact(art, None, train_steps=0, device="cpu")
     val = write_synthetic_val(work, n_docs=N_DOCS, total_tokens=TOKENS)
     tok = _tokenizer()
-    names = os.environ.get("PGOLF_WARMUP_CASES", "seeds-ref,seeds-kernel").split(",")
     rows: List[Dict[str, object]] = []
     for name in names:
         recipe, reference, extra_args = CASES[name]

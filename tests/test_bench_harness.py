@@ -96,3 +96,12 @@ def test_records_training_log_slopes():
                      for s in range(1, 51))
     b, noise, n, last = slope_ms(rate, 10, 50, tokens)
     assert abs(b - 250) < 0.01 and n == 41 and last == 4.5
+
+
+def test_warmup_bench_refuses_an_unknown_case_before_any_work(monkeypatch):
+    from bench import bench_warmup
+
+    monkeypatch.setenv("PGOLF_WARMUP_CASES", "seeds-ref,seeds-graphs")
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: pytest.fail("built an artifact first"))
+    with pytest.raises(ValueError, match=r"PGOLF_WARMUP_CASES = .*unknown case\(s\) \['seeds-graphs'\]"):
+        bench_warmup.run()

@@ -130,6 +130,10 @@ def test_refusals():
                    capture=False)
     with pytest.raises(ValueError, match="CUDA device"):
         StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=True)
+    g = StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=False)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="warm_steps = "):
+            g.prepare(warm_steps=bad)
     from train.eval import evaluate
 
     graphed = TTTConfig(cuda_graphs=True, rank=4, chunk=32, window=96, batch_size=6)

@@ -165,6 +165,9 @@ class StepGraphs:
 
         if warm_steps is None:
             warm_steps = 2 if is_compiled(self.model) else 1
+        if isinstance(warm_steps, bool) or not isinstance(warm_steps, int) or warm_steps < 1:
+            raise ValueError(f"StepGraphs.prepare: warm_steps = {warm_steps!r}: expected an integer >= 1 (a capture "
+                             f"cannot compile or autotune)")
         t0 = time.perf_counter()
         keys = self.keys()
         for key in keys:

@@ -121,11 +121,11 @@ def _cuda_plan():
     return False, reason, None
 
 
-_LINKER = []  # (link command, static-runtime flags dropped from it), once BuildExt has set the compiler up
-
-
-def _linker_line():
-    return f"LINKER = {_LINKER[0]!r}  # sysconfig's link command, less {_LINKER[1]}\n"
+# The CUDA plan (_extensions) and the link command with the static-runtime flags dropped from it (BuildExt).
+# _build_info.py is written only when an extension is built: `setup.py --version` and other metadata calls
+# must not overwrite the installed build's record.
+_PLAN = []    # [built with CUDA?, why]
+_LINKER = []  # [link command, flags dropped]
 
 
 def _write_build_info(cuda: bool, reason: str):
@@ -136,7 +136,7 @@ def _write_build_info(cuda: bool, reason: str):
         f.write(f"CUDA_BUILT = {cuda!r}  # csrc/cuda/*.cu compiled into pgolf_kernels._C\n")
         f.write(f"CUDA_REASON = {reason!r}\n")
         if _LINKER:
-            f.write(_linker_line())
+            f.write(f"LINKER = {_LINKER[0]!r}  # sysconfig's link command, less {_LINKER[1]}\n")
 
 
 def _cpu_extension():
@@ -145,7 +145,7 @@ def _cpu_extension():
 
 def _extensions():
     cuda, reason, home = _cuda_plan()
-    _write_build_info(cuda, reason)
+    _PLAN[:] = [cuda, reason]
     print(f"pgolf_kernels: {'building' if cuda else 'not building'} the CUDA quantizer: {reason}")
     if not cuda:
         return [_cpu_extension()]
@@ -206,8 +206,7 @@ class BuildExt(cpp_extension.BuildExtension):
             ext.extra_link_args = list(ext.extra_link_args or []) + extra
         linker = " ".join((getattr(self.compiler, "linker_so_cxx", None) or self.compiler.linker_so or []) + extra)
         _LINKER[:] = [linker, sorted(set(dropped))]
-        with open(os.path.join(ROOT, "pgolf_kernels", "_build_info.py"), "a") as f:
-            f.write(_linker_line())
+        _write_build_info(*_PLAN)
         return super().build_extensions()
 
     def build_extension(self, ext):

@@ -96,9 +96,13 @@ def test_one_version_source_and_one_installed_package():
     and benches run from a checkout; `train` and `bench` are not site-packages names)."""
     import pgolf_kernels
 
+    info = os.path.join(ROOT, "pgolf_kernels", "_build_info.py")
+    before = open(info).read() if os.path.exists(info) else None
     out = subprocess.run([sys.executable, "setup.py", "--version"], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == pgolf_kernels.__version__
+    # a metadata call builds nothing, so it must leave the installed build's record as it is
+    assert (open(info).read() if os.path.exists(info) else None) == before
     src = open(os.path.join(ROOT, "setup.py")).read()
     assert 'packages=["pgolf_kernels"]' in src
     assert pgolf_kernels.__version__ not in src  # no second copy of the version

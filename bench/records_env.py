@@ -87,30 +87,47 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
                            causal: bool = False, softmax_scale=None, window_size=(-1, -1), **_ignored):
     """FA3 varlen layout: q (total, H, D), k/v (total, Hkv, D); attention stays inside each document of
     ``cu_seqlens`` (q and k share the packing here, as in the records). Tokens past cu_seqlens[-1] attend to
-    themselves only (their output is never read by the records)."""
-    if not torch.equal(cu_seqlens_q, cu_seqlens_k):
+    themselves only (their output is never read by the records). CUDA: flex_attention with a document mask;
+    CPU: SDPA with a dense mask. Compile-safe (the 2026-04-29 script calls it under
+    ``torch.compile(fullgraph=True)``): the q/k packing check is a host comparison, so it runs eagerly only."""
+    if (cu_seqlens_q is not cu_seqlens_k and not torch.compiler.is_compiling()
+            and not torch.equal(cu_seqlens_q, cu_seqlens_k)):
         raise ValueError("flash_attn_varlen_func stand-in: cu_seqlens_q must equal cu_seqlens_k")
-    total, H, _ = q.shape
-    doc = _doc_ids(cu_seqlens_q, total)
-    qt = q.transpose(0, 1)[None]
-    kt = _repeat_kv(k.transpose(0, 1)[None], H)
-    vt = _repeat_kv(v.transpose(0, 1)[None], H)
-    if q.is_cuda:
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    varlen = varlen_flex if q.is_cuda else varlen_dense
+    return varlen(q, k, v, cu_seqlens_q, causal, softmax_scale)
 
-        def mask_mod(b, h, qi, ki):
-            same = doc[qi] == doc[ki]
-            return (same & (ki <= qi)) if causal else same
 
-        bm = create_block_mask(mask_mod, None, None, total, total, device=q.device)
-        y = flex_attention(qt, kt, vt, block_mask=bm, scale=softmax_scale)
-    else:
-        pos = torch.arange(total, device=q.device)
-        m = doc[:, None] == doc[None, :]
-        if causal:
-            m = m & (pos[None, :] <= pos[:, None])
-        y = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=softmax_scale)
-    return y[0].transpose(0, 1).contiguous()
+def _varlen_layout(q, k, v):
+    H = q.shape[1]
+    return q.transpose(0, 1)[None], _repeat_kv(k.transpose(0, 1)[None], H), _repeat_kv(v.transpose(0, 1)[None], H)
+
+
+def varlen_flex(q, k, v, cu: torch.Tensor, causal: bool, softmax_scale=None) -> torch.Tensor:
+    """Document-masked attention on ``torch.nn.attention.flex_attention`` (needs torch.compile off CUDA)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    total = q.shape[0]
+    doc = _doc_ids(cu, total)
+    qt, kt, vt = _varlen_layout(q, k, v)
+
+    def mask_mod(b, h, qi, ki):
+        same = doc[qi] == doc[ki]
+        return (same & (ki <= qi)) if causal else same
+
+    bm = create_block_mask(mask_mod, None, None, total, total, device=q.device)
+    return flex_attention(qt, kt, vt, block_mask=bm, scale=softmax_scale)[0].transpose(0, 1).contiguous()
+
+
+def varlen_dense(q, k, v, cu: torch.Tensor, causal: bool, softmax_scale=None) -> torch.Tensor:
+    """Document-masked attention on SDPA with a dense (total, total) mask (small shapes, CPU tests)."""
+    total = q.shape[0]
+    doc = _doc_ids(cu, total)
+    qt, kt, vt = _varlen_layout(q, k, v)
+    pos = torch.arange(total, device=q.device)
+    m = doc[:, None] == doc[None, :]
+    if causal:
+        m = m & (pos[None, :] <= pos[:, None])
+    return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=m, scale=softmax_scale)[0].transpose(0, 1).contiguous()
 
 
 def install_standins() -> Dict[str, str]:

@@ -254,3 +254,24 @@ def test_varlen_standin_equals_per_document_attention():
     ref = F.scaled_dot_product_attention(qb.transpose(1, 2), kb.transpose(1, 2).repeat_interleave(2, 1),
                                          vb.transpose(1, 2).repeat_interleave(2, 1), is_causal=True).transpose(1, 2)
     torch.testing.assert_close(records_env.flash_attn_func(qb, kb, vb, causal=True), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_standin_traces_under_fullgraph_compile():
+    """The 2026-04-29 script calls flash_attn_varlen_func inside torch.compile(fullgraph=True): both stand-in paths
+    must trace without a graph break (a host-side cu_seqlens check broke it on the GPU) and equal the dense mask.
+    The flex path is traced with the aot_eager backend (inductor's CPU flex template is not what the GPU runs)."""
+    g = torch.Generator().manual_seed(5)
+    cu = torch.tensor([0, 50, 60, 130, 256], dtype=torch.int32)
+    H, Hkv, D, total = 4, 2, 64, 256
+    q = torch.randn(total, H, D, generator=g)
+    k = torch.randn(total, Hkv, D, generator=g)
+    v = torch.randn(total, Hkv, D, generator=g)
+    ref = records_env.varlen_dense(q, k, v, cu, True)
+    torch._dynamo.reset()
+    dense = torch.compile(lambda *a: records_env.flash_attn_varlen_func(*a, a[3], causal=True), fullgraph=True,
+                          backend="aot_eager")
+    torch.testing.assert_close(dense(q, k, v, cu), ref, rtol=1e-5, atol=1e-5)
+    flex = torch.compile(lambda *a: records_env.varlen_flex(*a, True), fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(flex(q, k, v, cu), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="cu_seqlens_q must equal cu_seqlens_k"):
+        records_env.flash_attn_varlen_func(q, k, v, cu, cu.flip(0), causal=True)

@@ -213,8 +213,16 @@ def _spawn(args: List[str], timeout: float):
     cmd = [sys.executable, "-m", "bench.bench_records"] + args
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     t0 = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                       cwd=records_env.REPO_ROOT)
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                           cwd=records_env.REPO_ROOT)
+    except subprocess.TimeoutExpired as e:
+        # say how far the child got (compile, warm-up or steps): a bare timeout left nothing to act on
+        def tail(x):
+            x = x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
+            return "\n".join(x.splitlines()[-15:])
+        raise RuntimeError(f"child {' '.join(args)} timed out after {timeout:.0f} s; last output:\n{tail(e.stdout)}\n"
+                           f"{tail(e.stderr)}") from None
     print(f"child {' '.join(args)}: rc {p.returncode}, {time.time() - t0:.1f} s wall", flush=True)
     out = p.stdout
     res = None

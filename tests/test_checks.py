@@ -332,6 +332,7 @@ def _ev_argv(e, *extra):
     (["--mode", "chunked", "--train-len", "65"], "--train-len", ("64",)),
     (["--rank", "0"], "--rank", ()),
     (["--cuda-graphs"], "--cuda-graphs", ("on a CUDA device", "on cpu")),
+    (["--cuda-graphs", "on"], "--cuda-graphs", ("on a CUDA device", "on cpu")),
 ])
 def test_eval_refuses_bad_numbers_before_loading(eval_inputs, extra, arg, match):
     from train import eval as ev
@@ -400,3 +401,20 @@ def test_eval_cli_subprocess_one_line_and_debug(eval_inputs):
                                              "step, at most the window 64)"]
     r = subprocess.run(cmd + ["--debug"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and "Traceback" in r.stderr and "CheckError" in r.stderr
+
+
+def test_cuda_graphs_auto_turns_on_only_where_measured_and_verified():
+    """--cuda-graphs auto: on for --reference per-document TTT on CUDA, off elsewhere, each with its reason."""
+    from train.eval import _parse, auto_cuda_graphs
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert auto_cuda_graphs(cuda, "ttt", True) == (True, auto_cuda_graphs(cuda, "ttt", True)[1])
+    for dev, mode, ref, sep, why in [(cpu, "ttt", True, False, "CUDA only"), (cuda, "base", True, False, "--mode base"),
+                                     (cuda, "ttt", False, False, "kernel path"),
+                                     (cuda, "ttt", True, True, "--separate-score-pass")]:
+        on, reason = auto_cuda_graphs(dev, mode, ref, sep)
+        assert not on and why in reason, (dev, mode, ref, sep, reason)
+    base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
+    assert _parse(base).cuda_graphs == "auto" and not _parse(base).ttt_cfg.cuda_graphs
+    assert _parse(base + ["--cuda-graphs"]).ttt_cfg.cuda_graphs
+    assert not _parse(base + ["--cuda-graphs", "off"]).ttt_cfg.cuda_graphs

@@ -232,16 +232,20 @@ def test_round_robin_without_nesterov_matches_record(records):
         assert rel_err(a - z, b - z.detach()) < 2e-2, f"param {i}"
 
 
+def _varlen_inputs(seed: int, cu: list, D: int, H: int = 4, Hkv: int = 2):
+    """cu_seqlens and packed q (total, H, D), k/v (total, Hkv, D) for the varlen stand-in tests."""
+    g = torch.Generator().manual_seed(seed)
+    total = cu[-1]
+    return (torch.tensor(cu, dtype=torch.int32), torch.randn(total, H, D, generator=g),
+            torch.randn(total, Hkv, D, generator=g), torch.randn(total, Hkv, D, generator=g))
+
+
 def test_varlen_standin_equals_per_document_attention():
     """The FA3 varlen stand-in (CPU path) == causal SDPA run on each document separately."""
     import torch.nn.functional as F
 
-    g = torch.Generator().manual_seed(3)
-    cu = torch.tensor([0, 5, 6, 13, 20], dtype=torch.int32)
-    H, Hkv, D, total = 4, 2, 8, 20
-    q = torch.randn(total, H, D, generator=g)
-    k = torch.randn(total, Hkv, D, generator=g)
-    v = torch.randn(total, Hkv, D, generator=g)
+    H, Hkv = 4, 2
+    cu, q, k, v = _varlen_inputs(3, [0, 5, 6, 13, 20], 8)
     y = records_env.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True)
     for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
         qd = q[a:b].transpose(0, 1)
@@ -260,12 +264,7 @@ def test_varlen_standin_traces_under_fullgraph_compile():
     """The 2026-04-29 script calls flash_attn_varlen_func inside torch.compile(fullgraph=True): both stand-in paths
     must trace without a graph break (a host-side cu_seqlens check broke it on the GPU) and equal the dense mask.
     The flex path is traced with the aot_eager backend (inductor's CPU flex template is not what the GPU runs)."""
-    g = torch.Generator().manual_seed(5)
-    cu = torch.tensor([0, 50, 60, 130, 256], dtype=torch.int32)
-    H, Hkv, D, total = 4, 2, 64, 256
-    q = torch.randn(total, H, D, generator=g)
-    k = torch.randn(total, Hkv, D, generator=g)
-    v = torch.randn(total, Hkv, D, generator=g)
+    cu, q, k, v = _varlen_inputs(5, [0, 50, 60, 130, 256], 64)
     ref = records_env.varlen_dense(q, k, v, cu, True)
     torch._dynamo.reset()
     dense = torch.compile(lambda *a: records_env.flash_attn_varlen_func(*a, a[3], causal=True), fullgraph=True,

@@ -12,7 +12,8 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    ``WARMUP_STEPS=3``, ``TRAIN_LOG_EVERY=1``, ``VAL_LOSS_EVERY=0``, ``TRAIN_BATCH_TOKENS`` below); ms/step is the
    least-squares slope of the logged ``train_time`` over steps 10-50, noise its residual std per step; each variant
    runs ``PGOLF_RECORDS_REPEATS`` times (default 2, alternating), the row holds the median slope and the
-   run-to-run spread. The run
+   run-to-run spread. ``Muon.step`` is also timed in place, inside that training loop (``StepTimer``: CUDA events
+   around each call, read after the run), median of the steady steps. The run
    stops right after training (at the export function) - no quantization, no TTT.
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
@@ -150,6 +151,46 @@ def _write_shards(d: str, vocab: int) -> None:
     write_shard(os.path.join(d, "fineweb_val_000000.bin"), synthetic_tokens(200, 262_145, vocab, seed=2))
 
 
+class StepTimer:
+    """Times every call of ``cls.step`` in place (the optimizer inside the record's own training loop): CUDA
+    events around each call on a GPU, read once at the end, so no host sync is added to the loop;
+    ``time.perf_counter`` elsewhere. ``undo()`` restores the class."""
+
+    def __init__(self, cls: type):
+        self.cls, self.orig, self.calls = cls, cls.__dict__.get("step"), []
+        orig, cuda = cls.step, torch.cuda.is_available()
+
+        def step(opt, *a, **k):
+            if cuda:
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                out = orig(opt, *a, **k)
+                e.record()
+                self.calls.append((s, e))
+            else:
+                t = time.perf_counter()
+                out = orig(opt, *a, **k)
+                self.calls.append(1e3 * (time.perf_counter() - t))
+            return out
+
+        cls.step = step
+
+    def ms(self, last: int) -> Dict[str, float]:
+        """Median and spread (ms) of the last ``last`` calls (the steady steps; the first ones hold the compile)."""
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        xs = [c if isinstance(c, float) else c[0].elapsed_time(c[1]) for c in self.calls[-last:]]
+        if not xs:
+            return dict(ms=float("nan"), calls=0)
+        return dict(ms=float(statistics.median(xs)), min_ms=min(xs), max_ms=max(xs), calls=len(self.calls))
+
+    def undo(self) -> None:
+        if self.orig is None:
+            del self.cls.step
+        else:
+            self.cls.step = self.orig
+
+
 def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     from pgolf_kernels.patch import apply
 
@@ -166,6 +207,7 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
         raise _StopAfterTraining()
 
     setattr(ns, STOP_AT[key], stop)
+    timer = StepTimer(ns.Muon)  # every record builds its matrix optimizer as ns.Muon (the patched one when patched)
     work = tempfile.mkdtemp(prefix="rec_")
     os.chdir(work)
     os.makedirs("logs", exist_ok=True)
@@ -175,8 +217,10 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
         stopped = False
     except _StopAfterTraining:
         stopped = True
+    muon = timer.ms(TRAIN_ITERS - TRAIN_FIT[0])
     return dict(stopped_after_training=stopped, wall_s=time.time() - t0,
-                peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report)
+                peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report, muon_step_ms=muon["ms"],
+                muon_step_calls=muon["calls"])
 
 
 def _child_main(argv) -> int:
@@ -256,6 +300,11 @@ def _save(rows):
     harness.save_results(KERNEL, rows, notes=records_env.STANDIN_NOTE)
 
 
+def _median_of(runs: List[tuple], field: str) -> float:
+    xs = [r[0][field] for r in runs if r[0].get(field) is not None]
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
 def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
     """One training row from ``runs[variant] = [(child result, (slope, resid std, points, last loss)), ...]``:
     medians over runs of the per-run slopes; ``run_spread_ms`` = max - min of one variant's slopes (the
@@ -277,6 +326,9 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         run_spread_ms=spread("patched"), baseline_run_spread_ms=spread("record"), noise_ms=med("patched", 1),
         baseline_noise_ms=med("record", 1), steps_fit=runs["patched"][0][1][2], train_loss_last=med("patched", 3),
         baseline_train_loss_last=med("record", 3), peak_mb=po["peak_mb"], baseline_peak_mb=ro["peak_mb"],
+        # Muon.step timed in place, inside the training loop (median of the steady steps of each run's median)
+        muon_step_ms=_median_of(runs["patched"], "muon_step_ms"),
+        baseline_muon_step_ms=_median_of(runs["record"], "muon_step_ms"),
         patch=po["patch"], attention=records_env.STANDIN_NOTE)
 
 

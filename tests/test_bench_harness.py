@@ -1,4 +1,5 @@
 """The bench harness's schema and the no-GPU message (benchmarks themselves run on the GPU lane)."""
+import time
 import json
 import subprocess
 import sys
@@ -105,3 +106,30 @@ def test_warmup_bench_refuses_an_unknown_case_before_any_work(monkeypatch):
     monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: pytest.fail("built an artifact first"))
     with pytest.raises(ValueError, match=r"PGOLF_WARMUP_CASES = .*unknown case\(s\) \['seeds-graphs'\]"):
         bench_warmup.run()
+
+
+def test_step_timer_times_every_call_in_place_and_undoes():
+    """bench_records.StepTimer wraps cls.step for every instance, keeps what step returns, reports the median of
+    the last calls and restores the class (on CPU it times with perf_counter)."""
+    from bench.bench_records import StepTimer
+
+    class Opt:
+        calls = 0
+
+        def __init__(self):
+            self.n = 0
+
+        def step(self, closure=None):
+            self.n += 1
+            Opt.calls += 1
+            time.sleep(0.002 if Opt.calls <= 2 else 0.0)  # the first calls of the run are the slow ones (compile)
+            return self.n
+
+    orig = Opt.__dict__["step"]
+    timer = StepTimer(Opt)
+    a, b = Opt(), Opt()
+    assert [a.step(), a.step(), a.step(), b.step(), b.step()] == [1, 2, 3, 1, 2]
+    res = timer.ms(2)
+    assert res["calls"] == 5 and res["ms"] < 2.0 <= timer.ms(5)["max_ms"]
+    timer.undo()
+    assert Opt.__dict__["step"] is orig and Opt().step() == 1 and len(timer.calls) == 5

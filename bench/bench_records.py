@@ -20,6 +20,9 @@ The GPU machine has no FlashAttention-3: ``records_env.install_standins`` suppli
 flex_attention), and every row says so. The TTT piece leaves the records' LoRA as it is (see
 pgolf_kernels.patch), so no TTT rows: unmodified and patched run the same TTT code.
 
+``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
+training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
+
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
 """
@@ -358,6 +361,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         return rows
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
     repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
+    child_s = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training process at most
     with tempfile.TemporaryDirectory() as d:
         for v in sorted({TRAIN_VOCAB[k] for k in keys}):
             _write_shards(os.path.join(d, f"sp{v}"), v)
@@ -371,7 +375,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                         continue
                     try:
                         out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
-                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(420, left))
+                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(child_s, left))
                         runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS, TRAIN_TOKENS[key])))
                     except Exception as e:  # keep the rows already measured
                         print(f"train {key} {v}: {e}", flush=True)

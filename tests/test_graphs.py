@@ -30,18 +30,19 @@ def _lut(V):
     return ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
 
 
-def _run(model, stream, cfg, schedule, graphs_mode, device="cpu"):
-    """Score ``stream`` with per-document TTT; graphs_mode None (eager), False (bucketed eager), True (captured)."""
+def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None):
+    """Score ``stream`` with per-document TTT; graphs_mode None (eager), False (bucketed eager), True (captured);
+    ``plan(graphs, batches_ns)``: the keys to prepare (default all)."""
     lut = _lut(model.config.vocab_size)
     starts, ns = split_docs(stream.cpu())
     st = make_state(stream, lut, keep_nll=True)
     ad = DocLoRA(model, cfg, cfg.batch_size, stream.device, "bmm")
     opt = optimizer_for(ad.params, cfg, per_row=True)
     graphs = None
+    batches = plan_doc_batches(ns, cfg.batch_size)
     if graphs_mode is not None:
         graphs = StepGraphs(model, ad, opt, cfg, st, capture=graphs_mode)
-        graphs.prepare()
-    batches = plan_doc_batches(ns, cfg.batch_size)
+        graphs.prepare(keys=plan(graphs, [ns[b] for b in batches]) if plan else None)
     if schedule == "batch":
         for i, docs in enumerate(batches):
             ttt_batch(model, stream, starts, ns, docs, cfg, ad, opt, st, i, graphs=graphs)
@@ -179,6 +180,58 @@ def test_gpu_graph_replay_equals_eager(schedule, compiled, rank):
     assert graphed.ledger.check()["trained_unscored"] == 0
     assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (graphed.ledger.n_records,
                                                                      graphed.ledger.n_train_checks)
+
+
+@pytest.mark.parametrize("cfg", [CFG, RECORDS_LIKE, TTTConfig(rank=2, chunk=16, window=112, batch_size=4)])
+def test_plan_predicts_the_batch_schedules_buckets(cfg):
+    """StepGraphs.plan from the batches' target counts == the (bucket, kind) pairs the batch schedule stages."""
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    _, ns = split_docs(stream)
+    _, graphs = _run(tiny_model(seed=3), stream, cfg, "batch", False)
+    planned = graphs.plan([ns[b] for b in plan_doc_batches(ns, cfg.batch_size)])
+    assert set(graphs.used) == set(planned) and len(planned) < 2 * len(graphs.keys())
+    assert sum(graphs.used.values()) == graphs.steps and graphs.eager_steps == 0  # not captured: not counted
+
+
+def test_prepare_refuses_keys_that_are_not_buckets():
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    model = tiny_model(seed=3)
+    st = make_state(stream, _lut(model.config.vocab_size), keep_nll=True)
+    ad = DocLoRA(model, CFG, CFG.batch_size, stream.device, "bmm")
+    graphs = StepGraphs(model, ad, optimizer_for(ad.params, CFG, per_row=True), CFG, st, capture=False)
+    with pytest.raises(ValueError, match=r"keys \[\(3, 96, True\)\] are not buckets"):
+        graphs.prepare(keys=[(2, 96, True), (3, 96, True)])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("drop", [False, True])
+def test_gpu_planned_graphs_equal_eager(drop):
+    """Only the batch plan's graphs captured: no step runs eagerly and the scores equal the eager eval; with the
+    plan's most used graph left out, its steps run eagerly (counted) and the scores are still equal."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).cuda()
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    eager, _ = _run(model, stream, CFG, "batch", None)
+    state = {}
+
+    def plan(graphs, batches_ns):
+        keys = state["keys"] = graphs.plan(batches_ns)
+        if drop:  # the (R_b, L_b, trains) the staged steps use most, from a bucketed dry run
+            _, dry = _run(model, stream, CFG, "batch", False)
+            state["dropped"] = max(dry.used, key=dry.used.get)
+            keys = state["keys"] = [k for k in keys if k != state["dropped"]]
+        return keys
+
+    graphed, graphs = _run(model, stream, CFG, "batch", True, plan=plan)
+    planned = set(state["keys"])
+    assert set(graphs.graphs) == planned and graphs.stats["graphs"] == len(planned)
+    assert set(graphs.used) == planned | ({state["dropped"]} if drop else set())
+    assert graphs.eager_steps == (graphs.used[state["dropped"]] if drop else 0)
+    assert torch.equal(eager.ledger.count, graphed.ledger.count)
+    m = eager.ledger.count[:-1] > 0
+    torch.testing.assert_close(graphed.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=1e-4, atol=1e-4)
 
 
 def test_eval_with_graphs_on_cpu_runs_bucketed_steps_and_equals_eager():

@@ -235,9 +235,6 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         # when every row starts together, as in the batch schedule
         opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs)
         report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
-        if cfg.cuda_graphs:
-            graphs = _step_graphs(model, adapter, opt, cfg, st, log)
-            report["cuda_graphs"] = dict(graphs.stats)
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
@@ -248,6 +245,13 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
     bs = cfg.batch_size
     group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
+    plan = None
+    if mode == "ttt" and cfg.cuda_graphs:
+        graphs = StepGraphs(model, adapter, opt, cfg, st, capture=dev.type == "cuda")
+        if cfg.schedule == "batch":  # its step shapes follow from the batches (rolling refills: all buckets)
+            plan = graphs.plan([ns[b] for batches in group_batches for b in batches])
+        graphs = _step_graphs(graphs, log, plan=plan)
+        report["cuda_graphs"] = dict(graphs.stats)
     queues = []
     keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None
     passes = []
@@ -283,7 +287,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
             if graphs is not None:  # the captured steps read the base weights the pass replaced: capture again
                 q.graphs = None
-                graphs = _step_graphs(model, adapter, opt, cfg, st, log, prev=graphs)
+                graphs = _step_graphs(StepGraphs(model, adapter, opt, cfg, st, capture=dev.type == "cuda"), log,
+                                      plan=plan, prev=graphs)
                 report["cuda_graphs"].setdefault("recaptures", []).append(dict(graphs.stats, phase=p))
     if share is not None:
         expected &= keep
@@ -295,20 +300,21 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     return report
 
 
-def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, prev: Optional[StepGraphs] = None) -> StepGraphs:
-    """The TTT steps' CUDA graphs, captured (on a CPU device: the same bucketed steps, run eagerly); ``prev``: the
-    graphs these replace (their step counts carry over)."""
-    capture = st.bytes_at.device.type == "cuda"
-    graphs = StepGraphs(model, adapter, opt, cfg, st, capture=capture)
+def _step_graphs(graphs: StepGraphs, log, plan=None, prev: Optional[StepGraphs] = None) -> StepGraphs:
+    """``graphs`` prepared: captured (on a CPU device: the same bucketed steps, run eagerly), only the ``plan``'s
+    (bucket, kind) pairs when given; ``prev``: the graphs these replace (their step counts carry over)."""
     if prev is not None:
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
                                                                        prev.bucket_positions)
-    stats = graphs.prepare()
-    if capture:
-        log(f"[eval] CUDA graphs: {stats['graphs']} captured ({len(graphs.r_buckets)} row x {len(graphs.l_buckets)} "
-            f"length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s")
+        graphs.eager_steps, graphs.used = prev.eager_steps, prev.used
+    stats = graphs.prepare(keys=plan)
+    if graphs.capture:
+        n_all = 2 * len(graphs.r_buckets) * len(graphs.l_buckets)
+        which = "those the batch schedule will use" if plan is not None else "all"
+        log(f"[eval] CUDA graphs: {stats['graphs']} captured ({which} of {n_all}: {len(graphs.r_buckets)} row x "
+            f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s")
     else:
-        log(f"[eval] CUDA graphs: {st.bytes_at.device} device, nothing to capture: the bucketed steps run eagerly")
+        log(f"[eval] CUDA graphs: {graphs.st.bytes_at.device} device, nothing to capture: the bucketed steps run eagerly")
     return graphs
 
 

@@ -12,7 +12,10 @@ Buckets. A graph has fixed shapes, so every step is padded to a bucket (R_b, L_b
 bucket (2, 4, 8, then multiples of 8 up to the adapter rows), L_b the next multiple of ``l_step`` (default
 max(chunk, window / 8)) up to the window, C = the chunk. Padding rows and slots are masked (no score, no loss, zero
 gradient) and padding rows sit on adapter rows no real row of the step uses. Two graphs per bucket:
-score-and-train and score-only (a step where every row is at its document's last chunk).
+score-and-train and score-only (a step where every row is at its document's last chunk). Under the batch
+schedule the steps' shapes follow from the document lengths alone, so ``plan`` lists the (bucket, kind) pairs
+it will use and ``prepare(keys=...)`` captures only those (29 of 80 for the seeds' config on the 50,000-doc
+set); a step outside the prepared keys runs the same body eagerly and is counted (``graph_eager_steps``).
 
 Inputs are copied into the bucket's static buffers before each replay (x, sel, y, pos, mask, adapter rows,
 train flags). The adapters, the optimizer state, the ledger and the BPB sums are the graphs' own
@@ -36,7 +39,7 @@ import torch
 
 from .bpb import BPBAccumulator
 from .ledger import ScoreLedger
-from .rows import RowBatch, build_rows
+from .rows import RowBatch, batch_steps, build_rows
 from .scoring import EvalState
 
 
@@ -81,6 +84,9 @@ class StepGraphs:
         self.stats: Dict[str, float] = {}
         # what the padding costs: window positions of the staged steps' real rows vs their buckets
         self.steps = self.real_positions = self.bucket_positions = 0
+        # steps whose bucket was not captured (not in the plan given to prepare()): run eagerly, counted
+        self.eager_steps = 0
+        self.used: Dict[Tuple[int, int, bool], int] = {}
 
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
@@ -91,6 +97,19 @@ class StepGraphs:
             raise ValueError(f"cuda_graphs: a step of {n_rows} rows x {length} positions exceeds the largest bucket "
                              f"({self.r_buckets[-1]} x {self.l_buckets[-1]})")
         return R, L
+
+    def plan(self, batches_ns) -> List[Tuple[int, int, bool]]:
+        """The (R_b, L_b, trains) graphs the batch schedule will replay over document batches with target
+        counts ``batches_ns`` (each sorted longest first, as ``rows.plan_doc_batches`` cuts them): the same
+        steps as ``schedules.ttt_batch`` (``rows.batch_steps``), bucketed as ``stage`` does. Why: the seeds'
+        config over the 50,000-doc set uses 29 of its 80 bucket graphs, and preparing one took ~0.2 s on the
+        H200 (80 in 16.3 s), so ``prepare(keys=plan(...))`` captures only those."""
+        keys = set()
+        for n in batches_ns:
+            for live, _a, b, train in batch_steps(n, self.cfg.chunk):
+                spans = b - np.maximum(0, b - self.cfg.window)
+                keys.add(self.bucket(live.size, int(spans.max())) + (bool(train.any()),))
+        return sorted(keys)
 
     def _buffers(self, key: Tuple[int, int]) -> _Buffers:
         if key not in self.buffers:
@@ -132,13 +151,18 @@ class StepGraphs:
         if self._key is None:
             raise RuntimeError("StepGraphs.replay: no step was staged")
         key = self._key + (bool(do_train),)
-        if not self.capture:
+        self.used[key] = self.used.get(key, 0) + 1
+        graph = self.graphs.get(key) if self.capture else None
+        if graph is None:
+            if self.capture:
+                if not self.graphs:
+                    raise RuntimeError("StepGraphs.replay: nothing was captured (prepare() first)")
+                # a bucket outside prepare()'s plan: the same body, run eagerly on the bucket's buffers
+                self.eager_steps += 1
             buf = self.buffers[self._key]
             _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
             return
-        if key not in self.graphs:
-            raise RuntimeError(f"StepGraphs.replay: bucket {key} was not captured (prepare() first)")
-        self.graphs[key].replay()
+        graph.replay()
         # the ledger's host-side counters (the captured body incremented them once, at capture)
         self.st.ledger.n_records += 1
         if do_train:
@@ -147,14 +171,18 @@ class StepGraphs:
     def usage(self) -> Dict[str, float]:
         """Steps staged so far and the share of their bucket positions that real rows filled."""
         return {"graph_steps": self.steps,
-                "graph_fill": round(self.real_positions / self.bucket_positions, 4) if self.bucket_positions else 0.0}
+                "graph_fill": round(self.real_positions / self.bucket_positions, 4) if self.bucket_positions else 0.0,
+                "graph_eager_steps": self.eager_steps, "buckets_used": len(self.used)}
 
     # ------------------------------------------------------------------------------ capture
     def keys(self) -> List[Tuple[int, int]]:
         return [(R, L) for R in self.r_buckets for L in self.l_buckets]
 
-    def prepare(self, seed: int = 0, warm_steps: Optional[int] = None) -> Dict[str, float]:
-        """Warm every bucket and kind on synthetic tokens, then capture it (see the module docstring).
+    def prepare(self, seed: int = 0, warm_steps: Optional[int] = None,
+                keys: Optional[List[Tuple[int, int, bool]]] = None) -> Dict[str, float]:
+        """Warm every bucket and kind (or only ``keys``: (R_b, L_b, trains) from ``plan``) on synthetic tokens,
+        then capture it (see the module docstring). A step outside ``keys`` later runs its body eagerly
+        (``graph_eager_steps`` in ``usage()``).
         Returns the times and the number of graphs; a no-op apart from the buffers with ``capture=False``.
         ``warm_steps`` per bucket and kind: default 2 with ``compile_rows_nll`` in effect (a bucket's first
         call may compile again for dynamic shapes), 1 without (cuBLAS, Triton JIT and autotune are settled
@@ -169,9 +197,17 @@ class StepGraphs:
             raise ValueError(f"StepGraphs.prepare: warm_steps = {warm_steps!r}: expected an integer >= 1 (a capture "
                              f"cannot compile or autotune)")
         t0 = time.perf_counter()
-        keys = self.keys()
-        for key in keys:
-            self._buffers(key)
+        all_keys = [k + (t,) for k in self.keys() for t in (True, False)]
+        if keys is None:
+            keys = all_keys
+        else:
+            keys = sorted({(int(R), int(L), bool(t)) for R, L, t in keys})
+            bad = [k for k in keys if k not in all_keys]
+            if bad:
+                raise ValueError(f"StepGraphs.prepare: keys {bad[:3]} are not buckets (R_b in {self.r_buckets}, "
+                                 f"L_b in {self.l_buckets}, trains True/False)")
+        for R, L, _ in keys:
+            self._buffers((R, L))
         if not self.capture:
             self.stats = {"graphs": 0, "graph_warm_s": 0.0, "graph_capture_s": 0.0, "graph_prepare_s": 0.0,
                           "captured": False}
@@ -184,30 +220,29 @@ class StepGraphs:
         pool = None
         warm_s = cap_s = 0.0
         side = torch.cuda.Stream(dev)
-        for key in keys:
+        for R, L, do_train in keys:
+            key = (R, L)
             buf = self.buffers[key]
-            R, L = key
             self._fill_synthetic(buf, R, L, V, g)
-            for do_train in (True, False):
-                t = time.perf_counter()
-                side.wait_stream(torch.cuda.current_stream(dev))
-                with torch.cuda.stream(side):
-                    for _ in range(warm_steps):
-                        _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
-                                   scratch)
-                torch.cuda.current_stream(dev).wait_stream(side)
-                torch.cuda.synchronize(dev)
-                warm_s += time.perf_counter() - t
-                t = time.perf_counter()
-                graph = torch.cuda.CUDAGraph()
-                # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
-                # by the warm steps rather than lazily inside the capture
-                with torch.cuda.graph(graph, pool=pool, stream=side):
+            t = time.perf_counter()
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                for _ in range(warm_steps):
                     _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
-                               self.st)
-                pool = graph.pool() if pool is None else pool
-                self.graphs[key + (do_train,)] = graph
-                cap_s += time.perf_counter() - t
+                               scratch)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+            warm_s += time.perf_counter() - t
+            t = time.perf_counter()
+            graph = torch.cuda.CUDAGraph()
+            # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
+            # by the warm steps rather than lazily inside the capture
+            with torch.cuda.graph(graph, pool=pool, stream=side):
+                _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
+                           self.st)
+            pool = graph.pool() if pool is None else pool
+            self.graphs[key + (do_train,)] = graph
+            cap_s += time.perf_counter() - t
         # the capture ran the ledger's host-side counters once per graph: take them back
         self.st.ledger.n_records -= len(self.graphs)
         self.st.ledger.n_train_checks -= sum(1 for k in self.graphs if k[2])

@@ -80,6 +80,19 @@ def plan_doc_batches(ns: np.ndarray, batch_size: int) -> List[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def batch_steps(n: np.ndarray, chunk: int):
+    """The steps of the batch schedule over documents with ``n`` targets (sorted longest first): for chunk
+    c = 0, 1, ... of the longest, yields ``(live, a, b, train)``: the documents with targets left (a shrinking
+    prefix), their chunk's target range [a, b) and whether each trains after scoring (not its last chunk).
+    ``schedules.ttt_batch`` runs these steps and ``graphs.StepGraphs.plan`` predicts their shape buckets."""
+    n = np.asarray(n, dtype=np.int64).reshape(-1)
+    n_chunks = -(-n // chunk)
+    for c in range(int(n_chunks.max()) if n.size else 0):
+        live = np.flatnonzero(n_chunks > c)
+        a = np.full(live.size, c * chunk, dtype=np.int64)
+        yield live, a, np.minimum(a + chunk, n[live]), n_chunks[live] > c + 1
+
+
 def ttt_positions(ns: np.ndarray, chunk: int, window: int, first: Optional[int] = None) -> int:
     """Window positions the chunked scoring of sequences with ``ns`` targets runs (work estimate):
     sum over chunks of min(chunk end, window)."""

@@ -25,7 +25,7 @@ import torch
 from .adapters import DocLoRA
 from .graphs import StepGraphs
 from .forward import rows_nll
-from .rows import build_rows
+from .rows import batch_steps, build_rows
 from .scoring import EvalState, take_score
 from .ttt_config import TTTConfig
 from .ttt_optim import BatchedAdam
@@ -100,14 +100,9 @@ def ttt_batch(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray, d
     s = starts[docs]
     adapter.reset(s)
     opt.reset()
-    n = ns[docs]
-    n_chunks = -(-n // cfg.chunk)
-    for c in range(int(n_chunks.max())):
-        live = np.flatnonzero(n_chunks > c)  # documents with targets left (sorted: a prefix shrinking)
-        a = np.full(live.size, c * cfg.chunk, dtype=np.int64)
-        b = np.minimum(a + cfg.chunk, n[live])
-        _ttt_step(model, stream, np.stack([s[live], a, b], 1), live, n_chunks[live] > c + 1, cfg, adapter, opt,
-                  st, pad_to, train_hook, graphs)
+    for live, a, b, train in batch_steps(ns[docs], cfg.chunk):
+        _ttt_step(model, stream, np.stack([s[live], a, b], 1), live, train, cfg, adapter, opt, st, pad_to,
+                  train_hook, graphs)
     adapter.set_rows(None)
     st.docs_ttt += len(docs)
 

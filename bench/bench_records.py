@@ -17,8 +17,14 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    stops right after training (at the export function) - no quantization, no TTT.
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
-flex_attention), and every row says so. The TTT piece leaves the records' LoRA as it is (see
-pgolf_kernels.patch), so no TTT rows: unmodified and patched run the same TTT code.
+flex_attention), and every row says so.
+
+3. TTT eval (``PGOLF_RECORDS_PARTS`` with "ttt"; 2026-04-29): the record's ``serialize`` writes its quantized
+   artifact of its GPT at initialization, then one process per variant runs the record's own TTT eval on it
+   (``TTT_EVAL_ONLY=1``: its compile warm-up on random tokens, then phased LoRA TTT over ``PGOLF_RECORDS_TTT_DOCS``
+   synthetic documents, default 1,000); the row holds the timed eval, the warm-up, the wall time and val_bpb of
+   each. The patch's TTT piece leaves the record's LoRA as it is today (see pgolf_kernels.patch), so the two
+   variants run the same TTT code: the row is the baseline the TTT piece has to beat.
 
 ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
 training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
@@ -194,15 +200,92 @@ class StepTimer:
             self.cls.step = self.orig
 
 
-def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
-    from pgolf_kernels.patch import apply
-
-    # no warm-down: WARMDOWN_ITERS (2026-03-17/23), WARMDOWN_FRAC (2026-04-29)
+def _record_env(key: str, data_dir: str, **extra: str) -> None:
+    """The scripts read their settings from the environment when imported: the brief-training set-up (no
+    warm-down: WARMDOWN_ITERS for 2026-03-17/23, WARMDOWN_FRAC for 2026-04-29), then ``extra``."""
     os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=tokenizer_for(key), ITERATIONS=str(TRAIN_ITERS),
                       WARMDOWN_ITERS="0", WARMDOWN_FRAC="0", CASEOPS_ENABLED="0", VOCAB_SIZE=str(TRAIN_VOCAB[key]),
                       WARMUP_STEPS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
-                      TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]),
-                      RUN_ID=f"bench_{variant}", SEED="1337")
+                      TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337",
+                      **extra)
+
+
+# TTT eval (2026-04-29 only: its phased LoRA TTT is the one the drop-in targets). The record's own run settings
+# (its README) where the synthetic set-up allows: SmearGate and the sparse attention gate on, 7-bit embeddings,
+# 3 phases over the first 4 % of the documents (2,000 of 50,000); lzma instead of brotli and no pyminify (neither
+# is installed on the GPU image), CaseOps off (no CaseOps shards).
+TTT_KEYS = ("2026-04-29",)
+TTT_DOCS = int(os.environ.get("PGOLF_RECORDS_TTT_DOCS", "1000"))
+
+
+def _ttt_env(art_dir: str, **extra: str) -> Dict[str, str]:
+    return dict(ARTIFACT_DIR=art_dir, COMPRESSOR="lzma", SMEAR_GATE_ENABLED="1", SPARSE_ATTN_GATE_ENABLED="1",
+                EMBED_BITS="7", PHASED_TTT_NUM_PHASES="3", PHASED_TTT_PREFIX_DOCS=str(max(3, TTT_DOCS * 2 // 50)),
+                **extra)
+
+
+def _write_ttt_shards(d: str, vocab: int) -> None:
+    """A calibration train shard (GPTQ) and a val shard of TTT_DOCS documents of the official mean length."""
+    from train.data import write_shard
+    from train.synthetic import OFFICIAL_DOCS, OFFICIAL_TOKENS, synthetic_tokens
+
+    os.makedirs(d, exist_ok=True)
+    write_shard(os.path.join(d, "fineweb_train_000000.bin"), synthetic_tokens(2_000, 4_000_000, vocab, seed=1))
+    write_shard(os.path.join(d, "fineweb_val_000000.bin"),
+                synthetic_tokens(TTT_DOCS, TTT_DOCS * OFFICIAL_TOKENS // OFFICIAL_DOCS, vocab, seed=3))
+
+
+def child_ttt_artifact(key: str, data_dir: str, art_dir: str) -> Dict[str, object]:
+    """The record's quantized artifact of its GPT at initialization, written by its own ``serialize`` (GPTQ on
+    calibration batches of the synthetic train shard)."""
+    _record_env(key, data_dir, **_ttt_env(art_dir, RUN_ID="bench_ttt_artifact"))
+    os.makedirs(art_dir, exist_ok=True)
+    ns = records_env.load_record(key)
+    ns._compressed_code_size = lambda code: (len(code.encode()), len(code.encode()))  # pyminify: not installed
+    h = ns.Hyperparameters()
+    ns.set_logging_hparams(h)
+    torch.manual_seed(0)
+    model = ns.GPT(h).to(torch.device("cuda")).bfloat16()
+    ns.restore_fp32_params(model)
+    t0 = time.time()
+    with open(records_env.record_path(key)) as f:
+        _, quant_bytes = ns.serialize(h, model, f.read())
+    return dict(serialize_s=time.time() - t0, quant_bytes=int(quant_bytes))
+
+
+def child_ttt(key: str, variant: str, data_dir: str, art_dir: str) -> Dict[str, object]:
+    """The record's own TTT eval (``TTT_EVAL_ONLY=1``: load the artifact, its compile warm-up on random tokens,
+    then ``eval_val_ttt_phased`` over the val shard), unmodified or patched; its log lines are parsed by the
+    parent (``ttt_times``)."""
+    from pgolf_kernels.patch import apply
+
+    _record_env(key, data_dir, **_ttt_env(art_dir, TTT_EVAL_ONLY="1", RUN_ID=f"bench_ttt_{variant}"))
+    t0 = time.time()
+    ns = records_env.load_record(key)
+    report = _flat(apply(ns)) if variant == "patched" else "unmodified"
+    os.chdir(tempfile.mkdtemp(prefix="rec_ttt_"))
+    ns.main()
+    return dict(wall_s=time.time() - t0, peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report)
+
+
+_TTT_RE = re.compile(r"quantized_ttt_phased val_loss:([0-9.]+) val_bpb:([0-9.]+) eval_time:(\d+)ms")
+_TTT_WARM_RE = re.compile(r"ttt_lora:compile warmup done \(([0-9.]+)s\)")
+
+
+def ttt_times(log: str) -> Dict[str, float]:
+    """From a 2026-04-29 TTT log: the timed eval (eval_s, val_loss, val_bpb) and its compile warm-up (warmup_s)."""
+    m = _TTT_RE.search(log)
+    if m is None:
+        raise RuntimeError("no 'quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms' line in the log")
+    w = _TTT_WARM_RE.search(log)
+    return dict(val_loss=float(m.group(1)), val_bpb=float(m.group(2)), eval_s=int(m.group(3)) / 1e3,
+                warmup_s=float(w.group(1)) if w else float("nan"))
+
+
+def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
+    from pgolf_kernels.patch import apply
+
+    _record_env(key, data_dir, RUN_ID=f"bench_{variant}")
     ns = records_env.load_record(key)
     report = _flat(apply(ns)) if variant == "patched" else "unmodified"
 
@@ -228,12 +311,20 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
 
 def _child_main(argv) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--child", choices=["muon", "train"], required=True)
+    ap.add_argument("--child", choices=["muon", "train", "ttt-artifact", "ttt"], required=True)
     ap.add_argument("--key", required=True)
-    ap.add_argument("--variant", choices=VARIANTS, required=True)
+    ap.add_argument("--variant", choices=VARIANTS, default="record")
     ap.add_argument("--data", default="")
+    ap.add_argument("--artifact", default="")
     a = ap.parse_args(argv)
-    res = child_muon(a.key, a.variant) if a.child == "muon" else child_train(a.key, a.variant, a.data)
+    if a.child == "muon":
+        res = child_muon(a.key, a.variant)
+    elif a.child == "train":
+        res = child_train(a.key, a.variant, a.data)
+    elif a.child == "ttt-artifact":
+        res = child_ttt_artifact(a.key, a.data, a.artifact)
+    else:
+        res = child_ttt(a.key, a.variant, a.data, a.artifact)
     print("RESULT " + json.dumps(res), flush=True)
     return 0
 
@@ -336,7 +427,7 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
 
 
 def run(quick: bool = False) -> List[Dict[str, object]]:
-    """Env: ``PGOLF_RECORDS_PARTS`` (default "muon,train"), ``PGOLF_RECORDS_TRAIN_KEYS`` (default both training
+    """Env: ``PGOLF_RECORDS_PARTS`` (default "muon,train"; "ttt" adds the TTT eval rows), ``PGOLF_RECORDS_TRAIN_KEYS`` (default both training
     records), ``PGOLF_RECORDS_REPEATS`` (training runs per variant, default 2, alternating record / patched so a
     drift of the machine hits both), ``PGOLF_RECORDS_BUDGET_S`` (default 540: no child is started that would not
     fit)."""
@@ -357,8 +448,67 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                                      patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE))
         print(harness.markdown_table(rows[-1:]), flush=True)
         _save(rows)
-    if quick or "train" not in parts:
+    if quick:
         return rows
+    if "train" in parts:
+        _train_rows(rows, budget, t0)
+    if "ttt" in parts:
+        _ttt_rows(rows, budget, t0)
+    return rows
+
+
+def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
+    """TTT eval of each TTT_KEYS record on TTT_DOCS synthetic documents: one artifact (the record's serialize),
+    then one process per variant in ``PGOLF_RECORDS_TTT_VARIANTS`` (default "record,patched")."""
+    from . import harness
+
+    variants = [v for v in os.environ.get("PGOLF_RECORDS_TTT_VARIANTS", ",".join(VARIANTS)).split(",") if v]
+    bad = [v for v in variants if v not in VARIANTS]
+    if bad:
+        raise ValueError(f"PGOLF_RECORDS_TTT_VARIANTS: unknown {bad}; expected a comma list of {VARIANTS}")
+    child_s = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))
+    with tempfile.TemporaryDirectory() as d:
+        for key in TTT_KEYS:
+            data, art = os.path.join(d, f"ttt-{key}"), os.path.join(d, f"art-{key}")
+            _write_ttt_shards(data, TRAIN_VOCAB[key])
+            res: Dict[str, Dict[str, object]] = {}
+            try:
+                made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art],
+                                 min(child_s, budget - (time.time() - t0)))
+                for v in variants:
+                    left = budget - (time.time() - t0)
+                    if left < 90:
+                        print(f"ttt {key} {v}: skipped, {left:.0f} s of the budget left", flush=True)
+                        continue
+                    out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
+                                       "--artifact", art], min(child_s, left))
+                    res[v] = dict(out, **ttt_times(log))
+            except Exception as e:  # keep what was measured
+                print(f"ttt {key}: {e}", flush=True)
+                continue
+            if not res:
+                continue
+            nan = float("nan")
+            p, r = res.get("patched", {}), res.get("record", {})
+            rows.append(harness.make_row(
+                KERNEL, f"{key} TTT eval ({TTT_DOCS} synthetic docs, phased, the record's own eval loop)",
+                1e3 * p.get("eval_s", nan), "record TTT eval", 1e3 * r.get("eval_s", nan), docs=TTT_DOCS,
+                val_bpb=p.get("val_bpb", nan), baseline_val_bpb=r.get("val_bpb", nan),
+                warmup_s=p.get("warmup_s", nan), baseline_warmup_s=r.get("warmup_s", nan),
+                wall_s=p.get("wall_s", nan), baseline_wall_s=r.get("wall_s", nan),
+                peak_mb=p.get("peak_mb", nan), baseline_peak_mb=r.get("peak_mb", nan),
+                artifact_bytes=made["quant_bytes"], serialize_s=made["serialize_s"],
+                patch=p.get("patch", "not run"), attention=records_env.STANDIN_NOTE,
+                setup="artifact of the record's GPT at initialization (its serialize: GPTQ, lzma), "
+                      "SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 EMBED_BITS=7 PHASED_TTT_NUM_PHASES=3, "
+                      "CaseOps off"))
+            print(harness.markdown_table(rows[-1:]), flush=True)
+            _save(rows)
+
+
+def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
+    from . import harness
+
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
     repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
     child_s = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training process at most
@@ -383,7 +533,6 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                 rows.append(_train_row(key, runs))
                 print(harness.markdown_table(rows[-1:]), flush=True)
                 _save(rows)
-    return rows
 
 
 if __name__ == "__main__":

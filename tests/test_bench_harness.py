@@ -133,3 +133,24 @@ def test_step_timer_times_every_call_in_place_and_undoes():
     assert res["calls"] == 5 and res["ms"] < 2.0 <= timer.ms(5)["max_ms"]
     timer.undo()
     assert Opt.__dict__["step"] is orig and Opt().step() == 1 and len(timer.calls) == 5
+
+
+def test_records_ttt_log_and_refusals(monkeypatch, tmp_path):
+    """bench_records' TTT rows: the 2026-04-29 log lines parsed, a log without the eval line refused, the val
+    shard holds PGOLF_RECORDS_TTT_DOCS documents, an unknown variant refused before any shard is written."""
+    from bench import bench_records as br
+    from train.data import BOS_ID, read_shard
+
+    log = ("ttt_lora:compile warmup done (97.3s)\n\nbeginning TTT eval timer\n"
+           "quantized_ttt_phased val_loss:2.32149556 val_bpb:1.06083288 eval_time:525512ms\n")
+    assert br.ttt_times(log) == dict(val_loss=2.32149556, val_bpb=1.06083288, eval_s=525.512, warmup_s=97.3)
+    with pytest.raises(RuntimeError, match="quantized_ttt_phased"):
+        br.ttt_times("ttt_lora:compile warmup done (97.3s)\n")
+    monkeypatch.setattr(br, "TTT_DOCS", 40)
+    br._write_ttt_shards(str(tmp_path / "d"), 8192)
+    val = read_shard(str(tmp_path / "d" / "fineweb_val_000000.bin"))
+    assert int((val == BOS_ID).sum()) == 40 and int(val.int().max()) < 8192
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,fast")
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda *a: pytest.fail("wrote shards before refusing"))
+    with pytest.raises(ValueError, match="unknown \\['fast'\\]"):
+        br._ttt_rows([], 100.0, time.time())

@@ -274,3 +274,23 @@ def test_varlen_standin_traces_under_fullgraph_compile():
     torch.testing.assert_close(flex(q, k, v, cu), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cu_seqlens_q must equal cu_seqlens_k"):
         records_env.flash_attn_varlen_func(q, k, v, cu, cu.flip(0), causal=True)
+
+
+def test_records_ttt_child_settings_reach_the_record(tmp_path):
+    """bench_records' TTT children set the 2026-04-29 script's settings through its environment: the record's
+    Hyperparameters read at import see its run settings, the artifact and data folders, lzma and TTT_EVAL_ONLY."""
+    from bench import bench_records as br
+
+    saved = dict(os.environ)
+    try:
+        br._record_env("2026-04-29", str(tmp_path / "data"), **br._ttt_env(str(tmp_path / "art"), TTT_EVAL_ONLY="1",
+                                                                           RUN_ID="t"))
+        ns = records_env.load_record("2026-04-29")
+        h = ns.Hyperparameters()
+        assert (h.phased_ttt_num_phases, h.phased_ttt_prefix_docs, h.compressor) == (3, br.TTT_DOCS * 2 // 50, "lzma")
+        assert h.smear_gate_enabled and h.sparse_attn_gate_enabled and h.embed_bits == 7 and h.vocab_size == 8192
+        assert h.quantized_model_path.startswith(str(tmp_path / "art")) and h.val_files.startswith(str(tmp_path / "data"))
+        assert os.environ["TTT_EVAL_ONLY"] == "1" and not h.caseops_enabled
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)

@@ -186,6 +186,8 @@ class StepTimer:
 
     def ms(self, last: int) -> Dict[str, float]:
         """Median and spread (ms) of the last ``last`` calls (the steady steps; the first ones hold the compile)."""
+        if last < 1:
+            raise ValueError(f"StepTimer.ms: last = {last}: expected at least 1 call")
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         xs = [c if isinstance(c, float) else c[0].elapsed_time(c[1]) for c in self.calls[-last:]]
@@ -202,10 +204,11 @@ class StepTimer:
 
 def _record_env(key: str, data_dir: str, **extra: str) -> None:
     """The scripts read their settings from the environment when imported: the brief-training set-up (no
-    warm-down: WARMDOWN_ITERS for 2026-03-17/23, WARMDOWN_FRAC for 2026-04-29), then ``extra``."""
+    warm-down: WARMDOWN_ITERS for 2026-03-17/23, WARMDOWN_FRAC for 2026-04-29; ``PGOLF_RECORDS_ITERS`` steps,
+    ``PGOLF_RECORDS_WARMUP_STEPS`` compile warm-up steps, default 3), then ``extra``."""
     os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=tokenizer_for(key), ITERATIONS=str(TRAIN_ITERS),
                       WARMDOWN_ITERS="0", WARMDOWN_FRAC="0", CASEOPS_ENABLED="0", VOCAB_SIZE=str(TRAIN_VOCAB[key]),
-                      WARMUP_STEPS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
+                      WARMUP_STEPS=os.environ.get("PGOLF_RECORDS_WARMUP_STEPS", "3"), TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
                       TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337",
                       **extra)
 
@@ -303,7 +306,7 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
         stopped = False
     except _StopAfterTraining:
         stopped = True
-    muon = timer.ms(TRAIN_ITERS - TRAIN_FIT[0])
+    muon = timer.ms(max(1, TRAIN_ITERS - TRAIN_FIT[0]))
     return dict(stopped_after_training=stopped, wall_s=time.time() - t0,
                 peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report, muon_step_ms=muon["ms"],
                 muon_step_calls=muon["calls"])

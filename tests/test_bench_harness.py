@@ -131,6 +131,8 @@ def test_step_timer_times_every_call_in_place_and_undoes():
     assert [a.step(), a.step(), a.step(), b.step(), b.step()] == [1, 2, 3, 1, 2]
     res = timer.ms(2)
     assert res["calls"] == 5 and res["ms"] < 2.0 <= timer.ms(5)["max_ms"]
+    with pytest.raises(ValueError, match="last = 0"):
+        timer.ms(0)
     timer.undo()
     assert Opt.__dict__["step"] is orig and Opt().step() == 1 and len(timer.calls) == 5
 

@@ -294,3 +294,23 @@ def test_records_ttt_child_settings_reach_the_record(tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(saved)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("key", KEYS)
+def test_gpu_patched_record_trains(key, tmp_path, monkeypatch):
+    """One short patched training run per record script on the GPU, through the bench's own child process (4 steps,
+    no warm-up steps so the record compiles only what the run meets): training finishes, every logged loss is
+    finite, and the report names the patched Muon."""
+    import math
+
+    from bench import bench_records as br
+
+    monkeypatch.setenv("PGOLF_RECORDS_ITERS", "4")
+    monkeypatch.setenv("PGOLF_RECORDS_WARMUP_STEPS", "0")
+    data = str(tmp_path / "data")
+    br._write_shards(data, br.TRAIN_VOCAB[key])
+    out, log = br._spawn(["--child", "train", "--key", key, "--variant", "patched", "--data", data], 480)
+    assert out["stopped_after_training"] and "patched muon" in out["patch"], out
+    pts = br.train_points(log, br.TRAIN_TOKENS[key])
+    assert [p[0] for p in pts][-1] == 4 and all(math.isfinite(p[1]) for p in pts), pts

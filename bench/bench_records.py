@@ -64,6 +64,7 @@ CASEOPS_MODEL = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 # steps hold the records' own compile warm-up)
 TRAIN_ITERS = int(os.environ.get("PGOLF_RECORDS_ITERS", "50"))
 TRAIN_FIT = (10, TRAIN_ITERS)
+CHILD_S = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training or TTT process at most
 
 
 def sp1024_model() -> str:
@@ -208,9 +209,9 @@ def _record_env(key: str, data_dir: str, **extra: str) -> None:
     ``PGOLF_RECORDS_WARMUP_STEPS`` compile warm-up steps, default 3), then ``extra``."""
     os.environ.update(DATA_PATH=data_dir, TOKENIZER_PATH=tokenizer_for(key), ITERATIONS=str(TRAIN_ITERS),
                       WARMDOWN_ITERS="0", WARMDOWN_FRAC="0", CASEOPS_ENABLED="0", VOCAB_SIZE=str(TRAIN_VOCAB[key]),
-                      WARMUP_STEPS=os.environ.get("PGOLF_RECORDS_WARMUP_STEPS", "3"), TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0",
-                      TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]), TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337",
-                      **extra)
+                      WARMUP_STEPS=os.environ.get("PGOLF_RECORDS_WARMUP_STEPS", "3"), TRAIN_LOG_EVERY="1",
+                      VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0", TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]),
+                      TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337", **extra)
 
 
 # TTT eval (2026-04-29 only: its phased LoRA TTT is the one the drop-in targets). The record's own run settings
@@ -469,7 +470,6 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
     bad = [v for v in variants if v not in VARIANTS]
     if bad:
         raise ValueError(f"PGOLF_RECORDS_TTT_VARIANTS: unknown {bad}; expected a comma list of {VARIANTS}")
-    child_s = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))
     with tempfile.TemporaryDirectory() as d:
         for key in TTT_KEYS:
             data, art = os.path.join(d, f"ttt-{key}"), os.path.join(d, f"art-{key}")
@@ -477,14 +477,14 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
             res: Dict[str, Dict[str, object]] = {}
             try:
                 made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art],
-                                 min(child_s, budget - (time.time() - t0)))
+                                 min(CHILD_S, budget - (time.time() - t0)))
                 for v in variants:
                     left = budget - (time.time() - t0)
                     if left < 90:
                         print(f"ttt {key} {v}: skipped, {left:.0f} s of the budget left", flush=True)
                         continue
                     out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
-                                       "--artifact", art], min(child_s, left))
+                                       "--artifact", art], min(CHILD_S, left))
                     res[v] = dict(out, **ttt_times(log))
             except Exception as e:  # keep what was measured
                 print(f"ttt {key}: {e}", flush=True)
@@ -514,7 +514,6 @@ def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None
 
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
     repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
-    child_s = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training process at most
     with tempfile.TemporaryDirectory() as d:
         for v in sorted({TRAIN_VOCAB[k] for k in keys}):
             _write_shards(os.path.join(d, f"sp{v}"), v)
@@ -528,7 +527,7 @@ def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None
                         continue
                     try:
                         out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
-                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(child_s, left))
+                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(CHILD_S, left))
                         runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS, TRAIN_TOKENS[key])))
                     except Exception as e:  # keep the rows already measured
                         print(f"train {key} {v}: {e}", flush=True)

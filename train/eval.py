@@ -245,12 +245,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
     bs = cfg.batch_size
     group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
-    plan = None
     if mode == "ttt" and cfg.cuda_graphs:
-        graphs = StepGraphs(model, adapter, opt, cfg, st, capture=dev.type == "cuda")
-        if cfg.schedule == "batch":  # its step shapes follow from the batches (rolling refills: all buckets)
-            plan = graphs.plan([ns[b] for batches in group_batches for b in batches])
-        graphs = _step_graphs(graphs, log, plan=plan)
+        # the batch schedule's step shapes follow from the batches (rolling refills rows: all buckets)
+        batches_ns = [ns[b] for batches in group_batches for b in batches] if cfg.schedule == "batch" else None
+        graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns)
         report["cuda_graphs"] = dict(graphs.stats)
     queues = []
     keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None
@@ -287,8 +285,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
             if graphs is not None:  # the captured steps read the base weights the pass replaced: capture again
                 q.graphs = None
-                graphs = _step_graphs(StepGraphs(model, adapter, opt, cfg, st, capture=dev.type == "cuda"), log,
-                                      plan=plan, prev=graphs)
+                graphs = _step_graphs(model, adapter, opt, cfg, st, log, prev=graphs)
                 report["cuda_graphs"].setdefault("recaptures", []).append(dict(graphs.stats, phase=p))
     if share is not None:
         expected &= keep
@@ -300,13 +297,19 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     return report
 
 
-def _step_graphs(graphs: StepGraphs, log, plan=None, prev: Optional[StepGraphs] = None) -> StepGraphs:
-    """``graphs`` prepared: captured (on a CPU device: the same bucketed steps, run eagerly), only the ``plan``'s
-    (bucket, kind) pairs when given; ``prev``: the graphs these replace (their step counts carry over)."""
+def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
+                 prev: Optional[StepGraphs] = None) -> StepGraphs:
+    """The TTT steps' graphs, prepared: captured (on a CPU device: the same bucketed steps, run eagerly); only the
+    (bucket, kind) pairs the batch schedule meets over ``batches_ns`` when given (``StepGraphs.plan``); ``prev``:
+    the graphs these replace after a global pass (same plan; their step counts carry over)."""
+    graphs = StepGraphs(model, adapter, opt, cfg, st)
     if prev is not None:
+        plan = prev.planned
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
                                                                        prev.bucket_positions)
         graphs.eager_steps, graphs.used = prev.eager_steps, prev.used
+    else:
+        plan = graphs.plan(batches_ns) if batches_ns is not None else None
     stats = graphs.prepare(keys=plan)
     if graphs.capture:
         n_all = 2 * len(graphs.r_buckets) * len(graphs.l_buckets)

@@ -87,6 +87,7 @@ class StepGraphs:
         # steps whose bucket was not captured (not in the plan given to prepare()): run eagerly, counted
         self.eager_steps = 0
         self.used: Dict[Tuple[int, int, bool], int] = {}
+        self.planned: Optional[List[Tuple[int, int, bool]]] = None  # the keys prepare() was given (None: all)
 
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
@@ -98,6 +99,12 @@ class StepGraphs:
                              f"({self.r_buckets[-1]} x {self.l_buckets[-1]})")
         return R, L
 
+    def _step_bucket(self, n_rows: int, b: np.ndarray) -> Tuple[Tuple[int, int], np.ndarray]:
+        """The bucket of a step whose rows end their chunks at target positions ``b``, and each row's window
+        span (positions up to ``b``, at most the window)."""
+        spans = b - np.maximum(0, b - self.cfg.window)
+        return self.bucket(n_rows, int(spans.max())), spans
+
     def plan(self, batches_ns) -> List[Tuple[int, int, bool]]:
         """The (R_b, L_b, trains) graphs the batch schedule will replay over document batches with target
         counts ``batches_ns`` (each sorted longest first, as ``rows.plan_doc_batches`` cuts them): the same
@@ -107,8 +114,7 @@ class StepGraphs:
         keys = set()
         for n in batches_ns:
             for live, _a, b, train in batch_steps(n, self.cfg.chunk):
-                spans = b - np.maximum(0, b - self.cfg.window)
-                keys.add(self.bucket(live.size, int(spans.max())) + (bool(train.any()),))
+                keys.add(self._step_bucket(live.size, b)[0] + (bool(train.any()),))
         return sorted(keys)
 
     def _buffers(self, key: Tuple[int, int]) -> _Buffers:
@@ -124,9 +130,7 @@ class StepGraphs:
     def stage(self, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray, train_rows: np.ndarray) -> RowBatch:
         """Copy a step's rows (s, a, b), adapter rows and train flags into its bucket's static buffers;
         returns the padded RowBatch (same values as the buffers)."""
-        b = rows[:, 2]
-        spans = b - np.maximum(0, b - self.cfg.window)
-        key = self.bucket(len(rows), int(spans.max()))
+        key, spans = self._step_bucket(len(rows), rows[:, 2])
         R, L = key
         self.steps += 1
         self.real_positions += int(spans.sum())
@@ -198,11 +202,13 @@ class StepGraphs:
                              f"cannot compile or autotune)")
         t0 = time.perf_counter()
         all_keys = [k + (t,) for k in self.keys() for t in (True, False)]
+        self.planned = None if keys is None else sorted({(int(R), int(L), bool(t)) for R, L, t in keys})
         if keys is None:
             keys = all_keys
         else:
-            keys = sorted({(int(R), int(L), bool(t)) for R, L, t in keys})
-            bad = [k for k in keys if k not in all_keys]
+            keys = self.planned
+            allowed = set(all_keys)
+            bad = [k for k in keys if k not in allowed]
             if bad:
                 raise ValueError(f"StepGraphs.prepare: keys {bad[:3]} are not buckets (R_b in {self.r_buckets}, "
                                  f"L_b in {self.l_buckets}, trains True/False)")

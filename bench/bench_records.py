@@ -167,6 +167,8 @@ class StepTimer:
     ``time.perf_counter`` elsewhere. ``undo()`` restores the class."""
 
     def __init__(self, cls: type):
+        if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
+            raise TypeError(f"StepTimer: cls must be a class with a step() method, got {cls!r}")
         self.cls, self.orig, self.calls = cls, cls.__dict__.get("step"), []
         orig, cuda = cls.step, torch.cuda.is_available()
 

@@ -90,6 +90,10 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     themselves only (their output is never read by the records). CUDA: flex_attention with a document mask;
     CPU: SDPA with a dense mask. Compile-safe (the 2026-04-29 script calls it under
     ``torch.compile(fullgraph=True)``): the q/k packing check is a host comparison, so it runs eagerly only."""
+    if (q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[1] == 0
+            or q.shape[1] % k.shape[1]):
+        raise ValueError(f"flash_attn_varlen_func stand-in: expected q (total, H, D) and k, v (total, Hkv, D) with "
+                         f"H a multiple of Hkv, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if (cu_seqlens_q is not cu_seqlens_k and not torch.compiler.is_compiling()
             and not torch.equal(cu_seqlens_q, cu_seqlens_k)):
         raise ValueError("flash_attn_varlen_func stand-in: cu_seqlens_q must equal cu_seqlens_k")

@@ -133,6 +133,10 @@ def test_step_timer_times_every_call_in_place_and_undoes():
     assert res["calls"] == 5 and res["ms"] < 2.0 <= timer.ms(5)["max_ms"]
     with pytest.raises(ValueError, match="last = 0"):
         timer.ms(0)
+    with pytest.raises(TypeError, match="StepTimer: cls must be a class with a step"):
+        StepTimer(Opt())
+    with pytest.raises(TypeError, match="StepTimer: cls must be a class with a step"):
+        StepTimer(int)
     timer.undo()
     assert Opt.__dict__["step"] is orig and Opt().step() == 1 and len(timer.calls) == 5
 

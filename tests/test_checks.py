@@ -414,6 +414,11 @@ def test_cuda_graphs_auto_turns_on_only_where_measured_and_verified():
                                      (cuda, "ttt", True, True, "--separate-score-pass")]:
         on, reason = auto_cuda_graphs(dev, mode, ref, sep)
         assert not on and why in reason, (dev, mode, ref, sep, reason)
+    assert auto_cuda_graphs("cpu", "ttt", True)[0] is False
+    with pytest.raises(ValueError, match="auto_cuda_graphs: mode = 'tt'"):
+        auto_cuda_graphs(cuda, "tt", True)
+    with pytest.raises(RuntimeError):  # torch.device names the bad string itself
+        auto_cuda_graphs("gpu0", "ttt", True)
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
     assert _parse(base).cuda_graphs == "auto" and not _parse(base).ttt_cfg.cuda_graphs
     assert _parse(base + ["--cuda-graphs"]).ttt_cfg.cuda_graphs

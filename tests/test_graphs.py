@@ -194,6 +194,18 @@ def test_plan_predicts_the_batch_schedules_buckets(cfg):
     assert sum(graphs.used.values()) == graphs.steps and graphs.eager_steps == 0  # not captured: not counted
 
 
+def test_batch_steps_refuse_bad_arguments():
+    from train.rows import batch_steps
+
+    for chunk in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="batch_steps: chunk"):
+            list(batch_steps(np.array([5, 3]), chunk))
+    for n in (np.array([[5, 3]]), np.array([5.0, 3.0]), np.array([5, -1])):
+        with pytest.raises(ValueError, match="batch_steps: n must be a 1-D array"):
+            list(batch_steps(n, 4))
+    assert list(batch_steps(np.zeros(0, dtype=np.int64), 4)) == []
+
+
 def test_prepare_refuses_keys_that_are_not_buckets():
     torch.manual_seed(0)
     stream = doc_stream(LENGTHS, seed=5)

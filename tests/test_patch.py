@@ -274,6 +274,9 @@ def test_varlen_standin_traces_under_fullgraph_compile():
     torch.testing.assert_close(flex(q, k, v, cu), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cu_seqlens_q must equal cu_seqlens_k"):
         records_env.flash_attn_varlen_func(q, k, v, cu, cu.flip(0), causal=True)
+    for bad in ((q[None], k, v), (q, k[:, :1].expand(-1, 3, -1), v[:, :1].expand(-1, 3, -1)), (q, k, v[:-1])):
+        with pytest.raises(ValueError, match=r"expected q \(total, H, D\) and k, v \(total, Hkv, D\)"):
+            records_env.flash_attn_varlen_func(*bad, cu, cu, causal=True)
 
 
 def test_records_ttt_child_settings_reach_the_record(tmp_path):

@@ -464,6 +464,9 @@ def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_
     compiled ``--reference`` seeds eval of all 50,000 docs took 218.3 s wall with graphs vs 301.8 s without
     (1.69-1.73 vs ~1.1 M window tok/s, one H200, bench/results/eval-h200.md); replay equals eager in the GPU
     tests for bmm LoRA at rank 8 and 96, compiled or not, incl. phased TTT (tests/test_graphs.py)."""
+    device = torch.device(device)  # a str is taken too; anything else raises naming it
+    if mode not in MODES:
+        raise ValueError(f"auto_cuda_graphs: mode = {mode!r}: expected one of {sorted(MODES)}")
     if device.type != "cuda":
         return False, f"{device} device (graphs are CUDA only)"
     if mode != "ttt":

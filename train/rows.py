@@ -85,7 +85,13 @@ def batch_steps(n: np.ndarray, chunk: int):
     c = 0, 1, ... of the longest, yields ``(live, a, b, train)``: the documents with targets left (a shrinking
     prefix), their chunk's target range [a, b) and whether each trains after scoring (not its last chunk).
     ``schedules.ttt_batch`` runs these steps and ``graphs.StepGraphs.plan`` predicts their shape buckets."""
-    n = np.asarray(n, dtype=np.int64).reshape(-1)
+    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
+        raise ValueError(f"batch_steps: chunk = {chunk!r}: expected an integer >= 1")
+    n = np.asarray(n)
+    if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n.size and n.min() < 0):
+        raise ValueError(f"batch_steps: n must be a 1-D array of non-negative target counts, got shape {n.shape}, "
+                         f"dtype {n.dtype}")
+    n = n.astype(np.int64)
     n_chunks = -(-n // chunk)
     for c in range(int(n_chunks.max()) if n.size else 0):
         live = np.flatnonzero(n_chunks > c)

@@ -137,7 +137,8 @@ def eval_once(path, tokens_cpu, lut, cfg, *, reference, share=None, mode="ttt", 
     if warm and mode == "chunked":
         rates = wu.warmup_chunked(model, lut, chunked, backend, device)
     elif warm:
-        rates = wu.warmup(model, lut, cfg, backend, device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
+        rates = wu.warmup(model, lut, cfg, backend, device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,
+                          graphs=cfg.cuda_graphs and mode == "ttt")  # as the driver does
     warmup_s = time.perf_counter() - t
     tokens = tokens_cpu.to(device)
     rep = ev.evaluate(model, tokens, lut, mode=mode, cfg=cfg, backend=backend, t_start=t_start, budget_s=budget_s,

@@ -542,7 +542,8 @@ def main(argv=None) -> dict:
     if wmode == "full" and args.mode in ("ttt", "base"):
         # synthetic tokens only; the validation shards are not even read until warm-up is over
         rates = warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device,
-                       n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk)
+                       n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,
+                       graphs=cfg.cuda_graphs and args.mode == "ttt")
     elif wmode != "off" and args.mode == "chunked":
         wcc = cc if wmode == "full" else dataclasses.replace(cc, chunk_tokens=2048)
         rates = warmup_chunked(model, lut, wcc, "bmm" if args.reference else "kernel", device, rank=rank,

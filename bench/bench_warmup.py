@@ -17,8 +17,12 @@ autotune, the synthetic-token shape sweep) and val load, with the warm-up's phas
 loading, Triton compile waits, host C++ builds).
 
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
-``records-kernel``, and ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
-torch.compile; their time to the first score includes the graphs' warm steps and capture): recipe and path.
+``records-kernel``, ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
+torch.compile, their time to the first score including the graphs' warm steps and capture; and
+``seeds-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets): recipe and path.
+``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
+(default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
+with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
 ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
 once the next would not fit. ``PGOLF_WARMUP_PROFILE=DIR`` runs each warm child under cProfile and writes
 ``DIR/warmup-<case>.prof`` and the top functions by cumulative time to ``DIR/warmup-<case>-top.txt``
@@ -47,9 +51,25 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "records-kernel": ("records", False, ("--cuda-graphs", "off")),
          # the TTT step captured as CUDA graphs over shape buckets, with and without torch.compile under them
          "seeds-ref-graphs": ("seeds", True, ("--cuda-graphs", "on")),
-         "seeds-ref-graphs-eager": ("seeds", True, ("--cuda-graphs", "on", "--compile", "off"))}
-N_DOCS = 2000
-TOKENS = 2000 * 1240  # the official mean document length (62,021,846 / 50,000)
+         "seeds-ref-graphs-eager": ("seeds", True, ("--cuda-graphs", "on", "--compile", "off")),
+         "seeds-ref-default": ("seeds", True, ())}
+MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
+
+
+def _size() -> tuple:
+    """(documents, tokens, --share argument or None) from PGOLF_WARMUP_DOCS / PGOLF_WARMUP_SHARE."""
+    from train.synthetic import OFFICIAL_DOCS, OFFICIAL_TOKENS
+
+    raw = os.environ.get("PGOLF_WARMUP_DOCS", "2000")
+    if not raw.isdigit() or not 1 <= int(raw) <= OFFICIAL_DOCS:
+        raise ValueError(f"PGOLF_WARMUP_DOCS = {raw!r}: expected a whole number of documents, 1..{OFFICIAL_DOCS}")
+    n = int(raw)
+    share = os.environ.get("PGOLF_WARMUP_SHARE", "0/8")
+    k, _, m = share.partition("/")
+    if share != "all" and not (k.isdigit() and m.isdigit() and 0 <= int(k) < int(m)):
+        raise ValueError(f"PGOLF_WARMUP_SHARE = {share!r}: expected 'all' or k/n with 0 <= k < n (e.g. 0/8)")
+    tokens = OFFICIAL_TOKENS if n == OFFICIAL_DOCS else n * MEAN_DOC_TOKENS
+    return n, tokens, None if share == "all" else share
 
 
 def _tokenizer() -> str:
@@ -80,7 +100,7 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
     return rep
 
 
-_KEYS = ("startup_s", "load_s", "warmup_s", "val_load_s", "to_scoring_s", "score_s", "child_wall_s", "val_bpb")
+_KEYS = ("startup_s", "load_s", "warmup_s", "val_load_s", "to_scoring_s", "score_s", "wall_s", "child_wall_s", "val_bpb")
 _RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "score_pass1_s")
 
 
@@ -122,16 +142,17 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     if unknown:
         raise ValueError(f"PGOLF_WARMUP_CASES = {','.join(names)!r}: unknown case(s) {unknown}; expected a comma list "
                          f"of {', '.join(CASES)}")
+    n_docs, n_tokens, share = _size()
     work = tempfile.mkdtemp(prefix="pgolf-warmup-")
     art = os.path.join(work, "model.pgolf")
     # on the CPU: the parent process must not hold GPU memory or a CUDA context while the children run
     build_artifact(art, None, train_steps=0, device="cpu")
-    val = write_synthetic_val(work, n_docs=N_DOCS, total_tokens=TOKENS)
+    val = write_synthetic_val(work, n_docs=n_docs, total_tokens=n_tokens)
     tok = _tokenizer()
     rows: List[Dict[str, object]] = []
     for name in names:
         recipe, reference, extra_args = CASES[name]
-        args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, "--share", "0/8",
+        args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, *(["--share", share] if share else []),
                 "--allow-tokenizer-mismatch", *extra_args] + (["--reference"] if reference else [])
         caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
@@ -163,8 +184,10 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
             extra.update(_split(warm, "warm"))
             extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
         label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
-                 f", {'eager' if '--compile' in extra_args else 'compiled'}"
-                 f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}; 1/8 share of {N_DOCS:,} synthetic docs")
+                 + (", the driver's defaults" if not extra_args else
+                    f", {'eager' if '--compile' in extra_args else 'compiled'}"
+                    f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")
+                 + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")
         nan = float("nan")
         rows.append(make_row(KERNEL, label, 1e3 * _first_score_s(warm) if warm else nan, "cold caches",
                              1e3 * _first_score_s(cold) if cold else nan, docs=(cold or {}).get("docs"),

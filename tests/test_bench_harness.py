@@ -108,6 +108,32 @@ def test_warmup_bench_refuses_an_unknown_case_before_any_work(monkeypatch):
         bench_warmup.run()
 
 
+@pytest.mark.parametrize("env, match", [({"PGOLF_WARMUP_DOCS": "0"}, r"PGOLF_WARMUP_DOCS = '0': expected"),
+                                        ({"PGOLF_WARMUP_DOCS": "2e3"}, r"PGOLF_WARMUP_DOCS = '2e3': expected"),
+                                        ({"PGOLF_WARMUP_SHARE": "8/8"}, r"PGOLF_WARMUP_SHARE = '8/8': expected"),
+                                        ({"PGOLF_WARMUP_SHARE": "half"}, r"PGOLF_WARMUP_SHARE = 'half': expected")])
+def test_warmup_bench_refuses_a_bad_size_before_any_work(monkeypatch, env, match):
+    from bench import bench_warmup
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: pytest.fail("built an artifact first"))
+    with pytest.raises(ValueError, match=match):
+        bench_warmup.run()
+
+
+def test_warmup_bench_size_defaults_and_the_official_set(monkeypatch):
+    from bench.bench_warmup import _size
+    from train.synthetic import OFFICIAL_TOKENS
+
+    monkeypatch.delenv("PGOLF_WARMUP_DOCS", raising=False)
+    monkeypatch.delenv("PGOLF_WARMUP_SHARE", raising=False)
+    assert _size() == (2000, 2000 * 1240, "0/8")
+    monkeypatch.setenv("PGOLF_WARMUP_DOCS", "50000")
+    monkeypatch.setenv("PGOLF_WARMUP_SHARE", "all")
+    assert _size() == (50000, OFFICIAL_TOKENS, None)
+
+
 def test_step_timer_times_every_call_in_place_and_undoes():
     """bench_records.StepTimer wraps cls.step for every instance, keeps what step returns, reports the median of
     the last calls and restores the class (on CPU it times with perf_counter)."""

@@ -267,6 +267,49 @@ def test_train_driver_refuses_before_the_model_is_built(case, tmp_path, shared_d
     assert not built
 
 
+def test_train_warm_eval_caches_starts_the_printed_eval_warmup(tmp_path, shared_data, capsys, monkeypatch):
+    """--warm-eval-caches 1 on a CUDA run: the initial weights' artifact, then one background ``train.eval
+    --warmup-only`` with the printed eval command's arguments (all but --artifact) on the run's device, without the
+    launcher's rank variables; finish_eval_warmup waits for it and reports its warm-up. Here the process is a stand-in
+    (the CLI's --warmup-only is tested above); on a CPU run nothing starts, and it is off by default."""
+    import types
+
+    from train import train_gpt as tg
+    from train.eval_fixtures import tiny_model
+
+    seen = {}
+
+    class FakeProc:
+        pid = 4242
+
+        def __init__(self, argv, **kw):
+            seen.update(argv=argv, **kw)
+            with open(argv[argv.index("--json") + 1], "w") as f:
+                json.dump(dict(warmup_s=12.5, wall_s=20.0, compiled=True), f)
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(tg.subprocess, "Popen", FakeProc)
+    monkeypatch.setenv("MASTER_PORT", "29999")  # a launcher variable the child must not inherit
+    logs = []
+    run = types.SimpleNamespace(cfg=types.SimpleNamespace(warm_eval_caches=True), master=True, cuda=True,
+                                device=torch.device("cuda", 1), tok_path=os.path.join(shared_data, SP1024),
+                                val_pattern="/v/val_*.bin", run_dir=str(tmp_path), base=tiny_model(seed=0),
+                                tokenizer=None, log=logs.append)
+    started = tg.start_eval_warmup(run)
+    argv, printed = seen["argv"], shlex.split(tg.eval_command("A", run.val_pattern, run.tok_path))[3:]
+    i = argv.index("--warmup-only")
+    assert argv[1:3] == ["-m", "train.eval"] and argv[3:i][2:] == printed[2:] and os.path.isfile(argv[4])
+    assert argv[argv.index("--device") + 1] == "cuda:1" and "MASTER_PORT" not in seen["env"]
+    out = tg.finish_eval_warmup(run, started)
+    assert out["rc"] == 0 and out["warmup_s"] == 12.5 and any("eval warm-up: done" in m for m in logs)
+    run.cuda, run.device = False, torch.device("cpu")
+    assert tg.start_eval_warmup(run) is None and "CPU eval compiles nothing" in logs[-1]
+    s = tg.main(_train_args(tmp_path, shared_data))  # default: off
+    assert s["eval_warmup"] is None and "eval warm-up" not in capsys.readouterr().out
+
+
 def test_train_run_rule_stop_reason_eval_command_and_tokenizer_identity(tmp_path, shared_data, capsys):
     """A 2-step run: stops on iterations (said so), EMA chosen by the fixed rule (log + summary), the
     artifact records the tokenizer, and the printed eval command runs as printed."""
@@ -390,6 +433,24 @@ def test_eval_tokenizer_mismatch_override_and_cpu_warmup(eval_inputs, capsys):
     assert "warm-up: skipped on CPU (nothing to compile or autotune)" in out and "fallback" in out
     assert rep["window"] == 64 and rep["chunk"] == 64 and rep["docs"] == 6 and np.isfinite(rep["val_bpb"])
     assert "warmup_rates" not in rep and rep["warmup_s"] < 0.5 and t.s < FAST_S
+
+
+def test_eval_warmup_only_reads_no_val_and_warms(eval_inputs, capsys, monkeypatch):
+    """--warmup-only: the warm-up runs (full, even on CPU) on synthetic tokens and the eval stops there: no
+    validation shard is read (a --val that matches nothing is not even checked), nothing is scored; and
+    --warmup-only with the warm-up off is refused by name."""
+    from train import eval as ev
+
+    monkeypatch.setattr(ev, "load_val_tokens", lambda *a, **k: pytest.fail("read the validation shards"))
+    argv = ["--artifact", eval_inputs["artifact"], "--val", str(eval_inputs["dir"] / "none_*.bin"), "--tokenizer",
+            eval_inputs["tok"], "--device", "cpu", "--reference", "--batch-size", "2", "--rank", "2", "--warmup-only"]
+    rep = ev.main(argv)
+    out = capsys.readouterr().out
+    assert rep["warmup_only"] is True and "val_bpb" not in rep and "[eval] warm-up only:" in out
+    assert rep["warmup_rates"]["ttt_pos_per_s"] > 0 and rep["warmup_rates"]["warm_shapes_s"] > 0
+    with pytest.raises(SystemExit):
+        ev.main(argv + ["--warmup", "off"])
+    assert "--warmup-only: expected the warm-up on" in capsys.readouterr().err
 
 
 def test_eval_cli_subprocess_one_line_and_debug(eval_inputs):

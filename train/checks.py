@@ -252,7 +252,8 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
 
     k_n, budget_s = eval_numbers(args)
     # inputs, cheapest first: the val shards' headers, the tokenizer file, the artifact's metadata
-    val_shards = shards("--val", args.val, min_tokens=2, what="val token shards")
+    warm_only = getattr(args, "warmup_only", False)  # --warmup-only reads no validation shard
+    val_shards = None if warm_only else shards("--val", args.val, min_tokens=2, what="val token shards")
     tok = tokenizer("--tokenizer", args.tokenizer)
     if not os.path.isfile(args.artifact):
         raise CheckError("--artifact", args.artifact, "an existing artifact file (not found)")
@@ -280,7 +281,8 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
     if args.mode == "chunked" and args.train_len is not None:
         int_range("--train-len", args.train_len, 1, seq_len, f"the training window, at most the model's "
                                                                 f"trained sequence length {seq_len}")
-    shard_token_ids("--val", args.val, [p for p, _ in val_shards], vocab)
+    if val_shards is not None:
+        shard_token_ids("--val", args.val, [p for p, _ in val_shards], vocab)
     return seq_len, win, chunk, k_n, budget_s
 
 

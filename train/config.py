@@ -104,6 +104,10 @@ class TrainConfig:
     qat_clip: str = _f("search", "QAT per-row clip: search (the artifact codec's rule) | absmax | a std multiple, e.g. 3.5")
     # --- artifact / eval
     artifact: bool = _f(True, "write the int6 artifact and evaluate before/after quantization")
+    warm_eval_caches: bool = _f(False, "while training runs, one background `python3 -m train.eval --warmup-only` "
+                                "on the initial weights' artifact fills this machine's compile caches for the eval "
+                                "command printed at the end (compiled graphs depend on the model config and eval "
+                                "options, not on weight values), so that eval starts with warm caches")
     int6_eval: bool = _f(True, "also evaluate the artifact through Int6Linear (kernel path)")
 
     # fields the tiny preset overrides when not set explicitly

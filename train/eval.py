@@ -412,6 +412,10 @@ def _parse(argv):
     ap.add_argument("--warmup", default="auto", choices=["auto", "full", "off"],
                     help="auto: full on CUDA; on CPU (nothing to compile or autotune) skipped for ttt/base, one "
                          "2,048-token chunk pair for chunked; full: the GPU-size sweep everywhere")
+    ap.add_argument("--warmup-only", action="store_true",
+                    help="run the warm-up (synthetic tokens: compile, autotune; full even on CPU) and exit without "
+                         "reading a validation shard: it fills this machine's compile caches for a later eval of the "
+                         "same model config and options (the train driver runs it during training: warm_eval_caches)")
     ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="score even when --tokenizer is not the tokenizer recorded in the artifact")
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
@@ -420,6 +424,8 @@ def _parse(argv):
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
+    if args.warmup_only and (args.no_warmup or args.warmup == "off"):
+        ap.error("--warmup-only: expected the warm-up on (got --warmup off / --no-warmup: there would be nothing to run)")
     from .checks import eval_numbers
 
     eval_numbers(args)  # explicit numbers by name (CheckError: one line, exit 2 from the CLI)
@@ -528,6 +534,8 @@ def main(argv=None) -> dict:
     rates = None
     t_w = time.perf_counter()
     wmode = "off" if args.no_warmup else args.warmup
+    if args.warmup_only and wmode == "auto":
+        wmode = "full"
     if wmode == "auto":
         # a CPU run compiles and autotunes nothing; there the GPU-size sweep only measures the rates of the
         # deadline fallback, and took 74 s against 73 s of TTT scoring even at 2 documents a shape
@@ -549,6 +557,9 @@ def main(argv=None) -> dict:
         rates = warmup_chunked(model, lut, wcc, "bmm" if args.reference else "kernel", device, rank=rank,
                                world=dist.get_world_size() if dist.is_initialized() else 1)
     warmup_s = time.perf_counter() - t_w
+    if args.warmup_only:
+        return _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, time.perf_counter() - t_start,
+                                   compiled, device, rank, log)
     t_v = time.perf_counter()
     tokens = load_val_tokens(args.val)
     if args.max_docs:
@@ -579,6 +590,24 @@ def main(argv=None) -> dict:
     if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=1, default=str)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return rep
+
+
+def _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, wall, compiled, device, rank, log) -> dict:
+    """``--warmup-only``: the report of a warm-up run (no validation shard was read, nothing was scored)."""
+    rep = dict(info, warmup_only=True, mode=args.mode, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s,
+               wall_s=wall + (startup_s or 0.0), reference=args.reference, compiled=compiled, device=str(device),
+               gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", warmup_rates=rates or {})
+    log(f"[eval] warm-up only: load {load_s:.1f} s, warm-up {warmup_s:.1f} s, wall {rep['wall_s']:.1f} s from process "
+        f"start; {'compiled' if compiled else 'not compiled'}, compile caches: "
+        f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'torch default')}")
+    if args.json and rank == 0:
+        with open(args.json, "w") as f:
+            json.dump(rep, f, indent=1, default=str)
+    import torch.distributed as dist
+
     if dist.is_initialized():
         dist.destroy_process_group()
     return rep

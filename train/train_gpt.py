@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -498,13 +499,84 @@ EMA_RULE = ("artifact weights: the EMA when --ema-decay > 0, else the raw weight
             "validation set never chooses them)")
 
 
+def eval_argv(apath: str, val_pattern: str, tok_path: str) -> List[str]:
+    """``python3 -m train.eval``'s arguments that score the artifact with the val set and tokenizer it was trained
+    with (one place for the printed eval command and the background cache warm-up, whose compiled graphs must be
+    the ones that command will ask for)."""
+    return ["--artifact", apath, "--val", val_pattern, "--tokenizer", tok_path or "TOKENIZER.model"]
+
+
 def eval_command(apath: str, val_pattern: str, tok_path: str) -> str:
     """The exact command that scores the artifact with the val set and tokenizer it was trained with."""
     import shlex
 
-    cmd = ["python3", "-m", "train.eval", "--artifact", apath, "--val", val_pattern]
-    cmd += ["--tokenizer", tok_path] if tok_path else ["--tokenizer", "TOKENIZER.model"]
-    return " ".join(shlex.quote(c) for c in cmd)
+    return " ".join(shlex.quote(c) for c in ["python3", "-m", "train.eval", *eval_argv(apath, val_pattern, tok_path)])
+
+
+# launcher variables the background eval warm-up must not inherit: it is one plain process, not a rank
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_ADDR",
+             "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+
+
+def start_eval_warmup(run: Run):
+    """``--warm-eval-caches``: write the initial weights' artifact (zstd-1, no size fit: only its shapes matter) and
+    start ``python3 -m train.eval <the printed command's arguments> --warmup-only`` in the background, on this
+    process's device, logging to ``<run_dir>/eval_warmup.log``. Why: the eval's compile warm-up is the largest part
+    of its time to the first score (52.4 s cold vs 24.5 s with warm caches for the seeds' config on the H200,
+    bench/results/eval-h200.md), and torch's FX-graph / AOTAutograd caches key on graphs and shapes, not weight
+    values (a CPU check: the warm-up of a differently seeded tiny model hit all 4 FX graphs, 32.8 s -> 4.0 s).
+    Returns (process, log path, report path), or None (not asked for, not the master rank, a CPU run or no
+    tokenizer)."""
+    cfg = run.cfg
+    if not (cfg.warm_eval_caches and run.master):
+        return None
+    if not run.cuda:
+        # the eval's --compile auto is off on a CPU: its warm-up fills no cache (on 2 CPU cores the printed
+        # command's warm-up alone took 285 s for the tiny test model, all of it interpreted kernels)
+        run.log("eval warm-up: not started (a CPU eval compiles nothing, so there are no caches to warm)")
+        return None
+    if not run.tok_path:
+        run.log("eval warm-up: not started (no tokenizer: the eval command needs --tokenizer)")
+        return None
+    from .artifact import save_artifact
+
+    apath = os.path.join(run.run_dir, "eval_warmup_init.ptz")
+    save_artifact(run.base, apath, code_paths=[], warn=False, fit=False, level=1,
+                  extra_meta=dict(tokenizer=run.tokenizer))
+    log_path, rep_path = (os.path.join(run.run_dir, n) for n in ("eval_warmup.log", "eval_warmup.json"))
+    argv = [sys.executable, "-m", "train.eval", *eval_argv(apath, run.val_pattern, run.tok_path), "--warmup-only",
+            "--json", rep_path, "--device", str(run.device)]
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    with open(log_path, "w") as f:
+        proc = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root)
+    run.log(f"eval warm-up: started in the background (pid {proc.pid}, log {log_path})")
+    return proc, log_path, rep_path
+
+
+def finish_eval_warmup(run: Run, started, timeout_s: float = 600.0) -> Optional[dict]:
+    """Wait for ``start_eval_warmup``'s process (the eval must not start before its caches are written) and return
+    its outcome for the summary: exit code, and its warm-up seconds from its report."""
+    if started is None:
+        return None
+    proc, log_path, rep_path = started
+    try:
+        rc = proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rc = proc.wait()
+        run.log(f"eval warm-up: still running after {timeout_s:.0f} s more, stopped (log {log_path})")
+    out = {"rc": rc, "log": log_path}
+    if rc == 0 and os.path.isfile(rep_path):
+        with open(rep_path) as f:
+            rep = json.load(f)
+        out.update(warmup_s=rep.get("warmup_s"), wall_s=rep.get("wall_s"), compiled=rep.get("compiled"))
+        run.log(f"eval warm-up: done (warm-up {rep.get('warmup_s', 0):.1f} s, {rep.get('wall_s', 0):.1f} s wall, "
+                f"{'compiled' if rep.get('compiled') else 'not compiled'}): the eval below starts with its caches")
+    else:
+        run.log(f"eval warm-up: exited {rc}; the eval compiles as usual (log {log_path})")
+    return out
 
 
 def finalize(run: Run, rec: dict) -> dict:
@@ -521,7 +593,7 @@ def finalize(run: Run, rec: dict) -> dict:
     qat_start = rec["qat_start"]
     summary = dict(run_id=run.run_id, run_dir=run.run_dir, reference=cfg.reference, muon=run.muon_kind, world_size=world,
                    device=torch.cuda.get_device_name(run.device) if run.cuda else "cpu", steps=step,
-                   stop_reason=rec["stop_reason"], train_seconds=train_s,
+                   stop_reason=rec["stop_reason"], train_seconds=train_s, eval_warmup=rec.get("eval_warmup"),
                    warmup_seconds=run.warm_s, ms_per_step=ms_step, tokens_per_step=global_tokens, tokens_per_s=tps,
                    tokens_per_s_per_gpu=tps / world, first_loss=rec["losses"][0][1],
                    final_train_loss=rec["losses"][-1][1], losses=rec["losses"], params=base.num_params(),
@@ -613,7 +685,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
         setup_data(run)
         build_model(run)
         warm_up(run)
-        summary = finalize(run, train_loop(run))
+        warming = start_eval_warmup(run)  # after the training warm-up: the two compiles do not share the CPU
+        rec = train_loop(run)
+        rec["eval_warmup"] = finish_eval_warmup(run, warming)
+        summary = finalize(run, rec)
     except BaseException:
         if run.distributed:  # no barrier: the other ranks may not reach one
             dist.destroy_process_group()

@@ -587,6 +587,13 @@ def main(argv=None) -> dict:
         log(f"[eval] chunked: {rep['chunks']} chunks of {rep['chunk_tokens']:,} tokens, {rep['chunks_trained']} trained "
             f"({rep['train_steps']} Adam steps, {rep['epochs']} epochs), LoRA rank {rep['lora_rank']} "
             f"({rep['lora_backend']}), window {rep['window']} stride {rep['stride']}")
+    return _finish(rep, args, rank)
+
+
+def _finish(rep: dict, args, rank: int) -> dict:
+    """Write the report (``--json``, rank 0) and leave the process group; returns ``rep``."""
+    import torch.distributed as dist
+
     if args.json and rank == 0:
         with open(args.json, "w") as f:
             json.dump(rep, f, indent=1, default=str)
@@ -603,14 +610,7 @@ def _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, wall, co
     log(f"[eval] warm-up only: load {load_s:.1f} s, warm-up {warmup_s:.1f} s, wall {rep['wall_s']:.1f} s from process "
         f"start; {'compiled' if compiled else 'not compiled'}, compile caches: "
         f"{os.environ.get('TORCHINDUCTOR_CACHE_DIR', 'torch default')}")
-    if args.json and rank == 0:
-        with open(args.json, "w") as f:
-            json.dump(rep, f, indent=1, default=str)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return rep
+    return _finish(rep, args, rank)
 
 
 if __name__ == "__main__":

@@ -686,7 +686,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
         build_model(run)
         warm_up(run)
         warming = start_eval_warmup(run)  # after the training warm-up: the two compiles do not share the CPU
-        rec = train_loop(run)
+        try:
+            rec = train_loop(run)
+        except BaseException:
+            if warming is not None:  # no orphan left behind a failed run
+                warming[0].kill()
+            raise
         rec["eval_warmup"] = finish_eval_warmup(run, warming)
         summary = finalize(run, rec)
     except BaseException:

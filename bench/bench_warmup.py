@@ -19,7 +19,8 @@ loading, Triton compile waits, host C++ builds).
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``, ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
 torch.compile, their time to the first score including the graphs' warm steps and capture; and
-``seeds-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets): recipe and path.
+``seeds-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets; ``seeds-ref-precompiled``:
+the same with ``--precompiled`` in the case's cache folder): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -52,7 +53,10 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # the TTT step captured as CUDA graphs over shape buckets, with and without torch.compile under them
          "seeds-ref-graphs": ("seeds", True, ("--cuda-graphs", "on")),
          "seeds-ref-graphs-eager": ("seeds", True, ("--cuda-graphs", "on", "--compile", "off")),
-         "seeds-ref-default": ("seeds", True, ())}
+         "seeds-ref-default": ("seeds", True, ()),
+         # the defaults plus ahead-of-time compiled forward functions in the case's cache folder (train/precompiled.py):
+         # the cold process compiles and saves them, the warm one loads them without Dynamo tracing
+         "seeds-ref-precompiled": ("seeds", True, ("--precompiled", "{caches}/precompiled"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -155,6 +159,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, *(["--share", share] if share else []),
                 "--allow-tokenizer-mismatch", *extra_args] + (["--reference"] if reference else [])
         caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
+        args = [a.replace("{caches}", caches) for a in args]
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
         note = ""
         for tag in ("cold", "warm"):
@@ -185,6 +190,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
             extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
         label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
                  + (", the driver's defaults" if not extra_args else
+                    ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
                     f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")
                  + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")

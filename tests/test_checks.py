@@ -453,6 +453,15 @@ def test_eval_warmup_only_reads_no_val_and_warms(eval_inputs, capsys, monkeypatc
     assert "--warmup-only: expected the warm-up on" in capsys.readouterr().err
 
 
+def test_eval_precompiled_needs_the_compiled_forward(eval_inputs):
+    """--precompiled with the forward not compiled (CPU, --compile auto) is refused by name before the artifact is
+    decoded into a model."""
+    from train import eval as ev
+
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--precompiled", str(eval_inputs["dir"] / "pc"))), "--precompiled",
+             "the compiled forward")
+
+
 def test_eval_cli_subprocess_one_line_and_debug(eval_inputs):
     env = dict(os.environ, PYTHONPATH=ROOT)
     cmd = [sys.executable, "-m", "train.eval"] + _ev_argv(eval_inputs, "--mode", "sliding", "--stride", "0")

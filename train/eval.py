@@ -421,6 +421,10 @@ def _parse(argv):
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
     ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                     help="torch.compile the model forward (auto: on for CUDA); compile time falls in the warm-up")
+    ap.add_argument("--precompiled", default=None, metavar="DIR",
+                    help="folder of ahead-of-time compiled forward functions (torch.compile(...).aot_compile): loaded "
+                         "when present, else compiled on first use and saved there; a later eval with the same folder "
+                         "skips Dynamo's tracing (needs the compiled forward: --compile on, or auto on CUDA)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
@@ -524,10 +528,16 @@ def main(argv=None) -> dict:
     cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
-    model, info = load_model(args.artifact, reference=args.reference, device=device)
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    if args.precompiled and not compiled:
+        from .checks import CheckError
+
+        raise CheckError("--precompiled", args.precompiled, f"the compiled forward (--compile on, or auto on CUDA; got "
+                                                             f"--compile {args.compile} on {device})")
+    model, info = load_model(args.artifact, reference=args.reference, device=device)
+    precompiled = {}
     if compiled:
-        compile_rows_nll(model)
+        precompiled = compile_rows_nll(model, precompiled=args.precompiled)
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     sync_device(device)
     load_s = time.perf_counter() - t_start
@@ -558,6 +568,8 @@ def main(argv=None) -> dict:
                                world=dist.get_world_size() if dist.is_initialized() else 1)
     warmup_s = time.perf_counter() - t_w
     if args.warmup_only:
+        if precompiled:
+            info = dict(info, precompiled={n: dict(p.stats) for n, p in precompiled.items()})
         return _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, time.perf_counter() - t_start,
                                    compiled, device, rank, log)
     t_v = time.perf_counter()
@@ -578,6 +590,8 @@ def main(argv=None) -> dict:
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
         rep["warmup_rates"] = rates
+    if precompiled:
+        rep["precompiled"] = {n: dict(p.stats) for n, p in precompiled.items()}
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
         f"(timed eval) | start-up {startup_s or 0.0:.1f} s, to first score {to_scoring_s:.1f} s | "

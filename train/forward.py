@@ -6,6 +6,8 @@ soft-capped full-softmax cross-entropy at the scored positions only (``head_nll`
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -47,7 +49,7 @@ def is_compiled(model) -> bool:
     return "_pgolf_rows_nll" in model.__dict__
 
 
-def compile_rows_nll(model, enable: bool = True) -> None:
+def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = None) -> dict:
     """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
     backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the
     final norm stay eager (a handful of ops). ``enable=False`` undoes it.
@@ -62,6 +64,10 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     unfused elementwise kernels (RMSNorm, RoPE, residual mixes, LeakyReLU^2); the reference step took
     85.4 ms eager, 41.7 ms with a whole-model compile, 45.7 ms with this regional one (kernel path
     49.4 ms), whose first call compiled in 3-48 s instead of 52-116 s (bench/results/profile-ttt-h200.md).
+
+    ``precompiled``: a folder of ahead-of-time compiled variants of the four functions (``train.precompiled``):
+    loaded when present, else compiled on first use and saved there, so a later process skips Dynamo's tracing.
+    Returns the ``Precompiled`` objects by name (their ``stats``), or {} without a folder.
     """
     if not (hasattr(model, "hidden") and hasattr(model, "blocks") and len(model.blocks) > 0):
         raise TypeError(f"compile_rows_nll: model must be a train.model.GPT (with .hidden and .blocks), "
@@ -71,7 +77,7 @@ def compile_rows_nll(model, enable: bool = True) -> None:
         for b in blocks:
             b.__dict__.pop("forward", None)
         model.__dict__.pop("_pgolf_rows_nll", None)
-        return
+        return {}
     import types
 
     import torch._dynamo
@@ -92,10 +98,16 @@ def compile_rows_nll(model, enable: bool = True) -> None:
     # other kind (torch 2.13 crashed building a recompile reason for an adapter-less call against an
     # adapter graph's aliasing guard). Graph variants left: grad / no-grad, and block 0's input not
     # requiring grad.
-    plain = torch.compile(_block_plain, dynamic=True)
-    adapted = torch.compile(_block_adapted, dynamic=True)
-    head_plain = torch.compile(_head_plain, dynamic=True)
-    head_adapted = torch.compile(_head_adapted, dynamic=True)
+    fns = dict(block_plain=_block_plain, block_adapted=_block_adapted, head_plain=_head_plain,
+               head_adapted=_head_adapted)
+    if precompiled is not None:
+        from .precompiled import Precompiled, fingerprint
+
+        dev = next(model.parameters()).device
+        made = {n: Precompiled(f, precompiled, n, fingerprint(n, model, dev)) for n, f in fns.items()}
+    else:
+        made = {n: torch.compile(f, dynamic=True) for n, f in fns.items()}
+    plain, adapted, head_plain, head_adapted = (made[n] for n in fns)
 
     def block_forward(self, x, x0, adapter=None, rope=None):
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
@@ -118,6 +130,7 @@ def compile_rows_nll(model, enable: bool = True) -> None:
         return head_plain(model, h, sel, y) if adapter is None else head_adapted(model, h, sel, y, adapter)
 
     model.__dict__["_pgolf_rows_nll"] = fwd
+    return made if precompiled is not None else {}
 
 
 def _block_plain(block, x, x0, rope):

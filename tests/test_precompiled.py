@@ -81,3 +81,12 @@ def test_precompiled_refuses_a_non_folder():
 
     with pytest.raises(ValueError, match="precompiled: folder = '': expected a folder path"):
         Precompiled(lambda x: x, "", "f", "k")
+
+
+def test_precompiled_names_an_unreadable_variant(tmp_path):
+    from train.precompiled import Precompiled
+
+    bad = tmp_path / "f-k-0.aot"
+    bad.write_bytes(b"not a compiled function")
+    with pytest.raises(RuntimeError, match=r"precompiled: .*f-k-0.aot could not be loaded .*delete it"):
+        Precompiled(lambda x: x, str(tmp_path), "f", "k")

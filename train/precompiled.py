@@ -84,8 +84,12 @@ class Precompiled:
         self.stats: Dict[str, float] = dict(loaded=0, compiled=0, fallback_calls=0, load_s=0.0, compile_s=0.0)
         t = time.perf_counter()
         for path in sorted(glob.glob(os.path.join(folder, f"{self.prefix}-*.aot"))):
-            with open(path, "rb") as f:
-                self.variants.append(torch.compiler.load_compiled_function(f))
+            try:
+                with open(path, "rb") as f:
+                    self.variants.append(torch.compiler.load_compiled_function(f))
+            except Exception as e:  # noqa: BLE001 - any unreadable file: one line naming it, before any work
+                raise RuntimeError(f"precompiled: {path} could not be loaded ({type(e).__name__}: "
+                                   f"{' '.join(str(e).split())[:200]}); delete it to compile that variant again") from e
         self.stats["loaded"] = len(self.variants)
         self.stats["load_s"] = time.perf_counter() - t
 

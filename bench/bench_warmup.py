@@ -19,7 +19,8 @@ loading, Triton compile waits, host C++ builds).
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``, ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
 torch.compile, their time to the first score including the graphs' warm steps and capture; and
-``seeds-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets; ``seeds-ref-precompiled``:
+``seeds-ref-default`` / ``records-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets
+(``records-ref-default`` with ``PGOLF_WARMUP_DOCS=50000`` and the default share 0/8 is case (c)); ``seeds-ref-precompiled``:
 the same with ``--precompiled`` in the case's cache folder): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
@@ -54,6 +55,7 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "seeds-ref-graphs": ("seeds", True, ("--cuda-graphs", "on")),
          "seeds-ref-graphs-eager": ("seeds", True, ("--cuda-graphs", "on", "--compile", "off")),
          "seeds-ref-default": ("seeds", True, ()),
+         "records-ref-default": ("records", True, ()),
          # the defaults plus ahead-of-time compiled forward functions in the case's cache folder (train/precompiled.py):
          # the cold process compiles and saves them, the warm one loads them without Dynamo tracing
          "seeds-ref-precompiled": ("seeds", True, ("--precompiled", "{caches}/precompiled"))}

@@ -23,8 +23,8 @@ flex_attention), and every row says so.
    artifact of its GPT at initialization, then one process per variant runs the record's own TTT eval on it
    (``TTT_EVAL_ONLY=1``: its compile warm-up on random tokens, then phased LoRA TTT over ``PGOLF_RECORDS_TTT_DOCS``
    synthetic documents, default 1,000); the row holds the timed eval, the warm-up, the wall time and val_bpb of
-   each. The patch's TTT piece leaves the record's LoRA as it is today (see pgolf_kernels.patch), so the two
-   variants run the same TTT code: the row is the baseline the TTT piece has to beat.
+   each. The patch's TTT piece keeps the record's LoRA and specializes the Python floats of its dynamic-shape
+   TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up.
 
 ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
 training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.

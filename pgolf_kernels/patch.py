@@ -32,8 +32,15 @@ Pieces
   The arithmetic around NS (momentum, Nesterov, scale ``max(1, rows/cols) ** 0.5``, decoupled weight decay) is
   the record's, op for op; the NS output differs from the record's within bf16 rounding (the kernels round A,
   B, X once per step and normalise in fp32; against fp64 they are 2.2-2.8x more accurate than the records' path).
-* **ttt** - the records' per-document LoRA (``BatchedLinearLoRA``) is left as it is, and the report says why per
-  script: at rank 96 (the 2026-04-29 record: Q/K/V/O/MLP/head) the fused multi-LoRA op measured slower than the
+* **ttt** - where a record compiles its TTT forward with dynamic shapes (2026-04-29: ``GPT.forward_ttt`` under
+  ``torch.compile(dynamic=True)``), ``torch._dynamo.config.specialize_float`` is set (``report.undo()`` restores
+  it): with dynamic shapes Dynamo otherwise turns every Python float the forward reads (LoRA scale, soft-cap,
+  gains) into a 0-dim float64 graph input, and on CUDA Inductor builds host C++ kernels for them with g++ in every
+  process. A CPU trace of that record's ``forward_ttt`` at a tiny config: 251 such inputs over 4 window lengths,
+  0 with the switch (5 graphs, 4 with it; ``bench/results/records-ttt-floats-cpu.md``); in this package's eval the same switch took the cold warm-up from
+  136.7-172.8 s to 60.1 s on an H200 (``bench/results/warmup-h200.md``). Compiles with ``dynamic=False`` (the
+  records' training) specialize floats already, so they are unchanged. The per-document LoRA
+  (``BatchedLinearLoRA``) is left as it is, and the report says why per script: at rank 96 (the 2026-04-29 record: Q/K/V/O/MLP/head) the fused multi-LoRA op measured slower than the
   record's two bmm (fwd+bwd 1.877 vs 1.380 ms, one H200); at rank 8 (2026-03-17) it is slower eagerly (1.448 vs
   1.083 ms; it wins only under CUDA-graph replay, which the record's TTT does not use), and the record adds its
   Q/V deltas outside the base projection (``c_q(x) + q_delta``) while the fused op computes base and adapter in
@@ -84,10 +91,13 @@ class PatchReport:
     _undo: List[Tuple[dict, str, object]] = field(default_factory=list, repr=False)
 
     def undo(self) -> None:
-        """Restore every name this report replaced (last replaced first)."""
+        """Restore every name and setting this report replaced (last replaced first)."""
         while self._undo:
-            ns, name, old = self._undo.pop()
-            ns[name] = old
+            target, name, old = self._undo.pop()
+            if isinstance(target, dict):
+                target[name] = old
+            else:
+                setattr(target, name, old)
         self.patched.clear()
 
     def __str__(self) -> str:
@@ -339,6 +349,16 @@ def _ttt_reason(ns: dict) -> str:
             "BatchedLinearLoRA is kept")
 
 
+def _compiles_ttt_dynamic(ns: dict) -> bool:
+    """The script compiles a TTT forward with dynamic shapes: its GPT has ``forward_ttt`` and its source compiles
+    with ``dynamic=True`` (2026-04-29 compiles ``forward_ttt`` so; 2026-03-17 runs its TTT eagerly)."""
+    gpt = ns.get("GPT")
+    if not (isinstance(gpt, type) and callable(getattr(gpt, "forward_ttt", None))):
+        return False
+    fn = ns.get("train_and_eval")
+    return callable(fn) and re.search(r"torch\.compile\([^)]*dynamic\s*=\s*True", _source(fn)) is not None
+
+
 # ------------------------------------------------------------------------------------------------------------
 def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False, strict: bool = True) -> PatchReport:
     """Patch a record script's module (or its ``globals()``) in place; returns a ``PatchReport``.
@@ -353,7 +373,17 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
         pieces.append(("muon", lambda: _patch_muon(ns, report)))
     if ttt:
         def _ttt():
-            report.skipped["ttt"] = _ttt_reason(ns)
+            why = _ttt_reason(ns)
+            if _compiles_ttt_dynamic(ns):
+                import torch._dynamo
+
+                report._undo.append((torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float))
+                torch._dynamo.config.specialize_float = True
+                report.patched["ttt"] = ("torch._dynamo.config.specialize_float = True for the record's TTT compile "
+                                         "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
+                                         "0-dim float64 graph inputs with host C++ kernels; " + why)
+            else:
+                report.skipped["ttt"] = why
         pieces.append(("ttt", _ttt))
     if quant:
         def _quant():

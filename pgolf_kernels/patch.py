@@ -37,8 +37,10 @@ Pieces
   it): with dynamic shapes Dynamo otherwise turns every Python float the forward reads (LoRA scale, soft-cap,
   gains) into a 0-dim float64 graph input, and on CUDA Inductor builds host C++ kernels for them with g++ in every
   process. A CPU trace of that record's ``forward_ttt`` at a tiny config: 251 such inputs over 4 window lengths,
-  0 with the switch (5 graphs, 4 with it; ``bench/results/records-ttt-floats-cpu.md``); in this package's eval the same switch took the cold warm-up from
-  136.7-172.8 s to 60.1 s on an H200 (``bench/results/warmup-h200.md``). Compiles with ``dynamic=False`` (the
+  0 with the switch (5 graphs, 4 with it; ``bench/results/records-ttt-floats-cpu.md``); in this package's eval the cold warm-up was
+  136.7-172.8 s before the same switch and 60.1 s after it, on H200s of one image but in different device calls
+  and with one more graph change in between (``bench/results/warmup-h200.md``); its effect on this record's own
+  warm-up is not measured yet. Compiles with ``dynamic=False`` (the
   records' training) specialize floats already, so they are unchanged. The per-document LoRA
   (``BatchedLinearLoRA``) is left as it is, and the report says why per script: at rank 96 (the 2026-04-29 record: Q/K/V/O/MLP/head) the fused multi-LoRA op measured slower than the
   record's two bmm (fwd+bwd 1.877 vs 1.380 ms, one H200); at rank 8 (2026-03-17) it is slower eagerly (1.448 vs

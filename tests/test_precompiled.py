@@ -90,3 +90,14 @@ def test_precompiled_names_an_unreadable_variant(tmp_path):
     bad.write_bytes(b"not a compiled function")
     with pytest.raises(RuntimeError, match=r"precompiled: .*f-k-0.aot could not be loaded .*delete it"):
         Precompiled(lambda x: x, str(tmp_path), "f", "k")
+
+
+def test_fingerprint_and_precompiled_refuse_bad_arguments():
+    from train.precompiled import Precompiled
+
+    with pytest.raises(ValueError, match="fingerprint: name = ''"):
+        fingerprint("", _model(), "cpu")
+    with pytest.raises(TypeError, match="fingerprint: model must be a train.model.GPT"):
+        fingerprint("block_adapted", torch.nn.Linear(2, 2), "cpu")
+    with pytest.raises(TypeError, match="precompiled: fn must be callable"):
+        Precompiled(3, "somewhere", "f", "k")

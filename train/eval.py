@@ -538,6 +538,8 @@ def main(argv=None) -> dict:
     precompiled = {}
     if compiled:
         precompiled = compile_rows_nll(model, precompiled=args.precompiled)
+    # the Precompiled objects' counters, read when the report is written (they count the warm-up's compiles)
+    precompiled_stats = lambda: {n: dict(p.stats) for n, p in precompiled.items()}  # noqa: E731
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     sync_device(device)
     load_s = time.perf_counter() - t_start
@@ -569,7 +571,7 @@ def main(argv=None) -> dict:
     warmup_s = time.perf_counter() - t_w
     if args.warmup_only:
         if precompiled:
-            info = dict(info, precompiled={n: dict(p.stats) for n, p in precompiled.items()})
+            info = dict(info, precompiled=precompiled_stats())
         return _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, time.perf_counter() - t_start,
                                    compiled, device, rank, log)
     t_v = time.perf_counter()
@@ -591,7 +593,7 @@ def main(argv=None) -> dict:
     if rates:
         rep["warmup_rates"] = rates
     if precompiled:
-        rep["precompiled"] = {n: dict(p.stats) for n, p in precompiled.items()}
+        rep["precompiled"] = precompiled_stats()
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
         f"(timed eval) | start-up {startup_s or 0.0:.1f} s, to first score {to_scoring_s:.1f} s | "

@@ -35,6 +35,10 @@ _SOURCES = ("model.py", "adapters.py", "forward.py", "precompiled.py")
 
 def fingerprint(name: str, model, device) -> str:
     """Hex digest of what a saved variant depends on beyond its guards."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"fingerprint: name = {name!r}: expected the function's name (a non-empty str)")
+    if not hasattr(model, "config"):
+        raise TypeError(f"fingerprint: model must be a train.model.GPT (with .config), got {type(model).__name__}")
     h = hashlib.sha256()
     here = os.path.dirname(os.path.abspath(__file__))
     for src in _SOURCES:
@@ -77,6 +81,8 @@ class Precompiled:
     def __init__(self, fn: Callable, folder: str, name: str, key: str):
         if not isinstance(folder, str) or not folder:
             raise ValueError(f"precompiled: folder = {folder!r}: expected a folder path")
+        if not callable(fn):
+            raise TypeError(f"precompiled: fn must be callable, got {type(fn).__name__}")
         os.makedirs(folder, exist_ok=True)
         self.fn, self.folder, self.prefix = fn, folder, f"{name}-{key}"
         self.variants: List[object] = []
@@ -96,7 +102,9 @@ class Precompiled:
     def __call__(self, *args):
         for v in self.variants:
             if v.guard_check(*args):
-                return v(*args)
+                # its compiled function without a second guard check (calling the variant checks again); a torch
+                # without that attribute gets the checked call
+                return getattr(v, "fn", v)(*args)
         if len(self.variants) >= MAX_VARIANTS:
             self.stats["fallback_calls"] += 1
             if self.lazy is None:

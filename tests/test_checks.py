@@ -493,3 +493,19 @@ def test_cuda_graphs_auto_turns_on_only_where_measured_and_verified():
     assert _parse(base).cuda_graphs == "auto" and not _parse(base).ttt_cfg.cuda_graphs
     assert _parse(base + ["--cuda-graphs"]).ttt_cfg.cuda_graphs
     assert not _parse(base + ["--cuda-graphs", "off"]).ttt_cfg.cuda_graphs
+
+
+@pytest.mark.parametrize("extra,window,chunk", [([], 64, 64), (["--recipe", "records"], 64, 48),
+                                                (["--window", "32"], 32, 32), (["--mode", "sliding"], 64, 64)])
+def test_eval_window_default_is_the_recipes_at_most_seq_len(eval_inputs, extra, window, chunk):
+    """Per-document TTT takes the recipe's window (seeds 1024, records 2048), cut to the model's trained
+    length (64 here, said in the log); --window overrides it; other modes use the trained length."""
+    from train import eval as ev
+
+    args = ev._parse(_ev_argv(eval_inputs, *extra))
+    lines = []
+    preset = ev.RECIPES[args.recipe]
+    got = checks.eval_args(args, lines.append, recipe_window=preset.get("window"), recipe_chunk=preset.get("chunk", 256))
+    assert got[:3] == (64, window, chunk)
+    said = any("exceeds the model's trained length 64" in line for line in lines)
+    assert said == ("--window" not in extra and "sliding" not in extra)

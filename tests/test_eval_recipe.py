@@ -255,7 +255,7 @@ def test_records_preset_values():
     assert (cfg.optimizer, cfg.lr, cfg.beta1, cfg.beta2, cfg.eps, cfg.weight_decay, cfg.warm_start_a) == (
         "adamw", 1e-4, 0.0, 0.999, 1e-10, 1.0, True)
     assert (cfg.phases, cfg.phase_docs, cfg.global_lr, cfg.global_momentum, cfg.global_clip) == (3, 2000, 1e-3, 0.9, 1.0)
-    assert cfg.scale == 1.5 and TTTConfig().scale == 1.0 and RECIPES["seeds"] == {}
+    assert cfg.scale == 1.5 and TTTConfig().scale == 1.0 and RECIPES["seeds"] == {"window": 1024}
     assert recipe("records", rank=8).rank == 8  # explicit options override the preset
 
 

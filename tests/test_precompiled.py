@@ -11,7 +11,7 @@ import torch
 from train import eval as ev
 from train.eval_fixtures import doc_stream, synthetic_lut, tiny_model
 from train.forward import compile_rows_nll
-from train.precompiled import fingerprint
+from train.precompiled import fingerprint, unsupported_reason
 from train.ttt_config import TTTConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,10 +35,15 @@ print(json.dumps(dict(val_bpb=rep["val_bpb"], frames=int(counters["frames"].get(
 """
 
 
+# torch 2.11 (the GPU lane's) cannot save compiled functions: the save/load tests need a torch that can
+needs_aot = pytest.mark.skipif(bool(unsupported_reason()), reason=f"--precompiled: {unsupported_reason()}")
+
+
 def _model():
     return tiny_model(seed=0, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1)
 
 
+@needs_aot
 def test_precompiled_saved_then_loaded_without_tracing(tmp_path):
     """First process: the TTT eval compiles its variants ahead of time into the folder, scoring as eager does.
     A fresh process on that folder loads every variant, traces nothing (0 Dynamo frames), compiles nothing and
@@ -83,6 +88,7 @@ def test_precompiled_refuses_a_non_folder():
         Precompiled(lambda x: x, "", "f", "k")
 
 
+@needs_aot
 def test_precompiled_names_an_unreadable_variant(tmp_path):
     from train.precompiled import Precompiled
 
@@ -101,3 +107,20 @@ def test_fingerprint_and_precompiled_refuse_bad_arguments():
         fingerprint("block_adapted", torch.nn.Linear(2, 2), "cpu")
     with pytest.raises(TypeError, match="precompiled: fn must be callable"):
         Precompiled(3, "somewhere", "f", "k")
+
+
+def test_precompiled_refused_by_name_on_a_torch_without_aot_compile(tmp_path, monkeypatch):
+    """A torch that cannot save compiled functions: Precompiled refuses in one line naming what is missing,
+    and the eval refuses --precompiled before it loads the artifact."""
+    from train import precompiled as pc
+    from train.checks import CheckError
+
+    monkeypatch.setattr(pc, "unsupported_reason", lambda: "torch 2.11 lacks torch.compile(...).aot_compile")
+    with pytest.raises(RuntimeError, match=r"precompiled: torch 2.11 lacks torch.compile\(...\).aot_compile; run "
+                                           r"without --precompiled"):
+        pc.Precompiled(lambda x: x, str(tmp_path), "f", "k")
+    monkeypatch.setattr(ev, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the check"))
+    argv = ["--artifact", str(tmp_path / "a.ptz"), "--val", str(tmp_path / "v.bin"), "--tokenizer", "t.model",
+            "--device", "cpu", "--compile", "on", "--precompiled", str(tmp_path / "pre")]
+    with pytest.raises(CheckError, match=r"--precompiled.*lacks torch.compile"):
+        ev.main(argv)

@@ -204,3 +204,24 @@ def test_load_errors(tmp_path):
     bad.write_bytes(b"definitely not an artifact" * 10)
     with pytest.raises(ValueError):
         art.load_artifact(str(bad))
+
+
+def test_load_artifact_reuses_a_decode_only_for_the_same_file(tmp_path):
+    """The second decode of an unchanged file is the first's; a file rewritten in place (other weights) is
+    decoded again, never served from the previous decode."""
+    path = str(tmp_path / "m.ptz")
+    art.save_artifact(_trained_like_model(1), path, code_paths=[])
+    first = art.load_artifact(path)
+    assert art.load_artifact(path) is first
+    art.save_artifact(_trained_like_model(2), path, code_paths=[])
+    second = art.load_artifact(path)
+    assert second is not first
+    name = next(n for n, v in second[1].items() if art._is_q(v))
+    assert not torch.equal(second[1][name].q, first[1][name].q)
+
+
+def test_code_paths_prefetch_matches_the_foreground_walk():
+    t = art.prefetch_code_paths()
+    t.join(60)
+    assert not t.is_alive() and art.default_code_paths() == list(art._walk_driver_code_paths())
+    assert any(p.endswith(os.path.join("train", "eval.py")) for p in art.default_code_paths())

@@ -21,6 +21,7 @@ import ast
 import functools
 import glob
 import os
+import threading
 import time
 from typing import Dict, Iterable, List, Optional, Tuple
 
@@ -210,9 +211,33 @@ def default_code_paths() -> List[str]:
     return list(_driver_code_paths())
 
 
-@functools.lru_cache(maxsize=1)
+_WALK_LOCK = threading.Lock()
+
+
 def _driver_code_paths() -> Tuple[str, ...]:
+    with _WALK_LOCK:  # a second caller waits for a walk in progress (``prefetch_code_paths``) instead of repeating it
+        return _walk_driver_code_paths()
+
+
+@functools.lru_cache(maxsize=1)
+def _walk_driver_code_paths() -> Tuple[str, ...]:
     return tuple(sorted(set().union(*(code_paths_for_entry(m) for m in DRIVER_ENTRIES))))
+
+
+def prefetch_code_paths() -> threading.Thread:
+    """Start the import-graph walk of ``default_code_paths`` in a daemon thread, so that a later
+    ``submission_bytes`` finds it done: the eval starts it before decoding the artifact, whose zstd
+    decompression and GPU copies release the interpreter lock (the walk alone took 0.8 s of the eval's load
+    on 2 cores). A failure surfaces again, by name, in the caller's own ``default_code_paths()``."""
+    def walk():
+        try:
+            _driver_code_paths()
+        except Exception:  # noqa: BLE001 - the foreground call repeats the walk and raises
+            pass
+
+    t = threading.Thread(target=walk, name="pgolf-code-paths", daemon=True)
+    t.start()
+    return t
 
 
 def code_bytes(paths: Iterable[str]) -> int:
@@ -310,17 +335,36 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     return info
 
 
+# the last decoded artifact, keyed by the file's identity: the eval decodes an artifact twice, once in its
+# argument checks (config and tokenizer, before any expensive work) and once to build the model, and one
+# decode of the default model's artifact took 1.7-1.9 s of the eval's ~8.5 s load on the H200 host
+_LAST: Dict[str, object] = {}
+
+
+def _file_key(path: str) -> Tuple:
+    st = os.stat(path)
+    return (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def load_artifact(path: str) -> Tuple[GPTConfig, dict, dict]:
-    """-> (GPTConfig, entries, meta). Raises FileNotFoundError / ValueError on a bad file."""
+    """-> (GPTConfig, entries, meta). Raises FileNotFoundError / ValueError on a bad file.
+    A second call on an unchanged file (same path, size, mtime and inode) returns the first call's
+    decode; callers must not modify the entries."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"artifact not found: {path}")
+    key = _file_key(path)
+    if _LAST.get("key") == key:
+        return _LAST["value"]  # type: ignore[return-value]
     with open(path, "rb") as f:
         blob = f.read()
     entries, meta = _codec().unpack_artifact(blob)
     if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT:
         raise ValueError(f"{path}: not a train artifact (meta format {meta.get('format') if isinstance(meta, dict) else meta!r}, "
                          f"expected {ARTIFACT_FORMAT!r})")
-    return GPTConfig.from_dict(meta["config"]), entries, meta
+    value = (GPTConfig.from_dict(meta["config"]), entries, meta)
+    _LAST.clear()
+    _LAST.update(key=key, value=value)
+    return value
 
 
 def _is_q(v) -> bool:
@@ -338,15 +382,21 @@ def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Option
     cfg, entries, meta = load_artifact(path)
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    model = GPT(cfg)
+    codec = _codec()
+    # built, initialized and dequantized where the weights will live: on the CPU the default model's
+    # random init took 0.8 s, its dequantization 1.6 s and the state-dict copy 0.8 s, all thrown away
+    # or repeated on a GPU that does each in milliseconds
+    with torch.device(device):
+        model = GPT(cfg)
     mats = set(matrix_names(model))
-    state = {}
+    state, codes = {}, {}
     for name, v in entries.items():
         if _is_q(v):
+            codes[name] = qt = v.to(device)
             # q * scale is exact in fp32 (|q| <= 127, fp16 scale); bf16 rounds it (8-bit mantissa)
-            state[name] = _codec().dequantize(v, dtype=torch.float32).to(dtype)
+            state[name] = codec.dequantize(qt, dtype=torch.float32).to(dtype)
         else:
-            state[name] = v.to(dtype)
+            state[name] = v.to(device=device, dtype=dtype)
     model.load_state_dict(state, strict=True)
     model = model.to(device=device, dtype=dtype)
     if int6:
@@ -356,8 +406,8 @@ def model_from_artifact(path: str, int6: bool = True, device=None, dtype: Option
             mod_name = name.rsplit(".", 1)[0]
             parent_name, attr = mod_name.rsplit(".", 1)
             parent = model.get_submodule(parent_name)
-            qt = entries[name]
-            new = Int6Linear.from_codes(qt.q.to(device), qt.scale.to(device), bias=None, bits=int(qt.bits))
+            qt = codes[name]
+            new = Int6Linear.from_codes(qt.q, qt.scale, bias=None, bits=int(qt.bits))
             setattr(parent, attr, new)
     model.eval()
     return model

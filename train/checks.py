@@ -244,8 +244,8 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
     """``python3 -m train.eval``'s arguments (``train/eval.py: _parse``), before any model is built:
     every number against its range, the val shards' headers and ids, the tokenizer and its identity
     with the artifact's, the window against the model's trained length (from the artifact's
-    metadata). Window: ``--window``, else the recipe's (``recipe_window``), else the model's trained
-    length; chunk: ``--chunk``, else ``min(recipe_chunk, window)``. The per-document TTT values
+    metadata). Window: ``--window``, else (per-document TTT) the recipe's (``recipe_window``, at most the
+    model's trained length), else the model's trained length; chunk: ``--chunk``, else ``min(recipe_chunk, window)``. The per-document TTT values
     (rank, lr, betas, ...) are checked where the recipe is resolved (``TTTConfig``); the ones given
     here are checked again by name. -> (seq_len, window, chunk, share, budget_s)."""
     from . import artifact as art
@@ -270,8 +270,11 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
                           args.allow_tokenizer_mismatch, log=log)
     if args.window is not None:
         win = window("--window", args.window, seq_len)
-    elif recipe_window is not None:
-        win = window("--window (the recipe's)", recipe_window, seq_len)
+    elif recipe_window is not None and args.mode == "ttt":
+        # the recipe's TTT context (seeds 1024, records 2048), at most what the model was trained on
+        win = min(window("--window (the recipe's)", recipe_window, 1 << 30), seq_len)
+        if win < recipe_window:
+            log(f"[eval] window {win}: the recipe's {recipe_window} exceeds the model's trained length {seq_len}")
     else:
         win = seq_len
     chunk = args.chunk if args.chunk is not None else min(recipe_chunk, win)

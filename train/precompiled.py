@@ -33,6 +33,20 @@ MAX_VARIANTS = 8  # 4 were met in a TTT eval with a separate score pass (grad / 
 _SOURCES = ("model.py", "adapters.py", "forward.py", "precompiled.py")
 
 
+def unsupported_reason() -> str:
+    """Why this torch cannot save and load compiled variants ('' when it can): it needs
+    ``torch.compile(...).aot_compile`` and ``torch.compiler.load_compiled_function`` (torch 2.13 has both;
+    torch 2.11 has neither: its compiled function raised AttributeError on ``aot_compile`` on the H200)."""
+    missing = [n for n, ok in (("torch.compile(...).aot_compile", hasattr(torch.compile(_identity), "aot_compile")),
+                               ("torch.compiler.load_compiled_function",
+                                hasattr(torch.compiler, "load_compiled_function"))) if not ok]
+    return f"torch {torch.__version__} lacks {' and '.join(missing)}" if missing else ""
+
+
+def _identity(x):
+    return x
+
+
 def fingerprint(name: str, model, device) -> str:
     """Hex digest of what a saved variant depends on beyond its guards."""
     if not isinstance(name, str) or not name:
@@ -83,6 +97,9 @@ class Precompiled:
             raise ValueError(f"precompiled: folder = {folder!r}: expected a folder path")
         if not callable(fn):
             raise TypeError(f"precompiled: fn must be callable, got {type(fn).__name__}")
+        why = unsupported_reason()
+        if why:
+            raise RuntimeError(f"precompiled: {why}; run without --precompiled (the compile caches still apply)")
         os.makedirs(folder, exist_ok=True)
         self.fn, self.folder, self.prefix = fn, folder, f"{name}-{key}"
         self.variants: List[object] = []

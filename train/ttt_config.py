@@ -126,7 +126,7 @@ class TTTConfig(AdamSettings):
 
 
 RECIPES = {
-    "seeds": {},
+    "seeds": dict(window=1024),
     "records": dict(rank=96, alpha=144.0, targets=("q", "k", "v", "o", "mlp", "head"), chunk=48, window=2048,
                     batch_size=64, optimizer="adamw", lr=1e-4, beta1=0.0, beta2=0.999, eps=1e-10, weight_decay=1.0,
                     warm_start_a=True, phases=3, phase_docs=2000, global_lr=1e-3, global_momentum=0.9,

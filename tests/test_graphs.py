@@ -291,3 +291,32 @@ def test_gpu_phased_eval_with_graphs_equals_eager():
     assert cg["graph_steps"] == rep["steps"] and rep["targets"] == ref["targets"]
     assert rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+@pytest.mark.parametrize("compiling,first,most,calls", [
+    (0, 1, 3, 1),   # nothing compiles: one call settles the bucket
+    (1, 1, 3, 2),   # the first call compiled: one more, which compiled nothing
+    (2, 1, 3, 3),   # two calls compiled: a third
+    (5, 1, 3, 3),   # still compiling: stop at the cap (the capture then fails loudly, as before)
+    (0, 2, 2, 2),   # a fixed count: exactly that many
+])
+def test_warm_until_settled(compiling, first, most, calls):
+    from train.graphs import warm_until_settled
+
+    made = []
+    frames = [0]
+
+    def step():
+        made.append(1)
+        if len(made) <= compiling:
+            frames[0] += 1
+
+    assert warm_until_settled(step, lambda: frames[0], first, most) == calls == len(made)
+
+
+def test_warm_until_settled_refuses_bad_counts():
+    from train.graphs import warm_until_settled
+
+    for first, most in ((0, 3), (4, 3), (True, 3)):
+        with pytest.raises(ValueError, match="warm_until_settled: first = "):
+            warm_until_settled(lambda: None, lambda: 0, first, most)

@@ -22,7 +22,7 @@ train flags). The adapters, the optimizer state, the ledger and the BPB sums are
 persistent tensors: a ``StepGraphs`` serves one ``DocLoRA``, one per-row ``BatchedAdam`` and one
 ``EvalState``.
 
-``prepare()`` runs before the first scored step: for every bucket and kind, one or two eager steps on synthetic
+``prepare()`` runs before the first scored step: for every bucket and kind, one or more eager steps on synthetic
 random tokens with a scratch ledger (torch.compile, Triton JIT and autotuning happen there: a capture
 cannot compile), then the capture itself, which records kernels without running them: no validation
 token is read, no score or adapter is touched by the capture. ``capture=False`` runs the same staged,
@@ -50,6 +50,31 @@ class _Buffers:
     rb: RowBatch
     rows: torch.Tensor   # (R,) adapter row of every row
     train: torch.Tensor  # (R,) bool: the row's document trains on this step
+
+
+def warm_until_settled(step, compiles, first: int = 1, most: int = 3) -> int:
+    """Run ``step()`` ``first`` times, then again while the last call compiled something (``compiles()``: a
+    running count, e.g. Dynamo frames), at most ``most`` calls in all; returns the calls made. A capture cannot
+    compile, so a bucket is captured only after a call that compiled nothing; the first call also settles cuBLAS
+    workspaces, Triton autotuning and the allocator for the bucket. Why not a fixed two calls: with the warm-up's
+    dynamic-shape graph in place no bucket of the 50,000-doc eval compiled again (2 Dynamo frames in the whole run,
+    H200), where two warm calls per bucket took 3.1 s (one call each: not yet timed)."""
+    if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= most:
+        raise ValueError(f"warm_until_settled: first = {first!r}, most = {most!r}: expected 1 <= first <= most")
+    n = 0
+    while True:
+        before = compiles()
+        step()
+        n += 1
+        if n >= most or (n >= first and compiles() == before):
+            return n
+
+
+def dynamo_frames() -> int:
+    """Dynamo frames compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"].get("ok", 0))
 
 
 class StepGraphs:
@@ -188,15 +213,17 @@ class StepGraphs:
         then capture it (see the module docstring). A step outside ``keys`` later runs its body eagerly
         (``graph_eager_steps`` in ``usage()``).
         Returns the times and the number of graphs; a no-op apart from the buffers with ``capture=False``.
-        ``warm_steps`` per bucket and kind: default 2 with ``compile_rows_nll`` in effect (a bucket's first
-        call may compile again for dynamic shapes), 1 without (cuBLAS, Triton JIT and autotune are settled
-        by one call; eager, two warm steps each took 22.8 of the 30.4 s that 160 graphs took to prepare on
-        the H200, bench/results/warmup-h200.md)."""
+        ``warm_steps`` per bucket and kind: default with ``compile_rows_nll`` in effect, one step and then
+        more while a step compiled (``warm_until_settled``, at most 3: a bucket's first call may compile again
+        for dynamic shapes), 1 without (cuBLAS, Triton JIT and autotune are settled by one call; eager, two warm
+        steps each took 22.8 of the 30.4 s that 160 graphs took to prepare on the H200,
+        bench/results/warmup-h200.md); an integer: exactly that many."""
         from .forward import is_compiled
         from .schedules import _step_body
 
+        adaptive = warm_steps is None and is_compiled(self.model)
         if warm_steps is None:
-            warm_steps = 2 if is_compiled(self.model) else 1
+            warm_steps = 1
         if isinstance(warm_steps, bool) or not isinstance(warm_steps, int) or warm_steps < 1:
             raise ValueError(f"StepGraphs.prepare: warm_steps = {warm_steps!r}: expected an integer >= 1 (a capture "
                              f"cannot compile or autotune)")
@@ -225,6 +252,7 @@ class StepGraphs:
         scratch = EvalState(BPBAccumulator(dev), ScoreLedger(n_pos, dev), torch.zeros(n_pos, dtype=torch.int16, device=dev))
         pool = None
         warm_s = cap_s = 0.0
+        n_warm = 0
         side = torch.cuda.Stream(dev)
         for R, L, do_train in keys:
             key = (R, L)
@@ -233,9 +261,12 @@ class StepGraphs:
             t = time.perf_counter()
             side.wait_stream(torch.cuda.current_stream(dev))
             with torch.cuda.stream(side):
-                for _ in range(warm_steps):
+                def step():
                     _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
                                scratch)
+
+                n_warm += warm_until_settled(step, dynamo_frames, 1, 3) if adaptive else warm_until_settled(
+                    step, lambda: 0, warm_steps, warm_steps)
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
             warm_s += time.perf_counter() - t
@@ -254,8 +285,8 @@ class StepGraphs:
         self.st.ledger.n_train_checks -= sum(1 for k in self.graphs if k[2])
         self.adapter.set_rows(None)
         self.adapter.invalidate_a()  # the synthetic warm steps trained A too: warm-start A must not keep it
-        self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_capture_s": cap_s,
-                      "graph_prepare_s": time.perf_counter() - t0, "captured": True}
+        self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_warm_steps": n_warm,
+                      "graph_capture_s": cap_s, "graph_prepare_s": time.perf_counter() - t0, "captured": True}
         return self.stats
 
     def _fill_synthetic(self, buf: _Buffers, R: int, L: int, V: int, g: torch.Generator) -> None:

@@ -433,6 +433,10 @@ def test_eval_tokenizer_mismatch_override_and_cpu_warmup(eval_inputs, capsys):
     assert "warm-up: skipped on CPU (nothing to compile or autotune)" in out and "fallback" in out
     assert rep["window"] == 64 and rep["chunk"] == 64 and rep["docs"] == 6 and np.isfinite(rep["val_bpb"])
     assert "warmup_rates" not in rep and rep["warmup_s"] < 0.5 and t.s < FAST_S
+    # the load's parts, in order, account for the load up to the report's rounding
+    parts = rep["load_parts"]
+    assert list(parts) == ["checks", "model", "compile_setup", "tokenizer", "sync"]
+    assert all(v >= 0 for v in parts.values()) and abs(sum(parts.values()) - rep["load_s"]) < 0.01
 
 
 def test_eval_warmup_only_reads_no_val_and_warms(eval_inputs, capsys, monkeypatch):

@@ -549,6 +549,16 @@ def main(argv=None) -> dict:
 
     seq_len, window, chunk, share, budget_s = eval_args(args, log, recipe_window=RECIPES[args.recipe].get("window"),
                                                         recipe_chunk=RECIPES[args.recipe].get("chunk", cfg.chunk))
+    # where the load goes (seconds since the previous mark): the warm process's load (9.6 s) exceeded the cold
+    # one's (7.3 s) on the H200 and the total alone did not say why
+    load_parts, t_mark = {}, [t_start]
+
+    def mark(name: str) -> None:
+        now = time.perf_counter()
+        load_parts[name] = round(now - t_mark[0], 3)
+        t_mark[0] = now
+
+    mark("checks")
     cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
@@ -559,14 +569,19 @@ def main(argv=None) -> dict:
         raise CheckError("--precompiled", args.precompiled, f"the compiled forward (--compile on, or auto on CUDA; got "
                                                              f"--compile {args.compile} on {device})")
     model, info = load_model(args.artifact, reference=args.reference, device=device)
+    mark("model")
     precompiled = {}
     if compiled:
         precompiled = compile_rows_nll(model, precompiled=args.precompiled)
+    mark("compile_setup")
     # the Precompiled objects' counters, read when the report is written (they count the warm-up's compiles)
     precompiled_stats = lambda: {n: dict(p.stats) for n, p in precompiled.items()}  # noqa: E731
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
+    mark("tokenizer")
     sync_device(device)
+    mark("sync")
     load_s = time.perf_counter() - t_start
+    info = dict(info, load_parts=load_parts)
     rates = None
     t_w = time.perf_counter()
     wmode = "off" if args.no_warmup else args.warmup

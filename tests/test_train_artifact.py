@@ -225,3 +225,18 @@ def test_code_paths_prefetch_matches_the_foreground_walk():
     t.join(60)
     assert not t.is_alive() and art.default_code_paths() == list(art._walk_driver_code_paths())
     assert any(p.endswith(os.path.join("train", "eval.py")) for p in art.default_code_paths())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("int6", [False, True])
+def test_model_from_artifact_on_the_gpu_equals_the_cpu_build(tmp_path, int6):
+    """Built and dequantized on the GPU: the same bf16 weights (and int6 codes) as the CPU build moved there."""
+    path = str(tmp_path / "m.ptz")
+    art.save_artifact(_trained_like_model(1), path, code_paths=[])
+    gpu = art.model_from_artifact(path, int6=int6, device="cuda")
+    cpu = art.model_from_artifact(path, int6=int6, device="cpu", dtype=torch.bfloat16)
+    sg, sc = gpu.state_dict(), cpu.state_dict()
+    assert set(sg) == set(sc)
+    for name, v in sc.items():
+        assert sg[name].device.type == "cuda" and sg[name].dtype == v.dtype, name
+        assert torch.equal(sg[name].cpu(), v), name

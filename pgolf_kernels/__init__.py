@@ -4,7 +4,8 @@
   ``Int6Linear`` (``pgolf_kernels.int6_linear``), with the codec in ``pgolf_kernels.quant``.
 * batched multi-LoRA projection, one adapter per document: ``pgolf_kernels.lora``.
 * Newton-Schulz orthogonalization and the Muon optimizer: ``pgolf_kernels.newton_schulz``,
-  ``pgolf_kernels.muon``.
+  ``pgolf_kernels.muon``; a Muon step's element-wise passes (momentum, decay + update), each fused:
+  ``pgolf_kernels.muon_update``.
 * drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
   ``pgolf_kernels.patch``.
 
@@ -35,6 +36,8 @@ _LAZY = {
     "BatchedLoRALinear": "lora",
     "newton_schulz_many": "newton_schulz",
     "Muon": "muon",
+    "momentum_update": "muon_update",
+    "decay_add_": "muon_update",
 }
 
 __all__ = sorted(_LAZY)

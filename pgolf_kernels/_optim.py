@@ -14,8 +14,9 @@ def closure_loss(closure):
         return closure()
 
 
-def momentum_buffer(state: dict, like: torch.Tensor) -> torch.Tensor:
-    """``state["momentum_buffer"]`` of one parameter, created as zeros shaped and typed like ``like`` on first use."""
+def momentum_buffer(state: dict, like: torch.Tensor, dtype=None) -> torch.Tensor:
+    """``state["momentum_buffer"]`` of one parameter, created as zeros shaped like ``like`` (typed like it, or
+    ``dtype``) on first use."""
     if "momentum_buffer" not in state:
-        state["momentum_buffer"] = torch.zeros_like(like)
+        state["momentum_buffer"] = torch.zeros_like(like, dtype=dtype)
     return state["momentum_buffer"]

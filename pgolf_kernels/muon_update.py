@@ -90,6 +90,7 @@ def _momentum_kernel(g_ptr, b_ptr, u_ptr, C, momentum, row_eps, NESTEROV: tl.con
             ss += uf * uf
     if ROW_NORM:
         r = tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), row_eps).to(dt).to(tl.float32)
+        tl.debug_barrier()  # the second pass reads back the row's u, which other threads of the program stored
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             m = cols < C

@@ -493,8 +493,26 @@ def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_
 
 
 def _import_compiler() -> None:
-    import torch._dynamo  # noqa: F401
-    import torch._inductor.compile_fx  # noqa: F401
+    """torch.compile's modules, in a daemon thread at process start on CUDA: the imports took 2.6 s of a 2.9 s
+    ``compile_rows_nll`` on 2 CPU cores, and there they overlap the artifact decode and the CUDA context set-up.
+    A failure here is not an error: the import repeats in the main thread and raises there."""
+    try:
+        import torch._dynamo  # noqa: F401
+        import torch._inductor.compile_fx  # noqa: F401
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
+
+
+def _start_compile_workers() -> None:
+    """Inductor's pool of compile worker processes, which it otherwise starts at the first compile (each worker
+    imports torch): started once the inputs are checked, its start-up overlaps the model's load. Not an error if
+    it fails: Inductor tries again at the first compile."""
+    try:
+        from torch._inductor.async_compile import maybe_warm_pool
+
+        maybe_warm_pool()
+    except Exception:  # noqa: BLE001 - see the docstring
+        pass
 
 
 def main(argv=None) -> dict:
@@ -521,11 +539,13 @@ def main(argv=None) -> dict:
     from .artifact import prefetch_code_paths
 
     prefetch_code_paths()
+    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    compiler = None
     if device.type == "cuda":
         threading.Thread(target=torch.zeros, args=(1,), kwargs=dict(device=device), daemon=True).start()
-        # torch.compile's modules: importing torch._dynamo and Inductor's compile_fx took 2.6 s of a 2.9 s
-        # compile_rows_nll on 2 CPU cores; here they load beside the GIL-free CUDA context set-up
-        threading.Thread(target=_import_compiler, daemon=True).start()
+        if compiled:
+            compiler = threading.Thread(target=_import_compiler, daemon=True)
+            compiler.start()
     cfg, cc = args.ttt_cfg, args.chunked_cfg
     if args.cuda_graphs == "auto":
         on, why = auto_cuda_graphs(device, args.mode, args.reference, cfg.separate_score_pass)
@@ -562,12 +582,15 @@ def main(argv=None) -> dict:
     cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
-    compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     if args.precompiled and not compiled:
         from .checks import CheckError
 
         raise CheckError("--precompiled", args.precompiled, f"the compiled forward (--compile on, or auto on CUDA; got "
                                                              f"--compile {args.compile} on {device})")
+    if compiler is not None:
+        compiler.join()  # one thread starts the worker pool: two callers could each make one
+        _start_compile_workers()
+        mark("compile_workers")
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     mark("model")
     precompiled = {}

@@ -383,6 +383,19 @@ def test_cli_refuses_tokenizer_without_byte_fallback(artifact, shared_data):
 
 # ------------------------------------------------------------------------------ GPU lane
 @pytest.mark.gpu
+def test_gpu_cli_at_its_defaults(artifact, shared_data):
+    """The CLI on CUDA at its defaults (compiled, CUDA graphs): the start-up threads (CUDA context, compiler
+    imports, code-bytes walk) and the compile workers started after the checks; a complete, legal report whose
+    load split names every part, compile workers included."""
+    rep = ev.main(["--artifact", artifact, "--val", os.path.join(shared_data, SHARD),
+                   "--tokenizer", os.path.join(shared_data, SP1024), "--reference", "--max-docs", "6",
+                   "--rank", "2", "--chunk", "64", "--window", "128", "--batch-size", "4"])
+    assert rep["docs_ttt"] == 6 and math.isfinite(rep["val_bpb"]) and rep["legality"]["multi"] == 0
+    assert list(rep["load_parts"]) == ["checks", "compile_workers", "model", "compile_setup", "tokenizer", "sync"]
+    assert rep["cuda_graphs"]["captured"] and rep["submission_bytes"] > 0
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_vs_reference_bpb_parity(tmp_path):
     """bf16 on the GPU: the int6 + multi-LoRA path and the dequantized bf16 + bmm path agree on BPB
     within 1e-4 (TTT included) on a small model and a few hundred documents."""

@@ -663,6 +663,12 @@ def main(argv=None) -> dict:
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
         rep["warmup_rates"] = rates
+    if compiled:
+        # the compile counters at the end: what the graphs' preparation or the scoring still compiled after the
+        # warm-up (the warm-up's own are in warmup_rates); the graphs' warm steps stop on that evidence
+        from .warmup import compile_cache_counts
+
+        rep["compile_cache_end"] = compile_cache_counts()
     if precompiled:
         rep["precompiled"] = precompiled_stats()
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "

@@ -106,7 +106,8 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
     return rep
 
 
-_KEYS = ("startup_s", "load_s", "load_parts", "compile_cache_end", "warmup_s", "val_load_s", "to_scoring_s", "score_s", "wall_s", "child_wall_s", "val_bpb")
+_KEYS = ("startup_s", "load_s", "load_parts", "compile_cache_end", "warmup_s", "val_load_s", "to_scoring_s",
+         "score_s", "wall_s", "child_wall_s", "val_bpb")
 _RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "score_pass1_s")
 
 

@@ -320,3 +320,5 @@ def test_warm_until_settled_refuses_bad_counts():
     for first, most in ((0, 3), (4, 3), (True, 3)):
         with pytest.raises(ValueError, match="warm_until_settled: first = "):
             warm_until_settled(lambda: None, lambda: 0, first, most)
+    with pytest.raises(TypeError, match="warm_until_settled: step and compiles must be callables"):
+        warm_until_settled(None, lambda: 0)

@@ -272,7 +272,7 @@ def eval_args(args, log=print, *, recipe_window: Optional[int] = None, recipe_ch
         win = window("--window", args.window, seq_len)
     elif recipe_window is not None and args.mode == "ttt":
         # the recipe's TTT context (seeds 1024, records 2048), at most what the model was trained on
-        win = min(window("--window (the recipe's)", recipe_window, 1 << 30), seq_len)
+        win = min(int(recipe_window), seq_len)
         if win < recipe_window:
             log(f"[eval] window {win}: the recipe's {recipe_window} exceeds the model's trained length {seq_len}")
     else:

@@ -544,7 +544,7 @@ def main(argv=None) -> dict:
         device = torch.device("cpu")
     log = print if rank == 0 else (lambda *a, **k: None)
     # work that waits on neither the checks nor the artifact, in daemon threads while the artifact is
-    # decoded: the CUDA context and the code import walk of the submission's byte count
+    # decoded: the code import walk of the submission's byte count, the CUDA context, torch.compile's imports
     from .artifact import prefetch_code_paths
 
     prefetch_code_paths()
@@ -569,9 +569,10 @@ def main(argv=None) -> dict:
         from .checks import CheckError
         from .precompiled import unsupported_reason
 
-        if unsupported_reason():
-            raise CheckError("--precompiled", args.precompiled, f"a torch that saves compiled functions; "
-                                                                 f"{unsupported_reason()} (run without --precompiled)")
+        why = unsupported_reason()
+        if why:
+            raise CheckError("--precompiled", args.precompiled, f"a torch that saves compiled functions; {why} "
+                                                                 f"(run without --precompiled)")
     # every input is checked here, before the artifact is decoded and long before the warm-up; the
     # window defaults (per-document TTT) to the recipe's (seeds 1024, records 2048) or else the model's trained seq_len
     from .checks import eval_args

@@ -56,9 +56,12 @@ def warm_until_settled(step, compiles, first: int = 1, most: int = 3) -> int:
     """Run ``step()`` ``first`` times, then again while the last call compiled something (``compiles()``: a
     running count, e.g. Dynamo frames), at most ``most`` calls in all; returns the calls made. A capture cannot
     compile, so a bucket is captured only after a call that compiled nothing; the first call also settles cuBLAS
-    workspaces, Triton autotuning and the allocator for the bucket. Why not a fixed two calls: with the warm-up's
-    dynamic-shape graph in place no bucket of the 50,000-doc eval compiled again (2 Dynamo frames in the whole run,
-    H200), where two warm calls per bucket took 3.1 s (one call each: not yet timed)."""
+    workspaces, Triton autotuning and the allocator for the bucket. Why not a fixed two calls: the warm-up's
+    dynamic-shape graph serves every bucket (the 50,000-doc eval's warm-up compiled 2 Dynamo frames, H200), and two
+    warm calls per bucket took 3.1 s of its 4.1 s graph preparation (one call each: not yet timed)."""
+    if not (callable(step) and callable(compiles)):
+        raise TypeError(f"warm_until_settled: step and compiles must be callables, got {type(step).__name__} and "
+                        f"{type(compiles).__name__}")
     if isinstance(first, bool) or not isinstance(first, int) or not 1 <= first <= most:
         raise ValueError(f"warm_until_settled: first = {first!r}, most = {most!r}: expected 1 <= first <= most")
     n = 0
@@ -253,6 +256,8 @@ class StepGraphs:
         pool = None
         warm_s = cap_s = 0.0
         n_warm = 0
+        # (compile counter, first, most): adaptive, or exactly warm_steps calls
+        settle = (dynamo_frames, 1, 3) if adaptive else (lambda: 0, warm_steps, warm_steps)
         side = torch.cuda.Stream(dev)
         for R, L, do_train in keys:
             key = (R, L)
@@ -265,8 +270,7 @@ class StepGraphs:
                     _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
                                scratch)
 
-                n_warm += warm_until_settled(step, dynamo_frames, 1, 3) if adaptive else warm_until_settled(
-                    step, lambda: 0, warm_steps, warm_steps)
+                n_warm += warm_until_settled(step, *settle)
             torch.cuda.current_stream(dev).wait_stream(side)
             torch.cuda.synchronize(dev)
             warm_s += time.perf_counter() - t

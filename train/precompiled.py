@@ -20,6 +20,7 @@ function then compiles another one (at most ``MAX_VARIANTS``, then it falls back
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import json
@@ -33,6 +34,7 @@ MAX_VARIANTS = 8  # 4 were met in a TTT eval with a separate score pass (grad / 
 _SOURCES = ("model.py", "adapters.py", "forward.py", "precompiled.py")
 
 
+@functools.lru_cache(maxsize=1)
 def unsupported_reason() -> str:
     """Why this torch cannot save and load compiled variants ('' when it can): it needs
     ``torch.compile(...).aot_compile`` and ``torch.compiler.load_compiled_function`` (torch 2.13 has both;

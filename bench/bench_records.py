@@ -26,7 +26,8 @@ flex_attention), and every row says so.
    each. The patch's TTT piece keeps the record's LoRA and specializes the Python floats of its dynamic-shape
    TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up.
 
-``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
+``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
+``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
 training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
@@ -141,8 +142,31 @@ def child_muon(key: str, variant: str) -> Dict[str, object]:
     torch.cuda.reset_peak_memory_stats()
     ms = harness.bench_ms(step, warmup=10, rep=100)
     shapes = sorted({tuple(p.shape) for p in params})
-    return dict(ms=ms, peak_mb=torch.cuda.max_memory_allocated() / 2**20, n_params=len(params),
-                shapes=str(shapes), patch=report)
+    out = dict(ms=ms, peak_mb=torch.cuda.max_memory_allocated() / 2**20, n_params=len(params),
+               shapes=str(shapes), patch=report)
+    if os.environ.get("PGOLF_RECORDS_MUON_PROFILE") == "1":
+        out["kernels"] = kernel_table(step)
+    return out
+
+
+def kernel_table(fn, steps: int = 5, top: int = 12) -> List[list]:
+    """Where one call of ``fn`` spends its GPU time: torch.profiler over ``steps`` calls, the ``top`` kernels by
+    device time as [name (80 chars), us per call, launches per call], then ["(all kernels)", us, launches]."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None)
+        if us is None:
+            us = e.cuda_time_total
+        if us > 0:
+            rows.append([e.key[:80], round(us / steps, 1), round(e.count / steps, 2)])
+    rows.sort(key=lambda r: -r[1])
+    return rows[:top] + [["(all kernels)", round(sum(r[1] for r in rows), 1), round(sum(r[2] for r in rows), 2)]]
 
 
 class _StopAfterTraining(Exception):
@@ -446,12 +470,18 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     budget = float(os.environ.get("PGOLF_RECORDS_BUDGET_S", "540"))
     t0 = time.time()
     rows: List[Dict[str, object]] = []
-    for key in (records_env.RECORDS if "muon" in parts else ()):
+    muon_keys = [k for k in os.environ.get("PGOLF_RECORDS_MUON_KEYS", ",".join(records_env.RECORDS)).split(",") if k]
+    bad = [k for k in muon_keys if k not in records_env.RECORDS]
+    if bad:
+        raise ValueError(f"PGOLF_RECORDS_MUON_KEYS: unknown {bad}; expected a comma list of {tuple(records_env.RECORDS)}")
+    for key in (muon_keys if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
                                      baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],
-                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE))
+                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE,
+                                     **({"kernels": r["patched"]["kernels"], "baseline_kernels": r["record"]["kernels"]}
+                                        if "kernels" in r["patched"] else {})))
         print(harness.markdown_table(rows[-1:]), flush=True)
         _save(rows)
     if quick:

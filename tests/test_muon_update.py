@@ -10,6 +10,8 @@ from conftest import DEVICE, HAS_CUDA
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_CUDA else [])
 # (..., C): one column tile, a ragged tile, a row of one, rows longer than the kernel's 2048-column tile
 SHAPES = [(3, 5, 64), (4, 130), (1, 1), (2, 3000)] + ([(11, 1536, 512), (22, 256, 512)] if HAS_CUDA else [])
+# on a CUDA host every test here is a GPU-lane test (``pytest -m gpu``): the kernels compiled, bf16, record shapes
+pytestmark = [pytest.mark.gpu] if HAS_CUDA else []
 
 
 def _ulp(dtype):

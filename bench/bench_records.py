@@ -27,7 +27,8 @@ flex_attention), and every row says so.
    TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up.
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
-``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
+``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
+patched step once more with ``PGOLF_NS_FAST_PACK=1``: ``fast_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
 training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
@@ -377,9 +378,9 @@ def train_points(log: str, tokens_per_step: int):
     return pts
 
 
-def _spawn(args: List[str], timeout: float):
+def _spawn(args: List[str], timeout: float, **env_extra: str):
     cmd = [sys.executable, "-m", "bench.bench_records"] + args
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -476,10 +477,14 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         raise ValueError(f"PGOLF_RECORDS_MUON_KEYS: unknown {bad}; expected a comma list of {tuple(records_env.RECORDS)}")
     for key in (muon_keys if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
+        fast = {}
+        if os.environ.get("PGOLF_RECORDS_MUON_FAST_PACK") == "1":  # the patched step once more, NS prologue in Triton
+            fp = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300, PGOLF_NS_FAST_PACK="1")[0]
+            fast = dict(fast_pack_ms=fp["ms"], **({"fast_pack_kernels": fp["kernels"]} if "kernels" in fp else {}))
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
                                      baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],
-                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE,
+                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE, **fast,
                                      **({"kernels": r["patched"]["kernels"], "baseline_kernels": r["record"]["kernels"]}
                                         if "kernels" in r["patched"] else {})))
         print(harness.markdown_table(rows[-1:]), flush=True)

@@ -4,6 +4,7 @@ Tolerance rule: rel. Frobenius error of the kernel vs the fp64 oracle must be <=
 torch's own low-precision implementation (``newton_schulz_ref`` in the same dtype) on the same input.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -286,3 +287,16 @@ def test_many_refuses_a_bare_tensor():
 
     with pytest.raises(TypeError, match="mats must be a list or tuple of tensors"):
         newton_schulz_many(torch.randn(2, 4, 4))
+
+
+@pytest.mark.parametrize("value,expect", [("1", "True"), ("yes", "PGOLF_NS_FAST_PACK = 'yes': expected 0")])
+def test_fast_pack_env_switch(value, expect):
+    """PGOLF_NS_FAST_PACK picks the prologue for a process; any other value than 0 / 1 is refused by name."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PGOLF_NS_FAST_PACK=value, PYTHONPATH=root)
+    r = subprocess.run([sys.executable, "-c", "import pgolf_kernels.newton_schulz as n; print(n.FAST_PACK)"],
+                       env=env, capture_output=True, text=True, timeout=120)
+    assert expect in (r.stdout + r.stderr), r.stdout + r.stderr[-2000:]

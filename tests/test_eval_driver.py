@@ -391,7 +391,8 @@ def test_gpu_cli_at_its_defaults(artifact, shared_data):
                    "--tokenizer", os.path.join(shared_data, SP1024), "--reference", "--max-docs", "6",
                    "--rank", "2", "--chunk", "64", "--window", "128", "--batch-size", "4"])
     assert rep["docs_ttt"] == 6 and math.isfinite(rep["val_bpb"]) and rep["legality"]["multi"] == 0
-    assert list(rep["load_parts"]) == ["checks", "compile_workers", "model", "compile_setup", "tokenizer", "sync"]
+    assert list(rep["load_parts"]) == ["checks", "compile_imports", "compile_workers", "model", "compile_setup",
+                                       "tokenizer", "sync"]
     assert rep["cuda_graphs"]["captured"] and rep["submission_bytes"] > 0
     # the compile counters at the end include the warm-up's
     assert rep["compile_cache_end"]["dynamo_frames"] >= rep["warmup_rates"]["dynamo_frames"] >= 1

@@ -21,7 +21,8 @@ Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``re
 torch.compile, their time to the first score including the graphs' warm steps and capture; and
 ``seeds-ref-default`` / ``records-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets
 (``records-ref-default`` with ``PGOLF_WARMUP_DOCS=50000`` and the default share 0/8 is case (c)); ``seeds-ref-precompiled``:
-the same with ``--precompiled`` in the case's cache folder): recipe and path.
+the same with ``--precompiled`` in the case's cache folder; ``seeds-ref-cachefile``: the defaults with ``--compile-cache``,
+whose second process runs on empty cache folders with the first one's file): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -58,7 +59,10 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "records-ref-default": ("records", True, ()),
          # the defaults plus ahead-of-time compiled forward functions in the case's cache folder (train/precompiled.py):
          # the cold process compiles and saves them, the warm one loads them without Dynamo tracing
-         "seeds-ref-precompiled": ("seeds", True, ("--precompiled", "{caches}/precompiled"))}
+         "seeds-ref-precompiled": ("seeds", True, ("--precompiled", "{caches}/precompiled")),
+         # the defaults plus --compile-cache: the cold process writes the file at its end; the second process runs
+         # with other, empty cache folders and loads the file (a fresh machine that was handed the file)
+         "seeds-ref-cachefile": ("seeds", True, ("--compile-cache", "{work}/seeds-ref.compile-cache"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -106,8 +110,8 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
     return rep
 
 
-_KEYS = ("startup_s", "load_s", "load_parts", "compile_cache_end", "warmup_s", "val_load_s", "to_scoring_s",
-         "score_s", "wall_s", "child_wall_s", "val_bpb")
+_KEYS = ("startup_s", "load_s", "load_parts", "compile_cache_end", "compile_cache_file", "warmup_s", "val_load_s",
+         "to_scoring_s", "score_s", "wall_s", "child_wall_s", "val_bpb")
 _RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "score_pass1_s")
 
 
@@ -162,7 +166,9 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, *(["--share", share] if share else []),
                 "--allow-tokenizer-mismatch", *extra_args] + (["--reference"] if reference else [])
         caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
-        args = [a.replace("{caches}", caches) for a in args]
+        args = [a.replace("{caches}", caches).replace("{work}", work) for a in args]
+        # with a compile-cache file the second process gets empty cache folders of its own: only the file carries over
+        fresh = "--compile-cache" in extra_args
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
         note = ""
         for tag in ("cold", "warm"):
@@ -174,7 +180,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
             prof_dir = os.environ.get("PGOLF_WARMUP_PROFILE")
             prof = os.path.join(prof_dir, f"warmup-{name}.prof") if prof_dir and tag == "warm" else None
             try:
-                reps[tag] = _child(args, caches, timeout=left, profile=prof)
+                dirs = tempfile.mkdtemp(prefix=f"caches-{name}-{tag}-", dir=work) if fresh and tag == "warm" else caches
+                reps[tag] = _child(args, dirs, timeout=left, profile=prof)
                 if prof:
                     with open(os.path.join(prof_dir, f"warmup-{name}-top.txt"), "w") as f:
                         f.write(_profile_summary(prof))
@@ -194,6 +201,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
                  + (", the driver's defaults" if not extra_args else
                     ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
+                    ", the driver's defaults + --compile-cache (warm = empty cache folders + the cold process's file)"
+                    if fresh else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
                     f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")
                  + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")

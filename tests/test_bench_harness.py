@@ -186,3 +186,27 @@ def test_records_ttt_log_and_refusals(monkeypatch, tmp_path):
     monkeypatch.setattr(br, "_write_ttt_shards", lambda *a: pytest.fail("wrote shards before refusing"))
     with pytest.raises(ValueError, match="unknown \\['fast'\\]"):
         br._ttt_rows([], 100.0, time.time())
+
+
+def test_warmup_bench_cachefile_case_hands_only_the_file_to_the_second_process(monkeypatch):
+    """seeds-ref-cachefile: both processes name the same --compile-cache file; the second one runs on cache folders
+    of its own (empty), where every other case reuses the first process's folders."""
+    from bench import bench_warmup
+
+    calls = []
+
+    def child(args, caches, timeout, profile=None):
+        calls.append((args, caches))
+        return {"to_scoring_s": 1.0, "val_bpb": 1.0, "docs": 1}
+
+    monkeypatch.setenv("PGOLF_WARMUP_CASES", "seeds-ref-cachefile,seeds-ref-default")
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: None)
+    monkeypatch.setattr("train.synthetic.write_synthetic_val", lambda d, **k: "val.bin")
+    monkeypatch.setattr(bench_warmup, "_tokenizer", lambda: "tok.model")
+    monkeypatch.setattr(bench_warmup, "_child", child)
+    rows = bench_warmup.run()
+    (a0, c0), (a1, c1), (a2, c2), (a3, c3) = calls
+    f0, f1 = a0[a0.index("--compile-cache") + 1], a1[a1.index("--compile-cache") + 1]
+    assert f0 == f1 and f0.endswith("seeds-ref.compile-cache") and "{work}" not in f0
+    assert c0 != c1 and c2 == c3 and "--compile-cache" not in a2
+    assert "--compile-cache" in rows[0]["case"] and len(rows) == 2

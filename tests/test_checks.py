@@ -513,3 +513,14 @@ def test_eval_window_default_is_the_recipes_at_most_seq_len(eval_inputs, extra, 
     assert got[:3] == (64, window, chunk)
     said = any("exceeds the model's trained length 64" in line for line in lines)
     assert said == ("--window" not in extra and "sliding" not in extra)
+
+
+def test_eval_compile_cache_needs_the_compiled_forward_and_a_file_path(eval_inputs, tmp_path):
+    """--compile-cache with the forward not compiled (CPU, --compile auto) is refused by name; so is a folder, with the
+    forward compiled; both before the artifact is decoded into a model."""
+    from train import eval as ev
+
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--compile-cache", str(tmp_path / "c.bin"))), "--compile-cache",
+             "the compiled forward")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--compile", "on", "--compile-cache", str(tmp_path))),
+             "--compile-cache", "a file, not a folder")

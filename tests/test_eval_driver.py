@@ -399,6 +399,36 @@ def test_gpu_cli_at_its_defaults(artifact, shared_data):
 
 
 @pytest.mark.gpu
+def test_gpu_compile_cache_file_on_empty_caches(artifact, shared_data, tmp_path):
+    """--compile-cache on CUDA through the CLI: a --warmup-only process (synthetic tokens) writes the file; an eval in
+    a process whose Inductor and Triton cache folders are empty loads it, and its warm-up compiles from hits only."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    f = str(tmp_path / "eval.compile-cache")
+    base = ["--artifact", artifact, "--val", os.path.join(shared_data, SHARD), "--tokenizer",
+            os.path.join(shared_data, SP1024), "--reference", "--max-docs", "6", "--rank", "2", "--chunk", "64",
+            "--window", "128", "--batch-size", "4", "--compile-cache", f]
+    reps = []
+    for i, extra in enumerate((["--warmup-only"], [])):
+        env = dict(os.environ, PYTHONPATH=root, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"ind{i}"),
+                   TRITON_CACHE_DIR=str(tmp_path / f"tri{i}"))
+        out = str(tmp_path / f"rep{i}.json")
+        r = subprocess.run([sys.executable, "-m", "train.eval", *base, *extra, "--json", out], cwd=root, env=env,
+                           capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        with open(out) as fh:
+            reps.append(json.load(fh))
+    made, used = reps
+    assert made["compile_cache_file"]["saved_bytes"] > 0 and made["warmup_rates"]["inductor.fxgraph_cache_miss"] >= 1
+    assert used["compile_cache_file"]["loaded_bytes"] == os.path.getsize(f)
+    assert used["warmup_rates"].get("inductor.fxgraph_cache_miss", 0) == 0, used["warmup_rates"]
+    assert used["warmup_rates"]["inductor.fxgraph_cache_hit"] >= 1 and math.isfinite(used["val_bpb"])
+    assert "compile_cache_file" in used["load_parts"] and "compile_cache_file" not in made["load_parts"]
+
+
+@pytest.mark.gpu
 def test_gpu_kernel_vs_reference_bpb_parity(tmp_path):
     """bf16 on the GPU: the int6 + multi-LoRA path and the dequantized bf16 + bmm path agree on BPB
     within 1e-4 (TTT included) on a small model and a few hundred documents."""

@@ -427,6 +427,11 @@ def _parse(argv):
                     help="folder of ahead-of-time compiled forward functions (torch.compile(...).aot_compile): loaded "
                          "when present, else compiled on first use and saved there; a later eval with the same folder "
                          "skips Dynamo's tracing (needs the compiled forward: --compile on, or auto on CUDA)")
+    ap.add_argument("--compile-cache", default=None, metavar="FILE",
+                    help="one file of torch.compile's caches (train/compile_cache.py): loaded before the first compile "
+                         "when it exists, else written at the end (rank 0); a process on a machine with empty caches "
+                         "then compiles from cache hits. Make it with --warmup-only (synthetic tokens only); needs the "
+                         "compiled forward (--compile on, or auto on CUDA)")
     ap.add_argument("--device", default=None)
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args(argv)
@@ -597,6 +602,15 @@ def main(argv=None) -> dict:
 
         raise CheckError("--precompiled", args.precompiled, f"the compiled forward (--compile on, or auto on CUDA; got "
                                                              f"--compile {args.compile} on {device})")
+    cache_file_exists = None
+    if args.compile_cache is not None:
+        from .checks import CheckError
+        from .compile_cache import check_compile_cache_path
+
+        if not compiled:
+            raise CheckError("--compile-cache", args.compile_cache, f"the compiled forward (--compile on, or auto on "
+                                                                    f"CUDA; got --compile {args.compile} on {device})")
+        cache_file_exists = check_compile_cache_path(args.compile_cache)
     if compiler is not None:
         compiler.join()  # one thread starts the worker pool: two callers could each make one
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
@@ -610,6 +624,14 @@ def main(argv=None) -> dict:
     if compiled:
         precompiled = compile_rows_nll(model, precompiled=args.precompiled)
     mark("compile_setup")
+    cache_file = None
+    if cache_file_exists:  # before the warm-up's first compile: its compiles become cache hits
+        from .compile_cache import load_compile_cache
+
+        cache_file = load_compile_cache(args.compile_cache)
+        log(f"[eval] compile cache: {cache_file['loaded_bytes']:,} bytes from {args.compile_cache} "
+            f"({cache_file['entries']}) in {cache_file['load_s']:.1f} s")
+        mark("compile_cache_file")
     # the Precompiled objects' counters, read when the report is written (they count the warm-up's compiles)
     precompiled_stats = lambda: {n: dict(p.stats) for n, p in precompiled.items()}  # noqa: E731
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
@@ -647,6 +669,7 @@ def main(argv=None) -> dict:
     if args.warmup_only:
         if precompiled:
             info = dict(info, precompiled=precompiled_stats())
+        info = dict(info, **_compile_cache_report(args, cache_file, cache_file_exists, rank, log))
         return _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, time.perf_counter() - t_start,
                                    compiled, device, rank, log)
     t_v = time.perf_counter()
@@ -675,6 +698,7 @@ def main(argv=None) -> dict:
         rep["compile_cache_end"] = compile_cache_counts()
     if precompiled:
         rep["precompiled"] = precompiled_stats()
+    rep.update(_compile_cache_report(args, cache_file, cache_file_exists, rank, log))
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
         f"(timed eval) | start-up {startup_s or 0.0:.1f} s, to first score {to_scoring_s:.1f} s | "
@@ -685,6 +709,22 @@ def main(argv=None) -> dict:
             f"({rep['train_steps']} Adam steps, {rep['epochs']} epochs), LoRA rank {rep['lora_rank']} "
             f"({rep['lora_backend']}), window {rep['window']} stride {rep['stride']}")
     return _finish(rep, args, rank)
+
+
+def _compile_cache_report(args, loaded, existed, rank: int, log) -> dict:
+    """``--compile-cache``: {"compile_cache_file": what was loaded, or what rank 0 wrote now}; {} without the option."""
+    if args.compile_cache is None:
+        return {}
+    if existed:
+        return {"compile_cache_file": loaded}
+    if rank != 0:
+        return {"compile_cache_file": {"path": args.compile_cache, "saved_bytes": 0, "note": "written by rank 0"}}
+    from .compile_cache import save_compile_cache
+
+    saved = save_compile_cache(args.compile_cache)
+    log(f"[eval] compile cache: {saved['saved_bytes']:,} bytes written to {args.compile_cache} ({saved['entries']}) "
+        f"in {saved['save_s']:.1f} s")
+    return {"compile_cache_file": saved}
 
 
 def _finish(rep: dict, args, rank: int) -> dict:

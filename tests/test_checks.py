@@ -270,7 +270,8 @@ def test_train_driver_refuses_before_the_model_is_built(case, tmp_path, shared_d
 def test_train_warm_eval_caches_starts_the_printed_eval_warmup(tmp_path, shared_data, capsys, monkeypatch):
     """--warm-eval-caches 1 on a CUDA run: the initial weights' artifact, then one background ``train.eval
     --warmup-only`` with the printed eval command's arguments (all but --artifact) on the run's device, without the
-    launcher's rank variables; finish_eval_warmup waits for it and reports its warm-up. Here the process is a stand-in
+    launcher's rank variables, writing its compiles to <run_dir>/eval.compile-cache too; finish_eval_warmup waits for it
+    and reports its warm-up and that file. Here the process is a stand-in
     (the CLI's --warmup-only is tested above); on a CPU run nothing starts, and it is off by default."""
     import types
 
@@ -284,8 +285,10 @@ def test_train_warm_eval_caches_starts_the_printed_eval_warmup(tmp_path, shared_
 
         def __init__(self, argv, **kw):
             seen.update(argv=argv, **kw)
+            cache = argv[argv.index("--compile-cache") + 1]
             with open(argv[argv.index("--json") + 1], "w") as f:
-                json.dump(dict(warmup_s=12.5, wall_s=20.0, compiled=True), f)
+                json.dump(dict(warmup_s=12.5, wall_s=20.0, compiled=True,
+                               compile_cache_file=dict(path=cache, saved_bytes=1234, entries={})), f)
 
         def wait(self, timeout=None):
             return 0
@@ -304,6 +307,9 @@ def test_train_warm_eval_caches_starts_the_printed_eval_warmup(tmp_path, shared_
     assert argv[argv.index("--device") + 1] == "cuda:1" and "MASTER_PORT" not in seen["env"]
     out = tg.finish_eval_warmup(run, started)
     assert out["rc"] == 0 and out["warmup_s"] == 12.5 and any("eval warm-up: done" in m for m in logs)
+    # the same compiles in one file of the run folder, named in the log for an eval on a machine with empty caches
+    assert argv[argv.index("--compile-cache") + 1] == os.path.join(str(tmp_path), "eval.compile-cache")
+    assert out["compile_cache_file"]["saved_bytes"] == 1234 and "--compile-cache" in logs[-1]
     run.cuda, run.device = False, torch.device("cpu")
     assert tg.start_eval_warmup(run) is None and "CPU eval compiles nothing" in logs[-1]
     s = tg.main(_train_args(tmp_path, shared_data))  # default: off

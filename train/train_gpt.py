@@ -543,9 +543,11 @@ def start_eval_warmup(run: Run):
     apath = os.path.join(run.run_dir, "eval_warmup_init.ptz")
     save_artifact(run.base, apath, code_paths=[], warn=False, fit=False, level=1,
                   extra_meta=dict(tokenizer=run.tokenizer))
-    log_path, rep_path = (os.path.join(run.run_dir, n) for n in ("eval_warmup.log", "eval_warmup.json"))
+    log_path, rep_path, cache_path = (os.path.join(run.run_dir, n) for n in ("eval_warmup.log", "eval_warmup.json",
+                                                                             "eval.compile-cache"))
+    # the same compiles also go into one file (train/compile_cache.py), for an eval on a machine with empty caches
     argv = [sys.executable, "-m", "train.eval", *eval_argv(apath, run.val_pattern, run.tok_path), "--warmup-only",
-            "--json", rep_path, "--device", str(run.device)]
+            "--json", rep_path, "--device", str(run.device), "--compile-cache", cache_path]
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
@@ -571,9 +573,13 @@ def finish_eval_warmup(run: Run, started, timeout_s: float = 600.0) -> Optional[
     if rc == 0 and os.path.isfile(rep_path):
         with open(rep_path) as f:
             rep = json.load(f)
-        out.update(warmup_s=rep.get("warmup_s"), wall_s=rep.get("wall_s"), compiled=rep.get("compiled"))
+        cache = rep.get("compile_cache_file") or {}
+        out.update(warmup_s=rep.get("warmup_s"), wall_s=rep.get("wall_s"), compiled=rep.get("compiled"),
+                   compile_cache_file=cache)
         run.log(f"eval warm-up: done (warm-up {rep.get('warmup_s', 0):.1f} s, {rep.get('wall_s', 0):.1f} s wall, "
-                f"{'compiled' if rep.get('compiled') else 'not compiled'}): the eval below starts with its caches")
+                f"{'compiled' if rep.get('compiled') else 'not compiled'}): the eval below starts with its caches"
+                + (f"; on a machine with empty caches add --compile-cache {cache['path']} ({cache['saved_bytes']:,} "
+                   f"bytes)" if cache.get("saved_bytes") else ""))
     else:
         run.log(f"eval warm-up: exited {rc}; the eval compiles as usual (log {log_path})")
     return out

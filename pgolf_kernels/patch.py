@@ -32,7 +32,8 @@ Pieces
   The arithmetic around NS (momentum, Nesterov, scale ``max(1, rows/cols) ** 0.5``, decoupled weight decay) is
   the record's, rounded at the same places; in the banked protocol it runs as two fused passes per bank
   (``pgolf_kernels.muon_update``: momentum + Nesterov + MuonEq-R, then decay + update: ~20 instead of ~48 bytes
-  per parameter; not yet timed in place on a GPU); the NS output differs from the record's within bf16 rounding (the kernels round A,
+  per parameter: 1.99x / 1.24x the records' compiled ops, and the whole 2026-03-23 ``Muon.step`` in place, inside its
+  training loop, 1.004 vs 2.132 ms on one H200, ``bench/results/records-h200.md``); the NS output differs from the record's within bf16 rounding (the kernels round A,
   B, X once per step and normalise in fp32; against fp64 they are 2.2-2.8x more accurate than the records' path).
 * **ttt** - where a record compiles its TTT forward with dynamic shapes (2026-04-29: ``GPT.forward_ttt`` under
   ``torch.compile(dynamic=True)``), ``torch._dynamo.config.specialize_float`` is set (``report.undo()`` restores
@@ -56,6 +57,11 @@ Pieces
   1/31, which the codec's per-row clip search does not (different codes, so different compressed bytes under
   the 16 MB cap); 2026-04-29 exports with GPTQ (Hessian-compensated rounding) + LQER; 2026-03-17 exports int8.
 
+* **compile_cache** (``apply(..., compile_cache=FILE)``, off by default) - torch's own compile-cache bundle
+  (``pgolf_kernels.compile_cache``): loaded from FILE at ``apply`` when it exists, so the script's compiles
+  (training, the TTT eval's warm-up) become cache hits on a machine with empty caches; otherwise written to FILE at
+  exit by rank 0. Dynamo still traces. Not yet timed on a record.
+
 ``strict=True`` (default) raises ``PatchError`` naming what was looked for and not found (e.g. a renamed
 ``Muon`` class, an NS function whose schedule cannot be read); ``strict=False`` applies what fits and lists
 the rest in ``report.skipped``.
@@ -63,7 +69,9 @@ the rest in ``report.skipped``.
 from __future__ import annotations
 
 import inspect
+import os
 import re
+import sys
 import types
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
@@ -98,7 +106,9 @@ class PatchReport:
         """Restore every name and setting this report replaced (last replaced first)."""
         while self._undo:
             target, name, old = self._undo.pop()
-            if isinstance(target, dict):
+            if name is None:  # an action that reverts itself (e.g. unregistering an exit hook)
+                target()
+            elif isinstance(target, dict):
                 target[name] = old
             else:
                 setattr(target, name, old)
@@ -364,13 +374,51 @@ def _compiles_ttt_dynamic(ns: dict) -> bool:
 
 
 # ------------------------------------------------------------------------------------------------------------
-def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False, strict: bool = True) -> PatchReport:
+def _compile_cache(path: str, exists: bool, report: PatchReport) -> None:
+    """The ``compile_cache`` piece of ``apply``: load the file now, or write this process's caches there at exit."""
+    import atexit
+
+    from . import compile_cache as cc
+
+    if exists:
+        got = cc.load_compile_cache(path, "compile_cache")
+        report.patched["compile_cache"] = (f"{got['loaded_bytes']:,} bytes of torch compile caches loaded from {path} "
+                                           f"({got['entries']}) in {got['load_s']:.1f} s: the script's compiles "
+                                           f"of the same graphs on this torch, Triton and GPU are cache hits")
+        return
+
+    def write() -> None:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return
+        out = cc.save_compile_cache(path)
+        print(f"pgolf_kernels.patch: {out['saved_bytes']:,} bytes of torch compile caches written to {path} "
+              f"({out['entries']})", file=sys.stderr, flush=True)
+
+    atexit.register(write)
+    report._undo.append((lambda: atexit.unregister(write), None, None))
+    report.patched["compile_cache"] = (f"{path} does not exist yet: this process's torch compile caches are written "
+                                       f"there at exit (rank 0); a later run with it compiles from cache hits")
+
+
+def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False, strict: bool = True,
+          compile_cache=None) -> PatchReport:
     """Patch a record script's module (or its ``globals()``) in place; returns a ``PatchReport``.
 
     strict=True: a piece whose target is missing or unrecognised raises ``PatchError`` (nothing is replaced);
     strict=False: it is listed in ``report.skipped`` with the reason and the other pieces still apply.
+
+    compile_cache: a file path (``pgolf_kernels.compile_cache``). When the file exists, torch's compile caches are
+    loaded from it now, before the script compiles anything, so its compiles (training, its TTT eval's warm-up)
+    become cache hits on a machine whose own caches are empty; when it does not, this process's compile caches are
+    written there at exit (by rank 0, from the RANK variable). A bad path or a foreign file raises
+    ``CompileCacheError`` before anything is patched.
     """
     ns, script = _namespace(namespace)
+    cache_exists = None
+    if compile_cache is not None:
+        from .compile_cache import check_compile_cache_path
+
+        cache_exists = check_compile_cache_path(compile_cache, "compile_cache")
     report = PatchReport(script=script)
     pieces = []
     if muon:
@@ -403,6 +451,8 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                 why = "no int6 per-row quantizer found in the script (looked for quantize_int6_per_row)"
             raise PatchError(f"the quant piece (int6 export through pgolf_kernels.quant) is not provided: {why}")
         pieces.append(("quant", _quant))
+    if compile_cache is not None:
+        pieces.append(("compile_cache", lambda: _compile_cache(os.fspath(compile_cache), cache_exists, report)))
     try:
         for name, fn in pieces:
             try:

@@ -1,4 +1,4 @@
-"""train.compile_cache (``--compile-cache FILE``): one process writes torch.compile's caches to a file, a process with
+"""pgolf_kernels.compile_cache (the eval's ``--compile-cache FILE``, the patch's ``compile_cache=``): one process writes torch.compile's caches to a file, a process with
 empty cache folders loads it and compiles from cache hits, scoring the same; bad paths and foreign files are refused
 by name."""
 import json
@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from train.checks import CheckError
-from train.compile_cache import check_compile_cache_path, load_compile_cache
+from pgolf_kernels.compile_cache import CompileCacheError, check_compile_cache_path, load_compile_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one process: load the file if it exists, compile the tiny model's regions, a TTT eval, write the file if it did not
@@ -17,7 +16,7 @@ CHILD = """
 import json, sys
 from torch._dynamo.utils import counters
 from train import eval as ev
-from train.compile_cache import check_compile_cache_path, load_compile_cache, save_compile_cache
+from pgolf_kernels.compile_cache import check_compile_cache_path, load_compile_cache, save_compile_cache
 from train.eval_fixtures import doc_stream, synthetic_lut, tiny_model
 from train.forward import compile_rows_nll
 from train.ttt_config import TTTConfig
@@ -69,8 +68,8 @@ def test_paths_refused_by_name(tmp_path):
         (3, "a file path"),
     ]
     for path, match in cases:
-        with pytest.raises(CheckError, match="--compile-cache") as e:
-            check_compile_cache_path(path)
+        with pytest.raises(CompileCacheError, match="^--compile-cache = ") as e:
+            check_compile_cache_path(path, "--compile-cache")
         assert match in str(e.value), (path, str(e.value))
     assert check_compile_cache_path(str(tmp_path / "new.bin")) is False
     (tmp_path / "old.bin").write_bytes(b"x")
@@ -80,5 +79,5 @@ def test_paths_refused_by_name(tmp_path):
 def test_a_foreign_file_is_refused_by_name(tmp_path):
     bad = tmp_path / "not-a-cache.bin"
     bad.write_bytes(b"PGOLFZ" + bytes(range(200)))
-    with pytest.raises(ValueError, match=r"--compile-cache = .*not-a-cache.bin.*not a compile-cache file"):
+    with pytest.raises(CompileCacheError, match=r"^compile_cache = .*not-a-cache.bin.*: expected a compile-cache file"):
         load_compile_cache(str(bad))

@@ -327,3 +327,48 @@ def test_gpu_patched_record_trains(key, tmp_path, monkeypatch):
     assert out["stopped_after_training"] and "patched muon" in out["patch"], out
     pts = br.train_points(log, br.TRAIN_TOKENS[key])
     assert [p[0] for p in pts][-1] == 4 and all(math.isfinite(p[1]) for p in pts), pts
+
+
+def test_compile_cache_piece_loads_or_writes_at_exit(records, tmp_path, monkeypatch):
+    """compile_cache=FILE: an existing file is loaded at apply (the report says how many bytes); a new path gets an
+    exit hook that rank 0 runs to write the file, and undo() removes the hook; a bad path or a foreign file is refused
+    by name before anything is patched."""
+    import atexit
+
+    from pgolf_kernels import compile_cache as cc
+    from pgolf_kernels.patch import apply
+
+    ns = dict(vars(records["2026-03-23"]))
+    hooks = []
+    monkeypatch.setattr(atexit, "register", lambda f: hooks.append(f) or f)
+    monkeypatch.setattr(atexit, "unregister", lambda f: hooks.remove(f))
+    path = tmp_path / "record.compile-cache"
+    rep = apply(ns, ttt=False, compile_cache=path)
+    assert "written there at exit" in rep.patched["compile_cache"] and len(hooks) == 1
+    monkeypatch.setattr(cc, "save_compile_cache", lambda p: path.write_bytes(b"x" * 5) and
+                        dict(path=p, saved_bytes=5, entries={"inductor": 1}))
+    monkeypatch.setenv("RANK", "1")
+    hooks[0]()
+    assert not path.exists()  # not rank 0
+    monkeypatch.setenv("RANK", "0")
+    hooks[0]()
+    assert path.read_bytes() == b"x" * 5
+    rep.undo()
+    assert hooks == [] and ns["Muon"] is vars(records["2026-03-23"])["Muon"]
+
+    monkeypatch.setattr(cc, "load_compile_cache", lambda p, arg: dict(path=p, loaded_bytes=5, entries={"inductor": 1},
+                                                                      load_s=0.0))
+    rep = apply(ns, ttt=False, compile_cache=str(path))
+    assert rep.patched["compile_cache"].startswith("5 bytes of torch compile caches loaded from") and hooks == []
+    rep.undo()
+
+    orig = ns["Muon"]
+    for bad, match in ((tmp_path, "a file, not a folder"), (tmp_path / "no" / "f", "an existing folder")):
+        with pytest.raises(cc.CompileCacheError, match=f"^compile_cache = .*{match}"):
+            apply(ns, ttt=False, compile_cache=bad)
+        assert ns["Muon"] is orig
+    monkeypatch.undo()  # the real loader: a foreign file
+    path.write_bytes(b"not a torch cache" * 10)
+    with pytest.raises(cc.CompileCacheError, match="a compile-cache file this torch can read"):
+        apply(ns, ttt=False, compile_cache=path)
+    assert ns["Muon"] is orig

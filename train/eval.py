@@ -428,7 +428,7 @@ def _parse(argv):
                          "when present, else compiled on first use and saved there; a later eval with the same folder "
                          "skips Dynamo's tracing (needs the compiled forward: --compile on, or auto on CUDA)")
     ap.add_argument("--compile-cache", default=None, metavar="FILE",
-                    help="one file of torch.compile's caches (train/compile_cache.py): loaded before the first compile "
+                    help="one file of torch.compile's caches (pgolf_kernels/compile_cache.py): loaded before the first compile "
                          "when it exists, else written at the end (rank 0); a process on a machine with empty caches "
                          "then compiles from cache hits. Make it with --warmup-only (synthetic tokens only); needs the "
                          "compiled forward (--compile on, or auto on CUDA)")
@@ -604,13 +604,17 @@ def main(argv=None) -> dict:
                                                              f"--compile {args.compile} on {device})")
     cache_file_exists = None
     if args.compile_cache is not None:
+        from pgolf_kernels.compile_cache import CompileCacheError, check_compile_cache_path
+
         from .checks import CheckError
-        from .compile_cache import check_compile_cache_path
 
         if not compiled:
             raise CheckError("--compile-cache", args.compile_cache, f"the compiled forward (--compile on, or auto on "
                                                                     f"CUDA; got --compile {args.compile} on {device})")
-        cache_file_exists = check_compile_cache_path(args.compile_cache)
+        try:
+            cache_file_exists = check_compile_cache_path(args.compile_cache, "--compile-cache")
+        except CompileCacheError as e:
+            raise CheckError(e.arg, e.value, e.expected) from None
     if compiler is not None:
         compiler.join()  # one thread starts the worker pool: two callers could each make one
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
@@ -626,9 +630,9 @@ def main(argv=None) -> dict:
     mark("compile_setup")
     cache_file = None
     if cache_file_exists:  # before the warm-up's first compile: its compiles become cache hits
-        from .compile_cache import load_compile_cache
+        from pgolf_kernels.compile_cache import load_compile_cache
 
-        cache_file = load_compile_cache(args.compile_cache)
+        cache_file = load_compile_cache(args.compile_cache, "--compile-cache")
         log(f"[eval] compile cache: {cache_file['loaded_bytes']:,} bytes from {args.compile_cache} "
             f"({cache_file['entries']}) in {cache_file['load_s']:.1f} s")
         mark("compile_cache_file")
@@ -719,7 +723,7 @@ def _compile_cache_report(args, loaded, existed, rank: int, log) -> dict:
         return {"compile_cache_file": loaded}
     if rank != 0:
         return {"compile_cache_file": {"path": args.compile_cache, "saved_bytes": 0, "note": "written by rank 0"}}
-    from .compile_cache import save_compile_cache
+    from pgolf_kernels.compile_cache import save_compile_cache
 
     saved = save_compile_cache(args.compile_cache)
     log(f"[eval] compile cache: {saved['saved_bytes']:,} bytes written to {args.compile_cache} ({saved['entries']}) "
@@ -753,4 +757,6 @@ def _warmup_only_report(args, info, rates, startup_s, load_s, warmup_s, wall, co
 if __name__ == "__main__":
     from .checks import run_cli
 
-    run_cli(main, extra=(ArtifactLoadError, LegalityError))
+    from pgolf_kernels.compile_cache import CompileCacheError
+
+    run_cli(main, extra=(ArtifactLoadError, LegalityError, CompileCacheError))

@@ -545,7 +545,7 @@ def start_eval_warmup(run: Run):
                   extra_meta=dict(tokenizer=run.tokenizer))
     log_path, rep_path, cache_path = (os.path.join(run.run_dir, n) for n in ("eval_warmup.log", "eval_warmup.json",
                                                                              "eval.compile-cache"))
-    # the same compiles also go into one file (train/compile_cache.py), for an eval on a machine with empty caches
+    # the same compiles also go into one file (pgolf_kernels/compile_cache.py), for an eval on a machine with empty caches
     argv = [sys.executable, "-m", "train.eval", *eval_argv(apath, run.val_pattern, run.tok_path), "--warmup-only",
             "--json", rep_path, "--device", str(run.device), "--compile-cache", cache_path]
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}

@@ -1,11 +1,12 @@
-"""A compile-cache file: torch.compile's caches of one eval, saved to one file and loaded by a process on a machine
-whose own caches are empty (``--compile-cache FILE``).
+"""A compile-cache file: torch.compile's caches of one process, saved to one file and loaded by a process on a machine
+whose own caches are empty. Used by the eval driver (``--compile-cache FILE``) and by ``pgolf_kernels.patch.apply(...,
+compile_cache=FILE)`` for a record script's own compiles.
 
 What it holds is torch's "mega-cache" (``torch.compiler.save_cache_artifacts``): the Inductor FX-graph, AOTAutograd,
 Triton-kernel and autotuning entries this process compiled or loaded. ``load_cache_artifacts`` puts them into the
-local caches before the first compile, so the warm-up's compiles become cache hits (Dynamo still traces: the file holds
+local caches before the first compile, so later compiles become cache hits (Dynamo still traces: the file holds
 no guards or bytecode). Torch keys each entry by its own version, the Triton version and the GPU, so a file made
-with another torch, Triton or GPU loads but its entries miss: the report's compile counters say so.
+with another torch, Triton or GPU loads but its entries miss: torch's compile counters say so.
 
 Why: with empty caches the eval's warm-up spent 15.8 s compiling 2 Dynamo frames / 4 FX graphs on the H200, and 3.2 s
 with warm ones (``bench/results/eval-h200.md``). On the 2-core CPU machine (torch 2.13) a process with empty cache
@@ -13,7 +14,7 @@ folders and the 1.24 MB file of a tiny model's TTT eval hit all 4 FX graphs and 
 the same to the last bit.
 
 Format: the bytes ``save_cache_artifacts`` returns, unchanged (torch's own serialization), written to ``FILE.tmp``
-and renamed, so a killed process leaves no half-written file. Only rank 0 writes.
+and renamed, so a killed process leaves no half-written file.
 """
 from __future__ import annotations
 
@@ -22,32 +23,41 @@ import os
 import time
 from typing import Dict
 
-__all__ = ["check_compile_cache_path", "load_compile_cache", "save_compile_cache"]
+__all__ = ["CompileCacheError", "check_compile_cache_path", "load_compile_cache", "save_compile_cache"]
 
 
-def check_compile_cache_path(path) -> bool:
-    """Refuse a path that cannot be a compile-cache file, before anything is loaded; returns whether it exists
-    (and will be loaded) or not (and will be written). One ``CheckError`` line naming ``--compile-cache``."""
-    from .checks import CheckError
+class CompileCacheError(ValueError):
+    """A compile-cache path or file that cannot be used: ``<arg> = <value>: expected <what>``, one line."""
 
-    if not isinstance(path, str) or not path:
-        raise CheckError("--compile-cache", path, "a file path")
+    def __init__(self, arg: str, value, expected: str):
+        self.arg, self.value, self.expected = arg, value, expected
+        super().__init__(f"{arg} = {value!r}: expected {expected}")
+
+
+def check_compile_cache_path(path, arg: str = "compile_cache") -> bool:
+    """Refuse a path that cannot be a compile-cache file, before anything is loaded or compiled; returns whether it
+    exists (and will be loaded) or not (and will be written). ``CompileCacheError`` naming ``arg``."""
+    def bad(expected):
+        return CompileCacheError(arg, path, expected)
+
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
+        raise bad("a file path")
+    path = os.fspath(path)
     if os.path.isdir(path):
-        raise CheckError("--compile-cache", path, "a file, not a folder")
+        raise bad("a file, not a folder")
     if os.path.exists(path):
         if not os.path.isfile(path):
-            raise CheckError("--compile-cache", path, "a regular file")
+            raise bad("a regular file")
         if os.path.getsize(path) == 0:
-            raise CheckError("--compile-cache", path, "a compile-cache file written by an earlier eval (this one is "
-                                                      "empty: delete it to write a new one)")
+            raise bad("a compile-cache file written by an earlier run (this one is empty: delete it to write a new one)")
         if not os.access(path, os.R_OK):
-            raise CheckError("--compile-cache", path, "a readable file")
+            raise bad("a readable file")
         return True
     parent = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(parent):
-        raise CheckError("--compile-cache", path, f"a path in an existing folder (no folder {parent})")
+        raise bad(f"a path in an existing folder (no folder {parent})")
     if not os.access(parent, os.W_OK):
-        raise CheckError("--compile-cache", path, f"a path in a writable folder ({parent} is not)")
+        raise bad(f"a path in a writable folder ({parent} is not)")
     return False
 
 
@@ -57,9 +67,9 @@ def _entries(info) -> Dict[str, int]:
     return {str(k): len(v) for k, v in arts.items() if v}
 
 
-def load_compile_cache(path: str) -> Dict[str, object]:
-    """Load the file at ``path`` into this process's compile caches; returns {bytes, entries, load_s}. A file that
-    torch cannot read raises ValueError naming the path."""
+def load_compile_cache(path: str, arg: str = "compile_cache") -> Dict[str, object]:
+    """Load the file at ``path`` into this process's compile caches; returns {path, loaded_bytes, entries, load_s}. A
+    file that torch cannot read raises ``CompileCacheError`` naming ``arg``."""
     import torch
 
     t = time.perf_counter()
@@ -77,14 +87,14 @@ def load_compile_cache(path: str) -> Dict[str, object]:
     finally:
         quiet.setLevel(level)
     if info is None:
-        raise ValueError(f"--compile-cache = {path!r}: not a compile-cache file this torch can read ({why}); delete "
-                         f"it to write a new one")
+        raise CompileCacheError(arg, path, f"a compile-cache file this torch can read ({why}; delete it to write a new "
+                                           f"one)")
     return dict(path=path, loaded_bytes=len(blob), entries=_entries(info), load_s=round(time.perf_counter() - t, 3))
 
 
 def save_compile_cache(path: str) -> Dict[str, object]:
-    """Write what this process compiled or loaded to ``path`` (atomically); returns {bytes, entries, save_s}, or
-    {saved_bytes: 0} when torch has nothing to save (nothing was compiled)."""
+    """Write what this process compiled or loaded to ``path`` (atomically); returns {path, saved_bytes, entries,
+    save_s}, with saved_bytes 0 when torch has nothing to save (nothing was compiled)."""
     import torch
 
     t = time.perf_counter()

@@ -24,7 +24,10 @@ flex_attention), and every row says so.
    (``TTT_EVAL_ONLY=1``: its compile warm-up on random tokens, then phased LoRA TTT over ``PGOLF_RECORDS_TTT_DOCS``
    synthetic documents, default 1,000); the row holds the timed eval, the warm-up, the wall time and val_bpb of
    each. The patch's TTT piece keeps the record's LoRA and specializes the Python floats of its dynamic-shape
-   TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up.
+   TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up. Every TTT child runs on
+   empty Inductor and Triton cache folders of its own (a fresh machine). ``patched-cachefile`` (listed twice in
+   ``PGOLF_RECORDS_TTT_VARIANTS``) adds the patch's ``compile_cache=FILE``: the first such child writes the file at
+   exit, the second loads it (``cache_runs`` in the row).
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
 ``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
@@ -246,6 +249,9 @@ def _record_env(key: str, data_dir: str, **extra: str) -> None:
 # 3 phases over the first 4 % of the documents (2,000 of 50,000); lzma instead of brotli and no pyminify (neither
 # is installed on the GPU image), CaseOps off (no CaseOps shards).
 TTT_KEYS = ("2026-04-29",)
+# TTT only: the patch plus compile_cache=PGOLF_RECORDS_COMPILE_CACHE; list it twice (the first child writes the file at
+# exit, the second, on empty cache folders of its own, loads it)
+TTT_EXTRA_VARIANTS = ("patched-cachefile",)
 TTT_DOCS = int(os.environ.get("PGOLF_RECORDS_TTT_DOCS", "1000"))
 
 
@@ -293,7 +299,9 @@ def child_ttt(key: str, variant: str, data_dir: str, art_dir: str) -> Dict[str, 
     _record_env(key, data_dir, **_ttt_env(art_dir, TTT_EVAL_ONLY="1", RUN_ID=f"bench_ttt_{variant}"))
     t0 = time.time()
     ns = records_env.load_record(key)
-    report = _flat(apply(ns)) if variant == "patched" else "unmodified"
+    # patched-cachefile: the patch plus compile_cache=FILE (loaded when an earlier child wrote it, else written at exit)
+    cache = {"compile_cache": os.environ["PGOLF_RECORDS_COMPILE_CACHE"]} if variant == "patched-cachefile" else {}
+    report = _flat(apply(ns, **cache)) if variant != "record" else "unmodified"
     os.chdir(tempfile.mkdtemp(prefix="rec_ttt_"))
     ns.main()
     return dict(wall_s=time.time() - t0, peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report)
@@ -344,7 +352,7 @@ def _child_main(argv) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", choices=["muon", "train", "ttt-artifact", "ttt"], required=True)
     ap.add_argument("--key", required=True)
-    ap.add_argument("--variant", choices=VARIANTS, default="record")
+    ap.add_argument("--variant", choices=VARIANTS + TTT_EXTRA_VARIANTS, default="record")
     ap.add_argument("--data", default="")
     ap.add_argument("--artifact", default="")
     a = ap.parse_args(argv)
@@ -378,9 +386,12 @@ def train_points(log: str, tokens_per_step: int):
     return pts
 
 
-def _spawn(args: List[str], timeout: float, **env_extra: str):
+def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):
+    """One child process; ``caches``: a folder for its own (empty) Inductor and Triton caches, as on a fresh machine."""
     cmd = [sys.executable, "-m", "bench.bench_records"] + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
+    if caches:
+        env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     t0 = time.time()
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
@@ -500,18 +511,23 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
 
 def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
     """TTT eval of each TTT_KEYS record on TTT_DOCS synthetic documents: one artifact (the record's serialize),
-    then one process per variant in ``PGOLF_RECORDS_TTT_VARIANTS`` (default "record,patched")."""
+    then one process per variant in ``PGOLF_RECORDS_TTT_VARIANTS`` (default "record,patched"; "patched-cachefile" may
+    repeat), each on empty Inductor and Triton cache folders of its own (a fresh machine: the warm-up is the record's
+    cold compile). ``PGOLF_RECORDS_COMPILE_CACHE``: the patched-cachefile file (default: in the bench's temp folder)."""
     from . import harness
 
     variants = [v for v in os.environ.get("PGOLF_RECORDS_TTT_VARIANTS", ",".join(VARIANTS)).split(",") if v]
-    bad = [v for v in variants if v not in VARIANTS]
+    bad = [v for v in variants if v not in VARIANTS + TTT_EXTRA_VARIANTS]
     if bad:
-        raise ValueError(f"PGOLF_RECORDS_TTT_VARIANTS: unknown {bad}; expected a comma list of {VARIANTS}")
+        raise ValueError(f"PGOLF_RECORDS_TTT_VARIANTS: unknown {bad}; expected a comma list of "
+                         f"{VARIANTS + TTT_EXTRA_VARIANTS}")
     with tempfile.TemporaryDirectory() as d:
+        cache_file = os.environ.get("PGOLF_RECORDS_COMPILE_CACHE") or os.path.join(d, "ttt.compile-cache")
         for key in TTT_KEYS:
             data, art = os.path.join(d, f"ttt-{key}"), os.path.join(d, f"art-{key}")
             _write_ttt_shards(data, TRAIN_VOCAB[key])
             res: Dict[str, Dict[str, object]] = {}
+            cache_runs: List[Dict[str, object]] = []
             try:
                 made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art],
                                  min(CHILD_S, budget - (time.time() - t0)))
@@ -520,13 +536,22 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                     if left < 90:
                         print(f"ttt {key} {v}: skipped, {left:.0f} s of the budget left", flush=True)
                         continue
+                    had_file = os.path.isfile(cache_file)
                     out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
-                                       "--artifact", art], min(CHILD_S, left))
-                    res[v] = dict(out, **ttt_times(log))
+                                       "--artifact", art], min(CHILD_S, left), caches=tempfile.mkdtemp(dir=d),
+                                      PGOLF_RECORDS_COMPILE_CACHE=cache_file)
+                    got = dict(out, **ttt_times(log))
+                    if v == "patched-cachefile":
+                        got["compile_cache"] = (f"loaded {os.path.getsize(cache_file):,} bytes" if had_file else
+                                                f"wrote {os.path.getsize(cache_file) if os.path.isfile(cache_file) else 0:,} bytes")
+                        cache_runs.append({k: got.get(k) for k in ("compile_cache", "warmup_s", "eval_s", "wall_s",
+                                                                   "val_bpb")})
+                    else:
+                        res[v] = got
             except Exception as e:  # keep what was measured
                 print(f"ttt {key}: {e}", flush=True)
                 continue
-            if not res:
+            if not res and not cache_runs:
                 continue
             nan = float("nan")
             p, r = res.get("patched", {}), res.get("record", {})
@@ -538,7 +563,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                 wall_s=p.get("wall_s", nan), baseline_wall_s=r.get("wall_s", nan),
                 peak_mb=p.get("peak_mb", nan), baseline_peak_mb=r.get("peak_mb", nan),
                 artifact_bytes=made["quant_bytes"], serialize_s=made["serialize_s"],
-                patch=p.get("patch", "not run"), attention=records_env.STANDIN_NOTE,
+                patch=p.get("patch", "not run"), attention=records_env.STANDIN_NOTE, cache_runs=cache_runs,
                 setup="artifact of the record's GPT at initialization (its serialize: GPTQ, lzma), "
                       "SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 EMBED_BITS=7 PHASED_TTT_NUM_PHASES=3, "
                       "CaseOps off"))

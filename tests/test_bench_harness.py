@@ -1,6 +1,7 @@
 """The bench harness's schema and the no-GPU message (benchmarks themselves run on the GPU lane)."""
 import time
 import json
+import os
 import subprocess
 import sys
 
@@ -210,3 +211,34 @@ def test_warmup_bench_cachefile_case_hands_only_the_file_to_the_second_process(m
     assert f0 == f1 and f0.endswith("seeds-ref.compile-cache") and "{work}" not in f0
     assert c0 != c1 and c2 == c3 and "--compile-cache" not in a2
     assert "--compile-cache" in rows[0]["case"] and len(rows) == 2
+
+
+def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):
+    """bench_records' TTT rows: every child gets empty cache folders of its own; a repeated patched-cachefile child
+    first writes the compile-cache file (at its exit), then loads it, and the row lists both runs."""
+    from bench import bench_records as br
+
+    calls = []
+
+    def spawn(args, timeout, caches="", **env):
+        calls.append((args, caches, env))
+        if args[1] == "ttt-artifact":
+            return {"quant_bytes": 1, "serialize_s": 0.1}, ""
+        if args[args.index("--variant") + 1] == "patched-cachefile" and not os.path.exists(env["PGOLF_RECORDS_COMPILE_CACHE"]):
+            with open(env["PGOLF_RECORDS_COMPILE_CACHE"], "wb") as f:
+                f.write(b"x" * 7)
+        return {"wall_s": 1.0, "peak_mb": 1.0, "patch": "p"}, "log"
+
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched-cachefile,patched-cachefile")
+    monkeypatch.setattr(br, "_spawn", spawn)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v: None)
+    monkeypatch.setattr(br, "ttt_times", lambda log: {"eval_s": 2.0, "warmup_s": 3.0, "val_bpb": 1.5, "val_loss": 1.0})
+    monkeypatch.setattr(br, "_save", lambda rows: None)
+    rows = []
+    br._ttt_rows(rows, budget=1e6, t0=__import__("time").time())
+    ttt = [c for c in calls if c[0][1] == "ttt"]
+    assert len(ttt) == 3 and len({c[1] for c in ttt}) == 3 and all(c[1] for c in ttt)
+    assert [r["compile_cache"] for r in rows[0]["cache_runs"]] == ["wrote 7 bytes", "loaded 7 bytes"]
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,cached")
+    with pytest.raises(ValueError, match="PGOLF_RECORDS_TTT_VARIANTS: unknown \\['cached'\\]"):
+        br._ttt_rows([], budget=1e6, t0=0.0)

@@ -30,7 +30,8 @@ flex_attention), and every row says so.
    exit, the second loads it (``cache_runs`` in the row).
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
-``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
+``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_GRAPH=1`` (and its
+CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
 patched step once more with ``PGOLF_NS_FAST_PACK=1``: ``fast_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
 training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
 
@@ -150,6 +151,13 @@ def child_muon(key: str, variant: str) -> Dict[str, object]:
                shapes=str(shapes), patch=report)
     if os.environ.get("PGOLF_RECORDS_MUON_PROFILE") == "1":
         out["kernels"] = kernel_table(step)
+    if os.environ.get("PGOLF_RECORDS_MUON_GRAPH") == "1":
+        # device time without the host's launch gaps (an isolated step is host-bound: ~0.95 ms of gaps in both
+        # variants on the H200); last, as a failed capture may leave the stream unusable
+        try:
+            out["graph_ms"] = harness.graph_bench_ms(step, n_inner=5, reps=20)
+        except Exception as e:  # noqa: BLE001 - reported in the row, not fatal to it
+            out["graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return out
 
 
@@ -468,6 +476,20 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         patch=po["patch"], attention=records_env.STANDIN_NOTE)
 
 
+def _muon_extras(r: Dict[str, Dict[str, object]]) -> Dict[str, object]:
+    """The optional columns of a Muon.step row from its children's results (``r[variant]``): kernel tables, graph
+    replay times or capture errors, and the fast-pack child's time and kernels."""
+    out: Dict[str, object] = {}
+    for prefix, v in (("", "patched"), ("baseline_", "record"), ("fast_pack_", "fast_pack")):
+        res = r.get(v, {})
+        if v == "fast_pack" and res:
+            out["fast_pack_ms"] = res["ms"]
+        for k in ("kernels", "graph_ms", "graph_error"):
+            if k in res:
+                out[prefix + k] = res[k]
+    return out
+
+
 def run(quick: bool = False) -> List[Dict[str, object]]:
     """Env: ``PGOLF_RECORDS_PARTS`` (default "muon,train"; "ttt" adds the TTT eval rows), ``PGOLF_RECORDS_TRAIN_KEYS`` (default both training
     records), ``PGOLF_RECORDS_REPEATS`` (training runs per variant, default 2, alternating record / patched so a
@@ -488,16 +510,14 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         raise ValueError(f"PGOLF_RECORDS_MUON_KEYS: unknown {bad}; expected a comma list of {tuple(records_env.RECORDS)}")
     for key in (muon_keys if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
-        fast = {}
         if os.environ.get("PGOLF_RECORDS_MUON_FAST_PACK") == "1":  # the patched step once more, NS prologue in Triton
-            fp = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300, PGOLF_NS_FAST_PACK="1")[0]
-            fast = dict(fast_pack_ms=fp["ms"], **({"fast_pack_kernels": fp["kernels"]} if "kernels" in fp else {}))
+            r["fast_pack"] = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300,
+                                    PGOLF_NS_FAST_PACK="1")[0]
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
                                      baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],
-                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE, **fast,
-                                     **({"kernels": r["patched"]["kernels"], "baseline_kernels": r["record"]["kernels"]}
-                                        if "kernels" in r["patched"] else {})))
+                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE,
+                                     **_muon_extras(r)))
         print(harness.markdown_table(rows[-1:]), flush=True)
         _save(rows)
     if quick:

@@ -242,3 +242,14 @@ def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(m
     monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,cached")
     with pytest.raises(ValueError, match="PGOLF_RECORDS_TTT_VARIANTS: unknown \\['cached'\\]"):
         br._ttt_rows([], budget=1e6, t0=0.0)
+
+
+def test_records_muon_row_extras():
+    from bench.bench_records import _muon_extras
+
+    r = {"patched": {"ms": 1.0, "kernels": [["k", 1.0, 1]], "graph_ms": 0.9},
+         "record": {"ms": 2.0, "graph_error": "RuntimeError: capture"},
+         "fast_pack": {"ms": 0.8, "kernels": [["p", 0.5, 1]]}}
+    assert _muon_extras(r) == {"kernels": [["k", 1.0, 1]], "graph_ms": 0.9, "baseline_graph_error": "RuntimeError: capture",
+                               "fast_pack_ms": 0.8, "fast_pack_kernels": [["p", 0.5, 1]]}
+    assert _muon_extras({"patched": {"ms": 1.0}, "record": {"ms": 2.0}}) == {}

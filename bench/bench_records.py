@@ -32,8 +32,9 @@ flex_attention), and every row says so.
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
 ``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_GRAPH=1`` (and its
 CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
-patched step once more with ``PGOLF_NS_FAST_PACK=1``: ``fast_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2), ``PGOLF_RECORDS_CHILD_S`` (420 s per
-training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a device call.
+patched step once more with ``PGOLF_NS_FAST_PACK=1``: ``fast_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2),
+``PGOLF_RECORDS_CHILD_S`` (420 s per training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a
+device call.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
@@ -562,8 +563,8 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                                       PGOLF_RECORDS_COMPILE_CACHE=cache_file)
                     got = dict(out, **ttt_times(log))
                     if v == "patched-cachefile":
-                        got["compile_cache"] = (f"loaded {os.path.getsize(cache_file):,} bytes" if had_file else
-                                                f"wrote {os.path.getsize(cache_file) if os.path.isfile(cache_file) else 0:,} bytes")
+                        size = os.path.getsize(cache_file) if os.path.isfile(cache_file) else 0
+                        got["compile_cache"] = f"{'loaded' if had_file else 'wrote'} {size:,} bytes"
                         cache_runs.append({k: got.get(k) for k in ("compile_cache", "warmup_s", "eval_s", "wall_s",
                                                                    "val_bpb")})
                     else:

@@ -29,12 +29,13 @@ Pieces
     grouped call, launches one async ``all_gather_into_tensor`` per bank and applies each as it lands.
     Single process: the full banks, momentum in ``state[p]["momentum_buffer"]`` (bf16), as the record.
 
-  The arithmetic around NS (momentum, Nesterov, scale ``max(1, rows/cols) ** 0.5``, decoupled weight decay) is
-  the record's, rounded at the same places; in the banked protocol it runs as two fused passes per bank
-  (``pgolf_kernels.muon_update``: momentum + Nesterov + MuonEq-R, then decay + update: ~20 instead of ~48 bytes
-  per parameter: 1.99x / 1.24x the records' compiled ops, and the whole 2026-03-23 ``Muon.step`` in place, inside its
-  training loop, 1.004 vs 2.132 ms on one H200, ``bench/results/records-h200.md``); the NS output differs from the record's within bf16 rounding (the kernels round A,
-  B, X once per step and normalise in fp32; against fp64 they are 2.2-2.8x more accurate than the records' path).
+  The arithmetic around NS (momentum, Nesterov, scale ``max(1, rows/cols) ** 0.5``, decoupled weight decay) is the
+  record's, rounded at the same places; in the banked protocol it runs as two fused passes per bank
+  (``pgolf_kernels.muon_update``: momentum + Nesterov + MuonEq-R, then decay + update: ~20 instead of ~48 bytes per
+  parameter: 1.99x / 1.24x the records' compiled ops, and the whole 2026-03-23 ``Muon.step`` in place, inside its
+  training loop, 1.004 vs 2.132 ms on one H200, ``bench/results/records-h200.md``); the NS output differs from the
+  record's within bf16 rounding (the kernels round A, B, X once per step and normalise in fp32; against fp64 they are
+  2.2-2.8x more accurate than the records' path).
 * **ttt** - where a record compiles its TTT forward with dynamic shapes (2026-04-29: ``GPT.forward_ttt`` under
   ``torch.compile(dynamic=True)``), ``torch._dynamo.config.specialize_float`` is set (``report.undo()`` restores
   it): with dynamic shapes Dynamo otherwise turns every Python float the forward reads (LoRA scale, soft-cap,

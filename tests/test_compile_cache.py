@@ -1,6 +1,6 @@
-"""pgolf_kernels.compile_cache (the eval's ``--compile-cache FILE``, the patch's ``compile_cache=``): one process writes torch.compile's caches to a file, a process with
-empty cache folders loads it and compiles from cache hits, scoring the same; bad paths and foreign files are refused
-by name."""
+"""pgolf_kernels.compile_cache (the eval's ``--compile-cache FILE``, the patch's ``compile_cache=``): one process
+writes torch.compile's caches to a file, a process with empty cache folders loads it and compiles from cache hits,
+scoring the same; bad paths and foreign files are refused by name."""
 import json
 import os
 import subprocess

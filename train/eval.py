@@ -477,11 +477,12 @@ def _configs(args):
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):
-    """``--cuda-graphs auto`` -> (on, reason). On where replay is measured to pay and verified on a GPU: the
-    compiled ``--reference`` seeds eval of all 50,000 docs took 143.6 s cold / 129.5 s warm-cache wall with graphs
-    (174.7 / 146.9 s in an earlier build) vs 301.8 s without (1.68 vs ~1.1 M window tok/s; H200s of one image, but the runs without graphs were another
-    device call and build, not an A/B in one call: bench/results/eval-h200.md); replay equals eager in the GPU
-    tests for bmm LoRA at rank 8 and 96, compiled or not, incl. phased TTT (tests/test_graphs.py)."""
+    """``--cuda-graphs auto`` -> (on, reason). On where replay is measured to pay and verified on a GPU: the compiled
+    ``--reference`` seeds eval of all 50,000 docs took 143.6 s cold / 129.5 s warm-cache wall with graphs (174.7 /
+    146.9 s in an earlier build) vs 301.8 s without (1.68 vs ~1.1 M window tok/s; H200s of one image, but the runs
+    without graphs were another device call and build, not an A/B in one call: bench/results/eval-h200.md); replay
+    equals eager in the GPU tests for bmm LoRA at rank 8 and 96, compiled or not, incl. phased TTT
+    (tests/test_graphs.py)."""
     device = torch.device(device)  # a str is taken too; anything else raises naming it
     if mode not in MODES:
         raise ValueError(f"auto_cuda_graphs: mode = {mode!r}: expected one of {sorted(MODES)}")

@@ -49,7 +49,11 @@ Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 
   N_i×d op, 0.5 MB for Q) instead of in every dx tile; the forward keeps the codes in-kernel.
   A second strategy, "split", leaves dx's base part dy·W to cuBLAS and has the same kernel add α g·A into it
   (dy read twice, dx read+written twice); which one is the default is decided by measurement (see
-  pgolf_kernels/lora_triton.py, DEFAULT_BWD_SPLIT, and bench/results/lora-*.md).
+  pgolf_kernels/lora_triton.py, DEFAULT_BWD_SPLIT, and bench/results/lora-*.md). Either strategy can run "G once"
+  (``DEFAULT_BWD_G_ONCE``, opt-in until timed): a first launch of the dB programs also stores α·m·g (x.dtype,
+  (B·T, r)) and a second launch of the dx programs reads it, instead of recomputing g in each of the d/BD d-tiles
+  (at r = 96 that recomputation is 77 of the backward's 277 GFLOP, 193 minimal); the price is a second read of dy
+  and G written and read once. Bitwise equal to the one-launch backward in deterministic mode (interpreter test).
 * dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
   program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so
   results are bitwise reproducible. The default may split T across programs when B·(d/BD) is below ~2 waves of SMs.

@@ -60,16 +60,19 @@ def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=Fal
     return _compile(K._fwd_kernel, types, consts, num_warps, num_stages)
 
 
-def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, split=False, ns=2, dtype="bf16"):
+def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, split=False, ns=2, dtype="bf16",
+              phase=0):
+    """phase 0: the one-launch backward; 1 / 2: the "G once" G pass / dx pass (lora_triton.DEFAULT_BWD_G_ONCE)."""
     from . import lora_triton as K
 
     types = {"X": f"*{dtype}", "DX": f"*{dtype}", "LEN": "*i64", "IDX": "*i64", "alpha": "fp32"}
     for i in range(4):
         types.update({f"DY{i}": f"*{dtype}", f"W{i}": f"*{dtype}", f"A{i}": f"*{dtype}", f"B{i}": f"*{dtype}",
-                      f"DA{i}": "*fp32", f"DB{i}": "*fp32", f"N{i}": "i32", f"R{i}": "i32"})
+                      f"DA{i}": "*fp32", f"DB{i}": "*fp32", f"G{i}": f"*{dtype}", f"N{i}": "i32", f"R{i}": "i32"})
     types.update({n: "i32" for n in ("T", "D", "n_adapters", "TT", "TSPLIT", "DT")})
     consts = dict(NS=ns, HAS_LEN=True, HAS_IDX=False, GRAD_IDX=True, COMPUTE_DX=True, BASE=not split,
-                  LOAD_DX=split, BT=BT, BN=BN, BD=BD, BK=BK, RP=RP, IP="ieee" if dtype == "fp32" else "tf32")
+                  LOAD_DX=split, PHASE=phase, BT=BT, BN=BN, BD=BD, BK=BK, RP=RP,
+                  IP="ieee" if dtype == "fp32" else "tf32")
     return _compile(K._bwd_kernel, types, consts, num_warps, num_stages)
 
 
@@ -83,6 +86,10 @@ CASES = {
     "bwd fused r=96 (default)": lambda: bwd_stats(RP=128, BN=64),
     "bwd split r<=16": lambda: bwd_stats(RP=16, split=True),
     "bwd split r=96": lambda: bwd_stats(RP=128, BN=64, split=True),
+    "bwd G-once G pass r<=16": lambda: bwd_stats(RP=16, phase=1),
+    "bwd G-once dx pass r<=16": lambda: bwd_stats(RP=16, phase=2),
+    "bwd G-once G pass r=96": lambda: bwd_stats(RP=128, BN=64, phase=1),
+    "bwd G-once dx pass r=96": lambda: bwd_stats(RP=128, BN=64, phase=2),
 }
 
 

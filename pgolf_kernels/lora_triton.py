@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _utils
 from ._utils import cdiv, dot_precision, interpret_mode
 
 MAX_SLICES = 4
@@ -172,10 +173,12 @@ def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: 
 # backward
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _bwd_dx_slice(acc, X, DY, W, A, Bm, DA, b, a, ga, t0, L, pid_d, T, D, N, R, alpha,
-                  BASE: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr,
-                  IP: tl.constexpr):
-    """dx role, one slice, one T-tile: acc += dy W (if BASE) + alpha m (dy B_a) A_a[:, d-tile]; dA += alpha g^T x."""
+def _bwd_dx_slice(acc, X, DY, W, A, Bm, DA, G, b, a, ga, t0, L, pid_d, T, D, N, R, alpha,
+                  BASE: tl.constexpr, G_IN: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  RP: tl.constexpr, IP: tl.constexpr):
+    """dx role, one slice, one T-tile: acc += dy W (if BASE) + alpha m (dy B_a) A_a[:, d-tile]; dA += alpha g^T x.
+    G_IN: the scaled, masked shrink gradient alpha m g comes from G ((B*T, R), x.dtype, written by the G pass) instead
+    of being recomputed from dy in this d-tile."""
     offs_t = t0 + tl.arange(0, BT)
     offs_d = pid_d * BD + tl.arange(0, BD)
     offs_r = tl.arange(0, RP)
@@ -187,19 +190,24 @@ def _bwd_dx_slice(acc, X, DY, W, A, Bm, DA, b, a, ga, t0, L, pid_d, T, D, N, R, 
     dt = X.dtype.element_ty
     g = tl.zeros((BT, RP), dtype=tl.float32)
     # the main loop is dots only (no branches, no atomics) so it software-pipelines like a plain GEMM K loop
-    for n0 in range(0, N, BN):
-        offs_n = n0 + tl.arange(0, BN)
-        nmask = offs_n < N
-        dyb = tl.load(DY + rows[:, None] * N + offs_n[None, :], mask=tmask[:, None] & nmask[None, :], other=0.0)
-        if BASE:
-            wb = tl.load(W + offs_n[:, None].to(tl.int64) * D + offs_d[None, :],
-                         mask=nmask[:, None] & dmask[None, :], other=0.0)
-            acc = tl.dot(dyb, wb.to(dt), acc, input_precision=IP)
-        bb = tl.load(Bm + (a.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :],
-                     mask=nmask[:, None] & rmask[None, :], other=0.0)
-        g = tl.dot(dyb, bb.to(dt), g, input_precision=IP)    # shrink gradient from the same dy tile
+    if BASE or not G_IN:
+        for n0 in range(0, N, BN):
+            offs_n = n0 + tl.arange(0, BN)
+            nmask = offs_n < N
+            dyb = tl.load(DY + rows[:, None] * N + offs_n[None, :], mask=tmask[:, None] & nmask[None, :], other=0.0)
+            if BASE:
+                wb = tl.load(W + offs_n[:, None].to(tl.int64) * D + offs_d[None, :],
+                             mask=nmask[:, None] & dmask[None, :], other=0.0)
+                acc = tl.dot(dyb, wb.to(dt), acc, input_precision=IP)
+            if not G_IN:
+                bb = tl.load(Bm + (a.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :],
+                             mask=nmask[:, None] & rmask[None, :], other=0.0)
+                g = tl.dot(dyb, bb.to(dt), g, input_precision=IP)    # shrink gradient from the same dy tile
     if t0 < L:                                               # whole tile padded -> no adapter work
-        g_lp = tl.where(valid[:, None], g * alpha, 0.0).to(dt)
+        if G_IN:   # rows >= L were stored as 0 by the G pass; columns >= R are masked to 0 here
+            g_lp = tl.load(G + rows[:, None] * R + offs_r[None, :], mask=tmask[:, None] & rmask[None, :], other=0.0)
+        else:
+            g_lp = tl.where(valid[:, None], g * alpha, 0.0).to(dt)
         ab = tl.load(A + (a.to(tl.int64) * R + offs_r)[:, None] * D + offs_d[None, :],
                      mask=rmask[:, None] & dmask[None, :], other=0.0)
         acc = tl.dot(g_lp, ab.to(dt), acc, input_precision=IP)
@@ -211,9 +219,11 @@ def _bwd_dx_slice(acc, X, DY, W, A, Bm, DA, b, a, ga, t0, L, pid_d, T, D, N, R, 
 
 
 @triton.jit
-def _bwd_db_slice(X, DY, A, DB, b, a, ga, t0, L, T, D, N, R, alpha,
+def _bwd_db_slice(X, DY, A, Bm, DB, G, b, a, ga, t0, L, T, D, N, R, alpha, G_OUT: tl.constexpr,
                   BT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IP: tl.constexpr):
-    """dB role, one slice, one T-tile: u = alpha m x A_a^T (recomputed), dB_a += dy^T u."""
+    """dB role, one slice, one T-tile: u = alpha m x A_a^T (recomputed), dB_a += dy^T u. G_OUT: also the shrink
+    gradient g = dy B_a from the same dy tiles, stored as alpha m g in x.dtype into G ((B*T, R)) for the dx pass (the
+    value the dx role would form itself)."""
     if t0 < L:
         offs_t = t0 + tl.arange(0, BT)
         offs_r = tl.arange(0, RP)
@@ -231,6 +241,7 @@ def _bwd_db_slice(X, DY, A, DB, b, a, ga, t0, L, T, D, N, R, alpha,
             ab = tl.load(A + arow[:, None] * D + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
             u = tl.dot(xb, tl.trans(ab.to(dt)), u, input_precision=IP)
         u_lp = tl.where((offs_t < L)[:, None], u * alpha, 0.0).to(dt)
+        g = tl.zeros((BT, RP), dtype=tl.float32)
         for n0 in range(0, N, BN):
             offs_n = n0 + tl.arange(0, BN)
             nmask = offs_n < N
@@ -238,23 +249,34 @@ def _bwd_db_slice(X, DY, A, DB, b, a, ga, t0, L, T, D, N, R, alpha,
             dbp = tl.dot(tl.trans(dyb), u_lp, input_precision=IP)   # (BN, RP) = alpha dy^T u
             tl.atomic_add(DB + (ga.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :], dbp,
                           mask=nmask[:, None] & rmask[None, :], sem="relaxed")
+            if G_OUT:
+                bb = tl.load(Bm + (a.to(tl.int64) * N + offs_n)[:, None] * R + offs_r[None, :],
+                             mask=nmask[:, None] & rmask[None, :], other=0.0)
+                g = tl.dot(dyb, bb.to(dt), g, input_precision=IP)
+        if G_OUT:
+            g_lp = tl.where((offs_t < L)[:, None], g * alpha, 0.0).to(dt)
+            tl.store(G + rows[:, None] * R + offs_r[None, :], g_lp, mask=tmask[:, None] & rmask[None, :])
 
 
 @triton.jit
 def _bwd_kernel(X, DX, LEN, IDX,
-                DY0, W0, A0, B0, DA0, DB0, N0, R0,
-                DY1, W1, A1, B1, DA1, DB1, N1, R1,
-                DY2, W2, A2, B2, DA2, DB2, N2, R2,
-                DY3, W3, A3, B3, DA3, DB3, N3, R3,
+                DY0, W0, A0, B0, DA0, DB0, G0, N0, R0,
+                DY1, W1, A1, B1, DA1, DB1, G1, N1, R1,
+                DY2, W2, A2, B2, DA2, DB2, G2, N2, R2,
+                DY3, W3, A3, B3, DA3, DB3, G3, N3, R3,
                 T, D, n_adapters, TT, TSPLIT, DT, alpha,
                 NS: tl.constexpr, HAS_LEN: tl.constexpr, HAS_IDX: tl.constexpr, GRAD_IDX: tl.constexpr,
-                COMPUTE_DX: tl.constexpr, BASE: tl.constexpr, LOAD_DX: tl.constexpr, BT: tl.constexpr, BN: tl.constexpr,
-                BD: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr, IP: tl.constexpr):
-    # program -> (b, T-split, role); roles 0..DT-1 own a d-tile of dx (and dA), role DT owns dB. Roles fastest:
-    # the DT+1 programs of one document stream the same dy tiles at the same time, so dy comes from HBM once.
+                COMPUTE_DX: tl.constexpr, BASE: tl.constexpr, LOAD_DX: tl.constexpr, PHASE: tl.constexpr,
+                BT: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, BK: tl.constexpr, RP: tl.constexpr,
+                IP: tl.constexpr):
+    # program -> (b, T-split, role). PHASE 0 (one launch): roles 0..DT-1 own a d-tile of dx (and dA), role DT owns
+    # dB; roles fastest: the DT+1 programs of one document stream the same dy tiles at the same time, so dy comes
+    # from HBM once. "G once" (two launches): PHASE 1 has only the dB role, which also stores alpha m g into G;
+    # PHASE 2 has only the DT dx roles, which read g from G instead of recomputing it in every d-tile.
+    NR = DT + 1 if PHASE == 0 else (1 if PHASE == 1 else DT)
     pid = tl.program_id(0)
-    role = pid % (DT + 1)
-    rest = pid // (DT + 1)
+    role = pid % NR
+    rest = pid // NR
     ts = rest % TSPLIT
     b = rest // TSPLIT
     if HAS_IDX:
@@ -271,6 +293,8 @@ def _bwd_kernel(X, DX, LEN, IDX,
         L = T
     per = tl.cdiv(TT, TSPLIT)
     tt_end = tl.minimum(ts * per + per, TT)
+    if PHASE == 1:
+        role = DT   # the one role of the G pass is the dB role
     if role < DT:
         offs_d = role * BD + tl.arange(0, BD)
         for tt in range(ts * per, tt_end):
@@ -283,38 +307,52 @@ def _bwd_kernel(X, DX, LEN, IDX,
                 acc = tl.load(dx_ptr, mask=dx_mask, other=0.0).to(tl.float32)   # base part from cuBLAS
             else:
                 acc = tl.zeros((BT, BD), dtype=tl.float32)
-            acc = _bwd_dx_slice(acc, X, DY0, W0, A0, B0, DA0, b, a, ga, t0, L, role, T, D, N0, R0, alpha,
-                                BASE, BT, BN, BD, RP, IP)
+            acc = _bwd_dx_slice(acc, X, DY0, W0, A0, B0, DA0, G0, b, a, ga, t0, L, role, T, D, N0, R0,
+                                alpha, BASE, PHASE == 2, BT, BN, BD, RP, IP)
             if NS > 1:
-                acc = _bwd_dx_slice(acc, X, DY1, W1, A1, B1, DA1, b, a, ga, t0, L, role, T, D, N1, R1, alpha,
-                                    BASE, BT, BN, BD, RP, IP)
+                acc = _bwd_dx_slice(acc, X, DY1, W1, A1, B1, DA1, G1, b, a, ga, t0, L, role, T, D, N1, R1,
+                                    alpha, BASE, PHASE == 2, BT, BN, BD, RP, IP)
             if NS > 2:
-                acc = _bwd_dx_slice(acc, X, DY2, W2, A2, B2, DA2, b, a, ga, t0, L, role, T, D, N2, R2, alpha,
-                                    BASE, BT, BN, BD, RP, IP)
+                acc = _bwd_dx_slice(acc, X, DY2, W2, A2, B2, DA2, G2, b, a, ga, t0, L, role, T, D, N2, R2,
+                                    alpha, BASE, PHASE == 2, BT, BN, BD, RP, IP)
             if NS > 3:
-                acc = _bwd_dx_slice(acc, X, DY3, W3, A3, B3, DA3, b, a, ga, t0, L, role, T, D, N3, R3, alpha,
-                                    BASE, BT, BN, BD, RP, IP)
+                acc = _bwd_dx_slice(acc, X, DY3, W3, A3, B3, DA3, G3, b, a, ga, t0, L, role, T, D, N3, R3,
+                                    alpha, BASE, PHASE == 2, BT, BN, BD, RP, IP)
             if COMPUTE_DX:
                 tl.store(dx_ptr, acc.to(DX.dtype.element_ty), mask=dx_mask)
     else:
         for tt in range(ts * per, tt_end):
             t0 = tt * BT
-            _bwd_db_slice(X, DY0, A0, DB0, b, a, ga, t0, L, T, D, N0, R0, alpha, BT, BN, BK, RP, IP)
+            _bwd_db_slice(X, DY0, A0, B0, DB0, G0, b, a, ga, t0, L, T, D, N0, R0, alpha, PHASE == 1,
+                          BT, BN, BK, RP, IP)
             if NS > 1:
-                _bwd_db_slice(X, DY1, A1, DB1, b, a, ga, t0, L, T, D, N1, R1, alpha, BT, BN, BK, RP, IP)
+                _bwd_db_slice(X, DY1, A1, B1, DB1, G1, b, a, ga, t0, L, T, D, N1, R1, alpha, PHASE == 1,
+                              BT, BN, BK, RP, IP)
             if NS > 2:
-                _bwd_db_slice(X, DY2, A2, DB2, b, a, ga, t0, L, T, D, N2, R2, alpha, BT, BN, BK, RP, IP)
+                _bwd_db_slice(X, DY2, A2, B2, DB2, G2, b, a, ga, t0, L, T, D, N2, R2, alpha, PHASE == 1,
+                              BT, BN, BK, RP, IP)
             if NS > 3:
-                _bwd_db_slice(X, DY3, A3, DB3, b, a, ga, t0, L, T, D, N3, R3, alpha, BT, BN, BK, RP, IP)
+                _bwd_db_slice(X, DY3, A3, B3, DB3, G3, b, a, ga, t0, L, T, D, N3, R3, alpha, PHASE == 1,
+                              BT, BN, BK, RP, IP)
 
 
 # Backward strategy: "fused" (dx = dy W inside the kernel, dy read once for dx, g and dB) or "split" (dx's base part
 # dy W by cuBLAS, the kernel adds alpha g A into it and does dA/dB). Chosen by measurement (see bench/results).
 DEFAULT_BWD_SPLIT = False
+# "G once" (either strategy): the shrink gradient g = dy B_a is computed once per T-tile, by the dB programs in a first
+# launch (stored as alpha m g, x.dtype, (B*T, r) per slice), and read by the dx programs of a second launch, instead of
+# recomputed in each of the d/BD d-tiles. At rank 96 (B64 T2048, d 512, Q512 + V256) the recomputation is 77 of the
+# backward's 277 GFLOP (the minimal count is 193), at the price of a second read of dy (201 MB) and G written and read
+# (2 x 25 MB). Opt-in until a GPU run has timed it (bench_lora's sweep has it as GONCE=True).
+DEFAULT_BWD_G_ONCE = False
 
 
 def bwd_split() -> bool:
     return bool(BWD_OVERRIDE.get("SPLIT", DEFAULT_BWD_SPLIT))
+
+
+def bwd_g_once() -> bool:
+    return bool(BWD_OVERRIDE.get("GONCE", DEFAULT_BWD_G_ONCE))
 
 
 def _bwd_config(T: int, RP: int):
@@ -351,13 +389,18 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
         # was computed inside the dx programs' main loop)
         pps = BWD_OVERRIDE.get("PPS", 8)
         tsplit = max(1, min(g.TT, cdiv(pps * _num_sms(x.device), g.B * (DT + 1))))
-    args = _slot_args([[dys[j], ws[j], As[j], Bs[j], dAs[j], dBs[j], ws[j].shape[0], As[j].shape[1]]
+    g_once = bwd_g_once()
+    # "G once": alpha m g of every slice, (B*T, r_i) in x.dtype; rows of wholly padded T-tiles are never written or read
+    Gs = [_utils.empty((g.B * g.T, A.shape[1]), x.dtype, x.device) if g_once else x for A in As]
+    args = _slot_args([[dys[j], ws[j], As[j], Bs[j], dAs[j], dBs[j], Gs[j], ws[j].shape[0], As[j].shape[1]]
                        for j in range(len(ws))])
-    grid = (g.B * tsplit * (DT + 1),)
-    _bwd_kernel[grid](x, dx if dx is not None else x, lengths if lengths is not None else x,
-                      adapter_index if adapter_index is not None else x,
-                      *args, g.T, g.D, As[0].shape[0], g.TT, tsplit, DT, float(alpha),
-                      NS=len(ws), HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
-                      GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, BASE=dx is not None and base_in_kernel,
-                      LOAD_DX=dx is not None and not base_in_kernel, RP=g.RP,
-                      IP=dot_precision(x.dtype), **g.meta, **g.launch)
+    # (phase, roles per (b, T-split)): one launch of DT dx roles + the dB role, or the G pass then the dx pass
+    for phase, roles in (((1, 1), (2, DT)) if g_once else ((0, DT + 1),)):
+        _bwd_kernel[(g.B * tsplit * roles,)](
+            x, dx if dx is not None else x, lengths if lengths is not None else x,
+            adapter_index if adapter_index is not None else x,
+            *args, g.T, g.D, As[0].shape[0], g.TT, tsplit, DT, float(alpha),
+            NS=len(ws), HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
+            GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, BASE=dx is not None and base_in_kernel,
+            LOAD_DX=dx is not None and not base_in_kernel, PHASE=phase, RP=g.RP,
+            IP=dot_precision(x.dtype), **g.meta, **g.launch)

@@ -24,13 +24,14 @@ except ImportError:  # pragma: no cover
     QT = namedtuple("QT", "q scale bits")
 
 
-@pytest.fixture(params=["fused", "split"])
+@pytest.fixture(params=["fused", "split", "gonce", "gonce-split"])
 def bwd_strategy(request, monkeypatch):
-    """Both backward strategies: dx's base part in the kernel ("fused") or by cuBLAS with the kernel adding the
-    LoRA part ("split")."""
+    """Every backward strategy: dx's base part in the kernel ("fused") or by cuBLAS with the kernel adding the
+    LoRA part ("split"), each in one launch or as "G once" (a G pass, then the dx pass reading it)."""
     from pgolf_kernels import lora_triton
 
-    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "SPLIT", request.param == "split")
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "SPLIT", request.param.endswith("split"))
+    monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "GONCE", request.param.startswith("gonce"))
     return request.param
 
 
@@ -164,6 +165,25 @@ def test_deterministic_bitwise(device, act_dtype):
     _, g1, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
     _, g2, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, deterministic=True)
     for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="bitwise across strategies: the interpreter's dots only")
+def test_g_once_equals_the_one_launch_backward_bitwise(monkeypatch):
+    """Deterministic mode: "G once" stores the very alpha m g the one-launch dx programs form (same dots, same order)
+    and adds it in the same place, so dx, dA and dB are bitwise those of the one-launch backward; padded rows and a
+    wholly padded T-tile included (their G rows are never read: the buffer starts NaN)."""
+    from pgolf_kernels import lora_triton
+
+    B, T, d, outs, r = 3, 40, 48, [40, 24], 5
+    x, bases, As, Bs = _make(B, T, d, outs, r, torch.float32, "cpu", seed=11)
+    dys = [torch.randn(B, T, o, generator=torch.Generator().manual_seed(12)) for o in outs]
+    lengths = torch.tensor([40, 13, 0])
+    got = {}
+    for g_once in (False, True):
+        monkeypatch.setitem(lora_triton.BWD_OVERRIDE, "GONCE", g_once)
+        got[g_once] = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, lengths=lengths, deterministic=True)[1]
+    for a, b in zip(got[False], got[True]):
         assert torch.equal(a, b)
 
 
@@ -469,7 +489,8 @@ def test_kernels_compile_for_sm90():
     import sys
 
     code = ("from pgolf_kernels.lora_sm90_check import fwd_stats, bwd_stats\n"
-            "for s in (fwd_stats(RP=16), fwd_stats(RP=16, quant=True), bwd_stats(RP=16), bwd_stats(RP=16, split=True)):\n"
+            "for s in (fwd_stats(RP=16), fwd_stats(RP=16, quant=True), bwd_stats(RP=16), bwd_stats(RP=16, split=True),\n"
+            "          bwd_stats(RP=16, phase=1), bwd_stats(RP=16, phase=2)):\n"
             "    assert s['async_copies'] > 0 and s['wgmma'] > 0, s\n"
             "    print(s)\n")
     env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}

@@ -52,7 +52,8 @@ Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 
   pgolf_kernels/lora_triton.py, DEFAULT_BWD_SPLIT, and bench/results/lora-*.md). Either strategy can run "G once"
   (``DEFAULT_BWD_G_ONCE``, opt-in until timed): a first launch of the dB programs also stores α·m·g (x.dtype,
   (B·T, r)) and a second launch of the dx programs reads it, instead of recomputing g in each of the d/BD d-tiles
-  (at r = 96 that recomputation is 77 of the backward's 277 GFLOP, 193 minimal); the price is a second read of dy
+  (at r = 96, B64 T2048: g's dots cost 77 of the backward's 277 GFLOP, one pass 19; G once does 219, 193 minimal, as
+  dB still recomputes u); the price is a second read of dy
   and G written and read once. Bitwise equal to the one-launch backward in deterministic mode (interpreter test).
 * dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
   program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so

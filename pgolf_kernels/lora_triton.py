@@ -341,9 +341,9 @@ def _bwd_kernel(X, DX, LEN, IDX,
 DEFAULT_BWD_SPLIT = False
 # "G once" (either strategy): the shrink gradient g = dy B_a is computed once per T-tile, by the dB programs in a first
 # launch (stored as alpha m g, x.dtype, (B*T, r) per slice), and read by the dx programs of a second launch, instead of
-# recomputed in each of the d/BD d-tiles. At rank 96 (B64 T2048, d 512, Q512 + V256) the recomputation is 77 of the
-# backward's 277 GFLOP (the minimal count is 193), at the price of a second read of dy (201 MB) and G written and read
-# (2 x 25 MB). Opt-in until a GPU run has timed it (bench_lora's sweep has it as GONCE=True).
+# recomputed in each of the d/BD d-tiles. At rank 96 (B64 T2048, d 512, Q512 + V256) g's dots cost 77 of the backward's
+# 277 GFLOP where one pass costs 19 (G once: 219; the minimal count is 193, dB still recomputes u), at the price of a
+# second read of dy (201 MB) and G written and read (2 x 25 MB). Opt-in until a GPU run has timed it (bench_lora's sweep has it as GONCE=True).
 DEFAULT_BWD_G_ONCE = False
 
 

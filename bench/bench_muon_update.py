@@ -26,15 +26,12 @@ MOMENTUM, LR, WD = 0.95, 0.02, 0.04
 
 
 def _record_ops(p, grad, buf, upd, row_norm):
-    """The records' per-bank ops (2026-04-29 ``Muon.step``, single process)."""
-    g = grad.bfloat16()
-    buf.mul_(MOMENTUM).add_(g)
-    u = g.add(buf, alpha=MOMENTUM)
-    if row_norm:
-        rn = u.float().norm(dim=-1, keepdim=True).clamp_min(1e-07)
-        u = u / rn.to(u.dtype)
-    p.data.mul_(1.0 - LR * WD)
-    p.add_(upd.to(dtype=p.dtype), alpha=-LR)
+    """The records' per-bank ops (2026-04-29 ``Muon.step``, single process: ``g = p.grad.bfloat16()``, momentum,
+    Nesterov, MuonEq-R, decay, cast + add), which the package's torch references write out op for op."""
+    from pgolf_kernels.muon_update import decay_add_ref, momentum_update_ref
+
+    u = momentum_update_ref(grad, buf, MOMENTUM, True, 1e-07 if row_norm else None)
+    decay_add_ref(p.data, upd, LR, WD, 1.0)
     return u
 
 

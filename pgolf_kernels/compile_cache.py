@@ -75,6 +75,9 @@ def load_compile_cache(path: str, arg: str = "compile_cache") -> Dict[str, objec
     file that torch cannot read raises ``CompileCacheError`` naming ``arg``."""
     import torch
 
+    if not check_compile_cache_path(path, arg):
+        raise CompileCacheError(arg, path, "an existing compile-cache file (this path does not exist)")
+    path = os.fspath(path)
     t = time.perf_counter()
     with open(path, "rb") as f:
         blob = f.read()
@@ -95,11 +98,14 @@ def load_compile_cache(path: str, arg: str = "compile_cache") -> Dict[str, objec
     return dict(path=path, loaded_bytes=len(blob), entries=_entries(info), load_s=round(time.perf_counter() - t, 3))
 
 
-def save_compile_cache(path: str) -> Dict[str, object]:
+def save_compile_cache(path: str, arg: str = "compile_cache") -> Dict[str, object]:
     """Write what this process compiled or loaded to ``path`` (atomically); returns {path, saved_bytes, entries,
-    save_s}, with saved_bytes 0 when torch has nothing to save (nothing was compiled)."""
+    save_s}, with saved_bytes 0 when torch has nothing to save (nothing was compiled). A path that cannot be written
+    raises ``CompileCacheError`` naming ``arg``."""
     import torch
 
+    check_compile_cache_path(path, arg)
+    path = os.fspath(path)
     t = time.perf_counter()
     art = torch.compiler.save_cache_artifacts()
     if art is None:

@@ -81,3 +81,12 @@ def test_a_foreign_file_is_refused_by_name(tmp_path):
     bad.write_bytes(b"PGOLFZ" + bytes(range(200)))
     with pytest.raises(CompileCacheError, match=r"^compile_cache = .*not-a-cache.bin.*: expected a compile-cache file"):
         load_compile_cache(str(bad))
+
+
+def test_load_and_save_refuse_a_bad_path_by_name(tmp_path):
+    from pgolf_kernels.compile_cache import save_compile_cache
+
+    with pytest.raises(CompileCacheError, match=r"^--compile-cache = .*missing.bin.*: expected an existing"):
+        load_compile_cache(str(tmp_path / "missing.bin"), "--compile-cache")
+    with pytest.raises(CompileCacheError, match=r"^compile_cache = .*: expected a file, not a folder"):
+        save_compile_cache(str(tmp_path))

@@ -598,20 +598,16 @@ def main(argv=None) -> dict:
     cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
-    if args.precompiled and not compiled:
-        from .checks import CheckError
+    from .checks import CheckError
 
-        raise CheckError("--precompiled", args.precompiled, f"the compiled forward (--compile on, or auto on CUDA; got "
-                                                             f"--compile {args.compile} on {device})")
+    for flag, value in (("--precompiled", args.precompiled), ("--compile-cache", args.compile_cache)):
+        if value and not compiled:  # both act on torch.compile's output
+            raise CheckError(flag, value, f"the compiled forward (--compile on, or auto on CUDA; got --compile "
+                                          f"{args.compile} on {device})")
     cache_file_exists = None
     if args.compile_cache is not None:
         from pgolf_kernels.compile_cache import CompileCacheError, check_compile_cache_path
 
-        from .checks import CheckError
-
-        if not compiled:
-            raise CheckError("--compile-cache", args.compile_cache, f"the compiled forward (--compile on, or auto on "
-                                                                    f"CUDA; got --compile {args.compile} on {device})")
         try:
             cache_file_exists = check_compile_cache_path(args.compile_cache, "--compile-cache")
         except CompileCacheError as e:
@@ -726,7 +722,7 @@ def _compile_cache_report(args, loaded, existed, rank: int, log) -> dict:
         return {"compile_cache_file": {"path": args.compile_cache, "saved_bytes": 0, "note": "written by rank 0"}}
     from pgolf_kernels.compile_cache import save_compile_cache
 
-    saved = save_compile_cache(args.compile_cache)
+    saved = save_compile_cache(args.compile_cache, "--compile-cache")
     log(f"[eval] compile cache: {saved['saved_bytes']:,} bytes written to {args.compile_cache} ({saved['entries']}) "
         f"in {saved['save_s']:.1f} s")
     return {"compile_cache_file": saved}

@@ -31,8 +31,9 @@ flex_attention), and every row says so.
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
 ``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_GRAPH=1`` (and its
-CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_RECORDS_MUON_FAST_PACK=1`` (the
-patched step once more with ``PGOLF_NS_FAST_PACK=1``: ``fast_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2),
+CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_RECORDS_MUON_TORCH_PACK=1`` (the
+patched step once more with ``PGOLF_NS_FAST_PACK=0``, the torch copy in the NS prologue instead of the Triton pack:
+``torch_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2),
 ``PGOLF_RECORDS_CHILD_S`` (420 s per training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a
 device call.
 
@@ -479,12 +480,12 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
 
 def _muon_extras(r: Dict[str, Dict[str, object]]) -> Dict[str, object]:
     """The optional columns of a Muon.step row from its children's results (``r[variant]``): kernel tables, graph
-    replay times or capture errors, and the fast-pack child's time and kernels."""
+    replay times or capture errors, and the torch-prologue child's time and kernels."""
     out: Dict[str, object] = {}
-    for prefix, v in (("", "patched"), ("baseline_", "record"), ("fast_pack_", "fast_pack")):
+    for prefix, v in (("", "patched"), ("baseline_", "record"), ("torch_pack_", "torch_pack")):
         res = r.get(v, {})
-        if v == "fast_pack" and res:
-            out["fast_pack_ms"] = res["ms"]
+        if v == "torch_pack" and res:
+            out["torch_pack_ms"] = res["ms"]
         for k in ("kernels", "graph_ms", "graph_error"):
             if k in res:
                 out[prefix + k] = res[k]
@@ -511,9 +512,9 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         raise ValueError(f"PGOLF_RECORDS_MUON_KEYS: unknown {bad}; expected a comma list of {tuple(records_env.RECORDS)}")
     for key in (muon_keys if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
-        if os.environ.get("PGOLF_RECORDS_MUON_FAST_PACK") == "1":  # the patched step once more, NS prologue in Triton
-            r["fast_pack"] = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300,
-                                    PGOLF_NS_FAST_PACK="1")[0]
+        if os.environ.get("PGOLF_RECORDS_MUON_TORCH_PACK") == "1":  # the patched step once more, NS prologue in torch
+            r["torch_pack"] = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300,
+                                     PGOLF_NS_FAST_PACK="0")[0]
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
                                      baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],

@@ -48,13 +48,14 @@ Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 
   fp32 casts of dA/dB: ≈ 1.0 GB in ~20 launches. An int6 base is dequantized to x.dtype for the backward (one
   N_i×d op, 0.5 MB for Q) instead of in every dx tile; the forward keeps the codes in-kernel.
   A second strategy, "split", leaves dx's base part dy·W to cuBLAS and has the same kernel add α g·A into it
-  (dy read twice, dx read+written twice); which one is the default is decided by measurement (see
-  pgolf_kernels/lora_triton.py, DEFAULT_BWD_SPLIT, and bench/results/lora-*.md). Either strategy can run "G once"
-  (``DEFAULT_BWD_G_ONCE``, opt-in until timed): a first launch of the dB programs also stores α·m·g (x.dtype,
+  (dy read twice, dx read+written twice). Either strategy can run "G once": a first launch of the dB programs also stores α·m·g (x.dtype,
   (B·T, r)) and a second launch of the dx programs reads it, instead of recomputing g in each of the d/BD d-tiles
   (at r = 96, B64 T2048: g's dots cost 77 of the backward's 277 GFLOP, one pass 19; G once does 219, 193 minimal, as
   dB still recomputes u); the price is a second read of dy
   and G written and read once. Bitwise equal to the one-launch backward in deterministic mode (interpreter test).
+  Defaults by measurement (H200, bench/results/lora-h200.md; ``lora_triton.bwd_split`` / ``bwd_g_once``): fused in
+  one launch for rank ≤ 32 (0.511 ms fwd+bwd at B64 T1024 r8), G once + split above (1.679 ms at B64 T2048 r96,
+  against 1.884 ms fused in one launch).
 * dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
   program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so
   results are bitwise reproducible. The default may split T across programs when B·(d/BD) is below ~2 waves of SMs.
@@ -349,7 +350,7 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     Wd = [dequant(w, scales[i], x.dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
-    split = K.bwd_split()
+    split = K.bwd_split(max(A.shape[1] for A in As))
     if need_dx and split:
         # "split" strategy: dx = sum_i dy_i W_i by cuBLAS, the kernel adds alpha g_i A_i into it
         dx2 = dx.view(-1, d)

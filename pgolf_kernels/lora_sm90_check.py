@@ -62,7 +62,7 @@ def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=Fal
 
 def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, split=False, ns=2, dtype="bf16",
               phase=0):
-    """phase 0: the one-launch backward; 1 / 2: the "G once" G pass / dx pass (lora_triton.DEFAULT_BWD_G_ONCE)."""
+    """phase 0: the one-launch backward; 1 / 2: the "G once" G pass / dx pass (lora_triton.bwd_g_once)."""
     from . import lora_triton as K
 
     types = {"X": f"*{dtype}", "DX": f"*{dtype}", "LEN": "*i64", "IDX": "*i64", "alpha": "fp32"}

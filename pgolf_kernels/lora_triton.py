@@ -337,22 +337,30 @@ def _bwd_kernel(X, DX, LEN, IDX,
 
 
 # Backward strategy: "fused" (dx = dy W inside the kernel, dy read once for dx, g and dB) or "split" (dx's base part
-# dy W by cuBLAS, the kernel adds alpha g A into it and does dA/dB). Chosen by measurement (see bench/results).
-DEFAULT_BWD_SPLIT = False
+# dy W by cuBLAS, the kernel adds alpha g A into it and does dA/dB).
 # "G once" (either strategy): the shrink gradient g = dy B_a is computed once per T-tile, by the dB programs in a first
 # launch (stored as alpha m g, x.dtype, (B*T, r) per slice), and read by the dx programs of a second launch, instead of
 # recomputed in each of the d/BD d-tiles. At rank 96 (B64 T2048, d 512, Q512 + V256) g's dots cost 77 of the backward's
 # 277 GFLOP where one pass costs 19 (G once: 219; the minimal count is 193, dB still recomputes u), at the price of a
-# second read of dy (201 MB) and G written and read (2 x 25 MB). Opt-in until a GPU run has timed it (bench_lora's sweep has it as GONCE=True).
+# second read of dy (201 MB) and G written and read (2 x 25 MB).
+# Defaults per rank class, chosen by measurement (H200, CUDA-graph timing of fwd+bwd, bench/results/lora-h200.md):
+#   rank <= 32: fused, one launch: 0.511 ms at B64 T1024 r8 (G once 0.542, split 0.619, G once + split 0.532);
+#   rank  > 32: G once + split: 1.679 ms at B64 T2048 r96 (fused one launch 1.884, G once 1.831, split 2.119).
+LARGE_RANK = 32
+DEFAULT_BWD_SPLIT = False
 DEFAULT_BWD_G_ONCE = False
+DEFAULT_BWD_SPLIT_LARGE = True
+DEFAULT_BWD_G_ONCE_LARGE = True
 
 
-def bwd_split() -> bool:
-    return bool(BWD_OVERRIDE.get("SPLIT", DEFAULT_BWD_SPLIT))
+def bwd_split(rank: int) -> bool:
+    """Whether the backward leaves dx's base part to cuBLAS, for adapters of max rank ``rank``."""
+    return bool(BWD_OVERRIDE.get("SPLIT", DEFAULT_BWD_SPLIT_LARGE if rank > LARGE_RANK else DEFAULT_BWD_SPLIT))
 
 
-def bwd_g_once() -> bool:
-    return bool(BWD_OVERRIDE.get("GONCE", DEFAULT_BWD_G_ONCE))
+def bwd_g_once(rank: int) -> bool:
+    """Whether the backward computes the shrink gradient once per T-tile (two launches), for max rank ``rank``."""
+    return bool(BWD_OVERRIDE.get("GONCE", DEFAULT_BWD_G_ONCE_LARGE if rank > LARGE_RANK else DEFAULT_BWD_G_ONCE))
 
 
 def _bwd_config(T: int, RP: int):
@@ -389,7 +397,7 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
         # was computed inside the dx programs' main loop)
         pps = BWD_OVERRIDE.get("PPS", 8)
         tsplit = max(1, min(g.TT, cdiv(pps * _num_sms(x.device), g.B * (DT + 1))))
-    g_once = bwd_g_once()
+    g_once = bwd_g_once(max(A.shape[1] for A in As))
     # "G once": alpha m g of every slice, (B*T, r_i) in x.dtype; rows of wholly padded T-tiles are never written or read
     Gs = [_utils.empty((g.B * g.T, A.shape[1]), x.dtype, x.device) if g_once else x for A in As]
     args = _slot_args([[dys[j], ws[j], As[j], Bs[j], dAs[j], dBs[j], Gs[j], ws[j].shape[0], As[j].shape[1]]

@@ -21,11 +21,11 @@ Kernels (three launches per step, each *grouped* over every matrix of every shap
 A work list of (matrix, tile) items is built once per shape signature and cached; one program per item,
 so edge tiles are masked and no program works on padding. Tiles: 128x128 (BK 64, 8 warps, 3 stages), or
 64x64 when a call has fewer 128x128 update tiles than the GPU has SMs (``tiles="auto"``, the default).
-Prologue: torch fp32 norm + one scale/cast/transpose copy per input (``FAST_PACK=True``, or ``PGOLF_NS_FAST_PACK=1``
-in the environment, swaps the copy for a Triton tile-transposing pack kernel, bitwise equal; opt-in until a GPU run
-has timed it).
+Prologue: torch fp32 norm per input, then a Triton pack kernel that scales, casts and transposes 64x64 tiles in
+registers into the packed workspace (``FAST_PACK``, the default; ``PGOLF_NS_FAST_PACK=0`` in the environment falls back
+to one torch scale/cast/transpose copy per input, bitwise equal).
 Measured on one H200 (bench/results/ns-h200.md): whole 11-layer MLP3x set 0.853 ms (368 TFLOP/s on the
-full count) vs torch.compile over banks 1.202 ms; of that, 0.203 ms is the prologue. Operands are the compute dtype (bf16 on GPU),
+full count) with the torch prologue, 0.753 ms with the Triton pack (the default), vs torch.compile over banks 1.196 ms. Operands are the compute dtype (bf16 on GPU),
 accumulation is fp32; A, B, X are rounded once per step (torch's own path rounds 5 times per step:
 A, A A, c A A, b A + c A A, B X, a X + B X).
 
@@ -464,17 +464,15 @@ def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
     return tot
 
 
-# Opt-in Triton pack kernel for the prologue (off by default until a GPU run has measured it). Why: on H200
-# the torch prologue took 0.203 ms of the 0.857 ms whole-set call (bench/results/ns-tune-h200.md); the
-# suspected cost is torch.div's element-wise copy from the transposed (tall) bank, which reads with a
-# 2 KB stride, where the kernel transposes 64x64 tiles in registers. Output is bitwise the torch path's. In the
-# patched 2026-04-29 Muon.step that copy took 161 us of the step's 1,115 us of device time (four launches over
-# 63 MB of bf16 in and out: ~0.8 TB/s; torch.profiler, bench/results/records-h200.md). PGOLF_NS_FAST_PACK=1 turns
-# it on for a process (what bench_records' Muon rows time as fast_pack_ms).
+# Triton pack kernel for the prologue, the default. Why: torch.div's element-wise copy from the transposed (tall) bank
+# reads with a 2 KB stride (~0.8 TB/s); the kernel transposes 64x64 tiles in registers. Measured on H200
+# (torch.profiler, bench/results/records-h200.md): in the patched 2026-04-29 Muon.step the copy took 160.7 us, the
+# pack 32.2 us (1,117 -> 989 us of device time per step); the whole 11-layer MLP3x NS set 0.850 -> 0.753 ms
+# (bench/results/ns-h200.md). Output is bitwise the torch path's. PGOLF_NS_FAST_PACK=0 selects the torch copy.
 def _fast_pack_from_env() -> bool:
-    raw = os.environ.get("PGOLF_NS_FAST_PACK", "0")
+    raw = os.environ.get("PGOLF_NS_FAST_PACK", "1")
     if raw not in ("0", "1"):
-        raise ValueError(f"PGOLF_NS_FAST_PACK = {raw!r}: expected 0 (torch prologue, the default) or 1 (Triton pack)")
+        raise ValueError(f"PGOLF_NS_FAST_PACK = {raw!r}: expected 1 (Triton pack, the default) or 0 (torch copy)")
     return raw == "1"
 
 

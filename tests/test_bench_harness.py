@@ -249,7 +249,7 @@ def test_records_muon_row_extras():
 
     r = {"patched": {"ms": 1.0, "kernels": [["k", 1.0, 1]], "graph_ms": 0.9},
          "record": {"ms": 2.0, "graph_error": "RuntimeError: capture"},
-         "fast_pack": {"ms": 0.8, "kernels": [["p", 0.5, 1]]}}
+         "torch_pack": {"ms": 0.8, "kernels": [["p", 0.5, 1]]}}
     assert _muon_extras(r) == {"kernels": [["k", 1.0, 1]], "graph_ms": 0.9, "baseline_graph_error": "RuntimeError: capture",
-                               "fast_pack_ms": 0.8, "fast_pack_kernels": [["p", 0.5, 1]]}
+                               "torch_pack_ms": 0.8, "torch_pack_kernels": [["p", 0.5, 1]]}
     assert _muon_extras({"patched": {"ms": 1.0}, "record": {"ms": 2.0}}) == {}

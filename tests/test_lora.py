@@ -514,3 +514,15 @@ def test_opcheck_custom_ops(device):
     dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
     torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
                                          lengths, torch.tensor([1, 1], device=device), True, True))
+
+
+def test_backward_strategy_defaults_by_rank_class(monkeypatch):
+    """The measured defaults: fused one-launch backward up to rank 32, G once + split above; an override wins."""
+    from pgolf_kernels import lora_triton as K
+
+    monkeypatch.setattr(K, "BWD_OVERRIDE", {})
+    assert (K.bwd_split(8), K.bwd_g_once(8)) == (False, False)
+    assert (K.bwd_split(K.LARGE_RANK), K.bwd_g_once(K.LARGE_RANK)) == (False, False)
+    assert (K.bwd_split(96), K.bwd_g_once(96)) == (True, True)
+    monkeypatch.setattr(K, "BWD_OVERRIDE", {"SPLIT": False, "GONCE": False})
+    assert (K.bwd_split(96), K.bwd_g_once(96)) == (False, False)

@@ -244,6 +244,7 @@ def test_gpu_odd_shapes_and_polar_express():
 @pytest.mark.gpu
 def test_gpu_fast_pack_bitwise_and_tiles_large_vs_auto(monkeypatch):
     mats = [_rand(s, device="cuda") for s in [(22, 512, 512), (22, 256, 512), (11, 1536, 512), (11, 512, 1536)]]
+    monkeypatch.setattr(nsmod, "FAST_PACK", False)
     slow = newton_schulz_many(mats)
     monkeypatch.setattr(nsmod, "FAST_PACK", True)
     fast = newton_schulz_many(mats)
@@ -289,9 +290,11 @@ def test_many_refuses_a_bare_tensor():
         newton_schulz_many(torch.randn(2, 4, 4))
 
 
-@pytest.mark.parametrize("value,expect", [("1", "True"), ("yes", "PGOLF_NS_FAST_PACK = 'yes': expected 0")])
+@pytest.mark.parametrize("value,expect", [("1", "True"), ("0", "False"), ("", "PGOLF_NS_FAST_PACK = '': expected 1"),
+                                          ("yes", "PGOLF_NS_FAST_PACK = 'yes': expected 1")])
 def test_fast_pack_env_switch(value, expect):
-    """PGOLF_NS_FAST_PACK picks the prologue for a process; any other value than 0 / 1 is refused by name."""
+    """PGOLF_NS_FAST_PACK picks the prologue for a process (default 1, the Triton pack); any other value than 0 / 1 is
+    refused by name."""
     import subprocess
     import sys
 

@@ -617,7 +617,10 @@ def main(argv=None) -> dict:
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
         # on the 2-core CPU machine the imports took 3.1-4.4 s, torch_key 0.26 s and the pool start ~0 s
         mark("compile_imports")
-        _start_compile_workers()
+        # with a compile-cache file every compile of the warm-up is meant to be a cache hit, which needs no
+        # worker: Inductor still starts the pool at its first real compile if one misses
+        if not cache_file_exists:
+            _start_compile_workers()
         mark("compile_workers")
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     mark("model")

@@ -47,7 +47,7 @@ Pieces
   warm-up is not measured yet. Compiles with ``dynamic=False`` (the
   records' training) specialize floats already, so they are unchanged. The per-document LoRA
   (``BatchedLinearLoRA``) is left as it is, and the report says why per script: at rank 96 (the 2026-04-29 record: Q/K/V/O/MLP/head) the fused multi-LoRA op measured slower than the
-  record's two bmm (fwd+bwd 1.877 vs 1.380 ms, one H200); at rank 8 (2026-03-17) it is slower eagerly (1.448 vs
+  record's two bmm (fwd+bwd 1.680 vs 1.351 ms, one H200); at rank 8 (2026-03-17) it is slower eagerly (1.448 vs
   1.083 ms; it wins only under CUDA-graph replay, which the record's TTT does not use), and the record adds its
   Q/V deltas outside the base projection (``c_q(x) + q_delta``) while the fused op computes base and adapter in
   one GEMM, so patching would mean replacing the attention forward. A script without a
@@ -86,7 +86,7 @@ __all__ = ["apply", "PatchReport", "PatchError", "muon_schedule"]
 NS_FUNCTION = "zeropower_via_newtonschulz5"
 PE_TABLE = "_PE_COEFFS"
 # fused multi-LoRA vs bmm, fwd+bwd of Q512+V256 LoRA on d512, one H200 (bench/results/lora-h200.md):
-#   rank 96, B64 T2048 (the 2026-04-29 TTT shape), graph replay: 1.877 ms vs 1.380 (eager bmm) / 1.253 (compiled bmm)
+#   rank 96, B64 T2048 (the 2026-04-29 TTT shape), graph replay: 1.680 ms vs 1.351 (eager bmm) / 1.227 (compiled bmm)
 #   rank 8, B64 T1024 (the 2026-03-17 TTT shape): 0.510 vs 0.684 ms under graph replay, but 1.448 vs 1.083 ms eager
 # The records run their TTT forward eagerly (no CUDA graph), where the fused op loses at both ranks.
 FUSED_LORA_LOSES_FROM_RANK = 96
@@ -355,7 +355,7 @@ def _ttt_reason(ns: dict) -> str:
     rank = getattr(hp, "ttt_lora_rank", None)
     if isinstance(rank, int) and rank >= FUSED_LORA_LOSES_FROM_RANK:
         return (f"LoRA rank {rank}: the fused multi-LoRA op measured slower than the record's bmm at rank 96 "
-                f"(fwd+bwd 1.877 vs 1.380 ms eager bmm / 1.253 ms compiled bmm, one H200), so the record's "
+                f"(fwd+bwd 1.680 vs 1.351 ms eager bmm / 1.227 ms compiled bmm, one H200), so the record's "
                 f"BatchedLinearLoRA is kept")
     return (f"LoRA rank {rank}: the record's TTT runs eagerly, where the fused multi-LoRA op measured slower than "
             "its bmm at rank 8 (fwd+bwd 1.448 vs 1.083 ms, B64 T1024, one H200; it wins only under CUDA-graph "

@@ -48,11 +48,11 @@ Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 
   fp32 casts of dA/dB: ≈ 1.0 GB in ~20 launches. An int6 base is dequantized to x.dtype for the backward (one
   N_i×d op, 0.5 MB for Q) instead of in every dx tile; the forward keeps the codes in-kernel.
   A second strategy, "split", leaves dx's base part dy·W to cuBLAS and has the same kernel add α g·A into it
-  (dy read twice, dx read+written twice). Either strategy can run "G once": a first launch of the dB programs also stores α·m·g (x.dtype,
-  (B·T, r)) and a second launch of the dx programs reads it, instead of recomputing g in each of the d/BD d-tiles
-  (at r = 96, B64 T2048: g's dots cost 77 of the backward's 277 GFLOP, one pass 19; G once does 219, 193 minimal, as
-  dB still recomputes u); the price is a second read of dy
-  and G written and read once. Bitwise equal to the one-launch backward in deterministic mode (interpreter test).
+  (dy read twice, dx read+written twice). Either strategy can run "G once": a first launch of the dB programs
+  also stores α·m·g (x.dtype, (B·T, r)) and a second launch of the dx programs reads it, instead of recomputing g
+  in each of the d/BD d-tiles (at r = 96, B64 T2048: g's dots cost 77 of the backward's 277 GFLOP, one pass 19;
+  G once does 219, 193 minimal, as dB still recomputes u); the price is a second read of dy and G written and
+  read once. Bitwise equal to the one-launch backward in deterministic mode (interpreter test).
   Defaults by measurement (H200, bench/results/lora-h200.md; ``lora_triton.bwd_split`` / ``bwd_g_once``): fused in
   one launch for rank ≤ 32 (0.511 ms fwd+bwd at B64 T1024 r8), G once + split above (1.679 ms at B64 T2048 r96,
   against 1.884 ms fused in one launch).

@@ -24,9 +24,9 @@ so edge tiles are masked and no program works on padding. Tiles: 128x128 (BK 64,
 Prologue: torch fp32 norm per input, then a Triton pack kernel that scales, casts and transposes 64x64 tiles in
 registers into the packed workspace (``FAST_PACK``, the default; ``PGOLF_NS_FAST_PACK=0`` in the environment falls back
 to one torch scale/cast/transpose copy per input, bitwise equal).
-Measured on one H200 (bench/results/ns-h200.md): whole 11-layer MLP3x set 0.853 ms (368 TFLOP/s on the
-full count) with the torch prologue, 0.753 ms with the Triton pack (the default), vs torch.compile over banks 1.196 ms. Operands are the compute dtype (bf16 on GPU),
-accumulation is fp32; A, B, X are rounded once per step (torch's own path rounds 5 times per step:
+Measured on one H200 (bench/results/ns-h200.md): whole 11-layer MLP3x set 0.753 ms with the Triton pack (the
+default; 417 TFLOP/s on the full count), 0.850 ms with the torch copy, vs torch.compile over banks 1.196 ms.
+Operands are the compute dtype (bf16 on GPU), accumulation is fp32; A, B, X are rounded once per step (torch's own path rounds 5 times per step:
 A, A A, c A A, b A + c A A, B X, a X + B X).
 
 Edge cases (documented behaviour, tested):

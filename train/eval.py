@@ -618,7 +618,8 @@ def main(argv=None) -> dict:
         # on the 2-core CPU machine the imports took 3.1-4.4 s, torch_key 0.26 s and the pool start ~0 s
         mark("compile_imports")
         # with a compile-cache file every compile of the warm-up is meant to be a cache hit, which needs no
-        # worker: Inductor still starts the pool at its first real compile if one misses
+        # worker: Inductor still starts the pool at its first real compile if one misses (what this saves is
+        # not timed yet: load_parts' compile_workers of the seeds-ref-cachefile warm-up case will say)
         if not cache_file_exists:
             _start_compile_workers()
         mark("compile_workers")

@@ -8,7 +8,8 @@ x and every adapter. Each shape also gets one fwd+bwd row timed with ``bench_ms`
 included), the way the published baseline figures were taken. Rows are also appended to ``lora-partial.jsonl`` in the
 results dir as they are measured.
 
-Env: PGOLF_LORA_SWEEP=1 first times tile/strategy variants (each checked against an fp32 oracle) and uses the
+Env: PGOLF_LORA_SWEEP=1 first times tile/strategy variants, the merged-weight strategy among them (MERGED, each
+checked against an fp32 oracle), then merged against the kernels at short rows (the dispatch threshold), and uses the
 fastest passing one per rank class for the main rows (``cfg`` column); PGOLF_LORA_DEADLINE (unix time) stops
 starting new measurements; PGOLF_LORA_COMPILE_BUDGET_S bounds the torch.compile baselines.
 """
@@ -100,14 +101,28 @@ def _left() -> float:
     return _deadline() - time.time()
 
 
-FWD_VARIANTS = [dict()]
 # Every variant names SPLIT and GONCE, as the defaults differ by rank class (lora_triton.bwd_split / bwd_g_once).
 # GONCE: the "G once" backward; BT=64 with it because at r=96 its G pass holds u and g (2 x BT x 128 fp32) and spilled
 # 428 B per thread at BT=128 vs 132 B at BT=64 (sm_90a ptxas, lora_sm90_check)
 _F = dict(SPLIT=False, GONCE=False)
 BWD_VARIANTS = [dict(_F), dict(_F, BD=256), dict(_F, SPLIT=True), dict(_F, SPLIT=True, BD=256), dict(_F, GONCE=True),
                 dict(GONCE=True, SPLIT=True), dict(_F, GONCE=True, BT=64)]
+# MERGED: the merged-weight strategy (pgolf_kernels.lora_merged) instead of the Triton kernels, both directions;
+# MERGED=False pins the kernels (the sweep's other variants run the default dispatch otherwise)
+FWD_VARIANTS = [dict(MERGED=False), dict(MERGED=True)]
+BWD_VARIANTS = [dict(v, MERGED=False) for v in BWD_VARIANTS] + [dict(MERGED=True)]
+# the dispatch threshold (lora_merged.MIN_T): merged against the kernels' default at short rows
+THRESHOLD_CASES = [(256, 8), (512, 8), (256, 96), (512, 96), (1024, 96)]
 CHOSEN = {"small": (dict(), dict()), "large": (dict(), dict())}   # (fwd override, bwd override) per rank class
+
+
+def _apply(ov, v):
+    """Set one variant: the Triton override dict gets the tile/strategy keys, lora_merged.OVERRIDE the MERGED one."""
+    from pgolf_kernels import lora_merged
+
+    v = dict(v)
+    lora_merged.OVERRIDE = v.pop("MERGED", None)
+    ov.clear(), ov.update(v)
 
 
 def _rank_class(r):
@@ -162,7 +177,7 @@ def _sweep(rows):
             for v in variants:
                 if _left() < 25:
                     break
-                ov.clear(), ov.update(v)
+                _apply(ov, v)
                 try:
                     err = _errors(ours, sets[0], ref)
                     ms = _time(mk, ours, sets)
@@ -174,9 +189,29 @@ def _sweep(rows):
                     # a full row (NaN time) so every consumer of rows (gpu_lane.sh summary, report) can read it
                     row = make_row(KERNEL, f"sweep {case} {kind} {v}", float("nan"), bl, bms, error=repr(e)[:300])
                 rows.append(row), _log(row)
-            ov.clear()
+            _apply(ov, {})
         CHOSEN[_rank_class(r)] = (best.get("fwd", ({}, 0))[0], best.get("fwd+bwd", ({}, 0))[0])
         print(f"chosen for {_rank_class(r)} ranks: {CHOSEN[_rank_class(r)]}", flush=True)
+        del sets, ref
+
+
+def _threshold(rows):
+    """fwd+bwd at short rows, merged weights against the Triton kernels' defaults: decides lora_merged.MIN_T."""
+    from pgolf_kernels import lora_triton as K
+
+    for T, r in THRESHOLD_CASES:
+        if _left() < 20:
+            return
+        sets = [_inputs(T, r, s) for s in range(3 if T <= 512 else 1)]
+        ref = _reference(sets[0])
+        bmm_fb = _time(_fwd_bwd, bmm_form, sets)
+        for v in (dict(MERGED=False), dict(MERGED=True)):
+            _apply(K.BWD_OVERRIDE, v)
+            err = _errors(ours, sets[0], ref)
+            row = make_row(KERNEL, f"threshold B{B} T{T} r{r} fwd+bwd {v}", _time(_fwd_bwd, ours, sets), "bmm eager",
+                           bmm_fb, timing="graph", err_ratio=round(err, 3))
+            rows.append(row), _log(row)
+        _apply(K.BWD_OVERRIDE, {})
         del sets, ref
 
 
@@ -184,8 +219,9 @@ def _use(r):
     from pgolf_kernels import lora_triton as K
 
     f, b = CHOSEN[_rank_class(r)]
-    K.FWD_OVERRIDE.clear(), K.FWD_OVERRIDE.update(f)
-    K.BWD_OVERRIDE.clear(), K.BWD_OVERRIDE.update(b)
+    # one strategy per call: the merged choice of the fwd+bwd winner decides (fwd-only rows time the same path)
+    _apply(K.FWD_OVERRIDE, dict(f, MERGED=b.get("MERGED", f.get("MERGED"))))
+    K.BWD_OVERRIDE.clear(), K.BWD_OVERRIDE.update({k: v for k, v in b.items() if k != "MERGED"})
     return f"fwd {f} bwd {b}"
 
 
@@ -222,6 +258,7 @@ def run(quick: bool = False):
     rows = []
     if os.environ.get("PGOLF_LORA_SWEEP"):
         _sweep(rows)
+        _threshold(rows)
     shapes = QUICK if quick else SHAPES
     res = {}
     for T, r in shapes:
@@ -272,4 +309,7 @@ def run(quick: bool = False):
             rows.append(row)
             _log(row)
         del sets
+    from pgolf_kernels import lora_triton as K
+
+    _apply(K.FWD_OVERRIDE, {}), K.BWD_OVERRIDE.clear()   # the process's later benches see the defaults
     return rows

@@ -73,6 +73,7 @@ from torch import Tensor
 
 from . import _utils
 from ._dequant import DEFAULT_LARGE_M, dequant, dequant_aten
+from . import lora_merged
 from ._utils import check, check_tensor, use_triton
 
 _OP = "multi_lora_linear"
@@ -304,6 +305,8 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
 
     x = x.contiguous()
     Bsz, T, _ = x.shape
+    if lora_merged.use_merged(T, lengths):
+        return lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
     outs = [_utils.empty((Bsz, T, w.shape[0]), x.dtype, x.device) for w in ws]
     # adapters cast to the activation dtype once here (0.26 M elements per slice at B64 r8 d512) rather than in
     # every K step of every tile: the in-loop cast forced a register->smem round trip per step in the kernel
@@ -318,6 +321,11 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
         K.lora_fwd(x, [ws[i].contiguous() for i in g], [scales[i].contiguous() for i in g] if scales else [],
                    [Ac[i] for i in g], [Bc[i] for i in g], alpha, lengths, adapter_index, [outs[i] for i in g])
     return outs
+
+
+def _dense_all(ws, scales, dtype):
+    """Dense x.dtype bases: int6 codes dequantized once (bf16(q*s)), dense bases made contiguous."""
+    return [dequant(w, scales[i], dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
 
 
 def _lp(ts, dtype):
@@ -344,12 +352,20 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     d = x.shape[2]
     dAs = [parts[2 * i].view(rows, A.shape[1], d) for i, A in enumerate(As)]
     dBs = [parts[2 * i + 1].view(rows, w.shape[0], A.shape[1]) for i, (w, A) in enumerate(zip(ws, As))]
-    dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
     # The backward takes the base as a dense x.dtype weight: an int6 base is dequantized here, s[n] * q[n, k]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
-    Wd = [dequant(w, scales[i], x.dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
-    Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
+    Wd = _dense_all(ws, scales, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
+    if lora_merged.use_merged(x.shape[1], lengths):
+        mdx, mdA, mdB = lora_merged.backward(x, dys, Wd, As, Bs, alpha, adapter_index, need_dx)
+        for dst, src in zip(dAs + dBs, mdA + mdB):
+            if by_index and adapter_index is not None:
+                dst.index_add_(0, adapter_index.clamp(0, dst.shape[0] - 1), src)
+            else:   # row b's own grad row (adapter_index None: adapters >= B get none; deterministic: per-row)
+                dst[: src.shape[0]].copy_(src)
+        return (mdx if need_dx else x.new_empty(0)), flat
+    dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
+    Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
     split = K.bwd_split(max(A.shape[1] for A in As))
     if need_dx and split:
         # "split" strategy: dx = sum_i dy_i W_i by cuBLAS, the kernel adds alpha g_i A_i into it

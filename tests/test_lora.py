@@ -526,3 +526,103 @@ def test_backward_strategy_defaults_by_rank_class(monkeypatch):
     assert (K.bwd_split(96), K.bwd_g_once(96)) == (True, True)
     monkeypatch.setattr(K, "BWD_OVERRIDE", {"SPLIT": False, "GONCE": False})
     assert (K.bwd_split(96), K.bwd_g_once(96)) == (False, False)
+
+
+# ------------------------------------------------------------------------------------------------ merged-weight strategy
+@pytest.fixture
+def merged(monkeypatch):
+    """Force the merged-weight strategy (lora_merged) and make the Triton kernels unreachable, so a test proves the
+    merged path ran rather than a silent kernel call."""
+    from pgolf_kernels import lora_merged, lora_triton
+
+    def _no_kernel(*a, **k):
+        raise AssertionError("the Triton LoRA kernel ran although the merged-weight strategy was forced")
+
+    monkeypatch.setattr(lora_merged, "OVERRIDE", True)
+    monkeypatch.setattr(lora_triton, "lora_fwd", _no_kernel)
+    monkeypatch.setattr(lora_triton, "lora_bwd", _no_kernel)
+
+
+@pytest.mark.parametrize("B,T,r,n,idx,alpha", [(3, 9, 3, None, None, 0.7), (4, 33, 8, 5, [3, 0, 3, 1], 1.0),
+                                                (32, 1, 1, None, None, 2.0), (3, 17, 6, 1, [0, 0, 0], 0.5)],
+                         ids=["plain", "index-dup", "T1-r1", "shared-adapter"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
+def test_merged_matches_oracle(device, act_dtype, merged, B, T, r, n, idx, alpha, deterministic):
+    """Merged weights vs the fp64 oracle (2x bound of torch's own path), with duplicate adapter rows, unused adapters,
+    a single shared adapter, an int6 slice, and d/out off the power-of-two grid. T1 takes 32 rows: with fewer, dA/dB
+    rest on a handful of roundings and the error ratio against torch's path is noise (see the oracle test above)."""
+    d, outs = 40, [40, 24, 16]
+    x, bases, As, Bs = _make(B, T, d, outs, r, act_dtype, device, n_adapters=n, quant=(2,), seed=B * 100 + T)
+    ai = torch.tensor(idx, device=device) if idx is not None else None
+    _, g = _check_all(x, bases, As, Bs, alpha=alpha, adapter_index=ai, deterministic=deterministic)
+    if idx is not None and n > max(idx) + 1:
+        for t in g[1:]:
+            assert torch.count_nonzero(t[max(idx) + 1:]) == 0   # unused adapters get no gradient
+
+
+def test_merged_deterministic_bitwise(device, merged):
+    x, bases, As, Bs = _make(4, 33, 40, [40, 24], 8, torch.float16, device, n_adapters=3, seed=5)
+    idx = torch.tensor([2, 0, 2, 1], device=device)
+    dys = [torch.randn(4, 33, o, generator=torch.Generator().manual_seed(6)).to(device) for o in (40, 24)]
+    _, g1, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, adapter_index=idx, deterministic=True)
+    _, g2, _ = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, adapter_index=idx, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_merged_dispatch_rule(monkeypatch):
+    """Merged only without padding (lengths None) and from MIN_T rows on; an override cannot lift the padding rule."""
+    from pgolf_kernels import lora_merged as M
+
+    monkeypatch.setattr(M, "OVERRIDE", None)
+    lens = torch.tensor([3])
+    assert M.use_merged(M.MIN_T, None) and not M.use_merged(M.MIN_T - 1, None)
+    assert not M.use_merged(4 * M.MIN_T, lens)
+    monkeypatch.setattr(M, "OVERRIDE", False)
+    assert not M.use_merged(4 * M.MIN_T, None)
+    monkeypatch.setattr(M, "OVERRIDE", True)
+    assert M.use_merged(1, None) and not M.use_merged(1, lens)
+
+
+def test_merged_op_no_dx_and_opcheck(device, merged):
+    """need_dx False (x without grad) and the custom ops' registrations on the merged path."""
+    x, bases, As, Bs = _make(2, 9, 40, [40, 24], 3, torch.float16, device, seed=8)
+    A_ = [a.detach().requires_grad_() for a in As]
+    ys = multi_lora_linear(x, bases, A_, Bs)
+    (gA,) = torch.autograd.grad(sum(y.float().sum() for y in ys), [A_[1]])
+    assert gA.shape == As[1].shape and torch.isfinite(gA).all()
+    torch.library.opcheck(lora._fwd_op, (x, bases, [], As, Bs, 0.5, None, None, False, 1024))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("B,T,r", [(64, 512, 8), (8, 1024, 96), (4, 600, 128), (16, 2048, 96)],
+                         ids=["B64-T512-r8", "B8-T1024-r96", "B4-T600-r128", "B16-T2048-r96"])
+def test_gpu_merged_shapes(B, T, r, merged):
+    x, bases, As, Bs = _make(B, T, 512, [512, 256], r, torch.bfloat16, "cuda", n_adapters=B + 3)
+    _check_all(x, bases, As, Bs, alpha=0.5)
+    idx = torch.randint(0, B + 3, (B,), device="cuda")
+    _check_all(x, bases, As, Bs, adapter_index=idx)
+    _check_all(x, bases, As, Bs, adapter_index=idx, deterministic=True)
+
+
+@pytest.mark.gpu
+def test_gpu_default_dispatch_takes_merged_at_long_rows(monkeypatch):
+    """Without an override, T >= MIN_T and no lengths runs the merged path (the Triton kernels are unreachable)."""
+    from pgolf_kernels import lora_merged, lora_triton
+
+    monkeypatch.setattr(lora_merged, "OVERRIDE", None)
+    monkeypatch.setattr(lora_triton, "lora_fwd", None)
+    monkeypatch.setattr(lora_triton, "lora_bwd", None)
+    x, bases, As, Bs = _make(8, lora_merged.MIN_T, 512, [512, 256], 8, torch.bfloat16, "cuda")
+    _check_all(x, bases, As, Bs)
+
+
+@pytest.mark.parametrize("raw,want", [("auto", None), ("1", True), ("0", False), ("yes", ValueError)])
+def test_merged_env_knob(monkeypatch, raw, want):
+    from pgolf_kernels import lora_merged as M
+
+    monkeypatch.setenv("PGOLF_LORA_MERGED", raw)
+    if want is ValueError:
+        with pytest.raises(ValueError, match="PGOLF_LORA_MERGED = 'yes'"):
+            M._override_from_env()
+    else:
+        assert M._override_from_env() is want

@@ -267,7 +267,7 @@ def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large
         ws = [bases[i].q if quant else bases[i] for i in idx]
         scales = [bases[i].scale for i in idx] if quant else []
         ys = _fwd_op(x, ws, scales, [As[i] for i in idx], [Bs[i] for i in idx], alpha, lengths, adapter_index,
-                     deterministic, large_m)
+                     deterministic, large_m)[: len(idx)]   # merged path: the E_i follow the y_i
         for i, y in zip(idx, ys):
             outs[i] = y
     return outs  # type: ignore[return-value]
@@ -305,8 +305,11 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
 
     x = x.contiguous()
     Bsz, T, _ = x.shape
-    if lora_merged.use_merged(T, lengths):
-        return lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
+    if _merged(x, As, lengths):
+        # outputs: the y_i, then the E_i the backward reads (saved, not recomputed: 0.07 ms per call at B64 T2048
+        # r96 Q+V on H200; the fake below mirrors this layout)
+        ys, Es = lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
+        return ys + Es
     outs = [_utils.empty((Bsz, T, w.shape[0]), x.dtype, x.device) for w in ws]
     # adapters cast to the activation dtype once here (0.26 M elements per slice at B64 r8 d512) rather than in
     # every K step of every tile: the in-loop cast forced a register->smem round trip per step in the kernel
@@ -323,6 +326,10 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
     return outs
 
 
+def _merged(x, As, lengths) -> bool:
+    return lora_merged.use_merged(x.shape[1], max(A.shape[1] for A in As), lengths)
+
+
 def _dense_all(ws, scales, dtype):
     """Dense x.dtype bases: int6 codes dequantized once (bf16(q*s)), dense bases made contiguous."""
     return [dequant(w, scales[i], dtype) if scales else w.contiguous() for i, w in enumerate(ws)]
@@ -334,14 +341,18 @@ def _lp(ts, dtype):
 
 @_fwd_op.register_fake
 def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m):
-    return [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
+    ys = [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
+    if _merged(x, As, lengths):
+        ys += [x.new_empty((x.shape[0], w.shape[0], x.shape[2])) for w in ws]
+    return ys
 
 
 @torch.library.custom_op("pgolf::multi_lora_bwd", mutates_args=())
 def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
             Bs: List[Tensor], alpha: float, lengths: Optional[Tensor], adapter_index: Optional[Tensor],
-            deterministic: bool, need_dx: bool) -> Tuple[Tensor, Tensor]:
-    """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ...] of grad rows)."""
+            deterministic: bool, need_dx: bool, effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ...] of grad rows).
+    ``effs``: the merged path's E_i from the forward (empty: rebuilt here when the merged path runs)."""
     from . import lora_triton as K
 
     x = x.contiguous()
@@ -356,13 +367,19 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
     Wd = _dense_all(ws, scales, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
-    if lora_merged.use_merged(x.shape[1], lengths):
-        mdx, mdA, mdB = lora_merged.backward(x, dys, Wd, As, Bs, alpha, adapter_index, need_dx)
-        for dst, src in zip(dAs + dBs, mdA + mdB):
-            if by_index and adapter_index is not None:
+    if _merged(x, As, lengths):
+        Bsz = x.shape[0]
+        Es = list(effs) if effs else [lora_merged.effective_weight(w, A, Bm, alpha, adapter_index, Bsz)
+                                      for w, A, Bm in zip(Wd, As, Bs)]
+        # row b's grads go straight to grad row b (adapter_index None: adapters >= B get none; deterministic with
+        # an index: per-row grads, reduced below in a fixed order); shared adapters are summed by index_add_
+        direct = not (by_index and adapter_index is not None)
+        outA = [t[:Bsz] if direct else None for t in dAs]
+        outB = [t[:Bsz] if direct else None for t in dBs]
+        mdx, mdA, mdB = lora_merged.backward(x, dys, Es, As, Bs, alpha, adapter_index, need_dx, outA, outB)
+        if not direct:
+            for dst, src in zip(dAs + dBs, mdA + mdB):
                 dst.index_add_(0, adapter_index.clamp(0, dst.shape[0] - 1), src)
-            else:   # row b's own grad row (adapter_index None: adapters >= B get none; deterministic: per-row)
-                dst[: src.shape[0]].copy_(src)
         return (mdx if need_dx else x.new_empty(0)), flat
     dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)
@@ -386,7 +403,7 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx):
+def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx, effs):
     rows, _ = _grad_rows(x, As, adapter_index, deterministic)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, x.new_empty((sum(_flat_sizes(x, ws, As, rows)),), dtype=torch.float32)
@@ -397,17 +414,22 @@ def _fwd_setup(ctx, inputs, output):
     ctx.ns, ctx.nscale = len(ws), len(scales)
     ctx.alpha, ctx.deterministic = alpha, deterministic
     ctx.need_dx = bool(ctx.needs_input_grad[0])
-    ctx.save_for_backward(x, lengths, adapter_index, *ws, *scales, *As, *Bs)
+    Es = list(output[len(ws):])   # the merged path's E_i (none on the kernel path)
+    ctx.neff = len(Es)
+    if Es:
+        ctx.mark_non_differentiable(*Es)
+    ctx.save_for_backward(x, lengths, adapter_index, *ws, *scales, *As, *Bs, *Es)
 
 
 def _fwd_backward(ctx, dys):
     x, lengths, adapter_index, *rest = ctx.saved_tensors
-    ns, nsc = ctx.ns, ctx.nscale
+    ns, nsc, ne = ctx.ns, ctx.nscale, ctx.neff
     ws, scales = rest[:ns], rest[ns:ns + nsc]
-    As, Bs = rest[ns + nsc:2 * ns + nsc], rest[2 * ns + nsc:]
+    As, Bs = rest[ns + nsc:2 * ns + nsc], rest[2 * ns + nsc:3 * ns + nsc]
+    Es = rest[3 * ns + nsc:3 * ns + nsc + ne]
     dys = [x.new_zeros((x.shape[0], x.shape[1], w.shape[0])) if g is None else g for g, w in zip(dys, ws)]
     dx, flat = _bwd_op(x, dys, list(ws), list(scales), list(As), list(Bs), ctx.alpha, lengths, adapter_index,
-                       ctx.deterministic, ctx.need_dx)
+                       ctx.deterministic, ctx.need_dx, list(Es))
     rows, by_index = _grad_rows(x, As, adapter_index, ctx.deterministic)
     parts = flat.split(_flat_sizes(x, ws, As, rows))
     d = x.shape[2]

@@ -2,38 +2,42 @@
 
 Math (per slice i, batch row b, adapter a = adapter_index[b]; only without padding, i.e. ``lengths`` is None)::
 
-    E_i[b]   = x.dtype( W_iᵀ + α · A_i[a]ᵀ · B_i[a]ᵀ )      (d, N_i)   A, B cast to x.dtype, fp32 accumulate,
-                                                                        one rounding (cuBLAS baddbmm epilogue)
-    y_i[b]   = x[b] · E_i[b]                                 (T, N_i)
+    E_i[b]   = x.dtype( W_i + α · B_i[a] · A_i[a] )          (N_i, d)   A, B cast to x.dtype, fp32 accumulate,
+                                                                        one rounding
+    y_i[b]   = x[b] · E_i[b]ᵀ                                (T, N_i)
 
-Backward (the base is frozen; E_i[b] is recomputed, not saved: 50 MB at B64 d512 Q512+V256)::
+Backward (the base is frozen; E_i[b] is saved by the forward)::
 
-    dx[b]    = Σ_i dy_i[b] · E_i[b]ᵀ                         (T, d)
-    G_i[b]   = x[b]ᵀ · dy_i[b]                               (d, N_i)   the gradient of E_i[b]
-    dA_i[a] += α · B_i[a]ᵀ · G_i[b]ᵀ                         (r, d)     fp32 out
-    dB_i[a] += α · G_i[b]ᵀ · A_i[a]ᵀ                         (N_i, r)   fp32 out
+    dx[b]    = Σ_i dy_i[b] · E_i[b]                          (T, d)
+    Gt_i[b]  = dy_i[b]ᵀ · x[b]                               (N_i, d)   the gradient of E_i[b]
+    dA_i[a] += α · B_i[a]ᵀ · Gt_i[b]                         (r, d)     fp32 out
+    dB_i[a] += α · Gt_i[b] · A_i[a]ᵀ                         (N_i, r)   fp32 out
 
 Equal in exact arithmetic to the low-rank form of ``pgolf_kernels.lora`` (dA = α·gᵀ·x with g = dy·B is
-α·Bᵀ·(dyᵀ·x) = α·Bᵀ·Gᵀ; dB = α·dyᵀ·(x·Aᵀ) = α·Gᵀ·Aᵀ).
+α·Bᵀ·(dyᵀ·x) = α·Bᵀ·Gt; dB = α·dyᵀ·(x·Aᵀ) = α·Gt·Aᵀ).
 
 Why: the low-rank products have an r-wide side (r = 96: N = 96 for the shrink, K = 96 for the expand), shapes on
 which neither cuBLAS nor our fused kernels get near the tensor-core peak (H200, B64 T2048 Q512+V256 r96: compiled
-bmm 1.227 ms fwd+bwd, our fused kernels 1.679 ms, bench/results/lora-h200.md), while every GEMM here is
-base-shaped (K = d or K = T, N = out_i). Cost per row, counted at B64 T2048 d512 Q512+V256:
+bmm 1.237 ms fwd+bwd, our fused kernels 1.662 ms, bench/results/lora-h200.md), while every GEMM here is
+base-shaped (K = d or K = T, N = out_i) and runs on cuBLAS. Cost per row, counted at B64 T2048 d512 Q512+V256:
 
-* FLOPs: forward 2·T·d·N (the base GEMM's own) + 2·d·r·N for E; backward 4·T·d·N + 6·d·r·N. All rows at r = 96:
-  103 + 5 GFLOP forward, 206 + 14 backward (329 in all) against 341 for the low-rank form; at r = 8 the
-  low-rank form needs 220 and this one 310 (E and G do not shrink with r).
-* Bytes beyond the base GEMM's: E written and read twice per direction (0.79 MB per row and slice pair) and G
-  (0.79 MB per row, bf16) -- independent of T, so the strategy pays when T is large against d·N/(d+N) = 307.
+* FLOPs: forward 2·T·d·N (the base GEMM's own) + 2·d·r·N for E; backward 4·T·d·N + 4·d·r·N. All rows at r = 96:
+  103 + 5 GFLOP forward, 206 + 10 backward (324 in all) against 341 for the low-rank form; at r = 8 the
+  low-rank form needs 220 and this one 310 (E and Gt do not shrink with r).
+* Bytes beyond the base GEMMs': E written once and read twice (0.79 MB per row for Q+V), Gt written once and read
+  twice (0.79 MB) -- independent of T, so the strategy pays when T is large against d·N/(d+N) = 307.
+* E is built by one Triton kernel (``_effective_kernel``: the rank-r product on tensor cores, Wᵀ added in the
+  epilogue, A and B cast in registers). Measured (H200, B64 T2048 r96, Q slice): 0.047 ms, against 0.132 ms for
+  torch.baddbmm on an expanded Wᵀ, whose broadcast copy alone took 0.072 ms per call.
 
-Precision: E carries the adapter delta at bf16 resolution of W (|error| <= ulp(W)/2 per element), the same order
-as the bf16 rounding of y on the low-rank path; G is rounded to x.dtype before dA/dB (as g and u are on that path).
-Tested against the fp64 oracle with the suite's 2x-of-torch's-bf16-path bound (tests/test_lora.py).
+Precision: E carries the adapter delta at the resolution of W in x.dtype (|error| <= ulp(W)/2 per element), the
+same order as the rounding of y on the low-rank path; Gt is rounded to x.dtype before dA/dB (as g and u are on
+that path). Tested against the fp64 oracle with the suite's 2x-of-torch's-own-path bound (tests/test_lora.py).
 
 Dispatch (``use_merged``): only without ``lengths`` (padding rows must get the base output alone, which a merged
-weight cannot give), and from ``MIN_T`` rows per batch row on. ``OVERRIDE`` = True/False forces the choice where
-it is possible (benches, tests); the environment variable ``PGOLF_LORA_MERGED`` (auto / 1 / 0) sets it at import.
+weight cannot give); from ``MIN_T`` rows per batch row on, or ``MIN_T_LARGE_RANK`` for ranks above
+``lora_triton.LARGE_RANK``. ``OVERRIDE`` = True/False forces the choice where it is possible (benches, tests); the
+environment variable ``PGOLF_LORA_MERGED`` (auto / 1 / 0) sets it at import.
 """
 from __future__ import annotations
 
@@ -41,7 +45,11 @@ import os
 from typing import List, Optional, Tuple
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
+
+from ._utils import use_triton
 
 
 
@@ -55,18 +63,45 @@ def _override_from_env() -> Optional[bool]:
 
 
 OVERRIDE: Optional[bool] = _override_from_env()
-# From T = 512 on: the per-row costs of E and G (above) are then <= 1/3 of the activation traffic (d·N/(d+N)
-# = 307 at Q512+V256); re-decided from the bench sweep (bench/bench_lora.py, MERGED rows).
-MIN_T = 512
+# Thresholds from the bench (H200, fwd+bwd, B64 Q512+V256, bench/results/lora-h200.md, merged vs the kernels'
+# defaults): r8 T1024 0.42 vs 0.51 ms; r96 T512 ~0.39 vs 0.51 ms; below that the kernels win or tie (r8 T512,
+# r96 T256), as E and Gt cost the same per row while the rows' own work shrinks with T.
+MIN_T = 1024
+MIN_T_LARGE_RANK = 512
 
 
-def use_merged(T: int, lengths: Optional[Tensor]) -> bool:
-    """Whether ``multi_lora_linear`` takes the merged-weight path for a (B, T, d) input."""
+def use_merged(T: int, rank: int, lengths: Optional[Tensor]) -> bool:
+    """Whether ``multi_lora_linear`` takes the merged-weight path for a (B, T, d) input at the largest rank."""
     if lengths is not None:
         return False
     if OVERRIDE is not None:
         return bool(OVERRIDE)
-    return T >= MIN_T
+    from .lora_triton import LARGE_RANK
+
+    return T >= (MIN_T_LARGE_RANK if rank > LARGE_RANK else MIN_T)
+
+
+@triton.jit
+def _effective_kernel(W, A, Bm, IDX, E, N, D, R, n_adapters, alpha, HAS_IDX: tl.constexpr,
+                      BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
+    """E[b, n, k] = W[n, k] + alpha * sum_r B[a, n, r] A[a, r, k], a = IDX[b] (clamped) or b; one (BN, BD) tile
+    per program; A and B are cast to E's dtype before the dot (as the torch path casts the adapters)."""
+    pn = tl.program_id(0)
+    pd = tl.program_id(1)
+    b = tl.program_id(2).to(tl.int64)
+    a = b
+    if HAS_IDX:
+        a = tl.minimum(tl.maximum(tl.load(IDX + b).to(tl.int64), 0), n_adapters - 1)
+    rn = pn * BN + tl.arange(0, BN)
+    rd = pd * BD + tl.arange(0, BD)
+    rr = tl.arange(0, RP)
+    mn, md, mr = rn < N, rd < D, rr < R
+    dt = E.dtype.element_ty
+    bt = tl.load(Bm + a * N * R + rn[:, None] * R + rr[None, :], mask=mn[:, None] & mr[None, :], other=0.0).to(dt)
+    at = tl.load(A + a * R * D + rr[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0).to(dt)
+    acc = tl.dot(bt, at)
+    w = tl.load(W + rn[:, None] * D + rd[None, :], mask=mn[:, None] & md[None, :], other=0.0).to(tl.float32)
+    tl.store(E + b * N * D + rn[:, None] * D + rd[None, :], (w + alpha * acc).to(dt), mask=mn[:, None] & md[None, :])
 
 
 def _select(t: Tensor, adapter_index: Optional[Tensor], rows: int) -> Tensor:
@@ -76,52 +111,69 @@ def _select(t: Tensor, adapter_index: Optional[Tensor], rows: int) -> Tensor:
     return t.index_select(0, adapter_index.clamp(0, t.shape[0] - 1))
 
 
-def _mm32(a: Tensor, b: Tensor) -> Tensor:
+def effective_weight_ref(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
+                         rows: int) -> Tensor:
+    """Torch reference of E, (rows, N, d) in W.dtype: W + α·B·A per row (baddbmm on the expanded W)."""
+    dt = W.dtype
+    A_, B_ = _select(A, adapter_index, rows), _select(Bm, adapter_index, rows)
+    return torch.baddbmm(W.unsqueeze(0).expand(rows, -1, -1), B_.to(dt), A_.to(dt), alpha=alpha)
+
+
+def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
+                     rows: int) -> Tensor:
+    """E = W + α·B[a]·A[a] per batch row, (rows, N, d) in W.dtype. W (N, d) dense; A (n, r, d); Bm (n, N, r)."""
+    if not use_triton(W):
+        return effective_weight_ref(W, A, Bm, alpha, adapter_index, rows)
+    N, D = W.shape
+    r = A.shape[1]
+    E = torch.empty((rows, N, D), device=W.device, dtype=W.dtype)
+    # 128 x 128 tiles, r padded to a power of two >= 16 for tl.dot (at most 128: the op's rank limit)
+    BN, BD = (128, 128) if W.is_cuda else (32, 32)
+    grid = (triton.cdiv(N, BN), triton.cdiv(D, BD), rows)
+    idx = adapter_index if adapter_index is not None else E
+    _effective_kernel[grid](W.contiguous(), A.contiguous(), Bm.contiguous(), idx, E, N, D, r, A.shape[0],
+                            float(alpha), HAS_IDX=adapter_index is not None, BN=BN, BD=BD,
+                            RP=max(16, triton.next_power_of_2(r)), num_warps=8 if W.is_cuda else 4)
+    return E
+
+
+def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """bmm with an fp32 result: cuBLAS accumulates in fp32 and stores fp32 (no rounding to the input dtype)."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
-        return torch.bmm(a, b, out_dtype=torch.float32)
-    return torch.bmm(a.float(), b.float())
-
-
-def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float) -> Tensor:
-    """E = Wᵀ + α·Aᵀ·Bᵀ in W.dtype, (rows, d, N): W (N, d) dense; A (rows, r, d), Bm (rows, N, r) already
-    selected per row. One baddbmm: the expanded Wᵀ is copied into the result, then the GEMM adds α·Aᵀ·Bᵀ in its
-    fp32 epilogue and rounds once."""
-    dt = W.dtype
-    Wt = W.t().unsqueeze(0).expand(A.shape[0], -1, -1)
-    return torch.baddbmm(Wt, A.to(dt).transpose(1, 2), Bm.to(dt).transpose(1, 2), alpha=alpha)
+        return torch.bmm(a, b, out_dtype=torch.float32, out=out) if out is not None \
+            else torch.bmm(a, b, out_dtype=torch.float32)
+    r = torch.bmm(a.float(), b.float())
+    return out.copy_(r) if out is not None else r
 
 
 def forward(x: Tensor, Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
-            adapter_index: Optional[Tensor]) -> List[Tensor]:
-    """y_i = x · E_i per row, as contiguous (B, T, N_i) tensors of x.dtype. Ws dense (N_i, d) of x.dtype."""
+            adapter_index: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+    """(y_i = x · E_iᵀ as contiguous (B, T, N_i) tensors of x.dtype, the E_i (B, N_i, d) for the backward).
+    Ws dense (N_i, d) of x.dtype."""
     rows = x.shape[0]
-    return [torch.bmm(x, effective_weight(W, _select(A, adapter_index, rows), _select(Bm, adapter_index, rows),
-                                          alpha))
-            for W, A, Bm in zip(Ws, As, Bs)]
+    Es = [effective_weight(W, A, Bm, alpha, adapter_index, rows) for W, A, Bm in zip(Ws, As, Bs)]
+    return [torch.bmm(x, E.transpose(1, 2)) for E in Es], Es
 
 
-def backward(x: Tensor, dys: List[Tensor], Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
-             adapter_index: Optional[Tensor], need_dx: bool
-             ) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
+def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
+             adapter_index: Optional[Tensor], need_dx: bool, dA_out: List[Optional[Tensor]],
+             dB_out: List[Optional[Tensor]]) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
     """(dx or None, per-row dA_i (B, r, d) fp32, per-row dB_i (B, N_i, r) fp32): the gradients of each batch row's
-    own adapter, before any reduction over rows that share one."""
+    own adapter, before any reduction over rows that share one; written into dA_out[i] / dB_out[i] where given
+    (contiguous (B, ...) fp32 views), else into new tensors."""
     rows = x.shape[0]
     dt = x.dtype
-    xt = x.transpose(1, 2)
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
-    for W, A, Bm, dy in zip(Ws, As, Bs, dys):
-        A_, B_ = _select(A, adapter_index, rows), _select(Bm, adapter_index, rows)
+    for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
         if need_dx:
-            Et = effective_weight(W, A_, B_, alpha).transpose(1, 2)
-            dx = torch.bmm(dy, Et) if dx is None else dx.baddbmm_(dy, Et)
-        G = torch.bmm(xt, dy)                                   # (B, d, N) in x.dtype
-        dA = _mm32(B_.to(dt).transpose(1, 2), G.transpose(1, 2))   # (B, r, d)
-        dB = _mm32(G.transpose(1, 2), A_.to(dt).transpose(1, 2))   # (B, N, r)
-        if alpha != 1.0:
-            dA.mul_(alpha)
-            dB.mul_(alpha)
-        dAs.append(dA)
-        dBs.append(dB)
+            dx = torch.bmm(dy, E) if dx is None else dx.baddbmm_(dy, E)
+        Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
+        # alpha is folded into the x.dtype copies of B (for dA) and A (for dB): no scaling pass over the fp32 grads
+        Bl = _select(Bm, adapter_index, rows)
+        Al = _select(A, adapter_index, rows)
+        Bl = (Bl * alpha if alpha != 1.0 else Bl).to(dt)
+        Al = (Al * alpha if alpha != 1.0 else Al).to(dt)
+        dAs.append(_mm32(Bl.transpose(1, 2), Gt, dA_out[i]))           # (B, r, d)
+        dBs.append(_mm32(Gt, Al.transpose(1, 2), dB_out[i]))           # (B, N, r)
     return dx, dAs, dBs

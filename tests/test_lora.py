@@ -389,12 +389,22 @@ def _loss(m, bases, x, tgt, lengths):
     return (torch.cat([y.float() for y in ys], -1) - tgt).square().mean()
 
 
+@pytest.fixture(params=["kernels", "merged"])
+def ttt_path(request, monkeypatch):
+    """The kernels with padded rows, or the merged-weight path (forced; it runs without lengths only)."""
+    from pgolf_kernels import lora_merged
+
+    monkeypatch.setattr(lora_merged, "OVERRIDE", request.param == "merged")
+    return request.param
+
+
 @pytest.mark.gpu
-def test_gpu_compile_fullgraph_matches_eager():
+def test_gpu_compile_fullgraph_matches_eager(ttt_path):
     """Module forward under torch.compile(fullgraph=True, inductor) + backward through the registered autograd:
     with the same dy and deterministic grads, compiled equals eager bitwise."""
     torch._dynamo.reset()
     m, bases, x, tgt, lengths = _ttt_setup()
+    lengths = lengths if ttt_path == "kernels" else None
     dys = [torch.randn(x.shape[0], x.shape[1], o, device="cuda", dtype=torch.bfloat16) for o in m.outs]
 
     def run(fn):
@@ -409,8 +419,9 @@ def test_gpu_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_graph_fwd_bwd_adam_step():
+def test_gpu_cuda_graph_fwd_bwd_adam_step(ttt_path):
     m, bases, x, tgt, lengths = _ttt_setup()
+    lengths = lengths if ttt_path == "kernels" else None
     opt = torch.optim.Adam(m.parameters(), lr=1e-2, betas=(0.9, 0.95), capturable=True)
     m2, _, _, _, _ = _ttt_setup()
     opt2 = torch.optim.Adam(m2.parameters(), lr=1e-2, betas=(0.9, 0.95), capturable=True)
@@ -513,7 +524,7 @@ def test_opcheck_custom_ops(device):
                                          torch.tensor([1, 1], device=device), False, 14))  # 14 = B*T: large-M branch
     dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
     torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
-                                         lengths, torch.tensor([1, 1], device=device), True, True))
+                                         lengths, torch.tensor([1, 1], device=device), True, True, []))
 
 
 def test_backward_strategy_defaults_by_rank_class(monkeypatch):
@@ -570,27 +581,61 @@ def test_merged_deterministic_bitwise(device, merged):
 
 
 def test_merged_dispatch_rule(monkeypatch):
-    """Merged only without padding (lengths None) and from MIN_T rows on; an override cannot lift the padding rule."""
+    """Merged only without padding (lengths None), from MIN_T rows on (MIN_T_LARGE_RANK above LARGE_RANK); an
+    override cannot lift the padding rule."""
     from pgolf_kernels import lora_merged as M
+    from pgolf_kernels.lora_triton import LARGE_RANK
 
     monkeypatch.setattr(M, "OVERRIDE", None)
     lens = torch.tensor([3])
-    assert M.use_merged(M.MIN_T, None) and not M.use_merged(M.MIN_T - 1, None)
-    assert not M.use_merged(4 * M.MIN_T, lens)
+    assert M.use_merged(M.MIN_T, 8, None) and not M.use_merged(M.MIN_T - 1, 8, None)
+    assert M.use_merged(M.MIN_T_LARGE_RANK, LARGE_RANK + 1, None)
+    assert not M.use_merged(M.MIN_T_LARGE_RANK - 1, LARGE_RANK + 1, None)
+    assert not M.use_merged(M.MIN_T_LARGE_RANK, LARGE_RANK, None) or M.MIN_T <= M.MIN_T_LARGE_RANK
+    assert not M.use_merged(4 * M.MIN_T, 8, lens)
     monkeypatch.setattr(M, "OVERRIDE", False)
-    assert not M.use_merged(4 * M.MIN_T, None)
+    assert not M.use_merged(4 * M.MIN_T, 96, None)
     monkeypatch.setattr(M, "OVERRIDE", True)
-    assert M.use_merged(1, None) and not M.use_merged(1, lens)
+    assert M.use_merged(1, 1, None) and not M.use_merged(1, 1, lens)
 
 
 def test_merged_op_no_dx_and_opcheck(device, merged):
-    """need_dx False (x without grad) and the custom ops' registrations on the merged path."""
+    """need_dx False (x without grad), the saved E_i against a rebuilt one, and the custom ops' registrations
+    (schema, fake with the E_i outputs, autograd) on the merged path."""
     x, bases, As, Bs = _make(2, 9, 40, [40, 24], 3, torch.float16, device, seed=8)
     A_ = [a.detach().requires_grad_() for a in As]
     ys = multi_lora_linear(x, bases, A_, Bs)
     (gA,) = torch.autograd.grad(sum(y.float().sum() for y in ys), [A_[1]])
     assert gA.shape == As[1].shape and torch.isfinite(gA).all()
-    torch.library.opcheck(lora._fwd_op, (x, bases, [], As, Bs, 0.5, None, None, False, 1024))
+    outs = lora._fwd_op(x, bases, [], As, Bs, 0.5, None, None, False, 1024)
+    assert len(outs) == 4 and outs[2].shape == (2, 40, 40) and outs[3].shape == (2, 24, 40)
+    dys = [torch.randn(2, 9, o, generator=torch.Generator().manual_seed(9)).to(torch.float16).to(device)
+           for o in (40, 24)]
+    saved = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, outs[2:])
+    rebuilt = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, [])
+    assert all(torch.equal(a, b) for a, b in zip(saved, rebuilt))
+    torch.library.opcheck(lora._bwd_op, (x, dys, bases, [], As, Bs, 0.5, None, torch.tensor([1, 0], device=device),
+                                         True, True, outs[2:]))
+    torch.library.opcheck(lora._fwd_op, (x.detach().requires_grad_(), bases, [],
+                                         [a.detach().requires_grad_() for a in As], Bs, 0.5, None, None, False, 1024))
+
+
+def test_effective_weight_kernel_matches_reference(device):
+    """The E kernel against torch's baddbmm reference: with and without adapter_index (clamped like the kernels),
+    rank not a power of two, N and d across the tile edges; exact up to one rounding of the same fp32 value."""
+    from pgolf_kernels import lora_merged as M
+
+    g = torch.Generator().manual_seed(21)
+    W = torch.randn(70, 40, generator=g).to(torch.float16).to(device)
+    A = torch.randn(3, 5, 40, generator=g).to(device)
+    Bm = torch.randn(3, 70, 5, generator=g).to(device)
+    for idx in (None, torch.tensor([2, 0, 2, 7], device=device)):
+        rows = 3 if idx is None else 4
+        got = M.effective_weight(W, A, Bm, 0.3, idx, rows)
+        ref = M.effective_weight_ref(W, A, Bm, 0.3, idx, rows)
+        oracle = W.double() + 0.3 * torch.bmm(M._select(Bm, idx, rows).to(W.dtype).double(),
+                                              M._select(A, idx, rows).to(W.dtype).double())
+        assert_close_rel(got, oracle, ref, name="E")
 
 
 @pytest.mark.gpu

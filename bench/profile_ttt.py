@@ -17,6 +17,7 @@ import os
 import statistics
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -132,6 +133,7 @@ def main(argv=None):
             _sync()
         except Exception as e:  # report and go on: one variant failing must not hide the others
             print(f"[{v}] FAILED: {type(e).__name__}: {str(e)[:800]}", flush=True)
+            traceback.print_exc()
             out["variants"][v] = {"error": f"{type(e).__name__}: {e}"[:2000]}
             continue
         first = time.perf_counter() - t

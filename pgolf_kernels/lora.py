@@ -266,8 +266,12 @@ def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large
             continue
         ws = [bases[i].q if quant else bases[i] for i in idx]
         scales = [bases[i].scale for i in idx] if quant else []
-        ys = _fwd_op(x, ws, scales, [As[i] for i in idx], [Bs[i] for i in idx], alpha, lengths, adapter_index,
-                     deterministic, large_m)[: len(idx)]   # merged path: the E_i follow the y_i
+        As_, Bs_ = [As[i] for i in idx], [Bs[i] for i in idx]
+        # the strategy is chosen here, outside the op, and passed in: under torch.compile it becomes a constant of
+        # the traced graph (and Dynamo guards on lora_merged.OVERRIDE), so a cached graph is never replayed for
+        # the other strategy's output layout (the fake cannot see a choice made inside the op)
+        ys = _fwd_op(x, ws, scales, As_, Bs_, alpha, lengths, adapter_index, deterministic, large_m,
+                     _merged(x, As_, lengths))[: len(idx)]   # merged path: the E_i follow the y_i
         for i, y in zip(idx, ys):
             outs[i] = y
     return outs  # type: ignore[return-value]
@@ -298,14 +302,16 @@ def _flat_sizes(x, ws, As, rows):
 @torch.library.custom_op("pgolf::multi_lora_fwd", mutates_args=())
 def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
             lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool,
-            large_m: int) -> List[Tensor]:
+            large_m: int, merged: bool) -> List[Tensor]:
     # large_m has no schema default on purpose: the dispatcher drops arguments equal to their default, and the
-    # tensor-list autograd wrapper then expects one gradient fewer than the backward below returns
+    # tensor-list autograd wrapper then expects one gradient fewer than the backward below returns (same for merged)
     from . import lora_triton as K
 
     x = x.contiguous()
     Bsz, T, _ = x.shape
-    if _merged(x, As, lengths):
+    check(not (merged and lengths is not None), lambda: f"{_OP}: merged=True needs lengths=None (padded rows run "
+                                                        f"the kernels)")
+    if merged:
         # outputs: the y_i, then the E_i the backward reads (saved, not recomputed: 0.07 ms per call at B64 T2048
         # r96 Q+V on H200; the fake below mirrors this layout)
         ys, Es = lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
@@ -340,9 +346,9 @@ def _lp(ts, dtype):
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m):
+def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m, merged):
     ys = [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
-    if _merged(x, As, lengths):
+    if merged:
         ys += [x.new_empty((x.shape[0], w.shape[0], x.shape[2])) for w in ws]
     return ys
 
@@ -350,9 +356,9 @@ def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministi
 @torch.library.custom_op("pgolf::multi_lora_bwd", mutates_args=())
 def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
             Bs: List[Tensor], alpha: float, lengths: Optional[Tensor], adapter_index: Optional[Tensor],
-            deterministic: bool, need_dx: bool, effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
+            deterministic: bool, need_dx: bool, merged: bool, effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ...] of grad rows).
-    ``effs``: the merged path's E_i from the forward (empty: rebuilt here when the merged path runs)."""
+    ``merged``: the forward's strategy; ``effs``: its E_i on the merged path (empty: rebuilt here)."""
     from . import lora_triton as K
 
     x = x.contiguous()
@@ -367,7 +373,7 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
     Wd = _dense_all(ws, scales, x.dtype)
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
-    if _merged(x, As, lengths):
+    if merged:
         Bsz = x.shape[0]
         Es = list(effs) if effs else [lora_merged.effective_weight(w, A, Bm, alpha, adapter_index, Bsz)
                                       for w, A, Bm in zip(Wd, As, Bs)]
@@ -403,15 +409,15 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
 
 
 @_bwd_op.register_fake
-def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx, effs):
+def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx, merged, effs):
     rows, _ = _grad_rows(x, As, adapter_index, deterministic)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
     return dx, x.new_empty((sum(_flat_sizes(x, ws, As, rows)),), dtype=torch.float32)
 
 
 def _fwd_setup(ctx, inputs, output):
-    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, _large_m = inputs
-    ctx.ns, ctx.nscale = len(ws), len(scales)
+    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, _large_m, merged = inputs
+    ctx.ns, ctx.nscale, ctx.merged = len(ws), len(scales), merged
     ctx.alpha, ctx.deterministic = alpha, deterministic
     ctx.need_dx = bool(ctx.needs_input_grad[0])
     Es = list(output[len(ws):])   # the merged path's E_i (none on the kernel path)
@@ -429,7 +435,7 @@ def _fwd_backward(ctx, dys):
     Es = rest[3 * ns + nsc:3 * ns + nsc + ne]
     dys = [x.new_zeros((x.shape[0], x.shape[1], w.shape[0])) if g is None else g for g, w in zip(dys, ws)]
     dx, flat = _bwd_op(x, dys, list(ws), list(scales), list(As), list(Bs), ctx.alpha, lengths, adapter_index,
-                       ctx.deterministic, ctx.need_dx, list(Es))
+                       ctx.deterministic, ctx.need_dx, ctx.merged, list(Es))
     rows, by_index = _grad_rows(x, As, adapter_index, ctx.deterministic)
     parts = flat.split(_flat_sizes(x, ws, As, rows))
     d = x.shape[2]
@@ -446,7 +452,7 @@ def _fwd_backward(ctx, dys):
             gB = (onehot @ gB.reshape(rows, -1).double()).view(Bm.shape)
         dAs.append(gA.to(A.dtype))
         dBs.append(gB.to(Bm.dtype))
-    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None, None
+    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)

@@ -519,12 +519,12 @@ def test_opcheck_custom_ops(device):
     scales_q = [bases[1].scale]
     # one op call per base kind: the dense slice alone, then the quantized one alone
     torch.library.opcheck(lora._fwd_op, (x.requires_grad_(), ws[:1], [], [As[0].requires_grad_()],
-                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False, 1024))
+                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False, 1024, False))
     torch.library.opcheck(lora._fwd_op, (x, ws[1:], scales_q, [As[1]], [Bs[1]], 0.5, lengths,
-                                         torch.tensor([1, 1], device=device), False, 14))  # 14 = B*T: large-M branch
+                                         torch.tensor([1, 1], device=device), False, 14, False))  # 14 = B*T: large-M branch
     dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
     torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
-                                         lengths, torch.tensor([1, 1], device=device), True, True, []))
+                                         lengths, torch.tensor([1, 1], device=device), True, True, False, []))
 
 
 def test_backward_strategy_defaults_by_rank_class(monkeypatch):
@@ -607,17 +607,17 @@ def test_merged_op_no_dx_and_opcheck(device, merged):
     ys = multi_lora_linear(x, bases, A_, Bs)
     (gA,) = torch.autograd.grad(sum(y.float().sum() for y in ys), [A_[1]])
     assert gA.shape == As[1].shape and torch.isfinite(gA).all()
-    outs = lora._fwd_op(x, bases, [], As, Bs, 0.5, None, None, False, 1024)
+    outs = lora._fwd_op(x, bases, [], As, Bs, 0.5, None, None, False, 1024, True)
     assert len(outs) == 4 and outs[2].shape == (2, 40, 40) and outs[3].shape == (2, 24, 40)
     dys = [torch.randn(2, 9, o, generator=torch.Generator().manual_seed(9)).to(torch.float16).to(device)
            for o in (40, 24)]
-    saved = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, outs[2:])
-    rebuilt = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, [])
+    saved = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, True, outs[2:])
+    rebuilt = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, True, [])
     assert all(torch.equal(a, b) for a, b in zip(saved, rebuilt))
     torch.library.opcheck(lora._bwd_op, (x, dys, bases, [], As, Bs, 0.5, None, torch.tensor([1, 0], device=device),
-                                         True, True, outs[2:]))
+                                         True, True, True, outs[2:]))
     torch.library.opcheck(lora._fwd_op, (x.detach().requires_grad_(), bases, [],
-                                         [a.detach().requires_grad_() for a in As], Bs, 0.5, None, None, False, 1024))
+                                         [a.detach().requires_grad_() for a in As], Bs, 0.5, None, None, False, 1024, True))
 
 
 def test_effective_weight_kernel_matches_reference(device):
@@ -671,3 +671,32 @@ def test_merged_env_knob(monkeypatch, raw, want):
             M._override_from_env()
     else:
         assert M._override_from_env() is want
+
+
+def test_compiled_strategy_switch_recompiles(device, monkeypatch):
+    """The merged/kernel choice is part of what torch.compile caches: flipping it between two compiles (a new
+    process with PGOLF_LORA_MERGED set differently sees the same on-disk AOTAutograd/FX caches) must give a graph
+    for the new choice, not replay the old one's output layout (the merged op returns the E_i after the y_i)."""
+    from pgolf_kernels import lora_merged
+
+    if device == "cpu" and not _utils.use_triton(torch.empty(0)):
+        pytest.skip("CPU without TRITON_INTERPRET=1 runs the reference, which has no strategies")
+    x, bases, As, Bs = _make(2, 9, 40, [40, 24], 3, torch.float16 if device == "cpu" else torch.bfloat16, device,
+                             seed=31)
+    dys = [torch.randn(2, 9, o, generator=torch.Generator().manual_seed(32)).to(x.dtype).to(device) for o in (40, 24)]
+
+    def step(x, As, Bs):
+        return multi_lora_linear(x, bases, As, Bs, alpha=0.5, validate=False)
+
+    ref = _run(multi_lora_linear, x, bases, As, Bs, dys=dys, alpha=0.5)
+    for choice in (True, False, True):
+        monkeypatch.setattr(lora_merged, "OVERRIDE", choice)
+        torch._dynamo.reset()   # a fresh Dynamo, as in a new process; the AOT/FX caches stay
+        xs = x.detach().requires_grad_()
+        A_ = [a.detach().requires_grad_() for a in As]
+        B_ = [b.detach().requires_grad_() for b in Bs]
+        ys = torch.compile(step, fullgraph=True)(xs, A_, B_)
+        gs = torch.autograd.grad(ys, [xs, *A_, *B_], dys)
+        assert len(ys) == 2 and all(y.shape == r.shape for y, r in zip(ys, ref[0]))
+        for got, want in zip(list(ys) + list(gs), list(ref[0]) + list(ref[1])):
+            torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -1,13 +1,15 @@
 """Where one per-document TTT step spends its time (a profiling tool, not a benchmark row).
 
-One step = the eval driver's inner loop body (``train.schedules.ttt_batch``): forward over 64 windows of
-1024 positions with grad, score the last 256 targets of each row, backward to the adapters, Adam.
+One step = the eval driver's inner loop body (``train.schedules.ttt_batch``): forward over 64 windows (seeds: 1024
+positions, records: 2048) with grad, score the last chunk of targets of each row (256 / 48), backward to the
+adapters, the recipe's optimizer (Adam / AdamW).
 Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
 each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``). Prints ms/step (median of CUDA-synchronized steps) and a
 torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
-    python3 -m bench.profile_ttt [--batch 64] [--window 1024] [--chunk 256] [--steps 10] [--out DIR]
+    python3 -m bench.profile_ttt [--recipe seeds|records] [--batch 64] [--window W] [--chunk C] [--rank R]
+                                 [--steps 10] [--out DIR]
 """
 from __future__ import annotations
 
@@ -31,11 +33,11 @@ def _sync():
 def _setup(reference: bool, path: str, cfg, device):
     from train import eval as ev
     from train.adapters import DocLoRA
-    from train.ttt_optim import BatchedAdam
+    from train.ttt_optim import optimizer_for
 
     model, _ = ev.load_model(path, reference=reference, device=device)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel")
-    opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps)
+    opt = optimizer_for(ad.params, cfg)
     return model, ad, opt
 
 
@@ -100,10 +102,12 @@ def _profile(step, rb, top: int):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--window", type=int, default=1024)
-    p.add_argument("--chunk", type=int, default=256)
-    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--recipe", default="seeds", help="train.ttt_config recipe (seeds, records); the options "
+                   "below override its values")
+    p.add_argument("--batch", type=int, default=None, help="documents per step (default 64)")
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--chunk", type=int, default=None)
+    p.add_argument("--rank", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile")
@@ -113,16 +117,21 @@ def main(argv=None):
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
-    from train.ttt_config import TTTConfig
+    from train.ttt_config import recipe
 
     dev = a.device
-    cfg = TTTConfig(rank=a.rank, chunk=a.chunk, window=a.window, batch_size=a.batch)
+    given = dict(rank=a.rank, chunk=a.chunk, window=a.window, batch_size=a.batch)
+    over = {k: v for k, v in given.items() if v is not None}
+    over.setdefault("batch_size", 64)
+    cfg = recipe(a.recipe, **over)
+    a.batch, a.window, a.chunk, a.rank = cfg.batch_size, cfg.window, cfg.chunk, cfg.rank
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "model.ptz")
     build_artifact(path, None, train_steps=0, device=dev)
     rb = _rows(a.window + 1, a.batch, cfg, dev)
-    out = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__, "batch": a.batch, "window": a.window,
-           "chunk": a.chunk, "rank": a.rank, "variants": {}}
+    out = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "recipe": a.recipe, "batch": a.batch, "window": a.window, "chunk": a.chunk, "rank": a.rank,
+           "targets": list(cfg.targets), "optimizer": cfg.optimizer, "variants": {}}
     for v in a.variants.split(","):
         path_kind, mode = v.split("-")
         model, ad, opt = _setup(path_kind == "reference", path, cfg, dev)

@@ -56,6 +56,14 @@ Design (counted for the benchmark shape B64 T1024 d512, Q 512 + V 256, r8, bf16 
   Defaults by measurement (H200, bench/results/lora-h200.md; ``lora_triton.bwd_split`` / ``bwd_g_once``): fused in
   one launch for rank ≤ 32 (0.511 ms fwd+bwd at B64 T1024 r8), G once + split above (1.679 ms at B64 T2048 r96,
   against 1.884 ms fused in one launch).
+* Merged weights (``pgolf_kernels.lora_merged``), the default for unpadded rows (``lengths`` None) from T = 1024
+  (rank ≤ 32) or T = 512 (rank > 32): E_i[b] = W_i + α B_i[a] A_i[a] is built per row by one Triton launch, then
+  every product is a base-shaped batched GEMM on cuBLAS (y = x Eᵀ; dx = dy E; Gt = dyᵀ x; dA, dB from Gt). Above
+  those T the per-row E (N_i × d) is cheap next to the T-long GEMMs, and cuBLAS runs them at ~600 TFLOP/s where the
+  fused kernels' backward held ~200. H200, fwd+bwd, CUDA-graph replay: 0.398 ms at B64 T1024 r8 (kernels 0.511,
+  compiled bmm 0.634) and 0.765 ms at B64 T2048 r96 (kernels 1.666, compiled bmm 1.217); at T256 r8 the kernels win
+  (0.152 vs 0.200 ms). ``PGOLF_LORA_MERGED`` = auto / 1 / 0 overrides the rule; the choice is an argument of the
+  custom ops, so compiled graphs key on it.
 * dA/dB are accumulated in fp32 with atomic adds. ``deterministic=True`` makes each grad element owned by exactly one
   program (no T-split; with adapter_index the kernel writes per-row grads that are reduced in a fixed order), so
   results are bitwise reproducible. The default may split T across programs when B·(d/BD) is below ~2 waves of SMs.

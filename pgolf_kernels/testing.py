@@ -68,7 +68,8 @@ def assert_close_rel(
 
 
 def seeded_generator(seed: Optional[int] = None) -> torch.Generator:
-    """A CPU generator; fresh random seed unless one is given (printed on failure by callers)."""
+    """A CPU generator seeded with ``seed``, or else with a draw from torch's global generator (which the test
+    suite seeds from each test's id), so a run is reproducible whenever the global seed is."""
     g = torch.Generator()
-    g.manual_seed(seed if seed is not None else torch.seed() % (2**31))
+    g.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, (1,))))
     return g

@@ -223,8 +223,8 @@ def test_check_values_is_a_deprecated_alias_of_validate(device):
     with pytest.warns(DeprecationWarning, match="use validate="):
         with pytest.raises(ValueError, match="lengths values must be in"):
             multi_lora_linear(x, bases, As, Bs, lengths=bad, check_values=True)
-    with pytest.warns(DeprecationWarning):
-        ys = multi_lora_linear(x, bases, As, Bs, validate=False)
+    with pytest.warns(DeprecationWarning, match="use validate="):
+        ys = multi_lora_linear(x, bases, As, Bs, check_values=False)
     assert torch.equal(ys[0], multi_lora_linear(x, bases, As, Bs, validate=False)[0])
 
 

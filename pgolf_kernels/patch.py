@@ -46,11 +46,13 @@ Pieces
   and with one more graph change in between (``bench/results/warmup-h200.md``); its effect on this record's own
   warm-up is not measured yet. Compiles with ``dynamic=False`` (the
   records' training) specialize floats already, so they are unchanged. The per-document LoRA
-  (``BatchedLinearLoRA``) is left as it is, and the report says why per script: at rank 96 (the 2026-04-29 record: Q/K/V/O/MLP/head) the fused multi-LoRA op measured slower than the
-  record's two bmm (fwd+bwd 1.680 vs 1.351 ms, one H200); at rank 8 (2026-03-17) it is slower eagerly (1.448 vs
-  1.083 ms; it wins only under CUDA-graph replay, which the record's TTT does not use), and the record adds its
-  Q/V deltas outside the base projection (``c_q(x) + q_delta``) while the fused op computes base and adapter in
-  one GEMM, so patching would mean replacing the attention forward. A script without a
+  (``BatchedLinearLoRA``) is left as it is, and the report says why per script. The record adds its deltas
+  outside the base projection (``c_q(x) + q_delta``) while ``multi_lora_linear`` computes base and adapter in one
+  op, so patching means replacing the attention forward; and what that would buy is small or negative. At rank 96
+  (2026-04-29, compiled TTT forward) the op is 1.59x compiled bmm on its own (Q512+V256, B64 T2048, CUDA-graph
+  replay), but a whole TTT step at that recipe in this package's engine went only from 111.7 to 107.2 ms
+  (``bench/results/profile-ttt-h200.md``: attention and the other targets dominate). At rank 8 (2026-03-17,
+  eager TTT) the op is slower without CUDA graphs (1.367 vs 1.035 ms eager bmm, B64 T1024). A script without a
   per-document LoRA (full-model TTT) has nothing to patch.
 * **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with
   the reason per script. None of the three exports has a seam where the int6 codec is a like-for-like swap:
@@ -85,11 +87,12 @@ __all__ = ["apply", "PatchReport", "PatchError", "muon_schedule"]
 
 NS_FUNCTION = "zeropower_via_newtonschulz5"
 PE_TABLE = "_PE_COEFFS"
-# fused multi-LoRA vs bmm, fwd+bwd of Q512+V256 LoRA on d512, one H200 (bench/results/lora-h200.md):
-#   rank 96, B64 T2048 (the 2026-04-29 TTT shape), graph replay: 1.680 ms vs 1.351 (eager bmm) / 1.227 (compiled bmm)
-#   rank 8, B64 T1024 (the 2026-03-17 TTT shape): 0.510 vs 0.684 ms under graph replay, but 1.448 vs 1.083 ms eager
-# The records run their TTT forward eagerly (no CUDA graph), where the fused op loses at both ranks.
-FUSED_LORA_LOSES_FROM_RANK = 96
+# multi_lora_linear vs bmm, fwd+bwd of Q512+V256 LoRA on d512, one H200 (bench/results/lora-h200.md,
+# profile-ttt-h200.md), the numbers behind the TTT piece's reasons:
+#   rank 96, B64 T2048 (the 2026-04-29 TTT shape): 0.765 ms vs 1.217 compiled bmm in graph replay, but one whole
+#     TTT step of that recipe 107.2 vs 111.7 ms (compiled, this package's engine)
+#   rank 8, B64 T1024 (the 2026-03-17 TTT shape, run eagerly by the record): 1.367 vs 1.035 ms eager bmm, no graph
+LARGE_LORA_RANK = 96
 
 
 class PatchError(LookupError):
@@ -353,15 +356,15 @@ def _ttt_reason(ns: dict) -> str:
         raise PatchError("BatchedTTTLoRA found but looked for its adapter class 'BatchedLinearLoRA' and did not find it")
     hp = ns.get("Hyperparameters")
     rank = getattr(hp, "ttt_lora_rank", None)
-    if isinstance(rank, int) and rank >= FUSED_LORA_LOSES_FROM_RANK:
-        return (f"LoRA rank {rank}: the fused multi-LoRA op measured slower than the record's bmm at rank 96 "
-                f"(fwd+bwd 1.680 vs 1.351 ms eager bmm / 1.227 ms compiled bmm, one H200), so the record's "
-                f"BatchedLinearLoRA is kept")
-    return (f"LoRA rank {rank}: the record's TTT runs eagerly, where the fused multi-LoRA op measured slower than "
-            "its bmm at rank 8 (fwd+bwd 1.448 vs 1.083 ms, B64 T1024, one H200; it wins only under CUDA-graph "
-            "replay, 0.510 vs 0.684 ms), and the record adds its deltas outside the base projection (base(x) + "
-            "delta), so using the fused op would mean replacing its attention forward; the record's "
-            "BatchedLinearLoRA is kept")
+    outside = ("the record adds its deltas outside the base projection (base(x) + delta), so using "
+               "multi_lora_linear would mean replacing its attention forward")
+    if isinstance(rank, int) and rank >= LARGE_LORA_RANK:
+        return (f"LoRA rank {rank}: {outside}, for a small gain: multi_lora_linear is 1.59x compiled bmm on its own "
+                f"(0.765 vs 1.217 ms, B64 T2048 r96, one H200) but one whole TTT step of this recipe went from "
+                f"111.7 to only 107.2 ms with it; the record's BatchedLinearLoRA is kept")
+    return (f"LoRA rank {rank}: the record's TTT runs eagerly, where multi_lora_linear is slower than its bmm "
+            "(fwd+bwd 1.367 vs 1.035 ms, B64 T1024 r8, one H200, no CUDA graph), and " + outside + "; the "
+            "record's BatchedLinearLoRA is kept")
 
 
 def _compiles_ttt_dynamic(ns: dict) -> bool:

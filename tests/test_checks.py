@@ -530,3 +530,14 @@ def test_eval_compile_cache_needs_the_compiled_forward_and_a_file_path(eval_inpu
              "the compiled forward")
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--compile", "on", "--compile-cache", str(tmp_path))),
              "--compile-cache", "a file, not a folder")
+
+
+def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
+    """--overlap-compile without the compiled forward and CUDA graphs (a CPU run), or with the rolling schedule:
+    one line naming the flag and every missing condition, before the artifact is decoded."""
+    from train import eval as ev
+
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile")), "--overlap-compile",
+             "the compiled forward", "--cuda-graphs on")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "--schedule", "rolling", "--warmup", "off")),
+             "--overlap-compile", "--schedule batch (got rolling)", "the warm-up on")

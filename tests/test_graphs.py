@@ -322,3 +322,81 @@ def test_warm_until_settled_refuses_bad_counts():
             warm_until_settled(lambda: None, lambda: 0, first, most)
     with pytest.raises(TypeError, match="warm_until_settled: step and compiles must be callables"):
         warm_until_settled(None, lambda: 0)
+
+
+def _overlap_eval(cfg, device, compile_):
+    """evaluate() with --overlap-compile's hand-over: the warm-up of ``train.warmup`` in the background thread."""
+    import dataclasses
+
+    from train.eval import evaluate
+    from train.overlap import BackgroundCompile
+    from train.warmup import warmup
+
+    stream = doc_stream(LENGTHS, seed=5).to(device)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    gcfg = dataclasses.replace(cfg, cuda_graphs=True)
+    ref = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt", cfg=gcfg, backend="bmm")
+    model = tiny_model(seed=3).to(device)
+    warm = lambda: warmup(model, lut, gcfg, "bmm", device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,  # noqa: E731
+                          graphs=True)
+    bg = BackgroundCompile(model, warm, compile=compile_)
+    rep = evaluate(model, stream, lut, mode="ttt", cfg=gcfg, backend="bmm", background=bg)
+    return ref, rep, bg
+
+
+def test_overlap_compile_hands_over_between_batches_and_scores_the_same():
+    """The hand-over on CPU (no compile in the thread: one thread in Dynamo at most): the eval starts on the first
+    graphs, takes the second set at a batch boundary, every step staged through the buckets, and scores exactly as
+    the eval without the thread; the thread's warm-up trained its own adapters only."""
+    ref, rep, bg = _overlap_eval(CFG, "cpu", compile_=False)
+    ov = rep["overlap_compile"]
+    assert bg.ready() and bg.error is None and ov["background_compile_s"] > 0
+    assert "switched_after_s" in ov and ov["warmup_rates"]["ttt_pos_per_s"] > 0
+    assert rep["cuda_graphs"]["graph_steps"] == rep["steps"] == ref["steps"]
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert rep["val_bpb"] == ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+def test_overlap_compile_refuses_what_it_cannot_hand_over():
+    """Rolling schedule or phased TTT: refused by name before anything runs; a failed thread raises on the main
+    thread with the thread's error."""
+    import dataclasses
+
+    from train.eval import evaluate
+    from train.overlap import BackgroundCompile
+
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    model = tiny_model(seed=3)
+    for cfg in (dataclasses.replace(CFG, cuda_graphs=True, schedule="rolling"),
+                dataclasses.replace(RECORDS_LIKE, cuda_graphs=True, phases=2, phase_docs=4)):
+        with pytest.raises(ValueError, match="overlap-compile"):
+            evaluate(model, stream, lut, mode="ttt", cfg=cfg, backend="bmm",
+                     background=BackgroundCompile(model, dict, compile=False))
+
+    def boom():
+        raise RuntimeError("synthetic failure")
+
+    with pytest.raises(RuntimeError, match="background compile failed: RuntimeError: synthetic failure"):
+        evaluate(model, stream, lut, mode="ttt", cfg=dataclasses.replace(CFG, cuda_graphs=True), backend="bmm",
+                 background=BackgroundCompile(model, boom, compile=False))
+
+
+@pytest.mark.gpu
+def test_gpu_overlap_compile_equals_plain_graphs():
+    """On the GPU with the compile in the thread: eager graphs first, compiled graphs after the hand-over, against
+    the plain compiled-graph eval (BPB within 1e-4 relative: the eager and compiled steps round differently)."""
+    import dataclasses
+
+    from train.eval import evaluate
+    from train.forward import compile_rows_nll
+
+    ref, rep, bg = _overlap_eval(CFG, "cuda", compile_=True)
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    m = tiny_model(seed=3).cuda()
+    compile_rows_nll(m)
+    comp = evaluate(m, stream, lut, mode="ttt", cfg=dataclasses.replace(CFG, cuda_graphs=True), backend="bmm")
+    assert bg.error is None and rep["cuda_graphs"]["captured"]
+    assert rep["targets"] == comp["targets"] == ref["targets"] and rep["legality"] == comp["legality"]
+    assert abs(rep["val_bpb"] - comp["val_bpb"]) < 1e-4 * comp["val_bpb"], (rep["val_bpb"], comp["val_bpb"])

@@ -84,13 +84,19 @@ class DocQueue:
                  adapter, opt, deadline: float, rates: Optional[dict], share, rank: int, world: int,
                  distributed: bool, clock: Callable[[], float], log, progress_s: float,
                  batches: Optional[List[np.ndarray]] = None, claim_key: str = "pgolf_eval_claim",
-                 work_after: float = 0.0, fallback: bool = False, graphs=None):
+                 work_after: float = 0.0, fallback: bool = False, graphs=None,
+                 swap_graphs: Optional[Callable[[bool], Optional[object]]] = None):
         """``graphs``: the eval's ``train.graphs.StepGraphs`` (every TTT step replayed from it), or None.
         ``batches``: the document batches in claim order (default: all documents, longest first);
         ``claim_key``: the store counter (one per queue); ``work_after``: this rank's work of the queues
-        that follow (phased TTT), for the deadline estimate; ``fallback``: start without TTT."""
+        that follow (phased TTT), for the deadline estimate; ``fallback``: start without TTT.
+        ``swap_graphs(wait)`` (``--overlap-compile``, batch schedule): asked before every batch; returns the graphs
+        that replace ``graphs`` from that batch on once they are ready (``wait=True``: wait for them), else None."""
         self.model, self.tokens, self.starts, self.ns, self.cfg, self.st = model, tokens, starts, ns, cfg, st
         self.mode, self.adapter, self.opt, self.graphs = mode, adapter, opt, graphs
+        self.swap_graphs = swap_graphs
+        if swap_graphs is not None and mode == "ttt" and cfg.schedule == "rolling":
+            raise ValueError("DocQueue: swap_graphs needs the batch schedule (a rolling step never sees all rows reset)")
         self.deadline, self.share, self.rank, self.world = deadline, share, rank, world
         self.clock, self.log, self.progress_s = clock, log, progress_s
         self.batches = plan_doc_batches(ns, cfg.batch_size) if batches is None else batches
@@ -134,6 +140,12 @@ class DocQueue:
         docs = self.batches[i]
         if not self.fallback:
             self._check_deadline(i)
+        if self.swap_graphs is not None:
+            # between batches every adapter row and the optimizer are reset: the one place graphs may change;
+            # the fallback calls the model's forward from this thread, so it waits for them
+            new = self.swap_graphs(self.fallback)
+            if new is not None:
+                self.graphs, self.swap_graphs = new, None
         if self.fallback:
             cfg = self.cfg
             score_rows(self.model, self.tokens, plan_rows(self.starts[docs], self.ns[docs], cfg.chunk, cfg.window),

@@ -154,8 +154,12 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
              budget_s: float = DEFAULT_BUDGET_S - DEFAULT_MARGIN_S, rates: Optional[dict] = None,
              share=None, strict: bool = False, keep_nll: bool = False, progress_s: float = 15.0,
              log=print, return_state: bool = False, clock=time.perf_counter,
-             chunked: Optional[ChunkedConfig] = None, train_hook=None):
+             chunked: Optional[ChunkedConfig] = None, train_hook=None, background=None):
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
+
+    ``background``: a ``train.overlap.BackgroundCompile`` not yet started (``--overlap-compile``): the TTT steps
+    start on eager CUDA graphs and move to compiled ones once it is done (mode ttt, cfg.cuda_graphs, batch
+    schedule, no phases).
 
     ``chunked``: the chunked mode's config (default ``ChunkedConfig()``; ``cfg`` and ``stride`` are not
     used by that mode). ``train_hook(rows, mask, loss)``: called before every chunked training step
@@ -174,6 +178,11 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     if cfg.cuda_graphs and mode != "ttt":
         raise ValueError(f"evaluate: cfg.cuda_graphs = True: expected mode 'ttt' (the TTT steps are what the graphs "
                          f"replay), got mode {mode!r}")
+    if background is not None and not (mode == "ttt" and cfg.cuda_graphs and cfg.schedule == "batch"
+                                       and cfg.phases == 0):
+        raise ValueError(f"evaluate: background (--overlap-compile): expected mode 'ttt' with cuda_graphs, the batch "
+                         f"schedule and no phases; got mode {mode!r}, cuda_graphs {cfg.cuda_graphs}, schedule "
+                         f"{cfg.schedule!r}, phases {cfg.phases}")
     if cfg.cuda_graphs and (strict or train_hook is not None):
         raise ValueError("evaluate: cfg.cuda_graphs = True: expected strict=False and no train_hook (a captured step "
                          "cannot sync the host or call back into Python)")
@@ -203,7 +212,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
         report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
                                        deadline=t_start + budget_s, rates=rates, share=share, rank=rank, world=world,
                                        distributed=distributed, clock=clock, log=log, progress_s=progress_s,
-                                       train_hook=train_hook))
+                                       train_hook=train_hook, background=background))
     elif mode == "chunked":
         if share is not None:
             raise ValueError("share= is for the per-document modes; the chunked mode's chunks are sequential")
@@ -223,7 +232,8 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
 
 
 def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *, mode, backend, deadline, rates,
-                     share, rank, world, distributed, clock, log, progress_s, train_hook=None) -> Dict[str, object]:
+                     share, rank, world, distributed, clock, log, progress_s, train_hook=None,
+                     background=None) -> Dict[str, object]:
     """The per-document modes: one ``DocQueue`` over all documents, or (phased TTT) one per phase with a
     global pass on the base weights after each phase and a last queue for the rest. Narrows
     ``expected`` to this process's share; returns the report's fields."""
@@ -251,6 +261,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         batches_ns = [ns[b] for batches in group_batches for b in batches] if cfg.schedule == "batch" else None
         graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns)
         report["cuda_graphs"] = dict(graphs.stats)
+    swap = None
+    if background is not None:
+        swap = _overlap(model, adapter, opt, cfg, st, log, graphs, background, report, clock)
+        graphs = None  # the queue holds the current graphs; swap["graphs"] says which were used last
     queues = []
     keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None
     passes = []
@@ -261,7 +275,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                      rates=queues[-1].rates() if queues else rates, share=share, rank=rank, world=world,
                      distributed=distributed, clock=clock, log=log, progress_s=progress_s, batches=batches,
                      claim_key=f"pgolf_eval_claim_{p}", work_after=work_after,
-                     fallback=bool(queues) and queues[-1].fallback)
+                     fallback=bool(queues) and queues[-1].fallback, swap_graphs=swap["fn"] if swap else None)
+        if swap is not None:
+            q.graphs = swap["graphs"]
+            swap["queue"] = q
         if share is not None:  # only this share's documents are expected to be scored
             for i in q.share_docs():
                 keep[int(starts[i]) + 1: int(starts[i]) + 1 + int(ns[i])] = True
@@ -290,12 +307,50 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                 report["cuda_graphs"].setdefault("recaptures", []).append(dict(graphs.stats, phase=p))
     if share is not None:
         expected &= keep
+    if swap is not None:
+        graphs = swap["graphs"]
+        if not swap["swapped"]:  # every batch ran on the eager graphs; the thread still has to end cleanly
+            background.result()
+        report["overlap_compile"] = dict(report.get("overlap_compile", {}), **background.stats)
     if graphs is not None:
         report["cuda_graphs"].update(graphs.usage())
     if phased:
         report["phases"] = passes
     report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
     return report
+
+
+def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, background, report, clock) -> dict:
+    """``--overlap-compile``: start the background compile (the eager ``graphs`` are prepared: the model's forward
+    is not called from this thread again until the switch) and return the queue's swap state: ``fn(wait)`` hands
+    over compiled graphs for the same plan once the thread is done (``train.overlap``)."""
+    state = {"graphs": graphs, "swapped": False, "queue": None}
+    t0 = clock()
+    background.start()
+    graphs.before_eager = background.result   # a step outside the plan calls the forward here: wait first
+
+    def fn(wait: bool):
+        if not wait and not background.ready():
+            state["eager_batches"] = state.get("eager_batches", 0) + 1
+            return None
+        rates = background.result()
+        old = state["graphs"]
+        new = _step_graphs(model, adapter, opt, cfg, st, log, prev=old)
+        q = state["queue"]
+        if q is not None:  # the deadline estimate gets the warm-up's rates it did not have at the start
+            q.base_rate = q.base_rate or rates.get("base_pos_per_s")
+            q.ttt_rate = q.ttt_rate or rates.get("ttt_pos_per_s")
+        state.update(graphs=new, swapped=True)
+        report["overlap_compile"] = {"switched_after_s": round(clock() - t0, 3),
+                                     "eager_batches": state.get("eager_batches", 0),
+                                     "eager_graph_steps": old.steps, "compiled_graphs": dict(new.stats),
+                                     "warmup_rates": rates}
+        log(f"[eval] overlap-compile: compiled graphs from batch {state.get('eager_batches', 0)} on "
+            f"({old.steps} steps replayed eagerly, background compile {background.stats.get('background_compile_s')} s)")
+        return new
+
+    state["fn"] = fn
+    return state
 
 
 def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
@@ -404,6 +459,10 @@ def _parse(argv):
                     help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
                          "the first scored step and again after every global pass, on synthetic tokens; CUDA only). "
                          "auto (default): on for --reference --mode ttt on CUDA, else off")
+    ap.add_argument("--overlap-compile", action="store_true",
+                    help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "
+                         "CUDA graphs at once and switch to compiled ones when a background thread has compiled the "
+                         "step (train/overlap.py); the warm-up moves into that thread")
     ap.add_argument("--separate-score-pass", action="store_true",
                     help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
@@ -571,6 +630,20 @@ def main(argv=None) -> dict:
         from .checks import CheckError
 
         raise CheckError("--cuda-graphs", True, f"--mode ttt on a CUDA device (got --mode {args.mode} on {device})")
+    overlap = args.overlap_compile
+    if overlap:
+        from .checks import CheckError
+
+        why = [w for bad, w in ((not compiled, f"the compiled forward (got --compile {args.compile} on {device})"),
+                                (not cfg.cuda_graphs, "--cuda-graphs on (or auto with --reference on CUDA)"),
+                                (args.mode != "ttt", f"--mode ttt (got {args.mode})"),
+                                (cfg.schedule != "batch", f"--schedule batch (got {cfg.schedule})"),
+                                (cfg.phases > 0, f"no phased TTT (got {cfg.phases} phases)"),
+                                (args.warmup_only, "no --warmup-only (nothing is scored to overlap)"),
+                                (args.no_warmup or args.warmup == "off",
+                                 "the warm-up on (it is what the background thread compiles)")) if bad]
+        if why:
+            raise CheckError("--overlap-compile", True, "; ".join(why))
     if args.precompiled:
         from .checks import CheckError
         from .precompiled import unsupported_reason
@@ -612,7 +685,7 @@ def main(argv=None) -> dict:
             cache_file_exists = check_compile_cache_path(args.compile_cache, "--compile-cache")
         except CompileCacheError as e:
             raise CheckError(e.arg, e.value, e.expected) from None
-    if compiler is not None:
+    if compiler is not None and not overlap:
         compiler.join()  # one thread starts the worker pool: two callers could each make one
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
         # on the 2-core CPU machine the imports took 3.1-4.4 s, torch_key 0.26 s and the pool start ~0 s
@@ -626,7 +699,7 @@ def main(argv=None) -> dict:
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     mark("model")
     precompiled = {}
-    if compiled:
+    if compiled and not overlap:  # --overlap-compile: attached by the background thread, after the eager graphs
         precompiled = compile_rows_nll(model, precompiled=args.precompiled)
     mark("compile_setup")
     cache_file = None
@@ -661,7 +734,22 @@ def main(argv=None) -> dict:
         elif wmode == "cpu" and args.mode == "chunked":
             log("[eval] warm-up: CPU, nothing to compile or autotune: one 2,048-token synthetic chunk pair only "
                 "(--warmup full: the configured chunk size)")
-    if wmode == "full" and args.mode in ("ttt", "base"):
+    background = None
+    if overlap and wmode != "off":
+        from .overlap import BackgroundCompile
+
+        def _background_warm():
+            if compiler is not None:
+                compiler.join()
+            if not cache_file_exists:
+                _start_compile_workers()
+            return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
+                          doc_len=cfg.window + cfg.chunk, graphs=True)
+
+        background = BackgroundCompile(model, _background_warm, precompiled=args.precompiled)
+        log("[eval] overlap-compile: the warm-up and torch.compile run in a background thread while the first "
+            "batches replay eager CUDA graphs")
+    elif wmode == "full" and args.mode in ("ttt", "base"):
         # synthetic tokens only; the validation shards are not even read until warm-up is over
         rates = warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device,
                        n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,
@@ -687,7 +775,7 @@ def main(argv=None) -> dict:
     to_scoring_s = (startup_s or 0.0) + (time.perf_counter() - t_start)
     rep = evaluate(model, tokens, lut, mode=args.mode, cfg=cfg, stride=args.stride,
                    backend="bmm" if args.reference else "kernel", t_start=t_start,
-                   budget_s=budget_s, rates=rates, share=share, log=log, chunked=cc)
+                   budget_s=budget_s, rates=rates, share=share, log=log, chunked=cc, background=background)
     wall = time.perf_counter() - t_start
     rep.update(info, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s,
                to_scoring_s=to_scoring_s, timed_eval_s=rep["score_s"], wall_s=wall + (startup_s or 0.0),

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -116,6 +116,9 @@ class StepGraphs:
         self.eager_steps = 0
         self.used: Dict[Tuple[int, int, bool], int] = {}
         self.planned: Optional[List[Tuple[int, int, bool]]] = None  # the keys prepare() was given (None: all)
+        # called before a step's body runs eagerly on this thread (train.overlap: a background compile must
+        # finish before the model's forward is called from Python here)
+        self.before_eager: Optional[Callable[[], object]] = None
 
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
@@ -191,6 +194,8 @@ class StepGraphs:
                     raise RuntimeError("StepGraphs.replay: nothing was captured (prepare() first)")
                 # a bucket outside prepare()'s plan: the same body, run eagerly on the bucket's buffers
                 self.eager_steps += 1
+            if self.before_eager is not None:
+                self.before_eager()
             buf = self.buffers[self._key]
             _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
             return

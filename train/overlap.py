@@ -1,0 +1,98 @@
+"""Score while compiling (``--overlap-compile``): the eval starts on eager CUDA graphs and moves to compiled
+ones when a background thread has compiled the TTT step.
+
+Why: the compiled step replays ~2x faster than the eager one (H200, seeds' config, all 50,000 documents: 111.3 s
+of replay compiled vs ~230 s eager, ``bench/results/eval-h200.md``), but its compile is most of the time to the
+first score (32.3 s cold: 19.0 s warm-up, 15.8 s of it Dynamo + Inductor; 5.8 s of the load waiting for
+torch.compile's imports and worker pool). Here the first score waits only for the eager graphs (no compile), and
+the compile runs beside the scoring: Inductor's Triton builds run in its worker processes, Dynamo's tracing shares
+the GIL with a replay loop that needs ~1-2 ms of Python per step.
+
+Order (``train.eval._score_documents``):
+
+1. eager ``StepGraphs`` are prepared (warm steps on synthetic tokens, then capture) on the uncompiled model;
+2. ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and ``train.warmup.warmup`` runs its two TTT
+   passes on synthetic tokens with its own adapters, optimizer and ledger, on a CUDA stream of its own;
+3. the document queue replays the eager graphs; before each batch it asks ``ready()``; once the thread is done,
+   compiled graphs are prepared for the same plan (``prev=``: same keys, counters carried over) and replace the
+   eager ones from that batch on. A batch boundary is where the batch schedule resets every adapter row and the
+   optimizer, so the new graphs' warm steps (which train the live adapters on synthetic tokens, as the graphs'
+   preparation always does) touch no document's state.
+
+What may not run while the thread compiles: any Python call of the model's forward on the main thread (it would
+enter Dynamo from two threads). The queue and ``StepGraphs`` call ``wait()`` before such a call (the deadline
+fallback's base scoring, a step outside the prepared plan), which joins the thread first.
+
+Legality is unchanged: the thread's warm-up reads synthetic tokens only; every validation target is scored once,
+by an eager graph or a compiled one (same math, bf16 rounding apart: the report says which batches ran eager).
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+class BackgroundCompile:
+    """``compile_rows_nll(model)`` and the TTT warm-up in a daemon thread (see the module docstring).
+
+    ``warm``: called in the thread with no arguments, after the compile is attached; returns the warm-up's rates
+    (``train.warmup.warmup``'s dict). ``compile``: False attaches no compile (the CPU tests exercise the
+    hand-over that way without two threads in Dynamo). ``precompiled``: passed to ``compile_rows_nll``.
+    """
+
+    def __init__(self, model, warm: Callable[[], Dict[str, float]], *, compile: bool = True,
+                 precompiled: Optional[str] = None):
+        self.model, self.warm, self.compile, self.precompiled = model, warm, bool(compile), precompiled
+        self.thread: Optional[threading.Thread] = None
+        self.error: Optional[BaseException] = None
+        self.rates: Optional[Dict[str, float]] = None
+        self.stats: Dict[str, float] = {}
+        self._t0 = 0.0
+
+    def start(self) -> "BackgroundCompile":
+        if self.thread is not None:
+            raise RuntimeError("BackgroundCompile.start: already started")
+        self._t0 = time.perf_counter()
+        self.thread = threading.Thread(target=self._run, name="pgolf-background-compile", daemon=True)
+        self.thread.start()
+        return self
+
+    def _run(self) -> None:
+        from .forward import compile_rows_nll
+
+        try:
+            if self.compile:
+                compile_rows_nll(self.model, precompiled=self.precompiled)
+            dev = next(self.model.parameters()).device
+            # a stream of its own: the warm steps overlap the main thread's replays instead of queueing behind
+            # them on the default stream
+            stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self.rates = self.warm()
+            if stream is not None:
+                stream.synchronize()
+        except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
+            self.error = e
+        self.stats["background_compile_s"] = round(time.perf_counter() - self._t0, 3)
+
+    def ready(self) -> bool:
+        """The thread has finished (compiled and warmed, or failed: ``result()`` raises then)."""
+        if self.thread is None:
+            raise RuntimeError("BackgroundCompile.ready: not started")
+        return not self.thread.is_alive()
+
+    def result(self) -> Dict[str, float]:
+        """Wait for the thread; its warm-up rates, or the error that stopped it (raised here, on the main thread)."""
+        if self.thread is None:
+            raise RuntimeError("BackgroundCompile.result: not started")
+        t = time.perf_counter()
+        self.thread.join()
+        self.stats["waited_s"] = round(self.stats.get("waited_s", 0.0) + time.perf_counter() - t, 3)
+        if self.error is not None:
+            raise RuntimeError(f"--overlap-compile: the background compile failed: {type(self.error).__name__}: "
+                               f"{self.error}") from self.error
+        return dict(self.rates or {})

@@ -22,7 +22,8 @@ torch.compile, their time to the first score including the graphs' warm steps an
 ``seeds-ref-default`` / ``records-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets
 (``records-ref-default`` with ``PGOLF_WARMUP_DOCS=50000`` and the default share 0/8 is case (c)); ``seeds-ref-precompiled``:
 the same with ``--precompiled`` in the case's cache folder; ``seeds-ref-cachefile``: the defaults with ``--compile-cache``,
-whose second process runs on empty cache folders with the first one's file): recipe and path.
+whose second process runs on empty cache folders with the first one's file; ``seeds-ref-overlap``: the defaults with
+``--overlap-compile``): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -62,7 +63,10 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "seeds-ref-precompiled": ("seeds", True, ("--precompiled", "{caches}/precompiled")),
          # the defaults plus --compile-cache: the cold process writes the file at its end; the second process runs
          # with other, empty cache folders and loads the file (a fresh machine that was handed the file)
-         "seeds-ref-cachefile": ("seeds", True, ("--compile-cache", "{work}/seeds-ref.compile-cache"))}
+         "seeds-ref-cachefile": ("seeds", True, ("--compile-cache", "{work}/seeds-ref.compile-cache")),
+         # the defaults plus --overlap-compile: eager graphs first, the compile in a background thread
+         # (train/overlap.py); the time to the first score is the eager graphs' preparation only
+         "seeds-ref-overlap": ("seeds", True, ("--overlap-compile",))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

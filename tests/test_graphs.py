@@ -357,6 +357,22 @@ def test_overlap_compile_hands_over_between_batches_and_scores_the_same():
     assert rep["val_bpb"] == ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
 
 
+def test_overlap_compile_compiles_in_the_thread_and_the_main_thread_reuses_it():
+    """torch.compile in the background thread (per-thread Dynamo config from torch 2.12 on): the thread compiles the
+    step's frames, the main thread runs the compiled forward after the hand-over without compiling again, and the
+    score matches the eager eval to compile rounding. On CPU the main thread's first step waits for the thread (its
+    bucketed steps call the forward from Python; see train/overlap.py), so no two threads are in Dynamo at once."""
+    from train.warmup import compile_cache_counts
+
+    ref, rep, bg = _overlap_eval(CFG, "cpu", compile_=True)
+    ov = rep["overlap_compile"]
+    frames = ov["warmup_rates"]["dynamo_frames"]
+    assert bg.error is None and frames > 0 and "switched_after_s" in ov
+    assert compile_cache_counts()["dynamo_frames"] == frames   # nothing compiled on the main thread
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-6 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
 def test_overlap_compile_refuses_what_it_cannot_hand_over():
     """Rolling schedule or phased TTT: refused by name before anything runs; a failed thread raises on the main
     thread with the thread's error."""

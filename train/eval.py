@@ -324,8 +324,12 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
     """``--overlap-compile``: start the background compile (the eager ``graphs`` are prepared: the model's forward
     is not called from this thread again until the switch) and return the queue's swap state: ``fn(wait)`` hands
     over compiled graphs for the same plan once the thread is done (``train.overlap``)."""
+    from .forward import dynamo_settings
+
     state = {"graphs": graphs, "swapped": False, "queue": None}
     t0 = clock()
+    if background.compile:
+        dynamo_settings()   # this thread runs the compiled graphs' warm steps after the switch (per-thread config)
     background.start()
     graphs.before_eager = background.result   # a step outside the plan calls the forward here: wait first
 

@@ -80,20 +80,7 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
         return {}
     import types
 
-    import torch._dynamo
-    import torch.fx.experimental._config as fx_config
-
-    fx_config.use_duck_shape = False
-    # Python floats read in the forward (the MLP's leaky slope, the logit soft-cap, the LoRA scale) are
-    # constants of the run: specialize them. Unspecialized (torch's default), each became a 0-dim float64
-    # CPU input that inductor converted with a host C++ kernel, so every eval process ran g++ and
-    # inductor's vector-ISA probe under file locks: a cProfile of a warm-cache eval on the H200 spent 37.2 s
-    # of its 117.4 s waiting on subprocesses and 28.7 s in file locks (bench/results/logs/warmup-profile-h200.txt)
-    if hasattr(torch._dynamo.config, "specialize_float"):  # a torch without the switch is left as it is
-        torch._dynamo.config.specialize_float = True
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, name):
-            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))
+    dynamo_settings()
     # Separate compiled functions with and without an adapter: one cache entry's guards never see the
     # other kind (torch 2.13 crashed building a recompile reason for an adapter-less call against an
     # adapter graph's aliasing guard). Graph variants left: grad / no-grad, and block 0's input not
@@ -147,3 +134,23 @@ def _head_plain(model, h, sel, y):
 
 def _head_adapted(model, h, sel, y, adapter):
     return head_nll(model, h, sel, y, adapter)
+
+
+def dynamo_settings() -> None:
+    """The Dynamo / FX settings ``compile_rows_nll`` compiles under. Called on every thread that compiles or runs the
+    compiled forward: from torch 2.12 on, torch._dynamo.config is per thread (pytorch/pytorch#186537), so a
+    background compile (``train.overlap``) and the main thread that later runs its graphs each set them."""
+    import torch._dynamo
+    import torch.fx.experimental._config as fx_config
+
+    fx_config.use_duck_shape = False
+    # Python floats read in the forward (the MLP's leaky slope, the logit soft-cap, the LoRA scale) are
+    # constants of the run: specialize them. Unspecialized (torch's default), each became a 0-dim float64
+    # CPU input that inductor converted with a host C++ kernel, so every eval process ran g++ and
+    # inductor's vector-ISA probe under file locks: a cProfile of a warm-cache eval on the H200 spent 37.2 s
+    # of its 117.4 s waiting on subprocesses and 28.7 s in file locks (bench/results/logs/warmup-profile-h200.txt)
+    if hasattr(torch._dynamo.config, "specialize_float"):  # a torch without the switch is left as it is
+        torch._dynamo.config.specialize_float = True
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 32))

@@ -390,6 +390,14 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
             evaluate(model, stream, lut, mode="ttt", cfg=cfg, backend="bmm",
                      background=BackgroundCompile(model, dict, compile=False))
 
+    with pytest.raises(TypeError, match="BackgroundCompile: warm: expected a callable"):
+        BackgroundCompile(model, None)
+    with pytest.raises(TypeError, match="BackgroundCompile: model: expected a torch.nn.Module"):
+        BackgroundCompile(object(), dict)
+    with pytest.raises(TypeError, match="evaluate: background: expected a train.overlap.BackgroundCompile"):
+        evaluate(model, stream, lut, mode="ttt", cfg=dataclasses.replace(CFG, cuda_graphs=True), backend="bmm",
+                 background=object())
+
     def boom():
         raise RuntimeError("synthetic failure")
 

@@ -178,6 +178,9 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     if cfg.cuda_graphs and mode != "ttt":
         raise ValueError(f"evaluate: cfg.cuda_graphs = True: expected mode 'ttt' (the TTT steps are what the graphs "
                          f"replay), got mode {mode!r}")
+    if background is not None and not callable(getattr(background, "start", None)):
+        raise TypeError(f"evaluate: background: expected a train.overlap.BackgroundCompile, got "
+                        f"{type(background).__name__}")
     if background is not None and not (mode == "ttt" and cfg.cuda_graphs and cfg.schedule == "batch"
                                        and cfg.phases == 0):
         raise ValueError(f"evaluate: background (--overlap-compile): expected mode 'ttt' with cuda_graphs, the batch "
@@ -334,7 +337,10 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
     graphs.before_eager = background.result   # a step outside the plan calls the forward here: wait first
 
     def fn(wait: bool):
-        if not wait and not background.ready():
+        if wait:  # the deadline fallback scores with the forward from here: join only, no graphs it would not use
+            background.result()
+            return None
+        if not background.ready():
             state["eager_batches"] = state.get("eager_batches", 0) + 1
             return None
         rates = background.result()
@@ -739,6 +745,11 @@ def main(argv=None) -> dict:
             log("[eval] warm-up: CPU, nothing to compile or autotune: one 2,048-token synthetic chunk pair only "
                 "(--warmup full: the configured chunk size)")
     background = None
+
+    def ttt_warmup():  # synthetic tokens only
+        return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
+                      doc_len=cfg.window + cfg.chunk, graphs=cfg.cuda_graphs and args.mode == "ttt")
+
     if overlap and wmode != "off":
         from .overlap import BackgroundCompile
 
@@ -747,17 +758,14 @@ def main(argv=None) -> dict:
                 compiler.join()
             if not cache_file_exists:
                 _start_compile_workers()
-            return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
-                          doc_len=cfg.window + cfg.chunk, graphs=True)
+            return ttt_warmup()
 
         background = BackgroundCompile(model, _background_warm, precompiled=args.precompiled)
         log("[eval] overlap-compile: the warm-up and torch.compile run in a background thread while the first "
             "batches replay eager CUDA graphs")
     elif wmode == "full" and args.mode in ("ttt", "base"):
         # synthetic tokens only; the validation shards are not even read until warm-up is over
-        rates = warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device,
-                       n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,
-                       graphs=cfg.cuda_graphs and args.mode == "ttt")
+        rates = ttt_warmup()
     elif wmode != "off" and args.mode == "chunked":
         wcc = cc if wmode == "full" else dataclasses.replace(cc, chunk_tokens=2048)
         rates = warmup_chunked(model, lut, wcc, "bmm" if args.reference else "kernel", device, rank=rank,

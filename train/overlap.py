@@ -46,6 +46,12 @@ class BackgroundCompile:
 
     def __init__(self, model, warm: Callable[[], Dict[str, float]], *, compile: bool = True,
                  precompiled: Optional[str] = None):
+        if not callable(warm):
+            raise TypeError(f"BackgroundCompile: warm: expected a callable returning the warm-up's rates, got "
+                            f"{type(warm).__name__}")
+        if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
+            raise TypeError(f"BackgroundCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
+                            f"{type(model).__name__}")
         self.model, self.warm, self.compile, self.precompiled = model, warm, bool(compile), precompiled
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None

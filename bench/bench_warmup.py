@@ -207,6 +207,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                     ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
                     ", the driver's defaults + --compile-cache (warm = empty cache folders + the cold process's file)"
                     if fresh else
+                    ", the driver's defaults + --overlap-compile (eager graphs first, compiled graphs from a batch boundary)"
+                    if extra_args[0] == "--overlap-compile" else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
                     f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")
                  + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")

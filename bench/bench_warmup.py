@@ -120,8 +120,11 @@ _RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "s
 
 
 def _first_score_s(rep: Dict[str, object]) -> float:
-    """Process start to the first scored token. With ``--cuda-graphs`` the graphs are warmed and captured inside
-    the eval, after the driver's own clock for this (``to_scoring_s``) stopped and before any token is scored."""
+    """Process start to the first scored token: the driver's ``first_score_s`` (with CUDA graphs: when the first
+    step's scores were on the device). Without it, ``to_scoring_s`` plus the graphs' preparation, which ran after
+    the driver's own clock for that stopped and before any token was scored."""
+    if rep.get("first_score_s") is not None:
+        return float(rep["first_score_s"])
     return float(rep["to_scoring_s"]) + float((rep.get("cuda_graphs") or {}).get("graph_prepare_s", 0.0))
 
 
@@ -133,6 +136,8 @@ def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
     rates = rep.get("warmup_rates") or {}
     out.update({f"{tag}_{k}": rates.get(k) for k in _RATE_KEYS if k in rates})
     out[f"{tag}_compile_cache"] = {k: v for k, v in rates.items() if k == "dynamo_frames" or "." in k}
+    if rep.get("overlap_compile"):
+        out[f"{tag}_overlap_compile"] = rep["overlap_compile"]
     return out
 
 

@@ -30,9 +30,9 @@ def _lut(V):
     return ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
 
 
-def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None):
+def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None, lazy=False):
     """Score ``stream`` with per-document TTT; graphs_mode None (eager), False (bucketed eager), True (captured);
-    ``plan(graphs, batches_ns)``: the keys to prepare (default all)."""
+    ``plan(graphs, batches_ns)``: the keys to prepare (default all); ``lazy``: each captured at its first step."""
     lut = _lut(model.config.vocab_size)
     starts, ns = split_docs(stream.cpu())
     st = make_state(stream, lut, keep_nll=True)
@@ -41,7 +41,7 @@ def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None):
     graphs = None
     batches = plan_doc_batches(ns, cfg.batch_size)
     if graphs_mode is not None:
-        graphs = StepGraphs(model, ad, opt, cfg, st, capture=graphs_mode)
+        graphs = StepGraphs(model, ad, opt, cfg, st, capture=graphs_mode, lazy=lazy)
         graphs.prepare(keys=plan(graphs, [ns[b] for b in batches]) if plan else None)
     if schedule == "batch":
         for i, docs in enumerate(batches):
@@ -180,6 +180,30 @@ def test_gpu_graph_replay_equals_eager(schedule, compiled, rank):
     assert graphed.ledger.check()["trained_unscored"] == 0
     assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (graphed.ledger.n_records,
                                                                      graphed.ledger.n_train_checks)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("schedule,cfg", [("batch", CFG), ("rolling", CFG), ("batch", RECORDS_LIKE),
+                                          ("rolling", RECORDS_LIKE)])
+def test_gpu_lazy_capture_equals_prepared_graphs(schedule, cfg):
+    """Lazy graphs (each bucket warmed on synthetic tokens and captured at its first step, mid-batch, with live
+    adapter rows) score as the same bucketed steps run eagerly: the warm steps' updates of the adapters and the
+    optimizer rows are undone (AdamW with decay and warm-start A included); no step eager. Without warm-start A,
+    also bitwise as the graphs prepared up front (with it, those draw A again after their synthetic warm steps)."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=3).cuda()
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    plan = lambda graphs, batches_ns: graphs.plan(batches_ns) if schedule == "batch" else None  # noqa: E731
+    eager, _ = _run(model, stream, cfg, schedule, False)
+    lazy, g1 = _run(model, stream, cfg, schedule, True, plan=plan, lazy=True)
+    assert g1.stats["lazy"] and g1.eager_steps == 0 and set(g1.used) <= set(g1.graphs)
+    assert torch.equal(eager.ledger.count, lazy.ledger.count)
+    m = eager.ledger.count[:-1] > 0
+    torch.testing.assert_close(lazy.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=1e-4, atol=1e-4)
+    assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (lazy.ledger.n_records, lazy.ledger.n_train_checks)
+    if not cfg.warm_start_a:
+        up_front, g0 = _run(model, stream, cfg, schedule, True, plan=plan)
+        assert set(g1.graphs) <= set(g0.graphs) and torch.equal(up_front.ledger.nll, lazy.ledger.nll)
 
 
 @pytest.mark.parametrize("cfg", [CFG, RECORDS_LIKE, TTTConfig(rank=2, chunk=16, window=112, batch_size=4)])
@@ -325,7 +349,9 @@ def test_warm_until_settled_refuses_bad_counts():
 
 
 def _overlap_eval(cfg, device, compile_):
-    """evaluate() with --overlap-compile's hand-over: the warm-up of ``train.warmup`` in the background thread."""
+    """evaluate() with --overlap-compile's hand-over: the warm-up of ``train.warmup`` in the background thread. The
+    thread starts after the first step; here the first batch boundary after that waits for it (``ready()`` joins),
+    so the hand-over happens at batch 1 on every run instead of whenever the thread happens to finish."""
     import dataclasses
 
     from train.eval import evaluate
@@ -339,7 +365,12 @@ def _overlap_eval(cfg, device, compile_):
     model = tiny_model(seed=3).to(device)
     warm = lambda: warmup(model, lut, gcfg, "bmm", device, n_docs=cfg.batch_size, doc_len=cfg.window + cfg.chunk,  # noqa: E731
                           graphs=True)
-    bg = BackgroundCompile(model, warm, compile=compile_)
+    class Joining(BackgroundCompile):
+        def ready(self) -> bool:
+            self.thread.join()
+            return True
+
+    bg = Joining(model, warm, compile=compile_)
     rep = evaluate(model, stream, lut, mode="ttt", cfg=gcfg, backend="bmm", background=bg)
     return ref, rep, bg
 
@@ -351,7 +382,7 @@ def test_overlap_compile_hands_over_between_batches_and_scores_the_same():
     ref, rep, bg = _overlap_eval(CFG, "cpu", compile_=False)
     ov = rep["overlap_compile"]
     assert bg.ready() and bg.error is None and ov["background_compile_s"] > 0
-    assert "switched_after_s" in ov and ov["warmup_rates"]["ttt_pos_per_s"] > 0
+    assert ov["eager_batches"] == 1 and "switched_after_s" in ov and ov["warmup_rates"]["ttt_pos_per_s"] > 0
     assert rep["cuda_graphs"]["graph_steps"] == rep["steps"] == ref["steps"]
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert rep["val_bpb"] == ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
@@ -360,8 +391,8 @@ def test_overlap_compile_hands_over_between_batches_and_scores_the_same():
 def test_overlap_compile_compiles_in_the_thread_and_the_main_thread_reuses_it():
     """torch.compile in the background thread (per-thread Dynamo config from torch 2.12 on): the thread compiles the
     step's frames, the main thread runs the compiled forward after the hand-over without compiling again, and the
-    score matches the eager eval to compile rounding. On CPU the main thread's first step waits for the thread (its
-    bucketed steps call the forward from Python; see train/overlap.py), so no two threads are in Dynamo at once."""
+    score matches the eager eval to compile rounding. Until the hand-over the main thread's forward stays eager
+    (``set_thread_eager``), so no two threads are in Dynamo at once."""
     from train.warmup import compile_cache_counts
 
     ref, rep, bg = _overlap_eval(CFG, "cpu", compile_=True)
@@ -371,6 +402,47 @@ def test_overlap_compile_compiles_in_the_thread_and_the_main_thread_reuses_it():
     assert compile_cache_counts()["dynamo_frames"] == frames   # nothing compiled on the main thread
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-6 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+def test_thread_eager_keeps_this_thread_out_of_the_compiled_forward():
+    """``set_thread_eager(True)``: with the compile attached, the calling thread's ``rows_nll`` runs eagerly (no Dynamo
+    frame, same NLL bitwise as the uncompiled model); another thread still runs the compiled one; the setting is
+    restored by its return value."""
+    import threading
+
+    from train.forward import compile_rows_nll, rows_nll, set_thread_eager
+    from train.warmup import compile_cache_counts
+
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    rb = build_rows(doc_stream(LENGTHS, seed=5), np.array([[0, 4, 20], [40, 2, 9]]), CFG.window,
+                    shape=(2, CFG.window, CFG.chunk))
+    with torch.no_grad():
+        plain = rows_nll(model, rb)
+    compile_rows_nll(model)
+    try:
+        frames = compile_cache_counts()["dynamo_frames"]
+        before = set_thread_eager(True)
+        try:
+            with torch.no_grad():
+                eager = rows_nll(model, rb)
+            assert compile_cache_counts()["dynamo_frames"] == frames   # nothing traced on this thread
+            out = {}
+
+            def other():
+                with torch.no_grad():
+                    out["nll"] = rows_nll(model, rb)
+
+            t = threading.Thread(target=other)
+            t.start()
+            t.join()
+        finally:
+            assert set_thread_eager(before) is True
+        assert torch.equal(eager, plain)
+        assert compile_cache_counts()["dynamo_frames"] > frames      # the other thread compiled
+        torch.testing.assert_close(out["nll"], plain, rtol=1e-4, atol=1e-4)
+    finally:
+        compile_rows_nll(model, enable=False)
 
 
 def test_overlap_compile_refuses_what_it_cannot_hand_over():

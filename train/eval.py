@@ -262,8 +262,9 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     if mode == "ttt" and cfg.cuda_graphs:
         # the batch schedule's step shapes follow from the batches (rolling refills rows: all buckets)
         batches_ns = [ns[b] for batches in group_batches for b in batches] if cfg.schedule == "batch" else None
-        graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns)
+        graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns, lazy=background is not None)
         report["cuda_graphs"] = dict(graphs.stats)
+    first_graphs = graphs  # the first step's: when its scores were in (first_score_s)
     swap = None
     if background is not None:
         swap = _overlap(model, adapter, opt, cfg, st, log, graphs, background, report, clock)
@@ -312,11 +313,14 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         expected &= keep
     if swap is not None:
         graphs = swap["graphs"]
-        if not swap["swapped"]:  # every batch ran on the eager graphs; the thread still has to end cleanly
+        if not swap["swapped"] and background.thread is not None:  # every batch ran eagerly: the thread must end
             background.result()
+            swap["done"]()
         report["overlap_compile"] = dict(report.get("overlap_compile", {}), **background.stats)
     if graphs is not None:
         report["cuda_graphs"].update(graphs.usage())
+    if first_graphs is not None and first_graphs.first_replay_at is not None:
+        report["first_step_at"] = first_graphs.first_replay_at
     if phased:
         report["phases"] = passes
     report.update(docs=sum(q.n_docs() for q in queues), chunk=cfg.chunk, window=cfg.window)
@@ -324,51 +328,61 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
 
 
 def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, background, report, clock) -> dict:
-    """``--overlap-compile``: start the background compile (the eager ``graphs`` are prepared: the model's forward
-    is not called from this thread again until the switch) and return the queue's swap state: ``fn(wait)`` hands
-    over compiled graphs for the same plan once the thread is done (``train.overlap``)."""
-    from .forward import dynamo_settings
+    """``--overlap-compile``: the main thread scores on eager graphs (``graphs``, lazy: each bucket captured at its
+    first step) with the model's forward kept eager on this thread (``set_thread_eager``); the background compile
+    starts once the first step's scores are in. Returns the queue's swap state: ``fn(wait)`` hands over compiled
+    graphs for the same plan once the thread is done (``train.overlap``)."""
+    from .forward import dynamo_settings, set_thread_eager
 
     state = {"graphs": graphs, "swapped": False, "queue": None}
     t0 = clock()
-    if background.compile:
-        dynamo_settings()   # this thread runs the compiled graphs' warm steps after the switch (per-thread config)
-    background.start()
-    graphs.before_eager = background.result   # a step outside the plan calls the forward here: wait first
+    set_thread_eager(True)
+
+    def done():  # the thread has ended: this thread may run the compiled forward
+        set_thread_eager(False)
+        if background.compile:
+            dynamo_settings()   # this thread runs the compiled graphs' warm steps (per-thread config)
 
     def fn(wait: bool):
         if wait:  # the deadline fallback scores with the forward from here: join only, no graphs it would not use
-            background.result()
+            if background.thread is not None:
+                background.result()
+            done()
             return None
-        if not background.ready():
+        if background.thread is None or not background.ready():  # (None: no step has run yet)
             state["eager_batches"] = state.get("eager_batches", 0) + 1
             return None
         rates = background.result()
+        done()
         old = state["graphs"]
-        new = _step_graphs(model, adapter, opt, cfg, st, log, prev=old)
+        new = _step_graphs(model, adapter, opt, cfg, st, log, prev=old, lazy=True)
         q = state["queue"]
-        if q is not None:  # the deadline estimate gets the warm-up's rates it did not have at the start
-            q.base_rate = q.base_rate or rates.get("base_pos_per_s")
+        if q is not None:
+            # the deadline estimate's base-scoring rate: the thread's warm-up measured it while this thread replayed
+            # (contended: the H200's seeds run took it for ~1,000 s of base scoring and fell back), so it is at
+            # least the TTT rate this thread measured on eager graphs (a no-grad forward costs less per position)
+            q.base_rate = max(rates.get("base_pos_per_s") or 0.0, q.ttt_rate or 0.0) or None
             q.ttt_rate = q.ttt_rate or rates.get("ttt_pos_per_s")
         state.update(graphs=new, swapped=True)
         report["overlap_compile"] = {"switched_after_s": round(clock() - t0, 3),
                                      "eager_batches": state.get("eager_batches", 0),
-                                     "eager_graph_steps": old.steps, "compiled_graphs": dict(new.stats),
-                                     "warmup_rates": rates}
+                                     "eager_graphs": dict(old.stats, **old.usage()), "warmup_rates": rates}
         log(f"[eval] overlap-compile: compiled graphs from batch {state.get('eager_batches', 0)} on "
             f"({old.steps} steps replayed eagerly, background compile {background.stats.get('background_compile_s')} s)")
         return new
 
-    state["fn"] = fn
+    graphs.on_first_replay = background.start
+    state.update(fn=fn, done=done)
     return state
 
 
 def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
-                 prev: Optional[StepGraphs] = None) -> StepGraphs:
+                 prev: Optional[StepGraphs] = None, lazy: bool = False) -> StepGraphs:
     """The TTT steps' graphs, prepared: captured (on a CPU device: the same bucketed steps, run eagerly); only the
     (bucket, kind) pairs the batch schedule meets over ``batches_ns`` when given (``StepGraphs.plan``); ``prev``:
-    the graphs these replace after a global pass (same plan; their step counts carry over)."""
-    graphs = StepGraphs(model, adapter, opt, cfg, st)
+    the graphs these replace after a global pass (same plan; their step counts carry over); ``lazy``: each bucket is
+    captured at its first step (``StepGraphs(lazy=True)``)."""
+    graphs = StepGraphs(model, adapter, opt, cfg, st, lazy=lazy)
     if prev is not None:
         plan = prev.planned
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
@@ -377,7 +391,9 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
     else:
         plan = graphs.plan(batches_ns) if batches_ns is not None else None
     stats = graphs.prepare(keys=plan)
-    if graphs.capture:
+    if graphs.capture and lazy:
+        log(f"[eval] CUDA graphs: {len(plan) if plan is not None else 'all'} to capture, each at its first step")
+    elif graphs.capture:
         n_all = 2 * len(graphs.r_buckets) * len(graphs.l_buckets)
         which = "those the batch schedule will use" if plan is not None else "all"
         log(f"[eval] CUDA graphs: {stats['graphs']} captured ({which} of {n_all}: {len(graphs.r_buckets)} row x "
@@ -627,7 +643,7 @@ def main(argv=None) -> dict:
     compiler = None
     if device.type == "cuda":
         threading.Thread(target=_start_cuda, args=(device,), daemon=True).start()
-        if compiled:
+        if compiled and not args.overlap_compile:  # --overlap-compile: the background thread imports it later
             compiler = threading.Thread(target=_import_compiler, daemon=True)
             compiler.start()
     cfg, cc = args.ttt_cfg, args.chunked_cfg
@@ -791,6 +807,10 @@ def main(argv=None) -> dict:
     wall = time.perf_counter() - t_start
     rep.update(info, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s,
                to_scoring_s=to_scoring_s, timed_eval_s=rep["score_s"], wall_s=wall + (startup_s or 0.0),
+               # process start to the first step's scores on the device (CUDA graphs; the graphs' preparation
+               # before it included): the warm-up target's figure
+               first_score_s=(round((startup_s or 0.0) + rep.pop("first_step_at") - t_start, 3)
+                              if "first_step_at" in rep else None),
                reference=args.reference, compiled=compiled, ttt=asdict(cc if cc is not None else cfg), device=str(device),
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
@@ -806,7 +826,8 @@ def main(argv=None) -> dict:
     rep.update(_compile_cache_report(args, cache_file, cache_file_exists, rank, log))
     log(f"[eval] val_loss {rep['val_loss']:.6f} val_bpb {rep['val_bpb']:.6f} targets {rep['targets']:,} "
         f"bytes {rep['bytes']:,} | load {load_s:.1f} s warm-up {warmup_s:.1f} s scoring {rep['score_s']:.1f} s "
-        f"(timed eval) | start-up {startup_s or 0.0:.1f} s, to first score {to_scoring_s:.1f} s | "
+        f"(timed eval) | start-up {startup_s or 0.0:.1f} s, to scoring {to_scoring_s:.1f} s"
+        + (f", first score {rep['first_score_s']:.1f} s" if rep.get("first_score_s") is not None else "") + " | "
         f"wall {wall + (startup_s or 0.0):.1f} s from process start" + (f" | docs TTT {rep['docs_ttt']:,}, no-TTT (deadline) "
                                                 f"{rep['docs_no_ttt_deadline']:,}" if args.mode == "ttt" else ""))
     if args.mode == "chunked":

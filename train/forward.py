@@ -6,6 +6,7 @@ soft-capped full-softmax cross-entropy at the scored positions only (``head_nll`
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -38,10 +39,28 @@ def _row_forward(model, x, sel, y, adapter):
     return head_nll(model, model.hidden(x, adapter), sel, y, adapter)
 
 
+_LOCAL = threading.local()
+
+
+def set_thread_eager(on: bool) -> bool:
+    """While on, ``rows_nll`` and the blocks' forwards run eagerly on the calling thread even where
+    ``compile_rows_nll`` is attached; other threads are not affected. Returns the previous setting. Why:
+    ``--overlap-compile`` attaches the compile from a background thread and traces it there while the main thread
+    scores with eager steps, and two threads must not be inside Dynamo at once (``train.overlap``)."""
+    before = getattr(_LOCAL, "eager", False)
+    _LOCAL.eager = bool(on)
+    return before
+
+
+def _eager_here() -> bool:
+    return getattr(_LOCAL, "eager", False)
+
+
 def rows_nll(model, rb: RowBatch, adapter=None) -> torch.Tensor:
-    """NLL (R, C) of a RowBatch: eager, or the compiled forward that ``compile_rows_nll`` attached."""
-    fwd = getattr(model, "_pgolf_rows_nll", None) or _row_forward
-    return fwd(model, rb.x, rb.sel, rb.y, adapter)
+    """NLL (R, C) of a RowBatch: eager, or the compiled forward that ``compile_rows_nll`` attached (eager on a
+    thread with ``set_thread_eager(True)``)."""
+    fwd = None if _eager_here() else getattr(model, "_pgolf_rows_nll", None)
+    return (fwd or _row_forward)(model, rb.x, rb.sel, rb.y, adapter)
 
 
 def is_compiled(model) -> bool:
@@ -97,6 +116,8 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
     plain, adapted, head_plain, head_adapted = (made[n] for n in fns)
 
     def block_forward(self, x, x0, adapter=None, rope=None):
+        if _eager_here():
+            return type(self).forward(self, x, x0, adapter, rope)
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
             if adapter is not None and torch.is_grad_enabled() and not x.requires_grad:
                 # and a requires_grad guard would split off another (forward + backward) for block 0's

@@ -26,7 +26,10 @@ persistent tensors: a ``StepGraphs`` serves one ``DocLoRA``, one per-row ``Batch
 random tokens with a scratch ledger (torch.compile, Triton JIT and autotuning happen there: a capture
 cannot compile), then the capture itself, which records kernels without running them: no validation
 token is read, no score or adapter is touched by the capture. ``capture=False`` runs the same staged,
-bucketed body eagerly (the CPU lane tests everything but the capture that way).
+bucketed body eagerly (the CPU lane tests everything but the capture that way). ``lazy=True`` (``--overlap-compile``)
+moves each bucket's warm steps and capture to the first step that stages it: the warm steps' updates of the live
+adapter and optimizer rows are undone (their tensors copied before and back after), so a capture may happen
+mid-batch.
 """
 from __future__ import annotations
 
@@ -84,7 +87,7 @@ class StepGraphs:
     """Captured TTT steps of one eval (see the module docstring)."""
 
     def __init__(self, model, adapter, opt, cfg, st: EvalState, *, l_step: Optional[int] = None,
-                 capture: Optional[bool] = None):
+                 capture: Optional[bool] = None, lazy: bool = False):
         dev = st.bytes_at.device
         self.capture = dev.type == "cuda" if capture is None else bool(capture)
         if self.capture and dev.type != "cuda":
@@ -116,9 +119,14 @@ class StepGraphs:
         self.eager_steps = 0
         self.used: Dict[Tuple[int, int, bool], int] = {}
         self.planned: Optional[List[Tuple[int, int, bool]]] = None  # the keys prepare() was given (None: all)
-        # called before a step's body runs eagerly on this thread (train.overlap: a background compile must
-        # finish before the model's forward is called from Python here)
-        self.before_eager: Optional[Callable[[], object]] = None
+        # lazy: prepare() only records the plan; a bucket is warmed and captured when a step first stages it
+        # (``--overlap-compile``: the first score waits for one graph, not for all 29 of the seeds' plan, which
+        # took 4.4 s warm / 6.8 s cold on the H200, bench/results/warmup-h200.md)
+        self.lazy = bool(lazy)
+        self._prep: Optional[dict] = None   # the preparation's scratch state, kept for lazy captures
+        # called once, after the first replay has run on the device (train.overlap starts its thread there)
+        self.on_first_replay: Optional[Callable[[], object]] = None
+        self.first_replay_at: Optional[float] = None   # time.perf_counter() when the first step's scores were in
 
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
@@ -163,6 +171,8 @@ class StepGraphs:
         returns the padded RowBatch (same values as the buffers)."""
         key, spans = self._step_bucket(len(rows), rows[:, 2])
         R, L = key
+        if self.lazy and self.capture:
+            self._capture_missing(key)
         self.steps += 1
         self.real_positions += int(spans.sum())
         self.bucket_positions += R * L
@@ -190,20 +200,25 @@ class StepGraphs:
         graph = self.graphs.get(key) if self.capture else None
         if graph is None:
             if self.capture:
-                if not self.graphs:
+                if self._prep is None:
                     raise RuntimeError("StepGraphs.replay: nothing was captured (prepare() first)")
                 # a bucket outside prepare()'s plan: the same body, run eagerly on the bucket's buffers
                 self.eager_steps += 1
-            if self.before_eager is not None:
-                self.before_eager()
             buf = self.buffers[self._key]
             _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
-            return
-        graph.replay()
-        # the ledger's host-side counters (the captured body incremented them once, at capture)
-        self.st.ledger.n_records += 1
-        if do_train:
-            self.st.ledger.n_train_checks += 1
+        else:
+            graph.replay()
+            # the ledger's host-side counters (the captured body incremented them once, at capture)
+            self.st.ledger.n_records += 1
+            if do_train:
+                self.st.ledger.n_train_checks += 1
+        if self.first_replay_at is None:
+            if self.capture:
+                torch.cuda.synchronize(self.st.bytes_at.device)  # once: the first scores are in when this returns
+            self.first_replay_at = time.perf_counter()
+            hook, self.on_first_replay = self.on_first_replay, None
+            if hook is not None:
+                hook()
 
     def usage(self) -> Dict[str, float]:
         """Steps staged so far and the share of their bucket positions that real rows filled."""
@@ -227,7 +242,6 @@ class StepGraphs:
         steps each took 22.8 of the 30.4 s that 160 graphs took to prepare on the H200,
         bench/results/warmup-h200.md); an integer: exactly that many."""
         from .forward import is_compiled
-        from .schedules import _step_body
 
         adaptive = warm_steps is None and is_compiled(self.model)
         if warm_steps is None:
@@ -254,49 +268,83 @@ class StepGraphs:
                           "captured": False}
             return self.stats
         dev = self.st.bytes_at.device
-        g = torch.Generator().manual_seed(seed)
-        V = self.model.config.vocab_size
         n_pos = self.r_buckets[-1] * self.C
-        scratch = EvalState(BPBAccumulator(dev), ScoreLedger(n_pos, dev), torch.zeros(n_pos, dtype=torch.int16, device=dev))
-        pool = None
-        warm_s = cap_s = 0.0
-        n_warm = 0
-        # (compile counter, first, most): adaptive, or exactly warm_steps calls
-        settle = (dynamo_frames, 1, 3) if adaptive else (lambda: 0, warm_steps, warm_steps)
-        side = torch.cuda.Stream(dev)
-        for R, L, do_train in keys:
-            key = (R, L)
-            buf = self.buffers[key]
-            self._fill_synthetic(buf, R, L, V, g)
-            t = time.perf_counter()
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                def step():
-                    _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
-                               scratch)
-
-                n_warm += warm_until_settled(step, *settle)
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-            warm_s += time.perf_counter() - t
-            t = time.perf_counter()
-            graph = torch.cuda.CUDAGraph()
-            # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
-            # by the warm steps rather than lazily inside the capture
-            with torch.cuda.graph(graph, pool=pool, stream=side):
-                _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
-                           self.st)
-            pool = graph.pool() if pool is None else pool
-            self.graphs[key + (do_train,)] = graph
-            cap_s += time.perf_counter() - t
-        # the capture ran the ledger's host-side counters once per graph: take them back
-        self.st.ledger.n_records -= len(self.graphs)
-        self.st.ledger.n_train_checks -= sum(1 for k in self.graphs if k[2])
-        self.adapter.set_rows(None)
-        self.adapter.invalidate_a()  # the synthetic warm steps trained A too: warm-start A must not keep it
-        self.stats = {"graphs": len(self.graphs), "graph_warm_s": warm_s, "graph_warm_steps": n_warm,
-                      "graph_capture_s": cap_s, "graph_prepare_s": time.perf_counter() - t0, "captured": True}
+        self._prep = dict(
+            g=torch.Generator().manual_seed(seed), pool=None, side=torch.cuda.Stream(dev),
+            scratch=EvalState(BPBAccumulator(dev), ScoreLedger(n_pos, dev), torch.zeros(n_pos, dtype=torch.int16, device=dev)),
+            # (compile counter, first, most): adaptive, or exactly warm_steps calls
+            settle=(dynamo_frames, 1, 3) if adaptive else (lambda: 0, warm_steps, warm_steps))
+        self.stats = {"graphs": 0, "graph_warm_s": 0.0, "graph_warm_steps": 0, "graph_capture_s": 0.0,
+                      "graph_prepare_s": 0.0, "captured": True, "lazy": self.lazy}
+        if not self.lazy:
+            for key in keys:
+                self._capture(key, preserve=False)
+            self.adapter.set_rows(None)
+            self.adapter.invalidate_a()  # the synthetic warm steps trained A too: warm-start A must not keep it
+        self.stats["graph_prepare_s"] = time.perf_counter() - t0
         return self.stats
+
+    def _capture_missing(self, key: Tuple[int, int]) -> None:
+        """Lazy mode: warm and capture both kinds of bucket ``key`` that the plan holds (all without a plan) and that
+        are not captured yet, keeping every adapter row's and optimizer row's values (a batch may be half done)."""
+        if self._prep is None:
+            return
+        for t in (True, False):
+            k = key + (t,)
+            if k not in self.graphs and (self.planned is None or k in self.planned):
+                t0 = time.perf_counter()
+                self._capture(k, preserve=True)
+                self.stats["graph_prepare_s"] += time.perf_counter() - t0
+
+    def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:
+        """Warm bucket-and-kind ``k`` on synthetic tokens with a scratch ledger, then capture it. ``preserve``: the
+        warm steps' updates of the adapters and the optimizer state are undone (lazy captures mid-batch); the capture
+        itself records kernels without running them. Captured with ``capture_error_mode="thread_local"`` when lazy:
+        a background compile thread (``train.overlap``) may be synchronizing its own stream meanwhile."""
+        from .schedules import _step_body
+
+        R, L, do_train = k
+        p = self._prep
+        buf = self.buffers[(R, L)]
+        dev = self.st.bytes_at.device
+        side = p["side"]
+        self._fill_synthetic(buf, R, L, self.model.config.vocab_size, p["g"])
+        opt = self.opt
+        state = ([*opt.params, *opt.m, *opt.v] + ([opt.row_t] if opt.row_t is not None else [])) if preserve else []
+        t = time.perf_counter()
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            saved = [x.detach().clone() for x in state]
+            opt_t = opt.t
+
+            def step():
+                _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt,
+                           p["scratch"])
+
+            self.stats["graph_warm_steps"] += warm_until_settled(step, *p["settle"])
+            if preserve:
+                with torch.no_grad():
+                    torch._foreach_copy_(state, saved)
+                opt.t = opt_t
+                for x in opt.params:
+                    x.grad = None
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
+        self.stats["graph_warm_s"] += time.perf_counter() - t
+        t = time.perf_counter()
+        graph = torch.cuda.CUDAGraph()
+        # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
+        # by the warm steps rather than lazily inside the capture
+        with torch.cuda.graph(graph, pool=p["pool"], stream=side,
+                              capture_error_mode="thread_local" if self.lazy else "global"):
+            _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
+        p["pool"] = graph.pool() if p["pool"] is None else p["pool"]
+        self.graphs[k] = graph
+        # the capture ran the ledger's host-side counters once: take them back
+        self.st.ledger.n_records -= 1
+        self.st.ledger.n_train_checks -= int(do_train)
+        self.stats["graphs"] = len(self.graphs)
+        self.stats["graph_capture_s"] += time.perf_counter() - t
 
     def _fill_synthetic(self, buf: _Buffers, R: int, L: int, V: int, g: torch.Generator) -> None:
         """Random tokens and a full mask: every row trains, scores its last C window positions at

@@ -10,18 +10,25 @@ the GIL with a replay loop that needs ~1-2 ms of Python per step.
 
 Order (``train.eval._score_documents``):
 
-1. eager ``StepGraphs`` are prepared (warm steps on synthetic tokens, then capture) on the uncompiled model;
-2. ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and ``train.warmup.warmup`` runs its two TTT
-   passes on synthetic tokens with its own adapters, optimizer and ledger, on a CUDA stream of its own;
-3. the document queue replays the eager graphs; before each batch it asks ``ready()``; once the thread is done,
-   compiled graphs are prepared for the same plan (``prev=``: same keys, counters carried over) and replace the
-   eager ones from that batch on. A batch boundary is where the batch schedule resets every adapter row and the
-   optimizer, so the new graphs' warm steps (which train the live adapters on synthetic tokens, as the graphs'
-   preparation always does) touch no document's state.
+1. eager ``StepGraphs`` with ``lazy=True``: each (bucket, kind) of the plan is warmed on synthetic tokens and captured
+   when a step first needs it (the warm steps' updates of the live adapters and optimizer rows are undone), so the
+   first score waits for one graph instead of the plan's 29 (4.4-6.8 s on the H200); the main thread's forward stays
+   eager (``forward.set_thread_eager``) even after the thread attaches the compile;
+2. after the first step's scores are in, ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and
+   ``train.warmup.warmup`` runs its TTT passes on synthetic tokens with its own adapters, optimizer and ledger, on a
+   CUDA stream of its own; the eager captures that follow use ``capture_error_mode="thread_local"``;
+3. the document queue replays the eager graphs; before each batch it asks ``ready()``; once the thread is done, the
+   main thread leaves eager mode and compiled graphs (lazy too) replace the eager ones from that batch on. A batch
+   boundary is where the batch schedule resets every adapter row and the optimizer.
 
-What may not run while the thread compiles: any Python call of the model's forward on the main thread (it would
-enter Dynamo from two threads). The queue and ``StepGraphs`` call ``wait()`` before such a call (the deadline
-fallback's base scoring, a step outside the prepared plan), which joins the thread first.
+The GIL. Triton's launcher and CUDA-graph replay release the GIL and take it back; with a thread busy in Python
+(Dynamo, Inductor, the warm-up's launches) each take-back waited up to the interpreter's switch interval (5 ms by
+default): on the H200 the thread took 144.8 s instead of ~19 s and the eager replays ran at ~1/3 of their speed
+(seeds' config, 50,000 docs). The switch interval is lowered to ``switch_s`` (default 0.2 ms, env
+``PGOLF_OVERLAP_SWITCH_S``) while the thread runs and restored when it ends.
+
+What may not run while the thread compiles: Dynamo on the main thread (two threads in Dynamo at once). The main
+thread's forward is eager until the hand-over; the deadline fallback joins the thread first.
 
 Legality is unchanged: the thread's warm-up reads synthetic tokens only; every validation target is scored once,
 by an eager graph or a compiled one (same math, bf16 rounding apart: the report says which batches ran eager).
@@ -29,6 +36,8 @@ by an eager graph or a compiled one (same math, bf16 rounding apart: the report 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 import time
 from typing import Callable, Dict, Optional
@@ -42,17 +51,32 @@ class BackgroundCompile:
     ``warm``: called in the thread with no arguments, after the compile is attached; returns the warm-up's rates
     (``train.warmup.warmup``'s dict). ``compile``: False attaches no compile (the CPU tests exercise the
     hand-over that way without two threads in Dynamo). ``precompiled``: passed to ``compile_rows_nll``.
+    ``switch_s``: the interpreter's switch interval while the thread runs (see the module docstring; None: env
+    ``PGOLF_OVERLAP_SWITCH_S``, else 0.0002; 0 leaves it as it is).
     """
 
     def __init__(self, model, warm: Callable[[], Dict[str, float]], *, compile: bool = True,
-                 precompiled: Optional[str] = None):
+                 precompiled: Optional[str] = None, switch_s: Optional[float] = None):
         if not callable(warm):
             raise TypeError(f"BackgroundCompile: warm: expected a callable returning the warm-up's rates, got "
                             f"{type(warm).__name__}")
         if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
             raise TypeError(f"BackgroundCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
                             f"{type(model).__name__}")
+        if switch_s is None:
+            raw = os.environ.get("PGOLF_OVERLAP_SWITCH_S", "0.0002")
+            try:
+                switch_s = float(raw)
+            except ValueError:
+                switch_s = -1.0
+            if not 0 <= switch_s <= 1:
+                raise ValueError(f"PGOLF_OVERLAP_SWITCH_S = {raw!r}: expected seconds in [0, 1] (0: leave the "
+                                 f"interpreter's switch interval as it is)")
+        elif isinstance(switch_s, bool) or not isinstance(switch_s, (int, float)) or not 0 <= switch_s <= 1:
+            raise ValueError(f"BackgroundCompile: switch_s = {switch_s!r}: expected seconds in [0, 1]")
         self.model, self.warm, self.compile, self.precompiled = model, warm, bool(compile), precompiled
+        self.switch_s = float(switch_s)
+        self._switch_before: Optional[float] = None
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.rates: Optional[Dict[str, float]] = None
@@ -63,6 +87,9 @@ class BackgroundCompile:
         if self.thread is not None:
             raise RuntimeError("BackgroundCompile.start: already started")
         self._t0 = time.perf_counter()
+        if self.switch_s > 0:
+            self._switch_before = sys.getswitchinterval()
+            sys.setswitchinterval(self.switch_s)
         self.thread = threading.Thread(target=self._run, name="pgolf-background-compile", daemon=True)
         self.thread.start()
         return self
@@ -83,6 +110,8 @@ class BackgroundCompile:
                 stream.synchronize()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
             self.error = e
+        if self._switch_before is not None:
+            sys.setswitchinterval(self._switch_before)
         self.stats["background_compile_s"] = round(time.perf_counter() - self._t0, 3)
 
     def ready(self) -> bool:

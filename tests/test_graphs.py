@@ -476,6 +476,9 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
     with pytest.raises(RuntimeError, match="background compile failed: RuntimeError: synthetic failure"):
         evaluate(model, stream, lut, mode="ttt", cfg=dataclasses.replace(CFG, cuda_graphs=True), backend="bmm",
                  background=BackgroundCompile(model, boom, compile=False))
+    from train.forward import set_thread_eager
+
+    assert set_thread_eager(False) is False   # the failed eval left this thread's forward as it found it
 
 
 @pytest.mark.gpu

@@ -212,10 +212,19 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             raise ValueError("share= is for a single process; with torchrun the ranks share the work")
         starts, ns = split_docs(tokens.cpu())
         expected[torch.from_numpy(starts).to(dev)] = False
-        report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
-                                       deadline=t_start + budget_s, rates=rates, share=share, rank=rank, world=world,
-                                       distributed=distributed, clock=clock, log=log, progress_s=progress_s,
-                                       train_hook=train_hook, background=background))
+        from .forward import set_thread_eager
+
+        # --overlap-compile keeps this thread's forward eager until the hand-over; whatever happens, the caller's
+        # setting comes back (a failed background thread raises through here)
+        eager_before = set_thread_eager(False) if background is not None else None
+        try:
+            report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
+                                           deadline=t_start + budget_s, rates=rates, share=share, rank=rank,
+                                           world=world, distributed=distributed, clock=clock, log=log,
+                                           progress_s=progress_s, train_hook=train_hook, background=background))
+        finally:
+            if background is not None:
+                set_thread_eager(eager_before)
     elif mode == "chunked":
         if share is not None:
             raise ValueError("share= is for the per-document modes; the chunked mode's chunks are sequential")

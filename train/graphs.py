@@ -171,8 +171,6 @@ class StepGraphs:
         returns the padded RowBatch (same values as the buffers)."""
         key, spans = self._step_bucket(len(rows), rows[:, 2])
         R, L = key
-        if self.lazy and self.capture:
-            self._capture_missing(key)
         self.steps += 1
         self.real_positions += int(spans.sum())
         self.bucket_positions += R * L
@@ -197,6 +195,9 @@ class StepGraphs:
             raise RuntimeError("StepGraphs.replay: no step was staged")
         key = self._key + (bool(do_train),)
         self.used[key] = self.used.get(key, 0) + 1
+        if self.lazy and self.capture and key not in self.graphs and self._prep is not None and (
+                self.planned is None or key in self.planned):
+            self._capture_staged(key)
         graph = self.graphs.get(key) if self.capture else None
         if graph is None:
             if self.capture:
@@ -284,17 +285,17 @@ class StepGraphs:
         self.stats["graph_prepare_s"] = time.perf_counter() - t0
         return self.stats
 
-    def _capture_missing(self, key: Tuple[int, int]) -> None:
-        """Lazy mode: warm and capture both kinds of bucket ``key`` that the plan holds (all without a plan) and that
-        are not captured yet, keeping every adapter row's and optimizer row's values (a batch may be half done)."""
-        if self._prep is None:
-            return
-        for t in (True, False):
-            k = key + (t,)
-            if k not in self.graphs and (self.planned is None or k in self.planned):
-                t0 = time.perf_counter()
-                self._capture(k, preserve=True)
-                self.stats["graph_prepare_s"] += time.perf_counter() - t0
+    def _capture_staged(self, k: Tuple[int, int, bool]) -> None:
+        """Lazy mode: warm and capture ``k`` for the step staged in its buffers, whose inputs are set aside and put
+        back (the warm steps fill the buffers with synthetic tokens); the warm steps' updates of the adapter and
+        optimizer rows are undone too (a batch may be half done)."""
+        t0 = time.perf_counter()
+        buf = self.buffers[k[:2]]
+        staged = [t.clone() for t in (buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask, buf.rows, buf.train)]
+        self._capture(k, preserve=True)
+        for dst, src in zip((buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask, buf.rows, buf.train), staged):
+            dst.copy_(src)
+        self.stats["graph_prepare_s"] += time.perf_counter() - t0
 
     def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:
         """Warm bucket-and-kind ``k`` on synthetic tokens with a scratch ledger, then capture it. ``preserve``: the

@@ -106,7 +106,7 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
                        capture_output=True, text=True, timeout=timeout)
     wall = time.perf_counter() - t
     if p.returncode != 0:
-        raise RuntimeError(f"train.eval exited {p.returncode}: {(p.stdout + p.stderr)[-1500:]}")
+        raise RuntimeError(f"train.eval exited {p.returncode}: {(p.stdout + p.stderr)[-4000:]}")
     with open(out) as f:
         rep = json.load(f)
     rep["child_wall_s"] = wall
@@ -199,6 +199,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                 break
             except RuntimeError as e:
                 note = f"{tag} failed: {' '.join(str(e).split())[-300:]}"
+                print(f"bench warmup: {name}: {tag} child output (tail):\n{e}", flush=True)
                 break
         if note:
             print(f"bench warmup: {name}: {note}", flush=True)

@@ -337,9 +337,9 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
 
 
 def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, background, report, clock) -> dict:
-    """``--overlap-compile``: the main thread scores on eager graphs (``graphs``, lazy: each bucket captured at its
-    first step) with the model's forward kept eager on this thread (``set_thread_eager``); the background compile
-    starts once the first step's scores are in. Returns the queue's swap state: ``fn(wait)`` hands over compiled
+    """``--overlap-compile``: the main thread scores on eager graphs (``graphs``, lazy: the first step's captured at
+    that step, the rest of the plan's right after it) with the model's forward kept eager on this thread
+    (``set_thread_eager``); the background compile starts once those captures are done. Returns the queue's swap state: ``fn(wait)`` hands over compiled
     graphs for the same plan once the thread is done (``train.overlap``)."""
     from .forward import dynamo_settings, set_thread_eager
 
@@ -380,7 +380,13 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
             f"({old.steps} steps replayed eagerly, background compile {background.stats.get('background_compile_s')} s)")
         return new
 
-    graphs.on_first_replay = background.start
+    def after_first_step():
+        # the rest of the plan's eager graphs first, then the thread: no capture runs beside the thread's compile
+        # (a lazy capture during it failed with a CUDA error on the H200, seeds' config, 50,000 docs)
+        state["eager_captured_after_first"] = graphs.capture_planned()
+        background.start()
+
+    graphs.on_first_replay = after_first_step
     state.update(fn=fn, done=done)
     return state
 

@@ -285,6 +285,22 @@ class StepGraphs:
         self.stats["graph_prepare_s"] = time.perf_counter() - t0
         return self.stats
 
+    def capture_planned(self) -> int:
+        """Lazy mode: warm and capture every planned (bucket, kind) not captured yet (all without a plan), keeping the
+        adapter and optimizer rows' values (a batch may be half done; the staged step must have been replayed).
+        Returns how many were captured. ``train.overlap`` calls it after the first step, before its thread starts:
+        no capture then runs beside the thread's compile and warm-up."""
+        if self._prep is None:
+            return 0
+        t0 = time.perf_counter()
+        todo = [k for k in (self.planned if self.planned is not None else
+                            [b + (t,) for b in self.keys() for t in (True, False)]) if k not in self.graphs]
+        for k in todo:
+            self._buffers(k[:2])
+            self._capture(k, preserve=True)
+        self.stats["graph_prepare_s"] += time.perf_counter() - t0
+        return len(todo)
+
     def _capture_staged(self, k: Tuple[int, int, bool]) -> None:
         """Lazy mode: warm and capture ``k`` for the step staged in its buffers, whose inputs are set aside and put
         back (the warm steps fill the buffers with synthetic tokens); the warm steps' updates of the adapter and
@@ -300,8 +316,7 @@ class StepGraphs:
     def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:
         """Warm bucket-and-kind ``k`` on synthetic tokens with a scratch ledger, then capture it. ``preserve``: the
         warm steps' updates of the adapters and the optimizer state are undone (lazy captures mid-batch); the capture
-        itself records kernels without running them. Captured with ``capture_error_mode="thread_local"`` when lazy:
-        a background compile thread (``train.overlap``) may be synchronizing its own stream meanwhile."""
+        itself records kernels without running them."""
         from .schedules import _step_body
 
         R, L, do_train = k
@@ -336,8 +351,7 @@ class StepGraphs:
         graph = torch.cuda.CUDAGraph()
         # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there
         # by the warm steps rather than lazily inside the capture
-        with torch.cuda.graph(graph, pool=p["pool"], stream=side,
-                              capture_error_mode="thread_local" if self.lazy else "global"):
+        with torch.cuda.graph(graph, pool=p["pool"], stream=side):
             _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
         p["pool"] = graph.pool() if p["pool"] is None else p["pool"]
         self.graphs[k] = graph

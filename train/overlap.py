@@ -10,22 +10,23 @@ the GIL with a replay loop that needs ~1-2 ms of Python per step.
 
 Order (``train.eval._score_documents``):
 
-1. eager ``StepGraphs`` with ``lazy=True``: each (bucket, kind) of the plan is warmed on synthetic tokens and captured
-   when a step first needs it (the warm steps' updates of the live adapters and optimizer rows are undone), so the
-   first score waits for one graph instead of the plan's 29 (4.4-6.8 s on the H200); the main thread's forward stays
-   eager (``forward.set_thread_eager``) even after the thread attaches the compile;
-2. after the first step's scores are in, ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and
-   ``train.warmup.warmup`` runs its TTT passes on synthetic tokens with its own adapters, optimizer and ledger, on a
-   CUDA stream of its own; the eager captures that follow use ``capture_error_mode="thread_local"``;
+1. eager ``StepGraphs`` with ``lazy=True``: the first step's (bucket, kind) is warmed on synthetic tokens and
+   captured at that step, so the first score waits for one graph instead of the plan's 29 (4.4-6.8 s on the H200);
+   right after it the rest of the plan is captured (``capture_planned``; the warm steps' updates of the live adapter
+   and optimizer rows are undone). The main thread's forward stays eager (``forward.set_thread_eager``) even after
+   the thread attaches the compile;
+2. then ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and ``train.warmup.warmup`` runs its TTT
+   passes on synthetic tokens with its own adapters, optimizer and ledger, on a CUDA stream of its own. No capture
+   runs while the thread does (a lazy capture beside it failed with a CUDA error on the H200);
 3. the document queue replays the eager graphs; before each batch it asks ``ready()``; once the thread is done, the
    main thread leaves eager mode and compiled graphs (lazy too) replace the eager ones from that batch on. A batch
    boundary is where the batch schedule resets every adapter row and the optimizer.
 
-The GIL. Triton's launcher and CUDA-graph replay release the GIL and take it back; with a thread busy in Python
-(Dynamo, Inductor, the warm-up's launches) each take-back waited up to the interpreter's switch interval (5 ms by
-default): on the H200 the thread took 144.8 s instead of ~19 s and the eager replays ran at ~1/3 of their speed
-(seeds' config, 50,000 docs). The switch interval is lowered to ``switch_s`` (default 0.2 ms, env
-``PGOLF_OVERLAP_SWITCH_S``) while the thread runs and restored when it ends.
+The GIL. On the H200 (seeds' config, 50,000 docs, cold caches) the thread took 144.8 s instead of ~19 s and the
+eager replays ran at ~1/3 of their solo speed. The suspected cause: Triton's launcher and CUDA-graph replay release
+the GIL and take it back, and with the other thread busy in Python (Dynamo, Inductor, launches) each take-back can
+wait for the interpreter's switch interval (5 ms by default). The switch interval is lowered to ``switch_s``
+(default 0.2 ms, env ``PGOLF_OVERLAP_SWITCH_S``) while the thread runs and restored when it ends.
 
 What may not run while the thread compiles: Dynamo on the main thread (two threads in Dynamo at once). The main
 thread's forward is eager until the hand-over; the deadline fallback joins the thread first.

@@ -382,7 +382,8 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
 
     def after_first_step():
         # the rest of the plan's eager graphs first, then the thread: no capture runs beside the thread's compile
-        # (a lazy capture during it failed with a CUDA error on the H200, seeds' config, 50,000 docs)
+        # (on the H200, seeds' config, 50,000 docs, a build that captured beside it stopped with a CUDA error; this
+        # order completed)
         state["eager_captured_after_first"] = graphs.capture_planned()
         background.start()
 

@@ -17,16 +17,19 @@ Order (``train.eval._score_documents``):
    the thread attaches the compile;
 2. then ``BackgroundCompile.start()``: ``compile_rows_nll`` is attached and ``train.warmup.warmup`` runs its TTT
    passes on synthetic tokens with its own adapters, optimizer and ledger, on a CUDA stream of its own. No capture
-   runs while the thread does (a lazy capture beside it failed with a CUDA error on the H200);
+   runs while the thread does (on the H200 a build that captured lazily beside the thread stopped with a CUDA error
+   whose message was cut; with the captures moved before the thread the same run completed);
 3. the document queue replays the eager graphs; before each batch it asks ``ready()``; once the thread is done, the
    main thread leaves eager mode and compiled graphs (lazy too) replace the eager ones from that batch on. A batch
    boundary is where the batch schedule resets every adapter row and the optimizer.
 
-The GIL. On the H200 (seeds' config, 50,000 docs, cold caches) the thread took 144.8 s instead of ~19 s and the
-eager replays ran at ~1/3 of their solo speed. The suspected cause: Triton's launcher and CUDA-graph replay release
-the GIL and take it back, and with the other thread busy in Python (Dynamo, Inductor, launches) each take-back can
-wait for the interpreter's switch interval (5 ms by default). The switch interval is lowered to ``switch_s``
-(default 0.2 ms, env ``PGOLF_OVERLAP_SWITCH_S``) while the thread runs and restored when it ends.
+Measured on the H200 (seeds' config, ``--reference``, all 50,000 docs, cold caches): first score 7.0 s after process
+start (3.3 s start-up, 0.7 s load, 2.8 s for the first step's eager graph), but the thread took 148.1 s (a solo cold
+warm-up: ~19 s) and the eager graphs replayed 2,343 steps (139 batches) at ~0.75 M window tok/s before the hand-over:
+205.2 s wall against 143.6 s without the option. An earlier build's warm-cache run handed over after 9.5 s, so the
+slow part is what cold caches add; the suspected cause is Inductor's runtime autotuning, which benchmarks its Triton
+kernels at their first call while this thread's replays fill the GPU. Lowering the interpreter's switch interval
+(0.2 ms) while the thread ran did not change it (148.1 vs 144.8 s) and is not done.
 
 What may not run while the thread compiles: Dynamo on the main thread (two threads in Dynamo at once). The main
 thread's forward is eager until the hand-over; the deadline fallback joins the thread first.
@@ -37,8 +40,6 @@ by an eager graph or a compiled one (same math, bf16 rounding apart: the report 
 from __future__ import annotations
 
 import contextlib
-import os
-import sys
 import threading
 import time
 from typing import Callable, Dict, Optional
@@ -52,32 +53,17 @@ class BackgroundCompile:
     ``warm``: called in the thread with no arguments, after the compile is attached; returns the warm-up's rates
     (``train.warmup.warmup``'s dict). ``compile``: False attaches no compile (the CPU tests exercise the
     hand-over that way without two threads in Dynamo). ``precompiled``: passed to ``compile_rows_nll``.
-    ``switch_s``: the interpreter's switch interval while the thread runs (see the module docstring; None: env
-    ``PGOLF_OVERLAP_SWITCH_S``, else 0.0002; 0 leaves it as it is).
     """
 
     def __init__(self, model, warm: Callable[[], Dict[str, float]], *, compile: bool = True,
-                 precompiled: Optional[str] = None, switch_s: Optional[float] = None):
+                 precompiled: Optional[str] = None):
         if not callable(warm):
             raise TypeError(f"BackgroundCompile: warm: expected a callable returning the warm-up's rates, got "
                             f"{type(warm).__name__}")
         if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
             raise TypeError(f"BackgroundCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
                             f"{type(model).__name__}")
-        if switch_s is None:
-            raw = os.environ.get("PGOLF_OVERLAP_SWITCH_S", "0.0002")
-            try:
-                switch_s = float(raw)
-            except ValueError:
-                switch_s = -1.0
-            if not 0 <= switch_s <= 1:
-                raise ValueError(f"PGOLF_OVERLAP_SWITCH_S = {raw!r}: expected seconds in [0, 1] (0: leave the "
-                                 f"interpreter's switch interval as it is)")
-        elif isinstance(switch_s, bool) or not isinstance(switch_s, (int, float)) or not 0 <= switch_s <= 1:
-            raise ValueError(f"BackgroundCompile: switch_s = {switch_s!r}: expected seconds in [0, 1]")
         self.model, self.warm, self.compile, self.precompiled = model, warm, bool(compile), precompiled
-        self.switch_s = float(switch_s)
-        self._switch_before: Optional[float] = None
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
         self.rates: Optional[Dict[str, float]] = None
@@ -88,9 +74,6 @@ class BackgroundCompile:
         if self.thread is not None:
             raise RuntimeError("BackgroundCompile.start: already started")
         self._t0 = time.perf_counter()
-        if self.switch_s > 0:
-            self._switch_before = sys.getswitchinterval()
-            sys.setswitchinterval(self.switch_s)
         self.thread = threading.Thread(target=self._run, name="pgolf-background-compile", daemon=True)
         self.thread.start()
         return self
@@ -111,8 +94,6 @@ class BackgroundCompile:
                 stream.synchronize()
         except BaseException as e:  # noqa: BLE001 - handed to the main thread by result()
             self.error = e
-        if self._switch_before is not None:
-            sys.setswitchinterval(self._switch_before)
         self.stats["background_compile_s"] = round(time.perf_counter() - self._t0, 3)
 
     def ready(self) -> bool:

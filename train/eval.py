@@ -158,8 +158,9 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
 
     ``background``: a ``train.overlap.BackgroundCompile`` not yet started (``--overlap-compile``): the TTT steps
-    start on eager CUDA graphs and move to compiled ones once it is done (mode ttt, cfg.cuda_graphs, batch
-    schedule, no phases).
+    start on eager CUDA graphs (the first step's captured at that step, the rest of the plan right after it), the
+    thread starts after those, this thread's forward stays eager until it is done, and compiled graphs take over at
+    the next batch boundary (mode ttt, cfg.cuda_graphs, batch schedule, no phases).
 
     ``chunked``: the chunked mode's config (default ``ChunkedConfig()``; ``cfg`` and ``stride`` are not
     used by that mode). ``train_hook(rows, mask, loss)``: called before every chunked training step

@@ -26,10 +26,13 @@ Order (``train.eval._score_documents``):
 Measured on the H200 (seeds' config, ``--reference``, all 50,000 docs, cold caches): first score 7.0 s after process
 start (3.3 s start-up, 0.7 s load, 2.8 s for the first step's eager graph), but the thread took 148.1 s (a solo cold
 warm-up: ~19 s) and the eager graphs replayed 2,343 steps (139 batches) at ~0.75 M window tok/s before the hand-over:
-205.2 s wall against 143.6 s without the option. An earlier build's warm-cache run handed over after 9.5 s, so the
-slow part is what cold caches add; the suspected cause is Inductor's runtime autotuning, which benchmarks its Triton
-kernels at their first call while this thread's replays fill the GPU. Lowering the interpreter's switch interval
-(0.2 ms) while the thread ran did not change it (148.1 vs 144.8 s) and is not done.
+205.2 s wall against 143.6 s without the option. An earlier build's thread finished in 9.5 s with warm caches, but
+it ran beside the first batch (the 64 longest documents, few live rows late in it), so cold caches and a fuller GPU
+are not separated. Suspects: Inductor's kernel launches hold the GIL (pytorch/pytorch#163061), so a launch that
+blocks on a full GPU queue stalls the other thread; and Inductor's runtime autotuning benchmarks kernels at their
+first call on a GPU the replays keep busy. Lowering the interpreter's switch interval (0.2 ms) while the thread ran
+did not change it (148.1 vs 144.8 s) and is not done. Next attempt: the compile and warm-up in a child process that
+fills the compile caches (its own GIL), then a warm-cache compile here at a batch boundary.
 
 What may not run while the thread compiles: Dynamo on the main thread (two threads in Dynamo at once). The main
 thread's forward is eager until the hand-over; the deadline fallback joins the thread first.

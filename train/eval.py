@@ -377,6 +377,7 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
         report["overlap_compile"] = {"switched_after_s": round(clock() - t0, 3),
                                      "eager_batches": state.get("eager_batches", 0),
                                      "eager_graphs": dict(old.stats, **old.usage()), "warmup_rates": rates}
+        old.release()  # the eager graphs' memory pool is not needed again
         log(f"[eval] overlap-compile: compiled graphs from batch {state.get('eager_batches', 0)} on "
             f"({old.steps} steps replayed eagerly, background compile {background.stats.get('background_compile_s')} s)")
         return new

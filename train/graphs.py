@@ -221,6 +221,17 @@ class StepGraphs:
             if hook is not None:
                 hook()
 
+    def release(self) -> None:
+        """Drop the captured graphs, their memory pool and the buffers (graphs that others replaced: the report's
+        counters stay). Waits for the device first: a graph's private pool may be handed to other allocations once the
+        graph is gone, and its last replay may still be running."""
+        if self.capture and self.graphs:
+            torch.cuda.synchronize(self.st.bytes_at.device)
+        self.graphs.clear()
+        self.buffers.clear()
+        self._prep = None
+        self._key = None
+
     def usage(self) -> Dict[str, float]:
         """Steps staged so far and the share of their bucket positions that real rows filled."""
         return {"graph_steps": self.steps,

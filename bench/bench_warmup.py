@@ -22,8 +22,9 @@ torch.compile, their time to the first score including the graphs' warm steps an
 ``seeds-ref-default`` / ``records-ref-default``: the driver's defaults for ``--reference``, i.e. what a user gets
 (``records-ref-default`` with ``PGOLF_WARMUP_DOCS=50000`` and the default share 0/8 is case (c)); ``seeds-ref-precompiled``:
 the same with ``--precompiled`` in the case's cache folder; ``seeds-ref-cachefile``: the defaults with ``--compile-cache``,
-whose second process runs on empty cache folders with the first one's file; ``seeds-ref-overlap``: the defaults with
-``--overlap-compile``): recipe and path.
+whose second process runs on empty cache folders with the first one's file; ``seeds-ref-overlap`` /
+``seeds-ref-overlap-process``: the defaults with ``--overlap-compile`` (thread) / ``--overlap-compile process``):
+recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -66,7 +67,8 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "seeds-ref-cachefile": ("seeds", True, ("--compile-cache", "{work}/seeds-ref.compile-cache")),
          # the defaults plus --overlap-compile: eager graphs first, the compile in a background thread
          # (train/overlap.py); the time to the first score is the eager graphs' preparation only
-         "seeds-ref-overlap": ("seeds", True, ("--overlap-compile",))}
+         "seeds-ref-overlap": ("seeds", True, ("--overlap-compile",)),
+         "seeds-ref-overlap-process": ("seeds", True, ("--overlap-compile", "process"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -213,7 +215,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                     ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
                     ", the driver's defaults + --compile-cache (warm = empty cache folders + the cold process's file)"
                     if fresh else
-                    ", the driver's defaults + --overlap-compile (eager graphs first, compiled graphs from a batch boundary)"
+                    f", the driver's defaults + --overlap-compile {extra_args[1] if len(extra_args) > 1 else 'thread'} "
+                    f"(eager graphs first, compiled graphs from a batch boundary)"
                     if extra_args[0] == "--overlap-compile" else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
                     f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")

@@ -532,6 +532,25 @@ def test_eval_compile_cache_needs_the_compiled_forward_and_a_file_path(eval_inpu
              "--compile-cache", "a file, not a folder")
 
 
+def test_overlap_compile_process_child_runs_the_cli_warm_up_only(eval_inputs):
+    """The child's arguments (this eval's, with --warmup-only and without --overlap-compile / --json / --max-docs) are
+    a valid eval command line: the child runs the warm-up on synthetic tokens and exits 0."""
+    import subprocess
+
+    from train.eval import _compile_child_argv
+    from train.eval_fixtures import tiny_model
+    from train.overlap import ProcessCompile
+
+    argv = _ev_argv(eval_inputs, "--overlap-compile", "process", "--compile", "off", "--json",
+                    str(eval_inputs["dir"] / "r.json"), "--max-docs", "2")
+    pc = ProcessCompile(tiny_model(seed=3), _compile_child_argv(argv), dict).start()
+    rc = pc.proc.wait(timeout=300)
+    pc._log.seek(0)
+    assert rc == 0, (subprocess.list2cmdline(pc.cmd), pc._log.read()[-2000:])
+    assert "--warmup-only" in pc.cmd and "--overlap-compile" not in pc.cmd
+    assert not (eval_inputs["dir"] / "r.json").exists()
+
+
 def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
     """--overlap-compile without the compiled forward and CUDA graphs (a CPU run), or with the rolling schedule:
     one line naming the flag and every missing condition, before the artifact is decoded."""
@@ -541,3 +560,5 @@ def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
              "the compiled forward", "--cuda-graphs on")
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "--schedule", "rolling", "--warmup", "off")),
              "--overlap-compile", "--schedule batch (got rolling)", "the warm-up on")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "process")), "--overlap-compile",
+             "the compiled forward", "--cuda-graphs on")

@@ -356,14 +356,14 @@ def test_warm_until_settled_refuses_bad_counts():
         warm_until_settled(None, lambda: 0)
 
 
-def _overlap_eval(cfg, device, compile_):
+def _overlap_eval(cfg, device, compile_, child=None):
     """evaluate() with --overlap-compile's hand-over: the warm-up of ``train.warmup`` in the background thread. The
     thread starts after the first step; here the first batch boundary after that waits for it (``ready()`` joins),
     so the hand-over happens at batch 1 on every run instead of whenever the thread happens to finish."""
     import dataclasses
 
     from train.eval import evaluate
-    from train.overlap import BackgroundCompile
+    from train.overlap import BackgroundCompile, ProcessCompile
     from train.warmup import warmup
 
     stream = doc_stream(LENGTHS, seed=5).to(device)
@@ -378,7 +378,12 @@ def _overlap_eval(cfg, device, compile_):
             self.thread.join()
             return True
 
-    bg = Joining(model, warm, compile=compile_)
+    class Waiting(ProcessCompile):
+        def ready(self) -> bool:
+            self.proc.wait()
+            return True
+
+    bg = Joining(model, warm, compile=compile_) if child is None else Waiting(model, [], warm, cmd=child)
     rep = evaluate(model, stream, lut, mode="ttt", cfg=gcfg, backend="bmm", background=bg)
     return ref, rep, bg
 
@@ -410,6 +415,38 @@ def test_overlap_compile_compiles_in_the_thread_and_the_main_thread_reuses_it():
     assert compile_cache_counts()["dynamo_frames"] == frames   # nothing compiled on the main thread
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-6 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+def test_overlap_compile_process_hands_over_and_compiles_here():
+    """``--overlap-compile process``: the child runs (here a stand-in that only exits 0), the first batch runs eagerly,
+    then the compile and warm-up happen on this thread at the boundary and the rest runs compiled; scores match the
+    eager eval to compile rounding. A failing child is raised with its exit code and output."""
+    import sys
+
+    from train.forward import is_compiled, set_thread_eager
+
+    ref, rep, bg = _overlap_eval(CFG, "cpu", compile_=True, child=[sys.executable, "-c", "pass"])
+    ov = rep["overlap_compile"]
+    assert ov["eager_batches"] == 1 and ov["child_s"] > 0 and ov["here_compile_s"] > 0
+    assert is_compiled(bg.model) and bg.rates["dynamo_frames"] >= 1   # compiled here, after the child
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-6 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+    assert set_thread_eager(False) is False
+
+    with pytest.raises(RuntimeError, match="compile child exited 3: boom"):
+        _overlap_eval(CFG, "cpu", compile_=True,
+                      child=[sys.executable, "-c", "import sys; print('boom'); sys.exit(3)"])
+
+
+def test_compile_child_argv_drops_what_the_child_must_not_do():
+    from train.eval import _compile_child_argv
+
+    assert _compile_child_argv(["--artifact", "a.pgolf", "--overlap-compile", "process", "--json", "r.json",
+                                "--reference", "--max-docs=5"]) == ["--artifact", "a.pgolf", "--reference",
+                                                                    "--warmup-only"]
+    assert _compile_child_argv(["--overlap-compile", "--reference"]) == ["--reference", "--warmup-only"]
+    assert _compile_child_argv(["--overlap-compile=process", "--json=r.json", "--recipe", "records"]) == [
+        "--recipe", "records", "--warmup-only"]
 
 
 def test_thread_eager_keeps_this_thread_out_of_the_compiled_forward():
@@ -490,15 +527,19 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
 
 
 @pytest.mark.gpu
-def test_gpu_overlap_compile_equals_plain_graphs():
-    """On the GPU with the compile in the thread: eager graphs first, compiled graphs after the hand-over, against
-    the plain compiled-graph eval (BPB within 1e-4 relative: the eager and compiled steps round differently)."""
+@pytest.mark.parametrize("where", ["thread", "process"])
+def test_gpu_overlap_compile_equals_plain_graphs(where):
+    """On the GPU with the compile in the thread, or (process) on this thread after a child (a stand-in that exits 0):
+    eager graphs first, compiled graphs after the hand-over, against the plain compiled-graph eval (BPB within 1e-4
+    relative: the eager and compiled steps round differently)."""
     import dataclasses
+    import sys
 
     from train.eval import evaluate
     from train.forward import compile_rows_nll
 
-    ref, rep, bg = _overlap_eval(CFG, "cuda", compile_=True)
+    ref, rep, bg = _overlap_eval(CFG, "cuda", compile_=True,
+                                 child=[sys.executable, "-c", "pass"] if where == "process" else None)
     stream = doc_stream(LENGTHS, seed=5).cuda()
     lut = _lut(tiny_model(seed=3).config.vocab_size)
     m = tiny_model(seed=3).cuda()

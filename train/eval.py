@@ -58,6 +58,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import threading
 import time
 from dataclasses import asdict
@@ -323,7 +324,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         expected &= keep
     if swap is not None:
         graphs = swap["graphs"]
-        if not swap["swapped"] and background.thread is not None:  # every batch ran eagerly: the thread must end
+        if not swap["swapped"] and background.started:  # every batch ran eagerly: the thread must end
             background.result()
             swap["done"]()
         report["overlap_compile"] = dict(report.get("overlap_compile", {}), **background.stats)
@@ -355,11 +356,11 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
 
     def fn(wait: bool):
         if wait:  # the deadline fallback scores with the forward from here: join only, no graphs it would not use
-            if background.thread is not None:
+            if background.started:
                 background.result()
             done()
             return None
-        if background.thread is None or not background.ready():  # (None: no step has run yet)
+        if not background.started or not background.ready():  # (not started: no step has run yet)
             state["eager_batches"] = state.get("eager_batches", 0) + 1
             return None
         rates = background.result()
@@ -503,10 +504,11 @@ def _parse(argv):
                     help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
                          "the first scored step and again after every global pass, on synthetic tokens; CUDA only). "
                          "auto (default): on for --reference --mode ttt on CUDA, else off")
-    ap.add_argument("--overlap-compile", action="store_true",
+    ap.add_argument("--overlap-compile", nargs="?", const="thread", default=None, choices=["thread", "process"],
                     help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "
-                         "CUDA graphs at once and switch to compiled ones when a background thread has compiled the "
-                         "step (train/overlap.py); the warm-up moves into that thread")
+                         "CUDA graphs at once and switch to compiled ones when the step is compiled (train/overlap.py): "
+                         "'thread' (the default) compiles and warms up in a background thread; 'process' in a child "
+                         "process that fills the compile caches, then here from them at a batch boundary")
     ap.add_argument("--separate-score-pass", action="store_true",
                     help="score each chunk from its own no-grad forward before the training forward (2x forwards)")
     ap.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S)
@@ -608,6 +610,27 @@ def _start_cuda(device: torch.device) -> None:
         torch.zeros(1, device=device)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
+
+
+def _compile_child_argv(argv) -> list:
+    """This eval's arguments for ``--overlap-compile process``'s child: the same model, recipe and TTT options with
+    ``--warmup-only`` (synthetic tokens only; no validation shard is read), without ``--overlap-compile``, ``--json``
+    and ``--max-docs``."""
+    raw = list(sys.argv[1:] if argv is None else argv)
+    out, skip = [], False
+    for i, a in enumerate(raw):
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name == "--overlap-compile":
+            skip = "=" not in a and i + 1 < len(raw) and raw[i + 1] in ("thread", "process")
+            continue
+        if name in ("--json", "--max-docs"):
+            skip = "=" not in a
+            continue
+        out.append(a)
+    return out + ["--warmup-only"]
 
 
 def _import_compiler() -> None:
@@ -784,7 +807,13 @@ def main(argv=None) -> dict:
         return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
                       doc_len=cfg.window + cfg.chunk, graphs=cfg.cuda_graphs and args.mode == "ttt")
 
-    if overlap and wmode != "off":
+    if overlap == "process" and wmode != "off":
+        from .overlap import ProcessCompile
+
+        background = ProcessCompile(model, _compile_child_argv(argv), ttt_warmup, precompiled=args.precompiled)
+        log("[eval] overlap-compile: torch.compile and the warm-up run in a child process that fills the compile "
+            "caches while the first batches replay eager CUDA graphs; the compile here follows from those caches")
+    elif overlap and wmode != "off":
         from .overlap import BackgroundCompile
 
         def _background_warm():

@@ -34,6 +34,12 @@ first call on a GPU the replays keep busy. Lowering the interpreter's switch int
 did not change it (148.1 vs 144.8 s) and is not done. Next attempt: the compile and warm-up in a child process that
 fills the compile caches (its own GIL), then a warm-cache compile here at a batch boundary.
 
+``--overlap-compile process`` (``ProcessCompile``, the next attempt; CPU-tested, not yet timed on a GPU): a child
+``python -m train.eval ... --warmup-only`` compiles and warms up on synthetic tokens with its own interpreter, filling
+the Inductor and Triton caches; once it exits, this process compiles from those caches at the next batch boundary
+(Dynamo tracing again, every compile a cache hit: a warm process's warm-up took 4.3 s on the H200) and hands over the
+same way. Its GPU work is the warm-up's few steps, in a CUDA context of its own.
+
 What may not run while the thread compiles: Dynamo on the main thread (two threads in Dynamo at once). The main
 thread's forward is eager until the hand-over; the deadline fallback joins the thread first.
 
@@ -43,9 +49,13 @@ by an eager graph or a compiled one (same math, bf16 rounding apart: the report 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -72,6 +82,10 @@ class BackgroundCompile:
         self.rates: Optional[Dict[str, float]] = None
         self.stats: Dict[str, float] = {}
         self._t0 = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.thread is not None
 
     def start(self) -> "BackgroundCompile":
         if self.thread is not None:
@@ -116,3 +130,85 @@ class BackgroundCompile:
             raise RuntimeError(f"--overlap-compile: the background compile failed: {type(self.error).__name__}: "
                                f"{self.error}") from self.error
         return dict(self.rates or {})
+
+
+class ProcessCompile:
+    """``--overlap-compile process``: the cold part of the compile in a child process, the rest here.
+
+    The child (``cmd``, default ``python -m train.eval <argv>``; the eval passes its own arguments with
+    ``--warmup-only``) loads the artifact, compiles and runs the warm-up on synthetic tokens, filling the Inductor and
+    Triton cache folders this process shares with it, and exits. It has its own interpreter, so its compile does not
+    take this process's GIL (see the module docstring for what a thread did). ``result()`` then attaches
+    ``compile_rows_nll`` here and calls ``warm`` on the calling thread: Dynamo traces again and every compile is a
+    cache hit (a warm process's warm-up took 4.3 s on the H200). Same interface as ``BackgroundCompile``.
+    """
+
+    compile = True
+
+    def __init__(self, model, argv: List[str], warm: Callable[[], Dict[str, float]], *,
+                 precompiled: Optional[str] = None, cmd: Optional[List[str]] = None):
+        if not callable(warm):
+            raise TypeError(f"ProcessCompile: warm: expected a callable returning the warm-up's rates, got "
+                            f"{type(warm).__name__}")
+        if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
+            raise TypeError(f"ProcessCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
+                            f"{type(model).__name__}")
+        if cmd is None:
+            if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+                raise TypeError(f"ProcessCompile: argv: expected a list of str (the eval's arguments), got {argv!r}")
+            cmd = [sys.executable, "-m", "train.eval", *argv]
+        self.model, self.warm, self.precompiled, self.cmd = model, warm, precompiled, list(cmd)
+        self.proc: Optional[subprocess.Popen] = None
+        self.rates: Optional[Dict[str, float]] = None
+        self.error: Optional[BaseException] = None
+        self.stats: Dict[str, float] = {}
+        self._log = None
+        self._t0 = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self.proc is not None
+
+    def start(self) -> "ProcessCompile":
+        if self.proc is not None:
+            raise RuntimeError("ProcessCompile.start: already started")
+        self._t0 = time.perf_counter()
+        self._log = tempfile.TemporaryFile(mode="w+")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        return self
+
+    def ready(self) -> bool:
+        """The child has exited (``result()`` then compiles here, or raises the child's failure)."""
+        if self.proc is None:
+            raise RuntimeError("ProcessCompile.ready: not started")
+        return self.proc.poll() is not None
+
+    def result(self) -> Dict[str, float]:
+        """Wait for the child; then the compile and warm-up here (cache hits); their rates. The child's failure is
+        raised here with the tail of its output."""
+        if self.proc is None:
+            raise RuntimeError("ProcessCompile.result: not started")
+        if self.rates is not None:
+            return dict(self.rates)
+        t = time.perf_counter()
+        rc = self.proc.wait()
+        self.stats["waited_s"] = round(time.perf_counter() - t, 3)
+        self.stats["child_s"] = round(time.perf_counter() - self._t0, 3)
+        if rc != 0:
+            self._log.seek(0)
+            tail = self._log.read()[-2000:]
+            raise RuntimeError(f"--overlap-compile process: the compile child exited {rc}: {tail}")
+        from .forward import compile_rows_nll, set_thread_eager
+
+        t = time.perf_counter()
+        before = set_thread_eager(False)  # the overlap keeps this thread eager until the hand-over: compile now
+        try:
+            compile_rows_nll(self.model, precompiled=self.precompiled)
+            self.rates = self.warm()
+        finally:
+            set_thread_eager(before)
+        self.stats["here_compile_s"] = round(time.perf_counter() - t, 3)
+        self.stats["background_compile_s"] = round(time.perf_counter() - self._t0, 3)
+        return dict(self.rates)

@@ -60,6 +60,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 
+def _check_args(who: str, model, warm) -> None:
+    if not callable(warm):
+        raise TypeError(f"{who}: warm: expected a callable returning the warm-up's rates, got {type(warm).__name__}")
+    if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
+        raise TypeError(f"{who}: model: expected a torch.nn.Module with parameters (the GPT), got "
+                        f"{type(model).__name__}")
+
+
 class BackgroundCompile:
     """``compile_rows_nll(model)`` and the TTT warm-up in a daemon thread (see the module docstring).
 
@@ -70,12 +78,7 @@ class BackgroundCompile:
 
     def __init__(self, model, warm: Callable[[], Dict[str, float]], *, compile: bool = True,
                  precompiled: Optional[str] = None):
-        if not callable(warm):
-            raise TypeError(f"BackgroundCompile: warm: expected a callable returning the warm-up's rates, got "
-                            f"{type(warm).__name__}")
-        if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
-            raise TypeError(f"BackgroundCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
-                            f"{type(model).__name__}")
+        _check_args("BackgroundCompile", model, warm)
         self.model, self.warm, self.compile, self.precompiled = model, warm, bool(compile), precompiled
         self.thread: Optional[threading.Thread] = None
         self.error: Optional[BaseException] = None
@@ -147,12 +150,7 @@ class ProcessCompile:
 
     def __init__(self, model, argv: List[str], warm: Callable[[], Dict[str, float]], *,
                  precompiled: Optional[str] = None, cmd: Optional[List[str]] = None):
-        if not callable(warm):
-            raise TypeError(f"ProcessCompile: warm: expected a callable returning the warm-up's rates, got "
-                            f"{type(warm).__name__}")
-        if not isinstance(model, torch.nn.Module) or next(model.parameters(), None) is None:
-            raise TypeError(f"ProcessCompile: model: expected a torch.nn.Module with parameters (the GPT), got "
-                            f"{type(model).__name__}")
+        _check_args("ProcessCompile", model, warm)
         if cmd is None:
             if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
                 raise TypeError(f"ProcessCompile: argv: expected a list of str (the eval's arguments), got {argv!r}")

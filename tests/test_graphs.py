@@ -511,6 +511,17 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
         BackgroundCompile(model, None)
     with pytest.raises(TypeError, match="BackgroundCompile: model: expected a torch.nn.Module"):
         BackgroundCompile(object(), dict)
+    from train.forward import set_thread_eager
+    from train.overlap import ProcessCompile
+
+    with pytest.raises(TypeError, match="ProcessCompile: argv: expected a list of str"):
+        ProcessCompile(model, "--reference", dict)
+    with pytest.raises(TypeError, match="ProcessCompile: warm: expected a callable"):
+        ProcessCompile(model, [], None)
+    with pytest.raises(RuntimeError, match="ProcessCompile.result: not started"):
+        ProcessCompile(model, [], dict).result()
+    with pytest.raises(TypeError, match="set_thread_eager: on: expected a bool"):
+        set_thread_eager(1)
     with pytest.raises(TypeError, match="evaluate: background: expected a train.overlap.BackgroundCompile"):
         evaluate(model, stream, lut, mode="ttt", cfg=dataclasses.replace(CFG, cuda_graphs=True), backend="bmm",
                  background=object())

@@ -158,7 +158,8 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
              chunked: Optional[ChunkedConfig] = None, train_hook=None, background=None):
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
 
-    ``background``: a ``train.overlap.BackgroundCompile`` not yet started (``--overlap-compile``): the TTT steps
+    ``background``: a ``train.overlap.BackgroundCompile`` or ``ProcessCompile`` not yet started
+    (``--overlap-compile``): the TTT steps
     start on eager CUDA graphs (the first step's captured at that step, the rest of the plan right after it), the
     thread starts after those, this thread's forward stays eager until it is done, and compiled graphs take over at
     the next batch boundary (mode ttt, cfg.cuda_graphs, batch schedule, no phases).
@@ -181,7 +182,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
         raise ValueError(f"evaluate: cfg.cuda_graphs = True: expected mode 'ttt' (the TTT steps are what the graphs "
                          f"replay), got mode {mode!r}")
     if background is not None and not callable(getattr(background, "start", None)):
-        raise TypeError(f"evaluate: background: expected a train.overlap.BackgroundCompile, got "
+        raise TypeError(f"evaluate: background: expected a train.overlap.BackgroundCompile or ProcessCompile, got "
                         f"{type(background).__name__}")
     if background is not None and not (mode == "ttt" and cfg.cuda_graphs and cfg.schedule == "batch"
                                        and cfg.phases == 0):
@@ -341,8 +342,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
 def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, background, report, clock) -> dict:
     """``--overlap-compile``: the main thread scores on eager graphs (``graphs``, lazy: the first step's captured at
     that step, the rest of the plan's right after it) with the model's forward kept eager on this thread
-    (``set_thread_eager``); the background compile starts once those captures are done. Returns the queue's swap state: ``fn(wait)`` hands over compiled
-    graphs for the same plan once the thread is done (``train.overlap``)."""
+    (``set_thread_eager``); the background compile starts once those captures are done. Returns the queue's swap
+    state: ``fn(wait)`` hands over compiled graphs for the same plan once the compile is done (``train.overlap``)."""
     from .forward import dynamo_settings, set_thread_eager
 
     state = {"graphs": graphs, "swapped": False, "queue": None}
@@ -710,7 +711,7 @@ def main(argv=None) -> dict:
                                 (args.no_warmup or args.warmup == "off",
                                  "the warm-up on (it is what the background thread compiles)")) if bad]
         if why:
-            raise CheckError("--overlap-compile", True, "; ".join(why))
+            raise CheckError("--overlap-compile", overlap, "; ".join(why))
     if args.precompiled:
         from .checks import CheckError
         from .precompiled import unsupported_reason

@@ -47,8 +47,10 @@ def set_thread_eager(on: bool) -> bool:
     ``compile_rows_nll`` is attached; other threads are not affected. Returns the previous setting. Why:
     ``--overlap-compile`` attaches the compile from a background thread and traces it there while the main thread
     scores with eager steps, and two threads must not be inside Dynamo at once (``train.overlap``)."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_thread_eager: on: expected a bool, got {type(on).__name__}")
     before = getattr(_LOCAL, "eager", False)
-    _LOCAL.eager = bool(on)
+    _LOCAL.eager = on
     return before
 
 

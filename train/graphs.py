@@ -318,10 +318,10 @@ class StepGraphs:
         optimizer rows are undone too (a batch may be half done)."""
         t0 = time.perf_counter()
         buf = self.buffers[k[:2]]
-        staged = [t.clone() for t in (buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask, buf.rows, buf.train)]
+        inputs = (buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask, buf.rows, buf.train)
+        staged = [t.clone() for t in inputs]
         self._capture(k, preserve=True)
-        for dst, src in zip((buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask, buf.rows, buf.train), staged):
-            dst.copy_(src)
+        torch._foreach_copy_(list(inputs), staged)
         self.stats["graph_prepare_s"] += time.perf_counter() - t0
 
     def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:

@@ -31,8 +31,7 @@ it ran beside the first batch (the 64 longest documents, few live rows late in i
 are not separated. Suspects: Inductor's kernel launches hold the GIL (pytorch/pytorch#163061), so a launch that
 blocks on a full GPU queue stalls the other thread; and Inductor's runtime autotuning benchmarks kernels at their
 first call on a GPU the replays keep busy. Lowering the interpreter's switch interval (0.2 ms) while the thread ran
-did not change it (148.1 vs 144.8 s) and is not done. Next attempt: the compile and warm-up in a child process that
-fills the compile caches (its own GIL), then a warm-cache compile here at a batch boundary.
+did not change it (148.1 vs 144.8 s) and is not done.
 
 ``--overlap-compile process`` (``ProcessCompile``, the next attempt; CPU-tested, not yet timed on a GPU): a child
 ``python -m train.eval ... --warmup-only`` compiles and warms up on synthetic tokens with its own interpreter, filling
@@ -158,7 +157,6 @@ class ProcessCompile:
         self.model, self.warm, self.precompiled, self.cmd = model, warm, precompiled, list(cmd)
         self.proc: Optional[subprocess.Popen] = None
         self.rates: Optional[Dict[str, float]] = None
-        self.error: Optional[BaseException] = None
         self.stats: Dict[str, float] = {}
         self._log = None
         self._t0 = 0.0
@@ -194,9 +192,10 @@ class ProcessCompile:
         rc = self.proc.wait()
         self.stats["waited_s"] = round(time.perf_counter() - t, 3)
         self.stats["child_s"] = round(time.perf_counter() - self._t0, 3)
+        self._log.seek(0)
+        tail = self._log.read()[-2000:]
+        self._log.close()
         if rc != 0:
-            self._log.seek(0)
-            tail = self._log.read()[-2000:]
             raise RuntimeError(f"--overlap-compile process: the compile child exited {rc}: {tail}")
         from .forward import compile_rows_nll, set_thread_eager
 

@@ -181,13 +181,19 @@ def quantize_rows(w: torch.Tensor, bits: int = 6, clip: str = "search", backend:
 
 
 def quantize_rows_ref(w: torch.Tensor, bits: int = 6) -> QTensor:
-    """Pure-torch absmax quantizer (reference for the C++ ``clip="absmax"`` path)."""
+    """Pure-torch absmax quantizer (reference for the C++ ``clip="absmax"`` path).
+
+    Codes are ``round_half_even(clamp(w * (1/s), -qmax, qmax))`` with ``1/s`` one fp32 division,
+    as the C++ and CUDA codec and the QAT fake-quant compute them. ``w / s`` is not the same
+    function: the two round differently at near-ties (seed 406604096, int8: w/s = 17.4999981
+    gives 17, w*(1/s) rounds to 17.5 and gives 18)."""
     qmax = float((1 << (bits - 1)) - 1)
     w32 = w.detach().float()
     s = (w32.abs().amax(dim=1) / qmax).half()
     sf = s.float()
     safe = torch.where(sf == 0, torch.ones_like(sf), sf)
-    q = torch.round((w32 / safe[:, None]).clamp(-qmax, qmax))
+    inv = 1.0 / safe  # fp32 reciprocal, then a multiply: the codec's arithmetic
+    q = torch.round((w32 * inv[:, None]).clamp(-qmax, qmax))
     q = torch.where(sf[:, None] == 0, torch.zeros_like(q), q)
     return QTensor(q.to(torch.int8).contiguous(), s, bits)
 

@@ -13,6 +13,7 @@ Fixtures: ``device`` ("cuda" when present, else "cpu" = interpreter), ``act_dtyp
 against its torch reference on the same gradients).
 """
 import os
+import random
 import zlib
 
 import torch
@@ -82,6 +83,22 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def draw_seed() -> int:
+    """The seed of a test's random draws: derived from the running test's node id, so every run of a test draws
+    the same inputs and a failure reproduces by re-running it. ``PGOLF_TEST_SEED=<int>`` fixes another seed,
+    ``PGOLF_TEST_SEED=random`` draws a fresh one per call (a property-style sweep; the seed is printed)."""
+    env = os.environ.get("PGOLF_TEST_SEED", "")
+    if env == "random":
+        s = random.randrange(2**31)
+    elif env:
+        s = int(env)
+    else:
+        node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+        s = zlib.crc32(node.encode()) & 0x7FFFFFFF
+    print(f"seed={s}")
+    return s
 
 
 @pytest.fixture(autouse=True)

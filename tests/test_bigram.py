@@ -1,17 +1,16 @@
 """BigramHash embedding (train/model.py): keys use input ids t-1 and t only (never the target),
 hash range and spread, gradients, artifact save/load, driver flag, the adapter hook."""
-import random
-
 import pytest
 import torch
 
+from conftest import draw_seed
 from train.model import GPT, GPTConfig, bigram_keys
 
 TINY = dict(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, seq_len=24)
 
 
 def _model(buckets=256, seed=None, **kw):
-    torch.manual_seed(random.randrange(2**31) if seed is None else seed)
+    torch.manual_seed(draw_seed() if seed is None else seed)
     m = GPT(GPTConfig(**{**TINY, "bigram_buckets": buckets, **kw}))
     with torch.no_grad():  # a trained-like state: non-zero projections, a visible bigram term
         for _, p in m.matrix_params():
@@ -26,7 +25,7 @@ def test_keys_never_depend_on_the_target():
     """Stream s; inputs s[:-1], targets s[1:]. Changing s[t+1] (the target of position t) leaves
     keys and logits of positions <= t unchanged; the keys of position t+1 may change (it is
     that position's *current* token), which shows the test can detect a dependence."""
-    g = torch.Generator().manual_seed(random.randrange(2**31))
+    g = torch.Generator().manual_seed(draw_seed())
     V, T = 64, 16
     s = torch.randint(0, V, (2, T + 1), generator=g)
     m = _model()

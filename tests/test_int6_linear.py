@@ -10,13 +10,12 @@ Tolerance rule (pgolf_kernels.testing.assert_close_rel): error vs a high-precisi
 the exact weights q*s must be <= 2x the error of torch's own low-precision path,
 F.linear(x, (q*s).to(dtype)), against the same reference.
 """
-import random
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from conftest import draw_seed
 import pgolf_kernels.int6_linear as mod
 from pgolf_kernels.int6_linear import (
     Int6Linear,
@@ -46,9 +45,7 @@ def _nan_outputs(monkeypatch):
 
 
 def _gen():
-    s = random.randrange(2**31)
-    print(f"seed={s}")
-    return torch.Generator().manual_seed(s)
+    return torch.Generator().manual_seed(draw_seed())
 
 
 def _weights(g, n, k, bits=6, device="cpu"):
@@ -384,7 +381,7 @@ def test_bad_input_messages(device):
 
 # ---- module + converter ---------------------------------------------------------------------
 def test_int6linear_from_linear_and_state_dict(device):
-    torch.manual_seed(random.randrange(2**31))
+    torch.manual_seed(draw_seed())
     lin = nn.Linear(40, 24).to(device)
     m = Int6Linear.from_linear(lin, bits=6)
     qt = quantize_rows(lin.weight.detach(), 6)
@@ -408,7 +405,7 @@ def test_int6linear_from_linear_and_state_dict(device):
 
 
 def test_convert_linears_with_filter(device):
-    torch.manual_seed(random.randrange(2**31))
+    torch.manual_seed(draw_seed())
 
     class Block(nn.Module):
         def __init__(self):
@@ -538,7 +535,7 @@ def test_gpu_fp16_autotuned_with_grads():
 
 @pytest.mark.gpu
 def test_gpu_compile_fullgraph_matches_eager():
-    torch.manual_seed(random.randrange(2**31))
+    torch.manual_seed(draw_seed())
     model = nn.Sequential(nn.Linear(512, 1536), nn.ReLU(), nn.Linear(1536, 512)).cuda()
     convert_linears_to_int6(model)
     x = torch.randn(8, 256, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)

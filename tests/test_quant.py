@@ -10,6 +10,7 @@ import struct
 import pytest
 import torch
 
+from conftest import draw_seed
 from pgolf_kernels import quant
 from pgolf_kernels._ext import load_C
 from pgolf_kernels.quant import (
@@ -28,8 +29,7 @@ BITS = [5, 6, 7, 8]
 
 
 def _seed():
-    s = random.randrange(2**31)
-    print(f"seed={s}")
+    s = draw_seed()
     return torch.Generator().manual_seed(s), random.Random(s)
 
 

@@ -11,7 +11,6 @@
 import ctypes
 import glob
 import os
-import random
 import shutil
 import subprocess
 import types
@@ -20,6 +19,7 @@ import warnings
 import pytest
 import torch
 
+from conftest import draw_seed
 from pgolf_kernels import quant
 from pgolf_kernels._ext import load_C
 
@@ -30,11 +30,7 @@ HAS_CUDA = torch.cuda.is_available()
 
 
 def _seed():
-    # fixed by default so a failure reproduces; PGOLF_TEST_SEED=random draws a fresh one (printed)
-    env = os.environ.get("PGOLF_TEST_SEED", "1234")
-    s = random.randrange(2**31) if env == "random" else int(env)
-    print(f"seed={s}")
-    return torch.Generator().manual_seed(s)
+    return torch.Generator().manual_seed(draw_seed())
 
 
 def _cases(g):
@@ -162,7 +158,7 @@ def test_artifact_from_gpu_weights_is_byte_identical(cuda_kernel, tmp_path):
     from train import artifact as art
     from train.model import GPT, GPTConfig
 
-    torch.manual_seed(random.randrange(2**31))
+    torch.manual_seed(draw_seed())
     m = GPT(GPTConfig(vocab_size=256, num_layers=2, model_dim=128, num_heads=4, num_kv_heads=2))
     with torch.no_grad():
         for _, p in m.matrix_params():

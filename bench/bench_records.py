@@ -17,7 +17,8 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    stops right after training (at the export function) - no quantization, no TTT.
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
-flex_attention), and every row says so.
+torch's FlashAttention-2 varlen kernel, or flex_attention with ``PGOLF_VARLEN_STANDIN=flex``), and every row says
+which.
 
 3. TTT eval (``PGOLF_RECORDS_PARTS`` with "ttt"; 2026-04-29): the record's ``serialize`` writes its quantized
    artifact of its GPT at initialization, then one process per variant runs the record's own TTT eval on it
@@ -443,7 +444,7 @@ def slope_ms(log: str, lo: int = 10, hi: int = 50, tokens_per_step: int = 0):
 def _save(rows):
     from . import harness
 
-    harness.save_results(KERNEL, rows, notes=records_env.STANDIN_NOTE)
+    harness.save_results(KERNEL, rows, notes=records_env.standin_note())
 
 
 def _median_of(runs: List[tuple], field: str) -> float:
@@ -475,7 +476,7 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         # Muon.step timed in place, inside the training loop (median of the steady steps of each run's median)
         muon_step_ms=_median_of(runs["patched"], "muon_step_ms"),
         baseline_muon_step_ms=_median_of(runs["record"], "muon_step_ms"),
-        patch=po["patch"], attention=records_env.STANDIN_NOTE)
+        patch=po["patch"], attention=records_env.standin_note())
 
 
 def _muon_extras(r: Dict[str, Dict[str, object]]) -> Dict[str, object]:
@@ -518,7 +519,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],
                                      "record Muon.step", r["record"]["ms"], peak_mb=r["patched"]["peak_mb"],
                                      baseline_peak_mb=r["record"]["peak_mb"], shapes=r["patched"]["shapes"],
-                                     patch=r["patched"]["patch"], attention=records_env.STANDIN_NOTE,
+                                     patch=r["patched"]["patch"], attention=records_env.standin_note(),
                                      **_muon_extras(r)))
         print(harness.markdown_table(rows[-1:]), flush=True)
         _save(rows)
@@ -585,7 +586,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                 wall_s=p.get("wall_s", nan), baseline_wall_s=r.get("wall_s", nan),
                 peak_mb=p.get("peak_mb", nan), baseline_peak_mb=r.get("peak_mb", nan),
                 artifact_bytes=made["quant_bytes"], serialize_s=made["serialize_s"],
-                patch=p.get("patch", "not run"), attention=records_env.STANDIN_NOTE, cache_runs=cache_runs,
+                patch=p.get("patch", "not run"), attention=records_env.standin_note(), cache_runs=cache_runs,
                 setup="artifact of the record's GPT at initialization (its serialize: GPTQ, lzma), "
                       "SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 EMBED_BITS=7 PHASED_TTT_NUM_PHASES=3, "
                       "CaseOps off"))

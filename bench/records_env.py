@@ -11,10 +11,15 @@ stand-in module into ``sys.modules`` when the real one is absent:
 * ``flash_attn_func(q, k, v, causal=True)``: q (B, T, H, D), k/v (B, T, Hkv, D) -> (B, T, H, D) through
   ``torch.nn.functional.scaled_dot_product_attention`` (GQA by repeating k/v heads);
 * ``flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, ...)``:
-  packed (total, H, D) documents, causal inside each document, through
-  ``torch.nn.attention.flex_attention`` with a document mask on CUDA, and SDPA with the same dense mask on CPU.
+  packed (total, H, D) documents, causal inside each document. CUDA: torch's own FlashAttention-2 varlen kernel
+  (``aten::_flash_attention_forward`` with ``cu_seqlens``; autograd, meta and torch.compile support are torch's),
+  or ``torch.nn.attention.flex_attention`` with a document mask when ``PGOLF_VARLEN_STANDIN=flex``; CPU: SDPA
+  with the same dense mask. Why FA2 by default: under the 2026-04-29 script's ``torch.compile`` every varlen
+  shape of its warm-up (4 cu_seqlens buckets, twice) compiled a flex_attention forward + backward template, and
+  the record's training and TTT children were still compiling at 257-300 s on an H200; the FA2 op is an extern
+  kernel to Inductor (nothing to generate) and the same algorithm family as FA3.
 
-``STANDIN_NOTE`` says what was replaced; benches copy it into their results.
+``standin_note()`` says what was replaced; benches copy it into their results.
 """
 from __future__ import annotations
 
@@ -35,8 +40,25 @@ RECORDS = {
     "2026-04-29": "2026-04-29_SmearGateBOSFix_3Seed_1.06141",
 }
 
-STANDIN_NOTE = ("FlashAttention-3 replaced: flash_attn_func by torch SDPA (causal, GQA by repeated k/v heads), "
-                "flash_attn_varlen_func by flex_attention with a causal document mask")
+_VARLEN_KINDS = {
+    "fa2": "torch's FlashAttention-2 varlen kernel (aten::_flash_attention_forward with cu_seqlens)",
+    "flex": "flex_attention with a causal document mask",
+}
+
+
+def varlen_standin() -> str:
+    """The CUDA stand-in for ``flash_attn_varlen_func``: ``PGOLF_VARLEN_STANDIN`` = fa2 (default) or flex."""
+    kind = os.environ.get("PGOLF_VARLEN_STANDIN", "fa2")
+    if kind not in _VARLEN_KINDS:
+        raise ValueError(f"PGOLF_VARLEN_STANDIN = {kind!r}: expected one of {sorted(_VARLEN_KINDS)}")
+    return kind
+
+
+def standin_note() -> str:
+    """What replaced FlashAttention-3, for the results (read when a bench runs, so the environment decides)."""
+    return ("FlashAttention-3 replaced: flash_attn_func by torch SDPA (causal, GQA by repeated k/v heads), "
+            f"flash_attn_varlen_func by {_VARLEN_KINDS[varlen_standin()]}")
+
 
 
 def records_dir() -> str:
@@ -86,24 +108,47 @@ def _doc_ids(cu: torch.Tensor, total: int) -> torch.Tensor:
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None,
                            causal: bool = False, softmax_scale=None, window_size=(-1, -1), **_ignored):
     """FA3 varlen layout: q (total, H, D), k/v (total, Hkv, D); attention stays inside each document of
-    ``cu_seqlens`` (q and k share the packing here, as in the records). Tokens past cu_seqlens[-1] attend to
-    themselves only (their output is never read by the records). CUDA: flex_attention with a document mask;
+    ``cu_seqlens`` (q and k share the packing here, as in the records; trailing repeated entries are empty
+    documents). Tokens past cu_seqlens[-1] are outside every document: their output is unspecified (the records
+    end cu_seqlens at the total, so there are none). CUDA: ``varlen_standin()`` picks FA2 (default) or flex;
     CPU: SDPA with a dense mask. Compile-safe (the 2026-04-29 script calls it under
     ``torch.compile(fullgraph=True)``): the q/k packing check is a host comparison, so it runs eagerly only."""
     if (q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[1] == 0
             or q.shape[1] % k.shape[1]):
         raise ValueError(f"flash_attn_varlen_func stand-in: expected q (total, H, D) and k, v (total, Hkv, D) with "
                          f"H a multiple of Hkv, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    if tuple(window_size) != (-1, -1):
+        raise ValueError(f"flash_attn_varlen_func stand-in: only window_size=(-1, -1) (no sliding window, as the "
+                         f"records call it) is implemented, got {tuple(window_size)}")
     if (cu_seqlens_q is not cu_seqlens_k and not torch.compiler.is_compiling()
             and not torch.equal(cu_seqlens_q, cu_seqlens_k)):
         raise ValueError("flash_attn_varlen_func stand-in: cu_seqlens_q must equal cu_seqlens_k")
-    varlen = varlen_flex if q.is_cuda else varlen_dense
-    return varlen(q, k, v, cu_seqlens_q, causal, softmax_scale)
+    if not q.is_cuda:
+        return varlen_dense(q, k, v, cu_seqlens_q, causal, softmax_scale)
+    if varlen_standin() == "flex":
+        return varlen_flex(q, k, v, cu_seqlens_q, causal, softmax_scale)
+    return varlen_fa2(q, k, v, cu_seqlens_q, causal, softmax_scale, max_seqlen_q)
 
 
 def _varlen_layout(q, k, v):
     H = q.shape[1]
     return q.transpose(0, 1)[None], _repeat_kv(k.transpose(0, 1)[None], H), _repeat_kv(v.transpose(0, 1)[None], H)
+
+
+def varlen_fa2(q, k, v, cu: torch.Tensor, causal: bool, softmax_scale=None, max_seqlen=None) -> torch.Tensor:
+    """Document-masked attention on torch's FlashAttention-2 varlen kernel (CUDA, fp16/bf16; the kernel refuses
+    other dtypes by name). k/v heads are repeated to q's (as the other stand-ins do). ``max_seqlen`` bounds the
+    longest document (FA2 sizes its grid by it; the records pass it); None uses the total, always safe.
+    Differentiable through torch's own autograd formula for the op (``_flash_attention_backward``)."""
+    total, H = q.shape[0], q.shape[1]
+    kk = _repeat_kv(k.transpose(0, 1)[None], H)[0].transpose(0, 1)
+    vv = _repeat_kv(v.transpose(0, 1)[None], H)[0].transpose(0, 1)
+    cu32 = cu if cu.dtype == torch.int32 else cu.to(torch.int32)
+    ms = total if max_seqlen is None else int(max_seqlen)
+    kw = {} if softmax_scale is None else {"scale": float(softmax_scale)}
+    out = torch.ops.aten._flash_attention_forward(q.contiguous(), kk.contiguous(), vv.contiguous(), cu32, cu32,
+                                                  ms, ms, 0.0, bool(causal), False, **kw)[0]
+    return out
 
 
 def varlen_flex(q, k, v, cu: torch.Tensor, causal: bool, softmax_scale=None) -> torch.Tensor:
@@ -146,9 +191,9 @@ def install_standins() -> Dict[str, str]:
         mod = types.ModuleType("flash_attn_interface")
         mod.flash_attn_func = flash_attn_func
         mod.flash_attn_varlen_func = flash_attn_varlen_func
-        mod.__doc__ = STANDIN_NOTE
+        mod.__doc__ = standin_note()
         sys.modules["flash_attn_interface"] = mod
-        out["flash_attn_interface"] = STANDIN_NOTE
+        out["flash_attn_interface"] = standin_note()
     return out
 
 

@@ -289,6 +289,73 @@ def test_varlen_standin_traces_under_fullgraph_compile():
             records_env.flash_attn_varlen_func(*bad, cu, cu, causal=True)
 
 
+def test_varlen_fa2_call_matches_this_torch_and_is_differentiable():
+    """The FA2 stand-in's call of ``aten::_flash_attention_forward`` fits the installed torch's schema and has an
+    autograd formula: traced on meta tensors (CPU machines have no FA2 kernel), shapes of the output and of the
+    q, k, v gradients are the inputs' (k/v keep their Hkv heads: the repeat is differentiated through)."""
+    q = torch.empty(300, 8, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    k = torch.empty(300, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.empty(300, 4, 64, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    cu = torch.empty(64, device="meta", dtype=torch.int32)
+    y = records_env.varlen_fa2(q, k, v, cu, True, 0.125, 128)
+    assert y.shape == q.shape and y.dtype == q.dtype
+    y.sum().backward()
+    assert (q.grad.shape, k.grad.shape, v.grad.shape) == (q.shape, k.shape, v.shape)
+
+
+def test_varlen_standin_choice_and_refusals(monkeypatch):
+    """PGOLF_VARLEN_STANDIN picks the CUDA stand-in and the results note names it; a bad value, a sliding window
+    (not implemented by any stand-in) and mismatched packings are refused by name."""
+    monkeypatch.delenv("PGOLF_VARLEN_STANDIN", raising=False)
+    assert records_env.varlen_standin() == "fa2" and "FlashAttention-2 varlen" in records_env.standin_note()
+    monkeypatch.setenv("PGOLF_VARLEN_STANDIN", "flex")
+    assert records_env.varlen_standin() == "flex" and "flex_attention" in records_env.standin_note()
+    monkeypatch.setenv("PGOLF_VARLEN_STANDIN", "fa3")
+    with pytest.raises(ValueError, match="PGOLF_VARLEN_STANDIN = 'fa3': expected one of"):
+        records_env.varlen_standin()
+    monkeypatch.delenv("PGOLF_VARLEN_STANDIN")
+    cu, q, k, v = _varlen_inputs(7, [0, 5, 12], 8)
+    with pytest.raises(ValueError, match=r"only window_size=\(-1, -1\)"):
+        records_env.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True, window_size=(128, 0))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gpu_varlen_fa2_equals_dense_mask(compiled):
+    """On CUDA the default varlen stand-in (torch's FA2 kernel) == SDPA with the dense document mask, forward and
+    backward, on the records' packing: documents cut at max_seqlen, cu_seqlens padded with repeated totals (empty
+    documents), bf16, GQA; eager and inside torch.compile(fullgraph=True). Tolerance: 2x the dense bf16 path's own
+    error against an fp32 dense computation."""
+    torch.manual_seed(0)
+    total, H, Hkv, D = 1000, 8, 4, 64
+    bounds = [0, 1, 130, 300, 301, 557, 812, 1000]
+    cu = torch.full((16,), total, dtype=torch.int32, device="cuda")
+    cu[:len(bounds)] = torch.tensor(bounds, dtype=torch.int32)
+    max_len = max(b - a for a, b in zip(bounds, bounds[1:]))
+    q32 = torch.randn(total, H, D, device="cuda")
+    k32, v32 = (torch.randn(total, Hkv, D, device="cuda") for _ in range(2))
+    dy = torch.randn(total, H, D, device="cuda")
+
+    def run(fn, dtype):
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in (q32, k32, v32))
+        y = fn(q, k, v)
+        y.backward(dy.to(dtype))
+        return [t.float() for t in (y, q.grad, k.grad, v.grad)]
+
+    ref = run(lambda q, k, v: records_env.varlen_dense(q, k, v, cu, True), torch.float32)
+    dense = run(lambda q, k, v: records_env.varlen_dense(q, k, v, cu, True), torch.bfloat16)
+    fa2_fn = lambda q, k, v: records_env.flash_attn_varlen_func(q, k, v, cu, cu, max_len, max_len, causal=True)
+    if compiled:
+        torch._dynamo.reset()
+        fa2_fn = torch.compile(fa2_fn, fullgraph=True)
+    got = run(fa2_fn, torch.bfloat16)
+    for name, r, d, g in zip(("y", "dq", "dk", "dv"), ref, dense, got):
+        assert torch.isfinite(g).all(), name
+        bound = 2 * (d - r).abs().max().item() + 1e-3
+        err = (g - r).abs().max().item()
+        assert err <= bound, f"{name}: |fa2 - fp32| {err:.3g} > 2x dense bf16's {bound:.3g}"
+
+
 def test_records_ttt_child_settings_reach_the_record(tmp_path):
     """bench_records' TTT children set the 2026-04-29 script's settings through its environment: the record's
     Hyperparameters read at import see its run settings, the artifact and data folders, lzma and TTT_EVAL_ONLY."""

@@ -149,7 +149,7 @@ def test_step_timer_times_every_call_in_place_and_undoes():
         def step(self, closure=None):
             self.n += 1
             Opt.calls += 1
-            time.sleep(0.002 if Opt.calls <= 2 else 0.0)  # the first calls of the run are the slow ones (compile)
+            time.sleep(0.05 if Opt.calls <= 2 else 0.0)  # the first calls of the run are the slow ones (compile)
             return self.n
 
     orig = Opt.__dict__["step"]
@@ -157,7 +157,8 @@ def test_step_timer_times_every_call_in_place_and_undoes():
     a, b = Opt(), Opt()
     assert [a.step(), a.step(), a.step(), b.step(), b.step()] == [1, 2, 3, 1, 2]
     res = timer.ms(2)
-    assert res["calls"] == 5 and res["ms"] < 2.0 <= timer.ms(5)["max_ms"]
+    # 50 ms sleeps against a 25 ms bound: a scheduler stall on the 2 shared CI cores does not reach it
+    assert res["calls"] == 5 and res["ms"] < 25.0 and timer.ms(5)["max_ms"] >= 50.0
     with pytest.raises(ValueError, match="last = 0"):
         timer.ms(0)
     with pytest.raises(TypeError, match="StepTimer: cls must be a class with a step"):

@@ -120,7 +120,7 @@ def test_token_stream_never_spins_on_empty_shards(tmp_path):
     with Timer() as t:
         with pytest.raises(ShardError, match="hold 0 tokens"):
             DistributedTokenLoader(str(tmp_path / "zero_*.bin"))
-    assert t.s < 1.0
+    assert t.s < FAST_S
     # empty shards between non-empty ones are skipped; the stream wraps and keeps its order
     write_shard(str(tmp_path / "mix_0.bin"), [1, 2, 3])
     write_shard(str(tmp_path / "mix_1.bin"), [])
@@ -438,7 +438,7 @@ def test_eval_tokenizer_mismatch_override_and_cpu_warmup(eval_inputs, capsys):
     out = capsys.readouterr().out
     assert "warm-up: skipped on CPU (nothing to compile or autotune)" in out and "fallback" in out
     assert rep["window"] == 64 and rep["chunk"] == 64 and rep["docs"] == 6 and np.isfinite(rep["val_bpb"])
-    assert "warmup_rates" not in rep and rep["warmup_s"] < 0.5 and t.s < FAST_S
+    assert "warmup_rates" not in rep and rep["warmup_s"] < 2.0 and t.s < FAST_S
     # the load's parts, in order, account for the load up to the report's rounding
     parts = rep["load_parts"]
     assert list(parts) == ["checks", "model", "compile_setup", "tokenizer", "sync"]

@@ -23,8 +23,9 @@ torch.compile, their time to the first score including the graphs' warm steps an
 (``records-ref-default`` with ``PGOLF_WARMUP_DOCS=50000`` and the default share 0/8 is case (c)); ``seeds-ref-precompiled``:
 the same with ``--precompiled`` in the case's cache folder; ``seeds-ref-cachefile``: the defaults with ``--compile-cache``,
 whose second process runs on empty cache folders with the first one's file; ``seeds-ref-overlap`` /
-``seeds-ref-overlap-process``: the defaults with ``--overlap-compile`` (thread) / ``--overlap-compile process``):
-recipe and path.
+``seeds-ref-overlap-process``: the defaults with ``--overlap-compile`` (thread) / ``--overlap-compile process``;
+``records-ref-rolling`` / ``records-kernel-rolling``: the records' recipe with ``--schedule rolling``, the driver's
+other defaults): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -68,7 +69,12 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # the defaults plus --overlap-compile: eager graphs first, the compile in a background thread
          # (train/overlap.py); the time to the first score is the eager graphs' preparation only
          "seeds-ref-overlap": ("seeds", True, ("--overlap-compile",)),
-         "seeds-ref-overlap-process": ("seeds", True, ("--overlap-compile", "process"))}
+         "seeds-ref-overlap-process": ("seeds", True, ("--overlap-compile", "process")),
+         # case (c) under the rolling schedule (rows refilled as documents finish): the batch schedule's first
+         # batch (the 64 longest documents, up to 85,043 tokens = 1,771 chunks of 48) ran nearly empty steps for
+         # 129.9 of 145.6 s on a 1/64 share; rolling fills those steps with the next documents
+         "records-ref-rolling": ("records", True, ("--schedule", "rolling")),
+         "records-kernel-rolling": ("records", False, ("--schedule", "rolling"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -219,7 +225,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                     f"(eager graphs first, compiled graphs from a batch boundary)"
                     if extra_args[0] == "--overlap-compile" else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
-                    f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}")
+                    f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}"
+                    f"{', rolling schedule' if ('--schedule', 'rolling') in zip(extra_args, extra_args[1:]) else ''}")
                  + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")
         nan = float("nan")
         rows.append(make_row(KERNEL, label, 1e3 * _first_score_s(warm) if warm else nan, "cold caches",

@@ -214,6 +214,21 @@ def test_warmup_bench_cachefile_case_hands_only_the_file_to_the_second_process(m
     assert "--compile-cache" in rows[0]["case"] and len(rows) == 2
 
 
+@pytest.mark.parametrize("name", sorted(__import__("bench.bench_warmup", fromlist=["CASES"]).CASES))
+def test_every_warmup_case_is_a_valid_eval_command_line(name):
+    """Each warm-up case's arguments parse with the eval driver's own parser and set what the case says (a typo in
+    a case would otherwise surface only on the GPU, after the artifact build)."""
+    from bench.bench_warmup import CASES
+    from train import eval as ev
+
+    recipe, reference, extra = CASES[name]
+    args = ev._parse(["--artifact", "a", "--val", "v", "--tokenizer", "t", "--recipe", recipe, *extra]
+                     + (["--reference"] if reference else []))
+    assert args.recipe == recipe and args.reference == reference
+    if "--schedule" in extra:
+        assert args.schedule == extra[extra.index("--schedule") + 1]
+
+
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):
     """bench_records' TTT rows: every child gets empty cache folders of its own; a repeated patched-cachefile child
     first writes the compile-cache file (at its exit), then loads it, and the row lists both runs."""

@@ -14,6 +14,9 @@ two passes of about 10 bytes per parameter each.
     u   = g + momentum * buf   if nesterov else buf         (one rounding, as ``g.add(buf, alpha=momentum)``)
     u   = u / r,  r = max(||u_row||_2, row_eps) rounded to buf's dtype      (only when row_eps is given:
                                                              MuonEq-R, ``u / u.float().norm(-1).clamp_min(eps)``)
+    ss  = sum_c u[row, c]^2 in fp32 of the final (rounded) u, one value per row   (only with ``row_sumsq=True``:
+                                                             Newton-Schulz's Frobenius norm without another pass
+                                                             over the bank, ``newton_schulz_many(row_sumsq=...)``)
 
 ``decay_add_(p, u, lr, weight_decay, scale)`` (``p`` updated in place):
 
@@ -30,7 +33,7 @@ with them up to the order of the row-norm sum (and fused multiply-adds). Dispatc
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -38,7 +41,7 @@ import triton.language as tl
 
 from ._utils import check, check_tensor, use_triton
 
-__all__ = ["momentum_update", "momentum_update_ref", "decay_add_", "decay_add_ref"]
+__all__ = ["momentum_update", "momentum_update_ref", "row_sumsq_ref", "decay_add_", "decay_add_ref"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _OP_M, _OP_D = "momentum_update", "decay_add_"
@@ -46,14 +49,23 @@ _OP_M, _OP_D = "momentum_update", "decay_add_"
 
 # ----------------------------------------------------------------------------------------------- references
 def momentum_update_ref(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool = True,
-                        row_eps: Optional[float] = None) -> torch.Tensor:
-    """The torch ops the kernel fuses (module docstring); ``buf`` is updated in place."""
+                        row_eps: Optional[float] = None, *, row_sumsq: bool = False):
+    """The torch ops the kernel fuses (module docstring); ``buf`` is updated in place. Returns u, or (u, ss)
+    with ``row_sumsq``."""
     g = grad.to(buf.dtype)
     buf.mul_(momentum).add_(g)
     u = g.add(buf, alpha=momentum) if nesterov else buf.clone()
     if row_eps is not None:
         u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(row_eps).to(u.dtype)
+    if row_sumsq:
+        return u, row_sumsq_ref(u)
     return u
+
+
+def row_sumsq_ref(u: torch.Tensor) -> torch.Tensor:
+    """(rows,) fp32: sum of squares of each row (last dim) of u, from u's values in fp32."""
+    C = u.shape[-1] if u.dim() else 1
+    return u.float().reshape(-1, C).square().sum(dim=1)
 
 
 def decay_add_ref(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float, scale: float) -> None:
@@ -65,14 +77,15 @@ def decay_add_ref(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: flo
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _momentum_kernel(g_ptr, b_ptr, u_ptr, C, momentum, row_eps, NESTEROV: tl.constexpr, ROW_NORM: tl.constexpr,
-                     BLOCK_C: tl.constexpr):
-    # one program per row; columns in tiles of BLOCK_C (a second pass over the row only with ROW_NORM)
+def _momentum_kernel(g_ptr, b_ptr, u_ptr, ss_ptr, C, momentum, row_eps, NESTEROV: tl.constexpr,
+                     ROW_NORM: tl.constexpr, WRITE_SS: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr):
+    # one program per row. SINGLE (C <= BLOCK_C, every record bank: C = 512 or 2048): the row stays in registers,
+    # one read of g and buf, one write of buf and u. Longer rows go in tiles of BLOCK_C, and the row norm then
+    # needs a second pass that reads u back (4 more bytes per element in bf16).
     row = tl.program_id(0).to(tl.int64)
     dt = b_ptr.dtype.element_ty
-    ss = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
+    if SINGLE:
+        cols = tl.arange(0, BLOCK_C)
         m = cols < C
         off = row * C + cols
         g = tl.load(g_ptr + off, mask=m, other=0.0).to(dt).to(tl.float32)
@@ -84,19 +97,51 @@ def _momentum_kernel(g_ptr, b_ptr, u_ptr, C, momentum, row_eps, NESTEROV: tl.con
             u = (g + momentum * b.to(tl.float32)).to(dt)
         else:
             u = b
-        tl.store(u_ptr + off, u, mask=m)
         if ROW_NORM:
             uf = u.to(tl.float32)
-            ss += uf * uf
-    if ROW_NORM:
-        r = tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), row_eps).to(dt).to(tl.float32)
-        tl.debug_barrier()  # the second pass reads back the row's u, which other threads of the program stored
+            r = tl.maximum(tl.sqrt(tl.sum(uf * uf, axis=0)), row_eps).to(dt).to(tl.float32)
+            u = (uf / r).to(dt)
+        tl.store(u_ptr + off, u, mask=m)
+        if WRITE_SS:
+            v = u.to(tl.float32)
+            tl.store(ss_ptr + row, tl.sum(v * v, axis=0))
+    else:
+        ss = tl.zeros([BLOCK_C], dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
             m = cols < C
             off = row * C + cols
-            u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
-            tl.store(u_ptr + off, (u / r).to(dt), mask=m)
+            g = tl.load(g_ptr + off, mask=m, other=0.0).to(dt).to(tl.float32)
+            b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
+            b = (b * momentum).to(dt).to(tl.float32)
+            b = (b + g).to(dt)
+            tl.store(b_ptr + off, b, mask=m)
+            if NESTEROV:
+                u = (g + momentum * b.to(tl.float32)).to(dt)
+            else:
+                u = b
+            tl.store(u_ptr + off, u, mask=m)
+            if ROW_NORM or WRITE_SS:
+                uf = u.to(tl.float32)
+                ss += uf * uf
+        if ROW_NORM:
+            r = tl.maximum(tl.sqrt(tl.sum(ss, axis=0)), row_eps).to(dt).to(tl.float32)
+            tl.debug_barrier()  # the second pass reads back the row's u, which other threads of the program stored
+            ss2 = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                m = cols < C
+                off = row * C + cols
+                u = tl.load(u_ptr + off, mask=m, other=0.0).to(tl.float32)
+                v = (u / r).to(dt)
+                tl.store(u_ptr + off, v, mask=m)
+                if WRITE_SS:
+                    vf = v.to(tl.float32)
+                    ss2 += vf * vf
+            if WRITE_SS:
+                tl.store(ss_ptr + row, tl.sum(ss2, axis=0))
+        elif WRITE_SS:
+            tl.store(ss_ptr + row, tl.sum(ss, axis=0))
 
 
 @triton.jit
@@ -122,22 +167,28 @@ def _kernel_ok(*ts: torch.Tensor) -> bool:
 
 @torch.library.custom_op("pgolf::muon_momentum_update", mutates_args=("buf",))
 def _momentum_op(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool,
-                 row_eps: Optional[float]) -> torch.Tensor:
-    if not _kernel_ok(buf, grad):
-        return momentum_update_ref(grad, buf, momentum, nesterov, row_eps)
+                 row_eps: Optional[float], row_sumsq: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u, ss); ss has one fp32 value per row with ``row_sumsq``, else no elements."""
     C = buf.shape[-1]
     rows = buf.numel() // C if C else 0
+    if not _kernel_ok(buf, grad):
+        u = momentum_update_ref(grad, buf, momentum, nesterov, row_eps)
+        return u, row_sumsq_ref(u) if row_sumsq else buf.new_empty((0,), dtype=torch.float32)
     u = torch.empty_like(buf)
+    ss = buf.new_empty((rows if row_sumsq else 0,), dtype=torch.float32)
     if rows:
         block_c = min(triton.next_power_of_2(C), 2048)
-        _momentum_kernel[(rows,)](grad, buf, u, C, float(momentum), float(row_eps or 0.0), NESTEROV=bool(nesterov),
-                                  ROW_NORM=row_eps is not None, BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1)
-    return u
+        _momentum_kernel[(rows,)](grad, buf, u, ss, C, float(momentum), float(row_eps or 0.0),
+                                  NESTEROV=bool(nesterov), ROW_NORM=row_eps is not None, WRITE_SS=bool(row_sumsq),
+                                  SINGLE=C <= block_c, BLOCK_C=block_c, num_warps=4 if block_c >= 512 else 1)
+    return u, ss
 
 
 @_momentum_op.register_fake
-def _(grad, buf, momentum, nesterov, row_eps):
-    return torch.empty_like(buf)
+def _(grad, buf, momentum, nesterov, row_eps, row_sumsq):
+    C = buf.shape[-1]
+    rows = buf.numel() // C if C else 0
+    return torch.empty_like(buf), buf.new_empty((rows if row_sumsq else 0,), dtype=torch.float32)
 
 
 @torch.library.custom_op("pgolf::muon_decay_add", mutates_args=("p",))
@@ -159,9 +210,10 @@ def _(p, u, lr, weight_decay, scale):
 
 # ----------------------------------------------------------------------------------------------- public API
 def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nesterov: bool = True,
-                    row_eps: Optional[float] = None) -> torch.Tensor:
+                    row_eps: Optional[float] = None, *, row_sumsq: bool = False):
     """Momentum (and Nesterov, and MuonEq-R row normalization with ``row_eps``) in one pass; ``buf`` is updated
-    in place; returns the update in buf's dtype and shape (module docstring)."""
+    in place; returns the update u in buf's dtype and shape, or ``(u, ss)`` with ``row_sumsq=True``: ss (rows,)
+    fp32, each row's sum of squares of u (rows = numel / C), written by the same pass (module docstring)."""
     check_tensor(buf, "buf", dtype=_FLOATS, contiguous=True, op=_OP_M)
     check_tensor(grad, "grad", dtype=_FLOATS, device=buf.device, contiguous=True, op=_OP_M)
     check(grad.shape == buf.shape, lambda: f"{_OP_M}: grad must have buf's shape {tuple(buf.shape)}, "
@@ -171,7 +223,10 @@ def momentum_update(grad: torch.Tensor, buf: torch.Tensor, momentum: float, nest
           lambda: f"{_OP_M}: momentum must be a float in [0, 1), got {momentum!r}")
     check(row_eps is None or (isinstance(row_eps, (int, float)) and row_eps > 0.0),
           lambda: f"{_OP_M}: row_eps must be None or a float > 0, got {row_eps!r}")
-    return _momentum_op(grad, buf, float(momentum), bool(nesterov), None if row_eps is None else float(row_eps))
+    check(isinstance(row_sumsq, bool), lambda: f"{_OP_M}: row_sumsq must be a bool, got {row_sumsq!r}")
+    u, ss = _momentum_op(grad, buf, float(momentum), bool(nesterov), None if row_eps is None else float(row_eps),
+                         bool(row_sumsq))
+    return (u, ss) if row_sumsq else u
 
 
 def decay_add_(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: float = 0.0, scale: float = 1.0) -> None:

@@ -21,7 +21,8 @@ Kernels (three launches per step, each *grouped* over every matrix of every shap
 A work list of (matrix, tile) items is built once per shape signature and cached; one program per item,
 so edge tiles are masked and no program works on padding. Tiles: 128x128 (BK 64, 8 warps, 3 stages), or
 64x64 when a call has fewer 128x128 update tiles than the GPU has SMs (``tiles="auto"``, the default).
-Prologue: torch fp32 norm per input, then a Triton pack kernel that scales, casts and transposes 64x64 tiles in
+Prologue: torch fp32 norm per input (or, with ``row_sumsq``, the sum of the per-row sums of squares that the pass
+writing the input already computed), then a Triton pack kernel that scales, casts and transposes 64x64 tiles in
 registers into the packed workspace (``FAST_PACK``, the default; ``PGOLF_NS_FAST_PACK=0`` in the environment falls back
 to one torch scale/cast/transpose copy per input, bitwise equal).
 Measured on one H200 (bench/results/ns-h200.md): whole 11-layer MLP3x set 0.753 ms with the Triton pack (the
@@ -320,10 +321,11 @@ def _ns_update_kernel(X, Bm, Y, items, a, BM: tl.constexpr, BN: tl.constexpr, BK
 
 
 @triton.jit
-def _ns_pack_kernel(G, X, den, r, c, s_b, s_r, s_c, x_base, TRANS: tl.constexpr, BR: tl.constexpr,
-                    BC: tl.constexpr):
+def _ns_pack_kernel(G, X, den, r, c, s_b, s_r, s_c, x_base, eps, TRANS: tl.constexpr, FROM_SUMSQ: tl.constexpr,
+                    BR: tl.constexpr, BC: tl.constexpr):
     """X[b] = G[b] / den[b] cast to X's dtype, stored wide: (r x c), or its transpose (c x r) if TRANS.
-    IEEE division (div_rn) + round-to-nearest cast: bitwise what torch.div(G, den, out=X) writes."""
+    IEEE division (div_rn) + round-to-nearest cast: bitwise what torch.div(G, den, out=X) writes.
+    FROM_SUMSQ: den[b] holds ||G[b]||_F^2 and the divisor is sqrt_rn(den[b]) + eps (torch's sqrt and add)."""
     b = tl.program_id(1)
     n_tc = tl.cdiv(c, BC)
     tr = tl.program_id(0) // n_tc
@@ -334,6 +336,8 @@ def _ns_pack_kernel(G, X, den, r, c, s_b, s_r, s_c, x_base, TRANS: tl.constexpr,
     src = G + b.to(tl.int64) * s_b + rr[:, None].to(tl.int64) * s_r + cc[None, :].to(tl.int64) * s_c
     g = tl.load(src, mask=msk, other=0.0).to(tl.float32)
     d = tl.load(den + b)
+    if FROM_SUMSQ:
+        d = tl.math.sqrt_rn(d) + eps
     val = tl.math.div_rn(g, tl.zeros_like(g) + d).to(X.dtype.element_ty)
     base = X + x_base + b.to(tl.int64) * r * c
     if TRANS:  # wide X[b] is c x r: element (rr, cc) goes to [cc, rr]
@@ -480,29 +484,38 @@ FAST_PACK = _fast_pack_from_env()
 
 
 def _pack_inputs(mats: List[torch.Tensor], plan: "_Plan", X: torch.Tensor, eps: float,
-                 fast: Optional[bool] = None) -> None:
+                 fast: Optional[bool] = None, sumsq: Sequence[torch.Tensor] = ()) -> None:
     """Prologue: per input, the fp32 Frobenius norm of each matrix, then one fused scale + cast + transpose
     copy into the packed wide workspace X (3 small launches per input tensor; a 3-D bank is one input).
     torch's norm is deterministic (an atomics-based Triton reduction would not be, and Muon's sharded
-    update must equal the single-process one bitwise)."""
+    update must equal the single-process one bitwise). ``sumsq`` (``newton_schulz_many(row_sumsq=...)``): each
+    input's per-row sums of squares, already computed by the pass that wrote the input; the norm is then the
+    square root of their per-matrix sum (a (count, r) sum instead of a pass over the input)."""
     fast = FAST_PACK if fast is None else fast
-    for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
+    for i, (G, (count, r, c, m, n, trans, xo, ao, oo)) in enumerate(zip(mats, plan.entries)):
         if count == 0:
             continue
         g3 = G.reshape(count, r, c)
-        nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
+        if sumsq:
+            ssq = sumsq[i].view(count, r).sum(dim=1)
+        else:
+            ssq = None
+            nrm = torch.linalg.vector_norm(g3, dim=(-2, -1), keepdim=True, dtype=torch.float32).add_(eps)
         if fast:
             br = bc = 16 if interpret_mode() and G.device.type == "cpu" else 64
             grid = (cdiv(r, br) * cdiv(c, bc), count)
-            _ns_pack_kernel[grid](g3, X, nrm, r, c, g3.stride(0), g3.stride(1), g3.stride(2), xo, TRANS=trans,
-                                  BR=br, BC=bc, num_warps=4)
+            _ns_pack_kernel[grid](g3, X, nrm if ssq is None else ssq, r, c, g3.stride(0), g3.stride(1), g3.stride(2),
+                                  xo, float(eps), TRANS=trans, FROM_SUMSQ=ssq is not None, BR=br, BC=bc, num_warps=4)
             continue
+        if ssq is not None:
+            nrm = ssq.sqrt().add_(eps).view(count, 1, 1)
         dst = X[xo:xo + count * m * n].view(count, m, n)
         torch.div(g3.mT if trans else g3, nrm, out=dst)
 
 
 def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
-                    config: Optional[Dict[str, int]] = None, tiles: str = "auto") -> torch.Tensor:
+                    config: Optional[Dict[str, int]] = None, tiles: str = "auto",
+                    sumsq: Sequence[torch.Tensor] = ()) -> torch.Tensor:
     """Kernel path: returns one flat buffer holding every output (caller's shapes, aligned offsets)."""
     device = mats[0].device
     shapes = tuple(tuple(int(s) for s in G.shape) for G in mats)
@@ -518,7 +531,7 @@ def _ns_packed_impl(mats: List[torch.Tensor], coeffs: List[float], eps: float, c
         return out
     sched = [tuple(coeffs[i:i + 3]) for i in range(0, len(coeffs), 3)]
     X = _utils.empty((plan.x_total,), dt, device)
-    _pack_inputs(mats, plan, X, eps)
+    _pack_inputs(mats, plan, X, eps, sumsq=sumsq)
     if not sched:
         for G, (count, r, c, m, n, trans, xo, ao, oo) in zip(mats, plan.entries):
             if count:
@@ -571,15 +584,16 @@ def _kernel_ok(t: torch.Tensor, compute_dtype: torch.dtype) -> bool:
 
 @torch.library.custom_op("pgolf::newton_schulz_packed", mutates_args=())
 def _ns_packed_op(mats: List[torch.Tensor], coeffs: List[float], eps: float, compute_dtype: torch.dtype,
-                  use_kernel: bool, tiles: str) -> torch.Tensor:
-    """All inputs orthogonalized; outputs packed in one flat buffer (see ``_packed_size``)."""
+                  use_kernel: bool, tiles: str, sumsq: List[torch.Tensor]) -> torch.Tensor:
+    """All inputs orthogonalized; outputs packed in one flat buffer (see ``_packed_size``). ``sumsq``: per-row
+    sums of squares of every input, or empty (the kernel path computes the norms; the reference always does)."""
     if use_kernel and _kernel_ok(mats[0], compute_dtype):
-        return _ns_packed_impl(mats, coeffs, eps, compute_dtype, tiles=tiles)
+        return _ns_packed_impl(mats, coeffs, eps, compute_dtype, tiles=tiles, sumsq=sumsq)
     return _ns_packed_ref(mats, coeffs, eps, compute_dtype)
 
 
 @_ns_packed_op.register_fake
-def _(mats, coeffs, eps, compute_dtype, use_kernel, tiles):
+def _(mats, coeffs, eps, compute_dtype, use_kernel, tiles, sumsq):
     return mats[0].new_empty(_packed_size([G.shape for G in mats]), dtype=compute_dtype)
 
 
@@ -600,6 +614,31 @@ def _prepare(mats: Sequence[torch.Tensor], steps, coefficients, eps, compute_dty
     return [v for t in sched for v in t]
 
 
+def _check_row_sumsq(mats: List[torch.Tensor], row_sumsq, validate: bool) -> List[torch.Tensor]:
+    if row_sumsq is None:
+        return []
+    op = "newton_schulz_many"
+    if isinstance(row_sumsq, torch.Tensor) or not isinstance(row_sumsq, (list, tuple)) or len(row_sumsq) != len(mats):
+        got = len(row_sumsq) if isinstance(row_sumsq, (list, tuple)) else type(row_sumsq).__name__
+        raise TypeError(f"{op}: row_sumsq must be None or a list of {len(mats)} tensors (one per input), got {got}")
+    for i, (G, s) in enumerate(zip(mats, row_sumsq)):
+        rows = G.numel() // G.shape[-1]
+        if (not isinstance(s, torch.Tensor) or s.dtype != torch.float32 or s.shape != (rows,)
+                or not s.is_contiguous() or s.device != G.device):
+            got = (f"{str(s.dtype).replace('torch.', '')} {tuple(s.shape)} on {s.device}"
+                   f"{'' if s.is_contiguous() else ', not contiguous'}" if isinstance(s, torch.Tensor)
+                   else type(s).__name__)
+            raise ValueError(f"{op}: row_sumsq[{i}] must be a contiguous float32 tensor of shape ({rows},) on "
+                             f"{G.device} (the per-row sums of squares of mats[{i}], shape {tuple(G.shape)}), got {got}")
+        if validate:
+            ref = G.detach().float().reshape(rows, -1).square().sum(dim=1)
+            if not torch.allclose(s, ref, rtol=1e-3, atol=1e-30):
+                raise ValueError(f"{op}: row_sumsq[{i}] does not hold the per-row sums of squares of mats[{i}] "
+                                 f"(largest relative difference {float(((s - ref).abs() / ref.clamp_min(1e-30)).max()):.3g}; "
+                                 "validate=True)")
+    return list(row_sumsq)
+
+
 def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Coefficients = "quintic", eps: float = 1e-7, *,
                   compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
                   use_kernel: bool = True, tiles: str = "auto") -> torch.Tensor:
@@ -610,21 +649,29 @@ def newton_schulz(G: torch.Tensor, steps: int = 5, coefficients: Coefficients = 
     ``use_kernel=False`` forces the torch reference; ``tiles`` see ``_default_config``.
     """
     coeffs = _prepare([G], steps, coefficients, eps, compute_dtype, validate, tiles)
-    flat = _ns_packed_op([G], coeffs, float(eps), compute_dtype, bool(use_kernel), tiles)
+    flat = _ns_packed_op([G], coeffs, float(eps), compute_dtype, bool(use_kernel), tiles, [])
     return flat.view(G.shape)
 
 
 def newton_schulz_many(mats: List[torch.Tensor], steps: int = 5, coefficients: Coefficients = "quintic",
                        eps: float = 1e-7, *, compute_dtype: torch.dtype = torch.bfloat16, validate: bool = False,
-                       use_kernel: bool = True, tiles: str = "auto") -> List[torch.Tensor]:
+                       use_kernel: bool = True, tiles: str = "auto",
+                       row_sumsq: Optional[Sequence[torch.Tensor]] = None) -> List[torch.Tensor]:
     """``[newton_schulz(G) for G in mats]`` in 3 grouped launches per step for the whole list (plus 2-3
     small prologue launches per input tensor). Matrices of any shapes and batch dims may be mixed.
-    Returned tensors are views into one packed buffer (contiguous, each with its input's shape)."""
+    Returned tensors are views into one packed buffer (contiguous, each with its input's shape).
+
+    ``row_sumsq``: for each input G, a contiguous fp32 tensor of shape (G.numel() // G.shape[-1],) holding the sum
+    of squares of every row (last dim) of G -- what ``muon_update.momentum_update(..., row_sumsq=True)`` returns
+    beside the update it writes. The prologue then takes each matrix's norm from them instead of reading G once
+    more (the 2026-04-29 banks: 46 us of four norm passes on an H200). The values are trusted as given
+    (``validate=True`` checks them against the inputs, one device sync)."""
     if isinstance(mats, torch.Tensor) or not isinstance(mats, (list, tuple)):
         raise TypeError(f"newton_schulz_many: mats must be a list or tuple of tensors, got {type(mats).__name__} "
                         "(for one tensor call newton_schulz)")
     coeffs = _prepare(list(mats), steps, coefficients, eps, compute_dtype, validate, tiles)
-    flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel), tiles)
+    sumsq = _check_row_sumsq(list(mats), row_sumsq, validate)
+    flat = _ns_packed_op(list(mats), coeffs, float(eps), compute_dtype, bool(use_kernel), tiles, sumsq)
     outs, off = [], 0
     for G in mats:
         off = _align(off)

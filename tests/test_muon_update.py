@@ -3,7 +3,7 @@ and an fp64 computation (CPU lane: the kernels under the interpreter, fp32/fp16 
 import pytest
 import torch
 
-from pgolf_kernels.muon_update import decay_add_, decay_add_ref, momentum_update, momentum_update_ref
+from pgolf_kernels.muon_update import decay_add_, decay_add_ref, momentum_update, momentum_update_ref, row_sumsq_ref
 
 from conftest import DEVICE, HAS_CUDA
 
@@ -52,6 +52,29 @@ def test_momentum_update_matches_reference_and_fp64(shape, dtype, nesterov, row_
     assert float((b_k.double() - b64).abs().max() / b64.abs().max()) < 4 * _ulp(dtype)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("row_eps", [None, 1e-7])
+def test_row_sumsq_is_the_same_pass_over_the_final_update(shape, dtype, row_eps):
+    """row_sumsq=True: the same u and buf as without it (bitwise: the flag only adds a store), and ss = each row's
+    sum of squares of that u, against an fp64 sum (the kernel sums fp32 squares in its own order: a few fp32 ulp
+    of the row's sum); single-tile rows and rows longer than one 2048-column tile both."""
+    seed = sum(shape) * 10 + DTYPES.index(dtype) * 3 + (0 if row_eps is None else 2)
+    grad, buf = _inputs(shape, dtype, seed)
+    b1, b2 = buf.clone(), buf.clone()
+    u1 = momentum_update(grad, b1, 0.95, True, row_eps)
+    u2, ss = momentum_update(grad, b2, 0.95, True, row_eps, row_sumsq=True)
+    assert torch.equal(u1, u2) and torch.equal(b1, b2)
+    C = shape[-1]
+    assert ss.dtype == torch.float32 and ss.shape == (u2.numel() // C,) and torch.isfinite(ss).all()
+    ss64 = u2.double().reshape(-1, C).square().sum(1)
+    torch.testing.assert_close(ss.double(), ss64, rtol=4 * C * _ulp(torch.float32), atol=0.0)
+    torch.testing.assert_close(row_sumsq_ref(u2).double(), ss64, rtol=4 * C * _ulp(torch.float32), atol=0.0)
+    b3 = buf.clone()
+    u3, ss3 = momentum_update_ref(grad, b3, 0.95, True, row_eps, row_sumsq=True)
+    torch.testing.assert_close(ss3.double(), ss64, rtol=4 * C * _ulp(dtype) + 4 * C * _ulp(torch.float32), atol=1e-30)
+
+
 @pytest.mark.parametrize("dtype,udtype", [(torch.float32, torch.float32), (torch.float32, torch.float16),
                                           (torch.float16, torch.float32)]
                          + ([(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16)] if HAS_CUDA else []))
@@ -77,6 +100,7 @@ def test_refusals_name_the_argument():
         (lambda: momentum_update(torch.zeros(8, 4, device=DEVICE).t(), buf, 0.9), ValueError, "grad must be contig"),
         (lambda: momentum_update(torch.zeros(4, 8, device=DEVICE), buf, 1.0), ValueError, "momentum must be"),
         (lambda: momentum_update(torch.zeros(4, 8, device=DEVICE), buf, 0.9, row_eps=0.0), ValueError, "row_eps"),
+        (lambda: momentum_update(torch.zeros(4, 8, device=DEVICE), buf, 0.9, row_sumsq=1), ValueError, "row_sumsq"),
         (lambda: decay_add_(buf, torch.zeros(31, device=DEVICE), 0.1), ValueError, "u must have p's 32"),
         (lambda: decay_add_(buf, torch.zeros(32, device=DEVICE), -0.1), ValueError, "lr must be"),
         (lambda: decay_add_(buf.t(), torch.zeros(32, device=DEVICE), 0.1), ValueError, "p must be contiguous"),
@@ -92,13 +116,14 @@ def test_compiles_without_graph_breaks():
     p = torch.randn(4, 64, device=DEVICE)
 
     def step(p, grad, buf):
-        u = momentum_update(grad, buf, 0.9, True, 1e-7)
+        u, ss = momentum_update(grad, buf, 0.9, True, 1e-7, row_sumsq=True)
         decay_add_(p, u, 0.01, 0.1, 1.0)
-        return p
+        return p, ss
 
     p_ref, b_ref = p.clone(), buf.clone()
-    step(p_ref, grad, b_ref)
-    torch.compile(step, fullgraph=True, backend="aot_eager")(p, grad, buf)
+    _, ss_ref = step(p_ref, grad, b_ref)
+    _, ss = torch.compile(step, fullgraph=True, backend="aot_eager")(p, grad, buf)
+    torch.testing.assert_close(ss, ss_ref)
     torch.testing.assert_close(p, p_ref)
     torch.testing.assert_close(buf, b_ref)
 

@@ -140,6 +140,52 @@ def test_pack_prologue_paths(monkeypatch):
         assert torch.equal(o, newton_schulz(G, steps=2, compute_dtype=KDT))
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["triton-pack", "torch-copy"])
+def test_row_sumsq_gives_the_norms(fast, monkeypatch):
+    """newton_schulz_many(row_sumsq=...): the prologue takes each matrix's norm from the given per-row sums of
+    squares (momentum_update's by-product) instead of a norm pass: the packed input equals the norm pass's but for
+    the norm's summation order (at most one rounding of the compute dtype), and the result meets the fp64 oracle
+    bound, on both prologue paths (transposed bank, non-contiguous input, a single row)."""
+    from pgolf_kernels.muon_update import row_sumsq_ref
+
+    mats = [_rand((2, 20, 36)), _rand((2, 36, 20)), _rand((4, 30, 22)).mT, _rand((1, 9))]
+    sums = [row_sumsq_ref(G) for G in mats]
+    shapes = tuple(tuple(m.shape) for m in mats)
+    plan = nsmod._Plan(shapes, mats[0].device, nsmod._default_config(mats[0].device, shapes))
+    ref = nan_empty((plan.x_total,), KDT, DEV)
+    got = nan_empty((plan.x_total,), KDT, DEV)
+    nsmod._pack_inputs(mats, plan, ref, 1e-7, fast=fast)
+    nsmod._pack_inputs(mats, plan, got, 1e-7, fast=fast, sumsq=sums)
+    ok = ~torch.isnan(ref)
+    assert torch.equal(ok, ~torch.isnan(got))
+    diff = (got[ok].float() - ref[ok].float()).abs()
+    assert float((diff / ref[ok].float().abs().clamp_min(1e-4)).max()) <= torch.finfo(KDT).eps
+    monkeypatch.setattr(nsmod, "FAST_PACK", fast)
+    outs = newton_schulz_many(mats, compute_dtype=KDT, row_sumsq=sums)
+    for G, o in zip(mats, outs):
+        _check_vs_oracle(G, o)
+
+
+def test_row_sumsq_refusals():
+    G = [_rand((3, 8, 16)), _rand((5, 7))]
+    good = [torch.zeros(24, device=DEV), torch.zeros(5, device=DEV)]
+    cases = [
+        (good[:1], TypeError, r"row_sumsq must be None or a list of 2 tensors \(one per input\), got 1"),
+        (good[0], TypeError, "row_sumsq must be None or a list of 2 tensors"),
+        ([good[0], torch.zeros(7, device=DEV)], ValueError, r"row_sumsq\[1\] must be a contiguous float32 tensor "
+                                                            r"of shape \(5,\)"),
+        ([good[0].double(), good[1]], ValueError, r"row_sumsq\[0\] .* got float64"),
+        ([torch.zeros(24, 2, device=DEV)[:, 0], good[1]], ValueError, "not contiguous"),
+    ]
+    for sums, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            newton_schulz_many(G, compute_dtype=KDT, row_sumsq=sums)
+    true = [g.float().reshape(-1, g.shape[-1]).square().sum(1) for g in G]
+    newton_schulz_many(G, compute_dtype=KDT, row_sumsq=true, validate=True)
+    with pytest.raises(ValueError, match=r"row_sumsq\[0\] does not hold the per-row sums of squares"):
+        newton_schulz_many(G, compute_dtype=KDT, row_sumsq=[true[0] * 1.1, true[1]], validate=True)
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="G must have at least 2 dimensions"):
         newton_schulz(torch.randn(8))

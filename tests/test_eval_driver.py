@@ -664,3 +664,13 @@ def test_compile_cache_counts_reports_frames_and_phase_times():
     assert after["dynamo_frames"] == before["dynamo_frames"] + 1
     assert {f"compile_s.{n}" for n, _ in _COMPILE_PHASES} <= set(after)
     assert after["compile_s.frame"] > before["compile_s.frame"] and after["compile_s.tracing"] > 0
+
+
+def test_cuda_library_warm_draws_no_random_numbers_and_is_quiet():
+    """``_start_cuda`` (the thread that loads the CUDA libraries beside the artifact decode) draws no random numbers
+    (the eval's own draws stay as without it) and never raises; on a machine without CUDA it runs its ops on the
+    CPU, where the final synchronize fails quietly."""
+    before = torch.get_rng_state()
+    ev._start_cuda(torch.device("cpu"))
+    assert torch.equal(torch.get_rng_state(), before)
+    ev._start_cuda(torch.device("cuda", 7) if not torch.cuda.is_available() else torch.device("cuda", 1000))

@@ -605,10 +605,24 @@ def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_
 
 
 def _start_cuda(device: torch.device) -> None:
-    """The CUDA context, in a daemon thread beside the artifact decode. Quiet on failure (e.g. a device index this
+    """The CUDA context and the libraries a TTT step calls first, in a daemon thread beside the artifact decode:
+    a bf16 GEMM with its backward (cuBLAS / cuBLASLt handles and workspaces, autograd's device thread) and a causal
+    bf16 SDPA forward + backward at head dim 64 (the SDPA backend's library load). Why: the first eager step of
+    ``--overlap-compile`` took 2.8 s of its 7.0 s to the first score on the H200, the first use of those libraries
+    included. Handles go back to torch's per-device pools when this thread ends, so the main thread reuses them.
+    No random numbers (the CUDA generator's state is left as it was). The caller joins the thread before the
+    warm-up (a graph capture must not meet this thread's work). Quiet on failure (e.g. a device index this
     machine lacks): the main thread's first use of the device raises it, as one error."""
     try:
         torch.zeros(1, device=device)
+        import torch.nn.functional as F
+
+        with torch.enable_grad():
+            x = torch.full((256, 512), 0.01, device=device, dtype=torch.bfloat16, requires_grad=True)
+            w = torch.full((512, 512), 0.01, device=device, dtype=torch.bfloat16, requires_grad=True)
+            q = (x @ w).view(1, 256, 8, 64).transpose(1, 2)
+            F.scaled_dot_product_attention(q, q, q, is_causal=True).float().sum().backward()
+        torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
 
@@ -682,9 +696,10 @@ def main(argv=None) -> dict:
 
     prefetch_code_paths()
     compiled = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-    compiler = None
+    compiler = cuda_libs = None
     if device.type == "cuda":
-        threading.Thread(target=_start_cuda, args=(device,), daemon=True).start()
+        cuda_libs = threading.Thread(target=_start_cuda, args=(device,), daemon=True)
+        cuda_libs.start()
         if compiled and not args.overlap_compile:  # --overlap-compile: the background thread imports it later
             compiler = threading.Thread(target=_import_compiler, daemon=True)
             compiler.start()
@@ -782,6 +797,9 @@ def main(argv=None) -> dict:
     precompiled_stats = lambda: {n: dict(p.stats) for n, p in precompiled.items()}  # noqa: E731
     lut = ByteLUT.from_sentencepiece(args.tokenizer, vocab_size=model.config.vocab_size)
     mark("tokenizer")
+    if cuda_libs is not None:
+        cuda_libs.join()  # before anything is warmed up or captured
+        mark("cuda_libs")
     sync_device(device)
     mark("sync")
     load_s = time.perf_counter() - t_start

@@ -607,7 +607,7 @@ def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_
 def _start_cuda(device: torch.device) -> None:
     """The CUDA context and the libraries a TTT step calls first, in a daemon thread beside the artifact decode:
     a bf16 GEMM with its backward (cuBLAS / cuBLASLt handles and workspaces, autograd's device thread) and a causal
-    bf16 SDPA forward + backward at head dim 64 (the SDPA backend's library load). Why: the first eager step of
+    GQA bf16 SDPA forward + backward at head dim 64 (the SDPA backend's library load). Why: the first eager step of
     ``--overlap-compile`` took 2.8 s of its 7.0 s to the first score on the H200, the first use of those libraries
     included. Handles go back to torch's per-device pools when this thread ends, so the main thread reuses them.
     No random numbers (the CUDA generator's state is left as it was). The caller joins the thread before the
@@ -621,7 +621,8 @@ def _start_cuda(device: torch.device) -> None:
             x = torch.full((256, 512), 0.01, device=device, dtype=torch.bfloat16, requires_grad=True)
             w = torch.full((512, 512), 0.01, device=device, dtype=torch.bfloat16, requires_grad=True)
             q = (x @ w).view(1, 256, 8, 64).transpose(1, 2)
-            F.scaled_dot_product_attention(q, q, q, is_causal=True).float().sum().backward()
+            kv = q[:, :4]  # 8 query heads over 4 key/value heads, as the model's attention calls it
+            F.scaled_dot_product_attention(q, kv, kv, is_causal=True, enable_gqa=True).float().sum().backward()
         torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - see the docstring
         pass

@@ -36,7 +36,19 @@ Pieces
   training loop, 1.004 vs 2.132 ms on one H200, ``bench/results/records-h200.md``); the NS output differs from the
   record's within bf16 rounding (the kernels round A, B, X once per step and normalise in fp32; against fp64 they are
   2.2-2.8x more accurate than the records' path).
-* **ttt** - where a record compiles its TTT forward with dynamic shapes (2026-04-29: ``GPT.forward_ttt`` under
+* **ttt** - the records with per-document LoRA TTT (2026-03-17: ``GPT.forward(..., lora)``, 2026-04-29:
+  ``GPT.forward_ttt``) compute the head, its LoRA, the soft-cap and a full-vocabulary cross-entropy at every
+  position of every window, and then read the loss only inside the window's last ``ttt_chunk_size`` positions
+  (their ``_compute_chunk_window`` ends each window at its chunk's end; scoring and the training slice stay inside
+  the last chunk). The patched forward runs the record's own forward body on a view of the model whose
+  ``final_norm`` keeps those positions, so the head and the loss run on (B, chunk) instead of (B, T) rows, and
+  returns the record's (B, T) per-token loss with zeros where it never reads; the losses at the read positions and
+  the LoRA gradients are the record's (CPU tests: bitwise, eager; one graph under ``torch.compile(dynamic=True,
+  fullgraph=True)``). At 2026-04-29's recipe (chunk 48, window 2048, vocabulary 8192, 64 documents) that is 48
+  instead of 2,048 positions of a 512 x 8192 head, a rank-96 head LoRA and an fp32 (64, T, 8192) logit tensor
+  (4.3 GB at T = 2048) per step; its effect on the record's TTT wall time is not measured yet. A script whose
+  windows or loss differ is refused by name (``strict``) or listed in ``report.skipped["ttt_tail"]``.
+  Also, where a record compiles its TTT forward with dynamic shapes (2026-04-29: ``GPT.forward_ttt`` under
   ``torch.compile(dynamic=True)``), ``torch._dynamo.config.specialize_float`` is set (``report.undo()`` restores
   it): with dynamic shapes Dynamo otherwise turns every Python float the forward reads (LoRA scale, soft-cap,
   gains) into a 0-dim float64 graph input, and on CUDA Inductor builds host C++ kernels for them with g++ in every
@@ -357,10 +369,14 @@ def _patch_muon(ns: dict, report: PatchReport) -> None:
 # ------------------------------------------------------------------------------------------------------------
 # TTT
 # ------------------------------------------------------------------------------------------------------------
+def _has_doc_lora(ns: dict) -> bool:
+    """The script runs per-document LoRA TTT (its batched LoRA classes are defined)."""
+    return isinstance(ns.get("BatchedLinearLoRA"), type) or isinstance(ns.get("BatchedTTTLoRA"), type)
+
+
 def _ttt_reason(ns: dict) -> str:
     has_lora = isinstance(ns.get("BatchedLinearLoRA"), type)
-    has_set = isinstance(ns.get("BatchedTTTLoRA"), type)
-    if not has_lora and not has_set:
+    if not _has_doc_lora(ns):
         return "no per-document LoRA TTT in this script (no BatchedLinearLoRA / BatchedTTTLoRA): nothing to patch"
     if not has_lora:
         raise PatchError("BatchedTTTLoRA found but looked for its adapter class 'BatchedLinearLoRA' and did not find it")
@@ -375,6 +391,81 @@ def _ttt_reason(ns: dict) -> str:
     return (f"LoRA rank {rank}: the record's TTT runs eagerly, where multi_lora_linear is slower than its bmm "
             "(fwd+bwd 1.367 vs 1.035 ms, B64 T1024 r8, one H200, no CUDA graph), and " + outside + "; the "
             "record's BatchedLinearLoRA is kept")
+
+
+class _TailView:
+    """A record GPT seen by its own TTT forward with ``final_norm`` keeping only the last ``k`` positions: every
+    other attribute is the model's (read live, so flags such as ``looping_active`` stay current). The forward's head,
+    its LoRA, the soft-cap and the cross-entropy then run on (B, k) positions instead of (B, T)."""
+
+    def __init__(self, model, k):
+        self._pgolf_model = model
+        self._pgolf_k = k
+
+    def final_norm(self, x):
+        # RMSNorm is per position: normalising the kept positions only is the same as slicing afterwards
+        return self._pgolf_model.final_norm(x[:, x.shape[1] - self._pgolf_k:])
+
+    def __getattr__(self, name):
+        return getattr(self._pgolf_model, name)
+
+
+def _ttt_forward(ns: dict):
+    """(class, name of its per-document TTT forward, the chunk size) when the record's TTT reads its per-token loss
+    only inside the last ``ttt_chunk_size`` positions of each window, else raises PatchError naming what differs.
+
+    Why that holds: the records' ``_compute_chunk_window`` ends every window at its chunk's end
+    (``win_start = max(0, chunk_end - eval_seq_len)``), the batch's common context is the full chunk's window, and
+    a document's last, shorter chunk still ends at or before that context's end and starts at or after its last
+    ``chunk_size`` positions; the scoring (``_accumulate_bpb``) and the training slice
+    (``ptl[:, chunk_offset : chunk_offset + chunk_size]``) read nothing else."""
+    gpt = ns.get("GPT")
+    if not isinstance(gpt, type):
+        raise PatchError("looked for the record's model class 'GPT' and did not find it")
+    name = "forward_ttt" if callable(getattr(gpt, "forward_ttt", None)) else "forward"
+    src = _source(getattr(gpt, name))
+    if name == "forward" and not re.search(r"def forward\(self,[^)]*\blora\b", src):
+        raise PatchError("looked for GPT.forward_ttt or a GPT.forward taking 'lora' (the per-document TTT forward) "
+                         "and found neither")
+    for need in ("self.final_norm(x)", "target_ids.reshape(-1)", 'reduction="none"'):
+        if need not in src:
+            raise PatchError(f"looked for {need!r} in GPT.{name} (the per-token loss after the final norm) and did "
+                             f"not find it")
+    win = _source(ns.get("_compute_chunk_window")) if callable(ns.get("_compute_chunk_window")) else ""
+    if "win_start = max(0, chunk_end - eval_seq_len)" not in win:
+        raise PatchError("looked for _compute_chunk_window with windows that end at their chunk's end "
+                         "('win_start = max(0, chunk_end - eval_seq_len)') and did not find it")
+    chunk = getattr(ns.get("Hyperparameters"), "ttt_chunk_size", None)
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise PatchError(f"looked for an integer Hyperparameters.ttt_chunk_size >= 1, found {chunk!r}")
+    return gpt, name, chunk
+
+
+def _patch_ttt_tail(ns: dict, report: PatchReport) -> str:
+    """Replace the record's TTT forward by one that computes the head and the loss at the last chunk positions only
+    and returns the record's (B, T) per-token loss with zeros where the record never reads. Returns the report."""
+    import torch.nn.functional as F
+
+    gpt, name, chunk = _ttt_forward(ns)
+    orig = getattr(gpt, name)
+    if getattr(orig, "_pgolf_tail", False):
+        raise PatchError(f"GPT.{name} is already patched")
+
+    def forward(self, input_ids, target_ids, lora=None, *args, **kwargs):
+        T = input_ids.shape[1]
+        if lora is None or T <= chunk:  # the record's training forward / a window of one chunk: as it is
+            return orig(self, input_ids, target_ids, lora, *args, **kwargs)
+        tail = orig(_TailView(self, chunk), input_ids, target_ids[:, T - chunk:], lora, *args, **kwargs)
+        return F.pad(tail, (T - chunk, 0))
+
+    forward._pgolf_tail = True
+    forward.__doc__ = (f"GPT.{name} of the record, with the head and loss at the last {chunk} positions only "
+                       f"(pgolf_kernels.patch).")
+    report._undo.append((gpt, name, orig))
+    setattr(gpt, name, forward)
+    return (f"GPT.{name}: the head, its LoRA, the soft-cap and the cross-entropy run at the last {chunk} positions "
+            f"of each window (ttt_chunk_size), the only ones the record's scoring and training read; the others "
+            f"of the (B, T) loss it returns are 0")
 
 
 def _compiles_ttt_dynamic(ns: dict) -> bool:
@@ -440,14 +531,26 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
     if ttt:
         def _ttt():
             why = _ttt_reason(ns)
+            if not _has_doc_lora(ns):
+                report.skipped["ttt"] = why
+                return
+            done = []
+            try:
+                done.append(_patch_ttt_tail(ns, report))
+            except PatchError as e:
+                if strict:
+                    raise
+                report.skipped["ttt_tail"] = str(e)  # the rest of the piece still applies
             if _compiles_ttt_dynamic(ns):
                 import torch._dynamo
 
                 report._undo.append((torch._dynamo.config, "specialize_float", torch._dynamo.config.specialize_float))
                 torch._dynamo.config.specialize_float = True
-                report.patched["ttt"] = ("torch._dynamo.config.specialize_float = True for the record's TTT compile "
-                                         "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
-                                         "0-dim float64 graph inputs with host C++ kernels; " + why)
+                done.append("torch._dynamo.config.specialize_float = True for the record's TTT compile "
+                            "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
+                            "0-dim float64 graph inputs with host C++ kernels")
+            if done:
+                report.patched["ttt"] = "; ".join(done + [why])
             else:
                 report.skipped["ttt"] = why
         pieces.append(("ttt", _ttt))

@@ -136,15 +136,16 @@ def test_apply_strict_finds_every_target_and_undoes(records, key, monkeypatch):
         assert "muon" in rep.patched
         assert ("Polar Express" if key == "2026-04-29" else "quintic") in rep.patched["muon"]
         assert ("banked" if key != "2026-03-17" else "round_robin") in rep.patched["muon"]
-        # TTT is reported, never silently dropped: 2026-04-29 compiles its TTT forward with dynamic shapes, so its
-        # floats are specialized (the LoRA itself kept, with the reason); the others have nothing to patch
+        # TTT is reported, never silently dropped: both per-document LoRA records get the head and loss at the last
+        # chunk only; 2026-04-29 compiles its TTT forward with dynamic shapes, so its floats are specialized too (the
+        # LoRA itself kept, with the reason); 2026-03-23 has nothing to patch
         want = {"2026-03-17": "rank 8", "2026-03-23": "nothing to patch", "2026-04-29": "rank 96"}[key]
-        if key == "2026-04-29":
-            assert want in rep.patched["ttt"] and "specialize_float" in rep.patched["ttt"], rep.patched
-            assert torch._dynamo.config.specialize_float is True
-        else:
+        if key == "2026-03-23":
             assert want in rep.skipped["ttt"] and "ttt" not in rep.patched, (rep.skipped, rep.patched)
-            assert torch._dynamo.config.specialize_float is spec0
+        else:
+            assert want in rep.patched["ttt"] and "positions of each window" in rep.patched["ttt"], rep.patched
+            assert ("specialize_float" in rep.patched["ttt"]) == (key == "2026-04-29")
+        assert torch._dynamo.config.specialize_float is (True if key == "2026-04-29" else spec0)
         assert "muon" in str(rep) and "ttt" in str(rep)
     assert ns.Muon is orig and torch._dynamo.config.specialize_float is spec0
 
@@ -439,3 +440,118 @@ def test_compile_cache_piece_loads_or_writes_at_exit(records, tmp_path, monkeypa
     with pytest.raises(cc.CompileCacheError, match="a compile-cache file this torch can read"):
         apply(ns, ttt=False, compile_cache=path)
     assert ns["Muon"] is orig
+
+
+# tiny configs of the two per-document LoRA records (the record's own Hyperparameters read them at import);
+# 2026-04-29 with its looping and parallel lanes, SmearGate and the sparse attention gate on
+TAIL_ENV = {
+    "2026-04-29": dict(VOCAB_SIZE="256", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+                       LOOP_START="1", LOOP_END="2", PARALLEL_START_LAYER="3", XSA_LAST_N="4", SMEAR_GATE_ENABLED="1",
+                       SPARSE_ATTN_GATE_ENABLED="1", ROPE_DIMS="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
+                       ROPE_TRAIN_SEQ_LEN="64", FUSED_CE_ENABLED="0", TTT_CHUNK_SIZE="8"),
+    "2026-03-17": dict(VOCAB_SIZE="256", NUM_LAYERS="3", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1",
+                       TRAIN_SEQ_LEN="64", TTT_CHUNK_SIZE="8"),
+}
+
+
+def _tail_model(key, monkeypatch):
+    """The record's GPT at a tiny config with perturbed weights, and a BatchedTTTLoRA with non-zero A and B."""
+    for k, v in TAIL_ENV[key].items():
+        monkeypatch.setenv(k, v)
+    ns = records_env.load_record(key, f"pgolf_record_tail_{key.replace('-', '_')}")
+    h = ns.Hyperparameters()
+    g = torch.Generator().manual_seed(11)
+    if key == "2026-04-29":
+        model = ns.GPT(h).float().eval()  # eval(): its fused training MLP is CUDA-only
+        model.looping_active = True
+        lora = ns.BatchedTTTLoRA(2, model, 4)
+    else:
+        model = ns.GPT(vocab_size=h.vocab_size, num_layers=h.num_layers, model_dim=h.model_dim,
+                       num_heads=h.num_heads, num_kv_heads=h.num_kv_heads, mlp_mult=h.mlp_mult,
+                       tie_embeddings=h.tie_embeddings, tied_embed_init_std=h.tied_embed_init_std,
+                       logit_softcap=h.logit_softcap, rope_base=h.rope_base, qk_gain_init=h.qk_gain_init).float()
+        lora = ns.BatchedTTTLoRA(2, model, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=g))
+            p.requires_grad_(False)
+        for p in lora.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return ns, model, lora, h
+
+
+@pytest.mark.parametrize("key", ["2026-04-29", "2026-03-17"])
+def test_ttt_tail_equals_the_records_forward_where_it_reads(key, monkeypatch):
+    """The patch's TTT forward (head and loss at the last ttt_chunk_size positions only) gives the record's per-token
+    losses at those positions exactly and the same LoRA gradients for the chunk loss the record trains on; the
+    other positions are 0; windows of one chunk or less and the record's no-LoRA forward are the record's own;
+    undo() restores it."""
+    ns, model, lora, h = _tail_model(key, monkeypatch)
+    from pgolf_kernels.patch import apply
+
+    fwd = (lambda x, y: model.forward_ttt(x, y, lora=lora)) if key == "2026-04-29" else (lambda x, y: model(x, y, lora))
+    g = torch.Generator().manual_seed(5)
+    C = h.ttt_chunk_size
+    cases = [torch.randint(0, h.vocab_size, (2, T + 1), generator=g) for T in (40, C, 5)]
+    ref = []
+    for s in cases:
+        ptl = fwd(s[:, :-1], s[:, 1:])
+        ptl[:, -C:].mean(-1).sum().backward()
+        ref.append((ptl.detach(), [p.grad.clone() for p in lora.parameters()]))
+        lora.zero_grad(set_to_none=True)
+    rep = apply(ns, muon=False, ttt=True, strict=True)
+    assert f"last {C} positions" in rep.patched["ttt"], rep.patched
+    for s, (r, grads) in zip(cases, ref):
+        T = s.shape[1] - 1
+        got = fwd(s[:, :-1], s[:, 1:])
+        assert got.shape == r.shape
+        k = min(C, T)
+        assert torch.equal(got[:, T - k:], r[:, T - k:]) and not got[:, :T - k].any()
+        got[:, -C:].mean(-1).sum().backward()
+        for p, gr in zip(lora.parameters(), grads):
+            torch.testing.assert_close(p.grad, gr, rtol=1e-6, atol=1e-9)
+        lora.zero_grad(set_to_none=True)
+    if key == "2026-03-17":  # its training forward (no LoRA) is untouched: a mean loss
+        x = cases[0][:, :-1]
+        assert model(x, cases[0][:, 1:]).dim() == 0
+    rep.undo()
+    assert not getattr(ns.GPT.forward_ttt if key == "2026-04-29" else ns.GPT.forward, "_pgolf_tail", False)
+
+
+def test_ttt_tail_refuses_a_script_that_reads_elsewhere(records):
+    """A record whose windows do not end at their chunk (another _compute_chunk_window) or whose TTT forward has no
+    per-token loss after the final norm is refused by name under strict, and reported as skipped otherwise."""
+    from pgolf_kernels.patch import PatchError, apply
+
+    g = dict(vars(records["2026-04-29"]))
+    g["_compute_chunk_window"] = lambda ci, pred_len, num_chunks, chunk_size, eval_seq_len: (0, 0, 0, 0)
+    with pytest.raises(PatchError, match="_compute_chunk_window with windows that end at their chunk's end"):
+        apply(g, muon=False, strict=True)
+    rep = apply(g, muon=False, strict=False)  # the rest of the TTT piece still applies
+    assert "_compute_chunk_window" in rep.skipped["ttt_tail"] and "specialize_float" in rep.patched["ttt"]
+    assert not getattr(g["GPT"].forward_ttt, "_pgolf_tail", False)
+    rep.undo()
+
+
+def test_ttt_tail_traces_under_the_records_dynamic_compile(monkeypatch):
+    """The 2026-04-29 record compiles its TTT forward with torch.compile(dynamic=True): the patched forward (the
+    record's own body run on a view of the model) traces as one graph (fullgraph=True, aot_eager: Dynamo and
+    AOTAutograd, forward and backward) and equals the eager patched forward."""
+    ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
+    from pgolf_kernels.patch import apply
+
+    rep = apply(ns, muon=False, ttt=True, strict=True)
+    try:
+        g = torch.Generator().manual_seed(9)
+        s = torch.randint(0, h.vocab_size, (2, 41), generator=g)
+        want = model.forward_ttt(s[:, :-1], s[:, 1:], lora=lora)
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, y, l: model.forward_ttt(x, y, lora=l), dynamic=True, fullgraph=True,
+                           backend="aot_eager")
+        got = fn(s[:, :-1], s[:, 1:], lora)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got[:, -h.ttt_chunk_size:].mean(-1).sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.parameters())
+    finally:
+        rep.undo()
+        torch._dynamo.reset()

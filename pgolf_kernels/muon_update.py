@@ -77,6 +77,23 @@ def decay_add_ref(p: torch.Tensor, u: torch.Tensor, lr: float, weight_decay: flo
 
 # ----------------------------------------------------------------------------------------------- kernels
 @triton.jit
+def _momentum_tile(g_ptr, b_ptr, off, m, momentum, NESTEROV: tl.constexpr):
+    """buf = buf * momentum + g (stored, rounded as torch's two ops) for the elements ``off`` under mask ``m``;
+    returns u in buf's dtype (g + momentum * buf with Nesterov, else buf)."""
+    dt = b_ptr.dtype.element_ty
+    g = tl.load(g_ptr + off, mask=m, other=0.0).to(dt).to(tl.float32)
+    b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
+    b = (b * momentum).to(dt).to(tl.float32)
+    b = (b + g).to(dt)
+    tl.store(b_ptr + off, b, mask=m)
+    if NESTEROV:
+        u = (g + momentum * b.to(tl.float32)).to(dt)
+    else:
+        u = b
+    return u
+
+
+@triton.jit
 def _momentum_kernel(g_ptr, b_ptr, u_ptr, ss_ptr, C, momentum, row_eps, NESTEROV: tl.constexpr,
                      ROW_NORM: tl.constexpr, WRITE_SS: tl.constexpr, SINGLE: tl.constexpr, BLOCK_C: tl.constexpr):
     # one program per row. SINGLE (C <= BLOCK_C, every record bank: C = 512 or 2048): the row stays in registers,
@@ -88,15 +105,7 @@ def _momentum_kernel(g_ptr, b_ptr, u_ptr, ss_ptr, C, momentum, row_eps, NESTEROV
         cols = tl.arange(0, BLOCK_C)
         m = cols < C
         off = row * C + cols
-        g = tl.load(g_ptr + off, mask=m, other=0.0).to(dt).to(tl.float32)
-        b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
-        b = (b * momentum).to(dt).to(tl.float32)
-        b = (b + g).to(dt)
-        tl.store(b_ptr + off, b, mask=m)
-        if NESTEROV:
-            u = (g + momentum * b.to(tl.float32)).to(dt)
-        else:
-            u = b
+        u = _momentum_tile(g_ptr, b_ptr, off, m, momentum, NESTEROV)
         if ROW_NORM:
             uf = u.to(tl.float32)
             r = tl.maximum(tl.sqrt(tl.sum(uf * uf, axis=0)), row_eps).to(dt).to(tl.float32)
@@ -111,15 +120,7 @@ def _momentum_kernel(g_ptr, b_ptr, u_ptr, ss_ptr, C, momentum, row_eps, NESTEROV
             cols = c0 + tl.arange(0, BLOCK_C)
             m = cols < C
             off = row * C + cols
-            g = tl.load(g_ptr + off, mask=m, other=0.0).to(dt).to(tl.float32)
-            b = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
-            b = (b * momentum).to(dt).to(tl.float32)
-            b = (b + g).to(dt)
-            tl.store(b_ptr + off, b, mask=m)
-            if NESTEROV:
-                u = (g + momentum * b.to(tl.float32)).to(dt)
-            else:
-                u = b
+            u = _momentum_tile(g_ptr, b_ptr, off, m, momentum, NESTEROV)
             tl.store(u_ptr + off, u, mask=m)
             if ROW_NORM or WRITE_SS:
                 uf = u.to(tl.float32)

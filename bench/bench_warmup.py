@@ -72,7 +72,9 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "seeds-ref-overlap-process": ("seeds", True, ("--overlap-compile", "process")),
          # case (c) under the rolling schedule (rows refilled as documents finish): the batch schedule's first
          # batch (the 64 longest documents, up to 85,043 tokens = 1,771 chunks of 48) ran nearly empty steps for
-         # 129.9 of 145.6 s on a 1/64 share; rolling fills those steps with the next documents
+         # 129.9 of 145.6 s on a 1/64 share (no graphs); on the 0/8 share rolling has no step of <= 8 rows (batch:
+         # 1,144 of 4,184) but pads more (fill 0.780 vs 0.913, bench/results/schedule-work-cpu.md): which is faster
+         # depends on what a small step costs, which these cases measure against records-ref-default
          "records-ref-rolling": ("records", True, ("--schedule", "rolling")),
          "records-kernel-rolling": ("records", False, ("--schedule", "rolling"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)

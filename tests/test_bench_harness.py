@@ -269,3 +269,19 @@ def test_records_muon_row_extras():
     assert _muon_extras(r) == {"kernels": [["k", 1.0, 1]], "graph_ms": 0.9, "baseline_graph_error": "RuntimeError: capture",
                                "torch_pack_ms": 0.8, "torch_pack_kernels": [["p", 0.5, 1]]}
     assert _muon_extras({"patched": {"ms": 1.0}, "record": {"ms": 2.0}}) == {}
+
+
+def test_schedule_work_counts_what_the_eval_ran():
+    """bench.schedule_work walks the eval's own schedule code: on the official-size synthetic lengths it finds the
+    step counts the eval reported on the H200 (seeds recipe, 1/8 share: 822 batch / 603 rolling steps,
+    docs/drivers.md; all 50,000 docs: 4,445 steps at a graph fill of 0.9785, bench/results/eval-h200.json), both
+    schedules cover the same real window positions, and the rolling schedule has no step of 8 rows or fewer."""
+    from bench.schedule_work import work
+
+    share = {r["schedule"]: r for r in work("seeds", (0, 8))}
+    assert share["batch"]["steps"] == 822 and share["rolling"]["steps"] == 603
+    assert share["batch"]["real_positions"] == share["rolling"]["real_positions"]
+    assert share["rolling"]["steps_8_rows_or_fewer"] == 0 < share["batch"]["steps_8_rows_or_fewer"]
+    full = {r["schedule"]: r for r in work("seeds", (0, 1))}
+    assert full["batch"]["steps"] == 4445 and full["batch"]["fill"] == 0.9785
+    assert all(0 < r["fill"] <= 1 for r in (*share.values(), *full.values()))

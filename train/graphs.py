@@ -83,6 +83,35 @@ def dynamo_frames() -> int:
     return int(counters["frames"].get("ok", 0))
 
 
+def graph_buckets(rows: int, window: int, chunk: int, l_step: Optional[int] = None) -> Tuple[List[int], List[int]]:
+    """(row buckets, window buckets) of the step graphs: rows padded to 2, 4, 8 or a multiple of 8 (at most
+    ``rows``), windows to a multiple of ``l_step`` = max(chunk, window / 8) (at most ``window``)."""
+    # window buckets: multiples of max(chunk, window / 8): 4 for the seeds (chunk 256, window 1024), 8 for
+    # the records (chunk 48, window 2048) instead of 43 chunk multiples, each one more graph pair to warm
+    l_step = int(l_step or max(chunk, -(-window // 8)))
+    if l_step < 1:
+        raise ValueError(f"cuda_graphs: l_step = {l_step}: expected a positive integer")
+    r_buckets = sorted({r for r in (2, 4, 8) if r <= rows} | set(range(8, rows + 1, 8)) | {rows})
+    l_buckets = sorted(set(range(l_step, window + 1, l_step)) | {window})
+    return r_buckets, l_buckets
+
+
+def bucket_of(r_buckets: List[int], l_buckets: List[int], n_rows: int, length: int) -> Tuple[int, int]:
+    """(R_b, L_b): the smallest buckets holding a step of ``n_rows`` rows (at least 2) whose longest window holds
+    ``length`` positions."""
+    R = next((r for r in r_buckets if r >= max(n_rows, 2)), None)
+    L = next((x for x in l_buckets if x >= length), None)
+    if R is None or L is None:
+        raise ValueError(f"cuda_graphs: a step of {n_rows} rows x {length} positions exceeds the largest bucket "
+                         f"({r_buckets[-1]} x {l_buckets[-1]})")
+    return R, L
+
+
+def window_spans(b: np.ndarray, window: int) -> np.ndarray:
+    """Each row's window length: the positions up to its chunk's end ``b``, at most ``window``."""
+    return b - np.maximum(0, b - window)
+
+
 class StepGraphs:
     """Captured TTT steps of one eval (see the module docstring)."""
 
@@ -99,16 +128,9 @@ class StepGraphs:
             raise ValueError("cuda_graphs: expected a non-strict ledger (strict checks sync the host every step)")
         if adapter.n_docs < 2:
             raise ValueError(f"cuda_graphs: expected at least 2 adapter rows, got {adapter.n_docs}")
-        # window buckets: multiples of max(chunk, window / 8): 4 for the seeds (chunk 256, window 1024), 8 for
-        # the records (chunk 48, window 2048) instead of 43 chunk multiples, each one more graph pair to warm
-        l_step = int(l_step or max(cfg.chunk, -(-cfg.window // 8)))
-        if l_step < 1:
-            raise ValueError(f"cuda_graphs: l_step = {l_step}: expected a positive integer")
+        self.r_buckets, self.l_buckets = graph_buckets(adapter.n_docs, cfg.window, cfg.chunk, l_step)
         self.model, self.adapter, self.opt, self.cfg, self.st = model, adapter, opt, cfg, st
         self.C = max(int(cfg.chunk), 2)
-        R = adapter.n_docs
-        self.r_buckets = sorted({r for r in (2, 4, 8) if r <= R} | set(range(8, R + 1, 8)) | {R})
-        self.l_buckets = sorted(set(range(l_step, cfg.window + 1, l_step)) | {cfg.window})
         self.buffers: Dict[Tuple[int, int], _Buffers] = {}
         self.graphs: Dict[Tuple[int, int, bool], "torch.cuda.CUDAGraph"] = {}
         self._key: Optional[Tuple[int, int]] = None
@@ -131,17 +153,12 @@ class StepGraphs:
     # ------------------------------------------------------------------------------ buckets
     def bucket(self, n_rows: int, length: int) -> Tuple[int, int]:
         """(R_b, L_b) for a step of ``n_rows`` rows whose longest window holds ``length`` positions."""
-        R = next((r for r in self.r_buckets if r >= max(n_rows, 2)), None)
-        L = next((x for x in self.l_buckets if x >= length), None)
-        if R is None or L is None:
-            raise ValueError(f"cuda_graphs: a step of {n_rows} rows x {length} positions exceeds the largest bucket "
-                             f"({self.r_buckets[-1]} x {self.l_buckets[-1]})")
-        return R, L
+        return bucket_of(self.r_buckets, self.l_buckets, n_rows, length)
 
     def _step_bucket(self, n_rows: int, b: np.ndarray) -> Tuple[Tuple[int, int], np.ndarray]:
         """The bucket of a step whose rows end their chunks at target positions ``b``, and each row's window
         span (positions up to ``b``, at most the window)."""
-        spans = b - np.maximum(0, b - self.cfg.window)
+        spans = window_spans(b, self.cfg.window)
         return self.bucket(n_rows, int(spans.max())), spans
 
     def plan(self, batches_ns) -> List[Tuple[int, int, bool]]:

@@ -22,7 +22,7 @@ positions ``a - w ... b - w - 1`` (the window's tail). Rows are independent unle
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -97,6 +97,49 @@ def batch_steps(n: np.ndarray, chunk: int):
         live = np.flatnonzero(n_chunks > c)
         a = np.full(live.size, c * chunk, dtype=np.int64)
         yield live, a, np.minimum(a + chunk, n[live]), n_chunks[live] > c + 1
+
+
+def rolling_steps(n: np.ndarray, chunk: int, rows: int, claim: Callable[[], Optional[np.ndarray]],
+                  refill_below: float = 0.5):
+    """The steps of the rolling schedule (``schedules.ttt_rolling``) over documents with ``n`` targets and
+    ``rows`` adapter rows: documents come from ``claim()`` (a batch of document indices, or None when there are
+    no more) into free rows once fewer than ``refill_below`` x rows are live. Yields, per step,
+    ``(slots, new, live, d, a, b, train)``: the rows given new documents ``new`` just before this step (empty
+    arrays when none), the live rows, their documents, their chunk's target range [a, b) and whether each
+    trains after scoring (not its last chunk: a row with train False is free after the step)."""
+    n = np.asarray(n, dtype=np.int64)
+    slot_doc = np.full(rows, -1, dtype=np.int64)
+    slot_c = np.zeros(rows, dtype=np.int64)
+    n_chunks = -(-n // chunk)
+    queue: List[int] = []
+    exhausted = False
+    none = np.zeros(0, dtype=np.int64)
+    while True:
+        slots, new = none, none
+        live = np.flatnonzero(slot_doc >= 0)
+        if not exhausted and live.size < max(1.0, refill_below * rows):
+            free = np.flatnonzero(slot_doc < 0)
+            while len(queue) < free.size and not exhausted:
+                docs = claim()
+                if docs is None:
+                    exhausted = True
+                else:
+                    queue.extend(int(x) for x in docs)
+            take = min(free.size, len(queue))
+            if take:
+                slots, new = free[:take], np.asarray(queue[:take], dtype=np.int64)
+                del queue[:take]
+                slot_doc[slots], slot_c[slots] = new, 0
+                live = np.flatnonzero(slot_doc >= 0)
+        if live.size == 0:
+            return
+        d, c = slot_doc[live], slot_c[live]
+        a = c * chunk
+        b = np.minimum(a + chunk, n[d])
+        train = n_chunks[d] > c + 1
+        yield slots, new, live, d, a, b, train
+        slot_c[live] += 1
+        slot_doc[live[~train]] = -1
 
 
 def ttt_positions(ns: np.ndarray, chunk: int, window: int, first: Optional[int] = None) -> int:

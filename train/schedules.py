@@ -17,7 +17,7 @@ forward, at half the cost (``TTTConfig.separate_score_pass`` runs the literal tw
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -25,7 +25,7 @@ import torch
 from .adapters import DocLoRA
 from .graphs import StepGraphs
 from .forward import rows_nll
-from .rows import batch_steps, build_rows
+from .rows import batch_steps, build_rows, rolling_steps
 from .scoring import EvalState, take_score
 from .ttt_config import TTTConfig
 from .ttt_optim import BatchedAdam
@@ -124,41 +124,13 @@ def ttt_rolling(model, stream: torch.Tensor, starts: np.ndarray, ns: np.ndarray,
     """
     if opt.row_t is None:
         raise ValueError("ttt_rolling needs BatchedAdam(..., per_row=True)")
-    R = adapter.n_docs
-    slot_doc = np.full(R, -1, dtype=np.int64)
-    slot_c = np.zeros(R, dtype=np.int64)
-    n_chunks = -(-ns // cfg.chunk)
-    queue: List[int] = []
-    exhausted = False
     adapter.reset(np.zeros(0, dtype=np.int64))
     opt.reset()
-    while True:
-        live = np.flatnonzero(slot_doc >= 0)
-        if not exhausted and live.size < max(1.0, refill_below * R):
-            free = np.flatnonzero(slot_doc < 0)
-            while len(queue) < free.size and not exhausted:
-                docs = claim()
-                if docs is None:
-                    exhausted = True
-                else:
-                    queue.extend(int(d) for d in docs)
-            take = min(free.size, len(queue))
-            if take:
-                rows, new = free[:take], np.asarray(queue[:take], dtype=np.int64)
-                del queue[:take]
-                slot_doc[rows], slot_c[rows] = new, 0
-                adapter.reset_rows(rows, starts[new])
-                opt.reset_rows(rows)
-                live = np.flatnonzero(slot_doc >= 0)
-        if live.size == 0:
-            break
-        d, c = slot_doc[live], slot_c[live]
-        a = c * cfg.chunk
-        b = np.minimum(a + cfg.chunk, ns[d])
-        _ttt_step(model, stream, np.stack([starts[d], a, b], 1), live, n_chunks[d] > c + 1, cfg, adapter, opt,
-                  st, pad_to, train_hook, graphs)
-        slot_c[live] += 1
-        done = live[slot_c[live] >= n_chunks[d]]
-        slot_doc[done] = -1
-        st.docs_ttt += int(done.size)
+    for slots, new, live, d, a, b, train in rolling_steps(ns, cfg.chunk, adapter.n_docs, claim, refill_below):
+        if slots.size:
+            adapter.reset_rows(slots, starts[new])
+            opt.reset_rows(slots)
+        _ttt_step(model, stream, np.stack([starts[d], a, b], 1), live, train, cfg, adapter, opt, st, pad_to,
+                  train_hook, graphs)
+        st.docs_ttt += int((~train).sum())  # a row's last chunk does not train: its document is done
     adapter.set_rows(None)

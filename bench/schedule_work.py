@@ -1,0 +1,95 @@
+"""The work each TTT schedule hands the GPU, counted on the CPU (no model runs).
+
+For a recipe (window, chunk, 64 documents per batch) and one rank's share of the official-size synthetic val set
+(its 50,000 document lengths, ``train.synthetic.doc_lengths``; share k/n = every n-th longest-first batch of 64
+from batch k, as ``--share`` cuts it), this walks the steps of the batch schedule (``rows.batch_steps``) and of the
+rolling schedule (``rows.rolling_steps``, claiming the share's batches in order), the code the eval runs, and counts
+per schedule: steps, window positions of the real rows (``real``), the positions of the CUDA-graph buckets the steps
+replay (``bucketed``: rows padded to 2, 4, 8 or a multiple of 8, windows to the graphs' length buckets,
+``graphs.graph_buckets``) and how many steps run with 8 rows or fewer. ``real / bucketed`` is the share of the GPU's
+positions that carry a scored window; steps with few rows are latency-bound on the GPU.
+
+    python3 -m bench.schedule_work      # seconds; writes bench/results/schedule-work-cpu.{json,md}
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from typing import Dict, List
+
+import numpy as np
+
+RECIPES = {"seeds": dict(window=1024, chunk=256), "records": dict(window=2048, chunk=48)}
+SHARES = ((0, 8), (0, 1))
+BATCH = 64
+
+
+def _count(steps, r_buckets, l_buckets, window) -> Dict[str, float]:
+    from train.graphs import bucket_of, window_spans
+
+    n = real = bucketed = small = 0
+    for live, b in steps:
+        spans = window_spans(b, window)
+        R, L = bucket_of(r_buckets, l_buckets, live, int(spans.max()))
+        n += 1
+        real += int(spans.sum())
+        bucketed += R * L
+        small += live <= 8
+    return dict(steps=n, real_positions=real, bucketed_positions=bucketed, fill=round(real / max(bucketed, 1), 4),
+                steps_8_rows_or_fewer=small)
+
+
+def work(recipe: str, share=(0, 8), batch: int = BATCH) -> List[Dict[str, object]]:
+    """Rows (one per schedule) for ``recipe`` on share k/n of the official-size synthetic lengths."""
+    from train.graphs import graph_buckets
+    from train.rows import batch_steps, plan_doc_batches, rolling_steps
+    from train.synthetic import doc_lengths
+
+    window, chunk = RECIPES[recipe]["window"], RECIPES[recipe]["chunk"]
+    ns = doc_lengths() - 1  # targets per document (its BOS is not a target)
+    k, n = share
+    batches = [b for i, b in enumerate(plan_doc_batches(ns, batch)) if i % n == k]
+    rb, lb = graph_buckets(batch, window, chunk)
+
+    def batch_sched():
+        for docs in batches:
+            for live, _a, b, _t in batch_steps(ns[docs], chunk):
+                yield live.size, b
+
+    def rolling_sched():
+        it = iter(batches)
+        for _s, _n, live, _d, _a, b, _t in rolling_steps(ns, chunk, batch, lambda: next(it, None)):
+            yield live.size, b
+
+    docs = int(sum(len(b) for b in batches))
+    return [dict(recipe=recipe, window=window, chunk=chunk, share=f"{k}/{n}", docs=docs, schedule=name,
+                 **_count(sched(), rb, lb, window))
+            for name, sched in (("batch", batch_sched), ("rolling", rolling_sched))]
+
+
+def main() -> None:
+    rows = [r for recipe in RECIPES for share in SHARES for r in work(recipe, share)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = os.path.join(here, "results", "schedule-work-cpu")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    with open(out + ".json", "w") as f:
+        json.dump(dict(date=date, batch=BATCH, rows=rows), f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write("# TTT schedules: the work they hand the GPU (CPU count)\n\n"
+                f"{date}; `python3 -m bench.schedule_work` (host-side walk of the eval's own schedule code; no model "
+                f"runs, no timing). Official-size synthetic document lengths, {BATCH} documents per batch. "
+                "fill = real / bucketed window positions.\n\n"
+                "| recipe | share | docs | schedule | steps | real positions | bucketed positions | fill | "
+                "steps with <= 8 rows |\n|---|---|---|---|---|---|---|---|---|\n")
+        for r in rows:
+            f.write(f"| {r['recipe']} (window {r['window']}, chunk {r['chunk']}) | {r['share']} | {r['docs']:,} | "
+                    f"{r['schedule']} | {r['steps']:,} | {r['real_positions']:,} | {r['bucketed_positions']:,} | "
+                    f"{r['fill']:.3f} | {r['steps_8_rows_or_fewer']:,} |\n")
+    for r in rows:
+        print(r)
+    print(f"-> {out}.md")
+
+
+if __name__ == "__main__":
+    main()

@@ -73,8 +73,12 @@ def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     out = os.path.join(here, "results", "schedule-work-cpu")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    import torch
+    import triton
+
     with open(out + ".json", "w") as f:
-        json.dump(dict(date=date, batch=BATCH, rows=rows), f, indent=1)
+        json.dump(dict(device="cpu", torch=torch.__version__, triton=triton.__version__, date=date, batch=BATCH,
+                       rows=rows), f, indent=1)
     with open(out + ".md", "w") as f:
         f.write("# TTT schedules: the work they hand the GPU (CPU count)\n\n"
                 f"{date}; `python3 -m bench.schedule_work` (host-side walk of the eval's own schedule code; no model "

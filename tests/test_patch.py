@@ -555,3 +555,40 @@ def test_ttt_tail_traces_under_the_records_dynamic_compile(monkeypatch):
     finally:
         rep.undo()
         torch._dynamo.reset()
+
+
+@pytest.mark.gpu
+def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
+    """On the GPU, under the record's own TTT compile (torch.compile(dynamic=True), Inductor) and autocast bf16: the
+    patched forward's losses at the last chunk are within 2x of the record's own compiled-vs-eager difference of
+    the record's eager losses, over two window lengths (one compile), and its chunk-loss backward runs."""
+    ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
+    from pgolf_kernels.patch import apply
+
+    model, lora = model.cuda(), lora.cuda()
+    C = h.ttt_chunk_size
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, h.vocab_size, (2, T + 1), generator=g).cuda() for T in (40, 64)]
+
+    def run(fn):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return [fn(s[:, :-1], s[:, 1:]) for s in seqs]
+
+    def eager(x, y):
+        return model.forward_ttt(x, y, lora=lora)
+
+    torch._dynamo.reset()
+    ref = [t.detach()[:, -C:].float() for t in run(eager)]
+    rec = [t.detach()[:, -C:].float() for t in run(torch.compile(eager, dynamic=True))]
+    rep = apply(ns, muon=False, ttt=True, strict=True)
+    try:
+        torch._dynamo.reset()
+        outs = run(torch.compile(eager, dynamic=True))
+        for o, r, c in zip(outs, ref, rec):
+            err, base = (o.detach()[:, -C:].float() - r).abs().max().item(), (c - r).abs().max().item()
+            assert torch.isfinite(o).all() and err <= 2 * base + 1e-3, (err, base)
+        outs[-1][:, -C:].mean(-1).sum().backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.parameters())
+    finally:
+        rep.undo()
+        torch._dynamo.reset()

@@ -85,20 +85,30 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+_SEED_CALLS: dict = {}  # test node id -> (base seed, draws so far)
+
+
 def draw_seed() -> int:
-    """The seed of a test's random draws: derived from the running test's node id, so every run of a test draws
-    the same inputs and a failure reproduces by re-running it. ``PGOLF_TEST_SEED=<int>`` fixes another seed,
-    ``PGOLF_TEST_SEED=random`` draws a fresh one per call (a property-style sweep; the seed is printed)."""
-    env = os.environ.get("PGOLF_TEST_SEED", "")
-    if env == "random":
-        s = random.randrange(2**31)
-    elif env:
-        s = int(env)
-    else:
-        node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
-        s = zlib.crc32(node.encode()) & 0x7FFFFFFF
-    print(f"seed={s}")
-    return s
+    """The seed of a test's next random draw: the test's base seed for its first draw, then one derived from the
+    base and the draw's index, so draws within a test are independent of each other and every run of the test draws
+    the same inputs (a failure reproduces by re-running it). The base comes from the running test's node id;
+    ``PGOLF_TEST_SEED=<int>`` sets another base, ``PGOLF_TEST_SEED=random`` a fresh one per test (a property-style
+    sweep). The base is printed at the test's first draw (``-s`` shows it): ``PGOLF_TEST_SEED=<it>`` replays the
+    test."""
+    node = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" (", 1)[0]
+    if node not in _SEED_CALLS:
+        env = os.environ.get("PGOLF_TEST_SEED", "")
+        if env == "random":
+            base = random.randrange(2**31)
+        elif env:
+            base = int(env)
+        else:
+            base = zlib.crc32(node.encode()) & 0x7FFFFFFF
+        print(f"seed={base}")
+        _SEED_CALLS[node] = (base, 0)
+    base, k = _SEED_CALLS[node]
+    _SEED_CALLS[node] = (base, k + 1)
+    return base if k == 0 else zlib.crc32(f"{base}#{k}".encode()) & 0x7FFFFFFF
 
 
 @pytest.fixture(autouse=True)

@@ -46,6 +46,12 @@ _VARLEN_KINDS = {
 }
 
 
+# the CUDA varlen stand-in this process uses, read from the environment once by ``install_standins`` (an eager call):
+# flash_attn_varlen_func runs inside the records' torch.compile(fullgraph=True), where a module constant is guarded,
+# not an environment lookup per call
+_VARLEN_USE = {"kind": "fa2"}
+
+
 def varlen_standin() -> str:
     """The CUDA stand-in for ``flash_attn_varlen_func``: ``PGOLF_VARLEN_STANDIN`` = fa2 (default) or flex."""
     kind = os.environ.get("PGOLF_VARLEN_STANDIN", "fa2")
@@ -110,7 +116,8 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
     """FA3 varlen layout: q (total, H, D), k/v (total, Hkv, D); attention stays inside each document of
     ``cu_seqlens`` (q and k share the packing here, as in the records; trailing repeated entries are empty
     documents). Tokens past cu_seqlens[-1] are outside every document: their output is unspecified (the records
-    end cu_seqlens at the total, so there are none). CUDA: ``varlen_standin()`` picks FA2 (default) or flex;
+    end cu_seqlens at the total, so there are none). CUDA: FA2 (default) or flex, as ``install_standins`` read
+    ``PGOLF_VARLEN_STANDIN``;
     CPU: SDPA with a dense mask. Compile-safe (the 2026-04-29 script calls it under
     ``torch.compile(fullgraph=True)``): the q/k packing check is a host comparison, so it runs eagerly only."""
     if (q.dim() != 3 or k.dim() != 3 or v.shape != k.shape or k.shape[0] != q.shape[0] or k.shape[1] == 0
@@ -125,7 +132,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=Non
         raise ValueError("flash_attn_varlen_func stand-in: cu_seqlens_q must equal cu_seqlens_k")
     if not q.is_cuda:
         return varlen_dense(q, k, v, cu_seqlens_q, causal, softmax_scale)
-    if varlen_standin() == "flex":
+    if _VARLEN_USE["kind"] == "flex":
         return varlen_flex(q, k, v, cu_seqlens_q, causal, softmax_scale)
     return varlen_fa2(q, k, v, cu_seqlens_q, causal, softmax_scale, max_seqlen_q)
 
@@ -182,18 +189,23 @@ def varlen_dense(q, k, v, cu: torch.Tensor, causal: bool, softmax_scale=None) ->
 def install_standins() -> Dict[str, str]:
     """Put the FA3 stand-in into ``sys.modules`` unless a real ``flash_attn_interface`` imports.
     Returns {module: what was installed} for the results."""
+    _VARLEN_USE["kind"] = varlen_standin()
     out = {}
-    try:
-        import flash_attn_interface  # noqa: F401
+    mod = sys.modules.get("flash_attn_interface")
+    if mod is None or not getattr(mod, "_pgolf_standin", False):  # a stand-in installed earlier is not "real"
+        try:
+            import flash_attn_interface  # noqa: F401
 
-        out["flash_attn_interface"] = "real FlashAttention-3"
-    except ImportError:
-        mod = types.ModuleType("flash_attn_interface")
-        mod.flash_attn_func = flash_attn_func
-        mod.flash_attn_varlen_func = flash_attn_varlen_func
-        mod.__doc__ = standin_note()
-        sys.modules["flash_attn_interface"] = mod
-        out["flash_attn_interface"] = standin_note()
+            out["flash_attn_interface"] = "real FlashAttention-3"
+            return out
+        except ImportError:
+            mod = types.ModuleType("flash_attn_interface")
+            mod.flash_attn_func = flash_attn_func
+            mod.flash_attn_varlen_func = flash_attn_varlen_func
+            mod._pgolf_standin = True
+            sys.modules["flash_attn_interface"] = mod
+    mod.__doc__ = standin_note()
+    out["flash_attn_interface"] = standin_note()
     return out
 
 

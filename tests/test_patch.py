@@ -311,10 +311,21 @@ def test_varlen_standin_choice_and_refusals(monkeypatch):
     assert records_env.varlen_standin() == "fa2" and "FlashAttention-2 varlen" in records_env.standin_note()
     monkeypatch.setenv("PGOLF_VARLEN_STANDIN", "flex")
     assert records_env.varlen_standin() == "flex" and "flex_attention" in records_env.standin_note()
+    # install_standins reads the choice once (the varlen function then reads a module constant, compile-safe) and
+    # names the stand-in, also when one is installed already (not "real FlashAttention-3")
+    records_env.install_standins()
+    assert records_env._VARLEN_USE["kind"] == "flex"
+    again = records_env.install_standins()["flash_attn_interface"]
+    assert "flex_attention" in again or again == "real FlashAttention-3" and not getattr(
+        __import__("sys").modules["flash_attn_interface"], "_pgolf_standin", False)
     monkeypatch.setenv("PGOLF_VARLEN_STANDIN", "fa3")
     with pytest.raises(ValueError, match="PGOLF_VARLEN_STANDIN = 'fa3': expected one of"):
         records_env.varlen_standin()
+    with pytest.raises(ValueError, match="PGOLF_VARLEN_STANDIN = 'fa3'"):
+        records_env.install_standins()
     monkeypatch.delenv("PGOLF_VARLEN_STANDIN")
+    records_env.install_standins()
+    assert records_env._VARLEN_USE["kind"] == "fa2"
     cu, q, k, v = _varlen_inputs(7, [0, 5, 12], 8)
     with pytest.raises(ValueError, match=r"only window_size=\(-1, -1\)"):
         records_env.flash_attn_varlen_func(q, k, v, cu, cu, 7, 7, causal=True, window_size=(128, 0))

@@ -46,9 +46,13 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH) -> List[Dict[str, object
     from train.rows import batch_steps, plan_doc_batches, rolling_steps
     from train.synthetic import doc_lengths
 
+    if recipe not in RECIPES:
+        raise ValueError(f"schedule_work: recipe = {recipe!r}: expected one of {sorted(RECIPES)}")
+    k, n = share
+    if not (isinstance(k, int) and isinstance(n, int) and 0 <= k < n):
+        raise ValueError(f"schedule_work: share = {share!r}: expected (k, n) with 0 <= k < n")
     window, chunk = RECIPES[recipe]["window"], RECIPES[recipe]["chunk"]
     ns = doc_lengths() - 1  # targets per document (its BOS is not a target)
-    k, n = share
     batches = [b for i, b in enumerate(plan_doc_batches(ns, batch)) if i % n == k]
     rb, lb = graph_buckets(batch, window, chunk)
 

@@ -285,3 +285,26 @@ def test_schedule_work_counts_what_the_eval_ran():
     full = {r["schedule"]: r for r in work("seeds", (0, 1))}
     assert full["batch"]["steps"] == 4445 and full["batch"]["fill"] == 0.9785
     assert all(0 < r["fill"] <= 1 for r in (*share.values(), *full.values()))
+
+
+def test_schedule_helpers_refuse_bad_arguments_by_name():
+    """rolling_steps, graph_buckets and schedule_work.work name the argument they refuse (no hang on chunk 0)."""
+    import numpy as np
+
+    from bench.schedule_work import work
+    from train.graphs import graph_buckets
+    from train.rows import rolling_steps
+
+    n = np.array([5, 3])
+    for kw, match in ((dict(chunk=0), "chunk = 0"), (dict(rows=0), "rows = 0"), (dict(refill_below=0.0), "refill_below"),
+                      (dict(claim=None), "claim"), (dict(n=np.array([[1]])), "n must be a 1-D array")):
+        args = {**dict(n=n, chunk=2, rows=2, claim=lambda: None, refill_below=0.5), **kw}
+        with pytest.raises((ValueError, TypeError), match=match):
+            next(rolling_steps(**args))
+    for bad, match in (((0, 1024, 256), "rows = 0"), ((64, 0, 256), "window = 0"), ((64, 1024, 0), "chunk = 0")):
+        with pytest.raises(ValueError, match=match):
+            graph_buckets(*bad)
+    with pytest.raises(ValueError, match="recipe = 'x'"):
+        work("x")
+    with pytest.raises(ValueError, match=r"share = \(8, 8\)"):
+        work("seeds", (8, 8))

@@ -88,6 +88,9 @@ def graph_buckets(rows: int, window: int, chunk: int, l_step: Optional[int] = No
     ``rows``), windows to a multiple of ``l_step`` = max(chunk, window / 8) (at most ``window``)."""
     # window buckets: multiples of max(chunk, window / 8): 4 for the seeds (chunk 256, window 1024), 8 for
     # the records (chunk 48, window 2048) instead of 43 chunk multiples, each one more graph pair to warm
+    for name, v in (("rows", rows), ("window", window), ("chunk", chunk)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"cuda_graphs: {name} = {v!r}: expected an integer >= 1")
     l_step = int(l_step or max(chunk, -(-window // 8)))
     if l_step < 1:
         raise ValueError(f"cuda_graphs: l_step = {l_step}: expected a positive integer")

@@ -107,7 +107,19 @@ def rolling_steps(n: np.ndarray, chunk: int, rows: int, claim: Callable[[], Opti
     ``(slots, new, live, d, a, b, train)``: the rows given new documents ``new`` just before this step (empty
     arrays when none), the live rows, their documents, their chunk's target range [a, b) and whether each
     trains after scoring (not its last chunk: a row with train False is free after the step)."""
-    n = np.asarray(n, dtype=np.int64)
+    for name, v in (("chunk", chunk), ("rows", rows)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"rolling_steps: {name} = {v!r}: expected an integer >= 1")
+    if not (0.0 < refill_below <= 1.0):
+        raise ValueError(f"rolling_steps: refill_below = {refill_below!r}: expected a fraction in (0, 1]")
+    if not callable(claim):
+        raise TypeError(f"rolling_steps: claim: expected a callable returning document indices or None, got "
+                        f"{type(claim).__name__}")
+    n = np.asarray(n)
+    if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n.size and n.min() < 0):
+        raise ValueError(f"rolling_steps: n must be a 1-D array of non-negative target counts, got shape {n.shape}, "
+                         f"dtype {n.dtype}")
+    n = n.astype(np.int64)
     slot_doc = np.full(rows, -1, dtype=np.int64)
     slot_c = np.zeros(rows, dtype=np.int64)
     n_chunks = -(-n // chunk)

@@ -80,18 +80,25 @@ def plan_doc_batches(ns: np.ndarray, batch_size: int) -> List[np.ndarray]:
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
 
 
+def _step_args(op: str, n, **counts) -> np.ndarray:
+    """A schedule's arguments checked: every count (chunk, rows) an integer >= 1, ``n`` a 1-D array of non-negative
+    target counts; returns n as int64."""
+    for name, v in counts.items():
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+            raise ValueError(f"{op}: {name} = {v!r}: expected an integer >= 1")
+    n = np.asarray(n)
+    if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n.size and n.min() < 0):
+        raise ValueError(f"{op}: n must be a 1-D array of non-negative target counts, got shape {n.shape}, "
+                         f"dtype {n.dtype}")
+    return n.astype(np.int64)
+
+
 def batch_steps(n: np.ndarray, chunk: int):
     """The steps of the batch schedule over documents with ``n`` targets (sorted longest first): for chunk
     c = 0, 1, ... of the longest, yields ``(live, a, b, train)``: the documents with targets left (a shrinking
     prefix), their chunk's target range [a, b) and whether each trains after scoring (not its last chunk).
     ``schedules.ttt_batch`` runs these steps and ``graphs.StepGraphs.plan`` predicts their shape buckets."""
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"batch_steps: chunk = {chunk!r}: expected an integer >= 1")
-    n = np.asarray(n)
-    if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n.size and n.min() < 0):
-        raise ValueError(f"batch_steps: n must be a 1-D array of non-negative target counts, got shape {n.shape}, "
-                         f"dtype {n.dtype}")
-    n = n.astype(np.int64)
+    n = _step_args("batch_steps", n, chunk=chunk)
     n_chunks = -(-n // chunk)
     for c in range(int(n_chunks.max()) if n.size else 0):
         live = np.flatnonzero(n_chunks > c)
@@ -107,19 +114,12 @@ def rolling_steps(n: np.ndarray, chunk: int, rows: int, claim: Callable[[], Opti
     ``(slots, new, live, d, a, b, train)``: the rows given new documents ``new`` just before this step (empty
     arrays when none), the live rows, their documents, their chunk's target range [a, b) and whether each
     trains after scoring (not its last chunk: a row with train False is free after the step)."""
-    for name, v in (("chunk", chunk), ("rows", rows)):
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
-            raise ValueError(f"rolling_steps: {name} = {v!r}: expected an integer >= 1")
+    n = _step_args("rolling_steps", n, chunk=chunk, rows=rows)
     if not (0.0 < refill_below <= 1.0):
         raise ValueError(f"rolling_steps: refill_below = {refill_below!r}: expected a fraction in (0, 1]")
     if not callable(claim):
         raise TypeError(f"rolling_steps: claim: expected a callable returning document indices or None, got "
                         f"{type(claim).__name__}")
-    n = np.asarray(n)
-    if n.ndim != 1 or not np.issubdtype(n.dtype, np.integer) or (n.size and n.min() < 0):
-        raise ValueError(f"rolling_steps: n must be a 1-D array of non-negative target counts, got shape {n.shape}, "
-                         f"dtype {n.dtype}")
-    n = n.astype(np.int64)
     slot_doc = np.full(rows, -1, dtype=np.int64)
     slot_c = np.zeros(rows, dtype=np.int64)
     n_chunks = -(-n // chunk)

@@ -571,8 +571,9 @@ def test_ttt_tail_traces_under_the_records_dynamic_compile(monkeypatch):
 @pytest.mark.gpu
 def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
     """On the GPU, under the record's own TTT compile (torch.compile(dynamic=True), Inductor) and autocast bf16: the
-    patched forward's losses at the last chunk are within 2x of the record's own compiled-vs-eager difference of
-    the record's eager losses, over two window lengths (one compile), and its chunk-loss backward runs."""
+    patched forward's losses at the last chunk are within 2x of the record's eager bf16 error against its fp32
+    forward (TF32 off), over two window lengths (one compile), and its chunk-loss backward runs. One compile: with a
+    second one (the record's compiled forward as the bound) the test took 308 s on an H200 with cold caches."""
     ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
     from pgolf_kernels.patch import apply
 
@@ -581,22 +582,26 @@ def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, h.vocab_size, (2, T + 1), generator=g).cuda() for T in (40, 64)]
 
-    def run(fn):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    def run(fn, amp=True):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
             return [fn(s[:, :-1], s[:, 1:]) for s in seqs]
 
     def eager(x, y):
         return model.forward_ttt(x, y, lora=lora)
 
-    torch._dynamo.reset()
-    ref = [t.detach()[:, -C:].float() for t in run(eager)]
-    rec = [t.detach()[:, -C:].float() for t in run(torch.compile(eager, dynamic=True))]
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = [t.detach()[:, -C:].double() for t in run(eager, amp=False)]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    bf16 = [t.detach()[:, -C:].double() for t in run(eager)]
     rep = apply(ns, muon=False, ttt=True, strict=True)
     try:
         torch._dynamo.reset()
         outs = run(torch.compile(eager, dynamic=True))
-        for o, r, c in zip(outs, ref, rec):
-            err, base = (o.detach()[:, -C:].float() - r).abs().max().item(), (c - r).abs().max().item()
+        for o, r, b in zip(outs, ref, bf16):
+            err, base = (o.detach()[:, -C:].double() - r).abs().max().item(), (b - r).abs().max().item()
             assert torch.isfinite(o).all() and err <= 2 * base + 1e-3, (err, base)
         outs[-1][:, -C:].mean(-1).sum().backward()
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in lora.parameters())

@@ -14,7 +14,10 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    runs ``PGOLF_RECORDS_REPEATS`` times (default 2, alternating), the row holds the median slope and the
    run-to-run spread. ``Muon.step`` is also timed in place, inside that training loop (``StepTimer``: CUDA events
    around each call, read after the run), median of the steady steps. The run
-   stops right after training (at the export function) - no quantization, no TTT.
+   stops right after training (at the export function) - no quantization, no TTT. 2026-04-29 compiles 8 fwd+bwd
+   shapes in its own warm-up (``warmup_cu_buckets`` 64-256, with looping off and on): a cold child was still in it
+   at 197, 257 and 300 s on an H200, with either varlen stand-in, so give that pair one call (the first child up to
+   the default 420 s; the second reuses the Inductor cache the first one filled).
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
 torch's FlashAttention-2 varlen kernel, or flex_attention with ``PGOLF_VARLEN_STANDIN=flex``), and every row says

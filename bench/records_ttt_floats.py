@@ -9,6 +9,15 @@ attention gate on) and its backward, over four window lengths, with a backend th
 once unpatched and once patched, each in its own process, and counts graphs, graph inputs and 0-dim float64 inputs.
 
     python3 -m bench.records_ttt_floats      # ~4 min on 2 CPU cores; writes bench/results/records-ttt-floats-cpu.{json,md}
+
+``--warmup``: the record's TTT compile warm-up as the record runs it, at its default config (11 layers, looping on,
+LoRA rank 96 on Q/K/V/O/MLP and the head; 2 rows instead of 64): ``torch.compile(dynamic=True)`` with Inductor
+on empty cache folders, under bf16 autocast, window lengths ttt_chunk_size then ttt_eval_seq_len (the record's
+warm-up), then 2 * ttt_chunk_size (a later eval window). Counts the Dynamo graphs and times each call (the first
+ones include the cold compile of forward and backward). Inductor's CPU backend, so the seconds are this machine's
+(C++ kernels, not Triton); the graph count is what a GPU run compiles.
+
+    python3 -m bench.records_ttt_floats --warmup   # ~20 min on 2 CPU cores; bench/results/records-ttt-warmup-cpu.{json,md}
 """
 from __future__ import annotations
 
@@ -66,6 +75,71 @@ def _child(patched: bool) -> dict:
                 specialize_float=bool(torch._dynamo.config.specialize_float))
 
 
+def _warmup_child(patched: bool) -> dict:
+    import torch
+
+    from bench import records_env
+
+    os.environ["CASEOPS_ENABLED"] = "0"
+    ns = records_env.load_record(KEY)
+    h = ns.Hyperparameters()
+    torch.manual_seed(0)
+    model = ns.GPT(h).float().eval()
+    model.looping_active = h.num_loops > 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:  # as the record, before its warm-up
+        block.attn.rotary(h.ttt_eval_seq_len, torch.device("cpu"), torch.bfloat16)
+    lora = ns.BatchedTTTLoRA(2, model, h.ttt_lora_rank, k_lora=h.ttt_k_lora, mlp_lora=h.ttt_mlp_lora,
+                             o_lora=h.ttt_o_lora)
+    report = None
+    if patched:
+        from pgolf_kernels.patch import apply
+
+        report = apply(ns, muon=False, ttt=True)
+    from torch._inductor.compile_fx import compile_fx
+
+    graphs = []
+
+    def counting_inductor(gm, example_inputs):
+        graphs.append(1)
+        return compile_fx(gm, example_inputs)
+
+    def inner(x, y, lora):  # as the record's _fwd_ttt_inner
+        return model.forward_ttt(x, y, lora=lora)
+
+    fn = torch.compile(inner, dynamic=True, backend=counting_inductor)
+    g = torch.Generator().manual_seed(0)
+    C = h.ttt_chunk_size
+    calls = []
+    for length in (C, h.ttt_eval_seq_len, 2 * C):
+        x = torch.randint(0, h.vocab_size, (2, length), generator=g)
+        y = torch.randint(0, h.vocab_size, (2, length), generator=g)
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ptl = fn(x, y, lora)
+        ptl[:, -min(C, length):].mean(-1).sum().backward()  # the record trains on the window's last chunk
+        calls.append(dict(window=length, seconds=round(time.perf_counter() - t, 1), graphs_so_far=len(graphs)))
+    return dict(patched=patched, graphs=len(graphs), calls=calls, layers=h.num_layers, lora_slots=len(lora.q_loras),
+                rank=h.ttt_lora_rank, patch=(str(report) if report is not None else "unmodified"))
+
+
+def _write_warmup(out: str, info: dict, rows: list) -> None:
+    with open(out + ".json", "w") as f:
+        json.dump(dict(info, key=KEY, rows=rows), f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(f"# {KEY} record: its TTT compile warm-up, unpatched vs patched (CPU, Inductor)\n\n"
+                f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --warmup`: the "
+                "record's default config (CaseOps off), 2 rows, LoRA at the record's rank and targets, "
+                "torch.compile(dynamic=True) with Inductor's CPU backend on empty cache folders, one process per "
+                "variant, run one after the other on 2 CPU cores. Each call: forward under bf16 autocast and the "
+                "backward of the last chunk's mean loss; the first call holds the cold compile.\n\n"
+                "| variant | Dynamo graphs | call: window, seconds, graphs so far |\n|---|---|---|\n")
+        for r in rows:
+            calls = "; ".join(f"T={c['window']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"])
+            f.write(f"| {r['variant']} | {r['graphs']} | {calls} |\n")
+
+
 def _write(out: str, info: dict, rows: list) -> None:
     """``out``.json and ``out``.md from the two children's rows."""
     with open(out + ".json", "w") as f:
@@ -86,6 +160,10 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
         print("RESULT " + json.dumps(_child(sys.argv[2] == "patched")), flush=True)
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--warmup-child":
+        print("RESULT " + json.dumps(_warmup_child(sys.argv[2] == "patched")), flush=True)
+        return 0
+    warmup = "--warmup" in sys.argv[1:]
     from bench import records_env
     from bench.harness import env_info
 
@@ -96,14 +174,23 @@ def main() -> int:
     rows = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     for variant in ("record", "patched"):
-        p = subprocess.run([sys.executable, "-m", "bench.records_ttt_floats", "--child", variant], cwd=root,
-                           capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=root))
+        env = dict(os.environ, PYTHONPATH=root)
+        if warmup:  # a fresh machine: empty compile caches of its own per child
+            import tempfile
+
+            env.update(TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), TRITON_CACHE_DIR=tempfile.mkdtemp())
+        p = subprocess.run([sys.executable, "-m", "bench.records_ttt_floats",
+                            "--warmup-child" if warmup else "--child", variant], cwd=root,
+                           capture_output=True, text=True, env=env)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode != 0 or not line:
             print(f"bench.records_ttt_floats: the {variant} child failed: {(p.stdout + p.stderr)[-1500:]}")
             return 1
         rows.append(dict(variant=variant, **json.loads(line[0][7:])))
-    _write(os.path.join(root, "bench", "results", "records-ttt-floats-cpu"), env_info(), rows)
+    if warmup:
+        _write_warmup(os.path.join(root, "bench", "results", "records-ttt-warmup-cpu"), env_info(), rows)
+    else:
+        _write(os.path.join(root, "bench", "results", "records-ttt-floats-cpu"), env_info(), rows)
     for r in rows:
         print(r)
     return 0

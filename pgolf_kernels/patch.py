@@ -394,17 +394,19 @@ def _ttt_reason(ns: dict) -> str:
 
 
 class _TailView:
-    """A record GPT seen by its own TTT forward with ``final_norm`` keeping only the last ``k`` positions: every
-    other attribute is the model's (read live, so flags such as ``looping_active`` stay current). The forward's head,
-    its LoRA, the soft-cap and the cross-entropy then run on (B, k) positions instead of (B, T)."""
+    """A record GPT seen by its own TTT forward with ``final_norm`` keeping only the positions ``idx`` (the last
+    chunk of the window): every other attribute is the model's (read live, so flags such as ``looping_active`` stay
+    current). The forward's head, its LoRA, the soft-cap and the cross-entropy then run on (B, k) positions instead
+    of (B, T)."""
 
-    def __init__(self, model, k):
+    def __init__(self, model, idx):
         self._pgolf_model = model
-        self._pgolf_k = k
+        self._pgolf_idx = idx
 
     def final_norm(self, x):
-        # RMSNorm is per position: normalising the kept positions only is the same as slicing afterwards
-        return self._pgolf_model.final_norm(x[:, x.shape[1] - self._pgolf_k:])
+        # RMSNorm is per position: normalising the kept positions only is the same as selecting afterwards
+        B, _, d = x.shape
+        return self._pgolf_model.final_norm(torch.gather(x, 1, self._pgolf_idx.view(1, -1, 1).expand(B, -1, d)))
 
     def __getattr__(self, name):
         return getattr(self._pgolf_model, name)
@@ -444,8 +446,6 @@ def _ttt_forward(ns: dict):
 def _patch_ttt_tail(ns: dict, report: PatchReport) -> str:
     """Replace the record's TTT forward by one that computes the head and the loss at the last chunk positions only
     and returns the record's (B, T) per-token loss with zeros where the record never reads. Returns the report."""
-    import torch.nn.functional as F
-
     gpt, name, chunk = _ttt_forward(ns)
     orig = getattr(gpt, name)
     if getattr(orig, "_pgolf_tail", False):
@@ -453,10 +453,18 @@ def _patch_ttt_tail(ns: dict, report: PatchReport) -> str:
 
     def forward(self, input_ids, target_ids, lora=None, *args, **kwargs):
         T = input_ids.shape[1]
-        if lora is None or T <= chunk:  # the record's training forward / a window of one chunk: as it is
+        # the record's training forward, and a window shorter than a chunk: as it is. A window of exactly one chunk
+        # takes the tail path (the tail is then the whole window): with `T <= chunk` the record's warm-up at
+        # T = chunk and then T = 2048 compiled two dynamic-shape graphs instead of the record's one (CPU trace of
+        # the 2026-04-29 model)
+        if lora is None or T < chunk:
             return orig(self, input_ids, target_ids, lora, *args, **kwargs)
-        tail = orig(_TailView(self, chunk), input_ids, target_ids[:, T - chunk:], lora, *args, **kwargs)
-        return F.pad(tail, (T - chunk, 0))
+        # positions T - chunk .. T - 1 as an index tensor, not as a slice: a slice starting at T - chunk, which is 0
+        # when the first call has T = chunk (the record's warm-up does), made Dynamo specialize T to that value
+        B = input_ids.shape[0]
+        idx = torch.arange(chunk, device=input_ids.device) + (T - chunk)
+        tail = orig(_TailView(self, idx), input_ids, target_ids.gather(1, idx.expand(B, -1)), lora, *args, **kwargs)
+        return tail.new_zeros(B, T).scatter(1, idx.expand(B, -1), tail)
 
     forward._pgolf_tail = True
     forward.__doc__ = (f"GPT.{name} of the record, with the head and loss at the last {chunk} positions only "

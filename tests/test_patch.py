@@ -568,6 +568,50 @@ def test_ttt_tail_traces_under_the_records_dynamic_compile(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_ttt_tail_compiles_as_few_graphs_as_the_record(monkeypatch):
+    """At the 2026-04-29 record's default config, its TTT warm-up's shapes (T = ttt_chunk_size first, then longer
+    windows) under torch.compile(dynamic=True): the patched forward compiles as many Dynamo graphs as the record's
+    own (one). A tail taken as a slice starting at T - chunk made Dynamo specialize T to the first call's value
+    (the start is 0 there), so every later window length compiled a second graph: one more cold compile of the
+    whole TTT forward in the record's warm-up."""
+    monkeypatch.setenv("CASEOPS_ENABLED", "0")
+    from pgolf_kernels.patch import apply
+
+    def graphs(patched):
+        ns = records_env.load_record("2026-04-29", "pgolf_record_tail_graphs")
+        h = ns.Hyperparameters()
+        torch.manual_seed(0)
+        model = ns.GPT(h).float().eval()
+        model.looping_active = h.num_loops > 0
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for block in model.blocks:  # the record sizes its rotary caches for the TTT window before the warm-up
+            block.attn.rotary(h.ttt_eval_seq_len, torch.device("cpu"), torch.bfloat16)
+        lora = ns.BatchedTTTLoRA(2, model, 8)
+        rep = apply(ns, muon=False, ttt=True, strict=True) if patched else None
+        n = []
+
+        def count(gm, example_inputs):
+            n.append(1)
+            return gm.forward
+
+        try:
+            torch._dynamo.reset()
+            fn = torch.compile(lambda x, y, l: model.forward_ttt(x, y, lora=l), dynamic=True, backend=count)
+            g = torch.Generator().manual_seed(4)
+            C = h.ttt_chunk_size
+            for T in (C, 4 * C + 3, 2 * C):
+                s = torch.randint(0, h.vocab_size, (2, T + 1), generator=g)
+                fn(s[:, :-1], s[:, 1:], lora)
+        finally:
+            if rep is not None:
+                rep.undo()
+            torch._dynamo.reset()
+        return len(n)
+
+    assert graphs(patched=True) == graphs(patched=False) == 1
+
+
 @pytest.mark.gpu
 def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
     """On the GPU, under the record's own TTT compile (torch.compile(dynamic=True), Inductor) and autocast bf16: the

@@ -396,7 +396,7 @@ def _ttt_reason(ns: dict) -> str:
 class _TailView:
     """A record GPT seen by its own TTT forward with ``final_norm`` keeping only the positions ``idx`` (the last
     chunk of the window): every other attribute is the model's (read live, so flags such as ``looping_active`` stay
-    current). The forward's head, its LoRA, the soft-cap and the cross-entropy then run on (B, k) positions instead
+    current). The forward's head, its LoRA, the soft-cap and the cross-entropy then run on (B, chunk) positions instead
     of (B, T)."""
 
     def __init__(self, model, idx):

@@ -163,7 +163,14 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--warmup-child":
         print("RESULT " + json.dumps(_warmup_child(sys.argv[2] == "patched")), flush=True)
         return 0
-    warmup = "--warmup" in sys.argv[1:]
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python3 -m bench.records_ttt_floats",
+                                 description="the 2026-04-29 record's TTT compile, unpatched vs patched, on the CPU")
+    ap.add_argument("--warmup", action="store_true",
+                    help="time the record's cold compile warm-up at its default config (Inductor) instead of "
+                         "counting the tiny config's graph inputs")
+    warmup = ap.parse_args(sys.argv[1:]).warmup
     from bench import records_env
     from bench.harness import env_info
 

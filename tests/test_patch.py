@@ -572,7 +572,7 @@ def test_ttt_tail_compiles_as_few_graphs_as_the_record(monkeypatch):
     """At the 2026-04-29 record's default config, its TTT warm-up's shapes (T = ttt_chunk_size first, then longer
     windows) under torch.compile(dynamic=True): the patched forward compiles as many Dynamo graphs as the record's
     own (one). A tail taken as a slice starting at T - chunk made Dynamo specialize T to the first call's value
-    (the start is 0 there), so every later window length compiled a second graph: one more cold compile of the
+    (the start is 0 there), so the next, longer window compiled a second graph: one more cold compile of the
     whole TTT forward in the record's warm-up."""
     monkeypatch.setenv("CASEOPS_ENABLED", "0")
     from pgolf_kernels.patch import apply

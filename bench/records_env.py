@@ -226,3 +226,19 @@ def load_record(key: str, module_name: Optional[str] = None):
         sys.modules.pop(name, None)
         raise
     return mod
+
+
+def ttt_model_cpu(ns):
+    """(Hyperparameters, GPT) of an imported 2026-04-29-style record at its configured size, fp32 on the CPU, set up
+    as the record sets up its TTT model before the TTT warm-up: eval mode (its fused training MLP is CUDA-only),
+    looping on when the config loops, base weights frozen, rotary caches sized for ``ttt_eval_seq_len``. Weights
+    from ``torch.manual_seed(0)``."""
+    h = ns.Hyperparameters()
+    torch.manual_seed(0)
+    model = ns.GPT(h).float().eval()
+    model.looping_active = h.num_loops > 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for block in model.blocks:
+        block.attn.rotary(h.ttt_eval_seq_len, torch.device("cpu"), torch.bfloat16)
+    return h, model

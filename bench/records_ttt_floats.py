@@ -82,14 +82,7 @@ def _warmup_child(patched: bool) -> dict:
 
     os.environ["CASEOPS_ENABLED"] = "0"
     ns = records_env.load_record(KEY)
-    h = ns.Hyperparameters()
-    torch.manual_seed(0)
-    model = ns.GPT(h).float().eval()
-    model.looping_active = h.num_loops > 0
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for block in model.blocks:  # as the record, before its warm-up
-        block.attn.rotary(h.ttt_eval_seq_len, torch.device("cpu"), torch.bfloat16)
+    h, model = records_env.ttt_model_cpu(ns)
     lora = ns.BatchedTTTLoRA(2, model, h.ttt_lora_rank, k_lora=h.ttt_k_lora, mlp_lora=h.ttt_mlp_lora,
                              o_lora=h.ttt_o_lora)
     report = None

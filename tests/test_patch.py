@@ -579,14 +579,7 @@ def test_ttt_tail_compiles_as_few_graphs_as_the_record(monkeypatch):
 
     def graphs(patched):
         ns = records_env.load_record("2026-04-29", "pgolf_record_tail_graphs")
-        h = ns.Hyperparameters()
-        torch.manual_seed(0)
-        model = ns.GPT(h).float().eval()
-        model.looping_active = h.num_loops > 0
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for block in model.blocks:  # the record sizes its rotary caches for the TTT window before the warm-up
-            block.attn.rotary(h.ttt_eval_seq_len, torch.device("cpu"), torch.bfloat16)
+        h, model = records_env.ttt_model_cpu(ns)
         lora = ns.BatchedTTTLoRA(2, model, 8)
         rep = apply(ns, muon=False, ttt=True, strict=True) if patched else None
         n = []

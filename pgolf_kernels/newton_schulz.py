@@ -53,7 +53,6 @@ import triton.language as tl
 
 from . import _utils
 from ._utils import cdiv, interpret_mode, load_tile, use_triton
-from .muon_update import row_sumsq_ref
 
 __all__ = [
     "QUINTIC",
@@ -632,7 +631,7 @@ def _check_row_sumsq(mats: List[torch.Tensor], row_sumsq, validate: bool) -> Lis
             raise ValueError(f"{op}: row_sumsq[{i}] must be a contiguous float32 tensor of shape ({rows},) on "
                              f"{G.device} (the per-row sums of squares of mats[{i}], shape {tuple(G.shape)}), got {got}")
         if validate:
-            ref = row_sumsq_ref(G.detach())
+            ref = G.detach().float().reshape(rows, -1).square().sum(dim=1)
             if not torch.allclose(s, ref, rtol=1e-3, atol=1e-30):
                 raise ValueError(f"{op}: row_sumsq[{i}] does not hold the per-row sums of squares of mats[{i}] "
                                  f"(largest relative difference {float(((s - ref).abs() / ref.clamp_min(1e-30)).max()):.3g}; "

@@ -631,6 +631,8 @@ def _check_row_sumsq(mats: List[torch.Tensor], row_sumsq, validate: bool) -> Lis
             raise ValueError(f"{op}: row_sumsq[{i}] must be a contiguous float32 tensor of shape ({rows},) on "
                              f"{G.device} (the per-row sums of squares of mats[{i}], shape {tuple(G.shape)}), got {got}")
         if validate:
+            # muon_update.row_sumsq_ref's sum, written out: importing muon_update here would add its bytes to
+            # the submission code of every script that imports newton_schulz (train/artifact.py counts imports)
             ref = G.detach().float().reshape(rows, -1).square().sum(dim=1)
             if not torch.allclose(s, ref, rtol=1e-3, atol=1e-30):
                 raise ValueError(f"{op}: row_sumsq[{i}] does not hold the per-row sums of squares of mats[{i}] "

@@ -39,7 +39,7 @@ CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_
 patched step once more with ``PGOLF_NS_FAST_PACK=0``, the torch copy in the NS prologue instead of the Triton pack:
 ``torch_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2),
 ``PGOLF_RECORDS_CHILD_S`` (420 s per training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a
-device call.
+device call; ``PGOLF_RECORDS_LOG_DIR`` keeps every child's full output there.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
@@ -407,6 +407,15 @@ def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     t0 = time.time()
+    log_dir = os.environ.get("PGOLF_RECORDS_LOG_DIR")  # every child's full output, for the record's own log lines
+
+    def keep(out, err):
+        if log_dir:
+            os.makedirs(log_dir, exist_ok=True)
+            name = "-".join(a.lstrip("-") for a in args if "/" not in a)
+            with open(os.path.join(log_dir, f"{name}.log"), "a") as f:
+                f.write(f"{out or ''}\n--- stderr\n{err or ''}\n")
+
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
                            cwd=records_env.REPO_ROOT)
@@ -415,8 +424,10 @@ def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):
         def tail(x):
             x = x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
             return "\n".join(x.splitlines()[-15:])
+        keep(*(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr)))
         raise RuntimeError(f"child {' '.join(args)} timed out after {timeout:.0f} s; last output:\n{tail(e.stdout)}\n"
                            f"{tail(e.stderr)}") from None
+    keep(p.stdout, p.stderr)
     print(f"child {' '.join(args)}: rc {p.returncode}, {time.time() - t0:.1f} s wall", flush=True)
     out = p.stdout
     res = None
@@ -539,7 +550,9 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
     """TTT eval of each TTT_KEYS record on TTT_DOCS synthetic documents: one artifact (the record's serialize),
     then one process per variant in ``PGOLF_RECORDS_TTT_VARIANTS`` (default "record,patched"; "patched-cachefile" may
     repeat), each on empty Inductor and Triton cache folders of its own (a fresh machine: the warm-up is the record's
-    cold compile). ``PGOLF_RECORDS_COMPILE_CACHE``: the patched-cachefile file (default: in the bench's temp folder)."""
+    cold compile). ``PGOLF_RECORDS_COMPILE_CACHE``: the patched-cachefile file (default: in the bench's temp folder).
+    ``PGOLF_RECORDS_TTT_ARTIFACT``: a folder that keeps the artifact, so that a later device call running the other
+    variant reuses it (default: the bench's temp folder)."""
     from . import harness
 
     variants = [v for v in os.environ.get("PGOLF_RECORDS_TTT_VARIANTS", ",".join(VARIANTS)).split(",") if v]
@@ -550,13 +563,13 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
     with tempfile.TemporaryDirectory() as d:
         cache_file = os.environ.get("PGOLF_RECORDS_COMPILE_CACHE") or os.path.join(d, "ttt.compile-cache")
         for key in TTT_KEYS:
-            data, art = os.path.join(d, f"ttt-{key}"), os.path.join(d, f"art-{key}")
+            data = os.path.join(d, f"ttt-{key}")
+            art = os.path.join(os.environ.get("PGOLF_RECORDS_TTT_ARTIFACT") or d, f"art-{key}")
             _write_ttt_shards(data, TRAIN_VOCAB[key])
             res: Dict[str, Dict[str, object]] = {}
             cache_runs: List[Dict[str, object]] = []
             try:
-                made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art],
-                                 min(CHILD_S, budget - (time.time() - t0)))
+                made = _ttt_artifact(key, data, art, budget - (time.time() - t0))
                 for v in variants:
                     left = budget - (time.time() - t0)
                     if left < 90:
@@ -595,6 +608,23 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                       "CaseOps off"))
             print(harness.markdown_table(rows[-1:]), flush=True)
             _save(rows)
+
+
+def _ttt_artifact(key: str, data: str, art: str, left: float) -> Dict[str, object]:
+    """The record's artifact in ``art``: reused when an earlier bench wrote it there (``made.json`` beside it; the
+    synthetic shards are the same for the same TTT_DOCS), else written by the artifact child (64 s on an H200)."""
+    made_file = os.path.join(art, "made.json")
+    if os.path.isfile(made_file):
+        with open(made_file) as f:
+            made = json.load(f)
+        if made.get("docs") == TTT_DOCS:
+            print(f"ttt {key}: artifact reused from {art}", flush=True)
+            return made
+    made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art], min(CHILD_S, left))
+    made["docs"] = TTT_DOCS
+    with open(made_file, "w") as f:
+        json.dump(made, f)
+    return made
 
 
 def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:

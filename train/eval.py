@@ -519,7 +519,8 @@ def _parse(argv):
                     help="per-doc TTT: whole batches (the seeds' loop) or rows refilled as documents finish")
     ap.add_argument("--cuda-graphs", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
                     help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
-                         "the first scored step and again after every global pass, on synthetic tokens; CUDA only). "
+                         "the first scored step, on synthetic tokens, and again only after a global pass that replaced "
+                         "the tensors they read; CUDA only). "
                          "auto (default): on for --reference --mode ttt on CUDA, else off")
     ap.add_argument("--overlap-compile", nargs="?", const="thread", default=None, choices=["thread", "process"],
                     help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "

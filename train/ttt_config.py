@@ -54,8 +54,9 @@ class TTTConfig(AdamSettings):
     # "batch": whole batches of batch_size documents, reset together (the seeds' loop); "rolling": rows
     # refilled with new documents as documents finish (ttt_rolling), same per-document computation
     schedule: str = "batch"
-    # replay every TTT step from a CUDA graph of its shape bucket (train.graphs): the non-strict ledger; the
-    # graphs are captured again after every global pass (phased TTT), which replaces the base weights they read.
+    # replay every TTT step from a CUDA graph of its shape bucket (train.graphs): the non-strict ledger; a global
+    # pass (phased TTT) trains the base weights in place, so the graphs stay, and are captured again only when a pass
+    # replaced tensors they read (the first pass on an int6 model).
     # On a CPU device the same bucketed steps run eagerly (logged and reported; the CLI refuses the flag there)
     cuda_graphs: bool = False
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)

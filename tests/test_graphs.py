@@ -226,6 +226,50 @@ def test_plan_predicts_the_batch_schedules_buckets(cfg):
     assert sum(graphs.used.values()) == graphs.steps and graphs.eager_steps == 0  # not captured: not counted
 
 
+@pytest.mark.parametrize("cfg", [CFG, RECORDS_LIKE, TTTConfig(rank=2, chunk=16, window=112, batch_size=4)])
+def test_plan_rolling_predicts_the_rolling_schedules_buckets(cfg):
+    """StepGraphs.plan_rolling from the claim order == the (bucket, kind) pairs the rolling schedule stages, and
+    fewer than all (else planning would buy nothing)."""
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    _, ns = split_docs(stream)
+    _, graphs = _run(tiny_model(seed=3), stream, cfg, "rolling", False)
+    planned = graphs.plan_rolling(ns, [plan_doc_batches(ns, cfg.batch_size)])
+    assert set(graphs.used) == set(planned) and len(planned) < 2 * len(graphs.keys())
+    # another claim order meets other buckets: the plan follows the order, not only the lengths
+    order = plan_doc_batches(ns, cfg.batch_size)[::-1]
+    assert graphs.plan_rolling(ns, [order]) != planned or len(order) == 1
+
+
+@pytest.mark.parametrize("share", [None, (1, 2)])
+def test_eval_rolling_captures_only_the_planned_graphs(share):
+    """evaluate() with the rolling schedule in one process (all batches, or a static share; phased): the graphs
+    prepared are the plan's, every step replays one of them (none runs eagerly), same BPB as without graphs."""
+    import dataclasses
+
+    from train.eval import evaluate
+
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    cfg = dataclasses.replace(RECORDS_LIKE, batch_size=4, schedule="rolling", phases=2, phase_docs=4,
+                              global_seq_len=64, global_batch_seqs=2, global_chunk_tokens=128)
+    ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=cfg, backend="bmm", share=share)
+    logs = []
+    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
+                   backend="bmm", share=share, log=logs.append)
+    cg = rep["cuda_graphs"]
+    assert cg["graph_steps"] == rep["steps"] > 0
+    # a plan, smaller than all 2 x buckets, that every step of every phase's queue fell into
+    from train.graphs import graph_buckets
+
+    rb, lb = graph_buckets(cfg.batch_size, cfg.window, cfg.chunk)
+    assert isinstance(cg["graphs_planned"], int) and cg["buckets_used"] <= cg["graphs_planned"] < 2 * len(rb) * len(lb)
+    assert cg["unplanned_steps"] == 0
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
 def test_batch_steps_refuse_bad_arguments():
     from train.rows import batch_steps
 

@@ -272,9 +272,16 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     bs = cfg.batch_size
     group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
     if mode == "ttt" and cfg.cuda_graphs:
-        # the batch schedule's step shapes follow from the batches (rolling refills rows: all buckets)
+        # the batch schedule's step shapes follow from the batches; the rolling one's from the order its batches are
+        # claimed, known in advance in a single process (all batches, or its static share); with several ranks
+        # claiming from a shared counter every bucket is captured
         batches_ns = [ns[b] for batches in group_batches for b in batches] if cfg.schedule == "batch" else None
-        graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns, lazy=background is not None)
+        claims = None
+        if cfg.schedule == "rolling" and not distributed:
+            claims = [[bt[i] for i in (range(share[0], len(bt), share[1]) if share else range(len(bt)))]
+                      for bt in group_batches]
+        graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns, rolling_claims=claims,
+                              ns=ns, lazy=background is not None)
         report["cuda_graphs"] = dict(graphs.stats)
     first_graphs = graphs  # the first step's: when its scores were in (first_score_s)
     swap = None
@@ -406,10 +413,12 @@ def _overlap(model, adapter, opt, cfg: TTTConfig, st, log, graphs: StepGraphs, b
     return state
 
 
-def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
+def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, rolling_claims=None, ns=None,
                  prev: Optional[StepGraphs] = None, lazy: bool = False) -> StepGraphs:
     """The TTT steps' graphs, prepared: captured (on a CPU device: the same bucketed steps, run eagerly); only the
-    (bucket, kind) pairs the batch schedule meets over ``batches_ns`` when given (``StepGraphs.plan``); ``prev``:
+    (bucket, kind) pairs the batch schedule meets over ``batches_ns`` when given (``StepGraphs.plan``), or the rolling
+    schedule over the claim order ``rolling_claims`` of documents with ``ns`` targets (``StepGraphs.plan_rolling``);
+    ``prev``:
     the graphs these replace after a global pass (same plan; their step counts carry over); ``lazy``: each bucket is
     captured at its first step (``StepGraphs(lazy=True)``)."""
     graphs = StepGraphs(model, adapter, opt, cfg, st, lazy=lazy)
@@ -418,14 +427,18 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None,
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
                                                                        prev.bucket_positions)
         graphs.eager_steps, graphs.used = prev.eager_steps, prev.used
+    elif batches_ns is not None:
+        plan = graphs.plan(batches_ns)
+    elif rolling_claims is not None:
+        plan = graphs.plan_rolling(ns, rolling_claims)
     else:
-        plan = graphs.plan(batches_ns) if batches_ns is not None else None
+        plan = None
     stats = graphs.prepare(keys=plan)
     if graphs.capture and lazy:
         log(f"[eval] CUDA graphs: {len(plan) if plan is not None else 'all'} to capture, each at its first step")
     elif graphs.capture:
         n_all = 2 * len(graphs.r_buckets) * len(graphs.l_buckets)
-        which = "those the batch schedule will use" if plan is not None else "all"
+        which = f"those the {cfg.schedule} schedule will use" if plan is not None else "all"
         log(f"[eval] CUDA graphs: {stats['graphs']} captured ({which} of {n_all}: {len(graphs.r_buckets)} row x "
             f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s")
     else:

@@ -15,7 +15,9 @@ gradient) and padding rows sit on adapter rows no real row of the step uses. Two
 score-and-train and score-only (a step where every row is at its document's last chunk). Under the batch
 schedule the steps' shapes follow from the document lengths alone, so ``plan`` lists the (bucket, kind) pairs
 it will use and ``prepare(keys=...)`` captures only those (29 of 80 for the seeds' config on the 50,000-doc
-set); a step outside the prepared keys runs the same body eagerly and is counted (``graph_eager_steps``).
+set). The rolling schedule's shapes follow from the lengths and the order its batches are claimed, known in advance
+in a single process, so ``plan_rolling`` does the same there (with ranks claiming from a shared counter every bucket
+is captured). A step outside the prepared keys runs the same body eagerly and is counted (``graph_eager_steps``).
 
 Inputs are copied into the bucket's static buffers before each replay (x, sel, y, pos, mask, adapter rows,
 train flags). The adapters, the optimizer state, the ledger and the BPB sums are the graphs' own
@@ -42,7 +44,7 @@ import torch
 
 from .bpb import BPBAccumulator
 from .ledger import ScoreLedger
-from .rows import RowBatch, batch_steps, build_rows
+from .rows import RowBatch, batch_steps, build_rows, rolling_steps
 from .scoring import EvalState
 
 
@@ -176,6 +178,20 @@ class StepGraphs:
                 keys.add(self._step_bucket(live.size, b)[0] + (bool(train.any()),))
         return sorted(keys)
 
+    def plan_rolling(self, ns: np.ndarray, claims: List[List[np.ndarray]]) -> List[Tuple[int, int, bool]]:
+        """The (R_b, L_b, trains) graphs the rolling schedule will replay when its claims are known in advance:
+        ``claims`` holds, per queue (one per phase), the document batches in the order this process claims them
+        (a single process, or a static share). The same steps as ``schedules.ttt_rolling``
+        (``rows.rolling_steps``), bucketed as ``stage`` does. Why: on the records' recipe a 1/8 share replayed 75 of
+        the 160 graphs, and capturing all of them took 26.2 s on the H200."""
+        keys = set()
+        for seq in claims:
+            it = iter(seq)
+            for _s, _n, live, _d, _a, b, train in rolling_steps(ns, self.cfg.chunk, self.adapter.n_docs,
+                                                                lambda: next(it, None)):
+                keys.add(self._step_bucket(live.size, b)[0] + (bool(train.any()),))
+        return sorted(keys)
+
     def _buffers(self, key: Tuple[int, int]) -> _Buffers:
         if key not in self.buffers:
             R, L = key
@@ -254,9 +270,12 @@ class StepGraphs:
 
     def usage(self) -> Dict[str, float]:
         """Steps staged so far and the share of their bucket positions that real rows filled."""
+        unplanned = sum(n for k, n in self.used.items() if self.planned is not None and k not in self.planned)
         return {"graph_steps": self.steps,
                 "graph_fill": round(self.real_positions / self.bucket_positions, 4) if self.bucket_positions else 0.0,
-                "graph_eager_steps": self.eager_steps, "buckets_used": len(self.used)}
+                "graph_eager_steps": self.eager_steps, "buckets_used": len(self.used),
+                "graphs_planned": len(self.planned) if self.planned is not None else "all",
+                "unplanned_steps": unplanned}
 
     # ------------------------------------------------------------------------------ capture
     def keys(self) -> List[Tuple[int, int]]:

@@ -50,6 +50,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -400,42 +401,55 @@ def train_points(log: str, tokens_per_step: int):
     return pts
 
 
+def run_child(cmd: List[str], timeout: float, log_dir: str, name: str, env=None, cwd=None):
+    """Run ``cmd`` with its output in ``log_dir/name.log`` / ``.err`` -> (return code or None on timeout, stdout,
+    stderr). Files, not pipes, and its own process group: on a timeout the whole group is killed (the record's
+    Inductor compile workers too, which subprocess.run's kill would leave holding its pipes open) and what it printed
+    so far is read back; the files stay, so a partial log survives even when the caller is killed first."""
+    os.makedirs(log_dir, exist_ok=True)
+    out_path, err_path = os.path.join(log_dir, f"{name}.log"), os.path.join(log_dir, f"{name}.err")
+    with open(out_path, "w") as fo, open(err_path, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env, cwd=cwd, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            rc = None
+        try:  # the group's stragglers too (a compile worker outliving a finished child)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    with open(out_path, errors="replace") as f:
+        out = f.read()
+    with open(err_path, errors="replace") as f:
+        err = f.read()
+    return rc, out, err
+
+
 def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):
-    """One child process; ``caches``: a folder for its own (empty) Inductor and Triton caches, as on a fresh machine."""
+    """One child process; ``caches``: a folder for its own (empty) Inductor and Triton caches, as on a fresh machine.
+    ``PGOLF_RECORDS_LOG_DIR``: where its output files stay (default: a temp folder)."""
     cmd = [sys.executable, "-m", "bench.bench_records"] + args
     env = dict(os.environ, PYTHONUNBUFFERED="1", **env_extra)
     if caches:
         env.update(TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"), TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     t0 = time.time()
-    log_dir = os.environ.get("PGOLF_RECORDS_LOG_DIR")  # every child's full output, for the record's own log lines
-
-    def keep(out, err):
-        if log_dir:
-            os.makedirs(log_dir, exist_ok=True)
-            name = "-".join(a.lstrip("-") for a in args if "/" not in a)
-            with open(os.path.join(log_dir, f"{name}.log"), "a") as f:
-                f.write(f"{out or ''}\n--- stderr\n{err or ''}\n")
-
-    try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                           cwd=records_env.REPO_ROOT)
-    except subprocess.TimeoutExpired as e:
+    log_dir = os.environ.get("PGOLF_RECORDS_LOG_DIR") or tempfile.mkdtemp(prefix="rec_child_")
+    name = "-".join(a.lstrip("-") for a in args if "/" not in a)
+    rc, out, err = run_child(cmd, timeout, log_dir, name, env=env, cwd=records_env.REPO_ROOT)
+    if rc is None:
         # say how far the child got (compile, warm-up or steps): a bare timeout left nothing to act on
         def tail(x):
-            x = x.decode(errors="replace") if isinstance(x, bytes) else (x or "")
             return "\n".join(x.splitlines()[-15:])
-        keep(*(x.decode(errors="replace") if isinstance(x, bytes) else x for x in (e.stdout, e.stderr)))
-        raise RuntimeError(f"child {' '.join(args)} timed out after {timeout:.0f} s; last output:\n{tail(e.stdout)}\n"
-                           f"{tail(e.stderr)}") from None
-    keep(p.stdout, p.stderr)
-    print(f"child {' '.join(args)}: rc {p.returncode}, {time.time() - t0:.1f} s wall", flush=True)
-    out = p.stdout
+        raise RuntimeError(f"child {' '.join(args)} timed out after {timeout:.0f} s; last output:\n{tail(out)}\n"
+                           f"{tail(err)}")
+    print(f"child {' '.join(args)}: rc {rc}, {time.time() - t0:.1f} s wall", flush=True)
     res = None
     for line in out.splitlines():
         if line.startswith("RESULT "):
             res = json.loads(line[len("RESULT "):])
     if res is None:
-        raise RuntimeError(f"child {' '.join(args)} failed (rc {p.returncode}):\n{out[-3000:]}\n{p.stderr[-3000:]}")
+        raise RuntimeError(f"child {' '.join(args)} failed (rc {rc}):\n{out[-3000:]}\n{err[-3000:]}")
     return res, out
 
 
@@ -622,6 +636,7 @@ def _ttt_artifact(key: str, data: str, art: str, left: float) -> Dict[str, objec
             return made
     made, _ = _spawn(["--child", "ttt-artifact", "--key", key, "--data", data, "--artifact", art], min(CHILD_S, left))
     made["docs"] = TTT_DOCS
+    os.makedirs(art, exist_ok=True)
     with open(made_file, "w") as f:
         json.dump(made, f)
     return made

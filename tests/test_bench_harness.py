@@ -255,6 +255,17 @@ def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(m
     ttt = [c for c in calls if c[0][1] == "ttt"]
     assert len(ttt) == 3 and len({c[1] for c in ttt}) == 3 and all(c[1] for c in ttt)
     assert [r["compile_cache"] for r in rows[0]["cache_runs"]] == ["wrote 7 bytes", "loaded 7 bytes"]
+    # PGOLF_RECORDS_TTT_ARTIFACT: the first bench writes the artifact there, a later one (another device call)
+    # reuses it without the artifact child; a different document count writes it again
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "patched")
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_ARTIFACT", str(tmp_path / "art"))
+    for docs, spawned in ((br.TTT_DOCS, 1), (br.TTT_DOCS, 0), (br.TTT_DOCS + 1, 1)):
+        monkeypatch.setattr(br, "TTT_DOCS", docs)
+        calls.clear()
+        br._ttt_rows([], budget=1e6, t0=__import__("time").time())
+        assert sum(c[0][1] == "ttt-artifact" for c in calls) == spawned
+        assert [c[0][c[0].index("--artifact") + 1] for c in calls if c[0][1] == "ttt"] == [
+            str(tmp_path / "art" / "art-2026-04-29")]
     monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,cached")
     with pytest.raises(ValueError, match="PGOLF_RECORDS_TTT_VARIANTS: unknown \\['cached'\\]"):
         br._ttt_rows([], budget=1e6, t0=0.0)
@@ -308,3 +319,36 @@ def test_schedule_helpers_refuse_bad_arguments_by_name():
         work("x")
     with pytest.raises(ValueError, match=r"share = \(8, 8\)"):
         work("seeds", (8, 8))
+
+
+def test_records_child_timeout_kills_its_process_group_and_keeps_its_output(tmp_path):
+    """bench_records.run_child: a child that printed, started a grandchild holding its output open, then hung, comes
+    back at its timeout (not when the grandchild ends) with what it printed, and the grandchild is killed too."""
+    import sys
+    import time
+
+    from bench.bench_records import run_child
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = ("import subprocess, sys, time\n"
+              "print('warming up', flush=True)\n"
+              "g = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+              f"open({str(pid_file)!r}, 'w').write(str(g.pid))\n"
+              "time.sleep(60)\n")
+    t0 = time.time()
+    rc, out, err = run_child([sys.executable, "-c", script], 3.0, str(tmp_path / "logs"), "hang")
+    assert rc is None and time.time() - t0 < 20
+    assert "warming up" in out and (tmp_path / "logs" / "hang.log").read_text() == out
+    gpid = int(pid_file.read_text())
+    for _ in range(50):  # the group's SIGKILL reaches the grandchild: gone, or a zombie nobody reaped yet
+        try:
+            state = open(f"/proc/{gpid}/stat").read().rsplit(")", 1)[1].split()[0]
+        except FileNotFoundError:
+            break
+        if state in ("Z", "X"):
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"grandchild {gpid} still running")
+    rc, out, _ = run_child([sys.executable, "-c", "print('RESULT {}')"], 30.0, str(tmp_path / "logs"), "ok")
+    assert rc == 0 and out.strip() == "RESULT {}"

@@ -247,7 +247,7 @@ def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(m
 
     monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched-cachefile,patched-cachefile")
     monkeypatch.setattr(br, "_spawn", spawn)
-    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v: None)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v, docs=0: None)
     monkeypatch.setattr(br, "ttt_times", lambda log: {"eval_s": 2.0, "warmup_s": 3.0, "val_bpb": 1.5, "val_loss": 1.0})
     monkeypatch.setattr(br, "_save", lambda rows: None)
     rows = []
@@ -269,6 +269,37 @@ def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(m
     monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,cached")
     with pytest.raises(ValueError, match="PGOLF_RECORDS_TTT_VARIANTS: unknown \\['cached'\\]"):
         br._ttt_rows([], budget=1e6, t0=0.0)
+
+
+def test_records_ttt_cold_docs_runs_each_variant_cold_then_warm_on_its_caches(monkeypatch):
+    """PGOLF_RECORDS_TTT_COLD_DOCS: per variant, a cold child on the small val shard, then the share's child on the
+    same cache folders (each variant its own); the row holds both warm-ups."""
+    from bench import bench_records as br
+
+    calls, shards = [], []
+
+    def spawn(args, timeout, caches="", **env):
+        calls.append((args, caches))
+        if args[1] == "ttt-artifact":
+            return {"quant_bytes": 1, "serialize_s": 0.1}, ""
+        cold = "ttt-cold-" in args[args.index("--data") + 1]
+        return {"wall_s": 9.0 if cold else 5.0, "peak_mb": 1.0, "patch": "p"}, "cold" if cold else "warm"
+
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched")
+    monkeypatch.setattr(br, "TTT_COLD_DOCS", 16)
+    monkeypatch.setattr(br, "_spawn", spawn)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v, docs=0: shards.append((os.path.basename(d), docs)))
+    monkeypatch.setattr(br, "ttt_times", lambda log: {"eval_s": 2.0, "warmup_s": 300.0 if log == "cold" else 30.0,
+                                                      "val_bpb": 1.5, "val_loss": 1.0})
+    monkeypatch.setattr(br, "_save", lambda rows: None)
+    rows = []
+    br._ttt_rows(rows, budget=1e6, t0=__import__("time").time())
+    assert shards == [("ttt-2026-04-29", 0), ("ttt-cold-2026-04-29", 16)]
+    ttt = [(a[a.index("--variant") + 1], "cold" in a[a.index("--data") + 1], c) for a, c in calls if a[1] == "ttt"]
+    assert [(v, cold) for v, cold, _ in ttt] == [("record", True), ("record", False), ("patched", True), ("patched", False)]
+    assert ttt[0][2] == ttt[1][2] != ttt[2][2] == ttt[3][2]  # a variant's two children share its caches
+    r = rows[0]
+    assert (r["cold_warmup_s"], r["baseline_cold_warmup_s"], r["warmup_s"], r["cold_docs"]) == (300.0, 300.0, 30.0, 16)
 
 
 def test_records_muon_row_extras():

@@ -516,6 +516,9 @@ def _parse(argv):
     ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's decoupled weight decay (default 0)")
     ap.add_argument("--warm-start-a", action="store_true", default=None,
                     help="keep LoRA A across document resets (only B is zeroed)")
+    ap.add_argument("--tail-block", action="store_true", default=None,
+                    help="per-document TTT: run the last block's queries, output projection and MLP at the scored "
+                         "chunk only (same scores up to rounding; fewer FLOPs per step)")
     ap.add_argument("--phases", type=int, default=None, help="phased TTT: number of phases (default 0: off)")
     ap.add_argument("--phase-docs", type=int, default=None, help="phased TTT: documents in the phases")
     ap.add_argument("--phase-scope", default=None, choices=["cumulative", "phase"],
@@ -587,7 +590,8 @@ def _parse(argv):
 # (window and chunk are resolved against the model's trained length in main(), by checks.eval_args)
 _TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "batch_size": "batch_size",
                 "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
-                "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "phases": "phases",
+                "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "tail_block": "tail_block",
+                "phases": "phases",
                 "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
                 "global_clip": "global_clip", "global_seq_len": "global_seq_len",
                 "global_batch_seqs": "global_batch_seqs", "global_chunk_tokens": "global_chunk_tokens"}

@@ -22,7 +22,8 @@ def head_nll(model, h: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, adapter
     the cross-entropy are computed only where a score is taken: 1/4 of the window at chunk 256).
     """
     d = h.size(-1)
-    hs = torch.gather(h, 1, sel[..., None].expand(-1, -1, d))
+    # sel None: h holds the scored positions already (GPT.hidden(..., keep=sel))
+    hs = h if sel is None else torch.gather(h, 1, sel[..., None].expand(-1, -1, d))
     if adapter is not None:
         raw = adapter.head(hs, model)
     else:
@@ -35,7 +36,14 @@ def head_nll(model, h: torch.Tensor, sel: torch.Tensor, y: torch.Tensor, adapter
     return nll.view(y.shape)
 
 
+def tail_block(adapter) -> bool:
+    """Whether a TTT forward runs its last block at the scored positions only (``TTTConfig.tail_block``)."""
+    return adapter is not None and bool(getattr(getattr(adapter, "cfg", None), "tail_block", False))
+
+
 def _row_forward(model, x, sel, y, adapter):
+    if tail_block(adapter):
+        return head_nll(model, model.hidden(x, adapter, keep=sel), None, y, adapter)
     return head_nll(model, model.hidden(x, adapter), sel, y, adapter)
 
 
@@ -107,7 +115,7 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
     # adapter graph's aliasing guard). Graph variants left: grad / no-grad, and block 0's input not
     # requiring grad.
     fns = dict(block_plain=_block_plain, block_adapted=_block_adapted, head_plain=_head_plain,
-               head_adapted=_head_adapted)
+               head_adapted=_head_adapted, block_tail=_block_tail)
     if precompiled is not None:
         from .precompiled import Precompiled, fingerprint
 
@@ -115,11 +123,13 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
         made = {n: Precompiled(f, precompiled, n, fingerprint(n, model, dev)) for n, f in fns.items()}
     else:
         made = {n: torch.compile(f, dynamic=True) for n, f in fns.items()}
-    plain, adapted, head_plain, head_adapted = (made[n] for n in fns)
+    plain, adapted, head_plain, head_adapted, tail = (made[n] for n in fns)
 
-    def block_forward(self, x, x0, adapter=None, rope=None):
+    def block_forward(self, x, x0, adapter=None, rope=None, keep=None):
         if _eager_here():
-            return type(self).forward(self, x, x0, adapter, rope)
+            return type(self).forward(self, x, x0, adapter, rope, keep)
+        if keep is not None:  # the last block at the scored positions (TTTConfig.tail_block): its own function
+            return tail(self, x, x0, adapter, rope, keep)
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
             if adapter is not None and torch.is_grad_enabled() and not x.requires_grad:
                 # and a requires_grad guard would split off another (forward + backward) for block 0's
@@ -136,6 +146,8 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
         b.forward = types.MethodType(block_forward, b)
 
     def fwd(model, x, sel, y, adapter):
+        if tail_block(adapter):
+            return head_adapted(model, model.hidden(x, adapter, keep=sel), None, y, adapter)
         h = model.hidden(x, adapter)
         return head_plain(model, h, sel, y) if adapter is None else head_adapted(model, h, sel, y, adapter)
 
@@ -149,6 +161,10 @@ def _block_plain(block, x, x0, rope):
 
 def _block_adapted(block, x, x0, adapter, rope):
     return type(block).forward(block, x, x0, adapter, rope)
+
+
+def _block_tail(block, x, x0, adapter, rope, keep):
+    return type(block).forward(block, x, x0, adapter, rope, keep)
 
 
 def _head_plain(model, h, sel, y):

@@ -235,9 +235,10 @@ class CausalSelfAttention(nn.Module):
         # resolved once here (an import attempt, no GPU query), not inside the compiled forward
         self._fa3 = _flash_attn3()
 
-    def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None, keep=None) -> torch.Tensor:
         """``rope``: the (cos, sin) tables of ``Rotary`` for this T (``GPT.hidden`` makes them once per
-        forward for every block); None computes them here."""
+        forward for every block); None computes them here. ``keep`` (B, C) int64 window positions: only those
+        queries (each attending causally to keys 0..its position), output (B, C, d) instead of (B, T, d)."""
         B, T, _ = h.shape
         if q is None:
             q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)
@@ -248,6 +249,15 @@ class CausalSelfAttention(nn.Module):
         k = rms_norm(k)
         cos, sin = self.rotary(T, h.device, q.dtype) if rope is None else (rope[0].to(q.dtype), rope[1].to(q.dtype))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if keep is not None:
+            # the kept queries only: C of T rows of the scores, so a masked SDPA (no flash kernel) costs C/T of
+            # the causal one
+            C = keep.size(1)
+            q = torch.gather(q, 2, keep[:, None, :, None].expand(B, self.num_heads, C, self.head_dim))
+            mask = torch.arange(T, device=h.device)[None, None, None, :] <= keep[:, None, :, None]
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                               enable_gqa=self.num_kv_heads != self.num_heads)
+            return self.proj(y.transpose(1, 2).reshape(B, C, -1))
         fa3 = self._fa3 if h.is_cuda else None
         if fa3 is not None and q.dtype in (torch.bfloat16, torch.float16):
             y = fa3(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -287,17 +297,23 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x, x0, adapter=None, rope=None):
+    def forward(self, x, x0, adapter=None, rope=None, keep=None):
         """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``; ``rope``: the
-        RoPE (cos, sin) tables (``CausalSelfAttention.forward``)."""
+        RoPE (cos, sin) tables (``CausalSelfAttention.forward``). ``keep`` (B, C) int64: the block's output at
+        those window positions only, (B, C, d): K and V still see every position, the queries, the output
+        projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x)
+        hk = h
+        if keep is not None:
+            hk = torch.gather(h, 1, keep[..., None].expand(-1, -1, h.size(-1)))
+            x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.size(-1)))
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
-            a = adapter.attn_out(h, self.attn(h, q, k, v, rope))
+            a = adapter.attn_out(hk, self.attn(h, q, k, v, rope, keep=keep))
         else:
-            a = self.attn(h, rope=rope)
+            a = self.attn(h, rope=rope, keep=keep)
         x = x + self.attn_scale.to(x.dtype) * a
         m = rms_norm(x)
         y = self.mlp(m) if adapter is None else adapter.mlp_out(m, self.mlp(m, adapter))
@@ -371,8 +387,10 @@ class GPT(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
-    def hidden(self, input_ids: torch.Tensor, adapter=None) -> torch.Tensor:
-        """Final-normed hidden state (B, T, d)."""
+    def hidden(self, input_ids: torch.Tensor, adapter=None, keep=None) -> torch.Tensor:
+        """Final-normed hidden state (B, T, d); with ``keep`` (B, C) int64 window positions, (B, C, d) at those
+        positions, the last block computing only what they need (``Block.forward``): the same values, without
+        that block's queries, output projection and MLP at the other T - C positions."""
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -393,7 +411,11 @@ class GPT(nn.Module):
             i = self.num_encoder_layers + j
             if skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
+            last = keep if j == self.num_decoder_layers - 1 else None
+            if last is None:
+                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
+            else:
+                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):

@@ -67,6 +67,11 @@ class TTTConfig(AdamSettings):
     # keep A across document resets (only B is zeroed): an adapter row's A carries over from the
     # documents that row held before (so a document's scores then depend on its batch mates' history)
     warm_start_a: bool = False
+    # the last block at the scored positions only (GPT.hidden(..., keep=)): K and V still see the whole window,
+    # the last block's queries, output projection and MLP and the head run on the chunk's C positions instead of
+    # the window's T (records' recipe: 48 of up to 2,048; ~85 % of one block of 11 fewer FLOPs). Same scores and
+    # gradients up to rounding (CPU tests); off by default until timed on a GPU
+    tail_block: bool = False
     # phased TTT (train.phased): the phase_docs longest documents in `phases` phases, a global SGD pass
     # on the base weights after each; 0 phases = off
     phases: int = 0
@@ -111,6 +116,8 @@ class TTTConfig(AdamSettings):
             raise ValueError(f"beta1, beta2: ({self.beta1}, {self.beta2}); expected each in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"eps: {self.eps}; expected > 0")
+        if not isinstance(self.tail_block, bool):
+            raise ValueError(f"tail_block: {self.tail_block!r}; expected True or False")
         if self.phases < 0 or self.phase_docs < 0:
             raise ValueError(f"phases ({self.phases}) and phase_docs ({self.phase_docs}) must be >= 0")
         if self.phases > 0 and self.phase_docs < self.phases:

@@ -25,7 +25,7 @@ the same with ``--precompiled`` in the case's cache folder; ``seeds-ref-cachefil
 whose second process runs on empty cache folders with the first one's file; ``seeds-ref-overlap`` /
 ``seeds-ref-overlap-process``: the defaults with ``--overlap-compile`` (thread) / ``--overlap-compile process``;
 ``records-ref-rolling`` / ``records-kernel-rolling``: the records' recipe with ``--schedule rolling``, the driver's
-other defaults): recipe and path.
+other defaults; ``records-ref-rolling-tail``: with ``--tail-block`` too): recipe and path.
 ``PGOLF_WARMUP_DOCS`` (default 2000; 50000 = the official-size set, 62,021,846 tokens) and ``PGOLF_WARMUP_SHARE``
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
@@ -76,7 +76,10 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # 1,144 of 4,184) but pads more (fill 0.780 vs 0.913, bench/results/schedule-work-cpu.md): which is faster
          # depends on what a small step costs, which these cases measure against records-ref-default
          "records-ref-rolling": ("records", True, ("--schedule", "rolling")),
-         "records-kernel-rolling": ("records", False, ("--schedule", "rolling"))}
+         "records-kernel-rolling": ("records", False, ("--schedule", "rolling")),
+         # the same with the last block at the scored chunk only (TTTConfig.tail_block: ~85 % of one of 11 blocks
+         # fewer FLOPs per step at chunk 48, window 2048)
+         "records-ref-rolling-tail": ("records", True, ("--schedule", "rolling", "--tail-block"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

@@ -4,7 +4,8 @@ One step = the eval driver's inner loop body (``train.schedules.ttt_batch``): fo
 positions, records: 2048) with grad, score the last chunk of targets of each row (256 / 48), backward to the
 adapters, the recipe's optimizer (Adam / AdamW).
 Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
-each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``). Prints ms/step (median of CUDA-synchronized steps) and a
+each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``); a ``-tail`` suffix runs the
+step with ``TTTConfig.tail_block`` (the last block at the scored chunk only). Prints ms/step (median of CUDA-synchronized steps) and a
 torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
@@ -14,6 +15,7 @@ elementwise passes and host overhead (wall minus GPU-busy) is measured, not gues
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -110,10 +112,16 @@ def main(argv=None):
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
-    p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile")
+    p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
+                   help="comma list of (kernel|reference)-(eager|compile)[-tail]; -tail: TTTConfig.tail_block")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
     a = p.parse_args(argv)
+    for v in a.variants.split(","):  # refused before the artifact is built
+        parts = v.split("-")
+        if len(parts) not in (2, 3) or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
+                or parts[2:] not in ([], ["tail"]):
+            raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]")
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
@@ -133,8 +141,11 @@ def main(argv=None):
            "recipe": a.recipe, "batch": a.batch, "window": a.window, "chunk": a.chunk, "rank": a.rank,
            "targets": list(cfg.targets), "optimizer": cfg.optimizer, "variants": {}}
     for v in a.variants.split(","):
-        path_kind, mode = v.split("-")
-        model, ad, opt = _setup(path_kind == "reference", path, cfg, dev)
+        parts = v.split("-")
+        path_kind, mode = parts[:2]
+        # -tail: TTTConfig.tail_block (the last block at the scored chunk only)
+        cfg_v = dataclasses.replace(cfg, tail_block=parts[2:] == ["tail"])
+        model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev)
         step = _step_fn(model, ad, opt, mode == "compile")
         t = time.perf_counter()
         try:

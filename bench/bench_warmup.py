@@ -77,7 +77,7 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # depends on what a small step costs, which these cases measure against records-ref-default
          "records-ref-rolling": ("records", True, ("--schedule", "rolling")),
          "records-kernel-rolling": ("records", False, ("--schedule", "rolling")),
-         # the same with the last block at the scored chunk only (TTTConfig.tail_block: ~85 % of one of 11 blocks
+         # the same with the last block at the scored chunk only (TTTConfig.tail_block: ~80 % of one of 11 blocks
          # fewer FLOPs per step at chunk 48, window 2048)
          "records-ref-rolling-tail": ("records", True, ("--schedule", "rolling", "--tail-block"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)

@@ -1,6 +1,7 @@
 """``TTTConfig.tail_block``: the last block at the scored positions only (``GPT.hidden(..., keep=)``) gives the
 scores and adapter gradients of the full forward (fp32, CPU), through ``rows_nll`` and through ``evaluate``."""
 import dataclasses
+import re
 
 import numpy as np
 import pytest
@@ -83,6 +84,15 @@ def test_eval_with_tail_block_scores_like_without(schedule, backend):
     assert rep["lora_backend"] == ref["lora_backend"]
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+@pytest.mark.parametrize("keep,what", [(torch.zeros(2, 4, dtype=torch.int32), "torch.int32"),
+                                       (torch.zeros(8, dtype=torch.int64), "(8,)"),
+                                       (torch.zeros(3, 4, dtype=torch.int64), "(3, 4)"), ([0, 1], "list")])
+def test_hidden_refuses_a_bad_keep_by_name(keep, what):
+    model = tiny_model(seed=3)
+    with pytest.raises(ValueError, match=r"GPT.hidden: keep must be an int64 \(B, C\) tensor.*got .*" + re.escape(what)):
+        model.hidden(torch.randint(4, 1024, (2, 16)), keep=keep)
 
 
 def test_tail_block_option_and_bad_value():

@@ -517,7 +517,7 @@ def _parse(argv):
     ap.add_argument("--warm-start-a", action="store_true", default=None,
                     help="keep LoRA A across document resets (only B is zeroed)")
     ap.add_argument("--tail-block", action="store_true", default=None,
-                    help="per-document TTT: run the last block's queries, output projection and MLP at the scored "
+                    help="per-document TTT: run the last block's attention queries, output projection and MLP at the scored "
                          "chunk only (same scores up to rounding; fewer FLOPs per step)")
     ap.add_argument("--phases", type=int, default=None, help="phased TTT: number of phases (default 0: off)")
     ap.add_argument("--phase-docs", type=int, default=None, help="phased TTT: documents in the phases")

@@ -300,8 +300,8 @@ class Block(nn.Module):
     def forward(self, x, x0, adapter=None, rope=None, keep=None):
         """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``; ``rope``: the
         RoPE (cos, sin) tables (``CausalSelfAttention.forward``). ``keep`` (B, C) int64: the block's output at
-        those window positions only, (B, C, d): K and V still see every position, the queries, the output
-        projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``)."""
+        those window positions only, (B, C, d): the Q, K and V projections still see every position, the
+        attention queries, the output projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``)."""
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = rms_norm(x)
@@ -390,7 +390,14 @@ class GPT(nn.Module):
     def hidden(self, input_ids: torch.Tensor, adapter=None, keep=None) -> torch.Tensor:
         """Final-normed hidden state (B, T, d); with ``keep`` (B, C) int64 window positions, (B, C, d) at those
         positions, the last block computing only what they need (``Block.forward``): the same values, without
-        that block's queries, output projection and MLP at the other T - C positions."""
+        that block's attention queries, output projection and MLP at the other T - C positions (its Q projection
+        still runs over the window, with K and V)."""
+        if keep is not None and (not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2
+                                 or keep.shape[0] != input_ids.shape[0] or keep.device != input_ids.device):
+            got = (f"{keep.dtype} {tuple(keep.shape)} on {keep.device}" if isinstance(keep, torch.Tensor)
+                   else type(keep).__name__)
+            raise ValueError(f"GPT.hidden: keep must be an int64 (B, C) tensor of window positions on "
+                             f"{input_ids.device} with B = {input_ids.shape[0]}, got {got}")
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -412,10 +419,7 @@ class GPT(nn.Module):
             if skips:
                 x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
             last = keep if j == self.num_decoder_layers - 1 else None
-            if last is None:
-                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
-            else:
-                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):

@@ -68,8 +68,8 @@ class TTTConfig(AdamSettings):
     # documents that row held before (so a document's scores then depend on its batch mates' history)
     warm_start_a: bool = False
     # the last block at the scored positions only (GPT.hidden(..., keep=)): K and V still see the whole window,
-    # the last block's queries, output projection and MLP and the head run on the chunk's C positions instead of
-    # the window's T (records' recipe: 48 of up to 2,048; ~85 % of one block of 11 fewer FLOPs). Same scores and
+    # the last block's attention queries, output projection and MLP and the head run on the chunk's C positions
+    # instead of the window's T (records' recipe: 48 of up to 2,048; ~80 % of one block of 11 fewer FLOPs). Same scores and
     # gradients up to rounding (CPU tests); off by default until timed on a GPU
     tail_block: bool = False
     # phased TTT (train.phased): the phase_docs longest documents in `phases` phases, a global SGD pass

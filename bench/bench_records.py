@@ -75,7 +75,19 @@ TRAIN_VOCAB = {"2026-03-17": 1024, "2026-03-23": 1024, "2026-04-29": 8192}
 CASEOPS_MODEL = "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 # brief training: ITERATIONS steps, ms/step = slope of train_time over steps TRAIN_FIT[0]..ITERATIONS (the first
 # steps hold the records' own compile warm-up)
-TRAIN_ITERS = int(os.environ.get("PGOLF_RECORDS_ITERS", "50"))
+def env_int(name: str, default: int, lo: int) -> int:
+    """An integer setting from the environment, refused by name when it is not an integer >= lo."""
+    v = os.environ.get(name, str(default))
+    try:
+        n = int(v)
+    except ValueError:
+        n = lo - 1
+    if n < lo:
+        raise ValueError(f"{name}={v!r}: expected an integer >= {lo}")
+    return n
+
+
+TRAIN_ITERS = env_int("PGOLF_RECORDS_ITERS", 50, 12)  # the slope is fitted over steps 10..ITERS (>= 3 points)
 TRAIN_FIT = (10, TRAIN_ITERS)
 CHILD_S = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training or TTT process at most
 
@@ -267,11 +279,11 @@ TTT_KEYS = ("2026-04-29",)
 # TTT only: the patch plus compile_cache=PGOLF_RECORDS_COMPILE_CACHE; list it twice (the first child writes the file at
 # exit, the second, on empty cache folders of its own, loads it)
 TTT_EXTRA_VARIANTS = ("patched-cachefile",)
-TTT_DOCS = int(os.environ.get("PGOLF_RECORDS_TTT_DOCS", "1000"))
+TTT_DOCS = env_int("PGOLF_RECORDS_TTT_DOCS", 1000, 1)
 # > 0: each variant first runs once cold on a val shard of this many documents (its compile warm-up, cold caches),
 # then on the TTT_DOCS share with those caches (the timed eval, warm-up from warm caches). Why: a cold 2026-04-29
 # record child did not finish warm-up + 500 documents within ~500 s of one device call, which left no number at all
-TTT_COLD_DOCS = int(os.environ.get("PGOLF_RECORDS_TTT_COLD_DOCS", "0"))
+TTT_COLD_DOCS = env_int("PGOLF_RECORDS_TTT_COLD_DOCS", 0, 0)
 
 
 def _ttt_env(art_dir: str, **extra: str) -> Dict[str, str]:
@@ -670,7 +682,7 @@ def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None
     from . import harness
 
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
-    repeats = int(os.environ.get("PGOLF_RECORDS_REPEATS", "2"))
+    repeats = env_int("PGOLF_RECORDS_REPEATS", 2, 1)
     with tempfile.TemporaryDirectory() as d:
         for v in sorted({TRAIN_VOCAB[k] for k in keys}):
             _write_shards(os.path.join(d, f"sp{v}"), v)

@@ -2,6 +2,7 @@
 import time
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -383,3 +384,14 @@ def test_records_child_timeout_kills_its_process_group_and_keeps_its_output(tmp_
         raise AssertionError(f"grandchild {gpid} still running")
     rc, out, _ = run_child([sys.executable, "-c", "print('RESULT {}')"], 30.0, str(tmp_path / "logs"), "ok")
     assert rc == 0 and out.strip() == "RESULT {}"
+
+
+@pytest.mark.parametrize("value", ["-3", "many", "2.5"])
+def test_records_env_int_refuses_by_name(monkeypatch, value):
+    from bench.bench_records import env_int
+
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_COLD_DOCS", value)
+    with pytest.raises(ValueError, match=f"PGOLF_RECORDS_TTT_COLD_DOCS='{re.escape(value)}': expected an integer >= 0"):
+        env_int("PGOLF_RECORDS_TTT_COLD_DOCS", 0, 0)
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_COLD_DOCS", "16")
+    assert env_int("PGOLF_RECORDS_TTT_COLD_DOCS", 0, 0) == 16

@@ -39,7 +39,11 @@ CUDA-graph replay time, ``graph_ms``: device time without launch gaps), ``PGOLF_
 patched step once more with ``PGOLF_NS_FAST_PACK=0``, the torch copy in the NS prologue instead of the Triton pack:
 ``torch_pack_ms``), ``PGOLF_RECORDS_REPEATS`` (2),
 ``PGOLF_RECORDS_CHILD_S`` (420 s per training process) and ``PGOLF_RECORDS_BUDGET_S`` (540 s in all) fit the rows to a
-device call; ``PGOLF_RECORDS_LOG_DIR`` keeps every child's full output there.
+device call; ``PGOLF_RECORDS_LOG_DIR`` keeps every child's full output there; training and TTT children print a progress
+line (compile counters) every ``PGOLF_RECORDS_HEARTBEAT_S`` seconds (30; 0 = off). ``PGOLF_RECORDS_TRAIN_CACHES=DIR``
+keeps the training children's Inductor and Triton caches in DIR after the bench: a 2026-04-29 pair whose cold compile
+does not fit one device call fills them in one call and measures on them in the next (the slope over steps 10-50 is
+outside the warm-up either way).
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
@@ -90,6 +94,9 @@ def env_int(name: str, default: int, lo: int) -> int:
 TRAIN_ITERS = env_int("PGOLF_RECORDS_ITERS", 50, 12)  # the slope is fitted over steps 10..ITERS (>= 3 points)
 TRAIN_FIT = (10, TRAIN_ITERS)
 CHILD_S = float(os.environ.get("PGOLF_RECORDS_CHILD_S", "420"))  # one training or TTT process at most
+# training and TTT children print torch.compile's progress this often (stderr; 0 = off): a child killed at its limit
+# in the 2026-04-29 warm-up had left only the record's own "warmup_cu_buckets" line, nothing on where it stood
+HEARTBEAT_S = env_int("PGOLF_RECORDS_HEARTBEAT_S", 30, 0)
 
 
 def sp1024_model() -> str:
@@ -380,6 +387,38 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
                 muon_step_calls=muon["calls"])
 
 
+def heartbeat_line(elapsed_s: float) -> str:
+    """One progress line of a child: seconds since it started and torch.compile's work so far (Dynamo frames
+    compiled, FX graphs compiled or loaded from the cache, compile seconds). A child killed at its limit leaves these
+    in its log, so the log says whether it was compiling, loading compiled graphs or running steps."""
+    from train.warmup import compile_cache_counts
+
+    c = compile_cache_counts()
+    fx = {k.split(".", 1)[1]: int(v) for k, v in c.items() if k.startswith("inductor.fxgraph_cache_")}
+    return (f"[child {elapsed_s:.0f} s] dynamo frames {c['dynamo_frames']}, fx graphs "
+            f"{', '.join(f'{k} {v}' for k, v in sorted(fx.items())) or 'none'}, compile {c['compile_s.frame']:.1f} s")
+
+
+def start_heartbeat(every_s: float) -> None:
+    """Print ``heartbeat_line`` to stderr every ``every_s`` seconds from a daemon thread (0: off)."""
+    if every_s <= 0:
+        return
+    import threading
+
+    t0 = time.time()
+
+    def beat():
+        while True:
+            time.sleep(every_s)
+            try:
+                print(heartbeat_line(time.time() - t0), file=sys.stderr, flush=True)
+            except Exception as e:  # a progress line must never take the child down
+                print(f"[child] heartbeat failed: {e}", file=sys.stderr, flush=True)
+                return
+
+    threading.Thread(target=beat, name="pgolf-heartbeat", daemon=True).start()
+
+
 def _child_main(argv) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--child", choices=["muon", "train", "ttt-artifact", "ttt"], required=True)
@@ -388,6 +427,8 @@ def _child_main(argv) -> int:
     ap.add_argument("--data", default="")
     ap.add_argument("--artifact", default="")
     a = ap.parse_args(argv)
+    if a.child in ("train", "ttt"):  # the long children: their compile warm-ups outran 197-400 s before
+        start_heartbeat(HEARTBEAT_S)
     if a.child == "muon":
         res = child_muon(a.key, a.variant)
     elif a.child == "train":
@@ -678,11 +719,27 @@ def _ttt_artifact(key: str, data: str, art: str, left: float) -> Dict[str, objec
     return made
 
 
+def train_caches() -> str:
+    """``PGOLF_RECORDS_TRAIN_CACHES``: a folder for the training children's Inductor and Triton caches, kept after the
+    bench, so that a later bench process on the same machine (a second device call) starts them on warm caches;
+    "" (default): torch's default cache folders."""
+    d = os.environ.get("PGOLF_RECORDS_TRAIN_CACHES", "")
+    if d and os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"PGOLF_RECORDS_TRAIN_CACHES = {d!r}: expected a folder (or a path to create), got a file")
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return d
+
+
 def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
     from . import harness
 
     keys = [k for k in os.environ.get("PGOLF_RECORDS_TRAIN_KEYS", ",".join(TRAIN_KEYS)).split(",") if k]
     repeats = env_int("PGOLF_RECORDS_REPEATS", 2, 1)
+    caches = train_caches()
+    if caches:
+        print(f"train: Inductor and Triton caches in {caches} "
+              f"({'warm: ' + str(len(os.listdir(caches))) + ' entries' if os.listdir(caches) else 'empty'})", flush=True)
     with tempfile.TemporaryDirectory() as d:
         for v in sorted({TRAIN_VOCAB[k] for k in keys}):
             _write_shards(os.path.join(d, f"sp{v}"), v)
@@ -696,7 +753,8 @@ def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None
                         continue
                     try:
                         out, log = _spawn(["--child", "train", "--key", key, "--variant", v, "--data",
-                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(CHILD_S, left))
+                                           os.path.join(d, f"sp{TRAIN_VOCAB[key]}")], min(CHILD_S, left),
+                                          caches=caches)
                         runs[v].append((out, slope_ms(log, TRAIN_FIT[0], TRAIN_ITERS, TRAIN_TOKENS[key])))
                     except Exception as e:  # keep the rows already measured
                         print(f"train {key} {v}: {e}", flush=True)

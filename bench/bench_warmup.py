@@ -30,7 +30,10 @@ other defaults; ``records-ref-rolling-tail``: with ``--tail-block`` too): recipe
 (default ``0/8``; ``all`` = every document) size the scoring: ``PGOLF_WARMUP_DOCS=50000 PGOLF_WARMUP_SHARE=all``
 with ``seeds-ref-default`` is the eval benchmark's case (b), run through the CLI cold and warm.
 ``PGOLF_WARMUP_BUDGET_S`` (default 540) stops starting new children
-once the next would not fit. ``PGOLF_WARMUP_PROFILE=DIR`` runs each warm child under cProfile and writes
+once the next would not fit. ``PGOLF_WARMUP_CACHES=DIR`` keeps each case's cache folders in ``DIR/<case>`` after the
+bench (default: a temp folder), and ``PGOLF_WARMUP_RUNS`` (default ``cold,warm``) picks the children: a case whose
+cold and warm processes do not fit one device call runs ``cold`` in one bench process and ``warm`` in the next, on
+the same machine and folder (a cold run refuses a non-empty folder, a warm one an empty folder). ``PGOLF_WARMUP_PROFILE=DIR`` runs each warm child under cProfile and writes
 ``DIR/warmup-<case>.prof`` and the top functions by cumulative time to ``DIR/warmup-<case>-top.txt``
 (what a warm cache leaves of the warm-up; cProfile's overhead inflates Python-heavy phases such as
 Dynamo tracing, so read its shares, not its seconds).
@@ -164,6 +167,36 @@ def _profile_summary(prof: str, top: int = 60) -> str:
     return buf.getvalue()
 
 
+def runs_and_caches() -> tuple:
+    """(children to run, in order; persistent cache root or None) from PGOLF_WARMUP_RUNS / PGOLF_WARMUP_CACHES."""
+    raw = os.environ.get("PGOLF_WARMUP_RUNS", "cold,warm")
+    tags = [t for t in raw.split(",") if t]
+    if not tags or any(t not in ("cold", "warm") for t in tags) or len(set(tags)) != len(tags):
+        raise ValueError(f"PGOLF_WARMUP_RUNS = {raw!r}: expected 'cold', 'warm' or 'cold,warm'")
+    root = os.environ.get("PGOLF_WARMUP_CACHES") or None
+    if tags == ["warm"] and root is None:
+        raise ValueError("PGOLF_WARMUP_RUNS = 'warm' needs PGOLF_WARMUP_CACHES: the folder an earlier cold run filled")
+    if root is not None and os.path.exists(root) and not os.path.isdir(root):
+        raise ValueError(f"PGOLF_WARMUP_CACHES = {root!r}: expected a folder (or a path to create), got a file")
+    return sorted(tags, key=("cold", "warm").index), root
+
+
+def _case_caches(root: Optional[str], work: str, name: str, tags: List[str]) -> str:
+    """The case's cache folder: a fresh temp folder, or ``root/name``, which must be empty for a cold run and
+    filled for a warm-only one (a warm run on empty folders would be a cold run by another name)."""
+    if root is None:
+        return tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
+    d = os.path.join(root, name)
+    os.makedirs(d, exist_ok=True)
+    filled = any(os.scandir(d))
+    if "cold" in tags and filled:
+        raise ValueError(f"PGOLF_WARMUP_CACHES: {d} is not empty, so a cold run there would not be cold; "
+                         f"empty it or set PGOLF_WARMUP_RUNS=warm")
+    if tags == ["warm"] and not filled:
+        raise ValueError(f"PGOLF_WARMUP_CACHES: {d} is empty; run PGOLF_WARMUP_RUNS=cold first (same machine)")
+    return d
+
+
 def run(quick: bool = False) -> List[Dict[str, object]]:
     import torch
 
@@ -176,7 +209,9 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         raise ValueError(f"PGOLF_WARMUP_CASES = {','.join(names)!r}: unknown case(s) {unknown}; expected a comma list "
                          f"of {', '.join(CASES)}")
     n_docs, n_tokens, share = _size()
+    tags, cache_root = runs_and_caches()
     work = tempfile.mkdtemp(prefix="pgolf-warmup-")
+    case_caches = {name: _case_caches(cache_root, work, name, tags) for name in names}  # refusals before the build
     art = os.path.join(work, "model.pgolf")
     # on the CPU: the parent process must not hold GPU memory or a CUDA context while the children run
     build_artifact(art, None, train_steps=0, device="cpu")
@@ -187,13 +222,13 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         recipe, reference, extra_args = CASES[name]
         args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, *(["--share", share] if share else []),
                 "--allow-tokenizer-mismatch", *extra_args] + (["--reference"] if reference else [])
-        caches = tempfile.mkdtemp(prefix=f"caches-{name}-", dir=work)
+        caches = case_caches[name]
         args = [a.replace("{caches}", caches).replace("{work}", work) for a in args]
         # with a compile-cache file the second process gets empty cache folders of its own: only the file carries over
         fresh = "--compile-cache" in extra_args
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
         note = ""
-        for tag in ("cold", "warm"):
+        for tag in tags:
             left = BUDGET_S - (time.perf_counter() - _T0)
             if left < 60:
                 note = f"{tag} not run: {left:.0f} s of the bench budget left"
@@ -220,7 +255,10 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         extra = _split(cold, "cold") if cold is not None else {}
         if warm is not None:
             extra.update(_split(warm, "warm"))
-            extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
+            if cold is not None:
+                extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
+            elif cache_root is not None:  # warm-only: the cold process ran in an earlier bench process
+                extra["warm_caches_from"] = "an earlier bench process's cold run on this machine (PGOLF_WARMUP_CACHES)"
         label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
                  + (", the driver's defaults" if not extra_args else
                     ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
@@ -231,7 +269,8 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                     if extra_args[0] == "--overlap-compile" else
                     f", {'eager' if '--compile' in extra_args else 'compiled'}"
                     f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}"
-                    f"{', rolling schedule' if ('--schedule', 'rolling') in zip(extra_args, extra_args[1:]) else ''}")
+                    f"{', rolling schedule' if ('--schedule', 'rolling') in zip(extra_args, extra_args[1:]) else ''}"
+                    f"{', --tail-block' if '--tail-block' in extra_args else ''}")
                  + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")
         nan = float("nan")
         rows.append(make_row(KERNEL, label, 1e3 * _first_score_s(warm) if warm else nan, "cold caches",

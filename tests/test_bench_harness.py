@@ -395,3 +395,81 @@ def test_records_env_int_refuses_by_name(monkeypatch, value):
         env_int("PGOLF_RECORDS_TTT_COLD_DOCS", 0, 0)
     monkeypatch.setenv("PGOLF_RECORDS_TTT_COLD_DOCS", "16")
     assert env_int("PGOLF_RECORDS_TTT_COLD_DOCS", 0, 0) == 16
+
+
+def test_records_heartbeat_reports_compile_progress(capsys):
+    """The child's progress line counts what torch.compile did in this process: a compile in between moves it."""
+    import torch
+
+    from bench.bench_records import heartbeat_line, start_heartbeat
+
+    before = heartbeat_line(1.0)
+    assert before.startswith("[child 1 s] dynamo frames ")
+    n0 = int(before.split("dynamo frames ")[1].split(",")[0])
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x * 2 + 1, backend="eager")
+    f(torch.ones(3))
+    after = heartbeat_line(2.0)
+    assert int(after.split("dynamo frames ")[1].split(",")[0]) == n0 + 1
+    start_heartbeat(0)  # off: no thread, nothing printed
+    assert capsys.readouterr().err == ""
+
+
+def test_records_train_caches_folder(monkeypatch, tmp_path):
+    """PGOLF_RECORDS_TRAIN_CACHES: created when missing, refused by name when it names a file, "" when unset."""
+    from bench.bench_records import train_caches
+
+    monkeypatch.delenv("PGOLF_RECORDS_TRAIN_CACHES", raising=False)
+    assert train_caches() == ""
+    d = tmp_path / "caches"
+    monkeypatch.setenv("PGOLF_RECORDS_TRAIN_CACHES", str(d))
+    assert train_caches() == str(d) and d.is_dir()
+    f = tmp_path / "file"
+    f.write_text("x")
+    monkeypatch.setenv("PGOLF_RECORDS_TRAIN_CACHES", str(f))
+    with pytest.raises(ValueError, match="PGOLF_RECORDS_TRAIN_CACHES = .*expected a folder"):
+        train_caches()
+
+
+def test_warmup_bench_cold_and_warm_in_two_bench_processes(monkeypatch, tmp_path):
+    """PGOLF_WARMUP_CACHES + PGOLF_WARMUP_RUNS: a cold-only bench fills DIR/<case>, a warm-only one runs on that
+    folder; a cold run on a filled folder, a warm-only one on an empty folder or without DIR, and a bad run list
+    are refused by name before any artifact is built."""
+    from bench import bench_warmup
+
+    calls = []
+
+    def child(args, caches, timeout, profile=None):
+        calls.append(caches)
+        os.makedirs(os.path.join(caches, "inductor"), exist_ok=True)  # what a compile leaves behind
+        return {"to_scoring_s": 1.0, "val_bpb": 1.0, "docs": 1}
+
+    monkeypatch.setenv("PGOLF_WARMUP_CASES", "records-ref-rolling-tail")
+    monkeypatch.setattr("train.synthetic.write_synthetic_val", lambda d, **k: "val.bin")
+    monkeypatch.setattr(bench_warmup, "_tokenizer", lambda: "tok.model")
+    monkeypatch.setattr(bench_warmup, "_child", child)
+    root = tmp_path / "caches"
+    monkeypatch.setenv("PGOLF_WARMUP_CACHES", str(root))
+    for runs, match in (("warm,hot", "PGOLF_WARMUP_RUNS = 'warm,hot'"), ("", "PGOLF_WARMUP_RUNS = ''"),
+                        ("warm", "is empty; run PGOLF_WARMUP_RUNS=cold first")):
+        monkeypatch.setenv("PGOLF_WARMUP_RUNS", runs)
+        monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: pytest.fail("built an artifact first"))
+        with pytest.raises(ValueError, match=re.escape(match)):
+            bench_warmup.run()
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: None)
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "cold")
+    cold = bench_warmup.run()
+    assert calls == [str(root / "records-ref-rolling-tail")] and "--tail-block" in cold[0]["case"]
+    assert cold[0]["cold_val_bpb"] == 1.0 and "warm_val_bpb" not in cold[0]
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: pytest.fail("built an artifact first"))
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "cold,warm")
+    with pytest.raises(ValueError, match="is not empty, so a cold run there would not be cold"):
+        bench_warmup.run()
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: None)
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "warm")
+    warm = bench_warmup.run()
+    assert calls[1] == calls[0] and warm[0]["warm_val_bpb"] == 1.0 and "cold_val_bpb" not in warm[0]
+    assert "earlier bench process" in warm[0]["warm_caches_from"]
+    monkeypatch.delenv("PGOLF_WARMUP_CACHES")
+    with pytest.raises(ValueError, match="PGOLF_WARMUP_RUNS = 'warm' needs PGOLF_WARMUP_CACHES"):
+        bench_warmup.run()

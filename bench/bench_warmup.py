@@ -69,6 +69,11 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # the defaults plus --compile-cache: the cold process writes the file at its end; the second process runs
          # with other, empty cache folders and loads the file (a fresh machine that was handed the file)
          "seeds-ref-cachefile": ("seeds", True, ("--compile-cache", "{work}/seeds-ref.compile-cache")),
+         # case (c) on a fresh machine handed the file of an earlier eval of the same recipe (synthetic val set): the
+         # cold process writes it, the warm one runs on empty folders with it (in two bench processes when both do not
+         # fit one device call: PGOLF_WARMUP_CACHES + PGOLF_WARMUP_RUNS)
+         "records-ref-rolling-tail-cachefile": ("records", True, ("--schedule", "rolling", "--tail-block", "--compile-cache",
+                                                                   "{work}/records-ref-rolling-tail.compile-cache")),
          # the defaults plus --overlap-compile: eager graphs first, the compile in a background thread
          # (train/overlap.py); the time to the first score is the eager graphs' preparation only
          "seeds-ref-overlap": ("seeds", True, ("--overlap-compile",)),
@@ -167,6 +172,26 @@ def _profile_summary(prof: str, top: int = 60) -> str:
     return buf.getvalue()
 
 
+def case_label(recipe: str, reference: bool, extra_args: tuple) -> str:
+    """What a case runs, for its row: recipe, path, and each option of ``extra_args`` in words."""
+    pairs = set(zip(extra_args, extra_args[1:]))
+    head = f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
+    if not extra_args:
+        return head + ", the driver's defaults"
+    if extra_args[0] == "--precompiled":
+        return head + ", the driver's defaults + --precompiled"
+    if extra_args[0] == "--overlap-compile":
+        return (head + f", the driver's defaults + --overlap-compile {extra_args[1] if len(extra_args) > 1 else 'thread'} "
+                "(eager graphs first, compiled graphs from a batch boundary)")
+    opts = [w for w, on in (("CUDA graphs", ("--cuda-graphs", "on") in pairs),
+                            ("rolling schedule", ("--schedule", "rolling") in pairs),
+                            ("--tail-block", "--tail-block" in extra_args)) if on]
+    if "--compile-cache" in extra_args:
+        return head + ", the driver's defaults + " + " + ".join(
+            opts + ["--compile-cache (warm = empty cache folders + the cold process's file)"])
+    return head + ", " + ", ".join(["eager" if "--compile" in extra_args else "compiled"] + opts)
+
+
 def runs_and_caches() -> tuple:
     """(children to run, in order; persistent cache root or None) from PGOLF_WARMUP_RUNS / PGOLF_WARMUP_CACHES."""
     raw = os.environ.get("PGOLF_WARMUP_RUNS", "cold,warm")
@@ -212,6 +237,16 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     tags, cache_root = runs_and_caches()
     work = tempfile.mkdtemp(prefix="pgolf-warmup-")
     case_caches = {name: _case_caches(cache_root, work, name, tags) for name in names}  # refusals before the build
+    # {work}: where a case's compile-cache file lives; under PGOLF_WARMUP_CACHES it outlives the bench process, so the
+    # warm process of a later bench (a fresh cache folder + the file) finds it
+    keep = cache_root or work
+    for name in names:
+        files = [a.replace("{work}", keep) for a in CASES[name][2] if "{work}" in a]
+        if cache_root is not None and "cold" in tags and any(os.path.exists(f) for f in files):
+            raise ValueError(f"PGOLF_WARMUP_CACHES: {files[0]} exists, so the cold process of {name} would load it; "
+                             f"remove it or set PGOLF_WARMUP_RUNS=warm")
+        if tags == ["warm"] and not all(os.path.isfile(f) for f in files):
+            raise ValueError(f"PGOLF_WARMUP_CACHES: {files[0]} is missing; run PGOLF_WARMUP_RUNS=cold first (same machine)")
     art = os.path.join(work, "model.pgolf")
     # on the CPU: the parent process must not hold GPU memory or a CUDA context while the children run
     build_artifact(art, None, train_steps=0, device="cpu")
@@ -223,7 +258,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         args = ["--artifact", art, "--val", val, "--tokenizer", tok, "--recipe", recipe, *(["--share", share] if share else []),
                 "--allow-tokenizer-mismatch", *extra_args] + (["--reference"] if reference else [])
         caches = case_caches[name]
-        args = [a.replace("{caches}", caches).replace("{work}", work) for a in args]
+        args = [a.replace("{caches}", caches).replace("{work}", keep) for a in args]
         # with a compile-cache file the second process gets empty cache folders of its own: only the file carries over
         fresh = "--compile-cache" in extra_args
         reps: Dict[str, Optional[Dict[str, object]]] = {"cold": None, "warm": None}
@@ -259,19 +294,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
                 extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
             elif cache_root is not None:  # warm-only: the cold process ran in an earlier bench process
                 extra["warm_caches_from"] = "an earlier bench process's cold run on this machine (PGOLF_WARMUP_CACHES)"
-        label = (f"{recipe} recipe, {'--reference (bf16 + bmm LoRA)' if reference else 'kernels (int6 + fused LoRA)'}"
-                 + (", the driver's defaults" if not extra_args else
-                    ", the driver's defaults + --precompiled" if extra_args[0] == "--precompiled" else
-                    ", the driver's defaults + --compile-cache (warm = empty cache folders + the cold process's file)"
-                    if fresh else
-                    f", the driver's defaults + --overlap-compile {extra_args[1] if len(extra_args) > 1 else 'thread'} "
-                    f"(eager graphs first, compiled graphs from a batch boundary)"
-                    if extra_args[0] == "--overlap-compile" else
-                    f", {'eager' if '--compile' in extra_args else 'compiled'}"
-                    f"{', CUDA graphs' if ('--cuda-graphs', 'on') in zip(extra_args, extra_args[1:]) else ''}"
-                    f"{', rolling schedule' if ('--schedule', 'rolling') in zip(extra_args, extra_args[1:]) else ''}"
-                    f"{', --tail-block' if '--tail-block' in extra_args else ''}")
-                 + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs")
+        label = case_label(recipe, reference, extra_args) + f"; {f'share {share} of ' if share else 'all '}{n_docs:,} synthetic docs"
         nan = float("nan")
         rows.append(make_row(KERNEL, label, 1e3 * _first_score_s(warm) if warm else nan, "cold caches",
                              1e3 * _first_score_s(cold) if cold else nan, docs=(cold or {}).get("docs"),

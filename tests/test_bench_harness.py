@@ -473,3 +473,45 @@ def test_warmup_bench_cold_and_warm_in_two_bench_processes(monkeypatch, tmp_path
     monkeypatch.delenv("PGOLF_WARMUP_CACHES")
     with pytest.raises(ValueError, match="PGOLF_WARMUP_RUNS = 'warm' needs PGOLF_WARMUP_CACHES"):
         bench_warmup.run()
+
+
+def test_warmup_bench_cachefile_case_across_two_bench_processes(monkeypatch, tmp_path):
+    """Under PGOLF_WARMUP_CACHES the compile-cache file lives in that folder: the cold bench writes it there, the
+    warm-only bench hands it to a process on empty folders; a cold run with the file present is refused by name."""
+    from bench import bench_warmup
+
+    calls = []
+
+    def child(args, caches, timeout, profile=None):
+        f = args[args.index("--compile-cache") + 1]
+        calls.append((caches, f, os.path.isfile(f), os.listdir(caches)))
+        os.makedirs(os.path.join(caches, "inductor"), exist_ok=True)
+        open(f, "a").close()  # the eval writes the file at its end
+        return {"to_scoring_s": 1.0, "val_bpb": 1.0, "docs": 1}
+
+    name = "records-ref-rolling-tail-cachefile"
+    monkeypatch.setenv("PGOLF_WARMUP_CASES", name)
+    monkeypatch.setattr("train.synthetic.write_synthetic_val", lambda d, **k: "val.bin")
+    monkeypatch.setattr("bench.bench_eval.build_artifact", lambda *a, **k: None)
+    monkeypatch.setattr(bench_warmup, "_tokenizer", lambda: "tok.model")
+    monkeypatch.setattr(bench_warmup, "_child", child)
+    root = tmp_path / "caches"
+    monkeypatch.setenv("PGOLF_WARMUP_CACHES", str(root))
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "warm")
+    with pytest.raises(ValueError, match="compile-cache is missing; run PGOLF_WARMUP_RUNS=cold first"):
+        os.makedirs(root / name / "inductor")
+        bench_warmup.run()
+    os.rmdir(root / name / "inductor")
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "cold")
+    rows = bench_warmup.run()
+    f = str(root / f"{name.replace('-cachefile', '')}.compile-cache")
+    assert calls == [(str(root / name), f, False, [])] and "--tail-block + --compile-cache" in rows[0]["case"]
+    with pytest.raises(ValueError, match="exists, so the cold process of records-ref-rolling-tail-cachefile would load it"):
+        import shutil
+        shutil.rmtree(root / name)
+        bench_warmup.run()
+    monkeypatch.setenv("PGOLF_WARMUP_RUNS", "warm")
+    os.makedirs(root / name / "inductor")
+    bench_warmup.run()
+    caches, f2, had, content = calls[1]
+    assert f2 == f and had and caches != str(root / name) and content == []  # empty folders + the file

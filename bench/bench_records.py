@@ -31,7 +31,8 @@ which.
    TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up. Every TTT child runs on
    empty Inductor and Triton cache folders of its own (a fresh machine). ``patched-cachefile`` (listed twice in
    ``PGOLF_RECORDS_TTT_VARIANTS``) adds the patch's ``compile_cache=FILE``: the first such child writes the file at
-   exit, the second loads it (``cache_runs`` in the row).
+   exit, the second loads it (``cache_runs`` in the row). ``patched-regional`` adds the patch's ``regional_ttt=True``
+   (the TTT forward compiled per block instead of as one unrolled graph).
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
 ``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_GRAPH=1`` (and its
@@ -285,7 +286,7 @@ def _record_env(key: str, data_dir: str, **extra: str) -> None:
 TTT_KEYS = ("2026-04-29",)
 # TTT only: the patch plus compile_cache=PGOLF_RECORDS_COMPILE_CACHE; list it twice (the first child writes the file at
 # exit, the second, on empty cache folders of its own, loads it)
-TTT_EXTRA_VARIANTS = ("patched-cachefile",)
+TTT_EXTRA_VARIANTS = ("patched-cachefile", "patched-regional")  # patched-regional: apply(..., regional_ttt=True)
 TTT_DOCS = env_int("PGOLF_RECORDS_TTT_DOCS", 1000, 1)
 # > 0: each variant first runs once cold on a val shard of this many documents (its compile warm-up, cold caches),
 # then on the TTT_DOCS share with those caches (the timed eval, warm-up from warm caches). Why: a cold 2026-04-29
@@ -340,7 +341,8 @@ def child_ttt(key: str, variant: str, data_dir: str, art_dir: str) -> Dict[str, 
     ns = records_env.load_record(key)
     # patched-cachefile: the patch plus compile_cache=FILE (loaded when an earlier child wrote it, else written at exit)
     cache = {"compile_cache": os.environ["PGOLF_RECORDS_COMPILE_CACHE"]} if variant == "patched-cachefile" else {}
-    report = _flat(apply(ns, **cache)) if variant != "record" else "unmodified"
+    opts = dict(cache, regional_ttt=variant == "patched-regional")
+    report = _flat(apply(ns, **opts)) if variant != "record" else "unmodified"
     os.chdir(tempfile.mkdtemp(prefix="rec_ttt_"))
     ns.main()
     return dict(wall_s=time.time() - t0, peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report)

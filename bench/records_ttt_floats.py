@@ -75,7 +75,7 @@ def _child(patched: bool) -> dict:
                 specialize_float=bool(torch._dynamo.config.specialize_float))
 
 
-def _warmup_child(patched: bool) -> dict:
+def _warmup_child(variant: str) -> dict:
     import torch
 
     from bench import records_env
@@ -86,10 +86,15 @@ def _warmup_child(patched: bool) -> dict:
     lora = ns.BatchedTTTLoRA(2, model, h.ttt_lora_rank, k_lora=h.ttt_k_lora, mlp_lora=h.ttt_mlp_lora,
                              o_lora=h.ttt_o_lora)
     report = None
+    patched = variant != "record"
     if patched:
         from pgolf_kernels.patch import apply
 
-        report = apply(ns, muon=False, ttt=True)
+        report = apply(ns, muon=False, ttt=True, regional_ttt=variant == "patched-regional")
+        if variant == "patched-regional":  # the regions count their graphs through the same backend
+            import pgolf_kernels.patch as pp
+
+            pp.REGION_BACKEND = lambda gm, ex: counting_inductor(gm, ex)
     from torch._inductor.compile_fx import compile_fx
 
     graphs = []
@@ -118,19 +123,29 @@ def _warmup_child(patched: bool) -> dict:
 
 
 def _write_warmup(out: str, info: dict, rows: list) -> None:
+    """``out``.json / .md; rows of variants not run now stay as they were (each row carries its date)."""
+    rows = [dict(r, date=r.get("date", info["date"]), torch=r.get("torch", info["torch"])) for r in rows]
+    if os.path.isfile(out + ".json"):
+        with open(out + ".json") as f:
+            old = json.load(f)
+        ran = {r["variant"] for r in rows}
+        rows = [dict(r, date=r.get("date", old.get("date")), torch=r.get("torch", old.get("torch")))
+                for r in old.get("rows", []) if r["variant"] not in ran] + rows
     with open(out + ".json", "w") as f:
         json.dump(dict(info, key=KEY, rows=rows), f, indent=1)
     with open(out + ".md", "w") as f:
         f.write(f"# {KEY} record: its TTT compile warm-up, unpatched vs patched (CPU, Inductor)\n\n"
-                f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --warmup`: the "
+                f"`python3 -m bench.records_ttt_floats --warmup [--variants ...]`: the "
                 "record's default config (CaseOps off), 2 rows, LoRA at the record's rank and targets, "
                 "torch.compile(dynamic=True) with Inductor's CPU backend on empty cache folders, one process per "
                 "variant, run one after the other on 2 CPU cores. Each call: forward under bf16 autocast and the "
                 "backward of the last chunk's mean loss; the first call holds the cold compile.\n\n"
-                "| variant | Dynamo graphs | call: window, seconds, graphs so far |\n|---|---|---|\n")
+                "patched-regional: `apply(..., regional_ttt=True)`, the per-block regions' graphs counted with the "
+                "outer one's.\n\n"
+                "| variant | date | torch | Dynamo graphs | call: window, seconds, graphs so far |\n|---|---|---|---|---|\n")
         for r in rows:
             calls = "; ".join(f"T={c['window']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"])
-            f.write(f"| {r['variant']} | {r['graphs']} | {calls} |\n")
+            f.write(f"| {r['variant']} | {r['date']} | {r['torch']} | {r['graphs']} | {calls} |\n")
 
 
 def _write(out: str, info: dict, rows: list) -> None:
@@ -154,7 +169,7 @@ def main() -> int:
         print("RESULT " + json.dumps(_child(sys.argv[2] == "patched")), flush=True)
         return 0
     if len(sys.argv) > 1 and sys.argv[1] == "--warmup-child":
-        print("RESULT " + json.dumps(_warmup_child(sys.argv[2] == "patched")), flush=True)
+        print("RESULT " + json.dumps(_warmup_child(sys.argv[2])), flush=True)
         return 0
     import argparse
 
@@ -163,7 +178,15 @@ def main() -> int:
     ap.add_argument("--warmup", action="store_true",
                     help="time the record's cold compile warm-up at its default config (Inductor) instead of "
                          "counting the tiny config's graph inputs")
-    warmup = ap.parse_args(sys.argv[1:]).warmup
+    ap.add_argument("--variants", default="record,patched",
+                    help="--warmup only: comma list of record, patched, patched-regional (regional_ttt=True)")
+    a = ap.parse_args(sys.argv[1:])
+    warmup = a.warmup
+    variants = [v for v in a.variants.split(",") if v]
+    bad = [v for v in variants if v not in ("record", "patched", "patched-regional")]
+    if bad or not variants or (not warmup and a.variants != "record,patched"):
+        ap.error(f"--variants {a.variants!r}: expected a comma list of record, patched, patched-regional "
+                 f"(with --warmup)")
     from bench import records_env
     from bench.harness import env_info
 
@@ -173,7 +196,7 @@ def main() -> int:
         return 1
     rows = []
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for variant in ("record", "patched"):
+    for variant in variants:
         env = dict(os.environ, PYTHONPATH=root)
         if warmup:  # a fresh machine: empty compile caches of its own per child
             import tempfile

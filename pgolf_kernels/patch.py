@@ -66,6 +66,20 @@ Pieces
   (``bench/results/profile-ttt-h200.md``: attention and the other targets dominate). At rank 8 (2026-03-17,
   eager TTT) the op is slower without CUDA graphs (1.367 vs 1.035 ms eager bmm, B64 T1024). A script without a
   per-document LoRA (full-model TTT) has nothing to patch.
+* **regional_ttt** (``apply(..., regional_ttt=True)``, off by default until timed on a GPU) - the 2026-04-29 record
+  compiles its whole TTT forward (``torch.compile(dynamic=True)`` over ``GPT.forward_ttt``): 11 blocks plus the
+  loop repeats unrolled into one graph, forward and backward, which is most of the 97-188 s of compile warm-up the
+  records log (more than 265 s cold on one H200 in this package's bench). This piece compiles the per-block bodies
+  (``GPT._block_with_lora``, ``GPT._parallel_block_with_lora``) as ``torch.compile(dynamic=True)`` regions that every
+  block shares, and runs the rest of the forward (embedding, SmearGate, skip mixes, final norm, head at the last
+  chunk) eagerly: the record's own compile of the forward is skipped (``torch.compiler.disable``), so Dynamo traces
+  one block per region instead of the whole model. To share one graph, a block sees its LoRA entry and its parallel
+  lambda rows at index 0 (the record's slot / block index picks a module from a list, which specialises a graph per
+  block) and the regions leave floats unspecialised (each block's ``ln_scale_factor`` is 1/sqrt(layer + 1)).
+  A CPU trace at a tiny config (4 layers, looping and the parallel lanes on): 3 region graphs (the first block's input
+  needs no gradient, the later ones do; the parallel body), no recompile at a second window length, losses and LoRA
+  gradients equal to the whole-graph compile. A script whose block bodies read their LoRA other than as
+  ``lora.<list>[slot]`` or the model other than through those attributes is refused by name.
 * **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with
   the reason per script. None of the three exports has a seam where the int6 codec is a like-for-like swap:
   2026-03-23's ``quantize_int6_per_row`` picks one clip percentile per tensor and floors every row scale at
@@ -467,6 +481,7 @@ def _patch_ttt_tail(ns: dict, report: PatchReport) -> str:
         return tail.new_zeros(B, T).scatter(1, idx.expand(B, -1), tail)
 
     forward._pgolf_tail = True
+    forward.__wrapped__ = orig  # inspect.unwrap finds the record's own forward (the regional piece reads its source)
     forward.__doc__ = (f"GPT.{name} of the record, with the head and loss at the last {chunk} positions only "
                        f"(pgolf_kernels.patch).")
     report._undo.append((gpt, name, orig))
@@ -484,6 +499,121 @@ def _compiles_ttt_dynamic(ns: dict) -> bool:
         return False
     fn = ns.get("train_and_eval")
     return callable(fn) and re.search(r"torch\.compile\([^)]*dynamic\s*=\s*True", _source(fn)) is not None
+
+
+# the regional TTT compile (apply(..., regional_ttt=True))
+LORA_LISTS = ("q_loras", "k_loras", "v_loras", "o_loras", "mlp_loras")
+# the block methods of the record's TTT forward that become compiled regions, and the model attributes each may read
+# (indexed by its block argument); 2026-04-29 has both
+REGION_METHODS = {"_block_with_lora": (), "_parallel_block_with_lora": ("blocks", "parallel_resid_lambdas",
+                                                                        "parallel_post_lambdas")}
+# the regions' torch.compile backend: Inductor, as the record's own TTT compile (tests swap in a counting backend)
+REGION_BACKEND = "inductor"
+
+
+class _SlotLoRA:
+    """The record's batched LoRA (``BatchedTTTLoRA``) as one block sees it: each adapter list holds that block's
+    entry only, read at slot 0. With the record's slot index the compiled region would be specialised (one graph)
+    per block, since the index picks a module from a list."""
+
+    def __init__(self, lora, slot: int):
+        for name in LORA_LISTS:
+            m = getattr(lora, name, None)
+            setattr(self, name, None if m is None else (m[slot],))
+
+
+class _BlockSelf:
+    """The record's model as one parallel block sees it: the block list and the per-block lambda rows hold that
+    block's entry only, read at index 0 (an int index into a module list would specialise the region per block);
+    every other attribute is the model's."""
+
+    def __init__(self, model, idx: int):
+        self._pgolf_model = model
+        self.blocks = (model.blocks[idx],)
+        self.parallel_resid_lambdas = model.parallel_resid_lambdas[idx:idx + 1]
+        self.parallel_post_lambdas = model.parallel_post_lambdas[idx:idx + 1]
+
+    def __getattr__(self, name):
+        return getattr(self._pgolf_model, name)
+
+
+def _region_checks(gpt) -> List[str]:
+    """The block methods to compile as regions, after checking that each reads its LoRA only through
+    ``lora.<list>[slot]`` (or ``lora.<list> is not None``) and the model only through the attributes
+    ``REGION_METHODS`` allows, indexed by its block argument; raises PatchError naming what differs."""
+    fwd = inspect.unwrap(getattr(gpt, "forward_ttt"))
+    fsrc = _source(fwd)
+    found = []
+    for name, model_attrs in REGION_METHODS.items():
+        fn = getattr(gpt, name, None)
+        if fn is None:
+            continue
+        src = _source(fn)
+        params = list(inspect.signature(fn).parameters)
+        if "lora" not in params or "slot" not in params:
+            raise PatchError(f"looked for GPT.{name}(..., lora, slot, ...) and found the parameters {params}")
+        for attr, tail in re.findall(r"\blora\.(\w+)(\[\w+\]| is not None| is None)?", src):
+            if attr not in LORA_LISTS or tail not in ("[slot]", " is not None", " is None"):
+                raise PatchError(f"GPT.{name} reads lora.{attr}{tail}; the regional compile expects only "
+                                 f"lora.<{'|'.join(LORA_LISTS)}>[slot]")
+        used = set(re.findall(r"\bself\.(\w+)", src))
+        if used - set(model_attrs):
+            raise PatchError(f"GPT.{name} reads self.{sorted(used - set(model_attrs))[0]}; the regional compile "
+                             f"expects {list(model_attrs) or 'no model attribute'}")
+        if model_attrs and params[1] != "block_idx":
+            raise PatchError(f"looked for GPT.{name}(self, block_idx, ...) and found the parameters {params}")
+        if f"self.{name}(" not in fsrc:
+            raise PatchError(f"GPT.forward_ttt does not call self.{name}(...): nothing would be compiled there")
+        found.append(name)
+    if "_block_with_lora" not in found:
+        raise PatchError("looked for GPT._block_with_lora (the TTT forward's per-block body) and did not find it")
+    return found
+
+
+def _patch_ttt_regional(ns: dict, report: PatchReport) -> str:
+    """Compile the record's TTT forward per block instead of as one unrolled graph (see the module docstring)."""
+    gpt = ns.get("GPT")
+    if not _compiles_ttt_dynamic(ns):
+        raise PatchError("looked for a TTT forward that the script compiles with torch.compile(dynamic=True) "
+                         "(GPT.forward_ttt) and did not find it: the regional compile replaces that compile")
+    names = _region_checks(gpt)
+    import torch._dynamo
+
+    for name in names:
+        orig = getattr(gpt, name)
+        parallel = bool(REGION_METHODS[name])
+        state: Dict[str, Callable] = {}
+
+        def region(self, *args, _orig=orig, _state=state, _parallel=parallel, _name=name):
+            fn = _state.get("fn")
+            if fn is None:  # compiled at the first call, inside the record's warm-up, not at apply
+                fn = _state["fn"] = torch.compile(_orig, dynamic=True, backend=REGION_BACKEND)
+            # args: (block or block_idx, lanes / x, x0, lora, slot, weights...): lora and slot sit just before the
+            # six bank weights in both methods (checked by _region_checks through their parameter names)
+            params = _state.setdefault("params", list(inspect.signature(_orig).parameters)[1:])
+            li, si = params.index("lora"), params.index("slot")
+            args = list(args)
+            args[li], args[si] = _SlotLoRA(args[li], args[si]), 0
+            if _parallel:
+                self, args[0] = _BlockSelf(self, args[0]), 0
+            # floats unspecialised here: each block's ln_scale_factor differs (1/sqrt(layer + 1)), so specialised
+            # floats would compile one graph per block, which is what this piece removes
+            with torch._dynamo.config.patch(specialize_float=False):
+                return fn(self, *args)
+
+        region.__wrapped__ = orig
+        region._pgolf_region = True
+        report._undo.append((gpt, name, orig))
+        setattr(gpt, name, region)
+    fwd = gpt.forward_ttt
+    report._undo.append((gpt, "forward_ttt", fwd))
+    outer = torch.compiler.disable(fwd, recursive=True)
+    outer.__wrapped__ = fwd
+    setattr(gpt, "forward_ttt", outer)
+    return (f"GPT.forward_ttt compiled per block: {', '.join('GPT.' + n for n in names)} each one "
+            f"torch.compile(dynamic=True) region shared by every block (the block's LoRA entry and lambda rows "
+            f"passed at index 0, floats unspecialised), the rest of the forward (embedding, skips, head) eager; the "
+            f"record's own compile of the whole forward is skipped (torch.compiler.disable)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -514,7 +644,7 @@ def _compile_cache(path: str, exists: bool, report: PatchReport) -> None:
 
 
 def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False, strict: bool = True,
-          compile_cache=None) -> PatchReport:
+          compile_cache=None, regional_ttt: bool = False) -> PatchReport:
     """Patch a record script's module (or its ``globals()``) in place; returns a ``PatchReport``.
 
     strict=True: a piece whose target is missing or unrecognised raises ``PatchError`` (nothing is replaced);
@@ -525,7 +655,12 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
     become cache hits on a machine whose own caches are empty; when it does not, this process's compile caches are
     written there at exit (by rank 0, from the RANK variable). A bad path or a foreign file raises
     ``CompileCacheError`` before anything is patched.
+
+    regional_ttt (off by default; needs ``ttt``): the record's TTT forward compiled per block instead of as one
+    unrolled graph (see the module docstring), for a shorter cold compile warm-up.
     """
+    if regional_ttt and not ttt:
+        raise ValueError("apply: regional_ttt=True needs ttt=True (it is part of the TTT piece)")
     ns, script = _namespace(namespace)
     cache_exists = None
     if compile_cache is not None:
@@ -557,6 +692,13 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                 done.append("torch._dynamo.config.specialize_float = True for the record's TTT compile "
                             "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
                             "0-dim float64 graph inputs with host C++ kernels")
+            if regional_ttt:
+                try:
+                    done.append(_patch_ttt_regional(ns, report))
+                except PatchError as e:
+                    if strict:
+                        raise
+                    report.skipped["ttt_regional"] = str(e)
             if done:
                 report.patched["ttt"] = "; ".join(done + [why])
             else:

@@ -645,3 +645,131 @@ def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
     finally:
         rep.undo()
         torch._dynamo.reset()
+
+
+def _counting(names):
+    """An aot_eager torch.compile backend that appends each graph's node count to ``names``."""
+    def backend(gm, example_inputs):
+        names.append(len(gm.graph.nodes))
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+    return backend
+
+
+def test_ttt_regional_equals_the_record_and_compiles_blocks_not_the_model(monkeypatch):
+    """regional_ttt: under the record's own TTT compile (torch.compile(dynamic=True) over forward_ttt) the patched
+    forward compiles per-block regions shared by every block (<= 3 graphs: the first block's input needs no gradient,
+    the later ones do; the parallel body), none for the whole model, and nothing more at a second window length; its
+    losses at the last chunk and its LoRA gradients equal the record's eager forward. undo() restores the methods."""
+    import pgolf_kernels.patch as pp
+
+    ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
+    for b in model.blocks:  # the record sizes every block's rotary cache before its TTT warm-up
+        b.attn.rotary(64, torch.device("cpu"), torch.float32)
+    C = h.ttt_chunk_size
+    g = torch.Generator().manual_seed(8)
+    seqs = [torch.randint(0, h.vocab_size, (2, T + 1), generator=g) for T in (40, 24)]
+    ref = []
+    for s in seqs:
+        ptl = model.forward_ttt(s[:, :-1], s[:, 1:], lora=lora)
+        ptl[:, -C:].mean(-1).sum().backward()
+        ref.append((ptl.detach()[:, -C:], [p.grad.clone() for p in lora.parameters()]))
+        lora.zero_grad(set_to_none=True)
+    regions, outer = [], []
+    monkeypatch.setattr(pp, "REGION_BACKEND", _counting(regions))
+    orig = {n: ns.GPT.__dict__[n] for n in ("forward_ttt", "_block_with_lora", "_parallel_block_with_lora")}
+    rep = pp.apply(ns, muon=False, ttt=True, regional_ttt=True, strict=True)
+    assert "compiled per block" in rep.patched["ttt"] and "last 8 positions" in rep.patched["ttt"]
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, y, l: model.forward_ttt(x, y, lora=l), dynamic=True, backend=_counting(outer))
+        for i, (s, (r, grads)) in enumerate(zip(seqs, ref)):
+            got = fn(s[:, :-1], s[:, 1:], lora)
+            torch.testing.assert_close(got[:, -C:], r, rtol=1e-5, atol=1e-6)
+            got[:, -C:].mean(-1).sum().backward()
+            for p, gr in zip(lora.parameters(), grads):
+                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-7)
+            lora.zero_grad(set_to_none=True)
+            if i == 0:
+                first = len(regions)
+        assert 2 <= first <= 3 and len(regions) == first, regions  # shared by all 4 blocks (+ loop), no recompile
+        assert max(outer, default=0) < min(regions), (outer, regions)  # no graph of the whole model
+    finally:
+        rep.undo()
+        torch._dynamo.reset()
+    assert all(ns.GPT.__dict__[n] is f for n, f in orig.items())
+
+
+def test_ttt_regional_refusals(records):
+    """regional_ttt refuses by name: without ttt; a block body that reads its LoRA other than lora.<list>[slot]
+    (strict), which strict=False lists as skipped while the rest of the TTT piece applies."""
+    from pgolf_kernels.patch import PatchError, apply
+
+    with pytest.raises(ValueError, match="regional_ttt=True needs ttt=True"):
+        apply(records["2026-04-29"], muon=False, ttt=False, regional_ttt=True)
+    g = dict(vars(records["2026-04-29"]))
+
+    class GPT(g["GPT"]):
+        def _block_with_lora(self, block, x, x0, lora, slot, q_w, k_w, v_w, out_w, up_w, down_w):
+            return x + lora.q_loras[slot + 1](x)
+
+    g["GPT"] = GPT
+    with pytest.raises(PatchError, match="GPT._block_with_lora reads lora.q_loras; the regional compile expects"):
+        apply(g, muon=False, regional_ttt=True, strict=True)
+    assert not getattr(GPT.forward_ttt, "_pgolf_tail", False)  # the refusal undid the tail piece too
+    rep = apply(g, muon=False, regional_ttt=True, strict=False)
+    assert "lora.q_loras" in rep.skipped["ttt_regional"] and "specialize_float" in rep.patched["ttt"]
+    assert not getattr(GPT.__dict__.get("_block_with_lora"), "_pgolf_region", False)
+    rep.undo()
+    with pytest.raises(PatchError, match="looked for a TTT forward that the script compiles"):
+        apply(records["2026-03-17"], muon=False, regional_ttt=True, strict=True)
+
+
+@pytest.mark.gpu
+def test_gpu_ttt_regional_compiled_matches_the_record(monkeypatch):
+    """regional_ttt on the GPU, under the record's own TTT compile (torch.compile(dynamic=True) over forward_ttt,
+    Inductor regions) and autocast bf16: the losses at the last chunk are within 2x of the record's eager bf16 error
+    against its fp32 forward (TF32 off), over two window lengths, and the chunk-loss backward gives finite LoRA
+    gradients within the same bound against the eager bf16 ones."""
+    ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
+    from pgolf_kernels.patch import apply
+
+    model, lora = model.cuda(), lora.cuda()
+    for b in model.blocks:  # as the record before its TTT warm-up
+        b.attn.rotary(64, torch.device("cuda"), torch.bfloat16)
+    C = h.ttt_chunk_size
+    g = torch.Generator().manual_seed(3)
+    seqs = [torch.randint(0, h.vocab_size, (2, T + 1), generator=g).cuda() for T in (40, 64)]
+
+    def run(fn, amp=True):
+        out = []
+        for s in seqs:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
+                ptl = fn(s[:, :-1], s[:, 1:])
+            ptl[:, -C:].mean(-1).sum().backward()
+            out.append((ptl.detach()[:, -C:].double(), [p.grad.double().clone() for p in lora.parameters()]))
+            lora.zero_grad(set_to_none=True)
+        return out
+
+    def eager(x, y):
+        return model.forward_ttt(x, y, lora=lora)
+
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        ref = run(eager, amp=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    bf16 = run(eager)
+    rep = apply(ns, muon=False, ttt=True, regional_ttt=True, strict=True)
+    try:
+        torch._dynamo.reset()
+        outs = run(torch.compile(eager, dynamic=True))
+        for (o, og), (r, rg), (b, bg) in zip(outs, ref, bf16):
+            err, base = (o - r).abs().max().item(), (b - r).abs().max().item()
+            assert torch.isfinite(o).all() and err <= 2 * base + 1e-3, (err, base)
+            for x, y, z in zip(og, rg, bg):
+                gerr, gbase = (x - y).abs().max().item(), (z - y).abs().max().item()
+                assert torch.isfinite(x).all() and gerr <= 2 * gbase + 1e-6, (gerr, gbase)
+    finally:
+        rep.undo()
+        torch._dynamo.reset()

@@ -681,10 +681,16 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
             if not res and not cache_runs:
                 continue
             nan = float("nan")
-            p, r = res.get("patched", {}), res.get("record", {})
+            # the row's "ours": the regional variant when it ran, else the plain patch; every variant's figures
+            # stay in ``variants`` (a call may run one variant only: the row then holds NaN for the other)
+            ours = next((v for v in ("patched-regional", "patched") if v in res), "patched")
+            p, r = res.get(ours, {}), res.get("record", {})
             rows.append(harness.make_row(
-                KERNEL, f"{key} TTT eval ({TTT_DOCS} synthetic docs, phased, the record's own eval loop)",
+                KERNEL, f"{key} TTT eval ({TTT_DOCS} synthetic docs, phased, the record's own eval loop; {ours})",
                 1e3 * p.get("eval_s", nan), "record TTT eval", 1e3 * r.get("eval_s", nan), docs=TTT_DOCS,
+                variant=ours, wall_speedup=r.get("wall_s", nan) / p.get("wall_s", nan),
+                variants={v: {k: res[v].get(k) for k in ("warmup_s", "eval_s", "wall_s", "val_bpb", "peak_mb")}
+                          for v in res},
                 val_bpb=p.get("val_bpb", nan), baseline_val_bpb=r.get("val_bpb", nan),
                 warmup_s=p.get("warmup_s", nan), baseline_warmup_s=r.get("warmup_s", nan),
                 **({} if TTT_COLD_DOCS <= 0 else dict(

@@ -515,3 +515,31 @@ def test_warmup_bench_cachefile_case_across_two_bench_processes(monkeypatch, tmp
     bench_warmup.run()
     caches, f2, had, content = calls[1]
     assert f2 == f and had and caches != str(root / name) and content == []  # empty folders + the file
+
+
+def test_records_ttt_row_prefers_the_regional_variant_and_keeps_every_variant(monkeypatch):
+    """bench_records' TTT row: with patched-regional run, it is the row's "ours" (named in the case and ``variant``),
+    the wall ratio is the record's wall over it, and every variant's figures stay in ``variants``."""
+    from bench import bench_records as br
+
+    walls = {"record": 300.0, "patched": 280.0, "patched-regional": 150.0}
+
+    def spawn(args, timeout, caches="", **env):
+        if args[1] == "ttt-artifact":
+            return {"quant_bytes": 1, "serialize_s": 0.1}, ""
+        v = args[args.index("--variant") + 1]
+        return {"wall_s": walls[v], "peak_mb": 1.0, "patch": v}, v
+
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched,patched-regional")
+    monkeypatch.setattr(br, "_spawn", spawn)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v, docs=0: None)
+    monkeypatch.setattr(br, "ttt_times", lambda log: {"eval_s": walls[log] / 3, "warmup_s": 1.0, "val_bpb": 1.5,
+                                                      "val_loss": 1.0})
+    monkeypatch.setattr(br, "_save", lambda rows: None)
+    rows = []
+    br._ttt_rows(rows, budget=1e6, t0=__import__("time").time())
+    (row,) = rows
+    assert row["variant"] == "patched-regional" and row["case"].endswith("; patched-regional)")
+    assert row["wall_speedup"] == 2.0 and row["ours_ms"] == 50000.0 and row["patch"] == "patched-regional"
+    assert sorted(row["variants"]) == ["patched", "patched-regional", "record"]
+    assert row["variants"]["patched"]["wall_s"] == 280.0

@@ -587,15 +587,15 @@ def _patch_ttt_regional(ns: dict, report: PatchReport) -> str:
         orig = getattr(gpt, name)
         parallel = bool(REGION_METHODS[name])
         state: Dict[str, Callable] = {}
+        # positions of lora and slot among the method's arguments after self (_region_checks found both names)
+        params = list(inspect.signature(orig).parameters)[1:]
+        where = (params.index("lora"), params.index("slot"))
 
-        def region(self, *args, _orig=orig, _state=state, _parallel=parallel, _name=name):
+        def region(self, *args, _orig=orig, _state=state, _parallel=parallel, _where=where):
             fn = _state.get("fn")
             if fn is None:  # compiled at the first call, inside the record's warm-up, not at apply
                 fn = _state["fn"] = torch.compile(_orig, dynamic=True, backend=REGION_BACKEND)
-            # args: (block or block_idx, lanes / x, x0, lora, slot, weights...): lora and slot sit just before the
-            # six bank weights in both methods (checked by _region_checks through their parameter names)
-            params = _state.setdefault("params", list(inspect.signature(_orig).parameters)[1:])
-            li, si = params.index("lora"), params.index("slot")
+            li, si = _where
             args = list(args)
             args[li], args[si] = _SlotLoRA(args[li], args[si]), 0
             if _parallel:

@@ -731,12 +731,9 @@ def train_caches() -> str:
     """``PGOLF_RECORDS_TRAIN_CACHES``: a folder for the training children's Inductor and Triton caches, kept after the
     bench, so that a later bench process on the same machine (a second device call) starts them on warm caches;
     "" (default): torch's default cache folders."""
-    d = os.environ.get("PGOLF_RECORDS_TRAIN_CACHES", "")
-    if d and os.path.exists(d) and not os.path.isdir(d):
-        raise ValueError(f"PGOLF_RECORDS_TRAIN_CACHES = {d!r}: expected a folder (or a path to create), got a file")
-    if d:
-        os.makedirs(d, exist_ok=True)
-    return d
+    from .harness import env_folder
+
+    return env_folder("PGOLF_RECORDS_TRAIN_CACHES")
 
 
 def _train_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:

@@ -198,12 +198,11 @@ def runs_and_caches() -> tuple:
     tags = [t for t in raw.split(",") if t]
     if not tags or any(t not in ("cold", "warm") for t in tags) or len(set(tags)) != len(tags):
         raise ValueError(f"PGOLF_WARMUP_RUNS = {raw!r}: expected 'cold', 'warm' or 'cold,warm'")
-    root = os.environ.get("PGOLF_WARMUP_CACHES") or None
-    if tags == ["warm"] and root is None:
+    if tags == ["warm"] and not os.environ.get("PGOLF_WARMUP_CACHES"):
         raise ValueError("PGOLF_WARMUP_RUNS = 'warm' needs PGOLF_WARMUP_CACHES: the folder an earlier cold run filled")
-    if root is not None and os.path.exists(root) and not os.path.isdir(root):
-        raise ValueError(f"PGOLF_WARMUP_CACHES = {root!r}: expected a folder (or a path to create), got a file")
-    return sorted(tags, key=("cold", "warm").index), root
+    from bench.harness import env_folder
+
+    return sorted(tags, key=("cold", "warm").index), env_folder("PGOLF_WARMUP_CACHES") or None
 
 
 def _case_caches(root: Optional[str], work: str, name: str, tags: List[str]) -> str:

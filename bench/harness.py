@@ -129,6 +129,17 @@ def make_row(
     return row
 
 
+def env_folder(var: str) -> str:
+    """The folder named by environment variable ``var``, created when missing; "" when unset. A path naming a file
+    is refused by name (benches keep compile caches there across device calls)."""
+    d = os.environ.get(var, "")
+    if d and os.path.exists(d) and not os.path.isdir(d):
+        raise ValueError(f"{var} = {d!r}: expected a folder (or a path to create), got a file")
+    if d:
+        os.makedirs(d, exist_ok=True)
+    return d
+
+
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 

@@ -82,8 +82,9 @@ Pieces
   (11 layers, 17 block slots, rank 96) on CPU Inductor, 2 cores, one process each, one after the other:
   83.9 s vs 324.4 s for the record's own (3.9x; 263.1 s in an earlier run on the same machine), and the step that
   follows 10.3 vs 11.6 s (``bench/results/records-ttt-warmup-cpu.md``). Not yet timed on a GPU, where Triton
-  replaces the C++ kernels and the region's unspecialised floats may add host C++ kernels. A script whose block bodies read their LoRA other than as
-  ``lora.<list>[slot]`` or the model other than through those attributes is refused by name.
+  replaces the C++ kernels and the region's unspecialised floats may add host C++ kernels. A script whose block
+  bodies read their LoRA other than as ``lora.<list>[slot]`` or the model other than through those attributes is
+  refused by name.
 * **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with
   the reason per script. None of the three exports has a seam where the int6 codec is a like-for-like swap:
   2026-03-23's ``quantize_int6_per_row`` picks one clip percentile per tensor and floors every row scale at

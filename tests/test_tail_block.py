@@ -88,7 +88,8 @@ def test_eval_with_tail_block_scores_like_without(schedule, backend):
 
 @pytest.mark.parametrize("keep,what", [(torch.zeros(2, 4, dtype=torch.int32), "torch.int32"),
                                        (torch.zeros(8, dtype=torch.int64), "(8,)"),
-                                       (torch.zeros(3, 4, dtype=torch.int64), "(3, 4)"), ([0, 1], "list")])
+                                       (torch.zeros(3, 4, dtype=torch.int64), "(3, 4)"), ([0, 1], "list"),
+                                       (torch.zeros(2, 99, dtype=torch.int64), "(2, 99)")])
 def test_hidden_refuses_a_bad_keep_by_name(keep, what):
     model = tiny_model(seed=3)
     with pytest.raises(ValueError, match=r"GPT.hidden: keep must be an int64 \(B, C\) tensor.*got .*" + re.escape(what)):

@@ -393,11 +393,14 @@ class GPT(nn.Module):
         that block's attention queries, output projection and MLP at the other T - C positions (its Q projection
         still runs over the window, with K and V)."""
         if keep is not None and (not isinstance(keep, torch.Tensor) or keep.dtype != torch.int64 or keep.dim() != 2
-                                 or keep.shape[0] != input_ids.shape[0] or keep.device != input_ids.device):
+                                 or keep.shape[0] != input_ids.shape[0] or keep.shape[1] > input_ids.shape[1]
+                                 or keep.device != input_ids.device):
             got = (f"{keep.dtype} {tuple(keep.shape)} on {keep.device}" if isinstance(keep, torch.Tensor)
                    else type(keep).__name__)
+            # the positions' values are not checked here: that would sync the host every step
             raise ValueError(f"GPT.hidden: keep must be an int64 (B, C) tensor of window positions on "
-                             f"{input_ids.device} with B = {input_ids.shape[0]}, got {got}")
+                             f"{input_ids.device} with B = {input_ids.shape[0]} and C <= T = {input_ids.shape[1]}, "
+                             f"got {got}")
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)

@@ -69,8 +69,9 @@ class TTTConfig(AdamSettings):
     warm_start_a: bool = False
     # the last block at the scored positions only (GPT.hidden(..., keep=)): K and V still see the whole window,
     # the last block's attention queries, output projection and MLP and the head run on the chunk's C positions
-    # instead of the window's T (records' recipe: 48 of up to 2,048; ~80 % of one block of 11 fewer FLOPs). Same scores and
-    # gradients up to rounding (CPU tests); off by default until timed on a GPU
+    # instead of the window's T (records' recipe: 48 of up to 2,048; ~80 % of one block of 11 fewer FLOPs). Same scores
+    # and gradients up to rounding (CPU and GPU tests). H200, records' recipe: 111.06 -> 106.33 ms per full step; off by
+    # default: it compiles one more function, which the seeds' recipe would not win back (docs/drivers.md)
     tail_block: bool = False
     # phased TTT (train.phased): the phase_docs longest documents in `phases` phases, a global SGD pass
     # on the base weights after each; 0 phases = off

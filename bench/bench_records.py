@@ -44,7 +44,9 @@ device call; ``PGOLF_RECORDS_LOG_DIR`` keeps every child's full output there; tr
 line (compile counters) every ``PGOLF_RECORDS_HEARTBEAT_S`` seconds (30; 0 = off). ``PGOLF_RECORDS_TRAIN_CACHES=DIR``
 keeps the training children's Inductor and Triton caches in DIR after the bench: a 2026-04-29 pair whose cold compile
 does not fit one device call fills them in one call and measures on them in the next (the slope over steps 10-50 is
-outside the warm-up either way).
+outside the warm-up either way). ``PGOLF_RECORDS_TTT_CACHES=DIR`` does the same for the TTT children, one folder per
+variant (``ttt_caches``; the row's ``caches`` / ``baseline_caches`` say cold or warm); a TTT child that times out or
+fails is reported in the row's ``variants`` and the other variants' figures are kept.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
@@ -61,7 +63,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
@@ -654,20 +656,26 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                         print(f"ttt {key} {v}: skipped, {left:.0f} s of the budget left", flush=True)
                         continue
                     had_file = os.path.isfile(cache_file)
-                    caches, cold = tempfile.mkdtemp(dir=d), {}
-                    if TTT_COLD_DOCS > 0:  # the cold warm-up on a few documents, then the share on its caches
-                        out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data_cold,
+                    (caches, state), cold = ttt_caches(d, key, v), {}
+                    try:
+                        if TTT_COLD_DOCS > 0:  # the cold warm-up on a few documents, then the share on its caches
+                            out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data_cold,
+                                               "--artifact", art], min(CHILD_S, left), caches=caches,
+                                              PGOLF_RECORDS_COMPILE_CACHE=cache_file)
+                            t = ttt_times(log)
+                            cold = dict(cold_warmup_s=t["warmup_s"], cold_wall_s=out["wall_s"],
+                                        cold_docs=TTT_COLD_DOCS)
+                            print(f"ttt {key} {v}: cold warm-up {t['warmup_s']:.1f} s ({out['wall_s']:.1f} s wall "
+                                  f"on {TTT_COLD_DOCS} docs)", flush=True)
+                            left = budget - (time.time() - t0)
+                        out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
                                            "--artifact", art], min(CHILD_S, left), caches=caches,
                                           PGOLF_RECORDS_COMPILE_CACHE=cache_file)
-                        t = ttt_times(log)
-                        cold = dict(cold_warmup_s=t["warmup_s"], cold_wall_s=out["wall_s"], cold_docs=TTT_COLD_DOCS)
-                        print(f"ttt {key} {v}: cold warm-up {t['warmup_s']:.1f} s ({out['wall_s']:.1f} s wall on "
-                              f"{TTT_COLD_DOCS} docs)", flush=True)
-                        left = budget - (time.time() - t0)
-                    out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
-                                       "--artifact", art], min(CHILD_S, left), caches=caches,
-                                      PGOLF_RECORDS_COMPILE_CACHE=cache_file)
-                    got = dict(out, **ttt_times(log), **cold)
+                    except RuntimeError as e:  # one variant's timeout or failure keeps the others' figures
+                        print(f"ttt {key} {v}: {e}", flush=True)
+                        res[v] = dict(failed=str(e).splitlines()[0][:300], caches=state)
+                        continue
+                    got = dict(out, **ttt_times(log), **cold, caches=state)
                     if v == "patched-cachefile":
                         size = os.path.getsize(cache_file) if os.path.isfile(cache_file) else 0
                         got["compile_cache"] = f"{'loaded' if had_file else 'wrote'} {size:,} bytes"
@@ -689,8 +697,9 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                 KERNEL, f"{key} TTT eval ({TTT_DOCS} synthetic docs, phased, the record's own eval loop; {ours})",
                 1e3 * p.get("eval_s", nan), "record TTT eval", 1e3 * r.get("eval_s", nan), docs=TTT_DOCS,
                 variant=ours, wall_speedup=r.get("wall_s", nan) / p.get("wall_s", nan),
-                variants={v: {k: res[v].get(k) for k in ("warmup_s", "eval_s", "wall_s", "val_bpb", "peak_mb")}
-                          for v in res},
+                variants={v: {k: res[v][k] for k in ("warmup_s", "eval_s", "wall_s", "val_bpb", "peak_mb", "caches",
+                                                     "failed") if k in res[v]} for v in res},
+                caches=p.get("caches", ""), baseline_caches=r.get("caches", ""),
                 val_bpb=p.get("val_bpb", nan), baseline_val_bpb=r.get("val_bpb", nan),
                 warmup_s=p.get("warmup_s", nan), baseline_warmup_s=r.get("warmup_s", nan),
                 **({} if TTT_COLD_DOCS <= 0 else dict(
@@ -707,6 +716,22 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                       "CaseOps off"))
             print(harness.markdown_table(rows[-1:]), flush=True)
             _save(rows)
+
+
+def ttt_caches(tmp: str, key: str, variant: str) -> Tuple[str, str]:
+    """(the TTT child's Inductor/Triton cache folder, "cold" or "warm (...)"): a fresh folder under ``tmp`` (a fresh
+    machine), or with ``PGOLF_RECORDS_TTT_CACHES=DIR`` the kept folder ``DIR/ttt-<key>-<variant>``, so that a child
+    whose cold compile does not fit one device call (the 2026-04-29 record's own: stopped at 529 s on an H200, in
+    phase 2 of 3) fills it in one call and finishes on it in the next; the row says which it was."""
+    from .harness import env_folder
+
+    root = env_folder("PGOLF_RECORDS_TTT_CACHES")
+    if not root:
+        return tempfile.mkdtemp(dir=tmp), "cold"
+    folder = os.path.join(root, f"ttt-{key}-{variant}")
+    os.makedirs(folder, exist_ok=True)
+    n = sum(len(files) for _, _, files in os.walk(folder))
+    return folder, "cold" if n == 0 else f"warm ({n} cache files from an earlier child)"
 
 
 def _ttt_artifact(key: str, data: str, art: str, left: float) -> Dict[str, object]:

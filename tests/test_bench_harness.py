@@ -543,3 +543,42 @@ def test_records_ttt_row_prefers_the_regional_variant_and_keeps_every_variant(mo
     assert row["wall_speedup"] == 2.0 and row["ours_ms"] == 50000.0 and row["patch"] == "patched-regional"
     assert sorted(row["variants"]) == ["patched", "patched-regional", "record"]
     assert row["variants"]["patched"]["wall_s"] == 280.0
+
+
+def test_records_ttt_kept_caches_and_a_timed_out_variant(monkeypatch, tmp_path):
+    """PGOLF_RECORDS_TTT_CACHES: each TTT variant's child runs on DIR/ttt-<key>-<variant>, "cold" while empty and
+    "warm (...)" once an earlier child filled it; a variant whose child times out is reported in the row's
+    ``variants`` and the other variant's figures stay in the row."""
+    from bench import bench_records as br
+
+    seen = []
+
+    def spawn(args, timeout, caches="", **env):
+        if args[1] == "ttt-artifact":
+            return {"quant_bytes": 1, "serialize_s": 0.1}, ""
+        v = args[args.index("--variant") + 1]
+        seen.append((v, caches))
+        os.makedirs(os.path.join(caches, "inductor"), exist_ok=True)
+        with open(os.path.join(caches, "inductor", "graph"), "w") as f:  # what a child leaves behind
+            f.write("x")
+        if v == "record":
+            raise RuntimeError("child --child ttt --variant record timed out after 529 s; last output:\nphase:1/3")
+        return {"wall_s": 270.0, "peak_mb": 1.0, "patch": v}, v
+
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_CACHES", str(tmp_path / "c"))
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched-regional")
+    monkeypatch.setattr(br, "_spawn", spawn)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v, docs=0: None)
+    monkeypatch.setattr(br, "ttt_times", lambda log: {"eval_s": 140.0, "warmup_s": 118.0, "val_bpb": 2.4,
+                                                      "val_loss": 8.9})
+    monkeypatch.setattr(br, "_save", lambda rows: None)
+    for state in ("cold", "warm (1 cache files from an earlier child)"):
+        rows = []
+        br._ttt_rows(rows, budget=1e6, t0=__import__("time").time())
+        (row,) = rows
+        assert row["caches"] == row["baseline_caches"] == state
+        assert row["variants"]["record"]["failed"].startswith("child --child ttt --variant record timed out after 529 s")
+        assert row["variants"]["patched-regional"]["wall_s"] == 270.0 and row["wall_s"] == 270.0
+        assert row["baseline_wall_s"] != row["baseline_wall_s"]  # NaN: not measured
+    assert sorted({c for _, c in seen}) == [str(tmp_path / "c" / "ttt-2026-04-29-patched-regional"),
+                                            str(tmp_path / "c" / "ttt-2026-04-29-record")]

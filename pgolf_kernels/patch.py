@@ -66,7 +66,7 @@ Pieces
   (``bench/results/profile-ttt-h200.md``: attention and the other targets dominate). At rank 8 (2026-03-17,
   eager TTT) the op is slower without CUDA graphs (1.367 vs 1.035 ms eager bmm, B64 T1024). A script without a
   per-document LoRA (full-model TTT) has nothing to patch.
-* **regional_ttt** (``apply(..., regional_ttt=True)``, off by default until timed on a GPU) - the 2026-04-29 record
+* **regional_ttt** (``apply(..., regional_ttt=True)``, off by default, see below) - the 2026-04-29 record
   compiles its whole TTT forward (``torch.compile(dynamic=True)`` over ``GPT.forward_ttt``): 11 blocks plus the
   loop repeats unrolled into one graph, forward and backward, which is most of the 97-188 s of compile warm-up the
   records log (more than 265 s cold on one H200 in this package's bench). This piece compiles the per-block bodies
@@ -81,8 +81,10 @@ Pieces
   gradients equal to the record's eager forward. Cold compile of the record's TTT warm-up at its default config
   (11 layers, 17 block slots, rank 96) on CPU Inductor, 2 cores, one process each, one after the other:
   83.9 s vs 324.4 s for the record's own (3.9x; 263.1 s in an earlier run on the same machine), and the step that
-  follows 10.3 vs 11.6 s (``bench/results/records-ttt-warmup-cpu.md``). Not yet timed on a GPU, where Triton
-  replaces the C++ kernels and the region's unspecialised floats may add host C++ kernels. A script whose block
+  follows 10.3 vs 11.6 s (``bench/results/records-ttt-warmup-cpu.md``). On one H200 (``bench/results/records-h200.md``,
+  200 synthetic documents, cold caches, one child each): compile warm-up 118.0 vs 267.6 s, wall 271.8 s vs more than
+  529 s (the record's child was stopped in phase 2 of 3). Off by default until the record's val_bpb over a whole
+  share is measured beside it on a GPU (so far only the first scored batch: the same loss, 8.6448). A script whose block
   bodies read their LoRA other than as ``lora.<list>[slot]`` or the model other than through those attributes is
   refused by name.
 * **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with

@@ -46,7 +46,8 @@ keeps the training children's Inductor and Triton caches in DIR after the bench:
 does not fit one device call fills them in one call and measures on them in the next (the slope over steps 10-50 is
 outside the warm-up either way). ``PGOLF_RECORDS_TTT_CACHES=DIR`` does the same for the TTT children, one folder per
 variant (``ttt_caches``; the row's ``caches`` / ``baseline_caches`` say cold or warm); a TTT child that times out or
-fails is reported in the row's ``variants`` and the other variants' figures are kept.
+fails is reported in the row's ``variants`` and the other variants' figures are kept. The row's ``artifact_sha256``
+(``folder_sha256``) names the artifact, so val_bpb from different device calls are compared only on equal hashes.
 
 Child mode (one process per variant): ``python -m bench.bench_records --child muon|train --key K
 --variant record|patched``; it prints one ``RESULT {json}`` line.
@@ -329,7 +330,25 @@ def child_ttt_artifact(key: str, data_dir: str, art_dir: str) -> Dict[str, objec
     t0 = time.time()
     with open(records_env.record_path(key)) as f:
         _, quant_bytes = ns.serialize(h, model, f.read())
-    return dict(serialize_s=time.time() - t0, quant_bytes=int(quant_bytes))
+    return dict(serialize_s=time.time() - t0, quant_bytes=int(quant_bytes), artifact_sha256=folder_sha256(art_dir))
+
+
+def folder_sha256(folder: str) -> str:
+    """sha256 over the files of ``folder`` (names and bytes, sorted; the bench's own ``made.json`` left out): TTT rows
+    from different device calls or machines compare val_bpb only when their artifacts hash the same."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for root, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if name == "made.json" and root == folder:
+                continue
+            path = os.path.join(root, name)
+            h.update(os.path.relpath(path, folder).encode() + b"\0")
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+    return h.hexdigest()
 
 
 def child_ttt(key: str, variant: str, data_dir: str, art_dir: str) -> Dict[str, object]:
@@ -710,6 +729,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                 wall_s=p.get("wall_s", nan), baseline_wall_s=r.get("wall_s", nan),
                 peak_mb=p.get("peak_mb", nan), baseline_peak_mb=r.get("peak_mb", nan),
                 artifact_bytes=made["quant_bytes"], serialize_s=made["serialize_s"],
+                artifact_sha256=made.get("artifact_sha256", ""),
                 patch=p.get("patch", "not run"), attention=records_env.standin_note(), cache_runs=cache_runs,
                 setup="artifact of the record's GPT at initialization (its serialize: GPTQ, lzma), "
                       "SMEAR_GATE_ENABLED=1 SPARSE_ATTN_GATE_ENABLED=1 EMBED_BITS=7 PHASED_TTT_NUM_PHASES=3, "

@@ -582,3 +582,21 @@ def test_records_ttt_kept_caches_and_a_timed_out_variant(monkeypatch, tmp_path):
         assert row["baseline_wall_s"] != row["baseline_wall_s"]  # NaN: not measured
     assert sorted({c for _, c in seen}) == [str(tmp_path / "c" / "ttt-2026-04-29-patched-regional"),
                                             str(tmp_path / "c" / "ttt-2026-04-29-record")]
+
+
+def test_records_artifact_hash_names_the_bytes(tmp_path):
+    """folder_sha256: equal for equal files, changed by one byte or one name, blind to the bench's made.json."""
+    from bench.bench_records import folder_sha256
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d in (a, b):
+        (d / "sub").mkdir(parents=True)
+        (d / "final_model.ptz").write_bytes(bytes(range(256)) * 3)
+        (d / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    (a / "made.json").write_text('{"docs": 200}')
+    assert folder_sha256(str(a)) == folder_sha256(str(b))
+    (b / "sub" / "x.bin").write_bytes(b"\x00\x02")
+    assert folder_sha256(str(a)) != folder_sha256(str(b))
+    (b / "sub" / "x.bin").write_bytes(b"\x00\x01")
+    (b / "sub" / "x.bin").rename(b / "sub" / "y.bin")
+    assert folder_sha256(str(a)) != folder_sha256(str(b))

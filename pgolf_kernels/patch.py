@@ -76,6 +76,13 @@ Pieces
   one block per region instead of the whole model. To share one graph, a block sees its LoRA entry and its parallel
   lambda rows at index 0 (the record's slot / block index picks a module from a list, which specialises a graph per
   block) and the regions leave floats unspecialised (each block's ``ln_scale_factor`` is 1/sqrt(layer + 1)).
+  The regions take the LoRA parameters as views (``_ParamViews``): the record's eval builds a new
+  ``BatchedTTTLoRA(bsz)`` for every batch of fewer than ``ttt_batch_size`` documents (phase ends, the last batch),
+  and Dynamo keeps a parameter's shape static, so each new batch size compiled the whole TTT forward again in the
+  record (CPU trace, tiny config, batch sizes 6, 3, 2, 1, 5: 3 -> 7 graphs; on the H200 its phase 1 added a
+  Dynamo frame and 153 s of compile, ``bench/results/logs/records-ttt-0429-regional-h200.txt``) and the regions
+  three graphs more each time (6 -> 14); with the views the regions keep their graphs (6 -> 9, all 3 from the
+  one-document batch, which Dynamo specialises).
   A CPU trace at a tiny config (4 layers, looping and the parallel lanes on): 3 region graphs (the first block's input
   needs no gradient, the later ones do; the parallel body), no recompile at a second window length, losses and LoRA
   gradients equal to the record's eager forward. Cold compile of the record's TTT warm-up at its default config
@@ -526,7 +533,27 @@ class _SlotLoRA:
     def __init__(self, lora, slot: int):
         for name in LORA_LISTS:
             m = getattr(lora, name, None)
-            setattr(self, name, None if m is None else (m[slot],))
+            setattr(self, name, None if m is None else (_ParamViews(m[slot]),))
+
+
+class _ParamViews:
+    """One of the record's LoRA modules (``BatchedLinearLoRA``) with its parameters passed as views: its own forward
+    on ``A.view_as(A)`` / ``B.view_as(B)`` (no copy; the gradients reach the parameters), any other attribute the
+    module's. Why: Dynamo keeps a ``nn.Parameter``'s shape static even under ``dynamic=True``, and the record's eval
+    builds a new ``BatchedTTTLoRA(bsz)`` for every batch of fewer than ``ttt_batch_size`` documents (its phases, its
+    last batch), so each new batch size compiled the regions again (CPU trace, tiny config, batch sizes 6, 3, 2, 1, 5:
+    6 -> 14 region graphs; with views 6 -> 9, the rest from the size-1 batch that Dynamo specialises)."""
+
+    def __init__(self, mod):
+        self._pgolf_mod = mod
+        for name, prm in mod.named_parameters(recurse=False):
+            setattr(self, name, prm.view_as(prm))
+
+    def __getattr__(self, name):
+        return getattr(self._pgolf_mod, name)
+
+    def __call__(self, *args, **kwargs):
+        return type(self._pgolf_mod).forward(self, *args, **kwargs)
 
 
 class _BlockSelf:
@@ -537,8 +564,11 @@ class _BlockSelf:
     def __init__(self, model, idx: int):
         self._pgolf_model = model
         self.blocks = (model.blocks[idx],)
-        self.parallel_resid_lambdas = model.parallel_resid_lambdas[idx:idx + 1]
-        self.parallel_post_lambdas = model.parallel_post_lambdas[idx:idx + 1]
+        # copies, not views: a view's storage offset (idx) is a symbol of the dynamic region, and Dynamo's duck
+        # sizing tied it to any input size of the same value (CPU trace: block 6 and a 6-document batch), so a later
+        # batch size recompiled the region; the copy is a few elements and carries the gradient
+        self.parallel_resid_lambdas = model.parallel_resid_lambdas[idx:idx + 1].clone()
+        self.parallel_post_lambdas = model.parallel_post_lambdas[idx:idx + 1].clone()
 
     def __getattr__(self, name):
         return getattr(self._pgolf_model, name)

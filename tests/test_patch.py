@@ -699,6 +699,51 @@ def test_ttt_regional_equals_the_record_and_compiles_blocks_not_the_model(monkey
     assert all(ns.GPT.__dict__[n] is f for n, f in orig.items())
 
 
+def test_ttt_regional_keeps_its_graphs_across_lora_batch_sizes(monkeypatch):
+    """The record's eval builds a new BatchedTTTLoRA(bsz) for each batch of fewer than ttt_batch_size documents (its
+    phases, its last batch): the regions take the LoRA parameters as views, so a new batch size (5 -> 6 -> 7) reuses
+    the region graphs instead of compiling them again (Dynamo keeps a Parameter's shape static under dynamic=True),
+    and the losses and LoRA gradients at each batch size equal the record's eager forward. The sizes avoid the tiny
+    config's own (4 layers, rank 3, chunk 8): a batch size equal to one of them is tied to it by Dynamo's duck
+    sizing and compiled once more when it changes (at the record's config: a bank of 11 or 22 matrices)."""
+    import pgolf_kernels.patch as pp
+
+    ns, model, _, h = _tail_model("2026-04-29", monkeypatch)
+    for b in model.blocks:
+        b.attn.rotary(64, torch.device("cpu"), torch.float32)
+    C = h.ttt_chunk_size
+    g = torch.Generator().manual_seed(9)
+    cases = []
+    for bsz in (5, 6, 7):
+        lora = ns.BatchedTTTLoRA(bsz, model, 3)
+        with torch.no_grad():
+            for prm in lora.parameters():
+                prm.copy_(0.05 * torch.randn(prm.shape, generator=g))
+        s_ = torch.randint(0, h.vocab_size, (bsz, 41), generator=g)
+        ptl = model.forward_ttt(s_[:, :-1], s_[:, 1:], lora=lora)
+        ptl[:, -C:].mean(-1).sum().backward()
+        cases.append((lora, s_, ptl.detach()[:, -C:], [p.grad.clone() for p in lora.parameters()]))
+        lora.zero_grad(set_to_none=True)
+    regions = []
+    monkeypatch.setattr(pp, "REGION_BACKEND", _counting(regions))
+    rep = pp.apply(ns, muon=False, ttt=True, regional_ttt=True, strict=True)
+    try:
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, y, l: model.forward_ttt(x, y, lora=l), dynamic=True, backend="aot_eager")
+        counts = []
+        for lora, s_, ref, grads in cases:
+            got = fn(s_[:, :-1], s_[:, 1:], lora)
+            torch.testing.assert_close(got[:, -C:], ref, rtol=1e-5, atol=1e-6)
+            got[:, -C:].mean(-1).sum().backward()
+            for p, gr in zip(lora.parameters(), grads):
+                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-7)
+            counts.append(len(regions))
+        assert counts[0] > 0 and counts == [counts[0]] * 3, counts
+    finally:
+        rep.undo()
+        torch._dynamo.reset()
+
+
 def test_ttt_regional_refusals(records):
     """regional_ttt refuses by name: without ttt; a block body that reads its LoRA other than lora.<list>[slot]
     (strict), which strict=False lists as skipped while the rest of the TTT piece applies."""

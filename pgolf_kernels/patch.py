@@ -79,8 +79,9 @@ Pieces
   The regions take the LoRA parameters as views (``_ParamViews``): the record's eval builds a new
   ``BatchedTTTLoRA(bsz)`` for every batch of fewer than ``ttt_batch_size`` documents (phase ends, the last batch),
   and Dynamo keeps a parameter's shape static, so each new batch size compiled the whole TTT forward again in the
-  record (CPU trace, tiny config, batch sizes 6, 3, 2, 1, 5: 3 -> 7 graphs; on the H200 its phase 1 added a
-  Dynamo frame and 153 s of compile, ``bench/results/logs/records-ttt-0429-regional-h200.txt``) and the regions
+  record (CPU trace, tiny config, batch sizes 6, 3, 2, 1, 5: 3 -> 7 graphs; on the H200 the record child's phase
+  1, whose batches hold 2 and 3 documents, added a Dynamo frame and 153 s of compile,
+  ``bench/results/logs/records-ttt-0429-regional-h200.txt``) and the regions
   three graphs more each time (6 -> 14); with the views the regions keep their graphs (6 -> 9, all 3 from the
   one-document batch, which Dynamo specialises).
   A CPU trace at a tiny config (4 layers, looping and the parallel lanes on): 3 region graphs (the first block's input

@@ -565,9 +565,10 @@ class _BlockSelf:
     def __init__(self, model, idx: int):
         self._pgolf_model = model
         self.blocks = (model.blocks[idx],)
-        # copies, not views: a view's storage offset (idx) is a symbol of the dynamic region, and Dynamo's duck
-        # sizing tied it to any input size of the same value (CPU trace: block 6 and a 6-document batch), so a later
-        # batch size recompiled the region; the copy is a few elements and carries the gradient
+        # copies, not views: a view's storage offset is a symbol of the dynamic region, and Dynamo's duck sizing
+        # tied it to any input size of the same value (CPU trace: offset 6, row 3 of the (blocks, 2) table, and a
+        # 6-document batch), so a later batch size recompiled the region; the copy is a few elements and carries
+        # the gradient
         self.parallel_resid_lambdas = model.parallel_resid_lambdas[idx:idx + 1].clone()
         self.parallel_post_lambdas = model.parallel_post_lambdas[idx:idx + 1].clone()
 

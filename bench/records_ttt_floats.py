@@ -18,6 +18,14 @@ ones include the cold compile of forward and backward). Inductor's CPU backend, 
 (C++ kernels, not Triton); the graph count is what a GPU run compiles.
 
     python3 -m bench.records_ttt_floats --warmup   # ~20 min on 2 CPU cores; bench/results/records-ttt-warmup-cpu.{json,md}
+
+``--batch-sizes``: what a new LoRA batch size costs. The record's phased eval builds a new ``BatchedTTTLoRA(bsz)``
+for every batch of fewer than ``ttt_batch_size`` documents (phase ends, the last batch). At the record's default
+config, ``torch.compile(dynamic=True)`` with aot_eager (trace only), the TTT forward and backward at batch sizes
+``BATCH_SIZES`` in turn (the first at windows ttt_chunk_size and 2 * ttt_chunk_size, the others at
+2 * ttt_chunk_size), counting the Dynamo graphs (the regions' with the outer one's) after each.
+
+    python3 -m bench.records_ttt_floats --batch-sizes --variants record,patched-regional   # ~7 min on 2 CPU cores
 """
 from __future__ import annotations
 
@@ -33,6 +41,7 @@ TINY = dict(VOCAB_SIZE="256", NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM
             SPARSE_ATTN_GATE_ENABLED="1", ROPE_DIMS="16", TRAIN_SEQ_LEN="64", EVAL_SEQ_LEN="64",
             ROPE_TRAIN_SEQ_LEN="64", FUSED_CE_ENABLED="0")
 LENGTHS = (16, 32, 48, 64)
+BATCH_SIZES = (6, 3, 2, 5)
 
 
 def _child(patched: bool) -> dict:
@@ -122,6 +131,60 @@ def _warmup_child(variant: str) -> dict:
                 rank=h.ttt_lora_rank, patch=(str(report) if report is not None else "unmodified"))
 
 
+def _bsz_child(variant: str) -> dict:
+    import torch
+
+    from bench import records_env
+
+    os.environ["CASEOPS_ENABLED"] = "0"
+    ns = records_env.load_record(KEY)
+    h, model = records_env.ttt_model_cpu(ns)
+    graphs = []
+
+    def counting(gm, example_inputs):
+        graphs.append(1)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    report = None
+    if variant != "record":
+        import pgolf_kernels.patch as pp
+
+        report = pp.apply(ns, muon=False, ttt=True, regional_ttt=variant == "patched-regional")
+        pp.REGION_BACKEND = counting
+    fn = torch.compile(lambda x, y, lora: model.forward_ttt(x, y, lora=lora), dynamic=True, backend=counting)
+    g = torch.Generator().manual_seed(0)
+    C = h.ttt_chunk_size
+    calls = []
+    for i, bsz in enumerate(BATCH_SIZES):
+        lora = ns.BatchedTTTLoRA(bsz, model, h.ttt_lora_rank, k_lora=h.ttt_k_lora, mlp_lora=h.ttt_mlp_lora,
+                                 o_lora=h.ttt_o_lora)
+        t = time.perf_counter()
+        for length in ((C, 2 * C) if i == 0 else (2 * C,)):
+            x = torch.randint(0, h.vocab_size, (bsz, length), generator=g)
+            y = torch.randint(0, h.vocab_size, (bsz, length), generator=g)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                ptl = fn(x, y, lora)
+            ptl[:, -C:].mean(-1).sum().backward()
+        calls.append(dict(bsz=bsz, seconds=round(time.perf_counter() - t, 1), graphs_so_far=len(graphs)))
+    return dict(graphs=len(graphs), calls=calls, patch=(str(report) if report is not None else "unmodified"))
+
+
+def _write_bsz(out: str, info: dict, rows: list) -> None:
+    with open(out + ".json", "w") as f:
+        json.dump(dict(info, key=KEY, batch_sizes=BATCH_SIZES, rows=rows), f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(f"# {KEY} record: Dynamo graphs per new LoRA batch size (CPU)\n\n"
+                f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --batch-sizes`: the "
+                "record's default config (CaseOps off), its TTT forward and backward under torch.compile(dynamic=True) "
+                "with aot_eager (trace only), a new BatchedTTTLoRA at each batch size in turn, as its phased eval "
+                "builds one per batch of fewer than ttt_batch_size documents. seconds: that batch size's calls on 2 "
+                "CPU cores, a recompile's tracing included.\n\n"
+                "| variant | Dynamo graphs | batch size: seconds, graphs so far |\n|---|---|---|\n")
+        for r in rows:
+            calls = "; ".join(f"{c['bsz']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"])
+            f.write(f"| {r['variant']} | {r['graphs']} | {calls} |\n")
+
+
 def _write_warmup(out: str, info: dict, rows: list) -> None:
     """``out``.json / .md; rows of variants not run now stay as they were (each row carries its date)."""
     rows = [dict(r, date=r.get("date", info["date"]), torch=r.get("torch", info["torch"])) for r in rows]
@@ -171,6 +234,9 @@ def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--warmup-child":
         print("RESULT " + json.dumps(_warmup_child(sys.argv[2])), flush=True)
         return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "--bsz-child":
+        print("RESULT " + json.dumps(_bsz_child(sys.argv[2])), flush=True)
+        return 0
     import argparse
 
     ap = argparse.ArgumentParser(prog="python3 -m bench.records_ttt_floats",
@@ -178,15 +244,20 @@ def main() -> int:
     ap.add_argument("--warmup", action="store_true",
                     help="time the record's cold compile warm-up at its default config (Inductor) instead of "
                          "counting the tiny config's graph inputs")
+    ap.add_argument("--batch-sizes", action="store_true",
+                    help="count the Dynamo graphs as the LoRA batch size changes (default config, aot_eager)")
     ap.add_argument("--variants", default="record,patched",
-                    help="--warmup only: comma list of record, patched, patched-regional (regional_ttt=True)")
+                    help="--warmup / --batch-sizes only: comma list of record, patched, patched-regional "
+                         "(regional_ttt=True)")
     a = ap.parse_args(sys.argv[1:])
-    warmup = a.warmup
+    warmup, bsz = a.warmup, a.batch_sizes
     variants = [v for v in a.variants.split(",") if v]
     bad = [v for v in variants if v not in ("record", "patched", "patched-regional")]
-    if bad or not variants or (not warmup and a.variants != "record,patched"):
+    if warmup and bsz:
+        ap.error("--warmup and --batch-sizes: pick one")
+    if bad or not variants or (not (warmup or bsz) and a.variants != "record,patched"):
         ap.error(f"--variants {a.variants!r}: expected a comma list of record, patched, patched-regional "
-                 f"(with --warmup)")
+                 f"(with --warmup or --batch-sizes)")
     from bench import records_env
     from bench.harness import env_info
 
@@ -202,8 +273,8 @@ def main() -> int:
             import tempfile
 
             env.update(TORCHINDUCTOR_CACHE_DIR=tempfile.mkdtemp(), TRITON_CACHE_DIR=tempfile.mkdtemp())
-        p = subprocess.run([sys.executable, "-m", "bench.records_ttt_floats",
-                            "--warmup-child" if warmup else "--child", variant], cwd=root,
+        mode = "--warmup-child" if warmup else "--bsz-child" if bsz else "--child"
+        p = subprocess.run([sys.executable, "-m", "bench.records_ttt_floats", mode, variant], cwd=root,
                            capture_output=True, text=True, env=env)
         line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
         if p.returncode != 0 or not line:
@@ -212,6 +283,8 @@ def main() -> int:
         rows.append(dict(variant=variant, **json.loads(line[0][7:])))
     if warmup:
         _write_warmup(os.path.join(root, "bench", "results", "records-ttt-warmup-cpu"), env_info(), rows)
+    elif bsz:
+        _write_bsz(os.path.join(root, "bench", "results", "records-ttt-bsz-cpu"), env_info(), rows)
     else:
         _write(os.path.join(root, "bench", "results", "records-ttt-floats-cpu"), env_info(), rows)
     for r in rows:

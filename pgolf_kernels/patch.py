@@ -83,7 +83,9 @@ Pieces
   1, whose batches hold 2 and 3 documents, added a Dynamo frame and 153 s of compile,
   ``bench/results/logs/records-ttt-0429-regional-h200.txt``) and the regions
   three graphs more each time (6 -> 14); with the views the regions keep their graphs (6 -> 9, all 3 from the
-  one-document batch, which Dynamo specialises).
+  one-document batch, which Dynamo specialises). At the record's default config (``bench/results/records-ttt-bsz-cpu.md``,
+  aot_eager, batch sizes 6, 3, 2, 5): the record 2 -> 5 graphs, 54-64 s of CPU tracing per new size; the regions 3
+  graphs throughout, 0.4-1.0 s per later size.
   A CPU trace at a tiny config (4 layers, looping and the parallel lanes on): 3 region graphs (the first block's input
   needs no gradient, the later ones do; the parallel body), no recompile at a second window length, losses and LoRA
   gradients equal to the record's eager forward. Cold compile of the record's TTT warm-up at its default config

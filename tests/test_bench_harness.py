@@ -600,3 +600,21 @@ def test_records_artifact_hash_names_the_bytes(tmp_path):
     (b / "sub" / "x.bin").write_bytes(b"\x00\x01")
     (b / "sub" / "x.bin").rename(b / "sub" / "y.bin")
     assert folder_sha256(str(a)) != folder_sha256(str(b))
+
+
+def test_records_ttt_floats_modes_are_refused_by_name(monkeypatch, capsys, tmp_path):
+    """bench.records_ttt_floats: --warmup with --batch-sizes, an unknown variant, and variants without a mode that
+    takes them are refused before any child starts; the batch-size table lists each size's graph count."""
+    from bench import records_ttt_floats as rt
+
+    for argv, msg in ((["--warmup", "--batch-sizes"], "--warmup and --batch-sizes: pick one"),
+                      (["--batch-sizes", "--variants", "record,eager"], "--variants 'record,eager': expected"),
+                      (["--variants", "patched-regional"], "(with --warmup or --batch-sizes)")):
+        monkeypatch.setattr(sys, "argv", ["records_ttt_floats"] + argv)
+        with pytest.raises(SystemExit):
+            rt.main()
+        assert msg in capsys.readouterr().err
+    rows = [dict(variant="record", graphs=5, calls=[dict(bsz=6, seconds=1.0, graphs_so_far=2),
+                                                     dict(bsz=3, seconds=2.0, graphs_so_far=3)])]
+    rt._write_bsz(str(tmp_path / "t"), dict(torch="t", date="d"), rows)
+    assert "| record | 5 | 6: 1.0 s, 2; 3: 2.0 s, 3 |" in (tmp_path / "t.md").read_text()

@@ -166,7 +166,9 @@ def _bsz_child(variant: str) -> dict:
                 ptl = fn(x, y, lora)
             ptl[:, -C:].mean(-1).sum().backward()
         calls.append(dict(bsz=bsz, seconds=round(time.perf_counter() - t, 1), graphs_so_far=len(graphs)))
-    return dict(graphs=len(graphs), calls=calls, patch=(str(report) if report is not None else "unmodified"))
+    # one line: the report's own line breaks would split a markdown table row (docs/RESULTS.md)
+    return dict(graphs=len(graphs), calls=calls, patch=(" ".join(str(report).split()) if report is not None
+                                                          else "unmodified"))
 
 
 def _write_bsz(out: str, info: dict, rows: list) -> None:

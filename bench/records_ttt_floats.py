@@ -171,20 +171,27 @@ def _bsz_child(variant: str) -> dict:
                                                           else "unmodified"))
 
 
-def _write_bsz(out: str, info: dict, rows: list) -> None:
+def _dump(out: str, payload: dict, intro: str, header: str, lines: list) -> None:
+    """``out``.json (``payload``) and ``out``.md: ``intro``, then a table of ``header`` and ``lines``."""
     with open(out + ".json", "w") as f:
-        json.dump(dict(info, key=KEY, batch_sizes=BATCH_SIZES, rows=rows), f, indent=1)
+        json.dump(payload, f, indent=1)
     with open(out + ".md", "w") as f:
-        f.write(f"# {KEY} record: Dynamo graphs per new LoRA batch size (CPU)\n\n"
-                f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --batch-sizes`: the "
-                "record's default config (CaseOps off), its TTT forward and backward under torch.compile(dynamic=True) "
-                "with aot_eager (trace only), a new BatchedTTTLoRA at each batch size in turn, as its phased eval "
-                "builds one per batch of fewer than ttt_batch_size documents. seconds: that batch size's calls on 2 "
-                "CPU cores, a recompile's tracing included.\n\n"
-                "| variant | Dynamo graphs | batch size: seconds, graphs so far |\n|---|---|---|\n")
-        for r in rows:
-            calls = "; ".join(f"{c['bsz']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"])
-            f.write(f"| {r['variant']} | {r['graphs']} | {calls} |\n")
+        f.write(intro + "\n\n" + header + "\n" + "|---" * header.count(" | ") + "|---|\n")
+        f.writelines(line + "\n" for line in lines)
+
+
+def _write_bsz(out: str, info: dict, rows: list) -> None:
+    intro = (f"# {KEY} record: Dynamo graphs per new LoRA batch size (CPU)\n\n"
+             f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --batch-sizes`: the record's "
+             "default config (CaseOps off), its TTT forward and backward under torch.compile(dynamic=True) with "
+             "aot_eager (trace only), a new BatchedTTTLoRA at each batch size in turn, as its phased eval builds one per "
+             "batch of fewer than ttt_batch_size documents. seconds: that batch size's calls on 2 CPU cores, a "
+             "recompile's tracing included.")
+    lines = [f"| {r['variant']} | {r['graphs']} | "
+             + "; ".join(f"{c['bsz']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"]) + " |"
+             for r in rows]
+    _dump(out, dict(info, key=KEY, batch_sizes=BATCH_SIZES, rows=rows), intro,
+          "| variant | Dynamo graphs | batch size: seconds, graphs so far |", lines)
 
 
 def _write_warmup(out: str, info: dict, rows: list) -> None:
@@ -196,21 +203,19 @@ def _write_warmup(out: str, info: dict, rows: list) -> None:
         ran = {r["variant"] for r in rows}
         rows = [dict(r, date=r.get("date", old.get("date")), torch=r.get("torch", old.get("torch")))
                 for r in old.get("rows", []) if r["variant"] not in ran] + rows
-    with open(out + ".json", "w") as f:
-        json.dump(dict(info, key=KEY, rows=rows), f, indent=1)
-    with open(out + ".md", "w") as f:
-        f.write(f"# {KEY} record: its TTT compile warm-up, unpatched vs patched (CPU, Inductor)\n\n"
-                f"`python3 -m bench.records_ttt_floats --warmup [--variants ...]`: the "
-                "record's default config (CaseOps off), 2 rows, LoRA at the record's rank and targets, "
-                "torch.compile(dynamic=True) with Inductor's CPU backend on empty cache folders, one process per "
-                "variant, run one after the other on 2 CPU cores. Each call: forward under bf16 autocast and the "
-                "backward of the last chunk's mean loss; the first call holds the cold compile.\n\n"
-                "patched-regional: `apply(..., regional_ttt=True)`, the per-block regions' graphs counted with the "
-                "outer one's.\n\n"
-                "| variant | date | torch | Dynamo graphs | call: window, seconds, graphs so far |\n|---|---|---|---|---|\n")
-        for r in rows:
-            calls = "; ".join(f"T={c['window']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"])
-            f.write(f"| {r['variant']} | {r['date']} | {r['torch']} | {r['graphs']} | {calls} |\n")
+    intro = (f"# {KEY} record: its TTT compile warm-up, unpatched vs patched (CPU, Inductor)\n\n"
+             "`python3 -m bench.records_ttt_floats --warmup [--variants ...]`: the "
+             "record's default config (CaseOps off), 2 rows, LoRA at the record's rank and targets, "
+             "torch.compile(dynamic=True) with Inductor's CPU backend on empty cache folders, one process per "
+             "variant, run one after the other on 2 CPU cores. Each call: forward under bf16 autocast and the "
+             "backward of the last chunk's mean loss; the first call holds the cold compile.\n\n"
+             "patched-regional: `apply(..., regional_ttt=True)`, the per-block regions' graphs counted with the "
+             "outer one's.")
+    lines = [f"| {r['variant']} | {r['date']} | {r['torch']} | {r['graphs']} | "
+             + "; ".join(f"T={c['window']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"]) + " |"
+             for r in rows]
+    _dump(out, dict(info, key=KEY, rows=rows), intro,
+          "| variant | date | torch | Dynamo graphs | call: window, seconds, graphs so far |", lines)
 
 
 def _write(out: str, info: dict, rows: list) -> None:

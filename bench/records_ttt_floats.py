@@ -180,6 +180,11 @@ def _dump(out: str, payload: dict, intro: str, header: str, lines: list) -> None
         f.writelines(line + "\n" for line in lines)
 
 
+def _calls(row: dict, key: str, prefix: str) -> str:
+    """A row's calls as "<prefix><call[key]>: <seconds> s, <graphs so far>; ..."."""
+    return "; ".join(f"{prefix}{c[key]}: {c['seconds']} s, {c['graphs_so_far']}" for c in row["calls"])
+
+
 def _write_bsz(out: str, info: dict, rows: list) -> None:
     intro = (f"# {KEY} record: Dynamo graphs per new LoRA batch size (CPU)\n\n"
              f"torch {info['torch']}, {info['date']}; `python3 -m bench.records_ttt_floats --batch-sizes`: the record's "
@@ -187,11 +192,9 @@ def _write_bsz(out: str, info: dict, rows: list) -> None:
              "aot_eager (trace only), a new BatchedTTTLoRA at each batch size in turn, as its phased eval builds one per "
              "batch of fewer than ttt_batch_size documents. seconds: that batch size's calls on 2 CPU cores, a "
              "recompile's tracing included.")
-    lines = [f"| {r['variant']} | {r['graphs']} | "
-             + "; ".join(f"{c['bsz']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"]) + " |"
-             for r in rows]
     _dump(out, dict(info, key=KEY, batch_sizes=BATCH_SIZES, rows=rows), intro,
-          "| variant | Dynamo graphs | batch size: seconds, graphs so far |", lines)
+          "| variant | Dynamo graphs | batch size: seconds, graphs so far |",
+          [f"| {r['variant']} | {r['graphs']} | {_calls(r, 'bsz', '')} |" for r in rows])
 
 
 def _write_warmup(out: str, info: dict, rows: list) -> None:
@@ -211,11 +214,10 @@ def _write_warmup(out: str, info: dict, rows: list) -> None:
              "backward of the last chunk's mean loss; the first call holds the cold compile.\n\n"
              "patched-regional: `apply(..., regional_ttt=True)`, the per-block regions' graphs counted with the "
              "outer one's.")
-    lines = [f"| {r['variant']} | {r['date']} | {r['torch']} | {r['graphs']} | "
-             + "; ".join(f"T={c['window']}: {c['seconds']} s, {c['graphs_so_far']}" for c in r["calls"]) + " |"
-             for r in rows]
     _dump(out, dict(info, key=KEY, rows=rows), intro,
-          "| variant | date | torch | Dynamo graphs | call: window, seconds, graphs so far |", lines)
+          "| variant | date | torch | Dynamo graphs | call: window, seconds, graphs so far |",
+          [f"| {r['variant']} | {r['date']} | {r['torch']} | {r['graphs']} | {_calls(r, 'window', 'T=')} |"
+           for r in rows])
 
 
 def _write(out: str, info: dict, rows: list) -> None:

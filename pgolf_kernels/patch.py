@@ -700,6 +700,10 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
     regional_ttt (off by default; needs ``ttt``): the record's TTT forward compiled per block instead of as one
     unrolled graph (see the module docstring), for a shorter cold compile warm-up.
     """
+    for name, flag in (("muon", muon), ("ttt", ttt), ("quant", quant), ("strict", strict),
+                       ("regional_ttt", regional_ttt)):
+        if not isinstance(flag, bool):  # a string such as "0" would be truthy and switch the piece on
+            raise TypeError(f"apply: {name} must be True or False, got {flag!r}")
     if regional_ttt and not ttt:
         raise ValueError("apply: regional_ttt=True needs ttt=True (it is part of the TTT piece)")
     ns, script = _namespace(namespace)

@@ -744,6 +744,21 @@ def test_ttt_regional_keeps_its_graphs_across_lora_batch_sizes(monkeypatch):
         torch._dynamo.reset()
 
 
+def test_apply_refuses_a_non_bool_switch(records):
+    """apply's on/off arguments must be bools: a string such as "0" (an environment variable passed through) is
+    truthy and would switch a piece on; refused by name before anything is patched."""
+    from pgolf_kernels.patch import apply
+
+    ns = records["2026-04-29"]
+    before = dict(vars(ns)) if not isinstance(ns, dict) else dict(ns)
+    for kw in (dict(regional_ttt="0"), dict(muon=1), dict(strict=None)):
+        name, val = next(iter(kw.items()))
+        with pytest.raises(TypeError, match=f"apply: {name} must be True or False, got {val!r}"):
+            apply(ns, **kw)
+    after = dict(vars(ns)) if not isinstance(ns, dict) else dict(ns)
+    assert all(after[k] is v for k, v in before.items())
+
+
 def test_ttt_regional_refusals(records):
     """regional_ttt refuses by name: without ttt; a block body that reads its LoRA other than lora.<list>[slot]
     (strict), which strict=False lists as skipped while the rest of the TTT piece applies."""

@@ -338,6 +338,8 @@ def folder_sha256(folder: str) -> str:
     from different device calls or machines compare val_bpb only when their artifacts hash the same."""
     import hashlib
 
+    if not os.path.isdir(folder):  # a missing folder would hash as empty and match every other missing one
+        raise FileNotFoundError(f"folder_sha256: folder {folder!r} does not exist")
     h = hashlib.sha256()
     for root, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
@@ -690,11 +692,12 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                         out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
                                            "--artifact", art], min(CHILD_S, left), caches=caches,
                                           PGOLF_RECORDS_COMPILE_CACHE=cache_file)
+                        times = ttt_times(log)  # a log without the record's TTT line is this variant's failure too
                     except RuntimeError as e:  # one variant's timeout or failure keeps the others' figures
                         print(f"ttt {key} {v}: {e}", flush=True)
                         res[v] = dict(failed=str(e).splitlines()[0][:300], caches=state)
                         continue
-                    got = dict(out, **ttt_times(log), **cold, caches=state)
+                    got = dict(out, **times, **cold, caches=state)
                     if v == "patched-cachefile":
                         size = os.path.getsize(cache_file) if os.path.isfile(cache_file) else 0
                         got["compile_cache"] = f"{'loaded' if had_file else 'wrote'} {size:,} bytes"

@@ -600,6 +600,8 @@ def test_records_artifact_hash_names_the_bytes(tmp_path):
     (b / "sub" / "x.bin").write_bytes(b"\x00\x01")
     (b / "sub" / "x.bin").rename(b / "sub" / "y.bin")
     assert folder_sha256(str(a)) != folder_sha256(str(b))
+    with pytest.raises(FileNotFoundError, match="folder_sha256: folder .* does not exist"):
+        folder_sha256(str(tmp_path / "missing"))
 
 
 def test_records_ttt_floats_modes_are_refused_by_name(monkeypatch, capsys, tmp_path):
@@ -618,3 +620,32 @@ def test_records_ttt_floats_modes_are_refused_by_name(monkeypatch, capsys, tmp_p
                                                      dict(bsz=3, seconds=2.0, graphs_so_far=3)])]
     rt._write_bsz(str(tmp_path / "t"), dict(torch="t", date="d"), rows)
     assert "| record | 5 | 6: 1.0 s, 2; 3: 2.0 s, 3 |" in (tmp_path / "t.md").read_text()
+
+
+def test_records_ttt_a_log_without_its_score_line_fails_that_variant_only(monkeypatch):
+    """A TTT child that exits without the record's 'quantized_ttt_phased ... val_bpb' line is that variant's failure:
+    the row keeps the other variant's figures."""
+    from bench import bench_records as br
+
+    def spawn(args, timeout, caches="", **env):
+        if args[1] == "ttt-artifact":
+            return {"quant_bytes": 1, "serialize_s": 0.1}, ""
+        v = args[args.index("--variant") + 1]
+        return {"wall_s": 100.0, "peak_mb": 1.0, "patch": v}, v
+
+    def times(log):
+        if log == "record":
+            raise RuntimeError("no 'quantized_ttt_phased val_loss:... val_bpb:... eval_time:...ms' line in the log")
+        return {"eval_s": 50.0, "warmup_s": 40.0, "val_bpb": 2.4, "val_loss": 8.9}
+
+    monkeypatch.delenv("PGOLF_RECORDS_TTT_CACHES", raising=False)
+    monkeypatch.setenv("PGOLF_RECORDS_TTT_VARIANTS", "record,patched-regional")
+    monkeypatch.setattr(br, "_spawn", spawn)
+    monkeypatch.setattr(br, "_write_ttt_shards", lambda d, v, docs=0: None)
+    monkeypatch.setattr(br, "ttt_times", times)
+    monkeypatch.setattr(br, "_save", lambda rows: None)
+    rows = []
+    br._ttt_rows(rows, budget=1e6, t0=__import__("time").time())
+    (row,) = rows
+    assert row["variants"]["record"]["failed"].startswith("no 'quantized_ttt_phased")
+    assert row["val_bpb"] == 2.4 and row["wall_s"] == 100.0

@@ -93,8 +93,12 @@ Pieces
   83.9 s vs 324.4 s for the record's own (3.9x; 263.1 s in an earlier run on the same machine), and the step that
   follows 10.3 vs 11.6 s (``bench/results/records-ttt-warmup-cpu.md``). On one H200 (``bench/results/records-h200.md``,
   200 synthetic documents, cold caches, one child each): compile warm-up 118.0 vs 267.6 s, wall 271.8 s vs more than
-  529 s (the record's child was stopped in phase 2 of 3). Off by default until the record's val_bpb over a whole
-  share is measured beside it on a GPU (so far only the first scored batch: the same loss, 8.6448). A script whose block
+  529 s (the record's child was stopped in phase 2 of 3). On 192 documents (three batches of 64, same artifact):
+  cold 252.9 s wall against more than 500 s (the record's child stopped at its limit, 1.98x or more); each on the
+  caches its own cold child filled, 203.8 vs 289.4 s (1.42x); val_bpb 2.40624147 against the record's 2.40628095
+  (3.9e-5 apart). The steps themselves run at the record's speed (its first batch 88.6 vs 91.6 s): the gain is the
+  compile. Off by default until its GPU test (gradients against fp64 under the record's Inductor compile) passes
+  with the bounds it now has (an earlier bound failed on an H200 at 2.19x eager bf16's per-tensor error). A script whose block
   bodies read their LoRA other than as ``lora.<list>[slot]`` or the model other than through those attributes is
   refused by name.
 * **quant** - not provided: ``quant=True`` is refused under ``strict`` and reported as skipped otherwise, with

@@ -26,7 +26,7 @@ which.
 3. TTT eval (``PGOLF_RECORDS_PARTS`` with "ttt"; 2026-04-29): the record's ``serialize`` writes its quantized
    artifact of its GPT at initialization, then one process per variant runs the record's own TTT eval on it
    (``TTT_EVAL_ONLY=1``: its compile warm-up on random tokens, then phased LoRA TTT over ``PGOLF_RECORDS_TTT_DOCS``
-   synthetic documents, default 1,000); the row holds the timed eval, the warm-up, the wall time and val_bpb of
+   synthetic documents, default 192: three batches of the record's 64); the row holds the timed eval, the warm-up, the wall time and val_bpb of
    each. The patch's TTT piece keeps the record's LoRA and specializes the Python floats of its dynamic-shape
    TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up. Every TTT child runs on
    empty Inductor and Triton cache folders of its own (a fresh machine). ``patched-cachefile`` (listed twice in
@@ -290,7 +290,14 @@ TTT_KEYS = ("2026-04-29",)
 # TTT only: the patch plus compile_cache=PGOLF_RECORDS_COMPILE_CACHE; list it twice (the first child writes the file at
 # exit, the second, on empty cache folders of its own, loads it)
 TTT_EXTRA_VARIANTS = ("patched-cachefile", "patched-regional")  # patched-regional: apply(..., regional_ttt=True)
-TTT_DOCS = env_int("PGOLF_RECORDS_TTT_DOCS", 1000, 1)
+# 192 = three of the record's 64-document TTT batches: a batch of another size makes the record compile its whole TTT
+# forward again (~150 s on an H200; the 200-document share had a batch of 8), which a share of the official set
+# pays once per rank, not once per batch; with 192 a cold pair fits two device calls
+TTT_DOCS = env_int("PGOLF_RECORDS_TTT_DOCS", 192, 1)
+# TTT children log why Dynamo compiles again (stderr, in their .err log) unless TORCH_LOGS is set: both variants
+# compiled inside the eval on an H200 after their warm-up (the record 168 s, the regions ~40 s cold), which a CPU
+# trace of the eval's window lengths does not reproduce
+TTT_CHILD_ENV = {"TORCH_LOGS": os.environ.get("TORCH_LOGS") or "recompiles"}
 # > 0: each variant first runs once cold on a val shard of this many documents (its compile warm-up, cold caches),
 # then on the TTT_DOCS share with those caches (the timed eval, warm-up from warm caches). Why: a cold 2026-04-29
 # record child did not finish warm-up + 500 documents within ~500 s of one device call, which left no number at all
@@ -682,7 +689,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                         if TTT_COLD_DOCS > 0:  # the cold warm-up on a few documents, then the share on its caches
                             out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data_cold,
                                                "--artifact", art], min(CHILD_S, left), caches=caches,
-                                              PGOLF_RECORDS_COMPILE_CACHE=cache_file)
+                                              PGOLF_RECORDS_COMPILE_CACHE=cache_file, **TTT_CHILD_ENV)
                             t = ttt_times(log)
                             cold = dict(cold_warmup_s=t["warmup_s"], cold_wall_s=out["wall_s"],
                                         cold_docs=TTT_COLD_DOCS)
@@ -691,7 +698,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
                             left = budget - (time.time() - t0)
                         out, log = _spawn(["--child", "ttt", "--key", key, "--variant", v, "--data", data,
                                            "--artifact", art], min(CHILD_S, left), caches=caches,
-                                          PGOLF_RECORDS_COMPILE_CACHE=cache_file)
+                                          PGOLF_RECORDS_COMPILE_CACHE=cache_file, **TTT_CHILD_ENV)
                         times = ttt_times(log)  # a log without the record's TTT line is this variant's failure too
                     except RuntimeError as e:  # one variant's timeout or failure keeps the others' figures
                         print(f"ttt {key} {v}: {e}", flush=True)

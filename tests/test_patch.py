@@ -686,8 +686,8 @@ def test_ttt_regional_equals_the_record_and_compiles_blocks_not_the_model(monkey
             got = fn(s[:, :-1], s[:, 1:], lora)
             torch.testing.assert_close(got[:, -C:], r, rtol=1e-5, atol=1e-6)
             got[:, -C:].mean(-1).sum().backward()
-            for p, gr in zip(lora.parameters(), grads):
-                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-7)
+            for p, gr in zip(lora.parameters(), grads):  # fp32, another summation order: see the next test
+                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-5 * float(gr.abs().max()))
             lora.zero_grad(set_to_none=True)
             if i == 0:
                 first = len(regions)
@@ -736,7 +736,9 @@ def test_ttt_regional_keeps_its_graphs_across_lora_batch_sizes(monkeypatch):
             torch.testing.assert_close(got[:, -C:], ref, rtol=1e-5, atol=1e-6)
             got[:, -C:].mean(-1).sum().backward()
             for p, gr in zip(lora.parameters(), grads):
-                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-7)
+                # fp32, another summation order than eager's: an element near 0 was 2.2e-7 off (a 1e-7 atol failed
+                # with more CPU threads), so the absolute part is relative to the tensor's largest gradient
+                torch.testing.assert_close(p.grad, gr, rtol=1e-5, atol=1e-5 * float(gr.abs().max()))
             counts.append(len(regions))
         assert counts[0] > 0 and counts == [counts[0]] * 3, counts
     finally:

@@ -58,9 +58,7 @@ import argparse
 import json
 import os
 import re
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -69,6 +67,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import records_env
+from .harness import run_child
 
 KERNEL = "records"
 VARIANTS = ("record", "patched")
@@ -489,31 +488,6 @@ def train_points(log: str, tokens_per_step: int):
         pts = [(int(s), float(l), 1e3 * int(s) * tokens_per_step / int(r)) for s, l, r in _STEP_RE_RATE.findall(log)
                if int(r) > 0]
     return pts
-
-
-def run_child(cmd: List[str], timeout: float, log_dir: str, name: str, env=None, cwd=None):
-    """Run ``cmd`` with its output in ``log_dir/name.log`` / ``.err`` -> (return code or None on timeout, stdout,
-    stderr). Files, not pipes, and its own process group: on a timeout the whole group is killed (the record's
-    Inductor compile workers too, which subprocess.run's kill would leave holding its pipes open) and what it printed
-    so far is read back; the files stay, so a partial log survives even when the caller is killed first."""
-    os.makedirs(log_dir, exist_ok=True)
-    out_path, err_path = os.path.join(log_dir, f"{name}.log"), os.path.join(log_dir, f"{name}.err")
-    with open(out_path, "w") as fo, open(err_path, "w") as fe:
-        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env, cwd=cwd, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = None
-        try:  # the group's stragglers too (a compile worker outliving a finished child)
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-    with open(out_path, errors="replace") as f:
-        out = f.read()
-    with open(err_path, errors="replace") as f:
-        err = f.read()
-    return rc, out, err
 
 
 def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):

@@ -37,11 +37,15 @@ the same machine and folder (a cold run refuses a non-empty folder, a warm one a
 ``DIR/warmup-<case>.prof`` and the top functions by cumulative time to ``DIR/warmup-<case>-top.txt``
 (what a warm cache leaves of the warm-up; cProfile's overhead inflates Python-heavy phases such as
 Dynamo tracing, so read its shares, not its seconds).
+``PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1`` stops each child at the driver's first-score line (``train.eval.first_score_line``,
+logged with CUDA graphs): the row then holds the time to the first score (``*_stopped`` says so) and no scoring
+figures. A child stopped at the budget after that line still gives its first score.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -117,21 +121,41 @@ def _tokenizer() -> str:
     return os.path.join(d, "fineweb_1024_bpe.model")
 
 
+# the driver's line when its first scores are in (train.eval, CUDA graphs): read from a child stopped before its report
+_FIRST_SCORE_RE = re.compile(r"\[eval\] first score ([0-9.]+) s after process start")
+# PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1: stop each child at that line (its row then holds the time to the first score
+# and not the rest): the warm-up target needs only that figure, and a whole 50,000-document child costs ~130-200 s
+STOP_AT_FIRST = os.environ.get("PGOLF_WARMUP_STOP_AT_FIRST_SCORE", "0") == "1"
+
+
 def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] = None) -> Dict[str, object]:
+    """One ``train.eval`` child on the cache folders ``caches`` -> its JSON report. Stopped at ``timeout`` (or at
+    its first score with ``STOP_AT_FIRST``): a partial report from its output (``first_score_s``, ``stopped``) when
+    it printed its first-score line, else ``subprocess.TimeoutExpired``."""
+    from bench.harness import run_child
+
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     out = os.path.join(caches, f"rep-{time.time_ns()}.json")
     t = time.perf_counter()
     prof = ["-m", "cProfile", "-o", profile] if profile else []
-    p = subprocess.run([sys.executable, *prof, "-m", "train.eval", *args, "--json", out], env=env,
-                       capture_output=True, text=True, timeout=timeout)
+    rc, stdout, stderr = run_child([sys.executable, *prof, "-m", "train.eval", *args, "--json", out], timeout,
+                                   os.path.join(caches, "logs"), f"eval-{time.time_ns()}", env=env,
+                                   stop_when=(lambda text: _FIRST_SCORE_RE.search(text) is not None)
+                                   if STOP_AT_FIRST else None)
     wall = time.perf_counter() - t
-    if p.returncode != 0:
-        raise RuntimeError(f"train.eval exited {p.returncode}: {(p.stdout + p.stderr)[-4000:]}")
+    print("\n".join(line for line in stdout.splitlines() if line.startswith("[eval]"))[-1200:], flush=True)
+    if rc is None:
+        m = _FIRST_SCORE_RE.search(stdout)
+        if m is None:
+            raise subprocess.TimeoutExpired(args, timeout, output=stdout[-4000:])
+        return dict(first_score_s=float(m.group(1)), child_wall_s=wall,
+                    stopped="at its first score" if STOP_AT_FIRST else f"at the {timeout:.0f} s limit, after its first score")
+    if rc != 0:
+        raise RuntimeError(f"train.eval exited {rc}: {(stdout + stderr)[-4000:]}")
     with open(out) as f:
         rep = json.load(f)
     rep["child_wall_s"] = wall
-    print("\n".join(line for line in p.stdout.splitlines() if line.startswith("[eval]"))[-1200:], flush=True)
     return rep
 
 
@@ -152,6 +176,8 @@ def _first_score_s(rep: Dict[str, object]) -> float:
 def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
     out = {f"{tag}_{k}": rep.get(k) for k in _KEYS}
     out[f"{tag}_first_score_s"] = _first_score_s(rep)
+    if rep.get("stopped"):  # a partial report: the child was stopped after its first score, before its report
+        out[f"{tag}_stopped"] = rep["stopped"]
     if rep.get("cuda_graphs"):
         out[f"{tag}_cuda_graphs"] = {k: v for k, v in rep["cuda_graphs"].items() if not isinstance(v, list)}
     rates = rep.get("warmup_rates") or {}
@@ -289,7 +315,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         extra = _split(cold, "cold") if cold is not None else {}
         if warm is not None:
             extra.update(_split(warm, "warm"))
-            if cold is not None:
+            if cold is not None and "stopped" not in cold and "stopped" not in warm:
                 extra["bpb_equal"] = warm.get("val_bpb") == cold.get("val_bpb")
             elif cache_root is not None:  # warm-only: the cold process ran in an earlier bench process
                 extra["warm_caches_from"] = "an earlier bench process's cold run on this machine (PGOLF_WARMUP_CACHES)"

@@ -17,6 +17,9 @@ import datetime as _dt
 import json
 import os
 import re
+import signal
+import subprocess
+import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -186,3 +189,37 @@ def save_results(kernel: str, rows: List[Dict[str, object]], results_dir: Option
             f.write(notes.strip() + "\n\n")
         f.write(markdown_table(rows))
     return jpath
+
+
+def run_child(cmd: List[str], timeout: float, log_dir: str, name: str, env=None, cwd=None,
+              stop_when: Optional[Callable[[str], bool]] = None, poll_s: float = 0.5):
+    """Run ``cmd`` with its output in ``log_dir/name.log`` / ``.err`` -> (return code, or None when it was stopped
+    at ``timeout`` or by ``stop_when``, stdout, stderr). Files, not pipes, and its own process group: when it is
+    stopped the whole group is killed (Inductor's compile workers too, which subprocess.run's kill would leave
+    holding its pipes open, so that run() never returned) and what it printed so far is read back; the files stay,
+    so a partial log survives even when the caller is killed first. ``stop_when(stdout so far)``, polled every
+    ``poll_s`` seconds: True stops the child there (a bench that needs only an early line of its output)."""
+    os.makedirs(log_dir, exist_ok=True)
+    out_path, err_path = os.path.join(log_dir, f"{name}.log"), os.path.join(log_dir, f"{name}.err")
+
+    def read(path: str) -> str:
+        with open(path, errors="replace") as f:
+            return f.read()
+
+    with open(out_path, "w") as fo, open(err_path, "w") as fe:
+        proc = subprocess.Popen(cmd, stdout=fo, stderr=fe, text=True, env=env, cwd=cwd, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        rc = None
+        while True:
+            try:
+                rc = proc.wait(timeout=max(0.0, min(poll_s if stop_when else timeout, deadline - time.monotonic())))
+                break
+            except subprocess.TimeoutExpired:
+                if time.monotonic() >= deadline or (stop_when is not None and stop_when(read(out_path))):
+                    break
+        try:  # the group's stragglers too (a compile worker outliving a finished child)
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+    return rc, read(out_path), read(err_path)

@@ -14,8 +14,9 @@ t0=$(date +%s)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUTDIR/gpu.txt"
 bash scripts/install.sh --offline > "$OUTDIR/install.log" 2>&1 || { tail -30 "$OUTDIR/install.log"; echo "INSTALL FAILED"; exit 1; }
 echo "install: $(( $(date +%s) - t0 )) s"
-# GPU lane = tests marked gpu (the CPU lane runs in CI). PGOLF_TEST_TIMEOUT caps this stage.
-timeout "${PGOLF_TEST_TIMEOUT:-1800}" python3 -m pytest -q -m gpu -p no:cacheprovider ${PGOLF_PYTEST_ARGS:-} > "$OUTDIR/pytest.log" 2>&1
+# GPU lane = tests marked gpu (the CPU lane runs in CI). PGOLF_TEST_TIMEOUT caps this stage. -v: a run stopped by
+# the timeout still names each test that passed or failed (with -q it leaves a row of dots and no summary)
+timeout "${PGOLF_TEST_TIMEOUT:-1800}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider ${PGOLF_PYTEST_ARGS:-} > "$OUTDIR/pytest.log" 2>&1
 test_rc=$?
 tail -3 "$OUTDIR/pytest.log"
 echo "tests: rc=$test_rc, $(( $(date +%s) - t0 )) s"

@@ -354,12 +354,12 @@ def test_schedule_helpers_refuse_bad_arguments_by_name():
 
 
 def test_records_child_timeout_kills_its_process_group_and_keeps_its_output(tmp_path):
-    """bench_records.run_child: a child that printed, started a grandchild holding its output open, then hung, comes
+    """harness.run_child: a child that printed, started a grandchild holding its output open, then hung, comes
     back at its timeout (not when the grandchild ends) with what it printed, and the grandchild is killed too."""
     import sys
     import time
 
-    from bench.bench_records import run_child
+    from bench.harness import run_child
 
     pid_file = tmp_path / "grandchild.pid"
     script = ("import subprocess, sys, time\n"
@@ -649,3 +649,47 @@ def test_records_ttt_a_log_without_its_score_line_fails_that_variant_only(monkey
     (row,) = rows
     assert row["variants"]["record"]["failed"].startswith("no 'quantized_ttt_phased")
     assert row["val_bpb"] == 2.4 and row["wall_s"] == 100.0
+
+
+def test_run_child_stops_when_asked_and_keeps_the_output(tmp_path):
+    """harness.run_child(stop_when=...): the child is stopped (its whole group) as soon as the predicate holds on
+    what it printed so far, long before its timeout; the output up to there is returned."""
+    import time
+
+    from bench.harness import run_child
+
+    script = "import time\nprint('step 1', flush=True)\nprint('READY', flush=True)\ntime.sleep(60)\n"
+    t0 = time.time()
+    rc, out, _ = run_child([sys.executable, "-c", script], 50.0, str(tmp_path / "logs"), "stop",
+                           stop_when=lambda text: "READY" in text, poll_s=0.1)
+    assert rc is None and time.time() - t0 < 20 and "step 1" in out and "READY" in out
+    rc, out, _ = run_child([sys.executable, "-c", "print('done')"], 50.0, str(tmp_path / "logs"), "done",
+                           stop_when=lambda text: False, poll_s=0.1)
+    assert rc == 0 and out.strip() == "done"
+
+
+def test_warmup_child_reads_the_first_score_from_a_stopped_driver(monkeypatch, tmp_path):
+    """bench_warmup._child: a driver stopped after logging its first-score line (train.eval.first_score_line)
+    gives a partial report with that figure, whether the bench stopped it there (STOP_AT_FIRST) or at its time
+    limit; one stopped before that line is a timeout, not a number."""
+    import subprocess
+
+    from bench import bench_warmup
+    from train.eval import first_score_line
+
+    fake = tmp_path / "fake-python"
+    line = first_score_line(4.91)
+    fake.write_text(f"#!/bin/sh\necho '[eval] load 0.1 s'\necho '{line}'\nsleep 60\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    monkeypatch.setattr(bench_warmup, "STOP_AT_FIRST", True)
+    rep = bench_warmup._child(["--x"], str(tmp_path / "c1"), timeout=50.0)
+    assert rep["first_score_s"] == 4.91 and rep["stopped"] == "at its first score" and rep["child_wall_s"] < 20
+    assert bench_warmup._split(rep, "warm")["warm_first_score_s"] == 4.91
+    monkeypatch.setattr(bench_warmup, "STOP_AT_FIRST", False)
+    rep = bench_warmup._child(["--x"], str(tmp_path / "c2"), timeout=2.0)
+    assert rep["first_score_s"] == 4.91 and "limit" in rep["stopped"]
+    fake.write_text("#!/bin/sh\necho '[eval] load 0.1 s'\nsleep 60\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        bench_warmup._child(["--x"], str(tmp_path / "c3"), timeout=2.0)
+    assert first_score_line(None) == "[eval] first score in (process age unknown)"

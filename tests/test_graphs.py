@@ -268,6 +268,9 @@ def test_eval_rolling_captures_only_the_planned_graphs(share):
     assert cg["unplanned_steps"] == 0
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+    # the first-score line, once, when the first step's scores are in (a bench reads it from a stopped run)
+    first = [line for line in logs if line.startswith("[eval] first score ")]
+    assert len(first) == 1 and "after process start" in first[0], first
 
 
 def test_batch_steps_refuse_bad_arguments():

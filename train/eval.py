@@ -93,6 +93,14 @@ class ArtifactLoadError(ValueError):
 
 
 # ------------------------------------------------------------------------------------ loading
+def first_score_line(age_s: Optional[float]) -> str:
+    """The line logged when the first step's scores are in (with CUDA graphs), ``age_s`` seconds after process
+    start: a run stopped before its report still says when its first score came (``bench.bench_warmup`` reads it)."""
+    if age_s is None:
+        return "[eval] first score in (process age unknown)"
+    return f"[eval] first score {age_s:.2f} s after process start"
+
+
 def process_age_s() -> Optional[float]:
     """Seconds since this process started (Linux ``/proc``; None elsewhere): the interpreter start and the
     imports (torch, triton, the package) happen before ``main()`` and belong to the time to the first
@@ -288,6 +296,16 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     if background is not None:
         swap = _overlap(model, adapter, opt, cfg, st, log, graphs, background, report, clock)
         graphs = None  # the queue holds the current graphs; swap["graphs"] says which were used last
+    if first_graphs is not None:
+        # one line as soon as the first scores are in: a run stopped before its report (a bench's time limit) still
+        # says when its first score came (the warm-up target's figure)
+        then = first_graphs.on_first_replay
+
+        def say_first_score():
+            log(first_score_line(process_age_s()))
+            if then is not None:
+                then()
+        first_graphs.on_first_replay = say_first_score
     graphs_at = tensor_addresses(model)  # what the captured steps read; a global pass that changes it recaptures
     queues = []
     keep = torch.zeros(tokens.numel(), dtype=torch.bool, device=dev) if share is not None else None

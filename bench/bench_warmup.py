@@ -91,7 +91,12 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "records-kernel-rolling": ("records", False, ("--schedule", "rolling")),
          # the same with the last block at the scored chunk only (TTTConfig.tail_block: ~80 % of one of 11 blocks
          # fewer FLOPs per step at chunk 48, window 2048)
-         "records-ref-rolling-tail": ("records", True, ("--schedule", "rolling", "--tail-block"))}
+         "records-ref-rolling-tail": ("records", True, ("--schedule", "rolling", "--tail-block")),
+         # case (c) on the batch schedule (the default) with the tail block, and with finer window buckets: counted
+         # on the CPU (bench/results/schedule-work-cpu.md), the 1/8 share with its phases replays 268.2 M positions
+         # rolling, 256.2 M batch, 243.2 M batch with --graph-window-step 96 (37 buckets instead of 22)
+         "records-ref-tail": ("records", True, ("--tail-block",)),
+         "records-ref-tail-w96": ("records", True, ("--tail-block", "--graph-window-step", "96"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

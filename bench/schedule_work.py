@@ -23,28 +23,37 @@ import numpy as np
 RECIPES = {"seeds": dict(window=1024, chunk=256), "records": dict(window=2048, chunk=48)}
 SHARES = ((0, 8), (0, 1))
 BATCH = 64
+PHASED_L_STEPS = (256, 128, 96, 48)  # 256: the default for the records' recipe (window 2048 / 8)
 
 
 def _count(steps, r_buckets, l_buckets, window) -> Dict[str, float]:
     from train.graphs import bucket_of, window_spans
 
     n = real = bucketed = small = 0
+    keys = set()
     for live, b in steps:
         spans = window_spans(b, window)
         R, L = bucket_of(r_buckets, l_buckets, live, int(spans.max()))
+        keys.add((R, L))
         n += 1
         real += int(spans.sum())
         bucketed += R * L
         small += live <= 8
     return dict(steps=n, real_positions=real, bucketed_positions=bucketed, fill=round(real / max(bucketed, 1), 4),
-                steps_8_rows_or_fewer=small)
+                steps_8_rows_or_fewer=small, buckets=len(keys))
 
 
-def work(recipe: str, share=(0, 8), batch: int = BATCH) -> List[Dict[str, object]]:
-    """Rows (one per schedule) for ``recipe`` on share k/n of the official-size synthetic lengths."""
+def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
+         l_step=None) -> List[Dict[str, object]]:
+    """Rows (one per schedule) for ``recipe`` on share k/n of the official-size synthetic lengths. ``phased``: the
+    documents in the eval's phase groups (``phased.phase_plan`` with the recipe's phases and phase_docs: the phase
+    documents first, each group cut into its own batches, the share taken in each group, as the eval does);
+    ``l_step``: the graphs' window bucket step (``TTTConfig.graph_window_step``; None = the default)."""
     from train.graphs import graph_buckets
+    from train.phased import phase_plan
     from train.rows import batch_steps, plan_doc_batches, rolling_steps
     from train.synthetic import doc_lengths
+    from train.ttt_config import recipe as ttt_recipe
 
     if recipe not in RECIPES:
         raise ValueError(f"schedule_work: recipe = {recipe!r}: expected one of {sorted(RECIPES)}")
@@ -53,27 +62,39 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH) -> List[Dict[str, object
         raise ValueError(f"schedule_work: share = {share!r}: expected (k, n) with 0 <= k < n")
     window, chunk = RECIPES[recipe]["window"], RECIPES[recipe]["chunk"]
     ns = doc_lengths() - 1  # targets per document (its BOS is not a target)
-    batches = [b for i, b in enumerate(plan_doc_batches(ns, batch)) if i % n == k]
-    rb, lb = graph_buckets(batch, window, chunk)
+    cfg = ttt_recipe(recipe)
+    if phased and cfg.phases < 1:
+        raise ValueError(f"schedule_work: recipe {recipe!r} has no phases")
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
+    # each group's batches, longest first, and this share's of them (every n-th from k)
+    shared = [[b for i, b in enumerate([g[j:j + batch] for j in range(0, len(g), batch)]) if i % n == k]
+              for g in groups]
+    if not phased:  # the unphased eval cuts all documents at once (plan_doc_batches: the same longest-first order)
+        shared = [[b for i, b in enumerate(plan_doc_batches(ns, batch)) if i % n == k]]
+    rb, lb = graph_buckets(batch, window, chunk, l_step)
 
     def batch_sched():
-        for docs in batches:
-            for live, _a, b, _t in batch_steps(ns[docs], chunk):
-                yield live.size, b
+        for batches in shared:
+            for docs in batches:
+                for live, _a, b, _t in batch_steps(ns[docs], chunk):
+                    yield live.size, b
 
     def rolling_sched():
-        it = iter(batches)
-        for _s, _n, live, _d, _a, b, _t in rolling_steps(ns, chunk, batch, lambda: next(it, None)):
-            yield live.size, b
+        for batches in shared:  # each phase's queue drains before the next one starts
+            it = iter(batches)
+            for _s, _n, live, _d, _a, b, _t in rolling_steps(ns, chunk, batch, lambda: next(it, None)):
+                yield live.size, b
 
-    docs = int(sum(len(b) for b in batches))
+    docs = int(sum(len(b) for batches in shared for b in batches))
     return [dict(recipe=recipe, window=window, chunk=chunk, share=f"{k}/{n}", docs=docs, schedule=name,
-                 **_count(sched(), rb, lb, window))
+                 phases=cfg.phases if phased else 0, l_step=lb[0], **_count(sched(), rb, lb, window))
             for name, sched in (("batch", batch_sched), ("rolling", rolling_sched))]
 
 
 def main() -> None:
     rows = [r for recipe in RECIPES for share in SHARES for r in work(recipe, share)]
+    # case (c) as the eval runs it (3 phases over the 2,000 longest documents), per window bucket step
+    rows += [r for step in PHASED_L_STEPS for r in work("records", (0, 8), phased=True, l_step=step)]
     here = os.path.dirname(os.path.abspath(__file__))
     out = os.path.join(here, "results", "schedule-work-cpu")
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -88,12 +109,18 @@ def main() -> None:
                 f"{date}; `python3 -m bench.schedule_work` (host-side walk of the eval's own schedule code; no model "
                 f"runs, no timing). Official-size synthetic document lengths, {BATCH} documents per batch. "
                 "fill = real / bucketed window positions.\n\n"
-                "| recipe | share | docs | schedule | steps | real positions | bucketed positions | fill | "
-                "steps with <= 8 rows |\n|---|---|---|---|---|---|---|---|---|\n")
+                "phases: the eval's phase groups (the recipe's 3 phases over its 2,000 longest documents, then the "
+                "rest), each cut into its own batches and drained before the next. window step: the CUDA graphs' "
+                "window buckets (`--graph-window-step`); buckets: distinct (rows, window) buckets the steps use "
+                "(each is captured twice, with and without training).\n\n"
+                "| recipe | share | docs | phases | schedule | window step | steps | real positions | "
+                "bucketed positions | fill | steps with <= 8 rows | buckets |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['recipe']} (window {r['window']}, chunk {r['chunk']}) | {r['share']} | {r['docs']:,} | "
-                    f"{r['schedule']} | {r['steps']:,} | {r['real_positions']:,} | {r['bucketed_positions']:,} | "
-                    f"{r['fill']:.3f} | {r['steps_8_rows_or_fewer']:,} |\n")
+                    f"{r['phases']} | {r['schedule']} | {r['l_step']} | {r['steps']:,} | {r['real_positions']:,} | "
+                    f"{r['bucketed_positions']:,} | {r['fill']:.3f} | {r['steps_8_rows_or_fewer']:,} | "
+                    f"{r['buckets']} |\n")
     for r in rows:
         print(r)
     print(f"-> {out}.md")

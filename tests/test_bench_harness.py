@@ -328,6 +328,15 @@ def test_schedule_work_counts_what_the_eval_ran():
     full = {r["schedule"]: r for r in work("seeds", (0, 1))}
     assert full["batch"]["steps"] == 4445 and full["batch"]["fill"] == 0.9785
     assert all(0 < r["fill"] <= 1 for r in (*share.values(), *full.values()))
+    # case (c) as run (records' recipe, 3 phases, 1/8 share, rolling, CUDA graphs): 4,669 steps at a fill of 0.878
+    # (bench/results/eval-h200.md); a finer window step pads less over the same steps
+    ph = {(r["schedule"], r["l_step"]): r for step in (None, 48) for r in work("records", (0, 8), phased=True, l_step=step)}
+    assert ph["rolling", 256]["steps"] == 4669 and round(ph["rolling", 256]["fill"], 3) == 0.878
+    assert ph["batch", 48]["steps"] == ph["batch", 256]["steps"]
+    assert ph["batch", 48]["bucketed_positions"] < ph["batch", 256]["bucketed_positions"]
+    assert ph["batch", 48]["real_positions"] == ph["rolling", 256]["real_positions"]
+    with pytest.raises(ValueError, match="has no phases"):
+        work("seeds", (0, 8), phased=True)
 
 
 def test_schedule_helpers_refuse_bad_arguments_by_name():

@@ -631,3 +631,30 @@ def test_gpu_overlap_compile_equals_plain_graphs(where):
     assert bg.error is None and rep["cuda_graphs"]["captured"]
     assert rep["targets"] == comp["targets"] == ref["targets"] and rep["legality"] == comp["legality"]
     assert abs(rep["val_bpb"] - comp["val_bpb"]) < 1e-4 * comp["val_bpb"], (rep["val_bpb"], comp["val_bpb"])
+
+
+def test_graph_window_step_sets_the_window_buckets_and_keeps_the_scores():
+    """TTTConfig.graph_window_step: the graphs' window buckets are its multiples (the default's are
+    max(chunk, window / 8)); the bucketed steps pad less at a finer step (higher fill) and score the same; a bad
+    step is refused by name, from the config and from the CLI."""
+    import dataclasses
+
+    from train.eval import _parse, evaluate
+
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    cfg = dataclasses.replace(RECORDS_LIKE, cuda_graphs=True, schedule="batch")
+    reps = {}
+    for step in (None, cfg.window):  # the default here: multiples of the chunk (32); the coarsest: the window
+        reps[step] = evaluate(tiny_model(seed=3), stream, lut, mode="ttt",
+                              cfg=dataclasses.replace(cfg, graph_window_step=step), backend="bmm")
+    fine, coarse = reps[None]["cuda_graphs"], reps[cfg.window]["cuda_graphs"]
+    assert fine["graph_steps"] == coarse["graph_steps"] > 0
+    assert fine["graph_fill"] > coarse["graph_fill"], (fine["graph_fill"], coarse["graph_fill"])
+    assert reps[cfg.window]["targets"] == reps[None]["targets"]
+    assert abs(reps[cfg.window]["val_bpb"] - reps[None]["val_bpb"]) < 1e-5 * reps[None]["val_bpb"]
+    for bad in (0, cfg.window + 1, True, 2.5):
+        with pytest.raises(ValueError, match="graph_window_step"):
+            dataclasses.replace(cfg, graph_window_step=bad)
+    with pytest.raises(SystemExit):
+        _parse(["--artifact", "a", "--val", "v", "--tokenizer", "t", "--graph-window-step", "0"])

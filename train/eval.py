@@ -556,6 +556,9 @@ def _parse(argv):
                          "the first scored step, on synthetic tokens, and again only after a global pass that replaced "
                          "the tensors they read; CUDA only). "
                          "auto (default): on for --reference --mode ttt on CUDA, else off")
+    ap.add_argument("--graph-window-step", type=int, default=None,
+                    help="--cuda-graphs: the window buckets' step in positions (default max(chunk, window / 8)); finer "
+                         "pads less, captures more graphs")
     ap.add_argument("--overlap-compile", nargs="?", const="thread", default=None, choices=["thread", "process"],
                     help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "
                          "CUDA graphs at once and switch to compiled ones when the step is compiled (train/overlap.py): "
@@ -609,6 +612,7 @@ def _parse(argv):
 _TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "batch_size": "batch_size",
                 "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
                 "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "tail_block": "tail_block",
+                "graph_window_step": "graph_window_step",
                 "phases": "phases",
                 "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
                 "global_clip": "global_clip", "global_seq_len": "global_seq_len",

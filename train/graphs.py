@@ -133,7 +133,8 @@ class StepGraphs:
             raise ValueError("cuda_graphs: expected a non-strict ledger (strict checks sync the host every step)")
         if adapter.n_docs < 2:
             raise ValueError(f"cuda_graphs: expected at least 2 adapter rows, got {adapter.n_docs}")
-        self.r_buckets, self.l_buckets = graph_buckets(adapter.n_docs, cfg.window, cfg.chunk, l_step)
+        self.r_buckets, self.l_buckets = graph_buckets(adapter.n_docs, cfg.window, cfg.chunk,
+                                                       l_step if l_step is not None else cfg.graph_window_step)
         self.model, self.adapter, self.opt, self.cfg, self.st = model, adapter, opt, cfg, st
         self.C = max(int(cfg.chunk), 2)
         self.buffers: Dict[Tuple[int, int], _Buffers] = {}

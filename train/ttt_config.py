@@ -59,6 +59,12 @@ class TTTConfig(AdamSettings):
     # replaced tensors they read (the first pass on an int6 model).
     # On a CPU device the same bucketed steps run eagerly (logged and reported; the CLI refuses the flag there)
     cuda_graphs: bool = False
+    # the CUDA graphs' window buckets: multiples of this many positions (None: max(chunk, window / 8), 256 for the
+    # records' chunk 48 / window 2048). Finer buckets pad less but need more graphs, each warmed and captured
+    # (~0.26 s apiece on an H200, records' recipe); the records' 1/8 share under the batch schedule, counted on the CPU
+    # (python3 -m bench.schedule_work): 256 -> 256.2 M replayed positions over 22 buckets, 96 -> 243.2 M over 37,
+    # 48 -> 240.0 M over 58 (235.4 M real)
+    graph_window_step: Optional[int] = None
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -117,6 +123,10 @@ class TTTConfig(AdamSettings):
             raise ValueError(f"beta1, beta2: ({self.beta1}, {self.beta2}); expected each in [0, 1)")
         if not self.eps > 0:
             raise ValueError(f"eps: {self.eps}; expected > 0")
+        gws = self.graph_window_step
+        if gws is not None and (isinstance(gws, bool) or not isinstance(gws, int) or not 1 <= gws <= self.window):
+            raise ValueError(f"graph_window_step: {gws!r}; expected None or a whole number of positions in "
+                             f"1..window ({self.window})")
         if not isinstance(self.tail_block, bool):
             raise ValueError(f"tail_block: {self.tail_block!r}; expected True or False")
         if self.phases < 0 or self.phase_docs < 0:

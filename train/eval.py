@@ -770,6 +770,11 @@ def main(argv=None) -> dict:
         from .checks import CheckError
 
         raise CheckError("--cuda-graphs", True, f"--mode ttt on a CUDA device (got --mode {args.mode} on {device})")
+    if cfg.graph_window_step is not None and not cfg.cuda_graphs:  # it would change nothing: say so, do not ignore it
+        from .checks import CheckError
+
+        raise CheckError("--graph-window-step", cfg.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
+                         f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
     overlap = args.overlap_compile
     if overlap:
         from .checks import CheckError

@@ -844,3 +844,72 @@ def test_gpu_ttt_regional_compiled_matches_the_record(monkeypatch):
     finally:
         rep.undo()
         torch._dynamo.reset()
+
+
+def test_ttt_patch_loads_the_record_model_in_eval_mode(monkeypatch):
+    """The TTT piece wraps 2026-04-29's deserialize to return its model in eval mode (the mode its TTT eval runs in);
+    undo() restores it; a script without deserialize is refused by name under strict and listed as skipped
+    otherwise."""
+    from pgolf_kernels.patch import PatchError, apply
+
+    ns, *_ = _tail_model("2026-04-29", monkeypatch)
+    made = []
+
+    def fake_deserialize(h, device):  # the record's returns its GPT in training mode
+        made.append(torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1)))
+        return made[-1]
+
+    monkeypatch.setattr(ns, "deserialize", fake_deserialize)
+    rep = apply(ns, muon=False, ttt=True, strict=True)
+    try:
+        assert "deserialize returns the model in eval mode" in rep.patched["ttt"]
+        m = ns.deserialize(None, "cpu")
+        assert m is made[-1] and not m.training and not any(c.training for c in m.modules())
+    finally:
+        rep.undo()
+    assert ns.deserialize is fake_deserialize and fake_deserialize(None, "cpu").training
+    monkeypatch.delattr(ns, "deserialize")
+    with pytest.raises(PatchError, match="looked for deserialize"):
+        apply(ns, muon=False, ttt=True, strict=True)
+    rep = apply(ns, muon=False, ttt=True, strict=False)
+    try:
+        assert "deserialize" in rep.skipped["ttt_eval_mode"] and "ttt" in rep.patched
+    finally:
+        rep.undo()
+
+
+def test_ttt_regions_compile_again_when_the_model_turns_to_eval(monkeypatch):
+    """Why the model is loaded in eval mode: the record's blocks read ``self.training`` (its MLP picks the fused
+    training kernel by it), so a TTT forward compiled while the model trains is compiled again once the eval calls
+    eval(), as the 2026-04-29 record's TTT eval did on an H200; compiled in eval mode from the start, the eval's calls
+    reuse it. (The fused kernel is CUDA-only: here every MLP takes the plain path, the check of the mode stays.)"""
+    import pgolf_kernels.patch as pp
+
+    ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
+    for m in model.modules():
+        if hasattr(m, "use_fused"):
+            m.use_fused = False
+    for b in model.blocks:
+        b.attn.rotary(64, torch.device("cpu"), torch.float32)
+    g = torch.Generator().manual_seed(12)
+    s_ = torch.randint(0, h.vocab_size, (2, 41), generator=g)
+    regions = []
+    monkeypatch.setattr(pp, "REGION_BACKEND", _counting(regions))
+    rep = pp.apply(ns, muon=False, ttt=True, regional_ttt=True, strict=True)
+    try:
+        counts = {}
+        for start in ("train", "eval"):
+            torch._dynamo.reset()
+            regions.clear()
+            fn = torch.compile(lambda x, y, l: model.forward_ttt(x, y, lora=l), dynamic=True, backend="aot_eager")
+            model.train(start == "train")
+            fn(s_[:, :-1], s_[:, 1:], lora)  # the warm-up
+            warm = len(regions)
+            model.eval()  # what the record's eval_val_ttt_phased does first
+            fn(s_[:, :-1], s_[:, 1:], lora)
+            counts[start] = (warm, len(regions))
+        assert counts["train"][1] > counts["train"][0] > 0, counts
+        assert counts["eval"][1] == counts["eval"][0] > 0, counts
+    finally:
+        rep.undo()
+        torch._dynamo.reset()

@@ -759,12 +759,16 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                 report.skipped["ttt"] = why
                 return
             done = []
-            try:
-                done.append(_patch_ttt_tail(ns, report))
-            except PatchError as e:
-                if strict:
-                    raise
-                report.skipped["ttt_tail"] = str(e)  # the rest of the piece still applies
+
+            def part(key: str, fn) -> None:  # one part of the piece: strict raises, else the rest still applies
+                try:
+                    done.append(fn(ns, report))
+                except PatchError as e:
+                    if strict:
+                        raise
+                    report.skipped[key] = str(e)
+
+            part("ttt_tail", _patch_ttt_tail)
             if _compiles_ttt_dynamic(ns):
                 import torch._dynamo
 
@@ -773,19 +777,9 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                 done.append("torch._dynamo.config.specialize_float = True for the record's TTT compile "
                             "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
                             "0-dim float64 graph inputs with host C++ kernels")
-                try:
-                    done.append(_patch_ttt_eval_mode(ns, report))
-                except PatchError as e:
-                    if strict:
-                        raise
-                    report.skipped["ttt_eval_mode"] = str(e)
+                part("ttt_eval_mode", _patch_ttt_eval_mode)
             if regional_ttt:
-                try:
-                    done.append(_patch_ttt_regional(ns, report))
-                except PatchError as e:
-                    if strict:
-                        raise
-                    report.skipped["ttt_regional"] = str(e)
+                part("ttt_regional", _patch_ttt_regional)
             if done:
                 report.patched["ttt"] = "; ".join(done + [why])
             else:

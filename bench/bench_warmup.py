@@ -263,6 +263,10 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
     if unknown:
         raise ValueError(f"PGOLF_WARMUP_CASES = {','.join(names)!r}: unknown case(s) {unknown}; expected a comma list "
                          f"of {', '.join(CASES)}")
+    stop_bad = [n for n in names if STOP_AT_FIRST and "--compile-cache" in CASES[n][2]]
+    if stop_bad:  # its cold child writes the file at exit: stopped at its first score, it would write none
+        raise ValueError(f"PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1 with {stop_bad}: a --compile-cache case needs its "
+                         f"cold child to run to its end; expected cases without --compile-cache")
     n_docs, n_tokens, share = _size()
     tags, cache_root = runs_and_caches()
     work = tempfile.mkdtemp(prefix="pgolf-warmup-")

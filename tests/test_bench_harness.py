@@ -702,3 +702,15 @@ def test_warmup_child_reads_the_first_score_from_a_stopped_driver(monkeypatch, t
     with pytest.raises(subprocess.TimeoutExpired):
         bench_warmup._child(["--x"], str(tmp_path / "c3"), timeout=2.0)
     assert first_score_line(None) == "[eval] first score in (process age unknown)"
+
+
+def test_warmup_bench_refuses_stop_at_first_score_with_a_cache_file_case(monkeypatch):
+    """A --compile-cache case's cold child writes its file at exit, so stopping it at its first score is refused by
+    name before any work."""
+    from bench import bench_warmup
+
+    monkeypatch.setattr(bench_warmup, "STOP_AT_FIRST", True)
+    monkeypatch.setenv("PGOLF_WARMUP_CASES", "seeds-ref-cachefile")
+    monkeypatch.setattr(bench_warmup, "_child", lambda *a, **k: pytest.fail("a child ran"))
+    with pytest.raises(ValueError, match="PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1 with .'seeds-ref-cachefile'."):
+        bench_warmup.run()

@@ -65,12 +65,10 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
     cfg = ttt_recipe(recipe)
     if phased and cfg.phases < 1:
         raise ValueError(f"schedule_work: recipe {recipe!r} has no phases")
-    groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]
-    # each group's batches, longest first, and this share's of them (every n-th from k)
-    shared = [[b for i, b in enumerate([g[j:j + batch] for j in range(0, len(g), batch)]) if i % n == k]
-              for g in groups]
-    if not phased:  # the unphased eval cuts all documents at once (plan_doc_batches: the same longest-first order)
-        shared = [[b for i, b in enumerate(plan_doc_batches(ns, batch)) if i % n == k]]
+    # the documents longest first (phased: each phase group, then the rest), cut into batches as the eval cuts them
+    # (plan_doc_batches), and this share's batches of each group (every n-th from k)
+    groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.arange(len(ns))]
+    shared = [[g[b] for i, b in enumerate(plan_doc_batches(ns[g], batch)) if i % n == k] for g in groups]
     rb, lb = graph_buckets(batch, window, chunk, l_step)
 
     def batch_sched():

@@ -31,8 +31,10 @@ which.
    TTT compile (see pgolf_kernels.patch), so the two variants differ in that compile's warm-up. Every TTT child runs on
    empty Inductor and Triton cache folders of its own (a fresh machine). ``patched-cachefile`` (listed twice in
    ``PGOLF_RECORDS_TTT_VARIANTS``) adds the patch's ``compile_cache=FILE``: the first such child writes the file at
-   exit, the second loads it (``cache_runs`` in the row). ``patched-regional`` adds the patch's ``regional_ttt=True``
-   (the TTT forward compiled per block instead of as one unrolled graph).
+   exit, the second loads it (``cache_runs`` in the row). ``patched`` runs the patch's defaults, which on 2026-04-29
+   include ``regional_ttt`` (the TTT forward compiled per block instead of as one unrolled graph);
+   ``patched-regional`` requires it (``regional_ttt=True``) and ``patched-whole`` turns it off (``False``: the
+   record's own whole-forward compile with the rest of the TTT piece).
 
 ``PGOLF_RECORDS_MUON_KEYS`` / ``PGOLF_RECORDS_TRAIN_KEYS`` (default all three), ``PGOLF_RECORDS_MUON_PROFILE=1`` (the
 ``Muon.step`` rows also carry each variant's kernel table, ``kernel_table``), ``PGOLF_RECORDS_MUON_GRAPH=1`` (and its
@@ -288,7 +290,9 @@ def _record_env(key: str, data_dir: str, **extra: str) -> None:
 TTT_KEYS = ("2026-04-29",)
 # TTT only: the patch plus compile_cache=PGOLF_RECORDS_COMPILE_CACHE; list it twice (the first child writes the file at
 # exit, the second, on empty cache folders of its own, loads it)
-TTT_EXTRA_VARIANTS = ("patched-cachefile", "patched-regional")  # patched-regional: apply(..., regional_ttt=True)
+# patched-regional: apply(..., regional_ttt=True); patched-whole: regional_ttt=False (the record's own compile of its
+# whole TTT forward, with the rest of the TTT piece)
+TTT_EXTRA_VARIANTS = ("patched-cachefile", "patched-regional", "patched-whole")
 # 192 = three of the record's 64-document TTT batches: a batch of another size makes the record compile its whole TTT
 # forward again (~150 s on an H200; the 200-document share had a batch of 8), which a share of the official set
 # pays once per rank, not once per batch; with 192 a cold pair fits two device calls
@@ -370,7 +374,9 @@ def child_ttt(key: str, variant: str, data_dir: str, art_dir: str) -> Dict[str, 
     ns = records_env.load_record(key)
     # patched-cachefile: the patch plus compile_cache=FILE (loaded when an earlier child wrote it, else written at exit)
     cache = {"compile_cache": os.environ["PGOLF_RECORDS_COMPILE_CACHE"]} if variant == "patched-cachefile" else {}
-    opts = dict(cache, regional_ttt=variant == "patched-regional")
+    # patched: the patch's defaults (regional_ttt on where it applies); patched-whole: the record's whole-forward
+    # compile with the rest of the TTT piece; patched-regional: regional_ttt required
+    opts = dict(cache, regional_ttt={"patched-regional": True, "patched-whole": False}.get(variant))
     report = _flat(apply(ns, **opts)) if variant != "record" else "unmodified"
     os.chdir(tempfile.mkdtemp(prefix="rec_ttt_"))
     ns.main()
@@ -694,7 +700,7 @@ def _ttt_rows(rows: List[Dict[str, object]], budget: float, t0: float) -> None:
             nan = float("nan")
             # the row's "ours": the regional variant when it ran, else the plain patch; every variant's figures
             # stay in ``variants`` (a call may run one variant only: the row then holds NaN for the other)
-            ours = next((v for v in ("patched-regional", "patched") if v in res), "patched")
+            ours = next((v for v in ("patched-regional", "patched", "patched-whole") if v in res), "patched")
             p, r = res.get(ours, {}), res.get("record", {})
             rows.append(harness.make_row(
                 KERNEL, f"{key} TTT eval ({TTT_DOCS} synthetic docs, phased, the record's own eval loop; {ours})",

@@ -99,7 +99,7 @@ def _warmup_child(variant: str) -> dict:
     if patched:
         from pgolf_kernels.patch import apply
 
-        report = apply(ns, muon=False, ttt=True, regional_ttt=variant == "patched-regional")
+        report = apply(ns, muon=False, ttt=True, regional_ttt=variant == "patched-regional")  # "patched": whole forward
         if variant == "patched-regional":  # the regions count their graphs through the same backend
             import pgolf_kernels.patch as pp
 

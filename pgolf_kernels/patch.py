@@ -721,7 +721,7 @@ def _compile_cache(path: str, exists: bool, report: PatchReport) -> None:
 
 
 def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False, strict: bool = True,
-          compile_cache=None, regional_ttt: bool = False) -> PatchReport:
+          compile_cache=None, regional_ttt: Optional[bool] = None) -> PatchReport:
     """Patch a record script's module (or its ``globals()``) in place; returns a ``PatchReport``.
 
     strict=True: a piece whose target is missing or unrecognised raises ``PatchError`` (nothing is replaced);
@@ -733,13 +733,16 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
     written there at exit (by rank 0, from the RANK variable). A bad path or a foreign file raises
     ``CompileCacheError`` before anything is patched.
 
-    regional_ttt (off by default; needs ``ttt``): the record's TTT forward compiled per block instead of as one
-    unrolled graph (see the module docstring), for a shorter cold compile warm-up.
+    regional_ttt (part of ``ttt``): the record's TTT forward compiled per block instead of as one unrolled graph
+    (see the module docstring), for a shorter compile warm-up. None (default): on where the script compiles its TTT
+    forward with dynamic shapes (2026-04-29), nothing to do elsewhere (2026-03-17 runs its TTT eagerly); True: required
+    (refused by name under ``strict`` where there is no such compile); False: the record's whole-forward compile.
     """
-    for name, flag in (("muon", muon), ("ttt", ttt), ("quant", quant), ("strict", strict),
-                       ("regional_ttt", regional_ttt)):
+    for name, flag in (("muon", muon), ("ttt", ttt), ("quant", quant), ("strict", strict)):
         if not isinstance(flag, bool):  # a string such as "0" would be truthy and switch the piece on
             raise TypeError(f"apply: {name} must be True or False, got {flag!r}")
+    if regional_ttt is not None and not isinstance(regional_ttt, bool):
+        raise TypeError(f"apply: regional_ttt must be True, False or None (on where it applies), got {regional_ttt!r}")
     if regional_ttt and not ttt:
         raise ValueError("apply: regional_ttt=True needs ttt=True (it is part of the TTT piece)")
     ns, script = _namespace(namespace)
@@ -778,7 +781,7 @@ def apply(namespace, *, muon: bool = True, ttt: bool = True, quant: bool = False
                             "(GPT.forward_ttt, dynamic shapes): its Python floats become constants, not "
                             "0-dim float64 graph inputs with host C++ kernels")
                 part("ttt_eval_mode", _patch_ttt_eval_mode)
-            if regional_ttt:
+            if regional_ttt or (regional_ttt is None and _compiles_ttt_dynamic(ns)):
                 part("ttt_regional", _patch_ttt_regional)
             if done:
                 report.patched["ttt"] = "; ".join(done + [why])

@@ -228,6 +228,11 @@ def test_every_warmup_case_is_a_valid_eval_command_line(name):
     assert args.recipe == recipe and args.reference == reference
     if "--schedule" in extra:
         assert args.schedule == extra[extra.index("--schedule") + 1]
+    from bench.bench_warmup import case_label
+
+    if "--graph-window-step" in extra:  # the row's case names the window step it ran
+        step = extra[extra.index("--graph-window-step") + 1]
+        assert args.graph_window_step == int(step) and f"--graph-window-step {step}" in case_label(*CASES[name])
 
 
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):

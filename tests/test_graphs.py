@@ -610,7 +610,9 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("where", ["thread", "process"])
+@pytest.mark.parametrize("where", ["thread", pytest.param("process", marks=pytest.mark.xfail(
+    strict=True, reason="failed on an H200 (the run's pytest was stopped by its timeout before the traceback); "
+                        "the CLI refuses --overlap-compile process on CUDA until this passes"))])
 def test_gpu_overlap_compile_equals_plain_graphs(where):
     """On the GPU with the compile in the thread, or (process) on this thread after a child (a stand-in that exits 0):
     eager graphs first, compiled graphs after the hand-over, against the plain compiled-graph eval (BPB within 1e-4

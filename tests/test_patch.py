@@ -510,7 +510,7 @@ def test_ttt_tail_equals_the_records_forward_where_it_reads(key, monkeypatch):
         ptl[:, -C:].mean(-1).sum().backward()
         ref.append((ptl.detach(), [p.grad.clone() for p in lora.parameters()]))
         lora.zero_grad(set_to_none=True)
-    rep = apply(ns, muon=False, ttt=True, strict=True)
+    rep = apply(ns, muon=False, ttt=True, regional_ttt=False, strict=True)
     assert f"last {C} positions" in rep.patched["ttt"], rep.patched
     for s, (r, grads) in zip(cases, ref):
         T = s.shape[1] - 1
@@ -551,7 +551,7 @@ def test_ttt_tail_traces_under_the_records_dynamic_compile(monkeypatch):
     ns, model, lora, h = _tail_model("2026-04-29", monkeypatch)
     from pgolf_kernels.patch import apply
 
-    rep = apply(ns, muon=False, ttt=True, strict=True)
+    rep = apply(ns, muon=False, ttt=True, regional_ttt=False, strict=True)
     try:
         g = torch.Generator().manual_seed(9)
         s = torch.randint(0, h.vocab_size, (2, 41), generator=g)
@@ -581,7 +581,7 @@ def test_ttt_tail_compiles_as_few_graphs_as_the_record(monkeypatch):
         ns = records_env.load_record("2026-04-29", "pgolf_record_tail_graphs")
         h, model = records_env.ttt_model_cpu(ns)
         lora = ns.BatchedTTTLoRA(2, model, 8)
-        rep = apply(ns, muon=False, ttt=True, strict=True) if patched else None
+        rep = apply(ns, muon=False, ttt=True, regional_ttt=False, strict=True) if patched else None
         n = []
 
         def count(gm, example_inputs):
@@ -633,7 +633,7 @@ def test_gpu_ttt_tail_compiled_matches_the_record(monkeypatch):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
     bf16 = [t.detach()[:, -C:].double() for t in run(eager)]
-    rep = apply(ns, muon=False, ttt=True, strict=True)
+    rep = apply(ns, muon=False, ttt=True, regional_ttt=False, strict=True)
     try:
         torch._dynamo.reset()
         outs = run(torch.compile(eager, dynamic=True))
@@ -753,12 +753,33 @@ def test_apply_refuses_a_non_bool_switch(records):
 
     ns = records["2026-04-29"]
     before = dict(vars(ns)) if not isinstance(ns, dict) else dict(ns)
-    for kw in (dict(regional_ttt="0"), dict(muon=1), dict(strict=None)):
+    for kw in (dict(muon=1), dict(strict=None)):
         name, val = next(iter(kw.items()))
         with pytest.raises(TypeError, match=f"apply: {name} must be True or False, got {val!r}"):
             apply(ns, **kw)
+    with pytest.raises(TypeError, match=r"apply: regional_ttt must be True, False or None \(on where it applies\), got '0'"):
+        apply(ns, regional_ttt="0")
     after = dict(vars(ns)) if not isinstance(ns, dict) else dict(ns)
     assert all(after[k] is v for k, v in before.items())
+
+
+def test_ttt_regional_is_on_by_default_where_the_record_compiles_its_ttt_forward(records):
+    """regional_ttt=None (the default): applied to 2026-04-29 (torch.compile(dynamic=True) over forward_ttt), not to
+    2026-03-17 (eager TTT), which strict=True then accepts; False leaves the record's whole-forward compile."""
+    from pgolf_kernels.patch import apply
+
+    for key, regional in (("2026-04-29", True), ("2026-03-17", False)):
+        rep = apply(records[key], muon=False, strict=True)
+        try:
+            assert ("compiled per block" in rep.patched["ttt"]) is regional, rep.patched["ttt"]
+            assert not rep.skipped, rep.skipped
+        finally:
+            rep.undo()
+    rep = apply(records["2026-04-29"], muon=False, regional_ttt=False, strict=True)
+    try:
+        assert "compiled per block" not in rep.patched["ttt"] and "last 48 positions" in rep.patched["ttt"]
+    finally:
+        rep.undo()
 
 
 def test_ttt_regional_refusals(records):

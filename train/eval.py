@@ -786,7 +786,12 @@ def main(argv=None) -> dict:
                                 (cfg.phases > 0, f"no phased TTT (got {cfg.phases} phases)"),
                                 (args.warmup_only, "no --warmup-only (nothing is scored to overlap)"),
                                 (args.no_warmup or args.warmup == "off",
-                                 "the warm-up on (it is what the background thread compiles)")) if bad]
+                                 "the warm-up on (it is what the background thread compiles)"),
+                                # on an H200 the process hand-over failed its GPU test against the plain compiled
+                                # graphs (tests/test_graphs.py, not yet diagnosed): not offered on CUDA until it passes
+                                (overlap == "process" and device.type == "cuda",
+                                 "'thread' on CUDA (the default; 'process' failed its GPU test, "
+                                 "docs/STATUS.md)")) if bad]
         if why:
             raise CheckError("--overlap-compile", overlap, "; ".join(why))
     if args.precompiled:

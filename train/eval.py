@@ -787,8 +787,9 @@ def main(argv=None) -> dict:
                                 (args.warmup_only, "no --warmup-only (nothing is scored to overlap)"),
                                 (args.no_warmup or args.warmup == "off",
                                  "the warm-up on (it is what the background thread compiles)"),
-                                # on an H200 the process hand-over failed its GPU test against the plain compiled
-                                # graphs (tests/test_graphs.py, not yet diagnosed): not offered on CUDA until it passes
+                                # the process hand-over failed its GPU test on an H200 (tests/test_graphs.py; most
+                                # likely the test's read of ProcessCompile.error, which did not exist then): not
+                                # offered on CUDA until that test passes on a GPU
                                 (overlap == "process" and device.type == "cuda",
                                  "'thread' on CUDA (the default; 'process' failed its GPU test, "
                                  "docs/STATUS.md)")) if bad]

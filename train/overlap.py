@@ -156,6 +156,8 @@ class ProcessCompile:
             cmd = [sys.executable, "-m", "train.eval", *argv]
         self.model, self.warm, self.precompiled, self.cmd = model, warm, precompiled, list(cmd)
         self.proc: Optional[subprocess.Popen] = None
+        # as BackgroundCompile.error: what stopped the compile (the child's failure, or the compile here), else None
+        self.error: Optional[BaseException] = None
         self.rates: Optional[Dict[str, float]] = None
         self.stats: Dict[str, float] = {}
         self._log = None
@@ -196,7 +198,8 @@ class ProcessCompile:
         tail = self._log.read()[-2000:]
         self._log.close()
         if rc != 0:
-            raise RuntimeError(f"--overlap-compile process: the compile child exited {rc}: {tail}")
+            self.error = RuntimeError(f"--overlap-compile process: the compile child exited {rc}: {tail}")
+            raise self.error
         from .forward import compile_rows_nll, set_thread_eager
 
         t = time.perf_counter()
@@ -204,6 +207,9 @@ class ProcessCompile:
         try:
             compile_rows_nll(self.model, precompiled=self.precompiled)
             self.rates = self.warm()
+        except BaseException as e:
+            self.error = e
+            raise
         finally:
             set_thread_eager(before)
         self.stats["here_compile_s"] = round(time.perf_counter() - t, 3)

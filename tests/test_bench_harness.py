@@ -233,6 +233,8 @@ def test_every_warmup_case_is_a_valid_eval_command_line(name):
     if "--graph-window-step" in extra:  # the row's case names the window step it ran
         step = extra[extra.index("--graph-window-step") + 1]
         assert args.graph_window_step == int(step) and f"--graph-window-step {step}" in case_label(*CASES[name])
+    if "--graph-capture" in extra:
+        assert args.ttt_cfg.graph_capture == "first-use" and "--graph-capture first-use" in case_label(*CASES[name])
 
 
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):

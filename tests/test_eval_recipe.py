@@ -264,7 +264,8 @@ def test_records_preset_values():
                                      (dict(alpha=-2.0), "alpha: -2.0"), (dict(lr=-1.0), "lr: -1.0"),
                                      (dict(optimizer="adamw", weight_decay=-1.0), "weight_decay: -1.0"),
                                      (dict(phases=3, phase_docs=2), "phase_docs: 2"), (dict(optimizer="sgd"), "optimizer"),
-                                     (dict(global_lr=-1.0), "global_lr"), (dict(beta1=1.0), "beta1")])
+                                     (dict(global_lr=-1.0), "global_lr"), (dict(beta1=1.0), "beta1"),
+                                     (dict(graph_capture="lazy"), "graph_capture: 'lazy'")])
 def test_bad_arguments_refused_by_name(kw, name):
     with pytest.raises(ValueError, match=name):
         TTTConfig(**kw)
@@ -285,6 +286,8 @@ def test_cli_refuses_bad_arguments_in_one_line(capsys):
         assert name in err[-1] and err[-1].startswith("python3 -m train.eval: error:")
     args = _parse(["--artifact", "x.ptz", "--recipe", "records", "--lora-targets", "q,v,up,down"])
     assert args.ttt_cfg.targets == ("q", "v", "up", "down") and args.ttt_cfg.rank == 96
+    assert args.ttt_cfg.graph_capture == "ahead"
+    assert _parse(["--artifact", "x.ptz", "--graph-capture", "first-use"]).ttt_cfg.graph_capture == "first-use"
     assert set(TARGETS) == set(ALL)
 
 

@@ -30,10 +30,11 @@ def _lut(V):
     return ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
 
 
-def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None, lazy=False):
+def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None, lazy=False, cls=StepGraphs):
     """Score ``stream`` with per-document TTT; graphs_mode None (eager), False (bucketed eager), True (captured);
     ``plan(graphs, batches_ns)``: the keys to prepare (default all); ``lazy``: each captured at its first step
-    (True), or the first one at its step and the rest right after it ("rest")."""
+    (True), or the first one at its step and the rest right after it ("rest"), or at its first step with that step as
+    the warm step ("real": ``warm_real``); ``cls``: the StepGraphs class."""
     lut = _lut(model.config.vocab_size)
     starts, ns = split_docs(stream.cpu())
     st = make_state(stream, lut, keep_nll=True)
@@ -42,7 +43,7 @@ def _run(model, stream, cfg, schedule, graphs_mode, device="cpu", plan=None, laz
     graphs = None
     batches = plan_doc_batches(ns, cfg.batch_size)
     if graphs_mode is not None:
-        graphs = StepGraphs(model, ad, opt, cfg, st, capture=graphs_mode, lazy=bool(lazy))
+        graphs = cls(model, ad, opt, cfg, st, capture=graphs_mode, lazy=bool(lazy), warm_real=lazy == "real")
         if lazy == "rest":  # the first step's graph at that step, the rest of the plan right after it (overlap's order)
             graphs.on_first_replay = graphs.capture_planned
         graphs.prepare(keys=plan(graphs, [ns[b] for b in batches]) if plan else None)
@@ -185,8 +186,66 @@ def test_gpu_graph_replay_equals_eager(schedule, compiled, rank):
                                                                      graphed.ledger.n_train_checks)
 
 
+class _RecordingSteps(StepGraphs):
+    """StepGraphs whose capture, on the CPU, records the step instead of a CUDA graph: a "replay" runs the step body on
+    the bucket's buffers and then takes back the host counters the body moved (a CUDA graph's replay runs no host
+    code). What it checks is the lazy capture's bookkeeping: which step warms a bucket, which steps replay, that no
+    step runs twice or not at all."""
+
+    def __init__(self, *args, capture=None, **kw):
+        super().__init__(*args, capture=False, **kw)
+        self.capture = True  # after the constructor's check for a CUDA device
+        self.replays = 0
+
+    def _on_side(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def _record(self, k):
+        from train.schedules import _step_body
+
+        R, L, do_train = k
+        buf, owner = self.buffers[(R, L)], self
+
+        class Recorded:
+            def replay(self):
+                led, t = owner.st.ledger, owner.opt.t
+                n = (led.n_records, led.n_train_checks)
+                _step_body(owner.model, buf.rb, buf.rows, buf.train, do_train, owner.cfg, owner.adapter, owner.opt,
+                           owner.st)
+                (led.n_records, led.n_train_checks), owner.opt.t = n, t
+                owner.replays += 1
+
+        self.graphs[k] = Recorded()
+        self.stats["graphs"] = len(self.graphs)
+
+
+@pytest.mark.parametrize("schedule,cfg", [("batch", CFG), ("rolling", CFG), ("batch", RECORDS_LIKE),
+                                          ("rolling", RECORDS_LIKE)])
+def test_first_use_capture_runs_each_buckets_first_step_as_its_warm_step(schedule, cfg):
+    """warm_real (``--graph-capture first-use``), bookkeeping on the CPU: each (bucket, kind) is captured at its first
+    step, which runs once without a graph and is not replayed; every later step replays; no synthetic warm step; scores,
+    ledger counters and adapters bitwise as the same bucketed steps run eagerly (AdamW, warm-start A included)."""
+    torch.manual_seed(0)
+    model = tiny_model(seed=3)
+    stream = doc_stream(LENGTHS, seed=5)
+    eager, g0 = _run(model, stream, cfg, schedule, False)
+    real, g1 = _run(model, stream, cfg, schedule, True, lazy="real", cls=_RecordingSteps)
+    assert g1.lazy and g1.warm_real and set(g1.used) == set(g1.graphs) and g1.eager_steps == 0
+    assert g1.stats["graph_real_warm_steps"] == len(g1.graphs) > 1 and g1.stats["graph_warm_steps"] == 0
+    assert g1.replays + len(g1.graphs) == sum(g1.used.values()) == g1.steps == g0.steps
+    assert torch.equal(eager.ledger.count, real.ledger.count) and eager.ledger.count[:-1].max() == 1
+    torch.testing.assert_close(real.ledger.nll, eager.ledger.nll, rtol=0, atol=0, equal_nan=True)
+    assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (real.ledger.n_records, real.ledger.n_train_checks)
+    for a, b in zip(g0.adapter.params, g1.adapter.params):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="warm_real=True needs lazy=True"):
+        StepGraphs(model, g0.adapter, g0.opt, cfg, eager, capture=False, warm_real=True)
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("lazy", [True, "rest"])
+@pytest.mark.parametrize("lazy", [True, "rest", "real"])
 @pytest.mark.parametrize("schedule,cfg", [("batch", CFG), ("rolling", CFG), ("batch", RECORDS_LIKE),
                                           ("rolling", RECORDS_LIKE)])
 def test_gpu_lazy_capture_equals_prepared_graphs(schedule, cfg, lazy):
@@ -202,13 +261,15 @@ def test_gpu_lazy_capture_equals_prepared_graphs(schedule, cfg, lazy):
     mode = lazy
     lazy, g1 = _run(model, stream, cfg, schedule, True, plan=plan, lazy=mode)
     assert g1.stats["lazy"] and g1.eager_steps == 0 and set(g1.used) <= set(g1.graphs)
+    if mode == "real":  # each bucket's first step ran without a graph, as its warm step
+        assert g1.stats["graph_real_warm_steps"] == len(g1.graphs) and g1.stats["graph_warm_steps"] == 0
     if mode == "rest":
         assert len(g1.graphs) == (len(g1.planned) if g1.planned is not None else 2 * len(g1.keys()))
     assert torch.equal(eager.ledger.count, lazy.ledger.count)
     m = eager.ledger.count[:-1] > 0
     torch.testing.assert_close(lazy.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=1e-4, atol=1e-4)
     assert (eager.ledger.n_records, eager.ledger.n_train_checks) == (lazy.ledger.n_records, lazy.ledger.n_train_checks)
-    if not cfg.warm_start_a:
+    if not cfg.warm_start_a and mode != "real":  # (real: a bucket's first step runs without its graph)
         up_front, g0 = _run(model, stream, cfg, schedule, True, plan=plan)
         assert set(g1.graphs) <= set(g0.graphs)
         torch.testing.assert_close(lazy.ledger.nll, up_front.ledger.nll, rtol=0, atol=0, equal_nan=True)

@@ -365,6 +365,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             swap["done"]()
         report["overlap_compile"] = dict(report.get("overlap_compile", {}), **background.stats)
     if graphs is not None:
+        if graphs.lazy:  # captured while scoring: the preparation's figures are final only now
+            report["cuda_graphs"].update(graphs.stats)
         report["cuda_graphs"].update(graphs.usage())
     if first_graphs is not None and first_graphs.first_replay_at is not None:
         report["first_step_at"] = first_graphs.first_replay_at
@@ -438,8 +440,11 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, 
     schedule over the claim order ``rolling_claims`` of documents with ``ns`` targets (``StepGraphs.plan_rolling``);
     ``prev``:
     the graphs these replace after a global pass (same plan; their step counts carry over); ``lazy``: each bucket is
-    captured at its first step (``StepGraphs(lazy=True)``)."""
-    graphs = StepGraphs(model, adapter, opt, cfg, st, lazy=lazy)
+    captured at its first step (``StepGraphs(lazy=True)``), as with ``cfg.graph_capture == "first-use"``, where that
+    step is the graph's warm step (``warm_real``)."""
+    first_use = cfg.graph_capture == "first-use"
+    graphs = StepGraphs(model, adapter, opt, cfg, st, lazy=lazy or first_use, warm_real=first_use)
+    lazy = graphs.lazy
     if prev is not None:
         plan = prev.planned
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
@@ -559,6 +564,10 @@ def _parse(argv):
     ap.add_argument("--graph-window-step", type=int, default=None,
                     help="--cuda-graphs: the window buckets' step in positions (default max(chunk, window / 8)); finer "
                          "pads less, captures more graphs")
+    ap.add_argument("--graph-capture", default=None, choices=["ahead", "first-use"],
+                    help="--cuda-graphs: capture each graph before the first scored step after a synthetic warm step "
+                         "(ahead, the default), or at its bucket's first step, which runs without a graph as the "
+                         "warm step (first-use: no synthetic steps)")
     ap.add_argument("--overlap-compile", nargs="?", const="thread", default=None, choices=["thread", "process"],
                     help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "
                          "CUDA graphs at once and switch to compiled ones when the step is compiled (train/overlap.py): "
@@ -612,7 +621,7 @@ def _parse(argv):
 _TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "batch_size": "batch_size",
                 "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
                 "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "tail_block": "tail_block",
-                "graph_window_step": "graph_window_step",
+                "graph_window_step": "graph_window_step", "graph_capture": "graph_capture",
                 "phases": "phases",
                 "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
                 "global_clip": "global_clip", "global_seq_len": "global_seq_len",
@@ -774,6 +783,11 @@ def main(argv=None) -> dict:
         from .checks import CheckError
 
         raise CheckError("--graph-window-step", cfg.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
+                         f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
+    if args.graph_capture is not None and not cfg.cuda_graphs:
+        from .checks import CheckError
+
+        raise CheckError("--graph-capture", args.graph_capture, "--cuda-graphs on (or auto resolving to on: "
                          f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
     overlap = args.overlap_compile
     if overlap:

@@ -31,7 +31,14 @@ token is read, no score or adapter is touched by the capture. ``capture=False`` 
 bucketed body eagerly (the CPU lane tests everything but the capture that way). ``lazy=True`` (``--overlap-compile``)
 moves each bucket's warm steps and capture to the first step that stages it: the warm steps' updates of the live
 adapter and optimizer rows are undone (their tensors copied before and back after), so a capture may happen
-mid-batch.
+mid-batch. ``warm_real=True`` (with ``lazy``; ``--graph-capture first-use``) makes that first step itself the warm
+step: the bucket's real step runs once without a graph (it scores and trains, as a replay would), then the capture
+records the same body for the later steps, and that step is not replayed. No synthetic warm step, no copy of the
+adapter and optimizer state (6.7 GB at the records' recipe: 64 rows, rank 96 on six targets, params + m + v). A
+first call that compiled something (a dynamic-shape recompile for the bucket) is followed by synthetic warm steps
+with the state kept, as in plain lazy mode, since a capture cannot compile. Why: ahead of the first step, the
+records' 1/8 share warmed its 119 graphs for 20.4 s cold / 17.2 s warm (one synthetic step each) before capturing
+them (5.3 / 4.8 s) on an H200 (bench/results/eval-h200.md).
 """
 from __future__ import annotations
 
@@ -121,7 +128,7 @@ class StepGraphs:
     """Captured TTT steps of one eval (see the module docstring)."""
 
     def __init__(self, model, adapter, opt, cfg, st: EvalState, *, l_step: Optional[int] = None,
-                 capture: Optional[bool] = None, lazy: bool = False):
+                 capture: Optional[bool] = None, lazy: bool = False, warm_real: bool = False):
         dev = st.bytes_at.device
         self.capture = dev.type == "cuda" if capture is None else bool(capture)
         if self.capture and dev.type != "cuda":
@@ -151,6 +158,9 @@ class StepGraphs:
         # (``--overlap-compile``: the first score waits for one graph, not for all 29 of the seeds' plan, which
         # took 4.4 s warm / 6.8 s cold on the H200, bench/results/warmup-h200.md)
         self.lazy = bool(lazy)
+        if warm_real and not self.lazy:
+            raise ValueError("StepGraphs: warm_real=True needs lazy=True (the real step warms a bucket at its first use)")
+        self.warm_real = bool(warm_real)
         self._prep: Optional[dict] = None   # the preparation's scratch state, kept for lazy captures
         # called once, after the first replay has run on the device (train.overlap starts its thread there)
         self.on_first_replay: Optional[Callable[[], object]] = None
@@ -232,11 +242,18 @@ class StepGraphs:
             raise RuntimeError("StepGraphs.replay: no step was staged")
         key = self._key + (bool(do_train),)
         self.used[key] = self.used.get(key, 0) + 1
+        done = False  # warm_real: the step ran as its bucket's warm step
         if self.lazy and self.capture and key not in self.graphs and self._prep is not None and (
                 self.planned is None or key in self.planned):
-            self._capture_staged(key)
+            if self.warm_real:
+                self._capture_after_real(key)
+                done = True
+            else:
+                self._capture_staged(key)
         graph = self.graphs.get(key) if self.capture else None
-        if graph is None:
+        if done:
+            pass
+        elif graph is None:
             if self.capture:
                 if self._prep is None:
                     raise RuntimeError("StepGraphs.replay: nothing was captured (prepare() first)")
@@ -251,7 +268,7 @@ class StepGraphs:
             if do_train:
                 self.st.ledger.n_train_checks += 1
         if self.first_replay_at is None:
-            if self.capture:
+            if self.capture and self.st.bytes_at.device.type == "cuda":
                 torch.cuda.synchronize(self.st.bytes_at.device)  # once: the first scores are in when this returns
             self.first_replay_at = time.perf_counter()
             hook, self.on_first_replay = self.on_first_replay, None
@@ -322,7 +339,7 @@ class StepGraphs:
         dev = self.st.bytes_at.device
         n_pos = self.r_buckets[-1] * self.C
         self._prep = dict(
-            g=torch.Generator().manual_seed(seed), pool=None, side=torch.cuda.Stream(dev),
+            g=torch.Generator().manual_seed(seed), pool=None, side=torch.cuda.Stream(dev) if dev.type == "cuda" else None,
             scratch=EvalState(BPBAccumulator(dev), ScoreLedger(n_pos, dev), torch.zeros(n_pos, dtype=torch.int16, device=dev)),
             # (compile counter, first, most): adaptive, or exactly warm_steps calls
             settle=(dynamo_frames, 1, 3) if adaptive else (lambda: 0, warm_steps, warm_steps))
@@ -364,6 +381,49 @@ class StepGraphs:
         torch._foreach_copy_(list(inputs), staged)
         self.stats["graph_prepare_s"] += time.perf_counter() - t0
 
+    def _capture_after_real(self, k: Tuple[int, int, bool]) -> None:
+        """``warm_real``: run the staged step once without a graph (the real step: it scores and trains) on the
+        capture stream, then capture ``k`` for the steps after it. When that call compiled something, the bucket is
+        settled first on synthetic tokens with the state kept (``_capture_staged``): a capture cannot compile."""
+        from .schedules import _step_body
+
+        t0 = time.perf_counter()
+        R, L, do_train = k
+        p = self._prep
+        buf = self.buffers[(R, L)]
+        counter, first = p["settle"][0], p["settle"][1]
+        before = counter()
+        with self._on_side():
+            _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
+        # the real step is scoring work, not preparation: its time is reported apart (graph_real_warm_s)
+        self.stats["graph_real_warm_steps"] = self.stats.get("graph_real_warm_steps", 0) + 1
+        self.stats["graph_real_warm_s"] = self.stats.get("graph_real_warm_s", 0.0) + time.perf_counter() - t0
+        if counter() != before or first > 1:
+            self._capture_staged(k)  # (adds its own time to graph_prepare_s)
+        else:
+            t1 = time.perf_counter()
+            opt_t = self.opt.t  # the capture runs the optimizer's host step counter once
+            self._record(k)
+            self.opt.t = opt_t
+            self.stats["graph_prepare_s"] += time.perf_counter() - t1
+
+    def _on_side(self):
+        """A context that runs its body on the capture stream, after the current stream's work and before its next,
+        and waits for the device at its end (as the warm steps before a capture do)."""
+        import contextlib
+
+        dev = self.st.bytes_at.device
+        side = self._prep["side"]
+
+        @contextlib.contextmanager
+        def ctx():
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):
+                yield
+            torch.cuda.current_stream(dev).wait_stream(side)
+            torch.cuda.synchronize(dev)
+        return ctx()
+
     def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:
         """Warm bucket-and-kind ``k`` on synthetic tokens with a scratch ledger, then capture it. ``preserve``: the
         warm steps' updates of the adapters and the optimizer state are undone (lazy captures mid-batch); the capture
@@ -398,6 +458,16 @@ class StepGraphs:
         torch.cuda.current_stream(dev).wait_stream(side)
         torch.cuda.synchronize(dev)
         self.stats["graph_warm_s"] += time.perf_counter() - t
+        self._record(k)
+
+    def _record(self, k: Tuple[int, int, bool]) -> None:
+        """Capture bucket-and-kind ``k``, warmed already, on the capture stream into the graphs' shared pool."""
+        from .schedules import _step_body
+
+        R, L, do_train = k
+        p = self._prep
+        buf = self.buffers[(R, L)]
+        side = p["side"]
         t = time.perf_counter()
         graph = torch.cuda.CUDAGraph()
         # captured on the warm steps' stream: cuBLAS keeps a workspace per (handle, stream), made there

@@ -25,6 +25,7 @@ from typing import Optional, Tuple
 TARGETS = ("q", "k", "v", "o", "mlp", "up", "down", "head")
 MAX_RANK = 128
 OPTIMIZERS = ("adam", "adamw")
+GRAPH_CAPTURE = ("ahead", "first-use")  # TTTConfig.graph_capture
 
 
 @dataclass
@@ -65,6 +66,11 @@ class TTTConfig(AdamSettings):
     # (python3 -m bench.schedule_work): 256 -> 256.2 M replayed positions over 22 buckets, 96 -> 243.2 M over 37,
     # 48 -> 240.0 M over 58 (235.4 M real)
     graph_window_step: Optional[int] = None
+    # when each CUDA graph is captured: "ahead" (before the first scored step: one synthetic warm step per graph, then
+    # the capture) or "first-use" (at the first step of its bucket and kind, which runs without a graph and is that
+    # graph's warm step: no synthetic step, train.graphs). The records' 1/8 share spent 17.2-20.4 s on the 119
+    # synthetic warm steps ahead (H200); first-use is not yet timed on a GPU
+    graph_capture: str = "ahead"
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -127,6 +133,8 @@ class TTTConfig(AdamSettings):
         if gws is not None and (isinstance(gws, bool) or not isinstance(gws, int) or not 1 <= gws <= self.window):
             raise ValueError(f"graph_window_step: {gws!r}; expected None or a whole number of positions in "
                              f"1..window ({self.window})")
+        if self.graph_capture not in GRAPH_CAPTURE:
+            raise ValueError(f"graph_capture: {self.graph_capture!r}; expected one of {', '.join(GRAPH_CAPTURE)}")
         if not isinstance(self.tail_block, bool):
             raise ValueError(f"tail_block: {self.tail_block!r}; expected True or False")
         if self.phases < 0 or self.phase_docs < 0:

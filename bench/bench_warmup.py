@@ -154,7 +154,10 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
                                    stop_when=(lambda text: _FIRST_SCORE_RE.search(text) is not None)
                                    if STOP_AT_FIRST else None)
     wall = time.perf_counter() - t
-    print("\n".join(line for line in stdout.splitlines() if line.startswith("[eval]"))[-1200:], flush=True)
+    lines = [line for line in stdout.splitlines() if line.startswith("[eval]")]
+    # every phase line (global passes: their time and what they compiled), then the last lines
+    print("\n".join([line for line in lines if line.startswith("[eval] phase")] + ["..."]
+                    + ["\n".join(lines)[-1200:]]), flush=True)
     if rc is None:
         m = _FIRST_SCORE_RE.search(stdout)
         if m is None:
@@ -170,7 +173,7 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
 
 
 _KEYS = ("startup_s", "load_s", "load_parts", "compile_cache_end", "compile_cache_file", "warmup_s", "val_load_s",
-         "to_scoring_s", "score_s", "wall_s", "child_wall_s", "val_bpb")
+         "to_scoring_s", "score_s", "wall_s", "child_wall_s", "val_bpb", "phases")
 _RATE_KEYS = ("warm_shapes_s", "ttt_pass0_s", "ttt_pass1_s", "score_pass0_s", "score_pass1_s")
 
 

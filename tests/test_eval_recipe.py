@@ -369,6 +369,8 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
     assert saved["ttt"]["targets"] == ["q", "k", "v", "o", "mlp", "head"] and saved["ttt"]["optimizer"] == "adamw"
     assert saved["ttt"]["warm_start_a"] is True and saved["ttt"]["phases"] == 2 and saved["ttt"]["alpha"] == 3.0
     assert len(rep["phases"]) == 2 and rep["base_weights"] == "dense base weights trained in place"
+    # what each global pass compiled (eager here: nothing)
+    assert all(p["compiled"] == {"frames": 0, "seconds": 0.0} for p in rep["phases"]), rep["phases"]
     assert rep["lora_backend"] == "bmm" and all(p["steps"] > 0 for p in rep["phases"])
     assert rep["docs"] == 4 and rep["docs_ttt"] == 4 and rep["legality"]["missing"] == 0
     assert math.isfinite(rep["val_bpb"])

@@ -338,10 +338,20 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                 mine = np.concatenate([qq.share_docs() for qq in (queues if cfg.phase_cumulative else [q])])
                 scored = scored[np.isin(scored, mine)]
             rows = global_rows(starts, ns, scored, cfg.global_seq_len)
+            from .warmup import compile_cache_counts
+
+            c0 = compile_cache_counts()
             info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook, clock=clock)
-            passes.append(dict(info, phase=p, docs=int(len(scored))))
+            c1 = compile_cache_counts()
+            # what the pass compiled (a cold eval compiled ~13 s after its warm-up on the records' recipe, H200):
+            # said here so a log shows which phase paid it
+            compiled = dict(frames=c1["dynamo_frames"] - c0["dynamo_frames"],
+                            seconds=round(c1["compile_s.frame"] - c0["compile_s.frame"], 3))
+            passes.append(dict(info, phase=p, docs=int(len(scored)), compiled=compiled))
             log(f"[eval] phase {p + 1}/{cfg.phases}: global pass over {len(scored):,} scored documents, "
-                f"{info['steps']} SGD steps, {info['seconds']:.1f} s")
+                f"{info['steps']} SGD steps, {info['seconds']:.1f} s"
+                + (f" (of which compile: {compiled['frames']} Dynamo frames, {compiled['seconds']:.1f} s)"
+                   if compiled["frames"] else ""))
             adapter.invalidate_a()  # fresh adapters on the moved base (as the record rebuilds them)
             if graphs is not None:
                 if tensor_addresses(model) != graphs_at:

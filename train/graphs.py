@@ -250,10 +250,14 @@ class StepGraphs:
                 done = True
             else:
                 self._capture_staged(key)
-        graph = self.graphs.get(key) if self.capture else None
-        if done:
-            pass
-        elif graph is None:
+        graph = self.graphs.get(key) if self.capture and not done else None
+        if graph is not None:
+            graph.replay()
+            # the ledger's host-side counters (the captured body incremented them once, at capture)
+            self.st.ledger.n_records += 1
+            if do_train:
+                self.st.ledger.n_train_checks += 1
+        elif not done:
             if self.capture:
                 if self._prep is None:
                     raise RuntimeError("StepGraphs.replay: nothing was captured (prepare() first)")
@@ -261,12 +265,6 @@ class StepGraphs:
                 self.eager_steps += 1
             buf = self.buffers[self._key]
             _step_body(self.model, buf.rb, buf.rows, buf.train, do_train, self.cfg, self.adapter, self.opt, self.st)
-        else:
-            graph.replay()
-            # the ledger's host-side counters (the captured body incremented them once, at capture)
-            self.st.ledger.n_records += 1
-            if do_train:
-                self.st.ledger.n_train_checks += 1
         if self.first_replay_at is None:
             if self.capture and self.st.bytes_at.device.type == "cuda":
                 torch.cuda.synchronize(self.st.bytes_at.device)  # once: the first scores are in when this returns

@@ -431,14 +431,11 @@ class StepGraphs:
         R, L, do_train = k
         p = self._prep
         buf = self.buffers[(R, L)]
-        dev = self.st.bytes_at.device
-        side = p["side"]
         self._fill_synthetic(buf, R, L, self.model.config.vocab_size, p["g"])
         opt = self.opt
         state = ([*opt.params, *opt.m, *opt.v] + ([opt.row_t] if opt.row_t is not None else [])) if preserve else []
         t = time.perf_counter()
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side):
+        with self._on_side():
             saved = [x.detach().clone() for x in state]
             opt_t = opt.t
 
@@ -453,8 +450,6 @@ class StepGraphs:
                 opt.t = opt_t
                 for x in opt.params:
                     x.grad = None
-        torch.cuda.current_stream(dev).wait_stream(side)
-        torch.cuda.synchronize(dev)
         self.stats["graph_warm_s"] += time.perf_counter() - t
         self._record(k)
 

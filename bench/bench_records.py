@@ -46,7 +46,10 @@ device call; ``PGOLF_RECORDS_LOG_DIR`` keeps every child's full output there; tr
 line (compile counters) every ``PGOLF_RECORDS_HEARTBEAT_S`` seconds (30; 0 = off). ``PGOLF_RECORDS_TRAIN_CACHES=DIR``
 keeps the training children's Inductor and Triton caches in DIR after the bench: a 2026-04-29 pair whose cold compile
 does not fit one device call fills them in one call and measures on them in the next (the slope over steps 10-50 is
-outside the warm-up either way). ``PGOLF_RECORDS_TTT_CACHES=DIR`` does the same for the TTT children, one folder per
+outside the warm-up either way). ``PGOLF_RECORDS_TRAIN_EAGER_MODEL=1`` runs the training children's model eagerly
+(``EagerModelTorch``: the record's compile of its model returns it unchanged): no compile warm-up, so a 2026-04-29
+pair and its Muon.step in place fit one call; the row's case says the model was eager, and its ms/step is the eager
+model's. ``PGOLF_RECORDS_TTT_CACHES=DIR`` does the same for the TTT children, one folder per
 variant (``ttt_caches``; the row's ``caches`` / ``baseline_caches`` say cold or warm); a TTT child that times out or
 fails is reported in the row's ``variants`` and the other variants' figures are kept. The row's ``artifact_sha256``
 (``folder_sha256``) names the artifact, so val_bpb from different device calls are compared only on equal hashes.
@@ -217,6 +220,33 @@ class _StopAfterTraining(Exception):
 
 
 STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict", "2026-04-29": "serialize"}
+
+# PGOLF_RECORDS_TRAIN_EAGER_MODEL=1: the training children run the record's model eagerly: its torch.compile of an
+# nn.Module or of a module's bound method (2026-04-29: the GPT and its forward_logits) returns them unchanged; the
+# script's other compiles (its Newton-Schulz, compiled at import) stay. Why: 2026-04-29's compile warm-up (8 fwd+bwd
+# shapes, fullgraph) outran 197-400 s per child on an H200, so neither its training ms/step nor its Muon.step in place
+# was measured. Eager, the loop starts at once and Muon.step is timed in place as before (CUDA events around each
+# call); the row's ms/step is then the eager model's, not the target's, and its case says so.
+TRAIN_EAGER_MODEL = os.environ.get("PGOLF_RECORDS_TRAIN_EAGER_MODEL", "0") == "1"
+
+
+class EagerModelTorch:
+    """``torch`` for a record module, except that ``torch.compile`` of an ``nn.Module`` or of a module's bound method
+    returns it unchanged (the model runs eagerly); every other attribute, and every other compile, is torch's."""
+
+    def __init__(self, torch_module):
+        self.__dict__["_torch"] = torch_module
+
+    def __getattr__(self, name):
+        return getattr(self._torch, name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"EagerModelTorch: setting torch.{name} through the record's torch is not supported")
+
+    def compile(self, model=None, *args, **kwargs):
+        if isinstance(getattr(model, "__self__", model), self._torch.nn.Module):
+            return model
+        return self._torch.compile(model, *args, **kwargs)
 
 
 def _write_shards(d: str, vocab: int) -> None:
@@ -403,6 +433,8 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     _record_env(key, data_dir, RUN_ID=f"bench_{variant}")
     ns = records_env.load_record(key)
     report = _flat(apply(ns)) if variant == "patched" else "unmodified"
+    if TRAIN_EAGER_MODEL:
+        ns.torch = EagerModelTorch(torch)
 
     def stop(*a, **k):
         raise _StopAfterTraining()
@@ -564,8 +596,9 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         return max(xs) - min(xs) if len(xs) > 1 else float("nan")
 
     po, ro = runs["patched"][0][0], runs["record"][0][0]
+    eager = ", the model eager (PGOLF_RECORDS_TRAIN_EAGER_MODEL=1: its torch.compile bypassed)" if TRAIN_EAGER_MODEL else ""
     return harness.make_row(
-        KERNEL, f"{key} train ms/step (slope steps {TRAIN_FIT[0]}-{TRAIN_ITERS}, {TRAIN_TOKENS[key]} tokens/step)",
+        KERNEL, f"{key} train ms/step (slope steps {TRAIN_FIT[0]}-{TRAIN_ITERS}, {TRAIN_TOKENS[key]} tokens/step{eager})",
         med("patched", 0), "record train ms/step", med("record", 0), runs=len(runs["patched"]),
         slopes_ms=[round(r[1][0], 2) for r in runs["patched"]], baseline_slopes_ms=[round(r[1][0], 2) for r in runs["record"]],
         run_spread_ms=spread("patched"), baseline_run_spread_ms=spread("record"), noise_ms=med("patched", 1),

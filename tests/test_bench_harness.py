@@ -721,3 +721,22 @@ def test_warmup_bench_refuses_stop_at_first_score_with_a_cache_file_case(monkeyp
     monkeypatch.setattr(bench_warmup, "_child", lambda *a, **k: pytest.fail("a child ran"))
     with pytest.raises(ValueError, match="PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1 with .'seeds-ref-cachefile'."):
         bench_warmup.run()
+
+
+def test_records_eager_model_torch_keeps_modules_eager_and_forwards_the_rest():
+    """PGOLF_RECORDS_TRAIN_EAGER_MODEL's stand-in ``torch``: compile of a module or of its bound method returns it
+    unchanged; a plain function is still compiled by torch; every other attribute is torch's; setting one is refused."""
+    import torch
+
+    from bench.bench_records import EagerModelTorch
+
+    t = EagerModelTorch(torch)
+    m = torch.nn.Linear(2, 2)
+    assert t.compile(m, dynamic=False, fullgraph=True) is m
+    assert t.compile(m.forward, dynamic=False) == m.forward
+    f = lambda x: x + 1  # noqa: E731
+    g = t.compile(f, backend="eager")
+    assert g is not f and torch.equal(g(torch.ones(2)), torch.full((2,), 2.0))
+    assert t.float32 is torch.float32 and t.nn is torch.nn and t.zeros(2).shape == (2,)
+    with pytest.raises(AttributeError, match="setting torch.compile"):
+        t.compile = None

@@ -568,3 +568,46 @@ def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
     # CPU machine reaches them too)
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "process", "--device", "cuda")),
              "--overlap-compile", "'thread' on CUDA")
+
+
+def test_global_precompile_child_runs_the_global_pass_only(eval_inputs, tmp_path, capsys):
+    """``--warmup-only --warmup-part global`` (what ``--global-precompile`` starts): the phased recipe's global pass on
+    synthetic tokens, exit 0 with its report; refused by name without ``--warmup-only``
+    (argparse) and without phases (before the artifact is read)."""
+    import json
+
+    from train import eval as ev
+
+    out = tmp_path / "g.json"
+    argv = _ev_argv(eval_inputs, "--recipe", "records", "--window", "64", "--chunk", "16", "--global-seq-len", "64",
+                    "--warmup-only", "--warmup-part", "global", "--json", str(out))
+    rep = ev.main(argv)
+    assert rep == json.loads(out.read_text())
+    assert rep["warmup_only"] and rep["warmup_rates"]["global_warmup_s"] > 0, rep
+    with pytest.raises(SystemExit):
+        ev.main(_ev_argv(eval_inputs, "--recipe", "records", "--warmup-part", "global"))
+    assert "--warmup-part global: expected --warmup-only" in capsys.readouterr().err
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--warmup-only", "--warmup-part", "global")), "--warmup-part",
+             "a phased recipe")
+
+
+def test_global_precompile_is_wanted_only_where_it_pays():
+    """auto: a phased TTT eval, compiled, on one CUDA device, the warm-up on, and none of the options that bring their
+    own caches or run no eval; off: never."""
+    import argparse
+
+    from train.eval import _global_precompile_wanted
+    from train.ttt_config import TTTConfig
+
+    base = dict(global_precompile="auto", mode="ttt", warmup_only=False, no_warmup=False, warmup="auto",
+                overlap_compile=None, compile_cache=None, precompiled=None)
+    phased, plain = TTTConfig(phases=3, phase_docs=6), TTTConfig()
+    ok = lambda **kw: _global_precompile_wanted(argparse.Namespace(**dict(base, **kw.pop("a", {}))),  # noqa: E731
+                                                kw.pop("cfg", phased), kw.pop("compiled", True),
+                                                kw.pop("device", "cuda"), kw.pop("world", 1))
+    assert ok()
+    for kw in (dict(cfg=plain), dict(compiled=False), dict(device="cpu"), dict(world=8),
+               dict(a=dict(global_precompile="off")), dict(a=dict(mode="base")), dict(a=dict(warmup_only=True)),
+               dict(a=dict(warmup="off")), dict(a=dict(no_warmup=True)), dict(a=dict(overlap_compile="thread")),
+               dict(a=dict(compile_cache="f")), dict(a=dict(precompiled="d"))):
+        assert not ok(**dict(kw)), kw

@@ -300,6 +300,47 @@ def test_phases_more_than_documents_refused(lut):
         evaluate(tiny_model(seed=1), stream, lut, mode="ttt", cfg=cfg, backend="bmm")
 
 
+def test_before_global_runs_once_before_the_first_global_pass(lut, monkeypatch):
+    """evaluate(before_global=fn) (the CLI's --global-precompile waits there for its compile child): fn runs once,
+    after phase 1 is scored and before the first global pass; what it returns is the report's global_precompile."""
+    import train.eval as ev
+
+    order = []
+    real = ev.global_pass
+
+    def recording_pass(*a, **k):
+        order.append("pass")
+        return real(*a, **k)
+
+    monkeypatch.setattr(ev, "global_pass", recording_pass)
+    stream = doc_stream([60, 50, 45, 40, 30], seed=1)
+    cfg = recipe("records", rank=2, alpha=3.0, chunk=16, window=32, batch_size=2, phase_docs=4, phases=2,
+                 global_seq_len=32, global_chunk_tokens=32)
+    rep = ev.evaluate(tiny_model(seed=1), stream, lut, mode="ttt", cfg=cfg, backend="bmm", log=lambda *a: None,
+                      before_global=lambda: order.append("hook") or {"rc": 0})
+    assert order == ["hook", "pass", "pass"] and rep["global_precompile"] == {"rc": 0}
+
+
+def test_global_precompile_child_outcome_is_said(tmp_path):
+    """The eval's wait for its --global-precompile child: a success and a failure each logged on one line and
+    returned for the report (the failure with the tail of the child's output); the pass then compiles here."""
+    import sys
+
+    from train.eval import _wait_global_child
+    from train.overlap import CompileChild
+
+    lines = []
+    ok = _wait_global_child(CompileChild(cmd=[sys.executable, "-c", "pass"]).start(), lines.append)
+    bad = _wait_global_child(CompileChild(cmd=[sys.executable, "-c", "import sys; print('oom'); sys.exit(3)"]).start(),
+                             lines.append)
+    assert ok["rc"] == 0 and "tail" not in ok and "the child finished" in lines[0]
+    assert bad["rc"] == 3 and "oom" in bad["tail"] and "exit 3" in lines[1] and "oom" in lines[1]
+    with pytest.raises(TypeError, match="--global-precompile: argv: expected a list of str"):
+        CompileChild("--reference", who="--global-precompile")
+    with pytest.raises(RuntimeError, match="not started"):
+        CompileChild([]).wait()
+
+
 def test_phased_deadline_fallback_skips_global_passes(lut):
     """Past the deadline every remaining document is scored by the base model and no global pass runs
     (training of any kind stops); every target is still scored once."""
@@ -374,3 +415,23 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
     assert rep["lora_backend"] == "bmm" and all(p["steps"] > 0 for p in rep["phases"])
     assert rep["docs"] == 4 and rep["docs_ttt"] == 4 and rep["legality"]["missing"] == 0
     assert math.isfinite(rep["val_bpb"])
+
+
+def test_warmup_global_leaves_the_model_as_it_was():
+    """train.warmup.warmup_global (the --global-precompile child's work): forward and backward of the global pass on
+    synthetic tokens, and the model's weights, requires_grad flags and .grad exactly as before (no optimizer step);
+    it does reach every base weight (a hook sees their gradients)."""
+    from train.warmup import warmup_global
+
+    m = tiny_model(seed=1)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    seen = set()
+    for n, p in m.named_parameters():  # (a hook needs requires_grad at registration; the model's flags are False)
+        p.requires_grad_(True)
+        p.register_hook(lambda g, n=n: seen.add(n))
+        p.requires_grad_(False)
+    rates = warmup_global(m, TTTConfig(global_seq_len=32), torch.device("cpu"))
+    assert rates["global_warmup_s"] > 0 and "dynamo_frames" in rates
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert all(not p.requires_grad and p.grad is None for p in m.parameters())
+    assert seen == {n for n, p in m.named_parameters() if p.is_floating_point()}

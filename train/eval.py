@@ -163,8 +163,12 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
              budget_s: float = DEFAULT_BUDGET_S - DEFAULT_MARGIN_S, rates: Optional[dict] = None,
              share=None, strict: bool = False, keep_nll: bool = False, progress_s: float = 15.0,
              log=print, return_state: bool = False, clock=time.perf_counter,
-             chunked: Optional[ChunkedConfig] = None, train_hook=None, background=None):
+             chunked: Optional[ChunkedConfig] = None, train_hook=None, background=None, before_global=None):
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
+
+    ``before_global``: a callable run once, before the first global pass of phased TTT (the CLI's
+    ``--global-precompile`` waits there for its compile child); what it returns goes into the report's
+    ``global_precompile``.
 
     ``background``: a ``train.overlap.BackgroundCompile`` or ``ProcessCompile`` not yet started
     (``--overlap-compile``): the TTT steps
@@ -232,7 +236,8 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
             report.update(_score_documents(model, tokens, starts, ns, cfg, st, expected, mode=mode, backend=backend,
                                            deadline=t_start + budget_s, rates=rates, share=share, rank=rank,
                                            world=world, distributed=distributed, clock=clock, log=log,
-                                           progress_s=progress_s, train_hook=train_hook, background=background))
+                                           progress_s=progress_s, train_hook=train_hook, background=background,
+                                           before_global=before_global))
         finally:
             if background is not None:
                 set_thread_eager(eager_before)
@@ -256,7 +261,7 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
 
 def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *, mode, backend, deadline, rates,
                      share, rank, world, distributed, clock, log, progress_s, train_hook=None,
-                     background=None) -> Dict[str, object]:
+                     background=None, before_global=None) -> Dict[str, object]:
     """The per-document modes: one ``DocQueue`` over all documents, or (phased TTT) one per phase with a
     global pass on the base weights after each phase and a last queue for the rest. Narrows
     ``expected`` to this process's share; returns the report's fields."""
@@ -338,6 +343,8 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                 mine = np.concatenate([qq.share_docs() for qq in (queues if cfg.phase_cumulative else [q])])
                 scored = scored[np.isin(scored, mine)]
             rows = global_rows(starts, ns, scored, cfg.global_seq_len)
+            if before_global is not None and not passes:
+                report["global_precompile"] = before_global()
             from .warmup import compile_cache_counts
 
             c0 = compile_cache_counts()
@@ -597,6 +604,13 @@ def _parse(argv):
                     help="run the warm-up (synthetic tokens: compile, autotune; full even on CPU) and exit without "
                          "reading a validation shard: it fills this machine's compile caches for a later eval of the "
                          "same model config and options (the train driver runs it during training: warm_eval_caches)")
+    ap.add_argument("--warmup-part", default="all", choices=["all", "global"],
+                    help="with --warmup-only: all (default) the whole warm-up; global: only the phased recipe's global "
+                         "pass on synthetic tokens (what --global-precompile's child runs)")
+    ap.add_argument("--global-precompile", default="auto", choices=["auto", "off"],
+                    help="phased TTT, compiled, on one CUDA device: compile the global pass in a child process "
+                         "(--warmup-only --warmup-part global, synthetic tokens) beside this process's load and warm-up, "
+                         "so the first global pass compiles from cache hits. auto (default): on there, off elsewhere")
     ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="score even when --tokenizer is not the tokenizer recorded in the artifact")
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
@@ -616,6 +630,8 @@ def _parse(argv):
     args = ap.parse_args(argv)
     if args.warmup_only and (args.no_warmup or args.warmup == "off"):
         ap.error("--warmup-only: expected the warm-up on (got --warmup off / --no-warmup: there would be nothing to run)")
+    if args.warmup_part != "all" and not args.warmup_only:
+        ap.error(f"--warmup-part {args.warmup_part}: expected --warmup-only (it names which warm-up to run and exit)")
     from .checks import eval_numbers
 
     eval_numbers(args)  # explicit numbers by name (CheckError: one line, exit 2 from the CLI)
@@ -701,6 +717,33 @@ def _start_cuda(device: torch.device) -> None:
         torch.cuda.synchronize(device)
     except Exception:  # noqa: BLE001 - see the docstring
         pass
+
+
+def _global_precompile_wanted(args, cfg: TTTConfig, compiled: bool, device, world: int) -> bool:
+    """``--global-precompile auto``: on for a phased per-document TTT eval with the compiled forward on one CUDA
+    device, with the warm-up on and none of ``--warmup-only``, ``--overlap-compile``, ``--compile-cache`` or
+    ``--precompiled`` (each brings its own way to the caches). Why: the first global pass compiled 2 Dynamo frames
+    (~13 s) inside the timed eval of the records' 1/8 share (H200, cold); a child compiles them on synthetic tokens
+    beside this process's load and warm-up, and the pass then loads them (CPU Inductor: 4.5 s instead of 30.2 s for
+    that pass's compile, all cache hits). One GPU only: a child of every rank of a distributed eval would each compile
+    the same graphs."""
+    return bool(args.global_precompile == "auto" and compiled and torch.device(device).type == "cuda"
+                and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
+                and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
+                and not args.compile_cache and not args.precompiled)
+
+
+def _wait_global_child(child, log) -> Dict[str, object]:
+    """``--global-precompile``: wait for the child before the first global pass; its outcome for the report. A failed
+    child is said in the log and the report, and the pass compiles here as it would without the child."""
+    out = child.wait()
+    if out["rc"] == 0:
+        log(f"[eval] global-precompile: the child finished in {out['child_s']:.1f} s (waited {out['waited_s']:.1f} s "
+            f"here); the global pass compiles from its cache entries")
+    else:
+        log(f"[eval] global-precompile: the child failed (exit {out['rc']}); the global pass compiles here. Its "
+            f"output ends: {' '.join(str(out.get('tail', '')).split())[-400:]}")
+    return out
 
 
 def _compile_child_argv(argv) -> list:
@@ -860,6 +903,17 @@ def main(argv=None) -> dict:
             cache_file_exists = check_compile_cache_path(args.compile_cache, "--compile-cache")
         except CompileCacheError as e:
             raise CheckError(e.arg, e.value, e.expected) from None
+    if args.warmup_part == "global" and cfg.phases == 0:
+        raise CheckError("--warmup-part", "global", "a phased recipe (--phases > 0): without phases there is no "
+                                                    "global pass to compile")
+    global_child = None
+    if _global_precompile_wanted(args, cfg, compiled, device, world):
+        from .overlap import CompileChild
+
+        global_child = CompileChild(_compile_child_argv(argv) + ["--warmup-part", "global"],
+                                    who="--global-precompile").start()
+        log("[eval] global-precompile: a child process compiles the phased recipe's global pass on synthetic "
+            "tokens beside the load and warm-up")
     if compiler is not None and not overlap:
         compiler.join()  # one thread starts the worker pool: two callers could each make one
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
@@ -918,7 +972,13 @@ def main(argv=None) -> dict:
         return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
                       doc_len=cfg.window + cfg.chunk, graphs=cfg.cuda_graphs and args.mode == "ttt")
 
-    if overlap == "process" and wmode != "off":
+    if args.warmup_part == "global":  # --global-precompile's child: the global pass only, on synthetic tokens
+        from .warmup import warmup_global
+
+        if "Int6Linear" in {type(m).__name__ for m in model.modules()}:
+            unfreeze_int6(model)  # as the first global pass does, so the same graphs are compiled
+        rates = warmup_global(model, cfg, device)
+    elif overlap == "process" and wmode != "off":
         from .overlap import ProcessCompile
 
         background = ProcessCompile(model, _compile_child_argv(argv), ttt_warmup, precompiled=args.precompiled)
@@ -961,7 +1021,8 @@ def main(argv=None) -> dict:
     to_scoring_s = (startup_s or 0.0) + (time.perf_counter() - t_start)
     rep = evaluate(model, tokens, lut, mode=args.mode, cfg=cfg, stride=args.stride,
                    backend="bmm" if args.reference else "kernel", t_start=t_start,
-                   budget_s=budget_s, rates=rates, share=share, log=log, chunked=cc, background=background)
+                   budget_s=budget_s, rates=rates, share=share, log=log, chunked=cc, background=background,
+                   before_global=(lambda: _wait_global_child(global_child, log)) if global_child is not None else None)
     wall = time.perf_counter() - t_start
     rep.update(info, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s,
                to_scoring_s=to_scoring_s, timed_eval_s=rep["score_s"], wall_s=wall + (startup_s or 0.0),

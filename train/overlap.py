@@ -67,6 +67,56 @@ def _check_args(who: str, model, warm) -> None:
                         f"{type(model).__name__}")
 
 
+class CompileChild:
+    """A child process that fills this machine's compile caches and exits (``cmd``, default
+    ``python -m train.eval <argv>``; the caller passes its own arguments with ``--warmup-only``). Its output goes to a
+    temporary file; ``wait()`` returns its exit code and the tail of that output. Shared by ``ProcessCompile`` and
+    the eval's ``--global-precompile``."""
+
+    def __init__(self, argv: Optional[List[str]] = None, *, cmd: Optional[List[str]] = None, who: str = "CompileChild"):
+        if cmd is None:
+            if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
+                raise TypeError(f"{who}: argv: expected a list of str (the eval's arguments), got {argv!r}")
+            cmd = [sys.executable, "-m", "train.eval", *argv]
+        self.cmd, self.who = list(cmd), who
+        self.proc: Optional[subprocess.Popen] = None
+        self._log = None
+        self.t0 = 0.0
+        self.outcome: Optional[Dict[str, object]] = None
+
+    def start(self) -> "CompileChild":
+        if self.proc is not None:
+            raise RuntimeError(f"{self.who}.start: already started")
+        self.t0 = time.perf_counter()
+        self._log = tempfile.TemporaryFile(mode="w+")
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        return self
+
+    def done(self) -> bool:
+        if self.proc is None:
+            raise RuntimeError(f"{self.who}: not started")
+        return self.proc.poll() is not None
+
+    def wait(self) -> Dict[str, object]:
+        """Wait for the child: its exit code (``rc``), the seconds waited here (``waited_s``), its whole run
+        (``child_s``) and, when it failed, the tail of its output (``tail``). Idempotent."""
+        if self.proc is None:
+            raise RuntimeError(f"{self.who}: not started")
+        if self.outcome is None:
+            t = time.perf_counter()
+            rc = self.proc.wait()
+            self.outcome = {"rc": rc, "waited_s": round(time.perf_counter() - t, 3),
+                            "child_s": round(time.perf_counter() - self.t0, 3)}
+            self._log.seek(0)
+            tail = self._log.read()[-2000:]
+            self._log.close()
+            if rc != 0:
+                self.outcome["tail"] = tail
+        return dict(self.outcome)
+
+
 class BackgroundCompile:
     """``compile_rows_nll(model)`` and the TTT warm-up in a daemon thread (see the module docstring).
 
@@ -150,55 +200,47 @@ class ProcessCompile:
     def __init__(self, model, argv: List[str], warm: Callable[[], Dict[str, float]], *,
                  precompiled: Optional[str] = None, cmd: Optional[List[str]] = None):
         _check_args("ProcessCompile", model, warm)
-        if cmd is None:
-            if not (isinstance(argv, (list, tuple)) and all(isinstance(a, str) for a in argv)):
-                raise TypeError(f"ProcessCompile: argv: expected a list of str (the eval's arguments), got {argv!r}")
-            cmd = [sys.executable, "-m", "train.eval", *argv]
-        self.model, self.warm, self.precompiled, self.cmd = model, warm, precompiled, list(cmd)
-        self.proc: Optional[subprocess.Popen] = None
+        self.child = CompileChild(argv, cmd=cmd, who="ProcessCompile")
+        self.model, self.warm, self.precompiled, self.cmd = model, warm, precompiled, self.child.cmd
         # as BackgroundCompile.error: what stopped the compile (the child's failure, or the compile here), else None
         self.error: Optional[BaseException] = None
         self.rates: Optional[Dict[str, float]] = None
         self.stats: Dict[str, float] = {}
-        self._log = None
-        self._t0 = 0.0
 
     @property
     def started(self) -> bool:
-        return self.proc is not None
+        return self.child.proc is not None
+
+    @property
+    def proc(self) -> Optional[subprocess.Popen]:
+        return self.child.proc
+
+    @property
+    def _log(self):
+        return self.child._log
 
     def start(self) -> "ProcessCompile":
-        if self.proc is not None:
-            raise RuntimeError("ProcessCompile.start: already started")
-        self._t0 = time.perf_counter()
-        self._log = tempfile.TemporaryFile(mode="w+")
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
-        self.proc = subprocess.Popen(self.cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=root)
+        self.child.start()
         return self
 
     def ready(self) -> bool:
         """The child has exited (``result()`` then compiles here, or raises the child's failure)."""
-        if self.proc is None:
+        if not self.started:
             raise RuntimeError("ProcessCompile.ready: not started")
-        return self.proc.poll() is not None
+        return self.child.done()
 
     def result(self) -> Dict[str, float]:
         """Wait for the child; then the compile and warm-up here (cache hits); their rates. The child's failure is
         raised here with the tail of its output."""
-        if self.proc is None:
+        if not self.started:
             raise RuntimeError("ProcessCompile.result: not started")
         if self.rates is not None:
             return dict(self.rates)
-        t = time.perf_counter()
-        rc = self.proc.wait()
-        self.stats["waited_s"] = round(time.perf_counter() - t, 3)
-        self.stats["child_s"] = round(time.perf_counter() - self._t0, 3)
-        self._log.seek(0)
-        tail = self._log.read()[-2000:]
-        self._log.close()
-        if rc != 0:
-            self.error = RuntimeError(f"--overlap-compile process: the compile child exited {rc}: {tail}")
+        out = self.child.wait()
+        self.stats["waited_s"], self.stats["child_s"] = out["waited_s"], out["child_s"]
+        if out["rc"] != 0:
+            self.error = RuntimeError(f"--overlap-compile process: the compile child exited {out['rc']}: "
+                                      f"{out.get('tail', '')}")
             raise self.error
         from .forward import compile_rows_nll, set_thread_eager
 
@@ -213,5 +255,5 @@ class ProcessCompile:
         finally:
             set_thread_eager(before)
         self.stats["here_compile_s"] = round(time.perf_counter() - t, 3)
-        self.stats["background_compile_s"] = round(time.perf_counter() - self._t0, 3)
+        self.stats["background_compile_s"] = round(time.perf_counter() - self.child.t0, 3)
         return dict(self.rates)

@@ -100,7 +100,7 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "records-ref-tail-w96": ("records", True, ("--tail-block", "--graph-window-step", "96")),
          # the same with each graph captured at its bucket's first step, which is its warm step (no synthetic warm
          # steps: 20.4 s cold / 17.2 s warm of records-ref-tail-w96's 119 graphs on an H200); every records case on
-         # CUDA also runs the driver's --global-precompile (default auto), which records-ref-tail-w96's rows predate
+         # CUDA also runs the driver's --parallel-compile (default auto), which records-ref-tail-w96's rows predate
          "records-ref-tail-w96-first-use": ("records", True, ("--tail-block", "--graph-window-step", "96",
                                                               "--graph-capture", "first-use"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)

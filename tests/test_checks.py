@@ -570,44 +570,54 @@ def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
              "--overlap-compile", "'thread' on CUDA")
 
 
-def test_global_precompile_child_runs_the_global_pass_only(eval_inputs, tmp_path, capsys):
-    """``--warmup-only --warmup-part global`` (what ``--global-precompile`` starts): the phased recipe's global pass on
-    synthetic tokens, exit 0 with its report; refused by name without ``--warmup-only``
-    (argparse) and without phases (before the artifact is read)."""
+def test_parallel_compile_children_run_one_part_each(eval_inputs, tmp_path, capsys):
+    """``--warmup-only --warmup-part P`` (what ``--parallel-compile`` starts, one child per part): the global pass or a
+    few TTT steps on synthetic tokens, exit with its report; refused by name without ``--warmup-only`` (argparse),
+    ``global`` without phases, ``ttt-tail`` without ``--tail-block`` and any part outside ``--mode ttt`` (before the
+    artifact is read)."""
     import json
 
     from train import eval as ev
 
-    out = tmp_path / "g.json"
-    argv = _ev_argv(eval_inputs, "--recipe", "records", "--window", "64", "--chunk", "16", "--global-seq-len", "64",
-                    "--warmup-only", "--warmup-part", "global", "--json", str(out))
-    rep = ev.main(argv)
-    assert rep == json.loads(out.read_text())
-    assert rep["warmup_only"] and rep["warmup_rates"]["global_warmup_s"] > 0, rep
+    small = ("--recipe", "records", "--window", "64", "--chunk", "16", "--global-seq-len", "64", "--warmup-only")
+    for part, key in (("global", "global_warmup_s"), ("ttt-block", "ttt_steps_warmup_s"),
+                      ("ttt-tail", "ttt_steps_warmup_s")):
+        out = tmp_path / f"{part}.json"
+        extra = ("--tail-block",) if part == "ttt-tail" else ()
+        rep = ev.main(_ev_argv(eval_inputs, *small, *extra, "--warmup-part", part, "--json", str(out)))
+        assert rep == json.loads(out.read_text()) and rep["warmup_only"] and rep["warmup_rates"][key] > 0, rep
     with pytest.raises(SystemExit):
         ev.main(_ev_argv(eval_inputs, "--recipe", "records", "--warmup-part", "global"))
     assert "--warmup-part global: expected --warmup-only" in capsys.readouterr().err
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--warmup-only", "--warmup-part", "global")), "--warmup-part",
              "a phased recipe")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, *small, "--warmup-part", "ttt-tail")), "--warmup-part",
+             "--tail-block")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, *small, "--mode", "base", "--warmup-part", "ttt-head")),
+             "--warmup-part", "--mode ttt")
 
 
-def test_global_precompile_is_wanted_only_where_it_pays():
+def test_parallel_compile_parts_only_where_it_pays():
     """auto: a phased TTT eval, compiled, on one CUDA device, the warm-up on, and none of the options that bring their
-    own caches or run no eval; off: never."""
+    own caches or run no eval: one child per TTT function (the tail block's with --tail-block) and one for the global
+    pass; off, or anywhere else: none."""
     import argparse
 
-    from train.eval import _global_precompile_wanted
+    from train.eval import _parallel_compile_parts
     from train.ttt_config import TTTConfig
 
-    base = dict(global_precompile="auto", mode="ttt", warmup_only=False, no_warmup=False, warmup="auto",
+    base = dict(parallel_compile="auto", mode="ttt", warmup_only=False, no_warmup=False, warmup="auto",
                 overlap_compile=None, compile_cache=None, precompiled=None)
-    phased, plain = TTTConfig(phases=3, phase_docs=6), TTTConfig()
-    ok = lambda **kw: _global_precompile_wanted(argparse.Namespace(**dict(base, **kw.pop("a", {}))),  # noqa: E731
-                                                kw.pop("cfg", phased), kw.pop("compiled", True),
-                                                kw.pop("device", "cuda"), kw.pop("world", 1))
-    assert ok()
-    for kw in (dict(cfg=plain), dict(compiled=False), dict(device="cpu"), dict(world=8),
-               dict(a=dict(global_precompile="off")), dict(a=dict(mode="base")), dict(a=dict(warmup_only=True)),
+    phased = TTTConfig(phases=3, phase_docs=6)
+
+    def parts(**kw):
+        return _parallel_compile_parts(argparse.Namespace(**dict(base, **kw.pop("a", {}))), kw.pop("cfg", phased),
+                                       kw.pop("compiled", True), kw.pop("device", "cuda"), kw.pop("world", 1))
+
+    assert parts() == ["ttt-block", "ttt-head", "global"]
+    assert parts(cfg=TTTConfig(phases=3, phase_docs=6, tail_block=True)) == ["ttt-block", "ttt-head", "ttt-tail", "global"]
+    for kw in (dict(cfg=TTTConfig()), dict(compiled=False), dict(device="cpu"), dict(world=8),
+               dict(a=dict(parallel_compile="off")), dict(a=dict(mode="base")), dict(a=dict(warmup_only=True)),
                dict(a=dict(warmup="off")), dict(a=dict(no_warmup=True)), dict(a=dict(overlap_compile="thread")),
                dict(a=dict(compile_cache="f")), dict(a=dict(precompiled="d"))):
-        assert not ok(**dict(kw)), kw
+        assert parts(**dict(kw)) == [], kw

@@ -301,8 +301,8 @@ def test_phases_more_than_documents_refused(lut):
 
 
 def test_before_global_runs_once_before_the_first_global_pass(lut, monkeypatch):
-    """evaluate(before_global=fn) (the CLI's --global-precompile waits there for its compile child): fn runs once,
-    after phase 1 is scored and before the first global pass; what it returns is the report's global_precompile."""
+    """evaluate(before_global=fn) (the CLI's --parallel-compile waits there for its global-pass child): fn runs once,
+    after phase 1 is scored and before the first global pass; what it returns is the report's before_global."""
     import train.eval as ev
 
     order = []
@@ -318,25 +318,25 @@ def test_before_global_runs_once_before_the_first_global_pass(lut, monkeypatch):
                  global_seq_len=32, global_chunk_tokens=32)
     rep = ev.evaluate(tiny_model(seed=1), stream, lut, mode="ttt", cfg=cfg, backend="bmm", log=lambda *a: None,
                       before_global=lambda: order.append("hook") or {"rc": 0})
-    assert order == ["hook", "pass", "pass"] and rep["global_precompile"] == {"rc": 0}
+    assert order == ["hook", "pass", "pass"] and rep["before_global"] == {"rc": 0}
 
 
-def test_global_precompile_child_outcome_is_said(tmp_path):
-    """The eval's wait for its --global-precompile child: a success and a failure each logged on one line and
-    returned for the report (the failure with the tail of the child's output); the pass then compiles here."""
+def test_parallel_compile_child_outcomes_are_said(tmp_path):
+    """The eval's wait for its --parallel-compile children: a success and a failure each logged on one line and
+    returned for the report (the failure with the tail of the child's output); the failed part then compiles here."""
     import sys
 
-    from train.eval import _wait_global_child
+    from train.eval import _wait_children
     from train.overlap import CompileChild
 
     lines = []
-    ok = _wait_global_child(CompileChild(cmd=[sys.executable, "-c", "pass"]).start(), lines.append)
-    bad = _wait_global_child(CompileChild(cmd=[sys.executable, "-c", "import sys; print('oom'); sys.exit(3)"]).start(),
-                             lines.append)
-    assert ok["rc"] == 0 and "tail" not in ok and "the child finished" in lines[0]
-    assert bad["rc"] == 3 and "oom" in bad["tail"] and "exit 3" in lines[1] and "oom" in lines[1]
-    with pytest.raises(TypeError, match="--global-precompile: argv: expected a list of str"):
-        CompileChild("--reference", who="--global-precompile")
+    outs = _wait_children({"ttt-head": CompileChild(cmd=[sys.executable, "-c", "pass"]).start(),
+                           "global": CompileChild(cmd=[sys.executable, "-c", "import sys; print('oom'); sys.exit(3)"])
+                           .start()}, lines.append, "the warm-up")
+    assert outs["ttt-head"]["rc"] == 0 and "tail" not in outs["ttt-head"] and "ttt-head child done" in lines[0]
+    assert outs["global"]["rc"] == 3 and "oom" in outs["global"]["tail"] and "exit 3" in lines[1] and "oom" in lines[1]
+    with pytest.raises(TypeError, match="--parallel-compile: argv: expected a list of str"):
+        CompileChild("--reference", who="--parallel-compile")
     with pytest.raises(RuntimeError, match="not started"):
         CompileChild([]).wait()
 
@@ -418,7 +418,7 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
 
 
 def test_warmup_global_leaves_the_model_as_it_was():
-    """train.warmup.warmup_global (the --global-precompile child's work): forward and backward of the global pass on
+    """train.warmup.warmup_global (the --parallel-compile global child's work): forward and backward of the global pass on
     synthetic tokens, and the model's weights, requires_grad flags and .grad exactly as before (no optimizer step);
     it does reach every base weight (a hook sees their gradients)."""
     from train.warmup import warmup_global
@@ -435,3 +435,32 @@ def test_warmup_global_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
     assert all(not p.requires_grad and p.grad is None for p in m.parameters())
     assert seen == {n for n, p in m.named_parameters() if p.is_floating_point()}
+
+
+def test_compile_rows_nll_only_compiles_the_named_functions(monkeypatch):
+    """compile_rows_nll(only=...) (a --parallel-compile child): torch.compile on the named functions only, the others
+    run as plain Python (so the child's steps compile exactly its part); bad names, an empty set, and only= with a
+    precompiled folder refused by name; the forward still scores the same."""
+    import train.forward as fw
+
+    compiled = []
+    monkeypatch.setattr(fw.torch, "compile", lambda f, **kw: compiled.append(f.__name__) or f)
+    stream = doc_stream([40, 30], seed=1)
+    m = tiny_model(seed=1)
+    from train.bpb import ByteLUT
+    from train.eval import evaluate
+
+    V = m.config.vocab_size
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2)
+    ref = evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend="bmm", log=lambda *a: None)
+    fw.compile_rows_nll(m, only=("head_adapted", "block_tail"))
+    assert compiled == ["_head_adapted", "_block_tail"]
+    rep = evaluate(m, stream, lut, mode="ttt", cfg=cfg, backend="bmm", log=lambda *a: None)
+    assert rep["val_bpb"] == ref["val_bpb"]
+    fw.compile_rows_nll(m, enable=False)
+    for bad in (("head",), ()):
+        with pytest.raises(ValueError, match="compile_rows_nll: only = "):
+            fw.compile_rows_nll(m, only=bad)
+    with pytest.raises(ValueError, match="only= and precompiled="):
+        fw.compile_rows_nll(m, only=("head_adapted",), precompiled="x")

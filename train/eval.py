@@ -62,7 +62,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
@@ -167,8 +167,8 @@ def evaluate(model, tokens: torch.Tensor, lut: ByteLUT, *, mode: str = "ttt", cf
     """Score ``tokens`` (1-D int64 on the model's device) in ``mode``; returns the report dict.
 
     ``before_global``: a callable run once, before the first global pass of phased TTT (the CLI's
-    ``--global-precompile`` waits there for its compile child); what it returns goes into the report's
-    ``global_precompile``.
+    ``--parallel-compile`` waits there for its global-pass child); what it returns goes into the report's
+    ``before_global``.
 
     ``background``: a ``train.overlap.BackgroundCompile`` or ``ProcessCompile`` not yet started
     (``--overlap-compile``): the TTT steps
@@ -344,7 +344,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                 scored = scored[np.isin(scored, mine)]
             rows = global_rows(starts, ns, scored, cfg.global_seq_len)
             if before_global is not None and not passes:
-                report["global_precompile"] = before_global()
+                report["before_global"] = before_global()
             from .warmup import compile_cache_counts
 
             c0 = compile_cache_counts()
@@ -604,13 +604,15 @@ def _parse(argv):
                     help="run the warm-up (synthetic tokens: compile, autotune; full even on CPU) and exit without "
                          "reading a validation shard: it fills this machine's compile caches for a later eval of the "
                          "same model config and options (the train driver runs it during training: warm_eval_caches)")
-    ap.add_argument("--warmup-part", default="all", choices=["all", "global"],
-                    help="with --warmup-only: all (default) the whole warm-up; global: only the phased recipe's global "
-                         "pass on synthetic tokens (what --global-precompile's child runs)")
-    ap.add_argument("--global-precompile", default="auto", choices=["auto", "off"],
-                    help="phased TTT, compiled, on one CUDA device: compile the global pass in a child process "
-                         "(--warmup-only --warmup-part global, synthetic tokens) beside this process's load and warm-up, "
-                         "so the first global pass compiles from cache hits. auto (default): on there, off elsewhere")
+    ap.add_argument("--warmup-part", default="all", choices=["all", *PARALLEL_PARTS],
+                    help="with --warmup-only: all (default) the whole warm-up; else one part, compiling only its "
+                         "functions, on synthetic tokens (what --parallel-compile's children run): ttt-block, "
+                         "ttt-head, ttt-tail (a few TTT steps), global (the phased recipe's global pass)")
+    ap.add_argument("--parallel-compile", default="auto", choices=["auto", "off"],
+                    help="phased TTT, compiled, on one CUDA device: compile the TTT step's functions and the global "
+                         "pass in child processes (--warmup-only --warmup-part ..., synthetic tokens), one each, in "
+                         "parallel beside this process's load; the warm-up and the first global pass then compile from "
+                         "cache hits. auto (default): on there, off elsewhere")
     ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="score even when --tokenizer is not the tokenizer recorded in the artifact")
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
@@ -719,31 +721,44 @@ def _start_cuda(device: torch.device) -> None:
         pass
 
 
-def _global_precompile_wanted(args, cfg: TTTConfig, compiled: bool, device, world: int) -> bool:
-    """``--global-precompile auto``: on for a phased per-document TTT eval with the compiled forward on one CUDA
-    device, with the warm-up on and none of ``--warmup-only``, ``--overlap-compile``, ``--compile-cache`` or
-    ``--precompiled`` (each brings its own way to the caches). Why: the first global pass compiled 2 Dynamo frames
-    (~13 s) inside the timed eval of the records' 1/8 share (H200, cold); a child compiles them on synthetic tokens
-    beside this process's load and warm-up, and the pass then loads them (CPU Inductor: 4.5 s instead of 30.2 s for
-    that pass's compile, all cache hits). One GPU only: a child of every rank of a distributed eval would each compile
-    the same graphs."""
-    return bool(args.global_precompile == "auto" and compiled and torch.device(device).type == "cuda"
-                and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
-                and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
-                and not args.compile_cache and not args.precompiled)
+# --warmup-part -> the compile_rows_nll functions it compiles (None: the global pass's, adapter-free ones)
+PARALLEL_PARTS = {"ttt-block": ("block_adapted",), "ttt-head": ("head_adapted",), "ttt-tail": ("block_tail",),
+                  "global": ("block_plain", "head_plain")}
 
 
-def _wait_global_child(child, log) -> Dict[str, object]:
-    """``--global-precompile``: wait for the child before the first global pass; its outcome for the report. A failed
-    child is said in the log and the report, and the pass compiles here as it would without the child."""
-    out = child.wait()
-    if out["rc"] == 0:
-        log(f"[eval] global-precompile: the child finished in {out['child_s']:.1f} s (waited {out['waited_s']:.1f} s "
-            f"here); the global pass compiles from its cache entries")
-    else:
-        log(f"[eval] global-precompile: the child failed (exit {out['rc']}); the global pass compiles here. Its "
-            f"output ends: {' '.join(str(out.get('tail', '')).split())[-400:]}")
-    return out
+def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world: int) -> List[str]:
+    """``--parallel-compile auto``: the ``--warmup-part`` children to start (none: off). On for a phased per-document
+    TTT eval with the compiled forward on one CUDA device, with the warm-up on and none of ``--warmup-only``,
+    ``--overlap-compile``, ``--compile-cache`` or ``--precompiled`` (each brings its own way to the caches): one child
+    per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass. Why:
+    on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and the
+    first global pass 2 more inside the timed eval (~13 s); children compile them at once, and this process then
+    compiles from cache hits (CPU Inductor: the global pass's compile 4.5 s instead of 30.2 s, all hits, at other
+    shapes than the child's). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
+    use beside it is not measured. One GPU only: a child of every rank of a distributed eval would each compile the
+    same graphs."""
+    if not (args.parallel_compile == "auto" and compiled and torch.device(device).type == "cuda"
+            and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
+            and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
+            and not args.compile_cache and not args.precompiled):
+        return []
+    return ["ttt-block", "ttt-head"] + (["ttt-tail"] if cfg.tail_block else []) + ["global"]
+
+
+def _wait_children(children: Dict[str, object], log, what: str) -> Dict[str, Dict[str, object]]:
+    """``--parallel-compile``: wait for ``children`` (part -> ``CompileChild``) before ``what`` compiles here; their
+    outcomes for the report. A failed child is said in the log and the report, and its functions compile here as
+    they would without it."""
+    outs = {}
+    for part, child in children.items():
+        out = outs[part] = child.wait()
+        if out["rc"] == 0:
+            log(f"[eval] parallel-compile: {part} child done in {out['child_s']:.1f} s (waited {out['waited_s']:.1f} s "
+                f"here, before {what})")
+        else:
+            log(f"[eval] parallel-compile: {part} child failed (exit {out['rc']}); {what} compiles it here. Its "
+                f"output ends: {' '.join(str(out.get('tail', '')).split())[-400:]}")
+    return outs
 
 
 def _compile_child_argv(argv) -> list:
@@ -906,14 +921,19 @@ def main(argv=None) -> dict:
     if args.warmup_part == "global" and cfg.phases == 0:
         raise CheckError("--warmup-part", "global", "a phased recipe (--phases > 0): without phases there is no "
                                                     "global pass to compile")
-    global_child = None
-    if _global_precompile_wanted(args, cfg, compiled, device, world):
+    if args.warmup_part == "ttt-tail" and not cfg.tail_block:
+        raise CheckError("--warmup-part", "ttt-tail", "--tail-block (without it the tail block's function is not used)")
+    if args.warmup_part != "all" and args.mode != "ttt":
+        raise CheckError("--warmup-part", args.warmup_part, f"--mode ttt (got --mode {args.mode})")
+    children = {}
+    parts = _parallel_compile_parts(args, cfg, compiled, device, world)
+    if parts:
         from .overlap import CompileChild
 
-        global_child = CompileChild(_compile_child_argv(argv) + ["--warmup-part", "global"],
-                                    who="--global-precompile").start()
-        log("[eval] global-precompile: a child process compiles the phased recipe's global pass on synthetic "
-            "tokens beside the load and warm-up")
+        children = {part: CompileChild(_compile_child_argv(argv) + ["--warmup-part", part],
+                                       who="--parallel-compile").start() for part in parts}
+        log(f"[eval] parallel-compile: {len(parts)} child processes compile {', '.join(parts)} on synthetic tokens "
+            f"beside the load")
     if compiler is not None and not overlap:
         compiler.join()  # one thread starts the worker pool: two callers could each make one
         # apart: on the H200 this wait plus the pool start took 5.8-5.9 s of a 6.6-6.8 s load (cold and warm), and
@@ -929,7 +949,7 @@ def main(argv=None) -> dict:
     mark("model")
     precompiled = {}
     if compiled and not overlap:  # --overlap-compile: attached by the background thread, after the eager graphs
-        precompiled = compile_rows_nll(model, precompiled=args.precompiled)
+        precompiled = compile_rows_nll(model, precompiled=args.precompiled, only=PARALLEL_PARTS.get(args.warmup_part))
     mark("compile_setup")
     cache_file = None
     if cache_file_exists:  # before the warm-up's first compile: its compiles become cache hits
@@ -972,12 +992,17 @@ def main(argv=None) -> dict:
         return warmup(model, lut, cfg, "bmm" if args.reference else "kernel", device, n_docs=cfg.batch_size,
                       doc_len=cfg.window + cfg.chunk, graphs=cfg.cuda_graphs and args.mode == "ttt")
 
-    if args.warmup_part == "global":  # --global-precompile's child: the global pass only, on synthetic tokens
+    parallel = {}
+    if args.warmup_part == "global":  # a --parallel-compile child: the global pass only, on synthetic tokens
         from .warmup import warmup_global
 
         if "Int6Linear" in {type(m).__name__ for m in model.modules()}:
             unfreeze_int6(model)  # as the first global pass does, so the same graphs are compiled
         rates = warmup_global(model, cfg, device)
+    elif args.warmup_part != "all":  # a --parallel-compile child: a few TTT steps, its one function compiled
+        from .warmup import warmup_ttt_steps
+
+        rates = warmup_ttt_steps(model, lut, cfg, "bmm" if args.reference else "kernel", device)
     elif overlap == "process" and wmode != "off":
         from .overlap import ProcessCompile
 
@@ -999,6 +1024,9 @@ def main(argv=None) -> dict:
             "batches replay eager CUDA graphs")
     elif wmode == "full" and args.mode in ("ttt", "base"):
         # synthetic tokens only; the validation shards are not even read until warm-up is over
+        ttt_children = {p: c for p, c in children.items() if p != "global"}
+        if ttt_children:  # their cache entries first: this warm-up then compiles from hits
+            parallel.update(_wait_children(ttt_children, log, "the warm-up"))
         rates = ttt_warmup()
     elif wmode != "off" and args.mode == "chunked":
         wcc = cc if wmode == "full" else dataclasses.replace(cc, chunk_tokens=2048)
@@ -1022,7 +1050,8 @@ def main(argv=None) -> dict:
     rep = evaluate(model, tokens, lut, mode=args.mode, cfg=cfg, stride=args.stride,
                    backend="bmm" if args.reference else "kernel", t_start=t_start,
                    budget_s=budget_s, rates=rates, share=share, log=log, chunked=cc, background=background,
-                   before_global=(lambda: _wait_global_child(global_child, log)) if global_child is not None else None)
+                   before_global=((lambda: _wait_children({"global": children["global"]}, log, "the first global pass"))
+                                  if "global" in children else None))
     wall = time.perf_counter() - t_start
     rep.update(info, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s,
                to_scoring_s=to_scoring_s, timed_eval_s=rep["score_s"], wall_s=wall + (startup_s or 0.0),
@@ -1034,6 +1063,10 @@ def main(argv=None) -> dict:
                gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu")
     if rates:
         rep["warmup_rates"] = rates
+    if children:  # every child's outcome (one the eval never waited for, e.g. no global pass ran: waited now)
+        parallel.update(rep.pop("before_global", {}))
+        parallel.update({p: c.wait() for p, c in children.items() if p not in parallel})
+        rep["parallel_compile"] = parallel
     if compiled:
         # the compile counters at the end: what the graphs' preparation or the scoring still compiled after the
         # warm-up (the warm-up's own are in warmup_rates); the graphs' warm steps stop on that evidence

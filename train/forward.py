@@ -78,7 +78,7 @@ def is_compiled(model) -> bool:
     return "_pgolf_rows_nll" in model.__dict__
 
 
-def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = None) -> dict:
+def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = None, only=None) -> dict:
     """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
     backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the
     final norm stay eager (a handful of ops). ``enable=False`` undoes it.
@@ -97,6 +97,8 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
     ``precompiled``: a folder of ahead-of-time compiled variants of the four functions (``train.precompiled``):
     loaded when present, else compiled on first use and saved there, so a later process skips Dynamo's tracing.
     Returns the ``Precompiled`` objects by name (their ``stats``), or {} without a folder.
+    ``only``: names of the functions to compile (of ``COMPILED_FUNCTIONS``); the others run eagerly. The eval's
+    ``--parallel-compile`` children each compile one of them, filling the compile caches in parallel.
     """
     if not (hasattr(model, "hidden") and hasattr(model, "blocks") and len(model.blocks) > 0):
         raise TypeError(f"compile_rows_nll: model must be a train.model.GPT (with .hidden and .blocks), "
@@ -116,7 +118,15 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
     # requiring grad.
     fns = dict(block_plain=_block_plain, block_adapted=_block_adapted, head_plain=_head_plain,
                head_adapted=_head_adapted, block_tail=_block_tail)
-    if precompiled is not None:
+    if only is not None:
+        bad = sorted(set(only) - set(fns))
+        if bad or not only:
+            raise ValueError(f"compile_rows_nll: only = {sorted(only)!r}: expected a non-empty subset of {sorted(fns)}")
+    if only is not None and precompiled is not None:
+        raise ValueError("compile_rows_nll: only= and precompiled= do not go together (a folder holds all functions)")
+    if only is not None:
+        made = {n: (torch.compile(f, dynamic=True) if n in only else f) for n, f in fns.items()}
+    elif precompiled is not None:
         from .precompiled import Precompiled, fingerprint
 
         dev = next(model.parameters()).device

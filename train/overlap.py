@@ -71,7 +71,7 @@ class CompileChild:
     """A child process that fills this machine's compile caches and exits (``cmd``, default
     ``python -m train.eval <argv>``; the caller passes its own arguments with ``--warmup-only``). Its output goes to a
     temporary file; ``wait()`` returns its exit code and the tail of that output. Shared by ``ProcessCompile`` and
-    the eval's ``--global-precompile``."""
+    the eval's ``--parallel-compile``."""
 
     def __init__(self, argv: Optional[List[str]] = None, *, cmd: Optional[List[str]] = None, who: str = "CompileChild"):
         if cmd is None:

@@ -98,13 +98,34 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     return rates
 
 
+def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, seed: int = 0) -> Dict[str, float]:
+    """A few TTT steps on synthetic random tokens (never validation tokens): one batch of 2 documents of 2 chunks
+    each, through the same step as the eval (``ttt_batch``), with adapters, optimizer and ledger of its own. What an
+    eval's ``--parallel-compile`` child runs with one compiled function (``compile_rows_nll(only=...)``): the
+    forward's graphs are compiled with dynamic shapes, so these small steps compile what the eval's own warm-up at
+    full size would, and that warm-up then loads them (cache hits). Returns its time and the compile counters."""
+    t0 = time.perf_counter()
+    g = torch.Generator().manual_seed(seed)
+    docs = torch.randint(4, model.config.vocab_size, (2, 2 * cfg.chunk + 1), generator=g)
+    docs[:, 0] = BOS_ID
+    stream = docs.reshape(-1).to(device)
+    starts, ns = split_docs(stream.cpu())
+    st = make_state(stream, lut)
+    ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)  # the eval's adapter rows: their shapes are static
+    opt = optimizer_for(ad.params, cfg, per_row=True)
+    ttt_batch(model, stream, starts, ns, np.arange(len(ns)), cfg, ad, opt, st)
+    sync_device(device)
+    del ad, opt, st
+    return dict(ttt_steps_warmup_s=time.perf_counter() - t0, **compile_cache_counts())
+
+
 def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, float]:
     """The phased recipe's global pass, forward and backward to every base weight, on synthetic random tokens (never
     validation tokens), without an optimizer step: two micro-batches of 2 and 3 pieces of ``cfg.global_seq_len``
     targets (two shapes, as the pass meets). It compiles what the eval's first global pass would compile (the forward
     without adapters, gradients to the base weights: 2 Dynamo frames, ~13 s on an H200 in the records' 1/8 share) and
     leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
-    own warm-up (``--global-precompile``), so the pass then compiles from cache hits: on CPU, a second process's
+    own warm-up (``--parallel-compile``), so the pass then compiles from cache hits: on CPU, a second process's
     compile of the pass took 4.2 s against 44.4 s, other shapes included (2 FX-graph and AOTAutograd cache hits each).
     Returns its time and the compile counters."""
     from .forward import rows_nll

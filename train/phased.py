@@ -122,7 +122,10 @@ def global_pass(model, stream: torch.Tensor, rows: np.ndarray, cfg, st: EvalStat
             mine = crow[rank::world]
             for i in range(0, len(mine), cfg.global_batch_seqs):  # micro-batches, gradients accumulated
                 mb = mine[i:i + cfg.global_batch_seqs]
-                rb = build_rows(stream, mb, cfg.global_seq_len, pad_to)
+                # at least 2 rows (a padding row is masked: no loss, no gradient): the compiled forward specializes a
+                # 1-row batch, and a chunk's last micro-batch of one piece compiled the pass's graphs again
+                # (CPU trace: 5 Dynamo frames instead of 2, bench/results/parallel-compile-cpu.md)
+                rb = build_rows(stream, mb, cfg.global_seq_len, pad_to, min_size=2)
                 st.ledger.require_scored_global(rb.pos, rb.mask)  # only scored targets move the base
                 nll = rows_nll(model, rb, None)
                 loss = (nll * rb.mask).sum() / n_glob

@@ -740,3 +740,15 @@ def test_records_eager_model_torch_keeps_modules_eager_and_forwards_the_rest():
     assert t.float32 is torch.float32 and t.nn is torch.nn and t.zeros(2).shape == (2,)
     with pytest.raises(AttributeError, match="setting torch.compile"):
         t.compile = None
+
+
+def test_parallel_compile_bench_parts_are_the_evals(capsys):
+    """bench.parallel_compile names the eval's own --warmup-part children (train.eval.PARALLEL_PARTS), and its CLI
+    refuses an unknown row by name."""
+    from bench import parallel_compile as pc
+    from train.eval import PARALLEL_PARTS
+
+    assert set(pc.TTT_PARTS) | {"global"} == set(PARALLEL_PARTS)
+    with pytest.raises(SystemExit):
+        pc.main(["--only", "nope"])
+    assert "--only" in capsys.readouterr().err

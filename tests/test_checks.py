@@ -621,3 +621,13 @@ def test_parallel_compile_parts_only_where_it_pays():
                dict(a=dict(warmup="off")), dict(a=dict(no_warmup=True)), dict(a=dict(overlap_compile="thread")),
                dict(a=dict(compile_cache="f")), dict(a=dict(precompiled="d"))):
         assert parts(**dict(kw)) == [], kw
+
+
+def test_warmup_part_refuses_a_precompiled_folder(eval_inputs, tmp_path):
+    """A --parallel-compile part compiles some functions; a precompiled folder holds all: refused by name, before the
+    artifact is read."""
+    from train import eval as ev
+
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--recipe", "records", "--warmup-only", "--warmup-part", "global",
+                                      "--compile", "on", "--precompiled", str(tmp_path / "pc"))),
+             "--warmup-part", "no --precompiled")

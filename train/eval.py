@@ -721,7 +721,8 @@ def _start_cuda(device: torch.device) -> None:
         pass
 
 
-# --warmup-part -> the compile_rows_nll functions it compiles (None: the global pass's, adapter-free ones)
+# --warmup-part -> the compile_rows_nll functions its child compiles (global: the adapter-free block and head that
+# the global pass runs with gradients to the base weights)
 PARALLEL_PARTS = {"ttt-block": ("block_adapted",), "ttt-head": ("head_adapted",), "ttt-tail": ("block_tail",),
                   "global": ("block_plain", "head_plain")}
 
@@ -733,8 +734,8 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass. Why:
     on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and the
     first global pass 2 more inside the timed eval (~13 s); children compile them at once, and this process then
-    compiles from cache hits (CPU Inductor: the global pass's compile 4.5 s instead of 30.2 s, all hits, at other
-    shapes than the child's). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
+    compiles from cache hits (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the TTT warm-up 11.7 s
+    instead of 41.0 s cold, all hits; the children need cores of their own to gain wall time). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
     use beside it is not measured. One GPU only: a child of every rank of a distributed eval would each compile the
     same graphs."""
     if not (args.parallel_compile == "auto" and compiled and torch.device(device).type == "cuda"
@@ -925,6 +926,9 @@ def main(argv=None) -> dict:
         raise CheckError("--warmup-part", "ttt-tail", "--tail-block (without it the tail block's function is not used)")
     if args.warmup_part != "all" and args.mode != "ttt":
         raise CheckError("--warmup-part", args.warmup_part, f"--mode ttt (got --mode {args.mode})")
+    if args.warmup_part != "all" and args.precompiled:
+        raise CheckError("--warmup-part", args.warmup_part, "no --precompiled (a part compiles some functions; a "
+                                                            "precompiled folder holds all of them)")
     children = {}
     parts = _parallel_compile_parts(args, cfg, compiled, device, world)
     if parts:

@@ -125,8 +125,8 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     targets (two shapes, as the pass meets). It compiles what the eval's first global pass would compile (the forward
     without adapters, gradients to the base weights: 2 Dynamo frames, ~13 s on an H200 in the records' 1/8 share) and
     leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
-    own warm-up (``--parallel-compile``), so the pass then compiles from cache hits: on CPU, a second process's
-    compile of the pass took 4.2 s against 44.4 s, other shapes included (2 FX-graph and AOTAutograd cache hits each).
+    own warm-up (``--parallel-compile``), so the pass then compiles from cache hits (bench/results/parallel-compile-cpu.md,
+    CPU Inductor, tiny model: the pass 11.6 s instead of 34.0 s cold, 2 of its 3 graphs from this one's entries).
     Returns its time and the compile counters."""
     from .forward import rows_nll
     from .phased import global_rows

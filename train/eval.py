@@ -734,8 +734,8 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass. Why:
     on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and the
     first global pass 2 more inside the timed eval (~13 s); children compile them at once, and this process then
-    compiles from cache hits (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the TTT warm-up 11.7 s
-    instead of 41.0 s cold, all hits; the children need cores of their own to gain wall time). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
+    compiles from cache hits (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the TTT warm-up 11.5 s
+    instead of 42.1 s cold, all hits; the children need cores of their own to gain wall time). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
     use beside it is not measured. One GPU only: a child of every rank of a distributed eval would each compile the
     same graphs."""
     if not (args.parallel_compile == "auto" and compiled and torch.device(device).type == "cuda"

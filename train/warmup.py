@@ -121,12 +121,14 @@ def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, 
 
 def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, float]:
     """The phased recipe's global pass, forward and backward to every base weight, on synthetic random tokens (never
-    validation tokens), without an optimizer step: two micro-batches of 2 and 3 pieces of ``cfg.global_seq_len``
-    targets (two shapes, as the pass meets). It compiles what the eval's first global pass would compile (the forward
+    validation tokens), without an optimizer step: a micro-batch of ``cfg.global_batch_seqs`` pieces of
+    ``cfg.global_seq_len`` targets (the pass's own size: a compiled graph may guard on a size threshold, as CPU
+    Inductor's does on rows x positions > 4096) and one of 3 pieces with a shorter last one (two shapes, as the pass
+    meets). It compiles what the eval's first global pass would compile (the forward
     without adapters, gradients to the base weights: 2 Dynamo frames, ~13 s on an H200 in the records' 1/8 share) and
     leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
     own warm-up (``--parallel-compile``), so the pass then compiles from cache hits (bench/results/parallel-compile-cpu.md,
-    CPU Inductor, tiny model: the pass 11.6 s instead of 34.0 s cold, 2 of its 3 graphs from this one's entries).
+    CPU Inductor, tiny model: the pass 5.1 s instead of 33.2 s cold, all 3 of its graphs from this one's entries).
     Returns its time and the compile counters."""
     from .forward import rows_nll
     from .phased import global_rows
@@ -135,7 +137,8 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     L = int(cfg.global_seq_len)
-    docs = torch.randint(4, model.config.vocab_size, (3, 2 * L + 1), generator=g)
+    R = max(int(cfg.global_batch_seqs), 2)
+    docs = torch.randint(4, model.config.vocab_size, ((R + 1) // 2 + 2, 2 * L + 1), generator=g)
     docs[:, 0] = BOS_ID
     stream = docs.reshape(-1).to(device)
     starts, ns = split_docs(stream.cpu())
@@ -146,7 +149,7 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     for p in params:
         p.requires_grad_(True)
     try:
-        for mb in (rows[:2], rows[-3:]):
+        for mb in (rows[:R], rows[-3:]):
             rb = build_rows(stream, mb, L, 64)  # as global_pass builds its micro-batches
             nll = rows_nll(model, rb, None)
             (nll * rb.mask).sum().backward()

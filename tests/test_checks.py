@@ -546,9 +546,9 @@ def test_overlap_compile_process_child_runs_the_cli_warm_up_only(eval_inputs):
     argv = _ev_argv(eval_inputs, "--overlap-compile", "process", "--compile", "off", "--json",
                     str(eval_inputs["dir"] / "r.json"), "--max-docs", "2")
     pc = ProcessCompile(tiny_model(seed=3), _compile_child_argv(argv), dict).start()
-    rc = pc.proc.wait(timeout=300)
-    pc._log.seek(0)
-    assert rc == 0, (subprocess.list2cmdline(pc.cmd), pc._log.read()[-2000:])
+    rc = pc.child.proc.wait(timeout=300)
+    pc.child._log.seek(0)
+    assert rc == 0, (subprocess.list2cmdline(pc.cmd), pc.child._log.read()[-2000:])
     assert "--warmup-only" in pc.cmd and "--overlap-compile" not in pc.cmd
     assert not (eval_inputs["dir"] / "r.json").exists()
 

@@ -464,3 +464,17 @@ def test_compile_rows_nll_only_compiles_the_named_functions(monkeypatch):
             fw.compile_rows_nll(m, only=bad)
     with pytest.raises(ValueError, match="only= and precompiled="):
         fw.compile_rows_nll(m, only=("head_adapted",), precompiled="x")
+
+
+def test_parallel_compile_parts_refuse_bad_arguments_by_name():
+    """warmup_ttt_steps / warmup_global: a model that is not the GPT, a config that is not a TTTConfig, or a device
+    other than the model's, refused by name before any work."""
+    from train.warmup import warmup_global, warmup_ttt_steps
+
+    m = tiny_model(seed=1)
+    with pytest.raises(TypeError, match="warmup_global: model: expected a train.model.GPT"):
+        warmup_global(torch.nn.Linear(2, 2), TTTConfig(), "cpu")
+    with pytest.raises(TypeError, match="warmup_global: cfg: expected a TTTConfig"):
+        warmup_global(m, dict(global_seq_len=32), "cpu")
+    with pytest.raises(ValueError, match=r"warmup_ttt_steps: device: expected the model's device \(cpu\)"):
+        warmup_ttt_steps(m, None, TTTConfig(), "bmm", "meta")

@@ -513,7 +513,7 @@ def _overlap_eval(cfg, device, compile_, child=None):
 
     class Waiting(ProcessCompile):
         def ready(self) -> bool:
-            self.proc.wait()
+            self.child.proc.wait()
             return True
 
     bg = Joining(model, warm, compile=compile_) if child is None else Waiting(model, [], warm, cmd=child)

@@ -732,8 +732,8 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     TTT eval with the compiled forward on one CUDA device, with the warm-up on and none of ``--warmup-only``,
     ``--overlap-compile``, ``--compile-cache`` or ``--precompiled`` (each brings its own way to the caches): one child
     per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass. Why:
-    on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and the
-    first global pass 2 more inside the timed eval (~13 s); children compile them at once, and this process then
+    on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and 2 more
+    came inside the timed eval (~13 s; most likely the first global pass's); children compile them at once, and this process then
     compiles from cache hits (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the TTT warm-up 11.5 s
     instead of 42.1 s cold, all hits; the children need cores of their own to gain wall time). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
     use beside it is not measured. One GPU only: a child of every rank of a distributed eval would each compile the

@@ -211,14 +211,6 @@ class ProcessCompile:
     def started(self) -> bool:
         return self.child.proc is not None
 
-    @property
-    def proc(self) -> Optional[subprocess.Popen]:
-        return self.child.proc
-
-    @property
-    def _log(self):
-        return self.child._log
-
     def start(self) -> "ProcessCompile":
         self.child.start()
         return self

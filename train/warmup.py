@@ -98,12 +98,26 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     return rates
 
 
+def _check_part_args(who: str, model, cfg, device) -> torch.device:
+    """The arguments of a --parallel-compile part's warm-up, refused by name before any work."""
+    if not (hasattr(model, "config") and hasattr(model, "blocks")):
+        raise TypeError(f"{who}: model: expected a train.model.GPT, got {type(model).__name__}")
+    if not isinstance(cfg, TTTConfig):
+        raise TypeError(f"{who}: cfg: expected a TTTConfig, got {type(cfg).__name__}")
+    dev = torch.device(device)
+    at = next(model.parameters()).device
+    if (dev.type, dev.index or 0) != (at.type, at.index or 0):
+        raise ValueError(f"{who}: device: expected the model's device ({at}), got {dev}")
+    return dev
+
+
 def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, seed: int = 0) -> Dict[str, float]:
     """A few TTT steps on synthetic random tokens (never validation tokens): one batch of 2 documents of 2 chunks
     each, through the same step as the eval (``ttt_batch``), with adapters, optimizer and ledger of its own. What an
     eval's ``--parallel-compile`` child runs with one compiled function (``compile_rows_nll(only=...)``): the
     forward's graphs are compiled with dynamic shapes, so these small steps compile what the eval's own warm-up at
     full size would, and that warm-up then loads them (cache hits). Returns its time and the compile counters."""
+    device = _check_part_args("warmup_ttt_steps", model, cfg, device)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     docs = torch.randint(4, model.config.vocab_size, (2, 2 * cfg.chunk + 1), generator=g)
@@ -124,9 +138,9 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     validation tokens), without an optimizer step: a micro-batch of ``cfg.global_batch_seqs`` pieces of
     ``cfg.global_seq_len`` targets (the pass's own size: a compiled graph may guard on a size threshold, as CPU
     Inductor's does on rows x positions > 4096) and one of 3 pieces with a shorter last one (two shapes, as the pass
-    meets). It compiles what the eval's first global pass would compile (the forward
-    without adapters, gradients to the base weights: 2 Dynamo frames, ~13 s on an H200 in the records' 1/8 share) and
-    leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
+    meets). It compiles what the eval's first global pass would compile (the forward without adapters, gradients to
+    the base weights; the records' 1/8 share compiled 2 Dynamo frames, ~13 s, after its warm-up on an H200, most
+    likely these) and leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
     own warm-up (``--parallel-compile``), so the pass then compiles from cache hits (bench/results/parallel-compile-cpu.md,
     CPU Inductor, tiny model: the pass 5.1 s instead of 33.2 s cold, all 3 of its graphs from this one's entries).
     Returns its time and the compile counters."""
@@ -134,6 +148,7 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     from .phased import global_rows
     from .rows import build_rows
 
+    device = _check_part_args("warmup_global", model, cfg, device)
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     L = int(cfg.global_seq_len)
@@ -143,14 +158,14 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     stream = docs.reshape(-1).to(device)
     starts, ns = split_docs(stream.cpu())
     rows = global_rows(starts, ns, np.arange(len(ns)), L)
-    rows[-1, 2] = rows[-1, 1] + L // 2  # a shorter last piece: a second window length
+    rows[-1, 2] = rows[-1, 1] + max(L // 2, 1)  # a shorter last piece: a second window length
     params = [p for p in model.parameters() if p.is_floating_point()]
     was = [p.requires_grad for p in params]
     for p in params:
         p.requires_grad_(True)
     try:
         for mb in (rows[:R], rows[-3:]):
-            rb = build_rows(stream, mb, L, 64)  # as global_pass builds its micro-batches
+            rb = build_rows(stream, mb, L, 64, min_size=2)  # as global_pass builds its micro-batches
             nll = rows_nll(model, rb, None)
             (nll * rb.mask).sum().backward()
     finally:

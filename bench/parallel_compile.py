@@ -2,8 +2,9 @@
 
 The eval compiles its forward as separate functions (``train.forward.compile_rows_nll``). ``--parallel-compile`` starts
 one child per function group (``--warmup-part``: ttt-block, ttt-head, ttt-tail, global), each compiling only its
-functions (``compile_rows_nll(only=...)``) on a few small synthetic steps, in parallel. Here, each in processes of
-its own and on fresh Inductor / Triton cache folders:
+functions (``compile_rows_nll(only=...)``) on one synthetic TTT batch of the eval's warm-up size (before that: a
+few small steps, which bench/results/parallel-compile-{cpu,h200}.md measured), in parallel. Here, each in processes
+of its own and on fresh Inductor / Triton cache folders:
 
 * ``ttt``: the eval's TTT warm-up (``train.warmup.warmup``, full size, every function compiled) cold, against the
   TTT children in parallel and then that warm-up on their cache entries;
@@ -58,7 +59,7 @@ def _model(name: str, device):
 
 
 def child(what: str, device: str, model: str, tail: bool) -> Dict[str, object]:
-    """One process: ``what`` = a --warmup-part (its functions only, a few small steps) or ``ttt-full`` (the eval's
+    """One process: ``what`` = a --warmup-part (its functions only, one warm-up-size TTT batch) or ``ttt-full`` (the eval's
     TTT warm-up at full size) or ``global-full`` (a global pass at full size); returns its time and counters."""
     import numpy as np
     import torch

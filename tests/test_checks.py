@@ -564,10 +564,6 @@ def test_eval_overlap_compile_refused_by_name_where_it_cannot_run(eval_inputs):
              "--overlap-compile", "--schedule batch (got rolling)", "the warm-up on")
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "process")), "--overlap-compile",
              "the compiled forward", "--cuda-graphs on")
-    # on CUDA the process mode is refused until its GPU test passes (the checks run before any device work, so a
-    # CPU machine reaches them too)
-    _refused(lambda: ev.main(_ev_argv(eval_inputs, "--overlap-compile", "process", "--device", "cuda")),
-             "--overlap-compile", "'thread' on CUDA")
 
 
 def test_parallel_compile_children_run_one_part_each(eval_inputs, tmp_path, capsys):

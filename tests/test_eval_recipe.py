@@ -478,3 +478,28 @@ def test_parallel_compile_parts_refuse_bad_arguments_by_name():
         warmup_global(m, dict(global_seq_len=32), "cpu")
     with pytest.raises(ValueError, match=r"warmup_ttt_steps: device: expected the model's device \(cpu\)"):
         warmup_ttt_steps(m, None, TTTConfig(), "bmm", "meta")
+    with pytest.raises(ValueError, match=r"warmup_ttt_steps: n_docs, doc_len: expected >= 1 and >= 2, got 0, 40"):
+        warmup_ttt_steps(m, None, TTTConfig(), "bmm", "cpu", n_docs=0, doc_len=40)
+
+
+def test_warmup_ttt_steps_runs_the_evals_warmup_batch(monkeypatch):
+    """A --parallel-compile TTT child compiles on the eval's own warm-up batch (cfg.batch_size documents of window +
+    chunk tokens, as warmup() builds it): the forward compiles with dynamic shapes and keeps the kernels the first
+    call's sizes chose, so a smaller batch would hand the eval kernels tuned for small sizes."""
+    import train.warmup as wu
+    from train.bpb import ByteLUT
+
+    seen = {}
+
+    def fake_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, **kw):
+        seen.update(ns=[int(n) for n in ns], batch=list(batch), rows=ad.n_docs)
+
+    monkeypatch.setattr(wu, "ttt_batch", fake_batch)
+    m = tiny_model(seed=1)
+    V = m.config.vocab_size
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=3)
+    wu.warmup_ttt_steps(m, lut, cfg, "bmm", "cpu")
+    assert seen == dict(ns=[48] * 3, batch=[0, 1, 2], rows=3), seen
+    wu.warmup_ttt_steps(m, lut, cfg, "bmm", "cpu", n_docs=5, doc_len=20)  # more documents than rows: one batch
+    assert seen == dict(ns=[20] * 5, batch=[0, 1, 2], rows=3), seen

@@ -672,10 +672,7 @@ def test_overlap_compile_refuses_what_it_cannot_hand_over():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("where", ["thread", pytest.param("process", marks=pytest.mark.xfail(
-    strict=True, reason="failed on an H200 (no traceback: that pytest was stopped by its timeout), most likely on "
-                        "bg.error, which ProcessCompile lacked then (AttributeError on CPU too); not rerun on a GPU "
-                        "since; the CLI refuses --overlap-compile process on CUDA until this passes"))])
+@pytest.mark.parametrize("where", ["thread", "process"])  # both passed on an H200 (bench/results/logs/gpu-tests-graphs-h200.txt)
 def test_gpu_overlap_compile_equals_plain_graphs(where):
     """On the GPU with the compile in the thread, or (process) on this thread after a child (a stand-in that exits 0):
     eager graphs first, compiled graphs after the hand-over, against the plain compiled-graph eval (BPB within 1e-4

@@ -608,11 +608,12 @@ def _parse(argv):
                     help="with --warmup-only: all (default) the whole warm-up; else one part, compiling only its "
                          "functions, on synthetic tokens (what --parallel-compile's children run): ttt-block, "
                          "ttt-head, ttt-tail (a few TTT steps), global (the phased recipe's global pass)")
-    ap.add_argument("--parallel-compile", default="auto", choices=["auto", "off"],
+    ap.add_argument("--parallel-compile", default="off", choices=["auto", "off"],
                     help="phased TTT, compiled, on one CUDA device: compile the TTT step's functions and the global "
                          "pass in child processes (--warmup-only --warmup-part ..., synthetic tokens), one each, in "
                          "parallel beside this process's load; the warm-up and the first global pass then compile from "
-                         "cache hits. auto (default): on there, off elsewhere")
+                         "cache hits. auto: on there, off elsewhere. off (default): on an H200 it saved no compile "
+                         "time (0.95x, bench/results/parallel-compile-h200.md)")
     ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="score even when --tokenizer is not the tokenizer recorded in the artifact")
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
@@ -731,13 +732,15 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     """``--parallel-compile auto``: the ``--warmup-part`` children to start (none: off). On for a phased per-document
     TTT eval with the compiled forward on one CUDA device, with the warm-up on and none of ``--warmup-only``,
     ``--overlap-compile``, ``--compile-cache`` or ``--precompiled`` (each brings its own way to the caches): one child
-    per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass. Why:
-    on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one after another (31.1 s) and 2 more
-    came inside the timed eval (~13 s; most likely the first global pass's); children compile them at once, and this process then
-    compiles from cache hits (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the TTT warm-up 11.5 s
-    instead of 42.1 s cold, all hits; the children need cores of their own to gain wall time). Not the seeds' recipe: its eval meets its target without, and the children's CPU and GPU
-    use beside it is not measured. One GPU only: a child of every rank of a distributed eval would each compile the
-    same graphs."""
+    per compiled function of the TTT step (the tail block's with ``--tail-block``) and one for the global pass.
+    Off by default. Why it exists: on the records' 1/8 share (H200, cold) the warm-up compiled 3 Dynamo frames one
+    after another (31.1 s) and 2 more came inside the timed eval (~13 s, the first global pass's). Why it is off: on
+    the H200 the children did not shorten the compile (``python3 -m bench.parallel_compile --tail-block``: children
+    50.6 s of wall, process start included, then the warm-up 25.3 s from their entries, against 72.5 s cold, 0.95x;
+    bench/results/parallel-compile-h200.md), and the records' 1/8 share run with it (and ``--graph-capture
+    first-use``) scored at 845k window tokens/s against 1.19M without either (the cause not separated yet; the
+    global pass did compile in 1.4 s instead of ~13 s). One GPU only: a child of every rank of a distributed eval
+    would each compile the same graphs."""
     if not (args.parallel_compile == "auto" and compiled and torch.device(device).type == "cuda"
             and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
             and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
@@ -869,13 +872,7 @@ def main(argv=None) -> dict:
                                 (cfg.phases > 0, f"no phased TTT (got {cfg.phases} phases)"),
                                 (args.warmup_only, "no --warmup-only (nothing is scored to overlap)"),
                                 (args.no_warmup or args.warmup == "off",
-                                 "the warm-up on (it is what the background thread compiles)"),
-                                # the process hand-over failed its GPU test on an H200 (tests/test_graphs.py; most
-                                # likely the test's read of ProcessCompile.error, which did not exist then): not
-                                # offered on CUDA until that test passes on a GPU
-                                (overlap == "process" and device.type == "cuda",
-                                 "'thread' on CUDA (the default; 'process' failed its GPU test, "
-                                 "docs/STATUS.md)")) if bad]
+                                 "the warm-up on (it is what the background thread compiles)")) if bad]
         if why:
             raise CheckError("--overlap-compile", overlap, "; ".join(why))
     if args.precompiled:

@@ -33,7 +33,7 @@ blocks on a full GPU queue stalls the other thread; and Inductor's runtime autot
 first call on a GPU the replays keep busy. Lowering the interpreter's switch interval (0.2 ms) while the thread ran
 did not change it (148.1 vs 144.8 s) and is not done.
 
-``--overlap-compile process`` (``ProcessCompile``, the next attempt; CPU-tested, not yet timed on a GPU): a child
+``--overlap-compile process`` (``ProcessCompile``; its GPU test passes on an H200, its time not measured yet): a child
 ``python -m train.eval ... --warmup-only`` compiles and warms up on synthetic tokens with its own interpreter, filling
 the Inductor and Triton caches; once it exits, this process compiles from those caches at the next batch boundary
 (Dynamo tracing again, every compile a cache hit: a warm process's warm-up took 4.3 s on the H200) and hands over the

@@ -4,7 +4,7 @@ are read, and the TTT and scoring rates are measured for the deadline estimate."
 from __future__ import annotations
 
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -111,23 +111,30 @@ def _check_part_args(who: str, model, cfg, device) -> torch.device:
     return dev
 
 
-def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, seed: int = 0) -> Dict[str, float]:
-    """A few TTT steps on synthetic random tokens (never validation tokens): one batch of 2 documents of 2 chunks
-    each, through the same step as the eval (``ttt_batch``), with adapters, optimizer and ledger of its own. What an
-    eval's ``--parallel-compile`` child runs with one compiled function (``compile_rows_nll(only=...)``): the
-    forward's graphs are compiled with dynamic shapes, so these small steps compile what the eval's own warm-up at
-    full size would, and that warm-up then loads them (cache hits). Returns its time and the compile counters."""
+def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, seed: int = 0,
+                     n_docs: Optional[int] = None, doc_len: Optional[int] = None) -> Dict[str, float]:
+    """One TTT batch on synthetic random tokens (never validation tokens), through the same step as the eval
+    (``ttt_batch``), with adapters, optimizer and ledger of its own: what an eval's ``--parallel-compile`` child runs
+    with one compiled function (``compile_rows_nll(only=...)``), so the eval's own warm-up then loads its graphs
+    (cache hits). The batch is the eval's warm-up batch (``n_docs`` = ``cfg.batch_size`` documents of ``doc_len`` =
+    ``cfg.window + cfg.chunk`` tokens, as ``warmup``): the forward is compiled with dynamic shapes, and Inductor picks
+    its kernels' block sizes and reduction strategy from the sizes of the first call, which a cache hit then keeps, so
+    a small batch here would hand the eval kernels tuned for small sizes. Returns its time and the compile counters."""
     device = _check_part_args("warmup_ttt_steps", model, cfg, device)
+    n_docs = int(cfg.batch_size if n_docs is None else n_docs)
+    doc_len = int(cfg.window + cfg.chunk if doc_len is None else doc_len)
+    if n_docs < 1 or doc_len < 2:
+        raise ValueError(f"warmup_ttt_steps: n_docs, doc_len: expected >= 1 and >= 2, got {n_docs}, {doc_len}")
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    docs = torch.randint(4, model.config.vocab_size, (2, 2 * cfg.chunk + 1), generator=g)
+    docs = torch.randint(4, model.config.vocab_size, (n_docs, doc_len + 1), generator=g)
     docs[:, 0] = BOS_ID
     stream = docs.reshape(-1).to(device)
     starts, ns = split_docs(stream.cpu())
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)  # the eval's adapter rows: their shapes are static
     opt = optimizer_for(ad.params, cfg, per_row=True)
-    ttt_batch(model, stream, starts, ns, np.arange(len(ns)), cfg, ad, opt, st)
+    ttt_batch(model, stream, starts, ns, np.arange(min(len(ns), cfg.batch_size)), cfg, ad, opt, st)
     sync_device(device)
     del ad, opt, st
     return dict(ttt_steps_warmup_s=time.perf_counter() - t0, **compile_cache_counts())

@@ -596,7 +596,7 @@ def test_parallel_compile_children_run_one_part_each(eval_inputs, tmp_path, caps
 def test_parallel_compile_parts_only_where_it_pays():
     """auto: a phased TTT eval, compiled, on one CUDA device, the warm-up on, and none of the options that bring their
     own caches or run no eval: one child per TTT function (the tail block's with --tail-block) and one for the global
-    pass; off, or anywhere else: none."""
+    pass; global: that one only; off, or anywhere else: none."""
     import argparse
 
     from train.eval import _parallel_compile_parts
@@ -612,6 +612,8 @@ def test_parallel_compile_parts_only_where_it_pays():
 
     assert parts() == ["ttt-block", "ttt-head", "global"]
     assert parts(cfg=TTTConfig(phases=3, phase_docs=6, tail_block=True)) == ["ttt-block", "ttt-head", "ttt-tail", "global"]
+    assert parts(a=dict(parallel_compile="global"), cfg=TTTConfig(phases=3, phase_docs=6, tail_block=True)) == ["global"]
+    assert parts(a=dict(parallel_compile="global"), cfg=TTTConfig()) == []  # no global pass without phases
     for kw in (dict(cfg=TTTConfig()), dict(compiled=False), dict(device="cpu"), dict(world=8),
                dict(a=dict(parallel_compile="off")), dict(a=dict(mode="base")), dict(a=dict(warmup_only=True)),
                dict(a=dict(warmup="off")), dict(a=dict(no_warmup=True)), dict(a=dict(overlap_compile="thread")),

@@ -608,12 +608,13 @@ def _parse(argv):
                     help="with --warmup-only: all (default) the whole warm-up; else one part, compiling only its "
                          "functions, on synthetic tokens (what --parallel-compile's children run): ttt-block, "
                          "ttt-head, ttt-tail (a few TTT steps), global (the phased recipe's global pass)")
-    ap.add_argument("--parallel-compile", default="off", choices=["auto", "off"],
+    ap.add_argument("--parallel-compile", default="off", choices=["auto", "global", "off"],
                     help="phased TTT, compiled, on one CUDA device: compile the TTT step's functions and the global "
                          "pass in child processes (--warmup-only --warmup-part ..., synthetic tokens), one each, in "
                          "parallel beside this process's load; the warm-up and the first global pass then compile from "
-                         "cache hits. auto: on there, off elsewhere. off (default): on an H200 it saved no compile "
-                         "time (0.95x, bench/results/parallel-compile-h200.md)")
+                         "cache hits. auto: on there, off elsewhere; global: the global pass's child only (its ~13 s "
+                         "compile left the timed eval on an H200); off (default): the TTT children saved no compile "
+                         "time on an H200 (0.95x, bench/results/parallel-compile-h200.md)")
     ap.add_argument("--allow-tokenizer-mismatch", action="store_true",
                     help="score even when --tokenizer is not the tokenizer recorded in the artifact")
     ap.add_argument("--debug", action="store_true", help="full traceback on an input error (default: one line, exit 2)")
@@ -739,13 +740,15 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     50.6 s of wall, process start included, then the warm-up 25.3 s from their entries, against 72.5 s cold, 0.95x;
     bench/results/parallel-compile-h200.md), and the records' 1/8 share run with it (and ``--graph-capture
     first-use``) scored at 845k window tokens/s against 1.19M without either (the cause not separated yet; the
-    global pass did compile in 1.4 s instead of ~13 s). One GPU only: a child of every rank of a distributed eval
+    global pass did compile in 1.4 s instead of ~13 s). ``global``: that child only. One GPU only: a child of every rank of a distributed eval
     would each compile the same graphs."""
-    if not (args.parallel_compile == "auto" and compiled and torch.device(device).type == "cuda"
+    if not (args.parallel_compile in ("auto", "global") and compiled and torch.device(device).type == "cuda"
             and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
             and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
             and not args.compile_cache and not args.precompiled):
         return []
+    if args.parallel_compile == "global":
+        return ["global"]
     return ["ttt-block", "ttt-head"] + (["ttt-tail"] if cfg.tail_block else []) + ["global"]
 
 

@@ -607,7 +607,7 @@ def _parse(argv):
     ap.add_argument("--warmup-part", default="all", choices=["all", *PARALLEL_PARTS],
                     help="with --warmup-only: all (default) the whole warm-up; else one part, compiling only its "
                          "functions, on synthetic tokens (what --parallel-compile's children run): ttt-block, "
-                         "ttt-head, ttt-tail (a few TTT steps), global (the phased recipe's global pass)")
+                         "ttt-head, ttt-tail (one TTT batch of the warm-up's size), global (the phased recipe's global pass)")
     ap.add_argument("--parallel-compile", default="off", choices=["auto", "global", "off"],
                     help="phased TTT, compiled, on one CUDA device: compile the TTT step's functions and the global "
                          "pass in child processes (--warmup-only --warmup-part ..., synthetic tokens), one each, in "
@@ -740,8 +740,8 @@ def _parallel_compile_parts(args, cfg: TTTConfig, compiled: bool, device, world:
     50.6 s of wall, process start included, then the warm-up 25.3 s from their entries, against 72.5 s cold, 0.95x;
     bench/results/parallel-compile-h200.md), and the records' 1/8 share run with it (and ``--graph-capture
     first-use``) scored at 845k window tokens/s against 1.19M without either (the cause not separated yet; the
-    global pass did compile in 1.4 s instead of ~13 s). ``global``: that child only. One GPU only: a child of every rank of a distributed eval
-    would each compile the same graphs."""
+    global pass did compile in 1.4 s instead of ~13 s). ``global``: that child only. One GPU only: a child of every
+    rank of a distributed eval would each compile the same graphs."""
     if not (args.parallel_compile in ("auto", "global") and compiled and torch.device(device).type == "cuda"
             and args.mode == "ttt" and cfg.phases > 0 and world == 1 and not args.warmup_only
             and not (args.no_warmup or args.warmup == "off") and not args.overlap_compile
@@ -1003,7 +1003,7 @@ def main(argv=None) -> dict:
         if "Int6Linear" in {type(m).__name__ for m in model.modules()}:
             unfreeze_int6(model)  # as the first global pass does, so the same graphs are compiled
         rates = warmup_global(model, cfg, device)
-    elif args.warmup_part != "all":  # a --parallel-compile child: a few TTT steps, its one function compiled
+    elif args.warmup_part != "all":  # a --parallel-compile child: one warm-up-size TTT batch, its functions compiled
         from .warmup import warmup_ttt_steps
 
         rates = warmup_ttt_steps(model, lut, cfg, "bmm" if args.reference else "kernel", device)

@@ -478,8 +478,18 @@ def test_parallel_compile_parts_refuse_bad_arguments_by_name():
         warmup_global(m, dict(global_seq_len=32), "cpu")
     with pytest.raises(ValueError, match=r"warmup_ttt_steps: device: expected the model's device \(cpu\)"):
         warmup_ttt_steps(m, None, TTTConfig(), "bmm", "meta")
-    with pytest.raises(ValueError, match=r"warmup_ttt_steps: n_docs, doc_len: expected >= 1 and >= 2, got 0, 40"):
-        warmup_ttt_steps(m, None, TTTConfig(), "bmm", "cpu", n_docs=0, doc_len=40)
+    from train.bpb import ByteLUT
+
+    V = m.config.vocab_size
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    with pytest.raises(TypeError, match="warmup_ttt_steps: lut: expected a train.bpb.ByteLUT, got NoneType"):
+        warmup_ttt_steps(m, None, TTTConfig(), "bmm", "cpu")
+    with pytest.raises(ValueError, match="warmup_ttt_steps: backend: expected 'bmm' or 'kernel', got 'nope'"):
+        warmup_ttt_steps(m, lut, TTTConfig(), "nope", "cpu")
+    with pytest.raises(ValueError, match=r"warmup_ttt_steps: n_docs: expected a whole number >= 1, got 0"):
+        warmup_ttt_steps(m, lut, TTTConfig(), "bmm", "cpu", n_docs=0, doc_len=40)
+    with pytest.raises(ValueError, match=r"warmup_ttt_steps: doc_len: expected a whole number >= 2, got 1.5"):
+        warmup_ttt_steps(m, lut, TTTConfig(), "bmm", "cpu", doc_len=1.5)
 
 
 def test_warmup_ttt_steps_runs_the_evals_warmup_batch(monkeypatch):

@@ -43,6 +43,7 @@ them (5.3 / 4.8 s) on an H200 (bench/results/eval-h200.md).
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
@@ -406,22 +407,17 @@ class StepGraphs:
             self.opt.t = opt_t
             self.stats["graph_prepare_s"] += time.perf_counter() - t1
 
+    @contextlib.contextmanager
     def _on_side(self):
-        """A context that runs its body on the capture stream, after the current stream's work and before its next,
-        and waits for the device at its end (as the warm steps before a capture do)."""
-        import contextlib
-
+        """Run the body on the capture stream, after the current stream's work and before its next, and wait for the
+        device at its end (as the warm steps before a capture do)."""
         dev = self.st.bytes_at.device
         side = self._prep["side"]
-
-        @contextlib.contextmanager
-        def ctx():
-            side.wait_stream(torch.cuda.current_stream(dev))
-            with torch.cuda.stream(side):
-                yield
-            torch.cuda.current_stream(dev).wait_stream(side)
-            torch.cuda.synchronize(dev)
-        return ctx()
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream(dev).wait_stream(side)
+        torch.cuda.synchronize(dev)
 
     def _capture(self, k: Tuple[int, int, bool], preserve: bool) -> None:
         """Warm bucket-and-kind ``k`` on synthetic tokens with a scratch ledger, then capture it. ``preserve``: the

@@ -20,6 +20,16 @@ from .ttt_config import TTTConfig
 from .ttt_optim import optimizer_for
 
 
+def _synthetic_docs(V: int, n_docs: int, doc_len: int, g: torch.Generator, device):
+    """``n_docs`` synthetic documents of ``doc_len`` random tokens after a BOS (never validation tokens), as the eval's
+    stream: (stream on ``device``, document starts, target counts)."""
+    docs = torch.randint(4, V, (n_docs, doc_len + 1), generator=g)
+    docs[:, 0] = BOS_ID
+    stream = docs.reshape(-1).to(device)
+    starts, ns = split_docs(stream.cpu())
+    return stream, starts, ns
+
+
 def _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len):
     """Small batches of synthetic documents (1, 2, 3, 6, 12, 24 of ``doc_len``, and 2 of 40 tokens):
     the eval's steps shrink to a few live rows (the long-document tails), so rows x window spans
@@ -29,10 +39,7 @@ def _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len):
     68 s scoring, much of it tuning and compiling for small sizes first met there.)"""
     for k, n in ((1, doc_len), (2, doc_len), (3, doc_len), (6, doc_len), (12, doc_len), (24, doc_len), (2, 40)):
         k = min(k, cfg.batch_size)
-        docs = torch.randint(4, V, (k, n + 1), generator=g)
-        docs[:, 0] = BOS_ID
-        stream = docs.reshape(-1).to(device)
-        starts, ns = split_docs(stream.cpu())
+        stream, starts, ns = _synthetic_docs(V, k, n, g, device)
         st = make_state(stream, lut)
         ttt_batch(model, stream, starts, ns, np.arange(len(ns)), cfg, ad, opt, st)
         score_rows(model, stream, plan_rows(starts, ns, cfg.chunk, cfg.window), cfg.window, st)
@@ -56,10 +63,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     """
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
-    docs = torch.randint(4, V, (n_docs, doc_len + 1), generator=g)
-    docs[:, 0] = BOS_ID
-    stream = docs.reshape(-1).to(device)
-    starts, ns = split_docs(stream.cpu())
+    stream, starts, ns = _synthetic_docs(V, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
     opt = optimizer_for(ad.params, cfg)
@@ -121,16 +125,18 @@ def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, 
     its kernels' block sizes and reduction strategy from the sizes of the first call, which a cache hit then keeps, so
     a small batch here would hand the eval kernels tuned for small sizes. Returns its time and the compile counters."""
     device = _check_part_args("warmup_ttt_steps", model, cfg, device)
-    n_docs = int(cfg.batch_size if n_docs is None else n_docs)
-    doc_len = int(cfg.window + cfg.chunk if doc_len is None else doc_len)
-    if n_docs < 1 or doc_len < 2:
-        raise ValueError(f"warmup_ttt_steps: n_docs, doc_len: expected >= 1 and >= 2, got {n_docs}, {doc_len}")
+    if not isinstance(lut, ByteLUT):
+        raise TypeError(f"warmup_ttt_steps: lut: expected a train.bpb.ByteLUT, got {type(lut).__name__}")
+    if backend not in ("bmm", "kernel"):
+        raise ValueError(f"warmup_ttt_steps: backend: expected 'bmm' or 'kernel', got {backend!r}")
+    n_docs = cfg.batch_size if n_docs is None else n_docs
+    doc_len = cfg.window + cfg.chunk if doc_len is None else doc_len
+    for name, v, lo in (("n_docs", n_docs, 1), ("doc_len", doc_len, 2)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"warmup_ttt_steps: {name}: expected a whole number >= {lo}, got {v!r}")
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
-    docs = torch.randint(4, model.config.vocab_size, (n_docs, doc_len + 1), generator=g)
-    docs[:, 0] = BOS_ID
-    stream = docs.reshape(-1).to(device)
-    starts, ns = split_docs(stream.cpu())
+    stream, starts, ns = _synthetic_docs(model.config.vocab_size, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)  # the eval's adapter rows: their shapes are static
     opt = optimizer_for(ad.params, cfg, per_row=True)
@@ -147,9 +153,10 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     Inductor's does on rows x positions > 4096) and one of 3 pieces with a shorter last one (two shapes, as the pass
     meets). It compiles what the eval's first global pass would compile (the forward without adapters, gradients to
     the base weights; the records' 1/8 share compiled 2 Dynamo frames, ~13 s, after its warm-up on an H200, most
-    likely these) and leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a child process beside its
-    own warm-up (``--parallel-compile``), so the pass then compiles from cache hits (bench/results/parallel-compile-cpu.md,
-    CPU Inductor, tiny model: the pass 5.1 s instead of 33.2 s cold, all 3 of its graphs from this one's entries).
+    likely these) and leaves the model as it was (weights, ``requires_grad``, no ``.grad``). The eval runs it in a
+    child process beside its own warm-up (``--parallel-compile``), so the pass then compiles from cache hits
+    (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the pass 5.1 s instead of 33.2 s cold, all 3 of
+    its graphs from this one's entries; on an H200 the first global pass compiled in 1.4 s instead of ~13 s).
     Returns its time and the compile counters."""
     from .forward import rows_nll
     from .phased import global_rows
@@ -160,10 +167,7 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     g = torch.Generator().manual_seed(seed)
     L = int(cfg.global_seq_len)
     R = max(int(cfg.global_batch_seqs), 2)
-    docs = torch.randint(4, model.config.vocab_size, ((R + 1) // 2 + 2, 2 * L + 1), generator=g)
-    docs[:, 0] = BOS_ID
-    stream = docs.reshape(-1).to(device)
-    starts, ns = split_docs(stream.cpu())
+    stream, starts, ns = _synthetic_docs(model.config.vocab_size, (R + 1) // 2 + 2, 2 * L, g, device)
     rows = global_rows(starts, ns, np.arange(len(ns)), L)
     rows[-1, 2] = rows[-1, 1] + max(L // 2, 1)  # a shorter last piece: a second window length
     params = [p for p in model.parameters() if p.is_floating_point()]

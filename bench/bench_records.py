@@ -14,10 +14,12 @@ Rows (``bench/results/records-<gpu>.json``), cheapest first so the first rows al
    runs ``PGOLF_RECORDS_REPEATS`` times (default 2, alternating), the row holds the median slope and the
    run-to-run spread. ``Muon.step`` is also timed in place, inside that training loop (``StepTimer``: CUDA events
    around each call, read after the run), median of the steady steps. The run
-   stops right after training (at the export function) - no quantization, no TTT. 2026-04-29 compiles 8 fwd+bwd
-   shapes in its own warm-up (``warmup_cu_buckets`` 64-256, with looping off and on): a cold child was still in it
-   at 197, 257 and 300 s on an H200, with either varlen stand-in, so give that pair one call (the first child up to
-   the default 420 s; the second reuses the Inductor cache the first one filled).
+   stops right after training (at the export function; 2026-04-29 at its last-step validation) - no quantization,
+   no TTT. 2026-04-29 compiles 8 fwd+bwd shapes in its own warm-up (``warmup_cu_buckets`` 64-256, with looping off
+   and on): a cold child was still in it at 197, 257 and 300 s on an H200, with either varlen stand-in. So by
+   default (``PGOLF_RECORDS_TRAIN_ONE_SHAPE=1``) its children skip that warm-up and train with looping on from
+   step 0 (``WARMUP_STEPS=0``, ``ENABLE_LOOPING_AT=0``): one input shape on the bench's shards, compiled at the
+   first step; the row's case says so, and ``frames_in_fit`` counts any Dynamo compile inside the fitted steps.
 
 The GPU machine has no FlashAttention-3: ``records_env.install_standins`` supplies it (SDPA; varlen on
 torch's FlashAttention-2 varlen kernel, or flex_attention with ``PGOLF_VARLEN_STANDIN=flex``), and every row says
@@ -219,7 +221,26 @@ class _StopAfterTraining(Exception):
     pass
 
 
-STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict", "2026-04-29": "serialize"}
+# where a training child stops: the first call after the last training step. 2026-04-29 validates at its last step
+# (eval_val, with its compiled forward_logits: one more whole-model compile) before it serializes, so it stops there
+STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_state_dict", "2026-04-29": "eval_val"}
+
+# PGOLF_RECORDS_TRAIN_ONE_SHAPE=1 (default): with its model compiled, 2026-04-29 trains from step 0 with its layer
+# looping on (ENABLE_LOOPING_AT=0, the configuration of the last 65 % of a record run) and without its compile
+# warm-up (WARMUP_STEPS=0), so its fullgraph, dynamic=False model meets one input shape instead of the warm-up's 8
+# (4 cu_seqlens buckets x looping off/on): cold children spent 197-400 s in that warm-up on an H200 and never reached
+# a step. The bench's shards hold 27-53 segments per 49,152-token micro-batch over the first 400 micro-batches (one
+# bucket of the record's 64; test_bench_harness checks it), and the rotary cache it would have filled costs one more
+# compile at the second micro-step, both before the fitted steps; each child reports the Dynamo frames compiled inside
+# the fitted steps (``frames_in_fit``), which must be 0 for the slope to be a steady step. 0: the record's own warm-up.
+TRAIN_ONE_SHAPE = os.environ.get("PGOLF_RECORDS_TRAIN_ONE_SHAPE", "1") == "1"
+
+
+def train_env(key: str) -> Dict[str, str]:
+    """The extra settings of a training child of record ``key`` (see TRAIN_ONE_SHAPE)."""
+    if key == "2026-04-29" and TRAIN_ONE_SHAPE and not TRAIN_EAGER_MODEL:
+        return dict(WARMUP_STEPS="0", ENABLE_LOOPING_AT="0")
+    return {}
 
 # PGOLF_RECORDS_TRAIN_EAGER_MODEL=1: the training children run the record's model eagerly: its torch.compile of an
 # nn.Module or of a module's bound method (2026-04-29: the GPT and its forward_logits) returns them unchanged; the
@@ -267,9 +288,12 @@ class StepTimer:
         if not isinstance(cls, type) or not callable(getattr(cls, "step", None)):
             raise TypeError(f"StepTimer: cls must be a class with a step() method, got {cls!r}")
         self.cls, self.orig, self.calls = cls, cls.__dict__.get("step"), []
+        self.frames: List[int] = []  # Dynamo frames compiled in this process before each call
         orig, cuda = cls.step, torch.cuda.is_available()
+        from torch._dynamo.utils import counters
 
         def step(opt, *a, **k):
+            self.frames.append(int(counters["frames"].get("ok", 0)))
             if cuda:
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
@@ -295,6 +319,17 @@ class StepTimer:
             return dict(ms=float("nan"), calls=0)
         return dict(ms=float(statistics.median(xs)), min_ms=min(xs), max_ms=max(xs), calls=len(self.calls))
 
+    def frames_since(self, call: int):
+        """Dynamo frames compiled from the start of call ``call`` (0-based: the training step of that index) until
+        now; None when there were not that many calls."""
+        from torch._dynamo.utils import counters
+
+        if call < 0:
+            raise ValueError(f"StepTimer.frames_since: call = {call}: expected >= 0")
+        if len(self.frames) <= call:
+            return None
+        return int(counters["frames"].get("ok", 0)) - self.frames[call]
+
     def undo(self) -> None:
         if self.orig is None:
             del self.cls.step
@@ -310,7 +345,8 @@ def _record_env(key: str, data_dir: str, **extra: str) -> None:
                       WARMDOWN_ITERS="0", WARMDOWN_FRAC="0", CASEOPS_ENABLED="0", VOCAB_SIZE=str(TRAIN_VOCAB[key]),
                       WARMUP_STEPS=os.environ.get("PGOLF_RECORDS_WARMUP_STEPS", "3"), TRAIN_LOG_EVERY="1",
                       VAL_LOSS_EVERY="0", MAX_WALLCLOCK_SECONDS="0", TRAIN_BATCH_TOKENS=str(TRAIN_TOKENS[key]),
-                      TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337", **extra)
+                      TRAIN_SEQ_LEN=str(TRAIN_SEQ[key]), SEED="1337")
+    os.environ.update(extra)
 
 
 # TTT eval (2026-04-29 only: its phased LoRA TTT is the one the drop-in targets). The record's own run settings
@@ -430,7 +466,7 @@ def ttt_times(log: str) -> Dict[str, float]:
 def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     from pgolf_kernels.patch import apply
 
-    _record_env(key, data_dir, RUN_ID=f"bench_{variant}")
+    _record_env(key, data_dir, RUN_ID=f"bench_{variant}", **train_env(key))
     ns = records_env.load_record(key)
     report = _flat(apply(ns)) if variant == "patched" else "unmodified"
     if TRAIN_EAGER_MODEL:
@@ -453,7 +489,8 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     muon = timer.ms(max(1, TRAIN_ITERS - TRAIN_FIT[0]))
     return dict(stopped_after_training=stopped, wall_s=time.time() - t0,
                 peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report, muon_step_ms=muon["ms"],
-                muon_step_calls=muon["calls"])
+                muon_step_calls=muon["calls"], frames_in_fit=timer.frames_since(TRAIN_FIT[0]),
+                settings={k: os.environ[k] for k in ("WARMUP_STEPS", "ENABLE_LOOPING_AT") if k in os.environ})
 
 
 def heartbeat_line(elapsed_s: float) -> str:
@@ -597,6 +634,8 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
 
     po, ro = runs["patched"][0][0], runs["record"][0][0]
     eager = ", the model eager (PGOLF_RECORDS_TRAIN_EAGER_MODEL=1: its torch.compile bypassed)" if TRAIN_EAGER_MODEL else ""
+    if train_env(key):
+        eager = ", one compiled shape: " + ", ".join(f"{k}={v}" for k, v in train_env(key).items())
     return harness.make_row(
         KERNEL, f"{key} train ms/step (slope steps {TRAIN_FIT[0]}-{TRAIN_ITERS}, {TRAIN_TOKENS[key]} tokens/step{eager})",
         med("patched", 0), "record train ms/step", med("record", 0), runs=len(runs["patched"]),
@@ -607,7 +646,15 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         # Muon.step timed in place, inside the training loop (median of the steady steps of each run's median)
         muon_step_ms=_median_of(runs["patched"], "muon_step_ms"),
         baseline_muon_step_ms=_median_of(runs["record"], "muon_step_ms"),
-        patch=po["patch"], attention=records_env.standin_note())
+        patch=po["patch"], attention=records_env.standin_note(),
+        # Dynamo frames compiled inside the fitted steps, the most of any run (0: the slope is a steady step)
+        frames_in_fit=_most_of(runs["patched"], "frames_in_fit"),
+        baseline_frames_in_fit=_most_of(runs["record"], "frames_in_fit"), settings=po.get("settings", {}))
+
+
+def _most_of(runs: List[tuple], field: str):
+    xs = [r[0][field] for r in runs if r[0].get(field) is not None]
+    return max(xs) if xs else None
 
 
 def _muon_extras(r: Dict[str, Dict[str, object]]) -> Dict[str, object]:

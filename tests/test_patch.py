@@ -388,10 +388,79 @@ def test_records_ttt_child_settings_reach_the_record(tmp_path):
         os.environ.update(saved)
 
 
+def test_records_train_child_meets_one_compiled_shape(tmp_path, monkeypatch):
+    """bench_records' 2026-04-29 training child (model compiled, PGOLF_RECORDS_TRAIN_ONE_SHAPE default): the record
+    reads WARMUP_STEPS=0 and ENABLE_LOOPING_AT=0 (looping on from step 0, no 8-shape compile warm-up), and every
+    micro-batch of the bench's training shard that the run reads (ITERATIONS x 8 micro-steps of 49,152 tokens) pads
+    to the same cu_seqlens length under the record's own _build_cu_seqlens: one input shape for its
+    dynamic=False compile. Eager model or the setting off: the record's own warm-up settings."""
+    import numpy as np
+
+    from bench import bench_records as br
+    from train.data import read_shard
+
+    saved = dict(os.environ)
+    try:
+        assert br.train_env("2026-04-29") == dict(WARMUP_STEPS="0", ENABLE_LOOPING_AT="0")
+        assert br.train_env("2026-03-23") == {} and br.train_env("2026-03-17") == {}
+        monkeypatch.setattr(br, "TRAIN_EAGER_MODEL", True)
+        assert br.train_env("2026-04-29") == {}
+        monkeypatch.setattr(br, "TRAIN_EAGER_MODEL", False)
+        monkeypatch.setattr(br, "TRAIN_ONE_SHAPE", False)
+        assert br.train_env("2026-04-29") == {}
+        monkeypatch.setattr(br, "TRAIN_ONE_SHAPE", True)
+        data = str(tmp_path / "data")
+        br._write_shards(data, br.TRAIN_VOCAB["2026-04-29"])
+        br._record_env("2026-04-29", data, RUN_ID="t", **br.train_env("2026-04-29"))
+        ns = records_env.load_record("2026-04-29")
+        h = ns.Hyperparameters()
+        assert (h.warmup_steps, h.enable_looping_at, h.iterations) == (0, 0.0, br.TRAIN_ITERS)
+        assert h.num_loops > 0  # looping exists, so ENABLE_LOOPING_AT=0 turns it on before the first step
+        accum = 8  # the record's grad_accum_steps on one GPU (8 // world_size)
+        local = h.train_batch_tokens // accum
+        toks = read_shard(os.path.join(data, "fineweb_train_000000.bin")).numpy()
+        bos = np.nonzero(toks == 1)[0]  # the record's BOS_ID on these shards
+        cursor, lengths = int(bos[0]), set()
+        for _ in range(br.TRAIN_ITERS * accum):
+            assert cursor + local + 1 <= toks.size, "the shard ran out: the record would move to its next shard"
+            lo, hi = np.searchsorted(bos, cursor), np.searchsorted(bos, cursor + local)
+            cu, _ = ns._build_cu_seqlens((bos[lo:hi] - cursor).tolist(), local, "cpu", h.train_seq_len, 64)
+            lengths.add(cu.numel())
+            cursor += local + 1
+        assert lengths == {64}, lengths
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def test_records_step_timer_counts_frames_compiled_inside_the_fit():
+    """StepTimer.frames_since(i): Dynamo frames compiled from the i-th step call on (a compile inside the fitted steps
+    makes the slope more than a steady step); None when the run had fewer calls; a negative index refused."""
+    from bench.bench_records import StepTimer
+
+    class Opt:
+        def step(self, fn=None):
+            if fn is not None:
+                fn(torch.ones(3))
+
+    timer = StepTimer(Opt)
+    try:
+        o = Opt()
+        o.step()
+        o.step(torch.compile(lambda x: x * 2 + 1, backend="eager"))
+        o.step()
+        assert timer.frames_since(0) >= 1 and timer.frames_since(1) >= 1 and timer.frames_since(2) == 0
+        assert timer.frames_since(3) is None
+        with pytest.raises(ValueError, match="call = -1"):
+            timer.frames_since(-1)
+    finally:
+        timer.undo()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("key", KEYS)
 def test_gpu_patched_record_trains(key, tmp_path, monkeypatch):
-    """One short patched training run per record script on the GPU, through the bench's own child process (4 steps,
+    """One short patched training run per record script on the GPU, through the bench's own child process (12 steps,
     no warm-up steps so the record compiles only what the run meets): training finishes, every logged loss is
     finite, and the report names the patched Muon. 2026-04-29 runs its model eagerly (the bench's
     PGOLF_RECORDS_TRAIN_EAGER_MODEL=1; its Newton-Schulz compile kept): with the model compiled this case was still
@@ -400,7 +469,7 @@ def test_gpu_patched_record_trains(key, tmp_path, monkeypatch):
 
     from bench import bench_records as br
 
-    monkeypatch.setenv("PGOLF_RECORDS_ITERS", "4")
+    monkeypatch.setenv("PGOLF_RECORDS_ITERS", "12")  # the bench's least (its slope needs steps 10-12)
     monkeypatch.setenv("PGOLF_RECORDS_WARMUP_STEPS", "0")
     if key == "2026-04-29":
         monkeypatch.setenv("PGOLF_RECORDS_TRAIN_EAGER_MODEL", "1")
@@ -409,7 +478,7 @@ def test_gpu_patched_record_trains(key, tmp_path, monkeypatch):
     out, log = br._spawn(["--child", "train", "--key", key, "--variant", "patched", "--data", data], 480)
     assert out["stopped_after_training"] and "patched muon" in out["patch"], out
     pts = br.train_points(log, br.TRAIN_TOKENS[key])
-    assert [p[0] for p in pts][-1] == 4 and all(math.isfinite(p[1]) for p in pts), pts
+    assert [p[0] for p in pts][-1] == 12 and all(math.isfinite(p[1]) for p in pts), pts
 
 
 def test_compile_cache_piece_loads_or_writes_at_exit(records, tmp_path, monkeypatch):

@@ -36,7 +36,7 @@ import time
 import numpy as np
 import torch
 
-from bench.harness import make_row
+from bench.harness import env_flag, make_row
 
 KERNEL = "eval"
 RUN_BUDGET_S = float(os.environ.get("PGOLF_EVAL_BENCH_BUDGET_S", "380"))  # of the device call's 480 s
@@ -200,7 +200,7 @@ def run(quick: bool = False):
         lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool),
                       torch.zeros(V, dtype=torch.bool))
     sched = os.environ.get("PGOLF_EVAL_SCHEDULE", "batch")  # "rolling": rows refilled as documents finish
-    graphs = os.environ.get("PGOLF_EVAL_GRAPHS", "0") == "1"  # "1": --cuda-graphs (seeds cases; records: phases)
+    graphs = env_flag("PGOLF_EVAL_GRAPHS")  # "1": --cuda-graphs (seeds cases; records: phases)
     seeds = TTTConfig(schedule=sched, cuda_graphs=graphs)
     from train.ttt_config import recipe
 

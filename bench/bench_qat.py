@@ -172,6 +172,8 @@ def _step_rows(dev, compiled: bool, modes):
 
 
 def run(quick: bool = False):
+    from bench.harness import env_flag
+
     dev = os.environ.get("PGOLF_BENCH_DEVICE", "cuda")
     timer = _timer(dev)
     Ms = (M_QUICK if quick else M_ALL) if dev == "cuda" else [64]
@@ -182,7 +184,7 @@ def run(quick: bool = False):
     rows = []
     for kind in os.environ.get("PGOLF_QAT_STEP", "compiled").split(","):
         rows += _step_rows(dev, kind == "compiled" and dev == "cuda", modes)
-    if os.environ.get("PGOLF_QAT_LAYER_ROWS", "1") == "1":
+    if env_flag("PGOLF_QAT_LAYER_ROWS", True):
         rows += _layer_rows(dev, Ms, timer)
     return rows
 

@@ -74,7 +74,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from . import records_env
-from .harness import run_child
+from .harness import env_flag, run_child
 
 KERNEL = "records"
 VARIANTS = ("record", "patched")
@@ -185,9 +185,9 @@ def child_muon(key: str, variant: str) -> Dict[str, object]:
     shapes = sorted({tuple(p.shape) for p in params})
     out = dict(ms=ms, peak_mb=torch.cuda.max_memory_allocated() / 2**20, n_params=len(params),
                shapes=str(shapes), patch=report)
-    if os.environ.get("PGOLF_RECORDS_MUON_PROFILE") == "1":
+    if env_flag("PGOLF_RECORDS_MUON_PROFILE"):
         out["kernels"] = kernel_table(step)
-    if os.environ.get("PGOLF_RECORDS_MUON_GRAPH") == "1":
+    if env_flag("PGOLF_RECORDS_MUON_GRAPH"):
         # device time without the host's launch gaps (an isolated step is host-bound: ~0.95 ms of gaps in both
         # variants on the H200); last, as a failed capture may leave the stream unusable
         try:
@@ -233,7 +233,7 @@ STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_stat
 # bucket of the record's 64; test_bench_harness checks it), and the rotary cache it would have filled costs one more
 # compile at the second micro-step, both before the fitted steps; each child reports the Dynamo frames compiled inside
 # the fitted steps (``frames_in_fit``), which must be 0 for the slope to be a steady step. 0: the record's own warm-up.
-TRAIN_ONE_SHAPE = os.environ.get("PGOLF_RECORDS_TRAIN_ONE_SHAPE", "1") == "1"
+TRAIN_ONE_SHAPE = env_flag("PGOLF_RECORDS_TRAIN_ONE_SHAPE", True)
 
 
 def train_env(key: str) -> Dict[str, str]:
@@ -248,7 +248,7 @@ def train_env(key: str) -> Dict[str, str]:
 # shapes, fullgraph) outran 197-400 s per child on an H200, so neither its training ms/step nor its Muon.step in place
 # was measured. Eager, the loop starts at once and Muon.step is timed in place as before (CUDA events around each
 # call); the row's ms/step is then the eager model's, not the target's, and its case says so.
-TRAIN_EAGER_MODEL = os.environ.get("PGOLF_RECORDS_TRAIN_EAGER_MODEL", "0") == "1"
+TRAIN_EAGER_MODEL = env_flag("PGOLF_RECORDS_TRAIN_EAGER_MODEL")
 
 
 class EagerModelTorch:
@@ -691,7 +691,7 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         raise ValueError(f"PGOLF_RECORDS_MUON_KEYS: unknown {bad}; expected a comma list of {tuple(records_env.RECORDS)}")
     for key in (muon_keys if "muon" in parts else ()):
         r = {v: _spawn(["--child", "muon", "--key", key, "--variant", v], 300)[0] for v in VARIANTS}
-        if os.environ.get("PGOLF_RECORDS_MUON_TORCH_PACK") == "1":  # the patched step once more, NS prologue in torch
+        if env_flag("PGOLF_RECORDS_MUON_TORCH_PACK"):  # the patched step once more, NS prologue in torch
             r["torch_pack"] = _spawn(["--child", "muon", "--key", key, "--variant", "patched"], 300,
                                      PGOLF_NS_FAST_PACK="0")[0]
         rows.append(harness.make_row(KERNEL, f"{key} Muon.step (1 GPU, record's default model)", r["patched"]["ms"],

@@ -53,7 +53,7 @@ import tempfile
 import time
 from typing import Dict, List, Optional
 
-from bench.harness import make_row
+from bench.harness import env_flag, make_row
 
 KERNEL = "warmup"
 _T0 = time.perf_counter()
@@ -146,7 +146,7 @@ def _tokenizer() -> str:
 _FIRST_SCORE_RE = re.compile(r"\[eval\] first score ([0-9.]+) s after process start")
 # PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1: stop each child at that line (its row then holds the time to the first score
 # and not the rest): the warm-up target needs only that figure, and a whole 50,000-document child costs ~130-200 s
-STOP_AT_FIRST = os.environ.get("PGOLF_WARMUP_STOP_AT_FIRST_SCORE", "0") == "1"
+STOP_AT_FIRST = env_flag("PGOLF_WARMUP_STOP_AT_FIRST_SCORE")
 
 
 def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] = None) -> Dict[str, object]:

@@ -143,6 +143,17 @@ def env_folder(var: str) -> str:
     return d
 
 
+def env_flag(var: str, default: bool = False) -> bool:
+    """An on/off bench setting from environment variable ``var``: "1" on, "0" off, unset or "" the default. Any other
+    value is refused by name: a bench knob that took "yes" or "true" as off would time the wrong case silently."""
+    v = os.environ.get(var, "")
+    if v == "":
+        return bool(default)
+    if v not in ("0", "1"):
+        raise ValueError(f"{var} = {v!r}: expected 1 (on) or 0 (off)")
+    return v == "1"
+
+
 def tflops(flops: float, ms: float) -> float:
     return flops / (ms * 1e-3) / 1e12
 

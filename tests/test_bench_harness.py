@@ -752,3 +752,18 @@ def test_parallel_compile_bench_parts_are_the_evals(capsys):
     with pytest.raises(SystemExit):
         pc.main(["--only", "nope"])
     assert "--only" in capsys.readouterr().err
+
+
+def test_env_flag_takes_0_or_1_and_refuses_anything_else_by_name(monkeypatch):
+    """harness.env_flag: "1" on, "0" off, unset or "" the default; "yes", "true", "2" refused, naming the variable."""
+    from bench.harness import env_flag
+
+    monkeypatch.delenv("PGOLF_TEST_FLAG", raising=False)
+    assert env_flag("PGOLF_TEST_FLAG") is False and env_flag("PGOLF_TEST_FLAG", True) is True
+    for raw, want in (("1", True), ("0", False), ("", True)):
+        monkeypatch.setenv("PGOLF_TEST_FLAG", raw)
+        assert env_flag("PGOLF_TEST_FLAG", True) is want
+    for raw in ("yes", "true", "2", " 1"):
+        monkeypatch.setenv("PGOLF_TEST_FLAG", raw)
+        with pytest.raises(ValueError, match=r"PGOLF_TEST_FLAG = .*expected 1 \(on\) or 0 \(off\)"):
+            env_flag("PGOLF_TEST_FLAG")

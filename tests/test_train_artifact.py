@@ -93,11 +93,15 @@ def test_code_bytes_and_loud_warning(tmp_path, capsys, monkeypatch):
     code = tmp_path / "driver.py"
     code.write_bytes(b"x" * 1234)
     info = art.save_artifact(m, str(tmp_path / "m.ptz"), code_paths=[str(code)])
-    assert info["bytes_code"] == 1234 and info["bytes_total"] == info["bytes_model"] + 1234
+    # the code counts as its packed file (train.code_pack: ~2 KB of self-extracting header + the packed files)
+    packed = len(art.code_pack_bytes([str(code)]))
+    assert info["bytes_code"] == packed and info["bytes_code_files"] == 1234
+    assert info["bytes_total"] == info["bytes_model"] + packed
     assert "TOO LARGE" not in capsys.readouterr().out
     sub = art.submission_bytes(str(tmp_path / "m.ptz"), code_paths=[str(code)])
     assert sub["bytes_total"] == info["bytes_total"] and sub["ok"]
-    assert art.submission_bytes(str(tmp_path / "m.ptz"))["bytes_code"] == art.code_bytes(art.default_code_paths())
+    sub = art.submission_bytes(str(tmp_path / "m.ptz"))
+    assert sub["bytes_code"] == len(art.code_pack_bytes()) and sub["bytes_code_files"] > sub["bytes_code"]
     monkeypatch.setattr(art, "SIZE_LIMIT", 1000)
     art.save_artifact(m, str(tmp_path / "m2.ptz"), code_paths=[str(code)])
     assert "ARTIFACT TOO LARGE" in capsys.readouterr().out

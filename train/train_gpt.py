@@ -640,7 +640,7 @@ def finalize(run: Run, rec: dict) -> dict:
 
 
 def _artifact(run: Run, summary: dict, best: dict, best_name: str, step: int) -> None:
-    from .artifact import model_from_artifact, save_artifact
+    from .artifact import code_pack_bytes, model_from_artifact, save_artifact
 
     cfg, log = run.cfg, run.log
     apath = os.path.join(run.run_dir, "model.int6.ptz")
@@ -648,8 +648,14 @@ def _artifact(run: Run, summary: dict, best: dict, best_name: str, step: int) ->
         t_q = time.time()
         info = save_artifact(run.base, apath, extra_meta=dict(run_id=run.run_id, steps=step, weights=best_name,
                                                                tokenizer=run.tokenizer))
+        # the code as it ships and is counted: one self-extracting file (train.code_pack)
+        cpath = os.path.join(run.run_dir, "submission_code.py")
+        with open(cpath, "wb") as f:
+            f.write(code_pack_bytes())
+        info["code_path"] = cpath
         log(f"artifact: {apath}: model {info['bytes_model']:,} + code {info['bytes_code']:,} "
-            f"({info['code_files']} files) = {info['bytes_total']:,} bytes (limit 16,000,000; codec {info['codec']}; "
+            f"({cpath}: {info['code_files']} files, {info['bytes_code_files']:,} bytes unpacked) = "
+            f"{info['bytes_total']:,} bytes (limit 16,000,000; codec {info['codec']}; "
             f"int6 step x{info['step_mult']}; {time.time() - t_q:.1f} s)\n  artifact quantized on {info['quantize']}; "
             f"seconds {info['seconds']} over {info['packs']} zstd packs")
     else:

@@ -10,7 +10,10 @@ torch.profiler table of the top CUDA kernels per variant, so the split between G
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
     python3 -m bench.profile_ttt [--recipe seeds|records] [--batch 64] [--window W] [--chunk C] [--rank R]
-                                 [--steps 10] [--out DIR]
+                                 [--steps 10] [--new-shapes N] [--out DIR]
+
+Each variant also reports GPU time by kernel category over all its kernels (``categories_ms``: attention, gemm,
+optimizer, triton, elementwise, other); ``--new-shapes N`` adds the first-step cost of N unmet (rows, window) shapes.
 """
 from __future__ import annotations
 
@@ -85,6 +88,26 @@ def _time(step, rb, n: int):
     return statistics.median(ts)
 
 
+# kernel categories by name, first match wins (Inductor's fused kernels start "triton_" whatever they fuse; the
+# package's own Triton kernels are plain "_..._kernel" names; PyTorch's own kernels live in at::native): the top-18
+# table of the records' step covered 66.7 of its 98.1 GPU-ms, so the rest of the split was not known
+CATEGORIES = (("triton", lambda n: n.startswith("triton")),
+              ("attention", lambda n: any(k in n for k in ("sdpa", "flash", "fmha", "cudnn"))),
+              ("gemm", lambda n: any(k in n for k in ("nvjet", "gemm", "cutlass", "xmma", "cublas"))),
+              ("optimizer", lambda n: "multi_tensor_apply" in n),
+              ("elementwise", lambda n: "at::native" in n),
+              ("triton", lambda n: "::" not in n and n.endswith("_kernel")))
+
+
+def kernel_category(name: str) -> str:
+    """The category of a CUDA kernel by its name (``CATEGORIES``; "other" when none matches)."""
+    low = name.lower()
+    for cat, match in CATEGORIES:
+        if match(low):
+            return cat
+    return "other"
+
+
 def _profile(step, rb, top: int):
     from torch.profiler import ProfilerActivity, profile
 
@@ -99,7 +122,44 @@ def _profile(step, rb, top: int):
     busy = sum(e.self_device_time_total for e in ev) / 3 / 1e3
     ev.sort(key=lambda e: -e.self_device_time_total)
     rows = [(e.key[:90], e.self_device_time_total / 3 / 1e3, e.count // 3) for e in ev[:top]]
-    return wall, busy, rows
+    cats: dict = {}
+    for e in ev:
+        c = kernel_category(e.key)
+        cats[c] = cats.get(c, 0.0) + e.self_device_time_total / 3 / 1e3
+    return wall, busy, rows, {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+
+
+def _new_shapes(step, ad, cfg, dev, batch: int, window: int, n: int, top: int):
+    """What a step pays the first time it meets a (rows, window) shape, as each new CUDA-graph bucket's first step
+    does: ``n`` shapes the variant has not met (rows and window shrinking by 5 and 64 per shape), each stepped
+    twice (``first_ms``, ``second_ms``), then one more first call under torch.profiler with the top host (CPU) ops
+    by self time. Why: the records' 1/8 share warmed its 119 graphs at 0.17 s per step against 0.066 s for a
+    compiled step of the warm-up's second pass; this splits that difference (bench/results/eval-h200.md)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    out, cpu_top = [], []
+    for i in range(n + 1):
+        R, L = max(2, batch - 5 * (i + 1)), max(cfg.chunk + 64, window - 64 * (i + 1))
+        rb = _rows(L + 1, R, dataclasses.replace(cfg, window=L), dev, seed=10 + i)
+        ad.set_rows(torch.arange(R, device=dev))
+        if i == n:
+            _sync()
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                step(rb)
+                _sync()
+            ev = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+            cpu_top = [(e.key[:90], e.self_cpu_time_total / 1e3, e.count) for e in ev[:top]]
+            break
+        ms = []
+        for _ in range(2):
+            _sync()
+            t = time.perf_counter()
+            step(rb)
+            _sync()
+            ms.append((time.perf_counter() - t) * 1e3)
+        out.append({"rows": R, "window": L, "first_ms": round(ms[0], 2), "second_ms": round(ms[1], 2)})
+    ad.set_rows(torch.arange(ad.n_docs, device=dev))
+    return out, cpu_top
 
 
 def main(argv=None):
@@ -116,7 +176,12 @@ def main(argv=None):
                    help="comma list of (kernel|reference)-(eager|compile)[-tail]; -tail: TTTConfig.tail_block")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
+    p.add_argument("--new-shapes", type=int, default=0,
+                   help="after each variant, time its first and second step on this many (rows, window) shapes it has "
+                        "not met, and profile the host side of one more first step (default 0: off)")
     a = p.parse_args(argv)
+    if a.new_shapes < 0:
+        raise SystemExit(f"profile_ttt: --new-shapes: {a.new_shapes}; expected an integer >= 0")
     for v in a.variants.split(","):  # refused before the artifact is built
         parts = v.split("-")
         if len(parts) not in (2, 3) or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
@@ -158,13 +223,20 @@ def main(argv=None):
             continue
         first = time.perf_counter() - t
         ms = _time(step, rb, a.steps)
-        wall, busy, rows = _profile(step, rb, a.top)
+        wall, busy, rows, cats = _profile(step, rb, a.top)
         print(f"\n[{v}] first call {first:.1f} s; step {ms:.2f} ms (median of {a.steps}); profiled wall {wall:.2f} ms, "
-              f"GPU busy {busy:.2f} ms", flush=True)
+              f"GPU busy {busy:.2f} ms; by category (ms): {cats}", flush=True)
         for k, t_ms, c in rows:
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
-                              "top": rows}
+                              "top": rows, "categories_ms": cats}
+        if a.new_shapes:
+            shapes, cpu_top = _new_shapes(step, ad, cfg_v, dev, a.batch, a.window, a.new_shapes, a.top)
+            print(f"[{v}] new shapes (first / second step ms): "
+                  + ", ".join(f"{d['rows']}x{d['window']} {d['first_ms']}/{d['second_ms']}" for d in shapes))
+            for k, t_ms, c in cpu_top:
+                print(f"  host {t_ms:8.3f} ms  x{c:<4d} {k}")
+            out["variants"][v].update(new_shapes=shapes, new_shape_host_top=cpu_top)
         del model, ad, opt, step
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -767,3 +767,24 @@ def test_env_flag_takes_0_or_1_and_refuses_anything_else_by_name(monkeypatch):
         monkeypatch.setenv("PGOLF_TEST_FLAG", raw)
         with pytest.raises(ValueError, match=r"PGOLF_TEST_FLAG = .*expected 1 \(on\) or 0 \(off\)"):
             env_flag("PGOLF_TEST_FLAG")
+
+
+def test_profile_ttt_kernel_categories_and_refusals():
+    """bench.profile_ttt sorts every CUDA kernel of a step into a category by its name (the H200 records step's own
+    kernel names: cuDNN attention, cuBLAS nvjet GEMMs, Inductor and package Triton kernels, the foreach optimizer,
+    PyTorch's element-wise kernels), and refuses a bad --new-shapes or --variants before building anything."""
+    from bench.profile_ttt import kernel_category, main
+
+    cases = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+             "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*": "attention",
+             "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
+             "triton_poi_fused__fused_rms_norm_add_cat_mul_slice_sub_transpose": "triton",
+             "_dx_kernel": "triton",
+             "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::": "optimizer",
+             "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast": "elementwise",
+             "Memcpy DtoD (Device -> Device)": "other"}
+    assert {n: kernel_category(n) for n in cases} == cases
+    with pytest.raises(SystemExit, match="--new-shapes: -1; expected an integer >= 0"):
+        main(["--new-shapes", "-1", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--variants: 'kernel-fast'"):
+        main(["--variants", "kernel-fast", "--device", "cpu"])

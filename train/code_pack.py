@@ -1,10 +1,10 @@
 """The code a submission ships, as one self-extracting Python file: how the records count their code bytes.
 
 A record's ``train_gpt.py`` ships as ``exec(lzma.decompress(base64.b85decode("...")))`` (2026-04-29: 152,661 bytes of
-source -> 31,385 counted bytes). The drivers here are ~47 files (the import graph of ``python3 -m train`` and
+source -> 31,385 counted bytes). The drivers here are ~50 files (the import graph of ``python3 -m train`` and
 ``python3 -m train.eval``, the codec's C++ sources, and the build recipe ``setup.py`` / ``pyproject.toml``):
-~640 KB as files, ~205 KB as one packed file (tar -> xz -> base85). The model's byte budget is 16,000,000 minus
-the code, so counting the packed form leaves ~430 KB more for weights, which ``artifact.save_artifact`` otherwise
+~650 KB as files, ~210 KB as one packed file (tar -> xz -> base85). The model's byte budget is 16,000,000 minus
+the code, so counting the packed form leaves ~440 KB more for weights, which ``artifact.save_artifact`` otherwise
 spends on a coarser int6 grid.
 
 The packed file, run as ``python3 FILE [-m MODULE] [args...]``:

@@ -230,7 +230,7 @@ STOP_AT = {"2026-03-17": "quantize_state_dict_int8", "2026-03-23": "_unbank_stat
 # warm-up (WARMUP_STEPS=0), so its fullgraph, dynamic=False model meets one input shape instead of the warm-up's 8
 # (4 cu_seqlens buckets x looping off/on): cold children spent 197-400 s in that warm-up on an H200 and never reached
 # a step. The bench's shards hold 27-53 segments per 49,152-token micro-batch over the first 400 micro-batches (one
-# bucket of the record's 64; test_bench_harness checks it), and the rotary cache it would have filled costs one more
+# bucket of the record's 64; tests/test_patch.py checks it), and the rotary cache it would have filled costs one more
 # compile at the second micro-step, both before the fitted steps; each child reports the Dynamo frames compiled inside
 # the fitted steps (``frames_in_fit``), which must be 0 for the slope to be a steady step. 0: the record's own warm-up.
 TRAIN_ONE_SHAPE = env_flag("PGOLF_RECORDS_TRAIN_ONE_SHAPE", True)
@@ -320,8 +320,8 @@ class StepTimer:
         return dict(ms=float(statistics.median(xs)), min_ms=min(xs), max_ms=max(xs), calls=len(self.calls))
 
     def frames_since(self, call: int):
-        """Dynamo frames compiled from the start of call ``call`` (0-based: the training step of that index) until
-        now; None when there were not that many calls."""
+        """Dynamo frames compiled from the start of call ``call`` (0-based, counting any warm-up calls) until now;
+        None when there were not that many calls."""
         from torch._dynamo.utils import counters
 
         if call < 0:
@@ -489,7 +489,9 @@ def child_train(key: str, variant: str, data_dir: str) -> Dict[str, object]:
     muon = timer.ms(max(1, TRAIN_ITERS - TRAIN_FIT[0]))
     return dict(stopped_after_training=stopped, wall_s=time.time() - t0,
                 peak_mb=torch.cuda.max_memory_allocated() / 2**20, patch=report, muon_step_ms=muon["ms"],
-                muon_step_calls=muon["calls"], frames_in_fit=timer.frames_since(TRAIN_FIT[0]),
+                # the fitted steps are the last ones (a record's compile warm-up steps call Muon.step too)
+                muon_step_calls=muon["calls"],
+                frames_in_fit=timer.frames_since(max(0, len(timer.frames) - (TRAIN_ITERS - TRAIN_FIT[0]))),
                 settings={k: os.environ[k] for k in ("WARMUP_STEPS", "ENABLE_LOOPING_AT") if k in os.environ})
 
 

@@ -26,7 +26,7 @@ def measure() -> dict:
 
     files = art.submission_code_files()
     raw = sum(len(v) for v in files.values())
-    entries = [e for e in art.DRIVER_ENTRIES if cp._module_in(files, e)]
+    entries = [e for e in art.DRIVER_ENTRIES if cp.has_module(files, e)]
     ts = []
     for _ in range(5):
         t = time.perf_counter()

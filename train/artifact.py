@@ -15,7 +15,7 @@ submission ships. The code is every file of this repository that the training en
 and the eval entry (``python3 -m train.eval``) import, found by walking their import statements
 (``code_paths_for_entry``), plus the C++ sources of the compiled codec when it is imported and the recipe that
 builds it (``BUILD_FILES``); it ships, and is counted, as one self-extracting file (``train.code_pack``), the
-form the records ship their ``train_gpt.py`` in: ~205 KB instead of ~640 KB of files.
+form the records ship their ``train_gpt.py`` in: ~210 KB instead of ~650 KB of files.
 """
 from __future__ import annotations
 
@@ -265,8 +265,8 @@ def _default_shipped() -> List[str]:
 
 def submission_code_files(code_paths: Optional[Iterable[str]] = None) -> Dict[str, bytes]:
     """``{relative path: bytes}`` of the code a submission ships: ``default_code_paths()`` less ``GENERATED_FILES``,
-    and ``BUILD_FILES``, relative to the repository, or exactly ``code_paths`` relative to the repository (or to their common folder
-    when they lie outside it)."""
+    and ``BUILD_FILES``, relative to the repository; or exactly ``code_paths``, relative to the repository (or to
+    their common folder when they lie outside it)."""
     from .code_pack import files_of
 
     if code_paths is None:
@@ -284,9 +284,10 @@ _PACK_LOCK = threading.Lock()
 
 def code_pack_bytes(code_paths: Optional[Iterable[str]] = None) -> bytes:
     """The self-extracting file (``train.code_pack.pack``) of ``submission_code_files(code_paths)``, entries
-    ``DRIVER_ENTRIES`` (those it holds); empty for ``code_paths=[]``. Kept per process for unchanged files (sizes and modification times):
-    packing the drivers takes ~0.25 s on 2 cores and the eval asks at load."""
-    from .code_pack import pack
+    ``DRIVER_ENTRIES`` (those it holds); empty for ``code_paths=[]``. Kept per process for unchanged files (sizes
+    and modification times): packing the drivers takes ~0.21 s on 2 cores (bench/results/code-pack-cpu.md) and the
+    eval asks at load."""
+    from .code_pack import has_module, pack
 
     paths = tuple(os.path.abspath(p) for p in code_paths) if code_paths is not None else None
     if paths == ():
@@ -297,10 +298,8 @@ def code_pack_bytes(code_paths: Optional[Iterable[str]] = None) -> bytes:
     with _PACK_LOCK:
         if key not in _PACKS:
             files = submission_code_files(paths)
-            from .code_pack import _module_in
-
             _PACKS.clear()
-            _PACKS[key] = pack(files, [e for e in DRIVER_ENTRIES if _module_in(files, e)])
+            _PACKS[key] = pack(files, [e for e in DRIVER_ENTRIES if has_module(files, e)])
         return _PACKS[key]
 
 
@@ -310,6 +309,7 @@ def submission_bytes(model_path: str, code_paths: Optional[Iterable[str]] = None
     ``code_paths`` are given (``bytes_code_files``: the same files unpacked). The drivers' size checks call this,
     so both count code + model against ``SIZE_LIMIT``."""
     nb_model = os.path.getsize(model_path)
+    code_paths = list(code_paths) if code_paths is not None else None  # read twice below
     nb_code = len(code_pack_bytes(code_paths))
     raw = sum(len(v) for v in submission_code_files(code_paths).values())
     total = nb_model + nb_code
@@ -337,6 +337,7 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     """
     codec = _codec()
     limit = SIZE_LIMIT if limit is None else int(limit)
+    code_paths = list(code_paths) if code_paths is not None else None  # read twice below
     code_files = submission_code_files(code_paths)
     nb_code = len(code_pack_bytes(code_paths))
     state = {k: v.detach() for k, v in (state if state is not None else model.state_dict()).items()}

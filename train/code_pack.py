@@ -80,7 +80,8 @@ if __name__=="__main__":
 _PAYLOAD_RE = re.compile(rb'^D=b"([^"\n]*)"$', re.M)
 
 
-def _module_in(names: Iterable[str], module: str) -> bool:
+def has_module(names: Iterable[str], module: str) -> bool:
+    """Whether module ``module`` (``a.b``) is one of the packed file ``names`` (``a/b.py`` or ``a/b/__init__.py``)."""
     base = "/".join(module.split("."))
     names = set(names)
     return base + ".py" in names or base + "/__init__.py" in names
@@ -112,7 +113,7 @@ def pack(files: Dict[str, bytes], entries: Sequence[str] = ()) -> bytes:
     if not files:
         raise ValueError("code_pack.pack: files: expected at least one file")
     entries = tuple(entries)
-    bad = [e for e in entries if not isinstance(e, str) or not _module_in(files, e)]
+    bad = [e for e in entries if not isinstance(e, str) or not has_module(files, e)]
     if bad:
         raise ValueError(f"code_pack.pack: entries {bad}: not modules of the packed files")
     buf = io.BytesIO()

@@ -58,8 +58,18 @@ def test_code_paths_given_are_packed_alone_and_empty_means_no_code(tmp_path):
 def test_pack_refuses_bad_input_by_name(tmp_path):
     """No files, an entry that is not a packed module, a path outside the root, a missing file, a file that is not a
     pack and a damaged payload: each refused with one line naming it."""
-    with pytest.raises(ValueError, match="files: expected at least one file"):
+    with pytest.raises(ValueError, match=r"files: expected a non-empty dict .*\(empty\)"):
         cp.pack({})
+    with pytest.raises(ValueError, match=r"files: \['/abs.py'\]: expected relative paths"):
+        cp.pack({"/abs.py": b""})
+    with pytest.raises(ValueError, match=r"files: \['\.\./up.py'\]: expected relative paths"):
+        cp.pack({"../up.py": b""})
+    with pytest.raises(ValueError, match=r"files: \['a.py'\]: expected relative paths"):
+        cp.pack({"a.py": "text, not bytes"})
+    with pytest.raises(TypeError, match="paths: expected a list of file paths, got one path"):
+        cp.files_of(str(tmp_path / "a.py"), str(tmp_path))
+    with pytest.raises(TypeError, match="code_paths: expected a list of file paths"):
+        art.code_pack_bytes(str(tmp_path / "a.py"))
     with pytest.raises(ValueError, match=r"entries \['pkg.nope'\]: not modules"):
         cp.pack({"pkg/__init__.py": b""}, ["pkg.nope"])
     f = tmp_path / "a.py"

@@ -278,29 +278,45 @@ def submission_code_files(code_paths: Optional[Iterable[str]] = None) -> Dict[st
     return files_of(paths, _ROOT if inside else os.path.commonpath([os.path.dirname(p) for p in paths]))
 
 
-_PACKS: Dict[Tuple, bytes] = {}
+_PACKS: Dict[Tuple, Tuple[bytes, int, int]] = {}
 _PACK_LOCK = threading.Lock()
 
 
-def code_pack_bytes(code_paths: Optional[Iterable[str]] = None) -> bytes:
-    """The self-extracting file (``train.code_pack.pack``) of ``submission_code_files(code_paths)``, entries
-    ``DRIVER_ENTRIES`` (those it holds); empty for ``code_paths=[]``. Kept per process for unchanged files (sizes
-    and modification times): packing the drivers takes ~0.21 s on 2 cores (bench/results/code-pack-cpu.md) and the
-    eval asks at load."""
+def _packed(code_paths: Optional[Iterable[str]]) -> Tuple[bytes, int, int]:
+    """(the packed file, number of files, their unpacked bytes) of ``submission_code_files(code_paths)``, kept per
+    process for unchanged files (sizes and modification times): packing the drivers takes ~0.21 s on 2 cores
+    (bench/results/code-pack-cpu.md) and the eval asks at load."""
     from .code_pack import has_module, pack
 
+    if isinstance(code_paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"code_paths: expected a list of file paths (or None for the drivers' code), got one path "
+                        f"{code_paths!r}")
     paths = tuple(os.path.abspath(p) for p in code_paths) if code_paths is not None else None
     if paths == ():
-        return b""  # no code: nothing to pack
-    listed = paths if paths is not None else tuple(_default_shipped())
-    key = (paths is None,) + tuple((p,) + ((os.stat(p).st_size, os.stat(p).st_mtime_ns) if os.path.isfile(p) else ())
-                                   for p in listed)
+        return b"", 0, 0  # no code: nothing to pack
+
+    def stamp(p):
+        try:
+            st = os.stat(p)
+            return (p, st.st_size, st.st_mtime_ns)
+        except OSError:
+            return (p,)  # files_of below refuses it by name
+
+    key = (paths is None,) + tuple(stamp(p) for p in (paths if paths is not None else _default_shipped()))
     with _PACK_LOCK:
         if key not in _PACKS:
             files = submission_code_files(paths)
             _PACKS.clear()
-            _PACKS[key] = pack(files, [e for e in DRIVER_ENTRIES if has_module(files, e)])
+            _PACKS[key] = (pack(files, [e for e in DRIVER_ENTRIES if has_module(files, e)]), len(files),
+                           sum(len(v) for v in files.values()))
         return _PACKS[key]
+
+
+def code_pack_bytes(code_paths: Optional[Iterable[str]] = None) -> bytes:
+    """The self-extracting file (``train.code_pack.pack``) of ``submission_code_files(code_paths)``, entries
+    ``DRIVER_ENTRIES`` (those it holds); empty for ``code_paths=[]``. This is the code a submission ships and what
+    its byte count charges."""
+    return _packed(code_paths)[0]
 
 
 def submission_bytes(model_path: str, code_paths: Optional[Iterable[str]] = None) -> dict:
@@ -309,12 +325,10 @@ def submission_bytes(model_path: str, code_paths: Optional[Iterable[str]] = None
     ``code_paths`` are given (``bytes_code_files``: the same files unpacked). The drivers' size checks call this,
     so both count code + model against ``SIZE_LIMIT``."""
     nb_model = os.path.getsize(model_path)
-    code_paths = list(code_paths) if code_paths is not None else None  # read twice below
-    nb_code = len(code_pack_bytes(code_paths))
-    raw = sum(len(v) for v in submission_code_files(code_paths).values())
-    total = nb_model + nb_code
-    return dict(bytes_model=nb_model, bytes_code=nb_code, bytes_code_files=raw, bytes_total=total, limit=SIZE_LIMIT,
-                ok=total <= SIZE_LIMIT)
+    data, _, raw = _packed(code_paths)
+    total = nb_model + len(data)
+    return dict(bytes_model=nb_model, bytes_code=len(data), bytes_code_files=raw, bytes_total=total,
+                limit=SIZE_LIMIT, ok=total <= SIZE_LIMIT)
 
 
 def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = None,
@@ -337,9 +351,8 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     """
     codec = _codec()
     limit = SIZE_LIMIT if limit is None else int(limit)
-    code_paths = list(code_paths) if code_paths is not None else None  # read twice below
-    code_files = submission_code_files(code_paths)
-    nb_code = len(code_pack_bytes(code_paths))
+    code, n_code_files, raw_code = _packed(code_paths)
+    nb_code = len(code)
     state = {k: v.detach() for k, v in (state if state is not None else model.state_dict()).items()}
     device, where = quantize_device(state)
     meta = {"format": ARTIFACT_FORMAT, "config": model.config.to_dict(), "codec": CODEC_NAME,
@@ -391,7 +404,7 @@ def save_artifact(model: GPT, path: str, code_paths: Optional[Iterable[str]] = N
     with open(path, "wb") as f:
         f.write(blob)
     info = dict(bytes_model=len(blob), bytes_code=nb_code, bytes_total=len(blob) + nb_code, codec=CODEC_NAME,
-                code_files=len(code_files), bytes_code_files=sum(len(v) for v in code_files.values()),
+                code_files=n_code_files, bytes_code_files=raw_code,
                 step_mult=round(mult, 4), quantize=where,
                 seconds={k: round(v, 3) for k, v in secs.items()}, packs=packs)
     if warn and info["bytes_total"] > limit:

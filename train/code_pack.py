@@ -90,6 +90,8 @@ def has_module(names: Iterable[str], module: str) -> bool:
 def files_of(paths: Sequence[str], root: str) -> Dict[str, bytes]:
     """``{path relative to root (/-separated): bytes}`` of ``paths``; a path outside ``root``, a missing file or
     no path at all refused by name."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"code_pack: paths: expected a list of file paths, got one path {paths!r}")
     root = os.path.abspath(root)
     if not paths:
         raise ValueError("code_pack: paths: expected at least one file")
@@ -110,8 +112,13 @@ def pack(files: Dict[str, bytes], entries: Sequence[str] = ()) -> bytes:
     """The self-extracting Python file of ``files`` (``{relative path: bytes}``, e.g. from ``files_of``); running it
     with no ``-m`` runs ``entries[0]``. Every entry must be a module of ``files`` (``a.b`` -> ``a/b.py`` or
     ``a/b/__init__.py``), refused by name otherwise."""
-    if not files:
-        raise ValueError("code_pack.pack: files: expected at least one file")
+    if not isinstance(files, dict) or not files:
+        raise ValueError(f"code_pack.pack: files: expected a non-empty dict of relative path -> bytes, got "
+                         f"{type(files).__name__}{' (empty)' if isinstance(files, dict) else ''}")
+    bad = [n for n, v in files.items() if not isinstance(n, str) or not isinstance(v, (bytes, bytearray))
+           or os.path.isabs(n) or n.split("/")[0] == ".."]
+    if bad:
+        raise ValueError(f"code_pack.pack: files: {bad[:3]}: expected relative paths (str) inside the tree -> bytes")
     entries = tuple(entries)
     bad = [e for e in entries if not isinstance(e, str) or not has_module(files, e)]
     if bad:

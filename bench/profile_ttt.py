@@ -59,10 +59,10 @@ def _rows(stream_len_doc: int, n_docs: int, cfg, device, seed=0):
     return build_rows(stream, np.stack([s, a, b], 1), cfg.window, 64)
 
 
-def _step_fn(model, ad, opt, compiled: bool):
+def _step_fn(model, ad, opt, compiled: bool, mode=None):
     from train.forward import compile_rows_nll, rows_nll
 
-    compile_rows_nll(model, compiled)  # the eval driver's --compile (regional: blocks + head)
+    compile_rows_nll(model, compiled, mode=mode)  # the eval driver's --compile (regional: blocks + head)
     ad.set_rows(torch.arange(ad.n_docs, device=ad.params[0].device))
 
     def step(rb):
@@ -129,6 +129,75 @@ def _profile(step, rb, top: int):
     return wall, busy, rows, {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
 
 
+# H200 SXM data-sheet peaks (dense bf16 tensor-core FLOP/s, HBM3e bytes/s): a lower bound on time, not a rate any
+# kernel here reaches (cuBLAS bf16 at K = 512, M >= 65,536: 519-784 TFLOP/s, int6-h200.md; cuDNN attention of the
+# records' step: ~400 forward / ~375 backward, step-work-cpu.md)
+PEAK_FLOPS = 989e12
+PEAK_BYTES = 4.8e12
+# bytes of memory traffic per adapter parameter in one optimizer step, fp32 state: Adam / AdamW read the parameter,
+# its gradient and two moments (16) and write the parameter and the moments (12)
+OPT_BYTES_PER_PARAM = 28
+
+
+def _attention_flops(q_shape, k_shape, causal: bool, grad: bool) -> tuple:
+    """(forward, backward) FLOPs of one attention call: 2 matmuls of B*Hq*Sq*Sk*D MACs forward (QK^T and PV), half of
+    the score matrix when causal with Sq = Sk (the kernels skip the masked tiles; the diagonal's half tile is
+    counted), and 5 backward (S recomputed, dV, dP, dQ, dK: 2.5x the forward), as FlashAttention counts them."""
+    B, H, Sq, D = q_shape
+    Sk = k_shape[-2]
+    frac = (Sk + 1) / (2 * Sk) if causal and Sq == Sk else 1.0
+    fwd = 4.0 * B * H * Sq * Sk * D * frac
+    return fwd, 2.5 * fwd if grad else 0.0
+
+
+def step_work(step, rb) -> dict:
+    """The work of one call of ``step(rb)``, counted while it runs eagerly: GEMM FLOPs (``aten.mm`` / ``addmm`` /
+    ``bmm`` / ``baddbmm``, by ``torch.utils.flop_counter``, forward and backward), attention FLOPs (every
+    ``F.scaled_dot_product_attention`` call, ``_attention_flops``: causal-aware, which the flop counter is not) and
+    the calls' shapes. Custom ops (the package's Triton kernels) are not seen by the counter: count the reference
+    path's step, the same math, and divide it by each variant's time for its achieved rate."""
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def counting(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
+        grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+        calls.append((tuple(q.shape), tuple(k.shape), bool(is_causal), attn_mask is not None, grad))
+        return sdpa(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
+
+    F.scaled_dot_product_attention = counting
+    try:
+        with FlopCounterMode(display=False) as fc:
+            step(rb)
+    finally:
+        F.scaled_dot_product_attention = sdpa
+    gemm = {str(op).split(".")[-1]: n for op, n in fc.get_flop_counts()["Global"].items()
+            if "attention" not in str(op) and "flash" not in str(op)}
+    fwd = bwd = 0.0
+    for q, k, causal, masked, grad in calls:
+        f, b = _attention_flops(q, k, causal and not masked, grad)
+        fwd, bwd = fwd + f, bwd + b
+    return {"gemm_flop": float(sum(gemm.values())), "gemm_by_op": {k: float(v) for k, v in gemm.items()},
+            "attention_fwd_flop": fwd, "attention_bwd_flop": bwd,
+            "attention_calls": [dict(q=list(q), k=list(k), causal=c, masked=m) for q, k, c, m, _ in calls[:2]]
+            + ([{"more_calls": len(calls) - 2}] if len(calls) > 2 else [])}
+
+
+def work_floor(work: dict, adapter_params: int, *, scale: float = 1.0) -> dict:
+    """Lower bounds on one step's time (ms) from its counted work (``step_work``), ``scale``d (rows counted on a
+    smaller batch: the work is linear in rows), at the data-sheet peaks: GEMMs and attention at ``PEAK_FLOPS``,
+    the optimizer's ``OPT_BYTES_PER_PARAM`` per adapter parameter at ``PEAK_BYTES``. Element-wise passes (norms,
+    rotary, activations, residuals) are not bounded here: fused into the GEMMs they cost no extra traffic."""
+    g, a = work["gemm_flop"] * scale, (work["attention_fwd_flop"] + work["attention_bwd_flop"]) * scale
+    opt_bytes = OPT_BYTES_PER_PARAM * adapter_params
+    ms = {"gemm": g / PEAK_FLOPS * 1e3, "attention": a / PEAK_FLOPS * 1e3, "optimizer": opt_bytes / PEAK_BYTES * 1e3}
+    return {"gemm_tflop": round(g / 1e12, 3), "attention_tflop": round(a / 1e12, 3),
+            "optimizer_gb": round(opt_bytes / 1e9, 3), "adapter_params": int(adapter_params),
+            "floor_ms_at_peak": {k: round(v, 2) for k, v in ms.items()}, "floor_ms_total": round(sum(ms.values()), 2)}
+
+
 def _new_shapes(step, ad, cfg, dev, batch: int, window: int, n: int, top: int):
     """What a step pays the first time it meets a (rows, window) shape, as each new CUDA-graph bucket's first step
     does: ``n`` shapes the variant has not met (rows and window shrinking by 5 and 64 per shape), each stepped
@@ -173,21 +242,32 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
-                   help="comma list of (kernel|reference)-(eager|compile)[-tail]; -tail: TTTConfig.tail_block")
+                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-autotune]; -tail: "
+                        "TTTConfig.tail_block; -autotune: torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
     p.add_argument("--new-shapes", type=int, default=0,
                    help="after each variant, time its first and second step on this many (rows, window) shapes it has "
                         "not met, and profile the host side of one more first step (default 0: off)")
+    p.add_argument("--work-rows", type=int, default=0,
+                   help="count the step's work (GEMM and attention FLOPs, the optimizer's bytes) on this many rows of "
+                        "the reference path's eager step, scaled to --batch, with its floor at the data-sheet peaks "
+                        "and each variant's achieved rate (default 0: off)")
+    p.add_argument("--work-only", action="store_true", help="count the work (--work-rows, default --batch) and stop: "
+                   "no variant is timed (runs on a CPU: the counts do not depend on the device)")
     a = p.parse_args(argv)
     if a.new_shapes < 0:
         raise SystemExit(f"profile_ttt: --new-shapes: {a.new_shapes}; expected an integer >= 0")
+    if a.work_rows < 0:
+        raise SystemExit(f"profile_ttt: --work-rows: {a.work_rows}; expected an integer >= 0")
     for v in a.variants.split(","):  # refused before the artifact is built
         parts = v.split("-")
-        if len(parts) not in (2, 3) or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
-                or parts[2:] not in ([], ["tail"]):
-            raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]")
-    if a.device == "cuda" and not torch.cuda.is_available():
+        if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
+                or parts[2:] not in ([], ["tail"], ["autotune"], ["tail", "autotune"]) \
+                or (parts[1] == "eager" and "autotune" in parts):
+            raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
+                             f"[-autotune] (-autotune with compile only)")
+    if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
     from train.ttt_config import recipe
@@ -198,6 +278,11 @@ def main(argv=None):
     over.setdefault("batch_size", 64)
     cfg = recipe(a.recipe, **over)
     a.batch, a.window, a.chunk, a.rank = cfg.batch_size, cfg.window, cfg.chunk, cfg.rank
+    if a.work_only:
+        a.work_rows = a.work_rows or a.batch
+        dev = a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu"
+    if a.work_rows > a.batch:
+        raise SystemExit(f"profile_ttt: --work-rows: {a.work_rows}; expected at most --batch ({a.batch})")
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "model.ptz")
     build_artifact(path, None, train_steps=0, device=dev)
@@ -205,13 +290,21 @@ def main(argv=None):
     out = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
            "recipe": a.recipe, "batch": a.batch, "window": a.window, "chunk": a.chunk, "rank": a.rank,
            "targets": list(cfg.targets), "optimizer": cfg.optimizer, "variants": {}}
+    if a.work_rows:
+        out["work"] = {}
+        for tail in sorted({"tail" in v.split("-")[2:] for v in a.variants.split(",")}):
+            out["work"]["tail" if tail else "full"] = _count_work(path, cfg, tail, a.work_rows, dev)
+        if a.work_only:
+            _save(out, a.out)
+            return out
     for v in a.variants.split(","):
         parts = v.split("-")
         path_kind, mode = parts[:2]
         # -tail: TTTConfig.tail_block (the last block at the scored chunk only)
-        cfg_v = dataclasses.replace(cfg, tail_block=parts[2:] == ["tail"])
+        cfg_v = dataclasses.replace(cfg, tail_block="tail" in parts[2:])
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev)
-        step = _step_fn(model, ad, opt, mode == "compile")
+        step = _step_fn(model, ad, opt, mode == "compile",
+                        mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
         t = time.perf_counter()
         try:
             step(rb)
@@ -230,6 +323,17 @@ def main(argv=None):
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
                               "top": rows, "categories_ms": cats}
+        work = out.get("work", {}).get("tail" if "tail" in parts[2:] else "full")
+        if work:  # the reference step's work over this variant's time: comparable across variants
+            fl = work["floor"]
+            rate = {"step_tflop_per_s": round((fl["gemm_tflop"] + fl["attention_tflop"]) / ms * 1e3, 1)}
+            if cats.get("attention"):
+                rate["attention_tflop_per_s"] = round(fl["attention_tflop"] / cats["attention"] * 1e3, 1)
+            if cats.get("gemm") and mode == "compile" and path_kind == "reference" and "autotune" not in parts:
+                # its GEMMs are all cuBLAS (the kernel path's and an autotuned one's are partly Triton)
+                rate["gemm_tflop_per_s"] = round(fl["gemm_tflop"] / cats["gemm"] * 1e3, 1)
+            out["variants"][v]["achieved"] = rate
+            print(f"[{v}] achieved on the reference step's work: {rate}", flush=True)
         if a.new_shapes:
             shapes, cpu_top = _new_shapes(step, ad, cfg_v, dev, a.batch, a.window, a.new_shapes, a.top)
             print(f"[{v}] new shapes (first / second step ms): "
@@ -240,11 +344,33 @@ def main(argv=None):
         del model, ad, opt, step
         if dev == "cuda":
             torch.cuda.empty_cache()
-    if a.out:
-        os.makedirs(a.out, exist_ok=True)
-        with open(os.path.join(a.out, "profile_ttt.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    _save(out, a.out)
     return out
+
+
+def _save(out: dict, where) -> None:
+    if where:
+        os.makedirs(where, exist_ok=True)
+        with open(os.path.join(where, "profile_ttt.json"), "w") as f:
+            json.dump(out, f, indent=1)
+
+
+def _count_work(path: str, cfg, tail: bool, rows: int, dev) -> dict:
+    """``step_work`` of the reference path's eager step on ``rows`` of the batch's rows (the step's work is linear in
+    rows), with ``work_floor`` scaled to the whole batch."""
+    cfg_w = dataclasses.replace(cfg, tail_block=tail, batch_size=rows)
+    model, ad, opt = _setup(True, path, cfg_w, dev)
+    step = _step_fn(model, ad, opt, False)
+    t = time.perf_counter()
+    work = step_work(step, _rows(cfg.window + 1, rows, cfg_w, dev))
+    n_params = sum(p.numel() for p in ad.params) * cfg.batch_size // rows
+    floor = work_floor(work, n_params, scale=cfg.batch_size / rows)
+    print(f"[work{' tail' if tail else ''}] {cfg.batch_size} rows x {cfg.window} (counted on {rows} rows in "
+          f"{time.perf_counter() - t:.1f} s): GEMM {floor['gemm_tflop']} TFLOP, attention {floor['attention_tflop']} "
+          f"TFLOP, optimizer {floor['optimizer_gb']} GB; at the data-sheet peaks >= {floor['floor_ms_total']} ms "
+          f"{floor['floor_ms_at_peak']}", flush=True)
+    del model, ad, opt, step
+    return dict(work, rows_counted=rows, floor=floor)
 
 
 if __name__ == "__main__":

@@ -788,3 +788,61 @@ def test_profile_ttt_kernel_categories_and_refusals():
         main(["--new-shapes", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--variants: 'kernel-fast'"):
         main(["--variants", "kernel-fast", "--device", "cpu"])
+
+
+def test_profile_ttt_step_work_counts_gemms_and_causal_attention():
+    """bench.profile_ttt.step_work counts a step's GEMM FLOPs (forward, dX, dW) and its attention FLOPs as the
+    FlashAttention convention does (causal: about half the score matrix; backward 2.5x the forward), and
+    work_floor turns them into times at the data-sheet peaks; checked on a step whose work is known in closed form."""
+    import torch.nn.functional as F
+
+    from bench.profile_ttt import OPT_BYTES_PER_PARAM, PEAK_BYTES, PEAK_FLOPS, step_work, work_floor
+
+    g = torch.Generator().manual_seed(0)
+    B, H, Hkv, S, D, M, K, N = 2, 4, 2, 16, 8, 32, 24, 40
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(K, N, generator=g, requires_grad=True)
+    q = torch.randn(B, H, S, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
+
+    def step(_):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        z = F.scaled_dot_product_attention(q[:, :, -3:], k, v, attn_mask=torch.ones(3, S, dtype=torch.bool),
+                                           enable_gqa=True)
+        ((x @ w).square().sum() + y.sum() + z.sum()).backward()
+
+    work = step_work(step, None)
+    assert work["gemm_flop"] == 2 * 2 * M * K * N  # forward and dW (x needs no gradient)
+    causal = 4.0 * B * H * S * S * D * (S + 1) / (2 * S)
+    masked = 4.0 * B * H * 3 * S * D
+    assert work["attention_fwd_flop"] == pytest.approx(causal + masked)
+    assert work["attention_bwd_flop"] == pytest.approx(2.5 * (causal + masked))
+    assert F.scaled_dot_product_attention.__name__ == "scaled_dot_product_attention"  # restored
+    fl = work_floor(work, 1000, scale=4.0)
+    assert fl["gemm_tflop"] == round(4 * work["gemm_flop"] / 1e12, 3)
+    assert fl["floor_ms_at_peak"]["optimizer"] == round(OPT_BYTES_PER_PARAM * 1000 / PEAK_BYTES * 1e3, 2)
+    want = (4 * (work["gemm_flop"] + 3.5 * (causal + masked)) / PEAK_FLOPS + OPT_BYTES_PER_PARAM * 1000 / PEAK_BYTES)
+    assert fl["floor_ms_total"] == pytest.approx(want * 1e3, abs=0.02)
+
+
+def test_profile_ttt_work_only_on_cpu(tmp_path):
+    """--work-only counts the reference step's work on a CPU (the counts do not depend on the device), scales the
+    rows counted to the batch, and refuses a bad --work-rows or an -autotune variant without compile by name."""
+    from bench.profile_ttt import main
+
+    with pytest.raises(SystemExit, match="--work-rows: -1; expected an integer >= 0"):
+        main(["--work-rows", "-1", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--variants: 'reference-eager-autotune'"):
+        main(["--variants", "reference-eager-autotune", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--work-rows: 9; expected at most --batch"):
+        main(["--work-only", "--work-rows", "9", "--batch", "4", "--window", "96", "--chunk", "32", "--device", "cpu"])
+    common = ["--work-only", "--batch", "4", "--window", "96", "--chunk", "32", "--rank", "4", "--device", "cpu",
+              "--variants", "reference-compile"]
+    one = main(common + ["--work-rows", "1"])["work"]["full"]
+    four = main(common + ["--out", str(tmp_path)])["work"]["full"]
+    assert (tmp_path / "profile_ttt.json").exists() and one["rows_counted"] == 1 and four["rows_counted"] == 4
+    # work is linear in rows: one row scaled to four equals four rows counted
+    assert one["floor"] == four["floor"]
+    assert four["floor"]["gemm_tflop"] > 0 and four["attention_fwd_flop"] > 0
+

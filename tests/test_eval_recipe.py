@@ -513,3 +513,21 @@ def test_warmup_ttt_steps_runs_the_evals_warmup_batch(monkeypatch):
     assert seen == dict(ns=[48] * 3, batch=[0, 1, 2], rows=3), seen
     wu.warmup_ttt_steps(m, lut, cfg, "bmm", "cpu", n_docs=5, doc_len=20)  # more documents than rows: one batch
     assert seen == dict(ns=[20] * 5, batch=[0, 1, 2], rows=3), seen
+
+
+def test_compile_rows_nll_mode_is_passed_and_refused_by_name(monkeypatch):
+    """compile_rows_nll(mode=...) hands its mode to torch.compile; a mode with Inductor's own CUDA graphs, or a mode
+    with a precompiled folder, is refused by name before anything compiles."""
+    import train.forward as fw
+
+    m = tiny_model(seed=1)
+    seen = []
+    monkeypatch.setattr(fw.torch, "compile", lambda f, **kw: seen.append(kw) or f)
+    fw.compile_rows_nll(m, mode="max-autotune-no-cudagraphs")
+    assert seen and all(kw == {"dynamic": True, "mode": "max-autotune-no-cudagraphs"} for kw in seen)
+    fw.compile_rows_nll(m, enable=False)
+    for bad in ("max-autotune", "reduce-overhead", "fast"):
+        with pytest.raises(ValueError, match=f"mode = '{bad}': expected one of"):
+            fw.compile_rows_nll(m, mode=bad)
+    with pytest.raises(ValueError, match="mode= and precompiled= do not go together"):
+        fw.compile_rows_nll(m, mode="default", precompiled="x")

@@ -78,7 +78,8 @@ def is_compiled(model) -> bool:
     return "_pgolf_rows_nll" in model.__dict__
 
 
-def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = None, only=None) -> dict:
+def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = None, only=None,
+                     mode: Optional[str] = None) -> dict:
     """Regional torch.compile for every later ``rows_nll`` on ``model`` (scoring and TTT steps, both
     backends): each transformer ``Block`` and the head/NLL are compiled; embedding, skips and the
     final norm stay eager (a handful of ops). ``enable=False`` undoes it.
@@ -99,6 +100,11 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
     Returns the ``Precompiled`` objects by name (their ``stats``), or {} without a folder.
     ``only``: names of the functions to compile (of ``COMPILED_FUNCTIONS``); the others run eagerly. The eval's
     ``--parallel-compile`` children each compile one of them, filling the compile caches in parallel.
+    ``mode``: torch.compile's mode (``COMPILE_MODES``; None: its default). ``max-autotune-no-cudagraphs`` lets
+    Inductor time Triton GEMM templates against cuBLAS and fuse the element-wise work that follows a GEMM into the
+    template chosen (a profiling experiment, ``bench.profile_ttt``'s ``-autotune`` variants: at d = 512 the step's
+    element-wise passes move more bytes per position than its GEMMs take time). Modes with CUDA graphs of Inductor's
+    own are refused: the eval captures its steps itself (``train.graphs``).
     """
     if not (hasattr(model, "hidden") and hasattr(model, "blocks") and len(model.blocks) > 0):
         raise TypeError(f"compile_rows_nll: model must be a train.model.GPT (with .hidden and .blocks), "
@@ -124,15 +130,22 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
             raise ValueError(f"compile_rows_nll: only = {sorted(only)!r}: expected a non-empty subset of {sorted(fns)}")
     if only is not None and precompiled is not None:
         raise ValueError("compile_rows_nll: only= and precompiled= do not go together (a folder holds all functions)")
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"compile_rows_nll: mode = {mode!r}: expected one of {COMPILE_MODES} (modes with Inductor's "
+                         f"own CUDA graphs are not: the eval captures its steps itself)")
+    if mode is not None and precompiled is not None:
+        raise ValueError("compile_rows_nll: mode= and precompiled= do not go together (a precompiled folder holds "
+                         "default-mode functions)")
+    opts = dict(dynamic=True, **({"mode": mode} if mode else {}))
     if only is not None:
-        made = {n: (torch.compile(f, dynamic=True) if n in only else f) for n, f in fns.items()}
+        made = {n: (torch.compile(f, **opts) if n in only else f) for n, f in fns.items()}
     elif precompiled is not None:
         from .precompiled import Precompiled, fingerprint
 
         dev = next(model.parameters()).device
         made = {n: Precompiled(f, precompiled, n, fingerprint(n, model, dev)) for n, f in fns.items()}
     else:
-        made = {n: torch.compile(f, dynamic=True) for n, f in fns.items()}
+        made = {n: torch.compile(f, **opts) for n, f in fns.items()}
     plain, adapted, head_plain, head_adapted, tail = (made[n] for n in fns)
 
     def block_forward(self, x, x0, adapter=None, rope=None, keep=None):
@@ -163,6 +176,10 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
 
     model.__dict__["_pgolf_rows_nll"] = fwd
     return made if precompiled is not None else {}
+
+
+# torch.compile modes compile_rows_nll takes (None: torch's default)
+COMPILE_MODES = (None, "default", "max-autotune-no-cudagraphs")
 
 
 def _block_plain(block, x, x0, rope):

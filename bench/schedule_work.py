@@ -30,17 +30,18 @@ def _count(steps, r_buckets, l_buckets, window) -> Dict[str, float]:
     from train.graphs import bucket_of, window_spans
 
     n = real = bucketed = small = 0
-    keys = set()
-    for live, b in steps:
+    keys, graphs = set(), set()
+    for live, b, trains in steps:
         spans = window_spans(b, window)
         R, L = bucket_of(r_buckets, l_buckets, live, int(spans.max()))
         keys.add((R, L))
+        graphs.add((R, L, bool(trains)))
         n += 1
         real += int(spans.sum())
         bucketed += R * L
         small += live <= 8
     return dict(steps=n, real_positions=real, bucketed_positions=bucketed, fill=round(real / max(bucketed, 1), 4),
-                steps_8_rows_or_fewer=small, buckets=len(keys))
+                steps_8_rows_or_fewer=small, buckets=len(keys), graphs=len(graphs))
 
 
 def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
@@ -74,14 +75,14 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
     def batch_sched():
         for batches in shared:
             for docs in batches:
-                for live, _a, b, _t in batch_steps(ns[docs], chunk):
-                    yield live.size, b
+                for live, _a, b, t in batch_steps(ns[docs], chunk):
+                    yield live.size, b, t.any()
 
     def rolling_sched():
         for batches in shared:  # each phase's queue drains before the next one starts
             it = iter(batches)
-            for _s, _n, live, _d, _a, b, _t in rolling_steps(ns, chunk, batch, lambda: next(it, None)):
-                yield live.size, b
+            for _s, _n, live, _d, _a, b, t in rolling_steps(ns, chunk, batch, lambda: next(it, None)):
+                yield live.size, b, t.any()
 
     docs = int(sum(len(b) for batches in shared for b in batches))
     return [dict(recipe=recipe, window=window, chunk=chunk, share=f"{k}/{n}", docs=docs, schedule=name,
@@ -109,16 +110,17 @@ def main() -> None:
                 "fill = real / bucketed window positions.\n\n"
                 "phases: the eval's phase groups (the recipe's 3 phases over its 2,000 longest documents, then the "
                 "rest), each cut into its own batches and drained before the next. window step: the CUDA graphs' "
-                "window buckets (`--graph-window-step`); buckets: distinct (rows, window) buckets the steps use "
-                "(each is captured twice, with and without training).\n\n"
+                "window buckets (`--graph-window-step`); buckets: distinct (rows, window) buckets the steps use; "
+                "graphs: distinct (bucket, kind) pairs, kind = a step that trains or a score-only one (every live "
+                "row at its last chunk), what the eval plans and captures for this share.\n\n"
                 "| recipe | share | docs | phases | schedule | window step | steps | real positions | "
-                "bucketed positions | fill | steps with <= 8 rows | buckets |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "bucketed positions | fill | steps with <= 8 rows | buckets | graphs |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['recipe']} (window {r['window']}, chunk {r['chunk']}) | {r['share']} | {r['docs']:,} | "
                     f"{r['phases']} | {r['schedule']} | {r['l_step']} | {r['steps']:,} | {r['real_positions']:,} | "
                     f"{r['bucketed_positions']:,} | {r['fill']:.3f} | {r['steps_8_rows_or_fewer']:,} | "
-                    f"{r['buckets']} |\n")
+                    f"{r['buckets']} | {r['graphs']} |\n")
     for r in rows:
         print(r)
     print(f"-> {out}.md")

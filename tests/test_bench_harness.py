@@ -339,6 +339,8 @@ def test_schedule_work_counts_what_the_eval_ran():
     # (bench/results/eval-h200.md); a finer window step pads less over the same steps
     ph = {(r["schedule"], r["l_step"]): r for step in (None, 48) for r in work("records", (0, 8), phased=True, l_step=step)}
     assert ph["rolling", 256]["steps"] == 4669 and round(ph["rolling", 256]["fill"], 3) == 0.878
+    # and the graphs it planned for its claim order: 75 of 160 (bench/results/eval-h200.md)
+    assert ph["rolling", 256]["graphs"] == 75
     assert ph["batch", 48]["steps"] == ph["batch", 256]["steps"]
     assert ph["batch", 48]["bucketed_positions"] < ph["batch", 256]["bucketed_positions"]
     assert ph["batch", 48]["real_positions"] == ph["rolling", 256]["real_positions"]

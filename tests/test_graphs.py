@@ -334,6 +334,31 @@ def test_eval_rolling_captures_only_the_planned_graphs(share):
     assert len(first) == 1 and "after process start" in first[0], first
 
 
+@pytest.mark.parametrize("phases", [0, 2])
+def test_eval_batch_share_plans_only_its_own_batches(phases):
+    """evaluate() with the batch schedule on a static share in one process plans the graphs of the share's own
+    batches: every planned (bucket, kind) is used (none prepared for the other shares' batches, which the records'
+    1/8 share did: 119 planned, 64 used), no step runs outside the plan, same BPB as without graphs."""
+    import dataclasses
+
+    from train.eval import evaluate
+
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    cfg = dataclasses.replace(RECORDS_LIKE, batch_size=2, phases=phases, phase_docs=4, global_seq_len=64,
+                              global_batch_seqs=2, global_chunk_tokens=128)
+    for share in ((0, 2), (1, 2)):
+        ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=cfg, backend="bmm", share=share)
+        rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
+                       backend="bmm", share=share)
+        cg = rep["cuda_graphs"]
+        assert cg["graph_steps"] == rep["steps"] > 0 and cg["unplanned_steps"] == 0
+        assert cg["graphs_planned"] == cg["buckets_used"], (share, cg)
+        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+        assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
 def test_batch_steps_refuse_bad_arguments():
     from train.rows import batch_steps
 

@@ -285,14 +285,17 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     bs = cfg.batch_size
     group_batches = [[g[i:i + bs] for i in range(0, len(g), bs)] for g in groups]
     if mode == "ttt" and cfg.cuda_graphs:
-        # the batch schedule's step shapes follow from the batches; the rolling one's from the order its batches are
-        # claimed, known in advance in a single process (all batches, or its static share); with several ranks
-        # claiming from a shared counter every bucket is captured
-        batches_ns = [ns[b] for batches in group_batches for b in batches] if cfg.schedule == "batch" else None
-        claims = None
-        if cfg.schedule == "rolling" and not distributed:
-            claims = [[bt[i] for i in (range(share[0], len(bt), share[1]) if share else range(len(bt)))]
-                      for bt in group_batches]
+        # the batch schedule's step shapes follow from the batches this process scores (all of them with several
+        # ranks claiming from a shared counter); the rolling one's from the order its batches are claimed, known in
+        # advance in a single process (all batches, or its static share), else every bucket is captured. Why the
+        # share: the records' 1/8 share planned its graphs over every batch of the set, 119 (bucket, kind) pairs of
+        # which its own steps use 64, and prepared them in 25.8 s cold on the H200
+        own = [[bt[i] for i in (range(share[0], len(bt), share[1]) if share else range(len(bt)))]
+               for bt in group_batches]
+        batches_ns = None
+        if cfg.schedule == "batch":
+            batches_ns = [ns[b] for batches in (group_batches if distributed else own) for b in batches]
+        claims = own if cfg.schedule == "rolling" and not distributed else None
         graphs = _step_graphs(model, adapter, opt, cfg, st, log, batches_ns=batches_ns, rolling_claims=claims,
                               ns=ns, lazy=background is not None)
         report["cuda_graphs"] = dict(graphs.stats)

@@ -30,18 +30,21 @@ def _count(steps, r_buckets, l_buckets, window) -> Dict[str, float]:
     from train.graphs import bucket_of, window_spans
 
     n = real = bucketed = small = 0
-    keys, graphs = set(), set()
+    from train.ttt_config import TTTConfig
+
+    keys, graphs = set(), {}
     for live, b, trains in steps:
         spans = window_spans(b, window)
         R, L = bucket_of(r_buckets, l_buckets, live, int(spans.max()))
         keys.add((R, L))
-        graphs.add((R, L, bool(trains)))
+        graphs[(R, L, bool(trains))] = graphs.get((R, L, bool(trains)), 0) + 1
         n += 1
         real += int(spans.sum())
         bucketed += R * L
         small += live <= 8
     return dict(steps=n, real_positions=real, bucketed_positions=bucketed, fill=round(real / max(bucketed, 1), 4),
-                steps_8_rows_or_fewer=small, buckets=len(keys), graphs=len(graphs))
+                steps_8_rows_or_fewer=small, buckets=len(keys), graphs=len(graphs),
+                graphs_captured=sum(c >= TTTConfig.graph_min_steps for c in graphs.values()))
 
 
 def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
@@ -91,6 +94,8 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
 
 
 def main() -> None:
+    from train.ttt_config import TTTConfig
+
     rows = [r for recipe in RECIPES for share in SHARES for r in work(recipe, share)]
     # case (c) as the eval runs it (3 phases over the 2,000 longest documents), per window bucket step
     rows += [r for step in PHASED_L_STEPS for r in work("records", (0, 8), phased=True, l_step=step)]
@@ -112,15 +117,16 @@ def main() -> None:
                 "rest), each cut into its own batches and drained before the next. window step: the CUDA graphs' "
                 "window buckets (`--graph-window-step`); buckets: distinct (rows, window) buckets the steps use; "
                 "graphs: distinct (bucket, kind) pairs, kind = a step that trains or a score-only one (every live "
-                "row at its last chunk), what the eval plans and captures for this share.\n\n"
+                "row at its last chunk), what the eval plans for this share; captured: those met in at least "
+                f"{TTTConfig.graph_min_steps} steps (`--graph-min-steps`, the default), the rest run without a graph.\n\n"
                 "| recipe | share | docs | phases | schedule | window step | steps | real positions | "
-                "bucketed positions | fill | steps with <= 8 rows | buckets | graphs |\n"
-                "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+                "bucketed positions | fill | steps with <= 8 rows | buckets | graphs | captured |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['recipe']} (window {r['window']}, chunk {r['chunk']}) | {r['share']} | {r['docs']:,} | "
                     f"{r['phases']} | {r['schedule']} | {r['l_step']} | {r['steps']:,} | {r['real_positions']:,} | "
                     f"{r['bucketed_positions']:,} | {r['fill']:.3f} | {r['steps_8_rows_or_fewer']:,} | "
-                    f"{r['buckets']} | {r['graphs']} |\n")
+                    f"{r['buckets']} | {r['graphs']} | {r['graphs_captured']} |\n")
     for r in rows:
         print(r)
     print(f"-> {out}.md")

@@ -384,6 +384,7 @@ def _ev_argv(e, *extra):
     (["--cuda-graphs", "on"], "--cuda-graphs", ("on a CUDA device", "on cpu")),
     (["--graph-window-step", "96"], "--graph-window-step", ("the CUDA graphs are off",)),
     (["--graph-capture", "first-use"], "--graph-capture", ("the CUDA graphs are off",)),
+    (["--graph-min-steps", "2"], "--graph-min-steps", ("the CUDA graphs are off",)),
 ])
 def test_eval_refuses_bad_numbers_before_loading(eval_inputs, extra, arg, match):
     from train import eval as ev

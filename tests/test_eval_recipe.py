@@ -288,6 +288,12 @@ def test_cli_refuses_bad_arguments_in_one_line(capsys):
     assert args.ttt_cfg.targets == ("q", "v", "up", "down") and args.ttt_cfg.rank == 96
     assert args.ttt_cfg.graph_capture == "ahead"
     assert _parse(["--artifact", "x.ptz", "--graph-capture", "first-use"]).ttt_cfg.graph_capture == "first-use"
+    assert args.ttt_cfg.graph_min_steps == 3
+    assert _parse(["--artifact", "x.ptz", "--graph-min-steps", "1"]).ttt_cfg.graph_min_steps == 1
+    for bad in ("0", "-2"):
+        with pytest.raises(SystemExit):
+            _parse(["--artifact", "x.ptz", "--graph-min-steps", bad])
+        assert "graph_min_steps" in capsys.readouterr().err
     assert set(TARGETS) == set(ALL)
 
 

@@ -317,8 +317,9 @@ def test_eval_rolling_captures_only_the_planned_graphs(share):
                               global_seq_len=64, global_batch_seqs=2, global_chunk_tokens=128)
     ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=cfg, backend="bmm", share=share)
     logs = []
-    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
-                   backend="bmm", share=share, log=logs.append)
+    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt",
+                   cfg=dataclasses.replace(cfg, cuda_graphs=True, graph_min_steps=1), backend="bmm", share=share,
+                   log=logs.append)
     cg = rep["cuda_graphs"]
     assert cg["graph_steps"] == rep["steps"] > 0
     # a plan, smaller than all 2 x buckets, that every step of every phase's queue fell into
@@ -326,9 +327,16 @@ def test_eval_rolling_captures_only_the_planned_graphs(share):
 
     rb, lb = graph_buckets(cfg.batch_size, cfg.window, cfg.chunk)
     assert isinstance(cg["graphs_planned"], int) and cg["buckets_used"] <= cg["graphs_planned"] < 2 * len(rb) * len(lb)
-    assert cg["unplanned_steps"] == 0
+    assert cg["unplanned_steps"] == 0 and cg["rare_graphs"] == cg["rare_steps"] == 0
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+    # the default leaves out the graphs met in fewer than 3 steps: their steps run without one, same scores
+    rep3 = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
+                    backend="bmm", share=share)
+    c3 = rep3["cuda_graphs"]
+    assert c3["graphs_planned"] + c3["rare_graphs"] == cg["graphs_planned"] and c3["rare_graphs"] > 0
+    assert c3["rare_steps"] > 0 and c3["unplanned_steps"] == 0  # (on a GPU they are also graph_eager_steps)
+    assert rep3["val_bpb"] == rep["val_bpb"] and rep3["legality"] == rep["legality"]
     # the first-score line, once, when the first step's scores are in (a bench reads it from a stopped run)
     first = [line for line in logs if line.startswith("[eval] first score ")]
     assert len(first) == 1 and "after process start" in first[0], first
@@ -350,8 +358,8 @@ def test_eval_batch_share_plans_only_its_own_batches(phases):
                               global_batch_seqs=2, global_chunk_tokens=128)
     for share in ((0, 2), (1, 2)):
         ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=cfg, backend="bmm", share=share)
-        rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, cuda_graphs=True),
-                       backend="bmm", share=share)
+        rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt",
+                       cfg=dataclasses.replace(cfg, cuda_graphs=True, graph_min_steps=1), backend="bmm", share=share)
         cg = rep["cuda_graphs"]
         assert cg["graph_steps"] == rep["steps"] > 0 and cg["unplanned_steps"] == 0
         assert cg["graphs_planned"] == cg["buckets_used"], (share, cg)
@@ -383,10 +391,11 @@ def test_prepare_refuses_keys_that_are_not_buckets():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("drop", [False, True])
+@pytest.mark.parametrize("drop", [False, True, "rare"])
 def test_gpu_planned_graphs_equal_eager(drop):
     """Only the batch plan's graphs captured: no step runs eagerly and the scores equal the eager eval; with the
-    plan's most used graph left out, its steps run eagerly (counted) and the scores are still equal."""
+    plan's most used graph left out, or the graphs met in fewer than 3 steps (``graph_min_steps``), their steps run
+    eagerly (counted) and the scores are still equal."""
     torch.manual_seed(0)
     model = tiny_model(seed=3).cuda()
     stream = doc_stream(LENGTHS, seed=5).cuda()
@@ -394,8 +403,10 @@ def test_gpu_planned_graphs_equal_eager(drop):
     state = {}
 
     def plan(graphs, batches_ns):
-        keys = state["keys"] = graphs.plan(batches_ns)
-        if drop:  # the (R_b, L_b, trains) the staged steps use most, from a bucketed dry run
+        keys = state["keys"] = graphs.plan(batches_ns, min_steps=3 if drop == "rare" else 1)
+        if drop == "rare":
+            assert graphs.rare and all(n < 3 for n in graphs.rare.values())
+        elif drop:  # the (R_b, L_b, trains) the staged steps use most, from a bucketed dry run
             _, dry = _run(model, stream, CFG, "batch", False)
             state["dropped"] = max(dry.used, key=dry.used.get)
             keys = state["keys"] = [k for k in keys if k != state["dropped"]]
@@ -404,8 +415,12 @@ def test_gpu_planned_graphs_equal_eager(drop):
     graphed, graphs = _run(model, stream, CFG, "batch", True, plan=plan)
     planned = set(state["keys"])
     assert set(graphs.graphs) == planned and graphs.stats["graphs"] == len(planned)
-    assert set(graphs.used) == planned | ({state["dropped"]} if drop else set())
-    assert graphs.eager_steps == (graphs.used[state["dropped"]] if drop else 0)
+    if drop == "rare":
+        assert set(graphs.used) == planned | set(graphs.rare)
+        assert graphs.eager_steps == sum(graphs.rare.values()) == graphs.usage()["rare_steps"] > 0
+    else:
+        assert set(graphs.used) == planned | ({state["dropped"]} if drop else set())
+        assert graphs.eager_steps == (graphs.used[state["dropped"]] if drop else 0)
     assert torch.equal(eager.ledger.count, graphed.ledger.count)
     m = eager.ledger.count[:-1] > 0
     torch.testing.assert_close(graphed.ledger.nll[:-1][m], eager.ledger.nll[:-1][m], rtol=1e-4, atol=1e-4)

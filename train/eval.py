@@ -469,14 +469,17 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, 
         plan = prev.planned
         graphs.steps, graphs.real_positions, graphs.bucket_positions = (prev.steps, prev.real_positions,
                                                                        prev.bucket_positions)
-        graphs.eager_steps, graphs.used = prev.eager_steps, prev.used
+        graphs.eager_steps, graphs.used, graphs.rare = prev.eager_steps, prev.used, prev.rare
     elif batches_ns is not None:
-        plan = graphs.plan(batches_ns)
+        plan = graphs.plan(batches_ns, min_steps=cfg.graph_min_steps)
     elif rolling_claims is not None:
-        plan = graphs.plan_rolling(ns, rolling_claims)
+        plan = graphs.plan_rolling(ns, rolling_claims, min_steps=cfg.graph_min_steps)
     else:
         plan = None
     stats = graphs.prepare(keys=plan)
+    if graphs.rare and prev is None:
+        log(f"[eval] CUDA graphs: {len(graphs.rare)} (bucket, kind) pairs met in fewer than {cfg.graph_min_steps} "
+            f"steps ({sum(graphs.rare.values())} steps in all) run without a graph (--graph-min-steps)")
     if graphs.capture and lazy:
         log(f"[eval] CUDA graphs: {len(plan) if plan is not None else 'all'} to capture, each at its first step")
     elif graphs.capture:
@@ -588,6 +591,10 @@ def _parse(argv):
                     help="--cuda-graphs: capture each graph before the first scored step after a synthetic warm step "
                          "(ahead, the default), or at its bucket's first step, which runs without a graph as the "
                          "warm step (first-use: no synthetic steps)")
+    ap.add_argument("--graph-min-steps", type=int, default=None,
+                    help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
+                         "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "
+                         "graph)")
     ap.add_argument("--overlap-compile", nargs="?", const="thread", default=None, choices=["thread", "process"],
                     help="--cuda-graphs with the compiled forward, batch schedule, no phases: start scoring on eager "
                          "CUDA graphs at once and switch to compiled ones when the step is compiled (train/overlap.py): "
@@ -655,6 +662,7 @@ _TTT_OPTIONS = {"lora_rank": "rank", "alpha": "alpha", "batch_size": "batch_size
                 "optimizer": "optimizer", "lr": "lr", "beta1": "beta1", "beta2": "beta2", "eps": "eps",
                 "weight_decay": "weight_decay", "warm_start_a": "warm_start_a", "tail_block": "tail_block",
                 "graph_window_step": "graph_window_step", "graph_capture": "graph_capture",
+                "graph_min_steps": "graph_min_steps",
                 "phases": "phases",
                 "phase_docs": "phase_docs", "global_lr": "global_lr", "global_momentum": "global_momentum",
                 "global_clip": "global_clip", "global_seq_len": "global_seq_len",
@@ -862,11 +870,12 @@ def main(argv=None) -> dict:
 
         raise CheckError("--graph-window-step", cfg.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
                          f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
-    if args.graph_capture is not None and not cfg.cuda_graphs:
-        from .checks import CheckError
+    for flag, value in (("--graph-capture", args.graph_capture), ("--graph-min-steps", args.graph_min_steps)):
+        if value is not None and not cfg.cuda_graphs:
+            from .checks import CheckError
 
-        raise CheckError("--graph-capture", args.graph_capture, "--cuda-graphs on (or auto resolving to on: "
-                         f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
+            raise CheckError(flag, value, "--cuda-graphs on (or auto resolving to on: --reference --mode ttt on "
+                                          "CUDA); the CUDA graphs are off here")
     overlap = args.overlap_compile
     if overlap:
         from .checks import CheckError

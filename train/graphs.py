@@ -156,6 +156,8 @@ class StepGraphs:
         self.eager_steps = 0
         self.used: Dict[Tuple[int, int, bool], int] = {}
         self.planned: Optional[List[Tuple[int, int, bool]]] = None  # the keys prepare() was given (None: all)
+        # (bucket, kind) -> planned steps, for the graphs a plan left out as too rare to capture (min_steps)
+        self.rare: Dict[Tuple[int, int, bool], int] = {}
         # lazy: prepare() only records the plan; a bucket is warmed and captured when a step first stages it
         # (``--overlap-compile``: the first score waits for one graph, not for all 29 of the seeds' plan, which
         # took 4.4 s warm / 6.8 s cold on the H200, bench/results/warmup-h200.md)
@@ -179,31 +181,42 @@ class StepGraphs:
         spans = window_spans(b, self.cfg.window)
         return self.bucket(n_rows, int(spans.max())), spans
 
-    def plan(self, batches_ns) -> List[Tuple[int, int, bool]]:
+    def plan(self, batches_ns, min_steps: int = 1) -> List[Tuple[int, int, bool]]:
         """The (R_b, L_b, trains) graphs the batch schedule will replay over document batches with target
         counts ``batches_ns`` (each sorted longest first, as ``rows.plan_doc_batches`` cuts them): the same
         steps as ``schedules.ttt_batch`` (``rows.batch_steps``), bucketed as ``stage`` does. Why: the seeds'
         config over the 50,000-doc set uses 29 of its 80 bucket graphs, and preparing one took ~0.2 s on the
-        H200 (80 in 16.3 s), so ``prepare(keys=plan(...))`` captures only those."""
-        keys = set()
+        H200 (80 in 16.3 s), so ``prepare(keys=plan(...))`` captures only those. ``min_steps``: only the graphs
+        met in at least that many steps (``TTTConfig.graph_min_steps``); the others are in ``self.rare`` with their
+        step counts."""
+        steps: Dict[Tuple[int, int, bool], int] = {}
         for n in batches_ns:
             for live, _a, b, train in batch_steps(n, self.cfg.chunk):
-                keys.add(self._step_bucket(live.size, b)[0] + (bool(train.any()),))
-        return sorted(keys)
+                k = self._step_bucket(live.size, b)[0] + (bool(train.any()),)
+                steps[k] = steps.get(k, 0) + 1
+        return self._keep(steps, min_steps)
 
-    def plan_rolling(self, ns: np.ndarray, claims: List[List[np.ndarray]]) -> List[Tuple[int, int, bool]]:
+    def plan_rolling(self, ns: np.ndarray, claims: List[List[np.ndarray]],
+                     min_steps: int = 1) -> List[Tuple[int, int, bool]]:
         """The (R_b, L_b, trains) graphs the rolling schedule will replay when its claims are known in advance:
         ``claims`` holds, per queue (one per phase), the document batches in the order this process claims them
         (a single process, or a static share). The same steps as ``schedules.ttt_rolling``
         (``rows.rolling_steps``), bucketed as ``stage`` does. Why: on the records' recipe a 1/8 share replayed 75 of
-        the 160 graphs, and capturing all of them took 26.2 s on the H200."""
-        keys = set()
+        the 160 graphs, and capturing all of them took 26.2 s on the H200. ``min_steps``: as in ``plan``."""
+        steps: Dict[Tuple[int, int, bool], int] = {}
         for seq in claims:
             it = iter(seq)
             for _s, _n, live, _d, _a, b, train in rolling_steps(ns, self.cfg.chunk, self.adapter.n_docs,
                                                                 lambda: next(it, None)):
-                keys.add(self._step_bucket(live.size, b)[0] + (bool(train.any()),))
-        return sorted(keys)
+                k = self._step_bucket(live.size, b)[0] + (bool(train.any()),)
+                steps[k] = steps.get(k, 0) + 1
+        return self._keep(steps, min_steps)
+
+    def _keep(self, steps: Dict[Tuple[int, int, bool], int], min_steps: int) -> List[Tuple[int, int, bool]]:
+        if isinstance(min_steps, bool) or not isinstance(min_steps, int) or min_steps < 1:
+            raise ValueError(f"StepGraphs.plan: min_steps = {min_steps!r}: expected a whole number >= 1")
+        self.rare = {k: n for k, n in steps.items() if n < min_steps}
+        return sorted(k for k, n in steps.items() if n >= min_steps)
 
     def _buffers(self, key: Tuple[int, int]) -> _Buffers:
         if key not in self.buffers:
@@ -288,12 +301,14 @@ class StepGraphs:
 
     def usage(self) -> Dict[str, float]:
         """Steps staged so far and the share of their bucket positions that real rows filled."""
-        unplanned = sum(n for k, n in self.used.items() if self.planned is not None and k not in self.planned)
+        unplanned = sum(n for k, n in self.used.items() if self.planned is not None and k not in self.planned
+                        and k not in self.rare)
+        rare = sum(n for k, n in self.used.items() if k in self.rare)
         return {"graph_steps": self.steps,
                 "graph_fill": round(self.real_positions / self.bucket_positions, 4) if self.bucket_positions else 0.0,
                 "graph_eager_steps": self.eager_steps, "buckets_used": len(self.used),
                 "graphs_planned": len(self.planned) if self.planned is not None else "all",
-                "unplanned_steps": unplanned}
+                "unplanned_steps": unplanned, "rare_graphs": len(self.rare), "rare_steps": rare}
 
     # ------------------------------------------------------------------------------ capture
     def keys(self) -> List[Tuple[int, int]]:

@@ -71,6 +71,12 @@ class TTTConfig(AdamSettings):
     # graph's warm step: no synthetic step, train.graphs). The records' 1/8 share spent 17.2-20.4 s on the 119
     # synthetic warm steps ahead (H200); first-use is not yet timed on a GPU
     graph_capture: str = "ahead"
+    # a (bucket, kind) that the plan meets in fewer steps than this is not captured: its steps run the same body
+    # without a graph. Why: on the records' 1/8 share 22 of the 64 planned graphs serve 3 steps or fewer (13 serve
+    # one) (python3 -m bench.schedule_work); preparing one cost 0.19-0.22 s (warm step + capture, H200), a step
+    # without its graph costs at most its host time more, and a whole compiled step without graphs took 0.066 s
+    # in the warm-up's second pass. 1: every planned graph is captured
+    graph_min_steps: int = 3
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -133,6 +139,10 @@ class TTTConfig(AdamSettings):
         if gws is not None and (isinstance(gws, bool) or not isinstance(gws, int) or not 1 <= gws <= self.window):
             raise ValueError(f"graph_window_step: {gws!r}; expected None or a whole number of positions in "
                              f"1..window ({self.window})")
+        gms = self.graph_min_steps
+        if isinstance(gms, bool) or not isinstance(gms, int) or gms < 1:
+            raise ValueError(f"graph_min_steps: {gms!r}; expected a whole number of steps >= 1 (1: capture every "
+                             f"planned graph)")
         if self.graph_capture not in GRAPH_CAPTURE:
             raise ValueError(f"graph_capture: {self.graph_capture!r}; expected one of {', '.join(GRAPH_CAPTURE)}")
         if not isinstance(self.tail_block, bool):

@@ -112,7 +112,10 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # child's entries in the run above)
          "records-ref-tail-w96-first-use-global": ("records", True, ("--tail-block", "--graph-window-step", "96",
                                                                      "--graph-capture", "first-use",
-                                                                     "--parallel-compile", "global"))}
+                                                                     "--parallel-compile", "global")),
+         # graphs ahead (the share's own plan, the rare ones left out) with the global pass's child only
+         "records-ref-tail-w96-global": ("records", True, ("--tail-block", "--graph-window-step", "96",
+                                                           "--parallel-compile", "global"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -239,7 +242,8 @@ def case_label(recipe: str, reference: bool, extra_args: tuple) -> str:
     opts = [w for w, on in (("CUDA graphs", ("--cuda-graphs", "on") in pairs),
                             ("rolling schedule", ("--schedule", "rolling") in pairs),
                             ("--tail-block", "--tail-block" in extra_args)) if on]
-    opts += [f"{a} {b}" for a, b in zip(extra_args, extra_args[1:]) if a in ("--graph-window-step", "--graph-capture")]
+    opts += [f"{a} {b}" for a, b in zip(extra_args, extra_args[1:])
+             if a in ("--graph-window-step", "--graph-capture", "--graph-min-steps", "--parallel-compile")]
     if "--compile-cache" in extra_args:
         return head + ", the driver's defaults + " + " + ".join(
             opts + ["--compile-cache (warm = empty cache folders + the cold process's file)"])

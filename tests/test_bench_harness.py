@@ -235,6 +235,9 @@ def test_every_warmup_case_is_a_valid_eval_command_line(name):
         assert args.graph_window_step == int(step) and f"--graph-window-step {step}" in case_label(*CASES[name])
     if "--graph-capture" in extra:
         assert args.ttt_cfg.graph_capture == "first-use" and "--graph-capture first-use" in case_label(*CASES[name])
+    if "--parallel-compile" in extra:
+        which = extra[extra.index("--parallel-compile") + 1]
+        assert args.parallel_compile == which and f"--parallel-compile {which}" in case_label(*CASES[name])
 
 
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):

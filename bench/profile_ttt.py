@@ -249,6 +249,10 @@ def main(argv=None):
     p.add_argument("--new-shapes", type=int, default=0,
                    help="after each variant, time its first and second step on this many (rows, window) shapes it has "
                         "not met, and profile the host side of one more first step (default 0: off)")
+    p.add_argument("--first-call", default=None, metavar="ROWSxWINDOW",
+                   help="call each variant's step first on this smaller shape (e.g. 64x64, the eval warm-up's first "
+                        "step before it ran a full-window step first), then time the full one: a compiled "
+                        "dynamic-shape graph keeps its first call's size hints and autotuned kernel configs")
     p.add_argument("--work-rows", type=int, default=0,
                    help="count the step's work (GEMM and attention FLOPs, the optimizer's bytes) on this many rows of "
                         "the reference path's eager step, scaled to --batch, with its floor at the data-sheet peaks "
@@ -260,6 +264,12 @@ def main(argv=None):
         raise SystemExit(f"profile_ttt: --new-shapes: {a.new_shapes}; expected an integer >= 0")
     if a.work_rows < 0:
         raise SystemExit(f"profile_ttt: --work-rows: {a.work_rows}; expected an integer >= 0")
+    first_call = None
+    if a.first_call is not None:
+        parts = a.first_call.lower().split("x")
+        if len(parts) != 2 or not all(x.isdigit() and int(x) >= 2 for x in parts):
+            raise SystemExit(f"profile_ttt: --first-call: {a.first_call!r}; expected ROWSxWINDOW, each >= 2 (e.g. 64x64)")
+        first_call = (int(parts[0]), int(parts[1]))
     for v in a.variants.split(","):  # refused before the artifact is built
         parts = v.split("-")
         if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
@@ -283,11 +293,15 @@ def main(argv=None):
         dev = a.device if a.device != "cuda" or torch.cuda.is_available() else "cpu"
     if a.work_rows > a.batch:
         raise SystemExit(f"profile_ttt: --work-rows: {a.work_rows}; expected at most --batch ({a.batch})")
+    if first_call and not (first_call[0] <= a.batch and cfg.chunk < first_call[1] <= a.window):
+        raise SystemExit(f"profile_ttt: --first-call: {a.first_call!r}; expected at most --batch ({a.batch}) rows and "
+                         f"a window in ({cfg.chunk}, {a.window}]")
     tmp = tempfile.mkdtemp()
     path = os.path.join(tmp, "model.ptz")
     build_artifact(path, None, train_steps=0, device=dev)
     rb = _rows(a.window + 1, a.batch, cfg, dev)
     out = {"gpu": torch.cuda.get_device_name() if dev == "cuda" else "cpu", "torch": torch.__version__,
+           "first_call": list(first_call) if first_call else None,
            "recipe": a.recipe, "batch": a.batch, "window": a.window, "chunk": a.chunk, "rank": a.rank,
            "targets": list(cfg.targets), "optimizer": cfg.optimizer, "variants": {}}
     if a.work_rows:
@@ -307,6 +321,11 @@ def main(argv=None):
                         mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
         t = time.perf_counter()
         try:
+            if first_call:  # the compile happens here, at the small shape; the full one follows
+                R, L = first_call
+                ad.set_rows(torch.arange(R, device=dev))
+                step(_rows(L + 1, R, dataclasses.replace(cfg_v, window=L), dev, seed=7))
+                ad.set_rows(torch.arange(ad.n_docs, device=dev))
             step(rb)
             _sync()
         except Exception as e:  # report and go on: one variant failing must not hide the others

@@ -840,6 +840,11 @@ def test_profile_ttt_work_only_on_cpu(tmp_path):
         main(["--work-rows", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--variants: 'reference-eager-autotune'"):
         main(["--variants", "reference-eager-autotune", "--device", "cpu"])
+    for bad in ("64", "1x64", "axb"):
+        with pytest.raises(SystemExit, match="--first-call: .*expected ROWSxWINDOW"):
+            main(["--first-call", bad, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--first-call: '8x64'; expected at most --batch"):
+        main(["--first-call", "8x64", "--batch", "4", "--window", "96", "--chunk", "32", "--work-only", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--work-rows: 9; expected at most --batch"):
         main(["--work-only", "--work-rows", "9", "--batch", "4", "--window", "96", "--chunk", "32", "--device", "cpu"])
     common = ["--work-only", "--batch", "4", "--window", "96", "--chunk", "32", "--rank", "4", "--device", "cpu",

@@ -315,6 +315,27 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
     assert "tokens" not in inspect.signature(warmup).parameters
 
 
+@pytest.mark.parametrize("graphs", [True, False])
+def test_warmup_first_calls_the_forward_at_the_largest_shape(lut, monkeypatch, graphs):
+    """warmup's first call of the forward is one TTT step with every adapter row and full windows, the largest shape
+    of the warm-up (a compiled dynamic-shape graph keeps its first call's size hints and autotuned kernel configs),
+    on synthetic tokens, timed in the rates; then the passes as before."""
+    import train.schedules as sched_mod
+
+    shapes = []
+    real = sched_mod.rows_nll
+
+    def spy(model, rb, adapter=None):
+        shapes.append(tuple(rb.x.shape))
+        return real(model, rb, adapter)
+
+    monkeypatch.setattr(sched_mod, "rows_nll", spy)
+    rates = warmup(tiny_model(seed=1), lut, CFG, "bmm", "cpu", n_docs=4, doc_len=100, graphs=graphs)
+    assert shapes[0][0] == CFG.batch_size and shapes[0][1] >= CFG.window
+    assert shapes[0] == max(shapes, key=lambda s: s[0] * s[1]) and len(shapes) > 2
+    assert rates["full_window_step_s"] > 0
+
+
 def test_warmup_for_graphs_runs_ttt_passes_only(lut, monkeypatch):
     """graphs=True (the eval's --cuda-graphs): no shape sweep and no adapter-less scoring (the graphs' preparation
     warms every replayed bucket; the base scorer serves only the deadline fallback); the deadline still gets

@@ -303,13 +303,13 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
         monkeypatch.setattr(mod, "build_rows", spy)
     rates = warmup(m, lut, CFG, "bmm", "cpu", n_docs=4, doc_len=100)
     assert rates["ttt_pos_per_s"] > 0 and rates["base_pos_per_s"] > 0
-    # the main synthetic batch plus the small-batch shape sweep (7 streams), all built by warmup itself:
-    # documents of doc_len (or 40) uniform random tokens in [4, V) after a BOS
+    # the main synthetic batch, the full-window step's documents (window + chunk) and the small-batch shape sweep
+    # (7 streams), all built by warmup itself: uniform random tokens in [4, V) after a BOS
     assert len(seen) > 8
     for s in seen:
         bos = (s == 1).nonzero().flatten()
         lens = torch.diff(torch.cat([bos, torch.tensor([s.numel()])])) - 1
-        assert bos[0] == 0 and set(lens.tolist()) <= {100, 40} and bool((s[s != 1] >= 4).all())
+        assert bos[0] == 0 and set(lens.tolist()) <= {100, 40, CFG.window + CFG.chunk} and bool((s[s != 1] >= 4).all())
     import inspect
 
     assert "tokens" not in inspect.signature(warmup).parameters
@@ -319,7 +319,7 @@ def test_warmup_uses_synthetic_tokens_and_measures_rates(lut, monkeypatch):
 def test_warmup_first_calls_the_forward_at_the_largest_shape(lut, monkeypatch, graphs):
     """warmup's first call of the forward is one TTT step with every adapter row and full windows, the largest shape
     of the warm-up (a compiled dynamic-shape graph keeps its first call's size hints and autotuned kernel configs),
-    on synthetic tokens, timed in the rates; then the passes as before."""
+    on synthetic tokens, timed in the rates; then the passes; with graphs, every step padded to a graph bucket."""
     import train.schedules as sched_mod
 
     shapes = []
@@ -334,6 +334,12 @@ def test_warmup_first_calls_the_forward_at_the_largest_shape(lut, monkeypatch, g
     assert shapes[0][0] == CFG.batch_size and shapes[0][1] >= CFG.window
     assert shapes[0] == max(shapes, key=lambda s: s[0] * s[1]) and len(shapes) > 2
     assert rates["full_window_step_s"] > 0
+    if graphs:  # every step padded to a CUDA-graph bucket, the shapes the graphs' preparation meets again
+        from train.graphs import graph_buckets
+
+        rb, lb = graph_buckets(CFG.batch_size, CFG.window, CFG.chunk, CFG.graph_window_step)
+        assert all(R in rb and L in lb for R, L in shapes), (shapes, rb, lb)
+        assert shapes[0] == (rb[-1], lb[-1])
 
 
 def test_warmup_for_graphs_runs_ttt_passes_only(lut, monkeypatch):

@@ -45,15 +45,15 @@ def _warm_shapes(model, lut, cfg, ad, opt, device, V, g, doc_len):
         score_rows(model, stream, plan_rows(starts, ns, cfg.chunk, cfg.window), cfg.window, st)
 
 
-def _full_window_step(model, lut, cfg, ad, opt, device, V, g) -> None:
+def _full_window_step(model, lut, cfg, ad, opt, device, V, g, bucketed: bool = False) -> None:
     """One TTT step at the largest shape the eval runs: every adapter row, every window full (each row's chunk
-    ends ``cfg.window`` positions into a synthetic document), on a stream and ledger of its own. ``warmup`` runs it
-    before any other call of the compiled forward: a dynamic-shape graph takes its kernels' size hints from its first
-    call, and a Triton kernel autotuned at run time keeps the configuration its first call chose for every later
-    size; the warm-up's TTT pass starts at windows of one chunk (64 positions padded), while the eval's time goes to
-    full windows (the records' 1/8 share: 903 of its 4,431 steps in the (64 rows, 2048) bucket, the largest)."""
-    from .rows import build_rows
-    from .schedules import _step_body
+    ends ``cfg.window`` positions into a synthetic document), on a stream and ledger of its own; ``bucketed``: padded
+    to the CUDA graphs' largest bucket, as the eval's graphs pad it. ``warmup`` runs it before any other call of the
+    compiled forward: a dynamic-shape graph takes its kernels' size hints from its first call, and a Triton kernel
+    autotuned at run time keeps the configuration its first call chose for every later size; the warm-up's TTT pass
+    starts at windows of one chunk, while the eval's time goes to full windows (the records' 1/8 share: 903 of its
+    4,431 steps in the (64 rows, 2048) bucket, the largest)."""
+    from .schedules import _ttt_step
 
     rows = min(cfg.batch_size, ad.n_docs)
     stream, starts, ns = _synthetic_docs(V, rows, cfg.window + cfg.chunk, g, device)
@@ -61,10 +61,13 @@ def _full_window_step(model, lut, cfg, ad, opt, device, V, g) -> None:
     ad.reset(starts)  # A drawn, B zero, as at a batch's start (the pass after this resets them again)
     opt.reset()
     a = np.full(rows, cfg.window - cfg.chunk, dtype=np.int64)
-    rb = build_rows(stream, np.stack([starts, a, a + cfg.chunk], 1), cfg.window, 64,
-                    min_size=2 if ad.n_docs >= 2 else 1)
-    idx = torch.arange(rb.x.shape[0], device=stream.device)
-    _step_body(model, rb, idx, idx < rows, True, cfg, ad, opt, st)
+    graphs = None
+    if bucketed:
+        from .graphs import StepGraphs
+
+        graphs = StepGraphs(model, ad, opt, cfg, st, capture=False)
+    _ttt_step(model, stream, np.stack([starts, a, a + cfg.chunk], 1), np.arange(rows), np.ones(rows, dtype=bool),
+              cfg, ad, opt, st, 64, None, graphs)
     ad.set_rows(None)
 
 
@@ -89,11 +92,20 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     stream, starts, ns = _synthetic_docs(V, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
-    opt = optimizer_for(ad.params, cfg)
+    opt = optimizer_for(ad.params, cfg, per_row=graphs)  # as the eval's with graphs
     batch = np.arange(min(len(ns), cfg.batch_size))
     rates = {}
+    # graphs: the passes' steps padded to the graphs' buckets (StepGraphs without capture runs the same bucketed body
+    # as is), so every (rows, window) shape they meet is one the graphs' preparation meets again, and whatever a shape
+    # costs the first time it runs (Dynamo guards, cuDNN's per-shape attention plans, allocator growth) is paid once.
+    # The passes had padded windows to multiples of 64 while the records' buckets step by 96 or 256
+    bucketed = None
+    if graphs and ad.n_docs >= 2:
+        from .graphs import StepGraphs
+
+        bucketed = StepGraphs(model, ad, opt, cfg, st, capture=False)
     t = time.perf_counter()
-    _full_window_step(model, lut, cfg, ad, opt, device, V, g)  # first: the compiled graphs' size hints
+    _full_window_step(model, lut, cfg, ad, opt, device, V, g, bucketed is not None)  # first: the size hints
     sync_device(device)
     rates["full_window_step_s"] = time.perf_counter() - t
     # phase times (s) go into the report: on the H100 the kernel path's warm-up took 125.7 s against
@@ -106,7 +118,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     for rep in range(2):  # first pass compiles / autotunes, second is timed
         sync_device(device)
         t = time.perf_counter()
-        ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_index=rep)
+        ttt_batch(model, stream, starts, ns, batch, cfg, ad, opt, st, batch_index=rep, graphs=bucketed)
         sync_device(device)
         dt = time.perf_counter() - t
         rates[f"ttt_pass{rep}_s"] = dt

@@ -588,8 +588,8 @@ def test_parallel_compile_children_run_one_part_each(eval_inputs, tmp_path, caps
     assert "--warmup-part global: expected --warmup-only" in capsys.readouterr().err
     _refused(lambda: ev.main(_ev_argv(eval_inputs, "--warmup-only", "--warmup-part", "global")), "--warmup-part",
              "a phased recipe")
-    _refused(lambda: ev.main(_ev_argv(eval_inputs, *small, "--warmup-part", "ttt-tail")), "--warmup-part",
-             "--tail-block")
+    _refused(lambda: ev.main(_ev_argv(eval_inputs, *small, "--no-tail-block", "--warmup-part", "ttt-tail")),
+             "--warmup-part", "--tail-block")
     _refused(lambda: ev.main(_ev_argv(eval_inputs, *small, "--mode", "base", "--warmup-part", "ttt-head")),
              "--warmup-part", "--mode ttt")
 

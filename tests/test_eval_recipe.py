@@ -257,6 +257,17 @@ def test_records_preset_values():
     assert (cfg.phases, cfg.phase_docs, cfg.global_lr, cfg.global_momentum, cfg.global_clip) == (3, 2000, 1e-3, 0.9, 1.0)
     assert cfg.scale == 1.5 and TTTConfig().scale == 1.0 and RECIPES["seeds"] == {"window": 1024}
     assert recipe("records", rank=8).rank == 8  # explicit options override the preset
+    # the eval's own settings as case (c) was measured; the window-bucket step falls back to the default rule when a
+    # smaller window than the step is given, and stays when it is given itself
+    assert cfg.tail_block is True and cfg.graph_window_step == 96
+    assert recipe("records", window=64).graph_window_step is None
+    assert recipe("records", window=64, graph_window_step=32).graph_window_step == 32
+    from train.eval import _parse
+
+    assert _parse(["--artifact", "x.ptz", "--recipe", "records"]).ttt_cfg.tail_block is True
+    assert _parse(["--artifact", "x.ptz", "--recipe", "records", "--no-tail-block"]).ttt_cfg.tail_block is False
+    assert _parse(["--artifact", "x.ptz", "--tail-block"]).ttt_cfg.tail_block is True
+    assert _parse(["--artifact", "x.ptz"]).ttt_cfg.tail_block is False
 
 
 @pytest.mark.parametrize("kw,name", [(dict(rank=0), "rank: 0"), (dict(rank=129), "rank: 129"),

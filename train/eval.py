@@ -528,6 +528,8 @@ def _finalize(st, mode: str, expected: torch.Tensor, distributed: bool, dev) -> 
 
 # ---------------------------------------------------------------------------------------- CLI
 def _parse(argv):
+    from argparse import BooleanOptionalAction
+
     from .checks import OneLineArgumentParser
 
     ap = OneLineArgumentParser(prog="python3 -m train.eval", description=__doc__.split("\n\n")[0])
@@ -562,9 +564,10 @@ def _parse(argv):
     ap.add_argument("--weight-decay", type=float, default=None, help="AdamW's decoupled weight decay (default 0)")
     ap.add_argument("--warm-start-a", action="store_true", default=None,
                     help="keep LoRA A across document resets (only B is zeroed)")
-    ap.add_argument("--tail-block", action="store_true", default=None,
+    ap.add_argument("--tail-block", action=BooleanOptionalAction, default=None,
                     help="per-document TTT: run the last block's attention queries, output projection and MLP at the scored "
-                         "chunk only (same scores up to rounding; fewer FLOPs per step)")
+                         "chunk only (same scores up to rounding; fewer FLOPs per step; on in the records recipe, "
+                         "--no-tail-block turns it off)")
     ap.add_argument("--phases", type=int, default=None, help="phased TTT: number of phases (default 0: off)")
     ap.add_argument("--phase-docs", type=int, default=None, help="phased TTT: documents in the phases")
     ap.add_argument("--phase-scope", default=None, choices=["cumulative", "phase"],
@@ -865,10 +868,10 @@ def main(argv=None) -> dict:
         from .checks import CheckError
 
         raise CheckError("--cuda-graphs", True, f"--mode ttt on a CUDA device (got --mode {args.mode} on {device})")
-    if cfg.graph_window_step is not None and not cfg.cuda_graphs:  # it would change nothing: say so, do not ignore it
+    if args.graph_window_step is not None and not cfg.cuda_graphs:  # it would change nothing: say so, do not ignore it
         from .checks import CheckError
 
-        raise CheckError("--graph-window-step", cfg.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
+        raise CheckError("--graph-window-step", args.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
                          f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
     for flag, value in (("--graph-capture", args.graph_capture), ("--graph-min-steps", args.graph_min_steps)):
         if value is not None and not cfg.cuda_graphs:
@@ -914,7 +917,10 @@ def main(argv=None) -> dict:
         t_mark[0] = now
 
     mark("checks")
-    cfg = dataclasses.replace(cfg, window=window, chunk=chunk)
+    gws = cfg.graph_window_step
+    if args.graph_window_step is None and gws is not None and gws > window:
+        gws = None  # the recipe's step belongs to its own window: a smaller window given takes the default rule
+    cfg = dataclasses.replace(cfg, window=window, chunk=chunk, graph_window_step=gws)
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
     from .checks import CheckError

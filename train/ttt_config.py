@@ -88,8 +88,9 @@ class TTTConfig(AdamSettings):
     # the last block at the scored positions only (GPT.hidden(..., keep=)): K and V still see the whole window,
     # the last block's attention queries, output projection and MLP and the head run on the chunk's C positions
     # instead of the window's T (records' recipe: 48 of up to 2,048; ~80 % of one block of 11 fewer FLOPs). Same scores
-    # and gradients up to rounding (CPU and GPU tests). H200, records' recipe: 111.06 -> 106.33 ms per full step; off by
-    # default: it compiles one more function, which the seeds' recipe would not win back (docs/drivers.md)
+    # and gradients up to rounding (CPU and GPU tests). H200, records' recipe: 111.06 -> 106.33 ms per full step; on in
+    # that recipe, off by default: it compiles one more function, which the seeds' recipe would not win back
+    # (docs/drivers.md)
     tail_block: bool = False
     # phased TTT (train.phased): the phase_docs longest documents in `phases` phases, a global SGD pass
     # on the base weights after each; 0 phases = off
@@ -168,7 +169,11 @@ RECIPES = {
                     batch_size=64, optimizer="adamw", lr=1e-4, beta1=0.0, beta2=0.999, eps=1e-10, weight_decay=1.0,
                     warm_start_a=True, phases=3, phase_docs=2000, global_lr=1e-3, global_momentum=0.9,
                     global_clip=1.0, global_seq_len=2048, global_batch_seqs=32, global_chunk_tokens=32768,
-                    phase_cumulative=True),
+                    phase_cumulative=True,
+                    # the eval's own settings for this recipe, as case (c) was measured (H200): the last block at
+                    # the scored chunk (111.06 -> 106.33 ms per step) and window buckets every 96 positions
+                    # (243.2 M replayed positions on the 1/8 share against 256.2 M at the default 256)
+                    tail_block=True, graph_window_step=96),
 }
 
 
@@ -180,4 +185,8 @@ def recipe(name: str, **overrides) -> TTTConfig:
     unknown = set(overrides) - fields
     if unknown:
         raise ValueError(f"recipe overrides: unknown fields {sorted(unknown)}")
-    return TTTConfig(**{**RECIPES[name], **overrides})
+    merged = {**RECIPES[name], **overrides}
+    # a preset's window-bucket step belongs to the preset's window: with a smaller window given, the default rule
+    if "graph_window_step" not in overrides and (merged.get("graph_window_step") or 0) > merged.get("window", 0):
+        merged["graph_window_step"] = None
+    return TTTConfig(**merged)

@@ -337,7 +337,8 @@ def run(quick: bool = False):
                     lambda: eval_once(path, syn, lut, record, reference=True, share=(0, nshare)))
         if k is not None:
             rows.append(_row(f"(c) 1/{nshare} share, records recipe (r96 q,k,v,o,mlp,head, chunk 48, window 2048, "
-                             f"AdamW, warm-start A, {record.phases} phases over {record.phase_docs} docs)", k, r,
+                             f"AdamW, warm-start A, {record.phases} phases over {record.phase_docs} docs"
+                             f"{', --tail-block' if record.tail_block else ''})", k, r,
                              share=f"1/{nshare}"))
             save()
     return rows

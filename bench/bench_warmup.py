@@ -61,8 +61,9 @@ BUDGET_S = float(os.environ.get("PGOLF_WARMUP_BUDGET_S", "540"))
 # name -> (recipe, --reference, extra CLI args)
 # (graphs are explicit in every case: the driver's --cuda-graphs auto turns them on for --reference on CUDA)
 CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel": ("seeds", False, ("--cuda-graphs", "off")),
-         "records-ref": ("records", True, ("--cuda-graphs", "off")),
-         "records-kernel": ("records", False, ("--cuda-graphs", "off")),
+         # (--no-tail-block: these cases' rows were measured before the records' recipe turned the tail block on)
+         "records-ref": ("records", True, ("--cuda-graphs", "off", "--no-tail-block")),
+         "records-kernel": ("records", False, ("--cuda-graphs", "off", "--no-tail-block")),
          # the TTT step captured as CUDA graphs over shape buckets, with and without torch.compile under them
          "seeds-ref-graphs": ("seeds", True, ("--cuda-graphs", "on")),
          "seeds-ref-graphs-eager": ("seeds", True, ("--cuda-graphs", "on", "--compile", "off")),
@@ -89,8 +90,8 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # 129.9 of 145.6 s on a 1/64 share (no graphs); on the 0/8 share rolling has no step of <= 8 rows (batch:
          # 1,144 of 4,184) but pads more (fill 0.780 vs 0.913, bench/results/schedule-work-cpu.md): which is faster
          # depends on what a small step costs, which these cases measure against records-ref-default
-         "records-ref-rolling": ("records", True, ("--schedule", "rolling")),
-         "records-kernel-rolling": ("records", False, ("--schedule", "rolling")),
+         "records-ref-rolling": ("records", True, ("--schedule", "rolling", "--no-tail-block")),
+         "records-kernel-rolling": ("records", False, ("--schedule", "rolling", "--no-tail-block")),
          # the same with the last block at the scored chunk only (TTTConfig.tail_block: ~80 % of one of 11 blocks
          # fewer FLOPs per step at chunk 48, window 2048)
          "records-ref-rolling-tail": ("records", True, ("--schedule", "rolling", "--tail-block")),

@@ -77,6 +77,9 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
 
     Returns measured rates in window positions per second (TTT fwd+bwd, no-grad scoring).
 
+    First of all one TTT step at the largest shape (``_full_window_step``: the compiled graphs' size hints and
+    autotuned configurations come from their first call).
+
     ``graphs=True`` (the eval's ``--cuda-graphs``): only the two TTT passes. The graphs' own preparation
     runs a warm step in every bucket the eval will replay, so the small-batch shape sweep would compile
     nothing those steps do not; and the adapter-less scorer serves only the deadline fallback, so its

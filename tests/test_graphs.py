@@ -498,6 +498,33 @@ def test_gpu_phased_eval_with_graphs_equals_eager(int6):
     assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank,int6,phases", [(8, False, 0), (96, False, 0), (8, True, 2), (96, True, 0)])
+def test_gpu_kernel_path_eval_with_graphs_equals_eager(rank, int6, phases):
+    """The kernel path (fused and merged-weight multi-LoRA on q, k, v and the head, int6 codes) through evaluate()
+    with its TTT steps captured as CUDA graphs, against the same eval run eagerly: same targets and ledger, BPB
+    within 1e-4. What ``--cuda-graphs auto`` waits for before it turns graphs on for the kernel path."""
+    import dataclasses
+
+    from train.eval import evaluate
+
+    torch.manual_seed(0)
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    cfg = dataclasses.replace(RECORDS_LIKE, rank=rank, alpha=1.5 * rank, phases=phases, phase_docs=4,
+                              global_seq_len=64, global_batch_seqs=2, global_chunk_tokens=128)
+    ref = evaluate(_phased_model(int6).cuda(), stream, lut, mode="ttt", cfg=cfg, backend="kernel")
+    rep = evaluate(_phased_model(int6).cuda(), stream, lut, mode="ttt",
+                   cfg=dataclasses.replace(cfg, cuda_graphs=True, graph_min_steps=1), backend="kernel")
+    assert rep["lora_backend"] == ref["lora_backend"] == "kernel"
+    cg = rep["cuda_graphs"]
+    assert cg["captured"] and cg["graphs"] > 0 and cg["graph_steps"] == rep["steps"] and cg["graph_eager_steps"] == 0
+    if phases:
+        _recaptures_expected(rep, cfg, int6)
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
 @pytest.mark.parametrize("compiling,first,most,calls", [
     (0, 1, 3, 1),   # nothing compiles: one call settles the bucket
     (1, 1, 3, 2),   # the first call compiled: one more, which compiled nothing

@@ -42,7 +42,7 @@ def _setup(reference: bool, path: str, cfg, device):
 
     model, _ = ev.load_model(path, reference=reference, device=device)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel")
-    opt = optimizer_for(ad.params, cfg)
+    opt = optimizer_for(ad.params, cfg, backend=ad.backend)  # fused on the kernel path, torch ops for the reference
     return model, ad, opt
 
 

@@ -6,6 +6,8 @@
 * Newton-Schulz orthogonalization and the Muon optimizer: ``pgolf_kernels.newton_schulz``,
   ``pgolf_kernels.muon``; a Muon step's element-wise passes (momentum, decay + update), each fused:
   ``pgolf_kernels.muon_update``.
+* one Adam / AdamW step over stacked per-document adapter rows in one pass (the TTT eval's optimizer):
+  ``pgolf_kernels.adam_rows``.
 * drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
   ``pgolf_kernels.patch``.
 
@@ -38,6 +40,7 @@ _LAZY = {
     "Muon": "muon",
     "momentum_update": "muon_update",
     "decay_add_": "muon_update",
+    "adam_rows_step_": "adam_rows",
 }
 
 __all__ = sorted(_LAZY)

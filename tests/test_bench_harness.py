@@ -856,3 +856,13 @@ def test_profile_ttt_work_only_on_cpu(tmp_path):
     assert one["floor"] == four["floor"]
     assert four["floor"]["gemm_tflop"] > 0 and four["attention_fwd_flop"] > 0
 
+
+
+def test_ttt_optim_bench_times_the_eval_adapters():
+    """bench_ttt_optim steps the adapters DocLoRA builds for the default model at 64 rows: the seeds' recipe's
+    10,878,976 fp32 parameters (the count step-work-cpu.md gives), per-row AdamW / Adam as the recipe names."""
+    from bench.bench_ttt_optim import _adapters
+
+    ad, cfg = _adapters("seeds", torch.device("cpu"))
+    assert sum(p.numel() for p in ad.params) == 10_878_976 and cfg.batch_size == 64
+    assert all(p.dtype == torch.float32 and p.shape[0] == 64 for p in ad.params)

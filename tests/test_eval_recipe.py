@@ -126,13 +126,18 @@ def test_kernel_path_with_alpha_and_new_targets_equals_bmm():
         torch.testing.assert_close(gk, gb, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("per_row", [False, True])
-def test_adamw_beta1_zero_matches_torch(per_row, steps_match):
+def test_adamw_beta1_zero_matches_torch(per_row, fused, steps_match):
+    """BatchedAdam (AdamW, beta1 = 0), batch-wide or per row, torch ops or fused (pgolf_kernels.adam_rows, the
+    kernel interpreted on the CPU lane), against torch.optim.AdamW."""
     g = torch.Generator().manual_seed(0)
     ps = [torch.randn(3, 5, 4, generator=g), torch.randn(3, 2, 4, generator=g)]
     ref = [p.clone().requires_grad_(True) for p in ps]
-    cfg = TTTConfig(optimizer="adamw", lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-10, weight_decay=1.0)
+    cfg = TTTConfig(optimizer="adamw", lr=1e-2, beta1=0.0, beta2=0.999, eps=1e-10, weight_decay=1.0,
+                    fused_optimizer=fused)
     opt = optimizer_for(ps, cfg, per_row=per_row)
+    assert opt.fused is fused
     topt = torch.optim.AdamW(ref, lr=1e-2, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
     steps_match(opt, topt, ps, ref, g)
     # the decay is what made the difference: plain Adam on the same gradients ends elsewhere
@@ -548,3 +553,34 @@ def test_compile_rows_nll_mode_is_passed_and_refused_by_name(monkeypatch):
             fw.compile_rows_nll(m, mode=bad)
     with pytest.raises(ValueError, match="mode= and precompiled= do not go together"):
         fw.compile_rows_nll(m, mode="default", precompiled="x")
+
+
+def test_fused_optimizer_defaults_by_path_and_keeps_the_scores():
+    """The adapters' optimizer is fused (pgolf_kernels.adam_rows) on the kernel path and plain torch ops for
+    --reference unless --fused-optimizer says otherwise; fused or not, the eval's scores agree (same formula)."""
+    import dataclasses
+
+    from train.eval import _parse, evaluate
+
+    assert _parse(["--artifact", "x.ptz"]).ttt_cfg.fused_optimizer is None
+    assert _parse(["--artifact", "x.ptz", "--fused-optimizer", "on"]).ttt_cfg.fused_optimizer is True
+    assert _parse(["--artifact", "x.ptz", "--fused-optimizer", "off"]).ttt_cfg.fused_optimizer is False
+    with pytest.raises(ValueError, match="fused_optimizer: 'yes'"):
+        TTTConfig(fused_optimizer="yes")
+    ps = [torch.zeros(2, 3)]
+    assert optimizer_for(ps, TTTConfig(), backend="kernel").fused is True
+    assert optimizer_for(ps, TTTConfig(), backend="bmm").fused is False
+    assert optimizer_for(ps, TTTConfig(fused_optimizer=True), backend="bmm").fused is True
+    assert optimizer_for(ps, TTTConfig(fused_optimizer=False), backend="kernel").fused is False
+    stream = doc_stream([60, 45, 30, 70], seed=4)
+    V = tiny_model(seed=2).config.vocab_size
+    from train.bpb import ByteLUT
+
+    lut = ByteLUT(torch.ones(V, dtype=torch.int16), torch.zeros(V, dtype=torch.bool), torch.zeros(V, dtype=torch.bool))
+    cfg = TTTConfig(rank=2, chunk=16, window=32, batch_size=2, optimizer="adamw", weight_decay=0.5, beta1=0.0,
+                    lr=1e-2)
+    reps = {f: evaluate(tiny_model(seed=2), stream, lut, mode="ttt", cfg=dataclasses.replace(cfg, fused_optimizer=f),
+                        backend="bmm", log=lambda *a: None) for f in (False, True)}
+    assert reps[True]["fused_optimizer"] is True and reps[False]["fused_optimizer"] is False
+    assert reps[True]["targets"] == reps[False]["targets"]
+    assert abs(reps[True]["val_bpb"] - reps[False]["val_bpb"]) < 1e-6 * reps[False]["val_bpb"]

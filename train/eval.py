@@ -272,8 +272,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
         # per-row Adam with CUDA graphs (the step count lives on the device): same updates as batch-wide Adam
         # when every row starts together, as in the batch schedule
-        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs)
-        report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule)
+        opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs,
+                            backend=adapter.backend)
+        report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule,
+                      fused_optimizer=opt.fused)
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
@@ -594,6 +596,9 @@ def _parse(argv):
                     help="--cuda-graphs: capture each graph before the first scored step after a synthetic warm step "
                          "(ahead, the default), or at its bucket's first step, which runs without a graph as the "
                          "warm step (first-use: no synthetic steps)")
+    ap.add_argument("--fused-optimizer", default="auto", choices=["auto", "on", "off"],
+                    help="the adapters' Adam / AdamW step in one pass per parameter (pgolf_kernels.adam_rows); auto: "
+                         "on for the kernel path, off for --reference")
     ap.add_argument("--graph-min-steps", type=int, default=None,
                     help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
                          "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "
@@ -688,7 +693,8 @@ def _configs(args):
             batch_seqs=args.batch_seqs, targets=over.get("targets", ("q", "v"))).items() if v is not None})
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
-                  cuda_graphs=args.cuda_graphs == "on", **over), None
+                  cuda_graphs=args.cuda_graphs == "on",
+                  fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer], **over), None
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):

@@ -77,6 +77,10 @@ class TTTConfig(AdamSettings):
     # without its graph costs at most its host time more, and a whole compiled step without graphs took 0.066 s
     # in the warm-up's second pass. 1: every planned graph is captured
     graph_min_steps: int = 3
+    # the adapters' optimizer step in one pass per parameter (pgolf_kernels.adam_rows: 28 bytes of traffic per
+    # parameter instead of ~88 for the torch ops; the records' recipe steps 320.9 M fp32 parameters every TTT step,
+    # 9.0 GB instead of ~28 GB). None: on for the kernel path, off for --reference (the baseline's plain torch ops)
+    fused_optimizer: Optional[bool] = None
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -144,6 +148,8 @@ class TTTConfig(AdamSettings):
         if isinstance(gms, bool) or not isinstance(gms, int) or gms < 1:
             raise ValueError(f"graph_min_steps: {gms!r}; expected a whole number of steps >= 1 (1: capture every "
                              f"planned graph)")
+        if self.fused_optimizer not in (None, True, False):
+            raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
         if self.graph_capture not in GRAPH_CAPTURE:
             raise ValueError(f"graph_capture: {self.graph_capture!r}; expected one of {', '.join(GRAPH_CAPTURE)}")
         if not isinstance(self.tail_block, bool):

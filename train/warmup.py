@@ -95,7 +95,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     stream, starts, ns = _synthetic_docs(V, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
-    opt = optimizer_for(ad.params, cfg, per_row=graphs)  # as the eval's with graphs
+    opt = optimizer_for(ad.params, cfg, per_row=graphs, backend=ad.backend)  # as the eval's
     batch = np.arange(min(len(ns), cfg.batch_size))
     rates = {}
     # graphs: the passes' steps padded to the graphs' buckets (StepGraphs without capture runs the same bucketed body
@@ -181,7 +181,7 @@ def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, 
     stream, starts, ns = _synthetic_docs(model.config.vocab_size, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)  # the eval's adapter rows: their shapes are static
-    opt = optimizer_for(ad.params, cfg, per_row=True)
+    opt = optimizer_for(ad.params, cfg, per_row=True, backend=ad.backend)
     _full_window_step(model, lut, cfg, ad, opt, device, model.config.vocab_size, g)  # first, as warmup() does
     ttt_batch(model, stream, starts, ns, np.arange(min(len(ns), cfg.batch_size)), cfg, ad, opt, st)
     sync_device(device)

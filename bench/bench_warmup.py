@@ -116,7 +116,12 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
                                                                      "--parallel-compile", "global")),
          # graphs ahead (the share's own plan, the rare ones left out) with the global pass's child only
          "records-ref-tail-w96-global": ("records", True, ("--tail-block", "--graph-window-step", "96",
-                                                           "--parallel-compile", "global"))}
+                                                           "--parallel-compile", "global")),
+         # the same with the adapters' optimizer fused (pgolf_kernels.adam_rows; auto keeps --reference on torch ops):
+         # every one of the share's 4,431 steps updates all 320.9 M adapter parameters
+         "records-ref-tail-w96-global-fused": ("records", True, ("--tail-block", "--graph-window-step", "96",
+                                                                 "--parallel-compile", "global",
+                                                                 "--fused-optimizer", "on"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 
@@ -244,7 +249,8 @@ def case_label(recipe: str, reference: bool, extra_args: tuple) -> str:
                             ("rolling schedule", ("--schedule", "rolling") in pairs),
                             ("--tail-block", "--tail-block" in extra_args)) if on]
     opts += [f"{a} {b}" for a, b in zip(extra_args, extra_args[1:])
-             if a in ("--graph-window-step", "--graph-capture", "--graph-min-steps", "--parallel-compile")]
+             if a in ("--graph-window-step", "--graph-capture", "--graph-min-steps", "--parallel-compile",
+                      "--fused-optimizer")]
     if "--compile-cache" in extra_args:
         return head + ", the driver's defaults + " + " + ".join(
             opts + ["--compile-cache (warm = empty cache folders + the cold process's file)"])

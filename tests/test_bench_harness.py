@@ -238,6 +238,8 @@ def test_every_warmup_case_is_a_valid_eval_command_line(name):
     if "--parallel-compile" in extra:
         which = extra[extra.index("--parallel-compile") + 1]
         assert args.parallel_compile == which and f"--parallel-compile {which}" in case_label(*CASES[name])
+    if "--fused-optimizer" in extra:
+        assert args.ttt_cfg.fused_optimizer is True and "--fused-optimizer on" in case_label(*CASES[name])
 
 
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):

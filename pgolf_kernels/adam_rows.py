@@ -46,18 +46,21 @@ def adam_rows_step_ref_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: to
 
 
 @triton.jit
-def _adam_rows_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, rbc2_ptr, n, row_numel, w1, b2, c2, eps, keep,
+def _adam_rows_kernel(p_ptr, g_ptr, m_ptr, v_ptr, step_ptr, rbc2_ptr, row_numel, w1, b2, c2, eps, keep,
                       DECAY: tl.constexpr, LERP_HI: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
+    # grid (blocks of a row, rows): the row's step size and bias correction are two scalars per program, not a
+    # 64-bit division per element
+    row = tl.program_id(1).to(tl.int64)
+    col = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = col < row_numel
+    offs = row * row_numel + col
     p = tl.load(p_ptr + offs, mask=mask, other=0.0)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0)
     if PER_ROW:
-        row = offs // row_numel
-        step = tl.load(step_ptr + row, mask=mask, other=0.0)
-        rbc2 = tl.load(rbc2_ptr + row, mask=mask, other=1.0)
+        step = tl.load(step_ptr + row)
+        rbc2 = tl.load(rbc2_ptr + row)
     else:
         step = tl.load(step_ptr)
         rbc2 = tl.load(rbc2_ptr)
@@ -86,8 +89,10 @@ def _adam_rows_op(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Te
     if n:
         block = 1024
         per_row = step.numel() > 1
-        _adam_rows_kernel[(triton.cdiv(n, block),)](
-            p, g, m, v, step, rbc2, n, n // p.shape[0] if per_row else n, 1.0 - b1, b2, 1.0 - b2, eps, keep,
+        rows = p.shape[0] if per_row else 1
+        row_numel = n // rows
+        _adam_rows_kernel[(triton.cdiv(row_numel, block), rows)](
+            p, g, m, v, step, rbc2, row_numel, 1.0 - b1, b2, 1.0 - b2, eps, keep,
             DECAY=keep != 1.0, LERP_HI=(1.0 - b1) >= 0.5, PER_ROW=per_row, BLOCK=block, num_warps=4)
 
 
@@ -110,6 +115,11 @@ def adam_rows_step_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.
         check_tensor(t, name, dtype=torch.float32, device=p.device, contiguous=True, op=_OP)
         check(t.numel() in (1, p.shape[0]), lambda: f"{_OP}: {name} must hold one value per row of p "
                                                     f"({p.shape[0]}) or one for all, got {t.numel()}")
+    check(step.numel() == rbc2.numel(), lambda: f"{_OP}: step and rbc2 must have one length (per row, or 1), got "
+                                                f"{step.numel()} and {rbc2.numel()}")
+    # one program row per adapter row: CUDA's second grid dimension holds at most 65,535
+    check(step.numel() == 1 or p.shape[0] <= 65535,
+          lambda: f"{_OP}: per-row steps need p.shape[0] <= 65535 rows, got {p.shape[0]}")
     for name, val, lo, hi in (("b1", b1, 0.0, 1.0), ("b2", b2, 0.0, 1.0)):
         check(isinstance(val, (int, float)) and not isinstance(val, bool) and lo <= val < hi,
               lambda: f"{_OP}: {name} must be a float in [0, 1), got {val!r}")

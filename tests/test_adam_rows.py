@@ -89,6 +89,7 @@ def test_adam_rows_refuses_bad_arguments_by_name():
         ((p, g, m.t(), v, step, rbc2), ok, ValueError, "m must be contiguous"),
         ((p, g, m, v, step[:2], rbc2), ok, ValueError, "step must hold one value per row of p"),
         ((p, g, m, v, step, rbc2.half()), ok, TypeError, "rbc2 must have dtype float32"),
+        ((p, g, m, v, step, rbc2[:1]), ok, ValueError, "step and rbc2 must have one length"),
         ((p, g, m, v, step, rbc2), dict(ok, b1=1.0), ValueError, "b1 must be a float in"),
         ((p, g, m, v, step, rbc2), dict(ok, b2=-0.1), ValueError, "b2 must be a float in"),
         ((p, g, m, v, step, rbc2), dict(ok, eps=0.0), ValueError, "eps must be a float > 0"),

@@ -53,6 +53,7 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
     documents in the eval's phase groups (``phased.phase_plan`` with the recipe's phases and phase_docs: the phase
     documents first, each group cut into its own batches, the share taken in each group, as the eval does);
     ``l_step``: the graphs' window bucket step (``TTTConfig.graph_window_step``; None = the default)."""
+    from train.doc_queue import share_of
     from train.graphs import graph_buckets
     from train.phased import phase_plan
     from train.rows import batch_steps, plan_doc_batches, rolling_steps
@@ -72,7 +73,7 @@ def work(recipe: str, share=(0, 8), batch: int = BATCH, phased: bool = False,
     # the documents longest first (phased: each phase group, then the rest), cut into batches as the eval cuts them
     # (plan_doc_batches), and this share's batches of each group (every n-th from k)
     groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.arange(len(ns))]
-    shared = [[g[b] for i, b in enumerate(plan_doc_batches(ns[g], batch)) if i % n == k] for g in groups]
+    shared = [[g[b] for b in share_of(plan_doc_batches(ns[g], batch), (k, n))] for g in groups]
     rb, lb = graph_buckets(batch, window, chunk, l_step)
 
     def batch_sched():

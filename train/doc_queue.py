@@ -22,6 +22,12 @@ from .schedules import ttt_batch, ttt_rolling
 from .scoring import EvalState, score_rows, sync_device
 
 
+def share_of(batches: list, share) -> list:
+    """The batches a static share ``(k, n)`` scores: every n-th from k (all of them for ``share=None``), the order
+    ``BatchClaimer`` hands them out in. The eval's graph plan, its document count and the bench's work count use it."""
+    return list(batches) if share is None else list(batches)[share[0]::share[1]]
+
+
 class BatchClaimer:
     """Hands out batch indices 0, 1, ... exactly once across ranks.
 
@@ -222,12 +228,9 @@ class DocQueue:
 
     def n_docs(self) -> int:
         """Documents of this run (all of them, or this process's share)."""
-        if self.share is None:
-            return int(sum(len(b) for b in self.batches))
-        return int(sum(len(self.batches[j]) for j in range(self.share[0], len(self.batches), self.share[1])))
+        return int(sum(len(b) for b in share_of(self.batches, self.share)))
 
     def share_docs(self) -> np.ndarray:
         """Document indices of this process's static share."""
-        k, n = self.share
-        ids = range(k, len(self.batches), n)
-        return np.concatenate([self.batches[i] for i in ids]) if len(ids) else np.zeros(0, np.int64)
+        mine = share_of(self.batches, self.share)
+        return np.concatenate(mine) if mine else np.zeros(0, np.int64)

@@ -71,7 +71,7 @@ from .adapters import DocLoRA
 from .bpb import ByteLUT
 from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
-from .doc_queue import DocQueue
+from .doc_queue import DocQueue, share_of
 from .graphs import StepGraphs
 from .forward import compile_rows_nll
 from .phased import global_pass, global_rows, phase_plan, unfreeze_int6
@@ -292,8 +292,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         # advance in a single process (all batches, or its static share), else every bucket is captured. Why the
         # share: the records' 1/8 share planned its graphs over every batch of the set, 119 (bucket, kind) pairs of
         # which its own steps use 64, and prepared them in 25.8 s cold on the H200
-        own = [[bt[i] for i in (range(share[0], len(bt), share[1]) if share else range(len(bt)))]
-               for bt in group_batches]
+        own = [share_of(bt, share) for bt in group_batches]
         batches_ns = None
         if cfg.schedule == "batch":
             batches_ns = [ns[b] for batches in (group_batches if distributed else own) for b in batches]
@@ -923,10 +922,10 @@ def main(argv=None) -> dict:
         t_mark[0] = now
 
     mark("checks")
-    gws = cfg.graph_window_step
-    if args.graph_window_step is None and gws is not None and gws > window:
-        gws = None  # the recipe's step belongs to its own window: a smaller window given takes the default rule
-    cfg = dataclasses.replace(cfg, window=window, chunk=chunk, graph_window_step=gws)
+    from .ttt_config import fit_window_step
+
+    cfg = dataclasses.replace(cfg, window=window, chunk=chunk, graph_window_step=fit_window_step(
+        cfg.graph_window_step, window, given=args.graph_window_step is not None))
     if cc is not None:
         cc = dataclasses.replace(cc, window=window, train_len=args.train_len or seq_len)
     from .checks import CheckError

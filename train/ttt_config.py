@@ -192,7 +192,16 @@ def recipe(name: str, **overrides) -> TTTConfig:
     if unknown:
         raise ValueError(f"recipe overrides: unknown fields {sorted(unknown)}")
     merged = {**RECIPES[name], **overrides}
-    # a preset's window-bucket step belongs to the preset's window: with a smaller window given, the default rule
-    if "graph_window_step" not in overrides and (merged.get("graph_window_step") or 0) > merged.get("window", 0):
-        merged["graph_window_step"] = None
+    merged["graph_window_step"] = fit_window_step(merged.get("graph_window_step"),
+                                                  merged.get("window", TTTConfig.window),
+                                                  given="graph_window_step" in overrides)
     return TTTConfig(**merged)
+
+
+def fit_window_step(step: Optional[int], window: int, *, given: bool) -> Optional[int]:
+    """The CUDA graphs' window-bucket step for ``window``: a recipe's step belongs to the recipe's own window, so
+    one above a smaller window given later falls back to the default rule (None); a step the user gave is kept
+    as given (``TTTConfig`` then refuses it by name if it does not fit)."""
+    if given or step is None or step <= window:
+        return step
+    return None

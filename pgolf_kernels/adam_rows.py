@@ -34,7 +34,8 @@ _OP = "adam_rows_step_"
 
 def adam_rows_step_ref_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, step: torch.Tensor,
                         rbc2: torch.Tensor, b1: float, b2: float, eps: float, keep: float = 1.0) -> None:
-    """The torch reference of ``adam_rows_step_`` (``BatchedAdam``'s per-row step on one tensor)."""
+    """The torch reference of ``adam_rows_step_``: ``BatchedAdam``'s per-row step written for one tensor (BatchedAdam
+    itself keeps the foreach form over all its tensors, the baseline ``--reference`` runs and was measured with)."""
     if keep != 1.0:
         p.mul_(keep)
     m.lerp_(g, 1 - b1)

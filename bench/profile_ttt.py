@@ -5,7 +5,9 @@ positions, records: 2048) with grad, score the last chunk of targets of each row
 adapters, the recipe's optimizer (Adam / AdamW).
 Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
 each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``); a ``-tail`` suffix runs the
-step with ``TTTConfig.tail_block`` (the last block at the scored chunk only). Prints ms/step (median of CUDA-synchronized steps) and a
+step with ``TTTConfig.tail_block`` (the last block at the scored chunk only); ``-fused`` / ``-torchopt`` set the
+adapters' optimizer (``TTTConfig.fused_optimizer`` on / off; without either, as the eval's auto: fused on the kernel
+path, torch ops on the reference), so the optimizer's share and the LoRA kernels' share of a difference come apart. Prints ms/step (median of CUDA-synchronized steps) and a
 torch.profiler table of the top CUDA kernels per variant, so the split between GEMMs, attention,
 elementwise passes and host overhead (wall minus GPU-busy) is measured, not guessed.
 
@@ -242,8 +244,9 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
-                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-autotune]; -tail: "
-                        "TTTConfig.tail_block; -autotune: torch.compile mode max-autotune-no-cudagraphs (compile only)")
+                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-autotune]; -tail: "
+                        "TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer fused / torch ops (default: "
+                        "as the eval's auto); -autotune: torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
     p.add_argument("--new-shapes", type=int, default=0,
@@ -271,12 +274,9 @@ def main(argv=None):
             raise SystemExit(f"profile_ttt: --first-call: {a.first_call!r}; expected ROWSxWINDOW, each >= 2 (e.g. 64x64)")
         first_call = (int(parts[0]), int(parts[1]))
     for v in a.variants.split(","):  # refused before the artifact is built
-        parts = v.split("-")
-        if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile") \
-                or parts[2:] not in ([], ["tail"], ["autotune"], ["tail", "autotune"]) \
-                or (parts[1] == "eager" and "autotune" in parts):
+        if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-autotune] (-autotune with compile only)")
+                             f"[-fused|-torchopt][-autotune], suffixes in that order (-autotune with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
@@ -306,19 +306,19 @@ def main(argv=None):
            "targets": list(cfg.targets), "optimizer": cfg.optimizer, "variants": {}}
     if a.work_rows:
         out["work"] = {}
-        for tail in sorted({"tail" in v.split("-")[2:] for v in a.variants.split(",")}):
+        for tail in sorted({_variant(v)["tail"] for v in a.variants.split(",")}):
             out["work"]["tail" if tail else "full"] = _count_work(path, cfg, tail, a.work_rows, dev)
         if a.work_only:
             _save(out, a.out)
             return out
     for v in a.variants.split(","):
-        parts = v.split("-")
-        path_kind, mode = parts[:2]
-        # -tail: TTTConfig.tail_block (the last block at the scored chunk only)
-        cfg_v = dataclasses.replace(cfg, tail_block="tail" in parts[2:])
+        var = _variant(v)
+        path_kind, mode = var["path"], var["mode"]
+        # -tail: TTTConfig.tail_block (the last block at the scored chunk only); -fused / -torchopt: the optimizer
+        cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"])
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev)
         step = _step_fn(model, ad, opt, mode == "compile",
-                        mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
+                        mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
         t = time.perf_counter()
         try:
             if first_call:  # the compile happens here, at the small shape; the full one follows
@@ -341,14 +341,14 @@ def main(argv=None):
         for k, t_ms, c in rows:
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
-                              "top": rows, "categories_ms": cats}
-        work = out.get("work", {}).get("tail" if "tail" in parts[2:] else "full")
+                              "top": rows, "categories_ms": cats, "fused_optimizer": opt.fused}
+        work = out.get("work", {}).get("tail" if var["tail"] else "full")
         if work:  # the reference step's work over this variant's time: comparable across variants
             fl = work["floor"]
             rate = {"step_tflop_per_s": round((fl["gemm_tflop"] + fl["attention_tflop"]) / ms * 1e3, 1)}
             if cats.get("attention"):
                 rate["attention_tflop_per_s"] = round(fl["attention_tflop"] / cats["attention"] * 1e3, 1)
-            if cats.get("gemm") and mode == "compile" and path_kind == "reference" and "autotune" not in parts:
+            if cats.get("gemm") and mode == "compile" and path_kind == "reference" and not var["autotune"]:
                 # its GEMMs are all cuBLAS (the kernel path's and an autotuned one's are partly Triton)
                 rate["gemm_tflop_per_s"] = round(fl["gemm_tflop"] / cats["gemm"] * 1e3, 1)
             out["variants"][v]["achieved"] = rate
@@ -365,6 +365,24 @@ def main(argv=None):
             torch.cuda.empty_cache()
     _save(out, a.out)
     return out
+
+
+_SUFFIXES = ("tail", "fused", "torchopt", "autotune")  # the order a variant's suffixes must come in
+
+
+def _variant(v: str):
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-autotune]' -> dict(path, mode, tail, fused, autotune)
+    (fused: True / False / None = the eval's auto), or None when ``v`` is not of that form."""
+    parts = v.split("-")
+    if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
+        return None
+    suf = parts[2:]
+    order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
+    if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
+            or (parts[1] == "eager" and "autotune" in suf):
+        return None
+    return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
+            "fused": True if "fused" in suf else False if "torchopt" in suf else None, "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

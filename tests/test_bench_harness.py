@@ -797,6 +797,36 @@ def test_profile_ttt_kernel_categories_and_refusals():
         main(["--variants", "kernel-fast", "--device", "cpu"])
 
 
+def test_profile_ttt_variant_names():
+    """A variant's suffixes come in one order (tail, fused or torchopt, autotune) and set what they name; the rest is
+    refused by name before anything is built."""
+    from bench.profile_ttt import _variant, main
+
+    assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
+                                          "autotune": False}
+    assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
+                                                                 "fused": True, "autotune": True}
+    assert _variant("reference-eager-torchopt")["fused"] is False
+    for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
+                "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra"):
+        assert _variant(bad) is None, bad
+        with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
+            main(["--variants", bad, "--device", "cpu"])
+
+
+def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
+    """-fused / -torchopt set the step's optimizer (reported per variant), whatever the path's auto default; a smoke
+    run on the CPU at a tiny shape (the fused op's CPU dispatch is its torch reference)."""
+    from bench.profile_ttt import main
+
+    out = main(["--device", "cpu", "--batch", "2", "--window", "96", "--chunk", "32", "--rank", "4", "--steps", "1",
+                "--top", "3", "--variants", "reference-eager-tail-fused,reference-eager-torchopt,reference-eager",
+                "--out", str(tmp_path)])
+    got = {k: v["fused_optimizer"] for k, v in out["variants"].items()}
+    assert got == {"reference-eager-tail-fused": True, "reference-eager-torchopt": False, "reference-eager": False}
+    assert all(v["step_ms"] > 0 for v in out["variants"].values())
+
+
 def test_profile_ttt_step_work_counts_gemms_and_causal_attention():
     """bench.profile_ttt.step_work counts a step's GEMM FLOPs (forward, dX, dW) and its attention FLOPs as the
     FlashAttention convention does (causal: about half the score matrix; backward 2.5x the forward), and

@@ -91,12 +91,10 @@ class BatchedAdam:
 
     def _step_per_row(self, ps, m, v, g) -> None:
         """The same formula with t, 1-b1^t and 1-b2^t per row (broadcast over each row's elements)."""
-        self.row_t += 1
+        step, rbc2 = self._row_scales()
         torch._foreach_lerp_(m, g, 1 - self.b1)
         torch._foreach_mul_(v, self.b2)
         torch._foreach_addcmul_(v, g, g, value=1 - self.b2)
-        step = (-self.lr / (1 - self.b1 ** self.row_t)).float()   # (rows,)
-        rbc2 = (1 - self.b2 ** self.row_t).sqrt().float()          # (rows,)
         for p, mi, vi in zip(ps, m, v):
             shape = (-1,) + (1,) * (p.dim() - 1)
             denom = vi.sqrt().div_(rbc2.view(shape)).add_(self.eps)
@@ -105,15 +103,18 @@ class BatchedAdam:
             p.grad = None
 
 
+    def _row_scales(self):
+        """Count one more step on every row: (-lr / (1 - b1^t), sqrt(1 - b2^t)) per row, fp32 (rows,) on the device."""
+        self.row_t += 1
+        return (-self.lr / (1 - self.b1 ** self.row_t)).float(), (1 - self.b2 ** self.row_t).sqrt().float()
+
     def _step_fused(self, ps, m, v, g) -> None:
         """``step`` in one ``adam_rows_step_`` pass per parameter: the per-row (or batch-wide) step sizes and bias
         corrections as device vectors, the rest in the kernel."""
         from pgolf_kernels.adam_rows import adam_rows_step_
 
         if self.row_t is not None:
-            self.row_t += 1
-            step = (-self.lr / (1 - self.b1 ** self.row_t)).float()
-            rbc2 = (1 - self.b2 ** self.row_t).sqrt().float()
+            step, rbc2 = self._row_scales()
         else:
             dev = ps[0].device
             step = torch.full((1,), -self.lr / (1 - self.b1 ** self.t), dtype=torch.float32, device=dev)
@@ -130,6 +131,5 @@ def optimizer_for(params: List[torch.Tensor], cfg, per_row: bool = False, backen
     (``BatchedAdam(fused=True)``) as ``cfg.fused_optimizer`` says; its default (None) fuses it on the kernel path
     (``backend`` "kernel") and keeps the torch ops for ``--reference`` ("bmm"), the baseline as a user writes it."""
     wd = cfg.weight_decay if cfg.optimizer == "adamw" else 0.0
-    fused = getattr(cfg, "fused_optimizer", None)
-    fused = backend == "kernel" if fused is None else bool(fused)
+    fused = backend == "kernel" if cfg.fused_optimizer is None else cfg.fused_optimizer
     return BatchedAdam(params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, per_row=per_row, weight_decay=wd, fused=fused)

@@ -28,10 +28,9 @@ PHASED_L_STEPS = (256, 128, 96, 48)  # 256: the default for the records' recipe 
 
 def _count(steps, r_buckets, l_buckets, window) -> Dict[str, float]:
     from train.graphs import bucket_of, window_spans
-
-    n = real = bucketed = small = 0
     from train.ttt_config import TTTConfig
 
+    n = real = bucketed = small = 0
     keys, graphs = set(), {}
     for live, b, trains in steps:
         spans = window_spans(b, window)

@@ -78,7 +78,7 @@ from .phased import global_pass, global_rows, phase_plan, unfreeze_int6
 from .ledger import LegalityError
 from .rows import plan_rows, split_docs
 from .scoring import make_state, score_rows, sync_device
-from .ttt_config import MAX_RANK, OPTIMIZERS, RECIPES, TARGETS, TTTConfig, recipe
+from .ttt_config import MAX_RANK, OPTIMIZERS, RECIPES, TARGETS, TTTConfig, fit_window_step, recipe
 from .ttt_optim import optimizer_for
 from .warmup import warmup, warmup_chunked
 
@@ -922,8 +922,6 @@ def main(argv=None) -> dict:
         t_mark[0] = now
 
     mark("checks")
-    from .ttt_config import fit_window_step
-
     cfg = dataclasses.replace(cfg, window=window, chunk=chunk, graph_window_step=fit_window_step(
         cfg.graph_window_step, window, given=args.graph_window_step is not None))
     if cc is not None:

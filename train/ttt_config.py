@@ -69,7 +69,7 @@ class TTTConfig(AdamSettings):
     # when each CUDA graph is captured: "ahead" (before the first scored step: one synthetic warm step per graph, then
     # the capture) or "first-use" (at the first step of its bucket and kind, which runs without a graph and is that
     # graph's warm step: no synthetic step, train.graphs). The records' 1/8 share spent 17.2-20.4 s on the 119
-    # synthetic warm steps ahead (H200); first-use is not yet timed on a GPU
+    # synthetic warm steps ahead (H200); first-use is not yet timed on its own on a GPU
     graph_capture: str = "ahead"
     # a (bucket, kind) that the plan meets in fewer steps than this is not captured: its steps run the same body
     # without a graph. Why: on the records' 1/8 share 22 of the 64 planned graphs serve 3 steps or fewer (13 serve

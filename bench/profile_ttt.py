@@ -167,6 +167,11 @@ def step_work(step, rb) -> dict:
     def counting(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *args, **kwargs):
         grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
         calls.append((tuple(q.shape), tuple(k.shape), bool(is_causal), attn_mask is not None, grad))
+        if kwargs.pop("enable_gqa", False) and k.size(-3) != q.size(-3):
+            # the flop counter's cuDNN / flash formulas assert equal q and k/v heads (a GQA step on CUDA stopped
+            # there): repeat the k/v heads, the same attention; its FLOPs are counted above, not by the counter
+            rep = q.size(-3) // k.size(-3)
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
         return sdpa(q, k, v, attn_mask, dropout_p, is_causal, *args, **kwargs)
 
     F.scaled_dot_product_attention = counting
@@ -175,7 +180,7 @@ def step_work(step, rb) -> dict:
             step(rb)
     finally:
         F.scaled_dot_product_attention = sdpa
-    gemm = {str(op).split(".")[-1]: n for op, n in fc.get_flop_counts()["Global"].items()
+    gemm = {str(op).split(".")[-1]: n for op, n in fc.get_flop_counts().get("Global", {}).items()
             if "attention" not in str(op) and "flash" not in str(op)}
     fwd = bwd = 0.0
     for q, k, causal, masked, grad in calls:
@@ -200,6 +205,15 @@ def work_floor(work: dict, adapter_params: int, *, scale: float = 1.0) -> dict:
             "floor_ms_at_peak": {k: round(v, 2) for k, v in ms.items()}, "floor_ms_total": round(sum(ms.values()), 2)}
 
 
+def _at_window(cfg, window: int):
+    """``cfg`` at a smaller ``window``: the recipe's graph window step (records: 96) is dropped where it exceeds
+    the window, as ``ttt_config.recipe`` does (``--first-call 64x64`` on the records' recipe stopped there)."""
+    from train.ttt_config import fit_window_step
+
+    return dataclasses.replace(cfg, window=window,
+                               graph_window_step=fit_window_step(cfg.graph_window_step, window, given=False))
+
+
 def _new_shapes(step, ad, cfg, dev, batch: int, window: int, n: int, top: int):
     """What a step pays the first time it meets a (rows, window) shape, as each new CUDA-graph bucket's first step
     does: ``n`` shapes the variant has not met (rows and window shrinking by 5 and 64 per shape), each stepped
@@ -211,7 +225,7 @@ def _new_shapes(step, ad, cfg, dev, batch: int, window: int, n: int, top: int):
     out, cpu_top = [], []
     for i in range(n + 1):
         R, L = max(2, batch - 5 * (i + 1)), max(cfg.chunk + 64, window - 64 * (i + 1))
-        rb = _rows(L + 1, R, dataclasses.replace(cfg, window=L), dev, seed=10 + i)
+        rb = _rows(L + 1, R, _at_window(cfg, L), dev, seed=10 + i)
         ad.set_rows(torch.arange(R, device=dev))
         if i == n:
             _sync()
@@ -324,7 +338,7 @@ def main(argv=None):
             if first_call:  # the compile happens here, at the small shape; the full one follows
                 R, L = first_call
                 ad.set_rows(torch.arange(R, device=dev))
-                step(_rows(L + 1, R, dataclasses.replace(cfg_v, window=L), dev, seed=7))
+                step(_rows(L + 1, R, _at_window(cfg_v, L), dev, seed=7))
                 ad.set_rows(torch.arange(ad.n_docs, device=dev))
             step(rb)
             _sync()

@@ -863,6 +863,53 @@ def test_profile_ttt_step_work_counts_gemms_and_causal_attention():
     assert fl["floor_ms_total"] == pytest.approx(want * 1e3, abs=0.02)
 
 
+def test_profile_ttt_step_work_repeats_kv_heads_for_the_counter(monkeypatch):
+    """On CUDA the flop counter's cuDNN attention formula asserts equal q and k/v heads, which stopped a GQA step's
+    count on the H200: step_work hands SDPA repeated k/v heads (the same attention) and counts the call from the
+    shapes it was given. Checked with an SDPA that refuses unequal heads, as that formula does."""
+    import torch.nn.functional as F
+
+    from bench.profile_ttt import step_work
+
+    real = F.scaled_dot_product_attention
+
+    def strict(q, k, v, *args, **kwargs):
+        assert q.size(-3) == k.size(-3) == v.size(-3), "query/key/value shapes are incompatible"
+        assert not kwargs.get("enable_gqa", False)
+        return real(q, k, v, *args, **kwargs)
+
+    g = torch.Generator().manual_seed(11)
+    B, H, Hkv, S, D = 2, 4, 2, 8, 16
+    q = torch.randn(B, H, S, D, generator=g, requires_grad=True)
+    k = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
+    v = torch.randn(B, Hkv, S, D, generator=g, requires_grad=True)
+    want = real(q, k, v, is_causal=True, enable_gqa=True)
+    got = {}
+
+    def step(_):
+        got["y"] = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        got["y"].sum().backward()
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", strict)
+    work = step_work(step, None)
+    assert F.scaled_dot_product_attention is strict  # restored to what it was
+    torch.testing.assert_close(got["y"], want, rtol=0, atol=1e-6)
+    assert work["attention_calls"][0]["k"] == [B, Hkv, S, D]  # counted as called, not as repeated
+    assert work["attention_fwd_flop"] == pytest.approx(4.0 * B * H * S * S * D * (S + 1) / (2 * S))
+
+
+def test_profile_ttt_smaller_windows_drop_a_step_that_does_not_fit():
+    """--first-call and the new-shape steps build the recipe at a smaller window: the records' graph window step
+    (96) is kept where it fits and dropped below it, where TTTConfig would refuse it (--first-call 64x64 did)."""
+    from bench.profile_ttt import _at_window
+    from train.ttt_config import recipe
+
+    cfg = recipe("records")
+    assert cfg.graph_window_step == 96
+    assert _at_window(cfg, 64).window == 64 and _at_window(cfg, 64).graph_window_step is None
+    assert _at_window(cfg, 1984).graph_window_step == 96
+
+
 def test_profile_ttt_work_only_on_cpu(tmp_path):
     """--work-only counts the reference step's work on a CPU (the counts do not depend on the device), scales the
     rows counted to the batch, and refuses a bad --work-rows or an -autotune variant without compile by name."""

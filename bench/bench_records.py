@@ -595,8 +595,12 @@ def _spawn(args: List[str], timeout: float, caches: str = "", **env_extra: str):
 
 
 def slope_ms(log: str, lo: int = 10, hi: int = 50, tokens_per_step: int = 0):
-    """Least-squares slope (ms/step) of train_time over steps lo..hi, the residual std (ms), the number of points
-    and the last logged train loss."""
+    """Least-squares slope (ms/step) of train_time over steps lo..hi, the residual std (ms), the number of points,
+    the last logged train loss, and the median and the largest per-step increment (ms; logged steps apart by
+    more than one are divided by their distance). The elapsed time is cumulative, so one stalled step lifts every
+    later point: the least-squares slope then moves by a share of the stall and the residual std grows (a run of
+    the 2026-04-29 script: 596.4 ms/step with residual std 80 ms, against 582.4 ms and 2.2 ms for its repeat),
+    while the median increment stays the steady step time."""
     every = train_points(log, tokens_per_step)
     pts = [(s, t) for s, _, t in every if lo <= s <= hi]
     if len(pts) < 3:
@@ -607,7 +611,8 @@ def slope_ms(log: str, lo: int = 10, hi: int = 50, tokens_per_step: int = 0):
     b = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum()
     resid = y - (ym + b * (x - xm))
     last_loss = every[-1][1]
-    return float(b), float(resid.std()), len(pts), last_loss
+    inc = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(pts, pts[1:]) if s1 > s0]
+    return float(b), float(resid.std()), len(pts), last_loss, float(statistics.median(inc)), float(max(inc))
 
 
 def _save(rows):
@@ -643,7 +648,13 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         med("patched", 0), "record train ms/step", med("record", 0), runs=len(runs["patched"]),
         slopes_ms=[round(r[1][0], 2) for r in runs["patched"]], baseline_slopes_ms=[round(r[1][0], 2) for r in runs["record"]],
         run_spread_ms=spread("patched"), baseline_run_spread_ms=spread("record"), noise_ms=med("patched", 1),
-        baseline_noise_ms=med("record", 1), steps_fit=runs["patched"][0][1][2], train_loss_last=med("patched", 3),
+        baseline_noise_ms=med("record", 1),
+        # per run, the median per-step increment (the steady step, blind to a stall) and the largest one (a stall)
+        step_median_ms=[round(r[1][4], 2) for r in runs["patched"]],
+        baseline_step_median_ms=[round(r[1][4], 2) for r in runs["record"]],
+        step_max_ms=[round(r[1][5], 1) for r in runs["patched"]],
+        baseline_step_max_ms=[round(r[1][5], 1) for r in runs["record"]],
+        steps_fit=runs["patched"][0][1][2], train_loss_last=med("patched", 3),
         baseline_train_loss_last=med("record", 3), peak_mb=po["peak_mb"], baseline_peak_mb=ro["peak_mb"],
         # Muon.step timed in place, inside the training loop (median of the steady steps of each run's median)
         muon_step_ms=_median_of(runs["patched"], "muon_step_ms"),

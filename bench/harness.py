@@ -211,6 +211,12 @@ def run_child(cmd: List[str], timeout: float, log_dir: str, name: str, env=None,
     so a partial log survives even when the caller is killed first. ``stop_when(stdout so far)``, polled every
     ``poll_s`` seconds: True stops the child there (a bench that needs only an early line of its output)."""
     os.makedirs(log_dir, exist_ok=True)
+    # a repeated child gets name-2, name-3, ...: the logs of every run stay (a second run had overwritten the
+    # first, whose one slow step then could not be looked at)
+    base, i = name, 1
+    while os.path.exists(os.path.join(log_dir, f"{name}.log")):
+        i += 1
+        name = f"{base}-{i}"
     out_path, err_path = os.path.join(log_dir, f"{name}.log"), os.path.join(log_dir, f"{name}.err")
 
     def read(path: str) -> str:

@@ -92,13 +92,19 @@ def test_records_training_log_slopes():
 
     ms = "\n".join(f"step:{s}/50 train_loss:{5 - s / 100:.4f} train_time:{1000 + 80 * s}ms step_avg:1ms"
                    for s in range(1, 51))
-    b, noise, n, last = slope_ms(ms, 10, 50)
-    assert abs(b - 80) < 1e-9 and noise < 1e-9 and n == 41 and last == 4.5
+    b, noise, n, last, med, worst = slope_ms(ms, 10, 50)
+    assert abs(b - 80) < 1e-9 and noise < 1e-9 and n == 41 and last == 4.5 and med == worst == 80
     tokens = 393_216  # elapsed(s) = 0.5 s + 0.25 s per step
     rate = "\n".join(f"{s}/50 train_loss: {5 - s / 100:.4f} train_time: 0.1m tok/s: {round(s * tokens / (0.25 * s + 0.5))}"
                      for s in range(1, 51))
-    b, noise, n, last = slope_ms(rate, 10, 50, tokens)
-    assert abs(b - 250) < 0.01 and n == 41 and last == 4.5
+    b, noise, n, last, med, _ = slope_ms(rate, 10, 50, tokens)
+    assert abs(b - 250) < 0.01 and n == 41 and last == 4.5 and abs(med - 250) < 0.01
+    # one step stalled by 400 ms at step 30 (every later elapsed time lifted), steps logged every 2 from 40 on:
+    # the least-squares slope moves, the median increment does not, the largest increment shows the stall
+    ms = "\n".join(f"step:{s}/50 train_loss:4.0 train_time:{1000 + 80 * s + (400 if s >= 30 else 0)}ms step_avg:1ms"
+                    for s in list(range(1, 40)) + list(range(40, 51, 2)))
+    b, noise, n, _, med, worst = slope_ms(ms, 10, 50)
+    assert b > 85 and noise > 50 and med == 80 and worst == 480 and n == 36
 
 
 def test_warmup_bench_refuses_an_unknown_case_before_any_work(monkeypatch):
@@ -407,6 +413,11 @@ def test_records_child_timeout_kills_its_process_group_and_keeps_its_output(tmp_
         raise AssertionError(f"grandchild {gpid} still running")
     rc, out, _ = run_child([sys.executable, "-c", "print('RESULT {}')"], 30.0, str(tmp_path / "logs"), "ok")
     assert rc == 0 and out.strip() == "RESULT {}"
+    # a repeat of the same child keeps the first one's logs
+    rc, out, _ = run_child([sys.executable, "-c", "print('again')"], 30.0, str(tmp_path / "logs"), "ok")
+    assert rc == 0 and out.strip() == "again"
+    assert (tmp_path / "logs" / "ok.log").read_text().strip() == "RESULT {}"
+    assert (tmp_path / "logs" / "ok-2.log").read_text().strip() == "again"
 
 
 @pytest.mark.parametrize("value", ["-3", "many", "2.5"])

@@ -121,7 +121,14 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # every one of the share's 4,431 steps updates all 320.9 M adapter parameters
          "records-ref-tail-w96-global-fused": ("records", True, ("--tail-block", "--graph-window-step", "96",
                                                                  "--parallel-compile", "global",
-                                                                 "--fused-optimizer", "on"))}
+                                                                 "--fused-optimizer", "on")),
+         # case (c)'s kernel path beside it, graphs forced on (auto keeps them off until every kernel-path GPU
+         # replay test has passed): its step is 94.1 GPU-ms against 99.2 for the reference with the same optimizer
+         # but host-bound without graphs (107.9 ms, profile-ttt-h200.md measurement 6); this says what replay
+         # gives it in the eval, and its val_bpb against the reference row's 3.636866
+         "records-kernel-tail-w96-global-graphs": ("records", False, ("--tail-block", "--graph-window-step", "96",
+                                                                      "--parallel-compile", "global",
+                                                                      "--cuda-graphs", "on"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

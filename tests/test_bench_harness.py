@@ -246,6 +246,8 @@ def test_every_warmup_case_is_a_valid_eval_command_line(name):
         assert args.parallel_compile == which and f"--parallel-compile {which}" in case_label(*CASES[name])
     if "--fused-optimizer" in extra:
         assert args.ttt_cfg.fused_optimizer is True and "--fused-optimizer on" in case_label(*CASES[name])
+    if ("--cuda-graphs", "on") in set(zip(extra, extra[1:])):
+        assert args.cuda_graphs == "on" and "CUDA graphs" in case_label(*CASES[name])
 
 
 def test_records_ttt_children_run_on_fresh_caches_and_hand_over_the_cache_file(monkeypatch, tmp_path):

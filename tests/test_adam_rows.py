@@ -100,6 +100,34 @@ def test_adam_rows_refuses_bad_arguments_by_name():
             adam_rows_step_(*args, **kw)
     with pytest.raises(ValueError, match="expected fp32 parameters"):
         BatchedAdam([torch.zeros(2, 3, dtype=torch.float64)], 1e-2, fused=True)
+    with pytest.raises(ValueError, match="expected contiguous parameters"):
+        BatchedAdam([torch.zeros(3, 2).t()], 1e-2, fused=True)
+
+
+def test_batched_adam_fused_checks_its_state_once_and_gradients_every_step():
+    """BatchedAdam(fused=True) checks its hyperparameters through the op's own checks when built, and every step's
+    gradients' layout before any state moves (torch's .grad assignment refuses another dtype, shape or device), then
+    calls the op with validate=False: a non-contiguous gradient is refused on any step and leaves the step counts as
+    they were; validate=False computes what validate=True does."""
+    with pytest.raises(ValueError, match="b2 must be a float in"):
+        BatchedAdam([torch.zeros(2, 3)], 1e-2, (0.0, 1.0), fused=True)
+    g = torch.Generator().manual_seed(3)
+    p = torch.randn(3, 4, generator=g)
+    opt = BatchedAdam([p], 1e-2, (0.0, 0.999), 1e-10, per_row=True, weight_decay=1.0, fused=True)
+    for step in range(2):
+        p.grad = torch.randn(4, 3, generator=g).t()  # (3, 4), not contiguous
+        with pytest.raises(ValueError, match=r"a gradient must be contiguous; got strides \(1, 3\)"):
+            opt.step()
+        assert opt.t == step and torch.equal(opt.row_t, torch.full((3,), float(step), dtype=torch.float64))
+        p.grad = torch.randn(3, 4, generator=g)
+        opt.step()
+    ours = _state((3, 4), seed=4)
+    ref = [t.clone() for t in ours]
+    step, rbc2 = _vectors(3, [1.0, 2.0, 3.0], 0.0, 0.999, 1e-2)
+    adam_rows_step_(*ours, step, rbc2, b1=0.0, b2=0.999, eps=1e-10, keep=0.99, validate=False)
+    adam_rows_step_(*ref, step, rbc2, b1=0.0, b2=0.999, eps=1e-10, keep=0.99)
+    for a, b in zip(ours, ref):
+        assert torch.equal(a, b)
 
 
 def test_adam_rows_under_torch_compile_fullgraph():

@@ -41,28 +41,20 @@ def run(quick: bool = False) -> List[Dict[str, object]]:
         for p in ad.params:
             p.grad = torch.randn(p.shape, device=dev, generator=g)
 
-        def make(fused: bool):
+        grads = [p.grad for p in ad.params]
+
+        def make(fused: bool, compiled: bool = False):
             opt = BatchedAdam(ad.params, cfg.lr, (cfg.beta1, cfg.beta2), cfg.eps, per_row=True, weight_decay=wd,
                               fused=fused)
-            grads = [p.grad for p in ad.params]
+            opt_step = torch.compile(opt.step) if compiled else opt.step
 
             def step():
                 for p, gr in zip(ad.params, grads):  # the step clears .grad: hand the same gradients back
                     p.grad = gr
-                opt.step()
-            return step, opt
+                opt_step()
+            return step
 
-        fused, _ = make(True)
-        torch_ops, _ = make(False)
-        compiled_opt = make(False)[1]
-        grads = [p.grad for p in ad.params]
-        compiled_step = torch.compile(compiled_opt.step)
-
-        def compiled():
-            for p, gr in zip(ad.params, grads):
-                p.grad = gr
-            compiled_step()
-
+        fused, torch_ops, compiled = make(True), make(False), make(False, compiled=True)
         t = time_all({"fused": fused, "torch": torch_ops, "compiled": compiled}, graph_bench_ms, name)
         base = min(t["torch"], t["compiled"])
         rows.append(make_row(KERNEL, f"{name} recipe adapters, 64 rows: {n / 1e6:.1f} M fp32 params, "

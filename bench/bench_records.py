@@ -654,6 +654,7 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         baseline_step_median_ms=[round(r[1][4], 2) for r in runs["record"]],
         step_max_ms=[round(r[1][5], 1) for r in runs["patched"]],
         baseline_step_max_ms=[round(r[1][5], 1) for r in runs["record"]],
+        **steady_verdict([r[1][4] for r in runs["patched"]], [r[1][4] for r in runs["record"]]),
         steps_fit=runs["patched"][0][1][2], train_loss_last=med("patched", 3),
         baseline_train_loss_last=med("record", 3), peak_mb=po["peak_mb"], baseline_peak_mb=ro["peak_mb"],
         # Muon.step timed in place, inside the training loop (median of the steady steps of each run's median)
@@ -663,6 +664,18 @@ def _train_row(key: str, runs: Dict[str, List[tuple]]) -> Dict[str, object]:
         # Dynamo frames compiled inside the fitted steps, the most of any run (0: the slope is a steady step)
         frames_in_fit=_most_of(runs["patched"], "frames_in_fit"),
         baseline_frames_in_fit=_most_of(runs["record"], "frames_in_fit"), settings=po.get("settings", {}))
+
+
+def steady_verdict(patched: List[float], record: List[float]) -> Dict[str, object]:
+    """The training target ("never slower") decided on the steady step: per variant the median over runs of each
+    run's median per-step increment (a stalled step moves a least-squares slope by a share of the stall, not this),
+    ``steady_delta_ms`` = patched - record, ``steady_noise_ms`` = the larger max - min of one variant's per-run
+    values (the run-to-run noise; 0 with one run each), and ``not_slower`` = delta <= noise."""
+    p, r = float(statistics.median(patched)), float(statistics.median(record))
+    noise = max(max(x) - min(x) for x in (patched, record))
+    delta = p - r
+    return dict(steady_ms=round(p, 2), baseline_steady_ms=round(r, 2), steady_speedup=r / p,
+                steady_delta_ms=round(delta, 2), steady_noise_ms=round(noise, 2), not_slower=bool(delta <= noise))
 
 
 def _most_of(runs: List[tuple], field: str):

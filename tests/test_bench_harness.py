@@ -107,6 +107,19 @@ def test_records_training_log_slopes():
     assert b > 85 and noise > 50 and med == 80 and worst == 480 and n == 36
 
 
+def test_records_training_verdict_on_the_steady_step():
+    """The training row's verdict: patched median steady step against the record's, within the larger per-variant
+    run spread; a slower patched step beyond that spread is reported as slower."""
+    from bench.bench_records import steady_verdict
+
+    v = steady_verdict([582.5, 582.4], [583.1, 581.7])
+    assert v["steady_ms"] == 582.45 and v["baseline_steady_ms"] == 582.4 and v["steady_noise_ms"] == 1.4
+    assert v["steady_delta_ms"] == 0.05 and v["not_slower"] is True
+    v = steady_verdict([590.0, 591.0], [582.0, 582.5])
+    assert v["steady_delta_ms"] == 8.25 and v["not_slower"] is False and abs(v["steady_speedup"] - 582.25 / 590.5) < 1e-12
+    assert steady_verdict([100.0], [100.5])["not_slower"] is True and steady_verdict([101.0], [100.0])["not_slower"] is False
+
+
 def test_warmup_bench_refuses_an_unknown_case_before_any_work(monkeypatch):
     from bench import bench_warmup
 

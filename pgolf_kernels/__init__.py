@@ -6,6 +6,8 @@
 * Newton-Schulz orthogonalization and the Muon optimizer: ``pgolf_kernels.newton_schulz``,
   ``pgolf_kernels.muon``; a Muon step's element-wise passes (momentum, decay + update), each fused:
   ``pgolf_kernels.muon_update``.
+* a linear layer with its activation (leaky_relu(h, 0.5)², the record models' MLP) in the GEMM's epilogue, one
+  persistent TMA kernel (``pgolf_kernels.linear_act``; Hopper, not yet dispatched in the TTT engine).
 * one Adam / AdamW step over stacked per-document adapter rows in one pass (the TTT eval's optimizer):
   ``pgolf_kernels.adam_rows``.
 * drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
@@ -21,7 +23,7 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it. The functions `int6_linear` and `newton_schulz`
-# share their submodule's name, so they are NOT re-exported here (once the submodule is
+# (and `linear_act`) share their submodule's name, so they are NOT re-exported here (once the submodule is
 # imported, Python binds the package attribute to the module and a lazy alias would flip
 # between function and module). Import them from their modules:
 #     from pgolf_kernels.int6_linear import int6_linear
@@ -41,6 +43,7 @@ _LAZY = {
     "momentum_update": "muon_update",
     "decay_add_": "muon_update",
     "adam_rows_step_": "adam_rows",
+    "LinearLeakyReLUSquared": "linear_act",
 }
 
 __all__ = sorted(_LAZY)

@@ -1,0 +1,201 @@
+"""linear_act: the persistent TMA GEMM with the activation in its epilogue, against an fp64 oracle.
+
+CPU lane: the kernel under Triton's interpreter (fp16 / fp32), shared and per-row weights, tiles that leave
+tails in every dimension, NaN-filled outputs, the saved pre-activation, the backward, the custom op's
+registration, the drop-in module, bad input. GPU lane (-m gpu): bf16 at the records' MLP shapes and CUDA-graph
+replay. Tolerance (``pgolf_kernels.testing.assert_close_rel``): at most 2x the error of torch's own path in the
+same dtype (``linear_act_ref``: matmul, then the activation in fp32) against fp64.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
+from pgolf_kernels import _utils
+from pgolf_kernels import linear_act as mod
+from pgolf_kernels.linear_act import LinearLeakyReLUSquared, linear_act, linear_act_ref
+from pgolf_kernels.testing import assert_close_rel, nan_empty
+
+# explicit interpreter tiles: 16 x 16 x 16 leaves tails in T and N; 16 x 32 x 32 has BK > K for K = 24
+CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)]
+# (B or None for a 2-D x, T, N, K, per-row weights)
+SHAPES = [(None, 37, 40, 24, False), (3, 33, 24, 16, True), (2, 20, 8, 32, False), (1, 1, 16, 8, True)]
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(_utils, "empty", nan_empty)
+
+
+def _inputs(B, T, N, K, per_row, dtype, device=DEVICE, scale=0.3):
+    g = torch.Generator().manual_seed(draw_seed())
+    x = torch.randn(*((B, T, K) if B else (T, K)), generator=g).to(device, dtype)
+    w = (torch.randn(*((B, N, K) if per_row else (N, K)), generator=g) * scale).to(device, dtype)
+    return x, w
+
+
+def _oracle(x, w, act="leaky_relu_sq", slope=0.5):
+    y, h = linear_act_ref(x.double(), w.double(), act, slope)
+    return y, h
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("act", ["leaky_relu_sq", "none"])
+def test_forward_matches_fp64(shape, dtype, cfg, act):
+    B, T, N, K, per_row = shape
+    x, w = _inputs(B, T, N, K, per_row, dtype)
+    if not _utils.use_triton(x):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    y, h = mod._launch(x, w, act, 0.5, True, cfg)
+    yr, hr = _oracle(x, w, act)
+    yb, hb = linear_act_ref(x, w, act, 0.5)
+    assert y.shape == yr.shape and y.dtype == dtype
+    assert_close_rel(h, hr, hb, name="h")
+    assert_close_rel(y, yr, yb, name="y")
+
+
+def test_the_bench_tile_configs_on_tails():
+    """Every tile config bench.bench_linear_act times on the GPU, on a shape that leaves a tail in T, N and K."""
+    from bench.bench_linear_act import CONFIGS
+
+    x, w = _inputs(2, 130, 264, 72, True, torch.float16)
+    if not _utils.use_triton(x):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    yr, hr = _oracle(x, w)
+    yb, hb = linear_act_ref(x, w)
+    for cfg in CONFIGS:
+        y, h = mod._launch(x, w, "leaky_relu_sq", 0.5, True, cfg)
+        assert_close_rel(h, hr, hb, name=f"h {cfg}")
+        assert_close_rel(y, yr, yb, name=f"y {cfg}")
+
+
+def test_the_public_function_and_its_default_config():
+    x, w = _inputs(2, 70, 24, 16, True, torch.float16)
+    y = linear_act(x, w, slope=0.25)
+    yr, _ = _oracle(x, w, slope=0.25)
+    assert_close_rel(y, yr, linear_act_ref(x, w, slope=0.25)[0], name="y")
+    assert linear_act(x, w, save_pre=False).shape == (2, 70, 24)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_backward_matches_fp64(per_row):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    x, w = _inputs(3, 21, 24, 16, per_row, dtype)
+    dy = torch.randn(3, 21, 24, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    xs, ws = x.clone().requires_grad_(), w.clone().requires_grad_()
+    linear_act(xs, ws).backward(dy)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    _oracle(x64, w64)[0].backward(dy.double())
+    xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
+    h = torch.matmul(xb, wb.transpose(-1, -2))
+    F.leaky_relu(h, 0.5).square().backward(dy)
+    assert_close_rel(xs.grad, x64.grad, xb.grad, name="dx")
+    assert_close_rel(ws.grad, w64.grad, wb.grad, name="dw")
+
+
+def test_backward_without_saved_pre_activation_is_refused():
+    x, w = _inputs(None, 8, 16, 8, False, torch.float32)
+    xs = x.clone().requires_grad_()
+    y = linear_act(xs, w, save_pre=False)
+    with pytest.raises(RuntimeError, match="linear_act: the backward of act='leaky_relu_sq' needs h"):
+        y.sum().backward()
+
+
+def test_custom_op_registration():
+    x, w = _inputs(2, 16, 16, 8, True, torch.float32)
+    torch.library.opcheck(torch.ops.pgolf.linear_act.default, (x, w, "leaky_relu_sq", 0.5, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    """torch.compile(fullgraph=True) traces through the op (fake impl, registered autograd) without a graph break."""
+    x, w = _inputs(2, 16, 16, 8, True, torch.float32)
+    xs = x.clone().requires_grad_()
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(a, b):
+        return linear_act(a, b).sum()
+
+    f(xs, w).backward()
+    xe = x.clone().requires_grad_()
+    linear_act(xe, w).sum().backward()
+    assert torch.allclose(xs.grad, xe.grad)
+
+
+def test_module_drop_in():
+    g = torch.Generator().manual_seed(draw_seed())
+    fc = torch.nn.Linear(16, 24, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(24, 16, generator=g) * 0.3)
+    fc = fc.to(DEVICE, torch.float32)
+    m = LinearLeakyReLUSquared.from_linear(fc)
+    x = torch.randn(4, 9, 16, generator=g).to(DEVICE)
+    ref = F.leaky_relu(fc(x), 0.5).square()
+    assert_close_rel(m(x), F.leaky_relu(F.linear(x.double(), fc.weight.double()), 0.5).square(), ref, name="module")
+    assert m.weight is fc.weight
+    with pytest.raises(ValueError, match="bias-free"):
+        LinearLeakyReLUSquared.from_linear(torch.nn.Linear(4, 8))
+
+
+@pytest.mark.parametrize("args,kwargs,exc,msg", [
+    (((8, 16), (16, 16)), dict(act="gelu"), ValueError, r"linear_act: act must be one of \('none', 'leaky_relu_sq'\), got 'gelu'"),
+    (((8, 16), (16, 16)), dict(slope=float("nan")), ValueError, "linear_act: slope must be a finite float"),
+    (((8, 16), (16, 24)), {}, ValueError, r"linear_act: w must have shape \(N, K\) or \(B, N, K\) with K = x.shape\[-1\] = 16"),
+    (((2, 8, 16), (3, 16, 16)), {}, ValueError, "linear_act: a per-row w"),
+    (((8, 12), (16, 12)), {}, ValueError, "linear_act: the TMA kernel needs K and N multiples of 8"),
+    (((16,), (16, 16)), {}, ValueError, "linear_act: x must have 2 or 3 dimensions"),
+])
+def test_bad_input_is_refused_by_name(args, kwargs, exc, msg):
+    x = torch.randn(*args[0], dtype=torch.float16)
+    w = torch.randn(*args[1], dtype=torch.float16)
+    if not _utils.use_triton(x) and "TMA" in msg:
+        pytest.skip("the TMA alignment check applies only where the kernel runs")
+    with pytest.raises(exc, match=msg):
+        linear_act(x, w, **kwargs)
+
+
+def test_dtype_and_layout_refusals():
+    x = torch.randn(8, 16, dtype=torch.float16)
+    with pytest.raises(TypeError, match="linear_act: w must have dtype float16, got float32"):
+        linear_act(x, torch.randn(16, 16))
+    if _utils.use_triton(x):
+        with pytest.raises(ValueError, match="linear_act: x and w must be contiguous"):
+            linear_act(torch.randn(16, 8, dtype=torch.float16).t(), torch.randn(16, 16, dtype=torch.float16))
+
+
+# ---- GPU lane -----------------------------------------------------------------------------------------------
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (Hopper: TMA)")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("N,K", [(1536, 512), (512, 512), (2048, 512)])
+def test_gpu_records_shapes_bf16(per_row, N, K):
+    x, w = _inputs(4, 2048 - 48, N, K, per_row, torch.bfloat16, scale=0.05)
+    y, h = mod._launch(x, w, "leaky_relu_sq", 0.5, True)
+    yr, hr = _oracle(x, w)
+    yb, hb = linear_act_ref(x, w)
+    assert_close_rel(h, hr, hb, name="h")
+    assert_close_rel(y, yr, yb, name="y")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    x, w = _inputs(2, 512, 1536, 512, True, torch.bfloat16, scale=0.05)
+    eager = linear_act(x, w)
+    g = torch.cuda.CUDAGraph()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        linear_act(x, w)
+    torch.cuda.current_stream().wait_stream(s)
+    with torch.cuda.graph(g):
+        out = linear_act(x, w)
+    x.copy_(x.flip(1))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, linear_act(x, w)) and not torch.equal(out, eager)

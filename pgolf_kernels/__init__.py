@@ -44,6 +44,8 @@ _LAZY = {
     "decay_add_": "muon_update",
     "adam_rows_step_": "adam_rows",
     "LinearLeakyReLUSquared": "linear_act",
+    "LeakyReLUSquaredMLP": "linear_act",
+    "mlp_leaky_sq": "linear_act",
 }
 
 __all__ = sorted(_LAZY)

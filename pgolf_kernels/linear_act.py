@@ -11,6 +11,12 @@ Backward (``leaky_relu_sq``; h is saved by the forward when ``save_pre`` / under
     dx[b] = dh[b] · W[b]                                  (T, K)
     dW   = Σ_b dh[b]ᵀ · x[b]  (shared W)   or   dW[b] = dh[b]ᵀ · x[b]  (per-row W)
 
+The MLP (``mlp_leaky_sq``: y = act(x · W_upᵀ) · W_downᵀ) takes its backward's first GEMM through the same kernel
+with the activation's derivative in the epilogue (``linear_act_grad``), W_down (d, H) read as a (K, N) weight::
+
+    dh   = (dy · W_down) ⊙ act'(h)                        (T, H)   one kernel, no pass over the (T, H) tensors
+    dx   = dh · W_up,  dW_up = dhᵀ · x,  dW_down = dyᵀ · a (cuBLAS; a = act(h) saved by the forward)
+
 Why: in the records' TTT step the MLP's up-projection writes h (64 × 2048 × 1536 bf16, 403 MB) and a separate pass
 reads it and writes act(h) (measured on one H200, kernel path, measurement 6 of ``bench/results/profile-ttt-h200.md``:
 1.88 ms per step forward over 10 layers, the backward pass 2.78 ms). Here the activation is computed on the fp32
@@ -40,6 +46,7 @@ from . import _utils
 from ._utils import check, check_tensor, use_triton
 
 ACTS = ("none", "leaky_relu_sq")
+_ACT_CODE = {"none": 0, "leaky_relu_sq": 1, "leaky_relu_sq_grad": 2}
 _OP = "linear_act"
 
 
@@ -65,14 +72,30 @@ def linear_act_ref(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: floa
     return act_ref(h, act, slope), h
 
 
+def linear_act_grad_ref(g: Tensor, w: Tensor, h: Tensor, slope: float = 0.5, w_kn: bool = False) -> Tensor:
+    """Torch reference of dh = (g · Wᵀ) ⊙ act'(h) (W (N, K)) or (g · W) ⊙ act'(h) (``w_kn``: W stored (K, N), e.g.
+    the down-projection's weight (d, H) in the MLP's backward): the GEMM rounded to g.dtype, act' in fp32."""
+    wt = w if w_kn else w.transpose(-1, -2)
+    return act_grad_ref(torch.matmul(g, wt), h, "leaky_relu_sq", slope)
+
+
+def mlp_leaky_sq_ref(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5) -> Tensor:
+    """Torch reference of the record models' MLP: leaky_relu(x · W_upᵀ, slope)² · W_downᵀ."""
+    a, _ = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
+    return torch.matmul(a, w_down.transpose(-1, -2))
+
+
 @triton.jit
 def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
-                       SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, NUM_PROGS: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,
+                       NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
     """Tiles (b, m, n), n fastest (the x tile of (b, m) is re-read from L2 by the next tiles; W[b] is N x K, at
     most 1.5 MB for the records' MLP, and stays in L2 across the m tiles). fp32 inputs multiply in IEEE fp32 (not
-    TF32: the result must match torch's fp32 matmul); the precision argument is ignored for 16-bit inputs."""
+    TF32: the result must match torch's fp32 matmul); the precision argument is ignored for 16-bit inputs.
+    ACT 0: y = h; 1: y = leaky_relu(h)² (h stored too with SAVE_PRE); 2: y = h ⊙ act'(aux) with aux read from
+    h_desc (the backward's dh). W_KN: the weight is stored (K, N) (the down-projection's E read as its
+    transpose), loaded as (BK, BN) tiles."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(T, BM)
     tiles_n = tl.cdiv(N, BN)
@@ -88,8 +111,12 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kk in range(k_steps):
             a = x_desc.load([b, om, kk * BK]).reshape(BM, BK)
-            w = w_desc.load([wb, on, kk * BK]).reshape(BN, BK)
-            acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+            if W_KN:
+                w = w_desc.load([wb, kk * BK, on]).reshape(BK, BN)
+                acc = tl.dot(a, w, acc, input_precision=PRECISION)
+            else:
+                w = w_desc.load([wb, on, kk * BK]).reshape(BN, BK)
+                acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
         h = acc.to(dt)
         if SAVE_PRE:
             h_desc.store([b, om, on], h.reshape(1, BM, BN))
@@ -97,6 +124,10 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
             hf = h.to(tl.float32)
             hf = tl.where(hf > 0, hf, slope * hf)
             y = (hf * hf).to(dt)
+        elif ACT == 2:
+            # dh = g * act'(h), g rounded to the dtype first (as the GEMM's output is in the torch composition)
+            hh = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
+            y = (h.to(tl.float32) * 2.0 * tl.where(hh > 0, hh, (slope * slope) * hh)).to(dt)
         else:
             y = h
         y_desc.store([b, om, on], y.reshape(1, BM, BN))
@@ -143,25 +174,32 @@ def check_args(x: Tensor, w: Tensor, act: str, slope: float) -> None:
                           f"{torch.cuda.get_device_capability(x.device)} on {x.device}", RuntimeError)
 
 
-def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config: Optional[dict] = None):
+def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config: Optional[dict] = None,
+            aux: Optional[Tensor] = None, w_kn: bool = False):
+    """The kernel on (B, T, K) x and (N, K) / (B, N, K) w, or (K, N) / (B, K, N) with ``w_kn``; ``aux`` (the
+    shape of y): h for the gradient epilogue (act ``"leaky_relu_sq_grad"``)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
     B, T, K = x3.shape
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
-    N = w3.shape[1]
+    N = w3.shape[2] if w_kn else w3.shape[1]
     cfg = dict(default_config(T, N, K, x.is_cuda), **(config or {}))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     y = _utils.empty((B, T, N), x.dtype, x.device)
-    h = _utils.empty((B, T, N), x.dtype, x.device) if save_pre else y
+    if aux is not None:
+        h = aux.reshape(B, T, N)
+    else:
+        h = _utils.empty((B, T, N), x.dtype, x.device) if save_pre else y
     xd = TensorDescriptor(x3, [B, T, K], [T * K, K, 1], [1, BM, BK])
-    wd = TensorDescriptor(w3, list(w3.shape), [N * K, K, 1], [1, BN, BK])
+    wd = (TensorDescriptor(w3, list(w3.shape), [K * N, N, 1], [1, BK, BN]) if w_kn
+          else TensorDescriptor(w3, list(w3.shape), [N * K, K, 1], [1, BN, BK]))
     yd = TensorDescriptor(y, [B, T, N], [T * N, N, 1], [1, BM, BN])
     hd = TensorDescriptor(h, [B, T, N], [T * N, N, 1], [1, BM, BN])
     tiles = B * triton.cdiv(T, BM) * triton.cdiv(N, BN)
     progs = _num_programs(x.device, tiles)
     _linear_act_kernel[(progs,)](xd, wd, yd, hd, B, T, N, K, float(slope), BM=BM, BN=BN, BK=BK,
-                                 ACT=ACTS.index(act), SAVE_PRE=save_pre, PER_ROW_W=w.dim() == 3,
+                                 ACT=_ACT_CODE[act], SAVE_PRE=save_pre, PER_ROW_W=w.dim() == 3, W_KN=w_kn,
                                  NUM_PROGS=progs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     shape = x.shape[:-1] + (N,)
@@ -221,6 +259,115 @@ def linear_act(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 
     return y
 
 
+def check_grad_args(g: Tensor, w: Tensor, h: Tensor, slope: float, w_kn: bool, op: str = "linear_act_grad") -> None:
+    check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope == slope,
+          lambda: f"{op}: slope must be a finite float, got {slope!r}")
+    check_tensor(g, "g", dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=(2, 3), op=op)
+    check_tensor(w, "w", dtype=g.dtype, ndim=(2, 3), device=g.device, op=op)
+    check_tensor(h, "h", dtype=g.dtype, device=g.device, op=op)
+    K = g.shape[-1]
+    kw, N = (w.shape[-2], w.shape[-1]) if w_kn else (w.shape[-1], w.shape[-2])
+    check(kw == K, lambda: f"{op}: w must have shape {'(K, N)' if w_kn else '(N, K)'} (or with a leading B) with "
+                           f"K = g.shape[-1] = {K}, got {tuple(w.shape)}")
+    check(tuple(h.shape) == tuple(g.shape[:-1]) + (N,),
+          lambda: f"{op}: h must have shape {tuple(g.shape[:-1]) + (N,)} (g's rows x N), got {tuple(h.shape)}")
+    if w.dim() == 3:
+        check(g.dim() == 3 and w.shape[0] == g.shape[0],
+              lambda: f"{op}: a per-row w needs g of shape (B, T, K) with the same B, got g {tuple(g.shape)} and "
+                      f"w {tuple(w.shape)}")
+    if use_triton(g):
+        item = g.element_size()
+        check(K * item % 16 == 0 and N * item % 16 == 0,
+              lambda: f"{op}: the TMA kernel needs K and N multiples of {16 // item} (16-byte row strides), got "
+                      f"K = {K}, N = {N}")
+        check(g.is_contiguous() and w.is_contiguous() and h.is_contiguous(),
+              lambda: f"{op}: g, w and h must be contiguous for the TMA kernel; call .contiguous() first")
+
+
+@torch.library.custom_op("pgolf::linear_act_grad", mutates_args=())
+def _grad_op(g: Tensor, w: Tensor, h: Tensor, slope: float, w_kn: bool) -> Tensor:
+    if use_triton(g):
+        return _launch(g, w, "leaky_relu_sq_grad", slope, False, aux=h, w_kn=w_kn)[0]
+    return linear_act_grad_ref(g, w, h, slope, w_kn)
+
+
+@_grad_op.register_fake
+def _grad_op_fake(g, w, h, slope, w_kn):
+    return torch.empty_like(h)
+
+
+def linear_act_grad(g: Tensor, w: Tensor, h: Tensor, slope: float = 0.5, *, w_kn: bool = False,
+                    validate: bool = True) -> Tensor:
+    """dh = (g · Wᵀ) ⊙ act'(h), act = leaky_relu(·, slope)², one kernel: the backward of ``linear_act`` through the
+    layer that consumed its output. g (M, K) or (B, T, K); w (N, K) or, with ``w_kn``, (K, N) (a leading B for
+    per-row weights); h (..., N) the saved pre-activation. Not differentiable itself (a backward building block)."""
+    if validate:
+        check_grad_args(g, w, h, slope, w_kn)
+    return _grad_op(g, w, h, float(slope), bool(w_kn))
+
+
+@torch.library.custom_op("pgolf::mlp_leaky_sq", mutates_args=())
+def _mlp_op(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float) -> Tuple[Tensor, Tensor, Tensor]:
+    """(y, a, h): h = x · W_upᵀ, a = act(h) (one kernel), y = a · W_downᵀ (cuBLAS)."""
+    if use_triton(x):
+        a, h = _launch(x, w_up, "leaky_relu_sq", slope, True)
+    else:
+        a, h = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
+    return torch.matmul(a, w_down.transpose(-1, -2)), a, h
+
+
+@_mlp_op.register_fake
+def _mlp_op_fake(x, w_up, w_down, slope):
+    hid = x.shape[:-1] + (w_up.shape[-2],)
+    return x.new_empty(x.shape[:-1] + (w_down.shape[-2],)), x.new_empty(hid), x.new_empty(hid)
+
+
+def _mlp_setup(ctx, inputs, output):
+    x, w_up, w_down, slope = inputs
+    ctx.slope = slope
+    ctx.save_for_backward(x, w_up, w_down, output[1], output[2])
+
+
+def _mlp_backward(ctx, dy, _da, _dh):
+    """dh = (dy · W_down) ⊙ act'(h) in one kernel (W_down (d, H) is the (K, N) layout), then cuBLAS: dx = dh · W_up,
+    dW_up = dhᵀ · x, dW_down = dyᵀ · a (summed over rows for shared weights)."""
+    x, w_up, w_down, a, h = ctx.saved_tensors
+    dy = dy.contiguous()
+    dh = _grad_op(dy, w_down, h, ctx.slope, True)
+    need = ctx.needs_input_grad
+
+    def wgrad(grad_out, inp, per_row):
+        if per_row:
+            return torch.matmul(grad_out.transpose(-1, -2), inp)
+        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
+
+    dx = torch.matmul(dh, w_up) if need[0] else None
+    dw_up = wgrad(dh, x, w_up.dim() == 3) if need[1] else None
+    dw_down = wgrad(dy, a, w_down.dim() == 3) if need[2] else None
+    return dx, dw_up, dw_down, None
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def mlp_leaky_sq(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5, *, validate: bool = True) -> Tensor:
+    """The record models' MLP, ``leaky_relu(x · W_upᵀ, slope)² · W_downᵀ``, with the activation in the up-projection's
+    epilogue and its derivative in the epilogue of the backward's first GEMM: no element-wise pass over the hidden
+    (T, H) tensor either way. x (M, d) or (B, T, d); W_up (H, d), W_down (d_out, H), each optionally with a leading
+    B (per-row weights, e.g. merged LoRA). Saves x, h and act(h) for the backward."""
+    if validate:
+        check_args(x, w_up, "leaky_relu_sq", slope)
+        check_tensor(w_down, "w_down", dtype=x.dtype, ndim=(2, 3), device=x.device, op="mlp_leaky_sq")
+        check(w_down.dim() == w_up.dim() and w_down.shape[-1] == w_up.shape[-2] and w_down.shape[:-2] == w_up.shape[:-2],
+              lambda: f"mlp_leaky_sq: w_down must have shape (d_out, H) with H = w_up.shape[-2] = {w_up.shape[-2]} and "
+                      f"the same leading dims as w_up {tuple(w_up.shape[:-2])}, got {tuple(w_down.shape)}")
+        if use_triton(x):
+            check(w_down.shape[-2] * x.element_size() % 16 == 0 and w_down.is_contiguous(),
+                  lambda: f"mlp_leaky_sq: w_down must be contiguous with d_out a multiple of {16 // x.element_size()} "
+                          f"for the TMA kernel of its backward, got {tuple(w_down.shape)}")
+    return _mlp_op(x, w_up, w_down, float(slope))[0]
+
+
 class LinearLeakyReLUSquared(torch.nn.Module):
     """Drop-in for ``F.leaky_relu(fc(x), slope).square()`` with ``fc`` a bias-free ``nn.Linear``: holds its weight."""
 
@@ -239,3 +386,18 @@ class LinearLeakyReLUSquared(torch.nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return linear_act(x, self.weight.to(x.dtype), "leaky_relu_sq", self.slope)
+
+
+class LeakyReLUSquaredMLP(torch.nn.Module):
+    """Drop-in for ``proj(F.leaky_relu(fc(x), slope).square())`` with bias-free ``fc`` and ``proj``: ``mlp_leaky_sq``
+    on their weights (kept as the same Parameters)."""
+
+    def __init__(self, fc: torch.nn.Linear, proj: torch.nn.Linear, slope: float = 0.5):
+        super().__init__()
+        check(fc.bias is None and proj.bias is None, "mlp_leaky_sq: LeakyReLUSquaredMLP needs bias-free fc and proj")
+        check(proj.in_features == fc.out_features,
+              f"mlp_leaky_sq: proj.in_features ({proj.in_features}) must equal fc.out_features ({fc.out_features})")
+        self.fc, self.proj, self.slope = fc, proj, slope
+
+    def forward(self, x: Tensor) -> Tensor:
+        return mlp_leaky_sq(x, self.fc.weight.to(x.dtype), self.proj.weight.to(x.dtype), self.slope)

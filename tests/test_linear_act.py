@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels import linear_act as mod
-from pgolf_kernels.linear_act import LinearLeakyReLUSquared, linear_act, linear_act_ref
+from pgolf_kernels.linear_act import (LeakyReLUSquaredMLP, LinearLeakyReLUSquared, linear_act, linear_act_grad,
+                                     linear_act_grad_ref, linear_act_ref, mlp_leaky_sq, mlp_leaky_sq_ref)
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 # explicit interpreter tiles: 16 x 16 x 16 leaves tails in T and N; 16 x 32 x 32 has BK > K for K = 24
@@ -69,6 +70,22 @@ def test_the_bench_tile_configs_on_tails():
         y, h = mod._launch(x, w, "leaky_relu_sq", 0.5, True, cfg)
         assert_close_rel(h, hr, hb, name=f"h {cfg}")
         assert_close_rel(y, yr, yb, name=f"y {cfg}")
+
+
+def test_the_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_linear_act's rows at tiny shapes (a stand-in timer, no compile): every contestant runs, every tile
+    config passes its correctness check, and the rows carry the figures the docs cite."""
+    from bench.bench_linear_act import measure
+
+    if DEVICE != "cpu" or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    calls = []
+    rows = measure(torch.device("cpu"), 2, 40, 16, [("up", 24)], 24, lambda f: (calls.append(f()), 1.0)[1],
+                   lambda f: f, torch.float16)
+    assert [r["case"].split(":")[0] for r in rows] == ["up forward", "up forward", "mlp backward dh = (dy W_down) * act'(h)",
+                                                       "mlp forward + backward"]
+    assert rows[0]["e_none"] == 1.0 and rows[0]["configs_skipped"] == {} and rows[2]["e_grad"] == 1.0
+    assert len(calls) == 2 * (2 + 3 * 4) + 2 + 4 + 2
 
 
 def test_the_public_function_and_its_default_config():
@@ -165,6 +182,92 @@ def test_dtype_and_layout_refusals():
             linear_act(torch.randn(16, 8, dtype=torch.float16).t(), torch.randn(16, 16, dtype=torch.float16))
 
 
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("w_kn", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_grad_epilogue_matches_fp64(shape, dtype, w_kn, cfg):
+    """dh = (g · Wᵀ) ⊙ act'(h) (or g · W for a (K, N) weight) against fp64, h straddling 0 (both branches)."""
+    B, T, N, K, per_row = shape
+    g, w = _inputs(B, T, N, K, per_row, dtype)
+    if w_kn:
+        w = w.transpose(-1, -2).contiguous()
+    h = torch.randn(*g.shape[:-1], N, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    if not _utils.use_triton(g):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    dh = mod._launch(g, w, "leaky_relu_sq_grad", 0.5, False, cfg, aux=h, w_kn=w_kn)[0]
+    ref = linear_act_grad_ref(g.double(), w.double(), h.double(), 0.5, w_kn)
+    assert_close_rel(dh, ref, linear_act_grad_ref(g, w, h, 0.5, w_kn), name="dh")
+    if cfg == mod.default_config(T, N, K, g.is_cuda):  # the public function runs this very config: same bits
+        assert torch.equal(dh, linear_act_grad(g, w, h, w_kn=w_kn))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_mlp_forward_and_backward_match_fp64(per_row):
+    """The fused MLP (activation in the up-projection's epilogue, its derivative in the backward's first GEMM)
+    against fp64 autograd of the plain composition; the baseline error is torch's own path in the same dtype."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    gen = torch.Generator().manual_seed(draw_seed())
+    B, T, d, H = 3, 21, 16, 40
+    x = torch.randn(B, T, d, generator=gen).to(DEVICE, dtype)
+    w_up = (torch.randn(*((B, H, d) if per_row else (H, d)), generator=gen) * 0.3).to(DEVICE, dtype)
+    w_dn = (torch.randn(*((B, d, H) if per_row else (d, H)), generator=gen) * 0.3).to(DEVICE, dtype)
+    dy = torch.randn(B, T, d, generator=gen).to(DEVICE, dtype)
+    leaves = [t.clone().requires_grad_() for t in (x, w_up, w_dn)]
+    y = mlp_leaky_sq(*leaves)
+    y.backward(dy)
+    l64 = [t.double().requires_grad_() for t in (x, w_up, w_dn)]
+    y64 = mlp_leaky_sq_ref(*l64)
+    y64.backward(dy.double())
+    lb = [t.clone().requires_grad_() for t in (x, w_up, w_dn)]
+    yb = torch.matmul(F.leaky_relu(torch.matmul(lb[0], lb[1].transpose(-1, -2)), 0.5).square(), lb[2].transpose(-1, -2))
+    yb.backward(dy)
+    assert_close_rel(y, y64, yb, name="y")
+    for name, a, r, b in zip(("dx", "dw_up", "dw_down"), leaves, l64, lb):
+        assert_close_rel(a.grad, r.grad, b.grad, name=name)
+
+
+def test_mlp_compiles_fullgraph_and_registers():
+    gen = torch.Generator().manual_seed(draw_seed())
+    x = torch.randn(2, 16, 8, generator=gen).to(DEVICE, torch.float32)
+    w_up = torch.randn(16, 8, generator=gen).to(DEVICE) * 0.3
+    w_dn = torch.randn(8, 16, generator=gen).to(DEVICE) * 0.3
+    torch.library.opcheck(torch.ops.pgolf.mlp_leaky_sq.default, (x, w_up, w_dn, 0.5),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.pgolf.linear_act_grad.default, (x, w_dn, torch.randn(2, 16, 16).to(DEVICE), 0.5, True),
+                          test_utils=("test_schema", "test_faketensor"))
+    xs, xe = x.clone().requires_grad_(), x.clone().requires_grad_()
+    f = torch.compile(lambda a: mlp_leaky_sq(a, w_up, w_dn).square().sum(), fullgraph=True, backend="aot_eager")
+    f(xs).backward()
+    mlp_leaky_sq(xe, w_up, w_dn).square().sum().backward()
+    assert torch.allclose(xs.grad, xe.grad)
+
+
+def test_mlp_module_drop_in_and_refusals():
+    gen = torch.Generator().manual_seed(draw_seed())
+    fc, proj = torch.nn.Linear(16, 40, bias=False), torch.nn.Linear(40, 16, bias=False)
+    with torch.no_grad():
+        fc.weight.copy_(torch.randn(40, 16, generator=gen) * 0.3)
+        proj.weight.copy_(torch.randn(16, 40, generator=gen) * 0.3)
+    fc, proj = fc.to(DEVICE), proj.to(DEVICE)
+    m = LeakyReLUSquaredMLP(fc, proj)
+    x = torch.randn(4, 9, 16, generator=gen).to(DEVICE)
+    plain = proj(F.leaky_relu(fc(x), 0.5).square())
+    oracle = mlp_leaky_sq_ref(x.double(), fc.weight.double(), proj.weight.double())
+    assert_close_rel(m(x), oracle, plain, name="module")
+    with pytest.raises(ValueError, match="bias-free fc and proj"):
+        LeakyReLUSquaredMLP(torch.nn.Linear(16, 40), proj)
+    with pytest.raises(ValueError, match=r"proj.in_features \(24\) must equal fc.out_features \(40\)"):
+        LeakyReLUSquaredMLP(fc, torch.nn.Linear(24, 16, bias=False))
+    with pytest.raises(ValueError, match=r"mlp_leaky_sq: w_down must have shape \(d_out, H\) with H = w_up.shape\[-2\] = 40"):
+        mlp_leaky_sq(x, fc.weight, fc.weight)
+    h = torch.randn(4, 9, 40)
+    with pytest.raises(ValueError, match=r"linear_act_grad: h must have shape \(4, 9, 24\)"):
+        linear_act_grad(torch.randn(4, 9, 16), torch.randn(24, 16), h)
+    with pytest.raises(ValueError, match=r"linear_act_grad: w must have shape \(K, N\)"):
+        linear_act_grad(torch.randn(4, 9, 16), torch.randn(40, 16), h, w_kn=True)
+
+
 # ---- GPU lane -----------------------------------------------------------------------------------------------
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (Hopper: TMA)")
 
@@ -199,3 +302,25 @@ def test_gpu_cuda_graph_replay_equals_eager():
     g.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, linear_act(x, w)) and not torch.equal(out, eager)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gpu_mlp_records_shape_bf16(per_row):
+    """The records' MLP (d 512, H 1536) at 4 rows x 2000 positions, forward and backward against fp64."""
+    gen = torch.Generator().manual_seed(draw_seed())
+    B, T, d, H = 4, 2000, 512, 1536
+    x = torch.randn(B, T, d, generator=gen).to(DEVICE, torch.bfloat16)
+    w_up = (torch.randn(*((B, H, d) if per_row else (H, d)), generator=gen) * 0.04).to(DEVICE, torch.bfloat16)
+    w_dn = (torch.randn(*((B, d, H) if per_row else (d, H)), generator=gen) * 0.02).to(DEVICE, torch.bfloat16)
+    dy = torch.randn(B, T, d, generator=gen).to(DEVICE, torch.bfloat16)
+    leaves = [t.clone().requires_grad_() for t in (x, w_up, w_dn)]
+    mlp_leaky_sq(*leaves).backward(dy)
+    l64 = [t.double().requires_grad_() for t in (x, w_up, w_dn)]
+    mlp_leaky_sq_ref(*l64).backward(dy.double())
+    lb = [t.clone().requires_grad_() for t in (x, w_up, w_dn)]
+    torch.matmul(F.leaky_relu(torch.matmul(lb[0], lb[1].transpose(-1, -2)), 0.5).square(),
+                 lb[2].transpose(-1, -2)).backward(dy)
+    for name, a, r, b in zip(("dx", "dw_up", "dw_down"), leaves, l64, lb):
+        assert_close_rel(a.grad, r.grad, b.grad, name=name)

@@ -829,12 +829,13 @@ def test_profile_ttt_variant_names():
     from bench.profile_ttt import _variant, main
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
-                                          "autotune": False}
+                                          "mlp": False, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
-                                                                 "fused": True, "autotune": True}
+                                                                 "fused": True, "mlp": False, "autotune": True}
+    assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
     assert _variant("reference-eager-torchopt")["fused"] is False
     for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
-                "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra"):
+                "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail"):
         assert _variant(bad) is None, bad
         with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
             main(["--variants", bad, "--device", "cpu"])

@@ -113,6 +113,17 @@ class DocLoRA:
         self._A_list = [a for k in self.A for a in self.A[k]]
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
+        self.fused_mlp = bool(cfg.fused_mlp)
+        if self.fused_mlp:
+            dense = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
+            bad = [type(l).__name__ for m in dense for l in (m.fc, m.proj) if not isinstance(getattr(l, "weight", None),
+                                                                                               torch.Tensor)]
+            if not dense or bad:
+                raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (fc.weight, "
+                                 f"proj.weight); found {bad or 'no MLP'} (an int6 model: load it with dense weights or "
+                                 f"turn fused_mlp off)")
+            if d % 8 or hidden % 8:  # the kernels' TMA row strides: 16 bytes at 2-byte activations
+                raise ValueError(f"fused_mlp: needs model_dim ({d}) and the MLP width ({hidden}) multiples of 8")
         # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);
         # tensors of one input size form a group initialized by one hash call
         sizes = [a[0].numel() for a in self._A_list]
@@ -266,6 +277,31 @@ class _DocLoRALayer:
 
     def mlp_out(self, m: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self._add("mlp", m, y)
+
+    @property
+    def fused_mlp(self) -> bool:
+        return self.parent.fused_mlp
+
+    def _merged(self, t: str, W: torch.Tensor) -> torch.Tensor:
+        """W + s·B·A for target t: (out, in) for a shared adapter, else (R, out, in), one per forward row."""
+        ad = self.parent
+        if ad._shared():
+            return torch.addmm(W, self.B[t][0].to(W.dtype), self.A[t][0].to(W.dtype), alpha=ad.scale)
+        Bs, As = ad._sel(self.B[t], W.dtype), ad._sel(self.A[t], W.dtype)
+        return torch.baddbmm(W.unsqueeze(0).expand(Bs.shape[0], -1, -1), Bs, As, alpha=ad.scale)
+
+    def mlp(self, m: torch.Tensor, mod) -> torch.Tensor:
+        """The MLP of ``mod`` (``train.model.MLP``) with its up / down adapters, through ``mlp_leaky_sq``: same
+        function as ``down(act(up(m)))`` up to rounding (the adapters merged into per-row weights, as
+        ``pgolf_kernels.lora_merged`` does for q, k, v)."""
+        from pgolf_kernels.linear_act import mlp_leaky_sq
+
+        W_up, W_dn = mod.fc.weight.to(m.dtype), mod.proj.weight.to(m.dtype)
+        if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
+            W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
+            if W_up.dim() == 3 and m.dim() == 2:
+                m = m.unsqueeze(0)
+        return mlp_leaky_sq(m.contiguous(), W_up.contiguous(), W_dn.contiguous(), float(mod.slope), validate=False)
 
 
 def _base_weight(mod, dtype):

@@ -598,6 +598,10 @@ def _parse(argv):
     ap.add_argument("--fused-optimizer", default="auto", choices=["auto", "on", "off"],
                     help="the adapters' Adam / AdamW step in one pass per parameter (pgolf_kernels.adam_rows); auto: "
                          "on for the kernel path, off for --reference")
+    ap.add_argument("--fused-mlp", default="off", choices=["on", "off"],
+                    help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
+                         "its derivative in the backward's first GEMM, up / down adapters merged per row); dense MLP "
+                         "weights only; off by default (not yet measured inside a TTT step)")
     ap.add_argument("--graph-min-steps", type=int, default=None,
                     help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
                          "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "
@@ -693,7 +697,8 @@ def _configs(args):
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
-                  fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer], **over), None
+                  fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer],
+                  fused_mlp=args.fused_mlp == "on", **over), None
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):

@@ -284,6 +284,8 @@ class MLP(nn.Module):
         projections (base + LoRA delta), see ``GPT.hidden``."""
         if adapter is None:
             return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+        if getattr(adapter, "fused_mlp", False):  # TTTConfig.fused_mlp: pgolf_kernels.linear_act.mlp_leaky_sq
+            return adapter.mlp(x, self)
         return adapter.down(F.leaky_relu(adapter.up(x, self.fc), self.slope).square(), self.proj)
 
 

@@ -81,6 +81,11 @@ class TTTConfig(AdamSettings):
     # parameter instead of ~88 for the torch ops; the records' recipe steps 320.9 M fp32 parameters every TTT step,
     # 9.0 GB instead of ~28 GB). None: on for the kernel path, off for --reference (the baseline's plain torch ops)
     fused_optimizer: Optional[bool] = None
+    # the MLP as pgolf_kernels.linear_act.mlp_leaky_sq: leaky_relu(h)² in the up-projection's epilogue and its
+    # derivative in the backward's first GEMM, with the up / down adapters merged into per-row weights
+    # E = W + s·B·A (needs dense MLP weights, and up and down both adapted or neither). Off by default: not yet
+    # measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
+    fused_mlp: bool = False
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -150,6 +155,11 @@ class TTTConfig(AdamSettings):
                              f"planned graph)")
         if self.fused_optimizer not in (None, True, False):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
+        if not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
+        if self.fused_mlp and (("up" in self.targets) != ("down" in self.targets)):
+            raise ValueError(f"fused_mlp: needs both 'up' and 'down' in targets or neither (the fused MLP merges both "
+                             f"adapters into per-row weights), got targets {tuple(self.targets)}")
         if self.graph_capture not in GRAPH_CAPTURE:
             raise ValueError(f"graph_capture: {self.graph_capture!r}; expected one of {', '.join(GRAPH_CAPTURE)}")
         if not isinstance(self.tail_block, bool):

@@ -1,0 +1,101 @@
+"""``TTTConfig.fused_mlp``: the TTT step's MLP through ``pgolf_kernels.linear_act.mlp_leaky_sq`` (adapters merged into
+per-row weights, activation and its derivative in GEMM epilogues) gives the scores and adapter gradients of the
+unfused MLP (fp32, CPU; the kernels under the interpreter in the CPU lane), through ``rows_nll`` and ``evaluate``."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from train.adapters import DocLoRA
+from train.eval_fixtures import doc_stream, tiny_model
+from train.forward import rows_nll
+from train.rows import build_rows, split_docs
+from train.ttt_config import TTTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+ALL = ("q", "k", "v", "o", "mlp", "up", "down", "head")
+
+
+def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
+    ad = DocLoRA(model, cfg, n_docs, rb.x.device, backend)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ad.params:  # non-zero B: every LoRA path contributes
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    nll = rows_nll(model, rb, ad)
+    (nll * rb.mask).sum().backward()
+    return nll.detach(), [p.grad.clone() for p in ad.params]
+
+
+@pytest.mark.parametrize("targets,backend,tail,n_docs", [(ALL, "bmm", False, 4), (ALL, "kernel", True, 4),
+                                                         (("q", "v", "head"), "bmm", False, 4), (ALL, "bmm", False, 1)])
+def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs):
+    """Same NLL at every scored position and same gradient of every adapter tensor: per-row merged adapters (up and
+    down adapted), the base weights shared (neither adapted), and one adapter shared by every row (n_docs 1)."""
+    model = tiny_model(seed=3, num_layers=2)
+    stream = doc_stream([70, 40, 100, 9], seed=5)
+    starts, ns = split_docs(stream)
+    rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail)
+    rb = build_rows(stream, rows, cfg.window)
+    plain, g_plain = _nll_and_grads(model, rb, cfg, n_docs, backend)
+    fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_mlp=True), n_docs, backend)
+    m = rb.mask
+    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
+    assert len(g_fused) == len(g_plain)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    if "up" in targets:  # the up / down adapters get a gradient through the merged weights
+        ad = DocLoRA(model, cfg, n_docs, rb.x.device, backend)
+        i_up = [k for k in ad.A for _ in ad.A[k] + ad.B[k]].index("up")
+        assert g_fused[i_up].abs().sum() > 0
+
+
+def test_fused_mlp_is_what_the_model_runs():
+    """The option reaches the MLP: with it, the adapter's mlp() is called (a planted failure there shows)."""
+    model = tiny_model(seed=3, num_layers=2)
+    stream = doc_stream([70, 40], seed=5)
+    starts, _ = split_docs(stream)
+    rb = build_rows(stream, np.array([[starts[0], 32, 48], [starts[1], 16, 32]]), 64)
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=2, targets=ALL, fused_mlp=True)
+    ad = DocLoRA(model, cfg, 2, torch.device("cpu"), "bmm")
+    calls = []
+    orig = type(ad.layer(0)).mlp
+    try:
+        type(ad.layer(0)).mlp = lambda self, m, mod: calls.append(1) or orig(self, m, mod)
+        rows_nll(model, rb, ad)
+    finally:
+        type(ad.layer(0)).mlp = orig
+    assert len(calls) == 2
+
+
+def test_eval_with_fused_mlp_scores_like_without():
+    from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
+    from train.eval import evaluate
+
+    stream = doc_stream(LENGTHS, seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="bmm")
+    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(RECORDS_LIKE, fused_mlp=True),
+                   backend="bmm")
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+def test_fused_mlp_refusals_and_option():
+    from pgolf_kernels.int6_linear import convert_linears_to_int6
+    from train.eval import _parse
+
+    with pytest.raises(ValueError, match="fused_mlp: needs both 'up' and 'down' in targets or neither"):
+        TTTConfig(fused_mlp=True, targets=("q", "up"))
+    with pytest.raises(ValueError, match="fused_mlp: 'yes'; expected True or False"):
+        TTTConfig(fused_mlp="yes")
+    model = tiny_model(seed=3, num_layers=2)
+    convert_linears_to_int6(model)
+    with pytest.raises(ValueError, match=r"fused_mlp: needs the model's MLP projections as dense weights"):
+        DocLoRA(model, TTTConfig(fused_mlp=True, targets=ALL), 2, torch.device("cpu"), "bmm")
+    base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
+    assert _parse(base + ["--fused-mlp", "on"]).ttt_cfg.fused_mlp is True
+    assert _parse(base).ttt_cfg.fused_mlp is False

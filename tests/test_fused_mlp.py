@@ -29,12 +29,18 @@ def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
     return nll.detach(), [p.grad.clone() for p in ad.params]
 
 
-@pytest.mark.parametrize("targets,backend,tail,n_docs", [(ALL, "bmm", False, 4), (ALL, "kernel", True, 4),
-                                                         (("q", "v", "head"), "bmm", False, 4), (ALL, "bmm", False, 1)])
-def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs):
+@pytest.mark.parametrize("targets,backend,tail,n_docs,int6", [(ALL, "bmm", False, 4, False), (ALL, "kernel", True, 4, True),
+                                                              (("q", "v", "head"), "bmm", False, 4, False),
+                                                              (ALL, "bmm", False, 1, False)])
+def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs, int6):
     """Same NLL at every scored position and same gradient of every adapter tensor: per-row merged adapters (up and
-    down adapted), the base weights shared (neither adapted), and one adapter shared by every row (n_docs 1)."""
+    down adapted), the base weights shared (neither adapted), one adapter shared by every row (n_docs 1), and the
+    kernel path's int6 model (its MLP codes dequantized per call)."""
     model = tiny_model(seed=3, num_layers=2)
+    if int6:
+        from pgolf_kernels.int6_linear import convert_linears_to_int6
+
+        convert_linears_to_int6(model)
     stream = doc_stream([70, 40, 100, 9], seed=5)
     starts, ns = split_docs(stream)
     rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
@@ -85,7 +91,6 @@ def test_eval_with_fused_mlp_scores_like_without():
 
 
 def test_fused_mlp_refusals_and_option():
-    from pgolf_kernels.int6_linear import convert_linears_to_int6
     from train.eval import _parse
 
     with pytest.raises(ValueError, match="fused_mlp: needs both 'up' and 'down' in targets or neither"):
@@ -93,8 +98,9 @@ def test_fused_mlp_refusals_and_option():
     with pytest.raises(ValueError, match="fused_mlp: 'yes'; expected True or False"):
         TTTConfig(fused_mlp="yes")
     model = tiny_model(seed=3, num_layers=2)
-    convert_linears_to_int6(model)
-    with pytest.raises(ValueError, match=r"fused_mlp: needs the model's MLP projections as dense weights"):
+    model.blocks[1].mlp.proj = torch.nn.Identity()
+    with pytest.raises(ValueError, match=r"fused_mlp: needs the model's MLP projections as dense weights \(.weight\) "
+                                         r"or int6 codes \(.q, .scale\); found \['Identity'\]"):
         DocLoRA(model, TTTConfig(fused_mlp=True, targets=ALL), 2, torch.device("cpu"), "bmm")
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
     assert _parse(base + ["--fused-mlp", "on"]).ttt_cfg.fused_mlp is True

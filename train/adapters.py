@@ -115,13 +115,11 @@ class DocLoRA:
         self._device = torch.device(device)
         self.fused_mlp = bool(cfg.fused_mlp)
         if self.fused_mlp:
-            dense = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
-            bad = [type(l).__name__ for m in dense for l in (m.fc, m.proj) if not isinstance(getattr(l, "weight", None),
-                                                                                               torch.Tensor)]
-            if not dense or bad:
-                raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (fc.weight, "
-                                 f"proj.weight); found {bad or 'no MLP'} (an int6 model: load it with dense weights or "
-                                 f"turn fused_mlp off)")
+            mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
+            bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj) if not _has_weight(l)]
+            if not mlps or bad:
+                raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (.weight) or int6 "
+                                 f"codes (.q, .scale); found {bad or 'no MLP'}")
             if d % 8 or hidden % 8:  # the kernels' TMA row strides: 16 bytes at 2-byte activations
                 raise ValueError(f"fused_mlp: needs model_dim ({d}) and the MLP width ({hidden}) multiples of 8")
         # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);
@@ -296,12 +294,26 @@ class _DocLoRALayer:
         ``pgolf_kernels.lora_merged`` does for q, k, v)."""
         from pgolf_kernels.linear_act import mlp_leaky_sq
 
-        W_up, W_dn = mod.fc.weight.to(m.dtype), mod.proj.weight.to(m.dtype)
+        W_up, W_dn = _dense_weight(mod.fc, m.dtype), _dense_weight(mod.proj, m.dtype)
         if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
             W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
             if W_up.dim() == 3 and m.dim() == 2:
                 m = m.unsqueeze(0)
         return mlp_leaky_sq(m.contiguous(), W_up.contiguous(), W_dn.contiguous(), float(mod.slope), validate=False)
+
+
+def _has_weight(mod) -> bool:
+    return isinstance(getattr(mod, "weight", None), torch.Tensor) or all(hasattr(mod, a) for a in ("q", "scale"))
+
+
+def _dense_weight(mod, dtype) -> torch.Tensor:
+    """A projection's weight in ``dtype``: the dense weight, or an int6 layer's codes dequantized, dtype(q · s), the
+    values its own forward multiplies by (aten ops: traced into the compiled block, one pass of N x K)."""
+    if isinstance(getattr(mod, "weight", None), torch.Tensor):
+        return mod.weight if mod.weight.dtype == dtype else mod.weight.to(dtype)
+    from pgolf_kernels._dequant import dequant_aten
+
+    return dequant_aten(mod.q, mod.scale, dtype)
 
 
 def _base_weight(mod, dtype):

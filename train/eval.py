@@ -600,8 +600,8 @@ def _parse(argv):
                          "on for the kernel path, off for --reference")
     ap.add_argument("--fused-mlp", default="off", choices=["on", "off"],
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
-                         "its derivative in the backward's first GEMM, up / down adapters merged per row); dense MLP "
-                         "weights only; off by default (not yet measured inside a TTT step)")
+                         "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
+                         "dequantized per call); off by default (not yet measured inside a TTT step)")
     ap.add_argument("--graph-min-steps", type=int, default=None,
                     help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
                          "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "

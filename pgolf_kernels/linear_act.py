@@ -254,8 +254,9 @@ def linear_act(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 
     if validate:
         check_args(x, w, act, slope)
     if save_pre is None:
-        save_pre = act != "none" and torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    y, _ = _op(x, w, act, float(slope), bool(save_pre))
+        save_pre = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
+    # act "none": h is y itself and the backward does not read it (two outputs of a custom op may not alias)
+    y, _ = _op(x, w, act, float(slope), bool(save_pre) and act != "none")
     return y
 
 

@@ -148,29 +148,48 @@ def _num_programs(dev: torch.device, tiles: int) -> int:
 
 
 def check_args(x: Tensor, w: Tensor, act: str, slope: float) -> None:
-    """Refuse bad input by name before any work."""
+    """Refuse bad input of ``linear_act`` by name before any work."""
     check(act in ACTS, lambda: f"{_OP}: act must be one of {ACTS}, got {act!r}")
+    _check_operands(x, w, slope, op=_OP, xname="x", w_kn=False)
+
+
+def check_grad_args(g: Tensor, w: Tensor, h: Tensor, slope: float, w_kn: bool) -> None:
+    """Refuse bad input of ``linear_act_grad`` by name before any work."""
+    _check_operands(g, w, slope, op="linear_act_grad", xname="g", w_kn=w_kn, h=h)
+
+
+def _check_operands(x: Tensor, w: Tensor, slope: float, *, op: str, xname: str, w_kn: bool,
+                    h: Optional[Tensor] = None) -> None:
+    """x (M, K) / (B, T, K); w (N, K) or, with ``w_kn``, (K, N), optionally with a leading B; h (the epilogue's
+    input, optional) the output's shape; 16-byte row strides, contiguity and Hopper where the TMA kernel runs."""
     check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope == slope,
-          lambda: f"{_OP}: slope must be a finite float, got {slope!r}")
-    check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=(2, 3), op=_OP)
-    check_tensor(w, "w", dtype=x.dtype, ndim=(2, 3), device=x.device, op=_OP)
+          lambda: f"{op}: slope must be a finite float, got {slope!r}")
+    check_tensor(x, xname, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=(2, 3), op=op)
+    check_tensor(w, "w", dtype=x.dtype, ndim=(2, 3), device=x.device, op=op)
     K = x.shape[-1]
-    check(w.shape[-1] == K, lambda: f"{_OP}: w must have shape (N, K) or (B, N, K) with K = x.shape[-1] = {K}, "
-                                    f"got {tuple(w.shape)}")
+    kw, N = (w.shape[-2], w.shape[-1]) if w_kn else (w.shape[-1], w.shape[-2])
+    check(kw == K, lambda: f"{op}: w must have shape {'(K, N)' if w_kn else '(N, K)'} or with a leading B, with "
+                           f"K = {xname}.shape[-1] = {K}, got {tuple(w.shape)}")
     if w.dim() == 3:
         check(x.dim() == 3 and w.shape[0] == x.shape[0],
-              lambda: f"{_OP}: a per-row w (B, N, K) needs x of shape (B, T, K) with the same B, got x "
+              lambda: f"{op}: a per-row w needs {xname} of shape (B, T, K) with the same B, got {xname} "
                       f"{tuple(x.shape)} and w {tuple(w.shape)}")
+    if h is not None:
+        check_tensor(h, "h", dtype=x.dtype, device=x.device, op=op)
+        check(tuple(h.shape) == tuple(x.shape[:-1]) + (N,),
+              lambda: f"{op}: h must have shape {tuple(x.shape[:-1]) + (N,)} ({xname}'s rows x N), got "
+                      f"{tuple(h.shape)}")
     if use_triton(x):
         item = x.element_size()
-        check(K * item % 16 == 0 and w.shape[-2] * item % 16 == 0,
-              lambda: f"{_OP}: the TMA kernel needs K and N multiples of {16 // item} for {str(x.dtype)[6:]} "
-                      f"(16-byte row strides), got K = {K}, N = {w.shape[-2]}")
-        check(x.is_contiguous() and w.is_contiguous(),
-              lambda: f"{_OP}: x and w must be contiguous for the TMA kernel; call .contiguous() first")
+        check(K * item % 16 == 0 and N * item % 16 == 0,
+              lambda: f"{op}: the TMA kernel needs K and N multiples of {16 // item} for {str(x.dtype)[6:]} "
+                      f"(16-byte row strides), got K = {K}, N = {N}")
+        check(all(t.is_contiguous() for t in (x, w) + ((h,) if h is not None else ())),
+              lambda: f"{op}: {xname}, w{', h' if h is not None else ''} must all be contiguous for the TMA "
+                      f"kernel; call .contiguous() first")
         if x.is_cuda:
             check(torch.cuda.get_device_capability(x.device)[0] >= 9,
-                  lambda: f"{_OP}: the TMA kernel needs compute capability >= 9.0 (Hopper), got "
+                  lambda: f"{op}: the TMA kernel needs compute capability >= 9.0 (Hopper), got "
                           f"{torch.cuda.get_device_capability(x.device)} on {x.device}", RuntimeError)
 
 
@@ -258,31 +277,6 @@ def linear_act(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 
     # act "none": h is y itself and the backward does not read it (two outputs of a custom op may not alias)
     y, _ = _op(x, w, act, float(slope), bool(save_pre) and act != "none")
     return y
-
-
-def check_grad_args(g: Tensor, w: Tensor, h: Tensor, slope: float, w_kn: bool, op: str = "linear_act_grad") -> None:
-    check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope == slope,
-          lambda: f"{op}: slope must be a finite float, got {slope!r}")
-    check_tensor(g, "g", dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=(2, 3), op=op)
-    check_tensor(w, "w", dtype=g.dtype, ndim=(2, 3), device=g.device, op=op)
-    check_tensor(h, "h", dtype=g.dtype, device=g.device, op=op)
-    K = g.shape[-1]
-    kw, N = (w.shape[-2], w.shape[-1]) if w_kn else (w.shape[-1], w.shape[-2])
-    check(kw == K, lambda: f"{op}: w must have shape {'(K, N)' if w_kn else '(N, K)'} (or with a leading B) with "
-                           f"K = g.shape[-1] = {K}, got {tuple(w.shape)}")
-    check(tuple(h.shape) == tuple(g.shape[:-1]) + (N,),
-          lambda: f"{op}: h must have shape {tuple(g.shape[:-1]) + (N,)} (g's rows x N), got {tuple(h.shape)}")
-    if w.dim() == 3:
-        check(g.dim() == 3 and w.shape[0] == g.shape[0],
-              lambda: f"{op}: a per-row w needs g of shape (B, T, K) with the same B, got g {tuple(g.shape)} and "
-                      f"w {tuple(w.shape)}")
-    if use_triton(g):
-        item = g.element_size()
-        check(K * item % 16 == 0 and N * item % 16 == 0,
-              lambda: f"{op}: the TMA kernel needs K and N multiples of {16 // item} (16-byte row strides), got "
-                      f"K = {K}, N = {N}")
-        check(g.is_contiguous() and w.is_contiguous() and h.is_contiguous(),
-              lambda: f"{op}: g, w and h must be contiguous for the TMA kernel; call .contiguous() first")
 
 
 @torch.library.custom_op("pgolf::linear_act_grad", mutates_args=())

@@ -355,7 +355,8 @@ def main(argv=None):
         for k, t_ms, c in rows:
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
-                              "top": rows, "categories_ms": cats, "fused_optimizer": opt.fused}
+                              "top": rows, "categories_ms": cats, "fused_optimizer": opt.fused,
+                              "fused_mlp": cfg_v.fused_mlp}
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
         if work:  # the reference step's work over this variant's time: comparable across variants
             fl = work["floor"]

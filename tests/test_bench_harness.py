@@ -854,6 +854,22 @@ def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 
+def test_profile_ttt_mlp_suffix_reaches_the_step(tmp_path, monkeypatch):
+    """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), on both paths;
+    a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this
+    test: the interpreter runs the default model's d 512 kernels at minutes a step; tests/test_fused_mlp.py runs the
+    kernels themselves)."""
+    from bench.profile_ttt import main
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    out = main(["--device", "cpu", "--recipe", "records", "--batch", "2", "--window", "96", "--chunk", "32", "--rank",
+                "4", "--steps", "1", "--top", "3", "--variants", "reference-eager-tail-mlp,kernel-eager-tail-mlp,"
+                "reference-eager-tail", "--out", str(tmp_path)])
+    got = {k: v["fused_mlp"] for k, v in out["variants"].items()}
+    assert got == {"reference-eager-tail-mlp": True, "kernel-eager-tail-mlp": True, "reference-eager-tail": False}
+    assert all(v["step_ms"] > 0 for v in out["variants"].values())
+
+
 def test_profile_ttt_step_work_counts_gemms_and_causal_attention():
     """bench.profile_ttt.step_work counts a step's GEMM FLOPs (forward, dX, dW) and its attention FLOPs as the
     FlashAttention convention does (causal: about half the score matrix; backward 2.5x the forward), and

@@ -31,10 +31,7 @@ from bench.harness import bench_ms, make_row, tflops, time_all
 KERNEL = "linear-act"
 # (name, N): K = 512, 64 rows x 2048 positions
 SHAPES = [("mlp-up", 1536), ("q", 512), ("kv", 256)]
-CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
-           dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
-           dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
-           dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4)]
+from pgolf_kernels.linear_act import TILE_CONFIGS as CONFIGS  # noqa: E402  (the kernel's own candidates)
 
 
 def _act(h):

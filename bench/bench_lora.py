@@ -103,7 +103,7 @@ def _left() -> float:
 
 # Every variant names SPLIT and GONCE, as the defaults differ by rank class (lora_triton.bwd_split / bwd_g_once).
 # GONCE: the "G once" backward; BT=64 with it because at r=96 its G pass holds u and g (2 x BT x 128 fp32) and spilled
-# 428 B per thread at BT=128 vs 132 B at BT=64 (sm_90a ptxas, lora_sm90_check)
+# 428 B per thread at BT=128 vs 132 B at BT=64 (sm_90a ptxas, pgolf_kernels.sm90_check)
 _F = dict(SPLIT=False, GONCE=False)
 BWD_VARIANTS = [dict(_F), dict(_F, BD=256), dict(_F, SPLIT=True), dict(_F, SPLIT=True, BD=256), dict(_F, GONCE=True),
                 dict(GONCE=True, SPLIT=True), dict(_F, GONCE=True, BT=64)]

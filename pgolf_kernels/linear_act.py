@@ -133,12 +133,21 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
         y_desc.store([b, om, on], y.reshape(1, BM, BN))
 
 
+# the tile configs ``bench.bench_linear_act`` times (fixed ahead: nothing is autotuned at eval). Compiled for sm_90a
+# (``python3 -m pgolf_kernels.sm90_check linear_act``): all use async wgmma and TMA copies without spills; 128 x 256
+# with the derivative epilogue needs 278,568 B of shared memory (> 232,448) and cannot launch
+TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
+                dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
+                dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
+                dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4)]
+
+
 def default_config(T: int, N: int, K: int, is_cuda: bool) -> dict:
     """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
     the tile). GPU: 128 x 128 x 64, 3 stages, 8 warps; ``bench.bench_linear_act`` sweeps alternatives."""
     if not is_cuda:
         return dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
-    return dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3)
+    return dict(TILE_CONFIGS[0])
 
 
 def _num_programs(dev: torch.device, tiles: int) -> int:

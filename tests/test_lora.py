@@ -500,7 +500,7 @@ def test_kernels_compile_for_sm90():
     import subprocess
     import sys
 
-    code = ("from pgolf_kernels.lora_sm90_check import fwd_stats, bwd_stats\n"
+    code = ("from pgolf_kernels.sm90_check import fwd_stats, bwd_stats\n"
             "for s in (fwd_stats(RP=16), fwd_stats(RP=16, quant=True), bwd_stats(RP=16), bwd_stats(RP=16, split=True),\n"
             "          bwd_stats(RP=16, phase=1), bwd_stats(RP=16, phase=2)):\n"
             "    assert s['async_copies'] > 0 and s['wgmma'] > 0, s\n"

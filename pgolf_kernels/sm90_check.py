@@ -1,7 +1,8 @@
-"""Compile the LoRA kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
+"""Compile the LoRA and linear_act kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
 
-``python -m pgolf_kernels.lora_sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
-bytes, shared memory, and whether the K/N loops were software-pipelined (cp.async copies in the TTGIR). It uses
+``python -m pgolf_kernels.sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
+bytes, shared memory, and whether the K/N loops were software-pipelined (cp.async copies, or TMA copies for the
+tensor-descriptor kernels, in the TTGIR). It uses
 Triton's own compiler and bundled ptxas with the argument attributes a real launch at the benchmark shapes would get
 (16-byte aligned pointers; T, d, out_i multiples of 16). Without those attributes Triton does not pipeline at all,
 so a check that leaves them out reports the wrong kernel.
@@ -41,7 +42,8 @@ def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N
     spill = re.search(r"(\d+) bytes spill stores", out.stderr)
     ttg = k.asm["ttgir"]
     return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
-                smem=k.metadata.shared, async_copies=ttg.count("async_copy_global_to_local"),
+                smem=k.metadata.shared, async_copies=ttg.count("async_copy_global_to_local"), tma_copies=ttg.count("async_tma_copy_global_to_local"),
+                async_wgmma="isAsync = true" in ttg,
                 wgmma=ttg.count("warp_group_dot "), serialized_wgmma="C7515" in out.stderr,
                 compile_s=round(time.time() - t, 1))
 
@@ -76,6 +78,27 @@ def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, s
     return _compile(K._bwd_kernel, types, consts, num_warps, num_stages)
 
 
+# shared memory an sm_90 block may use (227 KB, H100 / H200): a variant above it compiles but cannot launch
+SMEM_LIMIT = 232448
+
+
+def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, save=False, w_kn=False, per_row=True,
+                     dtype="bf16"):
+    """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
+    with W read as (K, N), as the fused MLP's backward launches it)."""
+    from . import linear_act as L
+
+    wblk = f"[1,{BK},{BN}]" if w_kn else f"[1,{BN},{BK}]"
+    types = {"x_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w_desc": f"tensordesc<{dtype}{wblk}>",
+             "y_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>", "h_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>",
+             "B": "i32", "T": "i32", "N": "i32", "K": "i32", "slope": "fp32"}
+    consts = dict(BM=BM, BN=BN, BK=BK, ACT=act, SAVE_PRE=save, PER_ROW_W=per_row, W_KN=w_kn, NUM_PROGS=132,
+                  PRECISION="ieee" if dtype == "fp32" else "tf32")
+    s = _compile(L._linear_act_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K"))
+    s["fits_smem"] = s["smem"] <= SMEM_LIMIT
+    return s
+
+
 CASES = {
     "fwd r<=16 (default)": lambda: fwd_stats(RP=16),
     "fwd r=96 (default)": lambda: fwd_stats(RP=128, num_stages=2),
@@ -91,6 +114,18 @@ CASES = {
     "bwd G-once G pass r=96": lambda: bwd_stats(RP=128, BN=64, phase=1),
     "bwd G-once dx pass r=96": lambda: bwd_stats(RP=128, BN=64, phase=2),
 }
+def _linear_act_cases():
+    """Every tile config of ``linear_act.TILE_CONFIGS`` (the bench's candidates) in each epilogue."""
+    from .linear_act import TILE_CONFIGS
+
+    for c in TILE_CONFIGS:
+        for name, kw in (("none", dict(act=0)), ("act", dict(act=1)), ("act+h", dict(act=1, save=True)),
+                         ("grad", dict(act=2, w_kn=True))):
+            yield (f"linear_act {name} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}",
+                   lambda c=c, kw=kw: linear_act_stats(**c, **kw))
+
+
+CASES.update(_linear_act_cases())
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,8 @@ reads it and writes act(h) (measured on one H200, kernel path, measurement 6 of 
 accumulator tile before it leaves the SM. The question this kernel answers on a GPU (``python3 -m bench.bench_linear_act``)
 is whether a Triton GEMM with a fused epilogue reaches cuBLAS speed at K = 512: the records' step needs GEMMs at
 >= 0.73-1.0x cuBLAS with the element-wise passes absorbed to reach 1.5x its reference (``docs/STATUS.md``).
-Not dispatched inside the TTT engine until that is measured.
+The TTT engine runs its MLP through ``mlp_leaky_sq`` only with ``--fused-mlp on`` (``TTTConfig.fused_mlp``, off by
+default) until that is measured.
 
 Kernel: persistent (one program per SM, tiles strided over programs), operands loaded by TMA through host tensor
 descriptors over 3-D views (B, T, K) / (B_w, N, K) / (B, T, N), so a tile never straddles two batch rows and

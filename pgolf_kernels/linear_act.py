@@ -36,6 +36,7 @@ TRITON_INTERPRET=1 (the CPU test lane), as every op of the package.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -172,7 +173,7 @@ def _check_operands(x: Tensor, w: Tensor, slope: float, *, op: str, xname: str, 
                     h: Optional[Tensor] = None) -> None:
     """x (M, K) / (B, T, K); w (N, K) or, with ``w_kn``, (K, N), optionally with a leading B; h (the epilogue's
     input, optional) the output's shape; 16-byte row strides, contiguity and Hopper where the TMA kernel runs."""
-    check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and slope == slope,
+    check(isinstance(slope, (int, float)) and not isinstance(slope, bool) and math.isfinite(slope),
           lambda: f"{op}: slope must be a finite float, got {slope!r}")
     check_tensor(x, xname, dtype=(torch.bfloat16, torch.float16, torch.float32), ndim=(2, 3), op=op)
     check_tensor(w, "w", dtype=x.dtype, ndim=(2, 3), device=x.device, op=op)

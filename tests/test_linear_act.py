@@ -177,6 +177,7 @@ def test_module_drop_in():
 @pytest.mark.parametrize("args,kwargs,exc,msg", [
     (((8, 16), (16, 16)), dict(act="gelu"), ValueError, r"linear_act: act must be one of \('none', 'leaky_relu_sq'\), got 'gelu'"),
     (((8, 16), (16, 16)), dict(slope=float("nan")), ValueError, "linear_act: slope must be a finite float"),
+    (((8, 16), (16, 16)), dict(slope=float("inf")), ValueError, "linear_act: slope must be a finite float"),
     (((8, 16), (16, 24)), {}, ValueError, r"linear_act: w must have shape \(N, K\) or with a leading B, with K = x.shape\[-1\] = 16"),
     (((2, 8, 16), (3, 16, 16)), {}, ValueError, "linear_act: a per-row w needs x of shape"),
     (((8, 12), (16, 12)), {}, ValueError, "linear_act: the TMA kernel needs K and N multiples of 8"),
@@ -195,6 +196,12 @@ def test_dtype_and_layout_refusals():
     x = torch.randn(8, 16, dtype=torch.float16)
     with pytest.raises(TypeError, match="linear_act: w must have dtype float16, got float32"):
         linear_act(x, torch.randn(16, 16))
+    with pytest.raises(ValueError, match="linear_act: w is on meta but must be on cpu"):
+        linear_act(x, torch.empty(16, 16, dtype=torch.float16, device="meta"))
+    with pytest.raises(ValueError, match="mlp_leaky_sq: w_down is on meta but must be on cpu"):
+        mlp_leaky_sq(x, torch.randn(16, 16, dtype=torch.float16), torch.empty(16, 16, dtype=torch.float16, device="meta"))
+    with pytest.raises(TypeError, match="linear_act_grad: h must have dtype float16, got float32"):
+        linear_act_grad(x, torch.randn(16, 16, dtype=torch.float16), torch.randn(8, 16))
     if _utils.use_triton(x):
         with pytest.raises(ValueError, match="linear_act: x, w must all be contiguous"):
             linear_act(torch.randn(16, 8, dtype=torch.float16).t(), torch.randn(16, 16, dtype=torch.float16))

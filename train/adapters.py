@@ -116,7 +116,8 @@ class DocLoRA:
         self.fused_mlp = bool(cfg.fused_mlp)
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
-            bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj) if not _has_weight(l)]
+            bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
+                   if not (_is_int6(l) or isinstance(getattr(l, "weight", None), torch.Tensor))]
             if not mlps or bad:
                 raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (.weight) or int6 "
                                  f"codes (.q, .scale); found {bad or 'no MLP'}")
@@ -297,29 +298,28 @@ class _DocLoRALayer:
         W_up, W_dn = _dense_weight(mod.fc, m.dtype), _dense_weight(mod.proj, m.dtype)
         if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
             W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
-            if W_up.dim() == 3 and m.dim() == 2:
-                m = m.unsqueeze(0)
         return mlp_leaky_sq(m.contiguous(), W_up.contiguous(), W_dn.contiguous(), float(mod.slope), validate=False)
 
 
-def _has_weight(mod) -> bool:
-    return isinstance(getattr(mod, "weight", None), torch.Tensor) or all(hasattr(mod, a) for a in ("q", "scale"))
+def _is_int6(mod) -> bool:
+    """An ``Int6Linear`` (codes and row scales, no dense weight)."""
+    return all(hasattr(mod, a) for a in ("q", "scale", "bits")) and not hasattr(mod, "weight")
 
 
 def _dense_weight(mod, dtype) -> torch.Tensor:
     """A projection's weight in ``dtype``: the dense weight, or an int6 layer's codes dequantized, dtype(q · s), the
     values its own forward multiplies by (aten ops: traced into the compiled block, one pass of N x K)."""
-    if isinstance(getattr(mod, "weight", None), torch.Tensor):
-        return mod.weight if mod.weight.dtype == dtype else mod.weight.to(dtype)
-    from pgolf_kernels._dequant import dequant_aten
+    if _is_int6(mod):
+        from pgolf_kernels._dequant import dequant_aten
 
-    return dequant_aten(mod.q, mod.scale, dtype)
+        return dequant_aten(mod.q, mod.scale, dtype)
+    return _base_weight(mod, dtype)
 
 
 def _base_weight(mod, dtype):
     """The base weight of a projection for multi_lora_linear: an ``Int6Linear``'s codes as a
     ``QTensor`` (never dequantized in memory), else the dense weight in the activation dtype."""
-    if all(hasattr(mod, a) for a in ("q", "scale", "bits")) and not hasattr(mod, "weight"):
+    if _is_int6(mod):
         from pgolf_kernels.quant import QTensor
 
         return QTensor(mod.q, mod.scale, int(mod.bits))

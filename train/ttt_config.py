@@ -84,8 +84,7 @@ class TTTConfig(AdamSettings):
     # the MLP as pgolf_kernels.linear_act.mlp_leaky_sq: leaky_relu(h)² in the up-projection's epilogue and its
     # derivative in the backward's first GEMM, with the up / down adapters merged into per-row weights
     # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). Off by
-    # default: not yet
-    # measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
+    # default: not yet measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
     fused_mlp: bool = False
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None

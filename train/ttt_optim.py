@@ -120,7 +120,6 @@ class BatchedAdam:
         for p in ps:
             p.grad = None
 
-
     def _row_scales(self):
         """Count one more step on every row: (-lr / (1 - b1^t), sqrt(1 - b2^t)) per row, fp32 (rows,) on the device."""
         self.row_t += 1

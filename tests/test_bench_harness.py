@@ -829,13 +829,17 @@ def test_profile_ttt_variant_names():
     from bench.profile_ttt import _variant, main
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
-                                          "mlp": False, "autotune": False}
+                                          "mlp": False, "qk": False, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
-                                                                 "fused": True, "mlp": False, "autotune": True}
+                                                                 "fused": True, "mlp": False, "qk": False,
+                                                                 "autotune": True}
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
+    assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
+                                                      "mlp": True, "qk": True, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
-                "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail"):
+                "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail",
+                "kernel-compile-qk-mlp"):
         assert _variant(bad) is None, bad
         with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
             main(["--variants", bad, "--device", "cpu"])
@@ -854,19 +858,20 @@ def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 
-def test_profile_ttt_mlp_suffix_reaches_the_step(tmp_path, monkeypatch):
-    """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), on both paths;
-    a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this
+def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
+    """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), -qk with
+    TTTConfig.fused_qk, on both paths; a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this
     test: the interpreter runs the default model's d 512 kernels at minutes a step; tests/test_fused_mlp.py runs the
     kernels themselves)."""
     from bench.profile_ttt import main
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = main(["--device", "cpu", "--recipe", "records", "--batch", "2", "--window", "96", "--chunk", "32", "--rank",
-                "4", "--steps", "1", "--top", "3", "--variants", "reference-eager-tail-mlp,kernel-eager-tail-mlp,"
+                "4", "--steps", "1", "--top", "3", "--variants", "reference-eager-tail-mlp,kernel-eager-tail-mlp-qk,"
                 "reference-eager-tail", "--out", str(tmp_path)])
-    got = {k: v["fused_mlp"] for k, v in out["variants"].items()}
-    assert got == {"reference-eager-tail-mlp": True, "kernel-eager-tail-mlp": True, "reference-eager-tail": False}
+    got = {k: (v["fused_mlp"], v["fused_qk"]) for k, v in out["variants"].items()}
+    assert got == {"reference-eager-tail-mlp": (True, False), "kernel-eager-tail-mlp-qk": (True, True),
+                   "reference-eager-tail": (False, False)}
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 

@@ -114,6 +114,9 @@ class DocLoRA:
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
         self.fused_mlp = bool(cfg.fused_mlp)
+        self.fused_qk = bool(cfg.fused_qk)
+        if self.fused_qk and (hd % 2 or (hd // 2) & (hd // 2 - 1)):
+            raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
             bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
@@ -280,6 +283,10 @@ class _DocLoRALayer:
     @property
     def fused_mlp(self) -> bool:
         return self.parent.fused_mlp
+
+    @property
+    def fused_qk(self) -> bool:
+        return self.parent.fused_qk
 
     def _merged(self, t: str, W: torch.Tensor) -> torch.Tensor:
         """W + s·B·A for target t: (out, in) for a shared adapter, else (R, out, in), one per forward row."""

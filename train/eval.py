@@ -602,6 +602,9 @@ def _parse(argv):
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
                          "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
                          "dequantized per call); off by default (not yet measured inside a TTT step)")
+    ap.add_argument("--fused-qk", default="off", choices=["on", "off"],
+                    help="q's and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels."
+                         "head_norm_rope); off by default (not yet measured inside a TTT step)")
     ap.add_argument("--graph-min-steps", type=int, default=None,
                     help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
                          "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "
@@ -698,7 +701,7 @@ def _configs(args):
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
                   fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer],
-                  fused_mlp=args.fused_mlp == "on", **over), None
+                  fused_mlp=args.fused_mlp == "on", fused_qk=args.fused_qk == "on", **over), None
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):

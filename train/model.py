@@ -235,20 +235,29 @@ class CausalSelfAttention(nn.Module):
         # resolved once here (an import attempt, no GPU query), not inside the compiled forward
         self._fa3 = _flash_attn3()
 
-    def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None, keep=None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None, keep=None,
+                fused_qk: bool = False) -> torch.Tensor:
         """``rope``: the (cos, sin) tables of ``Rotary`` for this T (``GPT.hidden`` makes them once per
         forward for every block); None computes them here. ``keep`` (B, C) int64 window positions: only those
-        queries (each attending causally to keys 0..its position), output (B, C, d) instead of (B, T, d)."""
+        queries (each attending causally to keys 0..its position), output (B, C, d) instead of (B, T, d).
+        ``fused_qk`` (``TTTConfig.fused_qk``): q's and k's RMSNorm, gain and rotary through
+        ``pgolf_kernels.head_norm_rope``, the same function rounded once."""
         B, T, _ = h.shape
         if q is None:
             q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)
-        q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q = rms_norm(q) * self.q_gain.to(q.dtype)[None, :, None, None]
-        k = rms_norm(k)
         cos, sin = self.rotary(T, h.device, q.dtype) if rope is None else (rope[0].to(q.dtype), rope[1].to(q.dtype))
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        v = v.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if fused_qk:
+            from pgolf_kernels.head_norm_rope import head_norm_rope
+
+            q = head_norm_rope(q, cos, sin, self.num_heads, self.q_gain.to(q.dtype), validate=False)
+            k = head_norm_rope(k, cos, sin, self.num_kv_heads, validate=False)
+        else:
+            q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+            k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = rms_norm(q) * self.q_gain.to(q.dtype)[None, :, None, None]
+            k = rms_norm(k)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if keep is not None:
             # the kept queries only: C of T rows of the scores, so a masked SDPA (no flash kernel) costs C/T of
             # the causal one
@@ -313,7 +322,8 @@ class Block(nn.Module):
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.size(-1)))
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
-            a = adapter.attn_out(hk, self.attn(h, q, k, v, rope, keep=keep))
+            a = adapter.attn_out(hk, self.attn(h, q, k, v, rope, keep=keep,
+                                               fused_qk=getattr(adapter, "fused_qk", False)))
         else:
             a = self.attn(h, rope=rope, keep=keep)
         x = x + self.attn_scale.to(x.dtype) * a

@@ -86,6 +86,10 @@ class TTTConfig(AdamSettings):
     # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). Off by
     # default: not yet measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
     fused_mlp: bool = False
+    # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,
+    # the rotated (B, H, T, D) tile written once). Off by default: not yet measured inside a TTT step
+    # (bench.profile_ttt variant suffix -qk)
+    fused_qk: bool = False
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -157,6 +161,8 @@ class TTTConfig(AdamSettings):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
         if not isinstance(self.fused_mlp, bool):
             raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
+        if not isinstance(self.fused_qk, bool):
+            raise ValueError(f"fused_qk: {self.fused_qk!r}; expected True or False")
         if self.fused_mlp and (("up" in self.targets) != ("down" in self.targets)):
             raise ValueError(f"fused_mlp: needs both 'up' and 'down' in targets or neither (the fused MLP merges both "
                              f"adapters into per-row weights), got targets {tuple(self.targets)}")

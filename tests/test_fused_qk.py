@@ -1,0 +1,110 @@
+"""``TTTConfig.fused_qk``: the attention's q / k RMSNorm, q_gain and rotary through ``pgolf_kernels.head_norm_rope``
+give the scores and adapter gradients of the op-by-op composition (fp32, CPU; the kernels under the interpreter in
+the CPU lane), through ``rows_nll`` and ``evaluate``."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_fused_mlp import ALL, _nll_and_grads
+from train.adapters import DocLoRA
+from train.eval_fixtures import doc_stream, tiny_model
+from train.forward import rows_nll
+from train.rows import build_rows, split_docs
+from train.ttt_config import TTTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batch(window=64):
+    stream = doc_stream([70, 40, 100, 9], seed=5)
+    starts, _ = split_docs(stream)
+    rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
+    return build_rows(stream, rows, window)
+
+
+@pytest.mark.parametrize("targets,backend,tail,n_docs,int6,mlp", [
+    (ALL, "bmm", False, 4, False, False), (ALL, "kernel", True, 4, True, False),
+    (("q", "v", "head"), "kernel", False, 4, False, True), (("k", "o"), "bmm", True, 1, False, False)])
+def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, mlp):
+    """Same NLL at every scored position and same gradient of every adapter tensor (q / k adapters get theirs through
+    the fused backward), on both backends, the int6 model, the tail block, a shared adapter, with the fused MLP."""
+    model = tiny_model(seed=3, num_layers=2)
+    if int6:
+        from pgolf_kernels.int6_linear import convert_linears_to_int6
+
+        convert_linears_to_int6(model)
+    rb = _batch()
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail,
+                    fused_mlp=mlp)
+    plain, g_plain = _nll_and_grads(model, rb, cfg, n_docs, backend)
+    fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_qk=True), n_docs, backend)
+    m = rb.mask
+    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
+    assert len(g_fused) == len(g_plain)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().sum() > 0 for g in g_fused)
+
+
+def test_fused_qk_is_what_the_model_runs(monkeypatch):
+    """The option reaches the attention: head_norm_rope runs twice per block (q and k); without it, never."""
+    import pgolf_kernels.head_norm_rope as hnr
+
+    calls = []
+    orig = hnr.head_norm_rope
+    monkeypatch.setattr(hnr, "head_norm_rope", lambda *a, **k: calls.append(a[3]) or orig(*a, **k))
+    model = tiny_model(seed=3, num_layers=2)
+    rb = _batch()
+    for on in (False, True):
+        cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, targets=("q", "v"), fused_qk=on)
+        rows_nll(model, rb, DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm"))
+    assert calls == [4, 2, 4, 2]  # num_heads, num_kv_heads per block, only with the option
+
+
+def test_eval_with_fused_qk_scores_like_without():
+    from tests.test_graphs import RECORDS_LIKE, _lut
+    from train.eval import evaluate
+
+    # a document longer than the window, a 1-token one, partial chunks (4 of tests.test_graphs.LENGTHS: the
+    # interpreter runs 4 kernel launches a step, 41 s for all 11 documents)
+    stream = doc_stream([300, 1, 77, 140], seed=5)
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="bmm")
+    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(RECORDS_LIKE, fused_qk=True),
+                   backend="bmm")
+    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+
+
+def test_fused_qk_refusals_and_option():
+    from train.eval import _parse
+
+    with pytest.raises(ValueError, match="fused_qk: 'yes'; expected True or False"):
+        TTTConfig(fused_qk="yes")
+    model = tiny_model(seed=3, num_layers=2, model_dim=96)  # head dim 24: not twice a power of two
+    with pytest.raises(ValueError, match=r"fused_qk: needs the head dim \(24\) twice a power of two"):
+        DocLoRA(model, TTTConfig(fused_qk=True), 2, torch.device("cpu"), "bmm")
+    DocLoRA(model, TTTConfig(), 2, torch.device("cpu"), "bmm")  # the same model without the option
+    base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
+    assert _parse(base + ["--fused-qk", "on"]).ttt_cfg.fused_qk is True
+    assert _parse(base).ttt_cfg.fused_qk is False
+
+
+@pytest.mark.gpu
+def test_gpu_eval_with_fused_qk_scores_like_without():
+    """On the GPU (bf16, the Triton kernels): evaluate() with fused_qk (and with fused_mlp too), eager and with CUDA
+    graphs, against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
+    from train.eval import evaluate
+
+    stream = doc_stream(LENGTHS, seed=5).cuda()
+    lut = _lut(tiny_model(seed=3).config.vocab_size)
+    ref = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="kernel")
+    for graphs, mlp in ((False, False), (True, False), (True, True)):
+        cfg = dataclasses.replace(RECORDS_LIKE, fused_qk=True, fused_mlp=mlp, cuda_graphs=graphs, graph_min_steps=1)
+        rep = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=cfg, backend="kernel")
+        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
+        assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (graphs, mlp, rep["val_bpb"],
+                                                                              ref["val_bpb"])

@@ -190,6 +190,22 @@ def test_module_holds_the_gain():
     assert HeadNormRope(2, 16).gain is None
 
 
+def test_the_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_head_norm_rope's rows at tiny shapes (a stand-in timer and compile): every contestant runs, the
+    correctness check passes, the rows carry the figures the docs cite."""
+    from bench.bench_head_norm_rope import measure
+
+    if DEVICE != "cpu" or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    calls = []
+    rows = measure(torch.device("cpu"), 2, 20, 16, [("q", 2, True), ("k", 1, False)],
+                   lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f, torch.float32)
+    assert [r["case"] for r in rows] == [
+        "q: B2 T20 heads 2 x 16, gain, float32, forward", "q: B2 T20 heads 2 x 16, gain, float32, forward + backward",
+        "k: B2 T20 heads 1 x 16, float32, forward", "k: B2 T20 heads 1 x 16, float32, forward + backward"]
+    assert all(r["speedup"] == 1.0 and r["ours_gbps"] > 0 for r in rows) and len(calls) == 12
+
+
 def _bad(x, cos, sin, H=2, g=None, eps=None, match=""):
     with pytest.raises((TypeError, ValueError), match=match):
         head_norm_rope(x, cos, sin, H, g, eps=eps)

@@ -1,0 +1,74 @@
+"""``pgolf_kernels.head_norm_rope`` (per-head RMSNorm + gain + rotary of q / k, one pass) against what the TTT step
+runs today: the model's composition (``head_norm_rope_ref``: reshape, ``F.rms_norm``, ``* q_gain``, rotary,
+transpose) under torch.compile (default mode: Inductor's fused passes, as in the compiled step) and eager.
+
+Shapes: the records' TTT step on the default model, 64 rows x 2048 positions, head dim 64: q (8 heads, with the
+q gain) and k (4 heads). Rows, one process, medians of ``triton.testing.do_bench``: forward alone (scoring) and
+forward + backward to x and the gain (training), with GB/s of the bytes the op must move (x read and the output
+written; backward: dy and x read, dx written).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from bench.harness import bench_ms, gbps, make_row, time_all
+
+KERNEL = "head-norm-rope"
+# (name, heads, gain): head dim 64, 64 rows x 2048 positions
+SHAPES = [("q", 8, True), ("k", 4, False)]
+
+
+def run(quick: bool = False) -> List[Dict[str, object]]:
+    return measure(torch.device("cuda"), 8 if quick else 64, 2048, 64, SHAPES, bench_ms, torch.compile,
+                   torch.bfloat16)
+
+
+def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype) -> List[Dict[str, object]]:
+    """The rows of ``run`` on any device and sizes (the CPU test runs it under the interpreter at tiny shapes with a
+    stand-in timer, so the bench's wiring and its correctness check are tested before a GPU call)."""
+    from pgolf_kernels.head_norm_rope import head_norm_rope, head_norm_rope_ref
+
+    g = torch.Generator(device=dev).manual_seed(0)
+    theta = torch.outer(torch.arange(T, device=dev, dtype=torch.float32),
+                        10000.0 ** (-torch.arange(0, D, 2, device=dev, dtype=torch.float32) / D))
+    cos, sin = theta.cos().to(dtype)[None, None], theta.sin().to(dtype)[None, None]
+    compiled = compile_fn(head_norm_rope_ref, dynamic=False)
+    rows = []
+    for name, H, has_gain in shapes:
+        x = torch.randn(B, T, H * D, device=dev, dtype=dtype, generator=g)
+        gain = (torch.rand(H, device=dev, generator=g) + 0.5).to(dtype) if has_gain else None
+        dy = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
+        ref = head_norm_rope_ref(x, cos, sin, H, gain)
+        got = head_norm_rope(x, cos, sin, H, gain)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"head_norm_rope: relative error {err:.3g} against the composition on {name}")
+        fwd = {"ours": lambda: head_norm_rope(x, cos, sin, H, gain, validate=False),
+               "compiled": lambda: compiled(x, cos, sin, H, gain),
+               "eager": lambda: head_norm_rope_ref(x, cos, sin, H, gain)}
+        xs = x.detach().clone().requires_grad_()
+        gs = gain.detach().clone().requires_grad_() if has_gain else None
+
+        def step(f):
+            def go():
+                xs.grad = None
+                if gs is not None:
+                    gs.grad = None
+                f(xs, cos, sin, H, gs).backward(dy)
+            return go
+
+        train = {"ours": step(lambda *a: head_norm_rope(*a, validate=False)), "compiled": step(compiled),
+                 "eager": step(head_norm_rope_ref)}
+        tf = time_all(fwd, timer, f"{name} forward")
+        tt = time_all(train, timer, f"{name} forward+backward")
+        nbytes = x.numel() * x.element_size()
+        label = f"{name}: B{B} T{T} heads {H} x {D}{', gain' if has_gain else ''}, {str(dtype)[6:]}"
+        rows.append(make_row(KERNEL, f"{label}, forward", tf["ours"], "torch.compile of the composition",
+                             tf["compiled"], eager_ms=tf["eager"], eager_speedup=tf["eager"] / tf["ours"],
+                             ours_gbps=gbps(2 * nbytes, tf["ours"]), compiled_gbps=gbps(2 * nbytes, tf["compiled"])))
+        rows.append(make_row(KERNEL, f"{label}, forward + backward", tt["ours"], "torch.compile of the composition",
+                             tt["compiled"], eager_ms=tt["eager"], eager_speedup=tt["eager"] / tt["ours"],
+                             ours_gbps=gbps(5 * nbytes, tt["ours"]), compiled_gbps=gbps(5 * nbytes, tt["compiled"])))
+    return rows

@@ -1,4 +1,4 @@
-"""Compile the LoRA and linear_act kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
+"""Compile the LoRA, linear_act and head_norm_rope kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
 
 ``python -m pgolf_kernels.sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
 bytes, shared memory, and whether the K/N loops were software-pipelined (cp.async copies, or TMA copies for the
@@ -45,6 +45,10 @@ def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N
                 smem=k.metadata.shared, async_copies=ttg.count("async_copy_global_to_local"), tma_copies=ttg.count("async_tma_copy_global_to_local"),
                 async_wgmma="isAsync = true" in ttg,
                 wgmma=ttg.count("warp_group_dot "), serialized_wgmma="C7515" in out.stderr,
+                # 16-byte global accesses against 2-byte scalar ones (an element-wise kernel should have no scalar
+                # access on its tensors: a lost divisibility hint shows here)
+                ld_v4=k.asm["ptx"].count("ld.global.v4"), st_v4=k.asm["ptx"].count("st.global.v4"),
+                ld_b16=k.asm["ptx"].count("ld.global.b16"), st_b16=k.asm["ptx"].count("st.global.b16"),
                 compile_s=round(time.time() - t, 1))
 
 
@@ -126,6 +130,27 @@ def _linear_act_cases():
 
 
 CASES.update(_linear_act_cases())
+
+
+def head_norm_rope_stats(bwd=False, gain=True, need_dg=True, P=32, BT=64, dtype="bf16"):
+    """``head_norm_rope``'s forward or backward kernel as the op launches it on a GPU (BT 64, 4 warps, head dim 2P)."""
+    from . import head_norm_rope as M
+
+    ptrs = ("DY", "X", "COS", "SIN", "G", "DX", "DG") if bwd else ("X", "COS", "SIN", "G", "Y")
+    types = {n: ("*fp32" if n == "DG" else f"*{dtype}") for n in ptrs}
+    ints = ("T", "H", "sxb", "sxt", "sdb", "sdt", "n_tiles") if bwd else ("T", "H", "sxb", "sxt")
+    types.update({n: "i32" for n in ints}, eps="fp32")
+    consts = dict(HAS_GAIN=gain, P=P, BT=BT) | (dict(NEED_DG=need_dg) if bwd else {})
+    # the strides as a real launch specializes them: multiples of 16 at the records' shapes (Triton's integer
+    # specialization); without the batch strides' hint the kernels fall back to 2-byte accesses
+    return _compile(M._bwd_kernel if bwd else M._fwd_kernel, types, consts, 4, 3,
+                    div16=("T", "sxb", "sxt", "sdb", "sdt"))
+
+
+CASES.update({"head_norm_rope fwd q": lambda: head_norm_rope_stats(),
+              "head_norm_rope fwd k": lambda: head_norm_rope_stats(gain=False),
+              "head_norm_rope bwd q": lambda: head_norm_rope_stats(bwd=True),
+              "head_norm_rope bwd k": lambda: head_norm_rope_stats(bwd=True, gain=False, need_dg=False)})
 
 
 def main(argv=None) -> int:

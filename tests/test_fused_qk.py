@@ -63,6 +63,33 @@ def test_fused_qk_is_what_the_model_runs(monkeypatch):
     assert calls == [4, 2, 4, 2]  # num_heads, num_kv_heads per block, only with the option
 
 
+def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
+    """The eval's regional compile (``compile_rows_nll``, Inductor) traces blocks that call head_norm_rope and
+    mlp_leaky_sq (custom ops: fake implementations, registered autograd) without a graph break, and the compiled step
+    gives the eager unfused step's NLL and adapter gradients (bmm backend: the kernel path's own ops are traced by
+    tests/test_eval_driver.py; tail block)."""
+    import torch._dynamo as dynamo
+
+    from train.forward import compile_rows_nll
+
+    rb = _batch()
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp", "head"),
+                    tail_block=True)
+    model = tiny_model(seed=3, num_layers=2)
+    plain, g_plain = _nll_and_grads(model, rb, cfg, 4, "bmm")
+    compile_rows_nll(model, True)
+    dynamo.utils.counters.clear()
+    try:
+        fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_qk=True, fused_mlp=True), 4, "bmm")
+    finally:
+        compile_rows_nll(model, False)
+    assert dict(dynamo.utils.counters["graph_break"]) == {}
+    m = rb.mask
+    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_eval_with_fused_qk_scores_like_without():
     from tests.test_graphs import RECORDS_LIKE, _lut
     from train.eval import evaluate

@@ -78,32 +78,39 @@ def head_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int, gain
 
 
 @triton.jit
-def _fwd_kernel(X, COS, SIN, G, Y, T, H, sxb, sxt, eps, HAS_GAIN: tl.constexpr, P: tl.constexpr,
-                BT: tl.constexpr):
-    """One (BT, D) tile of head h of batch row b: both halves loaded once, the RMS, gain and rotation in fp32."""
+def _tile(X, COS, SIN, T, H, sxb, sxt, eps, P: tl.constexpr, BT: tl.constexpr):
+    """Program (t-tile, h, b)'s rows: both halves of x (fp32), the tables, each row's r = (mean x² + eps)^(-1/2),
+    the row mask, and the offsets of this tile in x and in the (B, H, T, D) layout."""
     pt = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     rt = pt * BT + tl.arange(0, BT)
     rp = tl.arange(0, P)
-    mt = rt < T
-    m2 = mt[:, None]
-    xo = X + b * sxb + rt[:, None].to(tl.int64) * sxt + h * (2 * P) + rp[None, :]
-    x1 = tl.load(xo, mask=m2, other=0.0).to(tl.float32)
-    x2 = tl.load(xo + P, mask=m2, other=0.0).to(tl.float32)
-    ms = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * P)
-    r = 1.0 / tl.sqrt(ms + eps)
-    if HAS_GAIN:
-        r = r * tl.load(G + h).to(tl.float32)
-    n1 = x1 * r[:, None]
-    n2 = x2 * r[:, None]
+    m2 = (rt < T)[:, None]
+    rt64 = rt[:, None].to(tl.int64)
+    xo = b * sxb + rt64 * sxt + h * (2 * P) + rp[None, :]
+    x1 = tl.load(X + xo, mask=m2, other=0.0).to(tl.float32)
+    x2 = tl.load(X + xo + P, mask=m2, other=0.0).to(tl.float32)
     to = rt[:, None] * P + rp[None, :]
     c = tl.load(COS + to, mask=m2, other=0.0).to(tl.float32)
     s = tl.load(SIN + to, mask=m2, other=0.0).to(tl.float32)
-    yo = Y + ((b * H + h) * T + rt[:, None].to(tl.int64)) * (2 * P) + rp[None, :]
+    r = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * P) + eps)
+    ho = ((b * H + h) * T + rt64) * (2 * P) + rp[None, :]
+    return x1, x2, c, s, r, m2, rt64, ho
+
+
+@triton.jit
+def _fwd_kernel(X, COS, SIN, G, Y, T, H, sxb, sxt, eps, HAS_GAIN: tl.constexpr, P: tl.constexpr,
+                BT: tl.constexpr):
+    """One (BT, D) tile of head h of batch row b: both halves loaded once, the RMS, gain and rotation in fp32."""
+    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, H, sxb, sxt, eps, P, BT)
+    if HAS_GAIN:
+        r = r * tl.load(G + tl.program_id(1)).to(tl.float32)
+    n1 = x1 * r[:, None]
+    n2 = x2 * r[:, None]
     dt = Y.dtype.element_ty
-    tl.store(yo, (n1 * c + n2 * s).to(dt), mask=m2)
-    tl.store(yo + P, (n2 * c - n1 * s).to(dt), mask=m2)
+    tl.store(Y + yo, (n1 * c + n2 * s).to(dt), mask=m2)
+    tl.store(Y + yo + P, (n2 * c - n1 * s).to(dt), mask=m2)
 
 
 @triton.jit
@@ -111,45 +118,30 @@ def _bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sdb, sdt, n_tiles, e
                 NEED_DG: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
     """dx of one (BT, D) tile of head h (dx contiguous (B, T, H·D); x may be batch- or row-strided), and this tile's
     share of dg_h (DG[b, tile, h], fp32)."""
-    pt = tl.program_id(0)
+    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, H, sxb, sxt, eps, P, BT)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
-    rt = pt * BT + tl.arange(0, BT)
-    rp = tl.arange(0, P)
-    mt = rt < T
-    m2 = mt[:, None]
-    rt64 = rt[:, None].to(tl.int64)
-    xo = rt64 * sxt + b * sxb + h * (2 * P) + rp[None, :]
-    x1 = tl.load(X + xo, mask=m2, other=0.0).to(tl.float32)
-    x2 = tl.load(X + xo + P, mask=m2, other=0.0).to(tl.float32)
-    yo = DY + ((b * H + h) * T + rt[:, None].to(tl.int64)) * (2 * P) + rp[None, :]
-    d1 = tl.load(yo, mask=m2, other=0.0).to(tl.float32)
-    d2 = tl.load(yo + P, mask=m2, other=0.0).to(tl.float32)
-    to = rt[:, None] * P + rp[None, :]
-    c = tl.load(COS + to, mask=m2, other=0.0).to(tl.float32)
-    s = tl.load(SIN + to, mask=m2, other=0.0).to(tl.float32)
-    dn1 = d1 * c - d2 * s
+    d1 = tl.load(DY + yo, mask=m2, other=0.0).to(tl.float32)
+    d2 = tl.load(DY + yo + P, mask=m2, other=0.0).to(tl.float32)
+    dn1 = d1 * c - d2 * s                                             # the rotation's transpose
     dn2 = d1 * s + d2 * c
-    ms = (tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * P)
-    r = 1.0 / tl.sqrt(ms + eps)
     dot = tl.sum(dn1 * x1, 1) + tl.sum(dn2 * x2, 1)                  # Σ_d dn ⊙ x per row
     g = 1.0
     if HAS_GAIN:
         g = tl.load(G + h).to(tl.float32)
     if NEED_DG:
-        tl.store(DG + (b * n_tiles + pt) * H + h, tl.sum(r * dot, 0))
+        tl.store(DG + (b * n_tiles + tl.program_id(0)) * H + h, tl.sum(r * dot, 0))
     k = (r * r * dot / (2 * P))[:, None]
     gr = (g * r)[:, None]
+    do = b * sdb + rt64 * sdt + h * (2 * P) + tl.arange(0, P)[None, :]
     dt = DX.dtype.element_ty
-    do = rt64 * sdt + b * sdb + h * (2 * P) + rp[None, :]
     tl.store(DX + do, (gr * (dn1 - x1 * k)).to(dt), mask=m2)
     tl.store(DX + do + P, (gr * (dn2 - x2 * k)).to(dt), mask=m2)
 
 
-def _block_t(x: Tensor, P: int) -> int:
-    # 64 rows x 64 head dims = 4096 fp32 values per operand and program on a GPU (4 warps); small on the CPU lane,
-    # where the interpreter's cost grows with the tile
-    return 64 if x.is_cuda else 16
+# 64 rows x head_dim per program: 4,096 values per operand at the records' head dim 64 (4 warps on a GPU). The CPU
+# lane's interpreter costs per program, not per element: 64 rows ran the fused-qk eval test in 13.8 s, 16 rows in 41.6 s
+_BT = 64
 
 
 def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float) -> Tensor:
@@ -157,7 +149,7 @@ def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num
     P = HD // num_heads // 2
     c, s = _tables(cos, sin, T, P)
     y = _utils.empty((B, num_heads, T, 2 * P), x.dtype, x.device)
-    BT = _block_t(x, P)
+    BT = _BT
     grid = (triton.cdiv(T, BT), num_heads, B)
     _fwd_kernel[grid](x, c, s, gain if gain is not None else c, y, T, num_heads, x.stride(0), x.stride(1),
                       float(eps), HAS_GAIN=gain is not None, P=P, BT=BT, num_warps=4)
@@ -171,7 +163,7 @@ def _bwd_launch(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[
     c, s = _tables(cos, sin, T, P)
     dy = dy.contiguous()
     dx = _utils.empty(x.shape, x.dtype, x.device)  # contiguous, whatever x's strides
-    BT = _block_t(x, P)
+    BT = _BT
     n_tiles = triton.cdiv(T, BT)
     part = _utils.empty((B, n_tiles, num_heads), torch.float32, x.device) if need_dg else c
     _bwd_kernel[(n_tiles, num_heads, B)](dy, x, c, s, gain if gain is not None else c, dx, part, T, num_heads,

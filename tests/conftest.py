@@ -88,6 +88,21 @@ def pytest_collection_modifyitems(config, items):
 _SEED_CALLS: dict = {}  # test node id -> (base seed, draws so far)
 
 
+def run_sm90_check(code: str) -> str:
+    """Run ``code`` (Python using ``pgolf_kernels.sm90_check``) in a fresh process without TRITON_INTERPRET (the
+    interpreter replaces the compiler): the CPU lane's compile check of GPU kernels for sm_90a. Skips when Triton's
+    bundled ptxas is missing; fails with the child's stderr when the code does. Returns its stdout."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    if "ptxas" in out.stderr and "No such file" in out.stderr:
+        pytest.skip("triton's bundled ptxas is missing on this machine")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
 def draw_seed() -> int:
     """The seed of a test's next random draw: the test's base seed for its first draw, then one derived from the
     base and the draw's index, so draws within a test are independent of each other and every run of the test draws

@@ -77,17 +77,24 @@ def test_fused_mlp_is_what_the_model_runs():
     assert len(calls) == 2
 
 
-def test_eval_with_fused_mlp_scores_like_without():
+def assert_eval_unchanged(changes, lengths=None, device="cpu", backend="bmm", rel=1e-5):
+    """evaluate() of the tiny model with ``tests.test_graphs.RECORDS_LIKE`` changed by each dict of TTTConfig fields in
+    ``changes``, against RECORDS_LIKE itself: same targets and ledger, BPB within ``rel`` (relative)."""
     from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
     from train.eval import evaluate
 
-    stream = doc_stream(LENGTHS, seed=5)
+    stream = doc_stream(LENGTHS if lengths is None else lengths, seed=5).to(device)
     lut = _lut(tiny_model(seed=3).config.vocab_size)
-    ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="bmm")
-    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(RECORDS_LIKE, fused_mlp=True),
-                   backend="bmm")
-    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
-    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+    ref = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend=backend)
+    for ch in changes:
+        rep = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt",
+                       cfg=dataclasses.replace(RECORDS_LIKE, **ch), backend=backend)
+        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"], ch
+        assert abs(rep["val_bpb"] - ref["val_bpb"]) < rel * ref["val_bpb"], (ch, rep["val_bpb"], ref["val_bpb"])
+
+
+def test_eval_with_fused_mlp_scores_like_without():
+    assert_eval_unchanged([dict(fused_mlp=True)])
 
 
 def test_fused_mlp_refusals_and_option():
@@ -111,14 +118,5 @@ def test_fused_mlp_refusals_and_option():
 def test_gpu_eval_with_fused_mlp_scores_like_without():
     """On the GPU (the TMA kernels themselves): evaluate() with fused_mlp, eager and with CUDA graphs, against the
     unfused eval: same targets and ledger, BPB within 1e-4."""
-    from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
-    from train.eval import evaluate
-
-    stream = doc_stream(LENGTHS, seed=5).cuda()
-    lut = _lut(tiny_model(seed=3).config.vocab_size)
-    ref = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="kernel")
-    for graphs in (False, True):
-        cfg = dataclasses.replace(RECORDS_LIKE, fused_mlp=True, cuda_graphs=graphs, graph_min_steps=1)
-        rep = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=cfg, backend="kernel")
-        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
-        assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (graphs, rep["val_bpb"], ref["val_bpb"])
+    assert_eval_unchanged([dict(fused_mlp=True, cuda_graphs=g, graph_min_steps=1) for g in (False, True)],
+                          device="cuda", backend="kernel", rel=1e-4)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_fused_mlp import ALL, _nll_and_grads
+from tests.test_fused_mlp import ALL, _nll_and_grads, assert_eval_unchanged
 from train.adapters import DocLoRA
 from train.eval_fixtures import doc_stream, tiny_model
 from train.forward import rows_nll
@@ -91,18 +91,9 @@ def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
 
 
 def test_eval_with_fused_qk_scores_like_without():
-    from tests.test_graphs import RECORDS_LIKE, _lut
-    from train.eval import evaluate
-
-    # a document longer than the window, a 1-token one, partial chunks (4 of tests.test_graphs.LENGTHS: the
-    # interpreter runs 4 kernel launches a step, 41 s for all 11 documents)
-    stream = doc_stream([300, 1, 77, 140], seed=5)
-    lut = _lut(tiny_model(seed=3).config.vocab_size)
-    ref = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="bmm")
-    rep = evaluate(tiny_model(seed=3), stream, lut, mode="ttt", cfg=dataclasses.replace(RECORDS_LIKE, fused_qk=True),
-                   backend="bmm")
-    assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
-    assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
+    # a document longer than the window, a 1-token one, partial chunks: 4 of tests.test_graphs.LENGTHS, enough for
+    # the wiring (the kernels' math: tests/test_head_norm_rope.py)
+    assert_eval_unchanged([dict(fused_qk=True)], lengths=[300, 1, 77, 140])
 
 
 def test_fused_qk_refusals_and_option():
@@ -123,15 +114,6 @@ def test_fused_qk_refusals_and_option():
 def test_gpu_eval_with_fused_qk_scores_like_without():
     """On the GPU (bf16, the Triton kernels): evaluate() with fused_qk (and with fused_mlp too), eager and with CUDA
     graphs, against the unfused eval: same targets and ledger, BPB within 1e-4."""
-    from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
-    from train.eval import evaluate
-
-    stream = doc_stream(LENGTHS, seed=5).cuda()
-    lut = _lut(tiny_model(seed=3).config.vocab_size)
-    ref = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=RECORDS_LIKE, backend="kernel")
-    for graphs, mlp in ((False, False), (True, False), (True, True)):
-        cfg = dataclasses.replace(RECORDS_LIKE, fused_qk=True, fused_mlp=mlp, cuda_graphs=graphs, graph_min_steps=1)
-        rep = evaluate(tiny_model(seed=3).cuda(), stream, lut, mode="ttt", cfg=cfg, backend="kernel")
-        assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]
-        assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-4 * ref["val_bpb"], (graphs, mlp, rep["val_bpb"],
-                                                                              ref["val_bpb"])
+    assert_eval_unchanged([dict(fused_qk=True, fused_mlp=m, cuda_graphs=g, graph_min_steps=1)
+                           for g, m in ((False, False), (True, False), (True, True))],
+                          device="cuda", backend="kernel", rel=1e-4)

@@ -15,8 +15,9 @@ from pgolf_kernels import head_norm_rope as mod
 from pgolf_kernels.head_norm_rope import HeadNormRope, default_eps, head_norm_rope, head_norm_rope_ref
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
-# (B, T, heads, head_dim): T = 37 and 20 leave tails of the CPU lane's 16-row tiles; head_dim 2 is the smallest
-SHAPES = [(2, 37, 3, 16), (1, 20, 2, 64), (3, 5, 4, 8), (1, 16, 1, 2)]
+# (B, T, heads, head_dim): 64-row tiles, T = 150 gives three with a tail, the others one partial tile; head_dim 2 is
+# the smallest
+SHAPES = [(1, 150, 2, 16), (2, 37, 3, 16), (1, 20, 2, 64), (3, 5, 4, 8), (1, 16, 1, 2)]
 
 
 @pytest.fixture(autouse=True)
@@ -183,20 +184,13 @@ def test_kernels_compile_for_sm90_with_16_byte_accesses():
     """Triton's compiler + bundled ptxas build both kernels for sm_90a on this machine (no GPU needed), as a launch at
     the records' shapes specializes them: no spills, and every access to x, y, dy, dx and the tables 16 bytes wide
     (the one 2-byte load is the gain)."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_sm90_check
 
-    code = ("from pgolf_kernels.sm90_check import head_norm_rope_stats\n"
-            "for kw in (dict(), dict(gain=False), dict(bwd=True), dict(bwd=True, gain=False, need_dg=False)):\n"
-            "    s = head_norm_rope_stats(**kw)\n"
-            "    assert s['spill_bytes'] == 0 and s['st_b16'] == 0 and s['ld_b16'] == int(kw.get('gain', True)), (kw, s)\n"
-            "    assert s['ld_v4'] == (12 if kw.get('bwd') else 8) and s['st_v4'] == 4, (kw, s)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("triton's bundled ptxas is missing on this machine")
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_sm90_check("from pgolf_kernels.sm90_check import head_norm_rope_stats\n"
+                   "for kw in (dict(), dict(gain=False), dict(bwd=True), dict(bwd=True, gain=False, need_dg=False)):\n"
+                   "    s = head_norm_rope_stats(**kw)\n"
+                   "    assert s['spill_bytes'] == 0 and s['st_b16'] == 0 and s['ld_b16'] == int(kw.get('gain', True)), (kw, s)\n"
+                   "    assert s['ld_v4'] == (12 if kw.get('bwd') else 8) and s['st_v4'] == 4, (kw, s)\n")
 
 
 def test_module_holds_the_gain():

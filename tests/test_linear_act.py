@@ -123,19 +123,12 @@ def test_backward_without_saved_pre_activation_is_refused():
 def test_kernel_compiles_for_sm90_in_every_epilogue():
     """Triton's compiler + bundled ptxas build the default tile config for sm_90a on this machine (no GPU needed) in
     each epilogue: TMA copies, async wgmma, no spills, within the SM's shared memory."""
-    import os
-    import subprocess
-    import sys
+    from conftest import run_sm90_check
 
-    code = ("from pgolf_kernels.sm90_check import linear_act_stats\n"
-            "for kw in (dict(act=0), dict(act=1), dict(act=1, save=True), dict(act=2, w_kn=True), dict(act=1, per_row=False)):\n"
-            "    s = linear_act_stats(**kw)\n"
-            "    assert s['tma_copies'] > 0 and s['async_wgmma'] and s['spill_bytes'] == 0 and s['fits_smem'], (kw, s)\n")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("triton's bundled ptxas is missing on this machine")
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_sm90_check("from pgolf_kernels.sm90_check import linear_act_stats\n"
+                   "for kw in (dict(act=0), dict(act=1), dict(act=1, save=True), dict(act=2, w_kn=True), dict(act=1, per_row=False)):\n"
+                   "    s = linear_act_stats(**kw)\n"
+                   "    assert s['tma_copies'] > 0 and s['async_wgmma'] and s['spill_bytes'] == 0 and s['fits_smem'], (kw, s)\n")
 
 
 def test_custom_op_registration():

@@ -497,19 +497,13 @@ def test_gpu_tile_sizes_in_interpreter(device, monkeypatch, bwd_strategy):
 def test_kernels_compile_for_sm90():
     """Triton's compiler + bundled ptxas build the default forward and backward kernels for sm_90a on this machine
     (no GPU needed), with their loops software-pipelined: catches GPU-only compile errors in the CPU lane."""
-    import subprocess
-    import sys
+    from conftest import run_sm90_check
 
-    code = ("from pgolf_kernels.sm90_check import fwd_stats, bwd_stats\n"
-            "for s in (fwd_stats(RP=16), fwd_stats(RP=16, quant=True), bwd_stats(RP=16), bwd_stats(RP=16, split=True),\n"
-            "          bwd_stats(RP=16, phase=1), bwd_stats(RP=16, phase=2)):\n"
-            "    assert s['async_copies'] > 0 and s['wgmma'] > 0, s\n"
-            "    print(s)\n")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
-    if "ptxas" in out.stderr and "No such file" in out.stderr:
-        pytest.skip("triton's bundled ptxas is missing on this machine")
-    assert out.returncode == 0, out.stderr[-3000:]
+    run_sm90_check("from pgolf_kernels.sm90_check import fwd_stats, bwd_stats\n"
+                   "for s in (fwd_stats(RP=16), fwd_stats(RP=16, quant=True), bwd_stats(RP=16), bwd_stats(RP=16, split=True),\n"
+                   "          bwd_stats(RP=16, phase=1), bwd_stats(RP=16, phase=2)):\n"
+                   "    assert s['async_copies'] > 0 and s['wgmma'] > 0, s\n"
+                   "    print(s)\n")
 
 
 def test_opcheck_custom_ops(device):

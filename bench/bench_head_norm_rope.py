@@ -5,13 +5,17 @@ transpose) under torch.compile (default mode: Inductor's fused passes, as in the
 Shapes: the records' TTT step on the default model, 64 rows x 2048 positions, head dim 64: q (8 heads, with the
 q gain) and k (4 heads). Rows, one process, medians of ``triton.testing.do_bench``: forward alone (scoring) and
 forward + backward to x and the gain (training), with GB/s of the bytes the op must move (x read and the output
-written; backward: dy and x read, dx written).
+written; backward: dy and x read, dx written). One more row times the path the op sits on: q / k preparation, causal
+SDPA with 8 q and 4 kv heads, and the output back to (B, T, H·D), forward + backward, the composition compiled
+against the op in either output layout (``"bthd"``, the TTT engine's: cuDNN writes its output in q's order, so the
+last reshape is a view).
 """
 from __future__ import annotations
 
 from typing import Dict, List
 
 import torch
+import torch.nn.functional as F
 
 from bench.harness import bench_ms, gbps, make_row, time_all
 
@@ -71,4 +75,45 @@ def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype) -> Li
         rows.append(make_row(KERNEL, f"{label}, forward + backward", tt["ours"], "torch.compile of the composition",
                              tt["compiled"], eager_ms=tt["eager"], eager_speedup=tt["eager"] / tt["ours"],
                              ours_gbps=gbps(5 * nbytes, tt["ours"]), compiled_gbps=gbps(5 * nbytes, tt["compiled"])))
+    rows.append(_attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype))
     return rows
+
+
+def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype) -> Dict[str, object]:
+    """q / k prep + causal GQA SDPA + (B, T, H·D) output, forward + backward to the three projections' outputs."""
+    from pgolf_kernels.head_norm_rope import head_norm_rope, head_norm_rope_ref
+
+    (_, Hq, _), (_, Hk, _) = shapes[0], shapes[1]
+    q, k, v = (torch.randn(B, T, H * D, device=dev, dtype=dtype, generator=g).requires_grad_()
+               for H in (Hq, Hk, Hk))
+    gain = (torch.rand(Hq, device=dev, generator=g) + 0.5).to(dtype)
+    dout = torch.randn(B, T, Hq * D, device=dev, dtype=dtype, generator=g)
+
+    def path(prep):
+        def f(q, k, v):
+            o = F.scaled_dot_product_attention(prep(q, Hq, gain), prep(k, Hk, None), v.view(B, T, Hk, D).transpose(1, 2),
+                                               is_causal=True, enable_gqa=True)
+            return o.transpose(1, 2).reshape(B, T, Hq * D)
+        return f
+
+    fns = {"compiled": compile_fn(path(lambda x, H, gn: head_norm_rope_ref(x, cos, sin, H, gn)), dynamic=False)}
+    for layout in ("bhtd", "bthd"):
+        fns[layout] = path(lambda x, H, gn, lo=layout: head_norm_rope(x, cos, sin, H, gn, layout=lo, validate=False))
+    ref = fns["compiled"](q, k, v)
+    for layout in ("bhtd", "bthd"):
+        got = fns[layout](q, k, v)
+        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+        if not err < 2e-2:
+            raise RuntimeError(f"head_norm_rope attention path ({layout}): relative error {err:.3g}")
+
+    def step(f):
+        def go():
+            for t in (q, k, v):
+                t.grad = None
+            f(q, k, v).backward(dout)
+        return go
+
+    t = time_all({name: step(f) for name, f in fns.items()}, timer, "attention path")
+    return make_row(KERNEL, f"q/k prep + causal SDPA ({Hq} q / {Hk} kv heads) + output reshape, forward + backward: "
+                    f"B{B} T{T} D{D}, {str(dtype)[6:]}", t["bthd"], "torch.compile of the composition + SDPA",
+                    t["compiled"], ours_bhtd_ms=t["bhtd"], bhtd_speedup=t["compiled"] / t["bhtd"])

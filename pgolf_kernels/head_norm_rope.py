@@ -7,7 +7,8 @@ rotary tables cos, sin are (T, P); g (H,) an optional per-head gain, 1 without):
     n       = g_h · r · x                                          (D,)
     y[:P]   = n[:P] ⊙ cos_t + n[P:] ⊙ sin_t                        rotate the pairs (n[i], n[P + i]) by angle θ_t,i
     y[P:]   = n[P:] ⊙ cos_t − n[:P] ⊙ sin_t
-    out[b, h, t] = x.dtype(y)                                     (B, H, T, D) contiguous, one rounding
+    out[b, h, t] = x.dtype(y)                                     (B, H, T, D), one rounding; in memory contiguous
+                                                                   ("bhtd") or as (B, T, H, D) ("bthd", see below)
 
 Backward (dy = ∂L/∂out, (B, H, T, D); the rotation's transpose, then the RMSNorm's Jacobian)::
 
@@ -78,9 +79,9 @@ def head_norm_rope_ref(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int, gain
 
 
 @triton.jit
-def _tile(X, COS, SIN, T, H, sxb, sxt, eps, P: tl.constexpr, BT: tl.constexpr):
+def _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P: tl.constexpr, BT: tl.constexpr):
     """Program (t-tile, h, b)'s rows: both halves of x (fp32), the tables, each row's r = (mean x² + eps)^(-1/2),
-    the row mask, and the offsets of this tile in x and in the (B, H, T, D) layout."""
+    the row mask, and the offsets of this tile in x and in the output (strides sob, soh, sot of its b, h, t)."""
     pt = tl.program_id(0)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -95,15 +96,15 @@ def _tile(X, COS, SIN, T, H, sxb, sxt, eps, P: tl.constexpr, BT: tl.constexpr):
     c = tl.load(COS + to, mask=m2, other=0.0).to(tl.float32)
     s = tl.load(SIN + to, mask=m2, other=0.0).to(tl.float32)
     r = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * P) + eps)
-    ho = ((b * H + h) * T + rt64) * (2 * P) + rp[None, :]
+    ho = b * sob + h * soh + rt64 * sot + rp[None, :]
     return x1, x2, c, s, r, m2, rt64, ho
 
 
 @triton.jit
-def _fwd_kernel(X, COS, SIN, G, Y, T, H, sxb, sxt, eps, HAS_GAIN: tl.constexpr, P: tl.constexpr,
+def _fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, eps, HAS_GAIN: tl.constexpr, P: tl.constexpr,
                 BT: tl.constexpr):
     """One (BT, D) tile of head h of batch row b: both halves loaded once, the RMS, gain and rotation in fp32."""
-    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, H, sxb, sxt, eps, P, BT)
+    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P, BT)
     if HAS_GAIN:
         r = r * tl.load(G + tl.program_id(1)).to(tl.float32)
     n1 = x1 * r[:, None]
@@ -114,11 +115,12 @@ def _fwd_kernel(X, COS, SIN, G, Y, T, H, sxb, sxt, eps, HAS_GAIN: tl.constexpr, 
 
 
 @triton.jit
-def _bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sdb, sdt, n_tiles, eps, HAS_GAIN: tl.constexpr,
+def _bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sob, soh, sot, sdb, sdt, n_tiles, eps,
+                HAS_GAIN: tl.constexpr,
                 NEED_DG: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
     """dx of one (BT, D) tile of head h (dx contiguous (B, T, H·D); x may be batch- or row-strided), and this tile's
     share of dg_h (DG[b, tile, h], fp32)."""
-    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, H, sxb, sxt, eps, P, BT)
+    x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P, BT)
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     d1 = tl.load(DY + yo, mask=m2, other=0.0).to(tl.float32)
@@ -144,44 +146,56 @@ def _bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sdb, sdt, n_tiles, e
 _BT = 64
 
 
-def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float) -> Tensor:
+def _out_shape(B: int, T: int, H: int, D: int, layout: str) -> Tuple[int, int, int, int]:
+    """The op's own output: (B, H, T, D) for ``"bhtd"``, (B, T, H, D) for ``"bthd"``, contiguous either way."""
+    return (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
+
+
+def _bhtd_strides(out: Tensor, layout: str) -> Tuple[int, int, int]:
+    """The strides of b, h and t in the op's output (or in a gradient of its shape)."""
+    return (out.stride(0), out.stride(1), out.stride(2)) if layout == "bhtd" else \
+        (out.stride(0), out.stride(2), out.stride(1))
+
+
+def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float,
+                layout: str = "bhtd") -> Tensor:
     B, T, HD = x.shape
     P = HD // num_heads // 2
     c, s = _tables(cos, sin, T, P)
-    y = _utils.empty((B, num_heads, T, 2 * P), x.dtype, x.device)
-    BT = _BT
-    grid = (triton.cdiv(T, BT), num_heads, B)
-    _fwd_kernel[grid](x, c, s, gain if gain is not None else c, y, T, num_heads, x.stride(0), x.stride(1),
-                      float(eps), HAS_GAIN=gain is not None, P=P, BT=BT, num_warps=4)
+    y = _utils.empty(_out_shape(B, T, num_heads, 2 * P, layout), x.dtype, x.device)
+    grid = (triton.cdiv(T, _BT), num_heads, B)
+    _fwd_kernel[grid](x, c, s, gain if gain is not None else c, y, T, x.stride(0), x.stride(1),
+                      *_bhtd_strides(y, layout), float(eps), HAS_GAIN=gain is not None, P=P, BT=_BT, num_warps=4)
     return y
 
 
 def _bwd_launch(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int,
-                eps: float, need_dg: bool) -> Tuple[Tensor, Tensor]:
+                eps: float, need_dg: bool, layout: str = "bhtd") -> Tuple[Tensor, Tensor]:
     B, T, HD = x.shape
     P = HD // num_heads // 2
     c, s = _tables(cos, sin, T, P)
-    dy = dy.contiguous()
+    if dy.stride(-1) != 1:  # read in place in any order with unit stride along D (the kernel takes its strides)
+        dy = dy.contiguous()
     dx = _utils.empty(x.shape, x.dtype, x.device)  # contiguous, whatever x's strides
-    BT = _BT
-    n_tiles = triton.cdiv(T, BT)
+    n_tiles = triton.cdiv(T, _BT)
     part = _utils.empty((B, n_tiles, num_heads), torch.float32, x.device) if need_dg else c
     _bwd_kernel[(n_tiles, num_heads, B)](dy, x, c, s, gain if gain is not None else c, dx, part, T, num_heads,
-                                         x.stride(0), x.stride(1), dx.stride(0), dx.stride(1), n_tiles, float(eps),
-                                         HAS_GAIN=gain is not None,
-                                         NEED_DG=need_dg, P=P, BT=BT, num_warps=4)
+                                         x.stride(0), x.stride(1), *_bhtd_strides(dy, layout), dx.stride(0),
+                                         dx.stride(1), n_tiles, float(eps), HAS_GAIN=gain is not None,
+                                         NEED_DG=need_dg, P=P, BT=_BT, num_warps=4)
     dg = part.sum((0, 1)).to(gain.dtype) if need_dg else x.new_empty(0)
     return dx, dg
 
 
 def _bwd_ref(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float,
-             need_dg: bool) -> Tuple[Tensor, Tensor]:
-    """The backward's formulas in fp32 torch ops (the CPU path without the interpreter)."""
+             need_dg: bool, layout: str = "bhtd") -> Tuple[Tensor, Tensor]:
+    """The backward's formulas in fp32 torch ops (the CPU path without the interpreter); dy in the op's output
+    shape."""
     B, T, HD = x.shape
     D = HD // num_heads
     P = D // 2
     xf = x.float().reshape(B, T, num_heads, D).transpose(1, 2)
-    d = dy.float()
+    d = (dy if layout == "bhtd" else dy.transpose(1, 2)).float()
     c, s = (t.reshape(1, 1, T, P).float() for t in (cos, sin))
     dn = torch.cat((d[..., :P] * c - d[..., P:] * s, d[..., :P] * s + d[..., P:] * c), -1)
     r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
@@ -193,50 +207,58 @@ def _bwd_ref(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Ten
 
 
 @torch.library.custom_op("pgolf::head_norm_rope", mutates_args=())
-def _op(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float) -> Tensor:
+def _op(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float,
+        layout: str) -> Tensor:
+    """The output contiguous in ``layout``'s order ((B, H, T, D) or (B, T, H, D)); ``head_norm_rope`` returns the
+    second as its (B, H, T, D) view."""
     if use_triton(x):
-        return _fwd_launch(x, cos, sin, gain, num_heads, eps)
-    return head_norm_rope_ref(x, cos, sin, num_heads, gain, eps)
+        return _fwd_launch(x, cos, sin, gain, num_heads, eps, layout)
+    y = head_norm_rope_ref(x, cos, sin, num_heads, gain, eps)
+    return y if layout == "bhtd" else y.transpose(1, 2).contiguous()
 
 
 @_op.register_fake
-def _op_fake(x, cos, sin, gain, num_heads, eps):
+def _op_fake(x, cos, sin, gain, num_heads, eps, layout):
     B, T, HD = x.shape
-    return x.new_empty((B, num_heads, T, HD // num_heads))
+    return x.new_empty(_out_shape(B, T, num_heads, HD // num_heads, layout))
 
 
 @torch.library.custom_op("pgolf::head_norm_rope_bwd", mutates_args=())
 def _bwd_op(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float,
-            need_dg: bool) -> Tuple[Tensor, Tensor]:
-    """(dx, dg or an empty tensor)."""
+            need_dg: bool, layout: str) -> Tuple[Tensor, Tensor]:
+    """(dx, dg or an empty tensor); dy in the forward op's output shape."""
     if use_triton(x):
-        return _bwd_launch(dy, x, cos, sin, gain, num_heads, eps, need_dg)
-    return _bwd_ref(dy, x, cos, sin, gain, num_heads, eps, need_dg)
+        return _bwd_launch(dy, x, cos, sin, gain, num_heads, eps, need_dg, layout)
+    return _bwd_ref(dy, x, cos, sin, gain, num_heads, eps, need_dg, layout)
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dy, x, cos, sin, gain, num_heads, eps, need_dg):
+def _bwd_fake(dy, x, cos, sin, gain, num_heads, eps, need_dg, layout):
     return torch.empty_like(x), (gain.new_empty(gain.shape) if need_dg else x.new_empty(0))
 
 
 def _setup(ctx, inputs, output):
-    x, cos, sin, gain, num_heads, eps = inputs
-    ctx.num_heads, ctx.eps, ctx.has_gain = num_heads, eps, gain is not None
+    x, cos, sin, gain, num_heads, eps, layout = inputs
+    ctx.num_heads, ctx.eps, ctx.layout, ctx.has_gain = num_heads, eps, layout, gain is not None
     ctx.save_for_backward(x, cos, sin, gain)
 
 
 def _backward(ctx, dy):
     x, cos, sin, gain = ctx.saved_tensors
     need_dg = ctx.has_gain and ctx.needs_input_grad[3]
-    dx, dg = _bwd_op(dy, x, cos, sin, gain, ctx.num_heads, ctx.eps, need_dg)
-    return (dx if ctx.needs_input_grad[0] else None), None, None, (dg if need_dg else None), None, None
+    dx, dg = _bwd_op(dy, x, cos, sin, gain, ctx.num_heads, ctx.eps, need_dg, ctx.layout)
+    return (dx if ctx.needs_input_grad[0] else None), None, None, (dg if need_dg else None), None, None, None
 
 
 _op.register_autograd(_backward, setup_context=_setup)
 
 
-def check_args(x, cos, sin, num_heads, gain=None, eps=None) -> None:
+LAYOUTS = ("bhtd", "bthd")
+
+
+def check_args(x, cos, sin, num_heads, gain=None, eps=None, layout="bhtd") -> None:
     """Refuse bad input by name before any launch."""
+    check(layout in LAYOUTS, lambda: f"{_OP}: layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     check_tensor(x, "x", dtype=_FLOAT, ndim=3, op=_OP)
     # unit stride along each row's H·D values; the batch and position strides are free (a slice of a fused QKV
     # projection's output is read in place)
@@ -266,15 +288,22 @@ def check_args(x, cos, sin, num_heads, gain=None, eps=None) -> None:
 
 
 def head_norm_rope(x: Tensor, cos: Tensor, sin: Tensor, num_heads: int, gain: Optional[Tensor] = None, *,
-                   eps: Optional[float] = None, validate: bool = True) -> Tensor:
-    """RMSNorm over each head's D values of ``x`` (B, T, num_heads·D), unit stride in its last dim, times ``gain[h]`` when given, then the
-    rotary embedding with tables ``cos``, ``sin`` (T, D/2) (or (1, 1, T, D/2)); returns (B, num_heads, T, D),
-    contiguous, in x's dtype (bf16, fp16 or fp32). Differentiable in x and gain. ``eps`` (default: as
-    ``F.rms_norm``'s) is added to the mean square."""
+                   eps: Optional[float] = None, layout: str = "bhtd", validate: bool = True) -> Tensor:
+    """RMSNorm over each head's D values of ``x`` (B, T, num_heads·D), unit stride in its last dim, times ``gain[h]``
+    when given, then the rotary embedding with tables ``cos``, ``sin`` (T, D/2) (or (1, 1, T, D/2)); returns
+    (B, num_heads, T, D) in x's dtype (bf16, fp16 or fp32). Differentiable in x and gain. ``eps`` (default: as
+    ``F.rms_norm``'s) is added to the mean square.
+
+    ``layout``: the memory order of the result. ``"bhtd"`` (default): contiguous. ``"bthd"``: a (B, H, T, D) view of a
+    contiguous (B, T, H, D) tensor, the order of the projection's own output (``x.view(B, T, H, D).transpose(1, 2)``,
+    as v usually reaches attention). cuDNN's SDPA allocates its output in q's order (ATen's
+    ``alloc_with_matching_layout``), so with ``"bthd"`` the usual ``y.transpose(1, 2).reshape(B, T, H·D)`` after
+    attention is a view instead of a copy, and the gradients come back in that order too."""
     if validate:
-        check_args(x, cos, sin, num_heads, gain, eps)
+        check_args(x, cos, sin, num_heads, gain, eps, layout)
     e = default_eps(x.dtype) if eps is None else float(eps)
-    return _op(x, cos, sin, gain, int(num_heads), e)
+    y = _op(x, cos, sin, gain, int(num_heads), e, layout)
+    return y if layout == "bhtd" else y.transpose(1, 2)
 
 
 class HeadNormRope(torch.nn.Module):
@@ -282,11 +311,11 @@ class HeadNormRope(torch.nn.Module):
     optional per-head gain (``gain=True``: a learned (num_heads,) parameter initialized to ``gain_init``)."""
 
     def __init__(self, num_heads: int, head_dim: int, gain: bool = False, gain_init: float = 1.0,
-                 eps: Optional[float] = None, device=None):
+                 eps: Optional[float] = None, layout: str = "bhtd", device=None):
         super().__init__()
-        self.num_heads, self.head_dim, self.eps = num_heads, head_dim, eps
+        self.num_heads, self.head_dim, self.eps, self.layout = num_heads, head_dim, eps, layout
         self.gain = torch.nn.Parameter(torch.full((num_heads,), float(gain_init), device=device)) if gain else None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         g = self.gain.to(x.dtype) if self.gain is not None else None
-        return head_norm_rope(x, cos, sin, self.num_heads, g, eps=self.eps)
+        return head_norm_rope(x, cos, sin, self.num_heads, g, eps=self.eps, layout=self.layout)

@@ -133,18 +133,20 @@ CASES.update(_linear_act_cases())
 
 
 def head_norm_rope_stats(bwd=False, gain=True, need_dg=True, P=32, BT=64, dtype="bf16"):
-    """``head_norm_rope``'s forward or backward kernel as the op launches it on a GPU (BT 64, 4 warps, head dim 2P)."""
+    """``head_norm_rope``'s forward or backward kernel as the op launches it on a GPU (BT 64, 4 warps, head dim 2P;
+    either output layout: its strides are arguments)."""
     from . import head_norm_rope as M
 
     ptrs = ("DY", "X", "COS", "SIN", "G", "DX", "DG") if bwd else ("X", "COS", "SIN", "G", "Y")
     types = {n: ("*fp32" if n == "DG" else f"*{dtype}") for n in ptrs}
-    ints = ("T", "H", "sxb", "sxt", "sdb", "sdt", "n_tiles") if bwd else ("T", "H", "sxb", "sxt")
+    ints = ("T", "H", "sxb", "sxt", "sob", "soh", "sot", "sdb", "sdt", "n_tiles") if bwd else \
+        ("T", "sxb", "sxt", "sob", "soh", "sot")
     types.update({n: "i32" for n in ints}, eps="fp32")
     consts = dict(HAS_GAIN=gain, P=P, BT=BT) | (dict(NEED_DG=need_dg) if bwd else {})
     # the strides as a real launch specializes them: multiples of 16 at the records' shapes (Triton's integer
     # specialization); without the batch strides' hint the kernels fall back to 2-byte accesses
     return _compile(M._bwd_kernel if bwd else M._fwd_kernel, types, consts, 4, 3,
-                    div16=("T", "sxb", "sxt", "sdb", "sdt"))
+                    div16=("T", "sxb", "sxt", "sob", "soh", "sot", "sdb", "sdt"))
 
 
 CASES.update({"head_norm_rope fwd q": lambda: head_norm_rope_stats(),

@@ -55,12 +55,15 @@ def test_forward_matches_fp64(shape, dtype, gain):
     y = mod._fwd_launch(x, cos, sin, g, H, default_eps(dtype))
     assert y.shape == (B, H, T, D) and y.dtype == dtype and y.is_contiguous()
     assert_close_rel(y, _oracle(x, cos, sin, H, g), head_norm_rope_ref(x, cos, sin, H, g), name="y")
+    yt = mod._fwd_launch(x, cos, sin, g, H, default_eps(dtype), "bthd")  # the (B, T, H, D) order: same values
+    assert yt.shape == (B, T, H, D) and yt.is_contiguous() and torch.equal(yt.transpose(1, 2), y)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("gain", [True, False])
-def test_backward_matches_fp64(shape, dtype, gain):
+@pytest.mark.parametrize("layout", ["bhtd", "bthd"])
+def test_backward_matches_fp64(shape, dtype, gain, layout):
     B, T, H, D = shape
     x, cos, sin, g = _inputs(B, T, H, D, dtype, gain=gain)
     _kernel_lane(x)
@@ -68,7 +71,7 @@ def test_backward_matches_fp64(shape, dtype, gain):
     dy = torch.randn(B, H, T, D, generator=gen).to(DEVICE, dtype)
     xs = x.clone().requires_grad_()
     gs = g.clone().requires_grad_() if gain else None
-    head_norm_rope(xs, cos, sin, H, gs).backward(dy)
+    head_norm_rope(xs, cos, sin, H, gs, layout=layout).backward(dy)
     x64 = x.double().requires_grad_()
     g64 = g.double().requires_grad_() if gain else None
     head_norm_rope_ref(x64, cos.double(), sin.double(), H, g64, eps=default_eps(dtype)).backward(dy.double())
@@ -80,6 +83,21 @@ def test_backward_matches_fp64(shape, dtype, gain):
     if gain:
         assert gs.grad.dtype == dtype
         assert_close_rel(gs.grad, g64.grad, gb.grad, name="dgain")
+
+
+def test_backward_reads_dy_in_either_order():
+    """The backward kernel takes dy's strides: a gradient in (B, H, T, D) or (B, T, H, D) order gives the same dx
+    bitwise, with no copy needed for either."""
+    B, T, H, D = 2, 70, 2, 16
+    x, cos, sin, g = _inputs(B, T, H, D, torch.float32)
+    _kernel_lane(x)
+    dy = torch.randn(B, H, T, D, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
+    e = default_eps(x.dtype)
+    want = mod._bwd_launch(dy, x, cos, sin, g, H, e, True)
+    for layout, d in (("bthd", dy.transpose(1, 2).contiguous()), ("bthd", dy.transpose(1, 2)),
+                      ("bhtd", dy.transpose(1, 2).contiguous().transpose(1, 2))):
+        got = mod._bwd_launch(d, x, cos, sin, g, H, e, True, layout)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), (layout, d.stride())
 
 
 def test_eps_reaches_the_kernels():
@@ -146,6 +164,39 @@ def test_default_eps_is_rms_norms():
     assert torch.equal(got, want) and default_eps(torch.float16) == torch.finfo(torch.float32).eps
 
 
+def test_bthd_layout_is_the_projections_order_and_sdpa_keeps_it():
+    """layout="bthd": a (B, H, T, D) view over (B, T, H, D) memory with the values of the default layout, and
+    SDPA's output in that order turns back into (B, T, H·D) without a copy (the reason for the option); dx through
+    attention against fp64."""
+    B, T, H, D = 2, 70, 2, 16
+    x, cos, sin, g = _inputs(B, T, H, D, torch.float32)
+    _kernel_lane(x)
+    y = head_norm_rope(x, cos, sin, H, g, layout="bthd")
+    assert y.shape == (B, H, T, D) and y.transpose(1, 2).is_contiguous()
+    assert torch.equal(y, head_norm_rope(x, cos, sin, H, g))
+    xs = x.clone().requires_grad_()
+    q = head_norm_rope(xs, cos, sin, H, g, layout="bthd")
+    k = head_norm_rope(xs, cos, sin, H, layout="bthd")
+    v = xs.view(B, T, H, D).transpose(1, 2)
+    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    flat = o.transpose(1, 2).reshape(B, T, H * D)
+    if o.is_cuda:  # cuDNN / flash keep q's order (the CPU kernel may not): the reshape is then a view
+        assert flat.data_ptr() == o.data_ptr()
+    flat.square().sum().backward()
+    x64 = x.double().requires_grad_()
+    q64 = head_norm_rope_ref(x64, cos.double(), sin.double(), H, g.double(), eps=default_eps(x.dtype))
+    k64 = head_norm_rope_ref(x64, cos.double(), sin.double(), H, eps=default_eps(x.dtype))
+    o64 = torch.nn.functional.scaled_dot_product_attention(q64, k64, x64.view(B, T, H, D).transpose(1, 2),
+                                                           is_causal=True)
+    o64.square().sum().backward()
+    xb = x.clone().requires_grad_()
+    ob = torch.nn.functional.scaled_dot_product_attention(head_norm_rope_ref(xb, cos, sin, H, g),
+                                                          head_norm_rope_ref(xb, cos, sin, H),
+                                                          xb.view(B, T, H, D).transpose(1, 2), is_causal=True)
+    ob.square().sum().backward()
+    assert_close_rel(xs.grad, x64.grad, xb.grad, name="dx through attention")
+
+
 def test_public_function_dispatch_and_no_grad_path():
     """The public function: output equal to the kernel launch (same eps), and under no_grad no graph is kept."""
     x, cos, sin, g = _inputs(2, 19, 2, 16, torch.float32)
@@ -159,11 +210,12 @@ def test_public_function_dispatch_and_no_grad_path():
 def test_custom_ops_registered_and_opcheck():
     x, cos, sin, g = _inputs(1, 17, 2, 8, torch.float32)
     _kernel_lane(x)
-    torch.library.opcheck(torch.ops.pgolf.head_norm_rope, (x, cos, sin, g, 2, 1e-6),
-                          test_utils=("test_schema", "test_faketensor"))
     dy = torch.randn(1, 2, 17, 8, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
-    torch.library.opcheck(torch.ops.pgolf.head_norm_rope_bwd, (dy, x, cos, sin, g, 2, 1e-6, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    for layout, d in (("bhtd", dy), ("bthd", dy.transpose(1, 2).contiguous())):
+        torch.library.opcheck(torch.ops.pgolf.head_norm_rope, (x, cos, sin, g, 2, 1e-6, layout),
+                              test_utils=("test_schema", "test_faketensor"))
+        torch.library.opcheck(torch.ops.pgolf.head_norm_rope_bwd, (d, x, cos, sin, g, 2, 1e-6, True, layout),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_compile_fullgraph_forward_backward():
@@ -216,8 +268,10 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
                    lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f, torch.float32)
     assert [r["case"] for r in rows] == [
         "q: B2 T20 heads 2 x 16, gain, float32, forward", "q: B2 T20 heads 2 x 16, gain, float32, forward + backward",
-        "k: B2 T20 heads 1 x 16, float32, forward", "k: B2 T20 heads 1 x 16, float32, forward + backward"]
-    assert all(r["speedup"] == 1.0 and r["ours_gbps"] > 0 for r in rows) and len(calls) == 12
+        "k: B2 T20 heads 1 x 16, float32, forward", "k: B2 T20 heads 1 x 16, float32, forward + backward",
+        "q/k prep + causal SDPA (2 q / 1 kv heads) + output reshape, forward + backward: B2 T20 D16, float32"]
+    assert all(r["speedup"] == 1.0 for r in rows) and all(r["ours_gbps"] > 0 for r in rows[:4])
+    assert rows[4]["bhtd_speedup"] == 1.0 and len(calls) == 15
 
 
 def _bad(x, cos, sin, H=2, g=None, eps=None, match=""):
@@ -240,6 +294,8 @@ def test_bad_input_refused_by_name():
     _bad(x, cos, sin, g=g.to(torch.int64), match="gain must have dtype")
     _bad(x, cos, sin, eps=-1.0, match="eps must be a finite float")
     _bad(x, cos, sin, eps=float("nan"), match="eps must be a finite float")
+    with pytest.raises(ValueError, match="layout must be one of bhtd, bthd, got 'bshd'"):
+        head_norm_rope(x, cos, sin, 2, layout="bshd")
     if HAS_CUDA:
         _bad(x.cuda(), cos, sin, match="cos is on cpu but must be on cuda")
 

@@ -250,8 +250,10 @@ class CausalSelfAttention(nn.Module):
         if fused_qk:
             from pgolf_kernels.head_norm_rope import head_norm_rope
 
-            q = head_norm_rope(q, cos, sin, self.num_heads, self.q_gain.to(q.dtype), validate=False)
-            k = head_norm_rope(k, cos, sin, self.num_kv_heads, validate=False)
+            # "bthd": q and k in the projections' (B, T, H, D) order, as v is: cuDNN's SDPA writes its output in
+            # q's order, so the transpose back to (B, T, H·D) below is a view, not a copy
+            q = head_norm_rope(q, cos, sin, self.num_heads, self.q_gain.to(q.dtype), layout="bthd", validate=False)
+            k = head_norm_rope(k, cos, sin, self.num_kv_heads, layout="bthd", validate=False)
         else:
             q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)

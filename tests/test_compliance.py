@@ -642,6 +642,9 @@ RECIPE_VARIANTS = {
     "warm-start-a": TTTConfig(rank=4, chunk=32, window=96, batch_size=4, warm_start_a=True),
     "phases-per-phase": dataclasses.replace(RECIPE, phase_cumulative=False, warm_start_a=False),
     "records-rolling": dataclasses.replace(RECIPE, schedule="rolling"),
+    # the scored forward through the fused q/k norm + rotary and the fused MLP ops (their torch paths here: the
+    # interpreter took 42 s for this run; the kernels' math is tested in their own files)
+    "records-fused-qk-mlp": dataclasses.replace(RECIPE, fused_qk=True, fused_mlp=True),
 }
 
 
@@ -653,10 +656,15 @@ def run_recipe(model, stream, lut, cfg=RECIPE, strict=True, hook=None):
 
 
 @pytest.mark.parametrize("name", list(RECIPE_VARIANTS))
-def test_coverage_recipe_options(model, stream, lut, name):
+def test_coverage_recipe_options(model, stream, lut, name, monkeypatch):
     """Every new option: every target scored exactly once, nothing trained (per document or globally)
     before its score, the BPB sums match the ledger."""
     cfg = RECIPE_VARIANTS[name]
+    if cfg.fused_qk or cfg.fused_mlp:
+        from pgolf_kernels import head_norm_rope, linear_act
+
+        for m in (head_norm_rope, linear_act):
+            monkeypatch.setattr(m, "use_triton", lambda t: False)
     rep, st = run_recipe(model, stream, lut, cfg)
     exp = expected_targets(stream)
     check_coverage(st, exp)

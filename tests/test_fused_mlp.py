@@ -29,6 +29,27 @@ def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
     return nll.detach(), [p.grad.clone() for p in ad.params]
 
 
+def batch(window=64):
+    """Four documents' rows: mid-document chunks, a chunk at a document's start, a 9-token document."""
+    stream = doc_stream([70, 40, 100, 9], seed=5)
+    starts, _ = split_docs(stream)
+    rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
+    return build_rows(stream, rows, window)
+
+
+def assert_step_unchanged(model, rb, cfg, n_docs, backend, plain=None, **changes):
+    """The step's NLL at every scored position and every adapter gradient with ``cfg`` changed by ``changes``, against
+    ``cfg`` itself (or ``plain``, its (nll, grads) computed before): equal within fp32 rounding. Returns the grads."""
+    plain, g_plain = plain if plain is not None else _nll_and_grads(model, rb, cfg, n_docs, backend)
+    fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, **changes), n_docs, backend)
+    m = rb.mask
+    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
+    assert len(g_fused) == len(g_plain)
+    for a, b in zip(g_fused, g_plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    return g_fused
+
+
 @pytest.mark.parametrize("targets,backend,tail,n_docs,int6", [(ALL, "bmm", False, 4, False), (ALL, "kernel", True, 4, True),
                                                               (("q", "v", "head"), "bmm", False, 4, False),
                                                               (ALL, "bmm", False, 1, False)])
@@ -41,18 +62,9 @@ def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs, int6):
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
         convert_linears_to_int6(model)
-    stream = doc_stream([70, 40, 100, 9], seed=5)
-    starts, ns = split_docs(stream)
-    rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
     cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail)
-    rb = build_rows(stream, rows, cfg.window)
-    plain, g_plain = _nll_and_grads(model, rb, cfg, n_docs, backend)
-    fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_mlp=True), n_docs, backend)
-    m = rb.mask
-    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
-    assert len(g_fused) == len(g_plain)
-    for a, b in zip(g_fused, g_plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    rb = batch(cfg.window)
+    g_fused = assert_step_unchanged(model, rb, cfg, n_docs, backend, fused_mlp=True)
     if "up" in targets:  # the up / down adapters get a gradient through the merged weights
         ad = DocLoRA(model, cfg, n_docs, rb.x.device, backend)
         i_up = [k for k in ad.A for _ in ad.A[k] + ad.B[k]].index("up")

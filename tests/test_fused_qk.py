@@ -1,27 +1,16 @@
 """``TTTConfig.fused_qk``: the attention's q / k RMSNorm, q_gain and rotary through ``pgolf_kernels.head_norm_rope``
 give the scores and adapter gradients of the op-by-op composition (fp32, CPU; the kernels under the interpreter in
 the CPU lane), through ``rows_nll`` and ``evaluate``."""
-import dataclasses
-
-import numpy as np
 import pytest
 import torch
 
-from tests.test_fused_mlp import ALL, _nll_and_grads, assert_eval_unchanged
+from tests.test_fused_mlp import ALL, _nll_and_grads, assert_eval_unchanged, assert_step_unchanged, batch
 from train.adapters import DocLoRA
-from train.eval_fixtures import doc_stream, tiny_model
+from train.eval_fixtures import tiny_model
 from train.forward import rows_nll
-from train.rows import build_rows, split_docs
 from train.ttt_config import TTTConfig
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _batch(window=64):
-    stream = doc_stream([70, 40, 100, 9], seed=5)
-    starts, _ = split_docs(stream)
-    rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
-    return build_rows(stream, rows, window)
 
 
 @pytest.mark.parametrize("targets,backend,tail,n_docs,int6,mlp", [
@@ -35,16 +24,9 @@ def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, m
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
         convert_linears_to_int6(model)
-    rb = _batch()
     cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail,
                     fused_mlp=mlp)
-    plain, g_plain = _nll_and_grads(model, rb, cfg, n_docs, backend)
-    fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_qk=True), n_docs, backend)
-    m = rb.mask
-    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
-    assert len(g_fused) == len(g_plain)
-    for a, b in zip(g_fused, g_plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    g_fused = assert_step_unchanged(model, batch(), cfg, n_docs, backend, fused_qk=True)
     assert any(g.abs().sum() > 0 for g in g_fused)
 
 
@@ -56,7 +38,7 @@ def test_fused_qk_is_what_the_model_runs(monkeypatch):
     orig = hnr.head_norm_rope
     monkeypatch.setattr(hnr, "head_norm_rope", lambda *a, **k: calls.append(a[3]) or orig(*a, **k))
     model = tiny_model(seed=3, num_layers=2)
-    rb = _batch()
+    rb = batch()
     for on in (False, True):
         cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, targets=("q", "v"), fused_qk=on)
         rows_nll(model, rb, DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm"))
@@ -72,22 +54,18 @@ def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
 
     from train.forward import compile_rows_nll
 
-    rb = _batch()
+    rb = batch()
     cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp", "head"),
                     tail_block=True)
     model = tiny_model(seed=3, num_layers=2)
-    plain, g_plain = _nll_and_grads(model, rb, cfg, 4, "bmm")
+    plain = _nll_and_grads(model, rb, cfg, 4, "bmm")
     compile_rows_nll(model, True)
     dynamo.utils.counters.clear()
     try:
-        fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, fused_qk=True, fused_mlp=True), 4, "bmm")
+        assert_step_unchanged(model, rb, cfg, 4, "bmm", plain=plain, fused_qk=True, fused_mlp=True)
     finally:
         compile_rows_nll(model, False)
     assert dict(dynamo.utils.counters["graph_break"]) == {}
-    m = rb.mask
-    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_fused, g_plain):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_eval_with_fused_qk_scores_like_without():

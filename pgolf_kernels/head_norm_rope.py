@@ -17,9 +17,10 @@ Backward (dy = ∂L/∂out, (B, H, T, D); the rotation's transpose, then the RMS
     dx      = g_h · r · (dn − x · r² · (Σ_d dn ⊙ x) / D)          (B, T, H·D), x's layout
     dg_h    = Σ_{b, t, d} r · x ⊙ dn                               fp32 partial sums per program, summed in a fixed order
 
-It is the composition the record models write (``train.model.CausalSelfAttention``: ``rms_norm`` over the head dim,
-``* q_gain`` for q, ``apply_rotary``, the (B, T, H, D) -> (B, H, T, D) transpose for SDPA), computed in fp32 from
-x's values and rounded once, where the composition rounds after each op. ``eps`` defaults to what ``F.rms_norm``
+It is the composition of this package's model (``train.model.CausalSelfAttention``: ``rms_norm`` over the head dim,
+``* q_gain`` for q, ``apply_rotary`` over the whole head dim, the (B, T, H, D) -> (B, H, T, D) transpose for SDPA),
+computed in fp32 from x's values and rounded once, where the composition rounds after each op. (The 2026-04-29
+record rotates only the first 16 of its 64 head dims; that partial rotary is not covered.) ``eps`` defaults to what ``F.rms_norm``
 uses without one: the fp32 machine epsilon for 16- and 32-bit inputs (its accumulation type's).
 
 Why: in the records' TTT step (64 × 2048 positions, 8 q heads and 4 k heads of 64), Inductor compiles this

@@ -176,9 +176,8 @@ def test_default_eps_is_rms_norms():
 
 
 def test_bthd_layout_is_the_projections_order_and_sdpa_keeps_it():
-    """layout="bthd": a (B, H, T, D) view over (B, T, H, D) memory with the values of the default layout, and
-    SDPA's output in that order turns back into (B, T, H·D) without a copy (the reason for the option); dx through
-    attention against fp64."""
+    """layout="bthd": a (B, H, T, D) view over (B, T, H, D) memory with the values of the default layout; dx through
+    attention against fp64 (that SDPA's output then needs no copy is the GPU lane's test below)."""
     B, T, H, D = 2, 70, 2, 16
     x, cos, sin, g = _inputs(B, T, H, D, torch.float32)
     _kernel_lane(x)
@@ -190,10 +189,7 @@ def test_bthd_layout_is_the_projections_order_and_sdpa_keeps_it():
     k = head_norm_rope(xs, cos, sin, H, layout="bthd")
     v = xs.view(B, T, H, D).transpose(1, 2)
     o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    flat = o.transpose(1, 2).reshape(B, T, H * D)
-    if o.is_cuda:  # cuDNN / flash keep q's order (the CPU kernel may not): the reshape is then a view
-        assert flat.data_ptr() == o.data_ptr()
-    flat.square().sum().backward()
+    o.transpose(1, 2).reshape(B, T, H * D).square().sum().backward()
     x64 = x.double().requires_grad_()
     q64 = head_norm_rope_ref(x64, cos.double(), sin.double(), H, g.double(), eps=default_eps(x.dtype))
     k64 = head_norm_rope_ref(x64, cos.double(), sin.double(), H, eps=default_eps(x.dtype))
@@ -332,6 +328,30 @@ def test_gpu_records_shapes_bf16(H, gain):
     xb = x.clone().requires_grad_()
     head_norm_rope_ref(xb, cos, sin, H, g).backward(dy)
     assert_close_rel(xs.grad, x64.grad, xb.grad, name="dx")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cudnn_sdpa_output_in_bthd_order_needs_no_copy():
+    """The reason for layout="bthd": cuDNN's SDPA (the backend of the TTT step on H100 / H200) writes its output in
+    q's order, so with q, k and v in (B, T, H, D) order the attention output's (B, T, H·D) view is free (same storage,
+    contiguous), and its backward runs."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    B, T, Hq, Hk, D = 2, 256, 8, 4, 64
+    xq, cos, sin, g = _inputs(B, T, Hq, D, torch.bfloat16)
+    xk, _, _, _ = _inputs(B, T, Hk, D, torch.bfloat16, gain=False)
+    xq.requires_grad_()
+    v = torch.randn(B, T, Hk * D, device=DEVICE, dtype=torch.bfloat16)
+    q = head_norm_rope(xq, cos, sin, Hq, g, layout="bthd")
+    k = head_norm_rope(xk, cos, sin, Hk, layout="bthd")
+    with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v.view(B, T, Hk, D).transpose(1, 2),
+                                                             is_causal=True, enable_gqa=True)
+        flat = o.transpose(1, 2).reshape(B, T, Hq * D)
+        assert flat.data_ptr() == o.data_ptr() and o.transpose(1, 2).is_contiguous()
+        flat.float().square().sum().backward()
+    assert xq.grad is not None and torch.isfinite(xq.grad).all()
 
 
 @pytest.mark.gpu

@@ -91,8 +91,8 @@ def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype) 
 
     def path(prep):
         def f(q, k, v):
-            o = F.scaled_dot_product_attention(prep(q, Hq, gain), prep(k, Hk, None), v.view(B, T, Hk, D).transpose(1, 2),
-                                               is_causal=True, enable_gqa=True)
+            o = F.scaled_dot_product_attention(prep(q, Hq, gain), prep(k, Hk, None),
+                                               v.view(B, T, Hk, D).transpose(1, 2), is_causal=True, enable_gqa=True)
             return o.transpose(1, 2).reshape(B, T, Hq * D)
         return f
 

@@ -15,7 +15,8 @@ elementwise passes and host overhead (wall minus GPU-busy) is measured, not gues
                                  [--steps 10] [--new-shapes N] [--out DIR]
 
 Each variant also reports GPU time by kernel category over all its kernels (``categories_ms``: attention, gemm,
-optimizer, triton, elementwise, other); ``--new-shapes N`` adds the first-step cost of N unmet (rows, window) shapes.
+optimizer, triton, elementwise, other) and by pass group (``groups_ms``, ``PASS_GROUPS``: what could remove the time,
+as in docs/STATUS.md's ledger: q / k norm + rotary, MLP activation, block norms, LoRA, index, copies, ...); ``--new-shapes N`` adds the first-step cost of N unmet (rows, window) shapes.
 """
 from __future__ import annotations
 
@@ -110,6 +111,31 @@ def kernel_category(name: str) -> str:
     return "other"
 
 
+# the step's kernels grouped by what could remove their time (the ledger of docs/STATUS.md, measurement 6), first
+# match wins: Inductor names a fused kernel after the ops it fuses, so q / k preparation shows as rms_norm with the
+# rotary's cat / slice, the MLP's activation as leaky_relu, the block norms and residual mixes as rms_norm without
+# them; the package's kernels by their names (linear_act's GEMM with its activation epilogue counts as a GEMM)
+PASS_GROUPS = (("attention", lambda n: kernel_category(n) == "attention"),
+               ("gemm", lambda n: kernel_category(n) == "gemm" or "linear_act" in n),
+               ("optimizer", lambda n: "adam_rows" in n or "multi_tensor_apply" in n),
+               ("qk_norm_rope", lambda n: "head_norm_rope" in n or (n.startswith("triton") and "rms_norm" in n
+                                                                   and ("cat" in n or "slice" in n))),
+               ("mlp_act", lambda n: "leaky_relu" in n),
+               ("norm_residual", lambda n: n.startswith("triton") and "rms_norm" in n),
+               ("lora", lambda n: "lora" in n or "effective_kernel" in n),
+               ("index", lambda n: "index" in n),
+               ("copy", lambda n: any(k in n for k in ("clone", "transpose", "copy", "memcpy", "memset"))))
+
+
+def pass_group(name: str) -> str:
+    """The group of a CUDA kernel by its name (``PASS_GROUPS``; "other" when none matches)."""
+    low = name.lower()
+    for group, match in PASS_GROUPS:
+        if match(low):
+            return group
+    return "other"
+
+
 def _profile(step, rb, top: int):
     from torch.profiler import ProfilerActivity, profile
 
@@ -125,10 +151,15 @@ def _profile(step, rb, top: int):
     ev.sort(key=lambda e: -e.self_device_time_total)
     rows = [(e.key[:90], e.self_device_time_total / 3 / 1e3, e.count // 3) for e in ev[:top]]
     cats: dict = {}
+    groups: dict = {}
     for e in ev:
-        c = kernel_category(e.key)
-        cats[c] = cats.get(c, 0.0) + e.self_device_time_total / 3 / 1e3
-    return wall, busy, rows, {k: round(v, 3) for k, v in sorted(cats.items(), key=lambda kv: -kv[1])}
+        for d, key in ((cats, kernel_category(e.key)), (groups, pass_group(e.key))):
+            d[key] = d.get(key, 0.0) + e.self_device_time_total / 3 / 1e3
+
+    def tidy(d):
+        return {k: round(v, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}
+
+    return wall, busy, rows, tidy(cats), tidy(groups)
 
 
 # H200 SXM data-sheet peaks (dense bf16 tensor-core FLOP/s, HBM3e bytes/s): a lower bound on time, not a rate any
@@ -350,13 +381,13 @@ def main(argv=None):
             continue
         first = time.perf_counter() - t
         ms = _time(step, rb, a.steps)
-        wall, busy, rows, cats = _profile(step, rb, a.top)
+        wall, busy, rows, cats, groups = _profile(step, rb, a.top)
         print(f"\n[{v}] first call {first:.1f} s; step {ms:.2f} ms (median of {a.steps}); profiled wall {wall:.2f} ms, "
-              f"GPU busy {busy:.2f} ms; by category (ms): {cats}", flush=True)
+              f"GPU busy {busy:.2f} ms; by category (ms): {cats}; by pass group (ms): {groups}", flush=True)
         for k, t_ms, c in rows:
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
-                              "top": rows, "categories_ms": cats, "fused_optimizer": opt.fused,
+                              "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
                               "fused_mlp": cfg_v.fused_mlp, "fused_qk": cfg_v.fused_qk}
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
         if work:  # the reference step's work over this variant's time: comparable across variants

@@ -15,13 +15,14 @@ Backward (dy = ∂L/∂out, (B, H, T, D); the rotation's transpose, then the RMS
     dn[:P]  = dy[:P] ⊙ cos_t − dy[P:] ⊙ sin_t
     dn[P:]  = dy[:P] ⊙ sin_t + dy[P:] ⊙ cos_t
     dx      = g_h · r · (dn − x · r² · (Σ_d dn ⊙ x) / D)          (B, T, H·D), x's layout
-    dg_h    = Σ_{b, t, d} r · x ⊙ dn                               fp32 partial sums per program, summed in a fixed order
+    dg_h    = Σ_{b, t, d} r · x ⊙ dn                               fp32 partial sums per program, added in a fixed
+                                                                   order
 
 It is the composition of this package's model (``train.model.CausalSelfAttention``: ``rms_norm`` over the head dim,
 ``* q_gain`` for q, ``apply_rotary`` over the whole head dim, the (B, T, H, D) -> (B, H, T, D) transpose for SDPA),
 computed in fp32 from x's values and rounded once, where the composition rounds after each op. (The 2026-04-29
-record rotates only the first 16 of its 64 head dims; that partial rotary is not covered.) ``eps`` defaults to what ``F.rms_norm``
-uses without one: the fp32 machine epsilon for 16- and 32-bit inputs (its accumulation type's).
+record rotates only the first 16 of its 64 head dims; that partial rotary is not covered.) ``eps`` defaults to what
+``F.rms_norm`` uses without one: the fp32 machine epsilon for 16- and 32-bit inputs (its accumulation type's).
 
 Why: in the records' TTT step (64 × 2048 positions, 8 q heads and 4 k heads of 64), Inductor compiles this
 composition into separate reduction and point-wise passes; on one H200 (kernel path, measurement 6 of
@@ -102,8 +103,8 @@ def _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P: tl.constexpr, BT: tl.
 
 
 @triton.jit
-def _fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, eps, HAS_GAIN: tl.constexpr, P: tl.constexpr,
-                BT: tl.constexpr):
+def _head_norm_rope_fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, eps, HAS_GAIN: tl.constexpr,
+                               P: tl.constexpr, BT: tl.constexpr):
     """One (BT, D) tile of head h of batch row b: both halves loaded once, the RMS, gain and rotation in fp32."""
     x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P, BT)
     if HAS_GAIN:
@@ -116,9 +117,8 @@ def _fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, eps, HAS_GAIN: tl
 
 
 @triton.jit
-def _bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sob, soh, sot, sdb, sdt, n_tiles, eps,
-                HAS_GAIN: tl.constexpr,
-                NEED_DG: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
+def _head_norm_rope_bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sob, soh, sot, sdb, sdt, n_tiles, eps,
+                               HAS_GAIN: tl.constexpr, NEED_DG: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
     """dx of one (BT, D) tile of head h (dx contiguous (B, T, H·D); x may be batch- or row-strided), and this tile's
     share of dg_h (DG[b, tile, h], fp32)."""
     x1, x2, c, s, r, m2, rt64, yo = _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P, BT)
@@ -165,8 +165,9 @@ def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num
     c, s = _tables(cos, sin, T, P)
     y = _utils.empty(_out_shape(B, T, num_heads, 2 * P, layout), x.dtype, x.device)
     grid = (triton.cdiv(T, _BT), num_heads, B)
-    _fwd_kernel[grid](x, c, s, gain if gain is not None else c, y, T, x.stride(0), x.stride(1),
-                      *_bhtd_strides(y, layout), float(eps), HAS_GAIN=gain is not None, P=P, BT=_BT, num_warps=4)
+    _head_norm_rope_fwd_kernel[grid](x, c, s, gain if gain is not None else c, y, T, x.stride(0), x.stride(1),
+                                     *_bhtd_strides(y, layout), float(eps), HAS_GAIN=gain is not None, P=P, BT=_BT,
+                                     num_warps=4)
     return y
 
 
@@ -180,10 +181,10 @@ def _bwd_launch(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[
     dx = _utils.empty(x.shape, x.dtype, x.device)  # contiguous, whatever x's strides
     n_tiles = triton.cdiv(T, _BT)
     part = _utils.empty((B, n_tiles, num_heads), torch.float32, x.device) if need_dg else c
-    _bwd_kernel[(n_tiles, num_heads, B)](dy, x, c, s, gain if gain is not None else c, dx, part, T, num_heads,
-                                         x.stride(0), x.stride(1), *_bhtd_strides(dy, layout), dx.stride(0),
-                                         dx.stride(1), n_tiles, float(eps), HAS_GAIN=gain is not None,
-                                         NEED_DG=need_dg, P=P, BT=_BT, num_warps=4)
+    _head_norm_rope_bwd_kernel[(n_tiles, num_heads, B)](
+        dy, x, c, s, gain if gain is not None else c, dx, part, T, num_heads, x.stride(0), x.stride(1),
+        *_bhtd_strides(dy, layout), dx.stride(0), dx.stride(1), n_tiles, float(eps), HAS_GAIN=gain is not None,
+        NEED_DG=need_dg, P=P, BT=_BT, num_warps=4)
     dg = part.sum((0, 1)).to(gain.dtype) if need_dg else x.new_empty(0)
     return dx, dg
 

@@ -1,4 +1,5 @@
-"""Compile the LoRA, linear_act and head_norm_rope kernels for sm_90a on any machine (no GPU needed) and report what ptxas reports.
+"""Compile the LoRA, linear_act and head_norm_rope kernels for sm_90a on any machine (no GPU needed) and report what
+ptxas reports.
 
 ``python -m pgolf_kernels.sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
 bytes, shared memory, and whether the K/N loops were software-pipelined (cp.async copies, or TMA copies for the
@@ -145,7 +146,7 @@ def head_norm_rope_stats(bwd=False, gain=True, need_dg=True, P=32, BT=64, dtype=
     consts = dict(HAS_GAIN=gain, P=P, BT=BT) | (dict(NEED_DG=need_dg) if bwd else {})
     # the strides as a real launch specializes them: multiples of 16 at the records' shapes (Triton's integer
     # specialization); without the batch strides' hint the kernels fall back to 2-byte accesses
-    return _compile(M._bwd_kernel if bwd else M._fwd_kernel, types, consts, 4, 3,
+    return _compile(M._head_norm_rope_bwd_kernel if bwd else M._head_norm_rope_fwd_kernel, types, consts, 4, 3,
                     div16=("T", "sxb", "sxt", "sob", "soh", "sot", "sdb", "sdt"))
 
 

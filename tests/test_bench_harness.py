@@ -817,6 +817,25 @@ def test_profile_ttt_kernel_categories_and_refusals():
              "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast": "elementwise",
              "Memcpy DtoD (Device -> Device)": "other"}
     assert {n: kernel_category(n) for n in cases} == cases
+    # the pass groups of docs/STATUS.md's ledger, on kernel names of measurement 6 and the package's own kernels
+    from bench.profile_ttt import pass_group
+
+    groups = {"cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26": "attention",
+              "nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_TNT": "gemm",
+              "_linear_act_kernel": "gemm",
+              "_adam_rows_kernel": "optimizer",
+              "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::": "optimizer",
+              "triton_poi_fused__fused_rms_norm_add_cat_mul_slice_sub_transpose_unsqueeze_view_5": "qk_norm_rope",
+              "triton_per_fused__fused_rms_norm__fused_rms_norm_backward_add_mul_neg_slice_slice_backward": "qk_norm_rope",
+              "_head_norm_rope_bwd_kernel": "qk_norm_rope",
+              "triton_poi_fused_leaky_relu_leaky_relu_backward_mul_pow_view_4": "mlp_act",
+              "triton_per_fused__fused_rms_norm_add_mul_view_10": "norm_residual",
+              "triton_poi_fused__fused_rms_norm__fused_rms_norm_backward__unsafe_view_clone_multi_lora_bw": "norm_residual",
+              "_effective_kernel": "lora",
+              "void at::native::indexFuncLargeIndex<float, long, unsigned int, 2, 2, -2, true": "index",
+              "triton_poi_fused__unsafe_view_clone_transpose_view_7": "copy",
+              "triton_poi_fused_add_mul_view_14": "other"}
+    assert {n: pass_group(n) for n in groups} == groups
     with pytest.raises(SystemExit, match="--new-shapes: -1; expected an integer >= 0"):
         main(["--new-shapes", "-1", "--device", "cpu"])
     with pytest.raises(SystemExit, match="--variants: 'kernel-fast'"):

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.mark.parametrize("targets,backend,tail,n_docs,int6,mlp", [
     (ALL, "bmm", False, 4, False, False), (ALL, "kernel", True, 4, True, False),
-    (("q", "v", "head"), "kernel", False, 4, False, True), (("k", "o"), "bmm", True, 1, False, False)])
+    (("q", "v", "head"), "bmm", False, 4, False, True), (("k", "o"), "bmm", True, 1, False, False)])
 def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, mlp):
     """Same NLL at every scored position and same gradient of every adapter tensor (q / k adapters get theirs through
     the fused backward), on both backends, the int6 model, the tail block, a shared adapter, with the fused MLP."""

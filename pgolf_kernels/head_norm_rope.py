@@ -147,6 +147,12 @@ def _head_norm_rope_bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sob, 
 _BT = 64
 
 
+def _rows_unit_stride(x: Tensor) -> Tensor:
+    """x itself when each row's H·D values are contiguous (the kernels take its batch and position strides), else a
+    contiguous copy (``validate=False`` callers skip the check that refuses such an x)."""
+    return x if x.shape[2] <= 1 or x.stride(2) == 1 else x.contiguous()
+
+
 def _out_shape(B: int, T: int, H: int, D: int, layout: str) -> Tuple[int, int, int, int]:
     """The op's own output: (B, H, T, D) for ``"bhtd"``, (B, T, H, D) for ``"bthd"``, contiguous either way."""
     return (B, H, T, D) if layout == "bhtd" else (B, T, H, D)
@@ -160,6 +166,7 @@ def _bhtd_strides(out: Tensor, layout: str) -> Tuple[int, int, int]:
 
 def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int, eps: float,
                 layout: str = "bhtd") -> Tensor:
+    x = _rows_unit_stride(x)
     B, T, HD = x.shape
     P = HD // num_heads // 2
     c, s = _tables(cos, sin, T, P)
@@ -173,6 +180,7 @@ def _fwd_launch(x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num
 
 def _bwd_launch(dy: Tensor, x: Tensor, cos: Tensor, sin: Tensor, gain: Optional[Tensor], num_heads: int,
                 eps: float, need_dg: bool, layout: str = "bhtd") -> Tuple[Tensor, Tensor]:
+    x = _rows_unit_stride(x)
     B, T, HD = x.shape
     P = HD // num_heads // 2
     c, s = _tables(cos, sin, T, P)

@@ -150,6 +150,9 @@ def test_strided_input_read_in_place():
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
     dx = mod._bwd_launch(dy, view, cos, sin, g, 2, default_eps(x.dtype), True)[0]
     assert dx.is_contiguous() and torch.equal(dx, outs[1][1])
+    # validate=False skips the stride check: an x without unit stride along its rows is copied, not misread
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(head_norm_rope(xt, cos, sin, 2, g, validate=False), outs[1][0])
 
 
 def test_reference_is_the_models_composition():

@@ -17,7 +17,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import bench_ms, gbps, make_row, time_all
+from bench.harness import bench_ms, check_close, fwd_bwd, gbps, make_row, time_all
 
 KERNEL = "head-norm-rope"
 # (name, heads, gain): head dim 64, 64 rows x 2048 positions
@@ -46,25 +46,15 @@ def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype) -> Li
         dy = torch.randn(B, H, T, D, device=dev, dtype=dtype, generator=g)
         ref = head_norm_rope_ref(x, cos, sin, H, gain)
         got = head_norm_rope(x, cos, sin, H, gain)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"head_norm_rope: relative error {err:.3g} against the composition on {name}")
+        check_close(got, ref, f"head_norm_rope on {name}")
         fwd = {"ours": lambda: head_norm_rope(x, cos, sin, H, gain, validate=False),
                "compiled": lambda: compiled(x, cos, sin, H, gain),
                "eager": lambda: head_norm_rope_ref(x, cos, sin, H, gain)}
         xs = x.detach().clone().requires_grad_()
         gs = gain.detach().clone().requires_grad_() if has_gain else None
-
-        def step(f):
-            def go():
-                xs.grad = None
-                if gs is not None:
-                    gs.grad = None
-                f(xs, cos, sin, H, gs).backward(dy)
-            return go
-
-        train = {"ours": step(lambda *a: head_norm_rope(*a, validate=False)), "compiled": step(compiled),
-                 "eager": step(head_norm_rope_ref)}
+        args = (xs, cos, sin, H, gs)
+        train = {"ours": fwd_bwd(lambda *a: head_norm_rope(*a, validate=False), args, dy),
+                 "compiled": fwd_bwd(compiled, args, dy), "eager": fwd_bwd(head_norm_rope_ref, args, dy)}
         tf = time_all(fwd, timer, f"{name} forward")
         tt = time_all(train, timer, f"{name} forward+backward")
         nbytes = x.numel() * x.element_size()
@@ -102,18 +92,9 @@ def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype) 
     ref = fns["compiled"](q, k, v)
     for layout in ("bhtd", "bthd"):
         got = fns[layout](q, k, v)
-        err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"head_norm_rope attention path ({layout}): relative error {err:.3g}")
+        check_close(got, ref, f"head_norm_rope attention path ({layout})")
 
-    def step(f):
-        def go():
-            for t in (q, k, v):
-                t.grad = None
-            f(q, k, v).backward(dout)
-        return go
-
-    t = time_all({name: step(f) for name, f in fns.items()}, timer, "attention path")
+    t = time_all({name: fwd_bwd(f, (q, k, v), dout) for name, f in fns.items()}, timer, "attention path")
     return make_row(KERNEL, f"q/k prep + causal SDPA ({Hq} q / {Hk} kv heads) + output reshape, forward + backward: "
                     f"B{B} T{T} D{D}, {str(dtype)[6:]}", t["bthd"], "torch.compile of the composition + SDPA",
                     t["compiled"], ours_bhtd_ms=t["bhtd"], bhtd_speedup=t["compiled"] / t["bhtd"])

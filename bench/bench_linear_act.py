@@ -26,7 +26,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import bench_ms, make_row, tflops, time_all
+from bench.harness import bench_ms, check_close, fwd_bwd, make_row, tflops, time_all
 
 KERNEL = "linear-act"
 # (name, N): K = 512, 64 rows x 2048 positions
@@ -55,9 +55,7 @@ def _configs(label: str, launch: Callable[[dict], torch.Tensor], ref: torch.Tens
             skipped[ci] = f"{type(e).__name__}: {str(e)[:200]}"
             print(f"{label} config {cfg}: {skipped[ci]}", flush=True)
             continue
-        err = ((y.float() - ref.float()).norm() / ref.float().norm()).item()
-        if not err < 2e-2:
-            raise RuntimeError(f"linear_act config {cfg}: relative error {err:.3g} against torch on {label}")
+        check_close(y, ref, f"linear_act config {cfg} on {label}")
     return skipped
 
 
@@ -144,14 +142,8 @@ def _mlp_rows(mod, x, B, T, d, H, g, timer, compile_fn) -> List[Dict[str, object
     wu, wd = w_up.clone().requires_grad_(), w_dn.clone().requires_grad_()
     plain = compile_fn(lambda a, u, v: torch.bmm(_act(torch.bmm(a, u.transpose(1, 2))), v.transpose(1, 2)))
 
-    def step(f):
-        def go():
-            for p in (xs, wu, wd):
-                p.grad = None
-            f(xs, wu, wd).backward(dy)
-        return go
-
-    t = time_all({"compiled": step(plain), "ours": step(lambda a, u, v: mod.mlp_leaky_sq(a, u, v, validate=False))},
+    t = time_all({"compiled": fwd_bwd(plain, (xs, wu, wd), dy),
+                  "ours": fwd_bwd(lambda a, u, v: mod.mlp_leaky_sq(a, u, v, validate=False), (xs, wu, wd), dy)},
                  timer, "mlp fwd+bwd")
     flops = 2.0 * B * T * d * H * 2 * 3  # two GEMMs forward, each twice more backward (dx and dW)
     rows.append(make_row(KERNEL, f"mlp forward + backward: B{B} T{T} d{d} H{H}, per-row weights (dx, dW_up, dW_down), "

@@ -111,6 +111,28 @@ def time_all(fns: Dict[str, Callable[[], object]], timer: Callable[[Callable[[],
     return t
 
 
+def fwd_bwd(f: Callable[..., torch.Tensor], args: Sequence[object], grad: torch.Tensor) -> Callable[[], None]:
+    """A contestant for ``time_all``: clears the gradients of the tensor arguments that require one, then runs
+    ``f(*args).backward(grad)`` (forward + backward, the training form of an op)."""
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+    def go():
+        for t in leaves:
+            t.grad = None
+        f(*args).backward(grad)
+    return go
+
+
+def check_close(got: torch.Tensor, ref: torch.Tensor, what: str, tol: float = 2e-2) -> None:
+    """Refuse to time a contestant whose output is off: relative Frobenius error against ``ref`` below ``tol``
+    (bf16 rounding is ~4e-3)."""
+    from pgolf_kernels.testing import rel_err
+
+    err = rel_err(got, ref)
+    if not err < tol:
+        raise RuntimeError(f"{what}: relative error {err:.3g} against the baseline (expected < {tol})")
+
+
 def make_row(
     kernel: str,
     case: str,

@@ -102,13 +102,15 @@ CATEGORIES = (("triton", lambda n: n.startswith("triton")),
               ("triton", lambda n: "::" not in n and n.endswith("_kernel")))
 
 
+def _first_match(table, name: str) -> str:
+    """The label of the first (label, match) of ``table`` whose match takes the lowercased name, else "other"."""
+    low = name.lower()
+    return next((label for label, match in table if match(low)), "other")
+
+
 def kernel_category(name: str) -> str:
     """The category of a CUDA kernel by its name (``CATEGORIES``; "other" when none matches)."""
-    low = name.lower()
-    for cat, match in CATEGORIES:
-        if match(low):
-            return cat
-    return "other"
+    return _first_match(CATEGORIES, name)
 
 
 # the step's kernels grouped by what could remove their time (the ledger of docs/STATUS.md, measurement 6), first
@@ -129,11 +131,7 @@ PASS_GROUPS = (("attention", lambda n: kernel_category(n) == "attention"),
 
 def pass_group(name: str) -> str:
     """The group of a CUDA kernel by its name (``PASS_GROUPS``; "other" when none matches)."""
-    low = name.lower()
-    for group, match in PASS_GROUPS:
-        if match(low):
-            return group
-    return "other"
+    return _first_match(PASS_GROUPS, name)
 
 
 def _profile(step, rb, top: int):

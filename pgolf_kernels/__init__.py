@@ -7,7 +7,9 @@
   ``pgolf_kernels.muon``; a Muon step's element-wise passes (momentum, decay + update), each fused:
   ``pgolf_kernels.muon_update``.
 * a linear layer with its activation (leaky_relu(h, 0.5)², the record models' MLP) in the GEMM's epilogue, one
-  persistent TMA kernel (``pgolf_kernels.linear_act``; Hopper, not yet dispatched in the TTT engine).
+  persistent TMA kernel (``pgolf_kernels.linear_act``; Hopper; the TTT eval's ``--fused-mlp``).
+* the attention's per-head RMSNorm, gain and rotary of q or k in one pass (``pgolf_kernels.head_norm_rope``; the TTT
+  eval's ``--fused-qk``).
 * one Adam / AdamW step over stacked per-document adapter rows in one pass (the TTT eval's optimizer):
   ``pgolf_kernels.adam_rows``.
 * drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
@@ -23,7 +25,7 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it. The functions `int6_linear` and `newton_schulz`
-# (and `linear_act`) share their submodule's name, so they are NOT re-exported here (once the submodule is
+# (and `linear_act`, `head_norm_rope`) share their submodule's name, so they are NOT re-exported here (once the submodule is
 # imported, Python binds the package attribute to the module and a lazy alias would flip
 # between function and module). Import them from their modules:
 #     from pgolf_kernels.int6_linear import int6_linear
@@ -46,6 +48,7 @@ _LAZY = {
     "LinearLeakyReLUSquared": "linear_act",
     "LeakyReLUSquaredMLP": "linear_act",
     "mlp_leaky_sq": "linear_act",
+    "HeadNormRope": "head_norm_rope",
 }
 
 __all__ = sorted(_LAZY)

@@ -87,7 +87,7 @@ class TTTConfig(AdamSettings):
     # default: not yet measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
     fused_mlp: bool = False
     # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,
-    # the rotated (B, H, T, D) tile written once). Off by default: not yet measured inside a TTT step
+    # the rotated tile written once, in the projections' (B, T, H, D) order). Off by default: not yet measured inside a TTT step
     # (bench.profile_ttt variant suffix -qk)
     fused_qk: bool = False
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)

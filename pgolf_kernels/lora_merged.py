@@ -137,6 +137,62 @@ def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_ind
     return E
 
 
+def _row_grads(Gt: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor], rows: int,
+               dA_out: Optional[Tensor] = None, dB_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row adapter gradients from Gt = ∂L/∂E (rows, N, d) in the activation dtype: dA = α·B[a]ᵀ·Gt (rows, r, d)
+    and dB = α·Gt·A[a]ᵀ (rows, N, r), fp32, before any reduction over rows that share an adapter."""
+    dt = Gt.dtype
+    # alpha is folded into the x.dtype copies of B (for dA) and A (for dB): no scaling pass over the fp32 grads
+    Bl, Al = _select(Bm, adapter_index, rows), _select(A, adapter_index, rows)
+    Bl = (Bl * alpha if alpha != 1.0 else Bl).to(dt)
+    Al = (Al * alpha if alpha != 1.0 else Al).to(dt)
+    return _mm32(Bl.transpose(1, 2), Gt, dA_out), _mm32(Gt, Al.transpose(1, 2), dB_out)
+
+
+@torch.library.custom_op("pgolf::merged_weight", mutates_args=())
+def _merged_op(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor], rows: int) -> Tensor:
+    return effective_weight(W, A, Bm, alpha, adapter_index, rows)
+
+
+@_merged_op.register_fake
+def _merged_fake(W, A, Bm, alpha, adapter_index, rows):
+    return W.new_empty((rows,) + tuple(W.shape))
+
+
+def _merged_setup(ctx, inputs, output):
+    W, A, Bm, alpha, adapter_index, rows = inputs
+    ctx.alpha, ctx.rows, ctx.has_idx = alpha, rows, adapter_index is not None
+    ctx.save_for_backward(A, Bm, adapter_index)
+
+
+def _merged_backward(ctx, gE):
+    A, Bm, idx = ctx.saved_tensors
+    idx = idx if ctx.has_idx else None
+    gE = gE.contiguous()
+    dA_r, dB_r = _row_grads(gE, A, Bm, ctx.alpha, idx, ctx.rows)
+    grads = []
+    for p, g in ((A, dA_r), (Bm, dB_r)):
+        full = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        if idx is None:
+            full[:ctx.rows] = g
+        else:  # rows that share an adapter add up (as index_select's own backward does)
+            full.index_add_(0, idx.clamp(0, p.shape[0] - 1), g)
+        grads.append(full.to(p.dtype))
+    dW = gE.sum(0) if ctx.needs_input_grad[0] else None
+    return dW, grads[0], grads[1], None, None, None
+
+
+_merged_op.register_autograd(_merged_backward, setup_context=_merged_setup)
+
+
+def merged_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
+                  rows: int) -> Tensor:
+    """``effective_weight`` (E = W + α·B[a]·A[a] per batch row, one Triton launch reading A and B as stored) with
+    gradients to A and B (and W): dA[a] += α·B[a]ᵀ·∂L/∂E[b], dB[a] += α·∂L/∂E[b]·A[a]ᵀ, dW = Σ_b ∂L/∂E[b]. A custom
+    op, so torch.compile traces it (the TTT engine's fused MLP merges its up / down adapters through it)."""
+    return _merged_op(W, A, Bm, float(alpha), adapter_index, int(rows))
+
+
 def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """bmm with an fp32 result: cuBLAS accumulates in fp32 and stores fp32 (no rounding to the input dtype)."""
     if a.is_cuda and a.dtype in (torch.float16, torch.bfloat16):
@@ -162,18 +218,13 @@ def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], B
     own adapter, before any reduction over rows that share one; written into dA_out[i] / dB_out[i] where given
     (contiguous (B, ...) fp32 views), else into new tensors."""
     rows = x.shape[0]
-    dt = x.dtype
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
     for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
         if need_dx:
             dx = torch.bmm(dy, E) if dx is None else dx.baddbmm_(dy, E)
         Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
-        # alpha is folded into the x.dtype copies of B (for dA) and A (for dB): no scaling pass over the fp32 grads
-        Bl = _select(Bm, adapter_index, rows)
-        Al = _select(A, adapter_index, rows)
-        Bl = (Bl * alpha if alpha != 1.0 else Bl).to(dt)
-        Al = (Al * alpha if alpha != 1.0 else Al).to(dt)
-        dAs.append(_mm32(Bl.transpose(1, 2), Gt, dA_out[i]))           # (B, r, d)
-        dBs.append(_mm32(Gt, Al.transpose(1, 2), dB_out[i]))           # (B, N, r)
+        dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i])
+        dAs.append(dA)                                                 # (B, r, d)
+        dBs.append(dB)                                                 # (B, N, r)
     return dx, dAs, dBs

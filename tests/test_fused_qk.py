@@ -46,8 +46,8 @@ def test_fused_qk_is_what_the_model_runs(monkeypatch):
 
 
 def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
-    """The eval's regional compile (``compile_rows_nll``, Inductor) traces blocks that call head_norm_rope and
-    mlp_leaky_sq (custom ops: fake implementations, registered autograd) without a graph break, and the compiled step
+    """The eval's regional compile (``compile_rows_nll``, Inductor) traces blocks that call head_norm_rope,
+    mlp_leaky_sq and merged_weight (custom ops: fake implementations, registered autograd) without a graph break, and the compiled step
     gives the eager unfused step's NLL and adapter gradients (bmm backend: the kernel path's own ops are traced by
     tests/test_eval_driver.py; tail block)."""
     import torch._dynamo as dynamo
@@ -55,8 +55,9 @@ def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
     from train.forward import compile_rows_nll
 
     rb = batch()
-    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "k", "v", "o", "mlp", "head"),
-                    tail_block=True)
+    # up / down adapted: the fused MLP merges them per row through lora_merged.merged_weight (a custom op too)
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "k", "v", "o", "up", "down",
+                                                                                     "head"), tail_block=True)
     model = tiny_model(seed=3, num_layers=2)
     plain = _nll_and_grads(model, rb, cfg, 4, "bmm")
     compile_rows_nll(model, True)

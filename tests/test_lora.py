@@ -633,6 +633,37 @@ def test_effective_weight_kernel_matches_reference(device):
         assert_close_rel(got, oracle, ref, name="E")
 
 
+def test_merged_weight_gradients_match_fp64(device):
+    """merged_weight (E with autograd) against the fp64 baddbmm reference: values, and the gradients of A, B and W,
+    with rows that share an adapter (their gradients add up), an out-of-range index (clamped), and without an index;
+    the custom op's schema, fake and autograd registration."""
+    from pgolf_kernels import lora_merged as M
+
+    g = torch.Generator().manual_seed(22)
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    W = torch.randn(70, 40, generator=g).to(device, dtype)
+    A = torch.randn(3, 5, 40, generator=g).to(device)
+    Bm = torch.randn(3, 70, 5, generator=g).to(device)
+    for idx in (None, torch.tensor([2, 0, 2, 7], device=device)):
+        rows = 3 if idx is None else 4
+        gE = torch.randn(rows, 70, 40, generator=g).to(device, dtype)
+        leaves = [t.clone().requires_grad_() for t in (W, A, Bm)]
+        E = M.merged_weight(*leaves, 0.3, idx, rows)
+        E.backward(gE)
+        l64 = [t.double().requires_grad_() for t in (W, A, Bm)]
+        E64 = M.effective_weight_ref(*l64, 0.3, idx, rows)
+        E64.backward(gE.double())
+        lb = [t.clone().requires_grad_() for t in (W, A, Bm)]
+        M.effective_weight_ref(lb[0], lb[1], lb[2], 0.3, idx, rows).backward(gE)
+        assert_close_rel(E, E64, M.effective_weight_ref(W, A, Bm, 0.3, idx, rows), name="E")
+        for name, a, r, b in zip(("dW", "dA", "dB"), leaves, l64, lb):
+            assert a.grad.dtype == a.dtype
+            assert_close_rel(a.grad, r.grad, b.grad, name=name)
+        torch.library.opcheck(torch.ops.pgolf.merged_weight, (W, A.requires_grad_(), Bm, 0.3, idx, rows),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+        A.requires_grad_(False)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("B,T,r", [(64, 512, 8), (8, 1024, 96), (4, 600, 128), (16, 2048, 96)],
                          ids=["B64-T512-r8", "B8-T1024-r96", "B4-T600-r128", "B16-T2048-r96"])

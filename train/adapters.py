@@ -289,12 +289,17 @@ class _DocLoRALayer:
         return self.parent.fused_qk
 
     def _merged(self, t: str, W: torch.Tensor) -> torch.Tensor:
-        """W + s·B·A for target t: (out, in) for a shared adapter, else (R, out, in), one per forward row."""
+        """W + s·B·A for target t: (out, in) for a shared adapter, else (R, out, in), one per forward row, by
+        ``pgolf_kernels.lora_merged.merged_weight`` (one launch reading the fp32 adapters of the rows in place, as
+        the q / k / v merged path builds its E; gradients to A and B)."""
+        from pgolf_kernels.lora_merged import merged_weight
+
         ad = self.parent
         if ad._shared():
             return torch.addmm(W, self.B[t][0].to(W.dtype), self.A[t][0].to(W.dtype), alpha=ad.scale)
-        Bs, As = ad._sel(self.B[t], W.dtype), ad._sel(self.A[t], W.dtype)
-        return torch.baddbmm(W.unsqueeze(0).expand(Bs.shape[0], -1, -1), Bs, As, alpha=ad.scale)
+        A = self.A[t]
+        rows = A.shape[0] if ad.rows is None else ad.rows.shape[0]
+        return merged_weight(W, A, self.B[t], ad.scale, ad.rows, rows)
 
     def mlp(self, m: torch.Tensor, mod) -> torch.Tensor:
         """The MLP of ``mod`` (``train.model.MLP``) with its up / down adapters, through ``mlp_leaky_sq``: same

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import use_triton
+from ._utils import check, check_tensor, use_triton
 
 
 
@@ -149,48 +149,64 @@ def _row_grads(Gt: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: O
     return _mm32(Bl.transpose(1, 2), Gt, dA_out), _mm32(Gt, Al.transpose(1, 2), dB_out)
 
 
+# rows come from the tensors (adapter_index's length, else every adapter), not an int argument: under torch.compile
+# a row count passed as an int would specialize the graph on it
+def _rows_of(A: Tensor, adapter_index: Optional[Tensor]) -> int:
+    return A.shape[0] if adapter_index is None else adapter_index.shape[0]
+
+
 @torch.library.custom_op("pgolf::merged_weight", mutates_args=())
-def _merged_op(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor], rows: int) -> Tensor:
-    return effective_weight(W, A, Bm, alpha, adapter_index, rows)
+def _merged_op(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor]) -> Tensor:
+    return effective_weight(W, A, Bm, alpha, adapter_index, _rows_of(A, adapter_index))
 
 
 @_merged_op.register_fake
-def _merged_fake(W, A, Bm, alpha, adapter_index, rows):
-    return W.new_empty((rows,) + tuple(W.shape))
+def _merged_fake(W, A, Bm, alpha, adapter_index):
+    return W.new_empty((_rows_of(A, adapter_index),) + tuple(W.shape))
 
 
 def _merged_setup(ctx, inputs, output):
-    W, A, Bm, alpha, adapter_index, rows = inputs
-    ctx.alpha, ctx.rows, ctx.has_idx = alpha, rows, adapter_index is not None
+    W, A, Bm, alpha, adapter_index = inputs
+    ctx.alpha, ctx.has_idx = alpha, adapter_index is not None
     ctx.save_for_backward(A, Bm, adapter_index)
 
 
 def _merged_backward(ctx, gE):
     A, Bm, idx = ctx.saved_tensors
     idx = idx if ctx.has_idx else None
-    gE = gE.contiguous()
-    dA_r, dB_r = _row_grads(gE, A, Bm, ctx.alpha, idx, ctx.rows)
-    grads = []
-    for p, g in ((A, dA_r), (Bm, dB_r)):
-        full = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-        if idx is None:
-            full[:ctx.rows] = g
-        else:  # rows that share an adapter add up (as index_select's own backward does)
-            full.index_add_(0, idx.clamp(0, p.shape[0] - 1), g)
-        grads.append(full.to(p.dtype))
+    dA_r, dB_r = _row_grads(gE.contiguous(), A, Bm, ctx.alpha, idx, gE.shape[0])
+    if idx is None:  # row b is adapter b
+        grads = [g.to(p.dtype) for p, g in ((A, dA_r), (Bm, dB_r))]
+    else:  # rows that share an adapter add up (as index_select's own backward does); adapters of no row get 0
+        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                 .index_add_(0, idx.clamp(0, p.shape[0] - 1), g).to(p.dtype) for p, g in ((A, dA_r), (Bm, dB_r))]
     dW = gE.sum(0) if ctx.needs_input_grad[0] else None
-    return dW, grads[0], grads[1], None, None, None
+    return dW, grads[0], grads[1], None, None
 
 
 _merged_op.register_autograd(_merged_backward, setup_context=_merged_setup)
 
 
-def merged_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
-                  rows: int) -> Tensor:
+def merged_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor] = None) -> Tensor:
     """``effective_weight`` (E = W + α·B[a]·A[a] per batch row, one Triton launch reading A and B as stored) with
     gradients to A and B (and W): dA[a] += α·B[a]ᵀ·∂L/∂E[b], dB[a] += α·∂L/∂E[b]·A[a]ᵀ, dW = Σ_b ∂L/∂E[b]. A custom
-    op, so torch.compile traces it (the TTT engine's fused MLP merges its up / down adapters through it)."""
-    return _merged_op(W, A, Bm, float(alpha), adapter_index, int(rows))
+    op, so torch.compile traces it (the TTT engine's fused MLP merges its up / down adapters through it).
+    W (N, d) bf16 / fp16 / fp32; A (n, r, d), Bm (n, N, r) float; adapter_index None (n rows, row b uses adapter b)
+    or (rows,) int64 / int32, clamped to [0, n) as the kernels clamp. Returns (rows, N, d) in W's dtype."""
+    op = "merged_weight"
+    fl = (torch.float16, torch.bfloat16, torch.float32)
+    check_tensor(W, "W", dtype=fl, ndim=2, op=op)
+    check_tensor(A, "A", dtype=fl, ndim=3, device=W.device, op=op)
+    check_tensor(Bm, "Bm", dtype=fl, ndim=3, device=W.device, op=op)
+    N, d = W.shape
+    check(A.shape[2] == d and Bm.shape[1] == N and Bm.shape[0] == A.shape[0] and Bm.shape[2] == A.shape[1],
+          lambda: f"{op}: A must be (n, r, d = {d}) and Bm (n, N = {N}, r) with the same n and r, got A "
+                  f"{tuple(A.shape)}, Bm {tuple(Bm.shape)}")
+    check(isinstance(alpha, (int, float)) and -float("inf") < alpha < float("inf"),
+          lambda: f"{op}: alpha must be a finite float, got {alpha!r}", TypeError)
+    if adapter_index is not None:
+        check_tensor(adapter_index, "adapter_index", dtype=(torch.int64, torch.int32), ndim=1, device=W.device, op=op)
+    return _merged_op(W, A, Bm, float(alpha), adapter_index)
 
 
 def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:

@@ -648,7 +648,7 @@ def test_merged_weight_gradients_match_fp64(device):
         rows = 3 if idx is None else 4
         gE = torch.randn(rows, 70, 40, generator=g).to(device, dtype)
         leaves = [t.clone().requires_grad_() for t in (W, A, Bm)]
-        E = M.merged_weight(*leaves, 0.3, idx, rows)
+        E = M.merged_weight(*leaves, 0.3, idx)
         E.backward(gE)
         l64 = [t.double().requires_grad_() for t in (W, A, Bm)]
         E64 = M.effective_weight_ref(*l64, 0.3, idx, rows)
@@ -659,9 +659,18 @@ def test_merged_weight_gradients_match_fp64(device):
         for name, a, r, b in zip(("dW", "dA", "dB"), leaves, l64, lb):
             assert a.grad.dtype == a.dtype
             assert_close_rel(a.grad, r.grad, b.grad, name=name)
-        torch.library.opcheck(torch.ops.pgolf.merged_weight, (W, A.requires_grad_(), Bm, 0.3, idx, rows),
+        torch.library.opcheck(torch.ops.pgolf.merged_weight, (W, A.requires_grad_(), Bm, 0.3, idx),
                               test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
         A.requires_grad_(False)
+    bad = [((W.to(torch.int32), A, Bm, 0.3, None), "W must have dtype"),
+           ((W, A[0], Bm, 0.3, None), "A must have 3 dimensions"),
+           ((W, A, Bm[:, :60], 0.3, None), r"A must be \(n, r, d = 40\) and Bm \(n, N = 70, r\)"),
+           ((W, A, Bm, float("nan"), None), "alpha must be a finite float"),
+           ((W, A, Bm, 0.3, torch.tensor([[0, 1]], device=device)), "adapter_index must have 1 dimensions"),
+           ((W, A, Bm, 0.3, torch.tensor([0.0, 1.0, 2.0], device=device)), "adapter_index must have dtype")]
+    for args, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            M.merged_weight(*args)
 
 
 @pytest.mark.gpu

@@ -297,9 +297,7 @@ class _DocLoRALayer:
         ad = self.parent
         if ad._shared():
             return torch.addmm(W, self.B[t][0].to(W.dtype), self.A[t][0].to(W.dtype), alpha=ad.scale)
-        A = self.A[t]
-        rows = A.shape[0] if ad.rows is None else ad.rows.shape[0]
-        return merged_weight(W, A, self.B[t], ad.scale, ad.rows, rows)
+        return merged_weight(W, self.A[t], self.B[t], ad.scale, ad.rows)
 
     def mlp(self, m: torch.Tensor, mod) -> torch.Tensor:
         """The MLP of ``mod`` (``train.model.MLP``) with its up / down adapters, through ``mlp_leaky_sq``: same

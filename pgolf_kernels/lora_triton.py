@@ -166,7 +166,7 @@ def lora_fwd(x, ws, scales, As, Bs, alpha: float, lengths, adapter_index, outs: 
     _fwd_kernel[grid](x, lengths if lengths is not None else x, adapter_index if adapter_index is not None else x,
                       *args, C[0], C[1], C[2], g.T, g.D, As[0].shape[0], NT, g.TT, float(alpha),
                       NS=len(ws), HAS_SCALE=has_scale, HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
-                      RP=g.RP, IP=dot_precision(x.dtype), **g.meta, **g.launch)
+                      RP=g.RP, IP=lora_dot_precision(x.dtype, g.RP), **g.meta, **g.launch)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,6 +353,15 @@ DEFAULT_BWD_SPLIT_LARGE = True
 DEFAULT_BWD_G_ONCE_LARGE = True
 
 
+def lora_dot_precision(dtype: torch.dtype, RP: int) -> str:
+    """``input_precision`` of the LoRA kernels' dots: ``_utils.dot_precision`` (fp32 "ieee"), except fp32 at padded
+    rank RP > 32, which takes "tf32x3" (three TF32 tensor-core products, ~fp32 accuracy). Why: "ieee" dots run on
+    FMAs with every operand tile in registers, and at RP = 128 the backward spilled 177-319 KB per thread and took
+    93 s (G pass) and 612 s (dx pass) to compile for sm_90a, the forward 96 s (``sm90_check``, CPU host); with
+    "tf32x3" 16 s, 40 s and 13 s. The fp32 rank-96 eval test ran past a 310 s limit inside that compile (H100)."""
+    return "tf32x3" if dtype == torch.float32 and RP > LARGE_RANK else dot_precision(dtype)
+
+
 def bwd_split(rank: int) -> bool:
     """Whether the backward leaves dx's base part to cuBLAS, for adapters of max rank ``rank``."""
     return bool(BWD_OVERRIDE.get("SPLIT", DEFAULT_BWD_SPLIT_LARGE if rank > LARGE_RANK else DEFAULT_BWD_SPLIT))
@@ -411,4 +420,4 @@ def lora_bwd(x, dys, ws, As, Bs, alpha: float, lengths, adapter_index, dAs, dBs,
             NS=len(ws), HAS_LEN=lengths is not None, HAS_IDX=adapter_index is not None,
             GRAD_IDX=grad_by_index, COMPUTE_DX=dx is not None, BASE=dx is not None and base_in_kernel,
             LOAD_DX=dx is not None and not base_in_kernel, PHASE=phase, RP=g.RP,
-            IP=dot_precision(x.dtype), **g.meta, **g.launch)
+            IP=lora_dot_precision(x.dtype, g.RP), **g.meta, **g.launch)

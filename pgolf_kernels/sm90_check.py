@@ -53,7 +53,17 @@ def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N
                 compile_s=round(time.time() - t, 1))
 
 
-def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=False, ns=2, dtype="bf16"):
+def _dot_precision(dtype: str, RP: int) -> str:
+    """The ``IP`` a LoRA launch on ``dtype`` ("bf16" / "fp16" / "fp32") at padded rank ``RP`` gets
+    (``lora_triton.lora_dot_precision``)."""
+    import torch
+
+    from .lora_triton import lora_dot_precision
+
+    return lora_dot_precision({"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype], RP)
+
+
+def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=False, ns=2, dtype="bf16", ip=None):
     from . import lora_triton as K
 
     types = {"X": f"*{dtype}", "LEN": "*i64", "IDX": "*i64", "alpha": "fp32"}
@@ -63,12 +73,12 @@ def fwd_stats(RP=16, BT=128, BN=256, BK=64, num_warps=8, num_stages=3, quant=Fal
                       f"N{i}": "i32", f"R{i}": "i32"})
     types.update({n: "i32" for n in ("C1", "C2", "C3", "T", "D", "n_adapters", "NT", "TT")})
     consts = dict(NS=ns, HAS_SCALE=quant, HAS_LEN=True, HAS_IDX=False, BT=BT, BN=BN, BK=BK, RP=RP,
-                  IP="ieee" if dtype == "fp32" else "tf32")
+                  IP=ip or _dot_precision(dtype, RP))
     return _compile(K._fwd_kernel, types, consts, num_warps, num_stages)
 
 
 def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, split=False, ns=2, dtype="bf16",
-              phase=0):
+              phase=0, ip=None):
     """phase 0: the one-launch backward; 1 / 2: the "G once" G pass / dx pass (lora_triton.bwd_g_once)."""
     from . import lora_triton as K
 
@@ -79,7 +89,7 @@ def bwd_stats(RP=16, BT=128, BN=128, BD=128, BK=64, num_warps=8, num_stages=2, s
     types.update({n: "i32" for n in ("T", "D", "n_adapters", "TT", "TSPLIT", "DT")})
     consts = dict(NS=ns, HAS_LEN=True, HAS_IDX=False, GRAD_IDX=True, COMPUTE_DX=True, BASE=not split,
                   LOAD_DX=split, PHASE=phase, BT=BT, BN=BN, BD=BD, BK=BK, RP=RP,
-                  IP="ieee" if dtype == "fp32" else "tf32")
+                  IP=ip or _dot_precision(dtype, RP))
     return _compile(K._bwd_kernel, types, consts, num_warps, num_stages)
 
 

@@ -738,3 +738,12 @@ def test_compiled_strategy_switch_recompiles(device, monkeypatch):
         assert len(ys) == 2 and all(y.shape == r.shape for y, r in zip(ys, yo))
         for k, (got, o, base) in enumerate(zip(list(ys) + list(gs), list(yo) + go, list(yb) + gb)):
             assert_close_rel(got, o, base, name=f"merged={choice} output {k}")
+
+
+def test_dot_precision_rule():
+    """fp32 keeps true fp32 products up to rank 32 and takes three TF32 products above it (the "ieee" dots at padded
+    rank 128 took up to 612 s to compile for sm_90a); 16-bit operands run plain tensor-core dots."""
+    from pgolf_kernels.lora_triton import lora_dot_precision
+
+    assert [lora_dot_precision(torch.float32, rp) for rp in (16, 32, 64, 128)] == ["ieee", "ieee", "tf32x3", "tf32x3"]
+    assert {lora_dot_precision(dt, rp) for dt in (torch.bfloat16, torch.float16) for rp in (16, 128)} == {"tf32"}

@@ -142,21 +142,28 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
                 dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4)]
-
-
-def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = torch.bfloat16) -> dict:
-    """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
-    the tile). GPU, 16-bit: 128 x 128 x 64, 3 stages, 8 warps; ``bench.bench_linear_act`` sweeps alternatives.
-    GPU, fp32: 64 x 128 x 32 (``FP32_CONFIG``)."""
-    if not is_cuda:
-        return dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
-    return dict(FP32_CONFIG if dtype == torch.float32 else TILE_CONFIGS[0])
-
-
+# The defaults by measurement (H100, bench/results/linear-act-h100.md, records' shapes at 64 x 2048, K 512, bf16):
+# with the activation in the epilogue 128 x 256 was fastest in all six cases (MLP up-projection 0.419 ms against
+# 0.517 for 128 x 128 x 8 warps and 0.455-0.465 for the others); with the derivative epilogue 128 x 128 x 4 warps x
+# 4 stages (0.571 ms against 0.662 and 0.619).
+FWD_CONFIG = TILE_CONFIGS[1]
+GRAD_CONFIG = TILE_CONFIGS[2]
 # fp32 operands: the 16-bit default's stages hold twice the bytes, and with the derivative epilogue's h tile the
 # kernel needs 262,168 B of shared memory (> 232,448: it failed to launch on an H100); 64 x 128 x 32 needs 98-115 KB
 # in every epilogue (sm90_check). fp32 "ieee" dots run on FMAs, not wgmma: this dtype is for references, not speed.
 FP32_CONFIG = dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
+
+
+def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = torch.bfloat16,
+                   act: str = "leaky_relu_sq") -> dict:
+    """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
+    the tile). GPU, 16-bit: ``FWD_CONFIG`` (128 x 256 x 64), or ``GRAD_CONFIG`` (128 x 128 x 64, 4 warps, 4
+    stages) for the derivative epilogue; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
+    if not is_cuda:
+        return dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
+    if dtype == torch.float32:
+        return dict(FP32_CONFIG)
+    return dict(GRAD_CONFIG if act == "leaky_relu_sq_grad" else FWD_CONFIG)
 
 
 def _num_programs(dev: torch.device, tiles: int) -> int:
@@ -221,7 +228,7 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
     B, T, K = x3.shape
     w3 = w if w.dim() == 3 else w.unsqueeze(0)
     N = w3.shape[2] if w_kn else w3.shape[1]
-    cfg = dict(default_config(T, N, K, x.is_cuda, x.dtype), **(config or {}))
+    cfg = dict(default_config(T, N, K, x.is_cuda, x.dtype, act), **(config or {}))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
     y = _utils.empty((B, T, N), x.dtype, x.device)
     if aux is not None:

@@ -287,9 +287,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
-                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk][-autotune]; "
-                        "-tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer fused / torch ops "
-                        "(default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk: TTTConfig.fused_qk; -autotune: torch.compile mode max-autotune-no-cudagraphs (compile only)")
+                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk]"
+                        "[-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer fused / "
+                        "torch ops (default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk / -noqk: "
+                        "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -autotune: "
+                        "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
     p.add_argument("--new-shapes", type=int, default=0,
@@ -319,7 +321,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk][-autotune], suffixes in that order (-autotune with compile only)")
+                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-autotune], suffixes in that order (-autotune with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact
@@ -386,7 +388,7 @@ def main(argv=None):
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
                               "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
-                              "fused_mlp": cfg_v.fused_mlp, "fused_qk": cfg_v.fused_qk}
+                              "fused_mlp": cfg_v.fused_mlp, "fused_qk": ad.fused_qk}
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
         if work:  # the reference step's work over this variant's time: comparable across variants
             fl = work["floor"]
@@ -412,23 +414,24 @@ def main(argv=None):
     return out
 
 
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "autotune")  # the order a variant's suffixes must come in
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk][-autotune]' -> dict(path, mode, tail, fused,
-    mlp, qk, autotune) (fused: True / False / None = the eval's auto; mlp: TTTConfig.fused_mlp; qk: TTTConfig.fused_qk), or None when ``v`` is not
-    of that form."""
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-autotune]' -> dict(path, mode,
+    tail, fused, mlp, qk, autotune) (fused, qk: True / False / None = the eval's auto; mlp: TTTConfig.fused_mlp), or
+    None when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
         return None
     suf = parts[2:]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
     if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
-            or (parts[1] == "eager" and "autotune" in suf):
+            or ("qk" in suf and "noqk" in suf) or (parts[1] == "eager" and "autotune" in suf):
         return None
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
-            "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf, "qk": "qk" in suf,
+            "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf,
+            "qk": True if "qk" in suf else False if "noqk" in suf else None,
             "autotune": "autotune" in suf}
 
 

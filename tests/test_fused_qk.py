@@ -78,21 +78,25 @@ def test_eval_with_fused_qk_scores_like_without():
 def test_fused_qk_refusals_and_option():
     from train.eval import _parse
 
-    with pytest.raises(ValueError, match="fused_qk: 'yes'; expected True or False"):
+    with pytest.raises(ValueError, match=r"fused_qk: 'yes'; expected None \(auto\), True or False"):
         TTTConfig(fused_qk="yes")
     model = tiny_model(seed=3, num_layers=2, model_dim=96)  # head dim 24: not twice a power of two
     with pytest.raises(ValueError, match=r"fused_qk: needs the head dim \(24\) twice a power of two"):
         DocLoRA(model, TTTConfig(fused_qk=True), 2, torch.device("cpu"), "bmm")
-    DocLoRA(model, TTTConfig(), 2, torch.device("cpu"), "bmm")  # the same model without the option
+    # auto: the kernel path where the head dim allows, never the reference; an explicit choice wins
+    assert not DocLoRA(model, TTTConfig(), 2, torch.device("cpu"), "kernel").fused_qk
+    model16 = tiny_model(seed=3, num_layers=2)  # head dim 16
+    assert [DocLoRA(model16, TTTConfig(fused_qk=q), 2, torch.device("cpu"), b).fused_qk
+            for q in (None, True, False) for b in ("kernel", "bmm")] == [True, False, True, True, False, False]
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
-    assert _parse(base + ["--fused-qk", "on"]).ttt_cfg.fused_qk is True
-    assert _parse(base).ttt_cfg.fused_qk is False
+    assert [_parse(base + f).ttt_cfg.fused_qk for f in ([], ["--fused-qk", "on"], ["--fused-qk", "off"])] == \
+        [None, True, False]
 
 
 @pytest.mark.gpu
 def test_gpu_eval_with_fused_qk_scores_like_without():
-    """On the GPU (bf16, the Triton kernels): evaluate() with fused_qk (and with fused_mlp too), eager and with CUDA
-    graphs, against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    """On the GPU (the fp32 tiny model, the Triton kernels): evaluate() with fused_qk (and with fused_mlp too), eager
+    and with CUDA graphs, against the unfused eval: same targets and ledger, BPB within 1e-4."""
     assert_eval_unchanged([dict(fused_qk=True, fused_mlp=m, cuda_graphs=g, graph_min_steps=1)
                            for g, m in ((False, False), (True, False), (True, True))],
                           device="cuda", backend="kernel", rel=1e-4)

@@ -114,9 +114,11 @@ class DocLoRA:
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
         self.fused_mlp = bool(cfg.fused_mlp)
-        self.fused_qk = bool(cfg.fused_qk)
-        if self.fused_qk and (hd % 2 or (hd // 2) & (hd // 2 - 1)):
+        qk_ok = hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0   # head_norm_rope's rotary halves: a power of two
+        if cfg.fused_qk and not qk_ok:
             raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
+        # auto (None): the kernel path takes it where the head dim allows; the reference keeps the torch ops
+        self.fused_qk = bool(cfg.fused_qk) if cfg.fused_qk is not None else (self.backend == "kernel" and qk_ok)
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
             bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)

@@ -275,7 +275,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs,
                             backend=adapter.backend)
         report.update(lora_backend=adapter.backend, lora_backend_reason=adapter.backend_reason, schedule=cfg.schedule,
-                      fused_optimizer=opt.fused)
+                      fused_optimizer=opt.fused, fused_qk=adapter.fused_qk)
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
@@ -602,9 +602,10 @@ def _parse(argv):
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
                          "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
                          "dequantized per call); off by default (not yet measured inside a TTT step)")
-    ap.add_argument("--fused-qk", default="off", choices=["on", "off"],
+    ap.add_argument("--fused-qk", default="auto", choices=["auto", "on", "off"],
                     help="q's and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels."
-                         "head_norm_rope); off by default (not yet measured inside a TTT step)")
+                         "head_norm_rope); auto: on for the kernel path where the head dim is twice a power of two, "
+                         "off for --reference")
     ap.add_argument("--graph-min-steps", type=int, default=None,
                     help="--cuda-graphs: capture only the graphs the plan meets in at least this many steps; the "
                          "rarer ones' steps run the same body without a graph (default 3; 1: capture every planned "
@@ -701,7 +702,8 @@ def _configs(args):
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
                   fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer],
-                  fused_mlp=args.fused_mlp == "on", fused_qk=args.fused_qk == "on", **over), None
+                  fused_mlp=args.fused_mlp == "on", fused_qk={"auto": None, "on": True, "off": False}[args.fused_qk],
+                  **over), None
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):

@@ -87,9 +87,10 @@ class TTTConfig(AdamSettings):
     # default: not yet measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
     fused_mlp: bool = False
     # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,
-    # the rotated tile written once, in the projections' (B, T, H, D) order). Off by default: not yet measured inside a TTT step
-    # (bench.profile_ttt variant suffix -qk)
-    fused_qk: bool = False
+    # the rotated tile written once, in the projections' (B, T, H, D) order). None: on for the kernel path when the
+    # head dim is twice a power of two, off for --reference (the baseline's plain torch ops). Measured in the
+    # records' TTT step (H100, bench/results/profile-ttt-h100.md): 112.81 -> 103.32 ms
+    fused_qk: Optional[bool] = None
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -161,8 +162,8 @@ class TTTConfig(AdamSettings):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
         if not isinstance(self.fused_mlp, bool):
             raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
-        if not isinstance(self.fused_qk, bool):
-            raise ValueError(f"fused_qk: {self.fused_qk!r}; expected True or False")
+        if self.fused_qk is not None and not isinstance(self.fused_qk, bool):
+            raise ValueError(f"fused_qk: {self.fused_qk!r}; expected None (auto), True or False")
         if self.fused_mlp and (("up" in self.targets) != ("down" in self.targets)):
             raise ValueError(f"fused_mlp: needs both 'up' and 'down' in targets or neither (the fused MLP merges both "
                              f"adapters into per-row weights), got targets {tuple(self.targets)}")

@@ -5,7 +5,8 @@ transpose) under torch.compile (default mode: Inductor's fused passes, as in the
 Shapes: the records' TTT step on the default model, 64 rows x 2048 positions, head dim 64: q (8 heads, with the
 q gain) and k (4 heads). Rows, one process, medians of ``triton.testing.do_bench``: forward alone (scoring) and
 forward + backward to x and the gain (training), with GB/s of the bytes the op must move (x read and the output
-written; backward: dy and x read, dx written). One more row times the path the op sits on: q / k preparation, causal
+written; backward: dy and x read, dx written). The forward + backward rows are also timed from CUDA-graph replay
+(``graph_ms``, ``baseline_graph_ms``): as eager calls they are host-bound (autograd and custom-op dispatch). One more row times the path the op sits on: q / k preparation, causal
 SDPA with 8 q and 4 kv heads, and the output back to (B, T, H·D), forward + backward, the composition compiled
 against the op in either output layout (``"bthd"``, the TTT engine's: cuDNN writes its output in q's order, so the
 last reshape is a view).
@@ -17,7 +18,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import bench_ms, check_close, fwd_bwd, gbps, make_row, time_all
+from bench.harness import bench_ms, check_close, fwd_bwd, gbps, graph_bench_ms, make_row, time_all
 
 KERNEL = "head-norm-rope"
 # (name, heads, gain): head dim 64, 64 rows x 2048 positions
@@ -26,10 +27,10 @@ SHAPES = [("q", 8, True), ("k", 4, False)]
 
 def run(quick: bool = False) -> List[Dict[str, object]]:
     return measure(torch.device("cuda"), 8 if quick else 64, 2048, 64, SHAPES, bench_ms, torch.compile,
-                   torch.bfloat16)
+                   torch.bfloat16, graph_timer=graph_bench_ms)
 
 
-def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype) -> List[Dict[str, object]]:
+def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype, graph_timer=None) -> List[Dict[str, object]]:
     """The rows of ``run`` on any device and sizes (the CPU test runs it under the interpreter at tiny shapes with a
     stand-in timer, so the bench's wiring and its correctness check are tested before a GPU call)."""
     from pgolf_kernels.head_norm_rope import head_norm_rope, head_norm_rope_ref
@@ -64,12 +65,27 @@ def measure(dev, B: int, T: int, D: int, shapes, timer, compile_fn, dtype) -> Li
                              ours_gbps=gbps(2 * nbytes, tf["ours"]), compiled_gbps=gbps(2 * nbytes, tf["compiled"])))
         rows.append(make_row(KERNEL, f"{label}, forward + backward", tt["ours"], "torch.compile of the composition",
                              tt["compiled"], eager_ms=tt["eager"], eager_speedup=tt["eager"] / tt["ours"],
-                             ours_gbps=gbps(5 * nbytes, tt["ours"]), compiled_gbps=gbps(5 * nbytes, tt["compiled"])))
-    rows.append(_attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype))
+                             ours_gbps=gbps(5 * nbytes, tt["ours"]), compiled_gbps=gbps(5 * nbytes, tt["compiled"]),
+                             **_graph_cols(train, graph_timer, f"{name} forward+backward", 5 * nbytes)))
+    rows.append(_attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype, graph_timer))
     return rows
 
 
-def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype) -> Dict[str, object]:
+def _graph_cols(fns: Dict[str, object], graph_timer, label: str, nbytes: float = 0.0) -> Dict[str, float]:
+    """Device time of the ours / compiled contestants from CUDA-graph replay: the forward + backward rows timed as
+    eager calls look host-bound (on an H100 the q row read 0.683 ms, where the profiled TTT step's two kernels took
+    3.81 ms over 22 q and 22 k launches, ~0.23 ms per q pair if split by head count; ``profile-ttt-h100.md``); the
+    compiled, captured step pays only the device time."""
+    if graph_timer is None:
+        return {}
+    t = time_all({k: fns[k] for k in ("ours", "compiled")}, graph_timer, f"{label} (graph replay)")
+    cols = dict(graph_ms=t["ours"], baseline_graph_ms=t["compiled"], graph_speedup=t["compiled"] / t["ours"])
+    if nbytes:
+        cols.update(graph_gbps=gbps(nbytes, t["ours"]))
+    return cols
+
+
+def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype, graph_timer=None) -> Dict[str, object]:
     """q / k prep + causal GQA SDPA + (B, T, H·D) output, forward + backward to the three projections' outputs."""
     from pgolf_kernels.head_norm_rope import head_norm_rope, head_norm_rope_ref
 
@@ -94,7 +110,9 @@ def _attention_row(dev, B, T, D, shapes, cos, sin, g, timer, compile_fn, dtype) 
         got = fns[layout](q, k, v)
         check_close(got, ref, f"head_norm_rope attention path ({layout})")
 
-    t = time_all({name: fwd_bwd(f, (q, k, v), dout) for name, f in fns.items()}, timer, "attention path")
+    train = {name: fwd_bwd(f, (q, k, v), dout) for name, f in fns.items()}
+    t = time_all(train, timer, "attention path")
     return make_row(KERNEL, f"q/k prep + causal SDPA ({Hq} q / {Hk} kv heads) + output reshape, forward + backward: "
                     f"B{B} T{T} D{D}, {str(dtype)[6:]}", t["bthd"], "torch.compile of the composition + SDPA",
-                    t["compiled"], ours_bhtd_ms=t["bhtd"], bhtd_speedup=t["compiled"] / t["bhtd"])
+                    t["compiled"], ours_bhtd_ms=t["bhtd"], bhtd_speedup=t["compiled"] / t["bhtd"],
+                    **_graph_cols(dict(train, ours=train["bthd"]), graph_timer, "attention path"))

@@ -274,15 +274,19 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
 
     if DEVICE != "cpu" or not _utils.interpret_mode():
         pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
-    calls = []
+    calls, graph_calls = [], []
     rows = measure(torch.device("cpu"), 2, 20, 16, [("q", 2, True), ("k", 1, False)],
-                   lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f, torch.float32)
+                   lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f, torch.float32,
+                   graph_timer=lambda f: (graph_calls.append(f()), 0.5)[1])
     assert [r["case"] for r in rows] == [
         "q: B2 T20 heads 2 x 16, gain, float32, forward", "q: B2 T20 heads 2 x 16, gain, float32, forward + backward",
         "k: B2 T20 heads 1 x 16, float32, forward", "k: B2 T20 heads 1 x 16, float32, forward + backward",
         "q/k prep + causal SDPA (2 q / 1 kv heads) + output reshape, forward + backward: B2 T20 D16, float32"]
     assert all(r["speedup"] == 1.0 for r in rows) and all(r["ours_gbps"] > 0 for r in rows[:4])
     assert rows[4]["bhtd_speedup"] == 1.0 and len(calls) == 15
+    # forward + backward rows and the attention path: ours and compiled also from graph replay
+    assert [i for i, r in enumerate(rows) if "graph_ms" in r] == [1, 3, 4] and len(graph_calls) == 6
+    assert all(rows[i]["graph_speedup"] == 1.0 and rows[i]["baseline_graph_ms"] == 0.5 for i in (1, 3, 4))
 
 
 def _bad(x, cos, sin, H=2, g=None, eps=None, match=""):

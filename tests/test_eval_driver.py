@@ -663,7 +663,8 @@ def test_build_rows_min_size_pads_with_masked_rows_and_slots():
 
 
 def test_rolling_schedule_kernel_backend_matches_batch(kernel_artifact, small_lut):
-    """--schedule rolling on the int6 + fused multi-LoRA path (interpreter on CPU): same BPB as batches. The
+    """--schedule rolling on the int6 + fused multi-LoRA path (interpreter on CPU; the fused q / k pass on, as
+    --fused-qk auto turns it on for the kernel path): same BPB as batches. The
     batch side runs on the dequantized reference (bmm), 1e-9 relative from the kernel path in fp32 (see the
     parity test above), so one interpreted evaluate suffices."""
     import dataclasses
@@ -676,6 +677,8 @@ def test_rolling_schedule_kernel_backend_matches_batch(kernel_artifact, small_lu
     rr = ev.evaluate(mk, stream, small_lut, mode="ttt", cfg=dataclasses.replace(cfg, schedule="rolling"),
                      backend="kernel")
     assert rr["schedule"] == "rolling" and rr["lora_backend"] == "kernel"
+    # --fused-qk auto: the kernel path's q / k through head_norm_rope, the reference's through the torch ops
+    assert rr["fused_qk"] is True and rb["fused_qk"] is False
     assert rr["targets"] == rb["targets"] and rr["docs_ttt"] == rb["docs_ttt"] == 6
     assert abs(rr["val_bpb"] - rb["val_bpb"]) < 1e-5 * rb["val_bpb"], (rr["val_bpb"], rb["val_bpb"])
 

@@ -160,6 +160,44 @@ def _profile(step, rb, top: int):
     return wall, busy, rows, tidy(cats), tidy(groups)
 
 
+def launch_sites(events, names, per_kernel: int = 3) -> dict:
+    """{kernel name[:90]: [[site, ms], ...]} for the kernels named in ``names``: the CPU op that launched each (the
+    op whose ``kernels`` hold it, with its input shapes where recorded) and, when it runs inside one, the package's
+    custom op around it (``pgolf::...``), by total device ms, at most ``per_kernel`` sites each. Why: by name alone
+    an ATen kernel (``elementwise_kernel``, ``indexFuncLargeIndex``) does not say which op of the step launched it;
+    the kernel path ran 6.2 ms of them against the reference's 3.3 (``profile-ttt-h100.md``, measurement 2)."""
+    acc: dict = {}
+    for e in events:
+        for k in getattr(e, "kernels", None) or ():
+            name = k.name[:90]
+            if name not in names:
+                continue
+            shapes = [list(sh) for sh in (getattr(e, "input_shapes", None) or []) if sh]
+            site = e.name + (f" {shapes}" if shapes else "")
+            p = getattr(e, "cpu_parent", None)
+            while p is not None:
+                if p.name.startswith("pgolf::"):
+                    site += f" in {p.name}"
+                    break
+                p = getattr(p, "cpu_parent", None)
+            d = acc.setdefault(name, {})
+            d[site] = d.get(site, 0.0) + k.duration / 1e3
+    return {n: [[site, round(ms, 3)] for site, ms in sorted(d.items(), key=lambda kv: -kv[1])[:per_kernel]]
+            for n, d in acc.items()}
+
+
+def _sites(step, rb, names) -> dict:
+    """``launch_sites`` of one profiled step with input shapes recorded (apart from ``_profile``: recording shapes
+    costs host time, which must not enter the step's timing); ms per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    _sync()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], record_shapes=True) as prof:
+        step(rb)
+        _sync()
+    return launch_sites(prof.events(), set(names))
+
+
 # H200 SXM data-sheet peaks (dense bf16 tensor-core FLOP/s, HBM3e bytes/s): a lower bound on time, not a rate any
 # kernel here reaches (cuBLAS bf16 at K = 512, M >= 65,536: 519-784 TFLOP/s, int6-h200.md; cuDNN attention of the
 # records' step: ~400 forward / ~375 backward, step-work-cpu.md)
@@ -305,6 +343,9 @@ def main(argv=None):
                    help="count the step's work (GEMM and attention FLOPs, the optimizer's bytes) on this many rows of "
                         "the reference path's eager step, scaled to --batch, with its floor at the data-sheet peaks "
                         "and each variant's achieved rate (default 0: off)")
+    p.add_argument("--sites", action="store_true",
+                   help="after each variant's profile, one more profiled step with input shapes recorded: which CPU "
+                        "op (and which of the package's custom ops around it) launched each of the --top kernels")
     p.add_argument("--work-only", action="store_true", help="count the work (--work-rows, default --batch) and stop: "
                    "no variant is timed (runs on a CPU: the counts do not depend on the device)")
     a = p.parse_args(argv)
@@ -382,13 +423,18 @@ def main(argv=None):
         first = time.perf_counter() - t
         ms = _time(step, rb, a.steps)
         wall, busy, rows, cats, groups = _profile(step, rb, a.top)
+        sites = _sites(step, rb, [r[0] for r in rows]) if a.sites else {}
         print(f"\n[{v}] first call {first:.1f} s; step {ms:.2f} ms (median of {a.steps}); profiled wall {wall:.2f} ms, "
               f"GPU busy {busy:.2f} ms; by category (ms): {cats}; by pass group (ms): {groups}", flush=True)
         for k, t_ms, c in rows:
             print(f"  {t_ms:8.3f} ms  x{c:<4d} {k}")
+            for site, s_ms in sites.get(k, []):
+                print(f"  {'':>8}     {s_ms:8.3f} ms  from {site[:200]}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
                               "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
                               "fused_mlp": cfg_v.fused_mlp, "fused_qk": ad.fused_qk}
+        if a.sites:
+            out["variants"][v]["sites"] = sites
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
         if work:  # the reference step's work over this variant's time: comparable across variants
             fl = work["floor"]

@@ -889,8 +889,9 @@ def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     out = main(["--device", "cpu", "--recipe", "records", "--batch", "2", "--window", "96", "--chunk", "32", "--rank",
                 "4", "--steps", "1", "--top", "3", "--variants", "reference-eager-tail-mlp,kernel-eager-tail-mlp-qk,"
-                "reference-eager-tail", "--out", str(tmp_path)])
+                "reference-eager-tail", "--sites", "--out", str(tmp_path)])
     got = {k: (v["fused_mlp"], v["fused_qk"]) for k, v in out["variants"].items()}
+    assert all(v["sites"] == {} for v in out["variants"].values())  # --sites ran (no CUDA kernels on a CPU)
     assert got == {"reference-eager-tail-mlp": (True, False), "kernel-eager-tail-mlp-qk": (True, True),
                    "reference-eager-tail": (False, False)}
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
@@ -1014,3 +1015,30 @@ def test_ttt_optim_bench_times_the_eval_adapters():
     ad, cfg = _adapters("seeds", torch.device("cpu"))
     assert sum(p.numel() for p in ad.params) == 10_878_976 and cfg.batch_size == 64
     assert all(p.dtype == torch.float32 and p.shape[0] == 64 for p in ad.params)
+
+
+def test_profile_ttt_launch_sites_name_the_op_and_its_custom_op():
+    """launch_sites: each named kernel's launching op (with its input shapes) and the package's custom op around it,
+    summed over launches, largest first, at most per_kernel sites; unnamed kernels are left out."""
+    from types import SimpleNamespace as NS
+
+    from bench.profile_ttt import launch_sites
+
+    def k(name, us):
+        return NS(name=name, duration=us)
+
+    outer = NS(name="pgolf::multi_lora_bwd", cpu_parent=None, kernels=[])
+    mid = NS(name="aten::to", cpu_parent=outer, kernels=[])
+    ev = [outer, mid,
+          NS(name="aten::copy_", cpu_parent=mid, input_shapes=[[64, 2048, 512], [64, 2048, 512], []],
+             kernels=[k("elementwise_kernel", 300.0), k("other_kernel", 5.0)]),
+          NS(name="aten::copy_", cpu_parent=mid, input_shapes=[[64, 2048, 512], [64, 2048, 512], []],
+             kernels=[k("elementwise_kernel", 200.0)]),
+          NS(name="aten::add_", cpu_parent=None, input_shapes=[[8], [8]], kernels=[k("elementwise_kernel", 100.0)]),
+          NS(name="aten::index_add_", cpu_parent=None, kernels=[k("indexFuncLargeIndex", 40.0)])]
+    got = launch_sites(ev, {"elementwise_kernel", "indexFuncLargeIndex"})
+    assert got == {"elementwise_kernel": [["aten::copy_ [[64, 2048, 512], [64, 2048, 512]] in pgolf::multi_lora_bwd", 0.5],
+                                          ["aten::add_ [[8], [8]]", 0.1]],
+                   "indexFuncLargeIndex": [["aten::index_add_", 0.04]]}
+    assert launch_sites(ev, {"elementwise_kernel"}, per_kernel=1) == {
+        "elementwise_kernel": [["aten::copy_ [[64, 2048, 512], [64, 2048, 512]] in pgolf::multi_lora_bwd", 0.5]]}

@@ -16,7 +16,9 @@ elementwise passes and host overhead (wall minus GPU-busy) is measured, not gues
 
 Each variant also reports GPU time by kernel category over all its kernels (``categories_ms``: attention, gemm,
 optimizer, triton, elementwise, other) and by pass group (``groups_ms``, ``PASS_GROUPS``: what could remove the time,
-as in docs/STATUS.md's ledger: q / k norm + rotary, MLP activation, block norms, LoRA, index, copies, ...); ``--new-shapes N`` adds the first-step cost of N unmet (rows, window) shapes.
+as in docs/STATUS.md's ledger: q / k norm + rotary, MLP activation, block norms, LoRA, index, copies, ...);
+``--new-shapes N`` adds the first-step cost of N unmet (rows, window) shapes; ``--sites`` names the op that launched
+each top kernel.
 """
 from __future__ import annotations
 
@@ -362,7 +364,8 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-autotune], suffixes in that order (-autotune with compile only)")
+                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-autotune], suffixes in that order (-autotune "
+                             f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
     from bench.bench_eval import build_artifact

@@ -25,8 +25,8 @@ import importlib
 __version__ = "0.1.0"
 
 # public name -> submodule that defines it. The functions `int6_linear` and `newton_schulz`
-# (and `linear_act`, `head_norm_rope`) share their submodule's name, so they are NOT re-exported here (once the submodule is
-# imported, Python binds the package attribute to the module and a lazy alias would flip
+# (and `linear_act`, `head_norm_rope`) share their submodule's name, so they are NOT re-exported here (once the
+# submodule is imported, Python binds the package attribute to the module and a lazy alias would flip
 # between function and module). Import them from their modules:
 #     from pgolf_kernels.int6_linear import int6_linear
 #     from pgolf_kernels.newton_schulz import newton_schulz

@@ -31,8 +31,9 @@ and the backward's 1.56 ms, moving ~0.27 GB per layer at ~0.8-1.3 TB/s. One prog
 tile of one head once, keeps the row's RMS in registers and writes the rotated tile once: x read once and out
 written once (q: 2 × 134 MB per layer). Measured on an H100 (``bench/results/head-norm-rope-h100.md``): q forward
 0.099 ms against 0.145 ms for the composition under torch.compile (2.7 TB/s), q forward + backward 0.683 vs 0.764 ms,
-k forward + backward 0.426 vs 0.369 ms (slower: the 4-head k's backward), the attention path (q / k prep + causal SDPA
-+ output reshape, forward + backward) 3.32 vs 3.68 ms; inside the records' TTT step (``profile-ttt-h100.md``) the
+k forward + backward 0.426 vs 0.369 ms (slower; these forward + backward rows were timed as eager calls, which
+look host-bound), the attention path (q / k prep, causal SDPA and the output reshape, forward + backward) 3.32 vs
+3.68 ms; inside the records' TTT step (``profile-ttt-h100.md``) the
 kernel path went from 112.81 to 103.32 ms per step. The TTT engine runs it by default on the kernel path
 (``TTTConfig.fused_qk`` None: auto; ``--fused-qk on|off``).
 

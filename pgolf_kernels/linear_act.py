@@ -20,10 +20,11 @@ with the activation's derivative in the epilogue (``linear_act_grad``), W_down (
 Why: in the records' TTT step the MLP's up-projection writes h (64 × 2048 × 1536 bf16, 403 MB) and a separate pass
 reads it and writes act(h) (measured on one H200, kernel path, measurement 6 of ``bench/results/profile-ttt-h200.md``:
 1.88 ms per step forward over 10 layers, the backward pass 2.78 ms). Here the activation is computed on the fp32
-accumulator tile before it leaves the SM. Measured on an H100 (``bench/results/linear-act-h100.md``, records' shapes at 64 × 2048, K = 512, bf16): without
-an epilogue the kernel runs at 0.87-0.95× cuBLAS's speed (e), with the activation 1.39-1.55× cuBLAS + the compiled
-activation, with the derivative 1.25× (0.571 vs 0.712 ms, e 0.59 against the bare GEMM), the whole MLP forward +
-backward 1.135× the plain MLP under torch.compile (2.787 vs 3.164 ms). The records' step needs GEMMs at >= 0.73-1.0x
+accumulator tile before it leaves the SM. Measured on an H100 (``bench/results/linear-act-h100.md``, records'
+shapes at 64 × 2048, K = 512, bf16): without an epilogue the kernel runs at 0.87-0.95× cuBLAS's speed (e), with the
+activation 1.39-1.55× cuBLAS + the compiled activation, with the derivative 1.25× (0.571 vs 0.712 ms, e 0.59
+against the bare GEMM), the whole MLP forward + backward 1.135× the plain MLP under torch.compile (2.787 vs
+3.164 ms). The records' step needs GEMMs at >= 0.73-1.0x
 cuBLAS with the element-wise passes absorbed to reach 1.5x its reference (``docs/STATUS.md``). The TTT engine runs
 its MLP through ``mlp_leaky_sq`` only with ``--fused-mlp on`` (``TTTConfig.fused_mlp``, off by default): the step
 with it is not measured yet (its GPU eval test failed on fp32 shared memory before the fp32 tile fix).

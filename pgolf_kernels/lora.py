@@ -393,7 +393,7 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
         mdx, mdA, mdB = lora_merged.backward(x, dys, Es, As, Bs, alpha, adapter_index, need_dx, outA, outB)
         if not direct:
             for dst, src in zip(dAs + dBs, mdA + mdB):
-                dst.index_add_(0, adapter_index.clamp(0, dst.shape[0] - 1), src)
+                lora_merged.add_rows(dst, adapter_index, src)
         return (mdx if need_dx else x.new_empty(0)), flat
     dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
     Ac, Bc = _lp(As, x.dtype), _lp(Bs, x.dtype)

@@ -149,6 +149,12 @@ def _row_grads(Gt: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: O
     return _mm32(Bl.transpose(1, 2), Gt, dA_out), _mm32(Gt, Al.transpose(1, 2), dB_out)
 
 
+def add_rows(dst: Tensor, adapter_index: Tensor, src: Tensor) -> Tensor:
+    """dst[a] += src[b] for every row b with a = adapter_index[b] clamped to [0, n) as the kernels clamp: per-row
+    gradients summed into the adapters they came from (rows sharing an adapter add up). Returns dst."""
+    return dst.index_add_(0, adapter_index.clamp(0, dst.shape[0] - 1), src)
+
+
 # rows come from the tensors (adapter_index's length, else every adapter), not an int argument: under torch.compile
 # a row count passed as an int would specialize the graph on it
 def _rows_of(A: Tensor, adapter_index: Optional[Tensor]) -> int:
@@ -178,8 +184,8 @@ def _merged_backward(ctx, gE):
     if idx is None:  # row b is adapter b
         grads = [g.to(p.dtype) for p, g in ((A, dA_r), (Bm, dB_r))]
     else:  # rows that share an adapter add up (as index_select's own backward does); adapters of no row get 0
-        grads = [torch.zeros(p.shape, dtype=torch.float32, device=p.device)
-                 .index_add_(0, idx.clamp(0, p.shape[0] - 1), g).to(p.dtype) for p, g in ((A, dA_r), (Bm, dB_r))]
+        grads = [add_rows(torch.zeros(p.shape, dtype=torch.float32, device=p.device), idx, g).to(p.dtype)
+                 for p, g in ((A, dA_r), (Bm, dB_r))]
     dW = gE.sum(0) if ctx.needs_input_grad[0] else None
     return dW, grads[0], grads[1], None, None
 

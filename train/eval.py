@@ -701,9 +701,13 @@ def _configs(args):
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
-                  fused_optimizer={"auto": None, "on": True, "off": False}[args.fused_optimizer],
-                  fused_mlp=args.fused_mlp == "on", fused_qk={"auto": None, "on": True, "off": False}[args.fused_qk],
-                  **over), None
+                  fused_optimizer=_auto_on_off(args.fused_optimizer), fused_mlp=args.fused_mlp == "on",
+                  fused_qk=_auto_on_off(args.fused_qk), **over), None
+
+
+def _auto_on_off(choice: str) -> Optional[bool]:
+    """An auto|on|off option as TTTConfig takes it: None (the path decides), True or False."""
+    return {"auto": None, "on": True, "off": False}[choice]
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):

@@ -162,6 +162,9 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
     the tile). GPU, 16-bit: ``FWD_CONFIG`` (128 x 256 x 64), or ``GRAD_CONFIG`` (128 x 128 x 64, 4 warps, 4
     stages) for the derivative epilogue; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
+    check(act in _ACT_CODE, lambda: f"default_config: act must be one of {tuple(_ACT_CODE)}, got {act!r}")
+    check(dtype in (torch.bfloat16, torch.float16, torch.float32),
+          lambda: f"default_config: dtype must be bfloat16, float16 or float32, got {dtype}", TypeError)
     if not is_cuda:
         return dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:

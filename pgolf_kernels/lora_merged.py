@@ -151,7 +151,14 @@ def _row_grads(Gt: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: O
 
 def add_rows(dst: Tensor, adapter_index: Tensor, src: Tensor) -> Tensor:
     """dst[a] += src[b] for every row b with a = adapter_index[b] clamped to [0, n) as the kernels clamp: per-row
-    gradients summed into the adapters they came from (rows sharing an adapter add up). Returns dst."""
+    gradients summed into the adapters they came from (rows sharing an adapter add up). dst (n, ...) and src
+    (rows, ...) of one dtype and device, adapter_index (rows,) int64 / int32. Returns dst."""
+    op = "add_rows"
+    check_tensor(src, "src", dtype=dst.dtype, ndim=dst.dim(), device=dst.device, op=op)
+    check_tensor(adapter_index, "adapter_index", dtype=(torch.int64, torch.int32), ndim=1, device=dst.device, op=op)
+    check(adapter_index.shape[0] == src.shape[0] and src.shape[1:] == dst.shape[1:],
+          lambda: f"{op}: src must be (rows, {', '.join(map(str, dst.shape[1:]))}) with rows = adapter_index's "
+                  f"{adapter_index.shape[0]}, got {tuple(src.shape)}")
     return dst.index_add_(0, adapter_index.clamp(0, dst.shape[0] - 1), src)
 
 

@@ -348,3 +348,11 @@ def test_gpu_mlp_records_shape_bf16(per_row):
                  lb[2].transpose(-1, -2)).backward(dy)
     for name, a, r, b in zip(("dx", "dw_up", "dw_down"), leaves, l64, lb):
         assert_close_rel(a.grad, r.grad, b.grad, name=name)
+
+
+def test_default_config_refuses_unknown_act_and_dtype():
+    with pytest.raises(ValueError, match="default_config: act must be one of"):
+        mod.default_config(64, 64, 64, True, torch.bfloat16, "relu")
+    with pytest.raises(TypeError, match="default_config: dtype must be bfloat16, float16 or float32"):
+        mod.default_config(64, 64, 64, True, torch.int8)
+    assert mod.default_config(64, 64, 64, True, torch.float16, "leaky_relu_sq_grad") == mod.GRAD_CONFIG

@@ -747,3 +747,21 @@ def test_dot_precision_rule():
 
     assert [lora_dot_precision(torch.float32, rp) for rp in (16, 32, 64, 128)] == ["ieee", "ieee", "tf32x3", "tf32x3"]
     assert {lora_dot_precision(dt, rp) for dt in (torch.bfloat16, torch.float16) for rp in (16, 128)} == {"tf32"}
+
+
+def test_add_rows_sums_shared_rows_and_refuses_by_name():
+    """lora_merged.add_rows: rows sharing an adapter add up, an out-of-range index clamps as the kernels do; wrong
+    dtype, index dtype and row count are refused naming the argument."""
+    from conftest import draw_seed
+    from pgolf_kernels.lora_merged import add_rows
+
+    g = torch.Generator().manual_seed(draw_seed())
+    src = torch.randn(4, 3, 2, generator=g)
+    dst = add_rows(torch.zeros(3, 3, 2), torch.tensor([2, 0, 2, 7]), src)
+    torch.testing.assert_close(dst, torch.stack([src[1], torch.zeros(3, 2), src[0] + src[2] + src[3]]))
+    with pytest.raises(TypeError, match="add_rows: src must have dtype"):
+        add_rows(torch.zeros(3, 3, 2), torch.tensor([0, 1, 2, 0]), src.double())
+    with pytest.raises(TypeError, match="add_rows: adapter_index must have dtype"):
+        add_rows(torch.zeros(3, 3, 2), torch.tensor([0.0, 1.0, 2.0, 0.0]), src)
+    with pytest.raises(ValueError, match=r"add_rows: src must be \(rows, 3, 2\) with rows = adapter_index's 3"):
+        add_rows(torch.zeros(3, 3, 2), torch.tensor([0, 1, 2]), src)

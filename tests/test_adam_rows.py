@@ -54,6 +54,38 @@ def test_adam_rows_equals_torch_ops_and_fp64(shape, b1, keep, per_row):
     assert torch.equal(ours[1], ref[1])  # the gradient is read only
 
 
+@pytest.mark.parametrize("shape", [(4, 96, 512), (3, 7, 5), (5,)])
+@pytest.mark.parametrize("per_row", [True, False])
+def test_adam_rows_without_first_moment_equals_the_stored_one_at_b1_0(shape, per_row):
+    """b1 = 0 with m=None (no first moment read or written) gives p and v bit for bit as with a stored m, which the
+    lerp overwrites with g; the kernel (interpreter here, the GPU in the GPU lane) and the reference alike."""
+    rows = shape[0]
+    b1, b2, eps, keep = 0.0, 0.999, 1e-10, 1.0 - 1e-4
+    step, rbc2 = _vectors(rows if per_row else 1, [1.0 + i for i in range(rows)] if per_row else 4.0, b1, b2, 1e-3)
+    for fn in (adam_rows_step_, lambda *a, **k: adam_rows_step_ref_(*a, k["b1"], k["b2"], k["eps"], k["keep"])):
+        with_m = _state(shape, seed=11 + rows)
+        without = [t.clone() for t in with_m]
+        fn(*with_m, step, rbc2, b1=b1, b2=b2, eps=eps, keep=keep)
+        fn(without[0], without[1], None, without[3], step, rbc2, b1=b1, b2=b2, eps=eps, keep=keep)
+        assert torch.equal(with_m[2], with_m[1])          # the stored m became g
+        assert torch.equal(without[0], with_m[0]) and torch.equal(without[3], with_m[3])
+        assert not torch.equal(without[0], _state(shape, seed=11 + rows)[0])  # the step did move p
+
+
+def test_batched_adam_fused_keeps_no_first_moment_at_b1_0():
+    """fused with b1 = 0 allocates no m (1.28 GB at the records' recipe); b1 > 0 or the torch ops keep it."""
+    p = [torch.zeros(2, 3)]
+    assert BatchedAdam(p, 1e-2, (0.0, 0.999), fused=True).m == []
+    assert len(BatchedAdam(p, 1e-2, (0.5, 0.999), fused=True).m) == 1
+    assert len(BatchedAdam(p, 1e-2, (0.0, 0.999)).m) == 1
+    opt = BatchedAdam(p, 1e-2, (0.0, 0.999), per_row=True, fused=True)
+    opt.reset()
+    opt.reset_rows([1])
+    p[0].grad = torch.ones(2, 3)
+    opt.step()
+    assert opt.t == 1 and p[0].grad is None and bool((p[0] != 0).all())
+
+
 @pytest.mark.parametrize("per_row", [True, False])
 @pytest.mark.parametrize("wd", [0.0, 1.0])
 def test_batched_adam_fused_steps_as_the_torch_ops(per_row, wd):
@@ -94,6 +126,8 @@ def test_adam_rows_refuses_bad_arguments_by_name():
         ((p, g, m, v, step, rbc2), dict(ok, b2=-0.1), ValueError, "b2 must be a float in"),
         ((p, g, m, v, step, rbc2), dict(ok, eps=0.0), ValueError, "eps must be a float > 0"),
         ((p, g, m, v, step, rbc2), dict(ok, keep=0.0), ValueError, r"keep \(1 - lr \* weight_decay\)"),
+        ((p, g, None, v, step, rbc2), ok, ValueError, r"m may be None only with b1 = 0 \(then m = g\), got b1 = 0.9"),
+        ((p, g, None, v.double(), step, rbc2), dict(ok, b1=0.0), TypeError, "v must have dtype float32"),
     ]
     for args, kw, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -177,3 +211,7 @@ def test_gpu_adam_rows_equals_torch_ops_and_replays_in_a_graph(shape):
     torch.cuda.synchronize()
     for a, b in zip(graphed, eager):
         assert torch.equal(a, b)
+    # b1 = 0 without a stored first moment (what BatchedAdam(fused=True) runs): p and v bit for bit
+    no_m = [t.clone() for t in ours]
+    adam_rows_step_(no_m[0], no_m[1], None, no_m[3], step, rbc2, b1=b1, b2=b2, eps=eps, keep=keep)
+    assert torch.equal(no_m[0], eager[0]) and torch.equal(no_m[3], eager[3])

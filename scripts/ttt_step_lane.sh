@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The TTT step's GPU lane: one stage per device call (each fits the device's 10-minute limit).
+#   bash scripts/ttt_step_lane.sh OUTDIR STAGE
+# Stages, in the order they are meant to run:
+#   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
+#            head_norm_rope, fused MLP / q-k evals, the kernel path's CUDA graphs at rank 8 and 96)
+#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path at its defaults, with
+#            --fused-mlp, without the fused q / k pass, and the torch-ops reference; --sites names the op behind
+#            each top kernel. Writes OUTDIR/profile/profile_ttt.json
+#   ops      the op benches of the step's pieces: linear_act, head_norm_rope, ttt_optim
+#   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
+#            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
+#            reference's row is records-ref-tail-w96-global-fused, or the same case names with PGOLF_WARMUP_CASES)
+# On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet). Everything a stage
+# prints goes to OUTDIR/<stage>.log as well.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|profile|ops|evalc}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|profile|ops|evalc}
+case "$STAGE" in tests|profile|ops|evalc) ;; *) echo "unknown stage $STAGE: expected tests, profile, ops or evalc"; exit 2 ;; esac
+mkdir -p "$OUTDIR"
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+INSTALL_ARGS=${PGOLF_INSTALL_ARGS-$(command -v nvidia-smi > /dev/null && echo --offline)}
+bash scripts/install.sh $INSTALL_ARGS > "$OUTDIR/install-$STAGE.log" 2>&1 \
+  || { tail -20 "$OUTDIR/install-$STAGE.log"; echo "INSTALL FAILED"; exit 1; }
+echo "install: $(( $(date +%s) - t0 )) s"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
+      torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+case "$STAGE" in
+  tests)
+    # -v: a run stopped by the timeout still names each test that passed or failed; faulthandler dumps the
+    # stacks of a test that overruns (a compile-bound test must say where it is)
+    timeout "${PGOLF_TEST_TIMEOUT:-560}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
+      -o faulthandler_timeout=300 \
+      tests/test_adam_rows.py tests/test_linear_act.py tests/test_head_norm_rope.py tests/test_fused_mlp.py \
+      tests/test_fused_qk.py "tests/test_graphs.py::test_gpu_kernel_path_eval_with_graphs_equals_eager" \
+      2>&1 | tee "$OUTDIR/tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -60
+    rc=${PIPESTATUS[0]}
+    ;;
+  profile)
+    timeout "${PGOLF_PROFILE_TIMEOUT:-570}" python3 -m bench.profile_ttt --recipe records \
+      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-mlp,kernel-compile-tail-noqk,reference-compile-tail}" \
+      --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | tail -80
+    rc=${PIPESTATUS[0]}
+    ;;
+  ops)
+    timeout "${PGOLF_OPS_TIMEOUT:-570}" python3 -m bench --results-dir "$OUTDIR/results" \
+      --only linear_act head_norm_rope ttt_optim 2>&1 | tee "$OUTDIR/ops.log" | tail -60
+    rc=${PIPESTATUS[0]}
+    ;;
+  evalc)
+    PGOLF_WARMUP_CASES=${PGOLF_WARMUP_CASES:-records-kernel-tail-w96-global-graphs} PGOLF_WARMUP_DOCS=50000 \
+      PGOLF_WARMUP_RUNS=${PGOLF_WARMUP_RUNS:-cold} PGOLF_WARMUP_BUDGET_S=520 PGOLF_WARMUP_LOG_DIR="$OUTDIR/evalc" \
+      timeout 560 python3 -m bench --results-dir "$OUTDIR/results" --only warmup 2>&1 | tee "$OUTDIR/evalc.log" | tail -40
+    rc=${PIPESTATUS[0]}
+    ;;
+esac
+echo "$STAGE: rc=$rc, $(( $(date +%s) - t0 )) s"
+exit $rc

@@ -51,7 +51,7 @@ from . import _utils
 from ._utils import check, check_tensor, use_triton
 
 ACTS = ("none", "leaky_relu_sq")
-_ACT_CODE = {"none": 0, "leaky_relu_sq": 1, "leaky_relu_sq_grad": 2}
+_ACT_CODE = {"none": 0, "leaky_relu_sq": 1, "leaky_relu_sq_grad": 2, "residual": 0}
 _OP = "linear_act"
 
 
@@ -91,16 +91,19 @@ def mlp_leaky_sq_ref(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5
 
 
 @triton.jit
-def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
+def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
                        SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,
+                       HAS_X2: tl.constexpr, RES: tl.constexpr,
                        NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
     """Tiles (b, m, n), n fastest (the x tile of (b, m) is re-read from L2 by the next tiles; W[b] is N x K, at
     most 1.5 MB for the records' MLP, and stays in L2 across the m tiles). fp32 inputs multiply in IEEE fp32 (not
     TF32: the result must match torch's fp32 matmul); the precision argument is ignored for 16-bit inputs.
     ACT 0: y = h; 1: y = leaky_relu(h)² (h stored too with SAVE_PRE); 2: y = h ⊙ act'(aux) with aux read from
     h_desc (the backward's dh). W_KN: the weight is stored (K, N) (the down-projection's E read as its
-    transpose), loaded as (BK, BN) tiles."""
+    transpose), loaded as (BK, BN) tiles. HAS_X2: a second product accumulated into the same tile, x2[b] · w2[b]ᵀ
+    (x2 (B, T, R), w2 (B, N, R): a LoRA's expand, R = its rank). RES (with ACT 0): y = res + s ⊙ acc, res read
+    through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(T, BM)
     tiles_n = tl.cdiv(N, BN)
@@ -122,6 +125,11 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
             else:
                 w = w_desc.load([wb, on, kk * BK]).reshape(BN, BK)
                 acc = tl.dot(a, w.T, acc, input_precision=PRECISION)
+        if HAS_X2:  # R is zero-filled by TMA past its end (R = 96 in BK = 64 steps)
+            for kk in range(tl.cdiv(R, BK)):
+                a2 = x2_desc.load([b, om, kk * BK]).reshape(BM, BK)
+                w2 = w2_desc.load([b, on, kk * BK]).reshape(BN, BK)
+                acc = tl.dot(a2, w2.T, acc, input_precision=PRECISION)
         h = acc.to(dt)
         if SAVE_PRE:
             h_desc.store([b, om, on], h.reshape(1, BM, BN))
@@ -133,6 +141,11 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, B, T, N, K, slope,
             # dh = g * act'(h), g rounded to the dtype first (as the GEMM's output is in the torch composition)
             hh = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
             y = (h.to(tl.float32) * 2.0 * tl.where(hh > 0, hh, (slope * slope) * hh)).to(dt)
+        elif RES:
+            cols = on + tl.arange(0, BN)
+            sv = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+            res = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
+            y = (res + sv[None, :] * acc).to(dt)
         else:
             y = h
         y_desc.store([b, om, on], y.reshape(1, BM, BN))
@@ -161,7 +174,7 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
                    act: str = "leaky_relu_sq") -> dict:
     """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
     the tile). GPU, 16-bit: ``FWD_CONFIG`` (128 x 256 x 64), or ``GRAD_CONFIG`` (128 x 128 x 64, 4 warps, 4
-    stages) for the derivative epilogue; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
+    stages) for the derivative and residual epilogues; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
     check(act in _ACT_CODE, lambda: f"default_config: act must be one of {tuple(_ACT_CODE)}, got {act!r}")
     check(dtype in (torch.bfloat16, torch.float16, torch.float32),
           lambda: f"default_config: dtype must be bfloat16, float16 or float32, got {dtype}", TypeError)
@@ -169,7 +182,9 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
         return dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
     if dtype == torch.float32:
         return dict(FP32_CONFIG)
-    return dict(GRAD_CONFIG if act == "leaky_relu_sq_grad" else FWD_CONFIG)
+    # an epilogue that reads a (BM, BN) tile (h for the derivative, the residual) does not fit 128 x 256 x 3
+    # stages in shared memory (278,568 B > 232,448 with the derivative, sm90_check)
+    return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
 
 
 def _num_programs(dev: torch.device, tiles: int) -> int:
@@ -225,9 +240,12 @@ def _check_operands(x: Tensor, w: Tensor, slope: float, *, op: str, xname: str, 
 
 
 def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config: Optional[dict] = None,
-            aux: Optional[Tensor] = None, w_kn: bool = False):
+            aux: Optional[Tensor] = None, w_kn: bool = False, x2: Optional[Tensor] = None,
+            w2: Optional[Tensor] = None, scale: Optional[Tensor] = None):
     """The kernel on (B, T, K) x and (N, K) / (B, N, K) w, or (K, N) / (B, K, N) with ``w_kn``; ``aux`` (the
-    shape of y): h for the gradient epilogue (act ``"leaky_relu_sq_grad"``)."""
+    shape of y): h for the gradient epilogue (act ``"leaky_relu_sq_grad"``), or the residual with ``scale`` (N,)
+    (act ``"residual"``: y = aux + scale ⊙ (x · wᵀ + x2 · w2ᵀ)); ``x2`` (B, T, R) and ``w2`` (B, N, R): a second
+    product into the same accumulator."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
@@ -246,10 +264,18 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
           else TensorDescriptor(w3, list(w3.shape), [N * K, K, 1], [1, BN, BK]))
     yd = TensorDescriptor(y, [B, T, N], [T * N, N, 1], [1, BM, BN])
     hd = TensorDescriptor(h, [B, T, N], [T * N, N, 1], [1, BM, BN])
+    R = 0
+    x2d, w2d = xd, wd
+    if x2 is not None:
+        R = x2.shape[-1]
+        x2d = TensorDescriptor(x2, [B, T, R], [T * R, R, 1], [1, BM, BK])
+        w2d = TensorDescriptor(w2, [B, N, R], [N * R, R, 1], [1, BN, BK])
     tiles = B * triton.cdiv(T, BM) * triton.cdiv(N, BN)
     progs = _num_programs(x.device, tiles)
-    _linear_act_kernel[(progs,)](xd, wd, yd, hd, B, T, N, K, float(slope), BM=BM, BN=BN, BK=BK,
-                                 ACT=_ACT_CODE[act], SAVE_PRE=save_pre, PER_ROW_W=w.dim() == 3, W_KN=w_kn,
+    res = act == "residual"
+    _linear_act_kernel[(progs,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
+                                 BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,
+                                 PER_ROW_W=w.dim() == 3, W_KN=w_kn, HAS_X2=x2 is not None, RES=res,
                                  NUM_PROGS=progs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     shape = x.shape[:-1] + (N,)

@@ -1,0 +1,203 @@
+"""linear_residual: res + s ⊙ (a · Wᵀ + u · w2ᵀ) in one TMA GEMM (the residual in its epilogue), against fp64.
+
+CPU lane: the kernel under Triton's interpreter (fp16 / fp32) at tiles that leave tails in T, N, K and R, shared and
+per-row weights, with and without the second product, NaN-filled outputs; the backward of every input; the custom
+op's registration and torch.compile; the drop-in module; bad input refused by name; the default tile compiled for
+sm_90a. GPU lane (-m gpu): bf16 at the records' shapes and CUDA-graph replay. Tolerance
+(``pgolf_kernels.testing.assert_close_rel``): at most 2x the error of the torch composition in the same dtype
+(``linear_residual_ref``) against fp64.
+"""
+import pytest
+import torch
+
+from conftest import DEVICE, draw_seed
+from pgolf_kernels import _utils
+from pgolf_kernels import linear_act as la
+from pgolf_kernels.linear_residual import ResidualLinear, linear_residual, linear_residual_ref
+from pgolf_kernels.testing import assert_close_rel, nan_empty
+
+CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)]
+# (B, T, N, K, R (0: no second product), per-row W): tails in T, N, K and R against 16- and 32-wide tiles
+SHAPES = [(3, 37, 40, 24, 8, False), (2, 20, 24, 32, 24, True), (1, 1, 16, 8, 16, False), (2, 33, 8, 16, 0, True)]
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(_utils, "empty", nan_empty)
+
+
+def _inputs(B, T, N, K, R, per_row, dtype, device=DEVICE):
+    g = torch.Generator().manual_seed(draw_seed())
+    res = torch.randn(B, T, N, generator=g).to(device, dtype)
+    a = torch.randn(B, T, K, generator=g).to(device, dtype)
+    w = (torch.randn(*((B, N, K) if per_row else (N, K)), generator=g) * K ** -0.5).to(device, dtype)
+    scale = (0.5 + torch.rand(N, generator=g)).to(device, dtype)
+    u = torch.randn(B, T, R, generator=g).to(device, dtype) if R else None
+    w2 = (torch.randn(B, N, R, generator=g) * R ** -0.5).to(device, dtype) if R else None
+    return res, a, w, scale, u, w2
+
+
+def _oracle(res, a, w, scale, u, w2):
+    d = [t.double() if t is not None else None for t in (res, a, w, scale, u, w2)]
+    return linear_residual_ref(*d)
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_kernel_matches_fp64(shape, dtype, cfg):
+    B, T, N, K, R, per_row = shape
+    args = _inputs(B, T, N, K, R, per_row, dtype)
+    if not _utils.use_triton(args[1]):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    res, a, w, scale, u, w2 = args
+    y = la._launch(a, w, "residual", 0.0, False, cfg, aux=res, x2=u, w2=w2, scale=scale)[0]
+    assert y.shape == res.shape and y.dtype == dtype
+    assert_close_rel(y, _oracle(*args), linear_residual_ref(*args), name="out")
+
+
+def test_the_public_function_with_its_default_config():
+    args = _inputs(2, 70, 24, 16, 8, False, torch.float16)
+    assert_close_rel(linear_residual(*args), _oracle(*args), linear_residual_ref(*args), name="out")
+    assert la.default_config(2048, 512, 512, True, torch.bfloat16, "residual") == la.GRAD_CONFIG
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("R", [0, 8])
+def test_backward_of_every_input_matches_fp64(per_row, R):
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    args = _inputs(3, 21, 24, 16, R, per_row, dtype)
+    g = torch.randn(3, 21, 24, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    ours = [t.clone().requires_grad_() if t is not None else None for t in args]
+    linear_residual(*ours).backward(g)
+    o64 = [t.double().requires_grad_() if t is not None else None for t in args]
+    _oracle(*o64).backward(g.double())
+    base = [t.clone().requires_grad_() if t is not None else None for t in args]
+    linear_residual_ref(*base).backward(g)
+    for name, o, r, b in zip(("res", "a", "w", "scale", "u", "w2"), ours, o64, base):
+        if o is not None:
+            assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+
+
+def test_frozen_weight_and_scale_get_no_gradient_work():
+    """The TTT engine's case: W and s frozen; only res, a, u and w2 get gradients (and they still match fp64)."""
+    res, a, w, scale, u, w2 = _inputs(2, 9, 16, 8, 8, False, torch.float32)
+    ours = [t.clone().requires_grad_() for t in (res, a, u, w2)]
+    linear_residual(ours[0], ours[1], w, scale, ours[2], ours[3]).sum().backward()
+    o64 = [t.double().requires_grad_() for t in (res, a, u, w2)]
+    linear_residual_ref(o64[0], o64[1], w.double(), scale.double(), o64[2], o64[3]).sum().backward()
+    for o, r in zip(ours, o64):
+        torch.testing.assert_close(o.grad.double(), r.grad, rtol=1e-5, atol=1e-5)
+    assert w.grad is None and scale.grad is None
+
+
+def test_custom_op_registration():
+    args = _inputs(2, 16, 16, 8, 8, True, torch.float32)
+    torch.library.opcheck(torch.ops.pgolf.linear_residual.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    args = _inputs(2, 16, 16, 8, 0, False, torch.float32)
+    torch.library.opcheck(torch.ops.pgolf.linear_residual.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_compiles_fullgraph_forward_and_backward():
+    res, a, w, scale, u, w2 = _inputs(2, 16, 16, 8, 8, False, torch.float32)
+    grads = []
+    for compiled in (False, True):
+        ins = [t.clone().requires_grad_() for t in (res, a, u, w2)]
+
+        def f(r, x, uu, ww):
+            return (linear_residual(r, x, w, scale, uu, ww) ** 2).sum()
+
+        fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+        fn(*ins).backward()
+        grads.append([t.grad for t in ins])
+    for e, c in zip(*grads):
+        torch.testing.assert_close(c, e)
+
+
+def test_module_drop_in():
+    g = torch.Generator().manual_seed(draw_seed())
+    proj = torch.nn.Linear(16, 24, bias=False)
+    with torch.no_grad():
+        proj.weight.copy_(torch.randn(24, 16, generator=g) * 0.25)
+    proj = proj.to(DEVICE, torch.float32)
+    scale = torch.nn.Parameter((0.5 + torch.rand(24, generator=g)).to(DEVICE))
+    m = ResidualLinear(proj, scale)
+    res, a = torch.randn(3, 5, 24, generator=g).to(DEVICE), torch.randn(3, 5, 16, generator=g).to(DEVICE)
+    ref = res + scale * proj(a)
+    oracle = res.double() + scale.double() * torch.nn.functional.linear(a.double(), proj.weight.double())
+    assert_close_rel(m(res, a), oracle, ref, name="module")
+    assert m.proj is proj and m.scale is scale
+    with pytest.raises(ValueError, match="bias-free"):
+        ResidualLinear(torch.nn.Linear(4, 8), torch.ones(8))
+    with pytest.raises(ValueError, match=r"scale must have proj.out_features = 8 elements, got \(4,\)"):
+        ResidualLinear(torch.nn.Linear(4, 8, bias=False), torch.ones(4))
+
+
+def _bad_cases():
+    ok = _inputs(2, 8, 16, 8, 8, False, torch.float32, device="cpu")
+    res, a, w, scale, u, w2 = ok
+    return [
+        ((res, a.double(), w, scale, u, w2), TypeError, "linear_residual: a must have dtype"),
+        ((res, a[0], w, scale, u, w2), ValueError, "linear_residual: a must have 3 dimensions"),
+        ((res, a, w[:, :4], scale, u, w2), ValueError, r"w must be \(N, K = 8\) or \(B = 2, N, K = 8\)"),
+        ((res, a, w.half(), scale, u, w2), TypeError, "linear_residual: w must have dtype float32"),
+        ((res[:, :, :8], a, w, scale, u, w2), ValueError, r"res must have shape \(B, T, N\) = \(2, 8, 16\)"),
+        ((res, a, w, scale[:8], u, w2), ValueError, "scale must have N = 16 elements, got 8"),
+        ((res, a, w, scale, u, None), ValueError, "u and w2 come together"),
+        ((res, a, w, scale, u[:, :4], w2), ValueError, r"u must be \(B, T, R\) = \(2, 8, R\)"),
+        ((res, a, w, scale, u, w2[:, :, :4]), ValueError, r"w2 \(B, N, R\) = \(2, 16, R\)"),
+    ]
+
+
+@pytest.mark.parametrize("args,exc,msg", _bad_cases())
+def test_bad_input_is_refused_by_name(args, exc, msg):
+    with pytest.raises(exc, match=msg):
+        linear_residual(*args)
+
+
+def test_tma_layout_refusals():
+    """Where the kernel runs (interpreter or GPU): 16-byte row strides and contiguity, refused by name."""
+    res, a, w, scale, u, w2 = _inputs(2, 8, 16, 8, 8, False, torch.float16)
+    if not _utils.use_triton(a):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: the layout rules are the TMA kernel's")
+    u6, w26 = u[:, :, :6].contiguous(), w2[:, :, :6].contiguous()
+    with pytest.raises(ValueError, match=r"K, N and R multiples of 8 for float16 .* got K = 8, N = 16, R = 6"):
+        linear_residual(res, a, w, scale, u6, w26)
+    with pytest.raises(ValueError, match="must all be contiguous for the TMA kernel"):
+        linear_residual(res.transpose(0, 1).contiguous().transpose(0, 1), a, w, scale, u, w2)
+
+
+def test_default_tile_compiles_for_sm90():
+    """The default tile with the residual epilogue and the second product, built for sm_90a on this machine: TMA
+    copies, async wgmma, no spills, within shared memory (bf16 and fp16)."""
+    from conftest import run_sm90_check
+
+    run_sm90_check("import torch\n"
+                   "from pgolf_kernels.linear_act import default_config\n"
+                   "from pgolf_kernels.sm90_check import linear_act_stats\n"
+                   "for dt, tdt in (('bf16', torch.bfloat16), ('fp16', torch.float16)):\n"
+                   "    for per_row in (False, True):\n"
+                   "        cfg = default_config(2048, 512, 512, True, tdt, 'residual')\n"
+                   "        s = linear_act_stats(dtype=dt, act=0, res=True, x2=True, per_row=per_row, **cfg)\n"
+                   "        assert s['tma_copies'] > 0 and s['fits_smem'], (dt, s)\n"
+                   "        assert s['async_wgmma'] and s['spill_bytes'] == 0, (dt, s)\n")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K,per_row", [(512, False), (1536, False), (1536, True)])
+def test_gpu_records_shapes_bf16(K, per_row):
+    """The records' residual sites at 8 rows x 2048 (o: K 512; the MLP's down-projection: K 1536, shared or per-row
+    merged weights), rank 96, bf16; then a CUDA-graph replay equals the eager call bit for bit."""
+    args = _inputs(8, 2048, 512, K, 96, per_row, torch.bfloat16, device="cuda")
+    y = linear_residual(*args)
+    assert_close_rel(y, _oracle(*args), linear_residual_ref(*args), name="out")
+    out = torch.empty_like(y)
+    linear_residual(*args)  # warm
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out.copy_(linear_residual(*args))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, y)

@@ -3,10 +3,11 @@
 #   bash scripts/ttt_step_lane.sh OUTDIR STAGE
 # Stages, in the order they are meant to run:
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
-#            head_norm_rope, fused MLP / q-k evals, the kernel path's CUDA graphs at rank 8 and 96)
+#            linear_residual, head_norm_rope, fused MLP / q-k / residual evals, the kernel path's CUDA graphs at
+#            rank 8 and 96)
 #   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path at its defaults, with
-#            --fused-mlp, without the fused q / k pass, and the torch-ops reference; --sites names the op behind
-#            each top kernel. Writes OUTDIR/profile/profile_ttt.json
+#            --fused-mlp, --fused-residual and both, and the torch-ops reference; --sites names the op behind each
+#            top kernel. Writes OUTDIR/profile/profile_ttt.json
 #   ops      the op benches of the step's pieces: linear_act, head_norm_rope, ttt_optim
 #   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
 #            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
@@ -33,14 +34,14 @@ case "$STAGE" in
     # stacks of a test that overruns (a compile-bound test must say where it is)
     timeout "${PGOLF_TEST_TIMEOUT:-560}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
       -o faulthandler_timeout=300 \
-      tests/test_adam_rows.py tests/test_linear_act.py tests/test_head_norm_rope.py tests/test_fused_mlp.py \
-      tests/test_fused_qk.py "tests/test_graphs.py::test_gpu_kernel_path_eval_with_graphs_equals_eager" \
+      tests/test_adam_rows.py tests/test_linear_act.py tests/test_linear_residual.py tests/test_head_norm_rope.py \
+      tests/test_fused_mlp.py tests/test_fused_qk.py tests/test_fused_residual.py "tests/test_graphs.py::test_gpu_kernel_path_eval_with_graphs_equals_eager" \
       2>&1 | tee "$OUTDIR/tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -60
     rc=${PIPESTATUS[0]}
     ;;
   profile)
     timeout "${PGOLF_PROFILE_TIMEOUT:-570}" python3 -m bench.profile_ttt --recipe records \
-      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-mlp,kernel-compile-tail-noqk,reference-compile-tail}" \
+      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-mlp,kernel-compile-tail-res,kernel-compile-tail-mlp-res,reference-compile-tail}" \
       --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | tail -80
     rc=${PIPESTATUS[0]}
     ;;

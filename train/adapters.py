@@ -119,6 +119,11 @@ class DocLoRA:
             raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
         # auto (None): the kernel path takes it where the head dim allows; the reference keeps the torch ops
         self.fused_qk = bool(cfg.fused_qk) if cfg.fused_qk is not None else (self.backend == "kernel" and qk_ok)
+        self.fused_residual = bool(cfg.fused_residual)
+        if self.fused_residual and (d % 8 or hidden % 8 or cfg.rank % 8):
+            # the kernel's TMA row strides: 16 bytes at 2-byte activations (K, N and the rank R)
+            raise ValueError(f"fused_residual: needs model_dim ({d}), the MLP width ({hidden}) and the rank "
+                             f"({cfg.rank}) multiples of 8 (pgolf_kernels.linear_residual)")
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
             bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
@@ -289,6 +294,60 @@ class _DocLoRALayer:
     @property
     def fused_qk(self) -> bool:
         return self.parent.fused_qk
+
+    @property
+    def fused_residual(self) -> bool:
+        return self.parent.fused_residual
+
+    def _expand_pair(self, t: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Target t's LoRA as the second product of ``linear_residual``: u = x · A[row]ᵀ (B, T, r) and
+        w2 = s · B[row] (B, out, r), both in x.dtype (s folded into the cast copy of B, as ``_row_grads`` does)."""
+        ad = self.parent
+        if ad._shared():
+            u = F.linear(x, self.A[t][0].to(x.dtype))
+            B0 = self.B[t][0] * ad.scale if ad.scale != 1.0 else self.B[t][0]
+            w2 = B0.to(x.dtype).expand(x.shape[0], -1, -1).contiguous()
+            return u, w2
+        u = torch.bmm(x, ad._sel(self.A[t], x.dtype).transpose(1, 2))
+        Bs = ad._sel(self.B[t], torch.float32)
+        return u, (Bs * ad.scale if ad.scale != 1.0 else Bs).to(x.dtype)
+
+    def _residual(self, x: torch.Tensor, a: torch.Tensor, W: torch.Tensor, scale: torch.Tensor,
+                  loras) -> torch.Tensor:
+        """x + scale ⊙ (a · Wᵀ + Σ lora expands) by ``pgolf_kernels.linear_residual`` (several LoRAs: their u and w2
+        concatenated along the rank)."""
+        from pgolf_kernels.linear_residual import linear_residual
+
+        u = w2 = None
+        if loras:
+            u = loras[0][0] if len(loras) == 1 else torch.cat([p[0] for p in loras], -1)
+            w2 = loras[0][1] if len(loras) == 1 else torch.cat([p[1] for p in loras], -1)
+            u, w2 = u.contiguous(), w2.contiguous()
+        return linear_residual(x.contiguous(), a.contiguous(), W.contiguous(), scale.to(x.dtype).contiguous(), u, w2,
+                               validate=False)
+
+    def attn_residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, proj, scale) -> torch.Tensor:
+        """x + scale ⊙ (proj(y) + LoRA_o(h)): the attention's residual site in one kernel (``fused_residual``);
+        y is the attention output before its projection, h the normed block input the o adapter reads."""
+        loras = [self._expand_pair("o", h)] if "o" in self.A else []
+        return self._residual(x, y, _dense_weight(proj, x.dtype), scale, loras)
+
+    def mlp_residual(self, x: torch.Tensor, m: torch.Tensor, mod, scale) -> torch.Tensor:
+        """x + scale ⊙ (MLP(m) + LoRA_mlp(m)): the MLP's residual site with its down-projection in one kernel
+        (``fused_residual``). The activation: leaky_relu(up(m))² as the unfused path computes it, or with
+        ``fused_mlp`` from ``pgolf_kernels.linear_act`` (the activation in the up-projection's epilogue); the down
+        adapter (a LoRA of the activation) and the mlp adapter (of m) both go into the second product."""
+        from pgolf_kernels.linear_act import linear_act
+
+        if self.fused_mlp:
+            W_up = _dense_weight(mod.fc, m.dtype)
+            if "up" in self.A:
+                W_up = self._merged("up", W_up)
+            act = linear_act(m.contiguous(), W_up.contiguous(), "leaky_relu_sq", float(mod.slope), validate=False)
+        else:
+            act = F.leaky_relu(self.up(m, mod.fc), mod.slope).square()
+        loras = [self._expand_pair(t, src) for t, src in (("down", act), ("mlp", m)) if t in self.A]
+        return self._residual(x, act, _dense_weight(mod.proj, x.dtype), scale, loras)
 
     def _merged(self, t: str, W: torch.Tensor) -> torch.Tensor:
         """W + s·B·A for target t: (out, in) for a shared adapter, else (R, out, in), one per forward row, by

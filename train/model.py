@@ -33,7 +33,10 @@ Adapter hook (used by the eval driver's test-time training, ``train/adapters.py`
       A ``layer(i)`` view also provides ``attn_out(h, a)`` (the attention output a, (B, T, d), before
       attn_scale; may add a LoRA of h), ``up(m, fc)`` and ``down(a, proj)`` (the MLP's projections of
       the normed MLP input m and of the activation a) and ``mlp_out(m, y)`` (the MLP output y; may
-      add a LoRA of m).
+      add a LoRA of m). A view whose ``fused_residual`` is true instead provides ``attn_residual(x, h, y,
+      proj, attn_scale)`` (the residual stream after attention, from the attention output y before its
+      projection) and ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one
+      kernel (``pgolf_kernels.linear_residual``).
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
       hidden state (B, T, d); the soft-cap is applied by the model afterwards.
     Returns per-token NLL (B, T) float32 (``reduction='none'``) when ``target_ids`` is given,
@@ -236,12 +239,13 @@ class CausalSelfAttention(nn.Module):
         self._fa3 = _flash_attn3()
 
     def forward(self, h: torch.Tensor, q=None, k=None, v=None, rope=None, keep=None,
-                fused_qk: bool = False) -> torch.Tensor:
+                fused_qk: bool = False, project: bool = True) -> torch.Tensor:
         """``rope``: the (cos, sin) tables of ``Rotary`` for this T (``GPT.hidden`` makes them once per
         forward for every block); None computes them here. ``keep`` (B, C) int64 window positions: only those
         queries (each attending causally to keys 0..its position), output (B, C, d) instead of (B, T, d).
         ``fused_qk`` (``TTTConfig.fused_qk``): q's and k's RMSNorm, gain and rotary through
-        ``pgolf_kernels.head_norm_rope``, the same function rounded once."""
+        ``pgolf_kernels.head_norm_rope``, the same function rounded once. ``project=False``: the attention output
+        before the output projection (B, T or C, d), for a caller that fuses the projection with the residual."""
         B, T, _ = h.shape
         if q is None:
             q, k, v = self.c_q(h), self.c_k(h), self.c_v(h)
@@ -268,7 +272,8 @@ class CausalSelfAttention(nn.Module):
             mask = torch.arange(T, device=h.device)[None, None, None, :] <= keep[:, None, :, None]
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
-            return self.proj(y.transpose(1, 2).reshape(B, C, -1))
+            y = y.transpose(1, 2).reshape(B, C, -1)
+            return self.proj(y) if project else y
         fa3 = self._fa3 if h.is_cuda else None
         if fa3 is not None and q.dtype in (torch.bfloat16, torch.float16):
             y = fa3(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
@@ -279,7 +284,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                enable_gqa=self.num_kv_heads != self.num_heads)
             y = y.transpose(1, 2).reshape(B, T, -1)
-        return self.proj(y)
+        return self.proj(y) if project else y
 
 
 class MLP(nn.Module):
@@ -322,6 +327,13 @@ class Block(nn.Module):
         if keep is not None:
             hk = torch.gather(h, 1, keep[..., None].expand(-1, -1, h.size(-1)))
             x = torch.gather(x, 1, keep[..., None].expand(-1, -1, x.size(-1)))
+        if adapter is not None and getattr(adapter, "fused_residual", False):
+            # TTTConfig.fused_residual: each residual site as one pgolf_kernels.linear_residual GEMM (projection,
+            # the o / mlp adapters' expand and the scaled residual add)
+            q, k, v = adapter.qkv(h, self.attn)
+            y = self.attn(h, q, k, v, rope, keep=keep, fused_qk=getattr(adapter, "fused_qk", False), project=False)
+            x = adapter.attn_residual(x, hk, y, self.attn.proj, self.attn_scale)
+            return adapter.mlp_residual(x, rms_norm(x), self.mlp, self.mlp_scale)
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
             a = adapter.attn_out(hk, self.attn(h, q, k, v, rope, keep=keep,

@@ -1,0 +1,82 @@
+"""``TTTConfig.fused_residual``: the block's two residual sites through ``pgolf_kernels.linear_residual`` (projection,
+the o / mlp / down adapters' expand and the scaled residual add in one GEMM) give the scores and adapter gradients of
+the op-by-op block (fp32, CPU; the kernel under the interpreter in the CPU lane), through ``rows_nll`` and
+``evaluate``."""
+import pytest
+import torch
+
+from tests.test_fused_mlp import ALL, assert_eval_unchanged, assert_step_unchanged, batch
+from train.adapters import DocLoRA
+from train.eval_fixtures import tiny_model
+from train.forward import rows_nll
+from train.ttt_config import TTTConfig
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.mark.parametrize("targets,backend,tail,n_docs,int6,mlp,qk", [
+    (ALL, "bmm", False, 4, False, False, False), (ALL, "kernel", True, 4, True, False, True),
+    (("q", "v", "head"), "bmm", False, 4, False, True, False), (("o", "mlp"), "bmm", True, 1, False, False, False),
+    (("q", "k", "v", "o", "mlp", "head"), "kernel", True, 4, False, True, True)])
+def test_fused_residual_equals_the_composition(targets, backend, tail, n_docs, int6, mlp, qk):
+    """Same NLL at every scored position and same gradient of every adapter tensor: every target (o, mlp and down
+    through the second product, up through the activation), both backends, the int6 model, the tail block, a shared
+    adapter (n_docs 1), with the fused MLP and the fused q / k pass, and the records' targets."""
+    model = tiny_model(seed=3, num_layers=2)
+    if int6:
+        from pgolf_kernels.int6_linear import convert_linears_to_int6
+
+        convert_linears_to_int6(model)
+    cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=12.0, targets=targets, tail_block=tail,
+                    fused_mlp=mlp, fused_qk=qk)
+    g_fused = assert_step_unchanged(model, batch(), cfg, n_docs, backend, fused_residual=True)
+    ad = DocLoRA(model, cfg, n_docs, torch.device("cpu"), backend)
+    names = [k for k in ad.A for _ in ad.A[k] + ad.B[k]]
+    for t in ("o", "mlp", "down"):  # the adapters the second product carries do get a gradient
+        if t in targets:
+            assert g_fused[names.index(t)].abs().sum() > 0, t
+
+
+def test_fused_residual_is_what_the_model_runs(monkeypatch):
+    """The option reaches the block: linear_residual runs twice per block (attention and MLP sites); without it,
+    never."""
+    import pgolf_kernels.linear_residual as lr
+
+    calls = []
+    orig = lr.linear_residual
+    monkeypatch.setattr(lr, "linear_residual", lambda *a, **k: calls.append(a[2].shape) or orig(*a, **k))
+    model = tiny_model(seed=3, num_layers=2)
+    for on, n in ((False, 0), (True, 4)):
+        cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, targets=("q", "o", "mlp"), fused_residual=on)
+        calls.clear()
+        rows_nll(model, batch(), DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm"))
+        assert len(calls) == n
+    assert calls == [torch.Size([64, 64]), torch.Size([64, 128])] * 2   # W_o (d, d), W_down (d, 2d)
+
+
+def test_eval_with_fused_residual_scores_like_without():
+    # the wiring through evaluate() on 4 documents (a long one, a 1-token one, partial chunks); the kernel's math:
+    # tests/test_linear_residual.py
+    assert_eval_unchanged([dict(fused_residual=True)], lengths=[300, 1, 77, 140])
+
+
+def test_fused_residual_refusals_and_option():
+    from train.eval import _parse
+
+    with pytest.raises(ValueError, match="fused_residual: 'yes'; expected True or False"):
+        TTTConfig(fused_residual="yes")
+    model = tiny_model(seed=3, num_layers=2)
+    with pytest.raises(ValueError, match=r"fused_residual: needs model_dim \(64\), the MLP width \(128\) and the rank "
+                                         r"\(4\) multiples of 8"):
+        DocLoRA(model, TTTConfig(rank=4, fused_residual=True, targets=ALL), 2, torch.device("cpu"), "bmm")
+    base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
+    assert _parse(base + ["--fused-residual", "on"]).ttt_cfg.fused_residual is True
+    assert _parse(base).ttt_cfg.fused_residual is False
+
+
+@pytest.mark.gpu
+def test_gpu_eval_with_fused_residual_scores_like_without():
+    """On the GPU (the TMA kernel itself): evaluate() with fused_residual, eager and with CUDA graphs, against the
+    unfused eval: same targets and ledger, BPB within 1e-4."""
+    assert_eval_unchanged([dict(fused_residual=True, cuda_graphs=g, graph_min_steps=1) for g in (False, True)],
+                          device="cuda", backend="kernel", rel=1e-4)

@@ -33,14 +33,14 @@ TRITON_INTERPRET=1 -> the kernel interpreted.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from ._utils import check, check_tensor, use_triton
 
-__all__ = ["linear_residual", "linear_residual_ref", "ResidualLinear"]
+__all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
 
 _OP = "linear_residual"
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -112,42 +112,139 @@ def _backward(ctx, g: Tensor):
 _op.register_autograd(_backward, setup_context=_setup)
 
 
+def mlp_residual_ref(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float = 0.5,
+                     u: Optional[Tensor] = None, w2: Optional[Tensor] = None) -> Tensor:
+    """The torch composition of ``mlp_residual``: ``res + scale * (leaky_relu(x · W_upᵀ, slope)² · W_downᵀ + u · w2ᵀ)``
+    (the activation in fp32 from the rounded pre-activation, as ``linear_act_ref``)."""
+    from .linear_act import linear_act_ref
+
+    a, _ = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
+    return linear_residual_ref(res, a, w_down, scale, u, w2)
+
+
+@torch.library.custom_op("pgolf::mlp_residual", mutates_args=())
+def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float,
+            u: Optional[Tensor], w2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, a, h): h = x · W_upᵀ and a = act(h) from one kernel (the activation in its epilogue), then out from
+    the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its epilogue)."""
+    from .linear_act import _launch, linear_act_ref
+
+    if use_triton(x):
+        a, h = _launch(x, w_up, "leaky_relu_sq", slope, True)
+        return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, h
+    a, h = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
+    return linear_residual_ref(res, a, w_down, scale, u, w2), a, h
+
+
+@_mlp_op.register_fake
+def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2):
+    hid = x.shape[:-1] + (w_up.shape[-2],)
+    return torch.empty_like(res), x.new_empty(hid), x.new_empty(hid)
+
+
+def _mlp_setup(ctx, inputs, output):
+    res, x, w_up, w_down, scale, slope, u, w2 = inputs
+    ctx.slope, ctx.has_u = slope, u is not None
+    ctx.save_for_backward(x, w_up, w_down, scale, u, w2, output[1], output[2])
+
+
+def _mlp_backward(ctx, g: Tensor, _da, _dh):
+    """∂res = g; dh = (g · (s ⊙ W_down)) ⊙ act'(h) in one kernel (the derivative in the epilogue of the GEMM, W_down
+    (d, H) read as its (K, N) layout); ∂x = dh · W_up; u, w2 as ``linear_residual``; ∂W_up = dhᵀ · x, ∂W_down =
+    (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed)."""
+    from .linear_act import _grad_op, act_grad_ref
+
+    x, w_up, w_down, scale, u, w2, a, h = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    g = g.contiguous()
+    w_dn_s = (w_down * (scale[:, None] if w_down.dim() == 2 else scale[None, :, None])).contiguous()
+    dh = (_grad_op(g, w_dn_s, h, ctx.slope, True) if use_triton(g)
+          else act_grad_ref(torch.matmul(g, w_dn_s), h, "leaky_relu_sq", ctx.slope))
+
+    def wgrad(grad_out, inp, per_row):
+        if per_row:
+            return torch.matmul(grad_out.transpose(-1, -2), inp)
+        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
+
+    dx = torch.matmul(dh, w_up) if need[1] else None
+    dw_up = wgrad(dh, x, w_up.dim() == 3) if need[2] else None
+    dw_down = wgrad(g * scale, a, w_down.dim() == 3) if need[3] else None
+    ds = ((g.float() * _z32(a, w_down, u, w2)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
+          if need[4] else None)
+    du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
+    dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
+    return g, dx, dw_up, dw_down, ds, None, du, dw2
+
+
+_mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float = 0.5,
+                 u: Optional[Tensor] = None, w2: Optional[Tensor] = None, *, validate: bool = True) -> Tensor:
+    """The record models' MLP at its residual site, ``res + scale ⊙ (leaky_relu(x · W_upᵀ, slope)² · W_downᵀ +
+    u · w2ᵀ)``, in two kernels: the up-projection with the activation in its epilogue, the down-projection with
+    the second product and the residual add in its epilogue; backward: the activation's derivative in the epilogue
+    of its first GEMM (``linear_act_grad``, s folded into W_down), so no element-wise pass touches the (T, H)
+    tensors either way. x (B, T, d); W_up (H, d) and W_down (N, H), shared or with a leading B (per-row weights,
+    e.g. merged up / down adapters); res (B, T, N); scale (N,); u (B, T, R) and w2 (B, N, R) together or neither
+    (a LoRA of x read beside the MLP, the records' mlp adapter). Saves x, h and act(h) for the backward."""
+    if validate:
+        from .linear_act import check_args as check_act
+
+        op = "mlp_residual"
+        check_tensor(x, "x", dtype=_FLOATS, ndim=3, op=op)
+        check_act(x, w_up, "leaky_relu_sq", slope)
+        check(w_down.dim() == w_up.dim(), lambda: f"{op}: w_down must have w_up's number of dimensions "
+                                                  f"({w_up.dim()}), got {tuple(w_down.shape)}")
+        _check_site(op, res, x, tuple(x.shape[:2]) + (w_up.shape[-2],), w_down, scale, u, w2, layout=(w_up,))
+    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2)[0]
+
+
 def check_args(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> None:
     """Refuse bad input of ``linear_residual`` by name before any work."""
     check_tensor(a, "a", dtype=_FLOATS, ndim=3, op=_OP)
-    B, T, K = a.shape
-    check_tensor(w, "w", dtype=a.dtype, ndim=(2, 3), device=a.device, op=_OP)
+    _check_site(_OP, res, a, a.shape, w, scale, u, w2)
+
+
+def _check_site(op: str, res: Tensor, x: Tensor, a_shape, w: Tensor, scale: Tensor, u: Optional[Tensor],
+                w2: Optional[Tensor], layout=()) -> None:
+    """The residual site's arguments against the (B, T, K) input of its GEMM (``a_shape``; x gives dtype and
+    device): w (N, K) or (B, N, K), res (B, T, N), scale (N,), u / w2; then, where the TMA kernel runs, 16-byte
+    row strides and contiguity of these and of ``layout`` (more tensors the kernels read)."""
+    B, T, K = a_shape
+    check_tensor(w, "w" if op == _OP else "w_down", dtype=x.dtype, ndim=(2, 3), device=x.device, op=op)
     N = w.shape[-2]
     check(w.shape[-1] == K and (w.dim() == 2 or w.shape[0] == B),
-          lambda: f"{_OP}: w must be (N, K = {K}) or (B = {B}, N, K = {K}), got {tuple(w.shape)}")
-    check_tensor(res, "res", dtype=a.dtype, ndim=3, device=a.device, op=_OP)
+          lambda: f"{op}: {'w' if op == _OP else 'w_down'} must be (N, K = {K}) or (B = {B}, N, K = {K}), got "
+                  f"{tuple(w.shape)}")
+    check_tensor(res, "res", dtype=x.dtype, ndim=3, device=x.device, op=op)
     check(tuple(res.shape) == (B, T, N),
-          lambda: f"{_OP}: res must have shape (B, T, N) = {(B, T, N)} (a's rows, w's N), got {tuple(res.shape)}")
-    check_tensor(scale, "scale", dtype=a.dtype, ndim=1, device=a.device, op=_OP)
-    check(scale.shape[0] == N, lambda: f"{_OP}: scale must have N = {N} elements, got {scale.shape[0]}")
-    check((u is None) == (w2 is None), lambda: f"{_OP}: u and w2 come together (the second product u · w2ᵀ), got "
+          lambda: f"{op}: res must have shape (B, T, N) = {(B, T, N)}, got {tuple(res.shape)}")
+    check_tensor(scale, "scale", dtype=x.dtype, ndim=1, device=x.device, op=op)
+    check(scale.shape[0] == N, lambda: f"{op}: scale must have N = {N} elements, got {scale.shape[0]}")
+    check((u is None) == (w2 is None), lambda: f"{op}: u and w2 come together (the second product u · w2ᵀ), got "
                                                f"u {'None' if u is None else 'a tensor'} and w2 "
                                                f"{'None' if w2 is None else 'a tensor'}")
     R = 0
     if u is not None:
-        check_tensor(u, "u", dtype=a.dtype, ndim=3, device=a.device, op=_OP)
-        check_tensor(w2, "w2", dtype=a.dtype, ndim=3, device=a.device, op=_OP)
+        check_tensor(u, "u", dtype=x.dtype, ndim=3, device=x.device, op=op)
+        check_tensor(w2, "w2", dtype=x.dtype, ndim=3, device=x.device, op=op)
         R = u.shape[2]
         check(tuple(u.shape[:2]) == (B, T) and tuple(w2.shape) == (B, N, R) and R > 0,
-              lambda: f"{_OP}: u must be (B, T, R) = ({B}, {T}, R) and w2 (B, N, R) = ({B}, {N}, R) with R > 0, got "
+              lambda: f"{op}: u must be (B, T, R) = ({B}, {T}, R) and w2 (B, N, R) = ({B}, {N}, R) with R > 0, got "
                       f"u {tuple(u.shape)}, w2 {tuple(w2.shape)}")
-    if use_triton(a):
-        item = a.element_size()
+    if use_triton(x):
+        item = x.element_size()
         check(all(n * item % 16 == 0 for n in (K, N, R)),
-              lambda: f"{_OP}: the TMA kernel needs K, N and R multiples of {16 // item} for {str(a.dtype)[6:]} "
+              lambda: f"{op}: the TMA kernel needs K, N and R multiples of {16 // item} for {str(x.dtype)[6:]} "
                       f"(16-byte row strides), got K = {K}, N = {N}, R = {R}")
-        check(all(t.is_contiguous() for t in (res, a, w, scale) + ((u, w2) if u is not None else ())),
-              lambda: f"{_OP}: res, a, w, scale{', u, w2' if u is not None else ''} must all be contiguous for the "
-                      f"TMA kernel; call .contiguous() first")
-        if a.is_cuda:
-            check(torch.cuda.get_device_capability(a.device)[0] >= 9,
-                  lambda: f"{_OP}: the TMA kernel needs compute capability >= 9.0 (Hopper), got "
-                          f"{torch.cuda.get_device_capability(a.device)} on {a.device}", RuntimeError)
+        ts = (res, x, w, scale) + tuple(layout) + ((u, w2) if u is not None else ())
+        check(all(t.is_contiguous() for t in ts),
+              lambda: f"{op}: every tensor argument must be contiguous for the TMA kernel; call .contiguous() first")
+        if x.is_cuda:
+            check(torch.cuda.get_device_capability(x.device)[0] >= 9,
+                  lambda: f"{op}: the TMA kernel needs compute capability >= 9.0 (Hopper), got "
+                          f"{torch.cuda.get_device_capability(x.device)} on {x.device}", RuntimeError)
 
 
 def linear_residual(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor] = None,

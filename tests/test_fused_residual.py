@@ -52,6 +52,15 @@ def test_fused_residual_is_what_the_model_runs(monkeypatch):
         rows_nll(model, batch(), DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm"))
         assert len(calls) == n
     assert calls == [torch.Size([64, 64]), torch.Size([64, 128])] * 2   # W_o (d, d), W_down (d, 2d)
+    # with the fused MLP, the MLP's site is mlp_residual (the derivative epilogue in its backward)
+    mcalls = []
+    morig = lr.mlp_residual
+    monkeypatch.setattr(lr, "mlp_residual", lambda *a, **k: mcalls.append(1) or morig(*a, **k))
+    cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, targets=("q", "o", "mlp"), fused_residual=True,
+                    fused_mlp=True)
+    calls.clear()
+    rows_nll(model, batch(), DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm"))
+    assert len(calls) == 2 and len(mcalls) == 2
 
 
 def test_eval_with_fused_residual_scores_like_without():
@@ -76,7 +85,8 @@ def test_fused_residual_refusals_and_option():
 
 @pytest.mark.gpu
 def test_gpu_eval_with_fused_residual_scores_like_without():
-    """On the GPU (the TMA kernel itself): evaluate() with fused_residual, eager and with CUDA graphs, against the
-    unfused eval: same targets and ledger, BPB within 1e-4."""
-    assert_eval_unchanged([dict(fused_residual=True, cuda_graphs=g, graph_min_steps=1) for g in (False, True)],
+    """On the GPU (the TMA kernels themselves): evaluate() with fused_residual, eager and with CUDA graphs, and with
+    the fused MLP too (mlp_residual), against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    assert_eval_unchanged([dict(fused_residual=True, cuda_graphs=g, graph_min_steps=1) for g in (False, True)]
+                          + [dict(fused_residual=True, fused_mlp=True, cuda_graphs=True, graph_min_steps=1)],
                           device="cuda", backend="kernel", rel=1e-4)

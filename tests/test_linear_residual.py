@@ -13,7 +13,8 @@ import torch
 from conftest import DEVICE, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels import linear_act as la
-from pgolf_kernels.linear_residual import ResidualLinear, linear_residual, linear_residual_ref
+from pgolf_kernels.linear_residual import (ResidualLinear, linear_residual, linear_residual_ref, mlp_residual,
+                                          mlp_residual_ref)
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)]
@@ -165,7 +166,7 @@ def test_tma_layout_refusals():
     u6, w26 = u[:, :, :6].contiguous(), w2[:, :, :6].contiguous()
     with pytest.raises(ValueError, match=r"K, N and R multiples of 8 for float16 .* got K = 8, N = 16, R = 6"):
         linear_residual(res, a, w, scale, u6, w26)
-    with pytest.raises(ValueError, match="must all be contiguous for the TMA kernel"):
+    with pytest.raises(ValueError, match="every tensor argument must be contiguous for the TMA kernel"):
         linear_residual(res.transpose(0, 1).contiguous().transpose(0, 1), a, w, scale, u, w2)
 
 
@@ -185,6 +186,85 @@ def test_default_tile_compiles_for_sm90():
                    "        assert s['async_wgmma'] and s['spill_bytes'] == 0, (dt, s)\n")
 
 
+def _mlp_inputs(B, T, d, H, R, per_row, dtype, device=DEVICE):
+    g = torch.Generator().manual_seed(draw_seed())
+    lead = (B,) if per_row else ()
+    res = torch.randn(B, T, d, generator=g).to(device, dtype)
+    x = torch.randn(B, T, d, generator=g).to(device, dtype)
+    w_up = (torch.randn(*lead, H, d, generator=g) * d ** -0.5).to(device, dtype)
+    w_down = (torch.randn(*lead, d, H, generator=g) * H ** -0.5).to(device, dtype)
+    scale = (0.5 + torch.rand(d, generator=g)).to(device, dtype)
+    u = torch.randn(B, T, R, generator=g).to(device, dtype) if R else None
+    w2 = (torch.randn(B, d, R, generator=g) * R ** -0.5).to(device, dtype) if R else None
+    return res, x, w_up, w_down, scale, u, w2
+
+
+def _mlp_oracle(res, x, w_up, w_down, scale, u, w2, slope=0.5):
+    d = [t.double() if t is not None else None for t in (res, x, w_up, w_down, scale, u, w2)]
+    return mlp_residual_ref(d[0], d[1], d[2], d[3], d[4], slope, d[5], d[6])
+
+
+@pytest.mark.parametrize("per_row,R", [(False, 8), (True, 16), (False, 0)])
+def test_mlp_residual_forward_and_backward_match_fp64(per_row, R):
+    """Forward and the gradient of every input (the activation's derivative in the GEMM epilogue, s folded into
+    W_down) against fp64, with 2x the torch composition's error as the bound."""
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    args = _mlp_inputs(2, 19, 16, 40, R, per_row, dtype)
+    g = torch.randn(2, 19, 16, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+
+    def run(fn, ts):
+        res, x, w_up, w_down, scale, u, w2 = ts
+        out = fn(res, x, w_up, w_down, scale, 0.5, u, w2)
+        out.backward(g.to(out.dtype))
+        return out
+
+    ours = [t.clone().requires_grad_() if t is not None else None for t in args]
+    out = run(mlp_residual, ours)
+    o64 = [t.double().requires_grad_() if t is not None else None for t in args]
+    out64 = run(mlp_residual_ref, o64)
+    base = [t.clone().requires_grad_() if t is not None else None for t in args]
+    outb = run(mlp_residual_ref, base)
+    assert_close_rel(out, out64, outb, name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        if o is not None:
+            assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+
+
+def test_mlp_residual_registration_and_compile():
+    args = _mlp_inputs(2, 16, 16, 24, 8, True, torch.float32)
+    res, x, w_up, w_down, scale, u, w2 = args
+    torch.library.opcheck(torch.ops.pgolf.mlp_residual.default, (res, x, w_up, w_down, scale, 0.5, u, w2),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    grads = []
+    for compiled in (False, True):
+        ins = [t.clone().requires_grad_() for t in (res, x, u, w2)]
+
+        def f(r, xx, uu, ww):
+            return (mlp_residual(r, xx, w_up, w_down, scale, 0.5, uu, ww) ** 2).sum()
+
+        fn = torch.compile(f, fullgraph=True, backend="aot_eager") if compiled else f
+        fn(*ins).backward()
+        grads.append([t.grad for t in ins])
+    for e, c in zip(*grads):
+        torch.testing.assert_close(c, e)
+
+
+def test_mlp_residual_refuses_bad_input_by_name():
+    res, x, w_up, w_down, scale, u, w2 = _mlp_inputs(2, 8, 16, 24, 8, False, torch.float32, device="cpu")
+    cases = [((res, x[0], w_up, w_down, scale), ValueError, "mlp_residual: x must have 3 dimensions"),
+             ((res, x, w_up, w_down[:, :8], scale), ValueError, r"w_down must be \(N, K = 24\) or \(B = 2, N, K = 24\)"),
+             ((res, x, w_up, w_down[None].expand(2, -1, -1), scale), ValueError,
+              r"w_down must have w_up's number of dimensions \(2\)"),
+             ((res[..., :8], x, w_up, w_down, scale), ValueError, r"res must have shape \(B, T, N\) = \(2, 8, 16\)"),
+             ((res, x, w_up, w_down, scale.double()), TypeError, "mlp_residual: scale must have dtype float32"),
+             ((res, x, w_up[:, :8], w_down, scale), ValueError, "linear_act: w must have shape")]
+    for args, exc, msg in cases:
+        with pytest.raises(exc, match=msg):
+            mlp_residual(*args)
+    with pytest.raises(ValueError, match="mlp_residual: u and w2 come together"):
+        mlp_residual(res, x, w_up, w_down, scale, 0.5, u, None)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("K,per_row", [(512, False), (1536, False), (1536, True)])
 def test_gpu_records_shapes_bf16(K, per_row):
@@ -201,3 +281,42 @@ def test_gpu_records_shapes_bf16(K, per_row):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gpu_mlp_residual_records_shape_bf16(per_row):
+    """The records' MLP residual site (d 512, H 1536, rank 96) at 4 rows x 2048, bf16: forward and every gradient
+    against fp64 (the derivative epilogue's kernel runs here)."""
+    args = _mlp_inputs(4, 2048, 512, 1536, 96, per_row, torch.bfloat16, device="cuda")
+    g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
+    ours = [t.clone().requires_grad_() for t in args]
+    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
+    out.backward(g)
+    o64 = [t.double().requires_grad_() for t in args]
+    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
+    out64.backward(g.double())
+    base = [t.clone().requires_grad_() for t in args]
+    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
+    outb.backward(g)
+    assert_close_rel(out, out64, outb, name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+
+
+def test_the_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_linear_residual's rows at tiny shapes (a stand-in timer, no compile): every contestant runs and
+    passes its correctness check, every tile config runs, and the rows carry the figures the docs cite."""
+    from bench.bench_linear_residual import measure
+
+    if DEVICE != "cpu" or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    calls = []
+    rows = measure(torch.device("cpu"), 2, 24, 16, [("o", 16), ("down", 48)], 8,
+                   lambda f: (calls.append(f()), 1.0)[1], lambda f: f, torch.float16)
+    assert [r["case"].split(":")[0] for r in rows] == [
+        "o site forward", "o site forward + backward (grads to res, a, u, w2)", "down site forward",
+        "down site forward + backward (grads to res, a, u, w2)", "mlp site with the MLP, forward + backward (grads to "
+        "res, x, u, w2)"]
+    assert rows[0]["e"] == 1.0 and rows[0]["configs_skipped"] == {} and len(rows[0]["all_ms"]) == 2 + 4
+    assert len(calls) == 2 * (2 + 4 + 2) + 2

@@ -334,18 +334,23 @@ class _DocLoRALayer:
 
     def mlp_residual(self, x: torch.Tensor, m: torch.Tensor, mod, scale) -> torch.Tensor:
         """x + scale ⊙ (MLP(m) + LoRA_mlp(m)): the MLP's residual site with its down-projection in one kernel
-        (``fused_residual``). The activation: leaky_relu(up(m))² as the unfused path computes it, or with
-        ``fused_mlp`` from ``pgolf_kernels.linear_act`` (the activation in the up-projection's epilogue); the down
-        adapter (a LoRA of the activation) and the mlp adapter (of m) both go into the second product."""
-        from pgolf_kernels.linear_act import linear_act
-
+        (``fused_residual``). Unfused MLP: the activation leaky_relu(up(m))² from the torch ops, then the down
+        adapter (a LoRA of the activation) and the mlp adapter (of m) both in the second product. With
+        ``fused_mlp``: ``pgolf_kernels.linear_residual.mlp_residual`` (the activation in the up-projection's epilogue,
+        its derivative in the backward's first GEMM), the up / down adapters merged into per-row weights as ``mlp``
+        merges them, the mlp adapter in the second product."""
         if self.fused_mlp:
-            W_up = _dense_weight(mod.fc, m.dtype)
-            if "up" in self.A:
-                W_up = self._merged("up", W_up)
-            act = linear_act(m.contiguous(), W_up.contiguous(), "leaky_relu_sq", float(mod.slope), validate=False)
-        else:
-            act = F.leaky_relu(self.up(m, mod.fc), mod.slope).square()
+            from pgolf_kernels.linear_residual import mlp_residual
+
+            W_up, W_dn = _dense_weight(mod.fc, m.dtype), _dense_weight(mod.proj, m.dtype)
+            if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
+                W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
+            u, w2 = self._expand_pair("mlp", m) if "mlp" in self.A else (None, None)
+            return mlp_residual(x.contiguous(), m.contiguous(), W_up.contiguous(), W_dn.contiguous(),
+                                scale.to(x.dtype).contiguous(), float(mod.slope),
+                                None if u is None else u.contiguous(), None if w2 is None else w2.contiguous(),
+                                validate=False)
+        act = F.leaky_relu(self.up(m, mod.fc), mod.slope).square()
         loras = [self._expand_pair(t, src) for t, src in (("down", act), ("mlp", m)) if t in self.A]
         return self._residual(x, act, _dense_weight(mod.proj, x.dtype), scale, loras)
 

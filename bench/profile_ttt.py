@@ -40,13 +40,16 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def _setup(reference: bool, path: str, cfg, device):
+def _setup(reference: bool, path: str, cfg, device, identity: bool = True):
     from train import eval as ev
-    from train.adapters import DocLoRA
+    from train.adapters import DocLoRA, identity_rows_for
     from train.ttt_optim import optimizer_for
 
     model, _ = ev.load_model(path, reference=reference, device=device)
-    ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel")
+    # the batch schedule's row maps are the prefix 0..R-1, as every step here sets them (arange); identity False
+    # (variant suffix -rowmap): the row map read as any map would be (the rolling schedule's gathers and index_add)
+    ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel",
+                 identity_rows=identity and identity_rows_for(cfg))
     opt = optimizer_for(ad.params, cfg, backend=ad.backend)  # fused on the kernel path, torch ops for the reference
     return model, ad, opt
 
@@ -328,10 +331,11 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk]"
-                        "[-res][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res][-rowmap][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res: "
-                        "TTTConfig.fused_residual; -autotune: "
+                        "TTTConfig.fused_residual; -rowmap: the adapters read the row map as any map (no "
+                        "identity_rows, as the rolling schedule); -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -365,7 +369,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res][-autotune], suffixes in that order (-autotune "
+                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res][-rowmap][-autotune], suffixes in that order (-autotune "
                              f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
@@ -407,7 +411,7 @@ def main(argv=None):
         # -tail: TTTConfig.tail_block (the last block at the scored chunk only); -fused / -torchopt: the optimizer
         cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"], fused_mlp=var["mlp"],
                                     fused_qk=var["qk"], fused_residual=var["res"])
-        model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev)
+        model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
         t = time.perf_counter()
@@ -437,7 +441,7 @@ def main(argv=None):
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
                               "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
                               "fused_mlp": cfg_v.fused_mlp, "fused_qk": ad.fused_qk,
-                              "fused_residual": ad.fused_residual}
+                              "fused_residual": ad.fused_residual, "identity_rows": ad.identity_rows}
         if a.sites:
             out["variants"][v]["sites"] = sites
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
@@ -465,13 +469,14 @@ def main(argv=None):
     return out
 
 
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "autotune")  # the order a variant's suffixes must come in
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "rowmap", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res][-autotune]' -> dict(path,
-    mode, tail, fused, mlp, qk, res, autotune) (fused, qk: True / False / None = the eval's auto; mlp, res:
-    TTTConfig.fused_mlp, TTTConfig.fused_residual), or None when ``v`` is not of that form."""
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res][-rowmap][-autotune]' ->
+    dict(path, mode, tail, fused, mlp, qk, res, rowmap, autotune) (fused, qk: True / False / None = the eval's auto;
+    mlp, res: TTTConfig.fused_mlp, TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows), or None when
+    ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
         return None
@@ -483,7 +488,7 @@ def _variant(v: str):
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
             "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf,
             "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": "res" in suf,
-            "autotune": "autotune" in suf}
+            "rowmap": "rowmap" in suf, "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

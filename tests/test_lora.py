@@ -765,3 +765,14 @@ def test_add_rows_sums_shared_rows_and_refuses_by_name():
         add_rows(torch.zeros(3, 3, 2), torch.tensor([0.0, 1.0, 2.0, 0.0]), src)
     with pytest.raises(ValueError, match=r"add_rows: src must be \(rows, 3, 2\) with rows = adapter_index's 3"):
         add_rows(torch.zeros(3, 3, 2), torch.tensor([0, 1, 2]), src)
+
+
+def test_merged_backward_scaled_adapter_copy_is_the_two_op_composition_bit_for_bit():
+    """lora_merged's one-pass dt(alpha * t) equals (t * alpha).to(dt) bit for bit (the product rounded once in fp32,
+    then to dt), for every activation dtype and for alpha 1 (a plain cast)."""
+    from pgolf_kernels.lora_merged import _scaled_copy
+
+    t = torch.randn(4, 24, 40, generator=torch.Generator().manual_seed(draw_seed()))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        for alpha in (0.375, 1.0, 12.0 / 96):
+            assert torch.equal(_scaled_copy(t, alpha, dt), (t * alpha).to(dt)), (dt, alpha)

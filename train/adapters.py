@@ -86,7 +86,8 @@ class DocLoRA:
     initialized; ``invalidate_a()`` makes the next reset draw A afresh (after the base weights moved).
     """
 
-    def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm"):
+    def __init__(self, model, cfg: TTTConfig, n_docs: int, device, backend: str = "bmm",
+                 identity_rows: bool = False):
         mc = model.config
         d = mc.model_dim
         hd = d // mc.num_heads
@@ -108,6 +109,14 @@ class DocLoRA:
         for p in self.params:
             p.requires_grad_(True)
         self.rows: Optional[torch.Tensor] = None
+        # identity_rows: every row map given to set_rows is the prefix 0..R-1, so row b is adapter row b: no gather
+        # of the adapters and no index_add of their gradients. The batch schedule's maps always are
+        # (rows.batch_steps: documents sorted longest first, the live ones a shrinking prefix; schedules._ttt_step
+        # and graphs.StepGraphs.stage check each map on the host). Off unless asked: the eval and its warm-up turn it
+        # on for the batch schedule (``identity_rows_for``). Measured cost of the row map in the records' step on
+        # the kernel path (H100, profile-ttt-h100.md measurement 3): 1.29 ms of index_add and 0.58 ms of gathers
+        # per step in the LoRA backward alone
+        self.identity_rows = bool(identity_rows) and n_docs >= 2
         self._kernel, self.backend, self.backend_reason = resolve_lora_backend(backend, device)
         self.bmm_targets = [t for t in self.layer_targets if t not in _KERNEL_TARGETS or self._kernel is None]
         self._A_list = [a for k in self.A for a in self.A[k]]
@@ -206,11 +215,21 @@ class DocLoRA:
         self._a_ready = False
 
     def set_rows(self, rows: Optional[torch.Tensor]) -> None:
+        """The adapter row of each forward row (R,), or None (row b is adapter b, R = n_docs). With
+        ``identity_rows`` the map must be the prefix 0..R-1 (its values are not read: the caller checks it)."""
         self.rows = rows
 
-    def _sel(self, p: torch.Tensor, dtype) -> torch.Tensor:
-        p = p if self.rows is None else p.index_select(0, self.rows)
+    def _sel(self, p: torch.Tensor, dtype, n: int) -> torch.Tensor:
+        """The adapters of the forward's n rows, in ``dtype``."""
+        if self.rows is not None:
+            p = p[:n] if self.identity_rows else p.index_select(0, self.rows)
         return p.to(dtype)
+
+    def check_row_map(self, row_map: np.ndarray) -> None:
+        """With ``identity_rows``, refuse a host row map that is not the prefix 0..R-1 (it would be read as one)."""
+        if self.identity_rows and not np.array_equal(row_map, np.arange(len(row_map))):
+            raise RuntimeError(f"DocLoRA(identity_rows=True): row map {np.asarray(row_map).tolist()[:16]} is not the "
+                               f"prefix 0..{len(row_map) - 1} (the batch schedule's maps always are)")
 
     def _shared(self) -> bool:
         # one adapter for every row (chunked TTT): no per-row gather needed
@@ -221,14 +240,15 @@ class DocLoRA:
         if self._shared():  # (x A0^T) B0^T: two plain GEMMs, autograd sums the rows' gradients
             y = F.linear(F.linear(x, A[0].to(x.dtype)), B[0].to(x.dtype))
         else:
-            y = torch.bmm(torch.bmm(x, self._sel(A, x.dtype).transpose(1, 2)), self._sel(B, x.dtype).transpose(1, 2))
+            n = x.shape[0]
+            y = torch.bmm(torch.bmm(x, self._sel(A, x.dtype, n).transpose(1, 2)), self._sel(B, x.dtype, n).transpose(1, 2))
         return y if self.scale == 1.0 else y * self.scale
 
     def _index(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """adapter_index for the kernel: the row map, or zeros (n_adapters = 1) for a shared adapter."""
         if self._shared() and x.shape[0] > 1:
             return torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
-        return self.rows
+        return None if self.identity_rows else self.rows
 
     def layer(self, i: int) -> "_DocLoRALayer":
         """Block i's view (the model's per-layer adapter hook): holds that layer's tensors, no index,
@@ -308,8 +328,8 @@ class _DocLoRALayer:
             B0 = self.B[t][0] * ad.scale if ad.scale != 1.0 else self.B[t][0]
             w2 = B0.to(x.dtype).expand(x.shape[0], -1, -1).contiguous()
             return u, w2
-        u = torch.bmm(x, ad._sel(self.A[t], x.dtype).transpose(1, 2))
-        Bs = ad._sel(self.B[t], torch.float32)
+        u = torch.bmm(x, ad._sel(self.A[t], x.dtype, x.shape[0]).transpose(1, 2))
+        Bs = ad._sel(self.B[t], torch.float32, x.shape[0])
         return u, (Bs * ad.scale if ad.scale != 1.0 else Bs).to(x.dtype)
 
     def _residual(self, x: torch.Tensor, a: torch.Tensor, W: torch.Tensor, scale: torch.Tensor,
@@ -375,6 +395,13 @@ class _DocLoRALayer:
         if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
             W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
         return mlp_leaky_sq(m.contiguous(), W_up.contiguous(), W_dn.contiguous(), float(mod.slope), validate=False)
+
+
+def identity_rows_for(cfg: TTTConfig) -> bool:
+    """Whether the eval's per-document adapters run with ``DocLoRA(identity_rows=True)``: for the batch schedule,
+    whose row maps are always the prefix 0..R-1. The eval and its warm-up ask the same, so their compiled graphs
+    agree."""
+    return cfg.schedule == "batch"
 
 
 def _is_int6(mod) -> bool:

@@ -67,7 +67,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .adapters import DocLoRA
+from .adapters import DocLoRA, identity_rows_for
 from .bpb import ByteLUT
 from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
@@ -269,7 +269,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
     report: Dict[str, object] = {}
     adapter = opt = graphs = None
     if mode == "ttt":
-        adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend)
+        adapter = DocLoRA(model, cfg, cfg.batch_size, dev, backend, identity_rows=identity_rows_for(cfg))
         # per-row Adam with CUDA graphs (the step count lives on the device): same updates as batch-wide Adam
         # when every row starts together, as in the batch schedule
         opt = optimizer_for(adapter.params, cfg, per_row=cfg.schedule == "rolling" or cfg.cuda_graphs,

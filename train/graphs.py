@@ -239,6 +239,7 @@ class StepGraphs:
         rb = build_rows(stream, rows, self.cfg.window, shape=(R, L, self.C))
         free = np.setdiff1d(np.arange(self.adapter.n_docs), row_map)[:R - len(row_map)]
         full_map = np.concatenate([row_map, free]).astype(np.int64)
+        self.adapter.check_row_map(full_map)
         train = np.concatenate([train_rows, np.zeros(R - len(train_rows), dtype=bool)])
         buf = self._buffers(key)
         for dst, src in zip((buf.rb.x, buf.rb.sel, buf.rb.y, buf.rb.pos, buf.rb.mask), (rb.x, rb.sel, rb.y, rb.pos, rb.mask)):

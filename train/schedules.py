@@ -51,6 +51,7 @@ def _ttt_step(model, stream: torch.Tensor, rows: np.ndarray, row_map: np.ndarray
         if len(row_map) < rb.x.shape[0]:
             row_map = np.concatenate([row_map, [1 if row_map[0] != 1 else 0]])
             train_rows = np.concatenate([train_rows, [False]])
+        adapter.check_row_map(row_map)
         # always a row map (also when it is the identity): one compiled graph for every step
         rows_t = torch.from_numpy(np.ascontiguousarray(row_map)).to(dev, non_blocking=True)
         train_t = torch.from_numpy(np.ascontiguousarray(train_rows)).to(dev, non_blocking=True)

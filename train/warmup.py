@@ -9,7 +9,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from .adapters import DocLoRA
+from .adapters import DocLoRA, identity_rows_for
 from .bpb import ByteLUT
 from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
@@ -94,7 +94,7 @@ def warmup(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, *, n_docs:
     V = model.config.vocab_size
     stream, starts, ns = _synthetic_docs(V, n_docs, doc_len, g, device)
     st = make_state(stream, lut)
-    ad = DocLoRA(model, cfg, cfg.batch_size, device, backend)
+    ad = DocLoRA(model, cfg, cfg.batch_size, device, backend, identity_rows=identity_rows_for(cfg))
     opt = optimizer_for(ad.params, cfg, per_row=graphs, backend=ad.backend)  # as the eval's
     batch = np.arange(min(len(ns), cfg.batch_size))
     rates = {}

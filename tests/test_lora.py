@@ -770,6 +770,7 @@ def test_add_rows_sums_shared_rows_and_refuses_by_name():
 def test_merged_backward_scaled_adapter_copy_is_the_two_op_composition_bit_for_bit():
     """lora_merged's one-pass dt(alpha * t) equals (t * alpha).to(dt) bit for bit (the product rounded once in fp32,
     then to dt), for every activation dtype and for alpha 1 (a plain cast)."""
+    from conftest import draw_seed
     from pgolf_kernels.lora_merged import _scaled_copy
 
     t = torch.randn(4, 24, 40, generator=torch.Generator().manual_seed(draw_seed()))

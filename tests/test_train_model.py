@@ -214,7 +214,7 @@ def test_rope_tables_made_once_per_forward(monkeypatch):
     skips = []
     for i, b in enumerate(m.blocks):
         if i >= m.num_encoder_layers and skips:
-            y = y + m.skip_weights[i - m.num_encoder_layers] * skips.pop()
+            y = torch.addcmul(y, m.skip_weights[i - m.num_encoder_layers], skips.pop())  # as GPT.hidden adds it
         y = b(y, z)
         if i < m.num_encoder_layers:
             skips.append(y)

@@ -312,11 +312,16 @@ def _backward(ctx, dy, _dh_unused):
     if ctx.needs_input_grad[0]:
         dx = torch.matmul(dh, w)
     if ctx.needs_input_grad[1]:
-        if w.dim() == 3:
-            dw = torch.matmul(dh.transpose(-1, -2), x)
-        else:
-            dw = dh.reshape(-1, dh.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+        dw = weight_grad(dh, x, w.dim() == 3)
     return dx, dw, None, None, None
+
+
+def weight_grad(grad_out: Tensor, inp: Tensor, per_row: bool) -> Tensor:
+    """∂L/∂W of y = inp · Wᵀ: grad_outᵀ · inp per batch row (per-row W, (B, N, K)), or summed over every row (a
+    shared W, (N, K))."""
+    if per_row:
+        return torch.matmul(grad_out.transpose(-1, -2), inp)
+    return grad_out.reshape(-1, grad_out.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
 
 
 _op.register_autograd(_backward, setup_context=_setup)
@@ -388,14 +393,9 @@ def _mlp_backward(ctx, dy, _da, _dh):
     dh = _grad_op(dy, w_down, h, ctx.slope, True)
     need = ctx.needs_input_grad
 
-    def wgrad(grad_out, inp, per_row):
-        if per_row:
-            return torch.matmul(grad_out.transpose(-1, -2), inp)
-        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
-
     dx = torch.matmul(dh, w_up) if need[0] else None
-    dw_up = wgrad(dh, x, w_up.dim() == 3) if need[1] else None
-    dw_down = wgrad(dy, a, w_down.dim() == 3) if need[2] else None
+    dw_up = weight_grad(dh, x, w_up.dim() == 3) if need[1] else None
+    dw_down = weight_grad(dy, a, w_down.dim() == 3) if need[2] else None
     return dx, dw_up, dw_down, None
 
 

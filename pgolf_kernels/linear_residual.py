@@ -101,9 +101,9 @@ def _backward(ctx, g: Tensor):
     if ctx.has_u and need[5]:
         dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None]
     if need[2]:
-        gs = g * scale
-        dw = (torch.matmul(gs.transpose(-1, -2), a) if w.dim() == 3
-              else gs.reshape(-1, gs.shape[-1]).t() @ a.reshape(-1, a.shape[-1]))
+        from .linear_act import weight_grad
+
+        dw = weight_grad(g * scale, a, w.dim() == 3)
     if need[3]:
         ds = (g.float() * _z32(a, w, u, w2)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
     return g, da, dw, ds, du, dw2
@@ -152,7 +152,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     """∂res = g; dh = (g · (s ⊙ W_down)) ⊙ act'(h) in one kernel (the derivative in the epilogue of the GEMM, W_down
     (d, H) read as its (K, N) layout); ∂x = dh · W_up; u, w2 as ``linear_residual``; ∂W_up = dhᵀ · x, ∂W_down =
     (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed)."""
-    from .linear_act import _grad_op, act_grad_ref
+    from .linear_act import _grad_op, act_grad_ref, weight_grad
 
     x, w_up, w_down, scale, u, w2, a, h = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -161,14 +161,9 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     dh = (_grad_op(g, w_dn_s, h, ctx.slope, True) if use_triton(g)
           else act_grad_ref(torch.matmul(g, w_dn_s), h, "leaky_relu_sq", ctx.slope))
 
-    def wgrad(grad_out, inp, per_row):
-        if per_row:
-            return torch.matmul(grad_out.transpose(-1, -2), inp)
-        return grad_out.reshape(-1, grad_out.shape[-1]).t() @ inp.reshape(-1, inp.shape[-1])
-
     dx = torch.matmul(dh, w_up) if need[1] else None
-    dw_up = wgrad(dh, x, w_up.dim() == 3) if need[2] else None
-    dw_down = wgrad(g * scale, a, w_down.dim() == 3) if need[3] else None
+    dw_up = weight_grad(dh, x, w_up.dim() == 3) if need[2] else None
+    dw_down = weight_grad(g * scale, a, w_down.dim() == 3) if need[3] else None
     ds = ((g.float() * _z32(a, w_down, u, w2)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None

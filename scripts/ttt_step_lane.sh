@@ -5,10 +5,11 @@
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
 #            linear_residual, head_norm_rope, fused MLP / q-k / residual evals, the kernel path's CUDA graphs at
 #            rank 8 and 96)
-#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path at its defaults, with
-#            --fused-mlp, --fused-residual and both, and the torch-ops reference; --sites names the op behind each
-#            top kernel. Writes OUTDIR/profile/profile_ttt.json
-#   ops      the op benches of the step's pieces: linear_act, head_norm_rope, ttt_optim
+#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path with --fused-residual and
+#            --fused-mlp, with --fused-residual alone, the first again with the general row map (-rowmap), at its
+#            defaults, and the torch-ops reference; --sites names the op behind each top kernel. Writes
+#            OUTDIR/profile/profile_ttt.json
+#   ops      the op benches of the step's pieces: linear_residual, linear_act, head_norm_rope, ttt_optim
 #   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
 #            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
 #            reference's row is records-ref-tail-w96-global-fused, or the same case names with PGOLF_WARMUP_CASES)
@@ -41,13 +42,13 @@ case "$STAGE" in
     ;;
   profile)
     timeout "${PGOLF_PROFILE_TIMEOUT:-570}" python3 -m bench.profile_ttt --recipe records \
-      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-mlp,kernel-compile-tail-res,kernel-compile-tail-mlp-res,reference-compile-tail}" \
+      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail-mlp-res,kernel-compile-tail-res,kernel-compile-tail-mlp-res-rowmap,kernel-compile-tail,reference-compile-tail}" \
       --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | tail -80
     rc=${PIPESTATUS[0]}
     ;;
   ops)
     timeout "${PGOLF_OPS_TIMEOUT:-570}" python3 -m bench --results-dir "$OUTDIR/results" \
-      --only linear_act head_norm_rope ttt_optim 2>&1 | tee "$OUTDIR/ops.log" | tail -60
+      --only linear_residual linear_act head_norm_rope ttt_optim 2>&1 | tee "$OUTDIR/ops.log" | tail -60
     rc=${PIPESTATUS[0]}
     ;;
   evalc)

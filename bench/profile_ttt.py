@@ -331,10 +331,10 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk]"
-                        "[-res][-rowmap][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk / -noqk: "
-                        "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res: "
-                        "TTTConfig.fused_residual; -rowmap: the adapters read the row map as any map (no "
+                        "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
+                        "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
                         "identity_rows, as the rolling schedule); -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
@@ -369,7 +369,8 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res][-rowmap][-autotune], suffixes in that order (-autotune "
+                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-autotune], suffixes in that order "
+                             f"(-autotune "
                              f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
         raise SystemExit("profile_ttt: needs a CUDA GPU (--device cpu is a smoke test of this script only)")
@@ -469,25 +470,26 @@ def main(argv=None):
     return out
 
 
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "rowmap", "autotune")  # the order a variant's suffixes must come in
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "nores", "rowmap", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res][-rowmap][-autotune]' ->
-    dict(path, mode, tail, fused, mlp, qk, res, rowmap, autotune) (fused, qk: True / False / None = the eval's auto;
-    mlp, res: TTTConfig.fused_mlp, TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows), or None when
-    ``v`` is not of that form."""
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, autotune) (fused, qk, res: True / False / None = the eval's
+    auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows), or None
+    when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
         return None
     suf = parts[2:]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
     if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
-            or ("qk" in suf and "noqk" in suf) or (parts[1] == "eager" and "autotune" in suf):
+            or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
+            or (parts[1] == "eager" and "autotune" in suf):
         return None
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
             "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf,
-            "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": "res" in suf,
+            "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": True if "res" in suf else False if "nores" in suf else None,
             "rowmap": "rowmap" in suf, "autotune": "autotune" in suf}
 
 

@@ -5,10 +5,10 @@
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
 #            linear_residual, head_norm_rope, fused MLP / q-k / residual evals, the kernel path's CUDA graphs at
 #            rank 8 and 96)
-#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path with --fused-residual and
-#            --fused-mlp, with --fused-residual alone, the first again with the general row map (-rowmap), at its
-#            defaults, and the torch-ops reference; --sites names the op behind each top kernel. Writes
-#            OUTDIR/profile/profile_ttt.json
+#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path with --fused-mlp, at its
+#            defaults (--fused-residual and --fused-qk on), the first again with the general row map (-rowmap),
+#            without --fused-residual, and the torch-ops reference; --sites names the op behind each top kernel.
+#            Writes OUTDIR/profile/profile_ttt.json
 #   ops      the op benches of the step's pieces: linear_residual, linear_act, head_norm_rope, ttt_optim
 #   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
 #            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
@@ -42,7 +42,7 @@ case "$STAGE" in
     ;;
   profile)
     timeout "${PGOLF_PROFILE_TIMEOUT:-570}" python3 -m bench.profile_ttt --recipe records \
-      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail-mlp-res,kernel-compile-tail-res,kernel-compile-tail-mlp-res-rowmap,kernel-compile-tail,reference-compile-tail}" \
+      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail-mlp,kernel-compile-tail,kernel-compile-tail-mlp-rowmap,kernel-compile-tail-nores,reference-compile-tail}" \
       --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | tail -80
     rc=${PIPESTATUS[0]}
     ;;

@@ -40,7 +40,8 @@ def batch(window=64):
 def assert_step_unchanged(model, rb, cfg, n_docs, backend, plain=None, **changes):
     """The step's NLL at every scored position and every adapter gradient with ``cfg`` changed by ``changes``, against
     ``cfg`` itself (or ``plain``, its (nll, grads) computed before): equal within fp32 rounding. Returns the grads."""
-    cfg = dataclasses.replace(cfg, fused_qk=bool(cfg.fused_qk))   # the fusions a test names, not the kernel path's auto
+    # the fusions a test names, not the kernel path's auto
+    cfg = dataclasses.replace(cfg, fused_qk=bool(cfg.fused_qk), fused_residual=bool(cfg.fused_residual))
     plain, g_plain = plain if plain is not None else _nll_and_grads(model, rb, cfg, n_docs, backend)
     fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, **changes), n_docs, backend)
     m = rb.mask
@@ -98,7 +99,8 @@ def assert_eval_unchanged(changes, lengths=None, device="cpu", backend="bmm", re
 
     stream = doc_stream(LENGTHS if lengths is None else lengths, seed=5).to(device)
     lut = _lut(tiny_model(seed=3).config.vocab_size)
-    base = dataclasses.replace(RECORDS_LIKE, fused_qk=False)   # the fusions a test names, not the kernel path's auto
+    # the fusions a test names, not the kernel path's auto
+    base = dataclasses.replace(RECORDS_LIKE, fused_qk=False, fused_residual=False)
     ref = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt", cfg=base, backend=backend)
     for ch in changes:
         rep = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt",

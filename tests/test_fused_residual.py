@@ -72,7 +72,7 @@ def test_eval_with_fused_residual_scores_like_without():
 def test_fused_residual_refusals_and_option():
     from train.eval import _parse
 
-    with pytest.raises(ValueError, match="fused_residual: 'yes'; expected True or False"):
+    with pytest.raises(ValueError, match=r"fused_residual: 'yes'; expected None \(auto\), True or False"):
         TTTConfig(fused_residual="yes")
     model = tiny_model(seed=3, num_layers=2)
     with pytest.raises(ValueError, match=r"fused_residual: needs model_dim \(64\), the MLP width \(128\) and the rank "
@@ -80,7 +80,21 @@ def test_fused_residual_refusals_and_option():
         DocLoRA(model, TTTConfig(rank=4, fused_residual=True, targets=ALL), 2, torch.device("cpu"), "bmm")
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
     assert _parse(base + ["--fused-residual", "on"]).ttt_cfg.fused_residual is True
-    assert _parse(base).ttt_cfg.fused_residual is False
+    assert _parse(base + ["--fused-residual", "off"]).ttt_cfg.fused_residual is False
+    assert _parse(base).ttt_cfg.fused_residual is None
+
+
+@pytest.mark.parametrize("backend,rank,want", [("kernel", 8, True), ("bmm", 8, False), ("kernel", 4, False)])
+def test_fused_residual_auto(backend, rank, want):
+    """auto (None): on for the kernel path where model_dim, the MLP width and the rank are multiples of 8, off for the
+    reference and for a rank of 4 (no refusal under auto); on / off as given."""
+    model = tiny_model(seed=3, num_layers=2)
+    cfg = TTTConfig(rank=rank, targets=ALL)
+    assert DocLoRA(model, cfg, 2, torch.device("cpu"), backend).fused_residual is want
+    if rank % 8 == 0:
+        for given in (True, False):
+            cfg = TTTConfig(rank=rank, targets=ALL, fused_residual=given)
+            assert DocLoRA(model, cfg, 2, torch.device("cpu"), backend).fused_residual is given
 
 
 @pytest.mark.gpu

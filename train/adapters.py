@@ -128,11 +128,13 @@ class DocLoRA:
             raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
         # auto (None): the kernel path takes it where the head dim allows; the reference keeps the torch ops
         self.fused_qk = bool(cfg.fused_qk) if cfg.fused_qk is not None else (self.backend == "kernel" and qk_ok)
-        self.fused_residual = bool(cfg.fused_residual)
-        if self.fused_residual and (d % 8 or hidden % 8 or cfg.rank % 8):
-            # the kernel's TMA row strides: 16 bytes at 2-byte activations (K, N and the rank R)
+        res_ok = not (d % 8 or hidden % 8 or cfg.rank % 8)  # the kernel's TMA row strides: 16 bytes at 2-byte dtypes
+        if cfg.fused_residual and not res_ok:
             raise ValueError(f"fused_residual: needs model_dim ({d}), the MLP width ({hidden}) and the rank "
                              f"({cfg.rank}) multiples of 8 (pgolf_kernels.linear_residual)")
+        # auto (None): the kernel path takes it where the shapes allow; the reference keeps the torch ops
+        self.fused_residual = (bool(cfg.fused_residual) if cfg.fused_residual is not None
+                               else (self.backend == "kernel" and res_ok))
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
             bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)

@@ -603,10 +603,10 @@ def _parse(argv):
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
                          "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
                          "dequantized per call); off by default (not yet measured inside a TTT step)")
-    ap.add_argument("--fused-residual", default="off", choices=["on", "off"],
+    ap.add_argument("--fused-residual", default="auto", choices=["auto", "on", "off"],
                     help="the block's two residual sites as pgolf_kernels.linear_residual (projection, o / mlp "
-                         "adapters' expand and the residual add in one GEMM); off by default (not yet measured inside "
-                         "a TTT step)")
+                         "adapters' expand and the residual add in one GEMM); auto: on for the kernel path where "
+                         "model_dim, the MLP width and the rank are multiples of 8, off for --reference")
     ap.add_argument("--fused-qk", default="auto", choices=["auto", "on", "off"],
                     help="q's and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels."
                          "head_norm_rope); auto: on for the kernel path where the head dim is twice a power of two, "
@@ -707,7 +707,7 @@ def _configs(args):
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
                   fused_optimizer=_auto_on_off(args.fused_optimizer), fused_mlp=args.fused_mlp == "on",
-                  fused_qk=_auto_on_off(args.fused_qk), fused_residual=args.fused_residual == "on", **over), None
+                  fused_qk=_auto_on_off(args.fused_qk), fused_residual=_auto_on_off(args.fused_residual), **over), None
 
 
 def _auto_on_off(choice: str) -> Optional[bool]:

@@ -93,9 +93,10 @@ class TTTConfig(AdamSettings):
     fused_qk: Optional[bool] = None
     # the block's two residual sites as pgolf_kernels.linear_residual: x + scale ⊙ (proj(y) + s·(h Aᵀ) Bᵀ) in one GEMM
     # with the o / mlp adapters' expand in the same accumulator and the residual add in its epilogue (the projection's
-    # output and the LoRA delta are never written). Off by default: not yet measured inside a TTT step
-    # (bench.profile_ttt variant suffix -res)
-    fused_residual: bool = False
+    # output and the LoRA delta are never written). None: on for the kernel path where model_dim, the MLP width and
+    # the rank are multiples of 8, off for --reference. Measured in the records' TTT step (H100,
+    # bench/results/profile-ttt-h100.md measurement 3): 100.48 -> 97.62 ms
+    fused_residual: Optional[bool] = None
     # LoRA scale: delta = (alpha / rank) * (x A^T) B^T; None = scale 1 (the seeds' adapters)
     alpha: Optional[float] = None
     # "adam": Adam (L2-free); "adamw": Adam with decoupled weight decay p <- p * (1 - lr * wd) first
@@ -167,8 +168,8 @@ class TTTConfig(AdamSettings):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
         if not isinstance(self.fused_mlp, bool):
             raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
-        if not isinstance(self.fused_residual, bool):
-            raise ValueError(f"fused_residual: {self.fused_residual!r}; expected True or False")
+        if self.fused_residual is not None and not isinstance(self.fused_residual, bool):
+            raise ValueError(f"fused_residual: {self.fused_residual!r}; expected None (auto), True or False")
         if self.fused_qk is not None and not isinstance(self.fused_qk, bool):
             raise ValueError(f"fused_qk: {self.fused_qk!r}; expected None (auto), True or False")
         if self.fused_mlp and (("up" in self.targets) != ("down" in self.targets)):

@@ -79,7 +79,10 @@ class DocLoRA:
 
     backend 'bmm' (the ``--reference`` path): torch.bmm on gathered adapters. backend 'kernel':
     ``pgolf_kernels.lora.multi_lora_linear`` fused with the base projections (int6 codes or bf16) for
-    q, k, v and the head; o, mlp, up and down run as bmm on either backend (``bmm_targets``).
+    q, k, v and the head; o, mlp, up and down run as bmm on either backend (``bmm_targets``), except that with
+    ``fused_residual`` the o, mlp and down adapters' expand runs inside the residual sites' GEMM
+    (``pgolf_kernels.linear_residual``). ``identity_rows``: every row map is the prefix 0..R-1 (the batch
+    schedule), read as such (no gathers, no index_add).
     ``self.backend`` says which runs and ``self.backend_reason`` why (``resolve_lora_backend``).
 
     ``cfg.warm_start_a``: ``reset`` keeps A (only B and the gradients are cleared) once A was

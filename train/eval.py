@@ -280,8 +280,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
         if adapter.backend != backend:
             log(f"[eval] LoRA backend {adapter.backend}: {adapter.backend_reason}")
         if adapter.backend == "kernel" and adapter.bmm_targets:
+            fused = [t for t in adapter.bmm_targets if adapter.fused_residual and t in ("o", "mlp", "down")]
             log(f"[eval] LoRA targets {','.join(adapter.bmm_targets)} run as torch.bmm (the fused kernel covers "
-                f"q, k, v and the head)")
+                f"q, k, v and the head)" + (f"; {','.join(fused)}: the shrink only, the expand inside the residual "
+                                            f"GEMM (--fused-residual)" if fused else ""))
             report["lora_bmm_targets"] = list(adapter.bmm_targets)
     phased = mode == "ttt" and cfg.phases > 0
     groups = phase_plan(ns, cfg.phase_docs, cfg.phases) if phased else [np.argsort(-ns, kind="stable")]

@@ -335,6 +335,8 @@ class _DocLoRALayer:
             return u, w2
         u = torch.bmm(x, ad._sel(self.A[t], x.dtype, x.shape[0]).transpose(1, 2))
         Bs = ad._sel(self.B[t], torch.float32, x.shape[0])
+        # inside the compiled block Inductor makes the scale and the cast one pass (lora_merged._scaled_copy does it
+        # by hand for the eager custom op)
         return u, (Bs * ad.scale if ad.scale != 1.0 else Bs).to(x.dtype)
 
     def _residual(self, x: torch.Tensor, a: torch.Tensor, W: torch.Tensor, scale: torch.Tensor,

@@ -94,7 +94,7 @@ def mlp_leaky_sq_ref(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5
 def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
                        SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,
-                       HAS_X2: tl.constexpr, RES: tl.constexpr,
+                       HAS_X2: tl.constexpr, RES: tl.constexpr, SUBTILE: tl.constexpr,
                        NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
     """Tiles (b, m, n), n fastest (the x tile of (b, m) is re-read from L2 by the next tiles; W[b] is N x K, at
     most 1.5 MB for the records' MLP, and stays in L2 across the m tiles). fp32 inputs multiply in IEEE fp32 (not
@@ -103,13 +103,14 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
     h_desc (the backward's dh). W_KN: the weight is stored (K, N) (the down-projection's E read as its
     transpose), loaded as (BK, BN) tiles. HAS_X2: a second product accumulated into the same tile, x2[b] · w2[b]ᵀ
     (x2 (B, T, R), w2 (B, N, R): a LoRA's expand, R = its rank). RES (with ACT 0): y = res + s ⊙ acc, res read
-    through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding)."""
+    through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding). SUBTILE: the epilogue runs on the
+    tile's two (BM, BN / 2) column halves in turn (y_desc / h_desc have (BM, BN / 2) blocks), so its h / residual
+    load and its store stage half the shared memory (128 x 256 x 3 stages then fits with those epilogues)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(T, BM)
     tiles_n = tl.cdiv(N, BN)
     total = B * tiles_m * tiles_n
     k_steps = tl.cdiv(K, BK)
-    dt = y_desc.dtype
     for t in tl.range(pid, total, NUM_PROGS, flatten=True):
         b = t // (tiles_m * tiles_n)
         rem = t % (tiles_m * tiles_n)
@@ -130,25 +131,40 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
                 a2 = x2_desc.load([b, om, kk * BK]).reshape(BM, BK)
                 w2 = w2_desc.load([b, on, kk * BK]).reshape(BN, BK)
                 acc = tl.dot(a2, w2.T, acc, input_precision=PRECISION)
-        h = acc.to(dt)
-        if SAVE_PRE:
-            h_desc.store([b, om, on], h.reshape(1, BM, BN))
-        if ACT == 1:
-            hf = h.to(tl.float32)
-            hf = tl.where(hf > 0, hf, slope * hf)
-            y = (hf * hf).to(dt)
-        elif ACT == 2:
-            # dh = g * act'(h), g rounded to the dtype first (as the GEMM's output is in the torch composition)
-            hh = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
-            y = (h.to(tl.float32) * 2.0 * tl.where(hh > 0, hh, (slope * slope) * hh)).to(dt)
-        elif RES:
-            cols = on + tl.arange(0, BN)
-            sv = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
-            res = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
-            y = (res + sv[None, :] * acc).to(dt)
+        if SUBTILE:
+            halves = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1)
+            acc0, acc1 = halves.split()
+            _epilogue(acc0, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM, BN // 2, ACT, SAVE_PRE, RES)
+            _epilogue(acc1, b, om, on + BN // 2, y_desc, h_desc, s_ptr, N, slope, BM, BN // 2, ACT, SAVE_PRE, RES)
         else:
-            y = h
-        y_desc.store([b, om, on], y.reshape(1, BM, BN))
+            _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM, BN, ACT, SAVE_PRE, RES)
+
+
+@triton.jit
+def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM: tl.constexpr, BN: tl.constexpr,
+              ACT: tl.constexpr, SAVE_PRE: tl.constexpr, RES: tl.constexpr):
+    """The (BM, BN) fp32 accumulator tile at (b, om, on) -> y (and h with SAVE_PRE), per ``_linear_act_kernel``'s
+    ACT / RES."""
+    dt = y_desc.dtype
+    h = acc.to(dt)
+    if SAVE_PRE:
+        h_desc.store([b, om, on], h.reshape(1, BM, BN))
+    if ACT == 1:
+        hf = h.to(tl.float32)
+        hf = tl.where(hf > 0, hf, slope * hf)
+        y = (hf * hf).to(dt)
+    elif ACT == 2:
+        # dh = g * act'(h), g rounded to the dtype first (as the GEMM's output is in the torch composition)
+        hh = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
+        y = (h.to(tl.float32) * 2.0 * tl.where(hh > 0, hh, (slope * slope) * hh)).to(dt)
+    elif RES:
+        cols = on + tl.arange(0, BN)
+        sv = tl.load(s_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        res = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
+        y = (res + sv[None, :] * acc).to(dt)
+    else:
+        y = h
+    y_desc.store([b, om, on], y.reshape(1, BM, BN))
 
 
 # the tile configs ``bench.bench_linear_act`` times (fixed ahead: nothing is autotuned at eval). Compiled for sm_90a
@@ -157,7 +173,8 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
 TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
-                dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4)]
+                dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4),
+                dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)]
 # The defaults by measurement (H100, bench/results/linear-act-h100.md, records' shapes at 64 x 2048, K 512, bf16):
 # with the activation in the epilogue 128 x 256 was fastest in all six cases (MLP up-projection 0.419 ms against
 # 0.517 for 128 x 128 x 8 warps and 0.455-0.465 for the others); with the derivative epilogue 128 x 128 x 4 warps x
@@ -254,6 +271,8 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
     N = w3.shape[2] if w_kn else w3.shape[1]
     cfg = dict(default_config(T, N, K, x.is_cuda, x.dtype, act), **(config or {}))
     BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    sub = bool(cfg.get("SUBTILE", False))
+    BNE = BN // 2 if sub else BN   # the epilogue's block width
     y = _utils.empty((B, T, N), x.dtype, x.device)
     if aux is not None:
         h = aux.reshape(B, T, N)
@@ -262,8 +281,8 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
     xd = TensorDescriptor(x3, [B, T, K], [T * K, K, 1], [1, BM, BK])
     wd = (TensorDescriptor(w3, list(w3.shape), [K * N, N, 1], [1, BK, BN]) if w_kn
           else TensorDescriptor(w3, list(w3.shape), [N * K, K, 1], [1, BN, BK]))
-    yd = TensorDescriptor(y, [B, T, N], [T * N, N, 1], [1, BM, BN])
-    hd = TensorDescriptor(h, [B, T, N], [T * N, N, 1], [1, BM, BN])
+    yd = TensorDescriptor(y, [B, T, N], [T * N, N, 1], [1, BM, BNE])
+    hd = TensorDescriptor(h, [B, T, N], [T * N, N, 1], [1, BM, BNE])
     R = 0
     x2d, w2d = xd, wd
     if x2 is not None:
@@ -276,7 +295,7 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
     _linear_act_kernel[(progs,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
                                  BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,
                                  PER_ROW_W=w.dim() == 3, W_KN=w_kn, HAS_X2=x2 is not None, RES=res,
-                                 NUM_PROGS=progs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                 SUBTILE=sub, NUM_PROGS=progs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     shape = x.shape[:-1] + (N,)
     return y.view(shape), (h.view(shape) if save_pre else x.new_empty(0))

@@ -98,19 +98,21 @@ SMEM_LIMIT = 232448
 
 
 def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, save=False, w_kn=False, per_row=True,
-                     dtype="bf16", res=False, x2=False):
+                     dtype="bf16", res=False, x2=False, SUBTILE=False):
     """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
     with W read as (K, N), as the fused MLP's backward launches it; ``res``: the residual epilogue of
-    ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand)."""
+    ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two (BM, BN / 2) halves)."""
     from . import linear_act as L
+
+    BNE = BN // 2 if SUBTILE else BN
 
     wblk = f"[1,{BK},{BN}]" if w_kn else f"[1,{BN},{BK}]"
     types = {"x_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w_desc": f"tensordesc<{dtype}{wblk}>",
-             "y_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>", "h_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>",
+             "y_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>", "h_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>",
              "x2_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w2_desc": f"tensordesc<{dtype}[1,{BN},{BK}]>",
              "s_ptr": f"*{dtype}", "B": "i32", "T": "i32", "N": "i32", "K": "i32", "R": "i32", "slope": "fp32"}
     consts = dict(BM=BM, BN=BN, BK=BK, ACT=act, SAVE_PRE=save, PER_ROW_W=per_row, W_KN=w_kn, HAS_X2=x2, RES=res,
-                  NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
+                  SUBTILE=SUBTILE, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
     s = _compile(L._linear_act_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K", "R"))
     s["fits_smem"] = s["smem"] <= SMEM_LIMIT
     return s
@@ -138,7 +140,8 @@ def _linear_act_cases():
     for c in TILE_CONFIGS:
         for name, kw in (("none", dict(act=0)), ("act", dict(act=1)), ("act+h", dict(act=1, save=True)),
                          ("grad", dict(act=2, w_kn=True)), ("residual+lora", dict(act=0, res=True, x2=True))):
-            yield (f"linear_act {name} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}",
+            yield (f"linear_act {name} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}"
+                   f"{' sub' if c.get('SUBTILE') else ''}",
                    lambda c=c, kw=kw: linear_act_stats(**c, **kw))
 
 

@@ -18,7 +18,9 @@ from pgolf_kernels.linear_act import (LeakyReLUSquaredMLP, LinearLeakyReLUSquare
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 # explicit interpreter tiles: 16 x 16 x 16 leaves tails in T and N; 16 x 32 x 32 has BK > K for K = 24
-CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)]
+# the last: the epilogue on two column halves (linear_act's SUBTILE), 16 wide each
+CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1),
+        dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1, SUBTILE=True)]
 # (B or None for a 2-D x, T, N, K, per-row weights)
 SHAPES = [(None, 37, 40, 24, False), (3, 33, 24, 16, True), (2, 20, 8, 32, False), (1, 1, 16, 8, True)]
 
@@ -85,7 +87,8 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
     assert [r["case"].split(":")[0] for r in rows] == ["up forward", "up forward", "mlp backward dh = (dy W_down) * act'(h)",
                                                        "mlp forward + backward"]
     assert rows[0]["e_none"] == 1.0 and rows[0]["configs_skipped"] == {} and rows[2]["e_grad"] == 1.0
-    assert len(calls) == 2 * (2 + 3 * 4) + 2 + 4 + 2
+    n = len(mod.TILE_CONFIGS)
+    assert len(calls) == 2 * (2 + 3 * n) + 2 + n + 2
 
 
 def test_the_public_function_and_its_default_config():

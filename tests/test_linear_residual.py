@@ -17,7 +17,9 @@ from pgolf_kernels.linear_residual import (ResidualLinear, linear_residual, line
                                           mlp_residual_ref)
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
-CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1)]
+# the last: the epilogue on two column halves (linear_act's SUBTILE), 16 wide each
+CFGS = [dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1), dict(BM=16, BN=32, BK=32, num_warps=4, num_stages=1),
+        dict(BM=16, BN=32, BK=16, num_warps=4, num_stages=1, SUBTILE=True)]
 # (B, T, N, K, R (0: no second product), per-row W): tails in T, N, K and R against 16- and 32-wide tiles
 SHAPES = [(3, 37, 40, 24, 8, False), (2, 20, 24, 32, 24, True), (1, 1, 16, 8, 16, False), (2, 33, 8, 16, 0, True)]
 
@@ -318,5 +320,5 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
         "o site forward", "o site forward + backward (grads to res, a, u, w2)", "down site forward",
         "down site forward + backward (grads to res, a, u, w2)", "mlp site with the MLP, forward + backward (grads to "
         "res, x, u, w2)"]
-    assert rows[0]["e"] == 1.0 and rows[0]["configs_skipped"] == {} and len(rows[0]["all_ms"]) == 2 + 4
-    assert len(calls) == 2 * (2 + 4 + 2) + 2
+    assert rows[0]["e"] == 1.0 and rows[0]["configs_skipped"] == {} and len(rows[0]["all_ms"]) == 2 + len(la.TILE_CONFIGS)
+    assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 2

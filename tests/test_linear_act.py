@@ -359,3 +359,14 @@ def test_default_config_refuses_unknown_act_and_dtype():
     with pytest.raises(TypeError, match="default_config: dtype must be bfloat16, float16 or float32"):
         mod.default_config(64, 64, 64, True, torch.int8)
     assert mod.default_config(64, 64, 64, True, torch.float16, "leaky_relu_sq_grad") == mod.GRAD_CONFIG
+
+
+def test_tile_override_replaces_the_16bit_default_of_its_epilogue_only(monkeypatch):
+    """``TILE_OVERRIDE`` (how bench.profile_ttt times a tile inside a whole step): the 16-bit GPU tile of the epilogue
+    it names; other epilogues, fp32 and the interpreter keep theirs."""
+    sub = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)
+    monkeypatch.setitem(mod.TILE_OVERRIDE, "residual", sub)
+    assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "residual") == sub
+    assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "leaky_relu_sq_grad") == mod.GRAD_CONFIG
+    assert mod.default_config(2048, 512, 512, True, torch.float32, "residual") == mod.FP32_CONFIG
+    assert mod.default_config(2048, 512, 512, False, torch.float16, "residual")["BM"] == 16

@@ -104,7 +104,7 @@ def _fwd_kernel(X, LEN, IDX,
             _fwd_tile(X, Y3, W3, S3, A3, B3, b, a, L, t0, nt - C3, T, D, N3, R3, alpha, HAS_SCALE, BT, BN, BK, RP, IP)
 
 
-def _fwd_config(T: int, RP: int):
+def _fwd_config(T: int, RP: int, dtype: torch.dtype = torch.bfloat16):
     if interpret_mode():
         # small tiles so the CPU tests cross tile and mask boundaries at tiny shapes (overridable: a test runs the
         # GPU tile sizes through the interpreter too)
@@ -113,7 +113,11 @@ def _fwd_config(T: int, RP: int):
     # BN=256 measured 1.27x faster than 128 at B64 T1024 r8 and 1.11x at T2048 r96 on H200: half the
     # shrink recomputation and more MMA work per byte of x. 3 stages of (x 16 KB + W 32 KB + A RP*64*2 B) fit in
     # 227 KB of smem up to RP=128, but the u accumulator at RP >= 64 costs registers: 2 stages there.
-    meta, launch = dict(BT=BT, BN=256, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
+    # fp32 at RP > 32 (tf32x3 dots, pipelined through shared memory) holds twice the bytes per stage: BN=256 needed
+    # 245,760 B at RP=64 and 262,144 B at RP=128 (> 232,448: "out of resource" at the first rank-40 fp32 launch on
+    # an H100), BN=128 needs 147,456 / 163,840 B (``sm90_check``)
+    BN = 128 if dtype == torch.float32 and RP > LARGE_RANK else 256
+    meta, launch = dict(BT=BT, BN=BN, BK=64), dict(num_warps=8, num_stages=3 if RP <= 32 else 2)
     return _override(meta, launch, FWD_OVERRIDE)
 
 
@@ -139,7 +143,7 @@ def _geometry(x, As, config) -> Optional[_Geometry]:
     if Bsz == 0 or T == 0:
         return None
     RP = _rpad(max(A.shape[1] for A in As))
-    meta, launch = config(T, RP)
+    meta, launch = config(T, RP, x.dtype)
     return _Geometry(Bsz, T, D, RP, meta, launch, cdiv(T, meta["BT"]))
 
 
@@ -372,7 +376,7 @@ def bwd_g_once(rank: int) -> bool:
     return bool(BWD_OVERRIDE.get("GONCE", DEFAULT_BWD_G_ONCE_LARGE if rank > LARGE_RANK else DEFAULT_BWD_G_ONCE))
 
 
-def _bwd_config(T: int, RP: int):
+def _bwd_config(T: int, RP: int, dtype: torch.dtype = torch.bfloat16):
     if interpret_mode():
         return _override(dict(BT=16, BN=32, BD=32, BK=32), dict(), BWD_OVERRIDE)
     BT = 128 if T > 64 else 64
@@ -380,6 +384,7 @@ def _bwd_config(T: int, RP: int):
     # when dB was computed inside the dx programs' main loop).
     # acc (BT x BD) + g (BT x RP) fp32 in registers: at RP >= 64 halve BN to keep the dy/B tiles small.
     BN = 128 if RP <= 32 else 64
+    # the same tiles in fp32: the G-once passes need at most 229,376 B of shared memory there (RP=128, sm90_check)
     return _override(dict(BT=BT, BN=BN, BD=128, BK=64), dict(num_warps=8, num_stages=2), BWD_OVERRIDE)
 
 

@@ -777,3 +777,24 @@ def test_merged_backward_scaled_adapter_copy_is_the_two_op_composition_bit_for_b
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         for alpha in (0.375, 1.0, 12.0 / 96):
             assert torch.equal(_scaled_copy(t, alpha, dt), (t * alpha).to(dt)), (dt, alpha)
+
+
+def test_default_tiles_compile_for_sm90_within_shared_memory():
+    """The fused LoRA kernels' default tiles (``_fwd_config`` / ``_bwd_config`` for the dtype, at the large-rank
+    strategy: split + G once) compile for sm_90a on this machine (no GPU) within the SM's shared memory. fp32 at
+    padded rank 64 / 128 takes tf32x3 dots pipelined through shared memory: its forward at the 16-bit tile needed
+    245,760 / 262,144 B and failed at its first launch on an H100."""
+    from conftest import run_sm90_check
+
+    run_sm90_check("import torch\n"
+                   "from pgolf_kernels import lora_triton as K\n"
+                   "from pgolf_kernels.sm90_check import SMEM_LIMIT, bwd_stats, fwd_stats\n"
+                   "for dt, tdt, rps in (('fp32', torch.float32, (64, 128)), ('bf16', torch.bfloat16, (128,))):\n"
+                   "    for RP in rps:\n"
+                   "        meta, launch = K._fwd_config(2048, RP, tdt)\n"
+                   "        s = fwd_stats(RP=RP, dtype=dt, BT=meta['BT'], BN=meta['BN'], BK=meta['BK'], **launch)\n"
+                   "        assert s['smem'] <= SMEM_LIMIT, ('fwd', dt, RP, meta, s)\n"
+                   "        meta, launch = K._bwd_config(2048, RP, tdt)\n"
+                   "        for phase in (1, 2):\n"
+                   "            s = bwd_stats(RP=RP, dtype=dt, split=True, phase=phase, **meta, **launch)\n"
+                   "            assert s['smem'] <= SMEM_LIMIT, ('bwd', dt, RP, phase, meta, s)\n")

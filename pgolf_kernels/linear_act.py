@@ -174,7 +174,11 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
                 dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4),
-                dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)]
+                dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True),
+                # two programs per SM (<= 113 KB of shared memory each): one's epilogue overlaps the other's main loop
+                # (the kernel is not warp-specialized: Triton 3.6 ignores warp_specialize on sm_90)
+                dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=2, SUBTILE=True, PER_SM=2),
+                dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=2, SUBTILE=True, PER_SM=2)]
 # The defaults by measurement (H100, bench/results/linear-act-h100.md, records' shapes at 64 x 2048, K 512, bf16):
 # with the activation in the epilogue 128 x 256 was fastest in all six cases (MLP up-projection 0.419 ms against
 # 0.517 for 128 x 128 x 8 warps and 0.455-0.465 for the others); with the derivative epilogue 128 x 128 x 4 warps x
@@ -214,10 +218,12 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
 
 
-def _num_programs(dev: torch.device, tiles: int) -> int:
+def _num_programs(dev: torch.device, tiles: int, per_sm: int = 1) -> int:
+    """Persistent programs: ``per_sm`` per SM (2 for a tile whose shared memory lets two programs share an SM, so
+    one's epilogue overlaps the other's main loop), at most one per tile."""
     if dev.type != "cuda":
         return max(1, min(tiles, 4))
-    return max(1, min(tiles, torch.cuda.get_device_properties(dev).multi_processor_count))
+    return max(1, min(tiles, per_sm * torch.cuda.get_device_properties(dev).multi_processor_count))
 
 
 def check_args(x: Tensor, w: Tensor, act: str, slope: float) -> None:
@@ -300,7 +306,7 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
         x2d = TensorDescriptor(x2, [B, T, R], [T * R, R, 1], [1, BM, BK])
         w2d = TensorDescriptor(w2, [B, N, R], [N * R, R, 1], [1, BN, BK])
     tiles = B * triton.cdiv(T, BM) * triton.cdiv(N, BN)
-    progs = _num_programs(x.device, tiles)
+    progs = _num_programs(x.device, tiles, int(cfg.get("PER_SM", 1)))
     res = act == "residual"
     _linear_act_kernel[(progs,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
                                  BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,

@@ -98,7 +98,7 @@ SMEM_LIMIT = 232448
 
 
 def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, save=False, w_kn=False, per_row=True,
-                     dtype="bf16", res=False, x2=False, SUBTILE=False):
+                     dtype="bf16", res=False, x2=False, SUBTILE=False, PER_SM=1):
     """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
     with W read as (K, N), as the fused MLP's backward launches it; ``res``: the residual epilogue of
     ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two (BM, BN / 2) halves)."""
@@ -114,7 +114,8 @@ def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, sa
     consts = dict(BM=BM, BN=BN, BK=BK, ACT=act, SAVE_PRE=save, PER_ROW_W=per_row, W_KN=w_kn, HAS_X2=x2, RES=res,
                   SUBTILE=SUBTILE, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
     s = _compile(L._linear_act_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K", "R"))
-    s["fits_smem"] = s["smem"] <= SMEM_LIMIT
+    # two programs per SM share its 228 KB, each with 1 KB reserved
+    s["fits_smem"] = s["smem"] <= (SMEM_LIMIT if PER_SM == 1 else 228 * 1024 // PER_SM - 1024)
     return s
 
 
@@ -141,7 +142,7 @@ def _linear_act_cases():
         for name, kw in (("none", dict(act=0)), ("act", dict(act=1)), ("act+h", dict(act=1, save=True)),
                          ("grad", dict(act=2, w_kn=True)), ("residual+lora", dict(act=0, res=True, x2=True))):
             yield (f"linear_act {name} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}"
-                   f"{' sub' if c.get('SUBTILE') else ''}",
+                   f"{' sub' if c.get('SUBTILE') else ''}{' x' + str(c['PER_SM']) if c.get('PER_SM', 1) > 1 else ''}",
                    lambda c=c, kw=kw: linear_act_stats(**c, **kw))
 
 

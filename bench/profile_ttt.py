@@ -331,12 +331,12 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-t128][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-sub][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
                         "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
-                        "identity_rows, as the rolling schedule); -t128: linear_act's derivative and residual epilogues on "
-                        "the 128 x 128 x 4-warp tile instead of their default (128 x 256, split epilogue); -autotune: "
+                        "identity_rows, as the rolling schedule); -sub: linear_act's derivative and residual epilogues on "
+                        "the 128 x 256 x 8-warp tile with the split epilogue (SUBTILE) instead of their default tile; -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -370,7 +370,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune], suffixes in that order "
+                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-sub][-autotune], suffixes in that order "
                              f"(-autotune "
                              f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
@@ -416,7 +416,7 @@ def main(argv=None):
         from pgolf_kernels import linear_act
 
         linear_act.TILE_OVERRIDE.clear()
-        linear_act.TILE_OVERRIDE.update(T128_TILES if var["t128"] else {})
+        linear_act.TILE_OVERRIDE.update(SUB_TILES if var["sub"] else {})
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -477,18 +477,17 @@ def main(argv=None):
     return out
 
 
-# -t128: the epilogues that read a (BM, BN) tile (derivative, residual) on 128 x 128 x 64, 4 warps, 4 stages, their
-# default before the split epilogue (measurement 5 of bench/results/profile-ttt-h100.md ran that comparison the other
-# way round, as "-sub" on a build whose default was this tile)
-T128_TILES = {act: dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4) for act in ("leaky_relu_sq_grad", "residual")}
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "autotune")  # the order a variant's suffixes must come in
+# -sub: the epilogues that read a (BM, BN) tile on 128 x 256 x 8 warps with SUBTILE (their default is 128 x 128 x 4)
+SUB_TILES = {act: dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)
+             for act in ("leaky_relu_sq_grad", "residual")}
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "nores", "rowmap", "sub", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, autotune) (fused, qk, res: True / False / None = the
-    eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
-    ``linear_act.TILE_OVERRIDE`` = ``T128_TILES`` for the variant), or None
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-sub][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, sub, autotune) (fused, qk, res: True / False / None = the
+    eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; sub:
+    ``linear_act.TILE_OVERRIDE`` = ``SUB_TILES`` for the variant), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
@@ -502,7 +501,7 @@ def _variant(v: str):
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
             "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf,
             "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": True if "res" in suf else False if "nores" in suf else None,
-            "rowmap": "rowmap" in suf, "t128": "t128" in suf, "autotune": "autotune" in suf}
+            "rowmap": "rowmap" in suf, "sub": "sub" in suf, "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

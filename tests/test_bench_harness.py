@@ -843,34 +843,34 @@ def test_profile_ttt_kernel_categories_and_refusals():
 
 
 def test_profile_ttt_variant_names():
-    """A variant's suffixes come in one order (tail, fused or torchopt, mlp, qk or noqk, res or nores, rowmap, t128,
+    """A variant's suffixes come in one order (tail, fused or torchopt, mlp, qk or noqk, res or nores, rowmap, sub,
     autotune) and set what they name (fused, qk and res: the eval's auto without a suffix); the rest is refused by
     name before anything is built."""
     from bench.profile_ttt import _variant, main
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
                                           "mlp": False, "qk": None, "res": None, "rowmap": False,
-                                          "t128": False, "autotune": False}
+                                          "sub": False, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
                                                                  "fused": True, "mlp": False, "qk": None, "res": None,
-                                                                 "rowmap": False, "t128": False, "autotune": True}
+                                                                 "rowmap": False, "sub": False, "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "t128": False, "autotune": False}
+                                                       "rowmap": False, "sub": False, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "t128": False, "autotune": False}
+                                                      "sub": False, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
-    assert _variant("kernel-compile-tail-mlp-rowmap-t128")["t128"] is True
+    assert _variant("kernel-compile-tail-mlp-rowmap-sub")["sub"] is True
     for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
                 "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail",
                 "kernel-compile-qk-mlp", "kernel-compile-qk-noqk", "kernel-compile-noqk-mlp", "kernel-compile-res-mlp",
                 "kernel-compile-autotune-res", "kernel-compile-rowmap-res", "kernel-compile-res-nores",
-                "kernel-compile-nores-qk", "kernel-compile-t128-rowmap", "kernel-compile-autotune-t128"):
+                "kernel-compile-nores-qk", "kernel-compile-sub-rowmap", "kernel-compile-autotune-sub"):
         assert _variant(bad) is None, bad
         with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
             main(["--variants", bad, "--device", "cpu"])

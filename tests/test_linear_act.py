@@ -362,7 +362,7 @@ def test_default_config_refuses_unknown_act_and_dtype():
 
 
 def test_tile_override_replaces_the_16bit_default_of_its_epilogue_only(monkeypatch):
-    """``TILE_OVERRIDE`` (how bench.profile_ttt times a tile inside a whole step, its -t128 variants): the 16-bit GPU tile of the epilogue
+    """``TILE_OVERRIDE`` (how bench.profile_ttt times a tile inside a whole step): the 16-bit GPU tile of the epilogue
     it names; other epilogues, fp32 and the interpreter keep theirs."""
     sub = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)
     monkeypatch.setitem(mod.TILE_OVERRIDE, "residual", sub)

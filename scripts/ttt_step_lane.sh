@@ -3,7 +3,8 @@
 #   bash scripts/ttt_step_lane.sh OUTDIR STAGE
 # Stages, in the order they are meant to run:
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
-#            linear_residual, head_norm_rope, fused MLP / q-k / residual evals)
+#            linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every tile candidate of
+#            linear_act.TILE_CONFIGS in each epilogue on the GPU
 #   graphs   the kernel path's CUDA-graph replay against eager (rank 8 and 96, int6, phased): what --cuda-graphs auto
 #            waits for before it turns graphs on for the kernel path; alone in its call (compile-bound: an earlier
 #            run stopped at 310 s inside its first rank-96 case)
@@ -42,6 +43,11 @@ case "$STAGE" in
       tests/test_fused_mlp.py tests/test_fused_qk.py tests/test_fused_residual.py \
       2>&1 | tee "$OUTDIR/tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -60
     rc=${PIPESTATUS[0]}
+    # every tile candidate of linear_act.TILE_CONFIGS in each epilogue, at its real tile size (unmarked tests: on a
+    # GPU host they run on the GPU), before a candidate may become a default
+    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -k "tile_config" tests/test_linear_act.py \
+      tests/test_linear_residual.py 2>&1 | tee "$OUTDIR/tests-tiles.log" | grep -E "PASSED|FAILED|ERROR|passed|failed"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   graphs)
     timeout "${PGOLF_TEST_TIMEOUT:-560}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \

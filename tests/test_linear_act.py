@@ -74,6 +74,22 @@ def test_the_bench_tile_configs_on_tails():
         assert_close_rel(y, yr, yb, name=f"y {cfg}")
 
 
+def test_the_bench_tile_configs_on_tails_in_the_derivative_epilogue():
+    """Every tile config of ``TILE_CONFIGS`` (split epilogue and two programs per SM included) in the derivative
+    epilogue as the MLP's backward launches it (W read as (K, N)), tails in T, N and K: the GPU lane's numeric check
+    of a candidate at its real tile size before it may become a default."""
+    g, w = _inputs(2, 130, 264, 72, True, torch.float16)
+    w = w.transpose(-1, -2).contiguous()
+    h = torch.randn(2, 130, 264, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, torch.float16)
+    if not _utils.use_triton(g):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    ref = linear_act_grad_ref(g.double(), w.double(), h.double(), 0.5, True)
+    base = linear_act_grad_ref(g, w, h, 0.5, True)
+    for cfg in mod.TILE_CONFIGS:
+        dh = mod._launch(g, w, "leaky_relu_sq_grad", 0.5, False, cfg, aux=h, w_kn=True)[0]
+        assert_close_rel(dh, ref, base, name=f"dh {cfg}")
+
+
 def test_the_bench_runs_and_checks_on_tiny_shapes():
     """bench.bench_linear_act's rows at tiny shapes (a stand-in timer, no compile): every contestant runs, every tile
     config passes its correctness check, and the rows carry the figures the docs cite."""

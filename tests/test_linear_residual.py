@@ -59,6 +59,19 @@ def test_kernel_matches_fp64(shape, dtype, cfg):
     assert_close_rel(y, _oracle(*args), linear_residual_ref(*args), name="out")
 
 
+def test_every_bench_tile_config_on_tails():
+    """Every tile config of ``linear_act.TILE_CONFIGS`` (split epilogue and two programs per SM included) in the
+    residual epilogue with the LoRA's second product, tails in T, N, K and R: the GPU lane's numeric check of a
+    candidate at its real tile size before it may become a default."""
+    args = _inputs(2, 130, 264, 72, 24, False, torch.float16)
+    if not _utils.use_triton(args[1]):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    res, a, w, scale, u, w2 = args
+    for cfg in la.TILE_CONFIGS:
+        y = la._launch(a, w, "residual", 0.0, False, cfg, aux=res, x2=u, w2=w2, scale=scale)[0]
+        assert_close_rel(y, _oracle(*args), linear_residual_ref(*args), name=f"out {cfg}")
+
+
 def test_the_public_function_with_its_default_config():
     args = _inputs(2, 70, 24, 16, 8, False, torch.float16)
     assert_close_rel(linear_residual(*args), _oracle(*args), linear_residual_ref(*args), name="out")

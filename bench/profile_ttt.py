@@ -416,7 +416,7 @@ def main(argv=None):
         from pgolf_kernels import linear_act
 
         linear_act.TILE_OVERRIDE.clear()
-        linear_act.TILE_OVERRIDE.update(SUB_TILES if var["sub"] else {})
+        linear_act.TILE_OVERRIDE.update({a: linear_act.SPLIT_CONFIG for a in SUB_EPILOGUES} if var["sub"] else {})
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -477,9 +477,9 @@ def main(argv=None):
     return out
 
 
-# -sub: the epilogues that read a (BM, BN) tile on 128 x 256 x 8 warps with SUBTILE (their default is 128 x 128 x 4)
-SUB_TILES = {act: dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)
-             for act in ("leaky_relu_sq_grad", "residual")}
+# -sub: the epilogues that read a (BM, BN) tile (derivative, residual) on linear_act.SPLIT_CONFIG (128 x 256 x 8 warps,
+# split epilogue) instead of their default, 128 x 128 x 4 warps
+SUB_EPILOGUES = ("leaky_relu_sq_grad", "residual")
 _SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "nores", "rowmap", "sub", "autotune")  # the order a variant's suffixes must come in
 
 
@@ -487,7 +487,7 @@ def _variant(v: str):
     """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-sub][-autotune]'
     -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, sub, autotune) (fused, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; sub:
-    ``linear_act.TILE_OVERRIDE`` = ``SUB_TILES`` for the variant), or None
+    ``linear_act.SPLIT_CONFIG`` for ``SUB_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):

@@ -183,12 +183,13 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
 # with the activation in the epilogue 128 x 256 was fastest in all six cases (MLP up-projection 0.419 ms against
 # 0.517 for 128 x 128 x 8 warps and 0.455-0.465 for the others); with the derivative epilogue 128 x 128 x 4 warps x
 # 4 stages (0.571 ms against 0.662 and 0.619).
-# Candidate for the epilogues that read a (BM, BN) tile: 128 x 256 with SUBTILE (TILE_CONFIGS[4]). In the records' TTT
+# Candidate for the epilogues that read a (BM, BN) tile: 128 x 256 with SUBTILE (SPLIT_CONFIG). In the records' TTT
 # step (H100, bench/results/profile-ttt-h100.md, measurement 5, one process) it moved the kernel's 44 launches from
 # 18.08 to 17.00 ms and the step's GPU time from 90.14 to 89.01 ms; it becomes the default once the GPU lane's
 # numeric tests have run it at that size (the interpreter checks the split epilogue at 16 x 32 tiles only).
 FWD_CONFIG = TILE_CONFIGS[1]
 GRAD_CONFIG = TILE_CONFIGS[2]
+SPLIT_CONFIG = TILE_CONFIGS[4]
 # fp32 operands: the 16-bit default's stages hold twice the bytes, and with the derivative epilogue's h tile the
 # kernel needs 262,168 B of shared memory (> 232,448: it failed to launch on an H100); 64 x 128 x 32 needs 98-115 KB
 # in every epilogue (sm90_check). fp32 "ieee" dots run on FMAs, not wgmma: this dtype is for references, not speed.

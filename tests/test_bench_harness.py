@@ -889,6 +889,21 @@ def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 
+def test_profile_ttt_sub_suffix_sets_the_tile_for_its_variant_only(tmp_path):
+    """-sub puts linear_act.SPLIT_CONFIG on the derivative and residual epilogues for that variant (reported with it)
+    and nothing for the next; the override is empty after the run."""
+    from bench.profile_ttt import main
+    from pgolf_kernels import linear_act
+
+    out = main(["--device", "cpu", "--batch", "2", "--window", "96", "--chunk", "32", "--rank", "4", "--steps", "1",
+                "--top", "3", "--variants", "reference-eager-sub,reference-eager", "--out", str(tmp_path)])
+    split = dict(linear_act.SPLIT_CONFIG)
+    assert out["variants"]["reference-eager-sub"]["linear_act_tiles"] == {"leaky_relu_sq_grad": split,
+                                                                          "residual": split}
+    assert out["variants"]["reference-eager"]["linear_act_tiles"] == {}
+    assert linear_act.TILE_OVERRIDE == {}
+
+
 def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
     """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), -qk with
     TTTConfig.fused_qk, on both paths; a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this

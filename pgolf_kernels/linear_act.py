@@ -175,8 +175,9 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
                 dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4),
                 dict(BM=64, BN=256, BK=64, num_warps=4, num_stages=4),
                 dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True),
-                # two programs per SM (<= 113 KB of shared memory each): one's epilogue overlaps the other's main loop
-                # (the kernel is not warp-specialized: Triton 3.6 ignores warp_specialize on sm_90)
+                # two programs per SM (<= 113 KB of shared memory each), so one's epilogue can overlap the other's main
+                # loop: the kernel is not warp-specialized (with warp_specialize on either loop Triton 3.6 made no
+                # partitions for sm_90a)
                 dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=2, SUBTILE=True, PER_SM=2),
                 dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=2, SUBTILE=True, PER_SM=2)]
 # The defaults by measurement (H100, bench/results/linear-act-h100.md, records' shapes at 64 x 2048, K 512, bf16):
@@ -214,7 +215,7 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     if act in TILE_OVERRIDE:
         return dict(TILE_OVERRIDE[act])
     # an epilogue that reads a (BM, BN) tile (h for the derivative, the residual) does not fit 128 x 256 x 3
-    # stages in shared memory (278,568 B > 232,448 with the derivative, sm90_check)
+    # stages in shared memory as one tile (278,568 B > 232,448 with the derivative, sm90_check); SPLIT_CONFIG does
     return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
 
 

@@ -101,11 +101,11 @@ def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, sa
                      dtype="bf16", res=False, x2=False, SUBTILE=False, PER_SM=1):
     """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
     with W read as (K, N), as the fused MLP's backward launches it; ``res``: the residual epilogue of
-    ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two (BM, BN / 2) halves)."""
+    ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two
+    (BM, BN / 2) halves; ``PER_SM``: programs per SM, which share its shared memory)."""
     from . import linear_act as L
 
     BNE = BN // 2 if SUBTILE else BN
-
     wblk = f"[1,{BK},{BN}]" if w_kn else f"[1,{BN},{BK}]"
     types = {"x_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w_desc": f"tensordesc<{dtype}{wblk}>",
              "y_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>", "h_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>",

@@ -5,9 +5,9 @@
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
 #            linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every tile candidate of
 #            linear_act.TILE_CONFIGS in each epilogue on the GPU
-#   graphs   the kernel path's CUDA-graph replay against eager (rank 8 and 96, int6, phased): what --cuda-graphs auto
-#            waits for before it turns graphs on for the kernel path; alone in its call (compile-bound: an earlier
-#            run stopped at 310 s inside its first rank-96 case)
+#   graphs   the kernel path's CUDA-graph replay against its bucketed steps run eagerly (bf16, rank 8 and 96), then
+#            against the unbucketed eager eval (fp32: rank 8 and 96, int6, phased): what --cuda-graphs auto waits
+#            for before it turns graphs on for the kernel path; alone in its call (compile-bound)
 #   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path with --fused-mlp, at its
 #            defaults (--fused-residual and --fused-qk on), the first again with the general row map (-rowmap),
 #            without --fused-residual, and the torch-ops reference; --sites names the op behind each top kernel.
@@ -51,7 +51,9 @@ case "$STAGE" in
     ;;
   graphs)
     timeout "${PGOLF_TEST_TIMEOUT:-560}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
-      -o faulthandler_timeout=400 "tests/test_graphs.py::test_gpu_kernel_path_eval_with_graphs_equals_eager" \
+      -o faulthandler_timeout=400 \
+      "tests/test_graphs.py::test_gpu_kernel_path_replay_equals_its_bucketed_steps_run_eagerly_in_bf16" \
+      "tests/test_graphs.py::test_gpu_kernel_path_eval_with_graphs_equals_eager" \
       2>&1 | tee "$OUTDIR/graphs.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -20
     rc=${PIPESTATUS[0]}
     ;;

@@ -407,14 +407,14 @@ def main(argv=None):
         if a.work_only:
             _save(out, a.out)
             return out
+    from pgolf_kernels import linear_act
+
     for v in a.variants.split(","):
         var = _variant(v)
         path_kind, mode = var["path"], var["mode"]
         # -tail: TTTConfig.tail_block (the last block at the scored chunk only); -fused / -torchopt: the optimizer
         cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"], fused_mlp=var["mlp"],
                                     fused_qk=var["qk"], fused_residual=var["res"])
-        from pgolf_kernels import linear_act
-
         linear_act.TILE_OVERRIDE.clear()
         linear_act.TILE_OVERRIDE.update({a: linear_act.SPLIT_CONFIG for a in SUB_EPILOGUES} if var["sub"] else {})
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])

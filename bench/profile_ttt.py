@@ -330,13 +330,15 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
-                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-sub][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
-                        "fused / torch ops (default: as the eval's auto); -mlp: TTTConfig.fused_mlp; -qk / -noqk: "
+                   help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
+                        "[-res|-nores][-rowmap][-t128][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path with "
+                        "the up and down adapters); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
                         "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
-                        "identity_rows, as the rolling schedule); -sub: linear_act's derivative and residual epilogues on "
-                        "the 128 x 256 x 8-warp tile with the split epilogue (SUBTILE) instead of their default tile; -autotune: "
+                        "identity_rows, as the rolling schedule); -t128: linear_act's derivative and residual epilogues on "
+                        "the 128 x 128 x 4-warp tile (their default before the split-epilogue tile) for a before / after "
+                        "in one process; -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -370,7 +372,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-sub][-autotune], suffixes in that order "
+                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune], suffixes in that order "
                              f"(-autotune "
                              f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
@@ -416,7 +418,8 @@ def main(argv=None):
         cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"], fused_mlp=var["mlp"],
                                     fused_qk=var["qk"], fused_residual=var["res"])
         linear_act.TILE_OVERRIDE.clear()
-        linear_act.TILE_OVERRIDE.update({a: linear_act.SPLIT_CONFIG for a in SUB_EPILOGUES} if var["sub"] else {})
+        linear_act.TILE_OVERRIDE.update({a: linear_act.TILE_CONFIGS[T128_CONFIG] for a in T128_EPILOGUES}
+                                        if var["t128"] else {})
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -446,7 +449,7 @@ def main(argv=None):
                 print(f"  {'':>8}     {s_ms:8.3f} ms  from {site[:200]}")
         out["variants"][v] = {"first_call_s": first, "step_ms": ms, "profiled_wall_ms": wall, "gpu_busy_ms": busy,
                               "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
-                              "fused_mlp": cfg_v.fused_mlp, "fused_qk": ad.fused_qk,
+                              "fused_mlp": ad.fused_mlp, "fused_qk": ad.fused_qk,
                               "fused_residual": ad.fused_residual, "identity_rows": ad.identity_rows,
                               "linear_act_tiles": dict(linear_act.TILE_OVERRIDE)}
         if a.sites:
@@ -477,17 +480,18 @@ def main(argv=None):
     return out
 
 
-# -sub: the epilogues that read a (BM, BN) tile (derivative, residual) on linear_act.SPLIT_CONFIG (128 x 256 x 8 warps,
-# split epilogue) instead of their default, 128 x 128 x 4 warps
-SUB_EPILOGUES = ("leaky_relu_sq_grad", "residual")
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "qk", "noqk", "res", "nores", "rowmap", "sub", "autotune")  # the order a variant's suffixes must come in
+# -t128: the epilogues that read a (BM, BN) tile (derivative, residual) on 128 x 128 x 4 warps x 4 stages, their
+# default before linear_act.GRAD_CONFIG became the split-epilogue 128 x 256 tile: the before of that change
+T128_EPILOGUES = ("leaky_relu_sq_grad", "residual")
+T128_CONFIG = 2   # linear_act.TILE_CONFIGS[2]: 128 x 128 x 64, 4 warps, 4 stages
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp][-qk|-noqk][-res|-nores][-rowmap][-sub][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, sub, autotune) (fused, qk, res: True / False / None = the
-    eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; sub:
-    ``linear_act.SPLIT_CONFIG`` for ``SUB_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``), or None
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, autotune) (fused, mlp, qk, res: True / False / None = the
+    eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
+    ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
@@ -495,13 +499,14 @@ def _variant(v: str):
     suf = parts[2:]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
     if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
-            or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
+            or ("mlp" in suf and "nomlp" in suf) or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
             or (parts[1] == "eager" and "autotune" in suf):
         return None
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
-            "fused": True if "fused" in suf else False if "torchopt" in suf else None, "mlp": "mlp" in suf,
+            "fused": True if "fused" in suf else False if "torchopt" in suf else None,
+            "mlp": True if "mlp" in suf else False if "nomlp" in suf else None,
             "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": True if "res" in suf else False if "nores" in suf else None,
-            "rowmap": "rowmap" in suf, "sub": "sub" in suf, "autotune": "autotune" in suf}
+            "rowmap": "rowmap" in suf, "t128": "t128" in suf, "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

@@ -184,27 +184,30 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
 # with the activation in the epilogue 128 x 256 was fastest in all six cases (MLP up-projection 0.419 ms against
 # 0.517 for 128 x 128 x 8 warps and 0.455-0.465 for the others); with the derivative epilogue 128 x 128 x 4 warps x
 # 4 stages (0.571 ms against 0.662 and 0.619).
-# Candidate for the epilogues that read a (BM, BN) tile: 128 x 256 with SUBTILE (SPLIT_CONFIG). In the records' TTT
-# step (H100, bench/results/profile-ttt-h100.md, measurement 5, one process) it moved the kernel's 44 launches from
-# 18.08 to 17.00 ms and the step's GPU time from 90.14 to 89.01 ms; it becomes the default once the GPU lane's
-# numeric tests have run it at that size (the interpreter checks the split epilogue at 16 x 32 tiles only).
+# The epilogues that read a (BM, BN) tile (the derivative's h, the residual): 128 x 256 with SUBTILE (SPLIT_CONFIG),
+# by measurement against 128 x 128 x 4 warps x 4 stages (TILE_CONFIGS[2], the default before it): in the records'
+# TTT step (H100, bench/results/profile-ttt-h100.md, measurement 5, one process) the kernel's 44 launches 18.08 ->
+# 17.00 ms and the step's GPU time 90.14 -> 89.01 ms; alone (H200, bench/results/linear-act-h200.md and
+# linear-residual-h200.md) the derivative 0.512 vs 0.535 ms, the attention-output residual 0.221 vs 0.262 ms, the
+# MLP-down residual 0.411 vs 0.453 ms. Its numeric tests ran on the GPU at that tile size, tails included
+# (-k tile_config in scripts/ttt_step_lane.sh tests).
 FWD_CONFIG = TILE_CONFIGS[1]
-GRAD_CONFIG = TILE_CONFIGS[2]
 SPLIT_CONFIG = TILE_CONFIGS[4]
+GRAD_CONFIG = SPLIT_CONFIG
 # fp32 operands: the 16-bit default's stages hold twice the bytes, and with the derivative epilogue's h tile the
 # kernel needs 262,168 B of shared memory (> 232,448: it failed to launch on an H100); 64 x 128 x 32 needs 98-115 KB
 # in every epilogue (sm90_check). fp32 "ieee" dots run on FMAs, not wgmma: this dtype is for references, not speed.
 FP32_CONFIG = dict(BM=64, BN=128, BK=32, num_warps=8, num_stages=3)
 # 16-bit GPU tiles by epilogue ("leaky_relu_sq", "none", "leaky_relu_sq_grad", "residual") that replace the defaults
-# below: how the benches time a candidate inside a whole step (``bench.profile_ttt``'s -sub variants); empty at eval
+# below: how the benches time a candidate inside a whole step (``bench.profile_ttt``'s -t128 variants); empty at eval
 TILE_OVERRIDE: dict = {}
 
 
 def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = torch.bfloat16,
                    act: str = "leaky_relu_sq") -> dict:
     """Tile sizes, fixed ahead of time (no autotuning at eval). Interpreter: small tiles (its cost grows with
-    the tile). GPU, 16-bit: ``FWD_CONFIG`` (128 x 256 x 64), or ``GRAD_CONFIG`` (128 x 128 x 64, 4 warps, 4
-    stages) for the derivative and residual epilogues; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
+    the tile). GPU, 16-bit: ``FWD_CONFIG`` (128 x 256 x 64), or ``GRAD_CONFIG`` (128 x 256 x 64, 8 warps, 3
+    stages, the epilogue on two column halves) for the derivative and residual epilogues; fp32: ``FP32_CONFIG`` (64 x 128 x 32)."""
     check(act in _ACT_CODE, lambda: f"default_config: act must be one of {tuple(_ACT_CODE)}, got {act!r}")
     check(dtype in (torch.bfloat16, torch.float16, torch.float32),
           lambda: f"default_config: dtype must be bfloat16, float16 or float32, got {dtype}", TypeError)
@@ -215,7 +218,8 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     if act in TILE_OVERRIDE:
         return dict(TILE_OVERRIDE[act])
     # an epilogue that reads a (BM, BN) tile (h for the derivative, the residual) does not fit 128 x 256 x 3
-    # stages in shared memory as one tile (278,568 B > 232,448 with the derivative, sm90_check); SPLIT_CONFIG does
+    # stages in shared memory as one tile (278,568 B > 232,448 with the derivative, sm90_check); split in two
+    # column halves it does (181 / 213 KB)
     return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
 
 

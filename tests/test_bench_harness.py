@@ -849,28 +849,29 @@ def test_profile_ttt_variant_names():
     from bench.profile_ttt import _variant, main
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
-                                          "mlp": False, "qk": None, "res": None, "rowmap": False,
-                                          "sub": False, "autotune": False}
+                                          "mlp": None, "qk": None, "res": None, "rowmap": False,
+                                          "t128": False, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
-                                                                 "fused": True, "mlp": False, "qk": None, "res": None,
-                                                                 "rowmap": False, "sub": False, "autotune": True}
+                                                                 "fused": True, "mlp": None, "qk": None, "res": None,
+                                                                 "rowmap": False, "t128": False, "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "sub": False, "autotune": False}
+                                                       "rowmap": False, "t128": False, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
+    assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "sub": False, "autotune": False}
+                                                      "t128": False, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
-    assert _variant("kernel-compile-tail-mlp-rowmap-sub")["sub"] is True
+    assert _variant("kernel-compile-tail-mlp-rowmap-t128")["t128"] is True
     for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
                 "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail",
                 "kernel-compile-qk-mlp", "kernel-compile-qk-noqk", "kernel-compile-noqk-mlp", "kernel-compile-res-mlp",
                 "kernel-compile-autotune-res", "kernel-compile-rowmap-res", "kernel-compile-res-nores",
-                "kernel-compile-nores-qk", "kernel-compile-sub-rowmap", "kernel-compile-autotune-sub"):
+                "kernel-compile-nores-qk", "kernel-compile-mlp-nomlp", "kernel-compile-qk-nomlp", "kernel-compile-t128-rowmap", "kernel-compile-autotune-t128"):
         assert _variant(bad) is None, bad
         with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
             main(["--variants", bad, "--device", "cpu"])
@@ -889,17 +890,19 @@ def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 
-def test_profile_ttt_sub_suffix_sets_the_tile_for_its_variant_only(tmp_path):
-    """-sub puts linear_act.SPLIT_CONFIG on the derivative and residual epilogues for that variant (reported with it)
-    and nothing for the next; the override is empty after the run."""
+def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path):
+    """-t128 puts the 128 x 128 tile (the derivative and residual epilogues' default before the split-epilogue tile)
+    on those epilogues for that variant (reported with it) and nothing for the next; the override is empty after the
+    run."""
     from bench.profile_ttt import main
     from pgolf_kernels import linear_act
 
     out = main(["--device", "cpu", "--batch", "2", "--window", "96", "--chunk", "32", "--rank", "4", "--steps", "1",
-                "--top", "3", "--variants", "reference-eager-sub,reference-eager", "--out", str(tmp_path)])
-    split = dict(linear_act.SPLIT_CONFIG)
-    assert out["variants"]["reference-eager-sub"]["linear_act_tiles"] == {"leaky_relu_sq_grad": split,
-                                                                          "residual": split}
+                "--top", "3", "--variants", "reference-eager-t128,reference-eager", "--out", str(tmp_path)])
+    t128 = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4)
+    assert linear_act.GRAD_CONFIG != t128
+    assert out["variants"]["reference-eager-t128"]["linear_act_tiles"] == {"leaky_relu_sq_grad": t128,
+                                                                           "residual": t128}
     assert out["variants"]["reference-eager"]["linear_act_tiles"] == {}
     assert linear_act.TILE_OVERRIDE == {}
 

@@ -9,6 +9,7 @@ same dtype (``linear_act_ref``: matmul, then the activation in fp32) against fp6
 import pytest
 import torch
 import torch.nn.functional as F
+from triton.runtime.errors import OutOfResources
 
 from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
@@ -85,9 +86,17 @@ def test_the_bench_tile_configs_on_tails_in_the_derivative_epilogue():
         pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
     ref = linear_act_grad_ref(g.double(), w.double(), h.double(), 0.5, True)
     base = linear_act_grad_ref(g, w, h, 0.5, True)
+    too_big = []
     for cfg in mod.TILE_CONFIGS:
-        dh = mod._launch(g, w, "leaky_relu_sq_grad", 0.5, False, cfg, aux=h, w_kn=True)[0]
+        try:
+            dh = mod._launch(g, w, "leaky_relu_sq_grad", 0.5, False, cfg, aux=h, w_kn=True)[0]
+        except OutOfResources:
+            # a candidate over the SM's shared memory with this epilogue (128 x 256 unsplit: 278,568 B > 232,448)
+            # cannot launch on the GPU; the bench reports it as skipped. The default must not be one of them.
+            too_big.append(cfg)
+            continue
         assert_close_rel(dh, ref, base, name=f"dh {cfg}")
+    assert mod.GRAD_CONFIG not in too_big and len(too_big) < len(mod.TILE_CONFIGS) - 1, too_big
 
 
 def test_the_bench_runs_and_checks_on_tiny_shapes():
@@ -380,9 +389,10 @@ def test_default_config_refuses_unknown_act_and_dtype():
 def test_tile_override_replaces_the_16bit_default_of_its_epilogue_only(monkeypatch):
     """``TILE_OVERRIDE`` (how bench.profile_ttt times a tile inside a whole step): the 16-bit GPU tile of the epilogue
     it names; other epilogues, fp32 and the interpreter keep theirs."""
-    sub = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3, SUBTILE=True)
-    monkeypatch.setitem(mod.TILE_OVERRIDE, "residual", sub)
-    assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "residual") == sub
+    t128 = dict(BM=128, BN=128, BK=64, num_warps=4, num_stages=4)
+    assert t128 != mod.GRAD_CONFIG
+    monkeypatch.setitem(mod.TILE_OVERRIDE, "residual", t128)
+    assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "residual") == t128
     assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "leaky_relu_sq_grad") == mod.GRAD_CONFIG
     assert mod.default_config(2048, 512, 512, True, torch.float32, "residual") == mod.FP32_CONFIG
     assert mod.default_config(2048, 512, 512, False, torch.float16, "residual")["BM"] == 16

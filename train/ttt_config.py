@@ -83,9 +83,11 @@ class TTTConfig(AdamSettings):
     fused_optimizer: Optional[bool] = None
     # the MLP as pgolf_kernels.linear_act.mlp_leaky_sq: leaky_relu(h)² in the up-projection's epilogue and its
     # derivative in the backward's first GEMM, with the up / down adapters merged into per-row weights
-    # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). Off by
-    # default: not yet measured inside a TTT step (bench.profile_ttt variant suffix -mlp)
-    fused_mlp: bool = False
+    # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). None: on
+    # for the kernel path when up and down are both adapted (the records' recipe) and the MLP's shapes allow, off
+    # otherwise and for --reference. Measured in the records' TTT step (H100, bench/results/profile-ttt-h100.md
+    # measurement 5): GPU time 92.65 -> 89.01 ms per step
+    fused_mlp: Optional[bool] = None
     # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,
     # the rotated tile written once, in the projections' (B, T, H, D) order). None: on for the kernel path when the
     # head dim is twice a power of two, off for --reference (the baseline's plain torch ops). Measured in the
@@ -166,8 +168,8 @@ class TTTConfig(AdamSettings):
                              f"planned graph)")
         if self.fused_optimizer not in (None, True, False):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
-        if not isinstance(self.fused_mlp, bool):
-            raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
+        if self.fused_mlp is not None and not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected None (auto), True or False")
         if self.fused_residual is not None and not isinstance(self.fused_residual, bool):
             raise ValueError(f"fused_residual: {self.fused_residual!r}; expected None (auto), True or False")
         if self.fused_qk is not None and not isinstance(self.fused_qk, bool):

@@ -550,8 +550,9 @@ def merged(monkeypatch):
 
 
 @pytest.mark.parametrize("B,T,r,n,idx,alpha", [(3, 9, 3, None, None, 0.7), (4, 33, 8, 5, [3, 0, 3, 1], 1.0),
-                                                (32, 1, 1, None, None, 2.0), (3, 17, 6, 1, [0, 0, 0], 0.5)],
-                         ids=["plain", "index-dup", "T1-r1", "shared-adapter"])
+                                                (32, 1, 1, None, None, 2.0), (3, 17, 6, 1, [0, 0, 0], 0.5),
+                                                (3, 9, 3, 5, None, 0.7)],
+                         ids=["plain", "index-dup", "T1-r1", "shared-adapter", "more-adapters"])
 @pytest.mark.parametrize("deterministic", [False, True], ids=["atomic", "deterministic"])
 def test_merged_matches_oracle(device, act_dtype, merged, B, T, r, n, idx, alpha, deterministic):
     """Merged weights vs the fp64 oracle (2x bound of torch's own path), with duplicate adapter rows, unused adapters,
@@ -564,6 +565,11 @@ def test_merged_matches_oracle(device, act_dtype, merged, B, T, r, n, idx, alpha
     if idx is not None and n > max(idx) + 1:
         for t in g[1:]:
             assert torch.count_nonzero(t[max(idx) + 1:]) == 0   # unused adapters get no gradient
+    if idx is None and n is not None and n > B:
+        # adapters past the batch rows get no gradient (their grad rows are the zero-filled ones; with one adapter
+        # per batch row the buffer is not zero-filled, and the NaN-filled allocation shows any element left unwritten)
+        for t in g[1:]:
+            assert torch.count_nonzero(t[B:]) == 0
 
 
 def test_merged_deterministic_bitwise(device, merged):

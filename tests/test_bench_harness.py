@@ -1070,3 +1070,19 @@ def test_profile_ttt_launch_sites_name_the_op_and_its_custom_op():
                    "indexFuncLargeIndex": [["aten::index_add_", 0.04]]}
     assert launch_sites(ev, {"elementwise_kernel"}, per_kernel=1) == {
         "elementwise_kernel": [["aten::copy_ [[64, 2048, 512], [64, 2048, 512]] in pgolf::multi_lora_bwd", 0.5]]}
+
+
+def test_attention_bench_rows_on_tiny_shapes():
+    """bench.bench_attention's rows at a tiny shape on the CPU (the math backend, a stand-in timer): one row per K / V
+    form and layout, each checked against the first before it is timed, with the fields the docs cite; a backend
+    error is reported in its row, not raised."""
+    from bench.bench_attention import measure
+
+    calls = []
+    rows = measure(torch.device("cpu"), 2, 16, 4, 2, 8, torch.float32, lambda f: (calls.append(f()), 1.0)[1])
+    assert [r["case"].split(":")[0] for r in rows] == ["MATH-gqa-bthd", "MATH-gqa-contig", "MATH-expand-bthd",
+                                                       "MATH-expand-contig"]
+    assert len(calls) == 2 * len(rows)
+    for r in rows:
+        assert r["error"] == "" and r["max_rel_err"] < 1e-5 and r["speedup"] == 1.0
+        assert r["per_step_ms_11_layers"] == 11.0 and r["fwd_bwd_tflops"] > 0

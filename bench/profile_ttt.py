@@ -332,8 +332,8 @@ def main(argv=None):
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
                         "[-res|-nores][-rowmap][-t128][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
-                        "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path with "
-                        "the up and down adapters); -qk / -noqk: "
+                        "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
+                        "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
                         "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
                         "identity_rows, as the rolling schedule); -t128: linear_act's derivative and residual epilogues on "

@@ -27,7 +27,7 @@ against the bare GEMM), the whole MLP forward + backward 1.135× the plain MLP u
 3.164 ms). The records' step needs GEMMs at >= 0.73-1.0x
 cuBLAS with the element-wise passes absorbed to reach 1.5x its reference (``docs/STATUS.md``). The TTT engine runs
 its MLP through ``mlp_leaky_sq`` with ``--fused-mlp`` (``TTTConfig.fused_mlp``; auto: on for the kernel path when the
-up and down adapters are both trained, the records' recipe): in that step (H100, ``bench/results/profile-ttt-h100.md``
+MLP carries an adapter, as in the records' recipe): in that step (H100, ``bench/results/profile-ttt-h100.md``
 measurement 5) GPU time 92.65 -> 89.01 ms per step.
 
 Kernel: persistent (one program per SM, tiles strided over programs), operands loaded by TMA through host tensor

@@ -41,7 +41,8 @@ def assert_step_unchanged(model, rb, cfg, n_docs, backend, plain=None, **changes
     """The step's NLL at every scored position and every adapter gradient with ``cfg`` changed by ``changes``, against
     ``cfg`` itself (or ``plain``, its (nll, grads) computed before): equal within fp32 rounding. Returns the grads."""
     # the fusions a test names, not the kernel path's auto
-    cfg = dataclasses.replace(cfg, fused_qk=bool(cfg.fused_qk), fused_residual=bool(cfg.fused_residual))
+    cfg = dataclasses.replace(cfg, fused_qk=bool(cfg.fused_qk), fused_residual=bool(cfg.fused_residual),
+                              fused_mlp=bool(cfg.fused_mlp))
     plain, g_plain = plain if plain is not None else _nll_and_grads(model, rb, cfg, n_docs, backend)
     fused, g_fused = _nll_and_grads(model, rb, dataclasses.replace(cfg, **changes), n_docs, backend)
     m = rb.mask
@@ -100,7 +101,7 @@ def assert_eval_unchanged(changes, lengths=None, device="cpu", backend="bmm", re
     stream = doc_stream(LENGTHS if lengths is None else lengths, seed=5).to(device)
     lut = _lut(tiny_model(seed=3).config.vocab_size)
     # the fusions a test names, not the kernel path's auto
-    base = dataclasses.replace(RECORDS_LIKE, fused_qk=False, fused_residual=False)
+    base = dataclasses.replace(RECORDS_LIKE, fused_qk=False, fused_residual=False, fused_mlp=False)
     ref = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt", cfg=base, backend=backend)
     for ch in changes:
         rep = evaluate(tiny_model(seed=3).to(device), stream, lut, mode="ttt",
@@ -135,17 +136,20 @@ def test_fused_mlp_refusals_and_option():
     assert _parse(base).ttt_cfg.fused_mlp is None
 
 
-def test_fused_mlp_auto_is_on_for_the_kernel_path_with_up_and_down_adapted():
-    """auto (None): the kernel path with the up and down adapters (the records' recipe, where it was measured to pay)
-    runs the fused MLP; the reference, and the kernel path without those adapters (the seeds' recipe), do not; an
-    explicit True / False wins over the rule."""
+def test_fused_mlp_auto_is_on_for_the_kernel_path_when_the_mlp_is_adapted():
+    """auto (None): the kernel path whose MLP carries an adapter (the records' "mlp" target, where it was measured to
+    pay; or up and down) runs the fused MLP; the reference, the kernel path with no MLP adapter (the seeds' recipe)
+    and one with only one of up / down do not; an explicit True / False wins over the rule."""
     model = tiny_model(seed=3, num_layers=2)
     cpu = torch.device("cpu")
+    records = ("q", "k", "v", "o", "mlp", "head")
+    assert DocLoRA(model, TTTConfig(targets=records), 2, cpu, "kernel").fused_mlp is True
     assert DocLoRA(model, TTTConfig(targets=ALL), 2, cpu, "kernel").fused_mlp is True
-    assert DocLoRA(model, TTTConfig(targets=ALL), 2, cpu, "bmm").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=("q", "up", "down")), 2, cpu, "kernel").fused_mlp is True
+    assert DocLoRA(model, TTTConfig(targets=records), 2, cpu, "bmm").fused_mlp is False
     assert DocLoRA(model, TTTConfig(targets=("q", "v", "head")), 2, cpu, "kernel").fused_mlp is False
-    assert DocLoRA(model, TTTConfig(targets=ALL, fused_mlp=False), 2, cpu, "kernel").fused_mlp is False
-    assert DocLoRA(model, TTTConfig(targets=("q", "v")), 2, cpu, "bmm").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=("mlp", "up")), 2, cpu, "kernel").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=records, fused_mlp=False), 2, cpu, "kernel").fused_mlp is False
     assert DocLoRA(model, TTTConfig(targets=("q", "v"), fused_mlp=True), 2, cpu, "bmm").fused_mlp is True
 
 

@@ -604,8 +604,8 @@ def _parse(argv):
     ap.add_argument("--fused-mlp", default="auto", choices=["auto", "on", "off"],
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
                          "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
-                         "dequantized per call); auto: on for the kernel path when up and down are both adapted (the "
-                         "records' recipe), off otherwise and for --reference")
+                         "dequantized per call); auto: on for the kernel path when the MLP carries an adapter (the "
+                         "records' 'mlp' target, or up and down), off otherwise and for --reference")
     ap.add_argument("--fused-residual", default="auto", choices=["auto", "on", "off"],
                     help="the block's two residual sites as pgolf_kernels.linear_residual (projection, o / mlp "
                          "adapters' expand and the residual add in one GEMM); auto: on for the kernel path where "

@@ -84,8 +84,8 @@ class TTTConfig(AdamSettings):
     # the MLP as pgolf_kernels.linear_act.mlp_leaky_sq: leaky_relu(h)² in the up-projection's epilogue and its
     # derivative in the backward's first GEMM, with the up / down adapters merged into per-row weights
     # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). None: on
-    # for the kernel path when up and down are both adapted (the records' recipe) and the MLP's shapes allow, off
-    # otherwise and for --reference. Measured in the records' TTT step (H100, bench/results/profile-ttt-h100.md
+    # for the kernel path when the MLP carries an adapter (the records' recipe: the "mlp" target; or up and down
+    # both) and its shapes allow, off otherwise (the seeds' recipe) and for --reference. Measured in the records' TTT step (H100, bench/results/profile-ttt-h100.md
     # measurement 5): GPU time 92.65 -> 89.01 ms per step
     fused_mlp: Optional[bool] = None
     # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,

@@ -8,10 +8,10 @@
 #   graphs   the kernel path's CUDA-graph replay against its bucketed steps run eagerly (bf16, rank 8 and 96), then
 #            against the unbucketed eager eval (fp32: rank 8 and 96, int6, phased): what --cuda-graphs auto waits
 #            for before it turns graphs on for the kernel path; alone in its call (compile-bound)
-#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path at its defaults (--fused-mlp,
-#            --fused-residual and --fused-qk on by auto, linear_act's split-epilogue tile), the same with the previous
-#            128 x 128 tile (-t128) and without the fused MLP (-nomlp), and the torch-ops reference; --sites names the
-#            op behind each top kernel. Writes OUTDIR/profile/profile_ttt.json
+#   profile  bench.profile_ttt on the records' step (64 x 2048, rank 96): the kernel path with --fused-mlp (-mlp), at its
+#            defaults (--fused-residual and --fused-qk on by auto, linear_act's split-epilogue tile), the same with the
+#            previous 128 x 128 tile (-t128), and the torch-ops reference; --sites names the op behind each top kernel.
+#            Writes OUTDIR/profile/profile_ttt.json
 #   ops      the op benches of the step's pieces: linear_residual, linear_act, head_norm_rope, ttt_optim
 #   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
 #            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
@@ -59,7 +59,7 @@ case "$STAGE" in
     ;;
   profile)
     timeout "${PGOLF_PROFILE_TIMEOUT:-570}" python3 -m bench.profile_ttt --recipe records \
-      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-t128,kernel-compile-tail-nomlp,reference-compile-tail}" \
+      --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail-mlp,kernel-compile-tail,kernel-compile-tail-t128,reference-compile-tail}" \
       --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | tail -80
     rc=${PIPESTATUS[0]}
     ;;

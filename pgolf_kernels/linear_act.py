@@ -26,9 +26,9 @@ activation 1.39-1.55× cuBLAS + the compiled activation, with the derivative 1.2
 against the bare GEMM), the whole MLP forward + backward 1.135× the plain MLP under torch.compile (2.787 vs
 3.164 ms). The records' step needs GEMMs at >= 0.73-1.0x
 cuBLAS with the element-wise passes absorbed to reach 1.5x its reference (``docs/STATUS.md``). The TTT engine runs
-its MLP through ``mlp_leaky_sq`` with ``--fused-mlp on`` (``TTTConfig.fused_mlp``, off by default until the eval with it has been compared with the
-unfused MLP on a GPU): in the records' step (H100, ``bench/results/profile-ttt-h100.md``
-measurement 5) GPU time 92.65 -> 89.01 ms per step.
+its MLP through ``mlp_leaky_sq`` with ``--fused-mlp on`` (``TTTConfig.fused_mlp``; off by default until the eval with
+it has been compared with the unfused MLP on a GPU): in the records' step (H100,
+``bench/results/profile-ttt-h100.md`` measurement 5) GPU time 92.65 -> 89.01 ms per step.
 
 Kernel: persistent (one program per SM, tiles strided over programs), operands loaded by TMA through host tensor
 descriptors over 3-D views (B, T, K) / (B_w, N, K) / (B, T, N), so a tile never straddles two batch rows and
@@ -190,8 +190,9 @@ TILE_CONFIGS = [dict(BM=128, BN=128, BK=64, num_warps=8, num_stages=3),
 # TTT step (H100, bench/results/profile-ttt-h100.md, measurement 5, one process) the kernel's 44 launches 18.08 ->
 # 17.00 ms and the step's GPU time 90.14 -> 89.01 ms; alone (H200, bench/results/linear-act-h200.md and
 # linear-residual-h200.md) the derivative 0.512 vs 0.535 ms, the attention-output residual 0.221 vs 0.262 ms, the
-# MLP-down residual 0.411 vs 0.453 ms. Its numeric tests ran on the GPU at that tile size, tails included
-# (-k tile_config in scripts/ttt_step_lane.sh tests).
+# MLP-down residual 0.411 vs 0.453 ms. Its numeric tests ran on the GPU (H200) at that tile size, tails
+# included (-k tile_config in scripts/ttt_step_lane.sh tests). In the step on an H200 (profile-ttt-h200.md,
+# measurement 7) the kernel's 22 residual launches 6.96 -> 6.16 ms, the step's GPU time within its run-to-run spread.
 FWD_CONFIG = TILE_CONFIGS[1]
 SPLIT_CONFIG = TILE_CONFIGS[4]
 GRAD_CONFIG = SPLIT_CONFIG

@@ -125,6 +125,7 @@ class DocLoRA:
         self._A_list = [a for k in self.A for a in self.A[k]]
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
+        self.fused_mlp = bool(cfg.fused_mlp)
         qk_ok = hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0   # head_norm_rope's rotary halves: a power of two
         if cfg.fused_qk and not qk_ok:
             raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
@@ -137,7 +138,6 @@ class DocLoRA:
         # auto (None): the kernel path takes it where the shapes allow; the reference keeps the torch ops
         self.fused_residual = (bool(cfg.fused_residual) if cfg.fused_residual is not None
                                else (self.backend == "kernel" and res_ok))
-        self.fused_mlp = bool(cfg.fused_mlp)
         if self.fused_mlp:
             mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
             bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)

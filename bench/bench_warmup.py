@@ -128,7 +128,12 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # gives it in the eval, and its val_bpb against the reference row's 3.636866
          "records-kernel-tail-w96-global-graphs": ("records", False, ("--tail-block", "--graph-window-step", "96",
                                                                       "--parallel-compile", "global",
-                                                                      "--cuda-graphs", "on"))}
+                                                                      "--cuda-graphs", "on")),
+         # the same with the MLP's activation in the up-projection's epilogue (--fused-mlp; the profile's step gave
+         # 92.65 -> 89.01 GPU-ms with it on an H100, profile-ttt-h100.md measurement 5)
+         "records-kernel-tail-w96-global-graphs-mlp": ("records", False, ("--tail-block", "--graph-window-step", "96",
+                                                                          "--parallel-compile", "global",
+                                                                          "--cuda-graphs", "on", "--fused-mlp", "on"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

@@ -453,8 +453,19 @@ def test_eval_with_graphs_on_cpu_runs_bucketed_steps_and_equals_eager(int6, monk
 
     from train.eval import evaluate
 
+    import train.eval as ev
+
     if int6:  # the int6 layers as torch ops: this checks when the steps are staged again, not the int6 kernels
         monkeypatch.setenv("TRITON_INTERPRET", "0")  # (tests/test_int6_linear.py; interpreted here: 217 s)
+    # staging again after a pass: the replaced steps' buffers (on a GPU their graphs and pool) are released first
+    made, real_prepare = [], ev.StepGraphs.prepare
+
+    def prepare(self, *a, **k):
+        assert all(not g.buffers and not g.graphs for g in made), "the replaced steps still held their buffers"
+        made.append(self)
+        return real_prepare(self, *a, **k)
+
+    monkeypatch.setattr(ev.StepGraphs, "prepare", prepare)
     torch.manual_seed(0)
     stream = doc_stream(LENGTHS, seed=5)
     lut = _lut(tiny_model(seed=3).config.vocab_size)
@@ -470,6 +481,8 @@ def test_eval_with_graphs_on_cpu_runs_bucketed_steps_and_equals_eager(int6, monk
         assert abs(rep["val_bpb"] - ref["val_bpb"]) < 1e-5 * ref["val_bpb"], (rep["val_bpb"], ref["val_bpb"])
         if cfg.phases:
             _recaptures_expected(rep, cfg, int6)
+        assert len(made) == 1 + (1 if int6 else 0)
+        made.clear()
 
 
 @pytest.mark.gpu

@@ -372,6 +372,12 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
                     # the pass replaced tensors the captured steps read (int6 layers swapped for dense ones at the
                     # first pass): capture again
                     q.graphs = None
+                    # the replaced graphs' pool goes first: kept until the new capture, the kernel path's records
+                    # recipe held two sets (the first 59.56 GiB) and ran an 80 GB H100 out of memory at its first
+                    # pass (bench/results/logs/eval-records-kernel-graphs-mlp-h100.txt)
+                    graphs.release()
+                    if st.bytes_at.device.type == "cuda":
+                        torch.cuda.empty_cache()
                     graphs = _step_graphs(model, adapter, opt, cfg, st, log, prev=graphs)
                     graphs_at = tensor_addresses(model)
                     report["cuda_graphs"].setdefault("recaptures", []).append(dict(graphs.stats, phase=p))

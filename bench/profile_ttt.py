@@ -332,7 +332,8 @@ def main(argv=None):
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
                         "[-res|-nores][-rowmap][-t128][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
-                        "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: off, as the eval's); -qk / -noqk: "
+                        "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
+                        "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
                         "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
                         "identity_rows, as the rolling schedule); -t128: linear_act's derivative and residual epilogues on "
@@ -414,7 +415,7 @@ def main(argv=None):
         var = _variant(v)
         path_kind, mode = var["path"], var["mode"]
         # -tail: TTTConfig.tail_block (the last block at the scored chunk only); -fused / -torchopt: the optimizer
-        cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"], fused_mlp=bool(var["mlp"]),
+        cfg_v = dataclasses.replace(cfg, tail_block=var["tail"], fused_optimizer=var["fused"], fused_mlp=var["mlp"],
                                     fused_qk=var["qk"], fused_residual=var["res"])
         linear_act.TILE_OVERRIDE.clear()
         linear_act.TILE_OVERRIDE.update({a: linear_act.TILE_CONFIGS[T128_CONFIG] for a in T128_EPILOGUES}

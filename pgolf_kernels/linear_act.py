@@ -26,9 +26,9 @@ activation 1.39-1.55× cuBLAS + the compiled activation, with the derivative 1.2
 against the bare GEMM), the whole MLP forward + backward 1.135× the plain MLP under torch.compile (2.787 vs
 3.164 ms). The records' step needs GEMMs at >= 0.73-1.0x
 cuBLAS with the element-wise passes absorbed to reach 1.5x its reference (``docs/STATUS.md``). The TTT engine runs
-its MLP through ``mlp_leaky_sq`` with ``--fused-mlp on`` (``TTTConfig.fused_mlp``; off by default until the eval with
-it has been compared with the unfused MLP on a GPU): in the records' step (H100,
-``bench/results/profile-ttt-h100.md`` measurement 5) GPU time 92.65 -> 89.01 ms per step.
+its MLP through ``mlp_leaky_sq`` with ``--fused-mlp`` (``TTTConfig.fused_mlp``; auto: on for the kernel path when the
+MLP carries an adapter, as in the records' recipe): in the records' step (H100, ``bench/results/profile-ttt-h100.md``
+measurement 5) GPU time 92.65 -> 89.01 ms per step.
 
 Kernel: persistent (one program per SM, tiles strided over programs), operands loaded by TMA through host tensor
 descriptors over 3-D views (B, T, K) / (B_w, N, K) / (B, T, N), so a tile never straddles two batch rows and

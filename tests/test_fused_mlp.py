@@ -121,17 +121,36 @@ def test_fused_mlp_refusals_and_option():
 
     with pytest.raises(ValueError, match="fused_mlp: needs both 'up' and 'down' in targets or neither"):
         TTTConfig(fused_mlp=True, targets=("q", "up"))
-    with pytest.raises(ValueError, match="fused_mlp: 'yes'; expected True or False"):
+    with pytest.raises(ValueError, match=r"fused_mlp: 'yes'; expected None \(auto\), True or False"):
         TTTConfig(fused_mlp="yes")
     model = tiny_model(seed=3, num_layers=2)
     model.blocks[1].mlp.proj = torch.nn.Identity()
     with pytest.raises(ValueError, match=r"fused_mlp: needs the model's MLP projections as dense weights \(.weight\) "
                                          r"or int6 codes \(.q, .scale\); found \['Identity'\]"):
         DocLoRA(model, TTTConfig(fused_mlp=True, targets=ALL), 2, torch.device("cpu"), "bmm")
+    # auto leaves such a model on the torch MLP instead of refusing it
+    assert DocLoRA(model, TTTConfig(targets=ALL), 2, torch.device("cpu"), "kernel").fused_mlp is False
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
     assert _parse(base + ["--fused-mlp", "on"]).ttt_cfg.fused_mlp is True
     assert _parse(base + ["--fused-mlp", "off"]).ttt_cfg.fused_mlp is False
-    assert _parse(base).ttt_cfg.fused_mlp is False
+    assert _parse(base).ttt_cfg.fused_mlp is None
+
+
+def test_fused_mlp_auto_is_on_for_the_kernel_path_when_the_mlp_is_adapted():
+    """auto (None): the kernel path whose MLP carries an adapter (the records' "mlp" target, where it was measured to
+    pay; or up and down) runs the fused MLP; the reference, the kernel path with no MLP adapter (the seeds' recipe)
+    and one with only one of up / down do not; an explicit True / False wins over the rule."""
+    model = tiny_model(seed=3, num_layers=2)
+    cpu = torch.device("cpu")
+    records = ("q", "k", "v", "o", "mlp", "head")
+    assert DocLoRA(model, TTTConfig(targets=records), 2, cpu, "kernel").fused_mlp is True
+    assert DocLoRA(model, TTTConfig(targets=ALL), 2, cpu, "kernel").fused_mlp is True
+    assert DocLoRA(model, TTTConfig(targets=("q", "up", "down")), 2, cpu, "kernel").fused_mlp is True
+    assert DocLoRA(model, TTTConfig(targets=records), 2, cpu, "bmm").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=("q", "v", "head")), 2, cpu, "kernel").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=("mlp", "up")), 2, cpu, "kernel").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=records, fused_mlp=False), 2, cpu, "kernel").fused_mlp is False
+    assert DocLoRA(model, TTTConfig(targets=("q", "v"), fused_mlp=True), 2, cpu, "bmm").fused_mlp is True
 
 
 @pytest.mark.gpu

@@ -607,11 +607,11 @@ def _parse(argv):
     ap.add_argument("--fused-optimizer", default="auto", choices=["auto", "on", "off"],
                     help="the adapters' Adam / AdamW step in one pass per parameter (pgolf_kernels.adam_rows); auto: "
                          "on for the kernel path, off for --reference")
-    ap.add_argument("--fused-mlp", default="off", choices=["on", "off"],
+    ap.add_argument("--fused-mlp", default="auto", choices=["auto", "on", "off"],
                     help="the MLP as pgolf_kernels.linear_act.mlp_leaky_sq (activation in the up-projection's epilogue, "
                          "its derivative in the backward's first GEMM, up / down adapters merged per row; int6 MLP codes "
-                         "dequantized per call); off by default (faster in the records' step on an H100; its eval has "
-                         "not yet been compared with the unfused MLP on a GPU)")
+                         "dequantized per call); auto: on for the kernel path when the MLP carries an adapter (the "
+                         "records' 'mlp' target, or up and down), off otherwise and for --reference")
     ap.add_argument("--fused-residual", default="auto", choices=["auto", "on", "off"],
                     help="the block's two residual sites as pgolf_kernels.linear_residual (projection, o / mlp "
                          "adapters' expand and the residual add in one GEMM); auto: on for the kernel path where "
@@ -715,7 +715,7 @@ def _configs(args):
         return TTTConfig(), cc  # the per-document config is unused by the chunked mode
     return recipe(args.recipe, separate_score_pass=args.separate_score_pass, schedule=args.schedule,
                   cuda_graphs=args.cuda_graphs == "on",
-                  fused_optimizer=_auto_on_off(args.fused_optimizer), fused_mlp=args.fused_mlp == "on",
+                  fused_optimizer=_auto_on_off(args.fused_optimizer), fused_mlp=_auto_on_off(args.fused_mlp),
                   fused_qk=_auto_on_off(args.fused_qk), fused_residual=_auto_on_off(args.fused_residual), **over), None
 
 

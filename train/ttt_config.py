@@ -83,11 +83,12 @@ class TTTConfig(AdamSettings):
     fused_optimizer: Optional[bool] = None
     # the MLP as pgolf_kernels.linear_act.mlp_leaky_sq: leaky_relu(h)² in the up-projection's epilogue and its
     # derivative in the backward's first GEMM, with the up / down adapters merged into per-row weights
-    # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). Off by
-    # default although it paid in the records' TTT step on an H100 (GPU time 92.65 -> 89.01 ms per step,
-    # bench/results/profile-ttt-h100.md measurement 5): the eval with it has not yet been compared with the unfused
-    # MLP on a GPU (tests/test_fused_mlp.py::test_gpu_eval_with_fused_mlp_scores_like_without)
-    fused_mlp: bool = False
+    # E = W + s·B·A (an int6 model's MLP codes dequantized per call; up and down both adapted or neither). None: on
+    # for the kernel path when the MLP carries an adapter (the records' recipe: the "mlp" target; or up and down
+    # both) and its shapes allow, off otherwise (the seeds' recipe) and for --reference. Measured in the records' TTT
+    # step (H100, bench/results/profile-ttt-h100.md measurement 5): GPU time 92.65 -> 89.01 ms per step; its eval
+    # scores as the unfused MLP's on a GPU (tests/test_fused_mlp.py, H100)
+    fused_mlp: Optional[bool] = None
     # q and k's per-head RMSNorm, q_gain and rotary in one pass each (pgolf_kernels.head_norm_rope: x read once,
     # the rotated tile written once, in the projections' (B, T, H, D) order). None: on for the kernel path when the
     # head dim is twice a power of two, off for --reference (the baseline's plain torch ops). Measured in the
@@ -168,8 +169,8 @@ class TTTConfig(AdamSettings):
                              f"planned graph)")
         if self.fused_optimizer not in (None, True, False):
             raise ValueError(f"fused_optimizer: {self.fused_optimizer!r}; expected None (auto), True or False")
-        if not isinstance(self.fused_mlp, bool):
-            raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected True or False")
+        if self.fused_mlp is not None and not isinstance(self.fused_mlp, bool):
+            raise ValueError(f"fused_mlp: {self.fused_mlp!r}; expected None (auto), True or False")
         if self.fused_residual is not None and not isinstance(self.fused_residual, bool):
             raise ValueError(f"fused_residual: {self.fused_residual!r}; expected None (auto), True or False")
         if self.fused_qk is not None and not isinstance(self.fused_qk, bool):

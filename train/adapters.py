@@ -199,7 +199,8 @@ class DocLoRA:
             di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
             ids[: di.numel()] = di
             ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
-            self._draw_a(ids.to(self._device, non_blocking=True))
+            self._a_ids = ids.to(self._device, non_blocking=True)
+            self._draw_a(self._a_ids)
             self._a_ready = True
         torch._foreach_zero_(self._B_list)
         for p in self.params:
@@ -224,6 +225,14 @@ class DocLoRA:
         """The next reset draws A afresh even with warm-start A (the record rebuilds its adapters after
         every global pass on the base weights)."""
         self._a_ready = False
+
+    @torch.no_grad()
+    def redraw_a(self) -> None:
+        """With warm-start A already drawn: A again as that draw made it, after steps that trained it and must leave
+        no trace (the synthetic warm steps of the CUDA graphs' preparation), so the eval goes on from the adapters it
+        would have had without them. Otherwise the next reset draws A anyway, and nothing is done."""
+        if self.cfg.warm_start_a and self._a_ready:
+            self._draw_a(self._a_ids)
 
     def set_rows(self, rows: Optional[torch.Tensor]) -> None:
         """The adapter row of each forward row (R,), or None (row b is adapter b, R = n_docs). With

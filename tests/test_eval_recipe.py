@@ -179,6 +179,18 @@ def test_warm_start_a_keeps_a_and_zeroes_b():
     # A's bound follows each target's input size: down reads the MLP activation (mlp_mult * d wide)
     d, hid = m.config.model_dim, m.config.mlp_mult * m.config.model_dim
     assert float(ad.A["down"][0].detach().abs().max()) <= 1 / math.sqrt(hid) < float(ad.A["q"][0].detach().abs().max()) <= 1 / math.sqrt(d)
+    # rolling refills after invalidate_a (a global pass): each row draws A once, from its first document, and keeps it
+    ad.invalidate_a()
+    _randomize(ad, seed=6)
+    ad.reset_rows([1], [0])  # row 1 drawn from document 0: a0's row 0; row 0 not drawn yet
+    first = [a.clone() for a in ad._A_list]
+    for a, t in zip(first, a0):
+        assert torch.equal(a[1], t[0]) and not torch.equal(a[0], t[0])
+    _randomize(ad, seed=7)
+    trained = [a.clone() for a in ad._A_list]
+    ad.reset_rows([1, 0], [300, 1])  # row 1 keeps its A; row 0 draws its first, from document 1 (a0's row 1)
+    for a, t, z in zip(ad._A_list, trained, a0):
+        assert torch.equal(a[1], t[1]) and torch.equal(a[0], z[1])
 
 
 def test_phase_plan():

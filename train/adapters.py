@@ -163,7 +163,10 @@ class DocLoRA:
             elem = (torch.as_tensor(offs[idx], device=device)[:, None, None]
                     + torch.arange(size, device=device)[None, None, :])
             self._groups.append((idx, elem, 1.0 / math.sqrt(self._A_list[idx[0]].shape[-1])))
-        self._a_ready = False
+        # warm-start A: which rows hold a draw since the last invalidate_a (kept by later resets), and the id each
+        # row's draw came from (redraw_a restores them)
+        self._a_drawn = np.zeros(n_docs, dtype=bool)
+        self._a_row_ids = np.full(n_docs, -1, dtype=np.int64)
         self._layers = [_DocLoRALayer(self, {t: self.A[t][i] for t in self.layer_targets},
                                       {t: self.B[t][i] for t in self.layer_targets}) for i in range(mc.num_layers)]
         self.reset(np.arange(n_docs))
@@ -187,21 +190,18 @@ class DocLoRA:
         int ids < 2^31, e.g. the documents' BOS stream positions): A = bound * (2u - 1) with
         u = hash(seed, doc id, element) in [0, 1), bound = 1/sqrt(in) (Kaiming-uniform, a = sqrt(5));
         B = 0 (a reset adapter is exactly the base model); gradients cleared. With warm-start A, A is
-        drawn only on the first reset (and after ``invalidate_a``).
+        drawn only on the first reset (and after ``invalidate_a``); a row that ``reset_rows`` drew keeps its A too.
 
         Without warm-start, the initial adapter of a document depends only on the document and the
         seed -- not on the batch, its size, the row, or the rank -- so a document's scores are the same
         however the documents are batched or distributed (tested). About 15 launches per reset, no
         allocation of parameters (the hash temporaries come from the caching allocator).
         """
-        if not (self.cfg.warm_start_a and self._a_ready):
-            ids = torch.full((self.n_docs,), -1, dtype=torch.int64)
-            di = torch.as_tensor(np.asarray(doc_ids, dtype=np.int64))
-            ids[: di.numel()] = di
-            ids[di.numel():] = -1 - torch.arange(self.n_docs - di.numel())  # padding rows: distinct dummies
-            self._a_ids = ids.to(self._device, non_blocking=True)
-            self._draw_a(self._a_ids)
-            self._a_ready = True
+        if not (self.cfg.warm_start_a and self._a_drawn.all()):
+            di = np.asarray(doc_ids, dtype=np.int64).reshape(-1)
+            ids = np.concatenate([di, -1 - np.arange(self.n_docs - di.size)])  # padding rows: distinct dummies
+            self._draw_a(torch.from_numpy(ids).to(self._device, non_blocking=True))
+            self._a_row_ids[:], self._a_drawn[:] = ids, True
         torch._foreach_zero_(self._B_list)
         for p in self.params:
             p.grad = None
@@ -209,30 +209,37 @@ class DocLoRA:
     @torch.no_grad()
     def reset_rows(self, rows, doc_ids) -> None:
         """``reset`` for some adapter rows only (the rolling schedule refills rows one by one): row
-        rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it."""
+        rows[j] gets document doc_ids[j]'s initial adapter, the same values ``reset`` would give it. With warm-start
+        A, a row that holds a draw keeps it; one that does not (after ``invalidate_a``) draws from its document's
+        id and keeps that A for its later documents, as the batch schedule's rows keep theirs."""
         rows_np, ids_np = np.asarray(rows, dtype=np.int64).reshape(-1), np.asarray(doc_ids, dtype=np.int64).reshape(-1)
         if rows_np.size != ids_np.size:
             raise ValueError(f"reset_rows: rows ({rows_np.size}) and doc_ids ({ids_np.size}) must have the same length")
         if rows_np.size and (rows_np.min() < 0 or rows_np.max() >= self.n_docs or np.unique(rows_np).size != rows_np.size):
             raise ValueError(f"reset_rows: rows must be distinct adapter rows in [0, {self.n_docs}), got {rows_np.tolist()}")
         rows = torch.from_numpy(rows_np).to(self._device)
-        if not (self.cfg.warm_start_a and self._a_ready):
-            self._draw_a(torch.from_numpy(ids_np).to(self._device), rows)
+        new = ~self._a_drawn[rows_np] if self.cfg.warm_start_a else np.ones(rows_np.size, dtype=bool)
+        if new.any():
+            self._draw_a(torch.from_numpy(ids_np[new]).to(self._device), rows if new.all()
+                         else torch.from_numpy(rows_np[new]).to(self._device))
+            self._a_row_ids[rows_np[new]], self._a_drawn[rows_np[new]] = ids_np[new], True
         for b in self._B_list:
             b.index_fill_(0, rows, 0.0)
 
     def invalidate_a(self) -> None:
         """The next reset draws A afresh even with warm-start A (the record rebuilds its adapters after
         every global pass on the base weights)."""
-        self._a_ready = False
+        self._a_drawn[:] = False
 
     @torch.no_grad()
     def redraw_a(self) -> None:
         """With warm-start A already drawn: A again as that draw made it, after steps that trained it and must leave
         no trace (the synthetic warm steps of the CUDA graphs' preparation), so the eval goes on from the adapters it
-        would have had without them. Otherwise the next reset draws A anyway, and nothing is done."""
-        if self.cfg.warm_start_a and self._a_ready:
-            self._draw_a(self._a_ids)
+        would have had without them. Rows without a draw draw at their next reset anyway and are left as they are."""
+        if self.cfg.warm_start_a and self._a_drawn.any():
+            rows = np.flatnonzero(self._a_drawn)
+            ids = torch.from_numpy(self._a_row_ids[rows]).to(self._device)
+            self._draw_a(ids, None if rows.size == self.n_docs else torch.from_numpy(rows).to(self._device))
 
     def set_rows(self, rows: Optional[torch.Tensor]) -> None:
         """The adapter row of each forward row (R,), or None (row b is adapter b, R = n_docs). With

@@ -16,8 +16,9 @@
 #   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
 #            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
 #            reference's row is records-ref-tail-w96-global-fused, or the same case names with PGOLF_WARMUP_CASES)
-# On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet). Everything a stage
-# prints goes to OUTDIR/<stage>.log as well.
+# On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
+# sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
+# Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc}
@@ -26,6 +27,10 @@ case "$STAGE" in tests|graphs|profile|ops|evalc) ;;
   *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops or evalc"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
+if [ "$STAGE" = evalc ] && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
+  echo "evalc: the sp1024 tokenizer (fineweb_1024_bpe.model) is in neither PGOLF_SHARED_DATA, runs/evaldata nor"\
+       "../shared/data: copy it to runs/evaldata/ (and carry that folder to the GPU host)"; exit 2
+fi
 t0=$(date +%s)
 INSTALL_ARGS=${PGOLF_INSTALL_ARGS-$(command -v nvidia-smi > /dev/null && echo --offline)}
 bash scripts/install.sh $INSTALL_ARGS > "$OUTDIR/install-$STAGE.log" 2>&1 \

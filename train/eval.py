@@ -495,8 +495,11 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, 
     elif graphs.capture:
         n_all = 2 * len(graphs.r_buckets) * len(graphs.l_buckets)
         which = f"those the {cfg.schedule} schedule will use" if plan is not None else "all"
+        mem = (f"; {stats['graph_reserved_gib']:.2f} GiB more reserved, {stats['reserved_gib']:.2f} GiB in all"
+               if "reserved_gib" in stats else "")
         log(f"[eval] CUDA graphs: {stats['graphs']} captured ({which} of {n_all}: {len(graphs.r_buckets)} row x "
-            f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s")
+            f"{len(graphs.l_buckets)} length buckets, score+train and score-only) in {stats['graph_prepare_s']:.1f} s"
+            + mem)
     else:
         log(f"[eval] CUDA graphs: {graphs.st.bytes_at.device} device, nothing to capture: the bucketed steps run eagerly")
     return graphs

@@ -129,8 +129,9 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          "records-kernel-tail-w96-global-graphs": ("records", False, ("--tail-block", "--graph-window-step", "96",
                                                                       "--parallel-compile", "global",
                                                                       "--cuda-graphs", "on")),
-         # the same with the MLP's activation in the up-projection's epilogue (--fused-mlp; the profile's step gave
-         # 92.65 -> 89.01 GPU-ms with it on an H100, profile-ttt-h100.md measurement 5)
+         # the same with --fused-mlp named (the MLP's activation in the up-projection's epilogue; the profile's step
+         # gave 92.65 -> 89.01 GPU-ms with it on an H100, profile-ttt-h100.md measurement 5). Since --fused-mlp auto
+         # turns it on for the kernel path, the case above runs it too
          "records-kernel-tail-w96-global-graphs-mlp": ("records", False, ("--tail-block", "--graph-window-step", "96",
                                                                           "--parallel-compile", "global",
                                                                           "--cuda-graphs", "on", "--fused-mlp", "on"))}

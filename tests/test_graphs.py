@@ -556,6 +556,7 @@ def test_gpu_kernel_path_eval_with_graphs_equals_eager(rank, int6, phases):
     assert rep["lora_backend"] == ref["lora_backend"] == "kernel"
     cg = rep["cuda_graphs"]
     assert cg["captured"] and cg["graphs"] > 0 and cg["graph_steps"] == rep["steps"] and cg["graph_eager_steps"] == 0
+    assert 0 < cg["reserved_gib"] and 0 <= cg["graph_reserved_gib"] <= cg["reserved_gib"]  # the memory it reports
     if phases:
         _recaptures_expected(rep, cfg, int6)
     assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"]

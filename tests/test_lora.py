@@ -786,21 +786,21 @@ def test_merged_backward_scaled_adapter_copy_is_the_two_op_composition_bit_for_b
 
 
 def test_default_tiles_compile_for_sm90_within_shared_memory():
-    """The fused LoRA kernels' fp32 default tiles at the large-rank strategy (``_fwd_config`` at padded rank 64 and
-    128; ``_bwd_config``'s split + G-once passes at 128, the largest) compile for sm_90a on this machine (no GPU)
-    within the SM's shared memory. fp32 there takes tf32x3 dots pipelined through shared memory: its forward at the
-    16-bit tile needed 245,760 / 262,144 B and failed at its first launch on an H100. (The 16-bit defaults ran on
-    the GPU in the rank-96 tests.)"""
+    """The fused LoRA kernels' default tiles at the large-rank strategy (``_fwd_config`` at padded rank 64 and 128
+    in fp32, 128 in bf16; ``_bwd_config``'s split + G-once passes at 128, the largest) compile for sm_90a on this
+    machine (no GPU) within the SM's shared memory. fp32 there takes tf32x3 dots pipelined through shared memory: its
+    forward at the 16-bit tile needed 245,760 / 262,144 B and failed at its first launch on an H100."""
     from conftest import run_sm90_check
 
     run_sm90_check("import torch\n"
                    "from pgolf_kernels import lora_triton as K\n"
                    "from pgolf_kernels.sm90_check import SMEM_LIMIT, bwd_stats, fwd_stats\n"
-                   "for RP in (64, 128):\n"
-                   "    meta, launch = K._fwd_config(2048, RP, torch.float32)\n"
-                   "    s = fwd_stats(RP=RP, dtype='fp32', BT=meta['BT'], BN=meta['BN'], BK=meta['BK'], **launch)\n"
-                   "    assert s['smem'] <= SMEM_LIMIT, ('fwd', RP, meta, s)\n"
-                   "meta, launch = K._bwd_config(2048, 128, torch.float32)\n"
-                   "for phase in (1, 2):\n"
-                   "    s = bwd_stats(RP=128, dtype='fp32', split=True, phase=phase, **meta, **launch)\n"
-                   "    assert s['smem'] <= SMEM_LIMIT, ('bwd', phase, meta, s)\n")
+                   "for dt, tdt, rps in (('fp32', torch.float32, (64, 128)), ('bf16', torch.bfloat16, (128,))):\n"
+                   "    for RP in rps:\n"
+                   "        meta, launch = K._fwd_config(2048, RP, tdt)\n"
+                   "        s = fwd_stats(RP=RP, dtype=dt, BT=meta['BT'], BN=meta['BN'], BK=meta['BK'], **launch)\n"
+                   "        assert s['smem'] <= SMEM_LIMIT, ('fwd', dt, RP, meta, s)\n"
+                   "    meta, launch = K._bwd_config(2048, 128, tdt)\n"
+                   "    for phase in (1, 2):\n"
+                   "        s = bwd_stats(RP=128, dtype=dt, split=True, phase=phase, **meta, **launch)\n"
+                   "        assert s['smem'] <= SMEM_LIMIT, ('bwd', dt, phase, meta, s)\n")

@@ -502,10 +502,11 @@ def _variant(v: str):
             or ("mlp" in suf and "nomlp" in suf) or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
             or (parts[1] == "eager" and "autotune" in suf):
         return None
-    return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf,
-            "fused": True if "fused" in suf else False if "torchopt" in suf else None,
-            "mlp": True if "mlp" in suf else False if "nomlp" in suf else None,
-            "qk": True if "qk" in suf else False if "noqk" in suf else None, "res": True if "res" in suf else False if "nores" in suf else None,
+    def on_off(on: str, off: str):  # the pair's switch: True / False, None (the eval's auto) when neither is named
+        return True if on in suf else False if off in suf else None
+
+    return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf, "fused": on_off("fused", "torchopt"),
+            "mlp": on_off("mlp", "nomlp"), "qk": on_off("qk", "noqk"), "res": on_off("res", "nores"),
             "rowmap": "rowmap" in suf, "t128": "t128" in suf, "autotune": "autotune" in suf}
 
 

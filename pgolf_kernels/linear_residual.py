@@ -29,7 +29,8 @@ cuBLAS's bare down-projection GEMM that it replaces together with the residual p
 
 Kernel: ``linear_act._linear_act_kernel`` (persistent, TMA) with its residual epilogue and the second product;
 tile ``linear_act.GRAD_CONFIG`` (128 × 256 × 64, 8 warps, 3 stages, the epilogue on the tile's two column halves:
-the residual tile of the whole 128 × 256 tile does not fit beside 3 stages in shared memory). TMA needs 16-byte row strides: K, N and R multiples of 8 at 2-byte dtypes.
+the residual tile of the whole 128 × 256 tile does not fit beside 3 stages in shared memory). TMA needs 16-byte
+row strides: K, N and R multiples of 8 at 2-byte dtypes.
 Dispatch as every op of the package: CUDA -> the kernel (Hopper or newer), CPU -> the torch reference, CPU with
 TRITON_INTERPRET=1 -> the kernel interpreted.
 """

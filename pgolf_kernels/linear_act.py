@@ -225,12 +225,16 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
 
 
-def _num_programs(dev: torch.device, tiles: int, per_sm: int = 1) -> int:
-    """Persistent programs: ``per_sm`` per SM (2 for a tile whose shared memory lets two programs share an SM, so
-    one's epilogue overlaps the other's main loop), at most one per tile."""
-    if dev.type != "cuda":
-        return max(1, min(tiles, 4))
-    return max(1, min(tiles, per_sm * torch.cuda.get_device_properties(dev).multi_processor_count))
+def _num_programs(dev: torch.device, tiles: int, per_sm: int = 1) -> Tuple[int, int]:
+    """Persistent programs -> (stride, grid). The stride (``NUM_PROGS``, a compile-time constant) is fixed per
+    device: ``per_sm`` per SM (2 for a tile whose shared memory lets two programs share an SM, so one's epilogue
+    overlaps the other's main loop); 4 off CUDA (the interpreter). The grid is min(tiles, stride): program p takes
+    tiles p, p + stride, ..., so a shape with fewer tiles than the stride runs one tile per program, with no
+    idle program. Why the stride does not follow the shape: as min(tiles, SMs) it made a new compile for every
+    small shape, and the records' eval met ~45 of them (its 45 graphs' warm steps took 33.2 s on the kernel path
+    vs 6.8 s on the reference, H100, bench/results/warmup-h100.md)."""
+    stride = 4 if dev.type != "cuda" else per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
+    return stride, max(1, min(tiles, stride))
 
 
 def check_args(x: Tensor, w: Tensor, act: str, slope: float) -> None:
@@ -313,12 +317,12 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
         x2d = TensorDescriptor(x2, [B, T, R], [T * R, R, 1], [1, BM, BK])
         w2d = TensorDescriptor(w2, [B, N, R], [N * R, R, 1], [1, BN, BK])
     tiles = B * triton.cdiv(T, BM) * triton.cdiv(N, BN)
-    progs = _num_programs(x.device, tiles, int(cfg.get("PER_SM", 1)))
+    stride, grid = _num_programs(x.device, tiles, int(cfg.get("PER_SM", 1)))
     res = act == "residual"
-    _linear_act_kernel[(progs,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
+    _linear_act_kernel[(grid,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
                                  BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,
                                  PER_ROW_W=w.dim() == 3, W_KN=w_kn, HAS_X2=x2 is not None, RES=res,
-                                 SUBTILE=sub, NUM_PROGS=progs, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                                 SUBTILE=sub, NUM_PROGS=stride, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     shape = x.shape[:-1] + (N,)
     return y.view(shape), (h.view(shape) if save_pre else x.new_empty(0))

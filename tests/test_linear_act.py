@@ -337,6 +337,50 @@ def test_gpu_records_shapes_bf16(per_row, N, K):
     assert_close_rel(y, yr, yb, name="y")
 
 
+def test_one_compile_key_for_every_shape(monkeypatch):
+    """The persistent stride (NUM_PROGS, a compile-time constant) is the same for every shape, so a new shape is no
+    new compile; the grid shrinks to the tile count instead, and a shape with fewer tiles than the stride (one tile
+    per program) still matches the oracle."""
+    x0, _ = _inputs(1, 8, 8, 8, False, torch.float32)
+    if not _utils.use_triton(x0):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    real, seen = mod._linear_act_kernel, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((grid[0], kw["NUM_PROGS"], kw["BM"], kw["BN"]))
+                return real[grid](*args, **kw)
+            return launch
+
+    monkeypatch.setattr(mod, "_linear_act_kernel", Spy())
+    cfg = dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
+    for B, T, N, K in [(1, 5, 16, 8), (1, 20, 16, 8), (2, 40, 48, 16)]:  # 1, 2 and 18 tiles
+        x, w = _inputs(B, T, N, K, False, torch.float32)
+        y, h = mod._launch(x, w, "leaky_relu_sq", 0.5, True, cfg)
+        yr, hr = _oracle(x, w)
+        yb, hb = linear_act_ref(x, w)
+        assert_close_rel(y, yr, yb, name=f"y {B}x{T}x{N}")
+    strides = {s for _, s, _, _ in seen}
+    assert len(strides) == 1, f"NUM_PROGS followed the shape: {seen}"
+    stride = strides.pop()
+    tiles = [B * -(-T // 16) * -(-N // 16) for B, T, N, _ in [(1, 5, 16, 8), (1, 20, 16, 8), (2, 40, 48, 16)]]
+    assert [g for g, _, _, _ in seen] == [min(t, stride) for t in tiles]
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("B,T,N", [(1, 48, 512), (1, 96, 1536), (3, 200, 512)])
+def test_gpu_shapes_with_fewer_tiles_than_sms(B, T, N):
+    """Grid below the stride on the GPU: one tile per program, the same stride as the large shapes."""
+    x, w = _inputs(B, T, N, 512, False, torch.bfloat16, scale=0.05)
+    y, h = mod._launch(x, w, "leaky_relu_sq", 0.5, True)
+    yr, hr = _oracle(x, w)
+    yb, hb = linear_act_ref(x, w)
+    assert_close_rel(h, hr, hb, name="h")
+    assert_close_rel(y, yr, yb, name="y")
+
+
 @pytest.mark.gpu
 @gpu
 def test_gpu_cuda_graph_replay_equals_eager():

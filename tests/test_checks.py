@@ -487,14 +487,19 @@ def test_eval_cli_subprocess_one_line_and_debug(eval_inputs):
 
 
 def test_cuda_graphs_auto_turns_on_only_where_measured_and_verified():
-    """--cuda-graphs auto: on for --reference per-document TTT on CUDA, off elsewhere, each with its reason."""
+    """--cuda-graphs auto: on for per-document TTT on CUDA (--reference and the kernel path), off elsewhere, each
+    with its reason."""
     from train.eval import _parse, auto_cuda_graphs
 
     cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
-    assert auto_cuda_graphs(cuda, "ttt", True) == (True, auto_cuda_graphs(cuda, "ttt", True)[1])
-    for dev, mode, ref, sep, why in [(cpu, "ttt", True, False, "CUDA only"), (cuda, "base", True, False, "--mode base"),
-                                     (cuda, "ttt", False, False, "kernel path"),
-                                     (cuda, "ttt", True, True, "--separate-score-pass")]:
+    for ref, why in [(True, "--reference"), (False, "kernel path")]:
+        on, reason = auto_cuda_graphs(cuda, "ttt", ref)
+        assert on and why in reason, (ref, reason)
+    for dev, mode, ref, sep, why in [(cpu, "ttt", True, False, "CUDA only"), (cpu, "ttt", False, False, "CUDA only"),
+                                     (cuda, "base", True, False, "--mode base"),
+                                     (cuda, "base", False, False, "--mode base"),
+                                     (cuda, "ttt", True, True, "--separate-score-pass"),
+                                     (cuda, "ttt", False, True, "--separate-score-pass")]:
         on, reason = auto_cuda_graphs(dev, mode, ref, sep)
         assert not on and why in reason, (dev, mode, ref, sep, reason)
     assert auto_cuda_graphs("cpu", "ttt", True)[0] is False

@@ -451,6 +451,44 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
     assert math.isfinite(rep["val_bpb"])
 
 
+@pytest.mark.parametrize("how,phases,int6_scored", [("load", 2, False), ("first-pass", 2, True), ("load", 0, True)])
+def test_cli_unfreezes_int6_at_load_for_phased_ttt(shared_data, tmp_path, monkeypatch, how, phases, int6_scored):
+    """--unfreeze-int6: with phases the kernel path's int6 codes are replaced by their dequantized weights at load
+    (the model evaluate() receives is dense, the log and the report say so), or left for the first global pass
+    (first-pass); without phases the codes stay. evaluate is stopped at its call: the kernel path's eval itself runs
+    the Triton interpreter here (minutes), the first-pass switch is tested on evaluate above."""
+    import os
+
+    from pgolf_kernels.int6_linear import Int6Linear
+    from train import eval as ev
+    from train.artifact import save_artifact
+
+    class Called(Exception):
+        pass
+
+    def stop(model, *a, **k):
+        raise Called(any(isinstance(m, Int6Linear) for m in model.modules()))
+
+    monkeypatch.setattr(ev, "evaluate", stop)
+    art = str(tmp_path / "tiny.ptz")
+    save_artifact(tiny_model(seed=7, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1), art, code_paths=[],
+                  warn=False)
+    lines = []
+    argv = ["--artifact", art, "--val", os.path.join(shared_data, "fineweb_sample", "fineweb_sample200_sp1024_000000.bin"),
+            "--tokenizer", os.path.join(shared_data, "fineweb_1024_bpe.model"), "--max-docs", "2", "--recipe",
+            "records", "--rank", "2", "--chunk", "128", "--window", "256", "--batch-size", "2", "--phases",
+            str(phases), "--phase-docs", "2", "--device", "cpu", "--no-warmup", "--unfreeze-int6", how]
+    monkeypatch.setattr("builtins.print", lambda *a, **k: lines.append(" ".join(map(str, a))))
+    with pytest.raises(Called) as e:
+        ev.main(argv)
+    monkeypatch.undo()
+    assert e.value.args[0] is int6_scored
+    said = [ln for ln in lines if "at load (--unfreeze-int6 load)" in ln]
+    assert len(said) == (0 if int6_scored else 1), lines
+    if said:
+        assert "6 int6 matrices replaced by their dequantized float32 weights" in said[0]
+
+
 def test_warmup_global_leaves_the_model_as_it_was():
     """train.warmup.warmup_global (the --parallel-compile global child's work): forward and backward of the global pass on
     synthetic tokens, and the model's weights, requires_grad flags and .grad exactly as before (no optimizer step);

@@ -22,7 +22,10 @@ allowed), ``--beta2``, ``--eps``, ``--weight-decay``; ``--warm-start-a``; phased
 --phase-docs N`` with ``--global-lr/-momentum/-clip/-seq-len/-batch-seqs/-chunk-tokens`` and
 ``--phase-scope`` (``train/phased.py``). On the kernel path the fused LoRA covers q, k, v and the head;
 o, mlp, up and down run as torch.bmm (logged). Once a global pass moves the base weights, int6 codes
-are replaced by their dequantized weights (logged and reported as ``base_weights``).
+are replaced by their dequantized weights (logged and reported as ``base_weights``): by the CLI at load
+(``--unfreeze-int6 load``, its default with ``--phases``: one compile and one set of CUDA graphs), or by
+``evaluate`` at the first global pass (``--unfreeze-int6 first-pass``: phase 1 scored on the int6 codes,
+the steps compiled and captured again after the pass).
 
 No illegal variant has a code path. Scores enter the BPB only through ``scoring.take_score`` (ledger
 record first, then the additive float64 sums: a score can be added, never replaced, and there is no
@@ -505,6 +508,13 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, 
     return graphs
 
 
+def _has_int6(model) -> bool:
+    """Whether ``model`` holds int6 codes (``Int6Linear`` modules: the kernel path's layers)."""
+    from pgolf_kernels.int6_linear import Int6Linear
+
+    return any(isinstance(m, Int6Linear) for m in model.modules())
+
+
 def tensor_addresses(model) -> tuple:
     """(name, storage address) of every parameter and buffer: a CUDA graph replays on these addresses, so the
     captured TTT steps stay valid as long as this does not change (in-place updates keep it)."""
@@ -586,6 +596,10 @@ def _parse(argv):
     ap.add_argument("--phase-scope", default=None, choices=["cumulative", "phase"],
                     help="phased TTT: a global pass trains on every document scored so far (cumulative, the "
                          "record) or on its phase's only")
+    ap.add_argument("--unfreeze-int6", default="load", choices=["load", "first-pass"],
+                    help="phased TTT on int6 codes: replace them by their dequantized weights at load (one compile "
+                         "and one set of CUDA graphs) or at the first global pass (phase 1 scored on the codes; the "
+                         "steps compiled and captured again after the pass: 47.8 s on the records' recipe, H100)")
     ap.add_argument("--global-lr", type=float, default=None, help="phased TTT: SGD lr (default 1e-3)")
     ap.add_argument("--global-momentum", type=float, default=None, help="phased TTT: SGD momentum (default 0.9)")
     ap.add_argument("--global-clip", type=float, default=None, help="phased TTT: grad-norm clip (default 1.0)")
@@ -599,7 +613,7 @@ def _parse(argv):
                     help="--mode ttt: replay every TTT step from a CUDA graph of its shape bucket (captured before "
                          "the first scored step, on synthetic tokens, and again only after a global pass that replaced "
                          "the tensors they read; CUDA only). "
-                         "auto (default): on for --reference --mode ttt on CUDA, else off")
+                         "auto (default): on for --mode ttt on CUDA (unless --separate-score-pass), else off")
     ap.add_argument("--graph-window-step", type=int, default=None,
                     help="--cuda-graphs: the window buckets' step in positions (default max(chunk, window / 8)); finer "
                          "pads less, captures more graphs")
@@ -728,12 +742,19 @@ def _auto_on_off(choice: str) -> Optional[bool]:
 
 
 def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_score_pass: bool = False):
-    """``--cuda-graphs auto`` -> (on, reason). On where replay is measured to pay and verified on a GPU: the compiled
-    ``--reference`` seeds eval of all 50,000 docs took 143.6 s cold / 129.5 s warm-cache wall with graphs (174.7 /
-    146.9 s in an earlier build) vs 301.8 s without (1.68 vs ~1.1 M window tok/s; H200s of one image, but the runs
-    without graphs were another device call and build, not an A/B in one call: bench/results/eval-h200.md); replay
-    equals eager in the GPU tests for bmm LoRA at rank 8 and 96, compiled or not, incl. phased TTT
-    (tests/test_graphs.py)."""
+    """``--cuda-graphs auto`` -> (on, reason). On where replay is measured to pay and verified on a GPU:
+    * ``--reference``: the compiled seeds eval of all 50,000 docs took 143.6 s cold / 129.5 s warm-cache wall with
+      graphs (174.7 / 146.9 s in an earlier build) vs 301.8 s without (1.68 vs ~1.1 M window tok/s; H200s of one
+      image, but the runs without graphs were another device call and build, not an A/B in one call:
+      bench/results/eval-h200.md); replay equals eager in the GPU tests for bmm LoRA at rank 8 and 96, compiled or
+      not, incl. phased TTT (tests/test_graphs.py).
+    * the kernel path: replay equals its bucketed steps run eagerly (bf16, rank 8 and 96) and the eval with graphs
+      equals the eager eval (fp32: rank 8 and 96, int6, int6 phased) on an H100
+      (bench/results/logs/gpu-tests-kernel-graphs-h100.txt); the records' recipe on share 0/8 ran complete with
+      graphs at 1.36-1.44 M window tok/s, val_bpb within 2.6e-5 (relative) of --reference
+      (bench/results/warmup-h100.md). Without graphs its compiled step is host-free only at the records' large
+      shapes (step 91.55 vs 88.88 GPU-ms, H100, bench/results/profile-ttt-h100.md); the seeds' small steps were
+      host-bound (1/8 share 173.0 s vs 80.3 s for --reference, an earlier build without graphs)."""
     device = torch.device(device)  # a str is taken too; anything else raises naming it
     if mode not in MODES:
         raise ValueError(f"auto_cuda_graphs: mode = {mode!r}: expected one of {sorted(MODES)}")
@@ -741,13 +762,11 @@ def auto_cuda_graphs(device: torch.device, mode: str, reference: bool, separate_
         return False, f"{device} device (graphs are CUDA only)"
     if mode != "ttt":
         return False, f"--mode {mode} (graphs replay per-document TTT steps)"
-    if not reference:
-        # bf16 replay at rank 8 and 96 and the fp32 eval at rank 8 pass on an H100; the fp32 rank-96 case and case
-        # (c)'s eval with graphs have not run since warm-start A's redraw fix (docs/STATUS.md)
-        return False, ("kernel path: its captured steps are not fully verified on a GPU yet (--cuda-graphs on to "
-                       "try)")
     if separate_score_pass:
         return False, "--separate-score-pass: its captured steps are not verified on a GPU (--cuda-graphs on to try)"
+    if not reference:
+        return True, ("kernel path per-document TTT on CUDA (replay equals eager in the GPU tests at rank 8 and 96; "
+                      "the records' recipe on a 1/8 share at 1.36-1.44 M window tok/s with graphs, H100)")
     return True, ("--reference per-document TTT on CUDA (50,000 docs with graphs: 143.6 s cold, 129.5 s with warm "
                   "caches; 301.8 s without graphs in an earlier build, H200)")
 
@@ -911,19 +930,19 @@ def main(argv=None) -> dict:
         from .checks import CheckError
 
         raise CheckError("--graph-window-step", args.graph_window_step, "--cuda-graphs on (or auto resolving to on: "
-                         f"--reference --mode ttt on CUDA); the CUDA graphs are off here")
+                         f"--mode ttt on CUDA); the CUDA graphs are off here")
     for flag, value in (("--graph-capture", args.graph_capture), ("--graph-min-steps", args.graph_min_steps)):
         if value is not None and not cfg.cuda_graphs:
             from .checks import CheckError
 
-            raise CheckError(flag, value, "--cuda-graphs on (or auto resolving to on: --reference --mode ttt on "
-                                          "CUDA); the CUDA graphs are off here")
+            raise CheckError(flag, value, "--cuda-graphs on (or auto resolving to on: --mode ttt on CUDA); "
+                                          "the CUDA graphs are off here")
     overlap = args.overlap_compile
     if overlap:
         from .checks import CheckError
 
         why = [w for bad, w in ((not compiled, f"the compiled forward (got --compile {args.compile} on {device})"),
-                                (not cfg.cuda_graphs, "--cuda-graphs on (or auto with --reference on CUDA)"),
+                                (not cfg.cuda_graphs, "--cuda-graphs on (or auto on CUDA)"),
                                 (args.mode != "ttt", f"--mode ttt (got {args.mode})"),
                                 (cfg.schedule != "batch", f"--schedule batch (got {cfg.schedule})"),
                                 (cfg.phases > 0, f"no phased TTT (got {cfg.phases} phases)"),
@@ -1006,6 +1025,15 @@ def main(argv=None) -> dict:
         mark("compile_workers")
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     mark("model")
+    unfrozen = None
+    if args.mode == "ttt" and cfg.phases > 0 and args.unfreeze_int6 == "load" and _has_int6(model):
+        # the first global pass would replace them anyway: done before anything is compiled or captured, the
+        # steps are compiled once and their graphs kept across the passes. At the pass, the records' recipe
+        # (share 0/8, H100) compiled 2 more Dynamo frames and captured its 45 graphs again in 47.8 s
+        # (bench/results/warmup-h100.md)
+        unfrozen = unfreeze_int6(model) + " at load (--unfreeze-int6 load)"
+        log(f"[eval] phased TTT: the base weights move at the first global pass; {unfrozen}")
+        mark("unfreeze_int6")
     precompiled = {}
     if compiled and not overlap:  # --overlap-compile: attached by the background thread, after the eager graphs
         precompiled = compile_rows_nll(model, precompiled=args.precompiled, only=PARALLEL_PARTS.get(args.warmup_part))
@@ -1055,7 +1083,7 @@ def main(argv=None) -> dict:
     if args.warmup_part == "global":  # a --parallel-compile child: the global pass only, on synthetic tokens
         from .warmup import warmup_global
 
-        if "Int6Linear" in {type(m).__name__ for m in model.modules()}:
+        if _has_int6(model):
             unfreeze_int6(model)  # as the first global pass does, so the same graphs are compiled
         rates = warmup_global(model, cfg, device)
     elif args.warmup_part != "all":  # a --parallel-compile child: one warm-up-size TTT batch, its functions compiled
@@ -1112,6 +1140,8 @@ def main(argv=None) -> dict:
                    before_global=((lambda: _wait_children({"global": children["global"]}, log, "the first global pass"))
                                   if "global" in children else None))
     wall = time.perf_counter() - t_start
+    if unfrozen is not None:
+        rep["base_weights"] = unfrozen
     rep.update(info, startup_s=startup_s, load_s=load_s, warmup_s=warmup_s, val_load_s=val_load_s,
                to_scoring_s=to_scoring_s, timed_eval_s=rep["score_s"], wall_s=wall + (startup_s or 0.0),
                # process start to the first step's scores on the device (CUDA graphs; the graphs' preparation

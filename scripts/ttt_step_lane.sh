@@ -13,9 +13,10 @@
 #            previous 128 x 128 tile (-t128), and the torch-ops reference; --sites names the op behind each top kernel.
 #            Writes OUTDIR/profile/profile_ttt.json
 #   ops      the op benches of the step's pieces: linear_residual, linear_act, head_norm_rope, ttt_optim
-#   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set,
-#            CUDA graphs, one cold process (bench.bench_warmup case records-kernel-tail-w96-global-graphs; the
-#            reference's row is records-ref-tail-w96-global-fused, or the same case names with PGOLF_WARMUP_CASES)
+#   evalc    case (c) on the kernel path: the records' recipe on share 0/8 of the official-size synthetic set at the
+#            driver's defaults (CUDA graphs by auto), one cold process (bench.bench_warmup case
+#            records-kernel-tail-w96-global; the reference's row is records-ref-tail-w96-global, one call each on the
+#            same warm machine: PGOLF_WARMUP_CASES names the case)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
@@ -74,7 +75,7 @@ case "$STAGE" in
     rc=${PIPESTATUS[0]}
     ;;
   evalc)
-    PGOLF_WARMUP_CASES=${PGOLF_WARMUP_CASES:-records-kernel-tail-w96-global-graphs} PGOLF_WARMUP_DOCS=50000 \
+    PGOLF_WARMUP_CASES=${PGOLF_WARMUP_CASES:-records-kernel-tail-w96-global} PGOLF_WARMUP_DOCS=50000 \
       PGOLF_WARMUP_RUNS=${PGOLF_WARMUP_RUNS:-cold} PGOLF_WARMUP_BUDGET_S=520 PGOLF_WARMUP_LOG_DIR="$OUTDIR/evalc" \
       timeout 560 python3 -m bench --results-dir "$OUTDIR/results" --only warmup 2>&1 | tee "$OUTDIR/evalc.log" | tail -40
     rc=${PIPESTATUS[0]}

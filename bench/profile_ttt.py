@@ -3,7 +3,8 @@
 One step = the eval driver's inner loop body (``train.schedules.ttt_batch``): forward over 64 windows (seeds: 1024
 positions, records: 2048) with grad, score the last chunk of targets of each row (256 / 48), backward to the
 adapters, the recipe's optimizer (Adam / AdamW).
-Variants: kernel path (int6 codes + fused multi-LoRA) and ``--reference`` path (bf16 weights + bmm),
+Variants: kernel path (int6 codes + fused multi-LoRA; a phased recipe's codes dequantized at load, as the eval's
+CLI does) and ``--reference`` path (bf16 weights + bmm),
 each eager and with the eval driver's ``--compile`` (``train.forward.compile_rows_nll``); a ``-tail`` suffix runs the
 step with ``TTTConfig.tail_block`` (the last block at the scored chunk only); ``-fused`` / ``-torchopt`` set the
 adapters' optimizer (``TTTConfig.fused_optimizer`` on / off; without either, as the eval's auto: fused on the kernel
@@ -46,6 +47,9 @@ def _setup(reference: bool, path: str, cfg, device, identity: bool = True):
     from train.ttt_optim import optimizer_for
 
     model, _ = ev.load_model(path, reference=reference, device=device)
+    # as the eval's CLI: a phased recipe's int6 codes are dequantized at load (--unfreeze-int6 load), so the kernel
+    # path's step runs on dense weights there (before, measurements 1-6 of profile-ttt-h100.md ran it on the codes)
+    ev.unfreeze_at_load(model, "ttt", cfg)
     # the batch schedule's row maps are the prefix 0..R-1, as every step here sets them (arange); identity False
     # (variant suffix -rowmap): the row map read as any map would be (the rolling schedule's gathers and index_add)
     ad = DocLoRA(model, cfg, cfg.batch_size, device, "bmm" if reference else "kernel",

@@ -451,6 +451,33 @@ def test_cli_records_recipe_end_to_end(shared_data, tmp_path):
     assert math.isfinite(rep["val_bpb"])
 
 
+def test_unfreeze_at_load_replaces_the_codes_only_for_phased_ttt(tmp_path):
+    """train.eval.unfreeze_at_load: int6 codes -> dense weights equal to their dequantization, only for mode ttt with
+    phases and how "load"; None (model untouched) otherwise; a bad how refused by name."""
+    from pgolf_kernels.int6_linear import Int6Linear
+    from train import eval as ev
+    from train.artifact import save_artifact
+
+    art = str(tmp_path / "tiny.ptz")
+    save_artifact(tiny_model(seed=3, num_layers=1, model_dim=32, num_heads=2, num_kv_heads=1), art, code_paths=[],
+                  warn=False)
+    phased = TTTConfig(phases=2, phase_docs=4)
+    for mode, cfg, how in [("ttt", phased, "first-pass"), ("ttt", TTTConfig(), "load"), ("base", phased, "load")]:
+        m, _ = ev.load_model(art, reference=False, device=torch.device("cpu"))
+        assert ev.unfreeze_at_load(m, mode, cfg, how) is None
+        assert any(isinstance(x, Int6Linear) for x in m.modules())
+    m, _ = ev.load_model(art, reference=False, device=torch.device("cpu"))
+    ref, _ = ev.load_model(art, reference=True, device=torch.device("cpu"))
+    said = ev.unfreeze_at_load(m, "ttt", phased)
+    assert said == "6 int6 matrices replaced by their dequantized float32 weights at load (--unfreeze-int6 load)"
+    assert not any(isinstance(x, Int6Linear) for x in m.modules())
+    for (n, p), (n2, p2) in zip(m.named_parameters(), ref.named_parameters()):
+        assert n == n2 and torch.equal(p, p2), n
+    assert ev.unfreeze_at_load(m, "ttt", phased) is None  # nothing left to replace
+    with pytest.raises(ValueError, match="unfreeze_at_load: how = 'later': expected 'load' or 'first-pass'"):
+        ev.unfreeze_at_load(m, "ttt", phased, "later")
+
+
 @pytest.mark.parametrize("how,phases,int6_scored", [("load", 2, False), ("first-pass", 2, True), ("load", 0, True)])
 def test_cli_unfreezes_int6_at_load_for_phased_ttt(shared_data, tmp_path, monkeypatch, how, phases, int6_scored):
     """--unfreeze-int6: with phases the kernel path's int6 codes are replaced by their dequantized weights at load

@@ -508,6 +508,21 @@ def _step_graphs(model, adapter, opt, cfg: TTTConfig, st, log, batches_ns=None, 
     return graphs
 
 
+def unfreeze_at_load(model, mode: str, cfg: TTTConfig, how: str = "load") -> Optional[str]:
+    """``--unfreeze-int6``: with phased per-document TTT (``mode`` "ttt", ``cfg.phases`` > 0) and ``how`` "load",
+    replace ``model``'s int6 codes by their dequantized weights now (``unfreeze_int6``) and return what was done;
+    else leave the model and return None (``how`` "first-pass": ``evaluate`` does it at the first global pass).
+    Why at load: the first global pass replaces them anyway, and done before anything is compiled or captured, the
+    steps are compiled once and their graphs kept across the passes. Replaced at the pass, the records' recipe
+    (share 0/8, H100) compiled 2 more Dynamo frames and captured its 45 graphs again in 47.8 s
+    (bench/results/warmup-h100.md)."""
+    if how not in ("load", "first-pass"):
+        raise ValueError(f"unfreeze_at_load: how = {how!r}: expected 'load' or 'first-pass'")
+    if mode != "ttt" or cfg.phases == 0 or how != "load" or not _has_int6(model):
+        return None
+    return unfreeze_int6(model) + " at load (--unfreeze-int6 load)"
+
+
 def _has_int6(model) -> bool:
     """Whether ``model`` holds int6 codes (``Int6Linear`` modules: the kernel path's layers)."""
     from pgolf_kernels.int6_linear import Int6Linear
@@ -1025,13 +1040,8 @@ def main(argv=None) -> dict:
         mark("compile_workers")
     model, info = load_model(args.artifact, reference=args.reference, device=device)
     mark("model")
-    unfrozen = None
-    if args.mode == "ttt" and cfg.phases > 0 and args.unfreeze_int6 == "load" and _has_int6(model):
-        # the first global pass would replace them anyway: done before anything is compiled or captured, the
-        # steps are compiled once and their graphs kept across the passes. At the pass, the records' recipe
-        # (share 0/8, H100) compiled 2 more Dynamo frames and captured its 45 graphs again in 47.8 s
-        # (bench/results/warmup-h100.md)
-        unfrozen = unfreeze_int6(model) + " at load (--unfreeze-int6 load)"
+    unfrozen = unfreeze_at_load(model, args.mode, cfg, args.unfreeze_int6)
+    if unfrozen is not None:
         log(f"[eval] phased TTT: the base weights move at the first global pass; {unfrozen}")
         mark("unfreeze_int6")
     precompiled = {}

@@ -230,9 +230,10 @@ def _num_programs(dev: torch.device, tiles: int, per_sm: int = 1) -> Tuple[int, 
     device: ``per_sm`` per SM (2 for a tile whose shared memory lets two programs share an SM, so one's epilogue
     overlaps the other's main loop); 4 off CUDA (the interpreter). The grid is min(tiles, stride): program p takes
     tiles p, p + stride, ..., so a shape with fewer tiles than the stride runs one tile per program, with no
-    idle program. Why the stride does not follow the shape: as min(tiles, SMs) it made a new compile for every
-    small shape, and the records' eval met ~45 of them (its 45 graphs' warm steps took 33.2 s on the kernel path
-    vs 6.8 s on the reference, H100, bench/results/warmup-h100.md)."""
+    idle program. Why the stride does not follow the shape: as min(tiles, SMs) it made a new compile of each
+    epilogue variant for every small shape; over the records' eval buckets (10 row x 22 window, 128 x 256 tiles,
+    132 SMs) that is 11 strides at N = 1536 and 25 at N = 512, and the kernel path's 45 graphs' warm steps took
+    33.2 s against the reference's 6.8 s (H100, bench/results/warmup-h100.md; the compiles' share not measured)."""
     stride = 4 if dev.type != "cuda" else per_sm * torch.cuda.get_device_properties(dev).multi_processor_count
     return stride, max(1, min(tiles, stride))
 

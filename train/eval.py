@@ -514,8 +514,8 @@ def unfreeze_at_load(model, mode: str, cfg: TTTConfig, how: str = "load") -> Opt
     else leave the model and return None (``how`` "first-pass": ``evaluate`` does it at the first global pass).
     Why at load: the first global pass replaces them anyway, and done before anything is compiled or captured, the
     steps are compiled once and their graphs kept across the passes. Replaced at the pass, the records' recipe
-    (share 0/8, H100) compiled 2 more Dynamo frames and captured its 45 graphs again in 47.8 s
-    (bench/results/warmup-h100.md)."""
+    (share 0/8, H100) compiled 6 Dynamo frames after its warm-up, 2 of them the global pass's own (the reference
+    compiled those 2 only), and captured its 45 graphs again in 47.8 s (bench/results/warmup-h100.md)."""
     if how not in ("load", "first-pass"):
         raise ValueError(f"unfreeze_at_load: how = {how!r}: expected 'load' or 'first-pass'")
     if mode != "ttt" or cfg.phases == 0 or how != "load" or not _has_int6(model):

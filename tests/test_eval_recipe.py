@@ -476,6 +476,9 @@ def test_unfreeze_at_load_replaces_the_codes_only_for_phased_ttt(tmp_path):
     assert ev.unfreeze_at_load(m, "ttt", phased) is None  # nothing left to replace
     with pytest.raises(ValueError, match="unfreeze_at_load: how = 'later': expected 'load' or 'first-pass'"):
         ev.unfreeze_at_load(m, "ttt", phased, "later")
+    base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
+    assert ev._parse(base).unfreeze_int6 == "load"  # the CLI's default
+    assert ev._parse(base + ["--unfreeze-int6", "first-pass"]).unfreeze_int6 == "first-pass"
 
 
 @pytest.mark.parametrize("how,phases,int6_scored", [("load", 2, False), ("first-pass", 2, True), ("load", 0, True)])

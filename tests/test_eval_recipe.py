@@ -476,6 +476,12 @@ def test_unfreeze_at_load_replaces_the_codes_only_for_phased_ttt(tmp_path):
     assert ev.unfreeze_at_load(m, "ttt", phased) is None  # nothing left to replace
     with pytest.raises(ValueError, match="unfreeze_at_load: how = 'later': expected 'load' or 'first-pass'"):
         ev.unfreeze_at_load(m, "ttt", phased, "later")
+    with pytest.raises(ValueError, match="unfreeze_at_load: mode = 'tt': expected one of"):
+        ev.unfreeze_at_load(m, "tt", phased)
+    with pytest.raises(TypeError, match="unfreeze_at_load: cfg: expected a TTTConfig, got dict"):
+        ev.unfreeze_at_load(m, "ttt", {"phases": 2})
+    with pytest.raises(TypeError, match="unfreeze_at_load: model: expected a torch.nn.Module"):
+        ev.unfreeze_at_load("model.ptz", "ttt", phased)
     base = ["--artifact", "a", "--val", "v", "--tokenizer", "t"]
     assert ev._parse(base).unfreeze_int6 == "load"  # the CLI's default
     assert ev._parse(base + ["--unfreeze-int6", "first-pass"]).unfreeze_int6 == "first-pass"

@@ -140,17 +140,18 @@ class DocLoRA:
         mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
         bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
                if not (_is_int6(l) or isinstance(getattr(l, "weight", None), torch.Tensor))]
+        strides_ok = not (d % 8 or hidden % 8)  # the kernels' TMA row strides: 16 bytes at 2-byte activations
         if cfg.fused_mlp and (not mlps or bad):
             raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (.weight) or int6 "
                              f"codes (.q, .scale); found {bad or 'no MLP'}")
-        if cfg.fused_mlp and (d % 8 or hidden % 8):  # the kernels' TMA row strides: 16 bytes at 2-byte activations
+        if cfg.fused_mlp and not strides_ok:
             raise ValueError(f"fused_mlp: needs model_dim ({d}) and the MLP width ({hidden}) multiples of 8")
         # auto (None): the kernel path takes it where it was measured to pay, a step whose MLP carries an adapter
         # (the records' recipe: the "mlp" target; or up and down both) and where the model allows; the reference
         # keeps the torch ops, and so does an MLP without adapters (the seeds' recipe: not measured). Its eval matched
         # the unfused MLP's on a GPU (tests/test_fused_mlp.py, H100, logs/gpu-tests-fused-mlp-kernel-graphs-h100.txt)
         up, down = "up" in cfg.targets, "down" in cfg.targets
-        mlp_ok = bool(mlps) and not bad and not (d % 8 or hidden % 8) and up == down
+        mlp_ok = bool(mlps) and not bad and strides_ok and up == down
         self.fused_mlp = (bool(cfg.fused_mlp) if cfg.fused_mlp is not None
                           else (self.backend == "kernel" and mlp_ok and ("mlp" in cfg.targets or up)))
         # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);

@@ -516,6 +516,13 @@ def unfreeze_at_load(model, mode: str, cfg: TTTConfig, how: str = "load") -> Opt
     steps are compiled once and their graphs kept across the passes. Replaced at the pass, the records' recipe
     (share 0/8, H100) compiled 6 Dynamo frames after its warm-up, 2 of them the global pass's own (the reference
     compiled those 2 only), and captured its 45 graphs again in 47.8 s (bench/results/warmup-h100.md)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"unfreeze_at_load: model: expected a torch.nn.Module (train.model.GPT), got "
+                        f"{type(model).__name__}")
+    if mode not in MODES:
+        raise ValueError(f"unfreeze_at_load: mode = {mode!r}: expected one of {sorted(MODES)}")
+    if not isinstance(cfg, TTTConfig):
+        raise TypeError(f"unfreeze_at_load: cfg: expected a TTTConfig, got {type(cfg).__name__}")
     if how not in ("load", "first-pass"):
         raise ValueError(f"unfreeze_at_load: how = {how!r}: expected 'load' or 'first-pass'")
     if mode != "ttt" or cfg.phases == 0 or how != "load" or not _has_int6(model):

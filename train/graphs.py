@@ -369,8 +369,9 @@ class StepGraphs:
             if cuda:
                 # what the preparation (warm steps and the graphs' pool) left reserved, and the device's total: the
                 # kernel path's 45 graphs of the records' recipe held a 59.56 GiB pool on an 80 GB H100
-                self.stats["graph_reserved_gib"] = round((torch.cuda.memory_reserved(dev) - reserved0) / 2**30, 4)
-                self.stats["reserved_gib"] = round(torch.cuda.memory_reserved(dev) / 2**30, 4)
+                reserved = torch.cuda.memory_reserved(dev)
+                self.stats["graph_reserved_gib"] = round((reserved - reserved0) / 2**30, 4)
+                self.stats["reserved_gib"] = round(reserved / 2**30, 4)
             self.adapter.set_rows(None)
             # the synthetic warm steps trained A too: warm-start A as drawn before them. (Drawing it afresh at the
             # next reset instead, from that batch's document ids, made the replayed eval differ from the eager one:

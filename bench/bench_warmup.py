@@ -14,7 +14,8 @@ autotune, the synthetic-token shape sweep) and val load, with the warm-up's phas
 (``train.warmup``: shape sweep, first and second TTT / scoring passes), the val_bpb of both processes
 (equal: the caches must not change a score), and the compile statistics of ``train.warmup.compile_cache_counts``
 (frames, cache hits and misses, seconds per compile phase: Dynamo tracing, backend, code generation, module
-loading, Triton compile waits, host C++ builds).
+loading, Triton compile waits, host C++ builds), and the Triton binaries each child built (``triton_builds``: the
+package's own kernels by name and when, Inductor's counted).
 
 Cases: env ``PGOLF_WARMUP_CASES`` (default ``seeds-ref,seeds-kernel``; also ``records-ref``,
 ``records-kernel``, ``seeds-ref-graphs`` / ``seeds-ref-graphs-eager``: ``--cuda-graphs`` with and without
@@ -177,6 +178,37 @@ _FIRST_SCORE_RE = re.compile(r"\[eval\] first score ([0-9.]+) s after process st
 STOP_AT_FIRST = env_flag("PGOLF_WARMUP_STOP_AT_FIRST_SCORE")
 
 
+def triton_builds(cache_dir: str, since: float, timeline: int = 40) -> Dict[str, object]:
+    """The Triton binaries a child built into its ``TRITON_CACHE_DIR`` (``cache_dir``): every ``*.cubin`` written at
+    or after ``since`` (the child's launch, epoch seconds), by kernel name. Inductor's generated kernels
+    (``triton_*``, built by its worker pool) are counted together; the package's own (JIT-compiled in the driver's
+    own thread, one at a time, the first time a specialization is launched) by name, with the seconds after
+    ``since`` at which the first ``timeline`` of them were written. A warm child that hit every cache builds none.
+    Why: the kernel path's warm-up took 27 s more than the reference's at case (c), its first TTT pass 44.5 s
+    against 6.9 s (H200, bench/results/warmup-h200.md), with fewer Dynamo frames' compile seconds than the
+    reference's; Triton's JIT is not in those counters."""
+    import glob
+
+    built = []
+    for path in glob.glob(os.path.join(cache_dir, "*", "*.cubin")):
+        t = os.path.getmtime(path)
+        if t >= since:
+            built.append((t - since, os.path.basename(path)[:-len(".cubin")]))
+    built.sort()
+    package = [(round(t, 2), name) for t, name in built if not name.startswith("triton_")]
+    by_name: Dict[str, int] = {}
+    for _, name in package:
+        by_name[name] = by_name.get(name, 0) + 1
+    inductor = [t for t, name in built if name.startswith("triton_")]
+    out: Dict[str, object] = {"package": len(package), "package_by_name": by_name, "inductor": len(inductor)}
+    if package:
+        out["package_first_s"], out["package_last_s"] = package[0][0], package[-1][0]
+        out["package_timeline"] = package[:timeline]
+    if inductor:
+        out["inductor_first_s"], out["inductor_last_s"] = round(inductor[0], 2), round(inductor[-1], 2)
+    return out
+
+
 def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] = None) -> Dict[str, object]:
     """One ``train.eval`` child on the cache folders ``caches`` -> its JSON report. Stopped at ``timeout`` (or at
     its first score with ``STOP_AT_FIRST``): a partial report from its output (``first_score_s``, ``stopped``) when
@@ -186,6 +218,7 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
     env = dict(os.environ, PYTHONUNBUFFERED="1", TORCHINDUCTOR_CACHE_DIR=os.path.join(caches, "inductor"),
                TRITON_CACHE_DIR=os.path.join(caches, "triton"))
     out = os.path.join(caches, f"rep-{time.time_ns()}.json")
+    launched = time.time()
     t = time.perf_counter()
     prof = ["-m", "cProfile", "-o", profile] if profile else []
     # the driver's whole output: PGOLF_WARMUP_LOG_DIR (a device run's $OUT) keeps it past the machine; a child stopped
@@ -205,12 +238,14 @@ def _child(args: List[str], caches: str, timeout: float, profile: Optional[str] 
         if m is None:
             raise subprocess.TimeoutExpired(args, timeout, output=stdout[-4000:])
         return dict(first_score_s=float(m.group(1)), child_wall_s=wall,
-                    stopped="at its first score" if STOP_AT_FIRST else f"at the {timeout:.0f} s limit, after its first score")
+                    stopped="at its first score" if STOP_AT_FIRST else f"at the {timeout:.0f} s limit, after its first score",
+                    triton_builds=triton_builds(env["TRITON_CACHE_DIR"], launched))
     if rc != 0:
         raise RuntimeError(f"train.eval exited {rc}: {(stdout + stderr)[-4000:]}")
     with open(out) as f:
         rep = json.load(f)
     rep["child_wall_s"] = wall
+    rep["triton_builds"] = triton_builds(env["TRITON_CACHE_DIR"], launched)
     return rep
 
 
@@ -240,6 +275,8 @@ def _split(rep: Dict[str, object], tag: str) -> Dict[str, object]:
     out[f"{tag}_compile_cache"] = {k: v for k, v in rates.items() if k == "dynamo_frames" or "." in k}
     if rep.get("overlap_compile"):
         out[f"{tag}_overlap_compile"] = rep["overlap_compile"]
+    if rep.get("triton_builds") is not None:
+        out[f"{tag}_triton_builds"] = rep["triton_builds"]
     return out
 
 

@@ -1086,3 +1086,31 @@ def test_attention_bench_rows_on_tiny_shapes():
     for r in rows:
         assert r["error"] == "" and r["max_rel_err"] < 1e-5 and r["speedup"] == 1.0
         assert r["per_step_ms_11_layers"] == 11.0 and r["fwd_bwd_tflops"] > 0
+
+
+def test_warmup_bench_counts_the_triton_binaries_a_child_built(tmp_path):
+    """triton_builds: only cubins written since the child's launch, the package's kernels by name in time order,
+    Inductor's counted apart; an empty or missing folder builds nothing."""
+    import os
+
+    from bench.bench_warmup import triton_builds
+
+    since = 1_000_000.0
+    files = {"h1/_linear_act_kernel.cubin": since + 40.0, "h2/_linear_act_kernel.cubin": since + 12.5,
+             "h3/_adam_rows_kernel.cubin": since + 30.0, "h4/triton_poi_fused_add_0.cubin": since + 8.0,
+             "h5/triton_per_fused_rms_0.cubin": since + 20.0, "h6/_linear_act_kernel.cubin": since - 5.0,
+             "h7/_linear_act_kernel.json": since + 41.0}
+    for rel, t in files.items():
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        os.utime(path, (t, t))
+    got = triton_builds(str(tmp_path), since)
+    assert got["package"] == 3 and got["inductor"] == 2
+    assert got["package_by_name"] == {"_linear_act_kernel": 2, "_adam_rows_kernel": 1}
+    assert got["package_timeline"] == [(12.5, "_linear_act_kernel"), (30.0, "_adam_rows_kernel"),
+                                       (40.0, "_linear_act_kernel")]
+    assert (got["package_first_s"], got["package_last_s"]) == (12.5, 40.0)
+    assert (got["inductor_first_s"], got["inductor_last_s"]) == (8.0, 20.0)
+    assert triton_builds(str(tmp_path), since + 100.0) == {"package": 0, "package_by_name": {}, "inductor": 0}
+    assert triton_builds(str(tmp_path / "missing"), since)["package"] == 0

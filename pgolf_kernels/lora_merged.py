@@ -71,13 +71,25 @@ MIN_T_LARGE_RANK = 512
 
 
 def use_merged(T: int, rank: int, lengths: Optional[Tensor]) -> bool:
-    """Whether ``multi_lora_linear`` takes the merged-weight path for a (B, T, d) input at the largest rank."""
+    """Whether ``multi_lora_linear`` takes the merged-weight path for a (B, T, d) input at the largest rank.
+
+    Traced by ``torch.compile`` (``torch.compiler.is_compiling()``) at a rank above ``lora_triton.LARGE_RANK``:
+    merged at every T, the rule not looked at. Why: comparing a dynamic T with ``MIN_T_LARGE_RANK`` makes Dynamo guard on
+    it, and each compiled function that holds the op is compiled twice, once per side. In the records' recipe
+    (rank 96, windows 48..2048) that was 2 Dynamo frames more than the reference's (``_block_adapted`` and
+    ``_block_tail`` recompiled on "512 <= x.size()[1]") and 9 more Triton builds of the kernels' strategy, inside
+    a warm-up of 78.8 s against the reference's 51.4 s (H200, bench/results/warmup-h200.md). Merged costs no more
+    there at T 256 (0.285 vs 0.294 ms fwd+bwd, B64 Q512+V256 r96) and 0.69x at T 512 (0.350 vs 0.509 ms,
+    bench/results/lora-h200.md); the windows below 256 are a few steps per batch. At rank <= 32 the kernels win at
+    T 256 (0.152 vs 0.200 ms) and the rule stays, with its recompile."""
     if lengths is not None:
         return False
     if OVERRIDE is not None:
         return bool(OVERRIDE)
     from .lora_triton import LARGE_RANK
 
+    if rank > LARGE_RANK and torch.compiler.is_compiling():
+        return True
     return T >= (MIN_T_LARGE_RANK if rank > LARGE_RANK else MIN_T)
 
 

@@ -600,6 +600,30 @@ def test_merged_dispatch_rule(monkeypatch):
     assert M.use_merged(1, 1, None) and not M.use_merged(1, 1, lens)
 
 
+@pytest.mark.parametrize("rank,frames,merged_small", [(96, 1, True), (8, 2, False)])
+def test_merged_dispatch_under_compile_with_a_dynamic_window(monkeypatch, rank, frames, merged_small):
+    """Under torch.compile with a dynamic T, above LARGE_RANK the choice does not look at T: one compiled frame for a
+    short and a long window, both merged (the records' blocks had recompiled on "512 <= x.size()[1]"). At rank 8 the
+    T rule stays: the short window takes the kernels, the long one the merged weights, and Dynamo compiles twice."""
+    from torch._dynamo.testing import CompileCounter
+
+    from pgolf_kernels import lora_merged as M
+
+    monkeypatch.setattr(M, "OVERRIDE", None)
+
+    def f(x):
+        return x * 2 if M.use_merged(x.shape[1], rank, None) else x * 3
+
+    torch._dynamo.reset()
+    cnt = CompileCounter()
+    g = torch.compile(f, backend=cnt, dynamic=True)
+    short, long = torch.ones(1, 64), torch.ones(1, 4 * M.MIN_T)
+    assert torch.equal(g(short), short * (2 if merged_small else 3)) and torch.equal(g(long), long * 2)
+    assert cnt.frame_count == frames, cnt.frame_count
+    assert not M.use_merged(64, rank, None)  # eager: the T rule at every rank
+    torch._dynamo.reset()
+
+
 def test_merged_op_no_dx_and_opcheck(device, merged):
     """need_dx False (x without grad), the saved E_i against a rebuilt one, and the custom ops' registrations
     (schema, fake with the E_i outputs, autograd) on the merged path."""

@@ -17,19 +17,22 @@
 #            driver's defaults (CUDA graphs by auto), one cold process (bench.bench_warmup case
 #            records-kernel-tail-w96-global; the reference's row is records-ref-tail-w96-global, one call each on the
 #            same warm machine: PGOLF_WARMUP_CASES names the case)
+#   warmup   the kernel path's warm-up at case (c): a cold child, then a warm one on its cache folders, each stopped at its
+#            first score, with Dynamo's recompile log (TORCH_LOGS=recompiles, in OUTDIR/warmup/*.err) and the Triton
+#            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc}
-case "$STAGE" in tests|graphs|profile|ops|evalc) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops or evalc"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc or warmup"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
-if [ "$STAGE" = evalc ] && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
-  echo "evalc: the sp1024 tokenizer (fineweb_1024_bpe.model) is in neither PGOLF_SHARED_DATA, runs/evaldata nor"\
+if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
+  echo "$STAGE: the sp1024 tokenizer (fineweb_1024_bpe.model) is in neither PGOLF_SHARED_DATA, runs/evaldata nor"\
        "../shared/data: copy it to runs/evaldata/ (and carry that folder to the GPU host)"; exit 2
 fi
 t0=$(date +%s)
@@ -79,6 +82,16 @@ case "$STAGE" in
       PGOLF_WARMUP_RUNS=${PGOLF_WARMUP_RUNS:-cold} PGOLF_WARMUP_BUDGET_S=520 PGOLF_WARMUP_LOG_DIR="$OUTDIR/evalc" \
       timeout 560 python3 -m bench --results-dir "$OUTDIR/results" --only warmup 2>&1 | tee "$OUTDIR/evalc.log" | tail -40
     rc=${PIPESTATUS[0]}
+    ;;
+  warmup)
+    caches=$(mktemp -d)
+    TORCH_LOGS=recompiles PGOLF_WARMUP_CASES=${PGOLF_WARMUP_CASES:-records-kernel-tail-w96-global} PGOLF_WARMUP_DOCS=50000 \
+      PGOLF_WARMUP_RUNS=cold,warm PGOLF_WARMUP_STOP_AT_FIRST_SCORE=1 PGOLF_WARMUP_CACHES="$caches" \
+      PGOLF_WARMUP_BUDGET_S=400 PGOLF_WARMUP_LOG_DIR="$OUTDIR/warmup" \
+      timeout 450 python3 -m bench --results-dir "$OUTDIR/results" --only warmup 2>&1 | tee "$OUTDIR/warmup.log" | tail -20
+    rc=${PIPESTATUS[0]}
+    grep -h "Recompiling" "$OUTDIR"/warmup/*.err 2>/dev/null | cut -c1-200
+    rm -rf "$caches"
     ;;
 esac
 echo "$STAGE: rc=$rc, $(( $(date +%s) - t0 )) s"

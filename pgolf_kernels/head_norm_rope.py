@@ -106,7 +106,7 @@ def _tile(X, COS, SIN, T, sxb, sxt, sob, soh, sot, eps, P: tl.constexpr, BT: tl.
     return x1, x2, c, s, r, m2, rt64, ho
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _head_norm_rope_fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, eps, HAS_GAIN: tl.constexpr,
                                P: tl.constexpr, BT: tl.constexpr):
     """One (BT, D) tile of head h of batch row b: both halves loaded once, the RMS, gain and rotation in fp32."""
@@ -120,7 +120,9 @@ def _head_norm_rope_fwd_kernel(X, COS, SIN, G, Y, T, sxb, sxt, sob, soh, sot, ep
     tl.store(Y + yo + P, (n2 * c - n1 * s).to(dt), mask=m2)
 
 
-@triton.jit
+# T and n_tiles not specialized (masks and the partial sums' row, not alignment): one build per gain variant, not one
+# per class of window length; case (c)'s warm-up built this kernel 4 times (H200, bench/results/warmup-h200.md)
+@triton.jit(do_not_specialize=["T", "n_tiles"])
 def _head_norm_rope_bwd_kernel(DY, X, COS, SIN, G, DX, DG, T, H, sxb, sxt, sob, soh, sot, sdb, sdt, n_tiles, eps,
                                HAS_GAIN: tl.constexpr, NEED_DG: tl.constexpr, P: tl.constexpr, BT: tl.constexpr):
     """dx of one (BT, D) tile of head h (dx contiguous (B, T, H·D); x may be batch- or row-strided), and this tile's

@@ -91,7 +91,10 @@ def mlp_leaky_sq_ref(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5
     return torch.matmul(a, w_down.transpose(-1, -2))
 
 
-@triton.jit
+# B and T (rows, window) not specialized: Triton would compile one variant per class (== 1, multiple of 16, other) of
+# each, and they bound the tile loop only (the TMA descriptors carry the addresses). In the records' case (c) the
+# graphs' preparation met 3 new builds of this kernel (H200, bench/results/warmup-h200.md, Triton build timeline)
+@triton.jit(do_not_specialize=["B", "T"])
 def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
                        SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,

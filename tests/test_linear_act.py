@@ -440,3 +440,20 @@ def test_tile_override_replaces_the_16bit_default_of_its_epilogue_only(monkeypat
     assert mod.default_config(2048, 512, 512, True, torch.bfloat16, "leaky_relu_sq_grad") == mod.GRAD_CONFIG
     assert mod.default_config(2048, 512, 512, True, torch.float32, "residual") == mod.FP32_CONFIG
     assert mod.default_config(2048, 512, 512, False, torch.float16, "residual")["BM"] == 16
+
+
+def _unspecialized(kernel) -> set:
+    """The arguments a @triton.jit kernel does not specialize on (compiled: its params; interpreter: its kwargs)."""
+    if hasattr(kernel, "params"):
+        return {p.name for p in kernel.params if p.do_not_specialize}
+    return set(kernel.kwargs.get("do_not_specialize") or ())
+
+
+def test_row_and_window_counts_are_not_compile_keys():
+    """B and T bound the tile loop only: not specialized, so a new row or window bucket is no new Triton build. The
+    head norm + RoPE kernels likewise for T (and the backward's tile count)."""
+    from pgolf_kernels import head_norm_rope as hnr
+
+    assert {"B", "T"} <= _unspecialized(mod._linear_act_kernel)
+    assert "T" in _unspecialized(hnr._head_norm_rope_fwd_kernel)
+    assert {"T", "n_tiles"} <= _unspecialized(hnr._head_norm_rope_bwd_kernel)

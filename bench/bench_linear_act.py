@@ -14,7 +14,9 @@ Rows, one process, medians of ``triton.testing.do_bench``:
 * the MLP backward's first GEMM, dh = (dy · W_down) ⊙ act'(h): cuBLAS bmm + compiled derivative against the kernel's
   gradient epilogue (W_down read as a (K, N) weight);
 * the whole MLP forward + backward: the plain composition under torch.compile (default mode) against
-  ``mlp_leaky_sq`` (two fused kernels, the other GEMMs on cuBLAS).
+  ``mlp_leaky_sq`` (two fused kernels, the other GEMMs on cuBLAS);
+* with ``PGOLF_LINEAR_ACT_WS=1`` (Hopper), the warp-specialized Gluon kernel ``linear_act_ws`` on the MLP
+  up-projection against this kernel's default tile (``_ws_rows``).
 
 The question (``docs/STATUS.md``, case (c)): 1.5x over the reference needs GEMMs at e >= 0.73-1.0 of cuBLAS with the
 element-wise passes absorbed. ``e_none`` = cublas / ours-none; ``speedup`` = baseline / ours.
@@ -26,7 +28,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
-from bench.harness import bench_ms, check_close, fwd_bwd, make_row, tflops, time_all
+from bench.harness import bench_ms, check_close, env_flag, fwd_bwd, make_row, tflops, time_all
 
 KERNEL = "linear-act"
 # (name, N): K = 512, 64 rows x 2048 positions
@@ -111,7 +113,34 @@ def measure(dev, B: int, T: int, K: int, shapes, H: int, timer, compile_fn, dtyp
                 config_act_save=save_cfg, all_ms={k: round(v, 4) for k, v in t.items()}, configs_skipped=skipped))
             del w
     rows += _mlp_rows(mod, x, B, T, K, H, g, timer, compile_fn)
+    if env_flag("PGOLF_LINEAR_ACT_WS"):
+        rows += _ws_rows(mod, x, H, g, timer, compile_fn)
     return rows
+
+
+def _ws_rows(mod, x, N, g, timer, compile_fn) -> List[Dict[str, object]]:
+    """``PGOLF_LINEAR_ACT_WS=1`` (Hopper): the warp-specialized Gluon kernel (``pgolf_kernels.linear_act_ws``,
+    experimental) on the MLP up-projection with a shared weight and h stored, against this kernel's default tile in
+    the same epilogue and against cuBLAS + the compiled activation. Opt-in: it has not run on a GPU before, and a
+    hang there must not cost the other rows (run ``tests/test_linear_act_ws.py -m gpu`` under a timeout first)."""
+    from pgolf_kernels.linear_act_ws import linear_act_ws
+
+    x2 = x.reshape(-1, x.shape[-1])
+    M, K = x2.shape
+    w = torch.randn(N, K, device=x.device, dtype=x.dtype, generator=g) * 0.05
+    y_ref = _act(F.linear(x2, w))
+    check_close(linear_act_ws(x2, w)[0], y_ref, "linear_act_ws on the MLP up-projection")
+    lin_act = compile_fn(lambda a, ww: _act(F.linear(a, ww)))
+    cfg = mod.default_config(M, N, K, True, x.dtype)
+    t = time_all({"ws": lambda: linear_act_ws(x2, w), "ours-act-save": lambda: mod._launch(x2, w, "leaky_relu_sq", 0.5,
+                                                                                             True, cfg),
+                  "cublas+act": lambda: lin_act(x2, w), "cublas": lambda: F.linear(x2, w)}, timer, "ws")
+    flops = 2.0 * M * N * K
+    return [make_row(KERNEL, f"mlp-up forward, warp-specialized Gluon kernel (h stored): M{M} K{K} N{N}, shared weight, "
+                     f"{str(x.dtype)[6:]}", t["ws"], "linear_act's default tile, the same epilogue", t["ours-act-save"],
+                     cublas_act_ms=t["cublas+act"], cublas_ms=t["cublas"], ws_tflops=tflops(flops, t["ws"]),
+                     ours_tflops=tflops(flops, t["ours-act-save"]), cublas_tflops=tflops(flops, t["cublas"]),
+                     config=cfg)]
 
 
 def _mlp_rows(mod, x, B, T, d, H, g, timer, compile_fn) -> List[Dict[str, object]]:

@@ -20,15 +20,18 @@
 #   warmup   the kernel path's warm-up at case (c): a cold child, then a warm one on its cache folders, each stopped at its
 #            first score, with Dynamo's recompile log (TORCH_LOGS=recompiles, in OUTDIR/warmup/*.err) and the Triton
 #            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
+#   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
+#            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
+#            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc or warmup"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|ws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup or ws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -92,6 +95,16 @@ case "$STAGE" in
     rc=${PIPESTATUS[0]}
     grep -h "Recompiling" "$OUTDIR"/warmup/*.err 2>/dev/null | cut -c1-200
     rm -rf "$caches"
+    ;;
+  ws)
+    timeout 240 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=200 \
+      tests/test_linear_act_ws.py 2>&1 | tee "$OUTDIR/ws-tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      PGOLF_LINEAR_ACT_WS=1 timeout 300 python3 -m bench --results-dir "$OUTDIR/results" --only linear_act 2>&1 \
+        | tee "$OUTDIR/ws-bench.log" | tail -20
+      rc=${PIPESTATUS[0]}
+    fi
     ;;
 esac
 echo "$STAGE: rc=$rc, $(( $(date +%s) - t0 )) s"

@@ -116,6 +116,18 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
     assert len(calls) == 2 * (2 + 3 * n) + 2 + n + 2
 
 
+def test_the_bench_refuses_the_warp_specialized_rows_off_hopper(monkeypatch):
+    """PGOLF_LINEAR_ACT_WS=1 adds the Gluon kernel's rows; off a Hopper GPU they stop with the op's own refusal,
+    after the other rows ran, not with a compiler error."""
+    from bench.bench_linear_act import measure
+
+    if DEVICE != "cpu" or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    monkeypatch.setenv("PGOLF_LINEAR_ACT_WS", "1")
+    with pytest.raises(ValueError, match="Hopper"):
+        measure(torch.device("cpu"), 2, 40, 16, [("up", 24)], 24, lambda f: (f(), 1.0)[1], lambda f: f, torch.float16)
+
+
 def test_the_public_function_and_its_default_config():
     x, w = _inputs(2, 70, 24, 16, True, torch.float16)
     y = linear_act(x, w, slope=0.25)

@@ -1,0 +1,225 @@
+"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue (Gluon): the MLP up-projection of ``linear_act``.
+
+Experimental and opt-in: nothing in the eval or the drivers calls it. It has been compiled for sm_90a on a host
+without a GPU (``compile_stats``: registers, spills, shared memory); it has **not yet been run on a GPU**, so
+its numerics and speed are unmeasured. ``tests/test_linear_act_ws.py`` holds the GPU test against the fp64 oracle
+and ``bench.bench_linear_act`` times it when asked.
+
+Math (as ``linear_act.linear_act_ref`` with act "leaky_relu_sq"; x (M, K), W (N, K), 16-bit)::
+
+    h = x.dtype(x · Wᵀ)                       fp32 accumulate, one rounding
+    y = x.dtype(leaky_relu(float(h), slope)²)
+
+Why: ``_linear_act_kernel`` runs its fused sites at 380-500 TFLOP/s in the records' TTT step on an H200, against
+748 for cuBLAS inside the same step (bench/results/profile-ttt-h200.md, measurement 8). It is a persistent TMA
+kernel, but Triton 3.6 made no warp-specialized partitions for it on sm_90a, so each tile's epilogue (the
+activation and two stores) does not overlap the next tile's main loop, and at K = 512 a tile has 8 k-steps.
+
+Design (one persistent program per SM, tiles (m, n) n fastest, program p takes tiles p, p + P, ...):
+
+* a loader partition (1 warp) issues the TMA loads of x and W tiles into a ring of ``STAGES`` shared buffers,
+  each guarded by a ready and an empty mbarrier;
+* two consumer partitions (one warpgroup each) take the program's tiles in turn (consumer c the tiles of local
+  index n ≡ c mod 2): while one runs its epilogue (h and y through its own shared buffer and TMA stores) the other
+  runs its wgmma main loop, the way cuBLAS's ping-pong kernels overlap them. The ring orders their loads, so a
+  consumer frees each stage as soon as the wgmma that read it has completed.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from ._utils import check, check_tensor
+
+# 128 x 128 tiles per consumer warpgroup (its fp32 accumulator: 128 registers per thread), BK 64, 4 stages:
+# 4 x 32 KB of operand ring + 2 x 32 KB of epilogue buffers = 192 KB of the 227 KB an SM has
+BM, BN, BK, STAGES = 128, 128, 64, 4
+
+
+@gluon.jit
+def _loader(x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
+            BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Every tile's k-steps in the consumers' order (tile-local index n, then k): stage it % STAGES."""
+    pid = gl.program_id(0)
+    tiles_n = gl.cdiv(N, BN)
+    total = gl.cdiv(M, BM) * tiles_n
+    k_steps = gl.cdiv(K, BK)
+    it = 0
+    for t in range(pid, total, NUM_PROGS):
+        om = (t // tiles_n) * BM
+        on = (t % tiles_n) * BN
+        for kk in range(k_steps):
+            s = it % STAGES
+            # empty barriers start as if their phase 1 had completed: the first round does not wait
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(x_desc, [om, kk * BK], ready.index(s), xs.index(s))
+            tma.async_copy_global_to_shared(w_desc, [on, kk * BK], ready.index(s), ws.index(s))
+            it += 1
+
+
+@gluon.jit
+def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, C: gl.constexpr, BM: gl.constexpr,
+              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages, then h and y = act(h) out through
+    shared buffer ``epi[C]``.
+
+    The main loops take turns (``turn[c]``: consumer c's j-th main loop waits for the other's main loop before it,
+    consumer 0's first waits for none). Besides being the schedule wanted (one main loop on the tensor cores, the
+    other consumer in its epilogue), this keeps each wait on a ready barrier at most one phase ahead of it: a consumer
+    that waited on stage uses two rounds ahead (k_steps / STAGES = 2 at K 512) would see that parity complete
+    from an earlier round and read the other tile's data."""
+    pid = gl.program_id(0)
+    tiles_n = gl.cdiv(N, BN)
+    total = gl.cdiv(M, BM) * tiles_n
+    k_steps = gl.cdiv(K, BK)
+    dtype: gl.constexpr = h_desc.dtype
+    mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, BN, 256 // dtype.primitive_bitwidth])
+    buf = epi.index(C)
+    n = C
+    j = 0
+    for t in range(pid + C * NUM_PROGS, total, 2 * NUM_PROGS):
+        om = (t // tiles_n) * BM
+        on = (t % tiles_n) * BN
+        it0 = n * k_steps
+        # consumer 1's j-th main loop follows consumer 0's j-th (turn[1] phase j); consumer 0's j-th follows
+        # consumer 1's (j - 1)-th (turn[0] phase j - 1)
+        mbarrier.wait(turn.index(C), (j - 1 + C) & 1, pred=(j + C) > 0)
+        acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_layout)
+        for kk in range(k_steps):
+            it = it0 + kk
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
+            # one wgmma left in flight: the previous one has completed, so its stage is free
+            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+            mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(empty.index((it0 + k_steps - 1) % STAGES), count=1)
+        mbarrier.arrive(turn.index(1 - C), count=1)
+        h = acc.to(dtype)
+        tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's y) has left it
+        buf.store(h)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(h_desc, [om, on], buf)
+        hf = h.to(gl.float32)
+        hf = gl.where(hf > 0, hf, slope * hf)
+        y = (hf * hf).to(dtype)
+        tma.store_wait(pendings=0)
+        buf.store(y)
+        fence_async_shared()
+        tma.async_copy_shared_to_global(y_desc, [om, on], buf)
+        n += 2
+        j += 1
+    tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, M, N, K, slope, STAGES: gl.constexpr,
+                          NUM_PROGS: gl.constexpr):
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w_desc.block_type.shape[0]
+    dtype: gl.constexpr = x_desc.dtype
+    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x_desc.layout)
+    ws = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
+    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+    gl.warp_specialize([
+        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, 0, BM, BN, BK, STAGES,
+                     NUM_PROGS)),
+        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, 1, BM, BN, BK, STAGES,
+                     NUM_PROGS)),
+        (_loader, (x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM, BN, BK, STAGES, NUM_PROGS)),
+    ], [4, 1], [232, 40])
+
+
+def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor):
+    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for([BN, BK], gdt)
+    lo = gl.NVMMASharedLayout.get_default_for([BM, BN], gdt)
+    return (TensorDescriptor.from_tensor(x, [BM, BK], lx), TensorDescriptor.from_tensor(w, [BN, BK], lw),
+            TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo))
+
+
+def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
+                  out: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y, h) = (leaky_relu(x · Wᵀ, slope)², x · Wᵀ) for x (M, K) and W (N, K), bf16 or fp16 on a Hopper GPU.
+    K and N multiples of 8 (TMA's 16-byte rows). ``out``: (y, h) to write, contiguous (M, N) of x's dtype (the tests
+    fill them with NaN first)."""
+    op = "linear_act_ws"
+    check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
+    check_tensor(w, "w", dtype=x.dtype, ndim=2, device=x.device, op=op)
+    check(x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9,
+          lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
+    M, K = x.shape
+    N = w.shape[0]
+    check(w.shape[1] == K, lambda: f"{op}: w must be (N, {K}) to match x (M, {K}), got {tuple(w.shape)}")
+    check(K % 8 == 0 and N % 8 == 0, lambda: f"{op}: K and N must be multiples of 8 (TMA rows), got K {K}, N {N}")
+    x, w = x.contiguous(), w.contiguous()
+    if out is None:
+        y, h = torch.empty((M, N), device=x.device, dtype=x.dtype), torch.empty((M, N), device=x.device, dtype=x.dtype)
+    else:
+        y, h = out
+        for t, name in ((y, "out[0] (y)"), (h, "out[1] (h)")):
+            check_tensor(t, name, dtype=x.dtype, ndim=2, device=x.device, contiguous=True, op=op)
+            check(tuple(t.shape) == (M, N), lambda: f"{op}: {name} must be ({M}, {N}), got {tuple(t.shape)}")
+    stride = torch.cuda.get_device_properties(x.device).multi_processor_count
+    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
+    _linear_act_ws_kernel[(max(1, min(tiles, stride)), )](*_descriptors(x, w, h, y), M, N, K, float(slope),
+                                                           STAGES=STAGES, NUM_PROGS=stride, num_warps=4,
+                                                           maxnreg=168)
+    return y, h
+
+
+def compile_stats(dtype: str = "bf16", num_progs: int = 132) -> dict:
+    """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
+    memory: the check before GPU time is spent."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    x = torch.empty((256, 512), dtype=tdt)
+    w = torch.empty((256, 512), dtype=tdt)
+    h = torch.empty((256, 256), dtype=tdt)
+    descs = _descriptors(x, w, h, h)
+    fn = _linear_act_ws_kernel
+    sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc"), (mangle_type(d) for d in descs)))
+    sig.update(M="i32", N="i32", K="i32", slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr")
+    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs}
+    src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(k.asm["ptx"])
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
+                smem=k.metadata.shared, ptxas_rc=out.returncode, ptxas_err=out.stderr[-2000:] if out.returncode else "",
+                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"))

@@ -191,14 +191,11 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
 def compile_stats(dtype: str = "bf16", num_progs: int = 132) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
     memory: the check before GPU time is spent."""
-    import os
-    import re
-    import subprocess
-    import tempfile
-
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
+
+    from .sm90_check import ptxas_report
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
     x = torch.empty((256, 512), dtype=tdt)
@@ -211,15 +208,7 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132) -> dict:
     consts = {"STAGES": STAGES, "NUM_PROGS": num_progs}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    try:
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
-    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
-                smem=k.metadata.shared, ptxas_rc=out.returncode, ptxas_err=out.stderr[-2000:] if out.returncode else "",
+    regs, spill, out = ptxas_report(k.asm["ptx"])
+    return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
+                ptxas_err=out.stderr[-2000:] if out.returncode else "",
                 wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"))

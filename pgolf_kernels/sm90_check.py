@@ -21,6 +21,23 @@ import tempfile
 import time
 
 
+def ptxas_report(ptx: str):
+    """Assemble ``ptx`` for sm_90a with Triton's bundled ptxas -> (registers per thread or None, spill-store bytes,
+    the completed process: its return code and stderr)."""
+    import triton
+
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
+    finally:
+        os.unlink(f.name)
+    regs = re.search(r"Used (\d+) registers", out.stderr)
+    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    return int(regs.group(1)) if regs else None, int(spill.group(1)) if spill else 0, out
+
+
 def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N1", "N2", "N3")):
     import triton
     from triton.backends.compiler import GPUTarget
@@ -32,17 +49,9 @@ def _compile(fn, types, consts, num_warps, num_stages, div16=("T", "D", "N0", "N
     t = time.time()
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(k.asm["ptx"])
-    try:
-        out = subprocess.run([ptxas, "-arch=sm_90a", "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    finally:
-        os.unlink(f.name)
-    regs = re.search(r"Used (\d+) registers", out.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+    regs, spill, out = ptxas_report(k.asm["ptx"])
     ttg = k.asm["ttgir"]
-    return dict(regs=int(regs.group(1)) if regs else None, spill_bytes=int(spill.group(1)) if spill else 0,
+    return dict(regs=regs, spill_bytes=spill,
                 smem=k.metadata.shared, async_copies=ttg.count("async_copy_global_to_local"), tma_copies=ttg.count("async_tma_copy_global_to_local"),
                 async_wgmma="isAsync = true" in ttg,
                 wgmma=ttg.count("warp_group_dot "), serialized_wgmma="C7515" in out.stderr,

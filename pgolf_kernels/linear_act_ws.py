@@ -163,28 +163,31 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
     """(y, h) = (leaky_relu(x · Wᵀ, slope)², x · Wᵀ) for x (M, K) and W (N, K), bf16 or fp16 on a Hopper GPU.
     K and N multiples of 8 (TMA's 16-byte rows). ``out``: (y, h) to write, contiguous (M, N) of x's dtype (the tests
     fill them with NaN first)."""
+    from .linear_act import _num_programs
+
     op = "linear_act_ws"
     check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
     check_tensor(w, "w", dtype=x.dtype, ndim=2, device=x.device, op=op)
-    check(x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9,
-          lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
     M, K = x.shape
     N = w.shape[0]
     check(w.shape[1] == K, lambda: f"{op}: w must be (N, {K}) to match x (M, {K}), got {tuple(w.shape)}")
-    check(K % 8 == 0 and N % 8 == 0, lambda: f"{op}: K and N must be multiples of 8 (TMA rows), got K {K}, N {N}")
-    x, w = x.contiguous(), w.contiguous()
-    if out is None:
-        y, h = torch.empty((M, N), device=x.device, dtype=x.dtype), torch.empty((M, N), device=x.device, dtype=x.dtype)
-    else:
-        y, h = out
-        for t, name in ((y, "out[0] (y)"), (h, "out[1] (h)")):
+    check(K > 0 and N > 0 and K % 8 == 0 and N % 8 == 0,
+          lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
+    if out is not None:
+        check(isinstance(out, (tuple, list)) and len(out) == 2, lambda: f"{op}: out must be a (y, h) pair of tensors")
+        for t, name in ((out[0], "out[0] (y)"), (out[1], "out[1] (h)")):
             check_tensor(t, name, dtype=x.dtype, ndim=2, device=x.device, contiguous=True, op=op)
             check(tuple(t.shape) == (M, N), lambda: f"{op}: {name} must be ({M}, {N}), got {tuple(t.shape)}")
-    stride = torch.cuda.get_device_properties(x.device).multi_processor_count
-    tiles = triton.cdiv(M, BM) * triton.cdiv(N, BN)
-    _linear_act_ws_kernel[(max(1, min(tiles, stride)), )](*_descriptors(x, w, h, y), M, N, K, float(slope),
-                                                           STAGES=STAGES, NUM_PROGS=stride, num_warps=4,
-                                                           maxnreg=168)
+    # last of the checks (the others need no GPU): wgmma and the warp-specialized partitions are sm_90 only
+    check(x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9,
+          lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
+    x, w = x.contiguous(), w.contiguous()
+    y, h = out if out is not None else (torch.empty((M, N), device=x.device, dtype=x.dtype),
+                                        torch.empty((M, N), device=x.device, dtype=x.dtype))
+    # linear_act's persistent rule: the stride fixed per device (one compile for every shape), the grid the tiles
+    stride, grid = _num_programs(x.device, triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y), M, N, K, float(slope), STAGES=STAGES,
+                                    NUM_PROGS=stride, num_warps=4, maxnreg=168)
     return y, h
 
 

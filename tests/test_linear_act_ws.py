@@ -39,8 +39,17 @@ def test_bad_input_is_refused_by_name():
         linear_act_ws(x.float(), torch.zeros(8, 16))
     with pytest.raises(TypeError, match="w"):
         linear_act_ws(x, torch.zeros(8, 16, dtype=torch.float16))
+    with pytest.raises(ValueError, match="w must be"):
+        linear_act_ws(x, torch.zeros(8, 24, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="multiples of 8"):
+        linear_act_ws(x, torch.zeros(12, 16, dtype=torch.bfloat16))
+    w = torch.zeros(8, 16, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=r"out\[1\] \(h\) must be \(8, 8\)"):
+        linear_act_ws(x, w, out=(torch.zeros(8, 8, dtype=torch.bfloat16), torch.zeros(8, 4, dtype=torch.bfloat16)))
+    with pytest.raises(TypeError, match=r"out\[0\] \(y\)"):
+        linear_act_ws(x, w, out=(torch.zeros(8, 8), torch.zeros(8, 8, dtype=torch.bfloat16)))
     with pytest.raises(ValueError, match="Hopper"):
-        linear_act_ws(x, torch.zeros(8, 16, dtype=torch.bfloat16))
+        linear_act_ws(x, w)
 
 
 def _inputs(M, K, N, dtype, scale=0.05):

@@ -20,9 +20,6 @@
 #   warmup   the kernel path's warm-up at case (c): a cold child, then a warm one on its cache folders, each stopped at its
 #            first score, with Dynamo's recompile log (TORCH_LOGS=recompiles, in OUTDIR/warmup/*.err) and the Triton
 #            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
-#   mlp      the fused MLP's down-projection on h (linear_residual.MLP_ACT_IN): the tests of linear_residual on the GPU
-#            (every tile config, the records' shapes) and the eval's fused-residual GPU tests, bench.bench_linear_residual,
-#            then bench.profile_ttt on the records' step with it (kernel-compile-tail) and without (-astore), one process
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
@@ -31,10 +28,10 @@
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|mlp|ws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|mlp|ws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|mlp|ws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, mlp or ws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|ws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup or ws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -98,20 +95,6 @@ case "$STAGE" in
     rc=${PIPESTATUS[0]}
     grep -h "Recompiling" "$OUTDIR"/warmup/*.err 2>/dev/null | cut -c1-200
     rm -rf "$caches"
-    ;;
-  mlp)
-    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_linear_residual.py \
-      2>&1 | tee "$OUTDIR/mlp-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
-    rc=${PIPESTATUS[0]}
-    timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 \
-      tests/test_fused_residual.py 2>&1 | tee "$OUTDIR/mlp-tests-eval.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-    timeout 150 python3 -m bench --results-dir "$OUTDIR/results" --only linear_residual 2>&1 \
-      | tee "$OUTDIR/mlp-bench.log" | tail -8
-    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-    timeout 300 python3 -m bench.profile_ttt --recipe records --variants kernel-compile-tail,kernel-compile-tail-astore \
-      --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   ws)
     timeout 240 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=200 \

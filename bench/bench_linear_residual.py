@@ -10,9 +10,8 @@ Rows, one process, medians of ``triton.testing.do_bench``:
   projection's GEMM alone on cuBLAS (``e`` = its time over ours: our GEMM, with the expand and the epilogue, against
   cuBLAS's bare GEMM);
 * forward + backward of each site (gradients to the residual, the input, u and w2; W and s frozen, as in TTT);
-* the MLP site with the MLP (``mlp_residual``: h from the up-projection, the activation on the down-projection's
-  operand tiles, its derivative in the backward's first GEMM): forward against the same op storing act(h) beside h
-  (``MLP_ACT_IN`` off), forward + backward against the compiled composition (the two-store op's time beside it).
+* the MLP site with the MLP (``mlp_residual``: activation in the up-projection's epilogue, its derivative in the
+  backward's first GEMM) forward + backward against the compiled composition.
 """
 from __future__ import annotations
 
@@ -96,26 +95,12 @@ def measure(dev, B: int, T: int, d: int, sites, R: int, timer, compile_fn, dtype
     check_close(mlp_residual(res, x, w_up, w_dn, s, 0.5, u, w2), _plain_mlp(res, x, w_up, w_dn, s, u, w2),
                 "mlp_residual")
     plain_mlp = compile_fn(_plain_mlp)
-    op = torch.ops.pgolf.mlp_residual
-    # act_in (linear_residual.MLP_ACT_IN): the up-projection stores h only and the down-projection activates its
-    # operand tiles; astore: the up-projection stores act(h) and h, the down-projection reads act(h)
-    for act_in in (True, False):
-        check_close(op(res, x, w_up, w_dn, s, 0.5, u, w2, act_in)[0], _plain_mlp(res, x, w_up, w_dn, s, u, w2),
-                    f"mlp_residual act_in={act_in}")
-    t = time_all({"compiled": lambda: plain_mlp(res, x, w_up, w_dn, s, u, w2),
-                  "ours": lambda: op(res, x, w_up, w_dn, s, 0.5, u, w2, True),
-                  "ours-astore": lambda: op(res, x, w_up, w_dn, s, 0.5, u, w2, False)}, timer, "mlp site fwd")
-    flops = 2.0 * B * T * (2 * d * H + d * R)
-    rows.append(make_row(KERNEL, f"mlp site with the MLP, forward: B{B} T{T} d{d} H{H} rank {R}, shared W, "
-                         f"{str(dtype)[6:]}", t["ours"], "the same op storing act(h) beside h (MLP_ACT_IN off)",
-                         t["ours-astore"], compiled_ms=t["compiled"], ours_tflops=tflops(flops, t["ours"])))
     ins = [t_.clone().requires_grad_() for t_ in (res, x, u, w2)]
     t = time_all({"compiled": fwd_bwd(lambda r, xx, uu, ww: plain_mlp(r, xx, w_up, w_dn, s, uu, ww), ins, dy),
-                  "ours": fwd_bwd(lambda r, xx, uu, ww: op(r, xx, w_up, w_dn, s, 0.5, uu, ww, True)[0], ins, dy),
-                  "ours-astore": fwd_bwd(lambda r, xx, uu, ww: op(r, xx, w_up, w_dn, s, 0.5, uu, ww, False)[0],
-                                         ins, dy)},
+                  "ours": fwd_bwd(lambda r, xx, uu, ww: mlp_residual(r, xx, w_up, w_dn, s, 0.5, uu, ww,
+                                                                      validate=False), ins, dy)},
                  timer, "mlp site fwd+bwd")
     rows.append(make_row(KERNEL, f"mlp site with the MLP, forward + backward (grads to res, x, u, w2): B{B} T{T} d{d} "
                          f"H{H} rank {R}, shared W, {str(dtype)[6:]}", t["ours"], "torch.compile of the composition",
-                         t["compiled"], astore_ms=t["ours-astore"]))
+                         t["compiled"]))
     return rows

@@ -99,7 +99,7 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
                        SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,
                        HAS_X2: tl.constexpr, RES: tl.constexpr, SUBTILE: tl.constexpr,
-                       NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr, ACT_IN: tl.constexpr = False):
+                       NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
     """Tiles (b, m, n), n fastest (the x tile of (b, m) is re-read from L2 by the next tiles; W[b] is N x K, at
     most 1.5 MB for the records' MLP, and stays in L2 across the m tiles). fp32 inputs multiply in IEEE fp32 (not
     TF32: the result must match torch's fp32 matmul); the precision argument is ignored for 16-bit inputs.
@@ -109,9 +109,7 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
     (x2 (B, T, R), w2 (B, N, R): a LoRA's expand, R = its rank). RES (with ACT 0): y = res + s ⊙ acc, res read
     through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding). SUBTILE: the epilogue runs on the
     tile's two (BM, BN / 2) column halves in turn (y_desc / h_desc have (BM, BN / 2) blocks), so its h / residual
-    load and its store stage half the shared memory (128 x 256 x 3 stages then fits with those epilogues). ACT_IN:
-    x holds a pre-activation h, and each (BM, BK) tile is replaced by leaky_relu(h)² (fp32, rounded to x's dtype,
-    as ACT 1 stores it) before its product: the MLP's down-projection reads h, so act(h) is never stored."""
+    load and its store stage half the shared memory (128 x 256 x 3 stages then fits with those epilogues)."""
     pid = tl.program_id(0)
     tiles_m = tl.cdiv(T, BM)
     tiles_n = tl.cdiv(N, BN)
@@ -126,10 +124,6 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
         acc = tl.zeros((BM, BN), dtype=tl.float32)
         for kk in range(k_steps):
             a = x_desc.load([b, om, kk * BK]).reshape(BM, BK)
-            if ACT_IN:
-                af = a.to(tl.float32)
-                af = tl.where(af > 0, af, slope * af)
-                a = (af * af).to(x_desc.dtype)
             if W_KN:
                 w = w_desc.load([wb, kk * BK, on]).reshape(BK, BN)
                 acc = tl.dot(a, w, acc, input_precision=PRECISION)
@@ -295,12 +289,11 @@ def _check_operands(x: Tensor, w: Tensor, slope: float, *, op: str, xname: str, 
 
 def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config: Optional[dict] = None,
             aux: Optional[Tensor] = None, w_kn: bool = False, x2: Optional[Tensor] = None,
-            w2: Optional[Tensor] = None, scale: Optional[Tensor] = None, act_in: bool = False):
+            w2: Optional[Tensor] = None, scale: Optional[Tensor] = None):
     """The kernel on (B, T, K) x and (N, K) / (B, N, K) w, or (K, N) / (B, K, N) with ``w_kn``; ``aux`` (the
     shape of y): h for the gradient epilogue (act ``"leaky_relu_sq_grad"``), or the residual with ``scale`` (N,)
     (act ``"residual"``: y = aux + scale ⊙ (x · wᵀ + x2 · w2ᵀ)); ``x2`` (B, T, R) and ``w2`` (B, N, R): a second
-    product into the same accumulator; ``act_in``: x is a pre-activation h and the product reads
-    leaky_relu(h, slope)² (rounded to x's dtype) in its place."""
+    product into the same accumulator."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
@@ -334,7 +327,7 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
                                  BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,
                                  PER_ROW_W=w.dim() == 3, W_KN=w_kn, HAS_X2=x2 is not None, RES=res,
                                  SUBTILE=sub, NUM_PROGS=stride, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                                 ACT_IN=act_in, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+                                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     shape = x.shape[:-1] + (N,)
     return y.view(shape), (h.view(shape) if save_pre else x.new_empty(0))
 

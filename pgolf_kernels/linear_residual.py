@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._utils import check, check_tensor, use_triton
-from .linear_act import _grad_op, _launch, act_ref, linear_act_ref, weight_grad
+from .linear_act import _grad_op, _launch, linear_act_ref, weight_grad
 from .linear_act import check_args as _check_act
 
 __all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
@@ -121,56 +121,40 @@ def mlp_residual_ref(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale
     return linear_residual_ref(res, a, w_down, scale, u, w2)
 
 
-# The down-projection reads h and applies the activation to each operand tile (``_launch``'s ``act_in``), so act(h)
-# (B, T, H) is neither stored by the up-projection nor kept for the backward (which needs h only, unless W_down or
-# the scale are trained). In the records' TTT step the up-projection storing y and h took 0.496 ms against 0.355 ms
-# storing h only (H100, 131,072 x 512 -> 1536, bench/results/linear-act-h100.md, act_save and none); ``False``
-# restores the two-store path (``bench.profile_ttt``'s -astore variants time both in one process).
-MLP_ACT_IN = True
-
-
 @torch.library.custom_op("pgolf::mlp_residual", mutates_args=())
 def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float,
-            u: Optional[Tensor], w2: Optional[Tensor], act_in: bool) -> Tuple[Tensor, Tensor, Tensor]:
+            u: Optional[Tensor], w2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, a, h): h = x · W_upᵀ and a = act(h) from one kernel (the activation in its epilogue), then out from
-    the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its epilogue). ``act_in``: the first kernel
-    stores h only and the residual kernel applies the activation to its operand tiles; a is then empty (0,)."""
+    the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its epilogue)."""
     if use_triton(x):
-        if act_in:
-            h = _launch(x, w_up, "none", slope, False)[0]
-            out = _launch(h, w_down, "residual", slope, False, aux=res, x2=u, w2=w2, scale=scale, act_in=True)[0]
-            return out, x.new_empty(0), h
         a, h = _launch(x, w_up, "leaky_relu_sq", slope, True)
         return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, h
     a, h = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
-    return linear_residual_ref(res, a, w_down, scale, u, w2), (x.new_empty(0) if act_in else a), h
+    return linear_residual_ref(res, a, w_down, scale, u, w2), a, h
 
 
 @_mlp_op.register_fake
-def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2, act_in):
+def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2):
     hid = x.shape[:-1] + (w_up.shape[-2],)
-    return torch.empty_like(res), x.new_empty((0,) if act_in else hid), x.new_empty(hid)
+    return torch.empty_like(res), x.new_empty(hid), x.new_empty(hid)
 
 
 def _mlp_setup(ctx, inputs, output):
-    res, x, w_up, w_down, scale, slope, u, w2, act_in = inputs
-    ctx.slope, ctx.has_u, ctx.act_in = slope, u is not None, act_in
+    res, x, w_up, w_down, scale, slope, u, w2 = inputs
+    ctx.slope, ctx.has_u = slope, u is not None
     ctx.save_for_backward(x, w_up, w_down, scale, u, w2, output[1], output[2])
 
 
 def _mlp_backward(ctx, g: Tensor, _da, _dh):
     """∂res = g; dh = (g · (s ⊙ W_down)) ⊙ act'(h) in one kernel (the derivative in the epilogue of the GEMM, W_down
     (d, H) read as its (K, N) layout); ∂x = dh · W_up; u, w2 as ``linear_residual``; ∂W_up = dhᵀ · x, ∂W_down =
-    (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed; a = act(h)
-    recomputed from h there when the forward did not keep it)."""
+    (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed)."""
     x, w_up, w_down, scale, u, w2, a, h = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = g.contiguous()
     w_dn_s = (w_down * (scale[:, None] if w_down.dim() == 2 else scale[None, :, None])).contiguous()
     dh = _grad_op(g, w_dn_s, h, ctx.slope, True)   # linear_act_grad: the kernel, or its torch reference on a CPU
 
-    if ctx.act_in and (need[3] or need[4]):
-        a = act_ref(h, "leaky_relu_sq", ctx.slope)
     dx = torch.matmul(dh, w_up) if need[1] else None
     dw_up = weight_grad(dh, x, w_up.dim() == 3) if need[2] else None
     dw_down = weight_grad(g * scale, a, w_down.dim() == 3) if need[3] else None
@@ -178,7 +162,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
     dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
-    return g, dx, dw_up, dw_down, ds, None, du, dw2, None
+    return g, dx, dw_up, dw_down, ds, None, du, dw2
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -192,8 +176,7 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
     of its first GEMM (``linear_act_grad``, s folded into W_down), so no element-wise pass touches the (T, H)
     tensors either way. x (B, T, d); W_up (H, d) and W_down (N, H), shared or with a leading B (per-row weights,
     e.g. merged up / down adapters); res (B, T, N); scale (N,); u (B, T, R) and w2 (B, N, R) together or neither
-    (a LoRA of x read beside the MLP, the records' mlp adapter). Saves x and h for the backward (and act(h) with
-    ``MLP_ACT_IN`` off)."""
+    (a LoRA of x read beside the MLP, the records' mlp adapter). Saves x, h and act(h) for the backward."""
     if validate:
         op = "mlp_residual"
         check_tensor(x, "x", dtype=_FLOATS, ndim=3, op=op)
@@ -201,7 +184,7 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
         check(w_down.dim() == w_up.dim(), lambda: f"{op}: w_down must have w_up's number of dimensions "
                                                   f"({w_up.dim()}), got {tuple(w_down.shape)}")
         _check_site(op, res, x, tuple(x.shape[:2]) + (w_up.shape[-2],), w_down, scale, u, w2, layout=(w_up,))
-    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2, bool(MLP_ACT_IN))[0]
+    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2)[0]
 
 
 def check_args(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> None:

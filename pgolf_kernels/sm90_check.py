@@ -107,7 +107,7 @@ SMEM_LIMIT = 232448
 
 
 def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, save=False, w_kn=False, per_row=True,
-                     dtype="bf16", res=False, x2=False, SUBTILE=False, PER_SM=1, act_in=False):
+                     dtype="bf16", res=False, x2=False, SUBTILE=False, PER_SM=1):
     """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
     with W read as (K, N), as the fused MLP's backward launches it; ``res``: the residual epilogue of
     ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two
@@ -121,7 +121,7 @@ def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, sa
              "x2_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w2_desc": f"tensordesc<{dtype}[1,{BN},{BK}]>",
              "s_ptr": f"*{dtype}", "B": "i32", "T": "i32", "N": "i32", "K": "i32", "R": "i32", "slope": "fp32"}
     consts = dict(BM=BM, BN=BN, BK=BK, ACT=act, SAVE_PRE=save, PER_ROW_W=per_row, W_KN=w_kn, HAS_X2=x2, RES=res,
-                  SUBTILE=SUBTILE, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32", ACT_IN=act_in)
+                  SUBTILE=SUBTILE, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
     s = _compile(L._linear_act_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K", "R"))
     # two programs per SM share its 228 KB, each with 1 KB reserved
     s["fits_smem"] = s["smem"] <= (SMEM_LIMIT if PER_SM == 1 else 228 * 1024 // PER_SM - 1024)

@@ -13,7 +13,6 @@ import torch
 from conftest import DEVICE, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels import linear_act as la
-from pgolf_kernels import linear_residual as lr
 from pgolf_kernels.linear_residual import (ResidualLinear, linear_residual, linear_residual_ref, mlp_residual,
                                           mlp_residual_ref)
 from pgolf_kernels.testing import assert_close_rel, nan_empty
@@ -71,13 +70,6 @@ def test_every_bench_tile_config_on_tails():
     for cfg in la.TILE_CONFIGS:
         y = la._launch(a, w, "residual", 0.0, False, cfg, aux=res, x2=u, w2=w2, scale=scale)[0]
         assert_close_rel(y, _oracle(*args), linear_residual_ref(*args), name=f"out {cfg}")
-    # the down-projection reading a pre-activation (mlp_residual's act_in): the operand tiles' activation, tails in K
-    h = a * 2 - 1
-    act = la.act_ref(h, "leaky_relu_sq", 0.5)
-    for cfg in la.TILE_CONFIGS:
-        y = la._launch(h, w, "residual", 0.5, False, cfg, aux=res, x2=u, w2=w2, scale=scale, act_in=True)[0]
-        assert_close_rel(y, _oracle(res, act, w, scale, u, w2), linear_residual_ref(res, act, w, scale, u, w2),
-                         name=f"act_in out {cfg}")
 
 
 def test_the_public_function_with_its_default_config():
@@ -195,18 +187,16 @@ def test_tma_layout_refusals():
 
 def test_default_tile_compiles_for_sm90():
     """The default tile with the residual epilogue and the second product, built for sm_90a on this machine: TMA
-    copies, async wgmma, no spills, within shared memory (bf16 and fp16; with the operand tiles' activation of
-    ``act_in`` too, whose wgmma reads its A operand from registers)."""
+    copies, async wgmma, no spills, within shared memory (bf16 and fp16)."""
     from conftest import run_sm90_check
 
     run_sm90_check("import torch\n"
                    "from pgolf_kernels.linear_act import default_config\n"
                    "from pgolf_kernels.sm90_check import linear_act_stats\n"
                    "for dt, tdt in (('bf16', torch.bfloat16), ('fp16', torch.float16)):\n"
-                   "    for per_row, act_in in ((False, False), (True, False), (False, True)):\n"
+                   "    for per_row in (False, True):\n"
                    "        cfg = default_config(2048, 512, 512, True, tdt, 'residual')\n"
-                   "        s = linear_act_stats(dtype=dt, act=0, res=True, x2=True, per_row=per_row, act_in=act_in,\n"
-                   "                             **cfg)\n"
+                   "        s = linear_act_stats(dtype=dt, act=0, res=True, x2=True, per_row=per_row, **cfg)\n"
                    "        assert s['tma_copies'] > 0 and s['fits_smem'], (dt, s)\n"
                    "        assert s['async_wgmma'] and s['spill_bytes'] == 0, (dt, s)\n")
 
@@ -229,14 +219,10 @@ def _mlp_oracle(res, x, w_up, w_down, scale, u, w2, slope=0.5):
     return mlp_residual_ref(d[0], d[1], d[2], d[3], d[4], slope, d[5], d[6])
 
 
-@pytest.mark.parametrize("act_in", [True, False])
 @pytest.mark.parametrize("per_row,R", [(False, 8), (True, 16), (False, 0)])
-def test_mlp_residual_forward_and_backward_match_fp64(per_row, R, act_in, monkeypatch):
+def test_mlp_residual_forward_and_backward_match_fp64(per_row, R):
     """Forward and the gradient of every input (the activation's derivative in the GEMM epilogue, s folded into
-    W_down) against fp64, with 2x the torch composition's error as the bound; both ways of feeding the
-    down-projection (act(h) stored, or h read and activated per operand tile: ``MLP_ACT_IN``, where ∂W_down and ∂s
-    recompute act(h))."""
-    monkeypatch.setattr(lr, "MLP_ACT_IN", act_in)
+    W_down) against fp64, with 2x the torch composition's error as the bound."""
     dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
     args = _mlp_inputs(2, 19, 16, 40, R, per_row, dtype)
     g = torch.randn(2, 19, 16, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
@@ -262,9 +248,8 @@ def test_mlp_residual_forward_and_backward_match_fp64(per_row, R, act_in, monkey
 def test_mlp_residual_registration_and_compile():
     args = _mlp_inputs(2, 16, 16, 24, 8, True, torch.float32)
     res, x, w_up, w_down, scale, u, w2 = args
-    for act_in in (True, False):
-        torch.library.opcheck(torch.ops.pgolf.mlp_residual.default, (res, x, w_up, w_down, scale, 0.5, u, w2, act_in),
-                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    torch.library.opcheck(torch.ops.pgolf.mlp_residual.default, (res, x, w_up, w_down, scale, 0.5, u, w2),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     grads = []
     for compiled in (False, True):
         ins = [t.clone().requires_grad_() for t in (res, x, u, w2)]
@@ -277,17 +262,6 @@ def test_mlp_residual_registration_and_compile():
         grads.append([t.grad for t in ins])
     for e, c in zip(*grads):
         torch.testing.assert_close(c, e)
-
-
-def test_mlp_residual_keeps_h_only_with_act_in(monkeypatch):
-    """With ``MLP_ACT_IN`` the op's saved act(h) is empty: only x and h of the (T, H) activations stay for the
-    backward (4 x 402 MB less per layer-step at the records' 64 x 2048 x 1536 in bf16 would be the two-store
-    path's extra)."""
-    res, x, w_up, w_down, scale, u, w2 = _mlp_inputs(2, 16, 16, 24, 8, False, torch.float32)
-    for act_in, numel in ((True, 0), (False, 2 * 16 * 24)):
-        out, a, h = torch.ops.pgolf.mlp_residual(res, x, w_up, w_down, scale, 0.5, u, w2, act_in)
-        assert a.numel() == numel and h.shape == (2, 16, 24)
-        assert not torch.isnan(out).any()
 
 
 def test_mlp_residual_refuses_bad_input_by_name():
@@ -357,8 +331,7 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
                    lambda f: (calls.append(f()), 1.0)[1], lambda f: f, torch.float16)
     assert [r["case"].split(":")[0] for r in rows] == [
         "o site forward", "o site forward + backward (grads to res, a, u, w2)", "down site forward",
-        "down site forward + backward (grads to res, a, u, w2)", "mlp site with the MLP, forward",
-        "mlp site with the MLP, forward + backward (grads to res, x, u, w2)"]
+        "down site forward + backward (grads to res, a, u, w2)", "mlp site with the MLP, forward + backward (grads to "
+        "res, x, u, w2)"]
     assert rows[0]["e"] == 1.0 and rows[0]["configs_skipped"] == {} and len(rows[0]["all_ms"]) == 2 + len(la.TILE_CONFIGS)
-    assert rows[4]["baseline_ms"] == 1.0 and rows[5]["astore_ms"] == 1.0
-    assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 3 + 3
+    assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 2

@@ -260,6 +260,121 @@ def forward(x: Tensor, Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alp
     return [torch.bmm(x, E.transpose(1, 2)) for E in Es], Es
 
 
+@triton.jit
+def _acc_product(acc, x_desc, w_desc, b, om, on, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """acc += x[b, om:om+BM, :K] · w[b, :K, on:on+BN] (TMA zero-fills past K, T and N)."""
+    for kk in range(tl.cdiv(K, BK)):
+        a = x_desc.load([b, om, kk * BK]).reshape(BM, BK)
+        w = w_desc.load([b, kk * BK, on]).reshape(BK, BN)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    return acc
+
+
+# B and T only bound the tile loop (the descriptors carry the addresses): no compile per row or window count
+@triton.jit(do_not_specialize=["B", "T"])
+def _sum_products_kernel(y_desc, x0_desc, w0_desc, x1_desc, w1_desc, x2_desc, w2_desc, B, T, N, K0, K1, K2,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSRC: tl.constexpr,
+                         NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
+    """y[b] = Σ_{i < NSRC} x_i[b] · w_i[b] over persistent (b, m, n) tiles, n fastest, one fp32 accumulator per
+    tile and one rounding at the store."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(T, BM)
+    tiles_n = tl.cdiv(N, BN)
+    total = B * tiles_m * tiles_n
+    for t in tl.range(pid, total, NUM_PROGS, flatten=True):
+        b = t // (tiles_m * tiles_n)
+        rem = t % (tiles_m * tiles_n)
+        om = (rem // tiles_n) * BM
+        on = (rem % tiles_n) * BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = _acc_product(acc, x0_desc, w0_desc, b, om, on, K0, BM, BN, BK, PRECISION)
+        if NSRC > 1:
+            acc = _acc_product(acc, x1_desc, w1_desc, b, om, on, K1, BM, BN, BK, PRECISION)
+        if NSRC > 2:
+            acc = _acc_product(acc, x2_desc, w2_desc, b, om, on, K2, BM, BN, BK, PRECISION)
+        y_desc.store([b, om, on], acc.to(y_desc.dtype).reshape(1, BM, BN))
+
+
+# 16-bit GPU tile: linear_act's 128 x 256 x 64 (8 warps, 3 stages); the loops of the sources run one after the other,
+# so their stages share one shared-memory allocation (214,016 B with 3 sources, sm90_check). fp32 ("ieee" dots, for
+# references): 64 x 64 x 32 x 4 warps, the largest without register spills (64 x 128: 12-40 B)
+SUM_CONFIG = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
+SUM_CONFIG_FP32 = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
+MAX_SOURCES = 3
+
+
+def sum_products_ref(xs: List[Tensor], ws: List[Tensor]) -> Tensor:
+    """Torch reference of ``sum_products``: bmm, then ``baddbmm_`` per further source (each rounded to the dtype)."""
+    y = torch.bmm(xs[0], ws[0])
+    for x, w in zip(xs[1:], ws[1:]):
+        y.baddbmm_(x, w)
+    return y
+
+
+def _kernel_fits(xs: List[Tensor], ws: List[Tensor]) -> bool:
+    """The Triton kernel's domain: 1..MAX_SOURCES sources, contiguous, 16-byte rows (TMA), Hopper or the interpreter."""
+    x0 = xs[0]
+    if not use_triton(x0) or not 1 <= len(xs) <= MAX_SOURCES:
+        return False
+    item = x0.element_size()
+    if not all(t.is_contiguous() and t.shape[-1] * item % 16 == 0 for t in list(xs) + list(ws)):
+        return False
+    return not x0.is_cuda or torch.cuda.get_device_capability(x0.device)[0] >= 9
+
+
+def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = None) -> Tensor:
+    """y[b] = Σ_i xs[i][b] · ws[i][b] for xs[i] (B, T, K_i) and ws[i] (B, K_i, N) of one dtype: the merged
+    backward's dx = Σ_i dy_i · E_i over the q / k / v slices in one kernel (fp32 accumulation across every source,
+    one rounding), against one bmm and an accumulating ``baddbmm_`` per further source, each of which reads and
+    writes the whole (B, T, N) output again: in the records' TTT step (H100, bench/results/profile-ttt-h100.md,
+    measurement 7) the k and v ``baddbmm_`` (K 256) took 3.17 ms per step for 756 GFLOP (238 TFLOP/s) against 1.29
+    ms for q's bmm (K 512, 756 GFLOP). Outside the kernel's domain (``_kernel_fits``: more than 3 sources, rows not
+    16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs."""
+    op = "sum_products"
+    check(len(xs) == len(ws) and len(xs) > 0, lambda: f"{op}: xs and ws must be non-empty lists of one length, got "
+                                                      f"{len(xs)} and {len(ws)}")
+    x0 = xs[0]
+    Bsz, T = x0.shape[0], x0.shape[1]
+    N = ws[0].shape[-1]
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        check_tensor(x, f"xs[{i}]", dtype=x0.dtype, ndim=3, device=x0.device, op=op)
+        check_tensor(w, f"ws[{i}]", dtype=x0.dtype, ndim=3, device=x0.device, op=op)
+        check(x.shape[:2] == x0.shape[:2] and w.shape == (Bsz, x.shape[2], N),
+              lambda: f"{op}: xs[{i}] must be (B = {Bsz}, T = {T}, K_i) and ws[{i}] (B, K_i, N = {N}), got "
+                      f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if not _kernel_fits(xs, ws):
+        return sum_products_ref(xs, ws)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from . import _utils
+    from .linear_act import _num_programs
+
+    if config is not None:
+        cfg = dict(config)
+    elif x0.is_cuda:
+        cfg = dict(SUM_CONFIG_FP32 if x0.dtype == torch.float32 else SUM_CONFIG)
+    else:  # the interpreter: small tiles, the tests' tails
+        cfg = dict(BM=16, BN=16, BK=16, num_warps=4, num_stages=1)
+    BM, BN, BK = cfg["BM"], cfg["BN"], cfg["BK"]
+    y = _utils.empty((Bsz, T, N), x0.dtype, x0.device)
+    descs, ks = [], []
+    for x, w in zip(xs, ws):
+        K = x.shape[2]
+        descs += [TensorDescriptor(x, [Bsz, T, K], [T * K, K, 1], [1, BM, BK]),
+                  TensorDescriptor(w, [Bsz, K, N], [K * N, N, 1], [1, BK, BN])]
+        ks.append(K)
+    n = len(xs)
+    descs += descs[:2] * (MAX_SOURCES - n)        # unused slots (NSRC masks them out at compile time)
+    ks += [0] * (MAX_SOURCES - n)
+    stride, grid = _num_programs(x0.device, Bsz * triton.cdiv(T, BM) * triton.cdiv(N, BN))
+    _sum_products_kernel[(grid,)](TensorDescriptor(y, [Bsz, T, N], [T * N, N, 1], [1, BM, BN]), *descs, Bsz, T, N,
+                                  *ks, BM=BM, BN=BN, BK=BK, NSRC=n, NUM_PROGS=stride,
+                                  PRECISION="ieee" if x0.dtype == torch.float32 else "tf32",
+                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return y
+
+
 def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
              adapter_index: Optional[Tensor], need_dx: bool, dA_out: List[Optional[Tensor]],
              dB_out: List[Optional[Tensor]]) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
@@ -269,9 +384,9 @@ def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], B
     rows = x.shape[0]
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
+    if need_dx:
+        dx = sum_products(dys, Es)
     for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
-        if need_dx:
-            dx = torch.bmm(dy, E) if dx is None else dx.baddbmm_(dy, E)
         Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
         dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i])
         dAs.append(dA)                                                 # (B, r, d)

@@ -128,6 +128,21 @@ def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, sa
     return s
 
 
+def sum_products_stats(nsrc=3, dtype="bf16", BM=128, BN=256, BK=64, num_warps=8, num_stages=3):
+    """``lora_merged._sum_products_kernel`` (the merged backward's dx over ``nsrc`` sources) with host descriptors."""
+    from . import lora_merged as M
+
+    types = {"y_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>", "B": "i32", "T": "i32", "N": "i32", "K0": "i32",
+             "K1": "i32", "K2": "i32"}
+    for i in range(3):
+        types[f"x{i}_desc"] = f"tensordesc<{dtype}[1,{BM},{BK}]>"
+        types[f"w{i}_desc"] = f"tensordesc<{dtype}[1,{BK},{BN}]>"
+    consts = dict(BM=BM, BN=BN, BK=BK, NSRC=nsrc, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
+    s = _compile(M._sum_products_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K0", "K1", "K2"))
+    s["fits_smem"] = s["smem"] <= SMEM_LIMIT
+    return s
+
+
 CASES = {
     "fwd r<=16 (default)": lambda: fwd_stats(RP=16),
     "fwd r=96 (default)": lambda: fwd_stats(RP=128, num_stages=2),
@@ -156,6 +171,7 @@ def _linear_act_cases():
 
 
 CASES.update(_linear_act_cases())
+CASES.update({f"sum_products {n} sources": (lambda n=n: sum_products_stats(n)) for n in (1, 2, 3)})
 
 
 def head_norm_rope_stats(bwd=False, gain=True, need_dg=True, P=32, BT=64, dtype="bf16"):

@@ -828,3 +828,101 @@ def test_default_tiles_compile_for_sm90_within_shared_memory():
                    "    for phase in (1, 2):\n"
                    "        s = bwd_stats(RP=128, dtype=dt, split=True, phase=phase, **meta, **launch)\n"
                    "        assert s['smem'] <= SMEM_LIMIT, ('bwd', dt, phase, meta, s)\n")
+
+
+def _sum_inputs(B, T, ks, N, dtype, device, seed):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(B, T, k, generator=g).to(device, dtype) for k in ks]
+    ws = [(torch.randn(B, k, N, generator=g) * k ** -0.5).to(device, dtype) for k in ks]
+    return xs, ws
+
+
+@pytest.mark.parametrize("ks,N,T", [([40], 24, 9), ([40, 24], 24, 33), ([40, 24, 16], 40, 37), ([16, 16, 16], 8, 1)],
+                         ids=["one", "two", "three-tails", "T1"])
+def test_sum_products_matches_fp64(device, ks, N, T):
+    """The merged backward's dx (Σ_i x_i · w_i per row, one kernel) against fp64, bound 2x the error of the
+    bmm + baddbmm_ composition it replaces; tails in T, K and N against the interpreter's 16-wide tiles, output
+    NaN-filled first."""
+    from pgolf_kernels import lora_merged as M
+
+    dtype = torch.float32 if device == "cpu" and not use_triton(torch.empty(0)) else torch.float16
+    xs, ws = _sum_inputs(3, T, ks, N, dtype, device, seed=len(ks) * 10 + T)
+    if not M._kernel_fits(xs, ws):
+        pytest.skip("needs TRITON_INTERPRET=1 or a Hopper GPU: this test runs the kernel")
+    y = M.sum_products(xs, ws)
+    oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
+    assert_close_rel(y, oracle, M.sum_products_ref(xs, ws), name=f"sum_products {ks}")
+
+
+def test_sum_products_domain_and_refusals(device):
+    """Outside the kernel's domain (a fourth source; K not a 16-byte multiple) the composition runs, with its result;
+    mismatched shapes and dtypes are refused by name before any work."""
+    from pgolf_kernels import lora_merged as M
+
+    xs, ws = _sum_inputs(2, 8, [16, 16, 16, 16], 16, torch.float32, device, seed=3)
+    assert not M._kernel_fits(xs, ws) and M._kernel_fits(xs[:3], ws[:3]) == use_triton(xs[0])
+    torch.testing.assert_close(M.sum_products(xs, ws), M.sum_products_ref(xs, ws))
+    odd_x, odd_w = _sum_inputs(2, 8, [3], 16, torch.float32, device, seed=4)
+    assert not M._kernel_fits(odd_x, odd_w)
+    torch.testing.assert_close(M.sum_products(odd_x, odd_w), M.sum_products_ref(odd_x, odd_w))
+    bad = [((xs[:1], ws[:2]), "xs and ws must be non-empty lists of one length"),
+           (([], []), "xs and ws must be non-empty lists of one length"),
+           ((xs[:2], [ws[0], ws[1][:, :, :8]]), r"ws\[1\] \(B, K_i, N = 16\)"),
+           ((xs[:2], [ws[0], ws[1].double()]), r"sum_products: ws\[1\] must have dtype float32"),
+           (([xs[0], xs[1][:1]], ws[:2]), r"xs\[1\] must be \(B = 2, T = 8, K_i\)")]
+    for args, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            M.sum_products(*args)
+
+
+@pytest.mark.gpu
+def test_gpu_sum_products_records_shapes():
+    """The records' q / k / v slices (K 512, 256, 256 -> N 512) at 64 x 2048 in bf16 and a tail shape, against fp64."""
+    from pgolf_kernels import lora_merged as M
+
+    for B, T, ks in ((64, 2048, [512, 256, 256]), (3, 130, [512, 256, 256]), (5, 48, [512])):
+        xs, ws = _sum_inputs(B, T, ks, 512, torch.bfloat16, "cuda", seed=T)
+        assert M._kernel_fits(xs, ws)
+        oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
+        assert_close_rel(M.sum_products(xs, ws), oracle, M.sum_products_ref(xs, ws), name=f"B{B} T{T} {ks}")
+
+
+def test_merged_backward_sums_every_dense_slice_in_one_call(device, merged, monkeypatch):
+    """Three dense slices (q / k / v as in the records' step) on the merged path: dx comes from one
+    ``sum_products`` over all three (the kernel where it fits), and every output and gradient matches fp64."""
+    from pgolf_kernels import lora_merged as M
+
+    calls = []
+    real = M.sum_products
+    monkeypatch.setattr(M, "sum_products", lambda xs, ws, **k: (calls.append(len(xs)), real(xs, ws, **k))[1])
+    x, bases, As, Bs = _make(3, 17, 40, [40, 24, 16], 4, torch.float16, device, seed=17)
+    _check_all(x, bases, As, Bs, alpha=0.7)
+    assert calls == [3]
+
+
+def test_merged_dx_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_merged_dx's rows at tiny shapes (a stand-in timer): every contestant runs, ours passes its check."""
+    from bench.bench_merged_dx import measure
+
+    if torch.cuda.is_available() or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    calls = []
+    rows = measure(torch.device("cpu"), 2, (19, 3), (16, 8, 8), 24, lambda f: (calls.append(f()), 1.0)[1],
+                   torch.float16)
+    assert [r["case"].split(":")[0] for r in rows] == ["dx over 3 slices (K 16+8+8)"] * 2
+    assert len(calls) == 6 and rows[0]["speedup"] == 1.0 and rows[0]["concat_bmm_ms"] == 1.0
+
+
+def test_sum_products_tiles_compile_for_sm90():
+    """The kernel's GPU tiles, built for sm_90a on this machine: 16-bit (1 and 3 sources) with TMA copies and async
+    wgmma, fp32's, all without register spills and within shared memory."""
+    from conftest import run_sm90_check
+
+    run_sm90_check("from pgolf_kernels.lora_merged import SUM_CONFIG, SUM_CONFIG_FP32\n"
+                   "from pgolf_kernels.sm90_check import sum_products_stats\n"
+                   "for n in (1, 3):\n"
+                   "    s = sum_products_stats(n, 'bf16', **SUM_CONFIG)\n"
+                   "    assert s['tma_copies'] > 0 and s['async_wgmma'] and s['fits_smem'], s\n"
+                   "    assert s['spill_bytes'] == 0, s\n"
+                   "s = sum_products_stats(3, 'fp32', **SUM_CONFIG_FP32)\n"
+                   "assert s['tma_copies'] > 0 and s['fits_smem'] and s['spill_bytes'] == 0, s\n")

@@ -335,14 +335,15 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-t128][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-t128][-dxk][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
                         "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
                         "TTTConfig.fused_residual on / off (default: as the eval's auto, on for the kernel path); -rowmap: the adapters read the row map as any map (no "
                         "identity_rows, as the rolling schedule); -t128: linear_act's derivative and residual epilogues on "
                         "the 128 x 128 x 4-warp tile (their default before the split-epilogue tile) for a before / after "
-                        "in one process; -autotune: "
+                        "in one process; -dxk: the merged q / k / v backward's dx in one Triton kernel "
+                        "(lora_merged.DX_KERNEL; default: as PGOLF_MERGED_DX sets it); -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -376,7 +377,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune], suffixes in that order "
+                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-autotune], suffixes in that order "
                              f"(-autotune "
                              f"with compile only)")
     if a.device == "cuda" and not torch.cuda.is_available() and not a.work_only:
@@ -413,8 +414,9 @@ def main(argv=None):
         if a.work_only:
             _save(out, a.out)
             return out
-    from pgolf_kernels import linear_act
+    from pgolf_kernels import linear_act, lora_merged
 
+    dx_kernel = lora_merged.DX_KERNEL
     for v in a.variants.split(","):
         var = _variant(v)
         path_kind, mode = var["path"], var["mode"]
@@ -424,6 +426,7 @@ def main(argv=None):
         linear_act.TILE_OVERRIDE.clear()
         linear_act.TILE_OVERRIDE.update({a: linear_act.TILE_CONFIGS[T128_CONFIG] for a in T128_EPILOGUES}
                                         if var["t128"] else {})
+        lora_merged.DX_KERNEL = dx_kernel or var["dxk"]
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -455,7 +458,8 @@ def main(argv=None):
                               "top": rows, "categories_ms": cats, "groups_ms": groups, "fused_optimizer": opt.fused,
                               "fused_mlp": ad.fused_mlp, "fused_qk": ad.fused_qk,
                               "fused_residual": ad.fused_residual, "identity_rows": ad.identity_rows,
-                              "linear_act_tiles": dict(linear_act.TILE_OVERRIDE)}
+                              "linear_act_tiles": dict(linear_act.TILE_OVERRIDE),
+                              "merged_dx_kernel": lora_merged.DX_KERNEL}
         if a.sites:
             out["variants"][v]["sites"] = sites
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
@@ -480,6 +484,7 @@ def main(argv=None):
         if dev == "cuda":
             torch.cuda.empty_cache()
     linear_act.TILE_OVERRIDE.clear()
+    lora_merged.DX_KERNEL = dx_kernel
     _save(out, a.out)
     return out
 
@@ -488,14 +493,15 @@ def main(argv=None):
 # default before linear_act.GRAD_CONFIG became the split-epilogue 128 x 256 tile: the before of that change
 T128_EPILOGUES = ("leaky_relu_sq_grad", "residual")
 T128_CONFIG = 2   # linear_act.TILE_CONFIGS[2]: 128 x 128 x 64, 4 warps, 4 stages
-_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "autotune")  # the order a variant's suffixes must come in
+_SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "dxk", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, autotune) (fused, mlp, qk, res: True / False / None = the
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, autotune) (fused, mlp, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
-    ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``), or None
+    ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``; dxk:
+    ``lora_merged.DX_KERNEL`` on, the merged backward's dx through ``sum_products``), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
@@ -511,7 +517,8 @@ def _variant(v: str):
 
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf, "fused": on_off("fused", "torchopt"),
             "mlp": on_off("mlp", "nomlp"), "qk": on_off("qk", "noqk"), "res": on_off("res", "nores"),
-            "rowmap": "rowmap" in suf, "t128": "t128" in suf, "autotune": "autotune" in suf}
+            "rowmap": "rowmap" in suf, "t128": "t128" in suf, "dxk": "dxk" in suf,
+            "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

@@ -304,6 +304,22 @@ SUM_CONFIG_FP32 = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
 MAX_SOURCES = 3
 
 
+def _dx_kernel_from_env() -> bool:
+    """PGOLF_MERGED_DX: "kernel" = the merged backward's dx through ``sum_products``; unset or "cublas" = one bmm and a
+    ``baddbmm_`` per further slice."""
+    raw = os.environ.get("PGOLF_MERGED_DX", "cublas")
+    if raw not in ("cublas", "kernel"):
+        raise ValueError(f"PGOLF_MERGED_DX = {raw!r}: expected cublas (bmm + baddbmm_, the default) or kernel "
+                         f"(sum_products)")
+    return raw == "kernel"
+
+
+# Off by default until the GPU lane has run it: the kernel is tested in the interpreter and compiled for sm_90a
+# (no spills, 214,016 B of shared memory), but it has not yet run on a GPU, where another kernel that passed the
+# interpreter on every tile was compiled wrong for 128 x 256 tiles (bench/results/logs/mlp-act-in-h100.txt).
+DX_KERNEL: bool = _dx_kernel_from_env()
+
+
 def sum_products_ref(xs: List[Tensor], ws: List[Tensor]) -> Tensor:
     """Torch reference of ``sum_products``: bmm, then ``baddbmm_`` per further source (each rounded to the dtype)."""
     y = torch.bmm(xs[0], ws[0])
@@ -329,7 +345,8 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
     one rounding), against one bmm and an accumulating ``baddbmm_`` per further source, each of which reads and
     writes the whole (B, T, N) output again: in the records' TTT step (H100, bench/results/profile-ttt-h100.md,
     measurement 7) the k and v ``baddbmm_`` (K 256) took 3.17 ms per step for 756 GFLOP (238 TFLOP/s) against 1.29
-    ms for q's bmm (K 512, 756 GFLOP). Outside the kernel's domain (``_kernel_fits``: more than 3 sources, rows not
+    ms for q's bmm (K 512, 756 GFLOP). The merged backward calls it with ``DX_KERNEL`` on (off by default until
+    measured on a GPU). Outside the kernel's domain (``_kernel_fits``: more than 3 sources, rows not
     16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs."""
     op = "sum_products"
     check(len(xs) == len(ws) and len(xs) > 0, lambda: f"{op}: xs and ws must be non-empty lists of one length, got "
@@ -385,7 +402,7 @@ def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], B
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
     if need_dx:
-        dx = sum_products(dys, Es)
+        dx = sum_products(dys, Es) if DX_KERNEL else sum_products_ref(dys, Es)
     for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
         Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
         dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i])

@@ -20,6 +20,9 @@
 #   warmup   the kernel path's warm-up at case (c): a cold child, then a warm one on its cache folders, each stopped at its
 #            first score, with Dynamo's recompile log (TORCH_LOGS=recompiles, in OUTDIR/warmup/*.err) and the Triton
 #            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
+#   dx       the merged q / k / v backward's dx in one kernel (lora_merged.sum_products, off by default until this
+#            stage has run): its GPU tests and the merged path's, bench.bench_merged_dx against bmm + baddbmm_, then
+#            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -dxk) in one process
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
@@ -28,10 +31,10 @@
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|ws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|ws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup or ws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx or ws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -95,6 +98,20 @@ case "$STAGE" in
     rc=${PIPESTATUS[0]}
     grep -h "Recompiling" "$OUTDIR"/warmup/*.err 2>/dev/null | cut -c1-200
     rm -rf "$caches"
+    ;;
+  dx)
+    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_lora.py \
+      -k "sum_products or every_dense_slice or gpu_merged_shapes or merged_dx" 2>&1 | tee "$OUTDIR/dx-tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only merged_dx 2>&1 | tee "$OUTDIR/dx-bench.log" \
+        | grep -E "^\| merged|Error|failed"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      timeout 300 python3 -m bench.profile_ttt --recipe records --variants kernel-compile-tail,kernel-compile-tail-dxk \
+        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
     ;;
   ws)
     timeout 240 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=200 \

@@ -888,16 +888,35 @@ def test_gpu_sum_products_records_shapes():
 
 
 def test_merged_backward_sums_every_dense_slice_in_one_call(device, merged, monkeypatch):
-    """Three dense slices (q / k / v as in the records' step) on the merged path: dx comes from one
-    ``sum_products`` over all three (the kernel where it fits), and every output and gradient matches fp64."""
+    """Three dense slices (q / k / v as in the records' step) on the merged path: with ``DX_KERNEL`` dx comes from
+    one ``sum_products`` over all three (the kernel where it fits), without it from cuBLAS; every output and gradient
+    matches fp64 either way."""
     from pgolf_kernels import lora_merged as M
 
     calls = []
     real = M.sum_products
     monkeypatch.setattr(M, "sum_products", lambda xs, ws, **k: (calls.append(len(xs)), real(xs, ws, **k))[1])
     x, bases, As, Bs = _make(3, 17, 40, [40, 24, 16], 4, torch.float16, device, seed=17)
+    monkeypatch.setattr(M, "DX_KERNEL", True)
     _check_all(x, bases, As, Bs, alpha=0.7)
     assert calls == [3]
+    monkeypatch.setattr(M, "DX_KERNEL", False)   # the default: cuBLAS, the kernel not called
+    _check_all(x, bases, As, Bs, alpha=0.7)
+    assert calls == [3]
+
+
+@pytest.mark.parametrize("raw,want", [(None, False), ("cublas", False), ("kernel", True)])
+def test_merged_dx_env_knob(monkeypatch, raw, want):
+    from pgolf_kernels import lora_merged as M
+
+    if raw is None:
+        monkeypatch.delenv("PGOLF_MERGED_DX", raising=False)
+    else:
+        monkeypatch.setenv("PGOLF_MERGED_DX", raw)
+    assert M._dx_kernel_from_env() is want
+    monkeypatch.setenv("PGOLF_MERGED_DX", "fast")
+    with pytest.raises(ValueError, match="PGOLF_MERGED_DX = 'fast': expected cublas"):
+        M._dx_kernel_from_env()
 
 
 def test_merged_dx_bench_runs_and_checks_on_tiny_shapes():

@@ -121,8 +121,9 @@ def measure(dev, B: int, T: int, K: int, shapes, H: int, timer, compile_fn, dtyp
 def _ws_rows(mod, x, N, g, timer, compile_fn) -> List[Dict[str, object]]:
     """``PGOLF_LINEAR_ACT_WS=1`` (Hopper): the warp-specialized Gluon kernel (``pgolf_kernels.linear_act_ws``,
     experimental) on the MLP up-projection with a shared weight and h stored, against this kernel's default tile in
-    the same epilogue and against cuBLAS + the compiled activation. Opt-in: it has not run on a GPU before, and a
-    hang there must not cost the other rows (run ``tests/test_linear_act_ws.py -m gpu`` under a timeout first)."""
+    the same epilogue and against cuBLAS + the compiled activation. Opt-in: a synchronisation bug in a
+    warp-specialized kernel hangs rather than fails, and a hang must not cost the other rows (the lane's ``ws``
+    stage runs ``tests/test_linear_act_ws.py -m gpu`` under a timeout first)."""
     from pgolf_kernels.linear_act_ws import linear_act_ws
 
     x2 = x.reshape(-1, x.shape[-1])

@@ -36,6 +36,7 @@ TRITON_INTERPRET=1 -> the kernel interpreted.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -45,7 +46,7 @@ from ._utils import check, check_tensor, use_triton
 from .linear_act import _grad_op, _launch, linear_act_ref, weight_grad
 from .linear_act import check_args as _check_act
 
-__all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
+__all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "rank_grad", "ResidualLinear"]
 
 _OP = "linear_residual"
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -91,6 +92,35 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(a, w, scale, u, w2)
 
 
+def _rank_splits_from_env() -> int:
+    """PGOLF_RANK_GRAD_SPLITS: how many slices of T ``rank_grad`` cuts its reduction into on a GPU (1: one bmm)."""
+    raw = os.environ.get("PGOLF_RANK_GRAD_SPLITS", "1")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"PGOLF_RANK_GRAD_SPLITS = {raw!r}: expected an integer >= 1")
+    return int(raw)
+
+
+RANK_GRAD_SPLITS: int = _rank_splits_from_env()
+
+
+def rank_grad(g: Tensor, u: Tensor, scale: Tensor, splits: Optional[int] = None) -> Tensor:
+    """∂w2[b] = s ⊙ (g[b]ᵀ · u[b]), (B, N, R) in g's dtype, for g (B, T, N), u (B, T, R), s (N,): the gradient of
+    the second product's weight, a reduction over T = 2048 into a (512, 96) tile per row in the records' step.
+
+    ``splits`` S > 1 (default ``RANK_GRAD_SPLITS``): T cut into S slices, one bmm over B·S batch rows with fp32
+    outputs (``out_dtype``, a GPU only; elsewhere the slices in fp32), the S partial sums added and scaled in fp32,
+    rounded once. S = 1, or T not a multiple of S: one bmm in g's dtype, then the scale (two roundings)."""
+    S = RANK_GRAD_SPLITS if splits is None else splits
+    B, T, N = g.shape
+    R = u.shape[-1]
+    if S <= 1 or T % S:
+        return torch.bmm(g.transpose(1, 2), u) * scale[None, :, None]
+    gs, us = g.reshape(B * S, T // S, N).transpose(1, 2), u.reshape(B * S, T // S, R)
+    part = (torch.bmm(gs, us, out_dtype=torch.float32) if g.is_cuda and g.dtype != torch.float32
+            else torch.bmm(gs.float(), us.float()))
+    return (part.view(B, S, N, R).sum(1) * scale.float()[None, :, None]).to(g.dtype)
+
+
 def _backward(ctx, g: Tensor):
     a, w, scale, u, w2 = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -102,7 +132,7 @@ def _backward(ctx, g: Tensor):
     if ctx.has_u and need[4]:
         du = torch.bmm(g, w2 * scale[None, :, None])
     if ctx.has_u and need[5]:
-        dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None]
+        dw2 = rank_grad(g, u, scale)
     if need[2]:
         dw = weight_grad(g * scale, a, w.dim() == 3)
     if need[3]:
@@ -161,7 +191,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     ds = ((g.float() * _z32(a, w_down, u, w2)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
-    dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
+    dw2 = rank_grad(g, u, scale) if ctx.has_u and need[7] else None
     return g, dx, dw_up, dw_down, ds, None, du, dw2
 
 

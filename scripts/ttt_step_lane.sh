@@ -20,21 +20,24 @@
 #   warmup   the kernel path's warm-up at case (c): a cold child, then a warm one on its cache folders, each stopped at its
 #            first score, with Dynamo's recompile log (TORCH_LOGS=recompiles, in OUTDIR/warmup/*.err) and the Triton
 #            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
-#   dx       the merged q / k / v backward's dx in one kernel (lora_merged.sum_products, off by default until this
-#            stage has run): its GPU tests and the merged path's, bench.bench_merged_dx against bmm + baddbmm_, then
+#   dx       the merged q / k / v backward's dx in one kernel (lora_merged.sum_products, on by default since this
+#            stage ran on an H100): its GPU tests and the merged path's, bench.bench_merged_dx against bmm + baddbmm_, then
 #            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -dxk) in one process
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
+#   rg       the residual sites' rank-r weight gradient (linear_residual.rank_grad) with T cut into slices, and block
+#            0 without its input gradient (train.forward.BLOCK0_LEAF): rank_grad's tests on the GPU,
+#            bench.bench_rank_grad, then bench.profile_ttt on the records' step with each (PGOLF_PROFILE_VARIANTS)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx or ws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|rg}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|rg}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|rg) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws or rg"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -109,6 +112,20 @@ case "$STAGE" in
         | grep -E "^\| merged|Error|failed"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       timeout 300 python3 -m bench.profile_ttt --recipe records --variants kernel-compile-tail,kernel-compile-tail-dxk \
+        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
+    ;;
+  rg)
+    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_linear_residual.py \
+      -k "rank_grad or gpu_records or gpu_mlp" 2>&1 | tee "$OUTDIR/rg-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only rank_grad 2>&1 | tee "$OUTDIR/rg-bench.log" \
+        | grep -E "^\| rank|Error|failed"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      timeout "${PGOLF_PROFILE_TIMEOUT:-400}" python3 -m bench.profile_ttt --recipe records \
+        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-b0,kernel-compile-tail-rg4}" \
         --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi

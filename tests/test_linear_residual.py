@@ -335,3 +335,61 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
         "res, x, u, w2)"]
     assert rows[0]["e"] == 1.0 and rows[0]["configs_skipped"] == {} and len(rows[0]["all_ms"]) == 2 + len(la.TILE_CONFIGS)
     assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 2
+
+
+@pytest.mark.parametrize("S", [1, 2, 4, 3])
+def test_rank_grad_every_split_matches_fp64(S):
+    """``rank_grad`` (s ⊙ gᵀ·u per row) with T in S slices, fp32 partials, matches fp64 within the suite's bound at
+    T = 24 (a multiple of every S here) and T = 26 (a multiple of none but 1 and 2: the one-bmm form otherwise)."""
+    from pgolf_kernels.linear_residual import rank_grad
+
+    gen = torch.Generator().manual_seed(draw_seed())
+    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
+    for T in (24, 26):
+        g, u = (torch.randn(3, T, n, generator=gen).to(DEVICE, dtype) for n in (40, 8))
+        s = (torch.rand(40, generator=gen) + 0.5).to(DEVICE, dtype)
+        oracle = torch.bmm(g.double().transpose(1, 2), u.double()) * s.double()[None, :, None]
+        base = torch.bmm(g.float().transpose(1, 2), u.float()).to(dtype) * s[None, :, None]
+        got = rank_grad(g, u, s, S)
+        assert got.dtype == dtype and got.shape == (3, 40, 8)
+        assert_close_rel(got, oracle, base, name=f"rank_grad S{S} T{T}")
+
+
+def test_rank_grad_env_knob(monkeypatch):
+    from pgolf_kernels import linear_residual as LR
+
+    monkeypatch.setenv("PGOLF_RANK_GRAD_SPLITS", "4")
+    assert LR._rank_splits_from_env() == 4
+    for bad in ("0", "-1", "two"):
+        monkeypatch.setenv("PGOLF_RANK_GRAD_SPLITS", bad)
+        with pytest.raises(ValueError, match=f"PGOLF_RANK_GRAD_SPLITS = '{bad}': expected an integer >= 1"):
+            LR._rank_splits_from_env()
+
+
+@pytest.mark.parametrize("S", [1, 4])
+def test_backward_through_the_op_with_split_rank_grad(monkeypatch, S):
+    """linear_residual's and mlp_residual's ∂w2 through ``rank_grad`` at the module's split setting: both match
+    fp64."""
+    from pgolf_kernels import linear_residual as LR
+
+    monkeypatch.setattr(LR, "RANK_GRAD_SPLITS", S)
+    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
+    args = _inputs(2, 16, 24, 16, 8, False, dtype)
+    g = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    ours = [t.clone().requires_grad_() for t in args]
+    linear_residual(*ours).backward(g)
+    o64 = [t.double().requires_grad_() for t in args]
+    _oracle(*o64).backward(g.double())
+    base = [t.clone().requires_grad_() for t in args]
+    linear_residual_ref(*base).backward(g)
+    assert_close_rel(ours[5].grad, o64[5].grad, base[5].grad, name=f"dw2 S{S}")
+
+
+def test_rank_grad_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_rank_grad's rows at tiny shapes (a stand-in timer): every formulation passes its check."""
+    from bench.bench_rank_grad import measure
+
+    rows = measure(torch.device("cpu"), 2, 32, 16, 8, lambda fn: (fn(), 1.0)[1], torch.float32, splits=(2, 4))
+    assert [r["case"].split(":")[0] for r in rows] == ["s ⊙ (gᵀ·u), (uᵀ·g)ᵀ, one bmm", "s ⊙ (gᵀ·u), T in 2 slices",
+                                                       "s ⊙ (gᵀ·u), T in 4 slices"]
+    assert all(r["baseline"] == "one bmm (S = 1)" for r in rows)

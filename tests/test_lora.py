@@ -900,12 +900,12 @@ def test_merged_backward_sums_every_dense_slice_in_one_call(device, merged, monk
     monkeypatch.setattr(M, "DX_KERNEL", True)
     _check_all(x, bases, As, Bs, alpha=0.7)
     assert calls == [3]
-    monkeypatch.setattr(M, "DX_KERNEL", False)   # the default: cuBLAS, the kernel not called
+    monkeypatch.setattr(M, "DX_KERNEL", False)   # PGOLF_MERGED_DX=cublas: the kernel not called
     _check_all(x, bases, As, Bs, alpha=0.7)
     assert calls == [3]
 
 
-@pytest.mark.parametrize("raw,want", [(None, False), ("cublas", False), ("kernel", True)])
+@pytest.mark.parametrize("raw,want", [(None, True), ("cublas", False), ("kernel", True)])
 def test_merged_dx_env_knob(monkeypatch, raw, want):
     from pgolf_kernels import lora_merged as M
 
@@ -915,7 +915,7 @@ def test_merged_dx_env_knob(monkeypatch, raw, want):
         monkeypatch.setenv("PGOLF_MERGED_DX", raw)
     assert M._dx_kernel_from_env() is want
     monkeypatch.setenv("PGOLF_MERGED_DX", "fast")
-    with pytest.raises(ValueError, match="PGOLF_MERGED_DX = 'fast': expected cublas"):
+    with pytest.raises(ValueError, match="PGOLF_MERGED_DX = 'fast': expected kernel"):
         M._dx_kernel_from_env()
 
 

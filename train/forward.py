@@ -6,6 +6,7 @@ soft-capped full-softmax cross-entropy at the scored positions only (``head_nll`
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional
 
@@ -46,6 +47,18 @@ def _row_forward(model, x, sel, y, adapter):
         return head_nll(model, model.hidden(x, adapter, keep=sel), None, y, adapter)
     return head_nll(model, model.hidden(x, adapter), sel, y, adapter)
 
+
+def _block0_leaf_from_env() -> bool:
+    """PGOLF_BLOCK0_LEAF: "1" (default) = block 0's input enters a TTT step as a leaf that requires grad, so block 0
+    runs the compiled graph of blocks 1-10; "0" = it does not, and block 0 gets a graph of its own."""
+    raw = os.environ.get("PGOLF_BLOCK0_LEAF", "1")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PGOLF_BLOCK0_LEAF = {raw!r}: expected 1 (block 0 shares the blocks' graph, its input "
+                         f"gradient formed) or 0 (a graph of its own, no input gradient)")
+    return raw == "1"
+
+
+BLOCK0_LEAF: bool = _block0_leaf_from_env()
 
 _LOCAL = threading.local()
 
@@ -154,7 +167,7 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
         if keep is not None:  # the last block at the scored positions (TTTConfig.tail_block): its own function
             return tail(self, x, x0, adapter, rope, keep)
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
-            if adapter is not None and torch.is_grad_enabled() and not x.requires_grad:
+            if BLOCK0_LEAF and adapter is not None and torch.is_grad_enabled() and not x.requires_grad:
                 # and a requires_grad guard would split off another (forward + backward) for block 0's
                 # input, the only block input that does not require grad in a TTT step: as a leaf that
                 # does, block 0 runs the graph of blocks 1-10. Cost: block 0's backward also forms the

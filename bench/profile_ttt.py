@@ -438,7 +438,9 @@ def main(argv=None):
         if any(_variant(w)["rg"] is not None for w in a.variants.split(",")):
             # rank_grad's splits are read while AOTAutograd traces the backward, which its cache does not key on:
             # every variant traces afresh
-            torch._functorch.config.enable_autograd_cache = False
+            import torch._functorch.config as functorch_config
+
+            functorch_config.enable_autograd_cache = False
             torch._dynamo.reset()
         linear_residual.RANK_GRAD_SPLITS = rank_splits if var["rg"] is None else var["rg"]
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])

@@ -46,7 +46,7 @@ from ._utils import check, check_tensor, use_triton
 from .linear_act import _grad_op, _launch, linear_act_ref, weight_grad
 from .linear_act import check_args as _check_act
 
-__all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "rank_grad", "ResidualLinear"]
+__all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
 
 _OP = "linear_residual"
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -92,35 +92,6 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(a, w, scale, u, w2)
 
 
-def _rank_splits_from_env() -> int:
-    """PGOLF_RANK_GRAD_SPLITS: how many slices of T ``rank_grad`` cuts its reduction into on a GPU (1: one bmm)."""
-    raw = os.environ.get("PGOLF_RANK_GRAD_SPLITS", "1")
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"PGOLF_RANK_GRAD_SPLITS = {raw!r}: expected an integer >= 1")
-    return int(raw)
-
-
-RANK_GRAD_SPLITS: int = _rank_splits_from_env()
-
-
-def rank_grad(g: Tensor, u: Tensor, scale: Tensor, splits: Optional[int] = None) -> Tensor:
-    """∂w2[b] = s ⊙ (g[b]ᵀ · u[b]), (B, N, R) in g's dtype, for g (B, T, N), u (B, T, R), s (N,): the gradient of
-    the second product's weight, a reduction over T = 2048 into a (512, 96) tile per row in the records' step.
-
-    ``splits`` S > 1 (default ``RANK_GRAD_SPLITS``): T cut into S slices, one bmm over B·S batch rows with fp32
-    outputs (``out_dtype``, a GPU only; elsewhere the slices in fp32), the S partial sums added and scaled in fp32,
-    rounded once. S = 1, or T not a multiple of S: one bmm in g's dtype, then the scale (two roundings)."""
-    S = RANK_GRAD_SPLITS if splits is None else splits
-    B, T, N = g.shape
-    R = u.shape[-1]
-    if S <= 1 or T % S:
-        return torch.bmm(g.transpose(1, 2), u) * scale[None, :, None]
-    gs, us = g.reshape(B * S, T // S, N).transpose(1, 2), u.reshape(B * S, T // S, R)
-    part = (torch.bmm(gs, us, out_dtype=torch.float32) if g.is_cuda and g.dtype != torch.float32
-            else torch.bmm(gs.float(), us.float()))
-    return (part.view(B, S, N, R).sum(1) * scale.float()[None, :, None]).to(g.dtype)
-
-
 def _backward(ctx, g: Tensor):
     a, w, scale, u, w2 = ctx.saved_tensors
     need = ctx.needs_input_grad
@@ -132,7 +103,7 @@ def _backward(ctx, g: Tensor):
     if ctx.has_u and need[4]:
         du = torch.bmm(g, w2 * scale[None, :, None])
     if ctx.has_u and need[5]:
-        dw2 = rank_grad(g, u, scale)
+        dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None]
     if need[2]:
         dw = weight_grad(g * scale, a, w.dim() == 3)
     if need[3]:
@@ -151,13 +122,48 @@ def mlp_residual_ref(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale
     return linear_residual_ref(res, a, w_down, scale, u, w2)
 
 
+def _mlp_ws_from_env() -> bool:
+    """PGOLF_MLP_UP_WS: "1" = ``mlp_residual``'s up-projection on the warp-specialized Gluon kernel where it runs
+    (``_ws_fits``); unset or "0" = ``_linear_act_kernel``."""
+    raw = os.environ.get("PGOLF_MLP_UP_WS", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PGOLF_MLP_UP_WS = {raw!r}: expected 0 (linear_act's kernel, the default) or 1 (the "
+                         f"warp-specialized Gluon kernel, pgolf_kernels.linear_act_ws)")
+    return raw == "1"
+
+
+# Off by default: in isolation the Gluon kernel took 0.4787 ms against 0.5254 ms for linear_act's default tile on
+# the records' up-projection (H100, bench/results/linear-act-h100.md); in the step it is measured by
+# bench.profile_ttt's -ws variant.
+MLP_UP_WS: bool = _mlp_ws_from_env()
+
+
+def _ws_fits(x: Tensor, w_up: Tensor) -> bool:
+    """The Gluon kernel's domain: a CUDA sm_90 device, bf16 / fp16, one shared (H, d) weight, K and N multiples of 8."""
+    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w_up.dim() == 2
+            and x.shape[-1] % 8 == 0 and w_up.shape[0] % 8 == 0
+            and torch.cuda.get_device_capability(x.device)[0] == 9)
+
+
+def _up(x: Tensor, w_up: Tensor, slope: float) -> Tuple[Tensor, Tensor]:
+    """(act(h), h) of the up-projection on the GPU: ``linear_act_ws`` when ``MLP_UP_WS`` and it fits, else
+    ``_linear_act_kernel``."""
+    if MLP_UP_WS and _ws_fits(x, w_up):
+        from .linear_act_ws import linear_act_ws
+
+        B, T, K = x.shape
+        a, h = linear_act_ws(x.reshape(B * T, K), w_up, slope)
+        return a.view(B, T, -1), h.view(B, T, -1)
+    return _launch(x, w_up, "leaky_relu_sq", slope, True)
+
+
 @torch.library.custom_op("pgolf::mlp_residual", mutates_args=())
 def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float,
             u: Optional[Tensor], w2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, a, h): h = x · W_upᵀ and a = act(h) from one kernel (the activation in its epilogue), then out from
     the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its epilogue)."""
     if use_triton(x):
-        a, h = _launch(x, w_up, "leaky_relu_sq", slope, True)
+        a, h = _up(x, w_up, slope)
         return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, h
     a, h = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
     return linear_residual_ref(res, a, w_down, scale, u, w2), a, h
@@ -191,7 +197,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     ds = ((g.float() * _z32(a, w_down, u, w2)).reshape(-1, g.shape[-1]).sum(0).to(scale.dtype)
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
-    dw2 = rank_grad(g, u, scale) if ctx.has_u and need[7] else None
+    dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
     return g, dx, dw_up, dw_down, ds, None, du, dw2
 
 

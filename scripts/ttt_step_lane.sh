@@ -26,18 +26,18 @@
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
-#   rg       the residual sites' rank-r weight gradient (linear_residual.rank_grad) with T cut into slices, and block
-#            0 without its input gradient (train.forward.BLOCK0_LEAF): rank_grad's tests on the GPU,
-#            bench.bench_rank_grad, then bench.profile_ttt on the records' step with each (PGOLF_PROFILE_VARIANTS)
+#   mlpws    mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS, off by
+#            default): the Gluon kernel's GPU tests and mlp_residual's with it, then bench.profile_ttt on the records'
+#            step without and with it (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others) in one process
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|rg}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|rg}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|rg) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws or rg"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws or mlpws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -116,16 +116,14 @@ case "$STAGE" in
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi
     ;;
-  rg)
-    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_linear_residual.py \
-      -k "rank_grad or gpu_records or gpu_mlp" 2>&1 | tee "$OUTDIR/rg-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+  mlpws)
+    timeout 200 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=150 tests/test_linear_act_ws.py \
+      tests/test_linear_residual.py -k "ws or gpu_mlp" 2>&1 | tee "$OUTDIR/mlpws-tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
-      timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only rank_grad 2>&1 | tee "$OUTDIR/rg-bench.log" \
-        | grep -E "^\| rank|Error|failed"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-      timeout "${PGOLF_PROFILE_TIMEOUT:-400}" python3 -m bench.profile_ttt --recipe records \
-        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-b0,kernel-compile-tail-rg4}" \
+      timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \
+        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-ws}" \
         --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi

@@ -10,7 +10,7 @@ sm_90a. GPU lane (-m gpu): bf16 at the records' shapes and CUDA-graph replay. To
 import pytest
 import torch
 
-from conftest import DEVICE, draw_seed
+from conftest import DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels import linear_act as la
 from pgolf_kernels.linear_residual import (ResidualLinear, linear_residual, linear_residual_ref, mlp_residual,
@@ -337,59 +337,59 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
     assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 2
 
 
-@pytest.mark.parametrize("S", [1, 2, 4, 3])
-def test_rank_grad_every_split_matches_fp64(S):
-    """``rank_grad`` (s ⊙ gᵀ·u per row) with T in S slices, fp32 partials, matches fp64 within the suite's bound at
-    T = 24 (a multiple of every S here) and T = 26 (a multiple of none but 1 and 2: the one-bmm form otherwise)."""
-    from pgolf_kernels.linear_residual import rank_grad
-
-    gen = torch.Generator().manual_seed(draw_seed())
-    dtype = torch.float16 if DEVICE == "cpu" else torch.bfloat16
-    for T in (24, 26):
-        g, u = (torch.randn(3, T, n, generator=gen).to(DEVICE, dtype) for n in (40, 8))
-        s = (torch.rand(40, generator=gen) + 0.5).to(DEVICE, dtype)
-        oracle = torch.bmm(g.double().transpose(1, 2), u.double()) * s.double()[None, :, None]
-        base = torch.bmm(g.float().transpose(1, 2), u.float()).to(dtype) * s[None, :, None]
-        got = rank_grad(g, u, s, S)
-        assert got.dtype == dtype and got.shape == (3, 40, 8)
-        assert_close_rel(got, oracle, base, name=f"rank_grad S{S} T{T}")
-
-
-def test_rank_grad_env_knob(monkeypatch):
+def test_mlp_up_ws_env_knob(monkeypatch):
     from pgolf_kernels import linear_residual as LR
 
-    monkeypatch.setenv("PGOLF_RANK_GRAD_SPLITS", "4")
-    assert LR._rank_splits_from_env() == 4
-    for bad in ("0", "-1", "two"):
-        monkeypatch.setenv("PGOLF_RANK_GRAD_SPLITS", bad)
-        with pytest.raises(ValueError, match=f"PGOLF_RANK_GRAD_SPLITS = '{bad}': expected an integer >= 1"):
-            LR._rank_splits_from_env()
+    for raw, want in ((None, False), ("0", False), ("1", True)):
+        if raw is None:
+            monkeypatch.delenv("PGOLF_MLP_UP_WS", raising=False)
+        else:
+            monkeypatch.setenv("PGOLF_MLP_UP_WS", raw)
+        assert LR._mlp_ws_from_env() is want
+    monkeypatch.setenv("PGOLF_MLP_UP_WS", "yes")
+    with pytest.raises(ValueError, match="PGOLF_MLP_UP_WS = 'yes': expected 0"):
+        LR._mlp_ws_from_env()
 
 
-@pytest.mark.parametrize("S", [1, 4])
-def test_backward_through_the_op_with_split_rank_grad(monkeypatch, S):
-    """linear_residual's and mlp_residual's ∂w2 through ``rank_grad`` at the module's split setting: both match
-    fp64."""
+def test_mlp_up_ws_domain_keeps_the_cpu_and_per_row_weights_on_linear_act():
+    """The Gluon kernel runs on sm_90 only, for one shared 16-bit weight: a CPU tensor, fp32 or a per-row weight stay
+    on ``_linear_act_kernel`` whatever ``MLP_UP_WS`` says."""
     from pgolf_kernels import linear_residual as LR
 
-    monkeypatch.setattr(LR, "RANK_GRAD_SPLITS", S)
-    dtype = torch.float32 if DEVICE == "cpu" else torch.bfloat16
-    args = _inputs(2, 16, 24, 16, 8, False, dtype)
-    g = torch.randn(2, 16, 24, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    x = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
+    assert not LR._ws_fits(x, torch.zeros(24, 16, dtype=torch.bfloat16))            # CPU
+    if HAS_CUDA:
+        xc = x.cuda()
+        assert not LR._ws_fits(xc.float(), torch.zeros(24, 16, device="cuda"))      # fp32
+        assert not LR._ws_fits(xc, torch.zeros(2, 24, 16, dtype=torch.bfloat16, device="cuda"))   # per-row
+
+
+@pytest.mark.gpu
+def test_gpu_mlp_residual_on_the_ws_up_projection(monkeypatch):
+    """``MLP_UP_WS`` on: the records' MLP residual site (d 512, H 1536, rank 96, shared weights) at 4 rows x 2048
+    runs its up-projection on the Gluon kernel (called once), and the output and every gradient match fp64."""
+    from pgolf_kernels import linear_act_ws as WS
+    from pgolf_kernels import linear_residual as LR
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the warp-specialized Gluon kernel is sm_90 only")
+    monkeypatch.setattr(LR, "MLP_UP_WS", True)
+    calls = []
+    real = WS.linear_act_ws
+    monkeypatch.setattr(WS, "linear_act_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(draw_seed())
+    args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
+    g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
     ours = [t.clone().requires_grad_() for t in args]
-    linear_residual(*ours).backward(g)
+    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
+    out.backward(g)
+    assert calls == [1]
     o64 = [t.double().requires_grad_() for t in args]
-    _oracle(*o64).backward(g.double())
+    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
+    out64.backward(g.double())
     base = [t.clone().requires_grad_() for t in args]
-    linear_residual_ref(*base).backward(g)
-    assert_close_rel(ours[5].grad, o64[5].grad, base[5].grad, name=f"dw2 S{S}")
-
-
-def test_rank_grad_bench_runs_and_checks_on_tiny_shapes():
-    """bench.bench_rank_grad's rows at tiny shapes (a stand-in timer): every formulation passes its check."""
-    from bench.bench_rank_grad import measure
-
-    rows = measure(torch.device("cpu"), 2, 32, 16, 8, lambda fn: (fn(), 1.0)[1], torch.float32, splits=(2, 4))
-    assert [r["case"].split(":")[0] for r in rows] == ["s ⊙ (gᵀ·u), (uᵀ·g)ᵀ, one bmm", "s ⊙ (gᵀ·u), T in 2 slices",
-                                                       "s ⊙ (gᵀ·u), T in 4 slices"]
-    assert all(r["baseline"] == "one bmm (S = 1)" for r in rows)
+    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
+    outb.backward(g)
+    assert_close_rel(out, out64, outb, name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")

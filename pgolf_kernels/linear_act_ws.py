@@ -1,10 +1,12 @@
 """Warp-specialized Hopper GEMM with the leaky_relu² epilogue (Gluon): the MLP up-projection of ``linear_act``.
 
-Experimental and opt-in: nothing in the eval or the drivers calls it. On an H100 (bench/results/linear-act-h100.md,
-``scripts/ttt_step_lane.sh OUT ws``) its GPU tests against the fp64 oracle passed and the records' up-projection
-(131,072 x 512 -> 1536, h and y stored) took 0.4787 ms against 0.5254 ms for ``_linear_act_kernel``'s default tile
-with the same epilogue (1.098x) and 0.3399 ms for cuBLAS's GEMM without an epilogue: about 0.5 ms of the records'
-88 ms step, so it is not wired in. ``compile_stats`` reports registers, spills and shared memory without a GPU.
+Experimental and opt-in: ``linear_residual.mlp_residual`` runs its up-projection on it with ``PGOLF_MLP_UP_WS=1``
+(``linear_residual.MLP_UP_WS``), off by default; in the records' step that took ``mlp_residual`` from 9.32 to 8.89 ms
+without a measurable change of the step's GPU time (H100, bench/results/profile-ttt-h100.md, measurement 9).
+Alone (H100, bench/results/linear-act-h100.md, ``scripts/ttt_step_lane.sh OUT ws``) its GPU tests against the fp64
+oracle passed and the records' up-projection (131,072 x 512 -> 1536, h and y stored) took 0.4787 ms against 0.5254
+ms for ``_linear_act_kernel``'s default tile with the same epilogue (1.098x) and 0.3399 ms for cuBLAS's GEMM without
+an epilogue. ``compile_stats`` reports registers, spills and shared memory without a GPU.
 
 Math (as ``linear_act.linear_act_ref`` with act "leaky_relu_sq"; x (M, K), W (N, K), 16-bit)::
 

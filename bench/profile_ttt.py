@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -335,7 +336,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-effN][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
                         "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
@@ -346,7 +347,8 @@ def main(argv=None):
                         "(lora_merged.DX_KERNEL; default: as PGOLF_MERGED_DX sets it); -b0: block 0 in a compiled graph of its own, "
                         "without its input gradient (train.forward.BLOCK0_LEAF off; default: as PGOLF_BLOCK0_LEAF sets it); "
                         "-ws: mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS; "
-                        "default: as PGOLF_MLP_UP_WS sets it); -autotune: "
+                        "default: as PGOLF_MLP_UP_WS sets it); -effN: the merged weights' tile "
+                        "lora_merged.EFFECTIVE_CONFIGS[N] (default: EFFECTIVE_CONFIG); -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -380,7 +382,7 @@ def main(argv=None):
     for v in a.variants.split(","):  # refused before the artifact is built
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-autotune], suffixes "
+                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-effN][-autotune], suffixes "
                              f"in that order "
                              f"(-autotune "
                              f"with compile only)")
@@ -424,6 +426,7 @@ def main(argv=None):
     from train import forward as fwd_mod
 
     dx_kernel, block0_leaf, mlp_ws = lora_merged.DX_KERNEL, fwd_mod.BLOCK0_LEAF, linear_residual.MLP_UP_WS
+    eff_default = dict(lora_merged.EFFECTIVE_CONFIG)
     for v in a.variants.split(","):
         var = _variant(v)
         path_kind, mode = var["path"], var["mode"]
@@ -436,6 +439,11 @@ def main(argv=None):
         lora_merged.DX_KERNEL = dx_kernel or var["dxk"]
         fwd_mod.BLOCK0_LEAF = block0_leaf and not var["b0"]
         linear_residual.MLP_UP_WS = mlp_ws or var["ws"]
+        if var["eff"] is not None and var["eff"] >= len(lora_merged.EFFECTIVE_CONFIGS):
+            raise SystemExit(f"profile_ttt: --variants: {v!r}: lora_merged.EFFECTIVE_CONFIGS has "
+                             f"{len(lora_merged.EFFECTIVE_CONFIGS)} tiles")
+        lora_merged.EFFECTIVE_CONFIG = (dict(eff_default) if var["eff"] is None
+                                        else dict(lora_merged.EFFECTIVE_CONFIGS[var["eff"]]))
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -469,7 +477,8 @@ def main(argv=None):
                               "fused_residual": ad.fused_residual, "identity_rows": ad.identity_rows,
                               "linear_act_tiles": dict(linear_act.TILE_OVERRIDE),
                               "merged_dx_kernel": lora_merged.DX_KERNEL, "block0_leaf": fwd_mod.BLOCK0_LEAF,
-                              "mlp_up_ws": linear_residual.MLP_UP_WS}
+                              "mlp_up_ws": linear_residual.MLP_UP_WS,
+                              "effective_config": dict(lora_merged.EFFECTIVE_CONFIG)}
         if a.sites:
             out["variants"][v]["sites"] = sites
         work = out.get("work", {}).get("tail" if var["tail"] else "full")
@@ -496,6 +505,7 @@ def main(argv=None):
     linear_act.TILE_OVERRIDE.clear()
     lora_merged.DX_KERNEL = dx_kernel
     fwd_mod.BLOCK0_LEAF, linear_residual.MLP_UP_WS = block0_leaf, mlp_ws
+    lora_merged.EFFECTIVE_CONFIG = eff_default
     _save(out, a.out)
     return out
 
@@ -505,21 +515,26 @@ def main(argv=None):
 T128_EPILOGUES = ("leaky_relu_sq_grad", "residual")
 T128_CONFIG = 2   # linear_act.TILE_CONFIGS[2]: 128 x 128 x 64, 4 warps, 4 stages
 _SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "dxk", "b0",
-             "ws", "autotune")  # the order a variant's suffixes must come in
+             "ws", "eff", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, autotune) (fused, mlp, qk, res: True / False / None = the
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-effN][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, eff, autotune) (fused, mlp, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
     ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``; dxk:
     ``lora_merged.DX_KERNEL`` on, the merged backward's dx through ``sum_products``; b0: ``train.forward.BLOCK0_LEAF``
-    off; ws: ``linear_residual.MLP_UP_WS`` on), or None
+    off; ws: ``linear_residual.MLP_UP_WS`` on; eff: an index into ``lora_merged.EFFECTIVE_CONFIGS``, None = the
+    default tile), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
         return None
     suf = parts[2:]
+    eff = [x for x in suf if re.fullmatch(r"eff[0-9]", x)]   # -effN: lora_merged.EFFECTIVE_CONFIGS[N]
+    if "eff" in suf:
+        return None
+    suf = ["eff" if x in eff else x for x in suf]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
     if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
             or ("mlp" in suf and "nomlp" in suf) or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
@@ -531,7 +546,8 @@ def _variant(v: str):
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf, "fused": on_off("fused", "torchopt"),
             "mlp": on_off("mlp", "nomlp"), "qk": on_off("qk", "noqk"), "res": on_off("res", "nores"),
             "rowmap": "rowmap" in suf, "t128": "t128" in suf, "dxk": "dxk" in suf, "b0": "b0" in suf,
-            "ws": "ws" in suf, "autotune": "autotune" in suf}
+            "ws": "ws" in suf,
+            "eff": int(eff[0][3:]) if eff else None, "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

@@ -131,21 +131,32 @@ def effective_weight_ref(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter
     return torch.baddbmm(W.unsqueeze(0).expand(rows, -1, -1), B_.to(dt), A_.to(dt), alpha=alpha)
 
 
+# The GPU tile of ``_effective_kernel`` (r padded to a power of two >= 16 for tl.dot, at most 128: the op's rank
+# limit); ``EFFECTIVE_CONFIGS`` are the candidates ``bench.bench_effective_weight`` times
+EFFECTIVE_CONFIG = dict(BN=128, BD=128, num_warps=8)
+EFFECTIVE_CONFIGS = [dict(BN=128, BD=128, num_warps=8), dict(BN=64, BD=128, num_warps=4),
+                     dict(BN=64, BD=128, num_warps=8), dict(BN=128, BD=64, num_warps=4), dict(BN=64, BD=64, num_warps=4),
+                     dict(BN=32, BD=128, num_warps=4), dict(BN=128, BD=256, num_warps=8)]
+
+
 def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
-                     rows: int) -> Tensor:
-    """E = W + α·B[a]·A[a] per batch row, (rows, N, d) in W.dtype. W (N, d) dense; A (n, r, d); Bm (n, N, r)."""
+                     rows: int, config: Optional[dict] = None) -> Tensor:
+    """E = W + α·B[a]·A[a] per batch row, (rows, N, d) in W.dtype. W (N, d) dense; A (n, r, d); Bm (n, N, r).
+    ``config``: the GPU tile (BN, BD, num_warps; default ``EFFECTIVE_CONFIG``)."""
     if not use_triton(W):
         return effective_weight_ref(W, A, Bm, alpha, adapter_index, rows)
     N, D = W.shape
     r = A.shape[1]
-    E = torch.empty((rows, N, D), device=W.device, dtype=W.dtype)
-    # 128 x 128 tiles, r padded to a power of two >= 16 for tl.dot (at most 128: the op's rank limit)
-    BN, BD = (128, 128) if W.is_cuda else (32, 32)
+    from . import _utils
+
+    E = _utils.empty((rows, N, D), W.dtype, W.device)
+    cfg = dict(config) if config else dict(EFFECTIVE_CONFIG) if W.is_cuda else dict(BN=32, BD=32, num_warps=4)
+    BN, BD = cfg["BN"], cfg["BD"]
     grid = (triton.cdiv(N, BN), triton.cdiv(D, BD), rows)
     idx = adapter_index if adapter_index is not None else E
     _effective_kernel[grid](W.contiguous(), A.contiguous(), Bm.contiguous(), idx, E, N, D, r, A.shape[0],
                             float(alpha), HAS_IDX=adapter_index is not None, BN=BN, BD=BD,
-                            RP=max(16, triton.next_power_of_2(r)), num_warps=8 if W.is_cuda else 4)
+                            RP=max(16, triton.next_power_of_2(r)), num_warps=cfg["num_warps"])
     return E
 
 

@@ -29,15 +29,18 @@
 #   mlpws    mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS, off by
 #            default): the Gluon kernel's GPU tests and mlp_residual's with it, then bench.profile_ttt on the records'
 #            step without and with it (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others) in one process
+#   eff      the merged weights' tiles (lora_merged.EFFECTIVE_CONFIGS): their GPU tests, bench.bench_effective_weight, then
+#            bench.profile_ttt on the records' step with the fastest tile (-effN) and with the Gluon up-projection
+#            (-ws), each variant twice in alternating order (the same step under two names: -dxk is the default)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws or mlpws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws or eff"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -125,6 +128,30 @@ case "$STAGE" in
       timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \
         --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-ws}" \
         --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
+    ;;
+  eff)
+    timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_lora.py \
+      -k "effective or gpu_merged_shapes" 2>&1 | tee "$OUTDIR/eff-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only effective_weight 2>&1 \
+        | tee "$OUTDIR/eff-bench.log" | grep -E "^\| eff|Error|failed" | cut -c1-160
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      # the tile with the least summed time over the bench's slices, when it beats the default by more than 5 %
+      best=$(python3 -c "
+import json, sys
+rows = json.load(open('$OUTDIR/results/effective-weight-' + sys.argv[1] + '.json'))['rows']
+from pgolf_kernels.lora_merged import EFFECTIVE_CONFIGS as C
+t = [sum(r['ours_ms'] for r in rows if r['case'].endswith(f'tile {c}')) for c in C]
+i = min(range(len(C)), key=t.__getitem__)
+print(i if i != C.index(C[0]) and t[i] < 0.95 * t[0] else '')" "$(python3 -c 'from bench.harness import gpu_slug; print(gpu_slug())')")
+      echo "fastest tile: ${best:-the default}"
+      V="kernel-compile-tail-ws,kernel-compile-tail,kernel-compile-tail-dxk-ws,kernel-compile-tail-dxk"
+      [ -n "$best" ] && V="$V,kernel-compile-tail-eff$best"
+      timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records --variants "${PGOLF_PROFILE_VARIANTS:-$V}" \
+        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi
     ;;

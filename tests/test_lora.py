@@ -945,3 +945,37 @@ def test_sum_products_tiles_compile_for_sm90():
                    "    assert s['spill_bytes'] == 0, s\n"
                    "s = sum_products_stats(3, 'fp32', **SUM_CONFIG_FP32)\n"
                    "assert s['tma_copies'] > 0 and s['fits_smem'] and s['spill_bytes'] == 0, s\n")
+
+
+def test_effective_weight_every_bench_config_matches_fp64(device, monkeypatch):
+    """Every tile of ``lora_merged.EFFECTIVE_CONFIGS`` against the fp64 oracle (tails in N and d, r not a power of
+    two, NaN-filled output memory): on a GPU each at its real size, under the interpreter two small tiles."""
+    from conftest import draw_seed
+    from pgolf_kernels import lora_merged as M
+
+    gen = torch.Generator().manual_seed(draw_seed())
+    W = torch.randn(140, 72, generator=gen).to(torch.float16).to(device)
+    if not use_triton(W):
+        pytest.skip("the Triton kernel runs on a GPU or under TRITON_INTERPRET=1")
+    A = torch.randn(3, 12, 72, generator=gen).to(device)
+    Bm = torch.randn(3, 140, 12, generator=gen).to(device)
+    ref = M.effective_weight_ref(W, A, Bm, 0.3, None, 3)
+    oracle = W.double() + 0.3 * torch.bmm(Bm.to(W.dtype).double(), A.to(W.dtype).double())
+    configs = (M.EFFECTIVE_CONFIGS if device == "cuda"
+               else [dict(BN=16, BD=32, num_warps=4), dict(BN=32, BD=16, num_warps=4)])
+    monkeypatch.setattr(_utils, "empty", nan_empty)
+    for cfg in configs:
+        E = M.effective_weight(W, A, Bm, 0.3, None, 3, cfg)
+        assert_close_rel(E, oracle, ref, name=f"E {cfg}")
+    assert M.EFFECTIVE_CONFIG in M.EFFECTIVE_CONFIGS
+
+
+def test_effective_weight_bench_runs_and_checks_on_tiny_shapes():
+    """bench.bench_effective_weight's rows at tiny shapes (a stand-in timer): every config passes its check."""
+    from bench.bench_effective_weight import measure
+
+    if torch.cuda.is_available() or not _utils.interpret_mode():
+        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+    cfgs = [dict(BN=16, BD=32, num_warps=4), dict(BN=32, BD=32, num_warps=4)]
+    rows = measure(torch.device("cpu"), 2, 32, (24,), 8, lambda fn: (fn(), 1.0)[1], torch.float16, configs=cfgs)
+    assert len(rows) == 2 and all("E = W + α·B·A" in r["case"] for r in rows)

@@ -132,8 +132,11 @@ def effective_weight_ref(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter
 
 
 # The GPU tile of ``_effective_kernel`` (r padded to a power of two >= 16 for tl.dot, at most 128: the op's rank
-# limit); ``EFFECTIVE_CONFIGS`` are the candidates ``bench.bench_effective_weight`` times
-EFFECTIVE_CONFIG = dict(BN=128, BD=128, num_warps=8)
+# limit); ``EFFECTIVE_CONFIGS`` are the candidates ``bench.bench_effective_weight`` times. 64 x 128 x 4 warps by
+# measurement (H100, bench/results/effective-weight-h100.md, rows 64, d 512, r 96): 0.0417 vs 0.0539 ms at N 512 and
+# 0.0263 vs 0.0324 ms at N 256 against 128 x 128 x 8 warps, the fastest of the 7 at both; in the records' step
+# (profile-ttt-h100.md measurement 10) the kernel's 33 launches 1.25 -> 0.98 ms
+EFFECTIVE_CONFIG = dict(BN=64, BD=128, num_warps=4)
 EFFECTIVE_CONFIGS = [dict(BN=128, BD=128, num_warps=8), dict(BN=64, BD=128, num_warps=4),
                      dict(BN=64, BD=128, num_warps=8), dict(BN=128, BD=64, num_warps=4), dict(BN=64, BD=64, num_warps=4),
                      dict(BN=32, BD=128, num_warps=4), dict(BN=128, BD=256, num_warps=8)]

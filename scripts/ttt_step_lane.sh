@@ -30,7 +30,8 @@
 #            default): the Gluon kernel's GPU tests and mlp_residual's with it, then bench.profile_ttt on the records'
 #            step without and with it (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others) in one process
 #   eff      the merged weights' tiles (lora_merged.EFFECTIVE_CONFIGS): their GPU tests, bench.bench_effective_weight, then
-#            bench.profile_ttt on the records' step with the fastest tile (-effN) and with the Gluon up-projection
+#            bench.profile_ttt on the records' step with the fastest tile (-effN, when it beats the default by > 5 %)
+#            and with the Gluon up-projection
 #            (-ws), each variant twice in alternating order (the same step under two names: -dxk is the default)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
@@ -143,10 +144,10 @@ case "$STAGE" in
       best=$(python3 -c "
 import json, sys
 rows = json.load(open('$OUTDIR/results/effective-weight-' + sys.argv[1] + '.json'))['rows']
-from pgolf_kernels.lora_merged import EFFECTIVE_CONFIGS as C
+from pgolf_kernels.lora_merged import EFFECTIVE_CONFIG as D, EFFECTIVE_CONFIGS as C
 t = [sum(r['ours_ms'] for r in rows if r['case'].endswith(f'tile {c}')) for c in C]
-i = min(range(len(C)), key=t.__getitem__)
-print(i if i != C.index(C[0]) and t[i] < 0.95 * t[0] else '')" "$(python3 -c 'from bench.harness import gpu_slug; print(gpu_slug())')")
+i, d = min(range(len(C)), key=t.__getitem__), C.index(D)
+print(i if i != d and t[i] < 0.95 * t[d] else '')" "$(python3 -c 'from bench.harness import gpu_slug; print(gpu_slug())')")
       echo "fastest tile: ${best:-the default}"
       V="kernel-compile-tail-ws,kernel-compile-tail,kernel-compile-tail-dxk-ws,kernel-compile-tail-dxk"
       [ -n "$best" ] && V="$V,kernel-compile-tail-eff$best"

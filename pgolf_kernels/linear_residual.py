@@ -134,8 +134,9 @@ def _mlp_ws_from_env() -> bool:
 
 # Off by default: in isolation the Gluon kernel took 0.4787 ms against 0.5254 ms for linear_act's default tile on
 # the records' up-projection (H100, bench/results/linear-act-h100.md); in the records' step (H100, profile-ttt-h100.md
-# measurement 9) mlp_residual took 8.89 against 9.32 ms, but the step's GPU time 87.42 against 87.30 ms (attention
-# 0.40 ms slower in that variant): not shown to pay in the step.
+# measurements 9-10) mlp_residual took 8.88-8.89 against 9.25-9.32 ms in three runs, the step's GPU time -0.30 ms on
+# average with a 0.32 ms spread. Waiting for the eval's CUDA-graph tests with it on: no test has captured the Gluon
+# kernel in a graph yet, and the eval captures mlp_residual.
 MLP_UP_WS: bool = _mlp_ws_from_env()
 
 

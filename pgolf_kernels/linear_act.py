@@ -30,6 +30,12 @@ its MLP through ``mlp_leaky_sq`` with ``--fused-mlp`` (``TTTConfig.fused_mlp``; 
 MLP carries an adapter, as in the records' recipe): in the records' step (H100, ``bench/results/profile-ttt-h100.md``
 measurement 5) GPU time 92.65 -> 89.01 ms per step.
 
+A forward may keep act(h) and h's signs instead of h (``linear_act_signs``; ``pack_signs``: 1 bit per element, 8 to
+a byte): for slope >= 0, act(h) = h² where h > 0 and slope²·h² elsewhere, so act'(h) = 2√act(h) or -2·slope·√act(h)
+(``act_grad_from_signs_ref``), and the backward's first GEMM takes act' from them (``linear_act_grad_signs``). The
+relative rounding error of act(h) halves under the square root, so act' is no coarser than from h rounded to the
+dtype. ``linear_residual.mlp_residual`` uses it with ``PGOLF_MLP_SIGNS=1``.
+
 Kernel: persistent (one program per SM, tiles strided over programs), operands loaded by TMA through host tensor
 descriptors over 3-D views (B, T, K) / (B_w, N, K) / (B, T, N), so a tile never straddles two batch rows and
 out-of-range rows and columns are zero-filled on load and clipped on store. TMA needs 16-byte-aligned row strides:
@@ -52,7 +58,8 @@ from . import _utils
 from ._utils import check, check_tensor, use_triton
 
 ACTS = ("none", "leaky_relu_sq")
-_ACT_CODE = {"none": 0, "leaky_relu_sq": 1, "leaky_relu_sq_grad": 2, "residual": 0}
+_ACT_CODE = {"none": 0, "leaky_relu_sq": 1, "leaky_relu_sq_grad": 2, "residual": 0, "leaky_relu_sq_signs": 3,
+             "leaky_relu_sq_grad_signs": 4}
 _OP = "linear_act"
 
 
@@ -70,6 +77,27 @@ def act_grad_ref(dy: Tensor, h: Tensor, act: str, slope: float) -> Tensor:
         return dy
     hf = h.float()
     return (dy.float() * 2.0 * torch.where(hf > 0, hf, (slope * slope) * hf)).to(dy.dtype)
+
+
+def pack_signs(h: Tensor) -> Tensor:
+    """(h > 0) packed 8 to a byte along the last dim: (..., N) -> (..., N / 8) uint8, bit j of byte c for column
+    8c + j (N a multiple of 8). With act(h) = leaky_relu(h, slope)² these signs and act(h) give act'(h) (slope >= 0),
+    so a backward need not keep h: 1 bit per element instead of 16."""
+    pos = (h > 0).to(torch.uint8).reshape(*h.shape[:-1], h.shape[-1] // 8, 8)
+    return (pos << torch.arange(8, device=h.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
+
+
+def unpack_signs(signs: Tensor) -> Tensor:
+    """The inverse of ``pack_signs``: (..., N / 8) uint8 -> (..., N) bool."""
+    bits = (signs[..., None] >> torch.arange(8, device=signs.device, dtype=torch.uint8)) & 1
+    return bits.reshape(*signs.shape[:-1], signs.shape[-1] * 8).bool()
+
+
+def act_grad_from_signs_ref(dy: Tensor, a: Tensor, signs: Tensor, slope: float) -> Tensor:
+    """dh = dy · act'(h) with act'(h) recovered from a = act(h) and h's packed signs: 2√a where h > 0, -2·slope·√a
+    elsewhere (a = slope²h² there, slope >= 0), in fp32, rounded to dy.dtype."""
+    r = a.float().sqrt()
+    return (dy.float() * torch.where(unpack_signs(signs), 2.0 * r, (-2.0 * slope) * r)).to(dy.dtype)
 
 
 def linear_act_ref(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 0.5) -> Tuple[Tensor, Tensor]:
@@ -95,7 +123,7 @@ def mlp_leaky_sq_ref(x: Tensor, w_up: Tensor, w_down: Tensor, slope: float = 0.5
 # each, and they bound the tile loop only (the TMA descriptors carry the addresses). In the records' case (c) the
 # graphs' preparation met 3 new builds of this kernel (H200, bench/results/warmup-h200.md, Triton build timeline)
 @triton.jit(do_not_specialize=["B", "T"])
-def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
+def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, sg_ptr, B, T, N, K, R, slope,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr,
                        SAVE_PRE: tl.constexpr, PER_ROW_W: tl.constexpr, W_KN: tl.constexpr,
                        HAS_X2: tl.constexpr, RES: tl.constexpr, SUBTILE: tl.constexpr,
@@ -107,7 +135,10 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
     h_desc (the backward's dh). W_KN: the weight is stored (K, N) (the down-projection's E read as its
     transpose), loaded as (BK, BN) tiles. HAS_X2: a second product accumulated into the same tile, x2[b] · w2[b]ᵀ
     (x2 (B, T, R), w2 (B, N, R): a LoRA's expand, R = its rank). RES (with ACT 0): y = res + s ⊙ acc, res read
-    through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding). SUBTILE: the epilogue runs on the
+    through h_desc, s (N,) from s_ptr, from the fp32 accumulator (one rounding). ACT 3: y = leaky_relu(h)² and the
+    signs of h packed 8 to a byte (bit j of byte c: column 8c + j, h > 0) into sg_ptr (B, T, N / 8) uint8 instead of
+    h; ACT 4: y = h ⊙ act'(h₀) with act' recovered from a = act(h₀) (read through h_desc) and those signs:
+    act' = 2√a where h₀ > 0, -2·slope·√a elsewhere (slope >= 0). SUBTILE: the epilogue runs on the
     tile's two (BM, BN / 2) column halves in turn (y_desc / h_desc have (BM, BN / 2) blocks), so its h / residual
     load and its store stage half the shared memory (128 x 256 x 3 stages then fits with those epilogues)."""
     pid = tl.program_id(0)
@@ -138,14 +169,15 @@ def _linear_act_kernel(x_desc, w_desc, y_desc, h_desc, x2_desc, w2_desc, s_ptr, 
         if SUBTILE:
             halves = acc.reshape(BM, 2, BN // 2).permute(0, 2, 1)
             acc0, acc1 = halves.split()
-            _epilogue(acc0, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM, BN // 2, ACT, SAVE_PRE, RES)
-            _epilogue(acc1, b, om, on + BN // 2, y_desc, h_desc, s_ptr, N, slope, BM, BN // 2, ACT, SAVE_PRE, RES)
+            _epilogue(acc0, b, om, on, y_desc, h_desc, s_ptr, sg_ptr, T, N, slope, BM, BN // 2, ACT, SAVE_PRE, RES)
+            _epilogue(acc1, b, om, on + BN // 2, y_desc, h_desc, s_ptr, sg_ptr, T, N, slope, BM, BN // 2, ACT, SAVE_PRE,
+                      RES)
         else:
-            _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM, BN, ACT, SAVE_PRE, RES)
+            _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, sg_ptr, T, N, slope, BM, BN, ACT, SAVE_PRE, RES)
 
 
 @triton.jit
-def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM: tl.constexpr, BN: tl.constexpr,
+def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, sg_ptr, T, N, slope, BM: tl.constexpr, BN: tl.constexpr,
               ACT: tl.constexpr, SAVE_PRE: tl.constexpr, RES: tl.constexpr):
     """The (BM, BN) fp32 accumulator tile at (b, om, on) -> y (and h with SAVE_PRE), per ``_linear_act_kernel``'s
     ACT / RES."""
@@ -157,6 +189,23 @@ def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM: tl.constexpr,
         hf = h.to(tl.float32)
         hf = tl.where(hf > 0, hf, slope * hf)
         y = (hf * hf).to(dt)
+    elif ACT == 3:
+        hf = h.to(tl.float32)
+        pos = hf > 0
+        hf = tl.where(pos, hf, slope * hf)
+        y = (hf * hf).to(dt)
+        bits = tl.reshape(pos.to(tl.int32), (BM, BN // 8, 8))
+        packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
+        sptr, smask = _sign_tile(sg_ptr, b, om, on, T, N, BM, BN)
+        tl.store(sptr, packed.to(tl.uint8), mask=smask)
+    elif ACT == 4:
+        av = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
+        sptr, smask = _sign_tile(sg_ptr, b, om, on, T, N, BM, BN)
+        packed = tl.load(sptr, mask=smask, other=0).to(tl.int32)
+        bits = (packed[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+        pos = tl.reshape(bits, (BM, BN)) != 0
+        r = tl.sqrt(av)
+        y = (h.to(tl.float32) * tl.where(pos, 2.0 * r, (-2.0 * slope) * r)).to(dt)
     elif ACT == 2:
         # dh = g * act'(h), g rounded to the dtype first (as the GEMM's output is in the torch composition)
         hh = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
@@ -169,6 +218,17 @@ def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, N, slope, BM: tl.constexpr,
     else:
         y = h
     y_desc.store([b, om, on], y.reshape(1, BM, BN))
+
+
+@triton.jit
+def _sign_tile(sg_ptr, b, om, on, T, N, BM: tl.constexpr, BN: tl.constexpr):
+    """Pointers and mask of the (BM, BN / 8) bytes of packed signs that the (BM, BN) tile at (b, om, on) owns in the
+    (B, T, N / 8) uint8 buffer (N a multiple of 8)."""
+    nb = N // 8
+    rows = om + tl.arange(0, BM)
+    cols = on // 8 + tl.arange(0, BN // 8)
+    ptrs = sg_ptr + b.to(tl.int64) * T * nb + rows[:, None].to(tl.int64) * nb + cols[None, :]
+    return ptrs, (rows[:, None] < T) & (cols[None, :] < nb)
 
 
 # the tile configs ``bench.bench_linear_act`` times (fixed ahead: nothing is autotuned at eval). Compiled for sm_90a
@@ -225,7 +285,9 @@ def default_config(T: int, N: int, K: int, is_cuda: bool, dtype: torch.dtype = t
     # an epilogue that reads a (BM, BN) tile (h for the derivative, the residual) does not fit 128 x 256 x 3
     # stages in shared memory as one tile (278,568 B > 232,448 with the derivative, sm90_check); split in two
     # column halves it does (181 / 213 KB)
-    return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual") else FWD_CONFIG)
+    # the signs' epilogues repack a tile through shared memory: on the halves of the split tile
+    return dict(GRAD_CONFIG if act in ("leaky_relu_sq_grad", "residual", "leaky_relu_sq_grad_signs",
+                                       "leaky_relu_sq_signs") else FWD_CONFIG)
 
 
 def _num_programs(dev: torch.device, tiles: int, per_sm: int = 1) -> Tuple[int, int]:
@@ -289,11 +351,12 @@ def _check_operands(x: Tensor, w: Tensor, slope: float, *, op: str, xname: str, 
 
 def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config: Optional[dict] = None,
             aux: Optional[Tensor] = None, w_kn: bool = False, x2: Optional[Tensor] = None,
-            w2: Optional[Tensor] = None, scale: Optional[Tensor] = None):
+            w2: Optional[Tensor] = None, scale: Optional[Tensor] = None, signs: Optional[Tensor] = None):
     """The kernel on (B, T, K) x and (N, K) / (B, N, K) w, or (K, N) / (B, K, N) with ``w_kn``; ``aux`` (the
     shape of y): h for the gradient epilogue (act ``"leaky_relu_sq_grad"``), or the residual with ``scale`` (N,)
     (act ``"residual"``: y = aux + scale ⊙ (x · wᵀ + x2 · w2ᵀ)); ``x2`` (B, T, R) and ``w2`` (B, N, R): a second
-    product into the same accumulator."""
+    product into the same accumulator. ``signs`` (B, T, N / 8) uint8: written by act ``"leaky_relu_sq_signs"``, read
+    by ``"leaky_relu_sq_grad_signs"`` (aux = act(h) then)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     x3 = x if x.dim() == 3 else x.unsqueeze(0)
@@ -323,7 +386,8 @@ def _launch(x: Tensor, w: Tensor, act: str, slope: float, save_pre: bool, config
     tiles = B * triton.cdiv(T, BM) * triton.cdiv(N, BN)
     stride, grid = _num_programs(x.device, tiles, int(cfg.get("PER_SM", 1)))
     res = act == "residual"
-    _linear_act_kernel[(grid,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, B, T, N, K, R, float(slope),
+    _linear_act_kernel[(grid,)](xd, wd, yd, hd, x2d, w2d, scale if res else y, y if signs is None else signs,
+                                 B, T, N, K, R, float(slope),
                                  BM=BM, BN=BN, BK=BK, ACT=0 if res else _ACT_CODE[act], SAVE_PRE=save_pre,
                                  PER_ROW_W=w.dim() == 3, W_KN=w_kn, HAS_X2=x2 is not None, RES=res,
                                  SUBTILE=sub, NUM_PROGS=stride, PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
@@ -411,6 +475,38 @@ def linear_act_grad(g: Tensor, w: Tensor, h: Tensor, slope: float = 0.5, *, w_kn
     if validate:
         check_grad_args(g, w, h, slope, w_kn)
     return _grad_op(g, w, h, float(slope), bool(w_kn))
+
+
+def linear_act_signs(x: Tensor, w: Tensor, slope: float) -> Tuple[Tensor, Tensor]:
+    """(a, signs) = (leaky_relu(x · Wᵀ, slope)², ``pack_signs(x · Wᵀ)``) from one kernel on the GPU (the activation
+    and the packing in the epilogue; h is never stored), the torch composition elsewhere. x (B, T, K); W (N, K) or
+    (B, N, K); N a multiple of 8. A building block of ``linear_residual.mlp_residual`` (not differentiable itself)."""
+    if use_triton(x):
+        signs = _utils.empty(x.shape[:-1] + (w.shape[-2] // 8,), torch.uint8, x.device)
+        return _launch(x, w, "leaky_relu_sq_signs", slope, False, signs=signs)[0], signs
+    a, h = linear_act_ref(x, w, "leaky_relu_sq", slope)
+    return a, pack_signs(h)
+
+
+def linear_act_grad_signs_ref(g: Tensor, w: Tensor, a: Tensor, signs: Tensor, slope: float = 0.5,
+                              w_kn: bool = False) -> Tensor:
+    """Torch reference of ``linear_act_grad_signs``: the GEMM rounded to g.dtype, act' from a and the signs in fp32."""
+    wt = w if w_kn else w.transpose(-1, -2)
+    return act_grad_from_signs_ref(torch.matmul(g, wt), a, signs, slope)
+
+
+@torch.library.custom_op("pgolf::linear_act_grad_signs", mutates_args=())
+def _grad_signs_op(g: Tensor, w: Tensor, a: Tensor, signs: Tensor, slope: float, w_kn: bool) -> Tensor:
+    """dh = (g · Wᵀ) ⊙ act'(h) with act' from a = act(h) and h's packed signs, one kernel (``linear_act_grad``'s
+    twin for a forward that kept act(h) and the signs instead of h)."""
+    if use_triton(g):
+        return _launch(g, w, "leaky_relu_sq_grad_signs", slope, False, aux=a, w_kn=w_kn, signs=signs)[0]
+    return linear_act_grad_signs_ref(g, w, a, signs, slope, w_kn)
+
+
+@_grad_signs_op.register_fake
+def _grad_signs_op_fake(g, w, a, signs, slope, w_kn):
+    return torch.empty_like(a)
 
 
 @torch.library.custom_op("pgolf::mlp_leaky_sq", mutates_args=())

@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from ._utils import check, check_tensor, use_triton
-from .linear_act import _grad_op, _launch, linear_act_ref, weight_grad
+from .linear_act import _grad_op, _grad_signs_op, _launch, linear_act_ref, linear_act_signs, weight_grad
 from .linear_act import check_args as _check_act
 
 __all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
@@ -159,27 +159,51 @@ def _up(x: Tensor, w_up: Tensor, slope: float) -> Tuple[Tensor, Tensor]:
     return _launch(x, w_up, "leaky_relu_sq", slope, True)
 
 
+def _mlp_signs_from_env() -> bool:
+    """PGOLF_MLP_SIGNS: "1" = ``mlp_residual`` keeps act(h) and h's signs (1 bit per element) for its backward
+    instead of h; unset or "0" = it keeps h."""
+    raw = os.environ.get("PGOLF_MLP_SIGNS", "0")
+    if raw not in ("0", "1"):
+        raise ValueError(f"PGOLF_MLP_SIGNS = {raw!r}: expected 0 (keep h, the default) or 1 (keep h's signs, "
+                         f"linear_act.pack_signs)")
+    return raw == "1"
+
+
+# Off by default until measured on a GPU. Why it may pay: the up-projection writes h (64 x 2048 x 1536 bf16, 403 MB
+# per layer in the records' step) only for the backward's act'(h); act(h) is kept anyway and with h's signs gives
+# act'(h) (linear_act.act_grad_from_signs_ref), for 25 MB. Storing both h and act(h) took 0.496 against 0.399 ms
+# for act(h) alone on the records' up-projection (H100, bench/results/linear-act-h100.md, shared weight): ~1 ms per
+# step over 10 layers, if the packing costs the epilogue little.
+MLP_SIGNS: bool = _mlp_signs_from_env()
+
+
 @torch.library.custom_op("pgolf::mlp_residual", mutates_args=())
 def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float,
-            u: Optional[Tensor], w2: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
-    """(out, a, h): h = x · W_upᵀ and a = act(h) from one kernel (the activation in its epilogue), then out from
-    the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its epilogue)."""
+            u: Optional[Tensor], w2: Optional[Tensor], signs: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """(out, a, h), or with ``signs`` (out, a, pack_signs(h)): h = x · W_upᵀ and a = act(h) from one kernel (the
+    activation in its epilogue), then out from the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its
+    epilogue)."""
+    if signs:
+        a, keep = linear_act_signs(x, w_up, slope)
+    elif use_triton(x):
+        a, keep = _up(x, w_up, slope)
+    else:
+        a, keep = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
     if use_triton(x):
-        a, h = _up(x, w_up, slope)
-        return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, h
-    a, h = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
-    return linear_residual_ref(res, a, w_down, scale, u, w2), a, h
+        return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, keep
+    return linear_residual_ref(res, a, w_down, scale, u, w2), a, keep
 
 
 @_mlp_op.register_fake
-def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2):
+def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2, signs=False):
     hid = x.shape[:-1] + (w_up.shape[-2],)
-    return torch.empty_like(res), x.new_empty(hid), x.new_empty(hid)
+    keep = x.new_empty(x.shape[:-1] + (w_up.shape[-2] // 8,), dtype=torch.uint8) if signs else x.new_empty(hid)
+    return torch.empty_like(res), x.new_empty(hid), keep
 
 
 def _mlp_setup(ctx, inputs, output):
-    res, x, w_up, w_down, scale, slope, u, w2 = inputs
-    ctx.slope, ctx.has_u = slope, u is not None
+    res, x, w_up, w_down, scale, slope, u, w2, signs = inputs
+    ctx.slope, ctx.has_u, ctx.signs = slope, u is not None, signs
     ctx.save_for_backward(x, w_up, w_down, scale, u, w2, output[1], output[2])
 
 
@@ -187,11 +211,14 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     """∂res = g; dh = (g · (s ⊙ W_down)) ⊙ act'(h) in one kernel (the derivative in the epilogue of the GEMM, W_down
     (d, H) read as its (K, N) layout); ∂x = dh · W_up; u, w2 as ``linear_residual``; ∂W_up = dhᵀ · x, ∂W_down =
     (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed)."""
-    x, w_up, w_down, scale, u, w2, a, h = ctx.saved_tensors
+    x, w_up, w_down, scale, u, w2, a, keep = ctx.saved_tensors
     need = ctx.needs_input_grad
     g = g.contiguous()
     w_dn_s = (w_down * (scale[:, None] if w_down.dim() == 2 else scale[None, :, None])).contiguous()
-    dh = _grad_op(g, w_dn_s, h, ctx.slope, True)   # linear_act_grad: the kernel, or its torch reference on a CPU
+    # linear_act_grad (from h) or linear_act_grad_signs (from act(h) and h's signs): the kernel, or its torch
+    # reference on a CPU
+    dh = (_grad_signs_op(g, w_dn_s, a, keep, ctx.slope, True) if ctx.signs
+          else _grad_op(g, w_dn_s, keep, ctx.slope, True))
 
     dx = torch.matmul(dh, w_up) if need[1] else None
     dw_up = weight_grad(dh, x, w_up.dim() == 3) if need[2] else None
@@ -200,7 +227,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
     dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
-    return g, dx, dw_up, dw_down, ds, None, du, dw2
+    return g, dx, dw_up, dw_down, ds, None, du, dw2, None
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -222,7 +249,9 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
         check(w_down.dim() == w_up.dim(), lambda: f"{op}: w_down must have w_up's number of dimensions "
                                                   f"({w_up.dim()}), got {tuple(w_down.shape)}")
         _check_site(op, res, x, tuple(x.shape[:2]) + (w_up.shape[-2],), w_down, scale, u, w2, layout=(w_up,))
-    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2)[0]
+    # the signs give act'(h) for slope >= 0 only (act(h) = slope²h² hides h's magnitude's sign otherwise)
+    signs = MLP_SIGNS and slope >= 0 and w_up.shape[-2] % 8 == 0
+    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2, signs)[0]
 
 
 def check_args(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> None:

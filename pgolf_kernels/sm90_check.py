@@ -109,7 +109,8 @@ SMEM_LIMIT = 232448
 def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, save=False, w_kn=False, per_row=True,
                      dtype="bf16", res=False, x2=False, SUBTILE=False, PER_SM=1):
     """``linear_act._linear_act_kernel`` with host tensor descriptors (act 0 none, 1 leaky_relu², 2 its derivative
-    with W read as (K, N), as the fused MLP's backward launches it; ``res``: the residual epilogue of
+    with W read as (K, N), as the fused MLP's backward launches it; 3 leaky_relu² with h's packed signs, 4 the
+    derivative from act(h) and those signs; ``res``: the residual epilogue of
     ``linear_residual`` (act 0), ``x2``: with its second product, a LoRA's expand; ``SUBTILE``: the epilogue on two
     (BM, BN / 2) halves; ``PER_SM``: programs per SM, which share its shared memory)."""
     from . import linear_act as L
@@ -119,7 +120,7 @@ def linear_act_stats(BM=128, BN=128, BK=64, num_warps=8, num_stages=3, act=1, sa
     types = {"x_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w_desc": f"tensordesc<{dtype}{wblk}>",
              "y_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>", "h_desc": f"tensordesc<{dtype}[1,{BM},{BNE}]>",
              "x2_desc": f"tensordesc<{dtype}[1,{BM},{BK}]>", "w2_desc": f"tensordesc<{dtype}[1,{BN},{BK}]>",
-             "s_ptr": f"*{dtype}", "B": "i32", "T": "i32", "N": "i32", "K": "i32", "R": "i32", "slope": "fp32"}
+             "s_ptr": f"*{dtype}", "sg_ptr": "*u8", "B": "i32", "T": "i32", "N": "i32", "K": "i32", "R": "i32", "slope": "fp32"}
     consts = dict(BM=BM, BN=BN, BK=BK, ACT=act, SAVE_PRE=save, PER_ROW_W=per_row, W_KN=w_kn, HAS_X2=x2, RES=res,
                   SUBTILE=SUBTILE, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
     s = _compile(L._linear_act_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K", "R"))
@@ -164,7 +165,8 @@ def _linear_act_cases():
 
     for c in TILE_CONFIGS:
         for name, kw in (("none", dict(act=0)), ("act", dict(act=1)), ("act+h", dict(act=1, save=True)),
-                         ("grad", dict(act=2, w_kn=True)), ("residual+lora", dict(act=0, res=True, x2=True))):
+                         ("grad", dict(act=2, w_kn=True)), ("residual+lora", dict(act=0, res=True, x2=True)),
+                         ("act+signs", dict(act=3)), ("grad from signs", dict(act=4, w_kn=True))):
             yield (f"linear_act {name} {c['BM']}x{c['BN']} w{c['num_warps']} s{c['num_stages']}"
                    f"{' sub' if c.get('SUBTILE') else ''}{' x' + str(c['PER_SM']) if c.get('PER_SM', 1) > 1 else ''}",
                    lambda c=c, kw=kw: linear_act_stats(**c, **kw))

@@ -33,15 +33,18 @@
 #            bench.profile_ttt on the records' step with the fastest tile (-effN, when it beats the default by > 5 %)
 #            and with the Gluon up-projection
 #            (-ws), each variant twice in alternating order (the same step under two names: -dxk is the default)
+#   signs    mlp_residual keeping act(h) and h's packed signs instead of h (linear_residual.MLP_SIGNS, off by default):
+#            the signs epilogues' GPU tests and mlp_residual's with them, then bench.profile_ttt on the records' step
+#            without and with it, each twice in alternating order (-dxk: the default under another name)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws or eff"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, eff or signs"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -152,6 +155,17 @@ print(i if i != d and t[i] < 0.95 * t[d] else '')" "$(python3 -c 'from bench.har
       V="kernel-compile-tail-ws,kernel-compile-tail,kernel-compile-tail-dxk-ws,kernel-compile-tail-dxk"
       [ -n "$best" ] && V="$V,kernel-compile-tail-eff$best"
       timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records --variants "${PGOLF_PROFILE_VARIANTS:-$V}" \
+        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
+    ;;
+  signs)
+    timeout 200 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=150 tests/test_linear_act.py \
+      tests/test_linear_residual.py -k "signs" 2>&1 | tee "$OUTDIR/signs-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \
+        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-sgn,kernel-compile-tail-dxk,kernel-compile-tail-dxk-sgn}" \
         --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi

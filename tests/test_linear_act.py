@@ -469,3 +469,80 @@ def test_row_and_window_counts_are_not_compile_keys():
     assert {"B", "T"} <= _unspecialized(mod._linear_act_kernel)
     assert "T" in _unspecialized(hnr._head_norm_rope_fwd_kernel)
     assert {"T", "n_tiles"} <= _unspecialized(hnr._head_norm_rope_bwd_kernel)
+
+
+def test_pack_signs_roundtrip_and_bit_order():
+    """``pack_signs``: bit j of byte c is column 8c + j, h > 0 (0 and -0 are not positive); ``unpack_signs`` inverts
+    it exactly."""
+    h = torch.tensor([[1.0, -1.0, 0.0, -0.0, 2.0, 3.0, -4.0, 5.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0, 7.0]])
+    s = mod.pack_signs(h)
+    assert s.dtype == torch.uint8 and s.tolist() == [[1 + 16 + 32 + 128, 128]]
+    g = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(draw_seed()))
+    assert torch.equal(mod.unpack_signs(mod.pack_signs(g)), g > 0)
+
+
+@pytest.mark.parametrize("slope", [0.5, 0.0, 1.5])
+def test_act_grad_from_signs_matches_fp64(slope):
+    """act'(h) recovered from a = act(h) (rounded to the dtype) and h's signs, against fp64 from h itself, within the
+    suite's bound of torch's path that keeps h in the dtype."""
+    gen = torch.Generator().manual_seed(draw_seed())
+    h = torch.randn(4, 33, 40, generator=gen).to(torch.float16)
+    dy = torch.randn(4, 33, 40, generator=gen).to(torch.float16)
+    a = mod.act_ref(h, "leaky_relu_sq", slope)
+    oracle = mod.act_grad_ref(dy.double(), h.double(), "leaky_relu_sq", slope)
+    got = mod.act_grad_from_signs_ref(dy, a, mod.pack_signs(h), slope)
+    assert_close_rel(got, oracle, mod.act_grad_ref(dy, h, "leaky_relu_sq", slope), name=f"dh slope {slope}")
+
+
+@pytest.mark.parametrize("cfg", CFGS)
+@pytest.mark.parametrize("shape", [s for s in SHAPES if s[2] % 8 == 0])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_signs_epilogues_match_fp64(shape, dtype, cfg):
+    """The kernel's signs epilogues (NaN-filled outputs): the forward's act(h) and packed signs against the fp64
+    composition (signs exact where |h| is not at rounding level), and the derivative from act(h) and the signs
+    (W read as (K, N), as the MLP's backward reads W_down) against fp64 from h itself."""
+    B, T, N, K, per_row = shape
+    x, w = _inputs(B, T, N, K, per_row, dtype)
+    if not _utils.use_triton(x):
+        pytest.skip("needs TRITON_INTERPRET=1 or CUDA: this test runs the kernel")
+    signs = _utils.empty(x.shape[:-1] + (N // 8,), torch.uint8, x.device)
+    a = mod._launch(x, w, "leaky_relu_sq_signs", 0.5, False, cfg, signs=signs)[0]
+    ar, hr = _oracle(x, w)
+    assert_close_rel(a, ar, linear_act_ref(x, w, "leaky_relu_sq", 0.5)[0], name="a")
+    clear = hr.abs() > 1e-3
+    assert torch.equal(mod.unpack_signs(signs)[clear], (hr > 0)[clear])
+    gen = torch.Generator().manual_seed(draw_seed())
+    g = torch.randn(*x.shape[:-1], 24, generator=gen).to(DEVICE, dtype)
+    wd = (torch.randn(24, N, generator=gen) * 0.3).to(DEVICE, dtype)        # (K, N): W_down's layout
+    dh = mod._launch(g, wd, "leaky_relu_sq_grad_signs", 0.5, False, cfg, aux=a, w_kn=True, signs=signs)[0]
+    oracle = linear_act_grad_ref(g.double(), wd.double(), hr, 0.5, True)
+    hb = linear_act_ref(x, w, "leaky_relu_sq", 0.5)[1]
+    assert_close_rel(dh, oracle, linear_act_grad_ref(g, wd, hb, 0.5, True), name="dh")
+    assert torch.equal(dh, mod._grad_signs_op(g, wd, a, signs, 0.5, True)) or cfg != mod.default_config(
+        T, N, 24, g.is_cuda, dtype, "leaky_relu_sq_grad_signs")
+
+
+def test_signs_ops_registration():
+    """``linear_act_grad_signs`` is a custom op with a fake (opcheck), and ``linear_act_signs`` returns uint8 signs
+    of width N / 8 on every dispatch path."""
+    x, w = _inputs(2, 9, 16, 8, False, torch.float32)
+    a, s = mod.linear_act_signs(x, w, 0.5)
+    assert a.shape == (2, 9, 16) and s.shape == (2, 9, 2) and s.dtype == torch.uint8
+    g = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
+    torch.library.opcheck(mod._grad_signs_op, (g, w.transpose(0, 1).contiguous(), a, s, 0.5, True))
+
+
+def test_signs_epilogues_compile_for_sm90():
+    """The signs epilogues at their default tile (the split 128 x 256 tile) for sm_90a: TMA copies, async wgmma, no
+    spills, within shared memory (measured here: 182,296 B forward, 213,032 B derivative)."""
+    from conftest import run_sm90_check
+
+    run_sm90_check("import torch\n"
+                   "from pgolf_kernels.linear_act import default_config\n"
+                   "from pgolf_kernels.sm90_check import linear_act_stats\n"
+                   "for act, name, kw in ((3, 'leaky_relu_sq_signs', {}), (4, 'leaky_relu_sq_grad_signs', dict(w_kn=True))):\n"
+                   "    for per_row in (False, True):\n"
+                   "        cfg = default_config(2048, 1536, 512, True, torch.bfloat16, name)\n"
+                   "        s = linear_act_stats(act=act, per_row=per_row, **cfg, **kw)\n"
+                   "        assert s['tma_copies'] > 0 and s['fits_smem'], (act, s)\n"
+                   "        assert s['async_wgmma'] and s['spill_bytes'] == 0, (act, s)\n")

@@ -393,3 +393,87 @@ def test_gpu_mlp_residual_on_the_ws_up_projection(monkeypatch):
     assert_close_rel(out, out64, outb, name="out")
     for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
         assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+
+
+def test_mlp_signs_env_knob(monkeypatch):
+    from pgolf_kernels import linear_residual as LR
+
+    for raw, want in ((None, False), ("0", False), ("1", True)):
+        if raw is None:
+            monkeypatch.delenv("PGOLF_MLP_SIGNS", raising=False)
+        else:
+            monkeypatch.setenv("PGOLF_MLP_SIGNS", raw)
+        assert LR._mlp_signs_from_env() is want
+    monkeypatch.setenv("PGOLF_MLP_SIGNS", "on")
+    with pytest.raises(ValueError, match="PGOLF_MLP_SIGNS = 'on': expected 0"):
+        LR._mlp_signs_from_env()
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_mlp_residual_keeping_signs_matches_fp64(monkeypatch, per_row):
+    """``MLP_SIGNS`` on: the op keeps act(h) and h's packed signs (uint8, H / 8 per row) instead of h, its backward
+    takes act' from them (``linear_act_grad_signs``, called once); the output and every gradient match fp64; a
+    negative slope keeps h (the signs cannot give act' there)."""
+    from pgolf_kernels import linear_act as LA
+    from pgolf_kernels import linear_residual as LR
+
+    monkeypatch.setattr(LR, "MLP_SIGNS", True)
+    calls = []
+    real = LR._grad_signs_op
+    monkeypatch.setattr(LR, "_grad_signs_op", lambda *a: (calls.append(a[3].dtype), real(*a))[1])
+    dtype = torch.float32 if DEVICE == "cpu" and not _utils.interpret_mode() else torch.float16
+    if DEVICE == "cuda":
+        dtype = torch.bfloat16
+    args = _mlp_inputs(2, 24, 16, 48, 8, per_row, dtype)
+    g = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
+    ours = [t.clone().requires_grad_() for t in args]
+    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
+    out.backward(g)
+    assert calls == [torch.uint8]
+    o64 = [t.double().requires_grad_() for t in args]
+    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
+    out64.backward(g.double())
+    base = [t.clone().requires_grad_() for t in args]
+    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
+    outb.backward(g)
+    assert_close_rel(out, out64, outb, name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+    calls.clear()
+    mlp_residual(*[t.detach().requires_grad_() for t in args[:5]], -0.5, *args[5:]).sum().backward()
+    assert calls == []
+
+
+def test_mlp_residual_signs_op_registration():
+    """The op with ``signs=True``: its fake gives the uint8 (B, T, H / 8) third output (opcheck), and
+    ``torch.compile(fullgraph=True)`` takes it forward and backward."""
+    from pgolf_kernels import linear_residual as LR
+
+    args = _mlp_inputs(2, 8, 16, 48, 8, False, torch.float32)
+    torch.library.opcheck(LR._mlp_op, (*args[:5], 0.5, *args[5:], True))
+    outs = LR._mlp_op(*args[:5], 0.5, *args[5:], True)
+    assert outs[2].dtype == torch.uint8 and outs[2].shape == (2, 8, 6)
+
+
+@pytest.mark.gpu
+def test_gpu_mlp_residual_keeping_signs_records_shape(monkeypatch):
+    """``MLP_SIGNS`` on at the records' MLP residual site (d 512, H 1536, rank 96) at 4 rows x 2048, bf16: output and
+    every gradient against fp64 (the eval's CUDA-graph replay with it on: ``scripts/ttt_step_lane.sh OUT graphs`` with
+    ``PGOLF_MLP_SIGNS=1``)."""
+    from pgolf_kernels import linear_residual as LR
+
+    monkeypatch.setattr(LR, "MLP_SIGNS", True)
+    args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
+    g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
+    ours = [t.clone().requires_grad_() for t in args]
+    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
+    out.backward(g)
+    o64 = [t.double().requires_grad_() for t in args]
+    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
+    out64.backward(g.double())
+    base = [t.clone().requires_grad_() for t in args]
+    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
+    outb.backward(g)
+    assert_close_rel(out, out64, outb, name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")

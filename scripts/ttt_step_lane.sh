@@ -161,7 +161,7 @@ print(i if i != d and t[i] < 0.95 * t[d] else '')" "$(python3 -c 'from bench.har
     ;;
   signs)
     timeout 200 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=150 tests/test_linear_act.py \
-      tests/test_linear_residual.py -k "signs" 2>&1 | tee "$OUTDIR/signs-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+      tests/test_linear_residual.py tests/test_fused_residual.py -k "signs or switches" 2>&1 | tee "$OUTDIR/signs-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
       timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \

@@ -113,3 +113,33 @@ def test_gpu_eval_with_mlp_residual_scores_like_without():
     assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
                            for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
                           rel=1e-4)
+
+
+def test_eval_with_mlp_residual_keeping_signs_scores_like_without(monkeypatch):
+    """``linear_residual.MLP_SIGNS`` on (the backward's act' from act(h) and h's packed signs): evaluate() with the
+    fused MLP at the residual site scores as the unfused eval (CPU; the kernels under the interpreter in the CPU
+    lane)."""
+    import pgolf_kernels.linear_residual as lr
+
+    monkeypatch.setattr(lr, "MLP_SIGNS", True)
+    calls = []
+    real = lr.linear_act_signs
+    monkeypatch.setattr(lr, "linear_act_signs", lambda *a: (calls.append(1), real(*a))[1])
+    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True)], lengths=[90, 1, 40])
+    assert calls   # the eval's MLP ran through the signs path
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", ["MLP_SIGNS", "MLP_UP_WS"])
+def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, switch):
+    """On the GPU: evaluate() with ``mlp_residual`` and one of its experimental switches on (``MLP_SIGNS``: h's signs
+    kept instead of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel), eager and with CUDA
+    graphs (the kernels captured), against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    import pgolf_kernels.linear_residual as lr
+
+    if switch == "MLP_UP_WS" and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the Gluon kernel is sm_90 only")
+    monkeypatch.setattr(lr, switch, True)
+    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
+                           for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
+                          rel=1e-4)

@@ -27,6 +27,18 @@ def use_triton(t: torch.Tensor) -> bool:
     return t.is_cuda or (t.device.type == "cpu" and interpret_mode())
 
 
+def env_choice(var: str, choices: dict) -> str:
+    """The value of environment variable ``var``, one of ``choices`` (value -> what it selects; the first is the
+    default, taken when ``var`` is unset). Any other value raises one ValueError naming the variable and every
+    choice. The package's switches are read at import through here."""
+    default = next(iter(choices))
+    raw = os.environ.get(var, default)
+    if raw not in choices:
+        opts = " or ".join(f"{k} ({v}{', the default' if k == default else ''})" for k, v in choices.items())
+        raise ValueError(f"{var} = {raw!r}: expected {opts}")
+    return raw
+
+
 def check(cond: bool, msg, exc: type = ValueError) -> None:
     """Raise ``exc(msg)`` unless ``cond``. ``msg`` may be a zero-argument callable: the message is then
     built only on failure, which keeps f-strings over (symbolic) shapes out of torch.compile's trace."""

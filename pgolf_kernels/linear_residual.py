@@ -36,13 +36,12 @@ TRITON_INTERPRET=1 -> the kernel interpreted.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from ._utils import check, check_tensor, use_triton
+from ._utils import check, check_tensor, env_choice, use_triton
 from .linear_act import _grad_op, _grad_signs_op, _launch, linear_act_ref, linear_act_signs, weight_grad
 from .linear_act import check_args as _check_act
 
@@ -125,11 +124,8 @@ def mlp_residual_ref(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale
 def _mlp_ws_from_env() -> bool:
     """PGOLF_MLP_UP_WS: "1" = ``mlp_residual``'s up-projection on the warp-specialized Gluon kernel where it runs
     (``_ws_fits``); unset or "0" = ``_linear_act_kernel``."""
-    raw = os.environ.get("PGOLF_MLP_UP_WS", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PGOLF_MLP_UP_WS = {raw!r}: expected 0 (linear_act's kernel, the default) or 1 (the "
-                         f"warp-specialized Gluon kernel, pgolf_kernels.linear_act_ws)")
-    return raw == "1"
+    return env_choice("PGOLF_MLP_UP_WS", {"0": "linear_act's kernel", "1": "the warp-specialized Gluon kernel, "
+                                          "pgolf_kernels.linear_act_ws"}) == "1"
 
 
 # Off by default: in isolation the Gluon kernel took 0.4787 ms against 0.5254 ms for linear_act's default tile on
@@ -162,11 +158,7 @@ def _up(x: Tensor, w_up: Tensor, slope: float) -> Tuple[Tensor, Tensor]:
 def _mlp_signs_from_env() -> bool:
     """PGOLF_MLP_SIGNS: "1" = ``mlp_residual`` keeps act(h) and h's signs (1 bit per element) for its backward
     instead of h; unset or "0" = it keeps h."""
-    raw = os.environ.get("PGOLF_MLP_SIGNS", "0")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PGOLF_MLP_SIGNS = {raw!r}: expected 0 (keep h, the default) or 1 (keep h's signs, "
-                         f"linear_act.pack_signs)")
-    return raw == "1"
+    return env_choice("PGOLF_MLP_SIGNS", {"0": "keep h", "1": "keep h's signs, linear_act.pack_signs"}) == "1"
 
 
 # Off by default until measured on a GPU. Why it may pay: the up-projection writes h (64 x 2048 x 1536 bf16, 403 MB

@@ -41,7 +41,6 @@ environment variable ``PGOLF_LORA_MERGED`` (auto / 1 / 0) sets it at import.
 """
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Tuple
 
 import torch
@@ -49,16 +48,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._utils import check, check_tensor, use_triton
+from ._utils import check, check_tensor, env_choice, use_triton
 
 
 
 def _override_from_env() -> Optional[bool]:
     """PGOLF_LORA_MERGED: unset or "auto" = the rule in ``use_merged``; "1" = merged wherever possible; "0" = never."""
-    raw = os.environ.get("PGOLF_LORA_MERGED", "auto")
-    if raw not in ("auto", "0", "1"):
-        raise ValueError(f"PGOLF_LORA_MERGED = {raw!r}: expected auto (the default rule), 1 (merged weights "
-                         f"wherever lengths is None) or 0 (the Triton kernels always)")
+    raw = env_choice("PGOLF_LORA_MERGED", {"auto": "the rule in use_merged", "1": "merged weights wherever lengths "
+                                            "is None", "0": "the Triton kernels always"})
     return None if raw == "auto" else raw == "1"
 
 
@@ -321,11 +318,7 @@ MAX_SOURCES = 3
 def _dx_kernel_from_env() -> bool:
     """PGOLF_MERGED_DX: unset or "kernel" = the merged backward's dx through ``sum_products``; "cublas" = one bmm
     and a ``baddbmm_`` per further slice."""
-    raw = os.environ.get("PGOLF_MERGED_DX", "kernel")
-    if raw not in ("cublas", "kernel"):
-        raise ValueError(f"PGOLF_MERGED_DX = {raw!r}: expected kernel (sum_products, the default) or cublas "
-                         f"(bmm + baddbmm_)")
-    return raw == "kernel"
+    return env_choice("PGOLF_MERGED_DX", {"kernel": "sum_products", "cublas": "bmm + baddbmm_"}) == "kernel"
 
 
 # On by default: on an H100 the kernel passes the GPU lane at the records' shapes and takes 0.274 ms against 0.428 ms

@@ -44,7 +44,6 @@ always uses the reference. fp64 compute is reference-only (it is the oracle).
 from __future__ import annotations
 
 import math
-import os
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -474,10 +473,9 @@ def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
 # pack 32.2 us (1,117 -> 989 us of device time per step); the whole 11-layer MLP3x NS set 0.850 -> 0.753 ms
 # (bench/results/ns-h200.md). Output is bitwise the torch path's. PGOLF_NS_FAST_PACK=0 selects the torch copy.
 def _fast_pack_from_env() -> bool:
-    raw = os.environ.get("PGOLF_NS_FAST_PACK", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PGOLF_NS_FAST_PACK = {raw!r}: expected 1 (Triton pack, the default) or 0 (torch copy)")
-    return raw == "1"
+    from ._utils import env_choice
+
+    return env_choice("PGOLF_NS_FAST_PACK", {"1": "Triton pack", "0": "torch copy"}) == "1"
 
 
 FAST_PACK = _fast_pack_from_env()

@@ -214,6 +214,23 @@ def _mlp_inputs(B, T, d, H, R, per_row, dtype, device=DEVICE):
     return res, x, w_up, w_down, scale, u, w2
 
 
+def _check_mlp_residual(args, g, slope=0.5):
+    """mlp_residual's output and the gradient of every input (None skipped) against the fp64 composition, with 2x
+    the error of the torch composition in the inputs' dtype as the bound."""
+    def run(fn, ts):
+        out = fn(*ts[:5], slope, *ts[5:])
+        out.backward(g.to(out.dtype))
+        return out
+
+    ours, o64, base = ([t.clone().requires_grad_() if t is not None else None for t in args],
+                       [t.double().requires_grad_() if t is not None else None for t in args],
+                       [t.clone().requires_grad_() if t is not None else None for t in args])
+    assert_close_rel(run(mlp_residual, ours), run(mlp_residual_ref, o64), run(mlp_residual_ref, base), name="out")
+    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
+        if o is not None:
+            assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+
+
 def _mlp_oracle(res, x, w_up, w_down, scale, u, w2, slope=0.5):
     d = [t.double() if t is not None else None for t in (res, x, w_up, w_down, scale, u, w2)]
     return mlp_residual_ref(d[0], d[1], d[2], d[3], d[4], slope, d[5], d[6])
@@ -227,22 +244,7 @@ def test_mlp_residual_forward_and_backward_match_fp64(per_row, R):
     args = _mlp_inputs(2, 19, 16, 40, R, per_row, dtype)
     g = torch.randn(2, 19, 16, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
 
-    def run(fn, ts):
-        res, x, w_up, w_down, scale, u, w2 = ts
-        out = fn(res, x, w_up, w_down, scale, 0.5, u, w2)
-        out.backward(g.to(out.dtype))
-        return out
-
-    ours = [t.clone().requires_grad_() if t is not None else None for t in args]
-    out = run(mlp_residual, ours)
-    o64 = [t.double().requires_grad_() if t is not None else None for t in args]
-    out64 = run(mlp_residual_ref, o64)
-    base = [t.clone().requires_grad_() if t is not None else None for t in args]
-    outb = run(mlp_residual_ref, base)
-    assert_close_rel(out, out64, outb, name="out")
-    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
-        if o is not None:
-            assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+    _check_mlp_residual(args, g)
 
 
 def test_mlp_residual_registration_and_compile():
@@ -305,18 +307,7 @@ def test_gpu_mlp_residual_records_shape_bf16(per_row):
     against fp64 (the derivative epilogue's kernel runs here)."""
     args = _mlp_inputs(4, 2048, 512, 1536, 96, per_row, torch.bfloat16, device="cuda")
     g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
-    ours = [t.clone().requires_grad_() for t in args]
-    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
-    out.backward(g)
-    o64 = [t.double().requires_grad_() for t in args]
-    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
-    out64.backward(g.double())
-    base = [t.clone().requires_grad_() for t in args]
-    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
-    outb.backward(g)
-    assert_close_rel(out, out64, outb, name="out")
-    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
-        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+    _check_mlp_residual(args, g)
 
 
 def test_the_bench_runs_and_checks_on_tiny_shapes():
@@ -380,19 +371,8 @@ def test_gpu_mlp_residual_on_the_ws_up_projection(monkeypatch):
     torch.manual_seed(draw_seed())
     args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
     g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
-    ours = [t.clone().requires_grad_() for t in args]
-    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
-    out.backward(g)
+    _check_mlp_residual(args, g)
     assert calls == [1]
-    o64 = [t.double().requires_grad_() for t in args]
-    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
-    out64.backward(g.double())
-    base = [t.clone().requires_grad_() for t in args]
-    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
-    outb.backward(g)
-    assert_close_rel(out, out64, outb, name="out")
-    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
-        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
 
 
 def test_mlp_signs_env_knob(monkeypatch):
@@ -414,7 +394,6 @@ def test_mlp_residual_keeping_signs_matches_fp64(monkeypatch, per_row):
     """``MLP_SIGNS`` on: the op keeps act(h) and h's packed signs (uint8, H / 8 per row) instead of h, its backward
     takes act' from them (``linear_act_grad_signs``, called once); the output and every gradient match fp64; a
     negative slope keeps h (the signs cannot give act' there)."""
-    from pgolf_kernels import linear_act as LA
     from pgolf_kernels import linear_residual as LR
 
     monkeypatch.setattr(LR, "MLP_SIGNS", True)
@@ -426,19 +405,8 @@ def test_mlp_residual_keeping_signs_matches_fp64(monkeypatch, per_row):
         dtype = torch.bfloat16
     args = _mlp_inputs(2, 24, 16, 48, 8, per_row, dtype)
     g = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE, dtype)
-    ours = [t.clone().requires_grad_() for t in args]
-    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
-    out.backward(g)
+    _check_mlp_residual(args, g)
     assert calls == [torch.uint8]
-    o64 = [t.double().requires_grad_() for t in args]
-    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
-    out64.backward(g.double())
-    base = [t.clone().requires_grad_() for t in args]
-    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
-    outb.backward(g)
-    assert_close_rel(out, out64, outb, name="out")
-    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
-        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
     calls.clear()
     mlp_residual(*[t.detach().requires_grad_() for t in args[:5]], -0.5, *args[5:]).sum().backward()
     assert calls == []
@@ -465,15 +433,4 @@ def test_gpu_mlp_residual_keeping_signs_records_shape(monkeypatch):
     monkeypatch.setattr(LR, "MLP_SIGNS", True)
     args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
     g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
-    ours = [t.clone().requires_grad_() for t in args]
-    out = mlp_residual(*ours[:5], 0.5, *ours[5:])
-    out.backward(g)
-    o64 = [t.double().requires_grad_() for t in args]
-    out64 = mlp_residual_ref(*o64[:5], 0.5, *o64[5:])
-    out64.backward(g.double())
-    base = [t.clone().requires_grad_() for t in args]
-    outb = mlp_residual_ref(*base[:5], 0.5, *base[5:])
-    outb.backward(g)
-    assert_close_rel(out, out64, outb, name="out")
-    for name, o, r, b in zip(("res", "x", "w_up", "w_down", "scale", "u", "w2"), ours, o64, base):
-        assert_close_rel(o.grad, r.grad, b.grad, name=f"d{name}")
+    _check_mlp_residual(args, g)

@@ -106,3 +106,57 @@ def test_one_version_source_and_one_installed_package():
     src = open(os.path.join(ROOT, "setup.py")).read()
     assert 'packages=["pgolf_kernels"]' in src
     assert pgolf_kernels.__version__ not in src  # no second copy of the version
+
+
+def test_env_choice_default_choice_and_refusal(monkeypatch):
+    """``_utils.env_choice``: unset gives the first choice; a listed value is returned; anything else is refused in
+    one line naming the variable, the value and every choice with its meaning, the default marked."""
+    from pgolf_kernels._utils import env_choice
+
+    choices = {"a": "first thing", "b": "second thing"}
+    monkeypatch.delenv("PGOLF_TEST_SWITCH", raising=False)
+    assert env_choice("PGOLF_TEST_SWITCH", choices) == "a"
+    monkeypatch.setenv("PGOLF_TEST_SWITCH", "b")
+    assert env_choice("PGOLF_TEST_SWITCH", choices) == "b"
+    monkeypatch.setenv("PGOLF_TEST_SWITCH", "c")
+    with pytest.raises(ValueError) as e:
+        env_choice("PGOLF_TEST_SWITCH", choices)
+    assert str(e.value) == ("PGOLF_TEST_SWITCH = 'c': expected a (first thing, the default) or b (second thing)")
+
+
+def test_block0_leaf_env_knob(monkeypatch):
+    from train import forward
+
+    monkeypatch.delenv("PGOLF_BLOCK0_LEAF", raising=False)
+    assert forward._block0_leaf_from_env() is True
+    monkeypatch.setenv("PGOLF_BLOCK0_LEAF", "0")
+    assert forward._block0_leaf_from_env() is False
+    monkeypatch.setenv("PGOLF_BLOCK0_LEAF", "no")
+    with pytest.raises(ValueError, match="PGOLF_BLOCK0_LEAF = 'no': expected 1"):
+        forward._block0_leaf_from_env()
+
+
+@pytest.mark.parametrize("leaf", [True, False])
+def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch, leaf):
+    """Under ``compile_rows_nll`` (compile stubbed out: the functions run as given) a TTT step's block 0 gets an
+    input that requires grad with ``BLOCK0_LEAF`` on (so it shares blocks 1-10's graph), and one that does not with
+    it off; the other blocks' inputs require grad either way."""
+    from tests.test_fused_mlp import batch
+    from train import forward
+    from train.adapters import DocLoRA
+    from train.eval_fixtures import tiny_model
+    from train.ttt_config import TTTConfig
+
+    seen = []
+    real = forward._block_adapted
+    monkeypatch.setattr(forward, "_block_adapted", lambda b, x, *a: (seen.append(x.requires_grad), real(b, x, *a))[1])
+    monkeypatch.setattr(torch, "compile", lambda f, **k: f)
+    monkeypatch.setattr(forward, "BLOCK0_LEAF", leaf)
+    model = tiny_model(seed=3, num_layers=2)
+    forward.compile_rows_nll(model)
+    try:
+        cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, targets=("q", "v"))
+        forward.rows_nll(model, batch(), DocLoRA(model, cfg, 4, torch.device("cpu"), "bmm")).sum().backward()
+    finally:
+        forward.compile_rows_nll(model, enable=False)
+    assert seen == [leaf, True]

@@ -6,7 +6,6 @@ soft-capped full-softmax cross-entropy at the scored positions only (``head_nll`
 """
 from __future__ import annotations
 
-import os
 import threading
 from typing import Optional
 
@@ -51,11 +50,10 @@ def _row_forward(model, x, sel, y, adapter):
 def _block0_leaf_from_env() -> bool:
     """PGOLF_BLOCK0_LEAF: "1" (default) = block 0's input enters a TTT step as a leaf that requires grad, so block 0
     runs the compiled graph of blocks 1-10; "0" = it does not, and block 0 gets a graph of its own."""
-    raw = os.environ.get("PGOLF_BLOCK0_LEAF", "1")
-    if raw not in ("0", "1"):
-        raise ValueError(f"PGOLF_BLOCK0_LEAF = {raw!r}: expected 1 (block 0 shares the blocks' graph, its input "
-                         f"gradient formed) or 0 (a graph of its own, no input gradient)")
-    return raw == "1"
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_BLOCK0_LEAF", {"1": "block 0 shares the blocks' graph, its input gradient formed",
+                                            "0": "a graph of its own, no input gradient"}) == "1"
 
 
 BLOCK0_LEAF: bool = _block0_leaf_from_env()

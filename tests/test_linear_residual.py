@@ -328,20 +328,6 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
     assert len(calls) == 2 * (2 + len(la.TILE_CONFIGS) + 2) + 2
 
 
-def test_mlp_up_ws_env_knob(monkeypatch):
-    from pgolf_kernels import linear_residual as LR
-
-    for raw, want in ((None, False), ("0", False), ("1", True)):
-        if raw is None:
-            monkeypatch.delenv("PGOLF_MLP_UP_WS", raising=False)
-        else:
-            monkeypatch.setenv("PGOLF_MLP_UP_WS", raw)
-        assert LR._mlp_ws_from_env() is want
-    monkeypatch.setenv("PGOLF_MLP_UP_WS", "yes")
-    with pytest.raises(ValueError, match="PGOLF_MLP_UP_WS = 'yes': expected 0"):
-        LR._mlp_ws_from_env()
-
-
 def test_mlp_up_ws_domain_keeps_the_cpu_and_per_row_weights_on_linear_act():
     """The Gluon kernel runs on sm_90 only, for one shared 16-bit weight: a CPU tensor, fp32 or a per-row weight stay
     on ``_linear_act_kernel`` whatever ``MLP_UP_WS`` says."""
@@ -373,20 +359,6 @@ def test_gpu_mlp_residual_on_the_ws_up_projection(monkeypatch):
     g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
     _check_mlp_residual(args, g)
     assert calls == [1]
-
-
-def test_mlp_signs_env_knob(monkeypatch):
-    from pgolf_kernels import linear_residual as LR
-
-    for raw, want in ((None, False), ("0", False), ("1", True)):
-        if raw is None:
-            monkeypatch.delenv("PGOLF_MLP_SIGNS", raising=False)
-        else:
-            monkeypatch.setenv("PGOLF_MLP_SIGNS", raw)
-        assert LR._mlp_signs_from_env() is want
-    monkeypatch.setenv("PGOLF_MLP_SIGNS", "on")
-    with pytest.raises(ValueError, match="PGOLF_MLP_SIGNS = 'on': expected 0"):
-        LR._mlp_signs_from_env()
 
 
 @pytest.mark.parametrize("per_row", [False, True])
@@ -426,8 +398,8 @@ def test_mlp_residual_signs_op_registration():
 @pytest.mark.gpu
 def test_gpu_mlp_residual_keeping_signs_records_shape(monkeypatch):
     """``MLP_SIGNS`` on at the records' MLP residual site (d 512, H 1536, rank 96) at 4 rows x 2048, bf16: output and
-    every gradient against fp64 (the eval's CUDA-graph replay with it on: ``scripts/ttt_step_lane.sh OUT graphs`` with
-    ``PGOLF_MLP_SIGNS=1``)."""
+    every gradient against fp64 (the eval with it on, eager and with CUDA graphs:
+    ``tests/test_fused_residual.py::test_gpu_eval_with_mlp_residual_switches_scores_like_without``)."""
     from pgolf_kernels import linear_residual as LR
 
     monkeypatch.setattr(LR, "MLP_SIGNS", True)

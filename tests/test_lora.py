@@ -726,18 +726,6 @@ def test_gpu_default_dispatch_takes_merged_at_long_rows(monkeypatch):
     _check_all(x, bases, As, Bs)
 
 
-@pytest.mark.parametrize("raw,want", [("auto", None), ("1", True), ("0", False), ("yes", ValueError)])
-def test_merged_env_knob(monkeypatch, raw, want):
-    from pgolf_kernels import lora_merged as M
-
-    monkeypatch.setenv("PGOLF_LORA_MERGED", raw)
-    if want is ValueError:
-        with pytest.raises(ValueError, match="PGOLF_LORA_MERGED = 'yes'"):
-            M._override_from_env()
-    else:
-        assert M._override_from_env() is want
-
-
 def test_compiled_strategy_switch_recompiles(device, monkeypatch):
     """The merged/kernel choice is part of what torch.compile caches: flipping it between two compiles (a new
     process with PGOLF_LORA_MERGED set differently sees the same on-disk AOTAutograd/FX caches) must give a graph
@@ -903,20 +891,6 @@ def test_merged_backward_sums_every_dense_slice_in_one_call(device, merged, monk
     monkeypatch.setattr(M, "DX_KERNEL", False)   # PGOLF_MERGED_DX=cublas: the kernel not called
     _check_all(x, bases, As, Bs, alpha=0.7)
     assert calls == [3]
-
-
-@pytest.mark.parametrize("raw,want", [(None, True), ("cublas", False), ("kernel", True)])
-def test_merged_dx_env_knob(monkeypatch, raw, want):
-    from pgolf_kernels import lora_merged as M
-
-    if raw is None:
-        monkeypatch.delenv("PGOLF_MERGED_DX", raising=False)
-    else:
-        monkeypatch.setenv("PGOLF_MERGED_DX", raw)
-    assert M._dx_kernel_from_env() is want
-    monkeypatch.setenv("PGOLF_MERGED_DX", "fast")
-    with pytest.raises(ValueError, match="PGOLF_MERGED_DX = 'fast': expected kernel"):
-        M._dx_kernel_from_env()
 
 
 def test_merged_dx_bench_runs_and_checks_on_tiny_shapes():

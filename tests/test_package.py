@@ -124,18 +124,6 @@ def test_env_choice_default_choice_and_refusal(monkeypatch):
     assert str(e.value) == ("PGOLF_TEST_SWITCH = 'c': expected a (first thing, the default) or b (second thing)")
 
 
-def test_block0_leaf_env_knob(monkeypatch):
-    from train import forward
-
-    monkeypatch.delenv("PGOLF_BLOCK0_LEAF", raising=False)
-    assert forward._block0_leaf_from_env() is True
-    monkeypatch.setenv("PGOLF_BLOCK0_LEAF", "0")
-    assert forward._block0_leaf_from_env() is False
-    monkeypatch.setenv("PGOLF_BLOCK0_LEAF", "no")
-    with pytest.raises(ValueError, match="PGOLF_BLOCK0_LEAF = 'no': expected 1"):
-        forward._block0_leaf_from_env()
-
-
 @pytest.mark.parametrize("leaf", [True, False])
 def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch, leaf):
     """Under ``compile_rows_nll`` (compile stubbed out: the functions run as given) a TTT step's block 0 gets an
@@ -160,3 +148,24 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     finally:
         forward.compile_rows_nll(model, enable=False)
     assert seen == [leaf, True]
+
+
+@pytest.mark.parametrize("module,reader,var,default,other,want_other", [
+    ("pgolf_kernels.lora_merged", "_dx_kernel_from_env", "PGOLF_MERGED_DX", True, "cublas", False),
+    ("pgolf_kernels.lora_merged", "_override_from_env", "PGOLF_LORA_MERGED", None, "1", True),
+    ("pgolf_kernels.linear_residual", "_mlp_ws_from_env", "PGOLF_MLP_UP_WS", False, "1", True),
+    ("pgolf_kernels.linear_residual", "_mlp_signs_from_env", "PGOLF_MLP_SIGNS", False, "1", True),
+    ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False)])
+def test_every_switch_reader(monkeypatch, module, reader, var, default, other, want_other):
+    """Each switch of the README's table through its reader: unset gives the documented default, the other value
+    its setting, a bad value a ValueError naming the variable (PGOLF_NS_FAST_PACK: tests/test_newton_schulz.py)."""
+    import importlib
+
+    fn = getattr(importlib.import_module(module), reader)
+    monkeypatch.delenv(var, raising=False)
+    assert fn() is default
+    monkeypatch.setenv(var, other)
+    assert fn() is want_other
+    monkeypatch.setenv(var, "bogus")
+    with pytest.raises(ValueError, match=f"{var} = 'bogus': expected "):
+        fn()

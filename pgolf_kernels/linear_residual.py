@@ -233,7 +233,8 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
     of its first GEMM (``linear_act_grad``, s folded into W_down), so no element-wise pass touches the (T, H)
     tensors either way. x (B, T, d); W_up (H, d) and W_down (N, H), shared or with a leading B (per-row weights,
     e.g. merged up / down adapters); res (B, T, N); scale (N,); u (B, T, R) and w2 (B, N, R) together or neither
-    (a LoRA of x read beside the MLP, the records' mlp adapter). Saves x, h and act(h) for the backward."""
+    (a LoRA of x read beside the MLP, the records' mlp adapter). Saves x, h and act(h) for the backward; with
+    ``MLP_SIGNS`` (``PGOLF_MLP_SIGNS=1``) x, act(h) and h's packed signs instead of h."""
     if validate:
         op = "mlp_residual"
         check_tensor(x, "x", dtype=_FLOATS, ndim=3, op=op)
@@ -241,7 +242,7 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
         check(w_down.dim() == w_up.dim(), lambda: f"{op}: w_down must have w_up's number of dimensions "
                                                   f"({w_up.dim()}), got {tuple(w_down.shape)}")
         _check_site(op, res, x, tuple(x.shape[:2]) + (w_up.shape[-2],), w_down, scale, u, w2, layout=(w_up,))
-    # the signs give act'(h) for slope >= 0 only (act(h) = slope²h² hides h's magnitude's sign otherwise)
+    # where h <= 0, √act(h) = |slope·h|, so act'(h) = 2·slope²·h = -2·slope·√act(h) only for slope >= 0
     signs = MLP_SIGNS and slope >= 0 and w_up.shape[-2] % 8 == 0
     return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2, signs)[0]
 

@@ -481,6 +481,10 @@ def linear_act_signs(x: Tensor, w: Tensor, slope: float) -> Tuple[Tensor, Tensor
     """(a, signs) = (leaky_relu(x · Wᵀ, slope)², ``pack_signs(x · Wᵀ)``) from one kernel on the GPU (the activation
     and the packing in the epilogue; h is never stored), the torch composition elsewhere. x (B, T, K); W (N, K) or
     (B, N, K); N a multiple of 8. A building block of ``linear_residual.mlp_residual`` (not differentiable itself)."""
+    check(w.shape[-2] % 8 == 0, lambda: f"linear_act_signs: w's N ({w.shape[-2]}) must be a multiple of 8 (8 signs "
+                                        f"to a byte)")
+    check(slope >= 0, lambda: f"linear_act_signs: slope must be >= 0 (act' is recovered from act(h) and h's signs "
+                              f"only then), got {slope}")
     if use_triton(x):
         signs = _utils.empty(x.shape[:-1] + (w.shape[-2] // 8,), torch.uint8, x.device)
         return _launch(x, w, "leaky_relu_sq_signs", slope, False, signs=signs)[0], signs

@@ -530,6 +530,10 @@ def test_signs_ops_registration():
     assert a.shape == (2, 9, 16) and s.shape == (2, 9, 2) and s.dtype == torch.uint8
     g = torch.randn(2, 9, 8, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
     torch.library.opcheck(mod._grad_signs_op, (g, w.transpose(0, 1).contiguous(), a, s, 0.5, True))
+    with pytest.raises(ValueError, match=r"linear_act_signs: w's N \(12\) must be a multiple of 8"):
+        mod.linear_act_signs(x, w[:12], 0.5)
+    with pytest.raises(ValueError, match="linear_act_signs: slope must be >= 0"):
+        mod.linear_act_signs(x, w, -0.5)
 
 
 def test_signs_epilogues_compile_for_sm90():

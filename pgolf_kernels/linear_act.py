@@ -185,19 +185,16 @@ def _epilogue(acc, b, om, on, y_desc, h_desc, s_ptr, sg_ptr, T, N, slope, BM: tl
     h = acc.to(dt)
     if SAVE_PRE:
         h_desc.store([b, om, on], h.reshape(1, BM, BN))
-    if ACT == 1:
-        hf = h.to(tl.float32)
-        hf = tl.where(hf > 0, hf, slope * hf)
-        y = (hf * hf).to(dt)
-    elif ACT == 3:
+    if ACT == 1 or ACT == 3:
         hf = h.to(tl.float32)
         pos = hf > 0
         hf = tl.where(pos, hf, slope * hf)
         y = (hf * hf).to(dt)
-        bits = tl.reshape(pos.to(tl.int32), (BM, BN // 8, 8))
-        packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
-        sptr, smask = _sign_tile(sg_ptr, b, om, on, T, N, BM, BN)
-        tl.store(sptr, packed.to(tl.uint8), mask=smask)
+        if ACT == 3:   # h's signs, 8 to a byte, instead of h
+            bits = tl.reshape(pos.to(tl.int32), (BM, BN // 8, 8))
+            packed = tl.sum(bits << tl.arange(0, 8)[None, None, :], axis=2)
+            sptr, smask = _sign_tile(sg_ptr, b, om, on, T, N, BM, BN)
+            tl.store(sptr, packed.to(tl.uint8), mask=smask)
     elif ACT == 4:
         av = h_desc.load([b, om, on]).reshape(BM, BN).to(tl.float32)
         sptr, smask = _sign_tile(sg_ptr, b, om, on, T, N, BM, BN)
@@ -477,10 +474,13 @@ def linear_act_grad(g: Tensor, w: Tensor, h: Tensor, slope: float = 0.5, *, w_kn
     return _grad_op(g, w, h, float(slope), bool(w_kn))
 
 
-def linear_act_signs(x: Tensor, w: Tensor, slope: float) -> Tuple[Tensor, Tensor]:
+def linear_act_signs(x: Tensor, w: Tensor, slope: float, *, validate: bool = True) -> Tuple[Tensor, Tensor]:
     """(a, signs) = (leaky_relu(x · Wᵀ, slope)², ``pack_signs(x · Wᵀ)``) from one kernel on the GPU (the activation
     and the packing in the epilogue; h is never stored), the torch composition elsewhere. x (B, T, K); W (N, K) or
-    (B, N, K); N a multiple of 8. A building block of ``linear_residual.mlp_residual`` (not differentiable itself)."""
+    (B, N, K); N a multiple of 8. A building block of ``linear_residual.mlp_residual`` (not differentiable itself).
+    ``validate=False`` skips the checks of x and w (a caller that has made them)."""
+    if validate:
+        check_args(x, w, "leaky_relu_sq", slope)
     check(w.shape[-2] % 8 == 0, lambda: f"linear_act_signs: w's N ({w.shape[-2]}) must be a multiple of 8 (8 signs "
                                         f"to a byte)")
     check(slope >= 0, lambda: f"linear_act_signs: slope must be >= 0 (act' is recovered from act(h) and h's signs "

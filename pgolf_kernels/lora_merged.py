@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _utils
 from ._utils import check, check_tensor, env_choice, use_triton
 
 
@@ -147,8 +148,6 @@ def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_ind
         return effective_weight_ref(W, A, Bm, alpha, adapter_index, rows)
     N, D = W.shape
     r = A.shape[1]
-    from . import _utils
-
     E = _utils.empty((rows, N, D), W.dtype, W.device)
     cfg = dict(config) if config else dict(EFFECTIVE_CONFIG) if W.is_cuda else dict(BN=32, BD=32, num_warps=4)
     BN, BD = cfg["BN"], cfg["BD"]
@@ -372,7 +371,6 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
         return sum_products_ref(xs, ws)
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from . import _utils
     from .linear_act import _num_programs
 
     if config is not None:

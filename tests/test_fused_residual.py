@@ -124,7 +124,7 @@ def test_eval_with_mlp_residual_keeping_signs_scores_like_without(monkeypatch):
     monkeypatch.setattr(lr, "MLP_SIGNS", True)
     calls = []
     real = lr.linear_act_signs
-    monkeypatch.setattr(lr, "linear_act_signs", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(lr, "linear_act_signs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True)], lengths=[90, 1, 40])
     assert calls   # the eval's MLP ran through the signs path
 

@@ -534,6 +534,10 @@ def test_signs_ops_registration():
         mod.linear_act_signs(x, w[:12], 0.5)
     with pytest.raises(ValueError, match="linear_act_signs: slope must be >= 0"):
         mod.linear_act_signs(x, w, -0.5)
+    with pytest.raises(TypeError, match="w"):
+        mod.linear_act_signs(x, w.double(), 0.5)
+    with pytest.raises(ValueError, match="w must have shape"):
+        mod.linear_act_signs(x, w[:, :4].contiguous(), 0.5)
 
 
 def test_signs_epilogues_compile_for_sm90():

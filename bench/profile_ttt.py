@@ -380,7 +380,12 @@ def main(argv=None):
         if len(parts) != 2 or not all(x.isdigit() and int(x) >= 2 for x in parts):
             raise SystemExit(f"profile_ttt: --first-call: {a.first_call!r}; expected ROWSxWINDOW, each >= 2 (e.g. 64x64)")
         first_call = (int(parts[0]), int(parts[1]))
+    from pgolf_kernels.lora_merged import EFFECTIVE_CONFIGS
+
     for v in a.variants.split(","):  # refused before the artifact is built
+        if _variant(v) is not None and (_variant(v)["eff"] or 0) >= len(EFFECTIVE_CONFIGS):
+            raise SystemExit(f"profile_ttt: --variants: {v!r}: lora_merged.EFFECTIVE_CONFIGS has "
+                             f"{len(EFFECTIVE_CONFIGS)} tiles (-eff0 .. -eff{len(EFFECTIVE_CONFIGS) - 1})")
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
                              f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-sgn][-effN][-autotune], suffixes "
@@ -442,9 +447,6 @@ def main(argv=None):
         fwd_mod.BLOCK0_LEAF = block0_leaf and not var["b0"]
         linear_residual.MLP_UP_WS = mlp_ws or var["ws"]
         linear_residual.MLP_SIGNS = mlp_signs or var["sgn"]
-        if var["eff"] is not None and var["eff"] >= len(lora_merged.EFFECTIVE_CONFIGS):
-            raise SystemExit(f"profile_ttt: --variants: {v!r}: lora_merged.EFFECTIVE_CONFIGS has "
-                             f"{len(lora_merged.EFFECTIVE_CONFIGS)} tiles")
         lora_merged.EFFECTIVE_CONFIG = (dict(eff_default) if var["eff"] is None
                                         else dict(lora_merged.EFFECTIVE_CONFIGS[var["eff"]]))
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])

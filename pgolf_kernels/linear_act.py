@@ -83,12 +83,15 @@ def pack_signs(h: Tensor) -> Tensor:
     """(h > 0) packed 8 to a byte along the last dim: (..., N) -> (..., N / 8) uint8, bit j of byte c for column
     8c + j (N a multiple of 8). With act(h) = leaky_relu(h, slope)² these signs and act(h) give act'(h) (slope >= 0),
     so a backward need not keep h: 1 bit per element instead of 16."""
+    check(h.dim() >= 1 and h.shape[-1] % 8 == 0,
+          lambda: f"pack_signs: h's last dim must be a multiple of 8 (8 signs to a byte), got shape {tuple(h.shape)}")
     pos = (h > 0).to(torch.uint8).reshape(*h.shape[:-1], h.shape[-1] // 8, 8)
     return (pos << torch.arange(8, device=h.device, dtype=torch.uint8)).sum(-1, dtype=torch.uint8)
 
 
 def unpack_signs(signs: Tensor) -> Tensor:
     """The inverse of ``pack_signs``: (..., N / 8) uint8 -> (..., N) bool."""
+    check_tensor(signs, "signs", dtype=torch.uint8, op="unpack_signs")
     bits = (signs[..., None] >> torch.arange(8, device=signs.device, dtype=torch.uint8)) & 1
     return bits.reshape(*signs.shape[:-1], signs.shape[-1] * 8).bool()
 

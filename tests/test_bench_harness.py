@@ -884,6 +884,8 @@ def test_profile_ttt_variant_names():
         assert _variant(bad) is None, bad
         with pytest.raises(SystemExit, match=f"--variants: '{bad}'; expected"):
             main(["--variants", bad, "--device", "cpu"])
+    with pytest.raises(SystemExit, match="'kernel-compile-tail-eff9': lora_merged.EFFECTIVE_CONFIGS has 7 tiles"):
+        main(["--variants", "kernel-compile-tail,kernel-compile-tail-eff9", "--device", "cpu"])
 
 
 def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):

@@ -479,6 +479,10 @@ def test_pack_signs_roundtrip_and_bit_order():
     assert s.dtype == torch.uint8 and s.tolist() == [[1 + 16 + 32 + 128, 128]]
     g = torch.randn(3, 5, 48, generator=torch.Generator().manual_seed(draw_seed()))
     assert torch.equal(mod.unpack_signs(mod.pack_signs(g)), g > 0)
+    with pytest.raises(ValueError, match=r"pack_signs: h's last dim must be a multiple of 8.*\(3, 5, 12\)"):
+        mod.pack_signs(g[..., :12])
+    with pytest.raises(TypeError, match="signs"):
+        mod.unpack_signs(g)
 
 
 @pytest.mark.parametrize("slope", [0.5, 0.0, 1.5])

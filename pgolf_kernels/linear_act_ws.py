@@ -1,9 +1,9 @@
 """Warp-specialized Hopper GEMM with the leaky_relu² epilogue (Gluon): the MLP up-projection of ``linear_act``.
 
-Experimental and opt-in: ``linear_residual.mlp_residual`` runs its up-projection on it with ``PGOLF_MLP_UP_WS=1``
-(``linear_residual.MLP_UP_WS``), off by default; in the records' step that took ``mlp_residual`` from 9.25-9.32 to
-8.88-8.89 ms in three runs, the step's GPU time -0.30 ms on average (H100, bench/results/profile-ttt-h100.md,
-measurements 9-10); it waits for the eval's CUDA-graph tests.
+``linear_residual.mlp_residual`` runs its up-projection on it by default (``linear_residual.MLP_UP_WS``;
+``PGOLF_MLP_UP_WS=0`` turns it off): in the records' step that took ``mlp_residual`` from 9.25-9.32 to 8.87-8.89 ms
+in four runs, the step's GPU time -0.30 to -0.67 ms (H100, bench/results/profile-ttt-h100.md, measurements 9-11),
+and the eval with it scores as without it, eager and under CUDA graphs (GPU test, H100).
 Alone (H100, bench/results/linear-act-h100.md, ``scripts/ttt_step_lane.sh OUT ws``) its GPU tests against the fp64
 oracle passed and the records' up-projection (131,072 x 512 -> 1536, h and y stored) took 0.4787 ms against 0.5254
 ms for ``_linear_act_kernel``'s default tile with the same epilogue (1.098x) and 0.3399 ms for cuBLAS's GEMM without

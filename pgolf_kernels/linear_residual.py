@@ -122,17 +122,17 @@ def mlp_residual_ref(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale
 
 
 def _mlp_ws_from_env() -> bool:
-    """PGOLF_MLP_UP_WS: "1" = ``mlp_residual``'s up-projection on the warp-specialized Gluon kernel where it runs
-    (``_ws_fits``); unset or "0" = ``_linear_act_kernel``."""
-    return env_choice("PGOLF_MLP_UP_WS", {"0": "linear_act's kernel", "1": "the warp-specialized Gluon kernel, "
-                                          "pgolf_kernels.linear_act_ws"}) == "1"
+    """PGOLF_MLP_UP_WS: unset or "1" = ``mlp_residual``'s up-projection on the warp-specialized Gluon kernel where it
+    runs (``_ws_fits``); "0" = ``_linear_act_kernel``."""
+    return env_choice("PGOLF_MLP_UP_WS", {"1": "the warp-specialized Gluon kernel, pgolf_kernels.linear_act_ws",
+                                          "0": "linear_act's kernel"}) == "1"
 
 
-# Off by default: in isolation the Gluon kernel took 0.4787 ms against 0.5254 ms for linear_act's default tile on
-# the records' up-projection (H100, bench/results/linear-act-h100.md); in the records' step (H100, profile-ttt-h100.md
-# measurements 9-10) mlp_residual took 8.88-8.89 against 9.25-9.32 ms in three runs, the step's GPU time -0.30 ms on
-# average with a 0.32 ms spread. Waiting for the eval's CUDA-graph tests with it on: no test has captured the Gluon
-# kernel in a graph yet, and the eval captures mlp_residual.
+# On by default: in isolation the Gluon kernel took 0.4787 ms against 0.5254 ms for linear_act's default tile on the
+# records' up-projection (H100, bench/results/linear-act-h100.md); in the records' step (H100, profile-ttt-h100.md
+# measurements 9-11) mlp_residual took 8.87-8.89 against 9.25-9.32 ms in four runs, the step's GPU time -0.30 to
+# -0.67 ms. The eval with it, eager and under CUDA graphs, scores as without it (GPU test
+# test_gpu_eval_with_mlp_residual_switches_scores_like_without[MLP_UP_WS], H100).
 MLP_UP_WS: bool = _mlp_ws_from_env()
 
 
@@ -161,11 +161,13 @@ def _mlp_signs_from_env() -> bool:
     return env_choice("PGOLF_MLP_SIGNS", {"0": "keep h", "1": "keep h's signs, linear_act.pack_signs"}) == "1"
 
 
-# Off by default until measured on a GPU. Why it may pay: the up-projection writes h (64 x 2048 x 1536 bf16, 403 MB
-# per layer in the records' step) only for the backward's act'(h); act(h) is kept anyway and with h's signs gives
-# act'(h) (linear_act.act_grad_from_signs_ref), for 25 MB. Storing both h and act(h) took 0.496 against 0.399 ms
-# for act(h) alone on the records' up-projection (H100, bench/results/linear-act-h100.md, shared weight): ~1 ms per
-# step over 10 layers, if the packing costs the epilogue little.
+# Off by default, by measurement. Why it was tried: the up-projection writes h (64 x 2048 x 1536 bf16, 403 MB per
+# layer in the records' step) only for the backward's act'(h); act(h) is kept anyway and with h's signs gives act'(h)
+# (linear_act.act_grad_from_signs_ref), for 25 MB. In the records' step (H100, profile-ttt-h100.md measurement 11,
+# one process) the forward's 11 mlp_residual calls took 8.94 against 9.32 ms, but the derivative GEMM with act'
+# rebuilt from act(h) and the unpacked signs 6.21 against 5.18 ms (its epilogue reshapes the (BM, BN / 8, 8) bits
+# back to the tile), so the step lost ~0.65 ms; the Gluon up-projection (MLP_UP_WS, 8.87 ms) is faster still. With
+# both switches on, this one decides (the signs forward runs on linear_act's kernel).
 MLP_SIGNS: bool = _mlp_signs_from_env()
 
 

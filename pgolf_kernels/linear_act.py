@@ -455,8 +455,34 @@ def linear_act(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 
     return y
 
 
+def _grad_ws_from_env() -> bool:
+    """PGOLF_ACT_GRAD_WS: "1" = ``linear_act_grad`` on the warp-specialized Gluon kernel where it runs
+    (``_grad_ws_fits``); unset or "0" = ``_linear_act_kernel``."""
+    return _utils.env_choice("PGOLF_ACT_GRAD_WS", {"0": "linear_act's kernel", "1": "the warp-specialized Gluon "
+                                                   "kernel, pgolf_kernels.linear_act_ws.linear_act_grad_ws"}) == "1"
+
+
+# Off by default until measured inside the records' step: the up-projection's forward on the same kernel took
+# mlp_residual from 9.25-9.32 to 8.87-8.89 ms there (linear_residual.MLP_UP_WS); the derivative GEMM is the MLP
+# backward's 5.18 ms of 11 launches (H100, bench/results/profile-ttt-h100.md measurement 11).
+GRAD_WS: bool = _grad_ws_from_env()
+
+
+def _grad_ws_fits(g: Tensor, w: Tensor, h: Tensor, w_kn: bool) -> bool:
+    """The Gluon kernel's domain: a CUDA sm_90 device, bf16 / fp16, one shared weight stored (K, N), K and N multiples
+    of 8, h contiguous."""
+    return (w_kn and w.dim() == 2 and g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
+            and g.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0 and h.is_contiguous()
+            and torch.cuda.get_device_capability(g.device)[0] == 9)
+
+
 @torch.library.custom_op("pgolf::linear_act_grad", mutates_args=())
 def _grad_op(g: Tensor, w: Tensor, h: Tensor, slope: float, w_kn: bool) -> Tensor:
+    if GRAD_WS and _grad_ws_fits(g, w, h, w_kn):
+        from .linear_act_ws import linear_act_grad_ws
+
+        N = h.shape[-1]
+        return linear_act_grad_ws(g.reshape(-1, g.shape[-1]), w, h.view(-1, N), slope).view(h.shape)
     if use_triton(g):
         return _launch(g, w, "leaky_relu_sq_grad", slope, False, aux=h, w_kn=w_kn)[0]
     return linear_act_grad_ref(g, w, h, slope, w_kn)

@@ -49,8 +49,9 @@ BM, BN, BK, STAGES = 128, 128, 64, 4
 
 @gluon.jit
 def _loader(x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
-            BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr):
-    """Every tile's k-steps in the consumers' order (tile-local index n, then k): stage it % STAGES."""
+            BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, W_KN: gl.constexpr):
+    """Every tile's k-steps in the consumers' order (tile-local index n, then k): stage it % STAGES. W_KN: the weight
+    is stored (K, N) and loaded as (BK, BN) tiles."""
     pid = gl.program_id(0)
     tiles_n = gl.cdiv(N, BN)
     total = gl.cdiv(M, BM) * tiles_n
@@ -65,15 +66,20 @@ def _loader(x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM: gl.constexpr, BN:
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(x_desc, [om, kk * BK], ready.index(s), xs.index(s))
-            tma.async_copy_global_to_shared(w_desc, [on, kk * BK], ready.index(s), ws.index(s))
+            if W_KN:
+                tma.async_copy_global_to_shared(w_desc, [kk * BK, on], ready.index(s), ws.index(s))
+            else:
+                tma.async_copy_global_to_shared(w_desc, [on, kk * BK], ready.index(s), ws.index(s))
             it += 1
 
 
 @gluon.jit
-def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, C: gl.constexpr, BM: gl.constexpr,
-              BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr):
-    """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages, then h and y = act(h) out through
-    shared buffer ``epi[C]``.
+def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, C: gl.constexpr,
+              BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
+              ACT: gl.constexpr, W_KN: gl.constexpr):
+    """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages, then the epilogue through shared buffer
+    ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through ``h_desc`` (TMA, barrier ``hbar[C]``) and
+    y = h ⊙ act'(h₀) out.
 
     The main loops take turns (``turn[c]``: consumer c's j-th main loop waits for the other's main loop before it,
     consumer 0's first waits for none). Besides being the schedule wanted (one main loop on the tensor cores, the
@@ -102,7 +108,10 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, C
             it = it0 + kk
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
+            if W_KN:
+                acc = warpgroup_mma(xs.index(s), ws.index(s), acc, is_async=True)
+            else:
+                acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
             # one wgmma left in flight: the previous one has completed, so its stage is free
             acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > 0)
@@ -111,13 +120,23 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, C
         mbarrier.arrive(turn.index(1 - C), count=1)
         h = acc.to(dtype)
         tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's y) has left it
-        buf.store(h)
-        fence_async_shared()
-        tma.async_copy_shared_to_global(h_desc, [om, on], buf)
-        hf = h.to(gl.float32)
-        hf = gl.where(hf > 0, hf, slope * hf)
-        y = (hf * hf).to(dtype)
-        tma.store_wait(pendings=0)
+        if ACT == 1:
+            buf.store(h)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(h_desc, [om, on], buf)
+            hf = h.to(gl.float32)
+            hf = gl.where(hf > 0, hf, slope * hf)
+            y = (hf * hf).to(dtype)
+            tma.store_wait(pendings=0)
+        else:
+            # dh = g · W rounded to the dtype first (as the GEMM's output is in the torch composition), times
+            # act'(h₀) = 2·h₀ where h₀ > 0, 2·slope²·h₀ elsewhere; each thread reads and then overwrites the same
+            # elements of the buffer (one distributed layout for both)
+            mbarrier.expect(hbar.index(C), h_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(h_desc, [om, on], hbar.index(C), buf)
+            mbarrier.wait(hbar.index(C), j & 1)
+            h0 = buf.load(mma_layout).to(gl.float32)
+            y = (h.to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)
         buf.store(y)
         fence_async_shared()
         tma.async_copy_shared_to_global(y_desc, [om, on], buf)
@@ -128,38 +147,63 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, C
 
 @gluon.jit
 def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, M, N, K, slope, STAGES: gl.constexpr,
-                          NUM_PROGS: gl.constexpr):
+                          NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
-    BN: gl.constexpr = w_desc.block_type.shape[0]
+    BN: gl.constexpr = y_desc.block_type.shape[1]
     dtype: gl.constexpr = x_desc.dtype
     xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x_desc.layout)
-    ws = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w_desc.layout)
+    ws = gl.allocate_shared_memory(dtype, [STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
+                                   w_desc.layout)
     epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    hbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=1)
     for i in gl.static_range(2):
         mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(hbar.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, 0, BM, BN, BK, STAGES,
-                     NUM_PROGS)),
-        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, M, N, K, slope, 1, BM, BN, BK, STAGES,
-                     NUM_PROGS)),
-        (_loader, (x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM, BN, BK, STAGES, NUM_PROGS)),
+        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, 0, BM, BN, BK, STAGES,
+                     NUM_PROGS, ACT, W_KN)),
+        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, 1, BM, BN, BK, STAGES,
+                     NUM_PROGS, ACT, W_KN)),
+        (_loader, (x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM, BN, BK, STAGES, NUM_PROGS, W_KN)),
     ], [4, 1], [232, 40])
 
 
-def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor):
+def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor, w_kn: bool = False):
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    wb = [BK, BN] if w_kn else [BN, BK]
     lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
-    lw = gl.NVMMASharedLayout.get_default_for([BN, BK], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for(wb, gdt)
     lo = gl.NVMMASharedLayout.get_default_for([BM, BN], gdt)
-    return (TensorDescriptor.from_tensor(x, [BM, BK], lx), TensorDescriptor.from_tensor(w, [BN, BK], lw),
+    return (TensorDescriptor.from_tensor(x, [BM, BK], lx), TensorDescriptor.from_tensor(w, wb, lw),
             TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo))
+
+
+def _check_out(op: str, t: Optional[torch.Tensor], name: str, x: torch.Tensor, M: int, N: int) -> None:
+    check_tensor(t, name, dtype=x.dtype, ndim=2, device=x.device, contiguous=True, op=op)
+    check(tuple(t.shape) == (M, N), lambda: f"{op}: {name} must be ({M}, {N}), got {tuple(t.shape)}")
+
+
+def _check_hopper(op: str, x: torch.Tensor) -> None:
+    # last of the checks (the others need no GPU): wgmma and the warp-specialized partitions are sm_90 only
+    check(x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9,
+          lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
+
+
+def _run(x, w, h, y, slope, act: int, w_kn: bool) -> None:
+    from .linear_act import _num_programs
+
+    M, N = y.shape
+    # linear_act's persistent rule: the stride fixed per device (one compile for every shape), the grid the tiles
+    stride, grid = _num_programs(x.device, triton.cdiv(M, BM) * triton.cdiv(N, BN))
+    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn), M, N, x.shape[1], float(slope), STAGES=STAGES,
+                                    NUM_PROGS=stride, ACT=act, W_KN=w_kn, num_warps=4, maxnreg=168)
 
 
 def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
@@ -167,8 +211,6 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
     """(y, h) = (leaky_relu(x · Wᵀ, slope)², x · Wᵀ) for x (M, K) and W (N, K), bf16 or fp16 on a Hopper GPU.
     K and N multiples of 8 (TMA's 16-byte rows). ``out``: (y, h) to write, contiguous (M, N) of x's dtype (the tests
     fill them with NaN first)."""
-    from .linear_act import _num_programs
-
     op = "linear_act_ws"
     check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
     check_tensor(w, "w", dtype=x.dtype, ndim=2, device=x.device, op=op)
@@ -179,25 +221,45 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
           lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
     if out is not None:
         check(isinstance(out, (tuple, list)) and len(out) == 2, lambda: f"{op}: out must be a (y, h) pair of tensors")
-        for t, name in ((out[0], "out[0] (y)"), (out[1], "out[1] (h)")):
-            check_tensor(t, name, dtype=x.dtype, ndim=2, device=x.device, contiguous=True, op=op)
-            check(tuple(t.shape) == (M, N), lambda: f"{op}: {name} must be ({M}, {N}), got {tuple(t.shape)}")
-    # last of the checks (the others need no GPU): wgmma and the warp-specialized partitions are sm_90 only
-    check(x.is_cuda and torch.cuda.get_device_capability(x.device)[0] == 9,
-          lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
+        _check_out(op, out[0], "out[0] (y)", x, M, N)
+        _check_out(op, out[1], "out[1] (h)", x, M, N)
+    _check_hopper(op, x)
     x, w = x.contiguous(), w.contiguous()
     y, h = out if out is not None else (torch.empty((M, N), device=x.device, dtype=x.dtype),
                                         torch.empty((M, N), device=x.device, dtype=x.dtype))
-    # linear_act's persistent rule: the stride fixed per device (one compile for every shape), the grid the tiles
-    stride, grid = _num_programs(x.device, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y), M, N, K, float(slope), STAGES=STAGES,
-                                    NUM_PROGS=stride, num_warps=4, maxnreg=168)
+    _run(x, w, h, y, slope, 1, False)
     return y, h
 
 
-def compile_stats(dtype: str = "bf16", num_progs: int = 132) -> dict:
+def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope: float = 0.5,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """dh = (g · W) ⊙ act'(h), act = leaky_relu(·, slope)², for g (M, K), W stored (K, N) (the layer that consumed
+    act(h), e.g. the MLP's down-projection (d, H) scaled by its residual gain) and h (M, N) the saved
+    pre-activation; bf16 or fp16 on a Hopper GPU, K and N multiples of 8. The product is rounded to the dtype before
+    act'(h) = 2·h where h > 0, 2·slope²·h elsewhere (as ``linear_act.linear_act_grad_ref``). ``out``: the (M, N)
+    tensor to write."""
+    op = "linear_act_grad_ws"
+    check_tensor(g, "g", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
+    check_tensor(w, "w", dtype=g.dtype, ndim=2, device=g.device, op=op)
+    M, K = g.shape
+    N = w.shape[1]
+    check(w.shape[0] == K, lambda: f"{op}: w must be (K = {K}, N) to match g (M, {K}), got {tuple(w.shape)}")
+    check(K > 0 and N > 0 and K % 8 == 0 and N % 8 == 0,
+          lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
+    _check_out(op, h, "h", g, M, N)
+    if out is not None:
+        _check_out(op, out, "out", g, M, N)
+    _check_hopper(op, g)
+    g, w = g.contiguous(), w.contiguous()
+    y = out if out is not None else torch.empty((M, N), device=g.device, dtype=g.dtype)
+    _run(g, w, h, y, slope, 2, True)
+    return y
+
+
+def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
-    memory: the check before GPU time is spent."""
+    memory: the check before GPU time is spent. ``act``: 1 the forward (h and act(h) out, W (N, K)), 2 the
+    derivative (h read, W (K, N))."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -205,14 +267,16 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132) -> dict:
     from .sm90_check import ptxas_report
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    w_kn = act == 2
     x = torch.empty((256, 512), dtype=tdt)
-    w = torch.empty((256, 512), dtype=tdt)
+    w = torch.empty((512, 256) if w_kn else (256, 512), dtype=tdt)
     h = torch.empty((256, 256), dtype=tdt)
-    descs = _descriptors(x, w, h, h)
+    descs = _descriptors(x, w, h, h, w_kn)
     fn = _linear_act_ws_kernel
     sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc"), (mangle_type(d) for d in descs)))
-    sig.update(M="i32", N="i32", K="i32", slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr")
-    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs}
+    sig.update(M="i32", N="i32", K="i32", slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr",
+               ACT="constexpr", W_KN="constexpr")
+    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])

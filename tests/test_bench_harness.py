@@ -850,20 +850,20 @@ def test_profile_ttt_variant_names():
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
                                           "mlp": None, "qk": None, "res": None, "rowmap": False,
-                                          "t128": False, "dxk": False, "b0": False, "ws": False, "sgn": False, "eff": None, "autotune": False}
+                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "eff": None, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
                                                                  "fused": True, "mlp": None, "qk": None, "res": None,
-                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "sgn": False, "eff": None,
+                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "eff": None,
                                                                  "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "sgn": False, "eff": None, "autotune": False}
+                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "eff": None, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
     assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "sgn": False, "eff": None, "autotune": False}
+                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "eff": None, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
@@ -873,6 +873,7 @@ def test_profile_ttt_variant_names():
     assert _variant("kernel-compile-tail-b0-ws")["b0"] is True and _variant("kernel-compile-tail-b0-ws")["ws"] is True
     assert _variant("kernel-compile-tail-ws-b0") is None
     assert _variant("kernel-compile-tail-ws-sgn")["sgn"] is True and _variant("kernel-compile-tail-sgn-ws") is None
+    assert _variant("kernel-compile-tail-ws-gws-sgn")["gws"] is True and _variant("kernel-compile-tail-gws-ws") is None
     assert _variant("kernel-compile-tail-ws-eff3")["eff"] == 3 and _variant("kernel-compile-tail")["eff"] is None
     for bad_eff in ("kernel-compile-tail-eff", "kernel-compile-tail-eff12", "kernel-compile-tail-eff1-ws"):
         assert _variant(bad_eff) is None, bad_eff

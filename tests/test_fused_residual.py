@@ -130,16 +130,18 @@ def test_eval_with_mlp_residual_keeping_signs_scores_like_without(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["MLP_SIGNS", "MLP_UP_WS"])
+@pytest.mark.parametrize("switch", ["MLP_SIGNS", "MLP_UP_WS", "GRAD_WS"])
 def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, switch):
-    """On the GPU: evaluate() with ``mlp_residual`` and one of its experimental switches on (``MLP_SIGNS``: h's signs
-    kept instead of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel), eager and with CUDA
-    graphs (the kernels captured), against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    """On the GPU: evaluate() with ``mlp_residual`` and one of its switches on (``MLP_SIGNS``: h's signs kept instead
+    of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
+    backward's derivative GEMM on it), eager and with CUDA graphs (the kernels captured), against the unfused eval:
+    same targets and ledger, BPB within 1e-4."""
+    import pgolf_kernels.linear_act as la
     import pgolf_kernels.linear_residual as lr
 
-    if switch == "MLP_UP_WS" and torch.cuda.get_device_capability()[0] != 9:
+    if switch != "MLP_SIGNS" and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is sm_90 only")
-    monkeypatch.setattr(lr, switch, True)
+    monkeypatch.setattr(la if switch == "GRAD_WS" else lr, switch, True)
     assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
                            for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
                           rel=1e-4)

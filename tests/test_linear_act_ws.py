@@ -1,10 +1,13 @@
-"""linear_act_ws: the warp-specialized Gluon GEMM with the leaky_relu² epilogue (experimental, opt-in).
+"""linear_act_ws: the warp-specialized Gluon GEMM with the leaky_relu² epilogue, and its derivative twin
+(``linear_act_grad_ws``: dh = (g · W) ⊙ act'(h), W stored (K, N), h read in the epilogue).
 
 CPU lane: the kernel compiled for sm_90a with Triton's bundled ptxas (no GPU: registers, spills, shared memory,
 the partitions), and bad input refused by name before any launch. GPU lane (-m gpu, Hopper only): h and y against
 the fp64 oracle with the suite's bound (at most 2x the error of torch's own path in the same dtype,
 ``linear_act_ref``), NaN-filled outputs, tails in M and N, a single tile (the second consumer idle) and the
-records' MLP up-projection (131,072 x 512 -> 1536: programs with an odd and an even number of tiles).
+records' MLP up-projection (131,072 x 512 -> 1536: programs with an odd and an even number of tiles); the
+derivative the same way against ``linear_act_grad_ref`` at the records' MLP backward shape, and through
+``linear_act.GRAD_WS`` inside ``mlp_residual``'s backward.
 """
 import json
 
@@ -19,11 +22,13 @@ hopper = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()
                             reason="needs a Hopper GPU (sm_90: wgmma, warp specialization)")
 
 
-def test_compiles_for_sm90_without_spills():
-    """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a: ptxas accepts it, no spill,
-    shared memory within an H100's 232,448 bytes, the warp-specialized partitions present."""
+@pytest.mark.parametrize("act", [1, 2])
+def test_compiles_for_sm90_without_spills(act):
+    """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a in both epilogues (act 1: h and
+    act(h) out; act 2: h read, the derivative out, W (K, N)): ptxas accepts it, no spill, shared memory within an
+    H100's 232,448 bytes, the warp-specialized partitions present."""
     out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         "print(json.dumps(compile_stats()))")
+                         f"print(json.dumps(compile_stats(act={act})))")
     s = json.loads(out.strip().splitlines()[-1])
     assert s["ptxas_rc"] == 0, s["ptxas_err"]
     assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
@@ -52,6 +57,28 @@ def test_bad_input_is_refused_by_name():
         linear_act_ws(x, w)
 
 
+def test_grad_bad_input_is_refused_by_name():
+    from pgolf_kernels.linear_act_ws import linear_act_grad_ws
+
+    g = torch.zeros(8, 16, dtype=torch.bfloat16)
+    w = torch.zeros(16, 24, dtype=torch.bfloat16)
+    h = torch.zeros(8, 24, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="g"):
+        linear_act_grad_ws(g.float(), w, h)
+    with pytest.raises(TypeError, match="w"):
+        linear_act_grad_ws(g, w.half(), h)
+    with pytest.raises(ValueError, match=r"w must be \(K = 16, N\)"):
+        linear_act_grad_ws(g, torch.zeros(24, 16, dtype=torch.bfloat16), h)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        linear_act_grad_ws(g, torch.zeros(16, 12, dtype=torch.bfloat16), torch.zeros(8, 12, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"h must be \(8, 24\)"):
+        linear_act_grad_ws(g, w, torch.zeros(8, 16, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="out"):
+        linear_act_grad_ws(g, w, h, out=torch.zeros(8, 24))
+    with pytest.raises(ValueError, match="Hopper"):
+        linear_act_grad_ws(g, w, h)
+
+
 def _inputs(M, K, N, dtype, scale=0.05):
     g = torch.Generator().manual_seed(draw_seed())
     x = torch.randn(M, K, generator=g).to("cuda", dtype)
@@ -75,3 +102,45 @@ def test_gpu_matches_fp64(M, K, N, dtype):
     yb, hb = linear_act_ref(x, w)
     assert_close_rel(h, hr, hb, name=f"h {M}x{K}x{N}")
     assert_close_rel(y, yr, yb, name=f"y {M}x{K}x{N}")
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M,K,N", [(128, 64, 128), (300, 512, 1536), (4097, 512, 520), (131072, 512, 1536)])
+def test_gpu_grad_matches_fp64(M, K, N, dtype):
+    """dh = (g · W) ⊙ act'(h) against fp64 (the product rounded to the dtype first, as the reference rounds it),
+    NaN-filled output, tails in M and N, slope 0.5 and 0.3."""
+    from pgolf_kernels.linear_act import linear_act_grad_ref
+    from pgolf_kernels.linear_act_ws import linear_act_grad_ws
+
+    gen = torch.Generator().manual_seed(draw_seed())
+    g = torch.randn(M, K, generator=gen).to("cuda", dtype)
+    w = (torch.randn(K, N, generator=gen) * 0.05).to("cuda", dtype)
+    h = torch.randn(M, N, generator=gen).to("cuda", dtype)
+    for slope in (0.5, 0.3):
+        out = torch.full((M, N), float("nan"), device="cuda", dtype=dtype)
+        assert linear_act_grad_ws(g, w, h, slope, out=out) is out
+        ref = linear_act_grad_ref(g.double(), w.double(), h.double(), slope, w_kn=True)
+        base = linear_act_grad_ref(g, w, h, slope, w_kn=True)
+        assert_close_rel(out, ref, base, name=f"dh {M}x{K}x{N} slope {slope}")
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_mlp_residual_backward_on_the_ws_derivative(monkeypatch):
+    """``linear_act.GRAD_WS`` on: the records' MLP residual site (d 512, H 1536, rank 96) at 4 rows x 2048 takes its
+    backward's derivative GEMM on the Gluon kernel (called once), and the output and every gradient match fp64."""
+    from pgolf_kernels import linear_act as LA
+    from pgolf_kernels import linear_act_ws as WS
+    from test_linear_residual import _check_mlp_residual, _mlp_inputs
+
+    monkeypatch.setattr(LA, "GRAD_WS", True)
+    calls = []
+    real = WS.linear_act_grad_ws
+    monkeypatch.setattr(WS, "linear_act_grad_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    torch.manual_seed(draw_seed())
+    args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
+    gr = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
+    _check_mlp_residual(args, gr)
+    assert calls == [1]

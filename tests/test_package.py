@@ -155,6 +155,7 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("pgolf_kernels.lora_merged", "_override_from_env", "PGOLF_LORA_MERGED", None, "1", True),
     ("pgolf_kernels.linear_residual", "_mlp_ws_from_env", "PGOLF_MLP_UP_WS", True, "0", False),
     ("pgolf_kernels.linear_residual", "_mlp_signs_from_env", "PGOLF_MLP_SIGNS", False, "1", True),
+    ("pgolf_kernels.linear_act", "_grad_ws_from_env", "PGOLF_ACT_GRAD_WS", False, "1", True),
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False)])
 def test_every_switch_reader(monkeypatch, module, reader, var, default, other, want_other):
     """Each switch of the README's table through its reader: unset gives the documented default, the other value

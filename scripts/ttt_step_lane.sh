@@ -26,9 +26,12 @@
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
-#   mlpws    mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS, off by
-#            default): the Gluon kernel's GPU tests and mlp_residual's with it, then bench.profile_ttt on the records'
-#            step without and with it (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others) in one process
+#   mlpws    mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS, on by
+#            default since this stage and signs ran): the Gluon kernel's GPU tests and mlp_residual's with it, then
+#            bench.profile_ttt on the records' step (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others)
+#   gws      linear_act_grad on the warp-specialized Gluon kernel (linear_act.GRAD_WS, off by default): the derivative
+#            kernel's GPU tests and mlp_residual's backward with it, then bench.profile_ttt on the records' step without
+#            and with it (kernel-compile-tail, -gws) in one process, then the eval with it, eager and under CUDA graphs
 #   eff      the merged weights' tiles (lora_merged.EFFECTIVE_CONFIGS): their GPU tests, bench.bench_effective_weight, then
 #            bench.profile_ttt on the records' step with the fastest tile (-effN, when it beats the default by > 5 %)
 #            and with the Gluon up-projection
@@ -41,10 +44,10 @@
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|eff|signs) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, eff or signs"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff or signs"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -132,6 +135,22 @@ case "$STAGE" in
       timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \
         --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-ws}" \
         --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
+    ;;
+  gws)
+    # a synchronisation bug in the Gluon kernel would hang, not fail: short timeouts; the step before the eval test
+    timeout 90 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=80 tests/test_linear_act_ws.py \
+      -k "grad" 2>&1 | tee "$OUTDIR/gws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout "${PGOLF_PROFILE_TIMEOUT:-200}" python3 -m bench.profile_ttt --recipe records \
+        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-gws}" \
+        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      timeout 200 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=180 \
+        tests/test_fused_residual.py -k "switches and GRAD_WS" 2>&1 | tee "$OUTDIR/gws-eval.log" \
+        | grep -E "FAILED|ERROR|passed|failed|Timeout"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi
     ;;

@@ -185,6 +185,20 @@ def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Ten
             TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo))
 
 
+def _check_gemm(op: str, x: torch.Tensor, xname: str, w: torch.Tensor, w_kn: bool) -> Tuple[int, int, int]:
+    """(M, K, N) of a 16-bit x (M, K) and W (N, K), or (K, N) with ``w_kn``; refused by name otherwise."""
+    check_tensor(x, xname, dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
+    check_tensor(w, "w", dtype=x.dtype, ndim=2, device=x.device, op=op)
+    M, K = x.shape
+    N = w.shape[1] if w_kn else w.shape[0]
+    check(w.shape[0 if w_kn else 1] == K,
+          lambda: f"{op}: w must be {f'(K = {K}, N)' if w_kn else f'(N, {K})'} to match {xname} (M, {K}), got "
+                  f"{tuple(w.shape)}")
+    check(K > 0 and N > 0 and K % 8 == 0 and N % 8 == 0,
+          lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
+    return M, K, N
+
+
 def _check_out(op: str, t: Optional[torch.Tensor], name: str, x: torch.Tensor, M: int, N: int) -> None:
     check_tensor(t, name, dtype=x.dtype, ndim=2, device=x.device, contiguous=True, op=op)
     check(tuple(t.shape) == (M, N), lambda: f"{op}: {name} must be ({M}, {N}), got {tuple(t.shape)}")
@@ -212,13 +226,7 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
     K and N multiples of 8 (TMA's 16-byte rows). ``out``: (y, h) to write, contiguous (M, N) of x's dtype (the tests
     fill them with NaN first)."""
     op = "linear_act_ws"
-    check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
-    check_tensor(w, "w", dtype=x.dtype, ndim=2, device=x.device, op=op)
-    M, K = x.shape
-    N = w.shape[0]
-    check(w.shape[1] == K, lambda: f"{op}: w must be (N, {K}) to match x (M, {K}), got {tuple(w.shape)}")
-    check(K > 0 and N > 0 and K % 8 == 0 and N % 8 == 0,
-          lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
+    M, K, N = _check_gemm(op, x, "x", w, False)
     if out is not None:
         check(isinstance(out, (tuple, list)) and len(out) == 2, lambda: f"{op}: out must be a (y, h) pair of tensors")
         _check_out(op, out[0], "out[0] (y)", x, M, N)
@@ -239,13 +247,7 @@ def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope:
     act'(h) = 2·h where h > 0, 2·slope²·h elsewhere (as ``linear_act.linear_act_grad_ref``). ``out``: the (M, N)
     tensor to write."""
     op = "linear_act_grad_ws"
-    check_tensor(g, "g", dtype=(torch.bfloat16, torch.float16), ndim=2, op=op)
-    check_tensor(w, "w", dtype=g.dtype, ndim=2, device=g.device, op=op)
-    M, K = g.shape
-    N = w.shape[1]
-    check(w.shape[0] == K, lambda: f"{op}: w must be (K = {K}, N) to match g (M, {K}), got {tuple(w.shape)}")
-    check(K > 0 and N > 0 and K % 8 == 0 and N % 8 == 0,
-          lambda: f"{op}: K and N must be positive multiples of 8 (TMA rows), got K {K}, N {N}")
+    M, K, N = _check_gemm(op, g, "g", w, True)
     _check_out(op, h, "h", g, M, N)
     if out is not None:
         _check_out(op, out, "out", g, M, N)

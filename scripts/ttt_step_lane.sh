@@ -61,6 +61,13 @@ bash scripts/install.sh $INSTALL_ARGS > "$OUTDIR/install-$STAGE.log" 2>&1 \
 echo "install: $(( $(date +%s) - t0 )) s"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__,
       torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')"
+# bench.profile_ttt on the records' step with variants $2 (PGOLF_PROFILE_VARIANTS names others) for at most $1 s
+# (PGOLF_PROFILE_TIMEOUT overrides it), one process; rc=1 when it fails
+step_profile() {
+  timeout "${PGOLF_PROFILE_TIMEOUT:-$1}" python3 -m bench.profile_ttt --recipe records --variants "${PGOLF_PROFILE_VARIANTS:-$2}" \
+    --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
+  [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+}
 case "$STAGE" in
   tests)
     # -v: a run stopped by the timeout still names each test that passed or failed; faulthandler dumps the
@@ -121,9 +128,7 @@ case "$STAGE" in
       timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only merged_dx 2>&1 | tee "$OUTDIR/dx-bench.log" \
         | grep -E "^\| merged|Error|failed"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-      timeout 300 python3 -m bench.profile_ttt --recipe records --variants kernel-compile-tail,kernel-compile-tail-dxk \
-        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 300 kernel-compile-tail,kernel-compile-tail-dxk
     fi
     ;;
   mlpws)
@@ -132,22 +137,16 @@ case "$STAGE" in
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
-      timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records \
-        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-ws}" \
-        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call"
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 300 kernel-compile-tail,kernel-compile-tail-ws
     fi
     ;;
   gws)
     # a synchronisation bug in the Gluon kernel would hang, not fail: short timeouts; the step before the eval test
     timeout 90 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=80 tests/test_linear_act_ws.py \
-      -k "grad" 2>&1 | tee "$OUTDIR/gws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+      tests/test_linear_residual.py -k "grad or ws_kernel" 2>&1 | tee "$OUTDIR/gws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
-      timeout "${PGOLF_PROFILE_TIMEOUT:-200}" python3 -m bench.profile_ttt --recipe records \
-        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-gws}" \
-        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 200 kernel-compile-tail,kernel-compile-tail-gws
       timeout 200 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=180 \
         tests/test_fused_residual.py -k "switches and GRAD_WS" 2>&1 | tee "$OUTDIR/gws-eval.log" \
         | grep -E "FAILED|ERROR|passed|failed|Timeout"
@@ -173,9 +172,7 @@ print(i if i != d and t[i] < 0.95 * t[d] else '')" "$(python3 -c 'from bench.har
       echo "fastest tile: ${best:-the default}"
       V="kernel-compile-tail-ws,kernel-compile-tail,kernel-compile-tail-dxk-ws,kernel-compile-tail-dxk"
       [ -n "$best" ] && V="$V,kernel-compile-tail-eff$best"
-      timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_ttt --recipe records --variants "${PGOLF_PROFILE_VARIANTS:-$V}" \
-        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 300 "$V"
     fi
     ;;
   signs)
@@ -184,10 +181,7 @@ print(i if i != d and t[i] < 0.95 * t[d] else '')" "$(python3 -c 'from bench.har
       tests/test_linear_residual.py tests/test_fused_residual.py -k "signs or switches" 2>&1 | tee "$OUTDIR/signs-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     if [ "$rc" -eq 0 ]; then
-      timeout "${PGOLF_PROFILE_TIMEOUT:-240}" python3 -m bench.profile_ttt --recipe records \
-        --variants "${PGOLF_PROFILE_VARIANTS:-kernel-compile-tail,kernel-compile-tail-sgn,kernel-compile-tail-dxk,kernel-compile-tail-dxk-sgn}" \
-        --steps 10 --top 30 --sites --out "$OUTDIR/profile" 2>&1 | tee "$OUTDIR/profile.log" | grep "first call" | cut -c1-200
-      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 240 kernel-compile-tail,kernel-compile-tail-sgn,kernel-compile-tail-dxk,kernel-compile-tail-dxk-sgn
     fi
     ;;
   ws)

@@ -6,8 +6,8 @@ the partitions), and bad input refused by name before any launch. GPU lane (-m g
 the fp64 oracle with the suite's bound (at most 2x the error of torch's own path in the same dtype,
 ``linear_act_ref``), NaN-filled outputs, tails in M and N, a single tile (the second consumer idle) and the
 records' MLP up-projection (131,072 x 512 -> 1536: programs with an odd and an even number of tiles); the
-derivative the same way against ``linear_act_grad_ref`` at the records' MLP backward shape, and through
-``linear_act.GRAD_WS`` inside ``mlp_residual``'s backward.
+derivative the same way against ``linear_act_grad_ref`` at the records' MLP backward shape (both inside
+``mlp_residual``: tests/test_linear_residual.py).
 """
 import json
 
@@ -125,22 +125,3 @@ def test_gpu_grad_matches_fp64(M, K, N, dtype):
         base = linear_act_grad_ref(g, w, h, slope, w_kn=True)
         assert_close_rel(out, ref, base, name=f"dh {M}x{K}x{N} slope {slope}")
 
-
-@pytest.mark.gpu
-@hopper
-def test_gpu_mlp_residual_backward_on_the_ws_derivative(monkeypatch):
-    """``linear_act.GRAD_WS`` on: the records' MLP residual site (d 512, H 1536, rank 96) at 4 rows x 2048 takes its
-    backward's derivative GEMM on the Gluon kernel (called once), and the output and every gradient match fp64."""
-    from pgolf_kernels import linear_act as LA
-    from pgolf_kernels import linear_act_ws as WS
-    from test_linear_residual import _check_mlp_residual, _mlp_inputs
-
-    monkeypatch.setattr(LA, "GRAD_WS", True)
-    calls = []
-    real = WS.linear_act_grad_ws
-    monkeypatch.setattr(WS, "linear_act_grad_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    torch.manual_seed(draw_seed())
-    args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
-    gr = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)
-    _check_mlp_residual(args, gr)
-    assert calls == [1]

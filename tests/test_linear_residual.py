@@ -342,18 +342,22 @@ def test_mlp_up_ws_domain_keeps_the_cpu_and_per_row_weights_on_linear_act():
 
 
 @pytest.mark.gpu
-def test_gpu_mlp_residual_on_the_ws_up_projection(monkeypatch):
-    """``MLP_UP_WS`` on: the records' MLP residual site (d 512, H 1536, rank 96, shared weights) at 4 rows x 2048
-    runs its up-projection on the Gluon kernel (called once), and the output and every gradient match fp64."""
+@pytest.mark.parametrize("module,switch,fn", [("linear_residual", "MLP_UP_WS", "linear_act_ws"),
+                                              ("linear_act", "GRAD_WS", "linear_act_grad_ws")])
+def test_gpu_mlp_residual_on_the_ws_kernel(monkeypatch, module, switch, fn):
+    """The Gluon kernel inside ``mlp_residual`` (``linear_residual.MLP_UP_WS``: the up-projection;
+    ``linear_act.GRAD_WS``: the backward's derivative GEMM): the records' MLP residual site (d 512, H 1536, rank 96,
+    shared weights) at 4 rows x 2048 calls it once, and the output and every gradient match fp64."""
+    import importlib
+
     from pgolf_kernels import linear_act_ws as WS
-    from pgolf_kernels import linear_residual as LR
 
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialized Gluon kernel is sm_90 only")
-    monkeypatch.setattr(LR, "MLP_UP_WS", True)
+    monkeypatch.setattr(importlib.import_module(f"pgolf_kernels.{module}"), switch, True)
     calls = []
-    real = WS.linear_act_ws
-    monkeypatch.setattr(WS, "linear_act_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    real = getattr(WS, fn)
+    monkeypatch.setattr(WS, fn, lambda *a, **k: (calls.append(1), real(*a, **k))[1])
     torch.manual_seed(draw_seed())
     args = _mlp_inputs(4, 2048, 512, 1536, 96, False, torch.bfloat16, device="cuda")
     g = torch.randn(4, 2048, 512, device="cuda", dtype=torch.bfloat16)

@@ -341,6 +341,22 @@ def test_mlp_up_ws_domain_keeps_the_cpu_and_per_row_weights_on_linear_act():
         assert not LR._ws_fits(xc, torch.zeros(2, 24, 16, dtype=torch.bfloat16, device="cuda"))   # per-row
 
 
+def test_act_grad_ws_domain_keeps_the_rest_on_linear_act():
+    """``linear_act.GRAD_WS`` applies where the Gluon derivative runs only: a CPU tensor, a weight stored (N, K), a
+    per-row weight, fp32 or a non-contiguous h stay on ``_linear_act_kernel`` (or the reference) whatever it says."""
+    from pgolf_kernels import linear_act as LA
+
+    g = torch.zeros(2, 8, 16, dtype=torch.bfloat16)
+    w, h = torch.zeros(16, 24, dtype=torch.bfloat16), torch.zeros(2, 8, 24, dtype=torch.bfloat16)
+    assert not LA._grad_ws_fits(g, w, h, True)                                              # CPU
+    if HAS_CUDA:
+        gc, wc, hc = g.cuda(), w.cuda(), h.cuda()
+        assert not LA._grad_ws_fits(gc, wc, hc, False)                                      # W stored (N, K)
+        assert not LA._grad_ws_fits(gc, wc.expand(2, 16, 24), hc, True)                     # per-row W
+        assert not LA._grad_ws_fits(gc.float(), wc.float(), hc.float(), True)               # fp32
+        assert not LA._grad_ws_fits(gc, wc, hc.transpose(0, 1), True)                       # h not contiguous
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("module,switch,fn", [("linear_residual", "MLP_UP_WS", "linear_act_ws"),
                                               ("linear_act", "GRAD_WS", "linear_act_grad_ws")])

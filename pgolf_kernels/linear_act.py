@@ -469,11 +469,13 @@ GRAD_WS: bool = _grad_ws_from_env()
 
 
 def _grad_ws_fits(g: Tensor, w: Tensor, h: Tensor, w_kn: bool) -> bool:
-    """The Gluon kernel's domain: a CUDA sm_90 device, bf16 / fp16, one shared weight stored (K, N), K and N multiples
-    of 8, h contiguous."""
-    return (w_kn and w.dim() == 2 and g.is_cuda and g.dtype in (torch.bfloat16, torch.float16)
-            and g.shape[-1] % 8 == 0 and w.shape[1] % 8 == 0 and h.is_contiguous()
-            and torch.cuda.get_device_capability(g.device)[0] == 9)
+    """The Gluon derivative's domain: one shared weight stored (K, N), h contiguous, and ``linear_act_ws.runs_on``
+    (imported only here, when ``GRAD_WS`` is on: it needs Triton's Gluon)."""
+    if not (w_kn and w.dim() == 2 and g.is_cuda and h.is_contiguous()):
+        return False
+    from .linear_act_ws import runs_on
+
+    return runs_on(g, g.shape[-1], w.shape[1])
 
 
 @torch.library.custom_op("pgolf::linear_act_grad", mutates_args=())

@@ -42,6 +42,15 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from ._utils import check, check_tensor
 
+def runs_on(t: torch.Tensor, *dims: int) -> bool:
+    """Whether the kernel runs for a 16-bit operand ``t`` whose GEMM dims (K, N) are ``dims``: a CUDA sm_90 device
+    (wgmma, warp specialization), bf16 / fp16, every dim a multiple of 8 (TMA's 16-byte rows). The callers' switches
+    (``linear_residual.MLP_UP_WS``, ``linear_act.GRAD_WS``) add their own layout conditions; importing this module
+    needs Triton's Gluon, so they import it only when a switch is on."""
+    return (t.is_cuda and t.dtype in (torch.bfloat16, torch.float16) and all(d % 8 == 0 for d in dims)
+            and torch.cuda.get_device_capability(t.device)[0] == 9)
+
+
 # 128 x 128 tiles per consumer warpgroup (its fp32 accumulator: 128 registers per thread), BK 64, 4 stages:
 # 4 x 32 KB of operand ring + 2 x 32 KB of epilogue buffers = 192 KB of the 227 KB an SM has
 BM, BN, BK, STAGES = 128, 128, 64, 4

@@ -137,10 +137,13 @@ MLP_UP_WS: bool = _mlp_ws_from_env()
 
 
 def _ws_fits(x: Tensor, w_up: Tensor) -> bool:
-    """The Gluon kernel's domain: a CUDA sm_90 device, bf16 / fp16, one shared (H, d) weight, K and N multiples of 8."""
-    return (x.is_cuda and x.dtype in (torch.bfloat16, torch.float16) and w_up.dim() == 2
-            and x.shape[-1] % 8 == 0 and w_up.shape[0] % 8 == 0
-            and torch.cuda.get_device_capability(x.device)[0] == 9)
+    """The Gluon up-projection's domain: one shared (H, d) weight and ``linear_act_ws.runs_on`` (imported only here,
+    when ``MLP_UP_WS`` is on: it needs Triton's Gluon)."""
+    if not (w_up.dim() == 2 and x.is_cuda):
+        return False
+    from .linear_act_ws import runs_on
+
+    return runs_on(x, x.shape[-1], w_up.shape[0])
 
 
 def _up(x: Tensor, w_up: Tensor, slope: float) -> Tuple[Tensor, Tensor]:

@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from . import _utils
-from ._utils import cdiv, interpret_mode, load_tile, use_triton
+from ._utils import cdiv, env_choice, interpret_mode, load_tile, use_triton
 
 __all__ = [
     "QUINTIC",
@@ -473,8 +473,6 @@ def _packed_size(shapes: Sequence[Sequence[int]]) -> int:
 # pack 32.2 us (1,117 -> 989 us of device time per step); the whole 11-layer MLP3x NS set 0.850 -> 0.753 ms
 # (bench/results/ns-h200.md). Output is bitwise the torch path's. PGOLF_NS_FAST_PACK=0 selects the torch copy.
 def _fast_pack_from_env() -> bool:
-    from ._utils import env_choice
-
     return env_choice("PGOLF_NS_FAST_PACK", {"1": "Triton pack", "0": "torch copy"}) == "1"
 
 

@@ -427,13 +427,15 @@ def main(argv=None):
         if a.work_only:
             _save(out, a.out)
             return out
-    from pgolf_kernels import linear_act, lora_merged
-
-    from pgolf_kernels import linear_residual
+    from pgolf_kernels import linear_act, linear_residual, lora_merged
     from train import forward as fwd_mod
 
-    dx_kernel, block0_leaf, mlp_ws = lora_merged.DX_KERNEL, fwd_mod.BLOCK0_LEAF, linear_residual.MLP_UP_WS
-    mlp_signs, grad_ws = linear_residual.MLP_SIGNS, linear_act.GRAD_WS
+    # suffix -> (module, switch, the value it sets); without the suffix a switch keeps the value the process started
+    # with (its environment variable's)
+    switches = {"dxk": (lora_merged, "DX_KERNEL", True), "b0": (fwd_mod, "BLOCK0_LEAF", False),
+                "ws": (linear_residual, "MLP_UP_WS", True), "sgn": (linear_residual, "MLP_SIGNS", True),
+                "gws": (linear_act, "GRAD_WS", True)}
+    started = {k: getattr(m, name) for k, (m, name, _) in switches.items()}
     eff_default = dict(lora_merged.EFFECTIVE_CONFIG)
     for v in a.variants.split(","):
         var = _variant(v)
@@ -444,11 +446,8 @@ def main(argv=None):
         linear_act.TILE_OVERRIDE.clear()
         linear_act.TILE_OVERRIDE.update({a: linear_act.TILE_CONFIGS[T128_CONFIG] for a in T128_EPILOGUES}
                                         if var["t128"] else {})
-        lora_merged.DX_KERNEL = dx_kernel or var["dxk"]
-        fwd_mod.BLOCK0_LEAF = block0_leaf and not var["b0"]
-        linear_residual.MLP_UP_WS = mlp_ws or var["ws"]
-        linear_residual.MLP_SIGNS = mlp_signs or var["sgn"]
-        linear_act.GRAD_WS = grad_ws or var["gws"]
+        for k, (m, name, value) in switches.items():
+            setattr(m, name, value if var[k] else started[k])
         lora_merged.EFFECTIVE_CONFIG = (dict(eff_default) if var["eff"] is None
                                         else dict(lora_merged.EFFECTIVE_CONFIGS[var["eff"]]))
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
@@ -511,9 +510,8 @@ def main(argv=None):
         if dev == "cuda":
             torch.cuda.empty_cache()
     linear_act.TILE_OVERRIDE.clear()
-    lora_merged.DX_KERNEL = dx_kernel
-    fwd_mod.BLOCK0_LEAF, linear_residual.MLP_UP_WS = block0_leaf, mlp_ws
-    linear_residual.MLP_SIGNS, linear_act.GRAD_WS = mlp_signs, grad_ws
+    for k, (m, name, _) in switches.items():
+        setattr(m, name, started[k])
     lora_merged.EFFECTIVE_CONFIG = eff_default
     _save(out, a.out)
     return out

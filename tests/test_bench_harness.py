@@ -919,6 +919,26 @@ def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path):
     assert linear_act.TILE_OVERRIDE == {}
 
 
+def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path):
+    """-dxk / -b0 / -ws / -gws / -sgn set their package switch for that variant (reported with it); the next variant
+    and the process after the run see the values it started with."""
+    from bench.profile_ttt import main
+    from pgolf_kernels import linear_act, linear_residual, lora_merged
+    from train import forward as fwd_mod
+
+    mods = {"merged_dx_kernel": (lora_merged, "DX_KERNEL"), "block0_leaf": (fwd_mod, "BLOCK0_LEAF"),
+            "mlp_up_ws": (linear_residual, "MLP_UP_WS"), "mlp_signs": (linear_residual, "MLP_SIGNS"),
+            "act_grad_ws": (linear_act, "GRAD_WS")}
+    before = {k: getattr(m, a) for k, (m, a) in mods.items()}
+    out = main(["--device", "cpu", "--batch", "2", "--window", "96", "--chunk", "32", "--rank", "4", "--steps", "1",
+                "--top", "3", "--variants", "reference-eager-dxk-b0-ws-gws-sgn,reference-eager", "--out", str(tmp_path)])
+    on = out["variants"]["reference-eager-dxk-b0-ws-gws-sgn"]
+    assert (on["merged_dx_kernel"], on["block0_leaf"], on["mlp_up_ws"], on["act_grad_ws"], on["mlp_signs"]) == \
+        (True, False, True, True, True)
+    assert {k: out["variants"]["reference-eager"][k] for k in mods} == before
+    assert {k: getattr(m, a) for k, (m, a) in mods.items()} == before
+
+
 def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
     """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), -qk with
     TTTConfig.fused_qk, on both paths; a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this

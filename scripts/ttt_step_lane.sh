@@ -22,13 +22,15 @@
 #            binaries each built (bench.bench_warmup's triton_builds); PGOLF_WARMUP_CASES names another case
 #   dx       the merged q / k / v backward's dx in one kernel (lora_merged.sum_products, on by default since this
 #            stage ran on an H100): its GPU tests and the merged path's, bench.bench_merged_dx against bmm + baddbmm_, then
-#            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -dxk) in one process
+#            bench.profile_ttt on the records' step (kernel-compile-tail, -dxk) in one process; the suffixes only turn
+#            switches on, so with the default on the before needs PGOLF_MERGED_DX=cublas in the stage's environment
 #   ws       the warp-specialized Gluon kernel (pgolf_kernels.linear_act_ws, experimental): its GPU tests under a short
 #            timeout (a synchronisation bug would hang, not fail), then bench.bench_linear_act with its rows
 #            (PGOLF_LINEAR_ACT_WS=1) against linear_act's default tile and cuBLAS
 #   mlpws    mlp_residual's up-projection on the warp-specialized Gluon kernel (linear_residual.MLP_UP_WS, on by
 #            default since this stage and signs ran): the Gluon kernel's GPU tests and mlp_residual's with it, then
-#            bench.profile_ttt on the records' step (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others)
+#            bench.profile_ttt on the records' step (kernel-compile-tail, -ws; PGOLF_PROFILE_VARIANTS names others);
+#            the before needs PGOLF_MLP_UP_WS=0 in the stage's environment
 #   gws      linear_act_grad on the warp-specialized Gluon kernel (linear_act.GRAD_WS, off by default): the derivative
 #            kernel's GPU tests and mlp_residual's backward with it, then bench.profile_ttt on the records' step without
 #            and with it (kernel-compile-tail, -gws) in one process, then the eval with it, eager and under CUDA graphs

@@ -111,6 +111,12 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
         it0 = n * k_steps
         # consumer 1's j-th main loop follows consumer 0's j-th (turn[1] phase j); consumer 0's j-th follows
         # consumer 1's (j - 1)-th (turn[0] phase j - 1)
+        if ACT == 2:
+            # h₀'s tile is loaded while the main loop runs: the buffer is free once the previous tile's dh store has
+            # left it (issued a whole main loop of the other consumer ago)
+            tma.store_wait(pendings=0)
+            mbarrier.expect(hbar.index(C), h_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(h_desc, [om, on], hbar.index(C), buf)
         mbarrier.wait(turn.index(C), (j - 1 + C) & 1, pred=(j + C) > 0)
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_layout)
         for kk in range(k_steps):
@@ -128,8 +134,8 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
         mbarrier.arrive(empty.index((it0 + k_steps - 1) % STAGES), count=1)
         mbarrier.arrive(turn.index(1 - C), count=1)
         h = acc.to(dtype)
-        tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's y) has left it
         if ACT == 1:
+            tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's y) has left it
             buf.store(h)
             fence_async_shared()
             tma.async_copy_shared_to_global(h_desc, [om, on], buf)
@@ -141,8 +147,6 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
             # dh = g · W rounded to the dtype first (as the GEMM's output is in the torch composition), times
             # act'(h₀) = 2·h₀ where h₀ > 0, 2·slope²·h₀ elsewhere; each thread reads and then overwrites the same
             # elements of the buffer (one distributed layout for both)
-            mbarrier.expect(hbar.index(C), h_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(h_desc, [om, on], hbar.index(C), buf)
             mbarrier.wait(hbar.index(C), j & 1)
             h0 = buf.load(mma_layout).to(gl.float32)
             y = (h.to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)

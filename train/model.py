@@ -36,7 +36,8 @@ Adapter hook (used by the eval driver's test-time training, ``train/adapters.py`
       add a LoRA of m). A view whose ``fused_residual`` is true instead provides ``attn_residual(x, h, y,
       proj, attn_scale)`` (the residual stream after attention, from the attention output y before its
       projection) and ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one
-      kernel (``pgolf_kernels.linear_residual``).
+      kernel (``pgolf_kernels.linear_residual``); with such an adapter the U-Net skips run through
+      ``pgolf_kernels.skip_add`` while ``SKIP_KERNEL`` is on.
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
       hidden state (B, T, d); the soft-cap is applied by the model afterwards.
     Returns per-token NLL (B, T) float32 (``reduction='none'``) when ``target_ids`` is given,
@@ -52,6 +53,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+
+def _skip_kernel_from_env() -> bool:
+    """PGOLF_SKIP_ADD: unset or "torch" = the U-Net skips as ``torch.addcmul``; "kernel" = through
+    ``pgolf_kernels.skip_add`` where the adapter's residual sites are fused (``fused_residual``)."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_SKIP_ADD", {"torch": "torch.addcmul", "kernel": "pgolf_kernels.skip_add with a "
+                                         "fused_residual adapter"}) == "kernel"
+
+
+SKIP_KERNEL: bool = _skip_kernel_from_env()
 
 
 @dataclass
@@ -449,7 +462,13 @@ class GPT(nn.Module):
                 # one pass (x + w * skip, fp32 inside, rounded once) instead of a product pass and a sum pass: the
                 # skips run outside the compiled blocks, where the two had taken 1.75 + 0.65 ms of each records' TTT
                 # step on an H100 (profile-ttt-h100.md measurement 3)
-                x = torch.addcmul(x, self.skip_weights[j].to(x.dtype), skips.pop())
+                w = self.skip_weights[j].to(x.dtype)
+                if SKIP_KERNEL and getattr(adapter, "fused_residual", False):
+                    from pgolf_kernels.skip_add import skip_add
+
+                    x = skip_add(x, w, skips.pop())
+                else:
+                    x = torch.addcmul(x, w, skips.pop())
             last = keep if j == self.num_decoder_layers - 1 else None
             x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
         return rms_norm(x)

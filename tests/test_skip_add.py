@@ -1,0 +1,159 @@
+"""pgolf_kernels.skip_add: the U-Net skip x + w ⊙ s, forward and backward, against the fp64 oracle with torch's
+own low-precision composition (addcmul, mul) as the bound; every dispatch path (the kernel under the interpreter on
+the CPU lane, on the GPU at the records' shapes in bf16), awkward widths, outputs NaN-filled, bad arguments refused
+by name, torch.compile(fullgraph=True), CUDA-graph capture, and the model's switch (GPT.hidden through the op with a
+fused_residual adapter, the same NLL and gradients as with torch.addcmul)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
+from pgolf_kernels import _utils
+from pgolf_kernels.skip_add import UNetSkip, skip_add, skip_add_ref
+from pgolf_kernels.testing import assert_close_rel, nan_empty
+
+
+@pytest.fixture(autouse=True)
+def _nan_outputs(monkeypatch):
+    monkeypatch.setattr(_utils, "empty", nan_empty)
+
+
+def _inputs(shape, dtype, seed=None, device=DEVICE):
+    g = torch.Generator().manual_seed(draw_seed() if seed is None else seed)
+    x, s, gy = (torch.randn(shape, generator=g) for _ in range(3))
+    w = torch.randn(shape[-1], generator=g)
+    return [t.to(device, dtype) for t in (x, w, s, gy)]
+
+
+def _check(shape, dtype, w_grad=False):
+    x, w, s, gy = _inputs(shape, dtype)
+    leaves = [t.clone().requires_grad_(i != 1 or w_grad) for i, t in enumerate((x, w, s))]
+    y = skip_add(*leaves)
+    y.backward(gy)
+    base = [t.clone().requires_grad_(i != 1 or w_grad) for i, t in enumerate((x, w, s))]
+    yb = skip_add_ref(*base)
+    yb.backward(gy)
+    o = [t.double().requires_grad_(i != 1 or w_grad) for i, t in enumerate((x, w, s))]
+    yo = skip_add_ref(*o)
+    yo.backward(gy.double())
+    assert_close_rel(y, yo, yb, name="out")
+    assert leaves[0].grad is not None and torch.equal(leaves[0].grad, gy), "dx must be g itself"
+    assert_close_rel(leaves[2].grad, o[2].grad, base[2].grad, name="ds")
+    if w_grad:
+        # fp32 sums against torch's low-precision sum of products: the bound's floor covers bf16's rounding of dw
+        assert_close_rel(leaves[1].grad, o[1].grad, base[1].grad, floor=1e-2 if dtype != torch.float32 else 1e-6,
+                         name="dw")
+    else:
+        assert leaves[1].grad is None
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 64), (3, 7, 24), (1, 1, 1), (4, 33), (130, 512)])
+@pytest.mark.parametrize("dtype", ACT_DTYPES + [torch.float32], ids=str)
+def test_skip_add_forward_backward_against_fp64(shape, dtype):
+    _check(shape, dtype)
+
+
+@pytest.mark.parametrize("dtype", ACT_DTYPES + [torch.float32], ids=str)
+def test_skip_add_weight_gradient(dtype):
+    _check((3, 9, 40), dtype, w_grad=True)
+
+
+def test_unet_skip_module_matches_the_function():
+    x, _, s, _ = _inputs((2, 6, 16), torch.float32)
+    m = UNetSkip(16).to(DEVICE)
+    with torch.no_grad():
+        m.weight.copy_(torch.linspace(-1, 1, 16))
+    assert torch.equal(m(x, s), skip_add(x, m.weight.to(x.dtype), s))
+    with pytest.raises(ValueError, match="UNetSkip: d must be an int >= 1"):
+        UNetSkip(0)
+
+
+def _bad(x, w, s, match, exc=ValueError):
+    with pytest.raises(exc, match=match):
+        skip_add(x, w, s)
+
+
+def test_skip_add_refuses_bad_input_by_name():
+    x, w, s, _ = _inputs((2, 3, 8), torch.float32, seed=0, device="cpu")
+    _bad(x.long(), w, s, "skip_add: x must have dtype", TypeError)
+    _bad(x, w, s.half(), "skip_add: s must have dtype", TypeError)
+    _bad(x, w, s[:, :2], r"skip_add: s must have x's shape \(2, 3, 8\)")
+    _bad(x, w[:4], s, r"skip_add: w must be \(d,\) = \(8,\)")
+    _bad(x, w[None], s, "skip_add: w must have 1 dimension")
+    _bad(x, w.half(), s, "skip_add: w must have dtype", TypeError)
+    _bad(x.transpose(0, 1), w, s.transpose(0, 1), "skip_add: x, s and w must be contiguous")
+    _bad(torch.zeros(()), torch.zeros(1), torch.zeros(()), "skip_add: x must have a last dimension")
+    if HAS_CUDA:
+        _bad(x.cuda(), w.cuda(), s, "skip_add: s is on cpu but must be on cuda")
+
+
+def test_skip_add_compiles_fullgraph():
+    x, w, s, gy = _inputs((2, 5, 32), ACT_DTYPES[0])
+    f = torch.compile(lambda a, b, c: skip_add(a, b, c, validate=False) * 2, fullgraph=True, dynamic=True)
+    leaves = [t.clone().requires_grad_(i != 1) for i, t in enumerate((x, w, s))]
+    y = f(*leaves)
+    y.backward(gy)
+    torch.testing.assert_close(y, skip_add_ref(x, w, s) * 2, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(leaves[2].grad, gy * w * 2, rtol=1e-2, atol=1e-2)
+
+
+def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch):
+    """The model's switch: GPT.hidden with a fused_residual adapter runs the skips through skip_add (counted) and
+    gives the NLL and input gradients of the torch.addcmul path."""
+    import pgolf_kernels.skip_add as mod
+    from train import model as model_mod
+    from train.model import GPT, GPTConfig
+
+    torch.manual_seed(draw_seed())
+    m = GPT(GPTConfig(vocab_size=64, num_layers=5, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2,
+                      seq_len=16)).to(DEVICE)
+    with torch.no_grad():
+        for b in m.blocks:  # non-zero output projections: the skips matter to the loss
+            b.attn.proj.weight.normal_(0, 0.05)
+            b.mlp.proj.weight.normal_(0, 0.05)
+        m.skip_weights.uniform_(0.5, 1.5)
+
+    class _Flag:  # the one attribute GPT.hidden reads from the adapter; the blocks see a plain forward
+        fused_residual = True
+
+    calls = []
+    real = mod._op
+    monkeypatch.setattr(mod, "_op", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
+    # the flag reaches hidden only: the blocks run without an adapter (_Flag has none of the blocks' hooks)
+    monkeypatch.setattr(model_mod, "_layer_adapter", lambda adapter, i: None)
+    out = {}
+    for on in (False, True):
+        monkeypatch.setattr(model_mod, "SKIP_KERNEL", on)
+        m.zero_grad()
+        h = m.hidden(ids, _Flag())
+        h.float().square().mean().backward()
+        out[on] = (h.detach(), m.blocks[0].attn.c_q.weight.grad.clone())
+    assert len(calls) == min(m.num_encoder_layers, m.num_decoder_layers) > 0
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
+
+
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU lane: needs a CUDA device")
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_records_shape_bf16():
+    """The records' TTT step's skip: 64 rows x 2048 positions x 512, bf16."""
+    _check((64, 2048, 512), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+def test_gpu_cuda_graph_replay_equals_eager():
+    x, w, s, _ = _inputs((4, 256, 512), torch.bfloat16)
+    skip_add(x, w, s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = skip_add(x, w, s)
+    x.copy_(x.flip(1))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, skip_add(x, w, s))

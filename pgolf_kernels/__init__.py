@@ -10,6 +10,7 @@
   persistent TMA kernel (``pgolf_kernels.linear_act``; Hopper; the TTT eval's ``--fused-mlp``).
 * the attention's per-head RMSNorm, gain and rotary of q or k in one pass (``pgolf_kernels.head_norm_rope``; the TTT
   eval's ``--fused-qk``).
+* the U-Net skip x + w ⊙ s in one vectorized pass each way: ``pgolf_kernels.skip_add``.
 * one Adam / AdamW step over stacked per-document adapter rows in one pass (the TTT eval's optimizer):
   ``pgolf_kernels.adam_rows``.
 * drop-in for a parameter-golf record script (``apply(globals())`` swaps its Muon for the grouped NS):
@@ -49,6 +50,7 @@ _LAZY = {
     "LeakyReLUSquaredMLP": "linear_act",
     "mlp_leaky_sq": "linear_act",
     "HeadNormRope": "head_norm_rope",
+    "UNetSkip": "skip_add",
 }
 
 __all__ = sorted(_LAZY)

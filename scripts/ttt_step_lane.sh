@@ -41,15 +41,18 @@
 #   signs    mlp_residual keeping act(h) and h's packed signs instead of h (linear_residual.MLP_SIGNS, off by default):
 #            the signs epilogues' GPU tests and mlp_residual's with them, then bench.profile_ttt on the records' step
 #            without and with it, each twice in alternating order (-dxk: the default under another name)
+#   skip     the U-Net skips through pgolf_kernels.skip_add (train.model.SKIP_KERNEL, PGOLF_SKIP_ADD): its GPU tests,
+#            bench.bench_skip_add against torch.addcmul and torch.compile, then bench.profile_ttt on the records' step
+#            without and with it (kernel-compile-tail, -skp) in one process
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff or signs"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs or skip"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -153,6 +156,17 @@ case "$STAGE" in
         tests/test_fused_residual.py -k "switches and GRAD_WS" 2>&1 | tee "$OUTDIR/gws-eval.log" \
         | grep -E "FAILED|ERROR|passed|failed|Timeout"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    fi
+    ;;
+  skip)
+    timeout 90 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider tests/test_skip_add.py 2>&1 \
+      | tee "$OUTDIR/skip-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
+      timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only skip_add 2>&1 | tee "$OUTDIR/skip-bench.log" \
+        | grep -E "^\| B|Error|failed" | cut -c1-200
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+      step_profile 200 kernel-compile-tail,kernel-compile-tail-skp
     fi
     ;;
   eff)

@@ -18,6 +18,17 @@ Backward (dy_i = ∂L/∂y_i; the base is frozen, so it gets no gradient)::
     dB_i[a] += α · dy_i[b]ᵀ · u_i[b]                      (N_i, r)    accumulated in fp32
     dA_i[a] += α · g_i[b]ᵀ · x[b]                         (r, d)      accumulated in fp32
 
+Shrinks (``shrinks``, optional): further adapters S_j (n_adapters, r_j, d) whose shrink alone is wanted, for a LoRA whose
+expand runs elsewhere (the TTT engine's o adapter reads the same normed input as q / k / v; its expand is the second
+product of the attention's residual GEMM)::
+
+    u_j[b]   = m[b] * (x[b] · S_j[a]ᵀ)                    (T, r_j)    in x.dtype
+    dx[b]   += du_j[b] · S_j[a]                           (T, d)      (m applied to du_j first)
+    dS_j[a] += du_j[b]ᵀ · x[b]                            (r_j, d)    fp32
+
+On the merged path the du_j · S_j join the slices' dy_i · E_i in the one ``lora_merged.sum_products`` kernel that
+forms dx, instead of their own bmm and an add of its (T, d) output into dx.
+
 ``lengths`` semantics (documented contract, tested): rows t >= lengths[b] are padding. For them the LoRA delta is
 zero (y = base output only; the base GEMM *is* still computed for every row, so y is finite and equals x·Wᵀ there),
 their dx is the base part dy·W only, and they contribute nothing to dA or dB. A row with lengths[b] = 0 is a finished
@@ -104,7 +115,8 @@ def _dense_weight(base, dtype: torch.dtype) -> Tensor:
     return base.to(dtype)
 
 
-def _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate: bool, allow_fp64: bool = False):
+def _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate: bool, allow_fp64: bool = False,
+                shrinks=()):
     fl = _FLOAT + (torch.float64,) if allow_fp64 else _FLOAT
     check_tensor(x, "x", dtype=fl, ndim=3, op=_OP)
     Bsz, T, d = x.shape
@@ -150,6 +162,12 @@ def _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate: bool,
     n0 = As[0].shape[0]
     for i, A in enumerate(As):
         check(A.shape[0] == n0, lambda: f"{_OP}: all As must have the same n_adapters; As[0] has {n0}, As[{i}] has {A.shape[0]}")
+    if not isinstance(shrinks, (list, tuple)):
+        raise TypeError(f"{_OP}: shrinks must be a list of (n_adapters, r, d) adapters, got {type(shrinks).__name__}")
+    for j, S in enumerate(shrinks):
+        check_tensor(S, f"shrinks[{j}]", dtype=adt, ndim=3, device=x.device, op=_OP)
+        check(S.shape[0] == n0 and S.shape[2] == d and 1 <= S.shape[1] <= 128,
+              lambda: f"{_OP}: shrinks[{j}] has shape {tuple(S.shape)}; expected (n_adapters = {n0}, r in 1..128, d = {d})")
     if lengths is not None:
         check_tensor(lengths, "lengths", dtype=_INDEX_DTYPES, ndim=1, device=x.device, op=_OP)
         check(lengths.shape[0] == Bsz, lambda: f"{_OP}: lengths must have shape ({Bsz},) = (B,), got {tuple(lengths.shape)}")
@@ -184,7 +202,7 @@ def _capturing_or_compiling() -> bool:
 def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
                           deterministic: bool = False, validate: bool = True,
                           compute_dtype: Optional[torch.dtype] = None, check_values: Optional[bool] = None,
-                          large_m: Optional[int] = None) -> List[Tensor]:
+                          large_m: Optional[int] = None, shrinks=None) -> List[Tensor]:
     """Pure torch: F.linear + two bmm per slice, differentiable by autograd. See the module docstring for the math.
 
     ``compute_dtype`` (default x.dtype): the dtype every operand is cast to before the matmuls; the default is
@@ -195,7 +213,8 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
     Unlike the fused op, float64 inputs are accepted (that is the oracle).
     """
     validate = _validate_alias(validate, check_values)
-    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate, allow_fp64=True)
+    shrinks = [] if shrinks is None else shrinks
+    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate, allow_fp64=True, shrinks=shrinks)
     cd = x.dtype if compute_dtype is None else compute_dtype
     out_dtype = cd if compute_dtype is not None else x.dtype
     Bsz, T, d = x.shape
@@ -217,6 +236,10 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
             u = u * mask
         y = y + alpha * torch.bmm(u, Bm.to(cd).transpose(1, 2))
         outs.append(y.to(out_dtype))
+    for S in shrinks:
+        S = S[adapter_index.to(torch.int64)] if adapter_index is not None else S[:Bsz]
+        u = torch.bmm(xc, S.to(cd).transpose(1, 2))
+        outs.append((u if mask is None else u * mask).to(out_dtype))
     return outs
 
 
@@ -225,8 +248,9 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
 # ----------------------------------------------------------------------------------------------------------------
 def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, adapter_index=None,
                       deterministic: bool = False, validate: bool = True, check_values: Optional[bool] = None,
-                      large_m: int = DEFAULT_LARGE_M) -> List[Tensor]:
-    """y_i = x·W_iᵀ + α·m·(x·A_i[a]ᵀ)·B_i[a]ᵀ for every slice i, as a list of (B, T, out_i) tensors in x.dtype.
+                      large_m: int = DEFAULT_LARGE_M, shrinks=None) -> List[Tensor]:
+    """y_i = x·W_iᵀ + α·m·(x·A_i[a]ᵀ)·B_i[a]ᵀ for every slice i, as a list of (B, T, out_i) tensors in x.dtype,
+    followed by u_j = m·(x·S_j[a]ᵀ), (B, T, r_j), for every adapter S_j of ``shrinks``.
 
     Args:
         x: (B, T, d) activations. bases: list of (out_i, d) tensors of x.dtype, or QTensor-like objects with
@@ -239,19 +263,22 @@ def multi_lora_linear(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None, ada
         check_values: deprecated spelling of ``validate``.
         large_m: from B*T >= large_m rows on, int6 bases are dequantized once per call and the kernel runs on the
         dense tile (default 1024, see pgolf_kernels/_dequant.py).
+        shrinks: optional list of (n_adapters, r_j, d) adapters (the As' dtype) whose shrink alone is returned, with
+        gradients to x and to them (module docstring).
 
     CUDA tensors run the fused Triton kernels (custom op ``pgolf::multi_lora_fwd``/``_bwd`` with fake and
     autograd registrations, so torch.compile(fullgraph=True) and CUDA graphs work); CPU tensors run the reference
     unless TRITON_INTERPRET=1.
     """
     validate = _validate_alias(validate, check_values)
-    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate)
+    shrinks = [] if shrinks is None else shrinks
+    _check_args(x, bases, As, Bs, alpha, lengths, adapter_index, validate, shrinks=shrinks)
     check(isinstance(large_m, int) and not isinstance(large_m, bool) and large_m >= 1,
           lambda: f"{_OP}: large_m must be a positive int, got {large_m!r}")
     if not use_triton(x):
         return multi_lora_linear_ref(x, bases, As, Bs, alpha=alpha, lengths=lengths, adapter_index=adapter_index,
-                                     validate=False)
-    return _fused(x, bases, As, Bs, float(alpha), lengths, adapter_index, bool(deterministic), large_m)
+                                     validate=False, shrinks=shrinks)
+    return _fused(x, bases, As, Bs, float(alpha), lengths, adapter_index, bool(deterministic), large_m, list(shrinks))
 
 
 def _validate_alias(validate: bool, check_values: Optional[bool]) -> bool:
@@ -264,10 +291,12 @@ def _validate_alias(validate: bool, check_values: Optional[bool]) -> bool:
     return bool(check_values)
 
 
-def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large_m) -> List[Tensor]:
-    # One custom-op call per base kind (dense or quantized: the kernel's W pointer has one element type).
+def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large_m, shrinks) -> List[Tensor]:
+    # One custom-op call per base kind (dense or quantized: the kernel's W pointer has one element type); the shrinks
+    # go with the first call
     kinds = [_is_quant(b) for b in bases]
     outs: List[Optional[Tensor]] = [None] * len(bases)
+    us: List[Tensor] = []
     for quant in (False, True):
         idx = [i for i, k in enumerate(kinds) if k == quant]
         if not idx:
@@ -278,11 +307,13 @@ def _fused(x, bases, As, Bs, alpha, lengths, adapter_index, deterministic, large
         # the strategy is chosen here, outside the op, and passed in: under torch.compile it becomes a constant of
         # the traced graph (and Dynamo guards on lora_merged.OVERRIDE), so a cached graph is never replayed for
         # the other strategy's output layout (the fake cannot see a choice made inside the op)
-        ys = _fwd_op(x, ws, scales, As_, Bs_, alpha, lengths, adapter_index, deterministic, large_m,
-                     _merged(x, As_, lengths))[: len(idx)]   # merged path: the E_i follow the y_i
+        sh, shrinks = shrinks, []
+        ys = _fwd_op(x, ws, scales, As_, Bs_, sh, alpha, lengths, adapter_index, deterministic, large_m,
+                     _merged(x, As_, lengths))[: len(idx) + len(sh)]   # then the u_j; merged path: the E_i follow
         for i, y in zip(idx, ys):
             outs[i] = y
-    return outs  # type: ignore[return-value]
+        us += ys[len(idx):]
+    return outs + us  # type: ignore[operator]
 
 
 def _groups(n: int):
@@ -298,19 +329,33 @@ def _grad_rows(x, As, adapter_index, deterministic) -> Tuple[int, bool]:
     return As[0].shape[0], True
 
 
-def _flat_sizes(x, ws, As, rows):
+def _flat_sizes(x, ws, As, rows, shrinks=()):
+    """Sizes of the fp32 grad buffer's parts: dA_0, dB_0, dA_1, dB_1, ..., then dS_0, dS_1, ..."""
     d = x.shape[2]
     sizes = []
     for w, A in zip(ws, As):
         r = A.shape[1]
         sizes += [rows * r * d, rows * w.shape[0] * r]
-    return sizes
+    return sizes + [rows * S.shape[1] * d for S in shrinks]
+
+
+def _shrink_rows(S: Tensor, adapter_index: Optional[Tensor], rows: int, dtype: torch.dtype) -> Tensor:
+    """Each batch row's shrink adapter in the activation dtype, (rows, r, d) contiguous."""
+    return lora_merged._select(S, adapter_index, rows).to(dtype).contiguous()
+
+
+def _mask(x: Tensor, lengths: Optional[Tensor]) -> Optional[Tensor]:
+    """m[b, t] = t < lengths[b] as (B, T, 1) in x.dtype, or None without lengths."""
+    if lengths is None:
+        return None
+    T = x.shape[1]
+    return (torch.arange(T, device=x.device)[None, :] < lengths.to(torch.int64)[:, None]).to(x.dtype)[..., None]
 
 
 @torch.library.custom_op("pgolf::multi_lora_fwd", mutates_args=())
-def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
-            lengths: Optional[Tensor], adapter_index: Optional[Tensor], deterministic: bool,
-            large_m: int, merged: bool) -> List[Tensor]:
+def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor], Bs: List[Tensor],
+            shrinks: List[Tensor], alpha: float, lengths: Optional[Tensor], adapter_index: Optional[Tensor],
+            deterministic: bool, large_m: int, merged: bool) -> List[Tensor]:
     # large_m has no schema default on purpose: the dispatcher drops arguments equal to their default, and the
     # tensor-list autograd wrapper then expects one gradient fewer than the backward below returns (same for merged)
     from . import lora_triton as K
@@ -319,11 +364,14 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
     Bsz, T, _ = x.shape
     check(not (merged and lengths is not None), lambda: f"{_OP}: merged=True needs lengths=None (padded rows run "
                                                         f"the kernels)")
+    m = _mask(x, lengths)
+    us = [torch.bmm(x, _shrink_rows(S, adapter_index, Bsz, x.dtype).transpose(1, 2)) for S in shrinks]
+    us = us if m is None else [u * m for u in us]
     if merged:
-        # outputs: the y_i, then the E_i the backward reads (saved, not recomputed: 0.07 ms per call at B64 T2048
-        # r96 Q+V on H200; the fake below mirrors this layout)
+        # outputs: the y_i, the u_j, then the E_i the backward reads (saved, not recomputed: 0.07 ms per call at B64
+        # T2048 r96 Q+V on H200; the fake below mirrors this layout)
         ys, Es = lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
-        return ys + Es
+        return ys + us + Es
     outs = [_utils.empty((Bsz, T, w.shape[0]), x.dtype, x.device) for w in ws]
     # adapters cast to the activation dtype once here (0.26 M elements per slice at B64 r8 d512) rather than in
     # every K step of every tile: the in-loop cast forced a register->smem round trip per step in the kernel
@@ -337,7 +385,7 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
     for g in _groups(len(ws)):
         K.lora_fwd(x, [ws[i].contiguous() for i in g], [scales[i].contiguous() for i in g] if scales else [],
                    [Ac[i] for i in g], [Bc[i] for i in g], alpha, lengths, adapter_index, [outs[i] for i in g])
-    return outs
+    return outs + us
 
 
 def _merged(x, As, lengths) -> bool:
@@ -354,24 +402,27 @@ def _lp(ts, dtype):
 
 
 @_fwd_op.register_fake
-def _fwd_fake(x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, large_m, merged):
+def _fwd_fake(x, ws, scales, As, Bs, shrinks, alpha, lengths, adapter_index, deterministic, large_m, merged):
     ys = [x.new_empty((x.shape[0], x.shape[1], w.shape[0])) for w in ws]
+    ys += [x.new_empty((x.shape[0], x.shape[1], S.shape[1])) for S in shrinks]
     if merged:
         ys += [x.new_empty((x.shape[0], w.shape[0], x.shape[2])) for w in ws]
     return ys
 
 
 @torch.library.custom_op("pgolf::multi_lora_bwd", mutates_args=())
-def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
-            Bs: List[Tensor], alpha: float, lengths: Optional[Tensor], adapter_index: Optional[Tensor],
-            deterministic: bool, need_dx: bool, merged: bool, effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
-    """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ...] of grad rows).
-    ``merged``: the forward's strategy; ``effs``: its E_i on the merged path (empty: rebuilt here)."""
+def _bwd_op(x: Tensor, dys: List[Tensor], dus: List[Tensor], ws: List[Tensor], scales: List[Tensor],
+            As: List[Tensor], Bs: List[Tensor], shrinks: List[Tensor], alpha: float, lengths: Optional[Tensor],
+            adapter_index: Optional[Tensor], deterministic: bool, need_dx: bool, merged: bool,
+            effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
+    """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ..., dS_0, ...] of grad rows).
+    ``merged``: the forward's strategy; ``effs``: its E_i on the merged path (empty: rebuilt here); ``dus``: the
+    gradients of the shrinks' outputs."""
     from . import lora_triton as K
 
     x = x.contiguous()
     rows, by_index = _grad_rows(x, As, adapter_index, deterministic)
-    sizes = _flat_sizes(x, ws, As, rows)
+    sizes = _flat_sizes(x, ws, As, rows, shrinks)
     # one memset for every grad buffer, except where every element is written below: the merged path with one grad
     # row per batch row, row b's grads straight into row b (the records' step: 60 MB of fp32 zeros per layer,
     # 0.21 ms per step on an H100, profile-ttt-h100.md measurement 5)
@@ -382,6 +433,10 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
     d = x.shape[2]
     dAs = [parts[2 * i].view(rows, A.shape[1], d) for i, A in enumerate(As)]
     dBs = [parts[2 * i + 1].view(rows, w.shape[0], A.shape[1]) for i, (w, A) in enumerate(zip(ws, As))]
+    dSs = [parts[2 * len(ws) + j].view(rows, S.shape[1], d) for j, S in enumerate(shrinks)]
+    m = _mask(x, lengths)
+    dus = [du.to(x.dtype).contiguous() if m is None else (du.to(x.dtype) * m).contiguous() for du in dus]
+    Ss = [_shrink_rows(S, adapter_index, x.shape[0], x.dtype) for S in shrinks]
     # The backward takes the base as a dense x.dtype weight: an int6 base is dequantized here, s[n] * q[n, k]
     # rounded once to x.dtype (N_i x d, 0.5 MB for a 512x512 slice), exactly the values the kernel would form.
     Wd = _dense_all(ws, scales, x.dtype)
@@ -395,9 +450,11 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
         direct = not (by_index and adapter_index is not None)
         outA = [t[:Bsz] if direct else None for t in dAs]
         outB = [t[:Bsz] if direct else None for t in dBs]
-        mdx, mdA, mdB = lora_merged.backward(x, dys, Es, As, Bs, alpha, adapter_index, need_dx, outA, outB)
+        mdx, mdA, mdB = lora_merged.backward(x, dys, Es, As, Bs, alpha, adapter_index, need_dx, outA, outB,
+                                             dus, Ss)
+        mdS = _shrink_grads(x, dus, [t[:Bsz] if direct else None for t in dSs])
         if not direct:
-            for dst, src in zip(dAs + dBs, mdA + mdB):
+            for dst, src in zip(dAs + dBs + dSs, mdA + mdB + mdS):
                 lora_merged.add_rows(dst, adapter_index, src)
         return (mdx if need_dx else x.new_empty(0)), flat
     dx = _utils.empty(x.shape, x.dtype, x.device) if need_dx else x.new_empty(0)
@@ -418,39 +475,59 @@ def _bwd_op(x: Tensor, dys: List[Tensor], ws: List[Tensor], scales: List[Tensor]
                    base_in_kernel=not split)
         if need_dx and gi > 0 and not split:
             dx.add_(dxg)
+    if shrinks:
+        if need_dx:
+            for du, S in zip(dus, Ss):
+                dx.baddbmm_(du, S)
+        # the kernels add their grads straight into adapter rows (by_index) or into per-row rows: the same here
+        idx = adapter_index if adapter_index is not None else torch.arange(x.shape[0], device=x.device)
+        for dst, src in zip(dSs, _shrink_grads(x, dus, [None] * len(dus))):
+            if by_index:
+                lora_merged.add_rows(dst, idx, src)
+            else:
+                dst[:x.shape[0]].add_(src)
     return dx, flat
 
 
+def _shrink_grads(x: Tensor, dus: List[Tensor], outs: List[Optional[Tensor]]) -> List[Tensor]:
+    """Per-row fp32 dS_j = du_jᵀ · x (rows, r_j, d), into ``outs[j]`` where given."""
+    return [lora_merged._mm32(du.transpose(1, 2), x, o) for du, o in zip(dus, outs)]
+
+
 @_bwd_op.register_fake
-def _bwd_fake(x, dys, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, need_dx, merged, effs):
+def _bwd_fake(x, dys, dus, ws, scales, As, Bs, shrinks, alpha, lengths, adapter_index, deterministic, need_dx, merged,
+              effs):
     rows, _ = _grad_rows(x, As, adapter_index, deterministic)
     dx = x.new_empty(x.shape) if need_dx else x.new_empty(0)
-    return dx, x.new_empty((sum(_flat_sizes(x, ws, As, rows)),), dtype=torch.float32)
+    return dx, x.new_empty((sum(_flat_sizes(x, ws, As, rows, shrinks)),), dtype=torch.float32)
 
 
 def _fwd_setup(ctx, inputs, output):
-    x, ws, scales, As, Bs, alpha, lengths, adapter_index, deterministic, _large_m, merged = inputs
-    ctx.ns, ctx.nscale, ctx.merged = len(ws), len(scales), merged
+    x, ws, scales, As, Bs, shrinks, alpha, lengths, adapter_index, deterministic, _large_m, merged = inputs
+    ctx.ns, ctx.nscale, ctx.nsh, ctx.merged = len(ws), len(scales), len(shrinks), merged
     ctx.alpha, ctx.deterministic = alpha, deterministic
     ctx.need_dx = bool(ctx.needs_input_grad[0])
-    Es = list(output[len(ws):])   # the merged path's E_i (none on the kernel path)
+    Es = list(output[len(ws) + len(shrinks):])   # the merged path's E_i (none on the kernel path)
     ctx.neff = len(Es)
     if Es:
         ctx.mark_non_differentiable(*Es)
-    ctx.save_for_backward(x, lengths, adapter_index, *ws, *scales, *As, *Bs, *Es)
+    ctx.save_for_backward(x, lengths, adapter_index, *ws, *scales, *As, *Bs, *shrinks, *Es)
 
 
 def _fwd_backward(ctx, dys):
     x, lengths, adapter_index, *rest = ctx.saved_tensors
-    ns, nsc, ne = ctx.ns, ctx.nscale, ctx.neff
+    ns, nsc, nsh, ne = ctx.ns, ctx.nscale, ctx.nsh, ctx.neff
     ws, scales = rest[:ns], rest[ns:ns + nsc]
     As, Bs = rest[ns + nsc:2 * ns + nsc], rest[2 * ns + nsc:3 * ns + nsc]
-    Es = rest[3 * ns + nsc:3 * ns + nsc + ne]
+    Ss = rest[3 * ns + nsc:3 * ns + nsc + nsh]
+    Es = rest[3 * ns + nsc + nsh:3 * ns + nsc + nsh + ne]
+    dus = [x.new_zeros((x.shape[0], x.shape[1], S.shape[1])) if g is None else g
+           for g, S in zip(dys[ns:ns + nsh], Ss)]
     dys = [x.new_zeros((x.shape[0], x.shape[1], w.shape[0])) if g is None else g for g, w in zip(dys, ws)]
-    dx, flat = _bwd_op(x, dys, list(ws), list(scales), list(As), list(Bs), ctx.alpha, lengths, adapter_index,
-                       ctx.deterministic, ctx.need_dx, ctx.merged, list(Es))
+    dx, flat = _bwd_op(x, dys, dus, list(ws), list(scales), list(As), list(Bs), list(Ss), ctx.alpha, lengths,
+                       adapter_index, ctx.deterministic, ctx.need_dx, ctx.merged, list(Es))
     rows, by_index = _grad_rows(x, As, adapter_index, ctx.deterministic)
-    parts = flat.split(_flat_sizes(x, ws, As, rows))
+    parts = flat.split(_flat_sizes(x, ws, As, rows, Ss))
     d = x.shape[2]
     dAs, dBs = [], []
     for i, (w, A, Bm) in enumerate(zip(ws, As, Bs)):
@@ -465,7 +542,15 @@ def _fwd_backward(ctx, dys):
             gB = (onehot @ gB.reshape(rows, -1).double()).view(Bm.shape)
         dAs.append(gA.to(A.dtype))
         dBs.append(gB.to(Bm.dtype))
-    return (dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, None, None, None, None, None, None
+    dSs = []
+    for j, S in enumerate(Ss):
+        gS = parts[2 * ns + j].view(rows, S.shape[1], d)
+        if not by_index:
+            onehot = (torch.arange(S.shape[0], device=x.device)[:, None] == adapter_index[None, :]).to(torch.float64)
+            gS = (onehot @ gS.reshape(rows, -1).double()).view(S.shape)
+        dSs.append(gS.to(S.dtype))
+    return ((dx if ctx.need_dx else None), [None] * ns, [None] * nsc, dAs, dBs, dSs, None, None, None, None, None,
+            None)
 
 
 _fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup)

@@ -283,8 +283,8 @@ def _acc_product(acc, x_desc, w_desc, b, om, on, K, BM: tl.constexpr, BN: tl.con
 
 # B and T only bound the tile loop (the descriptors carry the addresses): no compile per row or window count
 @triton.jit(do_not_specialize=["B", "T"])
-def _sum_products_kernel(y_desc, x0_desc, w0_desc, x1_desc, w1_desc, x2_desc, w2_desc, B, T, N, K0, K1, K2,
-                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSRC: tl.constexpr,
+def _sum_products_kernel(y_desc, x0_desc, w0_desc, x1_desc, w1_desc, x2_desc, w2_desc, x3_desc, w3_desc, B, T, N,
+                         K0, K1, K2, K3, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, NSRC: tl.constexpr,
                          NUM_PROGS: tl.constexpr, PRECISION: tl.constexpr):
     """y[b] = Σ_{i < NSRC} x_i[b] · w_i[b] over persistent (b, m, n) tiles, n fastest, one fp32 accumulator per
     tile and one rounding at the store."""
@@ -303,15 +303,18 @@ def _sum_products_kernel(y_desc, x0_desc, w0_desc, x1_desc, w1_desc, x2_desc, w2
             acc = _acc_product(acc, x1_desc, w1_desc, b, om, on, K1, BM, BN, BK, PRECISION)
         if NSRC > 2:
             acc = _acc_product(acc, x2_desc, w2_desc, b, om, on, K2, BM, BN, BK, PRECISION)
+        if NSRC > 3:
+            acc = _acc_product(acc, x3_desc, w3_desc, b, om, on, K3, BM, BN, BK, PRECISION)
         y_desc.store([b, om, on], acc.to(y_desc.dtype).reshape(1, BM, BN))
 
 
 # 16-bit GPU tile: linear_act's 128 x 256 x 64 (8 warps, 3 stages); the loops of the sources run one after the other,
 # so their stages share one shared-memory allocation (214,016 B with 3 sources, sm90_check). fp32 ("ieee" dots, for
-# references): 64 x 64 x 32 x 4 warps, the largest without register spills (64 x 128: 12-40 B)
+# references): 64 x 64 x 32 x 4 warps, the largest without register spills (64 x 128: 12-40 B). Four sources: the
+# q / k / v slices and an adapter's shrink gradient du · A (``lora.multi_lora_linear``'s ``shrinks``)
 SUM_CONFIG = dict(BM=128, BN=256, BK=64, num_warps=8, num_stages=3)
 SUM_CONFIG_FP32 = dict(BM=64, BN=64, BK=32, num_warps=4, num_stages=3)
-MAX_SOURCES = 3
+MAX_SOURCES = 4
 
 
 def _dx_kernel_from_env() -> bool:
@@ -352,7 +355,7 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
     writes the whole (B, T, N) output again: in the records' TTT step (H100, bench/results/profile-ttt-h100.md,
     measurement 7) the k and v ``baddbmm_`` (K 256) took 3.17 ms per step for 756 GFLOP (238 TFLOP/s) against 1.29
     ms for q's bmm (K 512, 756 GFLOP). The merged backward calls it while ``DX_KERNEL`` is on (the default;
-    ``PGOLF_MERGED_DX=cublas`` turns it off). Outside the kernel's domain (``_kernel_fits``: more than 3 sources, rows not
+    ``PGOLF_MERGED_DX=cublas`` turns it off). Outside the kernel's domain (``_kernel_fits``: more than 4 sources, rows not
     16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs. ``validate=False``
     skips the argument checks (the merged backward, whose dy_i and E_i match by construction)."""
     op = "sum_products"
@@ -400,15 +403,18 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
 
 def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
              adapter_index: Optional[Tensor], need_dx: bool, dA_out: List[Optional[Tensor]],
-             dB_out: List[Optional[Tensor]]) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
+             dB_out: List[Optional[Tensor]], dus: List[Tensor] = (), Ss: List[Tensor] = ()
+             ) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
     """(dx or None, per-row dA_i (B, r, d) fp32, per-row dB_i (B, N_i, r) fp32): the gradients of each batch row's
     own adapter, before any reduction over rows that share one; written into dA_out[i] / dB_out[i] where given
-    (contiguous (B, ...) fp32 views), else into new tensors."""
+    (contiguous (B, ...) fp32 views), else into new tensors. ``dus`` / ``Ss``: shrink-only adapters' output gradients
+    (B, T, r_j) and per-row weights (B, r_j, d), whose du_j · S_j join dx's sum."""
     rows = x.shape[0]
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
     if need_dx:
-        dx = sum_products(dys, Es, validate=False) if DX_KERNEL else sum_products_ref(dys, Es)
+        srcs, wts = list(dys) + list(dus), list(Es) + list(Ss)
+        dx = sum_products(srcs, wts, validate=False) if DX_KERNEL else sum_products_ref(srcs, wts)
     for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
         Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
         dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i])

@@ -134,12 +134,12 @@ def sum_products_stats(nsrc=3, dtype="bf16", BM=128, BN=256, BK=64, num_warps=8,
     from . import lora_merged as M
 
     types = {"y_desc": f"tensordesc<{dtype}[1,{BM},{BN}]>", "B": "i32", "T": "i32", "N": "i32", "K0": "i32",
-             "K1": "i32", "K2": "i32"}
-    for i in range(3):
+             "K1": "i32", "K2": "i32", "K3": "i32"}
+    for i in range(M.MAX_SOURCES):
         types[f"x{i}_desc"] = f"tensordesc<{dtype}[1,{BM},{BK}]>"
         types[f"w{i}_desc"] = f"tensordesc<{dtype}[1,{BK},{BN}]>"
     consts = dict(BM=BM, BN=BN, BK=BK, NSRC=nsrc, NUM_PROGS=132, PRECISION="ieee" if dtype == "fp32" else "tf32")
-    s = _compile(M._sum_products_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K0", "K1", "K2"))
+    s = _compile(M._sum_products_kernel, types, consts, num_warps, num_stages, div16=("T", "N", "K0", "K1", "K2", "K3"))
     s["fits_smem"] = s["smem"] <= SMEM_LIMIT
     return s
 
@@ -173,7 +173,7 @@ def _linear_act_cases():
 
 
 CASES.update(_linear_act_cases())
-CASES.update({f"sum_products {n} sources": (lambda n=n: sum_products_stats(n)) for n in (1, 2, 3)})
+CASES.update({f"sum_products {n} sources": (lambda n=n: sum_products_stats(n)) for n in (1, 2, 3, 4)})
 
 
 def head_norm_rope_stats(bwd=False, gain=True, need_dg=True, P=32, BT=64, dtype="bf16"):

@@ -16,6 +16,7 @@ import torch
 from pgolf_kernels import _utils, lora
 from pgolf_kernels.lora import BatchedLoRALinear, multi_lora_linear, multi_lora_linear_ref, zero_adam_state_
 from pgolf_kernels.testing import assert_close_rel, nan_empty
+from conftest import draw_seed
 from pgolf_kernels._utils import use_triton
 
 try:   # the int6 engineer's QTensor (NamedTuple q/scale/bits); the op duck-types it, so a stand-in also works
@@ -513,13 +514,18 @@ def test_opcheck_custom_ops(device):
     ws = [bases[0], bases[1].q]
     scales_q = [bases[1].scale]
     # one op call per base kind: the dense slice alone, then the quantized one alone
+    S = torch.randn(As[0].shape[0], 8, 40, generator=torch.Generator().manual_seed(1)).to(device)
     torch.library.opcheck(lora._fwd_op, (x.requires_grad_(), ws[:1], [], [As[0].requires_grad_()],
-                                         [Bs[0].requires_grad_()], 0.5, lengths, None, False, 1024, False))
-    torch.library.opcheck(lora._fwd_op, (x, ws[1:], scales_q, [As[1]], [Bs[1]], 0.5, lengths,
+                                         [Bs[0].requires_grad_()], [S.requires_grad_()], 0.5, lengths, None, False,
+                                         1024, False))
+    torch.library.opcheck(lora._fwd_op, (x, ws[1:], scales_q, [As[1]], [Bs[1]], [], 0.5, lengths,
                                          torch.tensor([1, 1], device=device), False, 14, False))  # 14 = B*T: large-M branch
+    torch.library.opcheck(lora._fwd_op, (x, ws[:1], [], [As[0]], [Bs[0]], [S], 0.5, None, None, False, 1024, True))
     dys = [torch.randn(2, 7, o, dtype=torch.float16, device=device) for o in (40, 24)]
-    torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], ws[:1], [], [As[0].detach()], [Bs[0].detach()], 0.5,
-                                         lengths, torch.tensor([1, 1], device=device), True, True, False, []))
+    du = torch.randn(2, 7, 8, dtype=torch.float16, device=device)
+    torch.library.opcheck(lora._bwd_op, (x.detach(), dys[:1], [du], ws[:1], [], [As[0].detach()], [Bs[0].detach()],
+                                         [S.detach()], 0.5, lengths, torch.tensor([1, 1], device=device), True, True,
+                                         False, []))
 
 
 def test_backward_strategy_defaults_by_rank_class(monkeypatch):
@@ -632,17 +638,18 @@ def test_merged_op_no_dx_and_opcheck(device, merged):
     ys = multi_lora_linear(x, bases, A_, Bs)
     (gA,) = torch.autograd.grad(sum(y.float().sum() for y in ys), [A_[1]])
     assert gA.shape == As[1].shape and torch.isfinite(gA).all()
-    outs = lora._fwd_op(x, bases, [], As, Bs, 0.5, None, None, False, 1024, True)
+    outs = lora._fwd_op(x, bases, [], As, Bs, [], 0.5, None, None, False, 1024, True)
     assert len(outs) == 4 and outs[2].shape == (2, 40, 40) and outs[3].shape == (2, 24, 40)
     dys = [torch.randn(2, 9, o, generator=torch.Generator().manual_seed(9)).to(torch.float16).to(device)
            for o in (40, 24)]
-    saved = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, True, outs[2:])
-    rebuilt = lora._bwd_op(x, dys, bases, [], As, Bs, 0.5, None, None, False, True, True, [])
+    saved = lora._bwd_op(x, dys, [], bases, [], As, Bs, [], 0.5, None, None, False, True, True, outs[2:])
+    rebuilt = lora._bwd_op(x, dys, [], bases, [], As, Bs, [], 0.5, None, None, False, True, True, [])
     assert all(torch.equal(a, b) for a, b in zip(saved, rebuilt))
-    torch.library.opcheck(lora._bwd_op, (x, dys, bases, [], As, Bs, 0.5, None, torch.tensor([1, 0], device=device),
-                                         True, True, True, outs[2:]))
+    torch.library.opcheck(lora._bwd_op, (x, dys, [], bases, [], As, Bs, [], 0.5, None,
+                                         torch.tensor([1, 0], device=device), True, True, True, outs[2:]))
     torch.library.opcheck(lora._fwd_op, (x.detach().requires_grad_(), bases, [],
-                                         [a.detach().requires_grad_() for a in As], Bs, 0.5, None, None, False, 1024, True))
+                                         [a.detach().requires_grad_() for a in As], Bs, [], 0.5, None, None, False, 1024,
+                                         True))
 
 
 def test_effective_weight_kernel_matches_reference(device):
@@ -825,8 +832,9 @@ def _sum_inputs(B, T, ks, N, dtype, device, seed):
     return xs, ws
 
 
-@pytest.mark.parametrize("ks,N,T", [([40], 24, 9), ([40, 24], 24, 33), ([40, 24, 16], 40, 37), ([16, 16, 16], 8, 1)],
-                         ids=["one", "two", "three-tails", "T1"])
+@pytest.mark.parametrize("ks,N,T", [([40], 24, 9), ([40, 24], 24, 33), ([40, 24, 16], 40, 37), ([16, 16, 16], 8, 1),
+                                    ([40, 24, 16, 24], 24, 21)],
+                         ids=["one", "two", "three-tails", "T1", "four"])
 def test_sum_products_matches_fp64(device, ks, N, T):
     """The merged backward's dx (Σ_i x_i · w_i per row, one kernel) against fp64, bound 2x the error of the
     bmm + baddbmm_ composition it replaces; tails in T, K and N against the interpreter's 16-wide tiles, output
@@ -843,12 +851,12 @@ def test_sum_products_matches_fp64(device, ks, N, T):
 
 
 def test_sum_products_domain_and_refusals(device):
-    """Outside the kernel's domain (a fourth source; K not a 16-byte multiple) the composition runs, with its result;
+    """Outside the kernel's domain (a fifth source; K not a 16-byte multiple) the composition runs, with its result;
     mismatched shapes and dtypes are refused by name before any work."""
     from pgolf_kernels import lora_merged as M
 
-    xs, ws = _sum_inputs(2, 8, [16, 16, 16, 16], 16, torch.float32, device, seed=3)
-    assert not M._kernel_fits(xs, ws) and M._kernel_fits(xs[:3], ws[:3]) == use_triton(xs[0])
+    xs, ws = _sum_inputs(2, 8, [16, 16, 16, 16, 16], 16, torch.float32, device, seed=3)
+    assert not M._kernel_fits(xs, ws) and M._kernel_fits(xs[:4], ws[:4]) == use_triton(xs[0])
     torch.testing.assert_close(M.sum_products(xs, ws), M.sum_products_ref(xs, ws))
     odd_x, odd_w = _sum_inputs(2, 8, [3], 16, torch.float32, device, seed=4)
     assert not M._kernel_fits(odd_x, odd_w)
@@ -865,10 +873,12 @@ def test_sum_products_domain_and_refusals(device):
 
 @pytest.mark.gpu
 def test_gpu_sum_products_records_shapes():
-    """The records' q / k / v slices (K 512, 256, 256 -> N 512) at 64 x 2048 in bf16 and a tail shape, against fp64."""
+    """The records' q / k / v slices (K 512, 256, 256 -> N 512; and the o adapter's shrink gradient, K 96) at
+    64 x 2048 in bf16 and tail shapes, against fp64."""
     from pgolf_kernels import lora_merged as M
 
-    for B, T, ks in ((64, 2048, [512, 256, 256]), (3, 130, [512, 256, 256]), (5, 48, [512])):
+    for B, T, ks in ((64, 2048, [512, 256, 256]), (64, 2048, [512, 256, 256, 96]), (3, 130, [512, 256, 256, 96]),
+                     (5, 48, [512])):
         xs, ws = _sum_inputs(B, T, ks, 512, torch.bfloat16, "cuda", seed=T)
         assert M._kernel_fits(xs, ws)
         oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
@@ -907,13 +917,13 @@ def test_merged_dx_bench_runs_and_checks_on_tiny_shapes():
 
 
 def test_sum_products_tiles_compile_for_sm90():
-    """The kernel's GPU tiles, built for sm_90a on this machine: 16-bit (1 and 3 sources) with TMA copies and async
-    wgmma, fp32's, all without register spills and within shared memory."""
+    """The kernel's GPU tiles, built for sm_90a on this machine: 16-bit (1, 3 and 4 sources) with TMA copies and
+    async wgmma, fp32's, all without register spills and within shared memory."""
     from conftest import run_sm90_check
 
     run_sm90_check("from pgolf_kernels.lora_merged import SUM_CONFIG, SUM_CONFIG_FP32\n"
                    "from pgolf_kernels.sm90_check import sum_products_stats\n"
-                   "for n in (1, 3):\n"
+                   "for n in (1, 3, 4):\n"
                    "    s = sum_products_stats(n, 'bf16', **SUM_CONFIG)\n"
                    "    assert s['tma_copies'] > 0 and s['async_wgmma'] and s['fits_smem'], s\n"
                    "    assert s['spill_bytes'] == 0, s\n"
@@ -953,3 +963,69 @@ def test_effective_weight_bench_runs_and_checks_on_tiny_shapes():
     cfgs = [dict(BN=16, BD=32, num_warps=4), dict(BN=32, BD=32, num_warps=4)]
     rows = measure(torch.device("cpu"), 2, 32, (24,), 8, lambda fn: (fn(), 1.0)[1], torch.float16, configs=cfgs)
     assert len(rows) == 2 and all("E = W + α·B·A" in r["case"] for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------ shrink-only adapters
+def _run_shrinks(fn, x, bases, As, Bs, Ss, dys=None, **kw):
+    x = x.detach().requires_grad_()
+    As, Bs, Ss = ([t.detach().requires_grad_() for t in ts] for ts in (As, Bs, Ss))
+    outs = fn(x, bases, As, Bs, shrinks=Ss, **kw)
+    if dys is None:
+        g = torch.Generator().manual_seed(draw_seed())
+        dys = [torch.randn(o.shape, generator=g).to(o.device) for o in outs]
+    grads = torch.autograd.grad(outs, [x, *As, *Bs, *Ss], [d.to(o.dtype) for d, o in zip(dys, outs)])
+    return list(outs), list(grads), dys
+
+
+@pytest.mark.parametrize("path", ["merged", "kernels", "merged-index", "kernels-index-det"])
+def test_shrinks_match_the_oracle(device, path, monkeypatch):
+    """``shrinks``: u_j = m·(x·S_j[a]ᵀ) returned after the y_i, with dx += du_j·S_j[a] (on the merged path inside the
+    one sum_products that forms dx) and dS_j from du_jᵀ·x; outputs and every gradient against fp64, bounded by 2x the
+    error of the torch composition; with padding (kernels), an adapter index, and deterministic grads."""
+    from pgolf_kernels import lora_merged as M
+
+    calls = []
+    real = M.sum_products
+    monkeypatch.setattr(M, "sum_products", lambda xs, ws, **k: (calls.append(len(xs)), real(xs, ws, **k))[1])
+    monkeypatch.setattr(M, "DX_KERNEL", True)
+    merged = path.startswith("merged")
+    monkeypatch.setattr(M, "OVERRIDE", merged)
+    dtype = torch.float16 if use_triton(torch.empty(0, device=device)) else torch.float32
+    B, T, d = 3, 19, 40
+    x, bases, As, Bs = _make(B, T, d, [40, 24, 16], 4, dtype, device, n_adapters=4)
+    g = torch.Generator().manual_seed(draw_seed())
+    Ss = [(torch.randn(4, 8, d, generator=g) * d ** -0.5).to(device)]
+    kw = dict(alpha=0.7)
+    if "index" in path:
+        kw["adapter_index"] = torch.tensor([2, 0, 2], device=device)
+    if not merged:
+        kw["lengths"] = torch.tensor([19, 5, 0], device=device)
+    det = dict(deterministic=True) if "det" in path else {}
+    outs, gk, dys = _run_shrinks(multi_lora_linear, x, bases, As, Bs, Ss, **kw, **det)
+    ob, gb, _ = _run_shrinks(multi_lora_linear_ref, x, bases, As, Bs, Ss, dys=dys, **kw)
+    oo, go, _ = _run_shrinks(multi_lora_linear_ref, x.double(), _to64(bases), [a.double() for a in As],
+                             [b.double() for b in Bs], [s.double() for s in Ss], dys=[t.double() for t in dys], **kw)
+    names = ["y0", "y1", "y2", "u0", "dx"] + [f"d{p}{i}" for p in "AB" for i in range(3)] + ["dS0"]
+    assert len(outs) == 4 and outs[3].shape == (B, T, 8)
+    for name, k, b, o in zip(names, outs + gk, ob + gb, oo + go):
+        assert k.dtype == b.dtype, f"{name}: dtype {k.dtype} != {b.dtype}"
+        assert_close_rel(k, o, b, name=name)
+    if "lengths" in kw:
+        assert torch.count_nonzero(outs[3][2]) == 0 and torch.count_nonzero(outs[3][1, 5:]) == 0
+    if "adapter_index" in kw:   # adapters 1 and 3 are used by no row: their shrink gets no gradient
+        assert torch.count_nonzero(gk[-1][1]) == 0 and torch.count_nonzero(gk[-1][3]) == 0
+    assert calls == ([4] if merged else [])
+
+
+def test_shrinks_refused_by_name(device):
+    x, bases, As, Bs = _make(2, 5, 40, [40], 4, torch.float32, device, seed=5)
+    good = torch.zeros(2, 8, 40, device=device)
+    bad = [(good[:, :, :8], r"shrinks\[0\] has shape \(2, 8, 8\); expected \(n_adapters = 2, r in 1..128, d = 40\)"),
+           (good[:1], r"shrinks\[0\] has shape \(1, 8, 40\)"),
+           (good.double(), r"shrinks\[0\] must have dtype float32"),
+           (good[0], r"shrinks\[0\] must have 3 dimensions")]
+    for S, match in bad:
+        with pytest.raises((TypeError, ValueError), match=match):
+            multi_lora_linear(x, bases, As, Bs, shrinks=[S])
+    with pytest.raises(TypeError, match="shrinks must be a list"):
+        multi_lora_linear(x, bases, As, Bs, shrinks=good)

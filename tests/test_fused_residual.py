@@ -129,19 +129,61 @@ def test_eval_with_mlp_residual_keeping_signs_scores_like_without(monkeypatch):
     assert calls   # the eval's MLP ran through the signs path
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("switch", ["MLP_SIGNS", "MLP_UP_WS", "GRAD_WS"])
-def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, switch):
-    """On the GPU: evaluate() with ``mlp_residual`` and one of its switches on (``MLP_SIGNS``: h's signs kept instead
-    of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
-    backward's derivative GEMM on it), eager and with CUDA graphs (the kernels captured), against the unfused eval:
-    same targets and ledger, BPB within 1e-4."""
-    import pgolf_kernels.linear_act as la
-    import pgolf_kernels.linear_residual as lr
+def test_o_fold_equals_the_composition(monkeypatch):
+    """``adapters.O_FOLD``: the o adapter's shrink inside the q / k / v op (``multi_lora_linear``'s ``shrinks``) in
+    every block whose o adapter reads h itself (block 0 here; the tail block reads the kept positions: its own bmm),
+    with the records' targets on the kernel backend: same NLL and adapter gradients as the op-by-op block."""
+    tail = True
+    import pgolf_kernels.lora as lora
+    import train.adapters as adapters
 
-    if switch != "MLP_SIGNS" and torch.cuda.get_device_capability()[0] != 9:
+    monkeypatch.setattr(adapters, "O_FOLD", True)
+    calls = []
+    real = lora.multi_lora_linear
+    monkeypatch.setattr(adapters, "resolve_lora_backend", lambda name, dev: (
+        lambda *a, **k: (calls.append(len(k.get("shrinks") or [])), real(*a, **k))[1], "kernel", "test"))
+    model = tiny_model(seed=3, num_layers=2)
+    cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=12.0, targets=("q", "k", "v", "o", "mlp", "head"),
+                    tail_block=tail, fused_mlp=True, fused_qk=True)
+    assert_step_unchanged(model, batch(), cfg, 4, "kernel", fused_residual=True)
+    # q / k / v of each block in the fused run and the composition, then the head: the fused run's full-window
+    # blocks carried the o shrink
+    assert calls.count(1) == (1 if tail else 2)
+
+
+def test_eval_with_o_fold_and_skip_kernel_scores_like_without(monkeypatch):
+    """evaluate() on the kernel backend with ``adapters.O_FOLD`` (the o shrink inside the q / k / v op) and
+    ``model.SKIP_KERNEL`` (the U-Net skips through ``skip_add``) on scores as the unfused eval (CPU; the kernels
+    under the interpreter in the CPU lane: two short documents, ~46 s per eval with three)."""
+    import train.adapters as adapters
+    import train.model as model_mod
+
+    monkeypatch.setattr(adapters, "O_FOLD", True)
+    monkeypatch.setattr(model_mod, "SKIP_KERNEL", True)
+    assert_eval_unchanged([dict(fused_residual=True)], lengths=[40, 1], backend="kernel")
+
+
+# the switches the kernel path's eval has besides its options: (module, name)
+EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS"),
+                 "MLP_UP_WS": ("pgolf_kernels.linear_residual", "MLP_UP_WS"),
+                 "GRAD_WS": ("pgolf_kernels.linear_act", "GRAD_WS"), "O_FOLD": ("train.adapters", "O_FOLD"),
+                 "SKIP_KERNEL": ("train.model", "SKIP_KERNEL")}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("switch", sorted(EVAL_SWITCHES))
+def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, switch):
+    """On the GPU: evaluate() with ``mlp_residual`` and one switch on (``MLP_SIGNS``: h's signs kept instead
+    of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
+    backward's derivative GEMM on it; ``adapters.O_FOLD``: the o shrink inside the q / k / v op;
+    ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``), eager and with CUDA graphs (the kernels captured),
+    against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    import importlib
+
+    if switch in ("MLP_UP_WS", "GRAD_WS") and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is sm_90 only")
-    monkeypatch.setattr(la if switch == "GRAD_WS" else lr, switch, True)
+    mod, name = EVAL_SWITCHES[switch]
+    monkeypatch.setattr(importlib.import_module(mod), name, True)
     assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
                            for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
                           rel=1e-4)

@@ -63,6 +63,20 @@ def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Ten
 
 
 LAYER_TARGETS = ("q", "k", "v", "o", "mlp", "up", "down")
+def _o_fold_from_env() -> bool:
+    """PGOLF_O_FOLD: unset or "0" = the o adapter's shrink h · A_oᵀ as its own bmm at the attention's residual site;
+    "1" = inside the q / k / v op (``_DocLoRALayer.qkv_o``), its input gradient summed with theirs in one kernel."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_O_FOLD", {"0": "the o shrink as its own bmm", "1": "the o shrink inside the q / k / v "
+                                       "op"}) == "1"
+
+
+# Off until timed on a GPU. Counted for the records' step (H100, profile-ttt-h100.md measurement 12): the o shrink's
+# input gradient du · A_o was its own bmm (0.06 ms per layer) and one more (64, 2048, 512) read in the RMSNorm's
+# backward, against ~0.03 ms more in sum_products: ~0.8 ms per step over the 10 full-window blocks
+O_FOLD: bool = _o_fold_from_env()
+
 _KERNEL_TARGETS = ("q", "k", "v")  # fused with their base projection by multi_lora_linear (and the head)
 
 
@@ -303,18 +317,27 @@ class _DocLoRALayer:
         self.parent, self.A, self.B = parent, A, B
 
     def qkv(self, h: torch.Tensor, attn):
+        return self.qkv_o(h, attn, fold=False)[:3]
+
+    def qkv_o(self, h: torch.Tensor, attn, fold: bool = True):
+        """(q, k, v, u_o): the projections of h with their adapters, and the o adapter's shrink u_o = h · A_o[row]ᵀ
+        when it ran inside the q / k / v op (``O_FOLD``, the kernel backend, per-row adapters), else None (the
+        attention's residual site forms it). Inside the op, the backward adds du_o · A_o to the input gradient in the
+        merged path's one ``sum_products`` with the q / k / v slices (``multi_lora_linear``'s ``shrinks``)."""
         ad = self.parent
         mods = {"q": attn.c_q, "k": attn.c_k, "v": attn.c_v}
         ts = [t for t in ad.layer_targets if t in mods]
         if ad._kernel is not None and ts:
             bases = [_base_weight(mods[t], h.dtype) for t in ts]
+            fold = fold and O_FOLD and "o" in self.A and not ad._shared()
             # validate=False: the range check of adapter_index is a host sync per call (rows are
             # built by the driver from the batch's own document indices, in range by construction)
             outs = ad._kernel(h, bases, [self.A[t] for t in ts], [self.B[t] for t in ts], alpha=ad.scale,
-                              adapter_index=ad._index(h), validate=False)
+                              adapter_index=ad._index(h), validate=False, shrinks=[self.A["o"]] if fold else None)
             res = dict(zip(ts, outs))
-            return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v"))
-        return tuple(self._lin(t, h, mods[t]) for t in ("q", "k", "v"))
+            return tuple(res[t] if t in res else mods[t](h) for t in ("q", "k", "v")) + (
+                outs[len(ts)] if fold else None,)
+        return tuple(self._lin(t, h, mods[t]) for t in ("q", "k", "v")) + (None,)
 
     def _lin(self, t: str, x: torch.Tensor, mod) -> torch.Tensor:
         y = mod(x)
@@ -347,16 +370,19 @@ class _DocLoRALayer:
     def fused_residual(self) -> bool:
         return self.parent.fused_residual
 
-    def _expand_pair(self, t: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def _expand_pair(self, t: str, x: torch.Tensor, u: Optional[torch.Tensor] = None
+                     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Target t's LoRA as the second product of ``linear_residual``: u = x · A[row]ᵀ (B, T, r) and
-        w2 = s · B[row] (B, out, r), both in x.dtype (s folded into the cast copy of B, as ``_row_grads`` does)."""
+        w2 = s · B[row] (B, out, r), both in x.dtype (s folded into the cast copy of B, as ``_row_grads`` does).
+        ``u`` given (formed elsewhere from the same x, per-row adapters): only w2 is formed."""
         ad = self.parent
         if ad._shared():
             u = F.linear(x, self.A[t][0].to(x.dtype))
             B0 = self.B[t][0] * ad.scale if ad.scale != 1.0 else self.B[t][0]
             w2 = B0.to(x.dtype).expand(x.shape[0], -1, -1).contiguous()
             return u, w2
-        u = torch.bmm(x, ad._sel(self.A[t], x.dtype, x.shape[0]).transpose(1, 2))
+        if u is None:
+            u = torch.bmm(x, ad._sel(self.A[t], x.dtype, x.shape[0]).transpose(1, 2))
         Bs = ad._sel(self.B[t], torch.float32, x.shape[0])
         # inside the compiled block Inductor makes the scale and the cast one pass (lora_merged._scaled_copy does it
         # by hand for the eager custom op)
@@ -376,10 +402,12 @@ class _DocLoRALayer:
         return linear_residual(x.contiguous(), a.contiguous(), W.contiguous(), scale.to(x.dtype).contiguous(), u, w2,
                                validate=False)
 
-    def attn_residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, proj, scale) -> torch.Tensor:
+    def attn_residual(self, x: torch.Tensor, h: torch.Tensor, y: torch.Tensor, proj, scale,
+                      u_o: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x + scale ⊙ (proj(y) + LoRA_o(h)): the attention's residual site in one kernel (``fused_residual``);
-        y is the attention output before its projection, h the normed block input the o adapter reads."""
-        loras = [self._expand_pair("o", h)] if "o" in self.A else []
+        y is the attention output before its projection, h the normed block input the o adapter reads; ``u_o`` its
+        shrink h · A_oᵀ where ``qkv_o`` formed it."""
+        loras = [self._expand_pair("o", h, u_o)] if "o" in self.A else []
         return self._residual(x, y, _dense_weight(proj, x.dtype), scale, loras)
 
     def mlp_residual(self, x: torch.Tensor, m: torch.Tensor, mod, scale) -> torch.Tensor:

@@ -34,8 +34,8 @@ Adapter hook (used by the eval driver's test-time training, ``train/adapters.py`
       attn_scale; may add a LoRA of h), ``up(m, fc)`` and ``down(a, proj)`` (the MLP's projections of
       the normed MLP input m and of the activation a) and ``mlp_out(m, y)`` (the MLP output y; may
       add a LoRA of m). A view whose ``fused_residual`` is true instead provides ``attn_residual(x, h, y,
-      proj, attn_scale)`` (the residual stream after attention, from the attention output y before its
-      projection) and ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one
+      proj, attn_scale, u_o)`` (the residual stream after attention, from the attention output y before its
+      projection; u_o the o adapter's shrink where ``qkv_o(h, attn, fold)`` returned it with q, k and v) and ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one
       kernel (``pgolf_kernels.linear_residual``); with such an adapter the U-Net skips run through
       ``pgolf_kernels.skip_add`` while ``SKIP_KERNEL`` is on.
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
@@ -343,9 +343,11 @@ class Block(nn.Module):
         if adapter is not None and getattr(adapter, "fused_residual", False):
             # TTTConfig.fused_residual: each residual site as one pgolf_kernels.linear_residual GEMM (projection,
             # the o / mlp adapters' expand and the scaled residual add)
-            q, k, v = adapter.qkv(h, self.attn)
+            # the o adapter reads h too: where it is h itself (not the kept positions), its shrink may run inside
+            # the q / k / v op (adapters.O_FOLD)
+            q, k, v, u_o = adapter.qkv_o(h, self.attn, fold=keep is None)
             y = self.attn(h, q, k, v, rope, keep=keep, fused_qk=getattr(adapter, "fused_qk", False), project=False)
-            x = adapter.attn_residual(x, hk, y, self.attn.proj, self.attn_scale)
+            x = adapter.attn_residual(x, hk, y, self.attn.proj, self.attn_scale, u_o)
             return adapter.mlp_residual(x, rms_norm(x), self.mlp, self.mlp_scale)
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)

@@ -44,15 +44,20 @@
 #   skip     the U-Net skips through pgolf_kernels.skip_add (train.model.SKIP_KERNEL, PGOLF_SKIP_ADD): its GPU tests,
 #            bench.bench_skip_add against torch.addcmul and torch.compile, then bench.profile_ttt on the records' step
 #            without and with it (kernel-compile-tail, -skp) in one process
+#   switches the kernel path's off-by-default switches together (linear_act.GRAD_WS, model.SKIP_KERNEL,
+#            adapters.O_FOLD): their ops' GPU tests (the Gluon derivative under a short timeout, skip_add, sum_products
+#            with four sources, multi_lora_linear's shrinks), bench.profile_ttt on the records' step at the defaults,
+#            with -gws and with all three (-gws-skp-of) in one process, then the eval with each switch, eager and
+#            under CUDA graphs
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs or skip"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip or switches"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -167,6 +172,24 @@ case "$STAGE" in
         | grep -E "^\| B|Error|failed" | cut -c1-200
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       step_profile 200 kernel-compile-tail,kernel-compile-tail-skp
+    fi
+    ;;
+  switches)
+    rc=0
+    for sel in "tests/test_linear_act_ws.py -k grad" "tests/test_linear_residual.py -k ws_kernel" "tests/test_skip_add.py" \
+               "tests/test_lora.py -k sum_products or shrinks"; do
+      set -- $sel
+      f=$1; shift; shift 2>/dev/null
+      timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=80 "$f" ${1:+-k "$*"} 2>&1 \
+        | tee -a "$OUTDIR/switches-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    done
+    if [ "$rc" -eq 0 ]; then
+      step_profile 200 kernel-compile-tail,kernel-compile-tail-gws,kernel-compile-tail-gws-skp-of
+      timeout 240 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=200 \
+        tests/test_fused_residual.py -k "switches and (GRAD_WS or O_FOLD or SKIP_KERNEL)" 2>&1 \
+        | tee "$OUTDIR/switches-eval.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi
     ;;
   eff)

@@ -456,15 +456,16 @@ def linear_act(x: Tensor, w: Tensor, act: str = "leaky_relu_sq", slope: float = 
 
 
 def _grad_ws_from_env() -> bool:
-    """PGOLF_ACT_GRAD_WS: "1" = ``linear_act_grad`` on the warp-specialized Gluon kernel where it runs
-    (``_grad_ws_fits``); unset or "0" = ``_linear_act_kernel``."""
-    return _utils.env_choice("PGOLF_ACT_GRAD_WS", {"0": "linear_act's kernel", "1": "the warp-specialized Gluon "
-                                                   "kernel, pgolf_kernels.linear_act_ws.linear_act_grad_ws"}) == "1"
+    """PGOLF_ACT_GRAD_WS: unset or "1" = ``linear_act_grad`` on the warp-specialized Gluon kernel where it runs
+    (``_grad_ws_fits``); "0" = ``_linear_act_kernel``."""
+    return _utils.env_choice("PGOLF_ACT_GRAD_WS", {"1": "the warp-specialized Gluon kernel, "
+                                                   "pgolf_kernels.linear_act_ws.linear_act_grad_ws",
+                                                   "0": "linear_act's kernel"}) == "1"
 
 
-# Off by default until measured inside the records' step: the up-projection's forward on the same kernel took
-# mlp_residual from 9.25-9.32 to 8.87-8.89 ms there (linear_residual.MLP_UP_WS); the derivative GEMM is the MLP
-# backward's 5.18 ms of 11 launches (H100, bench/results/profile-ttt-h100.md measurement 11).
+# On by default: in the records' step on an H200 (bench/results/profile-ttt-h200.md, measurement 10) the 11 derivative
+# GEMMs took 3.95 ms against 5.03 ms on _linear_act_kernel, the step's GEMM group 29.74 -> 28.78 ms, and the eval with
+# it scored as without it, eager and under CUDA graphs (GPU test, H200).
 GRAD_WS: bool = _grad_ws_from_env()
 
 

@@ -1,6 +1,9 @@
-"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue (Gluon): the MLP up-projection of ``linear_act``.
+"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue or its derivative (Gluon): the MLP's up-projection and
+backward GEMM of ``linear_act``.
 
-``linear_residual.mlp_residual`` runs its up-projection on it by default (``linear_residual.MLP_UP_WS``;
+``linear_residual.mlp_residual`` runs its backward's derivative GEMM on it by default (``linear_act.GRAD_WS``,
+``PGOLF_ACT_GRAD_WS=0`` turns it off: the records' step's 11 derivative GEMMs 5.03 -> 3.95 ms on an H200,
+bench/results/profile-ttt-h200.md measurement 10), and its up-projection (``linear_residual.MLP_UP_WS``;
 ``PGOLF_MLP_UP_WS=0`` turns it off): in the records' step that took ``mlp_residual`` from 9.25-9.32 to 8.87-8.89 ms
 in four runs, the step's GPU time -0.30 to -0.67 ms (H100, bench/results/profile-ttt-h100.md, measurements 9-11),
 and the eval with it scores as without it, eager and under CUDA graphs (GPU test, H100).

@@ -155,10 +155,10 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("pgolf_kernels.lora_merged", "_override_from_env", "PGOLF_LORA_MERGED", None, "1", True),
     ("pgolf_kernels.linear_residual", "_mlp_ws_from_env", "PGOLF_MLP_UP_WS", True, "0", False),
     ("pgolf_kernels.linear_residual", "_mlp_signs_from_env", "PGOLF_MLP_SIGNS", False, "1", True),
-    ("pgolf_kernels.linear_act", "_grad_ws_from_env", "PGOLF_ACT_GRAD_WS", False, "1", True),
+    ("pgolf_kernels.linear_act", "_grad_ws_from_env", "PGOLF_ACT_GRAD_WS", True, "0", False),
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False),
-    ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", False, "kernel", True),
-    ("train.adapters", "_o_fold_from_env", "PGOLF_O_FOLD", False, "1", True)])
+    ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", True, "torch", False),
+    ("train.adapters", "_o_fold_from_env", "PGOLF_O_FOLD", True, "0", False)])
 def test_every_switch_reader(monkeypatch, module, reader, var, default, other, want_other):
     """Each switch of the README's table through its reader: unset gives the documented default, the other value
     its setting, a bad value a ValueError naming the variable (PGOLF_NS_FAST_PACK: tests/test_newton_schulz.py)."""

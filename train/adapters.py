@@ -64,17 +64,19 @@ def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Ten
 
 LAYER_TARGETS = ("q", "k", "v", "o", "mlp", "up", "down")
 def _o_fold_from_env() -> bool:
-    """PGOLF_O_FOLD: unset or "0" = the o adapter's shrink h · A_oᵀ as its own bmm at the attention's residual site;
-    "1" = inside the q / k / v op (``_DocLoRALayer.qkv_o``), its input gradient summed with theirs in one kernel."""
+    """PGOLF_O_FOLD: unset or "1" = the o adapter's shrink inside the q / k / v op (``_DocLoRALayer.qkv_o``), its input
+    gradient summed with theirs in one kernel; "0" = its own bmm at the attention's residual site."""
     from pgolf_kernels._utils import env_choice
 
-    return env_choice("PGOLF_O_FOLD", {"0": "the o shrink as its own bmm", "1": "the o shrink inside the q / k / v "
-                                       "op"}) == "1"
+    return env_choice("PGOLF_O_FOLD", {"1": "the o shrink inside the q / k / v op", "0": "the o shrink as its own "
+                                       "bmm"}) == "1"
 
 
-# Off until timed on a GPU. Counted for the records' step (H100, profile-ttt-h100.md measurement 12): the o shrink's
-# input gradient du · A_o was its own bmm (0.06 ms per layer) and one more (64, 2048, 512) read in the RMSNorm's
-# backward, against ~0.03 ms more in sum_products: ~0.8 ms per step over the 10 full-window blocks
+# On by default: in the records' step on an H200 (bench/results/profile-ttt-h200.md, measurement 10) the shrink
+# gradients' bmm du · A 0.97 -> 0.48 ms and the RMSNorm backward that summed it 1.56 -> 1.23 ms, against
+# sum_products 2.94 -> 3.43 ms and the o adapter's dA in fp32 (+0.47 ms, where its bf16 bmm had taken ~0.41): about
+# -0.26 ms, the precision of dx and dA_o up (fp32 sums, one rounding); its eval scored as without it, eager and
+# under CUDA graphs (GPU test, H200). Counted before (H100, measurement 12): ~0.8 ms
 O_FOLD: bool = _o_fold_from_env()
 
 _KERNEL_TARGETS = ("q", "k", "v")  # fused with their base projection by multi_lora_linear (and the head)

@@ -30,6 +30,24 @@ def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, m
     assert any(g.abs().sum() > 0 for g in g_fused)
 
 
+@pytest.mark.parametrize("layout", ["k-bhtd", "bhtd"])
+def test_fused_qk_layouts_equal_the_composition(monkeypatch, layout):
+    """``model.QK_LAYOUT``: q and / or k written in (B, H, T, D) order by the fused pass (the attention output copied
+    back to (B, T, H·D) where q is) give the composition's NLL and adapter gradients, and the layout reaches the op."""
+    import pgolf_kernels.head_norm_rope as hnr
+    import train.model as model_mod
+
+    monkeypatch.setattr(model_mod, "QK_LAYOUT", layout)
+    seen = []
+    orig = hnr.head_norm_rope
+    monkeypatch.setattr(hnr, "head_norm_rope", lambda *a, **k: seen.append(k["layout"]) or orig(*a, **k))
+    model = tiny_model(seed=3, num_layers=2)
+    cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=ALL, tail_block=True)
+    assert_step_unchanged(model, batch(), cfg, 4, "bmm", fused_qk=True)
+    want = ["bhtd" if layout == "bhtd" else "bthd", "bhtd"]   # q, k
+    assert seen[:2] == want and set(seen) == set(want)
+
+
 def test_fused_qk_is_what_the_model_runs(monkeypatch):
     """The option reaches the attention: head_norm_rope runs twice per block (q and k); without it, never."""
     import pgolf_kernels.head_norm_rope as hnr

@@ -158,7 +158,8 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("pgolf_kernels.linear_act", "_grad_ws_from_env", "PGOLF_ACT_GRAD_WS", True, "0", False),
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False),
     ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", True, "torch", False),
-    ("train.adapters", "_o_fold_from_env", "PGOLF_O_FOLD", True, "0", False)])
+    ("train.adapters", "_o_fold_from_env", "PGOLF_O_FOLD", True, "0", False),
+    ("train.model", "_qk_layout_from_env", "PGOLF_QK_LAYOUT", "bthd", "k-bhtd", "k-bhtd")])
 def test_every_switch_reader(monkeypatch, module, reader, var, default, other, want_other):
     """Each switch of the README's table through its reader: unset gives the documented default, the other value
     its setting, a bad value a ValueError naming the variable (PGOLF_NS_FAST_PACK: tests/test_newton_schulz.py)."""
@@ -166,9 +167,9 @@ def test_every_switch_reader(monkeypatch, module, reader, var, default, other, w
 
     fn = getattr(importlib.import_module(module), reader)
     monkeypatch.delenv(var, raising=False)
-    assert fn() is default
+    assert fn() == default and type(fn()) is type(default)
     monkeypatch.setenv(var, other)
-    assert fn() is want_other
+    assert fn() == want_other and type(fn()) is type(want_other)
     monkeypatch.setenv(var, "bogus")
     with pytest.raises(ValueError, match=f"{var} = 'bogus': expected "):
         fn()

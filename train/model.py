@@ -64,6 +64,22 @@ def _skip_kernel_from_env() -> bool:
                                          "torch": "torch.addcmul"}) == "kernel"
 
 
+def _qk_layout_from_env() -> str:
+    """PGOLF_QK_LAYOUT: the memory order ``head_norm_rope`` writes q and k in under ``fused_qk``: "bthd" (default) both
+    in (B, T, H, D) order, so the attention output (in q's order) is a (B, T, H·D) view; "k-bhtd" k in (B, H, T, D)
+    order, q as before; "bhtd" both, the output copied back to (B, T, H·D)."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_QK_LAYOUT", {"bthd": "q and k in (B, T, H, D) order", "k-bhtd": "k in (B, H, T, D) "
+                                          "order", "bhtd": "q and k in (B, H, T, D) order, the output copied"})
+
+
+# "bthd" by default, a switch to time: on an H200 cuDNN's attention took 30.6-31.9 ms per records' step with q and k
+# in (B, T, H, D) order against 29.9 ms in (B, H, T, D) order (torch's norm and rotary), whose output copy took 1.24 ms
+# (bench/results/profile-ttt-h200.md, measurement 11)
+QK_LAYOUT: str = _qk_layout_from_env()
+
+
 # On by default: in the records' step on an H200 (bench/results/profile-ttt-h200.md, measurement 10) the 5 skips took
 # 0.77 ms forward and backward against 1.77 ms for addcmul (0.94) and its backward's mul (0.82), and the eval with it
 # scored as without it, eager and under CUDA graphs (GPU test, H200)
@@ -271,9 +287,11 @@ class CausalSelfAttention(nn.Module):
             from pgolf_kernels.head_norm_rope import head_norm_rope
 
             # "bthd": q and k in the projections' (B, T, H, D) order, as v is: cuDNN's SDPA writes its output in
-            # q's order, so the transpose back to (B, T, H·D) below is a view, not a copy
-            q = head_norm_rope(q, cos, sin, self.num_heads, self.q_gain.to(q.dtype), layout="bthd", validate=False)
-            k = head_norm_rope(k, cos, sin, self.num_kv_heads, layout="bthd", validate=False)
+            # q's order, so the transpose back to (B, T, H·D) below is a view, not a copy (QK_LAYOUT: the others)
+            q = head_norm_rope(q, cos, sin, self.num_heads, self.q_gain.to(q.dtype),
+                               layout="bhtd" if QK_LAYOUT == "bhtd" else "bthd", validate=False)
+            k = head_norm_rope(k, cos, sin, self.num_kv_heads, layout="bthd" if QK_LAYOUT == "bthd" else "bhtd",
+                               validate=False)
         else:
             q = q.reshape(B, T, self.num_heads, self.head_dim).transpose(1, 2)
             k = k.reshape(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)

@@ -49,15 +49,18 @@
 #            with four sources, multi_lora_linear's shrinks), bench.profile_ttt on the records' step at the defaults,
 #            with -gws and with all three (-gws-skp-of) in one process, then the eval with each switch, eager and
 #            under CUDA graphs
+#   layout   the fused q / k pass's memory order (train.model.QK_LAYOUT): bench.profile_ttt on the records' step at the
+#            default "bthd", with k in (B, H, T, D) order (-kbh) and with q and k (-qkbh), each twice in alternating
+#            order (attention moved by ~1 ms between identical variants on an H200), then the eval with each
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip or switches"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches or layout"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -191,6 +194,15 @@ case "$STAGE" in
         | tee "$OUTDIR/switches-eval.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     fi
+    ;;
+  layout)
+    rc=0
+    # the second round under other names (-skp: on by default, the same step), as a variant name is a key
+    step_profile 300 kernel-compile-tail,kernel-compile-tail-kbh,kernel-compile-tail-qkbh,kernel-compile-tail-skp,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-qkbh
+    timeout 200 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=180 \
+      tests/test_fused_residual.py -k "switches and QK_LAYOUT" 2>&1 | tee "$OUTDIR/layout-eval.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   eff)
     timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_lora.py \

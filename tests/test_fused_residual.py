@@ -163,11 +163,12 @@ def test_eval_with_o_fold_and_skip_kernel_scores_like_without(monkeypatch):
     assert_eval_unchanged([dict(fused_residual=True)], lengths=[40, 1], backend="kernel")
 
 
-# the switches the kernel path's eval has besides its options: (module, name)
-EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS"),
-                 "MLP_UP_WS": ("pgolf_kernels.linear_residual", "MLP_UP_WS"),
-                 "GRAD_WS": ("pgolf_kernels.linear_act", "GRAD_WS"), "O_FOLD": ("train.adapters", "O_FOLD"),
-                 "SKIP_KERNEL": ("train.model", "SKIP_KERNEL")}
+# the switches the kernel path's eval has besides its options: (module, name, the value tested)
+EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS", True),
+                 "MLP_UP_WS": ("pgolf_kernels.linear_residual", "MLP_UP_WS", True),
+                 "GRAD_WS": ("pgolf_kernels.linear_act", "GRAD_WS", True), "O_FOLD": ("train.adapters", "O_FOLD", True),
+                 "SKIP_KERNEL": ("train.model", "SKIP_KERNEL", True),
+                 "QK_LAYOUT_K": ("train.model", "QK_LAYOUT", "k-bhtd"), "QK_LAYOUT": ("train.model", "QK_LAYOUT", "bhtd")}
 
 
 @pytest.mark.gpu
@@ -176,14 +177,15 @@ def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, sw
     """On the GPU: evaluate() with ``mlp_residual`` and one switch on (``MLP_SIGNS``: h's signs kept instead
     of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
     backward's derivative GEMM on it; ``adapters.O_FOLD``: the o shrink inside the q / k / v op;
-    ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``), eager and with CUDA graphs (the kernels captured),
-    against the unfused eval: same targets and ledger, BPB within 1e-4."""
+    ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``; ``model.QK_LAYOUT``: k, or q and k, in (B, H, T, D)
+    order), eager and with CUDA graphs (the kernels captured), against the unfused eval: same targets and ledger, BPB
+    within 1e-4. Each switch is set to its tested value (its default is on for most: the test then pins it)."""
     import importlib
 
     if switch in ("MLP_UP_WS", "GRAD_WS") and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is sm_90 only")
-    mod, name = EVAL_SWITCHES[switch]
-    monkeypatch.setattr(importlib.import_module(mod), name, True)
+    mod, name, value = EVAL_SWITCHES[switch]
+    monkeypatch.setattr(importlib.import_module(mod), name, value)
     assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
                            for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
                           rel=1e-4)

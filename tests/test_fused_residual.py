@@ -186,6 +186,7 @@ def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, sw
         pytest.skip("the Gluon kernel is sm_90 only")
     mod, name, value = EVAL_SWITCHES[switch]
     monkeypatch.setattr(importlib.import_module(mod), name, value)
-    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, cuda_graphs=g, graph_min_steps=1)
+    # with the fused q / k pass too (the kernel path's default, and what QK_LAYOUT acts on)
+    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True, fused_qk=True, cuda_graphs=g, graph_min_steps=1)
                            for g in (False, True)], lengths=[300, 1, 77, 140], device="cuda", backend="kernel",
                           rel=1e-4)

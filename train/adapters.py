@@ -63,6 +63,8 @@ def _hash_uniform(ids: torch.Tensor, elem: torch.Tensor, seed: int) -> torch.Ten
 
 
 LAYER_TARGETS = ("q", "k", "v", "o", "mlp", "up", "down")
+
+
 def _o_fold_from_env() -> bool:
     """PGOLF_O_FOLD: unset or "1" = the o adapter's shrink inside the q / k / v op (``_DocLoRALayer.qkv_o``), its input
     gradient summed with theirs in one kernel; "0" = its own bmm at the attention's residual site."""

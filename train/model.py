@@ -35,8 +35,9 @@ Adapter hook (used by the eval driver's test-time training, ``train/adapters.py`
       the normed MLP input m and of the activation a) and ``mlp_out(m, y)`` (the MLP output y; may
       add a LoRA of m). A view whose ``fused_residual`` is true instead provides ``attn_residual(x, h, y,
       proj, attn_scale, u_o)`` (the residual stream after attention, from the attention output y before its
-      projection; u_o the o adapter's shrink where ``qkv_o(h, attn, fold)`` returned it with q, k and v) and ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one
-      kernel (``pgolf_kernels.linear_residual``); with such an adapter the U-Net skips run through
+      projection; u_o the o adapter's shrink where ``qkv_o(h, attn, fold)`` returned it with q, k and v) and
+      ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one kernel
+      (``pgolf_kernels.linear_residual``); with such an adapter the U-Net skips run through
       ``pgolf_kernels.skip_add`` while ``SKIP_KERNEL`` is on.
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
       hidden state (B, T, d); the soft-cap is applied by the model afterwards.

@@ -551,7 +551,7 @@ def _variant(v: str):
         return None
     suf = parts[2:]
     eff = [x for x in suf if re.fullmatch(r"eff[0-9]", x)]   # -effN: lora_merged.EFFECTIVE_CONFIGS[N]
-    if "eff" in suf:
+    if "eff" in suf or {"kbh", "qkbh"} <= set(suf):   # -kbh and -qkbh set one switch: one of them
         return None
     suf = ["eff" if x in eff else x for x in suf]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]

@@ -43,6 +43,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from . import _utils
 from ._utils import check, check_tensor
 
 def runs_on(t: torch.Tensor, *dims: int) -> bool:
@@ -249,8 +250,8 @@ def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
         _check_out(op, out[1], "out[1] (h)", x, M, N)
     _check_hopper(op, x)
     x, w = x.contiguous(), w.contiguous()
-    y, h = out if out is not None else (torch.empty((M, N), device=x.device, dtype=x.dtype),
-                                        torch.empty((M, N), device=x.device, dtype=x.dtype))
+    y, h = out if out is not None else (_utils.empty((M, N), x.dtype, x.device),
+                                        _utils.empty((M, N), x.dtype, x.device))
     _run(x, w, h, y, slope, 1, False)
     return y, h
 
@@ -269,7 +270,7 @@ def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope:
         _check_out(op, out, "out", g, M, N)
     _check_hopper(op, g)
     g, w = g.contiguous(), w.contiguous()
-    y = out if out is not None else torch.empty((M, N), device=g.device, dtype=g.dtype)
+    y = out if out is not None else _utils.empty((M, N), g.dtype, g.device)
     _run(g, w, h, y, slope, 2, True)
     return y
 

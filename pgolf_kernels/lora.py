@@ -219,9 +219,7 @@ def multi_lora_linear_ref(x, bases, As, Bs, *, alpha: float = 1.0, lengths=None,
     out_dtype = cd if compute_dtype is not None else x.dtype
     Bsz, T, d = x.shape
     xc = x.to(cd)
-    mask = None
-    if lengths is not None:
-        mask = (torch.arange(T, device=x.device)[None, :] < lengths.to(torch.int64)[:, None]).to(cd)[..., None]
+    mask = _mask(xc, lengths)
     outs = []
     for base, A, Bm in zip(bases, As, Bs):
         W = _dense_weight(base, cd)

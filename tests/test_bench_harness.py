@@ -859,6 +859,7 @@ def test_profile_ttt_variant_names():
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
                                                        "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
+    assert _variant("kernel-compile-tail-kbh-qkbh") is None   # one layout per variant
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
     assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,

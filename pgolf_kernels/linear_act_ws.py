@@ -61,14 +61,18 @@ BM, BN, BK, STAGES = 128, 128, 64, 4
 
 
 @gluon.jit
-def _loader(x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
-            BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, W_KN: gl.constexpr):
+def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R, BM: gl.constexpr,
+            BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, W_KN: gl.constexpr,
+            HAS_X2: gl.constexpr):
     """Every tile's k-steps in the consumers' order (tile-local index n, then k): stage it % STAGES. W_KN: the weight
-    is stored (K, N) and loaded as (BK, BN) tiles."""
+    is stored (K, N) and loaded as (BK, BN) tiles. HAS_X2: after K's steps, R's: u (M, R) and w2 (B·N, R) tiles
+    into the same stages (their boxes are x's and W's; TMA zero-fills past R), w2's rows those of batch row
+    b = om // T (the caller guarantees T % BM == 0 and N % BN == 0, so a tile never straddles two)."""
     pid = gl.program_id(0)
     tiles_n = gl.cdiv(N, BN)
     total = gl.cdiv(M, BM) * tiles_n
     k_steps = gl.cdiv(K, BK)
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     it = 0
     for t in range(pid, total, NUM_PROGS):
         om = (t // tiles_n) * BM
@@ -77,22 +81,32 @@ def _loader(x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM: gl.constexpr, BN:
             s = it % STAGES
             # empty barriers start as if their phase 1 had completed: the first round does not wait
             mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+            mbarrier.expect(ready.index(s), nbytes)
             tma.async_copy_global_to_shared(x_desc, [om, kk * BK], ready.index(s), xs.index(s))
             if W_KN:
                 tma.async_copy_global_to_shared(w_desc, [kk * BK, on], ready.index(s), ws.index(s))
             else:
                 tma.async_copy_global_to_shared(w_desc, [on, kk * BK], ready.index(s), ws.index(s))
             it += 1
+        if HAS_X2:
+            wrow = (om // T) * N + on
+            for kk in range(gl.cdiv(R, BK)):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), nbytes)
+                tma.async_copy_global_to_shared(u_desc, [om, kk * BK], ready.index(s), xs.index(s))
+                tma.async_copy_global_to_shared(w2_desc, [wrow, kk * BK], ready.index(s), ws.index(s))
+                it += 1
 
 
 @gluon.jit
-def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, C: gl.constexpr,
+def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, C: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
               ACT: gl.constexpr, W_KN: gl.constexpr):
-    """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages, then the epilogue through shared buffer
-    ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through ``h_desc`` (TMA, barrier ``hbar[C]``) and
-    y = h ⊙ act'(h₀) out.
+    """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
+    product), then the epilogue through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through
+    ``h_desc`` (TMA, barrier ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the same way and
+    y = res + s ⊙ acc out (s (N,) at ``s_ptr``, from the fp32 accumulator: one rounding).
 
     The main loops take turns (``turn[c]``: consumer c's j-th main loop waits for the other's main loop before it,
     consumer 0's first waits for none). Besides being the schedule wanted (one main loop on the tensor cores, the
@@ -102,7 +116,7 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
     pid = gl.program_id(0)
     tiles_n = gl.cdiv(N, BN)
     total = gl.cdiv(M, BM) * tiles_n
-    k_steps = gl.cdiv(K, BK)
+    k_steps = gl.cdiv(K, BK) + gl.cdiv(R, BK)
     dtype: gl.constexpr = h_desc.dtype
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 256 // dtype.primitive_bitwidth])
@@ -115,8 +129,8 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
         it0 = n * k_steps
         # consumer 1's j-th main loop follows consumer 0's j-th (turn[1] phase j); consumer 0's j-th follows
         # consumer 1's (j - 1)-th (turn[0] phase j - 1)
-        if ACT == 2:
-            # h₀'s tile is loaded while the main loop runs: the buffer is free once the previous tile's dh store has
+        if ACT >= 2:
+            # h₀'s (or the residual's) tile is loaded while the main loop runs: the buffer is free once the previous tile's dh store has
             # left it (issued a whole main loop of the other consumer ago)
             tma.store_wait(pendings=0)
             mbarrier.expect(hbar.index(C), h_desc.block_type.nbytes)
@@ -137,8 +151,8 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index((it0 + k_steps - 1) % STAGES), count=1)
         mbarrier.arrive(turn.index(1 - C), count=1)
-        h = acc.to(dtype)
         if ACT == 1:
+            h = acc.to(dtype)
             tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's y) has left it
             buf.store(h)
             fence_async_shared()
@@ -147,13 +161,19 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
             hf = gl.where(hf > 0, hf, slope * hf)
             y = (hf * hf).to(dtype)
             tma.store_wait(pendings=0)
+        elif ACT == 3:
+            mbarrier.wait(hbar.index(C), j & 1)
+            cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
+            sv = gl.load(s_ptr + cols, mask=cols < N, other=0.0).to(gl.float32)
+            res = buf.load(mma_layout).to(gl.float32)
+            y = (res + gl.expand_dims(sv, 0) * acc).to(dtype)
         else:
             # dh = g · W rounded to the dtype first (as the GEMM's output is in the torch composition), times
             # act'(h₀) = 2·h₀ where h₀ > 0, 2·slope²·h₀ elsewhere; each thread reads and then overwrites the same
             # elements of the buffer (one distributed layout for both)
             mbarrier.wait(hbar.index(C), j & 1)
             h0 = buf.load(mma_layout).to(gl.float32)
-            y = (h.to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)
+            y = (acc.to(dtype).to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)
         buf.store(y)
         fence_async_shared()
         tma.async_copy_shared_to_global(y_desc, [om, on], buf)
@@ -163,8 +183,9 @@ def _consumer(h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, sl
 
 
 @gluon.jit
-def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, M, N, K, slope, STAGES: gl.constexpr,
-                          NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr):
+def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr, M, N, K, T, R, slope,
+                          STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr,
+                          HAS_X2: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = y_desc.block_type.shape[1]
@@ -184,22 +205,29 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, M, N, K, slope, STAGES
         mbarrier.init(turn.index(i), count=1)
         mbarrier.init(hbar.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, 0, BM, BN, BK, STAGES,
-                     NUM_PROGS, ACT, W_KN)),
-        (_consumer, (h_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, M, N, K, slope, 1, BM, BN, BK, STAGES,
-                     NUM_PROGS, ACT, W_KN)),
-        (_loader, (x_desc, w_desc, xs, ws, ready, empty, M, N, K, BM, BN, BK, STAGES, NUM_PROGS, W_KN)),
+        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, 0, BM, BN, BK,
+                     STAGES, NUM_PROGS, ACT, W_KN)),
+        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, 1, BM, BN, BK,
+                     STAGES, NUM_PROGS, ACT, W_KN)),
+        (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R, BM, BN, BK, STAGES,
+                   NUM_PROGS, W_KN, HAS_X2)),
     ], [4, 1], [232, 40])
 
 
-def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor, w_kn: bool = False):
+def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor, w_kn: bool = False,
+                 u: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None):
+    """TMA descriptors of x, w, h, y, u and w2 (x's and w's again without a second product: never read then)."""
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     wb = [BK, BN] if w_kn else [BN, BK]
     lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
     lw = gl.NVMMASharedLayout.get_default_for(wb, gdt)
     lo = gl.NVMMASharedLayout.get_default_for([BM, BN], gdt)
-    return (TensorDescriptor.from_tensor(x, [BM, BK], lx), TensorDescriptor.from_tensor(w, wb, lw),
-            TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo))
+    xd, wd = TensorDescriptor.from_tensor(x, [BM, BK], lx), TensorDescriptor.from_tensor(w, wb, lw)
+    ud, w2d = xd, wd
+    if u is not None:
+        ud, w2d = TensorDescriptor.from_tensor(u, [BM, BK], lx), TensorDescriptor.from_tensor(w2, [BN, BK], lw)
+    return (xd, wd, TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo),
+            ud, w2d)
 
 
 def _check_gemm(op: str, x: torch.Tensor, xname: str, w: torch.Tensor, w_kn: bool) -> Tuple[int, int, int]:
@@ -227,14 +255,18 @@ def _check_hopper(op: str, x: torch.Tensor) -> None:
           lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
 
 
-def _run(x, w, h, y, slope, act: int, w_kn: bool) -> None:
+def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None, T: int = 0) -> None:
+    """Launch on 2-D operands; act 3 reads the residual through ``h`` and ``s`` (N,); u (M, R) and w2 (B·N, R) the
+    second product, T the rows per batch row."""
     from .linear_act import _num_programs
 
     M, N = y.shape
+    R = 0 if u is None else u.shape[1]
     # linear_act's persistent rule: the stride fixed per device (one compile for every shape), the grid the tiles
     stride, grid = _num_programs(x.device, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn), M, N, x.shape[1], float(slope), STAGES=STAGES,
-                                    NUM_PROGS=stride, ACT=act, W_KN=w_kn, num_warps=4, maxnreg=168)
+    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn, u, w2), y if s is None else s, M, N, x.shape[1],
+                                    max(T, 1), R, float(slope), STAGES=STAGES, NUM_PROGS=stride, ACT=act, W_KN=w_kn,
+                                    HAS_X2=u is not None, num_warps=4, maxnreg=168)
 
 
 def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
@@ -275,10 +307,58 @@ def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope:
     return y
 
 
-def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1) -> dict:
+def residual_fits(a: torch.Tensor, w: torch.Tensor, u: Optional[torch.Tensor] = None) -> bool:
+    """Whether ``linear_residual_ws`` runs for a (B, T, K), one shared w (N, K) and u (B, T, R) or None:
+    ``runs_on`` (R too a multiple of 8), and with a second product T and N multiples of the tile (128), so that
+    no tile straddles two batch rows of w2."""
+    B, T, K = a.shape
+    N = w.shape[0]
+    if not (w.dim() == 2 and runs_on(a, K, N)):
+        return False
+    return u is None or (u.shape[-1] % 8 == 0 and T % BM == 0 and N % BN == 0)
+
+
+def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
+                       u: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
+                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """out = res + scale ⊙ (a · Wᵀ + u · w2ᵀ) (``linear_residual.linear_residual_ref``'s math, one rounding from
+    the fp32 accumulator) for res (B, T, N), a (B, T, K), one shared W (N, K), scale (N,), u (B, T, R) and w2
+    (B, N, R) together or neither; bf16 or fp16 on a Hopper GPU, K, N, R multiples of 8, and with u, T and N
+    multiples of 128 (``residual_fits``). ``out``: the (B, T, N) tensor to write."""
+    op = "linear_residual_ws"
+    check_tensor(a, "a", dtype=(torch.bfloat16, torch.float16), ndim=3, op=op)
+    B, T, K = a.shape
+    M, _, N = _check_gemm(op, a.reshape(B * T, K), "a", w, False)
+    check_tensor(res, "res", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
+    check(tuple(res.shape) == (B, T, N), lambda: f"{op}: res must be {(B, T, N)}, got {tuple(res.shape)}")
+    check_tensor(scale, "scale", dtype=a.dtype, ndim=1, device=a.device, contiguous=True, op=op)
+    check(scale.shape[0] == N, lambda: f"{op}: scale must have N = {N} elements, got {scale.shape[0]}")
+    check((u is None) == (w2 is None), lambda: f"{op}: u and w2 come together or not at all")
+    if u is not None:
+        check_tensor(u, "u", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
+        check_tensor(w2, "w2", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
+        R = u.shape[2]
+        check(tuple(u.shape[:2]) == (B, T) and tuple(w2.shape) == (B, N, R) and R > 0 and R % 8 == 0,
+              lambda: f"{op}: u must be ({B}, {T}, R) and w2 ({B}, {N}, R) with R a positive multiple of 8, got "
+                      f"u {tuple(u.shape)}, w2 {tuple(w2.shape)}")
+        check(T % BM == 0 and N % BN == 0,
+              lambda: f"{op}: with u and w2, T and N must be multiples of {BM} (a tile within one batch row), got "
+                      f"T {T}, N {N}")
+    if out is not None:
+        check_tensor(out, "out", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
+        check(tuple(out.shape) == (B, T, N), lambda: f"{op}: out must be {(B, T, N)}, got {tuple(out.shape)}")
+    _check_hopper(op, a)
+    a2, w = a.reshape(M, K).contiguous(), w.contiguous()
+    y = out if out is not None else _utils.empty((B, T, N), a.dtype, a.device)
+    _run(a2, w, res.view(M, N), y.view(M, N), 0.0, 3, False, None if u is None else u.view(M, -1),
+         None if w2 is None else w2.view(B * N, -1), scale, T)
+    return y
+
+
+def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
     memory: the check before GPU time is spent. ``act``: 1 the forward (h and act(h) out, W (N, K)), 2 the
-    derivative (h read, W (K, N))."""
+    derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``: with the second product."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -290,12 +370,14 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1) -> di
     x = torch.empty((256, 512), dtype=tdt)
     w = torch.empty((512, 256) if w_kn else (256, 512), dtype=tdt)
     h = torch.empty((256, 256), dtype=tdt)
-    descs = _descriptors(x, w, h, h, w_kn)
+    u, w2 = (torch.empty((256, 96), dtype=tdt), torch.empty((512, 96), dtype=tdt)) if x2 else (None, None)
+    descs = _descriptors(x, w, h, h, w_kn, u, w2)
     fn = _linear_act_ws_kernel
-    sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc"), (mangle_type(d) for d in descs)))
-    sig.update(M="i32", N="i32", K="i32", slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr",
-               ACT="constexpr", W_KN="constexpr")
-    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn}
+    sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc", "u_desc", "w2_desc"), (mangle_type(d) for d in descs)))
+    sig.update(s_ptr="*bf16" if dtype == "bf16" else "*fp16", M="i32", N="i32", K="i32", T="i32", R="i32",
+               slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr", ACT="constexpr", W_KN="constexpr",
+               HAS_X2="constexpr")
+    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])

@@ -73,10 +73,33 @@ def _z32(a: Tensor, w: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> Ten
     return z
 
 
+def _res_ws_from_env() -> bool:
+    """PGOLF_RES_WS: "1" = the residual sites' GEMM (``linear_residual`` and ``mlp_residual``'s down-projection) on
+    the warp-specialized Gluon kernel where it runs (``linear_act_ws.residual_fits``); unset or "0" =
+    ``_linear_act_kernel``."""
+    return env_choice("PGOLF_RES_WS", {"1": "the warp-specialized Gluon kernel, "
+                                       "pgolf_kernels.linear_act_ws.linear_residual_ws",
+                                       "0": "linear_act's kernel"}) == "1"
+
+
+RES_WS: bool = _res_ws_from_env()
+
+
+def _residual(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> Tensor:
+    """The residual GEMM on the GPU: ``linear_residual_ws`` when ``RES_WS`` and it fits (imported only then: it needs
+    Triton's Gluon), else ``_linear_act_kernel``."""
+    if RES_WS and a.is_cuda:
+        from .linear_act_ws import linear_residual_ws, residual_fits
+
+        if residual_fits(a, w, u):
+            return linear_residual_ws(res, a, w, scale, u, w2)
+    return _launch(a, w, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0]
+
+
 @torch.library.custom_op("pgolf::linear_residual", mutates_args=())
 def _op(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> Tensor:
     if use_triton(a):
-        return _launch(a, w, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0]
+        return _residual(res, a, w, scale, u, w2)
     return linear_residual_ref(res, a, w, scale, u, w2)
 
 
@@ -187,7 +210,7 @@ def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor,
     else:
         a, keep = linear_act_ref(x, w_up, "leaky_relu_sq", slope)
     if use_triton(x):
-        return _launch(a, w_down, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0], a, keep
+        return _residual(res, a, w_down, scale, u, w2), a, keep
     return linear_residual_ref(res, a, w_down, scale, u, w2), a, keep
 
 

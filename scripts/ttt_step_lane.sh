@@ -52,15 +52,18 @@
 #   layout   the fused q / k pass's memory order (train.model.QK_LAYOUT): bench.profile_ttt on the records' step at the
 #            default "bthd", with k in (B, H, T, D) order (-kbh) and with q and k (-qkbh), each twice in alternating
 #            order (attention moved by ~1 ms between identical variants on an H200), then the eval with each
+#   rws      the residual sites' GEMM on the warp-specialized Gluon kernel (linear_residual.RES_WS, off by default):
+#            its GPU tests under a short timeout, then bench.profile_ttt on the records' step without and with it,
+#            each with and without k in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with it
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches or layout"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout or rws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -203,6 +206,21 @@ case "$STAGE" in
       tests/test_fused_residual.py -k "switches and QK_LAYOUT" 2>&1 | tee "$OUTDIR/layout-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    ;;
+  rws)
+    rc=0
+    timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 \
+      tests/test_linear_act_ws.py -k "residual" 2>&1 | tee "$OUTDIR/rws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=100 \
+      tests/test_linear_residual.py -k "ws_kernel or res_ws" 2>&1 | tee -a "$OUTDIR/rws-tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    # the second round under other names (-skp: on by default, the same step), as a variant name is a key
+    [ "$rc" -eq 0 ] && step_profile 330 kernel-compile-tail,kernel-compile-tail-rws,kernel-compile-tail-kbh,kernel-compile-tail-rws-kbh,kernel-compile-tail-skp-rws-kbh,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-rws,kernel-compile-tail-skp
+    [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
+      tests/test_fused_residual.py -k "switches and RES_WS" 2>&1 | tee "$OUTDIR/rws-eval.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
     ;;
   eff)
     timeout 120 python3 -m pytest -v -rfE -p no:cacheprovider -o faulthandler_timeout=100 tests/test_lora.py \

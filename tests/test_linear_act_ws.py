@@ -22,13 +22,14 @@ hopper = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()
                             reason="needs a Hopper GPU (sm_90: wgmma, warp specialization)")
 
 
-@pytest.mark.parametrize("act", [1, 2])
-def test_compiles_for_sm90_without_spills(act):
-    """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a in both epilogues (act 1: h and
-    act(h) out; act 2: h read, the derivative out, W (K, N)): ptxas accepts it, no spill, shared memory within an
-    H100's 232,448 bytes, the warp-specialized partitions present."""
+@pytest.mark.parametrize("act,x2", [(1, False), (2, False), (3, False), (3, True)])
+def test_compiles_for_sm90_without_spills(act, x2):
+    """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a in every epilogue (act 1: h and
+    act(h) out; act 2: h read, the derivative out, W (K, N); act 3: the residual read, res + s ⊙ acc out, with and
+    without the second product): ptxas accepts it, no spill, shared memory within an H100's 232,448 bytes, the
+    warp-specialized partitions present."""
     out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         f"print(json.dumps(compile_stats(act={act})))")
+                         f"print(json.dumps(compile_stats(act={act}, x2={x2})))")
     s = json.loads(out.strip().splitlines()[-1])
     assert s["ptxas_rc"] == 0, s["ptxas_err"]
     assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
@@ -79,6 +80,36 @@ def test_grad_bad_input_is_refused_by_name():
         linear_act_grad_ws(g, w, h)
 
 
+def test_residual_bad_input_is_refused_by_name():
+    from pgolf_kernels.linear_act_ws import linear_residual_ws
+
+    bf = dict(dtype=torch.bfloat16)
+    res, a, w, s = torch.zeros(2, 128, 128, **bf), torch.zeros(2, 128, 64, **bf), torch.zeros(128, 64, **bf), \
+        torch.zeros(128, **bf)
+    u, w2 = torch.zeros(2, 128, 16, **bf), torch.zeros(2, 128, 16, **bf)
+    with pytest.raises(TypeError, match="a"):
+        linear_residual_ws(res, a.float(), w, s)
+    with pytest.raises(ValueError, match="a must have 3 dimensions"):
+        linear_residual_ws(res, a[0], w, s)
+    with pytest.raises(ValueError, match="w must be"):
+        linear_residual_ws(res, a, torch.zeros(128, 32, **bf), s)
+    with pytest.raises(ValueError, match=r"res must be \(2, 128, 128\)"):
+        linear_residual_ws(torch.zeros(2, 64, 128, **bf), a, w, s)
+    with pytest.raises(ValueError, match="scale must have N = 128"):
+        linear_residual_ws(res, a, w, s[:64])
+    with pytest.raises(ValueError, match="u and w2 come together"):
+        linear_residual_ws(res, a, w, s, u)
+    with pytest.raises(ValueError, match="u must be"):
+        linear_residual_ws(res, a, w, s, torch.zeros(2, 128, 12, **bf), torch.zeros(2, 128, 12, **bf))
+    with pytest.raises(ValueError, match="T and N must be multiples of 128"):
+        linear_residual_ws(torch.zeros(2, 64, 128, **bf), torch.zeros(2, 64, 64, **bf), w, s,
+                           torch.zeros(2, 64, 16, **bf), w2)
+    with pytest.raises(ValueError, match=r"out must be \(2, 128, 128\)"):
+        linear_residual_ws(res, a, w, s, out=res[:1])
+    with pytest.raises(ValueError, match="Hopper"):
+        linear_residual_ws(res, a, w, s, u, w2)
+
+
 def _inputs(M, K, N, dtype, scale=0.05):
     g = torch.Generator().manual_seed(draw_seed())
     x = torch.randn(M, K, generator=g).to("cuda", dtype)
@@ -125,3 +156,30 @@ def test_gpu_grad_matches_fp64(M, K, N, dtype):
         base = linear_act_grad_ref(g, w, h, slope, w_kn=True)
         assert_close_rel(out, ref, base, name=f"dh {M}x{K}x{N} slope {slope}")
 
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,K,N,R", [(1, 128, 64, 128, 0), (3, 100, 72, 136, 0), (2, 256, 512, 512, 96),
+                                       (3, 384, 1536, 256, 8), (64, 2048, 1536, 512, 96), (64, 2048, 512, 512, 0)])
+def test_gpu_residual_matches_fp64(B, T, K, N, R, dtype):
+    """out = res + s ⊙ (a · Wᵀ + u · w2ᵀ) against fp64 (``linear_residual_ref``'s math) with the suite's bound
+    against torch's own composition in the dtype, NaN-filled output: a single tile, tails in M and N and K without
+    the second product, rank 96 (R past BK = 64, zero-filled) and rank 8, the records' MLP-down and attention-output
+    sites (64 x 2048)."""
+    from pgolf_kernels.linear_act_ws import linear_residual_ws
+    from pgolf_kernels.linear_residual import linear_residual_ref
+
+    gen = torch.Generator().manual_seed(draw_seed())
+    res = torch.randn(B, T, N, generator=gen).to("cuda", dtype)
+    a = torch.randn(B, T, K, generator=gen).to("cuda", dtype)
+    w = (torch.randn(N, K, generator=gen) * K ** -0.5).to("cuda", dtype)
+    s = (0.5 + torch.rand(N, generator=gen)).to("cuda", dtype)
+    u = torch.randn(B, T, R, generator=gen).to("cuda", dtype) if R else None
+    w2 = (torch.randn(B, N, R, generator=gen) * R ** -0.5).to("cuda", dtype) if R else None
+    out = torch.full((B, T, N), float("nan"), device="cuda", dtype=dtype)
+    assert linear_residual_ws(res, a, w, s, u, w2, out=out) is out
+    d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
+    assert_close_rel(out, linear_residual_ref(*d), linear_residual_ref(res, a, w, s, u, w2),
+                     name=f"out {B}x{T}x{K}->{N} R {R}")

@@ -357,13 +357,35 @@ def test_act_grad_ws_domain_keeps_the_rest_on_linear_act():
         assert not LA._grad_ws_fits(gc, wc, hc.transpose(0, 1), True)                       # h not contiguous
 
 
+def test_res_ws_domain_keeps_the_rest_on_linear_act():
+    """``linear_residual.RES_WS`` applies where the Gluon residual runs only (``linear_act_ws.residual_fits``): a CPU
+    tensor, fp32, a per-row weight, or a second product whose tiles would straddle two batch rows (T or N not a
+    multiple of 128: the records' 48-row tail block) stay on ``_linear_act_kernel``."""
+    from pgolf_kernels.linear_act_ws import residual_fits
+
+    a = torch.zeros(2, 256, 64, dtype=torch.bfloat16)
+    w, u = torch.zeros(128, 64, dtype=torch.bfloat16), torch.zeros(2, 256, 8, dtype=torch.bfloat16)
+    assert not residual_fits(a, w) and not residual_fits(a, w, u)                         # CPU
+    if not HAS_CUDA:
+        return
+    a, w, u = a.cuda(), w.cuda(), u.cuda()
+    assert not residual_fits(a.float(), w.float())                                        # fp32
+    assert not residual_fits(a, w.expand(2, 128, 64))                                     # per-row W
+    assert not residual_fits(a[:, :48], w, u[:, :48])                                     # T 48 with u
+    assert not residual_fits(a, w[:120], u)                                               # N 120 with u
+    if torch.cuda.get_device_capability()[0] == 9:
+        assert residual_fits(a, w, u) and residual_fits(a[:, :48], w) and residual_fits(a, w[:120])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("module,switch,fn", [("linear_residual", "MLP_UP_WS", "linear_act_ws"),
-                                              ("linear_act", "GRAD_WS", "linear_act_grad_ws")])
+                                              ("linear_act", "GRAD_WS", "linear_act_grad_ws"),
+                                              ("linear_residual", "RES_WS", "linear_residual_ws")])
 def test_gpu_mlp_residual_on_the_ws_kernel(monkeypatch, module, switch, fn):
     """The Gluon kernel inside ``mlp_residual`` (``linear_residual.MLP_UP_WS``: the up-projection;
-    ``linear_act.GRAD_WS``: the backward's derivative GEMM): the records' MLP residual site (d 512, H 1536, rank 96,
-    shared weights) at 4 rows x 2048 calls it once, and the output and every gradient match fp64."""
+    ``linear_act.GRAD_WS``: the backward's derivative GEMM; ``linear_residual.RES_WS``: the down-projection with the
+    second product and the residual): the records' MLP residual site (d 512, H 1536, rank 96, shared weights) at
+    4 rows x 2048 calls it once, and the output and every gradient match fp64."""
     import importlib
 
     from pgolf_kernels import linear_act_ws as WS

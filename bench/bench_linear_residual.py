@@ -8,7 +8,8 @@ Rows, one process, medians of ``triton.testing.do_bench``:
 * forward of each site, per tile config of ``linear_act.TILE_CONFIGS``: against ``res + s * (F.linear(a, W) +
   bmm(u, w2ᵀ))`` under torch.compile (default mode: the GEMMs on cuBLAS, the sum one Triton pass) and against the
   projection's GEMM alone on cuBLAS (``e`` = its time over ours: our GEMM, with the expand and the epilogue, against
-  cuBLAS's bare GEMM);
+  cuBLAS's bare GEMM); on an sm_90 GPU also the warp-specialized Gluon kernel (``linear_act_ws.linear_residual_ws``,
+  what ``linear_residual.RES_WS`` runs: ``gluon_ws_ms`` and ``ws_speedup`` = the best tile's time over its);
 * forward + backward of each site (gradients to the residual, the input, u and w2; W and s frozen, as in TTT);
 * the MLP site with the MLP (``mlp_residual``: activation in the up-projection's epilogue, its derivative in the
   backward's first GEMM) forward + backward against the compiled composition.
@@ -71,6 +72,12 @@ def measure(dev, B: int, T: int, d: int, sites, R: int, timer, compile_fn, dtype
             check_close(y, ref, f"linear_residual config {cfg} on {site}")
             fns[f"ours-c{ci}"] = (lambda c=cfg: _launch(a, w, "residual", 0.0, False, c, aux=res, x2=u, w2=w2,
                                                         scale=s))
+        if a.is_cuda:
+            from pgolf_kernels.linear_act_ws import linear_residual_ws, residual_fits
+
+            if residual_fits(a, w, u):
+                check_close(linear_residual_ws(res, a, w, s, u, w2), ref, f"linear_residual_ws on {site}")
+                fns["gluon-ws"] = lambda: linear_residual_ws(res, a, w, s, u, w2)
         t = time_all(fns, timer, site)
         ours = {k: v for k, v in t.items() if k.startswith("ours-") and v == v}
         if not ours:
@@ -81,6 +88,8 @@ def measure(dev, B: int, T: int, d: int, sites, R: int, timer, compile_fn, dtype
                              t[best], "torch.compile of res + s * (F.linear + bmm)", t["compiled"],
                              cublas_gemm_ms=t["cublas-gemm"], e=t["cublas-gemm"] / t[best],
                              ours_tflops=tflops(flops, t[best]), config=TILE_CONFIGS[int(best[6:])],
+                             **({"gluon_ws_ms": t["gluon-ws"], "ws_speedup": t[best] / t["gluon-ws"],
+                                 "ws_tflops": tflops(flops, t["gluon-ws"])} if "gluon-ws" in t else {}),
                              all_ms={k: round(v, 4) for k, v in t.items()}, configs_skipped=skipped))
         ins = [t_.clone().requires_grad_() for t_ in (res, a, u, w2)]
         t = time_all({"compiled": fwd_bwd(lambda r, x, uu, ww: plain(r, x, w, s, uu, ww), ins, dy),

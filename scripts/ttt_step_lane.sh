@@ -217,7 +217,7 @@ case "$STAGE" in
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     # the second round under other names (-skp: on by default, the same step), as a variant name is a key
-    [ "$rc" -eq 0 ] && step_profile 330 kernel-compile-tail,kernel-compile-tail-rws,kernel-compile-tail-kbh,kernel-compile-tail-rws-kbh,kernel-compile-tail-skp-rws-kbh,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-rws,kernel-compile-tail-skp
+    [ "$rc" -eq 0 ] && step_profile 300 kernel-compile-tail,kernel-compile-tail-rws,kernel-compile-tail-kbh,kernel-compile-tail-rws-kbh,kernel-compile-tail-skp-rws-kbh,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-rws,kernel-compile-tail-skp
     [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
       tests/test_fused_residual.py -k "switches and RES_WS" 2>&1 | tee "$OUTDIR/rws-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }

@@ -61,21 +61,25 @@ BM, BN, BK, STAGES = 128, 128, 64, 4
 
 
 @gluon.jit
-def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R, BM: gl.constexpr,
+def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R, BM: gl.constexpr,
             BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, W_KN: gl.constexpr,
             HAS_X2: gl.constexpr):
     """Every tile's k-steps in the consumers' order (tile-local index n, then k): stage it % STAGES. W_KN: the weight
     is stored (K, N) and loaded as (BK, BN) tiles. HAS_X2: after K's steps, R's: u (M, R) and w2 (B·N, R) tiles
-    into the same stages (their boxes are x's and W's; TMA zero-fills past R), w2's rows those of batch row
-    b = om // T (the caller guarantees T % BM == 0 and N % BN == 0, so a tile never straddles two)."""
+    into the same stages (their boxes are x's and W's; TMA zero-fills past R), w2's rows those of the tile's batch
+    row b (tiles are cut per batch row of T rows; past N a tile's columns read the next row block of w2, and are
+    never stored)."""
     pid = gl.program_id(0)
     tiles_n = gl.cdiv(N, BN)
-    total = gl.cdiv(M, BM) * tiles_n
+    tiles_m = gl.cdiv(T, BM)
+    total = B * tiles_m * tiles_n
     k_steps = gl.cdiv(K, BK)
     nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
     it = 0
     for t in range(pid, total, NUM_PROGS):
-        om = (t // tiles_n) * BM
+        b = (t // tiles_n) // tiles_m
+        ml = ((t // tiles_n) % tiles_m) * BM
+        om = b * T + ml
         on = (t % tiles_n) * BN
         for kk in range(k_steps):
             s = it % STAGES
@@ -89,7 +93,7 @@ def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R
                 tma.async_copy_global_to_shared(w_desc, [on, kk * BK], ready.index(s), ws.index(s))
             it += 1
         if HAS_X2:
-            wrow = (om // T) * N + on
+            wrow = b * N + on
             for kk in range(gl.cdiv(R, BK)):
                 s = it % STAGES
                 mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
@@ -100,7 +104,7 @@ def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R
 
 
 @gluon.jit
-def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, C: gl.constexpr,
+def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, C: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
               ACT: gl.constexpr, W_KN: gl.constexpr):
     """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
@@ -115,7 +119,8 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N
     from an earlier round and read the other tile's data."""
     pid = gl.program_id(0)
     tiles_n = gl.cdiv(N, BN)
-    total = gl.cdiv(M, BM) * tiles_n
+    tiles_m = gl.cdiv(T, BM)
+    total = B * tiles_m * tiles_n
     k_steps = gl.cdiv(K, BK) + gl.cdiv(R, BK)
     dtype: gl.constexpr = h_desc.dtype
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -124,7 +129,9 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N
     n = C
     j = 0
     for t in range(pid + C * NUM_PROGS, total, 2 * NUM_PROGS):
-        om = (t // tiles_n) * BM
+        b = (t // tiles_n) // tiles_m
+        ml = ((t // tiles_n) % tiles_m) * BM
+        om = b * T + ml
         on = (t % tiles_n) * BN
         it0 = n * k_steps
         # consumer 1's j-th main loop follows consumer 0's j-th (turn[1] phase j); consumer 0's j-th follows
@@ -176,14 +183,17 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N
             y = (acc.to(dtype).to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)
         buf.store(y)
         fence_async_shared()
-        tma.async_copy_shared_to_global(y_desc, [om, on], buf)
+        if ACT == 3:
+            tma.async_copy_shared_to_global(y_desc, [b, ml, on], buf.reshape([1, BM, BN]))
+        else:
+            tma.async_copy_shared_to_global(y_desc, [om, on], buf)
         n += 2
         j += 1
     tma.store_wait(pendings=0)
 
 
 @gluon.jit
-def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr, M, N, K, T, R, slope,
+def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                           STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr,
                           HAS_X2: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
@@ -205,18 +215,19 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
         mbarrier.init(turn.index(i), count=1)
         mbarrier.init(hbar.index(i), count=1)
     gl.warp_specialize([
-        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, 0, BM, BN, BK,
+        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 0, BM, BN, BK,
                      STAGES, NUM_PROGS, ACT, W_KN)),
-        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, M, N, K, R, slope, 1, BM, BN, BK,
+        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 1, BM, BN, BK,
                      STAGES, NUM_PROGS, ACT, W_KN)),
-        (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, M, N, K, T, R, BM, BN, BK, STAGES,
+        (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R, BM, BN, BK, STAGES,
                    NUM_PROGS, W_KN, HAS_X2)),
     ], [4, 1], [232, 40])
 
 
 def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Tensor, w_kn: bool = False,
                  u: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None):
-    """TMA descriptors of x, w, h, y, u and w2 (x's and w's again without a second product: never read then)."""
+    """TMA descriptors of x, w, h, y, u and w2 (x's and w's again without a second product: never read then); a 3-D
+    y (B, T, N) gets (1, BM, BN) boxes, so a tile's store stops at its batch row's end."""
     gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
     wb = [BK, BN] if w_kn else [BN, BK]
     lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
@@ -226,8 +237,9 @@ def _descriptors(x: torch.Tensor, w: torch.Tensor, h: torch.Tensor, y: torch.Ten
     ud, w2d = xd, wd
     if u is not None:
         ud, w2d = TensorDescriptor.from_tensor(u, [BM, BK], lx), TensorDescriptor.from_tensor(w2, [BN, BK], lw)
-    return (xd, wd, TensorDescriptor.from_tensor(h, [BM, BN], lo), TensorDescriptor.from_tensor(y, [BM, BN], lo),
-            ud, w2d)
+    yd = (TensorDescriptor.from_tensor(y, [1, BM, BN], gl.NVMMASharedLayout.get_default_for([1, BM, BN], gdt))
+          if y.dim() == 3 else TensorDescriptor.from_tensor(y, [BM, BN], lo))
+    return xd, wd, TensorDescriptor.from_tensor(h, [BM, BN], lo), yd, ud, w2d
 
 
 def _check_gemm(op: str, x: torch.Tensor, xname: str, w: torch.Tensor, w_kn: bool) -> Tuple[int, int, int]:
@@ -255,17 +267,18 @@ def _check_hopper(op: str, x: torch.Tensor) -> None:
           lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
 
 
-def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None, T: int = 0) -> None:
-    """Launch on 2-D operands; act 3 reads the residual through ``h`` and ``s`` (N,); u (M, R) and w2 (B·N, R) the
-    second product, T the rows per batch row."""
+def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None) -> None:
+    """Launch on 2-D x (M, K), h (M, N) and u (M, R); act 3 reads the residual through ``h`` and ``s`` (N,) and
+    writes a 3-D y (B, T, N) (M = B·T; tiles per batch row, so w2 (B·N, R) is one row block per tile); acts 1 and 2
+    write a 2-D y (M, N) (one batch row of M rows)."""
     from .linear_act import _num_programs
 
-    M, N = y.shape
+    B, T, N = y.shape if y.dim() == 3 else (1, ) + tuple(y.shape)
     R = 0 if u is None else u.shape[1]
     # linear_act's persistent rule: the stride fixed per device (one compile for every shape), the grid the tiles
-    stride, grid = _num_programs(x.device, triton.cdiv(M, BM) * triton.cdiv(N, BN))
-    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn, u, w2), y if s is None else s, M, N, x.shape[1],
-                                    max(T, 1), R, float(slope), STAGES=STAGES, NUM_PROGS=stride, ACT=act, W_KN=w_kn,
+    stride, grid = _num_programs(x.device, B * triton.cdiv(T, BM) * triton.cdiv(N, BN))
+    _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn, u, w2), y if s is None else s, B, T, N,
+                                    x.shape[1], R, float(slope), STAGES=STAGES, NUM_PROGS=stride, ACT=act, W_KN=w_kn,
                                     HAS_X2=u is not None, num_warps=4, maxnreg=168)
 
 
@@ -309,13 +322,12 @@ def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope:
 
 def residual_fits(a: torch.Tensor, w: torch.Tensor, u: Optional[torch.Tensor] = None) -> bool:
     """Whether ``linear_residual_ws`` runs for a (B, T, K), one shared w (N, K) and u (B, T, R) or None:
-    ``runs_on`` (R too a multiple of 8), and with a second product T and N multiples of the tile (128), so that
-    no tile straddles two batch rows of w2."""
-    B, T, K = a.shape
+    ``runs_on``, R too a multiple of 8."""
+    K = a.shape[-1]
     N = w.shape[0]
     if not (w.dim() == 2 and runs_on(a, K, N)):
         return False
-    return u is None or (u.shape[-1] % 8 == 0 and T % BM == 0 and N % BN == 0)
+    return u is None or u.shape[-1] % 8 == 0
 
 
 def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
@@ -323,8 +335,9 @@ def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scal
                        out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """out = res + scale ⊙ (a · Wᵀ + u · w2ᵀ) (``linear_residual.linear_residual_ref``'s math, one rounding from
     the fp32 accumulator) for res (B, T, N), a (B, T, K), one shared W (N, K), scale (N,), u (B, T, R) and w2
-    (B, N, R) together or neither; bf16 or fp16 on a Hopper GPU, K, N, R multiples of 8, and with u, T and N
-    multiples of 128 (``residual_fits``). ``out``: the (B, T, N) tensor to write."""
+    (B, N, R) together or neither; bf16 or fp16 on a Hopper GPU, K, N, R multiples of 8 (``residual_fits``).
+    Tiles are cut per batch row: where T is not a multiple of 128 a row's last tile reads rows of the next one and
+    stores only its own (the (1, BM, BN) box of a 3-D output stops at T). ``out``: the (B, T, N) tensor to write."""
     op = "linear_residual_ws"
     check_tensor(a, "a", dtype=(torch.bfloat16, torch.float16), ndim=3, op=op)
     B, T, K = a.shape
@@ -341,17 +354,14 @@ def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scal
         check(tuple(u.shape[:2]) == (B, T) and tuple(w2.shape) == (B, N, R) and R > 0 and R % 8 == 0,
               lambda: f"{op}: u must be ({B}, {T}, R) and w2 ({B}, {N}, R) with R a positive multiple of 8, got "
                       f"u {tuple(u.shape)}, w2 {tuple(w2.shape)}")
-        check(T % BM == 0 and N % BN == 0,
-              lambda: f"{op}: with u and w2, T and N must be multiples of {BM} (a tile within one batch row), got "
-                      f"T {T}, N {N}")
     if out is not None:
         check_tensor(out, "out", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
         check(tuple(out.shape) == (B, T, N), lambda: f"{op}: out must be {(B, T, N)}, got {tuple(out.shape)}")
     _check_hopper(op, a)
     a2, w = a.reshape(M, K).contiguous(), w.contiguous()
     y = out if out is not None else _utils.empty((B, T, N), a.dtype, a.device)
-    _run(a2, w, res.view(M, N), y.view(M, N), 0.0, 3, False, None if u is None else u.view(M, -1),
-         None if w2 is None else w2.view(B * N, -1), scale, T)
+    _run(a2, w, res.view(M, N), y, 0.0, 3, False, None if u is None else u.view(M, -1),
+         None if w2 is None else w2.view(B * N, -1), scale)
     return y
 
 
@@ -371,10 +381,10 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
     w = torch.empty((512, 256) if w_kn else (256, 512), dtype=tdt)
     h = torch.empty((256, 256), dtype=tdt)
     u, w2 = (torch.empty((256, 96), dtype=tdt), torch.empty((512, 96), dtype=tdt)) if x2 else (None, None)
-    descs = _descriptors(x, w, h, h, w_kn, u, w2)
+    descs = _descriptors(x, w, h, h.view(2, 128, 256) if act == 3 else h, w_kn, u, w2)
     fn = _linear_act_ws_kernel
     sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc", "u_desc", "w2_desc"), (mangle_type(d) for d in descs)))
-    sig.update(s_ptr="*bf16" if dtype == "bf16" else "*fp16", M="i32", N="i32", K="i32", T="i32", R="i32",
+    sig.update(s_ptr="*bf16" if dtype == "bf16" else "*fp16", B="i32", T="i32", N="i32", K="i32", R="i32",
                slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr", ACT="constexpr", W_KN="constexpr",
                HAS_X2="constexpr")
     consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2}

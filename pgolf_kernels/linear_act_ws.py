@@ -106,9 +106,9 @@ def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R
 @gluon.jit
 def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, C: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
-              ACT: gl.constexpr, W_KN: gl.constexpr):
+              ACT: gl.constexpr, W_KN: gl.constexpr, HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
-    product), then the epilogue through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through
+    product; PRO_ACT: K's A operand is act(x tile) = leaky_relu(h, slope)², formed in registers), then the epilogue through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through
     ``h_desc`` (TMA, barrier ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the same way and
     y = res + s ⊙ acc out (s (N,) at ``s_ptr``, from the fp32 accumulator: one rounding).
 
@@ -121,10 +121,14 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
     tiles_n = gl.cdiv(N, BN)
     tiles_m = gl.cdiv(T, BM)
     total = B * tiles_m * tiles_n
-    k_steps = gl.cdiv(K, BK) + gl.cdiv(R, BK)
+    k1 = gl.cdiv(K, BK)
+    k_steps = k1
+    if HAS_X2:
+        k_steps = k1 + gl.cdiv(R, BK)
     dtype: gl.constexpr = h_desc.dtype
     mma_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                          instr_shape=[16, BN, 256 // dtype.primitive_bitwidth])
+    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma_layout, k_width=2)
     buf = epi.index(C)
     n = C
     j = 0
@@ -144,17 +148,34 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
             tma.async_copy_global_to_shared(h_desc, [om, on], hbar.index(C), buf)
         mbarrier.wait(turn.index(C), (j - 1 + C) & 1, pred=(j + C) > 0)
         acc = gl.zeros((BM, BN), dtype=gl.float32, layout=mma_layout)
-        for kk in range(k_steps):
+        for kk in range(k1):
             it = it0 + kk
             s = it % STAGES
             mbarrier.wait(ready.index(s), (it // STAGES) & 1)
-            if W_KN:
-                acc = warpgroup_mma(xs.index(s), ws.index(s), acc, is_async=True)
+            if PRO_ACT:
+                # A = act(h) from the stage's h tile, in registers (the down-projection's input never written)
+                hv = xs.index(s).load(a_layout).to(gl.float32)
+                hv = gl.where(hv > 0, hv, slope * hv)
+                a_op = (hv * hv).to(dtype)
+                acc = warpgroup_mma(a_op, ws.index(s).permute((1, 0)), acc, is_async=True)
+                # the register operand stays alive until its wgmma has completed
+                acc, a_op = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_op))
             else:
-                acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
-            # one wgmma left in flight: the previous one has completed, so its stage is free
-            acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                if W_KN:
+                    acc = warpgroup_mma(xs.index(s), ws.index(s), acc, is_async=True)
+                else:
+                    acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
+                # one wgmma left in flight: the previous one has completed, so its stage is free
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
             mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1, pred=kk > 0)
+        if HAS_X2:
+            for kk in range(k_steps - k1):   # the second product's steps (u's tiles in xs, w2's in ws)
+                it = it0 + k1 + kk
+                s = it % STAGES
+                mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+                acc = warpgroup_mma(xs.index(s), ws.index(s).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+                mbarrier.arrive(empty.index((it + STAGES - 1) % STAGES), count=1)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(empty.index((it0 + k_steps - 1) % STAGES), count=1)
         mbarrier.arrive(turn.index(1 - C), count=1)
@@ -195,7 +216,7 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
 @gluon.jit
 def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                           STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr,
-                          HAS_X2: gl.constexpr):
+                          HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = y_desc.block_type.shape[1]
@@ -216,9 +237,9 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
         mbarrier.init(hbar.index(i), count=1)
     gl.warp_specialize([
         (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 0, BM, BN, BK,
-                     STAGES, NUM_PROGS, ACT, W_KN)),
+                     STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
         (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 1, BM, BN, BK,
-                     STAGES, NUM_PROGS, ACT, W_KN)),
+                     STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
         (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R, BM, BN, BK, STAGES,
                    NUM_PROGS, W_KN, HAS_X2)),
     ], [4, 1], [232, 40])
@@ -267,7 +288,7 @@ def _check_hopper(op: str, x: torch.Tensor) -> None:
           lambda: f"{op}: needs a Hopper GPU (sm_90) for wgmma and warp specialization, got x on {x.device}")
 
 
-def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None) -> None:
+def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None, pro_act: bool = False) -> None:
     """Launch on 2-D x (M, K), h (M, N) and u (M, R); act 3 reads the residual through ``h`` and ``s`` (N,) and
     writes a 3-D y (B, T, N) (M = B·T; tiles per batch row, so w2 (B·N, R) is one row block per tile); acts 1 and 2
     write a 2-D y (M, N) (one batch row of M rows)."""
@@ -279,7 +300,7 @@ def _run(x, w, h, y, slope, act: int, w_kn: bool, u=None, w2=None, s=None) -> No
     stride, grid = _num_programs(x.device, B * triton.cdiv(T, BM) * triton.cdiv(N, BN))
     _linear_act_ws_kernel[(grid, )](*_descriptors(x, w, h, y, w_kn, u, w2), y if s is None else s, B, T, N,
                                     x.shape[1], R, float(slope), STAGES=STAGES, NUM_PROGS=stride, ACT=act, W_KN=w_kn,
-                                    HAS_X2=u is not None, num_warps=4, maxnreg=168)
+                                    HAS_X2=u is not None, PRO_ACT=pro_act, num_warps=4, maxnreg=168)
 
 
 def linear_act_ws(x: torch.Tensor, w: torch.Tensor, slope: float = 0.5,
@@ -322,9 +343,8 @@ def linear_act_grad_ws(g: torch.Tensor, w: torch.Tensor, h: torch.Tensor, slope:
 
 def residual_fits(a: torch.Tensor, w: torch.Tensor, u: Optional[torch.Tensor] = None) -> bool:
     """Whether ``linear_residual_ws`` runs for a (B, T, K), one shared w (N, K) and u (B, T, R) or None:
-    ``runs_on``, R too a multiple of 8."""
-    K = a.shape[-1]
-    N = w.shape[0]
+    ``runs_on``, R too a multiple of 8 (K and N from w: a gives the dtype and device)."""
+    N, K = w.shape[0], w.shape[-1]
     if not (w.dim() == 2 and runs_on(a, K, N)):
         return False
     return u is None or u.shape[-1] % 8 == 0
@@ -332,12 +352,15 @@ def residual_fits(a: torch.Tensor, w: torch.Tensor, u: Optional[torch.Tensor] = 
 
 def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                        u: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
-                       out: Optional[torch.Tensor] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None, pre_act: Optional[float] = None) -> torch.Tensor:
     """out = res + scale ⊙ (a · Wᵀ + u · w2ᵀ) (``linear_residual.linear_residual_ref``'s math, one rounding from
     the fp32 accumulator) for res (B, T, N), a (B, T, K), one shared W (N, K), scale (N,), u (B, T, R) and w2
     (B, N, R) together or neither; bf16 or fp16 on a Hopper GPU, K, N, R multiples of 8 (``residual_fits``).
     Tiles are cut per batch row: where T is not a multiple of 128 a row's last tile reads rows of the next one and
-    stores only its own (the (1, BM, BN) box of a 3-D output stops at T). ``out``: the (B, T, N) tensor to write."""
+    stores only its own (the (1, BM, BN) box of a 3-D output stops at T). ``out``: the (B, T, N) tensor to write.
+    ``pre_act`` (a slope): a holds a pre-activation h and the GEMM's A operand is a.dtype(leaky_relu(h, pre_act)²),
+    formed in registers from each h tile (``linear_act.linear_act_ref``'s rounding): the MLP's down-projection
+    without act(h) ever written."""
     op = "linear_residual_ws"
     check_tensor(a, "a", dtype=(torch.bfloat16, torch.float16), ndim=3, op=op)
     B, T, K = a.shape
@@ -360,15 +383,19 @@ def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scal
     _check_hopper(op, a)
     a2, w = a.reshape(M, K).contiguous(), w.contiguous()
     y = out if out is not None else _utils.empty((B, T, N), a.dtype, a.device)
-    _run(a2, w, res.view(M, N), y, 0.0, 3, False, None if u is None else u.view(M, -1),
-         None if w2 is None else w2.view(B * N, -1), scale)
+    _run(a2, w, res.view(M, N), y, 0.0 if pre_act is None else float(pre_act), 3, False,
+         None if u is None else u.view(M, -1), None if w2 is None else w2.view(B * N, -1), scale,
+         pro_act=pre_act is not None)
     return y
 
 
-def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False) -> dict:
+def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False,
+                  pro_act: bool = False) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
     memory: the check before GPU time is spent. ``act``: 1 the forward (h and act(h) out, W (N, K)), 2 the
-    derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``: with the second product."""
+    derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``: with the second product;
+    ``pro_act``: (act 3) A = act(x) formed in registers. ``wgmma_serialized``: ptxas's warning C7515 (a wgmma
+    waited for in place, e.g. for its register operand)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -386,11 +413,12 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
     sig = dict(zip(("x_desc", "w_desc", "h_desc", "y_desc", "u_desc", "w2_desc"), (mangle_type(d) for d in descs)))
     sig.update(s_ptr="*bf16" if dtype == "bf16" else "*fp16", B="i32", T="i32", N="i32", K="i32", R="i32",
                slope="fp32", STAGES="constexpr", NUM_PROGS="constexpr", ACT="constexpr", W_KN="constexpr",
-               HAS_X2="constexpr")
-    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2}
+               HAS_X2="constexpr", PRO_ACT="constexpr")
+    consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2, "PRO_ACT": pro_act}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])
     return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
                 ptxas_err=out.stderr[-2000:] if out.returncode else "",
-                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"))
+                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"),
+                wgmma_serialized="C7515" in out.stderr)

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ._utils import check, check_tensor, env_choice, use_triton
-from .linear_act import _grad_op, _grad_signs_op, _launch, linear_act_ref, linear_act_signs, weight_grad
+from .linear_act import _grad_op, _grad_signs_op, _launch, act_ref, linear_act_ref, linear_act_signs, weight_grad
 from .linear_act import check_args as _check_act
 
 __all__ = ["linear_residual", "linear_residual_ref", "mlp_residual", "mlp_residual_ref", "ResidualLinear"]
@@ -77,9 +77,9 @@ def _res_ws_from_env() -> bool:
     """PGOLF_RES_WS: "1" = the residual sites' GEMM (``linear_residual`` and ``mlp_residual``'s down-projection) on
     the warp-specialized Gluon kernel where it runs (``linear_act_ws.residual_fits``); unset or "0" =
     ``_linear_act_kernel``."""
-    return env_choice("PGOLF_RES_WS", {"1": "the warp-specialized Gluon kernel, "
-                                       "pgolf_kernels.linear_act_ws.linear_residual_ws",
-                                       "0": "linear_act's kernel"}) == "1"
+    return env_choice("PGOLF_RES_WS", {"0": "linear_act's kernel",
+                                       "1": "the warp-specialized Gluon kernel, "
+                                       "pgolf_kernels.linear_act_ws.linear_residual_ws"}) == "1"
 
 
 RES_WS: bool = _res_ws_from_env()
@@ -197,12 +197,38 @@ def _mlp_signs_from_env() -> bool:
 MLP_SIGNS: bool = _mlp_signs_from_env()
 
 
+def _mlp_down_act_from_env() -> bool:
+    """PGOLF_MLP_DOWN_ACT: "1" = ``mlp_residual``'s forward as h = x · W_upᵀ on cuBLAS and the down-projection on the
+    Gluon residual kernel with act(h) formed in registers from h (``linear_residual_ws(pre_act=slope)``), where it
+    runs; unset or "0" = act(h) written by the up-projection's epilogue and read by the down-projection."""
+    return env_choice("PGOLF_MLP_DOWN_ACT", {"0": "act(h) written by the up-projection",
+                                             "1": "act(h) in the down-projection's A operand"}) == "1"
+
+
+MLP_DOWN_ACT: bool = _mlp_down_act_from_env()
+
+
+def _down_act_fits(x: Tensor, w_up: Tensor, w_down: Tensor, u: Optional[Tensor]) -> bool:
+    """``MLP_DOWN_ACT``'s domain: a CUDA x, one shared W_up, and the Gluon residual kernel's (``residual_fits``)."""
+    if not (x.is_cuda and w_up.dim() == 2):
+        return False
+    from .linear_act_ws import residual_fits
+
+    return residual_fits(x, w_down, u)
+
+
 @torch.library.custom_op("pgolf::mlp_residual", mutates_args=())
 def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor, slope: float,
-            u: Optional[Tensor], w2: Optional[Tensor], signs: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+            u: Optional[Tensor], w2: Optional[Tensor], signs: bool = False,
+            down_act: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
     """(out, a, h), or with ``signs`` (out, a, pack_signs(h)): h = x · W_upᵀ and a = act(h) from one kernel (the
     activation in its epilogue), then out from the residual kernel (a · W_downᵀ + u · w2ᵀ, the residual add in its
-    epilogue)."""
+    epilogue). ``down_act``: (out, an empty a, h), h from cuBLAS and act(h) formed inside the residual kernel."""
+    if down_act:
+        from .linear_act_ws import linear_residual_ws
+
+        h = torch.matmul(x, w_up.t())
+        return linear_residual_ws(res, h, w_down, scale, u, w2, pre_act=slope), x.new_empty(0), h
     if signs:
         a, keep = linear_act_signs(x, w_up, slope, validate=False)   # mlp_residual checked x and W_up
     elif use_triton(x):
@@ -215,14 +241,14 @@ def _mlp_op(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Tensor,
 
 
 @_mlp_op.register_fake
-def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2, signs=False):
+def _mlp_op_fake(res, x, w_up, w_down, scale, slope, u, w2, signs=False, down_act=False):
     hid = x.shape[:-1] + (w_up.shape[-2],)
     keep = x.new_empty(x.shape[:-1] + (w_up.shape[-2] // 8,), dtype=torch.uint8) if signs else x.new_empty(hid)
-    return torch.empty_like(res), x.new_empty(hid), keep
+    return torch.empty_like(res), x.new_empty(0) if down_act else x.new_empty(hid), keep
 
 
 def _mlp_setup(ctx, inputs, output):
-    res, x, w_up, w_down, scale, slope, u, w2, signs = inputs
+    res, x, w_up, w_down, scale, slope, u, w2, signs, down_act = inputs
     ctx.slope, ctx.has_u, ctx.signs = slope, u is not None, signs
     ctx.save_for_backward(x, w_up, w_down, scale, u, w2, output[1], output[2])
 
@@ -233,6 +259,8 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
     (s ⊙ g)ᵀ · a (per row for per-row weights, e.g. merged adapters), ∂s = Σ g ⊙ z (only where needed)."""
     x, w_up, w_down, scale, u, w2, a, keep = ctx.saved_tensors
     need = ctx.needs_input_grad
+    if a.numel() == 0 and (need[3] or need[4]):   # down_act kept h only: act(h) again for ∂W_down, ∂s
+        a = act_ref(keep, "leaky_relu_sq", ctx.slope)
     g = g.contiguous()
     w_dn_s = (w_down * (scale[:, None] if w_down.dim() == 2 else scale[None, :, None])).contiguous()
     # linear_act_grad (from h) or linear_act_grad_signs (from act(h) and h's signs): the kernel, or its torch
@@ -247,7 +275,7 @@ def _mlp_backward(ctx, g: Tensor, _da, _dh):
           if need[4] else None)
     du = torch.bmm(g, w2 * scale[None, :, None]) if ctx.has_u and need[6] else None
     dw2 = torch.bmm(g.transpose(1, 2), u) * scale[None, :, None] if ctx.has_u and need[7] else None
-    return g, dx, dw_up, dw_down, ds, None, du, dw2, None
+    return g, dx, dw_up, dw_down, ds, None, du, dw2, None, None
 
 
 _mlp_op.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -272,7 +300,8 @@ def mlp_residual(res: Tensor, x: Tensor, w_up: Tensor, w_down: Tensor, scale: Te
         _check_site(op, res, x, tuple(x.shape[:2]) + (w_up.shape[-2],), w_down, scale, u, w2, layout=(w_up,))
     # where h <= 0, √act(h) = |slope·h|, so act'(h) = 2·slope²·h = -2·slope·√act(h) only for slope >= 0
     signs = MLP_SIGNS and slope >= 0 and w_up.shape[-2] % 8 == 0
-    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2, signs)[0]
+    down_act = MLP_DOWN_ACT and not signs and use_triton(x) and _down_act_fits(x, w_up, w_down, u)
+    return _mlp_op(res, x, w_up, w_down, scale, float(slope), u, w2, signs, down_act)[0]
 
 
 def check_args(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> None:

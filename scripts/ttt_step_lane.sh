@@ -52,9 +52,10 @@
 #   layout   the fused q / k pass's memory order (train.model.QK_LAYOUT): bench.profile_ttt on the records' step at the
 #            default "bthd", with k in (B, H, T, D) order (-kbh) and with q and k (-qkbh), each twice in alternating
 #            order (attention moved by ~1 ms between identical variants on an H200), then the eval with each
-#   rws      the residual sites' GEMM on the warp-specialized Gluon kernel (linear_residual.RES_WS, off by default):
-#            its GPU tests under a short timeout, then bench.profile_ttt on the records' step without and with it,
-#            each with and without k in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with it
+#   rws      the residual sites' GEMM on the warp-specialized Gluon kernel (linear_residual.RES_WS, off by default) and
+#            mlp_residual with act(h) formed in its A operand (linear_residual.MLP_DOWN_ACT, off): their GPU tests
+#            under a short timeout, then bench.profile_ttt on the records' step without them, with -rws, with
+#            -rws-dact and with k in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with each
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
@@ -213,13 +214,13 @@ case "$STAGE" in
       tests/test_linear_act_ws.py -k "residual" 2>&1 | tee "$OUTDIR/rws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=100 \
-      tests/test_linear_residual.py -k "ws_kernel or res_ws" 2>&1 | tee -a "$OUTDIR/rws-tests.log" \
+      tests/test_linear_residual.py -k "ws_kernel or res_ws or down_act" 2>&1 | tee -a "$OUTDIR/rws-tests.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     # the second round under other names (-skp: on by default, the same step), as a variant name is a key
-    [ "$rc" -eq 0 ] && step_profile 300 kernel-compile-tail,kernel-compile-tail-rws,kernel-compile-tail-kbh,kernel-compile-tail-rws-kbh,kernel-compile-tail-skp-rws-kbh,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-rws,kernel-compile-tail-skp
+    [ "$rc" -eq 0 ] && step_profile 300 kernel-compile-tail,kernel-compile-tail-rws,kernel-compile-tail-rws-dact,kernel-compile-tail-kbh,kernel-compile-tail-skp-kbh,kernel-compile-tail-skp-rws-dact,kernel-compile-tail-skp-rws,kernel-compile-tail-skp
     [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
-      tests/test_fused_residual.py -k "switches and RES_WS" 2>&1 | tee "$OUTDIR/rws-eval.log" \
+      tests/test_fused_residual.py -k "switches and (RES_WS or MLP_DOWN_ACT)" 2>&1 | tee "$OUTDIR/rws-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
     ;;
   eff)

@@ -22,19 +22,21 @@ hopper = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()
                             reason="needs a Hopper GPU (sm_90: wgmma, warp specialization)")
 
 
-@pytest.mark.parametrize("act,x2", [(1, False), (2, False), (3, False), (3, True)])
-def test_compiles_for_sm90_without_spills(act, x2):
+@pytest.mark.parametrize("act,x2,pro_act", [(1, False, False), (2, False, False), (3, False, False), (3, True, False),
+                                            (3, True, True)])
+def test_compiles_for_sm90_without_spills(act, x2, pro_act):
     """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a in every epilogue (act 1: h and
     act(h) out; act 2: h read, the derivative out, W (K, N); act 3: the residual read, res + s ⊙ acc out, with and
-    without the second product): ptxas accepts it, no spill, shared memory within an H100's 232,448 bytes, the
-    warp-specialized partitions present."""
+    without the second product, and with act(h) formed in registers as the A operand): ptxas accepts it, no spill,
+    no wgmma serialized (C7515: the register operand's wgmma waited for in place), shared memory within an H100's
+    232,448 bytes, the warp-specialized partitions present."""
     out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         f"print(json.dumps(compile_stats(act={act}, x2={x2})))")
+                         f"print(json.dumps(compile_stats(act={act}, x2={x2}, pro_act={pro_act})))")
     s = json.loads(out.strip().splitlines()[-1])
     assert s["ptxas_rc"] == 0, s["ptxas_err"]
     assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
     assert 0 < s["smem"] <= 232448, s
-    assert s["partitions"] > 0 and s["wgmma"] > 0, s
+    assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
 
 
 def test_bad_input_is_refused_by_name():
@@ -183,3 +185,33 @@ def test_gpu_residual_matches_fp64(B, T, K, N, R, dtype):
     d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
     assert_close_rel(out, linear_residual_ref(*d), linear_residual_ref(res, a, w, s, u, w2),
                      name=f"out {B}x{T}x{K}->{N} R {R}")
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,H,N,R", [(1, 128, 64, 128, 0), (3, 100, 200, 136, 8), (5, 96, 1536, 512, 96),
+                                       (64, 2048, 1536, 512, 96)])
+def test_gpu_residual_with_act_prologue_matches_fp64(B, T, H, N, R, dtype):
+    """``pre_act``: out = res + s ⊙ (dtype(leaky_relu(h, slope)²) · Wᵀ + u · w2ᵀ) with the activation formed from each
+    h tile in registers, against fp64 of the same math (act(h) rounded to the dtype as ``linear_act_ref`` rounds
+    it), slopes 0.5 and 0.3, NaN-filled output; tails in M, N and K (H 200), T not a multiple of the tile, the
+    records' MLP down-projection (64 x 2048, H 1536, rank 96)."""
+    from pgolf_kernels.linear_act import act_ref
+    from pgolf_kernels.linear_act_ws import linear_residual_ws
+    from pgolf_kernels.linear_residual import linear_residual_ref
+
+    gen = torch.Generator().manual_seed(draw_seed())
+    res = torch.randn(B, T, N, generator=gen).to("cuda", dtype)
+    h = torch.randn(B, T, H, generator=gen).to("cuda", dtype)
+    w = (torch.randn(N, H, generator=gen) * H ** -0.5).to("cuda", dtype)
+    s = (0.5 + torch.rand(N, generator=gen)).to("cuda", dtype)
+    u = torch.randn(B, T, R, generator=gen).to("cuda", dtype) if R else None
+    w2 = (torch.randn(B, N, R, generator=gen) * R ** -0.5).to("cuda", dtype) if R else None
+    for slope in (0.5, 0.3):
+        a = act_ref(h, "leaky_relu_sq", slope)
+        out = torch.full((B, T, N), float("nan"), device="cuda", dtype=dtype)
+        assert linear_residual_ws(res, h, w, s, u, w2, out=out, pre_act=slope) is out
+        d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
+        assert_close_rel(out, linear_residual_ref(*d), linear_residual_ref(res, a, w, s, u, w2),
+                         name=f"out {B}x{T}x{H}->{N} R {R} slope {slope}")

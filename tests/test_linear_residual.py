@@ -376,15 +376,48 @@ def test_res_ws_domain_keeps_the_rest_on_linear_act():
         assert residual_fits(a, w, u) and residual_fits(a[:, :48], w, u[:, :48]) and residual_fits(a, w[:120], u)
 
 
+def test_mlp_down_act_plumbing_matches_fp64(monkeypatch):
+    """``MLP_DOWN_ACT``'s path through ``mlp_residual`` on a CPU, with the Gluon kernel (sm_90 only) replaced by its
+    math (act(h) rounded to the dtype, then ``linear_residual_ref``): the op keeps h and an empty act(h), its fake
+    agrees under torch.compile, and the output and every gradient (W_down's and s's from act(h) recomputed in the
+    backward) match fp64. The kernel itself: the GPU tests (test_linear_act_ws.py, and the switch above)."""
+    from pgolf_kernels import linear_act_ws as WS
+    from pgolf_kernels import linear_residual as LR
+    from pgolf_kernels.linear_act import act_ref
+
+    calls = []
+
+    def math(res, h, w, s, u=None, w2=None, out=None, pre_act=None):
+        calls.append(pre_act)
+        return linear_residual_ref(res, act_ref(h, "leaky_relu_sq", pre_act), w, s, u, w2)
+
+    monkeypatch.setattr(WS, "linear_residual_ws", math)
+    monkeypatch.setattr(LR, "MLP_DOWN_ACT", True)
+    monkeypatch.setattr(LR, "_down_act_fits", lambda *a: True)
+    monkeypatch.setattr(LR, "use_triton", lambda t: True)
+    args = _mlp_inputs(2, 24, 16, 48, 8, False, torch.float32, device="cpu")
+    g = torch.randn(2, 24, 16, generator=torch.Generator().manual_seed(draw_seed()))
+    _check_mlp_residual(args, g, slope=0.3)
+    assert calls == [0.3]
+    out, a, h = LR._mlp_op(*args[:5], 0.5, *args[5:], False, True)
+    assert a.numel() == 0 and h.shape == (2, 24, 48)
+    y = torch.compile(lambda *t: LR._mlp_op(*t, 0.5, args[5], args[6], False, True)[0], fullgraph=True,
+                      backend="aot_eager")(*args[:5])
+    torch.testing.assert_close(y, out)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("module,switch,fn", [("linear_residual", "MLP_UP_WS", "linear_act_ws"),
                                               ("linear_act", "GRAD_WS", "linear_act_grad_ws"),
-                                              ("linear_residual", "RES_WS", "linear_residual_ws")])
+                                              ("linear_residual", "RES_WS", "linear_residual_ws"),
+                                              ("linear_residual", "MLP_DOWN_ACT", "linear_residual_ws")])
 def test_gpu_mlp_residual_on_the_ws_kernel(monkeypatch, module, switch, fn):
     """The Gluon kernel inside ``mlp_residual`` (``linear_residual.MLP_UP_WS``: the up-projection;
     ``linear_act.GRAD_WS``: the backward's derivative GEMM; ``linear_residual.RES_WS``: the down-projection with the
-    second product and the residual): the records' MLP residual site (d 512, H 1536, rank 96, shared weights) at
-    4 rows x 2048 calls it once, and the output and every gradient match fp64."""
+    second product and the residual; ``linear_residual.MLP_DOWN_ACT``: that down-projection with act(h) formed from h
+    in registers, h from cuBLAS): the records' MLP residual site (d 512, H 1536, rank 96, shared weights) at 4 rows
+    x 2048 calls it once, and the output and every gradient (W_down's and s's from act(h) recomputed) match
+    fp64."""
     import importlib
 
     from pgolf_kernels import linear_act_ws as WS

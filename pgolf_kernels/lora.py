@@ -367,9 +367,10 @@ def _fwd_op(x: Tensor, ws: List[Tensor], scales: List[Tensor], As: List[Tensor],
     us = us if m is None else [u * m for u in us]
     if merged:
         # outputs: the y_i, the u_j, then the E_i the backward reads (saved, not recomputed: 0.07 ms per call at B64
-        # T2048 r96 Q+V on H200; the fake below mirrors this layout)
-        ys, Es = lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index)
-        return ys + us + Es
+        # T2048 r96 Q+V on H200) and its α·A_i, α·B_i copies (lora_merged.low_copies); the fake mirrors this layout
+        low = lora_merged.low_copies(x, ws, As)
+        ys, Es = lora_merged.forward(x, _dense_all(ws, scales, x.dtype), As, Bs, alpha, adapter_index, low)
+        return ys + us + Es + low
     outs = [_utils.empty((Bsz, T, w.shape[0]), x.dtype, x.device) for w in ws]
     # adapters cast to the activation dtype once here (0.26 M elements per slice at B64 r8 d512) rather than in
     # every K step of every tile: the in-loop cast forced a register->smem round trip per step in the kernel
@@ -405,6 +406,8 @@ def _fwd_fake(x, ws, scales, As, Bs, shrinks, alpha, lengths, adapter_index, det
     ys += [x.new_empty((x.shape[0], x.shape[1], S.shape[1])) for S in shrinks]
     if merged:
         ys += [x.new_empty((x.shape[0], w.shape[0], x.shape[2])) for w in ws]
+        for w, A in zip(ws, As):
+            ys += [x.new_empty((x.shape[0], A.shape[1], x.shape[2])), x.new_empty((x.shape[0], w.shape[0], A.shape[1]))]
     return ys
 
 
@@ -414,7 +417,8 @@ def _bwd_op(x: Tensor, dys: List[Tensor], dus: List[Tensor], ws: List[Tensor], s
             adapter_index: Optional[Tensor], deterministic: bool, need_dx: bool, merged: bool,
             effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ..., dS_0, ...] of grad rows).
-    ``merged``: the forward's strategy; ``effs``: its E_i on the merged path (empty: rebuilt here); ``dus``: the
+    ``merged``: the forward's strategy; ``effs``: its E_i and α·A_i, α·B_i copies on the merged path (empty: rebuilt
+    here); ``dus``: the
     gradients of the shrinks' outputs."""
     from . import lora_triton as K
 
@@ -441,15 +445,17 @@ def _bwd_op(x: Tensor, dys: List[Tensor], dus: List[Tensor], ws: List[Tensor], s
     dys = [dy.to(x.dtype).contiguous() for dy in dys]
     if merged:
         Bsz = x.shape[0]
-        Es = list(effs) if effs else [lora_merged.effective_weight(w, A, Bm, alpha, adapter_index, Bsz)
-                                      for w, A, Bm in zip(Wd, As, Bs)]
+        # effs: the forward's E_i, then its α·A_i, α·B_i copies (empty: E rebuilt here, the copies made per use)
+        Es = list(effs[:len(ws)]) if effs else [lora_merged.effective_weight(w, A, Bm, alpha, adapter_index, Bsz)
+                                                for w, A, Bm in zip(Wd, As, Bs)]
+        low = list(effs[len(ws):]) if effs else None
         # row b's grads go straight to grad row b (adapter_index None: adapters >= B get none; deterministic with
         # an index: per-row grads, reduced below in a fixed order); shared adapters are summed by index_add_
         direct = not (by_index and adapter_index is not None)
         outA = [t[:Bsz] if direct else None for t in dAs]
         outB = [t[:Bsz] if direct else None for t in dBs]
         mdx, mdA, mdB = lora_merged.backward(x, dys, Es, As, Bs, alpha, adapter_index, need_dx, outA, outB,
-                                             dus, Ss)
+                                             dus, Ss, low=low)
         mdS = _shrink_grads(x, dus, [t[:Bsz] if direct else None for t in dSs])
         if not direct:
             for dst, src in zip(dAs + dBs + dSs, mdA + mdB + mdS):
@@ -505,7 +511,7 @@ def _fwd_setup(ctx, inputs, output):
     ctx.ns, ctx.nscale, ctx.nsh, ctx.merged = len(ws), len(scales), len(shrinks), merged
     ctx.alpha, ctx.deterministic = alpha, deterministic
     ctx.need_dx = bool(ctx.needs_input_grad[0])
-    Es = list(output[len(ws) + len(shrinks):])   # the merged path's E_i (none on the kernel path)
+    Es = list(output[len(ws) + len(shrinks):])   # the merged path's E_i and α·A_i, α·B_i (none on the kernel path)
     ctx.neff = len(Es)
     if Es:
         ctx.mark_non_differentiable(*Es)

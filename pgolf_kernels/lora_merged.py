@@ -92,10 +92,12 @@ def use_merged(T: int, rank: int, lengths: Optional[Tensor]) -> bool:
 
 
 @triton.jit
-def _effective_kernel(W, A, Bm, IDX, E, N, D, R, n_adapters, alpha, HAS_IDX: tl.constexpr,
-                      BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr):
+def _effective_kernel(W, A, Bm, IDX, E, AL, BL, N, D, R, n_adapters, alpha, HAS_IDX: tl.constexpr,
+                      BN: tl.constexpr, BD: tl.constexpr, RP: tl.constexpr, LOW: tl.constexpr):
     """E[b, n, k] = W[n, k] + alpha * sum_r B[a, n, r] A[a, r, k], a = IDX[b] (clamped) or b; one (BN, BD) tile
-    per program; A and B are cast to E's dtype before the dot (as the torch path casts the adapters)."""
+    per program; A and B are cast to E's dtype before the dot (as the torch path casts the adapters). LOW: also
+    AL[b] = dtype(alpha * A[a]) (the programs of the first n tile) and BL[b] = dtype(alpha * B[a]) (those of the
+    first d tile), the backward's operands, from the tiles already loaded."""
     pn = tl.program_id(0)
     pd = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
@@ -107,9 +109,16 @@ def _effective_kernel(W, A, Bm, IDX, E, N, D, R, n_adapters, alpha, HAS_IDX: tl.
     rr = tl.arange(0, RP)
     mn, md, mr = rn < N, rd < D, rr < R
     dt = E.dtype.element_ty
-    bt = tl.load(Bm + a * N * R + rn[:, None] * R + rr[None, :], mask=mn[:, None] & mr[None, :], other=0.0).to(dt)
-    at = tl.load(A + a * R * D + rr[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0).to(dt)
-    acc = tl.dot(bt, at)
+    bt = tl.load(Bm + a * N * R + rn[:, None] * R + rr[None, :], mask=mn[:, None] & mr[None, :], other=0.0)
+    at = tl.load(A + a * R * D + rr[:, None] * D + rd[None, :], mask=mr[:, None] & md[None, :], other=0.0)
+    if LOW:
+        if pn == 0:
+            tl.store(AL + b * R * D + rr[:, None] * D + rd[None, :], (at.to(tl.float32) * alpha).to(dt),
+                     mask=mr[:, None] & md[None, :])
+        if pd == 0:
+            tl.store(BL + b * N * R + rn[:, None] * R + rr[None, :], (bt.to(tl.float32) * alpha).to(dt),
+                     mask=mn[:, None] & mr[None, :])
+    acc = tl.dot(bt.to(dt), at.to(dt))
     w = tl.load(W + rn[:, None] * D + rd[None, :], mask=mn[:, None] & md[None, :], other=0.0).to(tl.float32)
     tl.store(E + b * N * D + rn[:, None] * D + rd[None, :], (w + alpha * acc).to(dt), mask=mn[:, None] & md[None, :])
 
@@ -141,10 +150,15 @@ EFFECTIVE_CONFIGS = [dict(BN=128, BD=128, num_warps=8), dict(BN=64, BD=128, num_
 
 
 def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor],
-                     rows: int, config: Optional[dict] = None) -> Tensor:
+                     rows: int, config: Optional[dict] = None, low: Optional[Tuple[Tensor, Tensor]] = None) -> Tensor:
     """E = W + α·B[a]·A[a] per batch row, (rows, N, d) in W.dtype. W (N, d) dense; A (n, r, d); Bm (n, N, r).
-    ``config``: the GPU tile (BN, BD, num_warps; default ``EFFECTIVE_CONFIG``)."""
+    ``config``: the GPU tile (BN, BD, num_warps; default ``EFFECTIVE_CONFIG``). ``low``: contiguous (rows, r, d) and
+    (rows, N, r) tensors of W.dtype that also receive W.dtype(α·A[a]) and W.dtype(α·B[a]) (``_scaled_copy``'s
+    values: the backward's operands, written by the same launch)."""
     if not use_triton(W):
+        if low is not None:
+            low[0].copy_(_scaled_copy(_select(A, adapter_index, rows), alpha, W.dtype))
+            low[1].copy_(_scaled_copy(_select(Bm, adapter_index, rows), alpha, W.dtype))
         return effective_weight_ref(W, A, Bm, alpha, adapter_index, rows)
     N, D = W.shape
     r = A.shape[1]
@@ -153,20 +167,26 @@ def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_ind
     BN, BD = cfg["BN"], cfg["BD"]
     grid = (triton.cdiv(N, BN), triton.cdiv(D, BD), rows)
     idx = adapter_index if adapter_index is not None else E
-    _effective_kernel[grid](W.contiguous(), A.contiguous(), Bm.contiguous(), idx, E, N, D, r, A.shape[0],
+    AL, BL = low if low is not None else (E, E)
+    _effective_kernel[grid](W.contiguous(), A.contiguous(), Bm.contiguous(), idx, E, AL, BL, N, D, r, A.shape[0],
                             float(alpha), HAS_IDX=adapter_index is not None, BN=BN, BD=BD,
-                            RP=max(16, triton.next_power_of_2(r)), num_warps=cfg["num_warps"])
+                            RP=max(16, triton.next_power_of_2(r)), LOW=low is not None, num_warps=cfg["num_warps"])
     return E
 
 
 def _row_grads(Gt: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_index: Optional[Tensor], rows: int,
-               dA_out: Optional[Tensor] = None, dB_out: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+               dA_out: Optional[Tensor] = None, dB_out: Optional[Tensor] = None,
+               low: Optional[Tuple[Tensor, Tensor]] = None) -> Tuple[Tensor, Tensor]:
     """Per-row adapter gradients from Gt = ∂L/∂E (rows, N, d) in the activation dtype: dA = α·B[a]ᵀ·Gt (rows, r, d)
-    and dB = α·Gt·A[a]ᵀ (rows, N, r), fp32, before any reduction over rows that share an adapter."""
+    and dB = α·Gt·A[a]ᵀ (rows, N, r), fp32, before any reduction over rows that share an adapter. ``low``: the
+    (α·A[a], α·B[a]) copies in Gt's dtype when the forward made them (``effective_weight(low=...)``)."""
     dt = Gt.dtype
     # alpha is folded into the x.dtype copies of B (for dA) and A (for dB): no scaling pass over the fp32 grads
-    Bl = _scaled_copy(_select(Bm, adapter_index, rows), alpha, dt)
-    Al = _scaled_copy(_select(A, adapter_index, rows), alpha, dt)
+    if low is not None:
+        Al, Bl = low
+    else:
+        Bl = _scaled_copy(_select(Bm, adapter_index, rows), alpha, dt)
+        Al = _scaled_copy(_select(A, adapter_index, rows), alpha, dt)
     return _mm32(Bl.transpose(1, 2), Gt, dA_out), _mm32(Gt, Al.transpose(1, 2), dB_out)
 
 
@@ -261,12 +281,28 @@ def _mm32(a: Tensor, b: Tensor, out: Optional[Tensor] = None) -> Tensor:
     return out.copy_(r) if out is not None else r
 
 
+def low_copies(x: Tensor, Ws: List[Tensor], As: List[Tensor]) -> List[Tensor]:
+    """Empty (B, r_i, d) and (B, N_i, r_i) tensors of x.dtype per adapter, flat [AL_0, BL_0, AL_1, ...]: where
+    ``forward(low=...)`` writes α·A and α·B for the backward."""
+    B, d = x.shape[0], x.shape[2]
+    out = []
+    for W, A in zip(Ws, As):
+        out += [_utils.empty((B, A.shape[1], d), x.dtype, x.device),
+                _utils.empty((B, W.shape[0], A.shape[1]), x.dtype, x.device)]
+    return out
+
+
+# The backward's α·A and α·B copies in x.dtype come from the effective-weight launch, which loads both anyway: in the
+# records' step on an H200 (profile-ttt-h200.md, measurement 10) 66 separate scaled copies (aten::mul with a bf16
+# output) had taken 0.54 ms
 def forward(x: Tensor, Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
-            adapter_index: Optional[Tensor]) -> Tuple[List[Tensor], List[Tensor]]:
+            adapter_index: Optional[Tensor], low: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
     """(y_i = x · E_iᵀ as contiguous (B, T, N_i) tensors of x.dtype, the E_i (B, N_i, d) for the backward).
-    Ws dense (N_i, d) of x.dtype."""
+    Ws dense (N_i, d) of x.dtype. ``low``: ``low_copies``'s tensors, filled with α·A_i and α·B_i per row."""
     rows = x.shape[0]
-    Es = [effective_weight(W, A, Bm, alpha, adapter_index, rows) for W, A, Bm in zip(Ws, As, Bs)]
+    Es = [effective_weight(W, A, Bm, alpha, adapter_index, rows,
+                           low=None if low is None else (low[2 * i], low[2 * i + 1]))
+          for i, (W, A, Bm) in enumerate(zip(Ws, As, Bs))]
     return [torch.bmm(x, E.transpose(1, 2)) for E in Es], Es
 
 
@@ -403,12 +439,13 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
 
 def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
              adapter_index: Optional[Tensor], need_dx: bool, dA_out: List[Optional[Tensor]],
-             dB_out: List[Optional[Tensor]], dus: List[Tensor] = (), Ss: List[Tensor] = ()
-             ) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
+             dB_out: List[Optional[Tensor]], dus: List[Tensor] = (), Ss: List[Tensor] = (),
+             low: Optional[List[Tensor]] = None) -> Tuple[Optional[Tensor], List[Tensor], List[Tensor]]:
     """(dx or None, per-row dA_i (B, r, d) fp32, per-row dB_i (B, N_i, r) fp32): the gradients of each batch row's
     own adapter, before any reduction over rows that share one; written into dA_out[i] / dB_out[i] where given
     (contiguous (B, ...) fp32 views), else into new tensors. ``dus`` / ``Ss``: shrink-only adapters' output gradients
-    (B, T, r_j) and per-row weights (B, r_j, d), whose du_j · S_j join dx's sum."""
+    (B, T, r_j) and per-row weights (B, r_j, d), whose du_j · S_j join dx's sum. ``low``: the forward's α·A_i and
+    α·B_i copies (``low_copies``' order), else made here."""
     rows = x.shape[0]
     dx: Optional[Tensor] = None
     dAs, dBs = [], []
@@ -417,7 +454,8 @@ def backward(x: Tensor, dys: List[Tensor], Es: List[Tensor], As: List[Tensor], B
         dx = sum_products(srcs, wts, validate=False) if DX_KERNEL else sum_products_ref(srcs, wts)
     for i, (E, A, Bm, dy) in enumerate(zip(Es, As, Bs, dys)):
         Gt = torch.bmm(dy.transpose(1, 2), x)                         # (B, N, d) in x.dtype
-        dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i])
+        dA, dB = _row_grads(Gt, A, Bm, alpha, adapter_index, rows, dA_out[i], dB_out[i],
+                            None if not low else (low[2 * i], low[2 * i + 1]))
         dAs.append(dA)                                                 # (B, r, d)
         dBs.append(dB)                                                 # (B, N, r)
     return dx, dAs, dBs

@@ -631,15 +631,22 @@ def test_merged_dispatch_under_compile_with_a_dynamic_window(monkeypatch, rank, 
 
 
 def test_merged_op_no_dx_and_opcheck(device, merged):
-    """need_dx False (x without grad), the saved E_i against a rebuilt one, and the custom ops' registrations
-    (schema, fake with the E_i outputs, autograd) on the merged path."""
+    """need_dx False (x without grad), the saved E_i and α·A_i, α·B_i copies against rebuilt ones, and the custom
+    ops' registrations (schema, fake with those outputs, autograd) on the merged path."""
     x, bases, As, Bs = _make(2, 9, 40, [40, 24], 3, torch.float16, device, seed=8)
     A_ = [a.detach().requires_grad_() for a in As]
     ys = multi_lora_linear(x, bases, A_, Bs)
     (gA,) = torch.autograd.grad(sum(y.float().sum() for y in ys), [A_[1]])
     assert gA.shape == As[1].shape and torch.isfinite(gA).all()
     outs = lora._fwd_op(x, bases, [], As, Bs, [], 0.5, None, None, False, 1024, True)
-    assert len(outs) == 4 and outs[2].shape == (2, 40, 40) and outs[3].shape == (2, 24, 40)
+    # the y_i, the E_i, then each adapter's α·A and α·B copies in x.dtype (the backward's operands), exactly as the
+    # separate scaled copy makes them
+    assert len(outs) == 8 and outs[2].shape == (2, 40, 40) and outs[3].shape == (2, 24, 40)
+    from pgolf_kernels.lora_merged import _scaled_copy
+
+    for i in range(2):
+        assert torch.equal(outs[4 + 2 * i], _scaled_copy(As[i], 0.5, x.dtype))
+        assert torch.equal(outs[5 + 2 * i], _scaled_copy(Bs[i], 0.5, x.dtype))
     dys = [torch.randn(2, 9, o, generator=torch.Generator().manual_seed(9)).to(torch.float16).to(device)
            for o in (40, 24)]
     saved = lora._bwd_op(x, dys, [], bases, [], As, Bs, [], 0.5, None, None, False, True, True, outs[2:])
@@ -654,7 +661,8 @@ def test_merged_op_no_dx_and_opcheck(device, merged):
 
 def test_effective_weight_kernel_matches_reference(device):
     """The E kernel against torch's baddbmm reference: with and without adapter_index (clamped like the kernels),
-    rank not a power of two, N and d across the tile edges; exact up to one rounding of the same fp32 value."""
+    rank not a power of two, N and d across the tile edges; exact up to one rounding of the same fp32 value; and the
+    α·A, α·B copies the same launch writes for the backward (``low``)."""
     from pgolf_kernels import lora_merged as M
 
     g = torch.Generator().manual_seed(21)
@@ -668,6 +676,12 @@ def test_effective_weight_kernel_matches_reference(device):
         oracle = W.double() + 0.3 * torch.bmm(M._select(Bm, idx, rows).to(W.dtype).double(),
                                               M._select(A, idx, rows).to(W.dtype).double())
         assert_close_rel(got, oracle, ref, name="E")
+        # with the backward's α·A[a], α·B[a] copies from the same launch (NaN-filled first): exactly the scaled copy's
+        low = (torch.full((rows, 5, 40), float("nan"), dtype=W.dtype, device=device),
+               torch.full((rows, 70, 5), float("nan"), dtype=W.dtype, device=device))
+        assert torch.equal(M.effective_weight(W, A, Bm, 0.3, idx, rows, low=low), got)
+        assert torch.equal(low[0], M._scaled_copy(M._select(A, idx, rows), 0.3, W.dtype))
+        assert torch.equal(low[1], M._scaled_copy(M._select(Bm, idx, rows), 0.3, W.dtype))
 
 
 def test_merged_weight_gradients_match_fp64(device):

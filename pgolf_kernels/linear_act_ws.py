@@ -1,5 +1,13 @@
-"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue or its derivative (Gluon): the MLP's up-projection and
-backward GEMM of ``linear_act``.
+"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue, its derivative, or the residual epilogue (Gluon): the
+MLP's up-projection and backward GEMM of ``linear_act``, and ``linear_residual``'s residual sites.
+
+``linear_residual`` runs both residual sites on it by default (``linear_residual.RES_WS``, ``PGOLF_RES_WS=0`` turns
+it off): ``linear_residual_ws``, out = res + s ⊙ (a · Wᵀ + u · w2ᵀ) with the LoRA expand's steps after the GEMM's in
+the same accumulator and tiles cut per batch row (any T; a row's last tile stores through a (1, BM, BN) box). In the
+records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 13) the attention-output residual's 11
+launches took 1.81 against 2.33 ms on ``_linear_act_kernel`` and the MLP down-projection's 3.67 against 4.23 ms.
+With ``pre_act`` the A operand is act(h) formed in registers from h tiles (``linear_residual.MLP_DOWN_ACT``, off:
+6.21 ms for those 11 down-projections in the same measurement, the activation not overlapped with the wgmma).
 
 ``linear_residual.mlp_residual`` runs its backward's derivative GEMM on it by default (``linear_act.GRAD_WS``,
 ``PGOLF_ACT_GRAD_WS=0`` turns it off: the records' step's 11 derivative GEMMs 5.03 -> 3.95 ms on an H200,
@@ -16,6 +24,14 @@ Math (as ``linear_act.linear_act_ref`` with act "leaky_relu_sq"; x (M, K), W (N,
 
     h = x.dtype(x · Wᵀ)                       fp32 accumulate, one rounding
     y = x.dtype(leaky_relu(float(h), slope)²)
+
+the derivative (``linear_act_grad_ws``; g (M, K), W stored (K, N), h (M, N))::
+
+    dh = x.dtype(x.dtype(g · W) · act'(h))    act'(h) = 2h (h > 0), 2·slope²·h (h <= 0)
+
+and the residual (``linear_residual_ws``; per batch row b of T rows; as ``linear_residual.linear_residual_ref``)::
+
+    out[b] = x.dtype(res[b] + s ⊙ (a[b] · Wᵀ + u[b] · w2[b]ᵀ))    fp32 accumulate, one rounding
 
 Why: ``_linear_act_kernel`` runs its fused sites at 380-500 TFLOP/s in the records' TTT step on an H200, against
 748 for cuBLAS inside the same step (bench/results/profile-ttt-h200.md, measurement 8). It is a persistent TMA

@@ -27,7 +27,9 @@ kernel may run them below cuBLAS's speed and still pay. Measured in that step (H
 ms per step with both sites through this op, the MLP site's kernel at 489 TFLOP/s (0.448 ms, against 0.31 ms for
 cuBLAS's bare down-projection GEMM that it replaces together with the residual pass and the LoRA expand).
 
-Kernel: ``linear_act._linear_act_kernel`` (persistent, TMA) with its residual epilogue and the second product;
+Kernel: on sm_90 with one shared 16-bit weight, ``linear_act_ws.linear_residual_ws`` (the warp-specialized Gluon GEMM,
+``RES_WS``, on by default); else ``linear_act._linear_act_kernel`` (persistent, TMA) with its residual epilogue and
+the second product;
 tile ``linear_act.GRAD_CONFIG`` (128 × 256 × 64, 8 warps, 3 stages, the epilogue on the tile's two column halves:
 the residual tile of the whole 128 × 256 tile does not fit beside 3 stages in shared memory). TMA needs 16-byte
 row strides: K, N and R multiples of 8 at 2-byte dtypes.
@@ -74,14 +76,18 @@ def _z32(a: Tensor, w: Tensor, u: Optional[Tensor], w2: Optional[Tensor]) -> Ten
 
 
 def _res_ws_from_env() -> bool:
-    """PGOLF_RES_WS: "1" = the residual sites' GEMM (``linear_residual`` and ``mlp_residual``'s down-projection) on
-    the warp-specialized Gluon kernel where it runs (``linear_act_ws.residual_fits``); unset or "0" =
+    """PGOLF_RES_WS: unset or "1" = the residual sites' GEMM (``linear_residual`` and ``mlp_residual``'s
+    down-projection) on the warp-specialized Gluon kernel where it runs (``linear_act_ws.residual_fits``); "0" =
     ``_linear_act_kernel``."""
-    return env_choice("PGOLF_RES_WS", {"0": "linear_act's kernel",
-                                       "1": "the warp-specialized Gluon kernel, "
-                                       "pgolf_kernels.linear_act_ws.linear_residual_ws"}) == "1"
+    return env_choice("PGOLF_RES_WS", {"1": "the warp-specialized Gluon kernel, "
+                                       "pgolf_kernels.linear_act_ws.linear_residual_ws",
+                                       "0": "linear_act's kernel"}) == "1"
 
 
+# On by default: in the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 13, one process,
+# each variant twice) the attention-output residual's 11 launches 2.33 -> 1.81 ms and the MLP down-projection's
+# 4.23 -> 3.67 ms, the step outside attention 53.30 / 53.31 -> 52.22 / 52.27 GPU-ms; its GPU tests against fp64 and
+# the eval with it (eager and under CUDA graphs) passed on that H100
 RES_WS: bool = _res_ws_from_env()
 
 
@@ -205,6 +211,12 @@ def _mlp_down_act_from_env() -> bool:
                                              "1": "act(h) in the down-projection's A operand"}) == "1"
 
 
+# Off by default, by measurement. Why it was tried: the up-projection's epilogue writes act(h) (403 MB per layer in
+# the records' step) only for the down-projection to read it. In the step on an H100 (profile-ttt-h100.md,
+# measurement 13) h on cuBLAS took 3.04 ms for 11 layers against 4.70 for the Gluon up-projection writing h and
+# act(h), but the down-projection with the activation in its A operand 6.21 against 3.67 ms on smem operands: the
+# consumer's smem -> register load and activation per k-step do not overlap the wgmma (the two consumers' main loops
+# take turns), so the step lost ~0.8 ms against RES_WS alone. Correct on the GPU (tests against fp64, the eval).
 MLP_DOWN_ACT: bool = _mlp_down_act_from_env()
 
 

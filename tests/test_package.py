@@ -156,7 +156,7 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("pgolf_kernels.linear_residual", "_mlp_ws_from_env", "PGOLF_MLP_UP_WS", True, "0", False),
     ("pgolf_kernels.linear_residual", "_mlp_signs_from_env", "PGOLF_MLP_SIGNS", False, "1", True),
     ("pgolf_kernels.linear_act", "_grad_ws_from_env", "PGOLF_ACT_GRAD_WS", True, "0", False),
-    ("pgolf_kernels.linear_residual", "_res_ws_from_env", "PGOLF_RES_WS", False, "1", True),
+    ("pgolf_kernels.linear_residual", "_res_ws_from_env", "PGOLF_RES_WS", True, "0", False),
     ("pgolf_kernels.linear_residual", "_mlp_down_act_from_env", "PGOLF_MLP_DOWN_ACT", False, "1", True),
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False),
     ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", True, "torch", False),

@@ -75,9 +75,11 @@ def _qk_layout_from_env() -> str:
                                           "order", "bhtd": "q and k in (B, H, T, D) order, the output copied"})
 
 
-# "bthd" by default, a switch to time: on an H200 cuDNN's attention took 30.6-31.9 ms per records' step with q and k
-# in (B, T, H, D) order against 29.9 ms in (B, H, T, D) order (torch's norm and rotary), whose output copy took 1.24 ms
-# (bench/results/profile-ttt-h200.md, measurement 11)
+# "bthd" by default: on an H200 cuDNN's attention took 30.6-31.9 ms per records' step with q and k in (B, T, H, D)
+# order against 29.9 ms in (B, H, T, D) order (torch's norm and rotary), whose output copy took 1.24 ms
+# (bench/results/profile-ttt-h200.md, measurement 11); on an H100 with k alone in (B, H, T, D) order ("k-bhtd") the
+# attention took 30.74 / 30.63 ms against 30.60 / 30.79 ms with "bthd", the step 84.03 / 83.91 against 83.90 / 84.09
+# GPU-ms (profile-ttt-h100.md, measurement 13): no gain. "bhtd" not timed on the H100
 QK_LAYOUT: str = _qk_layout_from_env()
 
 

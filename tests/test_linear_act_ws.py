@@ -157,6 +157,19 @@ def test_gpu_grad_matches_fp64(M, K, N, dtype):
 
 
 
+def _residual_inputs(B, T, K, N, R, dtype):
+    """res (B, T, N), a (B, T, K), W (N, K), s (N,), and u (B, T, R), w2 (B, N, R) or None for R 0: seeded, on the
+    GPU."""
+    gen = torch.Generator().manual_seed(draw_seed())
+    res = torch.randn(B, T, N, generator=gen).to("cuda", dtype)
+    a = torch.randn(B, T, K, generator=gen).to("cuda", dtype)
+    w = (torch.randn(N, K, generator=gen) * K ** -0.5).to("cuda", dtype)
+    s = (0.5 + torch.rand(N, generator=gen)).to("cuda", dtype)
+    u = torch.randn(B, T, R, generator=gen).to("cuda", dtype) if R else None
+    w2 = (torch.randn(B, N, R, generator=gen) * R ** -0.5).to("cuda", dtype) if R else None
+    return res, a, w, s, u, w2
+
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -173,13 +186,7 @@ def test_gpu_residual_matches_fp64(B, T, K, N, R, dtype):
     from pgolf_kernels.linear_act_ws import linear_residual_ws
     from pgolf_kernels.linear_residual import linear_residual_ref
 
-    gen = torch.Generator().manual_seed(draw_seed())
-    res = torch.randn(B, T, N, generator=gen).to("cuda", dtype)
-    a = torch.randn(B, T, K, generator=gen).to("cuda", dtype)
-    w = (torch.randn(N, K, generator=gen) * K ** -0.5).to("cuda", dtype)
-    s = (0.5 + torch.rand(N, generator=gen)).to("cuda", dtype)
-    u = torch.randn(B, T, R, generator=gen).to("cuda", dtype) if R else None
-    w2 = (torch.randn(B, N, R, generator=gen) * R ** -0.5).to("cuda", dtype) if R else None
+    res, a, w, s, u, w2 = _residual_inputs(B, T, K, N, R, dtype)
     out = torch.full((B, T, N), float("nan"), device="cuda", dtype=dtype)
     assert linear_residual_ws(res, a, w, s, u, w2, out=out) is out
     d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
@@ -201,13 +208,7 @@ def test_gpu_residual_with_act_prologue_matches_fp64(B, T, H, N, R, dtype):
     from pgolf_kernels.linear_act_ws import linear_residual_ws
     from pgolf_kernels.linear_residual import linear_residual_ref
 
-    gen = torch.Generator().manual_seed(draw_seed())
-    res = torch.randn(B, T, N, generator=gen).to("cuda", dtype)
-    h = torch.randn(B, T, H, generator=gen).to("cuda", dtype)
-    w = (torch.randn(N, H, generator=gen) * H ** -0.5).to("cuda", dtype)
-    s = (0.5 + torch.rand(N, generator=gen)).to("cuda", dtype)
-    u = torch.randn(B, T, R, generator=gen).to("cuda", dtype) if R else None
-    w2 = (torch.randn(B, N, R, generator=gen) * R ** -0.5).to("cuda", dtype) if R else None
+    res, h, w, s, u, w2 = _residual_inputs(B, T, H, N, R, dtype)
     for slope in (0.5, 0.3):
         a = act_ref(h, "leaky_relu_sq", slope)
         out = torch.full((B, T, N), float("nan"), device="cuda", dtype=dtype)

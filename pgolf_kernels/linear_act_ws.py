@@ -124,9 +124,10 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
               ACT: gl.constexpr, W_KN: gl.constexpr, HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
-    product; PRO_ACT: K's A operand is act(x tile) = leaky_relu(h, slope)², formed in registers), then the epilogue through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through
-    ``h_desc`` (TMA, barrier ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the same way and
-    y = res + s ⊙ acc out (s (N,) at ``s_ptr``, from the fp32 accumulator: one rounding).
+    product; PRO_ACT: K's A operand is act(x tile) = leaky_relu(h, slope)², formed in registers), then the epilogue
+    through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through ``h_desc`` (TMA, barrier
+    ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the same way and y = res + s ⊙ acc out (s (N,) at
+    ``s_ptr``, from the fp32 accumulator: one rounding).
 
     The main loops take turns (``turn[c]``: consumer c's j-th main loop waits for the other's main loop before it,
     consumer 0's first waits for none). Besides being the schedule wanted (one main loop on the tensor cores, the
@@ -157,8 +158,8 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
         # consumer 1's j-th main loop follows consumer 0's j-th (turn[1] phase j); consumer 0's j-th follows
         # consumer 1's (j - 1)-th (turn[0] phase j - 1)
         if ACT >= 2:
-            # h₀'s (or the residual's) tile is loaded while the main loop runs: the buffer is free once the previous tile's dh store has
-            # left it (issued a whole main loop of the other consumer ago)
+            # h₀'s (or the residual's) tile is loaded while the main loop runs: the buffer is free once the previous
+            # tile's store has left it (issued a whole main loop of the other consumer ago)
             tma.store_wait(pendings=0)
             mbarrier.expect(hbar.index(C), h_desc.block_type.nbytes)
             tma.async_copy_global_to_shared(h_desc, [om, on], hbar.index(C), buf)

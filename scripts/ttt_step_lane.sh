@@ -52,10 +52,11 @@
 #   layout   the fused q / k pass's memory order (train.model.QK_LAYOUT): bench.profile_ttt on the records' step at the
 #            default "bthd", with k in (B, H, T, D) order (-kbh) and with q and k (-qkbh), each twice in alternating
 #            order (attention moved by ~1 ms between identical variants on an H200), then the eval with each
-#   rws      the residual sites' GEMM on the warp-specialized Gluon kernel (linear_residual.RES_WS, off by default) and
-#            mlp_residual with act(h) formed in its A operand (linear_residual.MLP_DOWN_ACT, off): their GPU tests
-#            under a short timeout, then bench.profile_ttt on the records' step without them, with -rws, with
-#            -rws-dact and with k in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with each
+#   rws      the residual sites' GEMM on the warp-specialized Gluon kernel (linear_residual.RES_WS, on by default since
+#            this stage ran on an H100: the before needs PGOLF_RES_WS=0 in the stage's environment) and mlp_residual
+#            with act(h) formed in its A operand (linear_residual.MLP_DOWN_ACT, off): their GPU tests under a short
+#            timeout, then bench.profile_ttt on the records' step without them, with -rws, with -rws-dact and with k
+#            in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with each
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.

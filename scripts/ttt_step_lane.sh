@@ -2,8 +2,8 @@
 # The TTT step's GPU lane: one stage per device call (each fits the device's 10-minute limit).
 #   bash scripts/ttt_step_lane.sh OUTDIR STAGE
 # Stages, in the order they are meant to run:
-#   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act,
-#            linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every tile candidate of
+#   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act, the Gluon
+#            kernels of linear_act_ws, linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every tile candidate of
 #            linear_act.TILE_CONFIGS in each epilogue on the GPU
 #   graphs   the kernel path's CUDA-graph replay against its bucketed steps run eagerly (bf16, rank 8 and 96), then
 #            against the unbucketed eager eval (fp32: rank 8 and 96, int6, phased): what --cuda-graphs auto waits
@@ -92,8 +92,8 @@ case "$STAGE" in
     # stacks of a test that overruns (a compile-bound test must say where it is)
     timeout "${PGOLF_TEST_TIMEOUT:-560}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
       -o faulthandler_timeout=300 \
-      tests/test_adam_rows.py tests/test_linear_act.py tests/test_linear_residual.py tests/test_head_norm_rope.py \
-      tests/test_fused_mlp.py tests/test_fused_qk.py tests/test_fused_residual.py \
+      tests/test_adam_rows.py tests/test_linear_act.py tests/test_linear_act_ws.py tests/test_linear_residual.py \
+      tests/test_head_norm_rope.py tests/test_fused_mlp.py tests/test_fused_qk.py tests/test_fused_residual.py \
       2>&1 | tee "$OUTDIR/tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|Timeout" | tail -60
     rc=${PIPESTATUS[0]}
     # every tile candidate of linear_act.TILE_CONFIGS in each epilogue, at its real tile size (unmarked tests: on a

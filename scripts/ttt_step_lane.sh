@@ -3,8 +3,8 @@
 #   bash scripts/ttt_step_lane.sh OUTDIR STAGE
 # Stages, in the order they are meant to run:
 #   tests    the GPU tests of the step's ops and of the eval paths that use them (adam_rows, linear_act, the Gluon
-#            kernels of linear_act_ws, linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every tile candidate of
-#            linear_act.TILE_CONFIGS in each epilogue on the GPU
+#            kernels of linear_act_ws, linear_residual, head_norm_rope, fused MLP / q-k / residual evals), then every
+#            tile candidate of linear_act.TILE_CONFIGS in each epilogue on the GPU
 #   graphs   the kernel path's CUDA-graph replay against its bucketed steps run eagerly (bf16, rank 8 and 96), then
 #            against the unbucketed eager eval (fp32: rank 8 and 96, int6, phased): what --cuda-graphs auto waits
 #            for before it turns graphs on for the kernel path; alone in its call (compile-bound)

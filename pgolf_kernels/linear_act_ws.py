@@ -369,7 +369,8 @@ def residual_fits(a: torch.Tensor, w: torch.Tensor, u: Optional[torch.Tensor] = 
 
 def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scale: torch.Tensor,
                        u: Optional[torch.Tensor] = None, w2: Optional[torch.Tensor] = None,
-                       out: Optional[torch.Tensor] = None, pre_act: Optional[float] = None) -> torch.Tensor:
+                       out: Optional[torch.Tensor] = None, pre_act: Optional[float] = None, *,
+                       validate: bool = True) -> torch.Tensor:
     """out = res + scale ⊙ (a · Wᵀ + u · w2ᵀ) (``linear_residual.linear_residual_ref``'s math, one rounding from
     the fp32 accumulator) for res (B, T, N), a (B, T, K), one shared W (N, K), scale (N,), u (B, T, R) and w2
     (B, N, R) together or neither; bf16 or fp16 on a Hopper GPU, K, N, R multiples of 8 (``residual_fits``).
@@ -377,8 +378,23 @@ def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scal
     stores only its own (the (1, BM, BN) box of a 3-D output stops at T). ``out``: the (B, T, N) tensor to write.
     ``pre_act`` (a slope): a holds a pre-activation h and the GEMM's A operand is a.dtype(leaky_relu(h, pre_act)²),
     formed in registers from each h tile (``linear_act.linear_act_ref``'s rounding): the MLP's down-projection
-    without act(h) ever written."""
+    without act(h) ever written. ``validate=False`` skips the checks, for ``linear_residual``'s dispatch (its
+    arguments checked there and ``residual_fits`` true)."""
     op = "linear_residual_ws"
+    if validate:
+        _check_residual(op, res, a, w, scale, u, w2, out)
+    B, T, K = a.shape
+    N, M = w.shape[0], B * T
+    a2, w = a.reshape(M, K).contiguous(), w.contiguous()
+    y = out if out is not None else _utils.empty((B, T, N), a.dtype, a.device)
+    _run(a2, w, res.view(M, N), y, 0.0 if pre_act is None else float(pre_act), 3, False,
+         None if u is None else u.view(M, -1), None if w2 is None else w2.view(B * N, -1), scale,
+         pro_act=pre_act is not None)
+    return y
+
+
+def _check_residual(op: str, res, a, w, scale, u, w2, out) -> None:
+    """``linear_residual_ws``'s arguments, each refused by name; the device last."""
     check_tensor(a, "a", dtype=(torch.bfloat16, torch.float16), ndim=3, op=op)
     B, T, K = a.shape
     M, _, N = _check_gemm(op, a.reshape(B * T, K), "a", w, False)
@@ -398,12 +414,6 @@ def linear_residual_ws(res: torch.Tensor, a: torch.Tensor, w: torch.Tensor, scal
         check_tensor(out, "out", dtype=a.dtype, ndim=3, device=a.device, contiguous=True, op=op)
         check(tuple(out.shape) == (B, T, N), lambda: f"{op}: out must be {(B, T, N)}, got {tuple(out.shape)}")
     _check_hopper(op, a)
-    a2, w = a.reshape(M, K).contiguous(), w.contiguous()
-    y = out if out is not None else _utils.empty((B, T, N), a.dtype, a.device)
-    _run(a2, w, res.view(M, N), y, 0.0 if pre_act is None else float(pre_act), 3, False,
-         None if u is None else u.view(M, -1), None if w2 is None else w2.view(B * N, -1), scale,
-         pro_act=pre_act is not None)
-    return y
 
 
 def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False,

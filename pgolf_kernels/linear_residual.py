@@ -97,8 +97,8 @@ def _residual(res: Tensor, a: Tensor, w: Tensor, scale: Tensor, u: Optional[Tens
     if RES_WS and a.is_cuda:
         from .linear_act_ws import linear_residual_ws, residual_fits
 
-        if residual_fits(a, w, u):
-            return linear_residual_ws(res, a, w, scale, u, w2)
+        if residual_fits(a, w, u):   # the site's checks ran in linear_residual / mlp_residual
+            return linear_residual_ws(res, a, w, scale, u, w2, validate=False)
     return _launch(a, w, "residual", 0.0, False, aux=res, x2=u, w2=w2, scale=scale)[0]
 
 

@@ -418,8 +418,7 @@ def _bwd_op(x: Tensor, dys: List[Tensor], dus: List[Tensor], ws: List[Tensor], s
             effs: List[Tensor]) -> Tuple[Tensor, Tensor]:
     """Returns (dx or an empty tensor, one flat fp32 buffer [dA_0, dB_0, dA_1, dB_1, ..., dS_0, ...] of grad rows).
     ``merged``: the forward's strategy; ``effs``: its E_i and α·A_i, α·B_i copies on the merged path (empty: rebuilt
-    here); ``dus``: the
-    gradients of the shrinks' outputs."""
+    here); ``dus``: the gradients of the shrinks' outputs."""
     from . import lora_triton as K
 
     x = x.contiguous()

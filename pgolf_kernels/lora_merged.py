@@ -155,6 +155,11 @@ def effective_weight(W: Tensor, A: Tensor, Bm: Tensor, alpha: float, adapter_ind
     ``config``: the GPU tile (BN, BD, num_warps; default ``EFFECTIVE_CONFIG``). ``low``: contiguous (rows, r, d) and
     (rows, N, r) tensors of W.dtype that also receive W.dtype(α·A[a]) and W.dtype(α·B[a]) (``_scaled_copy``'s
     values: the backward's operands, written by the same launch)."""
+    if low is not None:   # the kernel writes them through raw pointers: their layout is checked, not assumed
+        shapes = ((rows, A.shape[1], W.shape[1]), (rows, W.shape[0], A.shape[1]))
+        for name, t, shape in zip(("low[0]", "low[1]"), low, shapes):
+            check_tensor(t, name, dtype=W.dtype, ndim=3, device=W.device, contiguous=True, op="effective_weight")
+            check(tuple(t.shape) == shape, lambda: f"effective_weight: {name} must be {shape}, got {tuple(t.shape)}")
     if not use_triton(W):
         if low is not None:
             low[0].copy_(_scaled_copy(_select(A, adapter_index, rows), alpha, W.dtype))

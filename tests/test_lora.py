@@ -682,6 +682,11 @@ def test_effective_weight_kernel_matches_reference(device):
         assert torch.equal(M.effective_weight(W, A, Bm, 0.3, idx, rows, low=low), got)
         assert torch.equal(low[0], M._scaled_copy(M._select(A, idx, rows), 0.3, W.dtype))
         assert torch.equal(low[1], M._scaled_copy(M._select(Bm, idx, rows), 0.3, W.dtype))
+    # a low tensor of the wrong shape or dtype is refused by name (the kernel writes through raw pointers)
+    with pytest.raises(ValueError, match=r"low\[1\] must be \(3, 70, 5\)"):
+        M.effective_weight(W, A, Bm, 0.3, None, 3, low=(low[0][:3], low[0][:3]))
+    with pytest.raises(TypeError, match=r"low\[0\]"):
+        M.effective_weight(W, A, Bm, 0.3, None, 3, low=(low[0][:3].float(), low[1][:3]))
 
 
 def test_merged_weight_gradients_match_fp64(device):

@@ -40,6 +40,47 @@ def resolve_lora_backend(name: str, device) -> Tuple[Optional[Callable], str, st
     return multi_lora_linear, "kernel", "requested"
 
 
+def fused_choices(model, cfg: TTTConfig, backend: str) -> Tuple[bool, bool, bool]:
+    """(fused_qk, fused_residual, fused_mlp) of a TTT forward on ``backend`` ("kernel" or "bmm", as resolved by
+    ``resolve_lora_backend``): the config's True / False where the model allows it (refused by name where it does
+    not), else (None, auto) the kernel path's choice. ``DocLoRA`` and ``base_view`` both ask here, so the global
+    passes run the fused ops the TTT steps run."""
+    mc = model.config
+    d = mc.model_dim
+    hd = d // mc.num_heads
+    hidden = mc.mlp_mult * d
+    qk_ok = hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0   # head_norm_rope's rotary halves: a power of two
+    if cfg.fused_qk and not qk_ok:
+        raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
+    # auto (None): the kernel path takes it where the head dim allows; the reference keeps the torch ops
+    fused_qk = bool(cfg.fused_qk) if cfg.fused_qk is not None else (backend == "kernel" and qk_ok)
+    res_ok = not (d % 8 or hidden % 8 or cfg.rank % 8)  # the kernel's TMA row strides: 16 bytes at 2-byte dtypes
+    if cfg.fused_residual and not res_ok:
+        raise ValueError(f"fused_residual: needs model_dim ({d}), the MLP width ({hidden}) and the rank "
+                         f"({cfg.rank}) multiples of 8 (pgolf_kernels.linear_residual)")
+    # auto (None): the kernel path takes it where the shapes allow; the reference keeps the torch ops
+    fused_residual = (bool(cfg.fused_residual) if cfg.fused_residual is not None
+                      else (backend == "kernel" and res_ok))
+    mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
+    bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
+           if not (_is_int6(l) or isinstance(getattr(l, "weight", None), torch.Tensor))]
+    strides_ok = not (d % 8 or hidden % 8)  # the kernels' TMA row strides: 16 bytes at 2-byte activations
+    if cfg.fused_mlp and (not mlps or bad):
+        raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (.weight) or int6 "
+                         f"codes (.q, .scale); found {bad or 'no MLP'}")
+    if cfg.fused_mlp and not strides_ok:
+        raise ValueError(f"fused_mlp: needs model_dim ({d}) and the MLP width ({hidden}) multiples of 8")
+    # auto (None): the kernel path takes it where it was measured to pay, a step whose MLP carries an adapter
+    # (the records' recipe: the "mlp" target; or up and down both) and where the model allows; the reference
+    # keeps the torch ops, and so does an MLP without adapters (the seeds' recipe: not measured). Its eval matched
+    # the unfused MLP's on a GPU (tests/test_fused_mlp.py, H100, logs/gpu-tests-fused-mlp-kernel-graphs-h100.txt)
+    up, down = "up" in cfg.targets, "down" in cfg.targets
+    mlp_ok = bool(mlps) and not bad and strides_ok and up == down
+    fused_mlp = (bool(cfg.fused_mlp) if cfg.fused_mlp is not None
+                 else (backend == "kernel" and mlp_ok and ("mlp" in cfg.targets or up)))
+    return fused_qk, fused_residual, fused_mlp
+
+
 _M32 = 0xFFFFFFFF
 
 
@@ -143,35 +184,7 @@ class DocLoRA:
         self._A_list = [a for k in self.A for a in self.A[k]]
         self._B_list = [b for k in self.B for b in self.B[k]]
         self._device = torch.device(device)
-        qk_ok = hd % 2 == 0 and (hd // 2) & (hd // 2 - 1) == 0   # head_norm_rope's rotary halves: a power of two
-        if cfg.fused_qk and not qk_ok:
-            raise ValueError(f"fused_qk: needs the head dim ({hd}) twice a power of two (pgolf_kernels.head_norm_rope)")
-        # auto (None): the kernel path takes it where the head dim allows; the reference keeps the torch ops
-        self.fused_qk = bool(cfg.fused_qk) if cfg.fused_qk is not None else (self.backend == "kernel" and qk_ok)
-        res_ok = not (d % 8 or hidden % 8 or cfg.rank % 8)  # the kernel's TMA row strides: 16 bytes at 2-byte dtypes
-        if cfg.fused_residual and not res_ok:
-            raise ValueError(f"fused_residual: needs model_dim ({d}), the MLP width ({hidden}) and the rank "
-                             f"({cfg.rank}) multiples of 8 (pgolf_kernels.linear_residual)")
-        # auto (None): the kernel path takes it where the shapes allow; the reference keeps the torch ops
-        self.fused_residual = (bool(cfg.fused_residual) if cfg.fused_residual is not None
-                               else (self.backend == "kernel" and res_ok))
-        mlps = [m for m in model.modules() if hasattr(m, "fc") and hasattr(m, "proj") and hasattr(m, "slope")]
-        bad = [type(l).__name__ for m in mlps for l in (m.fc, m.proj)
-               if not (_is_int6(l) or isinstance(getattr(l, "weight", None), torch.Tensor))]
-        strides_ok = not (d % 8 or hidden % 8)  # the kernels' TMA row strides: 16 bytes at 2-byte activations
-        if cfg.fused_mlp and (not mlps or bad):
-            raise ValueError(f"fused_mlp: needs the model's MLP projections as dense weights (.weight) or int6 "
-                             f"codes (.q, .scale); found {bad or 'no MLP'}")
-        if cfg.fused_mlp and not strides_ok:
-            raise ValueError(f"fused_mlp: needs model_dim ({d}) and the MLP width ({hidden}) multiples of 8")
-        # auto (None): the kernel path takes it where it was measured to pay, a step whose MLP carries an adapter
-        # (the records' recipe: the "mlp" target; or up and down both) and where the model allows; the reference
-        # keeps the torch ops, and so does an MLP without adapters (the seeds' recipe: not measured). Its eval matched
-        # the unfused MLP's on a GPU (tests/test_fused_mlp.py, H100, logs/gpu-tests-fused-mlp-kernel-graphs-h100.txt)
-        up, down = "up" in cfg.targets, "down" in cfg.targets
-        mlp_ok = bool(mlps) and not bad and strides_ok and up == down
-        self.fused_mlp = (bool(cfg.fused_mlp) if cfg.fused_mlp is not None
-                          else (self.backend == "kernel" and mlp_ok and ("mlp" in cfg.targets or up)))
+        self.fused_qk, self.fused_residual, self.fused_mlp = fused_choices(model, cfg, self.backend)
         # element index of every A entry: A tensor i owns [off_i, off_i + r*in_i), off_i = sum_{j<i} (r*in_j + 1);
         # tensors of one input size form a group initialized by one hash call
         sizes = [a[0].numel() for a in self._A_list]
@@ -457,6 +470,57 @@ class _DocLoRALayer:
         if "up" in self.A:  # TTTConfig: up and down both adapted, or neither
             W_up, W_dn = self._merged("up", W_up), self._merged("down", W_dn)
         return mlp_leaky_sq(m.contiguous(), W_up.contiguous(), W_dn.contiguous(), float(mod.slope), validate=False)
+
+
+class FusedBase:
+    """The base model's blocks through the kernel path's fused ops, with no adapter: the view the phased recipe's
+    global passes run under (``base_view``), gradients to every base weight. q / k norm and rotary through
+    ``head_norm_rope`` (``fused_qk``), the two residual sites through ``linear_residual`` / ``mlp_residual``
+    (``fused_residual``; the activation in the up-projection's epilogue with ``fused_mlp``), the decoder skips
+    through ``skip_add``: the ops of a TTT step, whose backward also forms ∂W, ∂s and the q gain's gradient where
+    the weights require them. The same function as the blocks without a view, up to rounding (tests/test_global_fused.py).
+    Every block gets the one view (it holds no per-layer state), so one compiled block serves all layers."""
+
+    layer_targets = ()
+    _kernel = None
+    scale = 1.0
+
+    def __init__(self, fused_qk: bool, fused_residual: bool, fused_mlp: bool):
+        if not fused_residual:
+            raise ValueError("FusedBase: needs fused_residual (the view replaces the blocks' residual sites)")
+        self.fused_qk, self.fused_residual, self.fused_mlp = bool(fused_qk), True, bool(fused_mlp)
+        self._layer = _DocLoRALayer(self, {}, {})   # no targets: every adapter term of its methods drops out
+
+    def _shared(self) -> bool:
+        return False
+
+    def layer(self, i: int) -> "_DocLoRALayer":
+        return self._layer
+
+    def head(self, h: torch.Tensor, model) -> torch.Tensor:
+        return F.linear(h, model.head_weight().to(h.dtype))
+
+
+def _global_fused_from_env() -> bool:
+    """PGOLF_GLOBAL_FUSED: unset or "1" = the kernel path's global passes run under ``FusedBase`` (``base_view``);
+    "0" = the blocks' own torch ops, as ``--reference``."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_GLOBAL_FUSED", {"1": "global passes through the fused ops",
+                                             "0": "global passes through the torch ops"}) == "1"
+
+
+GLOBAL_FUSED: bool = _global_fused_from_env()
+
+
+def base_view(model, cfg: TTTConfig, backend: str, device) -> Optional[FusedBase]:
+    """The view a global pass runs the model under: ``FusedBase`` with the fused ops a TTT step on ``backend`` would
+    use (``fused_choices``), or None (the blocks' own ops) on the reference path, without ``fused_residual`` or with
+    ``GLOBAL_FUSED`` off."""
+    if not GLOBAL_FUSED:
+        return None
+    qk, residual, mlp = fused_choices(model, cfg, resolve_lora_backend(backend, device)[1])
+    return FusedBase(qk, residual, mlp) if residual else None
 
 
 def identity_rows_for(cfg: TTTConfig) -> bool:

@@ -70,7 +70,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .adapters import DocLoRA, identity_rows_for
+from .adapters import DocLoRA, base_view, identity_rows_for
 from .bpb import ByteLUT
 from .chunked import ChunkedConfig, chunked_ttt
 from .data import BOS_ID
@@ -358,7 +358,10 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             from .warmup import compile_cache_counts
 
             c0 = compile_cache_counts()
-            info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook, clock=clock)
+            # the kernel path's global passes run the fused ops of its TTT steps (base_view: None on the reference)
+            view = base_view(model, cfg, adapter.backend if adapter is not None else "bmm", dev)
+            info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook,
+                               clock=clock, view=view)
             c1 = compile_cache_counts()
             # what the pass compiled (a cold eval compiled ~13 s after its warm-up on the records' recipe, H200):
             # said here so a log shows which phase paid it
@@ -1102,7 +1105,8 @@ def main(argv=None) -> dict:
 
         if _has_int6(model):
             unfreeze_int6(model)  # as the first global pass does, so the same graphs are compiled
-        rates = warmup_global(model, cfg, device)
+        rates = warmup_global(model, cfg, device, view=base_view(model, cfg, "bmm" if args.reference else "kernel",
+                                                                 device))
     elif args.warmup_part != "all":  # a --parallel-compile child: one warm-up-size TTT batch, its functions compiled
         from .warmup import warmup_ttt_steps
 

@@ -91,8 +91,10 @@ def unfreeze_int6(model) -> str:
 
 def global_pass(model, stream: torch.Tensor, rows: np.ndarray, cfg, st: EvalState, *, rank: int = 0,
                 world: int = 1, pad_to: int = 64, train_hook: Optional[Callable] = None,
-                clock=time.perf_counter) -> Dict[str, object]:
-    """One global SGD pass over ``rows`` (see the module docstring); returns its counts and time."""
+                clock=time.perf_counter, view=None) -> Dict[str, object]:
+    """One global SGD pass over ``rows`` (see the module docstring); returns its counts and time. ``view``: the
+    adapter hook the model runs under (``train.adapters.base_view``: the kernel path's fused ops), None for the
+    blocks' own ops."""
     import torch.distributed as dist
 
     t0 = clock()
@@ -127,7 +129,7 @@ def global_pass(model, stream: torch.Tensor, rows: np.ndarray, cfg, st: EvalStat
                 # (CPU trace: 5 Dynamo frames instead of 2, bench/results/parallel-compile-cpu.md)
                 rb = build_rows(stream, mb, cfg.global_seq_len, pad_to, min_size=2)
                 st.ledger.require_scored_global(rb.pos, rb.mask)  # only scored targets move the base
-                nll = rows_nll(model, rb, None)
+                nll = rows_nll(model, rb, view)
                 loss = (nll * rb.mask).sum() / n_glob
                 if train_hook is not None:
                     train_hook(rb, rb.mask, loss)

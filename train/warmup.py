@@ -189,7 +189,7 @@ def warmup_ttt_steps(model, lut: ByteLUT, cfg: TTTConfig, backend: str, device, 
     return dict(ttt_steps_warmup_s=time.perf_counter() - t0, **compile_cache_counts())
 
 
-def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, float]:
+def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0, view=None) -> Dict[str, float]:
     """The phased recipe's global pass, forward and backward to every base weight, on synthetic random tokens (never
     validation tokens), without an optimizer step: a micro-batch of ``cfg.global_batch_seqs`` pieces of
     ``cfg.global_seq_len`` targets (the pass's own size: a compiled graph may guard on a size threshold, as CPU
@@ -200,7 +200,8 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     child process beside its own warm-up (``--parallel-compile``), so the pass then compiles from cache hits
     (bench/results/parallel-compile-cpu.md, CPU Inductor, tiny model: the pass 5.1 s instead of 33.2 s cold, all 3 of
     its graphs from this one's entries; on an H200 the first global pass compiled in 1.4 s instead of ~13 s).
-    Returns its time and the compile counters."""
+    ``view``: the adapter hook of the eval's global passes (``train.adapters.base_view``), so the same graphs are
+    compiled. Returns its time and the compile counters."""
     from .forward import rows_nll
     from .phased import global_rows
     from .rows import build_rows
@@ -220,7 +221,7 @@ def warmup_global(model, cfg: TTTConfig, device, *, seed: int = 0) -> Dict[str, 
     try:
         for mb in (rows[:R], rows[-3:]):
             rb = build_rows(stream, mb, L, 64, min_size=2)  # as global_pass builds its micro-batches
-            nll = rows_nll(model, rb, None)
+            nll = rows_nll(model, rb, view)
             (nll * rb.mask).sum().backward()
     finally:
         for p, w in zip(params, was):

@@ -1,0 +1,120 @@
+"""``train.adapters.FusedBase`` / ``base_view``: the phased recipe's global passes through the kernel path's fused ops
+(q / k norm and rotary, both residual sites, the fused MLP, the skips) give the NLL and the gradient of every base
+weight that the blocks' own torch ops give (fp32, CPU; the kernels under the interpreter in the CPU lane), and the
+same weights after a whole ``global_pass``. GPU lane: the same at bf16 on the records' block shapes."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_fused_mlp import batch
+from train import adapters
+from train.adapters import FusedBase, base_view, fused_choices
+from train.eval_fixtures import doc_stream, tiny_model
+from train.forward import rows_nll
+from train.phased import global_pass, global_rows
+from train.rows import split_docs
+from train.scoring import make_state
+from train.ttt_config import TTTConfig, recipe
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _nll_and_grads(model, rb, view):
+    """NLL of the rows and ∂(Σ masked NLL)/∂p of every floating-point parameter, the model left as it was."""
+    params = dict((n, p) for n, p in model.named_parameters() if p.is_floating_point())
+    for p in params.values():
+        p.requires_grad_(True)
+    try:
+        nll = rows_nll(model, rb, view)
+        (nll * rb.mask).sum().backward()
+        return nll.detach(), {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    finally:
+        for p in params.values():
+            p.grad = None
+            p.requires_grad_(False)
+
+
+@pytest.mark.parametrize("qk,mlp", [(True, True), (False, False), (True, False), (False, True)])
+def test_fused_base_equals_the_blocks_own_ops(qk, mlp, monkeypatch):
+    """Every combination of the view's fusions: same NLL at every scored position, and a gradient for every
+    parameter the plain forward trains (residual gains, resid_mix, q gain, skip weights, every projection) equal
+    within fp32 rounding; the fused ops did run (counted)."""
+    import pgolf_kernels.head_norm_rope as hnr
+    import pgolf_kernels.linear_residual as lr
+    import pgolf_kernels.skip_add as sk
+
+    calls = {}
+    for mod, name in ((lr, "linear_residual"), (lr, "mlp_residual"), (hnr, "head_norm_rope"), (sk, "skip_add")):
+        def spy(*a, _f=getattr(mod, name), _n=name, **k):
+            calls[_n] = calls.get(_n, 0) + 1
+            return _f(*a, **k)
+        monkeypatch.setattr(mod, name, spy)
+    model = tiny_model(seed=3, num_layers=4)   # 2 encoder and 2 decoder blocks: the skips run
+    rb = batch()
+    plain, g_plain = _nll_and_grads(model, rb, None)
+    assert calls == {}
+    fused, g_fused = _nll_and_grads(model, rb, FusedBase(qk, True, mlp))
+    assert calls.get("linear_residual", 0) == 4 * (1 + (not mlp)) and calls.get("mlp_residual", 0) == 4 * mlp
+    assert calls.get("head_norm_rope", 0) == 8 * qk and calls.get("skip_add", 0) == 2
+    m = rb.mask
+    torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
+    assert sorted(g_fused) == sorted(g_plain)
+    for name in ("blocks.0.attn_scale", "blocks.0.mlp_scale", "blocks.0.resid_mix", "blocks.0.attn.q_gain",
+                 "skip_weights", "blocks.3.mlp.proj.weight", "blocks.1.attn.c_k.weight"):
+        assert name in g_plain and g_plain[name].abs().sum() > 0, name
+    for name, g in g_plain.items():
+        torch.testing.assert_close(g_fused[name], g, rtol=1e-4, atol=1e-6, msg=lambda s: f"{name}: {s}")
+
+
+def test_global_pass_under_the_view_moves_the_weights_as_without_it(lut):
+    """A whole global pass (3 SGD steps with momentum and clipping): the weights after it equal the plain pass's."""
+    m = tiny_model(seed=3)
+    m2 = copy.deepcopy(m)
+    stream = doc_stream([70, 40, 90, 20], seed=3)
+    starts, ns = split_docs(stream)
+    cfg = TTTConfig(global_lr=0.05, global_momentum=0.9, global_clip=0.5, global_seq_len=32, global_chunk_tokens=64,
+                    global_batch_seqs=2)
+    rows = global_rows(starts, ns, np.array([2, 0, 1]), cfg.global_seq_len)
+    infos = []
+    for model, view in ((m, None), (m2, FusedBase(True, True, True))):
+        st = make_state(stream, lut)
+        st.ledger.count[:] = 1  # every target "scored" (the math here; legality: tests/test_compliance.py)
+        infos.append(global_pass(model, stream, rows, cfg, st, view=view))
+    assert infos[0]["steps"] == infos[1]["steps"] >= 3
+    before = tiny_model(seed=3)
+    for (name, a), b, b0 in zip(m.named_parameters(), m2.parameters(), before.parameters()):
+        if name == "blocks.0.attn_scale":
+            assert not torch.equal(a, b0)       # the pass did move the weights
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=lambda s: f"{name}: {s}")
+
+
+def test_base_view_follows_the_path_and_the_switch(monkeypatch):
+    """The kernel path gets the fusions its TTT steps use; the reference, a config without fused_residual and
+    GLOBAL_FUSED off get None; a view without fused_residual is refused by name."""
+    model = tiny_model(seed=0)
+    cfg = recipe("records")
+    view = base_view(model, cfg, "kernel", "cpu")
+    assert isinstance(view, FusedBase)
+    assert (view.fused_qk, view.fused_residual, view.fused_mlp) == fused_choices(model, cfg, "kernel")
+    assert view.layer(0) is view.layer(5) and view.layer(0).fused_mlp == view.fused_mlp
+    assert base_view(model, cfg, "bmm", "cpu") is None
+    from dataclasses import replace
+
+    assert base_view(model, replace(cfg, fused_residual=False), "kernel", "cpu") is None
+    monkeypatch.setattr(adapters, "GLOBAL_FUSED", False)
+    assert base_view(model, cfg, "kernel", "cpu") is None
+    with pytest.raises(ValueError, match="FusedBase: needs fused_residual"):
+        FusedBase(True, False, True)
+
+
+def test_the_switch_reads_its_environment(monkeypatch):
+    for raw, want in (("1", True), ("0", False)):
+        monkeypatch.setenv("PGOLF_GLOBAL_FUSED", raw)
+        assert adapters._global_fused_from_env() is want
+    monkeypatch.delenv("PGOLF_GLOBAL_FUSED")
+    assert adapters._global_fused_from_env() is True
+    monkeypatch.setenv("PGOLF_GLOBAL_FUSED", "yes")
+    with pytest.raises(ValueError, match="PGOLF_GLOBAL_FUSED"):
+        adapters._global_fused_from_env()

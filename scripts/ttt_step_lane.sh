@@ -57,15 +57,18 @@
 #            with act(h) formed in its A operand (linear_residual.MLP_DOWN_ACT, off): their GPU tests under a short
 #            timeout, then bench.profile_ttt on the records' step without them, with -rws, with -rws-dact and with k
 #            in (B, H, T, D) order (-kbh), twice in alternating order, then the eval with each
+#   global   the phased recipe's global passes under the kernel path's fused ops (train.adapters.FusedBase,
+#            PGOLF_GLOBAL_FUSED): the view's GPU tests, then bench.profile_global (reference, kernel, kernel-fused: ms per
+#            SGD step, GPU busy, top kernels) in one process; writes OUTDIR/global/profile_global.json
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout or rws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws or global"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -207,6 +210,15 @@ case "$STAGE" in
     timeout 200 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=180 \
       tests/test_fused_residual.py -k "switches and QK_LAYOUT" 2>&1 | tee "$OUTDIR/layout-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    ;;
+  global)
+    rc=0
+    timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 \
+      tests/test_global_fused.py 2>&1 | tee "$OUTDIR/global-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    timeout "${PGOLF_PROFILE_TIMEOUT:-300}" python3 -m bench.profile_global --out "$OUTDIR/global" 2>&1 \
+      | tee "$OUTDIR/global.log" | grep -E "^\[|fused vs|Error|error" | cut -c1-400
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   rws)

@@ -118,3 +118,40 @@ def test_the_switch_reads_its_environment(monkeypatch):
     monkeypatch.setenv("PGOLF_GLOBAL_FUSED", "yes")
     with pytest.raises(ValueError, match="PGOLF_GLOBAL_FUSED"):
         adapters._global_fused_from_env()
+
+
+def test_profile_global_refuses_bad_arguments():
+    from bench.profile_global import main
+
+    with pytest.raises(SystemExit, match="--variants"):
+        main(["--variants", "kernel,bogus"])
+    with pytest.raises(SystemExit, match="--chunks must be >= 2"):
+        main(["--chunks", "1"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mlp", [True, False])
+def test_gpu_fused_base_at_the_records_block_shapes(mlp):
+    """On the GPU, bf16, the records' block (d 512, 8 / 4 heads, MLP 3x; the Gluon kernels where they run), rows of up
+    to 300 positions: NLL and every base weight's gradient under ``FusedBase`` against an fp32 run of the plain
+    blocks, within 3x the error of the plain blocks in bf16 (torch's own path)."""
+    from pgolf_kernels.testing import assert_close_rel
+
+    model = tiny_model(seed=7, num_layers=4, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=3,
+                       seq_len=2048).cuda()
+    stream = doc_stream([300, 1, 77, 140], seed=11)
+    starts, _ = split_docs(stream)
+    rows = np.array([[starts[0], 200, 300], [starts[1], 0, 1], [starts[2], 10, 77], [starts[3], 0, 140]])
+    from train.rows import build_rows
+
+    rb = build_rows(stream.cuda(), rows, 256)
+    oracle, g_oracle = _nll_and_grads(model, rb, None)
+    bf = model.to(torch.bfloat16)
+    plain, g_plain = _nll_and_grads(bf, rb, None)
+    fused, g_fused = _nll_and_grads(bf, rb, FusedBase(True, True, mlp))
+    m = rb.mask
+    assert_close_rel(fused[m].double(), oracle[m].double(), plain[m].double(), factor=3.0, name="nll")
+    assert sorted(g_fused) == sorted(g_plain) == sorted(g_oracle)
+    for name in g_oracle:
+        assert_close_rel(g_fused[name].double(), g_oracle[name].double(), g_plain[name].double(), factor=3.0,
+                         floor=1e-5, name=name)

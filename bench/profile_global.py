@@ -10,7 +10,7 @@ Variants, each compiled as the eval compiles (``train.forward.compile_rows_nll``
 
 * ``reference``: the ``--reference`` model (bf16 weights), the blocks' own torch ops;
 * ``kernel``: the kernel path's model (int6 codes dequantized at load, as the eval's CLI), the blocks' own ops;
-* ``kernel-fused``: the same under ``FusedBase`` (the view the eval's kernel path passes, ``PGOLF_GLOBAL_FUSED``).
+* ``kernel-fused``: the same under ``FusedBase`` (the view the eval's kernel path passes with ``PGOLF_GLOBAL_FUSED=1``).
 
 Prints per variant: ms per SGD step (wall, synchronized, the median of ``--reps`` passes), the profiled GPU-busy ms
 per step against the wall (the host's share), and the top CUDA kernels.
@@ -87,7 +87,7 @@ def main(argv=None):
         raise SystemExit("profile_global: needs a CUDA GPU")
     from bench.bench_eval import build_artifact
     from train import eval as ev
-    from train.adapters import base_view
+    from train.adapters import FusedBase, fused_choices
     from train.eval_fixtures import synthetic_lut
     from train.forward import compile_rows_nll
     from train.phased import global_rows
@@ -112,7 +112,8 @@ def main(argv=None):
         model, _ = ev.load_model(path, reference=v == "reference", device=dev)
         ev.unfreeze_at_load(model, "ttt", cfg)
         compile_rows_nll(model, True)
-        view = base_view(model, cfg, "kernel", dev) if v == "kernel-fused" else None
+        # the view the eval's kernel path passes with PGOLF_GLOBAL_FUSED=1, whatever the switch in this process
+        view = FusedBase(*fused_choices(model, cfg, "kernel")) if v == "kernel-fused" else None
         run = _pass_fn(model, cfg, stream, rows, lut, view)
         t = time.perf_counter()
         info = run()   # compiles

@@ -91,8 +91,9 @@ def test_global_pass_under_the_view_moves_the_weights_as_without_it(lut):
 
 
 def test_base_view_follows_the_path_and_the_switch(monkeypatch):
-    """The kernel path gets the fusions its TTT steps use; the reference, a config without fused_residual and
-    GLOBAL_FUSED off get None; a view without fused_residual is refused by name."""
+    """With GLOBAL_FUSED on the kernel path gets the fusions its TTT steps use; the reference, a config without
+    fused_residual and GLOBAL_FUSED off (the default) get None; a view without fused_residual is refused by name."""
+    monkeypatch.setattr(adapters, "GLOBAL_FUSED", True)
     model = tiny_model(seed=0)
     cfg = recipe("records")
     view = base_view(model, cfg, "kernel", "cpu")
@@ -114,7 +115,7 @@ def test_the_switch_reads_its_environment(monkeypatch):
         monkeypatch.setenv("PGOLF_GLOBAL_FUSED", raw)
         assert adapters._global_fused_from_env() is want
     monkeypatch.delenv("PGOLF_GLOBAL_FUSED")
-    assert adapters._global_fused_from_env() is True
+    assert adapters._global_fused_from_env() is False
     monkeypatch.setenv("PGOLF_GLOBAL_FUSED", "yes")
     with pytest.raises(ValueError, match="PGOLF_GLOBAL_FUSED"):
         adapters._global_fused_from_env()

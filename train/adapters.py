@@ -502,14 +502,18 @@ class FusedBase:
 
 
 def _global_fused_from_env() -> bool:
-    """PGOLF_GLOBAL_FUSED: unset or "1" = the kernel path's global passes run under ``FusedBase`` (``base_view``);
+    """PGOLF_GLOBAL_FUSED: "1" = the kernel path's global passes run under ``FusedBase`` (``base_view``); unset or
     "0" = the blocks' own torch ops, as ``--reference``."""
     from pgolf_kernels._utils import env_choice
 
-    return env_choice("PGOLF_GLOBAL_FUSED", {"1": "global passes through the fused ops",
-                                             "0": "global passes through the torch ops"}) == "1"
+    return env_choice("PGOLF_GLOBAL_FUSED", {"0": "global passes through the torch ops",
+                                             "1": "global passes through the fused ops"}) == "1"
 
 
+# Off by measurement (H100, bench.profile_global, bench/results/profile-global-h100.md): one SGD step of the records'
+# global pass (16 x 2048 targets) took 29.53 GPU-ms under the view against 31.67 without it, but 55.49 against 33.26
+# ms of wall: the pass runs without CUDA graphs, and the fused ops' host side (the Gluon launches, their TMA
+# descriptors) is longer than the step's GPU work there
 GLOBAL_FUSED: bool = _global_fused_from_env()
 
 

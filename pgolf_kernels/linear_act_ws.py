@@ -125,9 +125,9 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
               ACT: gl.constexpr, W_KN: gl.constexpr, HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
     product; PRO_ACT: K's A operand is act(x tile) = leaky_relu(h, slope)², formed in registers), then the epilogue
-    through shared buffer ``epi[C]``: ACT 1, h and y = act(h) out; ACT 2, h₀ in through ``h_desc`` (TMA, barrier
-    ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the same way and y = res + s ⊙ acc out (s (N,) at
-    ``s_ptr``, from the fp32 accumulator: one rounding).
+    through shared buffer ``epi[C]``: ACT 0, the accumulator out (``sum_products_ws``); ACT 1, h and y = act(h) out;
+    ACT 2, h₀ in through ``h_desc`` (TMA, barrier ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the
+    same way and y = res + s ⊙ acc out (s (N,) at ``s_ptr``, from the fp32 accumulator: one rounding).
 
     The main loops take turns (``turn[c]``: consumer c's j-th main loop waits for the other's main loop before it,
     consumer 0's first waits for none). Besides being the schedule wanted (one main loop on the tensor cores, the
@@ -206,6 +206,9 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
             hf = gl.where(hf > 0, hf, slope * hf)
             y = (hf * hf).to(dtype)
             tma.store_wait(pendings=0)
+        elif ACT == 0:
+            tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's) has left it
+            y = acc.to(dtype)
         elif ACT == 3:
             mbarrier.wait(hbar.index(C), j & 1)
             cols = on + gl.arange(0, BN, layout=gl.SliceLayout(0, mma_layout))
@@ -221,13 +224,30 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
             y = (acc.to(dtype).to(gl.float32) * 2.0 * gl.where(h0 > 0, h0, (slope * slope) * h0)).to(dtype)
         buf.store(y)
         fence_async_shared()
-        if ACT == 3:
+        if ACT == 3 or ACT == 0:
             tma.async_copy_shared_to_global(y_desc, [b, ml, on], buf.reshape([1, BM, BN]))
         else:
             tma.async_copy_shared_to_global(y_desc, [om, on], buf)
         n += 2
         j += 1
     tma.store_wait(pendings=0)
+
+
+@gluon.jit
+def _barriers(STAGES: gl.constexpr):
+    """The ring's ready / empty barriers (one per stage), the consumers' turn barriers and their epilogue-load
+    barriers (one per consumer), initialized."""
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    hbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=1)
+    for i in gl.static_range(2):
+        mbarrier.init(turn.index(i), count=1)
+        mbarrier.init(hbar.index(i), count=1)
+    return ready, empty, turn, hbar
 
 
 @gluon.jit
@@ -242,16 +262,7 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
     ws = gl.allocate_shared_memory(dtype, [STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
                                    w_desc.layout)
     epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    hbar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(turn.index(i), count=1)
-        mbarrier.init(hbar.index(i), count=1)
+    ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
         (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 0, BM, BN, BK,
                      STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
@@ -259,6 +270,71 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
                      STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
         (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R, BM, BN, BK, STAGES,
                    NUM_PROGS, W_KN, HAS_X2)),
+    ], [4, 1], [232, 40])
+
+
+@gluon.jit
+def _load_source(x_desc, w_desc, xs, ws, ready, empty, it, om, wrow, on, K, BK: gl.constexpr,
+                 STAGES: gl.constexpr):
+    """One source's k-steps of a tile into the ring from stage ``it`` on: x (M, K) tiles at rows om, w (B·K, N) tiles
+    (stored (K, N) per batch row) at rows wrow + k; returns the next stage count."""
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w_desc.block_type.nbytes
+    for kk in range(gl.cdiv(K, BK)):
+        s = it % STAGES
+        mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+        mbarrier.expect(ready.index(s), nbytes)
+        tma.async_copy_global_to_shared(x_desc, [om, kk * BK], ready.index(s), xs.index(s))
+        tma.async_copy_global_to_shared(w_desc, [wrow + kk * BK, on], ready.index(s), ws.index(s))
+        it += 1
+    return it
+
+
+@gluon.jit
+def _sum_loader(x0, w0, x1, w1, x2, w2, x3, w3, xs, ws, ready, empty, B, T, N, K0, K1, K2, K3, BM: gl.constexpr,
+                BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
+                NSRC: gl.constexpr):
+    """``sum_products_ws``' loader: every tile's k-steps, source after source (the consumers' order). Source i's w
+    rows are those of the tile's batch row b (b·K_i + k). Past K_i, x's columns are zero-filled (TMA) and w's rows
+    are the next batch row's: their products are 0."""
+    pid = gl.program_id(0)
+    tiles_n = gl.cdiv(N, BN)
+    tiles_m = gl.cdiv(T, BM)
+    total = B * tiles_m * tiles_n
+    it = 0
+    for t in range(pid, total, NUM_PROGS):
+        b = (t // tiles_n) // tiles_m
+        om = b * T + ((t // tiles_n) % tiles_m) * BM
+        on = (t % tiles_n) * BN
+        it = _load_source(x0, w0, xs, ws, ready, empty, it, om, b * K0, on, K0, BK, STAGES)
+        if NSRC > 1:
+            it = _load_source(x1, w1, xs, ws, ready, empty, it, om, b * K1, on, K1, BK, STAGES)
+        if NSRC > 2:
+            it = _load_source(x2, w2, xs, ws, ready, empty, it, om, b * K2, on, K2, BK, STAGES)
+        if NSRC > 3:
+            it = _load_source(x3, w3, xs, ws, ready, empty, it, om, b * K3, on, K3, BK, STAGES)
+
+
+@gluon.jit
+def _sum_ws_kernel(x0, w0, x1, w1, x2, w2, x3, w3, h_desc, y_desc, B, T, N, K0, K1, K2, K3, K_STEPS,
+                   STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, NSRC: gl.constexpr):
+    """y[b] = Σ_i x_i[b] · w_i[b]: ``_sum_loader`` and the two consumers of ``_linear_act_ws_kernel`` (ACT 0: the
+    accumulator stored, W read (K, N)); K_STEPS = Σ_i cdiv(K_i, BK), the consumers' steps per tile. ``h_desc``: y
+    as 2-D, for the epilogue buffers' layout only."""
+    BM: gl.constexpr = x0.block_type.shape[0]
+    BK: gl.constexpr = x0.block_type.shape[1]
+    BN: gl.constexpr = w0.block_type.shape[1]
+    dtype: gl.constexpr = x0.dtype
+    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x0.layout)
+    ws = gl.allocate_shared_memory(dtype, [STAGES, BK, BN], w0.layout)
+    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    ready, empty, turn, hbar = _barriers(STAGES)
+    gl.warp_specialize([
+        (_consumer, (h_desc, y_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K_STEPS * BK, 0, 0.0,
+                     0, BM, BN, BK, STAGES, NUM_PROGS, 0, True, False, False)),
+        (_consumer, (h_desc, y_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K_STEPS * BK, 0, 0.0,
+                     1, BM, BN, BK, STAGES, NUM_PROGS, 0, True, False, False)),
+        (_sum_loader, (x0, w0, x1, w1, x2, w2, x3, w3, xs, ws, ready, empty, B, T, N, K0, K1, K2, K3, BM, BN, BK,
+                       STAGES, NUM_PROGS, NSRC)),
     ], [4, 1], [232, 40])
 
 
@@ -416,13 +492,57 @@ def _check_residual(op: str, res, a, w, scale, u, w2, out) -> None:
     _check_hopper(op, a)
 
 
+def sum_fits(xs, ws) -> bool:
+    """Whether ``sum_products_ws`` runs for ``lora_merged.sum_products``' sources: 1-4 of them, 16-bit on an sm_90
+    device, contiguous, B, T, N and every K_i positive, K_i and N multiples of 8 (TMA's 16-byte rows)."""
+    if not 1 <= len(xs) <= 4:
+        return False
+    N = ws[0].shape[-1]
+    # every size positive: a tile with no k-step would release a ring stage it never filled
+    dims = [N, xs[0].shape[0], xs[0].shape[1]] + [x.shape[-1] for x in xs]
+    return (min(dims) > 0 and runs_on(xs[0], N, *(x.shape[-1] for x in xs))
+            and all(t.is_contiguous() and t.dtype == xs[0].dtype for t in list(xs) + list(ws)))
+
+
+def sum_products_ws(xs, ws, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """y[b] = Σ_i xs[i][b] · ws[i][b] for xs[i] (B, T, K_i) and ws[i] (B, K_i, N) (``lora_merged.sum_products``' math:
+    one fp32 accumulator over every source, one rounding) on the warp-specialized kernel: tiles per batch row (any T;
+    a row's last tile stores through a (1, BM, BN) box that stops at T), each source's w rows read per batch row.
+    Its callers check the sources (``sum_fits``); ``out``: the (B, T, N) tensor to write."""
+    from .linear_act import _num_programs
+
+    Bsz, T = xs[0].shape[0], xs[0].shape[1]
+    N = ws[0].shape[-1]
+    gdt = gl.bfloat16 if xs[0].dtype == torch.bfloat16 else gl.float16
+    lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for([BK, BN], gdt)
+    y = out if out is not None else _utils.empty((Bsz, T, N), xs[0].dtype, xs[0].device)
+    descs, ks = [], []
+    for x, w in zip(xs, ws):
+        K = x.shape[-1]
+        descs += [TensorDescriptor.from_tensor(x.view(Bsz * T, K), [BM, BK], lx),
+                  TensorDescriptor.from_tensor(w.view(Bsz * K, N), [BK, BN], lw)]
+        ks.append(K)
+    n = len(xs)
+    descs += descs[:2] * (4 - n)     # unused slots (NSRC leaves them out at compile time)
+    ks += [0] * (4 - n)
+    steps = sum(triton.cdiv(k, BK) for k in ks)
+    yd = TensorDescriptor.from_tensor(y, [1, BM, BN], gl.NVMMASharedLayout.get_default_for([1, BM, BN], gdt))
+    lo = gl.NVMMASharedLayout.get_default_for([BM, BN], gdt)
+    hd = TensorDescriptor.from_tensor(y.view(Bsz * T, N), [BM, BN], lo)
+    stride, grid = _num_programs(y.device, Bsz * triton.cdiv(T, BM) * triton.cdiv(N, BN))
+    _sum_ws_kernel[(grid, )](*descs, hd, yd, Bsz, T, N, *ks, steps, STAGES=STAGES, NUM_PROGS=stride, NSRC=n,
+                             num_warps=4, maxnreg=168)
+    return y
+
+
 def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False,
-                  pro_act: bool = False) -> dict:
+                  pro_act: bool = False, nsrc: int = 4) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
-    memory: the check before GPU time is spent. ``act``: 1 the forward (h and act(h) out, W (N, K)), 2 the
-    derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``: with the second product;
-    ``pro_act``: (act 3) A = act(x) formed in registers. ``wgmma_serialized``: ptxas's warning C7515 (a wgmma
-    waited for in place, e.g. for its register operand)."""
+    memory: the check before GPU time is spent. ``act``: 0 ``sum_products_ws`` (``nsrc`` sources), 1 the forward (h
+    and act(h) out, W (N, K)), 2 the derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``:
+    with the second product; ``pro_act``: (act 3) A = act(x) formed in registers. ``wgmma_serialized``: ptxas's
+    warning C7515 (a wgmma waited for in place, e.g. for its register operand)."""
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
@@ -430,6 +550,8 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
     from .sm90_check import ptxas_report
 
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
+    if act == 0:
+        return _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, ptxas_report)
     w_kn = act == 2
     x = torch.empty((256, 512), dtype=tdt)
     w = torch.empty((512, 256) if w_kn else (256, 512), dtype=tdt)
@@ -443,6 +565,34 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
                HAS_X2="constexpr", PRO_ACT="constexpr")
     consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2, "PRO_ACT": pro_act}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    regs, spill, out = ptxas_report(k.asm["ptx"])
+    return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
+                ptxas_err=out.stderr[-2000:] if out.returncode else "",
+                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"),
+                wgmma_serialized="C7515" in out.stderr)
+
+
+def _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, ptxas_report) -> dict:
+    """``compile_stats(act=0)``: ``_sum_ws_kernel`` with ``nsrc`` sources (K 512, 256, 256, 96 as the merged q / k / v
+    backward's dx and the o shrink's), compiled for sm_90a."""
+    gdt = gl.bfloat16 if tdt == torch.bfloat16 else gl.float16
+    lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for([BK, BN], gdt)
+    descs = []
+    for K in (512, 256, 256, 96):
+        descs += [TensorDescriptor.from_tensor(torch.empty((256, K), dtype=tdt), [BM, BK], lx),
+                  TensorDescriptor.from_tensor(torch.empty((2 * K, 512), dtype=tdt), [BK, BN], lw)]
+    y = torch.empty((2, 128, 512), dtype=tdt)
+    lo = gl.NVMMASharedLayout.get_default_for([BM, BN], gdt)
+    descs += [TensorDescriptor.from_tensor(y.view(256, 512), [BM, BN], lo),
+              TensorDescriptor.from_tensor(y, [1, BM, BN], gl.NVMMASharedLayout.get_default_for([1, BM, BN], gdt))]
+    names = ("x0", "w0", "x1", "w1", "x2", "w2", "x3", "w3", "h_desc", "y_desc")
+    sig = dict(zip(names, (mangle_type(d) for d in descs)))
+    sig.update({k: "i32" for k in ("B", "T", "N", "K0", "K1", "K2", "K3", "K_STEPS")})
+    sig.update(STAGES="constexpr", NUM_PROGS="constexpr", NSRC="constexpr")
+    src = GluonASTSource(fn=_sum_ws_kernel, signature=sig,
+                         constexprs={"STAGES": STAGES, "NUM_PROGS": num_progs, "NSRC": nsrc}, attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])
     return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,

@@ -370,6 +370,19 @@ def _dx_kernel_from_env() -> bool:
 DX_KERNEL: bool = _dx_kernel_from_env()
 
 
+def _sum_ws_from_env() -> bool:
+    """PGOLF_SUM_WS: "1" = ``sum_products`` on the warp-specialized Gluon kernel where it runs
+    (``linear_act_ws.sum_fits``: 16-bit, sm_90, K_i and N multiples of 8); unset or "0" = the Triton kernel."""
+    return env_choice("PGOLF_SUM_WS", {"0": "the Triton kernel", "1": "the warp-specialized Gluon kernel"}) == "1"
+
+
+# Off until measured in the records' step and eval on a GPU (its kernel compiles for sm_90a without spills:
+# tests/test_linear_act_ws.py). Why try it: the Triton kernel runs the merged backward's dx at ~496 TFLOP/s (3.33 ms
+# for the records' step's 11 launches on an H100, profile-ttt-h100.md measurement 13) where the same Gluon design ran
+# the MLP down-projection with its LoRA expand at ~617 TFLOP/s
+SUM_WS: bool = _sum_ws_from_env()
+
+
 def sum_products_ref(xs: List[Tensor], ws: List[Tensor]) -> Tensor:
     """Torch reference of ``sum_products``: bmm, then ``baddbmm_`` per further source (each rounded to the dtype)."""
     y = torch.bmm(xs[0], ws[0])
@@ -397,7 +410,8 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
     measurement 7) the k and v ``baddbmm_`` (K 256) took 3.17 ms per step for 756 GFLOP (238 TFLOP/s) against 1.29
     ms for q's bmm (K 512, 756 GFLOP). The merged backward calls it while ``DX_KERNEL`` is on (the default;
     ``PGOLF_MERGED_DX=cublas`` turns it off). Outside the kernel's domain (``_kernel_fits``: more than 4 sources, rows not
-    16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs. ``validate=False``
+    16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs. With ``SUM_WS``
+    (``PGOLF_SUM_WS=1``) and no ``config``, ``linear_act_ws.sum_products_ws`` runs where it fits. ``validate=False``
     skips the argument checks (the merged backward, whose dy_i and E_i match by construction)."""
     op = "sum_products"
     check(len(xs) == len(ws) and len(xs) > 0, lambda: f"{op}: xs and ws must be non-empty lists of one length, got "
@@ -411,6 +425,11 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
         check(x.shape[:2] == x0.shape[:2] and w.shape == (Bsz, x.shape[2], N),
               lambda: f"{op}: xs[{i}] must be (B = {Bsz}, T = {T}, K_i) and ws[{i}] (B, K_i, N = {N}), got "
                       f"{tuple(x.shape)} and {tuple(w.shape)}")
+    if SUM_WS and x0.is_cuda and config is None:
+        from .linear_act_ws import sum_fits, sum_products_ws
+
+        if sum_fits(xs, ws):
+            return sum_products_ws(xs, ws)
     if not _kernel_fits(xs, ws):
         return sum_products_ref(xs, ws)
     from triton.tools.tensor_descriptor import TensorDescriptor

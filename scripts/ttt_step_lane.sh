@@ -60,15 +60,18 @@
 #   global   the phased recipe's global passes under the kernel path's fused ops (train.adapters.FusedBase,
 #            PGOLF_GLOBAL_FUSED): the view's GPU tests, then bench.profile_global (reference, kernel, kernel-fused: ms per
 #            SGD step, GPU busy, top kernels) in one process; writes OUTDIR/global/profile_global.json
+#   sws      the merged backward's dx on the warp-specialized Gluon kernel (lora_merged.SUM_WS, PGOLF_SUM_WS, off by
+#            default): its GPU tests under a short timeout, bench.profile_ttt on the records' step without and with it
+#            (kernel-compile-tail, -sws) in one process, then the eval with it, eager and under CUDA graphs
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws or global"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global or sws"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -211,6 +214,16 @@ case "$STAGE" in
       tests/test_fused_residual.py -k "switches and QK_LAYOUT" 2>&1 | tee "$OUTDIR/layout-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    ;;
+  sws)
+    rc=0
+    timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=100 \
+      tests/test_linear_act_ws.py -k "sum" 2>&1 | tee "$OUTDIR/sws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    [ "$rc" -eq 0 ] && step_profile 200 kernel-compile-tail,kernel-compile-tail-sws
+    [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
+      tests/test_fused_residual.py -k "switches and SUM_WS" 2>&1 | tee "$OUTDIR/sws-eval.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
     ;;
   global)
     rc=0

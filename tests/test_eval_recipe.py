@@ -205,18 +205,23 @@ def test_phase_plan():
         phase_plan(ns, phase_docs=9, phases=9)
 
 
-def test_global_pass_matches_plain_sgd(lut):
-    """global_pass == a plain loop: per chunk (the last skipped) one SGD step with momentum on the mean
-    NLL of the chunk's targets, each row a piece of one document seen through a window of seq_len
-    ending at the piece's end (never crossing the document's BOS), clipped."""
+def global_case():
+    """A small global pass: (tiny model, stream of 4 documents, their starts, the config, the rows of documents 2, 0,
+    1): 3 SGD steps with momentum and clipping."""
     m = tiny_model(seed=3)
-    ref = copy.deepcopy(m)
     stream = doc_stream([70, 40, 90, 20], seed=3)
     starts, ns = split_docs(stream)
     cfg = TTTConfig(global_lr=0.05, global_momentum=0.9, global_clip=0.5, global_seq_len=32, global_chunk_tokens=64,
                     global_batch_seqs=2)
-    docs = np.array([2, 0, 1])
-    rows = global_rows(starts, ns, docs, cfg.global_seq_len)
+    return m, stream, starts, cfg, global_rows(starts, ns, np.array([2, 0, 1]), cfg.global_seq_len)
+
+
+def test_global_pass_matches_plain_sgd(lut):
+    """global_pass == a plain loop: per chunk (the last skipped) one SGD step with momentum on the mean
+    NLL of the chunk's targets, each row a piece of one document seen through a window of seq_len
+    ending at the piece's end (never crossing the document's BOS), clipped."""
+    m, stream, starts, cfg, rows = global_case()
+    ref = copy.deepcopy(m)
     assert [tuple(r) for r in rows[:3]] == [(starts[2], 0, 32), (starts[2], 32, 64), (starts[2], 64, 90)]
     st = make_state(stream, lut)
     st.ledger.count[:] = 1  # every target "scored" (this test is about the math; legality is tested elsewhere)

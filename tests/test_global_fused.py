@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 import torch
 
+from tests.test_eval_recipe import global_case
 from tests.test_fused_mlp import batch
 from train import adapters
 from train.adapters import FusedBase, base_view, fused_choices
 from train.eval_fixtures import doc_stream, tiny_model
 from train.forward import rows_nll
-from train.phased import global_pass, global_rows
+from train.phased import global_pass
 from train.rows import split_docs
 from train.scoring import make_state
-from train.ttt_config import TTTConfig, recipe
+from train.ttt_config import recipe
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,13 +71,8 @@ def test_fused_base_equals_the_blocks_own_ops(qk, mlp, monkeypatch):
 
 def test_global_pass_under_the_view_moves_the_weights_as_without_it(lut):
     """A whole global pass (3 SGD steps with momentum and clipping): the weights after it equal the plain pass's."""
-    m = tiny_model(seed=3)
+    m, stream, _, cfg, rows = global_case()
     m2 = copy.deepcopy(m)
-    stream = doc_stream([70, 40, 90, 20], seed=3)
-    starts, ns = split_docs(stream)
-    cfg = TTTConfig(global_lr=0.05, global_momentum=0.9, global_clip=0.5, global_seq_len=32, global_chunk_tokens=64,
-                    global_batch_seqs=2)
-    rows = global_rows(starts, ns, np.array([2, 0, 1]), cfg.global_seq_len)
     infos = []
     for model, view in ((m, None), (m2, FusedBase(True, True, True))):
         st = make_state(stream, lut)
@@ -108,17 +104,6 @@ def test_base_view_follows_the_path_and_the_switch(monkeypatch):
     assert base_view(model, cfg, "kernel", "cpu") is None
     with pytest.raises(ValueError, match="FusedBase: needs fused_residual"):
         FusedBase(True, False, True)
-
-
-def test_the_switch_reads_its_environment(monkeypatch):
-    for raw, want in (("1", True), ("0", False)):
-        monkeypatch.setenv("PGOLF_GLOBAL_FUSED", raw)
-        assert adapters._global_fused_from_env() is want
-    monkeypatch.delenv("PGOLF_GLOBAL_FUSED")
-    assert adapters._global_fused_from_env() is False
-    monkeypatch.setenv("PGOLF_GLOBAL_FUSED", "yes")
-    with pytest.raises(ValueError, match="PGOLF_GLOBAL_FUSED"):
-        adapters._global_fused_from_env()
 
 
 def test_profile_global_refuses_bad_arguments():

@@ -7,7 +7,8 @@ the fp64 oracle with the suite's bound (at most 2x the error of torch's own path
 ``linear_act_ref``), NaN-filled outputs, tails in M and N, a single tile (the second consumer idle) and the
 records' MLP up-projection (131,072 x 512 -> 1536: programs with an odd and an even number of tiles); the
 derivative the same way against ``linear_act_grad_ref`` at the records' MLP backward shape (both inside
-``mlp_residual``: tests/test_linear_residual.py).
+``mlp_residual``: tests/test_linear_residual.py); ``sum_products_ws`` (Σ_i x_i · w_i per batch row) against fp64 with
+the bound of the bmm + baddbmm_ composition, at the merged q / k / v backward's shapes and tails.
 """
 import json
 
@@ -216,3 +217,72 @@ def test_gpu_residual_with_act_prologue_matches_fp64(B, T, H, N, R, dtype):
         d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
         assert_close_rel(out, linear_residual_ref(*d), linear_residual_ref(res, a, w, s, u, w2),
                          name=f"out {B}x{T}x{H}->{N} R {R} slope {slope}")
+
+
+@pytest.mark.parametrize("nsrc", [1, 4])
+def test_sum_kernel_compiles_for_sm90_without_spills(nsrc):
+    """``sum_products_ws``' kernel (the sum loader and the consumers' plain-store epilogue, W read (K, N) per batch
+    row) compiles for sm_90a with one and four sources: ptxas accepts it, no spill, no wgmma serialized, shared memory
+    within an H100's, the partitions present."""
+    out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
+                         f"print(json.dumps(compile_stats(act=0, nsrc={nsrc})))")
+    s = json.loads(out.strip().splitlines()[-1])
+    assert s["ptxas_rc"] == 0, s["ptxas_err"]
+    assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
+    assert 0 < s["smem"] <= 232448, s
+    assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
+
+
+def test_sum_fits_domain():
+    """``sum_fits``: 1-4 sources of one 16-bit dtype, contiguous, on an sm_90 device only (a CPU tensor never)."""
+    from pgolf_kernels.linear_act_ws import sum_fits
+
+    xs = [torch.zeros(2, 8, k, dtype=torch.bfloat16) for k in (16, 8)]
+    ws = [torch.zeros(2, k, 16, dtype=torch.bfloat16) for k in (16, 8)]
+    assert not sum_fits(xs, ws)                       # CPU
+    assert not sum_fits(xs * 3, ws * 3)               # 6 sources
+    assert not sum_fits([], [])
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,ks,N", [(1, 128, [64], 128), (3, 130, [512, 256, 256, 96], 512), (5, 48, [512], 512),
+                                      (2, 300, [96, 8], 136), (64, 2048, [512, 256, 256, 96], 512),
+                                      (64, 2048, [512, 256, 256], 512)])
+def test_gpu_sum_products_ws_matches_fp64(B, T, ks, N, dtype):
+    """y[b] = Σ_i x_i[b] · w_i[b] against fp64 with the suite's bound against the bmm + baddbmm_ composition
+    (``lora_merged.sum_products_ref``), NaN-filled output: a single tile, the merged q / k / v backward's sources with
+    the o shrink's (K 96: past BK the x columns are zero-filled and the w rows are the next batch row's), T not a
+    multiple of 128 (the 96-step window buckets' kind, the 48-row tail block), an N tail, the records' 64 x 2048."""
+    from pgolf_kernels.linear_act_ws import sum_fits, sum_products_ws
+    from pgolf_kernels.lora_merged import sum_products_ref
+
+    g = torch.Generator().manual_seed(draw_seed())
+    xs = [torch.randn(B, T, k, generator=g).to("cuda", dtype) for k in ks]
+    ws = [(torch.randn(B, k, N, generator=g) * k ** -0.5).to("cuda", dtype) for k in ks]
+    assert sum_fits(xs, ws)
+    out = torch.full((B, T, N), float("nan"), device="cuda", dtype=dtype)
+    assert sum_products_ws(xs, ws, out=out) is out
+    oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
+    assert_close_rel(out, oracle, sum_products_ref(xs, ws), name=f"sum {B}x{T} {ks} -> {N}")
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_sum_products_dispatches_to_the_gluon_kernel(monkeypatch):
+    """``lora_merged.SUM_WS`` on: ``sum_products`` runs ``sum_products_ws`` (counted) with the same result bound."""
+    import pgolf_kernels.linear_act_ws as ws_mod
+    from pgolf_kernels import lora_merged as M
+
+    calls = []
+    real = ws_mod.sum_products_ws
+    monkeypatch.setattr(ws_mod, "sum_products_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    monkeypatch.setattr(M, "SUM_WS", True)
+    g = torch.Generator().manual_seed(draw_seed())
+    xs = [torch.randn(4, 200, k, generator=g).to("cuda", torch.bfloat16) for k in (512, 256, 256)]
+    ws = [(torch.randn(4, k, 512, generator=g) * k ** -0.5).to("cuda", torch.bfloat16) for k in (512, 256, 256)]
+    y = M.sum_products(xs, ws)
+    assert calls == [1]
+    oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
+    assert_close_rel(y, oracle, M.sum_products_ref(xs, ws), name="sum_products with SUM_WS")

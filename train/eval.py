@@ -358,7 +358,7 @@ def _score_documents(model, tokens, starts, ns, cfg: TTTConfig, st, expected, *,
             from .warmup import compile_cache_counts
 
             c0 = compile_cache_counts()
-            # the kernel path's global passes run the fused ops of its TTT steps (base_view: None on the reference)
+            # PGOLF_GLOBAL_FUSED=1: the kernel path's global passes through its TTT steps' fused ops (off: base_view None)
             view = base_view(model, cfg, adapter.backend if adapter is not None else "bmm", dev)
             info = global_pass(model, tokens, rows, cfg, st, rank=rank, world=world, train_hook=train_hook,
                                clock=clock, view=view)

@@ -1,5 +1,6 @@
-"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue, its derivative, or the residual epilogue (Gluon): the
-MLP's up-projection and backward GEMM of ``linear_act``, and ``linear_residual``'s residual sites.
+"""Warp-specialized Hopper GEMM with the leaky_relu² epilogue, its derivative, the residual epilogue or a sum of
+per-row products (Gluon): the MLP's up-projection and backward GEMM of ``linear_act``, ``linear_residual``'s residual
+sites and ``lora_merged.sum_products``.
 
 ``linear_residual`` runs both residual sites on it by default (``linear_residual.RES_WS``, ``PGOLF_RES_WS=0`` turns
 it off): ``linear_residual_ws``, out = res + s ⊙ (a · Wᵀ + u · w2ᵀ) with the LoRA expand's steps after the GEMM's in
@@ -8,6 +9,11 @@ records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 13) the
 launches took 1.81 against 2.33 ms on ``_linear_act_kernel`` and the MLP down-projection's 3.67 against 4.23 ms.
 With ``pre_act`` the A operand is act(h) formed in registers from h tiles (``linear_residual.MLP_DOWN_ACT``, off:
 6.21 ms for those 11 down-projections in the same measurement, the activation not overlapped with the wgmma).
+
+``sum_products_ws``: y[b] = Σ_i x_i[b] · w_i[b] (up to 4 sources, w_i stored (K_i, N) per batch row), the merged
+q / k / v backward's dx with the o shrink's term (``lora_merged.sum_products`` with ``SUM_WS``, ``PGOLF_SUM_WS=1``;
+off until the eval has run with it): in the records' step on an H100 (measurement 15) 2.72 against 3.38 ms for the
+Triton kernel's 12 launches.
 
 ``linear_residual.mlp_residual`` runs its backward's derivative GEMM on it by default (``linear_act.GRAD_WS``,
 ``PGOLF_ACT_GRAD_WS=0`` turns it off: the records' step's 11 derivative GEMMs 5.03 -> 3.95 ms on an H200,

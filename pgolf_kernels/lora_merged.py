@@ -376,10 +376,9 @@ def _sum_ws_from_env() -> bool:
     return env_choice("PGOLF_SUM_WS", {"0": "the Triton kernel", "1": "the warp-specialized Gluon kernel"}) == "1"
 
 
-# Off until measured in the records' step and eval on a GPU (its kernel compiles for sm_90a without spills:
-# tests/test_linear_act_ws.py). Why try it: the Triton kernel runs the merged backward's dx at ~496 TFLOP/s (3.33 ms
-# for the records' step's 11 launches on an H100, profile-ttt-h100.md measurement 13) where the same Gluon design ran
-# the MLP down-projection with its LoRA expand at ~617 TFLOP/s
+# Off until the eval has run with it on a GPU (eager and under CUDA graphs, tests/test_fused_residual.py). Measured in
+# the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 15): its 12 launches 3.383 -> 2.724 ms
+# (~489 -> ~607 TFLOP/s), the step's GPU time 82.30 -> 81.56 ms; its GPU tests against fp64 pass there
 SUM_WS: bool = _sum_ws_from_env()
 
 

@@ -126,12 +126,15 @@ def _loader(x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R
 
 
 @gluon.jit
-def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, C: gl.constexpr,
+def _consumer(h_desc, y_desc, s_ptr, y1_desc, y2_desc, N0, N1, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R,
+              slope, C: gl.constexpr,
               BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr,
               ACT: gl.constexpr, W_KN: gl.constexpr, HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     """Tiles of local index n = C, C + 2, ...: wgmma over the ring's stages (K's steps, then R's: 0 without a second
     product; PRO_ACT: K's A operand is act(x tile) = leaky_relu(h, slope)², formed in registers), then the epilogue
-    through shared buffer ``epi[C]``: ACT 0, the accumulator out (``sum_products_ws``); ACT 1, h and y = act(h) out;
+    through shared buffer ``epi[C]``: ACT 0, the accumulator out (``sum_products_ws``); ACT 4, the same into the
+    output of its column range (``linear_rows_ws``: y_desc below N0, y1_desc below N0 + N1, y2_desc above); ACT 1, h
+    and y = act(h) out;
     ACT 2, h₀ in through ``h_desc`` (TMA, barrier ``hbar[C]``) and y = h ⊙ act'(h₀) out; ACT 3, the residual in the
     same way and y = res + s ⊙ acc out (s (N,) at ``s_ptr``, from the fp32 accumulator: one rounding).
 
@@ -212,7 +215,7 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
             hf = gl.where(hf > 0, hf, slope * hf)
             y = (hf * hf).to(dtype)
             tma.store_wait(pendings=0)
-        elif ACT == 0:
+        elif ACT == 0 or ACT == 4:
             tma.store_wait(pendings=0)  # this buffer's last store (the previous tile's) has left it
             y = acc.to(dtype)
         elif ACT == 3:
@@ -232,6 +235,13 @@ def _consumer(h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T
         fence_async_shared()
         if ACT == 3 or ACT == 0:
             tma.async_copy_shared_to_global(y_desc, [b, ml, on], buf.reshape([1, BM, BN]))
+        elif ACT == 4:   # the output whose columns hold this tile's (N0 and N1 multiples of BN: no tile straddles)
+            if on < N0:
+                tma.async_copy_shared_to_global(y_desc, [b, ml, on], buf.reshape([1, BM, BN]))
+            elif on < N0 + N1:
+                tma.async_copy_shared_to_global(y1_desc, [b, ml, on - N0], buf.reshape([1, BM, BN]))
+            else:
+                tma.async_copy_shared_to_global(y2_desc, [b, ml, on - N0 - N1], buf.reshape([1, BM, BN]))
         else:
             tma.async_copy_shared_to_global(y_desc, [om, on], buf)
         n += 2
@@ -270,9 +280,11 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
     epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
     ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
-        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 0, BM, BN, BK,
+        (_consumer, (h_desc, y_desc, s_ptr, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R,
+                     slope, 0, BM, BN, BK,
                      STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
-        (_consumer, (h_desc, y_desc, s_ptr, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R, slope, 1, BM, BN, BK,
+        (_consumer, (h_desc, y_desc, s_ptr, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R,
+                     slope, 1, BM, BN, BK,
                      STAGES, NUM_PROGS, ACT, W_KN, HAS_X2, PRO_ACT)),
         (_loader, (x_desc, w_desc, u_desc, w2_desc, xs, ws, ready, empty, B, T, N, K, R, BM, BN, BK, STAGES,
                    NUM_PROGS, W_KN, HAS_X2)),
@@ -335,12 +347,66 @@ def _sum_ws_kernel(x0, w0, x1, w1, x2, w2, x3, w3, h_desc, y_desc, B, T, N, K0, 
     epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
     ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
-        (_consumer, (h_desc, y_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K_STEPS * BK, 0, 0.0,
+        (_consumer, (h_desc, y_desc, y_desc, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N,
+                     K_STEPS * BK, 0, 0.0,
                      0, BM, BN, BK, STAGES, NUM_PROGS, 0, True, False, False)),
-        (_consumer, (h_desc, y_desc, y_desc, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K_STEPS * BK, 0, 0.0,
+        (_consumer, (h_desc, y_desc, y_desc, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N,
+                     K_STEPS * BK, 0, 0.0,
                      1, BM, BN, BK, STAGES, NUM_PROGS, 0, True, False, False)),
         (_sum_loader, (x0, w0, x1, w1, x2, w2, x3, w3, xs, ws, ready, empty, B, T, N, K0, K1, K2, K3, BM, BN, BK,
                        STAGES, NUM_PROGS, NSRC)),
+    ], [4, 1], [232, 40])
+
+
+@gluon.jit
+def _rows_loader(x_desc, w0, w1, w2, xs, ws, ready, empty, B, T, N, K, N0, N1, BM: gl.constexpr, BN: gl.constexpr,
+                 BK: gl.constexpr, STAGES: gl.constexpr, NUM_PROGS: gl.constexpr):
+    """``linear_rows_ws``' loader: the columns [0, N) are the slices' outputs side by side (N0, N1, N - N0 - N1 wide);
+    a tile's W rows come from its slice's per-row weight (B·N_i, K), at batch row b's block."""
+    pid = gl.program_id(0)
+    tiles_n = gl.cdiv(N, BN)
+    tiles_m = gl.cdiv(T, BM)
+    total = B * tiles_m * tiles_n
+    nbytes: gl.constexpr = x_desc.block_type.nbytes + w0.block_type.nbytes
+    it = 0
+    for t in range(pid, total, NUM_PROGS):
+        b = (t // tiles_n) // tiles_m
+        om = b * T + ((t // tiles_n) % tiles_m) * BM
+        on = (t % tiles_n) * BN
+        for kk in range(gl.cdiv(K, BK)):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), nbytes)
+            tma.async_copy_global_to_shared(x_desc, [om, kk * BK], ready.index(s), xs.index(s))
+            if on < N0:
+                tma.async_copy_global_to_shared(w0, [b * N0 + on, kk * BK], ready.index(s), ws.index(s))
+            elif on < N0 + N1:
+                tma.async_copy_global_to_shared(w1, [b * N1 + on - N0, kk * BK], ready.index(s), ws.index(s))
+            else:
+                tma.async_copy_global_to_shared(w2, [b * (N - N0 - N1) + on - N0 - N1, kk * BK], ready.index(s),
+                                                ws.index(s))
+            it += 1
+
+
+@gluon.jit
+def _rows_ws_kernel(x_desc, w0, w1, w2, h_desc, y0, y1, y2, B, T, N, K, N0, N1, STAGES: gl.constexpr,
+                    NUM_PROGS: gl.constexpr):
+    """y_i[b] = x[b] · W_i[b]ᵀ for up to three per-row weights in one launch: ``_rows_loader`` and the two consumers
+    (ACT 4). ``h_desc``: a 2-D (BM, BN) descriptor, for the epilogue buffers' layout only."""
+    BM: gl.constexpr = x_desc.block_type.shape[0]
+    BK: gl.constexpr = x_desc.block_type.shape[1]
+    BN: gl.constexpr = w0.block_type.shape[0]
+    dtype: gl.constexpr = x_desc.dtype
+    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x_desc.layout)
+    ws = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w0.layout)
+    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    ready, empty, turn, hbar = _barriers(STAGES)
+    gl.warp_specialize([
+        (_consumer, (h_desc, y0, y0, y1, y2, N0, N1, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, 0, 0.0, 0, BM,
+                     BN, BK, STAGES, NUM_PROGS, 4, False, False, False)),
+        (_consumer, (h_desc, y0, y0, y1, y2, N0, N1, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, 0, 0.0, 1, BM,
+                     BN, BK, STAGES, NUM_PROGS, 4, False, False, False)),
+        (_rows_loader, (x_desc, w0, w1, w2, xs, ws, ready, empty, B, T, N, K, N0, N1, BM, BN, BK, STAGES, NUM_PROGS)),
     ], [4, 1], [232, 40])
 
 
@@ -542,10 +608,53 @@ def sum_products_ws(xs, ws, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     return y
 
 
+def rows_fits(x: torch.Tensor, Es) -> bool:
+    """Whether ``linear_rows_ws`` runs for x (B, T, K) and 1-3 per-row weights E_i (B, N_i, K): 16-bit on an sm_90
+    device, contiguous, of x's dtype, B and T positive, K a positive multiple of 8, every N_i a positive multiple of the
+    128-column tile (a tile holds columns of one output only)."""
+    if not (1 <= len(Es) <= 3 and x.dim() == 3 and min(x.shape) > 0):
+        return False
+    B, _, K = x.shape
+    return (runs_on(x, K) and x.is_contiguous()
+            and all(E.dim() == 3 and E.shape[0] == B and E.shape[2] == K and E.shape[1] > 0 and E.shape[1] % BN == 0
+                    and E.is_contiguous() and E.dtype == x.dtype for E in Es))
+
+
+def linear_rows_ws(x: torch.Tensor, Es, outs=None):
+    """[y_i = x · E_iᵀ per batch row] for x (B, T, K) and up to three per-row weights E_i (B, N_i, K) in one launch:
+    the merged q / k / v forward (``lora_merged.forward`` with ``QKV_WS``), each y_i a contiguous (B, T, N_i) tensor of
+    x's dtype (fp32 accumulate, one rounding, as cuBLAS's bmm). The columns of the three outputs are one N = Σ N_i
+    wide grid of 128-column tiles, cut per batch row (any T: a row's last tile stores through a (1, BM, BN) box that
+    stops at T). Its callers check the shapes (``rows_fits``); ``outs``: the tensors to write."""
+    from .linear_act import _num_programs
+
+    Bsz, T, K = x.shape
+    ns = [E.shape[1] for E in Es]
+    gdt = gl.bfloat16 if x.dtype == torch.bfloat16 else gl.float16
+    lx = gl.NVMMASharedLayout.get_default_for([BM, BK], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for([BN, BK], gdt)
+    l3 = gl.NVMMASharedLayout.get_default_for([1, BM, BN], gdt)
+    ys = list(outs) if outs is not None else [_utils.empty((Bsz, T, n), x.dtype, x.device) for n in ns]
+    wd = [TensorDescriptor.from_tensor(E.view(Bsz * n, K), [BN, BK], lw) for E, n in zip(Es, ns)]
+    yd = [TensorDescriptor.from_tensor(y, [1, BM, BN], l3) for y in ys]
+    wd += wd[:1] * (3 - len(Es))     # unused slots: no tile's columns reach them
+    yd += yd[:1] * (3 - len(Es))
+    hd = TensorDescriptor.from_tensor(ys[0].view(Bsz * T, ns[0]), [BM, BN],
+                                      gl.NVMMASharedLayout.get_default_for([BM, BN], gdt))
+    N = sum(ns)
+    n0 = ns[0]
+    n1 = ns[1] if len(ns) > 1 else 0
+    stride, grid = _num_programs(x.device, Bsz * triton.cdiv(T, BM) * triton.cdiv(N, BN))
+    _rows_ws_kernel[(grid, )](TensorDescriptor.from_tensor(x.view(Bsz * T, K), [BM, BK], lx), *wd, hd, *yd, Bsz, T,
+                              N, K, n0, n1, STAGES=STAGES, NUM_PROGS=stride, num_warps=4, maxnreg=168)
+    return ys
+
+
 def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: bool = False,
                   pro_act: bool = False, nsrc: int = 4) -> dict:
     """Compile the kernel for sm_90a on any host (no GPU) and report ptxas's registers and spills and the shared
-    memory: the check before GPU time is spent. ``act``: 0 ``sum_products_ws`` (``nsrc`` sources), 1 the forward (h
+    memory: the check before GPU time is spent. ``act``: 0 ``sum_products_ws`` (``nsrc`` sources), 4 ``linear_rows_ws``
+    (three per-row weights), 1 the forward (h
     and act(h) out, W (N, K)), 2 the derivative (h read, W (K, N)), 3 the residual (res read, s ⊙ acc added); ``x2``:
     with the second product; ``pro_act``: (act 3) A = act(x) formed in registers. ``wgmma_serialized``: ptxas's
     warning C7515 (a wgmma waited for in place, e.g. for its register operand)."""
@@ -558,6 +667,8 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
     tdt = torch.bfloat16 if dtype == "bf16" else torch.float16
     if act == 0:
         return _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, ptxas_report)
+    if act == 4:
+        return _compile_rows(tdt, num_progs, GluonASTSource, GPUTarget, mangle_type, ptxas_report)
     w_kn = act == 2
     x = torch.empty((256, 512), dtype=tdt)
     w = torch.empty((512, 256) if w_kn else (256, 512), dtype=tdt)
@@ -599,6 +710,32 @@ def _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, p
     sig.update(STAGES="constexpr", NUM_PROGS="constexpr", NSRC="constexpr")
     src = GluonASTSource(fn=_sum_ws_kernel, signature=sig,
                          constexprs={"STAGES": STAGES, "NUM_PROGS": num_progs, "NSRC": nsrc}, attrs={})
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
+    regs, spill, out = ptxas_report(k.asm["ptx"])
+    return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
+                ptxas_err=out.stderr[-2000:] if out.returncode else "",
+                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"),
+                wgmma_serialized="C7515" in out.stderr)
+
+
+def _compile_rows(tdt, num_progs, GluonASTSource, GPUTarget, mangle_type, ptxas_report) -> dict:
+    """``compile_stats(act=4)``: ``_rows_ws_kernel`` with the merged q / k / v forward's three per-row weights (N 512,
+    256, 256 at K 512), compiled for sm_90a."""
+    gdt = gl.bfloat16 if tdt == torch.bfloat16 else gl.float16
+    l3 = gl.NVMMASharedLayout.get_default_for([1, BM, BN], gdt)
+    lw = gl.NVMMASharedLayout.get_default_for([BN, BK], gdt)
+    descs = [TensorDescriptor.from_tensor(torch.empty((256, 512), dtype=tdt), [BM, BK],
+                                          gl.NVMMASharedLayout.get_default_for([BM, BK], gdt))]
+    descs += [TensorDescriptor.from_tensor(torch.empty((2 * n, 512), dtype=tdt), [BN, BK], lw) for n in (512, 256, 256)]
+    descs += [TensorDescriptor.from_tensor(torch.empty((256, 512), dtype=tdt), [BM, BN],
+                                           gl.NVMMASharedLayout.get_default_for([BM, BN], gdt))]
+    descs += [TensorDescriptor.from_tensor(torch.empty((2, 128, n), dtype=tdt), [1, BM, BN], l3) for n in (512, 256, 256)]
+    names = ("x_desc", "w0", "w1", "w2", "h_desc", "y0", "y1", "y2")
+    sig = dict(zip(names, (mangle_type(d) for d in descs)))
+    sig.update({k: "i32" for k in ("B", "T", "N", "K", "N0", "N1")})
+    sig.update(STAGES="constexpr", NUM_PROGS="constexpr")
+    src = GluonASTSource(fn=_rows_ws_kernel, signature=sig, constexprs={"STAGES": STAGES, "NUM_PROGS": num_progs},
+                         attrs={})
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])
     return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,

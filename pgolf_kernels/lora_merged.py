@@ -297,17 +297,37 @@ def low_copies(x: Tensor, Ws: List[Tensor], As: List[Tensor]) -> List[Tensor]:
     return out
 
 
+def _qkv_ws_from_env() -> bool:
+    """PGOLF_QKV_WS: "1" = the merged forward's products x · E_iᵀ (the q / k / v slices) in one launch of the
+    warp-specialized Gluon kernel where it runs (``linear_act_ws.rows_fits``); unset or "0" = one cuBLAS bmm per
+    slice."""
+    return env_choice("PGOLF_QKV_WS", {"0": "one bmm per slice", "1": "one Gluon launch for every slice"}) == "1"
+
+
+# Off until measured on a GPU (its kernel compiles for sm_90a without spills: tests/test_linear_act_ws.py). Why try it:
+# in the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 13) the k and v bmm (N 256, 22
+# launches) ran at ~440 TFLOP/s and q's (N 512, 11) at ~575: 3.03 ms for 1.51 TFLOP, against ~607 TFLOP/s for the
+# same Gluon design in sum_products_ws (measurement 15)
+QKV_WS: bool = _qkv_ws_from_env()
+
+
 # The backward's α·A and α·B copies in x.dtype come from the effective-weight launch, which loads both anyway: in the
 # records' step on an H200 (profile-ttt-h200.md, measurement 10) 66 separate scaled copies (aten::mul with a bf16
 # output) had taken 0.54 ms
 def forward(x: Tensor, Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alpha: float,
             adapter_index: Optional[Tensor], low: Optional[List[Tensor]] = None) -> Tuple[List[Tensor], List[Tensor]]:
-    """(y_i = x · E_iᵀ as contiguous (B, T, N_i) tensors of x.dtype, the E_i (B, N_i, d) for the backward).
-    Ws dense (N_i, d) of x.dtype. ``low``: ``low_copies``'s tensors, filled with α·A_i and α·B_i per row."""
+    """(y_i = x · E_iᵀ as contiguous (B, T, N_i) tensors of x.dtype, the E_i (B, N_i, d) for the backward): one bmm
+    per slice, or with ``QKV_WS`` (``PGOLF_QKV_WS=1``) one ``linear_act_ws.linear_rows_ws`` launch for all of them
+    where it runs. Ws dense (N_i, d) of x.dtype. ``low``: ``low_copies``'s tensors, filled with α·A_i and α·B_i per row."""
     rows = x.shape[0]
     Es = [effective_weight(W, A, Bm, alpha, adapter_index, rows,
                            low=None if low is None else (low[2 * i], low[2 * i + 1]))
           for i, (W, A, Bm) in enumerate(zip(Ws, As, Bs))]
+    if QKV_WS and x.is_cuda:
+        from .linear_act_ws import linear_rows_ws, rows_fits
+
+        if rows_fits(x, Es):
+            return linear_rows_ws(x, Es), Es
     return [torch.bmm(x, E.transpose(1, 2)) for E in Es], Es
 
 

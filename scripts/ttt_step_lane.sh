@@ -60,9 +60,10 @@
 #   global   the phased recipe's global passes under the kernel path's fused ops (train.adapters.FusedBase,
 #            PGOLF_GLOBAL_FUSED): the view's GPU tests, then bench.profile_global (reference, kernel, kernel-fused: ms per
 #            SGD step, GPU busy, top kernels) in one process; writes OUTDIR/global/profile_global.json
-#   sws      the merged backward's dx on the warp-specialized Gluon kernel (lora_merged.SUM_WS, PGOLF_SUM_WS, off by
-#            default): its GPU tests under a short timeout, bench.profile_ttt on the records' step without and with it
-#            (kernel-compile-tail, -sws) in one process, then the eval with it, eager and under CUDA graphs
+#   sws      the merged backward's dx and the merged q / k / v forward on the warp-specialized Gluon kernel
+#            (lora_merged.SUM_WS and QKV_WS, PGOLF_SUM_WS / PGOLF_QKV_WS, off by default): their GPU tests under a short
+#            timeout, bench.profile_ttt on the records' step without them, with each and with both (kernel-compile-tail,
+#            -sws, -qws, -sws-qws) in one process, then the eval with each, eager and under CUDA graphs
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
@@ -218,11 +219,12 @@ case "$STAGE" in
   sws)
     rc=0
     timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=100 \
-      tests/test_linear_act_ws.py -k "sum" 2>&1 | tee "$OUTDIR/sws-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+      tests/test_linear_act_ws.py -k "sum or rows or merged_forward" 2>&1 | tee "$OUTDIR/sws-tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
-    [ "$rc" -eq 0 ] && step_profile 200 kernel-compile-tail,kernel-compile-tail-sws
+    [ "$rc" -eq 0 ] && step_profile 250 kernel-compile-tail,kernel-compile-tail-sws,kernel-compile-tail-qws,kernel-compile-tail-sws-qws
     [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
-      tests/test_fused_residual.py -k "switches and SUM_WS" 2>&1 | tee "$OUTDIR/sws-eval.log" \
+      tests/test_fused_residual.py -k "switches and (SUM_WS or QKV_WS)" 2>&1 | tee "$OUTDIR/sws-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
     ;;
   global)

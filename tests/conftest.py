@@ -188,3 +188,18 @@ def _steps_match(ours, ref, params, ref_params, g, steps=4):
 def steps_match():
     """``steps_match(ours, ref, params, ref_params, g, steps=4)``: see ``_steps_match``."""
     return _steps_match
+
+
+def torch_references(monkeypatch) -> None:
+    """The package's ops on their torch references for one test on a CPU (TRITON_INTERPRET=0, restored after it), every
+    kernel module imported first. Why first: @triton.jit reads TRITON_INTERPRET when a module is imported, so a module
+    imported while it is 0 keeps kernels that need a GPU driver for the rest of the process, and a later test of the
+    same xdist worker that runs them under the interpreter failed with "0 active drivers"."""
+    import importlib
+    import pkgutil
+
+    import pgolf_kernels
+
+    for m in pkgutil.iter_modules(pgolf_kernels.__path__):
+        importlib.import_module(f"pgolf_kernels.{m.name}")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")

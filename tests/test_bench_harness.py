@@ -850,21 +850,22 @@ def test_profile_ttt_variant_names():
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
                                           "mlp": None, "qk": None, "res": None, "rowmap": False,
-                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
                                                                  "fused": True, "mlp": None, "qk": None, "res": None,
-                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "kbh": False, "qkbh": False, "eff": None,
+                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None,
                                                                  "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
+    assert _variant("kernel-compile-tail-sws-qws")["sws"] is True and _variant("kernel-compile-tail-qws-sws") is None
     assert _variant("kernel-compile-tail-kbh-qkbh") is None   # one layout per variant
     assert _variant("kernel-compile-tail-fused-mlp")["mlp"] is True
     assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
@@ -952,8 +953,9 @@ def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
     test: the interpreter runs the default model's d 512 kernels at minutes a step; tests/test_fused_mlp.py runs the
     kernels themselves)."""
     from bench.profile_ttt import main
+    from conftest import torch_references
 
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    torch_references(monkeypatch)
     out = main(["--device", "cpu", "--recipe", "records", "--batch", "2", "--window", "96", "--chunk", "32", "--rank",
                 "4", "--steps", "1", "--top", "3", "--variants", "reference-eager-tail-mlp,kernel-eager-tail-mlp-qk,"
                 "reference-eager-tail", "--sites", "--out", str(tmp_path)])

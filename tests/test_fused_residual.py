@@ -171,6 +171,7 @@ EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS", Tru
                  "RES_WS": ("pgolf_kernels.linear_residual", "RES_WS", True),
                  "MLP_DOWN_ACT": ("pgolf_kernels.linear_residual", "MLP_DOWN_ACT", True),
                  "SUM_WS": ("pgolf_kernels.lora_merged", "SUM_WS", True),
+                 "QKV_WS": ("pgolf_kernels.lora_merged", "QKV_WS", True),
                  "QK_LAYOUT_K": ("train.model", "QK_LAYOUT", "k-bhtd"), "QK_LAYOUT": ("train.model", "QK_LAYOUT", "bhtd")}
 
 
@@ -182,12 +183,13 @@ def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, sw
     backward's derivative GEMM on it; ``adapters.O_FOLD``: the o shrink inside the q / k / v op;
     ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``; ``linear_residual.RES_WS``: the residual sites' GEMM on
     the Gluon kernel; ``linear_residual.MLP_DOWN_ACT``: act(h) formed in that kernel's A operand; ``lora_merged.SUM_WS``:
-    the merged backward's dx on it; ``model.QK_LAYOUT``: k, or q and k, in (B, H, T, D)
+    the merged backward's dx on it; ``lora_merged.QKV_WS``: the merged q / k / v forward in one launch of it;
+    ``model.QK_LAYOUT``: k, or q and k, in (B, H, T, D)
     order), eager and with CUDA graphs (the kernels captured), against the unfused eval: same targets and ledger, BPB
     within 1e-4. Each switch is set to its tested value (its default is on for most: the test then pins it)."""
     import importlib
 
-    gluon = ("MLP_UP_WS", "GRAD_WS", "RES_WS", "MLP_DOWN_ACT", "SUM_WS")
+    gluon = ("MLP_UP_WS", "GRAD_WS", "RES_WS", "MLP_DOWN_ACT", "SUM_WS", "QKV_WS")
     if switch in gluon and torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the Gluon kernel is sm_90 only")
     mod, name, value = EVAL_SWITCHES[switch]

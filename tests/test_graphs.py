@@ -475,7 +475,9 @@ def test_eval_with_graphs_on_cpu_runs_bucketed_steps_and_equals_eager(int6, monk
     import train.eval as ev
 
     if int6:  # the int6 layers as torch ops: this checks when the steps are staged again, not the int6 kernels
-        monkeypatch.setenv("TRITON_INTERPRET", "0")  # (tests/test_int6_linear.py; interpreted here: 217 s)
+        from conftest import torch_references
+
+        torch_references(monkeypatch)  # (tests/test_int6_linear.py; interpreted here: 217 s)
     # staging again after a pass: the replaced steps' buffers (on a GPU their graphs and pool) are released first
     made, real_prepare = [], ev.StepGraphs.prepare
 

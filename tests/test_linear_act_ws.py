@@ -219,13 +219,14 @@ def test_gpu_residual_with_act_prologue_matches_fp64(B, T, H, N, R, dtype):
                          name=f"out {B}x{T}x{H}->{N} R {R} slope {slope}")
 
 
-@pytest.mark.parametrize("nsrc", [1, 4])
-def test_sum_kernel_compiles_for_sm90_without_spills(nsrc):
-    """``sum_products_ws``' kernel (the sum loader and the consumers' plain-store epilogue, W read (K, N) per batch
-    row) compiles for sm_90a with one and four sources: ptxas accepts it, no spill, no wgmma serialized, shared memory
+@pytest.mark.parametrize("act,nsrc", [(0, 1), (0, 4), (4, 3)])
+def test_sum_and_rows_kernels_compile_for_sm90_without_spills(act, nsrc):
+    """``sum_products_ws``' kernel (act 0: the sum loader and the consumers' plain-store epilogue, W read (K, N) per
+    batch row) with one and four sources, and ``linear_rows_ws``' (act 4: three per-row weights, each tile stored into
+    the output of its columns) compile for sm_90a: ptxas accepts them, no spill, no wgmma serialized, shared memory
     within an H100's, the partitions present."""
     out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         f"print(json.dumps(compile_stats(act=0, nsrc={nsrc})))")
+                         f"print(json.dumps(compile_stats(act={act}, nsrc={nsrc})))")
     s = json.loads(out.strip().splitlines()[-1])
     assert s["ptxas_rc"] == 0, s["ptxas_err"]
     assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
@@ -233,9 +234,15 @@ def test_sum_kernel_compiles_for_sm90_without_spills(nsrc):
     assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
 
 
-def test_sum_fits_domain():
-    """``sum_fits``: 1-4 sources of one 16-bit dtype, contiguous, on an sm_90 device only (a CPU tensor never)."""
-    from pgolf_kernels.linear_act_ws import sum_fits
+def test_sum_fits_and_rows_fits_domain():
+    """``sum_fits``: 1-4 sources of one 16-bit dtype, contiguous, on an sm_90 device only (a CPU tensor never);
+    ``rows_fits``: the same for 1-3 per-row weights whose widths are multiples of the 128-column tile."""
+    from pgolf_kernels.linear_act_ws import rows_fits, sum_fits
+
+    x = torch.zeros(2, 8, 64, dtype=torch.bfloat16)
+    Es = [torch.zeros(2, 128, 64, dtype=torch.bfloat16)]
+    assert not rows_fits(x, Es)                       # CPU
+    assert not rows_fits(x, Es * 4) and not rows_fits(x, [])
 
     xs = [torch.zeros(2, 8, k, dtype=torch.bfloat16) for k in (16, 8)]
     ws = [torch.zeros(2, k, 16, dtype=torch.bfloat16) for k in (16, 8)]
@@ -286,3 +293,56 @@ def test_gpu_sum_products_dispatches_to_the_gluon_kernel(monkeypatch):
     assert calls == [1]
     oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
     assert_close_rel(y, oracle, M.sum_products_ref(xs, ws), name="sum_products with SUM_WS")
+
+
+def _rows_inputs(B, T, K, ns, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, T, K, generator=g).to("cuda", dtype)
+    Es = [(torch.randn(B, n, K, generator=g) * K ** -0.5).to("cuda", dtype) for n in ns]
+    return x, Es
+
+
+@pytest.mark.gpu
+@hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,T,K,ns", [(1, 128, 64, [128]), (3, 130, 512, [512, 256, 256]), (5, 48, 512, [512, 256, 256]),
+                                      (2, 300, 72, [128, 256]), (64, 2048, 512, [512, 256, 256])])
+def test_gpu_linear_rows_ws_matches_fp64(B, T, K, ns, dtype):
+    """[x · E_iᵀ per batch row] for 1-3 per-row weights in one launch against fp64 with the suite's bound against
+    cuBLAS's bmm per slice, NaN-filled outputs: a single tile, the merged q / k / v forward's slices (512, 256, 256)
+    with T not a multiple of 128 (the window buckets of 96, the 48-row tail block), two slices with a K tail, the
+    records' 64 x 2048."""
+    from pgolf_kernels.linear_act_ws import linear_rows_ws, rows_fits
+
+    x, Es = _rows_inputs(B, T, K, ns, dtype, draw_seed())
+    assert rows_fits(x, Es)
+    outs = [torch.full((B, T, n), float("nan"), device="cuda", dtype=dtype) for n in ns]
+    ys = linear_rows_ws(x, Es, outs=outs)
+    assert all(y is o for y, o in zip(ys, outs))
+    for i, (y, E) in enumerate(zip(ys, Es)):
+        assert_close_rel(y, torch.bmm(x.double(), E.double().transpose(1, 2)), torch.bmm(x, E.transpose(1, 2)),
+                         name=f"y{i} {B}x{T}x{K} -> {ns}")
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_merged_forward_dispatches_to_the_gluon_kernel(monkeypatch):
+    """``lora_merged.QKV_WS`` on: the merged forward's q / k / v products come from one ``linear_rows_ws`` launch
+    (counted), within the bound of one bmm per slice."""
+    import pgolf_kernels.linear_act_ws as ws_mod
+    from pgolf_kernels import lora_merged as M
+
+    calls = []
+    real = ws_mod.linear_rows_ws
+    monkeypatch.setattr(ws_mod, "linear_rows_ws", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    g = torch.Generator().manual_seed(draw_seed())
+    x = torch.randn(4, 200, 512, generator=g).to("cuda", torch.bfloat16)
+    Ws = [(torch.randn(n, 512, generator=g) * 0.05).to("cuda", torch.bfloat16) for n in (512, 256, 256)]
+    As = [torch.randn(4, 8, 512, generator=g).cuda() * 0.05 for _ in Ws]
+    Bs = [torch.randn(4, W.shape[0], 8, generator=g).cuda() * 0.05 for W in Ws]
+    monkeypatch.setattr(M, "QKV_WS", True)
+    ys, Es = M.forward(x, Ws, As, Bs, 0.5, None)
+    assert calls == [1]
+    for y, E in zip(ys, Es):
+        assert_close_rel(y, torch.bmm(x.double(), E.double().transpose(1, 2)), torch.bmm(x, E.transpose(1, 2)),
+                         name="merged forward with QKV_WS")

@@ -13,7 +13,8 @@ With ``pre_act`` the A operand is act(h) formed in registers from h tiles (``lin
 ``sum_products_ws``: y[b] = Σ_i x_i[b] · w_i[b] (up to 4 sources, w_i stored (K_i, N) per batch row), the merged
 q / k / v backward's dx with the o shrink's term (``lora_merged.sum_products`` with ``SUM_WS``, ``PGOLF_SUM_WS=1``;
 off until the eval has run with it): in the records' step on an H100 (measurement 15) 2.72 against 3.38 ms for the
-Triton kernel's 12 launches.
+Triton kernel's 12 launches. ``linear_rows_ws``: [x · E_iᵀ] for up to three per-row weights in one launch, the merged
+q / k / v forward (``lora_merged.forward`` with ``QKV_WS``, ``PGOLF_QKV_WS=1``; off, not yet run on a GPU).
 
 ``linear_residual.mlp_residual`` runs its backward's derivative GEMM on it by default (``linear_act.GRAD_WS``,
 ``PGOLF_ACT_GRAD_WS=0`` turns it off: the records' step's 11 derivative GEMMs 5.03 -> 3.95 ms on an H200,
@@ -250,6 +251,19 @@ def _consumer(h_desc, y_desc, s_ptr, y1_desc, y2_desc, N0, N1, xs, ws, ready, em
 
 
 @gluon.jit
+def _buffers(x_desc, w_desc, h_desc, STAGES: gl.constexpr):
+    """The ring's x and W tile buffers (STAGES each, the descriptors' boxes) and the consumers' two epilogue buffers
+    (h_desc's box and layout)."""
+    dtype: gl.constexpr = x_desc.dtype
+    xs = gl.allocate_shared_memory(dtype, [STAGES, x_desc.block_type.shape[0], x_desc.block_type.shape[1]],
+                                   x_desc.layout)
+    ws = gl.allocate_shared_memory(dtype, [STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
+                                   w_desc.layout)
+    epi = gl.allocate_shared_memory(dtype, [2, h_desc.block_type.shape[0], h_desc.block_type.shape[1]], h_desc.layout)
+    return xs, ws, epi
+
+
+@gluon.jit
 def _barriers(STAGES: gl.constexpr):
     """The ring's ready / empty barriers (one per stage), the consumers' turn barriers and their epilogue-load
     barriers (one per consumer), initialized."""
@@ -272,12 +286,8 @@ def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr
                           HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
-    BN: gl.constexpr = y_desc.block_type.shape[1]
-    dtype: gl.constexpr = x_desc.dtype
-    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x_desc.layout)
-    ws = gl.allocate_shared_memory(dtype, [STAGES, w_desc.block_type.shape[0], w_desc.block_type.shape[1]],
-                                   w_desc.layout)
-    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    BN: gl.constexpr = h_desc.block_type.shape[1]
+    xs, ws, epi = _buffers(x_desc, w_desc, h_desc, STAGES)
     ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
         (_consumer, (h_desc, y_desc, s_ptr, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, R,
@@ -341,10 +351,7 @@ def _sum_ws_kernel(x0, w0, x1, w1, x2, w2, x3, w3, h_desc, y_desc, B, T, N, K0, 
     BM: gl.constexpr = x0.block_type.shape[0]
     BK: gl.constexpr = x0.block_type.shape[1]
     BN: gl.constexpr = w0.block_type.shape[1]
-    dtype: gl.constexpr = x0.dtype
-    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x0.layout)
-    ws = gl.allocate_shared_memory(dtype, [STAGES, BK, BN], w0.layout)
-    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    xs, ws, epi = _buffers(x0, w0, h_desc, STAGES)
     ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
         (_consumer, (h_desc, y_desc, y_desc, y_desc, y_desc, 0, 0, xs, ws, ready, empty, turn, epi, hbar, B, T, N,
@@ -396,10 +403,7 @@ def _rows_ws_kernel(x_desc, w0, w1, w2, h_desc, y0, y1, y2, B, T, N, K, N0, N1, 
     BM: gl.constexpr = x_desc.block_type.shape[0]
     BK: gl.constexpr = x_desc.block_type.shape[1]
     BN: gl.constexpr = w0.block_type.shape[0]
-    dtype: gl.constexpr = x_desc.dtype
-    xs = gl.allocate_shared_memory(dtype, [STAGES, BM, BK], x_desc.layout)
-    ws = gl.allocate_shared_memory(dtype, [STAGES, BN, BK], w0.layout)
-    epi = gl.allocate_shared_memory(dtype, [2, BM, BN], h_desc.layout)
+    xs, ws, epi = _buffers(x_desc, w0, h_desc, STAGES)
     ready, empty, turn, hbar = _barriers(STAGES)
     gl.warp_specialize([
         (_consumer, (h_desc, y0, y0, y1, y2, N0, N1, xs, ws, ready, empty, turn, epi, hbar, B, T, N, K, 0, 0.0, 0, BM,
@@ -682,12 +686,7 @@ def compile_stats(dtype: str = "bf16", num_progs: int = 132, act: int = 1, x2: b
                HAS_X2="constexpr", PRO_ACT="constexpr")
     consts = {"STAGES": STAGES, "NUM_PROGS": num_progs, "ACT": act, "W_KN": w_kn, "HAS_X2": x2, "PRO_ACT": pro_act}
     src = GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs={})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-    regs, spill, out = ptxas_report(k.asm["ptx"])
-    return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
-                ptxas_err=out.stderr[-2000:] if out.returncode else "",
-                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"),
-                wgmma_serialized="C7515" in out.stderr)
+    return _sm90_report(src, GPUTarget, ptxas_report)
 
 
 def _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, ptxas_report) -> dict:
@@ -710,12 +709,7 @@ def _compile_sum(tdt, num_progs, nsrc, GluonASTSource, GPUTarget, mangle_type, p
     sig.update(STAGES="constexpr", NUM_PROGS="constexpr", NSRC="constexpr")
     src = GluonASTSource(fn=_sum_ws_kernel, signature=sig,
                          constexprs={"STAGES": STAGES, "NUM_PROGS": num_progs, "NSRC": nsrc}, attrs={})
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
-    regs, spill, out = ptxas_report(k.asm["ptx"])
-    return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,
-                ptxas_err=out.stderr[-2000:] if out.returncode else "",
-                wgmma=k.asm["ttgir"].count("warp_group_dot"), partitions=k.asm["ttgir"].count("partition"),
-                wgmma_serialized="C7515" in out.stderr)
+    return _sm90_report(src, GPUTarget, ptxas_report)
 
 
 def _compile_rows(tdt, num_progs, GluonASTSource, GPUTarget, mangle_type, ptxas_report) -> dict:
@@ -736,6 +730,11 @@ def _compile_rows(tdt, num_progs, GluonASTSource, GPUTarget, mangle_type, ptxas_
     sig.update(STAGES="constexpr", NUM_PROGS="constexpr")
     src = GluonASTSource(fn=_rows_ws_kernel, signature=sig, constexprs={"STAGES": STAGES, "NUM_PROGS": num_progs},
                          attrs={})
+    return _sm90_report(src, GPUTarget, ptxas_report)
+
+
+def _sm90_report(src, GPUTarget, ptxas_report) -> dict:
+    """``compile_stats``' figures for a Gluon source compiled for sm_90a as launched (4 warps, maxnreg 168)."""
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4, maxnreg=168))
     regs, spill, out = ptxas_report(k.asm["ptx"])
     return dict(regs=regs, spill_bytes=spill, smem=k.metadata.shared, ptxas_rc=out.returncode,

@@ -580,12 +580,38 @@ def sum_fits(xs, ws) -> bool:
             and all(t.is_contiguous() and t.dtype == xs[0].dtype for t in list(xs) + list(ws)))
 
 
-def sum_products_ws(xs, ws, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _check_sum(op: str, xs, ws, out) -> None:
+    """``sum_products_ws``' arguments, each refused by name; the device last."""
+    check(isinstance(xs, (list, tuple)) and isinstance(ws, (list, tuple)) and 1 <= len(xs) == len(ws) <= 4,
+          lambda: f"{op}: xs and ws must be lists of one length, 1 to 4 sources, got {len(xs)} and {len(ws)}")
+    check_tensor(xs[0], "xs[0]", dtype=(torch.bfloat16, torch.float16), ndim=3, contiguous=True, op=op)
+    Bsz, T = xs[0].shape[:2]
+    N = ws[0].shape[-1] if ws[0].dim() == 3 else -1
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        check_tensor(x, f"xs[{i}]", dtype=xs[0].dtype, ndim=3, device=xs[0].device, contiguous=True, op=op)
+        check_tensor(w, f"ws[{i}]", dtype=xs[0].dtype, ndim=3, device=xs[0].device, contiguous=True, op=op)
+        K = x.shape[2]
+        check(tuple(x.shape[:2]) == (Bsz, T) and tuple(w.shape) == (Bsz, K, N) and K > 0 and K % 8 == 0,
+              lambda: f"{op}: xs[{i}] must be ({Bsz}, {T}, K) and ws[{i}] ({Bsz}, K, {N}) with K a positive multiple "
+                      f"of 8, got {tuple(x.shape)} and {tuple(w.shape)}")
+    check(Bsz > 0 and T > 0 and N > 0 and N % 8 == 0,
+          lambda: f"{op}: B, T and N must be positive, N a multiple of 8, got {Bsz}, {T}, {N}")
+    if out is not None:
+        check_tensor(out, "out", dtype=xs[0].dtype, ndim=3, device=xs[0].device, contiguous=True, op=op)
+        check(tuple(out.shape) == (Bsz, T, N), lambda: f"{op}: out must be {(Bsz, T, N)}, got {tuple(out.shape)}")
+    _check_hopper(op, xs[0])
+
+
+def sum_products_ws(xs, ws, out: Optional[torch.Tensor] = None, *, validate: bool = True) -> torch.Tensor:
     """y[b] = Σ_i xs[i][b] · ws[i][b] for xs[i] (B, T, K_i) and ws[i] (B, K_i, N) (``lora_merged.sum_products``' math:
     one fp32 accumulator over every source, one rounding) on the warp-specialized kernel: tiles per batch row (any T;
     a row's last tile stores through a (1, BM, BN) box that stops at T), each source's w rows read per batch row.
-    Its callers check the sources (``sum_fits``); ``out``: the (B, T, N) tensor to write."""
+    ``out``: the (B, T, N) tensor to write. ``validate=False`` skips the checks (``lora_merged.sum_products``, whose
+    sources ``sum_fits`` accepted)."""
     from .linear_act import _num_programs
+
+    if validate:
+        _check_sum("sum_products_ws", xs, ws, out)
 
     Bsz, T = xs[0].shape[0], xs[0].shape[1]
     N = ws[0].shape[-1]
@@ -624,13 +650,41 @@ def rows_fits(x: torch.Tensor, Es) -> bool:
                     and E.is_contiguous() and E.dtype == x.dtype for E in Es))
 
 
-def linear_rows_ws(x: torch.Tensor, Es, outs=None):
+def _check_rows(op: str, x, Es, outs) -> None:
+    """``linear_rows_ws``' arguments, each refused by name; the device last."""
+    check_tensor(x, "x", dtype=(torch.bfloat16, torch.float16), ndim=3, contiguous=True, op=op)
+    Bsz, T, K = x.shape
+    check(isinstance(Es, (list, tuple)) and 1 <= len(Es) <= 3,
+          lambda: f"{op}: Es must be a list of 1 to 3 per-row weights, got "
+                  f"{len(Es) if isinstance(Es, (list, tuple)) else type(Es).__name__}")
+    for i, E in enumerate(Es):
+        check_tensor(E, f"Es[{i}]", dtype=x.dtype, ndim=3, device=x.device, contiguous=True, op=op)
+        check(E.shape[0] == Bsz and E.shape[2] == K and E.shape[1] > 0 and E.shape[1] % BN == 0,
+              lambda: f"{op}: Es[{i}] must be ({Bsz}, N_i, {K}) with N_i a positive multiple of {BN}, got "
+                      f"{tuple(E.shape)}")
+    check(Bsz > 0 and T > 0 and K > 0 and K % 8 == 0,
+          lambda: f"{op}: x must have positive sizes and K a multiple of 8, got {tuple(x.shape)}")
+    if outs is not None:
+        check(isinstance(outs, (list, tuple)) and len(outs) == len(Es),
+              lambda: f"{op}: outs must be a list of {len(Es)} tensors, one per weight")
+        for i, (o, E) in enumerate(zip(outs, Es)):
+            check_tensor(o, f"outs[{i}]", dtype=x.dtype, ndim=3, device=x.device, contiguous=True, op=op)
+            check(tuple(o.shape) == (Bsz, T, E.shape[1]),
+                  lambda: f"{op}: outs[{i}] must be {(Bsz, T, E.shape[1])}, got {tuple(o.shape)}")
+    _check_hopper(op, x)
+
+
+def linear_rows_ws(x: torch.Tensor, Es, outs=None, *, validate: bool = True):
     """[y_i = x · E_iᵀ per batch row] for x (B, T, K) and up to three per-row weights E_i (B, N_i, K) in one launch:
     the merged q / k / v forward (``lora_merged.forward`` with ``QKV_WS``), each y_i a contiguous (B, T, N_i) tensor of
     x's dtype (fp32 accumulate, one rounding, as cuBLAS's bmm). The columns of the three outputs are one N = Σ N_i
     wide grid of 128-column tiles, cut per batch row (any T: a row's last tile stores through a (1, BM, BN) box that
-    stops at T). Its callers check the shapes (``rows_fits``); ``outs``: the tensors to write."""
+    stops at T). ``outs``: the tensors to write. ``validate=False`` skips the checks (``lora_merged.forward``, whose
+    shapes ``rows_fits`` accepted)."""
     from .linear_act import _num_programs
+
+    if validate:
+        _check_rows("linear_rows_ws", x, Es, outs)
 
     Bsz, T, K = x.shape
     ns = [E.shape[1] for E in Es]

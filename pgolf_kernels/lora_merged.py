@@ -327,7 +327,7 @@ def forward(x: Tensor, Ws: List[Tensor], As: List[Tensor], Bs: List[Tensor], alp
         from .linear_act_ws import linear_rows_ws, rows_fits
 
         if rows_fits(x, Es):
-            return linear_rows_ws(x, Es), Es
+            return linear_rows_ws(x, Es, validate=False), Es
     return [torch.bmm(x, E.transpose(1, 2)) for E in Es], Es
 
 
@@ -448,7 +448,7 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
         from .linear_act_ws import sum_fits, sum_products_ws
 
         if sum_fits(xs, ws):
-            return sum_products_ws(xs, ws)
+            return sum_products_ws(xs, ws, validate=False)
     if not _kernel_fits(xs, ws):
         return sum_products_ref(xs, ws)
     from triton.tools.tensor_descriptor import TensorDescriptor

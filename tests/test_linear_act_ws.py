@@ -61,6 +61,39 @@ def test_bad_input_is_refused_by_name():
         linear_act_ws(x, w)
 
 
+def test_sum_and_rows_bad_input_is_refused_by_name():
+    """``sum_products_ws`` and ``linear_rows_ws``: each bad argument refused by name, the device (Hopper) last."""
+    from pgolf_kernels.linear_act_ws import linear_rows_ws, sum_products_ws
+
+    bf = torch.bfloat16
+    xs = [torch.zeros(2, 8, 16, dtype=bf), torch.zeros(2, 8, 8, dtype=bf)]
+    ws = [torch.zeros(2, 16, 24, dtype=bf), torch.zeros(2, 8, 24, dtype=bf)]
+    cases = [((xs, ws[:1]), ValueError, "xs and ws must be lists of one length"),
+             ((xs * 3, ws * 3), ValueError, "1 to 4 sources"),
+             (([xs[0].float()], ws[:1]), TypeError, r"xs\[0\]"),
+             ((xs, [ws[0], ws[1].half()]), TypeError, r"ws\[1\]"),
+             ((xs, [ws[0], torch.zeros(2, 16, 24, dtype=bf)]), ValueError, r"ws\[1\] \(2, K, 24\)"),
+             (([torch.zeros(2, 8, 12, dtype=bf)], [torch.zeros(2, 12, 24, dtype=bf)]), ValueError, "multiple of 8"),
+             ((xs, ws, torch.zeros(2, 8, 16, dtype=bf)), ValueError, r"out must be \(2, 8, 24\)"),
+             ((xs, ws), ValueError, "Hopper")]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            sum_products_ws(*args)
+    x = torch.zeros(2, 8, 64, dtype=bf)
+    Es = [torch.zeros(2, 128, 64, dtype=bf), torch.zeros(2, 256, 64, dtype=bf)]
+    cases = [((x.float(), Es), TypeError, "x"),
+             ((x, Es * 2), ValueError, "1 to 3 per-row weights"),
+             ((x, [torch.zeros(2, 96, 64, dtype=bf)]), ValueError, r"Es\[0\] must be \(2, N_i, 64\)"),
+             ((x, [Es[0].half()]), TypeError, r"Es\[0\]"),
+             ((x, Es, [torch.zeros(2, 8, 128, dtype=bf)]), ValueError, "outs must be a list of 2"),
+             ((x, Es, [torch.zeros(2, 8, 128, dtype=bf), torch.zeros(2, 8, 128, dtype=bf)]), ValueError,
+              r"outs\[1\] must be \(2, 8, 256\)"),
+             ((x, Es), ValueError, "Hopper")]
+    for args, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            linear_rows_ws(*args)
+
+
 def test_grad_bad_input_is_refused_by_name():
     from pgolf_kernels.linear_act_ws import linear_act_grad_ws
 

@@ -45,28 +45,15 @@ def _pass_fn(model, cfg, stream, rows, lut, view):
     return run
 
 
-def _profile(run, steps: int, top: int):
-    from torch.profiler import ProfilerActivity, profile
+def _per_step(run, steps: int, top: int):
+    """``profile_ttt._profile`` over whole passes (its figures per pass) divided by the pass's SGD steps: profiled wall,
+    GPU busy, the top kernels (ms and launches per step), GPU ms by category and by pass group."""
+    from bench.profile_ttt import _profile
 
-    from bench.profile_ttt import kernel_category, pass_group
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t = time.perf_counter()
-        run()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - t) / steps * 1e3
-    ev = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in ev) / steps / 1e3
-    ev.sort(key=lambda e: -e.self_device_time_total)
-    table = [(e.key[:90], round(e.self_device_time_total / steps / 1e3, 3), e.count // steps) for e in ev[:top]]
-    groups: dict = {}
-    cats: dict = {}
-    for e in ev:
-        for d, key in ((cats, kernel_category(e.key)), (groups, pass_group(e.key))):
-            d[key] = d.get(key, 0.0) + e.self_device_time_total / steps / 1e3
-    tidy = lambda d: {k: round(v, 3) for k, v in sorted(d.items(), key=lambda kv: -kv[1])}  # noqa: E731
-    return wall, busy, table, tidy(cats), tidy(groups)
+    wall, busy, rows, cats, groups = _profile(lambda _: run(), None, top)
+    per = lambda d: {k: round(v / steps, 3) for k, v in d.items()}  # noqa: E731
+    return (wall / steps, busy / steps, [(n, round(ms / steps, 3), c // steps) for n, ms, c in rows], per(cats),
+            per(groups))
 
 
 def main(argv=None):
@@ -126,7 +113,7 @@ def main(argv=None):
             run()
             torch.cuda.synchronize()
             ts.append((time.perf_counter() - t) / steps * 1e3)
-        wall, busy, table, cats, groups = _profile(run, steps, a.top)
+        wall, busy, table, cats, groups = _per_step(run, steps, a.top)
         res = dict(first_pass_s=round(first, 2), steps=steps, ms_per_step=round(statistics.median(ts), 3),
                    ms_per_step_all=[round(x, 3) for x in ts], profiled_wall_ms=round(wall, 3),
                    gpu_busy_ms=round(busy, 3), categories_ms=cats, groups_ms=groups, top=table,

@@ -106,6 +106,15 @@ def test_base_view_follows_the_path_and_the_switch(monkeypatch):
         FusedBase(True, False, True)
 
 
+def test_profile_global_per_step_figures():
+    """bench.profile_global._per_step: profile_ttt's figures over whole passes, divided by the steps of a pass (a CPU
+    stand-in pass: no CUDA kernels, so zero GPU time; the wall is positive)."""
+    from bench.profile_global import _per_step
+
+    wall, busy, table, cats, groups = _per_step(lambda: torch.ones(64).cumsum(0), 4, 5)
+    assert wall > 0 and busy == 0 and table == [] and cats == {} and groups == {}
+
+
 def test_profile_global_refuses_bad_arguments():
     from bench.profile_global import main
 

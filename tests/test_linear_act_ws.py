@@ -23,16 +23,19 @@ hopper = pytest.mark.skipif(not (HAS_CUDA and torch.cuda.get_device_capability()
                             reason="needs a Hopper GPU (sm_90: wgmma, warp specialization)")
 
 
-@pytest.mark.parametrize("act,x2,pro_act", [(1, False, False), (2, False, False), (3, False, False), (3, True, False),
-                                            (3, True, True)])
-def test_compiles_for_sm90_without_spills(act, x2, pro_act):
-    """The kernel as launched (4 + 4 + 1 warps, maxnreg 168) compiles for sm_90a in every epilogue (act 1: h and
+@pytest.mark.parametrize("kw", [dict(act=1), dict(act=2), dict(act=3), dict(act=3, x2=True),
+                                dict(act=3, x2=True, pro_act=True), dict(act=0, nsrc=1), dict(act=0, nsrc=4),
+                                dict(act=4)], ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
+def test_compiles_for_sm90_without_spills(kw):
+    """The kernels as launched (4 + 4 + 1 warps, maxnreg 168) compile for sm_90a in every epilogue (act 1: h and
     act(h) out; act 2: h read, the derivative out, W (K, N); act 3: the residual read, res + s ⊙ acc out, with and
-    without the second product, and with act(h) formed in registers as the A operand): ptxas accepts it, no spill,
-    no wgmma serialized (C7515: the register operand's wgmma waited for in place), shared memory within an H100's
-    232,448 bytes, the warp-specialized partitions present."""
+    without the second product, and with act(h) formed in registers as the A operand; act 0: ``sum_products_ws``,
+    the sum loader with one and four sources, W read (K, N) per batch row; act 4: ``linear_rows_ws``, three per-row
+    weights, each tile stored into the output of its columns): ptxas accepts them, no spill, no wgmma serialized
+    (C7515: the register operand's wgmma waited for in place), shared memory within an H100's 232,448 bytes, the
+    warp-specialized partitions present."""
     out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         f"print(json.dumps(compile_stats(act={act}, x2={x2}, pro_act={pro_act})))")
+                         f"print(json.dumps(compile_stats(**{kw!r})))")
     s = json.loads(out.strip().splitlines()[-1])
     assert s["ptxas_rc"] == 0, s["ptxas_err"]
     assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
@@ -250,21 +253,6 @@ def test_gpu_residual_with_act_prologue_matches_fp64(B, T, H, N, R, dtype):
         d = [t.double() if t is not None else None for t in (res, a, w, s, u, w2)]
         assert_close_rel(out, linear_residual_ref(*d), linear_residual_ref(res, a, w, s, u, w2),
                          name=f"out {B}x{T}x{H}->{N} R {R} slope {slope}")
-
-
-@pytest.mark.parametrize("act,nsrc", [(0, 1), (0, 4), (4, 3)])
-def test_sum_and_rows_kernels_compile_for_sm90_without_spills(act, nsrc):
-    """``sum_products_ws``' kernel (act 0: the sum loader and the consumers' plain-store epilogue, W read (K, N) per
-    batch row) with one and four sources, and ``linear_rows_ws``' (act 4: three per-row weights, each tile stored into
-    the output of its columns) compile for sm_90a: ptxas accepts them, no spill, no wgmma serialized, shared memory
-    within an H100's, the partitions present."""
-    out = run_sm90_check("import json; from pgolf_kernels.linear_act_ws import compile_stats; "
-                         f"print(json.dumps(compile_stats(act={act}, nsrc={nsrc})))")
-    s = json.loads(out.strip().splitlines()[-1])
-    assert s["ptxas_rc"] == 0, s["ptxas_err"]
-    assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
-    assert 0 < s["smem"] <= 232448, s
-    assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
 
 
 def test_sum_fits_and_rows_fits_domain():

@@ -481,18 +481,14 @@ class FusedBase:
     the weights require them. The same function as the blocks without a view, up to rounding (tests/test_global_fused.py).
     Every block gets the one view (it holds no per-layer state), so one compiled block serves all layers."""
 
-    layer_targets = ()
+    layer_targets = ()   # no adapter: _DocLoRALayer's adapter terms drop out, its qkv_o runs the plain projections
     _kernel = None
-    scale = 1.0
 
     def __init__(self, fused_qk: bool, fused_residual: bool, fused_mlp: bool):
         if not fused_residual:
             raise ValueError("FusedBase: needs fused_residual (the view replaces the blocks' residual sites)")
         self.fused_qk, self.fused_residual, self.fused_mlp = bool(fused_qk), True, bool(fused_mlp)
         self._layer = _DocLoRALayer(self, {}, {})   # no targets: every adapter term of its methods drops out
-
-    def _shared(self) -> bool:
-        return False
 
     def layer(self, i: int) -> "_DocLoRALayer":
         return self._layer

@@ -336,7 +336,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
                         "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
@@ -359,7 +359,8 @@ def main(argv=None):
                         "forward in one launch of it (lora_merged.QKV_WS; default: as PGOLF_QKV_WS sets it); -kbh / -qkbh: k / q and k "
                         "written in (B, H, T, D) order by the fused q / k pass (train.model.QK_LAYOUT k-bhtd / bhtd; default: as "
                         "PGOLF_QK_LAYOUT sets it); -effN: the merged weights' tile "
-                        "lora_merged.EFFECTIVE_CONFIGS[N] (default: EFFECTIVE_CONFIG); -autotune: "
+                        "lora_merged.EFFECTIVE_CONFIGS[N] (default: EFFECTIVE_CONFIG); -wtN: the Gluon kernels' ring "
+                        "tile linear_act_ws.TILES[N] (default: as PGOLF_WS_TILE sets it); -autotune: "
                         "torch.compile mode max-autotune-no-cudagraphs (compile only)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="directory for profile_ttt.json")
@@ -396,9 +397,15 @@ def main(argv=None):
         if _variant(v) is not None and (_variant(v)["eff"] or 0) >= len(EFFECTIVE_CONFIGS):
             raise SystemExit(f"profile_ttt: --variants: {v!r}: lora_merged.EFFECTIVE_CONFIGS has "
                              f"{len(EFFECTIVE_CONFIGS)} tiles (-eff0 .. -eff{len(EFFECTIVE_CONFIGS) - 1})")
+        if _variant(v) is not None and _variant(v)["wt"] is not None:
+            from pgolf_kernels.linear_act_ws import TILES
+
+            if _variant(v)["wt"] >= len(TILES):
+                raise SystemExit(f"profile_ttt: --variants: {v!r}: linear_act_ws.TILES has {len(TILES)} tiles "
+                                 f"(-wt0 .. -wt{len(TILES) - 1})")
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-autotune], suffixes "
+                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune], suffixes "
                              f"in that order "
                              f"(-autotune "
                              f"with compile only)")
@@ -452,6 +459,8 @@ def main(argv=None):
                 "qkbh": (model_mod, "QK_LAYOUT", "bhtd")}
     started = {k: getattr(m, name) for k, (m, name, _) in switches.items()}
     eff_default = dict(lora_merged.EFFECTIVE_CONFIG)
+    ws_mod = None   # linear_act_ws (it needs Gluon): imported for a -wtN variant only; its tile restored at the end
+    ws_start = None
     for v in a.variants.split(","):
         var = _variant(v)
         path_kind, mode = var["path"], var["mode"]
@@ -468,6 +477,12 @@ def main(argv=None):
                 setattr(m, name, value)
         lora_merged.EFFECTIVE_CONFIG = (dict(eff_default) if var["eff"] is None
                                         else dict(lora_merged.EFFECTIVE_CONFIGS[var["eff"]]))
+        if var["wt"] is not None and ws_mod is None:
+            from pgolf_kernels import linear_act_ws as ws_mod
+
+            ws_start = (ws_mod.BK, ws_mod.STAGES)
+        if ws_mod is not None:
+            ws_mod.use_tile(*(ws_start if var["wt"] is None else ws_mod.TILES[var["wt"]]))
         model, ad, opt = _setup(path_kind == "reference", path, cfg_v, dev, identity=not var["rowmap"])
         step = _step_fn(model, ad, opt, mode == "compile",
                         mode="max-autotune-no-cudagraphs" if var["autotune"] else None)
@@ -531,6 +546,8 @@ def main(argv=None):
     for k, (m, name, _) in switches.items():
         setattr(m, name, started[k])
     lora_merged.EFFECTIVE_CONFIG = eff_default
+    if ws_mod is not None:
+        ws_mod.use_tile(*ws_start)
     _save(out, a.out)
     return out
 
@@ -540,18 +557,18 @@ def main(argv=None):
 T128_EPILOGUES = ("leaky_relu_sq_grad", "residual")
 T128_CONFIG = 2   # linear_act.TILE_CONFIGS[2]: 128 x 128 x 64, 4 warps, 4 stages
 _SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "dxk", "b0",
-             "ws", "gws", "sgn", "skp", "of", "rws", "dact", "sws", "qws", "kbh", "qkbh", "eff", "autotune")  # the order a variant's suffixes must come in
+             "ws", "gws", "sgn", "skp", "of", "rws", "dact", "sws", "qws", "kbh", "qkbh", "eff", "wt", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, gws, sgn, skp, of, rws, dact, sws, qws, kbh, qkbh, eff, autotune) (fused, mlp, qk, res: True / False / None = the
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]'
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, gws, sgn, skp, of, rws, dact, sws, qws, kbh, qkbh, eff, wt, autotune) (fused, mlp, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
     ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``; dxk:
     ``lora_merged.DX_KERNEL`` on, the merged backward's dx through ``sum_products``; b0: ``train.forward.BLOCK0_LEAF``
     off; ws: ``linear_residual.MLP_UP_WS`` on; gws: ``linear_act.GRAD_WS`` on; sgn: ``linear_residual.MLP_SIGNS`` on; skp: ``train.model.SKIP_KERNEL`` on; of: ``train.adapters.O_FOLD`` on; rws: ``linear_residual.RES_WS`` on; dact: ``linear_residual.MLP_DOWN_ACT`` on; sws: ``lora_merged.SUM_WS`` on; qws: ``lora_merged.QKV_WS`` on; kbh / qkbh: ``train.model.QK_LAYOUT``
     "k-bhtd" / "bhtd"; eff: an index into ``lora_merged.EFFECTIVE_CONFIGS``, None = the
-    default tile), or None
+    default tile; wt: an index into ``linear_act_ws.TILES``, None = the tile the process started with), or None
     when ``v`` is not of that form."""
     parts = v.split("-")
     if len(parts) < 2 or parts[0] not in ("kernel", "reference") or parts[1] not in ("eager", "compile"):
@@ -560,7 +577,10 @@ def _variant(v: str):
     eff = [x for x in suf if re.fullmatch(r"eff[0-9]", x)]   # -effN: lora_merged.EFFECTIVE_CONFIGS[N]
     if "eff" in suf or {"kbh", "qkbh"} <= set(suf):   # -kbh and -qkbh set one switch: one of them
         return None
-    suf = ["eff" if x in eff else x for x in suf]
+    wt = [x for x in suf if re.fullmatch(r"wt[0-9]", x)]     # -wtN: linear_act_ws.TILES[N]
+    if "wt" in suf:
+        return None
+    suf = ["eff" if x in eff else "wt" if x in wt else x for x in suf]
     order = [_SUFFIXES.index(x) if x in _SUFFIXES else -1 for x in suf]
     if -1 in order or order != sorted(set(order)) or ("fused" in suf and "torchopt" in suf) \
             or ("mlp" in suf and "nomlp" in suf) or ("qk" in suf and "noqk" in suf) or ("res" in suf and "nores" in suf) \
@@ -573,7 +593,8 @@ def _variant(v: str):
             "mlp": on_off("mlp", "nomlp"), "qk": on_off("qk", "noqk"), "res": on_off("res", "nores"),
             "rowmap": "rowmap" in suf, "t128": "t128" in suf, "dxk": "dxk" in suf, "b0": "b0" in suf,
             "ws": "ws" in suf, "gws": "gws" in suf, "sgn": "sgn" in suf, "skp": "skp" in suf, "of": "of" in suf, "rws": "rws" in suf, "dact": "dact" in suf, "sws": "sws" in suf, "qws": "qws" in suf, "kbh": "kbh" in suf, "qkbh": "qkbh" in suf,
-            "eff": int(eff[0][3:]) if eff else None, "autotune": "autotune" in suf}
+            "eff": int(eff[0][3:]) if eff else None, "wt": int(wt[0][2:]) if wt else None,
+            "autotune": "autotune" in suf}
 
 
 def _save(out: dict, where) -> None:

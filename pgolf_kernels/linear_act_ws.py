@@ -11,10 +11,12 @@ With ``pre_act`` the A operand is act(h) formed in registers from h tiles (``lin
 6.21 ms for those 11 down-projections in the same measurement, the activation not overlapped with the wgmma).
 
 ``sum_products_ws``: y[b] = Σ_i x_i[b] · w_i[b] (up to 4 sources, w_i stored (K_i, N) per batch row), the merged
-q / k / v backward's dx with the o shrink's term (``lora_merged.sum_products`` with ``SUM_WS``, ``PGOLF_SUM_WS=1``;
-off until the eval has run with it): in the records' step on an H100 (measurement 15) 2.72 against 3.38 ms for the
+q / k / v backward's dx with the o shrink's term (``lora_merged.sum_products`` with ``SUM_WS``, on by default,
+``PGOLF_SUM_WS=0`` turns it off): in the records' step on an H100 (measurement 15) 2.72 against 3.38 ms for the
 Triton kernel's 12 launches. ``linear_rows_ws``: [x · E_iᵀ] for up to three per-row weights in one launch, the merged
-q / k / v forward (``lora_merged.forward`` with ``QKV_WS``, ``PGOLF_QKV_WS=1``; off, not yet run on a GPU).
+q / k / v forward (``lora_merged.forward`` with ``QKV_WS``, ``PGOLF_QKV_WS=1``; off by measurement: in the records'
+step on an H100 (measurement 16) it took 3.09 ms against the 33 cuBLAS bmm's 3.01 ms, the step 83.19 -> 83.43
+GPU-ms).
 
 ``linear_residual.mlp_residual`` runs its backward's derivative GEMM on it by default (``linear_act.GRAD_WS``,
 ``PGOLF_ACT_GRAD_WS=0`` turns it off: the records' step's 11 derivative GEMMs 5.03 -> 3.95 ms on an H200,
@@ -67,7 +69,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from . import _utils
-from ._utils import check, check_tensor
+from ._utils import check, check_tensor, env_choice
 
 def runs_on(t: torch.Tensor, *dims: int) -> bool:
     """Whether the kernel runs for a 16-bit operand ``t`` whose GEMM dims (K, N) are ``dims``: a CUDA sm_90 device
@@ -78,9 +80,30 @@ def runs_on(t: torch.Tensor, *dims: int) -> bool:
             and torch.cuda.get_device_capability(t.device)[0] == 9)
 
 
-# 128 x 128 tiles per consumer warpgroup (its fp32 accumulator: 128 registers per thread), BK 64, 4 stages:
-# 4 x 32 KB of operand ring + 2 x 32 KB of epilogue buffers = 192 KB of the 227 KB an SM has
-BM, BN, BK, STAGES = 128, 128, 64, 4
+# 128 x 128 tiles per consumer warpgroup (its fp32 accumulator: 128 registers per thread). The ring's (BK, STAGES)
+# candidates, each within the 227 KB an SM has: STAGES x BK x 512 B of operand ring + 2 x 32 KB of epilogue buffers
+# (64 x 4: 192 KB; 64 x 5: 224 KB; 32 x 8 and 128 x 2: 192 KB). 32 x 8 covers an adapter's rank 96 in exactly 3
+# k-steps (64: 2 steps, the second half zero-filled). bench.bench_ws_tiles times every kernel of this module at the
+# records' shapes per candidate; PGOLF_WS_TILE (an index into TILES) picks one at import, ``use_tile`` at run time.
+BM, BN = 128, 128
+TILES = ((64, 4), (64, 5), (32, 8), (128, 2))
+
+
+def use_tile(bk: int, stages: int) -> None:
+    """Make (BK, STAGES) = (bk, stages), one of ``TILES``, the ring of every later launch (each tile is its own
+    compile)."""
+    check((bk, stages) in TILES, lambda: f"use_tile: (bk, stages) = {(bk, stages)}: expected one of {TILES}")
+    global BK, STAGES
+    BK, STAGES = int(bk), int(stages)
+
+
+def _tile_from_env() -> Tuple[int, int]:
+    """PGOLF_WS_TILE: an index into ``TILES``; unset = 0."""
+    raw = env_choice("PGOLF_WS_TILE", {str(i): f"BK {bk}, {st} stages" for i, (bk, st) in enumerate(TILES)})
+    return TILES[int(raw)]
+
+
+BK, STAGES = _tile_from_env()
 
 
 @gluon.jit

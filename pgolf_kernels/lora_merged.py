@@ -304,10 +304,10 @@ def _qkv_ws_from_env() -> bool:
     return env_choice("PGOLF_QKV_WS", {"0": "one bmm per slice", "1": "one Gluon launch for every slice"}) == "1"
 
 
-# Off until measured on a GPU (its kernel compiles for sm_90a without spills: tests/test_linear_act_ws.py). Why try it:
-# in the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 13) the k and v bmm (N 256, 22
-# launches) ran at ~440 TFLOP/s and q's (N 512, 11) at ~575: 3.03 ms for 1.51 TFLOP, against ~607 TFLOP/s for the
-# same Gluon design in sum_products_ws (measurement 15)
+# Off by measurement. Why it was tried: in the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement
+# 13) the k and v bmm (N 256, 22 launches) ran at ~440 TFLOP/s and q's (N 512, 11) at ~575: 3.03 ms for 1.51 TFLOP,
+# against ~607 TFLOP/s for the same Gluon design in sum_products_ws. Measured (measurement 16, H100): the Triton group
+# +3.09 ms, cuBLAS -3.01 ms, the step 83.19 -> 83.43 GPU-ms; its GPU tests and the eval with it pass
 QKV_WS: bool = _qkv_ws_from_env()
 
 
@@ -391,14 +391,15 @@ DX_KERNEL: bool = _dx_kernel_from_env()
 
 
 def _sum_ws_from_env() -> bool:
-    """PGOLF_SUM_WS: "1" = ``sum_products`` on the warp-specialized Gluon kernel where it runs
-    (``linear_act_ws.sum_fits``: 16-bit, sm_90, K_i and N multiples of 8); unset or "0" = the Triton kernel."""
-    return env_choice("PGOLF_SUM_WS", {"0": "the Triton kernel", "1": "the warp-specialized Gluon kernel"}) == "1"
+    """PGOLF_SUM_WS: unset or "1" = ``sum_products`` on the warp-specialized Gluon kernel where it runs
+    (``linear_act_ws.sum_fits``: 16-bit, sm_90, K_i and N multiples of 8); "0" = the Triton kernel."""
+    return env_choice("PGOLF_SUM_WS", {"1": "the warp-specialized Gluon kernel", "0": "the Triton kernel"}) == "1"
 
 
-# Off until the eval has run with it on a GPU (eager and under CUDA graphs, tests/test_fused_residual.py). Measured in
-# the records' step on an H100 (bench/results/profile-ttt-h100.md, measurement 15): its 12 launches 3.383 -> 2.724 ms
-# (~489 -> ~607 TFLOP/s), the step's GPU time 82.30 -> 81.56 ms; its GPU tests against fp64 pass there
+# On by default: in the records' step on an H100 (bench/results/profile-ttt-h100.md, measurements 15 and 16) its 12
+# launches took 2.724 against 3.383 ms (~607 against ~489 TFLOP/s) and the step's GPU time fell 82.30 -> 81.56 and
+# 83.19 -> 82.60 ms on two machines; its GPU tests against fp64 and the eval with it (eager and under CUDA graphs,
+# tests/test_fused_residual.py, BPB within 1e-4 of the unfused eval) pass there
 SUM_WS: bool = _sum_ws_from_env()
 
 
@@ -430,7 +431,7 @@ def sum_products(xs: List[Tensor], ws: List[Tensor], config: Optional[dict] = No
     ms for q's bmm (K 512, 756 GFLOP). The merged backward calls it while ``DX_KERNEL`` is on (the default;
     ``PGOLF_MERGED_DX=cublas`` turns it off). Outside the kernel's domain (``_kernel_fits``: more than 4 sources, rows not
     16-byte multiples, a GPU before Hopper, a CPU without the interpreter) the reference runs. With ``SUM_WS``
-    (``PGOLF_SUM_WS=1``) and no ``config``, ``linear_act_ws.sum_products_ws`` runs where it fits. ``validate=False``
+    (the default; ``PGOLF_SUM_WS=0`` turns it off) and no ``config``, ``linear_act_ws.sum_products_ws`` runs where it fits. ``validate=False``
     skips the argument checks (the merged backward, whose dy_i and E_i match by construction)."""
     op = "sum_products"
     check(len(xs) == len(ws) and len(xs) > 0, lambda: f"{op}: xs and ws must be non-empty lists of one length, got "

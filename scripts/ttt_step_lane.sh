@@ -64,15 +64,19 @@
 #            (lora_merged.SUM_WS and QKV_WS, PGOLF_SUM_WS / PGOLF_QKV_WS, off by default): their GPU tests under a short
 #            timeout, bench.profile_ttt on the records' step without them, with each and with both (kernel-compile-tail,
 #            -sws, -qws, -sws-qws) in one process, then the eval with each, eager and under CUDA graphs
+#   wtile    the Gluon kernels' ring tiles (linear_act_ws.TILES, PGOLF_WS_TILE): bench.bench_ws_tiles (every kernel at the
+#            records' shapes per tile, checked, against the default tile and cuBLAS), the GPU tests of
+#            tests/test_linear_act_ws.py under the tile with the least summed time, then the records' step with each
+#            tile in one process (kernel-compile-tail, -wt1 .. -wt3)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global or sws"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws or wtile"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -226,6 +230,18 @@ case "$STAGE" in
     [ "$rc" -eq 0 ] && { timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=130 \
       tests/test_fused_residual.py -k "switches and (SUM_WS or QKV_WS)" 2>&1 | tee "$OUTDIR/sws-eval.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
+    ;;
+  wtile)
+    rc=0
+    timeout 240 python3 -m bench --only ws_tiles --results-dir "$OUTDIR/results" 2>&1 | tee "$OUTDIR/wtile-bench.log" \
+      | grep -E "^\||->|Error|error" | cut -c1-260
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    best=$(python3 -m bench.bench_ws_tiles "$OUTDIR/results")
+    echo "tile with the least summed time: $best"
+    [ -n "$best" ] && { PGOLF_WS_TILE=$best timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
+      -o faulthandler_timeout=130 tests/test_linear_act_ws.py 2>&1 | tee "$OUTDIR/wtile-tests.log" \
+      | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
+    step_profile 260 kernel-compile-tail,kernel-compile-tail-wt1,kernel-compile-tail-wt2,kernel-compile-tail-wt3
     ;;
   global)
     rc=0

@@ -850,14 +850,14 @@ def test_profile_ttt_variant_names():
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
                                           "mlp": None, "qk": None, "res": None, "rowmap": False,
-                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
                                                                  "fused": True, "mlp": None, "qk": None, "res": None,
-                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None,
+                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None,
                                                                  "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
     assert _variant("kernel-compile-tail-sws-qws")["sws"] is True and _variant("kernel-compile-tail-qws-sws") is None
     assert _variant("kernel-compile-tail-kbh-qkbh") is None   # one layout per variant
@@ -865,7 +865,7 @@ def test_profile_ttt_variant_names():
     assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "autotune": False}
+                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
@@ -879,6 +879,10 @@ def test_profile_ttt_variant_names():
     assert _variant("kernel-compile-tail-ws-eff3")["eff"] == 3 and _variant("kernel-compile-tail")["eff"] is None
     for bad_eff in ("kernel-compile-tail-eff", "kernel-compile-tail-eff12", "kernel-compile-tail-eff1-ws"):
         assert _variant(bad_eff) is None, bad_eff
+    assert _variant("kernel-compile-tail-sws-eff1-wt2")["wt"] == 2 and _variant("kernel-compile-tail")["wt"] is None
+    for bad_wt in ("kernel-compile-tail-wt", "kernel-compile-tail-wt12", "kernel-compile-tail-wt1-eff1",
+                   "kernel-compile-tail-wt1-sws"):
+        assert _variant(bad_wt) is None, bad_wt
     for bad in ("kernel", "kernel-fast", "reference-compile-fused-tail", "kernel-compile-fused-torchopt",
                 "kernel-compile-tail-tail", "reference-eager-autotune", "kernel-compile-extra", "kernel-compile-mlp-tail",
                 "kernel-compile-qk-mlp", "kernel-compile-qk-noqk", "kernel-compile-noqk-mlp", "kernel-compile-res-mlp",
@@ -889,6 +893,8 @@ def test_profile_ttt_variant_names():
             main(["--variants", bad, "--device", "cpu"])
     with pytest.raises(SystemExit, match="'kernel-compile-tail-eff9': lora_merged.EFFECTIVE_CONFIGS has 7 tiles"):
         main(["--variants", "kernel-compile-tail,kernel-compile-tail-eff9", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="'kernel-compile-tail-wt7': linear_act_ws.TILES has 4 tiles"):
+        main(["--variants", "kernel-compile-tail,kernel-compile-tail-wt7", "--device", "cpu"])
 
 
 def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):

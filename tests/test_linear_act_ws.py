@@ -43,6 +43,64 @@ def test_compiles_for_sm90_without_spills(kw):
     assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
 
 
+@pytest.mark.parametrize("tile", [1, 2, 3])
+def test_every_ring_tile_compiles_for_sm90_without_spills(tile):
+    """Each other ring tile of ``TILES`` (BK x STAGES), through ``use_tile``, compiles for sm_90a in the residual
+    epilogue with the second product (the stages the adapter's rank shares) and the 4-source sum: no spill, no wgmma
+    serialized, shared memory within an H100's 232,448 bytes (BK 64 x 5 stages: 229,720 measured here)."""
+    out = run_sm90_check("import json; from pgolf_kernels import linear_act_ws as m; "
+                         f"m.use_tile(*m.TILES[{tile}]); "
+                         "print(json.dumps([m.compile_stats(act=3, x2=True), m.compile_stats(act=0, nsrc=4)]))")
+    for s in json.loads(out.strip().splitlines()[-1]):
+        assert s["ptxas_rc"] == 0, s["ptxas_err"]
+        assert s["spill_bytes"] == 0 and s["regs"] is not None and s["regs"] <= 168, s
+        assert 0 < s["smem"] <= 232448, s
+        assert s["partitions"] > 0 and s["wgmma"] > 0 and not s["wgmma_serialized"], s
+
+
+def test_ring_tile_switch(monkeypatch):
+    """``use_tile`` takes only a (BK, STAGES) of ``TILES`` (refused by name otherwise, the tile unchanged);
+    PGOLF_WS_TILE picks one at import by index, TILES[0] when unset, and a bad value is refused by name."""
+    from pgolf_kernels import linear_act_ws as m
+
+    start = (m.BK, m.STAGES)
+    with pytest.raises(ValueError, match=r"use_tile: \(bk, stages\) = \(64, 3\): expected one of"):
+        m.use_tile(64, 3)
+    assert (m.BK, m.STAGES) == start
+    try:
+        m.use_tile(32, 8)
+        assert (m.BK, m.STAGES) == (32, 8)
+    finally:
+        m.use_tile(*start)
+    monkeypatch.delenv("PGOLF_WS_TILE", raising=False)
+    assert m._tile_from_env() == m.TILES[0] == (64, 4)
+    monkeypatch.setenv("PGOLF_WS_TILE", "3")
+    assert m._tile_from_env() == (128, 2)
+    monkeypatch.setenv("PGOLF_WS_TILE", "64x4")
+    with pytest.raises(ValueError, match="PGOLF_WS_TILE = '64x4': expected 0"):
+        m._tile_from_env()
+
+
+def test_ws_tiles_bench_rows_on_a_cpu():
+    """bench.bench_ws_tiles' rows at tiny shapes on the CPU (a stand-in timer): one row per op and tile, the cuBLAS
+    stand-ins timed, every Gluon op refused (no Hopper GPU) and so NaN, the tile the process had restored; and
+    ``best_tile`` picks the least summed time among complete tiles."""
+    import math
+
+    from bench.bench_ws_tiles import best_tile, measure
+    from pgolf_kernels import linear_act_ws as m
+
+    start = (m.BK, m.STAGES)
+    rows = measure(torch.device("cpu"), 1, 16, lambda fn: (fn(), 1.0)[1], dtype=torch.float32)
+    assert len(rows) == 6 * len(m.TILES) and (m.BK, m.STAGES) == start
+    assert all(math.isnan(r["ours_ms"]) and r["cublas_ms"] == 1.0 for r in rows)
+    assert best_tile(rows) is None
+    for r in rows:   # complete timings: tile 2 the fastest in sum, tile 1 the fastest at one op only
+        r["ours_ms"] = 1.0 if "BK 32 x 8" in r["case"] else 0.5 if ("BK 64 x 5" in r["case"] and "act B" in r["case"]) \
+            else 1.2
+    assert best_tile(rows) == 2
+
+
 def test_bad_input_is_refused_by_name():
     from pgolf_kernels.linear_act_ws import linear_act_ws
 

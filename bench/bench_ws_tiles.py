@@ -1,6 +1,6 @@
 """The warp-specialized Gluon kernels of ``pgolf_kernels.linear_act_ws`` per ring tile (``linear_act_ws.TILES``: BK x
 STAGES of the operand ring; the 128 x 128 consumer tile fixed), at the shapes of the records' TTT step, against the
-default tile (``TILES[0]``) and against cuBLAS's bare GEMM of the same FLOPs (no epilogue: the speed of light the
+default tile (``TILES[DEFAULT_TILE]``) and against cuBLAS's bare GEMM of the same FLOPs (no epilogue: the speed of light the
 fusions give up), in one process.
 
 Ops (bf16; 64 rows x 2048 positions, d 512, MLP 1536, adapter rank 96, q / k / v 512 / 256 / 256):
@@ -110,7 +110,7 @@ def measure(dev, B: int, T: int, timer, dtype=torch.bfloat16) -> List[Dict[str, 
     finally:
         ws.use_tile(*start)
     rows = []
-    default = ws.TILES[0]
+    default = ws.TILES[ws.DEFAULT_TILE]
     for name, (_, _, _, flops) in ops.items():
         base = times[(name, default)]
         for tile in ws.TILES:

@@ -97,9 +97,13 @@ def use_tile(bk: int, stages: int) -> None:
     BK, STAGES = int(bk), int(stages)
 
 
+DEFAULT_TILE = 0
+
+
 def _tile_from_env() -> Tuple[int, int]:
-    """PGOLF_WS_TILE: an index into ``TILES``; unset = 0."""
-    raw = env_choice("PGOLF_WS_TILE", {str(i): f"BK {bk}, {st} stages" for i, (bk, st) in enumerate(TILES)})
+    """PGOLF_WS_TILE: an index into ``TILES``; unset = ``DEFAULT_TILE``."""
+    order = [DEFAULT_TILE] + [i for i in range(len(TILES)) if i != DEFAULT_TILE]
+    raw = env_choice("PGOLF_WS_TILE", {str(i): f"BK {TILES[i][0]}, {TILES[i][1]} stages" for i in order})
     return TILES[int(raw)]
 
 

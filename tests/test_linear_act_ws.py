@@ -60,7 +60,7 @@ def test_every_ring_tile_compiles_for_sm90_without_spills(tile):
 
 def test_ring_tile_switch(monkeypatch):
     """``use_tile`` takes only a (BK, STAGES) of ``TILES`` (refused by name otherwise, the tile unchanged);
-    PGOLF_WS_TILE picks one at import by index, TILES[0] when unset, and a bad value is refused by name."""
+    PGOLF_WS_TILE picks one at import by index, TILES[DEFAULT_TILE] when unset, and a bad value is refused by name."""
     from pgolf_kernels import linear_act_ws as m
 
     start = (m.BK, m.STAGES)
@@ -73,11 +73,11 @@ def test_ring_tile_switch(monkeypatch):
     finally:
         m.use_tile(*start)
     monkeypatch.delenv("PGOLF_WS_TILE", raising=False)
-    assert m._tile_from_env() == m.TILES[0] == (64, 4)
+    assert m._tile_from_env() == m.TILES[m.DEFAULT_TILE]
     monkeypatch.setenv("PGOLF_WS_TILE", "3")
     assert m._tile_from_env() == (128, 2)
     monkeypatch.setenv("PGOLF_WS_TILE", "64x4")
-    with pytest.raises(ValueError, match="PGOLF_WS_TILE = '64x4': expected 0"):
+    with pytest.raises(ValueError, match=f"PGOLF_WS_TILE = '64x4': expected {m.DEFAULT_TILE} "):
         m._tile_from_env()
 
 

@@ -68,15 +68,18 @@
 #            records' shapes per tile, checked, against the default tile and cuBLAS), the GPU tests of
 #            tests/test_linear_act_ws.py under the tile with the least summed time, then the records' step with each
 #            tile in one process (kernel-compile-tail, -wt1 .. -wt3)
+#   plans    a new (rows, window) shape's first step (bench.profile_ttt --new-shapes 3, the kernel path) without and with
+#            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention keyed on power-of-two sequence lengths and no
+#            batch: fewer execution plans built per new shape), two processes
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws or wtile"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile or plans"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -242,6 +245,16 @@ case "$STAGE" in
       -o faulthandler_timeout=130 tests/test_linear_act_ws.py 2>&1 | tee "$OUTDIR/wtile-tests.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
     step_profile 260 kernel-compile-tail,kernel-compile-tail-wt1,kernel-compile-tail-wt2,kernel-compile-tail-wt3
+    ;;
+  plans)
+    rc=0
+    for avoid in 0 1; do
+      echo "== TORCH_CUDNN_SDPA_AVOID_RECOMPILE=$avoid"
+      TORCH_CUDNN_SDPA_AVOID_RECOMPILE=$avoid timeout 170 python3 -m bench.profile_ttt --recipe records \
+        --variants kernel-compile-tail --steps 5 --top 20 --new-shapes 3 --out "$OUTDIR/plans-$avoid" 2>&1 \
+        | tee "$OUTDIR/plans-$avoid.log" | grep -E "first call|new shape|Error|error" | cut -c1-300
+      [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    done
     ;;
   global)
     rc=0

@@ -65,9 +65,9 @@
 #            timeout, bench.profile_ttt on the records' step without them, with each and with both (kernel-compile-tail,
 #            -sws, -qws, -sws-qws) in one process, then the eval with each, eager and under CUDA graphs
 #   wtile    the Gluon kernels' ring tiles (linear_act_ws.TILES, PGOLF_WS_TILE): bench.bench_ws_tiles (every kernel at the
-#            records' shapes per tile, checked, against the default tile and cuBLAS), the GPU tests of
-#            tests/test_linear_act_ws.py under the tile with the least summed time, then the records' step with each
-#            tile in one process (kernel-compile-tail, -wt1 .. -wt3)
+#            records' shapes per tile, checked, against the default tile and cuBLAS), the records' step with each
+#            tile in one process (kernel-compile-tail, -wt1 .. -wt3), then the GPU tests of
+#            tests/test_linear_act_ws.py under the tile with the least summed time
 #   plans    a new (rows, window) shape's first step (bench.profile_ttt --new-shapes 3, the kernel path) without and with
 #            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention keyed on power-of-two sequence lengths and no
 #            batch: fewer execution plans built per new shape), two processes
@@ -241,10 +241,11 @@ case "$STAGE" in
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     best=$(python3 -m bench.bench_ws_tiles "$OUTDIR/results")
     echo "tile with the least summed time: $best"
-    [ -n "$best" ] && { PGOLF_WS_TILE=$best timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider \
-      -o faulthandler_timeout=130 tests/test_linear_act_ws.py 2>&1 | tee "$OUTDIR/wtile-tests.log" \
+    step_profile 220 kernel-compile-tail,kernel-compile-tail-wt1,kernel-compile-tail-wt2,kernel-compile-tail-wt3
+    # the GPU tests last: they matter only where a tile is to become the default
+    [ -n "$best" ] && { PGOLF_WS_TILE=$best timeout "${PGOLF_TEST_TIMEOUT:-150}" python3 -m pytest -v -rfE -m gpu \
+      -p no:cacheprovider -o faulthandler_timeout=130 tests/test_linear_act_ws.py 2>&1 | tee "$OUTDIR/wtile-tests.log" \
       | grep -E "FAILED|ERROR|passed|failed|Timeout"; [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1; }
-    step_profile 260 kernel-compile-tail,kernel-compile-tail-wt1,kernel-compile-tail-wt2,kernel-compile-tail-wt3
     ;;
   plans)
     rc=0

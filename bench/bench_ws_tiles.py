@@ -126,14 +126,21 @@ def run(quick: bool = False):
     return measure(torch.device("cuda"), 8 if quick else B, T, bench_ms)
 
 
-def best_tile(rows: List[Dict[str, object]]) -> Optional[int]:
-    """The index into ``linear_act_ws.TILES`` of the tile with the least time summed over every op of ``rows`` (a
-    tile with any op failed or unchecked, NaN, is out); None when none is complete."""
+# the ops the kernel path's defaults run (rows: linear_rows_ws, behind lora_merged.QKV_WS, off)
+DEFAULT_OPS = ("act", "act_grad", "res_o", "res_mlp", "sum")
+
+
+def best_tile(rows: List[Dict[str, object]], ops=DEFAULT_OPS) -> Optional[int]:
+    """The index into ``linear_act_ws.TILES`` of the tile with the least time summed over the ``ops`` of ``rows`` (a
+    tile with any of them failed or unchecked, NaN, is out); None when none is complete. Why not every op: on an H200
+    (ws-tiles-h200.md) BK 64 x 5 stages was the fastest at every default op but 1.5x slower at ``rows``, which the
+    defaults do not run, and the records' step agreed with the first (profile-ttt-h200.md measurement 12)."""
     from pgolf_kernels.linear_act_ws import TILES
 
     total = {}
     for i, (bk, st) in enumerate(TILES):
-        ms = [r["ours_ms"] for r in rows if str(r["case"]).endswith(f"BK {bk} x {st} stages")]
+        ms = [r["ours_ms"] for r in rows if str(r["case"]).endswith(f"BK {bk} x {st} stages")
+              and str(r["case"]).split(" ")[0] in ops]
         if ms and all(math.isfinite(m) for m in ms):
             total[i] = sum(ms)
     return min(total, key=total.get) if total else None

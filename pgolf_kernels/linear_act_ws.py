@@ -82,9 +82,10 @@ def runs_on(t: torch.Tensor, *dims: int) -> bool:
 
 # 128 x 128 tiles per consumer warpgroup (its fp32 accumulator: 128 registers per thread). The ring's (BK, STAGES)
 # candidates, each within the 227 KB an SM has: STAGES x BK x 512 B of operand ring + 2 x 32 KB of epilogue buffers
-# (64 x 4: 192 KB; 64 x 5: 224 KB; 32 x 8 and 128 x 2: 192 KB). 32 x 8 covers an adapter's rank 96 in exactly 3
-# k-steps (64: 2 steps, the second half zero-filled). bench.bench_ws_tiles times every kernel of this module at the
-# records' shapes per candidate; PGOLF_WS_TILE (an index into TILES) picks one at import, ``use_tile`` at run time.
+# (64 x 4: 192 KB; 64 x 5: 224 KB, 229,720 B with the barriers; 32 x 8 and 128 x 2: 192 KB). 32 x 8 covers an
+# adapter's rank 96 in exactly 3 k-steps (64: 2 steps, the second half zero-filled). bench.bench_ws_tiles times every
+# kernel of this module at the records' shapes per candidate; PGOLF_WS_TILE (an index into TILES) picks one at
+# import, ``use_tile`` at run time.
 BM, BN = 128, 128
 TILES = ((64, 4), (64, 5), (32, 8), (128, 2))
 
@@ -97,7 +98,13 @@ def use_tile(bk: int, stages: int) -> None:
     BK, STAGES = int(bk), int(stages)
 
 
-DEFAULT_TILE = 0
+# BK 64 x 5 stages by measurement (H200, one process each, bench/results/ws-tiles-h200.md and profile-ttt-h200.md
+# measurement 12): against 64 x 4 the up-projection 0.429 -> 0.395 ms, the derivative 0.398 -> 0.387, the residual
+# sites 0.359 -> 0.347 and 0.361 -> 0.339, the dx sum 0.482 -> 0.477; in the records' TTT step the Gluon kernels
+# 15.41 -> 14.32 ms and the step's GPU time 71.54 -> 70.21 ms (32 x 8: 72.07, 128 x 2: 78.05); every GPU test of
+# tests/test_linear_act_ws.py passes with it there. Only linear_rows_ws (off by default) is slower with it: 0.370
+# against 0.248 ms
+DEFAULT_TILE = 1
 
 
 def _tile_from_env() -> Tuple[int, int]:

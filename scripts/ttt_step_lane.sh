@@ -67,7 +67,7 @@
 #   wtile    the Gluon kernels' ring tiles (linear_act_ws.TILES, PGOLF_WS_TILE): bench.bench_ws_tiles (every kernel at the
 #            records' shapes per tile, checked, against the default tile and cuBLAS), the records' step with each
 #            tile in one process (kernel-compile-tail, -wt1 .. -wt3), then the GPU tests of
-#            tests/test_linear_act_ws.py under the tile with the least summed time
+#            tests/test_linear_act_ws.py under the tile with the least summed time over the ops the defaults run
 #   plans    a new (rows, window) shape's first step (bench.profile_ttt --new-shapes 3, the kernel path) without and with
 #            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention keyed on power-of-two sequence lengths and no
 #            batch: fewer execution plans built per new shape), two processes
@@ -240,7 +240,7 @@ case "$STAGE" in
       | grep -E "^\||->|Error|error" | cut -c1-260
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     best=$(python3 -m bench.bench_ws_tiles "$OUTDIR/results")
-    echo "tile with the least summed time: $best"
+    echo "tile with the least summed time over the default ops: $best"
     step_profile 220 kernel-compile-tail,kernel-compile-tail-wt1,kernel-compile-tail-wt2,kernel-compile-tail-wt3
     # the GPU tests last: they matter only where a tile is to become the default
     [ -n "$best" ] && { PGOLF_WS_TILE=$best timeout "${PGOLF_TEST_TIMEOUT:-150}" python3 -m pytest -v -rfE -m gpu \

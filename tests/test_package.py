@@ -160,7 +160,7 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("pgolf_kernels.linear_residual", "_mlp_down_act_from_env", "PGOLF_MLP_DOWN_ACT", False, "1", True),
     ("pgolf_kernels.lora_merged", "_sum_ws_from_env", "PGOLF_SUM_WS", True, "0", False),
     ("pgolf_kernels.lora_merged", "_qkv_ws_from_env", "PGOLF_QKV_WS", False, "1", True),
-    ("pgolf_kernels.linear_act_ws", "_tile_from_env", "PGOLF_WS_TILE", (64, 4), "2", (32, 8)),
+    ("pgolf_kernels.linear_act_ws", "_tile_from_env", "PGOLF_WS_TILE", (64, 5), "0", (64, 4)),
     ("train.adapters", "_global_fused_from_env", "PGOLF_GLOBAL_FUSED", False, "1", True),
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False),
     ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", True, "torch", False),

@@ -141,7 +141,13 @@ CASES = {"seeds-ref": ("seeds", True, ("--cuda-graphs", "off")), "seeds-kernel":
          # -graphs-mlp case above scored the share in 282.0 s against 278.4 s (H100, warmup-h100.md), 47.8 s of it a
          # second capture after the first global pass, which the load-time switch removes
          "records-kernel-tail-w96-global": ("records", False, ("--tail-block", "--graph-window-step", "96",
-                                                              "--parallel-compile", "global"))}
+                                                              "--parallel-compile", "global")),
+         # the same with each graph captured at its bucket's first step, that real step its warm step: the case
+         # above spent 8.9 s of its 188.1 s timed eval preparing 45 graphs, 5.97 s of it synthetic warm steps
+         # (H100, build 6f07a71); records-ref-tail-w96-first-use-global is the reference's row beside it
+         "records-kernel-tail-w96-global-first-use": ("records", False, ("--tail-block", "--graph-window-step", "96",
+                                                                        "--parallel-compile", "global",
+                                                                        "--graph-capture", "first-use"))}
 MEAN_DOC_TOKENS = 1240  # the official mean document length (62,021,846 / 50,000)
 
 

@@ -314,7 +314,15 @@ def _barriers(STAGES: gl.constexpr):
     return ready, empty, turn, hbar
 
 
-@gluon.jit
+# B (batch rows) is not specialized: Triton compiles one binary per divisibility class of an int argument (a
+# multiple of 16, not, or 1), and the eval's CUDA-graph buckets have row counts of every class. Specialized, the
+# records' 1/8 share built 4 more Gluon binaries (~1 s each) while preparing its graphs, inside the timed eval
+# (H100: _sum_ws_kernel built 6 binaries, 3 of them there); B only bounds the tile loop, whose addresses come from
+# the TMA descriptors, so nothing is lost.
+_NOT_SPECIALIZED = ("B",)
+
+
+@gluon.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _linear_act_ws_kernel(x_desc, w_desc, h_desc, y_desc, u_desc, w2_desc, s_ptr, B, T, N, K, R, slope,
                           STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, ACT: gl.constexpr, W_KN: gl.constexpr,
                           HAS_X2: gl.constexpr, PRO_ACT: gl.constexpr):
@@ -376,7 +384,7 @@ def _sum_loader(x0, w0, x1, w1, x2, w2, x3, w3, xs, ws, ready, empty, B, T, N, K
             it = _load_source(x3, w3, xs, ws, ready, empty, it, om, b * K3, on, K3, BK, STAGES)
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _sum_ws_kernel(x0, w0, x1, w1, x2, w2, x3, w3, h_desc, y_desc, B, T, N, K0, K1, K2, K3, K_STEPS,
                    STAGES: gl.constexpr, NUM_PROGS: gl.constexpr, NSRC: gl.constexpr):
     """y[b] = Σ_i x_i[b] · w_i[b]: ``_sum_loader`` and the two consumers of ``_linear_act_ws_kernel`` (ACT 0: the
@@ -429,7 +437,7 @@ def _rows_loader(x_desc, w0, w1, w2, xs, ws, ready, empty, B, T, N, K, N0, N1, B
             it += 1
 
 
-@gluon.jit
+@gluon.jit(do_not_specialize=_NOT_SPECIALIZED)
 def _rows_ws_kernel(x_desc, w0, w1, w2, h_desc, y0, y1, y2, B, T, N, K, N0, N1, STAGES: gl.constexpr,
                     NUM_PROGS: gl.constexpr):
     """y_i[b] = x[b] · W_i[b]ᵀ for up to three per-row weights in one launch: ``_rows_loader`` and the two consumers

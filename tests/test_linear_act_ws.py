@@ -334,6 +334,43 @@ def test_sum_fits_and_rows_fits_domain():
     assert not sum_fits([], [])
 
 
+def test_kernels_do_not_specialize_on_batch_rows():
+    """The three Gluon kernels take B (batch rows) unspecialized and every other int argument specialized: one binary
+    serves every CUDA-graph row bucket (59, 54, 1 rows as 64), T's divisibility still reaches the compiler."""
+    from pgolf_kernels.linear_act_ws import _linear_act_ws_kernel, _rows_ws_kernel, _sum_ws_kernel
+
+    for kernel in (_linear_act_ws_kernel, _sum_ws_kernel, _rows_ws_kernel):
+        params = {p.name: p for p in kernel.params}
+        assert params["B"].do_not_specialize, kernel.fn.__name__
+        assert not params["T"].do_not_specialize and not params["N"].do_not_specialize, kernel.fn.__name__
+
+
+@pytest.mark.gpu
+@hopper
+def test_gpu_one_binary_for_every_row_count():
+    """sum_products_ws at 64, 59 and 1 batch rows (divisible by 16, not, and 1: three binaries if B were specialized)
+    with the same sources: at most one new binary in the kernel's cache, and each output against fp64."""
+    from pgolf_kernels.linear_act_ws import _sum_ws_kernel, sum_products_ws
+    from pgolf_kernels.lora_merged import sum_products_ref
+
+    g = torch.Generator().manual_seed(draw_seed())
+    dev = torch.device("cuda", torch.cuda.current_device())
+
+    def binaries():
+        return sum(len(c[0]) for d, c in _sum_ws_kernel.device_caches.items() if d == dev.index)
+
+    before = None
+    for B in (64, 59, 1):
+        xs = [torch.randn(B, 96, k, generator=g).to("cuda", torch.float16) for k in (512, 96)]
+        ws = [(torch.randn(B, k, 512, generator=g) * k ** -0.5).to("cuda", torch.float16) for k in (512, 96)]
+        out = torch.full((B, 96, 512), float("nan"), device="cuda", dtype=torch.float16)
+        sum_products_ws(xs, ws, out=out)
+        oracle = sum(torch.bmm(x.double(), w.double()) for x, w in zip(xs, ws))
+        assert_close_rel(out, oracle, sum_products_ref(xs, ws), name=f"sum {B} rows")
+        before = binaries() if before is None else before
+    assert binaries() == before, f"{binaries() - before} more binaries for 59 and 1 rows than for 64"
+
+
 @pytest.mark.gpu
 @hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -69,8 +69,9 @@
 #            tile in one process (kernel-compile-tail, -wt1 .. -wt3), then the GPU tests of
 #            tests/test_linear_act_ws.py under the tile with the least summed time over the ops the defaults run
 #   plans    a new (rows, window) shape's first step (bench.profile_ttt --new-shapes 3, the kernel path) without and with
-#            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention keyed on power-of-two sequence lengths and no
-#            batch: fewer execution plans built per new shape), two processes
+#            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention plans keyed on power-of-two sequence lengths,
+#            without the batch strides: fewer plans built per new shape; only for unmasked calls with (B, T, H, D)-
+#            contiguous q / k / v, here the full blocks' causal attention, not the tail block's masked one), two processes
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.

@@ -343,6 +343,7 @@ def test_kernels_do_not_specialize_on_batch_rows():
         params = {p.name: p for p in kernel.params}
         assert params["B"].do_not_specialize, kernel.fn.__name__
         assert not params["T"].do_not_specialize and not params["N"].do_not_specialize, kernel.fn.__name__
+        assert [p.name for p in kernel.params if p.do_not_specialize] == ["B"], kernel.fn.__name__
 
 
 @pytest.mark.gpu

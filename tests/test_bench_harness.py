@@ -897,7 +897,21 @@ def test_profile_ttt_variant_names():
         main(["--variants", "kernel-compile-tail,kernel-compile-tail-wt7", "--device", "cpu"])
 
 
-def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
+@pytest.fixture
+def tiny_profile_model(monkeypatch):
+    """profile_ttt's artifact at train.eval_fixtures.tiny_config (2 layers, d 64, MLP 128: the fused kernels' multiples
+    of 8 hold) instead of the default 11-layer d 512 model: the suffix tests check what each variant set and reported,
+    which does not depend on the model's size. The default model's steps, the interpreted fused optimizer's ~370
+    launches and the profiler's parse of their events took 35 s of the 3-variant optimizer run, 6 s at this model (2 CPU
+    cores); the default artifact is still built and stepped by test_profile_ttt_work_only_on_cpu."""
+    import bench.bench_eval as be
+    from train.eval_fixtures import tiny_config
+
+    real = be.build_artifact
+    monkeypatch.setattr(be, "build_artifact", lambda *a, **k: real(*a, **dict(k, cfg=tiny_config())))
+
+
+def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path, tiny_profile_model):
     """-fused / -torchopt set the step's optimizer (reported per variant), whatever the path's auto default; a smoke
     run on the CPU at a tiny shape (the fused op's CPU dispatch is its torch reference)."""
     from bench.profile_ttt import main
@@ -910,7 +924,7 @@ def test_profile_ttt_optimizer_suffixes_reach_the_step(tmp_path):
     assert all(v["step_ms"] > 0 for v in out["variants"].values())
 
 
-def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path):
+def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path, tiny_profile_model):
     """-t128 puts the 128 x 128 tile (the derivative and residual epilogues' default before the split-epilogue tile)
     on those epilogues for that variant (reported with it) and nothing for the next; the override is empty after the
     run."""
@@ -927,7 +941,7 @@ def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path):
     assert linear_act.TILE_OVERRIDE == {}
 
 
-def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path):
+def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path, tiny_profile_model):
     """-dxk / -b0 / -ws / -gws / -sgn / -skp / -of / -rws / -dact / -kbh / -qkbh set their package switch for that variant (reported with it); the next variant
     and the process after the run see the values it started with."""
     from bench.profile_ttt import main
@@ -953,7 +967,7 @@ def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path):
     assert {k: getattr(m, a) for k, (m, a) in mods.items()} == before
 
 
-def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch):
+def test_profile_ttt_mlp_and_qk_suffixes_reach_the_step(tmp_path, monkeypatch, tiny_profile_model):
     """-mlp runs the step with TTTConfig.fused_mlp (the records' targets: up and down merged per row), -qk with
     TTTConfig.fused_qk, on both paths; a smoke run on the CPU at a tiny shape. The ops take their torch references here (TRITON_INTERPRET off for this
     test: the interpreter runs the default model's d 512 kernels at minutes a step; tests/test_fused_mlp.py runs the

@@ -29,9 +29,22 @@ def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
     return nll.detach(), [p.grad.clone() for p in ad.params]
 
 
-def batch(window=64):
-    """Four documents' rows: mid-document chunks, a chunk at a document's start, a 9-token document."""
-    stream = doc_stream([70, 40, 100, 9], seed=5)
+# The kernel-backend step tests' model: tiny_model at d 32 (MLP 64, head dim 8) and a vocabulary of 256 (the head
+# adapter's N), every op still over several interpreter tiles. The interpreter's cost grows with both: the int6,
+# fused-q/k, fused-residual kernel case took 37 s at d 64 / vocab 1024, 30 s at vocab 256, 14 s at both (2 CPU
+# cores). The bmm cases keep d 64 / vocab 1024.
+KERNEL_MODEL = dict(model_dim=32, vocab_size=256)
+
+
+def step_model(backend, **kw):
+    """tiny_model(seed=3, num_layers=2) for a step test on ``backend``: KERNEL_MODEL's sizes on the kernel backend."""
+    return tiny_model(seed=3, num_layers=2, **(KERNEL_MODEL if backend == "kernel" else {}), **kw)
+
+
+def batch(window=64, vocab=1024):
+    """Four documents' rows (token ids below ``vocab``): mid-document chunks, a chunk at a document's start, a 9-token
+    document."""
+    stream = doc_stream([70, 40, 100, 9], seed=5, vocab_size=vocab)
     starts, _ = split_docs(stream)
     rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
     return build_rows(stream, rows, window)
@@ -60,13 +73,13 @@ def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs, int6):
     """Same NLL at every scored position and same gradient of every adapter tensor: per-row merged adapters (up and
     down adapted), the base weights shared (neither adapted), one adapter shared by every row (n_docs 1), and the
     kernel path's int6 model (its MLP codes dequantized per call)."""
-    model = tiny_model(seed=3, num_layers=2)
+    model = step_model(backend)
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
         convert_linears_to_int6(model)
     cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail)
-    rb = batch(cfg.window)
+    rb = batch(cfg.window, model.config.vocab_size)
     g_fused = assert_step_unchanged(model, rb, cfg, n_docs, backend, fused_mlp=True)
     if "up" in targets:  # the up / down adapters get a gradient through the merged weights
         ad = DocLoRA(model, cfg, n_docs, rb.x.device, backend)

@@ -4,7 +4,8 @@ the CPU lane), through ``rows_nll`` and ``evaluate``."""
 import pytest
 import torch
 
-from tests.test_fused_mlp import ALL, _nll_and_grads, assert_eval_unchanged, assert_step_unchanged, batch
+from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, EVAL_MODEL, _nll_and_grads, assert_eval_unchanged,
+                                  assert_step_unchanged, batch, step_model)
 from train.adapters import DocLoRA
 from train.eval_fixtures import tiny_model
 from train.forward import rows_nll
@@ -19,14 +20,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, mlp):
     """Same NLL at every scored position and same gradient of every adapter tensor (q / k adapters get theirs through
     the fused backward), on both backends, the int6 model, the tail block, a shared adapter, with the fused MLP."""
-    model = tiny_model(seed=3, num_layers=2)
+    model = step_model(backend)
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
         convert_linears_to_int6(model)
     cfg = TTTConfig(rank=4, chunk=16, window=64, batch_size=4, alpha=8.0, targets=targets, tail_block=tail,
                     fused_mlp=mlp)
-    g_fused = assert_step_unchanged(model, batch(), cfg, n_docs, backend, fused_qk=True)
+    g_fused = assert_step_unchanged(model, batch(vocab=model.config.vocab_size), cfg, n_docs, backend, fused_qk=True)
     assert any(g.abs().sum() > 0 for g in g_fused)
 
 
@@ -88,9 +89,8 @@ def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
 
 
 def test_eval_with_fused_qk_scores_like_without():
-    # a document longer than the window, a 1-token one, partial chunks: 4 of tests.test_graphs.LENGTHS, enough for
-    # the wiring (the kernels' math: tests/test_head_norm_rope.py)
-    assert_eval_unchanged([dict(fused_qk=True)], lengths=[300, 1, 77, 140])
+    # the wiring (the kernels' math: tests/test_head_norm_rope.py) on test_fused_mlp's EVAL_LENGTHS at EVAL_MODEL
+    assert_eval_unchanged([dict(fused_qk=True)], lengths=EVAL_LENGTHS, model=EVAL_MODEL)
 
 
 def test_fused_qk_refusals_and_option():

@@ -5,7 +5,8 @@ the op-by-op block (fp32, CPU; the kernel under the interpreter in the CPU lane)
 import pytest
 import torch
 
-from tests.test_fused_mlp import ALL, EVAL_LENGTHS, EVAL_MODEL, assert_eval_unchanged, assert_step_unchanged, batch
+from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, EVAL_MODEL, assert_eval_unchanged, assert_step_unchanged, batch,
+                                  step_model)
 from train.adapters import DocLoRA
 from train.eval_fixtures import tiny_model
 from train.forward import rows_nll
@@ -22,14 +23,15 @@ def test_fused_residual_equals_the_composition(targets, backend, tail, n_docs, i
     """Same NLL at every scored position and same gradient of every adapter tensor: every target (o, mlp and down
     through the second product, up through the activation), both backends, the int6 model, the tail block, a shared
     adapter (n_docs 1), with the fused MLP and the fused q / k pass, and the records' targets."""
-    model = tiny_model(seed=3, num_layers=2)
+    model = step_model(backend)
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
         convert_linears_to_int6(model)
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=12.0, targets=targets, tail_block=tail,
                     fused_mlp=mlp, fused_qk=qk)
-    g_fused = assert_step_unchanged(model, batch(), cfg, n_docs, backend, fused_residual=True)
+    g_fused = assert_step_unchanged(model, batch(vocab=model.config.vocab_size), cfg, n_docs, backend,
+                                    fused_residual=True)
     ad = DocLoRA(model, cfg, n_docs, torch.device("cpu"), backend)
     names = [k for k in ad.A for _ in ad.A[k] + ad.B[k]]
     for t in ("o", "mlp", "down"):  # the adapters the second product carries do get a gradient
@@ -142,10 +144,10 @@ def test_o_fold_equals_the_composition(monkeypatch):
     real = lora.multi_lora_linear
     monkeypatch.setattr(adapters, "resolve_lora_backend", lambda name, dev: (
         lambda *a, **k: (calls.append(len(k.get("shrinks") or [])), real(*a, **k))[1], "kernel", "test"))
-    model = tiny_model(seed=3, num_layers=2)
+    model = step_model("kernel")
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=12.0, targets=("q", "k", "v", "o", "mlp", "head"),
                     tail_block=tail, fused_mlp=True, fused_qk=True)
-    assert_step_unchanged(model, batch(), cfg, 4, "kernel", fused_residual=True)
+    assert_step_unchanged(model, batch(vocab=model.config.vocab_size), cfg, 4, "kernel", fused_residual=True)
     # q / k / v of each block in the fused run and the composition, then the head: the fused run's full-window
     # blocks carried the o shrink
     assert calls.count(1) == (1 if tail else 2)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_fused_mlp import ALL, batch
+from tests.test_fused_mlp import ALL, batch, step_model
 from train.adapters import DocLoRA, identity_rows_for
 from train.eval_fixtures import doc_stream, tiny_model
 from train.forward import rows_nll
@@ -34,9 +34,9 @@ def _step(model, rb, cfg, n_docs, backend, identity):
 def test_identity_rows_equal_the_row_map_bitwise(backend, targets, res):
     """4 forward rows on 6 adapter rows (the last 2 get no row, so their gradients must be zero): same NLL and every
     adapter gradient bit for bit; the adapters of rows 4 and 5 get exactly zero."""
-    model = tiny_model(seed=3, num_layers=2)
+    model = step_model(backend)
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=6, alpha=12.0, targets=targets, fused_residual=res)
-    rb = batch()
+    rb = batch(vocab=model.config.vocab_size)
     a_nll, a_g, ad = _step(model, rb, cfg, 6, backend, True)
     b_nll, b_g, _ = _step(model, rb, cfg, 6, backend, False)
     assert ad.identity_rows and ad._index(rb.x) is None

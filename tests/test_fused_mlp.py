@@ -29,16 +29,17 @@ def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
     return nll.detach(), [p.grad.clone() for p in ad.params]
 
 
-# The kernel-backend step tests' model: tiny_model at d 32 (MLP 64, head dim 8) and a vocabulary of 256 (the head
+# The fused-op step tests' model: tiny_model at d 32 (MLP 64, head dim 8) and a vocabulary of 256 (the head
 # adapter's N), every op still over several interpreter tiles. The interpreter's cost grows with both: the int6,
 # fused-q/k, fused-residual kernel case took 37 s at d 64 / vocab 1024, 30 s at vocab 256, 14 s at both (2 CPU
-# cores). The bmm cases keep d 64 / vocab 1024.
+# cores); the bmm cases run the fused ops' kernels too. d 64 / vocab 1024 stay in the *_is_what_the_model_runs,
+# layout and compiled-step tests.
 KERNEL_MODEL = dict(model_dim=32, vocab_size=256)
 
 
-def step_model(backend, **kw):
-    """tiny_model(seed=3, num_layers=2) for a step test on ``backend``: KERNEL_MODEL's sizes on the kernel backend."""
-    return tiny_model(seed=3, num_layers=2, **(KERNEL_MODEL if backend == "kernel" else {}), **kw)
+def step_model(backend=None, **kw):
+    """tiny_model(seed=3, num_layers=2) at KERNEL_MODEL's sizes for a fused-op step test (either backend)."""
+    return tiny_model(seed=3, num_layers=2, **KERNEL_MODEL, **kw)
 
 
 def batch(window=64, vocab=1024):

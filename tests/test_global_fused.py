@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tests.test_eval_recipe import global_case
-from tests.test_fused_mlp import batch
+from tests.test_fused_mlp import KERNEL_MODEL, batch
 from train import adapters
 from train.adapters import FusedBase, base_view, fused_choices
 from train.eval_fixtures import doc_stream, tiny_model
@@ -52,8 +52,9 @@ def test_fused_base_equals_the_blocks_own_ops(qk, mlp, monkeypatch):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*a, **k)
         monkeypatch.setattr(mod, name, spy)
-    model = tiny_model(seed=3, num_layers=4)   # 2 encoder and 2 decoder blocks: the skips run
-    rb = batch()
+    # 2 encoder and 2 decoder blocks: the skips run; KERNEL_MODEL's d 32 / vocab 256 (the interpreted kernels' cost)
+    model = tiny_model(seed=3, num_layers=4, **KERNEL_MODEL)
+    rb = batch(vocab=model.config.vocab_size)
     plain, g_plain = _nll_and_grads(model, rb, None)
     assert calls == {}
     fused, g_fused = _nll_and_grads(model, rb, FusedBase(qk, True, mlp))

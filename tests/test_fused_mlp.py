@@ -37,7 +37,7 @@ def _nll_and_grads(model, rb, cfg, n_docs, backend, seed=0):
 KERNEL_MODEL = dict(model_dim=32, vocab_size=256)
 
 
-def step_model(backend=None, **kw):
+def step_model(**kw):
     """tiny_model(seed=3, num_layers=2) at KERNEL_MODEL's sizes for a fused-op step test (either backend)."""
     return tiny_model(seed=3, num_layers=2, **KERNEL_MODEL, **kw)
 
@@ -74,7 +74,7 @@ def test_fused_mlp_equals_the_unfused_mlp(targets, backend, tail, n_docs, int6):
     """Same NLL at every scored position and same gradient of every adapter tensor: per-row merged adapters (up and
     down adapted), the base weights shared (neither adapted), one adapter shared by every row (n_docs 1), and the
     kernel path's int6 model (its MLP codes dequantized per call)."""
-    model = step_model(backend)
+    model = step_model()
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 

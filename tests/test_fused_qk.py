@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def test_fused_qk_equals_the_composition(targets, backend, tail, n_docs, int6, mlp):
     """Same NLL at every scored position and same gradient of every adapter tensor (q / k adapters get theirs through
     the fused backward), on both backends, the int6 model, the tail block, a shared adapter, with the fused MLP."""
-    model = step_model(backend)
+    model = step_model()
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 

@@ -23,7 +23,7 @@ def test_fused_residual_equals_the_composition(targets, backend, tail, n_docs, i
     """Same NLL at every scored position and same gradient of every adapter tensor: every target (o, mlp and down
     through the second product, up through the activation), both backends, the int6 model, the tail block, a shared
     adapter (n_docs 1), with the fused MLP and the fused q / k pass, and the records' targets."""
-    model = step_model(backend)
+    model = step_model()
     if int6:
         from pgolf_kernels.int6_linear import convert_linears_to_int6
 
@@ -144,7 +144,7 @@ def test_o_fold_equals_the_composition(monkeypatch):
     real = lora.multi_lora_linear
     monkeypatch.setattr(adapters, "resolve_lora_backend", lambda name, dev: (
         lambda *a, **k: (calls.append(len(k.get("shrinks") or [])), real(*a, **k))[1], "kernel", "test"))
-    model = step_model("kernel")
+    model = step_model()
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=12.0, targets=("q", "k", "v", "o", "mlp", "head"),
                     tail_block=tail, fused_mlp=True, fused_qk=True)
     assert_step_unchanged(model, batch(vocab=model.config.vocab_size), cfg, 4, "kernel", fused_residual=True)

@@ -34,7 +34,7 @@ def _step(model, rb, cfg, n_docs, backend, identity):
 def test_identity_rows_equal_the_row_map_bitwise(backend, targets, res):
     """4 forward rows on 6 adapter rows (the last 2 get no row, so their gradients must be zero): same NLL and every
     adapter gradient bit for bit; the adapters of rows 4 and 5 get exactly zero."""
-    model = step_model(backend)
+    model = step_model()
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=6, alpha=12.0, targets=targets, fused_residual=res)
     rb = batch(vocab=model.config.vocab_size)
     a_nll, a_g, ad = _step(model, rb, cfg, 6, backend, True)

@@ -107,39 +107,38 @@ def test_fused_mlp_is_what_the_model_runs():
 
 
 # The CPU lane's eval-wiring tests (the kernels' math has its own tests): a document longer than the window (96: its
-# last chunk's context is cut), a 1-token one and a partial chunk, on the tiny model at d 32 (MLP 64: the fused paths'
-# multiples of 8 hold) and a vocabulary of 256 (the head adapter's N); every GEMM still spans several interpreter
-# tiles. Measured on 2 CPU cores: the fused-residual eval took 64 s on [300, 1, 77, 140] at d 64, 25 s on these
+# last chunk's context is cut), a 1-token one and a partial chunk, on the tiny model at KERNEL_MODEL's sizes (MLP 64:
+# the fused paths' multiples of 8 hold; the vocabulary is the head adapter's N); every GEMM still spans several
+# interpreter tiles. Measured on 2 CPU cores: the fused-residual eval took 64 s on [300, 1, 77, 140] at d 64, 25 s on these
 # lengths, 13 s on these lengths at d 32; the kernel-backend O_FOLD eval on [40, 1] 28 s at d 64 / vocab 1024, 18 s
 # at d 32 / vocab 256.
 EVAL_LENGTHS = [110, 1, 40]
-EVAL_MODEL = dict(model_dim=32, vocab_size=256)
 
 
-def assert_eval_unchanged(changes, lengths=None, device="cpu", backend="bmm", rel=1e-5, model=None):
-    """evaluate() of the tiny model (``model``: its tiny_config changes) with ``tests.test_graphs.RECORDS_LIKE``
+def assert_eval_unchanged(changes, lengths=None, device="cpu", backend="bmm", rel=1e-5, model_kw=None):
+    """evaluate() of the tiny model (``model_kw``: its tiny_config changes) with ``tests.test_graphs.RECORDS_LIKE``
     changed by each dict of TTTConfig fields in ``changes``, against RECORDS_LIKE itself: same targets and ledger, BPB
     within ``rel`` (relative)."""
     from tests.test_graphs import LENGTHS, RECORDS_LIKE, _lut
     from train.eval import evaluate
 
-    model = model or {}
-    vocab = tiny_model(seed=3, **model).config.vocab_size
+    model_kw = model_kw or {}
+    vocab = tiny_model(seed=3, **model_kw).config.vocab_size
     stream = doc_stream(LENGTHS if lengths is None else lengths, vocab_size=vocab, seed=5).to(device)
     lut = _lut(vocab)
     # the fusions a test names, not the kernel path's auto
     base = dataclasses.replace(RECORDS_LIKE, fused_qk=False, fused_residual=False, fused_mlp=False)
-    ref = evaluate(tiny_model(seed=3, **model).to(device), stream, lut, mode="ttt", cfg=base, backend=backend)
+    ref = evaluate(tiny_model(seed=3, **model_kw).to(device), stream, lut, mode="ttt", cfg=base, backend=backend)
     for ch in changes:
-        rep = evaluate(tiny_model(seed=3, **model).to(device), stream, lut, mode="ttt",
+        rep = evaluate(tiny_model(seed=3, **model_kw).to(device), stream, lut, mode="ttt",
                        cfg=dataclasses.replace(base, **ch), backend=backend)
         assert rep["targets"] == ref["targets"] and rep["legality"] == ref["legality"], ch
         assert abs(rep["val_bpb"] - ref["val_bpb"]) < rel * ref["val_bpb"], (ch, rep["val_bpb"], ref["val_bpb"])
 
 
 def test_eval_with_fused_mlp_scores_like_without():
-    # the wiring (the kernels' math: tests/test_linear_act.py) on EVAL_LENGTHS at EVAL_MODEL
-    assert_eval_unchanged([dict(fused_mlp=True)], lengths=EVAL_LENGTHS, model=EVAL_MODEL)
+    # the wiring (the kernels' math: tests/test_linear_act.py) on EVAL_LENGTHS at KERNEL_MODEL
+    assert_eval_unchanged([dict(fused_mlp=True)], lengths=EVAL_LENGTHS, model_kw=KERNEL_MODEL)
 
 
 def test_fused_mlp_refusals_and_option():

@@ -4,7 +4,7 @@ the CPU lane), through ``rows_nll`` and ``evaluate``."""
 import pytest
 import torch
 
-from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, EVAL_MODEL, _nll_and_grads, assert_eval_unchanged,
+from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, KERNEL_MODEL, _nll_and_grads, assert_eval_unchanged,
                                   assert_step_unchanged, batch, step_model)
 from train.adapters import DocLoRA
 from train.eval_fixtures import tiny_model
@@ -89,8 +89,8 @@ def test_compiled_step_with_fused_qk_and_mlp_has_no_graph_break():
 
 
 def test_eval_with_fused_qk_scores_like_without():
-    # the wiring (the kernels' math: tests/test_head_norm_rope.py) on test_fused_mlp's EVAL_LENGTHS at EVAL_MODEL
-    assert_eval_unchanged([dict(fused_qk=True)], lengths=EVAL_LENGTHS, model=EVAL_MODEL)
+    # the wiring (the kernels' math: tests/test_head_norm_rope.py) on test_fused_mlp's EVAL_LENGTHS at KERNEL_MODEL
+    assert_eval_unchanged([dict(fused_qk=True)], lengths=EVAL_LENGTHS, model_kw=KERNEL_MODEL)
 
 
 def test_fused_qk_refusals_and_option():

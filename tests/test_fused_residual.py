@@ -5,7 +5,7 @@ the op-by-op block (fp32, CPU; the kernel under the interpreter in the CPU lane)
 import pytest
 import torch
 
-from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, EVAL_MODEL, assert_eval_unchanged, assert_step_unchanged, batch,
+from tests.test_fused_mlp import (ALL, EVAL_LENGTHS, KERNEL_MODEL, assert_eval_unchanged, assert_step_unchanged, batch,
                                   step_model)
 from train.adapters import DocLoRA
 from train.eval_fixtures import tiny_model
@@ -66,9 +66,9 @@ def test_fused_residual_is_what_the_model_runs(monkeypatch):
 
 
 def test_eval_with_fused_residual_scores_like_without():
-    # the wiring through evaluate() on EVAL_LENGTHS (a long one, a 1-token one, a partial chunk) at EVAL_MODEL; the
+    # the wiring through evaluate() on EVAL_LENGTHS (a long one, a 1-token one, a partial chunk) at KERNEL_MODEL; the
     # kernel's math: tests/test_linear_residual.py
-    assert_eval_unchanged([dict(fused_residual=True)], lengths=EVAL_LENGTHS, model=EVAL_MODEL)
+    assert_eval_unchanged([dict(fused_residual=True)], lengths=EVAL_LENGTHS, model_kw=KERNEL_MODEL)
 
 
 def test_fused_residual_refusals_and_option():
@@ -127,7 +127,7 @@ def test_eval_with_mlp_residual_keeping_signs_scores_like_without(monkeypatch):
     calls = []
     real = lr.linear_act_signs
     monkeypatch.setattr(lr, "linear_act_signs", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
-    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True)], lengths=[90, 1, 40], model=EVAL_MODEL)
+    assert_eval_unchanged([dict(fused_residual=True, fused_mlp=True)], lengths=[90, 1, 40], model_kw=KERNEL_MODEL)
     assert calls   # the eval's MLP ran through the signs path
 
 
@@ -162,7 +162,7 @@ def test_eval_with_o_fold_and_skip_kernel_scores_like_without(monkeypatch):
 
     monkeypatch.setattr(adapters, "O_FOLD", True)
     monkeypatch.setattr(model_mod, "SKIP_KERNEL", True)
-    assert_eval_unchanged([dict(fused_residual=True)], lengths=[40, 1], backend="kernel", model=EVAL_MODEL)
+    assert_eval_unchanged([dict(fused_residual=True)], lengths=[40, 1], backend="kernel", model_kw=KERNEL_MODEL)
 
 
 # the switches the kernel path's eval has besides its options: (module, name, the value tested)

@@ -72,15 +72,20 @@
 #            TORCH_CUDNN_SDPA_AVOID_RECOMPILE=1 (torch's cuDNN attention plans keyed on power-of-two sequence lengths,
 #            without the batch strides: fewer plans built per new shape; only for unmasked calls with (B, T, H, D)-
 #            contiguous q / k / v, here the full blocks' causal attention, not the tail block's masked one), two processes
+#   norm     the blocks' residual mix and RMS norms through pgolf_kernels.mix_norm (train.model.NORM_KERNEL,
+#            PGOLF_NORM_KERNEL, off by default): its GPU tests and the eval with it (eager and under CUDA graphs),
+#            bench.bench_mix_norm against the compiled composition (every tile of mix_norm.NORM_CONFIGS), then
+#            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -nrm), each twice in
+#            alternating order, in one process
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile or plans"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile, plans or norm"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -196,6 +201,16 @@ case "$STAGE" in
       [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
       step_profile 200 kernel-compile-tail,kernel-compile-tail-skp
     fi
+    ;;
+  norm)
+    timeout 150 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=120 tests/test_mix_norm.py \
+      "tests/test_fused_residual.py::test_gpu_eval_with_mlp_residual_switches_scores_like_without[NORM_KERNEL]" 2>&1 \
+      | tee "$OUTDIR/norm-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    timeout 90 python3 -m bench --results-dir "$OUTDIR/results" --only mix_norm 2>&1 | tee "$OUTDIR/norm-bench.log" \
+      | grep -E "^\| mix|Error|failed" | cut -c1-260
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+    step_profile 300 kernel-compile-tail,kernel-compile-tail-nrm,kernel-compile-tail,kernel-compile-tail-nrm
     ;;
   switches)
     rc=0

@@ -170,6 +170,7 @@ EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS", Tru
                  "MLP_UP_WS": ("pgolf_kernels.linear_residual", "MLP_UP_WS", True),
                  "GRAD_WS": ("pgolf_kernels.linear_act", "GRAD_WS", True), "O_FOLD": ("train.adapters", "O_FOLD", True),
                  "SKIP_KERNEL": ("train.model", "SKIP_KERNEL", True),
+                 "NORM_KERNEL": ("train.model", "NORM_KERNEL", True),
                  "RES_WS": ("pgolf_kernels.linear_residual", "RES_WS", True),
                  "MLP_DOWN_ACT": ("pgolf_kernels.linear_residual", "MLP_DOWN_ACT", True),
                  "SUM_WS": ("pgolf_kernels.lora_merged", "SUM_WS", True),
@@ -183,7 +184,8 @@ def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, sw
     """On the GPU: evaluate() with ``mlp_residual`` and one switch on (``MLP_SIGNS``: h's signs kept instead
     of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
     backward's derivative GEMM on it; ``adapters.O_FOLD``: the o shrink inside the q / k / v op;
-    ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``; ``linear_residual.RES_WS``: the residual sites' GEMM on
+    ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``; ``model.NORM_KERNEL``: the blocks' residual mix and
+    norms through ``mix_norm``; ``linear_residual.RES_WS``: the residual sites' GEMM on
     the Gluon kernel; ``linear_residual.MLP_DOWN_ACT``: act(h) formed in that kernel's A operand; ``lora_merged.SUM_WS``:
     the merged backward's dx on it; ``lora_merged.QKV_WS``: the merged q / k / v forward in one launch of it;
     ``model.QK_LAYOUT``: k, or q and k, in (B, H, T, D)

@@ -38,7 +38,8 @@ Adapter hook (used by the eval driver's test-time training, ``train/adapters.py`
       projection; u_o the o adapter's shrink where ``qkv_o(h, attn, fold)`` returned it with q, k and v) and
       ``mlp_residual(x, m, mlp, mlp_scale)`` (after the MLP): the same sums, each in one kernel
       (``pgolf_kernels.linear_residual``); with such an adapter the U-Net skips run through
-      ``pgolf_kernels.skip_add`` while ``SKIP_KERNEL`` is on.
+      ``pgolf_kernels.skip_add`` while ``SKIP_KERNEL`` is on, and the blocks' residual mix and RMS norms through
+      ``pgolf_kernels.mix_norm`` while ``NORM_KERNEL`` is on.
     * at the head: ``logits_raw = adapter.head(h_final, model)`` with ``h_final`` the final-normed
       hidden state (B, T, d); the soft-cap is applied by the model afterwards.
     Returns per-token NLL (B, T) float32 (``reduction='none'``) when ``target_ids`` is given,
@@ -81,6 +82,20 @@ def _qk_layout_from_env() -> str:
 # attention took 30.74 / 30.63 ms against 30.60 / 30.79 ms with "bthd", the step 84.03 / 83.91 against 83.90 / 84.09
 # GPU-ms (profile-ttt-h100.md, measurement 13): no gain. "bhtd" not timed on the H100
 QK_LAYOUT: str = _qk_layout_from_env()
+
+
+def _norm_kernel_from_env() -> bool:
+    """PGOLF_NORM_KERNEL: unset or "torch" = the blocks' residual mix and RMS norms as torch ops; "kernel" = through
+    ``pgolf_kernels.mix_norm`` where the adapter's residual sites are fused (``fused_residual``, the kernel path)."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_NORM_KERNEL", {"torch": "torch ops (compiled with the step)",
+                                            "kernel": "pgolf_kernels.mix_norm with a fused_residual adapter"}) == "kernel"
+
+
+# Off by default until timed in the records' step: Inductor's mix + norm passes ran at 1.54 TB/s on an H100
+# (pgolf_kernels/mix_norm.py says where); bench.bench_mix_norm and bench.profile_ttt's -nrm variant time the kernel
+NORM_KERNEL: bool = _norm_kernel_from_env()
 
 
 # On by default: in the records' step on an H200 (bench/results/profile-ttt-h200.md, measurement 10) the 5 skips took
@@ -357,9 +372,15 @@ class Block(nn.Module):
         RoPE (cos, sin) tables (``CausalSelfAttention.forward``). ``keep`` (B, C) int64: the block's output at
         those window positions only, (B, C, d): the Q, K and V projections still see every position, the
         attention queries, the output projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``)."""
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        h = rms_norm(x)
+        fused_norm = NORM_KERNEL and getattr(adapter, "fused_residual", False)
+        if fused_norm:
+            from pgolf_kernels.mix_norm import mix_rms_norm, rms_norm_rows
+
+            x, h = mix_rms_norm(x.contiguous(), x0.contiguous(), self.resid_mix.to(x.dtype), validate=False)
+        else:
+            mix = self.resid_mix.to(x.dtype)
+            x = mix[0] * x + mix[1] * x0
+            h = rms_norm(x)
         hk = h
         if keep is not None:
             hk = torch.gather(h, 1, keep[..., None].expand(-1, -1, h.size(-1)))
@@ -372,7 +393,8 @@ class Block(nn.Module):
             q, k, v, u_o = adapter.qkv_o(h, self.attn, fold=keep is None)
             y = self.attn(h, q, k, v, rope, keep=keep, fused_qk=getattr(adapter, "fused_qk", False), project=False)
             x = adapter.attn_residual(x, hk, y, self.attn.proj, self.attn_scale, u_o)
-            return adapter.mlp_residual(x, rms_norm(x), self.mlp, self.mlp_scale)
+            return adapter.mlp_residual(x, rms_norm_rows(x.contiguous(), validate=False) if fused_norm else rms_norm(x),
+                                        self.mlp, self.mlp_scale)
         if adapter is not None:
             q, k, v = adapter.qkv(h, self.attn)
             a = adapter.attn_out(hk, self.attn(h, q, k, v, rope, keep=keep,

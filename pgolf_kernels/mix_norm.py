@@ -9,7 +9,9 @@ Math (x, x0 (..., d) of one dtype; mix (2, d) of that dtype, the caller's cast o
 ``rms_norm_rows(x)`` is the norm alone (xm = x: the MLP's input norm). Both return r (fp32, x.shape[:-1]) to the
 backward only.
 
-Backward (gxm = ∂L/∂xm from xm's other uses, gh = ∂L/∂h), fp32, in torch ops (traced into the compiled backward)::
+Backward (gxm = ∂L/∂xm from xm's other uses, gh = ∂L/∂h), fp32: ``mix_rms_norm``'s in one pass (a second Triton
+kernel) while the mix needs no gradient (a TTT step), in torch ops otherwise; ``rms_norm_rows``'s in torch ops, traced
+into the compiled backward, where Inductor adds the residual stream's gradient in the same pass::
 
     n    = xm · r
     g    = gxm + r · (gh − n · mean_d(gh ⊙ n))
@@ -20,14 +22,15 @@ Why: in the records' TTT step (64 x 2048 x 512, bf16) Inductor compiles this com
 on an H100 (bench/results/logs/profile-records-sws-qws-36b8406-h100.txt) the mix + norm took 0.174 ms a block
 (268 MB: 1.54 TB/s) and the MLP input's norm 0.087 ms (134 MB: 1.54 TB/s), where this package's head_norm_rope
 streams the same kind of rows at 2.8-2.9 TB/s in the same step. Here each program reads ``BLOCK_R`` whole rows once,
-keeps their sums of squares in registers and writes xm and h once.
+keeps their sums of squares in registers and writes xm and h once; the backward reads xm, r, ∂h and ∂xm once and
+writes ∂x (and ∂x0) once, where Inductor's pass for it took 0.171 ms a block (~1.2 TB/s) in the same step.
 
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1
 -> the kernel interpreted. ``mix_rms_norm_ref`` and ``rms_norm_ref`` are the torch compositions.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +89,34 @@ def _mix_norm_kernel(X, X0, MIX, XM, H, R, M, D, eps, HAS_MIX: tl.constexpr, BLO
     tl.store(R + rows, r, mask=rows < M)
 
 
+@triton.jit
+def _mix_norm_bwd_kernel(XM, R, GH, GXM, MIX, DX, DX0, M, D, HAS_GXM: tl.constexpr, NEED_DX0: tl.constexpr,
+                         BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """g = R · (GH − n · mean(GH ⊙ n)) (+ GXM), n = XM · R; DX = MIX[0] ⊙ g (and DX0 = MIX[1] ⊙ g) over BLOCK_R rows."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    mask = (rows[:, None] < M) & cmask[None, :]
+    offs = rows[:, None] * D + cols[None, :]
+    r = tl.load(R + rows, mask=rows < M, other=0.0)
+    n = tl.load(XM + offs, mask=mask, other=0.0).to(tl.float32) * r[:, None]
+    gh = tl.load(GH + offs, mask=mask, other=0.0).to(tl.float32)
+    g = r[:, None] * (gh - n * (tl.sum(gh * n, axis=1) / D)[:, None])
+    if HAS_GXM:
+        g += tl.load(GXM + offs, mask=mask, other=0.0).to(tl.float32)
+    m0 = tl.load(MIX + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(DX + offs, (m0[None, :] * g).to(DX.dtype.element_ty), mask=mask)
+    if NEED_DX0:
+        m1 = tl.load(MIX + D + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(DX0 + offs, (m1[None, :] * g).to(DX0.dtype.element_ty), mask=mask)
+
+
+def _tile_rows(x: Tensor, block_d: int, cfg: dict) -> int:
+    # the tile's rows at d 512 (fewer where d is wider: the elements per program stay at most ROWS x 512); 4 rows in
+    # the interpreter (the CPU lane)
+    return max(1, min(cfg["ROWS"], cfg["ROWS"] * 512 // block_d)) if x.is_cuda else 4
+
+
 def _launch(x: Tensor, x0: Optional[Tensor], mix: Optional[Tensor], config: Optional[dict] = None):
     d = x.shape[-1]
     M = x.numel() // d
@@ -95,13 +126,27 @@ def _launch(x: Tensor, x0: Optional[Tensor], mix: Optional[Tensor], config: Opti
     xm = _utils.empty(x.shape, x.dtype, x.device) if mix is not None else x
     block_d = triton.next_power_of_2(d)
     cfg = dict(NORM_CONFIG if config is None else config)
-    # the tile's rows at d 512 (fewer where d is wider: the elements per program stay at most ROWS x 512); 4 rows in
-    # the interpreter (the CPU lane)
-    rows = max(1, min(cfg["ROWS"], cfg["ROWS"] * 512 // block_d)) if x.is_cuda else 4
+    rows = _tile_rows(x, block_d, cfg)
     _mix_norm_kernel[(triton.cdiv(M, rows),)](
         x, x if x0 is None else x0.contiguous(), x if mix is None else mix.contiguous(), xm, h, r, M, d, _EPS,
         HAS_MIX=mix is not None, BLOCK_R=rows, BLOCK_D=block_d, num_warps=cfg["num_warps"])
     return xm, h, r
+
+
+def _launch_bwd(xm: Tensor, r: Tensor, gh: Tensor, gxm: Optional[Tensor], mix: Tensor, need_dx0: bool,
+                config: Optional[dict] = None) -> Tuple[Tensor, Optional[Tensor]]:
+    d = xm.shape[-1]
+    M = xm.numel() // d
+    gh = gh.contiguous()
+    dx = _utils.empty(xm.shape, xm.dtype, xm.device)
+    dx0 = _utils.empty(xm.shape, xm.dtype, xm.device) if need_dx0 else None
+    block_d = triton.next_power_of_2(d)
+    cfg = dict(NORM_CONFIG if config is None else config)
+    rows = _tile_rows(xm, block_d, cfg)
+    _mix_norm_bwd_kernel[(triton.cdiv(M, rows),)](
+        xm, r, gh, gh if gxm is None else gxm.contiguous(), mix.contiguous(), dx, dx if dx0 is None else dx0, M, d,
+        HAS_GXM=gxm is not None, NEED_DX0=need_dx0, BLOCK_R=rows, BLOCK_D=block_d, num_warps=cfg["num_warps"])
+    return dx, dx0
 
 
 def _norm_ref_with_r(xm: Tensor) -> Tuple[Tensor, Tensor]:
@@ -142,6 +187,25 @@ def _norm_grad(xm: Tensor, r: Tensor, gh: Tensor) -> Tensor:
     return r[..., None] * (g - n * (g * n).mean(-1, keepdim=True))
 
 
+@torch.library.custom_op("pgolf::mix_rms_norm_bwd", mutates_args=())
+def _mix_bwd_op(xm: Tensor, r: Tensor, gh: Tensor, gxm: Optional[Tensor], mix: Tensor,
+                need_dx0: bool) -> List[Tensor]:
+    """[∂x] or [∂x, ∂x0] (need_dx0) of ``mix_rms_norm`` from ∂h and (when given) ∂xm: the backward's one pass."""
+    if use_triton(xm):
+        dx, dx0 = _launch_bwd(xm, r, gh, gxm, mix, need_dx0)
+        return [dx, dx0] if need_dx0 else [dx]
+    g = _norm_grad(xm, r, gh)
+    if gxm is not None:
+        g = g + gxm.float()
+    m = mix.float()
+    return [(m[0] * g).to(xm.dtype)] + ([(m[1] * g).to(xm.dtype)] if need_dx0 else [])
+
+
+@_mix_bwd_op.register_fake
+def _mix_bwd_fake(xm, r, gh, gxm, mix, need_dx0):
+    return [torch.empty_like(xm) for _ in range(2 if need_dx0 else 1)]
+
+
 def _mix_setup(ctx, inputs, output):
     x, x0, mix = inputs
     xm, _, r = output
@@ -152,19 +216,22 @@ def _mix_setup(ctx, inputs, output):
 def _mix_backward(ctx, gxm: Optional[Tensor], gh: Optional[Tensor], _gr):
     xm, r, mix, x, x0 = ctx.saved_tensors
     need = ctx.needs_input_grad
-    g = _norm_grad(xm, r, gh) if gh is not None else torch.zeros(xm.shape, dtype=torch.float32, device=xm.device)
+    if gh is None:  # h unused: only xm's gradient, no norm term
+        gh = torch.zeros_like(xm)
+    if not need[2]:
+        # a TTT step (the base's mix frozen): one pass, ∂x0 only when x0 needs it
+        out = _mix_bwd_op(xm, r, gh, gxm, mix, bool(need[1]))
+        return (out[0] if need[0] else None), (out[1] if need[1] else None), None
+    # the mix trained too (a global pass through FusedBase): its row sums need g itself, so torch ops here
+    g = _norm_grad(xm, r, gh)
     if gxm is not None:
         g = g + gxm.float()
     m = mix.float()
-    dx = (m[0] * g).to(xm.dtype) if need[0] else None
-    dx0 = (m[1] * g).to(xm.dtype) if need[1] else None
-    dmix = None
-    if need[2]:
-        d = g.shape[-1]
-        g2 = g.reshape(-1, d)
-        dmix = torch.stack(((g2 * x.reshape(-1, d).float()).sum(0),
-                            (g2 * x0.reshape(-1, d).float()).sum(0))).to(mix.dtype)
-    return dx, dx0, dmix
+    d = g.shape[-1]
+    g2 = g.reshape(-1, d)
+    dmix = torch.stack(((g2 * x.reshape(-1, d).float()).sum(0),
+                        (g2 * x0.reshape(-1, d).float()).sum(0))).to(mix.dtype)
+    return ((m[0] * g).to(xm.dtype) if need[0] else None), ((m[1] * g).to(xm.dtype) if need[1] else None), dmix
 
 
 _mix_op.register_autograd(_mix_backward, setup_context=_mix_setup)

@@ -36,10 +36,10 @@ def _run(fn, leaves, gxm, gh):
     return xm, h
 
 
-def _check_mix(shape, dtype, mix_grad=False, use_xm=True):
+def _check_mix(shape, dtype, mix_grad=False, use_xm=True, x0_grad=True):
     x, x0, mix, gxm, gh = _inputs(shape, dtype)
     gxm = gxm if use_xm else None
-    need = (True, True, mix_grad)
+    need = (True, x0_grad, mix_grad)
     ours = [t.clone().requires_grad_(n) for t, n in zip((x, x0, mix), need)]
     xm, h = _run(mix_rms_norm, ours, gxm, gh)
     base = [t.clone().requires_grad_(n) for t, n in zip((x, x0, mix), need)]
@@ -49,7 +49,10 @@ def _check_mix(shape, dtype, mix_grad=False, use_xm=True):
     assert_close_rel(xm, xm_o, xm_b, name="xm")
     assert_close_rel(h, h_o, h_b, name="h")
     assert_close_rel(ours[0].grad, orc[0].grad, base[0].grad, name="dx")
-    assert_close_rel(ours[1].grad, orc[1].grad, base[1].grad, name="dx0")
+    if x0_grad:
+        assert_close_rel(ours[1].grad, orc[1].grad, base[1].grad, name="dx0")
+    else:
+        assert ours[1].grad is None
     if mix_grad:
         # fp32 sums over rows against torch's low-precision ones: the floor covers bf16's rounding of dmix
         assert_close_rel(ours[2].grad, orc[2].grad, base[2].grad, floor=1e-2 if dtype != torch.float32 else 1e-6,
@@ -75,6 +78,13 @@ def test_mix_rms_norm_mix_gradient(dtype):
 def test_mix_rms_norm_gradient_through_h_alone():
     """xm unused after the op (its gradient None in the backward): the gradients come through h only."""
     _check_mix((2, 6, 48), ACT_DTYPES[0], use_xm=False)
+
+
+@pytest.mark.parametrize("mix_grad", [False, True])
+def test_mix_rms_norm_x0_without_gradient(mix_grad):
+    """x0 not needing a gradient (a TTT step: the embedding is frozen): the backward writes ∂x only, by either
+    backward (the one-pass kernel without the mix's gradient, the torch ops with it)."""
+    _check_mix((3, 5, 72), ACT_DTYPES[0], mix_grad=mix_grad, x0_grad=False)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -201,11 +211,20 @@ def test_gpu_every_tile_candidate():
     x, x0, mix, _, _ = _inputs((8, 300, 512), torch.bfloat16)
     xm_o, h_o = mix_rms_norm_ref(x.double(), x0.double(), mix.double())
     xm_b, h_b = mix_rms_norm_ref(x, x0, mix)
+    gh = torch.randn_like(x)
+    xm0, _, r0 = mix_norm._launch(x, x0, mix)
+    # the backward's oracle on the op's own xm and r (fp64), and torch's low-precision composition as the bound
+    n = xm0.double() * r0.double()[..., None]
+    g_o = r0.double()[..., None] * (gh.double() - n * (gh.double() * n).mean(-1, keepdim=True))
+    g_b = mix_norm._norm_grad(xm0, r0, gh).to(x.dtype)
     for cfg in mix_norm.NORM_CONFIGS:
         xm, h, r = mix_norm._launch(x, x0, mix, cfg)
         assert_close_rel(xm, xm_o, xm_b, name=f"xm {cfg}")
         assert_close_rel(h, h_o, h_b, name=f"h {cfg}")
         assert torch.isfinite(r).all(), cfg
+        dx, dx0 = mix_norm._launch_bwd(xm0, r0, gh, None, mix, True, cfg)
+        assert_close_rel(dx, mix[0].double() * g_o, mix[0] * g_b, name=f"dx {cfg}")
+        assert_close_rel(dx0, mix[1].double() * g_o, mix[1] * g_b, name=f"dx0 {cfg}")
 
 
 @pytest.mark.gpu

@@ -1,4 +1,4 @@
-"""Compile the LoRA, linear_act and head_norm_rope kernels for sm_90a on any machine (no GPU needed) and report what
+"""Compile the LoRA, linear_act, head_norm_rope and mix_norm kernels for sm_90a on any machine (no GPU needed) and report what
 ptxas reports.
 
 ``python -m pgolf_kernels.sm90_check [filter ...]`` prints, per kernel variant: registers per thread, spill
@@ -197,6 +197,28 @@ CASES.update({"head_norm_rope fwd q": lambda: head_norm_rope_stats(),
               "head_norm_rope fwd k": lambda: head_norm_rope_stats(gain=False),
               "head_norm_rope bwd q": lambda: head_norm_rope_stats(bwd=True),
               "head_norm_rope bwd k": lambda: head_norm_rope_stats(bwd=True, gain=False, need_dg=False)})
+
+
+def mix_norm_stats(bwd=False, has_mix=True, has_gxm=True, need_dx0=False, rows=8, num_warps=4, d=512, dtype="bf16"):
+    """``mix_norm``'s forward (the mix + norm, or the norm alone) or backward kernel as the op launches it on a GPU
+    (``NORM_CONFIG``'s tile: 8 rows of d 512, 4 warps; the row count and d multiples of 16 at the records' shapes)."""
+    from . import mix_norm as M
+
+    if bwd:
+        fn, ptrs = M._mix_norm_bwd_kernel, ("XM", "GH", "GXM", "MIX", "DX", "DX0")
+        consts = dict(HAS_GXM=has_gxm, NEED_DX0=need_dx0, BLOCK_R=rows, BLOCK_D=d)
+    else:
+        fn, ptrs = M._mix_norm_kernel, ("X", "X0", "MIX", "XM", "H")
+        consts = dict(HAS_MIX=has_mix, BLOCK_R=rows, BLOCK_D=d)
+    types = {n: f"*{dtype}" for n in ptrs}
+    types.update(R="*fp32", M="i32", D="i32", eps="fp32")
+    return _compile(fn, types, consts, num_warps, 3, div16=("M", "D"))
+
+
+CASES.update({"mix_norm fwd mix": lambda: mix_norm_stats(),
+              "mix_norm fwd norm": lambda: mix_norm_stats(has_mix=False),
+              "mix_norm bwd": lambda: mix_norm_stats(bwd=True),
+              "mix_norm bwd dx0": lambda: mix_norm_stats(bwd=True, need_dx0=True)})
 
 
 def main(argv=None) -> int:

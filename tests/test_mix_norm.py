@@ -191,6 +191,20 @@ def test_step_with_norm_kernel_equals_the_torch_norms(monkeypatch, backend, tail
     assert calls.count("_mix_op") == n and calls.count("_norm_op") == n, calls
 
 
+def test_kernels_compile_for_sm90_with_16_byte_accesses():
+    """Triton's compiler + bundled ptxas build the forward (mix + norm, norm alone) and backward (with and without ∂x0)
+    for sm_90a on this machine (no GPU needed), as a launch at the records' shapes specializes them: no spills, every
+    access to the (rows, d) tensors 16 bytes wide (4 loads or stores per tensor a thread at 8 rows x 512, 4 warps)."""
+    from conftest import run_sm90_check
+
+    run_sm90_check("from pgolf_kernels.sm90_check import mix_norm_stats\n"
+                   "for kw, ld, st in ((dict(), 8, 8), (dict(has_mix=False), 4, 4), (dict(bwd=True), 12, 4),\n"
+                   "                   (dict(bwd=True, need_dx0=True), 12, 8), (dict(bwd=True, has_gxm=False), 8, 4)):\n"
+                   "    s = mix_norm_stats(**kw)\n"
+                   "    assert s['spill_bytes'] == 0 and s['ld_b16'] == 0 and s['st_b16'] == 0, (kw, s)\n"
+                   "    assert (s['ld_v4'], s['st_v4']) == (ld, st), (kw, s)\n")
+
+
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU lane: needs a CUDA device")
 
 

@@ -161,12 +161,17 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(leaves[1].grad, base[1].grad, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("backend,tail", [("bmm", False), ("kernel", True)])
-def test_step_with_norm_kernel_equals_the_torch_norms(monkeypatch, backend, tail):
+@pytest.mark.parametrize("backend,tail,compiled", [("bmm", False, True), ("kernel", True, False)])
+def test_step_with_norm_kernel_equals_the_torch_norms(monkeypatch, backend, tail, compiled):
     """The TTT step with ``model.NORM_KERNEL`` on (residual sites fused): the NLL at every scored position and every
     adapter gradient as with the torch mix and norms, within fp32 rounding (tests.test_fused_mlp.assert_step_unchanged,
-    the tiny model at d 32, both backends, with and without the tail block); the mix moved off its (1, 0) start so
-    x0's term counts."""
+    the tiny model at d 32, both backends, with and without the tail block), once under the eval's regional compile
+    (``compile_rows_nll``: the ops traced without a graph break); the mix moved off its (1, 0) start so x0's term
+    counts."""
+    import torch._dynamo as dynamo
+
+    from train.forward import compile_rows_nll
+
     import pgolf_kernels.mix_norm as mod
     import train.model as model_mod
     from tests.test_fused_mlp import ALL, _nll_and_grads, assert_step_unchanged, batch, step_model
@@ -186,9 +191,20 @@ def test_step_with_norm_kernel_equals_the_torch_norms(monkeypatch, backend, tail
         real = getattr(mod, name)
         monkeypatch.setattr(mod, name, lambda *a, _r=real, _n=name: calls.append(_n) or _r(*a))
     monkeypatch.setattr(model_mod, "NORM_KERNEL", True)
-    assert_step_unchanged(model, rb, cfg, 4, backend, plain=plain)
+    if compiled:
+        compile_rows_nll(model, True)
+        dynamo.utils.counters.clear()
+    try:
+        assert_step_unchanged(model, rb, cfg, 4, backend, plain=plain)
+    finally:
+        if compiled:
+            compile_rows_nll(model, False)
     n = len(model.blocks)
-    assert calls.count("_mix_op") == n and calls.count("_norm_op") == n, calls
+    if compiled:  # traced: the ops run inside the compiled graph (the counting wrappers are traced once)
+        assert dict(dynamo.utils.counters["graph_break"]) == {}
+        assert calls.count("_mix_op") >= 1 and calls.count("_norm_op") >= 1, calls
+    else:
+        assert calls.count("_mix_op") == n and calls.count("_norm_op") == n, calls
 
 
 def test_kernels_compile_for_sm90_with_16_byte_accesses():

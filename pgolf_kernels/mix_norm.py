@@ -187,6 +187,13 @@ def _norm_grad(xm: Tensor, r: Tensor, gh: Tensor) -> Tensor:
     return r[..., None] * (g - n * (g * n).mean(-1, keepdim=True))
 
 
+def _mix_grad(xm: Tensor, r: Tensor, gh: Tensor, gxm: Optional[Tensor]) -> Tensor:
+    """fp32 ∂L/∂xm in all: the norm's term plus xm's own gradient (when given). The torch form of the backward
+    kernel's g."""
+    g = _norm_grad(xm, r, gh)
+    return g if gxm is None else g + gxm.float()
+
+
 @torch.library.custom_op("pgolf::mix_rms_norm_bwd", mutates_args=())
 def _mix_bwd_op(xm: Tensor, r: Tensor, gh: Tensor, gxm: Optional[Tensor], mix: Tensor,
                 need_dx0: bool) -> List[Tensor]:
@@ -194,10 +201,7 @@ def _mix_bwd_op(xm: Tensor, r: Tensor, gh: Tensor, gxm: Optional[Tensor], mix: T
     if use_triton(xm):
         dx, dx0 = _launch_bwd(xm, r, gh, gxm, mix, need_dx0)
         return [dx, dx0] if need_dx0 else [dx]
-    g = _norm_grad(xm, r, gh)
-    if gxm is not None:
-        g = g + gxm.float()
-    m = mix.float()
+    g, m = _mix_grad(xm, r, gh, gxm), mix.float()
     return [(m[0] * g).to(xm.dtype)] + ([(m[1] * g).to(xm.dtype)] if need_dx0 else [])
 
 
@@ -223,10 +227,7 @@ def _mix_backward(ctx, gxm: Optional[Tensor], gh: Optional[Tensor], _gr):
         out = _mix_bwd_op(xm, r, gh, gxm, mix, bool(need[1]))
         return (out[0] if need[0] else None), (out[1] if need[1] else None), None
     # the mix trained too (a global pass through FusedBase): its row sums need g itself, so torch ops here
-    g = _norm_grad(xm, r, gh)
-    if gxm is not None:
-        g = g + gxm.float()
-    m = mix.float()
+    g, m = _mix_grad(xm, r, gh, gxm), mix.float()
     d = g.shape[-1]
     g2 = g.reshape(-1, d)
     dmix = torch.stack(((g2 * x.reshape(-1, d).float()).sum(0),

@@ -18,12 +18,14 @@ into the compiled backward, where Inductor adds the residual stream's gradient i
     ∂x   = dtype(m0 ⊙ g)        ∂x0 = dtype(m1 ⊙ g)
     ∂mix = [Σ_rows g ⊙ x, Σ_rows g ⊙ x0]       only when mix needs a gradient (a global pass, not a TTT step)
 
-Why: in the records' TTT step (64 x 2048 x 512, bf16) Inductor compiles this composition into its own reductions;
-on an H100 (bench/results/logs/profile-records-sws-qws-36b8406-h100.txt) the mix + norm took 0.174 ms a block
-(268 MB: 1.54 TB/s) and the MLP input's norm 0.087 ms (134 MB: 1.54 TB/s), where this package's head_norm_rope
-streams the same kind of rows at 2.8-2.9 TB/s in the same step. Here each program reads ``BLOCK_R`` whole rows once,
-keeps their sums of squares in registers and writes xm and h once; the backward reads xm, r, ∂h and ∂xm once and
-writes ∂x (and ∂x0) once, where Inductor's pass for it took 0.171 ms a block (~1.2 TB/s) in the same step.
+Why it exists, and why it is off: it was built on a miscount. In the records' TTT step (64 x 2048 x 512, bf16) the
+mix + norm took 0.174 ms a block and the MLP input's norm 0.087 ms on an H100; counted as 268 and 134 MB that read
+as 1.54 TB/s against head_norm_rope's 2.8-2.9 TB/s. They move 537 MB (x, x0 read; xm, h written) and 268 MB: ~3.1
+TB/s, Inductor's passes were already at the memory's rate. Measured since on an H100 (bench/results/mix-norm-h100.md):
+this op forward 0.183 vs 0.185 ms compiled, forward + backward 0.405 vs 0.406 ms, and the step's GPU time unchanged
+(``train.model.NORM_KERNEL``, off). Kept as a tested one-pass form of the two norms for callers outside a compiled
+region (eager: the forward 0.592 ms of torch ops). Each program reads ``BLOCK_R`` whole rows once, keeps their sums
+of squares in registers and writes xm and h once; the backward reads xm, r, ∂h and ∂xm once and writes ∂x (and ∂x0).
 
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1
 -> the kernel interpreted. ``mix_rms_norm_ref`` and ``rms_norm_ref`` are the torch compositions.

@@ -77,15 +77,19 @@
 #            bench.bench_mix_norm against the compiled composition (every tile of mix_norm.NORM_CONFIGS), then
 #            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -nrm), each twice in
 #            alternating order, in one process
+#   fork     the U-Net skips' encoder outputs through pgolf_kernels.skip_add.skip_fork (train.model.SKIP_FORK, on by
+#            default): skip_add's GPU tests (the fork / join pair at the records' shape against fp64), then
+#            bench.profile_ttt on the records' step without and with it (-nfk: without), each twice in alternating order,
+#            in one process
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm}
-STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile, plans or norm"; exit 2 ;; esac
+OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork}
+STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork}
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile, plans, norm or fork"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -211,6 +215,12 @@ case "$STAGE" in
       | grep -E "^\| mix|Error|failed" | cut -c1-260
     [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     step_profile 300 kernel-compile-tail,kernel-compile-tail-nrm,kernel-compile-tail,kernel-compile-tail-nrm
+    ;;
+  fork)
+    timeout 120 python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=100 tests/test_skip_add.py \
+      2>&1 | tee "$OUTDIR/fork-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    rc=${PIPESTATUS[0]}
+    step_profile 240 kernel-compile-tail-nfk,kernel-compile-tail,kernel-compile-tail-nfk,kernel-compile-tail
     ;;
   switches)
     rc=0

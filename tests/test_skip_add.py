@@ -10,7 +10,7 @@ import torch
 
 from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
-from pgolf_kernels.skip_add import UNetSkip, skip_add, skip_add_ref
+from pgolf_kernels.skip_add import ScaledSkip, UNetSkip, skip_add, skip_add_ref, skip_fork, skip_join
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 
@@ -59,6 +59,82 @@ def test_skip_add_weight_gradient(dtype):
     _check((3, 9, 40), dtype, w_grad=True)
 
 
+def _u_net(fork_join: bool, e_leaf, w, x0, both_from_fork: bool):
+    """e feeds a nonlinear "next block" and a skip; the decoder input is that block's output (or e itself, as the
+    first decoder's) plus w ⊙ e: through skip_fork / skip_join, or addcmul."""
+    if fork_join:
+        a, skip = skip_fork(e_leaf, w)
+        x = a if both_from_fork else torch.tanh(a * x0).contiguous()
+        return skip_join(x, skip)
+    x = e_leaf if both_from_fork else torch.tanh(e_leaf * x0)
+    return torch.addcmul(x, w, e_leaf)
+
+
+@pytest.mark.parametrize("both_from_fork", [False, True], ids=["next-block", "first-decoder"])
+@pytest.mark.parametrize("w_grad", [False, True], ids=["w-fixed", "w-grad"])
+@pytest.mark.parametrize("dtype", ACT_DTYPES + [torch.float32], ids=str)
+def test_fork_join_gradients_against_fp64(dtype, w_grad, both_from_fork):
+    """skip_fork / skip_join against the addcmul composition in fp64 (e's two gradients, w's), with torch's own
+    low-precision composition as the bound; the forward output too."""
+    shape = (3, 7, 40)
+    x0, w, e, gy = _inputs(shape, dtype)
+    runs = {}
+    for name, fj, dt in (("ours", True, dtype), ("base", False, dtype), ("oracle", False, torch.float64)):
+        el, wl = e.to(dt).clone().requires_grad_(True), w.to(dt).clone().requires_grad_(w_grad)
+        out = _u_net(fj, el, wl, x0.to(dt), both_from_fork)
+        out.backward(gy.to(dt))
+        runs[name] = (out, el.grad, wl.grad)
+    (y, de, dw), (yb, deb, dwb), (yo, deo, dwo) = runs["ours"], runs["base"], runs["oracle"]
+    assert_close_rel(y, yo, yb, name="out")
+    assert_close_rel(de, deo, deb, name="de")
+    if w_grad:
+        assert_close_rel(dw, dwo, dwb, floor=1e-2 if dtype != torch.float32 else 1e-6, name="dw")
+    else:
+        assert dw is None
+
+
+def test_fork_without_its_join_passes_the_gradient_through():
+    """A skip no decoder pops (more encoder than decoder blocks): e's gradient is the next block's alone."""
+    x0, w, e, gy = _inputs((2, 5, 24), torch.float32)
+    el = e.clone().requires_grad_(True)
+    a, _ = skip_fork(el, w)
+    (torch.tanh(a * x0) * gy).sum().backward()
+    ref = e.clone().requires_grad_(True)
+    (torch.tanh(ref * x0) * gy).sum().backward()
+    torch.testing.assert_close(el.grad, ref.grad, rtol=0, atol=0)
+
+
+def test_fork_join_refuse_bad_input_by_name():
+    _, w, e, _ = _inputs((2, 3, 8), torch.float32)
+    with pytest.raises(ValueError, match="skip_join: skip must be the ScaledSkip of skip_fork, got Tensor"):
+        skip_join(e, e)
+    with pytest.raises(ValueError, match=r"skip_fork: w must be contiguous \(d,\) = \(8,\)"):
+        skip_fork(e, w[:4])
+    with pytest.raises(ValueError, match="skip_fork: e must be contiguous"):
+        skip_fork(e.transpose(0, 1), w)
+    _, skip = skip_fork(e, w)
+    with pytest.raises(ValueError, match=r"skip_join: x must be contiguous with the skip's shape \(2, 3, 8\)"):
+        skip_join(e[:1], skip)
+    with pytest.raises(TypeError, match="skip_join: x must have dtype float32, got float64"):
+        skip_join(e.double(), ScaledSkip(skip.t, skip.w))
+
+
+def test_fork_join_compile_fullgraph():
+    x0, w, e, gy = _inputs((2, 5, 32), ACT_DTYPES[0])
+
+    def f(el, x0):
+        a, skip = skip_fork(el, w, validate=False)
+        return skip_join(torch.tanh(a * x0).contiguous(), skip, validate=False)
+
+    el = e.clone().requires_grad_(True)
+    y = torch.compile(f, fullgraph=True, dynamic=True)(el, x0)
+    y.backward(gy)
+    ref = e.clone().requires_grad_(True)
+    _u_net(False, ref, w, x0, False).backward(gy)
+    torch.testing.assert_close(y, _u_net(False, e, w, x0, False), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(el.grad, ref.grad, rtol=2e-2, atol=2e-2)
+
+
 def test_unet_skip_module_matches_the_function():
     x, _, s, _ = _inputs((2, 6, 16), torch.float32)
     m = UNetSkip(16).to(DEVICE)
@@ -98,9 +174,11 @@ def test_skip_add_compiles_fullgraph():
     torch.testing.assert_close(leaves[2].grad, gy * w * 2, rtol=1e-2, atol=1e-2)
 
 
-def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch):
-    """The model's switch: GPT.hidden with a fused_residual adapter runs the skips through skip_add (counted) and
-    gives the NLL and input gradients of the torch.addcmul path."""
+@pytest.mark.parametrize("fork", [True, False], ids=["fork", "no-fork"])
+def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork):
+    """The model's switches: GPT.hidden with a fused_residual adapter runs the skips through skip_fork / skip_join
+    (SKIP_FORK, the default) or skip_add alone (counted) and gives the output and the weight and skip-weight
+    gradients of the torch.addcmul path."""
     import pgolf_kernels.skip_add as mod
     from train import model as model_mod
     from train.model import GPT, GPTConfig
@@ -118,21 +196,31 @@ def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch):
         fused_residual = True
 
     calls = []
-    real = mod._op
-    monkeypatch.setattr(mod, "_op", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(model_mod, "SKIP_FORK", fork)
+    if fork:
+        real = mod._Join.forward
+        monkeypatch.setattr(mod._Join, "forward", staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a)))
+    else:
+        real = mod._op
+        monkeypatch.setattr(mod, "_op", lambda *a: calls.append(1) or real(*a))
     ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
     # the flag reaches hidden only: the blocks run without an adapter (_Flag has none of the blocks' hooks)
     monkeypatch.setattr(model_mod, "_layer_adapter", lambda adapter, i: None)
+    # a random projection of the output: the mean square of a final RMS norm's output is 1 whatever the weights
+    # (its gradients vanish, a comparison of them could not fail)
+    r = torch.randn(2, 16, 32, generator=torch.Generator().manual_seed(draw_seed())).to(DEVICE)
     out = {}
     for on in (False, True):
         monkeypatch.setattr(model_mod, "SKIP_KERNEL", on)
         m.zero_grad()
         h = m.hidden(ids, _Flag())
-        h.float().square().mean().backward()
-        out[on] = (h.detach(), m.blocks[0].attn.c_q.weight.grad.clone())
+        (h.float() * r).sum().backward()
+        out[on] = (h.detach(), m.blocks[0].attn.c_q.weight.grad.clone(), m.skip_weights.grad.clone())
     assert len(calls) == min(m.num_encoder_layers, m.num_decoder_layers) > 0
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-5, atol=1e-6)
+    # block 0's weight gradient passes every encoder output's fork (the skips' and the next blocks' gradients summed)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-4, atol=1e-6)
 
 
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU lane: needs a CUDA device")
@@ -143,6 +231,24 @@ gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU lane: needs a CUDA device")
 def test_gpu_records_shape_bf16():
     """The records' TTT step's skip: 64 rows x 2048 positions x 512, bf16."""
     _check((64, 2048, 512), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("both_from_fork", [False, True], ids=["next-block", "first-decoder"])
+def test_gpu_fork_join_records_shape_bf16(both_from_fork):
+    """The fork / join pair at the records' TTT step's shape (64 x 2048 x 512, bf16), against fp64."""
+    shape = (64, 2048, 512)
+    x0, w, e, gy = _inputs(shape, torch.bfloat16)
+    runs = {}
+    for name, fj, dt in (("ours", True, torch.bfloat16), ("base", False, torch.bfloat16),
+                         ("oracle", False, torch.float64)):
+        el = e.to(dt).clone().requires_grad_(True)
+        out = _u_net(fj, el, w.to(dt), x0.to(dt), both_from_fork)
+        out.backward(gy.to(dt))
+        runs[name] = (out, el.grad)
+    assert_close_rel(runs["ours"][0], runs["oracle"][0], runs["base"][0], name="out")
+    assert_close_rel(runs["ours"][1], runs["oracle"][1], runs["base"][1], name="de")
 
 
 @pytest.mark.gpu

@@ -66,6 +66,14 @@ def _skip_kernel_from_env() -> bool:
                                          "torch": "torch.addcmul"}) == "kernel"
 
 
+def _skip_fork_from_env() -> bool:
+    """PGOLF_SKIP_FORK: unset or "1" = with ``SKIP_KERNEL``'s skips, each encoder output through
+    ``pgolf_kernels.skip_add.skip_fork`` (its two gradients summed in one pass); "0" = through ``skip_add`` alone."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_SKIP_FORK", {"1": "skip_fork / skip_join", "0": "skip_add, autograd's sum"}) == "1"
+
+
 def _qk_layout_from_env() -> str:
     """PGOLF_QK_LAYOUT: the memory order ``head_norm_rope`` writes q and k in under ``fused_qk``: "bthd" (default) both
     in (B, T, H, D) order, so the attention output (in q's order) is a (B, T, H·D) view; "k-bhtd" k in (B, H, T, D)
@@ -93,8 +101,9 @@ def _norm_kernel_from_env() -> bool:
                                             "kernel": "pgolf_kernels.mix_norm with a fused_residual adapter"}) == "kernel"
 
 
-# Off by default until timed in the records' step: Inductor's mix + norm passes ran at 1.54 TB/s on an H100
-# (pgolf_kernels/mix_norm.py says where); bench.bench_mix_norm and bench.profile_ttt's -nrm variant time the kernel
+# Off by measurement: on an H100 mix_norm ran at the compiled composition's speed (forward 0.183 vs 0.185 ms,
+# forward + backward 0.405 vs 0.406 ms at 64 x 2048 x 512, ~2.9 TB/s both: bench/results/mix-norm-h100.md) and the
+# records' step's GPU time did not move (81.36 / 84.03 ms with it, 82.15 / 81.98 without, profile suffix -nrm)
 NORM_KERNEL: bool = _norm_kernel_from_env()
 
 
@@ -102,6 +111,12 @@ NORM_KERNEL: bool = _norm_kernel_from_env()
 # 0.77 ms forward and backward against 1.77 ms for addcmul (0.94) and its backward's mul (0.82), and the eval with it
 # scored as without it, eager and under CUDA graphs (GPU test, H200)
 SKIP_KERNEL: bool = _skip_kernel_from_env()
+
+# On by default: the U-Net's encoder outputs feed the next block and a skip; through skip_fork their two gradients
+# meet in one pass (0.13 ms at 64 x 2048 x 512 bf16) instead of skip_add's product (0.09 ms) and autograd's add_
+# (0.13 ms): 5 x 0.09 ms less a records' TTT step (the H100 profile's kernel times; the step with and without it:
+# bench.profile_ttt's -nfk variant)
+SKIP_FORK: bool = _skip_fork_from_env()
 
 
 @dataclass
@@ -501,22 +516,36 @@ class GPT(nn.Module):
         # bench/results/profile-ttt-h100.md)
         rope = self.blocks[0].attn.rotary(x.size(1), x.device, x.dtype)
         skips = []
-        for i in range(self.num_encoder_layers):
+        kernel_skips = SKIP_KERNEL and getattr(adapter, "fused_residual", False)
+        n_enc = self.num_encoder_layers
+        for i in range(n_enc):
             x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope)
-            skips.append(x)
+            j = n_enc - 1 - i  # the decoder block that pops this output (skips is a stack)
+            if kernel_skips and SKIP_FORK and j < self.num_decoder_layers:
+                from pgolf_kernels.skip_add import skip_fork
+
+                # x's two gradients (next block, skip) summed in the fork's one pass, not by autograd after a
+                # product pass (pgolf_kernels/skip_add.py says why)
+                x, s = skip_fork(x.contiguous(), self.skip_weights[j].to(x.dtype), validate=False)
+                skips.append(s)
+            else:
+                skips.append(x)
         for j in range(self.num_decoder_layers):
-            i = self.num_encoder_layers + j
+            i = n_enc + j
             if skips:
                 # one pass (x + w * skip, fp32 inside, rounded once) instead of a product pass and a sum pass: the
                 # skips run outside the compiled blocks, where the two had taken 1.75 + 0.65 ms of each records' TTT
                 # step on an H100 (profile-ttt-h100.md measurement 3)
-                w = self.skip_weights[j].to(x.dtype)
-                if SKIP_KERNEL and getattr(adapter, "fused_residual", False):
+                if kernel_skips and SKIP_FORK:
+                    from pgolf_kernels.skip_add import skip_join
+
+                    x = skip_join(x.contiguous(), skips.pop(), validate=False)
+                elif kernel_skips:
                     from pgolf_kernels.skip_add import skip_add
 
-                    x = skip_add(x, w, skips.pop())
+                    x = skip_add(x, self.skip_weights[j].to(x.dtype), skips.pop())
                 else:
-                    x = torch.addcmul(x, w, skips.pop())
+                    x = torch.addcmul(x, self.skip_weights[j].to(x.dtype), skips.pop())
             last = keep if j == self.num_decoder_layers - 1 else None
             x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
         return rms_norm(x)

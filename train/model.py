@@ -67,11 +67,12 @@ def _skip_kernel_from_env() -> bool:
 
 
 def _skip_fork_from_env() -> bool:
-    """PGOLF_SKIP_FORK: unset or "1" = with ``SKIP_KERNEL``'s skips, each encoder output through
-    ``pgolf_kernels.skip_add.skip_fork`` (its two gradients summed in one pass); "0" = through ``skip_add`` alone."""
+    """PGOLF_SKIP_FORK: "1" = with ``SKIP_KERNEL``'s skips, each encoder output through
+    ``pgolf_kernels.skip_add.skip_fork`` (its two gradients summed in one pass); unset or "0" = through ``skip_add``
+    alone."""
     from pgolf_kernels._utils import env_choice
 
-    return env_choice("PGOLF_SKIP_FORK", {"1": "skip_fork / skip_join", "0": "skip_add, autograd's sum"}) == "1"
+    return env_choice("PGOLF_SKIP_FORK", {"0": "skip_add, autograd's sum", "1": "skip_fork / skip_join"}) == "1"
 
 
 def _qk_layout_from_env() -> str:
@@ -112,10 +113,10 @@ NORM_KERNEL: bool = _norm_kernel_from_env()
 # scored as without it, eager and under CUDA graphs (GPU test, H200)
 SKIP_KERNEL: bool = _skip_kernel_from_env()
 
-# On by default: the U-Net's encoder outputs feed the next block and a skip; through skip_fork their two gradients
-# meet in one pass (0.13 ms at 64 x 2048 x 512 bf16) instead of skip_add's product (0.09 ms) and autograd's add_
-# (0.13 ms): 5 x 0.09 ms less a records' TTT step (the H100 profile's kernel times; the step with and without it:
-# bench.profile_ttt's -nfk variant)
+# Off until run on a GPU: the U-Net's encoder outputs feed the next block and a skip; through skip_fork their two
+# gradients meet in one pass (0.12 ms at 64 x 2048 x 512 bf16, the skip kernel's rate) instead of skip_add's product
+# (0.09 ms) and autograd's add_ (0.13 ms): ~5 x 0.09 ms less a records' TTT step, estimated from the H100 profile's
+# kernel times (profile-ttt-h100.md measurement 17); bench.profile_ttt's -fk variant and lane stage fork time it
 SKIP_FORK: bool = _skip_fork_from_env()
 
 

@@ -51,6 +51,8 @@ _LAZY = {
     "mlp_leaky_sq": "linear_act",
     "HeadNormRope": "head_norm_rope",
     "UNetSkip": "skip_add",
+    "skip_fork": "skip_add",
+    "skip_join": "skip_add",
 }
 
 __all__ = sorted(_LAZY)

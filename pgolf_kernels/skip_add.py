@@ -28,7 +28,8 @@ w ⊙ e) and form e's gradient in one pass::
     ∂w = Σ_rows fp32(∂t ⊙ e)                      the fork's, only when w needs a gradient (torch ops)
 
 The pair is the composition ``addcmul(x, w, e)`` with e also used elsewhere; e's two gradients meet in the fork's
-backward instead of autograd's sum, so the product pass goes (~0.09 ms per skip at 64 x 2048 x 512 bf16).
+backward instead of autograd's sum, so the product pass goes (~0.09 ms per skip at 64 x 2048 x 512 bf16, estimated
+from the H100 profile's kernel times; ``train.model.SKIP_FORK``, off until timed on a GPU).
 
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1
 -> the kernel interpreted. ``skip_add_ref`` is the torch composition.

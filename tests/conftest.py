@@ -227,3 +227,28 @@ def torch_references(monkeypatch) -> None:
     for m in pkgutil.iter_modules(pgolf_kernels.__path__):
         importlib.import_module(f"pgolf_kernels.{m.name}")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+class BenchSmoke:
+    """Stand-ins for a bench's CPU-lane smoke run (the GPU runs the bench itself): ``timer`` and ``graph_timer`` run
+    their function once, record its result in ``calls`` / ``graph_calls`` and report 1.0 / 0.5 ms; ``compile`` returns
+    the function as given. Skips the test unless this is the CPU lane with the Triton interpreter."""
+
+    def __init__(self):
+        from pgolf_kernels import _utils
+
+        if DEVICE != "cpu" or not _utils.interpret_mode():
+            pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
+        self.calls, self.graph_calls = [], []
+
+    def timer(self, f):
+        self.calls.append(f())
+        return 1.0
+
+    def graph_timer(self, f):
+        self.graph_calls.append(f())
+        return 0.5
+
+    @staticmethod
+    def compile(f, **kw):
+        return f

@@ -9,7 +9,7 @@ composition computed op by op in the same dtype (``head_norm_rope_ref``) against
 import pytest
 import torch
 
-from conftest import DEVICE, HAS_CUDA, draw_seed
+from conftest import BenchSmoke, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels import head_norm_rope as mod
 from pgolf_kernels.head_norm_rope import HeadNormRope, default_eps, head_norm_rope, head_norm_rope_ref
@@ -272,12 +272,10 @@ def test_the_bench_runs_and_checks_on_tiny_shapes():
     correctness check passes, the rows carry the figures the docs cite."""
     from bench.bench_head_norm_rope import measure
 
-    if DEVICE != "cpu" or not _utils.interpret_mode():
-        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
-    calls, graph_calls = [], []
-    rows = measure(torch.device("cpu"), 2, 20, 16, [("q", 2, True), ("k", 1, False)],
-                   lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f, torch.float32,
-                   graph_timer=lambda f: (graph_calls.append(f()), 0.5)[1])
+    smoke = BenchSmoke()
+    rows = measure(torch.device("cpu"), 2, 20, 16, [("q", 2, True), ("k", 1, False)], smoke.timer, smoke.compile,
+                   torch.float32, graph_timer=smoke.graph_timer)
+    calls, graph_calls = smoke.calls, smoke.graph_calls
     assert [r["case"] for r in rows] == [
         "q: B2 T20 heads 2 x 16, gain, float32, forward", "q: B2 T20 heads 2 x 16, gain, float32, forward + backward",
         "k: B2 T20 heads 1 x 16, float32, forward", "k: B2 T20 heads 1 x 16, float32, forward + backward",

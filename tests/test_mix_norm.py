@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
+from conftest import ACT_DTYPES, BenchSmoke, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels.mix_norm import MixRMSNorm, mix_rms_norm, mix_rms_norm_ref, rms_norm_ref, rms_norm_rows
 from pgolf_kernels.testing import assert_close_rel, nan_empty
@@ -277,11 +277,10 @@ def test_the_bench_runs_and_checks_on_a_tiny_shape():
     correctness check passes, the rows carry the figures the docs cite."""
     from bench.bench_mix_norm import measure
 
-    if DEVICE != "cpu" or not _utils.interpret_mode():
-        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
-    calls, graph_calls = [], []
-    rows = measure(torch.device("cpu"), 2, 8, 32, lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f,
-                   torch.float32, graph_timer=lambda f: (graph_calls.append(f()), 0.5)[1], configs=[None])
+    smoke = BenchSmoke()
+    rows = measure(torch.device("cpu"), 2, 8, 32, smoke.timer, smoke.compile, torch.float32,
+                   graph_timer=smoke.graph_timer, configs=[None])
+    calls, graph_calls = smoke.calls, smoke.graph_calls
     assert [r["case"] for r in rows] == ["B2 T8 d32, float32, mix + norm, forward",
                                          "B2 T8 d32, float32, norm, forward",
                                          "B2 T8 d32, float32, mix + norm, forward + backward (CUDA-graph replay)"]

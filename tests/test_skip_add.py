@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import ACT_DTYPES, DEVICE, HAS_CUDA, draw_seed
+from conftest import ACT_DTYPES, BenchSmoke, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
 from pgolf_kernels.skip_add import ScaledSkip, UNetSkip, skip_add, skip_add_ref, skip_fork, skip_join
 from pgolf_kernels.testing import assert_close_rel, nan_empty
@@ -270,11 +270,10 @@ def test_the_bench_runs_and_checks_on_a_tiny_shape():
     correctness check passes, the rows carry the figures the docs cite."""
     from bench.bench_skip_add import measure
 
-    if DEVICE != "cpu" or not _utils.interpret_mode():
-        pytest.skip("the CPU lane's smoke run of the bench (the GPU runs the bench itself)")
-    calls, graph_calls = [], []
-    rows = measure(torch.device("cpu"), 2, 8, 32, lambda f: (calls.append(f()), 1.0)[1], lambda f, **kw: f,
-                   torch.float32, graph_timer=lambda f: (graph_calls.append(f()), 0.5)[1])
+    smoke = BenchSmoke()
+    rows = measure(torch.device("cpu"), 2, 8, 32, smoke.timer, smoke.compile, torch.float32,
+                   graph_timer=smoke.graph_timer)
+    calls, graph_calls = smoke.calls, smoke.graph_calls
     assert [r["case"] for r in rows] == ["B2 T8 d32, float32, forward",
                                          "B2 T8 d32, float32, forward + backward (CUDA-graph replay)"]
     assert len(calls) == 3 and len(graph_calls) == 3

@@ -28,8 +28,9 @@ w ⊙ e) and form e's gradient in one pass::
     ∂w = Σ_rows fp32(∂t ⊙ e)                      the fork's, only when w needs a gradient (torch ops)
 
 The pair is the composition ``addcmul(x, w, e)`` with e also used elsewhere; e's two gradients meet in the fork's
-backward instead of autograd's sum, so the product pass goes (~0.09 ms per skip at 64 x 2048 x 512 bf16, estimated
-from the H100 profile's kernel times; ``train.model.SKIP_FORK``, off until timed on a GPU).
+backward instead of autograd's sum, so autograd's add_ pass goes: in the records' step on an H100 the 5 add_ passes
+took 0.646 ms and the skip kernel 0.17 ms more with the fork, the step's GPU time outside attention 0.45 ms less
+(``train.model.SKIP_FORK``, on by default; bench/results/profile-ttt-h100.md measurement 18).
 
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1
 -> the kernel interpreted. ``skip_add_ref`` is the torch composition.

@@ -77,8 +77,8 @@
 #            bench.bench_mix_norm against the compiled composition (every tile of mix_norm.NORM_CONFIGS), then
 #            bench.profile_ttt on the records' step without and with it (kernel-compile-tail, -nrm), each twice in
 #            alternating order, in one process
-#   fork     the U-Net skips' encoder outputs through pgolf_kernels.skip_add.skip_fork (train.model.SKIP_FORK, off by
-#            default until this stage has run): skip_add's GPU tests (the fork / join pair at the records' shape against fp64) and the eval with it (eager and
+#   fork     the U-Net skips' encoder outputs through pgolf_kernels.skip_add.skip_fork (train.model.SKIP_FORK, on by
+#            default since this stage ran on an H100: the before needs PGOLF_SKIP_FORK=0 in the stage's environment): skip_add's GPU tests (the fork / join pair at the records' shape against fp64) and the eval with it (eager and
 #            under CUDA graphs), then
 #            bench.profile_ttt on the records' step without and with it (-fk), each twice in alternating order,
 #            in one process

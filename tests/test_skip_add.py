@@ -177,7 +177,7 @@ def test_skip_add_compiles_fullgraph():
 @pytest.mark.parametrize("fork", [True, False], ids=["fork", "no-fork"])
 def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork):
     """The model's switches: GPT.hidden with a fused_residual adapter runs the skips through skip_fork / skip_join
-    (SKIP_FORK) or skip_add alone (the default) (counted) and gives the output and the weight and skip-weight
+    (SKIP_FORK, the default) or skip_add alone (counted) and gives the output and the weight and skip-weight
     gradients of the torch.addcmul path."""
     import pgolf_kernels.skip_add as mod
     from train import model as model_mod

@@ -67,12 +67,11 @@ def _skip_kernel_from_env() -> bool:
 
 
 def _skip_fork_from_env() -> bool:
-    """PGOLF_SKIP_FORK: "1" = with ``SKIP_KERNEL``'s skips, each encoder output through
-    ``pgolf_kernels.skip_add.skip_fork`` (its two gradients summed in one pass); unset or "0" = through ``skip_add``
-    alone."""
+    """PGOLF_SKIP_FORK: unset or "1" = with ``SKIP_KERNEL``'s skips, each encoder output through
+    ``pgolf_kernels.skip_add.skip_fork`` (its two gradients summed in one pass); "0" = through ``skip_add`` alone."""
     from pgolf_kernels._utils import env_choice
 
-    return env_choice("PGOLF_SKIP_FORK", {"0": "skip_add, autograd's sum", "1": "skip_fork / skip_join"}) == "1"
+    return env_choice("PGOLF_SKIP_FORK", {"1": "skip_fork / skip_join", "0": "skip_add, autograd's sum"}) == "1"
 
 
 def _qk_layout_from_env() -> str:
@@ -113,10 +112,12 @@ NORM_KERNEL: bool = _norm_kernel_from_env()
 # scored as without it, eager and under CUDA graphs (GPU test, H200)
 SKIP_KERNEL: bool = _skip_kernel_from_env()
 
-# Off until run on a GPU: the U-Net's encoder outputs feed the next block and a skip; through skip_fork their two
-# gradients meet in one pass (0.12 ms at 64 x 2048 x 512 bf16, the skip kernel's rate) instead of skip_add's product
-# (0.09 ms) and autograd's add_ (0.13 ms): ~5 x 0.09 ms less a records' TTT step, estimated from the H100 profile's
-# kernel times (profile-ttt-h100.md measurement 17); bench.profile_ttt's -fk variant and lane stage fork time it
+# On by default: the U-Net's encoder outputs feed the next block and a skip; through skip_fork their two gradients
+# meet in the pass that applies w. In the records' step on an H100 (profile-ttt-h100.md measurement 18, two samples
+# each, alternating) autograd's 5 add_ passes (0.646 ms) went and the skip kernel took 0.17 ms more: the step's GPU
+# time outside attention 49.97 / 49.94 ms without, 49.45 / 49.55 ms with (-0.45 ms); attention alone moved by up to
+# 0.55 ms between the samples, so the whole step's GPU busy (80.65 / 80.40 against 80.01 / 80.56) does not resolve it.
+# Its eval scored as without it, eager and under CUDA graphs (GPU test, H100)
 SKIP_FORK: bool = _skip_fork_from_env()
 
 

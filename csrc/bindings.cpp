@@ -1,6 +1,6 @@
 // pybind11 module pgolf_kernels._C: the compiled part of the package (C++; CUDA when built with it).
 // The C++ sources declare their functions in pgolf.h and codec.h; this file binds them.
-#include <torch/extension.h>
+#include <torch/version.h>
 
 #include "codec.h"
 #include "pgolf.h"

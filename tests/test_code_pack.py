@@ -117,7 +117,7 @@ def test_pack_file_runs_its_entries_with_their_arguments(tmp_path):
 def test_drivers_pack_builds_its_codec_and_trains_from_the_extracted_tree(tmp_path):
     """The drivers' own pack, run from a folder without the checkout on the path: it extracts, builds the C++ codec in
     place (setup.py build_ext --inplace), runs the drivers and the codec from there (--where), and its default
-    entry trains a few steps and writes an artifact whose code count is the pack file's own size. (~45 s of the
+    entry trains a few steps and writes an artifact whose code count is the pack file's own size. (~19 s of the
     codec's build on 2 cores.)"""
     f = tmp_path / "submission_code.py"
     f.write_bytes(art.code_pack_bytes())

@@ -336,7 +336,7 @@ def main(argv=None):
     p.add_argument("--top", type=int, default=18)
     p.add_argument("--variants", default="kernel-eager,reference-eager,kernel-compile,reference-compile",
                    help="comma list of (kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk]"
-                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
+                        "[-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-jf][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]; -tail: TTTConfig.tail_block; -fused / -torchopt: the adapters' optimizer "
                         "fused / torch ops (default: as the eval's auto); -mlp / -nomlp: TTTConfig.fused_mlp on / off (default: as the eval's auto, on for the kernel path when "
                         "the MLP carries an adapter); -qk / -noqk: "
                         "TTTConfig.fused_qk on / off (default: as the eval's auto, on for the kernel path); -res / -nores: "
@@ -350,7 +350,7 @@ def main(argv=None):
                         "default: as PGOLF_MLP_UP_WS sets it); -gws: linear_act_grad (the MLP backward's derivative GEMM) on "
                         "the warp-specialized Gluon kernel (linear_act.GRAD_WS; default: as PGOLF_ACT_GRAD_WS sets it); -sgn: mlp_residual keeps act(h) and h's signs instead of h "
                         "(linear_residual.MLP_SIGNS; default: as PGOLF_MLP_SIGNS sets it); -skp: the U-Net skips through "
-                        "pgolf_kernels.skip_add (train.model.SKIP_KERNEL; default: as PGOLF_SKIP_ADD sets it); -fk: the skips' encoder outputs through skip_fork (their two gradients summed in the pass that applies w, not by autograd after skip_add's product pass; train.model.SKIP_FORK on; default: as PGOLF_SKIP_FORK sets it); -nrm: the blocks' "
+                        "pgolf_kernels.skip_add (train.model.SKIP_KERNEL; default: as PGOLF_SKIP_ADD sets it); -fk: the skips' encoder outputs through skip_fork (their two gradients summed in the pass that applies w, not by autograd after skip_add's product pass; train.model.SKIP_FORK on; default: as PGOLF_SKIP_FORK sets it); -jf: with the fork, each decoder's join inside its compiled block, fused into its residual mix (train.model.JOIN_FOLD on; default: as PGOLF_JOIN_FOLD sets it); -nrm: the blocks' "
                         "residual mix and norms through pgolf_kernels.mix_norm (train.model.NORM_KERNEL; default: as "
                         "PGOLF_NORM_KERNEL sets it); -of: the o adapter's "
                         "shrink inside the q / k / v op (train.adapters.O_FOLD; default: as PGOLF_O_FOLD sets it); -rws: the residual sites' GEMM "
@@ -455,7 +455,7 @@ def main(argv=None):
     switches = {"dxk": (lora_merged, "DX_KERNEL", True), "b0": (fwd_mod, "BLOCK0_LEAF", False),
                 "ws": (linear_residual, "MLP_UP_WS", True), "sgn": (linear_residual, "MLP_SIGNS", True),
                 "gws": (linear_act, "GRAD_WS", True), "skp": (model_mod, "SKIP_KERNEL", True),
-                "fk": (model_mod, "SKIP_FORK", True), "nrm": (model_mod, "NORM_KERNEL", True),
+                "fk": (model_mod, "SKIP_FORK", True), "jf": (model_mod, "JOIN_FOLD", True), "nrm": (model_mod, "NORM_KERNEL", True),
                 "of": (adapters_mod, "O_FOLD", True), "rws": (linear_residual, "RES_WS", True),
                 "dact": (linear_residual, "MLP_DOWN_ACT", True), "sws": (lora_merged, "SUM_WS", True),
                 "qws": (lora_merged, "QKV_WS", True), "kbh": (model_mod, "QK_LAYOUT", "k-bhtd"),
@@ -520,7 +520,7 @@ def main(argv=None):
                               "linear_act_tiles": dict(linear_act.TILE_OVERRIDE),
                               "merged_dx_kernel": lora_merged.DX_KERNEL, "block0_leaf": fwd_mod.BLOCK0_LEAF,
                               "mlp_up_ws": linear_residual.MLP_UP_WS, "mlp_signs": linear_residual.MLP_SIGNS,
-                              "act_grad_ws": linear_act.GRAD_WS, "skip_kernel": model_mod.SKIP_KERNEL, "skip_fork": model_mod.SKIP_FORK, "norm_kernel": model_mod.NORM_KERNEL, "o_fold": adapters_mod.O_FOLD, "res_ws": linear_residual.RES_WS, "mlp_down_act": linear_residual.MLP_DOWN_ACT, "sum_ws": lora_merged.SUM_WS, "qkv_ws": lora_merged.QKV_WS, "qk_layout": model_mod.QK_LAYOUT,
+                              "act_grad_ws": linear_act.GRAD_WS, "skip_kernel": model_mod.SKIP_KERNEL, "skip_fork": model_mod.SKIP_FORK, "join_fold": model_mod.JOIN_FOLD, "norm_kernel": model_mod.NORM_KERNEL, "o_fold": adapters_mod.O_FOLD, "res_ws": linear_residual.RES_WS, "mlp_down_act": linear_residual.MLP_DOWN_ACT, "sum_ws": lora_merged.SUM_WS, "qkv_ws": lora_merged.QKV_WS, "qk_layout": model_mod.QK_LAYOUT,
                               "effective_config": dict(lora_merged.EFFECTIVE_CONFIG)}
         if a.sites:
             out["variants"][v]["sites"] = sites
@@ -560,16 +560,16 @@ def main(argv=None):
 T128_EPILOGUES = ("leaky_relu_sq_grad", "residual")
 T128_CONFIG = 2   # linear_act.TILE_CONFIGS[2]: 128 x 128 x 64, 4 warps, 4 stages
 _SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "nores", "rowmap", "t128", "dxk", "b0",
-             "ws", "gws", "sgn", "skp", "fk", "nrm", "of", "rws", "dact", "sws", "qws", "kbh", "qkbh", "eff", "wt", "autotune")  # the order a variant's suffixes must come in
+             "ws", "gws", "sgn", "skp", "fk", "jf", "nrm", "of", "rws", "dact", "sws", "qws", "kbh", "qkbh", "eff", "wt", "autotune")  # the order a variant's suffixes must come in
 
 
 def _variant(v: str):
     """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]'
-    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, gws, sgn, skp, fk, nrm, of, rws, dact, sws, qws, kbh, qkbh, eff, wt, autotune) (fused, mlp, qk, res: True / False / None = the
+    -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, gws, sgn, skp, fk, jf, nrm, of, rws, dact, sws, qws, kbh, qkbh, eff, wt, autotune) (fused, mlp, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
     ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``; dxk:
     ``lora_merged.DX_KERNEL`` on, the merged backward's dx through ``sum_products``; b0: ``train.forward.BLOCK0_LEAF``
-    off; ws: ``linear_residual.MLP_UP_WS`` on; gws: ``linear_act.GRAD_WS`` on; sgn: ``linear_residual.MLP_SIGNS`` on; skp: ``train.model.SKIP_KERNEL`` on; fk: ``train.model.SKIP_FORK`` on; nrm: ``train.model.NORM_KERNEL`` on; of: ``train.adapters.O_FOLD`` on; rws: ``linear_residual.RES_WS`` on; dact: ``linear_residual.MLP_DOWN_ACT`` on; sws: ``lora_merged.SUM_WS`` on; qws: ``lora_merged.QKV_WS`` on; kbh / qkbh: ``train.model.QK_LAYOUT``
+    off; ws: ``linear_residual.MLP_UP_WS`` on; gws: ``linear_act.GRAD_WS`` on; sgn: ``linear_residual.MLP_SIGNS`` on; skp: ``train.model.SKIP_KERNEL`` on; fk: ``train.model.SKIP_FORK`` on; jf: ``train.model.JOIN_FOLD`` on; nrm: ``train.model.NORM_KERNEL`` on; of: ``train.adapters.O_FOLD`` on; rws: ``linear_residual.RES_WS`` on; dact: ``linear_residual.MLP_DOWN_ACT`` on; sws: ``lora_merged.SUM_WS`` on; qws: ``lora_merged.QKV_WS`` on; kbh / qkbh: ``train.model.QK_LAYOUT``
     "k-bhtd" / "bhtd"; eff: an index into ``lora_merged.EFFECTIVE_CONFIGS``, None = the
     default tile; wt: an index into ``linear_act_ws.TILES``, None = the tile the process started with), or None
     when ``v`` is not of that form."""
@@ -595,7 +595,7 @@ def _variant(v: str):
     return {"path": parts[0], "mode": parts[1], "tail": "tail" in suf, "fused": on_off("fused", "torchopt"),
             "mlp": on_off("mlp", "nomlp"), "qk": on_off("qk", "noqk"), "res": on_off("res", "nores"),
             "rowmap": "rowmap" in suf, "t128": "t128" in suf, "dxk": "dxk" in suf, "b0": "b0" in suf,
-            "ws": "ws" in suf, "gws": "gws" in suf, "sgn": "sgn" in suf, "skp": "skp" in suf, "fk": "fk" in suf, "nrm": "nrm" in suf, "of": "of" in suf, "rws": "rws" in suf, "dact": "dact" in suf, "sws": "sws" in suf, "qws": "qws" in suf, "kbh": "kbh" in suf, "qkbh": "qkbh" in suf,
+            "ws": "ws" in suf, "gws": "gws" in suf, "sgn": "sgn" in suf, "skp": "skp" in suf, "fk": "fk" in suf, "jf": "jf" in suf, "nrm": "nrm" in suf, "of": "of" in suf, "rws": "rws" in suf, "dact": "dact" in suf, "sws": "sws" in suf, "qws": "qws" in suf, "kbh": "kbh" in suf, "qkbh": "qkbh" in suf,
             "eff": int(eff[0][3:]) if eff else None, "wt": int(wt[0][2:]) if wt else None,
             "autotune": "autotune" in suf}
 

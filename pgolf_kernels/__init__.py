@@ -53,6 +53,7 @@ _LAZY = {
     "UNetSkip": "skip_add",
     "skip_fork": "skip_add",
     "skip_join": "skip_add",
+    "skip_join_inline": "skip_add",
 }
 
 __all__ = sorted(_LAZY)

@@ -32,6 +32,11 @@ backward instead of autograd's sum, so autograd's add_ pass goes: in the records
 took 0.646 ms and the skip kernel 0.17 ms more with the fork, the step's GPU time outside attention 0.45 ms less
 (``train.model.SKIP_FORK``, on by default; bench/results/profile-ttt-h100.md measurement 18).
 
+``skip_join_inline`` is the join as torch ops with the same gradients, for inside a ``torch.compile`` region: there
+Inductor fuses x + w ⊙ t into the pass that reads x next (a decoder block's residual mix and norm), so the join's own
+pass (0.121 ms in that step, 403 MB) becomes one more read of t in a pass that reads x and x0 anyway
+(``train.model.JOIN_FOLD``, off by default: estimated ~0.5 ms less a full step from those kernel times, not timed).
+
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1
 -> the kernel interpreted. ``skip_add_ref`` is the torch composition.
 """
@@ -47,7 +52,7 @@ from torch import Tensor
 from . import _utils
 from ._utils import check, check_tensor, use_triton
 
-__all__ = ["skip_add", "skip_add_ref", "UNetSkip", "ScaledSkip", "skip_fork", "skip_join"]
+__all__ = ["skip_add", "skip_add_ref", "UNetSkip", "ScaledSkip", "skip_fork", "skip_join", "skip_join_inline"]
 
 _OP = "skip_add"
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
@@ -187,6 +192,18 @@ class _Join(torch.autograd.Function):
         return g, g, None
 
 
+class _JoinInline(torch.autograd.Function):
+    """``_Join`` as torch ops: x + w ⊙ t (torch.addcmul); backward ∂x = ∂t = g."""
+
+    @staticmethod
+    def forward(ctx, x, t, w):
+        return torch.addcmul(x, w, t)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, g, None
+
+
 def skip_fork(e: Tensor, w: Tensor, *, validate: bool = True) -> Tuple[Tensor, ScaledSkip]:
     """``e`` for the next block and ``ScaledSkip`` for ``skip_join``: together ``x + w ⊙ e`` with e's two gradients
     summed in one pass (module docstring). e (..., d) contiguous, bf16 / fp16 / fp32; w (d,) of e's dtype. The
@@ -203,16 +220,29 @@ def skip_fork(e: Tensor, w: Tensor, *, validate: bool = True) -> Tuple[Tensor, S
     return a, ScaledSkip(t, w)
 
 
+def _check_join(x: Tensor, skip: ScaledSkip, op: str) -> None:
+    check(isinstance(skip, ScaledSkip), lambda: f"{op}: skip must be the ScaledSkip of skip_fork, got "
+                                                f"{type(skip).__name__}")
+    check_tensor(x, "x", dtype=skip.t.dtype, device=skip.t.device, op=op)
+    check(x.shape == skip.t.shape and x.is_contiguous(),
+          lambda: f"{op}: x must be contiguous with the skip's shape {tuple(skip.t.shape)}, got "
+                  f"{tuple(x.shape)} strides {x.stride()}")
+
+
 def skip_join(x: Tensor, skip: ScaledSkip, *, validate: bool = True) -> Tensor:
     """``x + w ⊙ e`` for the ``ScaledSkip(e, w)`` of ``skip_fork``, one pass each way; x of e's shape and dtype."""
     if validate:
-        check(isinstance(skip, ScaledSkip), lambda: f"skip_join: skip must be the ScaledSkip of skip_fork, got "
-                                                    f"{type(skip).__name__}")
-        check_tensor(x, "x", dtype=skip.t.dtype, device=skip.t.device, op="skip_join")
-        check(x.shape == skip.t.shape and x.is_contiguous(),
-              lambda: f"skip_join: x must be contiguous with the skip's shape {tuple(skip.t.shape)}, got "
-                      f"{tuple(x.shape)} strides {x.stride()}")
+        _check_join(x, skip, "skip_join")
     return _Join.apply(x, skip.t, skip.w)
+
+
+def skip_join_inline(x: Tensor, skip: ScaledSkip, *, validate: bool = True) -> Tensor:
+    """``skip_join`` as torch ops (``torch.addcmul``, no kernel), with its gradients (∂x = ∂t = g, the fork scales):
+    for inside a ``torch.compile`` region, where Inductor fuses the join into the pass that reads its output next.
+    Eager it is addcmul's two passes; ``skip_join`` is the one-pass form outside compiled code."""
+    if validate:
+        _check_join(x, skip, "skip_join_inline")
+    return _JoinInline.apply(x, skip.t, skip.w)
 
 
 class UNetSkip(torch.nn.Module):

@@ -82,6 +82,9 @@
 #            under CUDA graphs), then
 #            bench.profile_ttt on the records' step without and with it (-fk), each twice in alternating order,
 #            in one process
+#   fold     each decoder's join inside its compiled block (train.model.JOIN_FOLD, skip_add.skip_join_inline; off by
+#            default): bench.profile_ttt on the records' step without and with it (-jf), each twice in alternating
+#            order, in one process; then skip_add's GPU tests and the eval with it (eager and under CUDA graphs)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.
 # Everything a stage prints goes to OUTDIR/<stage>.log as well.
@@ -89,8 +92,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUTDIR=${1:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork}
 STAGE=${2:?usage: scripts/ttt_step_lane.sh OUTDIR tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork}
-case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork) ;;
-  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile, plans, norm or fork"; exit 2 ;; esac
+case "$STAGE" in tests|graphs|profile|ops|evalc|warmup|dx|ws|mlpws|gws|eff|signs|skip|switches|layout|rws|global|sws|wtile|plans|norm|fork|fold) ;;
+  *) echo "unknown stage $STAGE: expected tests, graphs, profile, ops, evalc, warmup, dx, ws, mlpws, gws, eff, signs, skip, switches, layout, rws, global, sws, wtile, plans, norm, fork or fold"; exit 2 ;; esac
 mkdir -p "$OUTDIR"
 export PYTHONUNBUFFERED=1
 if { [ "$STAGE" = evalc ] || [ "$STAGE" = warmup ]; } && ! python3 -c "import sys; from bench.bench_eval import _data_dir; sys.exit(_data_dir() is None)"; then
@@ -224,6 +227,15 @@ case "$STAGE" in
       | tee "$OUTDIR/fork-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
     rc=${PIPESTATUS[0]}
     step_profile 240 kernel-compile-tail,kernel-compile-tail-fk,kernel-compile-tail,kernel-compile-tail-fk
+    ;;
+  fold)
+    # the step first (what decides the switch), then the op's GPU tests and the eval with it, as time allows
+    rc=0
+    step_profile 200 kernel-compile-tail,kernel-compile-tail-jf,kernel-compile-tail,kernel-compile-tail-jf
+    timeout "${PGOLF_TEST_TIMEOUT:-300}" python3 -m pytest -v -rfE -m gpu -p no:cacheprovider -o faulthandler_timeout=280 \
+      tests/test_skip_add.py "tests/test_fused_residual.py::test_gpu_eval_with_mlp_residual_switches_scores_like_without[JOIN_FOLD]" \
+      2>&1 | tee "$OUTDIR/fold-tests.log" | grep -E "FAILED|ERROR|passed|failed|Timeout"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
     ;;
   switches)
     rc=0

@@ -863,14 +863,14 @@ def test_profile_ttt_variant_names():
 
     assert _variant("kernel-compile") == {"path": "kernel", "mode": "compile", "tail": False, "fused": None,
                                           "mlp": None, "qk": None, "res": None, "rowmap": False,
-                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
+                                          "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "jf": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("reference-compile-tail-fused-autotune") == {"path": "reference", "mode": "compile", "tail": True,
                                                                  "fused": True, "mlp": None, "qk": None, "res": None,
-                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None,
+                                                                 "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "jf": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None,
                                                                  "autotune": True}
     assert _variant("kernel-compile-tail-mlp-res") == {"path": "kernel", "mode": "compile", "tail": True,
                                                        "fused": None, "mlp": True, "qk": None, "res": True,
-                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
+                                                       "rowmap": False, "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "jf": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("kernel-compile-tail-noqk")["qk"] is False
     assert _variant("kernel-compile-tail-sws-qws")["sws"] is True and _variant("kernel-compile-tail-qws-sws") is None
     assert _variant("kernel-compile-tail-kbh-qkbh") is None   # one layout per variant
@@ -878,7 +878,7 @@ def test_profile_ttt_variant_names():
     assert _variant("kernel-compile-tail-nomlp-qk")["mlp"] is False
     assert _variant("kernel-compile-tail-mlp-qk") == {"path": "kernel", "mode": "compile", "tail": True, "fused": None,
                                                       "mlp": True, "qk": True, "res": None, "rowmap": False,
-                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
+                                                      "t128": False, "dxk": False, "b0": False, "ws": False, "gws": False, "sgn": False, "skp": False, "fk": False, "jf": False, "nrm": False, "of": False, "rws": False, "dact": False, "sws": False, "qws": False, "kbh": False, "qkbh": False, "eff": None, "wt": None, "autotune": False}
     assert _variant("reference-eager-torchopt")["fused"] is False
     assert _variant("kernel-compile-tail-res-rowmap")["rowmap"] is True
     assert _variant("kernel-compile-tail-nores")["res"] is False
@@ -955,7 +955,7 @@ def test_profile_ttt_t128_suffix_sets_the_tile_for_its_variant_only(tmp_path, ti
 
 
 def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path, tiny_profile_model):
-    """-dxk / -b0 / -ws / -gws / -sgn / -skp / -fk / -nrm / -of / -rws / -dact / -kbh / -qkbh set their package switch for that variant (reported with it); the next variant
+    """-dxk / -b0 / -ws / -gws / -sgn / -skp / -fk / -jf / -nrm / -of / -rws / -dact / -kbh / -qkbh set their package switch for that variant (reported with it); the next variant
     and the process after the run see the values it started with."""
     from bench.profile_ttt import main
     from pgolf_kernels import linear_act, linear_residual, lora_merged
@@ -966,15 +966,16 @@ def test_profile_ttt_switch_suffixes_set_their_variant_only(tmp_path, tiny_profi
     mods = {"merged_dx_kernel": (lora_merged, "DX_KERNEL"), "block0_leaf": (fwd_mod, "BLOCK0_LEAF"),
             "mlp_up_ws": (linear_residual, "MLP_UP_WS"), "mlp_signs": (linear_residual, "MLP_SIGNS"),
             "act_grad_ws": (linear_act, "GRAD_WS"), "skip_kernel": (model_mod, "SKIP_KERNEL"),
-            "skip_fork": (model_mod, "SKIP_FORK"), "norm_kernel": (model_mod, "NORM_KERNEL"), "o_fold": (adapters_mod, "O_FOLD"), "res_ws": (linear_residual, "RES_WS"),
+            "skip_fork": (model_mod, "SKIP_FORK"), "join_fold": (model_mod, "JOIN_FOLD"), "norm_kernel": (model_mod, "NORM_KERNEL"), "o_fold": (adapters_mod, "O_FOLD"), "res_ws": (linear_residual, "RES_WS"),
             "mlp_down_act": (linear_residual, "MLP_DOWN_ACT"), "qk_layout": (model_mod, "QK_LAYOUT")}
     before = {k: getattr(m, a) for k, (m, a) in mods.items()}
     out = main(["--device", "cpu", "--batch", "2", "--window", "96", "--chunk", "32", "--rank", "4", "--steps", "1",
-                "--top", "3", "--variants", "reference-eager-dxk-b0-ws-gws-sgn-skp-fk-nrm-of-rws-dact-kbh,reference-eager,reference-eager-qkbh", "--out", str(tmp_path)])
-    on = out["variants"]["reference-eager-dxk-b0-ws-gws-sgn-skp-fk-nrm-of-rws-dact-kbh"]
+                "--top", "3", "--variants", "reference-eager-dxk-b0-ws-gws-sgn-skp-fk-jf-nrm-of-rws-dact-kbh,reference-eager,reference-eager-qkbh", "--out", str(tmp_path)])
+    on = out["variants"]["reference-eager-dxk-b0-ws-gws-sgn-skp-fk-jf-nrm-of-rws-dact-kbh"]
     assert (on["merged_dx_kernel"], on["block0_leaf"], on["mlp_up_ws"], on["act_grad_ws"], on["mlp_signs"],
-            on["skip_kernel"], on["skip_fork"], on["norm_kernel"], on["o_fold"], on["res_ws"], on["mlp_down_act"],
-            on["qk_layout"]) == (True, False, True, True, True, True, True, True, True, True, True, "k-bhtd")
+            on["skip_kernel"], on["skip_fork"], on["join_fold"], on["norm_kernel"], on["o_fold"], on["res_ws"],
+            on["mlp_down_act"], on["qk_layout"]) == (True, False, True, True, True, True, True, True, True, True, True,
+                                                     True, "k-bhtd")
     assert out["variants"]["reference-eager-qkbh"]["qk_layout"] == "bhtd"
     assert {k: out["variants"]["reference-eager"][k] for k in mods} == before
     assert {k: getattr(m, a) for k, (m, a) in mods.items()} == before

@@ -155,8 +155,8 @@ def test_o_fold_equals_the_composition(monkeypatch):
 
 def test_eval_with_o_fold_and_skip_kernel_scores_like_without(monkeypatch):
     """evaluate() on the kernel backend with ``adapters.O_FOLD`` (the o shrink inside the q / k / v op),
-    ``model.SKIP_KERNEL`` (the U-Net skips through ``skip_add``) and ``model.SKIP_FORK`` (their encoder outputs
-    through ``skip_fork``) on scores as the unfused eval (CPU; the kernels under the interpreter in the CPU lane: two
+    ``model.SKIP_KERNEL`` (the U-Net skips through ``skip_add``), ``model.SKIP_FORK`` (their encoder outputs
+    through ``skip_fork``) and ``model.JOIN_FOLD`` (each decoder joining its skip in its block) on scores as the unfused eval (CPU; the kernels under the interpreter in the CPU lane: two
     short documents, ~46 s per eval with three)."""
     import train.adapters as adapters
     import train.model as model_mod
@@ -164,6 +164,7 @@ def test_eval_with_o_fold_and_skip_kernel_scores_like_without(monkeypatch):
     monkeypatch.setattr(adapters, "O_FOLD", True)
     monkeypatch.setattr(model_mod, "SKIP_KERNEL", True)
     monkeypatch.setattr(model_mod, "SKIP_FORK", True)
+    monkeypatch.setattr(model_mod, "JOIN_FOLD", True)
     assert_eval_unchanged([dict(fused_residual=True)], lengths=[40, 1], backend="kernel", model_kw=KERNEL_MODEL)
 
 
@@ -172,6 +173,7 @@ EVAL_SWITCHES = {"MLP_SIGNS": ("pgolf_kernels.linear_residual", "MLP_SIGNS", Tru
                  "MLP_UP_WS": ("pgolf_kernels.linear_residual", "MLP_UP_WS", True),
                  "GRAD_WS": ("pgolf_kernels.linear_act", "GRAD_WS", True), "O_FOLD": ("train.adapters", "O_FOLD", True),
                  "SKIP_KERNEL": ("train.model", "SKIP_KERNEL", True), "SKIP_FORK": ("train.model", "SKIP_FORK", True),
+                 "JOIN_FOLD": ("train.model", "JOIN_FOLD", True),
                  "NORM_KERNEL": ("train.model", "NORM_KERNEL", True),
                  "RES_WS": ("pgolf_kernels.linear_residual", "RES_WS", True),
                  "MLP_DOWN_ACT": ("pgolf_kernels.linear_residual", "MLP_DOWN_ACT", True),
@@ -187,7 +189,7 @@ def test_gpu_eval_with_mlp_residual_switches_scores_like_without(monkeypatch, sw
     of h; ``MLP_UP_WS``: the up-projection on the warp-specialized Gluon kernel; ``linear_act.GRAD_WS``: the
     backward's derivative GEMM on it; ``adapters.O_FOLD``: the o shrink inside the q / k / v op;
     ``model.SKIP_KERNEL``: the U-Net skips through ``skip_add``; ``model.SKIP_FORK``: their encoder outputs through
-    ``skip_fork``; ``model.NORM_KERNEL``: the blocks' residual mix and
+    ``skip_fork``; ``model.JOIN_FOLD``: each decoder's join inside its block; ``model.NORM_KERNEL``: the blocks' residual mix and
     norms through ``mix_norm``; ``linear_residual.RES_WS``: the residual sites' GEMM on
     the Gluon kernel; ``linear_residual.MLP_DOWN_ACT``: act(h) formed in that kernel's A operand; ``lora_merged.SUM_WS``:
     the merged backward's dx on it; ``lora_merged.QKV_WS``: the merged q / k / v forward in one launch of it;

@@ -10,7 +10,8 @@ import torch
 
 from conftest import ACT_DTYPES, BenchSmoke, DEVICE, HAS_CUDA, draw_seed
 from pgolf_kernels import _utils
-from pgolf_kernels.skip_add import ScaledSkip, UNetSkip, skip_add, skip_add_ref, skip_fork, skip_join
+from pgolf_kernels.skip_add import (ScaledSkip, UNetSkip, skip_add, skip_add_ref, skip_fork, skip_join,
+                                    skip_join_inline)
 from pgolf_kernels.testing import assert_close_rel, nan_empty
 
 
@@ -59,13 +60,13 @@ def test_skip_add_weight_gradient(dtype):
     _check((3, 9, 40), dtype, w_grad=True)
 
 
-def _u_net(fork_join: bool, e_leaf, w, x0, both_from_fork: bool):
+def _u_net(join, e_leaf, w, x0, both_from_fork: bool):
     """e feeds a nonlinear "next block" and a skip; the decoder input is that block's output (or e itself, as the
-    first decoder's) plus w ⊙ e: through skip_fork / skip_join, or addcmul."""
-    if fork_join:
+    first decoder's) plus w ⊙ e: through skip_fork and ``join`` (skip_join or skip_join_inline), or addcmul (None)."""
+    if join is not None:
         a, skip = skip_fork(e_leaf, w)
         x = a if both_from_fork else torch.tanh(a * x0).contiguous()
-        return skip_join(x, skip)
+        return join(x, skip)
     x = e_leaf if both_from_fork else torch.tanh(e_leaf * x0)
     return torch.addcmul(x, w, e_leaf)
 
@@ -73,13 +74,14 @@ def _u_net(fork_join: bool, e_leaf, w, x0, both_from_fork: bool):
 @pytest.mark.parametrize("both_from_fork", [False, True], ids=["next-block", "first-decoder"])
 @pytest.mark.parametrize("w_grad", [False, True], ids=["w-fixed", "w-grad"])
 @pytest.mark.parametrize("dtype", ACT_DTYPES + [torch.float32], ids=str)
-def test_fork_join_gradients_against_fp64(dtype, w_grad, both_from_fork):
-    """skip_fork / skip_join against the addcmul composition in fp64 (e's two gradients, w's), with torch's own
-    low-precision composition as the bound; the forward output too."""
+@pytest.mark.parametrize("join", [skip_join, skip_join_inline], ids=["join", "inline"])
+def test_fork_join_gradients_against_fp64(join, dtype, w_grad, both_from_fork):
+    """skip_fork with skip_join or skip_join_inline against the addcmul composition in fp64 (e's two gradients,
+    w's), with torch's own low-precision composition as the bound; the forward output too."""
     shape = (3, 7, 40)
     x0, w, e, gy = _inputs(shape, dtype)
     runs = {}
-    for name, fj, dt in (("ours", True, dtype), ("base", False, dtype), ("oracle", False, torch.float64)):
+    for name, fj, dt in (("ours", join, dtype), ("base", None, dtype), ("oracle", None, torch.float64)):
         el, wl = e.to(dt).clone().requires_grad_(True), w.to(dt).clone().requires_grad_(w_grad)
         out = _u_net(fj, el, wl, x0.to(dt), both_from_fork)
         out.backward(gy.to(dt))
@@ -117,21 +119,26 @@ def test_fork_join_refuse_bad_input_by_name():
         skip_join(e[:1], skip)
     with pytest.raises(TypeError, match="skip_join: x must have dtype float32, got float64"):
         skip_join(e.double(), ScaledSkip(skip.t, skip.w))
+    with pytest.raises(ValueError, match="skip_join_inline: skip must be the ScaledSkip of skip_fork, got tuple"):
+        skip_join_inline(e, (e, w))
+    with pytest.raises(ValueError, match=r"skip_join_inline: x must be contiguous with the skip's shape \(2, 3, 8\)"):
+        skip_join_inline(e[:1], skip)
 
 
-def test_fork_join_compile_fullgraph():
+@pytest.mark.parametrize("join", [skip_join, skip_join_inline], ids=["join", "inline"])
+def test_fork_join_compile_fullgraph(join):
     x0, w, e, gy = _inputs((2, 5, 32), ACT_DTYPES[0])
 
     def f(el, x0):
         a, skip = skip_fork(el, w, validate=False)
-        return skip_join(torch.tanh(a * x0).contiguous(), skip, validate=False)
+        return join(torch.tanh(a * x0).contiguous(), skip, validate=False)
 
     el = e.clone().requires_grad_(True)
     y = torch.compile(f, fullgraph=True, dynamic=True)(el, x0)
     y.backward(gy)
     ref = e.clone().requires_grad_(True)
-    _u_net(False, ref, w, x0, False).backward(gy)
-    torch.testing.assert_close(y, _u_net(False, e, w, x0, False), rtol=1e-2, atol=1e-2)
+    _u_net(None, ref, w, x0, False).backward(gy)
+    torch.testing.assert_close(y, _u_net(None, e, w, x0, False), rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(el.grad, ref.grad, rtol=2e-2, atol=2e-2)
 
 
@@ -174,11 +181,12 @@ def test_skip_add_compiles_fullgraph():
     torch.testing.assert_close(leaves[2].grad, gy * w * 2, rtol=1e-2, atol=1e-2)
 
 
-@pytest.mark.parametrize("fork", [True, False], ids=["fork", "no-fork"])
-def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork):
+@pytest.mark.parametrize("fork,fold", [(True, False), (True, True), (False, False)], ids=["fork", "fold", "no-fork"])
+def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork, fold):
     """The model's switches: GPT.hidden with a fused_residual adapter runs the skips through skip_fork / skip_join
-    (SKIP_FORK, the default) or skip_add alone (counted) and gives the output and the weight and skip-weight
-    gradients of the torch.addcmul path."""
+    (SKIP_FORK, the default), skip_fork and each decoder block joining its skip (JOIN_FOLD: skip_join_inline in
+    Block.forward), or skip_add alone (counted) and gives the output and the weight and skip-weight gradients of the
+    torch.addcmul path."""
     import pgolf_kernels.skip_add as mod
     from train import model as model_mod
     from train.model import GPT, GPTConfig
@@ -197,9 +205,11 @@ def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork):
 
     calls = []
     monkeypatch.setattr(model_mod, "SKIP_FORK", fork)
+    monkeypatch.setattr(model_mod, "JOIN_FOLD", fold)
     if fork:
-        real = mod._Join.forward
-        monkeypatch.setattr(mod._Join, "forward", staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a)))
+        join = mod._JoinInline if fold else mod._Join
+        real = join.forward
+        monkeypatch.setattr(join, "forward", staticmethod(lambda ctx, *a: calls.append(1) or real(ctx, *a)))
     else:
         real = mod._op
         monkeypatch.setattr(mod, "_op", lambda *a: calls.append(1) or real(*a))
@@ -223,6 +233,49 @@ def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork):
     torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-4, atol=1e-6)
 
 
+def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypatch):
+    """The eval's regional compile (``compile_rows_nll``) with JOIN_FOLD: the decoder block of a 2-layer model (the
+    tail block, compiled alone) takes its skip, traces without a graph break and gives the eager step's NLL and
+    adapter gradients with the join outside the block (skip_join); the blocks' calls show the skip reached the
+    decoder only. The backend here is aot_eager: Dynamo and AOTAutograd trace what Inductor would compile, at a tenth
+    of the CPU lane's time (112 s with Inductor and four layers); the GPU lane's eval test compiles it with Inductor."""
+    import torch._dynamo as dynamo
+
+    from tests.test_fused_mlp import _nll_and_grads, batch
+    from train import model as model_mod
+    from train.eval_fixtures import tiny_model
+    from train.forward import compile_rows_nll
+    from train.ttt_config import TTTConfig
+
+    model = tiny_model(seed=3, num_layers=2, model_dim=32, vocab_size=256)
+    rb = batch(vocab=256)
+    cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "v", "o", "mlp", "head"),
+                    tail_block=True, fused_residual=True, fused_qk=False, fused_mlp=False)
+    monkeypatch.setattr(model_mod, "SKIP_KERNEL", True)
+    monkeypatch.setattr(model_mod, "SKIP_FORK", True)
+    monkeypatch.setattr(model_mod, "JOIN_FOLD", False)
+    nll, grads = _nll_and_grads(model, rb, cfg, 4, "bmm")
+    monkeypatch.setattr(model_mod, "JOIN_FOLD", True)
+    skips = []
+    real = model_mod.Block.forward
+    monkeypatch.setattr(model_mod.Block, "forward", lambda self, *a: skips.append(len(a) > 5 and a[5] is not None)
+                        or real(self, *a))
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda f, **kw: compile(f, backend="aot_eager", **kw))
+    compile_rows_nll(model, True, only=["block_tail"])
+    dynamo.utils.counters.clear()
+    try:
+        nll_f, grads_f = _nll_and_grads(model, rb, cfg, 4, "bmm")
+    finally:
+        compile_rows_nll(model, False)
+    assert dict(dynamo.utils.counters["graph_break"]) == {}
+    assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert skips == [False, True], skips  # block 0 (eager) without a skip, the tail block (compiled) with it
+    torch.testing.assert_close(nll_f[rb.mask], nll[rb.mask], rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_f, grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="GPU lane: needs a CUDA device")
 
 
@@ -241,8 +294,8 @@ def test_gpu_fork_join_records_shape_bf16(both_from_fork):
     shape = (64, 2048, 512)
     x0, w, e, gy = _inputs(shape, torch.bfloat16)
     runs = {}
-    for name, fj, dt in (("ours", True, torch.bfloat16), ("base", False, torch.bfloat16),
-                         ("oracle", False, torch.float64)):
+    for name, fj, dt in (("ours", skip_join, torch.bfloat16), ("base", None, torch.bfloat16),
+                         ("oracle", None, torch.float64)):
         el = e.to(dt).clone().requires_grad_(True)
         out = _u_net(fj, el, w.to(dt), x0.to(dt), both_from_fork)
         out.backward(gy.to(dt))

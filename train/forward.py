@@ -159,9 +159,12 @@ def compile_rows_nll(model, enable: bool = True, precompiled: Optional[str] = No
         made = {n: torch.compile(f, **opts) for n, f in fns.items()}
     plain, adapted, head_plain, head_adapted, tail = (made[n] for n in fns)
 
-    def block_forward(self, x, x0, adapter=None, rope=None, keep=None):
+    def block_forward(self, x, x0, adapter=None, rope=None, keep=None, skip=None):
         if _eager_here():
-            return type(self).forward(self, x, x0, adapter, rope, keep)
+            return type(self).forward(self, x, x0, adapter, rope, keep, skip)
+        if skip is not None:  # a decoder's join inside its block (model.JOIN_FOLD): an adapter's step only
+            return tail(self, x, x0, adapter, rope, keep, skip) if keep is not None else adapted(self, x, x0, adapter,
+                                                                                               rope, skip)
         if keep is not None:  # the last block at the scored positions (TTTConfig.tail_block): its own function
             return tail(self, x, x0, adapter, rope, keep)
         if x is x0:  # block 0: an aliasing guard would otherwise split off a graph for it
@@ -197,12 +200,12 @@ def _block_plain(block, x, x0, rope):
     return type(block).forward(block, x, x0, None, rope)
 
 
-def _block_adapted(block, x, x0, adapter, rope):
-    return type(block).forward(block, x, x0, adapter, rope)
+def _block_adapted(block, x, x0, adapter, rope, skip=None):
+    return type(block).forward(block, x, x0, adapter, rope, None, skip)
 
 
-def _block_tail(block, x, x0, adapter, rope, keep):
-    return type(block).forward(block, x, x0, adapter, rope, keep)
+def _block_tail(block, x, x0, adapter, rope, keep, skip=None):
+    return type(block).forward(block, x, x0, adapter, rope, keep, skip)
 
 
 def _head_plain(model, h, sel, y):

@@ -74,6 +74,15 @@ def _skip_fork_from_env() -> bool:
     return env_choice("PGOLF_SKIP_FORK", {"1": "skip_fork / skip_join", "0": "skip_add, autograd's sum"}) == "1"
 
 
+def _join_fold_from_env() -> bool:
+    """PGOLF_JOIN_FOLD: "1" = with ``SKIP_FORK``, each decoder's join inside its block (``Block.forward``'s
+    ``skip``: ``skip_join_inline``, fused by Inductor into the block's residual mix); unset or "0" = the join's own
+    pass before the block (``skip_join``)."""
+    from pgolf_kernels._utils import env_choice
+
+    return env_choice("PGOLF_JOIN_FOLD", {"0": "skip_join before the block", "1": "the join inside the block"}) == "1"
+
+
 def _qk_layout_from_env() -> str:
     """PGOLF_QK_LAYOUT: the memory order ``head_norm_rope`` writes q and k in under ``fused_qk``: "bthd" (default) both
     in (B, T, H, D) order, so the attention output (in q's order) is a (B, T, H·D) view; "k-bhtd" k in (B, H, T, D)
@@ -119,6 +128,13 @@ SKIP_KERNEL: bool = _skip_kernel_from_env()
 # 0.55 ms between the samples, so the whole step's GPU busy (80.65 / 80.40 against 80.01 / 80.56) does not resolve it.
 # Its eval scored as without it, eager and under CUDA graphs (GPU test, H100)
 SKIP_FORK: bool = _skip_fork_from_env()
+
+# Off until timed on a GPU: with the fork, each decoder's join (x + w ⊙ e, skip_join's own pass: 0.121 ms, 403 MB at
+# 64 x 2048 x 512 bf16) inside the decoder block's compiled region, where Inductor fuses it into the residual mix that
+# reads x and x0 anyway (one more 67 MB read, ~0.02 ms): ~5 x 0.1 ms less a records' TTT step, estimated from the H100
+# profile's kernel times (profile-ttt-h100.md measurement 18); the decoder blocks then compile a graph of their own
+# (one more Dynamo frame in the warm-up). bench.profile_ttt's -jf variant times it
+JOIN_FOLD: bool = _join_fold_from_env()
 
 
 @dataclass
@@ -384,11 +400,16 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x, x0, adapter=None, rope=None, keep=None):
+    def forward(self, x, x0, adapter=None, rope=None, keep=None, skip=None):
         """``adapter``: this block's adapter view, see the module docstring and ``GPT.hidden``; ``rope``: the
         RoPE (cos, sin) tables (``CausalSelfAttention.forward``). ``keep`` (B, C) int64: the block's output at
         those window positions only, (B, C, d): the Q, K and V projections still see every position, the
-        attention queries, the output projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``)."""
+        attention queries, the output projection and the MLP only the kept ones (``GPT.hidden(..., keep=)``).
+        ``skip``: a ``skip_add.ScaledSkip`` joined to x first (x + w ⊙ e, ``skip_join_inline``: ``JOIN_FOLD``)."""
+        if skip is not None:
+            from pgolf_kernels.skip_add import skip_join_inline
+
+            x = skip_join_inline(x, skip, validate=False)
         fused_norm = NORM_KERNEL and getattr(adapter, "fused_residual", False)
         if fused_norm:
             from pgolf_kernels.mix_norm import mix_rms_norm, rms_norm_rows
@@ -534,6 +555,11 @@ class GPT(nn.Module):
                 skips.append(x)
         for j in range(self.num_decoder_layers):
             i = n_enc + j
+            last = keep if j == self.num_decoder_layers - 1 else None
+            if skips and kernel_skips and SKIP_FORK and JOIN_FOLD:
+                # the join inside the block's compiled region, fused into its residual mix (JOIN_FOLD says why)
+                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last, skips.pop())
+                continue
             if skips:
                 # one pass (x + w * skip, fp32 inside, rounded once) instead of a product pass and a sum pass: the
                 # skips run outside the compiled blocks, where the two had taken 1.75 + 0.65 ms of each records' TTT
@@ -548,7 +574,6 @@ class GPT(nn.Module):
                     x = skip_add(x, self.skip_weights[j].to(x.dtype), skips.pop())
                 else:
                     x = torch.addcmul(x, self.skip_weights[j].to(x.dtype), skips.pop())
-            last = keep if j == self.num_decoder_layers - 1 else None
             x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
         return rms_norm(x)
 

@@ -129,11 +129,11 @@ SKIP_KERNEL: bool = _skip_kernel_from_env()
 # Its eval scored as without it, eager and under CUDA graphs (GPU test, H100)
 SKIP_FORK: bool = _skip_fork_from_env()
 
-# Off until timed on a GPU: with the fork, each decoder's join (x + w ⊙ e, skip_join's own pass: 0.121 ms, 403 MB at
-# 64 x 2048 x 512 bf16) inside the decoder block's compiled region, where Inductor fuses it into the residual mix that
-# reads x and x0 anyway (one more 67 MB read, ~0.02 ms): ~5 x 0.1 ms less a records' TTT step, estimated from the H100
-# profile's kernel times (profile-ttt-h100.md measurement 18); the decoder blocks then compile a graph of their own
-# (one more Dynamo frame in the warm-up). bench.profile_ttt's -jf variant times it
+# Off until the eval with it has run on a GPU: with the fork, each decoder's join (x + w ⊙ e, skip_join's own pass:
+# 0.121 ms, 403 MB at 64 x 2048 x 512 bf16) inside the decoder block's compiled region, where Inductor fuses it into
+# the residual mix that reads x and x0 anyway. In the records' step on an H100 (profile-ttt-h100.md measurement 19, two
+# samples each, alternating) the 5 join passes (0.601 ms) went, the mix + norm took 0.151 ms more, the step's GPU time
+# outside attention 49.41 -> 48.93 ms; the decoder blocks compile a graph of their own (its first call 9.9 s)
 JOIN_FOLD: bool = _join_fold_from_env()
 
 

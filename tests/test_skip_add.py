@@ -233,11 +233,12 @@ def test_gpt_hidden_through_the_op_equals_addcmul(monkeypatch, fork, fold):
     torch.testing.assert_close(out[True][2], out[False][2], rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypatch):
+@pytest.mark.parametrize("tail", [True, False], ids=["tail-block", "adapted-block"])
+def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypatch, tail):
     """The eval's regional compile (``compile_rows_nll``) with JOIN_FOLD: the decoder block of a 2-layer model (the
-    tail block, compiled alone) takes its skip, traces without a graph break and gives the eager step's NLL and
-    adapter gradients with the join outside the block (skip_join); the blocks' calls show the skip reached the
-    decoder only. The backend here is aot_eager: Dynamo and AOTAutograd trace what Inductor would compile, at a tenth
+    tail block compiled alone, or the blocks' adapted function) takes its skip, traces without a graph break and
+    gives the eager step's NLL and adapter gradients with the join outside the block (skip_join); the blocks' calls
+    show the skip reached the decoder only. The backend here is aot_eager: Dynamo and AOTAutograd trace what Inductor would compile, at a tenth
     of the CPU lane's time (112 s with Inductor and four layers); the GPU lane's eval test compiles it with Inductor."""
     import torch._dynamo as dynamo
 
@@ -250,7 +251,7 @@ def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypa
     model = tiny_model(seed=3, num_layers=2, model_dim=32, vocab_size=256)
     rb = batch(vocab=256)
     cfg = TTTConfig(rank=8, chunk=16, window=64, batch_size=4, alpha=8.0, targets=("q", "v", "o", "mlp", "head"),
-                    tail_block=True, fused_residual=True, fused_qk=False, fused_mlp=False)
+                    tail_block=tail, fused_residual=True, fused_qk=False, fused_mlp=False)
     monkeypatch.setattr(model_mod, "SKIP_KERNEL", True)
     monkeypatch.setattr(model_mod, "SKIP_FORK", True)
     monkeypatch.setattr(model_mod, "JOIN_FOLD", False)
@@ -262,7 +263,7 @@ def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypa
                         or real(self, *a))
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda f, **kw: compile(f, backend="aot_eager", **kw))
-    compile_rows_nll(model, True, only=["block_tail"])
+    compile_rows_nll(model, True, only=["block_tail" if tail else "block_adapted"])
     dynamo.utils.counters.clear()
     try:
         nll_f, grads_f = _nll_and_grads(model, rb, cfg, 4, "bmm")
@@ -270,7 +271,7 @@ def test_compiled_step_with_the_join_in_the_block_equals_the_eager_step(monkeypa
         compile_rows_nll(model, False)
     assert dict(dynamo.utils.counters["graph_break"]) == {}
     assert dynamo.utils.counters["stats"]["unique_graphs"] >= 1
-    assert skips == [False, True], skips  # block 0 (eager) without a skip, the tail block (compiled) with it
+    assert skips == [False, True], skips  # block 0 without a skip, the decoder block (compiled) with it
     torch.testing.assert_close(nll_f[rb.mask], nll[rb.mask], rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_f, grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

@@ -556,15 +556,14 @@ class GPT(nn.Module):
         for j in range(self.num_decoder_layers):
             i = n_enc + j
             last = keep if j == self.num_decoder_layers - 1 else None
-            if skips and kernel_skips and SKIP_FORK and JOIN_FOLD:
-                # the join inside the block's compiled region, fused into its residual mix (JOIN_FOLD says why)
-                x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last, skips.pop())
-                continue
+            inside = None  # a skip the block joins itself, inside its compiled region (JOIN_FOLD says why)
             if skips:
                 # one pass (x + w * skip, fp32 inside, rounded once) instead of a product pass and a sum pass: the
                 # skips run outside the compiled blocks, where the two had taken 1.75 + 0.65 ms of each records' TTT
                 # step on an H100 (profile-ttt-h100.md measurement 3)
-                if kernel_skips and SKIP_FORK:
+                if kernel_skips and SKIP_FORK and JOIN_FOLD:
+                    inside = skips.pop()
+                elif kernel_skips and SKIP_FORK:
                     from pgolf_kernels.skip_add import skip_join
 
                     x = skip_join(x.contiguous(), skips.pop(), validate=False)
@@ -574,7 +573,7 @@ class GPT(nn.Module):
                     x = skip_add(x, self.skip_weights[j].to(x.dtype), skips.pop())
                 else:
                     x = torch.addcmul(x, self.skip_weights[j].to(x.dtype), skips.pop())
-            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last)
+            x = self.blocks[i](x, x0, _layer_adapter(adapter, i), rope, last, inside)
         return rms_norm(x)
 
     def forward(self, input_ids: torch.Tensor, target_ids: Optional[torch.Tensor] = None, adapter=None):

@@ -35,7 +35,7 @@ took 0.646 ms and the skip kernel 0.17 ms more with the fork, the step's GPU tim
 ``skip_join_inline`` is the join as torch ops with the same gradients, for inside a ``torch.compile`` region: there
 Inductor fuses x + w ⊙ t into the pass that reads x next (a decoder block's residual mix and norm), so the join's own
 pass (0.121 ms in that step, 403 MB) becomes one more read of t in a pass that reads x and x0 anyway
-(``train.model.JOIN_FOLD``, off by default: in that step on an H100 the 5 join passes, 0.601 ms, went and the
+(``train.model.JOIN_FOLD``, on by default: in that step on an H100 the 5 join passes, 0.601 ms, went and the
 mix + norm took 0.151 ms more, the step's GPU time outside attention 0.48 ms less; profile-ttt-h100.md measurement 19).
 
 Dispatch as every op of the package (``_utils``): CUDA -> Triton, CPU -> the reference, CPU with TRITON_INTERPRET=1

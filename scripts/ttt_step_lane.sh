@@ -82,8 +82,9 @@
 #            under CUDA graphs), then
 #            bench.profile_ttt on the records' step without and with it (-fk), each twice in alternating order,
 #            in one process
-#   fold     each decoder's join inside its compiled block (train.model.JOIN_FOLD, skip_add.skip_join_inline; off by
-#            default): bench.profile_ttt on the records' step without and with it (-jf), each twice in alternating
+#   fold     each decoder's join inside its compiled block (train.model.JOIN_FOLD, skip_add.skip_join_inline; on by
+#            default since this stage and case (c) ran on an H100: the before needs PGOLF_JOIN_FOLD=0 in the stage's
+#            environment): bench.profile_ttt on the records' step without and with it (-jf), each twice in alternating
 #            order, in one process; then skip_add's GPU tests and the eval with it (eager and under CUDA graphs)
 # On the offline GPU host bring .whl/ (scripts/fetch_gpu_wheels.sh, run where there is internet), and for evalc the
 # sp1024 tokenizer in runs/evaldata/ (cp ../shared/data/fineweb_1024_bpe.model runs/evaldata/) or PGOLF_SHARED_DATA.

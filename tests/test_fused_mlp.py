@@ -42,10 +42,10 @@ def step_model(**kw):
     return tiny_model(seed=3, num_layers=2, **KERNEL_MODEL, **kw)
 
 
-def batch(window=64, vocab=1024):
-    """Four documents' rows (token ids below ``vocab``): mid-document chunks, a chunk at a document's start, a 9-token
-    document."""
-    stream = doc_stream([70, 40, 100, 9], seed=5, vocab_size=vocab)
+def batch(window=64, vocab=1024, device="cpu"):
+    """Four documents' rows (token ids below ``vocab``, on ``device``): mid-document chunks, a chunk at a document's
+    start, a 9-token document."""
+    stream = doc_stream([70, 40, 100, 9], seed=5, vocab_size=vocab).to(device)
     starts, _ = split_docs(stream)
     rows = np.array([[starts[0], 32, 48], [starts[1], 16, 32], [starts[2], 80, 96], [starts[3], 0, 9]])
     return build_rows(stream, rows, window)

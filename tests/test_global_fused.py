@@ -49,7 +49,7 @@ def test_fused_base_equals_the_blocks_own_ops(qk, mlp, monkeypatch):
 
     calls = {}
     for mod, name in ((lr, "linear_residual"), (lr, "mlp_residual"), (hnr, "head_norm_rope"), (sk, "skip_add"),
-                      (sk, "skip_join")):
+                      (sk, "skip_join"), (sk, "skip_join_inline")):
         def spy(*a, _f=getattr(mod, name), _n=name, **k):
             calls[_n] = calls.get(_n, 0) + 1
             return _f(*a, **k)
@@ -61,7 +61,9 @@ def test_fused_base_equals_the_blocks_own_ops(qk, mlp, monkeypatch):
     assert calls == {}
     fused, g_fused = _nll_and_grads(model, rb, FusedBase(qk, True, mlp))
     assert calls.get("linear_residual", 0) == 4 * (1 + (not mlp)) and calls.get("mlp_residual", 0) == 4 * mlp
-    assert calls.get("head_norm_rope", 0) == 8 * qk and calls.get("skip_join" if model_mod.SKIP_FORK else "skip_add", 0) == 2
+    # the 2 decoders' joins: inside the blocks (JOIN_FOLD, the default), before them (skip_join) or skip_add alone
+    join = ("skip_join_inline" if model_mod.JOIN_FOLD else "skip_join") if model_mod.SKIP_FORK else "skip_add"
+    assert calls.get("head_norm_rope", 0) == 8 * qk and calls.get(join, 0) == 2
     m = rb.mask
     torch.testing.assert_close(fused[m], plain[m], rtol=1e-5, atol=1e-5)
     assert sorted(g_fused) == sorted(g_plain)

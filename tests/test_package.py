@@ -165,7 +165,7 @@ def test_block0_leaf_decides_whether_block0_forms_its_input_gradient(monkeypatch
     ("train.forward", "_block0_leaf_from_env", "PGOLF_BLOCK0_LEAF", True, "0", False),
     ("train.model", "_skip_kernel_from_env", "PGOLF_SKIP_ADD", True, "torch", False),
     ("train.model", "_skip_fork_from_env", "PGOLF_SKIP_FORK", True, "0", False),
-    ("train.model", "_join_fold_from_env", "PGOLF_JOIN_FOLD", False, "1", True),
+    ("train.model", "_join_fold_from_env", "PGOLF_JOIN_FOLD", True, "0", False),
     ("train.model", "_norm_kernel_from_env", "PGOLF_NORM_KERNEL", False, "kernel", True),
     ("train.adapters", "_o_fold_from_env", "PGOLF_O_FOLD", True, "0", False),
     ("train.model", "_qk_layout_from_env", "PGOLF_QK_LAYOUT", "bthd", "k-bhtd", "k-bhtd")])

@@ -407,7 +407,7 @@ def main(argv=None):
                                  f"(-wt0 .. -wt{len(TILES) - 1})")
         if _variant(v) is None:
             raise SystemExit(f"profile_ttt: --variants: {v!r}; expected (kernel|reference)-(eager|compile)[-tail]"
-                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune], suffixes "
+                             f"[-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-jf][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune], suffixes "
                              f"in that order "
                              f"(-autotune "
                              f"with compile only)")
@@ -564,7 +564,7 @@ _SUFFIXES = ("tail", "fused", "torchopt", "mlp", "nomlp", "qk", "noqk", "res", "
 
 
 def _variant(v: str):
-    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]'
+    """'(kernel|reference)-(eager|compile)[-tail][-fused|-torchopt][-mlp|-nomlp][-qk|-noqk][-res|-nores][-rowmap][-t128][-dxk][-b0][-ws][-gws][-sgn][-skp][-fk][-jf][-nrm][-of][-rws][-dact][-sws][-qws][-kbh|-qkbh][-effN][-wtN][-autotune]'
     -> dict(path, mode, tail, fused, mlp, qk, res, rowmap, t128, dxk, b0, ws, gws, sgn, skp, fk, jf, nrm, of, rws, dact, sws, qws, kbh, qkbh, eff, wt, autotune) (fused, mlp, qk, res: True / False / None = the
     eval's auto; mlp: TTTConfig.fused_mlp; res: TTTConfig.fused_residual; rowmap: DocLoRA without identity_rows; t128:
     ``linear_act.TILE_CONFIGS[T128_CONFIG]`` for ``T128_EPILOGUES`` in ``linear_act.TILE_OVERRIDE``; dxk:

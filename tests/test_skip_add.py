@@ -123,6 +123,8 @@ def test_fork_join_refuse_bad_input_by_name():
         skip_join_inline(e, (e, w))
     with pytest.raises(ValueError, match=r"skip_join_inline: x must be contiguous with the skip's shape \(2, 3, 8\)"):
         skip_join_inline(e[:1], skip)
+    with pytest.raises(TypeError, match="skip_join_inline: x must have dtype float32, got float64"):
+        skip_join_inline(e.double(), skip)
 
 
 @pytest.mark.parametrize("join", [skip_join, skip_join_inline], ids=["join", "inline"])
